@@ -1,0 +1,51 @@
+# Two commands matter: `make run` and `make test`. Both install what they need first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SHARED := $(abspath ../shared)
+export PYTHONPATH := $(CURDIR)
+
+# Point the model service at ../shared when it is there and nothing else was configured.
+ifeq ($(origin MODELS_DIR)$(shell grep -s '^MODELS_DIR=' .env),undefined)
+ifneq ($(wildcard $(SHARED)/models),)
+export MODELS_DIR := $(SHARED)/models
+endif
+endif
+ifeq ($(origin QUICKDRAW_DIR)$(shell grep -s '^QUICKDRAW_DIR=' .env),undefined)
+ifneq ($(wildcard $(SHARED)/data/quickdraw),)
+export QUICKDRAW_DIR := $(SHARED)/data/quickdraw
+endif
+endif
+
+.PHONY: install run test lint fmt bench clean
+
+$(VENV)/.installed: requirements/*.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m api.prestart
+	$(PY) -m model.prepare
+	$(PY) scripts/run.py
+
+test: install
+	$(PY) -m model.prepare
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/black --check .
+	$(VENV)/bin/isort --check-only .
+
+fmt: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/isort .
+	$(VENV)/bin/black .
+
+clean:
+	rm -rf $(VENV) var .pytest_cache test-artifacts

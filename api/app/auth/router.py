@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.security import OAuth2PasswordRequestForm
+
+from api.app.auth import service
+from api.app.auth.schemas import Token
+from api.app.core.responses import AUTHED, CONFLICT, FORBIDDEN, INVALID, TOO_MANY, UNAUTHORIZED
+from api.app.deps import CurrentUser, HasherDep, RedisDep, SessionDep, SettingsDep
+from api.app.users import service as users_service
+from api.app.users.models import User
+from api.app.users.schemas import SignupIn, UserPublic
+
+router = APIRouter(prefix="/v1/auth", tags=["auth"])
+classic = APIRouter(tags=["auth (classic)"])
+
+LoginForm = Annotated[OAuth2PasswordRequestForm, Depends()]
+LOGIN_RESPONSES = {**UNAUTHORIZED, **FORBIDDEN, **TOO_MANY}
+
+
+@router.post("/login", response_model=Token, responses=LOGIN_RESPONSES)
+async def login(
+    request: Request,
+    form: LoginForm,
+    session: SessionDep,
+    redis: RedisDep,
+    hasher: HasherDep,
+    settings: SettingsDep,
+) -> Token:
+    """Log in with email (as username) and password; returns a bearer token."""
+    token = await service.login(
+        session=session,
+        redis=redis,
+        hasher=hasher,
+        settings=settings,
+        email=form.username,
+        password=form.password,
+        client=request.client.host if request.client else "unknown",
+    )
+    return Token(access_token=token)
+
+
+classic.add_api_route(
+    "/login",
+    login,
+    methods=["POST"],
+    response_model=Token,
+    responses=LOGIN_RESPONSES,
+    summary="Log in with email (as username) and password; returns a bearer token.",
+)
+
+
+@router.post("/logout", status_code=204, responses=AUTHED)
+async def logout(request: Request, _user: CurrentUser, redis: RedisDep) -> Response:
+    """Revoke the token this request carries."""
+    await service.revoke(redis=redis, claims=request.state.token_claims)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/signup",
+    response_model=UserPublic,
+    status_code=201,
+    responses={**FORBIDDEN, **CONFLICT, **INVALID},
+)
+async def signup(body: SignupIn, session: SessionDep, hasher: HasherDep, settings: SettingsDep) -> User:
+    """Create my own account (only when ALLOW_SIGNUP=true)."""
+    if not settings.allow_signup:
+        raise HTTPException(status_code=403, detail="Self sign-up is disabled")
+    users_service.check_password_policy(body.password, settings)
+    return await users_service.create_user(
+        session=session, hasher=hasher, email=body.email, password=body.password, name=body.name
+    )

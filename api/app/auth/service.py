@@ -1,0 +1,90 @@
+"""Login with throttling, and token revocation."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import HTTPException, status
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.core.config import Settings
+from api.app.core.security import PasswordHasher, TokenClaims, create_access_token
+from api.app.deps import revoked_key, unauthorized
+from api.app.users import service as users_service
+from api.app.users.service import normalize_email
+
+LOGIN_FAILED = "Incorrect email or password"
+
+
+def _email_key(email: str) -> str:
+    return f"login:fail:email:{normalize_email(email)}"
+
+
+def _client_key(client: str) -> str:
+    return f"login:fail:client:{client}"
+
+
+async def _check_throttle(redis: Redis, email: str, client: str, settings: Settings) -> None:
+    limits = (
+        (_email_key(email), settings.login_max_failures_per_email),
+        (_client_key(client), settings.login_max_failures_per_client),
+    )
+    async with redis.pipeline(transaction=False) as pipe:
+        for key, _limit in limits:
+            pipe.get(key)
+            pipe.ttl(key)
+        values = await pipe.execute()
+    for i, (_key, limit) in enumerate(limits):
+        count, ttl = values[2 * i], values[2 * i + 1]
+        if count is not None and int(count) >= limit:
+            raise HTTPException(
+                status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+                detail="Too many failed login attempts; try again later",
+                headers={"Retry-After": str(max(int(ttl), 1))},
+            )
+
+
+async def _record_failure(redis: Redis, email: str, client: str, settings: Settings) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in (_email_key(email), _client_key(client)):
+            pipe.incr(key)
+            pipe.expire(key, settings.login_window_seconds, nx=True)
+        await pipe.execute()
+
+
+async def login(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    hasher: PasswordHasher,
+    settings: Settings,
+    email: str,
+    password: str,
+    client: str,
+) -> str:
+    """Returns an access token, or raises 401 (bad credentials), 403 (inactive) or 429."""
+    await _check_throttle(redis, email, client, settings)
+    if len(password) > settings.password_max_length:
+        # Never spend hashing work on an oversized password; it cannot match.
+        await _record_failure(redis, email, client, settings)
+        raise unauthorized(LOGIN_FAILED)
+    user = await users_service.get_user_by_email(session=session, email=email)
+    ok, new_hash = await hasher.verify(password, user.hashed_password if user else None)
+    if user is None or not ok:
+        await _record_failure(redis, email, client, settings)
+        raise unauthorized(LOGIN_FAILED)
+    if not user.is_active:
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Account is deactivated")
+    if new_hash is not None:
+        user.hashed_password = new_hash
+        await session.commit()
+    await redis.delete(_email_key(email))
+    token, _claims = create_access_token(user.id, settings)
+    return token
+
+
+async def revoke(*, redis: Redis, claims: TokenClaims) -> None:
+    ttl = int(claims.expires_at.timestamp() - time.time()) + 1
+    if ttl > 0:
+        await redis.set(revoked_key(claims.jti), 1, ex=ttl)

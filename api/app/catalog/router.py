@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from api.app.catalog.schemas import ModelPublic, ModelsPublic
+from api.app.catalog.service import listed_entries, model_labels
+from api.app.core.responses import AUTHED
+from api.app.deps import CurrentUser, RedisDep, RegistryDep, SettingsDep
+from api.app.predictions.service import default_entry
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelsPublic, responses=AUTHED)
+async def list_models(
+    request: Request,
+    _user: CurrentUser,
+    redis: RedisDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    labels: bool = True,
+) -> ModelsPublic:
+    """Every model version, whether it is available (and why not) and how many workers serve it."""
+    availability = await request.app.state.workers.availability()
+    default = default_entry(registry, availability, benchmark_mode=settings.benchmark_mode)
+    data = []
+    for entry in listed_entries(registry, benchmark_mode=settings.benchmark_mode):
+        state = availability.get(entry.key)
+        names = await model_labels(redis, entry)
+        data.append(
+            ModelPublic(
+                name=entry.name,
+                version=entry.version,
+                ref=entry.key,
+                channel=entry.channel,
+                description=entry.description,
+                runtime=entry.runtime.value,
+                input=entry.input,
+                num_classes=len(names) if names else (state.num_classes if state else 0),
+                labels=names if labels else None,
+                available=bool(state and state.available),
+                reason=state.reason() if state else "no live model worker serves it",
+                workers=state.workers if state else 0,
+                random_weights=entry.weights == "random",
+                default=default is not None and default.key == entry.key,
+            )
+        )
+    return ModelsPublic(data=data, default=default.key if default else None)

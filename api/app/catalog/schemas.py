@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from contracts.registry import InputSpec
+
+
+class ModelPublic(BaseModel):
+    name: str
+    version: int
+    ref: str
+    channel: str
+    description: str
+    runtime: str
+    input: InputSpec
+    num_classes: int
+    labels: list[str] | None
+    available: bool
+    reason: str | None
+    workers: int
+    random_weights: bool
+    default: bool
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+    default: str | None

@@ -1,0 +1,126 @@
+"""API settings, read from the environment or ``.env``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.registry import DEFAULT_REGISTRY_PATH
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+DEV_SECRET_KEY = "development-secret-key-change-me"
+DEV_ADMIN_PASSWORD = "admin"
+
+
+class Settings(BaseSettings):
+    """Everything the API process can be told."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", use_attribute_docstrings=True)
+
+    environment: Literal["development", "test", "production"] = "development"
+    """Deployment kind; anything but development refuses insecure defaults."""
+    api_host: str = "0.0.0.0"
+    """Interface the API binds to."""
+    api_port: int = 8000
+    """Port the API listens on."""
+    api_workers: int = 1
+    """Uvicorn worker processes for the API."""
+    secret_key: str = DEV_SECRET_KEY
+    """HMAC key that signs access tokens (HS256)."""
+    access_token_expire_minutes: int = 30
+    """Lifetime of an access token."""
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/portal"
+    """SQLAlchemy URL of the PostgreSQL database (asyncpg driver)."""
+    db_pool_size: int = 10
+    """Connections kept open per API process."""
+    db_max_overflow: int = 20
+    """Extra connections allowed per API process under load."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL; the database index in the path selects the logical database."""
+    redis_max_connections: int = 512
+    """Redis connections per API process (each waiting one-shot request holds one)."""
+    dependency_wait_attempts: int = 30
+    """Start-up attempts to reach PostgreSQL and Redis before giving up."""
+    dependency_wait_interval: float = 1.0
+    """Seconds between those attempts."""
+    first_admin_email: str = "admin@example.com"
+    """Email of the admin created at start-up when missing."""
+    first_admin_password: str = DEV_ADMIN_PASSWORD
+    """Password of that admin; outside development it must meet the password policy."""
+    allow_signup: bool = False
+    """Whether anyone may create an account through POST /v1/auth/signup."""
+    password_min_length: int = 8
+    """Shortest password accepted through the API."""
+    password_max_length: int = 128
+    """Longest password accepted (bounds hashing work per request)."""
+    argon2_memory_kib: int = 19456
+    """Argon2id memory cost in KiB (OWASP minimum: 19 MiB)."""
+    argon2_time_cost: int = 2
+    """Argon2id iterations."""
+    argon2_parallelism: int = 1
+    """Argon2id lanes."""
+    login_max_failures_per_email: int = 5
+    """Failed logins for one email within the window before 429."""
+    login_max_failures_per_client: int = 20
+    """Failed logins from one client address within the window before 429."""
+    login_window_seconds: int = 900
+    """Window of the login throttling counters."""
+    storage_dir: Path = PROJECT_ROOT / "var" / "storage"
+    """Directory of the content-addressed image store."""
+    max_upload_bytes: int = 10 * 1024 * 1024
+    """Largest accepted upload in bytes."""
+    max_image_pixels: int = 50_000_000
+    """Largest accepted image area (width x height); larger is treated as a decompression bomb."""
+    predict_deadline_seconds: float = 30.0
+    """How long POST /model/predict waits for its result before answering 504."""
+    job_deadline_seconds: float = 300.0
+    """How long an asynchronous job may wait before it expires uncomputed."""
+    max_queue_depth: int = 200
+    """Pending jobs per model version beyond which new jobs get 503."""
+    max_jobs_in_flight_per_user: int = 64
+    """Unfinished jobs one user may have before 429."""
+    result_cache_ttl_seconds: int = 86400
+    """How long a (sha256, model, version) result is reused without inference."""
+    job_key_ttl_seconds: int = 3600
+    """TTL of per-job Redis keys (notifications, running markers)."""
+    retry_after_seconds: int = 2
+    """Retry-After sent with 503 answers."""
+    registry_path: Path = DEFAULT_REGISTRY_PATH
+    """Model registry file shared with the model service."""
+    benchmark_mode: bool = False
+    """Serve benchmark-only models (random weights); never in front of users."""
+    log_level: str = "INFO"
+    """Root log level."""
+    log_json: bool = True
+    """One JSON object per log line (false: plain text)."""
+    outage_log_interval_seconds: float = 10.0
+    """At most one log line per dependency outage per this many seconds."""
+    reconcile_interval_seconds: float = 5.0
+    """How often the API re-enqueues jobs lost with Redis and expires overdue ones."""
+
+    @model_validator(mode="after")
+    def _refuse_insecure_defaults(self) -> Settings:
+        if self.environment == "development":
+            return self
+        if self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32:
+            raise ValueError(
+                "SECRET_KEY must be set to a random value of at least 32 characters "
+                f"outside development (ENVIRONMENT={self.environment})"
+            )
+        pw = self.first_admin_password
+        if pw == DEV_ADMIN_PASSWORD or not (self.password_min_length <= len(pw) <= self.password_max_length):
+            raise ValueError(
+                "FIRST_ADMIN_PASSWORD must meet the password policy "
+                f"({self.password_min_length}-{self.password_max_length} characters) "
+                "and not be the development default outside development"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

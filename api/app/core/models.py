@@ -1,0 +1,8 @@
+"""Every table, imported in one place for Alembic and for mapper configuration."""
+
+from api.app.feedback.models import Feedback
+from api.app.images.models import Image
+from api.app.predictions.models import Job, Prediction
+from api.app.users.models import User
+
+__all__ = ["Feedback", "Image", "Job", "Prediction", "User"]

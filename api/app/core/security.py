@@ -1,0 +1,86 @@
+"""Password hashing (argon2id through passlib) and access tokens (HS256 through python-jose)."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from anyio import to_thread
+from jose import JWTError, jwt
+from passlib.context import CryptContext
+
+from api.app.core.config import Settings
+
+ALGORITHM = "HS256"
+
+
+class PasswordHasher:
+    """argon2id with the configured cost; hashing runs in a worker thread, off the event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.context = CryptContext(
+            schemes=["argon2"],
+            deprecated="auto",
+            argon2__type="ID",
+            argon2__memory_cost=settings.argon2_memory_kib,
+            argon2__rounds=settings.argon2_time_cost,
+            argon2__parallelism=settings.argon2_parallelism,
+        )
+        # Unknown emails are checked against this so that they cost as much as known ones.
+        self.dummy_hash = self.context.hash(secrets.token_urlsafe(16))
+
+    def hash_sync(self, password: str) -> str:
+        return self.context.hash(password)
+
+    async def hash(self, password: str) -> str:
+        return await to_thread.run_sync(self.context.hash, password)
+
+    async def verify(self, password: str, hashed: str | None) -> tuple[bool, str | None]:
+        """(matches, new hash when the stored one used other parameters)."""
+        if hashed is None:
+            await to_thread.run_sync(self.context.verify, password, self.dummy_hash)
+            return False, None
+        return await to_thread.run_sync(self.context.verify_and_update, password, hashed)
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    user_id: int
+    jti: str
+    expires_at: datetime
+
+
+class TokenError(Exception):
+    """The token is malformed, tampered with, expired or signed another way."""
+
+
+def create_access_token(user_id: int, settings: Settings) -> tuple[str, TokenClaims]:
+    now = datetime.now(UTC)
+    expires = now + timedelta(minutes=settings.access_token_expire_minutes)
+    jti = uuid.uuid4().hex
+    payload = {"sub": str(user_id), "iat": now, "exp": expires, "jti": jti}
+    token = jwt.encode(payload, settings.secret_key, algorithm=ALGORITHM)
+    return token, TokenClaims(user_id=user_id, jti=jti, expires_at=expires)
+
+
+def decode_access_token(token: str, settings: Settings) -> TokenClaims:
+    try:
+        header = jwt.get_unverified_header(token)
+        # Only HS256 is ever accepted: no "none", no algorithm confusion.
+        if header.get("alg") != ALGORITHM:
+            raise TokenError("unexpected signing algorithm")
+        payload = jwt.decode(
+            token,
+            settings.secret_key,
+            algorithms=[ALGORITHM],
+            options={"require_exp": True, "require_iat": True, "require_sub": True, "require_jti": True},
+        )
+        return TokenClaims(
+            user_id=int(payload["sub"]),
+            jti=str(payload["jti"]),
+            expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
+        )
+    except (JWTError, ValueError, KeyError, TypeError) as exc:
+        raise TokenError(str(exc)) from exc

@@ -1,0 +1,91 @@
+"""Typed dependencies every route takes: settings, sessions, Redis, the current user."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import OAuth2PasswordBearer
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.core.config import Settings
+from api.app.core.security import PasswordHasher, TokenError, decode_access_token
+from api.app.users import service as users_service
+from api.app.users.models import User
+from contracts.registry import Registry
+
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/v1/auth/login")
+
+CREDENTIALS_ERROR = "Could not validate credentials"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.sessionmaker() as session:
+        yield session
+
+
+def get_redis(request: Request) -> Redis:
+    return request.app.state.redis
+
+
+def get_hasher(request: Request) -> PasswordHasher:
+    return request.app.state.hasher
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
+HasherDep = Annotated[PasswordHasher, Depends(get_hasher)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+TokenDep = Annotated[str, Depends(oauth2_scheme)]
+
+
+def unauthorized(detail: str = CREDENTIALS_ERROR) -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail=detail,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def revoked_key(jti: str) -> str:
+    return f"revoked:{jti}"
+
+
+async def get_current_user(
+    request: Request, token: TokenDep, session: SessionDep, redis: RedisDep, settings: SettingsDep
+) -> User:
+    try:
+        claims = decode_access_token(token, settings)
+    except TokenError:
+        raise unauthorized() from None
+    if await redis.exists(revoked_key(claims.jti)):
+        raise unauthorized("Token has been revoked")
+    user = await users_service.get_user(session=session, user_id=claims.user_id)
+    if user is None or not user.is_active:
+        raise unauthorized()
+    request.state.token_claims = claims
+    request.state.user_id = user.id
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+async def get_admin_user(user: CurrentUser) -> User:
+    if not user.is_admin:
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Admins only")
+    return user
+
+
+AdminUser = Annotated[User, Depends(get_admin_user)]

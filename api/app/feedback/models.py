@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import Boolean, Float, ForeignKey, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from api.app.core.db import Base, TimestampMixin, new_uuid
+
+
+class Feedback(TimestampMixin, Base):
+    """A user's verdict on a prediction."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    prediction_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("predictions.id", ondelete="CASCADE"), index=True
+    )
+    is_correct: Mapped[bool | None] = mapped_column(Boolean)
+    correct_label: Mapped[str | None] = mapped_column(String(200))
+    comment: Mapped[str | None] = mapped_column(Text)
+    # What classic clients send, kept as they sent it.
+    predicted_class: Mapped[str | None] = mapped_column(String(200))
+    score: Mapped[float | None] = mapped_column(Float)
+    image_file_name: Mapped[str | None] = mapped_column(String(100))

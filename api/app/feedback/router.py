@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from api.app.core.responses import AUTHED, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE
+from api.app.deps import CurrentUser, RedisDep, RegistryDep, SessionDep
+from api.app.feedback import service
+from api.app.feedback.models import Feedback
+from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate, FeedbackPublic, FeedbacksPublic
+
+router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
+classic = APIRouter(prefix="/feedback", tags=["feedback (classic)"])
+
+Skip = Annotated[int, Query(ge=0)]
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+def _scope(user: CurrentUser, all_users: bool) -> int | None:
+    if all_users and not user.is_admin:
+        raise HTTPException(status_code=403, detail="Only admins can list everyone's feedback")
+    return None if all_users else user.id
+
+
+@router.post(
+    "", response_model=FeedbackPublic, status_code=201, responses={**AUTHED, **NOT_FOUND, **INVALID, **UNAVAILABLE}
+)
+async def create_feedback(
+    body: FeedbackCreate, user: CurrentUser, session: SessionDep, redis: RedisDep, registry: RegistryDep
+) -> Feedback:
+    """Say whether one of my predictions was right, and if not, what the right label is."""
+    return await service.create_feedback(session=session, redis=redis, registry=registry, owner_id=user.id, body=body)
+
+
+@router.get("", response_model=FeedbacksPublic, responses={**AUTHED, **FORBIDDEN})
+async def list_feedback(
+    user: CurrentUser, session: SessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
+) -> FeedbacksPublic:
+    """My feedback (admins: everyone's with all_users=true)."""
+    rows, count = await service.list_feedback(session=session, owner_id=_scope(user, all_users), skip=skip, limit=limit)
+    return FeedbacksPublic(data=[FeedbackPublic.model_validate(r) for r in rows], count=count)
+
+
+@classic.post("/", response_model=FeedbackPublic, status_code=201, responses={**AUTHED, **INVALID})
+async def classic_create_feedback(body: ClassicFeedbackCreate, user: CurrentUser, session: SessionDep) -> Feedback:
+    """Report a wrong prediction (score, predicted_class, image_file_name, feedback)."""
+    return await service.create_classic_feedback(session=session, owner_id=user.id, body=body)
+
+
+@classic.get("/", response_model=list[FeedbackPublic], responses={**AUTHED, **FORBIDDEN})
+async def classic_list_feedback(
+    user: CurrentUser, session: SessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
+) -> list[Feedback]:
+    """My feedback (admins: everyone's with all_users=true)."""
+    rows, _count = await service.list_feedback(
+        session=session, owner_id=_scope(user, all_users), skip=skip, limit=limit
+    )
+    return rows

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FeedbackCreate(BaseModel):
+    prediction_id: uuid.UUID
+    is_correct: bool
+    correct_label: str | None = Field(default=None, max_length=200)
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class ClassicFeedbackCreate(BaseModel):
+    score: float | None = None
+    predicted_class: str | None = Field(default=None, max_length=200)
+    image_file_name: str | None = Field(default=None, max_length=100)
+    feedback: str | None = Field(default=None, max_length=2000)
+
+
+class FeedbackPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    owner_id: int
+    prediction_id: uuid.UUID | None
+    is_correct: bool | None
+    correct_label: str | None
+    comment: str | None
+    predicted_class: str | None
+    score: float | None
+    image_file_name: str | None
+    created_at: datetime
+
+
+class FeedbacksPublic(BaseModel):
+    data: list[FeedbackPublic]
+    count: int

@@ -1,0 +1,108 @@
+"""Feedback on predictions."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import HTTPException
+from redis.asyncio import Redis
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.catalog.service import model_labels
+from api.app.feedback.models import Feedback
+from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate
+from api.app.images.models import Image
+from api.app.predictions.models import Job, Prediction
+from contracts.registry import Registry
+
+
+async def owned_prediction(*, session: AsyncSession, owner_id: int, prediction_id: uuid.UUID) -> Prediction | None:
+    return await session.scalar(
+        select(Prediction).join(Job).where(Prediction.id == prediction_id, Job.owner_id == owner_id)
+    )
+
+
+async def check_label(*, redis: Redis, registry: Registry, prediction: Prediction, label: str) -> None:
+    entry = next(
+        (m for m in registry.models if m.name == prediction.model_name and m.version == prediction.model_version),
+        None,
+    )
+    labels = await model_labels(redis, entry) if entry else None
+    if labels is None:
+        raise HTTPException(
+            status_code=503,
+            detail=f"The labels of {prediction.model_name}@{prediction.model_version} are not known "
+            "until a worker serving it has started; retry shortly.",
+            headers={"Retry-After": "5"},
+        )
+    if label not in labels:
+        raise HTTPException(
+            status_code=422,
+            detail=f"{label!r} is not a label of {prediction.model_name}@{prediction.model_version}",
+        )
+
+
+async def create_feedback(
+    *, session: AsyncSession, redis: Redis, registry: Registry, owner_id: int, body: FeedbackCreate
+) -> Feedback:
+    prediction = await owned_prediction(session=session, owner_id=owner_id, prediction_id=body.prediction_id)
+    if prediction is None:
+        raise HTTPException(status_code=404, detail="Prediction not found")
+    if body.correct_label is not None:
+        await check_label(redis=redis, registry=registry, prediction=prediction, label=body.correct_label)
+    feedback = Feedback(
+        owner_id=owner_id,
+        prediction_id=prediction.id,
+        is_correct=body.is_correct,
+        correct_label=(
+            body.correct_label if body.correct_label is not None else (prediction.label if body.is_correct else None)
+        ),
+        comment=body.comment,
+        predicted_class=prediction.label,
+        score=prediction.score,
+    )
+    session.add(feedback)
+    await session.commit()
+    return feedback
+
+
+async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body: ClassicFeedbackCreate) -> Feedback:
+    """Stores what a classic client sent, linked to my latest matching prediction when there is one."""
+    prediction_id = None
+    if body.image_file_name:
+        sha256 = body.image_file_name.split(".", 1)[0]
+        query = (
+            select(Prediction.id)
+            .join(Job, Prediction.job_id == Job.id)
+            .join(Image, Job.image_id == Image.id)
+            .where(Job.owner_id == owner_id, Image.sha256 == sha256, Prediction.status == "done")
+            .order_by(Prediction.created_at.desc())
+            .limit(1)
+        )
+        if body.predicted_class:
+            query = query.where(Prediction.label == body.predicted_class)
+        prediction_id = await session.scalar(query)
+    feedback = Feedback(
+        owner_id=owner_id,
+        prediction_id=prediction_id,
+        comment=body.feedback,
+        predicted_class=body.predicted_class,
+        score=body.score,
+        image_file_name=body.image_file_name,
+    )
+    session.add(feedback)
+    await session.commit()
+    return feedback
+
+
+async def list_feedback(
+    *, session: AsyncSession, owner_id: int | None, skip: int, limit: int
+) -> tuple[list[Feedback], int]:
+    """``owner_id=None`` lists everyone's (admins only)."""
+    where = [] if owner_id is None else [Feedback.owner_id == owner_id]
+    count = await session.scalar(select(func.count()).select_from(Feedback).where(*where))
+    rows = await session.scalars(
+        select(Feedback).where(*where).order_by(Feedback.created_at.desc()).offset(skip).limit(limit)
+    )
+    return list(rows), int(count or 0)

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import BigInteger, ForeignKey, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from api.app.core.db import Base, TimestampMixin, new_uuid
+
+
+class Image(TimestampMixin, Base):
+    """One user's upload; the bytes live once per sha256 in the blob store."""
+
+    __tablename__ = "images"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    filename: Mapped[str] = mapped_column(String(255), default="")
+
+    @property
+    def file_name(self) -> str:
+        """The content-addressed name existing clients know the image by."""
+        return f"{self.sha256}.{self.format.lower()}"

@@ -1,0 +1,125 @@
+"""Uploads: validation, content-addressed storage, listing and deletion."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+
+from anyio import to_thread
+from fastapi import HTTPException, UploadFile
+from PIL import Image as PILImage
+from PIL import ImageDraw
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.core.config import Settings
+from api.app.images.models import Image
+from api.app.images.storage import LocalBlobStore
+from api.app.predictions.models import Job
+from contracts.imaging import ImageRejected, inspect_image, load_image
+
+
+async def read_upload(file: UploadFile, settings: Settings) -> bytes:
+    """The upload's bytes, or 413 as soon as it is known to be too large."""
+    limit = settings.max_upload_bytes
+    if file.size is not None and file.size > limit:
+        raise _too_large(file.size, limit)
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(None, limit)
+    return data
+
+
+def _too_large(size: int | None, limit: int) -> HTTPException:
+    got = f"{size:,} bytes" if size is not None else "larger than that"
+    return HTTPException(status_code=413, detail=f"The file is {got}; at most {limit:,} bytes are accepted.")
+
+
+async def _lock_blob(session: AsyncSession, sha256: str) -> None:
+    # Serialises an upload and a delete of the same content, so a blob is never removed
+    # while a new row starts to reference it.
+    await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:sha, 0))"), {"sha": sha256})
+
+
+async def create_image(
+    *, session: AsyncSession, store: LocalBlobStore, settings: Settings, owner_id: int, data: bytes, filename: str
+) -> Image:
+    try:
+        info = await to_thread.run_sync(lambda: inspect_image(data, max_pixels=settings.max_image_pixels))
+    except ImageRejected as exc:
+        raise HTTPException(status_code=exc.status, detail=exc.message) from None
+    sha256 = hashlib.sha256(data).hexdigest()
+    await _lock_blob(session, sha256)
+    await store.put(sha256, data)
+    image = Image(
+        owner_id=owner_id,
+        sha256=sha256,
+        format=info.format,
+        width=info.width,
+        height=info.height,
+        bytes=len(data),
+        filename=(filename or "")[:255],
+    )
+    session.add(image)
+    await session.commit()
+    return image
+
+
+async def get_owned_image(*, session: AsyncSession, owner_id: int, image_id: uuid.UUID) -> Image | None:
+    return await session.scalar(select(Image).where(Image.id == image_id, Image.owner_id == owner_id))
+
+
+async def list_images(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Image], int]:
+    count = await session.scalar(select(func.count()).select_from(Image).where(Image.owner_id == owner_id))
+    rows = await session.scalars(
+        select(Image).where(Image.owner_id == owner_id).order_by(Image.created_at.desc()).offset(skip).limit(limit)
+    )
+    return list(rows), int(count or 0)
+
+
+async def jobs_of_image(*, session: AsyncSession, image_id: uuid.UUID) -> list[Job]:
+    rows = await session.scalars(select(Job).where(Job.image_id == image_id).order_by(Job.created_at.desc()))
+    return list(rows)
+
+
+async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: Image) -> None:
+    sha256 = image.sha256
+    await _lock_blob(session, sha256)
+    await session.delete(image)
+    await session.flush()
+    remaining = await session.scalar(select(func.count()).select_from(Image).where(Image.sha256 == sha256))
+    if not remaining:
+        await store.delete(sha256)
+    await session.commit()
+
+
+def _annotate(data: bytes, lines: list[str]) -> bytes:
+    img = load_image(data, mode="RGB", draft_size=(800, 800))
+    img.thumbnail((800, 800))
+    line_height = 14
+    banner = PILImage.new("RGB", (img.width, line_height * max(len(lines), 1) + 8), "white")
+    draw = ImageDraw.Draw(banner)
+    for i, line in enumerate(lines or ["no prediction yet"]):
+        draw.text((4, 4 + i * line_height), line, fill="black")
+    out = PILImage.new("RGB", (img.width, img.height + banner.height), "white")
+    out.paste(img, (0, 0))
+    out.paste(banner, (0, img.height))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def render_view(*, store: LocalBlobStore, image: Image, jobs: list[Job]) -> bytes:
+    """The image as PNG with the latest answer of each model version written under it."""
+    seen: set[tuple[str, int]] = set()
+    lines: list[str] = []
+    for job in jobs:
+        for p in job.predictions:
+            if p.status != "done" or (p.model_name, p.model_version) in seen:
+                continue
+            seen.add((p.model_name, p.model_version))
+            top = ", ".join(f"{t['label']} {t['score']:.2f}" for t in p.top_k[:3])
+            lines.append(f"{p.model_name}@{p.model_version}: {top}")
+    data = await store.get(image.sha256)
+    return await to_thread.run_sync(_annotate, data, lines)

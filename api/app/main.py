@@ -1,0 +1,126 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from api.app.auth.router import classic as auth_classic
+from api.app.auth.router import router as auth_router
+from api.app.catalog.router import router as catalog_router
+from api.app.catalog.service import WorkerDirectory
+from api.app.core.config import Settings, get_settings
+from api.app.core.db import make_engine, make_sessionmaker
+from api.app.core.errors import OutageLog, install_outage_handlers
+from api.app.core.logging import configure_logging, request_id_var
+from api.app.core.redis import make_redis
+from api.app.core.responses import UNAVAILABLE
+from api.app.core.security import PasswordHasher
+from api.app.feedback.router import classic as feedback_classic
+from api.app.feedback.router import router as feedback_router
+from api.app.health.router import router as health_router
+from api.app.images.router import router as images_router
+from api.app.images.storage import LocalBlobStore
+from api.app.predictions.background import JobRuntime, collect_results, reconcile
+from api.app.predictions.router import classic as predictions_classic
+from api.app.predictions.router import router as predictions_router
+from api.app.users.router import classic as users_classic
+from api.app.users.router import router as users_router
+from contracts.registry import load_registry
+
+log = logging.getLogger("api.request")
+
+DESCRIPTION = """Upload images, classify them with several models side by side, and say when a
+prediction is wrong. Use **Authorize** with your email as username to try every route."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json, service="api")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        state.settings = settings
+        state.engine = make_engine(settings)
+        state.sessionmaker = make_sessionmaker(state.engine)
+        state.redis = make_redis(settings)
+        state.redis_blocking = make_redis(settings, blocking=True)
+        state.hasher = PasswordHasher(settings)
+        state.registry = load_registry(settings.registry_path)
+        state.store = LocalBlobStore(settings.storage_dir)
+        state.workers = WorkerDirectory(state.redis)
+        state.outage_log = outage_log
+        runtime = JobRuntime(
+            settings=settings,
+            sessionmaker=state.sessionmaker,
+            redis=state.redis,
+            redis_blocking=state.redis_blocking,
+            store=state.store,
+            outage_log=outage_log,
+        )
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(collect_results(runtime, stop)), asyncio.create_task(reconcile(runtime, stop))]
+        try:
+            yield
+        finally:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await state.redis.aclose()
+            await state.redis_blocking.aclose()
+            await state.engine.dispose()
+
+    app = FastAPI(
+        title="Image classification portal",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=UNAVAILABLE,
+        swagger_ui_parameters={"persistAuthorization": True},
+    )
+    outage_log = OutageLog(settings.outage_log_interval_seconds)
+    install_outage_handlers(app, outage_log, settings.retry_after_seconds)
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
+        request.state.request_id = rid
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        finally:
+            request_id_var.reset(token)
+        response.headers["X-Request-ID"] = rid
+        log.info(
+            "%s %s %d",
+            request.method,
+            request.url.path,
+            response.status_code,
+            extra={"request_id": rid, "duration_ms": round((time.perf_counter() - start) * 1000, 2)},
+        )
+        return response
+
+    for router in (
+        auth_classic,
+        auth_router,
+        users_classic,
+        users_router,
+        images_router,
+        predictions_classic,
+        predictions_router,
+        feedback_classic,
+        feedback_router,
+        catalog_router,
+        health_router,
+    ):
+        app.include_router(router)
+    return app

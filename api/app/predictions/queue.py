@@ -1,0 +1,57 @@
+"""The API's side of the Redis job queue: enqueue, depth, notifications and the result cache."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from contracts import keys
+from contracts.messages import JobMessage, LabelScore, ResultMessage
+
+STREAM_MAXLEN = 100_000
+
+
+async def enqueue(redis: Redis, messages: list[JobMessage]) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for msg in messages:
+            pipe.xadd(
+                keys.job_stream(msg.model, msg.version),
+                msg.to_fields(),
+                maxlen=STREAM_MAXLEN,
+                approximate=True,
+            )
+        await pipe.execute()
+
+
+async def depth(redis: Redis, model: str, version: int) -> int:
+    """Jobs of one model version not yet answered: workers delete each entry once answered, so
+    the stream holds exactly the undelivered and the delivered-but-unacknowledged ones."""
+    return int(await redis.xlen(keys.job_stream(model, version)))
+
+
+async def notify_done(redis: Redis, job_id: str, ttl: int) -> None:
+    key = keys.job_done_key(job_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.rpush(key, b"1")
+        pipe.expire(key, ttl)
+        await pipe.execute()
+
+
+async def wait_done(redis_blocking: Redis, job_id: str, seconds: float) -> bool:
+    """Blocks (without polling) until the job is finished or ``seconds`` pass."""
+    if seconds <= 0:
+        return False
+    got = await redis_blocking.blpop([keys.job_done_key(job_id)], timeout=seconds)
+    return got is not None
+
+
+async def cached_result(redis: Redis, sha256: str, model: str, version: int) -> ResultMessage | None:
+    raw = await redis.get(keys.result_cache_key(sha256, model, version))
+    return ResultMessage.model_validate_json(raw) if raw is not None else None
+
+
+async def cache_result(redis: Redis, sha256: str, result: ResultMessage, ttl: int) -> None:
+    await redis.set(keys.result_cache_key(sha256, result.model, result.version), result.model_dump_json(), ex=ttl)
+
+
+def top1(top_k: list[LabelScore]) -> tuple[str | None, float | None]:
+    return (top_k[0].label, top_k[0].score) if top_k else (None, None)

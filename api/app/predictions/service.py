@@ -1,0 +1,344 @@
+"""Prediction jobs: creation with admission control, storage of results, expiry."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from fastapi import HTTPException
+from redis.asyncio import Redis
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.catalog.service import ModelAvailability
+from api.app.core.config import Settings
+from api.app.images.models import Image
+from api.app.images.storage import LocalBlobStore
+from api.app.predictions import queue
+from api.app.predictions.models import Job, Prediction
+from api.app.predictions.schemas import JobPublic, PredictionPublic, TimingsPublic
+from contracts import keys
+from contracts.messages import JobMessage, LabelScore, PredictionStatus, ResultMessage
+from contracts.registry import ModelEntry, Registry, parse_model_ref
+
+UNFINISHED = (PredictionStatus.queued.value, PredictionStatus.running.value)
+
+
+def _unavailable(detail: str, settings: Settings) -> HTTPException:
+    return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(settings.retry_after_seconds)})
+
+
+def default_entry(
+    registry: Registry, availability: dict[str, ModelAvailability], *, benchmark_mode: bool
+) -> ModelEntry | None:
+    """The first model of the registry's default order that a live worker serves."""
+    for name in registry.default_order:
+        entry = registry.find(name, None, benchmark_mode=benchmark_mode)
+        if entry is not None and (state := availability.get(entry.key)) and state.available:
+            return entry
+    return None
+
+
+def resolve_models(
+    refs: list[str],
+    *,
+    registry: Registry,
+    availability: dict[str, ModelAvailability],
+    settings: Settings,
+) -> list[ModelEntry]:
+    """Registry entries for the requested references: 422 for unknown or broken, 503 for unserved."""
+    bench = settings.benchmark_mode
+    if not refs:
+        entry = default_entry(registry, availability, benchmark_mode=bench)
+        if entry is None:
+            raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
+        return [entry]
+    listed = sorted({m.key for m in registry.served(benchmark_mode=bench) if bench or not m.benchmark_only})
+    entries: list[ModelEntry] = []
+    for ref in refs:
+        try:
+            name, version = parse_model_ref(ref)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        entry = registry.find(name, version, benchmark_mode=bench)
+        if entry is None:
+            raise HTTPException(status_code=422, detail=f"Unknown model {ref!r}; available models: {', '.join(listed)}")
+        state = availability.get(entry.key)
+        if state is None or not state.available:
+            if state is not None and state.reasons:
+                raise HTTPException(status_code=422, detail=f"Model {entry.key} is unavailable: {state.reason()}")
+            raise _unavailable(f"No live model worker serves {entry.key} yet; retry shortly.", settings)
+        if entry not in entries:
+            entries.append(entry)
+    return entries
+
+
+async def create_job(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    settings: Settings,
+    image: Image,
+    entries: list[ModelEntry],
+    owner_id: int,
+    deadline_seconds: float,
+    request_id: str,
+) -> Job:
+    in_flight = await session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(UNFINISHED))
+    )
+    if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:
+        raise HTTPException(
+            status_code=429,
+            detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
+    cached: dict[str, ResultMessage] = {}
+    for entry in entries:
+        hit = await queue.cached_result(redis, image.sha256, entry.name, entry.version)
+        if hit is not None:
+            cached[entry.key] = hit
+            continue
+        if await queue.depth(redis, entry.name, entry.version) >= settings.max_queue_depth:
+            raise _unavailable(f"The queue of {entry.key} is full; retry shortly.", settings)
+
+    now = datetime.now(UTC)
+    job = Job(
+        id=uuid.uuid4(),
+        owner_id=owner_id,
+        image_id=image.id,
+        status=PredictionStatus.queued.value,
+        request_id=request_id,
+        deadline_at=now + timedelta(seconds=deadline_seconds),
+    )
+    session.add(job)
+    pending: list[Prediction] = []
+    for position, entry in enumerate(entries):
+        prediction = Prediction(
+            id=uuid.uuid4(),
+            job_id=job.id,
+            position=position,
+            model_name=entry.name,
+            model_version=entry.version,
+            status=PredictionStatus.queued.value,
+        )
+        if (hit := cached.get(entry.key)) is not None:
+            _apply_result(prediction, hit, now)
+            prediction.cached = True
+        else:
+            pending.append(prediction)
+        session.add(prediction)
+    if not pending:
+        job.status = PredictionStatus.done.value
+        job.finished_at = now
+    await session.commit()
+
+    if pending:
+        data = await store.get(image.sha256)
+        messages = [
+            JobMessage(
+                job_id=str(job.id),
+                prediction_id=str(p.id),
+                model=p.model_name,
+                version=p.model_version,
+                sha256=image.sha256,
+                request_id=request_id,
+                enqueued_at=now.timestamp(),
+                deadline=job.deadline_at.timestamp(),
+                image=data,
+            )
+            for p in pending
+        ]
+        try:
+            await queue.enqueue(redis, messages)
+        except Exception:
+            await fail_unfinished(session=session, job_id=job.id, reason="the job queue was unavailable")
+            raise
+    await session.refresh(job, ["predictions"])
+    return job
+
+
+def _apply_result(prediction: Prediction, result: ResultMessage, now: datetime) -> None:
+    prediction.status = result.status.value
+    prediction.top_k = [t.model_dump() for t in result.top_k]
+    prediction.label, prediction.score = queue.top1(result.top_k)
+    prediction.error = result.error
+    prediction.random_weights = result.random_weights
+    prediction.worker_id = result.worker_id
+    t = result.timings
+    prediction.queue_ms, prediction.preprocess_ms = t.queue_ms, t.preprocess_ms
+    prediction.inference_ms, prediction.total_ms, prediction.batch_size = t.inference_ms, t.total_ms, t.batch_size
+    prediction.finished_at = now
+
+
+def _job_status(statuses: list[str]) -> str:
+    if any(s in UNFINISHED for s in statuses):
+        return (
+            PredictionStatus.running.value
+            if PredictionStatus.running.value in statuses
+            else PredictionStatus.queued.value
+        )
+    for status in (PredictionStatus.done, PredictionStatus.failed):
+        if status.value in statuses:
+            return status.value
+    return PredictionStatus.expired.value
+
+
+async def _finish_job_if_complete(session: AsyncSession, job: Job, now: datetime) -> bool:
+    """Sets the job's final status once every prediction has one; True when this call did it."""
+    statuses = list(await session.scalars(select(Prediction.status).where(Prediction.job_id == job.id)))
+    status = _job_status(statuses)
+    if status in UNFINISHED or job.status not in UNFINISHED:
+        return False
+    job.status = status
+    job.finished_at = now
+    return True
+
+
+async def store_result(*, session: AsyncSession, result: ResultMessage) -> bool:
+    """Stores a worker's answer once; returns True when it completed the job.
+
+    A duplicate answer (a job delivered twice after a worker died) finds the prediction already
+    final and changes nothing.
+    """
+    now = datetime.now(UTC)
+    job = await session.scalar(select(Job).where(Job.id == uuid.UUID(result.job_id)).with_for_update())
+    if job is None:
+        await session.rollback()
+        return False  # the image (and so the job) was deleted meanwhile
+    prediction = await session.scalar(
+        select(Prediction).where(Prediction.id == uuid.UUID(result.prediction_id), Prediction.status.in_(UNFINISHED))
+    )
+    if prediction is None:
+        await session.rollback()
+        return False
+    _apply_result(prediction, result, now)
+    await session.flush()
+    completed = await _finish_job_if_complete(session, job, now)
+    await session.commit()
+    return completed
+
+
+async def fail_unfinished(*, session: AsyncSession, job_id: uuid.UUID, reason: str) -> None:
+    await session.execute(
+        update(Prediction)
+        .where(Prediction.job_id == job_id, Prediction.status.in_(UNFINISHED))
+        .values(status=PredictionStatus.failed.value, error=reason, finished_at=datetime.now(UTC))
+    )
+    await session.execute(
+        update(Job).where(Job.id == job_id).values(status=PredictionStatus.failed.value, finished_at=datetime.now(UTC))
+    )
+    await session.commit()
+
+
+async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> list[uuid.UUID]:
+    """Marks predictions whose job deadline passed as expired; returns the jobs this finished."""
+    now = datetime.now(UTC)
+    overdue = list(
+        await session.scalars(
+            select(Job.id).where(Job.status.in_(UNFINISHED), Job.deadline_at < now - timedelta(seconds=grace_seconds))
+        )
+    )
+    finished: list[uuid.UUID] = []
+    for job_id in overdue:
+        job = await session.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=True))
+        if job is None:
+            continue
+        await session.execute(
+            update(Prediction)
+            .where(Prediction.job_id == job_id, Prediction.status.in_(UNFINISHED))
+            .values(
+                status=PredictionStatus.expired.value, error="deadline passed before a worker answered", finished_at=now
+            )
+        )
+        if await _finish_job_if_complete(session, job, now):
+            finished.append(job_id)
+        await session.commit()
+    return finished
+
+
+async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -> list[JobMessage]:
+    """Messages for every unfinished, unexpired prediction: what to enqueue again after Redis lost its streams."""
+    now = datetime.now(UTC)
+    rows = await session.execute(
+        select(Prediction, Job, Image)
+        .join(Job, Prediction.job_id == Job.id)
+        .join(Image, Job.image_id == Image.id)
+        .where(Prediction.status.in_(UNFINISHED), Job.deadline_at > now)
+    )
+    messages: list[JobMessage] = []
+    blobs: dict[str, bytes] = {}
+    for prediction, job, image in rows.tuples():
+        if image.sha256 not in blobs:
+            blobs[image.sha256] = await store.get(image.sha256)
+        messages.append(
+            JobMessage(
+                job_id=str(job.id),
+                prediction_id=str(prediction.id),
+                model=prediction.model_name,
+                version=prediction.model_version,
+                sha256=image.sha256,
+                request_id=job.request_id,
+                enqueued_at=job.created_at.timestamp(),
+                deadline=job.deadline_at.timestamp(),
+                image=blobs[image.sha256],
+            )
+        )
+    return messages
+
+
+async def get_owned_job(*, session: AsyncSession, owner_id: int, job_id: uuid.UUID) -> Job | None:
+    return await session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
+
+
+async def list_jobs(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Job], int]:
+    count = await session.scalar(select(func.count()).select_from(Job).where(Job.owner_id == owner_id))
+    rows = await session.scalars(
+        select(Job).where(Job.owner_id == owner_id).order_by(Job.created_at.desc()).offset(skip).limit(limit)
+    )
+    return list(rows), int(count or 0)
+
+
+async def running_ids(redis: Redis, predictions: list[Prediction]) -> set[uuid.UUID]:
+    queued = [p for p in predictions if p.status == PredictionStatus.queued.value]
+    if not queued:
+        return set()
+    flags = await redis.mget([keys.job_running_key(str(p.id)) for p in queued])
+    return {p.id for p, flag in zip(queued, flags, strict=True) if flag is not None}
+
+
+def prediction_public(p: Prediction, running: set[uuid.UUID] = frozenset()) -> PredictionPublic:  # type: ignore[assignment]
+    return PredictionPublic(
+        id=p.id,
+        model=p.model_name,
+        version=p.model_version,
+        status=PredictionStatus.running.value if p.id in running else p.status,
+        label=p.label,
+        score=p.score,
+        top_k=[LabelScore(**t) for t in p.top_k or []],
+        cached=p.cached,
+        random_weights=p.random_weights,
+        error=p.error,
+        timings=TimingsPublic(
+            queue_ms=p.queue_ms,
+            preprocess_ms=p.preprocess_ms,
+            inference_ms=p.inference_ms,
+            total_ms=p.total_ms,
+            batch_size=p.batch_size,
+        ),
+    )
+
+
+def job_public(job: Job, running: set[uuid.UUID] = frozenset()) -> JobPublic:  # type: ignore[assignment]
+    status = job.status
+    if status == PredictionStatus.queued.value and running:
+        status = PredictionStatus.running.value
+    return JobPublic(
+        job_id=job.id,
+        image_id=job.image_id,
+        status=status,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        results=[prediction_public(p, running) for p in job.predictions],
+    )

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response
+
+from api.app.core.responses import ADMIN, AUTHED, CONFLICT, INVALID, NOT_FOUND
+from api.app.deps import (
+    AdminUser,
+    CurrentUser,
+    HasherDep,
+    SessionDep,
+    SettingsDep,
+)
+from api.app.users import service
+from api.app.users.models import User
+from api.app.users.schemas import (
+    PasswordChange,
+    UserCreate,
+    UserPublic,
+    UsersPublic,
+    UserUpdate,
+)
+
+router = APIRouter(prefix="/v1/users", tags=["users"])
+classic = APIRouter(prefix="/user", tags=["users (classic)"])
+
+Skip = Annotated[int, Query(ge=0)]
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+async def _existing_user(session: SessionDep, user_id: int) -> User:
+    user = await service.get_user(session=session, user_id=user_id)
+    if user is None:
+        raise HTTPException(status_code=404, detail="User not found")
+    return user
+
+
+@router.get("", response_model=UsersPublic, responses=ADMIN)
+async def list_users(session: SessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> UsersPublic:
+    """List users (admin)."""
+    users, count = await service.list_users(session=session, skip=skip, limit=limit)
+    return UsersPublic(data=[UserPublic.model_validate(u) for u in users], count=count)
+
+
+@router.post("", response_model=UserPublic, status_code=201, responses={**ADMIN, **CONFLICT, **INVALID})
+async def create_user(
+    body: UserCreate, session: SessionDep, hasher: HasherDep, settings: SettingsDep, _: AdminUser
+) -> User:
+    """Create a user (admin)."""
+    service.check_password_policy(body.password, settings)
+    return await service.create_user(
+        session=session,
+        hasher=hasher,
+        email=body.email,
+        password=body.password,
+        name=body.name,
+        role=body.role,
+    )
+
+
+@router.get("/me", response_model=UserPublic, responses=AUTHED)
+async def read_me(user: CurrentUser) -> User:
+    """The signed-in user."""
+    return user
+
+
+@router.patch("/me/password", status_code=204, responses={**AUTHED, **INVALID, 400: {}})
+async def change_password(
+    body: PasswordChange,
+    user: CurrentUser,
+    session: SessionDep,
+    hasher: HasherDep,
+    settings: SettingsDep,
+) -> Response:
+    """Change my password (needs the current one)."""
+    ok, _ = await hasher.verify(body.current_password, user.hashed_password)
+    if not ok:
+        raise HTTPException(status_code=400, detail="Current password is incorrect")
+    service.check_password_policy(body.new_password, settings)
+    await service.set_password(session=session, hasher=hasher, user=user, password=body.new_password)
+    return Response(status_code=204)
+
+
+@router.get("/{user_id}", response_model=UserPublic, responses={**AUTHED, **NOT_FOUND})
+async def read_user(user_id: int, user: CurrentUser, session: SessionDep) -> User:
+    """A user (self, or any for admins)."""
+    if user.id != user_id and not user.is_admin:
+        raise HTTPException(status_code=404, detail="User not found")
+    return await _existing_user(session, user_id)
+
+
+@router.patch("/{user_id}", response_model=UserPublic, responses={**ADMIN, **NOT_FOUND})
+async def update_user(user_id: int, body: UserUpdate, session: SessionDep, _: AdminUser) -> User:
+    """Change a user's name, role or active flag (admin)."""
+    target = await _existing_user(session, user_id)
+    return await service.update_user(session=session, user=target, changes=body)
+
+
+@router.delete("/{user_id}", status_code=204, responses={**ADMIN, **NOT_FOUND})
+async def delete_user(user_id: int, session: SessionDep, _: AdminUser) -> Response:
+    """Delete a user and everything they own (admin)."""
+    target = await _existing_user(session, user_id)
+    await service.delete_user(session=session, user=target)
+    return Response(status_code=204)
+
+
+@classic.get("/", response_model=list[UserPublic], responses=ADMIN)
+async def classic_list_users(session: SessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> list[User]:
+    """List users (admin)."""
+    users, _count = await service.list_users(session=session, skip=skip, limit=limit)
+    return users
+
+
+classic.add_api_route(
+    "/",
+    create_user,
+    methods=["POST"],
+    response_model=UserPublic,
+    status_code=201,
+    responses={**ADMIN, **CONFLICT, **INVALID},
+    summary="Create a user (admin).",
+)
+classic.add_api_route(
+    "/{user_id}",
+    read_user,
+    methods=["GET"],
+    response_model=UserPublic,
+    responses={**AUTHED, **NOT_FOUND},
+    summary="A user (self, or any for admins).",
+)
+classic.add_api_route(
+    "/{user_id}",
+    delete_user,
+    methods=["DELETE"],
+    status_code=204,
+    responses={**ADMIN, **NOT_FOUND},
+    summary="Delete a user (admin).",
+)

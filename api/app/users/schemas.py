@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field
+
+from api.app.users.models import Role
+
+
+class UserCreate(BaseModel):
+    email: EmailStr
+    password: str
+    name: str = Field(default="", max_length=200)
+    role: Role = Role.user
+
+
+class SignupIn(BaseModel):
+    email: EmailStr
+    password: str
+    name: str = Field(default="", max_length=200)
+
+
+class UserUpdate(BaseModel):
+    name: str | None = Field(default=None, max_length=200)
+    role: Role | None = None
+    is_active: bool | None = None
+
+
+class PasswordChange(BaseModel):
+    current_password: str
+    new_password: str
+
+
+class UserPublic(BaseModel):
+    """A user as the API shows it: never the password hash."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    email: str
+    name: str
+    role: Role
+    is_active: bool
+    created_at: datetime
+
+
+class UsersPublic(BaseModel):
+    data: list[UserPublic]
+    count: int

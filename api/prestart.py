@@ -1,0 +1,81 @@
+"""``python -m api.prestart``: wait for PostgreSQL and Redis, create and migrate the database,
+create the first admin. Idempotent; run before every start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+from api.app.core.config import Settings, get_settings
+from api.app.core.db import make_engine, make_sessionmaker
+from api.app.core.logging import configure_logging
+from api.app.core.security import PasswordHasher
+from api.app.core.startup import DependencyUnavailable, asyncpg_dsn, wait_for_postgres, wait_for_redis
+from api.app.users.service import ensure_admin
+
+log = logging.getLogger("api.prestart")
+ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
+
+
+async def create_database_if_missing(settings: Settings) -> None:
+    name = make_url(settings.database_url).database
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url, "postgres"), timeout=5)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+            log.info("created database %s", name)
+    finally:
+        await conn.close()
+
+
+def migrate(database_url: str) -> None:
+    config = Config(str(ALEMBIC_INI))
+    config.attributes["configure_logger"] = False
+    config.cmd_opts = None
+    config.set_main_option("sqlalchemy.url", database_url)
+    command.upgrade(config, "head", tag=None)
+
+
+async def seed_admin(settings: Settings) -> bool:
+    engine = make_engine(settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return await ensure_admin(
+                session=session,
+                hasher=PasswordHasher(settings),
+                email=settings.first_admin_email,
+                password=settings.first_admin_password,
+            )
+    finally:
+        await engine.dispose()
+
+
+async def prestart(settings: Settings) -> None:
+    await wait_for_postgres(settings, database="postgres")
+    await wait_for_redis(settings)
+    await create_database_if_missing(settings)
+    await asyncio.to_thread(migrate, settings.database_url)
+    created = await seed_admin(settings)
+    log.info("first admin %s %s", settings.first_admin_email, "created" if created else "already present")
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json, service="prestart")
+    try:
+        asyncio.run(prestart(settings))
+    except DependencyUnavailable as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

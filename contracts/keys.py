@@ -1,0 +1,32 @@
+"""Redis key and stream names used by both services, in one place."""
+
+JOB_GROUP = "workers"
+RESULT_GROUP = "api"
+RESULT_STREAM = "results"
+DEAD_LETTER_STREAM = "jobs:dead"
+HEARTBEAT_PREFIX = "worker:"
+QUEUE_EPOCH = "queue:epoch"
+
+
+def job_stream(model: str, version: int) -> str:
+    return f"jobs:{model}@{version}"
+
+
+def heartbeat_key(worker_id: str) -> str:
+    return f"{HEARTBEAT_PREFIX}{worker_id}"
+
+
+def labels_key(model: str, version: int) -> str:
+    return f"labels:{model}@{version}"
+
+
+def job_done_key(job_id: str) -> str:
+    return f"job:{job_id}:done"
+
+
+def job_running_key(prediction_id: str) -> str:
+    return f"prediction:{prediction_id}:running"
+
+
+def result_cache_key(sha256: str, model: str, version: int) -> str:
+    return f"cache:{sha256}:{model}@{version}"

@@ -1,0 +1,117 @@
+"""The job and result messages exchanged by the API and the model service over Redis Streams.
+
+A job names exactly one model version; a request for several models becomes several jobs that
+share a ``job_id``. Stream entries are flat ``field -> bytes`` maps, so each message is stored as a
+JSON ``meta`` field plus, for jobs, the raw image bytes in ``image``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import StrEnum
+from typing import Self
+
+from pydantic import BaseModel, Field
+
+
+class PredictionStatus(StrEnum):
+    """Life cycle of one model's answer to a job."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    expired = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (PredictionStatus.done, PredictionStatus.failed, PredictionStatus.expired)
+
+
+class LabelScore(BaseModel):
+    """One class of a top-k answer."""
+
+    label: str
+    score: float
+
+
+class Timings(BaseModel):
+    """Where the time of one prediction went, in milliseconds."""
+
+    queue_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
+    total_ms: float = 0.0
+    batch_size: int = 1
+
+
+class JobMessage(BaseModel):
+    """A request for one model version to classify one image."""
+
+    job_id: str
+    prediction_id: str
+    model: str
+    version: int
+    sha256: str
+    request_id: str = ""
+    enqueued_at: float = Field(default_factory=time.time)
+    deadline: float
+    image: bytes = Field(default=b"", exclude=True)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) > self.deadline
+
+    def to_fields(self) -> dict[str, bytes]:
+        return {"meta": self.model_dump_json().encode(), "image": self.image}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Self:
+        meta = json.loads(fields[b"meta"])
+        return cls(**meta, image=fields.get(b"image", b""))
+
+
+class ResultMessage(BaseModel):
+    """A model version's answer (or failure) for one job."""
+
+    job_id: str
+    prediction_id: str
+    model: str
+    version: int
+    sha256: str = ""
+    status: PredictionStatus
+    top_k: list[LabelScore] = []
+    error: str | None = None
+    worker_id: str = ""
+    request_id: str = ""
+    random_weights: bool = False
+    timings: Timings = Timings()
+
+    def to_fields(self) -> dict[str, bytes]:
+        return {"meta": self.model_dump_json().encode()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Self:
+        return cls.model_validate_json(fields[b"meta"])
+
+
+class ModelState(BaseModel):
+    """What one worker says about one model version it tried to load."""
+
+    name: str
+    version: int
+    ready: bool
+    reason: str | None = None
+    num_classes: int = 0
+    random_weights: bool = False
+
+
+class Heartbeat(BaseModel):
+    """A worker's periodic proof of life, listing the model versions it serves."""
+
+    worker_id: str
+    pid: int
+    hostname: str
+    started_at: float
+    sent_at: float = Field(default_factory=time.time)
+    models: list[ModelState] = []

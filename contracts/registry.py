@@ -1,0 +1,128 @@
+"""The model registry: which model versions exist, how to load them and how to feed them.
+
+Both services read the same file (``model/registry.yaml`` unless ``REGISTRY_PATH`` says
+otherwise): the model service to load the models, the API to validate requests and to list them.
+Paths may use ``{models_dir}`` (external weights) and ``{trained_dir}`` (the project's own
+trained models).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parent.parent / "model" / "registry.yaml"
+
+
+class Runtime(StrEnum):
+    keras = "keras"
+    tflite = "tflite"
+
+
+class Preprocessing(StrEnum):
+    """How an image becomes a model input; each name maps to one function in the model service."""
+
+    resnet50 = "resnet50"
+    mobilenet_v2 = "mobilenet_v2"
+    uint8 = "uint8"
+    sketch = "sketch"
+
+
+class InputSpec(BaseModel):
+    height: int
+    width: int
+    mode: Literal["RGB", "L"] = "RGB"
+
+
+class ModelEntry(BaseModel):
+    """One model version."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    version: int = Field(ge=1)
+    channel: Literal["stable", "canary"] = "stable"
+    description: str = ""
+    runtime: Runtime = Runtime.keras
+    architecture: str | None = None
+    """A ``keras.applications`` class name, built here and given weights below."""
+    weights: Literal["imagenet", "file", "random"] = "file"
+    """``imagenet``: a local file when present, else Keras' own download; ``random``: benchmark only."""
+    file: str | None = None
+    """Weights (``architecture`` set) or a whole model file (.keras, .tflite)."""
+    input: InputSpec
+    preprocessing: Preprocessing
+    labels: str = "imagenet"
+    """``imagenet`` for the 1000 ImageNet classes, else a text file with one label per line."""
+    top_k: int = 5
+    enabled: bool = True
+    benchmark_only: bool = False
+    """Served only when ``BENCHMARK_MODE=true`` and never listed to users."""
+    training: dict[str, Any] | None = None
+    """For models this project trains: the trainer's options, used when the file is missing."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelEntry:
+        if self.weights == "random" and not self.benchmark_only:
+            raise ValueError(f"{self.key}: random weights are only allowed for benchmark_only models")
+        if self.architecture is None and self.file is None:
+            raise ValueError(f"{self.key}: needs an architecture or a file")
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def resolve(self, template: str, *, models_dir: Path, trained_dir: Path) -> Path:
+        return Path(template.format(models_dir=models_dir, trained_dir=trained_dir))
+
+
+class Registry(BaseModel):
+    default_order: list[str]
+    """Model names tried in order for a request that names none."""
+    models: list[ModelEntry]
+
+    @model_validator(mode="after")
+    def _unique(self) -> Registry:
+        keys = [m.key for m in self.models]
+        dupes = {k for k in keys if keys.count(k) > 1}
+        if dupes:
+            raise ValueError(f"duplicate model versions: {sorted(dupes)}")
+        names = {m.name for m in self.models}
+        unknown = [n for n in self.default_order if n not in names]
+        if unknown:
+            raise ValueError(f"default_order names unknown models: {unknown}")
+        return self
+
+    def served(self, *, benchmark_mode: bool) -> list[ModelEntry]:
+        """The enabled entries a deployment serves."""
+        return [m for m in self.models if m.enabled and (benchmark_mode or not m.benchmark_only)]
+
+    def public(self) -> list[ModelEntry]:
+        """The entries shown to users (never the benchmark-only ones)."""
+        return [m for m in self.models if m.enabled and not m.benchmark_only]
+
+    def find(self, name: str, version: int | None, *, benchmark_mode: bool) -> ModelEntry | None:
+        """``version=None`` means the newest stable version of ``name``."""
+        candidates = [m for m in self.served(benchmark_mode=benchmark_mode) if m.name == name]
+        if version is not None:
+            return next((m for m in candidates if m.version == version), None)
+        stable = [m for m in candidates if m.channel == "stable"] or candidates
+        return max(stable, key=lambda m: m.version, default=None)
+
+
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """``"sketch@2"`` -> ``("sketch", 2)``; ``"sketch"`` -> ``("sketch", None)``."""
+    name, sep, version = ref.strip().partition("@")
+    if not sep:
+        return name, None
+    if not version.isdigit():
+        raise ValueError(f"invalid model version in {ref!r}: expected name@<number>")
+    return name, int(version)
+
+
+def load_registry(path: Path | str = DEFAULT_REGISTRY_PATH) -> Registry:
+    with open(path, encoding="utf-8") as fh:
+        return Registry.model_validate(yaml.safe_load(fh))

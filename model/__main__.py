@@ -1,0 +1,5 @@
+"""``python -m model``: run one model worker."""
+
+from model.worker import main
+
+main()

@@ -1,0 +1,71 @@
+"""Model service settings, read from the environment or ``.env``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.registry import DEFAULT_REGISTRY_PATH
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ModelSettings(BaseSettings):
+    """Everything a model worker process can be told."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", use_attribute_docstrings=True, protected_namespaces=()
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL shared with the API."""
+    registry_path: Path = DEFAULT_REGISTRY_PATH
+    """Model registry file shared with the API."""
+    models_dir: Path = PROJECT_ROOT / "var" / "models"
+    """Directory of external weights ({models_dir} in the registry)."""
+    trained_dir: Path = PROJECT_ROOT / "var" / "trained"
+    """Directory of the models trained by this project ({trained_dir} in the registry)."""
+    quickdraw_dir: Path = PROJECT_ROOT / "var" / "data" / "quickdraw"
+    """QuickDraw ``<category>.npy`` files for training (missing ones are downloaded)."""
+    allow_weight_download: bool = True
+    """Let Keras download ImageNet weights when no local file is present."""
+    benchmark_mode: bool = False
+    """Also serve benchmark-only models (random weights)."""
+    model_workers: int = 1
+    """Worker processes ``make run`` starts."""
+    worker_id: str = ""
+    """This worker's name in heartbeats and logs (default: host-pid)."""
+    max_batch_size: int = 8
+    """Most jobs of one model version run in one batched inference."""
+    max_batch_delay_ms: float = 5.0
+    """Longest wait for more jobs once a batch has started to fill."""
+    visibility_timeout_ms: int = 30_000
+    """A delivered job unacknowledged this long is taken over by another worker."""
+    max_deliveries: int = 3
+    """Deliveries after which a job goes to the dead-letter stream as failed."""
+    heartbeat_interval_s: float = 2.0
+    """How often the worker announces itself."""
+    heartbeat_ttl_s: float = 10.0
+    """How long a heartbeat counts as live without renewal."""
+    tf_intra_op_threads: int = 2
+    """TensorFlow threads inside one operation (about the number of cores per worker)."""
+    tf_inter_op_threads: int = 1
+    """TensorFlow threads running independent operations."""
+    labels_ttl_s: int = 7 * 86400
+    """TTL of the published label lists in Redis."""
+    log_level: str = "INFO"
+    """Root log level."""
+    log_json: bool = True
+    """One JSON object per log line (false: plain text)."""
+
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@lru_cache
+def get_model_settings() -> ModelSettings:
+    return ModelSettings()

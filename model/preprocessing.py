@@ -1,0 +1,87 @@
+"""Turning uploaded bytes into model inputs, one function per registry ``preprocessing`` name.
+
+Resize policy for photos: the whole upright image is resized (bilinear, antialiased) straight to
+the model's input size, as Keras' own examples do with ``load_img(target_size=...)``; nothing is
+cropped away, so an object near the border still counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from contracts.imaging import load_image
+from contracts.registry import ModelEntry, Preprocessing
+
+# QuickDraw bitmaps put the drawing's longer side across about 24 of their 28 pixels, centred.
+SKETCH_SIZE = 28
+SKETCH_EXTENT = 24
+SKETCH_INK_THRESHOLD = 40
+
+
+def _photo(data: bytes, entry: ModelEntry) -> np.ndarray:
+    size = (entry.input.width, entry.input.height)
+    img = load_image(data, mode="RGB", draft_size=size)
+    img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(img, dtype=np.float32)
+
+
+def _resnet50(data: bytes, entry: ModelEntry) -> np.ndarray:
+    from keras.applications import resnet50
+
+    return resnet50.preprocess_input(_photo(data, entry))
+
+
+def _mobilenet_v2(data: bytes, entry: ModelEntry) -> np.ndarray:
+    from keras.applications import mobilenet_v2
+
+    return mobilenet_v2.preprocess_input(_photo(data, entry))
+
+
+def _uint8(data: bytes, entry: ModelEntry) -> np.ndarray:
+    return _photo(data, entry).astype(np.uint8)
+
+
+def sketch_array(img: Image.Image) -> np.ndarray:
+    """A drawing as the QuickDraw training data shows drawings: 28x28, white ink on black, in [0, 1].
+
+    Dark-on-light drawings (a canvas) are inverted; the strokes are cropped, scaled so their
+    longer side spans SKETCH_EXTENT pixels, centred, and the ink stretched to full intensity.
+    """
+    arr = np.asarray(img.convert("L"), dtype=np.float32)
+    if arr.mean() > 127:
+        arr = 255.0 - arr
+    ink = arr > SKETCH_INK_THRESHOLD
+    if not ink.any():
+        return np.zeros((SKETCH_SIZE, SKETCH_SIZE, 1), dtype=np.float32)
+    rows, cols = np.where(ink.any(axis=1))[0], np.where(ink.any(axis=0))[0]
+    crop = arr[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = crop.shape
+    scale = SKETCH_EXTENT / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    small = Image.fromarray(crop.astype(np.uint8)).resize((new_w, new_h), Image.Resampling.BOX)
+    out = np.zeros((SKETCH_SIZE, SKETCH_SIZE), dtype=np.float32)
+    top, left = (SKETCH_SIZE - new_h) // 2, (SKETCH_SIZE - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = np.asarray(small, dtype=np.float32)
+    peak = out.max()
+    if peak > 0:
+        out = out * (255.0 / peak)
+    return (out / 255.0)[..., None]
+
+
+def _sketch(data: bytes, entry: ModelEntry) -> np.ndarray:
+    return sketch_array(load_image(data, mode="L"))
+
+
+PREPROCESSORS: dict[Preprocessing, Callable[[bytes, ModelEntry], np.ndarray]] = {
+    Preprocessing.resnet50: _resnet50,
+    Preprocessing.mobilenet_v2: _mobilenet_v2,
+    Preprocessing.uint8: _uint8,
+    Preprocessing.sketch: _sketch,
+}
+
+
+def preprocess(data: bytes, entry: ModelEntry) -> np.ndarray:
+    return PREPROCESSORS[entry.preprocessing](data, entry)

@@ -1,0 +1,148 @@
+"""Login, tokens, revocation and throttling."""
+
+from __future__ import annotations
+
+import base64
+import json
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from jose import jwt
+
+from api.app.core.config import Settings
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, login
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+async def test_login_classic_and_v1_return_bearer_token(client: httpx.AsyncClient) -> None:
+    for path in ("/login", "/v1/auth/login"):
+        r = await client.post(path, data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["token_type"] == "bearer" and body["access_token"].count(".") == 2
+
+
+async def test_token_claims(client: httpx.AsyncClient, settings: Settings) -> None:
+    headers = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    claims = jwt.decode(headers["Authorization"][7:], settings.secret_key, algorithms=["HS256"])
+    assert set(claims) == {"sub", "exp", "iat", "jti"}
+    assert claims["exp"] - claims["iat"] == settings.access_token_expire_minutes * 60
+
+
+def client_at(app, address: str) -> httpx.AsyncClient:  # type: ignore[no-untyped-def]
+    """A client from its own address, so deliberate failures do not throttle the shared one."""
+    transport = httpx.ASGITransport(app=app, client=(address, 1234))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+async def test_wrong_email_and_wrong_password_look_the_same(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+    client = client_at(app, "10.0.0.1")
+    user, _ = await users.create()
+    wrong_password = {"username": user["email"], "password": "not-the-password"}
+    unknown_email = {"username": f"nobody-{uuid.uuid4().hex}@example.com", "password": "not-the-password"}
+    timings: dict[str, list[float]] = {"known": [], "unknown": []}
+    bodies = set()
+    for _ in range(3):
+        for kind, form in (("known", wrong_password), ("unknown", unknown_email)):
+            start = time.perf_counter()
+            r = await client.post("/v1/auth/login", data=form)
+            timings[kind].append(time.perf_counter() - start)
+            assert r.status_code == 401
+            assert r.headers["www-authenticate"] == "Bearer"
+            bodies.add(r.text)
+    assert len(bodies) == 1
+    known, unknown = statistics.median(timings["known"]), statistics.median(timings["unknown"])
+    # Both verify an argon2 hash (the unknown email against a dummy one): same order of time.
+    assert 0.5 < unknown / known < 2.0, timings
+
+
+async def _expect_401(client: httpx.AsyncClient, token: str) -> None:
+    r = await client.get("/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+async def test_rejected_tokens(client: httpx.AsyncClient, settings: Settings, users: Users) -> None:
+    user, headers = await users.create()
+    now = datetime.now(UTC)
+    base = {"sub": str(user["id"]), "iat": now, "exp": now + timedelta(minutes=5), "jti": uuid.uuid4().hex}
+    good = headers["Authorization"][7:]
+    header, payload, signature = good.split(".")
+
+    await _expect_401(client, jwt.encode({**base, "exp": now - timedelta(seconds=1)}, settings.secret_key, "HS256"))
+    tampered_payload = _b64({**json.loads(base64.urlsafe_b64decode(payload + "==")), "sub": "1"})
+    await _expect_401(client, f"{header}.{tampered_payload}.{signature}")
+    await _expect_401(client, f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{payload}.")
+    await _expect_401(client, jwt.encode(base, settings.secret_key, algorithm="HS512"))
+    await _expect_401(client, jwt.encode(base, "another-key-another-key-another-key", algorithm="HS256"))
+    await _expect_401(client, jwt.encode({**base, "sub": "999999"}, settings.secret_key, "HS256"))
+    await _expect_401(client, "not-a-jwt")
+    r = await client.get("/v1/users/me")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+async def test_deactivated_and_deleted_users_lose_access(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    user, headers = await users.create()
+    r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": False}, headers=admin_headers)
+    assert r.status_code == 200 and r.json()["is_active"] is False
+    await _expect_401(client, headers["Authorization"][7:])
+    r = await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+    assert r.status_code == 403
+
+    user2, headers2 = await users.create()
+    assert (await client.delete(f"/user/{user2['id']}", headers=admin_headers)).status_code == 204
+    await _expect_401(client, headers2["Authorization"][7:])
+
+
+async def test_logout_revokes_the_token(client: httpx.AsyncClient, users: Users, settings: Settings) -> None:
+    _, headers = await users.create()
+    assert (await client.get("/v1/users/me", headers=headers)).status_code == 200
+    assert (await client.post("/v1/auth/logout", headers=headers)).status_code == 204
+    r = await client.get("/v1/users/me", headers=headers)
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+    import redis.asyncio as aioredis
+
+    claims = jwt.get_unverified_claims(headers["Authorization"][7:])
+    r2 = aioredis.from_url(settings.redis_url)
+    ttl = await r2.ttl(f"revoked:{claims['jti']}")
+    await r2.aclose()
+    assert 0 < ttl <= settings.access_token_expire_minutes * 60 + 1
+
+
+async def test_login_throttling_per_email_and_reset(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+    client = client_at(app, "10.0.0.2")
+    user, _ = await users.create()
+    bad = {"username": user["email"], "password": "wrong-password"}
+    for _ in range(4):
+        assert (await client.post("/v1/auth/login", data=bad)).status_code == 401
+    # A success resets the email's counter.
+    assert (
+        await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+    ).status_code == 200
+    for _ in range(5):
+        assert (await client.post("/v1/auth/login", data=bad)).status_code == 401
+    r = await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+    assert r.status_code == 429
+    assert 0 < int(r.headers["retry-after"]) <= 900
+
+
+async def test_login_throttling_per_client_address(app, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    async with client_at(app, "10.9.8.7") as other:
+        for i in range(20):
+            form = {"username": f"probe-{i}-{uuid.uuid4().hex[:6]}@example.com", "password": "whatever-pass"}
+            assert (await other.post("/login", data=form)).status_code == 401
+        r = await other.post("/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        assert r.status_code == 429 and "retry-after" in r.headers
+
+
+async def test_signup_is_off_by_default(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/auth/signup", json={"email": "new@example.com", "password": PASSWORD})
+    assert r.status_code == 403

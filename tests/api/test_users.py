@@ -1,0 +1,200 @@
+"""Users, roles, the first admin, the CLI, settings safety and the OpenAPI contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from api.app.core.config import Settings
+from api.prestart import seed_admin
+from tests.conftest import ADMIN_EMAIL, PASSWORD, Users, login
+from tests.support import ROOT
+
+
+async def test_admin_lists_users_classic_and_paginated(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    for _ in range(3):
+        await users.create()
+    classic = await client.get("/user/", headers=admin_headers)
+    assert classic.status_code == 200 and isinstance(classic.json(), list)
+    page = await client.get("/v1/users", params={"skip": 1, "limit": 2}, headers=admin_headers)
+    body = page.json()
+    assert page.status_code == 200 and len(body["data"]) == 2 and body["count"] >= 4
+    assert body["data"][0]["id"] == classic.json()[1]["id"]
+
+
+async def test_non_admins_are_forbidden_admin_routes(client: httpx.AsyncClient, users: Users) -> None:
+    other, _ = await users.create()
+    _, headers = await users.create()
+    for method, path, kwargs in (
+        ("GET", "/user/", {}),
+        ("GET", "/v1/users", {}),
+        ("POST", "/user/", {"json": {"email": "x@example.com", "password": PASSWORD}}),
+        ("POST", "/v1/users", {"json": {"email": "x@example.com", "password": PASSWORD}}),
+        ("PATCH", f"/v1/users/{other['id']}", {"json": {"role": "admin"}}),
+        ("DELETE", f"/user/{other['id']}", {}),
+        ("DELETE", f"/v1/users/{other['id']}", {}),
+    ):
+        r = await client.request(method, path, headers=headers, **kwargs)
+        assert r.status_code == 403, (method, path, r.text)
+
+
+async def test_create_user_conflict_and_password_policy(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    email = f"new-{uuid.uuid4().hex[:8]}@example.com"
+    r = await client.post("/user/", json={"email": email, "password": PASSWORD, "name": "N"}, headers=admin_headers)
+    assert r.status_code == 201 and r.json()["email"] == email and r.json()["role"] == "user"
+    r = await client.post("/v1/users", json={"email": email.upper(), "password": PASSWORD}, headers=admin_headers)
+    assert r.status_code == 409
+    short = await client.post("/v1/users", json={"email": "s" + email, "password": "short"}, headers=admin_headers)
+    assert short.status_code == 422 and "at least" in short.json()["detail"]
+    long = "x" * (settings.password_max_length + 1)
+    r = await client.post("/v1/users", json={"email": "l" + email, "password": long}, headers=admin_headers)
+    assert r.status_code == 422 and "at most" in r.json()["detail"]
+    r = await client.post("/v1/users", json={"email": "not-an-email", "password": PASSWORD}, headers=admin_headers)
+    assert r.status_code == 422
+
+
+async def test_read_user_self_or_admin_else_404(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    me, headers = await users.create()
+    other, _ = await users.create()
+    assert (await client.get(f"/user/{me['id']}", headers=headers)).status_code == 200
+    assert (await client.get(f"/user/{other['id']}", headers=headers)).status_code == 404
+    assert (await client.get(f"/user/{other['id']}", headers=admin_headers)).status_code == 200
+    assert (await client.get("/v1/users/me", headers=headers)).json()["id"] == me["id"]
+    assert (await client.get("/user/987654", headers=admin_headers)).status_code == 404
+    assert (await client.delete("/v1/users/987654", headers=admin_headers)).status_code == 404
+    assert (await client.patch("/v1/users/987654", json={"name": "x"}, headers=admin_headers)).status_code == 404
+
+
+async def test_admin_changes_role_and_name(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    user, headers = await users.create()
+    r = await client.patch(f"/v1/users/{user['id']}", json={"role": "admin", "name": "Boss"}, headers=admin_headers)
+    assert r.status_code == 200 and r.json()["role"] == "admin" and r.json()["name"] == "Boss"
+    assert (await client.get("/v1/users", headers=headers)).status_code == 200
+
+
+async def test_change_password_needs_current_one(client: httpx.AsyncClient, users: Users) -> None:
+    user, headers = await users.create()
+    r = await client.patch(
+        "/v1/users/me/password",
+        json={"current_password": "wrong-one!", "new_password": "another-password"},
+        headers=headers,
+    )
+    assert r.status_code == 400
+    r = await client.patch(
+        "/v1/users/me/password", json={"current_password": PASSWORD, "new_password": "short"}, headers=headers
+    )
+    assert r.status_code == 422
+    r = await client.patch(
+        "/v1/users/me/password",
+        json={"current_password": PASSWORD, "new_password": "another-password"},
+        headers=headers,
+    )
+    assert r.status_code == 204
+    await login(client, str(user["email"]), "another-password")
+
+
+async def test_old_hashes_are_upgraded_on_login(client: httpx.AsyncClient, app, users: Users) -> None:  # type: ignore[no-untyped-def]
+    from passlib.context import CryptContext
+    from sqlalchemy import select
+
+    from api.app.users.models import User
+
+    user, _ = await users.create()
+    weak = CryptContext(schemes=["argon2"], argon2__memory_cost=8192, argon2__rounds=1).hash(PASSWORD)
+    async with app.state.sessionmaker() as session:
+        row = await session.scalar(select(User).where(User.id == user["id"]))
+        row.hashed_password = weak
+        await session.commit()
+    await login(client, str(user["email"]), PASSWORD)
+    async with app.state.sessionmaker() as session:
+        upgraded = await session.scalar(select(User.hashed_password).where(User.id == user["id"]))
+    assert upgraded != weak and "m=19456,t=2,p=1" in upgraded
+
+
+async def test_first_admin_is_idempotent(settings: Settings) -> None:
+    assert await seed_admin(settings) is False
+
+
+def test_cli_creates_users(settings: Settings) -> None:
+    email = f"cli-{uuid.uuid4().hex[:8]}@example.com"
+    env = {"DATABASE_URL": settings.database_url, "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "api.cli", "create-user", email, "--password", PASSWORD, "--admin"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert email in done.stdout
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    weak_cmd = [sys.executable, "-m", "api.cli", "create-user", "x" + email, "--password", "short"]
+    weak = subprocess.run(weak_cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert weak.returncode == 1 and "at least" in weak.stderr
+
+
+def test_settings_refuse_insecure_defaults_outside_development() -> None:
+    with pytest.raises(ValidationError, match="SECRET_KEY"):
+        Settings(_env_file=None, environment="production")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="FIRST_ADMIN_PASSWORD"):
+        Settings(_env_file=None, environment="production", secret_key="k" * 40)  # type: ignore[call-arg]
+    Settings(_env_file=None, environment="production", secret_key="k" * 40, first_admin_password="long-enough-pw")  # type: ignore[call-arg]
+    assert Settings(_env_file=None).first_admin_password == "admin"  # type: ignore[call-arg]
+
+
+def test_every_setting_is_documented() -> None:
+    from model.config import ModelSettings
+    from ui.config import UISettings
+
+    for cls in (Settings, ModelSettings, UISettings):
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no description"
+
+
+async def test_openapi_locks_and_status_codes(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    scheme = spec["components"]["securitySchemes"]["OAuth2PasswordBearer"]
+    assert scheme["flows"]["password"]["tokenUrl"] == "/v1/auth/login"
+    public = {
+        ("/login", "post"),
+        ("/v1/auth/login", "post"),
+        ("/v1/auth/signup", "post"),
+        ("/health/live", "get"),
+        ("/health/ready", "get"),
+    }
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            assert "503" in codes, (path, method)
+            if (path, method) in public:
+                continue
+            assert op.get("security") == [{"OAuth2PasswordBearer": []}], (path, method)
+            assert "401" in codes, (path, method)
+            assert op.get("summary"), (path, method)
+    assert "429" in spec["paths"]["/login"]["post"]["responses"]
+    assert "403" in spec["paths"]["/user/"]["get"]["responses"]
+    assert "404" in spec["paths"]["/v1/images/{image_id}"]["get"]["responses"]
+    assert {"413", "415", "422", "503", "504"} <= set(spec["paths"]["/model/predict"]["post"]["responses"])
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+
+
+async def test_first_admin_can_use_swagger_password_flow(client: httpx.AsyncClient) -> None:
+    """What the Authorize button sends: the OAuth2 password form, then a bearer header."""
+    from tests.conftest import ADMIN_PASSWORD
+
+    r = await client.post(
+        "/v1/auth/login",
+        data={"grant_type": "password", "username": ADMIN_EMAIL, "password": ADMIN_PASSWORD, "scope": ""},
+    )
+    token = r.json()["access_token"]
+    assert (await client.get("/user/", headers={"Authorization": f"Bearer {token}"})).status_code == 200

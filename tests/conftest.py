@@ -1,0 +1,160 @@
+"""Fixtures: a throwaway PostgreSQL database and a separate Redis index per run, the API
+in-process, and real model workers as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import redis
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from api.app.core.config import Settings
+from api.app.main import create_app
+from api.prestart import migrate, seed_admin
+from tests.support import Service, start_worker, wait_for_worker
+
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "admin-password-for-tests"
+PASSWORD = "a-good-password"
+
+
+def _admin_dsn() -> str:
+    return os.environ.get("TEST_POSTGRES_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+async def _execute(sql: str) -> None:
+    conn = await asyncpg.connect(_admin_dsn())
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"portal_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_execute(f'CREATE DATABASE "{name}"'))
+    base = _admin_dsn().rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    url = f"{base}/{name}"
+    try:
+        migrate(url)
+        yield url
+    finally:
+        asyncio.run(_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+def make_settings(database_url: str, redis_url: str, storage: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "environment": "test",
+        "secret_key": secrets.token_urlsafe(48),
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "storage_dir": storage,
+        "first_admin_email": ADMIN_EMAIL,
+        "first_admin_password": ADMIN_PASSWORD,
+        "log_json": True,
+        "reconcile_interval_seconds": 1.0,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    s = make_settings(database_url, redis_url, tmp_path_factory.mktemp("storage"))
+    asyncio.run(seed_admin(s))
+    return s
+
+
+def no_password_hashes(response: httpx.Response) -> None:
+    """Every response the suite sees is scanned for a password hash."""
+    body = response.text
+    assert "$argon2" not in body and "hashed_password" not in body, f"password hash leaked by {response.url}"
+
+
+async def _scan(response: httpx.Response) -> None:
+    await response.aread()
+    no_password_hashes(response)
+
+
+async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30):
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", event_hooks={"response": [_scan]}, timeout=60
+        ) as client:
+            yield client
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in client_for(app):
+        yield c
+
+
+async def login(client: httpx.AsyncClient, email: str, password: str) -> dict[str, str]:
+    r = await client.post("/v1/auth/login", data={"username": email, "password": password})
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+@pytest.fixture(scope="session")
+async def admin_headers(client: httpx.AsyncClient) -> dict[str, str]:
+    return await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+
+
+class Users:
+    """Creates users through the API and logs them in."""
+
+    def __init__(self, client: httpx.AsyncClient, admin_headers: dict[str, str]) -> None:
+        self.client = client
+        self.admin_headers = admin_headers
+
+    async def create(self, *, role: str = "user", password: str = PASSWORD) -> tuple[dict[str, object], dict[str, str]]:
+        email = f"user-{uuid.uuid4().hex[:10]}@example.com"
+        r = await self.client.post(
+            "/v1/users",
+            json={"email": email, "password": password, "name": "Test User", "role": role},
+            headers=self.admin_headers,
+        )
+        assert r.status_code == 201, r.text
+        return r.json(), await login(self.client, email, password)
+
+
+@pytest.fixture(scope="session")
+def users(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> Users:
+    return Users(client, admin_headers)
+
+
+@pytest.fixture(scope="session")
+def worker(redis_url: str) -> Iterator[Service]:
+    """One real model worker serving the registry's models against the test Redis."""
+    w = start_worker("test-worker-1", redis_url)
+    try:
+        wait_for_worker(redis_url, w)
+        yield w
+    finally:
+        w.stop()

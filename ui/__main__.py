@@ -1,0 +1,32 @@
+"""``python -m ui``: serve the Streamlit UI on the configured host and port."""
+
+import os
+import sys
+from pathlib import Path
+
+from ui.config import get_ui_settings
+
+
+def main() -> None:
+    settings = get_ui_settings()
+    app = Path(__file__).resolve().parent / "app.py"
+    args = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        settings.ui_host,
+        "--server.port",
+        str(settings.ui_port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    os.execv(sys.executable, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""UI settings, read from the environment or ``.env``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class UISettings(BaseSettings):
+    """Everything the Streamlit UI can be told."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", use_attribute_docstrings=True)
+
+    api_url: str = "http://localhost:8000"
+    """Base URL of the portal's API, as the UI server reaches it."""
+    ui_host: str = "0.0.0.0"
+    """Interface the UI binds to."""
+    ui_port: int = 9090
+    """Port the UI listens on."""
+    api_timeout_seconds: float = 40.0
+    """How long the UI waits for one API call (above the API's own predict deadline)."""
+
+
+@lru_cache
+def get_ui_settings() -> UISettings:
+    return UISettings()
