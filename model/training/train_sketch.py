@@ -1,7 +1,7 @@
 """Train the QuickDraw sketch CNN.
 
     python -m model.training.train_sketch --data DIR --categories apple,cat --epochs 4 \
-        --batch-size 128 --out DIR [--arch small|large] [--per-category 3000]
+        --batch-size 128 --out DIR [--arch compact|deep] [--per-category 3000]
 
 Reads ``DIR/<category>.npy`` (QuickDraw ``numpy_bitmap`` files: 28x28 white-on-black uint8) and
 downloads a missing category from the public QuickDraw bucket. Every drawing goes through the
@@ -53,39 +53,45 @@ def split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.
     return order[:a], order[a:b], order[b:]
 
 
-def build_model(arch: str, num_classes: int):  # type: ignore[no-untyped-def]
+def build_model(arch: str, num_classes: int, total_steps: int = 1000):  # type: ignore[no-untyped-def]
+    """``compact``: three conv blocks, one conv each; ``deep``: two convs per block and a wide head."""
     import keras
     from keras import layers
 
     inputs = keras.Input((28, 28, 1))
-    if arch == "small":
-        x = layers.Conv2D(32, 3, activation="relu")(inputs)
-        x = layers.MaxPooling2D()(x)
-        x = layers.Conv2D(64, 3, activation="relu")(x)
-        x = layers.MaxPooling2D()(x)
-        x = layers.Flatten()(x)
-        x = layers.Dense(128, activation="relu")(x)
-        x = layers.Dropout(0.3)(x)
-    elif arch == "large":
-        x = layers.RandomTranslation(0.08, 0.08, fill_mode="constant")(inputs)
-        x = layers.RandomRotation(0.04, fill_mode="constant")(x)
-        x = layers.RandomZoom(0.08, fill_mode="constant")(x)
-        for filters in (32, 64):
+    x = inputs
+    if arch == "compact":
+        for filters in (32, 64, 128):
             x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
             x = layers.BatchNormalization()(x)
             x = layers.Activation("relu")(x)
+            x = layers.MaxPooling2D()(x)
+        x = layers.Flatten()(x)
+        x = layers.Dropout(0.5)(x)
+    elif arch == "deep":
+        for filters in (32, 64):
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+            x = layers.BatchNormalization()(x)
             x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
             x = layers.MaxPooling2D()(x)
-        x = layers.Conv2D(128, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.Activation("relu")(x)
-        x = layers.GlobalAveragePooling2D()(x)
-        x = layers.Dropout(0.3)(x)
+            x = layers.Dropout(0.25)(x)
+        x = layers.Flatten()(x)
+        x = layers.Dense(256, activation="relu")(x)
+        x = layers.Dropout(0.5)(x)
     else:
-        raise ValueError(f"unknown architecture {arch!r} (small or large)")
+        raise ValueError(f"unknown architecture {arch!r} (compact or deep)")
     outputs = layers.Dense(num_classes, activation="softmax")(x)
     model = keras.Model(inputs, outputs, name=f"sketch_{arch}")
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # XLA makes these small convolutions about four times slower on CPU (measured: 82 s against
+    # 23 s per epoch for "deep").
+    # A cosine-decayed learning rate settles the last epochs instead of bouncing around the optimum.
+    schedule = keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=total_steps)
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=False,
+    )
     return model
 
 
@@ -96,7 +102,7 @@ def train(
     out: Path,
     epochs: int = 4,
     batch_size: int = 128,
-    arch: str = "small",
+    arch: str = "compact",
     per_category: int = 3000,
 ) -> dict[str, object]:
     import keras
@@ -111,7 +117,7 @@ def train(
     x, y = np.concatenate(xs), np.concatenate(ys)
     train_idx, val_idx, test_idx = split(len(x), np.random.default_rng(SEED))
 
-    model = build_model(arch, len(categories))
+    model = build_model(arch, len(categories), total_steps=epochs * -(-len(train_idx) // batch_size))
     history = model.fit(
         x[train_idx],
         y[train_idx],
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--arch", choices=["small", "large"], default="small")
+    parser.add_argument("--arch", choices=["compact", "deep"], default="compact")
     parser.add_argument("--per-category", type=int, default=3000, help="drawings used per category")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

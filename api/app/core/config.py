@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     """One JSON object per log line (false: plain text)."""
     outage_log_interval_seconds: float = 10.0
     """At most one log line per dependency outage per this many seconds."""
+    expire_grace_seconds: float = 30.0
+    """How long past its deadline an unanswered job waits for a worker's own verdict before the API expires it."""
     reconcile_interval_seconds: float = 5.0
     """How often the API re-enqueues jobs lost with Redis and expires overdue ones."""
 

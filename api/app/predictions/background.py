@@ -37,9 +37,9 @@ class JobRuntime:
     outage_log: OutageLog
 
 
-async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+async def ensure_group(client: Redis, stream: str, group: str) -> None:
     try:
-        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
     except redis.exceptions.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -124,7 +124,7 @@ async def reconcile_once(rt: JobRuntime) -> None:
     else:
         await rt.redis.expire(keys.QUEUE_EPOCH, 86400)
     async with rt.sessionmaker() as session:
-        finished = await service.expire_overdue(session=session, grace_seconds=5.0)
+        finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
     for job_id in finished:
         await queue.notify_done(rt.redis, str(job_id), settings.job_key_ttl_seconds)
 

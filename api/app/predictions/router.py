@@ -112,6 +112,7 @@ async def predict(
     image = await images_service.create_image(
         session=session, store=store, settings=settings, owner_id=user.id, data=data, filename=file.filename or ""
     )
+    file_name = image.file_name
     job = await service.create_job(
         session=session,
         redis=redis,
@@ -124,6 +125,8 @@ async def predict(
         request_id=request_id(request),
     )
     if job.status in service.UNFINISHED:
+        # Hand the database connection back while waiting: waiters must not exhaust the pool.
+        await session.close()
         done = await queue.wait_done(request.app.state.redis_blocking, str(job.id), settings.predict_deadline_seconds)
         if not done:
             raise HTTPException(
@@ -131,16 +134,14 @@ async def predict(
                 detail=f"No result within {settings.predict_deadline_seconds:g} s; "
                 f"the job continues as GET /v1/predictions/{job.id}.",
             )
-        session.expire_all()
-        job = await service.get_owned_job(session=session, owner_id=user.id, job_id=job.id)
-        assert job is not None
+        job = await service.reload_job(session=session, job_id=job.id)
     results = {f"{p.model_name}@{p.model_version}": service.prediction_public(p) for p in job.predictions}
     first = job.predictions[0]
     return ClassicPrediction(
         success=first.status == "done",
         prediction=first.label,
         score=round(first.score, 4) if first.score is not None else None,
-        image_file_name=image.file_name,
+        image_file_name=file_name,
         model=first.model_name,
         version=first.model_version,
         job_id=job.id,

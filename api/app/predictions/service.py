@@ -288,6 +288,12 @@ async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -
     return messages
 
 
+async def reload_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
+    """The job and its predictions as stored now, replacing what the session holds."""
+    query = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+    return (await session.scalars(query)).one()
+
+
 async def get_owned_job(*, session: AsyncSession, owner_id: int, job_id: uuid.UUID) -> Job | None:
     return await session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
 

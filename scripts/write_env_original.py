@@ -1,0 +1,50 @@
+"""Writes .env.original from the settings classes: every variable, its development value and
+its description. Run after adding a setting; a test checks that the file is current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings
+
+from api.app.core.config import PROJECT_ROOT, Settings
+from model.config import ModelSettings
+from ui.config import UISettings
+
+HEADER = """# Copy to .env and adjust. Every value here is a safe development default.
+# Outside development (ENVIRONMENT=production) set SECRET_KEY and FIRST_ADMIN_PASSWORD.
+"""
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Path):
+        for base, shown in ((PROJECT_ROOT, ""), (Path.home(), "~/")):
+            if value.is_relative_to(base):
+                return shown + str(value.relative_to(base))
+        return str(value)
+    return str(value)
+
+
+def render() -> str:
+    seen: set[str] = set()
+    parts = [HEADER]
+    sections: list[tuple[str, type[BaseSettings]]] = [
+        ("API", Settings),
+        ("Model service", ModelSettings),
+        ("UI", UISettings),
+    ]
+    for title, cls in sections:
+        parts.append(f"\n# --- {title} ---\n")
+        for name, field in cls.model_fields.items():
+            if name in seen:
+                parts.append(f"# {name.upper()} is shared with the section above.\n")
+                continue
+            seen.add(name)
+            parts.append(f"# {field.description}\n{name.upper()}={_value(field.default)}\n")
+    return "".join(parts)
+
+
+if __name__ == "__main__":
+    (PROJECT_ROOT / ".env.original").write_text(render(), encoding="utf-8")

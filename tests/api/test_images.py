@@ -1,0 +1,96 @@
+"""Uploads through the API: statuses, dedup by content, ownership, files and previews."""
+
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+import pytest
+
+from api.app.core.config import Settings
+from tests.conftest import Users
+from tests.images import animated_gif, encode, png_bomb, split_colour
+from tests.support import PHOTOS
+
+
+async def upload(
+    client: httpx.AsyncClient, headers: dict[str, str], data: bytes, name: str = "x.png"
+) -> httpx.Response:
+    return await client.post("/v1/images", files={"file": (name, data)}, headers=headers)
+
+
+async def test_upload_returns_record_and_dedups_blobs(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    data = (PHOTOS / "parrot.jpg").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    _, alice = await users.create()
+    _, bob = await users.create()
+    first = await upload(client, alice, data, "parrot.jpg")
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["sha256"] == sha and body["format"] == "JPEG" and body["bytes"] == len(data)
+    assert body["width"] > 0 and body["height"] > 0 and body["created_at"]
+    assert body["file_name"] == f"{sha}.jpeg"
+    second = await upload(client, bob, data, "renamed.png")
+    assert second.status_code == 201 and second.json()["id"] != body["id"]
+    blobs = [p for p in settings.storage_dir.rglob("*") if p.is_file() and p.name == sha]
+    assert len(blobs) == 1
+
+    # Deleting one upload keeps the blob for the other; deleting the last removes it.
+    assert (await client.delete(f"/v1/images/{body['id']}", headers=alice)).status_code == 204
+    assert any(settings.storage_dir.rglob(sha))
+    assert (await client.delete(f"/v1/images/{second.json()['id']}", headers=bob)).status_code == 204
+    assert not any(settings.storage_dir.rglob(sha))
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "status", "words"),
+    [
+        ("empty.jpg", b"", 415, "empty"),
+        ("doc.jpg", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", 415, "not an image"),
+        ("notes.png", b"hello, this is text", 415, "not an image"),
+        ("cut.jpg", encode(split_colour(256), "JPEG")[:-700], 422, "truncated"),
+        ("bomb.png", png_bomb(), 413, "pixels"),
+    ],
+)
+async def test_upload_errors(
+    client: httpx.AsyncClient, users: Users, name: str, data: bytes, status: int, words: str
+) -> None:
+    _, headers = await users.create()
+    r = await upload(client, headers, data, name)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+async def test_too_large_upload(client: httpx.AsyncClient, users: Users, settings: Settings) -> None:
+    _, headers = await users.create()
+    r = await upload(client, headers, b"\xff\xd8" + b"0" * settings.max_upload_bytes)
+    assert r.status_code == 413 and "at most" in r.json()["detail"]
+
+
+async def test_list_detail_file_view(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    gif = animated_gif()
+    created = (await upload(client, headers, gif, "anim.gif")).json()
+    listing = (await client.get("/v1/images", headers=headers)).json()
+    assert listing["count"] == 1 and listing["data"][0]["id"] == created["id"]
+    detail = await client.get(f"/v1/images/{created['id']}", headers=headers)
+    assert detail.status_code == 200 and detail.json()["jobs"] == []
+    file = await client.get(f"/v1/images/{created['id']}/file", headers=headers)
+    assert file.content == gif and file.headers["content-type"] == "image/gif"
+    view = await client.get(f"/v1/images/{created['id']}/view", headers=headers)
+    assert view.status_code == 200 and view.content.startswith(b"\x89PNG")
+
+
+async def test_other_users_images_are_404(client: httpx.AsyncClient, users: Users) -> None:
+    _, owner = await users.create()
+    _, intruder = await users.create()
+    image = (await upload(client, owner, encode(split_colour(), "PNG"))).json()
+    for method, suffix in (("GET", ""), ("GET", "/file"), ("GET", "/view"), ("DELETE", "")):
+        r = await client.request(method, f"/v1/images/{image['id']}{suffix}", headers=intruder)
+        assert r.status_code == 404, (method, suffix)
+    assert (await client.get("/v1/images", headers=intruder)).json()["count"] == 0
+    r = await client.post("/v1/predictions", json={"image_id": image["id"]}, headers=intruder)
+    assert r.status_code == 404
+    assert (await client.get(f"/v1/images/{image['id']}", headers=owner)).status_code == 200

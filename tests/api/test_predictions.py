@@ -1,0 +1,232 @@
+"""Prediction jobs end to end with a real model worker: models, results, cache, limits, feedback."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.app.core.config import Settings
+from api.app.main import create_app
+from tests.conftest import Users, client_for
+from tests.images import encode
+from tests.support import PHOTOS
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def noise_png(seed: int | None = None) -> bytes:
+    """A new image each call, so that no cached result answers it."""
+    rng = np.random.default_rng(seed)
+    return encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "PNG")
+
+
+async def upload(client: httpx.AsyncClient, headers: dict[str, str], data: bytes) -> dict[str, Any]:
+    r = await client.post("/v1/images", files={"file": ("img", data)}, headers=headers)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def wait_job(
+    client: httpx.AsyncClient, headers: dict[str, str], job_id: str, within: float = 60
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        r = await client.get(f"/v1/predictions/{job_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["status"] in ("done", "failed", "expired"):
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.1)
+
+
+async def predict(
+    client: httpx.AsyncClient, headers: dict[str, str], image_id: str, models: list[str] | None = None
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {"image_id": image_id}
+    if models is not None:
+        payload["models"] = models
+    r = await client.post("/v1/predictions", json=payload, headers=headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] in ("queued", "done")
+    return await wait_job(client, headers, r.json()["job_id"])
+
+
+async def test_default_model_answers_with_real_labels(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    image = await upload(client, headers, (PHOTOS / "parrot.jpg").read_bytes())
+    job = await predict(client, headers, image["id"])
+    assert job["status"] == "done"
+    (result,) = job["results"]
+    # ResNet50 has no weights here, so the next model of the default order answers, and says so.
+    assert (result["model"], result["version"]) == ("mobilenet_v2", 1)
+    assert result["label"] == "macaw" and len(result["top_k"]) == 5
+    assert result["top_k"][0] == {"label": "macaw", "score": result["score"]}
+    timings = result["timings"]
+    assert timings["inference_ms"] > 0 and timings["total_ms"] >= timings["queue_ms"] >= 0
+    assert timings["batch_size"] >= 1 and not result["random_weights"]
+    detail = (await client.get(f"/v1/images/{image['id']}", headers=headers)).json()
+    assert detail["jobs"][0]["results"][0]["label"] == "macaw"
+
+
+async def test_unknown_and_unavailable_models_are_422(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    image = await upload(client, headers, noise_png())
+    r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": ["vgg99"]}, headers=headers)
+    assert r.status_code == 422 and "mobilenet_v2@1" in r.json()["detail"] and "sketch@2" in r.json()["detail"]
+    assert "resnet50_random" not in r.json()["detail"]
+    r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@9"]}, headers=headers)
+    assert r.status_code == 422
+    r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": ["resnet50"]}, headers=headers)
+    assert r.status_code == 422 and "unavailable" in r.json()["detail"] and "not found" in r.json()["detail"]
+    r = await client.post(
+        "/v1/predictions", json={"image_id": image["id"], "models": ["resnet50_random"]}, headers=headers
+    )
+    assert r.status_code == 422
+
+
+async def test_models_listing(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    body = (await client.get("/v1/models", headers=headers)).json()
+    models = {m["ref"]: m for m in body["data"]}
+    assert "resnet50_random@1" not in models
+    assert body["default"] == "mobilenet_v2@1"
+    resnet = models["resnet50@1"]
+    assert not resnet["available"] and "not found" in resnet["reason"] and resnet["workers"] == 0
+    mobilenet = models["mobilenet_v2@1"]
+    assert mobilenet["available"] and mobilenet["workers"] == 1 and mobilenet["num_classes"] == 1000
+    assert mobilenet["labels"][88] == "macaw" and mobilenet["input"] == {"height": 224, "width": 224, "mode": "RGB"}
+    assert models["sketch@1"]["channel"] == "stable" and models["sketch@2"]["channel"] == "canary"
+    assert models["sketch@1"]["labels"] == ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
+    assert models["birds@1"]["num_classes"] == 965
+    lean = (await client.get("/v1/models", params={"labels": False}, headers=headers)).json()
+    assert all(m["labels"] is None for m in lean["data"])
+
+
+async def test_classic_predict(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    data = (PHOTOS / "cat.bmp").read_bytes()
+    r = await client.post("/model/predict", files={"file": ("cat.bmp", data)}, headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["success"] is True and body["prediction"] in {"Egyptian_cat", "tabby", "tiger_cat"}
+    assert body["score"] == round(body["score"], 4) and 0 < body["score"] <= 1
+    assert body["image_file_name"].endswith(".bmp") and len(body["image_file_name"]) == 64 + 4
+    assert (body["model"], body["version"]) == ("mobilenet_v2", 1)
+    assert list(body["results"]) == ["mobilenet_v2@1"]
+
+
+async def test_several_models_side_by_side_and_cache(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    image = await upload(client, headers, (PHOTOS / "bird.bmp").read_bytes())
+    job = await predict(client, headers, image["id"], ["mobilenet_v2", "sketch@1", "sketch@2", "birds"])
+    assert job["status"] == "done"
+    got = {(r["model"], r["version"]): r for r in job["results"]}
+    assert list(got) == [("mobilenet_v2", 1), ("sketch", 1), ("sketch", 2), ("birds", 1)]
+    assert all(r["status"] == "done" and len(r["top_k"]) == 5 for r in got.values())
+    assert got[("birds", 1)]["label"] == "Poecile atricapillus (Black-capped Chickadee)"
+    assert got[("mobilenet_v2", 1)]["label"] == "chickadee"
+    again = await predict(client, headers, image["id"], ["mobilenet_v2", "sketch@2"])
+    assert again["status"] == "done" and all(r["cached"] for r in again["results"])
+    assert again["results"][0]["top_k"] == got[("mobilenet_v2", 1)]["top_k"]
+
+
+async def test_other_users_predictions_are_404(client: httpx.AsyncClient, users: Users) -> None:
+    _, owner = await users.create()
+    _, intruder = await users.create()
+    image = await upload(client, owner, noise_png())
+    job = await predict(client, owner, image["id"], ["sketch@1"])
+    assert (await client.get(f"/v1/predictions/{job['job_id']}", headers=intruder)).status_code == 404
+    assert (await client.get("/v1/predictions", headers=intruder)).json()["count"] == 0
+    assert (await client.get("/v1/predictions", headers=owner)).json()["count"] == 1
+    assert (await client.get(f"/v1/predictions/{uuid.uuid4()}", headers=owner)).status_code == 404
+    r = await client.post(
+        "/v1/feedback", json={"prediction_id": job["results"][0]["id"], "is_correct": True}, headers=intruder
+    )
+    assert r.status_code == 404
+
+
+async def test_feedback(client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]) -> None:
+    _, headers = await users.create()
+    _, other = await users.create()
+    image = await upload(client, headers, (PHOTOS / "parrot.jpg").read_bytes())
+    job = await predict(client, headers, image["id"], ["mobilenet_v2"])
+    prediction_id = job["results"][0]["id"]
+    wrong = await client.post(
+        "/v1/feedback",
+        json={"prediction_id": prediction_id, "is_correct": False, "correct_label": "lorikeet", "comment": "close"},
+        headers=headers,
+    )
+    assert wrong.status_code == 201, wrong.text
+    assert wrong.json()["correct_label"] == "lorikeet" and wrong.json()["predicted_class"] == "macaw"
+    bad = await client.post(
+        "/v1/feedback",
+        json={"prediction_id": prediction_id, "is_correct": False, "correct_label": "unicorn"},
+        headers=headers,
+    )
+    assert bad.status_code == 422 and "unicorn" in bad.json()["detail"]
+    right = await client.post(
+        "/v1/feedback", json={"prediction_id": prediction_id, "is_correct": True}, headers=headers
+    )
+    assert right.json()["correct_label"] == "macaw"
+
+    classic = await client.post(
+        "/feedback/",
+        json={
+            "score": 0.9243,
+            "predicted_class": "macaw",
+            "image_file_name": f"{image['sha256']}.jpeg",
+            "feedback": "ok",
+        },
+        headers=headers,
+    )
+    assert classic.status_code == 201 and classic.json()["prediction_id"] == prediction_id
+
+    mine = (await client.get("/feedback/", headers=headers)).json()
+    assert len(mine) == 3 and all(f["prediction_id"] == prediction_id for f in mine)
+    assert (await client.get("/v1/feedback", headers=other)).json()["count"] == 0
+    assert (await client.get("/v1/feedback", params={"all_users": True}, headers=other)).status_code == 403
+    everyone = (await client.get("/v1/feedback", params={"all_users": True}, headers=admin_headers)).json()
+    assert everyone["count"] >= 3
+
+    assert (await client.get("/v1/admin/stats", headers=headers)).status_code == 403
+    stats = (await client.get("/v1/admin/stats", headers=admin_headers)).json()
+    accuracy = {(a["model"], a["version"]): a for a in stats["accuracy"]}[("mobilenet_v2", 1)]
+    assert accuracy["feedback"] >= 2 and 0 < accuracy["accuracy"] < 1
+    assert any(
+        (c["model"], c["predicted"], c["corrected_to"]) == ("mobilenet_v2", "macaw", "lorikeet")
+        for c in stats["most_corrected"]
+    )
+    assert any(d["model"] == "mobilenet_v2" and d["predictions"] >= 1 for d in stats["predictions_per_day"])
+    latency = {(x["model"], x["version"]): x for x in stats["latency"]}[("mobilenet_v2", 1)]
+    assert latency["count"] >= 1 and latency["p50_ms"] > 0
+    assert "mobilenet_v2@1" in stats["queue_depth"] and stats["live_workers"] >= 1
+
+
+async def test_image_view_draws_predictions(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    image = await upload(client, headers, (PHOTOS / "parrot.jpg").read_bytes())
+    await predict(client, headers, image["id"], ["mobilenet_v2"])
+    view = await client.get(f"/v1/images/{image['id']}/view", headers=headers)
+    png = Image.open(io.BytesIO(view.content))
+    assert png.format == "PNG" and png.height > image["height"] * png.width / image["width"]
+
+
+async def test_admission_limits(settings: Settings, users: Users, client: httpx.AsyncClient) -> None:
+    _, headers = await users.create()
+    image = await upload(client, headers, noise_png())
+    full_queue = create_app(settings.model_copy(update={"max_queue_depth": 0}))
+    async for c in client_for(full_queue):
+        r = await c.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"]}, headers=headers)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0 and "full" in r.json()["detail"]
+    capped = create_app(settings.model_copy(update={"max_jobs_in_flight_per_user": 0}))
+    async for c in client_for(capped):
+        r = await c.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"]}, headers=headers)
+        assert r.status_code == 429 and "retry-after" in r.headers

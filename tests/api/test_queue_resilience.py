@@ -1,0 +1,278 @@
+"""The queue under failure and load, each test on its own Redis server and workers:
+a worker killed mid-batch, Redis restarted, 300 concurrent jobs, a free event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from api.app.core.config import Settings
+from api.app.main import create_app
+from api.app.predictions.models import Prediction
+from contracts.messages import Heartbeat, ModelState
+from tests.api.test_predictions import noise_png, upload, wait_job
+from tests.conftest import Users, client_for
+from tests.support import RedisServer, Service, free_port, start_worker, wait_for_worker, wait_until
+
+MODEL = "mobilenet_v2"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+class Stack:
+    def __init__(self, redis_server: RedisServer, client: httpx.AsyncClient, app: Any) -> None:
+        self.redis_server = redis_server
+        self.client = client
+        self.app = app
+        self.workers: list[Service] = []
+
+    async def start_workers(self, count: int, **extra: str) -> None:
+        started = [
+            start_worker(f"resilience-{len(self.workers) + i}-{time.monotonic_ns()}", self.redis_server.url, **extra)
+            for i in range(count)
+        ]
+        self.workers.extend(started)
+        for w in started:
+            await asyncio.to_thread(wait_for_worker, self.redis_server.url, w)
+
+
+@pytest.fixture
+async def stack(private_redis: RedisServer, settings: Settings) -> AsyncIterator[Stack]:
+    private = settings.model_copy(
+        update={"redis_url": private_redis.url, "max_queue_depth": 120, "max_jobs_in_flight_per_user": 1000}
+    )
+    app = create_app(private)
+    async for client in client_for(app):
+        s = Stack(private_redis, client, app)
+        try:
+            yield s
+        finally:
+            for w in s.workers:
+                w.stop()
+
+
+async def stored_once(app: Any, job_ids: list[str]) -> None:
+    async with app.state.sessionmaker() as session:
+        counts = await session.execute(
+            select(Prediction.job_id, func.count()).where(Prediction.job_id.in_(job_ids)).group_by(Prediction.job_id)
+        )
+        assert {str(j): n for j, n in counts.tuples()} == {j: 1 for j in job_ids}
+
+
+async def submit(client: httpx.AsyncClient, headers: dict[str, str], count: int, model: str = MODEL) -> list[str]:
+    images = [await upload(client, headers, noise_png(seed=None)) for _ in range(count)]
+    jobs = []
+    for image in images:
+        r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": [model]}, headers=headers)
+        assert r.status_code == 202, r.text
+        jobs.append(r.json()["job_id"])
+    return jobs
+
+
+async def test_worker_killed_mid_batch_every_job_completes_once(stack: Stack, users: Users) -> None:
+    await stack.start_workers(2, VISIBILITY_TIMEOUT_MS="3000", MAX_BATCH_SIZE="4", MAX_BATCH_DELAY_MS="20")
+    _, headers = await users.create()
+    jobs = await submit(stack.client, headers, 40)
+
+    client = redis.Redis.from_url(stack.redis_server.url)
+    stream = f"jobs:{MODEL}@1"
+
+    def someone_holds_jobs() -> bool:
+        return any(c["pending"] > 0 for c in client.xinfo_consumers(stream, "workers"))
+
+    await asyncio.to_thread(wait_until, someone_holds_jobs, 30, "a worker holding jobs", 0.01)
+    holder = max(client.xinfo_consumers(stream, "workers"), key=lambda c: c["pending"])["name"].decode()
+    victim = next(w for w in stack.workers if w.name == holder)
+    victim.kill()
+    results = [await wait_job(stack.client, headers, j, within=120) for j in jobs]
+    assert [r["status"] for r in results] == ["done"] * len(jobs)
+    await stored_once(stack.app, jobs)
+    survivors = {w.name for w in stack.workers if w.alive()}
+    assert "reclaimed job" in "".join(w.log() for w in stack.workers if w.alive())
+    async with stack.app.state.sessionmaker() as session:
+        answered_by = set(await session.scalars(select(Prediction.worker_id).where(Prediction.job_id.in_(jobs))))
+    assert survivors & answered_by
+
+
+async def test_redis_restart_gives_503_then_recovers_without_losing_jobs(
+    stack: Stack, users: Users, caplog: pytest.LogCaptureFixture
+) -> None:
+    await stack.start_workers(1)
+    _, headers = await users.create()
+    image = await upload(stack.client, headers, noise_png())
+    jobs = await submit(stack.client, headers, 12)
+
+    caplog.set_level(logging.ERROR, logger="api.outage")
+    stack.redis_server.stop()
+    answers = []
+    for _ in range(20):
+        start = time.perf_counter()
+        r = await stack.client.post(
+            "/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers
+        )
+        answers.append((r.status_code, time.perf_counter() - start, r.headers.get("retry-after")))
+    assert all(code == 503 and seconds < 1.0 and retry for code, seconds, retry in answers), answers
+    outage_lines = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
+    assert 1 <= len(outage_lines) <= 3  # one line per interval, not one per request
+
+    stack.redis_server.start()  # same port, empty: every stream and group is gone
+    await _until_ok(lambda: stack.client.get("/v1/users/me", headers=headers))
+    results = [await wait_job(stack.client, headers, j, within=120) for j in jobs]
+    assert [r["status"] for r in results] == ["done"] * len(jobs)
+    await stored_once(stack.app, jobs)
+    r = await stack.client.post("/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers)
+    assert r.status_code == 202
+    assert (await wait_job(stack.client, headers, r.json()["job_id"]))["status"] == "done"
+
+
+async def _until_ok(call: Any, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if (await call()).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        await asyncio.sleep(0.2)
+    raise TimeoutError("the API did not answer 200")
+
+
+async def test_300_concurrent_jobs_done_or_rejected(stack: Stack, users: Users) -> None:
+    await stack.start_workers(2, MAX_BATCH_SIZE="16")
+    _, headers = await users.create()
+    images = [await upload(stack.client, headers, noise_png()) for _ in range(300)]
+
+    async def one(image: dict[str, Any]) -> httpx.Response:
+        return await stack.client.post(
+            "/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"]}, headers=headers
+        )
+
+    responses = await asyncio.gather(*(one(i) for i in images))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {202, 503}, codes
+    assert all(r.headers.get("retry-after") for r in responses if r.status_code == 503)
+    jobs = [r.json()["job_id"] for r in responses if r.status_code == 202]
+    results = [await wait_job(stack.client, headers, j, within=120) for j in jobs]
+    assert [r["status"] for r in results] == ["done"] * len(jobs)
+    await stored_once(stack.app, jobs)
+    assert max(r["results"][0]["timings"]["batch_size"] for r in results) > 1  # dynamic batching at work
+
+
+async def test_health_live_stays_fast_with_50_predictions_in_flight(
+    stack: Stack, users: Users, settings: Settings
+) -> None:
+    """Measured on a real API process (uvicorn), so the client's own work does not share its loop."""
+    await stack.start_workers(1)
+    _, headers = await users.create()
+    port = free_port()
+    env = {
+        "ENVIRONMENT": "test",
+        "SECRET_KEY": settings.secret_key,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": stack.redis_server.url,
+        "STORAGE_DIR": str(settings.storage_dir),
+        "FIRST_ADMIN_PASSWORD": "admin-password-for-tests",
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
+        "MAX_JOBS_IN_FLIGHT_PER_USER": "100",
+    }
+    api = Service(f"health-api-{port}", [sys.executable, "-m", "api"], env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            await _until_ok(lambda: client.get("/health/live"))
+
+            async def classic(data: bytes) -> int:
+                r = await client.post(
+                    "/model/predict", params={"models": MODEL}, files={"file": ("n.png", data)}, headers=headers
+                )
+                return r.status_code
+
+            in_flight = [asyncio.create_task(classic(noise_png())) for _ in range(50)]
+            latencies = await asyncio.to_thread(_probe_live, url, stack.redis_server.url, in_flight)
+            codes = await asyncio.gather(*in_flight)
+    finally:
+        api.stop()
+    assert codes == [200] * 50
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    print(f"/health/live with 50 predictions in flight: p99 {p99 * 1000:.1f} ms over {len(latencies)} probes")
+    assert len(latencies) >= 50 and p99 < 0.05, (len(latencies), p99)
+
+
+def _probe_live(url: str, redis_url: str, in_flight: list[asyncio.Task[int]]) -> list[float]:
+    """GET /health/live from another thread, one after another, from the moment all 50
+    predictions are queued until they are answered."""
+    stream = f"jobs:{MODEL}@1"
+    client = redis.Redis.from_url(redis_url)
+    wait_until(
+        lambda: client.exists(stream) and client.xinfo_stream(stream)["entries-added"] >= 50, 30, "50 jobs queued"
+    )
+    latencies = []
+    with httpx.Client(base_url=url, timeout=10) as probe:
+        while not all(t.done() for t in in_flight):
+            start = time.perf_counter()
+            assert probe.get("/health/live").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+    return latencies
+
+
+async def test_deadlines_504_and_expired_jobs_not_computed(
+    private_redis: RedisServer, settings: Settings, users: Users
+) -> None:
+    _, headers = await users.create()
+    impatient = settings.model_copy(
+        update={
+            "redis_url": private_redis.url,
+            "predict_deadline_seconds": 0.5,
+            "job_deadline_seconds": 0.5,
+            "reconcile_interval_seconds": 3600.0,  # only the worker may expire these jobs
+        }
+    )
+    # A heartbeat announcing the model, but no worker reading its queue yet.
+    beat = Heartbeat(
+        worker_id="announced",
+        pid=0,
+        hostname="nowhere",
+        started_at=time.time(),
+        models=[ModelState(name=MODEL, version=1, ready=True, num_classes=1000)],
+    )
+    redis.Redis.from_url(private_redis.url).set("worker:announced", beat.model_dump_json(), ex=60)
+    app = create_app(impatient)
+    async for client in client_for(app):
+        start = time.perf_counter()
+        r = await client.post(
+            "/model/predict", params={"models": MODEL}, files={"file": ("n.png", noise_png())}, headers=headers
+        )
+        assert r.status_code == 504 and "/v1/predictions/" in r.json()["detail"], r.text
+        assert 0.5 <= time.perf_counter() - start < 2
+        image = await upload(client, headers, noise_png())
+        r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers)
+        job_id = r.json()["job_id"]
+        await asyncio.sleep(0.6)
+        worker = start_worker(f"late-{time.monotonic_ns()}", private_redis.url)
+        try:
+            await asyncio.to_thread(wait_for_worker, private_redis.url, worker)
+            job = await wait_job(client, headers, job_id)
+        finally:
+            worker.stop()
+    assert job["status"] == "expired"
+    (result,) = job["results"]
+    assert result["error"] == "deadline passed in the queue"
+    assert result["top_k"] == [] and result["label"] is None and not result["timings"]["inference_ms"]

@@ -1,0 +1,90 @@
+"""How both services read uploads: every format converted correctly, every bad file refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from contracts.imaging import ImageRejected, inspect_image, load_image
+from tests.images import animated_gif, encode, exif_rotated_jpeg, png_bomb, sixteen_bit_png, split_colour
+
+MAX = 50_000_000
+
+
+def pixel(img: Image.Image, x: int, y: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in np.asarray(img)[y, x])
+
+
+def test_rgb_formats_round_trip() -> None:
+    for fmt in ("PNG", "BMP", "WEBP", "TIFF", "GIF"):
+        data = encode(split_colour(), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        assert inspect_image(data, max_pixels=MAX).format == fmt
+        img = load_image(data)
+        assert img.mode == "RGB"
+        assert pixel(img, 5, 5)[0] > 200 and pixel(img, 60, 5)[2] > 200, fmt
+
+
+def test_grayscale_palette_rgba_cmyk() -> None:
+    grey = load_image(encode(Image.new("L", (8, 8), 128), "PNG"))
+    assert pixel(grey, 0, 0) == (128, 128, 128)
+    palette = load_image(encode(split_colour().convert("P", palette=Image.Palette.ADAPTIVE), "PNG"))
+    assert pixel(palette, 5, 5)[0] > 200
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    transparent.putpixel((1, 1), (0, 0, 0, 255))
+    rgba = load_image(encode(transparent, "PNG"))
+    assert pixel(rgba, 0, 0) == (255, 255, 255) and pixel(rgba, 1, 1) == (0, 0, 0)
+    cmyk = load_image(encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=100))
+    r, g, b = pixel(cmyk, 4, 4)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    img = load_image(sixteen_bit_png(), mode="L")
+    assert abs(int(np.asarray(img)[0, 0]) - 128) <= 1
+
+
+def test_exif_rotation_is_applied() -> None:
+    data = exif_rotated_jpeg()
+    img = load_image(data)
+    assert pixel(img, 5, 32)[0] > 200 and pixel(img, 58, 32)[2] > 200
+    info = inspect_image(data, max_pixels=MAX)
+    assert (info.width, info.height) == (64, 64)
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    img = load_image(animated_gif())
+    assert pixel(img, 10, 10) == (255, 0, 0)
+
+
+def test_large_jpeg_draft_decodes_small() -> None:
+    big = encode(Image.new("RGB", (4000, 3000), (10, 200, 10)), "JPEG")
+    img = load_image(big, draft_size=(224, 224))
+    assert img.size[0] < 1000 and img.size[0] >= 224
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"", 415),
+        (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", 415),
+        (b"just some text, not an image", 415),
+        (encode(split_colour(256), "JPEG")[:-600], 422),
+        (encode(split_colour(256), "PNG")[:200], 422),
+    ],
+)
+def test_rejections(data: bytes, status: int) -> None:
+    with pytest.raises(ImageRejected) as info:
+        inspect_image(data, max_pixels=MAX)
+    assert info.value.status == status and info.value.message
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageRejected) as info:
+        inspect_image(png_bomb(), max_pixels=MAX)
+    assert info.value.status == 413 and "30000x30000" in info.value.message
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200  # decoding it would need 900 MB

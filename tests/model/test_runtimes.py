@@ -1,0 +1,152 @@
+"""Real models through the model service's own loading and preprocessing code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from contracts.registry import Registry
+from model.config import ModelSettings
+from model.preprocessing import preprocess
+from model.runtimes import LoadedModel, ModelUnavailable, load_model, top_k
+from tests.conftest import Users
+from tests.images import encode
+from tests.support import PHOTOS
+
+CATS = {"tabby", "tiger_cat", "Persian_cat", "Siamese_cat", "Egyptian_cat"}
+BIRD_CLASSES = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
+
+
+def chelsea() -> bytes:
+    return encode(Image.fromarray(skdata.chelsea()), "PNG")
+
+
+def classify(model: LoadedModel, data: bytes, k: int = 5) -> list[tuple[str, float]]:
+    probs = model.predict(preprocess(data, model.entry)[None])[0]
+    return top_k(probs, model.labels, k)
+
+
+def test_mobilenet_v2_real_answers(loaded: dict[str, LoadedModel]) -> None:
+    m = loaded["mobilenet_v2@1"]
+    assert classify(m, (PHOTOS / "parrot.jpg").read_bytes())[0][0] == "macaw"
+    assert classify(m, (PHOTOS / "cat.bmp").read_bytes())[0][0] in CATS
+    assert classify(m, chelsea())[0][0] in CATS
+    owl = classify(m, (PHOTOS / "owl.jpg").read_bytes())[0][0]
+    assert m.labels.index(owl) in BIRD_CLASSES  # ImageNet has no burrowing owl; a bird it is
+
+
+def test_birds_tflite(loaded: dict[str, LoadedModel]) -> None:
+    m = loaded["birds@1"]
+    label, score = classify(m, (PHOTOS / "owl.jpg").read_bytes())[0]
+    assert label == "Athene cunicularia (Burrowing Owl)" and score > 0.9
+
+
+def test_resnet50_without_weights_is_unavailable(registry: Registry, model_settings: ModelSettings) -> None:
+    entry = registry.find("resnet50", None, benchmark_mode=False)
+    assert entry is not None
+    with pytest.raises(ModelUnavailable, match="not found"):
+        load_model(entry, model_settings)
+
+
+def test_resnet50_loads_saved_weights_through_the_same_path(
+    registry: Registry, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    import keras
+
+    keras.utils.set_random_seed(7)
+    reference = keras.applications.ResNet50(weights=None)
+    reference.save_weights(tmp_path / "resnet50_imagenet.weights.h5")
+    entry = registry.find("resnet50", None, benchmark_mode=False)
+    assert entry is not None
+    loaded = load_model(entry, model_settings.model_copy(update={"models_dir": tmp_path}))
+    assert not loaded.random_weights and len(loaded.labels) == 1000
+    x = preprocess((PHOTOS / "parrot.jpg").read_bytes(), entry)[None]
+    np.testing.assert_allclose(loaded.predict(x), reference(x, training=False).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_broken_weights_are_reported(registry: Registry, model_settings: ModelSettings, tmp_path: Path) -> None:
+    (tmp_path / "mobilenet_v2_imagenet.weights.h5").write_bytes(b"not hdf5 at all")
+    entry = registry.find("mobilenet_v2", None, benchmark_mode=False)
+    assert entry is not None
+    with pytest.raises(ModelUnavailable, match="could not be loaded"):
+        load_model(entry, model_settings.model_copy(update={"models_dir": tmp_path}))
+
+
+def test_random_resnet_only_in_benchmark_mode(registry: Registry, model_settings: ModelSettings) -> None:
+    assert registry.find("resnet50_random", None, benchmark_mode=False) is None
+    assert all(not m.benchmark_only for m in registry.public())
+    entry = registry.find("resnet50_random", None, benchmark_mode=True)
+    assert entry is not None and entry.weights == "random"
+    loaded = load_model(entry, model_settings)
+    assert loaded.random_weights
+
+
+def quickdraw_split(model_settings: ModelSettings, categories: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from model.training.train_sketch import SEED, load_category, split
+
+    bitmaps = [load_category(model_settings.quickdraw_dir, c, 3000) for c in categories]
+    x = np.concatenate(bitmaps)
+    y = np.concatenate([np.full(len(b), i) for i, b in enumerate(bitmaps)])
+    _train, _val, test = split(len(x), np.random.default_rng(SEED))
+    return x[test], y[test]
+
+
+@pytest.mark.parametrize("key", ["sketch@1", "sketch@2"])
+def test_sketch_accuracy_from_metrics_and_rechecked(
+    key: str, loaded: dict[str, LoadedModel], model_settings: ModelSettings
+) -> None:
+    model = loaded[key]
+    metrics_path = model_settings.trained_dir / "sketch" / f"v{model.entry.version}" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["test_accuracy"] >= 0.95, metrics["test_accuracy"]
+    assert len(metrics["history"]) == metrics["epochs"] and metrics["confusion_matrix"]["labels"] == list(model.labels)
+    x, y = quickdraw_split(model_settings, list(model.labels))
+    from model.training.train_sketch import normalise
+
+    predicted = model.predict(normalise(x)).argmax(axis=1)
+    assert abs(float((predicted == y).mean()) - metrics["test_accuracy"]) < 0.002
+
+
+def canvas_png(bitmap: np.ndarray) -> bytes:
+    """A dataset drawing as the UI canvas sends it: 280x280, black strokes on white, RGBA."""
+    big = Image.fromarray(255 - bitmap).resize((280, 280), Image.Resampling.BILINEAR)
+    return encode(big.convert("RGBA"), "PNG")
+
+
+def test_canvas_drawings_classified_like_dataset_bitmaps(
+    loaded: dict[str, LoadedModel], model_settings: ModelSettings
+) -> None:
+    model = loaded["sketch@1"]
+    x, y = quickdraw_split(model_settings, list(model.labels))
+    picks = np.concatenate([np.where(y == c)[0][:20] for c in range(len(model.labels))])
+    raw_right = canvas_right = 0
+    for i in picks:
+        as_uploaded = encode(Image.fromarray(x[i]), "PNG")
+        raw_right += classify(model, as_uploaded, 1)[0][0] == model.labels[y[i]]
+        canvas_right += classify(model, canvas_png(x[i]), 1)[0][0] == model.labels[y[i]]
+    assert canvas_right >= raw_right - 2 and canvas_right / len(picks) >= 0.9, (raw_right, canvas_right)
+    first_cat = int(np.where(y == list(model.labels).index("cat"))[0][0])
+    assert classify(model, canvas_png(x[first_cat]), 1)[0][0] == "cat"
+
+
+@pytest.mark.usefixtures("worker")
+async def test_scores_identical_in_service_and_through_api(
+    loaded: dict[str, LoadedModel], client: httpx.AsyncClient, users: Users
+) -> None:
+    _, headers = await users.create()
+    for name in ("parrot.jpg", "cat.bmp", "owl.jpg"):
+        data = (PHOTOS / name).read_bytes()
+        direct = classify(loaded["mobilenet_v2@1"], data)
+        r = await client.post(
+            "/model/predict", params={"models": "mobilenet_v2"}, files={"file": (name, data)}, headers=headers
+        )
+        assert r.status_code == 200, r.text
+        via_api = [(t["label"], t["score"]) for t in r.json()["results"]["mobilenet_v2@1"]["top_k"]]
+        assert [label for label, _ in via_api] == [label for label, _ in direct]
+        np.testing.assert_allclose([s for _, s in via_api], [s for _, s in direct], atol=1e-5)

@@ -1,0 +1,67 @@
+"""docker-compose.yml and the Dockerfiles checked against the code (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from pydantic_settings import BaseSettings
+
+from api.app.core.config import Settings
+from model.config import ModelSettings
+from tests.support import ROOT
+from ui.config import UISettings
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+SETTINGS: dict[str, type[BaseSettings]] = {"api": Settings, "model": ModelSettings, "ui": UISettings}
+
+
+def test_services_and_scaling() -> None:
+    assert set(SERVICES) == {"db", "redis", "api", "model", "ui"}
+    for name, service in SERVICES.items():
+        assert "container_name" not in service, name
+        assert "healthcheck" in service and service["healthcheck"]["test"], name
+        for dep, cond in (service.get("depends_on") or {}).items():
+            assert cond == {"condition": "service_healthy"}, (name, dep)
+    assert "ports" not in SERVICES["model"] and "volumes" not in SERVICES["model"]  # scalable, no shared disk
+
+
+def test_environment_variables_are_real_settings() -> None:
+    for name, cls in SETTINGS.items():
+        fields = {f.upper() for f in cls.model_fields}
+        unknown = set(SERVICES[name].get("environment", {})) - fields
+        assert not unknown, (name, unknown)
+
+
+def test_ports_match_setting_defaults() -> None:
+    api_default = Settings(_env_file=None).api_port  # type: ignore[call-arg]
+    ui_default = UISettings(_env_file=None).ui_port  # type: ignore[call-arg]
+    assert SERVICES["api"]["ports"] == [f"{api_default}:{api_default}"]
+    assert SERVICES["api"]["environment"]["API_PORT"] == str(api_default)
+    assert SERVICES["ui"]["ports"] == [f"{ui_default}:{ui_default}"]
+    assert SERVICES["ui"]["environment"]["UI_PORT"] == str(ui_default)
+    assert f":{api_default}" in SERVICES["ui"]["environment"]["API_URL"]
+    assert f":{api_default}/health/live" in " ".join(SERVICES["api"]["healthcheck"]["test"])
+
+
+def test_dockerfiles_are_multi_stage_pinned_non_root_and_lean() -> None:
+    for service in ("api", "model", "ui"):
+        path = ROOT / SERVICES[service]["build"]["dockerfile"]
+        text = path.read_text()
+        bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+        assert len(bases) >= 2, path
+        for base in bases:
+            assert base in ("build", "weights") or re.search(r":\d+\.\d+\.\d+", base), (path, base)
+        assert re.search(r"^USER\s+(?!root)\w+", text, flags=re.M), path
+        requirements = re.findall(r"requirements/(\w+)\.txt", text)
+        installed = "".join((ROOT / "requirements" / f"{r}.txt").read_text() for r in requirements)
+        has_tf = "tensorflow" in installed
+        assert has_tf == (service == "model"), service
+    assert "weights='imagenet'" in (ROOT / "model" / "Dockerfile").read_text()
+
+
+def test_env_original_lists_every_setting_current() -> None:
+    from scripts.write_env_original import render
+
+    assert (ROOT / ".env.original").read_text() == render()

@@ -1,0 +1,132 @@
+"""The Streamlit app's pages, driven by AppTest against the real API in a subprocess."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.support import PHOTOS, ROOT
+from ui.config import get_ui_settings
+
+APP = str(ROOT / "ui" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def api_url(portal: tuple[str, str, str]) -> Iterator[str]:
+    url = portal[0]
+    previous = os.environ.get("API_URL")
+    os.environ["API_URL"] = url
+    get_ui_settings.cache_clear()
+    yield url
+    if previous is None:
+        os.environ.pop("API_URL", None)
+    else:
+        os.environ["API_URL"] = previous
+    get_ui_settings.cache_clear()
+
+
+def signed_in(api_url: str, email: str, password: str) -> AppTest:
+    token = httpx.post(f"{api_url}/v1/auth/login", data={"username": email, "password": password}).json()[
+        "access_token"
+    ]
+    me = httpx.get(f"{api_url}/v1/users/me", headers={"Authorization": f"Bearer {token}"}).json()
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.session_state["token"] = token
+    at.session_state["user"] = me
+    return at
+
+
+def new_user(api_url: str, portal: tuple[str, str, str]) -> tuple[str, str]:
+    import uuid
+
+    _, email, password = portal
+    admin = httpx.post(f"{api_url}/v1/auth/login", data={"username": email, "password": password}).json()[
+        "access_token"
+    ]
+    user_email = f"ui-{uuid.uuid4().hex[:8]}@example.com"
+    r = httpx.post(
+        f"{api_url}/v1/users",
+        json={"email": user_email, "password": "a-good-password"},
+        headers={"Authorization": f"Bearer {admin}"},
+    )
+    assert r.status_code == 201
+    return user_email, "a-good-password"
+
+
+def test_only_the_login_page_without_a_token(api_url: str) -> None:
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    assert at.title[0].value == "Image classification portal"
+    assert "page_titles" not in at.session_state
+
+
+def test_login_failure_and_success(api_url: str, portal: tuple[str, str, str]) -> None:
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    at.text_input(key="login_email").input(portal[1])
+    at.text_input(key="login_password").input("wrong-password")
+    at.button[0].click().run()
+    assert [e.value for e in at.error] == ["Wrong email or password."]
+    assert "token" not in at.session_state
+
+    at.text_input(key="login_password").input(portal[2])
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert at.session_state["token"] and at.session_state["user"]["role"] == "admin"
+    assert at.session_state["page_titles"] == ["Classify", "Sketch", "History", "Admin"]
+
+
+def test_admin_page_only_for_admins(api_url: str, portal: tuple[str, str, str]) -> None:
+    at = signed_in(api_url, *new_user(api_url, portal)).run()
+    assert at.session_state["page_titles"] == ["Classify", "Sketch", "History"]
+
+
+def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> None:
+    email, password = new_user(api_url, portal)
+    at = signed_in(api_url, email, password)
+    at.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    at.run()
+    assert not at.exception
+    models = {c.key: c for c in at.checkbox}
+    assert models["classify_mobilenet_v2@1"].value is True
+    assert models["classify_resnet50@1"].disabled  # shown, but unavailable with its reason
+    at.checkbox(key="classify_birds@1").check()
+    at.button(key="classify_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    job = at.session_state["classify_job"]
+    assert job["status"] == "done" and [r["model"] for r in job["results"]] == ["mobilenet_v2", "birds"]
+    assert [m.value for m in at.metric][:2] == ["macaw", "Ara macao (Scarlet Macaw)"]
+
+    prediction = job["results"][0]["id"]
+    at.radio(key=f"fb_{prediction}_verdict").set_value("Wrong")
+    at.selectbox(key=f"fb_{prediction}_label").set_value("lorikeet")
+    at.text_input(key=f"fb_{prediction}_comment").input("it is a lorikeet")
+    submit = next(b for b in at.button if b.proto.form_id == f"fb_{prediction}")
+    submit.click().run()
+    assert any("feedback was recorded" in s.value for s in at.success)
+    token = at.session_state["token"]
+    rows = httpx.get(f"{api_url}/v1/feedback", headers={"Authorization": f"Bearer {token}"}).json()["data"]
+    assert rows[0]["prediction_id"] == prediction and rows[0]["correct_label"] == "lorikeet"
+
+
+def test_revoked_token_goes_back_to_login(api_url: str, portal: tuple[str, str, str]) -> None:
+    at = signed_in(api_url, *new_user(api_url, portal))
+    httpx.post(f"{api_url}/v1/auth/logout", headers={"Authorization": f"Bearer {at.session_state['token']}"})
+    at.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    at.run()
+    assert not at.exception
+    assert "token" not in at.session_state
+    assert any("log in again" in w.value for w in at.warning)
+
+
+def test_history_sketch_and_admin_pages_render(api_url: str, portal: tuple[str, str, str]) -> None:
+    at = signed_in(api_url, portal[1], portal[2]).run()
+    token = at.session_state["token"]
+    for page in ("history_page", "admin_page", "sketch_page"):
+        script = f"from ui import views\nfrom ui.client import Api\nviews.{page}(Api({api_url!r}, {token!r}))\n"
+        app = AppTest.from_string(script, default_timeout=60).run()
+        assert not app.exception, (page, app.exception)
+        assert not app.error, (page, [e.value for e in app.error])

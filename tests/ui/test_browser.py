@@ -1,0 +1,121 @@
+"""A real browser through the portal: log in, upload a photo, see a prediction, send feedback.
+
+Debian's headless Chromium driven by Selenium; a screenshot of each step is kept in
+test-artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.support import ARTIFACTS, PHOTOS, Service, free_port, wait_until
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("chromium") is None or shutil.which("chromedriver") is None,
+    reason="Debian's chromium and chromium-driver are not installed (make browser)",
+)
+SHOTS = ARTIFACTS / "browser"
+
+
+@pytest.fixture(scope="module")
+def ui_url(portal: tuple[str, str, str]) -> Iterator[str]:
+    import httpx
+
+    port = free_port()
+    ui = Service(
+        "browser-ui", [sys.executable, "-m", "ui"], {"API_URL": portal[0], "UI_PORT": str(port), "UI_HOST": "127.0.0.1"}
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if not ui.alive():
+            raise RuntimeError(ui.log()[-2000:])
+        try:
+            return httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 60, "the UI", interval=0.3)
+        yield url
+    finally:
+        ui.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or ""
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=DriverService(shutil.which("chromedriver")))
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def shot(driver: WebDriver, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def text_appears(driver: WebDriver, text: str, timeout: float = 60) -> None:
+    WebDriverWait(driver, timeout).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
+
+
+def scroll_to(driver: WebDriver, text: str) -> None:
+    element = driver.find_element(By.XPATH, f"//*[contains(text(), '{text}')]")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+
+
+def click_button(driver: WebDriver, label: str, timeout: float = 30) -> None:
+    xpath = f"//button[.//p[normalize-space()='{label}'] or normalize-space()='{label}']"
+    WebDriverWait(driver, timeout).until(ec.element_to_be_clickable((By.XPATH, xpath))).click()
+
+
+def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:
+    browser.get(ui_url)
+    text_appears(browser, "Image classification portal")
+    wait = WebDriverWait(browser, 30)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Email']"))).send_keys(portal[1])
+    browser.find_element(By.CSS_SELECTOR, "input[aria-label='Password']").send_keys(portal[2])
+    shot(browser, "1-login")
+    click_button(browser, "Log in")
+    text_appears(browser, "Classify a photo")
+    shot(browser, "2-signed-in")
+
+    upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
+    upload.send_keys(str(PHOTOS / "parrot.jpg"))
+    text_appears(browser, "mobilenet_v2@1")
+    shot(browser, "3-uploaded")
+    click_button(browser, "Classify")
+    text_appears(browser, "Top prediction", timeout=90)
+    text_appears(browser, "macaw")
+    scroll_to(browser, "Top prediction")
+    shot(browser, "4-prediction")
+
+    click_button(browser, "Send feedback")
+    text_appears(browser, "feedback was recorded")
+    scroll_to(browser, "feedback was recorded")
+    shot(browser, "5-feedback")
