@@ -21,10 +21,10 @@ def main() -> int:
     python = sys.executable
     manager = Manager()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    manager.add_process("api", f"{python} -m api", env=env)
+    manager.add_process("api", f"exec {python} -m api", env=env)
     for i in range(model.model_workers):
-        manager.add_process(f"model.{i + 1}", f"{python} -m model", env=env)
-    manager.add_process("ui", f"{python} -m ui", env=env)
+        manager.add_process(f"model.{i + 1}", f"exec {python} -m model", env=env)
+    manager.add_process("ui", f"exec {python} -m ui", env=env)
     host = "localhost"
     print(
         f"\n  API      http://{host}:{api.api_port}/docs\n"

@@ -12,12 +12,18 @@ import time
 
 import httpx
 
+from tests.conftest import no_password_hashes
 from tests.support import PHOTOS
+
+
+def _scan(response: httpx.Response) -> None:
+    response.read()
+    no_password_hashes(response)
 
 
 def test_login_upload_predict_feedback(portal: tuple[str, str, str]) -> None:
     url, email, password = portal
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=60, event_hooks={"response": [_scan]}) as client:
         assert client.get("/docs").status_code == 200
         token = client.post("/login", data={"username": email, "password": password}).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}"}

@@ -74,6 +74,18 @@ async def stored_once(app: Any, job_ids: list[str]) -> None:
         assert {str(j): n for j, n in counts.tuples()} == {j: 1 for j in job_ids}
 
 
+def announce(redis_url: str) -> None:
+    """A heartbeat announcing the model with no worker behind it, so jobs can be queued first."""
+    beat = Heartbeat(
+        worker_id="announced",
+        pid=0,
+        hostname="nowhere",
+        started_at=time.time(),
+        models=[ModelState(name=MODEL, version=1, ready=True, num_classes=1000)],
+    )
+    redis.Redis.from_url(redis_url).set("worker:announced", beat.model_dump_json(), ex=60)
+
+
 async def submit(client: httpx.AsyncClient, headers: dict[str, str], count: int, model: str = MODEL) -> list[str]:
     images = [await upload(client, headers, noise_png(seed=None)) for _ in range(count)]
     jobs = []
@@ -245,15 +257,7 @@ async def test_deadlines_504_and_expired_jobs_not_computed(
             "reconcile_interval_seconds": 3600.0,  # only the worker may expire these jobs
         }
     )
-    # A heartbeat announcing the model, but no worker reading its queue yet.
-    beat = Heartbeat(
-        worker_id="announced",
-        pid=0,
-        hostname="nowhere",
-        started_at=time.time(),
-        models=[ModelState(name=MODEL, version=1, ready=True, num_classes=1000)],
-    )
-    redis.Redis.from_url(private_redis.url).set("worker:announced", beat.model_dump_json(), ex=60)
+    announce(private_redis.url)  # the model is announced, but no worker reads its queue yet
     app = create_app(impatient)
     async for client in client_for(app):
         start = time.perf_counter()
@@ -276,3 +280,46 @@ async def test_deadlines_504_and_expired_jobs_not_computed(
     (result,) = job["results"]
     assert result["error"] == "deadline passed in the queue"
     assert result["top_k"] == [] and result["label"] is None and not result["timings"]["inference_ms"]
+
+
+async def test_poison_job_goes_to_dead_letter_and_fails_with_reason(stack: Stack, users: Users) -> None:
+    _, headers = await users.create()
+    announce(stack.redis_server.url)
+    image = await upload(stack.client, headers, noise_png())
+    r = await stack.client.post("/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers)
+    job_id = r.json()["job_id"]
+    client = redis.Redis.from_url(stack.redis_server.url)
+    stream = f"jobs:{MODEL}@1"
+    client.xgroup_create(stream, "workers", id="0", mkstream=True)
+    # Three workers took it and died before answering: delivered three times, never acknowledged.
+    (_, [(entry_id, _fields)]), *_ = client.xreadgroup("workers", "ghost-1", {stream: ">"}, count=1)
+    client.xclaim(stream, "workers", "ghost-2", min_idle_time=0, message_ids=[entry_id])
+    client.xclaim(stream, "workers", "ghost-3", min_idle_time=0, message_ids=[entry_id])
+    await stack.start_workers(1, VISIBILITY_TIMEOUT_MS="200", MAX_DELIVERIES="3")
+    job = await wait_job(stack.client, headers, job_id, within=60)
+    assert job["status"] == "failed"
+    assert "gave up after 3 deliveries" in job["results"][0]["error"]
+    dead = client.xrange("jobs:dead")
+    assert len(dead) == 1 and dead[0][1][b"entry_id"] == entry_id
+    assert job_id.encode() in dead[0][1][b"meta"]
+
+
+async def test_every_redis_key_but_the_streams_expires(stack: Stack, users: Users) -> None:
+    await stack.start_workers(1)
+    _, headers = await users.create()
+    await stack.client.post("/login", data={"username": "nobody@example.com", "password": "wrong-password"})
+    r = await stack.client.post(
+        "/model/predict", params={"models": MODEL}, files={"file": ("n.png", noise_png())}, headers=headers
+    )
+    assert r.status_code == 200
+    await stack.client.post("/v1/auth/logout", headers=headers)
+    client = redis.Redis.from_url(stack.redis_server.url)
+    kinds: dict[str, int] = {}
+    for key in client.scan_iter(count=1000):
+        name = key.decode()
+        if client.type(key) == b"stream":
+            assert client.xinfo_stream(key)["length"] <= 100_000
+            continue
+        kinds[name.split(":")[0]] = kinds.get(name.split(":")[0], 0) + 1
+        assert client.ttl(key) > 0, name
+    assert {"worker", "labels", "cache", "prediction", "revoked", "login", "queue"} <= set(kinds), kinds

@@ -31,8 +31,10 @@ def configure_logging(level: str = "INFO", json_lines: bool = True, service: str
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.set_name("portal")
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only our own handler, so that one configured by the host (or a test) survives.
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "portal"] + [handler]
     root.setLevel(level)
     # Uvicorn's access log would duplicate the request log below.
     logging.getLogger("uvicorn.access").disabled = True
