@@ -3,6 +3,7 @@ that dies is reported and takes the group down instead of vanishing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,6 +39,16 @@ def start_group(settings: Settings, tag: str) -> tuple[subprocess.Popen[bytes], 
     return proc, api_port, ui_port, log
 
 
+def kill_all(proc: subprocess.Popen[bytes], seen: list[psutil.Process]) -> None:
+    """Leaves nothing behind, even when the supervisor itself misbehaved."""
+    if proc.poll() is None:
+        seen = seen + psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()
+    for child in seen:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
 def up(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
@@ -47,6 +58,7 @@ def up(url: str) -> bool:
 
 def test_sigterm_stops_every_child(settings: Settings) -> None:
     proc, api_port, ui_port, log = start_group(settings, "sigterm")
+    children: list[psutil.Process] = []
     try:
         wait_until(
             lambda: up(f"http://127.0.0.1:{api_port}/docs") and up(f"http://127.0.0.1:{ui_port}"), 90, "API and UI"
@@ -60,8 +72,7 @@ def test_sigterm_stops_every_child(settings: Settings) -> None:
         _gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, [c.cmdline() for c in alive]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_all(proc, children)
         log.close()  # type: ignore[attr-defined]
     output = (ARTIFACTS / "run-sigterm.log").read_text()
     assert f"http://localhost:{api_port}/docs" in output and "admin@example.com" in output
@@ -69,14 +80,17 @@ def test_sigterm_stops_every_child(settings: Settings) -> None:
 
 def test_a_crashed_child_is_reported(settings: Settings) -> None:
     proc, api_port, _ui_port, log = start_group(settings, "crash")
+    children: list[psutil.Process] = []
     try:
         wait_until(lambda: up(f"http://127.0.0.1:{api_port}/docs"), 90, "API")
-        api = next(c for c in psutil.Process(proc.pid).children(recursive=True) if c.cmdline()[-2:] == ["-m", "api"])
+        children = psutil.Process(proc.pid).children(recursive=True)
+        api = next(c for c in children if c.cmdline()[-2:] == ["-m", "api"])
         api.kill()
         proc.wait(30)
+        _gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, [c.cmdline() for c in alive]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_all(proc, children)
         log.close()  # type: ignore[attr-defined]
     output = (ARTIFACTS / "run-crash.log").read_text()
     assert "api stopped (rc=-9)" in output or "api exited" in output, output[-2000:]

@@ -136,20 +136,7 @@ async def create_job(
 
     if pending:
         data = await store.get(image.sha256)
-        messages = [
-            JobMessage(
-                job_id=str(job.id),
-                prediction_id=str(p.id),
-                model=p.model_name,
-                version=p.model_version,
-                sha256=image.sha256,
-                request_id=request_id,
-                enqueued_at=now.timestamp(),
-                deadline=job.deadline_at.timestamp(),
-                image=data,
-            )
-            for p in pending
-        ]
+        messages = [job_message(job, p, image.sha256, data) for p in pending]
         try:
             await queue.enqueue(redis, messages)
         except Exception:
@@ -157,6 +144,20 @@ async def create_job(
             raise
     await session.refresh(job, ["predictions"])
     return job
+
+
+def job_message(job: Job, prediction: Prediction, sha256: str, data: bytes) -> JobMessage:
+    return JobMessage(
+        job_id=str(job.id),
+        prediction_id=str(prediction.id),
+        model=prediction.model_name,
+        version=prediction.model_version,
+        sha256=sha256,
+        request_id=job.request_id,
+        enqueued_at=job.created_at.timestamp(),
+        deadline=job.deadline_at.timestamp(),
+        image=data,
+    )
 
 
 def _apply_result(prediction: Prediction, result: ResultMessage, now: datetime) -> None:
@@ -272,19 +273,7 @@ async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -
     for prediction, job, image in rows.tuples():
         if image.sha256 not in blobs:
             blobs[image.sha256] = await store.get(image.sha256)
-        messages.append(
-            JobMessage(
-                job_id=str(job.id),
-                prediction_id=str(prediction.id),
-                model=prediction.model_name,
-                version=prediction.model_version,
-                sha256=image.sha256,
-                request_id=job.request_id,
-                enqueued_at=job.created_at.timestamp(),
-                deadline=job.deadline_at.timestamp(),
-                image=blobs[image.sha256],
-            )
-        )
+        messages.append(job_message(job, prediction, image.sha256, blobs[image.sha256]))
     return messages
 
 
