@@ -199,6 +199,7 @@ def sketch_page(api: Api) -> None:
         height=280,
         width=280,
         drawing_mode="freedraw",
+        return_image_data=True,
         key=f"canvas_{st.session_state.get('canvas_round', 0)}",
     )
     chosen = _choose_models(api, "sketch", only="sketch")
@@ -208,12 +209,11 @@ def sketch_page(api: Api) -> None:
         st.session_state.pop("sketch_job", None)
         st.rerun()
     if left.button("Predict", type="primary", disabled=not chosen, key="sketch_submit"):
-        if canvas.image_data is None or canvas.image_data[..., 3].max() == 0:
+        drawn = canvas.json_data and canvas.json_data.get("objects")
+        if not drawn or canvas.image_bytes is None:
             st.warning("Draw something first.")
         else:
-            buf = io.BytesIO()
-            Image.fromarray(canvas.image_data.astype("uint8"), mode="RGBA").save(buf, format="PNG")
-            job = _run_job(api, "sketch.png", buf.getvalue(), chosen)
+            job = _run_job(api, "sketch.png", canvas.image_bytes, chosen)
             if job is not None:
                 st.session_state["sketch_job"] = job
     if job := st.session_state.get("sketch_job"):

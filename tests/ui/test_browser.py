@@ -94,16 +94,23 @@ def click_button(driver: WebDriver, label: str, timeout: float = 30) -> None:
     WebDriverWait(driver, timeout).until(ec.element_to_be_clickable((By.XPATH, xpath))).click()
 
 
-def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:
+def log_in(browser: WebDriver, ui_url: str, portal: tuple[str, str, str], screenshots: bool = False) -> None:
     browser.get(ui_url)
     text_appears(browser, "Image classification portal")
     wait = WebDriverWait(browser, 30)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Email']"))).send_keys(portal[1])
     browser.find_element(By.CSS_SELECTOR, "input[aria-label='Password']").send_keys(portal[2])
-    shot(browser, "1-login")
+    if screenshots:
+        shot(browser, "1-login")
     click_button(browser, "Log in")
     text_appears(browser, "Classify a photo")
-    shot(browser, "2-signed-in")
+    if screenshots:
+        shot(browser, "2-signed-in")
+
+
+def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:
+    log_in(browser, ui_url, portal, screenshots=True)
+    wait = WebDriverWait(browser, 30)
 
     upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
     upload.send_keys(str(PHOTOS / "parrot.jpg"))
