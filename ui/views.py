@@ -108,7 +108,7 @@ def _bars(result: dict[str, Any]) -> alt.Chart:
         .encode(
             x=alt.X("score:Q", scale=alt.Scale(domain=[0, 1]), title="score"), y=alt.Y("label:N", sort="-x", title=None)
         )
-        .properties(height=160)
+        .properties(height=32 * len(frame))
     )
 
 

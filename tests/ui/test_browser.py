@@ -6,6 +6,7 @@ test-artifacts/browser/.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import sys
 from collections.abc import Iterator
@@ -126,3 +127,37 @@ def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: 
     text_appears(browser, "feedback was recorded")
     scroll_to(browser, "feedback was recorded")
     shot(browser, "5-feedback")
+
+
+def test_draw_a_sketch_and_classify_it(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:
+    import time
+
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    log_in(browser, ui_url, portal)
+    nav = (By.CSS_SELECTOR, "a[data-testid='stSidebarNavLink'][href$='/sketch']")
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(nav)).click()
+    text_appears(browser, "Draw a sketch")
+    host = WebDriverWait(browser, 30).until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stBidiComponentIsolated']"))
+    )
+    canvas = WebDriverWait(browser, 30).until(
+        lambda d: host.shadow_root.find_elements(By.CSS_SELECTOR, "canvas.upper-canvas") or False
+    )[0]
+    # A diamond, drawn as one stroke around the centre of the 280x280 canvas (offsets from its centre).
+    corners = [(0, -100), (70, 0), (0, 100), (-70, 0), (0, -100)]
+    actions = ActionChains(browser).move_to_element_with_offset(canvas, *corners[0]).click_and_hold()
+    for (x0, y0), (x1, y1) in itertools.pairwise(corners):
+        for step in range(1, 11):
+            actions.move_to_element_with_offset(canvas, x0 + (x1 - x0) * step // 10, y0 + (y1 - y0) * step // 10)
+    actions.release().perform()
+    # The canvas sends the drawing to the app, which reruns; a click during that rerun is dropped.
+    time.sleep(1)
+    WebDriverWait(browser, 30).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget']"))
+    shot(browser, "6-sketch-drawn")
+    click_button(browser, "Predict")
+    text_appears(browser, "Top prediction", timeout=60)
+    scroll_to(browser, "Top prediction")
+    shot(browser, "7-sketch-prediction")
+    metrics = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "[data-testid='stMetricValue']")]
+    assert metrics and all(m == "diamond" for m in metrics), metrics
