@@ -1,0 +1,63 @@
+"""Readiness follows Redis and the workers; a request id follows a job into the worker's logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+
+from tests.api.conftest import Stack
+from tests.api.test_predictions import noise_png
+from tests.conftest import Users
+
+
+async def _ready(client: httpx.AsyncClient, expected: int, within: float = 30) -> dict[str, object]:
+    deadline = time.monotonic() + within
+    while True:
+        r = await client.get("/health/ready")
+        if r.status_code == expected:
+            return r.json()
+        assert time.monotonic() < deadline, r.text
+        await asyncio.sleep(0.2)
+
+
+async def test_ready_follows_redis_and_workers(stack: Stack) -> None:
+    live = await stack.client.get("/health/live")
+    assert live.status_code == 200
+    body = await _ready(stack.client, 503)  # no worker yet
+    assert "no live model worker" in body["checks"]["workers"]["detail"]
+    await stack.start_workers(1)
+    body = await _ready(stack.client, 200)
+    assert all(c["status"] == "ok" and c["latency_ms"] >= 0 for c in body["checks"].values())
+
+    stack.redis_server.stop()
+    body = await _ready(stack.client, 503)
+    assert body["checks"]["redis"]["status"] == "fail"
+    assert (await stack.client.get("/health/live")).status_code == 200
+    stack.redis_server.start()
+    await _ready(stack.client, 200)  # the worker reconnects and announces itself again
+
+    stack.workers[0].stop()  # the last worker
+    await _ready(stack.client, 503)
+    await stack.start_workers(1)
+    await _ready(stack.client, 200)
+
+
+async def test_request_id_reaches_the_worker_log(stack: Stack, users: Users) -> None:
+    await stack.start_workers(1)
+    _, headers = await users.create()
+    request_id = f"trace-{uuid.uuid4().hex[:12]}"
+    r = await stack.client.post(
+        "/model/predict",
+        params={"models": "sketch@1"},
+        files={"file": ("n.png", noise_png())},
+        headers={**headers, "X-Request-ID": request_id},
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == request_id
+    lines = [json.loads(line) for line in stack.workers[0].log().splitlines() if line.startswith("{")]
+    answered = [line for line in lines if request_id in line.get("request_id", "")]
+    assert answered and answered[0]["service"] == "model" and "answered" in answered[0]["message"]
+    assert headers["Authorization"][7:] not in stack.workers[0].log()
