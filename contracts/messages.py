@@ -86,6 +86,9 @@ class ResultMessage(BaseModel):
     request_id: str = ""
     random_weights: bool = False
     timings: Timings = Timings()
+    delivery: int = 1
+    """How many times the job had been delivered to a worker (more than one: reclaimed)."""
+    dead_lettered: bool = False
 
     def to_fields(self) -> dict[str, bytes]:
         return {"meta": self.model_dump_json().encode()}

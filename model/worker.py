@@ -50,6 +50,7 @@ class Delivery:
     entry_id: bytes
     job: JobMessage | None
     error: str | None = None
+    delivery: int = 1
 
 
 class Worker:
@@ -249,6 +250,7 @@ class Worker:
                     stream, keys.JOB_GROUP, min=delivery.entry_id, max=delivery.entry_id, count=1
                 )
                 times = int(info[0]["times_delivered"]) if info else 1
+                delivery.delivery = times
                 if times > self.settings.max_deliveries:
                     self.dead_letter(delivery, times)
                 else:
@@ -277,12 +279,8 @@ class Worker:
             approximate=True,
         )
         if delivery.job is not None:
-            pipe.xadd(
-                keys.RESULT_STREAM,
-                self._result(delivery.job, PredictionStatus.failed, error=reason).to_fields(),
-                maxlen=RESULT_MAXLEN,
-                approximate=True,
-            )
+            failed = self._result(delivery.job, PredictionStatus.failed, error=reason, dead_lettered=True)
+            pipe.xadd(keys.RESULT_STREAM, failed.to_fields(), maxlen=RESULT_MAXLEN, approximate=True)
         pipe.xack(delivery.stream, keys.JOB_GROUP, delivery.entry_id)
         pipe.execute()
 
@@ -370,7 +368,8 @@ class Worker:
     def publish(self, stream: str, deliveries: list[Delivery], results: list[tuple[Delivery, ResultMessage]]) -> None:
         """Results and acknowledgements in one transaction: a job is never acked without its answer."""
         pipe = self.redis.pipeline(transaction=True)
-        for _d, result in results:
+        for d, result in results:
+            result.delivery = d.delivery
             pipe.xadd(keys.RESULT_STREAM, result.to_fields(), maxlen=RESULT_MAXLEN, approximate=True)
         for d in deliveries:
             if d.job is None:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from prometheus_fastapi_instrumentator import Instrumentator
 
 from api.app.admin.router import router as admin_router
 from api.app.auth.router import classic as auth_classic
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis_blocking=state.redis_blocking,
             store=state.store,
             outage_log=outage_log,
+            registry=state.registry,
         )
         stop = asyncio.Event()
         tasks = [asyncio.create_task(collect_results(runtime, stop)), asyncio.create_task(reconcile(runtime, stop))]
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return response
 
+    Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
     for router in (
         auth_classic,
         auth_router,

@@ -74,6 +74,10 @@ async def test_worker_killed_mid_batch_every_job_completes_once(stack: Stack, us
     results = [await wait_job(stack.client, headers, j, within=120) for j in jobs]
     assert [r["status"] for r in results] == ["done"] * len(jobs)
     await stored_once(stack.app, jobs)
+    metrics = (await stack.client.get("/metrics")).text
+    assert any(
+        line.startswith("portal_reclaimed_jobs_total{") and not line.endswith(" 0.0") for line in metrics.splitlines()
+    )
     survivors = {w.name for w in stack.workers if w.alive()}
     assert "reclaimed job" in "".join(w.log() for w in stack.workers if w.alive())
     async with stack.app.state.sessionmaker() as session:
@@ -262,6 +266,11 @@ async def test_poison_job_goes_to_dead_letter_and_fails_with_reason(stack: Stack
     dead = client.xrange("jobs:dead")
     assert len(dead) == 1 and dead[0][1][b"entry_id"] == entry_id
     assert job_id.encode() in dead[0][1][b"meta"]
+    metrics = (await stack.client.get("/metrics")).text
+    assert any(
+        line.startswith("portal_dead_lettered_jobs_total{") and not line.endswith(" 0.0")
+        for line in metrics.splitlines()
+    )
 
 
 async def test_every_redis_key_but_the_streams_expires(stack: Stack, users: Users) -> None:

@@ -14,12 +14,14 @@ import redis.exceptions
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue, service
 from contracts import keys
 from contracts.messages import PredictionStatus, ResultMessage
+from contracts.registry import Registry
 
 log = logging.getLogger("api.jobs")
 
@@ -35,6 +37,7 @@ class JobRuntime:
     redis_blocking: Redis
     store: LocalBlobStore
     outage_log: OutageLog
+    registry: Registry
 
 
 async def ensure_group(client: Redis, stream: str, group: str) -> None:
@@ -47,7 +50,9 @@ async def ensure_group(client: Redis, stream: str, group: str) -> None:
 
 async def handle_result(rt: JobRuntime, result: ResultMessage) -> None:
     async with rt.sessionmaker() as session:
-        completed = await service.store_result(session=session, result=result)
+        stored, completed = await service.store_result(session=session, result=result)
+    if stored:
+        metrics.observe_result(result)
     if (
         result.status == PredictionStatus.done
         and not result.random_weights
@@ -110,6 +115,14 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
             await asyncio.sleep(1)
 
 
+async def refresh_gauges(rt: JobRuntime) -> None:
+    for entry in rt.registry.served(benchmark_mode=rt.settings.benchmark_mode):
+        depth = await queue.depth(rt.redis, entry.name, entry.version)
+        metrics.QUEUE_DEPTH.labels(entry.name, str(entry.version)).set(depth)
+    workers = [k async for k in rt.redis.scan_iter(match=f"{keys.HEARTBEAT_PREFIX}*", count=200)]
+    metrics.LIVE_WORKERS.set(len(workers))
+
+
 async def reconcile_once(rt: JobRuntime) -> None:
     settings = rt.settings
     # A missing epoch key means this Redis lost its data (or is new): put every unfinished job
@@ -123,6 +136,7 @@ async def reconcile_once(rt: JobRuntime) -> None:
             log.warning("re-enqueued %d unfinished predictions after Redis lost its queue", len(messages))
     else:
         await rt.redis.expire(keys.QUEUE_EPOCH, 86400)
+    await refresh_gauges(rt)
     async with rt.sessionmaker() as session:
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
     for job_id in finished:

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import ModelAvailability
+from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
@@ -26,6 +27,11 @@ UNFINISHED = (PredictionStatus.queued.value, PredictionStatus.running.value)
 
 def _unavailable(detail: str, settings: Settings) -> HTTPException:
     return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(settings.retry_after_seconds)})
+
+
+def _rejected(entries: list[ModelEntry]) -> None:
+    for entry in entries:
+        metrics.JOBS.labels(entry.name, str(entry.version), "rejected").inc()
 
 
 def default_entry(
@@ -89,6 +95,7 @@ async def create_job(
         select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(UNFINISHED))
     )
     if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:
+        _rejected(entries)
         raise HTTPException(
             status_code=429,
             detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
@@ -97,10 +104,12 @@ async def create_job(
     cached: dict[str, ResultMessage] = {}
     for entry in entries:
         hit = await queue.cached_result(redis, image.sha256, entry.name, entry.version)
+        metrics.CACHE.labels("hit" if hit is not None else "miss").inc()
         if hit is not None:
             cached[entry.key] = hit
             continue
         if await queue.depth(redis, entry.name, entry.version) >= settings.max_queue_depth:
+            _rejected(entries)
             raise _unavailable(f"The queue of {entry.key} is full; retry shortly.", settings)
 
     now = datetime.now(UTC)
@@ -197,8 +206,8 @@ async def _finish_job_if_complete(session: AsyncSession, job: Job, now: datetime
     return True
 
 
-async def store_result(*, session: AsyncSession, result: ResultMessage) -> bool:
-    """Stores a worker's answer once; returns True when it completed the job.
+async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple[bool, bool]:
+    """Stores a worker's answer once; returns (stored, completed the job).
 
     A duplicate answer (a job delivered twice after a worker died) finds the prediction already
     final and changes nothing.
@@ -207,18 +216,18 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> bool:
     job = await session.scalar(select(Job).where(Job.id == uuid.UUID(result.job_id)).with_for_update())
     if job is None:
         await session.rollback()
-        return False  # the image (and so the job) was deleted meanwhile
+        return False, False  # the image (and so the job) was deleted meanwhile
     prediction = await session.scalar(
         select(Prediction).where(Prediction.id == uuid.UUID(result.prediction_id), Prediction.status.in_(UNFINISHED))
     )
     if prediction is None:
         await session.rollback()
-        return False
+        return False, False
     _apply_result(prediction, result, now)
     await session.flush()
     completed = await _finish_job_if_complete(session, job, now)
     await session.commit()
-    return completed
+    return True, completed
 
 
 async def fail_unfinished(*, session: AsyncSession, job_id: uuid.UUID, reason: str) -> None:

@@ -1,0 +1,62 @@
+"""GET /metrics after real jobs: HTTP latency, the job pipeline, cache, queue depth, workers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.test_predictions import noise_png
+from tests.conftest import Users
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = (await client.get("/metrics")).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_after_real_jobs(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    before = await scrape(client)
+    data = noise_png()
+    for _ in range(2):  # the second answer comes from the cache
+        r = await client.post(
+            "/model/predict", params={"models": "mobilenet_v2"}, files={"file": ("n.png", data)}, headers=headers
+        )
+        assert r.status_code == 200
+    await asyncio.sleep(1.5)  # the gauges are refreshed by the reconciler every second here
+    after = await scrape(client)
+    model = {"model": "mobilenet_v2", "version": "1"}
+
+    def grew(name: str, by: float = 1, **labels: str) -> bool:
+        return value(after, name, **labels) - value(before, name, **labels) >= by
+
+    assert grew("http_request_duration_seconds_count", 2, handler="/model/predict", method="POST")
+    assert grew("portal_jobs_total", 1, **model, status="done")
+    assert grew("portal_result_cache_total", 1, result="hit") and grew("portal_result_cache_total", 1, result="miss")
+    for histogram in (
+        "portal_queue_wait_seconds",
+        "portal_preprocess_seconds",
+        "portal_inference_seconds",
+        "portal_end_to_end_seconds",
+        "portal_batch_size",
+    ):
+        assert grew(f"{histogram}_count", 1, **model), histogram
+    assert value(after, "portal_inference_seconds_sum", **model) > 0
+    assert value(after, "portal_end_to_end_seconds_sum", **model) >= value(
+        after, "portal_inference_seconds_sum", **model
+    )
+    assert ("portal_queue_depth", tuple(sorted(model.items()))) in after
+    assert value(after, "portal_live_workers") >= 1
