@@ -1,5 +1,8 @@
 """``python -m api``: serve the API with the configured host, port and worker count."""
 
+import os
+import tempfile
+
 import uvicorn
 
 from api.app.core.config import get_settings
@@ -7,6 +10,9 @@ from api.app.core.config import get_settings
 
 def main() -> None:
     settings = get_settings()
+    if settings.api_workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Several processes: each writes its metrics to files here and /metrics adds them up.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="portal-metrics-")
     uvicorn.run(
         "api.app.asgi:app",
         host=settings.api_host,

@@ -18,7 +18,8 @@ SETTINGS: dict[str, type[BaseSettings]] = {"api": Settings, "model": ModelSettin
 
 
 def test_services_and_scaling() -> None:
-    assert set(SERVICES) == {"db", "redis", "api", "model", "ui"}
+    assert set(SERVICES) == {"db", "redis", "api", "model", "ui", "prometheus", "grafana"}
+    assert {n for n, svc in SERVICES.items() if svc.get("profiles")} == {"prometheus", "grafana"}
     for name, service in SERVICES.items():
         assert "container_name" not in service, name
         assert "healthcheck" in service and service["healthcheck"]["test"], name
@@ -65,3 +66,21 @@ def test_env_original_lists_every_setting_current() -> None:
     from scripts.write_env_original import render
 
     assert (ROOT / ".env.original").read_text() == render()
+
+
+def test_monitoring_files_match_the_code() -> None:
+    import json
+
+    from api.app.core import metrics
+
+    scrape = yaml.safe_load((ROOT / "observability" / "prometheus.yml").read_text())
+    api_port = Settings(_env_file=None).api_port  # type: ignore[call-arg]
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"api:{api_port}"]
+    defined = {m._name for m in vars(metrics).values() if hasattr(m, "_name")} | {"http_request_duration_seconds"}
+    dashboard = json.loads((ROOT / "observability" / "grafana" / "dashboards" / "portal.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b((?:portal|http)_[a-z_]+)", e)}
+    suffixes = ("_bucket", "_count", "_sum", "_total")
+    base = {next((u[: -len(x)] for x in suffixes if u.endswith(x) and u[: -len(x)] in defined), u) for u in used}
+    assert base <= defined, base - defined
+    assert {"portal_queue_depth", "portal_live_workers", "portal_end_to_end_seconds"} <= base
