@@ -17,6 +17,8 @@ HEADER = """# Copy to .env and adjust. Every value here is a safe development de
 
 
 def _value(value: object) -> str:
+    if value is None:
+        return ""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, Path):

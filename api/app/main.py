@@ -24,6 +24,7 @@ from api.app.core.logging import configure_logging, request_id_var
 from api.app.core.redis import make_redis
 from api.app.core.responses import UNAVAILABLE
 from api.app.core.security import PasswordHasher
+from api.app.core.wandb_log import InferenceLogger
 from api.app.feedback.router import classic as feedback_classic
 from api.app.feedback.router import router as feedback_router
 from api.app.health.router import router as health_router
@@ -67,6 +68,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=state.store,
             outage_log=outage_log,
             registry=state.registry,
+            inference_log=(
+                InferenceLogger(
+                    api_key=settings.wandb_api_key,
+                    project=settings.wandb_project,
+                    mode=settings.wandb_mode,
+                    directory=settings.wandb_dir,
+                )
+                if settings.wandb_api_key
+                else None
+            ),
         )
         stop = asyncio.Event()
         tasks = [asyncio.create_task(collect_results(runtime, stop)), asyncio.create_task(reconcile(runtime, stop))]
@@ -77,6 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if runtime.inference_log is not None:
+                await asyncio.to_thread(runtime.inference_log.close)
             await state.redis.aclose()
             await state.redis_blocking.aclose()
             await state.engine.dispose()

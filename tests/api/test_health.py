@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 
 import httpx
+import pytest
 
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png
@@ -46,7 +48,8 @@ async def test_ready_follows_redis_and_workers(stack: Stack) -> None:
     await _ready(stack.client, 200)
 
 
-async def test_request_id_reaches_the_worker_log(stack: Stack, users: Users) -> None:
+async def test_request_id_reaches_the_worker_log(stack: Stack, users: Users, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="api.request")
     await stack.start_workers(1)
     _, headers = await users.create()
     request_id = f"trace-{uuid.uuid4().hex[:12]}"
@@ -61,3 +64,6 @@ async def test_request_id_reaches_the_worker_log(stack: Stack, users: Users) -> 
     answered = [line for line in lines if request_id in line.get("request_id", "")]
     assert answered and answered[0]["service"] == "model" and "answered" in answered[0]["message"]
     assert headers["Authorization"][7:] not in stack.workers[0].log()
+    api_lines = [r for r in caplog.records if getattr(r, "request_id", "") == request_id]
+    assert any("POST /model/predict 200" in r.getMessage() for r in api_lines)
+    assert all(headers["Authorization"][7:] not in r.getMessage() for r in caplog.records)

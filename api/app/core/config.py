@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     """Model registry file shared with the model service."""
     benchmark_mode: bool = False
     """Serve benchmark-only models (random weights); never in front of users."""
+    wandb_api_key: str | None = None
+    """Weights & Biases API key; when set, every inference is logged to W&B off the request path."""
+    wandb_project: str = "image-portal"
+    """W&B project of those runs."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """W&B mode; offline writes runs to WANDB_DIR for a later `wandb sync`."""
+    wandb_dir: Path = PROJECT_ROOT / "var" / "wandb"
+    """Where W&B keeps its run files."""
     log_level: str = "INFO"
     """Root log level."""
     log_json: bool = True

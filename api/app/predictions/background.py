@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
+from api.app.core.wandb_log import InferenceLogger
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue, service
 from contracts import keys
@@ -38,6 +39,7 @@ class JobRuntime:
     store: LocalBlobStore
     outage_log: OutageLog
     registry: Registry
+    inference_log: InferenceLogger | None = None
 
 
 async def ensure_group(client: Redis, stream: str, group: str) -> None:
@@ -53,6 +55,8 @@ async def handle_result(rt: JobRuntime, result: ResultMessage) -> None:
         stored, completed = await service.store_result(session=session, result=result)
     if stored:
         metrics.observe_result(result)
+        if rt.inference_log is not None:
+            rt.inference_log.log(result)
     if (
         result.status == PredictionStatus.done
         and not result.random_weights
