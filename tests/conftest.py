@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from fastapi import FastAPI
 from api.app.core.config import Settings
 from api.app.main import create_app
 from api.prestart import migrate, seed_admin
-from tests.support import SHARED, Service, free_port, start_worker, wait_for_worker, wait_until
+from tests.support import SHARED, Service, http_ok, start_api, start_worker, wait_for_worker, wait_until
 
 # Outside `make test` (which sets these), use ../shared as make does.
 if "MODELS_DIR" not in os.environ and (SHARED / "models").is_dir():
@@ -178,31 +177,9 @@ def portal(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, str]]:
         return
     settings: Settings = request.getfixturevalue("settings")
     request.getfixturevalue("worker")
-    port = free_port()
-    env = {
-        "ENVIRONMENT": "test",
-        "SECRET_KEY": settings.secret_key,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "STORAGE_DIR": str(settings.storage_dir),
-        "FIRST_ADMIN_EMAIL": ADMIN_EMAIL,
-        "FIRST_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "API_HOST": "127.0.0.1",
-        "API_PORT": str(port),
-    }
-    api = Service("integration-api", [sys.executable, "-m", "api"], env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if not api.alive():
-            raise RuntimeError(api.log()[-3000:])
-        try:
-            return httpx.get(f"{url}/health/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    api, url = start_api("integration-api", settings)
     try:
-        wait_until(ready, 60, "the API subprocess", interval=0.3)
+        wait_until(lambda: http_ok(f"{url}/health/ready"), 60, "the API to be ready", interval=0.3)
         yield url, ADMIN_EMAIL, ADMIN_PASSWORD
     finally:
         api.stop()

@@ -11,7 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import redis
+
+from api.app.core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -175,3 +178,44 @@ class PostgresServer:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def api_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """Environment for an API subprocess that shares the suite's database, Redis and secrets."""
+    return {
+        "ENVIRONMENT": "test",
+        "SECRET_KEY": settings.secret_key,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "STORAGE_DIR": str(settings.storage_dir),
+        "FIRST_ADMIN_EMAIL": settings.first_admin_email,
+        "FIRST_ADMIN_PASSWORD": settings.first_admin_password,
+        "API_HOST": "127.0.0.1",
+        **overrides,
+    }
+
+
+def start_api(name: str, settings: Settings, **overrides: str) -> tuple[Service, str]:
+    """The real API (uvicorn) as a subprocess on a free port, once it answers /health/live."""
+    port = free_port()
+    api = Service(f"{name}-{port}", [sys.executable, "-m", "api"], api_env(settings, API_PORT=str(port), **overrides))
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if not api.alive():
+            raise RuntimeError(f"{api.name} exited:\n{api.log()[-3000:]}")
+        return http_ok(f"{url}/health/live")
+
+    try:
+        wait_until(up, 60, api.name, interval=0.3)
+    except BaseException:
+        api.stop()
+        raise
+    return api, url

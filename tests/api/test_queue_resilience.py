@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ from contracts.messages import Heartbeat, ModelState
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png, upload, wait_job
 from tests.conftest import Users, client_for
-from tests.support import RedisServer, Service, free_port, start_worker, wait_for_worker, wait_until
+from tests.support import RedisServer, start_api, start_worker, wait_for_worker, wait_until
 
 MODEL = "mobilenet_v2"
 
@@ -155,23 +154,11 @@ async def test_health_live_stays_fast_with_50_predictions_in_flight(
     """Measured on a real API process (uvicorn), so the client's own work does not share its loop."""
     await stack.start_workers(1)
     _, headers = await users.create()
-    port = free_port()
-    env = {
-        "ENVIRONMENT": "test",
-        "SECRET_KEY": settings.secret_key,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": stack.redis_server.url,
-        "STORAGE_DIR": str(settings.storage_dir),
-        "FIRST_ADMIN_PASSWORD": "admin-password-for-tests",
-        "API_HOST": "127.0.0.1",
-        "API_PORT": str(port),
-        "MAX_JOBS_IN_FLIGHT_PER_USER": "100",
-    }
-    api = Service(f"health-api-{port}", [sys.executable, "-m", "api"], env)
-    url = f"http://127.0.0.1:{port}"
+    api, url = await asyncio.to_thread(
+        start_api, "health-api", settings, REDIS_URL=stack.redis_server.url, MAX_JOBS_IN_FLIGHT_PER_USER="100"
+    )
     try:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            await _until_ok(lambda: client.get("/health/live"))
 
             async def classic(data: bytes) -> int:
                 r = await client.post(

@@ -9,11 +9,10 @@ import signal
 import subprocess
 import sys
 
-import httpx
 import psutil
 
 from api.app.core.config import Settings
-from tests.support import ARTIFACTS, ROOT, free_port, wait_until
+from tests.support import ARTIFACTS, ROOT, api_env, free_port, http_ok, wait_until
 
 
 def start_group(settings: Settings, tag: str) -> tuple[subprocess.Popen[bytes], int, int, object]:
@@ -21,17 +20,14 @@ def start_group(settings: Settings, tag: str) -> tuple[subprocess.Popen[bytes], 
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "ENVIRONMENT": "test",
-        "SECRET_KEY": settings.secret_key,
-        "FIRST_ADMIN_PASSWORD": "admin-password-for-tests",
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "STORAGE_DIR": str(settings.storage_dir),
-        "API_PORT": str(api_port),
-        "UI_PORT": str(ui_port),
-        "API_URL": f"http://127.0.0.1:{api_port}",
-        "MODEL_WORKERS": "2",
-        "WORKER_ID": "",
+        **api_env(
+            settings,
+            API_PORT=str(api_port),
+            UI_PORT=str(ui_port),
+            API_URL=f"http://127.0.0.1:{api_port}",
+            MODEL_WORKERS="2",
+            WORKER_ID="",
+        ),
     }
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / f"run-{tag}.log", "wb")  # noqa: SIM115
@@ -49,19 +45,14 @@ def kill_all(proc: subprocess.Popen[bytes], seen: list[psutil.Process]) -> None:
             child.kill()
 
 
-def up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_sigterm_stops_every_child(settings: Settings) -> None:
     proc, api_port, ui_port, log = start_group(settings, "sigterm")
     children: list[psutil.Process] = []
     try:
         wait_until(
-            lambda: up(f"http://127.0.0.1:{api_port}/docs") and up(f"http://127.0.0.1:{ui_port}"), 90, "API and UI"
+            lambda: http_ok(f"http://127.0.0.1:{api_port}/docs") and http_ok(f"http://127.0.0.1:{ui_port}"),
+            90,
+            "API and UI",
         )
         children = psutil.Process(proc.pid).children(recursive=True)
         services = [c.cmdline()[-1] for c in children if c.cmdline()[-2:-1] == ["-m"]]
@@ -82,7 +73,7 @@ def test_a_crashed_child_is_reported(settings: Settings) -> None:
     proc, api_port, _ui_port, log = start_group(settings, "crash")
     children: list[psutil.Process] = []
     try:
-        wait_until(lambda: up(f"http://127.0.0.1:{api_port}/docs"), 90, "API")
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{api_port}/docs"), 90, "API")
         children = psutil.Process(proc.pid).children(recursive=True)
         api = next(c for c in children if c.cmdline()[-2:] == ["-m", "api"])
         api.kill()
