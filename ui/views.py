@@ -79,7 +79,9 @@ def _choose_models(api: Api, keys_prefix: str, only: str | None = None) -> list[
     return chosen
 
 
-def _run_job(api: Api, name: str, data: bytes, models: list[str]) -> dict[str, Any] | None:
+def _run_job(api: Api, state_key: str, name: str, data: bytes, models: list[str]) -> None:
+    """Uploads, predicts, waits with a progress bar; keeps the finished job under ``state_key``."""
+
     def run() -> dict[str, Any]:
         image = api.upload(name, data)
         job_id = api.predict(image["id"], models)
@@ -97,7 +99,9 @@ def _run_job(api: Api, name: str, data: bytes, models: list[str]) -> dict[str, A
         bar.empty()
         return job
 
-    return guarded(api, run)
+    job = guarded(api, run)
+    if job is not None:
+        st.session_state[state_key] = job
 
 
 def _bars(result: dict[str, Any]) -> alt.Chart:
@@ -178,9 +182,7 @@ def classify_page(api: Api) -> None:
         st.caption(f"{name} (no preview)")
     chosen = _choose_models(api, "classify")
     if st.button("Classify", type="primary", disabled=not chosen, key="classify_submit"):
-        job = _run_job(api, name, data, chosen)
-        if job is not None:
-            st.session_state["classify_job"] = job
+        _run_job(api, "classify_job", name, data, chosen)
     if job := st.session_state.get("classify_job"):
         show_results(api, job)
 
@@ -213,9 +215,7 @@ def sketch_page(api: Api) -> None:
         if not drawn or canvas.image_bytes is None:
             st.warning("Draw something first.")
         else:
-            job = _run_job(api, "sketch.png", canvas.image_bytes, chosen)
-            if job is not None:
-                st.session_state["sketch_job"] = job
+            _run_job(api, "sketch_job", "sketch.png", canvas.image_bytes, chosen)
     if job := st.session_state.get("sketch_job"):
         show_results(api, job)
 

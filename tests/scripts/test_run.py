@@ -35,6 +35,12 @@ def start_group(settings: Settings, tag: str) -> tuple[subprocess.Popen[bytes], 
     return proc, api_port, ui_port, log
 
 
+def assert_group_ends(proc: subprocess.Popen[bytes], children: list[psutil.Process]) -> None:
+    proc.wait(30)
+    _gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [c.cmdline() for c in alive]
+
+
 def kill_all(proc: subprocess.Popen[bytes], seen: list[psutil.Process]) -> None:
     """Leaves nothing behind, even when the supervisor itself misbehaved."""
     if proc.poll() is None:
@@ -59,9 +65,7 @@ def test_sigterm_stops_every_child(settings: Settings) -> None:
         services += ["ui" for c in children if "streamlit" in c.cmdline()[1:3]]  # python -m ui execs streamlit
         assert sorted(services) == ["api", "model", "model", "ui"], services
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        _gone, alive = psutil.wait_procs(children, timeout=15)
-        assert not alive, [c.cmdline() for c in alive]
+        assert_group_ends(proc, children)
     finally:
         kill_all(proc, children)
         log.close()  # type: ignore[attr-defined]
@@ -77,9 +81,7 @@ def test_a_crashed_child_is_reported(settings: Settings) -> None:
         children = psutil.Process(proc.pid).children(recursive=True)
         api = next(c for c in children if c.cmdline()[-2:] == ["-m", "api"])
         api.kill()
-        proc.wait(30)
-        _gone, alive = psutil.wait_procs(children, timeout=15)
-        assert not alive, [c.cmdline() for c in alive]
+        assert_group_ends(proc, children)
     finally:
         kill_all(proc, children)
         log.close()  # type: ignore[attr-defined]

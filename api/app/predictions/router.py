@@ -134,7 +134,7 @@ async def predict(
                 detail=f"No result within {settings.predict_deadline_seconds:g} s; "
                 f"the job continues as GET /v1/predictions/{job.id}.",
             )
-        job = await service.reload_job(session=session, job_id=job.id)
+    job = await service.reload_job(session=session, job_id=job.id)
     results = {f"{p.model_name}@{p.model_version}": service.prediction_public(p) for p in job.predictions}
     first = job.predictions[0]
     return ClassicPrediction(

@@ -59,7 +59,7 @@ def resolve_models(
         if entry is None:
             raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
         return [entry]
-    listed = sorted({m.key for m in registry.served(benchmark_mode=bench) if bench or not m.benchmark_only})
+    listed = sorted(m.key for m in registry.served(benchmark_mode=bench))
     entries: list[ModelEntry] = []
     for ref in refs:
         try:
@@ -151,7 +151,6 @@ async def create_job(
         except Exception:
             await fail_unfinished(session=session, job_id=job.id, reason="the job queue was unavailable")
             raise
-    await session.refresh(job, ["predictions"])
     return job
 
 
