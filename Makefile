@@ -18,6 +18,11 @@ ifneq ($(wildcard $(SHARED)/data/quickdraw),)
 export QUICKDRAW_DIR := $(SHARED)/data/quickdraw
 endif
 endif
+ifeq ($(origin CALIBRATION_DIR)$(shell grep -s '^CALIBRATION_DIR=' .env),undefined)
+ifneq ($(wildcard $(SHARED)/data/photos),)
+export CALIBRATION_DIR := $(SHARED)/data/photos
+endif
+endif
 
 .PHONY: install browser run test lint fmt bench clean
 
@@ -42,6 +47,11 @@ run: install
 test: install browser
 	$(PY) -m model.prepare
 	$(PY) -m pytest
+
+# Raw and end-to-end benchmarks; writes docs/benchmarks/ and the tables of the stress report.
+bench: install
+	BENCHMARK_MODE=true $(PY) -m model.prepare
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

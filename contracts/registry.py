@@ -21,6 +21,7 @@ DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parent.parent / "model" / "regi
 class Runtime(StrEnum):
     keras = "keras"
     tflite = "tflite"
+    openvino = "openvino"
 
 
 class Preprocessing(StrEnum):
@@ -46,6 +47,10 @@ class ModelEntry(BaseModel):
     channel: Literal["stable", "canary"] = "stable"
     description: str = ""
     runtime: Runtime = Runtime.keras
+    precision: Literal["fp32", "int8"] = "fp32"
+    """Arithmetic of the served model; ``int8`` versions are quantized from ``quantized_from``."""
+    quantized_from: str | None = None
+    """``name@version`` of the FP32 entry an INT8 version is quantized from by ``model.prepare``."""
     architecture: str | None = None
     """A ``keras.applications`` class name, built here and given weights below."""
     weights: Literal["imagenet", "file", "random"] = "file"
@@ -69,6 +74,10 @@ class ModelEntry(BaseModel):
             raise ValueError(f"{self.key}: random weights are only allowed for benchmark_only models")
         if self.architecture is None and self.file is None:
             raise ValueError(f"{self.key}: needs an architecture or a file")
+        if (self.precision == "int8") != (self.quantized_from is not None):
+            raise ValueError(f"{self.key}: an int8 version names the entry it is quantized_from, and only it does")
+        if self.quantized_from is not None and (self.runtime != Runtime.openvino or self.file is None):
+            raise ValueError(f"{self.key}: quantized versions are OpenVINO model files")
         return self
 
     @property
@@ -90,6 +99,9 @@ class Registry(BaseModel):
         dupes = {k for k in keys if keys.count(k) > 1}
         if dupes:
             raise ValueError(f"duplicate model versions: {sorted(dupes)}")
+        sources = [m.quantized_from for m in self.models if m.quantized_from and m.quantized_from not in keys]
+        if sources:
+            raise ValueError(f"quantized_from names unknown entries: {sources}")
         names = {m.name for m in self.models}
         unknown = [n for n in self.default_order if n not in names]
         if unknown:
@@ -103,6 +115,9 @@ class Registry(BaseModel):
     def public(self) -> list[ModelEntry]:
         """The entries shown to users (never the benchmark-only ones)."""
         return [m for m in self.models if m.enabled and not m.benchmark_only]
+
+    def get(self, key: str) -> ModelEntry:
+        return next(m for m in self.models if m.key == key)
 
     def find(self, name: str, version: int | None, *, benchmark_mode: bool) -> ModelEntry | None:
         """``version=None`` means the newest stable version of ``name``."""

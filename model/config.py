@@ -32,6 +32,10 @@ class ModelSettings(BaseSettings):
     """Directory of the models trained by this project ({trained_dir} in the registry)."""
     quickdraw_dir: Path = PROJECT_ROOT / "var" / "data" / "quickdraw"
     """QuickDraw ``<category>.npy`` files for training (missing ones are downloaded)."""
+    calibration_dir: Path = PROJECT_ROOT / "var" / "data" / "calibration"
+    """Photos that set the activation ranges of INT8 versions (``model.prepare``); about a dozen suffice."""
+    calibration_samples: int = 300
+    """Calibration inputs drawn from those photos (random crops and flips)."""
     training_cache_dir: Path = Path.home() / ".cache" / "image-portal" / "trained"
     """Trained models kept by a hash of their training options, trainer code and data, reused instead of retraining."""
     allow_weight_download: bool = True
@@ -44,8 +48,8 @@ class ModelSettings(BaseSettings):
     """This worker's name in heartbeats and logs (default: host-pid)."""
     max_batch_size: int = 8
     """Most jobs of one model version run in one batched inference."""
-    max_batch_delay_ms: float = 5.0
-    """Longest wait for more jobs once a batch has started to fill."""
+    max_batch_delay_ms: float = 0.0
+    """Longest wait for more jobs once a batch has started (0: take only those already waiting)."""
     visibility_timeout_ms: int = 30_000
     """A delivered job unacknowledged this long is taken over by another worker."""
     max_deliveries: int = 3
@@ -54,8 +58,8 @@ class ModelSettings(BaseSettings):
     """How often the worker announces itself."""
     heartbeat_ttl_s: float = 10.0
     """How long a heartbeat counts as live without renewal."""
-    tf_intra_op_threads: int = 2
-    """TensorFlow threads inside one operation (about the number of cores per worker)."""
+    inference_threads: int = 2
+    """Threads one inference may use (TensorFlow intra-op, OpenVINO, TFLite): about the cores per worker."""
     tf_inter_op_threads: int = 1
     """TensorFlow threads running independent operations."""
     cpu_nice: int = 10
@@ -67,7 +71,9 @@ class ModelSettings(BaseSettings):
     log_json: bool = True
     """One JSON object per log line (false: plain text)."""
 
-    @field_validator("registry_path", "models_dir", "trained_dir", "quickdraw_dir", "training_cache_dir")
+    @field_validator(
+        "registry_path", "models_dir", "trained_dir", "quickdraw_dir", "calibration_dir", "training_cache_dir"
+    )
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -58,7 +58,8 @@ def load_labels(entry: ModelEntry, settings: ModelSettings) -> tuple[str, ...]:
     return file_labels(path)
 
 
-def _compiled(model: object, entry: ModelEntry) -> Classifier:
+def graph(model: object, entry: ModelEntry) -> Any:
+    """The model as one TensorFlow graph taking a batch of any size."""
     import tensorflow as tf
 
     channels = 3 if entry.input.mode == "RGB" else 1
@@ -69,6 +70,13 @@ def _compiled(model: object, entry: ModelEntry) -> Classifier:
     def infer(x: tf.Tensor) -> tf.Tensor:
         return model(x, training=False)  # type: ignore[operator]
 
+    return infer
+
+
+def _compiled(model: object, entry: ModelEntry) -> Classifier:
+    import tensorflow as tf
+
+    infer = graph(model, entry)
     return lambda batch: infer(tf.constant(batch)).numpy()
 
 
@@ -100,24 +108,82 @@ def _keras_application(entry: ModelEntry, settings: ModelSettings) -> tuple[obje
     )
 
 
-def _load_keras(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, ...]) -> LoadedModel:
+def keras_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, bool]:
+    """The Keras model of an entry (a keras.applications class with weights, or a model file) and
+    whether its weights are random."""
     import keras
 
-    random_weights = False
     if entry.architecture:
-        model, random_weights = _keras_application(entry, settings)
-    else:
-        path = resolve(entry, entry.file or "", settings)
-        if not path.exists():
-            raise ModelUnavailable(f"model file {path} not found")
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except Exception as exc:
-            raise ModelUnavailable(f"model file {path} could not be loaded: {exc}") from exc
-    outputs = int(model.output_shape[-1])  # type: ignore[attr-defined]
+        return _keras_application(entry, settings)
+    path = resolve(entry, entry.file or "", settings)
+    if not path.exists():
+        raise ModelUnavailable(f"model file {path} not found")
+    try:
+        return keras.models.load_model(path, compile=False), False
+    except Exception as exc:
+        raise ModelUnavailable(f"model file {path} could not be loaded: {exc}") from exc
+
+
+def _check_outputs(outputs: int, labels: tuple[str, ...]) -> None:
     if outputs != len(labels):
         raise ModelUnavailable(f"the model has {outputs} outputs but {len(labels)} labels")
+
+
+def _load_keras(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, ...]) -> LoadedModel:
+    model, random_weights = keras_model(entry, settings)
+    _check_outputs(int(model.output_shape[-1]), labels)
     return LoadedModel(entry=entry, labels=labels, classify=_compiled(model, entry), random_weights=random_weights)
+
+
+def openvino_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, bool]:
+    """An OpenVINO model of the entry: converted in memory from its Keras model, or read from an
+    OpenVINO IR file (.xml beside its .bin), and whether its weights are random."""
+    import openvino as ov
+
+    if entry.file and entry.file.endswith(".xml"):
+        path = resolve(entry, entry.file, settings)
+        if not path.exists():
+            reason = f"model file {path} not found"
+            raise ModelUnavailable(reason + (" (run python -m model.prepare)" if entry.quantized_from else ""))
+        try:
+            return ov.Core().read_model(str(path)), entry.weights == "random"
+        except Exception as exc:
+            raise ModelUnavailable(f"OpenVINO model {path} could not be loaded: {exc}") from exc
+    model, random_weights = keras_model(entry, settings)
+    try:
+        # share_weights=False: shared constants would point into TensorFlow's buffers, which are
+        # freed with the Keras model; the model then answered garbage once the memory was reused.
+        return ov.convert_model(graph(model, entry), share_weights=False), random_weights
+    except Exception as exc:
+        raise ModelUnavailable(f"conversion to OpenVINO failed: {exc}") from exc
+
+
+def compile_openvino(model: Any, threads: int) -> Classifier:
+    """One synchronous request per process: a worker runs one batch at a time, on all its threads."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        model,
+        "CPU",
+        {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads,
+            # CPUs with bf16 units would otherwise run in bf16 silently; int8 layers stay int8.
+            "INFERENCE_PRECISION_HINT": "f32",
+            # Pinned threads cannot move off a core the API is using, and two one-thread workers
+            # were both pinned to the same core (0.9 cores used of 2).
+            "ENABLE_CPU_PINNING": False,
+        },
+    )
+    request = compiled.create_infer_request()
+    return lambda batch: np.array(request.infer({0: batch})[0], copy=True)
+
+
+def _load_openvino(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, ...]) -> LoadedModel:
+    model, random_weights = openvino_model(entry, settings)
+    _check_outputs(int(model.output(0).get_partial_shape()[-1].get_length()), labels)
+    classify = compile_openvino(model, settings.inference_threads)
+    return LoadedModel(entry=entry, labels=labels, classify=classify, random_weights=random_weights)
 
 
 def _load_tflite(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, ...]) -> LoadedModel:
@@ -127,14 +193,13 @@ def _load_tflite(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, 
     if not path.exists():
         raise ModelUnavailable(f"model file {path} not found")
     try:
-        interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=settings.tf_intra_op_threads)
+        interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=settings.inference_threads)
         interpreter.allocate_tensors()
     except Exception as exc:
         raise ModelUnavailable(f"TFLite model {path} could not be loaded: {exc}") from exc
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
-    if int(out["shape"][-1]) != len(labels):
-        raise ModelUnavailable(f"the model has {out['shape'][-1]} outputs but {len(labels)} labels")
+    _check_outputs(int(out["shape"][-1]), labels)
     scale, zero = out["quantization"]
 
     def classify(batch: np.ndarray) -> np.ndarray:
@@ -150,7 +215,7 @@ def _load_tflite(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, 
     return LoadedModel(entry=entry, labels=labels, classify=classify, input_dtype=np.uint8)
 
 
-LOADERS = {Runtime.keras: _load_keras, Runtime.tflite: _load_tflite}
+LOADERS = {Runtime.keras: _load_keras, Runtime.tflite: _load_tflite, Runtime.openvino: _load_openvino}
 
 
 def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
@@ -162,7 +227,7 @@ def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
 def configure_tensorflow(settings: ModelSettings) -> None:
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(settings.tf_intra_op_threads)
+    tf.config.threading.set_intra_op_parallelism_threads(settings.inference_threads)
     tf.config.threading.set_inter_op_parallelism_threads(settings.tf_inter_op_threads)
 
 

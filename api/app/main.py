@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from api.app.admin.router import router as admin_router
@@ -20,8 +17,9 @@ from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.errors import OutageLog, install_outage_handlers
-from api.app.core.logging import configure_logging, request_id_var
+from api.app.core.logging import configure_logging
 from api.app.core.redis import make_redis
+from api.app.core.request_context import RequestContextMiddleware
 from api.app.core.responses import UNAVAILABLE
 from api.app.core.security import PasswordHasher
 from api.app.core.wandb_log import InferenceLogger
@@ -37,8 +35,6 @@ from api.app.users.router import classic as users_classic
 from api.app.users.router import router as users_router
 from contracts.registry import load_registry
 
-log = logging.getLogger("api.request")
-
 DESCRIPTION = """Upload images, classify them with several models side by side, and say when a
 prediction is wrong. Use **Authorize** with your email as username to try every route."""
 
@@ -53,6 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.settings = settings
         state.engine = make_engine(settings)
         state.sessionmaker = make_sessionmaker(state.engine)
+        # Storing results has connections of its own: finishing work never queues behind new work.
+        state.background_engine = make_engine(settings, pool_size=2, max_overflow=2)
         state.redis = make_redis(settings)
         state.redis_blocking = make_redis(settings, blocking=True)
         state.hasher = PasswordHasher(settings)
@@ -62,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.outage_log = outage_log
         runtime = JobRuntime(
             settings=settings,
-            sessionmaker=state.sessionmaker,
+            sessionmaker=make_sessionmaker(state.background_engine),
             redis=state.redis,
             redis_blocking=state.redis_blocking,
             store=state.store,
@@ -93,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.redis.aclose()
             await state.redis_blocking.aclose()
             await state.engine.dispose()
+            await state.background_engine.dispose()
 
     app = FastAPI(
         title="Image classification portal",
@@ -105,25 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     outage_log = OutageLog(settings.outage_log_interval_seconds)
     install_outage_handlers(app, outage_log, settings.retry_after_seconds)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
-        request.state.request_id = rid
-        token = request_id_var.set(rid)
-        start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        finally:
-            request_id_var.reset(token)
-        response.headers["X-Request-ID"] = rid
-        log.info(
-            "%s %s %d",
-            request.method,
-            request.url.path,
-            response.status_code,
-            extra={"request_id": rid, "duration_ms": round((time.perf_counter() - start) * 1000, 2)},
-        )
-        return response
+    app.add_middleware(RequestContextMiddleware)
 
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
     for router in (

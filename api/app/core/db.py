@@ -41,12 +41,13 @@ class TimestampMixin:
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
 
-def make_engine(settings: Settings) -> AsyncEngine:
+def make_engine(settings: Settings, *, pool_size: int | None = None, max_overflow: int | None = None) -> AsyncEngine:
+    # No pre-ping (a round trip per checkout): after a database restart the first query fails,
+    # answers 503, and SQLAlchemy replaces every pooled connection.
     return create_async_engine(
         settings.database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_pre_ping=True,
+        pool_size=settings.db_pool_size if pool_size is None else pool_size,
+        max_overflow=settings.db_max_overflow if max_overflow is None else max_overflow,
         pool_timeout=5,
         connect_args={"timeout": 2, "command_timeout": 10},
     )

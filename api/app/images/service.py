@@ -46,10 +46,11 @@ async def create_image(
     *, session: AsyncSession, store: LocalBlobStore, settings: Settings, owner_id: int, data: bytes, filename: str
 ) -> Image:
     try:
-        info = await to_thread.run_sync(lambda: inspect_image(data, max_pixels=settings.max_image_pixels))
+        info, sha256 = await to_thread.run_sync(
+            lambda: (inspect_image(data, max_pixels=settings.max_image_pixels), hashlib.sha256(data).hexdigest())
+        )
     except ImageRejected as exc:
         raise HTTPException(status_code=exc.status, detail=exc.message) from None
-    sha256 = hashlib.sha256(data).hexdigest()
     await _lock_blob(session, sha256)
     await store.put(sha256, data)
     image = Image(

@@ -123,6 +123,7 @@ async def predict(
         owner_id=user.id,
         deadline_seconds=settings.predict_deadline_seconds,
         request_id=request_id(request),
+        data=data,
     )
     if job.status in service.UNFINISHED:
         # Hand the database connection back while waiting: waiters must not exhaust the pool.

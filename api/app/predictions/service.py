@@ -90,7 +90,9 @@ async def create_job(
     owner_id: int,
     deadline_seconds: float,
     request_id: str,
+    data: bytes | None = None,
 ) -> Job:
+    """``data``: the image's bytes when the caller holds them (saves reading the blob back)."""
     in_flight = await session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(UNFINISHED))
     )
@@ -144,7 +146,8 @@ async def create_job(
     await session.commit()
 
     if pending:
-        data = await store.get(image.sha256)
+        if data is None:
+            data = await store.get(image.sha256)
         messages = [job_message(job, p, image.sha256, data) for p in pending]
         try:
             await queue.enqueue(redis, messages)
@@ -162,7 +165,6 @@ def job_message(job: Job, prediction: Prediction, sha256: str, data: bytes) -> J
         version=prediction.model_version,
         sha256=sha256,
         request_id=job.request_id,
-        enqueued_at=job.created_at.timestamp(),
         deadline=job.deadline_at.timestamp(),
         image=data,
     )
@@ -194,10 +196,9 @@ def _job_status(statuses: list[str]) -> str:
     return PredictionStatus.expired.value
 
 
-async def _finish_job_if_complete(session: AsyncSession, job: Job, now: datetime) -> bool:
+def _finish_job_if_complete(job: Job, now: datetime) -> bool:
     """Sets the job's final status once every prediction has one; True when this call did it."""
-    statuses = list(await session.scalars(select(Prediction.status).where(Prediction.job_id == job.id)))
-    status = _job_status(statuses)
+    status = _job_status([p.status for p in job.predictions])
     if status in UNFINISHED or job.status not in UNFINISHED:
         return False
     job.status = status
@@ -209,22 +210,21 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple
     """Stores a worker's answer once; returns (stored, completed the job).
 
     A duplicate answer (a job delivered twice after a worker died) finds the prediction already
-    final and changes nothing.
+    final and changes nothing. The job row is locked first, so its predictions, loaded with it,
+    are current: answers for the same job from two API processes take turns.
     """
     now = datetime.now(UTC)
     job = await session.scalar(select(Job).where(Job.id == uuid.UUID(result.job_id)).with_for_update())
     if job is None:
         await session.rollback()
         return False, False  # the image (and so the job) was deleted meanwhile
-    prediction = await session.scalar(
-        select(Prediction).where(Prediction.id == uuid.UUID(result.prediction_id), Prediction.status.in_(UNFINISHED))
-    )
+    prediction_id = uuid.UUID(result.prediction_id)
+    prediction = next((p for p in job.predictions if p.id == prediction_id and p.status in UNFINISHED), None)
     if prediction is None:
         await session.rollback()
         return False, False
     _apply_result(prediction, result, now)
-    await session.flush()
-    completed = await _finish_job_if_complete(session, job, now)
+    completed = _finish_job_if_complete(job, now)
     await session.commit()
     return True, completed
 
@@ -261,7 +261,8 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> list
                 status=PredictionStatus.expired.value, error="deadline passed before a worker answered", finished_at=now
             )
         )
-        if await _finish_job_if_complete(session, job, now):
+        await session.refresh(job, attribute_names=["predictions"])
+        if _finish_job_if_complete(job, now):
             finished.append(job_id)
         await session.commit()
     return finished

@@ -1,0 +1,55 @@
+"""Request ids and one log line per request, as a plain ASGI middleware.
+
+Starlette's ``@app.middleware("http")`` wraps every request in an extra task and memory streams;
+this does the same job on the ASGI messages directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.app.core.logging import request_id_var
+
+log = logging.getLogger("api.request")
+
+
+class RequestContextMiddleware:
+    """Takes ``X-Request-ID`` (or makes one), exposes it as ``request.state.request_id`` and to
+    logging, echoes it in the response, and logs method, path, status and duration."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        rid = given[:64].decode("latin-1") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        token = request_id_var.set(rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+            log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={"request_id": rid, "duration_ms": round((time.perf_counter() - start) * 1000, 2)},
+            )

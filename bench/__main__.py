@@ -1,0 +1,140 @@
+"""``python -m bench [raw|e2e|report|all]``: measure, then write JSON/CSV, PNG plots and the report.
+
+make bench                              # everything, about 30 minutes on two cores
+python -m bench raw --seconds 2         # raw model speed only
+python -m bench e2e --users 1,10 --workers 1 --models mobilenet_v2@1
+python -m bench report                  # tables and plots again from the saved files
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from contracts.registry import load_registry
+from model.config import ModelSettings
+from model.runtimes import configure_tensorflow
+
+from . import report
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("bench")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def _write(out: Path, name: str, rows: list[dict]) -> None:
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if rows:
+        with open(out / f"{name}.csv", "w", newline="") as fh:
+            flat = [{k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in rows]
+            writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+
+
+def run_raw(args: argparse.Namespace, out: Path) -> None:
+    from . import raw
+
+    threads = _ints(args.threads)
+    # TensorFlow's thread pools are fixed once created: its one-thread rows would need a new process.
+    configure_tensorflow(ModelSettings(inference_threads=threads[0]))
+    registry = load_registry(ModelSettings().registry_path)
+    results, agreements = [], []
+    for n in threads:
+        settings = ModelSettings(inference_threads=n)
+        runtimes = raw.FP32_RUNTIMES if n == threads[0] else ("onnxruntime", "openvino")
+        for key in args.raw_models.split(","):
+            r, a = raw.measure(
+                registry.get(key),
+                registry,
+                settings,
+                batch_sizes=_ints(args.batch_sizes),
+                seconds=args.seconds,
+                runtimes=runtimes,
+                photos=args.photos if n == threads[0] else None,
+            )
+            results += r
+            agreements += a
+    _write(out, "raw", [asdict(r) for r in results])
+    _write(out, "agreement", [asdict(a) for a in agreements])
+
+
+def run_e2e(args: argparse.Namespace, out: Path) -> None:
+    from . import e2e
+
+    cores = os.cpu_count() or 2
+    models = args.models.split(",")
+    results = []
+    models_dir = Path(os.environ.get("MODELS_DIR", ROOT / "var" / "models"))
+    with e2e.portal(args.database_url, models_dir, args.api_workers) as portal:
+        for workers in _ints(args.workers):
+            portal.start_workers(workers, cores)
+            portal.wait_for_models(models, workers)
+            for model in models:
+                for users in _ints(args.users):
+                    results.append(
+                        e2e.measure(
+                            portal,
+                            model=model,
+                            workers=workers,
+                            users=users,
+                            seconds=args.e2e_seconds,
+                            images=args.photos,
+                            cores=cores,
+                        )
+                    )
+                    _write(out, "e2e", [asdict(r) for r in results])
+            portal.stop_workers()
+
+
+def run_report(out: Path, report_path: Path) -> None:
+    registry = load_registry(ModelSettings().registry_path)
+    raw, agreement, e2e = report.load(out, "raw.json"), report.load(out, "agreement.json"), report.load(out, "e2e.json")
+    info = report.load(out, "machine.json") or report.machine()
+    report.plots(raw, e2e, out)
+    body = report.tables(raw, agreement, e2e, registry, info)  # type: ignore[arg-type]
+    (out / "tables.md").write_text(body + "\n")
+    report.update_report(report_path, body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["raw", "e2e", "report", "all"], nargs="?", default="all")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--report", type=Path, default=ROOT / "ML_API_STRESS_TESTING_REPORT.md")
+    parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "photos")
+    parser.add_argument("--raw-models", default="resnet50_random@1,mobilenet_v2@1")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
+    parser.add_argument("--threads", default="2,1", help="raw: inference threads (cores per worker), first = all")
+    parser.add_argument("--seconds", type=float, default=5.0, help="raw: seconds per batch size")
+    parser.add_argument("--models", default="resnet50_random@1,resnet50_random@2,mobilenet_v2@1")
+    parser.add_argument("--users", default="1,10,25,50,100")
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--api-workers", type=int, default=1, help="e2e: API processes")
+    parser.add_argument("--e2e-seconds", type=float, default=30.0, help="e2e: seconds per Locust run")
+    parser.add_argument(
+        "--database-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/portal_bench", help="dropped after"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.what in ("raw", "all", "e2e"):
+        (out / "machine.json").write_text(json.dumps(report.machine(), indent=1) + "\n")
+    if args.what in ("raw", "all"):
+        run_raw(args, out)
+    if args.what in ("e2e", "all"):
+        run_e2e(args, out)
+    run_report(out, args.report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""End to end: Locust users against a real API process and real model workers on this machine.
+
+The portal runs as in production (``python -m api``, ``python -m model``) against the local
+PostgreSQL (a database of its own, dropped afterwards) and a private redis-server, with
+BENCHMARK_MODE=true so the random-weight ResNet50 is served, and the result cache off so every
+request is inferred. Locust users never pause (PORTAL_WAIT=0): the portal is saturated from 10
+users on, and the throughput measured is the most it sustains.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import redis
+
+from contracts import keys
+from contracts.messages import Heartbeat
+
+log = logging.getLogger("bench.e2e")
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "bench-password-1"
+OVERLOADED = "/model/predict [503 overloaded]"
+
+
+@dataclass
+class E2EResult:
+    model: str
+    workers: int
+    threads_per_worker: int
+    users: int
+    seconds: float
+    predictions: int
+    throughput: float
+    """Successful predictions per second."""
+    predict_p50_ms: float
+    predict_p90_ms: float
+    predict_p99_ms: float
+    users_requests: int
+    users_p50_ms: float
+    users_p99_ms: float
+    failures: int
+    overloaded: int
+    """503 + Retry-After answers."""
+    overloaded_pct: float
+    worker_peak_rss_mib: float
+    """Largest resident memory of any one worker during the run."""
+    cpu_cores: dict[str, float] = field(default_factory=dict)
+    """Cores used on average by each part (2.0 = both cores all the time)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
+
+
+class Portal:
+    """The running pieces and their environment."""
+
+    def __init__(self, workdir: Path, database_url: str, models_dir: Path, api_workers: int) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.redis_port = free_port()
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "ENVIRONMENT": "development",
+            "DATABASE_URL": database_url,
+            "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "API_PORT": str(self.port),
+            "API_HOST": "127.0.0.1",
+            "API_WORKERS": str(api_workers),
+            "STORAGE_DIR": str(workdir / "storage"),
+            "FIRST_ADMIN_EMAIL": "bench@example.com",
+            "FIRST_ADMIN_PASSWORD": PASSWORD,
+            "BENCHMARK_MODE": "true",
+            "RESULT_CACHE_TTL_SECONDS": "0",
+            "MAX_JOBS_IN_FLIGHT_PER_USER": "100000",
+            "MODELS_DIR": str(models_dir),
+            "ALLOW_WEIGHT_DOWNLOAD": "false",
+            "LOG_LEVEL": "WARNING",
+        }
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis = redis.Redis(port=self.redis_port)
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        logfile = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, env=env or self.env, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT)
+        self.processes[name] = proc
+        return proc
+
+    def stop(self, name: str) -> None:
+        proc = self.processes.pop(name)
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def start_workers(self, count: int, cores: int) -> None:
+        for i in range(count):
+            env = {**self.env, "WORKER_ID": f"bench-{i}", "INFERENCE_THREADS": str(max(1, cores // count))}
+            self.start(f"worker-{i}", [sys.executable, "-m", "model"], env)
+
+    def stop_workers(self) -> None:
+        for name in [n for n in self.processes if n.startswith("worker-")]:
+            self.stop(name)
+
+    def wait_for_models(self, models: list[str], workers: int, timeout: float = 600) -> None:
+        def ready() -> bool:
+            beats = [
+                Heartbeat.model_validate_json(raw)
+                for raw in self.redis.mget(self.redis.keys(keys.HEARTBEAT_PREFIX + "*"))
+                if raw
+            ]
+            live = [b for b in beats if b.worker_id.startswith("bench-")]
+            ready_models = [{f"{m.name}@{m.version}" for m in b.models if m.ready} for b in live]
+            return len(live) == workers and all(set(models) <= r for r in ready_models)
+
+        wait_for(ready, timeout, f"{workers} worker(s) serving {models}")
+
+    def pids(self, prefix: str) -> list[int]:
+        return [p.pid for n, p in self.processes.items() if n.startswith(prefix)]
+
+
+@contextmanager
+def portal(database_url: str, models_dir: Path, api_workers: int = 1) -> Iterator[Portal]:
+    workdir = Path(tempfile.mkdtemp(prefix="portal-bench-"))
+    p = Portal(workdir, database_url, models_dir, api_workers)
+    try:
+        p.start(
+            "redis",
+            ["redis-server", "--port", str(p.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        )
+        wait_for(p.redis.ping, 10, "redis-server")
+        subprocess.run([sys.executable, "-m", "api.prestart"], env=p.env, cwd=ROOT, check=True, capture_output=True)
+        p.start("api", [sys.executable, "-m", "api"])
+        wait_for(lambda: socket.create_connection(("127.0.0.1", p.port), 1).close() is None, 60, "API")
+        yield p
+    finally:
+        for name in list(p.processes):
+            p.stop(name)
+        _drop_database(database_url)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _drop_database(database_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    subprocess.run(
+        [
+            "psql",
+            "-h",
+            url.host or "127.0.0.1",
+            "-p",
+            str(url.port or 5432),
+            "-U",
+            url.username or "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)',
+        ],
+        check=False,
+        capture_output=True,
+    )
+
+
+class Sampler:
+    """Peak memory of the workers and CPU time of every part, sampled in the background."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.cores: dict[str, float] = {}
+
+    def _processes(self, name: str) -> list[psutil.Process]:
+        if name == "postgres":
+            return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+        out = []
+        for pid in self.groups.get(name, []):
+            try:
+                proc = psutil.Process(pid)
+                out += [proc, *proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def cpu(self) -> dict[str, float]:
+        totals = {}
+        for name in [*self.groups, "postgres"]:
+            total = 0.0
+            for proc in self._processes(name):
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                    if name == "postgres" and proc.ppid() not in self._postgres_pids():
+                        # Backends come and go with connections; the postmaster has reaped their time.
+                        total += t.children_user + t.children_system
+                except psutil.NoSuchProcess:
+                    pass
+            totals[name] = total
+        return totals
+
+    def _postgres_pids(self) -> set[int]:
+        return {p.pid for p in self._processes("postgres")}
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            for pid in self.groups.get("workers", []):
+                with suppress(psutil.NoSuchProcess):
+                    self.peak_rss = max(self.peak_rss, psutil.Process(pid).memory_info().rss)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def measure_cpu(self, seconds: float) -> None:
+        """Average cores each part uses over the next ``seconds``."""
+        start, started = self.cpu(), time.monotonic()
+        time.sleep(seconds)
+        end, elapsed = self.cpu(), time.monotonic() - started
+        self.cores = {k: round((end[k] - start.get(k, 0.0)) / elapsed, 3) for k in end}
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_locust(p: Portal, model: str, users: int, seconds: float, images: Path) -> tuple[dict[str, dict], Sampler]:
+    prefix = p.workdir / f"locust-{model}-{users}"
+    env = {
+        **p.env,
+        "PORTAL_EMAIL": "bench@example.com",
+        "PORTAL_PASSWORD": PASSWORD,
+        "PORTAL_MODELS": model,
+        "PORTAL_WAIT": "0",
+        "PORTAL_IMAGES": str(images),
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "stress_test" / "locustfile.py"),
+        "--headless",
+        "--only-summary",
+        "--reset-stats",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds:.0f}s",
+        "--host",
+        f"http://127.0.0.1:{p.port}",
+        "--csv",
+        str(prefix),
+    ]
+    locust = p.start(f"locust-{users}", args, env)
+    groups = {"api": p.pids("api"), "workers": p.pids("worker-"), "locust": [locust.pid], "redis": p.pids("redis")}
+    with Sampler(groups) as sampler:
+        # CPU over the steady middle of the run, while every process is alive to be asked.
+        time.sleep(3)
+        sampler.measure_cpu(max(1.0, seconds - 5))
+        locust.wait(seconds + 120)
+    p.processes.pop(f"locust-{users}")
+    with open(f"{prefix}_stats.csv", newline="") as fh:
+        rows = {row["Name"]: row for row in csv.DictReader(fh)}
+    return rows, sampler
+
+
+def _ms(row: dict | None, column: str) -> float:
+    value = (row or {}).get(column, "0")
+    return float(value) if value not in ("", "N/A") else 0.0
+
+
+def measure(p: Portal, *, model: str, workers: int, users: int, seconds: float, images: Path, cores: int) -> E2EResult:
+    rows, sampler = run_locust(p, model, users, seconds, images)
+    predict, listing, overloaded = rows.get("/model/predict"), rows.get("/user/"), rows.get(OVERLOADED)
+    count, failures = int(_ms(predict, "Request Count")), int(_ms(predict, "Failure Count"))
+    rejected = int(_ms(overloaded, "Request Count"))
+    elapsed = count / _ms(predict, "Requests/s") if _ms(predict, "Requests/s") else seconds
+    failures_total = sum(int(_ms(r, "Failure Count")) for name, r in rows.items() if name != "Aggregated")
+    result = E2EResult(
+        model=model,
+        workers=workers,
+        threads_per_worker=max(1, cores // workers),
+        users=users,
+        seconds=round(elapsed, 1),
+        predictions=count - failures,
+        throughput=round((count - failures) / elapsed, 2),
+        predict_p50_ms=_ms(predict, "50%"),
+        predict_p90_ms=_ms(predict, "90%"),
+        predict_p99_ms=_ms(predict, "99%"),
+        users_requests=int(_ms(listing, "Request Count")),
+        users_p50_ms=_ms(listing, "50%"),
+        users_p99_ms=_ms(listing, "99%"),
+        failures=failures_total,
+        overloaded=rejected,
+        overloaded_pct=round(100 * rejected / max(1, count + rejected), 2),
+        worker_peak_rss_mib=round(sampler.peak_rss / 2**20, 1),
+        cpu_cores=sampler.cores,
+    )
+    log.info("%s", json.dumps(result.__dict__))
+    return result

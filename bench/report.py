@@ -1,0 +1,301 @@
+"""Tables, plots and target checks from the files ``make bench`` writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from contracts.registry import Registry
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+RUNTIME_NAMES = {"keras": "tensorflow", "openvino": "openvino", "tflite": "tflite"}
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "packages": {p: version(p) for p in ("tensorflow-cpu", "keras", "openvino", "onnxruntime", "nncf", "locust")},
+    }
+
+
+def raw_source(key: str, registry: Registry) -> tuple[str, str, str]:
+    """The raw benchmark row (model, runtime, precision) that an end-to-end model key runs."""
+    entry = registry.get(key)
+    if entry.quantized_from:
+        return entry.quantized_from, "openvino", "int8"
+    return key, RUNTIME_NAMES[entry.runtime.value], "fp32"
+
+
+def best_raw(raw: list[dict], model: str, runtime: str, precision: str, threads: int | None = None) -> dict | None:
+    """The fastest row over batch sizes (and over thread counts unless ``threads`` is given)."""
+    rows = [
+        r
+        for r in raw
+        if (r["model"], r["runtime"], r["precision"]) == (model, runtime, precision) and threads in (None, r["threads"])
+    ]
+    return max(rows, key=lambda r: r["throughput"], default=None)
+
+
+def batch1(raw: list[dict], model: str, runtime: str, precision: str, threads: int) -> dict | None:
+    key = (model, runtime, precision, 1, threads)
+    return next(
+        (r for r in raw if (r["model"], r["runtime"], r["precision"], r["batch_size"], r["threads"]) == key), None
+    )
+
+
+def _ratio(value: float, raw_row: dict | None) -> str:
+    return f"{value / raw_row['throughput']:.0%}" if raw_row else "-"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def checks(raw: list[dict], e2e: list[dict], registry: Registry) -> list[list[Any]]:
+    """One row per target and model: the figure, the limit, and whether it is met."""
+    out: list[list[Any]] = []
+    for key in sorted({r["model"] for r in e2e}):
+        model, runtime, precision = raw_source(key, registry)
+        fp32 = best_raw(raw, model, runtime, "fp32")
+        runs = [r for r in e2e if r["model"] == key]
+        saturated = [r for r in runs if r["users"] >= 10]
+        if saturated and fp32:
+            best = max(saturated, key=lambda r: r["throughput"])
+            limit = 0.9 * fp32["throughput"]
+            out.append(
+                [
+                    key,
+                    f"sustained throughput >= 90 % of best raw {runtime} FP32 ({fp32['throughput']:.1f}/s)",
+                    f"{best['throughput']:.1f}/s ({best['workers']} worker(s), {best['users']} users)",
+                    f"{limit:.1f}/s",
+                    "met" if best["throughput"] >= limit else "NOT met",
+                ]
+            )
+        for one in [r for r in runs if r["users"] == 1]:
+            # Each worker's inference runs on its share of the cores: compare with that raw figure.
+            b1 = batch1(raw, model, runtime, precision, one["threads_per_worker"])
+            if b1 is None:
+                continue
+            limit = b1["latency_p50_ms"] + 25
+            out.append(
+                [
+                    key,
+                    f"p50 at 1 user <= raw batch-1 p50 + 25 ms ({one['workers']} worker(s), "
+                    f"raw at {one['threads_per_worker']} thread(s): {b1['latency_p50_ms']:.1f} ms)",
+                    f"{one['predict_p50_ms']:.0f} ms",
+                    f"{limit:.0f} ms",
+                    "met" if one["predict_p50_ms"] <= limit else "NOT met",
+                ]
+            )
+        for hundred in [r for r in runs if r["users"] == 100]:
+            ok = hundred["failures"] == 0 and hundred["overloaded_pct"] <= 5
+            out.append(
+                [
+                    key,
+                    f"100 users: 0 failed, <= 5 % 503 ({hundred['workers']} worker(s))",
+                    f"{hundred['failures']} failed, {hundred['overloaded_pct']:.1f} % 503",
+                    "0, 5 %",
+                    "met" if ok else "NOT met",
+                ]
+            )
+        if saturated:
+            worst = max(saturated, key=lambda r: r["users_p99_ms"])
+            out.append(
+                [
+                    key,
+                    "GET /user/ p99 <= 100 ms while saturated (worst run)",
+                    f"{worst['users_p99_ms']:.0f} ms ({worst['workers']} worker(s), {worst['users']} users)",
+                    "100 ms",
+                    "met" if worst["users_p99_ms"] <= 100 else "NOT met",
+                ]
+            )
+    return out
+
+
+def tables(raw: list[dict], agreement: list[dict], e2e: list[dict], registry: Registry, info: dict) -> str:
+    parts = [
+        f"Measured {info['date']} on {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
+        + ", ".join(f"{k} {v}" for k, v in info["packages"].items())
+        + ".",
+        "",
+        "### Raw model speed (one process, preprocessed random inputs)",
+        "",
+        _table(
+            ["model", "runtime", "precision", "threads", "batch", "img/s", "p50 ms/batch", "p90 ms/batch"],
+            [
+                [
+                    r["model"],
+                    r["runtime"],
+                    r["precision"],
+                    r["threads"],
+                    r["batch_size"],
+                    r["throughput"],
+                    r["latency_p50_ms"],
+                    r["latency_p90_ms"],
+                ]
+                for r in raw
+            ],
+        ),
+        "",
+        "### Top-1 agreement with TensorFlow FP32 on the shared photos",
+        "",
+    ]
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for a in agreement:
+        groups.setdefault((a["model"], a["runtime"], a["precision"]), []).append(a)
+    parts.append(
+        _table(
+            ["model", "runtime", "precision", "same top-1", "photos that differ"],
+            [
+                [
+                    *k,
+                    f"{sum(a['agrees'] for a in v)} / {len(v)}",
+                    ", ".join(f"{a['photo']} ({a['reference_top1']} -> {a['top1']})" for a in v if not a["agrees"])
+                    or "-",
+                ]
+                for k, v in groups.items()
+            ],
+        )
+    )
+    parts += ["", "### End to end through the HTTP API (Locust users that never pause)", ""]
+    rows = []
+    for r in e2e:
+        model, runtime, precision = raw_source(r["model"], registry)
+        own, fp32 = best_raw(raw, model, runtime, precision), best_raw(raw, model, runtime, "fp32")
+        cpu = r["cpu_cores"]
+        rows.append(
+            [
+                r["model"],
+                r["workers"],
+                r["users"],
+                r["throughput"],
+                _ratio(r["throughput"], own),
+                _ratio(r["throughput"], fp32),
+                r["predict_p50_ms"],
+                r["predict_p99_ms"],
+                r["users_p99_ms"],
+                r["failures"],
+                r["overloaded"],
+                r["worker_peak_rss_mib"],
+                " / ".join(f"{cpu.get(k, 0):.2f}" for k in ("workers", "api", "locust", "postgres", "redis")),
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "model",
+                "workers",
+                "users",
+                "pred/s",
+                "/ raw best (same precision)",
+                "/ raw best FP32",
+                "predict p50 ms",
+                "predict p99 ms",
+                "/user/ p99 ms",
+                "failed",
+                "503",
+                "peak RSS per worker MiB",
+                "cores: workers / api / locust / postgres / redis",
+            ],
+            rows,
+        )
+    )
+    parts += ["", "### Targets", "", _table(["model", "target", "measured", "limit", ""], checks(raw, e2e, registry))]
+    return "\n".join(parts)
+
+
+def _raw_plot(plt: Any, raw: list[dict], models: list[str], path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        kinds = sorted({(r["runtime"], r["precision"], r["threads"]) for r in raw if r["model"] == model})
+        for runtime, precision, threads in kinds:
+            rows = [
+                r
+                for r in raw
+                if (r["model"], r["runtime"], r["precision"], r["threads"]) == (model, runtime, precision, threads)
+            ]
+            ax.plot(
+                [r["batch_size"] for r in rows],
+                [r["throughput"] for r in rows],
+                "o-" if threads > 1 else "x--",
+                label=f"{runtime} {precision}, {threads} thread(s)",
+            )
+        ax.set(title=f"{model}: raw throughput", xlabel="batch size", ylabel="images/s", xscale="log")
+        ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plots(raw: list[dict], e2e: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    models = sorted({r["model"] for r in raw})
+    if models:
+        written.append(_raw_plot(plt, raw, models, out / "raw_throughput.png"))
+    keys = sorted({r["model"] for r in e2e})
+    if keys:
+        fig, axes = plt.subplots(2, len(keys), figsize=(6 * len(keys), 8), squeeze=False)
+        for col, key in enumerate(keys):
+            for workers in sorted({r["workers"] for r in e2e if r["model"] == key}):
+                rows = sorted(
+                    (r for r in e2e if (r["model"], r["workers"]) == (key, workers)), key=lambda r: r["users"]
+                )
+                users = [r["users"] for r in rows]
+                axes[0][col].plot(users, [r["throughput"] for r in rows], "o-", label=f"{workers} worker(s)")
+                axes[1][col].plot(users, [r["predict_p50_ms"] for r in rows], "o-", label=f"p50, {workers} worker(s)")
+                axes[1][col].plot(users, [r["predict_p99_ms"] for r in rows], "x--", label=f"p99, {workers} worker(s)")
+            axes[0][col].set(
+                title=f"{key}: end-to-end throughput", xlabel="users", ylabel="predictions/s", ylim=(0, None)
+            )
+            axes[1][col].set(title=f"{key}: /model/predict latency", xlabel="users", ylabel="ms", yscale="log")
+            for ax in (axes[0][col], axes[1][col]):
+                ax.legend()
+                ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(out / "e2e.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def update_report(path: Path, body: str) -> None:
+    """Replaces the generated part of the report, keeping the prose around it."""
+    text = path.read_text(encoding="utf-8")
+    block = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _m: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def load(out: Path, name: str) -> list[dict]:
+    path = out / name
+    return json.loads(path.read_text()) if path.exists() else []

@@ -1,0 +1,1 @@
+from tests.model.conftest import model_settings, registry  # noqa: F401 - the same fixtures

@@ -1,0 +1,70 @@
+"""``make bench``'s two halves, run small: raw model speed in process, a real Locust run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from bench import raw
+from contracts.registry import Registry
+from model.config import ModelSettings
+from tests.support import PHOTOS, ROOT
+
+
+def test_raw_runs_every_runtime_and_checks_top1(model_settings: ModelSettings, registry: Registry) -> None:
+    results, agreements = raw.measure(
+        registry.get("mobilenet_v2@1"), registry, model_settings, batch_sizes=(1, 2), seconds=0.2, photos=PHOTOS
+    )
+    measured = {(r.runtime, r.precision, r.batch_size) for r in results}
+    assert measured == {(rt, p, b) for rt, p in raw_kinds() for b in (1, 2)}
+    assert all(r.throughput > 0 and r.batches >= 5 for r in results)
+    fp32 = [a for a in agreements if a.precision == "fp32"]
+    assert fp32 and all(a.agrees for a in fp32), [a for a in fp32 if not a.agrees]
+    assert {a.photo for a in agreements if a.precision == "int8"} == {a.photo for a in fp32}
+
+
+def raw_kinds() -> list[tuple[str, str]]:
+    return [("tensorflow", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "int8")]
+
+
+def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_path: Path) -> None:
+    report = tmp_path / "REPORT.md"
+    report.write_text("# Report\n\nprose\n")
+    bench_db = make_url(database_url).set(database=f"{make_url(database_url).database}_bench")
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "e2e",
+        "--out",
+        str(tmp_path),
+        "--report",
+        str(report),
+        "--models",
+        "mobilenet_v2@1",
+        "--users",
+        "2",
+        "--workers",
+        "1",
+        "--e2e-seconds",
+        "8",
+        "--database-url",
+        bench_db.render_as_string(hide_password=False),
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "e2e.json").read_text())
+    assert row["failures"] == 0 and row["overloaded"] == 0
+    assert row["predictions"] > 10 and row["throughput"] > 1
+    assert 0 < row["predict_p50_ms"] <= row["predict_p99_ms"]
+    assert row["users_requests"] > row["predictions"]  # /user/ has twice predict's weight
+    assert row["worker_peak_rss_mib"] > 200
+    assert row["cpu_cores"]["workers"] > 0 and row["cpu_cores"]["api"] > 0 and row["cpu_cores"]["locust"] > 0
+    assert (tmp_path / "e2e.png").read_bytes().startswith(b"\x89PNG")
+    text = report.read_text()
+    assert "prose" in text and "| mobilenet_v2@1 | 1 | 2 |" in text

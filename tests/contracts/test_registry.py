@@ -1,0 +1,52 @@
+"""The registry's rules for INT8 versions and runtimes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from contracts.registry import Registry, Runtime, load_registry
+
+FP32 = {
+    "name": "m",
+    "version": 1,
+    "runtime": "openvino",
+    "architecture": "MobileNetV2",
+    "weights": "imagenet",
+    "input": {"height": 224, "width": 224},
+    "preprocessing": "mobilenet_v2",
+}
+INT8 = {**FP32, "version": 2, "architecture": None, "precision": "int8", "quantized_from": "m@1", "file": "q.xml"}
+
+
+def registry(*models: dict[str, Any]) -> Registry:
+    return Registry.model_validate({"default_order": ["m"], "models": list(models)})
+
+
+def test_an_int8_version_names_its_fp32_source() -> None:
+    reg = registry(FP32, INT8)
+    assert reg.get("m@2").quantized_from == "m@1"
+    with pytest.raises(ValidationError, match="quantized_from"):
+        registry(FP32, {**INT8, "quantized_from": None})
+    with pytest.raises(ValidationError, match="unknown entries"):
+        registry(FP32, {**INT8, "quantized_from": "m@7"})
+
+
+def test_only_openvino_files_are_quantized() -> None:
+    with pytest.raises(ValidationError, match="OpenVINO model files"):
+        registry(FP32, {**INT8, "runtime": "keras"})
+    with pytest.raises(ValidationError, match="only it does"):
+        registry({**FP32, "quantized_from": "m@1"})
+
+
+def test_the_shipped_registry_serves_imagenet_models_through_openvino() -> None:
+    reg = load_registry()
+    for key in ("resnet50@1", "mobilenet_v2@1", "resnet50_random@1"):
+        assert reg.get(key).runtime == Runtime.openvino and reg.get(key).precision == "fp32"
+    for key, source in (("resnet50@2", "resnet50@1"), ("mobilenet_v2@2", "mobilenet_v2@1")):
+        entry = reg.get(key)
+        assert entry.precision == "int8" and entry.quantized_from == source and entry.channel == "canary"
+    # An INT8 copy of the random ResNet50 is as benchmark-only and as random as its source.
+    assert reg.get("resnet50_random@2").benchmark_only and reg.get("resnet50_random@2").weights == "random"
