@@ -87,7 +87,7 @@ def quantize(entry: ModelEntry, source: ModelEntry, settings: ModelSettings, out
     inputs = calibration_inputs(source, settings)
     dataset = nncf.Dataset(inputs, lambda x: x[None])
     # MIXED: asymmetric activations. The symmetric PERFORMANCE preset turned MobileNetV2's outputs
-    # into NaN (ReLU6 ranges), 0 of 12 photos right; MIXED keeps 11 of 12 top-1 answers.
+    # into NaN here (0 of 12 photos right); MIXED keeps 11 of the 12 top-1 answers.
     quantized = nncf.quantize(model, dataset, subset_size=len(inputs), preset=nncf.QuantizationPreset.MIXED)
     out.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(out), compress_to_fp16=False)
