@@ -145,7 +145,7 @@ def test_random_resnet_only_in_benchmark_mode(registry: Registry, model_settings
     assert registry.find("resnet50_random", None, benchmark_mode=False) is None
     assert all(not m.benchmark_only for m in registry.public())
     entry = registry.find("resnet50_random", None, benchmark_mode=True)
-    assert entry is not None and entry.weights == "random"
+    assert entry is not None and entry.key == "resnet50_random@1" and entry.weights == "random"
     loaded = load_model(entry, model_settings)
     assert loaded.random_weights
 
