@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from contracts.messages import Heartbeat, ModelState
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png, upload, wait_job
 from tests.conftest import Users, client_for
-from tests.support import RedisServer, start_api, start_worker, wait_for_worker, wait_until
+from tests.support import RedisServer, Service, start_api, start_worker, wait_for_worker, wait_until
 
 MODEL = "mobilenet_v2"
 
@@ -63,12 +64,24 @@ async def test_worker_killed_mid_batch_every_job_completes_once(stack: Stack, us
     client = redis.Redis.from_url(stack.redis_server.url)
     stream = f"jobs:{MODEL}@1"
 
-    def someone_holds_jobs() -> bool:
-        return any(c["pending"] > 0 for c in client.xinfo_consumers(stream, "workers"))
+    def pending(name: str) -> int:
+        return next((c["pending"] for c in client.xinfo_consumers(stream, "workers") if c["name"].decode() == name), 0)
 
-    await asyncio.to_thread(wait_until, someone_holds_jobs, 30, "a worker holding jobs", 0.01)
-    holder = max(client.xinfo_consumers(stream, "workers"), key=lambda c: c["pending"])["name"].decode()
-    victim = next(w for w in stack.workers if w.name == holder)
+    frozen: list[Service] = []
+
+    def freeze_a_holder() -> bool:
+        """SIGSTOP a worker while it holds jobs (a batch takes milliseconds: it must not finish)."""
+        for worker in stack.workers:
+            if pending(worker.name) > 0:
+                worker.proc.send_signal(signal.SIGSTOP)
+                if pending(worker.name) > 0:
+                    frozen.append(worker)
+                    return True
+                worker.proc.send_signal(signal.SIGCONT)
+        return False
+
+    await asyncio.to_thread(wait_until, freeze_a_holder, 30, "a worker holding jobs", 0.001)
+    victim = frozen[0]
     victim.kill()
     results = [await wait_job(stack.client, headers, j, within=120) for j in jobs]
     assert [r["status"] for r in results] == ["done"] * len(jobs)
