@@ -221,21 +221,20 @@ class Sampler:
     def cpu(self) -> dict[str, float]:
         totals = {}
         for name in [*self.groups, "postgres"]:
+            procs = self._processes(name)
+            pids = {p.pid for p in procs}
             total = 0.0
-            for proc in self._processes(name):
+            for proc in procs:
                 try:
                     t = proc.cpu_times()
                     total += t.user + t.system
-                    if name == "postgres" and proc.ppid() not in self._postgres_pids():
+                    if name == "postgres" and proc.ppid() not in pids:
                         # Backends come and go with connections; the postmaster has reaped their time.
                         total += t.children_user + t.children_system
                 except psutil.NoSuchProcess:
                     pass
             totals[name] = total
         return totals
-
-    def _postgres_pids(self) -> set[int]:
-        return {p.pid for p in self._processes("postgres")}
 
     def _run(self) -> None:
         while not self._stop.wait(0.25):

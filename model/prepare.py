@@ -58,8 +58,7 @@ def prepare_quantized(entry: ModelEntry, source: ModelEntry, out: Path, settings
     from model import quantize
 
     cached = settings.training_cache_dir / quantize.quantization_key(entry, source, settings)
-    name = out.name
-    if (cached / name).exists():
+    if (cached / out.name).exists():
         shutil.copytree(cached, out.parent, dirs_exist_ok=True)
         log.info("%s: copied from the cache %s", entry.key, cached)
         return

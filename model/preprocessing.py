@@ -22,27 +22,26 @@ SKETCH_EXTENT = 26
 SKETCH_INK_THRESHOLD = 10
 
 
-def _photo(data: bytes, entry: ModelEntry) -> np.ndarray:
+def _photo(img: Image.Image, entry: ModelEntry) -> np.ndarray:
     size = (entry.input.width, entry.input.height)
-    img = load_image(data, mode="RGB", draft_size=size)
     img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(img, dtype=np.float32)
 
 
-def _resnet50(data: bytes, entry: ModelEntry) -> np.ndarray:
+def _resnet50(img: Image.Image, entry: ModelEntry) -> np.ndarray:
     from keras.applications import resnet50
 
-    return resnet50.preprocess_input(_photo(data, entry))
+    return resnet50.preprocess_input(_photo(img, entry))
 
 
-def _mobilenet_v2(data: bytes, entry: ModelEntry) -> np.ndarray:
+def _mobilenet_v2(img: Image.Image, entry: ModelEntry) -> np.ndarray:
     from keras.applications import mobilenet_v2
 
-    return mobilenet_v2.preprocess_input(_photo(data, entry))
+    return mobilenet_v2.preprocess_input(_photo(img, entry))
 
 
-def _uint8(data: bytes, entry: ModelEntry) -> np.ndarray:
-    return _photo(data, entry).astype(np.uint8)
+def _uint8(img: Image.Image, entry: ModelEntry) -> np.ndarray:
+    return _photo(img, entry).astype(np.uint8)
 
 
 def sketch_array(img: Image.Image) -> np.ndarray:
@@ -72,17 +71,22 @@ def sketch_array(img: Image.Image) -> np.ndarray:
     return (out / 255.0)[..., None]
 
 
-def _sketch(data: bytes, entry: ModelEntry) -> np.ndarray:
-    return sketch_array(load_image(data, mode="L"))
-
-
-PREPROCESSORS: dict[Preprocessing, Callable[[bytes, ModelEntry], np.ndarray]] = {
+PREPROCESSORS: dict[Preprocessing, Callable[[Image.Image, ModelEntry], np.ndarray]] = {
     Preprocessing.resnet50: _resnet50,
     Preprocessing.mobilenet_v2: _mobilenet_v2,
     Preprocessing.uint8: _uint8,
-    Preprocessing.sketch: _sketch,
+    Preprocessing.sketch: lambda img, _entry: sketch_array(img),
 }
 
 
+def preprocess_image(img: Image.Image, entry: ModelEntry) -> np.ndarray:
+    """A decoded image (in the entry's colour mode) as the model's input."""
+    return PREPROCESSORS[entry.preprocessing](img, entry)
+
+
 def preprocess(data: bytes, entry: ModelEntry) -> np.ndarray:
-    return PREPROCESSORS[entry.preprocessing](data, entry)
+    """Uploaded bytes as the model's input. Photos let JPEG decode at a reduced scale; sketches are
+    cropped to their strokes, so they decode in full."""
+    size = (entry.input.width, entry.input.height)
+    draft = None if entry.preprocessing == Preprocessing.sketch else size
+    return preprocess_image(load_image(data, mode=entry.input.mode, draft_size=draft), entry)

@@ -7,9 +7,7 @@ through the same preprocessing the service uses, so the ranges match what the mo
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ from model import preprocessing
 from model.config import ModelSettings
 from model.runtimes import ModelUnavailable, openvino_model, resolve
 
-log = logging.getLogger("model.quantize")
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
@@ -35,7 +32,7 @@ def calibration_photos(settings: ModelSettings) -> list[Path]:
 def calibration_inputs(entry: ModelEntry, settings: ModelSettings) -> list[np.ndarray]:
     """CALIBRATION_SAMPLES model inputs; the same photos and seed always give the same inputs."""
     rng = np.random.default_rng(0)
-    images = [load_image(p.read_bytes(), mode="RGB") for p in calibration_photos(settings)]
+    images = [load_image(p.read_bytes(), mode=entry.input.mode) for p in calibration_photos(settings)]
     inputs = []
     for i in range(settings.calibration_samples):
         img = images[i % len(images)]
@@ -46,9 +43,7 @@ def calibration_inputs(entry: ModelEntry, settings: ModelSettings) -> list[np.nd
         crop = img.crop((left, top, left + cw, top + ch))
         if rng.random() < 0.5:
             crop = ImageOps.mirror(crop)
-        buf = io.BytesIO()
-        crop.save(buf, format="PNG")
-        inputs.append(preprocessing.preprocess(buf.getvalue(), entry))
+        inputs.append(preprocessing.preprocess_image(crop, entry))
     return inputs
 
 

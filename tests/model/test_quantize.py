@@ -51,7 +51,7 @@ def test_the_cache_key_follows_what_changes_the_model(calibration: ModelSettings
     assert quantization_key(described, source, calibration) == key
 
 
-def test_prepare_reports_an_int8_version_whose_source_has_no_weights(
+def test_an_int8_version_cannot_be_made_without_its_sources_weights(
     calibration: ModelSettings, registry: Registry, tmp_path: Path
 ) -> None:
     settings = calibration.model_copy(update={"models_dir": tmp_path, "trained_dir": tmp_path})
