@@ -161,15 +161,14 @@ async def test_300_concurrent_jobs_done_or_rejected(stack: Stack, users: Users) 
     assert max(r["results"][0]["timings"]["batch_size"] for r in results) > 1  # dynamic batching at work
 
 
-async def test_health_live_stays_fast_with_150_predictions_in_flight(
+async def test_health_live_stays_fast_with_50_predictions_in_flight(
     stack: Stack, users: Users, settings: Settings
 ) -> None:
-    """Measured on a real API process (uvicorn), so the client's own work does not share its loop.
-    One job per batch keeps the predictions waiting long enough to probe them."""
-    await stack.start_workers(1, MAX_BATCH_SIZE="1")
+    """Measured on a real API process (uvicorn), so the client's own work does not share its loop."""
+    await stack.start_workers(1)
     _, headers = await users.create()
     api, url = await asyncio.to_thread(
-        start_api, "health-api", settings, REDIS_URL=stack.redis_server.url, MAX_JOBS_IN_FLIGHT_PER_USER="200"
+        start_api, "health-api", settings, REDIS_URL=stack.redis_server.url, MAX_JOBS_IN_FLIGHT_PER_USER="100"
     )
     try:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -180,34 +179,42 @@ async def test_health_live_stays_fast_with_150_predictions_in_flight(
                 )
                 return r.status_code
 
-            in_flight = [asyncio.create_task(classic(noise_png())) for _ in range(150)]
-            latencies = await asyncio.to_thread(_probe_live, url, stack.redis_server.url, in_flight)
+            in_flight = [asyncio.create_task(classic(noise_png())) for _ in range(50)]
+            latencies = await asyncio.to_thread(_probe_live, url, stack.redis_server.url, stack.workers[0], in_flight)
             codes = await asyncio.gather(*in_flight)
     finally:
         api.stop()
-    assert codes == [200] * 150
+    assert codes == [200] * 50
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1]
-    print(f"/health/live with 150 predictions in flight: p99 {p99 * 1000:.1f} ms over {len(latencies)} probes")
-    # Batches of one are quick here: at least 25 probes, so p99 is about the slowest of them.
-    assert len(latencies) >= 25 and p99 < 0.05, (len(latencies), p99)
+    print(f"/health/live with 50 predictions in flight: p99 {p99 * 1000:.1f} ms over {len(latencies)} probes")
+    assert len(latencies) >= 50 and p99 < 0.05, (len(latencies), p99)
 
 
-def _probe_live(url: str, redis_url: str, in_flight: list[asyncio.Task[int]]) -> list[float]:
-    """GET /health/live from another thread, one after another, from the moment all 150
-    predictions are queued until they are answered."""
+def _probe_live(url: str, redis_url: str, worker: Service, in_flight: list[asyncio.Task[int]]) -> list[float]:
+    """GET /health/live from another thread, one after another, from the moment all 50
+    predictions are queued until they are answered. The worker is frozen for the first 1.5 s
+    (batches take milliseconds): every request is then certainly still waiting."""
     stream = f"jobs:{MODEL}@1"
     client = redis.Redis.from_url(redis_url)
     wait_until(
-        lambda: client.exists(stream) and client.xinfo_stream(stream)["entries-added"] >= 150, 30, "150 jobs queued"
+        lambda: client.exists(stream) and client.xinfo_stream(stream)["entries-added"] >= 50, 30, "50 jobs queued"
     )
+    worker.proc.send_signal(signal.SIGSTOP)
+    resume_at = time.monotonic() + 1.5
     latencies = []
-    with httpx.Client(base_url=url, timeout=10) as probe:
-        while not all(t.done() for t in in_flight):
-            start = time.perf_counter()
-            assert probe.get("/health/live").status_code == 200
-            latencies.append(time.perf_counter() - start)
-            time.sleep(0.005)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as probe:
+            while not all(t.done() for t in in_flight):
+                if resume_at and time.monotonic() >= resume_at:
+                    worker.proc.send_signal(signal.SIGCONT)
+                    resume_at = 0.0
+                start = time.perf_counter()
+                assert probe.get("/health/live").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.01)
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
     return latencies
 
 
