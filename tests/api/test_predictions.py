@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -14,6 +15,9 @@ from PIL import Image
 
 from api.app.core.config import Settings
 from api.app.main import create_app
+from api.app.predictions import service
+from api.app.predictions.models import Job, Prediction
+from contracts.messages import LabelScore, PredictionStatus, ResultMessage
 from tests.conftest import Users, client_for
 from tests.images import encode
 from tests.support import PHOTOS
@@ -230,3 +234,61 @@ async def test_admission_limits(settings: Settings, users: Users, client: httpx.
     async for c in client_for(capped):
         r = await c.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"]}, headers=headers)
         assert r.status_code == 429 and "retry-after" in r.headers
+    async for c in client_for(full_queue):
+        # The one-call route checks admission before it stores anything: a rejected upload leaves
+        # no image behind in the user's history.
+        r = await c.post("/model/predict?models=sketch@1", files={"file": ("x.png", noise_png())}, headers=headers)
+        assert r.status_code == 503 and "retry-after" in r.headers
+        listed = await c.get("/v1/images", headers=headers)
+        assert [i["id"] for i in listed.json()["data"]] == [image["id"]]
+
+
+async def test_answers_for_one_job_complete_it_once(app: Any, users: Users, client: httpx.AsyncClient) -> None:
+    """Two models' answers stored at the same moment (as by two API processes), plus a duplicate
+    delivery of one: each answer is stored once and exactly one of them finishes the job."""
+    user, headers = await users.create()
+    image = await upload(client, headers, noise_png())
+    jobs = [
+        Job(
+            id=uuid.uuid4(),
+            owner_id=user["id"],
+            image_id=uuid.UUID(image["id"]),
+            status="queued",
+            deadline_at=datetime.now(UTC) + timedelta(minutes=5),
+        )
+        for _ in range(20)
+    ]
+    predictions = [
+        Prediction(id=uuid.uuid4(), job_id=job.id, position=i, model_name=f"m{i}", model_version=1, status="queued")
+        for job in jobs
+        for i in range(2)
+    ]
+    async with app.state.sessionmaker() as session:
+        session.add_all(jobs)
+        await session.flush()
+        session.add_all(predictions)
+        await session.commit()
+    answers = [
+        ResultMessage(
+            job_id=str(p.job_id),
+            prediction_id=str(p.id),
+            model=p.model_name,
+            version=1,
+            status=PredictionStatus.done,
+            top_k=[LabelScore(label=f"label{p.position}", score=0.9)],
+        )
+        for p in predictions
+    ]
+
+    async def store(answer: ResultMessage) -> tuple[bool, bool]:
+        async with app.state.sessionmaker() as session:
+            return await service.store_result(session=session, result=answer)
+
+    outcomes = await asyncio.gather(*(store(a) for a in answers + answers[::2]))
+    assert outcomes.count((True, True)) == len(jobs)
+    assert outcomes.count((True, False)) == len(jobs)
+    assert outcomes.count((False, False)) == len(jobs)
+    for job in jobs:
+        body = (await client.get(f"/v1/predictions/{job.id}", headers=headers)).json()
+        assert body["status"] == "done" and body["finished_at"] is not None
+        assert [(p["label"], p["status"]) for p in body["results"]] == [("label0", "done"), ("label1", "done")]

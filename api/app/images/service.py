@@ -17,7 +17,7 @@ from api.app.core.config import Settings
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job
-from contracts.imaging import ImageRejected, inspect_image, load_image
+from contracts.imaging import ImageInfo, ImageRejected, inspect_image, load_image
 
 
 async def read_upload(file: UploadFile, settings: Settings) -> bytes:
@@ -42,18 +42,31 @@ async def _lock_blob(session: AsyncSession, sha256: str) -> None:
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:sha, 0))"), {"sha": sha256})
 
 
-async def create_image(
-    *, session: AsyncSession, store: LocalBlobStore, settings: Settings, owner_id: int, data: bytes, filename: str
-) -> Image:
+async def inspect_upload(data: bytes, settings: Settings) -> tuple[ImageInfo, str]:
+    """The upload's format and size, and its SHA-256; 413, 415 or 422 when it is no acceptable image."""
     try:
-        info, sha256 = await to_thread.run_sync(
+        return await to_thread.run_sync(
             lambda: (inspect_image(data, max_pixels=settings.max_image_pixels), hashlib.sha256(data).hexdigest())
         )
     except ImageRejected as exc:
         raise HTTPException(status_code=exc.status, detail=exc.message) from None
+
+
+async def add_image(
+    *,
+    session: AsyncSession,
+    store: LocalBlobStore,
+    owner_id: int,
+    data: bytes,
+    info: ImageInfo,
+    sha256: str,
+    filename: str,
+) -> Image:
+    """Stores the blob and adds the row to the session; the caller commits."""
     await _lock_blob(session, sha256)
     await store.put(sha256, data)
     image = Image(
+        id=uuid.uuid4(),
         owner_id=owner_id,
         sha256=sha256,
         format=info.format,
@@ -63,6 +76,16 @@ async def create_image(
         filename=(filename or "")[:255],
     )
     session.add(image)
+    return image
+
+
+async def create_image(
+    *, session: AsyncSession, store: LocalBlobStore, settings: Settings, owner_id: int, data: bytes, filename: str
+) -> Image:
+    info, sha256 = await inspect_upload(data, settings)
+    image = await add_image(
+        session=session, store=store, owner_id=owner_id, data=data, info=info, sha256=sha256, filename=filename
+    )
     await session.commit()
     return image
 

@@ -50,13 +50,16 @@ async def create_prediction(
         availability=await request.app.state.workers.availability(),
         settings=settings,
     )
+    cached = await service.admit(
+        session=session, redis=redis, settings=settings, entries=entries, owner_id=user.id, sha256=image.sha256
+    )
     job = await service.create_job(
         session=session,
         redis=redis,
         store=request.app.state.store,
-        settings=settings,
         image=image,
         entries=entries,
+        cached=cached,
         owner_id=user.id,
         deadline_seconds=settings.job_deadline_seconds,
         request_id=request_id(request),
@@ -108,18 +111,28 @@ async def predict(
         refs, registry=registry, availability=await request.app.state.workers.availability(), settings=settings
     )
     data = await images_service.read_upload(file, settings)
-    store = request.app.state.store
-    image = await images_service.create_image(
-        session=session, store=store, settings=settings, owner_id=user.id, data=data, filename=file.filename or ""
+    info, sha256 = await images_service.inspect_upload(data, settings)
+    cached = await service.admit(
+        session=session, redis=redis, settings=settings, entries=entries, owner_id=user.id, sha256=sha256
+    )
+    # The image and its job are committed together: a rejected request stores nothing.
+    image = await images_service.add_image(
+        session=session,
+        store=request.app.state.store,
+        owner_id=user.id,
+        data=data,
+        info=info,
+        sha256=sha256,
+        filename=file.filename or "",
     )
     file_name = image.file_name
     job = await service.create_job(
         session=session,
         redis=redis,
-        store=store,
-        settings=settings,
+        store=request.app.state.store,
         image=image,
         entries=entries,
+        cached=cached,
         owner_id=user.id,
         deadline_seconds=settings.predict_deadline_seconds,
         request_id=request_id(request),
@@ -135,9 +148,9 @@ async def predict(
                 detail=f"No result within {settings.predict_deadline_seconds:g} s; "
                 f"the job continues as GET /v1/predictions/{job.id}.",
             )
-    job = await service.reload_job(session=session, job_id=job.id)
-    results = {f"{p.model_name}@{p.model_version}": service.prediction_public(p) for p in job.predictions}
-    first = job.predictions[0]
+    predictions = await service.job_predictions(session=session, job_id=job.id)
+    results = {f"{p.model_name}@{p.model_version}": service.prediction_public(p) for p in predictions}
+    first = predictions[0]
     return ClassicPrediction(
         success=first.status == "done",
         prediction=first.label,

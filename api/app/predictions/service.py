@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import ModelAvailability
@@ -23,6 +24,52 @@ from contracts.messages import JobMessage, LabelScore, PredictionStatus, ResultM
 from contracts.registry import ModelEntry, Registry, parse_model_ref
 
 UNFINISHED = (PredictionStatus.queued.value, PredictionStatus.running.value)
+
+
+RESULT_COLUMNS = (
+    "status",
+    "top_k",
+    "label",
+    "score",
+    "error",
+    "random_weights",
+    "worker_id",
+    "queue_ms",
+    "preprocess_ms",
+    "inference_ms",
+    "total_ms",
+    "batch_size",
+    "finished_at",
+)
+
+
+# The statements that run once per prediction, built once: building a statement costs more CPU
+# than PostgreSQL spends running it, and this is the busiest path of the API.
+_jobs, _predictions = Job.__table__, Prediction.__table__
+_LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id")).with_for_update()
+_STORE_ANSWER = (
+    update(_predictions)
+    .where(
+        _predictions.c.id == bindparam("b_prediction_id"),
+        _predictions.c.job_id == bindparam("b_job_id"),
+        _predictions.c.status.in_(UNFINISHED),
+    )
+    .values({column: bindparam(f"new_{column}") for column in RESULT_COLUMNS})
+    .returning(_predictions.c.id)
+)
+_STATUSES = select(_predictions.c.status).where(_predictions.c.job_id == bindparam("b_job_id"))
+_FINISH_JOB = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED))
+    .values(status=bindparam("new_status"), finished_at=bindparam("now"))
+    .returning(_jobs.c.id)
+)
+_IN_FLIGHT = (
+    select(func.count())
+    .select_from(_jobs)
+    .where(_jobs.c.owner_id == bindparam("b_owner_id"), _jobs.c.status.in_(UNFINISHED))
+)
+_JOB_PREDICTIONS = select(Prediction).where(Prediction.job_id == bindparam("b_job_id")).order_by(Prediction.position)
 
 
 def _unavailable(detail: str, settings: Settings) -> HTTPException:
@@ -79,23 +126,18 @@ def resolve_models(
     return entries
 
 
-async def create_job(
+async def admit(
     *,
     session: AsyncSession,
     redis: Redis,
-    store: LocalBlobStore,
     settings: Settings,
-    image: Image,
     entries: list[ModelEntry],
     owner_id: int,
-    deadline_seconds: float,
-    request_id: str,
-    data: bytes | None = None,
-) -> Job:
-    """``data``: the image's bytes when the caller holds them (saves reading the blob back)."""
-    in_flight = await session.scalar(
-        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(UNFINISHED))
-    )
+    sha256: str,
+) -> dict[str, ResultMessage]:
+    """Admission control before anything is stored: 429 when the user has too many predictions in
+    flight, 503 when a queue is full. Returns the cached answers, by model key."""
+    in_flight = await session.scalar(_IN_FLIGHT, {"b_owner_id": owner_id})
     if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:
         _rejected(entries)
         raise HTTPException(
@@ -105,15 +147,37 @@ async def create_job(
         )
     cached: dict[str, ResultMessage] = {}
     for entry in entries:
-        hit = await queue.cached_result(redis, image.sha256, entry.name, entry.version)
-        metrics.CACHE.labels("hit" if hit is not None else "miss").inc()
+        hit = None
+        if settings.result_cache_ttl_seconds > 0:
+            hit = await queue.cached_result(redis, sha256, entry.name, entry.version)
+            metrics.CACHE.labels("hit" if hit is not None else "miss").inc()
         if hit is not None:
             cached[entry.key] = hit
             continue
         if await queue.depth(redis, entry.name, entry.version) >= settings.max_queue_depth:
             _rejected(entries)
             raise _unavailable(f"The queue of {entry.key} is full; retry shortly.", settings)
+    return cached
 
+
+async def create_job(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    image: Image,
+    entries: list[ModelEntry],
+    cached: dict[str, ResultMessage],
+    owner_id: int,
+    deadline_seconds: float,
+    request_id: str,
+    data: bytes | None = None,
+) -> Job:
+    """Adds the job, commits (with whatever else the session holds) and queues what is not cached.
+
+    ``cached``: what ``admit`` returned. ``data``: the image's bytes when the caller holds them
+    (saves reading the blob back).
+    """
     now = datetime.now(UTC)
     job = Job(
         id=uuid.uuid4(),
@@ -170,17 +234,30 @@ def job_message(job: Job, prediction: Prediction, sha256: str, data: bytes) -> J
     )
 
 
-def _apply_result(prediction: Prediction, result: ResultMessage, now: datetime) -> None:
-    prediction.status = result.status.value
-    prediction.top_k = [t.model_dump() for t in result.top_k]
-    prediction.label, prediction.score = queue.top1(result.top_k)
-    prediction.error = result.error
-    prediction.random_weights = result.random_weights
-    prediction.worker_id = result.worker_id
+def _result_values(result: ResultMessage, now: datetime) -> dict[str, Any]:
+    """A worker's answer as the columns of its prediction row."""
+    label, score = queue.top1(result.top_k)
     t = result.timings
-    prediction.queue_ms, prediction.preprocess_ms = t.queue_ms, t.preprocess_ms
-    prediction.inference_ms, prediction.total_ms, prediction.batch_size = t.inference_ms, t.total_ms, t.batch_size
-    prediction.finished_at = now
+    return {
+        "status": result.status.value,
+        "top_k": [k.model_dump() for k in result.top_k],
+        "label": label,
+        "score": score,
+        "error": result.error,
+        "random_weights": result.random_weights,
+        "worker_id": result.worker_id,
+        "queue_ms": t.queue_ms,
+        "preprocess_ms": t.preprocess_ms,
+        "inference_ms": t.inference_ms,
+        "total_ms": t.total_ms,
+        "batch_size": t.batch_size,
+        "finished_at": now,
+    }
+
+
+def _apply_result(prediction: Prediction, result: ResultMessage, now: datetime) -> None:
+    for column, value in _result_values(result, now).items():
+        setattr(prediction, column, value)
 
 
 def _job_status(statuses: list[str]) -> str:
@@ -196,35 +273,39 @@ def _job_status(statuses: list[str]) -> str:
     return PredictionStatus.expired.value
 
 
-def _finish_job_if_complete(job: Job, now: datetime) -> bool:
-    """Sets the job's final status once every prediction has one; True when this call did it."""
-    status = _job_status([p.status for p in job.predictions])
-    if status in UNFINISHED or job.status not in UNFINISHED:
+async def _complete_job(session: AsyncSession, job_id: uuid.UUID, now: datetime) -> bool:
+    """Gives the job its final status once every prediction has one; True when this call did it.
+
+    The caller holds the job's row lock, so the statuses read here include every answer
+    committed before it.
+    """
+    status = _job_status(list(await session.scalars(_STATUSES, {"b_job_id": job_id})))
+    if status in UNFINISHED:
         return False
-    job.status = status
-    job.finished_at = now
-    return True
+    finished = await session.scalar(_FINISH_JOB, {"b_job_id": job_id, "new_status": status, "now": now})
+    return finished is not None
 
 
 async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple[bool, bool]:
     """Stores a worker's answer once; returns (stored, completed the job).
 
     A duplicate answer (a job delivered twice after a worker died) finds the prediction already
-    final and changes nothing. The job row is locked first, so its predictions, loaded with it,
-    are current: answers for the same job from two API processes take turns.
+    final and changes nothing. The job row is locked first, so answers for the same job from two
+    API processes take turns and the second sees the first when it decides the job is complete.
     """
     now = datetime.now(UTC)
-    job = await session.scalar(select(Job).where(Job.id == uuid.UUID(result.job_id)).with_for_update())
-    if job is None:
+    job_id = uuid.UUID(result.job_id)
+    if await session.scalar(_LOCK_JOB, {"b_job_id": job_id}) is None:
         await session.rollback()
         return False, False  # the image (and so the job) was deleted meanwhile
-    prediction_id = uuid.UUID(result.prediction_id)
-    prediction = next((p for p in job.predictions if p.id == prediction_id and p.status in UNFINISHED), None)
-    if prediction is None:
+    values = {f"new_{column}": value for column, value in _result_values(result, now).items()}
+    stored = await session.scalar(
+        _STORE_ANSWER, {"b_prediction_id": uuid.UUID(result.prediction_id), "b_job_id": job_id, **values}
+    )
+    if stored is None:
         await session.rollback()
         return False, False
-    _apply_result(prediction, result, now)
-    completed = _finish_job_if_complete(job, now)
+    completed = await _complete_job(session, job_id, now)
     await session.commit()
     return True, completed
 
@@ -251,8 +332,8 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> list
     )
     finished: list[uuid.UUID] = []
     for job_id in overdue:
-        job = await session.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=True))
-        if job is None:
+        locked = await session.scalar(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True))
+        if locked is None:
             continue
         await session.execute(
             update(Prediction)
@@ -261,8 +342,7 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> list
                 status=PredictionStatus.expired.value, error="deadline passed before a worker answered", finished_at=now
             )
         )
-        await session.refresh(job, attribute_names=["predictions"])
-        if _finish_job_if_complete(job, now):
+        if await _complete_job(session, job_id, now):
             finished.append(job_id)
         await session.commit()
     return finished
@@ -286,10 +366,9 @@ async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -
     return messages
 
 
-async def reload_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
-    """The job and its predictions as stored now, replacing what the session holds."""
-    query = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
-    return (await session.scalars(query)).one()
+async def job_predictions(*, session: AsyncSession, job_id: uuid.UUID) -> list[Prediction]:
+    """A job's predictions as stored now, in the order they were asked for."""
+    return list(await session.scalars(_JOB_PREDICTIONS, {"b_job_id": job_id}))
 
 
 async def get_owned_job(*, session: AsyncSession, owner_id: int, job_id: uuid.UUID) -> Job | None:

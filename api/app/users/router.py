@@ -39,7 +39,8 @@ async def _existing_user(session: SessionDep, user_id: int) -> User:
 @router.get("", response_model=UsersPublic, responses=ADMIN)
 async def list_users(session: SessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> UsersPublic:
     """List users (admin)."""
-    users, count = await service.list_users(session=session, skip=skip, limit=limit)
+    users = await service.list_users(session=session, skip=skip, limit=limit)
+    count = await service.count_users(session=session)
     return UsersPublic(data=[UserPublic.model_validate(u) for u in users], count=count)
 
 
@@ -108,8 +109,7 @@ async def delete_user(user_id: int, session: SessionDep, _: AdminUser) -> Respon
 @classic.get("/", response_model=list[UserPublic], responses=ADMIN)
 async def classic_list_users(session: SessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> list[User]:
     """List users (admin)."""
-    users, _count = await service.list_users(session=session, skip=skip, limit=limit)
-    return users
+    return await service.list_users(session=session, skip=skip, limit=limit)
 
 
 classic.add_api_route(
