@@ -26,25 +26,9 @@ from contracts.registry import ModelEntry, Registry, parse_model_ref
 UNFINISHED = (PredictionStatus.queued.value, PredictionStatus.running.value)
 
 
-RESULT_COLUMNS = (
-    "status",
-    "top_k",
-    "label",
-    "score",
-    "error",
-    "random_weights",
-    "worker_id",
-    "queue_ms",
-    "preprocess_ms",
-    "inference_ms",
-    "total_ms",
-    "batch_size",
-    "finished_at",
-)
-
-
 # The statements that run once per prediction, built once: building a statement costs more CPU
-# than PostgreSQL spends running it, and this is the busiest path of the API.
+# than PostgreSQL spends running it, and this is the busiest path of the API. The UPDATEs set the
+# columns named in their execution parameters.
 _jobs, _predictions = Job.__table__, Prediction.__table__
 _LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id")).with_for_update()
 _STORE_ANSWER = (
@@ -54,15 +38,11 @@ _STORE_ANSWER = (
         _predictions.c.job_id == bindparam("b_job_id"),
         _predictions.c.status.in_(UNFINISHED),
     )
-    .values({column: bindparam(f"new_{column}") for column in RESULT_COLUMNS})
     .returning(_predictions.c.id)
 )
 _STATUSES = select(_predictions.c.status).where(_predictions.c.job_id == bindparam("b_job_id"))
 _FINISH_JOB = (
-    update(_jobs)
-    .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED))
-    .values(status=bindparam("new_status"), finished_at=bindparam("now"))
-    .returning(_jobs.c.id)
+    update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
 )
 _IN_FLIGHT = (
     select(func.count())
@@ -282,7 +262,7 @@ async def _complete_job(session: AsyncSession, job_id: uuid.UUID, now: datetime)
     status = _job_status(list(await session.scalars(_STATUSES, {"b_job_id": job_id})))
     if status in UNFINISHED:
         return False
-    finished = await session.scalar(_FINISH_JOB, {"b_job_id": job_id, "new_status": status, "now": now})
+    finished = await session.scalar(_FINISH_JOB, {"b_job_id": job_id, "status": status, "finished_at": now})
     return finished is not None
 
 
@@ -298,9 +278,9 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple
     if await session.scalar(_LOCK_JOB, {"b_job_id": job_id}) is None:
         await session.rollback()
         return False, False  # the image (and so the job) was deleted meanwhile
-    values = {f"new_{column}": value for column, value in _result_values(result, now).items()}
     stored = await session.scalar(
-        _STORE_ANSWER, {"b_prediction_id": uuid.UUID(result.prediction_id), "b_job_id": job_id, **values}
+        _STORE_ANSWER,
+        {"b_prediction_id": uuid.UUID(result.prediction_id), "b_job_id": job_id, **_result_values(result, now)},
     )
     if stored is None:
         await session.rollback()
