@@ -30,6 +30,9 @@ $(VENV)/.installed: requirements/*.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.txt
+	# OpenVINO reports every model conversion to Google Analytics from a forked process unless
+	# opted out; the portal does not phone home (offline, that fork hangs and outlives its worker).
+	$(VENV)/bin/opt_in_out --opt_out >/dev/null
 	touch $@
 
 install: $(VENV)/.installed

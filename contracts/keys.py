@@ -4,6 +4,7 @@ JOB_GROUP = "workers"
 RESULT_GROUP = "api"
 RESULT_STREAM = "results"
 DEAD_LETTER_STREAM = "jobs:dead"
+RESULT_DEAD_LETTER_STREAM = "results:dead"
 HEARTBEAT_PREFIX = "worker:"
 QUEUE_EPOCH = "queue:epoch"
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from api.app.core.config import Settings
 from api.app.main import create_app
 from api.app.predictions.models import Prediction
-from contracts.messages import Heartbeat, ModelState
+from contracts.messages import Heartbeat, LabelScore, ModelState, PredictionStatus, ResultMessage
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png, upload, wait_job
 from tests.conftest import Users, client_for
@@ -280,6 +280,47 @@ async def test_poison_job_goes_to_dead_letter_and_fails_with_reason(stack: Stack
         line.startswith("portal_dead_lettered_jobs_total{") and not line.endswith(" 0.0")
         for line in metrics.splitlines()
     )
+
+
+async def test_an_answer_that_cannot_be_stored_fails_its_prediction_and_holds_up_nothing(
+    private_redis: RedisServer, settings: Settings, users: Users
+) -> None:
+    private = settings.model_copy(
+        update={"redis_url": private_redis.url, "result_claim_idle_seconds": 0.5, "result_max_attempts": 3}
+    )
+    async for client in client_for(create_app(private)):
+        _, headers = await users.create()
+        announce(private_redis.url)
+        jobs = []
+        for _ in range(2):
+            image = await upload(client, headers, noise_png())
+            r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers)
+            assert r.status_code == 202, r.text
+            jobs.append((await client.get(f"/v1/predictions/{r.json()['job_id']}", headers=headers)).json())
+
+        def answer(job: dict[str, Any], worker_id: str) -> dict[str, bytes]:
+            return ResultMessage(
+                job_id=job["job_id"],
+                prediction_id=job["results"][0]["id"],
+                model=MODEL,
+                version=1,
+                status=PredictionStatus.done,
+                top_k=[LabelScore(label="macaw", score=0.9)],
+                worker_id=worker_id,
+            ).to_fields()
+
+        stream = redis.Redis.from_url(private_redis.url)
+        # The first answer names a worker longer than its column: PostgreSQL refuses it every time.
+        stream.xadd("results", answer(jobs[0], "w" * 300))
+        stream.xadd("results", answer(jobs[1], "w-1"))
+        good = await wait_job(client, headers, jobs[1]["job_id"], within=30)
+        assert good["status"] == "done" and good["results"][0]["label"] == "macaw"
+        bad = await wait_job(client, headers, jobs[0]["job_id"], within=30)
+        assert bad["status"] == "failed"
+        assert bad["results"][0]["error"] == "its answer could not be stored after 3 attempts"
+        (dead,) = stream.xrange("results:dead")
+        assert ResultMessage.from_fields(dead[1]).job_id == jobs[0]["job_id"]
+        assert stream.xpending("results", "api")["pending"] == 0
 
 
 async def test_every_redis_key_but_the_streams_expires(stack: Stack, users: Users) -> None:

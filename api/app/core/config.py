@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     """TTL of per-job Redis keys (notifications, running markers)."""
     retry_after_seconds: int = 2
     """Retry-After sent with 503 answers."""
+    result_claim_idle_seconds: float = 30.0
+    """How long a worker's answer stays unacknowledged before a collector takes it over and tries again."""
+    result_max_attempts: int = 3
+    """Attempts to store an answer before it goes to the results:dead stream and its prediction fails."""
     registry_path: Path = DEFAULT_REGISTRY_PATH
     """Model registry file shared with the model service."""
     benchmark_mode: bool = False

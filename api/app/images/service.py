@@ -10,10 +10,11 @@ from anyio import to_thread
 from fastapi import HTTPException, UploadFile
 from PIL import Image as PILImage
 from PIL import ImageDraw
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
+from api.app.core.db import utcnow
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job
@@ -34,6 +35,9 @@ async def read_upload(file: UploadFile, settings: Settings) -> bytes:
 def _too_large(size: int | None, limit: int) -> HTTPException:
     got = f"{size:,} bytes" if size is not None else "larger than that"
     return HTTPException(status_code=413, detail=f"The file is {got}; at most {limit:,} bytes are accepted.")
+
+
+_INSERT_IMAGE = insert(Image.__table__)
 
 
 async def _lock_blob(session: AsyncSession, sha256: str) -> None:
@@ -62,21 +66,23 @@ async def add_image(
     sha256: str,
     filename: str,
 ) -> Image:
-    """Stores the blob and adds the row to the session; the caller commits."""
+    """Stores the blob and inserts the row; the caller commits."""
     await _lock_blob(session, sha256)
     await store.put(sha256, data)
-    image = Image(
-        id=uuid.uuid4(),
-        owner_id=owner_id,
-        sha256=sha256,
-        format=info.format,
-        width=info.width,
-        height=info.height,
-        bytes=len(data),
-        filename=(filename or "")[:255],
-    )
-    session.add(image)
-    return image
+    row = {
+        "id": uuid.uuid4(),
+        "owner_id": owner_id,
+        "sha256": sha256,
+        "format": info.format,
+        "width": info.width,
+        "height": info.height,
+        "bytes": len(data),
+        "filename": (filename or "")[:255],
+        "created_at": utcnow(),
+    }
+    # A plain INSERT, not the unit of work: it runs on every upload and costs a fraction of a flush.
+    await session.execute(_INSERT_IMAGE, row)
+    return Image(**row)
 
 
 async def create_image(

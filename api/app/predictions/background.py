@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -26,8 +27,7 @@ from contracts.registry import Registry
 
 log = logging.getLogger("api.jobs")
 
-# An API process that died holding results: another takes them over after this long.
-RESULT_CLAIM_IDLE_MS = 30_000
+DEAD_LETTER_MAXLEN = 10_000
 
 
 @dataclass
@@ -50,7 +50,8 @@ async def ensure_group(client: Redis, stream: str, group: str) -> None:
             raise
 
 
-async def handle_result(rt: JobRuntime, result: ResultMessage) -> None:
+async def handle_result(rt: JobRuntime, result: ResultMessage) -> bool:
+    """Stores one answer; True when it completed its job (the waiting request is then told)."""
     async with rt.sessionmaker() as session:
         stored, completed = await service.store_result(session=session, result=result)
     if stored:
@@ -63,37 +64,106 @@ async def handle_result(rt: JobRuntime, result: ResultMessage) -> None:
         and rt.settings.result_cache_ttl_seconds > 0
     ):
         await queue.cache_result(rt.redis, result.sha256, result, rt.settings.result_cache_ttl_seconds)
-    if completed:
-        await queue.notify_done(rt.redis, result.job_id, rt.settings.job_key_ttl_seconds)
+    return completed
+
+
+async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], result: ResultMessage) -> bool:
+    """Fails the prediction of an answer that cannot be stored and keeps the answer in the
+    results:dead stream for an operator; True when that finished the job."""
+    reason = f"its answer could not be stored after {rt.settings.result_max_attempts} attempts"
+    log.error("dead-lettering result %s of job %s: %s", entry_id, result.job_id, reason)
+    await rt.redis.xadd(
+        keys.RESULT_DEAD_LETTER_STREAM,
+        {**fields, b"entry_id": entry_id, b"reason": reason.encode()},
+        maxlen=DEAD_LETTER_MAXLEN,
+        approximate=True,
+    )
+    failed = ResultMessage(
+        job_id=result.job_id,
+        prediction_id=result.prediction_id,
+        model=result.model,
+        version=result.version,
+        sha256=result.sha256,
+        status=PredictionStatus.failed,
+        error=reason,
+        request_id=result.request_id,
+    )
+    try:
+        async with rt.sessionmaker() as session:
+            _stored, completed = await service.store_result(session=session, result=failed)
+    except (*REDIS_ERRORS, *DB_ERRORS):
+        raise
+    except Exception:
+        # Not even the failure can be stored: the reconciler expires the job at its deadline.
+        log.exception("could not fail the prediction of result %s", entry_id)
+        return False
+    return completed
+
+
+async def _attempts(rt: JobRuntime, entry_id: bytes) -> int:
+    info = await rt.redis.xpending_range(keys.RESULT_STREAM, keys.RESULT_GROUP, min=entry_id, max=entry_id, count=1)
+    return int(info[0]["times_delivered"]) if info else 1
 
 
 async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-    for entry_id, fields in entries:
-        try:
-            result = ResultMessage.from_fields(fields)
-        except Exception:
-            log.exception("dropping malformed result message %s", entry_id)
-        else:
-            await handle_result(rt, result)
-        await rt.redis.xack(keys.RESULT_STREAM, keys.RESULT_GROUP, entry_id)
+    """Stores each result, then tells the waiting requests and acknowledges the stored results in
+    one round trip; what was stored before an outage is still acknowledged and told.
+
+    An answer that fails for another reason (one PostgreSQL refuses) stays unacknowledged, is
+    tried again when claimed, and after RESULT_MAX_ATTEMPTS fails its prediction instead; it never
+    holds up the answers after it.
+    """
+    done_jobs: list[str] = []
+    handled: list[bytes] = []
+    try:
+        for entry_id, fields in entries:
+            try:
+                result = ResultMessage.from_fields(fields)
+            except Exception:
+                log.exception("dropping malformed result message %s", entry_id)
+                handled.append(entry_id)
+                continue
+            try:
+                completed = await handle_result(rt, result)
+            except (*REDIS_ERRORS, *DB_ERRORS):
+                raise
+            except Exception:
+                attempts = await _attempts(rt, entry_id)
+                log.exception("could not store result %s (attempt %d)", entry_id, attempts)
+                if attempts < rt.settings.result_max_attempts:
+                    continue
+                completed = await _give_up(rt, entry_id, fields, result)
+            if completed:
+                done_jobs.append(result.job_id)
+            handled.append(entry_id)
+    finally:
+        if handled:
+            await queue.notify_done(
+                rt.redis,
+                done_jobs,
+                rt.settings.job_key_ttl_seconds,
+                ack=(keys.RESULT_STREAM, keys.RESULT_GROUP, handled),
+            )
 
 
 async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
     """Stores each worker result in PostgreSQL, then acknowledges it: at least once, stored once."""
     consumer = f"api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    claim_idle_ms = int(rt.settings.result_claim_idle_seconds * 1000)
     group_ready = False
-    loops = 0
+    last_claim = 0.0
     while not stop.is_set():
         try:
             if not group_ready:
                 await ensure_group(rt.redis, keys.RESULT_STREAM, keys.RESULT_GROUP)
                 group_ready = True
-            if loops % 30 == 0:
+            if time.monotonic() - last_claim >= rt.settings.result_claim_idle_seconds:
+                # Answers another (or this) collector read but never acknowledged: it died, or storing failed.
+                last_claim = time.monotonic()
                 _next, claimed, *_ = await rt.redis.xautoclaim(
-                    keys.RESULT_STREAM, keys.RESULT_GROUP, consumer, RESULT_CLAIM_IDLE_MS, count=100
+                    keys.RESULT_STREAM, keys.RESULT_GROUP, consumer, claim_idle_ms, count=100
                 )
                 await _process(rt, [c for c in claimed if c[1]])
-            loops += 1
             response = await rt.redis_blocking.xreadgroup(
                 keys.RESULT_GROUP, consumer, {keys.RESULT_STREAM: ">"}, count=100, block=1000
             )
@@ -143,8 +213,8 @@ async def reconcile_once(rt: JobRuntime) -> None:
     await refresh_gauges(rt)
     async with rt.sessionmaker() as session:
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
-    for job_id in finished:
-        await queue.notify_done(rt.redis, str(job_id), settings.job_key_ttl_seconds)
+    if finished:
+        await queue.notify_done(rt.redis, [str(job_id) for job_id in finished], settings.job_key_ttl_seconds)
 
 
 async def reconcile(rt: JobRuntime, stop: asyncio.Event) -> None:

@@ -11,6 +11,12 @@ STREAM_MAXLEN = 100_000
 
 
 async def enqueue(redis: Redis, messages: list[JobMessage]) -> None:
+    if len(messages) == 1:  # the usual case; a pipeline of one costs more client CPU than the command
+        msg = messages[0]
+        await redis.xadd(
+            keys.job_stream(msg.model, msg.version), msg.to_fields(), maxlen=STREAM_MAXLEN, approximate=True
+        )
+        return
     async with redis.pipeline(transaction=False) as pipe:
         for msg in messages:
             pipe.xadd(
@@ -28,11 +34,19 @@ async def depth(redis: Redis, model: str, version: int) -> int:
     return int(await redis.xlen(keys.job_stream(model, version)))
 
 
-async def notify_done(redis: Redis, job_id: str, ttl: int) -> None:
-    key = keys.job_done_key(job_id)
+async def notify_done(
+    redis: Redis, job_ids: list[str], ttl: int, *, ack: tuple[str, str, list[bytes]] | None = None
+) -> None:
+    """Wakes the requests waiting for these jobs; ``ack`` (stream, group, entry ids) acknowledges
+    the results that finished them in the same round trip."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.rpush(key, b"1")
-        pipe.expire(key, ttl)
+        for job_id in job_ids:
+            key = keys.job_done_key(job_id)
+            pipe.rpush(key, b"1")
+            pipe.expire(key, ttl)
+        if ack is not None:
+            stream, group, entry_ids = ack
+            pipe.xack(stream, group, *entry_ids)
         await pipe.execute()
 
 

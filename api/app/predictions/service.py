@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import ModelAvailability
@@ -49,6 +49,25 @@ _IN_FLIGHT = (
     .select_from(_jobs)
     .where(_jobs.c.owner_id == bindparam("b_owner_id"), _jobs.c.status.in_(UNFINISHED))
 )
+_INSERT_JOB = insert(_jobs)
+_INSERT_PREDICTION = insert(_predictions)
+# Every column of a new prediction row: the rows of one INSERT must name the same columns.
+_NEW_PREDICTION: dict[str, Any] = {
+    "status": PredictionStatus.queued.value,
+    "label": None,
+    "score": None,
+    "top_k": [],
+    "cached": False,
+    "random_weights": False,
+    "error": None,
+    "worker_id": None,
+    "queue_ms": None,
+    "preprocess_ms": None,
+    "inference_ms": None,
+    "total_ms": None,
+    "batch_size": None,
+    "finished_at": None,
+}
 _JOB_PREDICTIONS = select(Prediction).where(Prediction.job_id == bindparam("b_job_id")).order_by(Prediction.position)
 
 
@@ -153,46 +172,43 @@ async def create_job(
     request_id: str,
     data: bytes | None = None,
 ) -> Job:
-    """Adds the job, commits (with whatever else the session holds) and queues what is not cached.
+    """Inserts the job, commits (with whatever else the session holds) and queues what is not cached.
 
     ``cached``: what ``admit`` returned. ``data``: the image's bytes when the caller holds them
     (saves reading the blob back).
     """
     now = datetime.now(UTC)
-    job = Job(
-        id=uuid.uuid4(),
-        owner_id=owner_id,
-        image_id=image.id,
-        status=PredictionStatus.queued.value,
-        request_id=request_id,
-        deadline_at=now + timedelta(seconds=deadline_seconds),
-    )
-    session.add(job)
-    pending: list[Prediction] = []
+    job_row: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "owner_id": owner_id,
+        "image_id": image.id,
+        "status": PredictionStatus.queued.value,
+        "request_id": request_id,
+        "deadline_at": now + timedelta(seconds=deadline_seconds),
+        "finished_at": None,
+        "created_at": now,
+    }
+    rows: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
     for position, entry in enumerate(entries):
-        prediction = Prediction(
-            id=uuid.uuid4(),
-            job_id=job.id,
-            position=position,
-            model_name=entry.name,
-            model_version=entry.version,
-            status=PredictionStatus.queued.value,
-        )
+        row = {**_NEW_PREDICTION, "id": uuid.uuid4(), "job_id": job_row["id"], "position": position}
+        row.update(model_name=entry.name, model_version=entry.version, created_at=now)
         if (hit := cached.get(entry.key)) is not None:
-            _apply_result(prediction, hit, now)
-            prediction.cached = True
+            row.update(_result_values(hit, now), cached=True)
         else:
-            pending.append(prediction)
-        session.add(prediction)
+            pending.append(row)
+        rows.append(row)
     if not pending:
-        job.status = PredictionStatus.done.value
-        job.finished_at = now
+        job_row.update(status=PredictionStatus.done.value, finished_at=now)
+    await session.execute(_INSERT_JOB, job_row)
+    await session.execute(_INSERT_PREDICTION, rows)
     await session.commit()
 
+    job = Job(**job_row)
     if pending:
         if data is None:
             data = await store.get(image.sha256)
-        messages = [job_message(job, p, image.sha256, data) for p in pending]
+        messages = [job_message(job, Prediction(**row), image.sha256, data) for row in pending]
         try:
             await queue.enqueue(redis, messages)
         except Exception:
@@ -233,11 +249,6 @@ def _result_values(result: ResultMessage, now: datetime) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "finished_at": now,
     }
-
-
-def _apply_result(prediction: Prediction, result: ResultMessage, now: datetime) -> None:
-    for column, value in _result_values(result, now).items():
-        setattr(prediction, column, value)
 
 
 def _job_status(statuses: list[str]) -> str:
