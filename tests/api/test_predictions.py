@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import event, text
 
 from api.app.core.config import Settings
 from api.app.main import create_app
@@ -292,3 +294,44 @@ async def test_answers_for_one_job_complete_it_once(app: Any, users: Users, clie
         body = (await client.get(f"/v1/predictions/{job.id}", headers=headers)).json()
         assert body["status"] == "done" and body["finished_at"] is not None
         assert [(p["label"], p["status"]) for p in body["results"]] == [("label0", "done"), ("label1", "done")]
+
+
+async def test_in_flight_count_reads_only_jobs_in_flight(app: Any, users: Users, client: httpx.AsyncClient) -> None:
+    """The admission count stays as cheap as the work in flight, however long a user's history:
+    its plan, the cached generic one included, reads the partial index of unfinished jobs."""
+    user, headers = await users.create()
+    image = await upload(client, headers, noise_png())
+    async with app.state.sessionmaker() as session:
+        await session.execute(
+            text(
+                "INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, created_at) "
+                "SELECT gen_random_uuid(), :owner, :image, CASE WHEN n <= 3 THEN 'queued' ELSE 'done' END, '', "
+                "now() + interval '5 minutes', now() FROM generate_series(1, 5000) AS n"
+            ),
+            {"owner": user["id"], "image": uuid.UUID(image["id"])},
+        )
+        await session.commit()
+        await session.execute(text("ANALYZE jobs"))
+        sent: list[tuple[str, tuple[Any, ...]]] = []
+
+        def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+            sent.append((statement, tuple(parameters)))
+
+        engine = session.bind.sync_engine
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            assert await session.scalar(service._IN_FLIGHT, {"b_owner_id": user["id"]}) == 3
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        # The statement exactly as sent, planned the way a cached prepared statement is.
+        (sql, params), *_ = [(q, p) for q, p in sent if "count" in q]
+        args = ", ".join(str(v) if isinstance(v, int) else f"'{v}'" for v in params)
+        raw = (await (await session.connection()).get_raw_connection()).driver_connection
+        await raw.execute("SET plan_cache_mode = force_generic_plan")
+        try:
+            await raw.execute(f"PREPARE in_flight AS {sql}")
+            plan = await raw.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE in_flight({args})")
+            await raw.execute("DEALLOCATE in_flight")
+        finally:
+            await raw.execute("RESET plan_cache_mode")
+    assert "ix_jobs_unfinished_owner_id" in json.dumps(plan), plan

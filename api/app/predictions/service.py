@@ -17,7 +17,7 @@ from api.app.core.config import Settings
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue
-from api.app.predictions.models import Job, Prediction
+from api.app.predictions.models import UNFINISHED_JOB, Job, Prediction
 from api.app.predictions.schemas import JobPublic, PredictionPublic, TimingsPublic
 from contracts import keys
 from contracts.messages import JobMessage, LabelScore, PredictionStatus, ResultMessage
@@ -44,11 +44,7 @@ _STATUSES = select(_predictions.c.status).where(_predictions.c.job_id == bindpar
 _FINISH_JOB = (
     update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
 )
-_IN_FLIGHT = (
-    select(func.count())
-    .select_from(_jobs)
-    .where(_jobs.c.owner_id == bindparam("b_owner_id"), _jobs.c.status.in_(UNFINISHED))
-)
+_IN_FLIGHT = select(func.count()).select_from(_jobs).where(_jobs.c.owner_id == bindparam("b_owner_id"), UNFINISHED_JOB)
 _INSERT_JOB = insert(_jobs)
 _INSERT_PREDICTION = insert(_predictions)
 # Every column of a new prediction row: the rows of one INSERT must name the same columns.
@@ -318,7 +314,7 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> list
     now = datetime.now(UTC)
     overdue = list(
         await session.scalars(
-            select(Job.id).where(Job.status.in_(UNFINISHED), Job.deadline_at < now - timedelta(seconds=grace_seconds))
+            select(Job.id).where(UNFINISHED_JOB, Job.deadline_at < now - timedelta(seconds=grace_seconds))
         )
     )
     finished: list[uuid.UUID] = []
