@@ -68,11 +68,11 @@ def run_raw(args: argparse.Namespace, out: Path) -> None:
 
 
 def run_e2e(args: argparse.Namespace, out: Path) -> None:
-    from . import e2e
+    from . import e2e, latency
 
     cores = os.cpu_count() or 2
     models = args.models.split(",")
-    results = []
+    results, latencies = [], []
     models_dir = Path(os.environ.get("MODELS_DIR", ROOT / "var" / "models"))
     for workers in _ints(args.workers):
         for model in models:
@@ -81,6 +81,11 @@ def run_e2e(args: argparse.Namespace, out: Path) -> None:
             with e2e.portal(args.database_url, models_dir, args.api_workers) as portal:
                 portal.start_workers(workers, cores)
                 portal.wait_for_models([model], workers)
+                if workers == 1 and args.latency_requests:
+                    latencies.append(
+                        latency.measure(portal, model=model, requests=args.latency_requests, images=args.photos)
+                    )
+                    _write(out, "latency", [asdict(r) for r in latencies])
                 for users in _ints(args.users):
                     results.append(
                         e2e.measure(
@@ -99,9 +104,10 @@ def run_e2e(args: argparse.Namespace, out: Path) -> None:
 def run_report(out: Path, report_path: Path) -> None:
     registry = load_registry(ModelSettings().registry_path)
     raw, agreement, e2e = report.load(out, "raw.json"), report.load(out, "agreement.json"), report.load(out, "e2e.json")
+    latency = report.load(out, "latency.json")
     info = report.load(out, "machine.json") or report.machine()
     report.plots(raw, e2e, out)
-    body = report.tables(raw, agreement, e2e, registry, info)  # type: ignore[arg-type]
+    body = report.tables(raw, agreement, e2e, registry, info, latency)  # type: ignore[arg-type]
     (out / "tables.md").write_text(body + "\n")
     report.update_report(report_path, body)
 
@@ -120,12 +126,16 @@ def main() -> None:
     parser.add_argument("--users", default="1,10,25,50,100")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--api-workers", type=int, default=1, help="e2e: API processes")
+    parser.add_argument(
+        "--latency-requests", type=int, default=100, help="e2e: sequential requests per model split step by step"
+    )
     parser.add_argument("--e2e-seconds", type=float, default=30.0, help="e2e: seconds per Locust run")
     parser.add_argument(
         "--database-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/portal_bench", help="dropped after"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request of the latency split
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.what in ("raw", "all", "e2e"):

@@ -131,7 +131,14 @@ def checks(raw: list[dict], e2e: list[dict], registry: Registry) -> list[list[An
     return out
 
 
-def tables(raw: list[dict], agreement: list[dict], e2e: list[dict], registry: Registry, info: dict) -> str:
+def tables(
+    raw: list[dict],
+    agreement: list[dict],
+    e2e: list[dict],
+    registry: Registry,
+    info: dict,
+    latency: list[dict] | None = None,
+) -> str:
     parts = [
         f"Measured {info['date']} on {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
         + ", ".join(f"{k} {v}" for k, v in info["packages"].items())
@@ -197,6 +204,7 @@ def tables(raw: list[dict], agreement: list[dict], e2e: list[dict], registry: Re
                 r["overloaded"],
                 r["worker_peak_rss_mib"],
                 " / ".join(f"{cpu.get(k, 0):.2f}" for k in ("workers", "api", "locust", "postgres", "redis")),
+                r.get("db_connections_opened", "-"),
             ]
         )
     parts.append(
@@ -215,10 +223,46 @@ def tables(raw: list[dict], agreement: list[dict], e2e: list[dict], registry: Re
                 "503",
                 "peak RSS per worker MiB",
                 "cores: workers / api / locust / postgres / redis",
+                "DB connections opened",
             ],
             rows,
         )
     )
+    if latency:
+        parts += [
+            "",
+            "### One user, one request at a time: where a prediction's time goes (medians, ms, 1 worker)",
+            "",
+            _table(
+                [
+                    "model",
+                    "requests",
+                    "client",
+                    "API (Server-Timing)",
+                    "worker: queued to answer",
+                    "of which: queue",
+                    "preprocess",
+                    "inference",
+                    "API outside the worker",
+                    "client outside the API",
+                ],
+                [
+                    [
+                        r["model"],
+                        r["requests"],
+                        r["client_ms"],
+                        r["api_ms"],
+                        r["worker_ms"],
+                        r["queue_ms"],
+                        r["preprocess_ms"],
+                        r["inference_ms"],
+                        r["api_outside_worker_ms"],
+                        r["client_outside_api_ms"],
+                    ]
+                    for r in latency
+                ],
+            ),
+        ]
     parts += ["", "### Targets", "", _table(["model", "target", "measured", "limit", ""], checks(raw, e2e, registry))]
     return "\n".join(parts)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from enum import StrEnum
-from typing import Self
+from typing import Any, Self
 
 from pydantic import BaseModel, Field
 
@@ -89,6 +89,20 @@ class ResultMessage(BaseModel):
     delivery: int = 1
     """How many times the job had been delivered to a worker (more than one: reclaimed)."""
     dead_lettered: bool = False
+
+    @classmethod
+    def answering(cls, source: JobMessage | ResultMessage, status: PredictionStatus, **fields: Any) -> Self:
+        """An answer for the prediction ``source`` names: the job itself, or another answer to it."""
+        return cls(
+            job_id=source.job_id,
+            prediction_id=source.prediction_id,
+            model=source.model,
+            version=source.version,
+            sha256=source.sha256,
+            request_id=source.request_id,
+            status=status,
+            **fields,
+        )
 
     def to_fields(self) -> dict[str, bytes]:
         return {"meta": self.model_dump_json().encode()}

@@ -309,17 +309,7 @@ class Worker:
         pipe.execute()
 
     def _result(self, job: JobMessage, status: PredictionStatus, **kwargs: object) -> ResultMessage:
-        return ResultMessage(
-            job_id=job.job_id,
-            prediction_id=job.prediction_id,
-            model=job.model,
-            version=job.version,
-            sha256=job.sha256,
-            status=status,
-            worker_id=self.worker_id,
-            request_id=job.request_id,
-            **kwargs,  # type: ignore[arg-type]
-        )
+        return ResultMessage.answering(job, status, worker_id=self.worker_id, **kwargs)
 
     def process(self, stream: str, deliveries: list[Delivery]) -> None:
         loaded = self.streams[stream]

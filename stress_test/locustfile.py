@@ -7,7 +7,9 @@
 Environment: PORTAL_EMAIL / PORTAL_PASSWORD (default: the development admin), PORTAL_IMAGES (a
 folder of images to send, default ../shared/data/photos), PORTAL_MODELS (comma-separated model
 references for /model/predict, default: the portal's default model), PORTAL_WAIT ("min,max"
-seconds between tasks, default "1,5"; "0" for users that never pause, as ``make bench`` runs).
+seconds between tasks, default "1,5"; "0" for users that never pause, as ``make bench`` runs),
+PORTAL_RESET_AFTER_LOGIN ("1": statistics start again once every user has logged in, so that a run
+measures the steady state rather than the burst of logins at its start; ``make bench`` sets it).
 
 An overloaded portal answers 503 with Retry-After; such answers are counted under their own name
 ("/model/predict [503 overloaded]"), not as failures, and the user waits as told before going on.
@@ -32,6 +34,8 @@ IMAGES = sorted(
 )
 MODELS = [m for m in os.environ.get("PORTAL_MODELS", "").split(",") if m]
 OVERLOADED = "/model/predict [503 overloaded]"
+RESET_AFTER_LOGIN = os.environ.get("PORTAL_RESET_AFTER_LOGIN", "") == "1"
+logged_in = 0
 
 
 def wait_time_from(spec: str) -> object:
@@ -57,6 +61,11 @@ class PortalUser(FastHttpUser):
         response.raise_for_status()
         self.auth = {"Authorization": f"Bearer {response.json()['access_token']}"}
         self.path = "/model/predict" + ("?" + urlencode({"models": MODELS}, doseq=True) if MODELS else "")
+        global logged_in
+        logged_in += 1
+        runner = self.environment.runner
+        if RESET_AFTER_LOGIN and runner is not None and logged_in == runner.target_user_count:
+            self.environment.stats.reset_all()
 
     @task(1)
     def predict(self) -> None:

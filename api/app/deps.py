@@ -76,6 +76,9 @@ async def get_current_user(
     user = await users_service.get_user(session=session, user_id=claims.user_id)
     if user is None or not user.is_active:
         raise unauthorized()
+    # The user stays loaded and attached; the connection goes back to the pool until the route's
+    # own first query, so it is not held across an upload's reading and checking.
+    await session.commit()
     request.state.token_claims = claims
     request.state.user_id = user.id
     return user

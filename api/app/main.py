@@ -15,7 +15,7 @@ from api.app.auth.router import router as auth_router
 from api.app.catalog.router import router as catalog_router
 from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings, get_settings
-from api.app.core.db import make_engine, make_sessionmaker
+from api.app.core.db import make_engine, make_sessionmaker, open_pool
 from api.app.core.errors import OutageLog, install_outage_handlers
 from api.app.core.logging import configure_logging
 from api.app.core.redis import make_redis
@@ -49,8 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.settings = settings
         state.engine = make_engine(settings)
         state.sessionmaker = make_sessionmaker(state.engine)
+        await open_pool(state.engine, settings.db_pool_size)
         # Storing results has connections of its own: finishing work never queues behind new work.
-        state.background_engine = make_engine(settings, pool_size=2, max_overflow=2)
+        state.background_engine = make_engine(settings, pool_size=2, max_overflow=2, role="results")
         state.redis = make_redis(settings)
         state.redis_blocking = make_redis(settings, blocking=True)
         state.hasher = PasswordHasher(settings)

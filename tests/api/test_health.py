@@ -60,6 +60,9 @@ async def test_request_id_reaches_the_worker_log(stack: Stack, users: Users, cap
         headers={**headers, "X-Request-ID": request_id},
     )
     assert r.status_code == 200 and r.headers["x-request-id"] == request_id
+    # The API's own time covers the whole wait, so it is at least the worker's time for the job.
+    spent = float(r.headers["server-timing"].removeprefix("app;dur="))
+    assert spent >= r.json()["results"]["sketch@1"]["timings"]["total_ms"] > 0
     lines = [json.loads(line) for line in stack.workers[0].log().splitlines() if line.startswith("{")]
     answered = [line for line in lines if request_id in line.get("request_id", "")]
     assert answered and answered[0]["service"] == "model" and "answered" in answered[0]["message"]

@@ -108,6 +108,7 @@ async def test_models_listing(client: httpx.AsyncClient, users: Users) -> None:
     assert not resnet["available"] and "not found" in resnet["reason"] and resnet["workers"] == 0
     mobilenet = models["mobilenet_v2@1"]
     assert mobilenet["available"] and mobilenet["workers"] == 1 and mobilenet["num_classes"] == 1000
+    assert mobilenet["precision"] == "fp32" and models["mobilenet_v2@2"]["precision"] == "int8"
     assert mobilenet["labels"][88] == "macaw" and mobilenet["input"] == {"height": 224, "width": 224, "mode": "RGB"}
     assert models["sketch@1"]["channel"] == "stable" and models["sketch@2"]["channel"] == "canary"
     assert models["sketch@1"]["labels"] == ["apple", "bicycle", "cat", "diamond", "eye", "fish"]

@@ -53,6 +53,8 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
         "1",
         "--e2e-seconds",
         "8",
+        "--latency-requests",
+        "10",
         "--database-url",
         bench_db.render_as_string(hide_password=False),
     ]
@@ -64,7 +66,13 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
     assert 0 < row["predict_p50_ms"] <= row["predict_p99_ms"]
     assert row["users_requests"] > row["predictions"]  # /user/ has twice predict's weight
     assert row["worker_peak_rss_mib"] > 200
+    assert row["db_connections_opened"] >= 0
     assert row["cpu_cores"]["workers"] > 0 and row["cpu_cores"]["api"] > 0 and row["cpu_cores"]["locust"] > 0
     assert (tmp_path / "e2e.png").read_bytes().startswith(b"\x89PNG")
+    # The step-by-step split adds up: each part is inside the one around it.
+    (split,) = json.loads((tmp_path / "latency.json").read_text())
+    assert split["requests"] == 10
+    assert 0 < split["inference_ms"] < split["worker_ms"] < split["api_ms"] < split["client_ms"]
+    assert split["api_outside_worker_ms"] > 0 and split["client_outside_api_ms"] > 0
     text = report.read_text()
-    assert "prose" in text and "| mobilenet_v2@1 | 1 | 2 |" in text
+    assert "prose" in text and "| mobilenet_v2@1 | 1 | 2 |" in text and "| mobilenet_v2@1 | 10 |" in text

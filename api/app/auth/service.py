@@ -70,6 +70,9 @@ async def login(
         await _record_failure(redis, email, client, settings)
         raise unauthorized(LOGIN_FAILED)
     user = await users_service.get_user_by_email(session=session, email=email)
+    # The connection goes back to the pool while the password is checked: in a burst of logins,
+    # those waiting their turn to hash would otherwise hold every connection.
+    await session.commit()
     ok, new_hash = await hasher.verify(password, user.hashed_password if user else None)
     if user is None or not ok:
         await _record_failure(redis, email, client, settings)

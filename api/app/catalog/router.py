@@ -35,6 +35,7 @@ async def list_models(
                 channel=entry.channel,
                 description=entry.description,
                 runtime=entry.runtime.value,
+                precision=entry.precision,
                 input=entry.input,
                 num_classes=len(names) if names else (state.num_classes if state else 0),
                 labels=names if labels else None,

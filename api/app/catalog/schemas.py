@@ -12,6 +12,7 @@ class ModelPublic(BaseModel):
     channel: str
     description: str
     runtime: str
+    precision: str
     input: InputSpec
     num_classes: int
     labels: list[str] | None

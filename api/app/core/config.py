@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.registry import DEFAULT_REGISTRY_PATH
@@ -35,10 +35,10 @@ class Settings(BaseSettings):
     """Lifetime of an access token."""
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/portal"
     """SQLAlchemy URL of the PostgreSQL database (asyncpg driver)."""
-    db_pool_size: int = 10
-    """Connections kept open per API process."""
-    db_max_overflow: int = 20
-    """Extra connections allowed per API process under load."""
+    db_pool_size: int = 20
+    """Connections each API process opens at start-up and keeps."""
+    db_max_overflow: int = 0
+    """Extra connections per API process under load, each closed when returned (a reconnect per use)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis URL; the database index in the path selects the logical database."""
     redis_max_connections: int = 512
@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     """Argon2id iterations."""
     argon2_parallelism: int = 1
     """Argon2id lanes."""
+    password_hash_threads: int = Field(default=1, ge=1)
+    """Passwords hashed at once per API process; further logins wait, leaving CPU to other requests."""
     login_max_failures_per_email: int = 5
     """Failed logins for one email within the window before 429."""
     login_max_failures_per_client: int = 20

@@ -19,7 +19,9 @@ log = logging.getLogger("api.request")
 
 class RequestContextMiddleware:
     """Takes ``X-Request-ID`` (or makes one), exposes it as ``request.state.request_id`` and to
-    logging, echoes it in the response, and logs method, path, status and duration."""
+    logging, echoes it in the response with the time the API spent on it (``Server-Timing``, so
+    a client can tell the API's time from the network's), and logs method, path, status and
+    duration."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -38,7 +40,12 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+                spent = f"app;dur={(time.perf_counter() - start) * 1000:.1f}".encode()
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode("latin-1")),
+                    (b"server-timing", spent),
+                ]
             await send(message)
 
         token = request_id_var.set(rid)

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from jose import JWTError, jwt
 from passlib.context import CryptContext
 
@@ -17,7 +17,9 @@ ALGORITHM = "HS256"
 
 
 class PasswordHasher:
-    """argon2id with the configured cost; hashing runs in a worker thread, off the event loop."""
+    """argon2id with the configured cost, hashed in worker threads off the event loop, at most
+    PASSWORD_HASH_THREADS at a time: in the shared thread pool a burst of logins ran up to 40
+    hashes at once and starved the event loop, so every other request waited for the burst."""
 
     def __init__(self, settings: Settings) -> None:
         self.context = CryptContext(
@@ -28,6 +30,7 @@ class PasswordHasher:
             argon2__rounds=settings.argon2_time_cost,
             argon2__parallelism=settings.argon2_parallelism,
         )
+        self.limiter = CapacityLimiter(settings.password_hash_threads)
         # Unknown emails are checked against this so that they cost as much as known ones.
         self.dummy_hash = self.context.hash(secrets.token_urlsafe(16))
 
@@ -35,14 +38,14 @@ class PasswordHasher:
         return self.context.hash(password)
 
     async def hash(self, password: str) -> str:
-        return await to_thread.run_sync(self.context.hash, password)
+        return await to_thread.run_sync(self.context.hash, password, limiter=self.limiter)
 
     async def verify(self, password: str, hashed: str | None) -> tuple[bool, str | None]:
         """(matches, new hash when the stored one used other parameters)."""
         if hashed is None:
-            await to_thread.run_sync(self.context.verify, password, self.dummy_hash)
+            await to_thread.run_sync(self.context.verify, password, self.dummy_hash, limiter=self.limiter)
             return False, None
-        return await to_thread.run_sync(self.context.verify_and_update, password, hashed)
+        return await to_thread.run_sync(self.context.verify_and_update, password, hashed, limiter=self.limiter)
 
 
 @dataclass(frozen=True)

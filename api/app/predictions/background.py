@@ -78,16 +78,7 @@ async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], 
         maxlen=DEAD_LETTER_MAXLEN,
         approximate=True,
     )
-    failed = ResultMessage(
-        job_id=result.job_id,
-        prediction_id=result.prediction_id,
-        model=result.model,
-        version=result.version,
-        sha256=result.sha256,
-        status=PredictionStatus.failed,
-        error=reason,
-        request_id=result.request_id,
-    )
+    failed = ResultMessage.answering(result, PredictionStatus.failed, error=reason)
     try:
         async with rt.sessionmaker() as session:
             _stored, completed = await service.store_result(session=session, result=failed)

@@ -20,10 +20,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from api.app.core.db import Base, TimestampMixin, new_uuid
+from contracts.messages import PredictionStatus
 
+UNFINISHED = (PredictionStatus.queued.value, PredictionStatus.running.value)
 # Literal SQL rather than bound parameters: PostgreSQL uses a partial index only when a query's
 # condition visibly implies the index's own, which parameters in a cached generic plan do not.
-UNFINISHED_JOB = text("status IN ('queued', 'running')")
+UNFINISHED_JOB = text("status IN ({})".format(", ".join(f"'{status}'" for status in UNFINISHED)))
 
 
 class Job(TimestampMixin, Base):

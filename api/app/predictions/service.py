@@ -17,14 +17,11 @@ from api.app.core.config import Settings
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue
-from api.app.predictions.models import UNFINISHED_JOB, Job, Prediction
+from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Prediction
 from api.app.predictions.schemas import JobPublic, PredictionPublic, TimingsPublic
 from contracts import keys
 from contracts.messages import JobMessage, LabelScore, PredictionStatus, ResultMessage
 from contracts.registry import ModelEntry, Registry, parse_model_ref
-
-UNFINISHED = (PredictionStatus.queued.value, PredictionStatus.running.value)
-
 
 # The statements that run once per prediction, built once: building a statement costs more CPU
 # than PostgreSQL spends running it, and this is the busiest path of the API. The UPDATEs set the
