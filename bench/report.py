@@ -19,15 +19,22 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 RUNTIME_NAMES = {"keras": "tensorflow", "openvino": "openvino", "tflite": "tflite"}
 
 
+# Vector and matrix units that change INT8 and FP32 speed several-fold between hosts that report
+# the same model name.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 def machine() -> dict[str, Any]:
-    cpu = ""
+    cpu, flags = "", set()
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
+        if line.startswith("model name") and not cpu:
             cpu = line.split(":", 1)[1].strip()
-            break
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
+        "cpu_features": [f for f in CPU_FEATURES if f in flags],
         "cores": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
@@ -140,7 +147,9 @@ def tables(
     latency: list[dict] | None = None,
 ) -> str:
     parts = [
-        f"Measured {info['date']} on {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
+        f"Measured {info['date']} on {info['cpu']}"
+        + (f" ({' '.join(info['cpu_features'])})" if info.get("cpu_features") else "")
+        + f", {info['cores']} cores, {info['memory_gib']} GiB; "
         + ", ".join(f"{k} {v}" for k, v in info["packages"].items())
         + ".",
         "",

@@ -67,6 +67,7 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
     assert row["users_requests"] > row["predictions"]  # /user/ has twice predict's weight
     assert row["worker_peak_rss_mib"] > 200
     assert row["db_connections_opened"] >= 0
+    assert "cpu_features" in json.loads((tmp_path / "machine.json").read_text())
     assert row["cpu_cores"]["workers"] > 0 and row["cpu_cores"]["api"] > 0 and row["cpu_cores"]["locust"] > 0
     assert (tmp_path / "e2e.png").read_bytes().startswith(b"\x89PNG")
     # The step-by-step split adds up: each part is inside the one around it.

@@ -75,7 +75,7 @@ def application_name(pid: int, role: str) -> str:
 async def open_pool(engine: AsyncEngine, size: int) -> None:
     """Opens ``size`` connections and returns them to the pool, so that the first burst of
     requests after start-up does not wait while each one is opened (a PostgreSQL backend fork
-    and a handshake, about 6 ms apiece). A database that is down only delays this by the
+    and a handshake apiece). A database that is down only delays this by the
     connect timeout: requests then answer 503 until it is back."""
     opened = await asyncio.gather(*(engine.connect().start() for _ in range(size)), return_exceptions=True)
     for conn in opened:
