@@ -78,6 +78,9 @@ def make_settings(database_url: str, redis_url: str, storage: Path, **overrides:
         "first_admin_password": ADMIN_PASSWORD,
         "log_json": True,
         "reconcile_interval_seconds": 1.0,
+        # Each app and API process opens its whole pool at start-up; several run side by side
+        # against one server, whose max_connections is 100.
+        "db_pool_size": 5,
         **overrides,
     }
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

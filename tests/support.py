@@ -193,6 +193,7 @@ def api_env(settings: Settings, **overrides: str) -> dict[str, str]:
         "ENVIRONMENT": "test",
         "SECRET_KEY": settings.secret_key,
         "DATABASE_URL": settings.database_url,
+        "DB_POOL_SIZE": str(settings.db_pool_size),
         "REDIS_URL": settings.redis_url,
         "STORAGE_DIR": str(settings.storage_dir),
         "FIRST_ADMIN_EMAIL": settings.first_admin_email,
