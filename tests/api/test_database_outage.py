@@ -83,3 +83,27 @@ def test_prestart_gives_up_with_a_readable_message(tmp_path: object) -> None:
     attempts = [line for line in done.stderr.splitlines() if "waiting for PostgreSQL" in line]
     assert len(attempts) == 2 and "(attempt 1/2)" in attempts[0]
     assert "did not answer after 2 attempts" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_the_api_starts_while_postgres_is_down_and_answers_503(
+    private_postgres: PostgresServer, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening the pool at start-up must not keep the API from starting (compose may start it
+    first): it starts, says how many connections it opened, answers 503 until PostgreSQL is up,
+    then serves."""
+    private = settings.model_copy(update={"database_url": private_postgres.url})
+    await asyncio.to_thread(migrate, private.database_url)
+    await seed_admin(private)
+    await asyncio.to_thread(private_postgres.stop)
+    caplog.set_level(logging.WARNING, logger="api.app.core.db")
+    start = time.perf_counter()
+    async for client in client_for(create_app(private)):
+        assert time.perf_counter() - start < 10
+        assert any("opened 0 of" in rec.getMessage() for rec in caplog.records)
+        login = {"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+        r = await client.post("/login", data=login)
+        assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+        await asyncio.to_thread(private_postgres.start)
+        deadline = time.monotonic() + 20
+        while (r := await client.post("/login", data=login)).status_code != 200:
+            assert time.monotonic() < deadline, r.text
