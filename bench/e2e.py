@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import redis
+from sqlalchemy.engine import make_url
 
 from contracts import keys
 from contracts.messages import Heartbeat
@@ -179,8 +180,6 @@ def portal(database_url: str, models_dir: Path, api_workers: int = 1) -> Iterato
 
 def _psql(database_url: str, sql: str) -> str:
     """Runs ``sql`` on the server of ``database_url`` (connected to ``postgres``); its output."""
-    from sqlalchemy.engine import make_url
-
     url = make_url(database_url)
     args = ["psql", "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432), "-U", url.username or "postgres"]
     done = subprocess.run([*args, "-d", "postgres", "-Atc", sql], check=False, capture_output=True, text=True)
@@ -188,15 +187,12 @@ def _psql(database_url: str, sql: str) -> str:
 
 
 def _drop_database(database_url: str) -> None:
-    from sqlalchemy.engine import make_url
-
     _psql(database_url, f'DROP DATABASE IF EXISTS "{make_url(database_url).database}" WITH (FORCE)')
 
 
 def sessions_opened(database_url: str) -> int:
-    """How many connections have been opened on the database so far (PostgreSQL 14+)."""
-    from sqlalchemy.engine import make_url
-
+    """How many connections have been opened on the database so far (PostgreSQL 14+). A new
+    backend reports itself with its first transaction, or after about 10 s if it stays idle."""
     name = make_url(database_url).database
     return int(_psql(database_url, f"SELECT sessions FROM pg_stat_database WHERE datname = '{name}'") or 0)
 

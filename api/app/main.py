@@ -51,7 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.sessionmaker = make_sessionmaker(state.engine)
         await open_pool(state.engine, settings.db_pool_size)
         # Storing results has connections of its own: finishing work never queues behind new work.
+        # Its two users (the result collector and the reconciler) each take one at a time.
         state.background_engine = make_engine(settings, pool_size=2, max_overflow=2, role="results")
+        await open_pool(state.background_engine, 2)
         state.redis = make_redis(settings)
         state.redis_blocking = make_redis(settings, blocking=True)
         state.hasher = PasswordHasher(settings)

@@ -66,7 +66,9 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
     assert 0 < row["predict_p50_ms"] <= row["predict_p99_ms"]
     assert row["users_requests"] > row["predictions"]  # /user/ has twice predict's weight
     assert row["worker_peak_rss_mib"] > 200
-    assert row["db_connections_opened"] >= 0
+    # Recorded; PostgreSQL reports a new backend up to about 10 s late, so one short run is no test
+    # of its value (tests/api/test_db.py checks that load opens no connection).
+    assert isinstance(row["db_connections_opened"], int)
     assert "cpu_features" in json.loads((tmp_path / "machine.json").read_text())
     assert row["cpu_cores"]["workers"] > 0 and row["cpu_cores"]["api"] > 0 and row["cpu_cores"]["locust"] > 0
     assert (tmp_path / "e2e.png").read_bytes().startswith(b"\x89PNG")
