@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50_random@1,resnet50_random@2,mobilenet_v2@1")
     parser.add_argument("--users", default="1,10,25,50,100")
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--api-workers", type=int, default=1, help="e2e: API processes")
+    parser.add_argument(
+        "--api-workers", type=int, default=2, help="e2e: API processes (API_WORKERS), as docker-compose.yml runs them"
+    )
     parser.add_argument(
         "--latency-requests", type=int, default=100, help="e2e: sequential requests per model split step by step"
     )

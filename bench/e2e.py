@@ -44,6 +44,8 @@ class E2EResult:
     model: str
     workers: int
     threads_per_worker: int
+    api_processes: int
+    """Uvicorn processes serving the API (``API_WORKERS``)."""
     users: int
     seconds: float
     predictions: int
@@ -91,6 +93,7 @@ class Portal:
     def __init__(self, workdir: Path, database_url: str, models_dir: Path, api_workers: int) -> None:
         self.workdir = workdir
         self.database_url = database_url
+        self.api_workers = api_workers
         self.port = free_port()
         self.redis_port = free_port()
         self.env = {
@@ -323,6 +326,7 @@ def measure(p: Portal, *, model: str, workers: int, users: int, seconds: float, 
         model=model,
         workers=workers,
         threads_per_worker=max(1, cores // workers),
+        api_processes=p.api_workers,
         users=users,
         seconds=round(elapsed, 1),
         predictions=count - failures,

@@ -201,6 +201,7 @@ def tables(
         rows.append(
             [
                 r["model"],
+                r.get("api_processes", 1),
                 r["workers"],
                 r["users"],
                 r["throughput"],
@@ -220,6 +221,7 @@ def tables(
         _table(
             [
                 "model",
+                "API processes",
                 "workers",
                 "users",
                 "pred/s",

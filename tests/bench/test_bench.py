@@ -62,6 +62,7 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads((tmp_path / "e2e.json").read_text())
     assert row["failures"] == 0 and row["overloaded"] == 0
+    assert row["api_processes"] == 2  # the default, as docker-compose.yml runs the API
     assert row["predictions"] > 10 and row["throughput"] > 1
     assert 0 < row["predict_p50_ms"] <= row["predict_p99_ms"]
     assert row["users_requests"] > row["predictions"]  # /user/ has twice predict's weight
@@ -78,4 +79,4 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
     assert 0 < split["inference_ms"] < split["worker_ms"] < split["api_ms"] < split["client_ms"]
     assert split["api_outside_worker_ms"] > 0 and split["client_outside_api_ms"] > 0
     text = report.read_text()
-    assert "prose" in text and "| mobilenet_v2@1 | 1 | 2 |" in text and "| mobilenet_v2@1 | 10 |" in text
+    assert "prose" in text and "| mobilenet_v2@1 | 2 | 1 | 2 |" in text and "| mobilenet_v2@1 | 10 |" in text

@@ -28,6 +28,7 @@ def e2e_row(model: str, users: int, throughput: float, p50: float, **extra: Any)
         "model": model,
         "workers": 1,
         "threads_per_worker": 2,
+        "api_processes": 2,
         "users": users,
         "seconds": 20.0,
         "predictions": int(throughput * 20),
@@ -80,7 +81,7 @@ def test_tables_show_both_ratios_and_the_report_keeps_its_prose(tmp_path: Path) 
     info = {"date": "d", "cpu": "c", "cores": 2, "memory_gib": 24, "packages": {"openvino": "x"}}
     body = report.tables(RAW, [], e2e, registry, info)
     # INT8 against its own raw best (200/s) and against FP32's (60/s).
-    assert "| resnet50_random@2 | 1 | 50 | 100.0 | 50% | 167% |" in body
+    assert "| resnet50_random@2 | 2 | 1 | 50 | 100.0 | 50% | 167% |" in body
     path = tmp_path / "REPORT.md"
     path.write_text("# Report\n\nprose before\n")
     report.update_report(path, "first")
