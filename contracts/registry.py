@@ -112,6 +112,28 @@ class Registry(BaseModel):
         """The enabled entries a deployment serves."""
         return [m for m in self.models if m.enabled and (benchmark_mode or not m.benchmark_only)]
 
+    def selected(self, refs: str, *, benchmark_mode: bool) -> list[ModelEntry]:
+        """The served entries ``refs`` names (``"resnet50@1,sketch"``; a bare name takes every
+        version), in registry order; every served entry when ``refs`` is empty.
+
+        Raises ValueError for a reference that matches nothing served: a worker told to serve a
+        model it cannot must say so at start-up, not sit idle.
+        """
+        served = self.served(benchmark_mode=benchmark_mode)
+        wanted = [parse_model_ref(ref) for ref in refs.split(",") if ref.strip()]
+        if not wanted:
+            return served
+        chosen: set[str] = set()
+        for name, version in wanted:
+            matches = {m.key for m in served if m.name == name and version in (None, m.version)}
+            if not matches:
+                ref = name if version is None else f"{name}@{version}"
+                raise ValueError(
+                    f"{ref!r} matches no model version served here; served: {', '.join(m.key for m in served)}"
+                )
+            chosen |= matches
+        return [m for m in served if m.key in chosen]
+
     def public(self) -> list[ModelEntry]:
         """The entries shown to users (never the benchmark-only ones)."""
         return [m for m in self.models if m.enabled and not m.benchmark_only]

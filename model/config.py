@@ -44,6 +44,8 @@ class ModelSettings(BaseSettings):
     """Also serve benchmark-only models (random weights)."""
     model_workers: int = 1
     """Worker processes ``make run`` starts."""
+    serve_models: str = ""
+    """Model versions this worker loads and serves, e.g. "resnet50@1,sketch" (a bare name: every version); empty: all."""
     worker_id: str = ""
     """This worker's name in heartbeats and logs (default: host-pid)."""
     max_batch_size: int = 8

@@ -3,21 +3,27 @@ container healthchecks)."""
 
 from __future__ import annotations
 
+import fnmatch
 import socket
 import sys
+import time
 
 import redis
 
-from contracts import keys
+from contracts import workers
 from model.config import get_model_settings
 
 
 def main() -> int:
     settings = get_model_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
-    pattern = keys.heartbeat_key(settings.worker_id or f"{socket.gethostname()}-*")
+    pattern = settings.worker_id or f"{socket.gethostname()}-*"
     try:
-        return 0 if any(True for _ in client.scan_iter(match=pattern, count=1000)) else 1
+        with client.pipeline(transaction=False) as pipe:
+            workers.list_announced(pipe, now=time.time())
+            _dropped, announced = pipe.execute()
+        mine = [w for w in announced if fnmatch.fnmatchcase(w.decode(), pattern)]
+        return 0 if mine and client.exists(*workers.heartbeat_keys(mine)) else 1
     except redis.exceptions.RedisError:
         return 1
 

@@ -82,7 +82,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_model_settings()
     registry = load_registry(settings.registry_path)
-    served = registry.served(benchmark_mode=settings.benchmark_mode)
+    try:
+        served = registry.selected(settings.serve_models, benchmark_mode=settings.benchmark_mode)
+    except ValueError as exc:
+        raise SystemExit(f"SERVE_MODELS={settings.serve_models!r}: {exc}") from None
     # Trained models first: a quantized version may be made from one of them.
     for entry in sorted(served, key=lambda e: e.quantized_from is not None):
         if not (entry.training or entry.quantized_from) or entry.file is None:

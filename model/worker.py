@@ -23,7 +23,7 @@ import numpy as np
 import redis
 import redis.exceptions
 
-from contracts import keys
+from contracts import keys, workers
 from contracts.messages import (
     Heartbeat,
     JobMessage,
@@ -58,6 +58,8 @@ class Worker:
     def __init__(self, settings: ModelSettings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.registry = registry or load_registry(settings.registry_path)
+        self.entries = self.registry.selected(settings.serve_models, benchmark_mode=settings.benchmark_mode)
+        """The registry entries this worker serves (raises ValueError for a SERVE_MODELS it cannot)."""
         self.worker_id = settings.resolved_worker_id()
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
@@ -76,7 +78,7 @@ class Worker:
 
     def load_models(self) -> None:
         configure_tensorflow(self.settings)
-        for entry in self.registry.served(benchmark_mode=self.settings.benchmark_mode):
+        for entry in self.entries:
             start = time.perf_counter()
             try:
                 loaded = load_model(entry, self.settings)
@@ -131,15 +133,30 @@ class Worker:
         )
 
     def send_heartbeat(self) -> None:
-        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        self.redis.set(keys.heartbeat_key(self.worker_id), self.heartbeat().model_dump_json(), px=ttl_ms)
+        with self.redis.pipeline(transaction=False) as pipe:
+            workers.announce(
+                pipe,
+                worker_id=self.worker_id,
+                heartbeat_json=self.heartbeat().model_dump_json(),
+                ttl_ms=int(self.settings.heartbeat_ttl_s * 1000),
+                now=time.time(),
+            )
+            pipe.execute()
+
+    def count_peers(self) -> int:
+        """Live workers, this one included (at least one)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            workers.list_announced(pipe, now=time.time())
+            _dropped, announced = pipe.execute()
+        live = self.redis.exists(*workers.heartbeat_keys(announced)) if announced else 0
+        return max(1, int(live))
 
     def _heartbeat_loop(self) -> None:
         while not self.stopping.wait(self.settings.heartbeat_interval_s):
             try:
                 self.send_heartbeat()
                 self.publish_labels(only_missing=True)
-                self.peers = max(1, sum(1 for _ in self.redis.scan_iter(match=f"{keys.HEARTBEAT_PREFIX}*", count=200)))
+                self.peers = self.count_peers()
             except REDIS_ERRORS as exc:
                 self._outage(exc)
 
@@ -183,8 +200,9 @@ class Worker:
                 self._outage(exc)
                 groups_ready = False
                 self.stopping.wait(1)
-        with contextlib.suppress(REDIS_ERRORS):
-            self.redis.delete(keys.heartbeat_key(self.worker_id))
+        with contextlib.suppress(REDIS_ERRORS), self.redis.pipeline(transaction=False) as pipe:
+            workers.withdraw(pipe, worker_id=self.worker_id)
+            pipe.execute()
         log.info("worker %s stopped", self.worker_id)
 
     def step(self) -> None:
@@ -408,7 +426,10 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_json)
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)
-    worker = Worker(settings)
+    try:
+        worker = Worker(settings)
+    except ValueError as exc:
+        raise SystemExit(f"SERVE_MODELS={settings.serve_models!r}: {exc}") from None
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.load_models()

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from api.app.core.config import Settings
 from api.app.main import create_app
 from api.app.predictions.models import Prediction
+from contracts import workers
 from contracts.messages import Heartbeat, LabelScore, ModelState, PredictionStatus, ResultMessage
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png, upload, wait_job
@@ -43,7 +44,11 @@ def announce(redis_url: str) -> None:
         started_at=time.time(),
         models=[ModelState(name=MODEL, version=1, ready=True, num_classes=1000)],
     )
-    redis.Redis.from_url(redis_url).set("worker:announced", beat.model_dump_json(), ex=60)
+    with redis.Redis.from_url(redis_url).pipeline() as pipe:
+        workers.announce(
+            pipe, worker_id="announced", heartbeat_json=beat.model_dump_json(), ttl_ms=60_000, now=time.time()
+        )
+        pipe.execute()
 
 
 async def submit(client: httpx.AsyncClient, headers: dict[str, str], count: int, model: str = MODEL) -> list[str]:
@@ -249,6 +254,10 @@ async def test_deadlines_504_and_expired_jobs_not_computed(
             job = await wait_job(client, headers, job_id)
         finally:
             worker.stop()
+    # A stopped worker leaves the index of live workers at once, not when its heartbeat expires.
+    live = redis.Redis.from_url(private_redis.url)
+    assert live.zscore(workers.LIVE_WORKERS, worker.name) is None
+    assert not live.exists(*workers.heartbeat_keys([worker.name]))
     assert job["status"] == "expired"
     (result,) = job["results"]
     assert result["error"] == "deadline passed in the queue"
@@ -341,4 +350,4 @@ async def test_every_redis_key_but_the_streams_expires(stack: Stack, users: User
             continue
         kinds[name.split(":")[0]] = kinds.get(name.split(":")[0], 0) + 1
         assert client.ttl(key) > 0, name
-    assert {"worker", "labels", "cache", "prediction", "revoked", "login", "queue"} <= set(kinds), kinds
+    assert {"worker", "workers", "labels", "cache", "prediction", "revoked", "login", "queue"} <= set(kinds), kinds

@@ -50,3 +50,22 @@ def test_the_shipped_registry_serves_imagenet_models_through_openvino() -> None:
         assert entry.precision == "int8" and entry.quantized_from == source and entry.channel == "canary"
     # An INT8 copy of the random ResNet50 is as benchmark-only and as random as its source.
     assert reg.get("resnet50_random@2").benchmark_only and reg.get("resnet50_random@2").weights == "random"
+
+
+def test_a_worker_serves_the_versions_it_is_told() -> None:
+    reg = load_registry()
+    served = [m.key for m in reg.served(benchmark_mode=False)]
+    assert [m.key for m in reg.selected("", benchmark_mode=False)] == served
+    assert [m.key for m in reg.selected(" mobilenet_v2@1 ", benchmark_mode=False)] == ["mobilenet_v2@1"]
+    # A bare name takes every version; the order is the registry's, duplicates collapse.
+    both = reg.selected("sketch,mobilenet_v2@2,sketch@1", benchmark_mode=False)
+    assert [m.key for m in both] == [k for k in served if k.startswith("sketch@") or k == "mobilenet_v2@2"]
+    assert len([m for m in both if m.name == "sketch"]) >= 2
+    with pytest.raises(ValueError, match="'nope' matches no model version served here"):
+        reg.selected("mobilenet_v2,nope", benchmark_mode=False)
+    with pytest.raises(ValueError, match="mobilenet_v2@9"):
+        reg.selected("mobilenet_v2@9", benchmark_mode=False)
+    # Benchmark-only entries exist only in benchmark mode.
+    with pytest.raises(ValueError, match="resnet50_random"):
+        reg.selected("resnet50_random", benchmark_mode=False)
+    assert [m.key for m in reg.selected("resnet50_random@1", benchmark_mode=True)] == ["resnet50_random@1"]

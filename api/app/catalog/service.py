@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from contracts import keys
+from contracts import keys, workers
 from contracts.messages import Heartbeat
 from contracts.registry import ModelEntry, Registry
 
@@ -32,8 +32,18 @@ class ModelAvailability:
         return "no live model worker serves it"
 
 
+async def live_heartbeats(redis: Redis) -> list[Heartbeat]:
+    """The heartbeats of the workers alive now, found through the index of announced workers."""
+    async with redis.pipeline(transaction=False) as pipe:
+        workers.list_announced(pipe, now=time.time())
+        _dropped, announced = await pipe.execute()
+    if not announced:
+        return []
+    return [Heartbeat.model_validate_json(raw) for raw in await redis.mget(workers.heartbeat_keys(announced)) if raw]
+
+
 class WorkerDirectory:
-    """Heartbeats of live workers, cached for a moment so that requests do not scan Redis."""
+    """Heartbeats of live workers, cached for a moment so that requests do not each ask Redis."""
 
     def __init__(self, redis: Redis, ttl: float = 1.0) -> None:
         self.redis = redis
@@ -44,12 +54,7 @@ class WorkerDirectory:
         now = time.monotonic()
         if not fresh and self._cached is not None and now - self._cached[0] < self.ttl:
             return self._cached[1]
-        names = [k async for k in self.redis.scan_iter(match=f"{keys.HEARTBEAT_PREFIX}*", count=200)]
-        beats: list[Heartbeat] = []
-        if names:
-            for raw in await self.redis.mget(names):
-                if raw is not None:
-                    beats.append(Heartbeat.model_validate_json(raw))
+        beats = await live_heartbeats(self.redis)
         self._cached = (now, beats)
         return beats
 

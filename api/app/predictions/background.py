@@ -15,6 +15,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.app.catalog.service import live_heartbeats
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
@@ -184,8 +185,7 @@ async def refresh_gauges(rt: JobRuntime) -> None:
     for entry in rt.registry.served(benchmark_mode=rt.settings.benchmark_mode):
         depth = await queue.depth(rt.redis, entry.name, entry.version)
         metrics.QUEUE_DEPTH.labels(entry.name, str(entry.version)).set(depth)
-    workers = [k async for k in rt.redis.scan_iter(match=f"{keys.HEARTBEAT_PREFIX}*", count=200)]
-    metrics.LIVE_WORKERS.set(len(workers))
+    metrics.LIVE_WORKERS.set(len(await live_heartbeats(rt.redis)))
 
 
 async def reconcile_once(rt: JobRuntime) -> None:

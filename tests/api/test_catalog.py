@@ -1,0 +1,73 @@
+"""Finding the live workers: through the index of announced workers, whatever else Redis holds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from api.app.catalog.service import WorkerDirectory
+from contracts import keys, workers
+from contracts.messages import Heartbeat, ModelState
+from tests.support import RedisServer
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[Redis]:
+    server = RedisServer()
+    server.start()
+    client = Redis.from_url(server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def _announce(client: Redis, worker_id: str, *, ttl_ms: int = 60_000, at: float | None = None) -> None:
+    beat = Heartbeat(
+        worker_id=worker_id,
+        pid=1,
+        hostname="host",
+        started_at=time.time(),
+        models=[ModelState(name="mobilenet_v2", version=1, ready=True, num_classes=1000)],
+    )
+    async with client.pipeline(transaction=False) as pipe:
+        workers.announce(
+            pipe, worker_id=worker_id, heartbeat_json=beat.model_dump_json(), ttl_ms=ttl_ms, now=at or time.time()
+        )
+        await pipe.execute()
+
+
+async def _calls(client: Redis) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def test_live_workers_are_found_without_scanning_the_keyspace(private_redis: Redis) -> None:
+    client = private_redis
+    # What a busy hour leaves behind: every job's keys, alive for an hour.
+    async with client.pipeline(transaction=False) as pipe:
+        for i in range(20_000):
+            pipe.set(keys.job_done_key(f"job-{i}"), b"1", ex=3600)
+        await pipe.execute()
+    await _announce(client, "alive")
+    await _announce(client, "crashed", ttl_ms=1)  # its heartbeat expires, its entry stays a while
+    await _announce(client, "long-gone", at=time.time() - workers.FORGET_AFTER_S - 1)
+    await client.delete(keys.heartbeat_key("long-gone"))
+    await client.config_resetstat()
+
+    directory = WorkerDirectory(client)
+    beats = await directory.heartbeats(fresh=True)
+    availability = await directory.availability(fresh=True)
+
+    assert [b.worker_id for b in beats] == ["alive"]
+    assert availability["mobilenet_v2@1"].workers == 1
+    calls = await _calls(client)
+    assert "scan" not in calls and "keys" not in calls, calls
+    assert sum(calls.values()) <= 10, calls  # two lookups of three commands, not a SCAN per 200 keys
+    # Forgotten entries are dropped as they are read; recent ones stay until forgotten.
+    assert await client.zrange(workers.LIVE_WORKERS, 0, -1) == [b"alive", b"crashed"]
+    assert 0 < await client.ttl(workers.LIVE_WORKERS) <= workers.FORGET_AFTER_S
