@@ -30,8 +30,7 @@ import psutil
 import redis
 from sqlalchemy.engine import make_url
 
-from contracts.messages import Heartbeat
-from contracts.workers import heartbeat_keys, list_announced
+from contracts.workers import live_heartbeats
 
 log = logging.getLogger("bench.e2e")
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,12 +144,7 @@ class Portal:
 
     def wait_for_models(self, models: list[str], workers: int, timeout: float = 600) -> None:
         def ready() -> bool:
-            with self.redis.pipeline() as pipe:
-                list_announced(pipe, now=time.time())
-                _dropped, announced = pipe.execute()
-            raws = self.redis.mget(heartbeat_keys(announced)) if announced else []
-            beats = [Heartbeat.model_validate_json(raw) for raw in raws if raw]
-            live = [b for b in beats if b.worker_id.startswith("bench-")]
+            live = [b for b in live_heartbeats(self.redis) if b.worker_id.startswith("bench-")]
             ready_models = [{f"{m.name}@{m.version}" for m in b.models if m.ready} for b in live]
             return len(live) == workers and all(set(models) <= r for r in ready_models)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.registry import DEFAULT_REGISTRY_PATH
+from contracts.registry import DEFAULT_REGISTRY_PATH, ModelEntry, Registry
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +72,14 @@ class ModelSettings(BaseSettings):
     """Root log level."""
     log_json: bool = True
     """One JSON object per log line (false: plain text)."""
+
+    def served_entries(self, registry: Registry) -> list[ModelEntry]:
+        """The registry entries this worker serves; stops the process, saying why, when
+        SERVE_MODELS names a version that is not served here."""
+        try:
+            return registry.selected(self.serve_models, benchmark_mode=self.benchmark_mode)
+        except ValueError as exc:
+            raise SystemExit(f"SERVE_MODELS={self.serve_models!r}: {exc}") from None
 
     @field_validator(
         "registry_path", "models_dir", "trained_dir", "quickdraw_dir", "calibration_dir", "training_cache_dir"

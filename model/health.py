@@ -6,7 +6,6 @@ from __future__ import annotations
 import fnmatch
 import socket
 import sys
-import time
 
 import redis
 
@@ -19,11 +18,8 @@ def main() -> int:
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
     pattern = settings.worker_id or f"{socket.gethostname()}-*"
     try:
-        with client.pipeline(transaction=False) as pipe:
-            workers.list_announced(pipe, now=time.time())
-            _dropped, announced = pipe.execute()
-        mine = [w for w in announced if fnmatch.fnmatchcase(w.decode(), pattern)]
-        return 0 if mine and client.exists(*workers.heartbeat_keys(mine)) else 1
+        live = workers.live_heartbeats(client)
+        return 0 if any(fnmatch.fnmatchcase(beat.worker_id, pattern) for beat in live) else 1
     except redis.exceptions.RedisError:
         return 1
 

@@ -82,10 +82,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_model_settings()
     registry = load_registry(settings.registry_path)
-    try:
-        served = registry.selected(settings.serve_models, benchmark_mode=settings.benchmark_mode)
-    except ValueError as exc:
-        raise SystemExit(f"SERVE_MODELS={settings.serve_models!r}: {exc}") from None
+    served = settings.served_entries(registry)
     # Trained models first: a quantized version may be made from one of them.
     for entry in sorted(served, key=lambda e: e.quantized_from is not None):
         if not (entry.training or entry.quantized_from) or entry.file is None:

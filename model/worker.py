@@ -58,8 +58,7 @@ class Worker:
     def __init__(self, settings: ModelSettings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.registry = registry or load_registry(settings.registry_path)
-        self.entries = self.registry.selected(settings.serve_models, benchmark_mode=settings.benchmark_mode)
-        """The registry entries this worker serves (raises ValueError for a SERVE_MODELS it cannot)."""
+        self.entries = settings.served_entries(self.registry)
         self.worker_id = settings.resolved_worker_id()
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
@@ -143,20 +142,12 @@ class Worker:
             )
             pipe.execute()
 
-    def count_peers(self) -> int:
-        """Live workers, this one included (at least one)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            workers.list_announced(pipe, now=time.time())
-            _dropped, announced = pipe.execute()
-        live = self.redis.exists(*workers.heartbeat_keys(announced)) if announced else 0
-        return max(1, int(live))
-
     def _heartbeat_loop(self) -> None:
         while not self.stopping.wait(self.settings.heartbeat_interval_s):
             try:
                 self.send_heartbeat()
                 self.publish_labels(only_missing=True)
-                self.peers = self.count_peers()
+                self.peers = max(1, len(workers.live_heartbeats(self.redis)))
             except REDIS_ERRORS as exc:
                 self._outage(exc)
 
@@ -426,10 +417,7 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_json)
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)
-    try:
-        worker = Worker(settings)
-    except ValueError as exc:
-        raise SystemExit(f"SERVE_MODELS={settings.serve_models!r}: {exc}") from None
+    worker = Worker(settings)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.load_models()

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from api.app.core.config import Settings
 from api.app.main import create_app
 from api.app.predictions.models import Prediction
-from contracts import workers
+from contracts import keys, workers
 from contracts.messages import Heartbeat, LabelScore, ModelState, PredictionStatus, ResultMessage
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png, upload, wait_job
@@ -257,7 +257,7 @@ async def test_deadlines_504_and_expired_jobs_not_computed(
     # A stopped worker leaves the index of live workers at once, not when its heartbeat expires.
     live = redis.Redis.from_url(private_redis.url)
     assert live.zscore(workers.LIVE_WORKERS, worker.name) is None
-    assert not live.exists(*workers.heartbeat_keys([worker.name]))
+    assert not live.exists(keys.heartbeat_key(worker.name))
     assert job["status"] == "expired"
     (result,) = job["results"]
     assert result["error"] == "deadline passed in the queue"

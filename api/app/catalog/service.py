@@ -32,16 +32,6 @@ class ModelAvailability:
         return "no live model worker serves it"
 
 
-async def live_heartbeats(redis: Redis) -> list[Heartbeat]:
-    """The heartbeats of the workers alive now, found through the index of announced workers."""
-    async with redis.pipeline(transaction=False) as pipe:
-        workers.list_announced(pipe, now=time.time())
-        _dropped, announced = await pipe.execute()
-    if not announced:
-        return []
-    return [Heartbeat.model_validate_json(raw) for raw in await redis.mget(workers.heartbeat_keys(announced)) if raw]
-
-
 class WorkerDirectory:
     """Heartbeats of live workers, cached for a moment so that requests do not each ask Redis."""
 
@@ -54,7 +44,7 @@ class WorkerDirectory:
         now = time.monotonic()
         if not fresh and self._cached is not None and now - self._cached[0] < self.ttl:
             return self._cached[1]
-        beats = await live_heartbeats(self.redis)
+        beats = await workers.live_heartbeats_async(self.redis)
         self._cached = (now, beats)
         return beats
 

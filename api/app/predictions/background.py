@@ -15,14 +15,13 @@ import redis.exceptions
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.app.catalog.service import live_heartbeats
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
 from api.app.core.wandb_log import InferenceLogger
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue, service
-from contracts import keys
+from contracts import keys, workers
 from contracts.messages import PredictionStatus, ResultMessage
 from contracts.registry import Registry
 
@@ -185,7 +184,7 @@ async def refresh_gauges(rt: JobRuntime) -> None:
     for entry in rt.registry.served(benchmark_mode=rt.settings.benchmark_mode):
         depth = await queue.depth(rt.redis, entry.name, entry.version)
         metrics.QUEUE_DEPTH.labels(entry.name, str(entry.version)).set(depth)
-    metrics.LIVE_WORKERS.set(len(await live_heartbeats(rt.redis)))
+    metrics.LIVE_WORKERS.set(len(await workers.live_heartbeats_async(rt.redis)))
 
 
 async def reconcile_once(rt: JobRuntime) -> None:
