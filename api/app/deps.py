@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
-from api.app.core.security import PasswordHasher, TokenError, decode_access_token
+from api.app.core.security import PasswordHasher, TokenError
 from api.app.users import service as users_service
 from api.app.users.models import User
 from contracts.registry import Registry
@@ -32,6 +32,11 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.read_sessionmaker() as session:
+        yield session
+
+
 async def get_redis(request: Request) -> Redis:
     return request.app.state.redis
 
@@ -46,6 +51,8 @@ async def get_registry(request: Request) -> Registry:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
+"""For routes that only read: no transaction, so no BEGIN and ROLLBACK round trips."""
 RedisDep = Annotated[Redis, Depends(get_redis)]
 HasherDep = Annotated[PasswordHasher, Depends(get_hasher)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
@@ -64,21 +71,20 @@ def revoked_key(jti: str) -> str:
     return f"revoked:{jti}"
 
 
-async def get_current_user(
-    request: Request, token: TokenDep, session: SessionDep, redis: RedisDep, settings: SettingsDep
-) -> User:
+async def get_current_user(request: Request, token: TokenDep, redis: RedisDep) -> User:
+    """The token's user, loaded outside any transaction (one round trip, and no connection held
+    while a route reads an upload). The user comes detached: a route that changes it adds it to
+    its own session."""
     try:
-        claims = decode_access_token(token, settings)
+        claims = request.app.state.tokens.decode(token)
     except TokenError:
         raise unauthorized() from None
     if await redis.exists(revoked_key(claims.jti)):
         raise unauthorized("Token has been revoked")
-    user = await users_service.get_user(session=session, user_id=claims.user_id)
+    async with request.app.state.read_sessionmaker() as session:
+        user = await users_service.get_user(session=session, user_id=claims.user_id)
     if user is None or not user.is_active:
         raise unauthorized()
-    # The user stays loaded and attached; the connection goes back to the pool until the route's
-    # own first query, so it is not held across an upload's reading and checking.
-    await session.commit()
     request.state.token_claims = claims
     request.state.user_id = user.id
     return user

@@ -15,13 +15,13 @@ from api.app.auth.router import router as auth_router
 from api.app.catalog.router import router as catalog_router
 from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings, get_settings
-from api.app.core.db import make_engine, make_sessionmaker, open_pool
+from api.app.core.db import make_engine, make_read_sessionmaker, make_sessionmaker, open_pool
 from api.app.core.errors import OutageLog, install_outage_handlers
 from api.app.core.logging import configure_logging
 from api.app.core.redis import make_redis
 from api.app.core.request_context import RequestContextMiddleware
 from api.app.core.responses import UNAVAILABLE
-from api.app.core.security import PasswordHasher
+from api.app.core.security import PasswordHasher, VerifiedTokens
 from api.app.core.wandb_log import InferenceLogger
 from api.app.feedback.router import classic as feedback_classic
 from api.app.feedback.router import router as feedback_router
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.settings = settings
         state.engine = make_engine(settings)
         state.sessionmaker = make_sessionmaker(state.engine)
+        state.read_sessionmaker = make_read_sessionmaker(state.engine)
         await open_pool(state.engine, settings.db_pool_size)
         # Storing results has connections of its own: finishing work never queues behind new work.
         # Its two users (the result collector and the reconciler) each take one at a time.
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.redis = make_redis(settings)
         state.redis_blocking = make_redis(settings, blocking=True)
         state.hasher = PasswordHasher(settings)
+        state.tokens = VerifiedTokens(settings)
         state.registry = load_registry(settings.registry_path)
         state.store = LocalBlobStore(settings.storage_dir)
         state.workers = WorkerDirectory(state.redis)

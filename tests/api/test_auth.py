@@ -17,7 +17,7 @@ from jose import jwt
 
 from api.app.core.config import Settings
 from api.app.core.db import application_name
-from api.app.core.security import PasswordHasher
+from api.app.core.security import PasswordHasher, TokenError, VerifiedTokens
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, login
 from tests.support import start_api
 
@@ -91,6 +91,47 @@ async def test_rejected_tokens(client: httpx.AsyncClient, settings: Settings, us
     await _expect_401(client, "not-a-jwt")
     r = await client.get("/v1/users/me")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+def _token(settings: Settings, user_id: int, expires_in: timedelta) -> str:
+    now = datetime.now(UTC)
+    claims = {"sub": str(user_id), "iat": now, "exp": now + expires_in, "jti": uuid.uuid4().hex}
+    return jwt.encode(claims, settings.secret_key, "HS256")
+
+
+def test_verified_tokens_expire_and_stay_bounded(settings: Settings) -> None:
+    tokens = VerifiedTokens(settings, size=2)
+    short = _token(settings, 7, timedelta(seconds=1))
+    assert tokens.decode(short).user_id == 7
+    assert tokens.decode(short).user_id == 7  # from the cache
+    time.sleep(2.1)
+    try:
+        tokens.decode(short)
+    except TokenError:
+        pass
+    else:
+        raise AssertionError("an expired token was accepted from the cache")
+    assert len(tokens) == 0
+    for user_id in (1, 2, 3):
+        tokens.decode(_token(settings, user_id, timedelta(minutes=5)))
+    assert len(tokens) == 2
+    try:
+        tokens.decode(_token(settings, 1, timedelta(minutes=5))[:-2] + "xx")
+    except TokenError:
+        pass
+    else:
+        raise AssertionError("a tampered token was accepted")
+    assert len(tokens) == 2
+
+
+async def test_a_token_used_before_is_refused_once_expired(
+    client: httpx.AsyncClient, settings: Settings, users: Users
+) -> None:
+    user, _ = await users.create()
+    token = _token(settings, int(user["id"]), timedelta(seconds=1))
+    assert (await client.get("/v1/users/me", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+    await asyncio.sleep(2.1)
+    await _expect_401(client, token)
 
 
 async def test_deactivated_and_deleted_users_lose_access(

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request
 from api.app.admin import service
 from api.app.admin.schemas import Stats
 from api.app.core.responses import ADMIN
-from api.app.deps import AdminUser, RedisDep, RegistryDep, SessionDep, SettingsDep
+from api.app.deps import AdminUser, ReadSessionDep, RedisDep, RegistryDep, SettingsDep
 from api.app.predictions import queue
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 async def stats(
     request: Request,
     _: AdminUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     redis: RedisDep,
     registry: RegistryDep,
     settings: SettingsDep,

@@ -88,3 +88,13 @@ async def open_pool(engine: AsyncEngine, size: int) -> None:
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for requests that only read, on the same pool: each statement runs on its own,
+    without the BEGIN and COMMIT (or ROLLBACK) round trips of a transaction around it.
+
+    Under READ COMMITTED every statement sees its own snapshot anyway, so a read of several
+    statements sees the same data either way. A write through one of these commits at once.
+    """
+    return async_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from api.app.core.responses import AUTHED, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE
-from api.app.deps import CurrentUser, RedisDep, RegistryDep, SessionDep
+from api.app.deps import CurrentUser, ReadSessionDep, RedisDep, RegistryDep, SessionDep
 from api.app.feedback import service
 from api.app.feedback.models import Feedback
 from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate, FeedbackPublic, FeedbacksPublic
@@ -35,7 +35,7 @@ async def create_feedback(
 
 @router.get("", response_model=FeedbacksPublic, responses={**AUTHED, **FORBIDDEN})
 async def list_feedback(
-    user: CurrentUser, session: SessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
+    user: CurrentUser, session: ReadSessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
 ) -> FeedbacksPublic:
     """My feedback (admins: everyone's with all_users=true)."""
     rows, count = await service.list_feedback(session=session, owner_id=_scope(user, all_users), skip=skip, limit=limit)
@@ -50,7 +50,7 @@ async def classic_create_feedback(body: ClassicFeedbackCreate, user: CurrentUser
 
 @classic.get("/", response_model=list[FeedbackPublic], responses={**AUTHED, **FORBIDDEN})
 async def classic_list_feedback(
-    user: CurrentUser, session: SessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
+    user: CurrentUser, session: ReadSessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
 ) -> list[Feedback]:
     """My feedback (admins: everyone's with all_users=true)."""
     rows, _count = await service.list_feedback(

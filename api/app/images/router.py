@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Response, UploadFile
 
 from api.app.core.responses import AUTHED, INVALID, NOT_FOUND, TOO_LARGE, UNSUPPORTED
-from api.app.deps import CurrentUser, SessionDep, SettingsDep
+from api.app.deps import CurrentUser, ReadSessionDep, SessionDep, SettingsDep
 from api.app.images import service
 from api.app.images.models import Image
 from api.app.images.schemas import ImageDetail, ImagePublic, ImagesPublic
@@ -63,7 +63,7 @@ async def upload_image(
 @router.get("", response_model=ImagesPublic, responses=AUTHED)
 async def list_images(
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     skip: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> ImagesPublic:

@@ -15,7 +15,7 @@ from api.app.core.responses import (
     UNAVAILABLE,
     UNSUPPORTED,
 )
-from api.app.deps import CurrentUser, RedisDep, RegistryDep, SessionDep, SettingsDep
+from api.app.deps import CurrentUser, ReadSessionDep, RedisDep, RegistryDep, SessionDep, SettingsDep
 from api.app.images import service as images_service
 from api.app.predictions import queue, service
 from api.app.predictions.schemas import ClassicPrediction, JobAccepted, JobPublic, JobsPublic, PredictRequest
@@ -70,7 +70,7 @@ async def create_prediction(
 @router.get("", response_model=JobsPublic, responses=AUTHED)
 async def list_predictions(
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     redis: RedisDep,
     skip: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -82,7 +82,7 @@ async def list_predictions(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={**AUTHED, **NOT_FOUND})
-async def read_prediction(job_id: uuid.UUID, user: CurrentUser, session: SessionDep, redis: RedisDep) -> JobPublic:
+async def read_prediction(job_id: uuid.UUID, user: CurrentUser, session: ReadSessionDep, redis: RedisDep) -> JobPublic:
     """A prediction job with each model's answer and timings."""
     job = await service.get_owned_job(session=session, owner_id=user.id, job_id=job_id)
     if job is None:
@@ -99,6 +99,7 @@ async def predict(
     request: Request,
     user: CurrentUser,
     session: SessionDep,
+    reader: ReadSessionDep,
     redis: RedisDep,
     registry: RegistryDep,
     settings: SettingsDep,
@@ -148,7 +149,7 @@ async def predict(
                 detail=f"No result within {settings.predict_deadline_seconds:g} s; "
                 f"the job continues as GET /v1/predictions/{job.id}.",
             )
-    predictions = await service.job_predictions(session=session, job_id=job.id)
+    predictions = await service.job_predictions(session=reader, job_id=job.id)
     results = {f"{p.model_name}@{p.model_version}": service.prediction_public(p) for p in predictions}
     first = predictions[0]
     return ClassicPrediction(

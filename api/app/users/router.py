@@ -3,12 +3,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.responses import ADMIN, AUTHED, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import (
     AdminUser,
     CurrentUser,
     HasherDep,
+    ReadSessionDep,
     SessionDep,
     SettingsDep,
 )
@@ -29,7 +31,7 @@ Skip = Annotated[int, Query(ge=0)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-async def _existing_user(session: SessionDep, user_id: int) -> User:
+async def _existing_user(session: AsyncSession, user_id: int) -> User:
     user = await service.get_user(session=session, user_id=user_id)
     if user is None:
         raise HTTPException(status_code=404, detail="User not found")
@@ -37,7 +39,7 @@ async def _existing_user(session: SessionDep, user_id: int) -> User:
 
 
 @router.get("", response_model=UsersPublic, responses=ADMIN)
-async def list_users(session: SessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> UsersPublic:
+async def list_users(session: ReadSessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> UsersPublic:
     """List users (admin)."""
     users = await service.list_users(session=session, skip=skip, limit=limit)
     count = await service.count_users(session=session)
@@ -84,7 +86,7 @@ async def change_password(
 
 
 @router.get("/{user_id}", response_model=UserPublic, responses={**AUTHED, **NOT_FOUND})
-async def read_user(user_id: int, user: CurrentUser, session: SessionDep) -> User:
+async def read_user(user_id: int, user: CurrentUser, session: ReadSessionDep) -> User:
     """A user (self, or any for admins)."""
     if user.id != user_id and not user.is_admin:
         raise HTTPException(status_code=404, detail="User not found")
@@ -107,7 +109,7 @@ async def delete_user(user_id: int, session: SessionDep, _: AdminUser) -> Respon
 
 
 @classic.get("/", response_model=list[UserPublic], responses=ADMIN)
-async def classic_list_users(session: SessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> list[User]:
+async def classic_list_users(session: ReadSessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> list[User]:
     """List users (admin)."""
     return await service.list_users(session=session, skip=skip, limit=limit)
 

@@ -93,6 +93,7 @@ async def update_user(*, session: AsyncSession, user: User, changes: UserUpdate)
 
 
 async def set_password(*, session: AsyncSession, hasher: PasswordHasher, user: User, password: str) -> None:
+    session.add(user)  # the signed-in user comes detached from its own lookup
     user.hashed_password = await hasher.hash(password)
     await session.commit()
 
