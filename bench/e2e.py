@@ -30,6 +30,7 @@ import psutil
 import redis
 from sqlalchemy.engine import make_url
 
+from api.app.core.db import APPLICATION_NAME
 from contracts.workers import live_heartbeats
 
 log = logging.getLogger("bench.e2e")
@@ -44,7 +45,8 @@ class E2EResult:
     workers: int
     threads_per_worker: int
     api_processes: int
-    """Uvicorn processes serving the API (``API_WORKERS``)."""
+    """API processes that served the run, counted from their named PostgreSQL connections
+    (``API_WORKERS`` of them unless one failed to start)."""
     users: int
     seconds: float
     predictions: int
@@ -194,6 +196,17 @@ def sessions_opened(database_url: str) -> int:
     return int(_psql(database_url, f"SELECT sessions FROM pg_stat_database WHERE datname = '{name}'") or 0)
 
 
+def api_processes(database_url: str) -> int:
+    """How many API processes serve requests: each names its request connections
+    ``portal-api:<pid>:requests`` in ``pg_stat_activity`` and keeps them open."""
+    name = make_url(database_url).database
+    sql = (
+        "SELECT count(DISTINCT split_part(application_name, ':', 2)) FROM pg_stat_activity "
+        f"WHERE datname = '{name}' AND application_name LIKE '{APPLICATION_NAME}:%:requests'"
+    )
+    return int(_psql(database_url, sql) or 0)
+
+
 class Sampler:
     """Peak memory of the workers and CPU time of every part, sampled in the background."""
 
@@ -320,7 +333,7 @@ def measure(p: Portal, *, model: str, workers: int, users: int, seconds: float, 
         model=model,
         workers=workers,
         threads_per_worker=max(1, cores // workers),
-        api_processes=p.api_workers,
+        api_processes=api_processes(p.database_url),
         users=users,
         seconds=round(elapsed, 1),
         predictions=count - failures,

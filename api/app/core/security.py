@@ -91,7 +91,7 @@ def decode_access_token(token: str, settings: Settings) -> TokenClaims:
 
 class VerifiedTokens:
     """The claims of tokens this process has already verified, so that a client's every request
-    does not check the same signature again (a tenth of the CPU of a small authenticated request).
+    does not check the same signature again.
 
     A token's claims never change, so only its expiry is checked again on each use; a token that
     failed verification is not kept. Revocation and the user's state are not cached: the caller
