@@ -94,7 +94,6 @@ class Portal:
     def __init__(self, workdir: Path, database_url: str, models_dir: Path, api_workers: int) -> None:
         self.workdir = workdir
         self.database_url = database_url
-        self.api_workers = api_workers
         self.port = free_port()
         self.redis_port = free_port()
         self.env = {
