@@ -20,7 +20,7 @@ from contracts.registry import ModelEntry, Registry
 from model import preprocessing
 from model.config import ModelSettings
 from model.quantize import PHOTO_SUFFIXES
-from model.runtimes import Classifier, compile_openvino, graph, keras_model, load_model
+from model.runtimes import Classifier, OpenVINOClassifier, graph, keras_model, load_model
 
 log = logging.getLogger("bench.raw")
 
@@ -84,7 +84,7 @@ def classifiers(
         if runtime == "tensorflow":
             out[(runtime, "fp32")] = lambda batch: graph_fn(tf.constant(batch)).numpy()
         elif runtime == "openvino":
-            out[(runtime, "fp32")] = compile_openvino(
+            out[(runtime, "fp32")] = OpenVINOClassifier(
                 ov.convert_model(graph_fn, share_weights=False), settings.inference_threads
             )
         elif runtime == "onnxruntime":

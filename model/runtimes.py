@@ -158,31 +158,40 @@ def openvino_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, boo
         raise ModelUnavailable(f"conversion to OpenVINO failed: {exc}") from exc
 
 
-def compile_openvino(model: Any, threads: int) -> Classifier:
+class OpenVINOClassifier:
     """One synchronous request per process: a worker runs one batch at a time, on all its threads."""
-    import openvino as ov
 
-    compiled = ov.Core().compile_model(
-        model,
-        "CPU",
-        {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": threads,
-            # CPUs with bf16 units would otherwise run in bf16 silently; int8 layers stay int8.
-            "INFERENCE_PRECISION_HINT": "f32",
-            # Pinned threads cannot move off a core the API is using, and two one-thread workers
-            # were both pinned to the same core (0.9 cores used of 2).
-            "ENABLE_CPU_PINNING": False,
-        },
-    )
-    request = compiled.create_infer_request()
-    return lambda batch: np.array(request.infer({0: batch})[0], copy=True)
+    def __init__(self, model: Any, threads: int) -> None:
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(
+            model,
+            "CPU",
+            {
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": threads,
+                # CPUs with bf16 units would otherwise run in bf16 silently; int8 layers stay int8.
+                "INFERENCE_PRECISION_HINT": "f32",
+                # Pinned threads cannot move off a core the API is using, and two one-thread workers
+                # were both pinned to the same core (0.9 cores used of 2).
+                "ENABLE_CPU_PINNING": False,
+            },
+        )
+        self._request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.array(self._request.infer({0: batch})[0], copy=True)
+
+    def precisions(self, layer_type: str) -> set[str]:
+        """The precisions the CPU runs this type of layer in ("u8", "f32", ...)."""
+        ops = [op.get_rt_info() for op in self.compiled.get_runtime_model().get_ops()]
+        return {rt["runtimePrecision"].astype(str) for rt in ops if rt["layerType"].astype(str) == layer_type}
 
 
 def _load_openvino(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, ...]) -> LoadedModel:
     model, random_weights = openvino_model(entry, settings)
     _check_outputs(int(model.output(0).get_partial_shape()[-1].get_length()), labels)
-    classify = compile_openvino(model, settings.inference_threads)
+    classify = OpenVINOClassifier(model, settings.inference_threads)
     return LoadedModel(entry=entry, labels=labels, classify=classify, random_weights=random_weights)
 
 

@@ -4,21 +4,25 @@ a worker killed mid-batch, Redis restarted, 300 concurrent jobs, a free event lo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 import time
+import uuid
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 from sqlalchemy import func, select
 
 from api.app.core.config import Settings
 from api.app.main import create_app
+from api.app.predictions import queue, service
 from api.app.predictions.models import Prediction
 from contracts import keys, workers
-from contracts.messages import Heartbeat, LabelScore, ModelState, PredictionStatus, ResultMessage
+from contracts.messages import Heartbeat, JobMessage, LabelScore, ModelState, PredictionStatus, ResultMessage
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png, upload, wait_job
 from tests.conftest import Users, client_for
@@ -262,6 +266,71 @@ async def test_deadlines_504_and_expired_jobs_not_computed(
     (result,) = job["results"]
     assert result["error"] == "deadline passed in the queue"
     assert result["top_k"] == [] and result["label"] is None and not result["timings"]["inference_ms"]
+
+
+async def test_a_waiting_request_is_handed_its_answers(
+    private_redis: RedisServer, settings: Settings, users: Users
+) -> None:
+    """/model/predict answers with what the notification that wakes it carries, without reading
+    the job back; a bare wake-up (as API processes of earlier releases send) reads it back."""
+    _, headers = await users.create()
+    announce(private_redis.url)  # no worker: this test answers the jobs itself
+    app = create_app(settings.model_copy(update={"redis_url": private_redis.url}))
+    r = aioredis.Redis.from_url(private_redis.url)
+    stream = keys.job_stream(MODEL, 1)
+
+    def predict(client: httpx.AsyncClient) -> tuple[asyncio.Task[httpx.Response], str]:
+        data = noise_png(seed=None)
+        request = client.post(
+            "/model/predict", params={"models": MODEL}, files={"file": ("n.png", data)}, headers=headers
+        )
+        return asyncio.create_task(request), hashlib.sha256(data).hexdigest()
+
+    async def queued(sha256: str) -> JobMessage:
+        """The job of this upload, once queued (the stream may also hold jobs re-enqueued from
+        PostgreSQL that earlier tests left unfinished)."""
+        last: bytes | str = "0"
+        while True:
+            ((_stream, entries),) = await r.xread({stream: last}, block=10_000)
+            for _entry_id, fields in entries:
+                if (job := JobMessage.from_fields(fields)).sha256 == sha256:
+                    return job
+            last = entries[-1][0]
+
+    async def store(job: JobMessage, label: str) -> bytes | None:
+        result = ResultMessage.answering(job, PredictionStatus.done, top_k=[LabelScore(label=label, score=1)])
+        async with app.state.sessionmaker() as session:
+            stored, payload = await service.store_result(session=session, result=result)
+        assert stored
+        return payload
+
+    async for client in client_for(app):
+        waiting, sha256 = predict(client)
+        job = await queued(sha256)
+        handed = Prediction(
+            **{
+                **service._NEW_PREDICTION,
+                "id": uuid.UUID(job.prediction_id),
+                "model_name": MODEL,
+                "model_version": 1,
+                "status": "done",
+                "label": "handed on",
+                "score": 0.5,
+            }
+        )
+        # Only the notification has this answer: PostgreSQL still has the prediction queued.
+        await queue.notify_done(r, {job.job_id: service.answers_payload([handed])}, 60)
+        answer = (await waiting).json()
+        assert (answer["success"], answer["prediction"], answer["job_id"]) == (True, "handed on", job.job_id)
+        await store(job, "handed on")  # no unfinished job is left for later tests' reconcilers
+
+        waiting, sha256 = predict(client)
+        job = await queued(sha256)
+        assert await store(job, "stored") is not None
+        await r.rpush(keys.job_done_key(job.job_id), b"1")
+        answer = (await waiting).json()
+        assert (answer["success"], answer["prediction"], answer["job_id"]) == (True, "stored", job.job_id)
+    await r.aclose()
 
 
 async def test_poison_job_goes_to_dead_letter_and_fails_with_reason(stack: Stack, users: Users) -> None:

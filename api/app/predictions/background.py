@@ -50,8 +50,8 @@ async def ensure_group(client: Redis, stream: str, group: str) -> None:
             raise
 
 
-async def handle_result(rt: JobRuntime, result: ResultMessage) -> bool:
-    """Stores one answer; True when it completed its job (the waiting request is then told)."""
+async def handle_result(rt: JobRuntime, result: ResultMessage) -> bytes | None:
+    """Stores one answer; when it completed its job, the job's answers for the waiting request."""
     async with rt.sessionmaker() as session:
         stored, completed = await service.store_result(session=session, result=result)
     if stored:
@@ -67,9 +67,9 @@ async def handle_result(rt: JobRuntime, result: ResultMessage) -> bool:
     return completed
 
 
-async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], result: ResultMessage) -> bool:
+async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], result: ResultMessage) -> bytes | None:
     """Fails the prediction of an answer that cannot be stored and keeps the answer in the
-    results:dead stream for an operator; True when that finished the job."""
+    results:dead stream for an operator; the job's answers when that finished the job."""
     reason = f"its answer could not be stored after {rt.settings.result_max_attempts} attempts"
     log.error("dead-lettering result %s of job %s: %s", entry_id, result.job_id, reason)
     await rt.redis.xadd(
@@ -87,7 +87,7 @@ async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], 
     except Exception:
         # Not even the failure can be stored: the reconciler expires the job at its deadline.
         log.exception("could not fail the prediction of result %s", entry_id)
-        return False
+        return None
     return completed
 
 
@@ -104,7 +104,7 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
     tried again when claimed, and after RESULT_MAX_ATTEMPTS fails its prediction instead; it never
     holds up the answers after it.
     """
-    done_jobs: list[str] = []
+    done_jobs: dict[str, bytes] = {}
     handled: list[bytes] = []
     try:
         for entry_id, fields in entries:
@@ -124,8 +124,8 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
                 if attempts < rt.settings.result_max_attempts:
                     continue
                 completed = await _give_up(rt, entry_id, fields, result)
-            if completed:
-                done_jobs.append(result.job_id)
+            if completed is not None:
+                done_jobs[result.job_id] = completed
             handled.append(entry_id)
     finally:
         if handled:
@@ -204,7 +204,9 @@ async def reconcile_once(rt: JobRuntime) -> None:
     async with rt.sessionmaker() as session:
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
     if finished:
-        await queue.notify_done(rt.redis, [str(job_id) for job_id in finished], settings.job_key_ttl_seconds)
+        await queue.notify_done(
+            rt.redis, {str(job_id): answers for job_id, answers in finished.items()}, settings.job_key_ttl_seconds
+        )
 
 
 async def reconcile(rt: JobRuntime, stop: asyncio.Event) -> None:

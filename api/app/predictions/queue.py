@@ -35,14 +35,15 @@ async def depth(redis: Redis, model: str, version: int) -> int:
 
 
 async def notify_done(
-    redis: Redis, job_ids: list[str], ttl: int, *, ack: tuple[str, str, list[bytes]] | None = None
+    redis: Redis, answers: dict[str, bytes], ttl: int, *, ack: tuple[str, str, list[bytes]] | None = None
 ) -> None:
-    """Wakes the requests waiting for these jobs; ``ack`` (stream, group, entry ids) acknowledges
-    the results that finished them in the same round trip."""
+    """Wakes the requests waiting for these jobs (job id -> its answers, which the request is
+    handed); ``ack`` (stream, group, entry ids) acknowledges the results that finished them in
+    the same round trip."""
     async with redis.pipeline(transaction=True) as pipe:
-        for job_id in job_ids:
+        for job_id, payload in answers.items():
             key = keys.job_done_key(job_id)
-            pipe.rpush(key, b"1")
+            pipe.rpush(key, payload)
             pipe.expire(key, ttl)
         if ack is not None:
             stream, group, entry_ids = ack
@@ -50,12 +51,13 @@ async def notify_done(
         await pipe.execute()
 
 
-async def wait_done(redis_blocking: Redis, job_id: str, seconds: float) -> bool:
-    """Blocks (without polling) until the job is finished or ``seconds`` pass."""
+async def wait_done(redis_blocking: Redis, job_id: str, seconds: float) -> bytes | None:
+    """Blocks (without polling) until the job is finished, then returns what its notification
+    carries; None once ``seconds`` pass."""
     if seconds <= 0:
-        return False
+        return None
     got = await redis_blocking.blpop([keys.job_done_key(job_id)], timeout=seconds)
-    return got is not None
+    return got[1] if got is not None else None
 
 
 async def cached_result(redis: Redis, sha256: str, model: str, version: int) -> ResultMessage | None:

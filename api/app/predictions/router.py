@@ -18,7 +18,14 @@ from api.app.core.responses import (
 from api.app.deps import CurrentUser, ReadSessionDep, RedisDep, RegistryDep, SessionDep, SettingsDep
 from api.app.images import service as images_service
 from api.app.predictions import queue, service
-from api.app.predictions.schemas import ClassicPrediction, JobAccepted, JobPublic, JobsPublic, PredictRequest
+from api.app.predictions.schemas import (
+    ClassicPrediction,
+    JobAccepted,
+    JobPublic,
+    JobsPublic,
+    PredictionPublic,
+    PredictRequest,
+)
 
 router = APIRouter(prefix="/v1/predictions", tags=["predictions"])
 classic = APIRouter(prefix="/model", tags=["predictions (classic)"])
@@ -139,26 +146,28 @@ async def predict(
         request_id=request_id(request),
         data=data,
     )
+    answers: list[PredictionPublic] | None = None
     if job.status in service.UNFINISHED:
         # Hand the database connection back while waiting: waiters must not exhaust the pool.
         await session.close()
         done = await queue.wait_done(request.app.state.redis_blocking, str(job.id), settings.predict_deadline_seconds)
-        if not done:
+        if done is None:
             raise HTTPException(
                 status_code=504,
                 detail=f"No result within {settings.predict_deadline_seconds:g} s; "
                 f"the job continues as GET /v1/predictions/{job.id}.",
             )
-    predictions = await service.job_predictions(session=reader, job_id=job.id)
-    results = {f"{p.model_name}@{p.model_version}": service.prediction_public(p) for p in predictions}
-    first = predictions[0]
+        answers = service.answers_from_payload(done)
+    if answers is None:
+        answers = [service.prediction_public(p) for p in await service.job_predictions(session=reader, job_id=job.id)]
+    first = answers[0]
     return ClassicPrediction(
         success=first.status == "done",
         prediction=first.label,
         score=round(first.score, 4) if first.score is not None else None,
         image_file_name=file_name,
-        model=first.model_name,
-        version=first.model_version,
+        model=first.model,
+        version=first.version,
         job_id=job.id,
-        results=results,
+        results={f"{p.model}@{p.version}": p for p in answers},
     )

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import HTTPException
+from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,12 +33,13 @@ _STORE_ANSWER = (
     update(_predictions)
     .where(
         _predictions.c.id == bindparam("b_prediction_id"),
-        _predictions.c.job_id == bindparam("b_job_id"),
+        # The job's row is locked before the answer is written (the subquery runs first), in the
+        # same round trip: see store_result.
+        _predictions.c.job_id == _LOCK_JOB.scalar_subquery(),
         _predictions.c.status.in_(UNFINISHED),
     )
     .returning(_predictions.c.id)
 )
-_STATUSES = select(_predictions.c.status).where(_predictions.c.job_id == bindparam("b_job_id"))
 _FINISH_JOB = (
     update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
 )
@@ -61,7 +63,14 @@ _NEW_PREDICTION: dict[str, Any] = {
     "batch_size": None,
     "finished_at": None,
 }
-_JOB_PREDICTIONS = select(Prediction).where(Prediction.job_id == bindparam("b_job_id")).order_by(Prediction.position)
+_JOB_PREDICTIONS = (
+    select(Prediction)
+    .where(Prediction.job_id == bindparam("b_job_id"))
+    .order_by(Prediction.position)
+    # Rows this session changed with plain UPDATEs must not be served from its identity map.
+    .execution_options(populate_existing=True)
+)
+_ANSWERS = TypeAdapter(list[PredictionPublic])
 
 
 def _unavailable(detail: str, settings: Settings) -> HTTPException:
@@ -257,41 +266,58 @@ def _job_status(statuses: list[str]) -> str:
     return PredictionStatus.expired.value
 
 
-async def _complete_job(session: AsyncSession, job_id: uuid.UUID, now: datetime) -> bool:
-    """Gives the job its final status once every prediction has one; True when this call did it.
+async def _complete_job(session: AsyncSession, job_id: uuid.UUID, now: datetime) -> list[Prediction] | None:
+    """Gives the job its final status once every prediction has one; the job's predictions when
+    this call did it, else None.
 
-    The caller holds the job's row lock, so the statuses read here include every answer
+    The caller holds the job's row lock, so the predictions read here include every answer
     committed before it.
     """
-    status = _job_status(list(await session.scalars(_STATUSES, {"b_job_id": job_id})))
+    predictions = await job_predictions(session=session, job_id=job_id)
+    status = _job_status([p.status for p in predictions])
     if status in UNFINISHED:
-        return False
+        return None
     finished = await session.scalar(_FINISH_JOB, {"b_job_id": job_id, "status": status, "finished_at": now})
-    return finished is not None
+    return predictions if finished is not None else None
 
 
-async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple[bool, bool]:
-    """Stores a worker's answer once; returns (stored, completed the job).
+async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple[bool, bytes | None]:
+    """Stores a worker's answer once; returns whether it was stored and, when it completed the
+    job, the job's answers for the waiting request (``answers_payload``).
 
     A duplicate answer (a job delivered twice after a worker died) finds the prediction already
-    final and changes nothing. The job row is locked first, so answers for the same job from two
-    API processes take turns and the second sees the first when it decides the job is complete.
+    final and changes nothing; so does an answer whose job (with its image) was deleted. The job's
+    row is locked first, so answers for the same job from two API processes take turns and the
+    second sees the first when it decides the job is complete.
     """
     now = datetime.now(UTC)
     job_id = uuid.UUID(result.job_id)
-    if await session.scalar(_LOCK_JOB, {"b_job_id": job_id}) is None:
-        await session.rollback()
-        return False, False  # the image (and so the job) was deleted meanwhile
     stored = await session.scalar(
         _STORE_ANSWER,
         {"b_prediction_id": uuid.UUID(result.prediction_id), "b_job_id": job_id, **_result_values(result, now)},
     )
     if stored is None:
         await session.rollback()
-        return False, False
-    completed = await _complete_job(session, job_id, now)
+        return False, None
+    finished = await _complete_job(session, job_id, now)
+    payload = answers_payload(finished) if finished is not None else None
     await session.commit()
-    return True, completed
+    return True, payload
+
+
+def answers_payload(predictions: list[Prediction]) -> bytes:
+    """A finished job's answers, as the notification that wakes its waiting request carries them:
+    the request answers from it instead of reading the job back."""
+    return _ANSWERS.dump_json([prediction_public(p) for p in predictions])
+
+
+def answers_from_payload(payload: bytes) -> list[PredictionPublic] | None:
+    """The answers a notification carries; None for a bare wake-up, which API processes of
+    earlier releases send (the answers are then read from PostgreSQL)."""
+    try:
+        return _ANSWERS.validate_json(payload)
+    except ValidationError:
+        return None
 
 
 async def fail_unfinished(*, session: AsyncSession, job_id: uuid.UUID, reason: str) -> None:
@@ -306,15 +332,16 @@ async def fail_unfinished(*, session: AsyncSession, job_id: uuid.UUID, reason: s
     await session.commit()
 
 
-async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> list[uuid.UUID]:
-    """Marks predictions whose job deadline passed as expired; returns the jobs this finished."""
+async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> dict[uuid.UUID, bytes]:
+    """Marks predictions whose job deadline passed as expired; returns the jobs this finished,
+    each with its answers (``answers_payload``)."""
     now = datetime.now(UTC)
     overdue = list(
         await session.scalars(
             select(Job.id).where(UNFINISHED_JOB, Job.deadline_at < now - timedelta(seconds=grace_seconds))
         )
     )
-    finished: list[uuid.UUID] = []
+    finished: dict[uuid.UUID, bytes] = {}
     for job_id in overdue:
         locked = await session.scalar(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True))
         if locked is None:
@@ -326,8 +353,8 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> list
                 status=PredictionStatus.expired.value, error="deadline passed before a worker answered", finished_at=now
             )
         )
-        if await _complete_job(session, job_id, now):
-            finished.append(job_id)
+        if (predictions := await _complete_job(session, job_id, now)) is not None:
+            finished[job_id] = answers_payload(predictions)
         await session.commit()
     return finished
 
