@@ -67,22 +67,18 @@ def unauthorized(detail: str = CREDENTIALS_ERROR) -> HTTPException:
     )
 
 
-def revoked_key(jti: str) -> str:
-    return f"revoked:{jti}"
-
-
-async def get_current_user(request: Request, token: TokenDep, redis: RedisDep) -> User:
-    """The token's user, loaded outside any transaction (one round trip, and no connection held
-    while a route reads an upload). The user comes detached: a route that changes it adds it to
-    its own session."""
+async def get_current_user(request: Request, token: TokenDep) -> User:
+    """The token's user, loaded outside any transaction together with the token's revocation (one
+    round trip, and no connection held while a route reads an upload). The user comes detached: a
+    route that changes it adds it to its own session."""
     try:
         claims = request.app.state.tokens.decode(token)
     except TokenError:
         raise unauthorized() from None
-    if await redis.exists(revoked_key(claims.jti)):
-        raise unauthorized("Token has been revoked")
     async with request.app.state.read_sessionmaker() as session:
-        user = await users_service.get_user(session=session, user_id=claims.user_id)
+        user, revoked = await users_service.get_token_user(session=session, user_id=claims.user_id, jti=claims.jti)
+    if revoked:
+        raise unauthorized("Token has been revoked")
     if user is None or not user.is_active:
         raise unauthorized()
     request.state.token_claims = claims

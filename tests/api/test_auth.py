@@ -13,14 +13,18 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 from jose import jwt
+from sqlalchemy import select
 
+from api.app.auth.models import RevokedToken
 from api.app.core.config import Settings
 from api.app.core.db import application_name
 from api.app.core.security import PasswordHasher, TokenError, VerifiedTokens
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, login
-from tests.support import start_api
+from api.app.main import create_app
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, client_for, login
+from tests.support import RedisServer, start_api
 
 
 def _b64(data: dict[str, object]) -> str:
@@ -143,19 +147,62 @@ async def test_deactivated_and_deleted_users_lose_access(
     await _expect_401(client, headers2["Authorization"][7:])
 
 
-async def test_logout_revokes_the_token(client: httpx.AsyncClient, users: Users, settings: Settings) -> None:
+async def test_logout_revokes_the_token(app: FastAPI, client: httpx.AsyncClient, users: Users) -> None:
     _, headers = await users.create()
     assert (await client.get("/v1/users/me", headers=headers)).status_code == 200
     assert (await client.post("/v1/auth/logout", headers=headers)).status_code == 204
     r = await client.get("/v1/users/me", headers=headers)
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
-    import redis.asyncio as aioredis
-
+    assert (await client.post("/v1/auth/logout", headers=headers)).status_code == 401
     claims = jwt.get_unverified_claims(headers["Authorization"][7:])
-    r2 = aioredis.from_url(settings.redis_url)
-    ttl = await r2.ttl(f"revoked:{claims['jti']}")
-    await r2.aclose()
-    assert 0 < ttl <= settings.access_token_expire_minutes * 60 + 1
+    async with app.state.sessionmaker() as session:
+        revocation = await session.get(RevokedToken, claims["jti"])
+    assert revocation is not None and revocation.expires_at == datetime.fromtimestamp(claims["exp"], UTC)
+
+
+async def test_revocations_survive_the_loss_of_redis_data(
+    private_redis: RedisServer, settings: Settings, users: Users
+) -> None:
+    """A signed-out token stays refused after Redis loses its data, and checking a token asks
+    Redis nothing."""
+    _, signed_out = await users.create()
+    _, signed_in = await users.create()
+    r = aioredis.Redis.from_url(private_redis.url)
+    async for client in client_for(create_app(settings.model_copy(update={"redis_url": private_redis.url}))):
+        assert (await client.post("/v1/auth/logout", headers=signed_out)).status_code == 204
+        await r.flushall()
+        refused = await client.get("/v1/users/me", headers=signed_out)
+        assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+        await r.config_resetstat()
+        for _ in range(5):
+            assert (await client.get("/v1/users/me", headers=signed_in)).status_code == 200
+        assert "cmdstat_exists" not in await r.info("commandstats")
+    await r.aclose()
+
+
+async def test_the_reconciler_forgets_expired_revocations(
+    app: FastAPI, private_redis: RedisServer, settings: Settings
+) -> None:
+    now = datetime.now(UTC)
+    # An hour's grace for clocks that disagree: only the first has expired long enough.
+    revocations = {uuid.uuid4().hex: now - timedelta(hours=2), uuid.uuid4().hex: now - timedelta(minutes=5)}
+    async with app.state.sessionmaker() as session:
+        session.add_all(RevokedToken(jti=jti, expires_at=at) for jti, at in revocations.items())
+        await session.commit()
+    old, recent = revocations
+
+    async def kept() -> set[str]:
+        async with app.state.sessionmaker() as session:
+            rows = await session.scalars(select(RevokedToken.jti).where(RevokedToken.jti.in_(revocations)))
+            return set(rows)
+
+    # A starting API process reconciles at once.
+    async for _client in client_for(create_app(settings.model_copy(update={"redis_url": private_redis.url}))):
+        for _ in range(100):
+            if old not in await kept():
+                break
+            await asyncio.sleep(0.1)
+    assert await kept() == {recent}
 
 
 async def test_login_throttling_per_email_and_reset(app, users: Users) -> None:  # type: ignore[no-untyped-def]

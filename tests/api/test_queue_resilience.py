@@ -419,4 +419,4 @@ async def test_every_redis_key_but_the_streams_expires(stack: Stack, users: User
             continue
         kinds[name.split(":")[0]] = kinds.get(name.split(":")[0], 0) + 1
         assert client.ttl(key) > 0, name
-    assert {"worker", "workers", "labels", "cache", "prediction", "revoked", "login", "queue"} <= set(kinds), kinds
+    assert {"worker", "workers", "labels", "cache", "prediction", "login", "queue"} <= set(kinds), kinds

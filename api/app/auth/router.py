@@ -53,9 +53,9 @@ classic.add_api_route(
 
 
 @router.post("/logout", status_code=204, responses=AUTHED)
-async def logout(request: Request, _user: CurrentUser, redis: RedisDep) -> Response:
+async def logout(request: Request, _user: CurrentUser, session: SessionDep) -> Response:
     """Revoke the token this request carries."""
-    await service.revoke(redis=redis, claims=request.state.token_claims)
+    await service.revoke(session=session, claims=request.state.token_claims)
     return Response(status_code=204)
 
 

@@ -1,8 +1,9 @@
 """Every table, imported in one place for Alembic and for mapper configuration."""
 
+from api.app.auth.models import RevokedToken
 from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.predictions.models import Job, Prediction
 from api.app.users.models import User
 
-__all__ = ["Feedback", "Image", "Job", "Prediction", "User"]
+__all__ = ["Feedback", "Image", "Job", "Prediction", "RevokedToken", "User"]

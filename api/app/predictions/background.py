@@ -1,4 +1,5 @@
-"""Tasks every API process runs: collect workers' results, re-enqueue after Redis loss, expire."""
+"""Tasks every API process runs: collect workers' results, re-enqueue after Redis loss, expire
+jobs, and forget the revocations of expired tokens."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.app.auth import service as auth_service
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
@@ -207,6 +209,8 @@ async def reconcile_once(rt: JobRuntime) -> None:
         await queue.notify_done(
             rt.redis, {str(job_id): answers for job_id, answers in finished.items()}, settings.job_key_ttl_seconds
         )
+    async with rt.sessionmaker() as session:
+        await auth_service.forget_expired_revocations(session=session)
 
 
 async def reconcile(rt: JobRuntime, stop: asyncio.Event) -> None:
