@@ -99,9 +99,8 @@ def test_int8_version_keeps_the_fp32_answers_and_runs_in_int8(loaded: dict[str, 
     # classes); the stress report lists the photos that differ.
     assert len(same) >= len(inputs) - 1, sorted(set(inputs) - set(same))
     assert int8.labels == fp32.labels
-    # How much faster int8 runs depends on the CPU: 1.7x in the stress report, a few percent for
-    # MobileNetV2 on other AVX2 CPUs, so `make bench` measures it. What the version guarantees
-    # is that its convolutions run on 8-bit integers.
+    # How much faster int8 runs depends on the CPU, so `make bench` measures it. What the version
+    # guarantees is that its convolutions run on 8-bit integers.
     assert isinstance(int8.classify, OpenVINOClassifier) and isinstance(fp32.classify, OpenVINOClassifier)
     assert int8.classify.precisions("Convolution") <= {"u8", "i8"}
     assert fp32.classify.precisions("Convolution") == {"f32"}
