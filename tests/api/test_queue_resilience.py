@@ -336,17 +336,21 @@ async def test_a_waiting_request_is_handed_its_answers(
 async def test_poison_job_goes_to_dead_letter_and_fails_with_reason(stack: Stack, users: Users) -> None:
     _, headers = await users.create()
     announce(stack.redis_server.url)
-    image = await upload(stack.client, headers, noise_png())
-    r = await stack.client.post("/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers)
-    job_id = r.json()["job_id"]
+    # Another job waits ahead of the poison one, as jobs re-enqueued from PostgreSQL may.
+    healthy_id, job_id = await submit(stack.client, headers, 2)
     client = redis.Redis.from_url(stack.redis_server.url)
     stream = f"jobs:{MODEL}@1"
     client.xgroup_create(stream, "workers", id="0", mkstream=True)
     # Three workers took it and died before answering: delivered three times, never acknowledged.
-    (_, [(entry_id, _fields)]), *_ = client.xreadgroup("workers", "ghost-1", {stream: ">"}, count=1)
+    ((_, delivered),) = client.xreadgroup("workers", "ghost-1", {stream: ">"}, count=1000)
+    order = [JobMessage.from_fields(fields).job_id for _e, fields in delivered]
+    assert order.index(healthy_id) < order.index(job_id)
+    entry_id = delivered[order.index(job_id)][0]
     client.xclaim(stream, "workers", "ghost-2", min_idle_time=0, message_ids=[entry_id])
     client.xclaim(stream, "workers", "ghost-3", min_idle_time=0, message_ids=[entry_id])
     await stack.start_workers(1, VISIBILITY_TIMEOUT_MS="200", MAX_DELIVERIES="3")
+    healthy = await wait_job(stack.client, headers, healthy_id, within=60)
+    assert healthy["status"] == "done", healthy
     job = await wait_job(stack.client, headers, job_id, within=60)
     assert job["status"] == "failed"
     assert "gave up after 3 deliveries" in job["results"][0]["error"]
