@@ -18,10 +18,11 @@ from pathlib import Path
 
 import httpx
 
+from model.quantize import PHOTO_SUFFIXES
+
 from .e2e import EMAIL, PASSWORD, Portal
 
 log = logging.getLogger("bench.latency")
-SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
 @dataclass
@@ -53,7 +54,7 @@ def _median(values: list[float]) -> float:
 
 
 def measure(p: Portal, *, model: str, requests: int, images: Path, warmup: int = 5) -> LatencyResult:
-    photos = [(f.name, f.read_bytes()) for f in sorted(images.iterdir()) if f.suffix.lower() in SUFFIXES]
+    photos = [(f.name, f.read_bytes()) for f in sorted(images.iterdir()) if f.suffix.lower() in PHOTO_SUFFIXES]
     rows: list[dict[str, float]] = []
     with httpx.Client(base_url=f"http://127.0.0.1:{p.port}", timeout=60) as client:
         login = client.post("/login", data={"username": EMAIL, "password": PASSWORD})
