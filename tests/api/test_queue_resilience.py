@@ -308,15 +308,14 @@ async def test_a_waiting_request_is_handed_its_answers(
         waiting, sha256 = predict(client)
         job = await queued(sha256)
         handed = Prediction(
-            **{
-                **service._NEW_PREDICTION,
-                "id": uuid.UUID(job.prediction_id),
-                "model_name": MODEL,
-                "model_version": 1,
-                "status": "done",
-                "label": "handed on",
-                "score": 0.5,
-            }
+            id=uuid.UUID(job.prediction_id),
+            model_name=MODEL,
+            model_version=1,
+            status="done",
+            label="handed on",
+            score=0.5,
+            cached=False,
+            random_weights=False,
         )
         # Only the notification has this answer: PostgreSQL still has the prediction queued.
         await queue.notify_done(r, {job.job_id: service.answers_payload([handed])}, 60)

@@ -102,7 +102,8 @@ def test_int8_version_keeps_the_fp32_answers_and_runs_in_int8(loaded: dict[str, 
     # How much faster int8 runs depends on the CPU, so `make bench` measures it. What the version
     # guarantees is that its convolutions run on 8-bit integers.
     assert isinstance(int8.classify, OpenVINOClassifier) and isinstance(fp32.classify, OpenVINOClassifier)
-    assert int8.classify.precisions("Convolution") <= {"u8", "i8"}
+    int8_convolutions = int8.classify.precisions("Convolution")
+    assert int8_convolutions and int8_convolutions <= {"u8", "i8"}, int8_convolutions
     assert fp32.classify.precisions("Convolution") == {"f32"}
 
 
