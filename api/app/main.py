@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from api.app.admin.router import router as admin_router
+from api.app.auth.background import forget_revocations
 from api.app.auth.router import classic as auth_classic
 from api.app.auth.router import router as auth_router
 from api.app.catalog.router import router as catalog_router
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.read_sessionmaker = make_read_sessionmaker(state.engine)
         await open_pool(state.engine, settings.db_pool_size)
         # Storing results has connections of its own: finishing work never queues behind new work.
-        # Its two users (the result collector and the reconciler) each take one at a time.
+        # Its users (the result collector, the reconciler, the revocation cleanup) each take one at a time.
         state.background_engine = make_engine(settings, pool_size=2, max_overflow=2, role="results")
         await open_pool(state.background_engine, 2)
         state.redis = make_redis(settings)
@@ -83,7 +84,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         )
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(collect_results(runtime, stop)), asyncio.create_task(reconcile(runtime, stop))]
+        forget = forget_revocations(
+            runtime.sessionmaker,
+            interval=settings.revocation_cleanup_interval_seconds,
+            stop=stop,
+            outage_log=outage_log,
+        )
+        tasks = [asyncio.create_task(t) for t in (collect_results(runtime, stop), reconcile(runtime, stop), forget)]
         try:
             yield
         finally:

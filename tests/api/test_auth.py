@@ -180,28 +180,47 @@ async def test_revocations_survive_the_loss_of_redis_data(
     await r.aclose()
 
 
-async def test_the_reconciler_forgets_expired_revocations(
+@pytest.mark.usefixtures("client")  # the app's lifespan gives it its sessionmaker
+async def test_api_processes_forget_expired_revocations(
     app: FastAPI, private_redis: RedisServer, settings: Settings
 ) -> None:
+    """At start-up and then at an interval of their own, not at every round of the reconciler."""
     now = datetime.now(UTC)
-    # An hour's grace for clocks that disagree: only the first has expired long enough.
-    revocations = {uuid.uuid4().hex: now - timedelta(hours=2), uuid.uuid4().hex: now - timedelta(minutes=5)}
-    async with app.state.sessionmaker() as session:
-        session.add_all(RevokedToken(jti=jti, expires_at=at) for jti, at in revocations.items())
-        await session.commit()
-    old, recent = revocations
+    ours: list[str] = []
+
+    async def add(expires_at: datetime) -> str:
+        jti = uuid.uuid4().hex
+        ours.append(jti)
+        async with app.state.sessionmaker() as session:
+            session.add(RevokedToken(jti=jti, expires_at=expires_at))
+            await session.commit()
+        return jti
 
     async def kept() -> set[str]:
         async with app.state.sessionmaker() as session:
-            rows = await session.scalars(select(RevokedToken.jti).where(RevokedToken.jti.in_(revocations)))
-            return set(rows)
+            return set(await session.scalars(select(RevokedToken.jti).where(RevokedToken.jti.in_(ours))))
 
-    # A starting API process reconciles at once.
-    async for _client in client_for(create_app(settings.model_copy(update={"redis_url": private_redis.url}))):
-        for _ in range(100):
-            if old not in await kept():
-                break
+    async def forgotten(jti: str, seconds: float) -> bool:
+        for _ in range(int(seconds * 10)):
+            if jti not in await kept():
+                return True
             await asyncio.sleep(0.1)
+        return False
+
+    # An hour's grace for clocks that disagree: only the first has expired long enough.
+    old, recent = await add(now - timedelta(hours=2)), await add(now - timedelta(minutes=5))
+    hourly = {"redis_url": private_redis.url, "revocation_cleanup_interval_seconds": 3600.0}
+    async for _client in client_for(create_app(settings.model_copy(update=hourly))):
+        assert await forgotten(old, 10)
+        late = await add(now - timedelta(hours=2))
+        # The reconciler runs every second here, and leaves revocations alone.
+        assert settings.reconcile_interval_seconds <= 1.0
+        assert not await forgotten(late, 2.5)
+    often = {"redis_url": private_redis.url, "revocation_cleanup_interval_seconds": 0.5}
+    async for _client in client_for(create_app(settings.model_copy(update=often))):
+        assert await forgotten(late, 10)
+        # What expires while the process runs goes at the next interval.
+        assert await forgotten(await add(now - timedelta(hours=2)), 5)
     assert await kept() == {recent}
 
 

@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     """How long past its deadline an unanswered job waits for a worker's own verdict before the API expires it."""
     reconcile_interval_seconds: float = 5.0
     """How often the API re-enqueues jobs lost with Redis and expires overdue ones."""
+    revocation_cleanup_interval_seconds: float = 600.0
+    """How often each API process deletes the revocations of tokens that expired over an hour ago."""
 
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:

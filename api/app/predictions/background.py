@@ -1,10 +1,9 @@
 """Tasks every API process runs: collect workers' results, re-enqueue after Redis loss, expire
-jobs, and forget the revocations of expired tokens."""
+jobs."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -16,10 +15,10 @@ import redis.exceptions
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.app.auth import service as auth_service
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
+from api.app.core.tasks import run_every
 from api.app.core.wandb_log import InferenceLogger
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue, service
@@ -209,21 +208,13 @@ async def reconcile_once(rt: JobRuntime) -> None:
         await queue.notify_done(
             rt.redis, {str(job_id): answers for job_id, answers in finished.items()}, settings.job_key_ttl_seconds
         )
-    async with rt.sessionmaker() as session:
-        await auth_service.forget_expired_revocations(session=session)
 
 
 async def reconcile(rt: JobRuntime, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await reconcile_once(rt)
-        except REDIS_ERRORS as exc:
-            rt.outage_log.report("redis", exc)
-        except DB_ERRORS as exc:
-            rt.outage_log.report("postgresql", exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("reconciler error")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=rt.settings.reconcile_interval_seconds)
+    await run_every(
+        rt.settings.reconcile_interval_seconds,
+        lambda: reconcile_once(rt),
+        name="reconciler",
+        stop=stop,
+        outage_log=rt.outage_log,
+    )
