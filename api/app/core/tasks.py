@@ -25,8 +25,6 @@ async def run_every(
             outage_log.report("redis", exc)
         except DB_ERRORS as exc:
             outage_log.report("postgresql", exc)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("%s failed", name)
         with contextlib.suppress(TimeoutError):

@@ -174,8 +174,6 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
         except DB_ERRORS as exc:
             rt.outage_log.report("postgresql", exc)
             await asyncio.sleep(1)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("result collector error")
             await asyncio.sleep(1)
