@@ -1,13 +1,16 @@
 """Train the QuickDraw sketch CNN.
 
     python -m model.training.train_sketch --data DIR --categories apple,cat --epochs 4 \
-        --batch-size 128 --out DIR [--arch compact|deep] [--per-category 3000]
+        --batch-size 128 --out DIR [--arch compact|deep] [--per-category 3000] [--feedback DIR]
 
 Reads ``DIR/<category>.npy`` (QuickDraw ``numpy_bitmap`` files: 28x28 white-on-black uint8) and
 downloads a missing category from the public QuickDraw bucket. Every drawing goes through the
 same normalisation the model service applies to uploads, so served and trained inputs agree.
+``--feedback`` adds the drawings users labelled, as ``python -m api.cli export-feedback`` writes
+them (``<out>/sketch``: a folder per category), to the training split only: the held-out
+accuracy stays measured on QuickDraw drawings, comparable between versions.
 Writes ``model.keras``, ``labels.txt`` and ``metrics.json`` (per-epoch loss and accuracy,
-held-out accuracy, confusion matrix) to ``--out``.
+held-out accuracy, confusion matrix, the feedback used and how the model answers it) to ``--out``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from contracts.imaging import ImageRejected, load_image
 from model.preprocessing import sketch_array
 
 log = logging.getLogger("model.training")
@@ -44,6 +48,33 @@ def load_category(data_dir: Path, category: str, per_category: int) -> np.ndarra
 
 def normalise(bitmaps: np.ndarray) -> np.ndarray:
     return np.stack([sketch_array(Image.fromarray(b)) for b in bitmaps]).astype(np.float32)
+
+
+def load_feedback(folder: Path, categories: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The labelled uploads under ``folder/<category>/``, normalised as the service reads uploads,
+    with their category indices, and what was skipped (folders of other labels, unreadable files)."""
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    if not folder.is_dir():
+        raise FileNotFoundError(f"feedback folder {folder} not found")
+    skipped = {"other_labels": 0, "unreadable": 0}
+    index = {c: i for i, c in enumerate(categories)}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(p for p in sub.iterdir() if p.is_file())
+        if sub.name not in index:
+            skipped["other_labels"] += len(files)
+            log.warning("feedback: %d drawings labelled %r, not one of the categories; skipped", len(files), sub.name)
+            continue
+        for path in files:
+            try:
+                xs.append(sketch_array(load_image(path.read_bytes(), mode="L")))
+            except (ImageRejected, OSError, ValueError) as exc:
+                skipped["unreadable"] += 1
+                log.warning("feedback: %s skipped: %s", path, exc)
+                continue
+            ys.append(index[sub.name])
+    x = np.stack(xs).astype(np.float32) if xs else np.zeros((0, 28, 28, 1), dtype=np.float32)
+    return x, np.asarray(ys, dtype=np.int64), skipped
 
 
 def split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,6 +135,7 @@ def train(
     batch_size: int = 128,
     arch: str = "compact",
     per_category: int = 3000,
+    feedback: Path | None = None,
 ) -> dict[str, object]:
     import keras
 
@@ -116,11 +148,15 @@ def train(
         ys.append(np.full(len(bitmaps), index, dtype=np.int64))
     x, y = np.concatenate(xs), np.concatenate(ys)
     train_idx, val_idx, test_idx = split(len(x), np.random.default_rng(SEED))
+    x_train, y_train = x[train_idx], y[train_idx]
+    if feedback is not None:
+        fx, fy, skipped = load_feedback(feedback, categories)
+        x_train, y_train = np.concatenate([x_train, fx]), np.concatenate([y_train, fy])
 
-    model = build_model(arch, len(categories), total_steps=epochs * -(-len(train_idx) // batch_size))
+    model = build_model(arch, len(categories), total_steps=epochs * -(-len(x_train) // batch_size))
     history = model.fit(
-        x[train_idx],
-        y[train_idx],
+        x_train,
+        y_train,
         validation_data=(x[val_idx], y[val_idx]),
         epochs=epochs,
         batch_size=batch_size,
@@ -139,7 +175,7 @@ def train(
         "epochs": epochs,
         "batch_size": batch_size,
         "per_category": per_category,
-        "samples": {"train": len(train_idx), "validation": len(val_idx), "test": len(test_idx)},
+        "samples": {"train": len(x_train), "validation": len(val_idx), "test": len(test_idx)},
         "history": [
             {
                 "epoch": i + 1,
@@ -154,6 +190,16 @@ def train(
         "confusion_matrix": {"labels": categories, "rows_true_columns_predicted": confusion.tolist()},
         "seconds": round(time.time() - started, 1),
     }
+    if feedback is not None:
+        answered = model.predict(fx, verbose=0).argmax(axis=1) if len(fx) else fy
+        metrics["feedback"] = {
+            "folder": str(feedback),
+            "drawings": len(fx),
+            "per_category": {c: int((fy == i).sum()) for i, c in enumerate(categories)},
+            "skipped": skipped,
+            # Measured on drawings the model trained on: whether it learned them, not how it generalises.
+            "answered_as_labelled": float((answered == fy).mean()) if len(fx) else None,
+        }
     # Written last and atomically, so a half-trained model never looks finished.
     (out / "labels.txt").write_text("\n".join(categories) + "\n", encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -172,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--arch", choices=["compact", "deep"], default="compact")
     parser.add_argument("--per-category", type=int, default=3000, help="drawings used per category")
+    parser.add_argument(
+        "--feedback", type=Path, help="labelled uploads to train on too: export-feedback's <out>/sketch folder"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     metrics = train(
@@ -182,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         arch=args.arch,
         per_category=args.per_category,
+        feedback=args.feedback,
     )
     log.info("held-out accuracy %.4f in %.0f s -> %s", metrics["test_accuracy"], metrics["seconds"], args.out)
     return 0

@@ -1,0 +1,124 @@
+"""Exporting users' verdicts as labelled images to retrain from (``api.cli export-feedback``)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from PIL import Image, ImageDraw
+
+from api.app.core.config import Settings
+from api.app.feedback.export import MANIFEST, export_feedback, folder_name
+from model.training.train_sketch import load_feedback
+from tests.conftest import Users
+from tests.images import encode
+from tests.support import ROOT
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def drawing() -> bytes:
+    """Dark strokes on white, as the sketch canvas sends them; new each call."""
+    img = Image.new("RGB", (280, 280), "white")
+    rng = np.random.default_rng()
+    points = [tuple(int(v) for v in rng.integers(20, 260, 2)) for _ in range(6)]
+    ImageDraw.Draw(img).line(points, fill="black", width=12)
+    return encode(img, "PNG")
+
+
+async def classify(client: httpx.AsyncClient, headers: dict[str, str], data: bytes, models: str) -> dict[str, Any]:
+    r = await client.post("/model/predict", params={"models": models}, files={"file": ("d.png", data)}, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def verdict(client: httpx.AsyncClient, headers: dict[str, str], **body: object) -> None:
+    r = await client.post("/v1/feedback", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+
+
+def manifest(out: Path) -> list[dict[str, str]]:
+    with (out / MANIFEST).open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+async def test_export_writes_the_latest_label_of_each_image_and_model(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, tmp_path: Path
+) -> None:
+    _, headers = await users.create()
+    labelled, unlabelled = drawing(), drawing()
+    first = await classify(client, headers, labelled, "sketch@1,mobilenet_v2@1")
+    sketch, mobilenet = first["results"]["sketch@1"], first["results"]["mobilenet_v2@1"]
+    await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label="cat")
+    await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label="fish")
+    await verdict(client, headers, prediction_id=mobilenet["id"], is_correct=True)
+    second = await classify(client, headers, unlabelled, "sketch@1")
+    await verdict(client, headers, prediction_id=second["results"]["sketch@1"]["id"], is_correct=False)
+    sha_labelled = first["image_file_name"].split(".")[0]
+    sha_unlabelled = second["image_file_name"].split(".")[0]
+
+    out = tmp_path / "all"
+    async with app.state.sessionmaker() as session:
+        summary = await export_feedback(session=session, store=app.state.store, out=out)
+    rows = {(r["sha256"], r["model"]): r for r in manifest(out)}
+    assert summary.examples == len(rows) and summary.superseded >= 1 and summary.unlabelled >= 1
+    assert not any(sha == sha_unlabelled for sha, _model in rows)
+
+    mine = rows[(sha_labelled, "sketch")]
+    assert mine["path"] == f"sketch/fish/{sha_labelled}.png"
+    assert (mine["label"], mine["predicted"], mine["is_correct"], mine["version"]) == (
+        "fish",
+        sketch["label"],
+        "false",
+        "1",
+    )
+    assert (out / mine["path"]).read_bytes() == labelled
+    assert not (out / "sketch" / "cat" / f"{sha_labelled}.png").exists()
+    confirmed = rows[(sha_labelled, "mobilenet_v2")]
+    assert confirmed["path"] == f"mobilenet_v2/{folder_name(mobilenet['label'])}/{sha_labelled}.png"
+    assert (confirmed["label"], confirmed["is_correct"]) == (mobilenet["label"], "true")
+
+    # The sketch trainer reads the export as it is written.
+    x, y, _skipped = load_feedback(out / "sketch", ["cat", "fish"])
+    assert len(x) == sum(1 for r in rows.values() if r["model"] == "sketch" and r["label"] in ("cat", "fish"))
+    assert 1 in y.tolist()
+
+    only_sketch = tmp_path / "sketch-only"
+    async with app.state.sessionmaker() as session:
+        await export_feedback(session=session, store=app.state.store, out=only_sketch, model="sketch", version=1)
+        with pytest.raises(FileExistsError):
+            await export_feedback(session=session, store=app.state.store, out=only_sketch)
+    sketch_rows = manifest(only_sketch)
+    assert {r["model"] for r in sketch_rows} == {"sketch"} and any(r["sha256"] == sha_labelled for r in sketch_rows)
+
+
+def test_folder_names_stay_inside_their_folder() -> None:
+    assert folder_name("tabby") == "tabby"
+    assert folder_name("Athene cunicularia (Burrowing Owl)") == "Athene cunicularia (Burrowing Owl)"
+    assert folder_name("a/b") == "a_b"
+    assert folder_name("..") == "_.." and folder_name(".hidden") == "_.hidden" and folder_name("") == "_"
+
+
+def test_cli_exports_into_a_new_folder_only(settings: Settings, tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": settings.database_url,
+        "STORAGE_DIR": str(settings.storage_dir),
+        "PYTHONPATH": str(ROOT),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+    cmd = [sys.executable, "-m", "api.cli", "export-feedback", str(tmp_path / "out"), "--model", "sketch"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("exported ") and (tmp_path / "out" / MANIFEST).is_file()
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "not empty" in again.stderr
+    lonely = subprocess.run([*cmd[:5], "--version", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert lonely.returncode == 2 and "--version needs --model" in lonely.stderr
