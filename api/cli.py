@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         models = ", ".join(f"{name} {count}" for name, count in sorted(summary.by_model.items())) or "none"
         print(
             f"exported {summary.examples} labelled images to {args.out} ({models}); "
-            f"{summary.superseded} verdicts replaced by later ones, {summary.unlabelled} without a label"
+            f"{summary.superseded} verdicts replaced by later ones, {summary.unlabelled} without a label, "
+            f"{summary.missing} images missing from the store"
         )
         return 0
 

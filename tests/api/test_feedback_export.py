@@ -51,7 +51,7 @@ def manifest(out: Path) -> list[dict[str, str]]:
 
 
 async def test_export_writes_the_latest_label_of_each_image_and_model(
-    client: httpx.AsyncClient, app: FastAPI, users: Users, tmp_path: Path
+    client: httpx.AsyncClient, app: FastAPI, settings: Settings, users: Users, tmp_path: Path
 ) -> None:
     _, headers = await users.create()
     labelled, unlabelled = drawing(), drawing()
@@ -62,15 +62,20 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
     await verdict(client, headers, prediction_id=mobilenet["id"], is_correct=True)
     second = await classify(client, headers, unlabelled, "sketch@1")
     await verdict(client, headers, prediction_id=second["results"]["sketch@1"]["id"], is_correct=False)
-    sha_labelled = first["image_file_name"].split(".")[0]
-    sha_unlabelled = second["image_file_name"].split(".")[0]
+    third = await classify(client, headers, drawing(), "sketch@1")
+    await verdict(client, headers, prediction_id=third["results"]["sketch@1"]["id"], is_correct=True)
+    sha_labelled, sha_unlabelled, sha_lost = (r["image_file_name"].split(".")[0] for r in (first, second, third))
+    (settings.storage_dir / sha_lost[:2] / sha_lost).unlink()
 
     out = tmp_path / "all"
     async with app.state.sessionmaker() as session:
         summary = await export_feedback(session=session, store=app.state.store, out=out)
     rows = {(r["sha256"], r["model"]): r for r in manifest(out)}
     assert summary.examples == len(rows) and summary.superseded >= 1 and summary.unlabelled >= 1
-    assert not any(sha == sha_unlabelled for sha, _model in rows)
+    assert summary.missing >= 1 and summary.by_model["sketch"] == sum(
+        1 for r in rows.values() if r["model"] == "sketch"
+    )
+    assert not any(sha in (sha_unlabelled, sha_lost) for sha, _model in rows)
 
     mine = rows[(sha_labelled, "sketch")]
     assert mine["path"] == f"sketch/fish/{sha_labelled}.png"

@@ -8,6 +8,7 @@ with one row per exported verdict.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,8 @@ from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
+
+log = logging.getLogger("api.feedback")
 
 MANIFEST = "feedback.csv"
 MANIFEST_COLUMNS = (
@@ -82,6 +85,8 @@ class ExportSummary:
     """Verdicts replaced by a later one on the same image and model."""
     unlabelled: int = 0
     """Verdicts that say a prediction was wrong without saying what is right."""
+    missing: int = 0
+    """Labelled images whose file is gone from the blob store (left out)."""
 
 
 def folder_name(label: str) -> str:
@@ -128,11 +133,7 @@ async def labelled_examples(
             format=image_format,
             created_at=feedback.created_at,
         )
-    examples = list(latest.values())
-    summary.examples = len(examples)
-    for example in examples:
-        summary.by_model[example.model] = summary.by_model.get(example.model, 0) + 1
-    return examples, summary
+    return list(latest.values()), summary
 
 
 def _claim(out: Path) -> None:
@@ -165,7 +166,18 @@ async def export_feedback(
     export whose verdicts have changed since would otherwise stay among the new ones."""
     await to_thread.run_sync(_claim, out)
     examples, summary = await labelled_examples(session=session, model=model, version=version)
+    written: list[Example] = []
     for example in examples:
-        await to_thread.run_sync(_write_image, out / example.path, await store.get(example.sha256))
-    await to_thread.run_sync(_write_manifest, out, examples)
+        try:
+            data = await store.get(example.sha256)
+        except FileNotFoundError:
+            log.warning("feedback export: the file of image %s is missing; left out", example.sha256)
+            continue
+        await to_thread.run_sync(_write_image, out / example.path, data)
+        written.append(example)
+    await to_thread.run_sync(_write_manifest, out, written)
+    summary.missing = len(examples) - len(written)
+    summary.examples = len(written)
+    for example in written:
+        summary.by_model[example.model] = summary.by_model.get(example.model, 0) + 1
     return summary
