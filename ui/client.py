@@ -139,6 +139,11 @@ class Api:
     def stats(self) -> dict[str, Any]:
         return self.json("GET", "/v1/admin/stats")
 
+    def feedback_export(self, model: str | None = None) -> bytes:
+        """A zip of the images users labelled (admins): ``<model>/<label>/<image>`` and feedback.csv."""
+        params = {"model": model} if model else {}
+        return self._request("GET", "/v1/admin/feedback-export", params=params).content
+
     def readiness(self) -> dict[str, Any]:
         try:
             return httpx.get(self.base_url + "/health/ready", timeout=5).json()

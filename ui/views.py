@@ -322,3 +322,15 @@ def admin_page(api: Api) -> None:
             st.dataframe(pd.DataFrame(stats["most_corrected"]), hide_index=True)
             st.subheader("Latency")
             st.dataframe(pd.DataFrame(stats["latency"]), hide_index=True)
+        st.subheader("Retraining data")
+        st.caption("The images users labelled, a folder per model and label, with feedback.csv.")
+        every = "every model"
+        model = st.selectbox("Model", [every, *sorted({m["name"] for m in _models(api)})], key="export_model")
+        if st.button("Prepare the download", key="export_prepare"):
+            chosen = None if model == every else model
+            data = guarded(api, lambda: api.feedback_export(chosen))
+            if data is not None:
+                st.session_state["export_zip"] = (f"feedback-{chosen or 'all'}.zip", data)
+        if "export_zip" in st.session_state:
+            name, data = st.session_state["export_zip"]
+            st.download_button(f"Download {name}", data, file_name=name, mime="application/zip")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,10 @@ async def classify(client: httpx.AsyncClient, headers: dict[str, str], data: byt
 async def verdict(client: httpx.AsyncClient, headers: dict[str, str], **body: object) -> None:
     r = await client.post("/v1/feedback", json=body, headers=headers)
     assert r.status_code == 201, r.text
+
+
+def archives_on_disk() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("feedback-*.zip"))
 
 
 def manifest(out: Path) -> list[dict[str, str]]:
@@ -103,6 +110,34 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
             await export_feedback(session=session, store=app.state.store, out=only_sketch)
     sketch_rows = manifest(only_sketch)
     assert {r["model"] for r in sketch_rows} == {"sketch"} and any(r["sha256"] == sha_labelled for r in sketch_rows)
+
+
+async def test_admins_download_the_export_as_a_zip(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], users: Users
+) -> None:
+    _, headers = await users.create()
+    data = drawing()
+    answer = await classify(client, headers, data, "sketch@1")
+    await verdict(
+        client, headers, prediction_id=answer["results"]["sketch@1"]["id"], is_correct=False, correct_label="eye"
+    )
+    sha = answer["image_file_name"].split(".")[0]
+    leftovers = archives_on_disk()
+
+    r = await client.get("/v1/admin/feedback-export", params={"model": "sketch"}, headers=admin_headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert 'filename="feedback-sketch.zip"' in r.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
+        names = archive.namelist()
+        assert archive.read(f"sketch/eye/{sha}.png") == data
+        rows = list(csv.DictReader(io.StringIO(archive.read(MANIFEST).decode())))
+    assert int(r.headers["x-exported-images"]) == len(rows) == len(names) - 1
+    assert {row["model"] for row in rows} == {"sketch"}
+    assert archives_on_disk() == leftovers
+
+    assert (await client.get("/v1/admin/feedback-export", headers=headers)).status_code == 403
+    lonely = await client.get("/v1/admin/feedback-export", params={"version": 1}, headers=admin_headers)
+    assert lonely.status_code == 422 and lonely.json()["detail"] == "version needs model"
 
 
 def test_folder_names_stay_inside_their_folder() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 from collections.abc import Iterator
 
 import httpx
@@ -130,3 +132,19 @@ def test_history_sketch_and_admin_pages_render(api_url: str, portal: tuple[str, 
         app = AppTest.from_string(script, default_timeout=60).run()
         assert not app.exception, (page, app.exception)
         assert not app.error, (page, [e.value for e in app.error])
+
+
+def test_admins_prepare_the_retraining_download(api_url: str, portal: tuple[str, str, str]) -> None:
+    at = signed_in(api_url, portal[1], portal[2]).run()
+    script = (
+        "from ui import views\nfrom ui.client import Api\n"
+        f"views.admin_page(Api({api_url!r}, {at.session_state['token']!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    app.selectbox(key="export_model").set_value("sketch").run()
+    app.button(key="export_prepare").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    name, data = app.session_state["export_zip"]
+    assert name == "feedback-sketch.zip"
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert "feedback.csv" in archive.namelist()

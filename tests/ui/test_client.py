@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import uuid
+import zipfile
 
 import httpx
 import pytest
@@ -35,6 +37,19 @@ def test_upload_errors_carry_the_api_explanation(portal: tuple[str, str, str]) -
         with pytest.raises(ApiError) as info:
             api.upload("file.jpg", data)
         assert info.value.status == status and words in info.value.message
+
+
+def test_feedback_export_is_for_admins(portal: tuple[str, str, str]) -> None:
+    api = admin_api(portal)
+    with zipfile.ZipFile(io.BytesIO(api.feedback_export())) as archive:
+        assert "feedback.csv" in archive.namelist()
+    email = f"export-{uuid.uuid4().hex[:8]}@example.com"
+    api.create_user(email, "a-good-password", "", "user")
+    user = Api(portal[0])
+    user.login(email, "a-good-password")
+    with pytest.raises(ApiError) as info:
+        user.feedback_export()
+    assert info.value.status == 403
 
 
 def test_unauthorized_and_throttled(portal: tuple[str, str, str]) -> None:

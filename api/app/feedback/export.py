@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -181,3 +185,25 @@ async def export_feedback(
     for example in written:
         summary.by_model[example.model] = summary.by_model.get(example.model, 0) + 1
     return summary
+
+
+def _zip(folder: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix="feedback-", suffix=".zip")
+    os.close(fd)
+    with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return Path(name)
+
+
+async def export_archive(
+    *, session: AsyncSession, store: LocalBlobStore, model: str | None = None, version: int | None = None
+) -> tuple[Path, ExportSummary]:
+    """The export as one zip file (the caller deletes it), for a download."""
+    work = Path(await to_thread.run_sync(tempfile.mkdtemp))
+    try:
+        summary = await export_feedback(session=session, store=store, out=work / "export", model=model, version=version)
+        return await to_thread.run_sync(_zip, work / "export"), summary
+    finally:
+        await to_thread.run_sync(shutil.rmtree, work)
