@@ -99,10 +99,11 @@ def folder_name(label: str) -> str:
     return "_" + name if name in ("", ".", "..") or name.startswith(".") else name
 
 
-async def labelled_examples(
+async def _labelled_examples(
     *, session: AsyncSession, model: str | None = None, version: int | None = None
 ) -> tuple[list[Example], ExportSummary]:
-    """Every verdict with a label, the latest one winning for each image and model name."""
+    """Every verdict with a label, the latest one winning for each image and model name, and a
+    summary of the verdicts left out (``export_feedback`` adds what it wrote)."""
     where = [Feedback.prediction_id.is_not(None)]
     if model is not None:
         where.append(Prediction.model_name == model)
@@ -169,7 +170,7 @@ async def export_feedback(
     """Writes the labelled examples under ``out``, which must be new or empty: files of an earlier
     export whose verdicts have changed since would otherwise stay among the new ones."""
     await to_thread.run_sync(_claim, out)
-    examples, summary = await labelled_examples(session=session, model=model, version=version)
+    examples, summary = await _labelled_examples(session=session, model=model, version=version)
     written: list[Example] = []
     for example in examples:
         try:
