@@ -48,8 +48,8 @@ async def verdict(client: httpx.AsyncClient, headers: dict[str, str], **body: ob
     assert r.status_code == 201, r.text
 
 
-def archives_on_disk() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("feedback-*.zip"))
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
 
 
 def manifest(out: Path) -> list[dict[str, str]]:
@@ -113,7 +113,11 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
 
 
 async def test_admins_download_the_export_as_a_zip(
-    client: httpx.AsyncClient, admin_headers: dict[str, str], users: Users
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    users: Users,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, headers = await users.create()
     data = drawing()
@@ -122,7 +126,7 @@ async def test_admins_download_the_export_as_a_zip(
         client, headers, prediction_id=answer["results"]["sketch@1"]["id"], is_correct=False, correct_label="eye"
     )
     sha = answer["image_file_name"].split(".")[0]
-    leftovers = archives_on_disk()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the archive is built
 
     r = await client.get("/v1/admin/feedback-export", params={"model": "sketch"}, headers=admin_headers)
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
@@ -133,7 +137,7 @@ async def test_admins_download_the_export_as_a_zip(
         rows = list(csv.DictReader(io.StringIO(archive.read(MANIFEST).decode())))
     assert int(r.headers["x-exported-images"]) == len(rows) == len(names) - 1
     assert {row["model"] for row in rows} == {"sketch"}
-    assert archives_on_disk() == leftovers
+    assert files_under(tmp_path) == [], "the archive and its folder are deleted once sent"
 
     assert (await client.get("/v1/admin/feedback-export", headers=headers)).status_code == 403
     lonely = await client.get("/v1/admin/feedback-export", params={"version": 1}, headers=admin_headers)
