@@ -29,7 +29,7 @@ log = logging.getLogger("model.prepare")
 DEFAULT_CATEGORIES = "apple,bicycle,cat,diamond,eye,fish"
 
 
-def training_key(options: dict[str, Any], categories: list[str], data: Path) -> str:
+def training_key(options: dict[str, Any], categories: list[str], data: Path, feedback: Path | None = None) -> str:
     """Changes whenever the result of training could change."""
     digest = hashlib.sha256(json.dumps({**options, "categories": categories}, sort_keys=True).encode())
     for module in (train_sketch, preprocessing):
@@ -37,21 +37,41 @@ def training_key(options: dict[str, Any], categories: list[str], data: Path) -> 
     for category in categories:
         path = data / f"{category}.npy"
         digest.update(f"{category}:{path.stat().st_size if path.exists() else 'download'}".encode())
+    if feedback is not None:
+        # An export names each file by its content's hash: names and sizes change with the drawings.
+        for path in sorted(p for p in feedback.rglob("*") if p.is_file()):
+            digest.update(f"feedback:{path.relative_to(feedback).as_posix()}:{path.stat().st_size}".encode())
     return digest.hexdigest()[:16]
 
 
-def prepare_trained(key: str, options: dict[str, Any], out: Path, settings: ModelSettings) -> None:
-    options = dict(options)
+def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings) -> None:
+    """Trains the entry (or copies the same training from the cache). A ``feedback`` option names
+    a folder of labelled drawings (``api.cli export-feedback``'s ``<out>/sketch``) to train on too."""
+    options = dict(entry.training or {})
     categories = str(options.pop("categories", DEFAULT_CATEGORIES)).split(",")
-    cached = settings.training_cache_dir / training_key(options, categories, settings.quickdraw_dir)
+    feedback = options.pop("feedback", None)
+    folder = (
+        entry.resolve(str(feedback), models_dir=settings.models_dir, trained_dir=settings.trained_dir)
+        if feedback
+        else None
+    )
+    if folder is not None and not folder.is_dir():
+        # The worker then reports the missing model file as the version's unavailability reason.
+        log.warning("%s: feedback folder %s not found; not trained", entry.key, folder)
+        return
+    cached = settings.training_cache_dir / training_key(options, categories, settings.quickdraw_dir, folder)
     if (cached / "model.keras").exists():
         shutil.copytree(cached, out, dirs_exist_ok=True)
-        log.info("%s: copied from the training cache %s", key, cached)
+        log.info("%s: copied from the training cache %s", entry.key, cached)
         return
-    log.info("%s: training into %s with %s (data: %s)", key, out, options, settings.quickdraw_dir)
-    metrics = train_sketch.train(data=settings.quickdraw_dir, categories=categories, out=out, **options)
-    log.info("%s: held-out accuracy %.4f in %.0f s", key, metrics["test_accuracy"], metrics["seconds"])
-    keep_in_cache(key, out, cached)
+    log.info(
+        "%s: training into %s with %s (data: %s, feedback: %s)", entry.key, out, options, settings.quickdraw_dir, folder
+    )
+    metrics = train_sketch.train(
+        data=settings.quickdraw_dir, categories=categories, out=out, feedback=folder, **options
+    )
+    log.info("%s: held-out accuracy %.4f in %.0f s", entry.key, metrics["test_accuracy"], metrics["seconds"])
+    keep_in_cache(entry.key, out, cached)
 
 
 def prepare_quantized(entry: ModelEntry, source: ModelEntry, out: Path, settings: ModelSettings) -> None:
@@ -91,7 +111,7 @@ def main() -> int:
         if path.exists():
             log.info("%s: %s present", entry.key, path)
         elif entry.training:
-            prepare_trained(entry.key, entry.training, path.parent, settings)
+            prepare_trained(entry, path.parent, settings)
         elif entry.quantized_from:
             try:
                 prepare_quantized(entry, registry.get(entry.quantized_from), path, settings)

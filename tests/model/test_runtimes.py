@@ -26,6 +26,7 @@ from model.runtimes import (
 )
 from tests.conftest import Users
 from tests.images import encode
+from tests.model.drawings import canvas_png
 from tests.support import PHOTOS
 
 CATS = {"tabby", "tiger_cat", "Persian_cat", "Siamese_cat", "Egyptian_cat"}
@@ -177,12 +178,6 @@ def test_sketch_accuracy_from_metrics_and_rechecked(
 
     predicted = model.predict(normalise(x)).argmax(axis=1)
     assert abs(float((predicted == y).mean()) - metrics["test_accuracy"]) < 0.002
-
-
-def canvas_png(bitmap: np.ndarray) -> bytes:
-    """A dataset drawing as the UI canvas sends it: 280x280, black strokes on white, RGBA."""
-    big = Image.fromarray(255 - bitmap).resize((280, 280), Image.Resampling.BILINEAR)
-    return encode(big.convert("RGBA"), "PNG")
 
 
 def test_canvas_drawings_classified_like_dataset_bitmaps(

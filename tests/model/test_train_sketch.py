@@ -6,35 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from contracts.registry import Registry
 from model.config import ModelSettings
 from model.preprocessing import preprocess
-from model.training.train_sketch import load_category, load_feedback, train
-from tests.images import encode
+from model.training.train_sketch import load_feedback, train
+from tests.model.drawings import feedback_folder
 
 CATEGORIES = ["cat", "fish"]
-
-
-def canvas_png(bitmap: np.ndarray) -> bytes:
-    """A dataset drawing as the UI canvas sends it: 280x280, black strokes on white, RGBA."""
-    big = Image.fromarray(255 - bitmap).resize((280, 280), Image.Resampling.BILINEAR)
-    return encode(big.convert("RGBA"), "PNG")
-
-
-def feedback_folder(root: Path, model_settings: ModelSettings) -> tuple[Path, np.ndarray]:
-    """Two cat drawings the trainer has not seen otherwise, one labelled with another model's
-    label, one file that is no image."""
-    cats = load_category(model_settings.quickdraw_dir, "cat", 3000)[-2:]
-    folder = root / "sketch"
-    (folder / "cat").mkdir(parents=True)
-    (folder / "zebra").mkdir()
-    for i, bitmap in enumerate(cats):
-        (folder / "cat" / f"{i}.png").write_bytes(canvas_png(bitmap))
-    (folder / "cat" / "notes.txt").write_text("not a drawing")
-    (folder / "zebra" / "z.png").write_bytes(canvas_png(cats[0]))
-    return folder, cats
 
 
 def test_feedback_drawings_are_read_as_the_service_reads_uploads(
