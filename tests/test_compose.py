@@ -83,4 +83,4 @@ def test_monitoring_files_match_the_code() -> None:
     suffixes = ("_bucket", "_count", "_sum", "_total")
     base = {next((u[: -len(x)] for x in suffixes if u.endswith(x) and u[: -len(x)] in defined), u) for u in used}
     assert base <= defined, base - defined
-    assert {"portal_queue_depth", "portal_live_workers", "portal_end_to_end_seconds"} <= base
+    assert {"portal_queue_depth", "portal_live_workers", "portal_end_to_end_seconds", "portal_feedback"} <= base

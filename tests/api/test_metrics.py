@@ -64,6 +64,30 @@ async def test_metrics_after_real_jobs(client: httpx.AsyncClient, users: Users) 
     assert value(after, "portal_live_workers") >= 1
 
 
+@pytest.mark.usefixtures("worker")
+async def test_verdicts_are_counted_per_model_version(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    r = await client.post(
+        "/model/predict", params={"models": "sketch@2"}, files={"file": ("n.png", noise_png())}, headers=headers
+    )
+    prediction = r.json()["results"]["sketch@2"]
+    before = await scrape(client)
+    for body in ({"is_correct": True}, {"is_correct": False, "correct_label": "eye"}, {"is_correct": False}):
+        answer = await client.post("/v1/feedback", json={"prediction_id": prediction["id"], **body}, headers=headers)
+        assert answer.status_code == 201, answer.text
+    refused = await client.post(
+        "/v1/feedback",
+        json={"prediction_id": prediction["id"], "is_correct": False, "correct_label": "zebra"},
+        headers=headers,
+    )
+    assert refused.status_code == 422
+    after = await scrape(client)
+    model = {"model": "sketch", "version": "2"}
+    for verdict, count in (("correct", 1), ("wrong", 2)):
+        grown = value(after, "portal_feedback_total", **model, verdict=verdict)
+        assert grown - value(before, "portal_feedback_total", **model, verdict=verdict) == count, verdict
+
+
 def test_metrics_add_up_across_api_processes(settings: Settings) -> None:
     api, url = start_api("metrics-api", settings, API_WORKERS="2")
 

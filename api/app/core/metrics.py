@@ -26,6 +26,7 @@ JOBS = Counter(
 CACHE = Counter("portal_result_cache", "Result cache lookups", ("result",))
 RECLAIMED = Counter("portal_reclaimed_jobs", "Jobs answered after another worker had taken them", MODEL)
 DEAD_LETTERED = Counter("portal_dead_lettered_jobs", "Jobs given up after too many deliveries", MODEL)
+FEEDBACK = Counter("portal_feedback", "Users' verdicts on answers (correct, wrong)", ("model", "version", "verdict"))
 QUEUE_DEPTH = Gauge("portal_queue_depth", "Jobs waiting or being computed", MODEL, multiprocess_mode="max")
 LIVE_WORKERS = Gauge("portal_live_workers", "Model workers with a live heartbeat", multiprocess_mode="max")
 

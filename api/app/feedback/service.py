@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import model_labels
+from api.app.core import metrics
 from api.app.feedback.models import Feedback
 from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate
 from api.app.images.models import Image
@@ -64,6 +65,8 @@ async def create_feedback(
     )
     session.add(feedback)
     await session.commit()
+    verdict = "correct" if body.is_correct else "wrong"
+    metrics.FEEDBACK.labels(prediction.model_name, str(prediction.model_version), verdict).inc()
     return feedback
 
 
