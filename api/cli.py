@@ -10,11 +10,14 @@ import argparse
 import asyncio
 import getpass
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import HTTPException
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.core.config import get_settings
+from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.security import PasswordHasher
 from api.app.feedback.export import ExportSummary, export_feedback
@@ -23,35 +26,36 @@ from api.app.users.models import Role
 from api.app.users.service import check_password_policy, create_user
 
 
-async def _create_user(email: str, password: str, name: str, admin: bool) -> int:
-    settings = get_settings()
-    check_password_policy(password, settings)
+@asynccontextmanager
+async def _session(settings: Settings) -> AsyncIterator[AsyncSession]:
     engine = make_engine(settings)
     try:
         async with make_sessionmaker(engine)() as session:
-            user = await create_user(
-                session=session,
-                hasher=PasswordHasher(settings),
-                email=email,
-                password=password,
-                name=name,
-                role=Role.admin if admin else Role.user,
-            )
-            return user.id
+            yield session
     finally:
         await engine.dispose()
+
+
+async def _create_user(email: str, password: str, name: str, admin: bool) -> int:
+    settings = get_settings()
+    check_password_policy(password, settings)
+    async with _session(settings) as session:
+        user = await create_user(
+            session=session,
+            hasher=PasswordHasher(settings),
+            email=email,
+            password=password,
+            name=name,
+            role=Role.admin if admin else Role.user,
+        )
+        return user.id
 
 
 async def _export_feedback(out: Path, model: str | None, version: int | None) -> ExportSummary:
     settings = get_settings()
-    engine = make_engine(settings)
-    try:
-        async with make_sessionmaker(engine)() as session:
-            return await export_feedback(
-                session=session, store=LocalBlobStore(settings.storage_dir), out=out, model=model, version=version
-            )
-    finally:
-        await engine.dispose()
+    async with _session(settings) as session:
+        store = LocalBlobStore(settings.storage_dir)
+        return await export_feedback(session=session, store=store, out=out, model=model, version=version)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
 from api.app.core.config import Settings
-from api.app.feedback.export import MANIFEST, export_feedback, folder_name
+from api.app.feedback.export import MANIFEST, export_archive, export_feedback, folder_name
+from api.app.images.storage import LocalBlobStore
 from model.training.train_sketch import load_feedback
 from tests.conftest import Users
 from tests.images import encode
@@ -114,6 +115,7 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
 
 async def test_admins_download_the_export_as_a_zip(
     client: httpx.AsyncClient,
+    app: FastAPI,
     admin_headers: dict[str, str],
     users: Users,
     tmp_path: Path,
@@ -137,7 +139,17 @@ async def test_admins_download_the_export_as_a_zip(
         rows = list(csv.DictReader(io.StringIO(archive.read(MANIFEST).decode())))
     assert int(r.headers["x-exported-images"]) == len(rows) == len(names) - 1
     assert {row["model"] for row in rows} == {"sketch"}
-    assert files_under(tmp_path) == [], "the archive and its folder are deleted once sent"
+    assert files_under(tmp_path) == [], "the archive is deleted once sent"
+
+    # A store that fails half-way leaves no archive behind either.
+    class BrokenStore(LocalBlobStore):
+        async def get(self, sha256: str) -> bytes:
+            raise OSError("disk gone")
+
+    async with app.state.sessionmaker() as session:
+        with pytest.raises(OSError, match="disk gone"):
+            await export_archive(session=session, store=BrokenStore(tmp_path), model="sketch")
+    assert files_under(tmp_path) == []
 
     assert (await client.get("/v1/admin/feedback-export", headers=headers)).status_code == 403
     lonely = await client.get("/v1/admin/feedback-export", params={"version": 1}, headers=admin_headers)

@@ -8,11 +8,12 @@ with one row per exported verdict.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
-import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -141,22 +142,52 @@ async def _labelled_examples(
     return list(latest.values()), summary
 
 
-def _claim(out: Path) -> None:
+Write = Callable[[str, bytes], None]
+"""Stores one file of the export under its relative path: in a folder or in a zip archive."""
+
+
+def _manifest(examples: list[Example]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerows(e.row() for e in examples)
+    return buf.getvalue().encode("utf-8")
+
+
+async def _export(
+    *, session: AsyncSession, store: LocalBlobStore, write: Write, model: str | None, version: int | None
+) -> ExportSummary:
+    examples, summary = await _labelled_examples(session=session, model=model, version=version)
+    written: list[Example] = []
+    for example in examples:
+        try:
+            data = await store.get(example.sha256)
+        except FileNotFoundError:
+            log.warning("feedback export: the file of image %s is missing; left out", example.sha256)
+            continue
+        await to_thread.run_sync(write, example.path, data)
+        written.append(example)
+    await to_thread.run_sync(write, MANIFEST, _manifest(written))
+    summary.missing = len(examples) - len(written)
+    summary.examples = len(written)
+    for example in written:
+        summary.by_model[example.model] = summary.by_model.get(example.model, 0) + 1
+    return summary
+
+
+def _claim(out: Path) -> Write:
+    """A writer into ``out``, which must be new or empty: files of an earlier export whose verdicts
+    have changed since would otherwise stay among the new ones."""
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; export into a new folder")
     out.mkdir(parents=True, exist_ok=True)
 
+    def write(name: str, data: bytes) -> None:
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
-def _write_image(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _write_manifest(out: Path, examples: list[Example]) -> None:
-    with (out / MANIFEST).open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(e.row() for e in examples)
+    return write
 
 
 async def export_feedback(
@@ -167,44 +198,29 @@ async def export_feedback(
     model: str | None = None,
     version: int | None = None,
 ) -> ExportSummary:
-    """Writes the labelled examples under ``out``, which must be new or empty: files of an earlier
-    export whose verdicts have changed since would otherwise stay among the new ones."""
-    await to_thread.run_sync(_claim, out)
-    examples, summary = await _labelled_examples(session=session, model=model, version=version)
-    written: list[Example] = []
-    for example in examples:
-        try:
-            data = await store.get(example.sha256)
-        except FileNotFoundError:
-            log.warning("feedback export: the file of image %s is missing; left out", example.sha256)
-            continue
-        await to_thread.run_sync(_write_image, out / example.path, data)
-        written.append(example)
-    await to_thread.run_sync(_write_manifest, out, written)
-    summary.missing = len(examples) - len(written)
-    summary.examples = len(written)
-    for example in written:
-        summary.by_model[example.model] = summary.by_model.get(example.model, 0) + 1
-    return summary
+    """Writes the labelled examples and their manifest under ``out`` (new or empty)."""
+    write = await to_thread.run_sync(_claim, out)
+    return await _export(session=session, store=store, write=write, model=model, version=version)
 
 
-def _zip(folder: Path) -> Path:
+def _open_archive() -> zipfile.ZipFile:
     fd, name = tempfile.mkstemp(prefix="feedback-", suffix=".zip")
     os.close(fd)
-    with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(folder).as_posix())
-    return Path(name)
+    return zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED)
 
 
 async def export_archive(
     *, session: AsyncSession, store: LocalBlobStore, model: str | None = None, version: int | None = None
 ) -> tuple[Path, ExportSummary]:
-    """The export as one zip file (the caller deletes it), for a download."""
-    work = Path(await to_thread.run_sync(tempfile.mkdtemp))
+    """The export as one zip file, written straight from the blob store (the caller deletes it)."""
+    archive = await to_thread.run_sync(_open_archive)
+    path = Path(str(archive.filename))
     try:
-        summary = await export_feedback(session=session, store=store, out=work / "export", model=model, version=version)
-        return await to_thread.run_sync(_zip, work / "export"), summary
-    finally:
-        await to_thread.run_sync(shutil.rmtree, work)
+        try:
+            summary = await _export(session=session, store=store, write=archive.writestr, model=model, version=version)
+        finally:
+            await to_thread.run_sync(archive.close)
+    except BaseException:
+        await to_thread.run_sync(os.unlink, path)
+        raise
+    return path, summary
