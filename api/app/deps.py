@@ -1,24 +1,29 @@
-"""Typed dependencies every route takes: settings, sessions, Redis, the current user."""
+"""Typed dependencies every route takes: settings, sessions, Redis, shared objects, the current
+user, validated path objects and paging. Routes take only these aliases, never ``request.app.state``."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import OAuth2PasswordBearer
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from api.app.auth import service as auth_service
+from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings
 from api.app.core.security import PasswordHasher, TokenError
-from api.app.users import service as users_service
+from api.app.images import service as images_service
+from api.app.images.models import Image
+from api.app.images.storage import LocalBlobStore
 from api.app.users.models import User
 from contracts.registry import Registry
 
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/v1/auth/login")
-
-CREDENTIALS_ERROR = "Could not validate credentials"
 
 
 # The getters are async although they do no I/O: FastAPI runs a plain-function dependency in its
@@ -37,8 +42,16 @@ async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def get_engine(request: Request) -> AsyncEngine:
+    return request.app.state.engine
+
+
 async def get_redis(request: Request) -> Redis:
     return request.app.state.redis
+
+
+async def get_blocking_redis(request: Request) -> Redis:
+    return request.app.state.redis_blocking
 
 
 async def get_hasher(request: Request) -> PasswordHasher:
@@ -49,22 +62,33 @@ async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
+async def get_store(request: Request) -> LocalBlobStore:
+    return request.app.state.store
+
+
+async def get_workers(request: Request) -> WorkerDirectory:
+    return request.app.state.workers
+
+
+async def get_request_id(request: Request) -> str:
+    """The request's id (set by the request-context middleware), else a fresh one."""
+    return getattr(request.state, "request_id", "") or uuid.uuid4().hex
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
 """For routes that only read: no transaction, so no BEGIN and ROLLBACK round trips."""
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
+BlockingRedisDep = Annotated[Redis, Depends(get_blocking_redis)]
+"""A client without a socket timeout, for commands that block while they wait (BLPOP)."""
 HasherDep = Annotated[PasswordHasher, Depends(get_hasher)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+StoreDep = Annotated[LocalBlobStore, Depends(get_store)]
+WorkersDep = Annotated[WorkerDirectory, Depends(get_workers)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]
 TokenDep = Annotated[str, Depends(oauth2_scheme)]
-
-
-def unauthorized(detail: str = CREDENTIALS_ERROR) -> HTTPException:
-    return HTTPException(
-        status_code=status.HTTP_401_UNAUTHORIZED,
-        detail=detail,
-        headers={"WWW-Authenticate": "Bearer"},
-    )
 
 
 async def get_current_user(request: Request, token: TokenDep) -> User:
@@ -74,13 +98,13 @@ async def get_current_user(request: Request, token: TokenDep) -> User:
     try:
         claims = request.app.state.tokens.decode(token)
     except TokenError:
-        raise unauthorized() from None
+        raise auth_service.unauthorized() from None
     async with request.app.state.read_sessionmaker() as session:
-        user, revoked = await users_service.get_token_user(session=session, user_id=claims.user_id, jti=claims.jti)
+        user, revoked = await auth_service.get_token_user(session=session, user_id=claims.user_id, jti=claims.jti)
     if revoked:
-        raise unauthorized("Token has been revoked")
+        raise auth_service.unauthorized("Token has been revoked")
     if user is None or not user.is_active:
-        raise unauthorized()
+        raise auth_service.unauthorized()
     request.state.token_claims = claims
     request.state.user_id = user.id
     return user
@@ -96,3 +120,32 @@ async def get_admin_user(user: CurrentUser) -> User:
 
 
 AdminUser = Annotated[User, Depends(get_admin_user)]
+
+
+async def owned_image(image_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> Image:
+    """The image if it is the caller's; 404 otherwise, so that ids cannot be probed."""
+    image = await images_service.get_owned_image(session=session, owner_id=user.id, image_id=image_id)
+    if image is None:
+        raise HTTPException(status_code=404, detail="Image not found")
+    return image
+
+
+OwnedImage = Annotated[Image, Depends(owned_image)]
+
+
+@dataclass(frozen=True)
+class Page:
+    """Offset paging of a list route: ``skip`` rows, then at most ``limit``."""
+
+    skip: int
+    limit: int
+
+
+async def get_page(
+    skip: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> Page:
+    return Page(skip=skip, limit=limit)
+
+
+PageDep = Annotated[Page, Depends(get_page)]

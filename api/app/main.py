@@ -31,6 +31,7 @@ from api.app.images.router import router as images_router
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.background import JobRuntime, collect_results, reconcile
 from api.app.predictions.router import classic as predictions_classic
+from api.app.predictions.router import images as predictions_of_images
 from api.app.predictions.router import router as predictions_router
 from api.app.users.router import classic as users_classic
 from api.app.users.router import router as users_router
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         users_classic,
         users_router,
         images_router,
+        predictions_of_images,
         predictions_classic,
         predictions_router,
         feedback_classic,

@@ -6,7 +6,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from api.app.core import models  # noqa: F401  (registers every table)
+from api.app import models  # noqa: F401  (registers every table)
 from api.app.core.config import get_settings
 from api.app.core.db import Base
 

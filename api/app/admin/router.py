@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from api.app.admin import service
 from api.app.admin.schemas import Stats
-from api.app.core.responses import ADMIN, INVALID
-from api.app.deps import AdminUser, ReadSessionDep, RedisDep, RegistryDep, SettingsDep
+from api.app.core.responses import ADMIN, INVALID, Responses
+from api.app.deps import AdminUser, ReadSessionDep, RedisDep, RegistryDep, SettingsDep, StoreDep, WorkersDep
 from api.app.feedback.export import export_archive
 from api.app.predictions import queue
 
@@ -18,10 +18,10 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 @router.get("/stats", response_model=Stats, responses=ADMIN)
 async def stats(
-    request: Request,
     _: AdminUser,
     session: ReadSessionDep,
     redis: RedisDep,
+    workers: WorkersDep,
     registry: RegistryDep,
     settings: SettingsDep,
     days: Annotated[int, Query(ge=1, le=365)] = 30,
@@ -37,27 +37,27 @@ async def stats(
         accuracy=await service.accuracy(session),
         most_corrected=await service.most_corrected(session, 10),
         queue_depth=depth,
-        live_workers=len(await request.app.state.workers.heartbeats()),
+        live_workers=len(await workers.heartbeats()),
     )
 
 
-ZIP = {200: {"content": {"application/zip": {}}, "description": "A zip of <model>/<label>/<image> and feedback.csv"}}
+ZIP: Responses = {
+    200: {"content": {"application/zip": {}}, "description": "A zip of <model>/<label>/<image> and feedback.csv"}
+}
 
 
 @router.get("/feedback-export", response_class=FileResponse, responses={**ZIP, **ADMIN, **INVALID})
 async def feedback_export(
-    request: Request,
     _: AdminUser,
     session: ReadSessionDep,
+    store: StoreDep,
     model: Annotated[str | None, Query(description="only this model's predictions, e.g. sketch")] = None,
     version: Annotated[int | None, Query(ge=1, description="only this version of model")] = None,
 ) -> FileResponse:
     """The images users labelled, by model and label, with a manifest: data to retrain from (admin)."""
     if version is not None and model is None:
         raise HTTPException(status_code=422, detail="version needs model")
-    archive, summary = await export_archive(
-        session=session, store=request.app.state.store, model=model, version=version
-    )
+    archive, summary = await export_archive(session=session, store=store, model=model, version=version)
     return FileResponse(
         archive,
         media_type="application/zip",

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.app.admin.schemas import Accuracy, Correction, DailyCount, LatencyPercentiles
 from api.app.feedback.models import Feedback
 from api.app.predictions.models import Prediction
+from contracts.messages import PredictionStatus
 
 
 async def predictions_per_day(session: AsyncSession, days: int) -> list[DailyCount]:
@@ -30,7 +31,7 @@ async def latency(session: AsyncSession, days: int) -> list[LatencyPercentiles]:
     rows = await session.execute(
         select(Prediction.model_name, Prediction.model_version, func.count(), pct(0.5), pct(0.95), pct(0.99))
         .where(
-            Prediction.status == "done",
+            Prediction.status == PredictionStatus.done.value,
             Prediction.cached.is_(False),
             Prediction.created_at >= datetime.now(UTC) - timedelta(days=days),
         )

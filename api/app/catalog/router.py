@@ -1,27 +1,26 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from api.app.catalog.schemas import ModelPublic, ModelsPublic
-from api.app.catalog.service import listed_entries, model_labels
+from api.app.catalog.service import default_entry, listed_entries, model_labels
 from api.app.core.responses import AUTHED
-from api.app.deps import CurrentUser, RedisDep, RegistryDep, SettingsDep
-from api.app.predictions.service import default_entry
+from api.app.deps import CurrentUser, RedisDep, RegistryDep, SettingsDep, WorkersDep
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelsPublic, responses=AUTHED)
 async def list_models(
-    request: Request,
     _user: CurrentUser,
     redis: RedisDep,
+    workers: WorkersDep,
     registry: RegistryDep,
     settings: SettingsDep,
     labels: bool = True,
 ) -> ModelsPublic:
     """Every model version, whether it is available (and why not) and how many workers serve it."""
-    availability = await request.app.state.workers.availability()
+    availability = await workers.availability()
     default = default_entry(registry, availability, benchmark_mode=settings.benchmark_mode)
     data = []
     for entry in listed_entries(registry, benchmark_mode=settings.benchmark_mode):

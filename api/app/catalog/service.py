@@ -1,4 +1,5 @@
-"""What the live workers serve, read from their heartbeats in Redis."""
+"""The model catalogue: what the live workers serve (read from their heartbeats in Redis), and
+which registry entries a request's model references name."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from fastapi import HTTPException
 from redis.asyncio import Redis
 
+from api.app.core.config import Settings
 from contracts import keys, workers
 from contracts.messages import Heartbeat
-from contracts.registry import ModelEntry, Registry
+from contracts.registry import ModelEntry, Registry, parse_model_ref
 
 
 @dataclass
@@ -69,3 +72,57 @@ async def model_labels(redis: Redis, entry: ModelEntry) -> list[str] | None:
 
 def listed_entries(registry: Registry, *, benchmark_mode: bool) -> list[ModelEntry]:
     return registry.served(benchmark_mode=benchmark_mode) if benchmark_mode else registry.public()
+
+
+def _unavailable(detail: str, settings: Settings) -> HTTPException:
+    return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(settings.retry_after_seconds)})
+
+
+def default_entry(
+    registry: Registry, availability: dict[str, ModelAvailability], *, benchmark_mode: bool
+) -> ModelEntry | None:
+    """The first model of the registry's default order that a live worker serves."""
+    for name in registry.default_order:
+        entry = registry.find(name, None, benchmark_mode=benchmark_mode)
+        if entry is not None and (state := availability.get(entry.key)) and state.available:
+            return entry
+    return None
+
+
+def resolve_models(
+    refs: list[str],
+    *,
+    registry: Registry,
+    availability: dict[str, ModelAvailability],
+    settings: Settings,
+) -> list[ModelEntry]:
+    """Registry entries for the requested references (``name`` or ``name@version``), without
+    repeats, in the order asked; the default model when ``refs`` is empty.
+
+    Raises 422 for an unknown reference or a model its workers report broken, 503 (with
+    Retry-After) when no live worker serves it yet.
+    """
+    bench = settings.benchmark_mode
+    if not refs:
+        entry = default_entry(registry, availability, benchmark_mode=bench)
+        if entry is None:
+            raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
+        return [entry]
+    listed = sorted(m.key for m in registry.served(benchmark_mode=bench))
+    entries: list[ModelEntry] = []
+    for ref in refs:
+        try:
+            name, version = parse_model_ref(ref)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        entry = registry.find(name, version, benchmark_mode=bench)
+        if entry is None:
+            raise HTTPException(status_code=422, detail=f"Unknown model {ref!r}; available models: {', '.join(listed)}")
+        state = availability.get(entry.key)
+        if state is None or not state.available:
+            if state is not None and state.reasons:
+                raise HTTPException(status_code=422, detail=f"Model {entry.key} is unavailable: {state.reason()}")
+            raise _unavailable(f"No live model worker serves {entry.key} yet; retry shortly.", settings)
+        if entry not in entries:
+            entries.append(entry)
+    return entries

@@ -7,8 +7,9 @@ import logging
 import os
 import uuid
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from sqlalchemy import DateTime, MetaData
+from sqlalchemy import DateTime, ForeignKey, MetaData, func, select
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -47,6 +48,26 @@ class Base(DeclarativeBase):
 
 class TimestampMixin:
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class OwnedMixin(TimestampMixin):
+    """A row that belongs to one user, and goes when the user does."""
+
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+
+
+OwnedT = TypeVar("OwnedT", bound=OwnedMixin)
+
+
+async def owned_page(
+    session: AsyncSession, entity: type[OwnedT], *, owner_id: int, skip: int, limit: int
+) -> tuple[list[OwnedT], int]:
+    """One page of a user's rows, newest first, and how many rows the user has in all."""
+    count = await session.scalar(select(func.count()).select_from(entity).where(entity.owner_id == owner_id))
+    rows = await session.scalars(
+        select(entity).where(entity.owner_id == owner_id).order_by(entity.created_at.desc()).offset(skip).limit(limit)
+    )
+    return list(rows), int(count or 0)
 
 
 def make_engine(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from contracts.messages import ResultMessage
+from contracts.messages import PredictionStatus, ResultMessage
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH = (1, 2, 4, 8, 16, 32, 64)
@@ -38,7 +38,7 @@ def observe_result(result: ResultMessage) -> None:
         RECLAIMED.labels(*labels).inc()
     if result.dead_lettered:
         DEAD_LETTERED.labels(*labels).inc()
-    if result.status.value != "done":
+    if result.status is not PredictionStatus.done:
         return
     t = result.timings
     QUEUE_WAIT.labels(*labels).observe(t.queue_ms / 1000)

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from contracts.messages import ResultMessage
 
@@ -19,8 +19,16 @@ _STOP = object()
 
 
 class InferenceLogger:
-    def __init__(self, *, api_key: str, project: str, mode: str, directory: Path, capacity: int = 10_000) -> None:
-        self.settings = {"api_key": api_key, "project": project, "mode": mode, "directory": directory}
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        project: str,
+        mode: Literal["online", "offline"],
+        directory: Path,
+        capacity: int = 10_000,
+    ) -> None:
+        self.api_key, self.project, self.mode, self.directory = api_key, project, mode, directory
         self.rows: queue.Queue[Any] = queue.Queue(maxsize=capacity)
         self.dropped = 0
         self.thread = threading.Thread(target=self._run, name="wandb-logger", daemon=True)
@@ -49,13 +57,10 @@ class InferenceLogger:
 
         import wandb
 
-        os.environ["WANDB_API_KEY"] = self.settings["api_key"]
-        directory: Path = self.settings["directory"]
-        directory.mkdir(parents=True, exist_ok=True)
+        os.environ["WANDB_API_KEY"] = self.api_key
+        self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            run = wandb.init(
-                project=self.settings["project"], mode=self.settings["mode"], dir=str(directory), job_type="inference"
-            )
+            run = wandb.init(project=self.project, mode=self.mode, dir=str(self.directory), job_type="inference")
         except Exception:  # W&B being down must not affect the portal
             log.exception("Weights & Biases logging disabled: wandb.init failed")
             return

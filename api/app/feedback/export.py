@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from anyio import to_thread
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.feedback.models import Feedback
@@ -105,7 +105,7 @@ async def _labelled_examples(
 ) -> tuple[list[Example], ExportSummary]:
     """Every verdict with a label, the latest one winning for each image and model name, and a
     summary of the verdicts left out (``export_feedback`` adds what it wrote)."""
-    where = [Feedback.prediction_id.is_not(None)]
+    where: list[ColumnElement[bool]] = [Feedback.prediction_id.is_not(None)]
     if model is not None:
         where.append(Prediction.model_name == model)
     if version is not None:

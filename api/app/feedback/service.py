@@ -15,6 +15,7 @@ from api.app.feedback.models import Feedback
 from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate
 from api.app.images.models import Image
 from api.app.predictions.models import Job, Prediction
+from contracts.messages import PredictionStatus
 from contracts.registry import Registry
 
 
@@ -79,7 +80,7 @@ async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body:
             select(Prediction.id)
             .join(Job, Prediction.job_id == Job.id)
             .join(Image, Job.image_id == Image.id)
-            .where(Job.owner_id == owner_id, Image.sha256 == sha256, Prediction.status == "done")
+            .where(Job.owner_id == owner_id, Image.sha256 == sha256, Prediction.status == PredictionStatus.done.value)
             .order_by(Prediction.created_at.desc())
             .limit(1)
         )

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.app.deps import RegistryDep, SettingsDep
+from api.app.deps import EngineDep, RedisDep, RegistryDep, SettingsDep, WorkersDep
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -17,7 +18,7 @@ async def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _check(coro) -> dict[str, object]:  # type: ignore[no-untyped-def]
+async def _check(coro: Awaitable[object]) -> dict[str, object]:
     start = time.perf_counter()
     try:
         detail = await coro
@@ -28,22 +29,23 @@ async def _check(coro) -> dict[str, object]:  # type: ignore[no-untyped-def]
 
 
 @router.get("/ready", responses={503: {"description": "Not ready; the body says which check failed"}})
-async def ready(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
+async def ready(
+    engine: EngineDep, redis: RedisDep, workers: WorkersDep, registry: RegistryDep, settings: SettingsDep
+) -> JSONResponse:
     """Ready: PostgreSQL and Redis answer, and a warm worker serves every available model."""
-    state = request.app.state
 
-    async def db() -> str:
-        async with state.engine.connect() as conn:
+    async def db_check() -> str:
+        async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         return "reachable"
 
-    async def redis() -> str:
-        await state.redis.ping()
+    async def redis_check() -> str:
+        await redis.ping()
         return "reachable"
 
-    async def workers() -> dict[str, object]:
-        availability = await state.workers.availability(fresh=True)
-        beats = await state.workers.heartbeats()
+    async def workers_check() -> dict[str, object]:
+        availability = await workers.availability(fresh=True)
+        beats = await workers.heartbeats()
         if not beats:
             raise RuntimeError("no live model worker")
         entries = registry.served(benchmark_mode=settings.benchmark_mode)
@@ -53,9 +55,11 @@ async def ready(request: Request, registry: RegistryDep, settings: SettingsDep) 
             raise RuntimeError(f"no warm worker serves {', '.join(missing)}")
         return {"live_workers": len(beats), "models": {k: v.workers for k, v in availability.items()}}
 
-    checks = {"postgresql": await _check(db()), "redis": await _check(redis())}
+    checks = {"postgresql": await _check(db_check()), "redis": await _check(redis_check())}
     checks["workers"] = (
-        await _check(workers()) if checks["redis"]["status"] == "ok" else {"status": "fail", "detail": "redis down"}
+        await _check(workers_check())
+        if checks["redis"]["status"] == "ok"
+        else {"status": "fail", "detail": "redis down"}
     )
     ok = all(c["status"] == "ok" for c in checks.values())
     return JSONResponse(status_code=200 if ok else 503, content={"status": "ok" if ok else "fail", "checks": checks})

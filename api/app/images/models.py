@@ -2,19 +2,18 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import BigInteger, ForeignKey, Integer, String
+from sqlalchemy import BigInteger, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from api.app.core.db import Base, TimestampMixin, new_uuid
+from api.app.core.db import Base, OwnedMixin, new_uuid
 
 
-class Image(TimestampMixin, Base):
+class Image(OwnedMixin, Base):
     """One user's upload; the bytes live once per sha256 in the blob store."""
 
     __tablename__ = "images"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     format: Mapped[str] = mapped_column(String(16))
     width: Mapped[int] = mapped_column(Integer)

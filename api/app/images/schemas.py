@@ -5,8 +5,6 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
-from api.app.predictions.schemas import JobPublic
-
 
 class ImagePublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -20,10 +18,6 @@ class ImagePublic(BaseModel):
     filename: str
     file_name: str
     created_at: datetime
-
-
-class ImageDetail(ImagePublic):
-    jobs: list[JobPublic] = []
 
 
 class ImagesPublic(BaseModel):

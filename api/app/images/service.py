@@ -5,19 +5,19 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
+from typing import cast
 
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
 from PIL import Image as PILImage
 from PIL import ImageDraw
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
-from api.app.core.db import utcnow
+from api.app.core.db import owned_page, utcnow
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
-from api.app.predictions.models import Job
 from contracts.imaging import ImageInfo, ImageRejected, inspect_image, load_image
 
 
@@ -37,7 +37,7 @@ def _too_large(size: int | None, limit: int) -> HTTPException:
     return HTTPException(status_code=413, detail=f"The file is {got}; at most {limit:,} bytes are accepted.")
 
 
-_INSERT_IMAGE = insert(Image.__table__)
+_INSERT_IMAGE = insert(cast(Table, Image.__table__))
 
 
 async def _lock_blob(session: AsyncSession, sha256: str) -> None:
@@ -101,16 +101,8 @@ async def get_owned_image(*, session: AsyncSession, owner_id: int, image_id: uui
 
 
 async def list_images(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Image], int]:
-    count = await session.scalar(select(func.count()).select_from(Image).where(Image.owner_id == owner_id))
-    rows = await session.scalars(
-        select(Image).where(Image.owner_id == owner_id).order_by(Image.created_at.desc()).offset(skip).limit(limit)
-    )
-    return list(rows), int(count or 0)
-
-
-async def jobs_of_image(*, session: AsyncSession, image_id: uuid.UUID) -> list[Job]:
-    rows = await session.scalars(select(Job).where(Job.image_id == image_id).order_by(Job.created_at.desc()))
-    return list(rows)
+    """A page of the user's uploads, newest first, and their total count."""
+    return await owned_page(session, Image, owner_id=owner_id, skip=skip, limit=limit)
 
 
 async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: Image) -> None:
@@ -140,16 +132,7 @@ def _annotate(data: bytes, lines: list[str]) -> bytes:
     return buf.getvalue()
 
 
-async def render_view(*, store: LocalBlobStore, image: Image, jobs: list[Job]) -> bytes:
-    """The image as PNG with the latest answer of each model version written under it."""
-    seen: set[tuple[str, int]] = set()
-    lines: list[str] = []
-    for job in jobs:
-        for p in job.predictions:
-            if p.status != "done" or (p.model_name, p.model_version) in seen:
-                continue
-            seen.add((p.model_name, p.model_version))
-            top = ", ".join(f"{t['label']} {t['score']:.2f}" for t in p.top_k[:3])
-            lines.append(f"{p.model_name}@{p.model_version}: {top}")
+async def render_view(*, store: LocalBlobStore, image: Image, lines: list[str]) -> bytes:
+    """The image as PNG (at most 800 px wide or high) with ``lines`` written under it."""
     data = await store.get(image.sha256)
     return await to_thread.run_sync(_annotate, data, lines)

@@ -19,7 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from api.app.core.db import Base, TimestampMixin, new_uuid
+from api.app.core.db import Base, OwnedMixin, TimestampMixin, new_uuid
 from contracts.messages import PredictionStatus
 
 UNFINISHED = (PredictionStatus.queued.value, PredictionStatus.running.value)
@@ -28,7 +28,7 @@ UNFINISHED = (PredictionStatus.queued.value, PredictionStatus.running.value)
 UNFINISHED_JOB = text("status IN ({})".format(", ".join(f"'{status}'" for status in UNFINISHED)))
 
 
-class Job(TimestampMixin, Base):
+class Job(OwnedMixin, Base):
     """One request to classify one image with one or more model versions."""
 
     __tablename__ = "jobs"
@@ -37,7 +37,6 @@ class Job(TimestampMixin, Base):
     __table_args__ = (Index("ix_jobs_unfinished_owner_id", "owner_id", postgresql_where=UNFINISHED_JOB),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     status: Mapped[str] = mapped_column(String(16))
     request_id: Mapped[str] = mapped_column(String(64), default="")

@@ -1,11 +1,17 @@
+"""What the prediction routes take and return."""
+
 from __future__ import annotations
 
 import uuid
+from collections.abc import Set
 from datetime import datetime
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.messages import LabelScore
+from api.app.images.schemas import ImagePublic
+from api.app.predictions.models import Job, Prediction
+from contracts.messages import LabelScore, PredictionStatus
 
 
 class PredictRequest(BaseModel):
@@ -45,6 +51,29 @@ class PredictionPublic(BaseModel):
     error: str | None
     timings: TimingsPublic
 
+    @classmethod
+    def from_row(cls, p: Prediction, running: Set[uuid.UUID] = frozenset()) -> Self:
+        """A stored prediction; ``running``: ids a worker has taken (a queued row then shows as running)."""
+        return cls(
+            id=p.id,
+            model=p.model_name,
+            version=p.model_version,
+            status=PredictionStatus.running.value if p.id in running else p.status,
+            label=p.label,
+            score=p.score,
+            top_k=[LabelScore(**t) for t in p.top_k or []],
+            cached=p.cached,
+            random_weights=p.random_weights,
+            error=p.error,
+            timings=TimingsPublic(
+                queue_ms=p.queue_ms,
+                preprocess_ms=p.preprocess_ms,
+                inference_ms=p.inference_ms,
+                total_ms=p.total_ms,
+                batch_size=p.batch_size,
+            ),
+        )
+
 
 class JobPublic(BaseModel):
     job_id: uuid.UUID
@@ -54,10 +83,31 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     results: list[PredictionPublic]
 
+    @classmethod
+    def from_row(cls, job: Job, running: Set[uuid.UUID] = frozenset()) -> Self:
+        """A stored job with its predictions (loaded with it); ``running`` as in ``PredictionPublic``."""
+        status = job.status
+        if status == PredictionStatus.queued.value and running:
+            status = PredictionStatus.running.value
+        return cls(
+            job_id=job.id,
+            image_id=job.image_id,
+            status=status,
+            created_at=job.created_at,
+            finished_at=job.finished_at,
+            results=[PredictionPublic.from_row(p, running) for p in job.predictions],
+        )
+
 
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     count: int
+
+
+class ImageDetail(ImagePublic):
+    """One upload with the jobs that predicted it, newest first."""
+
+    jobs: list[JobPublic] = Field(default_factory=list)
 
 
 class ClassicPrediction(BaseModel):
@@ -69,3 +119,19 @@ class ClassicPrediction(BaseModel):
     version: int | None
     job_id: uuid.UUID
     results: dict[str, PredictionPublic]
+
+    @classmethod
+    def from_answers(cls, *, job_id: uuid.UUID, file_name: str, answers: list[PredictionPublic]) -> Self:
+        """The one-call answer: the first model's label and score (rounded to 4 places) on top,
+        every model's answer under ``results`` keyed ``name@version``."""
+        first = answers[0]
+        return cls(
+            success=first.status == PredictionStatus.done.value,
+            prediction=first.label,
+            score=round(first.score, 4) if first.score is not None else None,
+            image_file_name=file_name,
+            model=first.model,
+            version=first.version,
+            job_id=job_id,
+            results={f"{p.model}@{p.version}": p for p in answers},
+        )

@@ -1,33 +1,38 @@
-"""Prediction jobs: creation with admission control, storage of results, expiry."""
+"""Prediction jobs' life cycle: submission with admission control, queueing, waiting, storage of
+results, expiry; and reading them back."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from fastapi import HTTPException
+from fastapi import HTTPException, UploadFile
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.catalog.service import ModelAvailability
+from api.app.catalog.service import WorkerDirectory, resolve_models
 from api.app.core import metrics
 from api.app.core.config import Settings
+from api.app.core.db import owned_page
+from api.app.images import service as images_service
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue
 from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Prediction
-from api.app.predictions.schemas import JobPublic, PredictionPublic, TimingsPublic
+from api.app.predictions.schemas import ClassicPrediction, PredictionPublic
 from contracts import keys
-from contracts.messages import JobMessage, LabelScore, PredictionStatus, ResultMessage
-from contracts.registry import ModelEntry, Registry, parse_model_ref
+from contracts.imaging import ImageInfo
+from contracts.messages import JobMessage, PredictionStatus, ResultMessage
+from contracts.registry import ModelEntry, Registry
 
 # The statements that run once per prediction, built once: building a statement costs more CPU
 # than PostgreSQL spends running it, and this is the busiest path of the API. The UPDATEs set the
 # columns named in their execution parameters.
-_jobs, _predictions = Job.__table__, Prediction.__table__
+_jobs, _predictions = cast(Table, Job.__table__), cast(Table, Prediction.__table__)
 _LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id")).with_for_update()
 _STORE_ANSWER = (
     update(_predictions)
@@ -82,51 +87,6 @@ def _rejected(entries: list[ModelEntry]) -> None:
         metrics.JOBS.labels(entry.name, str(entry.version), "rejected").inc()
 
 
-def default_entry(
-    registry: Registry, availability: dict[str, ModelAvailability], *, benchmark_mode: bool
-) -> ModelEntry | None:
-    """The first model of the registry's default order that a live worker serves."""
-    for name in registry.default_order:
-        entry = registry.find(name, None, benchmark_mode=benchmark_mode)
-        if entry is not None and (state := availability.get(entry.key)) and state.available:
-            return entry
-    return None
-
-
-def resolve_models(
-    refs: list[str],
-    *,
-    registry: Registry,
-    availability: dict[str, ModelAvailability],
-    settings: Settings,
-) -> list[ModelEntry]:
-    """Registry entries for the requested references: 422 for unknown or broken, 503 for unserved."""
-    bench = settings.benchmark_mode
-    if not refs:
-        entry = default_entry(registry, availability, benchmark_mode=bench)
-        if entry is None:
-            raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
-        return [entry]
-    listed = sorted(m.key for m in registry.served(benchmark_mode=bench))
-    entries: list[ModelEntry] = []
-    for ref in refs:
-        try:
-            name, version = parse_model_ref(ref)
-        except ValueError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
-        entry = registry.find(name, version, benchmark_mode=bench)
-        if entry is None:
-            raise HTTPException(status_code=422, detail=f"Unknown model {ref!r}; available models: {', '.join(listed)}")
-        state = availability.get(entry.key)
-        if state is None or not state.available:
-            if state is not None and state.reasons:
-                raise HTTPException(status_code=422, detail=f"Model {entry.key} is unavailable: {state.reason()}")
-            raise _unavailable(f"No live model worker serves {entry.key} yet; retry shortly.", settings)
-        if entry not in entries:
-            entries.append(entry)
-    return entries
-
-
 async def admit(
     *,
     session: AsyncSession,
@@ -159,6 +119,150 @@ async def admit(
             _rejected(entries)
             raise _unavailable(f"The queue of {entry.key} is full; retry shortly.", settings)
     return cached
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload that passed validation and is not stored yet."""
+
+    data: bytes
+    info: ImageInfo
+    sha256: str
+    filename: str
+
+
+async def _admit_and_queue(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    settings: Settings,
+    entries: list[ModelEntry],
+    owner_id: int,
+    request_id: str,
+    deadline_seconds: float,
+    image: Image | Upload,
+) -> tuple[Image, Job]:
+    """Admission first, then the upload (when new) and its job are committed together and the job
+    queued: a rejected request stores nothing."""
+    cached = await admit(
+        session=session, redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=image.sha256
+    )
+    data = None
+    if isinstance(image, Upload):
+        data = image.data
+        image = await images_service.add_image(
+            session=session,
+            store=store,
+            owner_id=owner_id,
+            data=image.data,
+            info=image.info,
+            sha256=image.sha256,
+            filename=image.filename,
+        )
+    job = await create_job(
+        session=session,
+        redis=redis,
+        store=store,
+        image=image,
+        entries=entries,
+        cached=cached,
+        owner_id=owner_id,
+        deadline_seconds=deadline_seconds,
+        request_id=request_id,
+        data=data,
+    )
+    return image, job
+
+
+async def submit(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    workers: WorkerDirectory,
+    registry: Registry,
+    settings: Settings,
+    owner_id: int,
+    image_id: uuid.UUID,
+    refs: list[str],
+    request_id: str,
+) -> Job:
+    """Queues a prediction of one of the user's stored images by the models ``refs`` name (the
+    default model when empty); the job is answered later (``JOB_DEADLINE_SECONDS``).
+
+    Raises 404 (not the user's image), 422 (unknown or broken model), 429 (too many in flight),
+    503 (model not served yet, queue full or Redis down); a rejected request stores nothing.
+    """
+    image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
+    if image is None:
+        raise HTTPException(status_code=404, detail="Image not found")
+    entries = resolve_models(refs, registry=registry, availability=await workers.availability(), settings=settings)
+    _, job = await _admit_and_queue(
+        session=session,
+        redis=redis,
+        store=store,
+        settings=settings,
+        entries=entries,
+        owner_id=owner_id,
+        request_id=request_id,
+        deadline_seconds=settings.job_deadline_seconds,
+        image=image,
+    )
+    return job
+
+
+async def predict_and_wait(
+    *,
+    session: AsyncSession,
+    reader: AsyncSession,
+    redis: Redis,
+    blocking_redis: Redis,
+    store: LocalBlobStore,
+    workers: WorkerDirectory,
+    registry: Registry,
+    settings: Settings,
+    owner_id: int,
+    file: UploadFile,
+    refs: list[str],
+    request_id: str,
+) -> ClassicPrediction:
+    """Stores an upload, queues its prediction and waits for every answer, up to
+    ``PREDICT_DEADLINE_SECONDS``.
+
+    The models are checked before the body is read, and nothing is stored before admission.
+    Raises as ``submit`` does, plus 413/415/422 for the upload and 504 when the deadline passes
+    (the job then goes on and can be read by its id).
+    """
+    entries = resolve_models(refs, registry=registry, availability=await workers.availability(), settings=settings)
+    data = await images_service.read_upload(file, settings)
+    info, sha256 = await images_service.inspect_upload(data, settings)
+    image, job = await _admit_and_queue(
+        session=session,
+        redis=redis,
+        store=store,
+        settings=settings,
+        entries=entries,
+        owner_id=owner_id,
+        request_id=request_id,
+        deadline_seconds=settings.predict_deadline_seconds,
+        image=Upload(data=data, info=info, sha256=sha256, filename=file.filename or ""),
+    )
+    answers: list[PredictionPublic] | None = None
+    if job.status in UNFINISHED:
+        # Hand the database connection back while waiting: waiters must not exhaust the pool.
+        await session.close()
+        done = await queue.wait_done(blocking_redis, str(job.id), settings.predict_deadline_seconds)
+        if done is None:
+            raise HTTPException(
+                status_code=504,
+                detail=f"No result within {settings.predict_deadline_seconds:g} s; "
+                f"the job continues as GET /v1/predictions/{job.id}.",
+            )
+        answers = answers_from_payload(done)
+    if answers is None:
+        answers = [PredictionPublic.from_row(p) for p in await job_predictions(session=reader, job_id=job.id)]
+    return ClassicPrediction.from_answers(job_id=job.id, file_name=image.file_name, answers=answers)
 
 
 async def create_job(
@@ -308,7 +412,7 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple
 def answers_payload(predictions: list[Prediction]) -> bytes:
     """A finished job's answers, as the notification that wakes its waiting request carries them:
     the request answers from it instead of reading the job back."""
-    return _ANSWERS.dump_json([prediction_public(p) for p in predictions])
+    return _ANSWERS.dump_json([PredictionPublic.from_row(p) for p in predictions])
 
 
 def answers_from_payload(payload: bytes) -> list[PredictionPublic] | None:
@@ -383,56 +487,40 @@ async def job_predictions(*, session: AsyncSession, job_id: uuid.UUID) -> list[P
 
 
 async def get_owned_job(*, session: AsyncSession, owner_id: int, job_id: uuid.UUID) -> Job | None:
+    """The job if it is the user's, with its predictions; None otherwise."""
     return await session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
 
 
 async def list_jobs(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Job], int]:
-    count = await session.scalar(select(func.count()).select_from(Job).where(Job.owner_id == owner_id))
-    rows = await session.scalars(
-        select(Job).where(Job.owner_id == owner_id).order_by(Job.created_at.desc()).offset(skip).limit(limit)
-    )
-    return list(rows), int(count or 0)
+    """A page of the user's jobs (with their predictions), newest first, and their total count."""
+    return await owned_page(session, Job, owner_id=owner_id, skip=skip, limit=limit)
+
+
+async def jobs_of_image(*, session: AsyncSession, image_id: uuid.UUID) -> list[Job]:
+    """Every job that predicted an image, newest first, with their predictions."""
+    rows = await session.scalars(select(Job).where(Job.image_id == image_id).order_by(Job.created_at.desc()))
+    return list(rows)
+
+
+def latest_answers(jobs: list[Job]) -> list[str]:
+    """One line per model version, ``name@version: label score, ...`` (top 3, scores to 2 places),
+    from its newest successful answer; ``jobs`` newest first."""
+    seen: set[tuple[str, int]] = set()
+    lines: list[str] = []
+    for job in jobs:
+        for p in job.predictions:
+            if p.status != PredictionStatus.done.value or (p.model_name, p.model_version) in seen:
+                continue
+            seen.add((p.model_name, p.model_version))
+            top = ", ".join(f"{t['label']} {t['score']:.2f}" for t in p.top_k[:3])
+            lines.append(f"{p.model_name}@{p.model_version}: {top}")
+    return lines
 
 
 async def running_ids(redis: Redis, predictions: list[Prediction]) -> set[uuid.UUID]:
+    """Ids of the queued predictions a worker has taken (its running flag is set in Redis)."""
     queued = [p for p in predictions if p.status == PredictionStatus.queued.value]
     if not queued:
         return set()
     flags = await redis.mget([keys.job_running_key(str(p.id)) for p in queued])
     return {p.id for p, flag in zip(queued, flags, strict=True) if flag is not None}
-
-
-def prediction_public(p: Prediction, running: set[uuid.UUID] = frozenset()) -> PredictionPublic:  # type: ignore[assignment]
-    return PredictionPublic(
-        id=p.id,
-        model=p.model_name,
-        version=p.model_version,
-        status=PredictionStatus.running.value if p.id in running else p.status,
-        label=p.label,
-        score=p.score,
-        top_k=[LabelScore(**t) for t in p.top_k or []],
-        cached=p.cached,
-        random_weights=p.random_weights,
-        error=p.error,
-        timings=TimingsPublic(
-            queue_ms=p.queue_ms,
-            preprocess_ms=p.preprocess_ms,
-            inference_ms=p.inference_ms,
-            total_ms=p.total_ms,
-            batch_size=p.batch_size,
-        ),
-    )
-
-
-def job_public(job: Job, running: set[uuid.UUID] = frozenset()) -> JobPublic:  # type: ignore[assignment]
-    status = job.status
-    if status == PredictionStatus.queued.value and running:
-        status = PredictionStatus.running.value
-    return JobPublic(
-        job_id=job.id,
-        image_id=job.image_id,
-        status=status,
-        created_at=job.created_at,
-        finished_at=job.finished_at,
-        results=[prediction_public(p, running) for p in job.predictions],
-    )

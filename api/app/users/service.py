@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from fastapi import HTTPException, status
-from sqlalchemy import bindparam, exists, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.auth.models import RevokedToken
 from api.app.core.config import Settings
 from api.app.core.security import PasswordHasher
 from api.app.users.models import Role, User
@@ -34,21 +33,12 @@ def check_password_policy(password: str, settings: Settings) -> None:
 # Built once: every authenticated request loads its user, and building a statement costs more
 # CPU than running it.
 _USER_BY_ID = select(User).where(User.id == bindparam("b_user_id"))
-_USER_BY_TOKEN = select(User, exists().where(RevokedToken.jti == bindparam("b_jti"))).where(
-    User.id == bindparam("b_user_id")
-)
 _USERS_PAGE = select(User).order_by(User.id).offset(bindparam("b_skip")).limit(bindparam("b_limit"))
 _COUNT_USERS = select(func.count()).select_from(User)
 
 
 async def get_user(*, session: AsyncSession, user_id: int) -> User | None:
     return await session.scalar(_USER_BY_ID, {"b_user_id": user_id})
-
-
-async def get_token_user(*, session: AsyncSession, user_id: int, jti: str) -> tuple[User | None, bool]:
-    """A token's user (None when deleted) and whether the token was revoked, in one round trip."""
-    row = (await session.execute(_USER_BY_TOKEN, {"b_user_id": user_id, "b_jti": jti})).first()
-    return (row[0], bool(row[1])) if row is not None else (None, False)
 
 
 async def get_user_by_email(*, session: AsyncSession, email: str) -> User | None:
