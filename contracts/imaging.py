@@ -6,15 +6,29 @@ The API uses it to validate uploads and draw previews, the model service to buil
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
 
 # Pillow's own bomb guard is replaced by an explicit check against the configured limit.
 Image.MAX_IMAGE_PIXELS = None
+
+_ORIENTATION = 0x0112
+# EXIF Orientation to the transpose that makes the picture upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageRejected(Exception):
@@ -48,33 +62,66 @@ def _open(data: bytes) -> Image.Image:
     return img
 
 
+@contextmanager
+def _classified() -> Iterator[None]:
+    """Turns whatever Pillow raises on bad bytes into ImageRejected.
+
+    Pillow's decoders and metadata parsers raise OSError, SyntaxError, ValueError, EOFError,
+    TypeError, struct.error, IndexError and more on truncated or malformed files; every one of them
+    is the file's fault, never an outage of ours, so all of them are 422.
+    """
+    try:
+        yield
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(413, f"The image is too large to decode: {exc}") from None
+    except Exception as exc:
+        raise ImageRejected(422, f"The image cannot be read; it is truncated or corrupt ({_reason(exc)}).") from None
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF Orientation (1-8), 1 when absent or unreadable: a malformed EXIF block elsewhere
+    (a GPS entry of the wrong type, say) must not cost the picture its rotation."""
+    try:
+        value = img.getexif().get(_ORIENTATION, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF Orientation says. Unlike ``ImageOps.exif_transpose`` this does
+    not rewrite the EXIF block, which fails on blocks Pillow cannot serialise."""
+    method = _TRANSPOSE.get(_orientation(img))
+    return img.transpose(method) if method is not None else img
+
+
 def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
-    """Checks that ``data`` decodes completely; raises ImageRejected with 413, 415 or 422.
+    """Checks that ``data`` is an image every model can be given: decoded completely, turned
+    upright and converted to RGB exactly as ``load_image`` does for the workers. Returns its
+    format and upright size; raises ImageRejected with 413 (too many pixels), 415 (not an image
+    of a supported format) or 422 (truncated or corrupt at any step).
 
     The size check reads only the header, so a decompression bomb is refused before any pixel
-    buffer is allocated.
+    buffer is allocated; JPEGs are decoded at 1/8 scale, which reads every byte all the same.
     """
-    img = _open(data)
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageRejected(
-            413,
-            f"The image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted.",
-        )
-    try:
-        img.seek(0)
-        if img.format == "JPEG":
-            img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
-        img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageRejected(422, f"The image is truncated or corrupt: {exc}") from None
-    w, h = _oriented_size(img, width, height)
-    return ImageInfo(format=str(img.format), width=w, height=h)
-
-
-def _oriented_size(img: Image.Image, width: int, height: int) -> tuple[int, int]:
-    orientation = img.getexif().get(0x0112, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    with _classified():
+        img = _open(data)
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageRejected(
+                413,
+                f"The image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted.",
+            )
+        w, h = (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
+        _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
+        return ImageInfo(format=str(img.format), width=w, height=h)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -83,19 +130,12 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
 
 
-def load_image(data: bytes, *, mode: str = "RGB", draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decodes ``data`` into an upright ``mode`` ("RGB" or "L") image.
-
-    First frame of an animation; EXIF orientation applied; transparency composited over white
-    (a transparent sketch is dark strokes on white paper); CMYK, palette and 16-bit converted.
-    ``draft_size`` lets JPEG decode at a reduced scale when the model input is small.
-    """
-    img = _open(data)
+def _prepare(img: Image.Image, *, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
     img.seek(0)
     if draft_size is not None and img.format == "JPEG":
         img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, draft_size)
     img.load()
-    img = ImageOps.exif_transpose(img)
+    img = _upright(img)
     if img.mode.startswith("I"):
         img = _to_8bit(img)
     elif img.mode == "F":
@@ -106,3 +146,15 @@ def load_image(data: bytes, *, mode: str = "RGB", draft_size: tuple[int, int] | 
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
     return img.convert(mode)
+
+
+def load_image(data: bytes, *, mode: str = "RGB", draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decodes ``data`` into an upright ``mode`` ("RGB" or "L") image; raises ImageRejected as
+    ``inspect_image`` does.
+
+    First frame of an animation; EXIF orientation applied; transparency composited over white
+    (a transparent sketch is dark strokes on white paper); CMYK, palette and 16-bit converted.
+    ``draft_size`` lets JPEG decode at a reduced scale when the model input is small.
+    """
+    with _classified():
+        return _prepare(_open(data), mode=mode, draft_size=draft_size)

@@ -339,3 +339,37 @@ async def test_in_flight_count_reads_only_jobs_in_flight(app: Any, users: Users,
         finally:
             await raw.execute("RESET plan_cache_mode")
     assert "ix_jobs_unfinished_owner_id" in json.dumps(plan), plan
+
+
+BAD_UPLOADS = PHOTOS.parent / "bad_uploads"
+
+
+async def test_the_shared_bad_uploads_get_the_answers_their_readme_gives(
+    client: httpx.AsyncClient, users: Users
+) -> None:
+    _, headers = await users.create()
+    for name in ("truncated_half.webp", "jpeg_cut_inside_exif.jpg", "png_oversized_icc_chunk.png"):
+        r = await client.post(
+            "/model/predict",
+            params={"models": "mobilenet_v2@1"},
+            files={"file": (name, (BAD_UPLOADS / name).read_bytes())},
+            headers=headers,
+        )
+        assert r.status_code == 422, (name, r.status_code, r.text)
+        assert "Retry-After" not in r.headers and "truncated or corrupt" in r.json()["detail"], name
+    answers = {}
+    for name in ("parrot_upright.jpg", "parrot_exif6_malformed_gps.jpg"):
+        r = await client.post(
+            "/model/predict",
+            params={"models": "mobilenet_v2@1"},
+            files={"file": (name, (BAD_UPLOADS / name).read_bytes())},
+            headers=headers,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["success"] is True, body
+        answers[name] = body["prediction"]
+        image_id = (await client.get(f"/v1/predictions/{body['job_id']}", headers=headers)).json()["image_id"]
+        view = await client.get(f"/v1/images/{image_id}/view", headers=headers)
+        assert view.status_code == 200 and view.headers["content-type"] == "image/png", name
+    assert answers == {"parrot_upright.jpg": "macaw", "parrot_exif6_malformed_gps.jpg": "macaw"}

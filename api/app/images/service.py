@@ -135,4 +135,7 @@ def _annotate(data: bytes, lines: list[str]) -> bytes:
 async def render_view(*, store: LocalBlobStore, image: Image, lines: list[str]) -> bytes:
     """The image as PNG (at most 800 px wide or high) with ``lines`` written under it."""
     data = await store.get(image.sha256)
-    return await to_thread.run_sync(_annotate, data, lines)
+    try:
+        return await to_thread.run_sync(_annotate, data, lines)
+    except ImageRejected as exc:  # stored before uploads were checked as strictly as now
+        raise HTTPException(status_code=exc.status, detail=exc.message) from None
