@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from api.app.auth import service as auth_service
 from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings
+from api.app.core.fields import Skip
 from api.app.core.security import PasswordHasher, TokenError
 from api.app.images import service as images_service
 from api.app.images.models import Image
@@ -142,7 +143,7 @@ class Page:
 
 
 async def get_page(
-    skip: Annotated[int, Query(ge=0)] = 0,
+    skip: Skip = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> Page:
     return Page(skip=skip, limit=limit)

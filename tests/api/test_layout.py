@@ -11,10 +11,10 @@ import pytest
 APP = Path(__file__).resolve().parents[2] / "api" / "app"
 
 # Bottom to top: each domain may import those before it (and contracts/, libraries).
-LAYERS = ["core", "users", "auth", "images", "catalog", "predictions", "feedback", "admin", "health"]
+LAYERS = ["core", "images", "users", "auth", "catalog", "predictions", "feedback", "admin", "health"]
 # deps.py wires shared objects into routes: it sits above the domains it hands out and below every
 # router, so only routers import it.
-DEPS_USES = {"core", "users", "auth", "images", "catalog"}
+DEPS_USES = {"core", "images", "users", "auth", "catalog"}
 
 
 def _imported_app_modules(path: Path) -> set[str]:

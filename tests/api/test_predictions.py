@@ -179,6 +179,12 @@ async def test_feedback(client: httpx.AsyncClient, users: Users, admin_headers: 
         headers=headers,
     )
     assert bad.status_code == 422 and "unicorn" in bad.json()["detail"]
+    same = await client.post(
+        "/v1/feedback",
+        json={"prediction_id": prediction_id, "is_correct": False, "correct_label": "macaw"},
+        headers=headers,
+    )
+    assert same.status_code == 422 and "different label" in same.json()["detail"]
     right = await client.post(
         "/v1/feedback", json={"prediction_id": prediction_id, "is_correct": True}, headers=headers
     )

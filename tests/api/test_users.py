@@ -8,11 +8,14 @@ import uuid
 
 import httpx
 import pytest
+from fastapi import HTTPException
+from PIL import Image
 from pydantic import ValidationError
 
 from api.app.core.config import Settings
 from api.prestart import seed_admin
 from tests.conftest import ADMIN_EMAIL, PASSWORD, Users, login
+from tests.images import encode
 from tests.support import ROOT
 
 
@@ -198,3 +201,67 @@ async def test_first_admin_can_use_swagger_password_flow(client: httpx.AsyncClie
     )
     token = r.json()["access_token"]
     assert (await client.get("/user/", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+
+
+async def test_an_admin_cannot_demote_deactivate_or_delete_themselves(client: httpx.AsyncClient, users: Users) -> None:
+    admin, headers = await users.create(role="admin")
+    for method, body in (("PATCH", {"role": "user"}), ("PATCH", {"is_active": False}), ("DELETE", None)):
+        r = await client.request(method, f"/v1/users/{admin['id']}", json=body, headers=headers)
+        assert r.status_code == 409 and "yourself" in r.json()["detail"], (method, body, r.text)
+    me = (await client.get("/v1/users/me", headers=headers)).json()
+    assert me["role"] == "admin" and me["is_active"] is True
+    renamed = await client.patch(f"/v1/users/{admin['id']}", json={"name": "Still admin"}, headers=headers)
+    assert renamed.status_code == 200
+
+
+async def test_the_last_active_admin_keeps_their_rights(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+    """Two admins demoting each other: the rows are locked, and the second finds the first alone."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from api.app.users import service
+    from api.app.users.models import Role, User
+    from api.app.users.schemas import UserUpdate
+
+    a, _ = await users.create(role="admin")
+    b, _ = await users.create(role="admin")
+    # The service commits; inside an outer transaction its commits only release savepoints, and
+    # everything, the other admins' deactivation included, is rolled back at the end.
+    async with app.state.engine.connect() as conn:
+        outer = await conn.begin()
+        session = AsyncSession(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+        try:
+            await session.execute(
+                text("UPDATE users SET is_active = false WHERE role = 'admin' AND id NOT IN (:a, :b)"),
+                {"a": a["id"], "b": b["id"]},
+            )
+            actor_a, actor_b = await session.get(User, a["id"]), await session.get(User, b["id"])
+            assert actor_a is not None and actor_b is not None
+            demote = UserUpdate(role=Role.user)
+            await service.update_user(session=session, actor=actor_a, user=actor_b, changes=demote)
+            with pytest.raises(HTTPException) as refused:
+                await service.update_user(session=session, actor=actor_b, user=actor_a, changes=demote)
+            assert refused.value.status_code == 409 and "last active admin" in refused.value.detail
+        finally:
+            await session.close()
+            await outer.rollback()
+
+
+async def test_deleting_a_user_deletes_the_files_only_they_uploaded(
+    client: httpx.AsyncClient, app, users: Users, admin_headers: dict[str, str]  # type: ignore[no-untyped-def]
+) -> None:
+    leaving, leaving_headers = await users.create()
+    _, staying_headers = await users.create()
+    own = encode(Image.new("RGB", (9, 7), (1, 2, 3)), "PNG")
+    shared = encode(Image.new("RGB", (7, 9), (3, 2, 1)), "PNG")
+    own_image = (await client.post("/v1/images", files={"file": ("own.png", own)}, headers=leaving_headers)).json()
+    for headers in (leaving_headers, staying_headers):
+        r = await client.post("/v1/images", files={"file": ("shared.png", shared)}, headers=headers)
+        assert r.status_code == 201
+    store = app.state.store
+    shared_sha = r.json()["sha256"]
+    assert await store.exists(own_image["sha256"]) and await store.exists(shared_sha)
+    r = await client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers)
+    assert r.status_code == 204
+    assert not await store.exists(own_image["sha256"])
+    assert await store.exists(shared_sha)

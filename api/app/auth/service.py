@@ -92,7 +92,8 @@ async def login(
 ) -> str:
     """Returns an access token, or raises 401 (bad credentials), 403 (inactive) or 429."""
     await _check_throttle(redis, email, client, settings)
-    if len(password) > settings.password_max_length:
+    # No account has an oversized password or a NUL in its email: refuse without hashing work.
+    if len(password) > settings.password_max_length or "\x00" in email:
         # Never spend hashing work on an oversized password; it cannot match.
         await _record_failure(redis, email, client, settings)
         raise unauthorized(LOGIN_FAILED)

@@ -12,7 +12,10 @@ from jose import JWTError, jwt
 from passlib.context import CryptContext
 
 from api.app.core.config import Settings
+from api.app.core.fields import INT32_MAX
 
+MAX_JTI_LENGTH = 64
+"""The revocations table's key length."""
 ALGORITHM = "HS256"
 
 
@@ -80,8 +83,11 @@ def decode_access_token(token: str, settings: Settings) -> TokenClaims:
             algorithms=[ALGORITHM],
             options={"require_exp": True, "require_iat": True, "require_sub": True, "require_jti": True},
         )
+        user_id = int(payload["sub"])
+        if not 1 <= user_id <= INT32_MAX or len(str(payload["jti"])) > MAX_JTI_LENGTH:
+            raise TokenError("subject or token id out of range")
         return TokenClaims(
-            user_id=int(payload["sub"]),
+            user_id=user_id,
             jti=str(payload["jti"]),
             expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
         )

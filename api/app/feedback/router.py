@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
+from api.app.core.fields import Skip
 from api.app.core.responses import AUTHED, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE
 from api.app.deps import CurrentUser, ReadSessionDep, RedisDep, RegistryDep, SessionDep
 from api.app.feedback import service
@@ -13,7 +14,6 @@ from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate, Feed
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 classic = APIRouter(prefix="/feedback", tags=["feedback (classic)"])
 
-Skip = Annotated[int, Query(ge=0)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 

@@ -5,19 +5,21 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.app.core.fields import Text
+
 
 class FeedbackCreate(BaseModel):
     prediction_id: uuid.UUID
     is_correct: bool
-    correct_label: str | None = Field(default=None, max_length=200)
-    comment: str | None = Field(default=None, max_length=2000)
+    correct_label: Text | None = Field(default=None, max_length=200)
+    comment: Text | None = Field(default=None, max_length=2000)
 
 
 class ClassicFeedbackCreate(BaseModel):
     score: float | None = None
-    predicted_class: str | None = Field(default=None, max_length=200)
-    image_file_name: str | None = Field(default=None, max_length=100)
-    feedback: str | None = Field(default=None, max_length=2000)
+    predicted_class: Text | None = Field(default=None, max_length=200)
+    image_file_name: Text | None = Field(default=None, max_length=100)
+    feedback: Text | None = Field(default=None, max_length=2000)
 
 
 class FeedbackPublic(BaseModel):

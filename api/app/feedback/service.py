@@ -48,10 +48,18 @@ async def check_label(*, redis: Redis, registry: Registry, prediction: Predictio
 async def create_feedback(
     *, session: AsyncSession, redis: Redis, registry: Registry, owner_id: int, body: FeedbackCreate
 ) -> Feedback:
+    """Stores a verdict on one of the user's predictions. Raises 404 (not the user's prediction),
+    422 (a label the model does not know, or "wrong" with the predicted label itself) and 503 (the
+    model's labels are not known yet)."""
     prediction = await owned_prediction(session=session, owner_id=owner_id, prediction_id=body.prediction_id)
     if prediction is None:
         raise HTTPException(status_code=404, detail="Prediction not found")
     if body.correct_label is not None:
+        if not body.is_correct and body.correct_label == prediction.label:
+            raise HTTPException(
+                status_code=422,
+                detail=f"The prediction was {prediction.label!r}; a wrong prediction needs a different label.",
+            )
         await check_label(redis=redis, registry=registry, prediction=prediction, label=body.correct_label)
     feedback = Feedback(
         owner_id=owner_id,

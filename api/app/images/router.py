@@ -36,6 +36,7 @@ async def upload_image(
     file: Annotated[UploadFile, File(description="JPEG, PNG, GIF, BMP, WEBP or TIFF")],
 ) -> Image:
     """Upload an image."""
+    filename = service.upload_filename(file)
     data = await service.read_upload(file, settings)
     return await service.create_image(
         session=session,
@@ -43,7 +44,7 @@ async def upload_image(
         settings=settings,
         owner_id=user.id,
         data=data,
-        filename=file.filename or "",
+        filename=filename,
     )
 
 

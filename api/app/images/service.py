@@ -32,6 +32,14 @@ async def read_upload(file: UploadFile, settings: Settings) -> bytes:
     return data
 
 
+def upload_filename(file: UploadFile) -> str:
+    """The upload's file name as sent (at most 255 characters); 422 when it holds a NUL character."""
+    name = file.filename or ""
+    if "\x00" in name:
+        raise HTTPException(status_code=422, detail="The file name must not contain NUL characters.")
+    return name[:255]
+
+
 def _too_large(size: int | None, limit: int) -> HTTPException:
     got = f"{size:,} bytes" if size is not None else "larger than that"
     return HTTPException(status_code=413, detail=f"The file is {got}; at most {limit:,} bytes are accepted.")
@@ -105,7 +113,26 @@ async def list_images(*, session: AsyncSession, owner_id: int, skip: int, limit:
     return await owned_page(session, Image, owner_id=owner_id, skip=skip, limit=limit)
 
 
+async def owned_blobs(*, session: AsyncSession, owner_id: int) -> list[str]:
+    """The SHA-256 of every blob the user's uploads reference."""
+    return list(await session.scalars(select(Image.sha256).where(Image.owner_id == owner_id).distinct()))
+
+
+async def delete_unreferenced_blobs(*, session: AsyncSession, store: LocalBlobStore, sha256s: list[str]) -> int:
+    """Deletes the blobs no upload references any more (after their rows went); how many.
+    Commits, which releases the per-blob locks taken here."""
+    deleted = 0
+    for sha256 in sorted(sha256s):
+        await _lock_blob(session, sha256)
+        if not await session.scalar(select(func.count()).select_from(Image).where(Image.sha256 == sha256)):
+            await store.delete(sha256)
+            deleted += 1
+    await session.commit()
+    return deleted
+
+
 async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: Image) -> None:
+    """Deletes one upload (its jobs and feedback go with it), and its blob if no other upload has it."""
     sha256 = image.sha256
     await _lock_blob(session, sha256)
     await session.delete(image)

@@ -235,6 +235,7 @@ async def predict_and_wait(
     (the job then goes on and can be read by its id).
     """
     entries = resolve_models(refs, registry=registry, availability=await workers.availability(), settings=settings)
+    filename = images_service.upload_filename(file)
     data = await images_service.read_upload(file, settings)
     info, sha256 = await images_service.inspect_upload(data, settings)
     image, job = await _admit_and_queue(
@@ -246,7 +247,7 @@ async def predict_and_wait(
         owner_id=owner_id,
         request_id=request_id,
         deadline_seconds=settings.predict_deadline_seconds,
-        image=Upload(data=data, info=info, sha256=sha256, filename=file.filename or ""),
+        image=Upload(data=data, info=info, sha256=sha256, filename=filename),
     )
     answers: list[PredictionPublic] | None = None
     if job.status in UNFINISHED:

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.app.core.fields import Skip, UserId
 from api.app.core.responses import ADMIN, AUTHED, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import (
     AdminUser,
@@ -13,6 +14,7 @@ from api.app.deps import (
     ReadSessionDep,
     SessionDep,
     SettingsDep,
+    StoreDep,
 )
 from api.app.users import service
 from api.app.users.models import User
@@ -27,7 +29,6 @@ from api.app.users.schemas import (
 router = APIRouter(prefix="/v1/users", tags=["users"])
 classic = APIRouter(prefix="/user", tags=["users (classic)"])
 
-Skip = Annotated[int, Query(ge=0)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
@@ -77,34 +78,37 @@ async def change_password(
     settings: SettingsDep,
 ) -> Response:
     """Change my password (needs the current one)."""
-    ok, _ = await hasher.verify(body.current_password, user.hashed_password)
-    if not ok:
-        raise HTTPException(status_code=400, detail="Current password is incorrect")
-    service.check_password_policy(body.new_password, settings)
-    await service.set_password(session=session, hasher=hasher, user=user, password=body.new_password)
+    await service.change_password(
+        session=session,
+        hasher=hasher,
+        settings=settings,
+        user=user,
+        current=body.current_password,
+        new=body.new_password,
+    )
     return Response(status_code=204)
 
 
 @router.get("/{user_id}", response_model=UserPublic, responses={**AUTHED, **NOT_FOUND})
-async def read_user(user_id: int, user: CurrentUser, session: ReadSessionDep) -> User:
+async def read_user(user_id: UserId, user: CurrentUser, session: ReadSessionDep) -> User:
     """A user (self, or any for admins)."""
     if user.id != user_id and not user.is_admin:
         raise HTTPException(status_code=404, detail="User not found")
     return await _existing_user(session, user_id)
 
 
-@router.patch("/{user_id}", response_model=UserPublic, responses={**ADMIN, **NOT_FOUND})
-async def update_user(user_id: int, body: UserUpdate, session: SessionDep, _: AdminUser) -> User:
-    """Change a user's name, role or active flag (admin)."""
+@router.patch("/{user_id}", response_model=UserPublic, responses={**ADMIN, **NOT_FOUND, **CONFLICT})
+async def update_user(user_id: UserId, body: UserUpdate, session: SessionDep, admin: AdminUser) -> User:
+    """Change a user's name, role or active flag (admin; never oneself's or the last admin's rights)."""
     target = await _existing_user(session, user_id)
-    return await service.update_user(session=session, user=target, changes=body)
+    return await service.update_user(session=session, actor=admin, user=target, changes=body)
 
 
-@router.delete("/{user_id}", status_code=204, responses={**ADMIN, **NOT_FOUND})
-async def delete_user(user_id: int, session: SessionDep, _: AdminUser) -> Response:
-    """Delete a user and everything they own (admin)."""
+@router.delete("/{user_id}", status_code=204, responses={**ADMIN, **NOT_FOUND, **CONFLICT})
+async def delete_user(user_id: UserId, session: SessionDep, store: StoreDep, admin: AdminUser) -> Response:
+    """Delete a user, everything they own and their files no one else uploaded (admin)."""
     target = await _existing_user(session, user_id)
-    await service.delete_user(session=session, user=target)
+    await service.delete_user(session=session, store=store, actor=admin, user=target)
     return Response(status_code=204)
 
 
@@ -136,6 +140,6 @@ classic.add_api_route(
     delete_user,
     methods=["DELETE"],
     status_code=204,
-    responses={**ADMIN, **NOT_FOUND},
+    responses={**ADMIN, **NOT_FOUND, **CONFLICT},
     summary="Delete a user (admin).",
 )

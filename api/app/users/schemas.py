@@ -4,24 +4,25 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from api.app.core.fields import Text
 from api.app.users.models import Role
 
 
 class UserCreate(BaseModel):
     email: EmailStr
     password: str
-    name: str = Field(default="", max_length=200)
+    name: Text = Field(default="", max_length=200)
     role: Role = Role.user
 
 
 class SignupIn(BaseModel):
     email: EmailStr
     password: str
-    name: str = Field(default="", max_length=200)
+    name: Text = Field(default="", max_length=200)
 
 
 class UserUpdate(BaseModel):
-    name: str | None = Field(default=None, max_length=200)
+    name: Text | None = Field(default=None, max_length=200)
     role: Role | None = None
     is_active: bool | None = None
 

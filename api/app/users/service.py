@@ -9,6 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
 from api.app.core.security import PasswordHasher
+from api.app.images import service as images_service
+from api.app.images.storage import LocalBlobStore
 from api.app.users.models import Role, User
 from api.app.users.schemas import UserUpdate
 
@@ -35,6 +37,9 @@ def check_password_policy(password: str, settings: Settings) -> None:
 _USER_BY_ID = select(User).where(User.id == bindparam("b_user_id"))
 _USERS_PAGE = select(User).order_by(User.id).offset(bindparam("b_skip")).limit(bindparam("b_limit"))
 _COUNT_USERS = select(func.count()).select_from(User)
+_ACTIVE_ADMINS = (
+    select(User.id).where(User.role == Role.admin.value, User.is_active.is_(True)).order_by(User.id).with_for_update()
+)
 
 
 async def get_user(*, session: AsyncSession, user_id: int) -> User | None:
@@ -83,7 +88,29 @@ async def create_user(
     return user
 
 
-async def update_user(*, session: AsyncSession, user: User, changes: UserUpdate) -> User:
+async def _keep_an_admin(*, session: AsyncSession, actor: User, target: User, action: str) -> None:
+    """409 when ``action`` (demote, deactivate or delete) would take ``target``'s admin rights away
+    from the acting admin or from the last active admin. The active admins' rows are locked, so two
+    admins demoting each other at once cannot both succeed."""
+    if not (target.is_admin and target.is_active):
+        return
+    if target.id == actor.id:
+        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=f"You cannot {action} yourself.")
+    admins = list(await session.scalars(_ACTIVE_ADMINS))
+    if admins == [target.id]:
+        raise HTTPException(
+            status_code=status.HTTP_409_CONFLICT,
+            detail=f"Cannot {action} the last active admin; make another admin first.",
+        )
+
+
+async def update_user(*, session: AsyncSession, actor: User, user: User, changes: UserUpdate) -> User:
+    """Applies the fields ``changes`` sets. Raises 409 when it would demote or deactivate the
+    acting admin or the last active admin."""
+    if changes.role is not None and changes.role != Role.admin:
+        await _keep_an_admin(session=session, actor=actor, target=user, action="demote")
+    if changes.is_active is False:
+        await _keep_an_admin(session=session, actor=actor, target=user, action="deactivate")
     for field, value in changes.model_dump(exclude_unset=True).items():
         if value is not None:
             setattr(user, field, value.value if isinstance(value, Role) else value)
@@ -98,9 +125,28 @@ async def set_password(*, session: AsyncSession, hasher: PasswordHasher, user: U
     await session.commit()
 
 
-async def delete_user(*, session: AsyncSession, user: User) -> None:
+async def change_password(
+    *, session: AsyncSession, hasher: PasswordHasher, settings: Settings, user: User, current: str, new: str
+) -> None:
+    """Sets ``new`` after checking ``current``. Raises 400 when ``current`` is wrong (an oversized
+    one is wrong without being hashed) and 422 when ``new`` breaks the password policy."""
+    ok = False
+    if len(current) <= settings.password_max_length:
+        ok, _ = await hasher.verify(current, user.hashed_password)
+    if not ok:
+        raise HTTPException(status_code=400, detail="Current password is incorrect")
+    check_password_policy(new, settings)
+    await set_password(session=session, hasher=hasher, user=user, password=new)
+
+
+async def delete_user(*, session: AsyncSession, store: LocalBlobStore, actor: User, user: User) -> None:
+    """Deletes the user with everything they own, and the files of their uploads that no other
+    upload references. Raises 409 for the acting admin or the last active admin."""
+    await _keep_an_admin(session=session, actor=actor, target=user, action="delete")
+    blobs = await images_service.owned_blobs(session=session, owner_id=user.id)
     await session.delete(user)
-    await session.commit()
+    await session.flush()
+    await images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=blobs)
 
 
 async def ensure_admin(*, session: AsyncSession, hasher: PasswordHasher, email: str, password: str) -> bool:

@@ -1,0 +1,85 @@
+"""Values PostgreSQL cannot hold are the client's mistake: a clear 4xx at the edge, never a 503
+that blames the database (and invites a retry that can never succeed)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from jose import jwt
+
+from api.app.core.config import Settings
+from tests.conftest import PASSWORD, Users
+from tests.images import encode, split_colour
+
+
+def no_outage(r: httpx.Response) -> None:
+    assert 400 <= r.status_code < 500, (r.request.url, r.status_code, r.text)
+    assert "Retry-After" not in r.headers
+
+
+async def test_nul_characters_are_refused_where_they_would_be_stored(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    user, headers = await users.create()
+    # Built by hand: httpx would percent-encode the NUL, as browsers do; other clients send it raw.
+    boundary = "portal-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a\x00b.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + encode(split_colour(), "PNG")
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    upload = await client.post(
+        "/v1/images",
+        content=body,
+        headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    no_outage(upload)
+    assert upload.status_code == 422 and "NUL" in upload.json()["detail"]
+    named = await client.patch(f"/v1/users/{user['id']}", json={"name": "x\x00y"}, headers=admin_headers)
+    no_outage(named)
+    classic = await client.post(
+        "/feedback/", json={"feedback": "fine\x00", "predicted_class": "macaw"}, headers=headers
+    )
+    no_outage(classic)
+    export = await client.get("/v1/admin/feedback-export", params={"model": "sketch\x00"}, headers=admin_headers)
+    no_outage(export)
+    login = await client.post("/v1/auth/login", data={"username": "a\x00@example.com", "password": PASSWORD})
+    assert login.status_code == 401
+
+
+async def test_numbers_beyond_the_database_columns_are_422(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    _, headers = await users.create()
+    for path in ("/v1/images", "/v1/predictions", "/v1/feedback", "/v1/users"):
+        r = await client.get(path, params={"skip": 9223372036854775808}, headers=admin_headers)
+        no_outage(r)
+        assert r.status_code == 422, path
+    for method in ("GET", "PATCH", "DELETE"):
+        r = await client.request(method, "/v1/users/2147483648", json={"name": "x"}, headers=admin_headers)
+        assert r.status_code == 422, (method, r.text)
+    r = await client.get("/user/2147483648", headers=headers)
+    assert r.status_code == 422
+
+
+async def test_a_token_whose_subject_is_out_of_range_is_401(client: httpx.AsyncClient, settings: Settings) -> None:
+    now = datetime.now(UTC)
+    for sub, jti in (("2147483648", "a"), ("0", "a"), ("1", "j" * 65)):
+        claims = {"sub": sub, "iat": now, "exp": now + timedelta(minutes=5), "jti": jti}
+        token = jwt.encode(claims, settings.secret_key, algorithm="HS256")
+        r = await client.get("/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401, (sub, r.text)
+
+
+async def test_an_oversized_current_password_is_simply_wrong(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    r = await client.patch(
+        "/v1/users/me/password",
+        json={"current_password": "x" * 5000, "new_password": "another-password"},
+        headers=headers,
+    )
+    assert r.status_code == 400 and r.json()["detail"] == "Current password is incorrect"
