@@ -21,6 +21,7 @@ def main() -> None:
         log_config=None,
         proxy_headers=True,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.api_keep_alive_seconds,
     )
 
 

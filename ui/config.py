@@ -14,8 +14,8 @@ class UISettings(BaseSettings):
 
     api_url: str = "http://localhost:8000"
     """Base URL of the portal's API, as the UI server reaches it."""
-    ui_host: str = "0.0.0.0"
-    """Interface the UI binds to."""
+    ui_host: str = "127.0.0.1"
+    """Interface the UI binds to (0.0.0.0 to be reachable from other machines, as in containers)."""
     ui_port: int = 9090
     """Port the UI listens on."""
     api_timeout_seconds: float = 40.0

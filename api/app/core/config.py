@@ -23,12 +23,16 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     """Deployment kind; anything but development refuses insecure defaults."""
-    api_host: str = "0.0.0.0"
-    """Interface the API binds to."""
+    api_host: str = "127.0.0.1"
+    """Interface the API binds to (0.0.0.0 to be reachable from other machines, as in containers)."""
     api_port: int = 8000
     """Port the API listens on."""
     api_workers: int = 1
     """Uvicorn worker processes for the API."""
+    api_keep_alive_seconds: float = 75.0
+    """How long an idle HTTP connection stays open. Longer than clients' and load balancers' own
+    idle timeouts (60 s on common load balancers), so the server never closes a connection just as
+    a client reuses it."""
     secret_key: str = DEV_SECRET_KEY
     """HMAC key that signs access tokens (HS256)."""
     access_token_expire_minutes: int = 30
