@@ -91,21 +91,26 @@ async def test_unknown_and_unavailable_models_are_422(client: httpx.AsyncClient,
     r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@9"]}, headers=headers)
     assert r.status_code == 422
     r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": ["resnet50"]}, headers=headers)
-    assert r.status_code == 422 and "unavailable" in r.json()["detail"] and "not found" in r.json()["detail"]
+    assert r.status_code == 422 and "unavailable" in r.json()["detail"] and "not installed" in r.json()["detail"]
+    assert "/" not in r.json()["detail"], "a server path reached a user"
     r = await client.post(
         "/v1/predictions", json={"image_id": image["id"], "models": ["resnet50_random"]}, headers=headers
     )
     assert r.status_code == 422
 
 
-async def test_models_listing(client: httpx.AsyncClient, users: Users) -> None:
+async def test_models_listing(client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]) -> None:
     _, headers = await users.create()
     body = (await client.get("/v1/models", headers=headers)).json()
     models = {m["ref"]: m for m in body["data"]}
     assert "resnet50_random@1" not in models
     assert body["default"] == "mobilenet_v2@1"
     resnet = models["resnet50@1"]
-    assert not resnet["available"] and "not found" in resnet["reason"] and resnet["workers"] == 0
+    assert not resnet["available"] and resnet["workers"] == 0
+    # Users read plain words; the worker's paths and errors are for admins.
+    assert resnet["reason"] == "its model files are not installed on this server"
+    for_admins = {m["ref"]: m for m in (await client.get("/v1/models", headers=admin_headers)).json()["data"]}
+    assert "not found" in for_admins["resnet50@1"]["reason"] and "/" in for_admins["resnet50@1"]["reason"]
     mobilenet = models["mobilenet_v2@1"]
     assert mobilenet["available"] and mobilenet["workers"] == 1 and mobilenet["num_classes"] == 1000
     assert mobilenet["precision"] == "fp32" and models["mobilenet_v2@2"]["precision"] == "int8"

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.app.catalog.schemas import ModelPublic, ModelsPublic
-from api.app.catalog.service import default_entry, listed_entries, model_labels
+from api.app.catalog.service import NOT_SERVED, default_entry, listed_entries, model_labels
 from api.app.core.responses import AUTHED
 from api.app.deps import CurrentUser, RedisDep, RegistryDep, SettingsDep, WorkersDep
 
@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ModelsPublic, responses=AUTHED)
 async def list_models(
-    _user: CurrentUser,
+    user: CurrentUser,
     redis: RedisDep,
     workers: WorkersDep,
     registry: RegistryDep,
@@ -39,7 +39,7 @@ async def list_models(
                 num_classes=len(names) if names else (state.num_classes if state else 0),
                 labels=names if labels else None,
                 available=bool(state and state.available),
-                reason=state.reason() if state else "no live model worker serves it",
+                reason=(state.reason() if user.is_admin else state.public_reason()) if state else NOT_SERVED,
                 workers=state.workers if state else 0,
                 random_weights=entry.weights == "random",
                 default=default is not None and default.key == entry.key,

@@ -15,6 +15,9 @@ from contracts import keys, workers
 from contracts.messages import Heartbeat
 from contracts.registry import ModelEntry, Registry, parse_model_ref
 
+NOT_SERVED = "no live model worker serves it"
+NOT_INSTALLED = "its model files are not installed on this server"
+
 
 @dataclass
 class ModelAvailability:
@@ -28,11 +31,19 @@ class ModelAvailability:
         return self.workers > 0
 
     def reason(self) -> str | None:
+        """Why the version cannot answer, as its workers reported it (paths and errors included:
+        for admins); None when it can."""
         if self.available:
             return None
         if self.reasons:
             return "; ".join(sorted(set(self.reasons)))
-        return "no live model worker serves it"
+        return NOT_SERVED
+
+    def public_reason(self) -> str | None:
+        """``reason`` in plain words, without the servers' paths, URLs and error text."""
+        if self.available:
+            return None
+        return NOT_INSTALLED if self.reasons else NOT_SERVED
 
 
 class WorkerDirectory:
@@ -121,7 +132,9 @@ def resolve_models(
         state = availability.get(entry.key)
         if state is None or not state.available:
             if state is not None and state.reasons:
-                raise HTTPException(status_code=422, detail=f"Model {entry.key} is unavailable: {state.reason()}")
+                raise HTTPException(
+                    status_code=422, detail=f"Model {entry.key} is unavailable: {state.public_reason()}"
+                )
             raise _unavailable(f"No live model worker serves {entry.key} yet; retry shortly.", settings)
         if entry not in entries:
             entries.append(entry)
