@@ -18,6 +18,7 @@ from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings
 from api.app.core.fields import Skip
 from api.app.core.security import PasswordHasher, TokenError
+from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
@@ -71,6 +72,15 @@ async def get_workers(request: Request) -> WorkerDirectory:
     return request.app.state.workers
 
 
+async def get_throttle(request: Request) -> AttemptThrottle:
+    return request.app.state.throttle
+
+
+async def get_client_address(request: Request) -> str:
+    """The client's address as the server saw it (a trusted proxy's X-Forwarded-For applied)."""
+    return request.client.host if request.client else "unknown"
+
+
 async def get_request_id(request: Request) -> str:
     """The request's id (set by the request-context middleware), else a fresh one."""
     return getattr(request.state, "request_id", "") or uuid.uuid4().hex
@@ -89,6 +99,8 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 StoreDep = Annotated[LocalBlobStore, Depends(get_store)]
 WorkersDep = Annotated[WorkerDirectory, Depends(get_workers)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+ThrottleDep = Annotated[AttemptThrottle, Depends(get_throttle)]
+ClientAddressDep = Annotated[str, Depends(get_client_address)]
 TokenDep = Annotated[str, Depends(oauth2_scheme)]
 
 

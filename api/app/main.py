@@ -23,6 +23,7 @@ from api.app.core.redis import make_redis
 from api.app.core.request_context import RequestContextMiddleware
 from api.app.core.responses import UNAVAILABLE
 from api.app.core.security import PasswordHasher, VerifiedTokens
+from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
 from api.app.feedback.router import classic as feedback_classic
 from api.app.feedback.router import router as feedback_router
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await open_pool(state.background_engine, 2)
         state.redis = make_redis(settings)
         state.redis_blocking = make_redis(settings, blocking=True)
+        state.throttle = AttemptThrottle(settings, state.redis)
         state.hasher = PasswordHasher(settings)
         state.tokens = VerifiedTokens(settings)
         state.registry = load_registry(settings.registry_path)

@@ -351,3 +351,26 @@ def _probe_profile(url: str, headers: dict[str, str], burst: list[asyncio.Task[i
             assert probe.get("/v1/users/me").status_code == 200
             latencies.append(time.perf_counter() - start)
     return latencies
+
+
+async def test_parallel_guesses_cannot_race_the_failure_count(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+    """After one failure, ten wrong passwords at once: at most four more are checked (401), the
+    rest are refused (429), as if they had come one after another."""
+    client = client_at(app, "10.0.0.3")
+    user, _ = await users.create()
+    bad = {"username": user["email"], "password": "wrong-password"}
+    assert (await client.post("/v1/auth/login", data=bad)).status_code == 401
+    codes = sorted(
+        r.status_code for r in await asyncio.gather(*(client.post("/v1/auth/login", data=bad) for _ in range(10)))
+    )
+    assert codes == [401] * 4 + [429] * 6
+
+
+async def test_password_changes_are_throttled_like_logins(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+    client = client_at(app, "10.0.0.4")
+    _, headers = await users.create()
+    wrong = {"current_password": "not-my-password", "new_password": "another-password"}
+    codes = [(await client.patch("/v1/users/me/password", json=wrong, headers=headers)).status_code for _ in range(6)]
+    assert codes == [400] * 5 + [429]
+    right = {"current_password": PASSWORD, "new_password": "another-password"}
+    assert (await client.patch("/v1/users/me/password", json=right, headers=headers)).status_code == 429

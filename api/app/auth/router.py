@@ -8,7 +8,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 from api.app.auth import service
 from api.app.auth.schemas import Token
 from api.app.core.responses import AUTHED, CONFLICT, FORBIDDEN, INVALID, TOO_MANY, UNAUTHORIZED
-from api.app.deps import CurrentUser, HasherDep, RedisDep, SessionDep, SettingsDep
+from api.app.deps import ClientAddressDep, CurrentUser, HasherDep, SessionDep, SettingsDep, ThrottleDep
 from api.app.users import service as users_service
 from api.app.users.models import User
 from api.app.users.schemas import SignupIn, UserPublic
@@ -22,22 +22,22 @@ LOGIN_RESPONSES = {**UNAUTHORIZED, **FORBIDDEN, **TOO_MANY}
 
 @router.post("/login", response_model=Token, responses=LOGIN_RESPONSES)
 async def login(
-    request: Request,
     form: LoginForm,
     session: SessionDep,
-    redis: RedisDep,
+    throttle: ThrottleDep,
+    client: ClientAddressDep,
     hasher: HasherDep,
     settings: SettingsDep,
 ) -> Token:
     """Log in with email (as username) and password; returns a bearer token."""
     token = await service.login(
         session=session,
-        redis=redis,
+        throttle=throttle,
         hasher=hasher,
         settings=settings,
         email=form.username,
         password=form.password,
-        client=request.client.host if request.client else "unknown",
+        client=client,
     )
     return Token(access_token=token)
 

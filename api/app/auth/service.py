@@ -6,7 +6,6 @@ from datetime import timedelta
 from typing import Any, cast
 
 from fastapi import HTTPException, status
-from redis.asyncio import Redis
 from sqlalchemy import CursorResult, bindparam, delete, exists, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -15,6 +14,7 @@ from api.app.auth.models import RevokedToken
 from api.app.core.config import Settings
 from api.app.core.db import utcnow
 from api.app.core.security import PasswordHasher, TokenClaims, create_access_token
+from api.app.core.throttle import AttemptThrottle
 from api.app.users import service as users_service
 from api.app.users.models import User
 from api.app.users.service import normalize_email
@@ -44,73 +44,36 @@ async def get_token_user(*, session: AsyncSession, user_id: int, jti: str) -> tu
     return (row[0], bool(row[1])) if row is not None else (None, False)
 
 
-def _email_key(email: str) -> str:
-    return f"login:fail:email:{normalize_email(email)}"
-
-
-def _client_key(client: str) -> str:
-    return f"login:fail:client:{client}"
-
-
-async def _check_throttle(redis: Redis, email: str, client: str, settings: Settings) -> None:
-    limits = (
-        (_email_key(email), settings.login_max_failures_per_email),
-        (_client_key(client), settings.login_max_failures_per_client),
-    )
-    async with redis.pipeline(transaction=False) as pipe:
-        for key, _limit in limits:
-            pipe.get(key)
-            pipe.ttl(key)
-        values = await pipe.execute()
-    for i, (_key, limit) in enumerate(limits):
-        count, ttl = values[2 * i], values[2 * i + 1]
-        if count is not None and int(count) >= limit:
-            raise HTTPException(
-                status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-                detail="Too many failed login attempts; try again later",
-                headers={"Retry-After": str(max(int(ttl), 1))},
-            )
-
-
-async def _record_failure(redis: Redis, email: str, client: str, settings: Settings) -> None:
-    async with redis.pipeline(transaction=False) as pipe:
-        for key in (_email_key(email), _client_key(client)):
-            pipe.incr(key)
-            pipe.expire(key, settings.login_window_seconds, nx=True)
-        await pipe.execute()
-
-
 async def login(
     *,
     session: AsyncSession,
-    redis: Redis,
+    throttle: AttemptThrottle,
     hasher: PasswordHasher,
     settings: Settings,
     email: str,
     password: str,
     client: str,
 ) -> str:
-    """Returns an access token, or raises 401 (bad credentials), 403 (inactive) or 429."""
-    await _check_throttle(redis, email, client, settings)
-    # No account has an oversized password or a NUL in its email: refuse without hashing work.
-    if len(password) > settings.password_max_length or "\x00" in email:
-        # Never spend hashing work on an oversized password; it cannot match.
-        await _record_failure(redis, email, client, settings)
-        raise unauthorized(LOGIN_FAILED)
-    user = await users_service.get_user_by_email(session=session, email=email)
-    # The connection goes back to the pool while the password is checked: in a burst of logins,
-    # those waiting their turn to hash would otherwise hold every connection.
-    await session.commit()
-    ok, new_hash = await hasher.verify(password, user.hashed_password if user else None)
-    if user is None or not ok:
-        await _record_failure(redis, email, client, settings)
-        raise unauthorized(LOGIN_FAILED)
+    """Returns an access token, or raises 401 (bad credentials), 403 (inactive) or 429 (too many
+    attempts, counted before the password is checked)."""
+    account = normalize_email(email)
+    async with throttle.attempt(action="login", account=account, client=client) as attempt:
+        # No account has an oversized password or a NUL in its email: refuse without hashing work.
+        if len(password) > settings.password_max_length or "\x00" in email:
+            raise unauthorized(LOGIN_FAILED)
+        user = await users_service.get_user_by_email(session=session, email=email)
+        # The connection goes back to the pool while the password is checked: in a burst of logins,
+        # those waiting their turn to hash would otherwise hold every connection.
+        await session.commit()
+        ok, new_hash = await hasher.verify(password, user.hashed_password if user else None)
+        if user is None or not ok:
+            raise unauthorized(LOGIN_FAILED)
+        attempt.succeeded = True
     if not user.is_active:
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Account is deactivated")
     if new_hash is not None:
         user.hashed_password = new_hash
         await session.commit()
-    await redis.delete(_email_key(email))
     token, _claims = create_access_token(user.id, settings)
     return token
 

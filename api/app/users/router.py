@@ -6,15 +6,17 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.fields import Skip, UserId
-from api.app.core.responses import ADMIN, AUTHED, CONFLICT, INVALID, NOT_FOUND
+from api.app.core.responses import ADMIN, AUTHED, CONFLICT, INVALID, NOT_FOUND, TOO_MANY
 from api.app.deps import (
     AdminUser,
+    ClientAddressDep,
     CurrentUser,
     HasherDep,
     ReadSessionDep,
     SessionDep,
     SettingsDep,
     StoreDep,
+    ThrottleDep,
 )
 from api.app.users import service
 from api.app.users.models import User
@@ -69,18 +71,22 @@ async def read_me(user: CurrentUser) -> User:
     return user
 
 
-@router.patch("/me/password", status_code=204, responses={**AUTHED, **INVALID, 400: {}})
+@router.patch("/me/password", status_code=204, responses={**AUTHED, **INVALID, **TOO_MANY, 400: {}})
 async def change_password(
     body: PasswordChange,
     user: CurrentUser,
     session: SessionDep,
     hasher: HasherDep,
+    throttle: ThrottleDep,
+    client: ClientAddressDep,
     settings: SettingsDep,
 ) -> Response:
-    """Change my password (needs the current one)."""
+    """Change my password (needs the current one; throttled as logins are)."""
     await service.change_password(
         session=session,
         hasher=hasher,
+        throttle=throttle,
+        client=client,
         settings=settings,
         user=user,
         current=body.current_password,

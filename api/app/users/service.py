@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
 from api.app.core.security import PasswordHasher
+from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.users.models import Role, User
@@ -126,15 +127,26 @@ async def set_password(*, session: AsyncSession, hasher: PasswordHasher, user: U
 
 
 async def change_password(
-    *, session: AsyncSession, hasher: PasswordHasher, settings: Settings, user: User, current: str, new: str
+    *,
+    session: AsyncSession,
+    hasher: PasswordHasher,
+    throttle: AttemptThrottle,
+    settings: Settings,
+    user: User,
+    current: str,
+    new: str,
+    client: str,
 ) -> None:
-    """Sets ``new`` after checking ``current``. Raises 400 when ``current`` is wrong (an oversized
-    one is wrong without being hashed) and 422 when ``new`` breaks the password policy."""
-    ok = False
-    if len(current) <= settings.password_max_length:
-        ok, _ = await hasher.verify(current, user.hashed_password)
-    if not ok:
-        raise HTTPException(status_code=400, detail="Current password is incorrect")
+    """Sets ``new`` after checking ``current``, throttled as logins are (a stolen token must not
+    become a password oracle). Raises 400 when ``current`` is wrong (an oversized one is wrong
+    without being hashed), 422 when ``new`` breaks the password policy, 429 past the limits."""
+    async with throttle.attempt(action="password", account=str(user.id), client=client) as attempt:
+        ok = False
+        if len(current) <= settings.password_max_length:
+            ok, _ = await hasher.verify(current, user.hashed_password)
+        if not ok:
+            raise HTTPException(status_code=400, detail="Current password is incorrect")
+        attempt.succeeded = True
     check_password_policy(new, settings)
     await set_password(session=session, hasher=hasher, user=user, password=new)
 
