@@ -9,7 +9,7 @@ from api.app.core.responses import AUTHED, INVALID, NOT_FOUND, TOO_LARGE, UNSUPP
 from api.app.deps import CurrentUser, ReadSessionDep, SessionDep, SettingsDep
 from api.app.images import service
 from api.app.images.models import Image
-from api.app.images.schemas import ImageDetail, ImagePublic, ImagesPublic
+from api.app.images.schemas import ImageDetail, ImageListItem, ImagePublic, ImagesPublic
 from api.app.predictions import service as predictions_service
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -62,14 +62,20 @@ async def upload_image(
 
 @router.get("", response_model=ImagesPublic, responses=AUTHED)
 async def list_images(
+    request: Request,
     user: CurrentUser,
     session: ReadSessionDep,
     skip: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    thumbnails: Annotated[bool, Query(description="Add each image's thumbnail")] = False,
 ) -> ImagesPublic:
     """My uploads, newest first."""
     images, count = await service.list_images(session=session, owner_id=user.id, skip=skip, limit=limit)
-    return ImagesPublic(data=[ImagePublic.model_validate(i) for i in images], count=count)
+    data = [ImageListItem.model_validate(i) for i in images]
+    if thumbnails:
+        for item, image in zip(data, images, strict=True):
+            item.thumbnail = await service.thumbnail(store=request.app.state.store, image=image)
+    return ImagesPublic(data=data, count=count)
 
 
 @router.get("/{image_id}", response_model=ImageDetail, responses={**AUTHED, **NOT_FOUND})

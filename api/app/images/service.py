@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import uuid
@@ -106,6 +107,28 @@ async def list_images(*, session: AsyncSession, owner_id: int, skip: int, limit:
         select(Image).where(Image.owner_id == owner_id).order_by(Image.created_at.desc()).offset(skip).limit(limit)
     )
     return list(rows), int(count or 0)
+
+
+THUMBNAIL_SIZE = 280
+"""Longest side of a listed image's thumbnail, in pixels (twice the history page's 140 px)."""
+
+
+def _thumbnail(data: bytes, size: int) -> str:
+    img = load_image(data, mode="RGB", draft_size=(size, size))
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+async def thumbnail(*, store: LocalBlobStore, image: Image, size: int = THUMBNAIL_SIZE) -> str | None:
+    """The image shrunk to at most ``size`` pixels a side (upright, transparency on white), as a
+    base64 JPEG read from ``store``; None when its blob is missing or no longer decodes."""
+    try:
+        data = await store.get(image.sha256)
+        return await to_thread.run_sync(_thumbnail, data, size)
+    except (OSError, ImageRejected):  # one lost blob must not fail the whole listing
+        return None
 
 
 async def jobs_of_image(*, session: AsyncSession, image_id: uuid.UUID) -> list[Job]:

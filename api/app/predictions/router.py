@@ -81,9 +81,10 @@ async def list_predictions(
     redis: RedisDep,
     skip: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    image_id: Annotated[list[uuid.UUID] | None, Query(max_length=200, description="Only these images' jobs")] = None,
 ) -> JobsPublic:
     """My prediction jobs, newest first."""
-    jobs, count = await service.list_jobs(session=session, owner_id=user.id, skip=skip, limit=limit)
+    jobs, count = await service.list_jobs(session=session, owner_id=user.id, skip=skip, limit=limit, image_ids=image_id)
     running = await service.running_ids(redis, [p for j in jobs for p in j.predictions])
     return JobsPublic(data=[service.job_public(j, running) for j in jobs], count=count)
 

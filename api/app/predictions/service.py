@@ -386,11 +386,16 @@ async def get_owned_job(*, session: AsyncSession, owner_id: int, job_id: uuid.UU
     return await session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
 
 
-async def list_jobs(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Job], int]:
-    count = await session.scalar(select(func.count()).select_from(Job).where(Job.owner_id == owner_id))
-    rows = await session.scalars(
-        select(Job).where(Job.owner_id == owner_id).order_by(Job.created_at.desc()).offset(skip).limit(limit)
-    )
+async def list_jobs(
+    *, session: AsyncSession, owner_id: int, skip: int, limit: int, image_ids: list[uuid.UUID] | None = None
+) -> tuple[list[Job], int]:
+    """A page of the user's jobs, newest first, and their total count; only the jobs of
+    ``image_ids`` when given."""
+    owned = Job.owner_id == owner_id
+    if image_ids is not None:
+        owned = owned & Job.image_id.in_(image_ids)
+    count = await session.scalar(select(func.count()).select_from(Job).where(owned))
+    rows = await session.scalars(select(Job).where(owned).order_by(Job.created_at.desc()).offset(skip).limit(limit))
     return list(rows), int(count or 0)
 
 
