@@ -9,9 +9,14 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ui import views
-from ui.client import Api
+from ui.client import Api, User
 from ui.config import get_ui_settings
+from ui.session import logout
+from ui.views.admin import admin_page
+from ui.views.classify import classify_page
+from ui.views.history import history_page
+from ui.views.login import login_page
+from ui.views.sketch import sketch_page
 
 st.set_page_config(page_title="Image classification portal", page_icon="🖼️", layout="wide")
 
@@ -20,20 +25,20 @@ token = st.session_state.get("token")
 api = Api(settings.api_url, token, timeout=settings.api_timeout_seconds)
 
 if not token:
-    navigation = st.navigation([st.Page(lambda: views.login_page(api), title="Log in", url_path="login")])
+    navigation = st.navigation([st.Page(lambda: login_page(api), title="Log in", url_path="login")])
 else:
-    user = st.session_state.get("user", {})
+    user: User | None = st.session_state.get("user")
     pages = [
-        st.Page(lambda: views.classify_page(api), title="Classify", url_path="classify", default=True),
-        st.Page(lambda: views.sketch_page(api), title="Sketch", url_path="sketch"),
-        st.Page(lambda: views.history_page(api), title="History", url_path="history"),
+        st.Page(lambda: classify_page(api), title="Classify", url_path="classify", default=True),
+        st.Page(lambda: sketch_page(api), title="Sketch", url_path="sketch"),
+        st.Page(lambda: history_page(api), title="History", url_path="history"),
     ]
-    if user.get("role") == "admin":
-        pages.append(st.Page(lambda: views.admin_page(api), title="Admin", url_path="admin"))
+    if user and user["role"] == "admin":
+        pages.append(st.Page(lambda: admin_page(api), title="Admin", url_path="admin"))
     st.session_state["page_titles"] = [p.title for p in pages]
     with st.sidebar:
-        st.caption(f"Signed in as {user.get('email', '')}")
+        st.caption(f"Signed in as {user['email'] if user else ''}")
         if st.button("Log out", key="logout"):
-            views.logout(api)
+            logout(api)
     navigation = st.navigation(pages)
 navigation.run()

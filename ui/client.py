@@ -1,11 +1,23 @@
-"""The UI's only way to the portal: the HTTP API, with every error turned into a short message."""
+"""The UI's only way to the portal: the HTTP API, with every error turned into a short message.
+
+Every answer is checked against the shape below (pydantic, on the API's JSON) and handed over as
+plain dicts, so pages read ``job["status"]`` as a :class:`PredictionStatus` and Streamlit can keep
+answers in its session state. Times stay the ISO 8601 strings the API sends.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import httpx
+from pydantic import Base64Bytes, TypeAdapter, ValidationError
+
+# pydantic reads TypedDicts only from typing_extensions before Python 3.12.
+from typing_extensions import TypedDict
+
+from contracts.messages import PredictionStatus
 
 MESSAGES = {
     401: "Your session has expired or was revoked. Please log in again.",
@@ -18,6 +30,188 @@ MESSAGES = {
     503: "The portal is busy or part of it is down. Please try again shortly.",
     504: "The models took too long to answer. Please try again.",
 }
+
+Role = Literal["user", "admin"]
+
+
+class User(TypedDict):
+    id: int
+    email: str
+    name: str
+    role: Role
+    is_active: bool
+    created_at: str
+
+
+class InputSpec(TypedDict):
+    height: int
+    width: int
+    mode: Literal["RGB", "L"]
+
+
+class Model(TypedDict):
+    """A model version of the catalog, and whether a worker serves it now."""
+
+    name: str
+    version: int
+    ref: str
+    channel: str
+    description: str
+    runtime: str
+    precision: str
+    input: InputSpec
+    num_classes: int
+    labels: list[str] | None
+    available: bool
+    reason: str | None
+    workers: int
+    random_weights: bool
+    default: bool
+
+
+class Image(TypedDict):
+    id: str
+    sha256: str
+    format: str
+    width: int
+    height: int
+    bytes: int
+    filename: str
+    file_name: str
+    created_at: str
+
+
+class ListedImage(Image):
+    thumbnail: Base64Bytes | None
+    """JPEG, at most 280 px a side; None unless asked for, or when the blob is lost."""
+
+
+class ImagesPage(TypedDict):
+    data: list[ListedImage]
+    count: int
+
+
+class LabelScore(TypedDict):
+    label: str
+    score: float
+
+
+class Timings(TypedDict):
+    """Where a prediction's time went, in milliseconds; None when answered from the cache."""
+
+    queue_ms: float | None
+    preprocess_ms: float | None
+    inference_ms: float | None
+    total_ms: float | None
+    batch_size: int | None
+
+
+class Prediction(TypedDict):
+    """One model version's answer within a job."""
+
+    id: str
+    model: str
+    version: int
+    status: PredictionStatus
+    label: str | None
+    score: float | None
+    top_k: list[LabelScore]
+    cached: bool
+    random_weights: bool
+    error: str | None
+    timings: Timings
+
+
+class Job(TypedDict):
+    job_id: str
+    image_id: str
+    status: PredictionStatus
+    created_at: str
+    finished_at: str | None
+    results: list[Prediction]
+
+
+class JobsPage(TypedDict):
+    data: list[Job]
+    count: int
+
+
+class Feedback(TypedDict):
+    id: str
+    owner_id: int
+    prediction_id: str | None
+    is_correct: bool | None
+    correct_label: str | None
+    comment: str | None
+    predicted_class: str | None
+    score: float | None
+    image_file_name: str | None
+    created_at: str
+
+
+class DailyCount(TypedDict):
+    day: str
+    model: str
+    version: int
+    predictions: int
+
+
+class LatencyPercentiles(TypedDict):
+    model: str
+    version: int
+    count: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+
+class Accuracy(TypedDict):
+    model: str
+    version: int
+    feedback: int
+    correct: int
+    accuracy: float | None
+
+
+class Correction(TypedDict):
+    model: str
+    version: int
+    predicted: str | None
+    corrected_to: str | None
+    count: int
+
+
+class Stats(TypedDict):
+    """The admin dashboard's numbers; ``queue_depth`` maps a model stream to its waiting jobs."""
+
+    predictions_per_day: list[DailyCount]
+    latency: list[LatencyPercentiles]
+    accuracy: list[Accuracy]
+    most_corrected: list[Correction]
+    queue_depth: dict[str, int]
+    live_workers: int
+
+
+class Readiness(TypedDict):
+    """``status`` is "ok" or "fail"; ``checks`` maps postgresql, redis and workers to their result."""
+
+    status: str
+    checks: dict[str, dict[str, Any]]
+
+
+T = TypeVar("T")
+
+_USER = TypeAdapter(User)
+_USERS = TypeAdapter(list[User])
+_MODELS = TypeAdapter(list[Model])
+_IMAGE = TypeAdapter(Image)
+_IMAGES = TypeAdapter(ImagesPage)
+_JOB = TypeAdapter(Job)
+_JOBS = TypeAdapter(JobsPage)
+_FEEDBACK = TypeAdapter(Feedback)
+_FEEDBACKS = TypeAdapter(list[Feedback])
+_STATS = TypeAdapter(Stats)
+_READINESS = TypeAdapter(Readiness)
 
 
 class ApiError(Exception):
@@ -45,7 +239,17 @@ def _message(response: httpx.Response) -> str:
     return base
 
 
+def _typed(adapter: TypeAdapter[T], body: Any) -> T:
+    """``body`` checked against ``adapter``'s type; ApiError when the API answered another shape."""
+    try:
+        return adapter.validate_python(body)
+    except ValidationError as exc:
+        raise ApiError(0, f"Unexpected answer from the portal ({exc.error_count()} fields differ).") from None
+
+
 class Api:
+    """The portal's HTTP API as one user (``token``) sees it; every method raises :class:`ApiError`."""
+
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 40.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
@@ -66,33 +270,39 @@ class Api:
         return response.json() if response.content else None
 
     def login(self, email: str, password: str) -> str:
+        """Logs in and keeps the access token for the next calls; returns it."""
         body = self.json("POST", "/v1/auth/login", data={"username": email, "password": password})
-        self.token = body["access_token"]
-        return self.token
+        token: str = body["access_token"]
+        self.token = token
+        return token
 
     def logout(self) -> None:
         self._request("POST", "/v1/auth/logout")
 
-    def me(self) -> dict[str, Any]:
-        return self.json("GET", "/v1/users/me")
+    def me(self) -> User:
+        return _typed(_USER, self.json("GET", "/v1/users/me"))
 
-    def models(self) -> list[dict[str, Any]]:
-        return self.json("GET", "/v1/models")["data"]
+    def models(self) -> list[Model]:
+        return _typed(_MODELS, self.json("GET", "/v1/models")["data"])
 
-    def upload(self, name: str, data: bytes) -> dict[str, Any]:
-        return self.json("POST", "/v1/images", files={"file": (name, data)})
+    def upload(self, name: str, data: bytes) -> Image:
+        return _typed(_IMAGE, self.json("POST", "/v1/images", files={"file": (name, data)}))
 
     def predict(self, image_id: str, models: list[str]) -> str:
-        return self.json("POST", "/v1/predictions", json={"image_id": image_id, "models": models})["job_id"]
+        """Queues a prediction of the image by the model references; returns the job id."""
+        body = self.json("POST", "/v1/predictions", json={"image_id": image_id, "models": models})
+        job_id: str = body["job_id"]
+        return job_id
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.json("GET", f"/v1/predictions/{job_id}")
+    def job(self, job_id: str) -> Job:
+        return _typed(_JOB, self.json("GET", f"/v1/predictions/{job_id}"))
 
-    def wait(self, job_id: str, timeout: float = 60.0, on_poll: Any = None) -> dict[str, Any]:
+    def wait(self, job_id: str, timeout: float = 60.0, on_poll: Callable[[Job], None] | None = None) -> Job:
+        """The job once every model answered (polled every 0.2 s); ApiError 504 after ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)
-            if job["status"] not in ("queued", "running"):
+            if job["status"].terminal:
                 return job
             if time.monotonic() > deadline:
                 raise ApiError(504, MESSAGES[504])
@@ -100,14 +310,21 @@ class Api:
                 on_poll(job)
             time.sleep(0.2)
 
-    def images(self, skip: int = 0, limit: int = 12) -> dict[str, Any]:
-        return self.json("GET", "/v1/images", params={"skip": skip, "limit": limit})
+    def images(self, skip: int = 0, limit: int = 12, thumbnails: bool = False) -> ImagesPage:
+        """A page of my uploads, newest first, with each one's thumbnail when asked."""
+        params = {"skip": skip, "limit": limit, "thumbnails": thumbnails}
+        return _typed(_IMAGES, self.json("GET", "/v1/images", params=params))
 
-    def image(self, image_id: str) -> dict[str, Any]:
-        return self.json("GET", f"/v1/images/{image_id}")
-
-    def image_file(self, image_id: str) -> bytes:
-        return self._request("GET", f"/v1/images/{image_id}/file").content
+    def jobs_of_images(self, image_ids: list[str], page_size: int = 200) -> list[Job]:
+        """Every job of these images of mine (at most 200 images), newest first, fetched
+        ``page_size`` at a time."""
+        jobs: list[Job] = []
+        while True:
+            params = {"image_id": image_ids, "skip": len(jobs), "limit": page_size}
+            page = _typed(_JOBS, self.json("GET", "/v1/predictions", params=params))
+            jobs += page["data"]
+            if not page["data"] or len(jobs) >= page["count"]:
+                return jobs
 
     def delete_image(self, image_id: str) -> bool:
         self._request("DELETE", f"/v1/images/{image_id}")
@@ -115,37 +332,41 @@ class Api:
 
     def feedback(
         self, prediction_id: str, is_correct: bool, correct_label: str | None, comment: str | None
-    ) -> dict[str, Any]:
+    ) -> Feedback:
         payload = {
             "prediction_id": prediction_id,
             "is_correct": is_correct,
             "correct_label": correct_label,
             "comment": comment,
         }
-        return self.json("POST", "/v1/feedback", json=payload)
+        return _typed(_FEEDBACK, self.json("POST", "/v1/feedback", json=payload))
 
-    def my_feedback(self) -> list[dict[str, Any]]:
-        return self.json("GET", "/v1/feedback", params={"limit": 500})["data"]
+    def my_feedback(self) -> list[Feedback]:
+        return _typed(_FEEDBACKS, self.json("GET", "/v1/feedback", params={"limit": 500})["data"])
 
-    def users(self) -> list[dict[str, Any]]:
-        return self.json("GET", "/v1/users", params={"limit": 500})["data"]
+    def users(self) -> list[User]:
+        return _typed(_USERS, self.json("GET", "/v1/users", params={"limit": 500})["data"])
 
-    def create_user(self, email: str, password: str, name: str, role: str) -> dict[str, Any]:
-        return self.json("POST", "/v1/users", json={"email": email, "password": password, "name": name, "role": role})
+    def create_user(self, email: str, password: str, name: str, role: Role) -> User:
+        payload = {"email": email, "password": password, "name": name, "role": role}
+        return _typed(_USER, self.json("POST", "/v1/users", json=payload))
 
-    def update_user(self, user_id: int, **changes: Any) -> dict[str, Any]:
-        return self.json("PATCH", f"/v1/users/{user_id}", json=changes)
+    def update_user(self, user_id: int, *, role: Role | None = None, is_active: bool | None = None) -> User:
+        """Changes the given fields of a user (admins); the others stay."""
+        changes = {k: v for k, v in {"role": role, "is_active": is_active}.items() if v is not None}
+        return _typed(_USER, self.json("PATCH", f"/v1/users/{user_id}", json=changes))
 
-    def stats(self) -> dict[str, Any]:
-        return self.json("GET", "/v1/admin/stats")
+    def stats(self) -> Stats:
+        return _typed(_STATS, self.json("GET", "/v1/admin/stats"))
 
     def feedback_export(self, model: str | None = None) -> bytes:
         """A zip of the images users labelled (admins): ``<model>/<label>/<image>`` and feedback.csv."""
         params = {"model": model} if model else {}
         return self._request("GET", "/v1/admin/feedback-export", params=params).content
 
-    def readiness(self) -> dict[str, Any]:
+    def readiness(self) -> Readiness:
+        """The API's readiness checks; a "fail" status with no checks when it cannot be reached."""
         try:
-            return httpx.get(self.base_url + "/health/ready", timeout=5).json()
-        except (httpx.HTTPError, ValueError):
+            return _typed(_READINESS, httpx.get(self.base_url + "/health/ready", timeout=5).json())
+        except (httpx.HTTPError, ValueError, ApiError):
             return {"status": "fail", "checks": {}}

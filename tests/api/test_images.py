@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import os
 
 import httpx
@@ -83,6 +85,28 @@ async def test_list_detail_file_view(client: httpx.AsyncClient, users: Users) ->
     assert file.content == gif and file.headers["content-type"] == "image/gif"
     view = await client.get(f"/v1/images/{created['id']}/view", headers=headers)
     assert view.status_code == 200 and view.content.startswith(b"\x89PNG")
+
+
+async def test_listing_carries_thumbnails_when_asked(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    _, headers = await users.create()
+    large = (await upload(client, headers, encode(split_colour(640), "PNG"), "large.png")).json()
+    small = encode(Image.frombytes("RGBA", (40, 30), os.urandom(40 * 30 * 4)), "PNG")
+    tiny = (await upload(client, headers, small, "tiny.png")).json()
+    plain = (await client.get("/v1/images", headers=headers)).json()
+    assert [i["thumbnail"] for i in plain["data"]] == [None, None]
+
+    listing = (await client.get("/v1/images", params={"thumbnails": "true"}, headers=headers)).json()
+    thumbnails = {i["id"]: Image.open(io.BytesIO(base64.b64decode(i["thumbnail"]))) for i in listing["data"]}
+    assert thumbnails[large["id"]].format == "JPEG" and max(thumbnails[large["id"]].size) == 280
+    assert thumbnails[tiny["id"]].size == (40, 30) and thumbnails[tiny["id"]].mode == "RGB"
+
+    # A blob lost from the store costs its own thumbnail, not the listing.
+    for blob in settings.storage_dir.rglob(tiny["sha256"]):
+        blob.unlink()
+    listing = (await client.get("/v1/images", params={"thumbnails": "true"}, headers=headers)).json()
+    assert {i["id"]: i["thumbnail"] is None for i in listing["data"]} == {large["id"]: False, tiny["id"]: True}
 
 
 async def test_other_users_images_are_404(client: httpx.AsyncClient, users: Users) -> None:

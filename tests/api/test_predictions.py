@@ -150,6 +150,25 @@ async def test_several_models_side_by_side_and_cache(client: httpx.AsyncClient, 
     assert again["results"][0]["top_k"] == got[("mobilenet_v2", 1)]["top_k"]
 
 
+async def test_jobs_listed_by_image(client: httpx.AsyncClient, users: Users) -> None:
+    _, owner = await users.create()
+    _, other = await users.create()
+    first, second, unpredicted = [await upload(client, owner, noise_png()) for _ in range(3)]
+    jobs = [await predict(client, owner, image["id"], ["sketch@1"]) for image in (first, first, second)]
+    theirs = await upload(client, other, noise_png())
+    await predict(client, other, theirs["id"], ["sketch@1"])
+
+    def listed(ids: list[str]) -> Any:
+        return client.get("/v1/predictions", params={"image_id": ids}, headers=owner)
+
+    body = (await listed([first["id"], unpredicted["id"], theirs["id"]])).json()
+    assert body["count"] == 2 and [j["job_id"] for j in body["data"]] == [jobs[1]["job_id"], jobs[0]["job_id"]]
+    body = (await listed([first["id"], second["id"]])).json()
+    assert body["count"] == 3 and {j["image_id"] for j in body["data"]} == {first["id"], second["id"]}
+    assert (await listed([unpredicted["id"]])).json() == {"data": [], "count": 0}
+    assert (await client.get("/v1/predictions", headers=owner)).json()["count"] == 3
+
+
 async def test_other_users_predictions_are_404(client: httpx.AsyncClient, users: Users) -> None:
     _, owner = await users.create()
     _, intruder = await users.create()

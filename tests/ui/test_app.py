@@ -11,7 +11,9 @@ import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.images import encode, split_colour
 from tests.support import PHOTOS, ROOT
+from ui.client import Api
 from ui.config import get_ui_settings
 
 APP = str(ROOT / "ui" / "app.py")
@@ -127,18 +129,21 @@ def test_revoked_token_goes_back_to_login(api_url: str, portal: tuple[str, str, 
 def test_history_sketch_and_admin_pages_render(api_url: str, portal: tuple[str, str, str]) -> None:
     at = signed_in(api_url, portal[1], portal[2]).run()
     token = at.session_state["token"]
-    for page in ("history_page", "admin_page", "sketch_page"):
-        script = f"from ui import views\nfrom ui.client import Api\nviews.{page}(Api({api_url!r}, {token!r}))\n"
+    for module in ("history", "admin", "sketch"):
+        script = (
+            f"from ui.client import Api\nfrom ui.views.{module} import {module}_page\n"
+            f"{module}_page(Api({api_url!r}, {token!r}))\n"
+        )
         app = AppTest.from_string(script, default_timeout=60).run()
-        assert not app.exception, (page, app.exception)
-        assert not app.error, (page, [e.value for e in app.error])
+        assert not app.exception, (module, app.exception)
+        assert not app.error, (module, [e.value for e in app.error])
 
 
 def test_admins_prepare_the_retraining_download(api_url: str, portal: tuple[str, str, str]) -> None:
     at = signed_in(api_url, portal[1], portal[2]).run()
     script = (
-        "from ui import views\nfrom ui.client import Api\n"
-        f"views.admin_page(Api({api_url!r}, {at.session_state['token']!r}))\n"
+        "from ui.client import Api\nfrom ui.views.admin import admin_page\n"
+        f"admin_page(Api({api_url!r}, {at.session_state['token']!r}))\n"
     )
     app = AppTest.from_string(script, default_timeout=60).run()
     app.selectbox(key="export_model").set_value("sketch").run()
@@ -148,3 +153,29 @@ def test_admins_prepare_the_retraining_download(api_url: str, portal: tuple[str,
     assert name == "feedback-sketch.zip"
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert "feedback.csv" in archive.namelist()
+
+
+def test_history_shows_each_upload_with_its_answers_in_three_calls(api_url: str, portal: tuple[str, str, str]) -> None:
+    email, password = new_user(api_url, portal)
+    api = Api(api_url)
+    api.login(email, password)
+    parrot = api.upload("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    job = api.wait(api.predict(parrot["id"], ["mobilenet_v2@1"]))
+    api.feedback(job["results"][0]["id"], False, "lorikeet", None)
+    api.upload("unclassified.png", encode(split_colour(), "PNG"))
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.history import history_page\n"
+        "class Counted(Api):\n"
+        "    def _request(self, method, path, **kwargs):\n"
+        "        st.session_state.setdefault('calls', []).append(f'{method} {path}')\n"
+        "        return super()._request(method, path, **kwargs)\n"
+        f"history_page(Counted({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.session_state["calls"] == ["GET /v1/images", "GET /v1/feedback", "GET /v1/predictions"]
+    assert len(app.get("image")) == 2
+    lines = [m.value for m in app.markdown]
+    assert any(line.startswith("**unclassified.png** ·") for line in lines)
+    assert any(line.startswith("**parrot.jpg** ·") for line in lines)
+    assert any(line.startswith("mobilenet_v2@1: macaw (") and "you said: wrong (lorikeet)" in line for line in lines)

@@ -5,13 +5,61 @@ from __future__ import annotations
 import io
 import uuid
 import zipfile
+from typing import Any, get_args
 
 import httpx
 import pytest
+from PIL import Image as PILImage
 
+from contracts.messages import PredictionStatus
 from tests.images import encode, split_colour
-from tests.support import free_port
-from ui.client import Api, ApiError, _message
+from tests.support import PHOTOS, free_port
+from ui.client import (
+    _JOB,
+    Accuracy,
+    Api,
+    ApiError,
+    Correction,
+    DailyCount,
+    Feedback,
+    Image,
+    ImagesPage,
+    InputSpec,
+    Job,
+    JobsPage,
+    LabelScore,
+    LatencyPercentiles,
+    ListedImage,
+    Model,
+    Prediction,
+    Role,
+    Stats,
+    Timings,
+    User,
+    _message,
+    _typed,
+)
+
+# Each typed answer of the client and the API schema it reads.
+ANSWERS: dict[Any, str] = {
+    User: "UserPublic",
+    Model: "ModelPublic",
+    InputSpec: "InputSpec",
+    Image: "ImagePublic",
+    ListedImage: "ImageListItem",
+    ImagesPage: "ImagesPublic",
+    LabelScore: "LabelScore",
+    Timings: "TimingsPublic",
+    Prediction: "PredictionPublic",
+    Job: "JobPublic",
+    JobsPage: "JobsPublic",
+    Feedback: "FeedbackPublic",
+    DailyCount: "DailyCount",
+    LatencyPercentiles: "LatencyPercentiles",
+    Accuracy: "Accuracy",
+    Correction: "Correction",
+    Stats: "Stats",
+}
 
 
 def admin_api(portal: tuple[str, str, str]) -> Api:
@@ -72,3 +120,50 @@ def test_unauthorized_and_throttled(portal: tuple[str, str, str]) -> None:
 def test_server_side_messages(status: int, headers: dict[str, str], words: str) -> None:
     response = httpx.Response(status, json={"detail": "internal detail"}, headers=headers)
     assert words in _message(response) and "Traceback" not in _message(response)
+
+
+def test_typed_answers_name_every_field_the_api_sends(portal: tuple[str, str, str]) -> None:
+    schemas = httpx.get(f"{portal[0]}/openapi.json").json()["components"]["schemas"]
+    for typed, name in ANSWERS.items():
+        keys = typed.__required_keys__ | typed.__optional_keys__
+        assert keys == set(schemas[name]["properties"]), name
+    assert set(get_args(Role)) == set(schemas["Role"]["enum"])
+
+
+def test_statuses_arrive_as_the_contract_enum(portal: tuple[str, str, str]) -> None:
+    api = admin_api(portal)
+    image = api.upload("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    polled: list[Job] = []
+    job = api.wait(api.predict(image["id"], ["mobilenet_v2@1", "sketch@1"]), on_poll=polled.append)
+    assert job["status"] is PredictionStatus.done
+    assert [r["status"] for r in job["results"]] == [PredictionStatus.done, PredictionStatus.done]
+    assert all(isinstance(j["status"], PredictionStatus) and not j["status"].terminal for j in polled)
+    assert job["results"][0]["label"] == "macaw" and job["results"][0]["top_k"][0]["label"] == "macaw"
+
+
+def test_a_page_of_uploads_with_thumbnails_and_jobs(portal: tuple[str, str, str]) -> None:
+    api = admin_api(portal)
+    email = f"history-{uuid.uuid4().hex[:8]}@example.com"
+    api.create_user(email, "a-good-password", "", "user")
+    user = Api(portal[0])
+    user.login(email, "a-good-password")
+    first = user.upload("first.png", encode(split_colour(600), "PNG"))
+    second = user.upload("second.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    jobs = [user.wait(user.predict(i["id"], ["sketch@1"])) for i in (first, second, first)]
+
+    page = user.images(limit=12, thumbnails=True)
+    assert page["count"] == 2 and [i["id"] for i in page["data"]] == [second["id"], first["id"]]
+    thumbnail = page["data"][1]["thumbnail"]
+    assert thumbnail is not None and max(PILImage.open(io.BytesIO(thumbnail)).size) == 280
+    assert user.images()["data"][0]["thumbnail"] is None
+
+    newest_first = [j["job_id"] for j in reversed(jobs)]
+    assert [j["job_id"] for j in user.jobs_of_images([first["id"], second["id"]])] == newest_first
+    assert [j["job_id"] for j in user.jobs_of_images([first["id"], second["id"]], page_size=1)] == newest_first
+    assert [j["job_id"] for j in user.jobs_of_images([second["id"]])] == [jobs[1]["job_id"]]
+
+
+def test_an_answer_of_another_shape_is_a_message() -> None:
+    with pytest.raises(ApiError) as info:
+        _typed(_JOB, {"job_id": "1", "status": "lost"})
+    assert info.value.message.startswith("Unexpected answer from the portal")

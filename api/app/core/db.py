@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from sqlalchemy import DateTime, ForeignKey, MetaData, func, select
+from sqlalchemy import ColumnElement, DateTime, ForeignKey, MetaData, func, select
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -60,12 +60,19 @@ OwnedT = TypeVar("OwnedT", bound=OwnedMixin)
 
 
 async def owned_page(
-    session: AsyncSession, entity: type[OwnedT], *, owner_id: int, skip: int, limit: int
+    session: AsyncSession,
+    entity: type[OwnedT],
+    *filters: ColumnElement[bool],
+    owner_id: int,
+    skip: int,
+    limit: int,
 ) -> tuple[list[OwnedT], int]:
-    """One page of a user's rows, newest first, and how many rows the user has in all."""
-    count = await session.scalar(select(func.count()).select_from(entity).where(entity.owner_id == owner_id))
+    """One page of a user's rows (those matching ``filters`` too), newest first, and how many such
+    rows there are in all."""
+    where = (entity.owner_id == owner_id, *filters)
+    count = await session.scalar(select(func.count()).select_from(entity).where(*where))
     rows = await session.scalars(
-        select(entity).where(entity.owner_id == owner_id).order_by(entity.created_at.desc()).offset(skip).limit(limit)
+        select(entity).where(*where).order_by(entity.created_at.desc()).offset(skip).limit(limit)
     )
     return list(rows), int(count or 0)
 

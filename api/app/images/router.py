@@ -2,13 +2,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Response, UploadFile
+from fastapi import APIRouter, File, Query, Response, UploadFile
 
 from api.app.core.responses import AUTHED, INVALID, NOT_FOUND, TOO_LARGE, UNSUPPORTED
 from api.app.deps import CurrentUser, OwnedImage, PageDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from api.app.images import service
 from api.app.images.models import Image
-from api.app.images.schemas import ImagePublic, ImagesPublic
+from api.app.images.schemas import ImageListItem, ImagePublic, ImagesPublic
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -49,10 +49,20 @@ async def upload_image(
 
 
 @router.get("", response_model=ImagesPublic, responses=AUTHED)
-async def list_images(user: CurrentUser, session: ReadSessionDep, page: PageDep) -> ImagesPublic:
+async def list_images(
+    user: CurrentUser,
+    session: ReadSessionDep,
+    store: StoreDep,
+    page: PageDep,
+    thumbnails: Annotated[bool, Query(description="Add each image's thumbnail")] = False,
+) -> ImagesPublic:
     """My uploads, newest first."""
     images, count = await service.list_images(session=session, owner_id=user.id, skip=page.skip, limit=page.limit)
-    return ImagesPublic(data=[ImagePublic.model_validate(i) for i in images], count=count)
+    data = [ImageListItem.model_validate(i) for i in images]
+    if thumbnails:
+        for item, image in zip(data, images, strict=True):
+            item.thumbnail = await service.thumbnail(store=store, image=image)
+    return ImagesPublic(data=data, count=count)
 
 
 @router.get(

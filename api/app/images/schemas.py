@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ImagePublic(BaseModel):
@@ -20,6 +20,12 @@ class ImagePublic(BaseModel):
     created_at: datetime
 
 
+class ImageListItem(ImagePublic):
+    thumbnail: str | None = Field(
+        default=None, description="Base64 JPEG, at most 280 px a side, when asked for with thumbnails=true."
+    )
+
+
 class ImagesPublic(BaseModel):
-    data: list[ImagePublic]
+    data: list[ImageListItem]
     count: int

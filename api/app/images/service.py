@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import uuid
@@ -129,6 +130,28 @@ async def delete_unreferenced_blobs(*, session: AsyncSession, store: LocalBlobSt
             deleted += 1
     await session.commit()
     return deleted
+
+
+THUMBNAIL_SIZE = 280
+"""Longest side of a listed image's thumbnail, in pixels (twice the history page's 140 px)."""
+
+
+def _thumbnail(data: bytes, size: int) -> str:
+    img = load_image(data, mode="RGB", draft_size=(size, size))
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+async def thumbnail(*, store: LocalBlobStore, image: Image, size: int = THUMBNAIL_SIZE) -> str | None:
+    """The image shrunk to at most ``size`` pixels a side (upright, transparency on white), as a
+    base64 JPEG read from ``store``; None when its blob is missing or no longer decodes."""
+    try:
+        data = await store.get(image.sha256)
+        return await to_thread.run_sync(_thumbnail, data, size)
+    except (OSError, ImageRejected):  # one lost blob must not fail the whole listing
+        return None
 
 
 async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: Image) -> None:

@@ -78,9 +78,17 @@ async def create_prediction(
 
 
 @router.get("", response_model=JobsPublic, responses=AUTHED)
-async def list_predictions(user: CurrentUser, session: ReadSessionDep, redis: RedisDep, page: PageDep) -> JobsPublic:
+async def list_predictions(
+    user: CurrentUser,
+    session: ReadSessionDep,
+    redis: RedisDep,
+    page: PageDep,
+    image_id: Annotated[list[uuid.UUID] | None, Query(max_length=200, description="Only these images' jobs")] = None,
+) -> JobsPublic:
     """My prediction jobs, newest first."""
-    jobs, count = await service.list_jobs(session=session, owner_id=user.id, skip=page.skip, limit=page.limit)
+    jobs, count = await service.list_jobs(
+        session=session, owner_id=user.id, skip=page.skip, limit=page.limit, image_ids=image_id
+    )
     running = await service.running_ids(redis, [p for j in jobs for p in j.predictions])
     return JobsPublic(data=[JobPublic.from_row(j, running) for j in jobs], count=count)
 

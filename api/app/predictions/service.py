@@ -492,9 +492,13 @@ async def get_owned_job(*, session: AsyncSession, owner_id: int, job_id: uuid.UU
     return await session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
 
 
-async def list_jobs(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Job], int]:
-    """A page of the user's jobs (with their predictions), newest first, and their total count."""
-    return await owned_page(session, Job, owner_id=owner_id, skip=skip, limit=limit)
+async def list_jobs(
+    *, session: AsyncSession, owner_id: int, skip: int, limit: int, image_ids: list[uuid.UUID] | None = None
+) -> tuple[list[Job], int]:
+    """A page of the user's jobs (with their predictions), newest first, and their total count;
+    only the jobs of ``image_ids`` when given."""
+    only = [Job.image_id.in_(image_ids)] if image_ids is not None else []
+    return await owned_page(session, Job, *only, owner_id=owner_id, skip=skip, limit=limit)
 
 
 async def jobs_of_image(*, session: AsyncSession, image_id: uuid.UUID) -> list[Job]:
