@@ -15,6 +15,7 @@ from api.app.auth.router import classic as auth_classic
 from api.app.auth.router import router as auth_router
 from api.app.catalog.router import router as catalog_router
 from api.app.catalog.service import WorkerDirectory
+from api.app.core.body_limits import BodyLimitMiddleware
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_read_sessionmaker, make_sessionmaker, open_pool
 from api.app.core.errors import OutageLog, install_outage_handlers
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     outage_log = OutageLog(settings.outage_log_interval_seconds)
     install_outage_handlers(app, outage_log, settings.retry_after_seconds)
 
+    app.add_middleware(BodyLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware)
 
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)

@@ -1,0 +1,109 @@
+"""Request bodies are bounded before they are read, as a plain ASGI middleware.
+
+FastAPI reads and parses a whole body (spooling a multipart upload to disk) before a route's
+dependencies run, so without this a 1 GB upload without a token would be written to disk and
+only then refused. Here a body that announces too large a size is refused at once (413), one
+that grows past the limit while it is read is cut off with 413, and an upload whose request
+carries no valid bearer token is refused (401) before a byte of its body is read.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.app.core.security import TokenError, VerifiedTokens
+
+JSON_LIMIT = 64 * 1024
+"""Largest JSON body, in bytes: the largest the routes take (a user, a feedback comment) is a few KiB."""
+MULTIPART_OVERHEAD = 64 * 1024
+"""Room for a multipart body's boundaries, part headers and form fields around the file."""
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), "")
+
+
+async def _answer(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Multipart bodies up to ``max_upload_bytes`` plus ``MULTIPART_OVERHEAD``, needing a valid
+    bearer token; other bodies up to ``JSON_LIMIT``. ``tokens`` is read from ``app.state`` once
+    the app has started (the token cache lives there)."""
+
+    def __init__(self, app: ASGIApp, *, max_upload_bytes: int) -> None:
+        self.app = app
+        self.upload_limit = max_upload_bytes + MULTIPART_OVERHEAD
+        self.upload_mb = max_upload_bytes / (1024 * 1024)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        multipart = _header(scope, b"content-type").lower().startswith("multipart/")
+        limit = self.upload_limit if multipart else JSON_LIMIT
+        announced = _header(scope, b"content-length")
+        if announced.isdigit() and int(announced) > limit:
+            await _answer(send, 413, self._too_large(multipart))
+            return
+        if multipart and not self._signed_in(scope):
+            await _answer(
+                send,
+                401,
+                "Sign in before uploading: the request has no valid bearer token.",
+                [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        received = 0
+        answered = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, answered
+            message = await receive()
+            if message["type"] == "http.request" and not answered:
+                received += len(message.get("body", b""))
+                if received > limit:
+                    await _answer(send, 413, self._too_large(multipart))
+                    answered = True
+            # Past the limit the app sees the client gone, and its own answer is dropped.
+            return {"type": "http.disconnect"} if answered else message
+
+        async def guarded_send(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)
+
+    def _too_large(self, multipart: bool) -> str:
+        if multipart:
+            return f"The upload is too large: at most {self.upload_mb:g} MB per file."
+        return f"The request body is too large: at most {JSON_LIMIT // 1024} KiB."
+
+    def _signed_in(self, scope: Scope) -> bool:
+        """Whether the request carries a bearer token with a valid signature and expiry (the
+        route still checks revocation and the user's state)."""
+        scheme, _, token = _header(scope, b"authorization").partition(" ")
+        tokens: VerifiedTokens | None = getattr(scope["app"].state, "tokens", None)
+        if scheme.lower() != "bearer" or not token or tokens is None:
+            return False
+        try:
+            tokens.decode(token)
+        except TokenError:
+            return False
+        return True

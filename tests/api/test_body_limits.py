@@ -1,0 +1,99 @@
+"""Bodies are bounded before they are read: an oversized or unauthenticated upload costs the
+portal neither time nor disk."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from api.app.core.config import Settings
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
+from tests.support import Service, start_api
+
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def api(settings: Settings) -> Iterator[tuple[Service, str]]:
+    service, url = start_api("body-limits", settings)
+    yield service, url
+    service.stop()
+
+
+def raw_request(url: str, head: str, body: bytes = b"", *, read_timeout: float = 5) -> tuple[int, str, float]:
+    """Sends ``head`` (request line and headers) and ``body`` over a plain socket; the status, the
+    whole answer and the seconds until it came."""
+    parts = urlsplit(url)
+    start = time.monotonic()
+    with socket.create_connection((parts.hostname, parts.port), timeout=read_timeout) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer.decode("latin-1"), time.monotonic() - start
+
+
+def token(url: str) -> str:
+    r = httpx.post(f"{url}/v1/auth/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    return str(r.json()["access_token"])
+
+
+def test_an_announced_oversized_upload_is_refused_before_its_body(api: tuple[Service, str]) -> None:
+    _, url = api
+    head = (
+        "POST /v1/images HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {token(url)}\r\n"
+        "Content-Type: multipart/form-data; boundary=x\r\n"
+        f"Content-Length: {GIB}\r\n"
+    )
+    status, answer, seconds = raw_request(url, head)
+    assert status == 413 and "10 MB" in answer and seconds < 1
+
+
+def test_an_upload_without_a_token_is_refused_before_its_body(api: tuple[Service, str], settings: Settings) -> None:
+    _, url = api
+    stored_before = sorted(p.name for p in settings.storage_dir.rglob("*"))
+    head = (
+        "POST /model/predict HTTP/1.1\r\nHost: test\r\n"
+        "Content-Type: multipart/form-data; boundary=x\r\n"
+        f"Content-Length: {5 * 1024 * 1024}\r\n"
+    )
+    status, answer, seconds = raw_request(url, head, b"--x\r\n" + b"\0" * 65536)
+    assert status == 401 and "Sign in" in answer and seconds < 1
+    status, answer, seconds = raw_request(url, head.replace(str(5 * 1024 * 1024), str(GIB)))
+    assert status in (401, 413) and seconds < 1
+    assert sorted(p.name for p in settings.storage_dir.rglob("*")) == stored_before
+
+
+def test_a_body_that_grows_past_the_limit_is_cut_off(api: tuple[Service, str]) -> None:
+    """No Content-Length (chunked): the body is counted as it arrives."""
+    _, url = api
+
+    def chunks() -> Iterator[bytes]:
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+        for _ in range(40):
+            yield b"\x89" * (1024 * 1024)
+
+    r = httpx.post(
+        f"{url}/v1/images",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {token(url)}", "Content-Type": "multipart/form-data; boundary=x"},
+        timeout=30,
+    )
+    assert r.status_code == 413 and "10 MB" in r.text
+
+
+def test_json_bodies_are_capped(api: tuple[Service, str]) -> None:
+    _, url = api
+    r = httpx.post(
+        f"{url}/v1/feedback", json={"comment": "x" * 100_000}, headers={"Authorization": f"Bearer {token(url)}"}
+    )
+    assert r.status_code == 413 and "64 KiB" in r.json()["detail"]
