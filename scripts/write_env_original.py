@@ -44,7 +44,8 @@ def render() -> str:
                 parts.append(f"# {name.upper()} is shared with the section above.\n")
                 continue
             seen.add(name)
-            parts.append(f"# {field.description}\n{name.upper()}={_value(field.default)}\n")
+            comment = "".join(f"# {line}\n" for line in (field.description or "").splitlines())
+            parts.append(f"{comment}{name.upper()}={_value(field.default)}\n")
     return "".join(parts)
 
 

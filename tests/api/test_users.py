@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -265,3 +266,16 @@ async def test_deleting_a_user_deletes_the_files_only_they_uploaded(
     assert r.status_code == 204
     assert not await store.exists(own_image["sha256"])
     assert await store.exists(shared_sha)
+
+
+def test_development_makes_its_own_secret_key_once(tmp_path: Path) -> None:
+    """No published default signs tokens: development makes a random key, kept for every process."""
+    key_file = tmp_path / "var" / "secret_key"
+    first = Settings(_env_file=None, secret_key_file=key_file)  # type: ignore[call-arg]
+    again = Settings(_env_file=None, secret_key_file=key_file)  # type: ignore[call-arg]
+    assert len(first.secret_key) >= 32 and again.secret_key == first.secret_key
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    other = Settings(_env_file=None, secret_key_file=tmp_path / "elsewhere")  # type: ignore[call-arg]
+    assert other.secret_key != first.secret_key
+    with pytest.raises(ValidationError, match="SECRET_KEY"):
+        Settings(_env_file=None, environment="production", secret_key_file=key_file)  # type: ignore[call-arg]

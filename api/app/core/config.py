@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -12,7 +16,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from contracts.registry import DEFAULT_REGISTRY_PATH
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
-DEV_SECRET_KEY = "development-secret-key-change-me"
 DEV_ADMIN_PASSWORD = "admin"
 
 
@@ -33,8 +36,12 @@ class Settings(BaseSettings):
     """How long an idle HTTP connection stays open. Longer than clients' and load balancers' own
     idle timeouts (60 s on common load balancers), so the server never closes a connection just as
     a client reuses it."""
-    secret_key: str = DEV_SECRET_KEY
-    """HMAC key that signs access tokens (HS256)."""
+    secret_key: str = ""
+    """HMAC key that signs access tokens (HS256). Empty in development: a random key is made once
+    and kept in SECRET_KEY_FILE, so every process of this machine shares it and no published
+    default ever signs a token. Required outside development."""
+    secret_key_file: Path = PROJECT_ROOT / "var" / "secret_key"
+    """Where development keeps its generated SECRET_KEY (created with mode 0600)."""
     access_token_expire_minutes: int = 30
     """Lifetime of an access token."""
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/portal"
@@ -127,8 +134,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:
         if self.environment == "development":
+            if not self.secret_key:
+                self.secret_key = generated_secret(self.secret_key_file)
             return self
-        if self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32:
+        if len(self.secret_key) < 32:
             raise ValueError(
                 "SECRET_KEY must be set to a random value of at least 32 characters "
                 f"outside development (ENVIRONMENT={self.environment})"
@@ -141,6 +150,22 @@ class Settings(BaseSettings):
                 "and not be the development default outside development"
             )
         return self
+
+
+def generated_secret(path: Path) -> str:
+    """The key kept in ``path``, made (48 random bytes, URL-safe base64) when missing. The first
+    process to link its key in place wins; the others read that one."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+        try:
+            os.write(fd, secrets.token_urlsafe(48).encode())
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    return path.read_text().strip()
 
 
 @lru_cache
