@@ -374,3 +374,9 @@ async def test_password_changes_are_throttled_like_logins(app, users: Users) -> 
     assert codes == [400] * 5 + [429]
     right = {"current_password": PASSWORD, "new_password": "another-password"}
     assert (await client.patch("/v1/users/me/password", json=right, headers=headers)).status_code == 429
+
+
+async def test_token_answers_are_never_cached(client: httpx.AsyncClient) -> None:
+    for path in ("/v1/auth/login", "/login"):
+        r = await client.post(path, data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store", path

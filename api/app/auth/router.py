@@ -22,6 +22,7 @@ LOGIN_RESPONSES = {**UNAUTHORIZED, **FORBIDDEN, **TOO_MANY}
 
 @router.post("/login", response_model=Token, responses=LOGIN_RESPONSES)
 async def login(
+    response: Response,
     form: LoginForm,
     session: SessionDep,
     throttle: ThrottleDep,
@@ -39,6 +40,9 @@ async def login(
         password=form.password,
         client=client,
     )
+    # A token must not be kept by a browser's or a proxy's cache (RFC 6749, section 5.1).
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
     return Token(access_token=token)
 
 
