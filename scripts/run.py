@@ -1,42 +1,88 @@
-"""Start the API, MODEL_WORKERS model workers and the UI as one supervised group.
+"""Start the API, MODEL_WORKERS model workers and the UI under supervisord.
 
-Ctrl-C or SIGTERM stops all of them; when one exits, the others are stopped and its exit is
-reported (honcho's process manager).
+A child that crashes (a model worker killed by the kernel's OOM killer, say) is started again and
+the restart logged, while the others keep serving; one that keeps failing at start-up is retried
+with a growing delay, then given up (FATAL in the log). Ctrl-C or SIGTERM stops the whole group.
+supervisord's configuration and pid file go to a fresh temporary folder at each start, so two
+groups (a test's and a developer's) never share them.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
-from honcho.manager import Manager
-
-from api.app.core.config import get_settings
+from api.app.core.config import PROJECT_ROOT, get_settings
 from model.config import get_model_settings
 from ui.config import get_ui_settings
 
+START_SECONDS = 5
+"""A child that exits sooner after its start counts as failing to start."""
+START_RETRIES = 5
+"""Attempts to start a failing child, each after a delay one second longer than the last."""
 
-def main() -> int:
+
+def program(name: str, command: str, *, numprocs: int = 1) -> str:
+    """One ``[program:x]`` section: restarted whenever it exits unasked, its output and errors
+    passed to supervisord's own output, stopped with its children (streamlit, uvicorn workers)."""
+    process_name = f"{name}.%(process_num)d" if numprocs > 1 else name
+    return f"""
+[program:{name}]
+command={command}
+process_name={process_name}
+numprocs={numprocs}
+numprocs_start=1
+directory={PROJECT_ROOT}
+autorestart=true
+startsecs={START_SECONDS}
+startretries={START_RETRIES}
+stopsignal=TERM
+stopwaitsecs=20
+stopasgroup=true
+killasgroup=true
+stdout_logfile=/dev/stdout
+stdout_logfile_maxbytes=0
+redirect_stderr=true
+"""
+
+
+def config(model_workers: int, folder: Path, python: str = sys.executable) -> str:
+    """supervisord's configuration: no control socket; its log (starts, exits, restarts) goes to stdout (nodaemon
+    echoes it there; the log file itself is /dev/null, or every line would show twice)."""
+    return (
+        f"""[supervisord]
+nodaemon=true
+logfile=/dev/null
+logfile_maxbytes=0
+loglevel=info
+pidfile={folder / "supervisord.pid"}
+childlogdir={folder}
+"""
+        + program("api", f"{python} -m api")
+        + program("model", f"{python} -m model", numprocs=model_workers)
+        + program("ui", f"{python} -m ui")
+    )
+
+
+def main() -> None:
     api, model, ui = get_settings(), get_model_settings(), get_ui_settings()
-    python = sys.executable
-    manager = Manager()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    manager.add_process("api", f"exec {python} -m api", env=env)
-    for i in range(model.model_workers):
-        manager.add_process(f"model.{i + 1}", f"exec {python} -m model", env=env)
-    manager.add_process("ui", f"exec {python} -m ui", env=env)
-    host = "localhost"
+    folder = Path(tempfile.mkdtemp(prefix="portal-supervisord-"))
+    conf = folder / "supervisord.conf"
+    conf.write_text(config(model.model_workers, folder))
     print(
-        f"\n  API      http://{host}:{api.api_port}/docs\n"
-        f"  UI       http://{host}:{ui.ui_port}\n"
+        f"\n  API      http://localhost:{api.api_port}/docs\n"
+        f"  UI       http://localhost:{ui.ui_port}\n"
         f"  Workers  {model.model_workers}\n"
         f"  Admin    {api.first_admin_email} / "
         f"{api.first_admin_password if api.environment == 'development' else '(FIRST_ADMIN_PASSWORD)'}\n",
         flush=True,
     )
-    manager.loop()
-    return manager.returncode or 0
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    supervisord = [sys.executable, "-m", "supervisor.supervisord", "--configuration", str(conf)]
+    os.execv(sys.executable, supervisord)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
