@@ -1,8 +1,8 @@
 """The model worker: pulls jobs from Redis Streams, batches them per model version, answers.
 
 Delivery is at least once (a job is acknowledged only together with its result, in one
-transaction); the API stores each answer once, so a job redelivered after a crash is never
-answered twice.
+transaction: ``model.streams``); the API stores each answer once, so a job redelivered after a
+crash is never answered twice.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import redis.exceptions
 from contracts import keys, workers
 from contracts.messages import (
     Heartbeat,
-    JobMessage,
     LabelScore,
     ModelState,
     PredictionStatus,
@@ -34,27 +33,28 @@ from contracts.messages import (
     Timings,
 )
 from contracts.registry import ModelEntry, Registry, load_registry
+from contracts.streams import REDIS_ERRORS, group_missing
+from model import preprocessing
 from model.config import ModelSettings
-from model.preprocessing import preprocess
 from model.runtimes import LoadedModel, ModelUnavailable, configure_tensorflow, load_model, top_k
+from model.streams import DeadLetter, Delivery, JobStreams
 
 log = logging.getLogger("model.worker")
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-RESULT_MAXLEN = 100_000
-DEAD_LETTER_MAXLEN = 10_000
-
 
 @dataclass
-class Delivery:
-    stream: str
-    entry_id: bytes
-    job: JobMessage | None
-    error: str | None = None
-    delivery: int = 1
+class Input:
+    """One job's preprocessed image, ready to be stacked into a batch."""
+
+    delivery: Delivery
+    x: np.ndarray
+    preprocess_ms: float
 
 
 class Worker:
+    """Serves the model versions it loads: fills a batch per version from its job stream, triages,
+    preprocesses and infers it, and announces itself with a heartbeat thread."""
+
     def __init__(self, settings: ModelSettings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.registry = registry or load_registry(settings.registry_path)
@@ -63,9 +63,10 @@ class Worker:
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
         )
+        self.jobs = JobStreams(self.redis, self.worker_id)
         self.models: dict[str, LoadedModel] = {}
+        """The models loaded, by the job stream they serve."""
         self.states: dict[str, ModelState] = {}
-        self.streams: dict[str, LoadedModel] = {}
         self.started_at = time.time()
         self.stopping = threading.Event()
         self._last_outage_log = 0.0
@@ -94,8 +95,7 @@ class Worker:
                 )
                 log.exception("model %s failed to load", entry.key)
                 continue
-            self.models[entry.key] = loaded
-            self.streams[keys.job_stream(entry.name, entry.version)] = loaded
+            self.models[keys.job_stream(entry.name, entry.version)] = loaded
             self.states[entry.key] = ModelState(
                 name=entry.name,
                 version=entry.version,
@@ -104,15 +104,6 @@ class Worker:
                 random_weights=loaded.random_weights,
             )
             log.info("model %s ready in %.1f s (warmed up)", entry.key, time.perf_counter() - start)
-
-    def ensure_groups(self) -> None:
-        for stream in self.streams:
-            try:
-                # From the start of the stream: jobs enqueued before any worker existed count too.
-                self.redis.xgroup_create(stream, keys.JOB_GROUP, id="0", mkstream=True)
-            except redis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
 
     def publish_labels(self, *, only_missing: bool = False) -> None:
         for loaded in self.models.values():
@@ -161,7 +152,7 @@ class Worker:
 
     def run(self) -> None:
         """Serves until SIGTERM/SIGINT; survives Redis outages."""
-        if not self.streams:
+        if not self.models:
             log.error("no model could be loaded; serving heartbeats only so operators see why")
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         groups_ready = False
@@ -169,20 +160,22 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 if not groups_ready:
-                    self.ensure_groups()
+                    self.jobs.ensure_groups(self.models)
                     self.publish_labels()
                     self.send_heartbeat()
                     groups_ready = True
                     if not started:
                         hb.start()
                         started = True
-                        log.info("worker %s serving %s", self.worker_id, sorted(self.models))
-                if not self.streams:
+                        log.info(
+                            "worker %s serving %s", self.worker_id, sorted(m.entry.key for m in self.models.values())
+                        )
+                if not self.models:
                     self.stopping.wait(1)
                     continue
                 self.step()
             except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if group_missing(exc):
                     groups_ready = False  # Redis lost its data; recreate the groups
                     continue
                 log.exception("redis error")
@@ -191,7 +184,7 @@ class Worker:
                 self._outage(exc)
                 groups_ready = False
                 self.stopping.wait(1)
-        with contextlib.suppress(REDIS_ERRORS), self.redis.pipeline(transaction=False) as pipe:
+        with contextlib.suppress(*REDIS_ERRORS), self.redis.pipeline(transaction=False) as pipe:
             workers.withdraw(pipe, worker_id=self.worker_id)
             pipe.execute()
         log.info("worker %s stopped", self.worker_id)
@@ -201,32 +194,25 @@ class Worker:
         batches: dict[str, list[Delivery]] = defaultdict(list)
         if time.monotonic() - self._last_reclaim > min(5.0, self.settings.visibility_timeout_ms / 2000):
             self._last_reclaim = time.monotonic()
-            for delivery in self.reclaim():
-                batches[delivery.stream].append(delivery)
+            for stream in self.models:
+                for delivery in self.jobs.reclaim(
+                    stream, min_idle_ms=self.settings.visibility_timeout_ms, count=self.settings.max_batch_size
+                ):
+                    log.warning(
+                        "reclaimed job %s (delivery %d)",
+                        delivery.job.job_id if delivery.job else delivery.entry_id,
+                        delivery.delivery,
+                        extra={"request_id": delivery.job.request_id if delivery.job else ""},
+                    )
+                    batches[stream].append(delivery)
         if not batches:
-            response = self.redis.xreadgroup(
-                keys.JOB_GROUP,
-                self.worker_id,
-                {stream: ">" for stream in self.streams},
-                # With peers, start with one job and take a share of the rest in _fill.
-                count=self.settings.max_batch_size if self.peers <= 1 else 1,
-                block=1000,
-            )
-            for stream, entries in response or []:
-                name = stream.decode() if isinstance(stream, bytes) else stream
-                batches[name].extend(self._decode(name, entries))
+            # With peers, start with one job and take a share of the rest in _fill.
+            count = self.settings.max_batch_size if self.peers <= 1 else 1
+            for stream, deliveries in self.jobs.read(self.models, count=count, block_ms=1000).items():
+                batches[stream].extend(deliveries)
         for stream, deliveries in batches.items():
             self._fill(stream, deliveries)
             self.process(stream, deliveries)
-
-    def _decode(self, stream: str, entries: list) -> list[Delivery]:  # type: ignore[type-arg]
-        out = []
-        for entry_id, fields in entries:
-            try:
-                out.append(Delivery(stream, entry_id, JobMessage.from_fields(fields)))
-            except Exception as exc:  # a malformed message is failed, not retried forever
-                out.append(Delivery(stream, entry_id, None, error=f"malformed job message: {exc}"))
-        return out
 
     def _fill(self, stream: str, deliveries: list[Delivery]) -> None:
         """Adds the jobs of the same model version already waiting, for up to MAX_BATCH_DELAY_MS.
@@ -237,15 +223,9 @@ class Worker:
         deadline = time.monotonic() + self.settings.max_batch_delay_ms / 1000
         target = self._batch_target(stream, len(deliveries))
         while len(deliveries) < target:
-            response = self.redis.xreadgroup(
-                keys.JOB_GROUP,
-                self.worker_id,
-                {stream: ">"},
-                count=target - len(deliveries),
-            )
-            for _stream, entries in response or []:
-                deliveries.extend(self._decode(stream, entries))
-            if not response:
+            more = self.jobs.read([stream], count=target - len(deliveries)).get(stream, [])
+            deliveries.extend(more)
+            if not more:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -259,152 +239,121 @@ class Worker:
         """
         if self.peers <= 1:
             return self.settings.max_batch_size
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xlen(stream)
-        pipe.xpending(stream, keys.JOB_GROUP)
-        length, pending = pipe.execute()
-        waiting = max(0, int(length) - int(pending["pending"]))
+        waiting = self.jobs.waiting(stream)
         return max(1, min(self.settings.max_batch_size, math.ceil((waiting + held) / self.peers)))
 
-    def reclaim(self) -> list[Delivery]:
-        """Takes over jobs whose worker died; dead-letters those delivered too often."""
-        out: list[Delivery] = []
-        for stream in self.streams:
-            _next, claimed, *_ = self.redis.xautoclaim(
-                stream,
-                keys.JOB_GROUP,
-                self.worker_id,
-                min_idle_time=self.settings.visibility_timeout_ms,
-                start_id="0-0",
-                count=self.settings.max_batch_size,
-            )
-            for delivery in self._decode(stream, [c for c in claimed if c[1]]):
-                info = self.redis.xpending_range(
-                    stream, keys.JOB_GROUP, min=delivery.entry_id, max=delivery.entry_id, count=1
-                )
-                times = int(info[0]["times_delivered"]) if info else 1
-                delivery.delivery = times
-                if times > self.settings.max_deliveries:
-                    self.dead_letter(delivery, times)
-                else:
-                    log.warning(
-                        "reclaimed job %s (delivery %d)",
-                        delivery.job.job_id if delivery.job else delivery.entry_id,
-                        times,
-                        extra={"request_id": delivery.job.request_id if delivery.job else ""},
-                    )
-                    out.append(delivery)
-        return out
-
-    def dead_letter(self, delivery: Delivery, times: int) -> None:
-        reason = f"gave up after {times - 1} deliveries: the worker processing it stopped each time"
-        log.error("dead-lettering %s: %s", delivery.entry_id, reason)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(
-            keys.DEAD_LETTER_STREAM,
-            {
-                "stream": delivery.stream,
-                "entry_id": delivery.entry_id,
-                "reason": reason,
-                "meta": delivery.job.model_dump_json() if delivery.job else "",
-            },
-            maxlen=DEAD_LETTER_MAXLEN,
-            approximate=True,
-        )
-        if delivery.job is not None:
-            failed = self._result(delivery.job, PredictionStatus.failed, error=reason, dead_lettered=True)
-            pipe.xadd(keys.RESULT_STREAM, failed.to_fields(), maxlen=RESULT_MAXLEN, approximate=True)
-        pipe.xack(delivery.stream, keys.JOB_GROUP, delivery.entry_id)
-        pipe.execute()
-
-    def _result(self, job: JobMessage, status: PredictionStatus, **kwargs: object) -> ResultMessage:
-        return ResultMessage.answering(job, status, worker_id=self.worker_id, **kwargs)
+    # --- one batch ------------------------------------------------------------------------
 
     def process(self, stream: str, deliveries: list[Delivery]) -> None:
-        loaded = self.streams[stream]
-        entry: ModelEntry = loaded.entry
+        """Answers one batch of jobs of one model version and settles every delivery in it: triage,
+        preprocessing, batched inference, then answers and acknowledgements in one transaction."""
+        model = self.models[stream]
         started = time.time()
-        results: list[tuple[Delivery, ResultMessage]] = []
-        inputs: list[tuple[Delivery, np.ndarray, float]] = []
-        running = self.redis.pipeline(transaction=False)
-        for d in deliveries:
-            if d.job is None:
-                continue
-            if d.job.expired(started):
-                results.append((d, self._result(d.job, PredictionStatus.expired, error="deadline passed in the queue")))
-                continue
-            running.set(keys.job_running_key(d.job.prediction_id), 1, ex=600)
-            t0 = time.perf_counter()
-            try:
-                x = preprocess(d.job.image, entry)
-            except Exception as exc:  # one unreadable image fails alone, not its batch
-                results.append((d, self._result(d.job, PredictionStatus.failed, error=f"preprocessing failed: {exc}")))
-                continue
-            inputs.append((d, x, (time.perf_counter() - t0) * 1000))
-        running.execute()
-        if inputs:
-            t0 = time.perf_counter()
-            try:
-                probs = loaded.predict(np.stack([x for _d, x, _ms in inputs]))
-                error = None
-            except Exception as exc:
-                log.exception("inference failed for %s", entry.key)
-                probs, error = None, f"inference failed: {exc}"
-            inference_ms = (time.perf_counter() - t0) * 1000
-            finished = time.time()
-            for i, (d, _x, pre_ms) in enumerate(inputs):
-                assert d.job is not None
-                timings = Timings(
-                    queue_ms=max(0.0, (started - d.job.enqueued_at) * 1000),
-                    preprocess_ms=pre_ms,
-                    inference_ms=inference_ms,
-                    total_ms=max(0.0, (finished - d.job.enqueued_at) * 1000),
-                    batch_size=len(inputs),
-                )
-                if probs is None:
-                    results.append((d, self._result(d.job, PredictionStatus.failed, error=error, timings=timings)))
-                    continue
-                top = [
-                    LabelScore(label=label, score=score) for label, score in top_k(probs[i], loaded.labels, entry.top_k)
-                ]
-                results.append(
-                    (
-                        d,
-                        self._result(
-                            d.job,
-                            PredictionStatus.done,
-                            top_k=top,
-                            timings=timings,
-                            random_weights=loaded.random_weights,
-                        ),
-                    )
-                )
-        self.publish(stream, deliveries, results)
+        computable, answers, dead_letters = self.triage(deliveries, started)
+        self.jobs.mark_running(d.job for d in computable if d.job is not None)
+        inputs, failures = self.preprocess(model.entry, computable)
+        answers += failures
+        answers += self.infer(model, inputs, started)
+        self.jobs.publish(stream, deliveries, answers, dead_letters)
         log.info(
             "answered %d jobs of %s (batch %d)",
-            len(results),
-            entry.key,
+            len(answers),
+            model.entry.key,
             len(inputs),
             extra={"request_id": ",".join(sorted({d.job.request_id for d in deliveries if d.job}))},
         )
 
-    def publish(self, stream: str, deliveries: list[Delivery], results: list[tuple[Delivery, ResultMessage]]) -> None:
-        """Results and acknowledgements in one transaction: a job is never acked without its answer."""
-        pipe = self.redis.pipeline(transaction=True)
-        for d, result in results:
-            result.delivery = d.delivery
-            pipe.xadd(keys.RESULT_STREAM, result.to_fields(), maxlen=RESULT_MAXLEN, approximate=True)
+    def triage(
+        self, deliveries: list[Delivery], now: float
+    ) -> tuple[list[Delivery], list[ResultMessage], list[DeadLetter]]:
+        """Splits a batch into the jobs to compute and those settled without a model: an undecodable
+        entry is dead-lettered; a job delivered more than MAX_DELIVERIES times (each worker taking it
+        stopped) is dead-lettered and failed; a job past its deadline expires."""
+        computable: list[Delivery] = []
+        answers: list[ResultMessage] = []
+        dead_letters: list[DeadLetter] = []
         for d in deliveries:
             if d.job is None:
-                pipe.xadd(
-                    keys.DEAD_LETTER_STREAM,
-                    {"stream": stream, "entry_id": d.entry_id, "reason": d.error or ""},
-                    maxlen=DEAD_LETTER_MAXLEN,
-                    approximate=True,
+                dead_letters.append(DeadLetter(d, d.error or ""))
+            elif d.delivery > self.settings.max_deliveries:
+                reason = f"gave up after {d.delivery - 1} deliveries: the worker processing it stopped each time"
+                log.error("dead-lettering %s: %s", d.entry_id, reason, extra={"request_id": d.job.request_id})
+                dead_letters.append(DeadLetter(d, reason))
+                # Sent as a first delivery: a job given up is not counted as answered after a reclaim.
+                answers.append(
+                    ResultMessage.answering(
+                        d.job, PredictionStatus.failed, worker_id=self.worker_id, error=reason, dead_lettered=True
+                    )
                 )
-            pipe.xack(stream, keys.JOB_GROUP, d.entry_id)
-            pipe.xdel(stream, d.entry_id)
-        pipe.execute()
+            elif d.job.expired(now):
+                answers.append(self._answer(d, PredictionStatus.expired, error="deadline passed in the queue"))
+            else:
+                computable.append(d)
+        return computable, answers, dead_letters
+
+    def preprocess(self, entry: ModelEntry, deliveries: list[Delivery]) -> tuple[list[Input], list[ResultMessage]]:
+        """The model inputs of these jobs, each with its preprocessing time; a job whose image
+        cannot be read fails alone, not its batch."""
+        inputs: list[Input] = []
+        failures: list[ResultMessage] = []
+        for d in deliveries:
+            assert d.job is not None
+            t0 = time.perf_counter()
+            try:
+                x = preprocessing.preprocess(d.job.image, entry)
+            except Exception as exc:
+                failures.append(self._answer(d, PredictionStatus.failed, error=f"preprocessing failed: {exc}"))
+                continue
+            inputs.append(Input(d, x, (time.perf_counter() - t0) * 1000))
+        return inputs, failures
+
+    def infer(self, model: LoadedModel, inputs: list[Input], started: float) -> list[ResultMessage]:
+        """One batched inference over ``inputs``: each job's top-k answer with its timings (ms from
+        its enqueueing, ``started`` being when the batch was taken, in epoch seconds); when the
+        model raises, every job of the batch fails with the reason."""
+        if not inputs:
+            return []
+        t0 = time.perf_counter()
+        try:
+            probs = model.predict(np.stack([i.x for i in inputs]))
+            error = None
+        except Exception as exc:
+            log.exception("inference failed for %s", model.entry.key)
+            probs, error = None, f"inference failed: {exc}"
+        inference_ms = (time.perf_counter() - t0) * 1000
+        finished = time.time()
+        answers = []
+        for row, i in enumerate(inputs):
+            job = i.delivery.job
+            assert job is not None
+            timings = Timings(
+                queue_ms=max(0.0, (started - job.enqueued_at) * 1000),
+                preprocess_ms=i.preprocess_ms,
+                inference_ms=inference_ms,
+                total_ms=max(0.0, (finished - job.enqueued_at) * 1000),
+                batch_size=len(inputs),
+            )
+            if probs is None:
+                answers.append(self._answer(i.delivery, PredictionStatus.failed, error=error, timings=timings))
+                continue
+            top = [
+                LabelScore(label=label, score=score)
+                for label, score in top_k(probs[row], model.labels, model.entry.top_k)
+            ]
+            answers.append(
+                self._answer(
+                    i.delivery,
+                    PredictionStatus.done,
+                    top_k=top,
+                    timings=timings,
+                    random_weights=model.random_weights,
+                )
+            )
+        return answers
+
+    def _answer(self, d: Delivery, status: PredictionStatus, **fields: object) -> ResultMessage:
+        assert d.job is not None
+        return ResultMessage.answering(d.job, status, worker_id=self.worker_id, delivery=d.delivery, **fields)
 
     def stop(self, *_args: object) -> None:
         self.stopping.set()

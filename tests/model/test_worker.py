@@ -1,4 +1,5 @@
-"""A worker on its own: the models it serves, and a job alone in the queue answered without waiting for company."""
+"""A worker on its own: the models it serves, a job alone in the queue answered without waiting for
+company, and one batch holding every kind of job settled in one step."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from PIL import Image
 
 from contracts import keys, workers
 from contracts.messages import Heartbeat, JobMessage, ResultMessage
+from model.config import ModelSettings
+from model.worker import Worker
+from tests.images import encode
 from tests.support import PHOTOS, ROOT, RedisServer, start_worker, wait_for_worker
 
 
@@ -76,3 +81,84 @@ def test_a_worker_told_to_serve_an_unknown_model_stops_at_once_and_says_why(priv
     )
     assert done.returncode != 0
     assert "SERVE_MODELS='mobilenet_v2@1,nope': 'nope' matches no model version served here" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def sketch_worker(model_settings: ModelSettings) -> Iterator[Worker]:
+    """A worker in this process serving sketch@1 on a Redis of its own (no other worker takes its
+    jobs), whose steps the test drives one by one."""
+    server = RedisServer()
+    server.start()
+    settings = model_settings.model_copy(
+        update={
+            "redis_url": server.url,
+            "serve_models": "sketch@1",
+            "worker_id": "triage-worker",
+            "visibility_timeout_ms": 50,
+            "max_deliveries": 3,
+        }
+    )
+    try:
+        worker = Worker(settings)
+        worker.load_models()
+        worker.jobs.ensure_groups(worker.models)
+        yield worker
+    finally:
+        server.stop()
+
+
+def sketch_job(image: bytes, *, deadline_in: float = 60) -> JobMessage:
+    return JobMessage(
+        job_id=str(uuid.uuid4()),
+        prediction_id=str(uuid.uuid4()),
+        model="sketch",
+        version=1,
+        sha256="0" * 64,
+        deadline=time.time() + deadline_in,
+        image=image,
+    )
+
+
+def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> None:
+    client = redis.Redis.from_url(sketch_worker.settings.redis_url)
+    stream = keys.job_stream("sketch", 1)
+    drawing = encode(Image.new("L", (280, 280), 255), "PNG")
+    poison, good, late, unreadable = (
+        sketch_job(drawing),
+        sketch_job(drawing),
+        sketch_job(drawing, deadline_in=-1),
+        sketch_job(b"not an image"),
+    )
+    # Three workers took the poison job and stopped before answering.
+    poison_id = client.xadd(stream, poison.to_fields())
+    client.xreadgroup(keys.JOB_GROUP, "ghost-1", {stream: ">"})
+    for ghost in ("ghost-2", "ghost-3"):
+        client.xclaim(stream, keys.JOB_GROUP, ghost, min_idle_time=0, message_ids=[poison_id])
+    time.sleep(0.1)
+    for message in (good, late, unreadable):
+        client.xadd(stream, message.to_fields())
+    malformed_id = client.xadd(stream, {"meta": b"{not json"})
+
+    sketch_worker.step()
+
+    answers = {r.job_id: r for r in (ResultMessage.from_fields(f) for _id, f in client.xrange(keys.RESULT_STREAM))}
+    assert set(answers) == {poison.job_id, good.job_id, late.job_id, unreadable.job_id}
+    assert answers[good.job_id].status == "done" and len(answers[good.job_id].top_k) > 0
+    assert answers[good.job_id].timings.batch_size == 1 and answers[good.job_id].worker_id == "triage-worker"
+    assert (answers[late.job_id].status, answers[late.job_id].error) == ("expired", "deadline passed in the queue")
+    assert answers[unreadable.job_id].status == "failed"
+    assert (answers[unreadable.job_id].error or "").startswith("preprocessing failed")
+    given_up = answers[poison.job_id]
+    assert given_up.status == "failed" and given_up.dead_lettered and given_up.delivery == 1
+    assert given_up.error == "gave up after 3 deliveries: the worker processing it stopped each time"
+    dead = {fields[b"entry_id"]: fields for _id, fields in client.xrange(keys.DEAD_LETTER_STREAM)}
+    assert set(dead) == {poison_id, malformed_id}
+    assert dead[malformed_id][b"reason"].startswith(b"malformed job message")
+    assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0 and client.xlen(stream) == 0
+    assert client.exists(keys.job_running_key(good.prediction_id), keys.job_running_key(unreadable.prediction_id)) == 2
+    assert not client.exists(keys.job_running_key(late.prediction_id))
+
+
+def test_one_dict_holds_the_loaded_models_by_the_stream_they_serve(sketch_worker: Worker) -> None:
+    (stream, model), *others = sketch_worker.models.items()
+    assert not others and stream == keys.job_stream("sketch", 1) and model.entry.key == "sketch@1"

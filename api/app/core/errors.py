@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-import redis.exceptions
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+
+from contracts.streams import REDIS_ERRORS
 
 log = logging.getLogger("api.outage")
 
@@ -42,7 +43,6 @@ class OutageLog:
         )
 
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 DB_ERRORS = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,

@@ -22,13 +22,11 @@ from api.app.core.tasks import run_every
 from api.app.core.wandb_log import InferenceLogger
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue, service
-from contracts import keys, workers
+from contracts import keys, streams, workers
 from contracts.messages import PredictionStatus, ResultMessage
 from contracts.registry import Registry
 
 log = logging.getLogger("api.jobs")
-
-DEAD_LETTER_MAXLEN = 10_000
 
 
 @dataclass
@@ -41,14 +39,6 @@ class JobRuntime:
     outage_log: OutageLog
     registry: Registry
     inference_log: InferenceLogger | None = None
-
-
-async def ensure_group(client: Redis, stream: str, group: str) -> None:
-    try:
-        await client.xgroup_create(stream, group, id="0", mkstream=True)
-    except redis.exceptions.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 async def handle_result(rt: JobRuntime, result: ResultMessage) -> bytes | None:
@@ -76,7 +66,7 @@ async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], 
     await rt.redis.xadd(
         keys.RESULT_DEAD_LETTER_STREAM,
         {**fields, b"entry_id": entry_id, b"reason": reason.encode()},
-        maxlen=DEAD_LETTER_MAXLEN,
+        maxlen=streams.DEAD_LETTER_MAXLEN,
         approximate=True,
     )
     failed = ResultMessage.answering(result, PredictionStatus.failed, error=reason)
@@ -90,11 +80,6 @@ async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], 
         log.exception("could not fail the prediction of result %s", entry_id)
         return None
     return completed
-
-
-async def _attempts(rt: JobRuntime, entry_id: bytes) -> int:
-    info = await rt.redis.xpending_range(keys.RESULT_STREAM, keys.RESULT_GROUP, min=entry_id, max=entry_id, count=1)
-    return int(info[0]["times_delivered"]) if info else 1
 
 
 async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
@@ -120,7 +105,9 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
             except (*REDIS_ERRORS, *DB_ERRORS):
                 raise
             except Exception:
-                attempts = await _attempts(rt, entry_id)
+                attempts = await streams.times_delivered_async(
+                    rt.redis, keys.RESULT_STREAM, keys.RESULT_GROUP, entry_id
+                )
                 log.exception("could not store result %s (attempt %d)", entry_id, attempts)
                 if attempts < rt.settings.result_max_attempts:
                     continue
@@ -147,7 +134,7 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             if not group_ready:
-                await ensure_group(rt.redis, keys.RESULT_STREAM, keys.RESULT_GROUP)
+                await streams.ensure_group_async(rt.redis, keys.RESULT_STREAM, keys.RESULT_GROUP)
                 group_ready = True
             if time.monotonic() - last_claim >= rt.settings.result_claim_idle_seconds:
                 # Answers another (or this) collector read but never acknowledged: it died, or storing failed.
@@ -162,7 +149,7 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
             for _stream, entries in response or []:
                 await _process(rt, entries)
         except redis.exceptions.ResponseError as exc:
-            if "NOGROUP" in str(exc):
+            if streams.group_missing(exc):
                 group_ready = False
                 continue
             log.exception("result collector error")

@@ -6,8 +6,7 @@ from redis.asyncio import Redis
 
 from contracts import keys
 from contracts.messages import JobMessage, LabelScore, ResultMessage
-
-STREAM_MAXLEN = 100_000
+from contracts.streams import STREAM_MAXLEN
 
 
 async def enqueue(redis: Redis, messages: list[JobMessage]) -> None:

@@ -1,0 +1,116 @@
+"""The stream helpers the worker and the API share, each twin against the test Redis."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import pytest
+import redis
+import redis.asyncio
+import redis.exceptions
+
+from contracts import streams
+
+GROUP = "g"
+
+
+def fresh_stream() -> str:
+    return f"test-stream:{uuid.uuid4().hex}"
+
+
+def test_a_group_sees_the_entries_added_before_it_and_creating_it_twice_is_harmless(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    stream = fresh_stream()
+    early = client.xadd(stream, {"n": "1"})
+    streams.ensure_group(client, stream, GROUP)
+    streams.ensure_group(client, stream, GROUP)
+    ((_, entries),) = client.xreadgroup(GROUP, "c", {stream: ">"})
+    assert [entry_id for entry_id, _fields in entries] == [early]
+    assert [g["name"] for g in client.xinfo_groups(stream)] == [GROUP.encode()]
+
+
+def test_a_group_on_a_missing_stream_creates_the_stream(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    stream = fresh_stream()
+    streams.ensure_group(client, stream, GROUP)
+    assert client.xlen(stream) == 0 and client.xinfo_groups(stream)[0]["pending"] == 0
+
+
+def test_other_refusals_than_an_existing_group_are_raised(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    key = fresh_stream()
+    client.set(key, "not a stream")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        streams.ensure_group(client, key, GROUP)
+
+
+async def test_the_async_twin_creates_a_group_once_and_raises_other_refusals(redis_url: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    stream = fresh_stream()
+    early = await client.xadd(stream, {"n": "1"})
+    await streams.ensure_group_async(client, stream, GROUP)
+    await streams.ensure_group_async(client, stream, GROUP)
+    ((_, entries),) = await client.xreadgroup(GROUP, "c", {stream: ">"})
+    assert [entry_id for entry_id, _fields in entries] == [early]
+    key = fresh_stream()
+    await client.set(key, "not a stream")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        await streams.ensure_group_async(client, key, GROUP)
+    await client.aclose()
+
+
+def delivered_three_times(client: redis.Redis, stream: str) -> tuple[bytes, bytes]:
+    """A stream with two entries: the first delivered three times (claimed twice), the second once."""
+    streams.ensure_group(client, stream, GROUP)
+    first = client.xadd(stream, {"n": "1"})
+    second = client.xadd(stream, {"n": "2"})
+    client.xreadgroup(GROUP, "c1", {stream: ">"})
+    client.xclaim(stream, GROUP, "c2", min_idle_time=0, message_ids=[first])
+    client.xclaim(stream, GROUP, "c3", min_idle_time=0, message_ids=[first])
+    return first, second
+
+
+def test_times_delivered_counts_each_delivery_of_a_pending_entry(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    stream = fresh_stream()
+    first, second = delivered_three_times(client, stream)
+    assert streams.times_delivered(client, stream, GROUP, first) == 3
+    assert streams.times_delivered(client, stream, GROUP, second) == 1
+    client.xack(stream, GROUP, first)
+    assert streams.times_delivered(client, stream, GROUP, first) == 1  # no longer pending
+
+
+async def test_the_async_twin_counts_deliveries_alike(redis_url: str) -> None:
+    stream = fresh_stream()
+    first, second = delivered_three_times(redis.Redis.from_url(redis_url), stream)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    assert await streams.times_delivered_async(client, stream, GROUP, first) == 3
+    assert await streams.times_delivered_async(client, stream, GROUP, second) == 1
+    await client.aclose()
+
+
+def test_a_lost_group_is_told_from_other_refusals(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    stream = fresh_stream()
+    client.xadd(stream, {"n": "1"})
+    with pytest.raises(redis.exceptions.ResponseError) as lost:
+        client.xreadgroup(GROUP, "c", {stream: ">"})
+    assert streams.group_missing(lost.value)
+    client.delete(stream)
+    client.set(stream, "not a stream")
+    with pytest.raises(redis.exceptions.ResponseError) as wrong:
+        client.xreadgroup(GROUP, "c", {stream: ">"})
+    assert not streams.group_missing(wrong.value)
+
+
+def test_redis_out_of_reach_is_one_of_the_redis_errors_and_a_refused_command_is_not(redis_url: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+        with pytest.raises(streams.REDIS_ERRORS):
+            client.ping()
+    with pytest.raises(redis.exceptions.ResponseError) as refused:
+        redis.Redis.from_url(redis_url).execute_command("NO-SUCH-COMMAND")
+    assert not isinstance(refused.value, streams.REDIS_ERRORS)
