@@ -116,9 +116,7 @@ def test_birds_tflite(loaded: dict[str, LoadedModel]) -> None:
     assert label == "Athene cunicularia (Burrowing Owl)" and score > 0.9
 
 
-def test_tflite_runs_on_litert_without_deprecation_warnings(
-    registry: Registry, model_settings: ModelSettings
-) -> None:
+def test_tflite_runs_on_litert_without_deprecation_warnings(registry: Registry, model_settings: ModelSettings) -> None:
     entry = registry.find("birds", 1, benchmark_mode=False)
     assert entry is not None
     with warnings.catch_warnings(record=True) as caught:
