@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import port_for
 import redis
@@ -44,8 +44,8 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
 class _ReadyWhen(Executor):
     """A mirakuru executor whose readiness is any check (an HTTP answer, a Redis key, ...)."""
 
-    def __init__(self, args: list[str], ready: Callable[[], bool], **kwargs: object) -> None:
-        super().__init__(args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, ready: Callable[[], bool], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._ready = ready
 
     def pre_start_check(self) -> bool:
@@ -71,7 +71,7 @@ class Service:
         self.executor: SimpleExecutor | None = None
 
     def start(self, ready: Callable[[], bool] | None = None, timeout: float = 60) -> Service:
-        common = {
+        options: dict[str, Any] = {
             "cwd": str(self._cwd),
             "envvars": self._env,
             "stdin": subprocess.DEVNULL,
@@ -79,10 +79,9 @@ class Service:
             "stderr": subprocess.STDOUT,
             "timeout": timeout,
         }
-        if ready is None:
-            self.executor = SimpleExecutor(self._args, **common)  # type: ignore[arg-type]
-        else:
-            self.executor = _ReadyWhen(self._args, ready, **common)
+        self.executor = (
+            SimpleExecutor(self._args, **options) if ready is None else _ReadyWhen(ready, self._args, **options)
+        )
         try:
             self.executor.start()
         except ProcessExitedWithError as exc:
