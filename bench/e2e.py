@@ -15,13 +15,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ import redis
 from sqlalchemy.engine import make_url
 
 from api.app.core.db import APPLICATION_NAME
+from bench.processes import Service, start_on_free_port, start_redis, wait_until
 from contracts.workers import live_heartbeats
 
 log = logging.getLogger("bench.e2e")
@@ -70,39 +71,19 @@ class E2EResult:
     """PostgreSQL sessions the run opened on its database (pg_stat_database.sessions)."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():  # type: ignore[operator]
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
-
-
 class Portal:
     """The running pieces and their environment."""
 
     def __init__(self, workdir: Path, database_url: str, models_dir: Path, api_workers: int) -> None:
         self.workdir = workdir
         self.database_url = database_url
-        self.port = free_port()
-        self.redis_port = free_port()
+        self.port = 0
+        self.redis_port = 0
         self.env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
             "ENVIRONMENT": "development",
             "DATABASE_URL": database_url,
-            "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "API_PORT": str(self.port),
             "API_HOST": "127.0.0.1",
             "API_WORKERS": str(api_workers),
             "STORAGE_DIR": str(workdir / "storage"),
@@ -116,23 +97,31 @@ class Portal:
             "LOG_LEVEL": "WARNING",
         }
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.redis = redis.Redis(port=self.redis_port)
+        self.processes: dict[str, Service] = {}
+        self.redis: redis.Redis  # once start_redis has run
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        logfile = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(args, env=env or self.env, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT)
-        self.processes[name] = proc
-        return proc
+    def start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, ready: Callable[[], bool] | None = None
+    ) -> Service:
+        """Starts a child logging to ``workdir/<name>.log``, once ``ready()`` is true if given."""
+        service = Service(name, args, env or self.env, log_dir=self.workdir, cwd=ROOT)
+        self.processes[name] = service.start(ready, timeout=60)
+        return service
 
     def stop(self, name: str) -> None:
-        proc = self.processes.pop(name)
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self.processes.pop(name).stop()
+
+    def start_redis(self, port: int) -> None:
+        self.processes["redis"] = start_redis(port, log_dir=self.workdir, cwd=ROOT)
+        self.redis_port = port
+        self.redis = redis.Redis(port=port)
+        self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+
+    def start_api(self, port: int) -> None:
+        self.port = port
+        self.env["API_PORT"] = str(port)
+        url = f"http://127.0.0.1:{port}/health/live"
+        self.start("api", [sys.executable, "-m", "api"], ready=lambda: _answers(url))
 
     def start_workers(self, count: int, cores: int) -> None:
         for i in range(count):
@@ -149,10 +138,18 @@ class Portal:
             ready_models = [{f"{m.name}@{m.version}" for m in b.models if m.ready} for b in live]
             return len(live) == workers and all(set(models) <= r for r in ready_models)
 
-        wait_for(ready, timeout, f"{workers} worker(s) serving {models}")
+        wait_until(ready, timeout, f"{workers} worker(s) serving {models}", interval=0.2)
 
     def pids(self, prefix: str) -> list[int]:
-        return [p.pid for n, p in self.processes.items() if n.startswith(prefix)]
+        return [p.proc.pid for n, p in self.processes.items() if n.startswith(prefix)]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -160,14 +157,9 @@ def portal(database_url: str, models_dir: Path, api_workers: int = 1) -> Iterato
     workdir = Path(tempfile.mkdtemp(prefix="portal-bench-"))
     p = Portal(workdir, database_url, models_dir, api_workers)
     try:
-        p.start(
-            "redis",
-            ["redis-server", "--port", str(p.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        )
-        wait_for(p.redis.ping, 10, "redis-server")
+        start_on_free_port(p.start_redis)
         subprocess.run([sys.executable, "-m", "api.prestart"], env=p.env, cwd=ROOT, check=True, capture_output=True)
-        p.start("api", [sys.executable, "-m", "api"])
-        wait_for(lambda: socket.create_connection(("127.0.0.1", p.port), 1).close() is None, 60, "API")
+        start_on_free_port(p.start_api)
         yield p
     finally:
         for name in list(p.processes):
@@ -300,15 +292,15 @@ def run_locust(p: Portal, model: str, users: int, seconds: float, images: Path) 
         str(prefix),
     ]
     locust = p.start(f"locust-{users}", args, env)
-    groups = {"api": p.pids("api"), "workers": p.pids("worker-"), "locust": [locust.pid], "redis": p.pids("redis")}
+    groups = {"api": p.pids("api"), "workers": p.pids("worker-"), "locust": p.pids("locust-"), "redis": p.pids("redis")}
     with Sampler(groups) as sampler:
         # CPU over the steady middle of the run, while every process is alive to be asked; the
         # users log in first, one password check (about 25 ms of CPU) at a time.
         settle = 3 + 0.03 * users
         time.sleep(settle)
         sampler.measure_cpu(max(1.0, seconds - settle - 2))
-        locust.wait(seconds + 120)
-    p.processes.pop(f"locust-{users}")
+        locust.proc.wait(seconds + 120)
+    p.stop(f"locust-{users}")
     with open(f"{prefix}_stats.csv", newline="") as fh:
         rows = {row["Name"]: row for row in csv.DictReader(fh)}
     return rows, sampler

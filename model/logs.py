@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 from contracts.logs import configure_logging as configure_shared
 
 
 def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    warnings.filterwarnings("ignore", message=r".*tf.lite.Interpreter is deprecated.*")
     configure_shared("model", level, json_lines, pid=os.getpid())

@@ -195,32 +195,43 @@ def _load_openvino(entry: ModelEntry, settings: ModelSettings, labels: tuple[str
     return LoadedModel(entry=entry, labels=labels, classify=classify, random_weights=random_weights)
 
 
-def _load_tflite(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, ...]) -> LoadedModel:
-    import tensorflow as tf
+class TFLiteClassifier:
+    """A ``.tflite`` file run by LiteRT (``ai_edge_litert``), the maintained successor of
+    ``tf.lite.Interpreter``; outputs are dequantized to float32 scores."""
 
+    def __init__(self, path: Path, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    @property
+    def outputs(self) -> int:
+        return int(self.output["shape"][-1])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        scale, zero = self.output["quantization"]
+        rows = []
+        # The quantized graph has a fixed batch of one.
+        for item in batch:
+            self.interpreter.set_tensor(self.input["index"], item[None].astype(self.input["dtype"]))
+            self.interpreter.invoke()
+            raw = self.interpreter.get_tensor(self.output["index"])[0].astype(np.float32)
+            rows.append((raw - zero) * scale if scale else raw)
+        return np.stack(rows)
+
+
+def _load_tflite(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, ...]) -> LoadedModel:
     path = resolve(entry, entry.file or "", settings)
     if not path.exists():
         raise ModelUnavailable(f"model file {path} not found")
     try:
-        interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=settings.inference_threads)
-        interpreter.allocate_tensors()
+        classify = TFLiteClassifier(path, settings.inference_threads)
     except Exception as exc:
         raise ModelUnavailable(f"TFLite model {path} could not be loaded: {exc}") from exc
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    _check_outputs(int(out["shape"][-1]), labels)
-    scale, zero = out["quantization"]
-
-    def classify(batch: np.ndarray) -> np.ndarray:
-        rows = []
-        # The quantized graph has a fixed batch of one.
-        for item in batch:
-            interpreter.set_tensor(inp["index"], item[None].astype(inp["dtype"]))
-            interpreter.invoke()
-            raw = interpreter.get_tensor(out["index"])[0].astype(np.float32)
-            rows.append((raw - zero) * scale if scale else raw)
-        return np.stack(rows)
-
+    _check_outputs(classify.outputs, labels)
     return LoadedModel(entry=entry, labels=labels, classify=classify, input_dtype=np.uint8)
 
 

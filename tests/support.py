@@ -1,13 +1,10 @@
-"""Helpers the tests share: free ports, subprocess services, waiting."""
+"""Helpers the tests share: paths, the real services as subprocesses (on bench.processes), waiting."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import httpx
 import redis
 
 from api.app.core.config import Settings
+from bench.processes import Service, free_port, start_on_free_port, start_redis, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -23,56 +21,13 @@ QUICKDRAW = SHARED / "data" / "quickdraw"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class Service:
-    """A child process whose output goes to a log file under test-artifacts."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        ARTIFACTS.mkdir(exist_ok=True)
-        self.name = name
-        self.log_path = ARTIFACTS / f"{name}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            args,
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
+def service(
+    name: str, args: list[str], env: dict[str, str], ready: Callable[[], bool] | None = None, timeout: float = 60
+) -> Service:
+    """A started child of the project (run from the repository, its output in test-artifacts),
+    once ``ready()`` is true if given; raises ProcessExitedWithError if it fails to start."""
+    child = Service(name, args, {**env, "PYTHONPATH": str(ROOT)}, log_dir=ARTIFACTS, cwd=ROOT)
+    return child.start(ready, timeout)
 
 
 def start_worker(name: str, redis_url: str, **extra: str) -> Service:
@@ -86,7 +41,7 @@ def start_worker(name: str, redis_url: str, **extra: str) -> Service:
         "TF_CPP_MIN_LOG_LEVEL": "2",
         **extra,
     }
-    return Service(name, [sys.executable, "-m", "model"], env)
+    return service(name, [sys.executable, "-m", "model"], env)
 
 
 def wait_for_worker(redis_url: str, worker: Service, timeout: float = 120) -> None:
@@ -104,33 +59,28 @@ class RedisServer:
     """A private redis-server on a free port, for tests that stop or restart Redis."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.server: Service | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def _start(self, port: int) -> Service:
+        self.server = start_redis(port, log_dir=ARTIFACTS, cwd=ROOT)
+        self.port = port
+        return self.server
+
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.exceptions.ConnectionError:
-                return False
-
-        wait_until(up, 10, "private redis-server")
+        """Starts it on a free port the first time, on the same port again after ``stop``."""
+        if self.port:
+            self._start(self.port)
+        else:
+            start_on_free_port(self._start)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        if self.server is not None:
+            self.server.stop()
 
 
 class PostgresServer:
@@ -205,18 +155,11 @@ def api_env(settings: Settings, **overrides: str) -> dict[str, str]:
 
 def start_api(name: str, settings: Settings, **overrides: str) -> tuple[Service, str]:
     """The real API (uvicorn) as a subprocess on a free port, once it answers /health/live."""
-    port = free_port()
-    api = Service(f"{name}-{port}", [sys.executable, "-m", "api"], api_env(settings, API_PORT=str(port), **overrides))
-    url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        if not api.alive():
-            raise RuntimeError(f"{api.name} exited:\n{api.log()[-3000:]}")
-        return http_ok(f"{url}/health/live")
+    def start(port: int) -> tuple[Service, str]:
+        url = f"http://127.0.0.1:{port}"
+        env = api_env(settings, API_PORT=str(port), **overrides)
+        api = service(f"{name}-{port}", [sys.executable, "-m", "api"], env, lambda: http_ok(f"{url}/health/live"))
+        return api, url
 
-    try:
-        wait_until(up, 60, api.name, interval=0.3)
-    except BaseException:
-        api.stop()
-        raise
-    return api, url
+    return start_on_free_port(start)

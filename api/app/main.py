@@ -15,6 +15,7 @@ from api.app.auth.router import classic as auth_classic
 from api.app.auth.router import router as auth_router
 from api.app.catalog.router import router as catalog_router
 from api.app.catalog.service import WorkerDirectory
+from api.app.core import metrics
 from api.app.core.body_limits import BodyLimitMiddleware
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_read_sessionmaker, make_sessionmaker, open_pool
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.forget_dead_processes()
         state = app.state
         state.settings = settings
         state.engine = make_engine(settings)
@@ -108,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.redis_blocking.aclose()
             await state.engine.dispose()
             await state.background_engine.dispose()
+            metrics.forget_this_process()
 
     app = FastAPI(
         title="Image classification portal",

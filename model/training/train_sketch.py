@@ -4,7 +4,8 @@
         --batch-size 128 --out DIR [--arch compact|deep] [--per-category 3000] [--feedback DIR]
 
 Reads ``DIR/<category>.npy`` (QuickDraw ``numpy_bitmap`` files: 28x28 white-on-black uint8) and
-downloads a missing category from the public QuickDraw bucket. Every drawing goes through the
+downloads a missing category from the public QuickDraw bucket (pooch: checked against the MD5 the
+bucket gives, a stalled transfer times out, and only a complete file is kept). Every drawing goes through the
 same normalisation the model service applies to uploads, so served and trained inputs agree.
 ``--feedback`` adds the drawings users labelled, as ``python -m api.cli export-feedback`` writes
 them (``<out>/sketch``: a folder per category), to the training split only: the held-out
@@ -16,6 +17,7 @@ held-out accuracy, confusion matrix, the feedback used and how the model answers
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pooch
 from PIL import Image
 
 from contracts.imaging import ImageRejected, load_image
@@ -36,12 +39,43 @@ QUICKDRAW_URL = "https://storage.googleapis.com/quickdraw_dataset/full/numpy_bit
 SEED = 1234
 
 
-def load_category(data_dir: Path, category: str, per_category: int) -> np.ndarray:
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def published_md5(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> str | None:
+    """The MD5 (hex) the server publishes for ``url`` in its ``x-goog-hash`` header (Google Cloud
+    Storage: ``crc32c=<b64>,md5=<b64>``), from a HEAD request; None when it publishes none.
+    Raises OSError (urllib.error.URLError) when the server cannot be reached."""
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+        hashes = ",".join(response.headers.get_all("x-goog-hash") or [])
+    for part in hashes.split(","):
+        kind, _, value = part.strip().partition("=")
+        if kind == "md5" and value:
+            return base64.b64decode(value).hex()
+    return None
+
+
+def download(url: str, path: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Downloads ``url`` to ``path`` through a temporary file that becomes ``path`` only once it is
+    complete and matches the server's published MD5; ``timeout`` is per connection and read, in
+    seconds. Raises ValueError on a checksum mismatch and requests' errors on a failed or cut-off
+    transfer, leaving nothing at ``path``."""
+    md5 = published_md5(url, timeout)
+    if md5 is None:
+        log.warning("%s publishes no checksum; only the transfer's completeness is checked", url)
+    downloader = pooch.HTTPDownloader(timeout=timeout)
+    pooch.retrieve(url, f"md5:{md5}" if md5 else None, fname=path.name, path=path.parent, downloader=downloader)
+
+
+def load_category(data_dir: Path, category: str, per_category: int, url: str = QUICKDRAW_URL) -> np.ndarray:
+    """The first ``per_category`` drawings of ``data_dir/<category>.npy``, shape (n, 28, 28) uint8;
+    a missing file is first downloaded from ``url`` (``{category}`` filled in), see ``download``."""
     path = data_dir / f"{category}.npy"
     if not path.exists():
-        log.info("downloading %s to %s", QUICKDRAW_URL.format(category=category), path)
+        source = url.format(category=category)
+        log.info("downloading %s to %s", source, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        urllib.request.urlretrieve(QUICKDRAW_URL.format(category=category), path)
+        download(source, path)
     raw = np.load(path, mmap_mode="r")
     return np.asarray(raw[:per_category]).reshape(-1, 28, 28)
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+from contextlib import suppress
+from pathlib import Path
 
 import httpx
 import psutil
@@ -12,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app.core.config import Settings
 from tests.api.test_predictions import noise_png
 from tests.conftest import Users
-from tests.support import http_ok, start_api
+from tests.support import ROOT, http_ok, start_api, wait_until
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -108,3 +114,66 @@ def test_metrics_add_up_across_api_processes(settings: Settings) -> None:
         assert len(pids) >= 2
     finally:
         api.stop()
+
+
+def _set_live_workers(directory: Path, count: int) -> int:
+    """Sets portal_live_workers in a new process writing to ``directory``, which then dies without
+    cleaning up (as a killed API process does); its pid."""
+    code = f"import os; from api.app.core import metrics; metrics.LIVE_WORKERS.set({count}); print(os.getpid())"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def _collect(directory: Path) -> dict[str, float]:
+    code = (
+        "from prometheus_client import CollectorRegistry, generate_latest;"
+        "from prometheus_client.multiprocess import MultiProcessCollector;"
+        "r = CollectorRegistry(); MultiProcessCollector(r); print(generate_latest(r).decode())"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    text = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_a_dead_process_gauge_is_not_reported(tmp_path: Path) -> None:
+    dead = _set_live_workers(tmp_path, 5)
+    assert (tmp_path / f"gauge_livemostrecent_{dead}.db").exists()
+    # A restarted process reading fewer workers is believed, not the dead one's larger value.
+    restarted = _set_live_workers(tmp_path, 2)
+    assert _collect(tmp_path)["portal_live_workers"] == 2
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    code = "from api.app.core import metrics; print(metrics.forget_dead_processes())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    assert done.stdout.strip() == str(sorted([dead, restarted]))
+    assert not list(tmp_path.glob(f"gauge_*_{dead}.db")) and not list(tmp_path.glob(f"gauge_*_{restarted}.db"))
+
+
+def test_api_processes_remove_their_gauge_files(settings: Settings, tmp_path: Path) -> None:
+    api, url = start_api("metrics-gauges", settings, API_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+
+    def children() -> set[int]:
+        """The running uvicorn worker processes (not multiprocessing's resource tracker)."""
+        pids = set()
+        for p in psutil.Process(api.proc.pid).children():
+            with suppress(psutil.Error):  # a killed one is a zombie until uvicorn reaps it
+                if "spawn_main" in " ".join(p.cmdline()):
+                    pids.add(p.pid)
+        return pids
+
+    def gauge_pids() -> set[int]:
+        return {int(f.stem.rsplit("_", 1)[1]) for f in tmp_path.glob("gauge_live*.db")}
+
+    try:
+        wait_until(lambda: len(children()) == 2 and gauge_pids() == children(), 60, "both API processes' gauges")
+        killed = min(children())
+        os.kill(killed, signal.SIGKILL)
+        # uvicorn starts a new process, which removes the killed one's files when it starts.
+        wait_until(lambda: len(children()) == 2 and killed not in children(), 60, "a new API process")
+        wait_until(lambda: killed not in gauge_pids() and gauge_pids() == children(), 60, "the dead files gone")
+        assert http_ok(f"{url}/metrics")
+    finally:
+        api.stop()
+    assert not gauge_pids()
+    assert list(tmp_path.glob("counter_*.db"))  # counts of every process stay

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from model.runtimes import (
     LoadedModel,
     ModelUnavailable,
     OpenVINOClassifier,
+    TFLiteClassifier,
     graph,
     keras_model,
     load_model,
@@ -112,6 +114,17 @@ def test_birds_tflite(loaded: dict[str, LoadedModel]) -> None:
     m = loaded["birds@1"]
     label, score = classify(m, (PHOTOS / "owl.jpg").read_bytes())[0]
     assert label == "Athene cunicularia (Burrowing Owl)" and score > 0.9
+
+
+def test_tflite_runs_on_litert_without_deprecation_warnings(registry: Registry, model_settings: ModelSettings) -> None:
+    entry = registry.find("birds", 1, benchmark_mode=False)
+    assert entry is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = load_model(entry, model_settings)
+    assert isinstance(m.classify, TFLiteClassifier)
+    assert type(m.classify.interpreter).__module__.startswith("ai_edge_litert.")
+    assert not [w for w in caught if "deprecated" in str(w.message).lower()], [str(w.message) for w in caught]
 
 
 def test_resnet50_without_weights_is_unavailable(registry: Registry, model_settings: ModelSettings) -> None:

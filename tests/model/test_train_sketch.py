@@ -2,18 +2,108 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from contracts.registry import Registry
 from model.config import ModelSettings
 from model.preprocessing import preprocess
-from model.training.train_sketch import load_feedback, train
+from model.training.train_sketch import download, load_category, load_feedback, train
 from tests.model.drawings import feedback_folder
 
 CATEGORIES = ["cat", "fish"]
+
+DRAWINGS = np.arange(5 * 784, dtype=np.uint32).astype(np.uint8).reshape(5, 784)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+class QuickDrawBucket(BaseHTTPRequestHandler):
+    """Serves ``/<how>/<category>.npy`` like the QuickDraw bucket (an ``x-goog-hash`` MD5), where
+    ``how`` is: ``good``; ``cut`` (the connection drops halfway); ``wrong`` (the MD5 of other
+    bytes); ``nohash``; ``stall`` (headers, then nothing for 3 s)."""
+
+    body = _npy(DRAWINGS)
+
+    def _head(self) -> str:
+        how = self.path.split("/")[1]
+        md5 = hashlib.md5(self.body if how != "wrong" else b"other bytes").digest()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        if how != "nohash":
+            self.send_header("x-goog-hash", "crc32c=AAAAAA==")
+            self.send_header("x-goog-hash", f"md5={base64.b64encode(md5).decode()}")
+        self.end_headers()
+        return how
+
+    def do_HEAD(self) -> None:
+        self._head()
+
+    def do_GET(self) -> None:
+        how = self._head()
+        if how == "stall":
+            time.sleep(3)
+        self.wfile.write(self.body[: len(self.body) // 2] if how == "cut" else self.body)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def bucket() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), QuickDrawBucket)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_missing_category_is_downloaded_and_checked(tmp_path: Path, bucket: str) -> None:
+    drawings = load_category(tmp_path, "cat", 3, url=bucket + "/good/{category}.npy")
+    np.testing.assert_array_equal(drawings, DRAWINGS[:3].reshape(-1, 28, 28))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.npy"]
+    # Without a published checksum the complete file is still kept.
+    assert load_category(tmp_path, "fish", 5, url=bucket + "/nohash/{category}.npy").shape == (5, 28, 28)
+
+
+@pytest.mark.parametrize("how", ["cut", "wrong"])
+def test_a_cut_off_or_corrupted_download_is_not_kept(tmp_path: Path, bucket: str, how: str) -> None:
+    with pytest.raises((OSError, ValueError)):  # requests' errors are OSErrors; a bad MD5, ValueError
+        load_category(tmp_path, "cat", 3, url=bucket + f"/{how}/{{category}}.npy")
+    assert list(tmp_path.iterdir()) == []
+    # The next run downloads it again instead of reading half a file.
+    assert load_category(tmp_path, "cat", 3, url=bucket + "/good/{category}.npy").shape == (3, 28, 28)
+
+
+def test_a_stalled_download_times_out(tmp_path: Path, bucket: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        download(bucket + "/stall/cat.npy", tmp_path / "cat.npy", timeout=0.5)
+    assert time.monotonic() - started < 2.5 and list(tmp_path.iterdir()) == []
+
+
+def test_a_local_file_is_read_without_downloading(tmp_path: Path) -> None:
+    (tmp_path / "cat.npy").write_bytes(_npy(DRAWINGS))
+    # No server listens there: a download attempt would fail.
+    drawings = load_category(tmp_path, "cat", 2, url="http://127.0.0.1:9/{category}.npy")
+    np.testing.assert_array_equal(drawings, DRAWINGS[:2].reshape(-1, 28, 28))
 
 
 def test_feedback_drawings_are_read_as_the_service_reads_uploads(

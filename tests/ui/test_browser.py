@@ -19,7 +19,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.support import ARTIFACTS, PHOTOS, Service, free_port, wait_until
+from tests.support import ARTIFACTS, PHOTOS, free_port, service
 
 pytestmark = pytest.mark.skipif(
     shutil.which("chromium") is None or shutil.which("chromedriver") is None,
@@ -33,21 +33,17 @@ def ui_url(portal: tuple[str, str, str]) -> Iterator[str]:
     import httpx
 
     port = free_port()
-    ui = Service(
-        "browser-ui", [sys.executable, "-m", "ui"], {"API_URL": portal[0], "UI_PORT": str(port), "UI_HOST": "127.0.0.1"}
-    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
-        if not ui.alive():
-            raise RuntimeError(ui.log()[-2000:])
         try:
             return httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
+    env = {"API_URL": portal[0], "UI_PORT": str(port), "UI_HOST": "127.0.0.1"}
+    ui = service("browser-ui", [sys.executable, "-m", "ui"], env, ready=up)
     try:
-        wait_until(up, 60, "the UI", interval=0.3)
         yield url
     finally:
         ui.stop()

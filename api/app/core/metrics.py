@@ -2,12 +2,19 @@
 
 Timings reported by workers are observed here, when a result is stored, so one scrape target
 covers every worker. With several API processes set PROMETHEUS_MULTIPROC_DIR (prometheus-client's
-multiprocess mode) so that /metrics adds them up.
+multiprocess mode) so that /metrics adds them up. Counters and histograms keep a dead process's
+counts; the gauges show live processes only: a process removes its gauge files when it stops, and
+a starting one removes those of processes that died without doing so.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.multiprocess import mark_process_dead
 
 from contracts.messages import PredictionStatus, ResultMessage
 
@@ -27,8 +34,41 @@ CACHE = Counter("portal_result_cache", "Result cache lookups", ("result",))
 RECLAIMED = Counter("portal_reclaimed_jobs", "Jobs answered after another worker had taken them", MODEL)
 DEAD_LETTERED = Counter("portal_dead_lettered_jobs", "Jobs given up after too many deliveries", MODEL)
 FEEDBACK = Counter("portal_feedback", "Users' verdicts on answers (correct, wrong)", ("model", "version", "verdict"))
-QUEUE_DEPTH = Gauge("portal_queue_depth", "Jobs waiting or being computed", MODEL, multiprocess_mode="max")
-LIVE_WORKERS = Gauge("portal_live_workers", "Model workers with a live heartbeat", multiprocess_mode="max")
+# Every API process reads these from Redis, so the newest reading of a live process is the value.
+QUEUE_DEPTH = Gauge("portal_queue_depth", "Jobs waiting or being computed", MODEL, multiprocess_mode="livemostrecent")
+LIVE_WORKERS = Gauge("portal_live_workers", "Model workers with a live heartbeat", multiprocess_mode="livemostrecent")
+
+LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def forget_dead_processes() -> list[int]:
+    """Removes the live-gauge files of processes in PROMETHEUS_MULTIPROC_DIR that no longer run
+    (killed, or crashed and restarted by uvicorn) and returns their pids; nothing without the
+    variable."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return []
+    pids = {int(m[1]) for f in Path(path).iterdir() if (m := LIVE_GAUGE_FILE.fullmatch(f.name))}
+    dead = sorted(pid for pid in pids if pid != os.getpid() and not _running(pid))
+    for pid in dead:
+        mark_process_dead(pid, path)
+    return dead
+
+
+def forget_this_process() -> None:
+    """Removes this process's live-gauge files, when it stops; nothing without PROMETHEUS_MULTIPROC_DIR."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        mark_process_dead(os.getpid())
 
 
 def observe_result(result: ResultMessage) -> None:

@@ -7,6 +7,7 @@ this does the same job on the ASGI messages directly.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 
@@ -16,9 +17,19 @@ from api.app.core.logging import request_id_var
 
 log = logging.getLogger("api.request")
 
+# What a client's X-Request-ID may be: it goes into log lines, response headers and job messages,
+# so anything else (newlines, quotes, very long values) is replaced by a fresh id.
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id(given: bytes) -> str:
+    """The client's ``X-Request-ID`` if it is 1-64 characters of ``[A-Za-z0-9._-]``, otherwise a
+    fresh id (32 hex digits)."""
+    return given.decode("ascii") if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
 
 class RequestContextMiddleware:
-    """Takes ``X-Request-ID`` (or makes one), exposes it as ``request.state.request_id`` and to
+    """Takes a well-formed ``X-Request-ID`` (or makes one), exposes it as ``request.state.request_id`` and to
     logging, echoes it in the response with the time the API spent on it (``Server-Timing``, so
     a client can tell the API's time from the network's), and logs method, path, status and
     duration."""
@@ -31,7 +42,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        rid = given[:64].decode("latin-1") or uuid.uuid4().hex
+        rid = request_id(given)
         scope.setdefault("state", {})["request_id"] = rid
         status = 500
         start = time.perf_counter()
@@ -43,7 +54,7 @@ class RequestContextMiddleware:
                 spent = f"app;dur={(time.perf_counter() - start) * 1000:.1f}".encode()
                 message["headers"] = [
                     *message.get("headers", []),
-                    (b"x-request-id", rid.encode("latin-1")),
+                    (b"x-request-id", rid.encode("ascii")),
                     (b"server-timing", spent),
                 ]
             await send(message)

@@ -1,0 +1,50 @@
+"""A client's X-Request-ID reaches the logs only when it is short and plain; otherwise a fresh id does."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import httpx
+import pytest
+
+FRESH = re.compile(r"[0-9a-f]{32}")
+
+
+async def _request_id(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, given: str) -> str:
+    """The id the API answered with, after checking its request log line carries the same id."""
+    caplog.clear()
+    r = await client.get("/health/live", headers=[(b"X-Request-ID", given.encode("latin-1"))])
+    assert r.status_code == 200
+    [record] = [r for r in caplog.records if r.name == "api.request"]
+    assert record.request_id == r.headers["x-request-id"]  # type: ignore[attr-defined]
+    return r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("given", ["trace-1", "a.b_C-9", "x" * 64])
+async def test_a_well_formed_request_id_is_kept(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, given: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="api.request")
+    assert await _request_id(client, caplog, given) == given
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        'ok\n{"level": "ERROR", "message": "forged"}',  # a second, forged log line
+        "ok\r\nSet-Cookie: a=b",
+        "x" * 65,
+        "x" * 10_000,
+        "with space",
+        "caf\xe9",
+        "",
+    ],
+)
+async def test_any_other_request_id_is_replaced_by_a_fresh_one(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, given: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="api.request")
+    answered = await _request_id(client, caplog, given)
+    assert FRESH.fullmatch(answered), answered
+    assert "forged" not in caplog.text and "Set-Cookie" not in caplog.text
