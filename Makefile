@@ -60,6 +60,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/black --check .
 	$(VENV)/bin/isort --check-only .
+	$(VENV)/bin/mypy
 
 fmt: install
 	$(VENV)/bin/ruff check --fix .

@@ -105,9 +105,10 @@ def run_report(out: Path, report_path: Path) -> None:
     registry = load_registry(ModelSettings().registry_path)
     raw, agreement, e2e = report.load(out, "raw.json"), report.load(out, "agreement.json"), report.load(out, "e2e.json")
     latency = report.load(out, "latency.json")
-    info = report.load(out, "machine.json") or report.machine()
+    machine_file = out / "machine.json"
+    info = json.loads(machine_file.read_text()) if machine_file.exists() else report.machine()
     report.plots(raw, e2e, out)
-    body = report.tables(raw, agreement, e2e, registry, info, latency)  # type: ignore[arg-type]
+    body = report.tables(raw, agreement, e2e, registry, info, latency)
     (out / "tables.md").write_text(body + "\n")
     report.update_report(report_path, body)
 

@@ -25,7 +25,7 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "am
 
 
 def machine() -> dict[str, Any]:
-    cpu, flags = "", set()
+    cpu, flags = "", set[str]()
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name") and not cpu:
             cpu = line.split(":", 1)[1].strip()

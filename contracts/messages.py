@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import time
 from enum import StrEnum
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:  # the UI imports these messages without redis installed
+    from contracts.streams import StreamFields
 
 
 class PredictionStatus(StrEnum):
@@ -62,7 +65,7 @@ class JobMessage(BaseModel):
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) > self.deadline
 
-    def to_fields(self) -> dict[str, bytes]:
+    def to_fields(self) -> StreamFields:
         return {"meta": self.model_dump_json().encode(), "image": self.image}
 
     @classmethod
@@ -104,7 +107,7 @@ class ResultMessage(BaseModel):
             **fields,
         )
 
-    def to_fields(self) -> dict[str, bytes]:
+    def to_fields(self) -> StreamFields:
         return {"meta": self.model_dump_json().encode()}
 
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 import redis.asyncio
 import redis.exceptions
+from redis.typing import EncodableT, FieldT
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 """The errors that mean Redis cannot be reached now (retry later), not that a command was wrong."""
@@ -20,6 +21,9 @@ STREAM_MAXLEN = 100_000
 """Approximate cap on the job streams and the result stream (``XADD MAXLEN ~``)."""
 DEAD_LETTER_MAXLEN = 10_000
 """Approximate cap on the dead-letter streams of jobs and of results."""
+
+StreamFields = dict[FieldT, EncodableT]
+"""An entry's fields as XADD takes them."""
 
 
 def group_missing(exc: redis.exceptions.ResponseError) -> bool:

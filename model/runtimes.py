@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -62,13 +63,14 @@ def graph(model: object, entry: ModelEntry) -> Any:
     """The model as one TensorFlow graph taking a batch of any size."""
     import tensorflow as tf
 
+    keras_model = cast(Callable[..., Any], model)
     channels = 3 if entry.input.mode == "RGB" else 1
     signature = [tf.TensorSpec([None, entry.input.height, entry.input.width, channels], tf.float32)]
 
     # One graph for every batch size; model.predict per request would rebuild its machinery each call.
     @tf.function(input_signature=signature, reduce_retracing=True)
     def infer(x: tf.Tensor) -> tf.Tensor:
-        return model(x, training=False)  # type: ignore[operator]
+        return keras_model(x, training=False)
 
     return infer
 

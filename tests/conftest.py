@@ -9,6 +9,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -68,7 +69,7 @@ def redis_url() -> Iterator[str]:
 
 
 def make_settings(database_url: str, redis_url: str, storage: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "environment": "test",
         "secret_key": secrets.token_urlsafe(48),
         "database_url": database_url,
@@ -142,7 +143,7 @@ class Users:
         self.client = client
         self.admin_headers = admin_headers
 
-    async def create(self, *, role: str = "user", password: str = PASSWORD) -> tuple[dict[str, object], dict[str, str]]:
+    async def create(self, *, role: str = "user", password: str = PASSWORD) -> tuple[dict[str, Any], dict[str, str]]:
         email = f"user-{uuid.uuid4().hex[:10]}@example.com"
         r = await self.client.post(
             "/v1/users",

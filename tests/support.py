@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import httpx
 import redis
@@ -53,6 +54,20 @@ def wait_for_worker(redis_url: str, worker: Service, timeout: float = 120) -> No
         return bool(client.exists(f"worker:{worker.name}"))
 
     wait_until(ready, timeout, f"worker {worker.name}")
+
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as the suite's clients (without ``decode_responses``) read it: (entry id, fields)."""
+
+
+def entries(reply: object) -> list[Entry]:
+    """An XRANGE or XREVRANGE reply: the entries, oldest first for XRANGE."""
+    return cast(list[Entry], reply)
+
+
+def streams_read(reply: object) -> list[tuple[bytes, list[Entry]]]:
+    """An XREAD or XREADGROUP reply: (stream, its entries) for each stream that had any."""
+    return cast(list[tuple[bytes, list[Entry]]], reply)
 
 
 class RedisServer:

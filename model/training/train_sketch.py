@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pooch
@@ -118,7 +119,7 @@ def split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.
     return order[:a], order[a:b], order[b:]
 
 
-def build_model(arch: str, num_classes: int, total_steps: int = 1000):  # type: ignore[no-untyped-def]
+def build_model(arch: str, num_classes: int, total_steps: int = 1000) -> Any:
     """``compact``: three conv blocks, one conv each; ``deep``: two convs per block and a wide head."""
     import keras
     from keras import layers

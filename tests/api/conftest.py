@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from api.app.core.config import Settings
 from api.app.main import create_app
@@ -25,7 +25,7 @@ def private_redis() -> Iterator[RedisServer]:
 
 
 class Stack:
-    def __init__(self, redis_server: RedisServer, client: httpx.AsyncClient, app: Any) -> None:
+    def __init__(self, redis_server: RedisServer, client: httpx.AsyncClient, app: FastAPI) -> None:
         self.redis_server = redis_server
         self.client = client
         self.app = app

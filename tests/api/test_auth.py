@@ -46,13 +46,13 @@ async def test_token_claims(client: httpx.AsyncClient, settings: Settings) -> No
     assert claims["exp"] - claims["iat"] == settings.access_token_expire_minutes * 60
 
 
-def client_at(app, address: str) -> httpx.AsyncClient:  # type: ignore[no-untyped-def]
+def client_at(app: FastAPI, address: str) -> httpx.AsyncClient:
     """A client from its own address, so deliberate failures do not throttle the shared one."""
     transport = httpx.ASGITransport(app=app, client=(address, 1234))
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
-async def test_wrong_email_and_wrong_password_look_the_same(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+async def test_wrong_email_and_wrong_password_look_the_same(app: FastAPI, users: Users) -> None:
     client = client_at(app, "10.0.0.1")
     user, _ = await users.create()
     wrong_password = {"username": user["email"], "password": "not-the-password"}
@@ -227,7 +227,7 @@ async def test_api_processes_forget_expired_revocations(
     assert await kept() == {recent}
 
 
-async def test_login_throttling_per_email_and_reset(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+async def test_login_throttling_per_email_and_reset(app: FastAPI, users: Users) -> None:
     client = client_at(app, "10.0.0.2")
     user, _ = await users.create()
     bad = {"username": user["email"], "password": "wrong-password"}
@@ -244,7 +244,7 @@ async def test_login_throttling_per_email_and_reset(app, users: Users) -> None: 
     assert 0 < int(r.headers["retry-after"]) <= 900
 
 
-async def test_login_throttling_per_client_address(app, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+async def test_login_throttling_per_client_address(app: FastAPI, settings: Settings) -> None:
     async with client_at(app, "10.9.8.7") as other:
         for i in range(20):
             form = {"username": f"probe-{i}-{uuid.uuid4().hex[:6]}@example.com", "password": "whatever-pass"}
@@ -353,7 +353,7 @@ def _probe_profile(url: str, headers: dict[str, str], burst: list[asyncio.Task[i
     return latencies
 
 
-async def test_parallel_guesses_cannot_race_the_failure_count(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+async def test_parallel_guesses_cannot_race_the_failure_count(app: FastAPI, users: Users) -> None:
     """After one failure, ten wrong passwords at once: at most four more are checked (401), the
     rest are refused (429), as if they had come one after another."""
     client = client_at(app, "10.0.0.3")
@@ -366,7 +366,7 @@ async def test_parallel_guesses_cannot_race_the_failure_count(app, users: Users)
     assert codes == [401] * 4 + [429] * 6
 
 
-async def test_password_changes_are_throttled_like_logins(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+async def test_password_changes_are_throttled_like_logins(app: FastAPI, users: Users) -> None:
     client = client_at(app, "10.0.0.4")
     _, headers = await users.create()
     wrong = {"current_password": "not-my-password", "new_password": "another-password"}

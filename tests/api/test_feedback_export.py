@@ -65,8 +65,10 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
     labelled, unlabelled = drawing(), drawing()
     first = await classify(client, headers, labelled, "sketch@1,mobilenet_v2@1")
     sketch, mobilenet = first["results"]["sketch@1"], first["results"]["mobilenet_v2@1"]
-    await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label="cat")
-    await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label="fish")
+    # Two labels the model did not answer: "wrong" with the predicted label itself is refused.
+    earlier, latest = [label for label in ("cat", "fish", "apple") if label != sketch["label"]][:2]
+    await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=earlier)
+    await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=latest)
     await verdict(client, headers, prediction_id=mobilenet["id"], is_correct=True)
     second = await classify(client, headers, unlabelled, "sketch@1")
     await verdict(client, headers, prediction_id=second["results"]["sketch@1"]["id"], is_correct=False)
@@ -86,9 +88,9 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
     assert not any(sha in (sha_unlabelled, sha_lost) for sha, _model in rows)
 
     mine = rows[(sha_labelled, "sketch")]
-    assert mine["path"] == f"sketch/fish/{sha_labelled}.png"
+    assert mine["path"] == f"sketch/{latest}/{sha_labelled}.png"
     assert (mine["label"], mine["predicted"], mine["is_correct"], mine["version"]) == (
-        "fish",
+        latest,
         sketch["label"],
         "false",
         "1",

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from tests.api.test_predictions import noise_png
 from tests.conftest import Users
 
 
-async def _ready(client: httpx.AsyncClient, expected: int, within: float = 30) -> dict[str, object]:
+async def _ready(client: httpx.AsyncClient, expected: int, within: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + within
     while True:
         r = await client.get("/health/ready")

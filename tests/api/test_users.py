@@ -6,10 +6,11 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException
 from PIL import Image
 from pydantic import ValidationError
 
@@ -36,7 +37,7 @@ async def test_admin_lists_users_classic_and_paginated(
 async def test_non_admins_are_forbidden_admin_routes(client: httpx.AsyncClient, users: Users) -> None:
     other, _ = await users.create()
     _, headers = await users.create()
-    for method, path, kwargs in (
+    requests: tuple[tuple[str, str, dict[str, Any]], ...] = (
         ("GET", "/user/", {}),
         ("GET", "/v1/users", {}),
         ("POST", "/user/", {"json": {"email": "x@example.com", "password": PASSWORD}}),
@@ -44,7 +45,8 @@ async def test_non_admins_are_forbidden_admin_routes(client: httpx.AsyncClient, 
         ("PATCH", f"/v1/users/{other['id']}", {"json": {"role": "admin"}}),
         ("DELETE", f"/user/{other['id']}", {}),
         ("DELETE", f"/v1/users/{other['id']}", {}),
-    ):
+    )
+    for method, path, kwargs in requests:
         r = await client.request(method, path, headers=headers, **kwargs)
         assert r.status_code == 403, (method, path, r.text)
 
@@ -110,7 +112,7 @@ async def test_change_password_needs_current_one(client: httpx.AsyncClient, user
     await login(client, str(user["email"]), "another-password")
 
 
-async def test_old_hashes_are_upgraded_on_login(client: httpx.AsyncClient, app, users: Users) -> None:  # type: ignore[no-untyped-def]
+async def test_old_hashes_are_upgraded_on_login(client: httpx.AsyncClient, app: FastAPI, users: Users) -> None:
     from passlib.context import CryptContext
     from sqlalchemy import select
 
@@ -215,7 +217,7 @@ async def test_an_admin_cannot_demote_deactivate_or_delete_themselves(client: ht
     assert renamed.status_code == 200
 
 
-async def test_the_last_active_admin_keeps_their_rights(app, users: Users) -> None:  # type: ignore[no-untyped-def]
+async def test_the_last_active_admin_keeps_their_rights(app: FastAPI, users: Users) -> None:
     """Two admins demoting each other: the rows are locked, and the second finds the first alone."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -249,7 +251,7 @@ async def test_the_last_active_admin_keeps_their_rights(app, users: Users) -> No
 
 
 async def test_deleting_a_user_deletes_the_files_only_they_uploaded(
-    client: httpx.AsyncClient, app, users: Users, admin_headers: dict[str, str]  # type: ignore[no-untyped-def]
+    client: httpx.AsyncClient, app: FastAPI, users: Users, admin_headers: dict[str, str]
 ) -> None:
     leaving, leaving_headers = await users.create()
     _, staying_headers = await users.create()

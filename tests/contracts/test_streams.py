@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from typing import cast
 
 import pytest
 import redis
@@ -11,6 +12,7 @@ import redis.asyncio
 import redis.exceptions
 
 from contracts import streams
+from tests.support import streams_read
 
 GROUP = "g"
 
@@ -25,7 +27,7 @@ def test_a_group_sees_the_entries_added_before_it_and_creating_it_twice_is_harml
     early = client.xadd(stream, {"n": "1"})
     streams.ensure_group(client, stream, GROUP)
     streams.ensure_group(client, stream, GROUP)
-    ((_, entries),) = client.xreadgroup(GROUP, "c", {stream: ">"})
+    ((_, entries),) = streams_read(client.xreadgroup(GROUP, "c", {stream: ">"}))
     assert [entry_id for entry_id, _fields in entries] == [early]
     assert [g["name"] for g in client.xinfo_groups(stream)] == [GROUP.encode()]
 
@@ -51,7 +53,7 @@ async def test_the_async_twin_creates_a_group_once_and_raises_other_refusals(red
     early = await client.xadd(stream, {"n": "1"})
     await streams.ensure_group_async(client, stream, GROUP)
     await streams.ensure_group_async(client, stream, GROUP)
-    ((_, entries),) = await client.xreadgroup(GROUP, "c", {stream: ">"})
+    ((_, entries),) = streams_read(await client.xreadgroup(GROUP, "c", {stream: ">"}))
     assert [entry_id for entry_id, _fields in entries] == [early]
     key = fresh_stream()
     await client.set(key, "not a stream")
@@ -63,8 +65,8 @@ async def test_the_async_twin_creates_a_group_once_and_raises_other_refusals(red
 def delivered_three_times(client: redis.Redis, stream: str) -> tuple[bytes, bytes]:
     """A stream with two entries: the first delivered three times (claimed twice), the second once."""
     streams.ensure_group(client, stream, GROUP)
-    first = client.xadd(stream, {"n": "1"})
-    second = client.xadd(stream, {"n": "2"})
+    first = cast(bytes, client.xadd(stream, {"n": "1"}))
+    second = cast(bytes, client.xadd(stream, {"n": "2"}))
     client.xreadgroup(GROUP, "c1", {stream: ">"})
     client.xclaim(stream, GROUP, "c2", min_idle_time=0, message_ids=[first])
     client.xclaim(stream, GROUP, "c3", min_idle_time=0, message_ids=[first])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import redis
@@ -13,7 +14,7 @@ import redis
 from contracts import keys
 from contracts.messages import JobMessage, PredictionStatus, ResultMessage
 from model.streams import DeadLetter, JobStreams, decode
-from tests.support import RedisServer
+from tests.support import RedisServer, entries
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def job(**fields: object) -> JobMessage:
 
 def test_decode_keeps_a_malformed_entry_as_a_delivery_without_a_job() -> None:
     good = job()
-    as_read = {name.encode(): value for name, value in good.to_fields().items()}
+    written = cast(dict[str, bytes], good.to_fields())  # a job's field names are str, its values bytes
+    as_read = {name.encode(): value for name, value in written.items()}
     deliveries = decode("s", [(b"1-0", as_read), (b"2-0", {b"meta": b"{not json"})])
     assert deliveries[0].job == good and deliveries[0].job.image == b"pixels" and deliveries[0].error is None
     assert deliveries[1].job is None and deliveries[1].error is not None
@@ -147,8 +149,8 @@ def test_publish_settles_every_delivery_in_one_go(client: redis.Redis) -> None:
         [DeadLetter(by_job[poison.job_id], "gave up"), DeadLetter(by_job[None], by_job[None].error or "")],
     )
 
-    assert [ResultMessage.from_fields(f) for _id, f in client.xrange(keys.RESULT_STREAM)] == [answer, given_up]
-    dead = [fields for _id, fields in client.xrange(keys.DEAD_LETTER_STREAM)]
+    assert [ResultMessage.from_fields(f) for _id, f in entries(client.xrange(keys.RESULT_STREAM))] == [answer, given_up]
+    dead = [fields for _id, fields in entries(client.xrange(keys.DEAD_LETTER_STREAM))]
     assert dead[0][b"entry_id"] == by_job[poison.job_id].entry_id and dead[0][b"reason"] == b"gave up"
     assert JobMessage.model_validate_json(dead[0][b"meta"]).job_id == poison.job_id
     assert dead[1][b"reason"].startswith(b"malformed job message") and b"meta" not in dead[1]

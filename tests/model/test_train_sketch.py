@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -121,17 +122,22 @@ def test_feedback_drawings_are_read_as_the_service_reads_uploads(
 
 def test_training_adds_feedback_to_the_training_split_only(tmp_path: Path, model_settings: ModelSettings) -> None:
     folder, _cats = feedback_folder(tmp_path, model_settings)
-    common = {"data": model_settings.quickdraw_dir, "categories": CATEGORIES, "epochs": 1, "per_category": 100}
-    plain = train(**common, out=tmp_path / "plain")  # type: ignore[arg-type]
-    metrics = train(**common, out=tmp_path / "with-feedback", feedback=folder)  # type: ignore[arg-type]
+    common: dict[str, Any] = {
+        "data": model_settings.quickdraw_dir,
+        "categories": CATEGORIES,
+        "epochs": 1,
+        "per_category": 100,
+    }
+    plain = train(**common, out=tmp_path / "plain")
+    metrics = train(**common, out=tmp_path / "with-feedback", feedback=folder)
 
     assert "feedback" not in plain
     assert metrics["samples"] == {"train": 160 + 2, "validation": 20, "test": 20}
     assert plain["samples"] == {"train": 160, "validation": 20, "test": 20}
-    used = metrics["feedback"]
-    assert used["drawings"] == 2 and used["per_category"] == {"cat": 2, "fish": 0}  # type: ignore[index]
-    assert used["skipped"] == {"other_labels": 1, "unreadable": 1}  # type: ignore[index]
-    assert 0.0 <= used["answered_as_labelled"] <= 1.0  # type: ignore[index,operator]
+    used = cast(dict[str, Any], metrics["feedback"])
+    assert used["drawings"] == 2 and used["per_category"] == {"cat": 2, "fish": 0}
+    assert used["skipped"] == {"other_labels": 1, "unreadable": 1}
+    assert 0.0 <= used["answered_as_labelled"] <= 1.0
     saved = json.loads((tmp_path / "with-feedback" / "metrics.json").read_text())
     assert saved["feedback"] == used
     assert (tmp_path / "with-feedback" / "model.keras").is_file()

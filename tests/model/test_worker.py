@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import redis
@@ -20,7 +21,7 @@ from contracts.messages import Heartbeat, JobMessage, ResultMessage
 from model.config import ModelSettings
 from model.worker import Worker
 from tests.images import encode
-from tests.support import PHOTOS, ROOT, RedisServer, start_worker, wait_for_worker
+from tests.support import PHOTOS, ROOT, RedisServer, entries, start_worker, streams_read, wait_for_worker
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def private_worker() -> Iterator[str]:
 def test_a_lone_job_is_picked_up_at_once(private_worker: str) -> None:
     client = redis.Redis.from_url(private_worker)
     image = (PHOTOS / "parrot.jpg").read_bytes()
-    last = "$"
+    last: bytes | str = "$"
     queue_ms = []
     for _ in range(8):
         job = JobMessage(
@@ -52,10 +53,10 @@ def test_a_lone_job_is_picked_up_at_once(private_worker: str) -> None:
             image=image,
         )
         if last == "$":
-            newest = client.xrevrange(keys.RESULT_STREAM, count=1)
+            newest = entries(client.xrevrange(keys.RESULT_STREAM, count=1))
             last = newest[0][0] if newest else "0-0"
         client.xadd(keys.job_stream("mobilenet_v2", 1), job.to_fields())
-        response = client.xread({keys.RESULT_STREAM: last}, count=1, block=10_000)
+        response = streams_read(client.xread({keys.RESULT_STREAM: last}, count=1, block=10_000))
         assert response, "no result within 10 s"
         last, fields = response[0][1][0]
         result = ResultMessage.from_fields(fields)
@@ -69,7 +70,7 @@ def test_a_lone_job_is_picked_up_at_once(private_worker: str) -> None:
 
 def test_a_worker_loads_and_announces_only_the_models_it_is_told(private_worker: str) -> None:
     client = redis.Redis.from_url(private_worker)
-    beat = Heartbeat.model_validate_json(client.get(keys.heartbeat_key("latency-worker")))
+    beat = Heartbeat.model_validate_json(cast(bytes, client.get(keys.heartbeat_key("latency-worker"))))
     assert [(m.name, m.version, m.ready) for m in beat.models] == [("mobilenet_v2", 1, True)]
     assert client.zscore(workers.LIVE_WORKERS, "latency-worker") is not None
 
@@ -137,11 +138,13 @@ def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> 
     time.sleep(0.1)
     for message in (good, late, unreadable):
         client.xadd(stream, message.to_fields())
-    malformed_id = client.xadd(stream, {"meta": b"{not json"})
+    malformed_id = cast(bytes, client.xadd(stream, {"meta": b"{not json"}))
 
     sketch_worker.step()
 
-    answers = {r.job_id: r for r in (ResultMessage.from_fields(f) for _id, f in client.xrange(keys.RESULT_STREAM))}
+    answers = {
+        r.job_id: r for r in (ResultMessage.from_fields(f) for _id, f in entries(client.xrange(keys.RESULT_STREAM)))
+    }
     assert set(answers) == {poison.job_id, good.job_id, late.job_id, unreadable.job_id}
     assert answers[good.job_id].status == "done" and len(answers[good.job_id].top_k) > 0
     assert answers[good.job_id].timings.batch_size == 1 and answers[good.job_id].worker_id == "triage-worker"
@@ -151,7 +154,7 @@ def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> 
     given_up = answers[poison.job_id]
     assert given_up.status == "failed" and given_up.dead_lettered and given_up.delivery == 1
     assert given_up.error == "gave up after 3 deliveries: the worker processing it stopped each time"
-    dead = {fields[b"entry_id"]: fields for _id, fields in client.xrange(keys.DEAD_LETTER_STREAM)}
+    dead = {fields[b"entry_id"]: fields for _id, fields in entries(client.xrange(keys.DEAD_LETTER_STREAM))}
     assert set(dead) == {poison_id, malformed_id}
     assert dead[malformed_id][b"reason"].startswith(b"malformed job message")
     assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0 and client.xlen(stream) == 0

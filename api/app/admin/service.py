@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Integer, and_, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.functions import WithinGroup
 
 from api.app.admin.schemas import Accuracy, Correction, DailyCount, LatencyPercentiles
 from api.app.feedback.models import Feedback
@@ -25,7 +27,7 @@ async def predictions_per_day(session: AsyncSession, days: int) -> list[DailyCou
 
 
 async def latency(session: AsyncSession, days: int) -> list[LatencyPercentiles]:
-    def pct(q: float):  # type: ignore[no-untyped-def]
+    def pct(q: float) -> WithinGroup[Any]:
         return func.percentile_cont(q).within_group(Prediction.total_ms)
 
     rows = await session.execute(

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     """Port the API listens on."""
     api_workers: int = 1
     """Uvicorn worker processes for the API."""
-    api_keep_alive_seconds: float = 75.0
+    api_keep_alive_seconds: int = 75
     """How long an idle HTTP connection stays open. Longer than clients' and load balancers' own
     idle timeouts (60 s on common load balancers), so the server never closes a connection just as
     a client reuses it."""

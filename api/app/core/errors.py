@@ -65,8 +65,8 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         outage_log.report("postgresql", exc)
         return unavailable("The database is unavailable; retry shortly.", retry_after)
 
-    for exc_type in REDIS_ERRORS:
-        app.add_exception_handler(exc_type, redis_down)
-    for exc_type in DB_ERRORS:
-        app.add_exception_handler(exc_type, db_down)
+    for redis_error in REDIS_ERRORS:
+        app.add_exception_handler(redis_error, redis_down)
+    for db_error in DB_ERRORS:
+        app.add_exception_handler(db_error, db_down)
     app.add_exception_handler(sqlalchemy.exc.DBAPIError, db_down)

@@ -10,6 +10,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -25,6 +26,7 @@ from api.app.predictions import queue, service
 from contracts import keys, streams, workers
 from contracts.messages import PredictionStatus, ResultMessage
 from contracts.registry import Registry
+from contracts.streams import StreamFields
 
 log = logging.getLogger("api.jobs")
 
@@ -63,9 +65,11 @@ async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], 
     results:dead stream for an operator; the job's answers when that finished the job."""
     reason = f"its answer could not be stored after {rt.settings.result_max_attempts} attempts"
     log.error("dead-lettering result %s of job %s: %s", entry_id, result.job_id, reason)
+    dead: StreamFields = {key: value for key, value in fields.items()}
+    dead.update({b"entry_id": entry_id, b"reason": reason.encode()})
     await rt.redis.xadd(
         keys.RESULT_DEAD_LETTER_STREAM,
-        {**fields, b"entry_id": entry_id, b"reason": reason.encode()},
+        dead,
         maxlen=streams.DEAD_LETTER_MAXLEN,
         approximate=True,
     )
@@ -139,12 +143,16 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
             if time.monotonic() - last_claim >= rt.settings.result_claim_idle_seconds:
                 # Answers another (or this) collector read but never acknowledged: it died, or storing failed.
                 last_claim = time.monotonic()
-                _next, claimed, *_ = await rt.redis.xautoclaim(
+                claim: list[Any] = await rt.redis.xautoclaim(
                     keys.RESULT_STREAM, keys.RESULT_GROUP, consumer, claim_idle_ms, count=100
                 )
+                claimed: list[tuple[bytes, dict[bytes, bytes]]] = claim[1]
                 await _process(rt, [c for c in claimed if c[1]])
-            response = await rt.redis_blocking.xreadgroup(
-                keys.RESULT_GROUP, consumer, {keys.RESULT_STREAM: ">"}, count=100, block=1000
+            response = cast(
+                list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+                await rt.redis_blocking.xreadgroup(
+                    keys.RESULT_GROUP, consumer, {keys.RESULT_STREAM: ">"}, count=100, block=1000
+                ),
             )
             for _stream, entries in response or []:
                 await _process(rt, entries)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from redis.asyncio import Redis
 
 from contracts import keys
@@ -55,7 +57,7 @@ async def wait_done(redis_blocking: Redis, job_id: str, seconds: float) -> bytes
     carries; None once ``seconds`` pass."""
     if seconds <= 0:
         return None
-    got = await redis_blocking.blpop([keys.job_done_key(job_id)], timeout=seconds)
+    got = cast(list[bytes] | None, await redis_blocking.blpop([keys.job_done_key(job_id)], timeout=seconds))
     return got[1] if got is not None else None
 
 
