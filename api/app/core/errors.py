@@ -1,7 +1,9 @@
-"""Outages of PostgreSQL or Redis become 503 answers with one log line per interval."""
+"""Which failures are outages: PostgreSQL or Redis out of reach become 503 answers (with one log
+line per interval); what a request itself caused becomes a 4xx; the rest is a bug (500)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 
@@ -48,8 +50,46 @@ DB_ERRORS = (
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.TimeoutError,
     ConnectionError,
-    OSError,
 )
+"""The errors that mean PostgreSQL cannot be reached now (down, restarting, pool exhausted)."""
+
+# Socket errors of a connection that could not be made or was lost; any other OSError is a bug.
+_NETWORK_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EPIPE,
+    errno.ENOTCONN,
+}
+
+
+def database_status(exc: BaseException) -> int:
+    """The HTTP status a database error deserves: 503 when PostgreSQL cannot be reached (the
+    client may retry), 409 for a constraint the request broke, 422 for a value PostgreSQL cannot
+    hold (out of range, malformed), 500 for anything else (a bug of ours)."""
+    if isinstance(exc, DB_ERRORS) or getattr(exc, "connection_invalidated", False):
+        return 503
+    if isinstance(exc, OSError):
+        # asyncio reports a refused connection to several addresses as one plain OSError.
+        return 503 if exc.errno in _NETWORK_ERRNOS or str(exc).startswith("Multiple exceptions") else 500
+    # PostgreSQL's SQLSTATE classes: 23 integrity constraint violation, 22 data exception, 08
+    # connection exception, 53 insufficient resources, 57P operator intervention (shutting down).
+    sqlstate = str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "")
+    if isinstance(exc, sqlalchemy.exc.IntegrityError) or sqlstate.startswith("23"):
+        return 409
+    if sqlstate.startswith(("08", "53", "57P")):
+        return 503
+    if (
+        isinstance(exc, sqlalchemy.exc.DataError)
+        or sqlstate.startswith("22")
+        # asyncpg refuses some values before they reach the server (an int past 64 bits).
+        or "invalid input for query argument" in str(exc)
+    ):
+        return 422
+    return 500
 
 
 def unavailable(detail: str, retry_after: int) -> JSONResponse:
@@ -57,16 +97,27 @@ def unavailable(detail: str, retry_after: int) -> JSONResponse:
 
 
 def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: int) -> None:
+    """Redis and PostgreSQL outages become 503 with Retry-After (logged once per interval);
+    database errors the request caused become 409 or 422; the rest propagates as a 500."""
+
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         outage_log.report("redis", exc)
         return unavailable("The job queue (Redis) is unavailable; retry shortly.", retry_after)
 
-    async def db_down(request: Request, exc: Exception) -> JSONResponse:
-        outage_log.report("postgresql", exc)
-        return unavailable("The database is unavailable; retry shortly.", retry_after)
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        status = database_status(exc)
+        if status == 503:
+            outage_log.report("postgresql", exc)
+            return unavailable("The database is unavailable; retry shortly.", retry_after)
+        if status == 409:
+            return JSONResponse(status_code=409, content={"detail": "The request conflicts with existing data."})
+        if status == 422:
+            return JSONResponse(
+                status_code=422, content={"detail": "A value in the request is out of range or malformed."}
+            )
+        raise exc
 
     for redis_error in REDIS_ERRORS:
         app.add_exception_handler(redis_error, redis_down)
-    for db_error in DB_ERRORS:
-        app.add_exception_handler(db_error, db_down)
-    app.add_exception_handler(sqlalchemy.exc.DBAPIError, db_down)
+    for db_error in (*DB_ERRORS, sqlalchemy.exc.DBAPIError, OSError):
+        app.add_exception_handler(db_error, database_error)

@@ -6,6 +6,7 @@ this does the same job on the ASGI messages directly.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -16,6 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.app.core.logging import request_id_var
 
 log = logging.getLogger("api.request")
+
+# On every answer: browsers must not guess a content type (an upload served back as HTML), and
+# no URL of the portal leaks to other sites through Referer.
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 # What a client's X-Request-ID may be: it goes into log lines, response headers and job messages,
 # so anything else (newlines, quotes, very long values) is replaced by a fresh id.
@@ -47,21 +52,41 @@ class RequestContextMiddleware:
         status = 500
         start = time.perf_counter()
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 spent = f"app;dur={(time.perf_counter() - start) * 1000:.1f}".encode()
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", rid.encode("ascii")),
                     (b"server-timing", spent),
+                    *SECURITY_HEADERS,
                 ]
             await send(message)
 
         token = request_id_var.set(rid)
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Our bug: logged here once, with its traceback and request id, and answered as a 500
+            # that names the request id, so a report can be matched with the log line.
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"], extra={"request_id": rid})
+            if started:
+                raise
+            body = json.dumps(
+                {"detail": "Internal server error; quote this request id when reporting it.", "request_id": rid}
+            )
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send_with_id({"type": "http.response.body", "body": body.encode()})
         finally:
             request_id_var.reset(token)
             log.info(

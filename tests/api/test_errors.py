@@ -1,0 +1,77 @@
+"""One error model: what a request caused is a 4xx, what is out of reach a 503, our bug a 500
+that names its request id, logged once with its traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from api.app.core.config import Settings
+from api.app.core.errors import database_status
+from api.app.main import create_app
+from tests.conftest import client_for
+from tests.support import free_port
+
+
+async def _error(url: str, sql: str, params: dict[str, object] | None = None) -> BaseException:
+    engine = create_async_engine(url, connect_args={"timeout": 2})
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("CREATE TEMP TABLE once (x int UNIQUE)"))
+            await conn.execute(text("INSERT INTO once VALUES (1)"))
+            await conn.execute(text(sql), params or {})
+    except Exception as exc:
+        return exc
+    finally:
+        await engine.dispose()
+    raise AssertionError(f"{sql} succeeded")
+
+
+async def test_database_errors_are_classified_by_who_caused_them(settings: Settings) -> None:
+    url = settings.database_url
+    assert database_status(await _error(url, "SELECT CAST(:v AS text)", {"v": "a\x00b"})) == 422
+    assert database_status(await _error(url, "SELECT CAST(:v AS integer)", {"v": 2**31})) == 422
+    assert database_status(await _error(url, "SELECT 1 OFFSET :v", {"v": 2**63})) == 422
+    assert database_status(await _error(url, "INSERT INTO once VALUES (1)")) == 409
+    assert database_status(await _error(url, "SELECT * FROM no_such_table")) == 500
+    nowhere = url.rsplit("@", 1)[0] + f"@127.0.0.1:{free_port()}/postgres"
+    assert database_status(await _error(nowhere, "SELECT 1")) == 503
+    assert database_status(OSError("disk full")) == 500
+
+
+@pytest.fixture
+async def failing_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app: FastAPI = create_app(settings)
+
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+    async for client in client_for(app):
+        yield client
+
+
+async def test_a_bug_is_a_500_naming_its_request_id_logged_once(
+    failing_client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="api.request"):
+        r = await failing_client.get("/boom", headers={"X-Request-ID": "report-me-42"})
+    assert r.status_code == 500
+    assert r.headers["x-request-id"] == "report-me-42" and r.json()["request_id"] == "report-me-42"
+    assert "a bug" not in r.text, "internal error text reached the client"
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1 and getattr(tracebacks[0], "request_id", None) == "report-me-42"
+
+
+async def test_every_answer_carries_the_security_headers(failing_client: httpx.AsyncClient) -> None:
+    for path, status in (("/health/live", 200), ("/v1/nothing-here", 404), ("/boom", 500)):
+        r = await failing_client.get(path)
+        assert r.status_code == status, path
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
+        assert r.headers["x-request-id"], path
