@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from api.app.core.config import Settings
 from api.app.core.errors import database_status
 from api.app.main import create_app
-from tests.conftest import client_for
+from tests.conftest import Users, client_for
 from tests.support import free_port
 
 
@@ -75,3 +75,14 @@ async def test_every_answer_carries_the_security_headers(failing_client: httpx.A
         assert r.status_code == status, path
         assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
         assert r.headers["x-request-id"], path
+
+
+async def test_a_422_does_not_send_a_large_input_back(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    comment = "x" * 50_000
+    r = await client.post("/v1/feedback", json={"prediction_id": "not-a-uuid", "comment": comment}, headers=headers)
+    assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
+    errors = r.json()["detail"]
+    assert {tuple(e["loc"]) for e in errors} >= {("body", "prediction_id"), ("body", "comment")}
+    small = next(e for e in errors if e["loc"] == ["body", "prediction_id"])
+    assert small["input"] == "not-a-uuid", "a small input is still quoted as FastAPI does"

@@ -4,11 +4,15 @@ line per interval); what a request itself caused becomes a 4xx; the rest is a bu
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import time
+from typing import Any
 
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -92,6 +96,20 @@ def database_status(exc: BaseException) -> int:
     return 500
 
 
+ECHO_LIMIT = 200
+"""Longest input a validation error quotes back, in characters of its JSON."""
+
+
+def _short(value: Any) -> Any:
+    """``value`` as a 422 quotes it: whole when small, else cut (a string) or summarised."""
+    encoded = json.dumps(jsonable_encoder(value), default=str)
+    if len(encoded) <= ECHO_LIMIT:
+        return value
+    if isinstance(value, str):
+        return value[:ECHO_LIMIT] + "..."
+    return f"({type(value).__name__} of {len(encoded):,} characters, not repeated)"
+
+
 def unavailable(detail: str, retry_after: int) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": str(retry_after)})
 
@@ -117,6 +135,13 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
             )
         raise exc
 
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's own answer, except that a large input is not sent back to its sender.
+        assert isinstance(exc, RequestValidationError)
+        errors = [{**error, "input": _short(error["input"])} if "input" in error else error for error in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
     for redis_error in REDIS_ERRORS:
         app.add_exception_handler(redis_error, redis_down)
     for db_error in (*DB_ERRORS, sqlalchemy.exc.DBAPIError, OSError):
