@@ -380,3 +380,16 @@ async def test_token_answers_are_never_cached(client: httpx.AsyncClient) -> None
     for path in ("/v1/auth/login", "/login"):
         r = await client.post(path, data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
         assert r.status_code == 200 and r.headers["cache-control"] == "no-store", path
+
+
+async def test_forged_claims_out_of_shape_are_401(client: httpx.AsyncClient, settings: Settings) -> None:
+    now = int(time.time())
+    for claims in (
+        {"sub": "1", "iat": now, "exp": 10**20, "jti": "a"},
+        {"sub": "1", "iat": now, "exp": now + 60, "jti": "a\x00b"},
+        {"sub": "\uff11", "iat": now, "exp": now + 60, "jti": "a"},
+        {"sub": " 1", "iat": now, "exp": now + 60, "jti": "a"},
+    ):
+        token = jwt.encode(claims, settings.secret_key, algorithm="HS256")
+        r = await client.get("/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401, (claims, r.status_code, r.text)

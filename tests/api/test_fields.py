@@ -83,3 +83,28 @@ async def test_an_oversized_current_password_is_simply_wrong(client: httpx.Async
         headers=headers,
     )
     assert r.status_code == 400 and r.json()["detail"] == "Current password is incorrect"
+
+
+async def test_lone_surrogates_are_refused_like_nul_characters(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    """JSON may carry a lone UTF-16 surrogate (\\ud800); PostgreSQL cannot store it as UTF-8."""
+    _, headers = await users.create()
+    body = '{"score": 0.5, "predicted_class": "\\ud800", "image_file_name": "a.jpg"}'
+    r = await client.post("/feedback/", content=body, headers={**headers, "Content-Type": "application/json"})
+    no_outage(r)
+    assert r.status_code == 422
+    body = '{"email": "sg@example.com", "password": "GoodPassw0rd!", "name": "\\ud800"}'
+    r = await client.post("/v1/users", content=body, headers={**admin_headers, "Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"]
+    r = await client.get("/v1/admin/feedback-export", params={"model": "x", "version": 2**31}, headers=admin_headers)
+    assert r.status_code == 422
+    r = await client.post("/feedback/", json={"score": "NaN", "predicted_class": "macaw"}, headers=headers)
+    assert r.status_code == 422
+
+
+async def test_a_multipart_login_is_a_login_not_an_upload(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/auth/login", files={"username": (None, "admin@example.com"), "password": (None, "wrong-password")}
+    )
+    assert r.status_code == 401 and r.json()["detail"] == "Incorrect email or password"

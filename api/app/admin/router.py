@@ -8,7 +8,7 @@ from starlette.background import BackgroundTask
 
 from api.app.admin import service
 from api.app.admin.schemas import Stats
-from api.app.core.fields import Text
+from api.app.core.fields import INT32_MAX, Text
 from api.app.core.responses import ADMIN, INVALID, Responses
 from api.app.deps import AdminUser, ReadSessionDep, RedisDep, RegistryDep, SettingsDep, StoreDep, WorkersDep
 from api.app.feedback.export import export_archive
@@ -53,7 +53,7 @@ async def feedback_export(
     session: ReadSessionDep,
     store: StoreDep,
     model: Annotated[Text | None, Query(description="only this model's predictions, e.g. sketch")] = None,
-    version: Annotated[int | None, Query(ge=1, description="only this version of model")] = None,
+    version: Annotated[int | None, Query(ge=1, le=INT32_MAX, description="only this version of model")] = None,
 ) -> FileResponse:
     """The images users labelled, by model and label, with a manifest: data to retrain from (admin)."""
     if version is not None and model is None:

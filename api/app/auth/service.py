@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.app.auth.models import RevokedToken
 from api.app.core.config import Settings
 from api.app.core.db import utcnow
+from api.app.core.fields import storable
 from api.app.core.security import PasswordHasher, TokenClaims, create_access_token
 from api.app.core.throttle import AttemptThrottle
 from api.app.users import service as users_service
@@ -59,7 +60,7 @@ async def login(
     account = normalize_email(email)
     async with throttle.attempt(action="login", account=account, client=client) as attempt:
         # No account has an oversized password or a NUL in its email: refuse without hashing work.
-        if len(password) > settings.password_max_length or "\x00" in email:
+        if len(password) > settings.password_max_length or not storable(email):
             raise unauthorized(LOGIN_FAILED)
         user = await users_service.get_user_by_email(session=session, email=email)
         # The connection goes back to the pool while the password is checked: in a burst of logins,

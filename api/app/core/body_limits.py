@@ -15,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app.core.security import TokenError, VerifiedTokens
 
+UPLOAD_PATHS = frozenset({"/v1/images", "/model/predict"})
+"""The routes that take a file: only these get the upload limit, and only for a signed-in caller."""
 JSON_LIMIT = 64 * 1024
 """Largest JSON body, in bytes: the largest the routes take (a user, a feedback comment) is a few KiB."""
 MULTIPART_OVERHEAD = 64 * 1024
@@ -56,7 +58,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
-        multipart = _header(scope, b"content-type").lower().startswith("multipart/")
+        multipart = scope["path"] in UPLOAD_PATHS and _header(scope, b"content-type").lower().lstrip().startswith(
+            "multipart/"
+        )
         limit = self.upload_limit if multipart else JSON_LIMIT
         announced = _header(scope, b"content-length")
         if announced.isdigit() and int(announced) > limit:

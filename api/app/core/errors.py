@@ -13,7 +13,7 @@ import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from contracts.streams import REDIS_ERRORS
@@ -135,11 +135,13 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
             )
         raise exc
 
-    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    async def invalid_request(request: Request, exc: Exception) -> Response:
         # FastAPI's own answer, except that a large input is not sent back to its sender.
         assert isinstance(exc, RequestValidationError)
         errors = [{**error, "input": _short(error["input"])} if "input" in error else error for error in exc.errors()]
-        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+        # ASCII JSON: an input holding a lone surrogate is escaped, where UTF-8 could not encode it.
+        body = json.dumps({"detail": jsonable_encoder(errors)}, default=str)
+        return Response(status_code=422, content=body, media_type="application/json")
 
     app.add_exception_handler(RequestValidationError, invalid_request)
     for redis_error in REDIS_ERRORS:

@@ -14,14 +14,28 @@ MAX_SKIP = 1_000_000
 """Offset paging deeper than this reads and throws away a million rows per page; page by key."""
 
 
-def refuse_nul(value: str) -> str:
-    """PostgreSQL text cannot hold the NUL character (U+0000); such input is refused, not stored cut."""
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+def storable(value: str) -> bool:
+    """Whether PostgreSQL can store ``value`` as text: UTF-8 encodable (no lone surrogates) and
+    without the NUL character (U+0000)."""
+    return "\x00" not in value and (value.isascii() or _encodes(value))
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def refuse_unstorable(value: str) -> str:
+    """Refuses text PostgreSQL cannot hold rather than storing it cut or mangled."""
+    if not storable(value):
+        raise ValueError("must be Unicode text without NUL characters or lone surrogates")
     return value
 
 
-Text = Annotated[str, AfterValidator(refuse_nul)]
+Text = Annotated[str, AfterValidator(refuse_unstorable)]
 """A string that can be stored as PostgreSQL text."""
 UserId = Annotated[int, Path(ge=1, le=INT32_MAX, description="a user's id")]
 Skip = Annotated[int, Query(ge=0, le=MAX_SKIP, description="rows to skip")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from passlib.context import CryptContext
 from api.app.core.config import Settings
 from api.app.core.fields import INT32_MAX
 
-MAX_JTI_LENGTH = 64
-"""The revocations table's key length."""
+JTI = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""A token id as this portal issues them, within the revocations table's key length."""
 ALGORITHM = "HS256"
 
 
@@ -83,15 +84,18 @@ def decode_access_token(token: str, settings: Settings) -> TokenClaims:
             algorithms=[ALGORITHM],
             options={"require_exp": True, "require_iat": True, "require_sub": True, "require_jti": True},
         )
-        user_id = int(payload["sub"])
-        if not 1 <= user_id <= INT32_MAX or len(str(payload["jti"])) > MAX_JTI_LENGTH:
+        sub, jti = str(payload["sub"]), str(payload["jti"])
+        if not (sub.isascii() and sub.isdigit() and JTI.fullmatch(jti)):
+            raise TokenError("malformed subject or token id")
+        user_id = int(sub)
+        if not 1 <= user_id <= INT32_MAX:
             raise TokenError("subject or token id out of range")
         return TokenClaims(
             user_id=user_id,
-            jti=str(payload["jti"]),
+            jti=jti,
             expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
         )
-    except (JWTError, ValueError, KeyError, TypeError) as exc:
+    except (JWTError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise TokenError(str(exc)) from exc
 
 

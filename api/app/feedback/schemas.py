@@ -16,7 +16,7 @@ class FeedbackCreate(BaseModel):
 
 
 class ClassicFeedbackCreate(BaseModel):
-    score: float | None = None
+    score: float | None = Field(default=None, allow_inf_nan=False)
     predicted_class: Text | None = Field(default=None, max_length=200)
     image_file_name: Text | None = Field(default=None, max_length=100)
     feedback: Text | None = Field(default=None, max_length=2000)

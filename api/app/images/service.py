@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
 from api.app.core.db import owned_page, utcnow
+from api.app.core.fields import storable
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from contracts.imaging import ImageInfo, ImageRejected, inspect_image, load_image
@@ -36,8 +37,10 @@ async def read_upload(file: UploadFile, settings: Settings) -> bytes:
 def upload_filename(file: UploadFile) -> str:
     """The upload's file name as sent (at most 255 characters); 422 when it holds a NUL character."""
     name = file.filename or ""
-    if "\x00" in name:
-        raise HTTPException(status_code=422, detail="The file name must not contain NUL characters.")
+    if not storable(name):
+        raise HTTPException(
+            status_code=422, detail="The file name must be Unicode text without NUL characters or lone surrogates."
+        )
     return name[:255]
 
 

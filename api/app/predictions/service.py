@@ -258,7 +258,7 @@ async def predict_and_wait(
             raise HTTPException(
                 status_code=504,
                 detail=f"No result within {settings.predict_deadline_seconds:g} s; "
-                f"the job continues as GET /v1/predictions/{job.id}.",
+                f"GET /v1/predictions/{job.id} gives the job's final state.",
             )
         answers = answers_from_payload(done)
     if answers is None:
