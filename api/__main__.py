@@ -20,6 +20,7 @@ def main() -> None:
         workers=settings.api_workers,
         log_config=None,
         proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxies,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=settings.api_keep_alive_seconds,
     )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import http.client
 import time
+import uuid
 from urllib.parse import urlsplit
 
+import httpx
+
 from api.app.core.config import Settings
-from tests.support import start_api
+from tests.support import RedisServer, start_api
 
 
 def test_an_idle_connection_outlives_a_clients_pause(settings: Settings) -> None:
@@ -30,3 +33,30 @@ def test_an_idle_connection_outlives_a_clients_pause(settings: Settings) -> None
         assert conn.sock is sock, "the connection was reopened"
     finally:
         api.stop()
+
+
+def _failed_logins_from_rotating_addresses(url: str, count: int) -> list[int]:
+    codes = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for i in range(count):
+            form = {"username": f"probe-{i}-{uuid.uuid4().hex[:6]}@example.com", "password": "whatever-pass"}
+            codes.append(client.post("/login", data=form, headers={"X-Forwarded-For": f"10.1.{i}.7"}).status_code)
+    return codes
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(settings: Settings, private_redis: RedisServer) -> None:
+    """By default no proxy is trusted: a local client rotating X-Forwarded-For is still one client
+    (20 failures, then 429). From a proxy named in TRUSTED_PROXIES the header is the client. (A
+    Redis of its own: the counts must not throttle the suite's other logins from 127.0.0.1.)"""
+    api, url = start_api("untrusted", settings, REDIS_URL=private_redis.url)
+    try:
+        codes = _failed_logins_from_rotating_addresses(url, 21)
+    finally:
+        api.stop()
+    assert codes == [401] * 20 + [429]
+    api, url = start_api("trusted", settings, REDIS_URL=private_redis.url, TRUSTED_PROXIES="127.0.0.1")
+    try:
+        codes = _failed_logins_from_rotating_addresses(url, 21)
+    finally:
+        api.stop()
+    assert codes == [401] * 21

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     """Port the API listens on."""
     api_workers: int = 1
     """Uvicorn worker processes for the API."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses (or networks) of the reverse proxies whose X-Forwarded-For the API
+    believes; from anyone else the header is ignored, so a client cannot pick the address its
+    failed logins are counted under. Empty: no proxy is trusted."""
     api_keep_alive_seconds: int = 75
     """How long an idle HTTP connection stays open. Longer than clients' and load balancers' own
     idle timeouts (60 s on common load balancers), so the server never closes a connection just as
