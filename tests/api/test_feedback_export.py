@@ -96,15 +96,16 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
         "1",
     )
     assert (out / mine["path"]).read_bytes() == labelled
-    assert not (out / "sketch" / "cat" / f"{sha_labelled}.png").exists()
+    assert not (out / "sketch" / earlier / f"{sha_labelled}.png").exists()
     confirmed = rows[(sha_labelled, "mobilenet_v2")]
     assert confirmed["path"] == f"mobilenet_v2/{folder_name(mobilenet['label'])}/{sha_labelled}.png"
     assert (confirmed["label"], confirmed["is_correct"]) == (mobilenet["label"], "true")
 
     # The sketch trainer reads the export as it is written.
-    x, y, _skipped = load_feedback(out / "sketch", ["cat", "fish"])
-    assert len(x) == sum(1 for r in rows.values() if r["model"] == "sketch" and r["label"] in ("cat", "fish"))
-    assert 1 in y.tolist()
+    categories = ["cat", "fish", "apple"]
+    x, y, _skipped = load_feedback(out / "sketch", categories)
+    assert len(x) == sum(1 for r in rows.values() if r["model"] == "sketch" and r["label"] in categories)
+    assert categories.index(latest) in y.tolist()
 
     only_sketch = tmp_path / "sketch-only"
     async with app.state.sessionmaker() as session:
