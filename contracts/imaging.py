@@ -45,6 +45,10 @@ class ImageInfo:
     format: str
     width: int
     height: int
+    """Upright size, in pixels."""
+    preview: bytes | None = None
+    """A JPEG of the upright image at most ``preview_size`` pixels a side, when one was asked for and
+    the image is larger and not a JPEG (a JPEG is decoded at a reduced scale whenever it is drawn)."""
 
 
 def _open(data: bytes) -> Image.Image:
@@ -102,11 +106,12 @@ def _upright(img: Image.Image) -> Image.Image:
     return img.transpose(method) if method is not None else img
 
 
-def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
+def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = None) -> ImageInfo:
     """Checks that ``data`` is an image every model can be given: decoded completely, turned
     upright and converted to RGB exactly as ``load_image`` does for the workers. Returns its
-    format and upright size; raises ImageRejected with 413 (too many pixels), 415 (not an image
-    of a supported format) or 422 (truncated or corrupt at any step).
+    format and upright size, and a preview (see ``ImageInfo.preview``) drawn from the pixels this
+    check decoded anyway; raises ImageRejected with 413 (too many pixels), 415 (not an image of a
+    supported format) or 422 (truncated or corrupt at any step).
 
     The size check reads only the header, so a decompression bomb is refused before any pixel
     buffer is allocated; JPEGs are decoded at 1/8 scale, which reads every byte all the same.
@@ -120,8 +125,15 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
                 f"The image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted.",
             )
         w, h = (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
-        _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
-        return ImageInfo(format=str(img.format), width=w, height=h)
+        fmt = str(img.format)
+        upright = _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
+        preview = None
+        if preview_size is not None and fmt != "JPEG" and max(w, h) > preview_size:
+            upright.thumbnail((preview_size, preview_size))
+            buf = io.BytesIO()
+            upright.save(buf, format="JPEG", quality=90)
+            preview = buf.getvalue()
+        return ImageInfo(format=fmt, width=w, height=h, preview=preview)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -29,5 +29,7 @@ def job_running_key(prediction_id: str) -> str:
     return f"prediction:{prediction_id}:running"
 
 
-def result_cache_key(sha256: str, model: str, version: int) -> str:
-    return f"cache:{sha256}:{model}@{version}"
+def result_cache_key(owner_id: int, sha256: str, model: str, version: int) -> str:
+    """One user's earlier answer for these bytes: an answer is never reused for another user, whose
+    instant reply would tell them that someone else had sent the same image."""
+    return f"cache:{owner_id}:{sha256}:{model}@{version}"

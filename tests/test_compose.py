@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 import yaml
@@ -33,6 +34,15 @@ def test_environment_variables_are_real_settings() -> None:
         fields = {f.upper() for f in cls.model_fields}
         unknown = set(SERVICES[name].get("environment", {})) - fields
         assert not unknown, (name, unknown)
+
+
+def test_the_api_trusts_the_ui_alone_as_a_proxy() -> None:
+    """The UI forwards each browser's address; the API counts it only from the UI's fixed address,
+    which lies in the network's subnet."""
+    ui_address = SERVICES["ui"]["networks"]["default"]["ipv4_address"]
+    assert SERVICES["api"]["environment"]["TRUSTED_PROXIES"] == ui_address
+    [subnet] = [c["subnet"] for c in COMPOSE["networks"]["default"]["ipam"]["config"]]
+    assert ipaddress.ip_address(ui_address) in ipaddress.ip_network(subnet)
 
 
 def test_ports_match_setting_defaults() -> None:

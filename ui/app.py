@@ -22,7 +22,9 @@ st.set_page_config(page_title="Image classification portal", page_icon="🖼️"
 
 settings = get_ui_settings()
 token = st.session_state.get("token")
-api = Api(settings.api_url, token, timeout=settings.api_timeout_seconds)
+# The browser's address goes to the API with each call, so that people behind one UI are not one
+# client to the login throttle (None when the browser is on this machine).
+api = Api(settings.api_url, token, timeout=settings.api_timeout_seconds, client_address=st.context.ip_address)
 
 if not token:
     navigation = st.navigation([st.Page(lambda: login_page(api), title="Log in", url_path="login")])

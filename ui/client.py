@@ -250,13 +250,21 @@ def _typed(adapter: TypeAdapter[T], body: Any) -> T:
 class Api:
     """The portal's HTTP API as one user (``token``) sees it; every method raises :class:`ApiError`."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 40.0) -> None:
+    def __init__(
+        self, base_url: str, token: str | None = None, timeout: float = 40.0, client_address: str | None = None
+    ) -> None:
+        """``client_address``: the browser's address, sent as ``X-Forwarded-For`` so that the API
+        throttles each person on their own (it counts the header only when this process's address
+        is in the API's ``TRUSTED_PROXIES``); None for a local browser or a script."""
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.client_address = client_address
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if self.client_address:
+            headers["X-Forwarded-For"] = self.client_address
         try:
             response = httpx.request(method, self.base_url + path, headers=headers, timeout=self.timeout, **kwargs)
         except httpx.HTTPError:

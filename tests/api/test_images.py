@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import os
+from typing import cast
 
 import httpx
 import pytest
@@ -85,6 +86,40 @@ async def test_list_detail_file_view(client: httpx.AsyncClient, users: Users) ->
     assert file.content == gif and file.headers["content-type"] == "image/gif"
     view = await client.get(f"/v1/images/{created['id']}/view", headers=headers)
     assert view.status_code == 200 and view.content.startswith(b"\x89PNG")
+
+
+async def test_a_50_megapixel_png_is_viewed_from_its_preview(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    _, headers = await users.create()
+    # 8000x6250 (the 50-megapixel limit) of one colour with a square: a few kilobytes as PNG.
+    big = Image.new("RGB", (8000, 6250), (30, 90, 200))
+    big.paste((250, 250, 0), (0, 0, 4000, 3125))
+    data = encode(big, "PNG")
+    created = (await upload(client, headers, data, "huge.png")).json()
+    assert (created["width"], created["height"]) == (8000, 6250)
+    [original] = [p for p in settings.storage_dir.rglob(created["sha256"])]
+    preview = original.with_name(f"{original.name}.preview.jpg")
+    assert max(Image.open(preview).size) == 800
+
+    # Cut the original down to its header: a view that decoded it would fail; drawn from the
+    # stored preview, the view and the thumbnail do not read its pixels at all.
+    original.write_bytes(data[:100])
+    view = await client.get(f"/v1/images/{created['id']}/view", headers=headers)
+    assert view.status_code == 200, view.text
+    drawn = Image.open(io.BytesIO(view.content)).convert("RGB")
+    assert drawn.width == 800
+    pixels = drawn.load()
+    assert pixels is not None
+    for (x, y), colour in {(10, 10): (250, 250, 0), (790, 600): (30, 90, 200)}.items():
+        got = cast(tuple[int, int, int], pixels[x, y])
+        assert max(abs(a - b) for a, b in zip(got, colour, strict=True)) <= 3
+    listing = (await client.get("/v1/images", params={"thumbnails": "true"}, headers=headers)).json()
+    assert listing["data"][0]["thumbnail"] is not None
+
+    # Deleting the upload removes the preview with the blob.
+    assert (await client.delete(f"/v1/images/{created['id']}", headers=headers)).status_code == 204
+    assert not original.exists() and not preview.exists()
 
 
 async def test_listing_carries_thumbnails_when_asked(

@@ -148,6 +148,14 @@ async def test_several_models_side_by_side_and_cache(client: httpx.AsyncClient, 
     again = await predict(client, headers, image["id"], ["mobilenet_v2", "sketch@2"])
     assert again["status"] == "done" and all(r["cached"] for r in again["results"])
     assert again["results"][0]["top_k"] == got[("mobilenet_v2", 1)]["top_k"]
+    # Another user sending the same bytes is computed afresh: an instant cached answer would tell
+    # them that someone else had sent this image.
+    _, stranger = await users.create()
+    theirs = await upload(client, stranger, (PHOTOS / "bird.bmp").read_bytes())
+    fresh = await predict(client, stranger, theirs["id"], ["mobilenet_v2"])
+    assert fresh["status"] == "done" and [r["cached"] for r in fresh["results"]] == [False]
+    assert fresh["results"][0]["timings"]["inference_ms"] is not None
+    assert fresh["results"][0]["label"] == "chickadee"
 
 
 async def test_jobs_listed_by_image(client: httpx.AsyncClient, users: Users) -> None:
@@ -313,12 +321,12 @@ async def test_answers_for_one_job_complete_it_once(app: Any, users: Users, clie
         for p in predictions
     ]
 
-    async def store(answer: ResultMessage) -> tuple[bool, bytes | None]:
+    async def store(answer: ResultMessage) -> service.StoredResult:
         async with app.state.sessionmaker() as session:
             return await service.store_result(session=session, result=answer)
 
     outcomes = await asyncio.gather(*(store(a) for a in answers + answers[::2]))
-    assert [stored for stored, _ in outcomes].count(True) == 2 * len(jobs)
+    assert [owner_id is not None for owner_id, _ in outcomes].count(True) == 2 * len(jobs)
     job_of = {p.id: p.job_id for p in predictions}
     finished = [service.answers_from_payload(payload) or [] for _, payload in outcomes if payload is not None]
     # Each job is finished once, by an answer that hands on both of its answers.

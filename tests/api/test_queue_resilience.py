@@ -310,8 +310,8 @@ async def test_a_waiting_request_is_handed_its_answers(
     async def store(job: JobMessage, label: str) -> bytes | None:
         result = ResultMessage.answering(job, PredictionStatus.done, top_k=[LabelScore(label=label, score=1)])
         async with app.state.sessionmaker() as session:
-            stored, payload = await service.store_result(session=session, result=result)
-        assert stored
+            owner_id, payload = await service.store_result(session=session, result=result)
+        assert owner_id is not None
         return payload
 
     async for client in client_for(app):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -88,3 +90,15 @@ def test_decompression_bomb_is_refused_from_the_header() -> None:
     assert info.value.status == 413 and "30000x30000" in info.value.message
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mib < 200  # decoding it would need 900 MB
+
+
+def test_preview_only_for_large_images_that_cannot_be_drafted() -> None:
+    large = Image.new("RGB", (1600, 1200), (0, 128, 255))
+    info = inspect_image(encode(large, "PNG"), max_pixels=MAX, preview_size=800)
+    assert info.preview is not None
+    preview = Image.open(io.BytesIO(info.preview))
+    assert (preview.format, preview.size) == ("JPEG", (800, 600))
+    # A JPEG is decoded at a reduced scale when drawn; a small image is cheap to decode whole.
+    assert inspect_image(encode(large, "JPEG"), max_pixels=MAX, preview_size=800).preview is None
+    assert inspect_image(encode(large.resize((800, 600)), "PNG"), max_pixels=MAX, preview_size=800).preview is None
+    assert inspect_image(encode(large, "PNG"), max_pixels=MAX).preview is None

@@ -11,9 +11,10 @@ import httpx
 import pytest
 from PIL import Image as PILImage
 
+from api.app.core.config import Settings
 from contracts.messages import PredictionStatus
 from tests.images import encode, split_colour
-from tests.support import PHOTOS, free_port
+from tests.support import PHOTOS, RedisServer, free_port, start_api
 from ui.client import (
     _JOB,
     Accuracy,
@@ -111,6 +112,28 @@ def test_unauthorized_and_throttled(portal: tuple[str, str, str]) -> None:
     with pytest.raises(ApiError) as info:
         Api(portal[0]).login(email, "wrong-password")
     assert info.value.status == 429 and "retry in" in info.value.message
+
+
+def test_each_browser_is_its_own_client_to_the_login_throttle(settings: Settings) -> None:
+    """Behind a UI the API trusts as a proxy, failed logins are counted per browser address: one
+    browser's 20 failures throttle that browser, not the next person. (A Redis of its own: the
+    counts must not throttle the suite's other logins.)"""
+    redis_server = RedisServer()
+    redis_server.start()
+    api, url = start_api("behind-ui", settings, REDIS_URL=redis_server.url, TRUSTED_PROXIES="127.0.0.1")
+
+    def failed_login(address: str | None) -> int:
+        with pytest.raises(ApiError) as info:
+            Api(url, client_address=address).login(f"probe-{uuid.uuid4().hex[:8]}@example.com", "wrong-password")
+        return info.value.status
+
+    try:
+        assert [failed_login("203.0.113.7") for _ in range(21)] == [401] * 20 + [429]
+        assert failed_login("203.0.113.8") == 401
+        assert failed_login(None) == 401
+    finally:
+        api.stop()
+        redis_server.stop()
 
 
 @pytest.mark.parametrize(

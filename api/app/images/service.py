@@ -49,6 +49,11 @@ def _too_large(size: int | None, limit: int) -> HTTPException:
     return HTTPException(status_code=413, detail=f"The file is {got}; at most {limit:,} bytes are accepted.")
 
 
+VIEW_SIZE = 800
+"""Longest side of the picture ``render_view`` draws, and of the preview stored for uploads that
+cannot be decoded at a reduced scale, in pixels."""
+
+
 _INSERT_IMAGE = insert(cast(Table, Image.__table__))
 
 
@@ -62,7 +67,10 @@ async def inspect_upload(data: bytes, settings: Settings) -> tuple[ImageInfo, st
     """The upload's format and size, and its SHA-256; 413, 415 or 422 when it is no acceptable image."""
     try:
         return await to_thread.run_sync(
-            lambda: (inspect_image(data, max_pixels=settings.max_image_pixels), hashlib.sha256(data).hexdigest())
+            lambda: (
+                inspect_image(data, max_pixels=settings.max_image_pixels, preview_size=VIEW_SIZE),
+                hashlib.sha256(data).hexdigest(),
+            )
         )
     except ImageRejected as exc:
         raise HTTPException(status_code=exc.status, detail=exc.message) from None
@@ -80,7 +88,7 @@ async def add_image(
 ) -> Image:
     """Stores the blob and inserts the row; the caller commits."""
     await _lock_blob(session, sha256)
-    await store.put(sha256, data)
+    await store.put(sha256, data, preview=info.preview)
     row = {
         "id": uuid.uuid4(),
         "owner_id": owner_id,
@@ -151,7 +159,7 @@ async def thumbnail(*, store: LocalBlobStore, image: Image, size: int = THUMBNAI
     """The image shrunk to at most ``size`` pixels a side (upright, transparency on white), as a
     base64 JPEG read from ``store``; None when its blob is missing or no longer decodes."""
     try:
-        data = await store.get(image.sha256)
+        data = await store.get_viewable(image.sha256)
         return await to_thread.run_sync(_thumbnail, data, size)
     except (OSError, ImageRejected):  # one lost blob must not fail the whole listing
         return None
@@ -170,8 +178,8 @@ async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: I
 
 
 def _annotate(data: bytes, lines: list[str]) -> bytes:
-    img = load_image(data, mode="RGB", draft_size=(800, 800))
-    img.thumbnail((800, 800))
+    img = load_image(data, mode="RGB", draft_size=(VIEW_SIZE, VIEW_SIZE))
+    img.thumbnail((VIEW_SIZE, VIEW_SIZE))
     line_height = 14
     banner = PILImage.new("RGB", (img.width, line_height * max(len(lines), 1) + 8), "white")
     draw = ImageDraw.Draw(banner)
@@ -186,8 +194,11 @@ def _annotate(data: bytes, lines: list[str]) -> bytes:
 
 
 async def render_view(*, store: LocalBlobStore, image: Image, lines: list[str]) -> bytes:
-    """The image as PNG (at most 800 px wide or high) with ``lines`` written under it."""
-    data = await store.get(image.sha256)
+    """The image as PNG (at most ``VIEW_SIZE`` px wide or high) with ``lines`` written under it.
+
+    Drawn from the stored preview when the upload has one, so a 50-megapixel PNG is not decoded
+    again at full size for each view."""
+    data = await store.get_viewable(image.sha256)
     try:
         return await to_thread.run_sync(_annotate, data, lines)
     except ImageRejected as exc:  # stored before uploads were checked as strictly as now

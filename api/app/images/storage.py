@@ -1,4 +1,5 @@
-"""Content-addressed blob store: one file per SHA-256, written atomically."""
+"""Content-addressed blob store: one file per SHA-256, written atomically, and beside it a small
+preview of the images that are costly to decode."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 from anyio import to_thread
 
+_PREVIEW = ".preview.jpg"
+
 
 class LocalBlobStore:
     """Blobs under a local directory; the one place that touches the API's disk."""
@@ -15,11 +18,11 @@ class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _path(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256
+    def _path(self, sha256: str, suffix: str = "") -> Path:
+        return self.root / sha256[:2] / f"{sha256}{suffix}"
 
-    def _put(self, sha256: str, data: bytes) -> None:
-        path = self._path(sha256)
+    def _put(self, sha256: str, data: bytes, suffix: str = "") -> None:
+        path = self._path(sha256, suffix)
         if path.exists():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,13 +32,29 @@ class LocalBlobStore:
         os.replace(tmp, path)
 
     def _delete(self, sha256: str) -> None:
+        self._path(sha256, _PREVIEW).unlink(missing_ok=True)
         self._path(sha256).unlink(missing_ok=True)
 
-    async def put(self, sha256: str, data: bytes) -> None:
+    def _get_preview(self, sha256: str) -> bytes | None:
+        try:
+            return self._path(sha256, _PREVIEW).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def put(self, sha256: str, data: bytes, *, preview: bytes | None = None) -> None:
+        """Stores the blob, and its preview when there is one (the preview first: a blob on disk
+        without one is drawn from the original)."""
+        if preview is not None:
+            await to_thread.run_sync(self._put, sha256, preview, _PREVIEW)
         await to_thread.run_sync(self._put, sha256, data)
 
     async def get(self, sha256: str) -> bytes:
         return await to_thread.run_sync(self._path(sha256).read_bytes)
+
+    async def get_viewable(self, sha256: str) -> bytes:
+        """The preview when the blob has one, else the blob itself: what to draw a picture from."""
+        preview = await to_thread.run_sync(self._get_preview, sha256)
+        return preview if preview is not None else await self.get(sha256)
 
     async def exists(self, sha256: str) -> bool:
         return await to_thread.run_sync(self._path(sha256).exists)

@@ -46,17 +46,18 @@ class JobRuntime:
 async def handle_result(rt: JobRuntime, result: ResultMessage) -> bytes | None:
     """Stores one answer; when it completed its job, the job's answers for the waiting request."""
     async with rt.sessionmaker() as session:
-        stored, completed = await service.store_result(session=session, result=result)
-    if stored:
+        owner_id, completed = await service.store_result(session=session, result=result)
+    if owner_id is not None:
         metrics.observe_result(result)
         if rt.inference_log is not None:
             rt.inference_log.log(result)
     if (
-        result.status == PredictionStatus.done
+        owner_id is not None
+        and result.status == PredictionStatus.done
         and not result.random_weights
         and rt.settings.result_cache_ttl_seconds > 0
     ):
-        await queue.cache_result(rt.redis, result.sha256, result, rt.settings.result_cache_ttl_seconds)
+        await queue.cache_result(rt.redis, owner_id, result, rt.settings.result_cache_ttl_seconds)
     return completed
 
 

@@ -61,13 +61,14 @@ async def wait_done(redis_blocking: Redis, job_id: str, seconds: float) -> bytes
     return got[1] if got is not None else None
 
 
-async def cached_result(redis: Redis, sha256: str, model: str, version: int) -> ResultMessage | None:
-    raw = await redis.get(keys.result_cache_key(sha256, model, version))
+async def cached_result(redis: Redis, owner_id: int, sha256: str, model: str, version: int) -> ResultMessage | None:
+    raw = await redis.get(keys.result_cache_key(owner_id, sha256, model, version))
     return ResultMessage.model_validate_json(raw) if raw is not None else None
 
 
-async def cache_result(redis: Redis, sha256: str, result: ResultMessage, ttl: int) -> None:
-    await redis.set(keys.result_cache_key(sha256, result.model, result.version), result.model_dump_json(), ex=ttl)
+async def cache_result(redis: Redis, owner_id: int, result: ResultMessage, ttl: int) -> None:
+    key = keys.result_cache_key(owner_id, result.sha256, result.model, result.version)
+    await redis.set(key, result.model_dump_json(), ex=ttl)
 
 
 def top1(top_k: list[LabelScore]) -> tuple[str | None, float | None]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from fastapi import HTTPException, UploadFile
 from pydantic import TypeAdapter, ValidationError
@@ -35,15 +35,15 @@ from contracts.registry import ModelEntry, Registry
 _jobs, _predictions = cast(Table, Job.__table__), cast(Table, Prediction.__table__)
 _LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id")).with_for_update()
 _STORE_ANSWER = (
-    update(_predictions)
-    .where(
+    update(_predictions).where(
         _predictions.c.id == bindparam("b_prediction_id"),
         # The job's row is locked before the answer is written (the subquery runs first), in the
         # same round trip: see store_result.
         _predictions.c.job_id == _LOCK_JOB.scalar_subquery(),
         _predictions.c.status.in_(UNFINISHED),
     )
-    .returning(_predictions.c.id)
+    # The job's owner, for the result cache, which is kept per user.
+    .returning(select(_jobs.c.owner_id).where(_jobs.c.id == _predictions.c.job_id).scalar_subquery())
 )
 _FINISH_JOB = (
     update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
@@ -110,7 +110,7 @@ async def admit(
     for entry in entries:
         hit = None
         if settings.result_cache_ttl_seconds > 0:
-            hit = await queue.cached_result(redis, sha256, entry.name, entry.version)
+            hit = await queue.cached_result(redis, owner_id, sha256, entry.name, entry.version)
             metrics.CACHE.labels("hit" if hit is not None else "miss").inc()
         if hit is not None:
             cached[entry.key] = hit
@@ -386,9 +386,15 @@ async def _complete_job(session: AsyncSession, job_id: uuid.UUID, now: datetime)
     return predictions if finished is not None else None
 
 
-async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple[bool, bytes | None]:
-    """Stores a worker's answer once; returns whether it was stored and, when it completed the
-    job, the job's answers for the waiting request (``answers_payload``).
+class StoredResult(NamedTuple):
+    owner_id: int | None
+    """The job's owner when the answer was stored; None when it changed nothing."""
+    answers: bytes | None
+    """When the answer completed its job, the job's answers for the waiting request (``answers_payload``)."""
+
+
+async def store_result(*, session: AsyncSession, result: ResultMessage) -> StoredResult:
+    """Stores a worker's answer once.
 
     A duplicate answer (a job delivered twice after a worker died) finds the prediction already
     final and changes nothing; so does an answer whose job (with its image) was deleted. The job's
@@ -397,17 +403,17 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> tuple
     """
     now = datetime.now(UTC)
     job_id = uuid.UUID(result.job_id)
-    stored = await session.scalar(
+    owner_id = await session.scalar(
         _STORE_ANSWER,
         {"b_prediction_id": uuid.UUID(result.prediction_id), "b_job_id": job_id, **_result_values(result, now)},
     )
-    if stored is None:
+    if owner_id is None:
         await session.rollback()
-        return False, None
+        return StoredResult(None, None)
     finished = await _complete_job(session, job_id, now)
     payload = answers_payload(finished) if finished is not None else None
     await session.commit()
-    return True, payload
+    return StoredResult(owner_id, payload)
 
 
 def answers_payload(predictions: list[Prediction]) -> bytes:
