@@ -3,6 +3,8 @@
 make bench                              # everything, about 30 minutes on two cores
 python -m bench raw --seconds 2         # raw model speed only
 python -m bench e2e --users 1,10 --workers 1 --models mobilenet_v2@1
+python -m bench e2e --models mobilenet_v2@1 --users 100 --workers 1 --wait 1,5 --e2e-seconds 120 \
+    --latency-requests 0 --out var/soak --report var/soak/REPORT.md     # paused users: nothing may fail
 python -m bench report                  # tables and plots again from the saved files
 """
 
@@ -96,6 +98,7 @@ def run_e2e(args: argparse.Namespace, out: Path) -> None:
                             seconds=args.e2e_seconds,
                             images=args.photos,
                             cores=cores,
+                            wait=args.wait,
                         )
                     )
                     _write(out, "e2e", [asdict(r) for r in results])
@@ -133,6 +136,11 @@ def main() -> None:
         "--latency-requests", type=int, default=100, help="e2e: sequential requests per model split step by step"
     )
     parser.add_argument("--e2e-seconds", type=float, default=30.0, help="e2e: seconds per Locust run")
+    parser.add_argument(
+        "--wait",
+        default="0",
+        help='e2e: each user\'s pause between tasks, "min,max" seconds ("1,5" as the classic client; 0: none)',
+    )
     parser.add_argument(
         "--database-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/portal_bench", help="dropped after"
     )

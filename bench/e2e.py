@@ -3,9 +3,11 @@
 The portal runs as in production (``python -m api``, ``python -m model``) against the local
 PostgreSQL (a database of its own, dropped afterwards) and a private redis-server, with
 BENCHMARK_MODE=true so the random-weight ResNet50 is served, and the result cache off so every
-request is inferred. Locust users never pause (PORTAL_WAIT=0): the portal is saturated from 10
-users on, and the throughput measured is the most it sustains. Statistics start once every user
-has logged in (PORTAL_RESET_AFTER_LOGIN=1): the runs measure the steady state, not the logins.
+request is inferred. By default Locust users never pause (PORTAL_WAIT=0): the portal is saturated
+from 10 users on, and the throughput measured is the most it sustains; statistics then start once
+every user has logged in (PORTAL_RESET_AFTER_LOGIN=1), so the runs measure the steady state, not
+the logins. With a pause (``--wait 1,5``, as the classic client pauses) every request counts, the
+logins included: such a run checks that nothing fails, not how fast.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class E2EResult:
     """Cores used on average by each part (2.0 = both cores all the time)."""
     db_connections_opened: int = 0
     """PostgreSQL sessions the run opened on its database (pg_stat_database.sessions)."""
+    wait: str = "0"
+    """Each user's pause between tasks: "min,max" seconds, or "0" for none."""
 
 
 class Portal:
@@ -260,15 +264,18 @@ class Sampler:
         self._thread.join()
 
 
-def run_locust(p: Portal, model: str, users: int, seconds: float, images: Path) -> tuple[dict[str, dict], Sampler]:
+def run_locust(
+    p: Portal, model: str, users: int, seconds: float, images: Path, wait: str = "0"
+) -> tuple[dict[str, dict], Sampler]:
     prefix = p.workdir / f"locust-{model}-{users}"
+    saturating = wait == "0"
     env = {
         **p.env,
         "PORTAL_EMAIL": EMAIL,
         "PORTAL_PASSWORD": PASSWORD,
         "PORTAL_MODELS": model,
-        "PORTAL_WAIT": "0",
-        "PORTAL_RESET_AFTER_LOGIN": "1",
+        "PORTAL_WAIT": wait,
+        "PORTAL_RESET_AFTER_LOGIN": "1" if saturating else "",
         "PORTAL_IMAGES": str(images),
     }
     args = [
@@ -279,7 +286,7 @@ def run_locust(p: Portal, model: str, users: int, seconds: float, images: Path) 
         str(ROOT / "stress_test" / "locustfile.py"),
         "--headless",
         "--only-summary",
-        "--reset-stats",
+        *(["--reset-stats"] if saturating else []),
         "-u",
         str(users),
         "-r",
@@ -311,9 +318,12 @@ def _ms(row: dict | None, column: str) -> float:
     return float(value) if value not in ("", "N/A") else 0.0
 
 
-def measure(p: Portal, *, model: str, workers: int, users: int, seconds: float, images: Path, cores: int) -> E2EResult:
+def measure(
+    p: Portal, *, model: str, workers: int, users: int, seconds: float, images: Path, cores: int, wait: str = "0"
+) -> E2EResult:
+    """One Locust run of ``users`` for ``seconds`` against ``model``; ``wait``: as ``PORTAL_WAIT``."""
     opened = sessions_opened(p.database_url)
-    rows, sampler = run_locust(p, model, users, seconds, images)
+    rows, sampler = run_locust(p, model, users, seconds, images, wait)
     opened = sessions_opened(p.database_url) - opened
     predict, listing, overloaded = rows.get("/model/predict"), rows.get("/user/"), rows.get(OVERLOADED)
     count, failures = int(_ms(predict, "Request Count")), int(_ms(predict, "Failure Count"))
@@ -341,6 +351,7 @@ def measure(p: Portal, *, model: str, workers: int, users: int, seconds: float, 
         worker_peak_rss_mib=round(sampler.peak_rss / 2**20, 1),
         cpu_cores=sampler.cores,
         db_connections_opened=opened,
+        wait=wait,
     )
     log.info("%s", json.dumps(result.__dict__))
     return result

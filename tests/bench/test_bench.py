@@ -82,3 +82,44 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
     assert split["api_outside_worker_ms"] > 0 and split["client_outside_api_ms"] > 0
     text = report.read_text()
     assert "prose" in text and "| mobilenet_v2@1 | 2 | 1 | 2 |" in text and "| mobilenet_v2@1 | 10 |" in text
+
+
+def test_a_hundred_pausing_users_see_no_failure(database_url: str, tmp_path: Path) -> None:
+    """100 Locust users pausing 1-5 s between requests, as the classic client does, logins
+    counted: no failure of any kind (a connection the server closed under a paused client's feet
+    would be one) and no 503. ``python -m bench e2e --wait 1,5 --e2e-seconds 120`` is the
+    two-minute run of the same."""
+    bench_db = make_url(database_url).set(database=f"{make_url(database_url).database}_soak")
+    (tmp_path / "REPORT.md").write_text("# Report\n")
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "e2e",
+        "--out",
+        str(tmp_path),
+        "--report",
+        str(tmp_path / "REPORT.md"),
+        "--models",
+        "mobilenet_v2@1",
+        "--users",
+        "100",
+        "--workers",
+        "1",
+        "--wait",
+        "1,5",
+        "--e2e-seconds",
+        "40",
+        "--latency-requests",
+        "0",
+        "--database-url",
+        bench_db.render_as_string(hide_password=False),
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "e2e.json").read_text())
+    assert row["wait"] == "1,5" and row["users"] == 100
+    assert row["failures"] == 0 and row["overloaded"] == 0
+    # 100 users pausing 3 s on average, a third of their tasks predictions: about 11 a second.
+    assert row["predictions"] > 200
+    assert row["users_requests"] > row["predictions"]
