@@ -95,7 +95,7 @@ async def change_password(
     return Response(status_code=204)
 
 
-@router.get("/{user_id}", response_model=UserPublic, responses={**AUTHED, **NOT_FOUND})
+@router.get("/{user_id:int}", response_model=UserPublic, responses={**AUTHED, **NOT_FOUND})
 async def read_user(user_id: UserId, user: CurrentUser, session: ReadSessionDep) -> User:
     """A user (self, or any for admins)."""
     if user.id != user_id and not user.is_admin:
@@ -103,14 +103,14 @@ async def read_user(user_id: UserId, user: CurrentUser, session: ReadSessionDep)
     return await _existing_user(session, user_id)
 
 
-@router.patch("/{user_id}", response_model=UserPublic, responses={**ADMIN, **NOT_FOUND, **CONFLICT})
+@router.patch("/{user_id:int}", response_model=UserPublic, responses={**ADMIN, **NOT_FOUND, **CONFLICT})
 async def update_user(user_id: UserId, body: UserUpdate, session: SessionDep, admin: AdminUser) -> User:
     """Change a user's name, role or active flag (admin; never oneself's or the last admin's rights)."""
     target = await _existing_user(session, user_id)
     return await service.update_user(session=session, actor=admin, user=target, changes=body)
 
 
-@router.delete("/{user_id}", status_code=204, responses={**ADMIN, **NOT_FOUND, **CONFLICT})
+@router.delete("/{user_id:int}", status_code=204, responses={**ADMIN, **NOT_FOUND, **CONFLICT})
 async def delete_user(user_id: UserId, session: SessionDep, store: StoreDep, admin: AdminUser) -> Response:
     """Delete a user, everything they own and their files no one else uploaded (admin)."""
     target = await _existing_user(session, user_id)
@@ -134,7 +134,7 @@ classic.add_api_route(
     summary="Create a user (admin).",
 )
 classic.add_api_route(
-    "/{user_id}",
+    "/{user_id:int}",
     read_user,
     methods=["GET"],
     response_model=UserPublic,
@@ -142,7 +142,7 @@ classic.add_api_route(
     summary="A user (self, or any for admins).",
 )
 classic.add_api_route(
-    "/{user_id}",
+    "/{user_id:int}",
     delete_user,
     methods=["DELETE"],
     status_code=204,
