@@ -23,7 +23,7 @@ from api.app.core.errors import OutageLog, install_allow_header, install_outage_
 from api.app.core.logging import configure_logging
 from api.app.core.redis import make_redis
 from api.app.core.request_context import RequestContextMiddleware
-from api.app.core.responses import UNAVAILABLE
+from api.app.core.responses import EVERY_ROUTE
 from api.app.core.security import PasswordHasher, VerifiedTokens
 from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        responses=UNAVAILABLE,
+        responses=EVERY_ROUTE,
         swagger_ui_parameters={"persistAuthorization": True},
     )
     outage_log = OutageLog(settings.outage_log_interval_seconds)

@@ -109,3 +109,15 @@ async def test_me_is_no_user_id(client: httpx.AsyncClient, admin_headers: dict[s
         r = await client.request(method, "/v1/users/me", headers=admin_headers)
         assert (r.status_code, r.headers.get("allow")) == (405, "GET"), method
     assert (await client.get("/v1/users/not-a-number", headers=admin_headers)).status_code == 404
+
+
+async def test_a_malformed_body_is_a_400(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    r = await client.post(
+        "/v1/images",
+        content=b"--x\r\nnot a header\r\n\r\ndata\r\n--x--\r\n",
+        headers={**headers, "Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert r.status_code == 400 and isinstance(r.json()["detail"], str)
+    r = await client.post("/v1/feedback", content=b"\xff", headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 400 and isinstance(r.json()["detail"], str)
