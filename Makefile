@@ -68,4 +68,4 @@ fmt: install
 	$(VENV)/bin/black .
 
 clean:
-	rm -rf $(VENV) var .pytest_cache test-artifacts
+	rm -rf $(VENV) var .pytest_cache .hypothesis test-artifacts

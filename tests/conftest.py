@@ -8,6 +8,7 @@ import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,9 @@ async def _execute(sql: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+@contextmanager
+def throwaway_database() -> Iterator[str]:
+    """A new, migrated database (its SQLAlchemy URL), dropped on exit with whatever was written to it."""
     name = f"portal_test_{uuid.uuid4().hex[:10]}"
     asyncio.run(_execute(f'CREATE DATABASE "{name}"'))
     base = _admin_dsn().rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
@@ -57,6 +59,12 @@ def database_url() -> Iterator[str]:
         yield url
     finally:
         asyncio.run(_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with throwaway_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

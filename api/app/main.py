@@ -19,11 +19,11 @@ from api.app.core import metrics
 from api.app.core.body_limits import BodyLimitMiddleware
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_read_sessionmaker, make_sessionmaker, open_pool
-from api.app.core.errors import OutageLog, install_outage_handlers
+from api.app.core.errors import OutageLog, install_allow_header, install_outage_handlers
 from api.app.core.logging import configure_logging
 from api.app.core.redis import make_redis
 from api.app.core.request_context import RequestContextMiddleware
-from api.app.core.responses import UNAVAILABLE
+from api.app.core.responses import EVERY_ROUTE
 from api.app.core.security import PasswordHasher, VerifiedTokens
 from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        responses=UNAVAILABLE,
+        responses=EVERY_ROUTE,
         swagger_ui_parameters={"persistAuthorization": True},
     )
     outage_log = OutageLog(settings.outage_log_interval_seconds)
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
 
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
-    for router in (
+    routers = (
         auth_classic,
         auth_router,
         users_classic,
@@ -141,6 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         catalog_router,
         admin_router,
         health_router,
-    ):
+    )
+    for router in routers:
         app.include_router(router)
+    install_allow_header(app, [*app.router.routes, *(route for router in routers for route in router.routes)])
     return app

@@ -86,3 +86,38 @@ async def test_a_422_does_not_send_a_large_input_back(client: httpx.AsyncClient,
     assert {tuple(e["loc"]) for e in errors} >= {("body", "prediction_id"), ("body", "comment")}
     small = next(e for e in errors if e["loc"] == ["body", "prediction_id"])
     assert small["input"] == "not-a-uuid", "a small input is still quoted as FastAPI does"
+
+
+async def test_a_405_names_every_method_of_the_path(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> None:
+    """Starlette named only the methods of the first route matching the path."""
+    for path, allowed in (
+        ("/v1/users", "GET, POST"),
+        ("/v1/users/7", "DELETE, GET, PATCH"),
+        ("/v1/images/00000000-0000-0000-0000-000000000000", "DELETE, GET"),
+        ("/user/", "GET, POST"),
+    ):
+        r = await client.put(path, json={}, headers=admin_headers)
+        assert (r.status_code, r.headers.get("allow")) == (405, allowed), path
+        assert r.json() == {"detail": "Method Not Allowed"}
+    r = await client.options("/v1/users", headers=admin_headers)
+    assert (r.status_code, r.headers["allow"]) == (405, "GET, POST")
+
+
+async def test_me_is_no_user_id(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> None:
+    """PATCH and DELETE of /v1/users/me were routed to /v1/users/{user_id} and failed as a 422 on 'me'."""
+    for method in ("PATCH", "DELETE"):
+        r = await client.request(method, "/v1/users/me", headers=admin_headers)
+        assert (r.status_code, r.headers.get("allow")) == (405, "GET"), method
+    assert (await client.get("/v1/users/not-a-number", headers=admin_headers)).status_code == 404
+
+
+async def test_a_malformed_body_is_a_400(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    r = await client.post(
+        "/v1/images",
+        content=b"--x\r\nnot a header\r\n\r\ndata\r\n--x--\r\n",
+        headers={**headers, "Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert r.status_code == 400 and isinstance(r.json()["detail"], str)
+    r = await client.post("/v1/feedback", content=b"\xff", headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 400 and isinstance(r.json()["detail"], str)

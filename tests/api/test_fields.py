@@ -108,3 +108,14 @@ async def test_a_multipart_login_is_a_login_not_an_upload(client: httpx.AsyncCli
         "/v1/auth/login", files={"username": (None, "admin@example.com"), "password": (None, "wrong-password")}
     )
     assert r.status_code == 401 and r.json()["detail"] == "Incorrect email or password"
+
+
+async def test_a_classic_score_is_a_number_as_described(client: httpx.AsyncClient, users: Users) -> None:
+    """Lax validation took false as 0.0 and "0.5" as 0.5, where the description says number."""
+    _, headers = await users.create()
+    for score in (False, True, "0.5"):
+        r = await client.post("/feedback/", json={"score": score, "predicted_class": "macaw"}, headers=headers)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "score"], score
+    for number in (1, 0.5):
+        r = await client.post("/feedback/", json={"score": number, "predicted_class": "macaw"}, headers=headers)
+        assert r.status_code == 201 and r.json()["score"] == number, number

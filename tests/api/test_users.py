@@ -194,6 +194,34 @@ async def test_openapi_locks_and_status_codes(client: httpx.AsyncClient) -> None
     assert docs.status_code == 200 and "swagger-ui" in docs.text
 
 
+def _ref(response: dict[str, Any]) -> str:
+    return str(response["content"]["application/json"]["schema"]["$ref"]).rsplit("/", 1)[-1]
+
+
+async def test_openapi_describes_the_errors_as_sent(client: httpx.AsyncClient) -> None:
+    """A 422 is FastAPI's list or a service's message, never only one of them; what the middleware
+    answers before a route (413, 500) and a body that cannot be parsed (400) are described too."""
+    spec = (await client.get("/openapi.json")).json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            responses = op["responses"]
+            if "422" in responses:
+                assert _ref(responses["422"]) == "InvalidOut", (path, method)
+            if op.get("parameters") or "requestBody" in op:
+                assert "422" in responses, (path, method)
+            if "requestBody" in op:
+                assert {"400", "413"} <= set(responses), (path, method)
+            if method in ("post", "patch"):
+                assert "413" in responses, (path, method)
+            assert _ref(responses["500"]) == "ServerErrorOut", (path, method)
+            if path != "/health/ready":
+                assert responses["503"]["headers"]["Retry-After"]["required"], (path, method)
+            for status in ("401", "429"):
+                if status in responses:
+                    assert responses[status]["headers"], (path, method, status)
+
+
 async def test_first_admin_can_use_swagger_password_flow(client: httpx.AsyncClient) -> None:
     """What the Authorize button sends: the OAuth2 password form, then a bearer header."""
     from tests.conftest import ADMIN_PASSWORD

@@ -17,7 +17,7 @@ from api.app.predictions import queue
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
-@router.get("/stats", response_model=Stats, responses=ADMIN)
+@router.get("/stats", response_model=Stats, responses={**ADMIN, **INVALID})
 async def stats(
     _: AdminUser,
     session: ReadSessionDep,

@@ -7,7 +7,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 from api.app.auth import service
 from api.app.auth.schemas import Token
-from api.app.core.responses import AUTHED, CONFLICT, FORBIDDEN, INVALID, TOO_MANY, UNAUTHORIZED
+from api.app.core.responses import AUTHED, BODY, BODY_TOO_LARGE, CONFLICT, FORBIDDEN, TOO_MANY, UNAUTHORIZED
 from api.app.deps import ClientAddressDep, CurrentUser, HasherDep, SessionDep, SettingsDep, ThrottleDep
 from api.app.users import service as users_service
 from api.app.users.models import User
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/auth", tags=["auth"])
 classic = APIRouter(tags=["auth (classic)"])
 
 LoginForm = Annotated[OAuth2PasswordRequestForm, Depends()]
-LOGIN_RESPONSES = {**UNAUTHORIZED, **FORBIDDEN, **TOO_MANY}
+LOGIN_RESPONSES = {**BODY, **UNAUTHORIZED, **FORBIDDEN, **TOO_MANY}
 
 
 @router.post("/login", response_model=Token, responses=LOGIN_RESPONSES)
@@ -56,7 +56,7 @@ classic.add_api_route(
 )
 
 
-@router.post("/logout", status_code=204, responses=AUTHED)
+@router.post("/logout", status_code=204, responses={**AUTHED, **BODY_TOO_LARGE})
 async def logout(request: Request, _user: CurrentUser, session: SessionDep) -> Response:
     """Revoke the token this request carries."""
     await service.revoke(session=session, claims=request.state.token_claims)
@@ -67,7 +67,7 @@ async def logout(request: Request, _user: CurrentUser, session: SessionDep) -> R
     "/signup",
     response_model=UserPublic,
     status_code=201,
-    responses={**FORBIDDEN, **CONFLICT, **INVALID},
+    responses={**BODY, **FORBIDDEN, **CONFLICT},
 )
 async def signup(body: SignupIn, session: SessionDep, hasher: HasherDep, settings: SettingsDep) -> User:
     """Create my own account (only when ALLOW_SIGNUP=true)."""

@@ -4,13 +4,13 @@ from fastapi import APIRouter
 
 from api.app.catalog.schemas import ModelPublic, ModelsPublic
 from api.app.catalog.service import NOT_SERVED, default_entry, listed_entries, model_labels
-from api.app.core.responses import AUTHED
+from api.app.core.responses import AUTHED, INVALID
 from api.app.deps import CurrentUser, RedisDep, RegistryDep, SettingsDep, WorkersDep
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_model=ModelsPublic, responses=AUTHED)
+@router.get("", response_model=ModelsPublic, responses={**AUTHED, **INVALID})
 async def list_models(
     user: CurrentUser,
     redis: RedisDep,

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy.exc
@@ -15,6 +16,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.routing import BaseRoute, Route
 
 from contracts.streams import REDIS_ERRORS
 
@@ -112,6 +114,22 @@ def _short(value: Any) -> Any:
 
 def unavailable(detail: str, retry_after: int) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": str(retry_after)})
+
+
+def install_allow_header(app: FastAPI, routes: Iterable[BaseRoute]) -> None:
+    """A 405 names in ``Allow`` every method its path takes (RFC 9110), from ``routes``: the
+    router names only the methods of the first route whose path matched, but one path often has
+    several routes (GET and POST /v1/users; GET /v1/images/{id} here, DELETE in another router)."""
+    table = [(route.path_regex, route.methods) for route in routes if isinstance(route, Route) and route.methods]
+
+    async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        path = request.scope["path"]
+        methods = sorted({m for regex, allowed in table if regex.match(path) for m in allowed})
+        return JSONResponse(
+            status_code=405, content={"detail": "Method Not Allowed"}, headers={"Allow": ", ".join(methods)}
+        )
+
+    app.add_exception_handler(405, method_not_allowed)
 
 
 def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: int) -> None:

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from api.app.core.fields import Skip
-from api.app.core.responses import AUTHED, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE
+from api.app.core.responses import AUTHED, BODY, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE
 from api.app.deps import CurrentUser, ReadSessionDep, RedisDep, RegistryDep, SessionDep
 from api.app.feedback import service
 from api.app.feedback.models import Feedback
@@ -24,7 +24,7 @@ def _scope(user: CurrentUser, all_users: bool) -> int | None:
 
 
 @router.post(
-    "", response_model=FeedbackPublic, status_code=201, responses={**AUTHED, **NOT_FOUND, **INVALID, **UNAVAILABLE}
+    "", response_model=FeedbackPublic, status_code=201, responses={**BODY, **AUTHED, **NOT_FOUND, **UNAVAILABLE}
 )
 async def create_feedback(
     body: FeedbackCreate, user: CurrentUser, session: SessionDep, redis: RedisDep, registry: RegistryDep
@@ -33,7 +33,7 @@ async def create_feedback(
     return await service.create_feedback(session=session, redis=redis, registry=registry, owner_id=user.id, body=body)
 
 
-@router.get("", response_model=FeedbacksPublic, responses={**AUTHED, **FORBIDDEN})
+@router.get("", response_model=FeedbacksPublic, responses={**AUTHED, **FORBIDDEN, **INVALID})
 async def list_feedback(
     user: CurrentUser, session: ReadSessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
 ) -> FeedbacksPublic:
@@ -42,13 +42,13 @@ async def list_feedback(
     return FeedbacksPublic(data=[FeedbackPublic.model_validate(r) for r in rows], count=count)
 
 
-@classic.post("/", response_model=FeedbackPublic, status_code=201, responses={**AUTHED, **INVALID})
+@classic.post("/", response_model=FeedbackPublic, status_code=201, responses={**BODY, **AUTHED})
 async def classic_create_feedback(body: ClassicFeedbackCreate, user: CurrentUser, session: SessionDep) -> Feedback:
     """Report a wrong prediction (score, predicted_class, image_file_name, feedback)."""
     return await service.create_classic_feedback(session=session, owner_id=user.id, body=body)
 
 
-@classic.get("/", response_model=list[FeedbackPublic], responses={**AUTHED, **FORBIDDEN})
+@classic.get("/", response_model=list[FeedbackPublic], responses={**AUTHED, **FORBIDDEN, **INVALID})
 async def classic_list_feedback(
     user: CurrentUser, session: ReadSessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
 ) -> list[Feedback]:

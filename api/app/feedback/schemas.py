@@ -16,7 +16,8 @@ class FeedbackCreate(BaseModel):
 
 
 class ClassicFeedbackCreate(BaseModel):
-    score: float | None = Field(default=None, allow_inf_nan=False)
+    # Strict: a number, as described; lax validation also took true, false and numeric strings.
+    score: float | None = Field(default=None, allow_inf_nan=False, strict=True)
     predicted_class: Text | None = Field(default=None, max_length=200)
     image_file_name: Text | None = Field(default=None, max_length=100)
     feedback: Text | None = Field(default=None, max_length=2000)

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Response, UploadFile
 
-from api.app.core.responses import AUTHED, INVALID, NOT_FOUND, TOO_LARGE, UNSUPPORTED
+from api.app.core.responses import AUTHED, INVALID, NOT_FOUND, UPLOAD
 from api.app.deps import CurrentUser, OwnedImage, PageDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from api.app.images import service
 from api.app.images.models import Image
@@ -26,7 +26,7 @@ MEDIA_TYPES = {
     "",
     response_model=ImagePublic,
     status_code=201,
-    responses={**AUTHED, **TOO_LARGE, **UNSUPPORTED, **INVALID},
+    responses=UPLOAD,
 )
 async def upload_image(
     user: CurrentUser,
@@ -48,7 +48,7 @@ async def upload_image(
     )
 
 
-@router.get("", response_model=ImagesPublic, responses=AUTHED)
+@router.get("", response_model=ImagesPublic, responses={**AUTHED, **INVALID})
 async def list_images(
     user: CurrentUser,
     session: ReadSessionDep,
@@ -67,7 +67,12 @@ async def list_images(
 
 @router.get(
     "/{image_id}/file",
-    responses={**AUTHED, **NOT_FOUND, 200: {"content": {"image/*": {}}, "description": "The bytes as uploaded"}},
+    responses={
+        **AUTHED,
+        **NOT_FOUND,
+        **INVALID,
+        200: {"content": {"image/*": {}}, "description": "The bytes as uploaded"},
+    },
     response_class=Response,
 )
 async def image_file(image: OwnedImage, store: StoreDep) -> Response:
@@ -76,7 +81,7 @@ async def image_file(image: OwnedImage, store: StoreDep) -> Response:
     return Response(content=data, media_type=MEDIA_TYPES.get(image.format, "application/octet-stream"))
 
 
-@router.delete("/{image_id}", status_code=204, responses={**AUTHED, **NOT_FOUND})
+@router.delete("/{image_id}", status_code=204, responses={**AUTHED, **NOT_FOUND, **INVALID})
 async def delete_image(image: OwnedImage, session: SessionDep, store: StoreDep) -> Response:
     """Delete one of my uploads with its predictions and feedback."""
     await service.delete_image(session=session, store=store, image=image)

@@ -7,6 +7,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
 
 from api.app.core.responses import (
     AUTHED,
+    BODY,
     INVALID,
     NOT_FOUND,
     TIMEOUT,
@@ -14,6 +15,7 @@ from api.app.core.responses import (
     TOO_MANY,
     UNAVAILABLE,
     UNSUPPORTED,
+    UPLOAD,
 )
 from api.app.deps import (
     BlockingRedisDep,
@@ -46,7 +48,7 @@ classic = APIRouter(prefix="/model", tags=["predictions (classic)"])
 # depend on predictions.
 images = APIRouter(prefix="/v1/images", tags=["images"])
 
-JOB_RESPONSES = {**AUTHED, **NOT_FOUND, **INVALID, **TOO_MANY, **UNAVAILABLE}
+JOB_RESPONSES = {**BODY, **AUTHED, **NOT_FOUND, **TOO_MANY, **UNAVAILABLE}
 
 
 @router.post("", response_model=JobAccepted, status_code=202, responses=JOB_RESPONSES)
@@ -77,7 +79,7 @@ async def create_prediction(
     return JobAccepted(job_id=job.id, status=job.status)
 
 
-@router.get("", response_model=JobsPublic, responses=AUTHED)
+@router.get("", response_model=JobsPublic, responses={**AUTHED, **INVALID})
 async def list_predictions(
     user: CurrentUser,
     session: ReadSessionDep,
@@ -93,7 +95,7 @@ async def list_predictions(
     return JobsPublic(data=[JobPublic.from_row(j, running) for j in jobs], count=count)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses={**AUTHED, **NOT_FOUND})
+@router.get("/{job_id}", response_model=JobPublic, responses={**AUTHED, **NOT_FOUND, **INVALID})
 async def read_prediction(job_id: uuid.UUID, user: CurrentUser, session: ReadSessionDep, redis: RedisDep) -> JobPublic:
     """A prediction job with each model's answer and timings."""
     job = await service.get_owned_job(session=session, owner_id=user.id, job_id=job_id)
@@ -105,7 +107,7 @@ async def read_prediction(job_id: uuid.UUID, user: CurrentUser, session: ReadSes
 @classic.post(
     "/predict",
     response_model=ClassicPrediction,
-    responses={**AUTHED, **INVALID, **TOO_LARGE, **UNSUPPORTED, **TOO_MANY, **UNAVAILABLE, **TIMEOUT},
+    responses={**UPLOAD, **TOO_MANY, **UNAVAILABLE, **TIMEOUT},
 )
 async def predict(
     user: CurrentUser,
@@ -138,7 +140,7 @@ async def predict(
     )
 
 
-@images.get("/{image_id}", response_model=ImageDetail, responses={**AUTHED, **NOT_FOUND})
+@images.get("/{image_id}", response_model=ImageDetail, responses={**AUTHED, **NOT_FOUND, **INVALID})
 async def read_image(image: OwnedImage, session: SessionDep) -> ImageDetail:
     """One of my uploads with its predictions."""
     jobs = await service.jobs_of_image(session=session, image_id=image.id)
@@ -149,7 +151,15 @@ async def read_image(image: OwnedImage, session: SessionDep) -> ImageDetail:
 
 @images.get(
     "/{image_id}/view",
-    responses={**AUTHED, **NOT_FOUND, 200: {"content": {"image/png": {}}, "description": "PNG with predictions"}},
+    # An image stored before uploads were checked as strictly as now may no longer decode (413, 415, 422).
+    responses={
+        **AUTHED,
+        **NOT_FOUND,
+        **TOO_LARGE,
+        **UNSUPPORTED,
+        **INVALID,
+        200: {"content": {"image/png": {}}, "description": "PNG with predictions"},
+    },
     response_class=Response,
 )
 async def image_view(image: OwnedImage, session: SessionDep, store: StoreDep) -> Response:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.fields import Skip, UserId
-from api.app.core.responses import ADMIN, AUTHED, CONFLICT, INVALID, NOT_FOUND, TOO_MANY
+from api.app.core.responses import ADMIN, AUTHED, BODY, CONFLICT, INVALID, NOT_FOUND, TOO_MANY, Responses, error
 from api.app.deps import (
     AdminUser,
     ClientAddressDep,
@@ -31,6 +31,17 @@ from api.app.users.schemas import (
 router = APIRouter(prefix="/v1/users", tags=["users"])
 classic = APIRouter(prefix="/user", tags=["users (classic)"])
 
+LIST: Responses = {**ADMIN, **INVALID}
+CREATE: Responses = {**BODY, **ADMIN, **CONFLICT}
+READ: Responses = {**AUTHED, **NOT_FOUND, **INVALID}
+DELETE: Responses = {**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID}
+PASSWORD: Responses = {
+    **BODY,
+    **AUTHED,
+    **TOO_MANY,
+    400: error("The current password is wrong, or the body cannot be parsed"),
+}
+
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
@@ -41,7 +52,7 @@ async def _existing_user(session: AsyncSession, user_id: int) -> User:
     return user
 
 
-@router.get("", response_model=UsersPublic, responses=ADMIN)
+@router.get("", response_model=UsersPublic, responses=LIST)
 async def list_users(session: ReadSessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> UsersPublic:
     """List users (admin)."""
     users = await service.list_users(session=session, skip=skip, limit=limit)
@@ -49,7 +60,7 @@ async def list_users(session: ReadSessionDep, _: AdminUser, skip: Skip = 0, limi
     return UsersPublic(data=[UserPublic.model_validate(u) for u in users], count=count)
 
 
-@router.post("", response_model=UserPublic, status_code=201, responses={**ADMIN, **CONFLICT, **INVALID})
+@router.post("", response_model=UserPublic, status_code=201, responses=CREATE)
 async def create_user(
     body: UserCreate, session: SessionDep, hasher: HasherDep, settings: SettingsDep, _: AdminUser
 ) -> User:
@@ -71,7 +82,7 @@ async def read_me(user: CurrentUser) -> User:
     return user
 
 
-@router.patch("/me/password", status_code=204, responses={**AUTHED, **INVALID, **TOO_MANY, 400: {}})
+@router.patch("/me/password", status_code=204, responses=PASSWORD)
 async def change_password(
     body: PasswordChange,
     user: CurrentUser,
@@ -95,7 +106,7 @@ async def change_password(
     return Response(status_code=204)
 
 
-@router.get("/{user_id}", response_model=UserPublic, responses={**AUTHED, **NOT_FOUND})
+@router.get("/{user_id:int}", response_model=UserPublic, responses=READ)
 async def read_user(user_id: UserId, user: CurrentUser, session: ReadSessionDep) -> User:
     """A user (self, or any for admins)."""
     if user.id != user_id and not user.is_admin:
@@ -103,14 +114,14 @@ async def read_user(user_id: UserId, user: CurrentUser, session: ReadSessionDep)
     return await _existing_user(session, user_id)
 
 
-@router.patch("/{user_id}", response_model=UserPublic, responses={**ADMIN, **NOT_FOUND, **CONFLICT})
+@router.patch("/{user_id:int}", response_model=UserPublic, responses={**BODY, **ADMIN, **NOT_FOUND, **CONFLICT})
 async def update_user(user_id: UserId, body: UserUpdate, session: SessionDep, admin: AdminUser) -> User:
     """Change a user's name, role or active flag (admin; never oneself's or the last admin's rights)."""
     target = await _existing_user(session, user_id)
     return await service.update_user(session=session, actor=admin, user=target, changes=body)
 
 
-@router.delete("/{user_id}", status_code=204, responses={**ADMIN, **NOT_FOUND, **CONFLICT})
+@router.delete("/{user_id:int}", status_code=204, responses=DELETE)
 async def delete_user(user_id: UserId, session: SessionDep, store: StoreDep, admin: AdminUser) -> Response:
     """Delete a user, everything they own and their files no one else uploaded (admin)."""
     target = await _existing_user(session, user_id)
@@ -118,7 +129,7 @@ async def delete_user(user_id: UserId, session: SessionDep, store: StoreDep, adm
     return Response(status_code=204)
 
 
-@classic.get("/", response_model=list[UserPublic], responses=ADMIN)
+@classic.get("/", response_model=list[UserPublic], responses=LIST)
 async def classic_list_users(session: ReadSessionDep, _: AdminUser, skip: Skip = 0, limit: Limit = 100) -> list[User]:
     """List users (admin)."""
     return await service.list_users(session=session, skip=skip, limit=limit)
@@ -130,22 +141,22 @@ classic.add_api_route(
     methods=["POST"],
     response_model=UserPublic,
     status_code=201,
-    responses={**ADMIN, **CONFLICT, **INVALID},
+    responses=CREATE,
     summary="Create a user (admin).",
 )
 classic.add_api_route(
-    "/{user_id}",
+    "/{user_id:int}",
     read_user,
     methods=["GET"],
     response_model=UserPublic,
-    responses={**AUTHED, **NOT_FOUND},
+    responses=READ,
     summary="A user (self, or any for admins).",
 )
 classic.add_api_route(
-    "/{user_id}",
+    "/{user_id:int}",
     delete_user,
     methods=["DELETE"],
     status_code=204,
-    responses={**ADMIN, **NOT_FOUND, **CONFLICT},
+    responses=DELETE,
     summary="Delete a user (admin).",
 )
