@@ -42,6 +42,8 @@ async def test_database_errors_are_classified_by_who_caused_them(settings: Setti
     assert database_status(await _error(url, "SELECT * FROM no_such_table")) == 500
     nowhere = url.rsplit("@", 1)[0] + f"@127.0.0.1:{free_port()}/postgres"
     assert database_status(await _error(nowhere, "SELECT 1")) == 503
+    unresolvable = url.rsplit("@", 1)[0] + "@db.portal.invalid:5432/postgres"  # RFC 2606: never resolves
+    assert database_status(await _error(unresolvable, "SELECT 1")) == 503
     assert database_status(OSError("disk full")) == 500
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import socket
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -77,6 +78,9 @@ def database_status(exc: BaseException) -> int:
     client may retry), 409 for a constraint the request broke, 422 for a value PostgreSQL cannot
     hold (out of range, malformed), 500 for anything else (a bug of ours)."""
     if isinstance(exc, DB_ERRORS) or getattr(exc, "connection_invalidated", False):
+        return 503
+    if isinstance(exc, socket.gaierror):
+        # The server's name does not resolve now: a container being replaced drops out of DNS.
         return 503
     if isinstance(exc, OSError):
         # asyncio reports a refused connection to several addresses as one plain OSError.
