@@ -18,7 +18,9 @@ from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.logging import configure_logging
 from api.app.core.security import PasswordHasher
 from api.app.core.startup import DependencyUnavailable, asyncpg_dsn, wait_for_postgres, wait_for_redis
+from api.app.registry import service as registry_service
 from api.app.users.service import ensure_admin
+from contracts.registry import load_registry
 
 log = logging.getLogger("api.prestart")
 ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
@@ -44,6 +46,17 @@ def migrate(database_url: str) -> None:
     command.upgrade(config, "head", tag=None)
 
 
+async def seed_registry(settings: Settings) -> int:
+    """Brings ``REGISTRY_PATH`` (``model/registry.yaml``) into the database's registry; how many
+    versions were created or changed."""
+    engine = make_engine(settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return await registry_service.seed(session=session, registry=load_registry(settings.registry_path))
+    finally:
+        await engine.dispose()
+
+
 async def seed_admin(settings: Settings) -> bool:
     engine = make_engine(settings)
     try:
@@ -65,6 +78,8 @@ async def prestart(settings: Settings) -> None:
     await asyncio.to_thread(migrate, settings.database_url)
     created = await seed_admin(settings)
     log.info("first admin %s %s", settings.first_admin_email, "created" if created else "already present")
+    changed = await seed_registry(settings)
+    log.info("model registry: %d versions created or changed from %s", changed, settings.registry_path)
 
 
 def main() -> None:

@@ -39,12 +39,25 @@ class InputSpec(BaseModel):
     mode: Literal["RGB", "L"] = "RGB"
 
 
+Channel = Literal["stable", "canary", "shadow", "retired"]
+"""A version's role: ``stable`` answers by default, ``canary`` takes a share of traffic set by its
+weight, ``shadow`` receives a copy of traffic whose answers are kept but never returned, ``retired``
+is kept for the record and served no more."""
+
+STATE_FIELDS = frozenset({"name", "version", "channel", "enabled", "weight", "display_name"})
+"""A version's identity and the state operators change; the other fields say how to load and feed it."""
+
+
 class ModelEntry(BaseModel):
     """One model version."""
 
-    name: str = Field(pattern=r"^[a-z0-9_]+$")
-    version: int = Field(ge=1)
-    channel: Literal["stable", "canary"] = "stable"
+    name: str = Field(pattern=r"^[a-z0-9_]+$", max_length=64)
+    version: int = Field(ge=1, le=2**31 - 1)
+    channel: Channel = "stable"
+    weight: int | None = Field(default=None, ge=0, le=1_000_000)
+    """Share of the model's traffic among its enabled versions; None: 100 for a stable version, else 0."""
+    display_name: str | None = Field(default=None, max_length=200)
+    """What people are shown; None: ``name@version``."""
     description: str = ""
     runtime: Runtime = Runtime.keras
     precision: Literal["fp32", "int8"] = "fp32"
@@ -83,6 +96,10 @@ class ModelEntry(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def spec(self) -> dict[str, Any]:
+        """How to load and feed this version, as JSON: everything but ``STATE_FIELDS``."""
+        return self.model_dump(mode="json", exclude=set(STATE_FIELDS))
 
     def resolve(self, template: str, *, models_dir: Path, trained_dir: Path) -> Path:
         return Path(template.format(models_dir=models_dir, trained_dir=trained_dir))

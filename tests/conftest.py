@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from api.app.core.config import Settings
 from api.app.main import create_app
-from api.prestart import migrate, seed_admin
+from api.prestart import migrate, seed_admin, seed_registry
 from tests.support import SHARED, Service, http_ok, start_api, start_worker, wait_for_worker, wait_until
 
 # Outside `make test` (which sets these), use ../shared as make does.
@@ -99,6 +99,7 @@ def make_settings(database_url: str, redis_url: str, storage: Path, **overrides:
 def settings(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     s = make_settings(database_url, redis_url, tmp_path_factory.mktemp("storage"))
     asyncio.run(seed_admin(s))
+    asyncio.run(seed_registry(s))
     return s
 
 

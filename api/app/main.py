@@ -36,6 +36,7 @@ from api.app.predictions.background import JobRuntime, collect_results, reconcil
 from api.app.predictions.router import classic as predictions_classic
 from api.app.predictions.router import images as predictions_of_images
 from api.app.predictions.router import router as predictions_router
+from api.app.registry.router import router as registry_router
 from api.app.users.router import classic as users_classic
 from api.app.users.router import router as users_router
 from contracts.registry import load_registry
@@ -140,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         feedback_router,
         catalog_router,
         admin_router,
+        registry_router,
         health_router,
     )
     for router in routers:
