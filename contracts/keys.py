@@ -33,3 +33,9 @@ def result_cache_key(owner_id: int, sha256: str, model: str, version: int) -> st
     """One user's earlier answer for these bytes: an answer is never reused for another user, whose
     instant reply would tell them that someone else had sent the same image."""
     return f"cache:{owner_id}:{sha256}:{model}@{version}"
+
+
+REGISTRY_KEY = "registry:snapshot"
+"""Hash: the model registry as the API last published it (``revision``, ``source``, ``registry``)."""
+REGISTRY_CHANNEL = "registry:changed"
+"""Pub/sub channel: a new registry revision was published (the message is the revision)."""

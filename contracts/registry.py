@@ -126,8 +126,10 @@ class Registry(BaseModel):
         return self
 
     def served(self, *, benchmark_mode: bool) -> list[ModelEntry]:
-        """The enabled entries a deployment serves."""
-        return [m for m in self.models if m.enabled and (benchmark_mode or not m.benchmark_only)]
+        """The enabled entries a deployment serves (a retired version is served no more)."""
+        return [
+            m for m in self.models if m.enabled and m.channel != "retired" and (benchmark_mode or not m.benchmark_only)
+        ]
 
     def selected(self, refs: str, *, benchmark_mode: bool) -> list[ModelEntry]:
         """The served entries ``refs`` names (``"resnet50@1,sketch"``; a bare name takes every
@@ -153,7 +155,7 @@ class Registry(BaseModel):
 
     def public(self) -> list[ModelEntry]:
         """The entries shown to users (never the benchmark-only ones)."""
-        return [m for m in self.models if m.enabled and not m.benchmark_only]
+        return self.served(benchmark_mode=False)
 
     def get(self, key: str) -> ModelEntry:
         return next(m for m in self.models if m.key == key)

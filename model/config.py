@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.registry import DEFAULT_REGISTRY_PATH, ModelEntry, Registry
+from contracts.registry import DEFAULT_REGISTRY_PATH, ModelEntry, Registry, parse_model_ref
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +56,9 @@ class ModelSettings(BaseSettings):
     """A delivered job unacknowledged this long is taken over by another worker."""
     max_deliveries: int = 3
     """Deliveries after which a job goes to the dead-letter stream as failed."""
+    registry_check_s: float = 2.0
+    """Besides listening for the API's announcements, how often the worker checks the registry's
+    revision in Redis (a missed announcement delays a change by this much at most)."""
     heartbeat_interval_s: float = 2.0
     """How often the worker announces itself."""
     heartbeat_ttl_s: float = 10.0
@@ -80,6 +83,15 @@ class ModelSettings(BaseSettings):
             return registry.selected(self.serve_models, benchmark_mode=self.benchmark_mode)
         except ValueError as exc:
             raise SystemExit(f"SERVE_MODELS={self.serve_models!r}: {exc}") from None
+
+    def live_entries(self, registry: Registry) -> list[ModelEntry]:
+        """What SERVE_MODELS selects of a registry published while running: a name it names that is
+        no longer served leaves nothing to serve for it, and the worker goes on."""
+        wanted = [parse_model_ref(ref) for ref in self.serve_models.split(",") if ref.strip()]
+        served = registry.served(benchmark_mode=self.benchmark_mode)
+        if not wanted:
+            return served
+        return [m for m in served if any(m.name == n and v in (None, m.version) for n, v in wanted)]
 
     @field_validator(
         "registry_path", "models_dir", "trained_dir", "quickdraw_dir", "calibration_dir", "training_cache_dir"

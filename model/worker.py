@@ -8,6 +8,8 @@ crash is never answered twice.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -18,12 +20,13 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
 import redis.exceptions
 
-from contracts import keys, workers
+from contracts import keys, registry_live, workers
 from contracts.messages import (
     Heartbeat,
     LabelScore,
@@ -56,12 +59,24 @@ class Worker:
     preprocesses and infers it, and announces itself with a heartbeat thread."""
 
     def __init__(self, settings: ModelSettings, registry: Registry | None = None) -> None:
+        """``registry``: serve these entries for good; None: follow the registry the API publishes
+        (the file's until one is published)."""
         self.settings = settings
-        self.registry = registry or load_registry(settings.registry_path)
-        self.entries = settings.served_entries(self.registry)
         self.worker_id = settings.resolved_worker_id()
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
+        )
+        self.follows_registry = registry is None
+        self.revision: tuple[str, int] | None = None
+        """(source, revision) of the published registry this worker serves; None: not one yet."""
+        if registry is None:
+            registry = load_registry(settings.registry_path)
+            with contextlib.suppress(*REDIS_ERRORS):  # Redis down: the file now, the published one later
+                if (snapshot := registry_live.read_snapshot(self.redis)) is not None:
+                    registry, self.revision = snapshot.registry, (snapshot.source, snapshot.revision)
+        self.registry = registry
+        self.entries = (
+            settings.live_entries(registry) if self.revision is not None else settings.served_entries(registry)
         )
         self.jobs = JobStreams(self.redis, self.worker_id)
         self.models: dict[str, LoadedModel] = {}
@@ -73,37 +88,162 @@ class Worker:
         self._last_reclaim = 0.0
         self.peers = 1
         """Live workers, this one included, as last counted by the heartbeat thread."""
+        self._tried: dict[str, dict[str, Any]] = {}
+        """The spec last tried for each version, so a broken one is not reloaded every check."""
+        self._changes_lock = threading.Lock()
+        self._incoming: dict[str, LoadedModel] = {}
+        """Versions loaded and warmed up by the registry thread, for the serving loop to take on."""
+        self._outgoing: set[str] = set()
+        """Job streams of versions the registry no longer has this worker serve."""
 
     # --- start-up -------------------------------------------------------------------------
 
     def load_models(self) -> None:
         configure_tensorflow(self.settings)
         for entry in self.entries:
-            start = time.perf_counter()
-            try:
-                loaded = load_model(entry, self.settings)
-                loaded.warm_up(tuple(sorted({1, self.settings.max_batch_size})))
-            except ModelUnavailable as exc:
-                self.states[entry.key] = ModelState(
-                    name=entry.name, version=entry.version, ready=False, reason=str(exc)
-                )
-                log.warning("model %s unavailable: %s", entry.key, exc)
-                continue
-            except Exception as exc:  # a broken model must not stop the others from serving
-                self.states[entry.key] = ModelState(
-                    name=entry.name, version=entry.version, ready=False, reason=f"failed to load: {exc}"
-                )
-                log.exception("model %s failed to load", entry.key)
-                continue
-            self.models[keys.job_stream(entry.name, entry.version)] = loaded
-            self.states[entry.key] = ModelState(
-                name=entry.name,
-                version=entry.version,
-                ready=True,
-                num_classes=len(loaded.labels),
-                random_weights=loaded.random_weights,
+            if (loaded := self._load(entry)) is not None:
+                self.models[keys.job_stream(entry.name, entry.version)] = loaded
+                self._set_state(entry, self._ready_state(loaded))
+
+    def _load(self, entry: ModelEntry) -> LoadedModel | None:
+        """The version loaded and warmed up by one inference per batch size it will see; None
+        (with the reason in its state) when it cannot be."""
+        start = time.perf_counter()
+        try:
+            loaded = load_model(entry, self.settings)
+            loaded.warm_up(tuple(sorted({1, self.settings.max_batch_size})))
+        except ModelUnavailable as exc:
+            self._set_state(entry, ModelState(name=entry.name, version=entry.version, ready=False, reason=str(exc)))
+            log.warning("model %s unavailable: %s", entry.key, exc)
+            return None
+        except Exception as exc:  # a broken model must not stop the others from serving
+            self._set_state(
+                entry,
+                ModelState(name=entry.name, version=entry.version, ready=False, reason=f"failed to load: {exc}"),
             )
-            log.info("model %s ready in %.1f s (warmed up)", entry.key, time.perf_counter() - start)
+            log.exception("model %s failed to load", entry.key)
+            return None
+        log.info("model %s ready in %.1f s (warmed up)", entry.key, time.perf_counter() - start)
+        return loaded
+
+    @staticmethod
+    def _ready_state(loaded: LoadedModel) -> ModelState:
+        return ModelState(
+            name=loaded.entry.name,
+            version=loaded.entry.version,
+            ready=True,
+            num_classes=len(loaded.labels),
+            random_weights=loaded.random_weights,
+        )
+
+    def _set_state(self, entry: ModelEntry, state: ModelState | None) -> None:
+        # Replaced whole, never changed in place: the heartbeat thread reads it at any moment.
+        states = dict(self.states)
+        if state is None:
+            states.pop(entry.key, None)
+        else:
+            states[entry.key] = state
+        self.states = states
+
+    # --- following the registry -----------------------------------------------------------
+
+    def _registry_loop(self) -> None:
+        """Listens for announcements of a new registry revision and checks the revision every
+        REGISTRY_CHECK_S besides; loads what a new revision adds (here, while the serving loop goes
+        on) and hands it over, with what it drops, to the serving loop."""
+        pubsub = None
+        while not self.stopping.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(keys.REGISTRY_CHANNEL)
+                pubsub.get_message(timeout=self.settings.registry_check_s)
+                published = registry_live.published_revision(self.redis)
+                if published is not None and published != self.revision:
+                    snapshot = registry_live.read_snapshot(self.redis)
+                    if snapshot is not None:
+                        self.follow(snapshot.registry)
+                        self.revision = (snapshot.source, snapshot.revision)
+            except REDIS_ERRORS as exc:
+                self._outage(exc)
+                if pubsub is not None:
+                    with contextlib.suppress(*REDIS_ERRORS):
+                        pubsub.close()
+                pubsub = None
+                self.stopping.wait(1)
+            except Exception:
+                log.exception("registry follower error")
+                self.stopping.wait(1)
+        if pubsub is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                pubsub.close()
+
+    def follow(self, registry: Registry) -> None:
+        """Brings the versions served in line with ``registry``: loads each new version (or one whose
+        spec changed) and queues it for the serving loop, and queues the removal of those it no
+        longer serves. A version that fails to load is reported in the heartbeat, not retried until
+        its spec changes."""
+        wanted = {keys.job_stream(e.name, e.version): e for e in self.settings.live_entries(registry)}
+        with self._changes_lock:
+            current = {s: m.entry for s, m in self.models.items() if s not in self._outgoing}
+            current.update({s: m.entry for s, m in self._incoming.items()})
+        for stream, entry in wanted.items():
+            have = current.get(stream)
+            if have is not None and have.spec() == entry.spec():
+                continue
+            known = self.states.get(entry.key)
+            if have is None and known is not None and not known.ready and self._tried.get(entry.key) == entry.spec():
+                continue
+            self._tried[entry.key] = entry.spec()
+            log.info("registry: loading %s", entry.key)
+            if (loaded := self._load(entry)) is not None:
+                with self._changes_lock:
+                    self._incoming[stream] = loaded
+                    self._outgoing.discard(stream)
+        dropped = [s for s in current if s not in wanted]
+        with self._changes_lock:
+            for stream in dropped:
+                self._incoming.pop(stream, None)
+                self._outgoing.add(stream)
+        # A version that could not be loaded and is no longer wanted stops being reported.
+        wanted_keys = {e.key for e in wanted.values()}
+        serving = {m.entry.key for m in self.models.values()}
+        for key, state in self.states.items():
+            if key not in wanted_keys and key not in serving and not state.ready:
+                name, _, version = key.partition("@")
+                self._set_state(ModelEntry.model_construct(name=name, version=int(version)), None)
+        self.registry = registry
+
+    def apply_changes(self) -> bool:
+        """Takes on the versions the registry thread loaded and lets go of those it dropped (their
+        memory returned to the system); True when anything changed. Runs in the serving loop,
+        between batches, so a batch never loses its model."""
+        with self._changes_lock:
+            incoming, outgoing = self._incoming, self._outgoing
+            self._incoming, self._outgoing = {}, set()
+        if not incoming and not outgoing:
+            return False
+        models = {s: m for s, m in self.models.items() if s not in outgoing}
+        for stream in outgoing:
+            if (gone := self.models.get(stream)) is not None:
+                self._set_state(gone.entry, None)
+                log.info("registry: %s no longer served here", gone.entry.key)
+        models.update(incoming)
+        self.jobs.ensure_groups(incoming)
+        self.models = models
+        for loaded in incoming.values():
+            self._set_state(loaded.entry, self._ready_state(loaded))
+            self.redis.set(
+                keys.labels_key(loaded.entry.name, loaded.entry.version),
+                json.dumps(list(loaded.labels)),
+                ex=self.settings.labels_ttl_s,
+            )
+            log.info("registry: now serving %s", loaded.entry.key)
+        del incoming
+        if outgoing:
+            release_memory()
+        self.send_heartbeat()
+        return True
 
     def publish_labels(self, *, only_missing: bool = False) -> None:
         for loaded in self.models.values():
@@ -155,6 +295,7 @@ class Worker:
         if not self.models:
             log.error("no model could be loaded; serving heartbeats only so operators see why")
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        follower = threading.Thread(target=self._registry_loop, name="registry", daemon=True)
         groups_ready = False
         started = False
         while not self.stopping.is_set():
@@ -166,12 +307,15 @@ class Worker:
                     groups_ready = True
                     if not started:
                         hb.start()
+                        if self.follows_registry:
+                            follower.start()
                         started = True
                         log.info(
                             "worker %s serving %s", self.worker_id, sorted(m.entry.key for m in self.models.values())
                         )
+                self.apply_changes()
                 if not self.models:
-                    self.stopping.wait(1)
+                    self.stopping.wait(0.2)
                     continue
                 self.step()
             except redis.exceptions.ResponseError as exc:
@@ -357,6 +501,14 @@ class Worker:
 
     def stop(self, *_args: object) -> None:
         self.stopping.set()
+
+
+def release_memory() -> None:
+    """Hands the memory of dropped models back to the system: a collection frees their objects, and
+    glibc's malloc_trim returns the freed heap pages (otherwise kept for reuse by this process)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def main() -> None:

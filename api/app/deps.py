@@ -61,7 +61,7 @@ async def get_hasher(request: Request) -> PasswordHasher:
 
 
 async def get_registry(request: Request) -> Registry:
-    return request.app.state.registry
+    return request.app.state.live_registry.current
 
 
 async def get_store(request: Request) -> LocalBlobStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,12 +20,13 @@ from api.app.core import metrics
 from api.app.core.body_limits import BodyLimitMiddleware
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_read_sessionmaker, make_sessionmaker, open_pool
-from api.app.core.errors import OutageLog, install_allow_header, install_outage_handlers
+from api.app.core.errors import DB_ERRORS, OutageLog, install_allow_header, install_outage_handlers
 from api.app.core.logging import configure_logging
 from api.app.core.redis import make_redis
 from api.app.core.request_context import RequestContextMiddleware
 from api.app.core.responses import EVERY_ROUTE
 from api.app.core.security import PasswordHasher, VerifiedTokens
+from api.app.core.tasks import run_every
 from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
 from api.app.feedback.router import classic as feedback_classic
@@ -36,6 +38,7 @@ from api.app.predictions.background import JobRuntime, collect_results, reconcil
 from api.app.predictions.router import classic as predictions_classic
 from api.app.predictions.router import images as predictions_of_images
 from api.app.predictions.router import router as predictions_router
+from api.app.registry.live import LiveRegistry
 from api.app.registry.router import router as registry_router
 from api.app.users.router import classic as users_classic
 from api.app.users.router import router as users_router
@@ -67,7 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.throttle = AttemptThrottle(settings, state.redis)
         state.hasher = PasswordHasher(settings)
         state.tokens = VerifiedTokens(settings)
-        state.registry = load_registry(settings.registry_path)
+        state.live_registry = live = LiveRegistry(load_registry(settings.registry_path))
+        with contextlib.suppress(*DB_ERRORS):  # PostgreSQL down: the file's registry until it is back
+            async with state.sessionmaker() as session:
+                await live.refresh(session)
         state.store = LocalBlobStore(settings.storage_dir)
         state.workers = WorkerDirectory(state.redis)
         state.outage_log = outage_log
@@ -78,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis_blocking=state.redis_blocking,
             store=state.store,
             outage_log=outage_log,
-            registry=state.registry,
+            live_registry=live,
             inference_log=(
                 InferenceLogger(
                     api_key=settings.wandb_api_key,
@@ -97,7 +103,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop=stop,
             outage_log=outage_log,
         )
-        tasks = [asyncio.create_task(t) for t in (collect_results(runtime, stop), reconcile(runtime, stop), forget)]
+        sync_registry = run_every(
+            settings.registry_refresh_seconds,
+            lambda: live.sync(runtime.sessionmaker, state.redis),
+            name="registry refresh",
+            stop=stop,
+            outage_log=outage_log,
+        )
+        tasks = [
+            asyncio.create_task(t)
+            for t in (collect_results(runtime, stop), reconcile(runtime, stop), forget, sync_registry)
+        ]
         try:
             yield
         finally:

@@ -60,7 +60,7 @@ async def test_request_id_reaches_the_worker_log(stack: Stack, users: Users, cap
         files={"file": ("n.png", noise_png())},
         headers={**headers, "X-Request-ID": request_id},
     )
-    assert r.status_code == 200 and r.headers["x-request-id"] == request_id
+    assert r.status_code == 200 and r.headers["x-request-id"] == request_id, r.text
     # The API's own time covers the whole wait, so it is at least the worker's time for the job.
     spent = float(r.headers["server-timing"].removeprefix("app;dur="))
     assert spent >= r.json()["results"]["sketch@1"]["timings"]["total_ms"] > 0

@@ -432,4 +432,4 @@ async def test_every_redis_key_but_the_streams_expires(stack: Stack, users: User
             continue
         kinds[name.split(":")[0]] = kinds.get(name.split(":")[0], 0) + 1
         assert client.ttl(key) != -1, name  # -1: no expiry; -2: gone meanwhile (a released lock)
-    assert {"worker", "workers", "labels", "cache", "prediction", "throttle", "queue"} <= set(kinds), kinds
+    assert {"worker", "workers", "labels", "cache", "prediction", "throttle", "queue", "registry"} <= set(kinds), kinds

@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     """At most one log line per dependency outage per this many seconds."""
     expire_grace_seconds: float = 30.0
     """How long past its deadline an unanswered job waits for a worker's own verdict before the API expires it."""
+    registry_refresh_seconds: float = 1.0
+    """How often each API process checks the registry's revision in PostgreSQL (one small query) and
+    republishes it to Redis if Redis lacks it: a change made through another process is served
+    within this time."""
     reconcile_interval_seconds: float = 5.0
     """How often the API re-enqueues jobs lost with Redis and expires overdue ones."""
     revocation_cleanup_interval_seconds: float = 600.0

@@ -23,9 +23,9 @@ from api.app.core.tasks import run_every
 from api.app.core.wandb_log import InferenceLogger
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue, service
+from api.app.registry.live import LiveRegistry
 from contracts import keys, streams, workers
 from contracts.messages import PredictionStatus, ResultMessage
-from contracts.registry import Registry
 from contracts.streams import StreamFields
 
 log = logging.getLogger("api.jobs")
@@ -39,7 +39,7 @@ class JobRuntime:
     redis_blocking: Redis
     store: LocalBlobStore
     outage_log: OutageLog
-    registry: Registry
+    live_registry: LiveRegistry
     inference_log: InferenceLogger | None = None
 
 
@@ -176,7 +176,7 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
 
 
 async def refresh_gauges(rt: JobRuntime) -> None:
-    for entry in rt.registry.served(benchmark_mode=rt.settings.benchmark_mode):
+    for entry in rt.live_registry.current.served(benchmark_mode=rt.settings.benchmark_mode):
         depth = await queue.depth(rt.redis, entry.name, entry.version)
         metrics.QUEUE_DEPTH.labels(entry.name, str(entry.version)).set(depth)
     metrics.LIVE_WORKERS.set(len(await workers.live_heartbeats_async(rt.redis)))

@@ -1,0 +1,94 @@
+"""A worker follows the registry the API publishes: new versions loaded and served, dropped ones
+let go (their memory returned), without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import redis
+import redis.asyncio
+
+from contracts import keys, registry_live, workers
+from contracts.registry import Channel, ModelEntry, Registry, load_registry
+from contracts.registry_live import RegistrySnapshot
+from tests.support import RedisServer, start_worker, wait_for_worker, wait_until
+
+FILE = load_registry()
+
+
+def entry(key: str, channel: Channel = "stable") -> ModelEntry:
+    return FILE.get(key).model_copy(update={"channel": channel})
+
+
+def publish(url: str, revision: int, models: list[ModelEntry], source: str = "test") -> bool:
+    async def go() -> bool:
+        client = redis.asyncio.Redis.from_url(url)
+        try:
+            snapshot = RegistrySnapshot(
+                revision=revision, source=source, registry=Registry(default_order=[], models=models)
+            )
+            return await registry_live.publish(client, snapshot)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def serving(client: redis.Redis, name: str) -> set[str]:
+    beats = [b for b in workers.live_heartbeats(client) if b.worker_id == name]
+    return {f"{m.name}@{m.version}" for b in beats for m in b.models if m.ready}
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_worker_follows_the_published_registry(private_redis: RedisServer) -> None:
+    url = private_redis.url
+    client = redis.Redis.from_url(url)
+    assert publish(url, 1, [entry("sketch@1"), entry("sketch@2", "retired")])
+    worker = start_worker("follower", url, SERVE_MODELS="sketch,mobilenet_v2", REGISTRY_CHECK_S="1")
+    try:
+        wait_for_worker(url, worker)
+        wait_until(lambda: serving(client, "follower") == {"sketch@1"}, 60, "sketch@1 served")
+
+        # A version added: loaded, warmed up and served within seconds, its stream ready for jobs.
+        assert publish(url, 2, [entry("sketch@1"), entry("sketch@2", "canary"), entry("mobilenet_v2@1", "canary")])
+        wait_until(
+            lambda: serving(client, "follower") == {"sketch@1", "sketch@2", "mobilenet_v2@1"}, 30, "new versions"
+        )
+        assert client.xinfo_groups(keys.job_stream("sketch", 2))[0]["name"] == keys.JOB_GROUP.encode()
+        assert client.exists(keys.labels_key("sketch", 2))
+        process = psutil.Process(worker.proc.pid)
+        loaded_rss = process.memory_info().rss
+
+        # An older revision is never published over a newer one.
+        assert not publish(url, 1, [entry("sketch@1")])
+
+        # A revision written without an announcement (a missed message) is found by the periodic
+        # check; the versions it retires are let go and their memory returned.
+        snapshot = RegistrySnapshot(
+            revision=3,
+            source="test",
+            registry=Registry(
+                default_order=[],
+                models=[entry("sketch@2"), entry("sketch@1", "retired"), entry("mobilenet_v2@1", "retired")],
+            ),
+        )
+        client.hset(
+            keys.REGISTRY_KEY,
+            mapping={"revision": "3", "source": "test", "registry": snapshot.registry.model_dump_json()},
+        )
+        wait_until(lambda: serving(client, "follower") == {"sketch@2"}, 15, "retired versions dropped")
+        freed = loaded_rss - process.memory_info().rss
+        assert freed > 10 * 2**20, f"only {freed / 2**20:.1f} MiB returned"
+        assert worker.alive()
+    finally:
+        worker.stop()
