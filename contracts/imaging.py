@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
+"""What Pillow names the formats accepted. MPO is a JPEG with more pictures after the first (many
+cameras and phones write it); it is read, stored and served as the JPEG it is."""
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 
 # Pillow's own bomb guard is replaced by an explicit check against the configured limit.
 Image.MAX_IMAGE_PIXELS = None
@@ -59,7 +62,7 @@ def _open(data: bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageRejected(
             415,
-            "The file is not an image in a supported format " f"({', '.join(sorted(SUPPORTED_FORMATS))}).",
+            "The file is not an image in a supported format " f"({', '.join(sorted(SUPPORTED_FORMATS - {'MPO'}))}).",
         ) from None
     if img.format not in SUPPORTED_FORMATS:
         raise ImageRejected(415, f"Image format {img.format} is not supported.")
@@ -125,7 +128,7 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
                 f"The image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted.",
             )
         w, h = (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
-        fmt = str(img.format)
+        fmt = "JPEG" if img.format in _JPEG_FORMATS else str(img.format)
         upright = _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
         preview = None
         if preview_size is not None and fmt != "JPEG" and max(w, h) > preview_size:
@@ -136,15 +139,26 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
         return ImageInfo(format=fmt, width=w, height=h, preview=preview)
 
 
+_BAND_ROWS = 256
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit greyscale scaled to 8 bits; Pillow's own convert would clip it to white."""
-    arr = np.asarray(img.convert("I"), dtype=np.float64) / 257.0
-    return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
+    """16-bit greyscale scaled to 8 bits; Pillow's own convert would clip it to white.
+
+    Converted a band of rows at a time: a whole 50-megapixel image in floating point would take
+    400 MB per upload on top of the decoded pixels.
+    """
+    arr = np.asarray(img)  # the decoded pixels themselves, as uint16 (or int32 for mode I)
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for top in range(0, arr.shape[0], _BAND_ROWS):
+        band = arr[top : top + _BAND_ROWS].astype(np.float32) / 257.0
+        out[top : top + _BAND_ROWS] = np.clip(band, 0, 255).round()
+    return Image.fromarray(out)
 
 
 def _prepare(img: Image.Image, *, mode: str, draft_size: tuple[int, int] | None) -> Image.Image:
     img.seek(0)
-    if draft_size is not None and img.format == "JPEG":
+    if draft_size is not None and img.format in _JPEG_FORMATS:
         img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, draft_size)
     img.load()
     img = _upright(img)
@@ -157,6 +171,9 @@ def _prepare(img: Image.Image, *, mode: str, draft_size: tuple[int, int] | None)
     if img.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
+    if img.mode not in ("RGB", "L", "1"):
+        # CMYK, YCbCr, LAB, HSV...: Pillow turns each into RGB, not always into L directly.
+        img = img.convert("RGB")
     return img.convert(mode)
 
 

@@ -24,7 +24,14 @@ settings = get_ui_settings()
 token = st.session_state.get("token")
 # The browser's address goes to the API with each call, so that people behind one UI are not one
 # client to the login throttle (None when the browser is on this machine).
-api = Api(settings.api_url, token, timeout=settings.api_timeout_seconds, client_address=st.context.ip_address)
+# (Streamlit's test harness has no connection and answers with a stand-in that is not a string.)
+browser = st.context.ip_address
+api = Api(
+    settings.api_url,
+    token,
+    timeout=settings.api_timeout_seconds,
+    client_address=browser if isinstance(browser, str) else None,
+)
 
 if not token:
     navigation = st.navigation([st.Page(lambda: login_page(api), title="Log in", url_path="login")])

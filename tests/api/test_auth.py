@@ -23,6 +23,7 @@ from api.app.core.config import Settings
 from api.app.core.db import application_name
 from api.app.core.security import PasswordHasher, TokenError, VerifiedTokens
 from api.app.main import create_app
+from tests.api.conftest import Stack
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, client_for, login
 from tests.support import RedisServer, start_api
 
@@ -393,3 +394,20 @@ async def test_forged_claims_out_of_shape_are_401(client: httpx.AsyncClient, set
         token = jwt.encode(claims, settings.secret_key, algorithm="HS256")
         r = await client.get("/v1/users/me", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 401, (claims, r.status_code, r.text)
+
+
+async def test_the_first_login_after_a_redis_restart_is_served(stack: Stack, users: Users) -> None:
+    """The login throttle's commands run on the API's pool, which retries once on a fresh
+    connection: connections Redis closed when it restarted are not an outage."""
+    email, password = f"restart-{uuid.uuid4().hex[:8]}@example.com", "a-good-password"
+    r = await stack.client.post(
+        "/v1/users",
+        json={"email": email, "password": password},
+        headers=await login(stack.client, ADMIN_EMAIL, ADMIN_PASSWORD),
+    )
+    assert r.status_code == 201, r.text
+    form = {"username": email, "password": password}
+    assert (await stack.client.post("/v1/auth/login", data=form)).status_code == 200
+    stack.redis_server.stop()
+    stack.redis_server.start()
+    assert (await stack.client.post("/v1/auth/login", data=form)).status_code == 200

@@ -13,7 +13,7 @@ import pytest
 
 from api.app.core.config import Settings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
-from tests.support import Service, start_api
+from tests.support import PHOTOS, Service, start_api
 
 GIB = 1024**3
 
@@ -97,3 +97,23 @@ def test_json_bodies_are_capped(api: tuple[Service, str]) -> None:
         f"{url}/v1/feedback", json={"comment": "x" * 100_000}, headers={"Authorization": f"Bearer {token(url)}"}
     )
     assert r.status_code == 413 and "64 KiB" in r.json()["detail"]
+
+
+def test_an_upload_that_is_not_multipart_is_415(api: tuple[Service, str]) -> None:
+    """A raw image body is the wrong encoding, not a JSON body too large."""
+    _, url = api
+    body = (PHOTOS / "bird.bmp").read_bytes()
+    for path in ("/v1/images", "/model/predict"):
+        r = httpx.post(
+            f"{url}{path}",
+            content=body,
+            headers={"Authorization": f"Bearer {token(url)}", "Content-Type": "image/bmp"},
+        )
+        assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"], (path, r.text)
+        assert r.headers["x-request-id"]
+
+
+def test_health_answers_head(api: tuple[Service, str]) -> None:
+    _, url = api
+    assert httpx.head(f"{url}/health/live").status_code == 200
+    assert httpx.head(f"{url}/health/ready").status_code in (200, 503)

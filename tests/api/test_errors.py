@@ -3,7 +3,9 @@ that names its request id, logged once with its traceback."""
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
@@ -88,6 +90,35 @@ async def test_a_422_does_not_send_a_large_input_back(client: httpx.AsyncClient,
     assert {tuple(e["loc"]) for e in errors} >= {("body", "prediction_id"), ("body", "comment")}
     small = next(e for e in errors if e["loc"] == ["body", "prediction_id"])
     assert small["input"] == "not-a-uuid", "a small input is still quoted as FastAPI does"
+
+    # A model reference is bounded where it arrives, in the query and in JSON; a service's own 422
+    # names no input at length either.
+    huge = "a" * 60_000
+    for r in (
+        await client.post("/model/predict", params={"models": huge}, files={"file": ("n.png", b"x")}, headers=headers),
+        await client.post("/v1/predictions", json={"image_id": str(uuid.uuid4()), "models": [huge]}, headers=headers),
+        await client.post(
+            "/model/predict", params={"models": ",".join(["m"] * 11)}, files={"file": ("n.png", b"x")}, headers=headers
+        ),
+    ):
+        assert r.status_code == 422 and len(r.content) < 2_000, (len(r.content), r.text[:300])
+
+
+async def test_a_422_is_strict_json(client: httpx.AsyncClient, users: Users) -> None:
+    """Numbers JSON cannot write (1e999 reads as infinity) are quoted as strings."""
+    _, headers = await users.create()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    for score in ("1e999", "-1e999", "NaN", "Infinity"):
+        r = await client.post(
+            "/feedback/",
+            content=f'{{"score": {score}, "predicted_class": "macaw"}}',
+            headers={**headers, "Content-Type": "application/json"},
+        )
+        assert r.status_code == 422, r.text
+        json.loads(r.text, parse_constant=refuse)
 
 
 async def test_a_405_names_every_method_of_the_path(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> None:

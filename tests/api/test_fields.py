@@ -3,7 +3,10 @@ that blames the database (and invites a retry that can never succeed)."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 from jose import jwt
@@ -49,6 +52,25 @@ async def test_nul_characters_are_refused_where_they_would_be_stored(
     no_outage(export)
     login = await client.post("/v1/auth/login", data={"username": "a\x00@example.com", "password": PASSWORD})
     assert login.status_code == 401
+    # A password is text too: argon2 hashes its UTF-8 bytes, which a lone surrogate does not have.
+    for bad in ("abcdefgh\udc00ijk", "abcdefgh\x00ijk"):
+        changed = await client.patch(
+            "/v1/users/me/password", **as_json({"current_password": PASSWORD, "new_password": bad}, headers)
+        )
+        assert changed.status_code == 422, changed.text
+        current = await client.patch(
+            "/v1/users/me/password", **as_json({"current_password": bad, "new_password": PASSWORD + "x"}, headers)
+        )
+        assert current.status_code == 422, current.text
+        for path in ("/v1/users", "/user/"):
+            email = f"pw-{uuid.uuid4().hex[:8]}@example.com"
+            created = await client.post(path, **as_json({"email": email, "password": bad}, admin_headers))
+            assert created.status_code == 422, (path, created.text)
+
+
+def as_json(body: dict[str, str], headers: dict[str, str]) -> dict[str, Any]:
+    """A JSON request as json.dumps writes it: lone surrogates escaped, as a client may send them."""
+    return {"content": json.dumps(body), "headers": {**headers, "Content-Type": "application/json"}}
 
 
 async def test_numbers_beyond_the_database_columns_are_422(

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi import HTTPException
 from PIL import Image
 from sqlalchemy import event, text
 
@@ -411,3 +412,45 @@ async def test_the_shared_bad_uploads_get_the_answers_their_readme_gives(
         view = await client.get(f"/v1/images/{image_id}/view", headers=headers)
         assert view.status_code == 200 and view.headers["content-type"] == "image/png", name
     assert answers == {"parrot_upright.jpg": "macaw", "parrot_exif6_malformed_gps.jpg": "macaw"}
+
+
+async def test_a_waiting_request_learns_soon_that_its_job_was_deleted(
+    client: httpx.AsyncClient, app: Any, users: Users, admin_headers: dict[str, str]
+) -> None:
+    """The owner deleted (and the job with them) while /model/predict waits: 404 within a few
+    seconds, not a 504 at the deadline; a job that lives on runs to the deadline."""
+    user, headers = await users.create()
+    image = await upload(client, headers, encode(Image.new("RGB", (8, 8), (9, 8, 7)), "PNG"))
+    now = datetime.now(UTC)
+    job_id = uuid.uuid4()
+    async with app.state.sessionmaker() as session:
+        session.add(
+            Job(
+                id=job_id,
+                owner_id=user["id"],
+                image_id=uuid.UUID(image["id"]),
+                status="queued",
+                request_id="r",
+                deadline_at=now + timedelta(minutes=1),
+                created_at=now,
+            )
+        )
+        await session.commit()
+
+    async def wait(seconds: float) -> int:
+        async with app.state.read_sessionmaker() as reader:
+            try:
+                await service._wait_while_the_job_exists(
+                    reader=reader, blocking_redis=app.state.redis_blocking, job_id=job_id, seconds=seconds
+                )
+            except HTTPException as exc:
+                return exc.status_code
+        return 200
+
+    assert await wait(0.5) == 504
+    waiting = asyncio.create_task(wait(30))
+    await asyncio.sleep(0.3)
+    started = asyncio.get_running_loop().time()
+    assert (await client.delete(f"/v1/users/{user['id']}", headers=admin_headers)).status_code == 204
+    assert await waiting == 404
+    assert asyncio.get_running_loop().time() - started < service.GONE_CHECK_SECONDS + 1.5

@@ -176,6 +176,8 @@ async def test_openapi_locks_and_status_codes(client: httpx.AsyncClient) -> None
         ("/v1/auth/signup", "post"),
         ("/health/live", "get"),
         ("/health/ready", "get"),
+        ("/health/live", "head"),
+        ("/health/ready", "head"),
     }
     for path, ops in spec["paths"].items():
         for method, op in ops.items():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from PIL import Image
 
 from contracts.imaging import ImageRejected, inspect_image, load_image
 from tests.images import animated_gif, encode, exif_rotated_jpeg, png_bomb, sixteen_bit_png, split_colour
+from tests.support import ROOT
 
 MAX = 50_000_000
 
@@ -102,3 +106,46 @@ def test_preview_only_for_large_images_that_cannot_be_drafted() -> None:
     assert inspect_image(encode(large, "JPEG"), max_pixels=MAX, preview_size=800).preview is None
     assert inspect_image(encode(large.resize((800, 600)), "PNG"), max_pixels=MAX, preview_size=800).preview is None
     assert inspect_image(encode(large, "PNG"), max_pixels=MAX).preview is None
+
+
+def test_a_16_bit_image_is_scaled_without_copies_of_itself_in_floating_point() -> None:
+    """A 49-megapixel 16-bit PNG compresses to about 100 KB; scaling it whole in float64 took over
+    1 GB per upload. Measured in a process of its own: peak memory is per process."""
+    script = (
+        "import io, resource\n"
+        "from PIL import Image\n"
+        "from contracts.imaging import inspect_image, load_image\n"
+        "img = Image.new('I;16', (7000, 7000), 1000)\n"
+        "buf = io.BytesIO(); img.save(buf, 'PNG'); data = buf.getvalue(); del img, buf\n"
+        "inspect_image(data, max_pixels=50_000_000, preview_size=800)\n"
+        "assert load_image(data, mode='L').getpixel((0, 0)) == 4\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout, done.stderr[-2000:])
+    assert int(done.stdout) < 600, f"peak {done.stdout.strip()} MiB"
+
+
+def test_every_accepted_mode_converts_to_both_model_modes() -> None:
+    """What the upload check accepts (converted to RGB) the sketch model can read too (as L)."""
+    src = split_colour(32)
+    for mode in ("LAB", "YCbCr", "CMYK", "I", "F", "LA", "P", "1"):
+        img = src.convert(mode)
+        written = []
+        for fmt in ("TIFF", "PNG", "JPEG"):
+            with contextlib.suppress(OSError, ValueError, KeyError):  # not every format takes every mode
+                written.append(encode(img, fmt))
+        assert written, mode
+        for data in written:
+            inspect_image(data, max_pixels=MAX)
+            assert load_image(data, mode="L").mode == "L", mode
+            assert load_image(data, mode="RGB").mode == "RGB", mode
+
+
+def test_an_mpo_is_a_jpeg() -> None:
+    first, second = split_colour(64), split_colour(64).rotate(90)
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[second])
+    info = inspect_image(buf.getvalue(), max_pixels=MAX)
+    assert (info.format, info.width, info.height) == ("JPEG", 64, 64)
+    assert load_image(buf.getvalue()).size == (64, 64)

@@ -16,6 +16,10 @@ from contracts.messages import Heartbeat
 from contracts.registry import ModelEntry, Registry, parse_model_ref
 
 NOT_SERVED = "no live model worker serves it"
+MAX_REFS = 10
+"""Most model versions one request may name."""
+MAX_REF_LENGTH = 80
+"""Longest model reference (a name of at most 64 characters, "@" and a version)."""
 NOT_INSTALLED = "its model files are not installed on this server"
 
 
@@ -114,6 +118,13 @@ def resolve_models(
     Retry-After) when no live worker serves it yet.
     """
     bench = settings.benchmark_mode
+    if len(refs) > MAX_REFS:
+        raise HTTPException(status_code=422, detail=f"At most {MAX_REFS} models per request; got {len(refs)}.")
+    if too_long := [ref for ref in refs if len(ref) > MAX_REF_LENGTH]:
+        raise HTTPException(
+            status_code=422,
+            detail=f"A model reference is at most {MAX_REF_LENGTH} characters; got one of {len(too_long[0]):,}.",
+        )
     if not refs:
         entry = default_entry(registry, availability, benchmark_mode=bench)
         if entry is None:

@@ -61,6 +61,10 @@ class BodyLimitMiddleware:
         multipart = scope["path"] in UPLOAD_PATHS and _header(scope, b"content-type").lower().lstrip().startswith(
             "multipart/"
         )
+        if scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS and not multipart:
+            # Else a raw image body would meet the JSON limit and be called too large.
+            await _answer(send, 415, "Send the image as multipart/form-data, in a field named file.")
+            return
         limit = self.upload_limit if multipart else JSON_LIMIT
         announced = _header(scope, b"content-length")
         if announced.isdigit() and int(announced) > limit:

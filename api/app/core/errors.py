@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import Iterable
@@ -106,9 +107,23 @@ ECHO_LIMIT = 200
 """Longest input a validation error quotes back, in characters of its JSON."""
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with infinities and NaN as strings: JSON has no such numbers, and a body holding
+    them is refused by strict parsers (JavaScript's JSON.parse among them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _short(value: Any) -> Any:
-    """``value`` as a 422 quotes it: whole when small, else cut (a string) or summarised."""
-    encoded = json.dumps(jsonable_encoder(value), default=str)
+    """``value`` as a 422 quotes it: whole when small, else cut (a string) or summarised; never
+    a number JSON cannot write."""
+    value = _json_safe(jsonable_encoder(value))
+    encoded = json.dumps(value, default=str)
     if len(encoded) <= ECHO_LIMIT:
         return value
     if isinstance(value, str):
@@ -142,7 +157,7 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         outage_log.report("redis", exc)
-        return unavailable("The job queue (Redis) is unavailable; retry shortly.", retry_after)
+        return unavailable("A service the portal needs (Redis) is unavailable; retry shortly.", retry_after)
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
         status = database_status(exc)
@@ -162,7 +177,7 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         assert isinstance(exc, RequestValidationError)
         errors = [{**error, "input": _short(error["input"])} if "input" in error else error for error in exc.errors()]
         # ASCII JSON: an input holding a lone surrogate is escaped, where UTF-8 could not encode it.
-        body = json.dumps({"detail": jsonable_encoder(errors)}, default=str)
+        body = json.dumps({"detail": _json_safe(jsonable_encoder(errors))}, default=str, allow_nan=False)
         return Response(status_code=422, content=body, media_type="application/json")
 
     app.add_exception_handler(RequestValidationError, invalid_request)

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import HTTPException, status
 from limits import RateLimitItemPerSecond
@@ -51,8 +52,14 @@ class AttemptThrottle:
 
     def __init__(self, settings: Settings, redis: Redis) -> None:
         self.redis = redis
+        # On the API's own connection pool, whose commands retry once on a fresh connection: a
+        # pool of the library's own would answer the first login after a Redis restart with 503.
+        shared: dict[str, Any] = {"connection_pool": redis.connection_pool}  # typed str by the library
         self.storage = RedisStorage(
-            settings.redis_url.replace("redis://", "async+redis://", 1), implementation="redispy", key_prefix="throttle"
+            settings.redis_url.replace("redis://", "async+redis://", 1),
+            implementation="redispy",
+            key_prefix="throttle",
+            **shared,
         )
         self.limiter = FixedWindowRateLimiter(self.storage)
         window = settings.login_window_seconds

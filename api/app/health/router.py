@@ -12,7 +12,8 @@ from api.app.deps import EngineDep, RedisDep, RegistryDep, SettingsDep, WorkersD
 router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/live")
+# HEAD too: load balancers and uptime checks often probe with it.
+@router.api_route("/live", methods=["GET", "HEAD"])
 async def live() -> dict[str, str]:
     """The process is up (no I/O)."""
     return {"status": "ok"}
@@ -28,7 +29,9 @@ async def _check(coro: Awaitable[object]) -> dict[str, object]:
     return {"status": status, "latency_ms": round((time.perf_counter() - start) * 1000, 2), "detail": detail}
 
 
-@router.get("/ready", responses={503: {"description": "Not ready; the body says which check failed"}})
+@router.api_route(
+    "/ready", methods=["GET", "HEAD"], responses={503: {"description": "Not ready; the body says which check failed"}}
+)
 async def ready(
     engine: EngineDep, redis: RedisDep, workers: WorkersDep, registry: RegistryDep, settings: SettingsDep
 ) -> JSONResponse:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
+import threading
 import uuid
 from typing import cast
 
@@ -63,15 +65,22 @@ async def _lock_blob(session: AsyncSession, sha256: str) -> None:
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:sha, 0))"), {"sha": sha256})
 
 
+@functools.cache
+def _decode_slots(count: int) -> threading.BoundedSemaphore:
+    return threading.BoundedSemaphore(count)
+
+
+def _inspect(data: bytes, settings: Settings) -> tuple[ImageInfo, str]:
+    with _decode_slots(settings.max_concurrent_decodes):
+        info = inspect_image(data, max_pixels=settings.max_image_pixels, preview_size=VIEW_SIZE)
+    return info, hashlib.sha256(data).hexdigest()
+
+
 async def inspect_upload(data: bytes, settings: Settings) -> tuple[ImageInfo, str]:
-    """The upload's format and size, and its SHA-256; 413, 415 or 422 when it is no acceptable image."""
+    """The upload's format and size, and its SHA-256; 413, 415 or 422 when it is no acceptable image.
+    At most ``MAX_CONCURRENT_DECODES`` uploads are decoded at once (the others wait in their thread)."""
     try:
-        return await to_thread.run_sync(
-            lambda: (
-                inspect_image(data, max_pixels=settings.max_image_pixels, preview_size=VIEW_SIZE),
-                hashlib.sha256(data).hexdigest(),
-            )
-        )
+        return await to_thread.run_sync(_inspect, data, settings)
     except ImageRejected as exc:
         raise HTTPException(status_code=exc.status, detail=exc.message) from None
 

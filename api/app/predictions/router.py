@@ -107,7 +107,7 @@ async def read_prediction(job_id: uuid.UUID, user: CurrentUser, session: ReadSes
 @classic.post(
     "/predict",
     response_model=ClassicPrediction,
-    responses={**UPLOAD, **TOO_MANY, **UNAVAILABLE, **TIMEOUT},
+    responses={**UPLOAD, **NOT_FOUND, **TOO_MANY, **UNAVAILABLE, **TIMEOUT},
 )
 async def predict(
     user: CurrentUser,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Set
 from datetime import datetime
-from typing import Self
+from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.app.catalog.service import MAX_REF_LENGTH, MAX_REFS
 from api.app.images.schemas import ImagePublic
 from api.app.predictions.models import Job, Prediction
 from contracts.messages import LabelScore, PredictionStatus
@@ -16,10 +17,10 @@ from contracts.messages import LabelScore, PredictionStatus
 
 class PredictRequest(BaseModel):
     image_id: uuid.UUID
-    models: list[str] = Field(
+    models: list[Annotated[str, Field(max_length=MAX_REF_LENGTH)]] = Field(
         default_factory=list,
         description='Model references such as "mobilenet_v2" or "sketch@2"; empty: the default model.',
-        max_length=10,
+        max_length=MAX_REFS,
     )
 
 

@@ -3,6 +3,7 @@ results, expiry; and reading them back."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -253,17 +254,43 @@ async def predict_and_wait(
     if job.status in UNFINISHED:
         # Hand the database connection back while waiting: waiters must not exhaust the pool.
         await session.close()
-        done = await queue.wait_done(blocking_redis, str(job.id), settings.predict_deadline_seconds)
-        if done is None:
-            raise HTTPException(
-                status_code=504,
-                detail=f"No result within {settings.predict_deadline_seconds:g} s; "
-                f"GET /v1/predictions/{job.id} gives the job's final state.",
-            )
+        done = await _wait_while_the_job_exists(
+            reader=reader, blocking_redis=blocking_redis, job_id=job.id, seconds=settings.predict_deadline_seconds
+        )
         answers = answers_from_payload(done)
     if answers is None:
         answers = [PredictionPublic.from_row(p) for p in await job_predictions(session=reader, job_id=job.id)]
     return ClassicPrediction.from_answers(job_id=job.id, file_name=image.file_name, answers=answers)
+
+
+GONE_CHECK_SECONDS = 2.0
+"""How often a request waiting for its answers checks that its job still exists (the image or the
+user may be deleted meanwhile, and the job with them)."""
+
+
+async def _wait_while_the_job_exists(
+    *, reader: AsyncSession, blocking_redis: Redis, job_id: uuid.UUID, seconds: float
+) -> bytes:
+    """The job's notification once it is finished; 404 soon after the job is deleted, 504 when
+    ``seconds`` pass first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (remaining := deadline - loop.time()) > 0:
+        done = await queue.wait_done(blocking_redis, str(job_id), min(remaining, GONE_CHECK_SECONDS))
+        if done is not None:
+            return done
+        try:
+            exists = await reader.scalar(select(Job.id).where(Job.id == job_id)) is not None
+        finally:
+            await reader.close()  # no connection held between checks
+        if not exists:
+            raise HTTPException(
+                status_code=404, detail="The prediction was deleted, with its image or its owner, before it finished."
+            )
+    raise HTTPException(
+        status_code=504,
+        detail=f"No result within {seconds:g} s; GET /v1/predictions/{job_id} gives the job's final state.",
+    )
 
 
 async def create_job(

@@ -10,14 +10,14 @@ from api.app.users.models import Role
 
 class UserCreate(BaseModel):
     email: EmailStr
-    password: str
+    password: Text
     name: Text = Field(default="", max_length=200)
     role: Role = Role.user
 
 
 class SignupIn(BaseModel):
     email: EmailStr
-    password: str
+    password: Text
     name: Text = Field(default="", max_length=200)
 
 
@@ -28,8 +28,8 @@ class UserUpdate(BaseModel):
 
 
 class PasswordChange(BaseModel):
-    current_password: str
-    new_password: str
+    current_password: Text
+    new_password: Text
 
 
 class UserPublic(BaseModel):
