@@ -97,6 +97,13 @@ class ModelEntry(BaseModel):
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @property
+    def traffic_weight(self) -> int:
+        """``weight``, or its default: 100 for a stable version, 0 for the others."""
+        if self.weight is not None:
+            return self.weight
+        return 100 if self.channel == "stable" else 0
+
     def spec(self) -> dict[str, Any]:
         """How to load and feed this version, as JSON: everything but ``STATE_FIELDS``."""
         return self.model_dump(mode="json", exclude=set(STATE_FIELDS))
@@ -154,8 +161,8 @@ class Registry(BaseModel):
         return [m for m in served if m.key in chosen]
 
     def public(self) -> list[ModelEntry]:
-        """The entries shown to users (never the benchmark-only ones)."""
-        return self.served(benchmark_mode=False)
+        """The entries shown to users (never the benchmark-only ones, nor shadows)."""
+        return [m for m in self.served(benchmark_mode=False) if m.channel != "shadow"]
 
     def get(self, key: str) -> ModelEntry:
         return next(m for m in self.models if m.key == key)

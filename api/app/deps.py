@@ -22,6 +22,7 @@ from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
+from api.app.registry.live import LiveRegistry
 from api.app.users.models import User
 from contracts.registry import Registry
 
@@ -60,7 +61,12 @@ async def get_hasher(request: Request) -> PasswordHasher:
     return request.app.state.hasher
 
 
+async def get_live_registry(request: Request) -> LiveRegistry:
+    return request.app.state.live_registry
+
+
 async def get_registry(request: Request) -> Registry:
+    """The registry as of the latest revision this process has read (one consistent revision)."""
     return request.app.state.live_registry.current
 
 
@@ -96,6 +102,7 @@ BlockingRedisDep = Annotated[Redis, Depends(get_blocking_redis)]
 """A client without a socket timeout, for commands that block while they wait (BLPOP)."""
 HasherDep = Annotated[PasswordHasher, Depends(get_hasher)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+LiveRegistryDep = Annotated[LiveRegistry, Depends(get_live_registry)]
 StoreDep = Annotated[LocalBlobStore, Depends(get_store)]
 WorkersDep = Annotated[WorkerDirectory, Depends(get_workers)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]

@@ -14,7 +14,7 @@ APP = Path(__file__).resolve().parents[2] / "api" / "app"
 LAYERS = ["core", "images", "users", "auth", "registry", "catalog", "predictions", "feedback", "admin", "health"]
 # deps.py wires shared objects into routes: it sits above the domains it hands out and below every
 # router, so only routers import it.
-DEPS_USES = {"core", "images", "users", "auth", "catalog"}
+DEPS_USES = {"core", "images", "users", "auth", "registry", "catalog"}
 
 
 def _imported_app_modules(path: Path) -> set[str]:

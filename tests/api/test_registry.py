@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
+from PIL import Image, ImageDraw
 from sqlalchemy import select
 
 from api.app.core.config import Settings
 from api.app.core.db import make_engine, make_sessionmaker
+from api.app.main import create_app
 from api.app.registry import service
 from api.app.registry.models import ModelVersion, RegistryChange
-from api.prestart import migrate
+from api.prestart import migrate, seed_admin, seed_registry
 from contracts.registry import Registry, load_registry
-from tests.conftest import Users, _execute
+from tests.api.conftest import Stack
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, _execute, client_for, login
+from tests.images import encode
+from tests.support import RedisServer
 
 
 @pytest.fixture
@@ -96,7 +102,7 @@ async def test_seeding_creates_then_updates_specs_and_keeps_operators_state(
     last = changes[-1]
     assert (last.action, last.model, last.version) == ("update", "sketch", 2)
     assert last.before is not None and last.after is not None
-    assert last.before["spec"]["description"] != "retrained" == last.after["spec"]["description"]
+    assert last.before["2"]["spec"]["description"] != "retrained" == last.after["2"]["spec"]["description"]
 
 
 async def test_admins_read_the_registry_and_its_history(
@@ -120,3 +126,234 @@ async def test_admins_read_the_registry_and_its_history(
     assert (await client.get("/v1/admin/registry/changes", headers=headers)).status_code == 403
     bad = await client.get("/v1/admin/registry/changes", params={"model": "a\x00b"}, headers=admin_headers)
     assert bad.status_code == 422
+
+
+@pytest.fixture
+async def own_stack(fresh_settings: Settings, private_redis: RedisServer) -> AsyncIterator[Stack]:
+    """An API on a database and a Redis of its own, seeded as at start-up: the changes made here
+    must not reach the registry the rest of the suite uses."""
+    settings = fresh_settings.model_copy(
+        update={"redis_url": private_redis.url, "max_queue_depth": 2000, "max_jobs_in_flight_per_user": 1000}
+    )
+    await seed_admin(settings)
+    await seed_registry(settings)
+    app = create_app(settings)
+    async for client in client_for(app):
+        stack = Stack(private_redis, client, app)
+        try:
+            yield stack
+        finally:
+            for w in stack.workers:
+                w.stop()
+
+
+SKETCH_V3 = {
+    "name": "sketch",
+    "description": "v2's weights registered again, as a retrained model would be",
+    "runtime": "keras",
+    "file": "{trained_dir}/sketch/v2/model.keras",
+    "labels": "{trained_dir}/sketch/v2/labels.txt",
+    "input": {"height": 28, "width": 28, "mode": "L"},
+    "preprocessing": "sketch",
+    "reason": "retrained on this week's feedback",
+}
+
+
+def drawing() -> bytes:
+    img = Image.new("L", (28, 28), 255)
+    ImageDraw.Draw(img).ellipse((4, 4, 24, 24), outline=0, width=2)
+    return encode(img, "PNG")
+
+
+async def until(check: Any, seconds: float, what: str) -> float:
+    """Seconds until ``await check()`` is true; fails after ``seconds``."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not await check():
+        if loop.time() - start > seconds:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        await asyncio.sleep(0.1)
+    return loop.time() - start
+
+
+async def test_a_registered_version_is_served_then_split_promoted_and_rolled_back(own_stack: Stack) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="sketch")
+
+    async def available(key: str) -> bool:
+        models = (await client.get("/v1/models", headers=admin)).json()["data"]
+        return any(m["ref"] == key and m["available"] for m in models)
+
+    await until(lambda: available("sketch@1"), 60, "sketch@1 served")
+
+    # Registered through the API: loaded by the running worker and served within 5 s.
+    r = await client.post("/v1/admin/registry/versions", json=SKETCH_V3, headers=admin)
+    assert r.status_code == 201, r.text
+    assert (r.json()["version"], r.json()["channel"], r.json()["weight"]) == (3, "canary", 0)
+    assert await until(lambda: available("sketch@3"), 5, "sketch@3 served") <= 5
+    pinned = await client.post(
+        "/model/predict", params={"models": "sketch@3"}, files={"file": ("d.png", drawing())}, headers=admin
+    )
+    assert pinned.status_code == 200 and pinned.json()["version"] == 3, pinned.text
+
+    # 90/10 over 50 users, 20 requests each: each user on one version, the split within 4 points.
+    r = await client.put(
+        "/v1/admin/registry/models/sketch/weights",
+        json={"weights": {"1": 90, "3": 10}, "reason": "canary"},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
+    people = [await login(client, *(await _new_user(client, admin))) for _ in range(50)]
+    seen: dict[int, set[int]] = {}
+    gate = asyncio.Semaphore(10)
+
+    async def ask(i: int, headers: dict[str, str]) -> None:
+        async with gate:
+            r = await client.post(
+                "/model/predict", params={"models": "sketch"}, files={"file": ("d.png", drawing())}, headers=headers
+            )
+        assert r.status_code == 200, r.text
+        seen.setdefault(i, set()).add(r.json()["version"])
+
+    await asyncio.gather(*(ask(i, h) for i, h in enumerate(people) for _ in range(20)))
+    assert all(len(versions) == 1 for versions in seen.values()), seen
+    canary_share = sum(versions == {3} for versions in seen.values()) / len(seen)
+    assert abs(canary_share - 0.10) <= 0.04, canary_share
+
+    # Promotion: version 3 takes the stable traffic, version 1 stays loaded; rollback in one call.
+    r = await client.post(
+        "/v1/admin/registry/models/sketch/versions/3/promote", json={"reason": "better on feedback"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    states = {v["version"]: (v["channel"], v["weight"]) for v in r.json()["versions"]}
+    assert states[3] == ("stable", 100) and states[1] == ("canary", 0)
+    after = await client.post(
+        "/model/predict", files={"file": ("d.png", drawing())}, params={"models": "sketch"}, headers=people[0]
+    )
+    assert after.json()["version"] == 3
+    r = await client.post(
+        "/v1/admin/registry/models/sketch/rollback", json={"reason": "worse in production"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    states = {v["version"]: (v["channel"], v["weight"]) for v in r.json()["versions"]}
+    assert states[1] == ("stable", 90) and states[3] == ("canary", 10)
+    again = await client.post("/v1/admin/registry/models/sketch/rollback", json={"reason": "twice"}, headers=admin)
+    assert again.status_code == 409
+
+    # Audited: who, what, why, newest first.
+    changes = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()
+    recent = [(c["action"], c["actor"], c["reason"]) for c in changes["data"][:4]]
+    assert recent == [
+        ("rollback", ADMIN_EMAIL, "worse in production"),
+        ("promote", ADMIN_EMAIL, "better on feedback"),
+        ("set_weights", ADMIN_EMAIL, "canary"),
+        ("register", ADMIN_EMAIL, "retrained on this week's feedback"),
+    ]
+    assert changes["data"][0]["before"]["3"]["channel"] == "stable"
+
+
+async def test_registry_changes_are_checked(own_stack: Stack) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    email, password = await _new_user(client, admin)
+    user = await login(client, email, password)
+    weights = "/v1/admin/registry/models/sketch/weights"
+    assert (await client.put(weights, json={"weights": {"1": 50}, "reason": "x"}, headers=user)).status_code == 403
+    cases = [
+        # No worker serves sketch@2 here: it cannot get traffic, nor be promoted.
+        ("PUT", weights, {"weights": {"2": 10}, "reason": "x"}, 409),
+        ("POST", "/v1/admin/registry/models/sketch/versions/2/promote", {"reason": "x"}, 409),
+        # The only stable version keeps traffic.
+        ("PUT", weights, {"weights": {"1": 0}, "reason": "x"}, 409),
+        ("PATCH", "/v1/admin/registry/models/sketch/versions/1", {"channel": "retired", "reason": "x"}, 409),
+        ("PATCH", "/v1/admin/registry/models/sketch/versions/1", {"enabled": False, "reason": "x"}, 409),
+        ("PUT", weights, {"weights": {"1": -1}, "reason": "x"}, 422),
+        ("PUT", weights, {"weights": {"9": 1}, "reason": "x"}, 404),
+        ("PUT", "/v1/admin/registry/models/nothing/weights", {"weights": {"1": 1}, "reason": "x"}, 404),
+        ("PUT", weights, {"weights": {"1": 100}, "reason": ""}, 422),
+        ("POST", "/v1/admin/registry/models/sketch/rollback", {"reason": "x"}, 409),
+        ("POST", "/v1/admin/registry/versions", {**SKETCH_V3, "file": "/etc/passwd"}, 422),
+        ("POST", "/v1/admin/registry/versions", {**SKETCH_V3, "file": "{trained_dir}/../../etc/passwd"}, 422),
+        ("POST", "/v1/admin/registry/versions", {**SKETCH_V3, "version": 1}, 409),
+        ("PATCH", "/v1/admin/registry/models/sketch/versions/2", {"channel": "stable", "reason": "x"}, 422),
+    ]
+    for method, path, body, status in cases:
+        r = await client.request(method, path, json=body, headers=admin)
+        assert r.status_code == status, (method, path, body, r.text)
+    # Retiring a canary is allowed, and audited; nothing above left a trace.
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/2",
+        json={"channel": "retired", "reason": "superseded"},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
+    changes = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()
+    assert [c["action"] for c in changes["data"]] == ["channel_retired", "register", "register"]
+    models = (await client.get("/v1/models", headers=user)).json()["data"]
+    assert "sketch@2" not in {m["ref"] for m in models}
+
+
+async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, str]:
+    email = f"user-{uuid.uuid4().hex[:10]}@example.com"
+    r = await client.post("/v1/users", json={"email": email, "password": PASSWORD}, headers=admin)
+    assert r.status_code == 201, r.text
+    return email, PASSWORD
+
+
+async def test_changes_under_load_lose_no_request(own_stack: Stack) -> None:
+    """20 clients predict without a pause through five registry changes: no error, every answer
+    from a version enabled then, and each phase's share of the canary within a few points."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="sketch")
+    r = await client.post("/v1/admin/registry/versions", json=SKETCH_V3, headers=admin)
+    assert r.status_code == 201, r.text
+
+    async def both_served() -> bool:
+        models = (await client.get("/v1/models", headers=admin)).json()["data"]
+        return {"sketch@1", "sketch@3"} <= {m["ref"] for m in models if m["available"]}
+
+    await until(both_served, 30, "sketch@1 and sketch@3 served")
+    people = [await login(client, *(await _new_user(client, admin))) for _ in range(20)]
+    loop = asyncio.get_running_loop()
+    answers: list[tuple[float, int]] = []
+    errors: list[str] = []
+    stop = asyncio.Event()
+
+    async def keep_asking(headers: dict[str, str]) -> None:
+        while not stop.is_set():
+            started = loop.time()
+            r = await client.post(
+                "/model/predict", params={"models": "sketch"}, files={"file": ("d.png", drawing())}, headers=headers
+            )
+            if r.status_code != 200:
+                errors.append(r.text)
+            else:
+                answers.append((started, r.json()["version"]))
+
+    changes: list[tuple[str, str, dict[str, Any], float]] = [
+        ("PUT", "/v1/admin/registry/models/sketch/weights", {"weights": {"1": 90, "3": 10}}, 0.10),
+        ("PUT", "/v1/admin/registry/models/sketch/weights", {"weights": {"1": 50, "3": 50}}, 0.50),
+        ("POST", "/v1/admin/registry/models/sketch/versions/3/promote", {}, 1.0),
+        ("POST", "/v1/admin/registry/models/sketch/rollback", {}, 0.50),
+        ("PUT", "/v1/admin/registry/models/sketch/weights", {"weights": {"1": 100, "3": 0}}, 0.0),
+    ]
+    clients = [asyncio.create_task(keep_asking(h)) for h in people]
+    phases: list[tuple[float, float, float]] = []
+    for method, path, body, canary_share in changes:
+        r = await client.request(method, path, json={**body, "reason": "load test"}, headers=admin)
+        assert r.status_code == 200, r.text
+        begin = loop.time()
+        await asyncio.sleep(2.0)
+        phases.append((begin, loop.time(), canary_share))
+    stop.set()
+    await asyncio.gather(*clients)
+
+    assert not errors, errors[:3]
+    assert {version for _, version in answers} <= {1, 3}
+    for begin, end, expected in phases:
+        versions = [version for started, version in answers if begin <= started < end]
+        assert len(versions) >= 40, len(versions)
+        share = versions.count(3) / len(versions)
+        assert abs(share - expected) <= 0.08, (expected, share, len(versions))

@@ -3,6 +3,7 @@ which registry entries a request's model references name."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -93,13 +94,61 @@ def _unavailable(detail: str, settings: Settings) -> HTTPException:
     return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(settings.retry_after_seconds)})
 
 
-def default_entry(
-    registry: Registry, availability: dict[str, ModelAvailability], *, benchmark_mode: bool
+def _available(entry: ModelEntry, availability: dict[str, ModelAvailability]) -> bool:
+    state = availability.get(entry.key)
+    return state is not None and state.available
+
+
+_GOLDEN = (5**0.5 - 1) / 2
+
+
+def _sticky_point(user_id: int, name: str) -> float:
+    """Where in [0, 1) this user falls for this model: ``user_id`` times the golden ratio, modulo 1
+    (a Weyl sequence), turned by an offset of the model's name. Consecutive users spread evenly, so
+    even 50 users split 90/10 within a user or two of the weights (random hashing varies by +-3);
+    a user stays on one version while the weights stay, and when a canary's weight grows only the
+    users it gains move."""
+    offset = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+    return (user_id * _GOLDEN + offset) % 1.0
+
+
+def route(
+    registry: Registry,
+    name: str,
+    *,
+    user_id: int,
+    availability: dict[str, ModelAvailability],
+    benchmark_mode: bool,
 ) -> ModelEntry | None:
-    """The first model of the registry's default order that a live worker serves."""
+    """The version of ``name`` that answers this user: one of its stable or canary versions with
+    traffic that a live worker serves, chosen by weight and sticky per user (``_sticky_point``; a
+    canary split as KServe's, but per user rather than per request).
+    With none of them served, the newest served stable version; None when there is none either.
+    """
+    versions = [
+        m
+        for m in registry.served(benchmark_mode=benchmark_mode)
+        if m.name == name and m.channel in ("stable", "canary") and _available(m, availability)
+    ]
+    weighted = sorted((m for m in versions if m.traffic_weight > 0), key=lambda m: m.version)
+    if not weighted:
+        return max((m for m in versions if m.channel == "stable"), key=lambda m: m.version, default=None)
+    point = _sticky_point(user_id, name) * sum(m.traffic_weight for m in weighted)
+    for entry in weighted:
+        point -= entry.traffic_weight
+        if point < 0:
+            return entry
+    return weighted[-1]
+
+
+def default_entry(
+    registry: Registry, availability: dict[str, ModelAvailability], *, benchmark_mode: bool, user_id: int = 0
+) -> ModelEntry | None:
+    """The version that answers this user for the first model of the registry's default order that
+    a live worker serves (``user_id`` 0: a listing, not a request)."""
     for name in registry.default_order:
-        entry = registry.find(name, None, benchmark_mode=benchmark_mode)
-        if entry is not None and (state := availability.get(entry.key)) and state.available:
+        entry = route(registry, name, user_id=user_id, availability=availability, benchmark_mode=benchmark_mode)
+        if entry is not None:
             return entry
     return None
 
@@ -110,6 +159,7 @@ def resolve_models(
     registry: Registry,
     availability: dict[str, ModelAvailability],
     settings: Settings,
+    user_id: int,
 ) -> list[ModelEntry]:
     """Registry entries for the requested references (``name`` or ``name@version``), without
     repeats, in the order asked; the default model when ``refs`` is empty.
@@ -126,7 +176,7 @@ def resolve_models(
             detail=f"A model reference is at most {MAX_REF_LENGTH} characters; got one of {len(too_long[0]):,}.",
         )
     if not refs:
-        entry = default_entry(registry, availability, benchmark_mode=bench)
+        entry = default_entry(registry, availability, benchmark_mode=bench, user_id=user_id)
         if entry is None:
             raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
         return [entry]
@@ -137,7 +187,10 @@ def resolve_models(
             name, version = parse_model_ref(ref)
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
-        entry = registry.find(name, version, benchmark_mode=bench)
+        routed = None
+        if version is None:
+            routed = route(registry, name, user_id=user_id, availability=availability, benchmark_mode=bench)
+        entry = routed or registry.find(name, version, benchmark_mode=bench)
         if entry is None:
             raise HTTPException(status_code=422, detail=f"Unknown model {ref!r}; available models: {', '.join(listed)}")
         state = availability.get(entry.key)

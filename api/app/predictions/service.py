@@ -198,7 +198,9 @@ async def submit(
     image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
     if image is None:
         raise HTTPException(status_code=404, detail="Image not found")
-    entries = resolve_models(refs, registry=registry, availability=await workers.availability(), settings=settings)
+    entries = resolve_models(
+        refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
+    )
     _, job = await _admit_and_queue(
         session=session,
         redis=redis,
@@ -235,7 +237,9 @@ async def predict_and_wait(
     Raises as ``submit`` does, plus 413/415/422 for the upload and 504 when the deadline passes
     (the job then goes on and can be read by its id).
     """
-    entries = resolve_models(refs, registry=registry, availability=await workers.availability(), settings=settings)
+    entries = resolve_models(
+        refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
+    )
     filename = images_service.upload_filename(file)
     data = await images_service.read_upload(file, settings)
     info, sha256 = await images_service.inspect_upload(data, settings)

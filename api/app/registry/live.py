@@ -77,6 +77,13 @@ class LiveRegistry:
             return None
         return RegistrySnapshot(revision=self.revision, source=self.source, registry=self.current)
 
+    async def reload(self, session: AsyncSession, redis: Redis) -> None:
+        """After a change this process made: serve it here and announce it to the workers at once,
+        not at the next round of ``sync``."""
+        await self.refresh(session)
+        if (snapshot := self.snapshot()) is not None:
+            await registry_live.publish(redis, snapshot)
+
     async def sync(self, sessionmaker: async_sessionmaker[AsyncSession], redis: Redis) -> None:
         """One round of the refresh loop: reads the database's revision, and publishes to Redis
         unless it holds this revision already (Redis may have lost its data)."""

@@ -45,5 +45,9 @@ class RegistryChange(Base):
     model: Mapped[str] = mapped_column(String(64), index=True)
     version: Mapped[int | None] = mapped_column(Integer)
     before: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    """The state of each version the change touched, by version number (as a string); None for a
+    version it created."""
     after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     reason: Mapped[str] = mapped_column(Text, default="")
+    undoes: Mapped[int | None] = mapped_column(ForeignKey("registry_changes.id"))
+    """For a rollback: the promotion it undid."""

@@ -2,19 +2,32 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Path, Query
+from pydantic import ValidationError
 
-from api.app.core.responses import ADMIN, INVALID
-from api.app.deps import AdminUser, PageDep, ReadSessionDep
+from api.app.core.fields import INT32_MAX
+from api.app.core.responses import ADMIN, CONFLICT, INVALID, NOT_FOUND
+from api.app.deps import AdminUser, LiveRegistryDep, PageDep, ReadSessionDep, RedisDep, SessionDep, WorkersDep
 from api.app.registry import service
+from api.app.registry.models import ModelVersion
 from api.app.registry.schemas import (
+    ChangeReason,
     ModelVersionPublic,
+    ModelVersionsPublic,
     RegistryChangePublic,
     RegistryChangesPublic,
     RegistryPublic,
+    VersionCreate,
+    VersionUpdate,
+    WeightsUpdate,
 )
+from contracts.registry import ModelEntry
 
 router = APIRouter(prefix="/v1/admin/registry", tags=["registry"])
+
+ModelName = Annotated[str, Path(pattern=r"^[a-z0-9_]+$", max_length=64)]
+Version = Annotated[int, Path(ge=1, le=INT32_MAX)]
+CHANGE = {**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID}
 
 
 @router.get("", response_model=RegistryPublic, responses=ADMIN)
@@ -37,3 +50,125 @@ async def list_registry_changes(
     """The registry's audit trail, newest first: who changed what, when and why (admin)."""
     rows, count = await service.list_changes(session=session, model=model, skip=page.skip, limit=page.limit)
     return RegistryChangesPublic(data=[RegistryChangePublic.model_validate(r) for r in rows], count=count)
+
+
+async def _answer(
+    session: SessionDep, redis: RedisDep, live: LiveRegistryDep, name: str, rows: list[ModelVersion]
+) -> ModelVersionsPublic:
+    await live.reload(session, redis)
+    return ModelVersionsPublic(
+        name=name, revision=live.revision, versions=[ModelVersionPublic.model_validate(r) for r in rows]
+    )
+
+
+async def _available(workers: WorkersDep) -> set[str]:
+    return {key for key, state in (await workers.availability(fresh=True)).items() if state.available}
+
+
+@router.post("/versions", response_model=ModelVersionPublic, status_code=201, responses=CHANGE)
+async def register_version(
+    body: VersionCreate, admin: AdminUser, session: SessionDep, redis: RedisDep, live: LiveRegistryDep
+) -> ModelVersionPublic:
+    """Register a new version (a canary without traffic, or a shadow); workers load it within seconds (admin)."""
+    spec = body.model_dump(exclude={"reason", "version"})
+    version = body.version or await service.next_version(session=session, name=body.name)
+    try:
+        entry = ModelEntry.model_validate({**spec, "version": version})
+    except ValidationError as exc:
+        raise HTTPException(status_code=422, detail=str(exc.errors()[0]["msg"])) from None
+    row = await service.register_version(
+        session=session, actor=service.Actor(admin.id, admin.email), entry=entry, reason=body.reason
+    )
+    await live.reload(session, redis)
+    return ModelVersionPublic.model_validate(row)
+
+
+@router.put("/models/{name}/weights", response_model=ModelVersionsPublic, responses=CHANGE)
+async def set_weights(
+    name: ModelName,
+    body: WeightsUpdate,
+    admin: AdminUser,
+    session: SessionDep,
+    redis: RedisDep,
+    workers: WorkersDep,
+    live: LiveRegistryDep,
+) -> ModelVersionsPublic:
+    """Set the traffic weights of a model's versions, e.g. {"1": 90, "2": 10} (admin)."""
+    rows = await service.set_weights(
+        session=session,
+        actor=service.Actor(admin.id, admin.email),
+        name=name,
+        weights=body.weights,
+        reason=body.reason,
+        available=await _available(workers),
+    )
+    return await _answer(session, redis, live, name, rows)
+
+
+@router.patch("/models/{name}/versions/{version}", response_model=ModelVersionsPublic, responses=CHANGE)
+async def update_version(
+    name: ModelName,
+    version: Version,
+    body: VersionUpdate,
+    admin: AdminUser,
+    session: SessionDep,
+    redis: RedisDep,
+    workers: WorkersDep,
+    live: LiveRegistryDep,
+) -> ModelVersionsPublic:
+    """Put a version in shadow, back to canary or retire it; enable or disable it (admin)."""
+    rows = await service.set_channel(
+        session=session,
+        actor=service.Actor(admin.id, admin.email),
+        name=name,
+        version=version,
+        channel=body.channel,
+        enabled=body.enabled,
+        reason=body.reason,
+        available=await _available(workers),
+    )
+    return await _answer(session, redis, live, name, rows)
+
+
+@router.post("/models/{name}/versions/{version}/promote", response_model=ModelVersionsPublic, responses=CHANGE)
+async def promote_version(
+    name: ModelName,
+    version: Version,
+    body: ChangeReason,
+    admin: AdminUser,
+    session: SessionDep,
+    redis: RedisDep,
+    workers: WorkersDep,
+    live: LiveRegistryDep,
+) -> ModelVersionsPublic:
+    """Make a version stable; the previous stable one stays loaded for a rollback (admin)."""
+    rows = await service.promote(
+        session=session,
+        actor=service.Actor(admin.id, admin.email),
+        name=name,
+        version=version,
+        reason=body.reason,
+        available=await _available(workers),
+    )
+    return await _answer(session, redis, live, name, rows)
+
+
+@router.post("/models/{name}/rollback", response_model=ModelVersionsPublic, responses=CHANGE)
+async def rollback_model(
+    name: ModelName,
+    body: ChangeReason,
+    admin: AdminUser,
+    session: SessionDep,
+    redis: RedisDep,
+    workers: WorkersDep,
+    live: LiveRegistryDep,
+) -> ModelVersionsPublic:
+    """Undo the model's latest promotion in one call: the previous stable version back (admin)."""
+    rows = await service.rollback(
+        session=session,
+        actor=service.Actor(admin.id, admin.email),
+        name=name,
+        reason=body.reason,
+        available=await _available(workers),
+    )
+    return await _answer(session, redis, live, name, rows)

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.app.core.fields import INT32_MAX, Text
+from contracts.registry import InputSpec, Preprocessing, Runtime
 
 
 class ModelVersionPublic(BaseModel):
@@ -44,3 +47,49 @@ class RegistryChangePublic(BaseModel):
 class RegistryChangesPublic(BaseModel):
     data: list[RegistryChangePublic]
     count: int
+
+
+Reason = Annotated[Text, Field(min_length=1, max_length=1000, description="Why, for the audit trail")]
+
+
+class VersionCreate(BaseModel):
+    """A new version: how to load and feed it. Its files are ``{models_dir}/...`` or
+    ``{trained_dir}/...`` templates, resolved on each worker."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$", max_length=64)
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX, description="None: one above the highest")
+    channel: Literal["canary", "shadow"] = "canary"
+    display_name: Text | None = Field(default=None, max_length=200)
+    description: Text = Field(default="", max_length=1000)
+    runtime: Runtime = Runtime.keras
+    file: Text = Field(max_length=500)
+    architecture: Text | None = Field(default=None, max_length=100)
+    weights: Literal["imagenet", "file"] = "file"
+    input: InputSpec
+    preprocessing: Preprocessing
+    labels: Text = Field(default="imagenet", max_length=500)
+    top_k: int = Field(default=5, ge=1, le=100)
+    reason: Reason
+
+
+class WeightsUpdate(BaseModel):
+    weights: dict[Annotated[int, Field(ge=1, le=INT32_MAX)], Annotated[int, Field(ge=0, le=1_000_000)]] = Field(
+        min_length=1, max_length=100, description='Version to weight, e.g. {"1": 90, "2": 10}'
+    )
+    reason: Reason
+
+
+class VersionUpdate(BaseModel):
+    channel: Literal["canary", "shadow", "retired"] | None = None
+    enabled: bool | None = None
+    reason: Reason
+
+
+class ChangeReason(BaseModel):
+    reason: Reason
+
+
+class ModelVersionsPublic(BaseModel):
+    name: str
+    revision: int
+    versions: list[ModelVersionPublic]

@@ -1,10 +1,22 @@
 """The model registry as live data in PostgreSQL: every model version, its state, and an audit
-trail of every change. ``registry.yaml`` seeds it at start-up."""
+trail of every change. ``registry.yaml`` seeds it at start-up; admins change it while it serves.
+
+Every change takes the model's rows with ``FOR UPDATE``, checks the rules below, writes the new
+state and its audit row, and commits: two admins changing one model take turns.
+
+Rules: weights are whole numbers from 0; a model keeps at least one enabled stable version with
+traffic; a version gets traffic (a weight above 0, promotion, shadow) only while at least one
+worker has it loaded and healthy; a retired version has no traffic.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
 from typing import Any
 
+from fastapi import HTTPException
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -13,20 +25,37 @@ from contracts.registry import ModelEntry, Registry
 
 SEED_ACTOR = "registry.yaml"
 """The actor named in the audit trail for changes made by start-up seeding."""
+STABLE_WEIGHT = 100
+"""The weight a promoted version gets (and a stable one seeded without a weight)."""
+_FILE_TEMPLATE = re.compile(r"^\{(models_dir|trained_dir)\}/(?!.*(^|/)\.\.(/|$))[^\x00]+$")
 
 
-def _state(row: ModelVersion) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change: an admin (id and email) or start-up seeding (no id)."""
+
+    id: int | None
+    email: str
+
+
+def _state(row: ModelVersion, *, spec: bool = False) -> dict[str, Any]:
+    state: dict[str, Any] = {
         "display_name": row.display_name,
         "channel": row.channel,
         "enabled": row.enabled,
         "weight": row.weight,
-        "spec": row.spec,
     }
+    if spec:
+        state["spec"] = row.spec
+    return state
+
+
+def _states(rows: list[ModelVersion]) -> dict[str, Any]:
+    return {str(r.version): _state(r) for r in rows}
 
 
 def _new_version(entry: ModelEntry) -> ModelVersion:
-    weight = entry.weight if entry.weight is not None else (100 if entry.channel == "stable" else 0)
+    weight = entry.weight if entry.weight is not None else (STABLE_WEIGHT if entry.channel == "stable" else 0)
     return ModelVersion(
         name=entry.name,
         version=entry.version,
@@ -36,6 +65,33 @@ def _new_version(entry: ModelEntry) -> ModelVersion:
         enabled=entry.enabled,
         weight=weight,
     )
+
+
+def _audit(
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    action: str,
+    model: str,
+    version: int | None,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    reason: str,
+    undoes: int | None = None,
+) -> RegistryChange:
+    change = RegistryChange(
+        actor_id=actor.id,
+        actor=actor.email,
+        action=action,
+        model=model,
+        version=version,
+        before=before,
+        after=after,
+        reason=reason,
+        undoes=undoes,
+    )
+    session.add(change)
+    return change
 
 
 async def seed(*, session: AsyncSession, registry: Registry) -> int:
@@ -49,40 +105,43 @@ async def seed(*, session: AsyncSession, registry: Registry) -> int:
     """
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))"))
     existing = {(v.name, v.version): v for v in await session.scalars(select(ModelVersion))}
+    actor = Actor(None, SEED_ACTOR)
     changes = 0
     for entry in registry.models:
         row = existing.get((entry.name, entry.version))
         if row is None:
             row = _new_version(entry)
             session.add(row)
-            _audit(session, action="register", row=row, before=None, reason="named in registry.yaml")
+            after = {str(row.version): _state(row, spec=True)}
+            _audit(
+                session,
+                actor=actor,
+                action="register",
+                model=row.name,
+                version=row.version,
+                before=None,
+                after=after,
+                reason="named in registry.yaml",
+            )
             changes += 1
             continue
-        before = _state(row)
+        before = _state(row, spec=True)
         row.spec = entry.spec()
         row.display_name = entry.display_name or row.display_name
-        if _state(row) != before:
-            _audit(session, action="update", row=row, before=before, reason="registry.yaml changed")
+        if (now := _state(row, spec=True)) != before:
+            _audit(
+                session,
+                actor=actor,
+                action="update",
+                model=row.name,
+                version=row.version,
+                before={str(row.version): before},
+                after={str(row.version): now},
+                reason="registry.yaml changed",
+            )
             changes += 1
     await session.commit()
     return changes
-
-
-def _audit(
-    session: AsyncSession, *, action: str, row: ModelVersion, before: dict[str, Any] | None, reason: str
-) -> None:
-    session.add(
-        RegistryChange(
-            actor_id=None,
-            actor=SEED_ACTOR,
-            action=action,
-            model=row.name,
-            version=row.version,
-            before=before,
-            after=_state(row),
-            reason=reason,
-        )
-    )
 
 
 async def revision(*, session: AsyncSession) -> int:
@@ -105,3 +164,257 @@ async def list_changes(
         select(RegistryChange).where(*where).order_by(RegistryChange.id.desc()).offset(skip).limit(limit)
     )
     return list(rows), int(total or 0)
+
+
+# --- changes by admins ----------------------------------------------------------------------
+
+
+async def _lock_model(session: AsyncSession, name: str) -> list[ModelVersion]:
+    """The model's versions, locked until commit; 404 when it has none."""
+    rows = list(
+        await session.scalars(
+            select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.version).with_for_update()
+        )
+    )
+    if not rows:
+        raise HTTPException(status_code=404, detail=f"No model named {name!r}.")
+    return rows
+
+
+def _version(rows: list[ModelVersion], version: int) -> ModelVersion:
+    row = next((r for r in rows if r.version == version), None)
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"{rows[0].name} has no version {version}.")
+    return row
+
+
+def _conflict(detail: str) -> HTTPException:
+    return HTTPException(status_code=409, detail=detail)
+
+
+def _require_loaded(row: ModelVersion, available: Set[str], what: str) -> None:
+    if f"{row.name}@{row.version}" not in available:
+        raise _conflict(
+            f"{row.name}@{row.version} cannot {what}: no live worker has it loaded and healthy yet "
+            "(GET /v1/models says why); retry once it is."
+        )
+
+
+def _check_model(rows: list[ModelVersion]) -> None:
+    """The rules every model keeps after a change (the module docstring)."""
+    if not any(r.channel == "stable" and r.enabled and r.weight > 0 for r in rows):
+        raise _conflict(
+            f"{rows[0].name} would have no enabled stable version with traffic; promote another version first."
+        )
+
+
+async def _commit_change(
+    session: AsyncSession,
+    rows: list[ModelVersion],
+    before: dict[str, Any],
+    *,
+    actor: Actor,
+    action: str,
+    version: int | None,
+    reason: str,
+    undoes: int | None = None,
+) -> RegistryChange:
+    _check_model(rows)
+    after = _states(rows)
+    changed = {v: s for v, s in after.items() if before.get(v) != s}
+    change = _audit(
+        session,
+        actor=actor,
+        action=action,
+        model=rows[0].name,
+        version=version,
+        before={v: before[v] for v in changed if v in before},
+        after=changed,
+        reason=reason,
+        undoes=undoes,
+    )
+    await session.commit()
+    return change
+
+
+async def register_version(*, session: AsyncSession, actor: Actor, entry: ModelEntry, reason: str) -> ModelVersion:
+    """Adds a version (a new model or a new version of one), enabled, as a canary without traffic:
+    workers load it within seconds, then an admin gives it traffic. Its files are named by
+    ``{models_dir}/...`` or ``{trained_dir}/...`` templates, resolved on each worker.
+
+    Raises 409 when the version exists, 422 for a file outside those two folders or a stable
+    channel (a version becomes stable by promotion).
+    """
+    for template in (entry.file, entry.labels if entry.labels != "imagenet" else None):
+        if template is not None and not _FILE_TEMPLATE.match(template):
+            raise HTTPException(
+                status_code=422,
+                detail=f"{template!r} must start with {{models_dir}}/ or {{trained_dir}}/ and stay inside it.",
+            )
+    if entry.channel == "stable":
+        raise HTTPException(status_code=422, detail="A new version starts as a canary or a shadow; promote it after.")
+    await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))"))
+    exists = await session.scalar(
+        select(ModelVersion.id).where(ModelVersion.name == entry.name, ModelVersion.version == entry.version)
+    )
+    if exists is not None:
+        raise _conflict(f"{entry.key} exists already; register the next version.")
+    row = _new_version(entry.model_copy(update={"weight": 0}))
+    session.add(row)
+    _audit(
+        session,
+        actor=actor,
+        action="register",
+        model=row.name,
+        version=row.version,
+        before=None,
+        after={str(row.version): _state(row, spec=True)},
+        reason=reason,
+    )
+    await session.commit()
+    return row
+
+
+async def next_version(*, session: AsyncSession, name: str) -> int:
+    """The number a new version of ``name`` gets: one above its highest, 1 for a new model."""
+    return (
+        int(
+            await session.scalar(
+                select(func.coalesce(func.max(ModelVersion.version), 0)).where(ModelVersion.name == name)
+            )
+            or 0
+        )
+        + 1
+    )
+
+
+async def set_weights(
+    *,
+    session: AsyncSession,
+    actor: Actor,
+    name: str,
+    weights: Mapping[int, int],
+    reason: str,
+    available: Set[str],
+) -> list[ModelVersion]:
+    """Sets the traffic weights of some of a model's versions (the others keep theirs): e.g.
+    ``{1: 90, 2: 10}`` sends about one request in ten to version 2.
+
+    Raises 404 for an unknown model or version, 422 for a negative weight or a weight on a
+    retired or shadow version, 409 when a version would get traffic before a worker has it
+    loaded, or when no enabled stable version would keep traffic.
+    """
+    rows = await _lock_model(session, name)
+    before = _states(rows)
+    for version, weight in weights.items():
+        row = _version(rows, version)
+        if weight < 0:
+            raise HTTPException(status_code=422, detail="Weights are whole numbers from 0.")
+        if weight > 0 and row.channel in ("retired", "shadow"):
+            raise HTTPException(
+                status_code=422, detail=f"{name}@{version} is {row.channel}: it takes no traffic of its own."
+            )
+        if weight > 0 and row.weight == 0:
+            _require_loaded(row, available, "get traffic")
+        row.weight = weight
+    await _commit_change(session, rows, before, actor=actor, action="set_weights", version=None, reason=reason)
+    return rows
+
+
+async def set_channel(
+    *,
+    session: AsyncSession,
+    actor: Actor,
+    name: str,
+    version: int,
+    channel: str | None,
+    enabled: bool | None,
+    reason: str,
+    available: Set[str],
+) -> list[ModelVersion]:
+    """Puts a version in shadow (a copy of its model's traffic, answers never returned), back to
+    canary, or retires it (served no more; workers unload it), and enables or disables it.
+    Shadow and retired versions have no traffic of their own (weight 0).
+
+    Raises 404 for an unknown version, 422 for ``stable`` (promote instead), 409 when a shadow is
+    not loaded on any worker yet or when the model would keep no enabled stable version with traffic.
+    """
+    rows = await _lock_model(session, name)
+    before = _states(rows)
+    row = _version(rows, version)
+    if channel == "stable":
+        raise HTTPException(status_code=422, detail="Promote a version to make it stable.")
+    if channel is not None:
+        if channel == "shadow" and row.channel != "shadow":
+            _require_loaded(row, available, "shadow traffic")
+        row.channel = channel
+        if channel in ("shadow", "retired"):
+            row.weight = 0
+    if enabled is not None:
+        row.enabled = enabled
+    action = f"channel_{channel}" if channel is not None else ("enable" if enabled else "disable")
+    await _commit_change(session, rows, before, actor=actor, action=action, version=version, reason=reason)
+    return rows
+
+
+async def promote(
+    *, session: AsyncSession, actor: Actor, name: str, version: int, reason: str, available: Set[str]
+) -> list[ModelVersion]:
+    """Makes ``version`` the model's stable version with all the stable traffic; the previous
+    stable version stays enabled and loaded, as a canary without traffic, for ``rollback``.
+    Canary weights are kept.
+
+    Raises 404 for an unknown version, 409 when it is retired, disabled or not loaded on any worker.
+    """
+    rows = await _lock_model(session, name)
+    before = _states(rows)
+    row = _version(rows, version)
+    if row.channel == "retired" or not row.enabled:
+        raise _conflict(
+            f"{name}@{version} is {'retired' if row.channel == 'retired' else 'disabled'}; enable it first."
+        )
+    _require_loaded(row, available, "be promoted")
+    for other in rows:
+        if other.channel == "stable" and other is not row:
+            other.channel, other.weight = "canary", 0
+    row.channel, row.weight = "stable", STABLE_WEIGHT
+    await _commit_change(session, rows, before, actor=actor, action="promote", version=version, reason=reason)
+    return rows
+
+
+async def rollback(
+    *, session: AsyncSession, actor: Actor, name: str, reason: str, available: Set[str]
+) -> list[ModelVersion]:
+    """Undoes the model's latest promotion that is not undone yet: every version it changed gets
+    back the state it had before (the previous stable version its traffic).
+
+    Raises 404 for an unknown model, 409 when there is no promotion to undo or the version to
+    restore is no longer loaded on any worker.
+    """
+    rows = await _lock_model(session, name)
+    undone = select(RegistryChange.undoes).where(RegistryChange.undoes.is_not(None))
+    promotion = await session.scalar(
+        select(RegistryChange)
+        .where(RegistryChange.model == name, RegistryChange.action == "promote", RegistryChange.id.not_in(undone))
+        .order_by(RegistryChange.id.desc())
+        .limit(1)
+    )
+    if promotion is None or not promotion.before:
+        raise _conflict(f"{name} has no promotion to roll back.")
+    before = _states(rows)
+    for version, state in promotion.before.items():
+        row = _version(rows, int(version))
+        if state["weight"] > 0 and row.weight == 0:
+            _require_loaded(row, available, "get its traffic back")
+        row.channel, row.weight, row.enabled = state["channel"], state["weight"], state["enabled"]
+    await _commit_change(
+        session,
+        rows,
+        before,
+        actor=actor,
+        action="rollback",
+        version=promotion.version,
+        reason=reason,
+        undoes=promotion.id,
+    )
+    return rows

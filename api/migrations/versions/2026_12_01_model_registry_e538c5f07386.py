@@ -47,6 +47,10 @@ def upgrade() -> None:
         sa.Column("before", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.Column("after", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("undoes", sa.BigInteger(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["undoes"], ["registry_changes.id"], name=op.f("fk_registry_changes_undoes_registry_changes")
+        ),
         sa.ForeignKeyConstraint(
             ["actor_id"], ["users.id"], name=op.f("fk_registry_changes_actor_id_users"), ondelete="SET NULL"
         ),
