@@ -2,6 +2,16 @@
 
 python -m api.cli create-user EMAIL [--name N] [--admin] [--password P]
 python -m api.cli export-feedback OUT [--model NAME] [--version N]
+python -m api.cli registry list | history [--model NAME]
+python -m api.cli registry register SPEC.yaml --reason WHY
+python -m api.cli registry weights NAME VERSION=WEIGHT... --reason WHY
+python -m api.cli registry promote NAME VERSION --reason WHY
+python -m api.cli registry rollback NAME --reason WHY
+python -m api.cli registry channel NAME VERSION {canary,shadow,retired} --reason WHY
+python -m api.cli registry enable|disable NAME VERSION --reason WHY
+
+Registry changes are the admin API's, checked and audited the same way (the actor is
+``cli:<login name>``); API processes serve them within REGISTRY_REFRESH_SECONDS.
 """
 
 from __future__ import annotations
@@ -13,8 +23,12 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import redis
+import yaml
 from fastapi import HTTPException
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings, get_settings
@@ -22,8 +36,12 @@ from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.security import PasswordHasher
 from api.app.feedback.export import ExportSummary, export_feedback
 from api.app.images.storage import LocalBlobStore
+from api.app.registry import service as registry_service
+from api.app.registry.models import ModelVersion
 from api.app.users.models import Role
 from api.app.users.service import check_password_policy, create_user
+from contracts import workers
+from contracts.registry import ModelEntry
 
 
 @asynccontextmanager
@@ -58,6 +76,115 @@ async def _export_feedback(out: Path, model: str | None, version: int | None) ->
         return await export_feedback(session=session, store=store, out=out, model=model, version=version)
 
 
+def _available(settings: Settings) -> set[str]:
+    """The versions some live worker has loaded and healthy, from their heartbeats in Redis."""
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    try:
+        return {f"{m.name}@{m.version}" for b in workers.live_heartbeats(client) for m in b.models if m.ready}
+    finally:
+        client.close()
+
+
+def _print_versions(rows: list[ModelVersion]) -> None:
+    for row in rows:
+        state = "enabled" if row.enabled else "disabled"
+        print(f"{row.name}@{row.version}\t{row.channel}\tweight {row.weight}\t{state}\t{row.display_name}")
+
+
+async def _registry(args: argparse.Namespace, spec: object, available: set[str]) -> None:
+    """One registry command; ``spec``: the YAML of ``register``; ``available``: ``_available()``."""
+    settings = get_settings()
+    actor = registry_service.Actor(None, f"cli:{getpass.getuser()}")
+    async with _session(settings) as session:
+        if args.action == "list":
+            _print_versions(await registry_service.list_versions(session=session))
+            return
+        if args.action == "history":
+            changes, _ = await registry_service.list_changes(session=session, model=args.model, skip=0, limit=50)
+            for c in changes:
+                version = f"@{c.version}" if c.version is not None else ""
+                print(f"{c.id}\t{c.at:%Y-%m-%d %H:%M:%S}\t{c.actor}\t{c.action}\t{c.model}{version}\t{c.reason}")
+            return
+        if args.action == "register":
+            if not isinstance(spec, dict):
+                raise HTTPException(status_code=422, detail=f"{args.spec} holds no registry entry")
+            spec.setdefault("channel", "canary")
+            if "version" not in spec:
+                spec["version"] = await registry_service.next_version(session=session, name=str(spec.get("name")))
+            try:
+                entry = ModelEntry.model_validate(spec)
+            except ValidationError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            row = await registry_service.register_version(session=session, actor=actor, entry=entry, reason=args.reason)
+            _print_versions([row])
+            return
+        if args.action == "weights":
+            weights = {}
+            for pair in args.weights:
+                version, sep, weight = pair.partition("=")
+                if not (sep and version.isdigit() and weight.isdigit()):
+                    raise HTTPException(status_code=422, detail=f"{pair!r}: expected VERSION=WEIGHT")
+                weights[int(version)] = int(weight)
+            rows = await registry_service.set_weights(
+                session=session, actor=actor, name=args.name, weights=weights, reason=args.reason, available=available
+            )
+        elif args.action == "promote":
+            rows = await registry_service.promote(
+                session=session,
+                actor=actor,
+                name=args.name,
+                version=args.version,
+                reason=args.reason,
+                available=available,
+            )
+        elif args.action == "rollback":
+            rows = await registry_service.rollback(
+                session=session, actor=actor, name=args.name, reason=args.reason, available=available
+            )
+        else:
+            rows = await registry_service.set_channel(
+                session=session,
+                actor=actor,
+                name=args.name,
+                version=args.version,
+                channel=args.channel if args.action == "channel" else None,
+                enabled={"enable": True, "disable": False}.get(args.action),
+                reason=args.reason,
+                available=available,
+            )
+        _print_versions(rows)
+
+
+def _registry_parser(sub: Any) -> None:
+    registry = sub.add_parser("registry", help="list and change the model registry (live, audited)")
+    actions = registry.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every version with its channel, weight and state")
+    history = actions.add_parser("history", help="the latest 50 changes, newest first")
+    history.add_argument("--model")
+
+    def change(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help)
+        parser.add_argument("--reason", required=True, help="why, for the audit trail")
+        return parser
+
+    change("register", "add a version from a YAML file holding one registry entry").add_argument("spec")
+    weights = change("weights", "set traffic weights, e.g. 1=90 2=10")
+    weights.add_argument("name")
+    weights.add_argument("weights", nargs="+")
+    promote = change("promote", "make a version stable (the previous one kept for rollback)")
+    promote.add_argument("name")
+    promote.add_argument("version", type=int)
+    change("rollback", "undo the latest promotion").add_argument("name")
+    channel = change("channel", "put a version in canary, shadow or retire it")
+    channel.add_argument("name")
+    channel.add_argument("version", type=int)
+    channel.add_argument("channel", choices=["canary", "shadow", "retired"])
+    for action in ("enable", "disable"):
+        parser = change(action, f"{action} a version")
+        parser.add_argument("name")
+        parser.add_argument("version", type=int)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m api.cli", description="Portal administration")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("out", type=Path, help="a new or empty folder")
     export.add_argument("--model", help="only this model's predictions (e.g. sketch)")
     export.add_argument("--version", type=int, help="only this version of --model")
+    _registry_parser(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "registry":
+        try:
+            spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8")) if args.action == "register" else None
+            needs_workers = args.action not in ("list", "history", "register")
+            available = _available(get_settings()) if needs_workers else set()
+            asyncio.run(_registry(args, spec, available))
+        except HTTPException as exc:
+            print(f"error: {exc.detail}", file=sys.stderr)
+            return 1
+        return 0
 
     if args.command == "export-feedback":
         if args.version is not None and args.model is None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
@@ -22,7 +28,7 @@ from contracts.registry import Registry, load_registry
 from tests.api.conftest import Stack
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, _execute, client_for, login
 from tests.images import encode
-from tests.support import RedisServer
+from tests.support import ROOT, RedisServer
 
 
 @pytest.fixture
@@ -357,3 +363,52 @@ async def test_changes_under_load_lose_no_request(own_stack: Stack) -> None:
         assert len(versions) >= 40, len(versions)
         share = versions.count(3) / len(versions)
         assert abs(share - expected) <= 0.08, (expected, share, len(versions))
+
+
+async def test_the_cli_changes_the_registry_as_the_api_does(own_stack: Stack, tmp_path: Path) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="sketch")
+    settings = own_stack.app.state.settings
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "PYTHONPATH": str(ROOT),
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "api.cli", "registry", *args], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+
+    spec = tmp_path / "sketch.yaml"
+    spec.write_text(yaml.safe_dump({k: v for k, v in SKETCH_V3.items() if k != "reason"}))
+    done = await asyncio.to_thread(cli, "register", str(spec), "--reason", "from the training run")
+    assert done.returncode == 0, done.stderr
+    assert "sketch@3\tcanary\tweight 0\tenabled" in done.stdout
+
+    async def served() -> bool:
+        models = (await client.get("/v1/models", headers=admin)).json()["data"]
+        return "sketch@3" in {m["ref"] for m in models if m["available"]}
+
+    await until(served, 30, "sketch@3 served after the CLI registered it")
+    done = await asyncio.to_thread(cli, "weights", "sketch", "1=80", "3=20", "--reason", "canary")
+    assert done.returncode == 0, done.stderr
+    done = await asyncio.to_thread(cli, "promote", "sketch", "9", "--reason", "no such version")
+    assert done.returncode == 1 and "no version 9" in done.stderr
+    done = await asyncio.to_thread(cli, "weights", "sketch", "1", "--reason", "typo")
+    assert done.returncode == 1 and "VERSION=WEIGHT" in done.stderr
+    history = await asyncio.to_thread(cli, "history", "--model", "sketch")
+    lines = [line.split("\t") for line in history.stdout.splitlines()]
+    assert [(line[2], line[3], line[5]) for line in lines[:2]] == [
+        (f"cli:{getpass.getuser()}", "set_weights", "canary"),
+        (f"cli:{getpass.getuser()}", "register", "from the training run"),
+    ]
+    # The API process serves what the CLI wrote within its refresh interval.
+    registry = own_stack.app.state.live_registry
+
+    async def split_served() -> bool:
+        return registry.current.get("sketch@3").traffic_weight == 20
+
+    await until(split_served, 3, "the API serving the CLI's weights")
