@@ -60,6 +60,9 @@ class JobMessage(BaseModel):
     request_id: str = ""
     enqueued_at: float = Field(default_factory=time.time)
     deadline: float
+    shadow_of: str = ""
+    """For a shadow version's copy: the id of the prediction it mirrors (its answer is kept for
+    comparison, never returned); empty for a prediction the user asked for."""
     image: bytes = Field(default=b"", exclude=True)
 
     def expired(self, now: float | None = None) -> bool:
@@ -92,6 +95,8 @@ class ResultMessage(BaseModel):
     delivery: int = 1
     """How many times the job had been delivered to a worker (more than one: reclaimed)."""
     dead_lettered: bool = False
+    shadow_of: str = ""
+    """As the job's: the answer of a shadow copy."""
 
     @classmethod
     def answering(cls, source: JobMessage | ResultMessage, status: PredictionStatus, **fields: Any) -> Self:
@@ -103,6 +108,7 @@ class ResultMessage(BaseModel):
             version=source.version,
             sha256=source.sha256,
             request_id=source.request_id,
+            shadow_of=source.shadow_of,
             status=status,
             **fields,
         )

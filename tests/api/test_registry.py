@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ import httpx
 import pytest
 import yaml
 from PIL import Image, ImageDraw
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api.app.core.config import Settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.main import create_app
+from api.app.predictions import service as predictions_service
+from api.app.predictions.models import Job, ShadowPrediction
 from api.app.registry import service
 from api.app.registry.models import ModelVersion, RegistryChange
 from api.prestart import migrate, seed_admin, seed_registry
@@ -412,3 +415,64 @@ async def test_the_cli_changes_the_registry_as_the_api_does(own_stack: Stack, tm
         return registry.current.get("sketch@3").traffic_weight == 20
 
     await until(split_served, 3, "the API serving the CLI's weights")
+
+
+async def test_a_shadow_answers_copies_that_are_stored_and_never_returned(own_stack: Stack) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="sketch")
+    r = await client.post("/v1/admin/registry/versions", json={**SKETCH_V3, "channel": "shadow"}, headers=admin)
+    assert r.status_code == 201, r.text
+
+    async def shadow_served() -> bool:
+        return "sketch@3" in {
+            key
+            for key, state in (await own_stack.app.state.workers.availability(fresh=True)).items()
+            if state.available
+        }
+
+    await until(shadow_served, 30, "the shadow loaded")
+    listed = (await client.get("/v1/models", headers=admin)).json()["data"]
+    assert "sketch@3" not in {m["ref"] for m in listed}, "a shadow is not offered to users"
+    _, user = await users_of(client, admin)
+    job_ids = []
+    for _ in range(5):
+        r = await client.post(
+            "/model/predict", params={"models": "sketch"}, files={"file": ("d.png", drawing())}, headers=user
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["version"] == 1 and list(body["results"]) == ["sketch@1"]
+        job_ids.append(body["job_id"])
+        job = (await client.get(f"/v1/predictions/{body['job_id']}", headers=user)).json()
+        assert [(p["model"], p["version"]) for p in job["results"]] == [("sketch", 1)]
+
+    async def shadows_done() -> bool:
+        async with own_stack.app.state.read_sessionmaker() as session:
+            rows = list(await session.scalars(select(ShadowPrediction)))
+        return len(rows) == 5 and all(r.status == "done" and r.label for r in rows)
+
+    await until(shadows_done, 20, "five shadow answers stored")
+    async with own_stack.app.state.read_sessionmaker() as session:
+        rows = list(await session.scalars(select(ShadowPrediction)))
+    assert {str(r.job_id) for r in rows} == set(job_ids)
+    assert all((r.model_name, r.model_version) == ("sketch", 3) and r.inference_ms for r in rows)
+    # Not in any listing either.
+    listing = (await client.get("/v1/predictions", headers=user)).json()
+    assert all(p["version"] == 1 for j in listing["data"] for p in j["results"])
+
+    # A copy never answered (lost with Redis's data) expires with its job's deadline.
+    async with own_stack.app.state.sessionmaker() as session:
+        await session.execute(update(ShadowPrediction).where(ShadowPrediction.id == rows[0].id).values(status="queued"))
+        await session.execute(
+            update(Job).where(Job.id == rows[0].job_id).values(deadline_at=datetime.now(UTC) - timedelta(minutes=1))
+        )
+        await session.commit()
+        await predictions_service.expire_overdue(session=session, grace_seconds=0)
+        expired = await session.scalar(select(ShadowPrediction.status).where(ShadowPrediction.id == rows[0].id))
+    assert expired == "expired"
+
+
+async def users_of(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, dict[str, str]]:
+    email, password = await _new_user(client, admin)
+    return email, await login(client, email, password)

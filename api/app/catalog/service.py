@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -151,6 +152,30 @@ def default_entry(
         if entry is not None:
             return entry
     return None
+
+
+def shadow_copies(
+    entries: list[ModelEntry],
+    *,
+    registry: Registry,
+    availability: dict[str, ModelAvailability],
+    sample_rate: float,
+    benchmark_mode: bool,
+) -> dict[str, list[ModelEntry]]:
+    """For each entry (by key), the shadow versions of its model that get a copy of this request:
+    each shadow a live worker serves, with probability ``sample_rate`` (Seldon's shadow deployments,
+    sampled)."""
+    copies: dict[str, list[ModelEntry]] = {}
+    for entry in entries:
+        shadows = [
+            m
+            for m in registry.served(benchmark_mode=benchmark_mode)
+            if m.name == entry.name and m.channel == "shadow" and m != entry and _available(m, availability)
+        ]
+        chosen = [m for m in shadows if random.random() < sample_rate]
+        if chosen:
+            copies[entry.key] = chosen
+    return copies
 
 
 def resolve_models(

@@ -133,6 +133,8 @@ class Settings(BaseSettings):
     """At most one log line per dependency outage per this many seconds."""
     expire_grace_seconds: float = 30.0
     """How long past its deadline an unanswered job waits for a worker's own verdict before the API expires it."""
+    shadow_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of a model's requests a shadow version of it gets a copy of (0.25: one in four)."""
     registry_refresh_seconds: float = 1.0
     """How often each API process checks the registry's revision in PostgreSQL (one small query) and
     republishes it to Redis if Redis lacks it: a change made through another process is served

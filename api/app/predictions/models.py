@@ -75,3 +75,32 @@ class Prediction(TimestampMixin, Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[Job] = relationship(back_populates="predictions")
+
+
+class ShadowPrediction(TimestampMixin, Base):
+    """A shadow version's answer to a copy of a job: kept to compare with the answer it mirrors,
+    never shown to the user (no route that answers users reads this table)."""
+
+    __tablename__ = "shadow_predictions"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    shadow_of: Mapped[uuid.UUID] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(200))
+    score: Mapped[float | None] = mapped_column(Float)
+    top_k: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list)
+    queue_ms: Mapped[float | None] = mapped_column(Float)
+    inference_ms: Mapped[float | None] = mapped_column(Float)
+    total_ms: Mapped[float | None] = mapped_column(Float)
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_shadow_predictions_model", "model_name", "model_version"),
+        # Only copies in flight: the expiry scan reads what is in flight, not the whole history.
+        Index("ix_shadow_predictions_unfinished", "job_id", postgresql_where=UNFINISHED_JOB),
+    )

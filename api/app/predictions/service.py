@@ -4,6 +4,7 @@ results, expiry; and reading them back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.catalog.service import WorkerDirectory, resolve_models
+from api.app.catalog.service import WorkerDirectory, resolve_models, shadow_copies
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.db import owned_page
@@ -23,17 +24,22 @@ from api.app.images import service as images_service
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue
-from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Prediction
+from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Prediction, ShadowPrediction
 from api.app.predictions.schemas import ClassicPrediction, PredictionPublic
 from contracts import keys
 from contracts.imaging import ImageInfo
 from contracts.messages import JobMessage, PredictionStatus, ResultMessage
 from contracts.registry import ModelEntry, Registry
 
+log = logging.getLogger("api.predictions")
+
 # The statements that run once per prediction, built once: building a statement costs more CPU
 # than PostgreSQL spends running it, and this is the busiest path of the API. The UPDATEs set the
 # columns named in their execution parameters.
 _jobs, _predictions = cast(Table, Job.__table__), cast(Table, Prediction.__table__)
+_shadows = cast(Table, ShadowPrediction.__table__)
+_SHADOW_QUEUE_LIMIT = 1000
+"""A shadow version's queue deeper than this gets no more copies: shadows never build a backlog."""
 _LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id")).with_for_update()
 _STORE_ANSWER = (
     update(_predictions).where(
@@ -143,6 +149,7 @@ async def _admit_and_queue(
     request_id: str,
     deadline_seconds: float,
     image: Image | Upload,
+    shadows: dict[str, list[ModelEntry]] | None = None,
 ) -> tuple[Image, Job]:
     """Admission first, then the upload (when new) and its job are committed together and the job
     queued: a rejected request stores nothing."""
@@ -172,6 +179,7 @@ async def _admit_and_queue(
         deadline_seconds=deadline_seconds,
         request_id=request_id,
         data=data,
+        shadows=shadows or {},
     )
     return image, job
 
@@ -198,8 +206,14 @@ async def submit(
     image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
     if image is None:
         raise HTTPException(status_code=404, detail="Image not found")
-    entries = resolve_models(
-        refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
+    availability = await workers.availability()
+    entries = resolve_models(refs, registry=registry, availability=availability, settings=settings, user_id=owner_id)
+    shadows = shadow_copies(
+        entries,
+        registry=registry,
+        availability=availability,
+        sample_rate=settings.shadow_sample_rate,
+        benchmark_mode=settings.benchmark_mode,
     )
     _, job = await _admit_and_queue(
         session=session,
@@ -211,6 +225,7 @@ async def submit(
         request_id=request_id,
         deadline_seconds=settings.job_deadline_seconds,
         image=image,
+        shadows=shadows,
     )
     return job
 
@@ -237,8 +252,14 @@ async def predict_and_wait(
     Raises as ``submit`` does, plus 413/415/422 for the upload and 504 when the deadline passes
     (the job then goes on and can be read by its id).
     """
-    entries = resolve_models(
-        refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
+    availability = await workers.availability()
+    entries = resolve_models(refs, registry=registry, availability=availability, settings=settings, user_id=owner_id)
+    shadows = shadow_copies(
+        entries,
+        registry=registry,
+        availability=availability,
+        sample_rate=settings.shadow_sample_rate,
+        benchmark_mode=settings.benchmark_mode,
     )
     filename = images_service.upload_filename(file)
     data = await images_service.read_upload(file, settings)
@@ -253,6 +274,7 @@ async def predict_and_wait(
         request_id=request_id,
         deadline_seconds=settings.predict_deadline_seconds,
         image=Upload(data=data, info=info, sha256=sha256, filename=filename),
+        shadows=shadows,
     )
     answers: list[PredictionPublic] | None = None
     if job.status in UNFINISHED:
@@ -309,11 +331,13 @@ async def create_job(
     deadline_seconds: float,
     request_id: str,
     data: bytes | None = None,
+    shadows: dict[str, list[ModelEntry]] | None = None,
 ) -> Job:
     """Inserts the job, commits (with whatever else the session holds) and queues what is not cached.
 
     ``cached``: what ``admit`` returned. ``data``: the image's bytes when the caller holds them
-    (saves reading the blob back).
+    (saves reading the blob back). ``shadows``: by entry key, the shadow versions that get a copy
+    (``shadow_copies``); a copy is best effort and never fails or delays the job.
     """
     now = datetime.now(UTC)
     job_row: dict[str, Any] = {
@@ -352,7 +376,65 @@ async def create_job(
         except Exception:
             await fail_unfinished(session=session, job_id=job.id, reason="the job queue was unavailable")
             raise
+    if shadows:
+        primaries = {f"{r['model_name']}@{r['model_version']}": r["id"] for r in rows}
+        copies = [(primaries[key], m) for key, entries_ in shadows.items() if key in primaries for m in entries_]
+        if copies:
+            if data is None:
+                data = await store.get(image.sha256)
+            await _queue_shadows(session=session, redis=redis, job=job, sha256=image.sha256, data=data, copies=copies)
     return job
+
+
+async def _queue_shadows(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    job: Job,
+    sha256: str,
+    data: bytes,
+    copies: list[tuple[uuid.UUID, ModelEntry]],
+) -> None:
+    """Stores and queues a shadow copy per (prediction, shadow version), skipping a version whose
+    queue is full; an error is logged, not raised: the user's job does not depend on its shadows."""
+    try:
+        rows: list[dict[str, Any]] = []
+        for primary_id, entry in copies:
+            if await queue.depth(redis, entry.name, entry.version) >= _SHADOW_QUEUE_LIMIT:
+                continue
+            rows.append(
+                {
+                    "id": uuid.uuid4(),
+                    "job_id": job.id,
+                    "shadow_of": primary_id,
+                    "model_name": entry.name,
+                    "model_version": entry.version,
+                    "status": PredictionStatus.queued.value,
+                    "top_k": [],
+                    "created_at": job.created_at,
+                }
+            )
+        if not rows:
+            return
+        await session.execute(insert(_shadows), rows)
+        await session.commit()
+        messages = [
+            JobMessage(
+                job_id=str(job.id),
+                prediction_id=str(r["id"]),
+                model=r["model_name"],
+                version=r["model_version"],
+                sha256=sha256,
+                request_id=job.request_id,
+                deadline=job.deadline_at.timestamp(),
+                shadow_of=str(r["shadow_of"]),
+                image=data,
+            )
+            for r in rows
+        ]
+        await queue.enqueue(redis, messages)
+    except Exception:
+        log.exception("shadow copies of job %s not queued", job.id)
 
 
 def job_message(job: Job, prediction: Prediction, sha256: str, data: bytes) -> JobMessage:
@@ -433,6 +515,9 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> Store
     second sees the first when it decides the job is complete.
     """
     now = datetime.now(UTC)
+    if result.shadow_of:
+        await _store_shadow_answer(session, result, now)
+        return StoredResult(None, None)
     job_id = uuid.UUID(result.job_id)
     owner_id = await session.scalar(
         _STORE_ANSWER,
@@ -445,6 +530,18 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> Store
     payload = answers_payload(finished) if finished is not None else None
     await session.commit()
     return StoredResult(owner_id, payload)
+
+
+async def _store_shadow_answer(session: AsyncSession, result: ResultMessage, now: datetime) -> None:
+    values = _result_values(result, now)
+    for column in ("random_weights", "preprocess_ms", "batch_size"):
+        values.pop(column)
+    await session.execute(
+        update(ShadowPrediction)
+        .where(ShadowPrediction.id == uuid.UUID(result.prediction_id), ShadowPrediction.status.in_(UNFINISHED))
+        .values(**values)
+    )
+    await session.commit()
 
 
 def answers_payload(predictions: list[Prediction]) -> bytes:
@@ -483,6 +580,19 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> dict
             select(Job.id).where(UNFINISHED_JOB, Job.deadline_at < now - timedelta(seconds=grace_seconds))
         )
     )
+    # Shadow copies whose job's deadline passed (a copy lost with Redis's data is never answered).
+    await session.execute(
+        update(ShadowPrediction)
+        .where(
+            ShadowPrediction.status.in_(UNFINISHED),
+            ShadowPrediction.job_id == Job.id,
+            Job.deadline_at < now - timedelta(seconds=grace_seconds),
+        )
+        .values(
+            status=PredictionStatus.expired.value, error="deadline passed before a worker answered", finished_at=now
+        )
+    )
+    await session.commit()
     finished: dict[uuid.UUID, bytes] = {}
     for job_id in overdue:
         locked = await session.scalar(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True))

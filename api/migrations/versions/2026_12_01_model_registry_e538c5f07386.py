@@ -58,8 +58,51 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_registry_changes_model"), "registry_changes", ["model"], unique=False)
 
+    # Shadow versions' answers: apart from users' predictions, so no route that answers users can
+    # return one.
+    op.create_table(
+        "shadow_predictions",
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("job_id", sa.Uuid(), nullable=False),
+        sa.Column("shadow_of", sa.Uuid(), nullable=False),
+        sa.Column("model_name", sa.String(length=64), nullable=False),
+        sa.Column("model_version", sa.Integer(), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("label", sa.String(length=200), nullable=True),
+        sa.Column("score", sa.Float(), nullable=True),
+        sa.Column("top_k", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column("queue_ms", sa.Float(), nullable=True),
+        sa.Column("inference_ms", sa.Float(), nullable=True),
+        sa.Column("total_ms", sa.Float(), nullable=True),
+        sa.Column("worker_id", sa.String(length=128), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["job_id"], ["jobs.id"], name=op.f("fk_shadow_predictions_job_id_jobs"), ondelete="CASCADE"
+        ),
+        sa.ForeignKeyConstraint(
+            ["shadow_of"],
+            ["predictions.id"],
+            name=op.f("fk_shadow_predictions_shadow_of_predictions"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_shadow_predictions")),
+    )
+    op.create_index(op.f("ix_shadow_predictions_job_id"), "shadow_predictions", ["job_id"], unique=False)
+    op.create_index(op.f("ix_shadow_predictions_shadow_of"), "shadow_predictions", ["shadow_of"], unique=False)
+    op.create_index("ix_shadow_predictions_model", "shadow_predictions", ["model_name", "model_version"], unique=False)
+    op.create_index(
+        "ix_shadow_predictions_unfinished",
+        "shadow_predictions",
+        ["job_id"],
+        unique=False,
+        postgresql_where=sa.text("status IN ('queued', 'running')"),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("shadow_predictions")
     op.drop_index(op.f("ix_registry_changes_model"), table_name="registry_changes")
     op.drop_table("registry_changes")
     op.drop_table("model_versions")
