@@ -5,7 +5,7 @@ python -m api.cli export-feedback OUT [--model NAME] [--version N]
 python -m api.cli registry list | history [--model NAME]
 python -m api.cli registry register SPEC.yaml --reason WHY
 python -m api.cli registry weights NAME VERSION=WEIGHT... --reason WHY
-python -m api.cli registry promote NAME VERSION --reason WHY
+python -m api.cli registry promote NAME VERSION --reason WHY [--force]
 python -m api.cli registry rollback NAME --reason WHY
 python -m api.cli registry channel NAME VERSION {canary,shadow,retired} --reason WHY
 python -m api.cli registry enable|disable NAME VERSION --reason WHY
@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 import yaml
 from fastapi import HTTPException
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.security import PasswordHasher
@@ -38,6 +40,7 @@ from api.app.feedback.export import ExportSummary, export_feedback
 from api.app.images.storage import LocalBlobStore
 from api.app.registry import service as registry_service
 from api.app.registry.models import ModelVersion
+from api.app.releases import service as releases_service
 from api.app.users.models import Role
 from api.app.users.service import check_password_policy, create_user
 from contracts import workers
@@ -129,13 +132,20 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
                 session=session, actor=actor, name=args.name, weights=weights, reason=args.reason, available=available
             )
         elif args.action == "promote":
-            rows = await registry_service.promote(
+            client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+            try:
+                availability = await WorkerDirectory(client).availability(fresh=True)
+            finally:
+                await client.aclose()
+            rows = await releases_service.promote(
                 session=session,
                 actor=actor,
                 name=args.name,
                 version=args.version,
                 reason=args.reason,
-                available=available,
+                force=args.force,
+                availability=availability,
+                margin=settings.promotion_margin,
             )
         elif args.action == "rollback":
             rows = await registry_service.rollback(
@@ -174,6 +184,7 @@ def _registry_parser(sub: Any) -> None:
     promote = change("promote", "make a version stable (the previous one kept for rollback)")
     promote.add_argument("name")
     promote.add_argument("version", type=int)
+    promote.add_argument("--force", action="store_true", help="even when it compares worse than the stable one")
     change("rollback", "undo the latest promotion").add_argument("name")
     channel = change("channel", "put a version in canary, shadow or retire it")
     channel.add_argument("name")

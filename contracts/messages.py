@@ -130,6 +130,9 @@ class ModelState(BaseModel):
     reason: str | None = None
     num_classes: int = 0
     random_weights: bool = False
+    heldout_accuracy: float | None = None
+    """Top-1 accuracy on its training run's held-out set (``metrics.json`` beside the model file,
+    ``test_accuracy``); None without a training record."""
 
 
 class Heartbeat(BaseModel):

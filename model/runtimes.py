@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class LoadedModel:
     labels: tuple[str, ...]
     classify: Classifier
     random_weights: bool = False
+    heldout_accuracy: float | None = None
     input_dtype: type = np.float32
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -243,7 +245,21 @@ LOADERS = {Runtime.keras: _load_keras, Runtime.tflite: _load_tflite, Runtime.ope
 def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
     """Loads one registry entry, or raises ModelUnavailable with the reason."""
     labels = load_labels(entry, settings)
-    return LOADERS[entry.runtime](entry, settings, labels)
+    loaded = LOADERS[entry.runtime](entry, settings, labels)
+    loaded.heldout_accuracy = heldout_accuracy(entry, settings)
+    return loaded
+
+
+def heldout_accuracy(entry: ModelEntry, settings: ModelSettings) -> float | None:
+    """``test_accuracy`` of the training record (``metrics.json``) beside the model file, if any."""
+    if entry.file is None:
+        return None
+    record = resolve(entry, entry.file, settings).parent / "metrics.json"
+    try:
+        value = json.loads(record.read_text())["test_accuracy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def configure_tensorflow(settings: ModelSettings) -> None:

@@ -134,6 +134,7 @@ class Worker:
             ready=True,
             num_classes=len(loaded.labels),
             random_weights=loaded.random_weights,
+            heldout_accuracy=loaded.heldout_accuracy,
         )
 
     def _set_state(self, entry: ModelEntry, state: ModelState | None) -> None:

@@ -40,6 +40,7 @@ from api.app.predictions.router import images as predictions_of_images
 from api.app.predictions.router import router as predictions_router
 from api.app.registry.live import LiveRegistry
 from api.app.registry.router import router as registry_router
+from api.app.releases.router import router as releases_router
 from api.app.users.router import classic as users_classic
 from api.app.users.router import router as users_router
 from contracts.registry import load_registry
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         catalog_router,
         admin_router,
         registry_router,
+        releases_router,
         health_router,
     )
     for router in routers:

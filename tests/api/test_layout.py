@@ -11,7 +11,19 @@ import pytest
 APP = Path(__file__).resolve().parents[2] / "api" / "app"
 
 # Bottom to top: each domain may import those before it (and contracts/, libraries).
-LAYERS = ["core", "images", "users", "auth", "registry", "catalog", "predictions", "feedback", "admin", "health"]
+LAYERS = [
+    "core",
+    "images",
+    "users",
+    "auth",
+    "registry",
+    "catalog",
+    "predictions",
+    "feedback",
+    "releases",
+    "admin",
+    "health",
+]
 # deps.py wires shared objects into routes: it sits above the domains it hands out and below every
 # router, so only routers import it.
 DEPS_USES = {"core", "images", "users", "auth", "registry", "catalog"}

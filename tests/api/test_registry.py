@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import os
 import subprocess
 import sys
@@ -476,3 +477,50 @@ async def test_a_shadow_answers_copies_that_are_stored_and_never_returned(own_st
 async def users_of(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, dict[str, str]]:
     email, password = await _new_user(client, admin)
     return email, await login(client, email, password)
+
+
+async def test_promotion_compares_first_and_is_refused_when_worse_unless_forced(own_stack: Stack) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="sketch")
+
+    async def both() -> bool:
+        availability = await own_stack.app.state.workers.availability(fresh=True)
+        return all(key in availability and availability[key].available for key in ("sketch@1", "sketch@2"))
+
+    await until(both, 60, "both sketch versions served")
+    compare = "/v1/admin/registry/models/sketch/compare"
+    r = await client.get(compare, params={"candidate": 2}, headers=admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # The training records of the two versions (metrics.json beside each model file).
+    records = {
+        v: json.loads(
+            (Path(os.environ.get("TRAINED_DIR", ROOT / "var" / "trained")) / f"sketch/v{v}/metrics.json").read_text()
+        )
+        for v in (1, 2)
+    }
+    assert body["baseline"]["version"] == 1 and body["candidate"]["version"] == 2
+    assert body["candidate"]["heldout_accuracy"] == records[2]["test_accuracy"]
+    assert body["baseline"]["heldout_accuracy"] == records[1]["test_accuracy"]
+    better = records[2]["test_accuracy"] >= records[1]["test_accuracy"]
+    assert body["verdict"] == "not_worse" if better else body["verdict"] in ("worse", "not_worse")
+    assert any("held-out accuracy" in reason for reason in body["reasons"])
+    assert (await client.get(compare, params={"candidate": 1}, headers=admin)).status_code == 409
+    assert (await client.get(compare, params={"candidate": 9}, headers=admin)).status_code == 404
+
+    # The lower of the two becomes the candidate against the higher, with no margin to spare.
+    high, low = (2, 1) if better else (1, 2)
+    promote = "/v1/admin/registry/models/sketch/versions/{}/promote"
+    if high != 1:
+        r = await client.post(promote.format(high), json={"reason": "higher held-out accuracy"}, headers=admin)
+        assert r.status_code == 200, r.text
+    own_stack.app.state.settings = own_stack.app.state.settings.model_copy(update={"promotion_margin": 0.0})
+    refused = await client.post(promote.format(low), json={"reason": "try"}, headers=admin)
+    assert refused.status_code == 409 and "held-out accuracy" in refused.json()["detail"], refused.text
+    forced = await client.post(promote.format(low), json={"reason": "needed for a demo", "force": True}, headers=admin)
+    assert forced.status_code == 200, forced.text
+    changes = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()
+    latest = changes["data"][0]
+    assert latest["action"] == "promote" and latest["version"] == low
+    assert latest["reason"].startswith("needed for a demo [forced past the comparison: held-out accuracy")

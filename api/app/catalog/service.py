@@ -31,6 +31,7 @@ class ModelAvailability:
     reasons: list[str] = field(default_factory=list)
     num_classes: int = 0
     random_weights: bool = False
+    heldout_accuracy: float | None = None
 
     @property
     def available(self) -> bool:
@@ -77,6 +78,7 @@ class WorkerDirectory:
                     entry.workers += 1
                     entry.num_classes = state.num_classes
                     entry.random_weights = state.random_weights
+                    entry.heldout_accuracy = state.heldout_accuracy
                 elif state.reason:
                     entry.reasons.append(state.reason)
         return result

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     """At most one log line per dependency outage per this many seconds."""
     expire_grace_seconds: float = 30.0
     """How long past its deadline an unanswered job waits for a worker's own verdict before the API expires it."""
+    promotion_margin: float = Field(default=0.02, ge=0.0, le=1.0)
+    """How much lower a candidate's accuracy (held-out, or on users' verdicts) may be than the stable
+    version's before a promotion is refused (0.02: two points); an admin may force it with a reason."""
     shadow_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     """Share of a model's requests a shadow version of it gets a copy of (0.25: one in four)."""
     registry_refresh_seconds: float = 1.0

@@ -130,29 +130,6 @@ async def update_version(
     return await _answer(session, redis, live, name, rows)
 
 
-@router.post("/models/{name}/versions/{version}/promote", response_model=ModelVersionsPublic, responses=CHANGE)
-async def promote_version(
-    name: ModelName,
-    version: Version,
-    body: ChangeReason,
-    admin: AdminUser,
-    session: SessionDep,
-    redis: RedisDep,
-    workers: WorkersDep,
-    live: LiveRegistryDep,
-) -> ModelVersionsPublic:
-    """Make a version stable; the previous stable one stays loaded for a rollback (admin)."""
-    rows = await service.promote(
-        session=session,
-        actor=service.Actor(admin.id, admin.email),
-        name=name,
-        version=version,
-        reason=body.reason,
-        available=await _available(workers),
-    )
-    return await _answer(session, redis, live, name, rows)
-
-
 @router.post("/models/{name}/rollback", response_model=ModelVersionsPublic, responses=CHANGE)
 async def rollback_model(
     name: ModelName,

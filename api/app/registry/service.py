@@ -275,6 +275,17 @@ async def register_version(*, session: AsyncSession, actor: Actor, entry: ModelE
     return row
 
 
+async def stable_versions(*, session: AsyncSession, name: str) -> list[int]:
+    """The model's enabled stable versions."""
+    return list(
+        await session.scalars(
+            select(ModelVersion.version).where(
+                ModelVersion.name == name, ModelVersion.channel == "stable", ModelVersion.enabled.is_(True)
+            )
+        )
+    )
+
+
 async def next_version(*, session: AsyncSession, name: str) -> int:
     """The number a new version of ``name`` gets: one above its highest, 1 for a new model."""
     return (

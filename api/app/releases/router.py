@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.app.core.fields import INT32_MAX
+from api.app.core.responses import ADMIN, CONFLICT, INVALID, NOT_FOUND
+from api.app.deps import AdminUser, LiveRegistryDep, ReadSessionDep, RedisDep, SessionDep, SettingsDep, WorkersDep
+from api.app.registry import service as registry_service
+from api.app.registry.router import ModelName, Version
+from api.app.registry.schemas import ModelVersionPublic, ModelVersionsPublic
+from api.app.releases import service
+from api.app.releases.schemas import Comparison, Promotion
+
+router = APIRouter(prefix="/v1/admin/registry", tags=["registry"])
+
+
+@router.get(
+    "/models/{name}/compare", response_model=Comparison, responses={**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID}
+)
+async def compare_versions(
+    name: ModelName,
+    _: AdminUser,
+    session: ReadSessionDep,
+    workers: WorkersDep,
+    settings: SettingsDep,
+    candidate: Annotated[int, Query(ge=1, le=INT32_MAX)],
+    baseline: Annotated[int | None, Query(ge=1, le=INT32_MAX, description="default: the stable version")] = None,
+    days: Annotated[int, Query(ge=1, le=365)] = 7,
+) -> Comparison:
+    """A candidate version against the stable one: accuracies, traffic, shadow agreement, verdict (admin)."""
+    return await service.compare(
+        session=session,
+        name=name,
+        candidate=candidate,
+        baseline=baseline,
+        availability=await workers.availability(fresh=True),
+        margin=settings.promotion_margin,
+        days=days,
+    )
+
+
+@router.post(
+    "/models/{name}/versions/{version}/promote",
+    response_model=ModelVersionsPublic,
+    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID},
+)
+async def promote_version(
+    name: ModelName,
+    version: Version,
+    body: Promotion,
+    admin: AdminUser,
+    session: SessionDep,
+    redis: RedisDep,
+    workers: WorkersDep,
+    settings: SettingsDep,
+    live: LiveRegistryDep,
+) -> ModelVersionsPublic:
+    """Make a version stable unless it compares worse (force: with a reason); the previous one stays for rollback (admin)."""
+    rows = await service.promote(
+        session=session,
+        actor=registry_service.Actor(admin.id, admin.email),
+        name=name,
+        version=version,
+        reason=body.reason,
+        force=body.force,
+        availability=await workers.availability(fresh=True),
+        margin=settings.promotion_margin,
+    )
+    await live.reload(session, redis)
+    return ModelVersionsPublic(
+        name=name, revision=live.revision, versions=[ModelVersionPublic.model_validate(r) for r in rows]
+    )

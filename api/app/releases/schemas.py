@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from api.app.registry.schemas import Reason
+
+
+class VersionStats(BaseModel):
+    version: int
+    channel: str
+    heldout_accuracy: float | None
+    """Top-1 accuracy on its training run's held-out set, as its workers report it."""
+    feedback: int
+    """Users' verdicts on its answers (correct or wrong)."""
+    feedback_accuracy: float | None
+    """Share of those verdicts saying correct; None below ``min_feedback`` verdicts."""
+    answers: int
+    """Answers given in the period (as a canary or stable version) or copies answered (as a shadow)."""
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    mean_score: float | None
+    """Mean top-1 score of those answers."""
+
+
+class Comparison(BaseModel):
+    model: str
+    candidate: VersionStats
+    baseline: VersionStats
+    days: int
+    shadow_answers: int
+    """Copies of the baseline's requests the candidate answered as a shadow, both answers done."""
+    shadow_agreement: float | None
+    """Share of those where the candidate's top-1 label equals the baseline's."""
+    margin: float
+    """How much lower the candidate's accuracy may be (PROMOTION_MARGIN)."""
+    verdict: Literal["worse", "not_worse", "no_evidence"]
+    """``worse``: an accuracy both versions have is lower for the candidate by more than the margin;
+    ``not_worse``: at least one is known and none is; ``no_evidence``: none is known for both."""
+    reasons: list[str]
+
+
+class Promotion(BaseModel):
+    reason: Reason
+    force: bool = False
+    """Promote even when the comparison says worse (the numbers go into the audit trail)."""

@@ -1,0 +1,195 @@
+"""Comparing a candidate version with the stable one before it is promoted: held-out accuracy
+from the training records, accuracy from users' verdicts, and the traffic each answered (latency,
+scores, agreement of a shadow with the answers it mirrored)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from fastapi import HTTPException
+from sqlalchemy import Integer, and_, cast, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from api.app.catalog.service import ModelAvailability
+from api.app.feedback.models import Feedback
+from api.app.predictions.models import Prediction, ShadowPrediction
+from api.app.registry import service as registry_service
+from api.app.registry.models import ModelVersion
+from api.app.releases.schemas import Comparison, VersionStats
+
+MIN_FEEDBACK = 20
+"""Fewer verdicts than this give no feedback accuracy: two wrong answers out of five say little."""
+
+
+async def _traffic(
+    session: AsyncSession, table: type[Prediction] | type[ShadowPrediction], name: str, version: int, since: datetime
+) -> tuple[int, float | None, float | None, float | None]:
+    row = (
+        await session.execute(
+            select(
+                func.count(),
+                func.percentile_cont(0.5).within_group(table.total_ms),
+                func.percentile_cont(0.95).within_group(table.total_ms),
+                func.avg(table.score),
+            ).where(
+                table.model_name == name,
+                table.model_version == version,
+                table.status == "done",
+                table.created_at >= since,
+            )
+        )
+    ).one()
+    count, p50, p95, score = row
+    return int(count), _round(p50), _round(p95), _round(score, 4)
+
+
+def _round(value: object, digits: int = 1) -> float | None:
+    return round(float(value), digits) if isinstance(value, int | float) else None
+
+
+async def _feedback(session: AsyncSession, name: str, version: int) -> tuple[int, float | None]:
+    count, correct = (
+        await session.execute(
+            select(func.count(Feedback.id), func.sum(cast(Feedback.is_correct, Integer)))
+            .join(Prediction, Feedback.prediction_id == Prediction.id)
+            .where(Prediction.model_name == name, Prediction.model_version == version, Feedback.is_correct.is_not(None))
+        )
+    ).one()
+    count = int(count or 0)
+    return count, (int(correct or 0) / count) if count >= MIN_FEEDBACK else None
+
+
+async def _stats(
+    session: AsyncSession, row: ModelVersion, availability: dict[str, ModelAvailability], since: datetime
+) -> VersionStats:
+    table: type[Prediction] | type[ShadowPrediction] = ShadowPrediction if row.channel == "shadow" else Prediction
+    answers, p50, p95, score = await _traffic(session, table, row.name, row.version, since)
+    feedback, feedback_accuracy = await _feedback(session, row.name, row.version)
+    state = availability.get(f"{row.name}@{row.version}")
+    return VersionStats(
+        version=row.version,
+        channel=row.channel,
+        heldout_accuracy=state.heldout_accuracy if state is not None else None,
+        feedback=feedback,
+        feedback_accuracy=feedback_accuracy,
+        answers=answers,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        mean_score=score,
+    )
+
+
+async def compare(
+    *,
+    session: AsyncSession,
+    name: str,
+    candidate: int,
+    baseline: int | None,
+    availability: dict[str, ModelAvailability],
+    margin: float,
+    days: int,
+) -> Comparison:
+    """The candidate version against ``baseline`` (None: the model's stable version with the most
+    traffic) over the last ``days``. Raises 404 for an unknown model or version, 409 when there
+    is no stable version to compare with or the candidate is it."""
+    rows = {r.version: r for r in await session.scalars(select(ModelVersion).where(ModelVersion.name == name))}
+    if not rows:
+        raise HTTPException(status_code=404, detail=f"No model named {name!r}.")
+    if candidate not in rows:
+        raise HTTPException(status_code=404, detail=f"{name} has no version {candidate}.")
+    if baseline is None:
+        stable = [r for r in rows.values() if r.channel == "stable" and r.enabled]
+        if not stable:
+            raise HTTPException(status_code=409, detail=f"{name} has no enabled stable version to compare with.")
+        baseline = max(stable, key=lambda r: (r.weight, r.version)).version
+    if baseline not in rows:
+        raise HTTPException(status_code=404, detail=f"{name} has no version {baseline}.")
+    if baseline == candidate:
+        raise HTTPException(status_code=409, detail=f"{name}@{candidate} is the version it would be compared with.")
+    since = datetime.now(UTC) - timedelta(days=days)
+    ours = await _stats(session, rows[candidate], availability, since)
+    theirs = await _stats(session, rows[baseline], availability, since)
+
+    primary = aliased(Prediction)
+    shadow_answers, agreeing = (
+        await session.execute(
+            select(func.count(), func.sum(cast(ShadowPrediction.label == primary.label, Integer)))
+            .join(primary, and_(primary.id == ShadowPrediction.shadow_of, primary.status == "done"))
+            .where(
+                ShadowPrediction.model_name == name,
+                ShadowPrediction.model_version == candidate,
+                ShadowPrediction.status == "done",
+                primary.model_version == baseline,
+                ShadowPrediction.created_at >= since,
+            )
+        )
+    ).one()
+    shadow_answers = int(shadow_answers or 0)
+    agreement = round(int(agreeing or 0) / shadow_answers, 4) if shadow_answers else None
+
+    reasons: list[str] = []
+    worse = False
+    for label, a, b in (
+        ("held-out accuracy", ours.heldout_accuracy, theirs.heldout_accuracy),
+        ("accuracy on users' verdicts", ours.feedback_accuracy, theirs.feedback_accuracy),
+    ):
+        if a is None or b is None:
+            continue
+        verdict = "worse" if a < b - margin else "not worse"
+        worse |= verdict == "worse"
+        reasons.append(f"{label}: {a:.4f} against {b:.4f} ({verdict}, margin {margin:g})")
+    return Comparison(
+        model=name,
+        candidate=ours,
+        baseline=theirs,
+        days=days,
+        shadow_answers=shadow_answers,
+        shadow_agreement=agreement,
+        margin=margin,
+        verdict="worse" if worse else ("not_worse" if reasons else "no_evidence"),
+        reasons=reasons,
+    )
+
+
+async def promote(
+    *,
+    session: AsyncSession,
+    actor: registry_service.Actor,
+    name: str,
+    version: int,
+    reason: str,
+    force: bool,
+    availability: dict[str, ModelAvailability],
+    margin: float,
+) -> list[ModelVersion]:
+    """``registry.service.promote`` behind the comparison: refused (409, with the numbers) when the
+    candidate compares worse than the stable version by more than ``margin``, unless ``force``,
+    whose override and numbers go into the audit trail with ``reason``."""
+    if await registry_service.stable_versions(session=session, name=name) != [version]:
+        comparison = await compare(
+            session=session,
+            name=name,
+            candidate=version,
+            baseline=None,
+            availability=availability,
+            margin=margin,
+            days=7,
+        )
+        if comparison.verdict == "worse":
+            numbers = "; ".join(comparison.reasons)
+            if not force:
+                raise HTTPException(
+                    status_code=409,
+                    detail=f"{name}@{version} compares worse than the stable version: {numbers}. "
+                    "Promote with force and a reason to go ahead.",
+                )
+            reason = f"{reason} [forced past the comparison: {numbers}]"
+    return await registry_service.promote(
+        session=session,
+        actor=actor,
+        name=name,
+        version=version,
+        reason=reason,
+        available={key for key, state in availability.items() if state.available},
+    )
