@@ -109,6 +109,7 @@ class Worker:
         """The version loaded and warmed up by one inference per batch size it will see; None
         (with the reason in its state) when it cannot be."""
         start = time.perf_counter()
+        self._tried[entry.key] = entry.spec()
         try:
             loaded = load_model(entry, self.settings)
             loaded.warm_up(tuple(sorted({1, self.settings.max_batch_size})))
@@ -195,7 +196,6 @@ class Worker:
             known = self.states.get(entry.key)
             if have is None and known is not None and not known.ready and self._tried.get(entry.key) == entry.spec():
                 continue
-            self._tried[entry.key] = entry.spec()
             log.info("registry: loading %s", entry.key)
             if (loaded := self._load(entry)) is not None:
                 with self._changes_lock:
