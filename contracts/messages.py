@@ -63,6 +63,9 @@ class JobMessage(BaseModel):
     shadow_of: str = ""
     """For a shadow version's copy: the id of the prediction it mirrors (its answer is kept for
     comparison, never returned); empty for a prediction the user asked for."""
+    evaluation: str = ""
+    """For an offline evaluation's job (a version run on users' labelled images to compare it with
+    another): the evaluation's id; its answer is kept with the evaluation, never returned."""
     image: bytes = Field(default=b"", exclude=True)
 
     def expired(self, now: float | None = None) -> bool:
@@ -97,6 +100,8 @@ class ResultMessage(BaseModel):
     dead_lettered: bool = False
     shadow_of: str = ""
     """As the job's: the answer of a shadow copy."""
+    evaluation: str = ""
+    """As the job's: the answer to an evaluation's job."""
 
     @classmethod
     def answering(cls, source: JobMessage | ResultMessage, status: PredictionStatus, **fields: Any) -> Self:
@@ -109,6 +114,7 @@ class ResultMessage(BaseModel):
             sha256=source.sha256,
             request_id=source.request_id,
             shadow_of=source.shadow_of,
+            evaluation=source.evaluation,
             status=status,
             **fields,
         )

@@ -3,11 +3,13 @@
 from api.app.auth.models import RevokedToken
 from api.app.feedback.models import Feedback
 from api.app.images.models import Image
-from api.app.predictions.models import Job, Prediction, ShadowPrediction
+from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction, ShadowPrediction
 from api.app.registry.models import ModelVersion, RegistryChange
 from api.app.users.models import User
 
 __all__ = [
+    "Evaluation",
+    "EvaluationAnswer",
     "Feedback",
     "Image",
     "Job",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -12,7 +14,8 @@ from fastapi import FastAPI
 
 from api.app.core.config import Settings
 from api.app.main import create_app
-from tests.conftest import client_for
+from api.prestart import migrate, seed_admin, seed_registry
+from tests.conftest import _execute, client_for
 from tests.support import RedisServer, Service, start_worker, wait_for_worker
 
 
@@ -54,3 +57,53 @@ async def stack(private_redis: RedisServer, settings: Settings) -> AsyncIterator
         finally:
             for w in s.workers:
                 w.stop()
+
+
+@pytest.fixture
+async def fresh_settings(settings: Settings) -> AsyncIterator[Settings]:
+    """A database of its own, migrated and empty: seeding is tested from the start."""
+    name = f"portal_registry_{uuid.uuid4().hex[:8]}"
+    await _execute(f'CREATE DATABASE "{name}"')
+    url = settings.database_url.rsplit("/", 1)[0] + f"/{name}"
+    await asyncio.to_thread(migrate, url)
+    try:
+        yield settings.model_copy(update={"database_url": url})
+    finally:
+        await _execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def own_stack(
+    fresh_settings: Settings, private_redis: RedisServer, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
+    """An API on a database and a Redis of its own, seeded as at start-up: the changes made here
+    must not reach the registry the rest of the suite uses. Indirect parameters: more settings."""
+    settings = fresh_settings.model_copy(
+        update={
+            "redis_url": private_redis.url,
+            "max_queue_depth": 2000,
+            "max_jobs_in_flight_per_user": 1000,
+            **getattr(request, "param", {}),
+        }
+    )
+    await seed_admin(settings)
+    await seed_registry(settings)
+    app = create_app(settings)
+    async for client in client_for(app):
+        stack = Stack(private_redis, client, app)
+        try:
+            yield stack
+        finally:
+            for w in stack.workers:
+                w.stop()
+
+
+async def until(check: Any, seconds: float, what: str) -> float:
+    """Seconds until ``await check()`` is true; fails after ``seconds``."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not await check():
+        if loop.time() - start > seconds:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        await asyncio.sleep(0.1)
+    return loop.time() - start

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,30 +21,16 @@ from sqlalchemy import select, update
 
 from api.app.core.config import Settings
 from api.app.core.db import make_engine, make_sessionmaker
-from api.app.main import create_app
 from api.app.predictions import service as predictions_service
 from api.app.predictions.models import Job, ShadowPrediction
 from api.app.registry import service
 from api.app.registry.models import ModelVersion, RegistryChange
-from api.prestart import migrate, seed_admin, seed_registry
 from contracts.registry import Registry, load_registry
-from tests.api.conftest import Stack
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, _execute, client_for, login
+from tests.api.conftest import Stack, until
+from tests.api.test_metrics import scrape, value
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, login
 from tests.images import encode
-from tests.support import ROOT, RedisServer
-
-
-@pytest.fixture
-async def fresh_settings(settings: Settings) -> AsyncIterator[Settings]:
-    """A database of its own, migrated and empty: seeding is tested from the start."""
-    name = f"portal_registry_{uuid.uuid4().hex[:8]}"
-    await _execute(f'CREATE DATABASE "{name}"')
-    url = settings.database_url.rsplit("/", 1)[0] + f"/{name}"
-    await asyncio.to_thread(migrate, url)
-    try:
-        yield settings.model_copy(update={"database_url": url})
-    finally:
-        await _execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+from tests.support import ROOT
 
 
 async def _seed(settings: Settings, registry: Registry) -> int:
@@ -138,25 +123,6 @@ async def test_admins_read_the_registry_and_its_history(
     assert bad.status_code == 422
 
 
-@pytest.fixture
-async def own_stack(fresh_settings: Settings, private_redis: RedisServer) -> AsyncIterator[Stack]:
-    """An API on a database and a Redis of its own, seeded as at start-up: the changes made here
-    must not reach the registry the rest of the suite uses."""
-    settings = fresh_settings.model_copy(
-        update={"redis_url": private_redis.url, "max_queue_depth": 2000, "max_jobs_in_flight_per_user": 1000}
-    )
-    await seed_admin(settings)
-    await seed_registry(settings)
-    app = create_app(settings)
-    async for client in client_for(app):
-        stack = Stack(private_redis, client, app)
-        try:
-            yield stack
-        finally:
-            for w in stack.workers:
-                w.stop()
-
-
 SKETCH_V3 = {
     "name": "sketch",
     "description": "v2's weights registered again, as a retrained model would be",
@@ -173,17 +139,6 @@ def drawing() -> bytes:
     img = Image.new("L", (28, 28), 255)
     ImageDraw.Draw(img).ellipse((4, 4, 24, 24), outline=0, width=2)
     return encode(img, "PNG")
-
-
-async def until(check: Any, seconds: float, what: str) -> float:
-    """Seconds until ``await check()`` is true; fails after ``seconds``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not await check():
-        if loop.time() - start > seconds:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        await asyncio.sleep(0.1)
-    return loop.time() - start
 
 
 async def test_a_registered_version_is_served_then_split_promoted_and_rolled_back(own_stack: Stack) -> None:
@@ -226,10 +181,26 @@ async def test_a_registered_version_is_served_then_split_promoted_and_rolled_bac
         assert r.status_code == 200, r.text
         seen.setdefault(i, set()).add(r.json()["version"])
 
+    before = await scrape(client)
     await asyncio.gather(*(ask(i, h) for i, h in enumerate(people) for _ in range(20)))
     assert all(len(versions) == 1 for versions in seen.values()), seen
     canary_share = sum(versions == {3} for versions in seen.values()) / len(seen)
     assert abs(canary_share - 0.10) <= 0.04, canary_share
+    # Prometheus sees the same split, beside the share the weights give.
+    scraped = await scrape(client)
+    routed = {
+        v: value(scraped, "portal_routed_requests_total", model="sketch", version=str(v))
+        - value(before, "portal_routed_requests_total", model="sketch", version=str(v))
+        for v in (1, 3)
+    }
+    assert sum(routed.values()) == 1000 and routed[3] / 1000 == canary_share, routed
+
+    async def weights_exported() -> bool:
+        # sketch@3 exists in this test's registry alone (gauges are per process, apps are many here).
+        samples = await scrape(client)
+        return value(samples, "portal_traffic_weight_share", model="sketch", version="3") == pytest.approx(0.1)
+
+    await until(weights_exported, 10, "the weights' shares exported")
 
     # Promotion: version 3 takes the stable traffic, version 1 stays loaded; rollback in one call.
     r = await client.post(
@@ -454,6 +425,18 @@ async def test_a_shadow_answers_copies_that_are_stored_and_never_returned(own_st
         return len(rows) == 5 and all(r.status == "done" and r.label for r in rows)
 
     await until(shadows_done, 20, "five shadow answers stored")
+    r = await client.get(
+        "/v1/admin/registry/models/sketch/compare", params={"candidate": 3, "baseline": 1}, headers=admin
+    )
+    agreement = r.json()["shadow_agreement"]
+
+    async def agreement_exported() -> bool:
+        samples = await scrape(client)
+        return value(samples, "portal_shadow_answers", model="sketch", version="3") == 5 and value(
+            samples, "portal_shadow_agreement", model="sketch", version="3"
+        ) == pytest.approx(agreement)
+
+    await until(agreement_exported, 10, "the shadow's agreement exported")
     async with own_stack.app.state.read_sessionmaker() as session:
         rows = list(await session.scalars(select(ShadowPrediction)))
     assert {str(r.job_id) for r in rows} == set(job_ids)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from fastapi import HTTPException
 from redis.asyncio import Redis
 
+from api.app.core import metrics
 from api.app.core.config import Settings
 from contracts import keys, workers
 from contracts.messages import Heartbeat
@@ -144,6 +145,20 @@ def route(
     return weighted[-1]
 
 
+def weight_shares(registry: Registry, *, benchmark_mode: bool) -> dict[tuple[str, int], float]:
+    """Per (model, version) with traffic, the share of the model's routed requests its weight
+    gives it (0 to 1), as ``route`` splits them when every such version is served."""
+    weighted = [
+        m
+        for m in registry.served(benchmark_mode=benchmark_mode)
+        if m.channel in ("stable", "canary") and m.traffic_weight > 0
+    ]
+    totals: dict[str, int] = {}
+    for m in weighted:
+        totals[m.name] = totals.get(m.name, 0) + m.traffic_weight
+    return {(m.name, m.version): m.traffic_weight / totals[m.name] for m in weighted}
+
+
 def default_entry(
     registry: Registry, availability: dict[str, ModelAvailability], *, benchmark_mode: bool, user_id: int = 0
 ) -> ModelEntry | None:
@@ -206,6 +221,7 @@ def resolve_models(
         entry = default_entry(registry, availability, benchmark_mode=bench, user_id=user_id)
         if entry is None:
             raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
+        metrics.ROUTED.labels(entry.name, str(entry.version)).inc()
         return [entry]
     listed = sorted(m.key for m in registry.served(benchmark_mode=bench))
     entries: list[ModelEntry] = []
@@ -217,6 +233,8 @@ def resolve_models(
         routed = None
         if version is None:
             routed = route(registry, name, user_id=user_id, availability=availability, benchmark_mode=bench)
+            if routed is not None:
+                metrics.ROUTED.labels(routed.name, str(routed.version)).inc()
         entry = routed or registry.find(name, version, benchmark_mode=bench)
         if entry is None:
             raise HTTPException(status_code=422, detail=f"Unknown model {ref!r}; available models: {', '.join(listed)}")

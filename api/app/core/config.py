@@ -138,6 +138,13 @@ class Settings(BaseSettings):
     version's before a promotion is refused (0.02: two points); an admin may force it with a reason."""
     shadow_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     """Share of a model's requests a shadow version of it gets a copy of (0.25: one in four)."""
+    evaluation_max_images: int = Field(default=10_000, ge=1)
+    """At most this many labelled images (the most recent verdicts) in one offline evaluation."""
+    evaluation_in_flight: int = Field(default=32, ge=1)
+    """Jobs of an offline evaluation queued at a time per version: the rest wait in PostgreSQL, so
+    an evaluation of thousands of images never puts users' requests behind all of them."""
+    evaluation_job_seconds: float = Field(default=300.0, gt=0)
+    """Deadline of each evaluation job from the moment it is queued."""
     registry_refresh_seconds: float = 1.0
     """How often each API process checks the registry's revision in PostgreSQL (one small query) and
     republishes it to Redis if Redis lacks it: a change made through another process is served

@@ -34,8 +34,31 @@ CACHE = Counter("portal_result_cache", "Result cache lookups", ("result",))
 RECLAIMED = Counter("portal_reclaimed_jobs", "Jobs answered after another worker had taken them", MODEL)
 DEAD_LETTERED = Counter("portal_dead_lettered_jobs", "Jobs given up after too many deliveries", MODEL)
 FEEDBACK = Counter("portal_feedback", "Users' verdicts on answers (correct, wrong)", ("model", "version", "verdict"))
+ROUTED = Counter(
+    "portal_routed_requests",
+    "Requests naming a model without a version (or the default model), by the version routing chose",
+    MODEL,
+)
 # Every API process reads these from Redis, so the newest reading of a live process is the value.
 QUEUE_DEPTH = Gauge("portal_queue_depth", "Jobs waiting or being computed", MODEL, multiprocess_mode="livemostrecent")
+TRAFFIC_WEIGHT = Gauge(
+    "portal_traffic_weight_share",
+    "Share of a model's routed requests its registry weights give a version (0 to 1)",
+    MODEL,
+    multiprocess_mode="livemostrecent",
+)
+SHADOW_ANSWERS = Gauge(
+    "portal_shadow_answers",
+    "Copies a shadow version answered in the last hour whose mirrored answer is done",
+    MODEL,
+    multiprocess_mode="livemostrecent",
+)
+SHADOW_AGREEMENT = Gauge(
+    "portal_shadow_agreement",
+    "Share of those copies whose top-1 label equals the mirrored answer's (0 to 1)",
+    MODEL,
+    multiprocess_mode="livemostrecent",
+)
 LIVE_WORKERS = Gauge("portal_live_workers", "Model workers with a live heartbeat", multiprocess_mode="livemostrecent")
 
 LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")

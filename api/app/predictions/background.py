@@ -10,19 +10,21 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import redis.exceptions
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.app.catalog.service import weight_shares
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
 from api.app.core.tasks import run_every
 from api.app.core.wandb_log import InferenceLogger
 from api.app.images.storage import LocalBlobStore
-from api.app.predictions import queue, service
+from api.app.predictions import evaluations, queue, service
 from api.app.registry.live import LiveRegistry
 from contracts import keys, streams, workers
 from contracts.messages import PredictionStatus, ResultMessage
@@ -97,6 +99,7 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
     """
     done_jobs: dict[str, bytes] = {}
     handled: list[bytes] = []
+    evaluating = False
     try:
         for entry_id, fields in entries:
             try:
@@ -119,6 +122,7 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
                 completed = await _give_up(rt, entry_id, fields, result)
             if completed is not None:
                 done_jobs[result.job_id] = completed
+            evaluating |= bool(result.evaluation)
             handled.append(entry_id)
     finally:
         if handled:
@@ -128,6 +132,21 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
                 rt.settings.job_key_ttl_seconds,
                 ack=(keys.RESULT_STREAM, keys.RESULT_GROUP, handled),
             )
+    if evaluating:
+        # The next few of an evaluation's jobs as soon as some are answered, not at the next reconcile.
+        await top_up_evaluations(rt)
+
+
+async def top_up_evaluations(rt: JobRuntime) -> None:
+    """Queues the next jobs of running evaluations (``evaluations.top_up``)."""
+    async with rt.sessionmaker() as session:
+        await evaluations.top_up(
+            session=session,
+            redis=rt.redis,
+            store=rt.store,
+            in_flight=rt.settings.evaluation_in_flight,
+            job_seconds=rt.settings.evaluation_job_seconds,
+        )
 
 
 async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
@@ -176,10 +195,24 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
 
 
 async def refresh_gauges(rt: JobRuntime) -> None:
-    for entry in rt.live_registry.current.served(benchmark_mode=rt.settings.benchmark_mode):
+    registry = rt.live_registry.current
+    bench = rt.settings.benchmark_mode
+    for entry in registry.served(benchmark_mode=bench):
         depth = await queue.depth(rt.redis, entry.name, entry.version)
         metrics.QUEUE_DEPTH.labels(entry.name, str(entry.version)).set(depth)
     metrics.LIVE_WORKERS.set(len(await workers.live_heartbeats_async(rt.redis)))
+    shares = weight_shares(registry, benchmark_mode=bench)
+    for entry in registry.models:
+        metrics.TRAFFIC_WEIGHT.labels(entry.name, str(entry.version)).set(shares.get((entry.name, entry.version), 0.0))
+    async with rt.sessionmaker() as session:
+        agreement = await service.shadow_agreement(session=session, since=datetime.now(UTC) - timedelta(hours=1))
+    answered_by = {(name, version): (answered, agreeing) for name, version, answered, agreeing in agreement}
+    for entry in registry.models:
+        answered, agreeing = answered_by.get((entry.name, entry.version), (0, 0))
+        if answered or entry.channel == "shadow":
+            metrics.SHADOW_ANSWERS.labels(entry.name, str(entry.version)).set(answered)
+        if answered:
+            metrics.SHADOW_AGREEMENT.labels(entry.name, str(entry.version)).set(agreeing / answered)
 
 
 async def reconcile_once(rt: JobRuntime) -> None:
@@ -198,6 +231,8 @@ async def reconcile_once(rt: JobRuntime) -> None:
     await refresh_gauges(rt)
     async with rt.sessionmaker() as session:
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
+        await evaluations.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
+    await top_up_evaluations(rt)
     if finished:
         await queue.notify_done(
             rt.redis, {str(job_id): answers for job_id, answers in finished.items()}, settings.job_key_ttl_seconds

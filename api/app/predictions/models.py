@@ -104,3 +104,46 @@ class ShadowPrediction(TimestampMixin, Base):
         # Only copies in flight: the expiry scan reads what is in flight, not the whole history.
         Index("ix_shadow_predictions_unfinished", "job_id", postgresql_where=UNFINISHED_JOB),
     )
+
+
+class Evaluation(TimestampMixin, Base):
+    """An offline evaluation: two versions of a model run on the same labelled images, so their
+    accuracies compare on equal terms (not each on whatever traffic it happened to answer)."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    candidate: Mapped[int] = mapped_column(Integer)
+    baseline: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    """``running``, then ``done`` (every answer final: done, failed or expired)."""
+    images: Mapped[int] = mapped_column(Integer)
+    requested_by: Mapped[str] = mapped_column(String(320))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EvaluationAnswer(Base):
+    """One version's answer to one labelled image of an evaluation. ``pending`` rows wait in
+    PostgreSQL and are queued a few at a time (EVALUATION_IN_FLIGHT)."""
+
+    __tablename__ = "evaluation_answers"
+    __table_args__ = (
+        Index("ix_evaluation_answers_status", "evaluation_id", "model_version", "status"),
+        # Only answers in flight: the expiry scan reads what is in flight, not the whole history.
+        Index("ix_evaluation_answers_unfinished", "deadline_at", postgresql_where=UNFINISHED_JOB),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
+    evaluation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"))
+    image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    truth: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(200))
+    score: Mapped[float | None] = mapped_column(Float)
+    total_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

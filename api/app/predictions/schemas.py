@@ -136,3 +136,33 @@ class ClassicPrediction(BaseModel):
             job_id=job_id,
             results={f"{p.model}@{p.version}": p for p in answers},
         )
+
+
+class EvaluationVersion(BaseModel):
+    version: int
+    answered: int
+    """Images this version answered."""
+    failed: int
+    """Images it failed on or did not answer by the deadline."""
+    pending: int
+    """Images still to answer."""
+    correct: int
+    """Answers whose top-1 label is the users' label."""
+    accuracy: float | None
+    """correct ÷ answered; None before any answer."""
+    latency_p50_ms: float | None = None
+
+
+class EvaluationPublic(BaseModel):
+    """Two versions run on the same labelled images (users' verdicts on the model's answers)."""
+
+    id: uuid.UUID
+    model: str
+    status: str
+    """``running`` or ``done``."""
+    images: int
+    requested_by: str
+    created_at: datetime
+    finished_at: datetime | None
+    candidate: EvaluationVersion
+    baseline: EvaluationVersion

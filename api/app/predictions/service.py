@@ -13,8 +13,11 @@ from typing import Any, NamedTuple, cast
 from fastapi import HTTPException, UploadFile
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import Integer, Table, and_, bindparam
+from sqlalchemy import cast as sql_cast
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from api.app.catalog.service import WorkerDirectory, resolve_models, shadow_copies
 from api.app.core import metrics
@@ -23,7 +26,7 @@ from api.app.core.db import owned_page
 from api.app.images import service as images_service
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
-from api.app.predictions import queue
+from api.app.predictions import evaluations, queue
 from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Prediction, ShadowPrediction
 from api.app.predictions.schemas import ClassicPrediction, PredictionPublic
 from contracts import keys
@@ -518,6 +521,9 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> Store
     if result.shadow_of:
         await _store_shadow_answer(session, result, now)
         return StoredResult(None, None)
+    if result.evaluation:
+        await evaluations.store_answer(session=session, result=result)
+        return StoredResult(None, None)
     job_id = uuid.UUID(result.job_id)
     owner_id = await session.scalar(
         _STORE_ANSWER,
@@ -542,6 +548,32 @@ async def _store_shadow_answer(session: AsyncSession, result: ResultMessage, now
         .values(**values)
     )
     await session.commit()
+
+
+async def shadow_agreement(
+    *, session: AsyncSession, since: datetime, name: str | None = None, mirrored_version: int | None = None
+) -> list[tuple[str, int, int, int]]:
+    """Per shadow version with answers since ``since`` (only model ``name``'s, only copies of
+    ``mirrored_version``'s answers, when given): (model, version, copies answered whose mirrored
+    answer is done, those whose top-1 label equals the mirrored one)."""
+    primary = aliased(Prediction)
+    query = (
+        select(
+            ShadowPrediction.model_name,
+            ShadowPrediction.model_version,
+            func.count(),
+            func.sum(sql_cast(ShadowPrediction.label == primary.label, Integer)),
+        )
+        .join(primary, and_(primary.id == ShadowPrediction.shadow_of, primary.status == PredictionStatus.done.value))
+        .where(ShadowPrediction.status == PredictionStatus.done.value, ShadowPrediction.created_at >= since)
+        .group_by(ShadowPrediction.model_name, ShadowPrediction.model_version)
+    )
+    if name is not None:
+        query = query.where(ShadowPrediction.model_name == name)
+    if mirrored_version is not None:
+        query = query.where(primary.model_version == mirrored_version)
+    rows = await session.execute(query)
+    return [(model, version, int(count), int(agreeing or 0)) for model, version, count, agreeing in rows.tuples()]
 
 
 def answers_payload(predictions: list[Prediction]) -> bytes:

@@ -34,9 +34,13 @@ def entry_of(row: ModelVersion) -> ModelEntry:
     )
 
 
-def build_registry(rows: list[ModelVersion], default_order: list[str]) -> Registry:
-    """The registry of ``rows``; ``default_order`` keeps the names it has versions of. A row
-    whose spec no longer validates (written by another release) is left out, and logged."""
+def build_registry(rows: list[ModelVersion], default_order: list[str], file_order: list[str]) -> Registry:
+    """The registry of ``rows``; ``default_order`` keeps the names it has versions of. Models are
+    listed in the order registry.yaml gives them (``file_order``), those registered since after
+    them by name. A row whose spec no longer validates (written by another release) is left out,
+    and logged."""
+    position = {name: i for i, name in enumerate(file_order)}
+    rows = sorted(rows, key=lambda r: (position.get(r.name, len(position)), r.name, r.version))
     entries = []
     for row in rows:
         try:
@@ -55,6 +59,7 @@ class LiveRegistry:
         self.current = fallback
         """Until the database is first read: the file's registry (revision 0)."""
         self.default_order = fallback.default_order
+        self.file_order = list(dict.fromkeys(m.name for m in fallback.models))
         self.revision = 0
         self.source = ""
 
@@ -67,7 +72,7 @@ class LiveRegistry:
         rows = await service.list_versions(session=session)
         if not rows:
             return False  # not seeded yet: keep the file's registry
-        self.current = build_registry(rows, self.default_order)
+        self.current = build_registry(rows, self.default_order, self.file_order)
         self.revision, self.source = revision, source
         log.info("model registry at revision %d", revision)
         return True

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import ValidationError
 
 from api.app.core.fields import INT32_MAX
-from api.app.core.responses import ADMIN, CONFLICT, INVALID, NOT_FOUND
+from api.app.core.responses import ADMIN, BODY, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import AdminUser, LiveRegistryDep, PageDep, ReadSessionDep, RedisDep, SessionDep, WorkersDep
 from api.app.registry import service
 from api.app.registry.models import ModelVersion
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1/admin/registry", tags=["registry"])
 
 ModelName = Annotated[str, Path(pattern=r"^[a-z0-9_]+$", max_length=64)]
 Version = Annotated[int, Path(ge=1, le=INT32_MAX)]
-CHANGE = {**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID}
+CHANGE = {**ADMIN, **NOT_FOUND, **CONFLICT, **BODY}
 
 
 @router.get("", response_model=RegistryPublic, responses=ADMIN)

@@ -1,17 +1,19 @@
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, status
 
 from api.app.core.fields import INT32_MAX
-from api.app.core.responses import ADMIN, CONFLICT, INVALID, NOT_FOUND
+from api.app.core.responses import ADMIN, BODY, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import AdminUser, LiveRegistryDep, ReadSessionDep, RedisDep, SessionDep, SettingsDep, WorkersDep
+from api.app.predictions.schemas import EvaluationPublic
 from api.app.registry import service as registry_service
 from api.app.registry.router import ModelName, Version
 from api.app.registry.schemas import ModelVersionPublic, ModelVersionsPublic
 from api.app.releases import service
-from api.app.releases.schemas import Comparison, Promotion
+from api.app.releases.schemas import Comparison, EvaluationRequest, Promotion
 
 router = APIRouter(prefix="/v1/admin/registry", tags=["registry"])
 
@@ -42,9 +44,55 @@ async def compare_versions(
 
 
 @router.post(
+    "/models/{name}/evaluations",
+    response_model=EvaluationPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **BODY},
+)
+async def start_evaluation(
+    name: ModelName,
+    body: EvaluationRequest,
+    admin: AdminUser,
+    session: SessionDep,
+    workers: WorkersDep,
+    settings: SettingsDep,
+) -> EvaluationPublic:
+    """Run a candidate and the stable version (or ``baseline``) on the same images users labelled
+    with their verdicts, at most EVALUATION_MAX_IMAGES, in the background; 409 when a version is
+    not served or there are no verdicts (admin)."""
+    return await service.evaluate(
+        session=session,
+        actor=registry_service.Actor(admin.id, admin.email),
+        name=name,
+        candidate=body.candidate,
+        baseline=body.baseline,
+        availability=await workers.availability(fresh=True),
+        max_images=settings.evaluation_max_images,
+    )
+
+
+@router.get("/models/{name}/evaluations", response_model=list[EvaluationPublic], responses={**ADMIN, **INVALID})
+async def list_evaluations(name: ModelName, _: AdminUser, session: ReadSessionDep) -> list[EvaluationPublic]:
+    """The model's 20 most recent evaluations with their results, newest first (admin)."""
+    return await service.evaluations_of(session=session, name=name)
+
+
+@router.get(
+    "/models/{name}/evaluations/{evaluation_id}",
+    response_model=EvaluationPublic,
+    responses={**ADMIN, **NOT_FOUND, **INVALID},
+)
+async def get_evaluation(
+    name: ModelName, evaluation_id: uuid.UUID, _: AdminUser, session: ReadSessionDep
+) -> EvaluationPublic:
+    """One evaluation: per version, images answered, failed, pending, correct and accuracy (admin)."""
+    return await service.evaluation(session=session, name=name, evaluation_id=evaluation_id)
+
+
+@router.post(
     "/models/{name}/versions/{version}/promote",
     response_model=ModelVersionsPublic,
-    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID},
+    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **BODY},
 )
 async def promote_version(
     name: ModelName,

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from api.app.core.fields import INT32_MAX
+from api.app.predictions.schemas import EvaluationPublic
 from api.app.registry.schemas import Reason
 
 
@@ -33,6 +35,10 @@ class Comparison(BaseModel):
     """Copies of the baseline's requests the candidate answered as a shadow, both answers done."""
     shadow_agreement: float | None
     """Share of those where the candidate's top-1 label equals the baseline's."""
+    evaluation: EvaluationPublic | None = None
+    """The latest finished evaluation of these two versions on the same labelled images (POST
+    .../evaluations starts one); its accuracies count in the verdict once each version answered
+    at least 20 images."""
     margin: float
     """How much lower the candidate's accuracy may be (PROMOTION_MARGIN)."""
     verdict: Literal["worse", "not_worse", "no_evidence"]
@@ -45,3 +51,8 @@ class Promotion(BaseModel):
     reason: Reason
     force: bool = False
     """Promote even when the comparison says worse (the numbers go into the audit trail)."""
+
+
+class EvaluationRequest(BaseModel):
+    candidate: int = Field(ge=1, le=INT32_MAX)
+    baseline: int | None = Field(default=None, ge=1, le=INT32_MAX, description="default: the stable version")

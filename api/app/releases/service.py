@@ -4,16 +4,20 @@ scores, agreement of a shadow with the answers it mirrored)."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from fastapi import HTTPException
-from sqlalchemy import Integer, and_, cast, func, select
+from sqlalchemy import Integer, case, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from api.app.catalog.service import ModelAvailability
 from api.app.feedback.models import Feedback
-from api.app.predictions.models import Prediction, ShadowPrediction
+from api.app.images.models import Image
+from api.app.predictions import evaluations
+from api.app.predictions import service as predictions_service
+from api.app.predictions.models import Evaluation, Job, Prediction, ShadowPrediction
+from api.app.predictions.schemas import EvaluationPublic
 from api.app.registry import service as registry_service
 from api.app.registry.models import ModelVersion
 from api.app.releases.schemas import Comparison, VersionStats
@@ -94,44 +98,28 @@ async def compare(
     traffic) over the last ``days``. Raises 404 for an unknown model or version, 409 when there
     is no stable version to compare with or the candidate is it."""
     rows = {r.version: r for r in await session.scalars(select(ModelVersion).where(ModelVersion.name == name))}
-    if not rows:
-        raise HTTPException(status_code=404, detail=f"No model named {name!r}.")
-    if candidate not in rows:
-        raise HTTPException(status_code=404, detail=f"{name} has no version {candidate}.")
-    if baseline is None:
-        stable = [r for r in rows.values() if r.channel == "stable" and r.enabled]
-        if not stable:
-            raise HTTPException(status_code=409, detail=f"{name} has no enabled stable version to compare with.")
-        baseline = max(stable, key=lambda r: (r.weight, r.version)).version
-    if baseline not in rows:
-        raise HTTPException(status_code=404, detail=f"{name} has no version {baseline}.")
-    if baseline == candidate:
-        raise HTTPException(status_code=409, detail=f"{name}@{candidate} is the version it would be compared with.")
+    baseline = _baseline(name, rows, candidate, baseline)
     since = datetime.now(UTC) - timedelta(days=days)
     ours = await _stats(session, rows[candidate], availability, since)
     theirs = await _stats(session, rows[baseline], availability, since)
 
-    primary = aliased(Prediction)
-    shadow_answers, agreeing = (
-        await session.execute(
-            select(func.count(), func.sum(cast(ShadowPrediction.label == primary.label, Integer)))
-            .join(primary, and_(primary.id == ShadowPrediction.shadow_of, primary.status == "done"))
-            .where(
-                ShadowPrediction.model_name == name,
-                ShadowPrediction.model_version == candidate,
-                ShadowPrediction.status == "done",
-                primary.model_version == baseline,
-                ShadowPrediction.created_at >= since,
-            )
-        )
-    ).one()
-    shadow_answers = int(shadow_answers or 0)
+    copies = await predictions_service.shadow_agreement(
+        session=session, since=since, name=name, mirrored_version=baseline
+    )
+    shadow_answers, agreeing = next(((n, a) for _, v, n, a in copies if v == candidate), (0, 0))
     agreement = round(int(agreeing or 0) / shadow_answers, 4) if shadow_answers else None
+
+    evaluation = await evaluations.latest_finished(session=session, name=name, candidate=candidate, baseline=baseline)
+    evaluated = await evaluations.summary(session=session, evaluation=evaluation) if evaluation is not None else None
+    on_same_images: tuple[float | None, float | None] = (None, None)
+    if evaluated is not None and min(evaluated.candidate.answered, evaluated.baseline.answered) >= MIN_FEEDBACK:
+        on_same_images = (evaluated.candidate.accuracy, evaluated.baseline.accuracy)
 
     reasons: list[str] = []
     worse = False
     for label, a, b in (
         ("held-out accuracy", ours.heldout_accuracy, theirs.heldout_accuracy),
+        ("accuracy on the same labelled images", *on_same_images),
         ("accuracy on users' verdicts", ours.feedback_accuracy, theirs.feedback_accuracy),
     ):
         if a is None or b is None:
@@ -146,10 +134,100 @@ async def compare(
         days=days,
         shadow_answers=shadow_answers,
         shadow_agreement=agreement,
+        evaluation=evaluated,
         margin=margin,
         verdict="worse" if worse else ("not_worse" if reasons else "no_evidence"),
         reasons=reasons,
     )
+
+
+async def labelled_images(*, session: AsyncSession, name: str, limit: int) -> list[evaluations.LabelledImage]:
+    """Images users gave a verdict on for model ``name`` (any version), each with the label the
+    latest verdict gave it: the answer confirmed, or the right label of a "wrong"; the ``limit``
+    most recent."""
+    truth = case((Feedback.is_correct.is_(True), Prediction.label), else_=Feedback.correct_label)
+    latest = (
+        select(Job.image_id, Image.sha256, truth.label("truth"), Feedback.created_at)
+        .join(Prediction, Feedback.prediction_id == Prediction.id)
+        .join(Job, Prediction.job_id == Job.id)
+        .join(Image, Job.image_id == Image.id)
+        .where(Prediction.model_name == name, Feedback.is_correct.is_not(None))
+        .distinct(Job.image_id)
+        .order_by(Job.image_id, Feedback.created_at.desc())
+        .subquery()
+    )
+    rows = await session.execute(
+        select(latest.c.image_id, latest.c.sha256, latest.c.truth)
+        .where(latest.c.truth.is_not(None))
+        .order_by(latest.c.created_at.desc())
+        .limit(limit)
+    )
+    return [evaluations.LabelledImage(image_id, sha256, label) for image_id, sha256, label in rows.tuples()]
+
+
+async def evaluate(
+    *,
+    session: AsyncSession,
+    actor: registry_service.Actor,
+    name: str,
+    candidate: int,
+    baseline: int | None,
+    availability: dict[str, ModelAvailability],
+    max_images: int,
+) -> EvaluationPublic:
+    """Starts running ``candidate`` and ``baseline`` (None: the stable version) on the same
+    labelled images, at most ``max_images``; the reconciler queues them a few at a time. Raises
+    404 for an unknown model or version, 409 when a version is not served by any worker, when
+    it is the baseline itself, or when users gave no verdict on the model yet."""
+    rows = {r.version: r for r in await session.scalars(select(ModelVersion).where(ModelVersion.name == name))}
+    baseline = _baseline(name, rows, candidate, baseline)
+    for version in (candidate, baseline):
+        state = availability.get(f"{name}@{version}")
+        if state is None or not state.available:
+            raise HTTPException(status_code=409, detail=f"No worker serves {name}@{version}: enable it and retry.")
+    images = await labelled_images(session=session, name=name, limit=max_images)
+    if not images:
+        raise HTTPException(status_code=409, detail=f"Users have given no verdict on {name}'s answers yet.")
+    evaluation = await evaluations.start(
+        session=session,
+        name=name,
+        candidate=candidate,
+        baseline=baseline,
+        images=images,
+        requested_by=actor.email,
+    )
+    return await evaluations.summary(session=session, evaluation=evaluation)
+
+
+async def evaluation(*, session: AsyncSession, name: str, evaluation_id: uuid.UUID) -> EvaluationPublic:
+    """One evaluation of model ``name`` with its results so far; 404 when there is none."""
+    found = await evaluations.get(session=session, name=name, evaluation_id=evaluation_id)
+    if found is None:
+        raise HTTPException(status_code=404, detail=f"{name} has no evaluation {evaluation_id}.")
+    return await evaluations.summary(session=session, evaluation=found)
+
+
+async def evaluations_of(*, session: AsyncSession, name: str) -> list[EvaluationPublic]:
+    """The model's 20 most recent evaluations, newest first."""
+    found: list[Evaluation] = await evaluations.listed(session=session, name=name)
+    return [await evaluations.summary(session=session, evaluation=e) for e in found]
+
+
+def _baseline(name: str, rows: dict[int, ModelVersion], candidate: int, baseline: int | None) -> int:
+    if not rows:
+        raise HTTPException(status_code=404, detail=f"No model named {name!r}.")
+    if candidate not in rows:
+        raise HTTPException(status_code=404, detail=f"{name} has no version {candidate}.")
+    if baseline is None:
+        stable = [r for r in rows.values() if r.channel == "stable" and r.enabled]
+        if not stable:
+            raise HTTPException(status_code=409, detail=f"{name} has no enabled stable version to compare with.")
+        baseline = max(stable, key=lambda r: (r.weight, r.version)).version
+    if baseline not in rows:
+        raise HTTPException(status_code=404, detail=f"{name} has no version {baseline}.")
+    if baseline == candidate:
+        raise HTTPException(status_code=409, detail=f"{name}@{candidate} is the version it would be compared with.")
+    return baseline
 
 
 async def promote(

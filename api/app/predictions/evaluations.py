@@ -1,0 +1,274 @@
+"""Offline evaluations: two versions of a model run on the same labelled images, a few jobs at a
+time, their answers kept with the evaluation (never shown to users). The API's reconciler tops
+the queue up, expires what no worker answered and finishes evaluations with nothing left."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import cast
+
+from redis.asyncio import Redis
+from sqlalchemy import Integer, Table, and_, case
+from sqlalchemy import cast as sql_cast
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.images.storage import LocalBlobStore
+from api.app.predictions import queue
+from api.app.predictions.models import UNFINISHED, Evaluation, EvaluationAnswer
+from api.app.predictions.schemas import EvaluationPublic, EvaluationVersion
+from contracts.messages import JobMessage, PredictionStatus, ResultMessage
+
+log = logging.getLogger("api.evaluations")
+
+PENDING = "pending"
+"""An answer not queued yet: it waits in PostgreSQL until fewer than EVALUATION_IN_FLIGHT are queued."""
+_OPEN = (PENDING, *UNFINISHED)
+_answers = cast(Table, EvaluationAnswer.__table__)
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    image_id: uuid.UUID
+    sha256: str
+    truth: str
+    """The label a user's verdict gave the image (the answer they confirmed, or the one they
+    said was right)."""
+
+
+async def start(
+    *,
+    session: AsyncSession,
+    name: str,
+    candidate: int,
+    baseline: int,
+    images: Sequence[LabelledImage],
+    requested_by: str,
+) -> Evaluation:
+    """Stores an evaluation of ``name@candidate`` against ``name@baseline`` on ``images``, every
+    answer pending; ``top_up`` queues them. ``images`` must not be empty."""
+    evaluation = Evaluation(
+        model_name=name,
+        candidate=candidate,
+        baseline=baseline,
+        status="running",
+        images=len(images),
+        requested_by=requested_by,
+    )
+    session.add(evaluation)
+    await session.flush()
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "evaluation_id": evaluation.id,
+            "image_id": image.image_id,
+            "sha256": image.sha256,
+            "truth": image.truth,
+            "model_version": version,
+            "status": PENDING,
+        }
+        for version in (candidate, baseline)
+        for image in images
+    ]
+    await session.execute(insert(_answers), rows)
+    await session.commit()
+    return evaluation
+
+
+async def top_up(
+    *, session: AsyncSession, redis: Redis, store: LocalBlobStore, in_flight: int, job_seconds: float
+) -> int:
+    """Queues pending answers of running evaluations until ``in_flight`` per version are queued,
+    then finishes evaluations with nothing left open; the number of jobs queued.
+
+    Rows are taken with SKIP LOCKED, so two API processes never queue the same answer; a job
+    queued twice (Redis failed after the queue took it) is answered once."""
+    queued = 0
+    running = list(await session.scalars(select(Evaluation).where(Evaluation.status == "running")))
+    for evaluation in running:
+        for version in (evaluation.candidate, evaluation.baseline):
+            busy = await session.scalar(
+                select(func.count()).where(
+                    EvaluationAnswer.evaluation_id == evaluation.id,
+                    EvaluationAnswer.model_version == version,
+                    EvaluationAnswer.status.in_(UNFINISHED),
+                )
+            )
+            room = in_flight - int(busy or 0)
+            if room <= 0:
+                continue
+            answers = list(
+                await session.scalars(
+                    select(EvaluationAnswer)
+                    .where(
+                        EvaluationAnswer.evaluation_id == evaluation.id,
+                        EvaluationAnswer.model_version == version,
+                        EvaluationAnswer.status == PENDING,
+                    )
+                    .limit(room)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not answers:
+                continue
+            deadline = datetime.now(UTC) + timedelta(seconds=job_seconds)
+            messages = []
+            for answer in answers:
+                answer.status = PredictionStatus.queued.value
+                answer.deadline_at = deadline
+                messages.append(
+                    JobMessage(
+                        job_id=str(evaluation.id),
+                        prediction_id=str(answer.id),
+                        model=evaluation.model_name,
+                        version=version,
+                        sha256=answer.sha256,
+                        request_id=f"evaluation-{evaluation.id}",
+                        deadline=deadline.timestamp(),
+                        evaluation=str(evaluation.id),
+                        image=await store.get(answer.sha256),
+                    )
+                )
+            # Queued before the commit: an answer arriving first finds its row still open.
+            await queue.enqueue(redis, messages)
+            await session.commit()
+            queued += len(messages)
+    await _finish(session)
+    return queued
+
+
+async def _finish(session: AsyncSession) -> None:
+    still_open = (
+        select(EvaluationAnswer.id)
+        .where(EvaluationAnswer.evaluation_id == Evaluation.id, EvaluationAnswer.status.in_(_OPEN))
+        .exists()
+    )
+    await session.execute(
+        update(Evaluation)
+        .where(Evaluation.status == "running", ~still_open)
+        .values(status="done", finished_at=datetime.now(UTC))
+    )
+    await session.commit()
+
+
+async def store_answer(*, session: AsyncSession, result: ResultMessage) -> None:
+    """Keeps a worker's answer to an evaluation's job once (a duplicate finds its row final)."""
+    label, score = queue.top1(result.top_k)
+    await session.execute(
+        update(EvaluationAnswer)
+        .where(EvaluationAnswer.id == uuid.UUID(result.prediction_id), EvaluationAnswer.status.in_(_OPEN))
+        .values(
+            status=result.status.value,
+            label=label,
+            score=score,
+            total_ms=result.timings.total_ms,
+            error=result.error,
+            finished_at=datetime.now(UTC),
+        )
+    )
+    await session.commit()
+
+
+async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> None:
+    """Expires queued answers no worker gave by their deadline (a version unloaded meanwhile, a
+    queue lost with Redis's data), so every evaluation finishes."""
+    now = datetime.now(UTC)
+    await session.execute(
+        update(EvaluationAnswer)
+        .where(
+            EvaluationAnswer.status.in_(UNFINISHED),
+            EvaluationAnswer.deadline_at < now - timedelta(seconds=grace_seconds),
+        )
+        .values(
+            status=PredictionStatus.expired.value, error="deadline passed before a worker answered", finished_at=now
+        )
+    )
+    await session.commit()
+
+
+async def summary(*, session: AsyncSession, evaluation: Evaluation) -> EvaluationPublic:
+    """The evaluation with, per version, its answers so far and its top-1 accuracy on the
+    images it answered (None before any)."""
+    rows = await session.execute(
+        select(
+            EvaluationAnswer.model_version,
+            func.count(),
+            func.sum(sql_cast(EvaluationAnswer.status == PredictionStatus.done.value, Integer)),
+            func.sum(sql_cast(EvaluationAnswer.status.in_(_OPEN), Integer)),
+            func.sum(
+                case(
+                    (
+                        and_(
+                            EvaluationAnswer.status == PredictionStatus.done.value,
+                            EvaluationAnswer.label == EvaluationAnswer.truth,
+                        ),
+                        1,
+                    ),
+                    else_=0,
+                )
+            ),
+            func.percentile_cont(0.5).within_group(EvaluationAnswer.total_ms),
+        )
+        .where(EvaluationAnswer.evaluation_id == evaluation.id)
+        .group_by(EvaluationAnswer.model_version)
+    )
+    versions: dict[int, EvaluationVersion] = {}
+    for version, total, answered, still_open, correct, p50 in rows.tuples():
+        answered, still_open, correct = int(answered or 0), int(still_open or 0), int(correct or 0)
+        versions[version] = EvaluationVersion(
+            version=version,
+            answered=answered,
+            failed=int(total) - answered - still_open,
+            pending=still_open,
+            correct=correct,
+            accuracy=round(correct / answered, 4) if answered else None,
+            latency_p50_ms=round(float(p50), 1) if p50 is not None else None,
+        )
+    empty = EvaluationVersion(version=0, answered=0, failed=0, pending=0, correct=0, accuracy=None)
+    return EvaluationPublic(
+        id=evaluation.id,
+        model=evaluation.model_name,
+        status=evaluation.status,
+        images=evaluation.images,
+        requested_by=evaluation.requested_by,
+        created_at=evaluation.created_at,
+        finished_at=evaluation.finished_at,
+        candidate=versions.get(evaluation.candidate, empty.model_copy(update={"version": evaluation.candidate})),
+        baseline=versions.get(evaluation.baseline, empty.model_copy(update={"version": evaluation.baseline})),
+    )
+
+
+async def get(*, session: AsyncSession, name: str, evaluation_id: uuid.UUID) -> Evaluation | None:
+    """The evaluation of model ``name`` with this id, or None."""
+    return await session.scalar(select(Evaluation).where(Evaluation.id == evaluation_id, Evaluation.model_name == name))
+
+
+async def listed(*, session: AsyncSession, name: str, limit: int = 20) -> list[Evaluation]:
+    """The model's most recent evaluations, newest first."""
+    return list(
+        await session.scalars(
+            select(Evaluation)
+            .where(Evaluation.model_name == name)
+            .order_by(Evaluation.created_at.desc(), Evaluation.id)
+            .limit(limit)
+        )
+    )
+
+
+async def latest_finished(*, session: AsyncSession, name: str, candidate: int, baseline: int) -> Evaluation | None:
+    """The most recent finished evaluation of this pair of versions, or None."""
+    return await session.scalar(
+        select(Evaluation)
+        .where(
+            Evaluation.model_name == name,
+            Evaluation.candidate == candidate,
+            Evaluation.baseline == baseline,
+            Evaluation.status == "done",
+        )
+        .order_by(Evaluation.created_at.desc())
+        .limit(1)
+    )

@@ -1,0 +1,130 @@
+"""Comparing versions before a promotion: an offline evaluation runs both on the same images users
+labelled, in the background, a few jobs at a time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from api.app.core.db import make_engine, make_sessionmaker
+from api.app.predictions.models import EvaluationAnswer
+from contracts.messages import PredictionStatus
+from tests.api.conftest import Stack, until
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
+from tests.images import encode
+from tests.support import QUICKDRAW
+
+IN_FLIGHT = 3
+
+
+def canvas_drawings(category: str, count: int) -> list[bytes]:
+    """Held-out QuickDraw drawings (the end of the file) as the canvas sends them: dark on white."""
+    bitmaps = np.load(QUICKDRAW / f"{category}.npy", mmap_mode="r")[-count:]
+    return [encode(Image.fromarray(255 - np.asarray(b, dtype=np.uint8).reshape(28, 28)), "PNG") for b in bitmaps]
+
+
+async def classify(stack: Stack, headers: dict[str, str], data: bytes, ref: str) -> dict[str, Any]:
+    r = await stack.client.post(
+        "/model/predict", params={"models": ref}, files={"file": ("d.png", data)}, headers=headers
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json()["results"][ref])
+
+
+@pytest.mark.parametrize(
+    "own_stack", [{"evaluation_in_flight": IN_FLIGHT, "reconcile_interval_seconds": 1.0}], indirect=True
+)
+async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_stack: Stack) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    email = "labeller@example.com"
+    assert (
+        await client.post("/v1/users", json={"email": email, "password": PASSWORD}, headers=admin)
+    ).status_code == 201
+    user = await login(client, email, PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="sketch")
+
+    async def both() -> bool:
+        availability = await own_stack.app.state.workers.availability(fresh=True)
+        return all(key in availability and availability[key].available for key in ("sketch@1", "sketch@2"))
+
+    await until(both, 60, "both sketch versions served")
+    url = "/v1/admin/registry/models/sketch/evaluations"
+    r = await client.post(url, json={"candidate": 2}, headers=admin)
+    assert r.status_code == 409 and "no verdict" in r.json()["detail"], r.text
+
+    # Users label 24 drawings through their verdicts on sketch@1's answers; what each version
+    # answers for them, asked directly, is what the evaluation must find.
+    truths: list[str] = []
+    expected = {1: 0, 2: 0}
+    for category in ("apple", "cat", "fish", "bicycle"):
+        for data in canvas_drawings(category, 6):
+            first = await classify(own_stack, user, data, "sketch@1")
+            body: dict[str, Any] = {"prediction_id": first["id"], "is_correct": first["label"] == category}
+            if first["label"] != category:
+                body["correct_label"] = category
+            r = await client.post("/v1/feedback", json=body, headers=user)
+            assert r.status_code == 201, r.text
+            expected[1] += first["label"] == category
+            expected[2] += (await classify(own_stack, user, data, "sketch@2"))["label"] == category
+            truths.append(category)
+    # A "wrong" without the right label teaches nothing: that image is not evaluated.
+    unlabelled = await classify(own_stack, user, canvas_drawings("eye", 1)[0], "sketch@1")
+    r = await client.post("/v1/feedback", json={"prediction_id": unlabelled["id"], "is_correct": False}, headers=user)
+    assert r.status_code == 201, r.text
+    history = (await client.get("/v1/predictions", headers=user)).json()["count"]
+
+    r = await client.post(url, json={"candidate": 2}, headers=admin)
+    assert r.status_code == 202, r.text
+    started = r.json()
+    assert started["status"] == "running" and started["images"] == len(truths) == 24
+    assert (started["candidate"]["version"], started["baseline"]["version"]) == (2, 1)
+
+    engine = make_engine(own_stack.app.state.settings)
+    most_in_flight = 0
+    try:
+        async with make_sessionmaker(engine)() as session:
+
+            async def finished() -> bool:
+                nonlocal most_in_flight
+                in_flight = await session.execute(
+                    select(EvaluationAnswer.model_version, func.count())
+                    .where(EvaluationAnswer.status.in_((PredictionStatus.queued.value, PredictionStatus.running.value)))
+                    .group_by(EvaluationAnswer.model_version)
+                )
+                most_in_flight = max([most_in_flight, *(n for _, n in in_flight.tuples())])
+                await session.commit()
+                r = await client.get(f"{url}/{started['id']}", headers=admin)
+                assert r.status_code == 200, r.text
+                return bool(r.json()["status"] == "done")
+
+            await until(finished, 120, "the evaluation finished")
+    finally:
+        await engine.dispose()
+    assert 0 < most_in_flight <= IN_FLIGHT
+
+    done = (await client.get(f"{url}/{started['id']}", headers=admin)).json()
+    for side, version in (("candidate", 2), ("baseline", 1)):
+        result = done[side]
+        assert (result["answered"], result["failed"], result["pending"]) == (24, 0, 0), done
+        assert result["correct"] == expected[version], (version, done)
+        assert result["accuracy"] == round(expected[version] / 24, 4)
+    listed = (await client.get(url, headers=admin)).json()
+    assert [e["id"] for e in listed] == [started["id"]]
+
+    # The comparison counts it, and the user's history holds none of its 48 answers.
+    r = await client.get("/v1/admin/registry/models/sketch/compare", params={"candidate": 2}, headers=admin)
+    comparison = r.json()
+    assert comparison["evaluation"]["id"] == started["id"], comparison
+    assert any(reason.startswith("accuracy on the same labelled images: ") for reason in comparison["reasons"])
+    assert (await client.get("/v1/predictions", headers=user)).json()["count"] == history
+
+    assert (await client.post(url, json={"candidate": 9}, headers=admin)).status_code == 404
+    assert (await client.post(url, json={"candidate": 1}, headers=admin)).status_code == 409
+    r = await client.post("/v1/admin/registry/models/mobilenet_v2/evaluations", json={"candidate": 2}, headers=admin)
+    assert r.status_code == 409 and "No worker serves" in r.json()["detail"], r.text
+    assert (await client.post(url, json={"candidate": 2}, headers=user)).status_code == 403
