@@ -139,6 +139,10 @@ class ModelState(BaseModel):
     heldout_accuracy: float | None = None
     """Top-1 accuracy on its training run's held-out set (``metrics.json`` beside the model file,
     ``test_accuracy``); None without a training record."""
+    memory_mib: float | None = None
+    """How much the worker's resident memory grew while it loaded and warmed up this version, in
+    MiB: approximate, as the process's other work counts too (the first version loaded also
+    carries its runtime's own start-up)."""
 
 
 class Heartbeat(BaseModel):
@@ -148,5 +152,7 @@ class Heartbeat(BaseModel):
     pid: int
     hostname: str
     started_at: float
+    rss_mib: float | None = None
+    """The worker process's resident memory, in MiB (None where /proc is not there)."""
     sent_at: float = Field(default_factory=time.time)
     models: list[ModelState] = []

@@ -20,7 +20,8 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -110,9 +111,12 @@ class Worker:
         (with the reason in its state) when it cannot be."""
         start = time.perf_counter()
         self._tried[entry.key] = entry.spec()
+        before = resident_mib()
         try:
             loaded = load_model(entry, self.settings)
             loaded.warm_up(tuple(sorted({1, self.settings.max_batch_size})))
+            if before is not None and (after := resident_mib()) is not None:
+                loaded.extra["memory_mib"] = round(max(after - before, 0.0), 1)
         except ModelUnavailable as exc:
             self._set_state(entry, ModelState(name=entry.name, version=entry.version, ready=False, reason=str(exc)))
             log.warning("model %s unavailable: %s", entry.key, exc)
@@ -136,6 +140,7 @@ class Worker:
             num_classes=len(loaded.labels),
             random_weights=loaded.random_weights,
             heldout_accuracy=loaded.heldout_accuracy,
+            memory_mib=cast(float | None, loaded.extra.get("memory_mib")),
         )
 
     def _set_state(self, entry: ModelEntry, state: ModelState | None) -> None:
@@ -260,6 +265,7 @@ class Worker:
             pid=os.getpid(),
             hostname=socket.gethostname(),
             started_at=self.started_at,
+            rss_mib=resident_mib(),
             models=list(self.states.values()),
         )
 
@@ -502,6 +508,15 @@ class Worker:
 
     def stop(self, *_args: object) -> None:
         self.stopping.set()
+
+
+def resident_mib() -> float | None:
+    """This process's resident set size in MiB, from /proc/self/statm; None elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def release_memory() -> None:

@@ -23,6 +23,7 @@ MESSAGES = {
     401: "Your session has expired or was revoked. Please log in again.",
     403: "You are not allowed to do that.",
     404: "That item no longer exists.",
+    409: "That change conflicts with the current state.",
     413: "That file is too large.",
     415: "That file is not an image the portal can read.",
     422: "The request was not valid.",
@@ -192,6 +193,70 @@ class Stats(TypedDict):
     live_workers: int
 
 
+class ServingVersion(TypedDict):
+    """A model version as the Models tab shows it."""
+
+    name: str
+    version: int
+    display_name: str
+    channel: str
+    enabled: bool
+    weight: int
+    weight_share: float
+    workers: int
+    memory_mib: float | None
+    unavailable_reason: str | None
+    heldout_accuracy: float | None
+    feedback: int
+    feedback_accuracy: float | None
+
+
+class VersionStats(TypedDict):
+    version: int
+    channel: str
+    heldout_accuracy: float | None
+    feedback: int
+    feedback_accuracy: float | None
+    answers: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    mean_score: float | None
+
+
+class EvaluatedVersion(TypedDict):
+    version: int
+    answered: int
+    failed: int
+    pending: int
+    correct: int
+    accuracy: float | None
+
+
+class Evaluation(TypedDict):
+    id: str
+    model: str
+    status: str
+    images: int
+    requested_by: str
+    created_at: str
+    finished_at: str | None
+    candidate: EvaluatedVersion
+    baseline: EvaluatedVersion
+
+
+class Comparison(TypedDict):
+    model: str
+    candidate: VersionStats
+    baseline: VersionStats
+    days: int
+    shadow_answers: int
+    shadow_agreement: float | None
+    evaluation: Evaluation | None
+    margin: float
+    verdict: str
+    reasons: list[str]
+
+
 class Readiness(TypedDict):
     """``status`` is "ok" or "fail"; ``checks`` maps postgresql, redis and workers to their result."""
 
@@ -212,6 +277,10 @@ _FEEDBACK = TypeAdapter(Feedback)
 _FEEDBACKS = TypeAdapter(list[Feedback])
 _STATS = TypeAdapter(Stats)
 _READINESS = TypeAdapter(Readiness)
+_SERVING = TypeAdapter(list[ServingVersion])
+_COMPARISON = TypeAdapter(Comparison)
+_EVALUATION = TypeAdapter(Evaluation)
+_EVALUATIONS = TypeAdapter(list[Evaluation])
 
 
 class ApiError(Exception):
@@ -231,7 +300,7 @@ def _message(response: httpx.Response) -> str:
         detail = None
     if isinstance(detail, list):  # FastAPI validation errors
         detail = "; ".join(str(d.get("msg", d)) for d in detail)
-    if response.status_code in (413, 415, 422) and detail:
+    if response.status_code in (409, 413, 415, 422) and detail:
         base = str(detail)
     retry = response.headers.get("retry-after")
     if retry and response.status_code in (429, 503):
@@ -371,6 +440,48 @@ class Api:
         """A zip of the images users labelled (admins): ``<model>/<label>/<image>`` and feedback.csv."""
         params = {"model": model} if model else {}
         return self._request("GET", "/v1/admin/feedback-export", params=params).content
+
+    # --- the model registry (admins) ---------------------------------------------------------
+
+    def serving(self) -> list[ServingVersion]:
+        """Every registered version with its state, workers, memory and accuracies."""
+        return _typed(_SERVING, self.json("GET", "/v1/admin/registry/serving")["versions"])
+
+    def compare(self, name: str, candidate: int, baseline: int | None = None) -> Comparison:
+        params: dict[str, int] = {"candidate": candidate}
+        if baseline is not None:
+            params["baseline"] = baseline
+        return _typed(_COMPARISON, self.json("GET", f"/v1/admin/registry/models/{name}/compare", params=params))
+
+    def set_weights(self, name: str, weights: dict[int, int], reason: str) -> None:
+        body = {"weights": {str(v): w for v, w in weights.items()}, "reason": reason}
+        self.json("PUT", f"/v1/admin/registry/models/{name}/weights", json=body)
+
+    def set_channel(
+        self, name: str, version: int, reason: str, *, channel: str | None = None, enabled: bool | None = None
+    ) -> None:
+        """Puts a version in shadow, back to canary or retires it; enables or disables it."""
+        body: dict[str, Any] = {"reason": reason}
+        if channel is not None:
+            body["channel"] = channel
+        if enabled is not None:
+            body["enabled"] = enabled
+        self.json("PATCH", f"/v1/admin/registry/models/{name}/versions/{version}", json=body)
+
+    def promote(self, name: str, version: int, reason: str, force: bool = False) -> None:
+        body = {"reason": reason, "force": force}
+        self.json("POST", f"/v1/admin/registry/models/{name}/versions/{version}/promote", json=body)
+
+    def rollback(self, name: str, reason: str) -> None:
+        self.json("POST", f"/v1/admin/registry/models/{name}/rollback", json={"reason": reason})
+
+    def evaluate(self, name: str, candidate: int, baseline: int | None = None) -> Evaluation:
+        """Starts running both versions on the images users labelled."""
+        body: dict[str, Any] = {"candidate": candidate, "baseline": baseline}
+        return _typed(_EVALUATION, self.json("POST", f"/v1/admin/registry/models/{name}/evaluations", json=body))
+
+    def evaluations(self, name: str) -> list[Evaluation]:
+        return _typed(_EVALUATIONS, self.json("GET", f"/v1/admin/registry/models/{name}/evaluations"))
 
     def readiness(self) -> Readiness:
         """The API's readiness checks; a "fail" status with no checks when it cannot be reached."""

@@ -6,6 +6,7 @@ import io
 import os
 import zipfile
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from tests.images import encode, split_colour
 from tests.support import PHOTOS, ROOT
 from ui.client import Api
 from ui.config import get_ui_settings
+from ui.views.admin import VERSION_ACTIONS
 
 APP = str(ROOT / "ui" / "app.py")
 
@@ -140,12 +142,7 @@ def test_history_sketch_and_admin_pages_render(api_url: str, portal: tuple[str, 
 
 
 def test_admins_prepare_the_retraining_download(api_url: str, portal: tuple[str, str, str]) -> None:
-    at = signed_in(api_url, portal[1], portal[2]).run()
-    script = (
-        "from ui.client import Api\nfrom ui.views.admin import admin_page\n"
-        f"admin_page(Api({api_url!r}, {at.session_state['token']!r}))\n"
-    )
-    app = AppTest.from_string(script, default_timeout=60).run()
+    app = admin_app(api_url, portal)
     app.selectbox(key="export_model").set_value("sketch").run()
     app.button(key="export_prepare").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
@@ -179,3 +176,79 @@ def test_history_shows_each_upload_with_its_answers_in_three_calls(api_url: str,
     assert any(line.startswith("**unclassified.png** ·") for line in lines)
     assert any(line.startswith("**parrot.jpg** ·") for line in lines)
     assert any(line.startswith("mobilenet_v2@1: macaw (") and "you said: wrong (lorikeet)" in line for line in lines)
+
+
+def admin_app(api_url: str, portal: tuple[str, str, str]) -> AppTest:
+    at = signed_in(api_url, portal[1], portal[2]).run()
+    script = (
+        "from ui.client import Api\nfrom ui.views.admin import admin_page\n"
+        f"admin_page(Api({api_url!r}, {at.session_state['token']!r}))\n"
+    )
+    return AppTest.from_string(script, default_timeout=60).run()
+
+
+def models_table(app: AppTest) -> Any:
+    return next(d.value for d in app.dataframe if "traffic share" in d.value.columns)
+
+
+def test_the_models_tab_shows_versions_compares_and_changes_them(api_url: str, portal: tuple[str, str, str]) -> None:
+    app = admin_app(api_url, portal)
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    table = models_table(app)
+    served = {
+        (m["name"], m["version"]): m["workers"]
+        for m in httpx.get(
+            f"{api_url}/v1/models", headers={"Authorization": f"Bearer {Api(api_url).login(portal[1], portal[2])}"}
+        ).json()["data"]
+    }
+    rows = {(r["model"], r["version"]): r for r in table.to_dict("records")}
+    assert served.items() <= {key: r["workers"] for key, r in rows.items()}.items()
+    sketch = rows[("sketch", 1)]
+    assert sketch["channel"] == "stable" and sketch["traffic share"] == "100.0%" and sketch["memory (MiB)"] > 0
+    assert sketch["held-out accuracy"].endswith("%")
+
+    # sketch@2 against sketch@1: the table, the chart of the accuracies both have, the verdict.
+    app.selectbox(key="registry_model").set_value("sketch").run()
+    app.selectbox(key="compare_candidate_sketch").set_value(2).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    comparison = next(d.value for d in app.dataframe if "" in d.value.columns)
+    assert comparison[""].iloc[0] == "held-out accuracy" and list(comparison.columns)[1:] == [
+        "@2 (canary)",
+        "@1 (stable)",
+    ]
+    assert app.get("vega_lite_chart"), "no accuracy chart"
+    assert any("held-out accuracy: " in c.value for c in app.caption)
+
+    # A change through the forms is made, audited with its reason, and shown; an impossible one explains itself.
+    app.selectbox(key="change_version_sketch").set_value(2)
+    app.selectbox(key="change_action_sketch").set_value(
+        next(a for a in VERSION_ACTIONS if a.startswith("Put in shadow"))
+    )
+    app.text_input(key="change_reason_sketch").input("mirror before a canary")
+    next(b for b in app.button if b.proto.form_id == "version_sketch").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    rows = {(r["model"], r["version"]): r for r in models_table(app).to_dict("records")}
+    assert rows[("sketch", 2)]["channel"] == "shadow"
+    app.selectbox(key="change_version_sketch").set_value(2)
+    app.selectbox(key="change_action_sketch").set_value(
+        next(a for a in VERSION_ACTIONS if a.startswith("Make a canary"))
+    )
+    app.text_input(key="change_reason_sketch").input("back as it was")
+    next(b for b in app.button if b.proto.form_id == "version_sketch").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+
+    token = Api(api_url).login(portal[1], portal[2])
+    changes = httpx.get(
+        f"{api_url}/v1/admin/registry/changes",
+        params={"model": "sketch"},
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()["data"]
+    assert [(c["action"], c["reason"]) for c in changes[:2]] == [
+        ("channel_canary", "back as it was"),
+        ("channel_shadow", "mirror before a canary"),
+    ]
+    app.text_input(key="promote_reason_sketch").input("undo")
+    next(b for b in app.button if b.proto.form_id == "promote_sketch" and "Roll back" in b.label).click().run()
+    assert any("no promotion" in e.value.lower() or "roll back" in e.value.lower() for e in app.error), [
+        e.value for e in app.error
+    ]

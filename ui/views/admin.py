@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import pandas as pd
 import streamlit as st
 
-from ui.client import Api, Role, Stats
+from ui.client import Api, Comparison, Role, ServingVersion, Stats
 from ui.session import guarded, models
 
 ROLES: list[Role] = ["user", "admin"]
+VERSION_ACTIONS: dict[str, dict[str, str | bool]] = {
+    "Put in shadow (a copy of the traffic, answers kept apart)": {"channel": "shadow"},
+    "Make a canary (gets the traffic its weight gives)": {"channel": "canary"},
+    "Retire (unloaded by the workers)": {"channel": "retired"},
+    "Disable": {"enabled": False},
+    "Enable": {"enabled": True},
+}
 
 
 def admin_page(api: Api) -> None:
     st.title("Administration")
     # Every tab runs on every rerun: the stats two of them show are fetched once.
     stats = guarded(api, api.stats)
-    status, users, quality = st.tabs(["System status", "Users", "Model quality"])
+    status, versions, users, quality = st.tabs(["System status", "Models", "Users", "Model quality"])
     with status:
         status_tab(api, stats)
+    with versions:
+        models_tab(api)
     with users:
         users_tab(api)
     with quality:
@@ -42,6 +54,246 @@ def status_tab(api: Api, stats: Stats | None) -> None:
         ),
         hide_index=True,
     )
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def models_tab(api: Api) -> None:
+    """Every model version with its state, traffic, workers, memory and accuracy; forms to set
+    weights, shadow, promote, roll back; a comparison of two versions as a table and a chart."""
+    versions = guarded(api, api.serving)
+    if versions is None:
+        return
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "model": v["name"],
+                    "version": v["version"],
+                    "name": v["display_name"],
+                    "channel": v["channel"],
+                    "enabled": v["enabled"],
+                    "weight": v["weight"],
+                    "traffic share": _percent(v["weight_share"]),
+                    "workers": v["workers"],
+                    "memory (MiB)": v["memory_mib"],
+                    "held-out accuracy": _percent(v["heldout_accuracy"]),
+                    "verdicts": v["feedback"],
+                    "verdict accuracy": _percent(v["feedback_accuracy"]),
+                    "not served because": v["unavailable_reason"] or "",
+                }
+                for v in versions
+            ]
+        ),
+        hide_index=True,
+    )
+    names = list(dict.fromkeys(v["name"] for v in versions))
+    if not names:
+        return
+    name = st.selectbox("Model", names, key="registry_model")
+    mine = [v for v in versions if v["name"] == name]
+    weights_form(api, name, mine)
+    version_form(api, name, mine)
+    promotion_form(api, name, mine)
+    comparison_section(api, name, mine)
+
+
+def _changed(message: str) -> None:
+    """After a change: the tables show the new state (the catalogue too)."""
+    st.session_state.pop("models", None)
+    st.success(message)
+    st.rerun()
+
+
+def weights_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
+    live = [v for v in versions if v["enabled"] and v["channel"] in ("stable", "canary")]
+    with st.form(f"weights_{name}"):
+        st.subheader("Traffic weights")
+        st.caption("Requests that name the model without a version are split by these weights, sticky per user.")
+        weights = {
+            v["version"]: int(
+                st.number_input(
+                    f"{name}@{v['version']} ({v['channel']})",
+                    min_value=0,
+                    max_value=1_000_000,
+                    value=v["weight"],
+                    step=5,
+                    key=f"weight_{name}_{v['version']}",
+                )
+            )
+            for v in live
+        }
+        reason = st.text_input("Why", key=f"weights_reason_{name}")
+        if st.form_submit_button("Save weights"):
+            if not reason.strip():
+                st.error("Say why: the change is audited.")
+            elif _done(api, lambda: api.set_weights(name, weights, reason)):
+                _changed("Weights saved.")
+
+
+def version_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
+    with st.form(f"version_{name}"):
+        st.subheader("Change a version")
+        version = st.selectbox("Version", [v["version"] for v in versions], key=f"change_version_{name}")
+        action = st.selectbox("Change", list(VERSION_ACTIONS), key=f"change_action_{name}")
+        reason = st.text_input("Why", key=f"change_reason_{name}")
+        if st.form_submit_button("Apply"):
+            if not reason.strip():
+                st.error("Say why: the change is audited.")
+            elif _done(
+                api,
+                lambda: api.set_channel(
+                    name,
+                    int(version),
+                    reason,
+                    channel=cast(str | None, VERSION_ACTIONS[action].get("channel")),
+                    enabled=cast(bool | None, VERSION_ACTIONS[action].get("enabled")),
+                ),
+            ):
+                _changed(f"{name}@{version} changed.")
+
+
+def promotion_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
+    candidates = [v["version"] for v in versions if v["channel"] != "stable" and v["channel"] != "retired"]
+    with st.form(f"promote_{name}"):
+        st.subheader("Promote or roll back")
+        st.caption(
+            "A promotion is refused when the version compares worse than the stable one; force it with a "
+            "reason to go ahead. The previous stable version stays loaded for a rollback."
+        )
+        version = st.selectbox("Version to promote", candidates, key=f"promote_version_{name}")
+        force = st.checkbox("Force past a worse comparison", key=f"promote_force_{name}")
+        reason = st.text_input("Why", key=f"promote_reason_{name}")
+        promote, rollback = st.columns(2)
+        if promote.form_submit_button("Promote", disabled=not candidates):
+            if not reason.strip():
+                st.error("Say why: the change is audited.")
+            elif _done(api, lambda: api.promote(name, int(version), reason, force)):
+                _changed(f"{name}@{version} is the stable version.")
+        if rollback.form_submit_button("Roll back the latest promotion"):
+            if not reason.strip():
+                st.error("Say why: the change is audited.")
+            elif _done(api, lambda: api.rollback(name, reason)):
+                _changed("Rolled back.")
+
+
+def _done(api: Api, action: Callable[[], None]) -> bool:
+    """Runs an API change; True when it went through (its error is shown otherwise)."""
+
+    def run() -> bool:
+        action()
+        return True
+
+    return guarded(api, run) is True
+
+
+def comparison_section(api: Api, name: str, versions: list[ServingVersion]) -> None:
+    st.subheader("Compare two versions")
+    numbers = [v["version"] for v in versions]
+    if len(numbers) < 2:
+        st.caption("The model has one version.")
+        return
+    stable = next((v["version"] for v in versions if v["channel"] == "stable" and v["enabled"]), numbers[0])
+    others = [n for n in numbers if n != stable] or numbers
+    left, right = st.columns(2)
+    candidate = left.selectbox("Candidate", others, key=f"compare_candidate_{name}")
+    baseline = right.selectbox("Against", numbers, index=numbers.index(stable), key=f"compare_baseline_{name}")
+    if candidate == baseline:
+        st.info("Pick two different versions.")
+        return
+    comparison = guarded(api, lambda: api.compare(name, int(candidate), int(baseline)))
+    if comparison is not None:
+        show_comparison(comparison)
+    if st.button("Run both on the images users labelled", key=f"evaluate_{name}"):
+        started = guarded(api, lambda: api.evaluate(name, int(candidate), int(baseline)))
+        if started is not None:
+            st.success(f"Evaluating on {started['images']} labelled images; this table fills in as they are answered.")
+    evaluations = guarded(api, lambda: api.evaluations(name)) or []
+    if evaluations:
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "started": e["created_at"][:16].replace("T", " "),
+                        "by": e["requested_by"],
+                        "status": e["status"],
+                        "images": e["images"],
+                        "candidate": f"@{e['candidate']['version']}: {_percent(e['candidate']['accuracy'])}",
+                        "baseline": f"@{e['baseline']['version']}: {_percent(e['baseline']['accuracy'])}",
+                        "still to answer": e["candidate"]["pending"] + e["baseline"]["pending"],
+                    }
+                    for e in evaluations
+                ]
+            ),
+            hide_index=True,
+        )
+
+
+def show_comparison(comparison: Comparison) -> None:
+    """The two versions side by side as a table, their accuracies as a bar chart, the verdict."""
+    ours, theirs = comparison["candidate"], comparison["baseline"]
+    evaluation = comparison["evaluation"]
+    rows = {
+        "held-out accuracy": (ours["heldout_accuracy"], theirs["heldout_accuracy"]),
+        "accuracy on the same labelled images": (
+            (evaluation["candidate"]["accuracy"], evaluation["baseline"]["accuracy"]) if evaluation else (None, None)
+        ),
+        "accuracy on users' verdicts": (ours["feedback_accuracy"], theirs["feedback_accuracy"]),
+    }
+    table = pd.DataFrame(
+        {
+            "": [
+                *rows,
+                "verdicts",
+                f"answers ({comparison['days']} days)",
+                "latency p50 (ms)",
+                "latency p95 (ms)",
+                "mean top-1 score",
+            ],
+            f"@{ours['version']} ({ours['channel']})": [
+                *(_percent(a) for a, _ in rows.values()),
+                ours["feedback"],
+                ours["answers"],
+                ours["latency_p50_ms"],
+                ours["latency_p95_ms"],
+                ours["mean_score"],
+            ],
+            f"@{theirs['version']} ({theirs['channel']})": [
+                *(_percent(b) for _, b in rows.values()),
+                theirs["feedback"],
+                theirs["answers"],
+                theirs["latency_p50_ms"],
+                theirs["latency_p95_ms"],
+                theirs["mean_score"],
+            ],
+        }
+    ).astype(str)
+    st.dataframe(table, hide_index=True)
+    known = {label: pair for label, pair in rows.items() if None not in pair}
+    if known:
+        chart = pd.DataFrame(
+            {
+                f"@{ours['version']}": [a for a, _ in known.values()],
+                f"@{theirs['version']}": [b for _, b in known.values()],
+            },
+            index=list(known),
+        )
+        st.bar_chart(chart, stack=False, horizontal=True, y_label="", x_label="accuracy")
+    if comparison["shadow_agreement"] is not None:
+        st.caption(
+            f"As a shadow it agreed with the answers it mirrored {comparison['shadow_agreement']:.1%} of the time "
+            f"({comparison['shadow_answers']} copies)."
+        )
+    verdict = {
+        "worse": "Worse than the version it is compared with, by more than the margin",
+        "not_worse": "Not worse",
+        "no_evidence": "No accuracy known for both yet",
+    }[comparison["verdict"]]
+    st.markdown(f"**{verdict}** (margin {comparison['margin']:.0%})")
+    for reason in comparison["reasons"]:
+        st.caption(reason)
 
 
 def users_tab(api: Api) -> None:

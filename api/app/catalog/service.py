@@ -33,6 +33,8 @@ class ModelAvailability:
     num_classes: int = 0
     random_weights: bool = False
     heldout_accuracy: float | None = None
+    memory_mib: float | None = None
+    """The most memory loading it took on any worker serving it (``ModelState.memory_mib``)."""
 
     @property
     def available(self) -> bool:
@@ -80,6 +82,8 @@ class WorkerDirectory:
                     entry.num_classes = state.num_classes
                     entry.random_weights = state.random_weights
                     entry.heldout_accuracy = state.heldout_accuracy
+                    if state.memory_mib is not None:
+                        entry.memory_mib = max(entry.memory_mib or 0.0, state.memory_mib)
                 elif state.reason:
                     entry.reasons.append(state.reason)
         return result

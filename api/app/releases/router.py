@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
+from api.app.catalog.service import weight_shares
 from api.app.core.fields import INT32_MAX
 from api.app.core.responses import ADMIN, BODY, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import AdminUser, LiveRegistryDep, ReadSessionDep, RedisDep, SessionDep, SettingsDep, WorkersDep
@@ -13,9 +14,24 @@ from api.app.registry import service as registry_service
 from api.app.registry.router import ModelName, Version
 from api.app.registry.schemas import ModelVersionPublic, ModelVersionsPublic
 from api.app.releases import service
-from api.app.releases.schemas import Comparison, EvaluationRequest, Promotion
+from api.app.releases.schemas import Comparison, EvaluationRequest, Promotion, ServingPublic
 
 router = APIRouter(prefix="/v1/admin/registry", tags=["registry"])
+
+
+@router.get("/serving", response_model=ServingPublic, responses=ADMIN)
+async def serving_versions(
+    _: AdminUser, session: ReadSessionDep, workers: WorkersDep, live: LiveRegistryDep, settings: SettingsDep
+) -> ServingPublic:
+    """Every version with its state, weight and share, workers, memory and accuracies: the Models tab (admin)."""
+    return ServingPublic(
+        revision=live.revision,
+        versions=await service.serving(
+            session=session,
+            availability=await workers.availability(fresh=True),
+            shares=weight_shares(live.current, benchmark_mode=settings.benchmark_mode),
+        ),
+    )
 
 
 @router.get(

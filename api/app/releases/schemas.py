@@ -56,3 +56,32 @@ class Promotion(BaseModel):
 class EvaluationRequest(BaseModel):
     candidate: int = Field(ge=1, le=INT32_MAX)
     baseline: int | None = Field(default=None, ge=1, le=INT32_MAX, description="default: the stable version")
+
+
+class ServingVersion(BaseModel):
+    """A version as operators watch it: its registry state and what the workers report."""
+
+    name: str
+    version: int
+    display_name: str
+    channel: str
+    enabled: bool
+    weight: int
+    weight_share: float
+    """Share of the model's routed requests its weight gives it (0 to 1)."""
+    workers: int
+    """Live workers serving it."""
+    memory_mib: float | None
+    """Memory loading it took on a worker (the most of any), in MiB."""
+    unavailable_reason: str | None
+    """Why no worker serves it, as the workers report it; None when served."""
+    heldout_accuracy: float | None
+    feedback: int
+    """Users' verdicts on its answers."""
+    feedback_accuracy: float | None
+    """Share of those saying correct; None below 20 verdicts."""
+
+
+class ServingPublic(BaseModel):
+    revision: int
+    versions: list[ServingVersion]

@@ -11,7 +11,7 @@ from fastapi import HTTPException
 from sqlalchemy import Integer, case, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.catalog.service import ModelAvailability
+from api.app.catalog.service import NOT_SERVED, ModelAvailability
 from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.predictions import evaluations
@@ -20,7 +20,7 @@ from api.app.predictions.models import Evaluation, Job, Prediction, ShadowPredic
 from api.app.predictions.schemas import EvaluationPublic
 from api.app.registry import service as registry_service
 from api.app.registry.models import ModelVersion
-from api.app.releases.schemas import Comparison, VersionStats
+from api.app.releases.schemas import Comparison, ServingVersion, VersionStats
 
 MIN_FEEDBACK = 20
 """Fewer verdicts than this give no feedback accuracy: two wrong answers out of five say little."""
@@ -139,6 +139,51 @@ async def compare(
         verdict="worse" if worse else ("not_worse" if reasons else "no_evidence"),
         reasons=reasons,
     )
+
+
+async def serving(
+    *, session: AsyncSession, availability: dict[str, ModelAvailability], shares: dict[tuple[str, int], float]
+) -> list[ServingVersion]:
+    """Every registered version with its state, the workers serving it, their memory, its
+    held-out accuracy and users' verdicts on its answers (one grouped query)."""
+    verdicts = {
+        (name, version): (int(count), int(correct or 0))
+        for name, version, count, correct in (
+            await session.execute(
+                select(
+                    Prediction.model_name,
+                    Prediction.model_version,
+                    func.count(Feedback.id),
+                    func.sum(cast(Feedback.is_correct, Integer)),
+                )
+                .join(Prediction, Feedback.prediction_id == Prediction.id)
+                .where(Feedback.is_correct.is_not(None))
+                .group_by(Prediction.model_name, Prediction.model_version)
+            )
+        ).tuples()
+    }
+    result = []
+    for row in await registry_service.list_versions(session=session):
+        state = availability.get(f"{row.name}@{row.version}")
+        count, correct = verdicts.get((row.name, row.version), (0, 0))
+        result.append(
+            ServingVersion(
+                name=row.name,
+                version=row.version,
+                display_name=row.display_name,
+                channel=row.channel,
+                enabled=row.enabled,
+                weight=row.weight,
+                weight_share=round(shares.get((row.name, row.version), 0.0), 4),
+                workers=state.workers if state else 0,
+                memory_mib=state.memory_mib if state else None,
+                unavailable_reason=state.reason() if state else (None if not row.enabled else NOT_SERVED),
+                heldout_accuracy=state.heldout_accuracy if state else None,
+                feedback=count,
+                feedback_accuracy=round(correct / count, 4) if count >= MIN_FEEDBACK else None,
+            )
+        )
+    return result
 
 
 async def labelled_images(*, session: AsyncSession, name: str, limit: int) -> list[evaluations.LabelledImage]:
