@@ -18,6 +18,7 @@ from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.logging import configure_logging
 from api.app.core.security import PasswordHasher
 from api.app.core.startup import DependencyUnavailable, asyncpg_dsn, wait_for_postgres, wait_for_redis
+from api.app.feedback import examples
 from api.app.registry import service as registry_service
 from api.app.users.service import ensure_admin
 from contracts.registry import load_registry
@@ -71,6 +72,16 @@ async def seed_admin(settings: Settings) -> bool:
         await engine.dispose()
 
 
+async def backfill_examples(settings: Settings) -> int:
+    """Labelled examples from the verdicts given before they existed (once); how many."""
+    engine = make_engine(settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return await examples.backfill(session=session, test_share=settings.feedback_test_share)
+    finally:
+        await engine.dispose()
+
+
 async def prestart(settings: Settings) -> None:
     await wait_for_postgres(settings, database="postgres")
     await wait_for_redis(settings)
@@ -80,6 +91,8 @@ async def prestart(settings: Settings) -> None:
     log.info("first admin %s %s", settings.first_admin_email, "created" if created else "already present")
     changed = await seed_registry(settings)
     log.info("model registry: %d versions created or changed from %s", changed, settings.registry_path)
+    if added := await backfill_examples(settings):
+        log.info("labelled examples: %d from earlier verdicts", added)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import json
 import logging
 import os
@@ -85,9 +86,24 @@ def normalise(bitmaps: np.ndarray) -> np.ndarray:
     return np.stack([sketch_array(Image.fromarray(b)) for b in bitmaps]).astype(np.float32)
 
 
-def load_feedback(folder: Path, categories: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+def feedback_splits(folder: Path) -> dict[str, str]:
+    """File name to split (``train``/``test``) from the export's manifest beside ``folder`` (the
+    export's ``<out>/feedback.csv`` for ``<out>/<model>``); empty without one."""
+    manifest = folder.parent / "feedback.csv"
+    if not manifest.is_file():
+        return {}
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        return {Path(row["path"]).name: row.get("split") or "train" for row in csv.DictReader(fh)}
+
+
+def load_feedback(
+    folder: Path, categories: list[str], split: str | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """The labelled uploads under ``folder/<category>/``, normalised as the service reads uploads,
-    with their category indices, and what was skipped (folders of other labels, unreadable files)."""
+    with their category indices, and what was skipped (folders of other labels, unreadable files).
+    ``split``: only the files the export's manifest puts in it (without a manifest every file is
+    ``train``)."""
+    splits = feedback_splits(folder) if split is not None else {}
     xs: list[np.ndarray] = []
     ys: list[int] = []
     if not folder.is_dir():
@@ -101,6 +117,8 @@ def load_feedback(folder: Path, categories: list[str]) -> tuple[np.ndarray, np.n
             log.warning("feedback: %d drawings labelled %r, not one of the categories; skipped", len(files), sub.name)
             continue
         for path in files:
+            if split is not None and splits.get(path.name, "train") != split:
+                continue
             try:
                 xs.append(sketch_array(load_image(path.read_bytes(), mode="L")))
             except (ImageRejected, OSError, ValueError) as exc:
@@ -185,7 +203,8 @@ def train(
     train_idx, val_idx, test_idx = split(len(x), np.random.default_rng(SEED))
     x_train, y_train = x[train_idx], y[train_idx]
     if feedback is not None:
-        fx, fy, skipped = load_feedback(feedback, categories)
+        fx, fy, skipped = load_feedback(feedback, categories, split="train")
+        tx, ty, _ = load_feedback(feedback, categories, split="test")
         x_train, y_train = np.concatenate([x_train, fx]), np.concatenate([y_train, fy])
 
     model = build_model(arch, len(categories), total_steps=epochs * -(-len(x_train) // batch_size))
@@ -234,6 +253,9 @@ def train(
             "skipped": skipped,
             # Measured on drawings the model trained on: whether it learned them, not how it generalises.
             "answered_as_labelled": float((answered == fy).mean()) if len(fx) else None,
+            # The feedback test split: users' drawings it never saw, reported apart from QuickDraw's.
+            "test_drawings": len(tx),
+            "test_accuracy": float((model.predict(tx, verbose=0).argmax(axis=1) == ty).mean()) if len(tx) else None,
         }
     # Written last and atomically, so a half-trained model never looks finished.
     (out / "labels.txt").write_text("\n".join(categories) + "\n", encoding="utf-8")

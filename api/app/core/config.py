@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     version's before a promotion is refused (0.02: two points); an admin may force it with a reason."""
     shadow_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     """Share of a model's requests a shadow version of it gets a copy of (0.25: one in four)."""
+    feedback_test_share: float = Field(default=0.2, ge=0.0, le=1.0)
+    """Share of labelled images held out as the feedback ``test`` split (by the image's hash, once)."""
     evaluation_max_images: int = Field(default=10_000, ge=1)
     """At most this many labelled images (the most recent verdicts) in one offline evaluation."""
     evaluation_in_flight: int = Field(default=32, ge=1)

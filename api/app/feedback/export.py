@@ -8,6 +8,7 @@ with one row per exported verdict.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -22,7 +23,8 @@ from anyio import to_thread
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.feedback.models import Feedback
+from api.app.feedback.examples import DEFAULT_TEST_SHARE, split_of
+from api.app.feedback.models import Feedback, LabelledExample
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
@@ -41,6 +43,7 @@ MANIFEST_COLUMNS = (
     "prediction_id",
     "sha256",
     "created_at",
+    "split",
 )
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tiff"}
 
@@ -59,6 +62,8 @@ class Example:
     sha256: str
     format: str
     created_at: datetime
+    split: str = "train"
+    """The image's split among the model's labelled examples: ``train`` or ``test``."""
 
     @property
     def path(self) -> str:
@@ -78,6 +83,7 @@ class Example:
             self.prediction_id,
             self.sha256,
             self.created_at.isoformat(),
+            self.split,
         ]
 
 
@@ -139,7 +145,22 @@ async def _labelled_examples(
             format=image_format,
             created_at=feedback.created_at,
         )
-    return list(latest.values()), summary
+    splits = {
+        (sha256, model_name): split
+        for sha256, model_name, split in (
+            await session.execute(
+                select(LabelledExample.sha256, LabelledExample.model_name, LabelledExample.split).where(
+                    *([LabelledExample.model_name == model] if model is not None else [])
+                )
+            )
+        ).tuples()
+    }
+    # Every labelled verdict has its example (written with it, or backfilled at start-up); the
+    # hash with the default share stands in for one written between the two reads.
+    return [
+        dataclasses.replace(e, split=splits.get((e.sha256, e.model), split_of(e.sha256, DEFAULT_TEST_SHARE)))
+        for e in latest.values()
+    ], summary
 
 
 Write = Callable[[str, bytes], None]

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from api.app.core.fields import Skip
 from api.app.core.responses import AUTHED, BODY, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE
-from api.app.deps import CurrentUser, ReadSessionDep, RedisDep, RegistryDep, SessionDep
+from api.app.deps import CurrentUser, ReadSessionDep, RedisDep, RegistryDep, SessionDep, SettingsDep
 from api.app.feedback import service
 from api.app.feedback.models import Feedback
 from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate, FeedbackPublic, FeedbacksPublic
@@ -27,10 +27,22 @@ def _scope(user: CurrentUser, all_users: bool) -> int | None:
     "", response_model=FeedbackPublic, status_code=201, responses={**BODY, **AUTHED, **NOT_FOUND, **UNAVAILABLE}
 )
 async def create_feedback(
-    body: FeedbackCreate, user: CurrentUser, session: SessionDep, redis: RedisDep, registry: RegistryDep
+    body: FeedbackCreate,
+    user: CurrentUser,
+    session: SessionDep,
+    redis: RedisDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> Feedback:
     """Say whether one of my predictions was right, and if not, what the right label is."""
-    return await service.create_feedback(session=session, redis=redis, registry=registry, owner_id=user.id, body=body)
+    return await service.create_feedback(
+        session=session,
+        redis=redis,
+        registry=registry,
+        owner_id=user.id,
+        body=body,
+        test_share=settings.feedback_test_share,
+    )
 
 
 @router.get("", response_model=FeedbacksPublic, responses={**AUTHED, **FORBIDDEN, **INVALID})

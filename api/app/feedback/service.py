@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import model_labels
 from api.app.core import metrics
+from api.app.feedback import examples
 from api.app.feedback.models import Feedback
 from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate
 from api.app.images.models import Image
@@ -46,11 +47,19 @@ async def check_label(*, redis: Redis, registry: Registry, prediction: Predictio
 
 
 async def create_feedback(
-    *, session: AsyncSession, redis: Redis, registry: Registry, owner_id: int, body: FeedbackCreate
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    registry: Registry,
+    owner_id: int,
+    body: FeedbackCreate,
+    test_share: float,
 ) -> Feedback:
-    """Stores a verdict on one of the user's predictions. Raises 404 (not the user's prediction),
-    422 (a label the model does not know, or "wrong" with the predicted label itself) and 503 (the
-    model's labels are not known yet)."""
+    """Stores a verdict on one of the user's predictions; one with a label (correct, or wrong with
+    the right label) also becomes a labelled example of the model (``examples.record``, split
+    with ``test_share``). Raises 404 (not the user's prediction), 422 (a label the model does not
+    know, or "wrong" with the predicted label itself) and 503 (the model's labels are not known
+    yet)."""
     prediction = await owned_prediction(session=session, owner_id=owner_id, prediction_id=body.prediction_id)
     if prediction is None:
         raise HTTPException(status_code=404, detail="Prediction not found")
@@ -73,6 +82,22 @@ async def create_feedback(
         score=prediction.score,
     )
     session.add(feedback)
+    if feedback.correct_label is not None:
+        await session.flush()
+        image = await session.scalar(
+            select(Image).join(Job, Job.image_id == Image.id).where(Job.id == prediction.job_id)
+        )
+        if image is not None:
+            await examples.record(
+                session=session,
+                model_name=prediction.model_name,
+                sha256=image.sha256,
+                label=feedback.correct_label,
+                source="verdict",
+                owner_id=owner_id,
+                test_share=test_share,
+                feedback_id=feedback.id,
+            )
     await session.commit()
     verdict = "correct" if body.is_correct else "wrong"
     metrics.FEEDBACK.labels(prediction.model_name, str(prediction.model_version), verdict).inc()

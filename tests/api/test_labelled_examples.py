@@ -1,0 +1,105 @@
+"""Users' labels as training data: one example per image and model, split into train or test once."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from PIL import Image
+from sqlalchemy import delete, select
+
+from api.app.core.config import Settings
+from api.app.feedback import examples
+from api.app.feedback.export import export_feedback
+from api.app.feedback.models import LabelledExample
+from model.training.train_sketch import load_feedback
+from tests.api.test_feedback_export import classify, drawing, verdict
+from tests.conftest import Users
+from tests.images import encode
+
+
+def test_the_split_comes_from_the_hash_alone() -> None:
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(10_000)]
+    splits = [examples.split_of(h, 0.2) for h in hashes]
+    assert abs(splits.count("test") / len(splits) - 0.2) < 0.015
+    assert splits == [examples.split_of(h, 0.2) for h in hashes]
+    assert {examples.split_of(h, 0.0) for h in hashes} == {"train"}
+    assert {examples.split_of(h, 1.0) for h in hashes} == {"test"}
+
+
+async def _rows(app: FastAPI) -> list[LabelledExample]:
+    async with app.state.sessionmaker() as session:
+        return list(await session.scalars(select(LabelledExample).order_by(LabelledExample.created_at)))
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_labelled_image_is_one_example_whose_split_never_changes(
+    client: httpx.AsyncClient, app: FastAPI, settings: Settings, users: Users, tmp_path: Path
+) -> None:
+    async with app.state.sessionmaker() as session:
+        await session.execute(delete(LabelledExample))
+        await session.commit()
+    _, alice = await users.create()
+    bob_user, bob = await users.create()
+    data = drawing()
+    sha256 = hashlib.sha256(data).hexdigest()
+    first = (await classify(client, alice, data, "sketch@1"))["results"]["sketch@1"]
+    await verdict(client, alice, prediction_id=first["id"], is_correct=True)
+    [row] = await _rows(app)
+    assert (row.model_name, row.sha256, row.label, row.source) == ("sketch", sha256, first["label"], "verdict")
+    assert row.split == examples.split_of(sha256, settings.feedback_test_share)
+
+    # Another user, the same drawing, another label: still one example, relabelled, same split.
+    second = (await classify(client, bob, data, "sketch@1"))["results"]["sketch@1"]
+    other = next(label for label in ("cat", "fish", "apple") if label != second["label"])
+    await verdict(client, bob, prediction_id=second["id"], is_correct=False, correct_label=other)
+    # A "wrong" without the right label teaches nothing.
+    third = (await classify(client, bob, drawing(), "sketch@1"))["results"]["sketch@1"]
+    await verdict(client, bob, prediction_id=third["id"], is_correct=False)
+    [row] = await _rows(app)
+    assert (row.label, row.owner_id, row.split) == (other, bob_user["id"], examples.split_of(sha256, 0.2))
+
+    # The export carries the split; the trainer reads the train split and holds out the test split.
+    out = tmp_path / "export"
+    async with app.state.sessionmaker() as session:
+        await export_feedback(session=session, store=app.state.store, out=out, model="sketch")
+    with (out / "feedback.csv").open(newline="", encoding="utf-8") as fh:
+        manifest = {r["sha256"]: r for r in csv.DictReader(fh)}
+    assert manifest[sha256]["split"] == row.split and manifest[sha256]["label"] == other
+
+    # Verdicts from before examples existed are filled in once, at start-up.
+    async with app.state.sessionmaker() as session:
+        await session.execute(delete(LabelledExample))
+        await session.commit()
+        assert await examples.backfill(session=session, test_share=0.2) == 1
+        assert await examples.backfill(session=session, test_share=0.2) == 0
+    [row] = await _rows(app)
+    assert (row.label, row.split) == (other, examples.split_of(sha256, 0.2))
+
+    # Deleting the image the label came from deletes the example.
+    for image in (await client.get("/v1/images", headers=bob)).json()["data"]:
+        assert (await client.delete(f"/v1/images/{image['id']}", headers=bob)).status_code == 204
+    assert await _rows(app) == []
+
+
+def test_the_trainer_learns_from_the_train_split_only(tmp_path: Path) -> None:
+    folder = tmp_path / "sketch"
+    (folder / "cat").mkdir(parents=True)
+    rows = []
+    for name, split in (("a.png", "train"), ("b.png", "test"), ("c.png", "train")):
+        (folder / "cat" / name).write_bytes(encode(Image.new("L", (28, 28), 255), "PNG"))
+        rows.append({"path": f"sketch/cat/{name}", "split": split})
+    with (tmp_path / "feedback.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert len(load_feedback(folder, ["cat"], split="train")[0]) == 2
+    assert len(load_feedback(folder, ["cat"], split="test")[0]) == 1
+    assert len(load_feedback(folder, ["cat"])[0]) == 3
+    os.remove(tmp_path / "feedback.csv")
+    assert len(load_feedback(folder, ["cat"], split="test")[0]) == 0
