@@ -18,7 +18,7 @@ from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.logging import configure_logging
 from api.app.core.security import PasswordHasher
 from api.app.core.startup import DependencyUnavailable, asyncpg_dsn, wait_for_postgres, wait_for_redis
-from api.app.feedback import examples
+from api.app.feedback import service as feedback_service
 from api.app.registry import service as registry_service
 from api.app.users.service import ensure_admin
 from contracts.registry import load_registry
@@ -77,7 +77,7 @@ async def backfill_examples(settings: Settings) -> int:
     engine = make_engine(settings)
     try:
         async with make_sessionmaker(engine)() as session:
-            return await examples.backfill(session=session, test_share=settings.feedback_test_share)
+            return await feedback_service.backfill_examples(session=session, test_share=settings.feedback_test_share)
     finally:
         await engine.dispose()
 

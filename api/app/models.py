@@ -1,7 +1,8 @@
 """Every table, imported in one place for Alembic and for mapper configuration."""
 
 from api.app.auth.models import RevokedToken
-from api.app.feedback.models import Feedback, LabelledExample
+from api.app.examples.models import LabelledExample
+from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction, ShadowPrediction
 from api.app.registry.models import ModelVersion, RegistryChange

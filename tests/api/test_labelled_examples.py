@@ -14,9 +14,10 @@ from PIL import Image
 from sqlalchemy import delete, select
 
 from api.app.core.config import Settings
-from api.app.feedback import examples
+from api.app.examples import service as examples
+from api.app.examples.models import LabelledExample
 from api.app.feedback.export import export_feedback
-from api.app.feedback.models import LabelledExample
+from api.app.feedback.service import backfill_examples
 from model.training.train_sketch import load_feedback
 from tests.api.test_feedback_export import classify, drawing, verdict
 from tests.conftest import Users
@@ -76,8 +77,8 @@ async def test_a_labelled_image_is_one_example_whose_split_never_changes(
     async with app.state.sessionmaker() as session:
         await session.execute(delete(LabelledExample))
         await session.commit()
-        assert await examples.backfill(session=session, test_share=0.2) == 1
-        assert await examples.backfill(session=session, test_share=0.2) == 0
+        assert await backfill_examples(session=session, test_share=0.2) == 1
+        assert await backfill_examples(session=session, test_share=0.2) == 0
     [row] = await _rows(app)
     assert (row.label, row.split) == (other, examples.split_of(sha256, 0.2))
 
@@ -103,3 +104,47 @@ def test_the_trainer_learns_from_the_train_split_only(tmp_path: Path) -> None:
     assert len(load_feedback(folder, ["cat"])[0]) == 3
     os.remove(tmp_path / "feedback.csv")
     assert len(load_feedback(folder, ["cat"], split="test")[0]) == 0
+
+
+@pytest.mark.usefixtures("worker")
+async def test_an_uploader_may_label_their_own_image(client: httpx.AsyncClient, app: FastAPI, users: Users) -> None:
+    async with app.state.sessionmaker() as session:
+        await session.execute(delete(LabelledExample))
+        await session.commit()
+    _, headers = await users.create()
+    data = drawing()
+    r = await client.post(
+        "/model/predict",
+        params={"models": "sketch@1", "ground_truth": "dog"},
+        files={"file": ("d.png", data)},
+        headers=headers,
+    )
+    assert r.status_code == 422 and "not a label of the chosen models (sketch@1)" in r.json()["detail"], r.text
+    assert (await client.get("/v1/images", headers=headers)).json()["count"] == 0  # nothing stored
+
+    r = await client.post(
+        "/model/predict",
+        params={"models": "sketch@1", "ground_truth": "cat"},
+        files={"file": ("d.png", data)},
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+    [image] = (await client.get("/v1/images", headers=headers)).json()["data"]
+    assert image["ground_truth"] == "cat"
+    [row] = await _rows(app)
+    assert (row.model_name, row.label, row.source, str(row.image_id)) == ("sketch", "cat", "ground_truth", image["id"])
+
+    # Given again with a later prediction of the stored image: the latest label counts.
+    r = await client.post(
+        "/v1/predictions",
+        json={"image_id": image["id"], "models": ["sketch@1"], "ground_truth": "fish"},
+        headers=headers,
+    )
+    assert r.status_code == 202, r.text
+    assert (await client.get(f"/v1/images/{image['id']}", headers=headers)).json()["ground_truth"] == "fish"
+    [row] = await _rows(app)
+    assert (row.label, row.split) == ("fish", examples.split_of(image["sha256"], 0.2))
+    r = await client.post(
+        "/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"], "ground_truth": ""}, headers=headers
+    )
+    assert r.status_code == 422, r.text

@@ -14,6 +14,7 @@ APP = Path(__file__).resolve().parents[2] / "api" / "app"
 LAYERS = [
     "core",
     "images",
+    "examples",
     "users",
     "auth",
     "registry",

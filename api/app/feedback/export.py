@@ -23,8 +23,9 @@ from anyio import to_thread
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.feedback.examples import DEFAULT_TEST_SHARE, split_of
-from api.app.feedback.models import Feedback, LabelledExample
+from api.app.examples.models import LabelledExample
+from api.app.examples.service import DEFAULT_TEST_SHARE, split_of
+from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction

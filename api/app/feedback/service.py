@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import model_labels
 from api.app.core import metrics
-from api.app.feedback import examples
+from api.app.examples import service as examples
+from api.app.examples.models import LabelledExample
 from api.app.feedback.models import Feedback
 from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate
 from api.app.images.models import Image
@@ -143,3 +144,40 @@ async def list_feedback(
         select(Feedback).where(*where).order_by(Feedback.created_at.desc()).offset(skip).limit(limit)
     )
     return list(rows), int(count or 0)
+
+
+async def backfill_examples(*, session: AsyncSession, test_share: float) -> int:
+    """Once, when there are no examples yet: one per image and model from the verdicts given
+    before examples existed, each with its image's latest label; how many. Commits."""
+    if await session.scalar(select(LabelledExample.id).limit(1)) is not None:
+        return 0
+    latest = (
+        select(
+            Image.sha256,
+            Prediction.model_name,
+            Feedback.correct_label,
+            Feedback.owner_id,
+            Feedback.id,
+        )
+        .join(Prediction, Feedback.prediction_id == Prediction.id)
+        .join(Job, Prediction.job_id == Job.id)
+        .join(Image, Job.image_id == Image.id)
+        .where(Feedback.correct_label.is_not(None))
+        .distinct(Image.sha256, Prediction.model_name)
+        .order_by(Image.sha256, Prediction.model_name, Feedback.created_at.desc())
+    )
+    added = 0
+    for sha256, model_name, label, owner_id, feedback_id in (await session.execute(latest)).tuples():
+        await examples.record(
+            session=session,
+            model_name=model_name,
+            sha256=sha256,
+            label=str(label),
+            source="verdict",
+            owner_id=owner_id,
+            test_share=test_share,
+            feedback_id=feedback_id,
+        )
+        added += 1
+    await session.commit()
+    return added

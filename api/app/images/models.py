@@ -20,6 +20,8 @@ class Image(OwnedMixin, Base):
     height: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str] = mapped_column(String(255), default="")
+    ground_truth: Mapped[str | None] = mapped_column(String(200), default=None)
+    """The uploader's own label for it, given with a prediction (one of the chosen models' labels)."""
 
     @property
     def file_name(self) -> str:

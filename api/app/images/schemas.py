@@ -17,6 +17,8 @@ class ImagePublic(BaseModel):
     bytes: int
     filename: str
     file_name: str
+    ground_truth: str | None = None
+    """The uploader's own label, when one was given with a prediction."""
     created_at: datetime
 
 

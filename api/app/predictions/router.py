@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
 
+from api.app.core.fields import Text
 from api.app.core.responses import (
     AUTHED,
     BODY,
@@ -75,6 +76,7 @@ async def create_prediction(
         image_id=body.image_id,
         refs=body.models,
         request_id=request_id,
+        ground_truth=body.ground_truth,
     )
     return JobAccepted(job_id=job.id, status=job.status)
 
@@ -122,6 +124,9 @@ async def predict(
     request_id: RequestIdDep,
     file: Annotated[UploadFile, File(description="The image to classify")],
     models: Annotated[list[str] | None, Query(description='e.g. "mobilenet_v2" or "sketch@2"')] = None,
+    ground_truth: Annotated[
+        Text | None, Query(min_length=1, max_length=200, description="Your own label: one of the models' labels")
+    ] = None,
 ) -> ClassicPrediction:
     """Upload an image and wait for its prediction (one call)."""
     return await service.predict_and_wait(
@@ -137,6 +142,7 @@ async def predict(
         file=file,
         refs=[r for ref in models or [] for r in ref.split(",") if r.strip()],
         request_id=request_id,
+        ground_truth=ground_truth,
     )
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Self
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.app.catalog.service import MAX_REF_LENGTH, MAX_REFS
+from api.app.core.fields import Text
 from api.app.images.schemas import ImagePublic
 from api.app.predictions.models import Job, Prediction
 from contracts.messages import LabelScore, PredictionStatus
@@ -21,6 +22,9 @@ class PredictRequest(BaseModel):
         default_factory=list,
         description='Model references such as "mobilenet_v2" or "sketch@2"; empty: the default model.',
         max_length=MAX_REFS,
+    )
+    ground_truth: Annotated[Text, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="Your own label for the image: one of the chosen models' labels."
     )
 
 

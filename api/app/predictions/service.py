@@ -19,10 +19,11 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from api.app.catalog.service import WorkerDirectory, resolve_models, shadow_copies
+from api.app.catalog.service import WorkerDirectory, model_labels, resolve_models, shadow_copies
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.db import owned_page
+from api.app.examples import service as examples
 from api.app.images import service as images_service
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
@@ -153,9 +154,10 @@ async def _admit_and_queue(
     deadline_seconds: float,
     image: Image | Upload,
     shadows: dict[str, list[ModelEntry]] | None = None,
+    ground_truth: GroundTruth | None = None,
 ) -> tuple[Image, Job]:
-    """Admission first, then the upload (when new) and its job are committed together and the job
-    queued: a rejected request stores nothing."""
+    """Admission first, then the upload (when new), its ground truth and its job are committed
+    together and the job queued: a rejected request stores nothing."""
     cached = await admit(
         session=session, redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=image.sha256
     )
@@ -170,6 +172,10 @@ async def _admit_and_queue(
             info=image.info,
             sha256=image.sha256,
             filename=image.filename,
+        )
+    if ground_truth is not None:
+        await _store_ground_truth(
+            session=session, image=image, ground_truth=ground_truth, owner_id=owner_id, settings=settings
         )
     job = await create_job(
         session=session,
@@ -187,6 +193,53 @@ async def _admit_and_queue(
     return image, job
 
 
+@dataclass(frozen=True)
+class GroundTruth:
+    """The uploader's own label, and the chosen models that have it among their labels."""
+
+    label: str
+    models: list[str]
+
+
+async def ground_truth_for(*, redis: Redis, entries: list[ModelEntry], label: str | None) -> GroundTruth | None:
+    """``label`` checked against the chosen models' labels: 422 when none of them has it, 503
+    when their labels are not known yet (no worker serving them has started); None without one."""
+    if label is None:
+        return None
+    known = {entry.key: await model_labels(redis, entry) for entry in entries}
+    having = list(dict.fromkeys(e.name for e in entries if label in (known[e.key] or [])))
+    if having:
+        return GroundTruth(label=label, models=having)
+    if all(labels is None for labels in known.values()):
+        raise HTTPException(
+            status_code=503,
+            detail="The chosen models' labels are not known until a worker serving them has started; retry shortly.",
+            headers={"Retry-After": "5"},
+        )
+    chosen = ", ".join(e.key for e in entries)
+    raise HTTPException(
+        status_code=422, detail=f"ground_truth {label!r} is not a label of the chosen models ({chosen})."
+    )
+
+
+async def _store_ground_truth(
+    *, session: AsyncSession, image: Image, ground_truth: GroundTruth, owner_id: int, settings: Settings
+) -> None:
+    await session.execute(update(Image).where(Image.id == image.id).values(ground_truth=ground_truth.label))
+    image.ground_truth = ground_truth.label
+    for name in ground_truth.models:
+        await examples.record(
+            session=session,
+            model_name=name,
+            sha256=image.sha256,
+            label=ground_truth.label,
+            source="ground_truth",
+            owner_id=owner_id,
+            test_share=settings.feedback_test_share,
+            image_id=image.id,
+        )
+
+
 async def submit(
     *,
     session: AsyncSession,
@@ -199,12 +252,16 @@ async def submit(
     image_id: uuid.UUID,
     refs: list[str],
     request_id: str,
+    ground_truth: str | None = None,
 ) -> Job:
     """Queues a prediction of one of the user's stored images by the models ``refs`` name (the
-    default model when empty); the job is answered later (``JOB_DEADLINE_SECONDS``).
+    default model when empty); the job is answered later (``JOB_DEADLINE_SECONDS``). A
+    ``ground_truth`` (the uploader's own label) is kept with the image and becomes a labelled
+    example of each chosen model that has it.
 
-    Raises 404 (not the user's image), 422 (unknown or broken model), 429 (too many in flight),
-    503 (model not served yet, queue full or Redis down); a rejected request stores nothing.
+    Raises 404 (not the user's image), 422 (unknown or broken model, a ground truth none of them
+    has), 429 (too many in flight), 503 (model not served yet, queue full or Redis down); a
+    rejected request stores nothing.
     """
     image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
     if image is None:
@@ -218,6 +275,7 @@ async def submit(
         sample_rate=settings.shadow_sample_rate,
         benchmark_mode=settings.benchmark_mode,
     )
+    truth = await ground_truth_for(redis=redis, entries=entries, label=ground_truth)
     _, job = await _admit_and_queue(
         session=session,
         redis=redis,
@@ -229,6 +287,7 @@ async def submit(
         deadline_seconds=settings.job_deadline_seconds,
         image=image,
         shadows=shadows,
+        ground_truth=truth,
     )
     return job
 
@@ -247,13 +306,14 @@ async def predict_and_wait(
     file: UploadFile,
     refs: list[str],
     request_id: str,
+    ground_truth: str | None = None,
 ) -> ClassicPrediction:
     """Stores an upload, queues its prediction and waits for every answer, up to
     ``PREDICT_DEADLINE_SECONDS``.
 
     The models are checked before the body is read, and nothing is stored before admission.
-    Raises as ``submit`` does, plus 413/415/422 for the upload and 504 when the deadline passes
-    (the job then goes on and can be read by its id).
+    Raises as ``submit`` does (``ground_truth`` too), plus 413/415/422 for the upload and 504
+    when the deadline passes (the job then goes on and can be read by its id).
     """
     availability = await workers.availability()
     entries = resolve_models(refs, registry=registry, availability=availability, settings=settings, user_id=owner_id)
@@ -264,6 +324,7 @@ async def predict_and_wait(
         sample_rate=settings.shadow_sample_rate,
         benchmark_mode=settings.benchmark_mode,
     )
+    truth = await ground_truth_for(redis=redis, entries=entries, label=ground_truth)
     filename = images_service.upload_filename(file)
     data = await images_service.read_upload(file, settings)
     info, sha256 = await images_service.inspect_upload(data, settings)
@@ -278,6 +339,7 @@ async def predict_and_wait(
         deadline_seconds=settings.predict_deadline_seconds,
         image=Upload(data=data, info=info, sha256=sha256, filename=filename),
         shadows=shadows,
+        ground_truth=truth,
     )
     answers: list[PredictionPublic] | None = None
     if job.status in UNFINISHED:

@@ -45,6 +45,9 @@ def upgrade() -> None:
         "ix_labelled_examples_model_split", "labelled_examples", ["model_name", "split", "updated_at"], unique=False
     )
 
+    op.add_column("images", sa.Column("ground_truth", sa.String(length=200), nullable=True))
+
 
 def downgrade() -> None:
+    op.drop_column("images", "ground_truth")
     op.drop_table("labelled_examples")

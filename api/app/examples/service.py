@@ -13,9 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.db import utcnow
-from api.app.feedback.models import Feedback, LabelledExample
-from api.app.images.models import Image
-from api.app.predictions.models import Job, Prediction
+from api.app.examples.models import LabelledExample
 
 DEFAULT_TEST_SHARE = 0.2
 Split = Literal["train", "test"]
@@ -95,40 +93,3 @@ async def counts(*, session: AsyncSession, model_name: str) -> dict[str, int]:
         .group_by(LabelledExample.split)
     )
     return {"train": 0, "test": 0, **{split: int(n) for split, n in rows.tuples()}}
-
-
-async def backfill(*, session: AsyncSession, test_share: float) -> int:
-    """Once, when there are no examples yet: one per image and model from the verdicts given
-    before examples existed, each with its image's latest label; how many. Commits."""
-    if await session.scalar(select(LabelledExample.id).limit(1)) is not None:
-        return 0
-    latest = (
-        select(
-            Image.sha256,
-            Prediction.model_name,
-            Feedback.correct_label,
-            Feedback.owner_id,
-            Feedback.id,
-        )
-        .join(Prediction, Feedback.prediction_id == Prediction.id)
-        .join(Job, Prediction.job_id == Job.id)
-        .join(Image, Job.image_id == Image.id)
-        .where(Feedback.correct_label.is_not(None))
-        .distinct(Image.sha256, Prediction.model_name)
-        .order_by(Image.sha256, Prediction.model_name, Feedback.created_at.desc())
-    )
-    added = 0
-    for sha256, model_name, label, owner_id, feedback_id in (await session.execute(latest)).tuples():
-        await record(
-            session=session,
-            model_name=model_name,
-            sha256=sha256,
-            label=str(label),
-            source="verdict",
-            owner_id=owner_id,
-            test_share=test_share,
-            feedback_id=feedback_id,
-        )
-        added += 1
-    await session.commit()
-    return added
