@@ -41,6 +41,8 @@ from api.app.predictions.router import router as predictions_router
 from api.app.registry.live import LiveRegistry
 from api.app.registry.router import router as registry_router
 from api.app.releases.router import router as releases_router
+from api.app.training import background as training_background
+from api.app.training.router import router as training_router
 from api.app.users.router import classic as users_classic
 from api.app.users.router import router as users_router
 from contracts.registry import load_registry
@@ -113,7 +115,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         tasks = [
             asyncio.create_task(t)
-            for t in (collect_results(runtime, stop), reconcile(runtime, stop), forget, sync_registry)
+            for t in (
+                collect_results(runtime, stop),
+                reconcile(runtime, stop),
+                forget,
+                sync_registry,
+                training_background.collect_events(runtime, stop),
+                training_background.maintain(runtime, stop),
+            )
         ]
         try:
             yield
@@ -160,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         admin_router,
         registry_router,
         releases_router,
+        training_router,
         health_router,
     )
     for router in routers:

@@ -6,6 +6,7 @@ from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction, ShadowPrediction
 from api.app.registry.models import ModelVersion, RegistryChange
+from api.app.training.models import TrainingRun
 from api.app.users.models import User
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "RegistryChange",
     "RevokedToken",
     "ShadowPrediction",
+    "TrainingRun",
     "User",
 ]

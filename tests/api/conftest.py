@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -74,7 +75,7 @@ async def fresh_settings(settings: Settings) -> AsyncIterator[Settings]:
 
 @pytest.fixture
 async def own_stack(
-    fresh_settings: Settings, private_redis: RedisServer, request: pytest.FixtureRequest
+    fresh_settings: Settings, private_redis: RedisServer, request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Stack]:
     """An API on a database and a Redis of its own, seeded as at start-up: the changes made here
     must not reach the registry the rest of the suite uses. Indirect parameters: more settings."""
@@ -83,6 +84,7 @@ async def own_stack(
             "redis_url": private_redis.url,
             "max_queue_depth": 2000,
             "max_jobs_in_flight_per_user": 1000,
+            "training_data_dir": tmp_path / "training",
             **getattr(request, "param", {}),
         }
     )

@@ -22,6 +22,7 @@ LAYERS = [
     "predictions",
     "feedback",
     "releases",
+    "training",
     "admin",
     "health",
 ]

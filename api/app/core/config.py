@@ -138,6 +138,16 @@ class Settings(BaseSettings):
     version's before a promotion is refused (0.02: two points); an admin may force it with a reason."""
     shadow_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     """Share of a model's requests a shadow version of it gets a copy of (0.25: one in four)."""
+    training_data_dir: Path = PROJECT_ROOT / "var" / "training"
+    """Where each training run's labelled examples are exported for the trainer (a folder both the
+    API and the trainer see: the same machine, or a shared volume)."""
+    retrain_min_new_labels: int = Field(default=0, ge=0)
+    """Start a training run of a model by itself once it has this many new labelled ``train``
+    examples since its last run (0: never)."""
+    retrain_epochs: int = Field(default=12, ge=1, le=200)
+    """Epochs of a run the trigger starts."""
+    retrain_check_seconds: float = Field(default=30.0, gt=0)
+    """How often each API process fails runs whose trainer died and checks the trigger."""
     feedback_test_share: float = Field(default=0.2, ge=0.0, le=1.0)
     """Share of labelled images held out as the feedback ``test`` split (by the image's hash, once)."""
     evaluation_max_images: int = Field(default=10_000, ge=1)

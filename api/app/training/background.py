@@ -1,0 +1,134 @@
+"""What every API process runs for training: it follows the trainer's events into the runs,
+registers what they trained, fails runs whose trainer died, and starts runs when enough new
+labelled examples arrived (RETRAIN_MIN_NEW_LABELS)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import cast
+
+import redis.exceptions
+from fastapi import HTTPException
+from sqlalchemy import select
+
+from api.app.core.errors import DB_ERRORS, REDIS_ERRORS
+from api.app.core.tasks import run_every
+from api.app.examples.models import LabelledExample
+from api.app.predictions.background import JobRuntime
+from api.app.registry import service as registry_service
+from api.app.training import service
+from contracts import training
+from contracts.streams import ensure_group_async, group_missing
+
+log = logging.getLogger("api.training")
+
+TRIGGER_ACTOR = registry_service.Actor(None, "retraining trigger")
+
+
+async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
+    """Writes the event into its run; a run that ended well registers its version in shadow."""
+    async with rt.sessionmaker() as session:
+        registered = await service.apply_event(session=session, event=event)
+        if registered is None:
+            return
+        run, entry = registered
+        accuracy = (run.record or {}).get("test_accuracy")
+        try:
+            await registry_service.register_version(
+                session=session,
+                actor=registry_service.Actor(None, f"training run {run.id}"),
+                entry=entry,
+                reason=f"trained from @{run.base_version}: {run.reason}"
+                + (f" (held-out accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""),
+            )
+        except HTTPException as exc:
+            log.error("training run %s: %s not registered: %s", run.id, entry.key, exc.detail)
+            return
+        await rt.live_registry.reload(session, rt.redis)
+    log.info("training run %s registered %s in shadow", run.id, entry.key)
+
+
+async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
+    """Follows ``training:events`` (consumer group ``api``: each event handled by one process)."""
+    consumer = f"api-{socket.gethostname()}-{os.getpid()}"
+    group_ready = False
+    while not stop.is_set():
+        try:
+            if not group_ready:
+                await ensure_group_async(rt.redis, training.EVENT_STREAM, training.EVENT_GROUP)
+                group_ready = True
+            reply = cast(
+                list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+                await rt.redis_blocking.xreadgroup(
+                    training.EVENT_GROUP, consumer, {training.EVENT_STREAM: ">"}, count=50, block=1000
+                ),
+            )
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    try:
+                        await handle_event(rt, training.TrainingEvent.from_fields(fields))
+                    except (*REDIS_ERRORS, *DB_ERRORS):
+                        raise
+                    except Exception:
+                        log.exception("dropping training event %s", entry_id)
+                    await rt.redis.xack(training.EVENT_STREAM, training.EVENT_GROUP, entry_id)
+        except redis.exceptions.ResponseError as exc:
+            if group_missing(exc):
+                group_ready = False
+                continue
+            log.exception("training event collector error")
+            await asyncio.sleep(1)
+        except REDIS_ERRORS as exc:
+            rt.outage_log.report("redis", exc)
+            group_ready = False
+            await asyncio.sleep(1)
+        except DB_ERRORS as exc:
+            rt.outage_log.report("postgresql", exc)
+            await asyncio.sleep(1)
+
+
+async def maintain_once(rt: JobRuntime) -> None:
+    """Fails runs whose trainer died; starts a run for each model with enough new examples."""
+    async with rt.sessionmaker() as session:
+        if failed := await service.fail_stale(session=session, redis=rt.redis):
+            log.warning("%d training runs failed: their trainer stopped", failed)
+    threshold = rt.settings.retrain_min_new_labels
+    if threshold <= 0:
+        return
+    async with rt.sessionmaker() as session:
+        names = list(await session.scalars(select(LabelledExample.model_name).distinct()))
+        for name in names:
+            new = await service.new_examples_since_last_run(session=session, name=name)
+            if new < threshold:
+                continue
+            try:
+                run = await service.create_run(
+                    session=session,
+                    redis=rt.redis,
+                    store=rt.store,
+                    data_dir=rt.settings.training_data_dir,
+                    actor=TRIGGER_ACTOR,
+                    name=name,
+                    base_version=None,
+                    options=training.TrainingOptions(epochs=rt.settings.retrain_epochs),
+                    reason=f"{new} new labelled examples since the last run",
+                    trigger="auto",
+                )
+            except HTTPException as exc:
+                log.info("retraining %s not started: %s", name, exc.detail)
+                await session.rollback()
+                continue
+            log.info("retraining %s: run %s queued (%d new labelled examples)", name, run.id, new)
+
+
+async def maintain(rt: JobRuntime, stop: asyncio.Event) -> None:
+    await run_every(
+        rt.settings.retrain_check_seconds,
+        lambda: maintain_once(rt),
+        name="training maintenance",
+        stop=stop,
+        outage_log=rt.outage_log,
+    )

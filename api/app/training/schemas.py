@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.app.core.fields import INT32_MAX
+from api.app.registry.schemas import Reason
+from contracts.training import TrainingOptions
+
+
+class TrainingRequest(BaseModel):
+    model: str = Field(pattern=r"^[a-z0-9_]+$", max_length=64)
+    base_version: int | None = Field(default=None, ge=1, le=INT32_MAX, description="default: the stable version")
+    options: TrainingOptions = TrainingOptions()
+    reason: Reason
+
+
+class TrainingRunPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    model_name: str
+    version: int
+    base_version: int
+    status: str
+    trigger: str
+    requested_by: str
+    reason: str
+    options: dict[str, Any]
+    categories: list[str]
+    examples: dict[str, int]
+    trainer: str | None
+    history: list[dict[str, float]]
+    record: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    epoch: int = 0
+    """Epochs finished so far."""
+    eta_seconds: float | None = None
+    """While running: the mean epoch time times the epochs left."""
+
+    @classmethod
+    def from_row(cls, row: Any) -> TrainingRunPublic:
+        run = cls.model_validate(row)
+        run.epoch = len(run.history)
+        epochs = int(run.options.get("epochs", 0))
+        if run.status == "running" and run.history:
+            per_epoch = run.history[-1].get("seconds", 0.0) / len(run.history)
+            run.eta_seconds = round(per_epoch * max(epochs - len(run.history), 0), 1)
+        return run
+
+
+class TrainingRunsPublic(BaseModel):
+    data: list[TrainingRunPublic]

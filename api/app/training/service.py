@@ -1,0 +1,228 @@
+"""Training runs: requested by an admin (or started by the retraining trigger), trained by the
+training worker, followed through its events, and registered in shadow when they end well."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from fastapi import HTTPException
+from redis.asyncio import Redis
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.catalog.service import model_labels
+from api.app.examples import service as examples
+from api.app.examples.models import LabelledExample
+from api.app.feedback.export import export_feedback
+from api.app.images.storage import LocalBlobStore
+from api.app.registry import service as registry_service
+from api.app.registry.live import entry_of
+from api.app.registry.models import ModelVersion
+from api.app.training.models import TrainingRun
+from contracts import training
+from contracts.registry import ModelEntry, Preprocessing
+
+log = logging.getLogger("api.training")
+
+UNFINISHED = ("queued", "running")
+
+
+async def _base(session: AsyncSession, name: str, base_version: int | None) -> ModelEntry:
+    rows = {r.version: r for r in await session.scalars(select(ModelVersion).where(ModelVersion.name == name))}
+    if not rows:
+        raise HTTPException(status_code=404, detail=f"No model named {name!r}.")
+    if base_version is None:
+        stable = [r for r in rows.values() if r.channel == "stable" and r.enabled]
+        if not stable:
+            raise HTTPException(status_code=409, detail=f"{name} has no enabled stable version to start from.")
+        base_version = max(stable, key=lambda r: (r.weight, r.version)).version
+    if base_version not in rows:
+        raise HTTPException(status_code=404, detail=f"{name} has no version {base_version}.")
+    entry = entry_of(rows[base_version])
+    if entry.preprocessing is not Preprocessing.sketch:
+        raise HTTPException(
+            status_code=422, detail=f"{entry.key} is not a sketch model: only sketch models are trained here."
+        )
+    return entry
+
+
+async def create_run(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    data_dir: Path,
+    actor: registry_service.Actor,
+    name: str,
+    base_version: int | None,
+    options: training.TrainingOptions,
+    reason: str,
+    trigger: str = "admin",
+) -> TrainingRun:
+    """Queues the training of the model's next version from ``base_version`` (its categories and
+    input; None: the stable version) on QuickDraw plus users' labelled examples, exported for it
+    under ``data_dir/<run id>``. Raises 404 for an unknown model or version, 409 when the model
+    has no stable version or a run of it is already queued or running, 422 for a model that is not
+    a sketch model, 503 when its labels are not known yet (no worker has served it)."""
+    base = await _base(session, name, base_version)
+    busy = await session.scalar(
+        select(TrainingRun.id).where(TrainingRun.model_name == name, TrainingRun.status.in_(UNFINISHED)).limit(1)
+    )
+    if busy is not None:
+        raise HTTPException(status_code=409, detail=f"A training run of {name} is queued or running ({busy}).")
+    categories = await model_labels(redis, base)
+    if not categories:
+        raise HTTPException(
+            status_code=503,
+            detail=f"The labels of {base.key} are not known until a worker serving it has started; retry shortly.",
+            headers={"Retry-After": "5"},
+        )
+    latest_run = await session.scalar(select(func.max(TrainingRun.version)).where(TrainingRun.model_name == name))
+    version = max(await registry_service.next_version(session=session, name=name), int(latest_run or 0) + 1)
+    run = TrainingRun(
+        id=uuid.uuid4(),
+        model_name=name,
+        version=version,
+        base_version=base.version,
+        status="queued",
+        trigger=trigger,
+        requested_by=actor.email,
+        reason=reason,
+        options=options.model_dump(),
+        categories=list(categories),
+        history=[],
+    )
+    out = data_dir / str(run.id)
+    summary = await export_feedback(session=session, store=store, out=out, model=name)
+    run.examples = await examples.counts(session=session, model_name=name) | {"exported": summary.examples}
+    session.add(run)
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise HTTPException(status_code=409, detail=f"Another run of {name} took version {version}; retry.") from None
+    job = training.TrainingJob(
+        run_id=str(run.id),
+        model=name,
+        version=version,
+        categories=list(categories),
+        options=options,
+        feedback_dir=str(out),
+    )
+    await redis.xadd(training.JOB_STREAM, job.to_fields())
+    return run
+
+
+async def get_run(*, session: AsyncSession, run_id: uuid.UUID) -> TrainingRun:
+    """The run; 404 when there is none."""
+    run = await session.get(TrainingRun, run_id)
+    if run is None:
+        raise HTTPException(status_code=404, detail=f"No training run {run_id}.")
+    return run
+
+
+async def list_runs(*, session: AsyncSession, model: str | None, limit: int = 50) -> list[TrainingRun]:
+    """The most recent runs (of one model when given), newest first."""
+    query = select(TrainingRun).order_by(TrainingRun.created_at.desc()).limit(limit)
+    if model is not None:
+        query = query.where(TrainingRun.model_name == model)
+    return list(await session.scalars(query))
+
+
+async def cancel_run(*, session: AsyncSession, redis: Redis, run_id: uuid.UUID) -> TrainingRun:
+    """Cancels a queued run at once and a running one after its current epoch (the trainer
+    reports it). Raises 404 for an unknown run, 409 for one that ended."""
+    run = await get_run(session=session, run_id=run_id)
+    if run.status not in UNFINISHED:
+        raise HTTPException(status_code=409, detail=f"The run ended already ({run.status}).")
+    await redis.set(training.cancel_key(str(run.id)), "1", ex=7 * 86400)
+    if run.status == "queued":
+        run.status, run.finished_at, run.error = "cancelled", datetime.now(UTC), "cancelled before it started"
+        await session.commit()
+    return run
+
+
+async def training_record(*, session: AsyncSession, name: str, version: int) -> TrainingRun:
+    """The run that trained ``name@version``; 404 when none did (a version trained before runs
+    existed has its record in metrics.json beside its model file)."""
+    run = await session.scalar(
+        select(TrainingRun).where(TrainingRun.model_name == name, TrainingRun.version == version)
+    )
+    if run is None:
+        raise HTTPException(status_code=404, detail=f"No training run produced {name}@{version}.")
+    return run
+
+
+def trained_entry(run: TrainingRun, base: ModelEntry) -> ModelEntry:
+    """The registry entry of the version a run trained: its files under ``{trained_dir}``, fed as
+    its base version is, in shadow."""
+    folder = f"{{trained_dir}}/{run.model_name}/v{run.version}"
+    accuracy = (run.record or {}).get("test_accuracy")
+    return ModelEntry(
+        name=run.model_name,
+        version=run.version,
+        channel="shadow",
+        description=f"Trained by run {run.id} from @{run.base_version}"
+        + (f" (held-out accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""),
+        runtime=base.runtime,
+        file=f"{folder}/model.keras",
+        labels=f"{folder}/labels.txt",
+        input=base.input,
+        preprocessing=base.preprocessing,
+        training={**run.options, "run": str(run.id)},
+    )
+
+
+async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -> tuple[TrainingRun, ModelEntry] | None:
+    """Writes a trainer's event into its run; when the run ended well, the run and the entry to
+    register (the caller registers it, audited, and reloads the registry). An event of an
+    unknown run, or of one that ended already, changes nothing."""
+    run = await session.get(TrainingRun, uuid.UUID(event.run_id), with_for_update=True)
+    if run is None or run.status not in UNFINISHED:
+        await session.rollback()
+        return None
+    now = datetime.now(UTC)
+    registered = None
+    if event.kind == "started":
+        run.status, run.started_at, run.trainer = "running", now, event.trainer
+    elif event.kind == "epoch":
+        run.status = "running"
+        run.history = [*run.history, event.numbers]
+    elif event.kind == "done":
+        run.status, run.finished_at, run.record = "done", now, event.record
+        base = await _base(session, run.model_name, run.base_version)
+        registered = (run, trained_entry(run, base))
+    else:
+        run.status, run.finished_at, run.error = event.kind, now, event.error
+    await session.commit()
+    return registered
+
+
+async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
+    """Fails running runs whose trainer stopped holding their liveness key (killed, crashed, its
+    machine gone); how many."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=training.ALIVE_TTL_S)
+    failed = 0
+    for run in await session.scalars(
+        select(TrainingRun).where(TrainingRun.status == "running", TrainingRun.started_at < cutoff)
+    ):
+        if await redis.exists(training.alive_key(str(run.id))):
+            continue
+        run.status, run.finished_at = "failed", datetime.now(UTC)
+        run.error = "the trainer stopped during the run (killed, crashed or its machine lost)"
+        failed += 1
+    await session.commit()
+    return failed
+
+
+async def new_examples_since_last_run(*, session: AsyncSession, name: str) -> int:
+    """Labelled ``train`` examples of model ``name`` written since its latest run was queued."""
+    since = await session.scalar(select(func.max(TrainingRun.created_at)).where(TrainingRun.model_name == name))
+    query = select(func.count()).where(LabelledExample.model_name == name, LabelledExample.split == "train")
+    if since is not None:
+        query = query.where(LabelledExample.updated_at > since)
+    return int(await session.scalar(query) or 0)

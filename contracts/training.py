@@ -1,0 +1,84 @@
+"""Training runs between the API and the training worker (``python -m model.trainer``): a job on
+one stream, the trainer's events on another, a cancel flag and a liveness key per run."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, Field
+
+from contracts.streams import StreamFields
+
+JOB_STREAM = "training:jobs"
+JOB_GROUP = "trainers"
+EVENT_STREAM = "training:events"
+EVENT_GROUP = "api"
+EVENT_STREAM_MAXLEN = 10_000
+ALIVE_TTL_S = 15
+"""A running run's liveness key lives this long; the trainer renews it every few seconds, so a
+killed trainer's run is failed about this long after it died."""
+
+
+def cancel_key(run_id: str) -> str:
+    """Set (by the API) when an admin cancels the run; the trainer checks it after each epoch."""
+    return f"training:cancel:{run_id}"
+
+
+def alive_key(run_id: str) -> str:
+    """Held by the trainer while it runs the run."""
+    return f"training:alive:{run_id}"
+
+
+class TrainingOptions(BaseModel):
+    arch: Literal["compact", "deep", "wide"] = "compact"
+    epochs: int = Field(default=12, ge=1, le=200)
+    batch_size: int = Field(default=128, ge=8, le=4096)
+    learning_rate: float = Field(default=2e-3, gt=0, le=1)
+    seed: int = Field(default=1234, ge=0, le=2**31 - 1)
+    per_category: int = Field(default=3000, ge=10, le=100_000)
+    """QuickDraw drawings per category (the base data) at most."""
+
+
+class TrainingJob(BaseModel):
+    """Train version ``version`` of sketch model ``model`` on ``categories``: QuickDraw's drawings
+    plus users' labelled ``train`` examples exported under ``feedback_dir`` (the export's
+    ``<dir>/<model>``), into ``{trained_dir}/<model>/v<version>/``."""
+
+    run_id: str
+    model: str
+    version: int
+    categories: list[str]
+    options: TrainingOptions
+    feedback_dir: str | None = None
+    enqueued_at: float = Field(default_factory=time.time)
+
+    def to_fields(self) -> StreamFields:
+        return {"meta": self.model_dump_json().encode()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Self:
+        return cls.model_validate_json(fields[b"meta"])
+
+
+class TrainingEvent(BaseModel):
+    """What the trainer says of a run: it started, finished an epoch, or ended."""
+
+    run_id: str
+    kind: Literal["started", "epoch", "done", "failed", "cancelled"]
+    trainer: str = ""
+    epoch: int = 0
+    epochs: int = 0
+    numbers: dict[str, float] = {}
+    """An epoch's loss, accuracy, val_loss, val_accuracy and seconds since the start."""
+    record: dict[str, Any] | None = None
+    """When done: the training record (``metrics.json``)."""
+    error: str | None = None
+    at: float = Field(default_factory=time.time)
+
+    def to_fields(self) -> StreamFields:
+        return {"meta": self.model_dump_json().encode()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Self:
+        return cls.model_validate_json(fields[b"meta"])

@@ -1,0 +1,150 @@
+"""The training worker: ``python -m model.trainer``. One run at a time, niced, in its own process,
+never in an inference worker. It reads runs from the ``training:jobs`` stream (consumer group
+``trainers``), reports progress and the end on ``training:events``, holds a liveness key while it
+trains and stops after the epoch in which an admin cancelled the run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from contracts import training
+from contracts.streams import REDIS_ERRORS, ensure_group, group_missing
+from model.config import ModelSettings
+
+log = logging.getLogger("model.trainer")
+
+
+class Trainer:
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.name = settings.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
+        self.stopping = threading.Event()
+
+    def stop(self, *_: Any) -> None:
+        self.stopping.set()
+
+    def emit(self, event: training.TrainingEvent) -> None:
+        self.redis.xadd(training.EVENT_STREAM, event.to_fields(), maxlen=training.EVENT_STREAM_MAXLEN, approximate=True)
+
+    def run(self) -> None:
+        """Reads and trains runs until stopped; a run it took but did not finish (the process was
+        stopped) is failed by the API once its liveness key expires."""
+        group_ready = False
+        while not self.stopping.is_set():
+            try:
+                if not group_ready:
+                    ensure_group(self.redis, training.JOB_STREAM, training.JOB_GROUP)
+                    group_ready = True
+                reply = cast(
+                    list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+                    self.redis.xreadgroup(
+                        training.JOB_GROUP, self.name, {training.JOB_STREAM: ">"}, count=1, block=1000
+                    ),
+                )
+                for _stream, entries in reply or []:
+                    for entry_id, fields in entries:
+                        # Acknowledged first: a run is tried once; one lost with this process fails.
+                        self.redis.xack(training.JOB_STREAM, training.JOB_GROUP, entry_id)
+                        self.train_one(training.TrainingJob.from_fields(fields))
+            except redis.exceptions.ResponseError as exc:
+                if group_missing(exc):
+                    group_ready = False
+                    continue
+                log.exception("trainer error")
+                time.sleep(1)
+            except REDIS_ERRORS:
+                log.warning("redis unavailable; retrying")
+                group_ready = False
+                time.sleep(1)
+
+    def train_one(self, job: training.TrainingJob) -> None:
+        from model.training import train_sketch
+
+        if self.redis.exists(training.cancel_key(job.run_id)):
+            self.emit(training.TrainingEvent(run_id=job.run_id, kind="cancelled", trainer=self.name))
+            return
+        alive = training.alive_key(job.run_id)
+        self.redis.set(alive, self.name, ex=training.ALIVE_TTL_S)
+        done = threading.Event()
+
+        def keep_alive() -> None:
+            while not done.wait(training.ALIVE_TTL_S / 3):
+                self.redis.set(alive, self.name, ex=training.ALIVE_TTL_S)
+
+        threading.Thread(target=keep_alive, name="trainer-alive", daemon=True).start()
+        epochs = job.options.epochs
+        self.emit(training.TrainingEvent(run_id=job.run_id, kind="started", trainer=self.name, epochs=epochs))
+        out = self.settings.trained_dir / job.model / f"v{job.version}"
+        feedback = Path(job.feedback_dir) / job.model if job.feedback_dir else None
+        try:
+            record = train_sketch.train(
+                data=self.settings.quickdraw_dir,
+                categories=job.categories,
+                out=out,
+                epochs=epochs,
+                batch_size=job.options.batch_size,
+                arch=job.options.arch,
+                per_category=job.options.per_category,
+                feedback=feedback if feedback is not None and feedback.is_dir() else None,
+                learning_rate=job.options.learning_rate,
+                seed=job.options.seed,
+                on_epoch=lambda numbers: self.emit(
+                    training.TrainingEvent(
+                        run_id=job.run_id,
+                        kind="epoch",
+                        trainer=self.name,
+                        epoch=int(numbers["epoch"]),
+                        epochs=epochs,
+                        numbers=numbers,
+                    )
+                ),
+                should_stop=lambda: bool(self.stopping.is_set() or self.redis.exists(training.cancel_key(job.run_id))),
+            )
+        except train_sketch.TrainingCancelled as exc:
+            if self.stopping.is_set():
+                event = training.TrainingEvent(
+                    run_id=job.run_id, kind="failed", trainer=self.name, error="the trainer was stopped"
+                )
+            else:
+                event = training.TrainingEvent(run_id=job.run_id, kind="cancelled", trainer=self.name, error=str(exc))
+            self.emit(event)
+        except Exception as exc:  # a bad run must not stop the trainer
+            log.exception("training run %s failed", job.run_id)
+            self.emit(
+                training.TrainingEvent(
+                    run_id=job.run_id, kind="failed", trainer=self.name, error=f"{type(exc).__name__}: {exc}"
+                )
+            )
+        else:
+            self.emit(training.TrainingEvent(run_id=job.run_id, kind="done", trainer=self.name, record=record))
+        finally:
+            done.set()
+            self.redis.delete(alive)
+
+
+def main() -> None:
+    from model.logs import configure_logging
+
+    settings = ModelSettings()
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.cpu_nice:
+        os.nice(settings.cpu_nice)
+    trainer = Trainer(settings)
+    signal.signal(signal.SIGTERM, trainer.stop)
+    signal.signal(signal.SIGINT, trainer.stop)
+    log.info("trainer %s waiting for runs", trainer.name)
+    trainer.run()
+
+
+if __name__ == "__main__":
+    main()
