@@ -1,4 +1,4 @@
-"""Start the API, MODEL_WORKERS model workers and the UI under supervisord.
+"""Start the API, MODEL_WORKERS model workers, the trainer and the UI under supervisord.
 
 A child that crashes (a model worker killed by the kernel's OOM killer, say) is started again and
 the restart logged, while the others keep serving; one that keeps failing at start-up is retried
@@ -62,6 +62,7 @@ childlogdir={folder}
 """
         + program("api", f"{python} -m api")
         + program("model", f"{python} -m model", numprocs=model_workers)
+        + program("trainer", f"{python} -m model.trainer")
         + program("ui", f"{python} -m ui")
     )
 

@@ -19,14 +19,17 @@ SETTINGS: dict[str, type[BaseSettings]] = {"api": Settings, "model": ModelSettin
 
 
 def test_services_and_scaling() -> None:
-    assert set(SERVICES) == {"db", "redis", "api", "model", "ui", "prometheus", "grafana"}
+    assert set(SERVICES) == {"db", "redis", "api", "model", "trainer", "ui", "prometheus", "grafana"}
     assert {n for n, svc in SERVICES.items() if svc.get("profiles")} == {"prometheus", "grafana"}
     for name, service in SERVICES.items():
         assert "container_name" not in service, name
         assert "healthcheck" in service and service["healthcheck"]["test"], name
         for dep, cond in (service.get("depends_on") or {}).items():
             assert cond == {"condition": "service_healthy"}, (name, dep)
-    assert "ports" not in SERVICES["model"] and "volumes" not in SERVICES["model"]  # scalable, no shared disk
+    # Scalable: no port, and the one shared disk (trained versions) read-only.
+    assert "ports" not in SERVICES["model"] and SERVICES["model"]["volumes"] == ["trained:/opt/trained:ro"]
+    assert SERVICES["trainer"]["command"] == ["python", "-m", "model.trainer"]
+    assert "trained:/opt/trained" in SERVICES["trainer"]["volumes"]
 
 
 def test_environment_variables_are_real_settings() -> None:
