@@ -34,8 +34,8 @@ class Preprocessing(StrEnum):
 
 
 class InputSpec(BaseModel):
-    height: int
-    width: int
+    height: int = Field(ge=1, le=4096)
+    width: int = Field(ge=1, le=4096)
     mode: Literal["RGB", "L"] = "RGB"
 
 

@@ -83,6 +83,7 @@ def make_settings(database_url: str, redis_url: str, storage: Path, **overrides:
         "database_url": database_url,
         "redis_url": redis_url,
         "storage_dir": storage,
+        "training_data_dir": storage / "training",
         "first_admin_email": ADMIN_EMAIL,
         "first_admin_password": ADMIN_PASSWORD,
         "log_json": True,

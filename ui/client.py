@@ -257,6 +257,29 @@ class Comparison(TypedDict):
     reasons: list[str]
 
 
+class TrainingRun(TypedDict):
+    id: str
+    model_name: str
+    version: int
+    base_version: int
+    status: str
+    trigger: str
+    requested_by: str
+    reason: str
+    options: dict[str, Any]
+    categories: list[str]
+    examples: dict[str, int]
+    trainer: str | None
+    history: list[dict[str, float]]
+    record: dict[str, Any] | None
+    error: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    epoch: int
+    eta_seconds: float | None
+
+
 class Readiness(TypedDict):
     """``status`` is "ok" or "fail"; ``checks`` maps postgresql, redis and workers to their result."""
 
@@ -281,6 +304,8 @@ _SERVING = TypeAdapter(list[ServingVersion])
 _COMPARISON = TypeAdapter(Comparison)
 _EVALUATION = TypeAdapter(Evaluation)
 _EVALUATIONS = TypeAdapter(list[Evaluation])
+_RUN = TypeAdapter(TrainingRun)
+_RUNS = TypeAdapter(list[TrainingRun])
 
 
 class ApiError(Exception):
@@ -482,6 +507,19 @@ class Api:
 
     def evaluations(self, name: str) -> list[Evaluation]:
         return _typed(_EVALUATIONS, self.json("GET", f"/v1/admin/registry/models/{name}/evaluations"))
+
+    # --- training runs (admins) -------------------------------------------------------------
+
+    def training_runs(self, model: str | None = None) -> list[TrainingRun]:
+        params = {"model": model} if model else {}
+        return _typed(_RUNS, self.json("GET", "/v1/admin/training-runs", params=params)["data"])
+
+    def start_training(self, model: str, options: dict[str, Any], reason: str) -> TrainingRun:
+        body = {"model": model, "options": options, "reason": reason}
+        return _typed(_RUN, self.json("POST", "/v1/admin/training-runs", json=body))
+
+    def cancel_training(self, run_id: str) -> TrainingRun:
+        return _typed(_RUN, self.json("POST", f"/v1/admin/training-runs/{run_id}/cancel"))
 
     def readiness(self) -> Readiness:
         """The API's readiness checks; a "fail" status with no checks when it cannot be reached."""

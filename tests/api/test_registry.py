@@ -213,6 +213,11 @@ async def test_a_registered_version_is_served_then_split_promoted_and_rolled_bac
         "/model/predict", files={"file": ("d.png", drawing())}, params={"models": "sketch"}, headers=people[0]
     )
     assert after.json()["version"] == 3
+    # Promoting it again changes nothing: refused, so the rollback below still undoes the real one.
+    again = await client.post(
+        "/v1/admin/registry/models/sketch/versions/3/promote", json={"reason": "again"}, headers=admin
+    )
+    assert again.status_code == 409 and "stable version already" in again.text, again.text
     r = await client.post(
         "/v1/admin/registry/models/sketch/rollback", json={"reason": "worse in production"}, headers=admin
     )
@@ -258,6 +263,26 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
         ("POST", "/v1/admin/registry/versions", {**SKETCH_V3, "file": "{trained_dir}/../../etc/passwd"}, 422),
         ("POST", "/v1/admin/registry/versions", {**SKETCH_V3, "version": 1}, 409),
         ("PATCH", "/v1/admin/registry/models/sketch/versions/2", {"channel": "stable", "reason": "x"}, 422),
+        # Files stay inside their folder, whatever the spelling.
+        *(
+            ("POST", "/v1/admin/registry/versions", {**SKETCH_V3, "file": bad}, 422)
+            for bad in (
+                "{trained_dir}/../trained/sketch/v2/model.keras",
+                "{models_dir}/..",
+                "{trained_dir}/sketch/./v2/model.keras",
+                "{trained_dir}/sketch\\v2\\model.keras",
+                "{trained_dir}/sketch/v2/model.keras\n",
+            )
+        ),
+        ("POST", "/v1/admin/registry/versions", {**SKETCH_V3, "input": {"height": 0, "width": 28, "mode": "L"}}, 422),
+        # A change must change something, and say why.
+        ("PATCH", "/v1/admin/registry/models/sketch/versions/1", {"reason": "x"}, 422),
+        ("PATCH", "/v1/admin/registry/models/sketch/versions/1", {"enabled": "yes", "reason": "x"}, 422),
+        ("PATCH", "/v1/admin/registry/models/sketch/versions/1", {"enabled": True, "reason": "x"}, 409),
+        ("PUT", weights, {"weights": {"1": 100}, "reason": "x"}, 409),
+        ("PUT", weights, {"weights": {"1": True}, "reason": "x"}, 422),
+        ("PUT", weights, {"weights": {"1": 50}, "reason": "   "}, 422),
+        ("POST", "/v1/admin/registry/models/sketch/versions/1/promote", {"reason": "x"}, 409),
     ]
     for method, path, body, status in cases:
         r = await client.request(method, path, json=body, headers=admin)
@@ -407,6 +432,10 @@ async def test_a_shadow_answers_copies_that_are_stored_and_never_returned(own_st
     listed = (await client.get("/v1/models", headers=admin)).json()["data"]
     assert "sketch@3" not in {m["ref"] for m in listed}, "a shadow is not offered to users"
     _, user = await users_of(client, admin)
+    pinned = await client.post(
+        "/model/predict", params={"models": "sketch@3"}, files={"file": ("d.png", drawing())}, headers=user
+    )
+    assert pinned.status_code == 422 and "Unknown model 'sketch@3'" in pinned.text, "nor answers one who names it"
     job_ids = []
     for _ in range(5):
         r = await client.post(

@@ -3,6 +3,7 @@ labelled, in the background, a few jobs at a time."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,9 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from api.app.core.db import make_engine, make_sessionmaker
+from api.app.predictions import evaluations
 from api.app.predictions.models import EvaluationAnswer
+from api.app.releases import service as releases_service
 from contracts.messages import PredictionStatus
 from tests.api.conftest import Stack, until
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
@@ -115,6 +118,34 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
         assert result["accuracy"] == round(expected[version] / 24, 4)
     listed = (await client.get(url, headers=admin)).json()
     assert [e["id"] for e in listed] == [started["id"]]
+    assert (await client.get("/v1/admin/registry/models/nothing/evaluations", headers=admin)).status_code == 404
+
+    # One running evaluation per pair; a running one can be cancelled.
+    again = await client.post(url, json={"candidate": 2}, headers=admin)
+    assert again.status_code == 202, again.text
+    assert (await client.post(url, json={"candidate": 2}, headers=admin)).status_code == 409
+    r = await client.post(f"{url}/{again.json()['id']}/cancel", headers=admin)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["candidate"]["pending"] <= IN_FLIGHT
+    assert (await client.post(f"{url}/{again.json()['id']}/cancel", headers=admin)).status_code == 409
+
+    # An evaluation whose versions no worker serves ends (its answers expire) instead of waiting forever.
+    async with own_stack.app.state.sessionmaker() as session:
+        images = await releases_service.labelled_images(session=session, name="sketch", limit=5)
+        stuck = await evaluations.start(
+            session=session, name="mobilenet_v2", candidate=2, baseline=1, images=images, requested_by="test"
+        )
+        await evaluations.expire_overdue(session=session, grace_seconds=0, stall_seconds=0)
+        await evaluations.top_up(
+            session=session,
+            redis=own_stack.app.state.redis,
+            store=own_stack.app.state.store,
+            in_flight=3,
+            job_seconds=10,
+            served=set(),
+        )
+        await session.refresh(stuck)
+        ended = await evaluations.summary(session=session, evaluation=stuck)
+    assert ended.status == "done" and (ended.candidate.failed, ended.baseline.failed) == (5, 5), ended
 
     # The comparison counts it, and the user's history holds none of its 48 answers.
     r = await client.get("/v1/admin/registry/models/sketch/compare", params={"candidate": 2}, headers=admin)
@@ -128,3 +159,12 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
     r = await client.post("/v1/admin/registry/models/mobilenet_v2/evaluations", json={"candidate": 2}, headers=admin)
     assert r.status_code == 409 and "No worker serves" in r.json()["detail"], r.text
     assert (await client.post(url, json={"candidate": 2}, headers=user)).status_code == 403
+
+    # Images deleted since are left out of its counts, and said so.
+    async with own_stack.app.state.sessionmaker() as session:
+        image_id = await session.scalar(
+            select(EvaluationAnswer.image_id).where(EvaluationAnswer.evaluation_id == uuid.UUID(started["id"])).limit(1)
+        )
+    assert (await client.delete(f"/v1/images/{image_id}", headers=user)).status_code == 204
+    after_delete = (await client.get(f"{url}/{started['id']}", headers=admin)).json()
+    assert (after_delete["images"], after_delete["removed"]) == (23, 1), after_delete

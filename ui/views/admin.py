@@ -8,7 +8,7 @@ from typing import cast
 import pandas as pd
 import streamlit as st
 
-from ui.client import Api, Comparison, Role, ServingVersion, Stats
+from ui.client import Api, Comparison, Role, ServingVersion, Stats, TrainingRun
 from ui.session import guarded, models
 
 ROLES: list[Role] = ["user", "admin"]
@@ -25,11 +25,13 @@ def admin_page(api: Api) -> None:
     st.title("Administration")
     # Every tab runs on every rerun: the stats two of them show are fetched once.
     stats = guarded(api, api.stats)
-    status, versions, users, quality = st.tabs(["System status", "Models", "Users", "Model quality"])
+    status, versions, runs, users, quality = st.tabs(["System status", "Models", "Training", "Users", "Model quality"])
     with status:
         status_tab(api, stats)
     with versions:
         models_tab(api)
+    with runs:
+        training_tab(api)
     with users:
         users_tab(api)
     with quality:
@@ -120,7 +122,8 @@ def weights_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
                     max_value=1_000_000,
                     value=v["weight"],
                     step=5,
-                    key=f"weight_{name}_{v['version']}",
+                    # Keyed by the current weight too: another admin's change shows, not this form's old value.
+                    key=f"weight_{name}_{v['version']}_{v['weight']}",
                 )
             )
             for v in live
@@ -294,6 +297,92 @@ def show_comparison(comparison: Comparison) -> None:
     st.markdown(f"**{verdict}** (margin {comparison['margin']:.0%})")
     for reason in comparison["reasons"]:
         st.caption(reason)
+
+
+def training_tab(api: Api) -> None:
+    """Training runs: start one, follow its epochs, cancel it; a finished run's curves, per-class
+    scores and confusion matrix."""
+    runs = guarded(api, api.training_runs)
+    if runs is None:
+        return
+    with st.form("start_training"):
+        st.subheader("Train a new version")
+        st.caption("Sketch models only: QuickDraw plus users' labelled train examples; the result goes into shadow.")
+        sketch_models = sorted({m["name"] for m in models(api) if m["input"]["mode"] == "L"}) or ["sketch"]
+        model = st.selectbox("Model", sketch_models, key="train_model")
+        left, middle, right = st.columns(3)
+        epochs = int(left.number_input("Epochs", min_value=1, max_value=200, value=12, key="train_epochs"))
+        arch = middle.selectbox("Architecture", ["compact", "deep", "wide"], key="train_arch")
+        rate = float(
+            right.number_input(
+                "Learning rate", min_value=1e-5, max_value=1.0, value=2e-3, format="%.4f", key="train_lr"
+            )
+        )
+        reason = st.text_input("Why", key="train_reason")
+        if st.form_submit_button("Start training"):
+            options = {"epochs": epochs, "arch": arch, "learning_rate": rate}
+            if not reason.strip():
+                st.error("Say why: the run is audited.")
+            elif (started := guarded(api, lambda: api.start_training(model, options, reason))) is not None:
+                st.success(f"Run queued: {started['model_name']}@{started['version']}.")
+                st.rerun()
+    if not runs:
+        st.info("No training run yet.")
+        return
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "started": r["created_at"][:16].replace("T", " "),
+                    "version": f"{r['model_name']}@{r['version']}",
+                    "from": f"@{r['base_version']}",
+                    "status": r["status"],
+                    "epoch": f"{r['epoch']} of {r['options'].get('epochs', '?')}",
+                    "by": r["requested_by"],
+                    "held-out accuracy": _percent((r["record"] or {}).get("test_accuracy")),
+                    "error": r["error"] or "",
+                }
+                for r in runs
+            ]
+        ),
+        hide_index=True,
+    )
+    labels = {f"{r['model_name']}@{r['version']} ({r['status']})": r for r in runs}
+    run = labels[st.selectbox("Run", list(labels), key="train_pick")]
+    show_run(api, run)
+
+
+def show_run(api: Api, run: TrainingRun) -> None:
+    epochs = int(run["options"].get("epochs", 1))
+    if run["status"] in ("queued", "running"):
+        eta = f", about {run['eta_seconds']:.0f} s left" if run["eta_seconds"] is not None else ""
+        st.progress(run["epoch"] / epochs, text=f"{run['status'].capitalize()}: epoch {run['epoch']} of {epochs}{eta}")
+        cancel = st.button("Cancel this run", key=f"cancel_{run['id']}")
+        if cancel and guarded(api, lambda: api.cancel_training(run["id"])) is not None:
+            st.rerun()
+    if run["history"]:
+        history = pd.DataFrame(run["history"]).set_index("epoch")
+        left, right = st.columns(2)
+        left.caption("Loss")
+        left.line_chart(history[[c for c in ("loss", "val_loss") if c in history]])
+        right.caption("Accuracy")
+        right.line_chart(history[[c for c in ("accuracy", "val_accuracy") if c in history]])
+    record = run["record"]
+    if record:
+        st.markdown(
+            f"Held-out top-1 **{_percent(record.get('test_accuracy'))}**, top-3 {_percent(record.get('test_top3_accuracy'))}, "
+            f"macro-F1 {record.get('macro_f1', '')}; {record.get('seconds', '?')} s"
+        )
+        if per_class := record.get("per_class"):
+            st.dataframe(pd.DataFrame(per_class).T, key=f"per_class_{run['id']}")
+        if matrix := record.get("confusion_matrix"):
+            names = matrix["labels"]
+            st.caption("Confusion matrix (rows: true label, columns: predicted)")
+            st.dataframe(
+                pd.DataFrame(
+                    matrix["rows_true_columns_predicted"], index=names, columns=names
+                ).style.background_gradient(cmap="Blues")
+            )
 
 
 def users_tab(api: Api) -> None:

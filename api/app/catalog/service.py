@@ -227,7 +227,7 @@ def resolve_models(
             raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
         metrics.ROUTED.labels(entry.name, str(entry.version)).inc()
         return [entry]
-    listed = sorted(m.key for m in registry.served(benchmark_mode=bench))
+    listed = sorted(m.key for m in listed_entries(registry, benchmark_mode=bench))
     entries: list[ModelEntry] = []
     for ref in refs:
         try:
@@ -240,6 +240,8 @@ def resolve_models(
             if routed is not None:
                 metrics.ROUTED.labels(routed.name, str(routed.version)).inc()
         entry = routed or registry.find(name, version, benchmark_mode=bench)
+        if entry is not None and entry.channel == "shadow" and not bench:
+            entry = None  # a shadow answers copies of requests, never a user
         if entry is None:
             raise HTTPException(status_code=422, detail=f"Unknown model {ref!r}; available models: {', '.join(listed)}")
         state = availability.get(entry.key)

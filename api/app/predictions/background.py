@@ -138,9 +138,13 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
 
 
 async def top_up_evaluations(rt: JobRuntime) -> None:
-    """Queues the next jobs of running evaluations (``evaluations.top_up``)."""
+    """Queues the next jobs of running evaluations (``evaluations.top_up``) for the versions a
+    live worker serves."""
+    beats = await workers.live_heartbeats_async(rt.redis)
+    served = {f"{m.name}@{m.version}" for beat in beats for m in beat.models if m.ready}
     async with rt.sessionmaker() as session:
         await evaluations.top_up(
+            served=served,
             session=session,
             redis=rt.redis,
             store=rt.store,
@@ -231,7 +235,11 @@ async def reconcile_once(rt: JobRuntime) -> None:
     await refresh_gauges(rt)
     async with rt.sessionmaker() as session:
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
-        await evaluations.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
+        await evaluations.expire_overdue(
+            session=session,
+            grace_seconds=settings.expire_grace_seconds,
+            stall_seconds=settings.evaluation_job_seconds,
+        )
     await top_up_evaluations(rt)
     if finished:
         await queue.notify_done(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -80,10 +80,18 @@ async def start(
 
 
 async def top_up(
-    *, session: AsyncSession, redis: Redis, store: LocalBlobStore, in_flight: int, job_seconds: float
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    in_flight: int,
+    job_seconds: float,
+    served: Set[str] | None = None,
 ) -> int:
     """Queues pending answers of running evaluations until ``in_flight`` per version are queued,
-    then finishes evaluations with nothing left open; the number of jobs queued.
+    then finishes evaluations with nothing left open; the number of jobs queued. A version no
+    live worker serves (``served``, keys like ``sketch@2``; None: not checked) gets none: its
+    answers wait, and expire if it stays so (``expire_overdue``).
 
     Rows are taken with SKIP LOCKED, so two API processes never queue the same answer; a job
     queued twice (Redis failed after the queue took it) is answered once."""
@@ -91,6 +99,8 @@ async def top_up(
     running = list(await session.scalars(select(Evaluation).where(Evaluation.status == "running")))
     for evaluation in running:
         for version in (evaluation.candidate, evaluation.baseline):
+            if served is not None and f"{evaluation.model_name}@{version}" not in served:
+                continue
             busy = await session.scalar(
                 select(func.count()).where(
                     EvaluationAnswer.evaluation_id == evaluation.id,
@@ -173,10 +183,36 @@ async def store_answer(*, session: AsyncSession, result: ResultMessage) -> None:
     await session.commit()
 
 
-async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> None:
+async def expire_overdue(*, session: AsyncSession, grace_seconds: float, stall_seconds: float) -> None:
     """Expires queued answers no worker gave by their deadline (a version unloaded meanwhile, a
-    queue lost with Redis's data), so every evaluation finishes."""
+    queue lost with Redis's data), and the pending answers of an evaluation that went
+    ``stall_seconds`` without an answer and has none in flight (no worker serves a version), so
+    every evaluation finishes."""
     now = datetime.now(UTC)
+    last_answer = (
+        select(func.max(EvaluationAnswer.finished_at))
+        .where(EvaluationAnswer.evaluation_id == Evaluation.id)
+        .scalar_subquery()
+    )
+    in_flight = (
+        select(EvaluationAnswer.id)
+        .where(EvaluationAnswer.evaluation_id == Evaluation.id, EvaluationAnswer.status.in_(UNFINISHED))
+        .exists()
+    )
+    stalled = select(Evaluation.id).where(
+        Evaluation.status == "running",
+        ~in_flight,
+        func.coalesce(last_answer, Evaluation.created_at) < now - timedelta(seconds=stall_seconds),
+    )
+    await session.execute(
+        update(EvaluationAnswer)
+        .where(EvaluationAnswer.status == PENDING, EvaluationAnswer.evaluation_id.in_(stalled))
+        .values(
+            status=PredictionStatus.expired.value,
+            error=f"no worker served the version for {stall_seconds:g} s",
+            finished_at=now,
+        )
+    )
     await session.execute(
         update(EvaluationAnswer)
         .where(
@@ -188,6 +224,31 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> None
         )
     )
     await session.commit()
+
+
+async def cancel(*, session: AsyncSession, evaluation: Evaluation) -> None:
+    """Ends a running evaluation now: what is not answered yet is marked cancelled (answers of
+    jobs already queued are still kept when they come)."""
+    now = datetime.now(UTC)
+    await session.execute(
+        update(EvaluationAnswer)
+        .where(EvaluationAnswer.evaluation_id == evaluation.id, EvaluationAnswer.status == PENDING)
+        .values(status="cancelled", error="the evaluation was cancelled", finished_at=now)
+    )
+    evaluation.status, evaluation.finished_at = "cancelled", now
+    await session.commit()
+
+
+async def running_of(*, session: AsyncSession, name: str, candidate: int, baseline: int) -> Evaluation | None:
+    """The running evaluation of this pair of versions, if any."""
+    return await session.scalar(
+        select(Evaluation).where(
+            Evaluation.model_name == name,
+            Evaluation.candidate == candidate,
+            Evaluation.baseline == baseline,
+            Evaluation.status == "running",
+        )
+    )
 
 
 async def summary(*, session: AsyncSession, evaluation: Evaluation) -> EvaluationPublic:
@@ -229,11 +290,13 @@ async def summary(*, session: AsyncSession, evaluation: Evaluation) -> Evaluatio
             latency_p50_ms=round(float(p50), 1) if p50 is not None else None,
         )
     empty = EvaluationVersion(version=0, answered=0, failed=0, pending=0, correct=0, accuracy=None)
+    remaining = max((v.answered + v.failed + v.pending for v in versions.values()), default=0)
     return EvaluationPublic(
         id=evaluation.id,
         model=evaluation.model_name,
         status=evaluation.status,
-        images=evaluation.images,
+        images=remaining,
+        removed=evaluation.images - remaining,
         requested_by=evaluation.requested_by,
         created_at=evaluation.created_at,
         finished_at=evaluation.finished_at,

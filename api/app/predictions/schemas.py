@@ -163,8 +163,11 @@ class EvaluationPublic(BaseModel):
     id: uuid.UUID
     model: str
     status: str
-    """``running`` or ``done``."""
+    """``running``, ``done`` or ``cancelled``."""
     images: int
+    """Labelled images it runs on (those deleted since it started are left out)."""
+    removed: int = 0
+    """Images deleted (with their owner, or by them) since it started."""
     requested_by: str
     created_at: datetime
     finished_at: datetime | None

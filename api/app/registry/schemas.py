@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from api.app.core.fields import INT32_MAX, Text
 from contracts.registry import InputSpec, Preprocessing, Runtime
@@ -49,7 +49,17 @@ class RegistryChangesPublic(BaseModel):
     count: int
 
 
-Reason = Annotated[Text, Field(min_length=1, max_length=1000, description="Why, for the audit trail")]
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("say why: a reason is not blank")
+    return value.strip()
+
+
+Reason = Annotated[
+    Text,
+    Field(min_length=1, max_length=1000, description="Why, for the audit trail (not blank)"),
+    AfterValidator(_not_blank),
+]
 
 
 class VersionCreate(BaseModel):
@@ -73,7 +83,7 @@ class VersionCreate(BaseModel):
 
 
 class WeightsUpdate(BaseModel):
-    weights: dict[Annotated[int, Field(ge=1, le=INT32_MAX)], Annotated[int, Field(ge=0, le=1_000_000)]] = Field(
+    weights: dict[Annotated[int, Field(ge=1, le=INT32_MAX)], Annotated[StrictInt, Field(ge=0, le=1_000_000)]] = Field(
         min_length=1, max_length=100, description='Version to weight, e.g. {"1": 90, "2": 10}'
     )
     reason: Reason
@@ -81,7 +91,7 @@ class WeightsUpdate(BaseModel):
 
 class VersionUpdate(BaseModel):
     channel: Literal["canary", "shadow", "retired"] | None = None
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
     reason: Reason
 
 

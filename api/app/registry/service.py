@@ -27,7 +27,9 @@ SEED_ACTOR = "registry.yaml"
 """The actor named in the audit trail for changes made by start-up seeding."""
 STABLE_WEIGHT = 100
 """The weight a promoted version gets (and a stable one seeded without a weight)."""
-_FILE_TEMPLATE = re.compile(r"^\{(models_dir|trained_dir)\}/(?!.*(^|/)\.\.(/|$))[^\x00]+$")
+_FILE_TEMPLATE = re.compile(r"^\{(models_dir|trained_dir)\}(/(?!\.\.?(/|$))[^/\\\x00-\x1f]+)+$")
+"""``{models_dir}/`` or ``{trained_dir}/`` then path segments: none empty, ``.`` or ``..``, no
+backslash or control character, so the file stays inside that folder."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,8 @@ async def _commit_change(
     _check_model(rows)
     after = _states(rows)
     changed = {v: s for v, s in after.items() if before.get(v) != s}
+    if not changed and undoes is None:
+        raise _conflict("Nothing would change: the versions are in that state already.")
     change = _audit(
         session,
         actor=actor,
@@ -246,7 +250,7 @@ async def register_version(*, session: AsyncSession, actor: Actor, entry: ModelE
     channel (a version becomes stable by promotion).
     """
     for template in (entry.file, entry.labels if entry.labels != "imagenet" else None):
-        if template is not None and not _FILE_TEMPLATE.match(template):
+        if template is not None and not _FILE_TEMPLATE.fullmatch(template):
             raise HTTPException(
                 status_code=422,
                 detail=f"{template!r} must start with {{models_dir}}/ or {{trained_dir}}/ and stay inside it.",
@@ -350,6 +354,8 @@ async def set_channel(
     Raises 404 for an unknown version, 422 for ``stable`` (promote instead), 409 when a shadow is
     not loaded on any worker yet or when the model would keep no enabled stable version with traffic.
     """
+    if channel is None and enabled is None:
+        raise HTTPException(status_code=422, detail="Nothing to change: give a channel, enabled, or both.")
     rows = await _lock_model(session, name)
     before = _states(rows)
     row = _version(rows, version)
@@ -384,6 +390,8 @@ async def promote(
         raise _conflict(
             f"{name}@{version} is {'retired' if row.channel == 'retired' else 'disabled'}; enable it first."
         )
+    if row.channel == "stable" and all(r.channel != "stable" for r in rows if r is not row):
+        raise _conflict(f"{name}@{version} is the stable version already.")
     _require_loaded(row, available, "be promoted")
     for other in rows:
         if other.channel == "stable" and other is not row:
@@ -416,6 +424,11 @@ async def rollback(
     for version, state in promotion.before.items():
         row = _version(rows, int(version))
         if state["weight"] > 0 and row.weight == 0:
+            if row.channel == "retired" or not row.enabled:
+                raise _conflict(
+                    f"{name}@{version} is {'retired' if row.channel == 'retired' else 'disabled'} since; make it a "
+                    "canary (or enable it) first, or promote another version."
+                )
             _require_loaded(row, available, "get its traffic back")
         row.channel, row.weight, row.enabled = state["channel"], state["weight"], state["enabled"]
     await _commit_change(

@@ -87,7 +87,21 @@ async def start_evaluation(
     )
 
 
-@router.get("/models/{name}/evaluations", response_model=list[EvaluationPublic], responses={**ADMIN, **INVALID})
+@router.post(
+    "/models/{name}/evaluations/{evaluation_id}/cancel",
+    response_model=EvaluationPublic,
+    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID},
+)
+async def cancel_evaluation(
+    name: ModelName, evaluation_id: uuid.UUID, _: AdminUser, session: SessionDep
+) -> EvaluationPublic:
+    """End a running evaluation now: its unanswered images count as cancelled; 409 when it ended (admin)."""
+    return await service.cancel_evaluation(session=session, name=name, evaluation_id=evaluation_id)
+
+
+@router.get(
+    "/models/{name}/evaluations", response_model=list[EvaluationPublic], responses={**ADMIN, **NOT_FOUND, **INVALID}
+)
 async def list_evaluations(name: ModelName, _: AdminUser, session: ReadSessionDep) -> list[EvaluationPublic]:
     """The model's 20 most recent evaluations with their results, newest first (admin)."""
     return await service.evaluations_of(session=session, name=name)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from api.app.core.fields import INT32_MAX
 from api.app.predictions.schemas import EvaluationPublic
@@ -49,7 +49,7 @@ class Comparison(BaseModel):
 
 class Promotion(BaseModel):
     reason: Reason
-    force: bool = False
+    force: StrictBool = False
     """Promote even when the comparison says worse (the numbers go into the audit trail)."""
 
 

@@ -230,6 +230,13 @@ async def evaluate(
         state = availability.get(f"{name}@{version}")
         if state is None or not state.available:
             raise HTTPException(status_code=409, detail=f"No worker serves {name}@{version}: enable it and retry.")
+    if (
+        running := await evaluations.running_of(session=session, name=name, candidate=candidate, baseline=baseline)
+    ) is not None:
+        raise HTTPException(
+            status_code=409,
+            detail=f"An evaluation of {name}@{candidate} against @{baseline} is running ({running.id}).",
+        )
     images = await labelled_images(session=session, name=name, limit=max_images)
     if not images:
         raise HTTPException(status_code=409, detail=f"Users have given no verdict on {name}'s answers yet.")
@@ -252,8 +259,21 @@ async def evaluation(*, session: AsyncSession, name: str, evaluation_id: uuid.UU
     return await evaluations.summary(session=session, evaluation=found)
 
 
+async def cancel_evaluation(*, session: AsyncSession, name: str, evaluation_id: uuid.UUID) -> EvaluationPublic:
+    """Ends a running evaluation now; 404 when there is none, 409 when it ended."""
+    found = await evaluations.get(session=session, name=name, evaluation_id=evaluation_id)
+    if found is None:
+        raise HTTPException(status_code=404, detail=f"{name} has no evaluation {evaluation_id}.")
+    if found.status != "running":
+        raise HTTPException(status_code=409, detail=f"The evaluation ended already ({found.status}).")
+    await evaluations.cancel(session=session, evaluation=found)
+    return await evaluations.summary(session=session, evaluation=found)
+
+
 async def evaluations_of(*, session: AsyncSession, name: str) -> list[EvaluationPublic]:
-    """The model's 20 most recent evaluations, newest first."""
+    """The model's 20 most recent evaluations, newest first; 404 for an unknown model."""
+    if await session.scalar(select(ModelVersion.id).where(ModelVersion.name == name).limit(1)) is None:
+        raise HTTPException(status_code=404, detail=f"No model named {name!r}.")
     found: list[Evaluation] = await evaluations.listed(session=session, name=name)
     return [await evaluations.summary(session=session, evaluation=e) for e in found]
 
