@@ -157,3 +157,24 @@ def test_draw_a_sketch_and_classify_it(browser: WebDriver, ui_url: str, portal: 
     shot(browser, "7-sketch-prediction")
     metrics = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "[data-testid='stMetricValue']")]
     assert metrics and all(m == "diamond" for m in metrics), metrics
+
+
+def test_an_admin_watches_the_models_and_compares_two_versions(
+    browser: WebDriver, ui_url: str, portal: tuple[str, str, str]
+) -> None:
+    log_in(browser, ui_url, portal)
+    nav = (By.CSS_SELECTOR, "a[data-testid='stSidebarNavLink'][href$='/admin']")
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(nav)).click()
+    text_appears(browser, "Administration")
+    tab = (By.XPATH, "//button[@role='tab'][.//p[normalize-space()='Models']]")
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(tab)).click()
+    text_appears(browser, "Traffic weights")
+    shot(browser, "8-models")
+    text_appears(browser, "Compare two versions")
+    scroll_to(browser, "Compare two versions")
+    text_appears(browser, "held-out accuracy")
+    shot(browser, "9-comparison")
+    tab = (By.XPATH, "//button[@role='tab'][.//p[normalize-space()='Training']]")
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(tab)).click()
+    text_appears(browser, "Train a new version")
+    shot(browser, "10-training")
