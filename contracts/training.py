@@ -31,7 +31,7 @@ def alive_key(run_id: str) -> str:
 
 
 class TrainingOptions(BaseModel):
-    arch: Literal["compact", "deep", "wide"] = "compact"
+    arch: Literal["compact", "deep"] = "compact"
     epochs: int = Field(default=12, ge=1, le=200)
     batch_size: int = Field(default=128, ge=8, le=4096)
     learning_rate: float = Field(default=2e-3, gt=0, le=1)

@@ -79,6 +79,7 @@ class Image(TypedDict):
     bytes: int
     filename: str
     file_name: str
+    ground_truth: str | None
     created_at: str
 
 

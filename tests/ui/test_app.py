@@ -204,7 +204,7 @@ def test_the_models_tab_shows_versions_compares_and_changes_them(api_url: str, p
     rows = {(r["model"], r["version"]): r for r in table.to_dict("records")}
     assert served.items() <= {key: r["workers"] for key, r in rows.items()}.items()
     sketch = rows[("sketch", 1)]
-    assert sketch["channel"] == "stable" and sketch["traffic share"] == "100.0%" and sketch["memory (MiB)"] > 0
+    assert sketch["channel"] == "stable" and sketch["traffic share"] == "100.0%" and float(sketch["memory (MiB)"]) > 0
     assert sketch["held-out accuracy"].endswith("%")
 
     # sketch@2 against sketch@1: the table, the chart of the accuracies both have, the verdict.

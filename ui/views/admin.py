@@ -80,7 +80,7 @@ def models_tab(api: Api) -> None:
                     "weight": v["weight"],
                     "traffic share": _percent(v["weight_share"]),
                     "workers": v["workers"],
-                    "memory (MiB)": v["memory_mib"],
+                    "memory (MiB)": "" if v["memory_mib"] is None else f"{v['memory_mib']:.0f}",
                     "held-out accuracy": _percent(v["heldout_accuracy"]),
                     "verdicts": v["feedback"],
                     "verdict accuracy": _percent(v["feedback_accuracy"]),
@@ -94,6 +94,9 @@ def models_tab(api: Api) -> None:
     names = list(dict.fromkeys(v["name"] for v in versions))
     if not names:
         return
+    # First the models with more than one version: those are the ones an operator compares.
+    several = [n for n in names if sum(v["name"] == n for v in versions) > 1]
+    names = several + [n for n in names if n not in several]
     name = st.selectbox("Model", names, key="registry_model")
     mine = [v for v in versions if v["name"] == name]
     weights_form(api, name, mine)
@@ -272,8 +275,8 @@ def show_comparison(comparison: Comparison) -> None:
                 theirs["mean_score"],
             ],
         }
-    ).astype(str)
-    st.dataframe(table, hide_index=True)
+    )
+    st.dataframe(table.map(lambda value: "" if value is None else str(value)), hide_index=True)
     known = {label: pair for label, pair in rows.items() if None not in pair}
     if known:
         chart = pd.DataFrame(
@@ -312,7 +315,7 @@ def training_tab(api: Api) -> None:
         model = st.selectbox("Model", sketch_models, key="train_model")
         left, middle, right = st.columns(3)
         epochs = int(left.number_input("Epochs", min_value=1, max_value=200, value=12, key="train_epochs"))
-        arch = middle.selectbox("Architecture", ["compact", "deep", "wide"], key="train_arch")
+        arch = middle.selectbox("Architecture", ["compact", "deep"], key="train_arch")
         rate = float(
             right.number_input(
                 "Learning rate", min_value=1e-5, max_value=1.0, value=2e-3, format="%.4f", key="train_lr"

@@ -240,6 +240,30 @@ async def _store_ground_truth(
         )
 
 
+async def _route(
+    *,
+    redis: Redis,
+    workers: WorkerDirectory,
+    registry: Registry,
+    settings: Settings,
+    owner_id: int,
+    refs: list[str],
+    ground_truth: str | None,
+) -> tuple[list[ModelEntry], dict[str, list[ModelEntry]], GroundTruth | None]:
+    """The versions that answer this request, the shadow copies it sends, and its ground truth
+    checked against them (raising as ``resolve_models`` and ``ground_truth_for`` do)."""
+    availability = await workers.availability()
+    entries = resolve_models(refs, registry=registry, availability=availability, settings=settings, user_id=owner_id)
+    shadows = shadow_copies(
+        entries,
+        registry=registry,
+        availability=availability,
+        sample_rate=settings.shadow_sample_rate,
+        benchmark_mode=settings.benchmark_mode,
+    )
+    return entries, shadows, await ground_truth_for(redis=redis, entries=entries, label=ground_truth)
+
+
 async def submit(
     *,
     session: AsyncSession,
@@ -266,16 +290,15 @@ async def submit(
     image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
     if image is None:
         raise HTTPException(status_code=404, detail="Image not found")
-    availability = await workers.availability()
-    entries = resolve_models(refs, registry=registry, availability=availability, settings=settings, user_id=owner_id)
-    shadows = shadow_copies(
-        entries,
+    entries, shadows, truth = await _route(
+        redis=redis,
+        workers=workers,
         registry=registry,
-        availability=availability,
-        sample_rate=settings.shadow_sample_rate,
-        benchmark_mode=settings.benchmark_mode,
+        settings=settings,
+        owner_id=owner_id,
+        refs=refs,
+        ground_truth=ground_truth,
     )
-    truth = await ground_truth_for(redis=redis, entries=entries, label=ground_truth)
     _, job = await _admit_and_queue(
         session=session,
         redis=redis,
@@ -315,16 +338,15 @@ async def predict_and_wait(
     Raises as ``submit`` does (``ground_truth`` too), plus 413/415/422 for the upload and 504
     when the deadline passes (the job then goes on and can be read by its id).
     """
-    availability = await workers.availability()
-    entries = resolve_models(refs, registry=registry, availability=availability, settings=settings, user_id=owner_id)
-    shadows = shadow_copies(
-        entries,
+    entries, shadows, truth = await _route(
+        redis=redis,
+        workers=workers,
         registry=registry,
-        availability=availability,
-        sample_rate=settings.shadow_sample_rate,
-        benchmark_mode=settings.benchmark_mode,
+        settings=settings,
+        owner_id=owner_id,
+        refs=refs,
+        ground_truth=ground_truth,
     )
-    truth = await ground_truth_for(redis=redis, entries=entries, label=ground_truth)
     filename = images_service.upload_filename(file)
     data = await images_service.read_upload(file, settings)
     info, sha256 = await images_service.inspect_upload(data, settings)

@@ -12,7 +12,7 @@ worker has it loaded and healthy; a retired version has no traffic.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Set
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,6 +288,13 @@ async def stable_versions(*, session: AsyncSession, name: str) -> list[int]:
             )
         )
     )
+
+
+def main_stable(rows: Iterable[ModelVersion]) -> ModelVersion | None:
+    """The enabled stable version with the most traffic (the newest on a tie): the one a candidate
+    is compared with and a new version is trained from; None when there is none."""
+    stable = [r for r in rows if r.channel == "stable" and r.enabled]
+    return max(stable, key=lambda r: (r.weight, r.version), default=None)
 
 
 async def next_version(*, session: AsyncSession, name: str) -> int:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, status
 
 from api.app.catalog.service import weight_shares
 from api.app.core.fields import INT32_MAX
-from api.app.core.responses import ADMIN, BODY, CONFLICT, INVALID, NOT_FOUND
+from api.app.core.responses import ADMIN, BODY, BODY_TOO_LARGE, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import AdminUser, LiveRegistryDep, ReadSessionDep, RedisDep, SessionDep, SettingsDep, WorkersDep
 from api.app.predictions.schemas import EvaluationPublic
 from api.app.registry import service as registry_service
@@ -90,7 +90,7 @@ async def start_evaluation(
 @router.post(
     "/models/{name}/evaluations/{evaluation_id}/cancel",
     response_model=EvaluationPublic,
-    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID},
+    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **BODY_TOO_LARGE, **INVALID},
 )
 async def cancel_evaluation(
     name: ModelName, evaluation_id: uuid.UUID, _: AdminUser, session: SessionDep

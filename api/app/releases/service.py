@@ -284,10 +284,9 @@ def _baseline(name: str, rows: dict[int, ModelVersion], candidate: int, baseline
     if candidate not in rows:
         raise HTTPException(status_code=404, detail=f"{name} has no version {candidate}.")
     if baseline is None:
-        stable = [r for r in rows.values() if r.channel == "stable" and r.enabled]
-        if not stable:
+        if (stable := registry_service.main_stable(rows.values())) is None:
             raise HTTPException(status_code=409, detail=f"{name} has no enabled stable version to compare with.")
-        baseline = max(stable, key=lambda r: (r.weight, r.version)).version
+        baseline = stable.version
     if baseline not in rows:
         raise HTTPException(status_code=404, detail=f"{name} has no version {baseline}.")
     if baseline == candidate:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import socket
+from datetime import UTC, datetime
 from typing import cast
 
 import redis.exceptions
@@ -46,6 +47,11 @@ async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
             )
         except HTTPException as exc:
             log.error("training run %s: %s not registered: %s", run.id, entry.key, exc.detail)
+            await session.rollback()
+            run = await service.get_run(session=session, run_id=run.id)
+            run.status, run.finished_at, run.record = "failed", datetime.now(UTC), event.record
+            run.error = f"trained, but {entry.key} was not registered: {exc.detail}"
+            await session.commit()
             return
         await rt.live_registry.reload(session, rt.redis)
     log.info("training run %s registered %s in shadow", run.id, entry.key)

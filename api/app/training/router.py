@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from api.app.core.responses import ADMIN, BODY, CONFLICT, INVALID, NOT_FOUND
+from api.app.core.responses import ADMIN, BODY, BODY_TOO_LARGE, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import AdminUser, ReadSessionDep, RedisDep, SessionDep, SettingsDep, StoreDep
 from api.app.registry import service as registry_service
 from api.app.registry.router import ModelName, Version
@@ -66,7 +66,7 @@ async def read_training_run(run_id: uuid.UUID, _: AdminUser, session: ReadSessio
 @router.post(
     "/training-runs/{run_id}/cancel",
     response_model=TrainingRunPublic,
-    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID},
+    responses={**ADMIN, **NOT_FOUND, **CONFLICT, **BODY_TOO_LARGE, **INVALID},
 )
 async def cancel_training_run(
     run_id: uuid.UUID, _: AdminUser, session: SessionDep, redis: RedisDep

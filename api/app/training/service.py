@@ -36,10 +36,9 @@ async def _base(session: AsyncSession, name: str, base_version: int | None) -> M
     if not rows:
         raise HTTPException(status_code=404, detail=f"No model named {name!r}.")
     if base_version is None:
-        stable = [r for r in rows.values() if r.channel == "stable" and r.enabled]
-        if not stable:
+        if (stable := registry_service.main_stable(rows.values())) is None:
             raise HTTPException(status_code=409, detail=f"{name} has no enabled stable version to start from.")
-        base_version = max(stable, key=lambda r: (r.weight, r.version)).version
+        base_version = stable.version
     if base_version not in rows:
         raise HTTPException(status_code=404, detail=f"{name} has no version {base_version}.")
     entry = entry_of(rows[base_version])
@@ -178,15 +177,14 @@ def trained_entry(run: TrainingRun, base: ModelEntry) -> ModelEntry:
 
 
 async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -> tuple[TrainingRun, ModelEntry] | None:
-    """Writes a trainer's event into its run; when the run ended well, the run and the entry to
-    register (the caller registers it, audited, and reloads the registry). An event of an
-    unknown run, or of one that ended already, changes nothing."""
+    """Writes a trainer's event into its run and commits; when the run ended well, the run and the
+    entry to register, uncommitted (the caller registers it, audited, which commits both). An
+    event of an unknown run, or of one that ended already, changes nothing."""
     run = await session.get(TrainingRun, uuid.UUID(event.run_id), with_for_update=True)
     if run is None or run.status not in UNFINISHED:
         await session.rollback()
         return None
     now = datetime.now(UTC)
-    registered = None
     if event.kind == "started":
         run.status, run.started_at, run.trainer = "running", now, event.trainer
     elif event.kind == "epoch":
@@ -195,11 +193,13 @@ async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -
     elif event.kind == "done":
         run.status, run.finished_at, run.record = "done", now, event.record
         base = await _base(session, run.model_name, run.base_version)
-        registered = (run, trained_entry(run, base))
+        # Not committed here: the caller registers the version in the same transaction, so a run
+        # reads done only once its version is in the registry.
+        return run, trained_entry(run, base)
     else:
         run.status, run.finished_at, run.error = event.kind, now, event.error
     await session.commit()
-    return registered
+    return None
 
 
 async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
