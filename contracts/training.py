@@ -30,6 +30,15 @@ def alive_key(run_id: str) -> str:
     return f"training:alive:{run_id}"
 
 
+def ended_key(run_id: str) -> str:
+    """Set by the trainer before it reports the end of a run and lets go of its liveness key: a
+    run whose end is on its way to the API is not taken for one whose trainer died."""
+    return f"training:ended:{run_id}"
+
+
+ENDED_TTL_S = 7 * 86400
+
+
 class TrainingOptions(BaseModel):
     arch: Literal["compact", "deep"] = "compact"
     epochs: int = Field(default=12, ge=1, le=200)

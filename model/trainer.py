@@ -34,6 +34,8 @@ class Trainer:
         self.stopping.set()
 
     def emit(self, event: training.TrainingEvent) -> None:
+        if event.kind in ("done", "failed", "cancelled"):
+            self.redis.set(training.ended_key(event.run_id), event.kind, ex=training.ENDED_TTL_S)
         self.redis.xadd(training.EVENT_STREAM, event.to_fields(), maxlen=training.EVENT_STREAM_MAXLEN, approximate=True)
 
     def run(self) -> None:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from api.app.training import service as training_service
+from api.app.training.models import TrainingRun
+from contracts import training
 from model.config import ModelSettings
 from tests.api.conftest import Stack, until
 from tests.api.test_releases import canvas_drawings, classify
@@ -187,3 +191,35 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
     assert "trainer stopped" in (await run_of(own_stack, admin, lost["id"]))["error"]
     versions = (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
     assert {v["version"] for v in versions if v["name"] == "sketch"} == {1, 2}
+
+
+async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> None:
+    """The trainer lets go of its liveness key once it has reported the end: a check between the
+    two must not take the run for one whose trainer died."""
+    redis = own_stack.app.state.redis
+    async with own_stack.app.state.sessionmaker() as session:
+        runs = [
+            TrainingRun(
+                id=uuid.uuid4(),
+                model_name="sketch",
+                version=version,
+                base_version=1,
+                status="running",
+                trigger="admin",
+                requested_by="test",
+                reason="test",
+                options={},
+                categories=[],
+                examples={},
+                history=[],
+                started_at=datetime.now(UTC) - timedelta(minutes=5),
+            )
+            for version in (50, 51)
+        ]
+        await redis.set(training.ended_key(str(runs[0].id)), "done")
+        session.add_all(runs)
+        await session.commit()
+        # The API's own check may come first: either way, only the run without an end is failed.
+        await training_service.fail_stale(session=session, redis=redis)
+        statuses = {r.version: r.status for r in await training_service.list_runs(session=session, model="sketch")}
+    assert statuses == {50: "running", 51: "failed"}

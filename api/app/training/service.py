@@ -210,8 +210,8 @@ async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
     for run in await session.scalars(
         select(TrainingRun).where(TrainingRun.status == "running", TrainingRun.started_at < cutoff)
     ):
-        if await redis.exists(training.alive_key(str(run.id))):
-            continue
+        if await redis.exists(training.alive_key(str(run.id)), training.ended_key(str(run.id))):
+            continue  # still training, or its end is on the event stream
         run.status, run.finished_at = "failed", datetime.now(UTC)
         run.error = "the trainer stopped during the run (killed, crashed or its machine lost)"
         failed += 1
