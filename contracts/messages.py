@@ -152,7 +152,5 @@ class Heartbeat(BaseModel):
     pid: int
     hostname: str
     started_at: float
-    rss_mib: float | None = None
-    """The worker process's resident memory, in MiB (None where /proc is not there)."""
     sent_at: float = Field(default_factory=time.time)
     models: list[ModelState] = []

@@ -265,7 +265,6 @@ class Worker:
             pid=os.getpid(),
             hostname=socket.gethostname(),
             started_at=self.started_at,
-            rss_mib=resident_mib(),
             models=list(self.states.values()),
         )
 

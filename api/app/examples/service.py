@@ -5,7 +5,6 @@ its hash, so an image keeps its split across users, re-uploads and later labels.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Literal
 
 from sqlalchemy import func, select
@@ -68,21 +67,6 @@ async def record(
             },
         )
     )
-
-
-async def examples(
-    *, session: AsyncSession, model_name: str | None, split: Split | None = None, since: datetime | None = None
-) -> list[LabelledExample]:
-    """The examples of a model (every model's when None), of one split when given, labelled after
-    ``since`` when given; oldest first."""
-    query = select(LabelledExample).order_by(LabelledExample.updated_at, LabelledExample.id)
-    if model_name is not None:
-        query = query.where(LabelledExample.model_name == model_name)
-    if split is not None:
-        query = query.where(LabelledExample.split == split)
-    if since is not None:
-        query = query.where(LabelledExample.updated_at > since)
-    return list(await session.scalars(query))
 
 
 async def counts(*, session: AsyncSession, model_name: str) -> dict[str, int]:

@@ -139,10 +139,12 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
 
 async def top_up_evaluations(rt: JobRuntime) -> None:
     """Queues the next jobs of running evaluations (``evaluations.top_up``) for the versions a
-    live worker serves."""
-    beats = await workers.live_heartbeats_async(rt.redis)
-    served = {f"{m.name}@{m.version}" for beat in beats for m in beat.models if m.ready}
+    live worker serves; nothing (not even the workers' heartbeats read) while none runs."""
     async with rt.sessionmaker() as session:
+        if not await evaluations.any_running(session=session):
+            return
+        beats = await workers.live_heartbeats_async(rt.redis)
+        served = {f"{m.name}@{m.version}" for beat in beats for m in beat.models if m.ready}
         await evaluations.top_up(
             served=served,
             session=session,

@@ -79,6 +79,11 @@ async def start(
     return evaluation
 
 
+async def any_running(*, session: AsyncSession) -> bool:
+    """Whether any evaluation is running (one row per evaluation: a small table)."""
+    return await session.scalar(select(Evaluation.id).where(Evaluation.status == "running").limit(1)) is not None
+
+
 async def top_up(
     *,
     session: AsyncSession,
