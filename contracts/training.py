@@ -3,12 +3,14 @@ one stream, the trainer's events on another, a cancel flag and a liveness key pe
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self, get_args
 
 from pydantic import BaseModel, Field
 
-from contracts.streams import StreamFields
+if TYPE_CHECKING:  # the UI reads this module and has no Redis client installed
+    from contracts.streams import StreamFields
 
 JOB_STREAM = "training:jobs"
 JOB_GROUP = "trainers"
@@ -38,15 +40,40 @@ def ended_key(run_id: str) -> str:
 
 ENDED_TTL_S = 7 * 86400
 
+RECORDS_KEY = "training:records"
+"""A hash from a trained version's folder under TRAINED_DIR (``sketch/v1``) to its
+``metrics.json``, kept by the training worker: the API shows from it the training record of a
+version no run trained (``python -m model.prepare``, the train_sketch command line)."""
+RECORDS_SCAN_S = 30.0
+"""How often the training worker looks for new or changed ``metrics.json`` files."""
+
+_TRAINED_FILE = re.compile(r"^\{trained_dir\}/(?P<folder>[^/]+(/[^/]+)*)/[^/]+$")
+
+
+def record_folder(file_template: str) -> str | None:
+    """The folder under TRAINED_DIR of a registry file template, the field of ``RECORDS_KEY``:
+    ``sketch/v1`` for ``{trained_dir}/sketch/v1/model.keras``; None for a file elsewhere."""
+    match = _TRAINED_FILE.match(file_template)
+    return match["folder"] if match else None
+
+
+Architecture = Literal["compact", "deep"]
+"""The sketch CNNs ``model.training.train_sketch.build_model`` builds."""
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+
 
 class TrainingOptions(BaseModel):
-    arch: Literal["compact", "deep"] = "compact"
+    arch: Architecture = "compact"
     epochs: int = Field(default=12, ge=1, le=200)
     batch_size: int = Field(default=128, ge=8, le=4096)
     learning_rate: float = Field(default=2e-3, gt=0, le=1)
     seed: int = Field(default=1234, ge=0, le=2**31 - 1)
     per_category: int = Field(default=3000, ge=10, le=100_000)
     """QuickDraw drawings per category (the base data) at most."""
+    canvas_share: float = Field(default=0.3, ge=0.0, le=1.0)
+    """Share of the training drawings added again as the UI canvas renders them."""
+    augment: bool = True
+    """Random flips, small rotations and zooms of the training drawings, new each epoch."""
 
 
 class TrainingJob(BaseModel):

@@ -29,6 +29,8 @@ class Trainer:
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.name = settings.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
+        self.published: dict[str, tuple[float, int]] = {}
+        self.scanned_at = 0.0
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
@@ -37,6 +39,26 @@ class Trainer:
         if event.kind in ("done", "failed", "cancelled"):
             self.redis.set(training.ended_key(event.run_id), event.kind, ex=training.ENDED_TTL_S)
         self.redis.xadd(training.EVENT_STREAM, event.to_fields(), maxlen=training.EVENT_STREAM_MAXLEN, approximate=True)
+
+    def publish_records(self) -> None:
+        """Puts each ``<model>/<version>/metrics.json`` under TRAINED_DIR that is new or changed
+        into ``training:records`` (all of them again when the hash is gone: Redis restarted)."""
+        self.scanned_at = time.monotonic()
+        if not self.redis.exists(training.RECORDS_KEY):
+            self.published.clear()
+        for path in sorted(self.settings.trained_dir.glob("*/*/metrics.json")):
+            folder = path.parent.relative_to(self.settings.trained_dir).as_posix()
+            try:
+                stat = path.stat()
+                if self.published.get(folder) == (stat.st_mtime, stat.st_size):
+                    continue
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                log.warning("training record %s not read: %s", path, exc)
+                continue
+            self.redis.hset(training.RECORDS_KEY, folder, text)
+            self.published[folder] = (stat.st_mtime, stat.st_size)
+            log.info("training record of %s published", folder)
 
     def run(self) -> None:
         """Reads and trains runs until stopped; a run it took but did not finish (the process was
@@ -47,6 +69,8 @@ class Trainer:
                 if not group_ready:
                     ensure_group(self.redis, training.JOB_STREAM, training.JOB_GROUP)
                     group_ready = True
+                if time.monotonic() - self.scanned_at >= training.RECORDS_SCAN_S:
+                    self.publish_records()
                 reply = cast(
                     list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
                     self.redis.xreadgroup(
@@ -100,6 +124,8 @@ class Trainer:
                 feedback=feedback if feedback is not None and feedback.is_dir() else None,
                 learning_rate=job.options.learning_rate,
                 seed=job.options.seed,
+                canvas_share=job.options.canvas_share,
+                augment=job.options.augment,
                 on_epoch=lambda numbers: self.emit(
                     training.TrainingEvent(
                         run_id=job.run_id,

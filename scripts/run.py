@@ -14,9 +14,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from api.app.core.config import PROJECT_ROOT, get_settings
+from api.app.core.config import PROJECT_ROOT, Settings, get_settings
 from model.config import get_model_settings
 from ui.config import get_ui_settings
+
+DEMO_RETRAIN_MIN_NEW_LABELS = 200
+"""``make run`` is the demo: retraining starts by itself after this many new labelled drawings
+unless RETRAIN_MIN_NEW_LABELS is set (the setting's own default, 0, keeps it off)."""
 
 START_SECONDS = 5
 """A child that exits sooner after its start counts as failing to start."""
@@ -67,8 +71,17 @@ childlogdir={folder}
     )
 
 
+def demo_environment(api: Settings) -> dict[str, str]:
+    """What the demo turns on where the environment and .env say nothing: the retraining trigger."""
+    if "retrain_min_new_labels" in api.model_fields_set:
+        return {}
+    return {"RETRAIN_MIN_NEW_LABELS": str(DEMO_RETRAIN_MIN_NEW_LABELS)}
+
+
 def main() -> None:
     api, model, ui = get_settings(), get_model_settings(), get_ui_settings()
+    demo = demo_environment(api)
+    os.environ.update(demo)
     folder = Path(tempfile.mkdtemp(prefix="portal-supervisord-"))
     conf = folder / "supervisord.conf"
     conf.write_text(config(model.model_workers, folder))
@@ -77,7 +90,12 @@ def main() -> None:
         f"  UI       http://localhost:{ui.ui_port}\n"
         f"  Workers  {model.model_workers}\n"
         f"  Admin    {api.first_admin_email} / "
-        f"{api.first_admin_password if api.environment == 'development' else '(FIRST_ADMIN_PASSWORD)'}\n",
+        f"{api.first_admin_password if api.environment == 'development' else '(FIRST_ADMIN_PASSWORD)'}\n"
+        + (
+            f"  Retrain  after {DEMO_RETRAIN_MIN_NEW_LABELS} new labelled drawings (RETRAIN_MIN_NEW_LABELS)\n"
+            if demo
+            else ""
+        ),
         flush=True,
     )
     os.environ["PYTHONUNBUFFERED"] = "1"

@@ -279,6 +279,18 @@ class TrainingRun(TypedDict):
     finished_at: str | None
     epoch: int
     eta_seconds: float | None
+    promotion: str | None
+
+
+class TrainingRecord(TypedDict):
+    """How a version was trained: ``record`` is its metrics.json; ``run`` the run that trained it,
+    None for a version trained before runs existed (``source`` "metrics.json")."""
+
+    model_name: str
+    version: int
+    source: str
+    run: TrainingRun | None
+    record: dict[str, Any]
 
 
 class Readiness(TypedDict):
@@ -307,6 +319,7 @@ _EVALUATION = TypeAdapter(Evaluation)
 _EVALUATIONS = TypeAdapter(list[Evaluation])
 _RUN = TypeAdapter(TrainingRun)
 _RUNS = TypeAdapter(list[TrainingRun])
+_RECORD = TypeAdapter(TrainingRecord)
 
 
 class ApiError(Exception):
@@ -521,6 +534,10 @@ class Api:
 
     def cancel_training(self, run_id: str) -> TrainingRun:
         return _typed(_RUN, self.json("POST", f"/v1/admin/training-runs/{run_id}/cancel"))
+
+    def training_record(self, name: str, version: int) -> TrainingRecord:
+        """Raises ApiError (404) for a version the portal did not train."""
+        return _typed(_RECORD, self.json("GET", f"/v1/admin/registry/models/{name}/versions/{version}/training"))
 
     def readiness(self) -> Readiness:
         """The API's readiness checks; a "fail" status with no checks when it cannot be reached."""

@@ -1,7 +1,8 @@
 """Train the QuickDraw sketch CNN.
 
     python -m model.training.train_sketch --data DIR --categories apple,cat --epochs 4 \
-        --batch-size 128 --out DIR [--arch compact|deep] [--per-category 3000] [--feedback DIR]
+        --batch-size 128 --out DIR [--arch compact|deep] [--per-category 3000] [--feedback DIR] \
+        [--canvas-share 0.3] [--augment]
 
 Reads ``DIR/<category>.npy`` (QuickDraw ``numpy_bitmap`` files: 28x28 white-on-black uint8) and
 downloads a missing category from the public QuickDraw bucket (pooch: checked against the MD5 the
@@ -35,6 +36,7 @@ import pooch
 from PIL import Image
 
 from contracts.imaging import ImageRejected, load_image
+from contracts.training import ARCHITECTURES
 from model.preprocessing import sketch_array
 
 log = logging.getLogger("model.training")
@@ -86,6 +88,26 @@ def load_category(data_dir: Path, category: str, per_category: int, url: str = Q
 
 def normalise(bitmaps: np.ndarray) -> np.ndarray:
     return np.stack([sketch_array(Image.fromarray(b)) for b in bitmaps]).astype(np.float32)
+
+
+CANVAS_SIZE = 280
+"""The UI canvas's side, in pixels."""
+
+
+def canvas_image(bitmap: np.ndarray) -> Image.Image:
+    """A dataset drawing (28x28, white on black) as the UI canvas sends it: black strokes on
+    white, CANVAS_SIZE pixels a side (scaled up bilinearly, so strokes are thick and soft)."""
+    return Image.fromarray(255 - np.asarray(bitmap, dtype=np.uint8)).resize(
+        (CANVAS_SIZE, CANVAS_SIZE), Image.Resampling.BILINEAR
+    )
+
+
+def canvas_renderings(bitmaps: np.ndarray) -> np.ndarray:
+    """``bitmaps`` drawn as the canvas sends them and read back as the service reads uploads
+    (``sketch_array``): what the model sees for a drawing made in the UI, shape (n, 28, 28, 1)."""
+    if not len(bitmaps):
+        return np.zeros((0, 28, 28, 1), dtype=np.float32)
+    return np.stack([sketch_array(canvas_image(b)) for b in bitmaps]).astype(np.float32)
 
 
 def feedback_splits(folder: Path) -> dict[str, str]:
@@ -159,13 +181,34 @@ def per_class_scores(confusion: np.ndarray, labels: list[str]) -> tuple[dict[str
     return scores, round(macro, 4)
 
 
-def build_model(arch: str, num_classes: int, total_steps: int = 1000, learning_rate: float = 2e-3) -> Any:
-    """``compact``: three conv blocks, one conv each; ``deep``: two convs per block and a wide head."""
+def top_k_accuracy(probs: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the ``k`` highest probabilities; probs (n, classes)."""
+    if not len(truth):
+        return 0.0
+    return float((np.argsort(-probs, axis=1)[:, :k] == truth[:, None]).any(axis=1).mean())
+
+
+AUGMENT_ROTATION = 0.04
+"""Largest random rotation when augmenting, as a fraction of a full turn (0.04: about 14 degrees)."""
+AUGMENT_ZOOM = 0.08
+"""Largest random zoom in or out when augmenting (0.08: 8 %)."""
+
+
+def build_model(
+    arch: str, num_classes: int, total_steps: int = 1000, learning_rate: float = 2e-3, augment: bool = False
+) -> Any:
+    """``compact``: three conv blocks, one conv each; ``deep``: two convs per block and a wide head.
+    ``augment``: random horizontal flips, rotations and zooms in front, active in training only
+    (Keras' preprocessing layers: inference passes drawings through unchanged)."""
     import keras
     from keras import layers
 
     inputs = keras.Input((28, 28, 1))
     x = inputs
+    if augment:
+        x = layers.RandomFlip("horizontal")(x)
+        x = layers.RandomRotation(AUGMENT_ROTATION, fill_mode="constant")(x)
+        x = layers.RandomZoom(AUGMENT_ZOOM, fill_mode="constant")(x)
     if arch == "compact":
         for filters in (32, 64, 128):
             x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
@@ -213,32 +256,47 @@ def train(
     feedback: Path | None = None,
     learning_rate: float = 2e-3,
     seed: int = SEED,
+    canvas_share: float = 0.0,
+    augment: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, object]:
     """Trains, evaluates and writes ``out/model.keras``, ``labels.txt`` and ``metrics.json`` (the
-    training record); returns the record. ``on_epoch`` gets each epoch's numbers (epoch, loss,
-    accuracy, val_loss, val_accuracy, seconds); ``should_stop``, asked after each epoch, cancels
-    the run (``TrainingCancelled``, nothing written)."""
+    training record); returns the record. ``augment``: see ``build_model``. ``canvas_share``:
+    that share of the training drawings is added again as the UI canvas renders them
+    (``canvas_renderings``), so drawings made in the UI are read as well as the dataset's; the
+    held-out drawings are scored both ways whatever it is. ``on_epoch`` gets each epoch's numbers
+    (epoch, loss, accuracy, val_loss, val_accuracy, seconds); ``should_stop``, asked after each
+    epoch, cancels the run (``TrainingCancelled``, nothing written)."""
     import keras
 
     keras.utils.set_random_seed(seed)
     started = time.time()
-    xs, ys = [], []
+    raw, ys = [], []
     for index, category in enumerate(categories):
         bitmaps = load_category(data, category, per_category)
-        xs.append(normalise(bitmaps))
+        raw.append(bitmaps)
         ys.append(np.full(len(bitmaps), index, dtype=np.int64))
-    x, y = np.concatenate(xs), np.concatenate(ys)
+    bitmaps, y = np.concatenate(raw), np.concatenate(ys)
+    x = normalise(bitmaps)
     train_idx, val_idx, test_idx = split(len(x), np.random.default_rng(SEED))
     x_train, y_train = x[train_idx], y[train_idx]
+    if canvas_share > 0:
+        rng = np.random.default_rng(seed)
+        copies = np.sort(rng.choice(train_idx, int(len(train_idx) * canvas_share), replace=False))
+        x_train = np.concatenate([x_train, canvas_renderings(bitmaps[copies])])
+        y_train = np.concatenate([y_train, y[copies]])
     if feedback is not None:
         fx, fy, skipped = load_feedback(feedback, categories, split="train")
         tx, ty, _ = load_feedback(feedback, categories, split="test")
         x_train, y_train = np.concatenate([x_train, fx]), np.concatenate([y_train, fy])
 
     model = build_model(
-        arch, len(categories), total_steps=epochs * -(-len(x_train) // batch_size), learning_rate=learning_rate
+        arch,
+        len(categories),
+        total_steps=epochs * -(-len(x_train) // batch_size),
+        learning_rate=learning_rate,
+        augment=augment,
     )
     cancelled = False
 
@@ -273,7 +331,8 @@ def train(
     confusion = np.zeros((len(categories), len(categories)), dtype=int)
     np.add.at(confusion, (truth, predicted), 1)
     per_class, macro_f1 = per_class_scores(confusion, categories)
-    top3 = float((np.argsort(-probs, axis=1)[:, :3] == truth[:, None]).any(axis=1).mean())
+    top3 = top_k_accuracy(probs, truth, 3)
+    canvas_probs = model.predict(canvas_renderings(bitmaps[test_idx]), batch_size=512, verbose=0)
 
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, object] = {
@@ -297,6 +356,11 @@ def train(
         "seed": seed,
         "test_accuracy": float((predicted == truth).mean()),
         "test_top3_accuracy": round(top3, 4),
+        # The same held-out drawings as the UI canvas sends them (black on white, 280 px).
+        "canvas_test_accuracy": round(top_k_accuracy(canvas_probs, truth, 1), 4),
+        "canvas_test_top3_accuracy": round(top_k_accuracy(canvas_probs, truth, 3), 4),
+        "canvas_share": canvas_share,
+        "augment": augment,
         "per_class": per_class,
         "macro_f1": macro_f1,
         "machine": {"host": socket.gethostname(), "cpus": os.cpu_count()},
@@ -332,8 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--arch", choices=["compact", "deep"], default="compact")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="compact")
     parser.add_argument("--per-category", type=int, default=3000, help="drawings used per category")
+    parser.add_argument(
+        "--canvas-share",
+        type=float,
+        default=0.0,
+        help="share of the training drawings added as the canvas renders them",
+    )
+    parser.add_argument("--augment", action="store_true", help="random flips, rotations and zooms while training")
     parser.add_argument(
         "--feedback", type=Path, help="labelled uploads to train on too: export-feedback's <out>/sketch folder"
     )
@@ -348,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         arch=args.arch,
         per_category=args.per_category,
         feedback=args.feedback,
+        canvas_share=args.canvas_share,
+        augment=args.augment,
     )
     log.info("held-out accuracy %.4f in %.0f s -> %s", metrics["test_accuracy"], metrics["seconds"], args.out)
     return 0

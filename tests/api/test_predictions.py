@@ -116,8 +116,9 @@ async def test_models_listing(client: httpx.AsyncClient, users: Users, admin_hea
     assert mobilenet["available"] and mobilenet["workers"] == 1 and mobilenet["num_classes"] == 1000
     assert mobilenet["precision"] == "fp32" and models["mobilenet_v2@2"]["precision"] == "int8"
     assert mobilenet["labels"][88] == "macaw" and mobilenet["input"] == {"height": 224, "width": 224, "mode": "RGB"}
-    assert models["sketch@1"]["channel"] == "stable" and models["sketch@2"]["channel"] == "canary"
+    assert models["sketch@3"]["channel"] == "stable" and models["sketch@1"]["channel"] == "canary"
     assert models["sketch@1"]["labels"] == ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
+    assert len(models["sketch@3"]["labels"]) == 20 and "airplane" in models["sketch@3"]["labels"]
     assert models["birds@1"]["num_classes"] == 965
     lean = (await client.get("/v1/models", params={"labels": False}, headers=headers)).json()
     assert all(m["labels"] is None for m in lean["data"])

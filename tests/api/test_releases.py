@@ -21,6 +21,8 @@ from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
 from tests.images import encode
 from tests.support import QUICKDRAW
 
+PAIR = {"candidate": 2, "baseline": 1}
+"""The two 6-class versions (the stable one, sketch@3, knows 20 categories)."""
 IN_FLIGHT = 3
 
 
@@ -57,7 +59,7 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
 
     await until(both, 60, "both sketch versions served")
     url = "/v1/admin/registry/models/sketch/evaluations"
-    r = await client.post(url, json={"candidate": 2}, headers=admin)
+    r = await client.post(url, json=PAIR, headers=admin)
     assert r.status_code == 409 and "no verdict" in r.json()["detail"], r.text
 
     # Users label 24 drawings through their verdicts on sketch@1's answers; what each version
@@ -81,7 +83,7 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
     assert r.status_code == 201, r.text
     history = (await client.get("/v1/predictions", headers=user)).json()["count"]
 
-    r = await client.post(url, json={"candidate": 2}, headers=admin)
+    r = await client.post(url, json=PAIR, headers=admin)
     assert r.status_code == 202, r.text
     started = r.json()
     assert started["status"] == "running" and started["images"] == len(truths) == 24
@@ -121,9 +123,9 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
     assert (await client.get("/v1/admin/registry/models/nothing/evaluations", headers=admin)).status_code == 404
 
     # One running evaluation per pair; a running one can be cancelled.
-    again = await client.post(url, json={"candidate": 2}, headers=admin)
+    again = await client.post(url, json=PAIR, headers=admin)
     assert again.status_code == 202, again.text
-    assert (await client.post(url, json={"candidate": 2}, headers=admin)).status_code == 409
+    assert (await client.post(url, json=PAIR, headers=admin)).status_code == 409
     r = await client.post(f"{url}/{again.json()['id']}/cancel", headers=admin)
     assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["candidate"]["pending"] <= IN_FLIGHT
     assert (await client.post(f"{url}/{again.json()['id']}/cancel", headers=admin)).status_code == 409
@@ -148,17 +150,17 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
     assert ended.status == "done" and (ended.candidate.failed, ended.baseline.failed) == (5, 5), ended
 
     # The comparison counts it, and the user's history holds none of its 48 answers.
-    r = await client.get("/v1/admin/registry/models/sketch/compare", params={"candidate": 2}, headers=admin)
+    r = await client.get("/v1/admin/registry/models/sketch/compare", params=PAIR, headers=admin)
     comparison = r.json()
     assert comparison["evaluation"]["id"] == started["id"], comparison
     assert any(reason.startswith("accuracy on the same labelled images: ") for reason in comparison["reasons"])
     assert (await client.get("/v1/predictions", headers=user)).json()["count"] == history
 
     assert (await client.post(url, json={"candidate": 9}, headers=admin)).status_code == 404
-    assert (await client.post(url, json={"candidate": 1}, headers=admin)).status_code == 409
+    assert (await client.post(url, json={"candidate": 3}, headers=admin)).status_code == 409  # the stable one
     r = await client.post("/v1/admin/registry/models/mobilenet_v2/evaluations", json={"candidate": 2}, headers=admin)
     assert r.status_code == 409 and "No worker serves" in r.json()["detail"], r.text
-    assert (await client.post(url, json={"candidate": 2}, headers=user)).status_code == 403
+    assert (await client.post(url, json=PAIR, headers=user)).status_code == 403
 
     # Images deleted since are left out of its counts, and said so.
     async with own_stack.app.state.sessionmaker() as session:

@@ -28,12 +28,12 @@ TRIGGER_AT = 200
 
 @pytest.fixture
 def trained_dir(tmp_path: Path) -> Path:
-    """A trained-models folder of the test's own, holding the suite's sketch v1 and v2: what runs
+    """A trained-models folder of the test's own, holding the suite's sketch v1 to v3: what runs
     train lands here, not in the suite's."""
     source = ModelSettings().trained_dir / "sketch"
     folder = tmp_path / "trained"
     (folder / "sketch").mkdir(parents=True)
-    for version in ("v1", "v2"):
+    for version in ("v1", "v2", "v3"):
         (folder / "sketch" / version).symlink_to(source / version, target_is_directory=True)
     return folder
 
@@ -57,7 +57,7 @@ async def run_of(stack: Stack, admin: dict[str, str], run_id: str) -> dict[str, 
 
 @pytest.mark.parametrize(
     "own_stack",
-    [{"retrain_min_new_labels": TRIGGER_AT, "retrain_check_seconds": 1.0, "retrain_epochs": 2}],
+    [{"retrain_min_new_labels": TRIGGER_AT, "retrain_check_seconds": 1.0, "retrain_epochs": 2, "auto_promote": True}],
     indirect=True,
 )
 async def test_verdicts_retrain_a_candidate_that_is_compared_before_promotion(
@@ -72,6 +72,19 @@ async def test_verdicts_retrain_a_candidate_that_is_compared_before_promotion(
     user = await login(client, email, PASSWORD)
     await own_stack.start_workers(1, SERVE_MODELS="sketch", TRAINED_DIR=str(trained_dir))
     start_trainer(own_stack, trained_dir)
+
+    # Runs start from the stable version: the 6-class one here, so that the run trains quickly.
+    async def served_v1() -> bool:
+        availability = await own_stack.app.state.workers.availability(fresh=True)
+        return "sketch@1" in availability and availability["sketch@1"].available
+
+    await until(served_v1, 60, "the worker serves sketch@1")
+    r = await client.post(
+        "/v1/admin/registry/models/sketch/versions/1/promote",
+        json={"reason": "retrain the 6-class version", "force": True},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
 
     # 300 canvas drawings get verdicts through the API.
     gate = asyncio.Semaphore(8)
@@ -95,7 +108,7 @@ async def test_verdicts_retrain_a_candidate_that_is_compared_before_promotion(
 
     await until(triggered, 30, "the trigger started a run")
     [run] = (await client.get(runs_url, params={"model": "sketch"}, headers=admin)).json()["data"]
-    assert run["trigger"] == "auto" and run["version"] == 3 and run["base_version"] == 1
+    assert run["trigger"] == "auto" and run["version"] == 4 and run["base_version"] == 1
     assert run["examples"]["train"] >= TRIGGER_AT and run["examples"]["exported"] >= TRIGGER_AT
     seen: list[dict[str, Any]] = []
 
@@ -116,27 +129,44 @@ async def test_verdicts_retrain_a_candidate_that_is_compared_before_promotion(
 
     # The candidate is in shadow with its training record, loaded by the worker, then compared.
     versions = (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
-    candidate = next(v for v in versions if v["name"] == "sketch" and v["version"] == 3)
+    candidate = next(v for v in versions if v["name"] == "sketch" and v["version"] == 4)
     assert (candidate["channel"], candidate["weight"]) == ("shadow", 0)
-    r = await client.get("/v1/admin/registry/models/sketch/versions/3/training", headers=admin)
-    assert r.status_code == 200 and r.json()["id"] == run["id"]
+    r = await client.get("/v1/admin/registry/models/sketch/versions/4/training", headers=admin)
+    assert r.status_code == 200, r.text
+    assert (r.json()["source"], r.json()["run"]["id"], r.json()["record"]) == ("run", run["id"], record)
 
-    async def served() -> bool:
-        availability = await own_stack.app.state.workers.availability(fresh=True)
-        return "sketch@3" in availability and availability["sketch@3"].available
+    # The base version was trained before runs existed: its record is the trainer-published metrics.json.
+    async def base_record() -> bool:
+        url = "/v1/admin/registry/models/sketch/versions/1/training"
+        return (await client.get(url, headers=admin)).status_code == 200
 
-    await until(served, 60, "the worker serves sketch@3")
-    comparison = (
-        await client.get("/v1/admin/registry/models/sketch/compare", params={"candidate": 3}, headers=admin)
-    ).json()
-    assert comparison["candidate"]["heldout_accuracy"] == pytest.approx(record["test_accuracy"])
-    promote = await client.post(
-        "/v1/admin/registry/models/sketch/versions/3/promote", json={"reason": "retrained"}, headers=admin
-    )
-    if comparison["verdict"] == "worse":
-        assert promote.status_code == 409 and "held-out accuracy" in promote.json()["detail"], promote.text
+    await until(base_record, 30, "the trainer published sketch@1's metrics.json")
+    base = (await client.get("/v1/admin/registry/models/sketch/versions/1/training", headers=admin)).json()
+    assert base["source"] == "metrics.json" and base["run"] is None
+    assert len(base["record"]["history"]) == base["record"]["epochs"] and "confusion_matrix" in base["record"]
+    r = await client.get("/v1/admin/registry/models/birds/versions/1/training", headers=admin)
+    assert r.status_code == 404 and "not trained by this portal" in r.json()["detail"], r.text
+
+    # The auto-promote rule compares the served candidate with the stable version and decides.
+    async def decided() -> bool:
+        return (await run_of(own_stack, admin, run["id"]))["promotion"] is not None
+
+    await until(decided, 90, "the auto-promote rule decided")
+    promotion = (await run_of(own_stack, admin, run["id"]))["promotion"]
+    worse = record["test_accuracy"] < base["record"]["test_accuracy"] - own_stack.app.state.settings.promotion_margin
+    versions = {
+        v["version"]: v
+        for v in (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
+        if v["name"] == "sketch"
+    }
+    last = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()["data"][0]
+    if worse:
+        assert promotion.startswith("not promoted: worse") and "held-out accuracy" in promotion, promotion
+        assert versions[4]["channel"] == "shadow" and versions[1]["channel"] == "stable"
     else:
-        assert promote.status_code == 200, promote.text
+        assert promotion.startswith("promoted: held-out accuracy"), promotion
+        assert versions[4]["channel"] == "stable" and versions[1]["channel"] != "stable"
+        assert (last["action"], last["actor"], last["version"]) == ("promote", "auto-promote rule", 4), last
 
 
 @pytest.mark.parametrize("own_stack", [{"retrain_check_seconds": 1.0}], indirect=True)
@@ -190,7 +220,7 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
     await until(lambda: ended(lost["id"], "failed"), 40, "the run failed")
     assert "trainer stopped" in (await run_of(own_stack, admin, lost["id"]))["error"]
     versions = (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
-    assert {v["version"] for v in versions if v["name"] == "sketch"} == {1, 2}
+    assert {v["version"] for v in versions if v["name"] == "sketch"} == {1, 2, 3}
 
 
 async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> None:
@@ -223,3 +253,59 @@ async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> 
         await training_service.fail_stale(session=session, redis=redis)
         statuses = {r.version: r.status for r in await training_service.list_runs(session=session, model="sketch")}
     assert statuses == {50: "running", 51: "failed"}
+
+
+async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own_stack: Stack) -> None:
+    """Versions no longer in shadow, or never served within the wait, are not promoted, with why;
+    a run still within its wait stays undecided."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    for version in (4, 5):
+        r = await client.post(
+            "/v1/admin/registry/versions",
+            json={
+                "name": "sketch",
+                "channel": "shadow",
+                "runtime": "keras",
+                "file": "{trained_dir}/sketch/v2/model.keras",
+                "labels": "{trained_dir}/sketch/v2/labels.txt",
+                "input": {"height": 28, "width": 28, "mode": "L"},
+                "preprocessing": "sketch",
+                "reason": "a candidate no worker serves here",
+            },
+            headers=admin,
+        )
+        assert r.status_code == 201 and r.json()["version"] == version, r.text
+
+    def done_run(version: int, minutes_ago: float) -> TrainingRun:
+        return TrainingRun(
+            id=uuid.uuid4(),
+            model_name="sketch",
+            version=version,
+            base_version=3,
+            status="done",
+            trigger="auto",
+            requested_by="test",
+            reason="test",
+            options={},
+            categories=[],
+            examples={},
+            history=[],
+            record={"test_accuracy": 0.9},
+            finished_at=datetime.now(UTC) - timedelta(minutes=minutes_ago),
+        )
+
+    # Finished 90 s ago: past the 60 s wait, within the two waits the rule looks back.
+    gone, unserved, waiting = done_run(50, 1.5), done_run(4, 1.5), done_run(5, 0)
+    async with own_stack.app.state.sessionmaker() as session:
+        session.add_all([gone, unserved, waiting])
+        await session.commit()
+        decided = await training_service.auto_promote(session=session, availability={}, margin=0.02, wait_seconds=60)
+        assert {run.version: run.promotion for run in decided} == {
+            50: "not promoted: the version is no longer registered",
+            4: "not promoted: no worker served it within 60 s; left to an admin",
+        }
+        await session.refresh(waiting)
+        assert waiting.promotion is None
+    versions = (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
+    assert next(v for v in versions if v["name"] == "sketch" and v["version"] == 4)["channel"] == "shadow"

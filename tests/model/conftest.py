@@ -26,7 +26,7 @@ def registry(model_settings: ModelSettings) -> Registry:
 def loaded(model_settings: ModelSettings, registry: Registry) -> dict[str, LoadedModel]:
     """Every model this machine can serve, loaded once through the worker's own code path."""
     out = {}
-    for key in ("mobilenet_v2@1", "mobilenet_v2@2", "sketch@1", "sketch@2", "birds@1"):
+    for key in ("mobilenet_v2@1", "mobilenet_v2@2", "sketch@1", "sketch@2", "sketch@3", "birds@1"):
         name, version = key.split("@")
         entry = registry.find(name, int(version), benchmark_mode=False)
         assert entry is not None

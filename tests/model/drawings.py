@@ -6,17 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from model.config import ModelSettings
-from model.training.train_sketch import load_category
+from model.training.train_sketch import canvas_image, load_category
 from tests.images import encode
 
 
 def canvas_png(bitmap: np.ndarray) -> bytes:
-    """A dataset drawing as the UI canvas sends it: 280x280, black strokes on white, RGBA."""
-    big = Image.fromarray(255 - bitmap).resize((280, 280), Image.Resampling.BILINEAR)
-    return encode(big.convert("RGBA"), "PNG")
+    """A dataset drawing as the UI canvas sends it: 280x280, black strokes on white, RGBA PNG."""
+    return encode(canvas_image(bitmap).convert("RGBA"), "PNG")
 
 
 def feedback_folder(root: Path, model_settings: ModelSettings) -> tuple[Path, np.ndarray]:

@@ -193,6 +193,29 @@ def test_sketch_accuracy_from_metrics_and_rechecked(
     assert abs(float((predicted == y).mean()) - metrics["test_accuracy"]) < 0.002
 
 
+def test_the_20_category_version_reads_canvas_drawings_as_well_as_dataset_ones(
+    loaded: dict[str, LoadedModel], model_settings: ModelSettings
+) -> None:
+    """sketch@3, the stable sketch version: its record's held-out figures, bitmap and canvas,
+    rechecked through the worker's code path on the same held-out drawings."""
+    from model.training.train_sketch import canvas_renderings, normalise, top_k_accuracy
+
+    model = loaded["sketch@3"]
+    metrics = json.loads((model_settings.trained_dir / "sketch" / "v3" / "metrics.json").read_text())
+    assert len(model.labels) == 20 and metrics["confusion_matrix"]["labels"] == list(model.labels)
+    x, y = quickdraw_split(model_settings, list(model.labels))
+    bitmap, canvas = model.predict(normalise(x)), model.predict(canvas_renderings(x))
+    for probs, top1, top3 in (
+        (bitmap, "test_accuracy", "test_top3_accuracy"),
+        (canvas, "canvas_test_accuracy", "canvas_test_top3_accuracy"),
+    ):
+        assert abs(top_k_accuracy(probs, y, 1) - metrics[top1]) < 0.002, (top1, metrics[top1])
+        assert abs(top_k_accuracy(probs, y, 3) - metrics[top3]) < 0.002, (top3, metrics[top3])
+    assert metrics["test_accuracy"] >= 0.91 and metrics["test_top3_accuracy"] >= 0.965, metrics
+    # Trained on canvas renderings too, it reads canvas drawings within a point of dataset ones.
+    assert metrics["canvas_test_accuracy"] >= metrics["test_accuracy"] - 0.01, metrics
+
+
 def test_canvas_drawings_classified_like_dataset_bitmaps(
     loaded: dict[str, LoadedModel], model_settings: ModelSettings
 ) -> None:

@@ -19,8 +19,8 @@ import pytest
 from contracts.registry import Registry
 from model.config import ModelSettings
 from model.preprocessing import preprocess
-from model.training.train_sketch import download, load_category, load_feedback, train
-from tests.model.drawings import feedback_folder
+from model.training.train_sketch import canvas_renderings, download, load_category, load_feedback, train
+from tests.model.drawings import canvas_png, feedback_folder
 
 CATEGORIES = ["cat", "fish"]
 
@@ -141,3 +141,19 @@ def test_training_adds_feedback_to_the_training_split_only(tmp_path: Path, model
     saved = json.loads((tmp_path / "with-feedback" / "metrics.json").read_text())
     assert saved["feedback"] == used
     assert (tmp_path / "with-feedback" / "model.keras").is_file()
+
+
+def test_canvas_renderings_join_the_training_split_and_both_held_out_figures_are_reported(
+    tmp_path: Path, model_settings: ModelSettings, registry: Registry
+) -> None:
+    common: dict[str, Any] = {"data": model_settings.quickdraw_dir, "categories": CATEGORIES, "per_category": 100}
+    metrics = train(**common, epochs=1, out=tmp_path / "canvas", canvas_share=0.5, augment=True)
+    assert metrics["samples"] == {"train": 160 + 80, "validation": 20, "test": 20}
+    assert metrics["canvas_share"] == 0.5 and metrics["augment"] is True
+    for key in ("canvas_test_accuracy", "canvas_test_top3_accuracy"):
+        assert 0.0 <= cast(float, metrics[key]) <= 1.0
+    # What the trainer renders is what the service makes of a canvas upload.
+    entry = registry.find("sketch", 1, benchmark_mode=False)
+    assert entry is not None
+    bitmap = load_category(model_settings.quickdraw_dir, "cat", 1)[0]
+    np.testing.assert_array_equal(canvas_renderings(bitmap[None])[0], preprocess(canvas_png(bitmap), entry))

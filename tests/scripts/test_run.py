@@ -13,6 +13,7 @@ import threading
 import httpx
 import numpy as np
 import psutil
+import pytest
 from PIL import Image
 
 from api.app.core.config import Settings
@@ -149,3 +150,13 @@ def test_a_killed_worker_is_restarted_while_the_portal_keeps_serving(settings: S
         "exited: model.1 (terminated by SIGKILL; not expected)" in output
         or "exited: model.2 (terminated by SIGKILL; not expected)" in output
     ), output[-3000:]
+
+
+def test_the_demo_retrains_by_itself_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts.run import DEMO_RETRAIN_MIN_NEW_LABELS, demo_environment
+
+    monkeypatch.delenv("RETRAIN_MIN_NEW_LABELS", raising=False)
+    unset = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert demo_environment(unset) == {"RETRAIN_MIN_NEW_LABELS": str(DEMO_RETRAIN_MIN_NEW_LABELS)}
+    monkeypatch.setenv("RETRAIN_MIN_NEW_LABELS", "0")
+    assert demo_environment(Settings(_env_file=None)) == {}  # type: ignore[call-arg]

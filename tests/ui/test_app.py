@@ -203,18 +203,18 @@ def test_the_models_tab_shows_versions_compares_and_changes_them(api_url: str, p
     }
     rows = {(r["model"], r["version"]): r for r in table.to_dict("records")}
     assert served.items() <= {key: r["workers"] for key, r in rows.items()}.items()
-    sketch = rows[("sketch", 1)]
+    sketch = rows[("sketch", 3)]
     assert sketch["channel"] == "stable" and sketch["traffic share"] == "100.0%" and float(sketch["memory (MiB)"]) > 0
     assert sketch["held-out accuracy"].endswith("%")
 
-    # sketch@2 against sketch@1: the table, the chart of the accuracies both have, the verdict.
+    # sketch@2 against the stable sketch@3: the table, the chart of the accuracies both have, the verdict.
     app.selectbox(key="registry_model").set_value("sketch").run()
     app.selectbox(key="compare_candidate_sketch").set_value(2).run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     comparison = next(d.value for d in app.dataframe if "" in d.value.columns)
     assert comparison[""].iloc[0] == "held-out accuracy" and list(comparison.columns)[1:] == [
         "@2 (canary)",
-        "@1 (stable)",
+        "@3 (stable)",
     ]
     assert app.get("vega_lite_chart"), "no accuracy chart"
     assert any("held-out accuracy: " in c.value for c in app.caption)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import pandas as pd
 import streamlit as st
 
-from ui.client import Api, Comparison, Role, ServingVersion, Stats, TrainingRun
+from contracts.training import ARCHITECTURES
+from ui.client import Api, ApiError, Comparison, Role, ServingVersion, Stats, TrainingRun
 from ui.session import guarded, models
 
 ROLES: list[Role] = ["user", "admin"]
@@ -103,6 +104,7 @@ def models_tab(api: Api) -> None:
     version_form(api, name, mine)
     promotion_form(api, name, mine)
     comparison_section(api, name, mine)
+    training_record_section(api, name, mine)
 
 
 def _changed(message: str) -> None:
@@ -237,6 +239,24 @@ def comparison_section(api: Api, name: str, versions: list[ServingVersion]) -> N
         )
 
 
+def training_record_section(api: Api, name: str, versions: list[ServingVersion]) -> None:
+    """How a version was trained: its curves, per-class scores and confusion matrix."""
+    st.subheader("How a version was trained")
+    numbers = [v["version"] for v in versions]
+    version = st.selectbox("Version", numbers, index=len(numbers) - 1, key=f"record_version_{name}")
+    try:
+        found = api.training_record(name, int(version))
+    except ApiError as exc:
+        st.caption(exc.message)
+        return
+    if found["run"] is not None:
+        st.caption(f"Trained by run {found['run']['id']} ({found['run']['reason']}).")
+    else:
+        st.caption("Trained before training runs existed; from the metrics.json beside the model file.")
+    show_curves(record_history(found["record"]))
+    show_record(found["record"], key=f"{name}_{version}")
+
+
 def show_comparison(comparison: Comparison) -> None:
     """The two versions side by side as a table, their accuracies as a bar chart, the verdict."""
     ours, theirs = comparison["candidate"], comparison["baseline"]
@@ -315,7 +335,7 @@ def training_tab(api: Api) -> None:
         model = st.selectbox("Model", sketch_models, key="train_model")
         left, middle, right = st.columns(3)
         epochs = int(left.number_input("Epochs", min_value=1, max_value=200, value=12, key="train_epochs"))
-        arch = middle.selectbox("Architecture", ["compact", "deep"], key="train_arch")
+        arch = middle.selectbox("Architecture", ARCHITECTURES, key="train_arch")
         rate = float(
             right.number_input(
                 "Learning rate", min_value=1e-5, max_value=1.0, value=2e-3, format="%.4f", key="train_lr"
@@ -344,6 +364,7 @@ def training_tab(api: Api) -> None:
                     "by": r["requested_by"],
                     "held-out accuracy": _percent((r["record"] or {}).get("test_accuracy")),
                     "error": r["error"] or "",
+                    "promotion": r["promotion"] or "",
                 }
                 for r in runs
             ]
@@ -363,29 +384,49 @@ def show_run(api: Api, run: TrainingRun) -> None:
         cancel = st.button("Cancel this run", key=f"cancel_{run['id']}")
         if cancel and guarded(api, lambda: api.cancel_training(run["id"])) is not None:
             st.rerun()
-    if run["history"]:
-        history = pd.DataFrame(run["history"]).set_index("epoch")
-        left, right = st.columns(2)
-        left.caption("Loss")
-        left.line_chart(history[[c for c in ("loss", "val_loss") if c in history]])
-        right.caption("Accuracy")
-        right.line_chart(history[[c for c in ("accuracy", "val_accuracy") if c in history]])
-    record = run["record"]
-    if record:
-        st.markdown(
-            f"Held-out top-1 **{_percent(record.get('test_accuracy'))}**, top-3 {_percent(record.get('test_top3_accuracy'))}, "
-            f"macro-F1 {record.get('macro_f1', '')}; {record.get('seconds', '?')} s"
+    show_curves(run["history"])
+    if run["promotion"]:
+        st.caption(f"Auto-promote rule: {run['promotion']}")
+    if run["record"]:
+        show_record(run["record"], key=run["id"])
+
+
+def record_history(record: dict[str, Any]) -> list[dict[str, float]]:
+    history = record.get("history")
+    return [h for h in history if isinstance(h, dict) and "epoch" in h] if isinstance(history, list) else []
+
+
+def show_curves(history: list[dict[str, float]]) -> None:
+    """Loss and accuracy per epoch, on the training and the validation data."""
+    if not history:
+        return
+    frame = pd.DataFrame(history).set_index("epoch")
+    left, right = st.columns(2)
+    left.caption("Loss")
+    left.line_chart(frame[[c for c in ("loss", "val_loss") if c in frame]])
+    right.caption("Accuracy")
+    right.line_chart(frame[[c for c in ("accuracy", "val_accuracy") if c in frame]])
+
+
+def show_record(record: dict[str, Any], *, key: str) -> None:
+    """A training record (metrics.json): held-out scores, curves when not shown already, per-class
+    scores and the confusion matrix."""
+    st.markdown(
+        f"Held-out top-1 **{_percent(record.get('test_accuracy'))}**, top-3 {_percent(record.get('test_top3_accuracy'))}, "
+        f"macro-F1 {record.get('macro_f1', '')}; {record.get('seconds', '?')} s on "
+        f"{(record.get('machine') or {}).get('cpus', '?')} CPUs, {record.get('arch', '?')} architecture"
+    )
+    if per_class := record.get("per_class"):
+        st.dataframe(pd.DataFrame(per_class).T, key=f"per_class_{key}")
+    if matrix := record.get("confusion_matrix"):
+        names = matrix["labels"]
+        st.caption("Confusion matrix (rows: true label, columns: predicted)")
+        st.dataframe(
+            pd.DataFrame(matrix["rows_true_columns_predicted"], index=names, columns=names).style.background_gradient(
+                cmap="Blues"
+            ),
+            key=f"confusion_{key}",
         )
-        if per_class := record.get("per_class"):
-            st.dataframe(pd.DataFrame(per_class).T, key=f"per_class_{run['id']}")
-        if matrix := record.get("confusion_matrix"):
-            names = matrix["labels"]
-            st.caption("Confusion matrix (rows: true label, columns: predicted)")
-            st.dataframe(
-                pd.DataFrame(
-                    matrix["rows_true_columns_predicted"], index=names, columns=names
-                ).style.background_gradient(cmap="Blues")
-            )
 
 
 def users_tab(api: Api) -> None:

@@ -147,7 +147,15 @@ class Settings(BaseSettings):
     retrain_epochs: int = Field(default=12, ge=1, le=200)
     """Epochs of a run the trigger starts."""
     retrain_check_seconds: float = Field(default=30.0, gt=0)
-    """How often each API process fails runs whose trainer died and checks the trigger."""
+    """How often each API process fails runs whose trainer died, checks the trigger and applies
+    the auto-promote rule."""
+    auto_promote: bool = False
+    """The auto-promote rule: a version a training run made is promoted to stable by itself once a
+    worker serves it and its comparison with the stable version is not worse (PROMOTION_MARGIN);
+    otherwise the run says why not. Off: an admin promotes."""
+    auto_promote_wait_seconds: float = Field(default=3600.0, gt=0)
+    """How long after its run the rule waits for a worker to serve a candidate (and for evidence
+    to compare) before it leaves the decision to an admin."""
     feedback_test_share: float = Field(default=0.2, ge=0.0, le=1.0)
     """Share of labelled images held out as the feedback ``test`` split (by the image's hash, once)."""
     evaluation_max_images: int = Field(default=10_000, ge=1)

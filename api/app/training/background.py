@@ -15,6 +15,7 @@ import redis.exceptions
 from fastapi import HTTPException
 from sqlalchemy import select
 
+from api.app.catalog.service import WorkerDirectory
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS
 from api.app.core.tasks import run_every
 from api.app.examples.models import LabelledExample
@@ -27,6 +28,11 @@ from contracts.streams import ensure_group_async, group_missing
 log = logging.getLogger("api.training")
 
 TRIGGER_ACTOR = registry_service.Actor(None, "retraining trigger")
+AUTO_PROMOTE_LOCK = "training:auto-promote:lock"
+AUTO_PROMOTE_LOCK_S = 60
+"""Longer than one pass of the rule takes (a few queries per candidate); a process that dies
+holding the lock delays the rule this long."""
+LOCK_HOLDER = f"api-{socket.gethostname()}-{os.getpid()}"
 
 
 async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
@@ -97,10 +103,26 @@ async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
 
 
 async def maintain_once(rt: JobRuntime) -> None:
-    """Fails runs whose trainer died; starts a run for each model with enough new examples."""
+    """Fails runs whose trainer died; applies the auto-promote rule (AUTO_PROMOTE); starts a run
+    for each model with enough new examples."""
     async with rt.sessionmaker() as session:
         if failed := await service.fail_stale(session=session, redis=rt.redis):
             log.warning("%d training runs failed: their trainer stopped", failed)
+    # One API process at a time applies the rule: two would race to promote the same candidate.
+    if rt.settings.auto_promote and await rt.redis.set(AUTO_PROMOTE_LOCK, LOCK_HOLDER, nx=True, ex=AUTO_PROMOTE_LOCK_S):
+        try:
+            async with rt.sessionmaker() as session:
+                decided = await service.auto_promote(
+                    session=session,
+                    availability=await WorkerDirectory(rt.redis).availability(fresh=True),
+                    margin=rt.settings.promotion_margin,
+                    wait_seconds=rt.settings.auto_promote_wait_seconds,
+                )
+        finally:
+            await rt.redis.delete(AUTO_PROMOTE_LOCK)
+        if any(run.promotion and run.promotion.startswith("promoted") for run in decided):
+            async with rt.sessionmaker() as session:
+                await rt.live_registry.reload(session, rt.redis)
     threshold = rt.settings.retrain_min_new_labels
     if threshold <= 0:
         return

@@ -38,5 +38,8 @@ class TrainingRun(TimestampMixin, Base):
     record: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     """The training record (``metrics.json``) when done."""
     error: Mapped[str | None] = mapped_column(Text)
+    promotion: Mapped[str | None] = mapped_column(Text)
+    """What the auto-promote rule decided once the version was served: ``promoted: ...`` or
+    ``not promoted: ...`` with the comparison's numbers; None until then or with the rule off."""
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -10,7 +10,7 @@ from api.app.deps import AdminUser, ReadSessionDep, RedisDep, SessionDep, Settin
 from api.app.registry import service as registry_service
 from api.app.registry.router import ModelName, Version
 from api.app.training import service
-from api.app.training.schemas import TrainingRequest, TrainingRunPublic, TrainingRunsPublic
+from api.app.training.schemas import TrainingRecordPublic, TrainingRequest, TrainingRunPublic, TrainingRunsPublic
 
 router = APIRouter(prefix="/v1/admin", tags=["training"])
 
@@ -77,12 +77,20 @@ async def cancel_training_run(
 
 @router.get(
     "/registry/models/{name}/versions/{version}/training",
-    response_model=TrainingRunPublic,
+    response_model=TrainingRecordPublic,
     responses={**ADMIN, **NOT_FOUND, **INVALID},
 )
 async def read_training_record(
-    name: ModelName, version: Version, _: AdminUser, session: ReadSessionDep
-) -> TrainingRunPublic:
-    """The run that trained a version: options, data, loss and accuracy per epoch, per-class scores,
-    confusion matrix (admin)."""
-    return TrainingRunPublic.from_row(await service.training_record(session=session, name=name, version=version))
+    name: ModelName, version: Version, _: AdminUser, session: ReadSessionDep, redis: RedisDep
+) -> TrainingRecordPublic:
+    """How a version was trained: options, data, loss and accuracy per epoch, per-class scores,
+    confusion matrix; from its training run, or from the metrics.json of a version trained before
+    runs existed. 404 for an unknown version or one not trained by the portal (admin)."""
+    run, record = await service.training_record(session=session, redis=redis, name=name, version=version)
+    return TrainingRecordPublic(
+        model_name=name,
+        version=version,
+        source="run" if run is not None else "metrics.json",
+        run=TrainingRunPublic.from_row(run) if run is not None else None,
+        record=record,
+    )

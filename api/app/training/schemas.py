@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,7 @@ class TrainingRunPublic(BaseModel):
     history: list[dict[str, float]]
     record: dict[str, Any] | None
     error: str | None
+    promotion: str | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -53,6 +54,19 @@ class TrainingRunPublic(BaseModel):
             per_epoch = run.history[-1].get("seconds", 0.0) / len(run.history)
             run.eta_seconds = round(per_epoch * max(epochs - len(run.history), 0), 1)
         return run
+
+
+class TrainingRecordPublic(BaseModel):
+    """How a version was trained: ``record`` is its ``metrics.json`` (options, data per class,
+    loss and accuracy per epoch, per-class precision/recall/F1, macro-F1, confusion matrix,
+    duration, machine). ``source`` says where it comes from: the training ``run`` that made the
+    version, or the file beside a version trained before runs existed (``run`` is then None)."""
+
+    model_name: str
+    version: int
+    source: Literal["run", "metrics.json"]
+    run: TrainingRunPublic | None
+    record: dict[str, Any]
 
 
 class TrainingRunsPublic(BaseModel):

@@ -3,10 +3,12 @@ training worker, followed through its events, and registered in shadow when they
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
@@ -14,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.catalog.service import model_labels
+from api.app.catalog.service import ModelAvailability, model_labels
 from api.app.examples import service as examples
 from api.app.examples.models import LabelledExample
 from api.app.feedback.export import export_feedback
@@ -22,6 +24,7 @@ from api.app.images.storage import LocalBlobStore
 from api.app.registry import service as registry_service
 from api.app.registry.live import entry_of
 from api.app.registry.models import ModelVersion
+from api.app.releases import service as releases
 from api.app.training.models import TrainingRun
 from contracts import training
 from contracts.registry import ModelEntry, Preprocessing
@@ -145,15 +148,129 @@ async def cancel_run(*, session: AsyncSession, redis: Redis, run_id: uuid.UUID) 
     return run
 
 
-async def training_record(*, session: AsyncSession, name: str, version: int) -> TrainingRun:
-    """The run that trained ``name@version``; 404 when none did (a version trained before runs
-    existed has its record in metrics.json beside its model file)."""
+async def training_record(
+    *, session: AsyncSession, redis: Redis, name: str, version: int
+) -> tuple[TrainingRun | None, dict[str, Any]]:
+    """The run that trained ``name@version`` and its record; for a version no run trained, the
+    ``metrics.json`` beside its model file as the training worker published it (``run`` None).
+    Raises 404 for an unknown version or one without a record (not trained here, or no training
+    worker has read its folder yet)."""
     run = await session.scalar(
         select(TrainingRun).where(TrainingRun.model_name == name, TrainingRun.version == version)
     )
-    if run is None:
-        raise HTTPException(status_code=404, detail=f"No training run produced {name}@{version}.")
-    return run
+    if run is not None and run.record is not None:
+        return run, run.record
+    row = await session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"No version {name}@{version}.")
+    if run is not None:
+        raise HTTPException(status_code=404, detail=f"{name}@{version}'s training run is {run.status}: no record.")
+    folder = training.record_folder(str(row.spec.get("file") or ""))
+    text = await redis.hget(training.RECORDS_KEY, folder) if folder else None
+    if text is None:
+        raise HTTPException(
+            status_code=404,
+            detail=f"No training record for {name}@{version}: "
+            + (
+                "no training worker has published a metrics.json from its folder."
+                if folder
+                else "it was not trained by this portal."
+            ),
+        )
+    try:
+        record = json.loads(text)
+    except ValueError:
+        raise HTTPException(status_code=404, detail=f"{name}@{version}'s metrics.json is not readable.") from None
+    if not isinstance(record, dict):
+        raise HTTPException(status_code=404, detail=f"{name}@{version}'s metrics.json is not readable.")
+    return None, record
+
+
+AUTO_PROMOTE_ACTOR = registry_service.Actor(None, "auto-promote rule")
+
+
+async def auto_promote(
+    *,
+    session: AsyncSession,
+    availability: dict[str, ModelAvailability],
+    margin: float,
+    wait_seconds: float,
+) -> list[TrainingRun]:
+    """The auto-promote rule over the runs that ended well in the last ``wait_seconds`` and are
+    not decided yet: a candidate still in shadow and served is promoted when
+    ``releases.service.compare`` finds it not worse than the stable version by more than
+    ``margin``, and not promoted (with the numbers) when it is worse; one with no evidence yet, or
+    not served yet, waits, and is left to an admin after ``wait_seconds``. Writes each decision
+    into ``run.promotion`` (committed) and returns the runs decided."""
+    now = datetime.now(UTC)
+    runs = list(
+        await session.scalars(
+            select(TrainingRun)
+            .where(
+                TrainingRun.status == "done",
+                TrainingRun.promotion.is_(None),
+                TrainingRun.finished_at > now - timedelta(seconds=2 * wait_seconds),
+            )
+            .order_by(TrainingRun.finished_at)
+        )
+    )
+    decided: list[TrainingRun] = []
+    for run in runs:
+        row = await session.scalar(
+            select(ModelVersion).where(ModelVersion.name == run.model_name, ModelVersion.version == run.version)
+        )
+        waited = (now - (run.finished_at or now)).total_seconds()
+        state = availability.get(f"{run.model_name}@{run.version}")
+        if row is None or row.channel != "shadow" or not row.enabled:
+            where = "is no longer registered" if row is None else f"was moved to {row.channel} by an admin first"
+            decision = f"not promoted: the version {where}"
+        elif state is None or not state.available:
+            if waited < wait_seconds:
+                continue
+            decision = f"not promoted: no worker served it within {wait_seconds:g} s; left to an admin"
+        else:
+            try:
+                comparison = await releases.compare(
+                    session=session,
+                    name=run.model_name,
+                    candidate=run.version,
+                    baseline=None,
+                    availability=availability,
+                    margin=margin,
+                    days=7,
+                )
+            except HTTPException as exc:
+                decision = f"not promoted: {exc.detail}"
+            else:
+                numbers = "; ".join(comparison.reasons)
+                if comparison.verdict == "no_evidence":
+                    if waited < wait_seconds:
+                        continue
+                    decision = "not promoted: nothing to compare it on; left to an admin"
+                elif comparison.verdict == "worse":
+                    decision = f"not promoted: worse than the stable version: {numbers}"
+                else:
+                    try:
+                        await releases.promote(
+                            session=session,
+                            actor=AUTO_PROMOTE_ACTOR,
+                            name=run.model_name,
+                            version=run.version,
+                            reason=f"auto-promote rule after training run {run.id}: {numbers}",
+                            force=False,
+                            availability=availability,
+                            margin=margin,
+                        )
+                    except HTTPException as exc:
+                        await session.rollback()
+                        decision = f"not promoted: {exc.detail}"
+                    else:
+                        decision = f"promoted: {numbers}"
+        run.promotion = decision
+        await session.commit()
+        decided.append(run)
+        log.info("training run %s: %s@%s %s", run.id, run.model_name, run.version, decision)
+    return decided
 
 
 def trained_entry(run: TrainingRun, base: ModelEntry) -> ModelEntry:
