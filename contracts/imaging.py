@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+"""The largest upload the API accepts unless MAX_UPLOAD_BYTES says otherwise (the UI reads the
+same setting, so its uploader states the real limit)."""
+UPLOAD_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
+"""File name endings of the accepted formats (MPO files end in .jpg)."""
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
 """What Pillow names the formats accepted. MPO is a JPEG with more pictures after the first (many
 cameras and phones write it); it is read, stored and served as the JPEG it is."""

@@ -24,6 +24,12 @@ def main() -> None:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        # The uploader states and enforces the API's limit, not Streamlit's 200 MB.
+        "--server.maxUploadSize",
+        str(settings.max_upload_mb),
+        # People see the app, not Streamlit's developer menu (Deploy, Rerun, Clear cache, Record).
+        "--client.toolbarMode",
+        "viewer",
     ]
     os.execv(sys.executable, args)
 

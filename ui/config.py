@@ -6,6 +6,8 @@ from functools import lru_cache
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts.imaging import DEFAULT_MAX_UPLOAD_BYTES
+
 
 class UISettings(BaseSettings):
     """Everything the Streamlit UI can be told."""
@@ -20,6 +22,14 @@ class UISettings(BaseSettings):
     """Port the UI listens on."""
     api_timeout_seconds: float = 40.0
     """How long the UI waits for one API call (above the API's own predict deadline)."""
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    """Largest upload, in bytes: the API's setting of the same name, read here so the uploader
+    states and checks the real limit before sending."""
+
+    @property
+    def max_upload_mb(self) -> int:
+        """The limit in whole megabytes (MiB) for Streamlit's uploader, rounded up."""
+        return max(1, -(-self.max_upload_bytes // (1024 * 1024)))
 
 
 @lru_cache

@@ -3,6 +3,8 @@ what the classify and sketch pages share."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -12,16 +14,28 @@ from ui.client import Api, Job, Prediction
 from ui.session import guarded, models
 
 
-def choose_models(api: Api, keys_prefix: str, only: str | None = None) -> list[str]:
-    """A checkbox per model version (of model ``only`` when given); returns the checked references."""
+def readable_time(iso: str) -> str:
+    """``2026-12-01T10:17:33.52+00:00`` as ``1 Dec 2026, 10:17 UTC`` (the API's times are UTC)."""
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return f"{moment.day} {moment:%b %Y, %H:%M} UTC"
+
+
+def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
+    """Under a "Models" heading, a checkbox per model version that reads ``mode`` input ("RGB":
+    photos, "L": drawings), as the registry says; the default ones (photos) or the stable ones
+    (drawings) checked. Returns the checked references."""
+    st.markdown("**Models**")
     chosen = []
-    shown = [m for m in models(api) if only is None or m["name"] == only]
+    shown = [m for m in models(api) if m["input"]["mode"] == mode]
     columns = st.columns(min(len(shown), 4) or 1)
     for i, m in enumerate(shown):
         with columns[i % len(columns)]:
             label = f"{m['ref']} ({m['channel']})"
             help_text = m["description"] if m["available"] else f"Unavailable: {m['reason']}"
-            default = m["available"] and (m["default"] or only is not None)
+            default = m["available"] and (m["default"] if mode == "RGB" else m["channel"] == "stable")
             if st.checkbox(
                 label, value=default, disabled=not m["available"], help=help_text, key=f"{keys_prefix}_{m['ref']}"
             ):
@@ -71,6 +85,10 @@ def _labels_of(api: Api, ref: str) -> list[str]:
     return list(model["labels"] or []) if model else []
 
 
+NONE_OF_THESE = "None of these"
+"""The answer to "what is right" when the model does not know the right label."""
+
+
 def _feedback_form(api: Api, result: Prediction) -> None:
     ref = f"{result['model']}@{result['version']}"
     key = f"fb_{result['id']}"
@@ -78,19 +96,27 @@ def _feedback_form(api: Api, result: Prediction) -> None:
         st.success("Thanks, your feedback was recorded.")
         return
     with st.form(key):
-        verdict = st.radio("Was this right?", ["Correct", "Wrong"], horizontal=True, key=f"{key}_verdict")
-        labels = _labels_of(api, ref)
-        right = st.selectbox("If wrong, the right label", ["", *labels], key=f"{key}_label")
+        # Nothing preselected: a verdict is what the person says, never a default.
+        verdict = st.radio("Was this right?", ["Correct", "Wrong"], index=None, horizontal=True, key=f"{key}_verdict")
+        # The predicted label is no answer to "wrong"; the list filters as one types.
+        choices = ["", *(label for label in _labels_of(api, ref) if label != result["label"]), NONE_OF_THESE]
+        right = st.selectbox(
+            "If wrong, the right label",
+            choices,
+            format_func=lambda label: label.replace("_", " ") if label else "Type to search…",
+            key=f"{key}_label",
+        )
         comment = st.text_input("Comment (optional)", key=f"{key}_comment")
         if st.form_submit_button("Send feedback"):
+            if verdict is None:
+                st.error("Choose Correct or Wrong first.")
+                return
             is_correct = verdict == "Correct"
-            sent = guarded(
-                api,
-                lambda: api.feedback(
-                    result["id"], is_correct, None if is_correct else (right or None), comment or None
-                ),
-            )
-            if sent is not None:
+            if not is_correct and not right:
+                st.error(f"Choose the right label, or “{NONE_OF_THESE}”.")
+                return
+            label = None if is_correct or right == NONE_OF_THESE else right
+            if guarded(api, lambda: api.feedback(result["id"], is_correct, label, comment or None)) is not None:
                 st.session_state[f"{key}_sent"] = True
                 st.success("Thanks, your feedback was recorded.")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from typing import Any
@@ -12,9 +13,10 @@ import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.conftest import PASSWORD
 from tests.images import encode, split_colour
 from tests.support import PHOTOS, ROOT
-from ui.client import Api
+from ui.client import Api, User
 from ui.config import get_ui_settings
 from ui.views.admin import VERSION_ACTIONS
 
@@ -99,6 +101,7 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     models = {c.key: c for c in at.checkbox}
     assert models["classify_mobilenet_v2@1"].value is True
     assert models["classify_resnet50@1"].disabled  # shown, but unavailable with its reason
+    assert not [key for key in models if "sketch" in str(key)], "drawing models are offered on the Sketch page only"
     at.checkbox(key="classify_birds@1").check()
     at.button(key="classify_submit").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -107,6 +110,15 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     assert [m.value for m in at.metric][:2] == ["macaw", "Ara macao (Scarlet Macaw)"]
 
     prediction = job["results"][0]["id"]
+    submit = next(b for b in at.button if b.proto.form_id == f"fb_{prediction}")
+    # No verdict is preselected, and "wrong" needs a label other than the prediction.
+    assert at.radio(key=f"fb_{prediction}_verdict").value is None
+    assert "macaw" not in at.selectbox(key=f"fb_{prediction}_label").options
+    submit.click().run()
+    assert any("Choose Correct or Wrong" in e.value for e in at.error)
+    at.radio(key=f"fb_{prediction}_verdict").set_value("Wrong")
+    next(b for b in at.button if b.proto.form_id == f"fb_{prediction}").click().run()
+    assert any("Choose the right label" in e.value for e in at.error)
     at.radio(key=f"fb_{prediction}_verdict").set_value("Wrong")
     at.selectbox(key=f"fb_{prediction}_label").set_value("lorikeet")
     at.text_input(key=f"fb_{prediction}_comment").input("it is a lorikeet")
@@ -139,6 +151,18 @@ def test_history_sketch_and_admin_pages_render(api_url: str, portal: tuple[str, 
         app = AppTest.from_string(script, default_timeout=60).run()
         assert not app.exception, (module, app.exception)
         assert not app.error, (module, [e.value for e in app.error])
+        if module == "admin":
+            # Tables read as words: no snake_case headers, times without microseconds.
+            headers = [str(c) for d in app.dataframe for c in d.value.columns]
+            assert {"Model version", "Worker processes serving it", "Email", "Created"} <= set(headers), headers
+            assert not [h for h in headers if h in ("live_workers", "is_active", "created_at", "p50_ms")], headers
+            users = next(d.value for d in app.dataframe if "Email" in d.value.columns)
+            assert all(value.endswith(" UTC") and "." not in value for value in users["Created"]), users["Created"]
+        if module == "sketch":
+            # Drawing models only, the stable one checked; it names its 20 categories in words.
+            offered = {c.key: c.value for c in app.checkbox}
+            assert offered == {"sketch_sketch@1": False, "sketch_sketch@2": False, "sketch_sketch@3": True}, offered
+            assert any("smiley face" in c.value for c in app.caption)
 
 
 def test_admins_prepare_the_retraining_download(api_url: str, portal: tuple[str, str, str]) -> None:
@@ -175,7 +199,9 @@ def test_history_shows_each_upload_with_its_answers_in_three_calls(api_url: str,
     lines = [m.value for m in app.markdown]
     assert any(line.startswith("**unclassified.png** ·") for line in lines)
     assert any(line.startswith("**parrot.jpg** ·") for line in lines)
-    assert any(line.startswith("mobilenet_v2@1: macaw (") and "you said: wrong (lorikeet)" in line for line in lines)
+    assert any(
+        line.startswith("mobilenet_v2@1: macaw (") and "you said it was wrong, it is lorikeet" in line for line in lines
+    )
 
 
 def admin_app(api_url: str, portal: tuple[str, str, str]) -> AppTest:
@@ -269,3 +295,67 @@ def test_the_training_tab_starts_follows_and_cancels_a_run(api_url: str, portal:
     assert not app.exception and not app.error, [e.value for e in app.error]
     table = next(d.value for d in app.dataframe if "epoch" in d.value.columns)
     assert table.to_dict("records")[0]["status"] == "cancelled"
+
+
+def test_the_change_user_form_shows_the_chosen_users_own_role(api_url: str, portal: tuple[str, str, str]) -> None:
+    admin = Api(api_url)
+    admin.login(portal[1], portal[2])
+    suffix = os.urandom(4).hex()
+    other_admin = admin.create_user(f"second-admin-{suffix}@example.com", PASSWORD, "Second", "admin")
+    person = admin.create_user(f"person-{suffix}@example.com", PASSWORD, "Person", "user")
+    app = admin_app(api_url, portal)
+
+    def pick(user: User) -> None:
+        app.selectbox(key="change_pick").set_value(f"{user['email']} (#{user['id']})").run()
+        assert not app.exception, app.exception
+
+    pick(other_admin)
+    assert app.selectbox(key=f"change_role_{other_admin['id']}").value == "admin"
+    assert app.checkbox(key=f"change_active_{other_admin['id']}").value is True
+    pick(person)
+    assert app.selectbox(key=f"change_role_{person['id']}").value == "user"
+    # Saving what is there changes nothing: no admin is demoted by one click.
+    next(b for b in app.button if b.proto.form_id == f"change_user_{person['id']}").click().run()
+    assert any("Nothing to change" in i.value for i in app.info)
+    # An admin cannot demote themselves: the API's refusal is shown.
+    me = next(u for u in admin.users() if u["email"] == portal[1])
+    pick(me)
+    app.selectbox(key=f"change_role_{me['id']}").set_value("user")
+    next(b for b in app.button if b.proto.form_id == f"change_user_{me['id']}").click().run()
+    assert app.error and not app.exception
+    assert next(u for u in admin.users() if u["email"] == portal[1])["role"] == "admin"
+
+
+def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str, portal: tuple[str, str, str]) -> None:
+    email, password = new_user(api_url, portal)
+    api = Api(api_url)
+    api.login(email, password)
+    uploaded = [api.upload(f"colour-{i}.png", encode(split_colour(32 + i), "PNG")) for i in range(13)]
+    job = api.wait(api.predict(uploaded[-1]["id"], ["mobilenet_v2@1"]))
+    token = api.token
+    script = (
+        "from ui.client import Api\nfrom ui.views.history import history_page\n"
+        f"history_page(Api({api_url!r}, {token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert any(c.value == "Page 1 of 2 · 13 uploads" for c in app.caption), [c.value for c in app.caption]
+    times = [m.value.split(" · ")[-1] for m in app.markdown if m.value.startswith("**colour-")]
+    assert times and all(re.fullmatch(r"\d{1,2} [A-Z][a-z]{2} \d{4}, \d{2}:\d{2} UTC", t) for t in times), times
+    # The newest upload's result opens with its feedback form.
+    result_id = job["results"][0]["id"]
+    app.button(key=f"open_{job['job_id']}").click().run()
+    assert any(b.proto.form_id == f"fb_{result_id}" for b in app.button)
+    # Past the last page: said so; the input stops at the last page once the total is known.
+    assert app.number_input(key="history_page").max == 2
+    # Delete asks first; "Keep" keeps it, the second "Delete" deletes it and says so.
+    newest = uploaded[-1]["id"]
+    app.button(key=f"delete_{newest}").click().run()
+    assert any("Delete this upload" in w.value for w in app.warning)
+    app.button(key=f"delete_no_{newest}").click().run()
+    assert len(api.images(limit=20)["data"]) == 13
+    app.button(key=f"delete_{newest}").click().run()
+    app.button(key=f"delete_yes_{newest}").click().run()
+    assert not app.exception, app.exception
+    assert any("Deleted colour-12.png" in s.value for s in app.success), [s.value for s in app.success]
+    assert len(api.images(limit=20)["data"]) == 12

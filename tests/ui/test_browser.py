@@ -110,19 +110,32 @@ def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: 
     wait = WebDriverWait(browser, 30)
 
     upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
+    text_appears(browser, "10MB per file")  # the API's limit, not Streamlit's 200MB
     upload.send_keys(str(PHOTOS / "parrot.jpg"))
     text_appears(browser, "mobilenet_v2@1")
     shot(browser, "3-uploaded")
+    # People get the app without Streamlit's developer menu (shown on localhost unless told).
+    assert browser.find_elements(By.CSS_SELECTOR, "[data-testid='stToolbar']")
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stAppDeployButton']")
     click_button(browser, "Classify")
     text_appears(browser, "Top prediction", timeout=90)
     text_appears(browser, "macaw")
     scroll_to(browser, "Top prediction")
     shot(browser, "4-prediction")
 
+    # Nothing is preselected: sending before choosing asks for a verdict.
+    click_button(browser, "Send feedback")
+    text_appears(browser, "Choose Correct or Wrong first.")
+    browser.find_element(By.XPATH, "//label[.//p[text()='Correct']]").click()
     click_button(browser, "Send feedback")
     text_appears(browser, "feedback was recorded")
     scroll_to(browser, "feedback was recorded")
     shot(browser, "5-feedback")
+    # Another photo: the parrot's results and feedback form go with the parrot.
+    upload = browser.find_element(By.CSS_SELECTOR, "input[type='file']")
+    upload.send_keys(str(PHOTOS / "cat.bmp"))
+    WebDriverWait(browser, 30).until_not(lambda d: "Top prediction" in d.find_element(By.TAG_NAME, "body").text)
+    assert "feedback was recorded" not in browser.find_element(By.TAG_NAME, "body").text
 
 
 def test_draw_a_sketch_and_classify_it(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:

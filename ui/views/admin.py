@@ -10,6 +10,7 @@ import streamlit as st
 
 from contracts.training import ARCHITECTURES
 from ui.client import Api, ApiError, Comparison, Role, ServingVersion, Stats, TrainingRun
+from ui.results import readable_time
 from ui.session import guarded, models
 
 ROLES: list[Role] = ["user", "admin"]
@@ -44,14 +45,20 @@ def status_tab(api: Api, stats: Stats | None) -> None:
     ready = api.readiness()
     st.metric("Portal", "ready" if ready["status"] == "ok" else "not ready")
     if stats:
-        st.metric("Live workers", stats["live_workers"])
+        # One worker process serves several versions: the processes alive, then per version.
+        st.metric("Worker processes alive", stats["live_workers"])
         st.dataframe(
-            pd.DataFrame([{"model": k, "queued": v} for k, v in stats["queue_depth"].items()]), hide_index=True
+            pd.DataFrame([{"Queue": k, "Jobs waiting": v} for k, v in stats["queue_depth"].items()]), hide_index=True
         )
     st.dataframe(
         pd.DataFrame(
             [
-                {"model": m["ref"], "available": m["available"], "workers": m["workers"], "reason": m["reason"] or ""}
+                {
+                    "Model version": m["ref"],
+                    "Available": "yes" if m["available"] else "no",
+                    "Worker processes serving it": m["workers"],
+                    "Why not": m["reason"] or "",
+                }
                 for m in models(api)
             ]
         ),
@@ -61,6 +68,10 @@ def status_tab(api: Api, stats: Stats | None) -> None:
 
 def _percent(value: float | None) -> str:
     return "" if value is None else f"{value:.1%}"
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 def models_tab(api: Api) -> None:
@@ -432,7 +443,21 @@ def show_record(record: dict[str, Any], *, key: str) -> None:
 def users_tab(api: Api) -> None:
     """Every user, and forms to create one or change one's role and whether it is active."""
     users = guarded(api, api.users) or []
-    st.dataframe(pd.DataFrame(users), hide_index=True)
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "Email": u["email"],
+                    "Name": u["name"],
+                    "Role": u["role"],
+                    "Active": "yes" if u["is_active"] else "no",
+                    "Created": readable_time(u["created_at"]),
+                }
+                for u in users
+            ]
+        ),
+        hide_index=True,
+    )
     with st.form("create_user"):
         st.subheader("Create a user")
         email = st.text_input("Email", key="new_email")
@@ -442,28 +467,72 @@ def users_tab(api: Api) -> None:
         submitted = st.form_submit_button("Create")
         if submitted and guarded(api, lambda: api.create_user(email, password, name, role)) is not None:
             st.success(f"Created {email}.")
-    with st.form("change_user"):
-        st.subheader("Change a user")
-        options = {f"{u['email']} (#{u['id']})": u for u in users}
-        picked = st.selectbox("User", list(options), key="change_pick")
-        new_role = st.selectbox("Role", ROLES, key="change_role")
-        active = st.checkbox("Active", value=True, key="change_active")
-        submitted = st.form_submit_button("Save")
-        if submitted and picked:
-            changed = guarded(api, lambda: api.update_user(options[picked]["id"], role=new_role, is_active=active))
-            if changed is not None:
-                st.success("Saved.")
+    st.subheader("Change a user")
+    options = {f"{u['email']} (#{u['id']})": u for u in users}
+    # Outside the form, so that the fields below show the chosen user's own role and state.
+    picked = st.selectbox("User", list(options), key="change_pick")
+    if not picked:
+        return
+    user = options[picked]
+    with st.form(f"change_user_{user['id']}"):
+        new_role = st.selectbox("Role", ROLES, index=ROLES.index(user["role"]), key=f"change_role_{user['id']}")
+        active = st.checkbox("Active", value=user["is_active"], key=f"change_active_{user['id']}")
+        if st.form_submit_button("Save"):
+            if (new_role, active) == (user["role"], user["is_active"]):
+                st.info("Nothing to change.")
+            elif guarded(api, lambda: api.update_user(user["id"], role=new_role, is_active=active)) is not None:
+                st.success(f"Saved {user['email']}: {new_role}, {'active' if active else 'inactive'}.")
 
 
 def quality_tab(api: Api, stats: Stats | None) -> None:
     """Accuracy from feedback, the most corrected labels, latency, and the retraining download."""
     if stats:
         st.subheader("Accuracy from feedback")
-        st.dataframe(pd.DataFrame(stats["accuracy"]), hide_index=True)
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "Model version": f"{a['model']}@{a['version']}",
+                        "Verdicts": a["feedback"],
+                        "Right": a["correct"],
+                        "Accuracy": _percent(a["accuracy"]),
+                    }
+                    for a in stats["accuracy"]
+                ]
+            ),
+            hide_index=True,
+        )
         st.subheader("Most corrected labels")
-        st.dataframe(pd.DataFrame(stats["most_corrected"]), hide_index=True)
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "Model version": f"{c['model']}@{c['version']}",
+                        "It said": c["predicted"] or "",
+                        "People said": c["corrected_to"] or "(no label given)",
+                        "Times": c["count"],
+                    }
+                    for c in stats["most_corrected"]
+                ]
+            ),
+            hide_index=True,
+        )
         st.subheader("Latency")
-        st.dataframe(pd.DataFrame(stats["latency"]), hide_index=True)
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "Model version": f"{row['model']}@{row['version']}",
+                        "Answers": row["count"],
+                        "p50 (ms)": _ms(row["p50_ms"]),
+                        "p95 (ms)": _ms(row["p95_ms"]),
+                        "p99 (ms)": _ms(row["p99_ms"]),
+                    }
+                    for row in stats["latency"]
+                ]
+            ),
+            hide_index=True,
+        )
     st.subheader("Retraining data")
     st.caption("The images users labelled, a folder per model and label, with feedback.csv.")
     every = "every model"

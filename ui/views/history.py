@@ -1,4 +1,5 @@
-"""My uploads, a page of 12 at a time, each with its thumbnail, answers and my verdicts."""
+"""My uploads, a page of 12 at a time, each with its thumbnail, answers and my verdicts; a result
+can be reopened with its feedback form, and an upload deleted after a confirmation."""
 
 from __future__ import annotations
 
@@ -7,21 +8,42 @@ import functools
 import streamlit as st
 
 from contracts.messages import PredictionStatus
-from ui.client import Api, Job
+from ui.client import Api, Feedback, Job, ListedImage
+from ui.results import readable_time, show_results
 from ui.session import guarded
 
 PAGE_SIZE = 12
 
 
+def verdict_note(verdict: Feedback | None) -> str:
+    if not verdict:
+        return ""
+    if verdict["is_correct"]:
+        return " · you said it was right"
+    return (
+        f" · you said it was wrong, it is {verdict['correct_label']}"
+        if verdict["correct_label"]
+        else " · you said it was wrong"
+    )
+
+
 def history_page(api: Api) -> None:
     st.title("My uploads")
-    page = st.number_input("Page", min_value=1, value=1, step=1, key="history_page")
+    if deleted := st.session_state.pop("history_deleted", None):
+        st.success(f"Deleted {deleted} and its results.")
+    pages = st.session_state.get("history_pages", 1)
+    page = int(st.number_input("Page", min_value=1, max_value=max(pages, 1), value=1, step=1, key="history_page"))
     # Three calls a page: the images with their thumbnails, their jobs, and my feedback.
     listing = guarded(api, lambda: api.images(skip=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE, thumbnails=True))
     if not listing:
         return
-    if not listing["data"]:
+    total = listing["count"]
+    st.session_state["history_pages"] = max(1, -(-total // PAGE_SIZE))
+    if not total:
         st.info("Nothing here yet: classify a photo or draw a sketch.")
+        return
+    if not listing["data"]:
+        st.info(f"Page {page} is past the last page ({st.session_state['history_pages']}).")
         return
     feedback = {f["prediction_id"]: f for f in guarded(api, api.my_feedback) or []}
     jobs = guarded(api, lambda: api.jobs_of_images([image["id"] for image in listing["data"]]))
@@ -30,30 +52,44 @@ def history_page(api: Api) -> None:
     jobs_of: dict[str, list[Job]] = {}
     for job in jobs:
         jobs_of.setdefault(job["image_id"], []).append(job)
-    st.caption(f"{listing['count']} uploads")
+    st.caption(f"Page {page} of {st.session_state['history_pages']} · {total} uploads")
     for image in listing["data"]:
-        left, right = st.columns([1, 3])
-        with left:
-            if image["thumbnail"]:
-                st.image(image["thumbnail"], width=140)
-            else:
-                st.caption("(no preview)")
-            if st.button("Delete", key=f"delete_{image['id']}") and guarded(
-                api, functools.partial(api.delete_image, image["id"])
-            ):
-                st.rerun()
-        with right:
-            st.markdown(
-                f"**{image['filename'] or image['file_name']}** · {image['width']}x{image['height']} · {image['created_at'][:19]}"
-            )
-            for job in jobs_of.get(image["id"], []):
-                for r in job["results"]:
-                    verdict = feedback.get(r["id"])
-                    note = ""
-                    if verdict:
-                        note = " · you said: " + (
-                            "correct" if verdict["is_correct"] else f"wrong ({verdict['correct_label'] or '?'})"
-                        )
-                    answer = f"{r['label']} ({r['score']:.1%})" if r["status"] == PredictionStatus.done else r["status"]
-                    st.write(f"{r['model']}@{r['version']}: {answer}{note}")
+        upload_row(api, image, jobs_of.get(image["id"], []), feedback)
         st.divider()
+
+
+def upload_row(api: Api, image: ListedImage, jobs: list[Job], feedback: dict[str | None, Feedback]) -> None:
+    name = image["filename"] or image["file_name"]
+    left, right = st.columns([1, 3])
+    with left:
+        if image["thumbnail"]:
+            st.image(image["thumbnail"], width=140)
+        else:
+            st.caption("(no preview)")
+        confirming = st.session_state.get("history_confirm") == image["id"]
+        if not confirming and st.button("Delete", key=f"delete_{image['id']}"):
+            st.session_state["history_confirm"] = image["id"]
+            st.rerun()
+        if confirming:
+            st.warning("Delete this upload and its results?")
+            yes, no = st.columns(2)
+            if yes.button("Delete", type="primary", key=f"delete_yes_{image['id']}"):
+                st.session_state.pop("history_confirm", None)
+                if guarded(api, functools.partial(api.delete_image, image["id"])) is not None:
+                    st.session_state["history_deleted"] = name
+                    st.rerun()
+            if no.button("Keep", key=f"delete_no_{image['id']}"):
+                st.session_state.pop("history_confirm", None)
+                st.rerun()
+    with right:
+        st.markdown(f"**{name}** · {image['width']}x{image['height']} · {readable_time(image['created_at'])}")
+        for job in jobs:
+            for r in job["results"]:
+                answer = f"{r['label']} ({r['score']:.1%})" if r["status"] == PredictionStatus.done else r["status"]
+                st.write(f"{r['model']}@{r['version']}: {answer}{verdict_note(feedback.get(r['id']))}")
+            # Opened one at a time, on demand: a page of results stays three API calls.
+            if st.session_state.get("history_open") == job["job_id"]:
+                show_results(api, job)
+            elif st.button("Open these results", key=f"open_{job['job_id']}"):
+                st.session_state["history_open"] = job["job_id"]
+                st.rerun()

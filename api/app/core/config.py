@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts.imaging import DEFAULT_MAX_UPLOAD_BYTES
 from contracts.registry import DEFAULT_REGISTRY_PATH
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -88,7 +89,7 @@ class Settings(BaseSettings):
     """Window of the login throttling counters."""
     storage_dir: Path = PROJECT_ROOT / "var" / "storage"
     """Directory of the content-addressed image store."""
-    max_upload_bytes: int = 10 * 1024 * 1024
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     """Largest accepted upload in bytes."""
     max_image_pixels: int = 50_000_000
     """Largest accepted image area (width x height); larger is treated as a decompression bomb."""
