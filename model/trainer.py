@@ -53,7 +53,7 @@ class Trainer:
                 if self.published.get(folder) == (stat.st_mtime, stat.st_size):
                     continue
                 text = path.read_text(encoding="utf-8")
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: not UTF-8
                 log.warning("training record %s not read: %s", path, exc)
                 continue
             self.redis.hset(training.RECORDS_KEY, folder, text)

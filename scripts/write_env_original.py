@@ -9,7 +9,12 @@ from pydantic_settings import BaseSettings
 
 from api.app.core.config import PROJECT_ROOT, Settings
 from model.config import ModelSettings
+from scripts.run import DEMO_RETRAIN_MIN_NEW_LABELS
 from ui.config import UISettings
+
+DEMO_VALUES: dict[str, object] = {"retrain_min_new_labels": DEMO_RETRAIN_MIN_NEW_LABELS}
+"""Where the development configuration is the demo's, not the setting's own default (which is
+said beside it): a copied .env.original keeps what ``make run`` and compose do."""
 
 HEADER = """# Copy to .env and adjust. Every value here is a safe development default.
 # Outside development (ENVIRONMENT=production) set SECRET_KEY and FIRST_ADMIN_PASSWORD.
@@ -45,7 +50,9 @@ def render() -> str:
                 continue
             seen.add(name)
             comment = "".join(f"# {line}\n" for line in (field.description or "").splitlines())
-            parts.append(f"{comment}{name.upper()}={_value(field.default)}\n")
+            if name in DEMO_VALUES:
+                comment += f"# (the demo's value; the setting's own default is {_value(field.default)})\n"
+            parts.append(f"{comment}{name.upper()}={_value(DEMO_VALUES.get(name, field.default))}\n")
     return "".join(parts)
 
 

@@ -101,6 +101,32 @@ async def test_seeding_creates_then_updates_specs_and_keeps_operators_state(
     assert last.before["2"]["spec"]["description"] != "retrained" == last.after["2"]["spec"]["description"]
 
 
+async def test_a_stable_version_new_in_the_file_takes_over_from_the_stable_one_in_the_database(
+    fresh_settings: Settings, settings: Settings
+) -> None:
+    registry = load_registry(settings.registry_path)
+    # A database seeded before sketch@3 existed, when sketch@1 was the stable version.
+    before = registry.model_copy(
+        update={
+            "models": [
+                m.model_copy(update={"channel": "stable"}) if m.key == "sketch@1" else m
+                for m in registry.models
+                if m.key != "sketch@3"
+            ]
+        }
+    )
+    await _seed(fresh_settings, before)
+    await _seed(fresh_settings, registry)
+    versions, changes = await _rows(fresh_settings)
+    assert (versions["sketch@3"].channel, versions["sketch@3"].weight) == ("stable", 100)
+    assert (versions["sketch@1"].channel, versions["sketch@1"].weight) == ("canary", 0), "two stables split traffic"
+    handover = next(c for c in changes if c.action == "channel_canary")
+    assert (handover.actor, handover.model, handover.version) == ("registry.yaml", "sketch", 1)
+    assert "sketch@3, new in registry.yaml, is the stable version" in handover.reason
+    # Seeding again changes nothing.
+    assert await _seed(fresh_settings, registry) == 0
+
+
 async def test_admins_read_the_registry_and_its_history(
     client: httpx.AsyncClient, admin_headers: dict[str, str], users: Users, settings: Settings
 ) -> None:

@@ -256,11 +256,12 @@ async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> 
 
 
 async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own_stack: Stack) -> None:
-    """Versions no longer in shadow, or never served within the wait, are not promoted, with why;
-    a run still within its wait stays undecided."""
+    """Versions no longer registered, never served within the wait, or trained from another base
+    than the stable version (their held-out figures are not comparable) are not promoted, with
+    why; a run still within its wait stays undecided."""
     client = own_stack.client
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
-    for version in (4, 5):
+    for version in (4, 5, 6):
         r = await client.post(
             "/v1/admin/registry/versions",
             json={
@@ -277,12 +278,12 @@ async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own
         )
         assert r.status_code == 201 and r.json()["version"] == version, r.text
 
-    def done_run(version: int, minutes_ago: float) -> TrainingRun:
+    def done_run(version: int, minutes_ago: float, base: int = 3) -> TrainingRun:
         return TrainingRun(
             id=uuid.uuid4(),
             model_name="sketch",
             version=version,
-            base_version=3,
+            base_version=base,
             status="done",
             trigger="auto",
             requested_by="test",
@@ -297,13 +298,15 @@ async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own
 
     # Finished 90 s ago: past the 60 s wait, within the two waits the rule looks back.
     gone, unserved, waiting = done_run(50, 1.5), done_run(4, 1.5), done_run(5, 0)
+    elsewhere = done_run(6, 0, base=1)
     async with own_stack.app.state.sessionmaker() as session:
-        session.add_all([gone, unserved, waiting])
+        session.add_all([gone, unserved, waiting, elsewhere])
         await session.commit()
         decided = await training_service.auto_promote(session=session, availability={}, margin=0.02, wait_seconds=60)
         assert {run.version: run.promotion for run in decided} == {
             50: "not promoted: the version is no longer registered",
             4: "not promoted: no worker served it within 60 s; left to an admin",
+            6: "not promoted: trained from @1, the stable version is @3; left to an admin",
         }
         await session.refresh(waiting)
         assert waiting.promotion is None

@@ -21,29 +21,32 @@ def _forget_photo() -> None:
         st.session_state.pop(key, None)
 
 
+def _photo_changed() -> None:
+    """The uploader's own change (a photo dropped, replaced or removed): the previous photo and its
+    results go. Leaving the page and coming back is no change: the photo and its results stay."""
+    _forget_photo()
+    uploaded = st.session_state.get("classify_file")
+    if uploaded is None:
+        return
+    data = uploaded.getvalue()
+    if len(data) > get_ui_settings().max_upload_bytes:
+        st.session_state["upload_refused"] = f"{uploaded.name} is {len(data) / 2**20:.1f} MB"
+        return
+    st.session_state["upload"] = (uploaded.name, data)
+
+
 def classify_page(api: Api) -> None:
     st.title("Classify a photo")
     settings = get_ui_settings()
-    uploaded = st.file_uploader(
+    st.file_uploader(
         "Photo",
         type=UPLOAD_TYPES,
         key="classify_file",
+        on_change=_photo_changed,
         help=f"JPEG, PNG, GIF, BMP, WebP or TIFF, up to {settings.max_upload_mb} MB.",
     )
-    if uploaded is not None:
-        st.session_state["classify_file_seen"] = True
-        data = uploaded.getvalue()
-        if len(data) > settings.max_upload_bytes:
-            _forget_photo()
-            st.error(
-                f"{uploaded.name} is {len(data) / 2**20:.1f} MB; photos of up to {settings.max_upload_mb} MB are accepted."
-            )
-            return
-        if st.session_state.get("upload") != (uploaded.name, data):
-            _forget_photo()  # a new photo: the last one's results are not its results
-            st.session_state["upload"] = (uploaded.name, data)
-    elif st.session_state.pop("classify_file_seen", False):
-        _forget_photo()  # the person removed the photo
+    if refused := st.session_state.pop("upload_refused", None):
+        st.error(f"{refused}; photos of up to {settings.max_upload_mb} MB are accepted.")
     upload = st.session_state.get("upload")
     if upload is None:
         st.info(f"Upload a photo to begin (up to {settings.max_upload_mb} MB).")

@@ -31,8 +31,8 @@ def history_page(api: Api) -> None:
     st.title("My uploads")
     if deleted := st.session_state.pop("history_deleted", None):
         st.success(f"Deleted {deleted} and its results.")
-    pages = st.session_state.get("history_pages", 1)
-    page = int(st.number_input("Page", min_value=1, max_value=max(pages, 1), value=1, step=1, key="history_page"))
+    # No upper bound: the total is known only after this page is asked for; past the end says so.
+    page = int(st.number_input("Page", min_value=1, value=1, step=1, key="history_page"))
     # Three calls a page: the images with their thumbnails, their jobs, and my feedback.
     listing = guarded(api, lambda: api.images(skip=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE, thumbnails=True))
     if not listing:

@@ -113,6 +113,8 @@ async def seed(*, session: AsyncSession, registry: Registry) -> int:
         row = existing.get((entry.name, entry.version))
         if row is None:
             row = _new_version(entry)
+            if row.channel == "stable":
+                changes += _make_way(session, existing.values(), new=row, actor=actor)
             session.add(row)
             after = {str(row.version): _state(row, spec=True)}
             _audit(
@@ -144,6 +146,30 @@ async def seed(*, session: AsyncSession, registry: Registry) -> int:
             changes += 1
     await session.commit()
     return changes
+
+
+def _make_way(session: AsyncSession, rows: Iterable[ModelVersion], *, new: ModelVersion, actor: Actor) -> int:
+    """A stable version new in registry.yaml takes over from the model's stable versions already in
+    the database (they become canaries at weight 0, audited), as a promotion would: two stable
+    versions would otherwise split the traffic. Returns how many changed."""
+    changed = 0
+    for other in rows:
+        if other.name != new.name or other.channel != "stable":
+            continue
+        before = {str(other.version): _state(other)}
+        other.channel, other.weight = "canary", 0
+        _audit(
+            session,
+            actor=actor,
+            action="channel_canary",
+            model=other.name,
+            version=other.version,
+            before=before,
+            after={str(other.version): _state(other)},
+            reason=f"{new.name}@{new.version}, new in registry.yaml, is the stable version",
+        )
+        changed += 1
+    return changed
 
 
 async def revision(*, session: AsyncSession) -> int:

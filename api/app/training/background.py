@@ -5,6 +5,7 @@ labelled examples arrived (RETRAIN_MIN_NEW_LABELS)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -32,7 +33,6 @@ AUTO_PROMOTE_LOCK = "training:auto-promote:lock"
 AUTO_PROMOTE_LOCK_S = 60
 """Longer than one pass of the rule takes (a few queries per candidate); a process that dies
 holding the lock delays the rule this long."""
-LOCK_HOLDER = f"api-{socket.gethostname()}-{os.getpid()}"
 
 
 async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
@@ -109,7 +109,9 @@ async def maintain_once(rt: JobRuntime) -> None:
         if failed := await service.fail_stale(session=session, redis=rt.redis):
             log.warning("%d training runs failed: their trainer stopped", failed)
     # One API process at a time applies the rule: two would race to promote the same candidate.
-    if rt.settings.auto_promote and await rt.redis.set(AUTO_PROMOTE_LOCK, LOCK_HOLDER, nx=True, ex=AUTO_PROMOTE_LOCK_S):
+    # redis-py's lock releases only its own token, so a pass that outlived it frees nothing else's.
+    lock = rt.redis.lock(AUTO_PROMOTE_LOCK, timeout=AUTO_PROMOTE_LOCK_S, blocking=False)
+    if rt.settings.auto_promote and await lock.acquire():
         try:
             async with rt.sessionmaker() as session:
                 decided = await service.auto_promote(
@@ -119,7 +121,8 @@ async def maintain_once(rt: JobRuntime) -> None:
                     wait_seconds=rt.settings.auto_promote_wait_seconds,
                 )
         finally:
-            await rt.redis.delete(AUTO_PROMOTE_LOCK)
+            with contextlib.suppress(redis.exceptions.LockError):
+                await lock.release()
         if any(run.promotion and run.promotion.startswith("promoted") for run in decided):
             async with rt.sessionmaker() as session:
                 await rt.live_registry.reload(session, rt.redis)

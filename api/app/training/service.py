@@ -158,13 +158,13 @@ async def training_record(
     run = await session.scalar(
         select(TrainingRun).where(TrainingRun.model_name == name, TrainingRun.version == version)
     )
-    if run is not None and run.record is not None:
+    if run is not None and run.status == "done" and run.record is not None:
         return run, run.record
     row = await session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
     if row is None:
         raise HTTPException(status_code=404, detail=f"No version {name}@{version}.")
-    if run is not None:
-        raise HTTPException(status_code=404, detail=f"{name}@{version}'s training run is {run.status}: no record.")
+    if run is not None and run.status in UNFINISHED:
+        raise HTTPException(status_code=404, detail=f"{name}@{version}'s training run is {run.status}: no record yet.")
     folder = training.record_folder(str(row.spec.get("file") or ""))
     text = await redis.hget(training.RECORDS_KEY, folder) if folder else None
     if text is None:
@@ -216,14 +216,24 @@ async def auto_promote(
     )
     decided: list[TrainingRun] = []
     for run in runs:
-        row = await session.scalar(
-            select(ModelVersion).where(ModelVersion.name == run.model_name, ModelVersion.version == run.version)
-        )
+        run_id, name, version = run.id, run.model_name, run.version
+        rows = {r.version: r for r in await session.scalars(select(ModelVersion).where(ModelVersion.name == name))}
+        row, stable = rows.get(version), registry_service.main_stable(rows.values())
         waited = (now - (run.finished_at or now)).total_seconds()
-        state = availability.get(f"{run.model_name}@{run.version}")
-        if row is None or row.channel != "shadow" or not row.enabled:
-            where = "is no longer registered" if row is None else f"was moved to {row.channel} by an admin first"
-            decision = f"not promoted: the version {where}"
+        state = availability.get(f"{name}@{version}")
+        if row is None:
+            decision = "not promoted: the version is no longer registered"
+        elif row.channel != "shadow":
+            decision = f"not promoted: an admin moved it to {row.channel} first"
+        elif not row.enabled:
+            decision = "not promoted: an admin disabled it"
+        elif stable is None or stable.version != run.base_version:
+            # Held-out accuracies of versions trained from different bases (other categories, say)
+            # are not comparable: an admin decides.
+            where = f"@{stable.version}" if stable is not None else "none"
+            decision = (
+                f"not promoted: trained from @{run.base_version}, the stable version is {where}; left to an admin"
+            )
         elif state is None or not state.available:
             if waited < wait_seconds:
                 continue
@@ -250,13 +260,15 @@ async def auto_promote(
                 elif comparison.verdict == "worse":
                     decision = f"not promoted: worse than the stable version: {numbers}"
                 else:
+                    # Written before the promotion, whose commit then records both at once.
+                    run.promotion = decision = f"promoted: {numbers}"
                     try:
                         await releases.promote(
                             session=session,
                             actor=AUTO_PROMOTE_ACTOR,
-                            name=run.model_name,
-                            version=run.version,
-                            reason=f"auto-promote rule after training run {run.id}: {numbers}",
+                            name=name,
+                            version=version,
+                            reason=f"auto-promote rule after training run {run_id}: {numbers}",
                             force=False,
                             availability=availability,
                             margin=margin,
@@ -264,12 +276,11 @@ async def auto_promote(
                     except HTTPException as exc:
                         await session.rollback()
                         decision = f"not promoted: {exc.detail}"
-                    else:
-                        decision = f"promoted: {numbers}"
+        run = await session.get_one(TrainingRun, run_id)
         run.promotion = decision
         await session.commit()
         decided.append(run)
-        log.info("training run %s: %s@%s %s", run.id, run.model_name, run.version, decision)
+        log.info("training run %s: %s@%s %s", run_id, name, version, decision)
     return decided
 
 
