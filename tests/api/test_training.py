@@ -49,6 +49,25 @@ def start_trainer(stack: Stack, trained: Path) -> Service:
     return trainer
 
 
+def a_run(version: int, *, status: str, base: int, **more: Any) -> TrainingRun:
+    """A sketch training run row written straight to the database, as the API would have."""
+    return TrainingRun(
+        id=uuid.uuid4(),
+        model_name="sketch",
+        version=version,
+        base_version=base,
+        status=status,
+        trigger="admin",
+        requested_by="test",
+        reason="test",
+        options={},
+        categories=[],
+        examples={},
+        history=[],
+        **more,
+    )
+
+
 async def run_of(stack: Stack, admin: dict[str, str], run_id: str) -> dict[str, Any]:
     r = await stack.client.get(f"/v1/admin/training-runs/{run_id}", headers=admin)
     assert r.status_code == 200, r.text
@@ -229,21 +248,7 @@ async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> 
     redis = own_stack.app.state.redis
     async with own_stack.app.state.sessionmaker() as session:
         runs = [
-            TrainingRun(
-                id=uuid.uuid4(),
-                model_name="sketch",
-                version=version,
-                base_version=1,
-                status="running",
-                trigger="admin",
-                requested_by="test",
-                reason="test",
-                options={},
-                categories=[],
-                examples={},
-                history=[],
-                started_at=datetime.now(UTC) - timedelta(minutes=5),
-            )
+            a_run(version, status="running", base=1, started_at=datetime.now(UTC) - timedelta(minutes=5))
             for version in (50, 51)
         ]
         await redis.set(training.ended_key(str(runs[0].id)), "done")
@@ -279,22 +284,8 @@ async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own
         assert r.status_code == 201 and r.json()["version"] == version, r.text
 
     def done_run(version: int, minutes_ago: float, base: int = 3) -> TrainingRun:
-        return TrainingRun(
-            id=uuid.uuid4(),
-            model_name="sketch",
-            version=version,
-            base_version=base,
-            status="done",
-            trigger="auto",
-            requested_by="test",
-            reason="test",
-            options={},
-            categories=[],
-            examples={},
-            history=[],
-            record={"test_accuracy": 0.9},
-            finished_at=datetime.now(UTC) - timedelta(minutes=minutes_ago),
-        )
+        finished = datetime.now(UTC) - timedelta(minutes=minutes_ago)
+        return a_run(version, status="done", base=base, record={"test_accuracy": 0.9}, finished_at=finished)
 
     # Finished 90 s ago: past the 60 s wait, within the two waits the rule looks back.
     gone, unserved, waiting = done_run(50, 1.5), done_run(4, 1.5), done_run(5, 0)

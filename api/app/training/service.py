@@ -180,7 +180,7 @@ async def training_record(
     try:
         record = json.loads(text)
     except ValueError:
-        raise HTTPException(status_code=404, detail=f"{name}@{version}'s metrics.json is not readable.") from None
+        record = None
     if not isinstance(record, dict):
         raise HTTPException(status_code=404, detail=f"{name}@{version}'s metrics.json is not readable.")
     return None, record
