@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
+from streamlit.navigation.page import StreamlitPage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ui import session
 from ui.client import Api, User
 from ui.config import get_ui_settings
-from ui.session import logout
-from ui.views.admin import admin_page
+from ui.views.admin import admin_page, admins_only
 from ui.views.classify import classify_page
 from ui.views.history import history_page
 from ui.views.login import login_page
@@ -33,21 +36,41 @@ api = Api(
     client_address=browser if isinstance(browser, str) else None,
 )
 
-if not token:
-    navigation = st.navigation([st.Page(lambda: login_page(api), title="Log in", url_path="login")])
-else:
-    user: User | None = st.session_state.get("user")
-    pages = [
-        st.Page(lambda: classify_page(api), title="Classify", url_path="classify", default=True),
-        st.Page(lambda: sketch_page(api), title="Sketch", url_path="sketch"),
-        st.Page(lambda: history_page(api), title="History", url_path="history"),
-    ]
-    if user and user["role"] == "admin":
-        pages.append(st.Page(lambda: admin_page(api), title="Admin", url_path="admin"))
-    st.session_state["page_titles"] = [p.title for p in pages]
+signed_in = bool(token) or session.restore(api)
+user: User | None = st.session_state.get("user")
+is_admin = bool(user and user["role"] == "admin")
+
+
+def _page(view: Callable[[Api], None], title: str, url_path: str, default: bool = False) -> StreamlitPage:
+    """A page of the portal; the login form in its place until someone is signed in, so that a
+    deep link leads to its page right after the login."""
+    if not signed_in:
+        view = login_page
+    elif url_path == "admin" and not is_admin:
+        view = admins_only
+    return st.Page(functools.partial(view, api), title=title, url_path=url_path, default=default)
+
+
+pages = [
+    _page(classify_page, "Classify", "classify", default=True),
+    _page(sketch_page, "Sketch", "sketch"),
+    _page(history_page, "History", "history"),
+    _page(admin_page, "Admin", "admin"),
+]
+# Every page is known whether or not someone is signed in (no "page not found" for a deep link);
+# the menu is drawn here so that it lists only the pages this person may open.
+navigation = st.navigation(pages, position="hidden")
+if signed_in:
+    session.keep_alive(api)
+    shown = [p for p in pages if p.url_path != "admin" or is_admin]
+    st.session_state["page_titles"] = [p.title for p in shown]
     with st.sidebar:
+        for p in shown:
+            st.page_link(p, label=p.title)
+        st.divider()
         st.caption(f"Signed in as {user['email'] if user else ''}")
         if st.button("Log out", key="logout"):
-            logout(api)
-    navigation = st.navigation(pages)
+            session.logout(api)
+else:
+    session.forget_cookie()
 navigation.run()

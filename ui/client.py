@@ -44,6 +44,12 @@ class User(TypedDict):
     created_at: str
 
 
+class Session(TypedDict):
+    token: str
+    expires_in: int
+    """Seconds the token stays valid."""
+
+
 class InputSpec(TypedDict):
     height: int
     width: int
@@ -56,6 +62,7 @@ class Model(TypedDict):
     name: str
     version: int
     ref: str
+    display_name: str
     channel: str
     description: str
     runtime: str
@@ -309,6 +316,7 @@ _IMAGE = TypeAdapter(Image)
 _IMAGES = TypeAdapter(ImagesPage)
 _JOB = TypeAdapter(Job)
 _JOBS = TypeAdapter(JobsPage)
+_SESSION = TypeAdapter(Session)
 _FEEDBACK = TypeAdapter(Feedback)
 _FEEDBACKS = TypeAdapter(list[Feedback])
 _STATS = TypeAdapter(Stats)
@@ -385,12 +393,19 @@ class Api:
         response = self._request(method, path, **kwargs)
         return response.json() if response.content else None
 
-    def login(self, email: str, password: str) -> str:
-        """Logs in and keeps the access token for the next calls; returns it."""
-        body = self.json("POST", "/v1/auth/login", data={"username": email, "password": password})
-        token: str = body["access_token"]
-        self.token = token
-        return token
+    def login(self, email: str, password: str) -> Session:
+        """Logs in and keeps the access token for the next calls; returns it with its lifetime."""
+        return self._session(self.json("POST", "/v1/auth/login", data={"username": email, "password": password}))
+
+    def refresh(self) -> Session:
+        """A new token in the same login session, valid for its full lifetime from now (kept for the
+        next calls); ApiError 401 when the session expired, was revoked or its user deactivated."""
+        return self._session(self.json("POST", "/v1/auth/refresh"))
+
+    def _session(self, body: Any) -> Session:
+        session = _typed(_SESSION, {"token": body["access_token"], "expires_in": body["expires_in"]})
+        self.token = session["token"]
+        return session
 
     def logout(self) -> None:
         self._request("POST", "/v1/auth/logout")
@@ -459,6 +474,11 @@ class Api:
 
     def my_feedback(self) -> list[Feedback]:
         return _typed(_FEEDBACKS, self.json("GET", "/v1/feedback", params={"limit": 500})["data"])
+
+    def all_feedback(self, limit: int = 200) -> list[Feedback]:
+        """Everyone's latest verdicts, newest first (admins)."""
+        params = {"all_users": True, "limit": limit}
+        return _typed(_FEEDBACKS, self.json("GET", "/v1/feedback", params=params)["data"])
 
     def users(self) -> list[User]:
         return _typed(_USERS, self.json("GET", "/v1/users", params={"limit": 500})["data"])

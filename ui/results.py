@@ -3,15 +3,19 @@ what the classify and sketch pages share."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import json
+from collections import Counter
 from datetime import datetime
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
 from contracts.messages import PredictionStatus
 from ui.client import Api, Job, Prediction
-from ui.session import guarded, models
+from ui.session import display_name, guarded, models
 
 
 def readable_time(iso: str) -> str:
@@ -30,11 +34,11 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
     st.markdown("**Models**")
     chosen = []
     shown = [m for m in models(api) if m["input"]["mode"] == mode]
-    columns = st.columns(min(len(shown), 4) or 1)
-    for i, m in enumerate(shown):
-        with columns[i % len(columns)]:
-            label = f"{m['ref']} ({m['channel']})"
-            help_text = m["description"] if m["available"] else f"Unavailable: {m['reason']}"
+    with st.container(horizontal=True, gap="medium"):  # wraps on a narrow screen
+        for m in shown:
+            label = m["display_name"] + (" · trial version" if m["channel"] == "canary" else "")
+            # The API words the reason plainly for people and in full (paths, errors) for admins.
+            help_text = m["description"] if m["available"] else f"Not available right now: {m['reason']}"
             default = m["available"] and (m["default"] if mode == "RGB" else m["channel"] == "stable")
             if st.checkbox(
                 label, value=default, disabled=not m["available"], help=help_text, key=f"{keys_prefix}_{m['ref']}"
@@ -49,14 +53,16 @@ def run_job(api: Api, state_key: str, name: str, data: bytes, chosen: list[str])
     def run() -> Job:
         image = api.upload(name, data)
         job_id = api.predict(image["id"], chosen)
-        bar = st.progress(0.0, text="Waiting for the models...")
+        bar = st.progress(0.0, text="Sent to the models…")
         polls = {"n": 0}
 
         def tick(job: Job) -> None:
             polls["n"] += 1
             done = sum(r["status"].terminal for r in job["results"])
+            total = len(job["results"])
             bar.progress(
-                min(0.95, done / max(len(job["results"]), 1) + polls["n"] * 0.01), text=f"Status: {job['status']}"
+                min(0.95, done / max(total, 1) + polls["n"] * 0.01),
+                text=f"Waiting for the models: {done} of {total} answered",
             )
 
         job = api.wait(job_id, on_poll=tick)
@@ -66,18 +72,58 @@ def run_job(api: Api, state_key: str, name: str, data: bytes, chosen: list[str])
     job = guarded(api, run)
     if job is not None:
         st.session_state[state_key] = job
+        st.session_state[f"{state_key}_file"] = name
 
 
-def _bars(result: Prediction) -> alt.Chart:
-    frame = pd.DataFrame(result["top_k"])
-    return (
-        alt.Chart(frame)
-        .mark_bar()
-        .encode(
-            x=alt.X("score:Q", scale=alt.Scale(domain=[0, 1]), title="score"), y=alt.Y("label:N", sort="-x", title=None)
+def words(label: str | None) -> str:
+    """A label as people write it: ``Boston_bull`` as ``Boston bull``."""
+    return (label or "").replace("_", " ")
+
+
+def comparison(api: Api, job: Job) -> pd.DataFrame:
+    """One row per model version: its name, top answer in words and confidence, and whether it
+    agrees with the answer most models gave (a mark only where at least two agree)."""
+    done = [r for r in job["results"] if r["status"] == PredictionStatus.done]
+    counts = Counter(r["label"] for r in done)
+    majority, votes = counts.most_common(1)[0] if counts else (None, 0)
+    rows = []
+    for r in job["results"]:
+        answered = r["status"] == PredictionStatus.done
+        rows.append(
+            {
+                "Model": display_name(api, f"{r['model']}@{r['version']}"),
+                "Answer": words(r["label"]) if answered else STATUS_WORDS.get(r["status"], str(r["status"])),
+                "Confidence": round(100 * (r["score"] or 0.0), 1) if answered else None,
+                "Agrees": "✓" if answered and votes >= 2 and r["label"] == majority else "",
+            }
         )
-        .properties(height=32 * len(frame))
-    )
+    return pd.DataFrame(rows)
+
+
+def as_csv(job: Job, file_name: str) -> bytes:
+    """Every answer of a job, one row per model version and rank (1 to 5)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["file", "model", "version", "rank", "label", "score", "status"])
+    for r in job["results"]:
+        if r["status"] != PredictionStatus.done:
+            writer.writerow([file_name, r["model"], r["version"], "", "", "", r["status"].value])
+        for rank, answer in enumerate(r["top_k"], start=1):
+            writer.writerow([file_name, r["model"], r["version"], rank, answer["label"], answer["score"], "done"])
+    return buf.getvalue().encode("utf-8")
+
+
+def as_json(job: Job, file_name: str) -> bytes:
+    """The job as the API answered it, with the file's name."""
+    return json.dumps({"file": file_name, **job}, indent=2, default=str).encode("utf-8")
+
+
+STATUS_WORDS = {
+    PredictionStatus.failed: "could not answer",
+    PredictionStatus.expired: "took too long",
+    PredictionStatus.queued: "still waiting",
+    PredictionStatus.running: "still working",
+}
 
 
 def _labels_of(api: Api, ref: str) -> list[str]:
@@ -121,23 +167,76 @@ def _feedback_form(api: Api, result: Prediction) -> None:
                 st.success("Thanks, your feedback was recorded.")
 
 
-def show_results(api: Api, job: Job) -> None:
-    """A column per model version: its top answer, the top-k bars, timings and a feedback form."""
+def scroll_to_results(job_id: str) -> None:
+    """Brings new results into view once (on a narrow screen they are below the photo)."""
+    if st.session_state.get("scrolled_to") == job_id:
+        return
+    st.session_state["scrolled_to"] = job_id
+    # The portal's own constant script: scrolls to the "Results" heading rendered above.
+    st.html(
+        "<script>setTimeout(() => document.getElementById('results')?.scrollIntoView({behavior: 'smooth'}), 300);"
+        "</script>",
+        unsafe_allow_javascript=True,
+    )
+
+
+def show_results(api: Api, job: Job, image: bytes | None = None, file_name: str = "image") -> None:
+    """The answers of every model version for one image: a comparison across models with
+    downloads, then a card per model (thumbnail, all five answers with percentages, timings
+    behind "Details", a feedback form). ``image``: the picture they answered, shown on each card."""
     results = job["results"]
-    columns = st.columns(len(results))
-    for column, result in zip(columns, results, strict=True):
-        with column:
-            st.subheader(f"{result['model']}@{result['version']}")
-            if result["status"] != PredictionStatus.done:
-                st.warning(f"{result['status']}: {result.get('error') or 'no answer'}")
-                continue
-            st.metric("Top prediction", result["label"], f"{result['score']:.1%}", delta_color="off")
-            st.altair_chart(_bars(result), use_container_width=True)
-            t = result["timings"]
-            if result["cached"]:
-                st.caption("Answered from the cache.")
-            else:
-                st.caption(
-                    f"Queue {t['queue_ms']:.0f} ms · inference {t['inference_ms']:.0f} ms · total {t['total_ms']:.0f} ms"
-                )
-            _feedback_form(api, result)
+    st.subheader("Results", anchor="results")
+    if len(results) > 1:
+        st.dataframe(
+            comparison(api, job),
+            hide_index=True,
+            column_config={
+                "Confidence": st.column_config.NumberColumn("Confidence", format="%.1f %%"),
+                "Agrees": st.column_config.TextColumn("Agrees", help="✓: the answer most models gave"),
+            },
+        )
+    stem = file_name.rsplit(".", 1)[0] or "results"
+    downloads = {"CSV": (as_csv, "text/csv"), "JSON": (as_json, "application/json")}
+    with st.container(horizontal=True):
+        for kind, (render, mime) in downloads.items():
+            st.download_button(
+                f"Download {kind}",
+                render(job, file_name),
+                file_name=f"{stem}-results.{kind.lower()}",
+                mime=mime,
+                key=f"{kind.lower()}_{job['job_id']}",
+            )
+    per_row = min(len(results), 2)
+    for start in range(0, len(results), per_row):
+        columns = st.columns(per_row)
+        for column, result in zip(columns, results[start : start + per_row], strict=False):
+            with column, st.container(border=True):
+                result_card(api, result, image)
+
+
+def result_card(api: Api, result: Prediction, image: bytes | None) -> None:
+    """One model version's answer, readable at a glance."""
+    ref = f"{result['model']}@{result['version']}"
+    head, thumb = st.columns([3, 1])
+    head.markdown(f"**{display_name(api, ref)}**")
+    if image is not None:
+        with contextlib.suppress(Exception):  # a picture the browser cannot show still has its answers
+            thumb.image(image, width=64)
+    if result["status"] != PredictionStatus.done:
+        st.warning(f"This model {STATUS_WORDS.get(result['status'], 'did not answer')}. Please try again.")
+        return
+    st.markdown(f"### {words(result['label'])}")
+    st.caption(f"{(result['score'] or 0.0):.1%} confident")
+    for answer in result["top_k"]:
+        st.progress(min(max(answer["score"], 0.0), 1.0), text=f"{words(answer['label'])} · {answer['score']:.1%}")
+    with st.expander("Details"):
+        t = result["timings"]
+        st.caption(f"Model version: {ref}")
+        if result["cached"]:
+            st.caption("This image was answered before by this version: no new computation.")
+        else:
+            st.caption(
+                f"Waiting {t['queue_ms'] or 0:.0f} ms · computing {t['inference_ms'] or 0:.0f} ms "
+                f"· in all {t['total_ms'] or 0:.0f} ms"
+            )
+    _feedback_form(api, result)

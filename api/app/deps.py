@@ -120,7 +120,7 @@ async def get_current_user(request: Request, token: TokenDep) -> User:
     except TokenError:
         raise auth_service.unauthorized() from None
     async with request.app.state.read_sessionmaker() as session:
-        user, revoked = await auth_service.get_token_user(session=session, user_id=claims.user_id, jti=claims.jti)
+        user, revoked = await auth_service.get_token_user(session=session, claims=claims)
     if revoked:
         raise auth_service.unauthorized("Token has been revoked")
     if user is None or not user.is_active:

@@ -43,8 +43,44 @@ async def test_login_classic_and_v1_return_bearer_token(client: httpx.AsyncClien
 async def test_token_claims(client: httpx.AsyncClient, settings: Settings) -> None:
     headers = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
     claims = jwt.decode(headers["Authorization"][7:], settings.secret_key, algorithms=["HS256"])
-    assert set(claims) == {"sub", "exp", "iat", "jti"}
+    assert set(claims) == {"sub", "exp", "iat", "jti", "sid"}
+    assert claims["sid"] == claims["jti"]  # a login starts its own session
     assert claims["exp"] - claims["iat"] == settings.access_token_expire_minutes * 60
+
+
+async def test_a_refresh_renews_the_session_and_logout_ends_all_its_tokens(
+    client: httpx.AsyncClient, settings: Settings, users: Users
+) -> None:
+    """The session expires after inactivity, not at a fixed time: each refresh gives a token valid
+    for the full lifetime from then, in the same session; the earlier tokens keep working (two tabs
+    of one session never log each other out) until logout revokes the whole session."""
+    _, first = await users.create()
+    r = await client.post("/v1/auth/refresh", headers=first)
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    body = r.json()
+    assert body["expires_in"] == settings.access_token_expire_minutes * 60
+    second = {"Authorization": f"Bearer {body['access_token']}"}
+    old = jwt.get_unverified_claims(first["Authorization"][7:])
+    new = jwt.get_unverified_claims(body["access_token"])
+    assert new["sid"] == old["sid"] == old["jti"] != new["jti"] and new["sub"] == old["sub"]
+    assert new["exp"] >= old["exp"] and new["exp"] - new["iat"] == settings.access_token_expire_minutes * 60
+    for headers in (first, second):
+        assert (await client.get("/v1/users/me", headers=headers)).status_code == 200
+    assert (await client.post("/v1/auth/logout", headers=second)).status_code == 204
+    for headers in (first, second):
+        r = await client.get("/v1/users/me", headers=headers)
+        assert r.status_code == 401 and "revoked" in r.json()["detail"]
+        assert (await client.post("/v1/auth/refresh", headers=headers)).status_code == 401
+
+
+async def test_an_expired_token_cannot_be_refreshed(
+    client: httpx.AsyncClient, settings: Settings, users: Users
+) -> None:
+    user, _ = await users.create()
+    token = _token(settings, int(user["id"]), timedelta(seconds=1))
+    await asyncio.sleep(2.1)
+    r = await client.post("/v1/auth/refresh", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401
 
 
 def client_at(app: FastAPI, address: str) -> httpx.AsyncClient:
@@ -157,8 +193,9 @@ async def test_logout_revokes_the_token(app: FastAPI, client: httpx.AsyncClient,
     assert (await client.post("/v1/auth/logout", headers=headers)).status_code == 401
     claims = jwt.get_unverified_claims(headers["Authorization"][7:])
     async with app.state.sessionmaker() as session:
-        revocation = await session.get(RevokedToken, claims["jti"])
-    assert revocation is not None and revocation.expires_at == datetime.fromtimestamp(claims["exp"], UTC)
+        revocation = await session.get(RevokedToken, claims["sid"])
+    # Until the last token the session could have been given expires.
+    assert revocation is not None and revocation.expires_at >= datetime.fromtimestamp(claims["exp"], UTC)
 
 
 async def test_revocations_survive_the_loss_of_redis_data(

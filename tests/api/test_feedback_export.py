@@ -68,7 +68,9 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
     # Two labels the model did not answer: "wrong" with the predicted label itself is refused.
     earlier, latest = [label for label in ("cat", "fish", "apple") if label != sketch["label"]][:2]
     await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=earlier)
-    await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=latest)
+    await verdict(
+        client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=latest, comment="the ears, see"
+    )
     await verdict(client, headers, prediction_id=mobilenet["id"], is_correct=True)
     second = await classify(client, headers, unlabelled, "sketch@1")
     await verdict(client, headers, prediction_id=second["results"]["sketch@1"]["id"], is_correct=False)
@@ -95,11 +97,12 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
         "false",
         "1",
     )
+    assert mine["comment"] == "the ears, see"  # what the user wrote goes with the label
     assert (out / mine["path"]).read_bytes() == labelled
     assert not (out / "sketch" / earlier / f"{sha_labelled}.png").exists()
     confirmed = rows[(sha_labelled, "mobilenet_v2")]
     assert confirmed["path"] == f"mobilenet_v2/{folder_name(mobilenet['label'])}/{sha_labelled}.png"
-    assert (confirmed["label"], confirmed["is_correct"]) == (mobilenet["label"], "true")
+    assert (confirmed["label"], confirmed["is_correct"], confirmed["comment"]) == (mobilenet["label"], "true", "")
 
     # The sketch trainer reads the export as it is written.
     categories = ["cat", "fish", "apple"]

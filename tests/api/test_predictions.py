@@ -120,6 +120,10 @@ async def test_models_listing(client: httpx.AsyncClient, users: Users, admin_hea
     assert models["sketch@1"]["labels"] == ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
     assert len(models["sketch@3"]["labels"]) == 20 and "airplane" in models["sketch@3"]["labels"]
     assert models["birds@1"]["num_classes"] == 965
+    # People read a name, not a reference.
+    assert (
+        mobilenet["display_name"] == "MobileNetV2" and models["sketch@3"]["display_name"] == "Sketch CNN, 20 categories"
+    )
     lean = (await client.get("/v1/models", params={"labels": False}, headers=headers)).json()
     assert all(m["labels"] is None for m in lean["data"])
 

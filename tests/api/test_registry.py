@@ -70,7 +70,7 @@ async def test_seeding_creates_then_updates_specs_and_keeps_operators_state(
     assert (versions["sketch@3"].channel, versions["sketch@3"].weight) == ("stable", 100)
     assert (versions["sketch@1"].channel, versions["sketch@1"].weight) == ("canary", 0)
     assert sketch2.spec["file"] == "{trained_dir}/sketch/v2/model.keras" and "channel" not in sketch2.spec
-    assert sketch2.display_name == "sketch@2"
+    assert sketch2.display_name == "Sketch CNN, 6 categories (v2)"
 
     # An operator's promotion survives the next start; a changed spec is taken, and audited.
     engine = make_engine(fresh_settings)

@@ -107,7 +107,15 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     assert not at.exception and not at.error, [e.value for e in at.error]
     job = at.session_state["classify_job"]
     assert job["status"] == "done" and [r["model"] for r in job["results"]] == ["mobilenet_v2", "birds"]
-    assert [m.value for m in at.metric][:2] == ["macaw", "Ara macao (Scarlet Macaw)"]
+    # Each card names the model as people read it and its answer in words, all five with percentages.
+    shown = [m.value for m in at.markdown]
+    assert "**MobileNetV2**" in shown and "**Bird species (iNaturalist)**" in shown, shown
+    assert "### macaw" in shown and "### Ara macao (Scarlet Macaw)" in shown, shown
+    bars = [bar.proto.text for bar in at.get("progress")]
+    assert len(bars) == 10 and re.fullmatch(r"macaw · \d+\.\d%", bars[0]), bars
+    assert not [bar for bar in bars if "_" in bar], bars  # labels in words
+    table = next(d.value for d in at.dataframe if "Agrees" in d.value.columns)
+    assert list(table["Model"]) == ["MobileNetV2", "Bird species (iNaturalist)"]
 
     prediction = job["results"][0]["id"]
     submit = next(b for b in at.button if b.proto.form_id == f"fb_{prediction}")
@@ -194,13 +202,14 @@ def test_history_shows_each_upload_with_its_answers_in_three_calls(api_url: str,
     )
     app = AppTest.from_string(script, default_timeout=60).run()
     assert not app.exception and not app.error, [e.value for e in app.error]
-    assert app.session_state["calls"] == ["GET /v1/images", "GET /v1/feedback", "GET /v1/predictions"]
+    # (and the model catalog, once a session, for the models' display names)
+    assert app.session_state["calls"] == ["GET /v1/images", "GET /v1/feedback", "GET /v1/predictions", "GET /v1/models"]
     assert len(app.get("image")) == 2
     lines = [m.value for m in app.markdown]
     assert any(line.startswith("**unclassified.png** ·") for line in lines)
     assert any(line.startswith("**parrot.jpg** ·") for line in lines)
     assert any(
-        line.startswith("mobilenet_v2@1: macaw (") and "you said it was wrong, it is lorikeet" in line for line in lines
+        line.startswith("MobileNetV2: macaw (") and "you said it was wrong, it is lorikeet" in line for line in lines
     )
 
 
@@ -224,7 +233,8 @@ def test_the_models_tab_shows_versions_compares_and_changes_them(api_url: str, p
     served = {
         (m["name"], m["version"]): m["workers"]
         for m in httpx.get(
-            f"{api_url}/v1/models", headers={"Authorization": f"Bearer {Api(api_url).login(portal[1], portal[2])}"}
+            f"{api_url}/v1/models",
+            headers={"Authorization": f"Bearer {Api(api_url).login(portal[1], portal[2])['token']}"},
         ).json()["data"]
     }
     rows = {(r["model"], r["version"]): r for r in table.to_dict("records")}
@@ -263,7 +273,7 @@ def test_the_models_tab_shows_versions_compares_and_changes_them(api_url: str, p
     next(b for b in app.button if b.proto.form_id == "version_sketch").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
 
-    token = Api(api_url).login(portal[1], portal[2])
+    token = Api(api_url).login(portal[1], portal[2])["token"]
     changes = httpx.get(
         f"{api_url}/v1/admin/registry/changes",
         params={"model": "sketch"},
@@ -363,3 +373,75 @@ def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str
     assert not app.exception, app.exception
     assert any("Deleted colour-12.png" in s.value for s in app.success), [s.value for s in app.success]
     assert len(api.images(limit=20)["data"]) == 12
+
+
+def test_a_used_session_is_renewed_and_an_expired_one_asks_to_log_in_again(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    at = signed_in(api_url, *new_user(api_url, portal)).run()
+    first = at.session_state["token"]
+    # Half its lifetime gone: the next run renews the token, in the same login session.
+    at.session_state["token_renew_at"] = 0.0
+    at.run()
+    assert not at.exception
+    renewed = at.session_state["token"]
+    assert renewed != first and at.session_state["token_renew_at"] > 0
+    assert httpx.get(f"{api_url}/v1/users/me", headers={"Authorization": f"Bearer {renewed}"}).status_code == 200
+    # Logged out elsewhere (or expired): the next renewal fails and the login page says why.
+    httpx.post(f"{api_url}/v1/auth/logout", headers={"Authorization": f"Bearer {first}"})
+    at.session_state["token_renew_at"] = 0.0
+    at.run()
+    assert "token" not in at.session_state
+    assert any("without activity" in w.value for w in at.warning)
+
+
+def test_the_login_page_says_what_the_portal_does(api_url: str) -> None:
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert any("several models" in m.value for m in at.markdown)
+
+
+def test_an_example_photo_is_classified_with_one_click(api_url: str, portal: tuple[str, str, str]) -> None:
+    at = signed_in(api_url, *new_user(api_url, portal)).run()
+    at.button(key="example_Honeycomb").click().run()
+    assert at.session_state["upload"][0] == "honeycomb.png"
+    at.button(key="classify_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.session_state["classify_job"]["results"][0]["label"] == "honeycomb"
+    # Another example replaces the photo and its results.
+    at.button(key="example_Maze").click().run()
+    assert at.session_state["upload"][0] == "maze.png" and "classify_job" not in at.session_state
+
+
+def test_every_example_is_recognised(api_url: str, portal: tuple[str, str, str]) -> None:
+    """The pictures the portal draws for people to try are ones its models get right."""
+    from ui.examples import PHOTOS as PHOTO_EXAMPLES
+    from ui.examples import SKETCHES, example_png
+
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    expected = {
+        ("photo", "Maze"): "maze",
+        ("photo", "Crossword"): "crossword_puzzle",
+        ("photo", "Honeycomb"): "honeycomb",
+        ("sketch", "House"): "house",
+        ("sketch", "Star"): "star",
+        ("sketch", "Smiley face"): "smiley_face",
+    }
+    assert set(expected) == {("photo", n) for n in PHOTO_EXAMPLES} | {("sketch", n) for n in SKETCHES}
+    for (kind, name), label in expected.items():
+        image = api.upload(f"{name}.png", example_png(kind, name))
+        job = api.wait(api.predict(image["id"], ["mobilenet_v2@1" if kind == "photo" else "sketch@3"]))
+        assert job["results"][0]["label"] == label, (name, job["results"][0]["top_k"])
+
+
+def test_admins_read_the_comments_people_left(api_url: str, portal: tuple[str, str, str]) -> None:
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    image = api.upload("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    job = api.wait(api.predict(image["id"], ["mobilenet_v2@1"]))
+    api.feedback(job["results"][0]["id"], False, "lorikeet", "the beak is too small for a macaw")
+    app = admin_app(api_url, portal)
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    verdicts = next(d.value for d in app.dataframe if "Comment" in d.value.columns)
+    row = next(r for r in verdicts.to_dict("records") if r["Comment"] == "the beak is too small for a macaw")
+    assert (row["Verdict"], row["Right label"]) == ("wrong", "lorikeet") and row["Who"].startswith("ui-")

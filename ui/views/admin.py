@@ -23,6 +23,12 @@ VERSION_ACTIONS: dict[str, dict[str, str | bool]] = {
 }
 
 
+def admins_only(api: Api) -> None:
+    """What a signed-in person who is not an admin sees at the admin page's address."""
+    st.title("Administration")
+    st.warning("This page is for administrators. Choose another page in the menu.")
+
+
 def admin_page(api: Api) -> None:
     st.title("Administration")
     # Every tab runs on every rerun: the stats two of them show are fetched once.
@@ -533,8 +539,9 @@ def quality_tab(api: Api, stats: Stats | None) -> None:
             ),
             hide_index=True,
         )
+    verdicts_with_comments(api)
     st.subheader("Retraining data")
-    st.caption("The images users labelled, a folder per model and label, with feedback.csv.")
+    st.caption("The images users labelled, a folder per model and label, with feedback.csv (comments included).")
     every = "every model"
     model = st.selectbox("Model", [every, *sorted({m["name"] for m in models(api)})], key="export_model")
     if st.button("Prepare the download", key="export_prepare"):
@@ -545,3 +552,30 @@ def quality_tab(api: Api, stats: Stats | None) -> None:
     if "export_zip" in st.session_state:
         name, data = st.session_state["export_zip"]
         st.download_button(f"Download {name}", data, file_name=name, mime="application/zip")
+
+
+def verdicts_with_comments(api: Api) -> None:
+    """Everyone's latest verdicts, those with a comment first to read."""
+    st.subheader("Latest verdicts")
+    verdicts = guarded(api, api.all_feedback) or []
+    only_comments = st.toggle("Only those with a comment", value=True, key="verdicts_with_comments")
+    shown = [v for v in verdicts if v["comment"]] if only_comments else verdicts
+    if not shown:
+        st.caption("No comments yet." if only_comments else "No verdicts yet.")
+        return
+    emails = {u["id"]: u["email"] for u in guarded(api, api.users) or []}
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "When": readable_time(v["created_at"]),
+                    "Who": emails.get(v["owner_id"], f"user {v['owner_id']}"),
+                    "Verdict": {True: "right", False: "wrong", None: ""}[v["is_correct"]],
+                    "Right label": (v["correct_label"] or "").replace("_", " "),
+                    "Comment": v["comment"] or "",
+                }
+                for v in shown
+            ]
+        ),
+        hide_index=True,
+    )

@@ -1,4 +1,5 @@
-"""Classify an uploaded photo with the chosen model versions."""
+"""Classify an uploaded photo (or an example) with the chosen model versions: the photo on the
+left, its results beside it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from PIL import Image
 from contracts.imaging import UPLOAD_EXTENSIONS
 from ui.client import Api
 from ui.config import get_ui_settings
-from ui.results import choose_models, run_job, show_results
+from ui.examples import PHOTOS, example_png
+from ui.results import choose_models, run_job, scroll_to_results, show_results
 
 UPLOAD_TYPES = list(UPLOAD_EXTENSIONS)
 
@@ -21,11 +23,16 @@ def _forget_photo() -> None:
         st.session_state.pop(key, None)
 
 
+def _uploader_key() -> str:
+    # A new key empties the uploader (an example replaces the file it showed).
+    return f"classify_file_{st.session_state.get('uploader_round', 0)}"
+
+
 def _photo_changed() -> None:
     """The uploader's own change (a photo dropped, replaced or removed): the previous photo and its
     results go. Leaving the page and coming back is no change: the photo and its results stay."""
     _forget_photo()
-    uploaded = st.session_state.get("classify_file")
+    uploaded = st.session_state.get(_uploader_key())
     if uploaded is None:
         return
     data = uploaded.getvalue()
@@ -35,30 +42,46 @@ def _photo_changed() -> None:
     st.session_state["upload"] = (uploaded.name, data)
 
 
+def _example_chosen(name: str) -> None:
+    _forget_photo()
+    st.session_state["uploader_round"] = st.session_state.get("uploader_round", 0) + 1
+    st.session_state["upload"] = (f"{name.lower()}.png", example_png("photo", name))
+
+
 def classify_page(api: Api) -> None:
     st.title("Classify a photo")
     settings = get_ui_settings()
     st.file_uploader(
-        "Photo",
+        f"Drop a photo here: JPEG, PNG, GIF, BMP, WebP or TIFF, up to {settings.max_upload_mb} MB",
         type=UPLOAD_TYPES,
-        key="classify_file",
+        key=_uploader_key(),
         on_change=_photo_changed,
-        help=f"JPEG, PNG, GIF, BMP, WebP or TIFF, up to {settings.max_upload_mb} MB.",
     )
+    # A row that wraps on a narrow screen, where columns would stack one per line.
+    with st.container(horizontal=True, vertical_alignment="center"):
+        st.caption("Or try an example:")
+        for name in PHOTOS:
+            st.button(name, key=f"example_{name}", on_click=_example_chosen, args=(name,))
     if refused := st.session_state.pop("upload_refused", None):
         st.error(f"{refused}; photos of up to {settings.max_upload_mb} MB are accepted.")
     upload = st.session_state.get("upload")
     if upload is None:
-        st.info(f"Upload a photo to begin (up to {settings.max_upload_mb} MB).")
+        st.info("Upload a photo, or try an example, to begin.")
         return
     name, data = upload
-    try:
-        st.image(Image.open(io.BytesIO(data)), caption=name, width=320)
-    except Exception:
-        st.caption(f"{name} (no preview)")
-    chosen = choose_models(api, "classify", mode="RGB")
-    if st.button("Classify", type="primary", disabled=not chosen, key="classify_submit"):
-        st.session_state.pop("classify_job", None)  # a failed attempt leaves no older results behind
-        run_job(api, "classify_job", name, data, chosen)
-    if job := st.session_state.get("classify_job"):
-        show_results(api, job)
+    photo, answers = st.columns([1, 2], gap="large")
+    with photo:
+        try:
+            st.image(Image.open(io.BytesIO(data)), caption=name, width="stretch")
+        except Exception:
+            st.caption(f"{name} (no preview)")
+        chosen = choose_models(api, "classify", mode="RGB")
+        if st.button("Classify", type="primary", disabled=not chosen, key="classify_submit"):
+            st.session_state.pop("classify_job", None)  # a failed attempt leaves no older results behind
+            run_job(api, "classify_job", name, data, chosen)
+    with answers:
+        if job := st.session_state.get("classify_job"):
+            show_results(api, job, image=data, file_name=name)
+            scroll_to_results(job["job_id"])
+        else:
+            st.caption("Choose the models and press Classify: the answers appear here.")

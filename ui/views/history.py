@@ -9,8 +9,8 @@ import streamlit as st
 
 from contracts.messages import PredictionStatus
 from ui.client import Api, Feedback, Job, ListedImage
-from ui.results import readable_time, show_results
-from ui.session import guarded
+from ui.results import STATUS_WORDS, readable_time, show_results, words
+from ui.session import display_name, guarded
 
 PAGE_SIZE = 12
 
@@ -21,7 +21,7 @@ def verdict_note(verdict: Feedback | None) -> str:
     if verdict["is_correct"]:
         return " · you said it was right"
     return (
-        f" · you said it was wrong, it is {verdict['correct_label']}"
+        f" · you said it was wrong, it is {words(verdict['correct_label'])}"
         if verdict["correct_label"]
         else " · you said it was wrong"
     )
@@ -85,11 +85,13 @@ def upload_row(api: Api, image: ListedImage, jobs: list[Job], feedback: dict[str
         st.markdown(f"**{name}** · {image['width']}x{image['height']} · {readable_time(image['created_at'])}")
         for job in jobs:
             for r in job["results"]:
-                answer = f"{r['label']} ({r['score']:.1%})" if r["status"] == PredictionStatus.done else r["status"]
-                st.write(f"{r['model']}@{r['version']}: {answer}{verdict_note(feedback.get(r['id']))}")
+                done = r["status"] == PredictionStatus.done
+                answer = f"{words(r['label'])} ({r['score'] or 0.0:.1%})" if done else STATUS_WORDS.get(r["status"], "")
+                model = display_name(api, f"{r['model']}@{r['version']}")
+                st.write(f"{model}: {answer}{verdict_note(feedback.get(r['id']))}")
             # Opened one at a time, on demand: a page of results stays three API calls.
             if st.session_state.get("history_open") == job["job_id"]:
-                show_results(api, job)
+                show_results(api, job, image=image["thumbnail"], file_name=name)
             elif st.button("Open these results", key=f"open_{job['job_id']}"):
                 st.session_state["history_open"] = job["job_id"]
                 st.rerun()

@@ -1,14 +1,20 @@
-"""The login page: the only page without a token."""
+"""The login page: what the portal does, and the form. It stands in for every page until someone is
+signed in, so that a deep link opens its own page right after the login."""
 
 from __future__ import annotations
 
 import streamlit as st
 
+from ui import session
 from ui.client import Api, ApiError
 
 
 def login_page(api: Api) -> None:
     st.title("Image classification portal")
+    st.write(
+        "Upload a photo or draw a sketch, see what several models make of it side by side, "
+        "and tell us when one is wrong: your verdicts train the next versions."
+    )
     if message := st.session_state.pop("login_message", None):
         st.warning(message)
     with st.form("login"):
@@ -17,10 +23,10 @@ def login_page(api: Api) -> None:
         submitted = st.form_submit_button("Log in")
     if submitted:
         try:
-            token = api.login(email, password)
-            st.session_state["token"] = token
+            session.start(api, api.login(email, password))
             st.session_state["user"] = api.me()
         except ApiError as exc:
+            st.session_state.pop("token", None)
             st.error("Wrong email or password." if exc.status == 401 else exc.message)
             return
         st.rerun()

@@ -9,8 +9,10 @@ from api.app.core.db import Base
 
 
 class RevokedToken(Base):
-    """A token signed out before it expired, refused until then. Kept in PostgreSQL: a revocation
-    must survive the loss of Redis's data, and the query that loads a token's user checks it."""
+    """A login session signed out before its tokens expired, refused until then. ``jti`` holds the
+    session's id (a token's ``sid``, which is the ``jti`` of the session's first token). Kept in
+    PostgreSQL: a revocation must survive the loss of Redis's data, and the query that loads a
+    token's user checks it."""
 
     __tablename__ = "revoked_tokens"
 

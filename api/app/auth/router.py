@@ -7,6 +7,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 from api.app.auth import service
 from api.app.auth.schemas import Token
+from api.app.core.config import Settings
 from api.app.core.responses import AUTHED, BODY, BODY_TOO_LARGE, CONFLICT, FORBIDDEN, TOO_MANY, UNAUTHORIZED
 from api.app.deps import ClientAddressDep, CurrentUser, HasherDep, SessionDep, SettingsDep, ThrottleDep
 from api.app.users import service as users_service
@@ -40,10 +41,14 @@ async def login(
         password=form.password,
         client=client,
     )
+    return _token_response(response, token, settings)
+
+
+def _token_response(response: Response, token: str, settings: Settings) -> Token:
     # A token must not be kept by a browser's or a proxy's cache (RFC 6749, section 5.1).
     response.headers["Cache-Control"] = "no-store"
     response.headers["Pragma"] = "no-cache"
-    return Token(access_token=token)
+    return Token(access_token=token, expires_in=settings.access_token_expire_minutes * 60)
 
 
 classic.add_api_route(
@@ -56,10 +61,19 @@ classic.add_api_route(
 )
 
 
+@router.post("/refresh", response_model=Token, responses={**AUTHED, **BODY_TOO_LARGE})
+async def refresh(request: Request, response: Response, _user: CurrentUser, settings: SettingsDep) -> Token:
+    """A new token in the same login session, valid for ``expires_in`` seconds from now (the
+    session expires after that long without a refresh); 401 when this one is expired or revoked,
+    or its user is deactivated."""
+    return _token_response(response, service.refresh(settings=settings, claims=request.state.token_claims), settings)
+
+
 @router.post("/logout", status_code=204, responses={**AUTHED, **BODY_TOO_LARGE})
-async def logout(request: Request, _user: CurrentUser, session: SessionDep) -> Response:
-    """Revoke the token this request carries."""
-    await service.revoke(session=session, claims=request.state.token_claims)
+async def logout(request: Request, _user: CurrentUser, session: SessionDep, settings: SettingsDep) -> Response:
+    """Revoke the login session of the token this request carries: that token and every token
+    refreshed from the same login."""
+    await service.revoke(session=session, settings=settings, claims=request.state.token_claims)
     return Response(status_code=204)
 
 

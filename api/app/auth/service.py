@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 from fastapi import HTTPException, status
-from sqlalchemy import CursorResult, bindparam, delete, exists, select
+from sqlalchemy import CursorResult, bindparam, delete, exists, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,9 +25,9 @@ CREDENTIALS_ERROR = "Could not validate credentials"
 
 # Built once: every authenticated request runs it, and building a statement costs more CPU than
 # running it.
-_USER_BY_TOKEN = select(User, exists().where(RevokedToken.jti == bindparam("b_jti"))).where(
-    User.id == bindparam("b_user_id")
-)
+_USER_BY_TOKEN = select(
+    User, exists().where(or_(RevokedToken.jti == bindparam("b_jti"), RevokedToken.jti == bindparam("b_sid")))
+).where(User.id == bindparam("b_user_id"))
 
 
 def unauthorized(detail: str = CREDENTIALS_ERROR) -> HTTPException:
@@ -39,9 +39,11 @@ def unauthorized(detail: str = CREDENTIALS_ERROR) -> HTTPException:
     )
 
 
-async def get_token_user(*, session: AsyncSession, user_id: int, jti: str) -> tuple[User | None, bool]:
-    """A token's user (None when deleted) and whether the token was revoked, in one round trip."""
-    row = (await session.execute(_USER_BY_TOKEN, {"b_user_id": user_id, "b_jti": jti})).first()
+async def get_token_user(*, session: AsyncSession, claims: TokenClaims) -> tuple[User | None, bool]:
+    """A token's user (None when deleted) and whether the token or its login session was revoked,
+    in one round trip."""
+    params = {"b_user_id": claims.user_id, "b_jti": claims.jti, "b_sid": claims.sid}
+    row = (await session.execute(_USER_BY_TOKEN, params)).first()
     return (row[0], bool(row[1])) if row is not None else (None, False)
 
 
@@ -79,10 +81,25 @@ async def login(
     return token
 
 
-async def revoke(*, session: AsyncSession, claims: TokenClaims) -> None:
-    """Refuses the token from now until it expires."""
-    revocation = {"jti": claims.jti, "expires_at": claims.expires_at}
-    await session.execute(insert(RevokedToken).values(revocation).on_conflict_do_nothing())
+def refresh(*, settings: Settings, claims: TokenClaims) -> str:
+    """A new token in the same login session, valid for ACCESS_TOKEN_EXPIRE_MINUTES from now:
+    a client that calls this while it is used keeps its session, one left unused for that long
+    loses it (expiry after inactivity, as OWASP's session management guide recommends). The
+    tokens issued before stay valid until they expire, so two tabs of one session never log
+    each other out; logging out revokes them all."""
+    token, _claims = create_access_token(claims.user_id, settings, sid=claims.sid)
+    return token
+
+
+async def revoke(*, session: AsyncSession, settings: Settings, claims: TokenClaims) -> None:
+    """Refuses the token's login session, and so every token issued in it, from now until the
+    last of them expires (none was issued later than now)."""
+    last_expiry = max(claims.expires_at, utcnow() + timedelta(minutes=settings.access_token_expire_minutes))
+    revocation = {"jti": claims.sid, "expires_at": last_expiry}
+    statement = insert(RevokedToken).values(revocation)
+    await session.execute(
+        statement.on_conflict_do_update(index_elements=[RevokedToken.jti], set_={"expires_at": last_expiry})
+    )
     await session.commit()
 
 

@@ -31,6 +31,7 @@ async def list_models(
                 name=entry.name,
                 version=entry.version,
                 ref=entry.key,
+                display_name=entry.display_name or entry.key,
                 channel=entry.channel,
                 description=entry.description,
                 runtime=entry.runtime.value,

@@ -9,6 +9,8 @@ class ModelPublic(BaseModel):
     name: str
     version: int
     ref: str
+    display_name: str
+    """What people are shown (the registry's ``display_name``, else ``ref``)."""
     channel: str
     description: str
     runtime: str

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     secret_key_file: Path = PROJECT_ROOT / "var" / "secret_key"
     """Where development keeps its generated SECRET_KEY (created with mode 0600)."""
     access_token_expire_minutes: int = 30
-    """Lifetime of an access token."""
+    """Lifetime of an access token; a login session ends after this long without a refresh."""
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/portal"
     """SQLAlchemy URL of the PostgreSQL database (asyncpg driver)."""
     db_pool_size: int = 20

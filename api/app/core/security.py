@@ -57,19 +57,30 @@ class TokenClaims:
     user_id: int
     jti: str
     expires_at: datetime
+    sid: str = ""
+    """The login session the token belongs to (OpenID Connect's ``sid`` claim): a login starts
+    one, each refresh carries it on, and logging out revokes it with every token it issued. A
+    token without one is its own session (its ``jti``)."""
+
+    def __post_init__(self) -> None:
+        if not self.sid:
+            object.__setattr__(self, "sid", self.jti)
 
 
 class TokenError(Exception):
     """The token is malformed, tampered with, expired or signed another way."""
 
 
-def create_access_token(user_id: int, settings: Settings) -> tuple[str, TokenClaims]:
+def create_access_token(user_id: int, settings: Settings, sid: str | None = None) -> tuple[str, TokenClaims]:
+    """A token valid for ACCESS_TOKEN_EXPIRE_MINUTES from now, in login session ``sid`` (a new
+    session when None)."""
     now = datetime.now(UTC)
     expires = now + timedelta(minutes=settings.access_token_expire_minutes)
     jti = uuid.uuid4().hex
-    payload = {"sub": str(user_id), "iat": now, "exp": expires, "jti": jti}
+    sid = sid or jti
+    payload = {"sub": str(user_id), "iat": now, "exp": expires, "jti": jti, "sid": sid}
     token = jwt.encode(payload, settings.secret_key, algorithm=ALGORITHM)
-    return token, TokenClaims(user_id=user_id, jti=jti, expires_at=expires)
+    return token, TokenClaims(user_id=user_id, jti=jti, expires_at=expires, sid=sid)
 
 
 def decode_access_token(token: str, settings: Settings) -> TokenClaims:
@@ -85,7 +96,8 @@ def decode_access_token(token: str, settings: Settings) -> TokenClaims:
             options={"require_exp": True, "require_iat": True, "require_sub": True, "require_jti": True},
         )
         sub, jti = str(payload["sub"]), str(payload["jti"])
-        if not (sub.isascii() and sub.isdigit() and JTI.fullmatch(jti)):
+        sid = str(payload.get("sid") or jti)
+        if not (sub.isascii() and sub.isdigit() and JTI.fullmatch(jti) and JTI.fullmatch(sid)):
             raise TokenError("malformed subject or token id")
         user_id = int(sub)
         if not 1 <= user_id <= INT32_MAX:
@@ -94,6 +106,7 @@ def decode_access_token(token: str, settings: Settings) -> TokenClaims:
             user_id=user_id,
             jti=jti,
             expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
+            sid=sid,
         )
     except (JWTError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise TokenError(str(exc)) from exc

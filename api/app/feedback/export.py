@@ -45,6 +45,7 @@ MANIFEST_COLUMNS = (
     "sha256",
     "created_at",
     "split",
+    "comment",
 )
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tiff"}
 
@@ -65,6 +66,8 @@ class Example:
     created_at: datetime
     split: str = "train"
     """The image's split among the model's labelled examples: ``train`` or ``test``."""
+    comment: str = ""
+    """What the user wrote with the verdict."""
 
     @property
     def path(self) -> str:
@@ -85,6 +88,7 @@ class Example:
             self.sha256,
             self.created_at.isoformat(),
             self.split,
+            self.comment,
         ]
 
 
@@ -145,6 +149,7 @@ async def _labelled_examples(
             sha256=sha256,
             format=image_format,
             created_at=feedback.created_at,
+            comment=feedback.comment or "",
         )
     splits = {
         (sha256, model_name): split

@@ -293,6 +293,7 @@ def trained_entry(run: TrainingRun, base: ModelEntry) -> ModelEntry:
         name=run.model_name,
         version=run.version,
         channel="shadow",
+        display_name=f"{base.display_name or base.name} (v{run.version}, retrained)",
         description=f"Trained by run {run.id} from @{run.base_version}"
         + (f" (held-out accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""),
         runtime=base.runtime,
