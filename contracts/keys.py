@@ -7,6 +7,11 @@ DEAD_LETTER_STREAM = "jobs:dead"
 RESULT_DEAD_LETTER_STREAM = "results:dead"
 HEARTBEAT_PREFIX = "worker:"
 QUEUE_EPOCH = "queue:epoch"
+BATCH_WAKE = "batches:wake"
+"""A list the API pushes to when a batch's job is answered, so the batch lane queues the next at
+once instead of at its next poll."""
+BATCH_REQUEST_PREFIX = "batch-"
+"""The request id of a batch's jobs starts with this, followed by the batch's id."""
 
 
 def job_stream(model: str, version: int) -> str:

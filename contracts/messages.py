@@ -21,15 +21,25 @@ if TYPE_CHECKING:  # the UI imports these messages without redis installed
 class PredictionStatus(StrEnum):
     """Life cycle of one model's answer to a job."""
 
+    pending = "pending"
+    """A batch's job waiting in PostgreSQL for its turn in the queue (batches go a few at a time,
+    so they never put people's own requests behind them)."""
     queued = "queued"
     running = "running"
     done = "done"
     failed = "failed"
     expired = "expired"
+    cancelled = "cancelled"
+    """A batch's job cancelled before it was queued."""
 
     @property
     def terminal(self) -> bool:
-        return self in (PredictionStatus.done, PredictionStatus.failed, PredictionStatus.expired)
+        return self in (
+            PredictionStatus.done,
+            PredictionStatus.failed,
+            PredictionStatus.expired,
+            PredictionStatus.cancelled,
+        )
 
 
 class LabelScore(BaseModel):

@@ -14,6 +14,8 @@ from api.app.admin.router import router as admin_router
 from api.app.auth.background import forget_revocations
 from api.app.auth.router import classic as auth_classic
 from api.app.auth.router import router as auth_router
+from api.app.batches import background as batches_background
+from api.app.batches.router import router as batches_router
 from api.app.catalog.router import router as catalog_router
 from api.app.catalog.service import WorkerDirectory
 from api.app.core import metrics
@@ -122,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 sync_registry,
                 training_background.collect_events(runtime, stop),
                 training_background.maintain(runtime, stop),
+                batches_background.run_lane(runtime, stop),
             )
         ]
         try:
@@ -150,7 +153,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     outage_log = OutageLog(settings.outage_log_interval_seconds)
     install_outage_handlers(app, outage_log, settings.retry_after_seconds)
 
-    app.add_middleware(BodyLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_upload_bytes=settings.max_upload_bytes, max_batch_bytes=settings.max_batch_bytes
+    )
     app.add_middleware(RequestContextMiddleware)
 
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
@@ -163,6 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predictions_of_images,
         predictions_classic,
         predictions_router,
+        batches_router,
         feedback_classic,
         feedback_router,
         catalog_router,

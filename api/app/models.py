@@ -1,6 +1,7 @@
 """Every table, imported in one place for Alembic and for mapper configuration."""
 
 from api.app.auth.models import RevokedToken
+from api.app.batches.models import Batch, BatchItem
 from api.app.examples.models import LabelledExample
 from api.app.feedback.models import Feedback
 from api.app.images.models import Image
@@ -10,6 +11,8 @@ from api.app.training.models import TrainingRun
 from api.app.users.models import User
 
 __all__ = [
+    "Batch",
+    "BatchItem",
     "Evaluation",
     "EvaluationAnswer",
     "Feedback",

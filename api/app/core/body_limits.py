@@ -15,8 +15,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app.core.security import TokenError, VerifiedTokens
 
-UPLOAD_PATHS = frozenset({"/v1/images", "/model/predict"})
+UPLOAD_PATHS = frozenset({"/v1/images", "/model/predict", "/v1/batches"})
 """The routes that take a file: only these get the upload limit, and only for a signed-in caller."""
+BATCH_PATHS = frozenset({"/v1/batches"})
+"""The routes that take many files: the batch limit instead of one upload's."""
 JSON_LIMIT = 64 * 1024
 """Largest JSON body, in bytes: the largest the routes take (a user, a feedback comment) is a few KiB."""
 MULTIPART_OVERHEAD = 64 * 1024
@@ -45,14 +47,16 @@ async def _answer(send: Send, status: int, detail: str, headers: list[tuple[byte
 
 
 class BodyLimitMiddleware:
-    """Multipart bodies up to ``max_upload_bytes`` plus ``MULTIPART_OVERHEAD``, needing a valid
-    bearer token; other bodies up to ``JSON_LIMIT``. ``tokens`` is read from ``app.state`` once
-    the app has started (the token cache lives there)."""
+    """Multipart bodies up to ``max_upload_bytes`` (``max_batch_bytes`` for a batch) plus
+    ``MULTIPART_OVERHEAD``, needing a valid bearer token; other bodies up to ``JSON_LIMIT``.
+    ``tokens`` is read from ``app.state`` once the app has started (the token cache lives there)."""
 
-    def __init__(self, app: ASGIApp, *, max_upload_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, max_batch_bytes: int | None = None) -> None:
         self.app = app
         self.upload_limit = max_upload_bytes + MULTIPART_OVERHEAD
         self.upload_mb = max_upload_bytes / (1024 * 1024)
+        self.batch_limit = (max_batch_bytes or max_upload_bytes) + MULTIPART_OVERHEAD
+        self.batch_mb = (max_batch_bytes or max_upload_bytes) / (1024 * 1024)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -61,14 +65,16 @@ class BodyLimitMiddleware:
         multipart = scope["path"] in UPLOAD_PATHS and _header(scope, b"content-type").lower().lstrip().startswith(
             "multipart/"
         )
-        if scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS and not multipart:
+        # (A batch may also name stored images only, in a small form without files.)
+        if scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS - BATCH_PATHS and not multipart:
             # Else a raw image body would meet the JSON limit and be called too large.
-            await _answer(send, 415, "Send the image as multipart/form-data, in a field named file.")
+            await _answer(send, 415, "Send the images as multipart/form-data, in fields named file.")
             return
-        limit = self.upload_limit if multipart else JSON_LIMIT
+        batch = multipart and scope["path"] in BATCH_PATHS
+        limit = (self.batch_limit if batch else self.upload_limit) if multipart else JSON_LIMIT
         announced = _header(scope, b"content-length")
         if announced.isdigit() and int(announced) > limit:
-            await _answer(send, 413, self._too_large(multipart))
+            await _answer(send, 413, self._too_large(multipart, batch))
             return
         if multipart and not self._signed_in(scope):
             await _answer(
@@ -87,7 +93,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request" and not answered:
                 received += len(message.get("body", b""))
                 if received > limit:
-                    await _answer(send, 413, self._too_large(multipart))
+                    await _answer(send, 413, self._too_large(multipart, batch))
                     answered = True
             # Past the limit the app sees the client gone, and its own answer is dropped.
             return {"type": "http.disconnect"} if answered else message
@@ -98,7 +104,9 @@ class BodyLimitMiddleware:
 
         await self.app(scope, bounded_receive, guarded_send)
 
-    def _too_large(self, multipart: bool) -> str:
+    def _too_large(self, multipart: bool, batch: bool = False) -> str:
+        if batch:
+            return f"The batch is too large: at most {self.batch_mb:g} MB in all (MAX_BATCH_BYTES)."
         if multipart:
             return f"The upload is too large: at most {self.upload_mb:g} MB per file."
         return f"The request body is too large: at most {JSON_LIMIT // 1024} KiB."

@@ -166,6 +166,17 @@ class Settings(BaseSettings):
     an evaluation of thousands of images never puts users' requests behind all of them."""
     evaluation_job_seconds: float = Field(default=300.0, gt=0)
     """Deadline of each evaluation job from the moment it is queued."""
+    max_batch_images: int = Field(default=10_000, ge=1)
+    """Most entries (images, and files skipped) one batch may hold; more is refused with 413."""
+    max_batch_bytes: int = Field(default=2 * 1024**3, ge=1)
+    """Largest batch, in bytes: the request's body, and the uncompressed size of its zips' entries."""
+    max_batch_images_queued_per_user: int = Field(default=20_000, ge=1)
+    """Batch images one user may have waiting or in flight at once; a batch past it is refused (429)."""
+    batch_in_flight: int = Field(default=1, ge=1)
+    """Batch jobs in the queue at a time, over all batches: the rest wait in PostgreSQL, so a
+    person's request waits behind at most this many of them."""
+    batch_job_seconds: float = Field(default=600.0, gt=0)
+    """Deadline of each batch job from the moment it is queued."""
     registry_refresh_seconds: float = 1.0
     """How often each API process checks the registry's revision in PostgreSQL (one small query) and
     republishes it to Redis if Redis lacks it: a change made through another process is served

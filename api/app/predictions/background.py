@@ -99,7 +99,7 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
     """
     done_jobs: dict[str, bytes] = {}
     handled: list[bytes] = []
-    evaluating = False
+    evaluating = batching = False
     try:
         for entry_id, fields in entries:
             try:
@@ -123,6 +123,7 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
             if completed is not None:
                 done_jobs[result.job_id] = completed
             evaluating |= bool(result.evaluation)
+            batching |= result.request_id.startswith(keys.BATCH_REQUEST_PREFIX)
             handled.append(entry_id)
     finally:
         if handled:
@@ -135,6 +136,12 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
     if evaluating:
         # The next few of an evaluation's jobs as soon as some are answered, not at the next reconcile.
         await top_up_evaluations(rt)
+    if batching:
+        # Wakes the batch lane (api.app.batches.background) to queue the next of a batch's jobs.
+        async with rt.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(keys.BATCH_WAKE, 1)
+            pipe.ltrim(keys.BATCH_WAKE, 0, 0)
+            await pipe.execute()
 
 
 async def top_up_evaluations(rt: JobRuntime) -> None:

@@ -34,7 +34,11 @@ class Job(OwnedMixin, Base):
     __tablename__ = "jobs"
     # Only jobs in flight: the per-user admission count and the expiry scan read what is in
     # flight, not the whole history.
-    __table_args__ = (Index("ix_jobs_unfinished_owner_id", "owner_id", postgresql_where=UNFINISHED_JOB),)
+    __table_args__ = (
+        Index("ix_jobs_unfinished_owner_id", "owner_id", postgresql_where=UNFINISHED_JOB),
+        # Only a batch's jobs waiting for the batch lane, oldest first.
+        Index("ix_jobs_pending", "created_at", postgresql_where=text("status = 'pending'")),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
     image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)

@@ -59,7 +59,16 @@ _STORE_ANSWER = (
 _FINISH_JOB = (
     update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
 )
-_IN_FLIGHT = select(func.count()).select_from(_jobs).where(_jobs.c.owner_id == bindparam("b_owner_id"), UNFINISHED_JOB)
+# A batch's jobs have a lane and a cap of their own: they never count against a person's requests.
+_IN_FLIGHT = (
+    select(func.count())
+    .select_from(_jobs)
+    .where(
+        _jobs.c.owner_id == bindparam("b_owner_id"),
+        UNFINISHED_JOB,
+        ~_jobs.c.request_id.startswith(keys.BATCH_REQUEST_PREFIX),
+    )
+)
 _INSERT_JOB = insert(_jobs)
 _INSERT_PREDICTION = insert(_predictions)
 # Every column of a new prediction row: the rows of one INSERT must name the same columns.
@@ -565,7 +574,7 @@ def _job_status(statuses: list[str]) -> str:
             if PredictionStatus.running.value in statuses
             else PredictionStatus.queued.value
         )
-    for status in (PredictionStatus.done, PredictionStatus.failed):
+    for status in (PredictionStatus.done, PredictionStatus.failed, PredictionStatus.cancelled):
         if status.value in statuses:
             return status.value
     return PredictionStatus.expired.value

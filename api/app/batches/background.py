@@ -1,0 +1,50 @@
+"""The batch lane's loop, which every API process runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from api.app.batches import lane
+from api.app.core.errors import DB_ERRORS, REDIS_ERRORS
+from api.app.predictions.background import JobRuntime
+from contracts import keys
+
+log = logging.getLogger("api.batches")
+
+POLL_SECONDS = 1.0
+"""The longest the lane waits between two looks when no answer wakes it."""
+
+
+async def top_up_once(rt: JobRuntime) -> int:
+    """One look: queues the next batch jobs when a batch is running; how many it queued."""
+    async with rt.sessionmaker() as session:
+        if not await lane.any_running(session=session):
+            return 0
+        return await lane.top_up(
+            session=session,
+            redis=rt.redis,
+            store=rt.store,
+            in_flight=rt.settings.batch_in_flight,
+            job_seconds=rt.settings.batch_job_seconds,
+        )
+
+
+async def run_lane(rt: JobRuntime, stop: asyncio.Event) -> None:
+    """Tops the lane up whenever a batch's answer arrives (the result collector pushes to
+    ``keys.BATCH_WAKE``) and at least every POLL_SECONDS, until ``stop``."""
+    while not stop.is_set():
+        try:
+            await top_up_once(rt)
+            await rt.redis_blocking.blpop([keys.BATCH_WAKE], timeout=POLL_SECONDS)
+        except REDIS_ERRORS as exc:
+            rt.outage_log.report("redis", exc)
+        except DB_ERRORS as exc:
+            rt.outage_log.report("postgresql", exc)
+        except Exception:
+            log.exception("batch lane failed")
+        else:
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=POLL_SECONDS)

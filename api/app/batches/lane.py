@@ -1,0 +1,117 @@
+"""The batch lane: a batch's jobs wait in PostgreSQL (``pending``) and enter the job queue a few at
+a time (BATCH_IN_FLIGHT over all batches, oldest first), so a person's request waits behind at most
+that many batch jobs whatever the batches hold. Every API process runs the lane; a transaction
+lock makes one of them queue at a time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from redis.asyncio import Redis
+from sqlalchemy import exists, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.batches.models import Batch, BatchItem
+from api.app.images.models import Image
+from api.app.images.storage import LocalBlobStore
+from api.app.predictions import queue
+from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Prediction
+from api.app.predictions.service import job_message
+from contracts import keys
+from contracts.messages import PredictionStatus
+
+PENDING = PredictionStatus.pending.value
+OPEN = (PENDING, *UNFINISHED)
+
+
+async def any_running(*, session: AsyncSession) -> bool:
+    """Whether a batch is running (a small table: one row per batch)."""
+    return await session.scalar(select(Batch.id).where(Batch.status == "running").limit(1)) is not None
+
+
+async def top_up(
+    *, session: AsyncSession, redis: Redis, store: LocalBlobStore, in_flight: int, job_seconds: float
+) -> int:
+    """Queues the oldest pending batch jobs until ``in_flight`` batch jobs are queued or running,
+    each with a deadline ``job_seconds`` from now, then marks finished batches ``done``; how many
+    jobs it queued. Raises what Redis and PostgreSQL raise (the job rows roll back)."""
+    await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('batch-lane', 0))"))
+    busy = await session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(UNFINISHED_JOB, Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX))
+    )
+    room = in_flight - int(busy or 0)
+    queued = 0
+    if room > 0:
+        jobs = list(
+            await session.scalars(
+                select(Job)
+                .where(Job.status == PENDING)
+                .order_by(Job.created_at, Job.id)
+                .limit(room)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if jobs:
+            found = await session.execute(
+                select(Image.id, Image.sha256).where(Image.id.in_({j.image_id for j in jobs}))
+            )
+            shas = {image_id: sha256 for image_id, sha256 in found.tuples()}
+            deadline = datetime.now(UTC) + timedelta(seconds=job_seconds)
+            messages = []
+            for job in jobs:
+                job.status, job.deadline_at = PredictionStatus.queued.value, deadline
+                data = await store.get(shas[job.image_id])
+                for prediction in job.predictions:
+                    if prediction.status == PENDING:
+                        prediction.status = PredictionStatus.queued.value
+                        messages.append(job_message(job, prediction, shas[job.image_id], data))
+            # Queued before the commit: an answer arriving first waits for these rows' lock.
+            await queue.enqueue(redis, messages)
+            queued = len(jobs)
+    await session.commit()
+    if queued or room > 0:
+        await finish(session=session)
+    return queued
+
+
+async def finish(*, session: AsyncSession) -> None:
+    """Marks ``done`` the running batches whose every job is final."""
+    still_open = (
+        select(BatchItem.id)
+        .join(Job, Job.id == BatchItem.job_id)
+        .where(BatchItem.batch_id == Batch.id, Job.status.in_(OPEN))
+        .exists()
+    )
+    await session.execute(
+        update(Batch).where(Batch.status == "running", ~still_open).values(status="done", finished_at=datetime.now(UTC))
+    )
+    await session.commit()
+
+
+async def cancel(*, session: AsyncSession, batch: Batch) -> int:
+    """Cancels what of the batch has not been queued yet (what is queued still gets its answer);
+    how many jobs were cancelled. Commits."""
+    now = datetime.now(UTC)
+    jobs = select(BatchItem.job_id).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_not(None))
+    await session.execute(
+        update(Prediction)
+        .where(Prediction.job_id.in_(jobs), Prediction.status == PENDING)
+        .values(status=PredictionStatus.cancelled.value, error="the batch was cancelled", finished_at=now)
+    )
+    cancelled = await session.execute(
+        update(Job)
+        .where(Job.id.in_(jobs), Job.status == PENDING)
+        .values(status=PredictionStatus.cancelled.value, finished_at=now)
+        .returning(Job.id)
+    )
+    count = len(cancelled.all())
+    open_left = await session.scalar(
+        select(exists().where(BatchItem.batch_id == batch.id, BatchItem.job_id == Job.id, Job.status.in_(OPEN)))
+    )
+    batch.status = "cancelled"
+    if not open_left:
+        batch.finished_at = now
+    await session.commit()
+    return count

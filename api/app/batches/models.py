@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from api.app.core.db import Base, OwnedMixin, new_uuid
+
+
+class Batch(OwnedMixin, Base):
+    """A collection of images classified by the same model versions, through the batch lane."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
+    status: Mapped[str] = mapped_column(String(16))
+    """``running`` until every job is final, then ``done``; ``cancelled`` when its owner cancelled it."""
+    models: Mapped[list[str]] = mapped_column(JSONB)
+    """The model versions (``name@version``) every image goes to."""
+    entries: Mapped[int] = mapped_column(Integer)
+    """Files received, images and skipped ones."""
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BatchItem(Base):
+    """One file of a batch: an image with its job, or a file skipped with the reason."""
+
+    __tablename__ = "batch_items"
+    __table_args__ = (Index("ix_batch_items_batch_position", "batch_id", "position"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    file_name: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    """Identical images of a batch share one job: they are computed once."""
+    error: Mapped[str | None] = mapped_column(Text)
+    """Why the file was skipped (not an image, too large, a nested archive...)."""

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+
+from api.app.batches import lane, service
+from api.app.batches.models import Batch
+from api.app.batches.schemas import BatchDetail, BatchesPublic, BatchPublic, BatchResult, BatchResults
+from api.app.core.responses import AUTHED, BAD_REQUEST, INVALID, NOT_FOUND, TOO_LARGE, TOO_MANY, UNAVAILABLE
+from api.app.deps import (
+    CurrentUser,
+    PageDep,
+    ReadSessionDep,
+    RegistryDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    WorkersDep,
+)
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+CREATE_RESPONSES = {**BAD_REQUEST, **AUTHED, **TOO_LARGE, **INVALID, **TOO_MANY, **UNAVAILABLE}
+
+
+def _ids(text: str) -> list[uuid.UUID]:
+    try:
+        return [uuid.UUID(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise HTTPException(status_code=422, detail="image_ids must be image ids separated by commas.") from None
+
+
+async def _owned(session: SessionDep | ReadSessionDep, user: CurrentUser, batch_id: uuid.UUID) -> Batch:
+    batch = await service.get_owned_batch(session=session, owner_id=user.id, batch_id=batch_id)
+    if batch is None:
+        raise HTTPException(status_code=404, detail="Batch not found")
+    return batch
+
+
+@router.post("", response_model=BatchDetail, status_code=202, responses=CREATE_RESPONSES)
+async def create_batch(
+    user: CurrentUser,
+    session: SessionDep,
+    store: StoreDep,
+    workers: WorkersDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    file: Annotated[list[UploadFile], File(description="Images, or zip archives of images")] = [],  # noqa: B006
+    models: Annotated[str, Form(description="Model references separated by commas; empty: the default")] = "",
+    image_ids: Annotated[str, Form(description="Ids of images already uploaded, separated by commas")] = "",
+) -> BatchDetail:
+    """Classify many images: ``file`` parts (images or zips of images; at most MAX_BATCH_BYTES in
+    all) and/or ``image_ids``, each by the ``models``. 202 with the batch and its counts; follow
+    it with ``GET /v1/batches/{id}``. Bad files are listed as skipped (see the results), the rest
+    go on. 413: more than MAX_BATCH_IMAGES files or MAX_BATCH_BYTES; 422: an unreadable zip, an
+    entry name that leaves the archive, a zip bomb, an empty batch, unknown models; 429: too many
+    of your batch images waiting."""
+    refs = [r.strip() for r in models.split(",") if r.strip()]
+    batch = await service.create_batch(
+        session=session,
+        store=store,
+        workers=workers,
+        registry=registry,
+        settings=settings,
+        owner_id=user.id,
+        files=file,
+        image_ids=_ids(image_ids),
+        refs=refs,
+    )
+    counts = await service.counts(session=session, batch=batch)
+    return BatchDetail(**BatchPublic.model_validate(batch).model_dump(), counts=counts)
+
+
+@router.get("", response_model=BatchesPublic, responses={**AUTHED, **INVALID})
+async def list_batches(user: CurrentUser, session: ReadSessionDep, page: PageDep) -> BatchesPublic:
+    """My batches, newest first."""
+    rows, count = await service.list_batches(session=session, owner_id=user.id, skip=page.skip, limit=page.limit)
+    return BatchesPublic(data=[BatchPublic.model_validate(r) for r in rows], count=count)
+
+
+@router.get("/{batch_id}", response_model=BatchDetail, responses={**AUTHED, **NOT_FOUND, **INVALID})
+async def get_batch(batch_id: uuid.UUID, user: CurrentUser, session: ReadSessionDep) -> BatchDetail:
+    """A batch of mine with its counts (queued, running, done, failed, skipped) and an ETA in seconds."""
+    batch = await _owned(session, user, batch_id)
+    counts = await service.counts(session=session, batch=batch)
+    return BatchDetail(**BatchPublic.model_validate(batch).model_dump(), counts=counts)
+
+
+@router.get(
+    "/{batch_id}/results",
+    response_model=BatchResults,
+    responses={
+        **AUTHED,
+        **NOT_FOUND,
+        **INVALID,
+        200: {"content": {"text/csv": {}}, "description": "The results as JSON, or as CSV with format=csv"},
+    },
+)
+async def batch_results(
+    batch_id: uuid.UUID,
+    user: CurrentUser,
+    session: ReadSessionDep,
+    format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
+) -> BatchResults | Response:
+    """Every file's answers so far, one row per file and model version (one per skipped file, with
+    why): file name, sha256, model, version, status, label, score, top 5, error. ``format=csv``
+    answers a CSV file (top 5 as JSON text)."""
+    batch = await _owned(session, user, batch_id)
+    rows = await service.result_rows(session=session, batch=batch)
+    if format == "csv":
+        return Response(
+            service.as_csv(rows),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="batch-{batch.id}.csv"'},
+        )
+    return BatchResults(batch_id=batch.id, status=batch.status, data=[BatchResult(**r) for r in rows])
+
+
+@router.delete("/{batch_id}", response_model=BatchDetail, responses={**AUTHED, **NOT_FOUND, **INVALID})
+async def cancel_batch(batch_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> BatchDetail:
+    """Cancels what of the batch has not been queued (what is already queued still gets its
+    answer); the batch with its counts."""
+    batch = await _owned(session, user, batch_id)
+    if batch.status in ("running", "receiving"):
+        await lane.cancel(session=session, batch=batch)
+    counts = await service.counts(session=session, batch=batch)
+    return BatchDetail(**BatchPublic.model_validate(batch).model_dump(), counts=counts)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class BatchCounts(BaseModel):
+    images: int
+    """Distinct images to classify (identical files count once)."""
+    queued: int
+    """Waiting for their turn or in the queue."""
+    running: int
+    done: int
+    failed: int
+    """Failed, expired or cancelled."""
+    skipped: int
+    """Files that were no acceptable image, or ids that were not the user's images."""
+    eta_seconds: int | None
+    """Seconds left at the pace of the last minute; 0 when nothing is left, None before any answer."""
+
+
+class BatchPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    status: str
+    """``receiving`` while the request stores its files, ``running``, ``done`` or ``cancelled``."""
+    models: list[str]
+    entries: int
+    """Files and ids received."""
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class BatchDetail(BatchPublic):
+    counts: BatchCounts
+
+
+class BatchesPublic(BaseModel):
+    data: list[BatchPublic]
+    count: int
+
+
+class BatchResult(BaseModel):
+    file_name: str
+    sha256: str
+    model: str
+    """Empty for a skipped file."""
+    version: int | None
+    status: str
+    """A prediction's status, or ``skipped``."""
+    label: str | None
+    score: float | None
+    top_5: list[dict[str, object]]
+    error: str | None
+
+
+class BatchResults(BaseModel):
+    batch_id: uuid.UUID
+    status: str
+    data: list[BatchResult]

@@ -1,0 +1,372 @@
+"""Batches: many images, the same model versions, one id to follow them by. Every image is
+checked as a single upload is (the bad ones are listed with the reason, the rest go on), identical
+images are computed once, and the jobs go through the batch lane (``lane``)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import IO, Any, cast
+
+from anyio import to_thread
+from fastapi import HTTPException, UploadFile
+from sqlalchemy import Table, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.batches import archive
+from api.app.batches.lane import OPEN
+from api.app.batches.models import Batch, BatchItem
+from api.app.batches.schemas import BatchCounts
+from api.app.catalog.service import WorkerDirectory, resolve_models
+from api.app.core.config import Settings
+from api.app.core.fields import storable
+from api.app.images import service as images_service
+from api.app.images.storage import LocalBlobStore
+from api.app.predictions.models import Job, Prediction
+from contracts import keys
+from contracts.messages import PredictionStatus
+from contracts.registry import ModelEntry, Registry
+
+_jobs = cast(Table, Job.__table__)
+_predictions = cast(Table, Prediction.__table__)
+_items = cast(Table, BatchItem.__table__)
+COMMIT_EVERY = 100
+"""Images stored per transaction: each holds a lock per image until it commits."""
+PLACEHOLDER_DEADLINE = timedelta(days=30)
+"""A pending job's deadline until the lane queues it and gives it a real one."""
+
+
+@dataclass
+class _Builder:
+    """What one batch request has stored so far."""
+
+    batch: Batch
+    entries: list[ModelEntry]
+    owner_id: int
+    items: list[dict[str, Any]] = field(default_factory=list)
+    jobs_of: dict[str, tuple[uuid.UUID, uuid.UUID]] = field(default_factory=dict)
+    """By SHA-256: the image and the job identical images share."""
+    written: int = 0
+    """Items inserted so far."""
+
+    def skipped(self, name: str, reason: str) -> None:
+        self.items.append(self._item(name, error=reason))
+
+    def _item(self, name: str, **values: Any) -> dict[str, Any]:
+        return {
+            "id": uuid.uuid4(),
+            "batch_id": self.batch.id,
+            "position": len(self.items),
+            "file_name": (name if storable(name) else name.encode("utf-8", "replace").decode("utf-8"))[:255],
+            "sha256": None,
+            "image_id": None,
+            "job_id": None,
+            "error": None,
+            **values,
+        }
+
+
+def _file_name(name: str) -> str:
+    return name.replace("\x00", "")[:255] or "unnamed"
+
+
+async def _queued_images(session: AsyncSession, owner_id: int) -> int:
+    return int(
+        await session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.owner_id == owner_id,
+                Job.status.in_(OPEN),
+                Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX),
+            )
+        )
+        or 0
+    )
+
+
+async def _add_job(session: AsyncSession, b: _Builder, image_id: uuid.UUID) -> uuid.UUID:
+    now = datetime.now(UTC)
+    job_id = uuid.uuid4()
+    await session.execute(
+        insert(_jobs),
+        {
+            "id": job_id,
+            "owner_id": b.owner_id,
+            "image_id": image_id,
+            "status": PredictionStatus.pending.value,
+            "request_id": f"{keys.BATCH_REQUEST_PREFIX}{b.batch.id}",
+            "deadline_at": now + PLACEHOLDER_DEADLINE,
+            "finished_at": None,
+            "created_at": now,
+        },
+    )
+    await session.execute(
+        insert(_predictions),
+        [
+            {
+                "id": uuid.uuid4(),
+                "job_id": job_id,
+                "position": position,
+                "model_name": entry.name,
+                "model_version": entry.version,
+                "status": PredictionStatus.pending.value,
+                "top_k": [],
+                "cached": False,
+                "random_weights": False,
+                "created_at": now,
+            }
+            for position, entry in enumerate(b.entries)
+        ],
+    )
+    return job_id
+
+
+async def _add_image(
+    session: AsyncSession, store: LocalBlobStore, settings: Settings, b: _Builder, name: str, data: bytes
+) -> None:
+    """One file of the batch: skipped with the reason an upload would get, or stored with its job
+    (one job for identical images)."""
+    try:
+        info, sha256 = await images_service.inspect_upload(data, settings)
+    except HTTPException as exc:
+        b.skipped(name, str(exc.detail))
+        return
+    if sha256 not in b.jobs_of:
+        image = await images_service.add_image(
+            session=session, store=store, owner_id=b.owner_id, data=data, info=info, sha256=sha256, filename=name
+        )
+        b.jobs_of[sha256] = (image.id, await _add_job(session, b, image.id))
+    image_id, job_id = b.jobs_of[sha256]
+    b.items.append(b._item(name, sha256=sha256, image_id=image_id, job_id=job_id))
+    if len(b.items) % COMMIT_EVERY == 0:
+        await _flush(session, b)
+
+
+async def _flush(session: AsyncSession, b: _Builder) -> None:
+    if len(b.items) > b.written:
+        await session.execute(insert(_items), b.items[b.written :])
+    b.written = len(b.items)
+    await session.commit()
+
+
+Planned = list[tuple[UploadFile, zipfile.ZipFile | None, list[archive.Member]]]
+"""Each upload with its opened zip and the zip's checked listing (None and [] for an image)."""
+
+
+async def _plan(files: list[UploadFile], settings: Settings, extra: int) -> Planned:
+    """Each upload with its zip's checked listing; refuses the batch (413, 422) before anything
+    is stored."""
+    planned: Planned = []
+    entries, total = extra, 0
+    for upload in files:
+        name = _file_name(upload.filename or "")
+        head = await upload.read(4)
+        await upload.seek(0)
+        if not archive.is_zip(head, name):
+            planned.append((upload, None, []))
+            entries += 1
+            total += upload.size or 0
+            continue
+        try:
+            opened = await to_thread.run_sync(
+                functools.partial(archive.open_archive, cast(IO[bytes], upload.file), label=name)
+            )
+            members = await to_thread.run_sync(
+                functools.partial(
+                    archive.members,
+                    opened,
+                    label=name,
+                    max_entries=settings.max_batch_images - entries,
+                    max_bytes=settings.max_batch_bytes - total,
+                    max_file_bytes=settings.max_upload_bytes,
+                )
+            )
+        except archive.ArchiveRefused as exc:
+            raise HTTPException(status_code=exc.status, detail=exc.message) from None
+        entries += len(members)
+        total += sum(m.info.file_size for m in members if m.info is not None)
+        planned.append((upload, opened, members))
+    if entries > settings.max_batch_images:
+        raise HTTPException(
+            status_code=413,
+            detail=f"{entries:,} files; a batch takes at most {settings.max_batch_images:,} (MAX_BATCH_IMAGES).",
+        )
+    if entries == 0:
+        raise HTTPException(status_code=422, detail="The batch is empty: send images, a zip of images, or image ids.")
+    return planned
+
+
+async def create_batch(
+    *,
+    session: AsyncSession,
+    store: LocalBlobStore,
+    workers: WorkerDirectory,
+    registry: Registry,
+    settings: Settings,
+    owner_id: int,
+    files: list[UploadFile],
+    image_ids: list[uuid.UUID],
+    refs: list[str],
+) -> Batch:
+    """Stores a batch of ``files`` (images, or zips of images) and of the user's stored images
+    ``image_ids``, each to be classified by the model versions ``refs`` name (the default model
+    when empty), and returns it ``running``: its jobs wait for the batch lane.
+
+    Files that are no acceptable image, nested archives, encrypted or oversized entries and ids of
+    images that are not the user's are listed as skipped with the reason. Raises 413 (more files
+    or bytes than MAX_BATCH_IMAGES / MAX_BATCH_BYTES), 422 (no models known by those names, an
+    empty batch, an unreadable zip, an entry name outside the archive, a zip bomb), 429 (more than
+    MAX_BATCH_IMAGES_QUEUED_PER_USER of the user's batch images waiting), 503 (a model not served
+    yet)."""
+    entries = resolve_models(
+        refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
+    )
+    planned = await _plan(files, settings, len(image_ids))
+    images_planned = len(image_ids) + sum(len(members) if zf else 1 for _u, zf, members in planned)
+    waiting = await _queued_images(session, owner_id)
+    if waiting + images_planned > settings.max_batch_images_queued_per_user:
+        raise HTTPException(
+            status_code=429,
+            detail=f"You have {waiting:,} batch images waiting; at most {settings.max_batch_images_queued_per_user:,}"
+            " may wait at once. Wait for a batch to finish or cancel one.",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
+    batch = Batch(owner_id=owner_id, status="receiving", models=[e.key for e in entries], entries=images_planned)
+    session.add(batch)
+    await session.commit()
+    b = _Builder(batch=batch, entries=entries, owner_id=owner_id)
+    for upload, opened, members in planned:
+        name = _file_name(upload.filename or "")
+        if opened is None:
+            data = await upload.read(settings.max_upload_bytes + 1)
+            if len(data) > settings.max_upload_bytes:
+                b.skipped(name, f"larger than {settings.max_upload_bytes:,} bytes")
+            else:
+                await _add_image(session, store, settings, b, name, data)
+            continue
+        for member in members:
+            if member.info is None:
+                b.skipped(member.name, member.error or "skipped")
+                continue
+            read = functools.partial(archive.read_member, opened, member, max_file_bytes=settings.max_upload_bytes)
+            content, error = await to_thread.run_sync(read)
+            if content is None:
+                b.skipped(member.name, error or "cannot be read")
+            else:
+                await _add_image(session, store, settings, b, member.name, content)
+        opened.close()
+    for image_id in image_ids:
+        image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
+        if image is None:
+            b.skipped(str(image_id), "not one of your images")
+            continue
+        if image.sha256 not in b.jobs_of:
+            b.jobs_of[image.sha256] = (image.id, await _add_job(session, b, image.id))
+        _, job_id = b.jobs_of[image.sha256]
+        b.items.append(b._item(image.filename or str(image.id), sha256=image.sha256, image_id=image.id, job_id=job_id))
+    batch.status, batch.entries = "running", len(b.items)
+    if not b.jobs_of:
+        batch.status, batch.finished_at = "done", datetime.now(UTC)
+    session.add(batch)
+    await _flush(session, b)
+    return batch
+
+
+async def get_owned_batch(*, session: AsyncSession, owner_id: int, batch_id: uuid.UUID) -> Batch | None:
+    return await session.scalar(select(Batch).where(Batch.id == batch_id, Batch.owner_id == owner_id))
+
+
+async def list_batches(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Batch], int]:
+    """The user's batches, newest first, and how many there are."""
+    count = await session.scalar(select(func.count()).select_from(Batch).where(Batch.owner_id == owner_id))
+    rows = await session.scalars(
+        select(Batch)
+        .where(Batch.owner_id == owner_id)
+        .order_by(Batch.created_at.desc(), Batch.id)
+        .offset(skip)
+        .limit(limit)
+    )
+    return list(rows), int(count or 0)
+
+
+async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
+    """Images by state (an image counts once however many files carried it), files skipped, and
+    an estimate of the seconds left from the pace of the last minute (None before any answer)."""
+    jobs = select(BatchItem.job_id).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_not(None)).distinct()
+    grouped = await session.execute(select(Job.status, func.count()).where(Job.id.in_(jobs)).group_by(Job.status))
+    by_status: dict[str, int] = {status: n for status, n in grouped.tuples()}
+    skipped = await session.scalar(
+        select(func.count()).select_from(BatchItem).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_(None))
+    )
+    recent = await session.scalar(
+        select(func.count()).where(Job.id.in_(jobs), Job.finished_at > datetime.now(UTC) - timedelta(seconds=60))
+    )
+    waiting = sum(by_status.get(s, 0) for s in OPEN)
+    queued = by_status.get(PredictionStatus.pending.value, 0) + by_status.get(PredictionStatus.queued.value, 0)
+    failed = sum(
+        by_status.get(s.value, 0)
+        for s in (PredictionStatus.failed, PredictionStatus.expired, PredictionStatus.cancelled)
+    )
+    eta = round(waiting / (recent / 60.0)) if recent and waiting else (0 if not waiting else None)
+    return BatchCounts(
+        images=sum(by_status.values()),
+        queued=queued,
+        running=by_status.get(PredictionStatus.running.value, 0),
+        done=by_status.get(PredictionStatus.done.value, 0),
+        failed=failed,
+        skipped=int(skipped or 0),
+        eta_seconds=eta,
+    )
+
+
+RESULT_COLUMNS = ("file_name", "sha256", "model", "version", "status", "label", "score", "top_5", "error")
+
+
+async def result_rows(*, session: AsyncSession, batch: Batch) -> list[dict[str, Any]]:
+    """One row per file and model version (one per skipped file), in the batch's order: RESULT_COLUMNS,
+    with ``top_5`` as a list of {label, score}."""
+    rows = await session.execute(
+        select(BatchItem, Prediction)
+        .outerjoin(Prediction, Prediction.job_id == BatchItem.job_id)
+        .where(BatchItem.batch_id == batch.id)
+        .order_by(BatchItem.position, Prediction.position)
+    )
+    out = []
+    for item, prediction in rows.tuples():
+        out.append(
+            {
+                "file_name": item.file_name,
+                "sha256": item.sha256 or "",
+                "model": prediction.model_name if prediction else "",
+                "version": prediction.model_version if prediction else None,
+                "status": prediction.status if prediction else "skipped",
+                "label": prediction.label if prediction else None,
+                "score": prediction.score if prediction else None,
+                "top_5": list(prediction.top_k or [])[:5] if prediction else [],
+                "error": (prediction.error if prediction else item.error) or None,
+            }
+        )
+    return out
+
+
+def as_csv(rows: list[dict[str, Any]]) -> bytes:
+    """``result_rows`` as CSV (``top_5`` as JSON text), UTF-8."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(RESULT_COLUMNS)
+    for row in rows:
+        writer.writerow(
+            [
+                *(row[c] if row[c] is not None else "" for c in RESULT_COLUMNS[:7]),
+                json.dumps(row["top_5"]),
+                row["error"] or "",
+            ]
+        )
+    return buf.getvalue().encode("utf-8")

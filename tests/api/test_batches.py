@@ -1,0 +1,246 @@
+"""Batches end to end with a real model worker: a zip with bad entries, refused archives, limits,
+cancelling, a restart, and people's requests kept fast while a large batch runs."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import io
+import json
+import statistics
+import time
+import zipfile
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.app.core.config import Settings
+from api.app.main import create_app
+from tests.conftest import Users, client_for
+from tests.images import encode
+from tests.support import PHOTOS
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+MODEL = "mobilenet_v2@1"
+IMAGE_SUFFIXES = (".jpg", ".bmp", ".png")
+
+
+def photos() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(PHOTOS.iterdir()) if p.suffix in IMAGE_SUFFIXES}
+
+
+def zipped(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def noise_png(seed: int, size: int = 64) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)), "PNG")
+
+
+async def send(
+    client: httpx.AsyncClient, headers: dict[str, str], files: list[tuple[str, bytes]], **form: str
+) -> httpx.Response:
+    return await client.post(
+        "/v1/batches",
+        files=[("file", (name, data)) for name, data in files],
+        data={"models": MODEL, **form},
+        headers=headers,
+    )
+
+
+async def finished(
+    client: httpx.AsyncClient, headers: dict[str, str], batch_id: str, within: float = 240
+) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        body = (await client.get(f"/v1/batches/{batch_id}", headers=headers)).json()
+        if body["status"] in ("done", "cancelled") and body["counts"]["queued"] + body["counts"]["running"] == 0:
+            return body
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.2)
+
+
+async def test_a_zip_of_photos_with_bad_entries(client: httpx.AsyncClient, users: Users) -> None:
+    """Every photo is answered, identical ones once; a corrupt file, a PDF named .jpg, a nested
+    archive and an oversized entry are listed with the reason; the CSV says it all."""
+    _, headers = await users.create()
+    good = photos()
+    pdf = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+    entries = {
+        **{f"photos/{name}": data for name, data in good.items()},
+        "photos/again/parrot-copy.jpg": good["parrot.jpg"],
+        "photos/corrupt.jpg": good["parrot.jpg"][:2000],
+        "photos/report.jpg": pdf,
+        "photos/more.zip": zipped({"x.png": noise_png(1)}),
+        "__MACOSX/photos/._parrot.jpg": b"\x00\x05\x16\x07",
+    }
+    r = await send(client, headers, [("photos.zip", zipped(entries))])
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["models"] == [MODEL] and body["entries"] == len(good) + 4
+    # The parrot twice is one image to compute.
+    assert body["counts"]["images"] == len(good) and body["counts"]["skipped"] == 3
+    done = await finished(client, headers, body["id"])
+    assert done["status"] == "done" and done["counts"]["done"] == len(good) and done["counts"]["failed"] == 0
+    assert done["counts"]["eta_seconds"] == 0
+
+    r = await client.get(f"/v1/batches/{body['id']}/results", params={"format": "csv"}, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert list(rows[0]) == ["file_name", "sha256", "model", "version", "status", "label", "score", "top_5", "error"]
+    by_name = {row["file_name"]: row for row in rows}
+    assert len(rows) == len(good) + 4
+    for name, data in good.items():
+        row = by_name[f"photos/{name}"]
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (row["model"], row["version"], row["status"]) == ("mobilenet_v2", "1", "done")
+        top = json.loads(row["top_5"])
+        assert (
+            len(top) == 5 and top[0]["label"] == row["label"] and float(row["score"]) == pytest.approx(top[0]["score"])
+        )
+    assert by_name["photos/parrot.jpg"]["label"] == "macaw"
+    assert by_name["photos/again/parrot-copy.jpg"]["label"] == "macaw"
+    for name in ("photos/corrupt.jpg", "photos/report.jpg", "photos/more.zip"):
+        assert by_name[name]["status"] == "skipped" and by_name[name]["error"], by_name[name]
+    assert "nested archives" in by_name["photos/more.zip"]["error"]
+    assert "__MACOSX/photos/._parrot.jpg" not in by_name
+
+    # The same answers as JSON, and the batch in my list (not in another user's).
+    results = (await client.get(f"/v1/batches/{body['id']}/results", headers=headers)).json()
+    assert [row["file_name"] for row in results["data"]] == [row["file_name"] for row in rows]
+    assert body["id"] in [b["id"] for b in (await client.get("/v1/batches", headers=headers)).json()["data"]]
+    _, stranger = await users.create()
+    assert (await client.get(f"/v1/batches/{body['id']}", headers=stranger)).status_code == 404
+
+
+async def test_several_files_and_stored_images(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    r = await client.post("/v1/images", files={"file": ("owl.jpg", (PHOTOS / "owl.jpg").read_bytes())}, headers=headers)
+    owl = r.json()["id"]
+    r = await send(
+        client,
+        headers,
+        [("a.png", noise_png(2)), ("b.png", noise_png(3))],
+        image_ids=f"{owl},00000000-0000-0000-0000-000000000000",
+    )
+    assert r.status_code == 202, r.text
+    done = await finished(client, headers, r.json()["id"])
+    assert (done["counts"]["done"], done["counts"]["skipped"]) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("entries", "detail"),
+    [
+        ({"../../etc/cron.d/evil.png": b"x"}, "points outside the archive"),
+        ({"/abs.png": b"x"}, "points outside the archive"),
+        ({"bomb.png": b"\x00" * (50 * 1024 * 1024)}, "zip bomb"),
+    ],
+)
+async def test_unsafe_archives_are_refused_whole(
+    client: httpx.AsyncClient, users: Users, entries: dict[str, bytes], detail: str
+) -> None:
+    _, headers = await users.create()
+    r = await send(client, headers, [("ok.png", noise_png(4)), ("bad.zip", zipped(entries))])
+    assert r.status_code == 422 and detail in r.json()["detail"], r.text
+    # Nothing was taken: no batch, no image.
+    assert (await client.get("/v1/batches", headers=headers)).json()["count"] == 0
+    assert (await client.get("/v1/images", headers=headers)).json()["count"] == 0
+
+
+async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
+    _, headers = await users.create()
+    small = settings.model_copy(
+        update={"max_batch_images": 3, "max_batch_bytes": 200_000, "max_batch_images_queued_per_user": 4}
+    )
+    async for client in client_for(create_app(small)):
+        r = await send(client, headers, [("many.zip", zipped({f"{i}.png": noise_png(i) for i in range(4)}))])
+        assert r.status_code == 413 and "MAX_BATCH_IMAGES" in r.json()["detail"]
+        r = await send(client, headers, [(f"{i}.png", noise_png(10 + i)) for i in range(4)])
+        assert r.status_code == 413 and "at most 3" in r.json()["detail"]
+        big = zipped({"big.bmp": b"BM" + bytes(range(256)) * 1000}, compression=zipfile.ZIP_STORED)
+        r = await send(client, headers, [("big.zip", big)])
+        assert r.status_code == 413 and "MAX_BATCH_BYTES" in r.json()["detail"], r.text
+        r = await client.post(
+            "/v1/batches", files=[("file", ("huge.png", b"\x00" * 300_000))], data={"models": MODEL}, headers=headers
+        )
+        assert r.status_code == 413 and "MAX_BATCH_BYTES" in r.json()["detail"]
+        r = await send(client, headers, [])
+        assert r.status_code == 422 and "empty" in r.json()["detail"]
+        r = await send(client, headers, [("a.png", noise_png(20))], models="nope@9")
+        assert r.status_code == 422
+        r = await send(client, headers, [("a.png", noise_png(21))], image_ids="not-an-id")
+        assert r.status_code == 422
+        # The per-user cap counts what is still waiting.
+        first = await send(client, headers, [(f"{i}.png", noise_png(30 + i)) for i in range(3)])
+        assert first.status_code == 202
+        second = await send(client, headers, [(f"{i}.png", noise_png(40 + i)) for i in range(3)])
+        if (await client.get(f"/v1/batches/{first.json()['id']}", headers=headers)).json()["status"] == "running":
+            assert second.status_code == 429 and "Retry-After" in second.headers
+
+
+async def test_cancel_leaves_what_was_not_queued(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    r = await send(client, headers, [("many.zip", zipped({f"{i}.png": noise_png(100 + i) for i in range(60)}))])
+    assert r.status_code == 202
+    batch_id = r.json()["id"]
+    r = await client.delete(f"/v1/batches/{batch_id}", headers=headers)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    done = await finished(client, headers, batch_id)
+    counts = done["counts"]
+    assert counts["failed"] > 0 and counts["done"] + counts["failed"] == 60, counts
+    rows = (await client.get(f"/v1/batches/{batch_id}/results", headers=headers)).json()["data"]
+    assert {row["status"] for row in rows} <= {"done", "cancelled"}
+
+
+async def test_a_batch_survives_an_api_restart(settings: Settings, users: Users) -> None:
+    """Its jobs wait in PostgreSQL: another API process (or the same one restarted) carries on."""
+    _, headers = await users.create()
+    images = {f"{i}.png": noise_png(200 + i) for i in range(30)}
+    async for first in client_for(create_app(settings)):
+        r = await send(first, headers, [("set.zip", zipped(images))])
+        assert r.status_code == 202
+        batch_id = r.json()["id"]
+    async for second in client_for(create_app(settings)):
+        done = await finished(second, headers, batch_id)
+        assert done["counts"]["done"] == 30
+
+
+async def _timed_prediction(client: httpx.AsyncClient, headers: dict[str, str], seed: int) -> float:
+    started = time.perf_counter()
+    r = await client.post(
+        "/model/predict", params={"models": MODEL}, files={"file": ("p.png", noise_png(seed))}, headers=headers
+    )
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - started
+
+
+async def test_people_stay_fast_while_a_large_batch_runs(client: httpx.AsyncClient, users: Users) -> None:
+    """p95 of one-at-a-time predictions while a 1,000-image batch runs is within 1.5 times the
+    p95 of an idle portal."""
+    _, person = await users.create()
+    _, company = await users.create()
+    for seed in range(5):  # warm up
+        await _timed_prediction(client, person, 9000 + seed)
+    idle = [await _timed_prediction(client, person, 10_000 + i) for i in range(60)]
+    r = await send(client, company, [("large.zip", zipped({f"{i}.png": noise_png(20_000 + i) for i in range(1000)}))])
+    assert r.status_code == 202, r.text
+    batch_id = r.json()["id"]
+    await asyncio.sleep(1)
+    busy = [await _timed_prediction(client, person, 30_000 + i) for i in range(60)]
+    during = (await client.get(f"/v1/batches/{batch_id}", headers=company)).json()
+    assert during["status"] == "running" and during["counts"]["done"] > 0, during["counts"]
+    p95_idle = statistics.quantiles(idle, n=20)[-1]
+    p95_busy = statistics.quantiles(busy, n=20)[-1]
+    print(f"p95 idle {p95_idle * 1000:.1f} ms, during the batch {p95_busy * 1000:.1f} ms")
+    assert p95_busy <= 1.5 * p95_idle, (p95_idle, p95_busy)
+    await client.delete(f"/v1/batches/{batch_id}", headers=company)
