@@ -24,9 +24,9 @@ def main() -> None:
         "true",
         "--browser.gatherUsageStats",
         "false",
-        # The uploader states and enforces the API's limit, not Streamlit's 200 MB.
+        # The uploaders state and enforce the API's limits (one photo, a batch), not Streamlit's 200 MB.
         "--server.maxUploadSize",
-        str(settings.max_upload_mb),
+        str(max(settings.max_upload_mb, settings.max_batch_mb)),
         # People see the app, not Streamlit's developer menu (Deploy, Rerun, Clear cache, Record).
         "--client.toolbarMode",
         "viewer",

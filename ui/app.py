@@ -16,6 +16,7 @@ from ui import session
 from ui.client import Api, User
 from ui.config import get_ui_settings
 from ui.views.admin import admin_page, admins_only
+from ui.views.batch import batch_page
 from ui.views.classify import classify_page
 from ui.views.history import history_page
 from ui.views.login import login_page
@@ -54,6 +55,7 @@ def _page(view: Callable[[Api], None], title: str, url_path: str, default: bool 
 pages = [
     _page(classify_page, "Classify", "classify", default=True),
     _page(sketch_page, "Sketch", "sketch"),
+    _page(batch_page, "Batch", "batch"),
     _page(history_page, "History", "history"),
     _page(admin_page, "Admin", "admin"),
 ]

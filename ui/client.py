@@ -33,6 +33,8 @@ MESSAGES = {
 }
 
 Role = Literal["user", "admin"]
+BATCH_TIMEOUT = 900.0
+"""Seconds the UI waits for the API to take a batch in."""
 
 
 class User(TypedDict):
@@ -156,6 +158,34 @@ class Feedback(TypedDict):
     score: float | None
     image_file_name: str | None
     created_at: str
+
+
+class BatchCounts(TypedDict):
+    images: int
+    queued: int
+    running: int
+    done: int
+    failed: int
+    skipped: int
+    eta_seconds: int | None
+
+
+class Batch(TypedDict):
+    id: str
+    status: str
+    models: list[str]
+    entries: int
+    created_at: str
+    finished_at: str | None
+
+
+class BatchDetail(Batch):
+    counts: BatchCounts
+
+
+class BatchesPage(TypedDict):
+    data: list[Batch]
+    count: int
 
 
 class DailyCount(TypedDict):
@@ -317,6 +347,8 @@ _IMAGES = TypeAdapter(ImagesPage)
 _JOB = TypeAdapter(Job)
 _JOBS = TypeAdapter(JobsPage)
 _SESSION = TypeAdapter(Session)
+_BATCH = TypeAdapter(BatchDetail)
+_BATCHES = TypeAdapter(BatchesPage)
 _FEEDBACK = TypeAdapter(Feedback)
 _FEEDBACKS = TypeAdapter(list[Feedback])
 _STATS = TypeAdapter(Stats)
@@ -382,7 +414,8 @@ class Api:
         if self.client_address:
             headers["X-Forwarded-For"] = self.client_address
         try:
-            response = httpx.request(method, self.base_url + path, headers=headers, timeout=self.timeout, **kwargs)
+            kwargs.setdefault("timeout", self.timeout)
+            response = httpx.request(method, self.base_url + path, headers=headers, **kwargs)
         except httpx.HTTPError:
             raise ApiError(0, f"Cannot reach the portal API at {self.base_url}. Is it running?") from None
         if response.status_code >= 400:
@@ -456,6 +489,26 @@ class Api:
             jobs += page["data"]
             if not page["data"] or len(jobs) >= page["count"]:
                 return jobs
+
+    def create_batch(self, files: list[tuple[str, bytes]], models: list[str]) -> BatchDetail:
+        """Starts a batch of these (name, bytes) files (images or zips) for the model references."""
+        parts = [("file", (name, data)) for name, data in files]
+        # Every image is checked and stored before the answer: a large collection takes minutes.
+        body = self.json("POST", "/v1/batches", files=parts, data={"models": ",".join(models)}, timeout=BATCH_TIMEOUT)
+        return _typed(_BATCH, body)
+
+    def batch(self, batch_id: str) -> BatchDetail:
+        return _typed(_BATCH, self.json("GET", f"/v1/batches/{batch_id}"))
+
+    def batches(self, limit: int = 20) -> BatchesPage:
+        """My latest batches, newest first."""
+        return _typed(_BATCHES, self.json("GET", "/v1/batches", params={"limit": limit}))
+
+    def batch_csv(self, batch_id: str) -> bytes:
+        return self._request("GET", f"/v1/batches/{batch_id}/results", params={"format": "csv"}).content
+
+    def cancel_batch(self, batch_id: str) -> BatchDetail:
+        return _typed(_BATCH, self.json("DELETE", f"/v1/batches/{batch_id}"))
 
     def delete_image(self, image_id: str) -> bool:
         self._request("DELETE", f"/v1/images/{image_id}")

@@ -26,10 +26,18 @@ class UISettings(BaseSettings):
     """Largest upload, in bytes: the API's setting of the same name, read here so the uploader
     states and checks the real limit before sending."""
 
+    max_batch_bytes: int = 2 * 1024**3
+    """Largest batch, in bytes: the API's setting of the same name."""
+
     @property
     def max_upload_mb(self) -> int:
         """The limit in whole megabytes (MiB) for Streamlit's uploader, rounded up."""
         return max(1, -(-self.max_upload_bytes // (1024 * 1024)))
+
+    @property
+    def max_batch_mb(self) -> int:
+        """The batch limit in whole megabytes (MiB), rounded up."""
+        return max(1, -(-self.max_batch_bytes // (1024 * 1024)))
 
 
 @lru_cache

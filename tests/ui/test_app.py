@@ -84,12 +84,12 @@ def test_login_failure_and_success(api_url: str, portal: tuple[str, str, str]) -
     at.button[0].click().run()
     assert not at.exception and not at.error
     assert at.session_state["token"] and at.session_state["user"]["role"] == "admin"
-    assert at.session_state["page_titles"] == ["Classify", "Sketch", "History", "Admin"]
+    assert at.session_state["page_titles"] == ["Classify", "Sketch", "Batch", "History", "Admin"]
 
 
 def test_admin_page_only_for_admins(api_url: str, portal: tuple[str, str, str]) -> None:
     at = signed_in(api_url, *new_user(api_url, portal)).run()
-    assert at.session_state["page_titles"] == ["Classify", "Sketch", "History"]
+    assert at.session_state["page_titles"] == ["Classify", "Sketch", "Batch", "History"]
 
 
 def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> None:
@@ -203,7 +203,13 @@ def test_history_shows_each_upload_with_its_answers_in_three_calls(api_url: str,
     app = AppTest.from_string(script, default_timeout=60).run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     # (and the model catalog, once a session, for the models' display names)
-    assert app.session_state["calls"] == ["GET /v1/images", "GET /v1/feedback", "GET /v1/predictions", "GET /v1/models"]
+    assert app.session_state["calls"] == [
+        "GET /v1/images",
+        "GET /v1/batches",
+        "GET /v1/feedback",
+        "GET /v1/predictions",
+        "GET /v1/models",
+    ]
     assert len(app.get("image")) == 2
     lines = [m.value for m in app.markdown]
     assert any(line.startswith("**unclassified.png** ·") for line in lines)
@@ -445,3 +451,31 @@ def test_admins_read_the_comments_people_left(api_url: str, portal: tuple[str, s
     verdicts = next(d.value for d in app.dataframe if "Comment" in d.value.columns)
     row = next(r for r in verdicts.to_dict("records") if r["Comment"] == "the beak is too small for a macaw")
     assert (row["Verdict"], row["Right label"]) == ("wrong", "lorikeet") and row["Who"].startswith("ui-")
+
+
+def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, portal: tuple[str, str, str]) -> None:
+    import time
+
+    from tests.api.test_batches import noise_png, zipped
+
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    batch = api.create_batch(
+        [("set.zip", zipped({f"{i}.png": noise_png(500 + i) for i in range(5)}))], ["mobilenet_v2@1"]
+    )
+    deadline = time.monotonic() + 120
+    while api.batch(batch["id"])["status"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.batch import batch_page\n"
+        f"st.session_state['batch_id'] = {batch['id']!r}\n"
+        f"batch_page(Api({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    bars = [bar.proto.text for bar in app.get("progress")]
+    assert bars == ["5 of 5 images done · finished"], bars
+    csv_text = app.session_state[f"batch_csv_{batch['id']}"].decode()
+    assert csv_text.count("\n") == 6 and "mobilenet_v2" in csv_text
+    assert any("5 files · finished" in m.value for m in app.markdown)  # listed among my batches

@@ -257,7 +257,13 @@ def test_a_session_survives_a_reload_and_a_deep_link_waits_for_the_login(
     WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Password']")))
 
 
-PAGES = {"classify": "Classify a photo", "sketch": "Draw a sketch", "history": "My uploads", "admin": "Administration"}
+PAGES = {
+    "classify": "Classify a photo",
+    "sketch": "Draw a sketch",
+    "batch": "Classify a collection",
+    "history": "My uploads",
+    "admin": "Administration",
+}
 
 
 @pytest.mark.parametrize("width", [1400, 390])
@@ -288,3 +294,23 @@ def test_every_page_at_desktop_and_phone_widths(
             shot(browser, f"{width}px-{path}")
     finally:
         browser.set_window_size(1400, 1000)
+
+
+def test_a_collection_as_a_zip(
+    browser: WebDriver, ui_url: str, portal: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.api.test_batches import noise_png, zipped
+
+    archive = tmp_path_factory.mktemp("batch") / "collection.zip"
+    archive.write_bytes(zipped({**{f"{i}.png": noise_png(700 + i) for i in range(6)}, "notes.txt": b"not an image"}))
+    log_in(browser, ui_url, portal)
+    browser.get(f"{ui_url}/batch")
+    text_appears(browser, "Classify a collection")
+    upload = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
+    upload.send_keys(str(archive))
+    text_appears(browser, "collection.zip")
+    click_button(browser, "Start the batch")
+    text_appears(browser, "6 of 6 images done", timeout=120)
+    text_appears(browser, "1 file skipped")
+    text_appears(browser, "Download the results (CSV)")
+    shot(browser, "12-batch")

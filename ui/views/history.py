@@ -11,6 +11,8 @@ from contracts.messages import PredictionStatus
 from ui.client import Api, Feedback, Job, ListedImage
 from ui.results import STATUS_WORDS, readable_time, show_results, words
 from ui.session import display_name, guarded
+from ui.views.batch import STATUS_WORDS as BATCH_WORDS
+from ui.views.batch import download_results
 
 PAGE_SIZE = 12
 
@@ -39,6 +41,8 @@ def history_page(api: Api) -> None:
         return
     total = listing["count"]
     st.session_state["history_pages"] = max(1, -(-total // PAGE_SIZE))
+    if page == 1:
+        batches_section(api)
     if not total:
         st.info("Nothing here yet: classify a photo or draw a sketch.")
         return
@@ -95,3 +99,25 @@ def upload_row(api: Api, image: ListedImage, jobs: list[Job], feedback: dict[str
             elif st.button("Open these results", key=f"open_{job['job_id']}"):
                 st.session_state["history_open"] = job["job_id"]
                 st.rerun()
+
+
+def batches_section(api: Api) -> None:
+    """My latest batches, each with its results to download once it is over."""
+    listing = guarded(api, lambda: api.batches(limit=10))
+    if not listing or not listing["data"]:
+        return
+    with st.expander(f"My batches ({listing['count']:,})", expanded=False):
+        for b in listing["data"]:
+            st.write(
+                f"{readable_time(b['created_at'])} · {b['entries']:,} files · "
+                f"{BATCH_WORDS.get(b['status'], b['status'])}"
+            )
+            if b["status"] in ("done", "cancelled"):
+                if st.session_state.get(f"batch_csv_{b['id']}") is None:
+                    if st.button("Prepare the results", key=f"batch_prepare_{b['id']}"):
+                        st.session_state[f"batch_csv_{b['id']}"] = guarded(
+                            api, functools.partial(api.batch_csv, b["id"])
+                        )
+                        st.rerun()
+                else:
+                    download_results(api, b["id"])

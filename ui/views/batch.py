@@ -1,0 +1,120 @@
+"""Classify a whole collection: drop a zip or many images, choose the models, watch the batch's
+progress and download its results."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import streamlit as st
+
+from contracts.imaging import UPLOAD_EXTENSIONS
+from ui.client import Api, BatchDetail
+from ui.config import get_ui_settings
+from ui.results import choose_models, readable_time
+from ui.session import display_name, guarded
+
+STATUS_WORDS = {
+    "receiving": "being received",
+    "running": "running",
+    "done": "finished",
+    "cancelled": "cancelled",
+}
+
+
+def batch_page(api: Api) -> None:
+    st.title("Classify a collection")
+    settings = get_ui_settings()
+    st.caption(
+        "Drop a zip of images, or many images at once. Every image is checked as a single photo is: "
+        "files that are no image are listed with the reason, the rest go on."
+    )
+    files = st.file_uploader(
+        f"Images or zips, up to {settings.max_batch_mb:,} MB in all",
+        type=[*UPLOAD_EXTENSIONS, "zip"],
+        accept_multiple_files=True,
+        key="batch_files",
+        max_upload_size=settings.max_batch_mb,
+    )
+    chosen = choose_models(api, "batch", mode="RGB")
+    if st.button("Start the batch", type="primary", disabled=not files or not chosen, key="batch_start"):
+        sent = [(f.name, f.getvalue()) for f in files or []]
+        with st.spinner("Sending and checking the files…"):
+            batch = guarded(api, lambda: api.create_batch(sent, chosen))
+        if batch is not None:
+            st.session_state["batch_id"] = batch["id"]
+    if batch_id := st.session_state.get("batch_id"):
+        batch = guarded(api, lambda: api.batch(batch_id))
+        if batch is not None and batch["status"] in ("receiving", "running"):
+            follow(api, batch_id)
+        elif batch is not None:
+            show_progress(api, batch)
+    listing = guarded(api, lambda: api.batches(limit=10))
+    if listing and listing["data"]:
+        st.subheader("Your latest batches")
+        for b in listing["data"]:
+            line = f"{readable_time(b['created_at'])} · {b['entries']:,} files · {STATUS_WORDS.get(b['status'], b['status'])}"
+            left, right = st.columns([3, 1])
+            left.write(line)
+            if b["id"] != batch_id and right.button("Open", key=f"batch_open_{b['id']}"):
+                st.session_state["batch_id"] = b["id"]
+                st.rerun()
+
+
+@st.fragment(run_every=timedelta(seconds=2))
+def follow(api: Api, batch_id: str) -> None:
+    """The running batch's progress, refreshed every 2 seconds; once it ends the whole page runs
+    again and shows its results (without refreshing any more)."""
+    batch = guarded(api, lambda: api.batch(batch_id))
+    if batch is None:
+        return
+    if batch["status"] not in ("receiving", "running"):
+        st.rerun()
+    show_progress(api, batch)
+
+
+def show_progress(api: Api, batch: BatchDetail) -> None:
+    counts = batch["counts"]
+    finished = counts["done"] + counts["failed"]
+    models = ", ".join(display_name(api, ref) for ref in batch["models"])
+    st.subheader(f"Batch of {readable_time(batch['created_at'])}")
+    st.caption(f"Models: {models}")
+    st.progress(finished / counts["images"] if counts["images"] else 1.0, text=_progress_text(batch))
+    if counts["skipped"]:
+        skipped = counts["skipped"]
+        st.warning(
+            f"{skipped:,} {'file' if skipped == 1 else 'files'} skipped (not images, or unreadable): the results say why."
+        )
+    if batch["status"] in ("receiving", "running"):
+        if st.button("Cancel what has not run", key="batch_cancel"):
+            guarded(api, lambda: api.cancel_batch(batch["id"]))
+        return
+    download_results(api, batch["id"])
+
+
+def download_results(api: Api, batch_id: str) -> None:
+    """A button with the batch's CSV, fetched once per batch."""
+    key = f"batch_csv_{batch_id}"
+    if key not in st.session_state:
+        st.session_state[key] = guarded(api, lambda: api.batch_csv(batch_id))
+    if (data := st.session_state[key]) is not None:
+        st.download_button(
+            "Download the results (CSV)",
+            data,
+            file_name=f"batch-{batch_id}.csv",
+            mime="text/csv",
+            type="primary",
+            key=f"download_{batch_id}",
+        )
+
+
+def _progress_text(batch: BatchDetail) -> str:
+    c = batch["counts"]
+    text = f"{c['done']:,} of {c['images']:,} images done"
+    if c["failed"]:
+        text += f", {c['failed']:,} failed"
+    if batch["status"] == "running" and c["eta_seconds"]:
+        minutes, seconds = divmod(c["eta_seconds"], 60)
+        text += f" · about {minutes} min {seconds} s left" if minutes else f" · about {seconds} s left"
+    elif batch["status"] != "running":
+        text += f" · {STATUS_WORDS.get(batch['status'], batch['status'])}"
+    return text
