@@ -362,7 +362,16 @@ class Worker:
                 batches[stream].extend(deliveries)
         for stream, deliveries in batches.items():
             self._fill(stream, deliveries)
-            self.process(stream, deliveries)
+            # People's jobs first and on their own: a batch's job never shares their inference.
+            people: list[Delivery] = []
+            bulk: list[Delivery] = []
+            for d in deliveries:
+                (
+                    bulk if d.job is not None and d.job.request_id.startswith(keys.BATCH_REQUEST_PREFIX) else people
+                ).append(d)
+            for group in (people, bulk):
+                if group:
+                    self.process(stream, group)
 
     def _fill(self, stream: str, deliveries: list[Delivery]) -> None:
         """Adds the jobs of the same model version already waiting, for up to MAX_BATCH_DELAY_MS.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from api.app.batches import lane
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS
@@ -17,26 +18,36 @@ POLL_SECONDS = 1.0
 """The longest the lane waits between two looks when no answer wakes it."""
 
 
-async def top_up_once(rt: JobRuntime) -> int:
-    """One look: queues the next batch jobs when a batch is running; how many it queued."""
+async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:
+    """One look: queues the next batch jobs when a batch is running (and with ``finish``, marks
+    the batches whose every job is final ``done``); how many jobs it queued."""
     async with rt.sessionmaker() as session:
         if not await lane.any_running(session=session):
             return 0
-        return await lane.top_up(
+        queued = await lane.top_up(
             session=session,
             redis=rt.redis,
             store=rt.store,
             in_flight=rt.settings.batch_in_flight,
             job_seconds=rt.settings.batch_job_seconds,
         )
+        if finish:
+            await lane.finish(session=session)
+        return queued
 
 
 async def run_lane(rt: JobRuntime, stop: asyncio.Event) -> None:
     """Tops the lane up whenever a batch's answer arrives (the result collector pushes to
     ``keys.BATCH_WAKE``) and at least every POLL_SECONDS, until ``stop``."""
+    last_finish = 0.0
     while not stop.is_set():
         try:
-            await top_up_once(rt)
+            # Whether batches are over is asked once a second, not after every answer: it reads
+            # every job of the running batches.
+            finish = time.monotonic() - last_finish >= POLL_SECONDS
+            await top_up_once(rt, finish=finish)
+            if finish:
+                last_finish = time.monotonic()
             await rt.redis_blocking.blpop([keys.BATCH_WAKE], timeout=POLL_SECONDS)
         except REDIS_ERRORS as exc:
             rt.outage_log.report("redis", exc)

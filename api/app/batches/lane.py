@@ -33,8 +33,10 @@ async def top_up(
     *, session: AsyncSession, redis: Redis, store: LocalBlobStore, in_flight: int, job_seconds: float
 ) -> int:
     """Queues the oldest pending batch jobs until ``in_flight`` batch jobs are queued or running,
-    each with a deadline ``job_seconds`` from now, then marks finished batches ``done``; how many
-    jobs it queued. Raises what Redis and PostgreSQL raise (the job rows roll back)."""
+    each with a deadline ``job_seconds`` from now; none while people's jobs wait in the queues they
+    would join (the queue holds more than the batch jobs in flight). With none pending, marks the
+    finished batches ``done``. How many jobs it queued. Raises what Redis and PostgreSQL raise
+    (the job rows roll back)."""
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('batch-lane', 0))"))
     busy = await session.scalar(
         select(func.count())
@@ -42,38 +44,46 @@ async def top_up(
         .where(UNFINISHED_JOB, Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX))
     )
     room = in_flight - int(busy or 0)
-    queued = 0
-    if room > 0:
-        jobs = list(
-            await session.scalars(
-                select(Job)
-                .where(Job.status == PENDING)
-                .order_by(Job.created_at, Job.id)
-                .limit(room)
-                .with_for_update(skip_locked=True)
-            )
+    if room <= 0:
+        await session.commit()
+        return 0
+    jobs = list(
+        await session.scalars(
+            select(Job)
+            .where(Job.status == PENDING)
+            .order_by(Job.created_at, Job.id)
+            .limit(room)
+            .with_for_update(skip_locked=True)
         )
-        if jobs:
-            found = await session.execute(
-                select(Image.id, Image.sha256).where(Image.id.in_({j.image_id for j in jobs}))
-            )
-            shas = {image_id: sha256 for image_id, sha256 in found.tuples()}
-            deadline = datetime.now(UTC) + timedelta(seconds=job_seconds)
-            messages = []
-            for job in jobs:
-                job.status, job.deadline_at = PredictionStatus.queued.value, deadline
-                data = await store.get(shas[job.image_id])
-                for prediction in job.predictions:
-                    if prediction.status == PENDING:
-                        prediction.status = PredictionStatus.queued.value
-                        messages.append(job_message(job, prediction, shas[job.image_id], data))
-            # Queued before the commit: an answer arriving first waits for these rows' lock.
-            await queue.enqueue(redis, messages)
-            queued = len(jobs)
+    )
+    if not jobs:
+        await session.commit()
+        await finish(session=session)  # the last answers are in: batches may be over
+        return 0
+    streams = sorted({keys.job_stream(p.model_name, p.model_version) for j in jobs for p in j.predictions})
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xlen(stream)
+        lengths = await pipe.execute()
+    if sum(lengths) > int(busy or 0):
+        # People's jobs are waiting in these queues: the batch waits for the next answer or look.
+        await session.commit()
+        return 0
+    found = await session.execute(select(Image.id, Image.sha256).where(Image.id.in_({j.image_id for j in jobs})))
+    shas = {image_id: sha256 for image_id, sha256 in found.tuples()}
+    deadline = datetime.now(UTC) + timedelta(seconds=job_seconds)
+    messages = []
+    for job in jobs:
+        job.status, job.deadline_at = PredictionStatus.queued.value, deadline
+        data = await store.get(shas[job.image_id])
+        for prediction in job.predictions:
+            if prediction.status == PENDING:
+                prediction.status = PredictionStatus.queued.value
+                messages.append(job_message(job, prediction, shas[job.image_id], data))
+    # Queued before the commit: an answer arriving first waits for these rows' lock.
+    await queue.enqueue(redis, messages)
     await session.commit()
-    if queued or room > 0:
-        await finish(session=session)
-    return queued
+    return len(jobs)
 
 
 async def finish(*, session: AsyncSession) -> None:
@@ -95,18 +105,21 @@ async def cancel(*, session: AsyncSession, batch: Batch) -> int:
     how many jobs were cancelled. Commits."""
     now = datetime.now(UTC)
     jobs = select(BatchItem.job_id).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_not(None))
-    await session.execute(
-        update(Prediction)
-        .where(Prediction.job_id.in_(jobs), Prediction.status == PENDING)
-        .values(status=PredictionStatus.cancelled.value, error="the batch was cancelled", finished_at=now)
-    )
+    # Jobs before their predictions, the order the lane and the result collector lock them in.
     cancelled = await session.execute(
         update(Job)
         .where(Job.id.in_(jobs), Job.status == PENDING)
         .values(status=PredictionStatus.cancelled.value, finished_at=now)
         .returning(Job.id)
     )
-    count = len(cancelled.all())
+    ids = [row[0] for row in cancelled.all()]
+    if ids:
+        await session.execute(
+            update(Prediction)
+            .where(Prediction.job_id.in_(ids), Prediction.status == PENDING)
+            .values(status=PredictionStatus.cancelled.value, error="the batch was cancelled", finished_at=now)
+        )
+    count = len(ids)
     open_left = await session.scalar(
         select(exists().where(BatchItem.batch_id == batch.id, BatchItem.job_id == Job.id, Job.status.in_(OPEN)))
     )
