@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NotRequired, TypeVar
 
 import httpx
 from pydantic import Base64Bytes, TypeAdapter, ValidationError
@@ -158,6 +158,7 @@ class Feedback(TypedDict):
     score: float | None
     image_file_name: str | None
     created_at: str
+    model: NotRequired[str | None]
 
 
 class BatchCounts(TypedDict):

@@ -7,14 +7,16 @@ import contextlib
 import csv
 import io
 import json
+import re
 from collections import Counter
 from datetime import datetime
 
 import pandas as pd
 import streamlit as st
 
+from contracts import spreadsheets
 from contracts.messages import PredictionStatus
-from ui.client import Api, Job, Prediction
+from ui.client import Api, Feedback, Job, Prediction
 from ui.session import display_name, guarded, models
 
 
@@ -75,6 +77,14 @@ def run_job(api: Api, state_key: str, name: str, data: bytes, chosen: list[str])
         st.session_state[f"{state_key}_file"] = name
 
 
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def plain(text: str) -> str:
+    """``text`` (a file name, say) shown as typed inside Markdown: its special characters escaped."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
 def words(label: str | None) -> str:
     """A label as people write it: ``Boston_bull`` as ``Boston bull``."""
     return (label or "").replace("_", " ")
@@ -100,20 +110,24 @@ def comparison(api: Api, job: Job) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def as_csv(job: Job, file_name: str) -> bytes:
-    """Every answer of a job, one row per model version and rank (1 to 5)."""
+def as_csv(api: Api, job: Job, file_name: str) -> bytes:
+    """Every answer of a job, one row per model version and rank (1 to 5), labels in words."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["file", "model", "version", "rank", "label", "score", "status"])
+    writer.writerow(["file", "model", "model_name", "version", "rank", "label", "score", "status"])
+    name = spreadsheets.cell(file_name)  # a file name is what a person chose: never a formula
     for r in job["results"]:
+        shown = display_name(api, f"{r['model']}@{r['version']}")
         if r["status"] != PredictionStatus.done:
-            writer.writerow([file_name, r["model"], r["version"], "", "", "", r["status"].value])
+            writer.writerow([name, r["model"], shown, r["version"], "", "", "", r["status"].value])
         for rank, answer in enumerate(r["top_k"], start=1):
-            writer.writerow([file_name, r["model"], r["version"], rank, answer["label"], answer["score"], "done"])
+            writer.writerow(
+                [name, r["model"], shown, r["version"], rank, words(answer["label"]), answer["score"], "done"]
+            )
     return buf.getvalue().encode("utf-8")
 
 
-def as_json(job: Job, file_name: str) -> bytes:
+def as_json(api: Api, job: Job, file_name: str) -> bytes:
     """The job as the API answered it, with the file's name."""
     return json.dumps({"file": file_name, **job}, indent=2, default=str).encode("utf-8")
 
@@ -131,16 +145,23 @@ def _labels_of(api: Api, ref: str) -> list[str]:
     return list(model["labels"] or []) if model else []
 
 
+COMMENT_MAX = 2000
+"""The longest comment the API keeps, in characters."""
 NONE_OF_THESE = "None of these"
 """The answer to "what is right" when the model does not know the right label."""
 
 
-def _feedback_form(api: Api, result: Prediction) -> None:
+def _feedback_form(api: Api, result: Prediction, earlier: Feedback | None = None) -> None:
     ref = f"{result['model']}@{result['version']}"
     key = f"fb_{result['id']}"
     if st.session_state.get(f"{key}_sent"):
         st.success("Thanks, your feedback was recorded.")
         return
+    if earlier is not None:
+        said = "right" if earlier["is_correct"] else "wrong"
+        if earlier["correct_label"] and not earlier["is_correct"]:
+            said += f" (it is {words(earlier['correct_label'])})"
+        st.caption(f"You said this was {said}. Sending again replaces it.")
     with st.form(key):
         # Nothing preselected: a verdict is what the person says, never a default.
         verdict = st.radio("Was this right?", ["Correct", "Wrong"], index=None, horizontal=True, key=f"{key}_verdict")
@@ -152,7 +173,7 @@ def _feedback_form(api: Api, result: Prediction) -> None:
             format_func=lambda label: label.replace("_", " ") if label else "Type to search…",
             key=f"{key}_label",
         )
-        comment = st.text_input("Comment (optional)", key=f"{key}_comment")
+        comment = st.text_input("Comment (optional)", max_chars=COMMENT_MAX, key=f"{key}_comment")
         if st.form_submit_button("Send feedback"):
             if verdict is None:
                 st.error("Choose Correct or Wrong first.")
@@ -180,10 +201,17 @@ def scroll_to_results(job_id: str) -> None:
     )
 
 
-def show_results(api: Api, job: Job, image: bytes | None = None, file_name: str = "image") -> None:
+def show_results(
+    api: Api,
+    job: Job,
+    image: bytes | None = None,
+    file_name: str = "image",
+    verdicts: dict[str | None, Feedback] | None = None,
+) -> None:
     """The answers of every model version for one image: a comparison across models with
     downloads, then a card per model (thumbnail, all five answers with percentages, timings
-    behind "Details", a feedback form). ``image``: the picture they answered, shown on each card."""
+    behind "Details", a feedback form). ``image``: the picture they answered, shown on each card;
+    ``verdicts``: the person's earlier verdicts by prediction id, shown with their forms."""
     results = job["results"]
     st.subheader("Results", anchor="results")
     if len(results) > 1:
@@ -201,7 +229,7 @@ def show_results(api: Api, job: Job, image: bytes | None = None, file_name: str 
         for kind, (render, mime) in downloads.items():
             st.download_button(
                 f"Download {kind}",
-                render(job, file_name),
+                render(api, job, file_name),
                 file_name=f"{stem}-results.{kind.lower()}",
                 mime=mime,
                 key=f"{kind.lower()}_{job['job_id']}",
@@ -211,10 +239,10 @@ def show_results(api: Api, job: Job, image: bytes | None = None, file_name: str 
         columns = st.columns(per_row)
         for column, result in zip(columns, results[start : start + per_row], strict=False):
             with column, st.container(border=True):
-                result_card(api, result, image)
+                result_card(api, result, image, (verdicts or {}).get(result["id"]))
 
 
-def result_card(api: Api, result: Prediction, image: bytes | None) -> None:
+def result_card(api: Api, result: Prediction, image: bytes | None, earlier: Feedback | None = None) -> None:
     """One model version's answer, readable at a glance."""
     ref = f"{result['model']}@{result['version']}"
     head, thumb = st.columns([3, 1])
@@ -239,4 +267,4 @@ def result_card(api: Api, result: Prediction, image: bytes | None) -> None:
                 f"Waiting {t['queue_ms'] or 0:.0f} ms · computing {t['inference_ms'] or 0:.0f} ms "
                 f"· in all {t['total_ms'] or 0:.0f} ms"
             )
-    _feedback_form(api, result)
+    _feedback_form(api, result, earlier)

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import streamlit as st
 
-from ui.client import Api, ApiError, Model, Session
+from ui.client import Api, ApiError, Model, Session, User
 
 T = TypeVar("T")
 
@@ -28,14 +28,21 @@ COOKIE = "portal_session"
 EXPIRED = "Your session ended after a while without activity. Please log in again."
 
 
-def _cookie_script(token: str | None, max_age: int) -> str:
-    value = json.dumps(f"{COOKIE}={token or ''}; path=/; max-age={max_age}; SameSite=Strict")
+def _cookie_script(token: str, max_age: int) -> str:
+    value = json.dumps(f"{COOKIE}={token}; path=/; max-age={max_age}; SameSite=Strict")
     return f"<script>document.cookie = {value} + (location.protocol === 'https:' ? '; Secure' : '');</script>"
 
 
-def _write_cookie(token: str | None, max_age: int) -> None:
-    # Only the portal's own constant text and a token it was given go into this script.
-    st.html(_cookie_script(token, max_age), unsafe_allow_javascript=True)
+def _forget_script(token: str) -> str:
+    # Only when the cookie still holds this token: another tab may have stored a newer one since.
+    held = json.dumps(f"{COOKIE}={token}")
+    gone = json.dumps(f"{COOKIE}=; path=/; max-age=0; SameSite=Strict")
+    return f"<script>if (document.cookie.split('; ').includes({held})) {{ document.cookie = {gone}; }}</script>"
+
+
+def _run_script(script: str) -> None:
+    # Only the portal's own constant text and a token it was given go into these scripts.
+    st.html(script, unsafe_allow_javascript=True)
 
 
 def _browser_cookie() -> str | None:
@@ -49,17 +56,20 @@ def _browser_cookie() -> str | None:
 
 
 def start(api: Api, session: Session) -> None:
-    """Keeps a fresh token (from a login or a refresh) for this connection and the next ones."""
+    """Keeps a fresh token (from a login or a refresh) for this connection, and for the next ones
+    through the cookie, written once per new token (a tab never writes back a token it held)."""
     st.session_state["token"] = session["token"]
     st.session_state["token_lifetime"] = session["expires_in"]
     st.session_state["token_renew_at"] = time.time() + session["expires_in"] / 2
+    st.session_state["cookie_to_write"] = (session["token"], session["expires_in"])
     api.token = session["token"]
 
 
 def restore(api: Api) -> bool:
     """After a reload: takes the session back from the browser's cookie when its token still
-    works (renewing it at once, which also says how long it lasts). A token refused once is not
-    tried again on this connection."""
+    works (renewing it at once, which also says how long it lasts). A token the API refuses (401)
+    is not tried again on this connection and leaves the cookie; when the API cannot answer, the
+    login page says so and the cookie stays for the next reload."""
     token = _browser_cookie()
     if token is None or token == st.session_state.get("cookie_refused"):
         return False
@@ -67,45 +77,58 @@ def restore(api: Api) -> bool:
     try:
         start(api, api.refresh())
         st.session_state["user"] = api.me()
-    except ApiError:
+    except ApiError as exc:
         api.token = None
-        for key in ("token", "token_lifetime", "token_renew_at", "user"):
+        for key in ("token", "token_lifetime", "token_renew_at", "user", "cookie_to_write"):
             st.session_state.pop(key, None)
-        st.session_state["cookie_refused"] = token
+        if exc.status == 401:
+            st.session_state["cookie_refused"] = token
+            st.session_state["cookie_to_forget"] = token
+        else:
+            st.session_state["login_message"] = f"{exc.message} Reload the page to try again."
         return False
     return True
 
 
 def keep_alive(api: Api) -> None:
-    """On each run of a page: renews the token once half its lifetime is gone, and keeps the
-    cookie in step with it. A session that was left unused until its token expired ends here."""
+    """On each run of a page: renews the token once half its lifetime is gone (reading the
+    user's role again with it), and stores a new token in the cookie. A session left unused
+    until its token expired, or revoked, ends here; an API that cannot answer now is retried on
+    the next run and ends nothing."""
     if time.time() >= st.session_state.get("token_renew_at", 0.0):
         try:
             start(api, api.refresh())
+            st.session_state["user"] = api.me()
         except ApiError as exc:
-            logout(api, EXPIRED if exc.status == 401 else exc.message)
-    lifetime = int(st.session_state.get("token_lifetime", 0))
-    remaining = max(0, int(st.session_state.get("token_renew_at", 0.0) + lifetime / 2 - time.time()))
-    _write_cookie(st.session_state.get("token"), remaining)
+            if exc.status == 401:
+                logout(api, EXPIRED)
+            st.warning(exc.message)
+    if pending := st.session_state.pop("cookie_to_write", None):
+        _run_script(_cookie_script(*pending))
 
 
 def forget_cookie() -> None:
-    """Deletes the cookie (on the login page, so that a logged-out browser keeps no token)."""
-    _write_cookie(None, 0)
+    """On the login page: deletes the cookie when it still holds the token this connection just
+    gave up (logged out, or refused); a newer one from another tab stays."""
+    if token := st.session_state.pop("cookie_to_forget", None):
+        _run_script(_forget_script(token))
 
 
 def logout(api: Api, message: str | None = None) -> None:
     """Ends the session (also when the token is already dead): revokes it at the API, clears
-    everything this connection kept, deletes the cookie, and reruns into the login page, which
-    shows ``message``."""
+    everything this connection kept, has the login page delete the cookie if it still holds this
+    token, and reruns into the login page, which shows ``message``."""
     with contextlib.suppress(ApiError):  # an expired token is already as good as logged out
         api.logout()
+    mine = st.session_state.get("token")
     refused = _browser_cookie()
     for key in list(st.session_state.keys()):
         del st.session_state[key]
     if refused:
-        # The cookie this connection started with is revoked now: never take it back.
+        # The cookie this connection started with is no good now: never take it back.
         st.session_state["cookie_refused"] = refused
+    if mine:
+        st.session_state["cookie_to_forget"] = mine
     if message:
         st.session_state["login_message"] = message
     st.rerun()
@@ -118,8 +141,23 @@ def guarded(api: Api, action: Callable[[], T]) -> T | None:
     except ApiError as exc:
         if exc.status == 401:
             logout(api, exc.message)
+        if exc.status == 403:
+            _notice_role_change(api)
         st.error(exc.message)
         return None
+
+
+def _notice_role_change(api: Api) -> None:
+    """After a 403: when an admin made this person's role another since they signed in, the
+    menu and the pages follow it at once."""
+    known: User | None = st.session_state.get("user")
+    try:
+        fresh = api.me()
+    except ApiError:
+        return
+    if known is not None and fresh["role"] != known["role"]:
+        st.session_state["user"] = fresh
+        st.rerun()
 
 
 def models(api: Api) -> list[Model]:

@@ -125,6 +125,8 @@ async def get_current_user(request: Request, token: TokenDep) -> User:
         raise auth_service.unauthorized("Token has been revoked")
     if user is None or not user.is_active:
         raise auth_service.unauthorized()
+    if user.sessions_valid_after is not None and (claims.auth_time or claims.expires_at) < user.sessions_valid_after:
+        raise auth_service.unauthorized("Signed out: the password was changed or the account deactivated since")
     request.state.token_claims = claims
     request.state.user_id = user.id
     return user

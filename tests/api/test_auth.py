@@ -43,7 +43,8 @@ async def test_login_classic_and_v1_return_bearer_token(client: httpx.AsyncClien
 async def test_token_claims(client: httpx.AsyncClient, settings: Settings) -> None:
     headers = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
     claims = jwt.decode(headers["Authorization"][7:], settings.secret_key, algorithms=["HS256"])
-    assert set(claims) == {"sub", "exp", "iat", "jti", "sid"}
+    assert set(claims) == {"sub", "exp", "iat", "jti", "sid", "auth_time"}
+    assert claims["auth_time"] == claims["iat"]
     assert claims["sid"] == claims["jti"]  # a login starts its own session
     assert claims["exp"] - claims["iat"] == settings.access_token_expire_minutes * 60
 
@@ -71,6 +72,51 @@ async def test_a_refresh_renews_the_session_and_logout_ends_all_its_tokens(
         r = await client.get("/v1/users/me", headers=headers)
         assert r.status_code == 401 and "revoked" in r.json()["detail"]
         assert (await client.post("/v1/auth/refresh", headers=headers)).status_code == 401
+
+
+async def test_a_session_ends_with_a_password_change_and_at_its_absolute_limit(
+    client: httpx.AsyncClient, settings: Settings, users: Users, admin_headers: dict[str, str]
+) -> None:
+    """A thief refreshing a stolen token loses it when the password changes or the account is
+    deactivated (and reactivated), and no session is refreshed past SESSION_MAX_HOURS."""
+    user, stolen = await users.create()
+    _, mine = await users.create()  # another user's session is untouched
+    other, theirs = await users.create()
+    await asyncio.sleep(1.1)  # tokens carry whole seconds: a login in the same second still counts
+    r = await client.patch(
+        "/v1/users/me/password",
+        json={"current_password": PASSWORD, "new_password": "another-good-password"},
+        headers=stolen,
+    )
+    assert r.status_code == 204, r.text
+    for path in ("/v1/users/me", "/v1/auth/refresh"):
+        r = await (client.get(path, headers=stolen) if path.endswith("me") else client.post(path, headers=stolen))
+        assert r.status_code == 401 and "password was changed" in r.json()["detail"], r.text
+    assert (await client.get("/v1/users/me", headers=mine)).status_code == 200
+    for active in (False, True):
+        r = await client.patch(f"/v1/users/{other['id']}", json={"is_active": active}, headers=admin_headers)
+        assert r.status_code == 200
+    assert (await client.post("/v1/auth/refresh", headers=theirs)).status_code == 401  # not back with the account
+    r = await client.post("/v1/auth/login", data={"username": user["email"], "password": "another-good-password"})
+    fresh = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    assert (await client.get("/v1/users/me", headers=fresh)).status_code == 200
+
+    # A session that began long ago is refreshed no further than its absolute limit.
+    long_ago = datetime.now(UTC) - timedelta(hours=settings.session_max_hours, minutes=-1)
+    veteran, _ = await users.create()
+    auth_time = int(long_ago.timestamp()) + 2
+    claims: dict[str, object] = {
+        "sub": str(veteran["id"]),
+        "iat": datetime.now(UTC),
+        "exp": datetime.now(UTC) + timedelta(minutes=1),
+        "jti": uuid.uuid4().hex,
+        "auth_time": auth_time,
+    }
+    old = jwt.encode(claims, settings.secret_key, "HS256")
+    r = await client.post("/v1/auth/refresh", headers={"Authorization": f"Bearer {old}"})
+    assert r.status_code == 200, r.text
+    renewed = jwt.get_unverified_claims(r.json()["access_token"])
+    assert renewed["exp"] <= auth_time + settings.session_max_hours * 3600
 
 
 async def test_an_expired_token_cannot_be_refreshed(

@@ -69,7 +69,7 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
     earlier, latest = [label for label in ("cat", "fish", "apple") if label != sketch["label"]][:2]
     await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=earlier)
     await verdict(
-        client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=latest, comment="the ears, see"
+        client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=latest, comment="=the ears, see"
     )
     await verdict(client, headers, prediction_id=mobilenet["id"], is_correct=True)
     second = await classify(client, headers, unlabelled, "sketch@1")
@@ -97,7 +97,8 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
         "false",
         "1",
     )
-    assert mine["comment"] == "the ears, see"  # what the user wrote goes with the label
+    # What the user wrote goes with the label, as text a spreadsheet never runs (CSV injection).
+    assert mine["comment"] == "'=the ears, see"
     assert (out / mine["path"]).read_bytes() == labelled
     assert not (out / "sketch" / earlier / f"{sha_labelled}.png").exists()
     confirmed = rows[(sha_labelled, "mobilenet_v2")]

@@ -227,6 +227,8 @@ async def test_feedback(client: httpx.AsyncClient, users: Users, admin_headers: 
         "/v1/feedback", json={"prediction_id": prediction_id, "is_correct": True}, headers=headers
     )
     assert right.json()["correct_label"] == "macaw"
+    # The same person's second verdict on it replaced the first: one verdict, counted once.
+    assert right.json()["id"] == wrong.json()["id"] and right.json()["comment"] is None
 
     classic = await client.post(
         "/feedback/",
@@ -241,9 +243,20 @@ async def test_feedback(client: httpx.AsyncClient, users: Users, admin_headers: 
     assert classic.status_code == 201 and classic.json()["prediction_id"] == prediction_id
 
     mine = (await client.get("/feedback/", headers=headers)).json()
-    assert len(mine) == 3 and all(f["prediction_id"] == prediction_id for f in mine)
+    assert len(mine) == 2 and all(f["prediction_id"] == prediction_id for f in mine)
+    assert sorted(str(f["is_correct"]) for f in mine) == ["None", "True"]
     assert (await client.get("/v1/feedback", headers=other)).json()["count"] == 0
     assert (await client.get("/v1/feedback", params={"all_users": True}, headers=other)).status_code == 403
+    # Another person's verdict on their own parrot counts apart from the first person's.
+    theirs = await predict(
+        client, other, (await upload(client, other, (PHOTOS / "parrot.jpg").read_bytes()))["id"], ["mobilenet_v2"]
+    )
+    r = await client.post(
+        "/v1/feedback",
+        json={"prediction_id": theirs["results"][0]["id"], "is_correct": False, "correct_label": "lorikeet"},
+        headers=other,
+    )
+    assert r.status_code == 201
     everyone = (await client.get("/v1/feedback", params={"all_users": True}, headers=admin_headers)).json()
     assert everyone["count"] >= 3
 

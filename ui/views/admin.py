@@ -11,7 +11,7 @@ import streamlit as st
 from contracts.training import ARCHITECTURES
 from ui.client import Api, ApiError, Comparison, Role, ServingVersion, Stats, TrainingRun
 from ui.results import readable_time
-from ui.session import guarded, models
+from ui.session import display_name, guarded, models
 
 ROLES: list[Role] = ["user", "admin"]
 VERSION_ACTIONS: dict[str, dict[str, str | bool]] = {
@@ -570,6 +570,8 @@ def verdicts_with_comments(api: Api) -> None:
                 {
                     "When": readable_time(v["created_at"]),
                     "Who": emails.get(v["owner_id"], f"user {v['owner_id']}"),
+                    "Model": display_name(api, judged) if (judged := v.get("model")) else "",
+                    "It said": (v["predicted_class"] or "").replace("_", " "),
                     "Verdict": {True: "right", False: "wrong", None: ""}[v["is_correct"]],
                     "Right label": (v["correct_label"] or "").replace("_", " "),
                     "Comment": v["comment"] or "",

@@ -9,7 +9,7 @@ import streamlit as st
 
 from contracts.messages import PredictionStatus
 from ui.client import Api, Feedback, Job, ListedImage
-from ui.results import STATUS_WORDS, readable_time, show_results, words
+from ui.results import STATUS_WORDS, plain, readable_time, show_results, words
 from ui.session import display_name, guarded
 from ui.views.batch import STATUS_WORDS as BATCH_WORDS
 from ui.views.batch import download_results
@@ -86,7 +86,7 @@ def upload_row(api: Api, image: ListedImage, jobs: list[Job], feedback: dict[str
                 st.session_state.pop("history_confirm", None)
                 st.rerun()
     with right:
-        st.markdown(f"**{name}** · {image['width']}x{image['height']} · {readable_time(image['created_at'])}")
+        st.markdown(f"**{plain(name)}** · {image['width']}x{image['height']} · {readable_time(image['created_at'])}")
         for job in jobs:
             for r in job["results"]:
                 done = r["status"] == PredictionStatus.done
@@ -95,7 +95,7 @@ def upload_row(api: Api, image: ListedImage, jobs: list[Job], feedback: dict[str
                 st.write(f"{model}: {answer}{verdict_note(feedback.get(r['id']))}")
             # Opened one at a time, on demand: a page of results stays three API calls.
             if st.session_state.get("history_open") == job["job_id"]:
-                show_results(api, job, image=image["thumbnail"], file_name=name)
+                show_results(api, job, image=image["thumbnail"], file_name=name, verdicts=feedback)
             elif st.button("Open these results", key=f"open_{job['job_id']}"):
                 st.session_state["history_open"] = job["job_id"]
                 st.rerun()

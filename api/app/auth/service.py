@@ -86,8 +86,9 @@ def refresh(*, settings: Settings, claims: TokenClaims) -> str:
     a client that calls this while it is used keeps its session, one left unused for that long
     loses it (expiry after inactivity, as OWASP's session management guide recommends). The
     tokens issued before stay valid until they expire, so two tabs of one session never log
-    each other out; logging out revokes them all."""
-    token, _claims = create_access_token(claims.user_id, settings, sid=claims.sid)
+    each other out; logging out revokes them all. The new token never outlives SESSION_MAX_HOURS
+    after the login."""
+    token, _claims = create_access_token(claims.user_id, settings, sid=claims.sid, auth_time=claims.auth_time)
     return token
 
 

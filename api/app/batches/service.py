@@ -29,7 +29,7 @@ from api.app.core.fields import storable
 from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
-from contracts import keys
+from contracts import keys, spreadsheets
 from contracts.messages import PredictionStatus
 from contracts.registry import ModelEntry, Registry
 
@@ -357,16 +357,18 @@ async def result_rows(*, session: AsyncSession, batch: Batch) -> list[dict[str, 
 
 
 def as_csv(rows: list[dict[str, Any]]) -> bytes:
-    """``result_rows`` as CSV (``top_5`` as JSON text), UTF-8."""
+    """``result_rows`` as CSV (``top_5`` as JSON text), UTF-8; the file names and errors people's
+    files gave as text a spreadsheet never runs."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(RESULT_COLUMNS)
     for row in rows:
         writer.writerow(
             [
-                *(row[c] if row[c] is not None else "" for c in RESULT_COLUMNS[:7]),
+                spreadsheets.cell(row["file_name"]),
+                *(row[c] if row[c] is not None else "" for c in RESULT_COLUMNS[1:7]),
                 json.dumps(row["top_5"]),
-                row["error"] or "",
+                spreadsheets.cell(row["error"] or ""),
             ]
         )
     return buf.getvalue().encode("utf-8")

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     """Where development keeps its generated SECRET_KEY (created with mode 0600)."""
     access_token_expire_minutes: int = 30
     """Lifetime of an access token; a login session ends after this long without a refresh."""
+    session_max_hours: float = Field(default=12.0, gt=0)
+    """A login session's absolute lifetime: however often it is refreshed, it ends this long after
+    the password was given (OWASP's session management guide: an absolute timeout)."""
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/portal"
     """SQLAlchemy URL of the PostgreSQL database (asyncpg driver)."""
     db_pool_size: int = 20

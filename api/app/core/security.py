@@ -61,6 +61,9 @@ class TokenClaims:
     """The login session the token belongs to (OpenID Connect's ``sid`` claim): a login starts
     one, each refresh carries it on, and logging out revokes it with every token it issued. A
     token without one is its own session (its ``jti``)."""
+    auth_time: datetime | None = None
+    """When the password was given for this session (OpenID Connect's ``auth_time``); refreshes
+    keep it. None: the token's own issue time."""
 
     def __post_init__(self) -> None:
         if not self.sid:
@@ -71,16 +74,29 @@ class TokenError(Exception):
     """The token is malformed, tampered with, expired or signed another way."""
 
 
-def create_access_token(user_id: int, settings: Settings, sid: str | None = None) -> tuple[str, TokenClaims]:
-    """A token valid for ACCESS_TOKEN_EXPIRE_MINUTES from now, in login session ``sid`` (a new
-    session when None)."""
-    now = datetime.now(UTC)
-    expires = now + timedelta(minutes=settings.access_token_expire_minutes)
+def create_access_token(
+    user_id: int, settings: Settings, sid: str | None = None, auth_time: datetime | None = None
+) -> tuple[str, TokenClaims]:
+    """A token valid for ACCESS_TOKEN_EXPIRE_MINUTES from now, but never past SESSION_MAX_HOURS
+    after ``auth_time``, in login session ``sid`` (a new session, authenticated now, when None)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    auth_time = auth_time or now
+    expires = min(
+        now + timedelta(minutes=settings.access_token_expire_minutes),
+        auth_time + timedelta(hours=settings.session_max_hours),
+    )
     jti = uuid.uuid4().hex
     sid = sid or jti
-    payload = {"sub": str(user_id), "iat": now, "exp": expires, "jti": jti, "sid": sid}
+    payload = {
+        "sub": str(user_id),
+        "iat": now,
+        "exp": expires,
+        "jti": jti,
+        "sid": sid,
+        "auth_time": int(auth_time.timestamp()),
+    }
     token = jwt.encode(payload, settings.secret_key, algorithm=ALGORITHM)
-    return token, TokenClaims(user_id=user_id, jti=jti, expires_at=expires, sid=sid)
+    return token, TokenClaims(user_id=user_id, jti=jti, expires_at=expires, sid=sid, auth_time=auth_time)
 
 
 def decode_access_token(token: str, settings: Settings) -> TokenClaims:
@@ -107,8 +123,9 @@ def decode_access_token(token: str, settings: Settings) -> TokenClaims:
             jti=jti,
             expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
             sid=sid,
+            auth_time=datetime.fromtimestamp(int(payload.get("auth_time") or payload["iat"]), UTC),
         )
-    except (JWTError, ValueError, KeyError, TypeError, OverflowError) as exc:
+    except (JWTError, ValueError, KeyError, TypeError, OverflowError, OSError) as exc:
         raise TokenError(str(exc)) from exc
 
 

@@ -29,6 +29,7 @@ from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
+from contracts import spreadsheets
 
 log = logging.getLogger("api.feedback")
 
@@ -88,7 +89,7 @@ class Example:
             self.sha256,
             self.created_at.isoformat(),
             self.split,
-            self.comment,
+            spreadsheets.cell(self.comment),
         ]
 
 

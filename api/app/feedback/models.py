@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import Boolean, Float, ForeignKey, String, Text
+from sqlalchemy import Boolean, Float, ForeignKey, Index, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.app.core.db import Base, TimestampMixin, new_uuid
@@ -12,6 +12,17 @@ class Feedback(TimestampMixin, Base):
     """A user's verdict on a prediction."""
 
     __tablename__ = "feedback"
+    # One verdict per person and prediction (a new one replaces it); classic feedback (no
+    # verdict, maybe no prediction) is kept as sent.
+    __table_args__ = (
+        Index(
+            "uq_feedback_owner_prediction",
+            "owner_id",
+            "prediction_id",
+            unique=True,
+            postgresql_where=text("prediction_id IS NOT NULL AND is_correct IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)

@@ -49,9 +49,19 @@ async def create_feedback(
 async def list_feedback(
     user: CurrentUser, session: ReadSessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
 ) -> FeedbacksPublic:
-    """My feedback (admins: everyone's with all_users=true)."""
+    """My feedback (admins: everyone's with all_users=true), newest first, each with the model
+    version it judged."""
     rows, count = await service.list_feedback(session=session, owner_id=_scope(user, all_users), skip=skip, limit=limit)
-    return FeedbacksPublic(data=[FeedbackPublic.model_validate(r) for r in rows], count=count)
+    judged = await service.models_judged(
+        session=session, prediction_ids=[r.prediction_id for r in rows if r.prediction_id]
+    )
+    data = [
+        FeedbackPublic.model_validate(r).model_copy(
+            update={"model": judged.get(r.prediction_id) if r.prediction_id else None}
+        )
+        for r in rows
+    ]
+    return FeedbacksPublic(data=data, count=count)
 
 
 @classic.post("/", response_model=FeedbackPublic, status_code=201, responses={**BODY, **AUTHED})

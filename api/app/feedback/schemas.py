@@ -36,6 +36,8 @@ class FeedbackPublic(BaseModel):
     score: float | None
     image_file_name: str | None
     created_at: datetime
+    model: str | None = None
+    """The model version judged (``name@version``), in lists; None for classic feedback without a prediction."""
 
 
 class FeedbacksPublic(BaseModel):

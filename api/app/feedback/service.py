@@ -7,10 +7,12 @@ import uuid
 from fastapi import HTTPException
 from redis.asyncio import Redis
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import model_labels
 from api.app.core import metrics
+from api.app.core.db import utcnow
 from api.app.examples import service as examples
 from api.app.examples.models import LabelledExample
 from api.app.feedback.models import Feedback
@@ -56,7 +58,8 @@ async def create_feedback(
     body: FeedbackCreate,
     test_share: float,
 ) -> Feedback:
-    """Stores a verdict on one of the user's predictions; one with a label (correct, or wrong with
+    """Stores a verdict on one of the user's predictions (replacing the user's earlier verdict on
+    it: one per person and prediction); one with a label (correct, or wrong with
     the right label) also becomes a labelled example of the model (``examples.record``, split
     with ``test_share``). Raises 404 (not the user's prediction), 422 (a label the model does not
     know, or "wrong" with the predicted label itself) and 503 (the model's labels are not known
@@ -71,20 +74,28 @@ async def create_feedback(
                 detail=f"The prediction was {prediction.label!r}; a wrong prediction needs a different label.",
             )
         await check_label(redis=redis, registry=registry, prediction=prediction, label=body.correct_label)
-    feedback = Feedback(
-        owner_id=owner_id,
-        prediction_id=prediction.id,
-        is_correct=body.is_correct,
-        correct_label=(
+    values = {
+        "owner_id": owner_id,
+        "prediction_id": prediction.id,
+        "is_correct": body.is_correct,
+        "correct_label": (
             body.correct_label if body.correct_label is not None else (prediction.label if body.is_correct else None)
         ),
-        comment=body.comment,
-        predicted_class=prediction.label,
-        score=prediction.score,
+        "comment": body.comment,
+        "predicted_class": prediction.label,
+        "score": prediction.score,
+        "created_at": utcnow(),
+    }
+    # One verdict per person and prediction: saying it again replaces the earlier one (counted once).
+    statement = insert(Feedback).values(id=uuid.uuid4(), **values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[Feedback.owner_id, Feedback.prediction_id],
+        index_where=Feedback.prediction_id.is_not(None) & Feedback.is_correct.is_not(None),
+        set_={k: statement.excluded[k] for k in ("is_correct", "correct_label", "comment", "created_at")},
     )
-    session.add(feedback)
+    feedback = await session.scalar(statement.returning(Feedback), execution_options={"populate_existing": True})
+    assert feedback is not None
     if feedback.correct_label is not None:
-        await session.flush()
         image = await session.scalar(
             select(Image).join(Job, Job.image_id == Image.id).where(Job.id == prediction.job_id)
         )
@@ -132,6 +143,16 @@ async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body:
     session.add(feedback)
     await session.commit()
     return feedback
+
+
+async def models_judged(*, session: AsyncSession, prediction_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The model version (``name@version``) each of these predictions came from, in one query."""
+    if not prediction_ids:
+        return {}
+    rows = await session.execute(
+        select(Prediction.id, Prediction.model_name, Prediction.model_version).where(Prediction.id.in_(prediction_ids))
+    )
+    return {pid: f"{name}@{version}" for pid, name, version in rows.tuples()}
 
 
 async def list_feedback(

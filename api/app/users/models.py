@@ -24,6 +24,9 @@ class User(TimestampMixin, Base):
     role: Mapped[str] = mapped_column(String(20), default=Role.user.value)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    sessions_valid_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Login sessions that began before this (a token's ``auth_time``) are refused: set when the
+    password changes or the account is deactivated, so a stolen session ends with them."""
 
     @property
     def is_admin(self) -> bool:

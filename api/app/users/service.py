@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi import HTTPException, status
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
@@ -115,14 +117,24 @@ async def update_user(*, session: AsyncSession, actor: User, user: User, changes
     for field, value in changes.model_dump(exclude_unset=True).items():
         if value is not None:
             setattr(user, field, value.value if isinstance(value, Role) else value)
+    if changes.is_active is False:
+        end_sessions(user)  # reactivating the account later brings none of them back
     await session.commit()
     await session.refresh(user)
     return user
 
 
+def end_sessions(user: User) -> None:
+    """Refuses every login session of ``user`` that began before this second (tokens carry whole
+    seconds, so a login in the same second still works); the caller commits."""
+    user.sessions_valid_after = datetime.now(UTC).replace(microsecond=0)
+
+
 async def set_password(*, session: AsyncSession, hasher: PasswordHasher, user: User, password: str) -> None:
+    """Sets ``password`` and signs the user out of every session (a thief holding one loses it)."""
     session.add(user)  # the signed-in user comes detached from its own lookup
     user.hashed_password = await hasher.hash(password)
+    end_sessions(user)
     await session.commit()
 
 
