@@ -1,5 +1,6 @@
 """Every table, imported in one place for Alembic and for mapper configuration."""
 
+from api.app.api_keys.models import ApiKey
 from api.app.auth.models import RevokedToken
 from api.app.examples.models import LabelledExample
 from api.app.feedback.models import Feedback
@@ -10,6 +11,7 @@ from api.app.training.models import TrainingRun
 from api.app.users.models import User
 
 __all__ = [
+    "ApiKey",
     "Evaluation",
     "EvaluationAnswer",
     "Feedback",

@@ -25,6 +25,10 @@ class User(TimestampMixin, Base):
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
+    # Not a column. A request made with an API key without the admin scope clears it on the user
+    # it loaded for itself, so that every check of ``is_admin`` treats that admin as a user.
+    admin_rights = True
+
     @property
     def is_admin(self) -> bool:
-        return self.role == Role.admin.value
+        return self.role == Role.admin.value and self.admin_rights
