@@ -257,7 +257,13 @@ def test_a_session_survives_a_reload_and_a_deep_link_waits_for_the_login(
     WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Password']")))
 
 
-PAGES = {"classify": "Classify a photo", "sketch": "Draw a sketch", "history": "My uploads", "admin": "Administration"}
+PAGES = {
+    "classify": "Classify a photo",
+    "sketch": "Draw a sketch",
+    "history": "My uploads",
+    "api-keys": "API keys",
+    "admin": "Administration",
+}
 
 
 @pytest.mark.parametrize("width", [1400, 390])
