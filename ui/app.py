@@ -16,6 +16,7 @@ from ui import session
 from ui.client import Api, User
 from ui.config import get_ui_settings
 from ui.views.admin import admin_page, admins_only
+from ui.views.api_keys import api_keys_page
 from ui.views.batch import batch_page
 from ui.views.classify import classify_page
 from ui.views.history import history_page
@@ -57,6 +58,7 @@ pages = [
     _page(sketch_page, "Sketch", "sketch"),
     _page(batch_page, "Batch", "batch"),
     _page(history_page, "History", "history"),
+    _page(api_keys_page, "API keys", "api-keys"),
     _page(admin_page, "Admin", "admin"),
 ]
 # Every page is known whether or not someone is signed in (no "page not found" for a deep link);

@@ -17,6 +17,7 @@ from pydantic import Base64Bytes, TypeAdapter, ValidationError
 # pydantic reads TypedDicts only from typing_extensions before Python 3.12.
 from typing_extensions import TypedDict
 
+from contracts.api_keys import Scope
 from contracts.messages import PredictionStatus
 
 MESSAGES = {
@@ -338,6 +339,31 @@ class Readiness(TypedDict):
     checks: dict[str, dict[str, Any]]
 
 
+class ApiKey(TypedDict):
+    """An API key as its owner sees it in lists: never the key itself."""
+
+    id: str
+    name: str
+    prefix: str
+    """The key's first characters, to tell keys apart."""
+    scopes: list[Scope]
+    created_at: str
+    expires_at: str | None
+    last_used_at: str | None
+    """To the minute; None until the key is first used."""
+    revoked_at: str | None
+
+
+class NewApiKey(ApiKey):
+    key: str
+    """The key itself, in this answer only."""
+
+
+class ApiKeysPage(TypedDict):
+    data: list[ApiKey]
+    count: int
+
+
 T = TypeVar("T")
 
 _USER = TypeAdapter(User)
@@ -361,6 +387,8 @@ _EVALUATIONS = TypeAdapter(list[Evaluation])
 _RUN = TypeAdapter(TrainingRun)
 _RUNS = TypeAdapter(list[TrainingRun])
 _RECORD = TypeAdapter(TrainingRecord)
+_API_KEYS = TypeAdapter(ApiKeysPage)
+_NEW_API_KEY = TypeAdapter(NewApiKey)
 
 
 class ApiError(Exception):
@@ -545,6 +573,23 @@ class Api:
         """Changes the given fields of a user (admins); the others stay."""
         changes = {k: v for k, v in {"role": role, "is_active": is_active}.items() if v is not None}
         return _typed(_USER, self.json("PATCH", f"/v1/users/{user_id}", json=changes))
+
+    # --- API keys (with a login token only) ----------------------------------------------------
+
+    def api_keys(self) -> list[ApiKey]:
+        """My API keys, newest first (at most 200), revoked and expired ones too."""
+        return _typed(_API_KEYS, self.json("GET", "/v1/api-keys", params={"limit": 200}))["data"]
+
+    def create_api_key(self, name: str, scopes: list[Scope], expires_in_days: int | None) -> NewApiKey:
+        """A new key with these scopes, expiring after ``expires_in_days`` days (None: never); the
+        answer is the only one that carries the key. ApiError 403 for the admin scope of a non-admin."""
+        body = {"name": name, "scopes": [str(s) for s in scopes], "expires_in_days": expires_in_days}
+        return _typed(_NEW_API_KEY, self.json("POST", "/v1/api-keys", json=body))
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Revokes one of my keys; ApiError 404 when it is not mine."""
+        self._request("DELETE", f"/v1/api-keys/{key_id}")
+        return True
 
     def stats(self) -> Stats:
         return _typed(_STATS, self.json("GET", "/v1/admin/stats"))

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Query, Request, status
-from fastapi.security import OAuth2PasswordBearer
+from fastapi.security import APIKeyHeader, OAuth2PasswordBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from api.app.api_keys import service as api_keys_service
+from api.app.api_keys.service import KeyGrant
 from api.app.auth import service as auth_service
 from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings
@@ -24,9 +26,19 @@ from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.registry.live import LiveRegistry
 from api.app.users.models import User
+from contracts.api_keys import Scope
 from contracts.registry import Registry
 
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/v1/auth/login")
+# Neither refuses a request by itself: a route needs one of the two, which get_caller decides.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/v1/auth/login", auto_error=False)
+api_key_scheme = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="APIKey",
+    description="An API key (ipk_...) made under /v1/api-keys; 'Authorization: Bearer <key>' works too.",
+    auto_error=False,
+)
+READ_METHODS = frozenset({"GET", "HEAD"})
+"""What an API key's ``read`` scope allows; every other method of a user route needs ``predict``."""
 
 
 # The getters are async although they do no I/O: FastAPI runs a plain-function dependency in its
@@ -108,10 +120,20 @@ WorkersDep = Annotated[WorkerDirectory, Depends(get_workers)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 ThrottleDep = Annotated[AttemptThrottle, Depends(get_throttle)]
 ClientAddressDep = Annotated[str, Depends(get_client_address)]
-TokenDep = Annotated[str, Depends(oauth2_scheme)]
+BearerDep = Annotated[str | None, Depends(oauth2_scheme)]
+ApiKeyHeaderDep = Annotated[str | None, Depends(api_key_scheme)]
 
 
-async def get_current_user(request: Request, token: TokenDep) -> User:
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a request, and with what: a login token (``grant`` is None: every right of the
+    user) or an API key (``grant``: its scopes)."""
+
+    user: User
+    grant: KeyGrant | None
+
+
+async def _token_user(request: Request, token: str) -> User:
     """The token's user, loaded outside any transaction together with the token's revocation (one
     round trip, and no connection held while a route reads an upload). The user comes detached: a
     route that changes it adds it to its own session."""
@@ -132,16 +154,78 @@ async def get_current_user(request: Request, token: TokenDep) -> User:
     return user
 
 
+async def _key_caller(request: Request, key: str) -> Caller:
+    """The key's owner and scopes. Failed keys are counted per client address as failed logins
+    are (their own count), and past the limit every key from that address gets 429."""
+    throttle: AttemptThrottle = request.app.state.throttle
+    async with throttle.client_attempt(action="api_key", client=await get_client_address(request)) as attempt:
+        async with request.app.state.read_sessionmaker() as session:
+            user, grant = await api_keys_service.authenticate(session=session, key=key)
+        attempt.succeeded = True
+    if Scope.admin not in grant.scopes:
+        user.admin_rights = False  # an admin's key without the admin scope acts as a user's
+    request.state.user_id = user.id
+    return Caller(user=user, grant=grant)
+
+
+async def get_caller(request: Request, bearer: BearerDep, api_key: ApiKeyHeaderDep) -> Caller:
+    """Who makes the request: ``Authorization: Bearer`` with a login token or an API key, or an
+    API key in ``X-API-Key`` (when both headers are sent, Authorization counts). Keys are looked
+    up only for credentials with the key prefix, so a login token costs what it did before keys
+    existed. Raises 401 when neither is sent or the credential is refused, 429 after too many
+    failed keys from the client's address."""
+    if bearer and not api_keys_service.is_key(bearer):
+        return Caller(user=await _token_user(request, bearer), grant=None)
+    key = bearer or api_key
+    if not key:
+        raise auth_service.unauthorized("Not authenticated")
+    return await _key_caller(request, key)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_current_user(request: Request, caller: CallerDep) -> User:
+    """The signed-in user of a user route. A request made with an API key needs the key's
+    ``read`` scope for GET and HEAD and its ``predict`` scope otherwise (403 without it)."""
+    if caller.grant is not None:
+        needed = Scope.read if request.method in READ_METHODS else Scope.predict
+        if needed not in caller.grant.scopes:
+            raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail=f"This API key lacks the {needed} scope")
+    return caller.user
+
+
 CurrentUser = Annotated[User, Depends(get_current_user)]
 
 
-async def get_admin_user(user: CurrentUser) -> User:
-    if not user.is_admin:
+async def get_admin_user(caller: CallerDep) -> User:
+    """The signed-in admin of an admin route: 403 for others, and for an API key without the
+    ``admin`` scope (whatever the method)."""
+    if caller.grant is not None and Scope.admin not in caller.grant.scopes:
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="This API key lacks the admin scope")
+    if not caller.user.is_admin:
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Admins only")
-    return user
+    return caller.user
 
 
 AdminUser = Annotated[User, Depends(get_admin_user)]
+
+
+async def get_login_user(request: Request, bearer: BearerDep) -> User:
+    """The user of a login token, for what an API key must never do: manage API keys, change the
+    password, renew or end a login session (a key could otherwise make itself a key or a login
+    token with more rights than its scopes). 403 for a request made with a key, 401 without a
+    valid login token."""
+    if (bearer and api_keys_service.is_key(bearer)) or (not bearer and request.headers.get("x-api-key")):
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN, detail="API keys cannot do this; log in with your password"
+        )
+    if not bearer:
+        raise auth_service.unauthorized("Not authenticated")
+    return await _token_user(request, bearer)
+
+
+LoginUser = Annotated[User, Depends(get_login_user)]
 
 
 async def owned_image(image_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> Image:

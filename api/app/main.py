@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from api.app.admin.router import router as admin_router
+from api.app.api_keys.router import router as api_keys_router
 from api.app.auth.background import forget_revocations
 from api.app.auth.router import classic as auth_classic
 from api.app.auth.router import router as auth_router
@@ -162,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (
         auth_classic,
         auth_router,
+        api_keys_router,
         users_classic,
         users_router,
         images_router,

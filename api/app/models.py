@@ -1,5 +1,6 @@
 """Every table, imported in one place for Alembic and for mapper configuration."""
 
+from api.app.api_keys.models import ApiKey
 from api.app.auth.models import RevokedToken
 from api.app.batches.models import Batch, BatchItem
 from api.app.examples.models import LabelledExample
@@ -11,6 +12,7 @@ from api.app.training.models import TrainingRun
 from api.app.users.models import User
 
 __all__ = [
+    "ApiKey",
     "Batch",
     "BatchItem",
     "Evaluation",

@@ -17,6 +17,7 @@ LAYERS = [
     "examples",
     "users",
     "auth",
+    "api_keys",
     "registry",
     "catalog",
     "predictions",
@@ -28,7 +29,7 @@ LAYERS = [
 ]
 # deps.py wires shared objects into routes: it sits above the domains it hands out and below every
 # router, so only routers import it.
-DEPS_USES = {"core", "images", "users", "auth", "registry", "catalog"}
+DEPS_USES = {"core", "images", "users", "auth", "api_keys", "registry", "catalog"}
 
 
 def _imported_app_modules(path: Path) -> set[str]:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from contracts.api_keys import Scope
 from tests.conftest import PASSWORD
 from tests.images import encode, split_colour
 from tests.support import PHOTOS, ROOT
@@ -84,12 +85,12 @@ def test_login_failure_and_success(api_url: str, portal: tuple[str, str, str]) -
     at.button[0].click().run()
     assert not at.exception and not at.error
     assert at.session_state["token"] and at.session_state["user"]["role"] == "admin"
-    assert at.session_state["page_titles"] == ["Classify", "Sketch", "Batch", "History", "Admin"]
+    assert at.session_state["page_titles"] == ["Classify", "Sketch", "Batch", "History", "API keys", "Admin"]
 
 
 def test_admin_page_only_for_admins(api_url: str, portal: tuple[str, str, str]) -> None:
     at = signed_in(api_url, *new_user(api_url, portal)).run()
-    assert at.session_state["page_titles"] == ["Classify", "Sketch", "Batch", "History"]
+    assert at.session_state["page_titles"] == ["Classify", "Sketch", "Batch", "History", "API keys"]
 
 
 def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> None:
@@ -501,3 +502,68 @@ def test_an_api_that_cannot_answer_a_renewal_ends_no_session(api_url: str, porta
         get_ui_settings.cache_clear()
     at.run()
     assert at.session_state["token"] != token  # renewed once the API answers again
+
+
+def keys_app(api_url: str, email: str, password: str) -> tuple[AppTest, str]:
+    """The API keys page of a signed-in person, run once; and their login token."""
+    token = Api(api_url).login(email, password)["token"]
+    me = httpx.get(f"{api_url}/v1/users/me", headers={"Authorization": f"Bearer {token}"}).json()
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.api_keys import api_keys_page\n"
+        f"st.session_state.setdefault('user', {me!r})\n"
+        f"api_keys_page(Api({api_url!r}, {token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    return app, token
+
+
+def test_api_keys_are_made_shown_once_listed_and_revoked(api_url: str, portal: tuple[str, str, str]) -> None:
+    app, token = keys_app(api_url, *new_user(api_url, portal))
+    assert any("No keys yet" in i.value for i in app.info)
+    # A user's keys cannot have the admin scope: it is not offered.
+    assert list(app.multiselect(key="api_key_scopes").options) == [
+        "read: see my uploads, predictions and feedback",
+        "predict: upload, classify, give feedback",
+    ]
+
+    app.text_input(key="api_key_name").input("nightly import")
+    app.multiselect(key="api_key_scopes").set_value([Scope.read])
+    app.selectbox(key="api_key_expiry").set_value("30 days")
+    next(b for b in app.button if b.proto.form_id == "api_key_create").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    key = app.session_state["api_key_new"]["key"]
+    assert [c.value for c in app.code] == [key]
+    # The key works, within its scope.
+    assert httpx.get(f"{api_url}/v1/images", headers={"X-API-Key": key}).status_code == 200
+    assert httpx.post(f"{api_url}/v1/predictions", json={}, headers={"X-API-Key": key}).status_code == 403
+    listed = Api(api_url, token).api_keys()
+    assert [(k["name"], k["scopes"]) for k in listed] == [("nightly import", [Scope.read])]
+    assert listed[0]["expires_at"] is not None
+
+    # Once dismissed, the key is nowhere on the page: the list shows its name, prefix and last use.
+    app.button(key="api_key_dismiss").click().run()
+    assert not app.code
+    page_text = " ".join(m.value for m in [*app.markdown, *app.caption])
+    assert key not in page_text and listed[0]["prefix"] in page_text and "nightly import" in page_text
+    assert any("Scopes: read" in c.value and "last used never" not in c.value for c in app.caption), [
+        c.value for c in app.caption
+    ]
+
+    # Revoking asks first; "Keep" keeps it, the second "Revoke" revokes it.
+    key_id = listed[0]["id"]
+    app.button(key=f"revoke_{key_id}").click().run()
+    assert any("Scripts using it will be refused" in w.value for w in app.warning)
+    app.button(key=f"revoke_no_{key_id}").click().run()
+    assert httpx.get(f"{api_url}/v1/images", headers={"X-API-Key": key}).status_code == 200
+    app.button(key=f"revoke_{key_id}").click().run()
+    app.button(key=f"revoke_yes_{key_id}").click().run()
+    assert not app.exception, app.exception
+    assert any("Revoked nightly import" in s.value for s in app.success)
+    assert httpx.get(f"{api_url}/v1/images", headers={"X-API-Key": key}).status_code == 401
+    assert any("· revoked" in m.value for m in app.markdown)
+
+
+def test_admins_may_give_their_keys_the_admin_scope(api_url: str, portal: tuple[str, str, str]) -> None:
+    app, _ = keys_app(api_url, portal[1], portal[2])
+    assert "admin: the administration routes" in list(app.multiselect(key="api_key_scopes").options)

@@ -262,6 +262,7 @@ PAGES = {
     "sketch": "Draw a sketch",
     "batch": "Classify a collection",
     "history": "My uploads",
+    "api-keys": "API keys",
     "admin": "Administration",
 }
 

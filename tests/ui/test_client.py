@@ -20,6 +20,8 @@ from ui.client import (
     Accuracy,
     Api,
     ApiError,
+    ApiKey,
+    ApiKeysPage,
     Correction,
     DailyCount,
     Feedback,
@@ -32,6 +34,7 @@ from ui.client import (
     LatencyPercentiles,
     ListedImage,
     Model,
+    NewApiKey,
     Prediction,
     Role,
     Stats,
@@ -60,6 +63,9 @@ ANSWERS: dict[Any, str] = {
     Accuracy: "Accuracy",
     Correction: "Correction",
     Stats: "Stats",
+    ApiKey: "ApiKeyPublic",
+    NewApiKey: "ApiKeyCreated",
+    ApiKeysPage: "ApiKeysPublic",
 }
 
 

@@ -8,8 +8,8 @@ from fastapi.security import OAuth2PasswordRequestForm
 from api.app.auth import service
 from api.app.auth.schemas import Token
 from api.app.core.config import Settings
-from api.app.core.responses import AUTHED, BODY, BODY_TOO_LARGE, CONFLICT, FORBIDDEN, TOO_MANY, UNAUTHORIZED
-from api.app.deps import ClientAddressDep, CurrentUser, HasherDep, SessionDep, SettingsDep, ThrottleDep
+from api.app.core.responses import BODY, BODY_TOO_LARGE, CONFLICT, FORBIDDEN, LOGIN, TOO_MANY, UNAUTHORIZED
+from api.app.deps import ClientAddressDep, HasherDep, LoginUser, SessionDep, SettingsDep, ThrottleDep
 from api.app.users import service as users_service
 from api.app.users.models import User
 from api.app.users.schemas import SignupIn, UserPublic
@@ -61,16 +61,16 @@ classic.add_api_route(
 )
 
 
-@router.post("/refresh", response_model=Token, responses={**AUTHED, **BODY_TOO_LARGE})
-async def refresh(request: Request, response: Response, _user: CurrentUser, settings: SettingsDep) -> Token:
+@router.post("/refresh", response_model=Token, responses={**LOGIN, **BODY_TOO_LARGE})
+async def refresh(request: Request, response: Response, _user: LoginUser, settings: SettingsDep) -> Token:
     """A new token in the same login session, valid for ``expires_in`` seconds from now (the
     session expires after that long without a refresh); 401 when this one is expired or revoked,
-    or its user is deactivated."""
+    or its user is deactivated; 403 for an API key (a key never becomes a login token)."""
     return _token_response(response, service.refresh(settings=settings, claims=request.state.token_claims), settings)
 
 
-@router.post("/logout", status_code=204, responses={**AUTHED, **BODY_TOO_LARGE})
-async def logout(request: Request, _user: CurrentUser, session: SessionDep, settings: SettingsDep) -> Response:
+@router.post("/logout", status_code=204, responses={**LOGIN, **BODY_TOO_LARGE})
+async def logout(request: Request, _user: LoginUser, session: SessionDep, settings: SettingsDep) -> Response:
     """Revoke the login session of the token this request carries: that token and every token
     refreshed from the same login."""
     await service.revoke(session=session, settings=settings, claims=request.state.token_claims)

@@ -4,7 +4,9 @@ FastAPI reads and parses a whole body (spooling a multipart upload to disk) befo
 dependencies run, so without this a 1 GB upload without a token would be written to disk and
 only then refused. Here a body that announces too large a size is refused at once (413), one
 that grows past the limit while it is read is cut off with 413, and an upload whose request
-carries no valid bearer token is refused (401) before a byte of its body is read.
+carries no valid bearer token, nor anything shaped like an API key, is refused (401) before a byte
+of its body is read. An API key is checked by the route (a database lookup): one that only looks
+right can make the API read at most one upload's limit before its 401.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app.core.security import TokenError, VerifiedTokens
+from contracts.api_keys import KEY_LENGTH, KEY_PREFIX
 
 UPLOAD_PATHS = frozenset({"/v1/images", "/model/predict", "/v1/batches"})
 """The routes that take a file: only these get the upload limit, and only for a signed-in caller."""
@@ -80,7 +83,7 @@ class BodyLimitMiddleware:
             await _answer(
                 send,
                 401,
-                "Sign in before uploading: the request has no valid bearer token.",
+                "Sign in before uploading: the request has no valid bearer token or API key.",
                 [(b"www-authenticate", b"Bearer")],
             )
             return
@@ -113,13 +116,18 @@ class BodyLimitMiddleware:
 
     def _signed_in(self, scope: Scope) -> bool:
         """Whether the request carries a bearer token with a valid signature and expiry (the
-        route still checks revocation and the user's state)."""
+        route still checks revocation and the user's state), or an API key of the right shape
+        (the route looks it up), as ``deps.get_caller`` reads them."""
         scheme, _, token = _header(scope, b"authorization").partition(" ")
-        tokens: VerifiedTokens | None = getattr(scope["app"].state, "tokens", None)
-        if scheme.lower() != "bearer" or not token or tokens is None:
-            return False
-        try:
-            tokens.decode(token)
-        except TokenError:
-            return False
-        return True
+        bearer = token if scheme.lower() == "bearer" else ""
+        if bearer and not bearer.startswith(KEY_PREFIX):
+            tokens: VerifiedTokens | None = getattr(scope["app"].state, "tokens", None)
+            if tokens is None:
+                return False
+            try:
+                tokens.decode(bearer)
+            except TokenError:
+                return False
+            return True
+        key = bearer or _header(scope, b"x-api-key")
+        return len(key) == KEY_LENGTH and key.startswith(KEY_PREFIX)

@@ -58,9 +58,11 @@ def error(description: str, headers: dict[str, Any] | None = None, model: type[B
 
 BAD_REQUEST: Responses = {400: error("The body cannot be parsed: not UTF-8, or a malformed form or multipart body")}
 UNAUTHORIZED: Responses = {
-    401: error("Missing, malformed, expired or revoked token, or inactive account", headers=CHALLENGE)
+    401: error("Missing, malformed, expired or revoked token or API key, or inactive account", headers=CHALLENGE)
 }
-FORBIDDEN: Responses = {403: error("Admins only")}
+FORBIDDEN: Responses = {403: error("Admins only, or an API key without the scope this needs")}
+SCOPE: Responses = {403: error("An API key without the scope this needs: read for GET and HEAD, predict otherwise")}
+LOGIN_ONLY: Responses = {403: error("Sent with an API key: this needs a login token")}
 NOT_FOUND: Responses = {404: error("No such resource, or not yours")}
 CONFLICT: Responses = {409: error("Already exists")}
 BODY_TOO_LARGE: Responses = {413: error("The request body is past its limit (64 KiB for JSON)")}
@@ -72,8 +74,16 @@ INTERNAL: Responses = {500: error("A bug; quote the request id when reporting it
 UNAVAILABLE: Responses = {503: error("A dependency is down or the queue is full; see Retry-After", headers=RETRY_AFTER)}
 TIMEOUT: Responses = {504: error("No result before the deadline")}
 
-AUTHED: Responses = UNAUTHORIZED
-ADMIN: Responses = {**UNAUTHORIZED, **FORBIDDEN}
+KEY_THROTTLED: Responses = {
+    429: error("Too many failed API keys from this address; see Retry-After", headers=RETRY_AFTER)
+}
+
+AUTHED: Responses = {**UNAUTHORIZED, **SCOPE, **KEY_THROTTLED}
+"""What a user route can answer before it runs: no valid token or key (401), a key without the
+scope (403), too many failed keys from the client's address (429)."""
+ADMIN: Responses = {**UNAUTHORIZED, **FORBIDDEN, **KEY_THROTTLED}
+LOGIN: Responses = {**UNAUTHORIZED, **LOGIN_ONLY}
+"""What a route only a login token may use answers before it runs: no valid token (401), an API key (403)."""
 BODY: Responses = {**BAD_REQUEST, **BODY_TOO_LARGE, **INVALID}
 """What any route taking a JSON or form body can answer before it runs: unparsable (400), past the
 size limit (413) or failing validation (422)."""

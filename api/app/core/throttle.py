@@ -1,4 +1,4 @@
-"""Attempt throttling for logins and password changes: failures counted in Redis with the
+"""Attempt throttling for logins, password changes and API keys: failures counted in Redis with the
 ``limits`` library's fixed windows, and one attempt at a time per account (redis-py's lock).
 
 Taking turns per account is what makes the count exact: ten parallel guesses cannot all be
@@ -112,3 +112,22 @@ class AttemptThrottle:
             finally:
                 with contextlib.suppress(LockError):  # the turn lapsed during a very slow check
                     await turn.release()
+
+    @asynccontextmanager
+    async def client_attempt(self, *, action: str, client: str) -> AsyncIterator[Attempt]:
+        """One attempt of ``action`` (``api_key``) from ``client``, counted against the per-client
+        limit only and without taking turns: there is no account to count against, and the check
+        is one indexed lookup, not a password hash, so parallel guesses gain next to nothing
+        (nor could they guess a 256-bit key). As :meth:`attempt`: the caller sets ``succeeded``,
+        anything else counts as a failure; raises 429 with Retry-After (seconds) when the count
+        is full."""
+        key = f"client:{client}"
+        if not await self.limiter.test(self.per_client, action, key):
+            stats = await self.limiter.get_window_stats(self.per_client, action, key)
+            raise _too_many("Too many failed attempts; try again later", stats.reset_time - time.time())
+        attempt = Attempt()
+        try:
+            yield attempt
+        finally:
+            if not attempt.succeeded:
+                await self.limiter.hit(self.per_client, action, key)

@@ -28,6 +28,10 @@ class User(TimestampMixin, Base):
     """Login sessions that began before this (a token's ``auth_time``) are refused: set when the
     password changes or the account is deactivated, so a stolen session ends with them."""
 
+    # Not a column. A request made with an API key without the admin scope clears it on the user
+    # it loaded for itself, so that every check of ``is_admin`` treats that admin as a user.
+    admin_rights = True
+
     @property
     def is_admin(self) -> bool:
-        return self.role == Role.admin.value
+        return self.role == Role.admin.value and self.admin_rights

@@ -6,12 +6,13 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.fields import Skip, UserId
-from api.app.core.responses import ADMIN, AUTHED, BODY, CONFLICT, INVALID, NOT_FOUND, TOO_MANY, Responses, error
+from api.app.core.responses import ADMIN, AUTHED, BODY, CONFLICT, INVALID, LOGIN, NOT_FOUND, TOO_MANY, Responses, error
 from api.app.deps import (
     AdminUser,
     ClientAddressDep,
     CurrentUser,
     HasherDep,
+    LoginUser,
     ReadSessionDep,
     SessionDep,
     SettingsDep,
@@ -37,7 +38,7 @@ READ: Responses = {**AUTHED, **NOT_FOUND, **INVALID}
 DELETE: Responses = {**ADMIN, **NOT_FOUND, **CONFLICT, **INVALID}
 PASSWORD: Responses = {
     **BODY,
-    **AUTHED,
+    **LOGIN,
     **TOO_MANY,
     400: error("The current password is wrong, or the body cannot be parsed"),
 }
@@ -85,14 +86,14 @@ async def read_me(user: CurrentUser) -> User:
 @router.patch("/me/password", status_code=204, responses=PASSWORD)
 async def change_password(
     body: PasswordChange,
-    user: CurrentUser,
+    user: LoginUser,
     session: SessionDep,
     hasher: HasherDep,
     throttle: ThrottleDep,
     client: ClientAddressDep,
     settings: SettingsDep,
 ) -> Response:
-    """Change my password (needs the current one; throttled as logins are)."""
+    """Change my password (needs the current one and a login token, not an API key; throttled as logins are)."""
     await service.change_password(
         session=session,
         hasher=hasher,

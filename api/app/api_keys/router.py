@@ -1,0 +1,46 @@
+"""Personal access tokens for scripts. Managed with a login token only: a key cannot make, list or
+revoke keys, so a leaked key cannot give itself a successor or more scopes."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Response
+
+from api.app.api_keys import service
+from api.app.api_keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
+from api.app.core.responses import BODY, INVALID, LOGIN, NOT_FOUND, Responses, error
+from api.app.deps import LoginUser, PageDep, ReadSessionDep, SessionDep
+
+router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
+
+CREATE: Responses = {
+    **BODY,
+    **LOGIN,
+    403: error("Sent with an API key, or the admin scope asked for by someone who is not an admin"),
+}
+
+
+@router.post("", response_model=ApiKeyCreated, status_code=201, responses=CREATE)
+async def create_api_key(body: ApiKeyCreate, user: LoginUser, session: SessionDep, response: Response) -> ApiKeyCreated:
+    """Make an API key; the answer is the only one that shows the key."""
+    row, key = await service.create_api_key(
+        session=session, owner=user, name=body.name, scopes=body.scopes, expires_in_days=body.expires_in_days
+    )
+    # A secret must not be kept by a browser's or a proxy's cache (as a token response, RFC 6749 5.1).
+    response.headers["Cache-Control"] = "no-store"
+    return ApiKeyCreated(**ApiKeyPublic.model_validate(row).model_dump(), key=key)
+
+
+@router.get("", response_model=ApiKeysPublic, responses={**LOGIN, **INVALID})
+async def list_api_keys(user: LoginUser, session: ReadSessionDep, page: PageDep) -> ApiKeysPublic:
+    """My API keys, newest first, revoked and expired ones too (never the keys themselves)."""
+    rows, count = await service.list_api_keys(session=session, owner_id=user.id, skip=page.skip, limit=page.limit)
+    return ApiKeysPublic(data=[ApiKeyPublic.model_validate(r) for r in rows], count=count)
+
+
+@router.delete("/{key_id}", status_code=204, responses={**LOGIN, **NOT_FOUND, **INVALID})
+async def revoke_api_key(key_id: uuid.UUID, user: LoginUser, session: SessionDep) -> Response:
+    """Revoke one of my API keys: it is refused (401) from now on."""
+    await service.revoke_api_key(session=session, owner_id=user.id, key_id=key_id)
+    return Response(status_code=204)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from api.app.core.fields import refuse_unstorable
+from contracts.api_keys import MAX_EXPIRY_DAYS, Scope
+
+KeyName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), AfterValidator(refuse_unstorable)
+]
+"""A key's name: 1-100 characters once surrounding blanks are trimmed."""
+
+
+class ApiKeyCreate(BaseModel):
+    name: KeyName = Field(description="What the key is for, e.g. the script that uses it")
+    scopes: list[Scope] = Field(
+        min_length=1,
+        max_length=3,
+        description="read (GET, HEAD), predict (every other method of the user routes), admin (admin routes; admins only)",
+    )
+    expires_in_days: int | None = Field(
+        default=None, ge=1, le=MAX_EXPIRY_DAYS, description="Days until the key stops working; null: never"
+    )
+
+
+class ApiKeyPublic(BaseModel):
+    """A key as its owner sees it in lists: never the key itself, nor its hash."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    prefix: str = Field(description="The key's first characters, to tell keys apart")
+    scopes: list[Scope]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None = Field(description="To the minute: updated at most once a minute")
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    """A new key, the only answer that carries it: the portal keeps only its hash."""
+
+    key: str = Field(description="Send as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+
+
+class ApiKeysPublic(BaseModel):
+    data: list[ApiKeyPublic]
+    count: int

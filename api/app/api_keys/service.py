@@ -1,0 +1,143 @@
+"""API keys: created, listed and revoked by their owner, and checked on every request that
+carries one.
+
+A key is ``ipk_`` and 32 random bytes (``secrets.token_urlsafe(32)``, 256 bits). Only its SHA-256
+is stored, and a request's key is found by the SHA-256 of what it sent: with that much entropy a
+key cannot be guessed or brute-forced from its hash, so a slow password hash (argon2) would add
+cost to every request and no safety. This is how GitHub stores its tokens ("Behind GitHub's new
+authentication token formats", github.blog, 2021) and what OWASP's Password Storage Cheat Sheet
+reserves slow hashes for: low-entropy secrets people choose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from fastapi import HTTPException, status
+from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.api_keys.models import ApiKey
+from api.app.auth.service import unauthorized
+from api.app.core.db import owned_page, utcnow
+from api.app.users.models import User
+from contracts.api_keys import DISPLAY_LENGTH, KEY_LENGTH, KEY_PREFIX, Scope
+
+LAST_USED_EVERY = timedelta(minutes=1)
+"""``last_used_at`` is written at most this often per key, so using a key does not write a row on
+every request."""
+REVOKED = "API key has been revoked"
+EXPIRED = "API key has expired"
+INVALID = "Invalid API key"
+
+# Built once: every request made with a key runs it.
+_KEY_WITH_OWNER = (
+    select(ApiKey, User).join(User, User.id == ApiKey.owner_id).where(ApiKey.key_hash == bindparam("b_hash"))
+)
+
+
+@dataclass(frozen=True)
+class KeyGrant:
+    """What a request made with a key may do: the key's id and scopes."""
+
+    key_id: uuid.UUID
+    scopes: frozenset[Scope]
+
+
+def is_key(credential: str) -> bool:
+    """Whether a credential is meant as an API key (by its prefix); anything else is a login token."""
+    return credential.startswith(KEY_PREFIX)
+
+
+def hash_key(key: str) -> str:
+    """Hex SHA-256 of the key's UTF-8 bytes (64 characters)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+async def create_api_key(
+    *,
+    session: AsyncSession,
+    owner: User,
+    name: str,
+    scopes: list[Scope],
+    expires_in_days: int | None,
+) -> tuple[ApiKey, str]:
+    """A new key of ``owner`` (the row and the key itself, which is not stored); expires
+    ``expires_in_days`` days from now, or never when None. Raises 403 when a non-admin asks for
+    the admin scope."""
+    if Scope.admin in scopes and not owner.is_admin:
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Only admins can give a key the admin scope")
+    key = new_key()
+    now = utcnow()
+    row = ApiKey(
+        owner_id=owner.id,
+        name=name,
+        prefix=key[:DISPLAY_LENGTH],
+        key_hash=hash_key(key),
+        scopes=[s.value for s in Scope if s in scopes],  # each once, in a fixed order
+        created_at=now,
+        expires_at=now + timedelta(days=expires_in_days) if expires_in_days is not None else None,
+    )
+    session.add(row)
+    await session.commit()
+    return row, key
+
+
+async def list_api_keys(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[ApiKey], int]:
+    """A page of the owner's keys, revoked and expired ones included, newest first, and how many there are."""
+    return await owned_page(session, ApiKey, owner_id=owner_id, skip=skip, limit=limit)
+
+
+async def revoke_api_key(*, session: AsyncSession, owner_id: int, key_id: uuid.UUID) -> None:
+    """Revokes one of the owner's keys from now on (a key revoked before keeps its time). Raises
+    404 when the owner has no such key, so that other people's key ids cannot be probed."""
+    key = await session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.owner_id == owner_id))
+    if key is None:
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="API key not found")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    await session.commit()
+
+
+async def authenticate(*, session: AsyncSession, key: str) -> tuple[User, KeyGrant]:
+    """The key's owner (detached from ``session`` once it closes) and what the key grants, in one
+    round trip, plus one write at most once a minute for ``last_used_at``. Raises 401 for an
+    unknown, malformed, revoked or expired key and for a deactivated owner."""
+    if len(key) != KEY_LENGTH or not is_key(key):
+        raise unauthorized(INVALID)
+    row = (await session.execute(_KEY_WITH_OWNER, {"b_hash": hash_key(key)})).first()
+    if row is None:
+        raise unauthorized(INVALID)
+    api_key, user = row
+    now = utcnow()
+    if api_key.revoked_at is not None:
+        raise unauthorized(REVOKED)
+    if api_key.expires_at is not None and api_key.expires_at <= now:
+        raise unauthorized(EXPIRED)
+    if not user.is_active:
+        raise unauthorized()
+    if api_key.last_used_at is None or now - api_key.last_used_at >= LAST_USED_EVERY:
+        await _mark_used(session=session, key_id=api_key.id, now=now)
+    return user, KeyGrant(key_id=api_key.id, scopes=frozenset(Scope(s) for s in api_key.scopes))
+
+
+async def _mark_used(*, session: AsyncSession, key_id: uuid.UUID, now: datetime) -> None:
+    # Conditional, so that of the requests of one minute (in any API process) one writes.
+    await session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.id == key_id,
+            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at <= now - LAST_USED_EVERY),
+        )
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    await session.commit()

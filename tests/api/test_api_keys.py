@@ -1,0 +1,308 @@
+"""API keys: made with a login, shown once, used in either header within their scopes, refused once
+revoked or expired or when their owner is deactivated, gone with their owner, throttled when wrong,
+and stored only as a hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from PIL import Image
+from sqlalchemy import func, select, text, update
+
+from api.app.api_keys.models import ApiKey
+from api.app.core.db import utcnow
+from contracts.api_keys import DISPLAY_LENGTH, KEY_PREFIX
+from tests.conftest import PASSWORD, Users, no_password_hashes
+from tests.images import encode
+
+pytestmark = pytest.mark.usefixtures("client")  # the app's lifespan runs for every test here
+
+
+def client_at(app: FastAPI, address: str) -> httpx.AsyncClient:
+    """A client from an address of its own: the refused keys of one test never throttle another's."""
+    transport = httpx.ASGITransport(app=app, client=(address, 1234))
+
+    async def scan(response: httpx.Response) -> None:
+        await response.aread()
+        no_password_hashes(response)
+
+    return httpx.AsyncClient(transport=transport, base_url="http://test", event_hooks={"response": [scan]})
+
+
+def fresh_address() -> str:
+    return f"10.{os.urandom(1)[0]}.{os.urandom(1)[0]}.{os.urandom(1)[0] or 1}"
+
+
+async def make_key(client: httpx.AsyncClient, login: dict[str, str], scopes: list[str], **extra: Any) -> dict[str, Any]:
+    body = {"name": f"script {uuid.uuid4().hex[:6]}", "scopes": scopes, **extra}
+    r = await client.post("/v1/api-keys", json=body, headers=login)
+    assert r.status_code == 201, r.text
+    created: dict[str, Any] = r.json()
+    return created
+
+
+def unknown_key() -> str:
+    return KEY_PREFIX + os.urandom(32).hex()[:43]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def header(key: str) -> dict[str, str]:
+    return {"X-API-Key": key}
+
+
+async def set_key(app: FastAPI, key_id: str, **values: Any) -> None:
+    async with app.state.sessionmaker() as session:
+        await session.execute(update(ApiKey).where(ApiKey.id == uuid.UUID(key_id)).values(**values))
+        await session.commit()
+
+
+async def listed(client: httpx.AsyncClient, login: dict[str, str], key_id: str) -> dict[str, Any]:
+    r = await client.get("/v1/api-keys", headers=login)
+    assert r.status_code == 200, r.text
+    row: dict[str, Any] = next(k for k in r.json()["data"] if k["id"] == key_id)
+    return row
+
+
+async def test_a_key_is_shown_once_works_in_both_headers_and_stops_when_revoked(app: FastAPI, users: Users) -> None:
+    me, login = await users.create()
+    async with client_at(app, fresh_address()) as client:
+        r = await client.post("/v1/api-keys", json={"name": "nightly", "scopes": ["read"]}, headers=login)
+        assert r.status_code == 201, r.text
+        assert r.headers["cache-control"] == "no-store"
+        created = r.json()
+        key = created["key"]
+        assert key.startswith(KEY_PREFIX) and len(key) == len(KEY_PREFIX) + 43
+        assert created["prefix"] == key[:DISPLAY_LENGTH] and created["scopes"] == ["read"]
+        assert created["last_used_at"] is None and created["revoked_at"] is None and created["expires_at"] is None
+
+        for headers in (bearer(key), header(key)):
+            r = await client.get("/v1/users/me", headers=headers)
+            assert r.status_code == 200, r.text
+            assert r.json()["id"] == me["id"]
+
+        r = await client.get("/v1/api-keys", headers=login)
+        assert r.status_code == 200 and r.json()["count"] == 1
+        assert key not in r.text and key[DISPLAY_LENGTH:] not in r.text
+        (row,) = r.json()["data"]
+        assert "key" not in row and "key_hash" not in row
+        assert row["name"] == "nightly" and row["prefix"] == created["prefix"] and row["last_used_at"] is not None
+
+        assert (await client.delete(f"/v1/api-keys/{created['id']}", headers=login)).status_code == 204
+        for headers in (bearer(key), header(key)):
+            r = await client.get("/v1/users/me", headers=headers)
+            assert r.status_code == 401 and r.json()["detail"] == "API key has been revoked"
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert (await listed(client, login, created["id"]))["revoked_at"] is not None
+
+
+async def test_last_used_is_written_at_most_once_a_minute(
+    client: httpx.AsyncClient, app: FastAPI, users: Users
+) -> None:
+    _, login = await users.create()
+    created = await make_key(client, login, ["read"])
+    assert (await client.get("/v1/images", headers=header(created["key"]))).status_code == 200
+    first = (await listed(client, login, created["id"]))["last_used_at"]
+    assert first is not None
+    assert (await client.get("/v1/images", headers=header(created["key"]))).status_code == 200
+    assert (await listed(client, login, created["id"]))["last_used_at"] == first
+    # A minute later the next use writes it again.
+    await set_key(app, created["id"], last_used_at=utcnow() - timedelta(seconds=61))
+    assert (await client.get("/v1/images", headers=header(created["key"]))).status_code == 200
+    assert (await listed(client, login, created["id"]))["last_used_at"] > first
+
+
+async def test_an_expired_key_is_refused(app: FastAPI, users: Users) -> None:
+    _, login = await users.create()
+    async with client_at(app, fresh_address()) as client:
+        created = await make_key(client, login, ["read"], expires_in_days=30)
+        expires = created["expires_at"]
+        assert expires is not None
+        assert (await client.get("/v1/users/me", headers=bearer(created["key"]))).status_code == 200
+        await set_key(app, created["id"], expires_at=utcnow() - timedelta(seconds=1))
+        r = await client.get("/v1/users/me", headers=bearer(created["key"]))
+        assert r.status_code == 401 and r.json()["detail"] == "API key has expired"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "", "scopes": ["read"]},
+        {"name": "   ", "scopes": ["read"]},
+        {"name": "x" * 101, "scopes": ["read"]},
+        {"name": "ok", "scopes": []},
+        {"name": "ok", "scopes": ["write"]},
+        {"name": "ok"},
+        {"name": "ok", "scopes": ["read"], "expires_in_days": 0},
+        {"name": "ok", "scopes": ["read"], "expires_in_days": 366},
+    ],
+)
+async def test_invalid_requests_for_a_key_are_422(client: httpx.AsyncClient, users: Users, body: Any) -> None:
+    _, login = await users.create()
+    r = await client.post("/v1/api-keys", json=body, headers=login)
+    assert r.status_code == 422, r.text
+
+
+async def test_scopes_limit_what_a_key_may_do(client: httpx.AsyncClient, users: Users) -> None:
+    _, login = await users.create()
+    reader = (await make_key(client, login, ["read"]))["key"]
+    predictor = (await make_key(client, login, ["predict"]))["key"]
+    photo = encode(Image.frombytes("RGB", (24, 24), os.urandom(24 * 24 * 3)), "PNG")
+
+    # read: GET only.
+    assert (await client.get("/v1/images", headers=header(reader))).status_code == 200
+    r = await client.post("/v1/images", files={"file": ("a.png", photo)}, headers=header(reader))
+    assert r.status_code == 403 and r.json()["detail"] == "This API key lacks the predict scope"
+    # predict: uploads (through the upload's own checks, before its body is read) and predictions, no reading.
+    r = await client.post("/v1/images", files={"file": ("a.png", photo)}, headers=bearer(predictor))
+    assert r.status_code == 201, r.text
+    image_id = r.json()["id"]
+    r = await client.get(f"/v1/images/{image_id}", headers=bearer(predictor))
+    assert r.status_code == 403 and r.json()["detail"] == "This API key lacks the read scope"
+    assert (await client.get(f"/v1/images/{image_id}", headers=bearer(reader))).status_code == 200
+    assert (await client.delete(f"/v1/images/{image_id}", headers=header(reader))).status_code == 403
+    assert (await client.delete(f"/v1/images/{image_id}", headers=header(predictor))).status_code == 204
+    # An upload with something that is not a key's shape is refused before its body is read.
+    r = await client.post("/v1/images", files={"file": ("a.png", photo)}, headers=header("ipk_short"))
+    assert r.status_code == 401
+
+
+async def test_admin_routes_need_the_admin_scope(client: httpx.AsyncClient, users: Users) -> None:
+    _, admin_login = await users.create(role="admin")
+    everything_but_admin = (await make_key(client, admin_login, ["read", "predict"]))["key"]
+    admin_key = (await make_key(client, admin_login, ["admin"]))["key"]
+    admin_and_read = (await make_key(client, admin_login, ["admin", "read"]))["key"]
+
+    for path in ("/v1/admin/stats", "/v1/users"):
+        r = await client.get(path, headers=header(everything_but_admin))
+        assert r.status_code == 403 and r.json()["detail"] == "This API key lacks the admin scope", path
+        assert (await client.get(path, headers=header(admin_key))).status_code == 200, path
+    # An admin's key without the admin scope acts as a user's within the user routes too.
+    r = await client.get("/v1/feedback", params={"all_users": True}, headers=header(everything_but_admin))
+    assert r.status_code == 403
+    assert (await client.get("/v1/feedback", params={"all_users": True}, headers=header(admin_and_read))).is_success
+    # The admin scope alone does not read the user routes.
+    assert (await client.get("/v1/users/me", headers=header(admin_key))).status_code == 403
+
+    # A user's key with every scope it can have stays out of the admin routes.
+    _, login = await users.create()
+    user_key = (await make_key(client, login, ["read", "predict"]))["key"]
+    assert (await client.get("/v1/admin/stats", headers=bearer(user_key))).status_code == 403
+
+
+async def test_only_admins_make_admin_keys(client: httpx.AsyncClient, users: Users) -> None:
+    _, login = await users.create()
+    r = await client.post("/v1/api-keys", json={"name": "ops", "scopes": ["read", "admin"]}, headers=login)
+    assert r.status_code == 403 and "admin scope" in r.json()["detail"]
+    assert (await client.get("/v1/api-keys", headers=login)).json()["count"] == 0
+    _, admin_login = await users.create(role="admin")
+    created = await make_key(client, admin_login, ["admin", "read", "admin"])
+    assert created["scopes"] == ["read", "admin"]
+
+
+async def test_a_key_cannot_manage_keys_or_become_a_login(client: httpx.AsyncClient, users: Users) -> None:
+    """Only a login token manages keys, changes the password or renews a session: a key never
+    gives itself a successor, more scopes or a login token."""
+    _, login = await users.create()
+    created = await make_key(client, login, ["read", "predict"])
+    for headers in (bearer(created["key"]), header(created["key"])):
+        attempts = [
+            client.post("/v1/api-keys", json={"name": "child", "scopes": ["read"]}, headers=headers),
+            client.get("/v1/api-keys", headers=headers),
+            client.delete(f"/v1/api-keys/{created['id']}", headers=headers),
+            client.post("/v1/auth/refresh", headers=headers),
+            client.post("/v1/auth/logout", headers=headers),
+            client.patch(
+                "/v1/users/me/password",
+                json={"current_password": PASSWORD, "new_password": "another-password"},
+                headers=headers,
+            ),
+        ]
+        for attempt in attempts:
+            r = await attempt
+            assert r.status_code == 403, (r.request.method, r.request.url, r.text)
+    assert (await listed(client, login, created["id"]))["revoked_at"] is None
+    assert (await client.get("/v1/api-keys", headers=login)).json()["count"] == 1
+    assert (await client.get("/v1/users/me", headers=header(created["key"]))).status_code == 200
+
+
+async def test_someone_elses_key_is_not_found(client: httpx.AsyncClient, users: Users) -> None:
+    _, alice = await users.create()
+    _, bob = await users.create()
+    created = await make_key(client, alice, ["read"])
+    assert (await client.delete(f"/v1/api-keys/{created['id']}", headers=bob)).status_code == 404
+    assert (await client.delete(f"/v1/api-keys/{uuid.uuid4()}", headers=bob)).status_code == 404
+    assert (await client.get("/v1/api-keys", headers=bob)).json()["count"] == 0
+    assert (await client.get("/v1/users/me", headers=header(created["key"]))).status_code == 200
+
+
+async def test_deactivating_the_owner_stops_its_keys_and_deleting_removes_them(
+    app: FastAPI, users: Users, admin_headers: dict[str, str]
+) -> None:
+    user, login = await users.create()
+    async with client_at(app, fresh_address()) as client:
+        key = (await make_key(client, login, ["read"]))["key"]
+        assert (await client.get("/v1/users/me", headers=header(key))).status_code == 200
+        r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": False}, headers=admin_headers)
+        assert r.status_code == 200
+        assert (await client.get("/v1/users/me", headers=header(key))).status_code == 401
+        r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": True}, headers=admin_headers)
+        assert (await client.get("/v1/users/me", headers=header(key))).status_code == 200
+
+        assert (await client.delete(f"/v1/users/{user['id']}", headers=admin_headers)).status_code == 204
+        assert (await client.get("/v1/users/me", headers=bearer(key))).status_code == 401
+    async with app.state.sessionmaker() as session:
+        left = await session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.owner_id == user["id"]))
+    assert left == 0
+
+
+async def test_wrong_keys_are_throttled_per_client_address(app: FastAPI, users: Users) -> None:
+    _, login = await users.create()
+    address = fresh_address()
+    async with client_at(app, address) as client:
+        good = (await make_key(client, login, ["read"]))["key"]
+        wrong = [header(unknown_key()), bearer(unknown_key()), header("not-a-key"), header(unknown_key()[:-1])]
+        for i in range(20):
+            r = await client.get("/v1/users/me", headers=wrong[i % len(wrong)])
+            assert r.status_code == 401, (i, r.text)
+        r = await client.get("/v1/users/me", headers=header(unknown_key()))
+        assert r.status_code == 429 and 0 < int(r.headers["retry-after"]) <= 900
+        # Past the limit that address's keys wait, the right one too; its login tokens do not.
+        assert (await client.get("/v1/users/me", headers=header(good))).status_code == 429
+        assert (await client.get("/v1/users/me", headers=login)).status_code == 200
+    async with client_at(app, fresh_address()) as other:
+        assert (await other.get("/v1/users/me", headers=header(good))).status_code == 200
+
+
+async def test_only_the_keys_hash_is_stored(client: httpx.AsyncClient, app: FastAPI, users: Users) -> None:
+    _, login = await users.create()
+    created = await make_key(client, login, ["read", "predict"])
+    key = created["key"]
+    async with app.state.sessionmaker() as session:
+        rows = list(await session.scalars(text("SELECT row_to_json(k)::text FROM api_keys AS k")))
+        stored = await session.scalar(select(ApiKey.key_hash).where(ApiKey.id == uuid.UUID(created["id"])))
+    assert rows and not [row for row in rows if key in row or key[DISPLAY_LENGTH:] in row]
+    assert stored == hashlib.sha256(key.encode()).hexdigest()
+
+
+async def test_openapi_offers_the_key_header_beside_the_login(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    scheme = spec["components"]["securitySchemes"]["APIKey"]
+    assert scheme == {**scheme, "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    both: list[dict[str, list[str]]] = [{"OAuth2PasswordBearer": []}, {"APIKey": []}]
+    assert spec["paths"]["/v1/images"]["post"]["security"] == both
+    assert spec["paths"]["/v1/admin/stats"]["get"]["security"] == both
+    # Keys are managed with a login only.
+    for method in ("get", "post"):
+        assert spec["paths"]["/v1/api-keys"][method]["security"] == [{"OAuth2PasswordBearer": []}]
+    assert {"201", "401", "403", "422"} <= set(spec["paths"]["/v1/api-keys"]["post"]["responses"])
+    assert {"401", "403", "429"} <= set(spec["paths"]["/v1/images"]["get"]["responses"])

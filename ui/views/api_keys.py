@@ -1,0 +1,132 @@
+"""My API keys: make one for a script (a name, scopes within my role, a lifetime), see it once to
+copy it, list them with when each was last used, and revoke one after a confirmation."""
+
+from __future__ import annotations
+
+import functools
+from datetime import UTC, datetime
+
+import streamlit as st
+
+from contracts.api_keys import SCOPE_WORDS, Scope
+from ui.client import Api, ApiKey, User
+from ui.results import readable_time
+from ui.session import guarded
+
+EXPIRY_DAYS: dict[str, int | None] = {"30 days": 30, "90 days": 90, "1 year": 365, "Never": None}
+"""The lifetimes offered, as people read them."""
+DEFAULT_SCOPES = [Scope.read, Scope.predict]
+
+
+def offered_scopes(user: User | None) -> list[Scope]:
+    """The scopes this person's keys may have: admin only for admins."""
+    return [s for s in Scope if s != Scope.admin or (user is not None and user["role"] == "admin")]
+
+
+def key_state(key: ApiKey, now: datetime | None = None) -> str:
+    """ "revoked", "expired" or "active"."""
+    if key["revoked_at"]:
+        return "revoked"
+    if key["expires_at"] and datetime.fromisoformat(key["expires_at"]) <= (now or datetime.now(UTC)):
+        return "expired"
+    return "active"
+
+
+def api_keys_page(api: Api) -> None:
+    st.title("API keys")
+    st.markdown(
+        "A key lets a script use the portal without your password. Send it as "
+        "`Authorization: Bearer <key>` or `X-API-Key: <key>`; it can do only what its scopes allow."
+    )
+    if revoked := st.session_state.pop("api_key_revoked", None):
+        st.success(f"Revoked {revoked}: it no longer works.")
+    new_key_notice()
+    create_form(api)
+    st.divider()
+    key_list(api)
+
+
+def new_key_notice() -> None:
+    """The key just made, shown until dismissed: the portal keeps only its hash."""
+    new = st.session_state.get("api_key_new")
+    if not new:
+        return
+    st.success(f"Your new key “{new['name']}”. Copy it now: it will not be shown again.")
+    st.code(new["key"], language=None)
+    if st.button("I have copied it", key="api_key_dismiss"):
+        st.session_state.pop("api_key_new", None)
+        st.rerun()
+
+
+def create_form(api: Api) -> None:
+    user: User | None = st.session_state.get("user")
+    scopes = offered_scopes(user)
+    with st.form("api_key_create", clear_on_submit=True):
+        st.subheader("Make a key")
+        name = st.text_input("Name", max_chars=100, placeholder="nightly import", key="api_key_name")
+        chosen = st.multiselect(
+            "Scopes",
+            scopes,
+            default=DEFAULT_SCOPES,
+            format_func=lambda s: SCOPE_WORDS[Scope(s)],
+            key="api_key_scopes",
+        )
+        expiry = st.selectbox("Expires after", list(EXPIRY_DAYS), index=1, key="api_key_expiry")
+        submitted = st.form_submit_button("Make key")
+    if not submitted:
+        return
+    if not name.strip():
+        st.error("Give the key a name, e.g. the script that will use it.")
+        return
+    if not chosen:
+        st.error("Choose at least one scope.")
+        return
+    days = EXPIRY_DAYS[expiry]
+    created = guarded(api, lambda: api.create_api_key(name.strip(), chosen, days))
+    if created is not None:
+        st.session_state["api_key_new"] = created
+        st.rerun()
+
+
+def key_list(api: Api) -> None:
+    keys = guarded(api, api.api_keys)
+    if keys is None:
+        return
+    if not keys:
+        st.info("No keys yet.")
+        return
+    st.subheader("My keys")
+    for key in keys:
+        key_row(api, key)
+
+
+def key_row(api: Api, key: ApiKey) -> None:
+    state = key_state(key)
+    info, action = st.columns([4, 1])
+    with info:
+        st.markdown(f"**{key['name']}** · `{key['prefix']}…` · {state}")
+        used = readable_time(key["last_used_at"]) if key["last_used_at"] else "never"
+        expires = readable_time(key["expires_at"]) if key["expires_at"] else "never"
+        st.caption(
+            f"Scopes: {', '.join(key['scopes'])} · made {readable_time(key['created_at'])} · "
+            f"last used {used} · expires {expires}"
+            + (f" · revoked {readable_time(key['revoked_at'])}" if key["revoked_at"] else "")
+        )
+    if state != "active":
+        return
+    with action:
+        confirming = st.session_state.get("api_key_confirm") == key["id"]
+        if not confirming and st.button("Revoke", key=f"revoke_{key['id']}"):
+            st.session_state["api_key_confirm"] = key["id"]
+            st.rerun()
+    if confirming:
+        st.warning(f"Revoke {key['name']}? Scripts using it will be refused at once.")
+        yes, no = st.columns(2)
+        if yes.button("Revoke", type="primary", key=f"revoke_yes_{key['id']}"):
+            st.session_state.pop("api_key_confirm", None)
+            if guarded(api, functools.partial(api.revoke_api_key, key["id"])) is not None:
+                st.session_state["api_key_revoked"] = key["name"]
+                st.rerun()
+        if no.button("Keep", key=f"revoke_no_{key['id']}"):
+            st.session_state.pop("api_key_confirm", None)
+            st.rerun()
