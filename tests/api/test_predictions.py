@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi import HTTPException
 from PIL import Image
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text, update
 
 from api.app.core.config import Settings
 from api.app.main import create_app
@@ -355,6 +355,57 @@ async def test_answers_for_one_job_complete_it_once(app: Any, users: Users, clie
         body = (await client.get(f"/v1/predictions/{job.id}", headers=headers)).json()
         assert body["status"] == "done" and body["finished_at"] is not None
         assert [(p["label"], p["status"]) for p in body["results"]] == [("label0", "done"), ("label1", "done")]
+
+
+async def test_an_answer_faster_than_the_lanes_commit_is_stored(
+    app: Any, users: Users, client: httpx.AsyncClient
+) -> None:
+    """The batch lane queues a job before it commits the job as queued: an answer arriving in
+    between waits for that commit, then is stored (it used to be dropped, stalling the batch)."""
+    user, headers = await users.create()
+    image = await upload(client, headers, noise_png())
+    job = Job(
+        id=uuid.uuid4(),
+        owner_id=user["id"],
+        image_id=uuid.UUID(image["id"]),
+        status="pending",
+        request_id="batch-test",
+        deadline_at=datetime.now(UTC) + timedelta(minutes=5),
+    )
+    prediction = Prediction(
+        id=uuid.uuid4(), job_id=job.id, position=0, model_name="m", model_version=1, status="pending"
+    )
+    async with app.state.sessionmaker() as session:
+        session.add(job)
+        await session.flush()
+        session.add(prediction)
+        await session.commit()
+    answer = ResultMessage(
+        job_id=str(job.id),
+        prediction_id=str(prediction.id),
+        model="m",
+        version=1,
+        status=PredictionStatus.done,
+        top_k=[LabelScore(label="macaw", score=0.9)],
+    )
+
+    async def store() -> service.StoredResult:
+        async with app.state.sessionmaker() as session:
+            return await service.store_result(session=session, result=answer)
+
+    async with app.state.sessionmaker() as lane:
+        # What lane.top_up does: lock the pending job, mark it queued, (enqueue,) commit.
+        await lane.execute(select(Job).where(Job.id == job.id).with_for_update())
+        await lane.execute(update(Job).where(Job.id == job.id).values(status="queued"))
+        await lane.execute(update(Prediction).where(Prediction.id == prediction.id).values(status="queued"))
+        stored = asyncio.create_task(store())
+        await asyncio.sleep(0.5)  # the answer is waiting for the job's lock
+        assert not stored.done()
+        await lane.commit()
+    owner_id, payload = await asyncio.wait_for(stored, 10)
+    assert owner_id == user["id"] and payload is not None
+    body = (await client.get(f"/v1/predictions/{job.id}", headers=headers)).json()
+    assert body["status"] == "done" and [(p["label"], p["status"]) for p in body["results"]] == [("macaw", "done")]
 
 
 async def test_in_flight_count_reads_only_jobs_in_flight(app: Any, users: Users, client: httpx.AsyncClient) -> None:

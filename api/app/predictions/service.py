@@ -48,9 +48,7 @@ _LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id")).with_f
 _STORE_ANSWER = (
     update(_predictions).where(
         _predictions.c.id == bindparam("b_prediction_id"),
-        # The job's row is locked before the answer is written (the subquery runs first), in the
-        # same round trip: see store_result.
-        _predictions.c.job_id == _LOCK_JOB.scalar_subquery(),
+        _predictions.c.job_id == bindparam("b_job_id"),
         _predictions.c.status.in_(UNFINISHED),
     )
     # The job's owner, for the result cache, which is kept per user.
@@ -618,6 +616,12 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> Store
         await evaluations.store_answer(session=session, result=result)
         return StoredResult(None, None)
     job_id = uuid.UUID(result.job_id)
+    # The job's row is locked by a statement of its own, so that the UPDATE below takes its
+    # snapshot once the lock is granted. The batch lane queues jobs before it commits them: an
+    # answer faster than that commit waits here for it, then sees the prediction queued. Locked
+    # inside the UPDATE, the snapshot predated the commit, the prediction still looked pending
+    # and the answer was dropped (its batch stalled until the job's deadline).
+    await session.execute(_LOCK_JOB, {"b_job_id": job_id})
     owner_id = await session.scalar(
         _STORE_ANSWER,
         {"b_prediction_id": uuid.UUID(result.prediction_id), "b_job_id": job_id, **_result_values(result, now)},

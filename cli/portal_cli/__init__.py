@@ -1,0 +1,3 @@
+"""``portal``: the image classification portal from a terminal (login, predict, batches)."""
+
+__version__ = "1.0.0"

@@ -1,0 +1,64 @@
+"""A directory of images as one zip, written to a temporary file so that no collection has to
+fit in memory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff"})
+"""File name endings the portal accepts (``contracts.imaging.UPLOAD_EXTENSIONS``; this package is
+installed without the portal's code, and a test keeps the two equal)."""
+
+
+@dataclass
+class Collected:
+    """The files of a directory that go into a batch, and what was left out."""
+
+    images: list[Path]
+    """Image files by extension, sorted by their path inside the directory."""
+    left_out: int
+    """Other files (not counting hidden ones)."""
+
+
+def collect(folder: Path) -> Collected:
+    """The image files under ``folder`` (recursively; hidden files and folders skipped, as
+    ``.DS_Store`` or ``.git`` are never photos); symbolic links are followed."""
+    images: list[Path] = []
+    left_out = 0
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and "." in name:
+                images.append(Path(root, name))
+            else:
+                left_out += 1
+    return Collected(images=images, left_out=left_out)
+
+
+def zip_images(folder: Path, images: list[Path], on_added: Callable[[int], None] | None = None) -> Path:
+    """Writes ``images`` (files under ``folder``) into a new temporary zip, named by their path
+    relative to ``folder`` with ``/`` separators (the name the results show); returns its path,
+    which the caller deletes. ``on_added`` is told how many files are in so far.
+
+    Entries are stored, not deflated: photos are compressed already, and deflating them again
+    would cost CPU for nothing. Raises OSError when a file cannot be read or the disk is full."""
+    fd, name = tempfile.mkstemp(prefix="portal-batch-", suffix=".zip")
+    os.close(fd)
+    path = Path(name)
+    try:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for n, image in enumerate(images, start=1):
+                archive.write(image, image.relative_to(folder).as_posix())
+                if on_added:
+                    on_added(n)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path

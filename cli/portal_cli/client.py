@@ -1,0 +1,246 @@
+"""The portal's HTTP API as the CLI uses it: one class, every failure a :class:`PortalError`.
+
+Authentication is an API key (sent as ``X-API-Key``) or the login token from the config file,
+renewed through ``POST /v1/auth/refresh`` once half its life is gone, so that following a long
+batch outlives one token.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+from portal_cli import __version__
+from portal_cli.config import Login
+from portal_cli.errors import ExitCode, PortalError
+
+QUICK = httpx.Timeout(30.0, connect=10.0)
+"""Reads of state: the API answers these at once."""
+PREDICT = httpx.Timeout(90.0, connect=10.0)
+"""POST /model/predict waits for the models up to PREDICT_DEADLINE_SECONDS (30 s by default)."""
+UPLOAD = httpx.Timeout(1800.0, connect=10.0)
+"""POST /v1/batches checks every image before it answers: minutes for 10,000 of them."""
+
+
+def _detail(response: httpx.Response) -> str:
+    """The API's ``detail`` as text (FastAPI's validation errors joined), else the status line."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list):
+        detail = "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+    text = str(detail) if detail else f"{response.status_code} {response.reason_phrase}".strip()
+    if (retry := response.headers.get("retry-after")) and response.status_code in (429, 503):
+        text += f" (retry in {retry} s)"
+    return text
+
+
+class _ProgressReader(io.BufferedReader):
+    """A file that reports how far it has been read, for an upload's progress bar."""
+
+    def __init__(self, raw: io.FileIO, on_position: Callable[[int], None]) -> None:
+        super().__init__(raw)
+        self._on_position = on_position
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        chunk = super().read(size)
+        self._on_position(self.tell())
+        return chunk
+
+
+class Portal:
+    """One user's view of the portal at ``url``; ``api_key`` or ``login`` authenticate the calls.
+
+    ``on_login`` is called with each renewed login, to store it. Every method raises PortalError:
+    exit 3 for 401/403, 4 when the portal cannot be reached or answers 5xx, 1 for other 4xx."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        login: Login | None = None,
+        on_login: Callable[[Login], None] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.login_state = login
+        self.on_login = on_login
+        self.http = httpx.Client(base_url=self.url, headers={"User-Agent": f"portal-cli/{__version__}"})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Portal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _auth_headers(self) -> dict[str, str]:
+        if self.api_key:
+            return {"X-API-Key": self.api_key}
+        if self.login_state is None:
+            return {}
+        if self.login_state.expired():
+            raise PortalError("Your login has expired: run `portal login` again.", ExitCode.AUTH)
+        if self.login_state.renew_due():
+            self.refresh()
+        return {"Authorization": f"Bearer {self.login_state.token}"}
+
+    def _send(
+        self, method: str, path: str, *, auth: bool = True, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {**(self._auth_headers() if auth else {}), **(headers or {})}
+        try:
+            response = self.http.request(method, path, headers=headers, **kwargs)
+        except httpx.TimeoutException:
+            raise PortalError(f"The portal at {self.url} did not answer in time.", ExitCode.UNAVAILABLE) from None
+        except httpx.TransportError as exc:
+            raise PortalError(f"Cannot reach the portal at {self.url} ({exc}).", ExitCode.UNAVAILABLE) from None
+        self._check(response)
+        return response
+
+    @contextmanager
+    def _stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        try:
+            with self.http.stream(method, path, headers=self._auth_headers(), **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                self._check(response)
+                yield response
+        except httpx.TimeoutException:
+            raise PortalError(f"The portal at {self.url} did not answer in time.", ExitCode.UNAVAILABLE) from None
+        except httpx.TransportError as exc:
+            raise PortalError(f"Cannot reach the portal at {self.url} ({exc}).", ExitCode.UNAVAILABLE) from None
+
+    def _check(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        detail = _detail(response)
+        if status == 401:
+            if self.api_key:
+                raise PortalError(f"The portal refused the API key: {detail}.", ExitCode.AUTH)
+            if self.login_state is not None:
+                raise PortalError(
+                    f"Your login has expired or was revoked ({detail}): run `portal login` again.", ExitCode.AUTH
+                )
+            raise PortalError(detail, ExitCode.AUTH)
+        if status == 403:
+            raise PortalError(f"Not allowed: {detail}", ExitCode.AUTH)
+        if status >= 500:
+            raise PortalError(f"The portal answered {status}: {detail}", ExitCode.UNAVAILABLE)
+        raise PortalError(detail, ExitCode.INPUT)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise PortalError(
+                f"The portal at {self.url} answered something else than JSON.", ExitCode.UNAVAILABLE
+            ) from None
+
+    # --- auth ---------------------------------------------------------------------------------
+
+    def log_in(self, email: str, password: str) -> Login:
+        """Logs in with a password; the new login (also used for the next calls).
+
+        Raises PortalError 3 for wrong credentials or a deactivated account, 1 when throttled."""
+        body = self._json(
+            "POST", "/v1/auth/login", auth=False, data={"username": email, "password": password}, timeout=QUICK
+        )
+        self.login_state = _login(body)
+        return self.login_state
+
+    def refresh(self) -> Login:
+        """Trades the current login token for a fresh one of the same session and hands it to
+        ``on_login``. Raises PortalError 3 when the session expired or was revoked."""
+        assert self.login_state is not None
+        old = self.login_state
+        body = self._json(
+            "POST", "/v1/auth/refresh", auth=False, headers={"Authorization": f"Bearer {old.token}"}, timeout=QUICK
+        )
+        self.login_state = _login(body)
+        if self.on_login:
+            self.on_login(self.login_state)
+        return self.login_state
+
+    def log_out(self) -> None:
+        """Revokes the login session (its token and every token refreshed from it)."""
+        self._send("POST", "/v1/auth/logout", timeout=QUICK)
+
+    # --- predictions --------------------------------------------------------------------------
+
+    def predict(self, path: Path, models: list[str]) -> dict[str, Any]:
+        """One image classified by ``models`` (the portal's default when empty), waiting for every
+        answer: the API's one-call answer, ``results`` keyed ``name@version`` with each model's
+        ``status``, ``label``, ``score`` (0..1), ``top_k`` and ``error``."""
+        with path.open("rb") as image:
+            return dict(
+                self._json(
+                    "POST",
+                    "/model/predict",
+                    params=[("models", m) for m in models],
+                    files={"file": (path.name, image)},
+                    timeout=PREDICT,
+                )
+            )
+
+    # --- batches ------------------------------------------------------------------------------
+
+    def create_batch(
+        self, archive: Path, models: list[str], on_sent: Callable[[int], None] | None = None
+    ) -> dict[str, Any]:
+        """Sends a zip of images as a new batch, streamed from disk; ``on_sent`` is told the bytes
+        sent so far. The API's 202 answer: the batch (``id``, ``status``, ``counts``)."""
+        with _ProgressReader(io.FileIO(archive, "rb"), on_sent or (lambda _n: None)) as body:
+            return dict(
+                self._json(
+                    "POST",
+                    "/v1/batches",
+                    files={"file": (archive.name, body, "application/zip")},
+                    data={"models": ",".join(models)},
+                    timeout=UPLOAD,
+                )
+            )
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """A batch with its ``counts`` (images, queued, running, done, failed, skipped, eta_seconds)."""
+        return dict(self._json("GET", f"/v1/batches/{batch_id}", timeout=QUICK))
+
+    def batches(self) -> dict[str, Any]:
+        """My batches, newest first: ``{"data": [...], "count": n}``."""
+        return dict(self._json("GET", "/v1/batches", timeout=QUICK))
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """Cancels what of the batch has not been queued; the batch with its counts."""
+        return dict(self._json("DELETE", f"/v1/batches/{batch_id}", timeout=QUICK))
+
+    def download_results(self, batch_id: str, out: BinaryIO) -> int:
+        """Writes the batch's results as CSV to ``out``; the bytes written."""
+        written = 0
+        with self._stream(
+            "GET", f"/v1/batches/{batch_id}/results", params={"format": "csv"}, timeout=QUICK
+        ) as response:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+                written += len(chunk)
+        return written
+
+
+def _login(body: Any) -> Login:
+    try:
+        return Login(token=str(body["access_token"]), issued_at=time.time(), expires_in=int(body["expires_in"]))
+    except (KeyError, TypeError, ValueError):
+        raise PortalError("The portal's login answer has no token.", ExitCode.UNAVAILABLE) from None

@@ -1,0 +1,31 @@
+"""Exit codes and the one error type every command turns into a single line on stderr."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What ``portal`` exits with; the README and ``portal --help`` list the same."""
+
+    OK = 0
+    INPUT = 1
+    """The portal (a 4xx other than 401/403) or the CLI itself refused the input."""
+    USAGE = 2
+    """Wrong options or arguments (Click's own code)."""
+    AUTH = 3
+    """Not logged in, the login expired or was revoked, a refused API key, or 403."""
+    UNAVAILABLE = 4
+    """The portal cannot be reached, timed out, or answered 5xx."""
+    INTERRUPTED = 130
+    """Ctrl-C (128 + SIGINT, as shells report it)."""
+
+
+class PortalError(Exception):
+    """A failure to show as one line, and the exit code it ends the command with."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.INPUT) -> None:
+        # One line whatever the API sent: a multi-line detail would break `2>err.log` greps.
+        super().__init__(" ".join(message.split()))
+        self.message = " ".join(message.split())
+        self.code = code

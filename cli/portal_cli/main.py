@@ -1,0 +1,419 @@
+"""The ``portal`` command: ``login``, ``logout``, ``predict`` and ``batch``.
+
+Results go to stdout, everything else (progress, notes, errors) to stderr, so that
+``portal predict --json x.jpg > out.json`` captures only the answer. A failure is one line on
+stderr and an exit code from :class:`ExitCode`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from portal_cli.archive import collect, zip_images
+from portal_cli.client import Portal
+from portal_cli.config import (
+    BatchState,
+    BatchStates,
+    Login,
+    load_config,
+    normalise_url,
+    not_logged_in,
+    save_config,
+)
+from portal_cli.errors import ExitCode, PortalError
+
+EPILOG = """**Exit codes**: **0** done;
+**1** the input was refused, by the portal (a 4xx other than 401/403) or here (no images, a file that cannot be read
+or written); **2** wrong usage; **3** not logged in, login expired or revoked, API key refused, or not allowed (401,
+403); **4** the portal cannot be reached, timed out or answered 5xx; **130** interrupted (Ctrl-C).
+
+**Settings**: PORTAL_URL, PORTAL_API_KEY, PORTAL_CONFIG (default ~/.config/portal/config.json)."""
+
+app = typer.Typer(
+    name="portal",
+    help="The image classification portal from a terminal: log in, classify images, classify whole "
+    "collections as batches.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    # Errors are ours to report as one line; a rich traceback is for bugs only (PORTAL_DEBUG=1).
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        envvar="PORTAL_URL",
+        help="The portal API's address (default: the one logged in to).",
+        show_default=False,
+    ),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="PORTAL_API_KEY",
+        help="A personal API key (ipk_...) instead of the login; sent as X-API-Key.",
+        show_default=False,
+    ),
+]
+ModelOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="A model as name or name@version; repeat (or separate with commas) for several. "
+        "Default: the portal's default model.",
+        show_default=False,
+    ),
+]
+
+POLL_SECONDS = 1.0
+"""How often ``batch`` asks for the counts."""
+RETRY_SECONDS = 5.0
+RETRIES = 12
+"""A batch being followed survives a minute of the portal being unreachable (a restart)."""
+
+_stderr = Console(stderr=True, highlight=False)
+
+
+def _note(text: str) -> None:
+    """A line for the person at the terminal, on stderr."""
+    _stderr.print(text, markup=False, soft_wrap=True)
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turns PortalError and local file errors into one line on stderr and their exit code."""
+    try:
+        yield
+    except PortalError as exc:
+        _note(f"portal: {exc.message}")
+        raise typer.Exit(exc.code) from None
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        _note(f"portal: {exc.strerror or exc}{where}")
+        raise typer.Exit(ExitCode.INPUT) from None
+    except typer.Abort:
+        # Ctrl-C or Ctrl-D at a prompt: Click would exit 1 with "Aborted!".
+        _note("portal: interrupted.")
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+
+
+def _models(options: list[str] | None) -> list[str]:
+    return [m.strip() for option in options or [] for m in option.split(",") if m.strip()]
+
+
+def open_portal(url: str | None, api_key: str | None) -> Portal:
+    """The portal at ``url`` (else the config's), authenticated by ``api_key`` or the stored login.
+
+    The stored token is sent only to the URL it was issued by, so ``--url`` or ``PORTAL_URL``
+    pointing elsewhere never hands it to another server. Raises PortalError 3 without either."""
+    config = load_config()
+    target = normalise_url(url or config.url)
+    if api_key:
+        return Portal(target, api_key=api_key)
+    if config.login is None or normalise_url(config.url) != target:
+        raise not_logged_in(target)
+
+    def keep(login: Login) -> None:
+        config.login = login
+        save_config(config)
+
+    return Portal(target, login=config.login, on_login=keep)
+
+
+@app.command()
+def login(
+    url: UrlOption = None,
+    email: Annotated[str | None, typer.Option("--email", "-e", help="Your email (asked when missing).")] = None,
+) -> None:
+    """Log in with your email and password (asked, hidden).
+
+    Keeps the URL and a token in the config file, readable by you only. The token is renewed while
+    used; when it has expired, log in again."""
+    with _reported():
+        config = load_config()
+        target = normalise_url(url or config.url)
+        same_portal = normalise_url(config.url) == target
+        email = email or typer.prompt("Email", default=config.email if same_portal and config.email else None)
+        password = typer.prompt("Password", hide_input=True)
+        with Portal(target) as portal:
+            session = portal.log_in(email, password)
+        config.url, config.email, config.login = target, email, session
+        path = save_config(config)
+        _note(f"Logged in to {target} as {email} (token kept in {path}).")
+
+
+@app.command()
+def logout() -> None:
+    """Revoke the stored login at the portal and forget it here."""
+    with _reported():
+        config = load_config()
+        if config.login is None:
+            _note("Not logged in.")
+            return
+        try:
+            with Portal(config.url, login=config.login) as portal:
+                portal.log_out()
+        except PortalError as exc:
+            # An expired or revoked token is as good as logged out; an unreachable portal is not.
+            if exc.code != ExitCode.AUTH:
+                raise
+        config.login = None
+        save_config(config)
+        _note(f"Logged out of {config.url}.")
+
+
+@app.command()
+def predict(
+    files: Annotated[
+        list[Path],
+        typer.Argument(help="Images to classify.", exists=True, dir_okay=False, readable=True, show_default=False),
+    ],
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answers as JSON.")] = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Classify images: one line per file and model (file, model@version, label, score).
+
+    A file the portal refuses is reported on stderr and the others go on (exit 1 at the end)."""
+    refused = False
+    rows: list[dict[str, Any]] = []
+    with _reported(), open_portal(url, api_key) as portal:
+        for path in files:
+            try:
+                answer = portal.predict(path, _models(model))
+            except PortalError as exc:
+                if exc.code != ExitCode.INPUT:
+                    raise
+                refused = True
+                _note(f"portal: {path}: {exc.message}")
+                rows.append({"file": str(path), "status": "refused", "error": exc.message})
+                continue
+            for ref, result in answer.get("results", {}).items():
+                row = {
+                    "file": str(path),
+                    "model": ref,
+                    "status": result.get("status"),
+                    "label": result.get("label"),
+                    "score": result.get("score"),
+                    "top_k": result.get("top_k", []),
+                    "error": result.get("error"),
+                }
+                rows.append(row)
+                if row["status"] != "done":
+                    refused = True
+                    _note(f"portal: {path}: {ref} {row['status']}: {row['error'] or 'no answer'}")
+                elif not as_json:
+                    print(f"{path}  {ref}  {row['label']}  {100 * float(row['score'] or 0):.1f}%", flush=True)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    if refused:
+        raise typer.Exit(ExitCode.INPUT)
+
+
+def _eta(counts: dict[str, Any]) -> str:
+    seconds = counts.get("eta_seconds")
+    failed = f"  {counts['failed']} failed" if counts.get("failed") else ""
+    if seconds is None:
+        return "ETA …" + failed
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"ETA {hours}:{minutes:02d}:{secs:02d}" if hours else f"ETA {minutes}:{secs:02d}") + failed
+
+
+def _finished(batch: dict[str, Any]) -> bool:
+    counts = batch["counts"]
+    return batch["status"] in ("done", "cancelled") and counts["queued"] + counts["running"] == 0
+
+
+def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
+    """Shows the batch's progress (images done or failed of all, the portal's ETA) until it has
+    finished; the last answer. Rides out up to RETRIES unreachable or 5xx answers in a row."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[eta]}"))
+    with Progress(*columns, console=_stderr) as bar:
+        task = bar.add_task("Classifying", total=None, eta="")
+        misses = 0
+        while True:
+            try:
+                batch = portal.batch(batch_id)
+            except PortalError as exc:
+                misses += 1
+                if exc.code != ExitCode.UNAVAILABLE or misses > RETRIES:
+                    raise
+                bar.update(task, eta=f"portal unreachable, retrying ({misses}/{RETRIES})")
+                time.sleep(RETRY_SECONDS)
+                continue
+            misses = 0
+            counts = batch["counts"]
+            bar.update(task, total=counts["images"], completed=counts["done"] + counts["failed"], eta=_eta(counts))
+            if _finished(batch):
+                return batch
+            time.sleep(POLL_SECONDS)
+
+
+def _upload(portal: Portal, source: Path, models: list[str]) -> dict[str, Any]:
+    """Sends ``source`` (a zip, or a directory zipped into a temporary file first) as a new batch;
+    the API's answer. Raises PortalError 1 for a directory without images."""
+    if source.is_dir():
+        found = collect(source)
+        if found.left_out:
+            _note(f"{found.left_out} file(s) without an image extension left out.")
+        if not found.images:
+            raise PortalError(f"No images in {source} (looked for .jpg, .png, .gif, .bmp, .webp, .tif).")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_stderr) as bar:
+            task = bar.add_task("Zipping", total=len(found.images))
+            archive = zip_images(source, found.images, lambda n: bar.update(task, completed=n))
+    else:
+        archive = source
+    try:
+        size = archive.stat().st_size
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        with Progress(*columns, TimeRemainingColumn(), console=_stderr) as bar:
+            task = bar.add_task("Uploading", total=size)
+            return portal.create_batch(archive, models, lambda sent: bar.update(task, completed=sent))
+    finally:
+        if archive != source:
+            archive.unlink(missing_ok=True)
+
+
+def _write_results(portal: Portal, batch_id: str, out: str) -> None:
+    """Downloads the CSV to ``out`` ("-": stdout) through a temporary file beside it, so that an
+    interrupted download never leaves half a CSV under the expected name."""
+    if out == "-":
+        portal.download_results(batch_id, sys.stdout.buffer)
+        sys.stdout.flush()
+        return
+    target = Path(out)
+    partial = target.with_name(f".{target.name}.part")
+    try:
+        with partial.open("wb") as sink:
+            portal.download_results(batch_id, sink)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@app.command()
+def batch(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A directory of images (zipped here, images by extension only) or a zip of images.",
+            exists=True,
+            readable=True,
+            show_default=False,
+            metavar="DIR|ZIP",
+        ),
+    ],
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="Where to write the results CSV ('-': stdout).", show_default=False),
+    ] = None,
+    model: ModelOption = None,
+    new: Annotated[bool, typer.Option("--new", help="Send a new batch even if one is remembered for DIR|ZIP.")] = False,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Cancel the batch remembered for DIR|ZIP.")] = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Classify a collection as one batch, with a progress bar; the results CSV to --out.
+
+    A directory is zipped first (files with an image extension only; hidden files skipped). The
+    batch is remembered: after an interruption (Ctrl-C, a crash) the same command follows the same
+    batch instead of sending it again; --new sends a new one, --cancel cancels it."""
+    if not cancel and out is None:
+        raise typer.BadParameter("--out is required (the results CSV, or '-' for stdout).", param_hint="--out")
+    if source.is_file() and source.suffix.lower() != ".zip":
+        raise typer.BadParameter(f"{source} is neither a directory nor a .zip file.", param_hint="DIR|ZIP")
+    key = str(source.resolve())
+    states = BatchStates()
+    models = _models(model)
+    batch_id: str | None = None
+    with _reported(), open_portal(url, api_key) as portal:
+        remembered = states.get(key)
+        if remembered and remembered.url != portal.url:
+            remembered = None  # sent to another portal: not this one's batch
+        if cancel:
+            if remembered is None:
+                raise PortalError(f"No batch of {source} to cancel on {portal.url}.")
+            counts = portal.cancel_batch(remembered.batch_id)["counts"]
+            states.forget(key)
+            _note(f"Cancelled batch {remembered.batch_id}: {counts['done']} done, {counts['queued']} were waiting.")
+            return
+        if remembered and not new and sorted(remembered.models) != sorted(models):
+            _note(f"Batch {remembered.batch_id} of {source} used other models; sending a new one.")
+        elif remembered and not new:
+            try:
+                portal.batch(remembered.batch_id)
+                batch_id = remembered.batch_id
+                _note(f"Following batch {batch_id} of {source} again (--new sends a new one).")
+            except PortalError as exc:
+                if exc.code != ExitCode.INPUT:
+                    raise
+                _note(f"Batch {remembered.batch_id} is gone ({exc.message}); sending a new one.")
+        elif remembered:
+            _note(f"Sending a new batch; the earlier one ({remembered.batch_id}) goes on.")
+        try:
+            if batch_id is None:
+                created = _upload(portal, source, models)
+                batch_id = str(created["id"])
+                # Remembered before following, so that an interruption from here on resumes it.
+                states.remember(BatchState(key, batch_id, portal.url, models, time.time()))
+                counts = created["counts"]
+                _note(f"Batch {batch_id}: {counts['images']} images to classify, {counts['skipped']} files skipped.")
+            final = _follow(portal, batch_id)
+        except KeyboardInterrupt:
+            if batch_id is None:
+                _note("portal: interrupted before the batch was sent.")
+            else:
+                _note(
+                    f"portal: interrupted. Batch {batch_id} goes on at the portal: run the same command to follow it "
+                    "and download the results (or add --cancel)."
+                )
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+        assert out is not None
+        _write_results(portal, batch_id, out)
+        states.forget(key)
+        counts = final["counts"]
+        where = "stdout" if out == "-" else out
+        _note(
+            f"Batch {batch_id} {final['status']}: {counts['done']} done, {counts['failed']} failed, "
+            f"{counts['skipped']} skipped; results in {where}."
+        )
+        if final["status"] == "cancelled":
+            raise typer.Exit(ExitCode.INPUT)
+
+
+def main() -> None:
+    """The console script: runs the app; a bug of ours still ends in one line (PORTAL_DEBUG=1
+    shows the traceback)."""
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get("PORTAL_DEBUG"):
+            raise
+        print(f"portal: unexpected error ({type(exc).__name__}: {exc}); PORTAL_DEBUG=1 shows where.", file=sys.stderr)
+        sys.exit(ExitCode.INPUT)

@@ -1,0 +1,230 @@
+"""``portal`` end to end against the real API and model worker: login, predict, batches (with a
+resume after an interruption) and the exit code of each kind of failure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from contracts.imaging import UPLOAD_EXTENSIONS
+from portal_cli.archive import IMAGE_EXTENSIONS
+from portal_cli.config import BatchStates, config_path
+from tests.cli.conftest import Account, run, stored
+from tests.support import PHOTOS, free_port
+
+MODEL = "mobilenet_v2@1"
+PORTAL = Path(sys.executable).with_name("portal")
+"""The console script ``pip install -e ./cli`` put beside this interpreter."""
+
+
+def one_line(text: str) -> str:
+    """``text`` when it is exactly one line (a CLI error), failing the test otherwise."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def make_images(folder: Path, n: int) -> list[str]:
+    """``n`` different small PNGs of noise in ``folder`` (some in a subfolder); their names as the
+    batch reports them (relative paths)."""
+    rng = np.random.default_rng(n)
+    names = []
+    for i in range(n):
+        name = f"part{i % 2}/img{i:03d}.png" if i % 3 == 0 else f"img{i:03d}.png"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / name)
+        names.append(name)
+    return names
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def batches(account: Account) -> dict[str, object]:
+    body = httpx.get(f"{account.url}/v1/batches", headers=account.headers()).json()
+    assert isinstance(body, dict)
+    return body
+
+
+def test_extensions_are_the_portals() -> None:
+    assert set(UPLOAD_EXTENSIONS) == IMAGE_EXTENSIONS
+
+
+def test_login_keeps_a_private_token_that_works(account: Account, config_dir: Path) -> None:
+    result = run("login", "--url", account.url + "/", "--email", account.email, input=account.password + "\n")
+    assert result.exit_code == 0, result.output
+    assert account.password not in result.output  # the prompt hides it
+    assert stat.S_IMODE(config_path().stat().st_mode) == 0o600
+    body = stored()
+    assert body["url"] == account.url and body["email"] == account.email
+    login = body["login"]
+    assert isinstance(login, dict)
+    me = httpx.get(f"{account.url}/v1/users/me", headers={"Authorization": f"Bearer {login['token']}"})
+    assert me.status_code == 200 and me.json()["email"] == account.email
+
+    wrong = run("login", "--email", account.email, input="not-the-password\n")
+    assert wrong.exit_code == 3
+    assert "Incorrect" in one_line(wrong.stderr)
+    assert stored()["login"] == login  # a failed login keeps the one that works
+
+
+def test_predict_prints_one_line_per_file_and_model(logged_in: Account) -> None:
+    parrot = str(PHOTOS / "parrot.jpg")
+    result = run("predict", parrot, "--model", MODEL)
+    assert result.exit_code == 0, result.output
+    line = one_line(result.stdout)
+    match = re.fullmatch(rf"{re.escape(parrot)}  {MODEL}  (\S+)  (\d+\.\d)%", line)
+    assert match and match[1] == "macaw", line
+    assert 50 < float(match[2]) <= 100
+
+    as_json = run("predict", parrot, "-m", MODEL, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    [answer] = json.loads(as_json.stdout)
+    assert (answer["file"], answer["model"], answer["status"], answer["label"]) == (parrot, MODEL, "done", "macaw")
+    assert 0.5 < answer["score"] <= 1 and len(answer["top_k"]) >= 5
+
+
+def test_a_refused_file_is_one_line_and_exit_1(logged_in: Account, tmp_path: Path) -> None:
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("this is text, not a photo")
+    result = run("predict", str(fake), str(PHOTOS / "parrot.jpg"), "-m", MODEL)
+    assert result.exit_code == 1, result.output
+    error = one_line(result.stderr)
+    assert error.startswith(f"portal: {fake}: ") and "not an image" in error
+    assert "Traceback" not in result.output
+    assert "macaw" in one_line(result.stdout)  # the other file still answered
+
+    unknown = run("predict", str(PHOTOS / "parrot.jpg"), "-m", "no_such_model@9")
+    assert unknown.exit_code == 1 and "no_such_model" in one_line(unknown.stderr)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = run("batch", str(empty), "--out", str(tmp_path / "out.csv"))
+    assert nothing.exit_code == 1 and "No images" in one_line(nothing.stderr)
+
+
+def test_a_directory_of_200_images_as_a_batch(logged_in: Account, tmp_path: Path) -> None:
+    folder = tmp_path / "collection"
+    names = make_images(folder, 200)
+    (folder / "README.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"never sent")
+    out = tmp_path / "results.csv"
+    result = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "1 file(s) without an image extension left out" in result.stderr
+    table = rows(out)
+    assert len(table) == 200
+    assert sorted(r["file_name"] for r in table) == sorted(names)
+    assert {(r["model"], r["version"], r["status"]) for r in table} == {("mobilenet_v2", "1", "done")}
+    assert all(r["label"] and 0 < float(r["score"]) <= 1 for r in table)
+    assert BatchStates().get(str(folder.resolve())) is None  # done: nothing left to resume
+    assert batches(logged_in)["count"] == 1
+
+
+def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_path: Path) -> None:
+    folder = tmp_path / "collection"
+    names = make_images(folder, 60)
+    out = tmp_path / "results.csv"
+    key = str(folder.resolve())
+    first = subprocess.Popen(
+        [str(PORTAL), "batch", str(folder), "-m", MODEL, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while (state := BatchStates().get(key)) is None:
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the batch id was never saved"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGINT)  # Ctrl-C while the batch runs
+        _, err = first.communicate(timeout=30)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err
+    assert "Traceback" not in err and f"Batch {state.batch_id} goes on" in err
+    assert not out.exists()
+    headers = logged_in.headers()
+    running = httpx.get(f"{logged_in.url}/v1/batches/{state.batch_id}", headers=headers).json()
+    assert running["counts"]["done"] < 60, "the batch finished before the interruption: nothing was resumed"
+
+    again = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert again.exit_code == 0, again.output
+    assert f"Following batch {state.batch_id}" in again.stderr
+    assert sorted(r["file_name"] for r in rows(out)) == sorted(names)
+    assert {r["status"] for r in rows(out)} == {"done"}
+    listed = batches(logged_in)
+    assert listed["count"] == 1, listed  # followed, not uploaded a second time
+    assert BatchStates().get(key) is None
+
+
+def test_a_stale_login_is_renewed_and_an_expired_one_refused(logged_in: Account) -> None:
+    body = stored()
+    login = body["login"]
+    assert isinstance(login, dict)
+    # Past half its life (this machine's clock is the one the CLI goes by).
+    login["issued_at"] = time.time() - 0.6 * login["expires_in"]
+    config_path().write_text(json.dumps(body))
+    result = run("predict", str(PHOTOS / "parrot.jpg"), "-m", MODEL)
+    assert result.exit_code == 0, result.output
+    renewed = stored()["login"]
+    assert isinstance(renewed, dict)
+    assert renewed["token"] != login["token"] and time.time() - renewed["issued_at"] < 60
+    me = httpx.get(f"{logged_in.url}/v1/users/me", headers={"Authorization": f"Bearer {renewed['token']}"})
+    assert me.status_code == 200
+
+    renewed["issued_at"] = time.time() - renewed["expires_in"] - 5
+    config_path().write_text(json.dumps({**stored(), "login": renewed}))
+    expired = run("predict", str(PHOTOS / "parrot.jpg"))
+    assert expired.exit_code == 3
+    assert "portal login" in one_line(expired.stderr)
+
+
+def test_a_wrong_token_exits_3(logged_in: Account) -> None:
+    body = stored()
+    login = body["login"]
+    assert isinstance(login, dict)
+    config_path().write_text(json.dumps({**body, "login": {**login, "token": login["token"][:-4] + "AAAA"}}))
+    result = run("predict", str(PHOTOS / "parrot.jpg"))
+    assert result.exit_code == 3, result.output
+    assert "portal login" in one_line(result.stderr) and result.stdout == ""
+
+    # The stored token belongs to its portal: another URL gets no token, and says so.
+    elsewhere = run("predict", str(PHOTOS / "parrot.jpg"), "--url", "http://127.0.0.1:9")
+    assert elsewhere.exit_code == 3 and "Not logged in to http://127.0.0.1:9" in one_line(elsewhere.stderr)
+
+
+def test_an_unreachable_portal_exits_4(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    login = run("login", "--url", dead, "--email", "someone@example.com", input="password\n")
+    assert login.exit_code == 4
+    assert f"Cannot reach the portal at {dead}" in one_line(login.stderr)
+
+    monkeypatch.setenv("PORTAL_URL", dead)
+    monkeypatch.setenv("PORTAL_API_KEY", "ipk_not_checked_before_the_connection")
+    result = run("predict", str(PHOTOS / "parrot.jpg"))
+    assert result.exit_code == 4 and "Cannot reach" in one_line(result.stderr)
+
+
+def test_usage_errors_exit_2(config_dir: Path, tmp_path: Path) -> None:
+    assert run("predict").exit_code == 2
+    assert run("predict", str(tmp_path / "missing.jpg")).exit_code == 2
+    assert run("batch", str(PHOTOS / "parrot.jpg"), "--out", "x.csv").exit_code == 2
+    assert run("batch", str(tmp_path)).exit_code == 2  # no --out
