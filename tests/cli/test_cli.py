@@ -228,3 +228,28 @@ def test_usage_errors_exit_2(config_dir: Path, tmp_path: Path) -> None:
     assert run("predict", str(tmp_path / "missing.jpg")).exit_code == 2
     assert run("batch", str(PHOTOS / "parrot.jpg"), "--out", "x.csv").exit_code == 2
     assert run("batch", str(tmp_path)).exit_code == 2  # no --out
+
+
+def test_an_api_key_runs_a_batch_and_stops_working_once_revoked(
+    account: Account, config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script's key, without any login: a batch of 200 generated images, then 401 once revoked."""
+    headers = account.headers()
+    r = httpx.post(
+        f"{account.url}/v1/api-keys", json={"name": "nightly", "scopes": ["read", "predict"]}, headers=headers
+    )
+    assert r.status_code == 201, r.text
+    key = r.json()
+    monkeypatch.setenv("PORTAL_URL", account.url)
+    monkeypatch.setenv("PORTAL_API_KEY", key["key"])
+    folder = tmp_path / "collection"
+    make_images(folder, 200)
+    out = tmp_path / "results.csv"
+    result = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert len(rows(out)) == 200 and {r["status"] for r in rows(out)} == {"done"}
+    assert not config_path().exists() or "token" not in config_path().read_text()  # no login was stored
+
+    assert httpx.delete(f"{account.url}/v1/api-keys/{key['id']}", headers=headers).status_code == 204
+    result = run("predict", str(PHOTOS / "parrot.jpg"), "-m", MODEL)
+    assert result.exit_code == 3 and "revoked" in one_line(result.stderr), result.output
