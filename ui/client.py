@@ -168,6 +168,7 @@ class BatchCounts(TypedDict):
     running: int
     done: int
     failed: int
+    cancelled: int
     skipped: int
     eta_seconds: int | None
 

@@ -27,13 +27,18 @@ class Collected:
 
 def collect(folder: Path) -> Collected:
     """The image files under ``folder`` (recursively; hidden files and folders skipped, as
-    ``.DS_Store`` or ``.git`` are never photos); symbolic links are followed."""
+    ``.DS_Store`` or ``.git`` are never photos). Only regular files are sent: symbolic links
+    (which may point anywhere, or loop) and pipes or devices (which may never end) are left out."""
     images: list[Path] = []
     left_out = 0
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith("."):
+                continue
+            path = Path(root, name)
+            if path.is_symlink() or not path.is_file():
+                left_out += 1
                 continue
             if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and "." in name:
                 images.append(Path(root, name))

@@ -269,7 +269,12 @@ def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
                 continue
             misses = 0
             counts = batch["counts"]
-            bar.update(task, total=counts["images"], completed=counts["done"] + counts["failed"], eta=_eta(counts))
+            bar.update(
+                task,
+                total=counts["images"],
+                completed=counts["done"] + counts["failed"] + counts.get("cancelled", 0),
+                eta=_eta(counts),
+            )
             if _finished(batch):
                 return batch
             time.sleep(POLL_SECONDS)
@@ -387,7 +392,11 @@ def batch(
             final = _follow(portal, batch_id)
         except KeyboardInterrupt:
             if batch_id is None:
-                _note("portal: interrupted before the batch was sent.")
+                # The request may have reached the portal before the answer did.
+                _note(
+                    "portal: interrupted while the batch was being sent: the portal may have received it "
+                    "(see `GET /v1/batches`); run the command again to send it again."
+                )
             else:
                 _note(
                     f"portal: interrupted. Batch {batch_id} goes on at the portal: run the same command to follow it "

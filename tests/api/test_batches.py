@@ -126,6 +126,35 @@ async def test_a_zip_of_photos_with_bad_entries(client: httpx.AsyncClient, users
     assert (await client.get(f"/v1/batches/{body['id']}", headers=stranger)).status_code == 404
 
 
+def damaged(entries: dict[str, bytes], victim: str) -> bytes:
+    """A zip of ``entries`` whose ``victim`` entry has its compressed data overwritten."""
+    data = bytearray(zipped(entries))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        info = archive.getinfo(victim)
+    start = info.header_offset + 30 + len(victim.encode())
+    data[start : start + 8] = b"\xff" * 8
+    return bytes(data)
+
+
+async def test_a_damaged_entry_is_skipped_and_a_batch_of_no_image_refused(
+    client: httpx.AsyncClient, users: Users
+) -> None:
+    _, headers = await users.create()
+    r = await send(
+        client, headers, [("d.zip", damaged({"good.png": noise_png(60), "bad.png": noise_png(61)}, "bad.png"))]
+    )
+    assert r.status_code == 202, r.text
+    done = await finished(client, headers, r.json()["id"])
+    assert (done["counts"]["done"], done["counts"]["skipped"]) == (1, 1)
+    rows = (await client.get(f"/v1/batches/{r.json()['id']}/results", headers=headers)).json()["data"]
+    assert next(row for row in rows if row["file_name"] == "bad.png")["error"].startswith("cannot be unpacked")
+    # Nothing to classify at all is an error, with the reasons; nothing waits.
+    r = await send(client, headers, [("notes.zip", zipped({"a.txt": b"text", "b.pdf": b"%PDF-1.4"}))])
+    assert r.status_code == 422 and "a.txt" in r.json()["detail"], r.text
+    listed = (await client.get("/v1/batches", headers=headers)).json()["data"]
+    assert listed[0]["status"] == "cancelled"
+
+
 async def test_several_files_and_stored_images(client: httpx.AsyncClient, users: Users) -> None:
     _, headers = await users.create()
     r = await client.post("/v1/images", files={"file": ("owl.jpg", (PHOTOS / "owl.jpg").read_bytes())}, headers=headers)
@@ -200,7 +229,7 @@ async def test_cancel_leaves_what_was_not_queued(client: httpx.AsyncClient, user
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     done = await finished(client, headers, batch_id)
     counts = done["counts"]
-    assert counts["failed"] > 0 and counts["done"] + counts["failed"] == 60, counts
+    assert counts["cancelled"] > 0 and counts["failed"] == 0 and counts["done"] + counts["cancelled"] == 60, counts
     rows = (await client.get(f"/v1/batches/{batch_id}/results", headers=headers)).json()["data"]
     assert {row["status"] for row in rows} <= {"done", "cancelled"}
 

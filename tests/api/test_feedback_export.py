@@ -68,8 +68,10 @@ async def test_export_writes_the_latest_label_of_each_image_and_model(
     # Two labels the model did not answer: "wrong" with the predicted label itself is refused.
     earlier, latest = [label for label in ("cat", "fish", "apple") if label != sketch["label"]][:2]
     await verdict(client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=earlier)
+    # The same image classified again: a later verdict on the new prediction supersedes the first.
+    again = (await classify(client, headers, labelled, "sketch@1"))["results"]["sketch@1"]
     await verdict(
-        client, headers, prediction_id=sketch["id"], is_correct=False, correct_label=latest, comment="=the ears, see"
+        client, headers, prediction_id=again["id"], is_correct=False, correct_label=latest, comment="=the ears, see"
     )
     await verdict(client, headers, prediction_id=mobilenet["id"], is_correct=True)
     second = await classify(client, headers, unlabelled, "sketch@1")

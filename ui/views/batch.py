@@ -3,6 +3,8 @@ progress and download its results."""
 
 from __future__ import annotations
 
+import io
+import zipfile
 from datetime import timedelta
 
 import streamlit as st
@@ -37,7 +39,7 @@ def batch_page(api: Api) -> None:
     )
     chosen = choose_models(api, "batch", mode="RGB")
     if st.button("Start the batch", type="primary", disabled=not files or not chosen, key="batch_start"):
-        sent = [(f.name, f.getvalue()) for f in files or []]
+        sent = packed([(f.name, f.getvalue()) for f in files or []])
         with st.spinner("Sending and checking the files…"):
             batch = guarded(api, lambda: api.create_batch(sent, chosen))
         if batch is not None:
@@ -60,6 +62,24 @@ def batch_page(api: Api) -> None:
                 st.rerun()
 
 
+def packed(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The dropped images in one zip (stored, not compressed: images are compressed already),
+    beside the dropped zips: one part per archive, however many images (a form takes at most
+    1,000 parts)."""
+    zips = [(name, data) for name, data in files if name.lower().endswith(".zip")]
+    images = [(name, data) for name, data in files if not name.lower().endswith(".zip")]
+    if len(images) <= 1:
+        return zips + images
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        seen: dict[str, int] = {}
+        for name, data in images:
+            # Two dropped files may share a name; each keeps its own entry.
+            count = seen[name] = seen.get(name, 0) + 1
+            archive.writestr(name if count == 1 else f"{count}-{name}", data)
+    return [*zips, ("images.zip", buf.getvalue())]
+
+
 @st.fragment(run_every=timedelta(seconds=2))
 def follow(api: Api, batch_id: str) -> None:
     """The running batch's progress, refreshed every 2 seconds; once it ends the whole page runs
@@ -74,7 +94,7 @@ def follow(api: Api, batch_id: str) -> None:
 
 def show_progress(api: Api, batch: BatchDetail) -> None:
     counts = batch["counts"]
-    finished = counts["done"] + counts["failed"]
+    finished = counts["done"] + counts["failed"] + counts["cancelled"]
     models = ", ".join(display_name(api, ref) for ref in batch["models"])
     st.subheader(f"Batch of {readable_time(batch['created_at'])}")
     st.caption(f"Models: {models}")
@@ -112,6 +132,8 @@ def _progress_text(batch: BatchDetail) -> str:
     text = f"{c['done']:,} of {c['images']:,} images done"
     if c["failed"]:
         text += f", {c['failed']:,} failed"
+    if c["cancelled"]:
+        text += f", {c['cancelled']:,} cancelled"
     if batch["status"] == "running" and c["eta_seconds"]:
         minutes, seconds = divmod(c["eta_seconds"], 60)
         text += f" · about {minutes} min {seconds} s left" if minutes else f" · about {seconds} s left"

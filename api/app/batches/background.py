@@ -10,7 +10,7 @@ import time
 from api.app.batches import lane
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS
 from api.app.predictions.background import JobRuntime
-from contracts import keys
+from contracts import keys, workers
 
 log = logging.getLogger("api.batches")
 
@@ -24,12 +24,14 @@ async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:
     async with rt.sessionmaker() as session:
         if not await lane.any_running(session=session):
             return 0
+        beats = await workers.live_heartbeats_async(rt.redis)
         queued = await lane.top_up(
             session=session,
             redis=rt.redis,
             store=rt.store,
             in_flight=rt.settings.batch_in_flight,
             job_seconds=rt.settings.batch_job_seconds,
+            served={f"{m.name}@{m.version}" for beat in beats for m in beat.models if m.ready},
         )
         if finish:
             await lane.finish(session=session)

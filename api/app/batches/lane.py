@@ -5,10 +5,11 @@ lock makes one of them queue at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Set
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
-from sqlalchemy import exists, func, select, text, update
+from sqlalchemy import exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches.models import Batch, BatchItem
@@ -21,6 +22,8 @@ from contracts import keys
 from contracts.messages import PredictionStatus
 
 PENDING = PredictionStatus.pending.value
+CANDIDATES_PER_SLOT = 20
+"""Pending jobs looked at per free slot, to pass over those of models no worker serves now."""
 OPEN = (PENDING, *UNFINISHED)
 
 
@@ -29,43 +32,58 @@ async def any_running(*, session: AsyncSession) -> bool:
     return await session.scalar(select(Batch.id).where(Batch.status == "running").limit(1)) is not None
 
 
+def _refs(job: Job) -> set[str]:
+    return {f"{p.model_name}@{p.model_version}" for p in job.predictions}
+
+
 async def top_up(
-    *, session: AsyncSession, redis: Redis, store: LocalBlobStore, in_flight: int, job_seconds: float
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    in_flight: int,
+    job_seconds: float,
+    served: Set[str] | None = None,
 ) -> int:
     """Queues the oldest pending batch jobs until ``in_flight`` batch jobs are queued or running,
     each with a deadline ``job_seconds`` from now; none while people's jobs wait in the queues they
-    would join (the queue holds more than the batch jobs in flight). With none pending, marks the
-    finished batches ``done``. How many jobs it queued. Raises what Redis and PostgreSQL raise
-    (the job rows roll back)."""
+    would join (the queue holds more than the batch jobs in flight). Only jobs whose every model
+    version a live worker serves (``served``, keys like ``sketch@3``; None: not checked) are
+    queued or counted in flight, so a batch for a model no worker serves waits without holding up
+    the others. With none pending, marks the finished batches ``done``. How many jobs it queued.
+    Raises what Redis and PostgreSQL raise (the job rows roll back)."""
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('batch-lane', 0))"))
-    busy = await session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(UNFINISHED_JOB, Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX))
+    flying = list(
+        await session.scalars(select(Job).where(UNFINISHED_JOB, Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX)))
     )
-    room = in_flight - int(busy or 0)
+    busy = sum(1 for j in flying if served is None or _refs(j) <= served)
+    room = in_flight - busy
     if room <= 0:
         await session.commit()
         return 0
-    jobs = list(
+    candidates = list(
         await session.scalars(
             select(Job)
             .where(Job.status == PENDING)
             .order_by(Job.created_at, Job.id)
-            .limit(room)
+            .limit(room * CANDIDATES_PER_SLOT)
             .with_for_update(skip_locked=True)
         )
     )
-    if not jobs:
+    if not candidates:
         await session.commit()
         await finish(session=session)  # the last answers are in: batches may be over
+        return 0
+    jobs = [j for j in candidates if served is None or _refs(j) <= served][:room]
+    if not jobs:
+        await session.commit()
         return 0
     streams = sorted({keys.job_stream(p.model_name, p.model_version) for j in jobs for p in j.predictions})
     async with redis.pipeline(transaction=False) as pipe:
         for stream in streams:
             pipe.xlen(stream)
         lengths = await pipe.execute()
-    if sum(lengths) > int(busy or 0):
+    if sum(lengths) > len(flying):
         # People's jobs are waiting in these queues: the batch waits for the next answer or look.
         await session.commit()
         return 0

@@ -14,7 +14,9 @@ class BatchCounts(BaseModel):
     running: int
     done: int
     failed: int
-    """Failed, expired or cancelled."""
+    """Failed, or expired before a worker answered."""
+    cancelled: int
+    """Cancelled before they were queued."""
     skipped: int
     """Files that were no acceptable image, or ids that were not the user's images."""
     eta_seconds: int | None

@@ -19,7 +19,7 @@ from fastapi import HTTPException, UploadFile
 from sqlalchemy import Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.batches import archive
+from api.app.batches import archive, lane
 from api.app.batches.lane import OPEN
 from api.app.batches.models import Batch, BatchItem
 from api.app.batches.schemas import BatchCounts
@@ -224,7 +224,7 @@ async def create_batch(
     or bytes than MAX_BATCH_IMAGES / MAX_BATCH_BYTES), 422 (no models known by those names, an
     empty batch, an unreadable zip, an entry name outside the archive, a zip bomb), 429 (more than
     MAX_BATCH_IMAGES_QUEUED_PER_USER of the user's batch images waiting), 503 (a model not served
-    yet)."""
+    yet); 422 also when no file at all is an image (nothing to do)."""
     entries = resolve_models(
         refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
     )
@@ -242,6 +242,41 @@ async def create_batch(
     session.add(batch)
     await session.commit()
     b = _Builder(batch=batch, entries=entries, owner_id=owner_id)
+    try:
+        await _receive(session, store, settings, b, planned, image_ids)
+    except BaseException:
+        # Whatever was stored goes nowhere: the batch and its jobs are cancelled, not left half-received.
+        await session.rollback()
+        await _flush(session, b)
+        await lane.cancel(session=session, batch=batch)
+        raise
+    await session.refresh(batch)
+    if batch.status == "cancelled":  # its owner cancelled it while it was being received
+        await _flush(session, b)
+        await lane.cancel(session=session, batch=batch)
+        return batch
+    if not b.jobs_of:
+        await _flush(session, b)
+        await lane.cancel(session=session, batch=batch)
+        reasons = "; ".join(f"{item['file_name']}: {item['error']}" for item in b.items[:5])
+        raise HTTPException(
+            status_code=422, detail=f"No file of the batch is an image the portal can read ({reasons})."
+        )
+    batch.status, batch.entries = "running", len(b.items)
+    session.add(batch)
+    await _flush(session, b)
+    return batch
+
+
+async def _receive(
+    session: AsyncSession,
+    store: LocalBlobStore,
+    settings: Settings,
+    b: _Builder,
+    planned: Planned,
+    image_ids: list[uuid.UUID],
+) -> None:
+    """Stores every planned file and stored image of the batch with its job (or as skipped)."""
     for upload, opened, members in planned:
         name = _file_name(upload.filename or "")
         if opened is None:
@@ -263,7 +298,7 @@ async def create_batch(
                 await _add_image(session, store, settings, b, member.name, content)
         opened.close()
     for image_id in image_ids:
-        image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
+        image = await images_service.get_owned_image(session=session, owner_id=b.owner_id, image_id=image_id)
         if image is None:
             b.skipped(str(image_id), "not one of your images")
             continue
@@ -271,12 +306,6 @@ async def create_batch(
             b.jobs_of[image.sha256] = (image.id, await _add_job(session, b, image.id))
         _, job_id = b.jobs_of[image.sha256]
         b.items.append(b._item(image.filename or str(image.id), sha256=image.sha256, image_id=image.id, job_id=job_id))
-    batch.status, batch.entries = "running", len(b.items)
-    if not b.jobs_of:
-        batch.status, batch.finished_at = "done", datetime.now(UTC)
-    session.add(batch)
-    await _flush(session, b)
-    return batch
 
 
 async def get_owned_batch(*, session: AsyncSession, owner_id: int, batch_id: uuid.UUID) -> Batch | None:
@@ -310,10 +339,7 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
     )
     waiting = sum(by_status.get(s, 0) for s in OPEN)
     queued = by_status.get(PredictionStatus.pending.value, 0) + by_status.get(PredictionStatus.queued.value, 0)
-    failed = sum(
-        by_status.get(s.value, 0)
-        for s in (PredictionStatus.failed, PredictionStatus.expired, PredictionStatus.cancelled)
-    )
+    failed = by_status.get(PredictionStatus.failed.value, 0) + by_status.get(PredictionStatus.expired.value, 0)
     eta = round(waiting / (recent / 60.0)) if recent and waiting else (0 if not waiting else None)
     return BatchCounts(
         images=sum(by_status.values()),
@@ -321,6 +347,7 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
         running=by_status.get(PredictionStatus.running.value, 0),
         done=by_status.get(PredictionStatus.done.value, 0),
         failed=failed,
+        cancelled=by_status.get(PredictionStatus.cancelled.value, 0),
         skipped=int(skipped or 0),
         eta_seconds=eta,
     )
