@@ -11,18 +11,20 @@ import json
 import statistics
 import time
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from PIL import Image
 
 from api.app.core.config import Settings
 from api.app.main import create_app
 from tests.conftest import Users, client_for
 from tests.images import encode
-from tests.support import PHOTOS
+from tests.support import PHOTOS, RedisServer
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -276,3 +278,59 @@ async def test_people_stay_fast_while_a_large_batch_runs(client: httpx.AsyncClie
     print(f"p95 idle {p95_idle * 1000:.1f} ms, during the batch {p95_busy * 1000:.1f} ms")
     assert p95_busy <= 1.5 * p95_idle, (p95_idle, p95_busy)
     await client.delete(f"/v1/batches/{batch_id}", headers=company)
+
+
+async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A batch for a model whose worker is gone holds up no other batch: its jobs are neither
+    queued nor counted in flight while no live worker serves the model."""
+    from sqlalchemy import select
+
+    from api.app.batches import lane
+    from api.app.batches.models import Batch
+    from api.app.batches.service import _add_job, _Builder
+    from api.app.core.db import make_engine, make_sessionmaker
+    from api.app.images import service as images_service
+    from api.app.images.storage import LocalBlobStore
+    from api.app.predictions.models import Job
+    from api.app.users.models import User
+    from api.prestart import seed_admin
+    from contracts.registry import load_registry
+
+    await seed_admin(fresh_settings)
+    registry = {m.key: m for m in load_registry(fresh_settings.registry_path).models}
+    store = LocalBlobStore(tmp_path)
+    redis_client = aioredis.Redis.from_url(private_redis.url)
+    engine = make_engine(fresh_settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            owner = await session.scalar(select(User.id).limit(1))
+            assert owner is not None
+            for ref, seed in (("sketch@3", 1), ("mobilenet_v2@1", 2)):  # the sketch batch is older
+                batch = Batch(owner_id=owner, status="running", models=[ref], entries=1)
+                session.add(batch)
+                await session.flush()
+                data = noise_png(seed)
+                info, sha = await images_service.inspect_upload(data, fresh_settings)
+                image = await images_service.add_image(
+                    session=session, store=store, owner_id=owner, data=data, info=info, sha256=sha, filename="x.png"
+                )
+                await _add_job(session, _Builder(batch=batch, entries=[registry[ref]], owner_id=owner), image.id)
+                await session.commit()
+            served = {"mobilenet_v2@1"}
+
+            async def top_up() -> int:
+                return await lane.top_up(
+                    session=session, redis=redis_client, store=store, in_flight=1, job_seconds=60.0, served=served
+                )
+
+            assert await top_up() == 1
+            assert await redis_client.xlen("jobs:mobilenet_v2@1") == 1 and await redis_client.xlen("jobs:sketch@3") == 0
+            statuses = sorted((await session.scalars(select(Job.status))).all())
+            assert statuses == ["pending", "queued"]
+            # The lane's one slot is taken by a served model's job: nothing more until it is answered.
+            assert await top_up() == 0
+    finally:
+        await engine.dispose()
+        await redis_client.aclose()
