@@ -3,6 +3,9 @@ labelled, in the background, a few jobs at a time."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import uuid
 from typing import Any
 
@@ -81,28 +84,48 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
     unlabelled = await classify(own_stack, user, canvas_drawings("eye", 1)[0], "sketch@1")
     r = await client.post("/v1/feedback", json={"prediction_id": unlabelled["id"], "is_correct": False}, headers=user)
     assert r.status_code == 201, r.text
-    history = (await client.get("/v1/predictions", headers=user)).json()["count"]
-
-    r = await client.post(url, json=PAIR, headers=admin)
-    assert r.status_code == 202, r.text
-    started = r.json()
-    assert started["status"] == "running" and started["images"] == len(truths) == 24
-    assert (started["candidate"]["version"], started["baseline"]["version"]) == (2, 1)
+    history = (await client.get("/v1/predictions", params={"total": True}, headers=user)).json()["count"]
 
     engine = make_engine(own_stack.app.state.settings)
     most_in_flight = 0
+    # The worker is paused while the evaluation starts, so the bound is seen however fast the
+    # small models answer: exactly IN_FLIGHT jobs per version wait, never more, for a while.
+    worker_group = os.getpgid(own_stack.workers[0].proc.pid)
+    os.killpg(worker_group, signal.SIGSTOP)
     try:
         async with make_sessionmaker(engine)() as session:
 
-            async def finished() -> bool:
+            async def in_flight() -> dict[int, int]:
                 nonlocal most_in_flight
-                in_flight = await session.execute(
+                counted = await session.execute(
                     select(EvaluationAnswer.model_version, func.count())
                     .where(EvaluationAnswer.status.in_((PredictionStatus.queued.value, PredictionStatus.running.value)))
                     .group_by(EvaluationAnswer.model_version)
                 )
-                most_in_flight = max([most_in_flight, *(n for _, n in in_flight.tuples())])
                 await session.commit()
+                numbers = {int(version): int(n) for version, n in counted.tuples()}
+                most_in_flight = max([most_in_flight, *numbers.values()])
+                return numbers
+
+            try:
+                r = await client.post(url, json=PAIR, headers=admin)
+                assert r.status_code == 202, r.text
+                started = r.json()
+                assert started["status"] == "running" and started["images"] == len(truths) == 24
+                assert (started["candidate"]["version"], started["baseline"]["version"]) == (2, 1)
+
+                async def bounded() -> bool:
+                    return await in_flight() == {1: IN_FLIGHT, 2: IN_FLIGHT}
+
+                # Within the workers' heartbeat life (3 s in the suite), past a top-up.
+                await until(bounded, 2, "the evaluation queued IN_FLIGHT jobs per version")
+                await asyncio.sleep(1.2)
+                assert await in_flight() == {1: IN_FLIGHT, 2: IN_FLIGHT}
+            finally:
+                os.killpg(worker_group, signal.SIGCONT)
+
+            async def finished() -> bool:
+                await in_flight()
                 r = await client.get(f"{url}/{started['id']}", headers=admin)
                 assert r.status_code == 200, r.text
                 return bool(r.json()["status"] == "done")
@@ -110,7 +133,7 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
             await until(finished, 120, "the evaluation finished")
     finally:
         await engine.dispose()
-    assert 0 < most_in_flight <= IN_FLIGHT
+    assert most_in_flight == IN_FLIGHT
 
     done = (await client.get(f"{url}/{started['id']}", headers=admin)).json()
     for side, version in (("candidate", 2), ("baseline", 1)):
@@ -154,7 +177,7 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
     comparison = r.json()
     assert comparison["evaluation"]["id"] == started["id"], comparison
     assert any(reason.startswith("accuracy on the same labelled images: ") for reason in comparison["reasons"])
-    assert (await client.get("/v1/predictions", headers=user)).json()["count"] == history
+    assert (await client.get("/v1/predictions", params={"total": True}, headers=user)).json()["count"] == history
 
     assert (await client.post(url, json={"candidate": 9}, headers=admin)).status_code == 404
     assert (await client.post(url, json={"candidate": 3}, headers=admin)).status_code == 409  # the stable one
