@@ -100,7 +100,8 @@ class ListedImage(Image):
 
 class ImagesPage(TypedDict):
     data: list[ListedImage]
-    count: int
+    count: int | None
+    next_cursor: str | None
 
 
 class LabelScore(TypedDict):
@@ -145,7 +146,8 @@ class Job(TypedDict):
 
 class JobsPage(TypedDict):
     data: list[Job]
-    count: int
+    count: int | None
+    next_cursor: str | None
 
 
 class Feedback(TypedDict):
@@ -196,6 +198,7 @@ class DailyCount(TypedDict):
     model: str
     version: int
     predictions: int
+    by_status: dict[str, int]
 
 
 class LatencyPercentiles(TypedDict):
@@ -504,20 +507,29 @@ class Api:
                 on_poll(job)
             time.sleep(0.2)
 
-    def images(self, skip: int = 0, limit: int = 12, thumbnails: bool = False) -> ImagesPage:
-        """A page of my uploads, newest first, with each one's thumbnail when asked."""
-        params = {"skip": skip, "limit": limit, "thumbnails": thumbnails}
+    def images(
+        self, cursor: str | None = None, limit: int = 12, thumbnails: bool = False, total: bool = False
+    ) -> ImagesPage:
+        """A page of my uploads, newest first (after ``cursor``, a page's ``next_cursor``), with
+        each one's thumbnail and the count of all of them when asked."""
+        params: dict[str, str | int | bool] = {"limit": limit, "thumbnails": thumbnails, "total": total}
+        if cursor is not None:
+            params["cursor"] = cursor
         return _typed(_IMAGES, self.json("GET", "/v1/images", params=params))
 
     def jobs_of_images(self, image_ids: list[str], page_size: int = 200) -> list[Job]:
         """Every job of these images of mine (at most 200 images), newest first, fetched
         ``page_size`` at a time."""
         jobs: list[Job] = []
+        cursor: str | None = None
         while True:
-            params = {"image_id": image_ids, "skip": len(jobs), "limit": page_size}
+            params: dict[str, object] = {"image_id": image_ids, "limit": page_size}
+            if cursor is not None:
+                params["cursor"] = cursor
             page = _typed(_JOBS, self.json("GET", "/v1/predictions", params=params))
             jobs += page["data"]
-            if not page["data"] or len(jobs) >= page["count"]:
+            cursor = page["next_cursor"]
+            if cursor is None:
                 return jobs
 
     def create_batch(self, files: list[tuple[str, bytes]], models: list[str]) -> BatchDetail:

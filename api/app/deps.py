@@ -19,6 +19,7 @@ from api.app.auth import service as auth_service
 from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings
 from api.app.core.fields import Skip
+from api.app.core.paging import Cursor, KeysetPage
 from api.app.core.security import PasswordHasher, TokenError
 from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
@@ -255,3 +256,44 @@ async def get_page(
 
 
 PageDep = Annotated[Page, Depends(get_page)]
+
+
+CursorParam = Annotated[
+    str | None, Query(max_length=200, description="the previous page's next_cursor: the page after it")
+]
+TotalParam = Annotated[bool, Query(description="also count every row (reads them all: ask once)")]
+
+
+def keyset_page_of(*, cursor: str | None, skip: int, limit: int, total: bool) -> KeysetPage:
+    """The page asked for; 422 for a cursor this API did not give or one used with ``skip``."""
+    if cursor is not None and skip:
+        raise HTTPException(status_code=422, detail="Use either cursor or skip, not both.")
+    try:
+        after = Cursor.decode(cursor) if cursor is not None else None
+    except ValueError:
+        raise HTTPException(status_code=422, detail="Invalid cursor: use a next_cursor this API returned.") from None
+    return KeysetPage(limit=limit, after=after, skip=skip, total=total)
+
+
+async def get_keyset_page(
+    cursor: CursorParam = None,
+    skip: Skip = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    total: TotalParam = False,
+) -> KeysetPage:
+    return keyset_page_of(cursor=cursor, skip=skip, limit=limit, total=total)
+
+
+async def get_feedback_page(
+    cursor: CursorParam = None,
+    skip: Skip = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    total: TotalParam = False,
+) -> KeysetPage:
+    return keyset_page_of(cursor=cursor, skip=skip, limit=limit, total=total)
+
+
+KeysetPageDep = Annotated[KeysetPage, Depends(get_keyset_page)]
+"""Keyset paging (``cursor``, ``limit`` up to 200, default 50, ``total``; ``skip`` bounded)."""
+FeedbackPageDep = Annotated[KeysetPage, Depends(get_feedback_page)]
+"""The same for feedback lists: ``limit`` up to 500, default 100."""

@@ -44,6 +44,7 @@ from api.app.predictions.router import router as predictions_router
 from api.app.registry.live import LiveRegistry
 from api.app.registry.router import router as registry_router
 from api.app.releases.router import router as releases_router
+from api.app.stats.background import roll_up_periodically
 from api.app.training import background as training_background
 from api.app.training.router import router as training_router
 from api.app.users.router import classic as users_classic
@@ -126,6 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 training_background.collect_events(runtime, stop),
                 training_background.maintain(runtime, stop),
                 batches_background.run_lane(runtime, stop),
+                roll_up_periodically(
+                    runtime.sessionmaker, interval=settings.stats_roll_up_seconds, stop=stop, outage_log=outage_log
+                ),
             )
         ]
         try:

@@ -8,6 +8,7 @@ from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction, ShadowPrediction
 from api.app.registry.models import ModelVersion, RegistryChange
+from api.app.stats.models import CorrectionStats, PredictionStatDelta, PredictionStats, VerdictStatDelta, VerdictStats
 from api.app.training.models import TrainingRun
 from api.app.users.models import User
 
@@ -15,6 +16,7 @@ __all__ = [
     "ApiKey",
     "Batch",
     "BatchItem",
+    "CorrectionStats",
     "Evaluation",
     "EvaluationAnswer",
     "Feedback",
@@ -23,9 +25,13 @@ __all__ = [
     "LabelledExample",
     "ModelVersion",
     "Prediction",
+    "PredictionStatDelta",
+    "PredictionStats",
     "RegistryChange",
     "RevokedToken",
     "ShadowPrediction",
     "TrainingRun",
     "User",
+    "VerdictStatDelta",
+    "VerdictStats",
 ]

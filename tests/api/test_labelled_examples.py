@@ -121,7 +121,9 @@ async def test_an_uploader_may_label_their_own_image(client: httpx.AsyncClient, 
         headers=headers,
     )
     assert r.status_code == 422 and "not a label of the chosen models (sketch@1)" in r.json()["detail"], r.text
-    assert (await client.get("/v1/images", headers=headers)).json()["count"] == 0  # nothing stored
+    assert (await client.get("/v1/images", params={"total": True}, headers=headers)).json()[
+        "count"
+    ] == 0  # nothing stored
 
     r = await client.post(
         "/model/predict",

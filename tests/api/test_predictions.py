@@ -173,14 +173,14 @@ async def test_jobs_listed_by_image(client: httpx.AsyncClient, users: Users) -> 
     await predict(client, other, theirs["id"], ["sketch@1"])
 
     def listed(ids: list[str]) -> Any:
-        return client.get("/v1/predictions", params={"image_id": ids}, headers=owner)
+        return client.get("/v1/predictions", params={"image_id": ids, "total": True}, headers=owner)
 
     body = (await listed([first["id"], unpredicted["id"], theirs["id"]])).json()
     assert body["count"] == 2 and [j["job_id"] for j in body["data"]] == [jobs[1]["job_id"], jobs[0]["job_id"]]
     body = (await listed([first["id"], second["id"]])).json()
     assert body["count"] == 3 and {j["image_id"] for j in body["data"]} == {first["id"], second["id"]}
-    assert (await listed([unpredicted["id"]])).json() == {"data": [], "count": 0}
-    assert (await client.get("/v1/predictions", headers=owner)).json()["count"] == 3
+    assert (await listed([unpredicted["id"]])).json() == {"data": [], "count": 0, "next_cursor": None}
+    assert (await client.get("/v1/predictions", params={"total": True}, headers=owner)).json()["count"] == 3
 
 
 async def test_other_users_predictions_are_404(client: httpx.AsyncClient, users: Users) -> None:
@@ -189,8 +189,8 @@ async def test_other_users_predictions_are_404(client: httpx.AsyncClient, users:
     image = await upload(client, owner, noise_png())
     job = await predict(client, owner, image["id"], ["sketch@1"])
     assert (await client.get(f"/v1/predictions/{job['job_id']}", headers=intruder)).status_code == 404
-    assert (await client.get("/v1/predictions", headers=intruder)).json()["count"] == 0
-    assert (await client.get("/v1/predictions", headers=owner)).json()["count"] == 1
+    assert (await client.get("/v1/predictions", params={"total": True}, headers=intruder)).json()["count"] == 0
+    assert (await client.get("/v1/predictions", params={"total": True}, headers=owner)).json()["count"] == 1
     assert (await client.get(f"/v1/predictions/{uuid.uuid4()}", headers=owner)).status_code == 404
     r = await client.post(
         "/v1/feedback", json={"prediction_id": job["results"][0]["id"], "is_correct": True}, headers=intruder
@@ -245,7 +245,7 @@ async def test_feedback(client: httpx.AsyncClient, users: Users, admin_headers: 
     mine = (await client.get("/feedback/", headers=headers)).json()
     assert len(mine) == 2 and all(f["prediction_id"] == prediction_id for f in mine)
     assert sorted(str(f["is_correct"]) for f in mine) == ["None", "True"]
-    assert (await client.get("/v1/feedback", headers=other)).json()["count"] == 0
+    assert (await client.get("/v1/feedback", params={"total": True}, headers=other)).json()["count"] == 0
     assert (await client.get("/v1/feedback", params={"all_users": True}, headers=other)).status_code == 403
     # Another person's verdict on their own parrot counts apart from the first person's.
     theirs = await predict(
@@ -257,7 +257,9 @@ async def test_feedback(client: httpx.AsyncClient, users: Users, admin_headers: 
         headers=other,
     )
     assert r.status_code == 201
-    everyone = (await client.get("/v1/feedback", params={"all_users": True}, headers=admin_headers)).json()
+    everyone = (
+        await client.get("/v1/feedback", params={"all_users": True, "total": True}, headers=admin_headers)
+    ).json()
     assert everyone["count"] >= 3
 
     assert (await client.get("/v1/admin/stats", headers=headers)).status_code == 403

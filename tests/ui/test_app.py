@@ -364,12 +364,15 @@ def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str
     result_id = job["results"][0]["id"]
     app.button(key=f"open_{job['job_id']}").click().run()
     assert any(b.proto.form_id == f"fb_{result_id}" for b in app.button)
-    # Page 2 holds the oldest upload; past the last page is said so.
-    app.number_input(key="history_page").set_value(2).run()
+    # "Older" opens page 2, which holds the oldest upload and is the last; "Newer" goes back.
+    assert app.button(key="history_newer").disabled
+    app.button(key="history_older").click().run()
     assert any(c.value == "Page 2 of 2 · 13 uploads" for c in app.caption), [c.value for c in app.caption]
-    app.number_input(key="history_page").set_value(5).run()
-    assert any("Page 5 is past the last page (2)" in i.value for i in app.info)
-    app.number_input(key="history_page").set_value(1).run()
+    shown = [m.value.split(" · ")[0].replace("\\", "") for m in app.markdown if m.value.startswith("**colour")]
+    assert shown == ["**colour-0.png**"], shown
+    assert app.button(key="history_older").disabled
+    app.button(key="history_newer").click().run()
+    assert any(c.value == "Page 1 of 2 · 13 uploads" for c in app.caption), [c.value for c in app.caption]
     # Delete asks first; "Keep" keeps it, the second "Delete" deletes it and says so.
     newest = uploaded[-1]["id"]
     app.button(key=f"delete_{newest}").click().run()

@@ -180,7 +180,7 @@ def test_a_page_of_uploads_with_thumbnails_and_jobs(portal: tuple[str, str, str]
     second = user.upload("second.jpg", (PHOTOS / "parrot.jpg").read_bytes())
     jobs = [user.wait(user.predict(i["id"], ["sketch@1"])) for i in (first, second, first)]
 
-    page = user.images(limit=12, thumbnails=True)
+    page = user.images(limit=12, thumbnails=True, total=True)
     assert page["count"] == 2 and [i["id"] for i in page["data"]] == [second["id"], first["id"]]
     thumbnail = page["data"][1]["thumbnail"]
     assert thumbnail is not None and max(PILImage.open(io.BytesIO(thumbnail)).size) == 280

@@ -33,21 +33,26 @@ def history_page(api: Api) -> None:
     st.title("My uploads")
     if deleted := st.session_state.pop("history_deleted", None):
         st.success(f"Deleted {deleted} and its results.")
-    # No upper bound: the total is known only after this page is asked for; past the end says so.
-    page = int(st.number_input("Page", min_value=1, value=1, step=1, key="history_page"))
+    # Paged by key: each page starts after the last upload of the one before (its cursor), so a
+    # page deep in a long history costs what the first one does. The total is asked for with the
+    # first page only.
+    cursors: list[str | None] = st.session_state.setdefault("history_cursors", [None])
+    at = min(int(st.session_state.get("history_at", 0)), len(cursors) - 1)
+    first = at == 0
     # Three calls a page: the images with their thumbnails, their jobs, and my feedback.
-    listing = guarded(api, lambda: api.images(skip=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE, thumbnails=True))
+    listing = guarded(api, lambda: api.images(cursor=cursors[at], limit=PAGE_SIZE, thumbnails=True, total=first))
     if not listing:
         return
-    total = listing["count"]
-    st.session_state["history_pages"] = max(1, -(-total // PAGE_SIZE))
-    if page == 1:
+    if first:
+        st.session_state["history_total"] = listing["count"] or 0
         batches_section(api)
-    if not total:
-        st.info("Nothing here yet: classify a photo or draw a sketch.")
-        return
+    total = int(st.session_state.get("history_total", 0))
     if not listing["data"]:
-        st.info(f"Page {page} is past the last page ({st.session_state['history_pages']}).")
+        if first:
+            st.info("Nothing here yet: classify a photo or draw a sketch.")
+        else:
+            st.info("No older uploads.")
+        navigation(at, None)
         return
     feedback = {f["prediction_id"]: f for f in guarded(api, api.my_feedback) or []}
     jobs = guarded(api, lambda: api.jobs_of_images([image["id"] for image in listing["data"]]))
@@ -56,10 +61,26 @@ def history_page(api: Api) -> None:
     jobs_of: dict[str, list[Job]] = {}
     for job in jobs:
         jobs_of.setdefault(job["image_id"], []).append(job)
-    st.caption(f"Page {page} of {st.session_state['history_pages']} · {total} uploads")
+    pages = max(1, -(-total // PAGE_SIZE), at + 1)
+    st.caption(f"Page {at + 1} of {pages} · {total} uploads")
     for image in listing["data"]:
         upload_row(api, image, jobs_of.get(image["id"], []), feedback)
         st.divider()
+    navigation(at, listing["next_cursor"])
+
+
+def navigation(at: int, next_cursor: str | None) -> None:
+    """Newer and Older buttons; Older remembers the cursor of the page it opens."""
+    newer, older = st.columns(2)
+    if newer.button("Newer", key="history_newer", disabled=at == 0, use_container_width=True):
+        st.session_state["history_at"] = at - 1
+        st.rerun()
+    if older.button("Older", key="history_older", disabled=next_cursor is None, use_container_width=True):
+        cursors: list[str | None] = st.session_state["history_cursors"]
+        del cursors[at + 1 :]
+        cursors.append(next_cursor)
+        st.session_state["history_at"] = at + 1
+        st.rerun()
 
 
 def upload_row(api: Api, image: ListedImage, jobs: list[Job], feedback: dict[str | None, Feedback]) -> None:

@@ -6,13 +6,22 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from api.app.admin import service
 from api.app.admin.schemas import Stats
 from api.app.core.fields import INT32_MAX, Text
 from api.app.core.responses import ADMIN, INVALID, Responses
-from api.app.deps import AdminUser, ReadSessionDep, RedisDep, RegistryDep, SettingsDep, StoreDep, WorkersDep
+from api.app.deps import (
+    AdminUser,
+    ReadSessionDep,
+    RedisDep,
+    RegistryDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    WorkersDep,
+)
 from api.app.feedback.export import export_archive
 from api.app.predictions import queue
+from api.app.stats import service as stats_service
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -20,23 +29,27 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 @router.get("/stats", response_model=Stats, responses={**ADMIN, **INVALID})
 async def stats(
     _: AdminUser,
-    session: ReadSessionDep,
+    session: SessionDep,
     redis: RedisDep,
     workers: WorkersDep,
     registry: RegistryDep,
     settings: SettingsDep,
-    days: Annotated[int, Query(ge=1, le=365)] = 30,
+    days: Annotated[int, Query(ge=1, le=365, description="the last this many UTC days, today included")] = 30,
 ) -> Stats:
-    """Predictions per day, latency percentiles, accuracy from feedback, most corrected labels (admin)."""
+    """Predictions per day, latency percentiles, accuracy from feedback, most corrected labels (admin).
+
+    Read from daily summaries (api.app.stats), so the cost follows days × model versions, not the
+    history; latency percentiles come from a histogram, within 4.4 % of the exact ones."""
+    await stats_service.roll_up(session=session)
     depth = {
         m.key: await queue.depth(redis, m.name, m.version)
         for m in registry.served(benchmark_mode=settings.benchmark_mode)
     }
     return Stats(
-        predictions_per_day=await service.predictions_per_day(session, days),
-        latency=await service.latency(session, days),
-        accuracy=await service.accuracy(session),
-        most_corrected=await service.most_corrected(session, 10),
+        predictions_per_day=await stats_service.predictions_per_day(session=session, days=days),
+        latency=await stats_service.latency(session=session, days=days),
+        accuracy=await stats_service.accuracy(session=session),
+        most_corrected=await stats_service.most_corrected(session=session, limit=10),
         queue_depth=depth,
         live_workers=len(await workers.heartbeats()),
     )

@@ -188,6 +188,9 @@ class Settings(BaseSettings):
     """How often the API re-enqueues jobs lost with Redis and expires overdue ones."""
     revocation_cleanup_interval_seconds: float = 600.0
     """How often each API process deletes the revocations of tokens that expired over an hour ago."""
+    stats_roll_up_seconds: float = Field(default=10.0, gt=0)
+    """How often each API process folds the changes to the statistics' summaries into them (the
+    statistics route also does it before it reads): the changes waiting stay few."""
 
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:

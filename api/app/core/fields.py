@@ -10,8 +10,8 @@ from pydantic import AfterValidator
 
 INT32_MAX = 2**31 - 1
 """PostgreSQL's ``integer`` (user ids, versions): larger values are refused by the server."""
-MAX_SKIP = 1_000_000
-"""Offset paging deeper than this reads and throws away a million rows per page; page by key."""
+MAX_SKIP = 10_000
+"""Offset paging reads and throws away every skipped row; deeper than this, page by key (cursor)."""
 
 
 def storable(value: str) -> bool:
@@ -38,4 +38,4 @@ def refuse_unstorable(value: str) -> str:
 Text = Annotated[str, AfterValidator(refuse_unstorable)]
 """A string that can be stored as PostgreSQL text."""
 UserId = Annotated[int, Path(ge=1, le=INT32_MAX, description="a user's id")]
-Skip = Annotated[int, Query(ge=0, le=MAX_SKIP, description="rows to skip")]
+Skip = Annotated[int, Query(ge=0, le=MAX_SKIP, description="rows to skip (at most 10,000; deeper, use cursor)")]

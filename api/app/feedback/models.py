@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, String, Text, text
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.app.core.db import Base, TimestampMixin, new_uuid
@@ -22,6 +22,9 @@ class Feedback(TimestampMixin, Base):
             unique=True,
             postgresql_where=text("prediction_id IS NOT NULL AND is_correct IS NOT NULL"),
         ),
+        # Keyset paging, newest first: a person's verdicts, and everyone's for admins.
+        Index("ix_feedback_owner_created", "owner_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_feedback_created", text("created_at DESC"), text("id DESC")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
@@ -32,6 +35,11 @@ class Feedback(TimestampMixin, Base):
     is_correct: Mapped[bool | None] = mapped_column(Boolean)
     correct_label: Mapped[str | None] = mapped_column(String(200))
     comment: Mapped[str | None] = mapped_column(Text)
+    # The model version judged and what it answered, copied from the prediction, so the counts of
+    # verdicts per version (api.app.stats) need no join over every prediction.
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    predicted_label: Mapped[str | None] = mapped_column(String(200))
     # What classic clients send, kept as they sent it.
     predicted_class: Mapped[str | None] = mapped_column(String(200))
     score: Mapped[float | None] = mapped_column(Float)

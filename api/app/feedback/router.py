@@ -5,8 +5,17 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from api.app.core.fields import Skip
+from api.app.core.paging import KeysetPage
 from api.app.core.responses import AUTHED, BODY, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE
-from api.app.deps import CurrentUser, ReadSessionDep, RedisDep, RegistryDep, SessionDep, SettingsDep
+from api.app.deps import (
+    CurrentUser,
+    FeedbackPageDep,
+    ReadSessionDep,
+    RedisDep,
+    RegistryDep,
+    SessionDep,
+    SettingsDep,
+)
 from api.app.feedback import service
 from api.app.feedback.models import Feedback
 from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate, FeedbackPublic, FeedbacksPublic
@@ -47,21 +56,21 @@ async def create_feedback(
 
 @router.get("", response_model=FeedbacksPublic, responses={**AUTHED, **FORBIDDEN, **INVALID})
 async def list_feedback(
-    user: CurrentUser, session: ReadSessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
+    user: CurrentUser,
+    session: ReadSessionDep,
+    page: FeedbackPageDep,
+    all_users: bool = False,
 ) -> FeedbacksPublic:
     """My feedback (admins: everyone's with all_users=true), newest first, each with the model
-    version it judged."""
-    rows, count = await service.list_feedback(session=session, owner_id=_scope(user, all_users), skip=skip, limit=limit)
-    judged = await service.models_judged(
-        session=session, prediction_ids=[r.prediction_id for r in rows if r.prediction_id]
-    )
+    version it judged; follow ``next_cursor`` for older ones (``total=true`` counts them)."""
+    rows, count, next_cursor = await service.list_feedback(session=session, owner_id=_scope(user, all_users), page=page)
     data = [
         FeedbackPublic.model_validate(r).model_copy(
-            update={"model": judged.get(r.prediction_id) if r.prediction_id else None}
+            update={"model": f"{r.model_name}@{r.model_version}" if r.model_name else None}
         )
         for r in rows
     ]
-    return FeedbacksPublic(data=data, count=count)
+    return FeedbacksPublic(data=data, count=count, next_cursor=next_cursor)
 
 
 @classic.post("/", response_model=FeedbackPublic, status_code=201, responses={**BODY, **AUTHED})
@@ -75,7 +84,7 @@ async def classic_list_feedback(
     user: CurrentUser, session: ReadSessionDep, all_users: bool = False, skip: Skip = 0, limit: Limit = 100
 ) -> list[Feedback]:
     """My feedback (admins: everyone's with all_users=true)."""
-    rows, _count = await service.list_feedback(
-        session=session, owner_id=_scope(user, all_users), skip=skip, limit=limit
+    rows, _count, _next = await service.list_feedback(
+        session=session, owner_id=_scope(user, all_users), page=KeysetPage(limit=limit, skip=skip)
     )
     return rows

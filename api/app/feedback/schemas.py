@@ -42,4 +42,5 @@ class FeedbackPublic(BaseModel):
 
 class FeedbacksPublic(BaseModel):
     data: list[FeedbackPublic]
-    count: int
+    count: int | None = Field(default=None, description="All of them, when asked for with total=true.")
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; None on the last.")

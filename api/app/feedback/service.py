@@ -6,13 +6,14 @@ import uuid
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import model_labels
 from api.app.core import metrics
 from api.app.core.db import utcnow
+from api.app.core.paging import KeysetPage, keyset_page
 from api.app.examples import service as examples
 from api.app.examples.models import LabelledExample
 from api.app.feedback.models import Feedback
@@ -84,6 +85,9 @@ async def create_feedback(
         "comment": body.comment,
         "predicted_class": prediction.label,
         "score": prediction.score,
+        "model_name": prediction.model_name,
+        "model_version": prediction.model_version,
+        "predicted_label": prediction.label,
         "created_at": utcnow(),
     }
     # One verdict per person and prediction: saying it again replaces the earlier one (counted once).
@@ -132,9 +136,13 @@ async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body:
         if body.predicted_class:
             query = query.where(Prediction.label == body.predicted_class)
         prediction_id = await session.scalar(query)
+    judged = await session.get(Prediction, prediction_id) if prediction_id is not None else None
     feedback = Feedback(
         owner_id=owner_id,
         prediction_id=prediction_id,
+        model_name=judged.model_name if judged else None,
+        model_version=judged.model_version if judged else None,
+        predicted_label=judged.label if judged else None,
         comment=body.feedback,
         predicted_class=body.predicted_class,
         score=body.score,
@@ -145,26 +153,13 @@ async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body:
     return feedback
 
 
-async def models_judged(*, session: AsyncSession, prediction_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    """The model version (``name@version``) each of these predictions came from, in one query."""
-    if not prediction_ids:
-        return {}
-    rows = await session.execute(
-        select(Prediction.id, Prediction.model_name, Prediction.model_version).where(Prediction.id.in_(prediction_ids))
-    )
-    return {pid: f"{name}@{version}" for pid, name, version in rows.tuples()}
-
-
 async def list_feedback(
-    *, session: AsyncSession, owner_id: int | None, skip: int, limit: int
-) -> tuple[list[Feedback], int]:
-    """``owner_id=None`` lists everyone's (admins only)."""
+    *, session: AsyncSession, owner_id: int | None, page: KeysetPage
+) -> tuple[list[Feedback], int | None, str | None]:
+    """A page of a person's feedback (``owner_id=None``: everyone's, for admins), newest first;
+    the count when asked; the next page's cursor."""
     where = [] if owner_id is None else [Feedback.owner_id == owner_id]
-    count = await session.scalar(select(func.count()).select_from(Feedback).where(*where))
-    rows = await session.scalars(
-        select(Feedback).where(*where).order_by(Feedback.created_at.desc()).offset(skip).limit(limit)
-    )
-    return list(rows), int(count or 0)
+    return await keyset_page(session, Feedback, *where, page=page)
 
 
 async def backfill_examples(*, session: AsyncSession, test_share: float) -> int:

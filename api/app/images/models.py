@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import BigInteger, Integer, String
+from sqlalchemy import BigInteger, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.app.core.db import Base, OwnedMixin, new_uuid
@@ -12,6 +12,8 @@ class Image(OwnedMixin, Base):
     """One user's upload; the bytes live once per sha256 in the blob store."""
 
     __tablename__ = "images"
+    # Keyset paging of a person's uploads, newest first.
+    __table_args__ = (Index("ix_images_owner_created", "owner_id", text("created_at DESC"), text("id DESC")),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
     sha256: Mapped[str] = mapped_column(String(64), index=True)

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Response, UploadFile
 
 from api.app.core.responses import AUTHED, INVALID, NOT_FOUND, UPLOAD
-from api.app.deps import CurrentUser, OwnedImage, PageDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from api.app.deps import CurrentUser, KeysetPageDep, OwnedImage, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from api.app.images import service
 from api.app.images.models import Image
 from api.app.images.schemas import ImageListItem, ImagePublic, ImagesPublic
@@ -53,16 +53,16 @@ async def list_images(
     user: CurrentUser,
     session: ReadSessionDep,
     store: StoreDep,
-    page: PageDep,
+    page: KeysetPageDep,
     thumbnails: Annotated[bool, Query(description="Add each image's thumbnail")] = False,
 ) -> ImagesPublic:
-    """My uploads, newest first."""
-    images, count = await service.list_images(session=session, owner_id=user.id, skip=page.skip, limit=page.limit)
+    """My uploads, newest first; follow ``next_cursor`` for older ones (``total=true`` counts them)."""
+    images, count, next_cursor = await service.list_images(session=session, owner_id=user.id, page=page)
     data = [ImageListItem.model_validate(i) for i in images]
     if thumbnails:
         for item, image in zip(data, images, strict=True):
             item.thumbnail = await service.thumbnail(store=store, image=image)
-    return ImagesPublic(data=data, count=count)
+    return ImagesPublic(data=data, count=count, next_cursor=next_cursor)
 
 
 @router.get(

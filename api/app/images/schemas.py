@@ -30,4 +30,5 @@ class ImageListItem(ImagePublic):
 
 class ImagesPublic(BaseModel):
     data: list[ImageListItem]
-    count: int
+    count: int | None = Field(default=None, description="All of them, when asked for with total=true.")
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; None on the last.")

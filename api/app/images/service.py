@@ -18,8 +18,9 @@ from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
-from api.app.core.db import owned_page, utcnow
+from api.app.core.db import utcnow
 from api.app.core.fields import storable
+from api.app.core.paging import KeysetPage, keyset_page
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from contracts.imaging import ImageInfo, ImageRejected, inspect_image, load_image
@@ -129,9 +130,11 @@ async def get_owned_image(*, session: AsyncSession, owner_id: int, image_id: uui
     return await session.scalar(select(Image).where(Image.id == image_id, Image.owner_id == owner_id))
 
 
-async def list_images(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Image], int]:
-    """A page of the user's uploads, newest first, and their total count."""
-    return await owned_page(session, Image, owner_id=owner_id, skip=skip, limit=limit)
+async def list_images(
+    *, session: AsyncSession, owner_id: int, page: KeysetPage
+) -> tuple[list[Image], int | None, str | None]:
+    """A page of the user's uploads, newest first; their count when asked; the next page's cursor."""
+    return await keyset_page(session, Image, Image.owner_id == owner_id, page=page)
 
 
 async def owned_blobs(*, session: AsyncSession, owner_id: int) -> list[str]:

@@ -106,7 +106,8 @@ class JobPublic(BaseModel):
 
 class JobsPublic(BaseModel):
     data: list[JobPublic]
-    count: int
+    count: int | None = Field(default=None, description="All of them, when asked for with total=true.")
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; None on the last.")
 
 
 class ImageDetail(ImagePublic):

@@ -22,7 +22,7 @@ from sqlalchemy.orm import aliased
 from api.app.catalog.service import WorkerDirectory, model_labels, resolve_models, shadow_copies
 from api.app.core import metrics
 from api.app.core.config import Settings
-from api.app.core.db import owned_page
+from api.app.core.paging import KeysetPage, keyset_page
 from api.app.examples import service as examples
 from api.app.images import service as images_service
 from api.app.images.models import Image
@@ -769,12 +769,12 @@ async def get_owned_job(*, session: AsyncSession, owner_id: int, job_id: uuid.UU
 
 
 async def list_jobs(
-    *, session: AsyncSession, owner_id: int, skip: int, limit: int, image_ids: list[uuid.UUID] | None = None
-) -> tuple[list[Job], int]:
-    """A page of the user's jobs (with their predictions), newest first, and their total count;
-    only the jobs of ``image_ids`` when given."""
+    *, session: AsyncSession, owner_id: int, page: KeysetPage, image_ids: list[uuid.UUID] | None = None
+) -> tuple[list[Job], int | None, str | None]:
+    """A page of the user's jobs (with their predictions), newest first; their count when asked;
+    the next page's cursor. Only the jobs of ``image_ids`` when given."""
     only = [Job.image_id.in_(image_ids)] if image_ids is not None else []
-    return await owned_page(session, Job, *only, owner_id=owner_id, skip=skip, limit=limit)
+    return await keyset_page(session, Job, Job.owner_id == owner_id, *only, page=page)
 
 
 async def jobs_of_image(*, session: AsyncSession, image_id: uuid.UUID) -> list[Job]:

@@ -1,0 +1,82 @@
+"""Keyset ("cursor") paging of the lists that grow with a person's history.
+
+A page is the next ``limit`` rows, newest first, after the last row of the previous page, found by
+its ``(created_at, id)`` through an index that starts with the same columns: a page at any depth
+reads ``limit`` index entries, where ``OFFSET`` reads and discards every row before the page.
+See Markus Winand, "We need tool support for keyset pagination" (use-the-index-luke.com/no-offset).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, func, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+
+KeyedT = TypeVar("KeyedT")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ends: the ``created_at`` and ``id`` of its last row."""
+
+    created_at: datetime
+    id: uuid.UUID
+
+    def encode(self) -> str:
+        """An opaque, URL-safe string (base64 of ``<ISO time>|<uuid>``)."""
+        raw = f"{self.created_at.isoformat()}|{self.id}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        """The cursor ``encode`` made; ValueError for anything else."""
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+            when, _, key = raw.partition("|")
+            created_at = datetime.fromisoformat(when)
+            if created_at.tzinfo is None:
+                raise ValueError("a cursor's time carries its zone")
+            return cls(created_at, uuid.UUID(key))
+        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError("not a cursor this API gave") from exc
+
+
+@dataclass(frozen=True)
+class KeysetPage:
+    """What a list route was asked for: at most ``limit`` rows after ``after`` (from the start
+    when None), skipping ``skip`` first (classic offset paging, bounded), and the total or not."""
+
+    limit: int
+    after: Cursor | None = None
+    skip: int = 0
+    total: bool = False
+
+
+async def keyset_page(
+    session: AsyncSession, entity: type[KeyedT], *where: ColumnElement[bool], page: KeysetPage
+) -> tuple[list[KeyedT], int | None, str | None]:
+    """One page of ``entity``'s rows matching ``where``, newest first (``created_at``, then
+    ``id``, descending); the number of such rows when ``page.total`` (a count of all of them: asked
+    for, not given by default); the cursor of the next page, None on the last one."""
+    model: Any = entity
+    query = select(entity).where(*where)
+    if page.after is not None:
+        query = query.where(tuple_(model.created_at, model.id) < tuple_(page.after.created_at, page.after.id))
+    rows = list(
+        await session.scalars(
+            query.order_by(model.created_at.desc(), model.id.desc()).offset(page.skip).limit(page.limit + 1)
+        )
+    )
+    more, rows = len(rows) > page.limit, rows[: page.limit]
+    last: Any = rows[-1] if rows else None
+    next_cursor = Cursor(last.created_at, last.id).encode() if more and last is not None else None
+    count = None
+    if page.total:
+        count = int(await session.scalar(select(func.count()).select_from(entity).where(*where)) or 0)
+    return rows, count, next_cursor

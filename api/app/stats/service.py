@@ -1,0 +1,170 @@
+"""Operator statistics read from the summaries (api.app.stats.models), whatever the history's size."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.stats.models import CorrectionStats, PredictionStats, VerdictStats, bucket_middle_ms
+from api.app.stats.schemas import Accuracy, Correction, DailyCount, LatencyPercentiles
+
+ROLL_UP_PREDICTIONS = text("""
+    WITH moved AS (DELETE FROM prediction_stat_deltas RETURNING *)
+    INSERT INTO prediction_stats AS s (day, model_name, model_version, status, latency_bucket, predictions)
+    SELECT day, model_name, model_version, status, latency_bucket, sum(predictions) FROM moved
+    GROUP BY 1, 2, 3, 4, 5 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (day, model_name, model_version, status, latency_bucket)
+    DO UPDATE SET predictions = s.predictions + excluded.predictions
+    """)
+ROLL_UP_VERDICTS = text("""
+    WITH moved AS (DELETE FROM verdict_stat_deltas RETURNING *),
+    daily AS (
+        INSERT INTO verdict_stats AS s (day, model_name, model_version, is_correct, verdicts)
+        SELECT day, model_name, model_version, is_correct, sum(verdicts) FROM moved
+        GROUP BY 1, 2, 3, 4 HAVING sum(verdicts) <> 0 ORDER BY 1, 2, 3, 4
+        ON CONFLICT (day, model_name, model_version, is_correct)
+        DO UPDATE SET verdicts = s.verdicts + excluded.verdicts
+    )
+    INSERT INTO correction_stats AS c (model_name, model_version, predicted_label, correct_label, verdicts)
+    SELECT model_name, model_version, predicted_label, correct_label, sum(verdicts) FROM moved
+    WHERE NOT is_correct GROUP BY 1, 2, 3, 4 HAVING sum(verdicts) <> 0 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (model_name, model_version, predicted_label, correct_label)
+    DO UPDATE SET verdicts = c.verdicts + excluded.verdicts
+    """)
+
+
+async def roll_up(*, session: AsyncSession) -> None:
+    """Folds the changes the triggers recorded into the summaries, each change exactly once (a
+    change is deleted in the statement that adds it; a concurrent roll-up skips what this one took).
+    Commits."""
+    await session.execute(ROLL_UP_PREDICTIONS)
+    await session.execute(ROLL_UP_VERDICTS)
+    await session.commit()
+
+
+def first_day(days: int, today: date | None = None) -> date:
+    """The first UTC day of a window of ``days`` days that ends today (inclusive)."""
+    return (today or datetime.now(UTC).date()) - timedelta(days=days - 1)
+
+
+async def predictions_per_day(*, session: AsyncSession, days: int) -> list[DailyCount]:
+    """Predictions created on each of the last ``days`` UTC days, per model version, with their
+    counts by status; reads at most days × versions × statuses summary rows."""
+    rows = await session.execute(
+        select(
+            PredictionStats.day,
+            PredictionStats.model_name,
+            PredictionStats.model_version,
+            PredictionStats.status,
+            func.sum(PredictionStats.predictions),
+        )
+        .where(PredictionStats.day >= first_day(days))
+        .group_by(
+            PredictionStats.day, PredictionStats.model_name, PredictionStats.model_version, PredictionStats.status
+        )
+    )
+    by_key: dict[tuple[date, str, int], dict[str, int]] = defaultdict(dict)
+    for day, model, version, status, n in rows.tuples():
+        if n:
+            by_key[(day, model, version)][status] = int(n)
+    return [
+        DailyCount(
+            day=d, model=m, version=v, predictions=sum(statuses.values()), by_status=dict(sorted(statuses.items()))
+        )
+        for (d, m, v), statuses in sorted(by_key.items())
+    ]
+
+
+def percentiles(histogram: dict[int, int], quantiles: Sequence[float]) -> list[float | None]:
+    """Nearest-rank percentiles (ms) of a latency histogram ``{bucket: count}``: for each ``q``,
+    the middle of the bucket that holds the ``ceil(q·n)``-th smallest latency, within
+    ``LATENCY_RELATIVE_ERROR`` (4.4 %) of it; None for an empty histogram."""
+    total = sum(histogram.values())
+    if total <= 0:
+        return [None for _ in quantiles]
+    answers: list[float | None] = []
+    for q in quantiles:
+        rank = max(1, math.ceil(q * total))
+        seen = 0
+        for bucket in sorted(histogram):
+            seen += histogram[bucket]
+            if seen >= rank:
+                answers.append(round(bucket_middle_ms(bucket), 3))
+                break
+    return answers
+
+
+async def latency(*, session: AsyncSession, days: int) -> list[LatencyPercentiles]:
+    """p50, p95 and p99 of the total latency (ms) of the answers computed (not from the cache)
+    in the last ``days`` UTC days, per model version, from the histogram (see ``percentiles``)."""
+    rows = await session.execute(
+        select(
+            PredictionStats.model_name,
+            PredictionStats.model_version,
+            PredictionStats.latency_bucket,
+            func.sum(PredictionStats.predictions),
+        )
+        .where(PredictionStats.day >= first_day(days), PredictionStats.latency_bucket >= 0)
+        .group_by(PredictionStats.model_name, PredictionStats.model_version, PredictionStats.latency_bucket)
+    )
+    histograms: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)
+    for model, version, bucket, n in rows.tuples():
+        if n:
+            histograms[(model, version)][int(bucket)] = int(n)
+    answers = []
+    for (model, version), histogram in sorted(histograms.items()):
+        p50, p95, p99 = percentiles(histogram, (0.5, 0.95, 0.99))
+        answers.append(
+            LatencyPercentiles(
+                model=model, version=version, count=sum(histogram.values()), p50_ms=p50, p95_ms=p95, p99_ms=p99
+            )
+        )
+    return answers
+
+
+async def accuracy(*, session: AsyncSession) -> list[Accuracy]:
+    """Share of verdicts saying "correct", per model version, over all time."""
+    rows = await session.execute(
+        select(
+            VerdictStats.model_name,
+            VerdictStats.model_version,
+            VerdictStats.is_correct,
+            func.sum(VerdictStats.verdicts),
+        ).group_by(VerdictStats.model_name, VerdictStats.model_version, VerdictStats.is_correct)
+    )
+    counts: dict[tuple[str, int], dict[bool, int]] = defaultdict(dict)
+    for model, version, is_correct, n in rows.tuples():
+        counts[(model, version)][bool(is_correct)] = int(n or 0)
+    answers = []
+    for (model, version), verdicts in sorted(counts.items()):
+        total, correct = sum(verdicts.values()), verdicts.get(True, 0)
+        if total > 0:
+            answers.append(
+                Accuracy(model=model, version=version, feedback=total, correct=correct, accuracy=correct / total)
+            )
+    return answers
+
+
+async def most_corrected(*, session: AsyncSession, limit: int) -> list[Correction]:
+    """The ``limit`` (predicted, corrected to) pairs people gave most often, by the summary's index."""
+    rows = await session.execute(
+        select(
+            CorrectionStats.model_name,
+            CorrectionStats.model_version,
+            CorrectionStats.predicted_label,
+            CorrectionStats.correct_label,
+            CorrectionStats.verdicts,
+        )
+        .where(CorrectionStats.verdicts > 0)
+        .order_by(CorrectionStats.verdicts.desc())
+        .limit(limit)
+    )
+    return [
+        Correction(model=m, version=v, predicted=p or None, corrected_to=c or None, count=int(n))
+        for m, v, p, c, n in rows.tuples()
+    ]
