@@ -130,14 +130,17 @@ def env_names(container: Obj) -> set[str]:
     return {e["name"] for e in container.get("env", [])}
 
 
-def effective(container: Obj, **secrets: str) -> Any:
+def effective(container: Obj) -> Any:
     """The settings the container's process would read (its image's class, from its environment;
     values it takes from the Secret replaced by stand-ins)."""
     cls = SETTINGS[service_of(container)]
     env = {**literal_env(container)}
     for e in container.get("env", []):
         if "valueFrom" in e:
-            env[e["name"]] = secrets.get(e["name"], PLACEHOLDERS[e["name"]])
+            env[e["name"]] = PLACEHOLDERS[e["name"]]
+    if cls is Settings:
+        # A container without SECRET_KEY (the schema wait) would make the settings write a key file.
+        env.setdefault("SECRET_KEY", PLACEHOLDERS["SECRET_KEY"])
     saved = dict(os.environ)
     try:
         for name in setting_env_names(cls):
