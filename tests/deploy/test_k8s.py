@@ -118,8 +118,10 @@ def image_name(container: Obj) -> str:
 def service_of(container: Obj) -> str:
     """Which Dockerfile and settings a container's image comes from: api, model or ui."""
     name = image_name(container)
-    assert name.startswith("image-portal/"), name
-    return name.removeprefix("image-portal/")
+    # An overlay's newName may put a registry in front: registry.example.com/image-portal/api.
+    match = re.search(r"(?:^|/)image-portal/(api|model|ui)$", name)
+    assert match, name
+    return match[1]
 
 
 def literal_env(container: Obj) -> dict[str, str]:
@@ -238,7 +240,7 @@ def test_the_overlay_renders_into_its_namespace_with_pinned_images(overlay: str)
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == namespace["metadata"]["name"], obj["metadata"]["name"]
     images = {c["image"] for w in workloads(objs).values() for c in containers(w)}
-    assert {i.rsplit(":", 1)[0] for i in images} == {"image-portal/api", "image-portal/model", "image-portal/ui"}
+    assert {service_of({"image": i}) for i in images} == set(SETTINGS)
     for image in images:
         name, _, tag = image.rpartition(":")
         assert name and "/" not in tag and tag not in ("", "latest"), image
