@@ -1,0 +1,82 @@
+"""The API's init container: waits until PostgreSQL's schema is at the newest migration this image
+carries, so an API process never starts against tables the migrations Job has not made yet.
+
+``python wait_for_schema.py <migrations dir> [--timeout S]``; ``DATABASE_URL`` as the API reads it.
+Exits 0 once every revision in ``alembic_version`` is a head of ``<migrations dir>`` or one this
+image does not know (a newer release migrated already: its migrations only add to the schema, so
+this release's code still runs on it); 1 after ``--timeout`` seconds (0, the default: wait for good).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.engine import make_url
+
+
+def is_current(database: set[str], script: ScriptDirectory) -> bool:
+    """Whether a database at ``database`` (its ``alembic_version`` rows) is at this image's head."""
+    if not database:
+        return False
+    heads = set(script.get_heads())
+    for revision in database - heads:
+        try:
+            script.get_revision(revision)
+        except CommandError:
+            continue  # unknown here: migrated by a newer release
+        return False  # a known revision that is not a head: migrations still to run
+    return True
+
+
+async def database_revisions(dsn: str) -> set[str]:
+    """The revisions in ``alembic_version``; empty when the table does not exist yet."""
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        rows = await conn.fetch("SELECT version_num FROM alembic_version")
+    except asyncpg.UndefinedTableError:
+        return set()
+    finally:
+        await conn.close()
+    return {row["version_num"] for row in rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Polls until the schema is current (0) or the timeout passes (1), saying what it waits for."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("migrations", type=Path)
+    parser.add_argument("--timeout", type=float, default=0.0)
+    parser.add_argument("--interval", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    script = ScriptDirectory(str(args.migrations))
+    dsn = make_url(os.environ["DATABASE_URL"]).set(drivername="postgresql").render_as_string(hide_password=False)
+    started = time.monotonic()
+    said = ""
+    while True:
+        try:
+            revisions = asyncio.run(database_revisions(dsn))
+            if is_current(revisions, script):
+                print(f"schema at {', '.join(sorted(revisions))}", flush=True)
+                return 0
+            state = (
+                f"schema at {', '.join(sorted(revisions)) or 'nothing'}, waiting for {', '.join(script.get_heads())}"
+            )
+        except (OSError, asyncpg.PostgresError) as exc:  # TimeoutError is an OSError
+            state = f"database not reachable: {type(exc).__name__}: {exc}"
+        if state != said:  # one line per change, not one per poll
+            print(state, flush=True)
+            said = state
+        if args.timeout and time.monotonic() - started >= args.timeout:
+            return 1
+        time.sleep(args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
