@@ -290,3 +290,24 @@ def test_without_the_machines_own_servers_the_packaged_ones_run(
     finally:
         pg.stop()
     assert not listening("127.0.0.1", pg.port) and not listening("127.0.0.1", redis_port)
+
+
+def test_private_servers_left_running_by_a_killed_run_are_taken_over_and_stopped(var: Path) -> None:
+    """A run killed before it could stop its servers: the next run uses them and stops them."""
+    pg_port, redis_port = free_port(), free_port()
+    urls = {
+        "database_url": f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}/portal",
+        "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+    }
+    killed = ensure_local_services(var, say=lambda _line: None, **urls)
+    try:
+        said: list[str] = []
+        later = ensure_local_services(var, say=said.append, **urls)
+        assert said == [
+            f"PostgreSQL: a private server left running answers on 127.0.0.1:{pg_port}, using it",
+            f"Redis: a private server left running answers on 127.0.0.1:{redis_port}, using it",
+        ]
+        later.stop()
+        assert not listening("127.0.0.1", pg_port) and not listening("127.0.0.1", redis_port)
+    finally:
+        killed.stop()
