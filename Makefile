@@ -42,8 +42,9 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
+# scripts/run.py starts a private PostgreSQL or Redis where the default one is missing, then
+# prepares the database (api.prestart) and supervises the portal.
 run: install
-	$(PY) -m api.prestart
 	$(PY) -m model.prepare
 	$(PY) scripts/run.py
 

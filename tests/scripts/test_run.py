@@ -88,6 +88,12 @@ def command(process: psutil.Process) -> list[str]:
         return []
 
 
+def supervisord(proc: subprocess.Popen[bytes]) -> psutil.Process:
+    """The supervisord that scripts/run.py runs as its child."""
+    (found,) = [c for c in psutil.Process(proc.pid).children() if "supervisor.supervisord" in command(c)]
+    return found
+
+
 def test_a_killed_worker_is_restarted_while_the_portal_keeps_serving(settings: Settings) -> None:
     """SIGKILL (as the kernel's OOM killer sends it) one of two model workers while a client keeps
     predicting: every prediction is answered (or runs out of its deadline), the worker is started
@@ -125,7 +131,8 @@ def test_a_killed_worker_is_restarted_while_the_portal_keeps_serving(settings: S
             workers[0].kill()
 
             def restarted() -> list[psutil.Process]:
-                return [c for c in psutil.Process(proc.pid).children() if command(c)[-2:] == ["-m", "model"]]
+                children = supervisord(proc).children()
+                return [c for c in children if command(c)[-2:] == ["-m", "model"]]
 
             wait_until(
                 lambda: len(restarted()) == 2 and workers[0].pid not in {c.pid for c in restarted()}, 30, "restart"
