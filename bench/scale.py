@@ -1,7 +1,7 @@
 """Data at scale: grow a throwaway database to months of use with SQL, then time the routes whose
 cost could follow the history (statistics, list pages at any depth, the start of an export).
 
-``python -m bench.scale`` (defaults: 1,000 users, 300,000 images and jobs, 600,000 predictions,
+``python -m bench.scale`` (defaults: 1,000 users, 500,000 images and jobs, a million predictions,
 100,000 verdicts over 90 days) prints a Markdown table of p50/p95 per route and writes it to
 ``docs/benchmarks/scale.md``. The suite's scale test (tests/bench/test_scale.py) grows the same
 shape with ``grow`` and checks the same routes.
@@ -37,8 +37,8 @@ MODELS = (("mobilenet_v2", 1), ("sketch", 3), ("resnet50", 1), ("sketch", 2))
 @dataclass(frozen=True)
 class Shape:
     users: int = 1_000
-    images: int = 300_000
-    """Also the number of jobs: one job per image."""
+    images: int = 500_000
+    """Also the number of jobs: one job per image (so a million predictions, two per job)."""
     predictions_per_job: int = 2
     feedback: int = 100_000
     days: int = 90
@@ -186,10 +186,17 @@ async def _cursor_at(dsn: str, table: str, where: str, depth: int) -> str:
 
 
 async def measure(
-    shape: Shape, *, repeat: int = 20, extra: Callable[..., Awaitable[list[Timing]]] | None = None
+    shape: Shape,
+    *,
+    base: Any = None,
+    admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres",
+    repeat: int = 20,
+    extra: Callable[..., Awaitable[list[Timing]]] | None = None,
 ) -> list[Timing]:
-    """Grows a throwaway database (dropped afterwards) to ``shape`` under an API in this process
-    and times its routes; ``extra(client, admin_headers, user_headers)`` may add timings."""
+    """Grows a throwaway database (dropped afterwards; created through ``admin_dsn``) to
+    ``shape`` under an API in this process with ``base``'s other settings (Settings; default: the
+    environment's) and times its routes; ``extra(client, admin_headers, user_headers)`` may add
+    timings."""
     import httpx
     from asgi_lifespan import LifespanManager
 
@@ -197,19 +204,14 @@ async def measure(
     from api.app.main import create_app
     from api.prestart import migrate, seed_admin, seed_registry
 
-    admin_dsn = "postgresql://postgres@127.0.0.1:5432/postgres"
     name = f"portal_scale_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(admin_dsn)
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
     dsn = admin_dsn.rsplit("/", 1)[0] + f"/{name}"
     try:
-        settings = Settings(
-            database_url=dsn.replace("postgresql://", "postgresql+asyncpg://"),
-            environment="test",
-            secret_key="scale-" + uuid.uuid4().hex,
-            first_admin_password="scale-admin-password",
-        )
+        base = base if base is not None else Settings()
+        settings = base.model_copy(update={"database_url": dsn.replace("postgresql://", "postgresql+asyncpg://")})
         await asyncio.to_thread(migrate, settings.database_url)
         await seed_admin(settings)
         await seed_registry(settings)

@@ -9,12 +9,17 @@ import time
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+from api.app.core.config import Settings
+from api.app.main import create_app
+from api.prestart import migrate
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png
-from tests.conftest import Users
+from tests.conftest import Users, client_for
+from tests.support import PostgresServer
 
 
 async def _ready(client: httpx.AsyncClient, expected: int, within: float = 30) -> dict[str, Any]:
@@ -71,3 +76,27 @@ async def test_request_id_reaches_the_worker_log(stack: Stack, users: Users, cap
     api_lines = [r for r in caplog.records if getattr(r, "request_id", "") == request_id]
     assert any("POST /model/predict 200" in r.getMessage() for r in api_lines)
     assert all(headers["Authorization"][7:] not in r.getMessage() for r in caplog.records)
+
+
+async def test_ready_warns_while_autovacuum_is_off(settings: Settings) -> None:
+    server = PostgresServer()
+    server.init()
+    server.start()
+    try:
+        private = settings.model_copy(update={"database_url": server.url})
+        await asyncio.to_thread(migrate, private.database_url)
+        conn = await asyncpg.connect(server.url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            async for client in client_for(create_app(private)):
+                postgresql = (await client.get("/health/ready")).json()["checks"]["postgresql"]
+                assert postgresql["status"] == "ok" and "warnings" not in postgresql, postgresql
+                await conn.execute("ALTER SYSTEM SET autovacuum = off")
+                await conn.execute("SELECT pg_reload_conf()")
+                await asyncio.sleep(0.5)
+                postgresql = (await client.get("/health/ready")).json()["checks"]["postgresql"]
+                assert postgresql["status"] == "ok", postgresql
+                assert any("autovacuum is off" in w for w in postgresql["warnings"]), postgresql
+        finally:
+            await conn.close()
+    finally:
+        server.stop()

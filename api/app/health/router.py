@@ -35,11 +35,20 @@ async def _check(coro: Awaitable[object]) -> dict[str, object]:
 async def ready(
     engine: EngineDep, redis: RedisDep, workers: WorkersDep, registry: RegistryDep, settings: SettingsDep
 ) -> JSONResponse:
-    """Ready: PostgreSQL and Redis answer, and a warm worker serves every available model."""
+    """Ready: PostgreSQL and Redis answer, and a warm worker serves every available model; a
+    PostgreSQL setting that hurts in the long run (autovacuum off) is named in ``warnings``."""
+
+    postgres_warnings: list[str] = []
 
     async def db_check() -> str:
         async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+            # Without autovacuum the summaries' change tables and the history bloat, and the
+            # planner's statistics go stale: the portal runs but slows down month by month.
+            if (await conn.scalar(text("SHOW autovacuum"))) != "on":
+                postgres_warnings.append(
+                    "autovacuum is off: dead rows and stale planner statistics will slow the portal down; "
+                    "turn it on (see the README's PostgreSQL settings)"
+                )
         return "reachable"
 
     async def redis_check() -> str:
@@ -59,6 +68,8 @@ async def ready(
         return {"live_workers": len(beats), "models": {k: v.workers for k, v in availability.items()}}
 
     checks = {"postgresql": await _check(db_check()), "redis": await _check(redis_check())}
+    if postgres_warnings:
+        checks["postgresql"]["warnings"] = postgres_warnings
     checks["workers"] = (
         await _check(workers_check())
         if checks["redis"]["status"] == "ok"

@@ -1,0 +1,21 @@
+"""At a million predictions the routes that could follow the history stay fast: statistics from
+summaries, list pages by key at any depth (bench.scale grows the database with SQL)."""
+
+from __future__ import annotations
+
+from api.app.core.config import Settings
+from bench.scale import Shape, measure, table
+from tests.conftest import _admin_dsn
+from tests.support import ARTIFACTS
+
+LIMIT_MS = 50.0
+
+
+async def test_stats_and_deep_list_pages_stay_fast_at_a_million_predictions(settings: Settings) -> None:
+    shape = Shape()
+    timings = await measure(shape, base=settings, admin_dsn=_admin_dsn(), repeat=15)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "scale.md").write_text(table(timings, shape))
+    assert len(timings) >= 9
+    slow = [t for t in timings if t.p50_ms >= LIMIT_MS]
+    assert not slow, table(timings, shape)
