@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,9 +130,11 @@ def redis_answers(port: int) -> bool:
         client.close()
 
 
-def start_redis(port: int, *, log_dir: Path, cwd: Path) -> Service:
-    """A private, non-persistent redis-server on 127.0.0.1:``port``, once it answers."""
+def start_redis(port: int, *, log_dir: Path, cwd: Path, extra_args: Sequence[str] = ()) -> Service:
+    """A private, non-persistent redis-server on 127.0.0.1:``port``, once it answers; ``extra_args``
+    are more of its command-line options (``--maxmemory-policy``, ``allkeys-lru``)."""
     args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += extra_args
     return Service(f"redis-{port}", args, {}, log_dir=log_dir, cwd=cwd).start(lambda: redis_answers(port), timeout=10)
 
 
