@@ -48,6 +48,14 @@ def test_the_api_trusts_the_ui_alone_as_a_proxy() -> None:
     assert ipaddress.ip_address(ui_address) in ipaddress.ip_network(subnet)
 
 
+def test_redis_never_evicts() -> None:
+    """The API and the workers refuse to run on a Redis that may delete keys when it is full."""
+    from contracts.redis_policy import SAFE_POLICY
+
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == SAFE_POLICY
+
+
 def test_ports_match_setting_defaults() -> None:
     api_default = Settings(_env_file=None).api_port  # type: ignore[call-arg]
     ui_default = UISettings(_env_file=None).ui_port  # type: ignore[call-arg]
