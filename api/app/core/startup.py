@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy.engine import make_url
 
 from api.app.core.config import Settings
@@ -86,7 +88,10 @@ async def check_redis_eviction(settings: Settings, client: aioredis.Redis | None
     ``contracts.redis_policy.EvictionPolicyRefused`` (its message one line) for an evicting policy
     that is not allowed; the caller says so and stops."""
     own = client is None
-    redis_client = client or aioredis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
+    # No retries of its own: Redis down at start-up is not a verdict, and must not delay the start.
+    redis_client = client or aioredis.from_url(
+        settings.redis_url, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
     try:
         check = await check_eviction_policy_async(redis_client, allow=settings.allow_redis_eviction)
     except REDIS_ERRORS:
