@@ -24,7 +24,7 @@ export CALIBRATION_DIR := $(SHARED)/data/photos
 endif
 endif
 
-.PHONY: install browser run test lint fmt bench clean
+.PHONY: install browser nginx run test lint fmt bench clean
 
 $(VENV)/.installed: requirements/*.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,13 +42,18 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
+# Debian's nginx, for the front-door test (tests/deploy/test_nginx.py runs the project's config).
+nginx:
+	@command -v nginx >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nginx; }
+
 # scripts/run.py starts a private PostgreSQL or Redis where the default one is missing, then
 # prepares the database (api.prestart) and supervises the portal.
 run: install
 	$(PY) -m model.prepare
 	$(PY) scripts/run.py
 
-test: install browser
+test: install browser nginx
 	$(PY) -m model.prepare
 	$(PY) -m pytest
 

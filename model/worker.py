@@ -36,6 +36,7 @@ from contracts.messages import (
     ResultMessage,
     Timings,
 )
+from contracts.redis_policy import EvictionPolicyRefused, check_eviction_policy
 from contracts.registry import ModelEntry, Registry, load_registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
@@ -96,8 +97,21 @@ class Worker:
         """Versions loaded and warmed up by the registry thread, for the serving loop to take on."""
         self._outgoing: set[str] = set()
         """Job streams of versions the registry no longer has this worker serve."""
+        self._warned_policy: str | None = None
+        """The evicting Redis policy last warned about (ALLOW_REDIS_EVICTION)."""
 
     # --- start-up -------------------------------------------------------------------------
+
+    def check_eviction(self) -> None:
+        """Reads Redis's eviction policy, at start and whenever the worker reconnects (Redis may
+        come back reconfigured, or be another server): logs the warning when an evicting policy is
+        allowed (ALLOW_REDIS_EVICTION). Raises EvictionPolicyRefused when it is not, or redis-py's
+        ConnectionError or TimeoutError when Redis cannot be reached."""
+        check = check_eviction_policy(self.redis, allow=self.settings.allow_redis_eviction)
+        # Said once per policy, not at every reconnection to the same Redis.
+        if check.warning and check.policy != self._warned_policy:
+            log.warning("%s", check.warning)
+        self._warned_policy = check.policy if check.warning else None
 
     def load_models(self) -> None:
         configure_tensorflow(self.settings)
@@ -304,9 +318,12 @@ class Worker:
         follower = threading.Thread(target=self._registry_loop, name="registry", daemon=True)
         groups_ready = False
         started = False
+        refusal: EvictionPolicyRefused | None = None
         while not self.stopping.is_set():
             try:
                 if not groups_ready:
+                    # (Re)connected: first make sure this Redis keeps what it is given.
+                    self.check_eviction()
                     self.jobs.ensure_groups(self.models)
                     self.publish_labels()
                     self.send_heartbeat()
@@ -324,6 +341,9 @@ class Worker:
                     self.stopping.wait(0.2)
                     continue
                 self.step()
+            except EvictionPolicyRefused as exc:
+                refusal = exc
+                self.stopping.set()
             except redis.exceptions.ResponseError as exc:
                 if group_missing(exc):
                     groups_ready = False  # Redis lost its data; recreate the groups
@@ -338,6 +358,8 @@ class Worker:
             workers.withdraw(pipe, worker_id=self.worker_id)
             pipe.execute()
         log.info("worker %s stopped", self.worker_id)
+        if refusal is not None:
+            raise SystemExit(f"model worker {self.worker_id} stops: {refusal}")
 
     def step(self) -> None:
         """One round: take over stale jobs, read new ones, fill batches, answer them."""
@@ -545,5 +567,12 @@ def main() -> None:
     worker = Worker(settings)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
+    try:
+        # Before the models load (tens of seconds): refuse an evicting Redis at once.
+        worker.check_eviction()
+    except REDIS_ERRORS:
+        pass  # Redis down: checked again by run() once it answers
+    except EvictionPolicyRefused as exc:
+        raise SystemExit(f"model worker {worker.worker_id} refuses to start: {exc}") from None
     worker.load_models()
     worker.run()

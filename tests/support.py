@@ -71,18 +71,21 @@ def streams_read(reply: object) -> list[tuple[bytes, list[Entry]]]:
 
 
 class RedisServer:
-    """A private redis-server on a free port, for tests that stop or restart Redis."""
+    """A private redis-server on a free port, for tests that stop or restart Redis or need one
+    configured otherwise (``extra_args``: more redis-server options; change them between a stop and
+    a start to bring it back reconfigured)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_args: str) -> None:
         self.port = 0
         self.server: Service | None = None
+        self.extra_args = list(extra_args)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def _start(self, port: int) -> Service:
-        self.server = start_redis(port, log_dir=ARTIFACTS, cwd=ROOT)
+        self.server = start_redis(port, log_dir=ARTIFACTS, cwd=ROOT, extra_args=self.extra_args)
         self.port = port
         return self.server
 

@@ -19,7 +19,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {"api": Settings, "model": ModelSettin
 
 
 def test_services_and_scaling() -> None:
-    assert set(SERVICES) == {"db", "redis", "api", "model", "trainer", "ui", "prometheus", "grafana"}
+    assert set(SERVICES) == {"db", "redis", "api", "model", "trainer", "ui", "nginx", "prometheus", "grafana"}
     assert {n for n, svc in SERVICES.items() if svc.get("profiles")} == {"prometheus", "grafana"}
     for name, service in SERVICES.items():
         assert "container_name" not in service, name
@@ -39,21 +39,54 @@ def test_environment_variables_are_real_settings() -> None:
         assert not unknown, (name, unknown)
 
 
-def test_the_api_trusts_the_ui_alone_as_a_proxy() -> None:
-    """The UI forwards each browser's address; the API counts it only from the UI's fixed address,
-    which lies in the network's subnet."""
+def test_the_api_trusts_nginx_and_the_ui_alone_as_proxies() -> None:
+    """nginx forwards each browser's address to the API and the UI, the UI forwards it to the API;
+    the API counts it only from their fixed addresses, the UI only from nginx's, all in the
+    network's subnet."""
+    nginx_address = SERVICES["nginx"]["networks"]["default"]["ipv4_address"]
     ui_address = SERVICES["ui"]["networks"]["default"]["ipv4_address"]
-    assert SERVICES["api"]["environment"]["TRUSTED_PROXIES"] == ui_address
+    assert SERVICES["api"]["environment"]["TRUSTED_PROXIES"].split(",") == [nginx_address, ui_address]
+    assert SERVICES["ui"]["environment"]["UI_TRUSTED_PROXIES"] == nginx_address
     [subnet] = [c["subnet"] for c in COMPOSE["networks"]["default"]["ipam"]["config"]]
-    assert ipaddress.ip_address(ui_address) in ipaddress.ip_network(subnet)
+    for address in (nginx_address, ui_address):
+        assert ipaddress.ip_address(address) in ipaddress.ip_network(subnet)
+
+
+def test_nginx_is_the_door() -> None:
+    """The official image with the project's template and limits script mounted where its
+    entrypoint renders them (only PORTAL_* names), from the same settings the API gets; the API and
+    the UI publish no port of their own."""
+    nginx = SERVICES["nginx"]
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+-alpine", nginx["image"])
+    assert nginx["ports"] == ["80:80"] and nginx["environment"]["PORTAL_LISTEN"] == "80"
+    assert set(nginx["volumes"]) == {
+        "./deploy/nginx/portal.conf.template:/etc/nginx/templates/default.conf.template:ro",
+        "./deploy/nginx/portal-limits.envsh:/docker-entrypoint.d/15-portal-limits.envsh:ro",
+    }
+    assert (
+        ROOT / "deploy" / "nginx" / "portal-limits.envsh"
+    ).stat().st_mode & 0o111, "the entrypoint runs it only if executable"
+    env = nginx["environment"]
+    assert env["NGINX_ENVSUBST_FILTER"] == "PORTAL_"
+    assert env["PORTAL_API"] == f"api:{SERVICES['api']['environment']['API_PORT']}"
+    assert env["PORTAL_UI"] == f"ui:{SERVICES['ui']['environment']['UI_PORT']}"
+    for name in ("MAX_UPLOAD_BYTES", "MAX_BATCH_BYTES", "PREDICT_DEADLINE_SECONDS"):
+        assert env[name] == SERVICES["api"]["environment"][name], name
+    assert "ports" not in SERVICES["api"] and "ports" not in SERVICES["ui"]
+
+
+def test_redis_never_evicts() -> None:
+    """The API and the workers refuse to run on a Redis that may delete keys when it is full."""
+    from contracts.redis_policy import SAFE_POLICY
+
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == SAFE_POLICY
 
 
 def test_ports_match_setting_defaults() -> None:
     api_default = Settings(_env_file=None).api_port  # type: ignore[call-arg]
     ui_default = UISettings(_env_file=None).ui_port  # type: ignore[call-arg]
-    assert SERVICES["api"]["ports"] == [f"{api_default}:{api_default}"]
     assert SERVICES["api"]["environment"]["API_PORT"] == str(api_default)
-    assert SERVICES["ui"]["ports"] == [f"{ui_default}:{ui_default}"]
     assert SERVICES["ui"]["environment"]["UI_PORT"] == str(ui_default)
     assert f":{api_default}" in SERVICES["ui"]["environment"]["API_URL"]
     assert f":{api_default}/health/live" in " ".join(SERVICES["api"]["healthcheck"]["test"])

@@ -31,6 +31,9 @@ def main() -> None:
         "--client.toolbarMode",
         "viewer",
     ]
+    # Streamlit serves through uvicorn, which reads the proxies it trusts from here (uvicorn's own
+    # default trusts 127.0.0.1: any local process could pick the address the UI passes on).
+    os.environ["FORWARDED_ALLOW_IPS"] = settings.ui_trusted_proxies
     os.execv(sys.executable, args)
 
 

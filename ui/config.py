@@ -20,6 +20,10 @@ class UISettings(BaseSettings):
     """Interface the UI binds to (0.0.0.0 to be reachable from other machines, as in containers)."""
     ui_port: int = 9090
     """Port the UI listens on."""
+    ui_trusted_proxies: str = ""
+    """Comma-separated addresses of the reverse proxies (nginx in compose) whose X-Forwarded-For
+    the UI believes: the browser's address it then sends on to the API, so that people behind one
+    proxy are not one client to the login throttle. Empty: no proxy is trusted."""
     api_timeout_seconds: float = 40.0
     """How long the UI waits for one API call (above the API's own predict deadline)."""
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -29,6 +30,7 @@ from api.app.core.redis import make_redis
 from api.app.core.request_context import RequestContextMiddleware
 from api.app.core.responses import EVERY_ROUTE
 from api.app.core.security import PasswordHasher, VerifiedTokens
+from api.app.core.startup import check_redis_eviction
 from api.app.core.tasks import run_every
 from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
@@ -49,7 +51,10 @@ from api.app.training import background as training_background
 from api.app.training.router import router as training_router
 from api.app.users.router import classic as users_classic
 from api.app.users.router import router as users_router
+from contracts.redis_policy import EvictionPolicyRefused
 from contracts.registry import load_registry
+
+log = logging.getLogger("api.startup")
 
 DESCRIPTION = """Upload images, classify them with several models side by side, and say when a
 prediction is wrong. Use **Authorize** with your email as username to try every route."""
@@ -61,6 +66,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            # Before anything is opened: an evicting Redis would lose queued jobs without a word.
+            await check_redis_eviction(settings)
+        except EvictionPolicyRefused as exc:
+            # One clear line before uvicorn's traceback and "Application startup failed".
+            log.critical("refusing to start: %s", exc)
+            raise
         metrics.forget_dead_processes()
         state = app.state
         state.settings = settings

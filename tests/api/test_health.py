@@ -88,14 +88,15 @@ async def test_ready_warns_while_autovacuum_is_off(settings: Settings) -> None:
         conn = await asyncpg.connect(server.url.replace("postgresql+asyncpg://", "postgresql://"))
         try:
             async for client in client_for(create_app(private)):
-                postgresql = (await client.get("/health/ready")).json()["checks"]["postgresql"]
-                assert postgresql["status"] == "ok" and "warnings" not in postgresql, postgresql
+                body = (await client.get("/health/ready")).json()
+                assert body["checks"]["postgresql"]["status"] == "ok", body
+                assert not [w for w in body["warnings"] if "autovacuum" in w], body
                 await conn.execute("ALTER SYSTEM SET autovacuum = off")
                 await conn.execute("SELECT pg_reload_conf()")
                 await asyncio.sleep(0.5)
-                postgresql = (await client.get("/health/ready")).json()["checks"]["postgresql"]
-                assert postgresql["status"] == "ok", postgresql
-                assert any("autovacuum is off" in w for w in postgresql["warnings"]), postgresql
+                body = (await client.get("/health/ready")).json()
+                assert body["checks"]["postgresql"]["status"] == "ok", body
+                assert any("autovacuum is off" in w for w in body["warnings"]), body
         finally:
             await conn.close()
     finally:

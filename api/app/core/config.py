@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     """Redis URL; the database index in the path selects the logical database."""
     redis_max_connections: int = 512
     """Redis connections per API process (each waiting one-shot request holds one)."""
+    allow_redis_eviction: bool = False
+    """Run on a Redis whose maxmemory-policy is not noeviction (managed Redis often ships
+    allkeys-lru or volatile-lru), which deletes queued jobs and results under memory pressure. False:
+    the API refuses to start there. True: it starts, logs a warning and shows it in /health/ready."""
     dependency_wait_attempts: int = 30
     """Start-up attempts to reach PostgreSQL and Redis before giving up."""
     dependency_wait_interval: float = 1.0

@@ -8,9 +8,13 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy.engine import make_url
 
 from api.app.core.config import Settings
+from contracts.redis_policy import EvictionCheck, check_eviction_policy_async
+from contracts.streams import REDIS_ERRORS
 
 log = logging.getLogger("api.startup")
 
@@ -75,3 +79,26 @@ async def wait_for_redis(settings: Settings) -> None:
             await client.aclose()
 
     await _retry("Redis", settings.redis_url, attempt, settings)
+
+
+async def check_redis_eviction(settings: Settings, client: aioredis.Redis | None = None) -> EvictionCheck | None:
+    """Reads Redis's eviction policy (through ``client``, else a short-lived client of its own) and
+    logs the warning when an evicting policy is allowed (ALLOW_REDIS_EVICTION). None when Redis
+    cannot be reached now: ``/health/ready`` reads the policy again on every call. Raises
+    ``contracts.redis_policy.EvictionPolicyRefused`` (its message one line) for an evicting policy
+    that is not allowed; the caller says so and stops."""
+    own = client is None
+    # No retries of its own: Redis down at start-up is not a verdict, and must not delay the start.
+    redis_client = client or aioredis.from_url(
+        settings.redis_url, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        check = await check_eviction_policy_async(redis_client, allow=settings.allow_redis_eviction)
+    except REDIS_ERRORS:
+        return None
+    finally:
+        if own:
+            await redis_client.aclose()
+    if check.warning:
+        log.warning("%s", check.warning)
+    return check

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.app.deps import EngineDep, RedisDep, RegistryDep, SettingsDep, WorkersDep
+from contracts.redis_policy import EvictionCheck, EvictionPolicyRefused, check_eviction_policy_async
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -35,8 +36,9 @@ async def _check(coro: Awaitable[object]) -> dict[str, object]:
 async def ready(
     engine: EngineDep, redis: RedisDep, workers: WorkersDep, registry: RegistryDep, settings: SettingsDep
 ) -> JSONResponse:
-    """Ready: PostgreSQL and Redis answer, and a warm worker serves every available model; a
-    PostgreSQL setting that hurts in the long run (autovacuum off) is named in ``warnings``."""
+    """Ready: PostgreSQL and Redis answer, Redis does not evict keys (or ALLOW_REDIS_EVICTION says
+    to run anyway: then ``warnings`` says so), and a warm worker serves every available model. A
+    PostgreSQL setting that hurts in the long run (autovacuum off) is named in ``warnings`` too."""
 
     postgres_warnings: list[str] = []
 
@@ -51,8 +53,11 @@ async def ready(
                 )
         return "reachable"
 
+    evictions: list[EvictionCheck] = []
+
     async def redis_check() -> str:
-        await redis.ping()
+        # Read on every call, not only at start-up: Redis may have been replaced or reconfigured.
+        evictions.append(await check_eviction_policy_async(redis, allow=settings.allow_redis_eviction))
         return "reachable"
 
     async def workers_check() -> dict[str, object]:
@@ -68,12 +73,19 @@ async def ready(
         return {"live_workers": len(beats), "models": {k: v.workers for k, v in availability.items()}}
 
     checks = {"postgresql": await _check(db_check()), "redis": await _check(redis_check())}
-    if postgres_warnings:
-        checks["postgresql"]["warnings"] = postgres_warnings
+    eviction = evictions[0] if evictions else None
+    if eviction is not None:
+        checks["redis"]["eviction_policy"] = eviction.policy
+    redis_down = not str(checks["redis"]["detail"]).startswith(EvictionPolicyRefused.__name__)
     checks["workers"] = (
         await _check(workers_check())
         if checks["redis"]["status"] == "ok"
-        else {"status": "fail", "detail": "redis down"}
+        else {"status": "fail", "detail": "redis down" if redis_down else "redis refused"}
     )
     ok = all(c["status"] == "ok" for c in checks.values())
-    return JSONResponse(status_code=200 if ok else 503, content={"status": "ok" if ok else "fail", "checks": checks})
+    warnings = [eviction.warning] if eviction is not None and eviction.warning else []
+    warnings += postgres_warnings
+    return JSONResponse(
+        status_code=200 if ok else 503,
+        content={"status": "ok" if ok else "fail", "checks": checks, "warnings": warnings},
+    )

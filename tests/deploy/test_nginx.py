@@ -1,0 +1,272 @@
+"""nginx as the front door, with the project's own config: Debian's nginx runs
+``deploy/nginx/portal.conf.template`` (rendered as the nginx image renders it in compose, its sums
+made by the same ``portal-limits.envsh``) on a free port, in front of the real API, the real UI and
+the suite's model worker, as the user running the tests, its files in a temporary directory."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.sync.client import connect as websocket_connect
+from websockets.typing import Origin, Subprotocol
+
+import tests.test_integration as integration
+from api.app.core.config import Settings
+from api.app.main import create_app
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
+from tests.support import ROOT, Service, free_port, http_ok, service, start_api, wait_until
+
+pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="Debian's nginx is not installed (make nginx)")
+
+DEPLOY = ROOT / "deploy" / "nginx"
+TEMPLATE = DEPLOY / "portal.conf.template"
+LIMITS = DEPLOY / "portal-limits.envsh"
+PLACEHOLDER = re.compile(r"\$(\{)?(PORTAL_\w*)(?(1)\})")
+"""What the nginx image's entrypoint fills in with NGINX_ENVSUBST_FILTER=PORTAL_: $NAME or ${NAME}."""
+
+# Small limits, so the refused bodies are quick to send; the batch limit above the upload one.
+MAX_UPLOAD_BYTES = 1024 * 1024
+MAX_BATCH_BYTES = 3 * 1024 * 1024
+
+
+def limits(**settings: str) -> dict[str, str]:
+    """The PORTAL_* values ``portal-limits.envsh`` exports for these API settings, sourced by sh
+    as the image's entrypoint sources it."""
+    env = {"PATH": os.environ["PATH"], **settings}
+    done = subprocess.run(["sh", "-c", f'. "{LIMITS}" && env'], env=env, capture_output=True, text=True, check=True)
+    pairs = (line.partition("=") for line in done.stdout.splitlines())
+    return {name: value for name, _, value in pairs if name.startswith("PORTAL_")}
+
+
+def render(values: dict[str, str]) -> str:
+    """The template with its placeholders filled in, as the image does (a name without a value
+    is left as it is); fails if one is left."""
+    text = PLACEHOLDER.sub(lambda m: values.get(m.group(2), m.group(0)), TEMPLATE.read_text())
+    assert not PLACEHOLDER.search(text), f"unfilled placeholders: {sorted(set(PLACEHOLDER.findall(text)))}"
+    return text
+
+
+def main_config(directory: Path, site: Path) -> str:
+    """An nginx.conf that runs without root: pid, logs and temporary files in ``directory``, in the
+    foreground; the site included in its http block, as the image includes conf.d/."""
+    temp = "\n".join(
+        f"    {kind}_temp_path {directory / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    # As root, nginx would hand its workers to "nobody", who cannot enter pytest's private tmp.
+    user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
+    return f"""{user}
+daemon off;
+worker_processes 1;
+pid {directory / "nginx.pid"};
+error_log {directory / "error.log"} info;
+events {{ worker_connections 256; }}
+http {{
+    default_type application/octet-stream;
+    access_log {directory / "access.log"};
+    sendfile on;
+    keepalive_timeout 65;
+{temp}
+    include {site};
+}}
+"""
+
+
+def nginx(directory: Path, *args: str) -> list[str]:
+    return [
+        "nginx",
+        "-p",
+        str(directory),
+        "-e",
+        str(directory / "error.log"),
+        "-c",
+        str(directory / "nginx.conf"),
+        *args,
+    ]
+
+
+@dataclass
+class FrontDoor:
+    url: str
+    api_url: str
+    values: dict[str, str]
+    config: str
+
+
+def _ui(api_url: str) -> tuple[Service, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "API_URL": api_url,
+        "UI_HOST": "127.0.0.1",
+        "UI_PORT": str(port),
+        "UI_TRUSTED_PROXIES": "127.0.0.1",
+        "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "MAX_BATCH_BYTES": str(MAX_BATCH_BYTES),
+    }
+    return service(f"nginx-ui-{port}", [sys.executable, "-m", "ui"], env, lambda: http_ok(f"{url}/_stcore/health")), url
+
+
+@pytest.fixture(scope="module")
+def front_door(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontDoor]:
+    directory = tmp_path_factory.mktemp("nginx")
+    api, api_url = start_api(
+        "nginx-api",
+        settings,
+        # nginx reaches the API from 127.0.0.1: the one proxy it trusts.
+        TRUSTED_PROXIES="127.0.0.1",
+        MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
+        MAX_BATCH_BYTES=str(MAX_BATCH_BYTES),
+    )
+    ui: Service | None = None
+    door: Service | None = None
+    try:
+        ui, ui_url = _ui(api_url)
+        port = free_port()
+        values = {
+            "PORTAL_LISTEN": f"127.0.0.1:{port}",
+            "PORTAL_API": api_url.removeprefix("http://"),
+            "PORTAL_UI": ui_url.removeprefix("http://"),
+            **limits(
+                MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
+                MAX_BATCH_BYTES=str(MAX_BATCH_BYTES),
+                PREDICT_DEADLINE_SECONDS=str(settings.predict_deadline_seconds),
+            ),
+        }
+        site = directory / "portal.conf"
+        site.write_text(config := render(values))
+        (directory / "nginx.conf").write_text(main_config(directory, site))
+        checked = subprocess.run(nginx(directory, "-t"), capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0 and "test is successful" in checked.stderr, checked.stderr
+        url = f"http://127.0.0.1:{port}"
+        door = service(f"nginx-{port}", nginx(directory), {}, lambda: http_ok(f"{url}/health/live"), timeout=20)
+        yield FrontDoor(url, api_url, values, config)
+    finally:
+        for child in (door, ui):
+            if child is not None:
+                child.stop()
+        api.stop()
+        if (log := directory / "error.log").exists():
+            shutil.copy(log, ROOT / "test-artifacts" / "nginx-error.log")
+
+
+def answered_by_api(response: httpx.Response) -> bool:
+    """Whether the API wrote this answer: it adds its own time to every one (Server-Timing)."""
+    return response.headers.get("server-timing", "").startswith("app;dur=")
+
+
+def test_the_limits_follow_the_api_settings() -> None:
+    """The sums compose's nginx gets: the API's body limit (its setting plus the multipart
+    allowance it grants) and a wait above the prediction deadline; defaults when unset."""
+    from api.app.core.body_limits import MULTIPART_OVERHEAD
+
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert limits() == {
+        "PORTAL_UPLOAD_BODY": str(defaults.max_upload_bytes + MULTIPART_OVERHEAD),
+        "PORTAL_BATCH_BODY": str(defaults.max_batch_bytes + MULTIPART_OVERHEAD),
+        "PORTAL_UPLOAD_MB": str(defaults.max_upload_bytes // 2**20),
+        "PORTAL_BATCH_MB": str(defaults.max_batch_bytes // 2**20),
+        "PORTAL_API_TIMEOUT": str(int(defaults.predict_deadline_seconds) + 30),
+    }
+    assert limits(PREDICT_DEADLINE_SECONDS="45.5")["PORTAL_API_TIMEOUT"] == "75"
+    assert int(limits()["PORTAL_API_TIMEOUT"]) > defaults.predict_deadline_seconds
+
+
+def test_a_photo_is_classified_through_nginx(front_door: FrontDoor, worker: Service) -> None:
+    """The integration check (log in, upload, predict, feedback, the v1 routes) through the door,
+    with the suite's model worker."""
+    wait_until(lambda: http_ok(f"{front_door.url}/health/ready"), 120, "the portal to be ready", interval=0.3)
+    integration.test_login_upload_predict_feedback((front_door.url, ADMIN_EMAIL, ADMIN_PASSWORD))
+
+
+def test_every_api_route_goes_to_the_api_and_the_rest_to_the_ui(settings: Settings, front_door: FrontDoor) -> None:
+    app = create_app(settings)
+    paths = [re.sub(r"\{[^}]+\}", "1", p) for p in app.openapi()["paths"]]
+    docs = [app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url, "/metrics"]
+    with httpx.Client(base_url=front_door.url, timeout=30) as client:
+        for path in [*paths, *docs]:
+            assert path is not None
+            r = client.get(path)
+            assert answered_by_api(r), (path, r.status_code, r.headers)
+        for path in ("/", "/classify", "/_stcore/health", "/login-help", "/v1x", "/healthz"):
+            r = client.get(path)
+            assert r.status_code == 200 and not answered_by_api(r), (path, r.status_code)
+        assert "<html" in client.get("/").text.lower()
+
+
+def test_the_ui_websocket_is_upgraded(front_door: FrontDoor) -> None:
+    """Streamlit's session runs over /_stcore/stream: the handshake through nginx gets 101, with
+    the browser's Origin matching the Host nginx passes on (Streamlit refuses a foreign origin)."""
+    ws_url = front_door.url.replace("http://", "ws://") + "/_stcore/stream"
+    with websocket_connect(
+        ws_url, origin=Origin(front_door.url), subprotocols=[Subprotocol("streamlit")], open_timeout=10
+    ) as ws:
+        assert ws.response is not None and ws.response.status_code == 101
+        assert ws.subprotocol == "streamlit"
+
+
+def test_a_body_over_the_limit_is_refused_by_nginx(front_door: FrontDoor) -> None:
+    upload_limit = int(front_door.values["PORTAL_UPLOAD_BODY"])
+    batch_limit = int(front_door.values["PORTAL_BATCH_BODY"])
+    multipart = {"content-type": "multipart/form-data; boundary=x"}
+    with httpx.Client(base_url=front_door.url, timeout=30) as client:
+        # What the API takes passes (it answers: 401, no token), one byte more is nginx's 413.
+        at_limit = client.post("/v1/images", content=b"x" * upload_limit, headers=multipart)
+        assert at_limit.status_code == 401 and answered_by_api(at_limit)
+        over = client.post("/v1/images", content=b"x" * (upload_limit + 1), headers=multipart)
+        assert over.status_code == 413 and not answered_by_api(over)
+        assert over.json() == {"detail": f"The upload is too large: at most {MAX_UPLOAD_BYTES // 2**20} MB per file."}
+        # A batch has its own, larger limit.
+        batch = client.post("/v1/batches", content=b"x" * (upload_limit + 1), headers=multipart)
+        assert batch.status_code == 401 and answered_by_api(batch)
+        over = client.post("/v1/batches", content=b"x" * (batch_limit + 1), headers=multipart)
+        assert over.status_code == 413 and not answered_by_api(over)
+        assert "The batch is too large" in over.json()["detail"]
+        # So has the UI's uploader (the Batch page takes up to MAX_BATCH_BYTES).
+        ui_upload = client.put("/_stcore/upload_file/s/f", content=b"x" * (upload_limit + 1), headers=multipart)
+        assert ui_upload.status_code != 413
+        over = client.put("/_stcore/upload_file/s/f", content=b"x" * (batch_limit + 1), headers=multipart)
+        assert over.status_code == 413
+
+
+def _failed_logins(url: str, source: str, count: int) -> list[int]:
+    """``count`` failed logins from the local address ``source``, each claiming another address."""
+    codes = []
+    with httpx.Client(base_url=url, timeout=30, transport=httpx.HTTPTransport(local_address=source)) as client:
+        for i in range(count):
+            form = {"username": f"probe-{uuid.uuid4().hex[:10]}@example.com", "password": "not-the-password"}
+            r = client.post("/login", data=form, headers={"X-Forwarded-For": f"10.9.{i}.7"})
+            codes.append(r.status_code)
+    return codes
+
+
+def test_the_api_takes_the_client_address_from_nginx_alone(front_door: FrontDoor) -> None:
+    """The login throttle counts 20 failures per client address. Through nginx, a client's forged
+    X-Forwarded-For is ignored (nginx appends the real address, the one the API takes) and two
+    clients are two; straight to the API, the header from a client that is not nginx is ignored.
+    (Each run takes fresh loopback addresses: the throttle's counts outlive it.)"""
+    one, two, direct = (f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{n}" for n in (11, 12, 13))
+    assert _failed_logins(front_door.url, one, 21) == [401] * 20 + [429]
+    assert _failed_logins(front_door.url, two, 1) == [401]  # another client behind nginx
+    assert _failed_logins(front_door.api_url, direct, 21) == [401] * 20 + [429]
+
+
+def test_json_is_compressed(front_door: FrontDoor) -> None:
+    with httpx.Client(base_url=front_door.url, timeout=30) as client:
+        r = client.get("/openapi.json", headers={"Accept-Encoding": "gzip"})
+        assert r.headers.get("content-encoding") == "gzip" and "accept-encoding" in r.headers.get("vary", "").lower()
+        assert json.loads(r.content)["openapi"]  # httpx undid the compression
+        plain = client.get("/openapi.json", headers={"Accept-Encoding": "identity"})
+        assert "content-encoding" not in plain.headers and plain.json() == r.json()
