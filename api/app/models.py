@@ -8,7 +8,14 @@ from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction, ShadowPrediction
 from api.app.registry.models import ModelVersion, RegistryChange
-from api.app.stats.models import CorrectionStats, PredictionStatDelta, PredictionStats, VerdictStatDelta, VerdictStats
+from api.app.stats.models import (
+    CorrectionStats,
+    PredictionCounts,
+    PredictionStatDelta,
+    PredictionStats,
+    VerdictStatDelta,
+    VerdictStats,
+)
 from api.app.training.models import TrainingRun
 from api.app.users.models import User
 
@@ -25,6 +32,7 @@ __all__ = [
     "LabelledExample",
     "ModelVersion",
     "Prediction",
+    "PredictionCounts",
     "PredictionStatDelta",
     "PredictionStats",
     "RegistryChange",

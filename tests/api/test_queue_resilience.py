@@ -46,7 +46,7 @@ async def stored_once(app: FastAPI, job_ids: list[str]) -> None:
         counts = await session.execute(
             select(Prediction.job_id, func.count()).where(Prediction.job_id.in_(job_ids)).group_by(Prediction.job_id)
         )
-        assert {str(j): n for j, n in counts.tuples()} == {j: 1 for j in job_ids}
+        assert {str(j): n for j, n in counts} == {j: 1 for j in job_ids}
 
 
 def announce(redis_url: str) -> None:

@@ -103,7 +103,7 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
                     .group_by(EvaluationAnswer.model_version)
                 )
                 await session.commit()
-                numbers = {int(version): int(n) for version, n in counted.tuples()}
+                numbers = {int(version): int(n) for version, n in counted}
                 most_in_flight = max([most_in_flight, *numbers.values()])
                 return numbers
 

@@ -28,6 +28,16 @@ SUMMARISED_PREDICTIONS = """
         SELECT * FROM prediction_stats UNION ALL SELECT * FROM prediction_stat_deltas
     ) s GROUP BY 1, 2, 3, 4, 5 HAVING sum(predictions) <> 0
 """
+GROUPED_COUNTS = """
+    SELECT (created_at AT TIME ZONE 'UTC')::date AS day, model_name, model_version, status, count(*) AS n
+    FROM predictions GROUP BY 1, 2, 3, 4
+"""
+SUMMARISED_COUNTS = """
+    SELECT day, model_name, model_version, status, sum(predictions) AS n FROM (
+        SELECT day, model_name, model_version, status, predictions FROM prediction_counts
+        UNION ALL SELECT day, model_name, model_version, status, predictions FROM prediction_stat_deltas
+    ) s GROUP BY 1, 2, 3, 4 HAVING sum(predictions) <> 0
+"""
 GROUPED_VERDICTS = """
     SELECT (created_at AT TIME ZONE 'UTC')::date AS day, model_name, model_version, is_correct, count(*) AS n
     FROM feedback WHERE model_name IS NOT NULL AND is_correct IS NOT NULL GROUP BY 1, 2, 3, 4
@@ -67,6 +77,7 @@ async def rows(conn: asyncpg.Connection, sql: str) -> set[tuple[object, ...]]:
 
 async def assert_summaries_match(conn: asyncpg.Connection) -> None:
     assert await rows(conn, SUMMARISED_PREDICTIONS) == await rows(conn, GROUPED_PREDICTIONS)
+    assert await rows(conn, SUMMARISED_COUNTS) == await rows(conn, GROUPED_COUNTS)
     assert await rows(conn, SUMMARISED_VERDICTS) == await rows(conn, GROUPED_VERDICTS)
     assert await rows(conn, SUMMARISED_CORRECTIONS) == await rows(conn, GROUPED_CORRECTIONS)
 
@@ -243,7 +254,29 @@ async def test_the_database_and_python_put_latencies_in_the_same_bucket(
             text("SELECT v, latency_bucket('done', false, v) FROM unnest(CAST(:values AS double precision[])) AS v"),
             {"values": values},
         )
-        pairs = list(result.tuples())
+        pairs = list(result)
         assert await session.scalar(text("SELECT latency_bucket('done', true, 5.0)")) == -1  # from the cache
         assert await session.scalar(text("SELECT latency_bucket('failed', false, 5.0)")) == -1
     assert [(v, b) for v, b in pairs] == [(v, latency_bucket(v)) for v, _ in pairs]
+
+
+async def test_the_change_tables_are_vacuumed_even_where_autovacuum_is_off(
+    database: tuple[str, async_sessionmaker[AsyncSession]],
+) -> None:
+    dsn, sessions = database
+    conn = await asyncpg.connect(dsn)
+    try:
+        await seed(conn, 50)
+        last_vacuum = "SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = 'prediction_stat_deltas'"
+        assert await conn.fetchval(last_vacuum) is None
+        async with sessions() as session:
+            await service.roll_up(session=session)
+            await service.vacuum_changes(session=session)
+            await service.roll_up(session=session)  # the session goes on being usable
+        for _ in range(50):
+            if await conn.fetchval(last_vacuum) is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert await conn.fetchval(last_vacuum) is not None
+    finally:
+        await conn.close()

@@ -88,7 +88,7 @@ async def top_up(
         await session.commit()
         return 0
     found = await session.execute(select(Image.id, Image.sha256).where(Image.id.in_({j.image_id for j in jobs})))
-    shas = {image_id: sha256 for image_id, sha256 in found.tuples()}
+    shas = {image_id: sha256 for image_id, sha256 in found}
     deadline = datetime.now(UTC) + timedelta(seconds=job_seconds)
     messages = []
     for job in jobs:

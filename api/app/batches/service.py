@@ -330,7 +330,7 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
     an estimate of the seconds left from the pace of the last minute (None before any answer)."""
     jobs = select(BatchItem.job_id).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_not(None)).distinct()
     grouped = await session.execute(select(Job.status, func.count()).where(Job.id.in_(jobs)).group_by(Job.status))
-    by_status: dict[str, int] = {status: n for status, n in grouped.tuples()}
+    by_status: dict[str, int] = {status: n for status, n in grouped}
     skipped = await session.scalar(
         select(func.count()).select_from(BatchItem).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_(None))
     )
@@ -366,7 +366,7 @@ async def result_rows(*, session: AsyncSession, batch: Batch) -> list[dict[str, 
         .order_by(BatchItem.position, Prediction.position)
     )
     out = []
-    for item, prediction in rows.tuples():
+    for item, prediction in rows:
         out.append(
             {
                 "file_name": item.file_name,

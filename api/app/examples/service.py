@@ -76,4 +76,4 @@ async def counts(*, session: AsyncSession, model_name: str) -> dict[str, int]:
         .where(LabelledExample.model_name == model_name)
         .group_by(LabelledExample.split)
     )
-    return {"train": 0, "test": 0, **{split: int(n) for split, n in rows.tuples()}}
+    return {"train": 0, "test": 0, **{split: int(n) for split, n in rows}}

@@ -132,7 +132,7 @@ async def _labelled_examples(
     )
     summary = ExportSummary()
     latest: dict[tuple[str, str], Example] = {}
-    for feedback, model_name, model_version, predicted, sha256, image_format in rows.tuples():
+    for feedback, model_name, model_version, predicted, sha256, image_format in rows:
         if feedback.correct_label is None:
             summary.unlabelled += 1
             continue
@@ -160,7 +160,7 @@ async def _labelled_examples(
                     *([LabelledExample.model_name == model] if model is not None else [])
                 )
             )
-        ).tuples()
+        )
     }
     # Every labelled verdict has its example (written with it, or backfilled at start-up); the
     # hash with the default share stands in for one written between the two reads.

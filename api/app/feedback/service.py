@@ -183,7 +183,7 @@ async def backfill_examples(*, session: AsyncSession, test_share: float) -> int:
         .order_by(Image.sha256, Prediction.model_name, Feedback.created_at.desc())
     )
     added = 0
-    for sha256, model_name, label, owner_id, feedback_id in (await session.execute(latest)).tuples():
+    for sha256, model_name, label, owner_id, feedback_id in await session.execute(latest):
         await examples.record(
             session=session,
             model_name=model_name,

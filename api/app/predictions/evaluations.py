@@ -283,7 +283,7 @@ async def summary(*, session: AsyncSession, evaluation: Evaluation) -> Evaluatio
         .group_by(EvaluationAnswer.model_version)
     )
     versions: dict[int, EvaluationVersion] = {}
-    for version, total, answered, still_open, correct, p50 in rows.tuples():
+    for version, total, answered, still_open, correct, p50 in rows:
         answered, still_open, correct = int(answered or 0), int(still_open or 0), int(correct or 0)
         versions[version] = EvaluationVersion(
             version=version,

@@ -35,6 +35,14 @@ async def depth(redis: Redis, model: str, version: int) -> int:
     return int(await redis.xlen(keys.job_stream(model, version)))
 
 
+async def depths(redis: Redis, versions: list[tuple[str, int]]) -> list[int]:
+    """``depth`` of each (model, version), in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for model, version in versions:
+            pipe.xlen(keys.job_stream(model, version))
+        return [int(n) for n in await pipe.execute()]
+
+
 async def notify_done(
     redis: Redis, answers: dict[str, bytes], ttl: int, *, ack: tuple[str, str, list[bytes]] | None = None
 ) -> None:

@@ -670,7 +670,7 @@ async def shadow_agreement(
     if mirrored_version is not None:
         query = query.where(primary.model_version == mirrored_version)
     rows = await session.execute(query)
-    return [(model, version, int(count), int(agreeing or 0)) for model, version, count, agreeing in rows.tuples()]
+    return [(model, version, int(count), int(agreeing or 0)) for model, version, count, agreeing in rows]
 
 
 def answers_payload(predictions: list[Prediction]) -> bytes:
@@ -751,7 +751,7 @@ async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -
     )
     messages: list[JobMessage] = []
     blobs: dict[str, bytes] = {}
-    for prediction, job, image in rows.tuples():
+    for prediction, job, image in rows:
         if image.sha256 not in blobs:
             blobs[image.sha256] = await store.get(image.sha256)
         messages.append(job_message(job, prediction, image.sha256, blobs[image.sha256]))

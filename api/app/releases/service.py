@@ -160,7 +160,7 @@ async def serving(
                 .where(Feedback.is_correct.is_not(None))
                 .group_by(Prediction.model_name, Prediction.model_version)
             )
-        ).tuples()
+        )
     }
     result = []
     for row in await registry_service.list_versions(session=session):
@@ -207,7 +207,7 @@ async def labelled_images(*, session: AsyncSession, name: str, limit: int) -> li
         .order_by(latest.c.created_at.desc())
         .limit(limit)
     )
-    return [evaluations.LabelledImage(image_id, sha256, label) for image_id, sha256, label in rows.tuples()]
+    return [evaluations.LabelledImage(image_id, sha256, label) for image_id, sha256, label in rows]
 
 
 async def evaluate(

@@ -54,8 +54,20 @@ class PredictionStats(Base):
     predictions: Mapped[int] = mapped_column(BigInteger)
 
 
+class PredictionCounts(Base):
+    """``prediction_stats`` without the latency buckets: predictions created on ``day`` per status."""
+
+    __tablename__ = "prediction_counts"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    predictions: Mapped[int] = mapped_column(BigInteger)
+
+
 class PredictionStatDelta(Base):
-    """A change to ``prediction_stats`` not folded in yet (signed)."""
+    """A change to ``prediction_stats`` and ``prediction_counts`` not folded in yet (signed)."""
 
     __tablename__ = "prediction_stat_deltas"
     # No key of its own: rows are appended by triggers and deleted by the roll-up. The mapper needs

@@ -10,16 +10,23 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.stats.models import CorrectionStats, PredictionStats, VerdictStats, bucket_middle_ms
+from api.app.stats.models import CorrectionStats, PredictionCounts, PredictionStats, VerdictStats, bucket_middle_ms
 from api.app.stats.schemas import Accuracy, Correction, DailyCount, LatencyPercentiles
 
 ROLL_UP_PREDICTIONS = text("""
-    WITH moved AS (DELETE FROM prediction_stat_deltas RETURNING *)
-    INSERT INTO prediction_stats AS s (day, model_name, model_version, status, latency_bucket, predictions)
-    SELECT day, model_name, model_version, status, latency_bucket, sum(predictions) FROM moved
-    GROUP BY 1, 2, 3, 4, 5 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4, 5
-    ON CONFLICT (day, model_name, model_version, status, latency_bucket)
-    DO UPDATE SET predictions = s.predictions + excluded.predictions
+    WITH moved AS (DELETE FROM prediction_stat_deltas RETURNING *),
+    histogram AS (
+        INSERT INTO prediction_stats AS s (day, model_name, model_version, status, latency_bucket, predictions)
+        SELECT day, model_name, model_version, status, latency_bucket, sum(predictions) FROM moved
+        GROUP BY 1, 2, 3, 4, 5 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4, 5
+        ON CONFLICT (day, model_name, model_version, status, latency_bucket)
+        DO UPDATE SET predictions = s.predictions + excluded.predictions
+    )
+    INSERT INTO prediction_counts AS c (day, model_name, model_version, status, predictions)
+    SELECT day, model_name, model_version, status, sum(predictions) FROM moved
+    GROUP BY 1, 2, 3, 4 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (day, model_name, model_version, status)
+    DO UPDATE SET predictions = c.predictions + excluded.predictions
     """)
 ROLL_UP_VERDICTS = text("""
     WITH moved AS (DELETE FROM verdict_stat_deltas RETURNING *),
@@ -47,6 +54,14 @@ async def roll_up(*, session: AsyncSession) -> None:
     await session.commit()
 
 
+async def vacuum_changes(*, session: AsyncSession) -> None:
+    """VACUUMs the change tables, which every prediction writes to and every roll-up empties:
+    their dead rows would otherwise pile up with the history wherever autovacuum is off or slow.
+    Runs outside a transaction (VACUUM refuses one); skips a table another session holds."""
+    connection = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    await connection.execute(text("VACUUM (SKIP_LOCKED) prediction_stat_deltas, verdict_stat_deltas"))
+
+
 def first_day(days: int, today: date | None = None) -> date:
     """The first UTC day of a window of ``days`` days that ends today (inclusive)."""
     return (today or datetime.now(UTC).date()) - timedelta(days=days - 1)
@@ -57,26 +72,23 @@ async def predictions_per_day(*, session: AsyncSession, days: int) -> list[Daily
     counts by status; reads at most days × versions × statuses summary rows."""
     rows = await session.execute(
         select(
-            PredictionStats.day,
-            PredictionStats.model_name,
-            PredictionStats.model_version,
-            PredictionStats.status,
-            func.sum(PredictionStats.predictions),
+            PredictionCounts.day,
+            PredictionCounts.model_name,
+            PredictionCounts.model_version,
+            PredictionCounts.status,
+            PredictionCounts.predictions,
         )
-        .where(PredictionStats.day >= first_day(days))
-        .group_by(
-            PredictionStats.day, PredictionStats.model_name, PredictionStats.model_version, PredictionStats.status
-        )
+        .where(PredictionCounts.day >= first_day(days), PredictionCounts.predictions != 0)
+        .order_by(PredictionCounts.day, PredictionCounts.model_name, PredictionCounts.model_version)
     )
     by_key: dict[tuple[date, str, int], dict[str, int]] = defaultdict(dict)
-    for day, model, version, status, n in rows.tuples():
-        if n:
-            by_key[(day, model, version)][status] = int(n)
+    for day, model, version, status, n in rows:
+        by_key[(day, model, version)][status] = int(n)
     return [
         DailyCount(
             day=d, model=m, version=v, predictions=sum(statuses.values()), by_status=dict(sorted(statuses.items()))
         )
-        for (d, m, v), statuses in sorted(by_key.items())
+        for (d, m, v), statuses in by_key.items()
     ]
 
 
@@ -113,7 +125,7 @@ async def latency(*, session: AsyncSession, days: int) -> list[LatencyPercentile
         .group_by(PredictionStats.model_name, PredictionStats.model_version, PredictionStats.latency_bucket)
     )
     histograms: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)
-    for model, version, bucket, n in rows.tuples():
+    for model, version, bucket, n in rows:
         if n:
             histograms[(model, version)][int(bucket)] = int(n)
     answers = []
@@ -138,7 +150,7 @@ async def accuracy(*, session: AsyncSession) -> list[Accuracy]:
         ).group_by(VerdictStats.model_name, VerdictStats.model_version, VerdictStats.is_correct)
     )
     counts: dict[tuple[str, int], dict[bool, int]] = defaultdict(dict)
-    for model, version, is_correct, n in rows.tuples():
+    for model, version, is_correct, n in rows:
         counts[(model, version)][bool(is_correct)] = int(n or 0)
     answers = []
     for (model, version), verdicts in sorted(counts.items()):
@@ -166,5 +178,5 @@ async def most_corrected(*, session: AsyncSession, limit: int) -> list[Correctio
     )
     return [
         Correction(model=m, version=v, predicted=p or None, corrected_to=c or None, count=int(n))
-        for m, v, p, c, n in rows.tuples()
+        for m, v, p, c, n in rows
     ]

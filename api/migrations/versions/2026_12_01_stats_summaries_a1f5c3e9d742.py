@@ -125,6 +125,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("day", "model_name", "model_version", "status", "latency_bucket"),
     )
     op.create_table("prediction_stat_deltas", *_prediction_columns())
+    # The same counts without the latency buckets: what the counts per day read (a day of one
+    # version is a handful of rows here, dozens in prediction_stats).
+    op.create_table(
+        "prediction_counts",
+        sa.Column("day", sa.Date(), nullable=False),
+        sa.Column("model_name", sa.String(64), nullable=False),
+        sa.Column("model_version", sa.Integer(), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("predictions", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("day", "model_name", "model_version", "status"),
+    )
     op.create_table(
         "verdict_stats",
         sa.Column("day", sa.Date(), nullable=False),
@@ -174,6 +185,10 @@ def upgrade() -> None:
         SELECT (created_at AT TIME ZONE 'UTC')::date, model_name, model_version, status,
                latency_bucket(status, cached, total_ms), count(*)
         FROM predictions GROUP BY 1, 2, 3, 4, 5
+        """)
+    op.execute("""
+        INSERT INTO prediction_counts (day, model_name, model_version, status, predictions)
+        SELECT day, model_name, model_version, status, sum(predictions) FROM prediction_stats GROUP BY 1, 2, 3, 4
         """)
     op.execute("""
         INSERT INTO verdict_stats (day, model_name, model_version, is_correct, verdicts)
