@@ -567,8 +567,12 @@ class Api:
         }
         return _typed(_FEEDBACK, self.json("POST", "/v1/feedback", json=payload))
 
-    def my_feedback(self) -> list[Feedback]:
-        return _typed(_FEEDBACKS, self.json("GET", "/v1/feedback", params={"limit": 500})["data"])
+    def my_feedback(self, prediction_ids: list[str] | None = None) -> list[Feedback]:
+        """My latest verdicts (500 at most), or those on these predictions (500 at most)."""
+        params: dict[str, object] = {"limit": 500}
+        if prediction_ids is not None:
+            params["prediction_id"] = prediction_ids
+        return _typed(_FEEDBACKS, self.json("GET", "/v1/feedback", params=params)["data"])
 
     def all_feedback(self, limit: int = 200) -> list[Feedback]:
         """Everyone's latest verdicts, newest first (admins)."""

@@ -246,6 +246,11 @@ async def test_feedback(client: httpx.AsyncClient, users: Users, admin_headers: 
     assert len(mine) == 2 and all(f["prediction_id"] == prediction_id for f in mine)
     assert sorted(str(f["is_correct"]) for f in mine) == ["None", "True"]
     assert (await client.get("/v1/feedback", params={"total": True}, headers=other)).json()["count"] == 0
+    # Only the verdicts on the predictions asked for (a history page asks for its own).
+    only = (await client.get("/v1/feedback", params={"prediction_id": [prediction_id]}, headers=headers)).json()
+    assert {f["prediction_id"] for f in only["data"]} == {prediction_id} and len(only["data"]) == 2
+    none = await client.get("/v1/feedback", params={"prediction_id": [str(uuid.uuid4())]}, headers=headers)
+    assert none.status_code == 200 and none.json()["data"] == []
     assert (await client.get("/v1/feedback", params={"all_users": True}, headers=other)).status_code == 403
     # Another person's verdict on their own parrot counts apart from the first person's.
     theirs = await predict(

@@ -207,8 +207,8 @@ def test_history_shows_each_upload_with_its_answers_in_three_calls(api_url: str,
     assert app.session_state["calls"] == [
         "GET /v1/images",
         "GET /v1/batches",
-        "GET /v1/feedback",
         "GET /v1/predictions",
+        "GET /v1/feedback",
         "GET /v1/models",
     ]
     assert len(app.get("image")) == 2

@@ -54,10 +54,14 @@ def history_page(api: Api) -> None:
             st.info("No older uploads.")
         navigation(at, None)
         return
-    feedback = {f["prediction_id"]: f for f in guarded(api, api.my_feedback) or []}
     jobs = guarded(api, lambda: api.jobs_of_images([image["id"] for image in listing["data"]]))
     if jobs is None:
         return
+    # My verdicts on this page's answers, however old the page.
+    answers = [r["id"] for job in jobs for r in job["results"]][:500]
+    feedback = {
+        f["prediction_id"]: f for f in (guarded(api, lambda: api.my_feedback(answers)) if answers else []) or []
+    }
     jobs_of: dict[str, list[Job]] = {}
     for job in jobs:
         jobs_of.setdefault(job["image_id"], []).append(job)

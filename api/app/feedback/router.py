@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
@@ -60,10 +61,15 @@ async def list_feedback(
     session: ReadSessionDep,
     page: FeedbackPageDep,
     all_users: bool = False,
+    prediction_id: Annotated[
+        list[uuid.UUID] | None, Query(max_length=500, description="Only the feedback on these predictions")
+    ] = None,
 ) -> FeedbacksPublic:
     """My feedback (admins: everyone's with all_users=true), newest first, each with the model
     version it judged; follow ``next_cursor`` for older ones (``total=true`` counts them)."""
-    rows, count, next_cursor = await service.list_feedback(session=session, owner_id=_scope(user, all_users), page=page)
+    rows, count, next_cursor = await service.list_feedback(
+        session=session, owner_id=_scope(user, all_users), page=page, prediction_ids=prediction_id
+    )
     data = [
         FeedbackPublic.model_validate(r).model_copy(
             update={"model": f"{r.model_name}@{r.model_version}" if r.model_name else None}

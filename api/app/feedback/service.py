@@ -154,11 +154,13 @@ async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body:
 
 
 async def list_feedback(
-    *, session: AsyncSession, owner_id: int | None, page: KeysetPage
+    *, session: AsyncSession, owner_id: int | None, page: KeysetPage, prediction_ids: list[uuid.UUID] | None = None
 ) -> tuple[list[Feedback], int | None, str | None]:
-    """A page of a person's feedback (``owner_id=None``: everyone's, for admins), newest first;
-    the count when asked; the next page's cursor."""
+    """A page of a person's feedback (``owner_id=None``: everyone's, for admins), newest first,
+    only on ``prediction_ids`` when given; the count when asked; the next page's cursor."""
     where = [] if owner_id is None else [Feedback.owner_id == owner_id]
+    if prediction_ids is not None:
+        where.append(Feedback.prediction_id.in_(prediction_ids))
     return await keyset_page(session, Feedback, *where, page=page)
 
 
