@@ -121,10 +121,10 @@ class Service:
         self._log.close()
 
 
-def redis_answers(port: int) -> bool:
-    """Whether a Redis server on 127.0.0.1:``port`` answers PING within a second (no retries: a
+def redis_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a Redis server on ``host``:``port`` answers PING within a second (no retries: a
     program on that port that does not answer must not hold up the start-up checks)."""
-    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -148,20 +148,34 @@ def redis_server_path() -> str:
 
 
 def start_redis(
-    port: int, *, log_dir: Path, cwd: Path, data_dir: Path | None = None, extra_args: Sequence[str] = ()
+    port: int,
+    *,
+    log_dir: Path,
+    cwd: Path,
+    data_dir: Path | None = None,
+    extra_args: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    launcher: Sequence[str] = (),
 ) -> Service:
-    """A private redis-server on 127.0.0.1:``port``, once it answers. Without ``data_dir`` it
-    keeps nothing; with it, every write goes to an append-only file there (fsync'd each second,
-    and on SIGTERM), so the data survive a restart. ``extra_args`` are more of its command-line
-    options (``--maxmemory-policy``, ``allkeys-lru``)."""
-    args = [redis_server_path(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    """A private redis-server on ``host``:``port`` (and no other address), once it answers from
+    here. Without ``data_dir`` it keeps nothing; with it, every write goes to an append-only file
+    there (fsync'd each second, and on SIGTERM), so the data survive a restart. ``extra_args`` are
+    more of its command-line options (``--maxmemory-policy``, ``allkeys-lru``); ``launcher`` is a
+    command that runs it elsewhere (``ip netns exec <namespace>``: on another network)."""
+    args = [*launcher, redis_server_path(), "--port", str(port), "--bind", host, "--save", ""]
+    if host != "127.0.0.1":
+        # Without a password Redis answers only loopback clients (protected mode); a server bound
+        # to another address is meant for the clients that reach it there.
+        args += ["--protected-mode", "no"]
     if data_dir is None:
         args += ["--appendonly", "no"]
     else:
         data_dir.mkdir(parents=True, exist_ok=True)
         args += ["--appendonly", "yes", "--dir", str(data_dir)]
     args += extra_args
-    return Service(f"redis-{port}", args, {}, log_dir=log_dir, cwd=cwd).start(lambda: redis_answers(port), timeout=10)
+    return Service(f"redis-{port}", args, {}, log_dir=log_dir, cwd=cwd).start(
+        lambda: redis_answers(port, host), timeout=10
+    )
 
 
 def start_on_free_port(start: Callable[[int], T], attempts: int = 3) -> T:

@@ -34,7 +34,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,9 +136,23 @@ def server_user() -> pwd.struct_passwd | None:
 
 class PrivatePostgres:
     """A PostgreSQL cluster in ``folder/data`` (its log in ``folder/postgres.log``) serving on
-    ``host:port`` and nowhere else, its superuser ``postgres`` trusted without a password."""
+    ``host:port`` and nowhere else, its superuser ``postgres`` trusted without a password from the
+    loopback addresses and the networks in ``trusted`` (CIDR, e.g. ``10.213.7.0/24``).
 
-    def __init__(self, folder: Path, host: str, port: int, bindir: Path | None = None) -> None:
+    ``netns``: the server runs in that network namespace (``ip netns``, as root), so ``host`` is
+    one of that namespace's addresses; its tools are run there, too.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        host: str,
+        port: int,
+        bindir: Path | None = None,
+        *,
+        netns: str | None = None,
+        trusted: Sequence[str] = (),
+    ) -> None:
         found = bindir or postgres_bindir()
         if found is None:
             raise FileNotFoundError(
@@ -151,17 +165,26 @@ class PrivatePostgres:
         self.log = self.folder / "postgres.log"
         self.host, self.port = host, port
         self.user = server_user()
+        self.netns = netns
+        self.trusted = list(trusted)
 
     def _run(self, tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        command = [str(self.bindir / tool), *args]
         as_user: dict[str, object] = {}
-        if self.user is not None:
+        if self.netns is not None:
+            # Entering the namespace takes root, so the server's user is taken on after it (setpriv).
+            if self.user is not None:
+                uid, gid = self.user.pw_uid, self.user.pw_gid
+                command = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *command]
+            command = ["ip", "netns", "exec", self.netns, *command]
+        elif self.user is not None:
             as_user = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
         # PGDATA, PGPORT and the like in the caller's environment must not redirect these tools.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         # A file, not a pipe: pg_ctl's server would inherit a pipe and keep a reader waiting forever.
         with tempfile.TemporaryFile("w+") as out:
             done = subprocess.run(
-                [str(self.bindir / tool), *args],
+                command,
                 cwd=self.folder,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -190,6 +213,9 @@ class PrivatePostgres:
         if (self.data / "PG_VERSION").exists():
             return False
         self._check("initdb", "--pgdata", str(self.data), "--username", "postgres", "--auth", "trust")
+        if self.trusted:
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.writelines(f"host all postgres {network} trust\n" for network in self.trusted)
         return True
 
     def start(self) -> None:
