@@ -91,10 +91,16 @@ class Explainer:
                 log.exception("cannot explain with %s", twin.key)
                 continue
             self.cams[keys.explain_stream(twin.name, twin.version)] = cam
-            log.info("explaining with %s (layer %s), ready in %.1f s", twin.key, cam.layer_name, time.perf_counter() - start)
+            log.info(
+                "explaining with %s (layer %s), ready in %.1f s", twin.key, cam.layer_name, time.perf_counter() - start
+            )
 
     def heartbeat(self) -> None:
-        body = {"explainer_id": self.explainer_id, "pid": os.getpid(), "models": [c.entry.key for c in self.cams.values()]}
+        body = {
+            "explainer_id": self.explainer_id,
+            "pid": os.getpid(),
+            "models": [c.entry.key for c in self.cams.values()],
+        }
         self.redis.set(
             keys.explainer_key(self.explainer_id), json.dumps(body), px=int(self.settings.heartbeat_ttl_s * 1000)
         )
@@ -105,33 +111,37 @@ class Explainer:
                 self.heartbeat()
 
     def compute(self, stream: str, request: ExplainRequest) -> Explanation:
-        base = {
-            "model": request.model,
-            "version": request.version,
-            "twin": request.twin,
-            "sha256": request.sha256,
-            "label": request.label,
-            "explainer_id": self.explainer_id,
-        }
+        base = Explanation(
+            model=request.model,
+            version=request.version,
+            twin=request.twin,
+            sha256=request.sha256,
+            label=request.label,
+            explainer_id=self.explainer_id,
+            status=ExplanationStatus.failed,
+        )
         cam = self.cams.get(stream)
         if cam is None:
-            return Explanation(**base, status=ExplanationStatus.not_explainable, error=f"{request.twin} is not loaded here")
+            return base.model_copy(
+                update={"status": ExplanationStatus.not_explainable, "error": f"{request.twin} is not loaded here"}
+            )
         t0 = time.perf_counter()
         try:
             heat = cam.explain(request.image, request.label)
         except NotExplainable as exc:
-            return Explanation(**base, status=ExplanationStatus.not_explainable, error=str(exc))
+            return base.model_copy(update={"status": ExplanationStatus.not_explainable, "error": str(exc)})
         except ImageRejected as exc:
-            return Explanation(**base, status=ExplanationStatus.failed, error=exc.message)
+            return base.model_copy(update={"error": exc.message})
         except Exception as exc:
             log.exception("explanation of %s by %s failed", request.sha256, request.twin)
-            return Explanation(**base, status=ExplanationStatus.failed, error=f"the computation failed: {exc}")
-        return Explanation(
-            **base,
-            status=ExplanationStatus.ok,
-            layer=cam.layer_name,
-            heatmap=[[round(float(v), 4) for v in row] for row in heat],
-            compute_ms=(time.perf_counter() - t0) * 1000,
+            return base.model_copy(update={"error": f"the computation failed: {exc}"})
+        return base.model_copy(
+            update={
+                "status": ExplanationStatus.ok,
+                "layer": cam.layer_name,
+                "heatmap": [[round(float(v), 4) for v in row] for row in heat],
+                "compute_ms": (time.perf_counter() - t0) * 1000,
+            }
         )
 
     def handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
@@ -159,7 +169,13 @@ class Explainer:
             pipe.xdel(stream, entry_id)
             pipe.execute()
         if answer is not None:
-            log.info("explained %s by %s: %s in %.0f ms", request.sha256[:12] if request else "?", stream, answer.status, answer.compute_ms)
+            log.info(
+                "explained %s by %s: %s in %.0f ms",
+                request.sha256[:12] if request else "?",
+                stream,
+                answer.status,
+                answer.compute_ms,
+            )
 
     def run(self) -> None:
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
@@ -175,7 +191,9 @@ class Explainer:
                     if not started:
                         hb.start()
                         started = True
-                        log.info("explainer %s ready: %s", self.explainer_id, sorted(c.entry.key for c in self.cams.values()))
+                        log.info(
+                            "explainer %s ready: %s", self.explainer_id, sorted(c.entry.key for c in self.cams.values())
+                        )
                 if not self.cams:
                     self.stopping.wait(1)
                     continue
@@ -185,9 +203,9 @@ class Explainer:
                         keys.EXPLAIN_GROUP, self.explainer_id, {s: ">" for s in self.cams}, count=1, block=1000
                     ),
                 )
-                for stream, entries in response or []:
+                for raw_stream, entries in response or []:
                     for entry_id, fields in entries:
-                        self.handle(stream.decode(), entry_id, fields)
+                        self.handle(raw_stream.decode(), entry_id, fields)
             except redis.exceptions.ResponseError as exc:
                 if streams.group_missing(exc):
                     ready = False

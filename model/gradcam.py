@@ -70,10 +70,9 @@ class GradCam:
             raise NotExplainable(f"class index {class_index} out of range")
         with tf.GradientTape() as tape:
             maps, features = self._grad_model(tf.constant(x[None], dtype=tf.float32), training=False)
+            scores = features
             if self._head is not None:
                 scores = tf.matmul(features, self._head.kernel) + self._head.bias
-            else:
-                scores = features
             score = scores[:, class_index]
         grads = tape.gradient(score, maps)
         weights = tf.reduce_mean(grads, axis=(1, 2))
@@ -92,9 +91,7 @@ class GradCam:
         img = load_image(data, mode=self.entry.input.mode)
         x = preprocessing.preprocess_image(img, self.entry)
         cam = self.cam(x, class_index)
-        placement = (
-            preprocessing.sketch_placement(img) if self.entry.preprocessing == Preprocessing.sketch else None
-        )
+        placement = preprocessing.sketch_placement(img) if self.entry.preprocessing == Preprocessing.sketch else None
         return onto_image(cam, self.entry, img.size, placement)
 
 

@@ -8,7 +8,6 @@ import uuid
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from tests.api.conftest import Stack
 from tests.api.test_releases import canvas_drawings
@@ -26,6 +25,13 @@ SKETCHES = {"cat": 3, "fish": 3, "apple": 3, "house": 3}
 def on_image(heatmap: list[list[float]], width: int, height: int) -> np.ndarray:
     grid = np.asarray(heatmap, dtype=np.float32)
     return np.asarray(Image.fromarray(grid, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def dilated(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel in the 8 directions (a 3x3 binary dilation)."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.any([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=0)
 
 
 async def predict(stack: Stack, headers: dict[str, str], data: bytes, ref: str) -> str:
@@ -92,7 +98,7 @@ async def test_heatmaps_point_at_the_bird_and_at_the_strokes(own_stack: Stack) -
             r = await client.get(f"/v1/predictions/{prediction_id}/explanation", params={"size": 56}, headers=admin)
             assert r.status_code == 200, r.text
             heat = on_image(r.json()["heatmap"], 28, 28)
-            strokes = ndimage.binary_dilation(np.asarray(bitmap).reshape(28, 28) > 10, iterations=1)
+            strokes = dilated(np.asarray(bitmap).reshape(28, 28) > 10)
             on_strokes.append(float(heat[strokes].mean()))
             on_background.append(float(heat[~strokes].mean()))
     assert np.mean(on_strokes) >= 1.5 * np.mean(on_background), (on_strokes, on_background)

@@ -31,7 +31,10 @@ router = APIRouter(prefix="/v1/predictions", tags=["explanations"])
         **INVALID,
         **UNAVAILABLE,
         **TIMEOUT,
-        200: {"content": {"image/png": {}}, "description": "JSON heatmap, or with format=png the image with it overlaid"},
+        200: {
+            "content": {"image/png": {}},
+            "description": "JSON heatmap, or with format=png the image with it overlaid",
+        },
     },
 )
 async def read_explanation(
@@ -43,7 +46,9 @@ async def read_explanation(
     store: StoreDep,
     registry: RegistryDep,
     settings: SettingsDep,
-    format: Annotated[Literal["json", "png"], Query(description="json: the heatmap; png: overlaid on the image")] = "json",
+    format: Annotated[
+        Literal["json", "png"], Query(description="json: the heatmap; png: overlaid on the image")
+    ] = "json",
     size: Annotated[int, Query(ge=1, le=56, description="Cells a side of the JSON heatmap")] = 14,
 ) -> ExplanationPublic | Response:
     """Which regions of my image drove one prediction's top-1 class: a Grad-CAM heatmap

@@ -94,7 +94,9 @@ async def explain(
     prediction, sha256 = cast(tuple[Prediction, str], tuple(row))
     await session.close()  # no connection held while waiting for an explainer
     if prediction.status != PredictionStatus.done.value or not prediction.label:
-        raise HTTPException(status_code=409, detail=f"The prediction is {prediction.status}: there is no answer to explain.")
+        raise HTTPException(
+            status_code=409, detail=f"The prediction is {prediction.status}: there is no answer to explain."
+        )
     key = f"{prediction.model_name}@{prediction.model_version}"
     twin = registry.keras_twin(key)
     if twin is None:
@@ -164,7 +166,9 @@ def _overlay(data: bytes, heatmap: list[list[float]]) -> bytes:
         factor = -(-224 // max(img.size))
         img = img.resize((img.width * factor, img.height * factor), PILImage.Resampling.NEAREST)
     heat = np.asarray(
-        PILImage.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F").resize(img.size, PILImage.Resampling.BILINEAR)
+        PILImage.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F").resize(
+            img.size, PILImage.Resampling.BILINEAR
+        )
     )
     heat = np.clip(heat, 0.0, 1.0)[..., None]
     base = np.asarray(img, dtype=np.float32)
