@@ -57,6 +57,39 @@ class ImageInfo:
     preview: bytes | None = None
     """A JPEG of the upright image at most ``preview_size`` pixels a side, when one was asked for and
     the image is larger and not a JPEG (a JPEG is decoded at a reduced scale whenever it is drawn)."""
+    stats: PixelStats | None = None
+    """Simple statistics of its pixels, which the drift monitor compares over time."""
+
+
+STATS_SIZE = 64
+"""Side of the thumbnail the pixel statistics are computed on: they describe the whole picture,
+and a thumbnail costs microseconds where millions of pixels would cost milliseconds."""
+
+
+@dataclass(frozen=True)
+class PixelStats:
+    """What a picture looks like, in numbers a drift monitor can bin (all in [0, 1])."""
+
+    brightness: float
+    """Mean luma (ITU-R 601), 0 black, 1 white."""
+    contrast: float
+    """Standard deviation of luma."""
+    colourfulness: float
+    """Mean absolute difference between the colour channels; about 0 for a greyscale picture."""
+
+    @classmethod
+    def of(cls, img: Image.Image) -> PixelStats:
+        small = img.copy()
+        small.thumbnail((STATS_SIZE, STATS_SIZE))
+        rgb = np.asarray(small.convert("RGB"), dtype=np.float32) / 255.0
+        luma = np.asarray(small.convert("L"), dtype=np.float32) / 255.0
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        colour = (np.abs(r - g) + np.abs(g - b) + np.abs(b - r)) / 3.0
+        return cls(
+            brightness=round(float(luma.mean()), 4),
+            contrast=round(float(luma.std()), 4),
+            colourfulness=round(float(colour.mean()), 4),
+        )
 
 
 def _open(data: bytes) -> Image.Image:
@@ -135,13 +168,14 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
         w, h = (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
         fmt = "JPEG" if img.format in _JPEG_FORMATS else str(img.format)
         upright = _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
+        stats = PixelStats.of(upright)
         preview = None
         if preview_size is not None and fmt != "JPEG" and max(w, h) > preview_size:
             upright.thumbnail((preview_size, preview_size))
             buf = io.BytesIO()
             upright.save(buf, format="JPEG", quality=90)
             preview = buf.getvalue()
-        return ImageInfo(format=fmt, width=w, height=h, preview=preview)
+        return ImageInfo(format=fmt, width=w, height=h, preview=preview, stats=stats)
 
 
 _BAND_ROWS = 256

@@ -44,3 +44,36 @@ REGISTRY_KEY = "registry:snapshot"
 """Hash: the model registry as the API last published it (``revision``, ``source``, ``registry``)."""
 REGISTRY_CHANNEL = "registry:changed"
 """Pub/sub channel: a new registry revision was published (the message is the revision)."""
+
+
+EXPLAIN_GROUP = "explainers"
+"""Consumer group of the explainer processes on every explanation stream."""
+EXPLAINER_PREFIX = "explainer:"
+"""An explainer's heartbeat key (``explainer:<id>``, with a TTL) holds the Keras models it holds.
+Kept apart from ``worker:`` so an explainer never counts as a model worker serving predictions."""
+
+
+def explain_stream(model: str, version: int) -> str:
+    """Requests for Grad-CAM heatmaps computed with the Keras graph of ``model@version`` (the twin a
+    served version is explained with): a stream of their own, so they never queue before predictions."""
+    return f"explain:{model}@{version}"
+
+
+def explainer_key(explainer_id: str) -> str:
+    return f"{EXPLAINER_PREFIX}{explainer_id}"
+
+
+def explanation_key(sha256: str, model: str, version: int) -> str:
+    """A computed explanation of these bytes by this served version, cached with a TTL. Unlike
+    answers it is not kept per user: only the owner of a prediction can ask for it, and a heatmap
+    tells nothing the bytes themselves do not."""
+    return f"explanation:{sha256}:{model}@{version}"
+
+
+def explanation_done_key(request_id: str) -> str:
+    """A list the explainer pushes the explanation to, which the waiting request BLPOPs."""
+    return f"explanation:done:{request_id}"
+
+
+DRIFT_LOCK = "drift:lock"
+"""Held (SET NX with a TTL) by the API process computing the drift indices, so only one does per interval."""

@@ -164,3 +164,60 @@ class Heartbeat(BaseModel):
     started_at: float
     sent_at: float = Field(default_factory=time.time)
     models: list[ModelState] = []
+
+
+class ExplanationStatus(StrEnum):
+    ok = "ok"
+    not_explainable = "not_explainable"
+    """The version has no Keras graph to take gradients of (its twin is gone, say): a 422."""
+    failed = "failed"
+    """The image could not be read or the computation failed: the error says why."""
+
+
+EXPLANATION_GRID = 56
+"""Side of the heatmap an explainer returns, in cells over the whole uploaded image (rows follow
+its height, columns its width): fine enough for a 14x14 summary and a smooth overlay."""
+
+
+class ExplainRequest(BaseModel):
+    """A request for the Grad-CAM heatmap of one served version's top-1 class on one image."""
+
+    request_id: str
+    model: str
+    """The served version the prediction came from (the cache is kept under it)."""
+    version: int
+    twin: str
+    """``name@version`` of the Keras model whose gradients are taken (the stream's)."""
+    sha256: str
+    label: str
+    """The class to explain: the prediction's top-1 label."""
+    deadline: float
+    """Epoch seconds after which nobody waits for the answer (it is then not computed)."""
+    image: bytes = Field(default=b"", exclude=True)
+
+    def to_fields(self) -> StreamFields:
+        return {"meta": self.model_dump_json().encode(), "image": self.image}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Self:
+        meta = json.loads(fields[b"meta"])
+        return cls(**meta, image=fields.get(b"image", b""))
+
+
+class Explanation(BaseModel):
+    """An explainer's answer: a heatmap over the whole image, each cell in [0, 1] (1: the region
+    that raised the class's score most), EXPLANATION_GRID cells a side."""
+
+    model: str
+    version: int
+    twin: str
+    sha256: str
+    label: str
+    status: ExplanationStatus
+    method: str = "grad-cam"
+    layer: str = ""
+    """The convolutional layer whose activations were weighted."""
+    heatmap: list[list[float]] = []
+    error: str | None = None
+    explainer_id: str = ""
+    compute_ms: float = 0.0

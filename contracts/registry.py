@@ -167,6 +167,20 @@ class Registry(BaseModel):
     def get(self, key: str) -> ModelEntry:
         return next(m for m in self.models if m.key == key)
 
+    def keras_twin(self, key: str) -> ModelEntry | None:
+        """The entry whose Keras graph explains version ``key`` (Grad-CAM needs gradients): the
+        entry itself when it is a Keras model or an OpenVINO conversion of a ``keras.applications``
+        class; for an INT8 version, the FP32 entry it was quantized from. None when there is none
+        (TFLite files, OpenVINO files of unknown origin) or its weights are random."""
+        entry = next((m for m in self.models if m.key == key), None)
+        if entry is not None and entry.quantized_from is not None:
+            entry = next((m for m in self.models if m.key == entry.quantized_from), None)
+        if entry is None or entry.weights == "random":
+            return None
+        if entry.runtime == Runtime.keras or (entry.runtime == Runtime.openvino and entry.architecture):
+            return entry
+        return None
+
     def find(self, name: str, version: int | None, *, benchmark_mode: bool) -> ModelEntry | None:
         """``version=None`` means the newest stable version of ``name``."""
         candidates = [m for m in self.served(benchmark_mode=benchmark_mode) if m.name == name]

@@ -75,6 +75,11 @@ class ModelSettings(BaseSettings):
     """Niceness added to the worker process: inference yields the CPU to the API on a shared host."""
     labels_ttl_s: int = 7 * 86400
     """TTL of the published label lists in Redis."""
+    explain_models: str = ""
+    """Keras models an explainer (``python -m model.explainer``) loads to compute Grad-CAM heatmaps,
+    e.g. "mobilenet_v2@1,sketch@3"; empty: the Keras twin of every version served."""
+    explanation_ttl_s: int = 7 * 86400
+    """How long a computed heatmap stays cached in Redis, per (image sha256, model version)."""
     log_level: str = "INFO"
     """Root log level."""
     log_json: bool = True

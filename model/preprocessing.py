@@ -8,6 +8,7 @@ cropped away, so an object near the border still counts.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -44,27 +45,66 @@ def _uint8(img: Image.Image, entry: ModelEntry) -> np.ndarray:
     return _photo(img, entry).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class SketchPlacement:
+    """Where a drawing's strokes went: the crop of the image (``rows`` x ``cols``, pixels of the
+    upright image) scaled to ``new_h`` x ``new_w`` and put at (``top``, ``left``) of the 28x28 input.
+    The explainer maps heat back onto the image with it."""
+
+    rows: tuple[int, int]
+    """First and last-plus-one row of the crop."""
+    cols: tuple[int, int]
+    top: int
+    left: int
+    new_h: int
+    new_w: int
+
+
+def _ink(img: Image.Image) -> np.ndarray:
+    """The drawing's greyscale pixels as ink on black (dark-on-light drawings inverted), 0-255."""
+    arr = np.asarray(img.convert("L"), dtype=np.float32)
+    return 255.0 - arr if arr.mean() > 127 else arr
+
+
+def _placement(arr: np.ndarray) -> SketchPlacement | None:
+    ink = arr > SKETCH_INK_THRESHOLD
+    if not ink.any():
+        return None
+    rows, cols = np.where(ink.any(axis=1))[0], np.where(ink.any(axis=0))[0]
+    h, w = int(rows[-1] + 1 - rows[0]), int(cols[-1] + 1 - cols[0])
+    scale = SKETCH_EXTENT / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    return SketchPlacement(
+        rows=(int(rows[0]), int(rows[-1] + 1)),
+        cols=(int(cols[0]), int(cols[-1] + 1)),
+        top=(SKETCH_SIZE - new_h) // 2,
+        left=(SKETCH_SIZE - new_w) // 2,
+        new_h=new_h,
+        new_w=new_w,
+    )
+
+
+def sketch_placement(img: Image.Image) -> SketchPlacement | None:
+    """Where ``sketch_array`` puts this drawing's strokes; None for an empty drawing."""
+    return _placement(_ink(img))
+
+
 def sketch_array(img: Image.Image) -> np.ndarray:
     """A drawing as the QuickDraw training data shows drawings: 28x28, white ink on black, in [0, 1].
 
     Dark-on-light drawings (a canvas) are inverted; the strokes are cropped, scaled so their
     longer side spans SKETCH_EXTENT pixels, centred, and the ink stretched to full intensity.
     """
-    arr = np.asarray(img.convert("L"), dtype=np.float32)
-    if arr.mean() > 127:
-        arr = 255.0 - arr
-    ink = arr > SKETCH_INK_THRESHOLD
-    if not ink.any():
+    arr = _ink(img)
+    place = _placement(arr)
+    if place is None:
         return np.zeros((SKETCH_SIZE, SKETCH_SIZE, 1), dtype=np.float32)
-    rows, cols = np.where(ink.any(axis=1))[0], np.where(ink.any(axis=0))[0]
-    crop = arr[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    h, w = crop.shape
-    scale = SKETCH_EXTENT / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    small = Image.fromarray(crop.astype(np.uint8)).resize((new_w, new_h), Image.Resampling.BOX)
+    crop = arr[place.rows[0] : place.rows[1], place.cols[0] : place.cols[1]]
+    small = Image.fromarray(crop.astype(np.uint8)).resize((place.new_w, place.new_h), Image.Resampling.BOX)
     out = np.zeros((SKETCH_SIZE, SKETCH_SIZE), dtype=np.float32)
-    top, left = (SKETCH_SIZE - new_h) // 2, (SKETCH_SIZE - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = np.asarray(small, dtype=np.float32)
+    out[place.top : place.top + place.new_h, place.left : place.left + place.new_w] = np.asarray(
+        small, dtype=np.float32
+    )
     peak = out.max()
     if peak > 0:
         out = out * (255.0 / peak)

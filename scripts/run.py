@@ -84,6 +84,8 @@ childlogdir={folder}
         + program("api", f"{python} -m api")
         + program("model", f"{python} -m model", numprocs=model_workers)
         + program("trainer", f"{python} -m model.trainer")
+        # Grad-CAM heatmaps on demand, in a process of its own: predictions never wait for one.
+        + program("explainer", f"{python} -m model.explainer")
         + program("ui", f"{python} -m ui")
     )
 

@@ -45,6 +45,24 @@ def start_worker(name: str, redis_url: str, **extra: str) -> Service:
     return service(name, [sys.executable, "-m", "model"], env)
 
 
+def start_explainer(name: str, redis_url: str, **extra: str) -> Service:
+    """``python -m model.explainer`` as a child, once its heartbeat is in Redis."""
+    env = {
+        "REDIS_URL": redis_url,
+        "WORKER_ID": name,
+        "ALLOW_WEIGHT_DOWNLOAD": "false",
+        "LOG_JSON": "true",
+        "HEARTBEAT_INTERVAL_S": "0.5",
+        "HEARTBEAT_TTL_S": "3",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **extra,
+    }
+    client = redis.Redis.from_url(redis_url)
+    return service(
+        name, [sys.executable, "-m", "model.explainer"], env, lambda: bool(client.exists(f"explainer:explainer-{name}"))
+    )
+
+
 def wait_for_worker(redis_url: str, worker: Service, timeout: float = 120) -> None:
     client = redis.Redis.from_url(redis_url)
 

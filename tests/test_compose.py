@@ -19,7 +19,18 @@ SETTINGS: dict[str, type[BaseSettings]] = {"api": Settings, "model": ModelSettin
 
 
 def test_services_and_scaling() -> None:
-    assert set(SERVICES) == {"db", "redis", "api", "model", "trainer", "ui", "nginx", "prometheus", "grafana"}
+    assert set(SERVICES) == {
+        "db",
+        "redis",
+        "api",
+        "model",
+        "explainer",
+        "trainer",
+        "ui",
+        "nginx",
+        "prometheus",
+        "grafana",
+    }
     assert {n for n, svc in SERVICES.items() if svc.get("profiles")} == {"prometheus", "grafana"}
     for name, service in SERVICES.items():
         assert "container_name" not in service, name
@@ -30,6 +41,7 @@ def test_services_and_scaling() -> None:
     assert "ports" not in SERVICES["model"] and SERVICES["model"]["volumes"] == ["trained:/opt/trained:ro"]
     assert SERVICES["trainer"]["command"] == ["python", "-m", "model.trainer"]
     assert "trained:/opt/trained" in SERVICES["trainer"]["volumes"]
+    assert SERVICES["explainer"]["command"] == ["python", "-m", "model.explainer"]
 
 
 def test_environment_variables_are_real_settings() -> None:

@@ -611,6 +611,15 @@ class Api:
     def stats(self) -> Stats:
         return _typed(_STATS, self.json("GET", "/v1/admin/stats"))
 
+    def explanation_png(self, prediction_id: str) -> bytes:
+        """My image with the Grad-CAM heatmap of one prediction's top-1 class over it (PNG)."""
+        path = f"/v1/predictions/{prediction_id}/explanation"
+        return self._request("GET", path, params={"format": "png"}, timeout=max(self.timeout, 25.0)).content
+
+    def drift(self) -> dict[str, Any]:
+        """The latest drift indices per model version (admins): GET /v1/admin/drift."""
+        return dict(self.json("GET", "/v1/admin/drift"))
+
     def feedback_export(self, model: str | None = None) -> bytes:
         """A zip of the images users labelled (admins): ``<model>/<label>/<image>`` and feedback.csv."""
         params = {"model": model} if model else {}

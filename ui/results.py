@@ -16,7 +16,7 @@ import streamlit as st
 
 from contracts import spreadsheets
 from contracts.messages import PredictionStatus
-from ui.client import Api, Feedback, Job, Prediction
+from ui.client import Api, ApiError, Feedback, Job, Prediction
 from ui.session import display_name, guarded, models
 
 
@@ -242,6 +242,21 @@ def show_results(
                 result_card(api, result, image, (verdicts or {}).get(result["id"]))
 
 
+def why_heatmap(api: Api, result: Prediction, image: bytes | None) -> None:
+    """The picture beside itself with the regions that drove the top-1 answer in warm colours, or
+    in plain words why there is none (a model that cannot be explained, no explainer running)."""
+    try:
+        overlay = api.explanation_png(result["id"])
+    except ApiError as exc:
+        st.caption(exc.message)
+        return
+    left, right = st.columns(2)
+    if image is not None:
+        with contextlib.suppress(Exception):
+            left.image(image, caption="Your picture", width="stretch")
+    right.image(overlay, caption=f"What drove “{words(result['label'])}”", width="stretch")
+
+
 def result_card(api: Api, result: Prediction, image: bytes | None, earlier: Feedback | None = None) -> None:
     """One model version's answer, readable at a glance."""
     ref = f"{result['model']}@{result['version']}"
@@ -257,6 +272,9 @@ def result_card(api: Api, result: Prediction, image: bytes | None, earlier: Feed
     st.caption(f"{(result['score'] or 0.0):.1%} confident")
     for answer in result["top_k"]:
         st.progress(min(max(answer["score"], 0.0), 1.0), text=f"{words(answer['label'])} · {answer['score']:.1%}")
+    # Off by default: the heatmap is computed on demand (a second or two), the card stays fast.
+    if st.toggle("Why?", key=f"why-{result['id']}", help="Show which regions drove this answer (Grad-CAM)"):
+        why_heatmap(api, result, image)
     with st.expander("Details"):
         t = result["timings"]
         st.caption(f"Model version: {ref}")

@@ -34,6 +34,8 @@ from api.app.core.startup import check_redis_eviction
 from api.app.core.tasks import run_every
 from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
+from api.app.drift.background import compute_periodically as compute_drift
+from api.app.explanations.router import router as explanations_router
 from api.app.feedback.router import classic as feedback_classic
 from api.app.feedback.router import router as feedback_router
 from api.app.health.router import router as health_router
@@ -142,6 +144,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 roll_up_periodically(
                     runtime.sessionmaker, interval=settings.stats_roll_up_seconds, stop=stop, outage_log=outage_log
                 ),
+                compute_drift(
+                    sessionmaker=runtime.sessionmaker,
+                    redis=state.redis,
+                    settings=settings,
+                    live_registry=live,
+                    stop=stop,
+                    outage_log=outage_log,
+                ),
             )
         ]
         try:
@@ -186,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predictions_of_images,
         predictions_classic,
         predictions_router,
+        explanations_router,
         batches_router,
         feedback_classic,
         feedback_router,

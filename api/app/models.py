@@ -3,6 +3,7 @@
 from api.app.api_keys.models import ApiKey
 from api.app.auth.models import RevokedToken
 from api.app.batches.models import Batch, BatchItem
+from api.app.drift.models import DriftSignal
 from api.app.examples.models import LabelledExample
 from api.app.feedback.models import Feedback
 from api.app.images.models import Image
@@ -24,6 +25,7 @@ __all__ = [
     "Batch",
     "BatchItem",
     "CorrectionStats",
+    "DriftSignal",
     "Evaluation",
     "EvaluationAnswer",
     "Feedback",

@@ -70,7 +70,7 @@ def test_sigterm_stops_every_child(settings: Settings) -> None:
         children = psutil.Process(proc.pid).children(recursive=True)
         services = [c.cmdline()[-1] for c in children if c.cmdline()[-2:-1] == ["-m"]]
         services += ["ui" for c in children if "streamlit" in c.cmdline()[1:3]]  # python -m ui execs streamlit
-        assert sorted(services) == ["api", "model", "model", "model.trainer", "ui"], services
+        assert sorted(services) == ["api", "model", "model", "model.explainer", "model.trainer", "ui"], services
         proc.send_signal(signal.SIGTERM)
         assert_group_ends(proc, children)
     finally:

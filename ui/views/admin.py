@@ -44,6 +44,44 @@ def admin_page(api: Api) -> None:
         users_tab(api)
     with quality:
         quality_tab(api, stats)
+        drift_section(api)
+
+
+def drift_section(api: Api) -> None:
+    """Per model version, each signal's drift index and its two distributions side by side."""
+    st.subheader("Drift")
+    report = guarded(api, api.drift)
+    if not report:
+        return
+    st.caption(
+        f"Each version's latest {report['window_size']} predictions against its first "
+        f"{report['reference_size']}: PSI below {report['watch_threshold']} is stable, above "
+        f"{report['alert_threshold']} a real shift (see the README)."
+    )
+    if not report["versions"]:
+        st.info("No version has both windows of predictions yet.")
+        return
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "version": f"{v['model']}@{v['version']}",
+                    "signal": s["signal"],
+                    "PSI": round(s["psi"], 3),
+                    "status": s["status"],
+                }
+                for v in report["versions"]
+                for s in v["signals"]
+            ]
+        ),
+        hide_index=True,
+    )
+    versions = {f"{v['model']}@{v['version']}": v for v in report["versions"]}
+    chosen = versions[st.selectbox("Version", list(versions), key="drift-version")]
+    signals = {s["signal"]: s for s in chosen["signals"]}
+    signal = signals[st.selectbox("Signal", list(signals), key="drift-signal")]
+    frame = pd.DataFrame(signal["bins"]).set_index("label")[["reference", "window"]]
+    st.bar_chart(frame, stack=False)
 
 
 def status_tab(api: Api, stats: Stats | None) -> None:

@@ -18,6 +18,9 @@ from api.app.deps import (
     StoreDep,
     WorkersDep,
 )
+from api.app.drift import service as drift_service
+from api.app.drift.models import DriftSignal
+from api.app.drift.schemas import DriftBin, DriftReport, DriftSignalOut, DriftVersion
 from api.app.feedback.export import export_archive
 from api.app.predictions import queue
 from api.app.stats import service as stats_service
@@ -76,4 +79,58 @@ async def feedback_export(
         filename=f"feedback-{model or 'all'}{f'-v{version}' if version else ''}.zip",
         headers={"X-Exported-Images": str(summary.examples)},
         background=BackgroundTask(archive.unlink),
+    )
+
+
+@router.get("/drift", response_model=DriftReport, responses={**ADMIN, **INVALID})
+async def drift(
+    _: AdminUser,
+    session: ReadSessionDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    refresh: Annotated[bool, Query(description="Compute the indices now instead of reading the last ones")] = False,
+) -> DriftReport:
+    """Drift per model version (admin): each signal's population stability index of the latest
+    DRIFT_WINDOW_SIZE answered predictions against the version's first DRIFT_REFERENCE_SIZE, with
+    both distributions side by side (api.app.drift: the signals, the binning, the sources)."""
+    if refresh:
+        await drift_service.refresh(
+            session=session,
+            entries=registry.served(benchmark_mode=settings.benchmark_mode),
+            reference_size=settings.drift_reference_size,
+            window_size=settings.drift_window_size,
+            bins=settings.drift_bins,
+        )
+    versions: dict[tuple[str, int], list[DriftSignal]] = {}
+    for row in await drift_service.stored(session=session):
+        versions.setdefault((row.model_name, row.model_version), []).append(row)
+    out = []
+    for (name, version), rows in versions.items():
+        worst = max(r.psi for r in rows)
+        out.append(
+            DriftVersion(
+                model=name,
+                version=version,
+                reference_count=rows[0].reference_count,
+                window_count=rows[0].window_count,
+                computed_at=max(r.computed_at for r in rows),
+                max_psi=worst,
+                status=drift_service.status(worst),
+                signals=[
+                    DriftSignalOut(
+                        signal=r.signal,
+                        psi=r.psi,
+                        status=drift_service.status(r.psi),
+                        bins=[DriftBin.model_validate(b) for b in r.bins],
+                    )
+                    for r in rows
+                ],
+            )
+        )
+    return DriftReport(
+        reference_size=settings.drift_reference_size,
+        window_size=settings.drift_window_size,
+        watch_threshold=drift_service.WATCH,
+        alert_threshold=drift_service.ALERT,
+        versions=out,
     )

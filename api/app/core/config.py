@@ -195,6 +195,21 @@ class Settings(BaseSettings):
     stats_roll_up_seconds: float = Field(default=10.0, gt=0)
     """How often each API process folds the changes to the statistics' summaries into them (the
     statistics route also does it before it reads): the changes waiting stay few."""
+    explanation_wait_seconds: float = Field(default=20.0, gt=0, le=120)
+    """Longest a request for a heatmap waits for an explainer (then 504; the heatmap computed
+    meanwhile is cached and the next request gets it at once)."""
+    explanation_queue_limit: int = Field(default=50, ge=1)
+    """Explanation requests waiting for one Keras model past which new ones are refused (503)."""
+    drift_reference_size: int = Field(default=200, ge=10)
+    """Drift: a version's first this many answered predictions are its reference window."""
+    drift_window_size: int = Field(default=200, ge=10)
+    """Drift: its latest this many answered predictions (after the reference) are compared with it."""
+    drift_bins: int = Field(default=10, ge=2, le=50)
+    """Bins of each numeric signal's distribution (deciles of the reference by default); with
+    windows of n and m predictions, PSI has a floor of about (bins - 1)(1/n + 1/m) from sampling
+    alone (Yurdakul 2018), 0.09 at the defaults."""
+    drift_interval_seconds: float = Field(default=60.0, gt=0)
+    """How often the drift indices are computed (by one API process at a time) and stored."""
 
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:

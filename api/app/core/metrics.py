@@ -59,6 +59,13 @@ SHADOW_AGREEMENT = Gauge(
     MODEL,
     multiprocess_mode="livemostrecent",
 )
+DRIFT_PSI = Gauge(
+    "portal_drift_psi",
+    "Population stability index of a signal of a version's recent predictions against its first ones "
+    "(above 0.25: drift)",
+    [*MODEL, "signal"],
+    multiprocess_mode="livemostrecent",
+)
 LIVE_WORKERS = Gauge("portal_live_workers", "Model workers with a live heartbeat", multiprocess_mode="livemostrecent")
 
 LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import BigInteger, Index, Integer, String, text
+from sqlalchemy import BigInteger, Float, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.app.core.db import Base, OwnedMixin, new_uuid
@@ -24,6 +24,11 @@ class Image(OwnedMixin, Base):
     filename: Mapped[str] = mapped_column(String(255), default="")
     ground_truth: Mapped[str | None] = mapped_column(String(200), default=None)
     """The uploader's own label for it, given with a prediction (one of the chosen models' labels)."""
+    # Pixel statistics taken at upload (contracts.imaging.PixelStats) for the drift monitor;
+    # None for uploads stored before they were taken.
+    brightness: Mapped[float | None] = mapped_column(Float, default=None)
+    contrast: Mapped[float | None] = mapped_column(Float, default=None)
+    colourfulness: Mapped[float | None] = mapped_column(Float, default=None)
 
     @property
     def file_name(self) -> str:

@@ -109,6 +109,9 @@ async def add_image(
         "bytes": len(data),
         "filename": (filename or "")[:255],
         "created_at": utcnow(),
+        "brightness": info.stats.brightness if info.stats else None,
+        "contrast": info.stats.contrast if info.stats else None,
+        "colourfulness": info.stats.colourfulness if info.stats else None,
     }
     # A plain INSERT, not the unit of work: it runs on every upload and costs a fraction of a flush.
     await session.execute(_INSERT_IMAGE, row)

@@ -1,0 +1,274 @@
+"""Drift: is what a model version sees and answers now distributed as it was at first?
+
+Per model version, its first DRIFT_REFERENCE_SIZE answered predictions are the reference and its
+latest DRIFT_WINDOW_SIZE after them the window. Each signal (the top-1 score, the predicted class,
+the pictures' brightness, contrast, colour or greyscale, width, height, file size and aspect ratio)
+is binned the same way in both, and compared by its population stability index
+
+    PSI = sum_i (a_i - e_i) * ln(a_i / e_i)
+
+with a_i the window's share of bin i, e_i the reference's, and EPSILON for an empty bin (Yurdakul,
+"Statistical properties of the population stability index", PhD thesis, Western Michigan
+University, 2018; Siddiqi, "Credit Risk Scorecards", Wiley 2006, for the usual reading: below 0.1
+stable, 0.1 to 0.25 worth watching, above 0.25 a real shift). Numeric signals are binned at the
+reference's quantiles (DRIFT_BINS of them, fewer where values tie), so each reference bin holds
+about the same share; the class is binned as the reference's most frequent classes and "other".
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+from sqlalchemy import and_, select, tuple_
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.app.core import metrics
+from api.app.drift.models import DriftSignal
+from api.app.images.models import Image
+from api.app.predictions.models import Job, Prediction
+from contracts.messages import PredictionStatus
+from contracts.registry import ModelEntry
+
+EPSILON = 1e-4
+"""Share given to an empty bin, so that its logarithm is finite."""
+WATCH = 0.1
+ALERT = 0.25
+"""PSI thresholds (Siddiqi 2006): below WATCH stable, from ALERT a shift worth acting on."""
+GREYSCALE_BELOW = 0.02
+"""Colourfulness (contracts.imaging.PixelStats) under which a picture counts as greyscale."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one answered prediction contributes to each signal."""
+
+    score: float | None
+    label: str | None
+    brightness: float | None
+    contrast: float | None
+    colourfulness: float | None
+    width: int
+    height: int
+    bytes: int
+
+
+def _aspect(r: Row) -> float | None:
+    return r.width / r.height if r.height else None
+
+
+def _colour(r: Row) -> str | None:
+    if r.colourfulness is None:
+        return None
+    return "greyscale" if r.colourfulness < GREYSCALE_BELOW else "colour"
+
+
+NUMERIC: dict[str, Callable[[Row], float | None]] = {
+    "top1_score": lambda r: r.score,
+    "brightness": lambda r: r.brightness,
+    "contrast": lambda r: r.contrast,
+    "width": lambda r: float(r.width),
+    "height": lambda r: float(r.height),
+    "file_size": lambda r: float(r.bytes),
+    "aspect_ratio": _aspect,
+}
+CATEGORICAL: dict[str, Callable[[Row], str | None]] = {
+    "predicted_class": lambda r: r.label,
+    "colour": _colour,
+}
+FIXED_CATEGORIES = {"colour": ("colour", "greyscale")}
+SIGNALS = (*NUMERIC, *CATEGORICAL)
+
+
+def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
+    """The population stability index of two distributions over the same bins (shares summing to
+    1): sum of (a - e) ln(a / e), an empty bin counting EPSILON. 0 for identical distributions;
+    symmetric in its arguments."""
+    total = 0.0
+    for e, a in zip(expected, actual, strict=True):
+        e, a = max(e, EPSILON), max(a, EPSILON)
+        total += (a - e) * math.log(a / e)
+    return total
+
+
+def status(value: float) -> str:
+    """stable, watch or drift, by the usual thresholds."""
+    return "drift" if value >= ALERT else "watch" if value >= WATCH else "stable"
+
+
+@dataclass(frozen=True)
+class Binned:
+    labels: list[str]
+    reference: list[float]
+    window: list[float]
+
+    @property
+    def psi(self) -> float:
+        return psi(self.reference, self.window)
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return [
+            {"label": label, "reference": round(e, 4), "window": round(a, 4)}
+            for label, e, a in zip(self.labels, self.reference, self.window, strict=True)
+        ]
+
+
+def _shares(counts: Sequence[int]) -> list[float]:
+    n = sum(counts)
+    return [c / n if n else 0.0 for c in counts]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def bin_numeric(reference: Sequence[float], window: Sequence[float], bins: int) -> Binned:
+    """Both samples binned at the reference's quantiles (edges shared where values tie)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    win = np.asarray(window, dtype=np.float64)
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    slots = len(edges) + 1
+    ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=slots)
+    win_counts = np.bincount(np.searchsorted(edges, win, side="right"), minlength=slots)
+    labels = [f"< {_fmt(edges[0])}"] if len(edges) else ["all"]
+    labels += [f"{_fmt(lo)} to {_fmt(hi)}" for lo, hi in pairwise(edges)]
+    if len(edges):
+        labels.append(f">= {_fmt(edges[-1])}")
+    return Binned(labels, _shares(ref_counts.tolist()), _shares(win_counts.tolist()))
+
+
+def bin_categorical(
+    reference: Sequence[str], window: Sequence[str], bins: int, fixed: Sequence[str] | None = None
+) -> Binned:
+    """The reference's ``bins - 1`` most frequent categories (or the ``fixed`` ones), and "other"
+    for every other one (where a class never answered in the reference lands)."""
+    kept = list(fixed) if fixed is not None else [c for c, _ in Counter(reference).most_common(bins - 1)]
+    index = {c: i for i, c in enumerate(kept)}
+    ref_counts = [0] * (len(kept) + 1)
+    win_counts = [0] * (len(kept) + 1)
+    for values, counts in ((reference, ref_counts), (window, win_counts)):
+        for v in values:
+            counts[index.get(v, len(kept))] += 1
+    return Binned([*kept, "other"], _shares(ref_counts), _shares(win_counts))
+
+
+def compare(reference: list[Row], window: list[Row], bins: int) -> dict[str, Binned]:
+    """Each signal's distributions, for the signals both windows have values of."""
+    out: dict[str, Binned] = {}
+    for name, numeric in NUMERIC.items():
+        ref = [v for r in reference if (v := numeric(r)) is not None]
+        win = [v for r in window if (v := numeric(r)) is not None]
+        if ref and win:
+            out[name] = bin_numeric(ref, win, bins)
+    for name, category in CATEGORICAL.items():
+        ref_c = [c for r in reference if (c := category(r)) is not None]
+        win_c = [c for r in window if (c := category(r)) is not None]
+        if ref_c and win_c:
+            out[name] = bin_categorical(ref_c, win_c, bins, FIXED_CATEGORIES.get(name))
+    return out
+
+
+_COLUMNS = (
+    Prediction.score,
+    Prediction.label,
+    Image.brightness,
+    Image.contrast,
+    Image.colourfulness,
+    Image.width,
+    Image.height,
+    Image.bytes,
+)
+
+
+def _answered(entry: ModelEntry) -> Any:
+    # A person's answered predictions only: shadow copies and evaluations live in other tables.
+    return (
+        select(*_COLUMNS, Prediction.created_at, Prediction.id)
+        .join(Job, Prediction.job_id == Job.id)
+        .join(Image, Job.image_id == Image.id)
+        .where(
+            Prediction.model_name == entry.name,
+            Prediction.model_version == entry.version,
+            Prediction.status == PredictionStatus.done.value,
+        )
+    )
+
+
+async def windows(
+    *, session: AsyncSession, entry: ModelEntry, reference_size: int, window_size: int
+) -> tuple[list[Row], list[Row]] | None:
+    """The version's reference (its first answered predictions) and window (its latest after the
+    reference); None until it has both in full."""
+    query = _answered(entry)
+    ref_rows = (await session.execute(query.order_by(Prediction.created_at, Prediction.id).limit(reference_size))).all()
+    if len(ref_rows) < reference_size:
+        return None
+    last = ref_rows[-1]
+    after = tuple_(Prediction.created_at, Prediction.id) > tuple_(last.created_at, last.id)
+    win_rows = (
+        await session.execute(
+            query.where(and_(after)).order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(window_size)
+        )
+    ).all()
+    if len(win_rows) < window_size:
+        return None
+    return [Row(*r[:8]) for r in ref_rows], [Row(*r[:8]) for r in win_rows]
+
+
+async def refresh(
+    *, session: AsyncSession, entries: list[ModelEntry], reference_size: int, window_size: int, bins: int
+) -> int:
+    """Computes and stores every signal's index of each version in ``entries`` that has both
+    windows in full, and sets the ``portal_drift_psi`` gauges; returns how many versions."""
+    now = datetime.now(UTC)
+    done = 0
+    for entry in entries:
+        pair = await windows(session=session, entry=entry, reference_size=reference_size, window_size=window_size)
+        if pair is None:
+            continue
+        reference, window = pair
+        rows = []
+        for signal, binned in compare(reference, window, bins).items():
+            value = binned.psi
+            rows.append(
+                {
+                    "model_name": entry.name,
+                    "model_version": entry.version,
+                    "signal": signal,
+                    "psi": value,
+                    "reference_count": len(reference),
+                    "window_count": len(window),
+                    "bins": binned.as_json(),
+                    "computed_at": now,
+                }
+            )
+            metrics.DRIFT_PSI.labels(entry.name, str(entry.version), signal).set(value)
+        if rows:
+            stmt = insert(DriftSignal).values(rows)
+            await session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["model_name", "model_version", "signal"],
+                    set_={
+                        c: stmt.excluded[c] for c in ("psi", "reference_count", "window_count", "bins", "computed_at")
+                    },
+                )
+            )
+            done += 1
+    await session.commit()
+    return done
+
+
+async def stored(*, session: AsyncSession) -> list[DriftSignal]:
+    """Every stored index, by model, version and signal."""
+    return list(
+        await session.scalars(
+            select(DriftSignal).order_by(DriftSignal.model_name, DriftSignal.model_version, DriftSignal.signal)
+        )
+    )

@@ -1,0 +1,242 @@
+"""``python -m model.explainer``: computes Grad-CAM heatmaps on demand, apart from the predictions.
+
+An explainer holds the Keras graphs of the versions it explains (an OpenVINO or INT8 version is
+explained with its Keras twin: ``Registry.keras_twin``) and reads only the ``explain:<twin>``
+streams, never a job stream: predictions never wait for a heatmap, and model workers never load a
+graph for gradients. Its heartbeat (``explainer:<id>``) is separate from the model workers', so it
+is never mistaken for one serving predictions. It runs niced like the workers
+(``CPU_NICE``): on a shared host the predictions' processes get the CPU first.
+
+Each answer is cached under ``explanation:<sha256>:<model>@<version>`` (EXPLANATION_TTL_S) and
+pushed to the waiting request's ``explanation:done:<request id>`` list. A request past its
+deadline (nobody waits any more) is dropped without computing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import cast
+
+import redis
+
+from contracts import keys, registry_live, streams
+from contracts.imaging import ImageRejected
+from contracts.messages import ExplainRequest, Explanation, ExplanationStatus
+from contracts.registry import ModelEntry, Registry, load_registry, parse_model_ref
+from contracts.streams import REDIS_ERRORS
+from model.config import ModelSettings
+from model.gradcam import GradCam, NotExplainable
+from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model, load_labels
+
+log = logging.getLogger("model.explainer")
+
+DONE_TTL_S = 60
+"""How long an answer waits in its done list for the request that asked (which waits less)."""
+
+
+def twins(registry: Registry, settings: ModelSettings) -> list[ModelEntry]:
+    """The Keras twins to load: of every version served (EXPLAIN_MODELS empty) or those named."""
+    served = registry.served(benchmark_mode=settings.benchmark_mode)
+    found: dict[str, ModelEntry] = {}
+    for entry in served:
+        twin = registry.keras_twin(entry.key)
+        if twin is not None:
+            found[twin.key] = twin
+    wanted = [parse_model_ref(ref) for ref in settings.explain_models.split(",") if ref.strip()]
+    if not wanted:
+        return list(found.values())
+    return [t for t in found.values() if any(t.name == n and v in (None, t.version) for n, v in wanted)]
+
+
+class Explainer:
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self.explainer_id = f"explainer-{settings.resolved_worker_id()}"
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
+        )
+        registry = load_registry(settings.registry_path)
+        with contextlib.suppress(*REDIS_ERRORS):
+            if (snapshot := registry_live.read_snapshot(self.redis)) is not None:
+                registry = snapshot.registry
+        self.registry = registry
+        self.cams: dict[str, GradCam] = {}
+        """By explanation stream."""
+        self.stopping = threading.Event()
+
+    def load(self) -> None:
+        configure_tensorflow(self.settings)
+        for twin in twins(self.registry, self.settings):
+            start = time.perf_counter()
+            try:
+                model, random_weights = keras_model(twin, self.settings)
+                if random_weights:
+                    continue
+                cam = GradCam.build(model, twin, load_labels(twin, self.settings))
+                # One computation now: the first request must not pay for tracing the graph.
+                spec = twin.input
+                import numpy as np
+
+                cam.cam(np.zeros((spec.height, spec.width, 3 if spec.mode == "RGB" else 1), np.float32), 0)
+            except (ModelUnavailable, NotExplainable) as exc:
+                log.warning("cannot explain with %s: %s", twin.key, exc)
+                continue
+            except Exception:
+                log.exception("cannot explain with %s", twin.key)
+                continue
+            self.cams[keys.explain_stream(twin.name, twin.version)] = cam
+            log.info(
+                "explaining with %s (layer %s), ready in %.1f s", twin.key, cam.layer_name, time.perf_counter() - start
+            )
+
+    def heartbeat(self) -> None:
+        body = {
+            "explainer_id": self.explainer_id,
+            "pid": os.getpid(),
+            "models": [c.entry.key for c in self.cams.values()],
+        }
+        self.redis.set(
+            keys.explainer_key(self.explainer_id), json.dumps(body), px=int(self.settings.heartbeat_ttl_s * 1000)
+        )
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopping.wait(self.settings.heartbeat_interval_s):
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.heartbeat()
+
+    def compute(self, stream: str, request: ExplainRequest) -> Explanation:
+        base = Explanation(
+            model=request.model,
+            version=request.version,
+            twin=request.twin,
+            sha256=request.sha256,
+            label=request.label,
+            explainer_id=self.explainer_id,
+            status=ExplanationStatus.failed,
+        )
+        cam = self.cams.get(stream)
+        if cam is None:
+            return base.model_copy(
+                update={"status": ExplanationStatus.not_explainable, "error": f"{request.twin} is not loaded here"}
+            )
+        t0 = time.perf_counter()
+        try:
+            heat = cam.explain(request.image, request.label)
+        except NotExplainable as exc:
+            return base.model_copy(update={"status": ExplanationStatus.not_explainable, "error": str(exc)})
+        except ImageRejected as exc:
+            return base.model_copy(update={"error": exc.message})
+        except Exception as exc:
+            log.exception("explanation of %s by %s failed", request.sha256, request.twin)
+            return base.model_copy(update={"error": f"the computation failed: {exc}"})
+        return base.model_copy(
+            update={
+                "status": ExplanationStatus.ok,
+                "layer": cam.layer_name,
+                "heatmap": [[round(float(v), 4) for v in row] for row in heat],
+                "compute_ms": (time.perf_counter() - t0) * 1000,
+            }
+        )
+
+    def handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            request = ExplainRequest.from_fields(fields)
+        except Exception:
+            log.exception("dropping malformed explanation request %s", entry_id)
+            request = None
+        answer = None
+        if request is not None and request.deadline >= time.time():
+            answer = self.compute(stream, request)
+        with self.redis.pipeline(transaction=True) as pipe:
+            if request is not None and answer is not None:
+                payload = answer.model_dump_json()
+                if answer.status == ExplanationStatus.ok:
+                    pipe.set(
+                        keys.explanation_key(request.sha256, request.model, request.version),
+                        payload,
+                        ex=self.settings.explanation_ttl_s,
+                    )
+                done = keys.explanation_done_key(request.request_id)
+                pipe.rpush(done, payload)
+                pipe.expire(done, DONE_TTL_S)
+            pipe.xack(stream, keys.EXPLAIN_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            pipe.execute()
+        if answer is not None:
+            log.info(
+                "explained %s by %s: %s in %.0f ms",
+                request.sha256[:12] if request else "?",
+                stream,
+                answer.status,
+                answer.compute_ms,
+            )
+
+    def run(self) -> None:
+        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        ready = False
+        started = False
+        while not self.stopping.is_set():
+            try:
+                if not ready:
+                    for stream in self.cams:
+                        streams.ensure_group(self.redis, stream, keys.EXPLAIN_GROUP)
+                    self.heartbeat()
+                    ready = True
+                    if not started:
+                        hb.start()
+                        started = True
+                        log.info(
+                            "explainer %s ready: %s", self.explainer_id, sorted(c.entry.key for c in self.cams.values())
+                        )
+                if not self.cams:
+                    self.stopping.wait(1)
+                    continue
+                response = cast(
+                    list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+                    self.redis.xreadgroup(
+                        keys.EXPLAIN_GROUP, self.explainer_id, {s: ">" for s in self.cams}, count=1, block=1000
+                    ),
+                )
+                for raw_stream, entries in response or []:
+                    for entry_id, fields in entries:
+                        self.handle(raw_stream.decode(), entry_id, fields)
+            except redis.exceptions.ResponseError as exc:
+                if streams.group_missing(exc):
+                    ready = False
+                    continue
+                log.exception("redis error")
+                self.stopping.wait(1)
+            except REDIS_ERRORS as exc:
+                log.error("redis unavailable: %s", exc)
+                ready = False
+                self.stopping.wait(1)
+        with contextlib.suppress(*REDIS_ERRORS):
+            self.redis.delete(keys.explainer_key(self.explainer_id))
+        log.info("explainer %s stopped", self.explainer_id)
+
+    def stop(self, *_args: object) -> None:
+        self.stopping.set()
+
+
+def main() -> None:
+    from model.logs import configure_logging
+
+    settings = ModelSettings()
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.cpu_nice:
+        os.nice(settings.cpu_nice)
+    explainer = Explainer(settings)
+    signal.signal(signal.SIGTERM, explainer.stop)
+    signal.signal(signal.SIGINT, explainer.stop)
+    explainer.load()
+    explainer.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Drift: a photo model fed sketches drifts past the alert threshold; fed more photos like its
+first ones, it does not. Real workers, real pixels, small windows."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client import REGISTRY
+
+from api.app.drift import service
+from tests.api.conftest import Stack
+from tests.api.test_releases import canvas_drawings
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, login
+from tests.support import PHOTOS
+
+PER_PHOTO = 8
+BASE_PHOTOS = sorted(p for p in PHOTOS.iterdir() if p.suffix in (".jpg", ".bmp"))
+WINDOW = PER_PHOTO * len(BASE_PHOTOS)
+"""Both windows hold as many predictions: each shared photo PER_PHOTO times, cropped and flipped."""
+SETTINGS = {"drift_reference_size": WINDOW, "drift_window_size": WINDOW, "drift_bins": 4}
+"""Four bins: with windows of ~100, PSI's sampling floor, (bins - 1)(1/n + 1/m), stays near 0.06."""
+SKETCH_CATEGORIES = ("cat", "fish", "apple", "house", "star", "clock", "bicycle", "flower")
+
+
+def photos_like_the_reference(seed: int) -> list[bytes]:
+    """Each shared photo PER_PHOTO times, randomly cropped (60-100 % of each side) and flipped:
+    the same distribution for every seed, never the same bytes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(PER_PHOTO):
+        for path in BASE_PHOTOS:
+            img = Image.open(path).convert("RGB")
+            w, h = img.size
+            cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            img = img.crop((left, top, left + cw, top + ch))
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            out.append(buf.getvalue())
+    return out
+
+
+def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift() -> None:
+    assert service.psi([0.5, 0.5], [0.5, 0.5]) == 0
+    # (0.9 - 0.5) ln(0.9 / 0.5) + (0.1 - 0.5) ln(0.1 / 0.5), worked by hand.
+    assert service.psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) - 0.4 * np.log(0.2))
+    assert service.psi([1.0, 0.0], [0.0, 1.0]) > 10  # empty bins count EPSILON, not zero
+    binned = service.bin_numeric(list(range(100)), list(range(100)), 4)
+    assert binned.psi == 0 and binned.reference == pytest.approx([0.25] * 4)
+    assert service.bin_categorical(["a"] * 9 + ["b"], ["c"] * 10, 3).window == [0, 0, 1.0]
+
+
+async def _send(stack: Stack, headers: dict[str, str], images: list[bytes]) -> None:
+    for data in images:
+        r = await stack.client.post(
+            "/model/predict", params={"models": "mobilenet_v2@1"}, files={"file": ("i.jpg", data)}, headers=headers
+        )
+        assert r.status_code == 200, r.text
+
+
+def _gauge(signal: str) -> float | None:
+    return REGISTRY.get_sample_value("portal_drift_psi", {"model": "mobilenet_v2", "version": "1", "signal": signal})
+
+
+@pytest.mark.parametrize("own_stack", [SETTINGS], indirect=True)
+async def test_sketches_move_a_photo_models_drift_index_past_the_alert_and_photos_do_not(own_stack: Stack) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="mobilenet_v2@1")
+    await _send(own_stack, admin, photos_like_the_reference(seed=1))
+    r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+    assert r.status_code == 200 and r.json()["versions"] == [], r.text  # no window yet
+
+    await _send(own_stack, admin, photos_like_the_reference(seed=2))
+    r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+    assert r.status_code == 200, r.text
+    (version,) = r.json()["versions"]
+    assert version["reference_count"] == WINDOW and version["window_count"] == WINDOW
+    signals = {s["signal"]: s for s in version["signals"]}
+    assert set(signals) == set(service.SIGNALS)
+    assert version["max_psi"] < service.ALERT, {k: round(s["psi"], 3) for k, s in signals.items()}
+    assert _gauge("brightness") == pytest.approx(signals["brightness"]["psi"])
+
+    sketches = [d for c in SKETCH_CATEGORIES for d in canvas_drawings(c, WINDOW // len(SKETCH_CATEGORIES) + 1)]
+    await _send(own_stack, admin, sketches[:WINDOW])
+    r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+    (version,) = r.json()["versions"]
+    signals = {s["signal"]: s for s in version["signals"]}
+    assert version["status"] == "drift" and version["max_psi"] >= service.ALERT
+    # What moved: black-on-white 28-pixel greyscale drawings, and the answers they get.
+    for signal in ("brightness", "colour", "width", "predicted_class"):
+        assert signals[signal]["psi"] >= service.ALERT, (signal, signals[signal])
+    colour = {b["label"]: b for b in signals["colour"]["bins"]}
+    assert colour["greyscale"]["window"] == 1.0
+    assert _gauge("brightness") == pytest.approx(signals["brightness"]["psi"])

@@ -1,0 +1,106 @@
+"""Explanations of predictions: Grad-CAM heatmaps from a real explainer process, checked on real
+pixels (a photo and a sketch), and every error a user can cause."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+from PIL import Image
+
+from tests.api.conftest import Stack
+from tests.api.test_releases import canvas_drawings
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
+from tests.support import PHOTOS, QUICKDRAW, start_explainer
+
+PARROT_BOX = (95, 100, 470, 900)
+"""(left, top, right, bottom) of the macaw in parrot.jpg (512x929), head to tail, measured by eye:
+head at x 300-465, y 100-260; wings to x 95 at y 740; tail to y 895; the branch it sits on (x
+290-512, y 500-929) is mostly outside."""
+SKETCHES = {"cat": 3, "fish": 3, "apple": 3, "house": 3}
+"""Held-out drawings per category (the end of each QuickDraw file), as the canvas sends them."""
+
+
+def on_image(heatmap: list[list[float]], width: int, height: int) -> np.ndarray:
+    grid = np.asarray(heatmap, dtype=np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def dilated(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel in the 8 directions (a 3x3 binary dilation)."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.any([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=0)
+
+
+async def predict(stack: Stack, headers: dict[str, str], data: bytes, ref: str) -> str:
+    r = await stack.client.post(
+        "/model/predict", params={"models": ref}, files={"file": ("i.png", data)}, headers=headers
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["results"][ref]["id"])
+
+
+async def test_heatmaps_point_at_the_bird_and_at_the_strokes(own_stack: Stack) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    r = await client.post("/v1/users", json={"email": "other@example.com", "password": PASSWORD}, headers=admin)
+    assert r.status_code == 201, r.text
+    other = await login(client, "other@example.com", PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="mobilenet_v2@1,sketch@3,birds@1")
+    parrot = (PHOTOS / "parrot.jpg").read_bytes()
+    photo_id = await predict(own_stack, admin, parrot, "mobilenet_v2@1")
+    url = f"/v1/predictions/{photo_id}/explanation"
+
+    # No explainer yet: a clear 503 with Retry-After, at once.
+    r = await client.get(url, headers=admin)
+    assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+    # Not mine, or no such prediction: 404; a version without a Keras graph: 422.
+    assert (await client.get(url, headers=other)).status_code == 404
+    assert (await client.get(f"/v1/predictions/{uuid.uuid4()}/explanation", headers=admin)).status_code == 404
+    bird_id = await predict(own_stack, admin, parrot, "birds@1")
+    r = await client.get(f"/v1/predictions/{bird_id}/explanation", headers=admin)
+    assert r.status_code == 422 and "not explainable" in r.json()["detail"], r.text
+
+    explainer = start_explainer(
+        f"explainer-test-{uuid.uuid4().hex[:6]}",
+        own_stack.redis_server.url,
+        EXPLAIN_MODELS="mobilenet_v2@1,sketch@3",
+    )
+    own_stack.workers.append(explainer)
+
+    r = await client.get(url, params={"size": 56}, headers=admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["explained_with"] == "mobilenet_v2@1" and body["method"] == "grad-cam" and not body["cached"]
+    heat = on_image(body["heatmap"], 512, 929)
+    assert heat.min() >= 0 and heat.max() <= 1
+    inside = np.zeros(heat.shape, dtype=bool)
+    left, top, right, bottom = PARROT_BOX
+    inside[top:bottom, left:right] = True
+    assert heat[inside].mean() >= 2 * heat[~inside].mean(), (heat[inside].mean(), heat[~inside].mean())
+
+    # Cached per (image, version); the small JSON summary and the PNG overlay come from it.
+    r = await client.get(url, headers=admin)
+    assert r.status_code == 200 and r.json()["cached"] and len(r.json()["heatmap"]) == 14, r.text
+    r = await client.get(url, params={"format": "png"}, headers=admin)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (441, 800)
+
+    # Sketches: the heat lies on the strokes (dilated by a pixel), not on the empty canvas.
+    on_strokes: list[float] = []
+    on_background: list[float] = []
+    for category, count in SKETCHES.items():
+        bitmaps = np.load(QUICKDRAW / f"{category}.npy", mmap_mode="r")[-count:]
+        for data, bitmap in zip(canvas_drawings(category, count), bitmaps, strict=True):
+            prediction_id = await predict(own_stack, admin, data, "sketch@3")
+            r = await client.get(f"/v1/predictions/{prediction_id}/explanation", params={"size": 56}, headers=admin)
+            assert r.status_code == 200, r.text
+            heat = on_image(r.json()["heatmap"], 28, 28)
+            strokes = dilated(np.asarray(bitmap).reshape(28, 28) > 10)
+            on_strokes.append(float(heat[strokes].mean()))
+            on_background.append(float(heat[~strokes].mean()))
+    assert np.mean(on_strokes) >= 1.5 * np.mean(on_background), (on_strokes, on_background)
+    # Drawing by drawing, the strokes are never colder than the canvas.
+    assert all(s >= b for s, b in zip(on_strokes, on_background, strict=True)), (on_strokes, on_background)
