@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import uuid
 import zipfile
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 from contracts.api_keys import Scope
 from tests.conftest import PASSWORD
 from tests.images import encode, split_colour
-from tests.support import PHOTOS, ROOT
+from tests.support import PHOTOS, ROOT, start_explainer
 from ui.client import Api, User
 from ui.config import get_ui_settings
 from ui.views.admin import VERSION_ACTIONS
@@ -117,6 +118,13 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     assert not [bar for bar in bars if "_" in bar], bars  # labels in words
     table = next(d.value for d in at.dataframe if "Agrees" in d.value.columns)
     assert list(table["Model"]) == ["MobileNetV2", "Bird species (iNaturalist)"]
+    # "Why?" is off until asked; asked of a model without a Keras graph, it says why there is none.
+    birds = job["results"][1]["id"]
+    at.toggle(key=f"why-{birds}").set_value(True).run()
+    assert not at.exception and any("birds@1 is not explainable" in c.value for c in at.caption), [
+        c.value for c in at.caption
+    ]
+    at.toggle(key=f"why-{birds}").set_value(False).run()
 
     prediction = job["results"][0]["id"]
     submit = next(b for b in at.button if b.proto.form_id == f"fb_{prediction}")
@@ -219,6 +227,24 @@ def test_history_shows_each_upload_with_its_answers_in_three_calls(api_url: str,
     assert any(
         line.startswith("MobileNetV2: macaw (") and "you said it was wrong, it is lorikeet" in line for line in lines
     )
+
+
+def test_why_shows_the_heatmap_beside_the_picture(api_url: str, portal: tuple[str, str, str], redis_url: str) -> None:
+    explainer = start_explainer(f"ui-{uuid.uuid4().hex[:6]}", redis_url, EXPLAIN_MODELS="mobilenet_v2@1")
+    try:
+        at = signed_in(api_url, *new_user(api_url, portal))
+        at.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+        at.run()
+        at.button(key="classify_submit").click().run()
+        result = at.session_state["classify_job"]["results"][0]
+        images = len(at.get("image"))
+        at.toggle(key=f"why-{result['id']}").set_value(True).run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        # The picture and its heatmap, side by side, under a caption naming the answer.
+        assert len(at.get("image")) == images + 2, at.get("image")
+        assert any(f"What drove “{result['label']}”" in str(i.proto) for i in at.get("image")), at.get("image")
+    finally:
+        explainer.stop()
 
 
 def admin_app(api_url: str, portal: tuple[str, str, str]) -> AppTest:
