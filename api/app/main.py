@@ -32,6 +32,8 @@ from api.app.core.security import PasswordHasher, VerifiedTokens
 from api.app.core.tasks import run_every
 from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
+from api.app.exports.router import router as exports_router
+from api.app.exports.runner import ExportRunner
 from api.app.feedback.router import classic as feedback_classic
 from api.app.feedback.router import router as feedback_router
 from api.app.health.router import router as health_router
@@ -116,6 +118,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop=stop,
             outage_log=outage_log,
         )
+        # Exports read pages and renew leases on the requests' pool: a few short queries a second
+        # at most, and never while the result collector needs its connections.
+        state.export_runner = exports = ExportRunner(
+            sessionmaker=state.sessionmaker,
+            read_sessionmaker=state.read_sessionmaker,
+            store=state.store,
+            storage_dir=settings.storage_dir,
+            batch_rows=settings.export_batch_rows,
+            poll_seconds=settings.export_poll_seconds,
+            lease_seconds=settings.export_lease_seconds,
+            max_attempts=settings.export_max_attempts,
+        )
         tasks = [
             asyncio.create_task(t)
             for t in (
@@ -126,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 training_background.collect_events(runtime, stop),
                 training_background.maintain(runtime, stop),
                 batches_background.run_lane(runtime, stop),
+                exports.run(stop, outage_log),
             )
         ]
         try:
@@ -175,6 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         feedback_router,
         catalog_router,
         admin_router,
+        exports_router,
         registry_router,
         releases_router,
         training_router,

@@ -4,6 +4,7 @@ from api.app.api_keys.models import ApiKey
 from api.app.auth.models import RevokedToken
 from api.app.batches.models import Batch, BatchItem
 from api.app.examples.models import LabelledExample
+from api.app.exports.models import Export
 from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction, ShadowPrediction
@@ -17,6 +18,7 @@ __all__ = [
     "BatchItem",
     "Evaluation",
     "EvaluationAnswer",
+    "Export",
     "Feedback",
     "Image",
     "Job",
