@@ -8,6 +8,7 @@ import io
 import uuid
 import zipfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 from api.app.core.config import Settings
 from api.app.exports import service
 from api.app.exports.models import Export
-from api.app.feedback.export import MANIFEST
+from api.app.feedback.export import MANIFEST, ExportWriter, Selection, ZipSink, write_export
 from tests.api.conftest import until
 from tests.api.test_feedback_export import classify, drawing, verdict
 from tests.conftest import Users
@@ -104,6 +105,30 @@ async def test_an_export_job_writes_what_the_direct_download_answers(
     listed = await client.get("/v1/admin/exports", headers=admin_headers)
     assert listed.status_code == 200 and listed.json()["data"][0]["id"] == export["id"]
     assert listed.json()["count"] >= 1
+
+
+async def test_pages_of_any_size_write_what_one_query_writes(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, tmp_path: Path
+) -> None:
+    _, headers = await users.create()
+    for _ in range(3):
+        await labelled_drawing(client, headers)
+    both = await classify(client, headers, drawing(), "sketch@1,mobilenet_v2@1")
+    for result in both["results"].values():
+        await verdict(client, headers, prediction_id=result["id"], is_correct=True)
+    selection = Selection(until=datetime.now(UTC))
+    written = []
+    # One image a page, two, and everything in one query (fewer examples than a page).
+    for batch in (1, 2, 100_000):
+        path = tmp_path / f"{batch}.zip"
+        writer = ExportWriter(ZipSink(path), app.state.store)
+        summary = await write_export(
+            read=app.state.read_sessionmaker, writer=writer, selection=selection, batch_rows=batch
+        )
+        written.append((contents(path.read_bytes()), summary))
+    assert written[0] == written[1] == written[2]
+    (files, rows), summary = written[0]
+    assert summary.examples == len(files) == len(rows) >= 5 and {"sketch", "mobilenet_v2"} <= {m for _, m in rows}
 
 
 async def test_an_incremental_export_holds_only_the_verdicts_given_since_the_last_one(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import logging
 import os
 import shutil
@@ -26,11 +27,13 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from anyio import to_thread
-from sqlalchemy import ColumnElement, Select, func, literal, select, tuple_
+from sqlalchemy import ColumnElement, Select, bindparam, func, select, true
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from api.app.examples.models import LabelledExample
 from api.app.examples.service import DEFAULT_TEST_SHARE, split_of
@@ -61,7 +64,8 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "
 COMPRESSED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
 """Formats whose bytes are compressed already: deflating them again costs CPU and saves nothing."""
 BATCH_ROWS = 500
-"""Examples read from PostgreSQL and written per step: what an export holds in memory at once."""
+"""Images read from PostgreSQL and written per step (their examples, one per model judged):
+what an export holds in memory at once."""
 _COPY_CHUNK = 1 << 20
 
 
@@ -217,16 +221,18 @@ async def count_verdicts(*, session: AsyncSession, selection: Selection) -> Coun
     return Counts(examples=examples, superseded=labelled_verdicts - examples, unlabelled=unlabelled)
 
 
-Key = tuple[str, str]
-"""Where a page of examples ends: (image sha256, model name), the order examples are read in."""
+@dataclass(frozen=True)
+class Page:
+    """One page of examples, and where the next one starts."""
+
+    examples: list[Example]
+    after: str | None
+    """The last image hash this page covered; None: it was the last page."""
 
 
-async def latest_examples(
-    *, session: AsyncSession, selection: Selection, after: Key | None = None, limit: int = BATCH_ROWS
-) -> list[Example]:
-    """The next ``limit`` examples after ``after``, in (sha256, model) order: for each image and
-    model, its latest verdict with a label (by ``created_at``, then id), chosen by PostgreSQL."""
-    query = _joined(
+def _verdict_columns(image: type[Image]) -> Select[*tuple[Any, ...]]:
+    """The columns of an example, from labelled verdicts joined to their prediction and image."""
+    return (
         select(
             Feedback.id,
             Feedback.prediction_id,
@@ -235,47 +241,112 @@ async def latest_examples(
             Feedback.correct_label,
             Prediction.label,
             Feedback.is_correct,
-            Image.sha256,
-            Image.format,
+            image.sha256,
+            image.format,
             Feedback.created_at,
             Feedback.comment,
-            LabelledExample.split,
         )
-    ).outerjoin(
-        LabelledExample,
-        (LabelledExample.sha256 == Image.sha256) & (LabelledExample.model_name == Prediction.model_name),
+        .select_from(image)
+        .join(Job, Job.image_id == image.id)
+        .join(Prediction, Prediction.job_id == Job.id)
+        .join(Feedback, Feedback.prediction_id == Prediction.id)
     )
-    where = [*_conditions(selection), Feedback.correct_label.is_not(None)]
-    if after is not None:
-        # The plain bound on the hash lets PostgreSQL walk the images' sha256 index from the key
-        # (the pair comparison alone spans two tables and no index): each page costs its own
-        # rows, not the history before it.
-        where += [Image.sha256 >= after[0], tuple_(Image.sha256, Prediction.model_name) > tuple_(*map(literal, after))]
-    rows = await session.execute(
-        query.where(*where)
-        .distinct(Image.sha256, Prediction.model_name)
-        .order_by(Image.sha256, Prediction.model_name, Feedback.created_at.desc(), Feedback.id.desc())
-        .limit(limit)
+
+
+def _split_of(latest: Any) -> Any:
+    return (LabelledExample.sha256 == latest.c.sha256) & (LabelledExample.model_name == latest.c.model_name)
+
+
+@functools.lru_cache(maxsize=32)
+def _page_query(selection: Selection, images: int) -> Select[*tuple[Any, ...]]:
+    """The query of one page (``after``: the hash it starts after): the next ``images`` image
+    hashes from the images' sha256 index, and for each, its verdicts looked up index by index,
+    the latest per model kept (``DISTINCT ON`` the model). A page costs the same however long the
+    history, where one ``DISTINCT ON`` over every verdict would sort the whole history again for
+    each page. An image without a labelled verdict comes as one row of NULLs, so the page still
+    says where it ended. Built once per export: building it costs more than running it."""
+    keys = (
+        select(Image.sha256)
+        .where(Image.sha256 > bindparam("after"))
+        .distinct()
+        .order_by(Image.sha256)
+        .limit(images)
+        .subquery("keys")
     )
+    image = aliased(Image)
+    latest = (
+        _verdict_columns(image)
+        .where(image.sha256 == keys.c.sha256, Feedback.correct_label.is_not(None), *_conditions(selection))
+        .ext(distinct_on(Prediction.model_name))
+        .order_by(Prediction.model_name, Feedback.created_at.desc(), Feedback.id.desc())
+        .lateral("latest")
+    )
+    return (
+        select(keys.c.sha256.label("key"), latest, LabelledExample.split)
+        .select_from(keys)
+        .outerjoin(latest, true())
+        .outerjoin(LabelledExample, _split_of(latest))
+        .order_by(keys.c.sha256, latest.c.model_name)
+    )
+
+
+def _example(r: Any) -> Example:
     # Every labelled verdict has its example (written with it, or backfilled at start-up); the
-    # hash with the default share stands in for one written between the two.
-    return [
-        Example(
-            feedback_id=str(r.id),
-            prediction_id=str(r.prediction_id),
-            model=r.model_name,
-            version=r.model_version,
-            label=r.correct_label,
-            predicted=r.label,
-            is_correct=r.is_correct,
-            sha256=r.sha256,
-            format=r.format,
-            created_at=r.created_at,
-            split=r.split or split_of(r.sha256, DEFAULT_TEST_SHARE),
-            comment=r.comment or "",
-        )
-        for r in rows
-    ]
+    # hash with the default share stands in for one written between the two reads.
+    return Example(
+        feedback_id=str(r.id),
+        prediction_id=str(r.prediction_id),
+        model=r.model_name,
+        version=r.model_version,
+        label=r.correct_label,
+        predicted=r.label,
+        is_correct=r.is_correct,
+        sha256=r.sha256,
+        format=r.format,
+        created_at=r.created_at,
+        split=r.split or split_of(r.sha256, DEFAULT_TEST_SHARE),
+        comment=r.comment or "",
+    )
+
+
+def _page(rows: Sequence[Any], images: int) -> Page:
+    """The rows of a page as examples (in a worker thread: a few milliseconds of CPU a page)."""
+    keys = {r.key for r in rows}
+    return Page([_example(r) for r in rows if r.id is not None], rows[-1].key if len(keys) >= images else None)
+
+
+async def latest_examples(
+    *, session: AsyncSession, selection: Selection, after: str = "", images: int = BATCH_ROWS
+) -> Page:
+    """The examples of the next ``images`` images (by content) after the hash ``after``, in
+    (sha256, model) order: for each image and model, its latest verdict with a label (by
+    ``created_at``, then id), chosen by PostgreSQL (see ``_page_query``)."""
+    rows = (await session.execute(_page_query(selection, images), {"after": after})).all()
+    return await to_thread.run_sync(_page, rows, images) if rows else Page([], None)
+
+
+def _examples(rows: Sequence[Any]) -> list[Example]:
+    return [_example(r) for r in rows]
+
+
+async def all_latest_examples(*, session: AsyncSession, selection: Selection) -> list[Example]:
+    """Every example of ``selection`` at once (``DISTINCT ON`` image and model over the
+    selection), in (sha256, model) order: for a selection known to hold a page or less, one scan
+    where paging would walk every image (an incremental export, a model with few verdicts)."""
+    image = aliased(Image)
+    latest = (
+        _verdict_columns(image)
+        .where(Feedback.correct_label.is_not(None), *_conditions(selection))
+        .ext(distinct_on(image.sha256, Prediction.model_name))
+        .order_by(image.sha256, Prediction.model_name, Feedback.created_at.desc(), Feedback.id.desc())
+        .subquery("latest")
+    )
+    rows = await session.execute(
+        select(latest, LabelledExample.split)
+        .outerjoin(LabelledExample, _split_of(latest))
+        .order_by(latest.c.sha256, latest.c.model_name)
+    )
+    return await to_thread.run_sync(_examples, rows.all())
 
 
 class Sink(Protocol):
@@ -362,12 +433,16 @@ class ExportWriter:
             except FileNotFoundError:
                 log.debug("feedback export: the file of image %s is missing; left out", example.sha256)
                 self.summary.missing += 1
+                time.sleep(0)
                 continue
             with src, self.sink.open(example.path, compress=example.format not in COMPRESSED_FORMATS) as dst:
                 shutil.copyfileobj(src, dst, _COPY_CHUNK)
             self._csv.writerow(example.row())
             self.summary.examples += 1
             self.summary.by_model[example.model] = self.summary.by_model.get(example.model, 0) + 1
+            # Hands the GIL over between files: the event loop waits for it otherwise up to the
+            # interpreter's switch interval (5 ms) each time it wakes while this thread computes.
+            time.sleep(0)
 
     def finish(self) -> None:
         """Writes the manifest and closes the sink."""
@@ -389,6 +464,15 @@ Reader = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 """A session for one read: each page of an export is read in a session of its own, so no
 connection is held while files are written."""
 OnProgress = Callable[[ExportProgress], Awaitable[None]]
+
+
+async def _step(writer: ExportWriter, examples: list[Example], counts: Counts, on_progress: OnProgress | None) -> None:
+    if examples:
+        await to_thread.run_sync(writer.write, examples)
+    if on_progress is not None:
+        size = await to_thread.run_sync(writer.sink.size)
+        done = writer.summary.examples + writer.summary.missing
+        await on_progress(ExportProgress(max(counts.examples, done), done, size, writer.summary))
 
 
 async def write_export(
@@ -415,20 +499,19 @@ async def write_export(
             counts = await count_verdicts(session=session, selection=selection)
         summary = writer.summary
         summary.superseded, summary.unlabelled = counts.superseded, counts.unlabelled
-        after: Key | None = None
-        while True:
+        if counts.examples <= batch_rows:
+            # A page at most (an incremental export, a model with few verdicts): one query rather
+            # than a walk over every image.
             async with read() as session:
-                page = await latest_examples(session=session, selection=selection, after=after, limit=batch_rows)
-            if not page:
-                break
-            await to_thread.run_sync(writer.write, page)
-            after = (page[-1].sha256, page[-1].model)
-            if on_progress is not None:
-                size = await to_thread.run_sync(writer.sink.size)
-                done = summary.examples + summary.missing
-                await on_progress(ExportProgress(max(counts.examples, done), done, size, summary))
-            if len(page) < batch_rows:
-                break
+                examples = await all_latest_examples(session=session, selection=selection)
+            await _step(writer, examples, counts, on_progress)
+        else:
+            after: str | None = ""
+            while after is not None:
+                async with read() as session:
+                    page = await latest_examples(session=session, selection=selection, after=after, images=batch_rows)
+                after = page.after
+                await _step(writer, page.examples, counts, on_progress)
         await to_thread.run_sync(writer.finish)
     finally:
         await to_thread.run_sync(writer.close)
