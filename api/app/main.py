@@ -118,8 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop=stop,
             outage_log=outage_log,
         )
-        # Exports read pages and renew leases on the requests' pool: a few short queries a second
-        # at most, and never while the result collector needs its connections.
+        # Export jobs use the requests' pool, not the results' two connections: a page or a lease
+        # renewal now and then must never make the result collector wait.
         state.export_runner = exports = ExportRunner(
             sessionmaker=state.sessionmaker,
             read_sessionmaker=state.read_sessionmaker,
