@@ -22,6 +22,7 @@ LAYERS = [
     "catalog",
     "predictions",
     "feedback",
+    "exports",
     "releases",
     "training",
     "admin",
