@@ -3,13 +3,15 @@ process that claimed it, followed by its progress and downloaded when done."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import time
 import uuid
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
@@ -18,7 +20,9 @@ from fastapi import FastAPI
 from api.app.core.config import Settings
 from api.app.exports import service
 from api.app.exports.models import Export
+from api.app.exports.runner import ExportRunner
 from api.app.feedback.export import MANIFEST, ExportWriter, Selection, ZipSink, write_export
+from api.app.images.storage import LocalBlobStore
 from tests.api.conftest import until
 from tests.api.test_feedback_export import classify, drawing, verdict
 from tests.conftest import Users
@@ -257,3 +261,82 @@ async def test_exports_are_for_admins_and_refuse_bad_options(
         r = await client.post("/v1/admin/exports", json=body, headers=admin_headers)
         assert r.status_code == 422, (body, r.text)
     assert (await client.get("/v1/admin/exports/not-an-id", headers=admin_headers)).status_code == 422
+
+
+class SlowStore(LocalBlobStore):
+    """The real store, a tenth of a second a file: an export long enough to stop half-way."""
+
+    def open(self, sha256: str) -> BinaryIO:
+        time.sleep(0.1)
+        return super().open(sha256)
+
+
+class BrokenStore(LocalBlobStore):
+    def open(self, sha256: str) -> BinaryIO:
+        raise OSError("disk gone")
+
+
+def own_runner(app: FastAPI, store: LocalBlobStore) -> ExportRunner:
+    settings: Settings = app.state.settings
+    return ExportRunner(
+        sessionmaker=app.state.sessionmaker,
+        read_sessionmaker=app.state.read_sessionmaker,
+        store=store,
+        storage_dir=settings.storage_dir,
+        batch_rows=1,
+        poll_seconds=1,
+        lease_seconds=3600,
+        max_attempts=3,
+    )
+
+
+async def claimed_by(app: FastAPI, runner: ExportRunner) -> Export:
+    """A new export of sketch's verdicts, taken up by ``runner`` (not by the app's own runner)."""
+    export_id = uuid.UUID(await running_elsewhere(app, lease=timedelta(hours=1)))
+    async with app.state.sessionmaker() as session:
+        export = await service.get_export(session=session, export_id=export_id)
+        export.lease_owner, export.until = runner.owner, datetime.now(UTC)
+        await session.commit()
+    return export
+
+
+async def test_a_process_that_stops_hands_its_export_back(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], users: Users, settings: Settings
+) -> None:
+    _, headers = await users.create()
+    for _ in range(3):
+        await labelled_drawing(client, headers)
+    runner = own_runner(app, SlowStore(settings.storage_dir))
+    export = await claimed_by(app, runner)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run_one(export, stop))
+    await until(lambda: _rows_done(client, admin_headers, export.id), 30, "the export to write its first image")
+    stop.set()
+    await asyncio.wait_for(running, 10)
+    assert service.leftovers(settings.storage_dir, export.id) == []
+    # Back in the queue, its attempt not counted: the app's own runner takes it up at once (with
+    # the lease of an hour it held, it would otherwise have waited that long).
+    done = await finished(client, admin_headers, str(export.id))
+    assert done["status"] == "done" and done["attempts"] == 1
+
+
+async def _rows_done(client: httpx.AsyncClient, headers: dict[str, str], export_id: uuid.UUID) -> bool:
+    r = await client.get(f"/v1/admin/exports/{export_id}", headers=headers)
+    return bool(r.json()["rows_done"] > 0)
+
+
+async def test_an_export_that_cannot_be_written_fails_with_the_reason(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    runner = own_runner(app, BrokenStore(settings.storage_dir))
+    export = await claimed_by(app, runner)
+    await runner.run_one(export, asyncio.Event())
+    failed = await status_of(client, admin_headers, export.id)
+    assert failed["status"] == "failed" and failed["error"] == "OSError: disk gone" and failed["finished_at"]
+    assert service.leftovers(settings.storage_dir, export.id) == []
+
+
+async def status_of(client: httpx.AsyncClient, headers: dict[str, str], export_id: uuid.UUID) -> dict[str, Any]:
+    r = await client.get(f"/v1/admin/exports/{export_id}", headers=headers)
+    assert r.status_code == 200, r.text
+    return dict(r.json())

@@ -19,7 +19,7 @@ from pathlib import Path
 from anyio import to_thread
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.app.core.errors import OutageLog
+from api.app.core.errors import DB_ERRORS, OutageLog
 from api.app.core.tasks import run_every
 from api.app.exports import service
 from api.app.exports.models import Export
@@ -169,6 +169,12 @@ class ExportRunner:
             await to_thread.run_sync(_remove, [part])
             await self._release(export.id)
             raise
+        except DB_ERRORS:
+            # An outage is no fault of the export: back to the queue if PostgreSQL is back,
+            # else its lease runs out and it is taken up again.
+            await to_thread.run_sync(_remove, [part])
+            await self._release(export.id)
+            raise
         except Exception as exc:
             log.exception("export %s failed", export.id)
             await to_thread.run_sync(_remove, [part])
@@ -187,7 +193,7 @@ class ExportRunner:
             async with asyncio.timeout(RELEASE_SECONDS):
                 async with self.sessionmaker() as session:
                     if await service.release(session=session, export_id=export_id, owner=self.owner):
-                        log.info("export %s: handed back to the queue, the process is stopping", export_id)
+                        log.info("export %s: handed back to the queue", export_id)
 
 
 def _writer(part: Path, store: LocalBlobStore, interrupt: threading.Event) -> ExportWriter:

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from api.app.core.fields import INT32_MAX, Text
 
@@ -16,9 +16,9 @@ class ExportRequest(BaseModel):
     """``feedback``: the images users labelled, ``<model>/<label>/<sha256>.<ext>``, and feedback.csv."""
     model: Annotated[Text, Field(min_length=1, max_length=64)] | None = None
     """Only this model's verdicts, e.g. ``sketch``; None: every model."""
-    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    version: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
     """Only this version of ``model`` (needs ``model``)."""
-    since_last: bool = False
+    since_last: StrictBool = False
     """Incremental: only verdicts given after the last finished export of the same kind, model and
     version (everything when there is none)."""
 
