@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             poll_seconds=settings.export_poll_seconds,
             lease_seconds=settings.export_lease_seconds,
             max_attempts=settings.export_max_attempts,
+            keep_days=settings.export_keep_days,
         )
         tasks = [
             asyncio.create_task(t)

@@ -340,3 +340,29 @@ async def status_of(client: httpx.AsyncClient, headers: dict[str, str], export_i
     r = await client.get(f"/v1/admin/exports/{export_id}", headers=headers)
     assert r.status_code == 200, r.text
     return dict(r.json())
+
+
+async def test_zips_past_their_keeping_time_are_deleted_and_their_export_stays_listed(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    kept = await finished(client, admin_headers, (await start(client, admin_headers, model="sketch"))["id"])
+    old = await finished(client, admin_headers, (await start(client, admin_headers, model="sketch"))["id"])
+    async with app.state.sessionmaker() as session:
+        export = await service.get_export(session=session, export_id=uuid.UUID(old["id"]))
+        export.finished_at = datetime.now(UTC) - timedelta(days=settings.export_keep_days, minutes=1)
+        await session.commit()
+    [zip_file] = service.leftovers(settings.storage_dir, uuid.UUID(old["id"]))
+
+    # (The app's own runner does the same once a minute, and may be the one that gets to it.)
+    await own_runner(app, app.state.store).expire()
+    assert not zip_file.exists()
+    gone = await status_of(client, admin_headers, uuid.UUID(old["id"]))
+    assert gone["status"] == "done" and gone["download"] is None
+    r = await client.get(f"/v1/admin/exports/{old['id']}/download", headers=admin_headers)
+    assert r.status_code == 410 and "EXPORT_KEEP_DAYS" in r.json()["detail"]
+    assert (await client.get(kept["download"], headers=admin_headers)).status_code == 200
+    # An incremental export still follows the expired one: its window is kept with the export.
+    since = await finished(
+        client, admin_headers, (await start(client, admin_headers, model="sketch", since_last=True))["id"]
+    )
+    assert since["since"] == old["until"]

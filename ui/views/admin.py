@@ -625,6 +625,9 @@ def show_export(api: Api, export: Export) -> None:
     if export["status"] == "cancelled":
         st.caption("Cancelled.")
         return
+    if export["download"] is None:
+        st.caption(export["error"] or "Its zip was deleted; start a new export.")
+        return
     summary = export["summary"] or {}
     st.caption(
         f"{summary.get('examples', 0):,} images; {summary.get('superseded', 0):,} verdicts replaced by later ones, "

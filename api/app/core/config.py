@@ -189,6 +189,9 @@ class Settings(BaseSettings):
     job over (or fails it, after EXPORT_MAX_ATTEMPTS) once it has gone this long unrenewed."""
     export_max_attempts: int = Field(default=3, ge=1)
     """Processes that may take up one export job: past this, a job whose process died is failed."""
+    export_keep_days: float = Field(default=7.0, gt=0)
+    """Days a finished export's zip is kept for download; then it is deleted (the export stays
+    listed, and its download answers 410)."""
     registry_refresh_seconds: float = 1.0
     """How often each API process checks the registry's revision in PostgreSQL (one small query) and
     republishes it to Redis if Redis lacks it: a change made through another process is served

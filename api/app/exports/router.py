@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/admin/exports", tags=["exports"])
 
 NOT_READY: Responses = {409: error("The export is not done: queued, running, failed or cancelled")}
 FINISHED: Responses = {409: error("The export is done or failed already: nothing to cancel")}
-GONE: Responses = {410: error("The export's file was deleted from the storage directory; start a new export")}
+GONE: Responses = {410: error("The export's zip was deleted (after EXPORT_KEEP_DAYS, or by hand); start a new export")}
 ZIP: Responses = {
     200: {"content": {"application/zip": {}}, "description": "A zip of <model>/<label>/<image> and feedback.csv"}
 }
@@ -62,11 +62,11 @@ async def download_export(
 ) -> FileResponse:
     """The zip of a finished export (admin); 409 while it is not done, 410 when its file is gone."""
     export = await service.get_export(session=session, export_id=export_id)
-    if export.status != "done" or export.path is None:
+    if export.status != "done":
         raise HTTPException(status_code=409, detail=f"The export is {export.status}; it can be downloaded once done")
-    path = settings.storage_dir / export.path
-    if not await to_thread.run_sync(path.is_file):
-        raise HTTPException(status_code=410, detail="The export's file is gone; start a new export")
+    path = settings.storage_dir / export.path if export.path is not None else None
+    if path is None or not await to_thread.run_sync(path.is_file):
+        raise HTTPException(status_code=410, detail=export.error or "The export's zip is gone; start a new export")
     name = f"feedback-{export.model or 'all'}{f'-v{export.version}' if export.version else ''}"
     return FileResponse(
         path,

@@ -12,8 +12,10 @@ import os
 import secrets
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from anyio import to_thread
@@ -35,6 +37,8 @@ from api.app.images.storage import LocalBlobStore
 
 log = logging.getLogger("api.exports")
 
+EXPIRE_SECONDS = 60.0
+"""How often each process looks for zips past their keeping time."""
 RELEASE_SECONDS = 2.0
 """How long a stopping process tries to hand its export back before leaving it to the lease."""
 
@@ -58,7 +62,9 @@ class ExportRunner:
     poll_seconds: float
     lease_seconds: float
     max_attempts: int
+    keep_days: float = 7.0
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}")
+    _expired_at: float = field(default=float("-inf"), init=False)
 
     async def run(self, stop: asyncio.Event, outage_log: OutageLog) -> None:
         """Looks for queued exports every ``poll_seconds`` and runs them until ``stop``."""
@@ -68,8 +74,20 @@ class ExportRunner:
 
         await run_every(self.poll_seconds, step, name="export runner", stop=stop, outage_log=outage_log)
 
+    async def expire(self) -> int:
+        """Deletes the zips of exports finished more than ``keep_days`` ago; how many."""
+        async with self.sessionmaker() as session:
+            paths = await service.expire_archives(session=session, keep=timedelta(days=self.keep_days))
+        await to_thread.run_sync(_remove, [self.storage_dir / path for path in paths])
+        return len(paths)
+
     async def run_queued(self, stop: asyncio.Event) -> int:
-        """Runs exports one after the other while there are any to take up; how many it ran."""
+        """Runs exports one after the other while there are any to take up, after deleting the
+        zips past their keeping time (once every EXPIRE_SECONDS); how many exports it ran."""
+        if time.monotonic() - self._expired_at >= EXPIRE_SECONDS:
+            self._expired_at = time.monotonic()
+            if expired := await self.expire():
+                log.info("deleted the zips of %d exports older than %g days", expired, self.keep_days)
         ran = 0
         while not stop.is_set():
             async with self.sessionmaker() as session:

@@ -64,12 +64,12 @@ class ExportPublic(BaseModel):
     heartbeat_at: datetime | None
     """When its process last said it was still at it."""
     download: str | None = None
-    """Where to download the zip once ``done``."""
+    """Where to download the zip once ``done`` (until it is deleted, after EXPORT_KEEP_DAYS)."""
 
     @classmethod
     def from_row(cls, row: Any) -> ExportPublic:
         export = cls.model_validate(row)
-        if export.status == "done":
+        if export.status == "done" and row.path is not None:
             export.download = f"/v1/admin/exports/{export.id}/download"
         return export
 

@@ -103,6 +103,26 @@ async def delete_export(*, session: AsyncSession, export_id: uuid.UUID) -> None:
 # --- the runner's side: each call one short transaction ---------------------------------------
 
 
+async def expire_archives(*, session: AsyncSession, keep: timedelta) -> list[str]:
+    """Forgets the zips of exports finished more than ``keep`` ago (the exports stay listed);
+    their paths, for the caller to delete (each returned to one caller only). Commits."""
+    old = (
+        select(Export.id, Export.path)
+        .where(Export.path.is_not(None), Export.finished_at < func.now() - keep)
+        .with_for_update(skip_locked=True)
+        .subquery()
+    )
+    paths = await session.scalars(
+        update(Export)
+        .where(Export.id == old.c.id)
+        .values(path=None, error="Its zip was deleted after EXPORT_KEEP_DAYS; start a new export")
+        .returning(old.c.path)
+    )
+    expired = [str(path) for path in paths]
+    await session.commit()
+    return expired
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """An export a runner took up, and exports given up on that were running in dead processes."""
