@@ -7,6 +7,7 @@ answers in its session state. Times stay the ISO 8601 strings the API sends.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any, Literal, NotRequired, TypeVar
@@ -237,6 +238,32 @@ class Stats(TypedDict):
     live_workers: int
 
 
+class Export(TypedDict):
+    """An export job of the images users labelled: ``queued``, ``running``, then ``done``,
+    ``failed`` or ``cancelled``; ``download`` is set once done."""
+
+    id: str
+    kind: str
+    model: str | None
+    version: int | None
+    since_last: bool
+    status: str
+    since: str | None
+    until: str | None
+    rows_total: int
+    rows_done: int
+    bytes_written: int
+    summary: dict[str, Any] | None
+    error: str | None
+    requested_by: str
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    heartbeat_at: str | None
+    download: str | None
+
+
 class ServingVersion(TypedDict):
     """A model version as the Models tab shows it."""
 
@@ -388,6 +415,8 @@ _SERVING = TypeAdapter(list[ServingVersion])
 _COMPARISON = TypeAdapter(Comparison)
 _EVALUATION = TypeAdapter(Evaluation)
 _EVALUATIONS = TypeAdapter(list[Evaluation])
+_EXPORT = TypeAdapter(Export)
+_EXPORTS = TypeAdapter(list[Export])
 _RUN = TypeAdapter(TrainingRun)
 _RUNS = TypeAdapter(list[TrainingRun])
 _RECORD = TypeAdapter(TrainingRecord)
@@ -624,6 +653,29 @@ class Api:
         """A zip of the images users labelled (admins): ``<model>/<label>/<image>`` and feedback.csv."""
         params = {"model": model} if model else {}
         return self._request("GET", "/v1/admin/feedback-export", params=params).content
+
+    def start_export(self, model: str | None = None, *, since_last: bool = False) -> Export:
+        """Queues an export job of what users labelled (admins): of one model, or every model when
+        None; with ``since_last``, only verdicts given since the last export of the same model."""
+        body = {"kind": "feedback", "model": model, "since_last": since_last}
+        return _typed(_EXPORT, self.json("POST", "/v1/admin/exports", json=body))
+
+    def exports(self, limit: int = 20) -> list[Export]:
+        """The latest export jobs, newest first (admins)."""
+        return _typed(_EXPORTS, self.json("GET", "/v1/admin/exports", params={"limit": limit})["data"])
+
+    def export(self, export_id: str) -> Export:
+        return _typed(_EXPORT, self.json("GET", f"/v1/admin/exports/{export_id}"))
+
+    def cancel_export(self, export_id: str) -> Export:
+        """Cancels a queued or running export; ApiError 409 for one that is done or failed."""
+        return _typed(_EXPORT, self.json("POST", f"/v1/admin/exports/{export_id}/cancel"))
+
+    def download_export(self, export_id: str) -> tuple[str, bytes]:
+        """The zip of a finished export and its file name; ApiError 409 while it is not done."""
+        response = self._request("GET", f"/v1/admin/exports/{export_id}/download")
+        found = re.search(r'filename="([^"]+)"', response.headers.get("content-disposition", ""))
+        return (found.group(1) if found else f"export-{export_id}.zip"), response.content
 
     # --- the model registry (admins) ---------------------------------------------------------
 

@@ -36,6 +36,8 @@ from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
 from api.app.drift.background import compute_periodically as compute_drift
 from api.app.explanations.router import router as explanations_router
+from api.app.exports.router import router as exports_router
+from api.app.exports.runner import ExportRunner
 from api.app.feedback.router import classic as feedback_classic
 from api.app.feedback.router import router as feedback_router
 from api.app.health.router import router as health_router
@@ -131,6 +133,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop=stop,
             outage_log=outage_log,
         )
+        # Export jobs use the requests' pool, not the results' two connections: a page or a lease
+        # renewal now and then must never make the result collector wait.
+        state.export_runner = exports = ExportRunner(
+            sessionmaker=state.sessionmaker,
+            read_sessionmaker=state.read_sessionmaker,
+            store=state.store,
+            storage_dir=settings.storage_dir,
+            batch_rows=settings.export_batch_rows,
+            poll_seconds=settings.export_poll_seconds,
+            lease_seconds=settings.export_lease_seconds,
+            max_attempts=settings.export_max_attempts,
+            keep_days=settings.export_keep_days,
+        )
         tasks = [
             asyncio.create_task(t)
             for t in (
@@ -152,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     stop=stop,
                     outage_log=outage_log,
                 ),
+                exports.run(stop, outage_log),
             )
         ]
         try:
@@ -202,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         feedback_router,
         catalog_router,
         admin_router,
+        exports_router,
         registry_router,
         releases_router,
         training_router,

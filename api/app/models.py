@@ -5,6 +5,7 @@ from api.app.auth.models import RevokedToken
 from api.app.batches.models import Batch, BatchItem
 from api.app.drift.models import DriftSignal
 from api.app.examples.models import LabelledExample
+from api.app.exports.models import Export
 from api.app.feedback.models import Feedback
 from api.app.images.models import Image
 from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction, ShadowPrediction
@@ -28,6 +29,7 @@ __all__ = [
     "DriftSignal",
     "Evaluation",
     "EvaluationAnswer",
+    "Export",
     "Feedback",
     "Image",
     "Job",

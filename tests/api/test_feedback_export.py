@@ -10,7 +10,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import numpy as np
@@ -152,7 +152,7 @@ async def test_admins_download_the_export_as_a_zip(
 
     # A store that fails half-way leaves no archive behind either.
     class BrokenStore(LocalBlobStore):
-        async def get(self, sha256: str) -> bytes:
+        def open(self, sha256: str) -> BinaryIO:
             raise OSError("disk gone")
 
     async with app.state.sessionmaker() as session:

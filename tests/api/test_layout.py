@@ -21,7 +21,12 @@ LAYERS = [
     "registry",
     "catalog",
     "predictions",
+    "batches",
     "feedback",
+    "stats",
+    "drift",
+    "explanations",
+    "exports",
     "releases",
     "training",
     "admin",
@@ -71,6 +76,11 @@ def test_the_issue_rules_hold_by_name() -> None:
             assert "predictions" not in _imported_app_modules(path), path
     for path in _domain_files("users"):
         assert "auth" not in _imported_app_modules(path), path
+
+
+def test_every_domain_has_its_layer() -> None:
+    domains = {p.name for p in APP.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert domains - set(LAYERS) == set(), "place each new domain in LAYERS"
 
 
 def test_deps_hands_out_only_lower_domains() -> None:

@@ -201,4 +201,13 @@ def test_successful_answers_are_described(target: Target, acting: int) -> None:
     if walk("GET", "/v1/users/me").json()["role"] == Role.admin.value:
         for path in ("/v1/admin/stats", "/v1/admin/feedback-export", "/v1/users", "/user/"):
             walk("GET", path)
+        export = walk("POST", "/v1/admin/exports", json={"model": "mobilenet_v2", "since_last": True}).json()
+        described = "/v1/admin/exports/{export_id}"
+        deadline = time.monotonic() + 60
+        while walk("GET", f"/v1/admin/exports/{export['id']}", described).json()["status"] != "done":
+            assert time.monotonic() < deadline, export
+            time.sleep(0.1)
+        walk("GET", f"/v1/admin/exports/{export['id']}/download", f"{described}/download")
+        walk("GET", "/v1/admin/exports")
+        walk("DELETE", f"/v1/admin/exports/{export['id']}", described)
     walk("DELETE", image_path, "/v1/images/{image_id}")

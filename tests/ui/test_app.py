@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -182,13 +183,27 @@ def test_history_sketch_and_admin_pages_render(api_url: str, portal: tuple[str, 
             assert any("smiley face" in c.value for c in app.caption)
 
 
-def test_admins_prepare_the_retraining_download(api_url: str, portal: tuple[str, str, str]) -> None:
+def test_admins_start_an_export_follow_it_and_download_it(api_url: str, portal: tuple[str, str, str]) -> None:
     app = admin_app(api_url, portal)
     app.selectbox(key="export_model").set_value("sketch").run()
+    app.button(key="export_start").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    export_id = app.session_state["export_chosen"]
+    api = Api(api_url)
+    api.login(portal[1], portal[2])
+    assert api.export(export_id)["model"] == "sketch"
+    deadline = time.monotonic() + 60
+    while api.export(export_id)["status"] != "done":
+        assert time.monotonic() < deadline, api.export(export_id)
+        time.sleep(0.2)
+
+    app.run()
+    shown = next(d.value for d in app.dataframe if "Progress" in d.value.columns)
+    assert shown["Status"].iloc[0] == "done" and shown["Model"].iloc[0] == "sketch", shown
     app.button(key="export_prepare").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
-    name, data = app.session_state["export_zip"]
-    assert name == "feedback-sketch.zip"
+    shown_id, name, data = app.session_state["export_zip"]
+    assert shown_id == export_id and name.startswith("feedback-sketch-") and name.endswith(".zip")
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert "feedback.csv" in archive.namelist()
 

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from contracts.training import ARCHITECTURES
-from ui.client import Api, ApiError, Comparison, Role, ServingVersion, Stats, TrainingRun
+from ui.client import Api, ApiError, Comparison, Export, Role, ServingVersion, Stats, TrainingRun
 from ui.results import readable_time
 from ui.session import display_name, guarded, models
 
@@ -578,18 +578,107 @@ def quality_tab(api: Api, stats: Stats | None) -> None:
             hide_index=True,
         )
     verdicts_with_comments(api)
+    retraining_data(api)
+
+
+UNFINISHED_EXPORT = ("queued", "running")
+
+
+def _export_progress(export: Export) -> str:
+    if export["status"] == "queued":
+        return "waiting"
+    if export["rows_total"] == 0 and export["status"] != "done":
+        return "counting"
+    return f"{export['rows_done']:,} of {export['rows_total']:,} images"
+
+
+def retraining_data(api: Api) -> None:
+    """Export jobs of what users labelled: start one (of a model, or only what is new since the
+    last), follow it while an API process writes it, and download the zip once it is done."""
     st.subheader("Retraining data")
-    st.caption("The images users labelled, a folder per model and label, with feedback.csv (comments included).")
+    st.caption(
+        "The images users labelled, a folder per model and label, with feedback.csv (comments included). "
+        "The zip is written in the background; it waits here until you download it."
+    )
     every = "every model"
     model = st.selectbox("Model", [every, *sorted({m["name"] for m in models(api)})], key="export_model")
-    if st.button("Prepare the download", key="export_prepare"):
+    since_last = st.checkbox(
+        "Only verdicts given since the last export of this model", key="export_since_last", value=False
+    )
+    if st.button("Start the export", key="export_start"):
         chosen = None if model == every else model
-        data = guarded(api, lambda: api.feedback_export(chosen))
-        if data is not None:
-            st.session_state["export_zip"] = (f"feedback-{chosen or 'all'}.zip", data)
-    if "export_zip" in st.session_state:
-        name, data = st.session_state["export_zip"]
-        st.download_button(f"Download {name}", data, file_name=name, mime="application/zip")
+        started = guarded(api, lambda: api.start_export(chosen, since_last=since_last))
+        if started is not None:
+            st.session_state["export_chosen"] = started["id"]
+    unfinished = any(e["status"] in UNFINISHED_EXPORT for e in guarded(api, api.exports) or [])
+    # Redrawn on its own every two seconds while an export is unfinished, and not at all otherwise.
+    st.fragment(exports_section, run_every=2 if unfinished else None)(api, unfinished)
+
+
+def exports_section(api: Api, refreshing: bool) -> None:
+    """The latest exports, and the chosen one's progress or download."""
+    exports = guarded(api, api.exports) or []
+    if refreshing and not any(e["status"] in UNFINISHED_EXPORT for e in exports):
+        st.rerun()  # all finished: the whole page again, which stops the redrawing
+    if not exports:
+        st.caption("No export yet.")
+        return
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "When": readable_time(e["created_at"]),
+                    "Model": (e["model"] or "every model") + (" (new verdicts only)" if e["since_last"] else ""),
+                    "Status": e["status"],
+                    "Progress": _export_progress(e),
+                    "Size": f"{e['bytes_written'] / 1e6:.1f} MB",
+                    "By": e["requested_by"],
+                }
+                for e in exports
+            ]
+        ),
+        hide_index=True,
+    )
+    labels = {f"{readable_time(e['created_at'])}: {e['model'] or 'every model'} ({e['status']})": e for e in exports}
+    ids = [e["id"] for e in exports]
+    chosen_id = st.session_state.get("export_chosen")
+    index = ids.index(chosen_id) if chosen_id in ids else 0
+    export = labels[st.selectbox("Export", list(labels), index=index, key="export_pick")]
+    st.session_state["export_chosen"] = export["id"]
+    show_export(api, export)
+
+
+def show_export(api: Api, export: Export) -> None:
+    """One export: its progress while unfinished (and a cancel button), why it failed, or its download."""
+    if export["status"] in UNFINISHED_EXPORT:
+        share = export["rows_done"] / export["rows_total"] if export["rows_total"] else 0.0
+        st.progress(min(share, 1.0), text=f"{export['status'].capitalize()}: {_export_progress(export)}")
+        cancel = st.button("Cancel this export", key=f"export_cancel_{export['id']}")
+        if cancel and guarded(api, lambda: api.cancel_export(export["id"])) is not None:
+            st.rerun()
+        return
+    if export["status"] == "failed":
+        st.error(f"The export failed: {export['error']}")
+        return
+    if export["status"] == "cancelled":
+        st.caption("Cancelled.")
+        return
+    if export["download"] is None:
+        st.caption(export["error"] or "Its zip was deleted; start a new export.")
+        return
+    summary = export["summary"] or {}
+    st.caption(
+        f"{summary.get('examples', 0):,} images; {summary.get('superseded', 0):,} verdicts replaced by later ones, "
+        f"{summary.get('unlabelled', 0):,} without a label, {summary.get('missing', 0):,} images missing from the store."
+    )
+    if st.button("Prepare the download", key="export_prepare"):
+        downloaded = guarded(api, lambda: api.download_export(export["id"]))
+        if downloaded is not None:
+            st.session_state["export_zip"] = (export["id"], *downloaded)
+    prepared = st.session_state.get("export_zip")
+    if prepared is not None and prepared[0] == export["id"]:
+        _, name, data = prepared
+        st.download_button(f"Download {name}", data, file_name=name, mime="application/zip", key="export_download")
 
 
 def verdicts_with_comments(api: Api) -> None:

@@ -184,6 +184,18 @@ class Settings(BaseSettings):
     person's request waits behind at most this many of them."""
     batch_job_seconds: float = Field(default=600.0, gt=0)
     """Deadline of each batch job from the moment it is queued."""
+    export_batch_rows: int = Field(default=500, ge=1, le=100_000)
+    """Examples an export job reads from PostgreSQL and writes per step (and per progress update)."""
+    export_poll_seconds: float = Field(default=1.0, gt=0)
+    """How often each API process looks for a queued export job (one small indexed query)."""
+    export_lease_seconds: float = Field(default=30.0, gt=0)
+    """An export job's lease: its process renews it every third of this; another process takes the
+    job over (or fails it, after EXPORT_MAX_ATTEMPTS) once it has gone this long unrenewed."""
+    export_max_attempts: int = Field(default=3, ge=1)
+    """Processes that may take up one export job: past this, a job whose process died is failed."""
+    export_keep_days: float = Field(default=7.0, gt=0)
+    """Days a finished export's zip is kept for download; then it is deleted (the export stays
+    listed, and its download answers 410)."""
     registry_refresh_seconds: float = 1.0
     """How often each API process checks the registry's revision in PostgreSQL (one small query) and
     republishes it to Redis if Redis lacks it: a change made through another process is served

@@ -3,25 +3,37 @@
 The layout is what image-folder loaders read (Keras ``image_dataset_from_directory``, the sketch
 trainer's ``--feedback``): ``<out>/<model>/<label>/<sha256>.<ext>``, plus ``<out>/feedback.csv``
 with one row per exported verdict.
+
+The latest verdict per image and model is chosen by PostgreSQL (``DISTINCT ON``), a page at a time
+by key, so no export ever holds the whole history in memory; the files are read from the blob
+store and written by a worker thread (``ExportWriter``), so an export never runs on the event loop.
+Every way out (a folder, a zip answered at once, an export job) goes through ``write_export``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import dataclasses
-import io
+import functools
 import logging
 import os
+import shutil
 import tempfile
+import threading
+import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import IO, Any, Protocol, TypeVar
 
 from anyio import to_thread
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, Select, bindparam, func, select, true
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from api.app.examples.models import LabelledExample
 from api.app.examples.service import DEFAULT_TEST_SHARE, split_of
@@ -49,6 +61,12 @@ MANIFEST_COLUMNS = (
     "comment",
 )
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tiff"}
+COMPRESSED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
+"""Formats whose bytes are compressed already: deflating them again costs CPU and saves nothing."""
+BATCH_ROWS = 500
+"""Images read from PostgreSQL and written per step (their examples, one per model judged):
+what an export holds in memory at once."""
+_COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -106,116 +124,404 @@ class ExportSummary:
     """Labelled images whose file is gone from the blob store (left out)."""
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which verdicts an export takes: of one model (and version), given in a time window."""
+
+    model: str | None = None
+    version: int | None = None
+    since: datetime | None = None
+    """Only verdicts given after this (exclusive): an incremental export."""
+    until: datetime | None = None
+    """Only verdicts given up to this (inclusive); None: up to when the export starts."""
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What an export will hold, counted by PostgreSQL before it starts."""
+
+    examples: int
+    """Distinct images and models with a labelled verdict: the rows the export goes through."""
+    superseded: int
+    unlabelled: int
+
+
+@dataclass(frozen=True)
+class ExportProgress:
+    """Where an export stands after a step."""
+
+    rows_total: int
+    rows_done: int
+    """Examples gone through: written, or left out as missing."""
+    bytes_written: int
+    summary: ExportSummary
+
+
+class ExportInterrupted(Exception):
+    """The export was told to stop (cancelled, taken over, or the process is stopping)."""
+
+
 def folder_name(label: str) -> str:
     """A label as one safe path component (labels come from model label files)."""
     name = label.replace("/", "_").replace("\\", "_").replace("\x00", "")
     return "_" + name if name in ("", ".", "..") or name.startswith(".") else name
 
 
-async def _labelled_examples(
-    *, session: AsyncSession, model: str | None = None, version: int | None = None
-) -> tuple[list[Example], ExportSummary]:
-    """Every verdict with a label, the latest one winning for each image and model name, and a
-    summary of the verdicts left out (``export_feedback`` adds what it wrote)."""
+def _conditions(selection: Selection) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = [Feedback.prediction_id.is_not(None)]
-    if model is not None:
-        where.append(Prediction.model_name == model)
-    if version is not None:
-        where.append(Prediction.model_version == version)
-    rows = await session.execute(
-        select(Feedback, Prediction.model_name, Prediction.model_version, Prediction.label, Image.sha256, Image.format)
+    if selection.model is not None:
+        where.append(Prediction.model_name == selection.model)
+    if selection.version is not None:
+        where.append(Prediction.model_version == selection.version)
+    if selection.since is not None:
+        where.append(Feedback.created_at > selection.since)
+    if selection.until is not None:
+        where.append(Feedback.created_at <= selection.until)
+    return where
+
+
+SelectT = TypeVar("SelectT", bound=Select)
+
+
+def _joined(query: SelectT) -> SelectT:
+    """``query`` over the verdicts on predictions, joined to their prediction and image."""
+    return (
+        query.select_from(Feedback)
         .join(Prediction, Feedback.prediction_id == Prediction.id)
         .join(Job, Prediction.job_id == Job.id)
         .join(Image, Job.image_id == Image.id)
-        .where(*where)
-        .order_by(Feedback.created_at, Feedback.id)
     )
-    summary = ExportSummary()
-    latest: dict[tuple[str, str], Example] = {}
-    for feedback, model_name, model_version, predicted, sha256, image_format in rows:
-        if feedback.correct_label is None:
-            summary.unlabelled += 1
-            continue
-        key = (sha256, model_name)
-        if key in latest:
-            summary.superseded += 1
-        latest[key] = Example(
-            feedback_id=str(feedback.id),
-            prediction_id=str(feedback.prediction_id),
-            model=model_name,
-            version=model_version,
-            label=feedback.correct_label,
-            predicted=predicted,
-            is_correct=feedback.is_correct,
-            sha256=sha256,
-            format=image_format,
-            created_at=feedback.created_at,
-            comment=feedback.comment or "",
-        )
-    splits = {
-        (sha256, model_name): split
-        for sha256, model_name, split in (
-            await session.execute(
-                select(LabelledExample.sha256, LabelledExample.model_name, LabelledExample.split).where(
-                    *([LabelledExample.model_name == model] if model is not None else [])
-                )
+
+
+async def count_verdicts(*, session: AsyncSession, selection: Selection) -> Counts:
+    """How many images and models an export of ``selection`` goes through, and the verdicts it
+    leaves out (superseded, unlabelled): one aggregate in PostgreSQL."""
+    labelled = Feedback.correct_label.is_not(None)
+    per_key = (
+        _joined(
+            select(
+                func.count().filter(labelled).label("labelled"),
+                func.count().filter(Feedback.correct_label.is_(None)).label("unlabelled"),
             )
         )
-    }
+        .where(*_conditions(selection))
+        .group_by(Image.sha256, Prediction.model_name)
+        .subquery()
+    )
+    row = (
+        await session.execute(
+            select(
+                func.count().filter(per_key.c.labelled > 0),
+                func.coalesce(func.sum(per_key.c.labelled), 0),
+                func.coalesce(func.sum(per_key.c.unlabelled), 0),
+            )
+        )
+    ).one()
+    examples, labelled_verdicts, unlabelled = (int(v) for v in row)
+    return Counts(examples=examples, superseded=labelled_verdicts - examples, unlabelled=unlabelled)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of examples, and where the next one starts."""
+
+    examples: list[Example]
+    after: str | None
+    """The last image hash this page covered; None: it was the last page."""
+
+
+def _verdict_columns(image: type[Image]) -> Select[*tuple[Any, ...]]:
+    """The columns of an example, from labelled verdicts joined to their prediction and image."""
+    return (
+        select(
+            Feedback.id,
+            Feedback.prediction_id,
+            Prediction.model_name,
+            Prediction.model_version,
+            Feedback.correct_label,
+            Prediction.label,
+            Feedback.is_correct,
+            image.sha256,
+            image.format,
+            Feedback.created_at,
+            Feedback.comment,
+        )
+        .select_from(image)
+        .join(Job, Job.image_id == image.id)
+        .join(Prediction, Prediction.job_id == Job.id)
+        .join(Feedback, Feedback.prediction_id == Prediction.id)
+    )
+
+
+def _split_of(latest: Any) -> Any:
+    return (LabelledExample.sha256 == latest.c.sha256) & (LabelledExample.model_name == latest.c.model_name)
+
+
+@functools.lru_cache(maxsize=32)
+def _page_query(selection: Selection, images: int) -> Select[*tuple[Any, ...]]:
+    """The query of one page (``after``: the hash it starts after): the next ``images`` image
+    hashes from the images' sha256 index, and for each, its verdicts looked up index by index,
+    the latest per model kept (``DISTINCT ON`` the model). A page costs the same however long the
+    history, where one ``DISTINCT ON`` over every verdict would sort the whole history again for
+    each page. An image without a labelled verdict comes as one row of NULLs, so the page still
+    says where it ended. Built once per export: building it costs more than running it."""
+    keys = (
+        select(Image.sha256)
+        .where(Image.sha256 > bindparam("after"))
+        .distinct()
+        .order_by(Image.sha256)
+        .limit(images)
+        .subquery("keys")
+    )
+    image = aliased(Image)
+    latest = (
+        _verdict_columns(image)
+        .where(image.sha256 == keys.c.sha256, Feedback.correct_label.is_not(None), *_conditions(selection))
+        .ext(distinct_on(Prediction.model_name))
+        .order_by(Prediction.model_name, Feedback.created_at.desc(), Feedback.id.desc())
+        .lateral("latest")
+    )
+    return (
+        select(keys.c.sha256.label("key"), latest, LabelledExample.split)
+        .select_from(keys)
+        .outerjoin(latest, true())
+        .outerjoin(LabelledExample, _split_of(latest))
+        .order_by(keys.c.sha256, latest.c.model_name)
+    )
+
+
+def _example(r: Any) -> Example:
     # Every labelled verdict has its example (written with it, or backfilled at start-up); the
     # hash with the default share stands in for one written between the two reads.
-    return [
-        dataclasses.replace(e, split=splits.get((e.sha256, e.model), split_of(e.sha256, DEFAULT_TEST_SHARE)))
-        for e in latest.values()
-    ], summary
+    return Example(
+        feedback_id=str(r.id),
+        prediction_id=str(r.prediction_id),
+        model=r.model_name,
+        version=r.model_version,
+        label=r.correct_label,
+        predicted=r.label,
+        is_correct=r.is_correct,
+        sha256=r.sha256,
+        format=r.format,
+        created_at=r.created_at,
+        split=r.split or split_of(r.sha256, DEFAULT_TEST_SHARE),
+        comment=r.comment or "",
+    )
 
 
-Write = Callable[[str, bytes], None]
-"""Stores one file of the export under its relative path: in a folder or in a zip archive."""
+def _page(rows: Sequence[Any], images: int) -> Page:
+    """The rows of a page as examples (in a worker thread: a few milliseconds of CPU a page)."""
+    keys = {r.key for r in rows}
+    return Page([_example(r) for r in rows if r.id is not None], rows[-1].key if len(keys) >= images else None)
 
 
-def _manifest(examples: list[Example]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(MANIFEST_COLUMNS)
-    writer.writerows(e.row() for e in examples)
-    return buf.getvalue().encode("utf-8")
+async def latest_examples(
+    *, session: AsyncSession, selection: Selection, after: str = "", images: int = BATCH_ROWS
+) -> Page:
+    """The examples of the next ``images`` images (by content) after the hash ``after``, in
+    (sha256, model) order: for each image and model, its latest verdict with a label (by
+    ``created_at``, then id), chosen by PostgreSQL (see ``_page_query``)."""
+    rows = (await session.execute(_page_query(selection, images), {"after": after})).all()
+    return await to_thread.run_sync(_page, rows, images) if rows else Page([], None)
 
 
-async def _export(
-    *, session: AsyncSession, store: LocalBlobStore, write: Write, model: str | None, version: int | None
-) -> ExportSummary:
-    examples, summary = await _labelled_examples(session=session, model=model, version=version)
-    written: list[Example] = []
-    for example in examples:
+def _examples(rows: Sequence[Any]) -> list[Example]:
+    return [_example(r) for r in rows]
+
+
+async def all_latest_examples(*, session: AsyncSession, selection: Selection) -> list[Example]:
+    """Every example of ``selection`` at once (``DISTINCT ON`` image and model over the
+    selection), in (sha256, model) order: for a selection known to hold a page or less, one scan
+    where paging would walk every image (an incremental export, a model with few verdicts)."""
+    image = aliased(Image)
+    latest = (
+        _verdict_columns(image)
+        .where(Feedback.correct_label.is_not(None), *_conditions(selection))
+        .ext(distinct_on(image.sha256, Prediction.model_name))
+        .order_by(image.sha256, Prediction.model_name, Feedback.created_at.desc(), Feedback.id.desc())
+        .subquery("latest")
+    )
+    rows = await session.execute(
+        select(latest, LabelledExample.split)
+        .outerjoin(LabelledExample, _split_of(latest))
+        .order_by(latest.c.sha256, latest.c.model_name)
+    )
+    return await to_thread.run_sync(_examples, rows.all())
+
+
+class Sink(Protocol):
+    """Where the files of an export go: a folder or a zip archive. Blocking: the worker thread's."""
+
+    def open(self, name: str, *, compress: bool) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """A new file ``name`` (a relative path) to write."""
+        ...
+
+    def size(self) -> int:
+        """Bytes written so far."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FolderSink:
+    """Files under a folder, which must be new or empty: files of an earlier export whose verdicts
+    have changed since would otherwise stay among the new ones."""
+
+    def __init__(self, out: Path) -> None:
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} is not empty; export into a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.written = 0
+
+    @contextlib.contextmanager
+    def open(self, name: str, *, compress: bool) -> Iterator[IO[bytes]]:
+        path = self.out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as fh:
+            yield fh
+            self.written += fh.tell()
+
+    def size(self) -> int:
+        return self.written
+
+    def close(self) -> None:
+        pass
+
+
+class ZipSink:
+    """Files in a new zip archive at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.archive = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED)
+
+    def open(self, name: str, *, compress: bool) -> contextlib.AbstractContextManager[IO[bytes]]:
+        info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+        info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        return self.archive.open(info, "w")
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        self.archive.close()
+
+
+class ExportWriter:
+    """Writes examples, each image copied from the blob store in chunks, and at the end the
+    manifest. Every method blocks: call them in a worker thread, one at a time."""
+
+    def __init__(self, sink: Sink, store: LocalBlobStore, stop: threading.Event | None = None) -> None:
+        self.sink = sink
+        self.store = store
+        self.stop = stop or threading.Event()
+        # The manifest's rows wait on disk, not in memory, until the images are written.
+        self._rows = tempfile.TemporaryFile(mode="w+", encoding="utf-8", newline="")  # noqa: SIM115 (closed by close)
+        self._csv = csv.writer(self._rows)
+        self._csv.writerow(MANIFEST_COLUMNS)
+        self.summary = ExportSummary()
+
+    def write(self, examples: Sequence[Example]) -> None:
+        """Writes each example whose file the store has; counts the others as missing. Raises
+        ExportInterrupted as soon as ``stop`` is set."""
+        for example in examples:
+            if self.stop.is_set():
+                raise ExportInterrupted
+            try:
+                src = self.store.open(example.sha256)
+            except FileNotFoundError:
+                log.debug("feedback export: the file of image %s is missing; left out", example.sha256)
+                self.summary.missing += 1
+                time.sleep(0)
+                continue
+            with src, self.sink.open(example.path, compress=example.format not in COMPRESSED_FORMATS) as dst:
+                shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            self._csv.writerow(example.row())
+            self.summary.examples += 1
+            self.summary.by_model[example.model] = self.summary.by_model.get(example.model, 0) + 1
+            # Hands the GIL over between files: the event loop waits for it otherwise up to the
+            # interpreter's switch interval (5 ms) each time it wakes while this thread computes.
+            time.sleep(0)
+
+    def finish(self) -> None:
+        """Writes the manifest and closes the sink."""
+        self._rows.seek(0)
+        with self.sink.open(MANIFEST, compress=True) as dst:
+            while chunk := self._rows.read(_COPY_CHUNK):
+                dst.write(chunk.encode("utf-8"))
+        self.close()
+
+    def close(self) -> None:
+        """Closes the sink and drops the manifest's rows (also after a failure)."""
         try:
-            data = await store.get(example.sha256)
-        except FileNotFoundError:
-            log.warning("feedback export: the file of image %s is missing; left out", example.sha256)
-            continue
-        await to_thread.run_sync(write, example.path, data)
-        written.append(example)
-    await to_thread.run_sync(write, MANIFEST, _manifest(written))
-    summary.missing = len(examples) - len(written)
-    summary.examples = len(written)
-    for example in written:
-        summary.by_model[example.model] = summary.by_model.get(example.model, 0) + 1
+            self.sink.close()
+        finally:
+            self._rows.close()
+
+
+Reader = Callable[[], AbstractAsyncContextManager[AsyncSession]]
+"""A session for one read: each page of an export is read in a session of its own, so no
+connection is held while files are written."""
+OnProgress = Callable[[ExportProgress], Awaitable[None]]
+
+
+async def _step(writer: ExportWriter, examples: list[Example], counts: Counts, on_progress: OnProgress | None) -> None:
+    if examples:
+        await to_thread.run_sync(writer.write, examples)
+    if on_progress is not None:
+        size = await to_thread.run_sync(writer.sink.size)
+        done = writer.summary.examples + writer.summary.missing
+        await on_progress(ExportProgress(max(counts.examples, done), done, size, writer.summary))
+
+
+async def write_export(
+    *,
+    read: Reader,
+    writer: ExportWriter,
+    selection: Selection,
+    batch_rows: int = BATCH_ROWS,
+    on_progress: OnProgress | None = None,
+) -> ExportSummary:
+    """Writes every example of ``selection`` through ``writer``, ``batch_rows`` at a time (read by
+    key in PostgreSQL, written in a worker thread), calling ``on_progress`` after each step, then
+    the manifest. Leaves the sink closed, whatever happens."""
+    try:
+        async with read() as session:
+            if selection.until is None:
+                # A fixed end: the count and the pages see the same verdicts, whatever arrives meanwhile.
+                selection = Selection(
+                    model=selection.model,
+                    version=selection.version,
+                    since=selection.since,
+                    until=await session.scalar(select(func.now())),
+                )
+            counts = await count_verdicts(session=session, selection=selection)
+        summary = writer.summary
+        summary.superseded, summary.unlabelled = counts.superseded, counts.unlabelled
+        if counts.examples <= batch_rows:
+            # A page at most (an incremental export, a model with few verdicts): one query rather
+            # than a walk over every image.
+            async with read() as session:
+                examples = await all_latest_examples(session=session, selection=selection)
+            await _step(writer, examples, counts, on_progress)
+        else:
+            after: str | None = ""
+            while after is not None:
+                async with read() as session:
+                    page = await latest_examples(session=session, selection=selection, after=after, images=batch_rows)
+                after = page.after
+                await _step(writer, page.examples, counts, on_progress)
+        await to_thread.run_sync(writer.finish)
+    finally:
+        await to_thread.run_sync(writer.close)
+    if summary.missing:
+        log.warning("feedback export: %d images missing from the blob store were left out", summary.missing)
     return summary
 
 
-def _claim(out: Path) -> Write:
-    """A writer into ``out``, which must be new or empty: files of an earlier export whose verdicts
-    have changed since would otherwise stay among the new ones."""
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; export into a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-
-    def write(name: str, data: bytes) -> None:
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-    return write
+def _borrowed(session: AsyncSession) -> Reader:
+    return lambda: contextlib.nullcontext(session)
 
 
 async def export_feedback(
@@ -226,28 +532,27 @@ async def export_feedback(
     model: str | None = None,
     version: int | None = None,
 ) -> ExportSummary:
-    """Writes the labelled examples and their manifest under ``out`` (new or empty)."""
-    write = await to_thread.run_sync(_claim, out)
-    return await _export(session=session, store=store, write=write, model=model, version=version)
+    """Writes the labelled examples and their manifest under ``out`` (new or empty; FileExistsError
+    otherwise)."""
+    sink = await to_thread.run_sync(FolderSink, out)
+    writer = await to_thread.run_sync(ExportWriter, sink, store, None)
+    return await write_export(read=_borrowed(session), writer=writer, selection=Selection(model, version))
 
 
-def _open_archive() -> zipfile.ZipFile:
+def _new_archive() -> Path:
     fd, name = tempfile.mkstemp(prefix="feedback-", suffix=".zip")
     os.close(fd)
-    return zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED)
+    return Path(name)
 
 
 async def export_archive(
     *, session: AsyncSession, store: LocalBlobStore, model: str | None = None, version: int | None = None
 ) -> tuple[Path, ExportSummary]:
     """The export as one zip file, written straight from the blob store (the caller deletes it)."""
-    archive = await to_thread.run_sync(_open_archive)
-    path = Path(str(archive.filename))
+    path = await to_thread.run_sync(_new_archive)
     try:
-        try:
-            summary = await _export(session=session, store=store, write=archive.writestr, model=model, version=version)
-        finally:
-            await to_thread.run_sync(archive.close)
+        writer = await to_thread.run_sync(ExportWriter, await to_thread.run_sync(ZipSink, path), store, None)
+        summary = await write_export(read=_borrowed(session), writer=writer, selection=Selection(model, version))
     except BaseException:
         await to_thread.run_sync(os.unlink, path)
         raise

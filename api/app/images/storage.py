@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from anyio import to_thread
 
@@ -47,6 +48,11 @@ class LocalBlobStore:
         if preview is not None:
             await to_thread.run_sync(self._put, sha256, preview, _PREVIEW)
         await to_thread.run_sync(self._put, sha256, data)
+
+    def open(self, sha256: str) -> BinaryIO:
+        """The blob opened for reading, for code that already runs in a worker thread (it blocks);
+        FileNotFoundError when it is gone."""
+        return self._path(sha256).open("rb")
 
     async def get(self, sha256: str) -> bytes:
         return await to_thread.run_sync(self._path(sha256).read_bytes)

@@ -1,0 +1,368 @@
+"""Export jobs (``/v1/admin/exports``): a feedback export written in the background by the API
+process that claimed it, followed by its progress and downloaded when done."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import time
+import uuid
+import zipfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from api.app.core.config import Settings
+from api.app.exports import service
+from api.app.exports.models import Export
+from api.app.exports.runner import ExportRunner
+from api.app.feedback.export import MANIFEST, ExportWriter, Selection, ZipSink, write_export
+from api.app.images.storage import LocalBlobStore
+from tests.api.conftest import until
+from tests.api.test_feedback_export import classify, drawing, verdict
+from tests.conftest import Users
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+FINAL = ("done", "failed", "cancelled")
+
+
+async def start(client: httpx.AsyncClient, headers: dict[str, str], **body: object) -> dict[str, Any]:
+    r = await client.post("/v1/admin/exports", json=body, headers=headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued"
+    return r.json()
+
+
+async def finished(client: httpx.AsyncClient, headers: dict[str, str], export_id: str) -> dict[str, Any]:
+    """The export once it is done, failed or cancelled (the app's runner takes it up)."""
+    latest: dict[str, Any] = {}
+
+    async def over() -> bool:
+        nonlocal latest
+        r = await client.get(f"/v1/admin/exports/{export_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        latest = r.json()
+        return latest["status"] in FINAL
+
+    await until(over, 30, f"export {export_id} to finish")
+    return latest
+
+
+def contents(data: bytes) -> tuple[dict[str, bytes], dict[tuple[str, str], dict[str, str]]]:
+    """A feedback zip's images by path, and its manifest's rows by (sha256, model)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        files = {name: archive.read(name) for name in archive.namelist() if name != MANIFEST}
+        rows = list(csv.DictReader(io.StringIO(archive.read(MANIFEST).decode("utf-8"))))
+    return files, {(r["sha256"], r["model"]): r for r in rows}
+
+
+async def labelled_drawing(client: httpx.AsyncClient, headers: dict[str, str], **extra: str) -> str:
+    """A new drawing classified by sketch@1 and labelled by its user; its sha256."""
+    answer = await classify(client, headers, drawing(), "sketch@1")
+    prediction = answer["results"]["sketch@1"]
+    label = next(label for label in ("cat", "fish", "apple") if label != prediction["label"])
+    await verdict(client, headers, prediction_id=prediction["id"], is_correct=False, correct_label=label, **extra)
+    return str(answer["image_file_name"].split(".")[0])
+
+
+async def test_an_export_job_writes_what_the_direct_download_answers(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], users: Users
+) -> None:
+    _, headers = await users.create()
+    mine = {await labelled_drawing(client, headers, comment="+1 for the ears") for _ in range(3)}
+    # A second verdict on the same image for the same model: only the latest is exported.
+    again = await classify(client, headers, drawing(), "sketch@1,mobilenet_v2@1")
+    await verdict(client, headers, prediction_id=again["results"]["sketch@1"]["id"], is_correct=True)
+    await verdict(client, headers, prediction_id=again["results"]["mobilenet_v2@1"]["id"], is_correct=True)
+
+    export = await start(client, admin_headers, model="sketch")
+    assert (export["model"], export["version"], export["since_last"], export["kind"]) == (
+        "sketch",
+        None,
+        False,
+        "feedback",
+    )
+    done = await finished(client, admin_headers, export["id"])
+    assert done["status"] == "done" and done["error"] is None and done["attempts"] == 1
+    assert done["rows_done"] == done["rows_total"] == done["summary"]["examples"] + done["summary"]["missing"]
+    assert done["started_at"] and done["finished_at"] and done["until"] and done["since"] is None
+
+    r = await client.get(done["download"], headers=admin_headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert r.headers["content-disposition"].startswith('attachment; filename="feedback-sketch-')
+    assert int(r.headers["content-length"]) == done["bytes_written"]
+    files, rows = contents(r.content)
+    assert {sha for sha, _model in rows} >= mine and {model for _sha, model in rows} == {"sketch"}
+    assert rows[(next(iter(mine)), "sketch")]["comment"] == "'+1 for the ears"
+    assert int(r.headers["x-exported-images"]) == len(files) == len(rows) == done["summary"]["examples"]
+
+    direct = await client.get("/v1/admin/feedback-export", params={"model": "sketch"}, headers=admin_headers)
+    assert direct.status_code == 200
+    assert contents(direct.content) == (files, rows)
+
+    listed = await client.get("/v1/admin/exports", headers=admin_headers)
+    assert listed.status_code == 200 and listed.json()["data"][0]["id"] == export["id"]
+    assert listed.json()["count"] >= 1
+
+
+async def test_pages_of_any_size_write_what_one_query_writes(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, tmp_path: Path
+) -> None:
+    _, headers = await users.create()
+    for _ in range(3):
+        await labelled_drawing(client, headers)
+    both = await classify(client, headers, drawing(), "sketch@1,mobilenet_v2@1")
+    for result in both["results"].values():
+        await verdict(client, headers, prediction_id=result["id"], is_correct=True)
+    selection = Selection(until=datetime.now(UTC))
+    written = []
+    # One image a page, two, and everything in one query (fewer examples than a page).
+    for batch in (1, 2, 100_000):
+        path = tmp_path / f"{batch}.zip"
+        writer = ExportWriter(ZipSink(path), app.state.store)
+        summary = await write_export(
+            read=app.state.read_sessionmaker, writer=writer, selection=selection, batch_rows=batch
+        )
+        written.append((contents(path.read_bytes()), summary))
+    assert written[0] == written[1] == written[2]
+    (files, rows), summary = written[0]
+    assert summary.examples == len(files) == len(rows) >= 5 and {"sketch", "mobilenet_v2"} <= {m for _, m in rows}
+
+
+async def test_an_incremental_export_holds_only_the_verdicts_given_since_the_last_one(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], users: Users
+) -> None:
+    _, headers = await users.create()
+    older = await labelled_drawing(client, headers)
+    full = await finished(client, admin_headers, (await start(client, admin_headers, model="sketch"))["id"])
+    assert full["status"] == "done"
+    newer = {await labelled_drawing(client, headers) for _ in range(2)}
+
+    since = await finished(
+        client, admin_headers, (await start(client, admin_headers, model="sketch", since_last=True))["id"]
+    )
+    assert since["status"] == "done" and since["since"] == full["until"]
+    files, rows = contents((await client.get(since["download"], headers=admin_headers)).content)
+    assert {sha for sha, _model in rows} == newer and older not in {sha for sha, _ in rows}
+    assert len(files) == 2 and since["rows_total"] == 2
+
+    # Nothing new since: an empty export (the manifest's header alone), not an error.
+    empty = await finished(
+        client, admin_headers, (await start(client, admin_headers, model="sketch", since_last=True))["id"]
+    )
+    assert empty["status"] == "done" and empty["rows_total"] == 0 and empty["since"] == since["until"]
+    assert contents((await client.get(empty["download"], headers=admin_headers)).content) == ({}, {})
+
+
+async def running_elsewhere(
+    app: FastAPI, *, lease: timedelta, attempts: int = 1, export_id: uuid.UUID | None = None
+) -> str:
+    """The id of a new export that another process took up, whose lease ends after ``lease``."""
+    now = datetime.now(UTC)
+    export = Export(
+        id=export_id or uuid.uuid4(),
+        kind="feedback",
+        model="sketch",
+        since_last=False,
+        status="running",
+        rows_total=0,
+        rows_done=0,
+        bytes_written=0,
+        requested_by="admin@example.com",
+        attempts=attempts,
+        lease_owner="elsewhere:1:dead",
+        started_at=now,
+        heartbeat_at=now,
+        lease_expires_at=now + lease,
+    )
+    async with app.state.sessionmaker() as session:
+        session.add(export)
+        await session.commit()
+    return str(export.id)
+
+
+async def test_cancel_stops_an_export_and_delete_forgets_it(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str]
+) -> None:
+    # Held by a live process (its lease runs for an hour): this app's runner leaves it be.
+    export = {"id": await running_elsewhere(app, lease=timedelta(hours=1))}
+    held = (await client.get(f"/v1/admin/exports/{export['id']}", headers=admin_headers)).json()
+    assert held["status"] == "running" and held["download"] is None
+    r = await client.get(f"/v1/admin/exports/{export['id']}/download", headers=admin_headers)
+    assert r.status_code == 409 and "running" in r.json()["detail"]
+
+    r = await client.post(f"/v1/admin/exports/{export['id']}/cancel", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["finished_at"]
+    again = await client.post(f"/v1/admin/exports/{export['id']}/cancel", headers=admin_headers)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    r = await client.get(f"/v1/admin/exports/{export['id']}/download", headers=admin_headers)
+    assert r.status_code == 409 and "cancelled" in r.json()["detail"]
+
+    # The process that held it is told at its next heartbeat: the export is not its own any more.
+    async with app.state.sessionmaker() as session:
+        assert not await service.renew(
+            session=session, export_id=uuid.UUID(export["id"]), owner="elsewhere:1:dead", lease_seconds=30
+        )
+
+    done = await finished(client, admin_headers, (await start(client, admin_headers, model="sketch"))["id"])
+    r = await client.post(f"/v1/admin/exports/{done['id']}/cancel", headers=admin_headers)
+    assert r.status_code == 409 and r.json()["detail"] == "The export is done already; nothing to cancel"
+
+    files = service.leftovers(app.state.settings.storage_dir, uuid.UUID(done["id"]))
+    assert len(files) == 1 and files[0].is_file()
+    assert (await client.delete(f"/v1/admin/exports/{done['id']}", headers=admin_headers)).status_code == 204
+    assert not files[0].exists()
+    assert (await client.get(f"/v1/admin/exports/{done['id']}", headers=admin_headers)).status_code == 404
+    assert (await client.delete(f"/v1/admin/exports/{done['id']}", headers=admin_headers)).status_code == 404
+    unknown = uuid.uuid4()
+    assert (await client.post(f"/v1/admin/exports/{unknown}/cancel", headers=admin_headers)).status_code == 404
+    assert (await client.get(f"/v1/admin/exports/{unknown}/download", headers=admin_headers)).status_code == 404
+
+
+async def test_an_export_whose_process_died_is_taken_over_or_failed(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    # What the dead process had half written goes.
+    export_id = uuid.uuid4()
+    half = settings.storage_dir / service.archive_name(export_id, 1, part=True)
+    half.parent.mkdir(parents=True, exist_ok=True)
+    half.write_bytes(b"PK half a zip")
+    export = {"id": await running_elsewhere(app, lease=timedelta(seconds=-1), export_id=export_id)}
+
+    taken = await finished(client, admin_headers, export["id"])
+    assert taken["status"] == "done" and taken["attempts"] == 2
+    assert not half.exists()
+    assert (await client.get(taken["download"], headers=admin_headers)).status_code == 200
+
+    # A process died on it as often as allowed: failed, with why, rather than tried forever.
+    doomed = {"id": await running_elsewhere(app, lease=timedelta(seconds=-1), attempts=settings.export_max_attempts)}
+    failed = await finished(client, admin_headers, doomed["id"])
+    assert failed["status"] == "failed" and failed["finished_at"]
+    assert failed["error"].startswith(f"The API process writing it stopped {settings.export_max_attempts} times")
+    r = await client.get(f"/v1/admin/exports/{doomed['id']}/download", headers=admin_headers)
+    assert r.status_code == 409 and "failed" in r.json()["detail"]
+
+
+async def test_exports_are_for_admins_and_refuse_bad_options(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], users: Users
+) -> None:
+    _, headers = await users.create()
+    assert (await client.post("/v1/admin/exports", json={}, headers=headers)).status_code == 403
+    assert (await client.get("/v1/admin/exports", headers=headers)).status_code == 403
+    assert (await client.get(f"/v1/admin/exports/{uuid.uuid4()}", headers=headers)).status_code == 403
+    assert (await client.post("/v1/admin/exports", json={})).status_code == 401
+    for body in ({"version": 1}, {"model": "sketch", "version": 0}, {"kind": "images"}, {"model": "a\x00b"}):
+        r = await client.post("/v1/admin/exports", json=body, headers=admin_headers)
+        assert r.status_code == 422, (body, r.text)
+    assert (await client.get("/v1/admin/exports/not-an-id", headers=admin_headers)).status_code == 422
+
+
+class SlowStore(LocalBlobStore):
+    """The real store, a tenth of a second a file: an export long enough to stop half-way."""
+
+    def open(self, sha256: str) -> BinaryIO:
+        time.sleep(0.1)
+        return super().open(sha256)
+
+
+class BrokenStore(LocalBlobStore):
+    def open(self, sha256: str) -> BinaryIO:
+        raise OSError("disk gone")
+
+
+def own_runner(app: FastAPI, store: LocalBlobStore) -> ExportRunner:
+    settings: Settings = app.state.settings
+    return ExportRunner(
+        sessionmaker=app.state.sessionmaker,
+        read_sessionmaker=app.state.read_sessionmaker,
+        store=store,
+        storage_dir=settings.storage_dir,
+        batch_rows=1,
+        poll_seconds=1,
+        lease_seconds=3600,
+        max_attempts=3,
+    )
+
+
+async def claimed_by(app: FastAPI, runner: ExportRunner) -> Export:
+    """A new export of sketch's verdicts, taken up by ``runner`` (not by the app's own runner)."""
+    export_id = uuid.UUID(await running_elsewhere(app, lease=timedelta(hours=1)))
+    async with app.state.sessionmaker() as session:
+        export = await service.get_export(session=session, export_id=export_id)
+        export.lease_owner, export.until = runner.owner, datetime.now(UTC)
+        await session.commit()
+    return export
+
+
+async def test_a_process_that_stops_hands_its_export_back(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], users: Users, settings: Settings
+) -> None:
+    _, headers = await users.create()
+    for _ in range(3):
+        await labelled_drawing(client, headers)
+    runner = own_runner(app, SlowStore(settings.storage_dir))
+    export = await claimed_by(app, runner)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run_one(export, stop))
+    await until(lambda: _rows_done(client, admin_headers, export.id), 30, "the export to write its first image")
+    stop.set()
+    await asyncio.wait_for(running, 10)
+    assert service.leftovers(settings.storage_dir, export.id) == []
+    # Back in the queue, its attempt not counted: the app's own runner takes it up at once (with
+    # the lease of an hour it held, it would otherwise have waited that long).
+    done = await finished(client, admin_headers, str(export.id))
+    assert done["status"] == "done" and done["attempts"] == 1
+
+
+async def _rows_done(client: httpx.AsyncClient, headers: dict[str, str], export_id: uuid.UUID) -> bool:
+    r = await client.get(f"/v1/admin/exports/{export_id}", headers=headers)
+    return bool(r.json()["rows_done"] > 0)
+
+
+async def test_an_export_that_cannot_be_written_fails_with_the_reason(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    runner = own_runner(app, BrokenStore(settings.storage_dir))
+    export = await claimed_by(app, runner)
+    await runner.run_one(export, asyncio.Event())
+    failed = await status_of(client, admin_headers, export.id)
+    assert failed["status"] == "failed" and failed["error"] == "OSError: disk gone" and failed["finished_at"]
+    assert service.leftovers(settings.storage_dir, export.id) == []
+
+
+async def status_of(client: httpx.AsyncClient, headers: dict[str, str], export_id: uuid.UUID) -> dict[str, Any]:
+    r = await client.get(f"/v1/admin/exports/{export_id}", headers=headers)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+async def test_zips_past_their_keeping_time_are_deleted_and_their_export_stays_listed(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    kept = await finished(client, admin_headers, (await start(client, admin_headers, model="sketch"))["id"])
+    old = await finished(client, admin_headers, (await start(client, admin_headers, model="sketch"))["id"])
+    async with app.state.sessionmaker() as session:
+        export = await service.get_export(session=session, export_id=uuid.UUID(old["id"]))
+        export.finished_at = datetime.now(UTC) - timedelta(days=settings.export_keep_days, minutes=1)
+        await session.commit()
+    [zip_file] = service.leftovers(settings.storage_dir, uuid.UUID(old["id"]))
+
+    # (The app's own runner does the same once a minute, and may be the one that gets to it.)
+    await own_runner(app, app.state.store).expire()
+    assert not zip_file.exists()
+    gone = await status_of(client, admin_headers, uuid.UUID(old["id"]))
+    assert gone["status"] == "done" and gone["download"] is None
+    r = await client.get(f"/v1/admin/exports/{old['id']}/download", headers=admin_headers)
+    assert r.status_code == 410 and "EXPORT_KEEP_DAYS" in r.json()["detail"]
+    assert (await client.get(kept["download"], headers=admin_headers)).status_code == 200
+    # An incremental export still follows the expired one: its window is kept with the export.
+    since = await finished(
+        client, admin_headers, (await start(client, admin_headers, model="sketch", since_last=True))["id"]
+    )
+    assert since["since"] == old["until"]
