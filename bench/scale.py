@@ -282,6 +282,13 @@ async def _time_routes(
             repeat=repeat,
         ),
     ]
+    async def start_export() -> object:
+        r = await client.post("/v1/admin/exports", json={"model": "mobilenet_v2"}, headers=admin)
+        assert r.status_code == 202, r.text
+        return r
+
+    # Last: each start queues an export of the whole history, which then runs in the background.
+    timings.append(await time_route("POST /v1/admin/exports (start)", start_export, repeat=repeat))
     if extra is not None:
         timings += await extra(client, admin, user)
     return timings

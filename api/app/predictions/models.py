@@ -58,7 +58,12 @@ class Prediction(TimestampMixin, Base):
     """One model version's answer to a job."""
 
     __tablename__ = "predictions"
-    __table_args__ = (UniqueConstraint("job_id", "model_name", "model_version"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "model_name", "model_version"),
+        # A version's answers in time order: the drift windows (api.app.drift) read its first and
+        # its latest few hundred.
+        Index("ix_predictions_version_status_created", "model_name", "model_version", "status", "created_at", "id"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))

@@ -19,6 +19,13 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     # Nullable without a default: adding them rewrites nothing, and earlier uploads have none.
+    # The drift windows read a version's first and latest answers: by this index, a few hundred
+    # entries, not a sort of every answer the version gave.
+    op.create_index(
+        "ix_predictions_version_status_created",
+        "predictions",
+        ["model_name", "model_version", "status", "created_at", "id"],
+    )
     op.add_column("images", sa.Column("brightness", sa.Float(), nullable=True))
     op.add_column("images", sa.Column("contrast", sa.Float(), nullable=True))
     op.add_column("images", sa.Column("colourfulness", sa.Float(), nullable=True))
@@ -37,6 +44,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_predictions_version_status_created", table_name="predictions")
     op.drop_table("drift_signals")
     op.drop_column("images", "colourfulness")
     op.drop_column("images", "contrast")
