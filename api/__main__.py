@@ -21,7 +21,7 @@ def main() -> None:
         log_config=None,
         proxy_headers=True,
         forwarded_allow_ips=settings.trusted_proxies,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.api_graceful_shutdown_seconds,
         timeout_keep_alive=settings.api_keep_alive_seconds,
     )
 

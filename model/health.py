@@ -1,5 +1,10 @@
 """``python -m model.health``: exit 0 when a worker on this host has a live heartbeat (for
-container healthchecks)."""
+container healthchecks).
+
+``python -m model.health --explainer`` asks the same of an explainer (``python -m model.explainer``),
+whose heartbeat is a key of its own (``explainer:explainer-<worker id>``) and never counts as a
+model worker's.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,32 @@ import sys
 
 import redis
 
-from contracts import workers
+from contracts import keys, workers
 from model.config import get_model_settings
 
+EXPLAINER_FLAG = "--explainer"
 
-def main() -> int:
+
+def explainer_live(client: redis.Redis, pattern: str) -> bool:
+    """Whether an explainer whose worker id matches ``pattern`` (a glob) has a live heartbeat."""
+    match = keys.explainer_key(f"explainer-{pattern}")
+    if not any(c in pattern for c in "*?["):
+        return bool(client.exists(match))
+    return next(iter(client.scan_iter(match=match, count=1000)), None) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if set(args) - {EXPLAINER_FLAG}:
+        print(f"usage: python -m model.health [{EXPLAINER_FLAG}]", file=sys.stderr)
+        return 2
     settings = get_model_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    # A worker's id is WORKER_ID, or <hostname>-<pid>: any process of this host (this pod) counts.
     pattern = settings.worker_id or f"{socket.gethostname()}-*"
     try:
+        if EXPLAINER_FLAG in args:
+            return 0 if explainer_live(client, pattern) else 1
         live = workers.live_heartbeats(client)
         return 0 if any(fnmatch.fnmatchcase(beat.worker_id, pattern) for beat in live) else 1
     except redis.exceptions.RedisError:

@@ -26,6 +26,7 @@ from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_read_sessionmaker, make_sessionmaker, open_pool
 from api.app.core.errors import DB_ERRORS, OutageLog, install_allow_header, install_outage_handlers
 from api.app.core.logging import configure_logging
+from api.app.core.path_guard import PathGuardMiddleware
 from api.app.core.redis import make_redis
 from api.app.core.request_context import RequestContextMiddleware
 from api.app.core.responses import EVERY_ROUTE
@@ -199,6 +200,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware, max_upload_bytes=settings.max_upload_bytes, max_batch_bytes=settings.max_batch_bytes
     )
+    # Before routing: a path with a control character (/metrics%0A) must not reach /metrics.
+    app.add_middleware(PathGuardMiddleware)
     app.add_middleware(RequestContextMiddleware)
 
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)

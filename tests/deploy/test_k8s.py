@@ -10,6 +10,7 @@ import copy
 import functools
 import importlib.util
 import inspect
+import ipaddress
 import math
 import os
 import re
@@ -197,17 +198,25 @@ def nginx_bytes(size: str) -> int:
 
 
 def ingress_for(ingresses: list[Obj], host: str, path: str) -> Obj:
-    """The Ingress nginx routes ``host``+``path`` by: an Exact path, else the longest Prefix."""
+    """The Ingress ingress-nginx routes ``host``+``path`` (as nginx decoded it) by: an Exact path,
+    else the longest prefix. A Prefix path matches whole path elements; an ImplementationSpecific
+    one (no regex annotation) becomes a plain nginx prefix location, matching any path that starts
+    with it."""
     best: tuple[int, Obj] | None = None
     for ingress in ingresses:
+        assert "nginx.ingress.kubernetes.io/use-regex" not in ingress["metadata"].get("annotations", {})
         for rule in ingress["spec"]["rules"]:
             if rule["host"] != host:
                 continue
             for p in rule["http"]["paths"]:
                 if p["pathType"] == "Exact" and p["path"] == path:
                     return ingress
-                prefix = p["path"].rstrip("/")
-                matches = p["pathType"] == "Prefix" and (path == prefix or path.startswith(prefix + "/"))
+                if p["pathType"] == "ImplementationSpecific":
+                    prefix = p["path"]
+                    matches = path.startswith(prefix)
+                else:
+                    prefix = p["path"].rstrip("/")
+                    matches = p["pathType"] == "Prefix" and (path == prefix or path.startswith(prefix + "/"))
                 if matches and (best is None or len(prefix) > best[0]):
                     best = (len(prefix), ingress)
     assert best is not None, (host, path)
@@ -454,6 +463,15 @@ async def test_probes_and_ports_are_the_apps(overlay: str) -> None:
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert worker[probe]["exec"]["command"] == ["python", "-m", "model.health"], (name, probe)
         assert (ROOT / "model" / "health.py").is_file()
+    # Nor has the explainer, whose heartbeat is its own key (explainer:<id>, not a worker's):
+    # model.health --explainer asks for that one.
+    import model.health
+
+    explainer = main_container(deployments["explainer"])
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = explainer[probe]["exec"]["command"]
+        assert command == ["python", "-m", "model.health", model.health.EXPLAINER_FLAG], probe
+    assert "keys.explainer_key(" in inspect.getsource(model.health.explainer_live)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -480,9 +498,15 @@ def test_ingress_body_limits_are_the_apps_own(overlay: str, monkeypatch: pytest.
     # Long enough for POST /model/predict to wait its whole deadline.
     predict = ingress_for(api_ingresses, api_host, "/model/predict")["metadata"]["annotations"]
     assert int(predict["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > api_settings.predict_deadline_seconds
-    # /metrics is for Prometheus inside the cluster only.
-    metrics = ingress_for(api_ingresses, api_host, "/metrics")["metadata"]["annotations"]
-    assert metrics["nginx.ingress.kubernetes.io/denylist-source-range"].startswith("0.0.0.0/0")
+    # /metrics is for Prometheus inside the cluster only: the exact path and every path starting
+    # so, /metrics%0A included (nginx matches it decoded, "/metrics\n").
+    for path in ("/metrics", "/metrics\n", "/metrics\r", "/metrics/", "/metricsx", "/metrics%0A"):
+        metrics = ingress_for(api_ingresses, api_host, path)["metadata"]["annotations"]
+        assert metrics.get("nginx.ingress.kubernetes.io/denylist-source-range", "").startswith("0.0.0.0/0"), path
+    for path in ("/", "/v1/images", "/health/live"):
+        assert "nginx.ingress.kubernetes.io/denylist-source-range" not in (
+            ingress_for(api_ingresses, api_host, path)["metadata"]["annotations"]
+        ), path
 
     # The UI states the API's limits, and Streamlit refuses bodies past its own; the Ingress agrees.
     ui_container = main_container(deployments["ui"])
@@ -593,7 +617,7 @@ def test_network_policies_open_postgresql_and_redis_to_their_clients_only(overla
             if variable in used:
                 clients[backend].add(name)
     assert clients["postgres"] == {"api", "migrate"}
-    assert clients["redis"] == {"api", "migrate", "trainer", *pools(objs)}
+    assert clients["redis"] == {"api", "migrate", "trainer", "explainer", *pools(objs)}
     assert policies["default-deny"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     for name, policy in policies.items():
         for rule in policy["spec"].get("egress", []):
@@ -662,6 +686,111 @@ def test_workers_and_trainer_drain_within_their_grace_period(overlay: str) -> No
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_long_running_process_of_the_portal_has_a_deployment(overlay: str) -> None:
+    """What ``make run`` starts (scripts/run.py: the API, the workers, the trainer, the explainer,
+    the UI) is what the cluster runs, each in a Deployment of its own image."""
+    import scripts.run
+
+    started = re.findall(r"^command=python (.+)$", scripts.run.config(1, Path("/nowhere"), python="python"), re.M)
+    assert len(started) >= 5 and "-m model.explainer" in started
+    deployed = {" ".join(main_container(d)["command"][1:]): d for d in named(render(overlay), "Deployment").values()}
+    for command in started:
+        assert command in deployed, f"python {command} has no Deployment"
+        module = command.removeprefix("-m ").split(".")[0]
+        assert service_of(main_container(deployed[command])) == module, command
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_explainer_explains_what_is_served_and_drains(overlay: str) -> None:
+    import model.explainer
+
+    objs = render(overlay)
+    deployment = named(objs, "Deployment")["explainer"]
+    container = main_container(deployment)
+    settings = effective(container)
+    # It loads the Keras twin of every served version (or those EXPLAIN_MODELS names): some there are.
+    twins = model.explainer.twins(deployed_registry(objs), settings)
+    assert {t.name for t in twins} >= {"resnet50", "mobilenet_v2", "sketch"}, [t.key for t in twins]
+    # Each computation runs on INFERENCE_THREADS: about the cores of its CPU limit.
+    limit = str(container["resources"]["limits"]["cpu"])
+    cores = int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    assert settings.inference_threads <= math.ceil(cores)
+    # It reads the versions the trainer made, from the volume the workers read.
+    trained = {m["mountPath"]: m for m in container["volumeMounts"]}[str(settings.trained_dir)]
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes[trained["name"]]["persistentVolumeClaim"]["claimName"] == "trained" and trained["readOnly"]
+    # On SIGTERM it finishes the heatmap it computes and withdraws its heartbeat.
+    assert "signal.signal(signal.SIGTERM" in inspect.getsource(model.explainer.main)
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= 10
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_ui_trusts_the_proxies_the_api_trusts(overlay: str) -> None:
+    """Behind the ingress controller the UI sees the controller's address for every browser and
+    passes it on as X-Forwarded-For: unless it believes the controller's own X-Forwarded-For, 20
+    failed logins from anyone lock every UI user out. Where the API trusts proxies (the pod
+    network), the UI trusts the same ones."""
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
+
+    deployments = named(render(overlay), "Deployment")
+    api, ui = effective(main_container(deployments["api"])), effective(main_container(deployments["ui"]))
+    if not api.trusted_proxies:
+        return
+    assert ui.ui_trusted_proxies, "the UI trusts no proxy while the API does"
+
+    def networks(value: str) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return {ipaddress.ip_network(v.strip()) for v in value.split(",") if v.strip()}
+
+    assert networks(ui.ui_trusted_proxies) == networks(api.trusted_proxies)
+    # As uvicorn (under Streamlit) reads FORWARDED_ALLOW_IPS, which python -m ui sets from it.
+    trusted = _TrustedHosts(ui.ui_trusted_proxies)
+    for network in networks(api.trusted_proxies):
+        assert str(next(network.hosts())) in trusted
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_rollout_lets_a_batch_upload_finish(overlay: str) -> None:
+    """On SIGTERM the API pod pauses (preStop) while the ingress stops sending it requests, then
+    uvicorn waits API_GRACEFUL_SHUTDOWN_SECONDS for the requests in progress: as long as the
+    batches Ingress waits for the API, all within the pod's grace period."""
+    import api.__main__
+
+    objs = render(overlay)
+    deployment = named(objs, "Deployment")["api"]
+    container = main_container(deployment)
+    settings = effective(container)
+    assert "timeout_graceful_shutdown=settings.api_graceful_shutdown_seconds" in inspect.getsource(api.__main__.main)
+    [batches] = [
+        i for i in named(objs, "Ingress").values() if i["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1/batches"
+    ]
+    waited = int(batches["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"])
+    assert settings.api_graceful_shutdown_seconds >= waited
+    pause = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep"
+    assert (
+        pod_spec(deployment)["terminationGracePeriodSeconds"] > int(pause[1]) + settings.api_graceful_shutdown_seconds
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_apis_tmp_holds_a_few_spooled_batches(overlay: str) -> None:
+    """Multipart uploads are spooled to /tmp while read; past its sizeLimit the kubelet evicts the
+    pod. Three full batches at once fit, with room to spare."""
+    from api.app.core.body_limits import MULTIPART_OVERHEAD
+
+    deployment = named(render(overlay), "Deployment")["api"]
+    container = main_container(deployment)
+    mount = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}["/tmp"]
+    [volume] = [v for v in pod_spec(deployment)["volumes"] if v["name"] == mount]
+    size = str(volume["emptyDir"]["sizeLimit"])
+    match = re.fullmatch(r"(\d+)(Mi|Gi)", size)
+    assert match, size
+    limit = int(match[1]) * 1024 ** {"Mi": 2, "Gi": 3}[match[2]]
+    batch = effective(container).max_batch_bytes + MULTIPART_OVERHEAD
+    assert limit >= 3 * batch + 512 * 1024**2, size
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_api_waits_for_the_migrations_job(overlay: str) -> None:
     objs = render(overlay)
     job, api_deployment = named(objs, "Job")["migrate"], named(objs, "Deployment")["api"]
@@ -708,14 +837,14 @@ def replica_bounds(objs: list[Obj]) -> dict[str, tuple[int, int]]:
 
 def test_dev_runs_one_replica_of_everything() -> None:
     bounds = replica_bounds(render("dev"))
-    assert set(bounds) == {"api", "ui", "trainer", "worker-resnet50", "worker-small"}
+    assert set(bounds) == {"api", "ui", "trainer", "explainer", "worker-resnet50", "worker-small"}
     assert set(bounds.values()) == {(1, 1)}
 
 
 def test_prod_keeps_two_api_pods_and_scales_them_on_cpu() -> None:
     objs = render("prod")
     bounds = replica_bounds(objs)
-    assert bounds["api"][0] >= 2 and bounds["ui"][0] >= 2 and bounds["trainer"] == (1, 1)
+    assert bounds["api"][0] >= 2 and bounds["ui"][0] >= 2 and bounds["trainer"] == bounds["explainer"] == (1, 1)
     [metric] = named(objs, "HorizontalPodAutoscaler")["api"]["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
     assert all(low < high for n, (low, high) in bounds.items() if n.startswith("worker-"))

@@ -170,17 +170,25 @@ def answered_by_api(response: httpx.Response) -> bool:
 def test_the_limits_follow_the_api_settings() -> None:
     """The sums compose's nginx gets: the API's body limit (its setting plus the multipart
     allowance it grants) and a wait above the prediction deadline; defaults when unset."""
-    from api.app.core.body_limits import MULTIPART_OVERHEAD
+    from api.app.core.body_limits import MULTIPART_OVERHEAD, BodyLimitMiddleware
 
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
     assert limits() == {
         "PORTAL_UPLOAD_BODY": str(defaults.max_upload_bytes + MULTIPART_OVERHEAD),
         "PORTAL_BATCH_BODY": str(defaults.max_batch_bytes + MULTIPART_OVERHEAD),
-        "PORTAL_UPLOAD_MB": str(defaults.max_upload_bytes // 2**20),
-        "PORTAL_BATCH_MB": str(defaults.max_batch_bytes // 2**20),
+        "PORTAL_UPLOAD_MB": "10",
+        "PORTAL_BATCH_MB": "2048",
         "PORTAL_API_TIMEOUT": str(int(defaults.predict_deadline_seconds) + 30),
     }
     assert limits(PREDICT_DEADLINE_SECONDS="45.5")["PORTAL_API_TIMEOUT"] == "75"
+    # The MB in nginx's 413 answers are the API's own (Python's :g): half a MiB is not 0 MB.
+    for size in (524288, 1_000_000, 1536 * 1024, 3 * 2**20, 100):
+        mb = limits(MAX_UPLOAD_BYTES=str(size), MAX_BATCH_BYTES=str(size))
+        assert mb["PORTAL_UPLOAD_MB"] == mb["PORTAL_BATCH_MB"] == f"{size / 2**20:g}", size
+        limit = BodyLimitMiddleware(lambda *_: None, max_upload_bytes=size, max_batch_bytes=size)  # type: ignore[arg-type]
+        assert f"at most {mb['PORTAL_UPLOAD_MB']} MB per file." in limit._too_large(True)
+        assert f"at most {mb['PORTAL_BATCH_MB']} MB in all" in limit._too_large(True, batch=True)
+    assert limits(MAX_UPLOAD_BYTES="524288")["PORTAL_UPLOAD_MB"] == "0.5"
     assert int(limits()["PORTAL_API_TIMEOUT"]) > defaults.predict_deadline_seconds
 
 
@@ -204,6 +212,61 @@ def test_every_api_route_goes_to_the_api_and_the_rest_to_the_ui(settings: Settin
             r = client.get(path)
             assert r.status_code == 200 and not answered_by_api(r), (path, r.status_code)
         assert "<html" in client.get("/").text.lower()
+
+
+def _get(url: str, path: str, source: str = "127.0.0.1", **headers: str) -> httpx.Response:
+    """``GET path`` sent as it is (no normalisation of its escapes) from the local address ``source``."""
+    with httpx.Client(timeout=30, transport=httpx.HTTPTransport(local_address=source)) as client:
+        return client.get(httpx.URL(f"{url}{path}"), headers=headers)
+
+
+def test_monitoring_routes_answer_private_networks_only(front_door: FrontDoor) -> None:
+    """/metrics and /health/ready are for Prometheus and operators: nginx serves them to loopback
+    and the private networks only (127.0.0.1 here; a client at 127.0.0.2 stands for the internet),
+    whatever the path looks like after /metrics."""
+    allowed = {"127.0.0.1", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
+    monitoring = re.search(r"location ~ \^/\(metrics\|health/ready\) \{(.*?)\}", front_door.config, re.S)
+    assert monitoring, "one location for the monitoring routes"
+    assert set(re.findall(r"allow (\S+);", monitoring[1])) == allowed and "deny all;" in monitoring[1]
+    r = _get(front_door.url, "/metrics")
+    assert r.status_code == 200 and "# TYPE" in r.text and answered_by_api(r)
+    assert answered_by_api(_get(front_door.url, "/health/ready"))
+    outsider = f"127.0.0.{random.randint(2, 254)}"
+    for path in ("/metrics", "/health/ready", "/metrics%0A", "/metrics/", "/metricsx", "/health/ready%0A"):
+        r = _get(front_door.url, path, outsider)
+        assert r.status_code == 403 and not answered_by_api(r), (path, r.status_code)
+    # /health/live stays open to all (load balancers' checks).
+    assert _get(front_door.url, "/health/live", outsider).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/metrics%0A", "/metrics%0D", "/health/live%0A", "/v1/images%0D", "/login%0A"])
+def test_a_path_with_a_control_character_is_not_served(front_door: FrontDoor, path: str) -> None:
+    """nginx matches the decoded path ("/metrics\n") and passes the request on as it came; the API
+    refuses it rather than route it to /metrics (Python's $ matches before a trailing newline)."""
+    r = _get(front_door.url, path)
+    assert r.status_code in (400, 403, 404), (path, r.status_code)
+    assert "# TYPE" not in r.text
+
+
+def test_the_ui_may_not_be_framed_by_another_site(front_door: FrontDoor) -> None:
+    for path in ("/", "/classify", "/_stcore/health"):
+        r = _get(front_door.url, path)
+        assert r.headers.get("x-frame-options") == "SAMEORIGIN", path
+        assert r.headers.get("content-security-policy") == "frame-ancestors 'self'", path
+
+
+def test_no_upgrade_is_passed_to_the_api(front_door: FrontDoor) -> None:
+    """A WebSocket handshake is passed to the UI's stream only: to the API's routes nginx sends
+    neither Upgrade nor Connection, so the API answers a plain request."""
+    handshake = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    for path in ("/health/live", "/openapi.json", "/metrics"):
+        r = _get(front_door.url, path, **handshake)
+        assert r.status_code == 200 and answered_by_api(r), (path, r.status_code)
 
 
 def test_the_ui_websocket_is_upgraded(front_door: FrontDoor) -> None:

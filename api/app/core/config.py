@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     """Comma-separated addresses (or networks) of the reverse proxies whose X-Forwarded-For the API
     believes; from anyone else the header is ignored, so a client cannot pick the address its
     failed logins are counted under. Empty: no proxy is trusted."""
+    api_graceful_shutdown_seconds: int = Field(default=5, ge=1)
+    """On SIGTERM, how long the server waits for the requests in progress to finish (an upload, a
+    prediction) before it cuts them off. Above the longest request worth finishing: a batch upload
+    of MAX_BATCH_BYTES takes minutes on a slow link (deploy/k8s gives it 600 s)."""
     api_keep_alive_seconds: int = 75
     """How long an idle HTTP connection stays open. Longer than clients' and load balancers' own
     idle timeouts (60 s on common load balancers), so the server never closes a connection just as
