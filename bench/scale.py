@@ -282,6 +282,7 @@ async def _time_routes(
             repeat=repeat,
         ),
     ]
+
     async def start_export() -> object:
         r = await client.post("/v1/admin/exports", json={"model": "mobilenet_v2"}, headers=admin)
         assert r.status_code == 202, r.text
