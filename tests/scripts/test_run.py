@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -167,3 +168,88 @@ def test_the_demo_retrains_by_itself_unless_told_otherwise(monkeypatch: pytest.M
     assert demo_environment(unset) == {"RETRAIN_MIN_NEW_LABELS": str(DEMO_RETRAIN_MIN_NEW_LABELS)}
     monkeypatch.setenv("RETRAIN_MIN_NEW_LABELS", "0")
     assert demo_environment(Settings(_env_file=None)) == {}  # type: ignore[call-arg]
+
+
+SLEEPER = f"{sys.executable} -c 'import time; time.sleep(600)'"
+
+GROUP = """
+import sys
+from pathlib import Path
+from scripts.run import run_group
+
+sys.exit(run_group(Path(sys.argv[1])))
+"""
+"""What scripts/run.py does once the portal's settings and servers are ready: the group run."""
+
+
+def test_children_left_by_a_killed_supervisord_are_ended(tmp_path: Path) -> None:
+    """supervisord SIGKILLed (its children live on, re-parented): the script ends every one of
+    them, then exits, leaving nothing serving. A tiny group of two sleepers stands for the portal."""
+    from scripts.run import program
+
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(
+        f"[supervisord]\nnodaemon=true\nlogfile=/dev/null\nlogfile_maxbytes=0\npidfile={tmp_path / 'pid'}\n"
+        f"childlogdir={tmp_path}\n" + program("sleeper", SLEEPER, numprocs=2)
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    with open(ARTIFACTS / "run-supervisord-killed.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", GROUP, str(conf)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    sleepers: list[psutil.Process] = []
+    try:
+
+        def started() -> bool:
+            nonlocal sleepers
+            assert proc.poll() is None, (ARTIFACTS / "run-supervisord-killed.log").read_text()
+            sleepers = [
+                c for c in psutil.Process(proc.pid).children(recursive=True) if "time.sleep" in " ".join(command(c))
+            ]
+            return len(sleepers) == 2
+
+        wait_until(started, 30, "the sleepers")
+        supervisord(proc).kill()
+        assert proc.wait(30) != 0, "supervisord was killed: a failure"
+        _gone, alive = psutil.wait_procs(sleepers, timeout=5)
+        assert not alive, [command(p) for p in alive]
+    finally:
+        kill_all(proc, sleepers)
+    output = (ARTIFACTS / "run-supervisord-killed.log").read_text()
+    assert "supervisord exited (-9) leaving 2 processes of the group: ended them" in output, output
+
+
+def test_the_checkouts_env_is_read_from_any_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Started from another directory, the script still reads the checkout's .env: its explicit
+    URLs are used, and no private server replaces them."""
+    import scripts.run as run
+    from api.app.core.config import get_settings
+    from model.config import get_model_settings
+    from ui.config import get_ui_settings
+
+    checkout, elsewhere = tmp_path / "checkout", tmp_path / "elsewhere"
+    checkout.mkdir()
+    elsewhere.mkdir()
+    database_url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/portal"
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    (checkout / ".env").write_text(f"DATABASE_URL={database_url}\nREDIS_URL={redis_url}\n")
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PORTAL_TEST_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setattr(run, "PROJECT_ROOT", checkout)
+    monkeypatch.chdir(elsewhere)
+    caches = (get_settings, get_model_settings, get_ui_settings)
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        api, _model, _ui = run.project_settings()
+        assert (api.database_url, api.redis_url) == (database_url, redis_url)
+        services = run.local_services(api)
+        assert services.started == [] and services.environment() == {}
+    finally:
+        for cached in caches:
+            cached.cache_clear()
