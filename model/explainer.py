@@ -232,9 +232,17 @@ def main() -> None:
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)
     explainer = Explainer(settings)
+
+    def leave_while_loading(signum: int, _frame: object) -> None:
+        # Loading holds no request yet: nothing to finish, and building the graphs (or a weight
+        # download that cannot succeed) would keep a supervisor waiting for its stop timeout.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave_while_loading)
+    signal.signal(signal.SIGINT, leave_while_loading)
+    explainer.load()
     signal.signal(signal.SIGTERM, explainer.stop)
     signal.signal(signal.SIGINT, explainer.stop)
-    explainer.load()
     explainer.run()
 
 
