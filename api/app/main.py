@@ -134,11 +134,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop=stop,
             outage_log=outage_log,
         )
-        # Export jobs use the requests' pool, not the results' two connections: a page or a lease
-        # renewal now and then must never make the result collector wait.
+        # Export jobs have connections of their own: a page or a lease renewal must never make the
+        # result collector wait, and their polling never takes a connection from a request.
+        state.export_engine = make_engine(settings, pool_size=2, max_overflow=0, role="exports")
         state.export_runner = exports = ExportRunner(
-            sessionmaker=state.sessionmaker,
-            read_sessionmaker=state.read_sessionmaker,
+            sessionmaker=make_sessionmaker(state.export_engine),
+            read_sessionmaker=make_read_sessionmaker(state.export_engine),
             store=state.store,
             storage_dir=settings.storage_dir,
             batch_rows=settings.export_batch_rows,
@@ -184,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.redis_blocking.aclose()
             await state.engine.dispose()
             await state.background_engine.dispose()
+            await state.export_engine.dispose()
             metrics.forget_this_process()
 
     app = FastAPI(

@@ -19,7 +19,7 @@ from api.prestart import migrate
 from tests.api.conftest import Stack
 from tests.api.test_predictions import noise_png
 from tests.conftest import Users, client_for
-from tests.support import PostgresServer
+from tests.support import PostgresServer, RedisServer
 
 
 async def _ready(client: httpx.AsyncClient, expected: int, within: float = 30) -> dict[str, Any]:
@@ -82,8 +82,11 @@ async def test_ready_warns_while_autovacuum_is_off(settings: Settings) -> None:
     server = PostgresServer()
     server.init()
     server.start()
+    # A Redis of its own too: this API's registry must not reach the suite's workers.
+    redis_server = RedisServer()
+    redis_server.start()
     try:
-        private = settings.model_copy(update={"database_url": server.url})
+        private = settings.model_copy(update={"database_url": server.url, "redis_url": redis_server.url})
         await asyncio.to_thread(migrate, private.database_url)
         conn = await asyncpg.connect(server.url.replace("postgresql+asyncpg://", "postgresql://"))
         try:
@@ -100,4 +103,5 @@ async def test_ready_warns_while_autovacuum_is_off(settings: Settings) -> None:
         finally:
             await conn.close()
     finally:
+        redis_server.stop()
         server.stop()

@@ -4,8 +4,9 @@ The ASGI server hands the app the percent-decoded path, and Starlette matches ro
 expressions ending in ``$``, which in Python also matches just before a trailing newline: without
 this, ``GET /metrics%0A`` would reach ``/metrics`` while a proxy in front, which denies the exact
 path ``/metrics``, saw another path and let it through. No route of the API has a control
-character in it, so a request whose decoded path holds one (C0, DEL or C1) is answered 400 and
-never routed: no route is reachable by a path other than its own.
+character in it, so a request whose decoded path holds one (C0, DEL or C1) is answered 404, as
+any path without a route is (every route with a path parameter documents 404), and never
+routed: no route is reachable by a path other than its own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """A control character: C0 (newline, carriage return, NUL...), DEL, or C1."""
-DETAIL = "The path holds a control character."
+DETAIL = "Not Found: the path holds a control character."
 
 
 def has_control_character(path: str) -> bool:
@@ -26,7 +27,7 @@ def has_control_character(path: str) -> bool:
 
 
 class PathGuardMiddleware:
-    """Answers 400 to an HTTP request, and refuses a WebSocket handshake, whose path holds a control
+    """Answers 404 to an HTTP request, and refuses a WebSocket handshake, whose path holds a control
     character; passes everything else on untouched."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -44,7 +45,7 @@ class PathGuardMiddleware:
         await send(
             {
                 "type": "http.response.start",
-                "status": 400,
+                "status": 404,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

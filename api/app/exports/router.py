@@ -7,7 +7,7 @@ from anyio import to_thread
 from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.responses import FileResponse
 
-from api.app.core.responses import ADMIN, BODY, INVALID, NOT_FOUND, Responses, error
+from api.app.core.responses import ADMIN, BODY, BODY_TOO_LARGE, INVALID, NOT_FOUND, Responses, error
 from api.app.deps import AdminUser, PageDep, ReadSessionDep, SessionDep, SettingsDep
 from api.app.exports import service
 from api.app.exports.schemas import ExportPublic, ExportRequest, ExportsPublic
@@ -77,7 +77,9 @@ async def download_export(
 
 
 @router.post(
-    "/{export_id}/cancel", response_model=ExportPublic, responses={**ADMIN, **NOT_FOUND, **FINISHED, **INVALID}
+    "/{export_id}/cancel",
+    response_model=ExportPublic,
+    responses={**ADMIN, **NOT_FOUND, **FINISHED, **INVALID, **BODY_TOO_LARGE},
 )
 async def cancel_export(export_id: uuid.UUID, _: AdminUser, session: SessionDep) -> ExportPublic:
     """Cancel a queued or running export; it stops within a few seconds and leaves no file (admin).
