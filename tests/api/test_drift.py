@@ -51,8 +51,10 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift() -> None:
     assert service.psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) - 0.4 * np.log(0.2))
     assert service.psi([1.0, 0.0], [0.0, 1.0]) > 10  # empty bins count EPSILON, not zero
     binned = service.bin_numeric(list(range(100)), list(range(100)), 4)
-    assert binned.psi == 0 and binned.reference == pytest.approx([0.25] * 4)
-    assert service.bin_categorical(["a"] * 9 + ["b"], ["c"] * 10, 3).window == [0, 0, 1.0]
+    # Four reference quartiles, between the bins below its minimum and above its maximum.
+    assert binned.psi == 0 and binned.reference == pytest.approx([0, 0.25, 0.25, 0.25, 0.25, 0])
+    binned = service.bin_categorical(["a"] * 20 + ["b"], ["c"] * 20, 3)
+    assert binned.labels == ["a", "c", "other"] and binned.window == [0, 1.0, 0]
 
 
 async def _send(stack: Stack, headers: dict[str, str], images: list[bytes]) -> None:

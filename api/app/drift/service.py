@@ -130,26 +130,47 @@ def _fmt(value: float) -> str:
 
 
 def bin_numeric(reference: Sequence[float], window: Sequence[float], bins: int) -> Binned:
-    """Both samples binned at the reference's quantiles (edges shared where values tie)."""
+    """Both samples binned at the reference's quantiles (edges shared where values tie), with a bin
+    of their own below the reference's minimum and above its maximum: without them a window wholly
+    outside the reference's range (every reference value the same, say) would share its bins and
+    show no change at all. The reference never falls in those two bins."""
     ref = np.asarray(reference, dtype=np.float64)
     win = np.asarray(window, dtype=np.float64)
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    low, high = float(ref.min()), float(ref.max())
+    inner = np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1])
+    # side="right" below puts a value equal to an edge above it: ``low`` opens the first reference
+    # bin, and the edge just above ``high`` closes the last one.
+    edges = np.unique(np.concatenate([[low], inner, [np.nextafter(high, np.inf)]]))
     slots = len(edges) + 1
     ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=slots)
     win_counts = np.bincount(np.searchsorted(edges, win, side="right"), minlength=slots)
-    labels = [f"< {_fmt(edges[0])}"] if len(edges) else ["all"]
-    labels += [f"{_fmt(lo)} to {_fmt(hi)}" for lo, hi in pairwise(edges)]
-    if len(edges):
-        labels.append(f">= {_fmt(edges[-1])}")
+    shown = [*edges[:-1], high]  # the last edge is printed as the maximum it stands just above
+    labels = [f"< {_fmt(low)}"]
+    labels += [f"{_fmt(lo)} to {_fmt(hi)}" for lo, hi in pairwise(shown)]
+    labels.append(f"> {_fmt(high)}")
     return Binned(labels, _shares(ref_counts.tolist()), _shares(win_counts.tolist()))
+
+
+MIN_CATEGORY_COUNT = 10
+"""Answers (reference and window together) a category needs for a bin of its own."""
 
 
 def bin_categorical(
     reference: Sequence[str], window: Sequence[str], bins: int, fixed: Sequence[str] | None = None
 ) -> Binned:
-    """The reference's ``bins - 1`` most frequent categories (or the ``fixed`` ones), and "other"
-    for every other one (where a class never answered in the reference lands)."""
-    kept = list(fixed) if fixed is not None else [c for c, _ in Counter(reference).most_common(bins - 1)]
+    """The ``fixed`` categories, or else at most ``bins - 1`` of the most frequent ones over both
+    samples together that have MIN_CATEGORY_COUNT answers there, and "other" for the rest.
+
+    Chosen from the reference alone, the kept categories of a 1000-class model seen 200 times
+    would be whichever classes chance put first (each answered once or twice): their shares then
+    drop in any window and PSI reads a shift where there is none. Classes with support over both
+    samples are the ones whose shares can be compared; a class the window answers often and the
+    reference never still gets its own bin, so a move to other classes shows."""
+    if fixed is not None:
+        kept = list(fixed)
+    else:
+        combined = Counter(reference) + Counter(window)
+        kept = [c for c, n in combined.most_common(bins - 1) if n >= MIN_CATEGORY_COUNT]
     index = {c: i for i, c in enumerate(kept)}
     ref_counts = [0] * (len(kept) + 1)
     win_counts = [0] * (len(kept) + 1)
