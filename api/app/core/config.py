@@ -215,7 +215,11 @@ class Settings(BaseSettings):
     """Longest a request for a heatmap waits for an explainer (then 504; the heatmap computed
     meanwhile is cached and the next request gets it at once)."""
     explanation_queue_limit: int = Field(default=50, ge=1)
-    """Explanation requests waiting for one Keras model past which new ones are refused (503)."""
+    """Explanation requests waiting for one Keras model past which new ones are refused (503);
+    requests past their deadline (a dead explainer's) are trimmed first and never count."""
+    explanations_in_flight_per_user: int = Field(default=4, ge=1)
+    """Explanation requests one user may have in the explainers' queues at once; beyond it 429
+    with Retry-After, so one user cannot fill a queue for everyone."""
     drift_reference_size: int = Field(default=500, ge=10)
     """Drift: a version's first this many answered predictions are its reference window."""
     drift_window_size: int = Field(default=500, ge=10)
