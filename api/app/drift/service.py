@@ -18,6 +18,7 @@ about the same share; the class is binned as the reference's most frequent class
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from itertools import pairwise
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, select, tuple_
+from sqlalchemy import and_, delete, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -243,11 +244,35 @@ async def windows(
     return [Row(*r[:8]) for r in ref_rows], [Row(*r[:8]) for r in win_rows]
 
 
+_exported: set[tuple[str, str, str]] = set()
+"""The (model, version, signal) labels this process has set ``portal_drift_psi`` for."""
+
+
+def export_gauges(rows: Sequence[DriftSignal]) -> None:
+    """Sets this process's ``portal_drift_psi`` gauges to the stored indices and forgets the labels
+    no longer stored, so a version no longer served stops reporting (and alerting on) its last
+    index. prometheus-client cannot remove a label in multiprocess mode (the value stays in the
+    process's file): there the gauge is set to NaN, which no threshold matches."""
+    current = {(r.model_name, str(r.model_version), r.signal): r.psi for r in rows}
+    for labels, value in current.items():
+        metrics.DRIFT_PSI.labels(*labels).set(value)
+    multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    for labels in _exported - current.keys():
+        if multiprocess:
+            metrics.DRIFT_PSI.labels(*labels).set(math.nan)
+        else:
+            metrics.DRIFT_PSI.remove(*labels)
+    _exported.clear()
+    _exported.update(current)
+
+
 async def refresh(
     *, session: AsyncSession, entries: list[ModelEntry], reference_size: int, window_size: int, bins: int
 ) -> int:
     """Computes and stores every signal's index of each version in ``entries`` that has both
-    windows in full, and sets the ``portal_drift_psi`` gauges; returns how many versions."""
+    windows in full, deletes the stored indices this did not compute (versions no longer served,
+    signals without values now), and sets the ``portal_drift_psi`` gauges from what is left;
+    returns how many versions."""
     now = datetime.now(UTC)
     done = 0
     for entry in entries:
@@ -270,7 +295,6 @@ async def refresh(
                     "computed_at": now,
                 }
             )
-            metrics.DRIFT_PSI.labels(entry.name, str(entry.version), signal).set(value)
         if rows:
             stmt = insert(DriftSignal).values(rows)
             await session.execute(
@@ -282,7 +306,11 @@ async def refresh(
                 )
             )
             done += 1
+    # Every row this refresh wrote has computed_at = now: an older one is a version (or signal) it
+    # no longer computes, whose last index would otherwise be reported, and alerted on, for ever.
+    await session.execute(delete(DriftSignal).where(DriftSignal.computed_at < now))
     await session.commit()
+    export_gauges(await stored(session=session))
     return done
 
 
