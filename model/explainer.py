@@ -13,6 +13,10 @@ is already cached gets it without a computation. A request past its deadline (no
 more) is dropped without computing. Every entry handled or dropped is acknowledged and deleted (it
 holds the image's bytes). A killed explainer's entries stay pending: the others claim them once
 idle EXPLAIN_CLAIM_IDLE_S (XAUTOCLAIM), and trim entries older than any deadline can be.
+
+The registry is read once, at start: unlike ``model.worker`` an explainer does not follow its
+changes (loading Keras graphs from a thread while serving would need the worker's hand-over
+machinery); it is restarted to explain a newly registered version.
 """
 
 from __future__ import annotations
