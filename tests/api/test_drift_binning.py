@@ -52,8 +52,9 @@ def test_a_window_outside_a_constant_reference_is_drift(before: float, after: fl
 
 def test_values_past_either_end_of_the_reference_get_bins_of_their_own() -> None:
     binned = service.bin_numeric(list(range(100)), [-5.0, 50.0, 200.0, 300.0], 4)
-    assert binned.reference == pytest.approx([0, 0.25, 0.25, 0.25, 0.25, 0])
-    assert binned.window == pytest.approx([0.25, 0, 0, 0.25, 0, 0.5])
+    # Half an answer in each outer bin of both: one extreme value in a small window is no shift.
+    assert binned.reference == pytest.approx([0.5 / 101, *[25 / 101] * 4, 0.5 / 101])
+    assert binned.window == pytest.approx([1.5 / 5, 0, 0, 1 / 5, 0, 2.5 / 5])
     assert binned.labels[0] == "< 0" and binned.labels[-1] == "> 99"
 
 

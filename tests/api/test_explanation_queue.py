@@ -66,7 +66,7 @@ async def test_a_killed_explainers_requests_are_cleared_and_each_heatmap_is_comp
             owner_id=999,  # a user of its own: its answer is cached for them alone
             image=parrot,
         )
-        sync.xadd(STREAM, request.to_fields())  # type: ignore[arg-type]
+        sync.xadd(STREAM, request.to_fields())
     sync.xreadgroup(keys.EXPLAIN_GROUP, "explainer-killed", {STREAM: ">"}, count=10)
     _pretend_an_explainer_is_live(sync, "mobilenet_v2@1", seconds=2)
     r = await client.get(f"/v1/predictions/{mine}/explanation", headers=admin)

@@ -121,13 +121,17 @@ class Binned:
         ]
 
 
-def _shares(counts: Sequence[int]) -> list[float]:
+def _shares(counts: Sequence[float]) -> list[float]:
     n = sum(counts)
     return [c / n if n else 0.0 for c in counts]
 
 
 def _fmt(value: float) -> str:
     return f"{value:.3g}"
+
+
+OUTER_PSEUDO_COUNT = 0.5
+"""Answers added to both samples' bins below and above the reference's range (see bin_numeric)."""
 
 
 def bin_numeric(reference: Sequence[float], window: Sequence[float], bins: int) -> Binned:
@@ -143,8 +147,12 @@ def bin_numeric(reference: Sequence[float], window: Sequence[float], bins: int) 
     # bin, and the edge just above ``high`` closes the last one.
     edges = np.unique(np.concatenate([[low], inner, [np.nextafter(high, np.inf)]]))
     slots = len(edges) + 1
-    ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=slots)
-    win_counts = np.bincount(np.searchsorted(edges, win, side="right"), minlength=slots)
+    # Half an answer in each outer bin of both samples: the reference's is otherwise empty, and one
+    # extreme picture in a small window would weigh ln(share / EPSILON) as if it were a shift.
+    outer = np.zeros(slots)
+    outer[[0, -1]] = OUTER_PSEUDO_COUNT
+    ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=slots) + outer
+    win_counts = np.bincount(np.searchsorted(edges, win, side="right"), minlength=slots) + outer
     shown = [*edges[:-1], high]  # the last edge is printed as the maximum it stands just above
     labels = [f"< {_fmt(low)}"]
     labels += [f"{_fmt(lo)} to {_fmt(hi)}" for lo, hi in pairwise(shown)]
