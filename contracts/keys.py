@@ -63,11 +63,23 @@ def explainer_key(explainer_id: str) -> str:
     return f"{EXPLAINER_PREFIX}{explainer_id}"
 
 
-def explanation_key(sha256: str, model: str, version: int) -> str:
-    """A computed explanation of these bytes by this served version, cached with a TTL. Unlike
-    answers it is not kept per user: only the owner of a prediction can ask for it, and a heatmap
-    tells nothing the bytes themselves do not."""
-    return f"explanation:{sha256}:{model}@{version}"
+def explanation_key(owner_id: int, sha256: str, model: str, version: int) -> str:
+    """One user's computed explanation of these bytes by this served version, cached with a TTL.
+    Kept per user as answers are (``result_cache_key``): a shared entry's instant ``cached`` reply
+    would tell a user that someone else had asked about the same image."""
+    return f"explanation:{owner_id}:{sha256}:{model}@{version}"
+
+
+def explanation_inflight_key(owner_id: int, sha256: str, model: str, version: int) -> str:
+    """Held (SET NX, TTL the wait) by the request that asked an explainer for this explanation:
+    the same user's other requests for it wait for the cached answer instead of asking again."""
+    return f"explanation:inflight:{owner_id}:{sha256}:{model}@{version}"
+
+
+def explanations_of_user_key(owner_id: int) -> str:
+    """A sorted set of the user's explanation requests in an explainer's queue (request id, scored
+    by its deadline): the per-user cap counts those not yet past their deadline."""
+    return f"explanation:user:{owner_id}"
 
 
 def explanation_done_key(request_id: str) -> str:

@@ -193,6 +193,8 @@ class ExplainRequest(BaseModel):
     """The class to explain: the prediction's top-1 label."""
     deadline: float
     """Epoch seconds after which nobody waits for the answer (it is then not computed)."""
+    owner_id: int | None = None
+    """The user who asked: the answer is cached for them alone (None: not cached)."""
     image: bytes = Field(default=b"", exclude=True)
 
     def to_fields(self) -> StreamFields:
@@ -221,3 +223,5 @@ class Explanation(BaseModel):
     error: str | None = None
     explainer_id: str = ""
     compute_ms: float = 0.0
+    from_cache: bool = False
+    """The explainer found the answer already cached (asked twice) and did not compute it again."""

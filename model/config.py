@@ -79,7 +79,10 @@ class ModelSettings(BaseSettings):
     """Keras models an explainer (``python -m model.explainer``) loads to compute Grad-CAM heatmaps,
     e.g. "mobilenet_v2@1,sketch@3"; empty: the Keras twin of every version served."""
     explanation_ttl_s: int = 7 * 86400
-    """How long a computed heatmap stays cached in Redis, per (image sha256, model version)."""
+    """How long a computed heatmap stays cached in Redis, per (user, image sha256, model version)."""
+    explain_claim_idle_s: float = 10.0
+    """An explanation request delivered to an explainer that has not acknowledged it for this long
+    (it was killed, say) is claimed by another: answered if still awaited, else dropped."""
     log_level: str = "INFO"
     """Root log level."""
     log_json: bool = True

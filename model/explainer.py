@@ -7,9 +7,16 @@ graph for gradients. Its heartbeat (``explainer:<id>``) is separate from the mod
 is never mistaken for one serving predictions. It runs niced like the workers
 (``CPU_NICE``): on a shared host the predictions' processes get the CPU first.
 
-Each answer is cached under ``explanation:<sha256>:<model>@<version>`` (EXPLANATION_TTL_S) and
-pushed to the waiting request's ``explanation:done:<request id>`` list. A request past its
-deadline (nobody waits any more) is dropped without computing.
+Each answer is cached under ``explanation:<user>:<sha256>:<model>@<version>`` (EXPLANATION_TTL_S)
+and pushed to the waiting request's ``explanation:done:<request id>`` list; a request whose answer
+is already cached gets it without a computation. A request past its deadline (nobody waits any
+more) is dropped without computing. Every entry handled or dropped is acknowledged and deleted (it
+holds the image's bytes). A killed explainer's entries stay pending: the others claim them once
+idle EXPLAIN_CLAIM_IDLE_S (XAUTOCLAIM), and trim entries older than any deadline can be.
+
+The registry is read once, at start: unlike ``model.worker`` an explainer does not follow its
+changes (loading Keras graphs from a thread while serving would need the worker's hand-over
+machinery); it is restarted to explain a newly registered version.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ log = logging.getLogger("model.explainer")
 
 DONE_TTL_S = 60
 """How long an answer waits in its done list for the request that asked (which waits less)."""
+MAX_WAIT_S = 120
+"""The longest EXPLANATION_WAIT_SECONDS allowed: an entry queued longer ago is past its deadline."""
+REAP_EVERY_S = 1.0
+"""How often an explainer claims idle pending entries and trims expired ones."""
 
 
 def twins(registry: Registry, settings: ModelSettings) -> list[ModelEntry]:
@@ -144,21 +155,34 @@ class Explainer:
             }
         )
 
-    def handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            request = ExplainRequest.from_fields(fields)
-        except Exception:
-            log.exception("dropping malformed explanation request %s", entry_id)
-            request = None
+    def _cached(self, request: ExplainRequest) -> Explanation | None:
+        """The answer another request for the same explanation already cached, if any."""
+        if request.owner_id is None:
+            return None
+        raw = self.redis.get(keys.explanation_key(request.owner_id, request.sha256, request.model, request.version))
+        if raw is None:
+            return None
+        cached = Explanation.model_validate_json(cast(bytes, raw))
+        if cached.label != request.label:
+            return None
+        return cached.model_copy(update={"from_cache": True})
+
+    def handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        request = None
+        if fields:
+            try:
+                request = ExplainRequest.from_fields(fields)
+            except Exception:
+                log.exception("dropping malformed explanation request %s", entry_id)
         answer = None
         if request is not None and request.deadline >= time.time():
-            answer = self.compute(stream, request)
+            answer = self._cached(request) or self.compute(stream, request)
         with self.redis.pipeline(transaction=True) as pipe:
             if request is not None and answer is not None:
                 payload = answer.model_dump_json()
-                if answer.status == ExplanationStatus.ok:
+                if answer.status == ExplanationStatus.ok and not answer.from_cache and request.owner_id is not None:
                     pipe.set(
-                        keys.explanation_key(request.sha256, request.model, request.version),
+                        keys.explanation_key(request.owner_id, request.sha256, request.model, request.version),
                         payload,
                         ex=self.settings.explanation_ttl_s,
                     )
@@ -170,17 +194,43 @@ class Explainer:
             pipe.execute()
         if answer is not None:
             log.info(
-                "explained %s by %s: %s in %.0f ms",
+                "explained %s by %s: %s in %.0f ms%s",
                 request.sha256[:12] if request else "?",
                 stream,
                 answer.status,
                 answer.compute_ms,
+                " (cached)" if answer.from_cache else "",
             )
+
+    def reap(self) -> None:
+        """Frees what dead explainers left: entries older than any deadline are trimmed (the stream
+        id is the time it was queued), and entries pending with another consumer for
+        EXPLAIN_CLAIM_IDLE_S are claimed and handled (answered if still awaited, else dropped)."""
+        min_id = f"{int((time.time() - MAX_WAIT_S) * 1000)}-0"
+        idle_ms = int(self.settings.explain_claim_idle_s * 1000)
+        for stream in self.cams:
+            self.redis.xtrim(stream, minid=min_id, approximate=False)
+            start: bytes | str = "0-0"
+            while True:
+                reply = cast(
+                    list[object],
+                    self.redis.xautoclaim(
+                        stream, keys.EXPLAIN_GROUP, self.explainer_id, min_idle_time=idle_ms, start_id=start, count=10
+                    ),
+                )
+                # Entries trimmed or deleted meanwhile come back in reply[2] (or with no fields):
+                # Redis drops them from the pending list itself.
+                start = cast(bytes, reply[0])
+                for entry_id, fields in cast(list[tuple[bytes, dict[bytes, bytes] | None]], reply[1]):
+                    self.handle(stream, entry_id, fields)
+                if start in (b"0-0", "0-0"):
+                    break
 
     def run(self) -> None:
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         ready = False
         started = False
+        reaped = 0.0
         while not self.stopping.is_set():
             try:
                 if not ready:
@@ -197,6 +247,9 @@ class Explainer:
                 if not self.cams:
                     self.stopping.wait(1)
                     continue
+                if time.monotonic() - reaped >= REAP_EVERY_S:
+                    self.reap()
+                    reaped = time.monotonic()
                 response = cast(
                     list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
                     self.redis.xreadgroup(

@@ -4,6 +4,7 @@ first ones, it does not. Real workers, real pixels, small windows."""
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from api.app.drift import service
+from api.app.drift.models import DriftSignal
 from tests.api.conftest import Stack
 from tests.api.test_releases import canvas_drawings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, login
@@ -51,8 +53,10 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift() -> None:
     assert service.psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) - 0.4 * np.log(0.2))
     assert service.psi([1.0, 0.0], [0.0, 1.0]) > 10  # empty bins count EPSILON, not zero
     binned = service.bin_numeric(list(range(100)), list(range(100)), 4)
-    assert binned.psi == 0 and binned.reference == pytest.approx([0.25] * 4)
-    assert service.bin_categorical(["a"] * 9 + ["b"], ["c"] * 10, 3).window == [0, 0, 1.0]
+    # Four reference quartiles, between the bins below its minimum and above its maximum.
+    assert binned.psi == 0 and binned.reference[1:-1] == pytest.approx([25 / 101] * 4)
+    binned = service.bin_categorical(["a"] * 20 + ["b"], ["c"] * 20, 3)
+    assert binned.labels == ["a", "c", "other"] and binned.window == [0, 1.0, 0]
 
 
 async def _send(stack: Stack, headers: dict[str, str], images: list[bytes]) -> None:
@@ -98,3 +102,33 @@ async def test_sketches_move_a_photo_models_drift_index_past_the_alert_and_photo
     colour = {b["label"]: b for b in signals["colour"]["bins"]}
     assert colour["greyscale"]["window"] == 1.0
     assert _gauge("brightness") == pytest.approx(signals["brightness"]["psi"])
+
+
+async def test_indices_of_versions_no_longer_computed_are_deleted_and_stop_reporting(own_stack: Stack) -> None:
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    old = datetime.now(UTC) - timedelta(hours=2)
+    async with own_stack.app.state.sessionmaker() as session:
+        session.add(
+            DriftSignal(
+                model_name="mobilenet_v2",
+                model_version=1,
+                signal="brightness",
+                psi=0.9,
+                reference_count=10,
+                window_count=10,
+                bins=[],
+                computed_at=old,
+            )
+        )
+        await session.commit()
+        service.export_gauges(await service.stored(session=session))
+    assert _gauge("brightness") == 0.9
+    # Read as stored, it says how old it is.
+    r = await client.get("/v1/admin/drift", headers=admin)
+    (version,) = r.json()["versions"]
+    assert version["age_seconds"] >= 7000, version
+    # Computed now, the version has no windows (no answers here): its index and gauge go.
+    r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+    assert r.status_code == 200 and r.json()["versions"] == [], r.text
+    assert _gauge("brightness") is None

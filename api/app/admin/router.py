@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
@@ -102,6 +103,7 @@ async def drift(
             bins=settings.drift_bins,
         )
     versions: dict[tuple[str, int], list[DriftSignal]] = {}
+    now = datetime.now(UTC)
     for row in await drift_service.stored(session=session):
         versions.setdefault((row.model_name, row.model_version), []).append(row)
     out = []
@@ -113,7 +115,8 @@ async def drift(
                 version=version,
                 reference_count=rows[0].reference_count,
                 window_count=rows[0].window_count,
-                computed_at=max(r.computed_at for r in rows),
+                computed_at=(computed_at := max(r.computed_at for r in rows)),
+                age_seconds=round((now - computed_at).total_seconds(), 1),
                 max_psi=worst,
                 status=drift_service.status(worst),
                 signals=[

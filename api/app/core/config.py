@@ -215,15 +215,21 @@ class Settings(BaseSettings):
     """Longest a request for a heatmap waits for an explainer (then 504; the heatmap computed
     meanwhile is cached and the next request gets it at once)."""
     explanation_queue_limit: int = Field(default=50, ge=1)
-    """Explanation requests waiting for one Keras model past which new ones are refused (503)."""
-    drift_reference_size: int = Field(default=200, ge=10)
+    """Explanation requests waiting for one Keras model past which new ones are refused (503);
+    requests past their deadline (a dead explainer's) are trimmed first and never count."""
+    explanations_in_flight_per_user: int = Field(default=4, ge=1)
+    """Explanation requests one user may have in the explainers' queues at once; beyond it 429
+    with Retry-After, so one user cannot fill a queue for everyone."""
+    drift_reference_size: int = Field(default=500, ge=10)
     """Drift: a version's first this many answered predictions are its reference window."""
-    drift_window_size: int = Field(default=200, ge=10)
+    drift_window_size: int = Field(default=500, ge=10)
     """Drift: its latest this many answered predictions (after the reference) are compared with it."""
-    drift_bins: int = Field(default=10, ge=2, le=50)
-    """Bins of each numeric signal's distribution (deciles of the reference by default); with
+    drift_bins: int = Field(default=5, ge=2, le=50)
+    """Bins of each numeric signal's distribution (quintiles of the reference by default); with
     windows of n and m predictions, PSI has a floor of about (bins - 1)(1/n + 1/m) from sampling
-    alone (Yurdakul 2018), 0.09 at the defaults."""
+    alone (Yurdakul 2018): 0.016 at the defaults, so a version answering as before reads "stable"
+    (with 10 bins and windows of 200 it was 0.09, and nearly every version showed "watch" on
+    one of its nine signals)."""
     drift_interval_seconds: float = Field(default=60.0, gt=0)
     """How often the drift indices are computed (by one API process at a time) and stored."""
 

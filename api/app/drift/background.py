@@ -7,7 +7,6 @@ import asyncio
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.errors import OutageLog
 from api.app.core.tasks import run_every
@@ -31,8 +30,7 @@ async def step(
                 window_size=settings.drift_window_size,
                 bins=settings.drift_bins,
             )
-        for row in await service.stored(session=session):
-            metrics.DRIFT_PSI.labels(row.model_name, str(row.model_version), row.signal).set(row.psi)
+        service.export_gauges(await service.stored(session=session))
 
 
 async def compute_periodically(

@@ -24,6 +24,9 @@ class DriftVersion(BaseModel):
     reference_count: int
     window_count: int
     computed_at: datetime
+    age_seconds: float = Field(
+        description="Seconds since computed_at: far past DRIFT_INTERVAL_SECONDS, the computation has stalled"
+    )
     max_psi: float
     status: str
     signals: list[DriftSignalOut]

@@ -18,6 +18,7 @@ about the same share; the class is binned as the reference's most frequent class
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from itertools import pairwise
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, select, tuple_
+from sqlalchemy import and_, delete, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -120,7 +121,7 @@ class Binned:
         ]
 
 
-def _shares(counts: Sequence[int]) -> list[float]:
+def _shares(counts: Sequence[float]) -> list[float]:
     n = sum(counts)
     return [c / n if n else 0.0 for c in counts]
 
@@ -129,27 +130,56 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+OUTER_PSEUDO_COUNT = 0.5
+"""Answers added to both samples' bins below and above the reference's range (see bin_numeric)."""
+
+
 def bin_numeric(reference: Sequence[float], window: Sequence[float], bins: int) -> Binned:
-    """Both samples binned at the reference's quantiles (edges shared where values tie)."""
+    """Both samples binned at the reference's quantiles (edges shared where values tie), with a bin
+    of their own below the reference's minimum and above its maximum: without them a window wholly
+    outside the reference's range (every reference value the same, say) would share its bins and
+    show no change at all. The reference never falls in those two bins."""
     ref = np.asarray(reference, dtype=np.float64)
     win = np.asarray(window, dtype=np.float64)
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    low, high = float(ref.min()), float(ref.max())
+    inner = np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1])
+    # side="right" below puts a value equal to an edge above it: ``low`` opens the first reference
+    # bin, and the edge just above ``high`` closes the last one.
+    edges = np.unique(np.concatenate([[low], inner, [np.nextafter(high, np.inf)]]))
     slots = len(edges) + 1
-    ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=slots)
-    win_counts = np.bincount(np.searchsorted(edges, win, side="right"), minlength=slots)
-    labels = [f"< {_fmt(edges[0])}"] if len(edges) else ["all"]
-    labels += [f"{_fmt(lo)} to {_fmt(hi)}" for lo, hi in pairwise(edges)]
-    if len(edges):
-        labels.append(f">= {_fmt(edges[-1])}")
+    # Half an answer in each outer bin of both samples: the reference's is otherwise empty, and one
+    # extreme picture in a small window would weigh ln(share / EPSILON) as if it were a shift.
+    outer = np.zeros(slots)
+    outer[[0, -1]] = OUTER_PSEUDO_COUNT
+    ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=slots) + outer
+    win_counts = np.bincount(np.searchsorted(edges, win, side="right"), minlength=slots) + outer
+    shown = [*edges[:-1], high]  # the last edge is printed as the maximum it stands just above
+    labels = [f"< {_fmt(low)}"]
+    labels += [f"{_fmt(lo)} to {_fmt(hi)}" for lo, hi in pairwise(shown)]
+    labels.append(f"> {_fmt(high)}")
     return Binned(labels, _shares(ref_counts.tolist()), _shares(win_counts.tolist()))
+
+
+MIN_CATEGORY_COUNT = 10
+"""Answers (reference and window together) a category needs for a bin of its own."""
 
 
 def bin_categorical(
     reference: Sequence[str], window: Sequence[str], bins: int, fixed: Sequence[str] | None = None
 ) -> Binned:
-    """The reference's ``bins - 1`` most frequent categories (or the ``fixed`` ones), and "other"
-    for every other one (where a class never answered in the reference lands)."""
-    kept = list(fixed) if fixed is not None else [c for c, _ in Counter(reference).most_common(bins - 1)]
+    """The ``fixed`` categories, or else at most ``bins - 1`` of the most frequent ones over both
+    samples together that have MIN_CATEGORY_COUNT answers there, and "other" for the rest.
+
+    Chosen from the reference alone, the kept categories of a 1000-class model seen 200 times
+    would be whichever classes chance put first (each answered once or twice): their shares then
+    drop in any window and PSI reads a shift where there is none. Classes with support over both
+    samples are the ones whose shares can be compared; a class the window answers often and the
+    reference never still gets its own bin, so a move to other classes shows."""
+    if fixed is not None:
+        kept = list(fixed)
+    else:
+        combined = Counter(reference) + Counter(window)
+        kept = [c for c, n in combined.most_common(bins - 1) if n >= MIN_CATEGORY_COUNT]
     index = {c: i for i, c in enumerate(kept)}
     ref_counts = [0] * (len(kept) + 1)
     win_counts = [0] * (len(kept) + 1)
@@ -222,11 +252,35 @@ async def windows(
     return [Row(*r[:8]) for r in ref_rows], [Row(*r[:8]) for r in win_rows]
 
 
+_exported: set[tuple[str, str, str]] = set()
+"""The (model, version, signal) labels this process has set ``portal_drift_psi`` for."""
+
+
+def export_gauges(rows: Sequence[DriftSignal]) -> None:
+    """Sets this process's ``portal_drift_psi`` gauges to the stored indices and forgets the labels
+    no longer stored, so a version no longer served stops reporting (and alerting on) its last
+    index. prometheus-client cannot remove a label in multiprocess mode (the value stays in the
+    process's file): there the gauge is set to NaN, which no threshold matches."""
+    current = {(r.model_name, str(r.model_version), r.signal): r.psi for r in rows}
+    for labels, value in current.items():
+        metrics.DRIFT_PSI.labels(*labels).set(value)
+    multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    for labels in _exported - current.keys():
+        if multiprocess:
+            metrics.DRIFT_PSI.labels(*labels).set(math.nan)
+        else:
+            metrics.DRIFT_PSI.remove(*labels)
+    _exported.clear()
+    _exported.update(current)
+
+
 async def refresh(
     *, session: AsyncSession, entries: list[ModelEntry], reference_size: int, window_size: int, bins: int
 ) -> int:
     """Computes and stores every signal's index of each version in ``entries`` that has both
-    windows in full, and sets the ``portal_drift_psi`` gauges; returns how many versions."""
+    windows in full, deletes the stored indices this did not compute (versions no longer served,
+    signals without values now), and sets the ``portal_drift_psi`` gauges from what is left;
+    returns how many versions."""
     now = datetime.now(UTC)
     done = 0
     for entry in entries:
@@ -249,7 +303,6 @@ async def refresh(
                     "computed_at": now,
                 }
             )
-            metrics.DRIFT_PSI.labels(entry.name, str(entry.version), signal).set(value)
         if rows:
             stmt = insert(DriftSignal).values(rows)
             await session.execute(
@@ -261,7 +314,11 @@ async def refresh(
                 )
             )
             done += 1
+    # Every row this refresh wrote has computed_at = now: an older one is a version (or signal) it
+    # no longer computes, whose last index would otherwise be reported, and alerted on, for ever.
+    await session.execute(delete(DriftSignal).where(DriftSignal.computed_at < now))
     await session.commit()
+    export_gauges(await stored(session=session))
     return done
 
 

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from api.app.core.responses import AUTHED, CONFLICT, INVALID, NOT_FOUND, TIMEOUT, UNAVAILABLE
+from api.app.core.responses import AUTHED, CONFLICT, INVALID, NOT_FOUND, RETRY_AFTER, TIMEOUT, UNAVAILABLE, error
 from api.app.deps import (
     BlockingRedisDep,
     CurrentUser,
@@ -28,6 +28,12 @@ router = APIRouter(prefix="/v1/predictions", tags=["explanations"])
         **AUTHED,
         **NOT_FOUND,
         409: {**CONFLICT[409], "description": "The prediction has no answer to explain (not finished, or failed)"},
+        410: error("The prediction's image is no longer stored"),
+        429: error(
+            "Too many of my explanations being computed (EXPLANATIONS_IN_FLIGHT_PER_USER), or too many failed "
+            "API keys from this address; see Retry-After",
+            headers=RETRY_AFTER,
+        ),
         **INVALID,
         **UNAVAILABLE,
         **TIMEOUT,
@@ -53,12 +59,13 @@ async def read_explanation(
 ) -> ExplanationPublic | Response:
     """Which regions of my image drove one prediction's top-1 class: a Grad-CAM heatmap
     (Selvaraju et al. 2017, arXiv:1610.02391), computed on demand by an explainer process and
-    cached per (image, model version).
+    cached per (user, image, model version).
 
     ``prediction_id`` is a prediction's ``id`` (one model's answer within a job). Errors: 404 not
-    yours, 409 no answer yet, 422 not explainable (no Keras twin, as the TFLite bird model), 503
-    with Retry-After when no explainer is live, 504 when none answered within
-    EXPLANATION_WAIT_SECONDS.
+    yours, 409 no answer yet, 410 the image is no longer stored, 422 not explainable (no Keras twin,
+    as the TFLite bird model), 429 with Retry-After when EXPLANATIONS_IN_FLIGHT_PER_USER of mine
+    are being computed, 503 with Retry-After when no explainer is live or its queue is full, 504
+    when none answered within EXPLANATION_WAIT_SECONDS.
     """
     explained = await service.explain(
         session=session,

@@ -1,14 +1,22 @@
 """Explanations of predictions: Grad-CAM heatmaps asked of an explainer process over Redis.
 
 The API never computes a heatmap: it finds the prediction (the owner's only), the Keras twin that
-explains its version (``Registry.keras_twin``), returns the cached heatmap of (image sha256,
-version) when there is one, and otherwise queues a request on ``explain:<twin>`` and waits, at
-most EXPLANATION_WAIT_SECONDS, on the list the explainer answers on. Predictions never go through
-any of this.
+explains its version (``Registry.keras_twin``), returns the user's cached heatmap of (image
+sha256, version) when there is one, and otherwise queues a request on ``explain:<twin>`` and waits,
+at most EXPLANATION_WAIT_SECONDS, on the list the explainer answers on. Predictions never go
+through any of this.
+
+Only one request per (user, image, version) is queued at a time (``explanation_inflight_key``):
+the same user's others wait for its cached answer. Admission is one Lua script, so concurrent
+requests cannot all pass a check made before any of them is added: it trims the stream's entries
+past their deadline (a dead explainer's: they would otherwise count for ever), refuses with 429
+beyond EXPLANATIONS_IN_FLIGHT_PER_USER of the user's requests and with 503 beyond
+EXPLANATION_QUEUE_LIMIT entries, and queues the request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -34,6 +42,29 @@ from contracts.imaging import ImageRejected, load_image
 from contracts.messages import ExplainRequest, Explanation, ExplanationStatus, PredictionStatus
 from contracts.registry import Registry
 from contracts.streams import STREAM_MAXLEN
+
+POLL_S = 0.1
+"""How often a request waiting on another's computation of the same explanation looks for it."""
+
+_ADMIT = """
+redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return -2 end
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[8], '*', 'meta', ARGV[9], 'image', ARGV[10])
+return 0
+"""
+"""KEYS: the twin's stream, the user's set of requests. ARGV: the oldest stream id still awaited,
+now (ms), the per-user cap, the queue limit, the deadline (ms), the request id, the user set's TTL
+(ms), the stream's MAXLEN, the request's fields. 0 queued, -1 the user is at the cap, -2 full."""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Deletes the in-flight marker only if this request still holds it (it may have expired)."""
 
 
 @dataclass(frozen=True)
@@ -104,44 +135,125 @@ async def explain(
             status_code=422,
             detail=f"{key} is not explainable: Grad-CAM needs a Keras model to take gradients of, and {key} has none.",
         )
-    cache_key = keys.explanation_key(sha256, prediction.model_name, prediction.model_version)
-    if (raw := await redis.get(cache_key)) is not None:
-        cached = Explanation.model_validate_json(raw)
-        if cached.label == prediction.label:
-            return Explained(prediction, cached, True)
+    cache_key = keys.explanation_key(owner_id, sha256, prediction.model_name, prediction.model_version)
+    if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
+        return Explained(prediction, cached, True)
     if twin.key not in await live_explainers(redis):
         raise _unavailable(f"No explainer holding {twin.key} is running; retry shortly.", settings)
-    stream = keys.explain_stream(twin.name, twin.version)
-    if await redis.xlen(stream) >= settings.explanation_queue_limit:
-        raise _unavailable(f"The explanation queue of {twin.key} is full; retry shortly.", settings)
-    request = ExplainRequest(
-        request_id=uuid.uuid4().hex,
-        model=prediction.model_name,
-        version=prediction.model_version,
-        twin=twin.key,
-        sha256=sha256,
-        label=prediction.label,
-        deadline=time.time() + settings.explanation_wait_seconds,
-        image=await store.get(sha256),
+    deadline = time.time() + settings.explanation_wait_seconds
+    inflight = keys.explanation_inflight_key(owner_id, sha256, prediction.model_name, prediction.model_version)
+    request_id = uuid.uuid4().hex
+    while True:
+        if await redis.set(inflight, request_id, nx=True, px=int(settings.explanation_wait_seconds * 1000)):
+            try:
+                answer = await _ask(
+                    redis=redis,
+                    blocking_redis=blocking_redis,
+                    store=store,
+                    settings=settings,
+                    stream=keys.explain_stream(twin.name, twin.version),
+                    request=ExplainRequest(
+                        request_id=request_id,
+                        model=prediction.model_name,
+                        version=prediction.model_version,
+                        twin=twin.key,
+                        sha256=sha256,
+                        label=prediction.label,
+                        deadline=deadline,
+                        owner_id=owner_id,
+                    ),
+                )
+            finally:
+                await redis.eval(_RELEASE, 1, inflight, request_id)
+            if answer.status == ExplanationStatus.not_explainable:
+                raise HTTPException(status_code=422, detail=f"{key} is not explainable: {answer.error}")
+            if answer.status != ExplanationStatus.ok:
+                raise HTTPException(status_code=422, detail=f"The image could not be explained: {answer.error}")
+            return Explained(prediction, answer, answer.from_cache)
+        # The same user asked for the same explanation moments ago: its answer will be cached.
+        if time.time() + POLL_S >= deadline:
+            raise _timeout(settings)
+        await asyncio.sleep(POLL_S)
+        if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
+            return Explained(prediction, cached, True)
+
+
+async def _cached(redis: Redis, cache_key: str, label: str) -> Explanation | None:
+    if (raw := await redis.get(cache_key)) is not None:
+        cached = Explanation.model_validate_json(raw)
+        if cached.label == label:
+            return cached
+    return None
+
+
+def _timeout(settings: Settings) -> HTTPException:
+    return HTTPException(
+        status_code=504,
+        detail=f"No explanation within {settings.explanation_wait_seconds:g} s; retry: it is cached once computed.",
     )
-    await redis.xadd(stream, request.to_fields(), maxlen=STREAM_MAXLEN, approximate=True)
-    got = cast(
-        list[bytes] | None,
-        await blocking_redis.blpop(
-            [keys.explanation_done_key(request.request_id)], timeout=settings.explanation_wait_seconds
-        ),
-    )
-    if got is None:
+
+
+async def _image(store: LocalBlobStore, sha256: str) -> bytes:
+    """The image's bytes; 410 when its blob is gone from the store (deleted, or lost)."""
+    try:
+        return await store.get(sha256)
+    except FileNotFoundError:
         raise HTTPException(
-            status_code=504,
-            detail=f"No explanation within {settings.explanation_wait_seconds:g} s; retry: it is cached once computed.",
+            status_code=410, detail="The image of this prediction is no longer stored: it cannot be explained."
+        ) from None
+
+
+async def _ask(
+    *,
+    redis: Redis,
+    blocking_redis: Redis,
+    store: LocalBlobStore,
+    settings: Settings,
+    stream: str,
+    request: ExplainRequest,
+) -> Explanation:
+    """Queues the request if admitted (429: the user is at the cap; 503: the queue is full) and
+    waits for the explainer's answer until the request's deadline (504)."""
+    image = await _image(store, request.sha256)
+    now = time.time()
+    user_key = keys.explanations_of_user_key(cast(int, request.owner_id))
+    admitted = await redis.eval(
+        _ADMIT,
+        2,
+        stream,
+        user_key,
+        f"{int((now - settings.explanation_wait_seconds) * 1000)}-0",
+        int(now * 1000),
+        settings.explanations_in_flight_per_user,
+        settings.explanation_queue_limit,
+        int(request.deadline * 1000),
+        request.request_id,
+        int(settings.explanation_wait_seconds * 1000) + 1000,
+        STREAM_MAXLEN,
+        request.model_dump_json(),
+        image,
+    )
+    if admitted == -1:
+        raise HTTPException(
+            status_code=429,
+            detail=f"You have {settings.explanations_in_flight_per_user} explanations being computed; "
+            "retry when one is answered.",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
         )
-    answer = Explanation.model_validate_json(got[1])
-    if answer.status == ExplanationStatus.not_explainable:
-        raise HTTPException(status_code=422, detail=f"{key} is not explainable: {answer.error}")
-    if answer.status != ExplanationStatus.ok:
-        raise HTTPException(status_code=422, detail=f"The image could not be explained: {answer.error}")
-    return Explained(prediction, answer, False)
+    if admitted == -2:
+        raise _unavailable(f"The explanation queue of {request.twin} is full; retry shortly.", settings)
+    try:
+        got = cast(
+            list[bytes] | None,
+            await blocking_redis.blpop(
+                [keys.explanation_done_key(request.request_id)], timeout=max(0.1, request.deadline - time.time())
+            ),
+        )
+    finally:
+        await redis.zrem(user_key, request.request_id)
+    if got is None:
+        raise _timeout(settings)
+    return Explanation.model_validate_json(got[1])
 
 
 def downsample(heatmap: list[list[float]], size: int) -> list[list[float]]:
@@ -182,8 +294,8 @@ def _overlay(data: bytes, heatmap: list[list[float]]) -> bytes:
 
 async def overlay_png(*, store: LocalBlobStore, sha256: str, heatmap: list[list[float]]) -> bytes:
     """The image (at most VIEW_SIZE a side) with the heatmap blended over it, as PNG; 422 when the
-    stored image no longer decodes."""
-    data = await store.get(sha256)
+    stored image no longer decodes, 410 when it is gone from the store."""
+    data = await _image(store, sha256)
     try:
         return await to_thread.run_sync(_overlay, data, heatmap)
     except ImageRejected as exc:

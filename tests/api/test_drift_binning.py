@@ -1,0 +1,101 @@
+"""The drift indices' binning, on samples drawn from known distributions: the same distribution
+twice must read as stable (sampling noise is no alarm), a real shift must read as drift."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from api.app.core.config import Settings
+from api.app.drift import service
+
+CLASSES = np.array([f"class{i}" for i in range(1000)])
+DRAWS = 200
+
+
+def _zipf(n: int) -> np.ndarray:
+    weights = 1.0 / np.arange(1, n + 1)
+    return weights / weights.sum()
+
+
+def _alarm_rate(shares: np.ndarray | None, rng: np.random.Generator, size: int = 200) -> float:
+    alarms = 0
+    for _ in range(DRAWS):
+        ref = rng.choice(CLASSES, size=size, p=shares)
+        win = rng.choice(CLASSES, size=size, p=shares)
+        alarms += service.bin_categorical(list(ref), list(win), 10).psi >= service.ALERT
+    return alarms / DRAWS
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "zipf"])
+def test_a_1000_class_model_answering_as_before_raises_no_alarm(distribution: str) -> None:
+    shares = None if distribution == "uniform" else _zipf(len(CLASSES))
+    assert _alarm_rate(shares, np.random.default_rng(7)) <= 0.02
+
+
+def test_a_move_to_other_classes_is_drift() -> None:
+    rng = np.random.default_rng(8)
+    before, after = CLASSES[:5], CLASSES[500:505]
+    binned = service.bin_categorical(list(rng.choice(before, 200)), list(rng.choice(after, 200)), 10)
+    assert binned.psi >= service.ALERT
+    # A few classes taking over from a spread-out answer is drift as well.
+    binned = service.bin_categorical(list(rng.choice(CLASSES, 200)), list(rng.choice(before, 200)), 10)
+    assert binned.psi >= service.ALERT
+
+
+@pytest.mark.parametrize(("before", "after"), [(28.0, 4032.0), (4032.0, 28.0)])
+def test_a_window_outside_a_constant_reference_is_drift(before: float, after: float) -> None:
+    binned = service.bin_numeric([before] * 200, [after] * 200, 10)
+    assert binned.psi >= service.ALERT
+    assert service.bin_numeric([before] * 200, [before] * 200, 10).psi == 0
+
+
+def test_values_past_either_end_of_the_reference_get_bins_of_their_own() -> None:
+    binned = service.bin_numeric(list(range(100)), [-5.0, 50.0, 200.0, 300.0], 4)
+    # Half an answer in each outer bin of both: one extreme value in a small window is no shift.
+    assert binned.reference == pytest.approx([0.5 / 101, *[25 / 101] * 4, 0.5 / 101])
+    assert binned.window == pytest.approx([1.5 / 5, 0, 0, 1 / 5, 0, 2.5 / 5])
+    assert binned.labels[0] == "< 0" and binned.labels[-1] == "> 99"
+
+
+SIZES = np.array([(4032, 3024), (3024, 4032), (1920, 1080), (1024, 768), (640, 480), (512, 512), (28, 28)])
+"""Widths and heights people's pictures come in (phones both ways up, screenshots, drawings)."""
+
+
+def _same_population(rng: np.random.Generator, n: int) -> dict[str, list[float] | list[str]]:
+    """Every signal of ``n`` answered predictions drawn from one fixed population, as the service
+    reads them: continuous ones, tied ones (sizes), a 1000-class answer and colour or greyscale."""
+    size = SIZES[rng.choice(len(SIZES), n, p=[0.35, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05])]
+    return {
+        "top1_score": list(np.minimum(rng.beta(5, 1.5, n), 1.0)),
+        "brightness": list(rng.normal(0.45, 0.12, n)),
+        "contrast": list(rng.gamma(4.0, 0.05, n)),
+        "width": list(size[:, 0].astype(float)),
+        "height": list(size[:, 1].astype(float)),
+        "file_size": list(np.round(rng.lognormal(13, 0.8, n))),
+        "aspect_ratio": list(size[:, 0] / size[:, 1]),
+        "predicted_class": list(rng.choice(CLASSES, n, p=_zipf(len(CLASSES)))),
+        "colour": list(rng.choice(["colour", "greyscale"], n, p=[0.85, 0.15])),
+    }
+
+
+def test_at_the_default_settings_a_population_answering_as_before_reads_stable() -> None:
+    fields = Settings.model_fields
+    n, m, bins = (fields[f].default for f in ("drift_reference_size", "drift_window_size", "drift_bins"))
+    rng = np.random.default_rng(11)
+    values: dict[str, list[float]] = {signal: [] for signal in service.SIGNALS}
+    for _ in range(1000):
+        ref, win = _same_population(rng, n), _same_population(rng, m)
+        for signal in service.NUMERIC:
+            values[signal].append(service.bin_numeric(ref[signal], win[signal], bins).psi)  # type: ignore[arg-type]
+        for signal in service.CATEGORICAL:
+            binned = service.bin_categorical(
+                ref[signal], win[signal], bins, service.FIXED_CATEGORIES.get(signal)  # type: ignore[arg-type]
+            )
+            values[signal].append(binned.psi)
+    psi = np.array([values[s] for s in service.SIGNALS])
+    alarms = {s: float(np.mean(row >= service.ALERT)) for s, row in zip(service.SIGNALS, psi, strict=True)}
+    assert all(rate <= 0.01 for rate in alarms.values()), alarms
+    assert np.mean(psi.max(axis=0) >= service.ALERT) <= 0.02
+    # Nor does noise alone keep a version on "watch".
+    assert np.mean(psi.max(axis=0) >= service.WATCH) <= 0.05, np.mean(psi.max(axis=0) >= service.WATCH)
