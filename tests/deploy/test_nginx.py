@@ -287,7 +287,10 @@ def test_a_body_over_the_limit_is_refused_by_nginx(front_door: FrontDoor) -> Non
     with httpx.Client(base_url=front_door.url, timeout=30) as client:
         # What the API takes passes (it answers: 401, no token), one byte more is nginx's 413.
         at_limit = client.post("/v1/images", content=b"x" * upload_limit, headers=multipart)
-        assert at_limit.status_code == 401 and answered_by_api(at_limit)
+        # nginx let it through: the API's 401, or, when the API answered and closed before nginx had
+        # sent the whole body, nginx's 502 for the cut connection (a race seen under load).
+        assert at_limit.status_code in (401, 502), at_limit.status_code
+        assert at_limit.status_code == 502 or answered_by_api(at_limit)
         over = client.post("/v1/images", content=b"x" * (upload_limit + 1), headers=multipart)
         assert over.status_code == 413 and not answered_by_api(over)
         assert over.json() == {"detail": f"The upload is too large: at most {MAX_UPLOAD_BYTES // 2**20} MB per file."}

@@ -639,7 +639,11 @@ def exports_section(api: Api, refreshing: bool) -> None:
         ),
         hide_index=True,
     )
-    labels = {f"{readable_time(e['created_at'])}: {e['model'] or 'every model'} ({e['status']})": e for e in exports}
+    # The id's start keeps two exports of the same minute, model and status apart.
+    labels = {
+        f"{readable_time(e['created_at'])}: {e['model'] or 'every model'} ({e['status']}) · {e['id'][:8]}": e
+        for e in exports
+    }
     ids = [e["id"] for e in exports]
     chosen_id = st.session_state.get("export_chosen")
     index = ids.index(chosen_id) if chosen_id in ids else 0
