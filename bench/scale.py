@@ -48,7 +48,6 @@ class Shape:
 class Grown:
     heavy_user_id: int
     heavy_email: str
-    password: str
     seconds: float
 
 
@@ -133,7 +132,7 @@ async def grow(dsn: str, shape: Shape = Shape(), *, password_hash_from: str) -> 
         await conn.execute("ANALYZE")
     finally:
         await conn.close()
-    return Grown(heavy_user_id=heavy_id, heavy_email=heavy_email, password="", seconds=time.perf_counter() - start)
+    return Grown(heavy_user_id=heavy_id, heavy_email=heavy_email, seconds=time.perf_counter() - start)
 
 
 @dataclass(frozen=True)
@@ -191,12 +190,10 @@ async def measure(
     base: Any = None,
     admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres",
     repeat: int = 20,
-    extra: Callable[..., Awaitable[list[Timing]]] | None = None,
 ) -> list[Timing]:
     """Grows a throwaway database (dropped afterwards; created through ``admin_dsn``) to
     ``shape`` under an API in this process with ``base``'s other settings (Settings; default: the
-    environment's) and times its routes; ``extra(client, admin_headers, user_headers)`` may add
-    timings."""
+    environment's) and times its routes."""
     import httpx
     from asgi_lifespan import LifespanManager
 
@@ -221,7 +218,7 @@ async def measure(
         async with LifespanManager(app, startup_timeout=60):
             transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
             async with httpx.AsyncClient(transport=transport, base_url="http://scale", timeout=60) as client:
-                return await _time_routes(client, settings, grown, dsn, shape, repeat, extra)
+                return await _time_routes(client, settings, grown, dsn, shape, repeat)
     finally:
         conn = await asyncpg.connect(admin_dsn)
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -235,7 +232,6 @@ async def _time_routes(
     dsn: str,
     shape: Shape,
     repeat: int,
-    extra: Callable[..., Awaitable[list[Timing]]] | None,
 ) -> list[Timing]:
     async def login(email: str) -> dict[str, str]:
         r = await client.post("/login", data={"username": email, "password": settings.first_admin_password})
@@ -290,8 +286,6 @@ async def _time_routes(
 
     # Last: each start queues an export of the whole history, which then runs in the background.
     timings.append(await time_route("POST /v1/admin/exports (start)", start_export, repeat=repeat))
-    if extra is not None:
-        timings += await extra(client, admin, user)
     return timings
 
 

@@ -31,8 +31,10 @@ def service(
     return child.start(ready, timeout)
 
 
-def start_worker(name: str, redis_url: str, **extra: str) -> Service:
-    env = {
+def model_env(name: str, redis_url: str, **extra: str) -> dict[str, str]:
+    """Environment of a model-side child (worker or explainer) for the suite: no weight
+    downloads, JSON logs, a heartbeat that expires within 3 s."""
+    return {
         "REDIS_URL": redis_url,
         "WORKER_ID": name,
         "ALLOW_WEIGHT_DOWNLOAD": "false",
@@ -42,21 +44,15 @@ def start_worker(name: str, redis_url: str, **extra: str) -> Service:
         "TF_CPP_MIN_LOG_LEVEL": "2",
         **extra,
     }
-    return service(name, [sys.executable, "-m", "model"], env)
+
+
+def start_worker(name: str, redis_url: str, **extra: str) -> Service:
+    return service(name, [sys.executable, "-m", "model"], model_env(name, redis_url, **extra))
 
 
 def start_explainer(name: str, redis_url: str, **extra: str) -> Service:
     """``python -m model.explainer`` as a child, once its heartbeat is in Redis."""
-    env = {
-        "REDIS_URL": redis_url,
-        "WORKER_ID": name,
-        "ALLOW_WEIGHT_DOWNLOAD": "false",
-        "LOG_JSON": "true",
-        "HEARTBEAT_INTERVAL_S": "0.5",
-        "HEARTBEAT_TTL_S": "3",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        **extra,
-    }
+    env = model_env(name, redis_url, **extra)
     client = redis.Redis.from_url(redis_url)
     return service(
         name, [sys.executable, "-m", "model.explainer"], env, lambda: bool(client.exists(f"explainer:explainer-{name}"))

@@ -423,8 +423,8 @@ class ExportWriter:
         self.summary = ExportSummary()
 
     def write(self, examples: Sequence[Example]) -> None:
-        """Writes each example whose file the store has; counts the others as missing. Raises
-        ExportInterrupted as soon as ``stop`` is set."""
+        """Writes each example whose file the store has; counts the others as missing. Blocking:
+        called in a worker thread. Raises ExportInterrupted as soon as ``stop`` is set."""
         for example in examples:
             if self.stop.is_set():
                 raise ExportInterrupted
@@ -433,14 +433,14 @@ class ExportWriter:
             except FileNotFoundError:
                 log.debug("feedback export: the file of image %s is missing; left out", example.sha256)
                 self.summary.missing += 1
-                time.sleep(0)
                 continue
             with src, self.sink.open(example.path, compress=example.format not in COMPRESSED_FORMATS) as dst:
                 shutil.copyfileobj(src, dst, _COPY_CHUNK)
             self._csv.writerow(example.row())
             self.summary.examples += 1
             self.summary.by_model[example.model] = self.summary.by_model.get(example.model, 0) + 1
-            # Hands the GIL over between files: the event loop waits for it otherwise up to the
+            # This runs in a worker thread (``to_thread``), never on the event loop: the zero sleep
+            # hands the GIL over between files, which the loop would otherwise wait for up to the
             # interpreter's switch interval (5 ms) each time it wakes while this thread computes.
             time.sleep(0)
 
