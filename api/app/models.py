@@ -13,6 +13,7 @@ from api.app.registry.models import ModelVersion, RegistryChange
 from api.app.stats.models import (
     CorrectionStats,
     PredictionCounts,
+    PredictionLatencyMonths,
     PredictionStatDelta,
     PredictionStats,
     VerdictStatDelta,
@@ -37,6 +38,7 @@ __all__ = [
     "ModelVersion",
     "Prediction",
     "PredictionCounts",
+    "PredictionLatencyMonths",
     "PredictionStatDelta",
     "PredictionStats",
     "RegistryChange",

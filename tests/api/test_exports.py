@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -158,6 +159,39 @@ async def test_an_incremental_export_holds_only_the_verdicts_given_since_the_las
     )
     assert empty["status"] == "done" and empty["rows_total"] == 0 and empty["since"] == since["until"]
     assert contents((await client.get(empty["download"], headers=admin_headers)).content) == ({}, {})
+
+
+async def test_an_export_waits_for_verdicts_in_flight_and_holds_them(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], users: Users, settings: Settings
+) -> None:
+    """A verdict stamped before an export's end but committed after the export read would be in
+    neither that export nor the next incremental one: the export's end waits for it instead."""
+    _, headers = await users.create()
+    sha = await labelled_drawing(client, headers)
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        # A verdict being replaced, as ``create_feedback`` does: fence, then the database's clock.
+        await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtextextended('feedback-export-fence', 0))")
+        stamped = await conn.fetchval(
+            """UPDATE feedback SET correct_label = 'bicycle', created_at = clock_timestamp()
+               WHERE id = (SELECT f.id FROM feedback f JOIN predictions p ON p.id = f.prediction_id
+                           JOIN jobs j ON j.id = p.job_id JOIN images i ON i.id = j.image_id
+                           WHERE i.sha256 = $1) RETURNING created_at""",
+            sha,
+        )
+        export = await start(client, admin_headers, model="sketch")
+        await asyncio.sleep(1.5)
+        r = await client.get(f"/v1/admin/exports/{export['id']}", headers=admin_headers)
+        assert r.json()["status"] == "queued" and r.json()["until"] is None  # waiting at the fence
+        await transaction.commit()
+    finally:
+        await conn.close()
+    done = await finished(client, admin_headers, export["id"])
+    assert done["status"] == "done" and datetime.fromisoformat(done["until"]) >= stamped
+    _, rows = contents((await client.get(done["download"], headers=admin_headers)).content)
+    assert rows[(sha, "sketch")]["label"] == "bicycle"
 
 
 async def running_elsewhere(

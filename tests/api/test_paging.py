@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import httpx
+from redis.asyncio import Redis
 
 from api.app.core.config import Settings
 from api.app.core.paging import Cursor
+from contracts import keys
 from tests.conftest import Users
 from tests.images import encode, split_colour
 
@@ -81,3 +84,89 @@ async def test_a_cursor_is_only_one_this_api_gave_and_deep_offsets_are_refused(
         assert (await client.get(path, params={"skip": 10_001}, headers=headers)).status_code == 422
         r = await client.get(path, params={"cursor": valid}, headers=headers)
         assert r.status_code == 200 and r.json()["data"] == [] and r.json()["next_cursor"] is None
+
+
+async def test_pages_of_jobs_carry_every_answer_in_order_and_show_taken_ones_as_running(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    me, headers = await users.create()
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        # 11 jobs, four of them at the same instant; job k has k % 3 answers (none, one, two).
+        await conn.execute("""
+            CREATE TEMP TABLE seeded AS
+            SELECT k, gen_random_uuid() AS image_id, gen_random_uuid() AS job_id,
+                   now() - CASE WHEN k BETWEEN 3 AND 6 THEN interval '1 hour' ELSE k * interval '1 minute' END AS at
+            FROM generate_series(0, 10) AS k;
+            INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, created_at)
+            SELECT image_id, $1, md5(k::text) || md5(k::text), 'PNG', 1, 1, 1, '', at FROM seeded;
+            INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, created_at)
+            SELECT job_id, $1, image_id, CASE WHEN k = 4 THEN 'queued' ELSE 'done' END, '', at + interval '1 day', at
+            FROM seeded;
+            INSERT INTO predictions (id, job_id, position, model_name, model_version, status, label, score, top_k,
+                                     cached, random_weights, total_ms, created_at)
+            SELECT gen_random_uuid(), job_id, p, 'm' || p, 1, CASE WHEN k = 4 THEN 'queued' ELSE 'done' END,
+                   CASE WHEN k = 4 THEN NULL ELSE 'cat' || p END, CASE WHEN k = 4 THEN NULL ELSE 0.5 END,
+                   CASE WHEN k = 4 THEN '[]'::jsonb ELSE '[{"label": "cat", "score": 0.5}]'::jsonb END,
+                   false, false, CASE WHEN k = 4 THEN NULL ELSE 7.5 END, at
+            FROM seeded, generate_series(0, 2) AS p WHERE p < k % 3;
+            """.replace("$1", str(me["id"])))
+        expected = [
+            str(r["id"])
+            for r in await conn.fetch(
+                "SELECT id FROM jobs WHERE owner_id = $1 ORDER BY created_at DESC, id DESC", me["id"]
+            )
+        ]
+        answers = {
+            str(r["job_id"]): r["models"]
+            for r in await conn.fetch(
+                "SELECT job_id, array_agg(model_name ORDER BY position) AS models FROM predictions p "
+                "JOIN jobs j ON j.id = p.job_id WHERE j.owner_id = $1 GROUP BY job_id",
+                me["id"],
+            )
+        }
+        taken = await conn.fetchval(
+            "SELECT p.id FROM predictions p JOIN jobs j ON j.id = p.job_id WHERE j.status = 'queued' AND j.owner_id = $1",
+            me["id"],
+        )
+    finally:
+        await conn.close()
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.set(keys.job_running_key(str(taken)), "worker", ex=60)
+        seen: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            params: dict[str, str | int] = {"limit": 4}
+            if cursor is not None:
+                params["cursor"] = cursor
+            r = await client.get("/v1/predictions", params=params, headers=headers)
+            assert r.status_code == 200, r.text
+            seen += r.json()["data"]
+            cursor = r.json()["next_cursor"]
+            if cursor is None:
+                break
+    finally:
+        await redis.delete(keys.job_running_key(str(taken)))
+        await redis.aclose()
+    assert [j["job_id"] for j in seen] == expected
+    assert {j["job_id"]: [a["model"] for a in j["results"]] for j in seen if j["results"]} == answers
+    by_status = {j["job_id"]: j for j in seen}
+    running = [j for j in seen if j["status"] == "running"]
+    assert len(running) == 1 and [a["status"] for a in running[0]["results"]] == ["running"]
+    done = next(j for j in by_status.values() if len(j["results"]) == 2)
+    assert done["results"][1] | {"id": None} == {
+        "id": None,
+        "model": "m1",
+        "version": 1,
+        "status": "done",
+        "label": "cat1",
+        "score": 0.5,
+        "top_k": [{"label": "cat", "score": 0.5}],
+        "cached": False,
+        "random_weights": False,
+        "error": None,
+        "timings": {"queue_ms": None, "preprocess_ms": None, "inference_ms": None, "total_ms": 7.5, "batch_size": None},
+    }
+    counted = (await client.get("/v1/predictions", params={"total": True, "limit": 2}, headers=headers)).json()
+    assert counted["count"] == 11 and len(counted["data"]) == 2

@@ -7,6 +7,7 @@ import asyncio
 import math
 import random
 from collections.abc import AsyncIterator
+from datetime import date
 
 import asyncpg
 import pytest
@@ -48,6 +49,19 @@ SUMMARISED_VERDICTS = """
         UNION ALL SELECT day, model_name, model_version, is_correct, verdicts FROM verdict_stat_deltas
     ) s GROUP BY 1, 2, 3, 4 HAVING sum(verdicts) <> 0
 """
+GROUPED_MONTHS = """
+    SELECT date_trunc('month', created_at AT TIME ZONE 'UTC')::date AS month, model_name, model_version,
+           latency_bucket(status, cached, total_ms) AS bucket, count(*) AS n
+    FROM predictions WHERE latency_bucket(status, cached, total_ms) >= 0 GROUP BY 1, 2, 3, 4
+"""
+SUMMARISED_MONTHS = """
+    SELECT month, model_name, model_version, bucket, sum(n) AS n FROM (
+        SELECT month, model_name, model_version, latency_bucket AS bucket, predictions AS n
+        FROM prediction_latency_months
+        UNION ALL SELECT date_trunc('month', day)::date, model_name, model_version, latency_bucket, predictions
+        FROM prediction_stat_deltas WHERE latency_bucket >= 0
+    ) s GROUP BY 1, 2, 3, 4 HAVING sum(n) <> 0
+"""
 GROUPED_CORRECTIONS = """
     SELECT model_name, model_version, coalesce(predicted_label, '') AS p, coalesce(correct_label, '') AS c, count(*) AS n
     FROM feedback WHERE model_name IS NOT NULL AND is_correct = false GROUP BY 1, 2, 3, 4
@@ -78,12 +92,13 @@ async def rows(conn: asyncpg.Connection, sql: str) -> set[tuple[object, ...]]:
 async def assert_summaries_match(conn: asyncpg.Connection) -> None:
     assert await rows(conn, SUMMARISED_PREDICTIONS) == await rows(conn, GROUPED_PREDICTIONS)
     assert await rows(conn, SUMMARISED_COUNTS) == await rows(conn, GROUPED_COUNTS)
+    assert await rows(conn, SUMMARISED_MONTHS) == await rows(conn, GROUPED_MONTHS)
     assert await rows(conn, SUMMARISED_VERDICTS) == await rows(conn, GROUPED_VERDICTS)
     assert await rows(conn, SUMMARISED_CORRECTIONS) == await rows(conn, GROUPED_CORRECTIONS)
 
 
-async def seed(conn: asyncpg.Connection, jobs: int) -> None:
-    """Two users, ``jobs`` images and jobs, two queued predictions per job over ten days."""
+async def seed(conn: asyncpg.Connection, jobs: int, days: int = 10) -> None:
+    """Two users, ``jobs`` images and jobs, two queued predictions per job over ``days`` days."""
     await conn.execute("""
         INSERT INTO users (email, name, hashed_password, role, is_active, updated_at, created_at)
         VALUES ('a@example.com', 'a', 'x', 'user', true, now(), now()),
@@ -93,7 +108,7 @@ async def seed(conn: asyncpg.Connection, jobs: int) -> None:
         CREATE TEMP TABLE seeded AS
         SELECT i, gen_random_uuid() AS image_id, gen_random_uuid() AS job_id,
                (SELECT min(id) FROM users) + i % 2 AS owner_id,
-               now() - (i % 10) * interval '1 day' - interval '1 minute' AS created_at
+               now() - (i % {days}) * interval '1 day' - interval '1 minute' AS created_at
         FROM generate_series(1, {jobs}) AS i;
         INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, created_at)
         SELECT image_id, owner_id, md5(i::text) || md5(i::text), 'PNG', 1, 1, 1, '', created_at FROM seeded;
@@ -244,6 +259,58 @@ async def test_latency_percentiles_from_the_histogram_are_within_the_stated_erro
                 assert abs(estimate - exact) / exact <= LATENCY_RELATIVE_ERROR + 1e-3, (days, q, estimate, exact)
 
 
+@pytest.mark.parametrize(
+    ("today", "start", "months"),
+    [
+        (date(2026, 12, 1), date(2026, 11, 1), (date(2026, 11, 1), date(2026, 12, 1))),
+        (date(2026, 12, 1), date(2026, 11, 2), None),
+        (date(2026, 12, 15), date(2025, 12, 16), (date(2026, 1, 1), date(2026, 12, 1))),
+        (date(2026, 3, 10), date(2026, 1, 31), (date(2026, 2, 1), date(2026, 3, 1))),
+        (date(2026, 3, 10), date(2026, 3, 1), None),
+    ],
+)
+def test_whole_months_are_the_ended_months_inside_the_window(
+    today: date, start: date, months: tuple[date, date] | None
+) -> None:
+    assert service.whole_months(start, today) == months
+
+
+async def test_every_window_reads_the_same_percentiles_from_months_and_days(
+    database: tuple[str, async_sessionmaker[AsyncSession]],
+) -> None:
+    """A window that spans whole months reads them from the monthly histogram: the answer must be
+    the one the daily histogram alone gives, for windows that start anywhere in a month."""
+    dsn, sessions = database
+    conn = await asyncpg.connect(dsn)
+    try:
+        await seed(conn, 2000, days=400)
+        await conn.execute("UPDATE predictions SET status = 'done', total_ms = 1 + random() * 900")
+    finally:
+        await conn.close()
+    async with sessions() as session:
+        await service.roll_up(session=session)
+        for days in (1, 7, 29, 31, 45, 100, 200, 365):
+            start = service.first_day(days)
+            rows_ = await session.execute(
+                text(
+                    "SELECT model_name, model_version, latency_bucket, sum(predictions) FROM prediction_stats "
+                    "WHERE day >= :start AND latency_bucket >= 0 GROUP BY 1, 2, 3"
+                ),
+                {"start": start},
+            )
+            histograms: dict[tuple[str, int], dict[int, int]] = {}
+            for model, version, bucket, n in rows_:
+                histograms.setdefault((model, version), {})[bucket] = int(n)
+            expected = {
+                key: (sum(h.values()), *service.percentiles(h, (0.5, 0.95, 0.99))) for key, h in histograms.items()
+            }
+            measured = {
+                (x.model, x.version): (x.count, x.p50_ms, x.p95_ms, x.p99_ms)
+                for x in await service.latency(session=session, days=days)
+            }
+            assert measured == expected, days
+
+
 async def test_the_database_and_python_put_latencies_in_the_same_bucket(
     database: tuple[str, async_sessionmaker[AsyncSession]],
 ) -> None:
@@ -268,15 +335,17 @@ async def test_the_change_tables_are_vacuumed_even_where_autovacuum_is_off(
     try:
         await seed(conn, 50)
         last_vacuum = "SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = 'prediction_stat_deltas'"
-        assert await conn.fetchval(last_vacuum) is None
+        # The summaries are analyzed too: a one-day window then reads one day through the key.
+        last_analyze = "SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'prediction_stats'"
+        assert await conn.fetchval(last_vacuum) is None and await conn.fetchval(last_analyze) is None
         async with sessions() as session:
             await service.roll_up(session=session)
             await service.vacuum_changes(session=session)
             await service.roll_up(session=session)  # the session goes on being usable
         for _ in range(50):
-            if await conn.fetchval(last_vacuum) is not None:
+            if await conn.fetchval(last_vacuum) is not None and await conn.fetchval(last_analyze) is not None:
                 break
             await asyncio.sleep(0.1)
-        assert await conn.fetchval(last_vacuum) is not None
+        assert await conn.fetchval(last_vacuum) is not None and await conn.fetchval(last_analyze) is not None
     finally:
         await conn.close()

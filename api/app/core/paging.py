@@ -11,14 +11,16 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, func, select, tuple_
+from sqlalchemy import ColumnElement, Select, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 KeyedT = TypeVar("KeyedT")
+RowT = TypeVar("RowT")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,27 @@ class KeysetPage:
     total: bool = False
 
 
+SelectT = TypeVar("SelectT", bound="Select[*tuple[Any, ...]]")
+
+
+def keyset_select(query: SelectT, entity: Any, page: KeysetPage) -> SelectT:
+    """``query`` (rows of ``entity``, which has ``created_at`` and ``id``) narrowed to the page:
+    the rows after ``page.after``, newest first, past ``page.skip``, and one more than
+    ``page.limit`` so the caller can tell whether another page follows (see ``split_page``)."""
+    if page.after is not None:
+        query = query.where(tuple_(entity.created_at, entity.id) < tuple_(page.after.created_at, page.after.id))
+    return query.order_by(entity.created_at.desc(), entity.id.desc()).offset(page.skip).limit(page.limit + 1)
+
+
+def split_page(
+    rows: list[RowT], page: KeysetPage, key: Callable[[RowT], tuple[datetime, uuid.UUID]]
+) -> tuple[list[RowT], str | None]:
+    """The page's rows out of ``keyset_select``'s (at most ``page.limit``) and the next page's
+    cursor, made from ``key`` (``created_at`` and ``id``) of the last row; None on the last page."""
+    more, rows = len(rows) > page.limit, rows[: page.limit]
+    return rows, (Cursor(*key(rows[-1])).encode() if more and rows else None)
+
+
 async def keyset_page(
     session: AsyncSession, entity: type[KeyedT], *where: ColumnElement[bool], page: KeysetPage
 ) -> tuple[list[KeyedT], int | None, str | None]:
@@ -65,18 +88,18 @@ async def keyset_page(
     ``id``, descending); the number of such rows when ``page.total`` (a count of all of them: asked
     for, not given by default); the cursor of the next page, None on the last one."""
     model: Any = entity
-    query = select(entity).where(*where)
-    if page.after is not None:
-        query = query.where(tuple_(model.created_at, model.id) < tuple_(page.after.created_at, page.after.id))
-    rows = list(
-        await session.scalars(
-            query.order_by(model.created_at.desc(), model.id.desc()).offset(page.skip).limit(page.limit + 1)
-        )
-    )
-    more, rows = len(rows) > page.limit, rows[: page.limit]
-    last: Any = rows[-1] if rows else None
-    next_cursor = Cursor(last.created_at, last.id).encode() if more and last is not None else None
-    count = None
-    if page.total:
-        count = int(await session.scalar(select(func.count()).select_from(entity).where(*where)) or 0)
-    return rows, count, next_cursor
+    found = list(await session.scalars(keyset_select(select(entity).where(*where), model, page)))
+    rows, next_cursor = split_page(found, page, model_key)
+    return rows, await count_of(session, entity, *where, page=page), next_cursor
+
+
+def model_key(row: Any) -> tuple[datetime, uuid.UUID]:
+    """A mapped row's keyset key: its ``created_at`` and ``id``."""
+    return row.created_at, row.id
+
+
+async def count_of(session: AsyncSession, entity: Any, *where: ColumnElement[bool], page: KeysetPage) -> int | None:
+    """How many of ``entity``'s rows match ``where`` when ``page.total`` asks for it, else None."""
+    if not page.total:
+        return None
+    return int(await session.scalar(select(func.count()).select_from(entity).where(*where)) or 0)

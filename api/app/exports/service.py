@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.app.exports.models import UNFINISHED, Export
 from api.app.exports.schemas import ExportRequest
 from api.app.feedback.export import ExportProgress
+from api.app.feedback.service import hold_export_fence
 
 log = logging.getLogger("api.exports")
 
@@ -179,7 +180,9 @@ async def claim(*, session: AsyncSession, owner: str, lease_seconds: float, max_
                         Export.version.is_not_distinct_from(export.version),
                     )
                 )
-            export.until = now
+            # Verdicts stamped up to this end have all committed; later ones are stamped after it.
+            await hold_export_fence(session, exclusive=True)
+            export.until = await session.scalar(select(func.clock_timestamp()))
         export.status, export.attempts, export.lease_owner = "running", export.attempts + 1, owner
         export.heartbeat_at, export.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
         export.started_at = export.started_at or now

@@ -4,8 +4,8 @@ The layout is what image-folder loaders read (Keras ``image_dataset_from_directo
 trainer's ``--feedback``): ``<out>/<model>/<label>/<sha256>.<ext>``, plus ``<out>/feedback.csv``
 with one row per exported verdict.
 
-The latest verdict per image and model is chosen by PostgreSQL (``DISTINCT ON``), a page at a time
-by key, so no export ever holds the whole history in memory; the files are read from the blob
+The latest verdict per image and model is chosen by PostgreSQL, a page of verdicts at a time by
+key, so no export ever holds the whole history in memory or walks more than it writes; the files are read from the blob
 store and written by a worker thread (``ExportWriter``), so an export never runs on the event loop.
 Every way out (a folder, a zip answered at once, an export job) goes through ``write_export``.
 """
@@ -21,16 +21,17 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
 from anyio import to_thread
-from sqlalchemy import ColumnElement, Select, bindparam, func, select, true
+from sqlalchemy import ColumnElement, Select, bindparam, func, select, tuple_
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -44,6 +45,9 @@ from api.app.predictions.models import Job, Prediction
 from contracts import spreadsheets
 
 log = logging.getLogger("api.feedback")
+
+FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+"""Where the first page starts: after every verdict."""
 
 MANIFEST = "feedback.csv"
 MANIFEST_COLUMNS = (
@@ -167,16 +171,18 @@ def folder_name(label: str) -> str:
     return "_" + name if name in ("", ".", "..") or name.startswith(".") else name
 
 
-def _conditions(selection: Selection) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = [Feedback.prediction_id.is_not(None)]
+def _conditions(
+    selection: Selection, feedback: Any = Feedback, prediction: Any = Prediction
+) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = [feedback.prediction_id.is_not(None)]
     if selection.model is not None:
-        where.append(Prediction.model_name == selection.model)
+        where.append(prediction.model_name == selection.model)
     if selection.version is not None:
-        where.append(Prediction.model_version == selection.version)
+        where.append(prediction.model_version == selection.version)
     if selection.since is not None:
-        where.append(Feedback.created_at > selection.since)
+        where.append(feedback.created_at > selection.since)
     if selection.until is not None:
-        where.append(Feedback.created_at <= selection.until)
+        where.append(feedback.created_at <= selection.until)
     return where
 
 
@@ -226,8 +232,8 @@ class Page:
     """One page of examples, and where the next one starts."""
 
     examples: list[Example]
-    after: str | None
-    """The last image hash this page covered; None: it was the last page."""
+    after: tuple[datetime, uuid.UUID] | None
+    """The ``created_at`` and id of the page's last verdict; None: it was the last page."""
 
 
 def _verdict_columns(image: type[Image]) -> Select[*tuple[Any, ...]]:
@@ -258,35 +264,47 @@ def _split_of(latest: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=32)
-def _page_query(selection: Selection, images: int) -> Select[*tuple[Any, ...]]:
-    """The query of one page (``after``: the hash it starts after): the next ``images`` image
-    hashes from the images' sha256 index, and for each, its verdicts looked up index by index,
-    the latest per model kept (``DISTINCT ON`` the model). A page costs the same however long the
-    history, where one ``DISTINCT ON`` over every verdict would sort the whole history again for
-    each page. An image without a labelled verdict comes as one row of NULLs, so the page still
-    says where it ended. Built once per export: building it costs more than running it."""
-    keys = (
-        select(Image.sha256)
-        .where(Image.sha256 > bindparam("after"))
-        .distinct()
-        .order_by(Image.sha256)
-        .limit(images)
-        .subquery("keys")
-    )
+def _page_query(selection: Selection, examples: int) -> Select[*tuple[Any, ...]]:
+    """The query of one page: the next ``examples`` labelled verdicts of the selection, newest
+    first from ``(after_at, after_id)`` (the feedback's ``(created_at DESC, id DESC)`` index), that
+    are the latest labelled verdict of the selection on their image's content and model (no later
+    one exists: a few index lookups per verdict). The walk covers the selection's verdicts only,
+    so an export costs what it writes, whatever the history of images and verdicts around it.
+    Built once per export: building it costs more than running it."""
     image = aliased(Image)
+    later_feedback, later_prediction = aliased(Feedback), aliased(Prediction)
+    later_job, later_image = aliased(Job), aliased(Image)
+    newer = (
+        select(1)
+        .select_from(later_image)
+        .join(later_job, later_job.image_id == later_image.id)
+        .join(later_prediction, later_prediction.job_id == later_job.id)
+        .join(later_feedback, later_feedback.prediction_id == later_prediction.id)
+        .where(
+            later_image.sha256 == image.sha256,
+            later_prediction.model_name == Prediction.model_name,
+            later_feedback.correct_label.is_not(None),
+            *_conditions(selection, later_feedback, later_prediction),
+            tuple_(later_feedback.created_at, later_feedback.id) > tuple_(Feedback.created_at, Feedback.id),
+        )
+        .exists()
+    )
     latest = (
         _verdict_columns(image)
-        .where(image.sha256 == keys.c.sha256, Feedback.correct_label.is_not(None), *_conditions(selection))
-        .ext(distinct_on(Prediction.model_name))
-        .order_by(Prediction.model_name, Feedback.created_at.desc(), Feedback.id.desc())
-        .lateral("latest")
+        .where(
+            Feedback.correct_label.is_not(None),
+            *_conditions(selection),
+            tuple_(Feedback.created_at, Feedback.id) < tuple_(bindparam("after_at"), bindparam("after_id")),
+            ~newer,
+        )
+        .order_by(Feedback.created_at.desc(), Feedback.id.desc())
+        .limit(examples)
+        .subquery("latest")
     )
     return (
-        select(keys.c.sha256.label("key"), latest, LabelledExample.split)
-        .select_from(keys)
-        .outerjoin(latest, true())
+        select(latest, LabelledExample.split)
         .outerjoin(LabelledExample, _split_of(latest))
-        .order_by(keys.c.sha256, latest.c.model_name)
+        .order_by(latest.c.created_at.desc(), latest.c.id.desc())
     )
 
 
@@ -309,20 +327,25 @@ def _example(r: Any) -> Example:
     )
 
 
-def _page(rows: Sequence[Any], images: int) -> Page:
+def _page(rows: Sequence[Any], examples: int) -> Page:
     """The rows of a page as examples (in a worker thread: a few milliseconds of CPU a page)."""
-    keys = {r.key for r in rows}
-    return Page([_example(r) for r in rows if r.id is not None], rows[-1].key if len(keys) >= images else None)
+    last = rows[-1]
+    return Page([_example(r) for r in rows], (last.created_at, last.id) if len(rows) >= examples else None)
 
 
 async def latest_examples(
-    *, session: AsyncSession, selection: Selection, after: str = "", images: int = BATCH_ROWS
+    *,
+    session: AsyncSession,
+    selection: Selection,
+    after: tuple[datetime, uuid.UUID] | None = None,
+    examples: int = BATCH_ROWS,
 ) -> Page:
-    """The examples of the next ``images`` images (by content) after the hash ``after``, in
-    (sha256, model) order: for each image and model, its latest verdict with a label (by
-    ``created_at``, then id), chosen by PostgreSQL (see ``_page_query``)."""
-    rows = (await session.execute(_page_query(selection, images), {"after": after})).all()
-    return await to_thread.run_sync(_page, rows, images) if rows else Page([], None)
+    """The next ``examples`` examples after the verdict ``after`` (its ``created_at`` and id;
+    None: from the newest), newest verdict first: for each image and model, its latest verdict
+    with a label (by ``created_at``, then id), chosen by PostgreSQL (see ``_page_query``)."""
+    at, key = after if after is not None else (FAR_FUTURE, uuid.UUID(int=0))
+    rows = (await session.execute(_page_query(selection, examples), {"after_at": at, "after_id": key})).all()
+    return await to_thread.run_sync(_page, rows, examples) if rows else Page([], None)
 
 
 def _examples(rows: Sequence[Any]) -> list[Example]:
@@ -331,8 +354,8 @@ def _examples(rows: Sequence[Any]) -> list[Example]:
 
 async def all_latest_examples(*, session: AsyncSession, selection: Selection) -> list[Example]:
     """Every example of ``selection`` at once (``DISTINCT ON`` image and model over the
-    selection), in (sha256, model) order: for a selection known to hold a page or less, one scan
-    where paging would walk every image (an incremental export, a model with few verdicts)."""
+    selection), in (sha256, model) order: for a selection known to hold a page or less, one query
+    rather than pages (an incremental export, a model with few verdicts)."""
     image = aliased(Image)
     latest = (
         _verdict_columns(image)
@@ -506,12 +529,14 @@ async def write_export(
                 examples = await all_latest_examples(session=session, selection=selection)
             await _step(writer, examples, counts, on_progress)
         else:
-            after: str | None = ""
-            while after is not None:
+            after: tuple[datetime, uuid.UUID] | None = None
+            while True:
                 async with read() as session:
-                    page = await latest_examples(session=session, selection=selection, after=after, images=batch_rows)
-                after = page.after
+                    page = await latest_examples(session=session, selection=selection, after=after, examples=batch_rows)
                 await _step(writer, page.examples, counts, on_progress)
+                if page.after is None:
+                    break
+                after = page.after
         await to_thread.run_sync(writer.finish)
     finally:
         await to_thread.run_sync(writer.close)

@@ -6,13 +6,12 @@ import uuid
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import model_labels
 from api.app.core import metrics
-from api.app.core.db import utcnow
 from api.app.core.paging import KeysetPage, keyset_page
 from api.app.examples import service as examples
 from api.app.examples.models import LabelledExample
@@ -88,8 +87,11 @@ async def create_feedback(
         "model_name": prediction.model_name,
         "model_version": prediction.model_version,
         "predicted_label": prediction.label,
-        "created_at": utcnow(),
+        # The database's clock, read once this transaction holds the export fence (see
+        # ``hold_export_fence``): an export's end ``until`` is read on the same clock.
+        "created_at": func.clock_timestamp(),
     }
+    await hold_export_fence(session, exclusive=False)
     # One verdict per person and prediction: saying it again replaces the earlier one (counted once).
     statement = insert(Feedback).values(id=uuid.uuid4(), **values)
     statement = statement.on_conflict_do_update(
@@ -118,6 +120,19 @@ async def create_feedback(
     verdict = "correct" if body.is_correct else "wrong"
     metrics.FEEDBACK.labels(prediction.model_name, str(prediction.model_version), verdict).inc()
     return feedback
+
+
+EXPORT_FENCE = "feedback-export-fence"
+
+
+async def hold_export_fence(session: AsyncSession, *, exclusive: bool) -> None:
+    """Takes the export fence until the transaction ends: shared by each verdict's transaction,
+    exclusive while an export reads the clock for its end. So every verdict stamped up to an
+    export's end has committed before the export reads, and every later one is stamped after it:
+    an incremental export (``since`` the last one's end) misses none, whatever the clocks of the
+    API's hosts or how long a verdict's transaction takes to commit."""
+    lock = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    await session.execute(text(f"SELECT {lock}(hashtextextended(:fence, 0))"), {"fence": EXPORT_FENCE})
 
 
 async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body: ClassicFeedbackCreate) -> Feedback:

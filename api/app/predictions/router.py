@@ -90,9 +90,7 @@ async def list_predictions(
     image_id: Annotated[list[uuid.UUID] | None, Query(max_length=200, description="Only these images' jobs")] = None,
 ) -> JobsPublic:
     """My prediction jobs, newest first; follow ``next_cursor`` for older ones (``total=true`` counts them)."""
-    jobs, count, next_cursor = await service.list_jobs(session=session, owner_id=user.id, page=page, image_ids=image_id)
-    running = await service.running_ids(redis, [p for j in jobs for p in j.predictions])
-    return JobsPublic(data=[JobPublic.from_row(j, running) for j in jobs], count=count, next_cursor=next_cursor)
+    return await service.list_jobs(session=session, redis=redis, owner_id=user.id, page=page, image_ids=image_id)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={**AUTHED, **NOT_FOUND, **INVALID})

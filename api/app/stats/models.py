@@ -54,6 +54,20 @@ class PredictionStats(Base):
     predictions: Mapped[int] = mapped_column(BigInteger)
 
 
+class PredictionLatencyMonths(Base):
+    """``prediction_stats``' latency histogram per calendar month (``month``: its first day), for
+    computed answers only (bucket >= 0): a long window reads whole months here and only its partial
+    months from the daily rows, so its cost follows months, not days."""
+
+    __tablename__ = "prediction_latency_months"
+
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    latency_bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    predictions: Mapped[int] = mapped_column(BigInteger)
+
+
 class PredictionCounts(Base):
     """``prediction_stats`` without the latency buckets: predictions created on ``day`` per status."""
 

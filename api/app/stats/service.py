@@ -7,13 +7,22 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
+from pydantic import TypeAdapter
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.stats.models import CorrectionStats, PredictionCounts, PredictionStats, VerdictStats, bucket_middle_ms
+from api.app.stats.models import (
+    CorrectionStats,
+    PredictionLatencyMonths,
+    PredictionStats,
+    VerdictStats,
+    bucket_middle_ms,
+)
 from api.app.stats.schemas import Accuracy, Correction, DailyCount, LatencyPercentiles
 
-ROLL_UP_PREDICTIONS = text("""
+DAILY_COUNTS = TypeAdapter(list[DailyCount])
+
+ROLL_UP = text("""
     WITH moved AS (DELETE FROM prediction_stat_deltas RETURNING *),
     histogram AS (
         INSERT INTO prediction_stats AS s (day, model_name, model_version, status, latency_bucket, predictions)
@@ -21,45 +30,59 @@ ROLL_UP_PREDICTIONS = text("""
         GROUP BY 1, 2, 3, 4, 5 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4, 5
         ON CONFLICT (day, model_name, model_version, status, latency_bucket)
         DO UPDATE SET predictions = s.predictions + excluded.predictions
-    )
-    INSERT INTO prediction_counts AS c (day, model_name, model_version, status, predictions)
-    SELECT day, model_name, model_version, status, sum(predictions) FROM moved
-    GROUP BY 1, 2, 3, 4 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4
-    ON CONFLICT (day, model_name, model_version, status)
-    DO UPDATE SET predictions = c.predictions + excluded.predictions
-    """)
-ROLL_UP_VERDICTS = text("""
-    WITH moved AS (DELETE FROM verdict_stat_deltas RETURNING *),
-    daily AS (
+    ),
+    months AS (
+        INSERT INTO prediction_latency_months AS m (month, model_name, model_version, latency_bucket, predictions)
+        SELECT date_trunc('month', day)::date, model_name, model_version, latency_bucket, sum(predictions)
+        FROM moved WHERE latency_bucket >= 0
+        GROUP BY 1, 2, 3, 4 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4
+        ON CONFLICT (month, model_name, model_version, latency_bucket)
+        DO UPDATE SET predictions = m.predictions + excluded.predictions
+    ),
+    counts AS (
+        INSERT INTO prediction_counts AS c (day, model_name, model_version, status, predictions)
+        SELECT day, model_name, model_version, status, sum(predictions) FROM moved
+        GROUP BY 1, 2, 3, 4 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4
+        ON CONFLICT (day, model_name, model_version, status)
+        DO UPDATE SET predictions = c.predictions + excluded.predictions
+    ),
+    verdicts_moved AS (DELETE FROM verdict_stat_deltas RETURNING *),
+    daily_verdicts AS (
         INSERT INTO verdict_stats AS s (day, model_name, model_version, is_correct, verdicts)
-        SELECT day, model_name, model_version, is_correct, sum(verdicts) FROM moved
+        SELECT day, model_name, model_version, is_correct, sum(verdicts) FROM verdicts_moved
         GROUP BY 1, 2, 3, 4 HAVING sum(verdicts) <> 0 ORDER BY 1, 2, 3, 4
         ON CONFLICT (day, model_name, model_version, is_correct)
         DO UPDATE SET verdicts = s.verdicts + excluded.verdicts
     )
     INSERT INTO correction_stats AS c (model_name, model_version, predicted_label, correct_label, verdicts)
-    SELECT model_name, model_version, predicted_label, correct_label, sum(verdicts) FROM moved
+    SELECT model_name, model_version, predicted_label, correct_label, sum(verdicts) FROM verdicts_moved
     WHERE NOT is_correct GROUP BY 1, 2, 3, 4 HAVING sum(verdicts) <> 0 ORDER BY 1, 2, 3, 4
     ON CONFLICT (model_name, model_version, predicted_label, correct_label)
     DO UPDATE SET verdicts = c.verdicts + excluded.verdicts
     """)
+"""Both change tables folded into their summaries in one statement (one round trip)."""
 
 
 async def roll_up(*, session: AsyncSession) -> None:
     """Folds the changes the triggers recorded into the summaries, each change exactly once (a
     change is deleted in the statement that adds it; a concurrent roll-up skips what this one took).
     Commits."""
-    await session.execute(ROLL_UP_PREDICTIONS)
-    await session.execute(ROLL_UP_VERDICTS)
+    await session.execute(ROLL_UP)
     await session.commit()
+
+
+SUMMARIES = ("prediction_stats", "prediction_counts", "prediction_latency_months", "verdict_stats", "correction_stats")
 
 
 async def vacuum_changes(*, session: AsyncSession) -> None:
     """VACUUMs the change tables, which every prediction writes to and every roll-up empties:
     their dead rows would otherwise pile up with the history wherever autovacuum is off or slow.
-    Runs outside a transaction (VACUUM refuses one); skips a table another session holds."""
+    Also VACUUMs and ANALYZEs the summaries, which grow a day at a time: without fresh statistics
+    the planner reads a whole summary table for a one-day window. Runs outside a transaction
+    (VACUUM refuses one); skips a table another session holds."""
     connection = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     await connection.execute(text("VACUUM (SKIP_LOCKED) prediction_stat_deltas, verdict_stat_deltas"))
+    await connection.execute(text(f"VACUUM (SKIP_LOCKED, ANALYZE) {', '.join(SUMMARIES)}"))
 
 
 def first_day(days: int, today: date | None = None) -> date:
@@ -67,29 +90,30 @@ def first_day(days: int, today: date | None = None) -> date:
     return (today or datetime.now(UTC).date()) - timedelta(days=days - 1)
 
 
+PREDICTIONS_PER_DAY = text("""
+    SELECT day, model_name, model_version, array_agg(status), array_agg(predictions)
+    FROM prediction_counts WHERE day >= :first_day AND predictions <> 0
+    GROUP BY day, model_name, model_version ORDER BY day, model_name, model_version
+    """)
+
+
 async def predictions_per_day(*, session: AsyncSession, days: int) -> list[DailyCount]:
     """Predictions created on each of the last ``days`` UTC days, per model version, with their
-    counts by status; reads at most days × versions × statuses summary rows."""
-    rows = await session.execute(
-        select(
-            PredictionCounts.day,
-            PredictionCounts.model_name,
-            PredictionCounts.model_version,
-            PredictionCounts.status,
-            PredictionCounts.predictions,
-        )
-        .where(PredictionCounts.day >= first_day(days), PredictionCounts.predictions != 0)
-        .order_by(PredictionCounts.day, PredictionCounts.model_name, PredictionCounts.model_version)
+    counts by status; reads at most days × versions × statuses summary rows, grouped by
+    PostgreSQL and validated in one call of pydantic's core (a year is over a thousand entries)."""
+    rows = await session.execute(PREDICTIONS_PER_DAY, {"first_day": first_day(days)})
+    return DAILY_COUNTS.validate_python(
+        [
+            {
+                "day": day,
+                "model": model,
+                "version": version,
+                "predictions": sum(counts),
+                "by_status": dict(sorted(zip(statuses, counts, strict=True))),
+            }
+            for day, model, version, statuses, counts in rows
+        ]
     )
-    by_key: dict[tuple[date, str, int], dict[str, int]] = defaultdict(dict)
-    for day, model, version, status, n in rows:
-        by_key[(day, model, version)][status] = int(n)
-    return [
-        DailyCount(
-            day=d, model=m, version=v, predictions=sum(statuses.values()), by_status=dict(sorted(statuses.items()))
-        )
-        for (d, m, v), statuses in by_key.items()
-    ]
 
 
 def percentiles(histogram: dict[int, int], quantiles: Sequence[float]) -> list[float | None]:
@@ -111,18 +135,45 @@ def percentiles(histogram: dict[int, int], quantiles: Sequence[float]) -> list[f
     return answers
 
 
+def whole_months(start: date, today: date) -> tuple[date, date] | None:
+    """The calendar months wholly inside ``[start, today]`` that have ended, as the first day of
+    the first one and the first day of the month after the last one; None when there are none."""
+    first = start if start.day == 1 else (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    end = today.replace(day=1)
+    return (first, end) if first < end else None
+
+
 async def latency(*, session: AsyncSession, days: int) -> list[LatencyPercentiles]:
     """p50, p95 and p99 of the total latency (ms) of the answers computed (not from the cache)
-    in the last ``days`` UTC days, per model version, from the histogram (see ``percentiles``)."""
+    in the last ``days`` UTC days, per model version, from the histogram (see ``percentiles``).
+
+    Ended calendar months inside the window are read from the monthly histogram, the days before
+    and after them from the daily one: a year reads at most about 12 × versions × buckets monthly
+    rows and 60 days' daily rows."""
+    today = datetime.now(UTC).date()
+    start = first_day(days, today)
+    months = whole_months(start, today)
+    daily = select(
+        PredictionStats.model_name.label("model_name"),
+        PredictionStats.model_version.label("model_version"),
+        PredictionStats.latency_bucket.label("latency_bucket"),
+        PredictionStats.predictions.label("predictions"),
+    ).where(PredictionStats.day >= start, PredictionStats.latency_bucket >= 0)
+    if months is not None:
+        daily = daily.where((PredictionStats.day < months[0]) | (PredictionStats.day >= months[1]))
+        monthly = select(
+            PredictionLatencyMonths.model_name,
+            PredictionLatencyMonths.model_version,
+            PredictionLatencyMonths.latency_bucket,
+            PredictionLatencyMonths.predictions,
+        ).where(PredictionLatencyMonths.month >= months[0], PredictionLatencyMonths.month < months[1])
+        parts = daily.union_all(monthly).subquery()
+    else:
+        parts = daily.subquery()
     rows = await session.execute(
         select(
-            PredictionStats.model_name,
-            PredictionStats.model_version,
-            PredictionStats.latency_bucket,
-            func.sum(PredictionStats.predictions),
-        )
-        .where(PredictionStats.day >= first_day(days), PredictionStats.latency_bucket >= 0)
-        .group_by(PredictionStats.model_name, PredictionStats.model_version, PredictionStats.latency_bucket)
+            parts.c.model_name, parts.c.model_version, parts.c.latency_bucket, func.sum(parts.c.predictions)
+        ).group_by(parts.c.model_name, parts.c.model_version, parts.c.latency_bucket)
     )
     histograms: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)
     for model, version, bucket, n in rows:
