@@ -3,12 +3,13 @@
 ``python -m bench.profile [--model mobilenet_v2@1] [--requests 300]`` starts the portal as the
 benchmark does (one API process, one worker, the result cache off), sends one prediction at a time
 with a fresh photo each time (a photo of ``--photos`` with random bytes after its end, so no two
-uploads share a hash), and records the API process with py-spy (a sampling profiler that reads
-the process from outside: the API runs unmodified, https://github.com/benfred/py-spy) for the whole
-run. It writes the raw stacks (``profile-api.txt``, one line per stack with its sample count, the
+uploads share a hash): first ``--requests`` of them to time (and the API's CPU time per request),
+then as many again while py-spy records the API process (a sampling profiler that reads the
+process from outside, so the API runs unmodified: https://github.com/benfred/py-spy). It writes the raw stacks (``profile-api.txt``, one line per stack with its sample count, the
 format flame graph tools read) and prints:
 
-- the split of one request as the latency benchmark makes it (API time minus the worker's);
+- the split of one request as the latency benchmark makes it (API time minus the worker's) and
+  the API process's CPU time per request;
 - the share of the API's busy samples under each of the portal's own functions (inclusive), and
   under the libraries doing the work (SQLAlchemy and asyncpg, redis-py, Starlette and FastAPI).
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from model.quantize import PHOTO_SUFFIXES
 
@@ -54,12 +56,15 @@ LIBRARIES = {
 
 @dataclass(frozen=True)
 class Split:
-    """Medians (ms) over the profiled requests."""
+    """Medians (ms) over the requests sent before the profiler attaches (it pauses the process
+    to read it, which would count in these), and the API process's CPU time per request then."""
 
     client_ms: float
     api_ms: float
     worker_ms: float
     api_outside_worker_ms: float
+    api_cpu_ms: float
+    """User and system CPU time of the API process (``/proc``, through psutil) per request."""
 
 
 def fresh_photos(photos: Path) -> list[tuple[str, bytes]]:
@@ -94,6 +99,11 @@ def run(
             client.headers["Authorization"] = f"Bearer {login.json()['access_token']}"
             for _ in range(10):  # warm-up: connections, prepared statements, the model
                 _send(client, model, images)
+            api = psutil.Process(p.pids("api")[0])
+            before = api.cpu_times()
+            rows = [_send(client, model, images) for _ in range(requests)]
+            after = api.cpu_times()
+            cpu_ms = (after.user + after.system - before.user - before.system) * 1000 / requests
             spy = Path(sys.executable).parent / "py-spy"
             command = [str(spy), "record", "--pid", str(p.pids("api")[0]), "--rate", str(rate)]
             recorder = subprocess.Popen(
@@ -102,7 +112,8 @@ def run(
                 stderr=subprocess.PIPE,
             )
             time.sleep(1.0)  # py-spy attaches
-            rows = [_send(client, model, images) for _ in range(requests)]
+            for _ in range(requests):
+                _send(client, model, images)
             recorder.send_signal(signal.SIGINT)
             _, err = recorder.communicate(timeout=60)
             if not stacks.exists():
@@ -112,6 +123,7 @@ def run(
         api_ms=round(statistics.median(r[1] for r in rows), 2),
         worker_ms=round(statistics.median(r[2] for r in rows), 2),
         api_outside_worker_ms=round(statistics.median(r[1] - r[2] for r in rows), 2),
+        api_cpu_ms=round(cpu_ms, 2),
     )
     return split, stacks
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import numpy as np
 import pytest
@@ -530,3 +532,33 @@ async def test_a_waiting_request_learns_soon_that_its_job_was_deleted(
     assert (await client.delete(f"/v1/users/{user['id']}", headers=admin_headers)).status_code == 204
     assert await waiting == 404
     assert asyncio.get_running_loop().time() - started < service.GONE_CHECK_SECONDS + 1.5
+
+
+async def test_a_new_upload_waits_for_a_delete_of_the_same_content_before_its_blob_is_stored(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    """A delete of the last upload of some content removes the blob while it holds the content's
+    lock; a prediction of a new upload of that content must not store its blob and commit its row
+    meanwhile, or the row would point at a blob the delete then removes."""
+    _, headers = await users.create()
+    data = noise_png()
+    sha = hashlib.sha256(data).hexdigest()
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)  # a delete in progress
+        predicting = asyncio.create_task(
+            client.post(
+                "/model/predict", files={"file": ("n.png", data)}, params={"models": "mobilenet_v2"}, headers=headers
+            )
+        )
+        await asyncio.sleep(1.0)
+        assert not predicting.done()
+        assert not any(settings.storage_dir.rglob(sha))  # nothing stored while the delete holds the lock
+        await transaction.commit()
+    finally:
+        await conn.close()
+    r = await predicting
+    assert r.status_code == 200, r.text
+    assert any(p.name == sha for p in settings.storage_dir.rglob(sha))

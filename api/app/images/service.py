@@ -8,13 +8,13 @@ import hashlib
 import io
 import threading
 import uuid
-from typing import cast
+from typing import Any, cast
 
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
 from PIL import Image as PILImage
 from PIL import ImageDraw
-from sqlalchemy import Table, func, insert, select, text
+from sqlalchemy import Table, bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
@@ -57,13 +57,16 @@ VIEW_SIZE = 800
 cannot be decoded at a reduced scale, in pixels."""
 
 
-_INSERT_IMAGE = insert(cast(Table, Image.__table__))
+INSERT_IMAGE = insert(cast(Table, Image.__table__))
+BLOB_LOCK = func.pg_advisory_xact_lock(func.hashtextextended(bindparam("b_sha256"), 0))
+"""The lock of one content's blob (parameter ``b_sha256``) until the transaction ends. It
+serialises an upload and a delete of the same content, so a blob is never removed while a new row
+starts to reference it."""
+_LOCK_BLOB = select(BLOB_LOCK)
 
 
 async def _lock_blob(session: AsyncSession, sha256: str) -> None:
-    # Serialises an upload and a delete of the same content, so a blob is never removed
-    # while a new row starts to reference it.
-    await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:sha, 0))"), {"sha": sha256})
+    await session.execute(_LOCK_BLOB, {"b_sha256": sha256})
 
 
 @functools.cache
@@ -99,7 +102,16 @@ async def add_image(
     """Stores the blob and inserts the row; the caller commits."""
     await _lock_blob(session, sha256)
     await store.put(sha256, data, preview=info.preview)
-    row = {
+    row = new_image_row(owner_id=owner_id, data=data, info=info, sha256=sha256, filename=filename)
+    # A plain INSERT, not the unit of work: it runs on every upload and costs a fraction of a flush.
+    await session.execute(INSERT_IMAGE, row)
+    return Image(**row)
+
+
+def new_image_row(*, owner_id: int, data: bytes, info: ImageInfo, sha256: str, filename: str) -> dict[str, Any]:
+    """The ``images`` row of a new upload (every column but ``ground_truth``), for ``INSERT_IMAGE``;
+    its blob must be stored under the blob lock (``BLOB_LOCK``) before the row is committed."""
+    return {
         "id": uuid.uuid4(),
         "owner_id": owner_id,
         "sha256": sha256,
@@ -113,9 +125,6 @@ async def add_image(
         "contrast": info.stats.contrast if info.stats else None,
         "colourfulness": info.stats.colourfulness if info.stats else None,
     }
-    # A plain INSERT, not the unit of work: it runs on every upload and costs a fraction of a flush.
-    await session.execute(_INSERT_IMAGE, row)
-    return Image(**row)
 
 
 async def create_image(

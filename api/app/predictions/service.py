@@ -67,6 +67,8 @@ _IN_FLIGHT = (
         ~_jobs.c.request_id.startswith(keys.BATCH_REQUEST_PREFIX),
     )
 )
+# The same count, taking the upload's blob lock (``images_service.BLOB_LOCK``) in the same round trip.
+_IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), images_service.BLOB_LOCK)
 _INSERT_JOB = insert(_jobs)
 _INSERT_PREDICTION = insert(_predictions)
 # Every column of a new prediction row: the rows of one INSERT must name the same columns.
@@ -130,10 +132,16 @@ async def admit(
     entries: list[ModelEntry],
     owner_id: int,
     sha256: str,
+    lock_blob: bool = False,
 ) -> dict[str, ResultMessage]:
     """Admission control before anything is stored: 429 when the user has too many predictions in
-    flight, 503 when a queue is full. Returns the cached answers, by model key."""
-    in_flight = await session.scalar(_IN_FLIGHT, {"b_owner_id": owner_id})
+    flight, 503 when a queue is full. Returns the cached answers, by model key. ``lock_blob``: also
+    takes the blob lock of ``sha256`` for the rest of the transaction (a new upload's, before its
+    blob is written), in the same round trip as the count."""
+    if lock_blob:
+        in_flight = (await session.execute(_IN_FLIGHT_LOCKING, {"b_owner_id": owner_id, "b_sha256": sha256})).scalar()
+    else:
+        in_flight = await session.scalar(_IN_FLIGHT, {"b_owner_id": owner_id})
     if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:
         _rejected(entries)
         raise HTTPException(
@@ -181,37 +189,49 @@ async def _admit_and_queue(
     ground_truth: GroundTruth | None = None,
 ) -> tuple[Image, Job]:
     """Admission first, then the upload (when new), its ground truth and its job are committed
-    together and the job queued: a rejected request stores nothing."""
+    together and the job queued: a rejected request stores nothing. A new upload's row goes in
+    with the job's (one statement, ``insert_job``)."""
+    upload = image if isinstance(image, Upload) else None
     cached = await admit(
-        session=session, redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=image.sha256
-    )
-    data = None
-    if isinstance(image, Upload):
-        data = image.data
-        image = await images_service.add_image(
-            session=session,
-            store=store,
-            owner_id=owner_id,
-            data=image.data,
-            info=image.info,
-            sha256=image.sha256,
-            filename=image.filename,
-        )
-    if ground_truth is not None:
-        await _store_ground_truth(
-            session=session, image=image, ground_truth=ground_truth, owner_id=owner_id, settings=settings
-        )
-    job = await create_job(
         session=session,
         redis=redis,
-        store=store,
+        settings=settings,
+        entries=entries,
+        owner_id=owner_id,
+        sha256=image.sha256,
+        lock_blob=upload is not None,
+    )
+    new_image: dict[str, Any] | None = None
+    if upload is not None:
+        # Under the blob lock admission took: a delete of the same content waits for the commit.
+        await store.put(upload.sha256, upload.data, preview=upload.info.preview)
+        new_image = images_service.new_image_row(
+            owner_id=owner_id, data=upload.data, info=upload.info, sha256=upload.sha256, filename=upload.filename
+        )
+        image = Image(**new_image)
+    assert isinstance(image, Image)
+    job, predictions = await insert_job(
+        session=session,
         image=image,
+        new_image=new_image,
         entries=entries,
         cached=cached,
         owner_id=owner_id,
         deadline_seconds=deadline_seconds,
         request_id=request_id,
-        data=data,
+    )
+    if ground_truth is not None:
+        await _store_ground_truth(
+            session=session, image=image, ground_truth=ground_truth, owner_id=owner_id, settings=settings
+        )
+    await queue_job(
+        session=session,
+        redis=redis,
+        store=store,
+        image=image,
+        job=job,
+        predictions=predictions,
+        data=upload.data if upload is not None else None,
         shadows=shadows or {},
     )
     return image, job
@@ -430,26 +450,24 @@ async def _wait_while_the_job_exists(
     )
 
 
-async def create_job(
+async def insert_job(
     *,
     session: AsyncSession,
-    redis: Redis,
-    store: LocalBlobStore,
     image: Image,
+    new_image: dict[str, Any] | None,
     entries: list[ModelEntry],
     cached: dict[str, ResultMessage],
     owner_id: int,
     deadline_seconds: float,
     request_id: str,
-    data: bytes | None = None,
-    shadows: dict[str, list[ModelEntry]] | None = None,
-) -> Job:
-    """Inserts the job, commits (with whatever else the session holds) and queues what is not cached.
+) -> tuple[Job, list[dict[str, Any]]]:
+    """Inserts the job and its predictions (the cached answers done already) in one statement,
+    with ``new_image``'s row first when the image is a new upload; does not commit. Returns the
+    job and its predictions' rows.
 
-    ``cached``: what ``admit`` returned. ``data``: the image's bytes when the caller holds them
-    (saves reading the blob back). ``shadows``: by entry key, the shadow versions that get a copy
-    (``shadow_copies``); a copy is best effort and never fails or delays the job.
-    """
+    ``cached``: what ``admit`` returned. One statement (data-modifying CTEs; the foreign keys are
+    checked at its end) because this runs on every prediction: each round trip to PostgreSQL costs
+    the API more CPU than PostgreSQL spends on the insert (``python -m bench.profile``)."""
     now = datetime.now(UTC)
     job_row: dict[str, Any] = {
         "id": uuid.uuid4(),
@@ -473,11 +491,33 @@ async def create_job(
         rows.append(row)
     if not pending:
         job_row.update(status=PredictionStatus.done.value, finished_at=now)
-    await session.execute(_INSERT_JOB, job_row)
-    await session.execute(_INSERT_PREDICTION, rows)
-    await session.commit()
+    statement = _INSERT_PREDICTION.values(rows).add_cte(_INSERT_JOB.values(job_row).cte("new_job"))
+    if new_image is not None:
+        statement = statement.add_cte(images_service.INSERT_IMAGE.values(new_image).cte("new_image"))
+    await session.execute(statement)
+    return Job(**job_row), rows
 
-    job = Job(**job_row)
+
+async def queue_job(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    image: Image,
+    job: Job,
+    predictions: list[dict[str, Any]],
+    data: bytes | None = None,
+    shadows: dict[str, list[ModelEntry]] | None = None,
+) -> None:
+    """Commits (the job ``insert_job`` added, with whatever else the session holds) and queues
+    those of its ``predictions`` (rows) that were not answered from the cache.
+
+    ``data``: the image's bytes when the caller holds them (saves reading the blob back).
+    ``shadows``: by entry key, the shadow versions that get a copy (``shadow_copies``); a copy is
+    best effort and never fails or delays the job.
+    """
+    await session.commit()
+    pending = [row for row in predictions if row["status"] == PredictionStatus.queued.value]
     if pending:
         if data is None:
             data = await store.get(image.sha256)
@@ -488,13 +528,12 @@ async def create_job(
             await fail_unfinished(session=session, job_id=job.id, reason="the job queue was unavailable")
             raise
     if shadows:
-        primaries = {f"{r['model_name']}@{r['model_version']}": r["id"] for r in rows}
+        primaries = {f"{p['model_name']}@{p['model_version']}": p["id"] for p in predictions}
         copies = [(primaries[key], m) for key, entries_ in shadows.items() if key in primaries for m in entries_]
         if copies:
             if data is None:
                 data = await store.get(image.sha256)
             await _queue_shadows(session=session, redis=redis, job=job, sha256=image.sha256, data=data, copies=copies)
-    return job
 
 
 async def _queue_shadows(
