@@ -109,7 +109,7 @@ def _statements(shape: Shape, heavy_id: int) -> list[str]:
 
 async def grow(dsn: str, shape: Shape = Shape(), *, password_hash_from: str) -> Grown:
     """Adds ``shape``'s rows to the migrated database at ``dsn`` (a plain ``postgresql://`` DSN)
-    with set-based SQL, rolls the statistics' changes up, then VACUUM ANALYZE; the heavy user's password is the one of the existing user
+    with set-based SQL, rolls the statistics' changes up and analyzes (the summaries vacuumed too); the heavy user's password is the one of the existing user
     ``password_hash_from`` (an email), so a test can log in as them. Returns who the heavy user is."""
     start = time.perf_counter()
     conn = await asyncpg.connect(dsn)
@@ -130,10 +130,11 @@ async def grow(dsn: str, shape: Shape = Shape(), *, password_hash_from: str) -> 
                 await conn.execute(statement)
                 log.info("%.1f s: %s", time.perf_counter() - began, " ".join(statement.split())[:70])
         # What the API's periodic roll-up and autovacuum do on a portal that has been running.
-        from api.app.stats.service import ROLL_UP
+        from api.app.stats.service import ROLL_UP, SUMMARIES
 
         await conn.execute(ROLL_UP.text)
-        await conn.execute("VACUUM ANALYZE")
+        await conn.execute(f"VACUUM ANALYZE {', '.join(SUMMARIES)}")
+        await conn.execute("ANALYZE")
     finally:
         await conn.close()
     return Grown(heavy_user_id=heavy_id, heavy_email=heavy_email, seconds=time.perf_counter() - start)
