@@ -109,7 +109,8 @@ def _statements(shape: Shape, heavy_id: int) -> list[str]:
 
 async def grow(dsn: str, shape: Shape = Shape(), *, password_hash_from: str) -> Grown:
     """Adds ``shape``'s rows to the migrated database at ``dsn`` (a plain ``postgresql://`` DSN)
-    with set-based SQL, rolls the statistics' changes up and analyzes (the summaries vacuumed too); the heavy user's password is the one of the existing user
+    with set-based SQL, rolls the statistics' changes up and analyzes (the summaries vacuumed
+    too, as the API does now and then); the heavy user's password is the one of the existing user
     ``password_hash_from`` (an email), so a test can log in as them. Returns who the heavy user is."""
     start = time.perf_counter()
     conn = await asyncpg.connect(dsn)
