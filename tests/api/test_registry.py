@@ -101,6 +101,32 @@ async def test_seeding_creates_then_updates_specs_and_keeps_operators_state(
     assert last.before["2"]["spec"]["description"] != "retrained" == last.after["2"]["spec"]["description"]
 
 
+async def test_the_file_never_redefines_a_version_a_training_run_registered(
+    fresh_settings: Settings, settings: Settings
+) -> None:
+    registry = load_registry(settings.registry_path)
+    await _seed(fresh_settings, registry)
+    trained = next(m for m in registry.models if m.key == "sketch@3").model_copy(
+        update={"version": 9, "channel": "shadow", "file": "{trained_dir}/sketch/v9/model.keras"}
+    )
+    engine = make_engine(fresh_settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            await service.register_version(
+                session=session, actor=service.Actor(None, "training run 42"), entry=trained, reason="trained"
+            )
+    finally:
+        await engine.dispose()
+    # Later, someone writes a sketch@9 of their own into the file: the trained one stays as it is.
+    hand_written = trained.model_copy(update={"file": "{models_dir}/my_sketch.keras", "description": "mine"})
+    assert await _seed(fresh_settings, registry.model_copy(update={"models": [*registry.models, hand_written]})) == 0
+    versions, changes = await _rows(fresh_settings)
+    assert versions["sketch@9"].spec["file"] == "{trained_dir}/sketch/v9/model.keras"
+    assert not [c for c in changes if c.version == 9 and c.action == "update"]
+    # A file entry that says the same as the run (only operators' state differs) is no conflict.
+    assert await _seed(fresh_settings, registry.model_copy(update={"models": [*registry.models, trained]})) == 0
+
+
 async def test_a_stable_version_new_in_the_file_takes_over_from_the_stable_one_in_the_database(
     fresh_settings: Settings, settings: Settings
 ) -> None:

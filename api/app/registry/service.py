@@ -11,6 +11,7 @@ worker has it loaded and healthy; a retired version has no traffic.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.registry.models import ModelVersion, RegistryChange
 from contracts.registry import ModelEntry, Registry
+
+log = logging.getLogger("api.registry")
 
 SEED_ACTOR = "registry.yaml"
 """The actor named in the audit trail for changes made by start-up seeding."""
@@ -101,12 +104,22 @@ async def seed(*, session: AsyncSession, registry: Registry) -> int:
     commits: a missing version is created with the file's state; an existing one gets the file's
     spec (how to load it) and display name, and keeps the state operators gave it (channel, enabled,
     weight), so a restart never undoes a promotion or a rollback. Versions the file does not name
-    are left as they are. Each creation or change is audited under ``SEED_ACTOR``; returns how many.
+    are left as they are, and so is a version someone else registered (a training run, an admin)
+    when the file names it with other files: it is logged and skipped. Each creation or change is
+    audited under ``SEED_ACTOR``; returns how many.
 
     Safe to run from several processes at once: they take turns on a transaction-level lock.
     """
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))"))
     existing = {(v.name, v.version): v for v in await session.scalars(select(ModelVersion))}
+    registered_by = {
+        (model, version): who
+        for model, version, who in await session.execute(
+            select(RegistryChange.model, RegistryChange.version, RegistryChange.actor).where(
+                RegistryChange.action == "register"
+            )
+        )
+    }
     actor = Actor(None, SEED_ACTOR)
     changes = 0
     for entry in registry.models:
@@ -128,6 +141,18 @@ async def seed(*, session: AsyncSession, registry: Registry) -> int:
                 reason="named in registry.yaml",
             )
             changes += 1
+            continue
+        owner = registered_by.get((row.name, row.version), SEED_ACTOR)
+        if owner != SEED_ACTOR and row.spec != entry.spec():
+            # A version a training run (or an admin) registered is not this file's to redefine:
+            # its files and record are that run's. The file's entry is the one in the wrong.
+            log.error(
+                "registry.yaml names %s@%d, which %s registered with other files; the file's entry is "
+                "ignored: give it another version number",
+                row.name,
+                row.version,
+                owner,
+            )
             continue
         before = _state(row, spec=True)
         row.spec = entry.spec()
