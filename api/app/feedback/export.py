@@ -444,13 +444,23 @@ class ExportWriter:
         self._csv = csv.writer(self._rows)
         self._csv.writerow(MANIFEST_COLUMNS)
         self.summary = ExportSummary()
+        # The images and models written so far. Each page of a walk is read in a snapshot of its
+        # own: a verdict written from one page can be deleted (or replaced, which moves it past
+        # the export's end) before the next, and the verdict it had superseded on the same image
+        # and model is then the latest there. The first one written (the newest) stands.
+        self._written: set[tuple[str, str]] = set()
 
     def write(self, examples: Sequence[Example]) -> None:
-        """Writes each example whose file the store has; counts the others as missing. Blocking:
-        called in a worker thread. Raises ExportInterrupted as soon as ``stop`` is set."""
+        """Writes each example whose file the store has; counts the others as missing; leaves
+        out an image and model written already (by an earlier page). Blocking: called in a
+        worker thread. Raises ExportInterrupted as soon as ``stop`` is set."""
         for example in examples:
             if self.stop.is_set():
                 raise ExportInterrupted
+            key = (example.model, example.sha256)
+            if key in self._written:  # counted as superseded before the walk began
+                continue
+            self._written.add(key)
             try:
                 src = self.store.open(example.sha256)
             except FileNotFoundError:
