@@ -114,6 +114,8 @@ async def test_a_verdict_that_goes_away_mid_export_does_not_put_its_image_in_twi
         rows = manifest(path)
         per_image = Counter(r["sha256"] for r in rows)
         assert per_image[str(seeded["x"])] == 1, rows
+        # The verdict that was the latest when the export began, written from the first page.
+        assert next(r["label"] for r in rows if r["sha256"] == seeded["x"]) == "dog"
         assert summary.examples == len(rows) == 2
         assert (summary.superseded, summary.unlabelled, summary.missing) == (1, 0, 0)
     finally:
