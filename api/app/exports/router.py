@@ -81,10 +81,15 @@ async def download_export(
     response_model=ExportPublic,
     responses={**ADMIN, **NOT_FOUND, **FINISHED, **INVALID, **BODY_TOO_LARGE},
 )
-async def cancel_export(export_id: uuid.UUID, _: AdminUser, session: SessionDep) -> ExportPublic:
+async def cancel_export(export_id: uuid.UUID, _: AdminUser, session: SessionDep, settings: SettingsDep) -> ExportPublic:
     """Cancel a queued or running export; it stops within a few seconds and leaves no file (admin).
     409 for one that is done or failed."""
-    return ExportPublic.from_row(await service.cancel_export(session=session, export_id=export_id))
+    export = await service.cancel_export(session=session, export_id=export_id)
+    # What is on disk goes now, as when an export is deleted: a process that died writing it
+    # would never come back for it, and a cancelled export is never taken up again. A live one
+    # deletes what it writes after this itself, once it sees the export cancelled.
+    await to_thread.run_sync(_remove_files, settings.storage_dir, export_id)
+    return ExportPublic.from_row(export)
 
 
 @router.delete("/{export_id}", status_code=status.HTTP_204_NO_CONTENT, responses={**ADMIN, **NOT_FOUND, **INVALID})

@@ -431,6 +431,14 @@ class ZipSink:
         self.archive.close()
 
 
+def _digest(sha256: str) -> bytes:
+    """An image's sha256 as the 32 bytes it spells (as given when it is not hex)."""
+    try:
+        return bytes.fromhex(sha256)
+    except ValueError:
+        return sha256.encode()
+
+
 class ExportWriter:
     """Writes examples, each image copied from the blob store in chunks, and at the end the
     manifest. Every method blocks: call them in a worker thread, one at a time."""
@@ -444,13 +452,24 @@ class ExportWriter:
         self._csv = csv.writer(self._rows)
         self._csv.writerow(MANIFEST_COLUMNS)
         self.summary = ExportSummary()
+        # The images written so far, per model (their sha256 as 32 bytes: about 10 MB for 100,000
+        # images). Each page of a walk is read in a snapshot of its own: a verdict written from
+        # one page can be deleted (or replaced, which moves it past the export's end) before the
+        # next, and the verdict it had superseded on the same image and model is then the latest
+        # there. The first one written (the newest) stands.
+        self._written: dict[str, set[bytes]] = {}
 
     def write(self, examples: Sequence[Example]) -> None:
-        """Writes each example whose file the store has; counts the others as missing. Blocking:
-        called in a worker thread. Raises ExportInterrupted as soon as ``stop`` is set."""
+        """Writes each example whose file the store has; counts the others as missing; leaves
+        out an image and model written already (by an earlier page). Blocking: called in a
+        worker thread. Raises ExportInterrupted as soon as ``stop`` is set."""
         for example in examples:
             if self.stop.is_set():
                 raise ExportInterrupted
+            written, key = self._written.setdefault(example.model, set()), _digest(example.sha256)
+            if key in written:  # counted as superseded before the walk began
+                continue
+            written.add(key)
             try:
                 src = self.store.open(example.sha256)
             except FileNotFoundError:

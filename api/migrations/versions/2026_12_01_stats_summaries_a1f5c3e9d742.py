@@ -179,6 +179,10 @@ def upgrade() -> None:
     op.execute(LATENCY_BUCKET)
     op.execute(PREDICTION_DELTAS)
     op.execute(VERDICT_DELTAS)
+    # Writers of predictions wait from here until the migration commits (as CREATE TRIGGER below
+    # would make them anyway): an answer stored by a running process between this count and the
+    # trigger would otherwise be in neither. (feedback is locked already, by ADD COLUMN.)
+    op.execute("LOCK TABLE predictions IN SHARE ROW EXCLUSIVE MODE")
     # The history so far, counted once; from here on the triggers keep the summaries.
     op.execute("""
         INSERT INTO prediction_stats (day, model_name, model_version, status, latency_bucket, predictions)
