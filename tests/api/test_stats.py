@@ -182,6 +182,53 @@ async def test_summaries_equal_a_count_over_the_rows_through_every_kind_of_chang
         await conn.close()
 
 
+PREVIOUS_RELEASE_ROLL_UP = """
+    WITH moved AS (DELETE FROM prediction_stat_deltas RETURNING *),
+    histogram AS (
+        INSERT INTO prediction_stats AS s (day, model_name, model_version, status, latency_bucket, predictions)
+        SELECT day, model_name, model_version, status, latency_bucket, sum(predictions) FROM moved
+        GROUP BY 1, 2, 3, 4, 5 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4, 5
+        ON CONFLICT (day, model_name, model_version, status, latency_bucket)
+        DO UPDATE SET predictions = s.predictions + excluded.predictions
+    )
+    INSERT INTO prediction_counts AS c (day, model_name, model_version, status, predictions)
+    SELECT day, model_name, model_version, status, sum(predictions) FROM moved
+    GROUP BY 1, 2, 3, 4 HAVING sum(predictions) <> 0 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (day, model_name, model_version, status)
+    DO UPDATE SET predictions = c.predictions + excluded.predictions
+"""
+"""The roll-up of the release before the monthly histogram: it knows nothing of that table."""
+
+
+async def test_what_a_previous_release_writes_during_an_upgrade_is_counted(
+    database: tuple[str, async_sessionmaker[AsyncSession]],
+) -> None:
+    """While an upgrade rolls out, API processes of the previous release still roll up (without
+    the monthly histogram) and store verdicts (without naming their model version): the
+    database keeps the summaries right for them."""
+    dsn, sessions = database
+    conn = await asyncpg.connect(dsn)
+    try:
+        await seed(conn, 600, days=200)
+        await conn.execute("UPDATE predictions SET status = 'done', label = 'cat', total_ms = 1 + random() * 900")
+        await conn.execute(PREVIOUS_RELEASE_ROLL_UP)
+        await conn.execute("""
+            INSERT INTO feedback (id, owner_id, prediction_id, is_correct, correct_label, created_at)
+            SELECT gen_random_uuid(), j.owner_id, p.id, p.position = 0, 'dog', now()
+            FROM predictions p JOIN jobs j ON j.id = p.job_id LIMIT 50
+            """)
+        assert await conn.fetchval("SELECT count(*) FROM feedback WHERE model_name IS NULL") == 0
+        await assert_summaries_match(conn)
+        async with sessions() as session:
+            await service.roll_up(session=session)
+            year = {(x.model, x.version): x.count for x in await service.latency(session=session, days=365)}
+            accuracy = {(x.model, x.version): x.feedback for x in await service.accuracy(session=session)}
+        await assert_summaries_match(conn)
+        assert sum(year.values()) == 1200 and sum(accuracy.values()) == 50
+    finally:
+        await conn.close()
+
+
 async def test_concurrent_writers_and_roll_ups_count_everything_once(
     database: tuple[str, async_sessionmaker[AsyncSession]],
 ) -> None:
