@@ -57,7 +57,7 @@ def record_folder(file_template: str) -> str | None:
     return match["folder"] if match else None
 
 
-Architecture = Literal["compact", "deep"]
+Architecture = Literal["compact", "deep", "vgg"]
 """The sketch CNNs ``model.training.train_sketch.build_model`` builds."""
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 

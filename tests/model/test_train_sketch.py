@@ -157,3 +157,35 @@ def test_canvas_renderings_join_the_training_split_and_both_held_out_figures_are
     assert entry is not None
     bitmap = load_category(model_settings.quickdraw_dir, "cat", 1)[0]
     np.testing.assert_array_equal(canvas_renderings(bitmap[None])[0], preprocess(canvas_png(bitmap), entry))
+
+
+def test_the_vgg_recipe_trains_with_smoothed_labels_and_saves_a_servable_model(
+    tmp_path: Path, model_settings: ModelSettings
+) -> None:
+    import keras
+
+    from model.gradcam import target_layer
+
+    metrics = train(
+        data=model_settings.quickdraw_dir,
+        categories=CATEGORIES,
+        per_category=100,
+        epochs=1,
+        batch_size=64,
+        out=tmp_path / "vgg",
+        arch="vgg",
+        augment=True,
+        flip_only=True,
+        label_smoothing=0.1,
+        weight_decay=1e-4,
+        warmup=0.1,
+        learning_rate=3e-3,
+    )
+    assert metrics["arch"] == "vgg" and metrics["label_smoothing"] == 0.1 and metrics["flip_only"] is True
+    assert 0.0 <= cast(float, metrics["test_accuracy"]) <= 1.0
+    model = keras.models.load_model(tmp_path / "vgg" / "model.keras", compile=False)
+    assert model.output_shape == (None, len(CATEGORIES))
+    # Grad-CAM explains the last convolutional block's 7x7 maps, as for the other sketch CNNs.
+    assert tuple(target_layer(model).output.shape[1:3]) == (7, 7)
+    names = {type(layer).__name__ for layer in model.layers}
+    assert "RandomFlip" in names and "RandomRotation" not in names
