@@ -74,6 +74,13 @@ class TrainingOptions(BaseModel):
     """Share of the training drawings added again as the UI canvas renders them."""
     augment: bool = True
     """Random flips, small rotations and zooms of the training drawings, new each epoch."""
+    flip_only: bool = False
+    """With ``augment``: flips only (the service already centres and scales every drawing)."""
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    """AdamW's decoupled weight decay; 0: plain Adam."""
+    warmup: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Share of the steps over which the learning rate rises from zero before its cosine decay."""
 
 
 class TrainingJob(BaseModel):

@@ -126,6 +126,10 @@ class Trainer:
                 seed=job.options.seed,
                 canvas_share=job.options.canvas_share,
                 augment=job.options.augment,
+                flip_only=job.options.flip_only,
+                label_smoothing=job.options.label_smoothing,
+                weight_decay=job.options.weight_decay,
+                warmup=job.options.warmup,
                 on_epoch=lambda numbers: self.emit(
                     training.TrainingEvent(
                         run_id=job.run_id,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from contracts.training import TrainingOptions, record_folder
+from tests.support import ROOT
 
 
 @pytest.mark.parametrize(
@@ -26,3 +28,16 @@ def test_runs_train_on_canvas_renderings_by_default() -> None:
     assert TrainingOptions().canvas_share == pytest.approx(0.3)
     with pytest.raises(ValueError):
         TrainingOptions(canvas_share=1.5)
+
+
+def test_a_run_can_ask_for_the_stable_sketch_recipe() -> None:
+    """The options sketch@3's registry entry trains with are options a training run takes too."""
+    entries = yaml.safe_load((ROOT / "model" / "registry.yaml").read_text())["models"]
+    recipe = next(e for e in entries if (e["name"], e["version"]) == ("sketch", 3))["training"]
+    options = TrainingOptions.model_validate({k: v for k, v in recipe.items() if k != "categories"})
+    assert options.model_dump(include=set(recipe) - {"categories"}) == {
+        k: v for k, v in recipe.items() if k != "categories"
+    }
+    for bad in ({"label_smoothing": 1.0}, {"warmup": -0.1}, {"weight_decay": 2.0}):
+        with pytest.raises(ValueError):
+            TrainingOptions.model_validate(bad)
