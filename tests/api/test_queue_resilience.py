@@ -16,7 +16,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from api.app.core.config import Settings
 from api.app.main import create_app
@@ -121,8 +121,11 @@ async def test_redis_restart_gives_503_then_recovers_without_losing_jobs(
 ) -> None:
     await stack.start_workers(1)
     _, headers = await users.create()
+    me = (await stack.client.get("/v1/users/me", headers=headers)).json()
     image = await upload(stack.client, headers, noise_png())
     jobs = await submit(stack.client, headers, 12)
+    # A queued job whose image's file is gone from the store: it must fail, not hold up the others.
+    orphan = await _queued_job_without_its_file(stack.app, me["id"])
 
     caplog.set_level(logging.ERROR, logger="api.outage")
     stack.redis_server.stop()
@@ -142,9 +145,38 @@ async def test_redis_restart_gives_503_then_recovers_without_losing_jobs(
     results = [await wait_job(stack.client, headers, j, within=120) for j in jobs]
     assert [r["status"] for r in results] == ["done"] * len(jobs)
     await stored_once(stack.app, jobs)
+    failed = await wait_job(stack.client, headers, orphan, within=30)
+    assert failed["status"] == "failed" and "missing" in failed["results"][0]["error"], failed
     r = await stack.client.post("/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers)
     assert r.status_code == 202
     assert (await wait_job(stack.client, headers, r.json()["job_id"]))["status"] == "done"
+
+
+async def _queued_job_without_its_file(app: FastAPI, owner_id: int) -> str:
+    """A queued job of ``MODEL``'s stable version whose image row names a file the store lacks."""
+    version = next(
+        m.version for m in app.state.live_registry.current.models if m.name == MODEL and m.channel == "stable"
+    )
+    job_id = uuid.uuid4()
+    async with app.state.sessionmaker() as session:
+        await session.execute(
+            text("""
+                WITH image AS (
+                    INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, created_at)
+                    VALUES (gen_random_uuid(), :owner, md5(random()::text) || md5(random()::text), 'PNG', 1, 1, 1,
+                            'gone.png', now()) RETURNING id
+                ), job AS (
+                    INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, created_at)
+                    SELECT :job, :owner, id, 'queued', '', now() + interval '1 hour', now() FROM image RETURNING id
+                )
+                INSERT INTO predictions (id, job_id, position, model_name, model_version, status, top_k, cached,
+                                         random_weights, created_at)
+                SELECT gen_random_uuid(), id, 0, :model, :version, 'queued', '[]', false, false, now() FROM job
+                """),
+            {"owner": owner_id, "job": job_id, "model": MODEL, "version": version},
+        )
+        await session.commit()
+    return str(job_id)
 
 
 async def _until_ok(call: Any, within: float = 30) -> None:

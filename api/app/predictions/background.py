@@ -234,11 +234,16 @@ async def reconcile_once(rt: JobRuntime) -> None:
     # back on the queue from PostgreSQL. Duplicates are harmless: results are stored once.
     fresh = await rt.redis.set(keys.QUEUE_EPOCH, uuid.uuid4().hex, nx=True, ex=86400)
     if fresh:
-        async with rt.sessionmaker() as session:
-            messages = await service.unfinished_messages(session=session, store=rt.store)
-        if messages:
-            await queue.enqueue(rt.redis, messages)
-            log.warning("re-enqueued %d unfinished predictions after Redis lost its queue", len(messages))
+        try:
+            async with rt.sessionmaker() as session:
+                messages = await service.unfinished_messages(session=session, store=rt.store)
+            if messages:
+                await queue.enqueue(rt.redis, messages)
+                log.warning("re-enqueued %d unfinished predictions after Redis lost its queue", len(messages))
+        except Exception:
+            # Not done: the next reconcile must try again, not take the epoch as handled.
+            await rt.redis.delete(keys.QUEUE_EPOCH)
+            raise
     else:
         await rt.redis.expire(keys.QUEUE_EPOCH, 86400)
     await refresh_gauges(rt)

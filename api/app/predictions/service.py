@@ -797,7 +797,9 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> dict
 
 
 async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -> list[JobMessage]:
-    """Messages for every unfinished, unexpired prediction: what to enqueue again after Redis lost its streams."""
+    """Messages for every unfinished, unexpired prediction: what to enqueue again after Redis lost
+    its streams. A job whose image file is missing from the store is failed with that reason
+    (and commits) instead."""
     now = datetime.now(UTC)
     rows = await session.execute(
         select(Prediction, Job, Image)
@@ -807,10 +809,20 @@ async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -
     )
     messages: list[JobMessage] = []
     blobs: dict[str, bytes] = {}
-    for prediction, job, image in rows:
+    missing: set[uuid.UUID] = set()
+    for prediction, job, image in rows.all():
         if image.sha256 not in blobs:
-            blobs[image.sha256] = await store.get(image.sha256)
+            try:
+                blobs[image.sha256] = await store.get(image.sha256)
+            except FileNotFoundError:
+                missing.add(job.id)
+                continue
         messages.append(job_message(job, prediction, image.sha256, blobs[image.sha256]))
+    # A job whose image file is gone can never be answered: it fails with the reason, and the
+    # others are queued again (one lost file must not keep every other job waiting).
+    for job_id in missing:
+        log.error("job %s: its image's file is missing from the store; failed", job_id)
+        await fail_unfinished(session=session, job_id=job_id, reason="The image's file is missing from the store.")
     return messages
 
 
