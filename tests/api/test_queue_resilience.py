@@ -78,7 +78,17 @@ async def submit(client: httpx.AsyncClient, headers: dict[str, str], count: int,
 async def test_worker_killed_mid_batch_every_job_completes_once(stack: Stack, users: Users) -> None:
     await stack.start_workers(2, VISIBILITY_TIMEOUT_MS="3000", MAX_BATCH_SIZE="4", MAX_BATCH_DELAY_MS="20")
     _, headers = await users.create()
-    jobs = await submit(stack.client, headers, 40)
+    images = [await upload(stack.client, headers, noise_png(seed=None)) for _ in range(40)]
+
+    async def one(image: dict[str, Any]) -> str:
+        r = await stack.client.post(
+            "/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers
+        )
+        assert r.status_code == 202, r.text
+        return str(r.json()["job_id"])
+
+    # All at once, so the workers meet a backlog: one sent at a time can be answered as it arrives.
+    jobs = list(await asyncio.gather(*(one(image) for image in images)))
 
     client = redis.Redis.from_url(stack.redis_server.url)
     stream = f"jobs:{MODEL}@1"
