@@ -259,24 +259,33 @@ async def _timed_prediction(client: httpx.AsyncClient, headers: dict[str, str], 
 
 async def test_people_stay_fast_while_a_large_batch_runs(client: httpx.AsyncClient, users: Users) -> None:
     """p95 of one-at-a-time predictions while a 1,000-image batch runs is within 1.5 times the
-    p95 of an idle portal."""
+    p95 of an idle portal. A second try is allowed, with a new batch: on two shared cores one
+    pause of the machine moves a p95 of 60 samples, while a lane that let a batch's jobs ahead
+    of people's would put seconds on every try."""
     _, person = await users.create()
     _, company = await users.create()
     for seed in range(5):  # warm up
         await _timed_prediction(client, person, 9000 + seed)
-    idle = [await _timed_prediction(client, person, 10_000 + i) for i in range(60)]
-    r = await send(client, company, [("large.zip", zipped({f"{i}.png": noise_png(20_000 + i) for i in range(1000)}))])
-    assert r.status_code == 202, r.text
-    batch_id = r.json()["id"]
-    await asyncio.sleep(1)
-    busy = [await _timed_prediction(client, person, 30_000 + i) for i in range(60)]
-    during = (await client.get(f"/v1/batches/{batch_id}", headers=company)).json()
-    assert during["status"] == "running" and during["counts"]["done"] > 0, during["counts"]
-    p95_idle = statistics.quantiles(idle, n=20)[-1]
-    p95_busy = statistics.quantiles(busy, n=20)[-1]
-    print(f"p95 idle {p95_idle * 1000:.1f} ms, during the batch {p95_busy * 1000:.1f} ms")
-    assert p95_busy <= 1.5 * p95_idle, (p95_idle, p95_busy)
-    await client.delete(f"/v1/batches/{batch_id}", headers=company)
+    tries = []
+    for attempt in range(2):
+        base = 100_000 * attempt
+        idle = [await _timed_prediction(client, person, base + 10_000 + i) for i in range(60)]
+        images = {f"{i}.png": noise_png(base + 20_000 + i) for i in range(1000)}
+        r = await send(client, company, [("large.zip", zipped(images))])
+        assert r.status_code == 202, r.text
+        batch_id = r.json()["id"]
+        await asyncio.sleep(1)
+        busy = [await _timed_prediction(client, person, base + 30_000 + i) for i in range(60)]
+        during = (await client.get(f"/v1/batches/{batch_id}", headers=company)).json()
+        await client.delete(f"/v1/batches/{batch_id}", headers=company)
+        assert during["status"] == "running" and during["counts"]["done"] > 0, during["counts"]
+        p95_idle = statistics.quantiles(idle, n=20)[-1]
+        p95_busy = statistics.quantiles(busy, n=20)[-1]
+        print(f"p95 idle {p95_idle * 1000:.1f} ms, during the batch {p95_busy * 1000:.1f} ms")
+        tries.append((p95_idle, p95_busy))
+        if p95_busy <= 1.5 * p95_idle:
+            return
+    raise AssertionError(f"p95 (idle, during the batch) in s, twice: {tries}")
 
 
 async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(

@@ -109,7 +109,7 @@ def test_a_hundred_pausing_users_see_no_failure(database_url: str, tmp_path: Pat
         "--wait",
         "1,5",
         "--e2e-seconds",
-        "40",
+        "25",
         "--latency-requests",
         "0",
         "--database-url",
@@ -120,6 +120,7 @@ def test_a_hundred_pausing_users_see_no_failure(database_url: str, tmp_path: Pat
     (row,) = json.loads((tmp_path / "e2e.json").read_text())
     assert row["wait"] == "1,5" and row["users"] == 100
     assert row["failures"] == 0 and row["overloaded"] == 0
-    # 100 users pausing 3 s on average, a third of their tasks predictions: about 11 a second.
-    assert row["predictions"] > 200
+    # 100 users pausing 3 s on average, a third of their tasks predictions: about 11 a second
+    # once all have started.
+    assert row["predictions"] > 120
     assert row["users_requests"] > row["predictions"]

@@ -56,7 +56,15 @@ def error(description: str, headers: dict[str, Any] | None = None, model: type[B
     return response
 
 
-BAD_REQUEST: Responses = {400: error("The body cannot be parsed: not UTF-8, or a malformed form or multipart body")}
+PLAIN_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+HEAD_TOO_LARGE = "a request line and headers past 64 KiB, which the HTTP server refuses as plain text"
+UNPARSABLE: Responses = {400: {"description": f"The request cannot be parsed: {HEAD_TOO_LARGE}", "content": PLAIN_TEXT}}
+BAD_REQUEST: Responses = {
+    400: {
+        **error(f"The body cannot be parsed (not UTF-8, a malformed form or multipart body), or {HEAD_TOO_LARGE}"),
+        "content": PLAIN_TEXT,
+    }
+}
 UNAUTHORIZED: Responses = {
     401: error("Missing, malformed, expired or revoked token or API key, or inactive account", headers=CHALLENGE)
 }
@@ -90,5 +98,6 @@ size limit (413) or failing validation (422)."""
 UPLOAD: Responses = {**BAD_REQUEST, **AUTHED, **TOO_LARGE, **UNSUPPORTED, **INVALID}
 """What an upload can answer: a malformed multipart body (400), no valid token before the body is
 read (401), a file or image too large (413), not an image (415), a corrupt one or a bad field (422)."""
-EVERY_ROUTE: Responses = {**INTERNAL, **UNAVAILABLE}
-"""What any route may answer: a bug (500), PostgreSQL or Redis out of reach (503)."""
+EVERY_ROUTE: Responses = {**UNPARSABLE, **INTERNAL, **UNAVAILABLE}
+"""What any route may answer: a request the HTTP server cannot parse (400, such as a URL of a
+hundred thousand characters), a bug (500), PostgreSQL or Redis out of reach (503)."""
