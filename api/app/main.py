@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -172,9 +173,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 exports.run(stop, outage_log),
             )
         ]
+        # What start-up made (modules, schemas, the registry: some 200,000 objects) lives as long
+        # as the process. Out of the collector's reach, a full collection no longer walks them on
+        # the request path (a full collection took 170-275 ms with them, 12 ms without, on a
+        # 2-core host). See
+        # https://docs.python.org/3/library/gc.html#gc.freeze.
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             stop.set()
             for task in tasks:
                 task.cancel()
