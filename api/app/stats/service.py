@@ -217,7 +217,14 @@ async def most_corrected(*, session: AsyncSession, limit: int) -> list[Correctio
             CorrectionStats.verdicts,
         )
         .where(CorrectionStats.verdicts > 0)
-        .order_by(CorrectionStats.verdicts.desc())
+        # Ties in a fixed order, so the list does not reshuffle from one read to the next.
+        .order_by(
+            CorrectionStats.verdicts.desc(),
+            CorrectionStats.model_name,
+            CorrectionStats.model_version,
+            CorrectionStats.predicted_label,
+            CorrectionStats.correct_label,
+        )
         .limit(limit)
     )
     return [
