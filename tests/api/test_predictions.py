@@ -578,3 +578,30 @@ async def test_a_new_upload_waits_for_a_delete_of_the_same_content_before_its_bl
     r = await predicting
     assert r.status_code == 200, r.text
     assert any(p.name == sha for p in settings.storage_dir.rglob(sha))
+
+
+async def test_the_statement_storing_a_job_is_compiled_once(client: httpx.AsyncClient, app: Any, users: Users) -> None:
+    """The one statement that stores a job with its predictions comes from SQLAlchemy's compiled
+    cache after its first use: a multi-row VALUES has no cache key and was compiled anew on every
+    prediction."""
+    from sqlalchemy.engine.default import CACHE_HIT
+
+    _, headers = await users.create()
+    seen: list[object] = []
+
+    def on_execute(conn: object, cursor: object, statement: str, params: object, context: Any, many: bool) -> None:
+        if "INSERT INTO jobs" in statement:
+            seen.append(context.cache_hit)
+
+    engine = app.state.engine.sync_engine
+    event.listen(engine, "after_cursor_execute", on_execute)
+    try:
+        for shade in range(3):
+            image = await upload(client, headers, encode(Image.new("RGB", (8, 8), (shade, 4, 5)), "PNG"))
+            r = await client.post(
+                "/v1/predictions", json={"image_id": image["id"], "models": ["mobilenet_v2", "sketch"]}, headers=headers
+            )
+            assert r.status_code == 202, r.text
+    finally:
+        event.remove(engine, "after_cursor_execute", on_execute)
+    assert len(seen) == 3 and seen[1:] == [CACHE_HIT, CACHE_HIT], seen

@@ -474,7 +474,11 @@ async def insert_job(
         rows.append(row)
     if not pending:
         job_row.update(status=PredictionStatus.done.value, finished_at=now)
-    statement = _INSERT_PREDICTION.values(rows).add_cte(_INSERT_JOB.values(job_row).cte("new_job"))
+    # A row per CTE rather than one multi-row VALUES: SQLAlchemy compiles a multi-row INSERT
+    # anew each time (it has no cache key), this shape once per number of models.
+    statement = _INSERT_JOB.values(job_row)
+    for position, row in enumerate(rows):
+        statement = statement.add_cte(_INSERT_PREDICTION.values(row).cte(f"new_prediction_{position}"))
     if new_image is not None:
         statement = statement.add_cte(images_service.INSERT_IMAGE.values(new_image).cte("new_image"))
     await session.execute(statement)
