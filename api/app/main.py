@@ -66,6 +66,25 @@ DESCRIPTION = """Upload images, classify them with several models side by side, 
 prediction is wrong. Use **Authorize** with your email as username to try every route."""
 
 
+class _Frozen:
+    """``gc.freeze`` for each app started in this process, ``gc.unfreeze`` once the last one stops:
+    the collector's permanent generation is the process's, and an app stopping first (a test's,
+    beside the suite's own) must not thaw what another running app froze."""
+
+    apps = 0
+
+    @classmethod
+    def freeze(cls) -> None:
+        cls.apps += 1
+        gc.freeze()
+
+    @classmethod
+    def unfreeze(cls) -> None:
+        cls.apps -= 1
+        if cls.apps == 0:
+            gc.unfreeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json, service="api")
@@ -178,11 +197,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the request path (a full collection took 170-275 ms with them, 12 ms without, on a
         # 2-core host). See
         # https://docs.python.org/3/library/gc.html#gc.freeze.
-        gc.freeze()
+        _Frozen.freeze()
         try:
             yield
         finally:
-            gc.unfreeze()
+            _Frozen.unfreeze()
             stop.set()
             for task in tasks:
                 task.cancel()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 import time
 import uuid
 from urllib.parse import urlsplit
 
 import httpx
+from asgi_lifespan import LifespanManager
 
 from api.app.core.config import Settings
+from api.app.main import create_app
 from tests.support import RedisServer, start_api
 
 
@@ -60,3 +63,17 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(settings: Settings, pr
     finally:
         api.stop()
     assert codes == [401] * 21
+
+
+async def test_an_app_stopping_leaves_the_start_up_of_another_running_one_frozen(settings: Settings) -> None:
+    """Several apps run in one process (the suite's own and a test's): the one that stops first
+    must not unfreeze what the other froze, which then stays in every full collection."""
+    baseline = gc.get_freeze_count()
+    async with LifespanManager(create_app(settings), startup_timeout=30, shutdown_timeout=30):
+        frozen = gc.get_freeze_count()
+        assert frozen > baseline
+        async with LifespanManager(create_app(settings), startup_timeout=30, shutdown_timeout=30):
+            pass
+        assert gc.get_freeze_count() >= frozen
+    if baseline == 0:  # no other app running: the last one to stop unfroze everything
+        assert gc.get_freeze_count() == 0

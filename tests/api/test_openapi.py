@@ -152,6 +152,38 @@ def test_a_request_head_past_64_kib_is_refused_as_described(target: Target, acti
     schema["/v1/feedback"]["GET"].validate_response(r)
 
 
+def test_every_operation_describes_the_http_servers_plain_text_400() -> None:
+    """The HTTP server answers any route a plain-text 400 for a URL it cannot parse: a route that
+    describes a 400 of its own must name that one too."""
+    missing = [
+        f"{method.upper()} {path}"
+        for path, operations in DESCRIPTION["paths"].items()
+        for method, operation in operations.items()
+        if "text/plain" not in operation["responses"].get("400", {}).get("content", {})
+    ]
+    assert not missing, missing
+
+
+def test_the_plain_text_400_is_described_as_the_server_sends_it(settings: Settings) -> None:
+    """uvicorn (httptools) refuses a URL of 64 KiB or more, and nothing for the size of headers:
+    the description names the URL, not a request head past 64 KiB."""
+    api, url = start_api("head-limits", settings)
+    try:
+        r = requests.get(f"{url}/health/live?x={'a' * 65_536}", timeout=30)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("text/plain"), r.status_code
+        r = requests.patch(f"{url}/v1/users/me/password?x={'a' * 65_536}", timeout=30)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("text/plain"), r.status_code
+        # 70 KiB of headers: served, not refused.
+        r = requests.get(f"{url}/health/live", headers={"X-Padding": "a" * 70_000}, timeout=30)
+        assert r.status_code == 200, r.status_code
+    finally:
+        api.stop()
+    for path, operations in DESCRIPTION["paths"].items():
+        for method, operation in operations.items():
+            description = operation["responses"]["400"]["description"]
+            assert "URL" in description and "headers" not in description, (method, path, description)
+
+
 def _noise_png() -> bytes:
     """An image no cached result answers."""
     pixels = np.random.default_rng().integers(0, 255, (48, 48, 3), dtype=np.uint8)

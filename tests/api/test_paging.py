@@ -13,8 +13,9 @@ from redis.asyncio import Redis
 
 from api.app.core.config import Settings
 from api.app.core.paging import Cursor
+from api.app.main import create_app
 from contracts import keys
-from tests.conftest import Users
+from tests.conftest import PASSWORD, Users, client_for, login
 from tests.images import encode, split_colour
 
 
@@ -176,3 +177,90 @@ async def test_pages_of_jobs_carry_every_answer_in_order_and_show_taken_ones_as_
         await conn.execute("DELETE FROM images WHERE owner_id = $1", me["id"])
     finally:
         await conn.close()
+
+
+async def test_a_page_of_jobs_keeps_every_digit_of_its_floats_whatever_the_database_is_set_to(
+    users: Users, settings: Settings
+) -> None:
+    """The page is built as JSON text by PostgreSQL, whose floats follow extra_float_digits (0 in
+    some databases and roles: 15 significant digits). The page must still say exactly what the
+    single job says (read in binary), as the ORM-built page did."""
+    me, _ = await users.create()
+    dsn = settings.database_url.replace("postgresql+asyncpg://", "postgresql://")
+    database = dsn.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(dsn)
+    try:
+        image_id, job_id = uuid.uuid4(), uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, created_at)"
+            " VALUES ($1, $2, $3, 'PNG', 1, 1, 1, '', now())",
+            image_id,
+            me["id"],
+            uuid.uuid4().hex * 2,
+        )
+        await conn.execute(
+            "INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, created_at)"
+            " VALUES ($1, $2, $3, 'done', '', now() + interval '1 day', now())",
+            job_id,
+            me["id"],
+            image_id,
+        )
+        await conn.execute(
+            "INSERT INTO predictions (id, job_id, position, model_name, model_version, status, label, score, top_k,"
+            " cached, random_weights, total_ms, created_at)"
+            " VALUES (gen_random_uuid(), $1, 0, 'm', 1, 'done', 'cat', 0.1::float8 + 0.2::float8,"
+            ' \'[{"label": "cat", "score": 0.30000000000000004}]\', false, false, 1.0::float8 / 3, now())',
+            job_id,
+        )
+        await conn.execute(f'ALTER DATABASE "{database}" SET extra_float_digits = 0')
+        try:
+            # A new app: its connections open with the database's setting.
+            async for client in client_for(create_app(settings)):
+                headers = await login(client, me["email"], PASSWORD)
+                one = (await client.get(f"/v1/predictions/{job_id}", headers=headers)).json()
+                page = (await client.get("/v1/predictions", headers=headers)).json()
+        finally:
+            await conn.execute(f'ALTER DATABASE "{database}" RESET extra_float_digits')
+        await conn.execute("DELETE FROM images WHERE id = $1", image_id)
+    finally:
+        await conn.close()
+    assert one["results"][0]["score"] == 0.1 + 0.2 and one["results"][0]["timings"]["total_ms"] == 1 / 3
+    assert page["data"] == [one]
+
+
+async def test_an_answer_whose_top_k_is_json_null_reads_as_no_top_k_on_a_page_as_alone(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    """A JSONB ``null`` (what the ORM writes for None) read as [] in the ORM-built page, as the
+    single job still reads it; one such answer must not make every page holding it a 500."""
+    me, headers = await users.create()
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        image_id, job_id = uuid.uuid4(), uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, created_at)"
+            " VALUES ($1, $2, $3, 'PNG', 1, 1, 1, '', now())",
+            image_id,
+            me["id"],
+            uuid.uuid4().hex * 2,
+        )
+        await conn.execute(
+            "INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, created_at)"
+            " VALUES ($1, $2, $3, 'failed', '', now() + interval '1 day', now())",
+            job_id,
+            me["id"],
+            image_id,
+        )
+        await conn.execute(
+            "INSERT INTO predictions (id, job_id, position, model_name, model_version, status, top_k, cached,"
+            " random_weights, created_at) VALUES (gen_random_uuid(), $1, 0, 'm', 1, 'failed', 'null', false, false, now())",
+            job_id,
+        )
+        one = await client.get(f"/v1/predictions/{job_id}", headers=headers)
+        page = await client.get("/v1/predictions", headers=headers)
+        await conn.execute("DELETE FROM images WHERE id = $1", image_id)
+    finally:
+        await conn.close()
+    assert one.status_code == 200 and one.json()["results"][0]["top_k"] == []
+    assert page.status_code == 200, page.text
+    assert page.json()["data"] == [one.json()]

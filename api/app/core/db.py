@@ -94,8 +94,14 @@ def make_engine(
         connect_args={
             "timeout": 2,
             "command_timeout": 10,
-            # pg_stat_activity then tells which API process holds which connection, and for what.
-            "server_settings": {"application_name": application_name(os.getpid(), role)},
+            "server_settings": {
+                # pg_stat_activity then tells which API process holds which connection, and for what.
+                "application_name": application_name(os.getpid(), role),
+                # Floats PostgreSQL writes as text (the pages of jobs it builds as JSON) in the
+                # shortest form that reads back exactly, whatever the server, database or role
+                # sets (0 would cut them to 15 significant digits).
+                "extra_float_digits": "1",
+            },
         },
     )
 

@@ -57,7 +57,9 @@ def error(description: str, headers: dict[str, Any] | None = None, model: type[B
 
 
 PLAIN_TEXT = {"text/plain": {"schema": {"type": "string"}}}
-HEAD_TOO_LARGE = "a request line and headers past 64 KiB, which the HTTP server refuses as plain text"
+HEAD_TOO_LARGE = "a URL (path and query) of 64 KiB or more, which the HTTP server refuses as plain text"
+"""What uvicorn (httptools) refuses before the API sees it: a URL it cannot parse. It sets no bound
+on the size of headers (70 KiB of them are served)."""
 UNPARSABLE: Responses = {400: {"description": f"The request cannot be parsed: {HEAD_TOO_LARGE}", "content": PLAIN_TEXT}}
 BAD_REQUEST: Responses = {
     400: {
@@ -99,5 +101,5 @@ UPLOAD: Responses = {**BAD_REQUEST, **AUTHED, **TOO_LARGE, **UNSUPPORTED, **INVA
 """What an upload can answer: a malformed multipart body (400), no valid token before the body is
 read (401), a file or image too large (413), not an image (415), a corrupt one or a bad field (422)."""
 EVERY_ROUTE: Responses = {**UNPARSABLE, **INTERNAL, **UNAVAILABLE}
-"""What any route may answer: a request the HTTP server cannot parse (400, such as a URL of a
-hundred thousand characters), a bug (500), PostgreSQL or Redis out of reach (503)."""
+"""What any route may answer: a URL the HTTP server cannot parse (400, such as one of a hundred
+thousand characters), a bug (500), PostgreSQL or Redis out of reach (503)."""

@@ -845,7 +845,8 @@ SELECT coalesce(json_agg(json_build_object(
     'results', coalesce((
         SELECT json_agg(json_build_object(
             'id', p.id, 'model', p.model_name, 'version', p.model_version, 'status', p.status,
-            'label', p.label, 'score', p.score, 'top_k', p.top_k, 'cached', p.cached,
+            'label', p.label, 'score', p.score,
+            'top_k', coalesce(nullif(p.top_k, 'null'::jsonb), '[]'::jsonb), 'cached', p.cached,
             'random_weights', p.random_weights, 'error', p.error,
             'timings', json_build_object(
                 'queue_ms', p.queue_ms, 'preprocess_ms', p.preprocess_ms, 'inference_ms', p.inference_ms,

@@ -6,7 +6,20 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.fields import Skip, UserId
-from api.app.core.responses import ADMIN, AUTHED, BODY, CONFLICT, INVALID, LOGIN, NOT_FOUND, TOO_MANY, Responses, error
+from api.app.core.responses import (
+    ADMIN,
+    AUTHED,
+    BODY,
+    CONFLICT,
+    HEAD_TOO_LARGE,
+    INVALID,
+    LOGIN,
+    NOT_FOUND,
+    PLAIN_TEXT,
+    TOO_MANY,
+    Responses,
+    error,
+)
 from api.app.deps import (
     AdminUser,
     ClientAddressDep,
@@ -40,7 +53,10 @@ PASSWORD: Responses = {
     **BODY,
     **LOGIN,
     **TOO_MANY,
-    400: error("The current password is wrong, or the body cannot be parsed"),
+    400: {
+        **error(f"The current password is wrong, or the body cannot be parsed, or {HEAD_TOO_LARGE}"),
+        "content": PLAIN_TEXT,
+    },
 }
 
 Limit = Annotated[int, Query(ge=1, le=500)]
