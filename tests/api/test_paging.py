@@ -179,6 +179,28 @@ async def test_pages_of_jobs_carry_every_answer_in_order_and_show_taken_ones_as_
         await conn.close()
 
 
+async def _insert_job(conn: asyncpg.Connection, owner_id: int, status: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """A job of ``status`` on a new one-pixel image of ``owner_id``, written straight to the
+    database; (image id, job id)."""
+    image_id, job_id = uuid.uuid4(), uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, created_at)"
+        " VALUES ($1, $2, $3, 'PNG', 1, 1, 1, '', now())",
+        image_id,
+        owner_id,
+        uuid.uuid4().hex * 2,
+    )
+    await conn.execute(
+        "INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, created_at)"
+        " VALUES ($1, $2, $3, $4, '', now() + interval '1 day', now())",
+        job_id,
+        owner_id,
+        image_id,
+        status,
+    )
+    return image_id, job_id
+
+
 async def test_a_page_of_jobs_keeps_every_digit_of_its_floats_whatever_the_database_is_set_to(
     users: Users, settings: Settings
 ) -> None:
@@ -190,21 +212,7 @@ async def test_a_page_of_jobs_keeps_every_digit_of_its_floats_whatever_the_datab
     database = dsn.rsplit("/", 1)[1]
     conn = await asyncpg.connect(dsn)
     try:
-        image_id, job_id = uuid.uuid4(), uuid.uuid4()
-        await conn.execute(
-            "INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, created_at)"
-            " VALUES ($1, $2, $3, 'PNG', 1, 1, 1, '', now())",
-            image_id,
-            me["id"],
-            uuid.uuid4().hex * 2,
-        )
-        await conn.execute(
-            "INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, created_at)"
-            " VALUES ($1, $2, $3, 'done', '', now() + interval '1 day', now())",
-            job_id,
-            me["id"],
-            image_id,
-        )
+        image_id, job_id = await _insert_job(conn, me["id"], "done")
         await conn.execute(
             "INSERT INTO predictions (id, job_id, position, model_name, model_version, status, label, score, top_k,"
             " cached, random_weights, total_ms, created_at)"
@@ -236,21 +244,7 @@ async def test_an_answer_whose_top_k_is_json_null_reads_as_no_top_k_on_a_page_as
     me, headers = await users.create()
     conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
-        image_id, job_id = uuid.uuid4(), uuid.uuid4()
-        await conn.execute(
-            "INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, created_at)"
-            " VALUES ($1, $2, $3, 'PNG', 1, 1, 1, '', now())",
-            image_id,
-            me["id"],
-            uuid.uuid4().hex * 2,
-        )
-        await conn.execute(
-            "INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, created_at)"
-            " VALUES ($1, $2, $3, 'failed', '', now() + interval '1 day', now())",
-            job_id,
-            me["id"],
-            image_id,
-        )
+        image_id, job_id = await _insert_job(conn, me["id"], "failed")
         await conn.execute(
             "INSERT INTO predictions (id, job_id, position, model_name, model_version, status, top_k, cached,"
             " random_weights, created_at) VALUES (gen_random_uuid(), $1, 0, 'm', 1, 'failed', 'null', false, false, now())",
