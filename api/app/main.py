@@ -192,10 +192,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 exports.run(stop, outage_log),
             )
         ]
-        # What start-up made (modules, schemas, the registry: some 200,000 objects) lives as long
+        # What start-up made (modules, schemas, the registry) lives as long
         # as the process. Out of the collector's reach, a full collection no longer walks them on
-        # the request path (a full collection took 170-275 ms with them, 12 ms without, on a
-        # 2-core host). See
+        # the request path (tests/bench/test_scale.py: p50 of every route about halved). See
         # https://docs.python.org/3/library/gc.html#gc.freeze.
         _Frozen.freeze()
         try:
