@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = JobRuntime(
             settings=settings,
             sessionmaker=make_sessionmaker(state.background_engine),
+            autocommit_sessionmaker=make_read_sessionmaker(state.background_engine),
             redis=state.redis,
             redis_blocking=state.redis_blocking,
             store=state.store,

@@ -8,6 +8,7 @@ import io
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,7 +24,7 @@ from api.app.main import create_app
 from api.app.predictions import service
 from api.app.predictions.models import Job, Prediction
 from api.app.stats.models import CorrectionStats
-from contracts.messages import LabelScore, PredictionStatus, ResultMessage
+from contracts.messages import LabelScore, PredictionStatus, ResultMessage, Timings
 from tests.conftest import Users, client_for
 from tests.images import encode
 from tests.support import PHOTOS
@@ -382,6 +383,72 @@ async def test_answers_for_one_job_complete_it_once(app: Any, users: Users, clie
         assert [(p["label"], p["status"]) for p in body["results"]] == [("label0", "done"), ("label1", "done")]
 
 
+async def test_an_answer_is_stored_in_one_statement_and_hands_on_the_stored_job(
+    app: Any, users: Users, client: httpx.AsyncClient
+) -> None:
+    """Each answer is one statement (the function ``store_answer``), run without a transaction
+    around it; the answers handed to the waiting request are what the job then reads."""
+    user, headers = await users.create()
+    image = await upload(client, headers, noise_png())
+    job = Job(
+        id=uuid.uuid4(),
+        owner_id=user["id"],
+        image_id=uuid.UUID(image["id"]),
+        status="queued",
+        deadline_at=datetime.now(UTC) + timedelta(minutes=5),
+    )
+    predictions = [
+        Prediction(id=uuid.uuid4(), job_id=job.id, position=i, model_name=f"m{i}", model_version=i + 1, status="queued")
+        for i in range(2)
+    ]
+    async with app.state.sessionmaker() as session:
+        session.add(job)
+        await session.flush()
+        session.add_all(predictions)
+        await session.commit()
+    answers = [
+        ResultMessage(
+            job_id=str(job.id),
+            prediction_id=str(p.id),
+            model=p.model_name,
+            version=p.model_version,
+            status=PredictionStatus.done if p.position == 0 else PredictionStatus.failed,
+            top_k=[LabelScore(label="macaw", score=0.1 + 0.2), LabelScore(label="kite", score=1 / 3)][: 2 - p.position],
+            error=None if p.position == 0 else "the image could not be decoded",
+            worker_id="w1",
+            timings=Timings(queue_ms=1.5, preprocess_ms=2.25, inference_ms=7.125, total_ms=10.875, batch_size=3),
+        )
+        for p in predictions
+    ]
+    statements: list[str] = []
+
+    def on_execute(conn: object, cursor: object, statement: str, params: object, context: Any, many: bool) -> None:
+        statements.append(statement)
+
+    engine = app.state.engine.sync_engine
+    event.listen(engine, "after_cursor_execute", on_execute)
+    try:
+        stored = []
+        for answer in answers:
+            async with app.state.read_sessionmaker() as session:
+                stored.append(await service.store_result(session=session, result=answer))
+    finally:
+        event.remove(engine, "after_cursor_execute", on_execute)
+    assert len(statements) == 2 and all("store_answer(" in s for s in statements), statements
+    assert stored[0] == (user["id"], None)  # the job still waits for its second model
+    owner_id, payload = stored[1]
+    assert owner_id == user["id"] and payload is not None
+    body = (await client.get(f"/v1/predictions/{job.id}", headers=headers)).json()
+    assert body["status"] == "done"
+    handed = service.answers_from_payload(payload)
+    assert handed is not None and [a.model_dump(mode="json") for a in handed] == body["results"]
+    assert body["results"][0]["score"] == 0.1 + 0.2 and body["results"][0]["timings"]["inference_ms"] == 7.125
+    assert body["results"][1]["error"] == "the image could not be decoded"
+    # A duplicate delivery changes nothing and completes nothing.
+    async with app.state.read_sessionmaker() as session:
+        assert await service.store_result(session=session, result=answers[1]) == (None, None)
+
+
 async def test_an_answer_faster_than_the_lanes_commit_is_stored(
     app: Any, users: Users, client: httpx.AsyncClient
 ) -> None:
@@ -550,12 +617,13 @@ async def test_a_waiting_request_learns_soon_that_its_job_was_deleted(
     assert asyncio.get_running_loop().time() - started < service.GONE_CHECK_SECONDS + 1.5
 
 
-async def test_a_new_upload_waits_for_a_delete_of_the_same_content_before_its_blob_is_stored(
+async def test_a_new_upload_keeps_its_blob_when_a_delete_of_the_same_content_runs_meanwhile(
     client: httpx.AsyncClient, users: Users, settings: Settings
 ) -> None:
     """A delete of the last upload of some content removes the blob while it holds the content's
-    lock; a prediction of a new upload of that content must not store its blob and commit its row
-    meanwhile, or the row would point at a blob the delete then removes."""
+    lock. A prediction of a new upload of that content writes its blob first and then waits for
+    that lock to store its row; the delete, seeing no row yet, takes the blob, so the upload must
+    write it again: its row never points at a missing blob."""
     _, headers = await users.create()
     data = noise_png()
     sha = hashlib.sha256(data).hexdigest()
@@ -569,15 +637,42 @@ async def test_a_new_upload_waits_for_a_delete_of_the_same_content_before_its_bl
                 "/model/predict", files={"file": ("n.png", data)}, params={"models": "mobilenet_v2"}, headers=headers
             )
         )
-        await asyncio.sleep(1.0)
-        assert not predicting.done()
-        assert not any(settings.storage_dir.rglob(sha))  # nothing stored while the delete holds the lock
+        blobs: list[Path] = []
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if blobs := [p for p in settings.storage_dir.rglob(sha) if p.name == sha]:
+                break
+        assert blobs, "the upload's blob was not written before its row"
+        await asyncio.sleep(0.5)
+        assert not predicting.done()  # its row waits for the lock
+        for path in settings.storage_dir.rglob(f"{sha}*"):
+            path.unlink()  # what the delete does, under the lock
         await transaction.commit()
     finally:
         await conn.close()
     r = await predicting
     assert r.status_code == 200, r.text
+    assert r.json()["success"] is True
     assert any(p.name == sha for p in settings.storage_dir.rglob(sha))
+    (image,) = (await client.get("/v1/images", headers=headers)).json()["data"]
+    assert (await client.get(f"/v1/images/{image['id']}/view", headers=headers)).status_code == 200
+
+
+async def test_a_refused_upload_leaves_no_blob(settings: Settings, users: Users) -> None:
+    """An upload refused for too many predictions in flight stores nothing: not its row, and not
+    the blob it wrote before asking (unless another upload has the same content)."""
+    _, headers = await users.create()
+    capped = create_app(settings.model_copy(update={"max_jobs_in_flight_per_user": 0}))
+    async for c in client_for(capped):
+        data = noise_png()
+        r = await c.post("/model/predict?models=mobilenet_v2", files={"file": ("x.png", data)}, headers=headers)
+        assert r.status_code == 429 and "retry-after" in r.headers, r.text
+        assert not list(settings.storage_dir.rglob(f"{hashlib.sha256(data).hexdigest()}*"))
+        assert (await c.get("/v1/images", headers=headers)).json()["data"] == []
+        kept = (await c.post("/v1/images", files={"file": ("k.png", data)}, headers=headers)).json()
+        r = await c.post("/model/predict?models=mobilenet_v2", files={"file": ("x.png", data)}, headers=headers)
+        assert r.status_code == 429
+        assert [p.name for p in settings.storage_dir.rglob(kept["sha256"])] == [kept["sha256"]]
 
 
 async def test_the_statement_storing_a_job_is_compiled_once(client: httpx.AsyncClient, app: Any, users: Users) -> None:

@@ -44,10 +44,13 @@ class LocalBlobStore:
 
     async def put(self, sha256: str, data: bytes, *, preview: bytes | None = None) -> None:
         """Stores the blob, and its preview when there is one (the preview first: a blob on disk
-        without one is drawn from the original)."""
+        without one is drawn from the original). Nothing is written that is there already."""
+        await to_thread.run_sync(self._put_with_preview, sha256, data, preview)
+
+    def _put_with_preview(self, sha256: str, data: bytes, preview: bytes | None) -> None:
         if preview is not None:
-            await to_thread.run_sync(self._put, sha256, preview, _PREVIEW)
-        await to_thread.run_sync(self._put, sha256, data)
+            self._put(sha256, preview, _PREVIEW)
+        self._put(sha256, data)
 
     def open(self, sha256: str) -> BinaryIO:
         """The blob opened for reading, for code that already runs in a worker thread (it blocks);

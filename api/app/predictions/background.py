@@ -37,6 +37,9 @@ log = logging.getLogger("api.jobs")
 class JobRuntime:
     settings: Settings
     sessionmaker: async_sessionmaker[AsyncSession]
+    autocommit_sessionmaker: async_sessionmaker[AsyncSession]
+    """On the same pool, without a transaction around each statement: a job's answer is stored by
+    one statement (``service.store_result``), so BEGIN and COMMIT would double its round trips."""
     redis: Redis
     redis_blocking: Redis
     store: LocalBlobStore
@@ -47,7 +50,8 @@ class JobRuntime:
 
 async def handle_result(rt: JobRuntime, result: ResultMessage) -> bytes | None:
     """Stores one answer; when it completed its job, the job's answers for the waiting request."""
-    async with rt.sessionmaker() as session:
+    primary = not result.shadow_of and not result.evaluation
+    async with (rt.autocommit_sessionmaker if primary else rt.sessionmaker)() as session:
         owner_id, completed = await service.store_result(session=session, result=result)
     if owner_id is not None:
         metrics.observe_result(result)

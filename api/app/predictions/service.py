@@ -4,6 +4,7 @@ results, expiry; and reading them back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from sqlalchemy import Integer, Table, and_, bindparam
 from sqlalchemy import cast as sql_cast
 from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -44,16 +46,16 @@ _jobs, _predictions = cast(Table, Job.__table__), cast(Table, Prediction.__table
 _shadows = cast(Table, ShadowPrediction.__table__)
 _SHADOW_QUEUE_LIMIT = 1000
 """A shadow version's queue deeper than this gets no more copies: shadows never build a backlog."""
-_LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id")).with_for_update()
-_STORE_ANSWER = (
-    update(_predictions).where(
-        _predictions.c.id == bindparam("b_prediction_id"),
-        _predictions.c.job_id == bindparam("b_job_id"),
-        _predictions.c.status.in_(UNFINISHED),
-    )
-    # The job's owner, for the result cache, which is kept per user.
-    .returning(select(_jobs.c.owner_id).where(_jobs.c.id == _predictions.c.job_id).scalar_subquery())
-)
+# A job's answer: see ``store_result``. The job's row is locked by a statement of its own inside
+# the function, so that the UPDATE of the prediction takes its snapshot once the lock is granted.
+# The batch lane queues jobs before it commits them: an answer faster than that commit waits for
+# it, then sees the prediction queued. Locked inside the UPDATE, the snapshot predated the commit,
+# the prediction still looked pending and the answer was dropped (its batch stalled until the
+# job's deadline).
+_STORE_ANSWER_CALL = text(
+    "SELECT owner_id, answers FROM store_answer(:job_id, :prediction_id, :status, :label, :score, :top_k,"
+    " :error, :random_weights, :worker_id, :queue_ms, :preprocess_ms, :inference_ms, :total_ms, :batch_size)"
+).bindparams(bindparam("top_k", type_=JSONB))
 _FINISH_JOB = (
     update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
 )
@@ -126,12 +128,23 @@ async def admit(
     else:
         in_flight = await session.scalar(_IN_FLIGHT, {"b_owner_id": owner_id})
     if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:
-        _rejected(entries)
-        raise HTTPException(
-            status_code=429,
-            detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
-        )
+        raise _too_many(in_flight or 0, entries, settings)
+    return await _cached_or_room(redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=sha256)
+
+
+def _too_many(in_flight: int, entries: list[ModelEntry], settings: Settings) -> HTTPException:
+    _rejected(entries)
+    return HTTPException(
+        status_code=429,
+        detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
+        headers={"Retry-After": str(settings.retry_after_seconds)},
+    )
+
+
+async def _cached_or_room(
+    *, redis: Redis, settings: Settings, entries: list[ModelEntry], owner_id: int, sha256: str
+) -> dict[str, ResultMessage]:
+    """The cached answers, by model key; 503 when the queue of a model without one is full."""
     cached: dict[str, ResultMessage] = {}
     for entry in entries:
         hit = None
@@ -170,10 +183,29 @@ async def _admit_and_queue(
     image: Image | Upload,
     shadows: dict[str, list[ModelEntry]] | None = None,
     ground_truth: GroundTruth | None = None,
+    autocommit: AsyncSession | None = None,
 ) -> tuple[Image, Job]:
     """Admission first, then the upload (when new), its ground truth and its job are committed
     together and the job queued: a rejected request stores nothing. A new upload's row goes in
-    with the job's (one statement, ``insert_job``)."""
+    with the job's (one statement, ``insert_job``).
+
+    ``autocommit``: a session without a transaction around each statement
+    (``make_read_sessionmaker``); given, a request without a ground truth is admitted and stored
+    by one statement (``_admit_at_once``)."""
+    if autocommit is not None and ground_truth is None:
+        return await _admit_at_once(
+            autocommit=autocommit,
+            session=session,
+            redis=redis,
+            store=store,
+            settings=settings,
+            entries=entries,
+            owner_id=owner_id,
+            request_id=request_id,
+            deadline_seconds=deadline_seconds,
+            image=image,
+            shadows=shadows,
+        )
     upload = image if isinstance(image, Upload) else None
     cached = await admit(
         session=session,
@@ -214,6 +246,94 @@ async def _admit_and_queue(
         image=image,
         job=job,
         predictions=predictions,
+        data=upload.data if upload is not None else None,
+        shadows=shadows or {},
+    )
+    return image, job
+
+
+_ADMIT_JOB = text(
+    "SELECT admit_job(:owner_id, :max_in_flight, :batch_prefix, :sha256,"
+    " CAST(:image AS jsonb), CAST(:job AS jsonb), CAST(:predictions AS jsonb))"
+)
+
+
+def _json(value: Any) -> str:
+    """A row as JSON for ``jsonb_populate_record``: ids and timestamps as PostgreSQL reads them."""
+    return json.dumps(value, default=str)
+
+
+async def _admit_at_once(
+    *,
+    autocommit: AsyncSession,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    settings: Settings,
+    entries: list[ModelEntry],
+    owner_id: int,
+    request_id: str,
+    deadline_seconds: float,
+    image: Image | Upload,
+    shadows: dict[str, list[ModelEntry]] | None,
+) -> tuple[Image, Job]:
+    """``_admit_and_queue`` in one round trip to PostgreSQL: the database function ``admit_job``
+    (migration a4d1c7e93b26) counts the user's predictions in flight and, when there is room,
+    inserts the new upload's row, the job and its predictions, without a transaction around it.
+
+    A new upload's blob is therefore written before the row, outside the blob lock, and written
+    again after it when missing: a delete of the same content that ran in between saw no row and
+    took the blob (deletes remove blobs under the lock, which ``admit_job`` takes before its
+    insert; any later delete sees the row and keeps the blob). A refused upload's blob is removed
+    again unless another upload has it, so a rejected request stores nothing.
+    """
+    upload = image if isinstance(image, Upload) else None
+    cached = await _cached_or_room(redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=image.sha256)
+    new_image: dict[str, Any] | None = None
+    if upload is not None:
+        await store.put(upload.sha256, upload.data, preview=upload.info.preview)
+        new_image = images_service.new_image_row(
+            owner_id=owner_id, data=upload.data, info=upload.info, sha256=upload.sha256, filename=upload.filename
+        )
+        image = Image(**new_image)
+    assert isinstance(image, Image)
+    job_row, rows = _job_rows(
+        image=image,
+        entries=entries,
+        cached=cached,
+        owner_id=owner_id,
+        deadline_seconds=deadline_seconds,
+        request_id=request_id,
+    )
+    try:
+        in_flight: int = await autocommit.scalar(
+            _ADMIT_JOB,
+            {
+                "owner_id": owner_id,
+                "max_in_flight": settings.max_jobs_in_flight_per_user,
+                "batch_prefix": keys.BATCH_REQUEST_PREFIX,
+                "sha256": image.sha256,
+                "image": _json(new_image) if new_image is not None else None,
+                "job": _json(job_row),
+                "predictions": _json(rows),
+            },
+        )
+    finally:
+        await autocommit.close()  # no connection held while the request waits for its answers
+    if in_flight >= settings.max_jobs_in_flight_per_user:
+        if upload is not None:
+            await images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=[upload.sha256])
+        raise _too_many(in_flight, entries, settings)
+    if upload is not None:
+        await store.put(upload.sha256, upload.data, preview=upload.info.preview)  # no-op unless taken meanwhile
+    job = Job(**job_row)
+    await queue_job(
+        session=session,
+        redis=redis,
+        store=store,
+        image=image,
+        job=job,
+        predictions=rows,
         data=upload.data if upload is not None else None,
         shadows=shadows or {},
     )
@@ -389,6 +509,7 @@ async def predict_and_wait(
         image=Upload(data=data, info=info, sha256=sha256, filename=filename),
         shadows=shadows,
         ground_truth=truth,
+        autocommit=reader,
     )
     answers: list[PredictionPublic] | None = None
     if job.status in UNFINISHED:
@@ -433,24 +554,16 @@ async def _wait_while_the_job_exists(
     )
 
 
-async def insert_job(
+def _job_rows(
     *,
-    session: AsyncSession,
     image: Image,
-    new_image: dict[str, Any] | None,
     entries: list[ModelEntry],
     cached: dict[str, ResultMessage],
     owner_id: int,
     deadline_seconds: float,
     request_id: str,
-) -> tuple[Job, list[dict[str, Any]]]:
-    """Inserts the job and its predictions (the cached answers done already) in one statement,
-    with ``new_image``'s row first when the image is a new upload; does not commit. Returns the
-    job and its predictions' rows.
-
-    ``cached``: what ``admit`` returned. One statement (data-modifying CTEs; the foreign keys are
-    checked at its end) because this runs on every prediction: each round trip to PostgreSQL costs
-    the API more CPU than PostgreSQL spends on the insert (``python -m bench.profile``)."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A new job's row and its predictions' rows (every column; the cached answers done already)."""
     now = datetime.now(UTC)
     job_row: dict[str, Any] = {
         "id": uuid.uuid4(),
@@ -474,6 +587,35 @@ async def insert_job(
         rows.append(row)
     if not pending:
         job_row.update(status=PredictionStatus.done.value, finished_at=now)
+    return job_row, rows
+
+
+async def insert_job(
+    *,
+    session: AsyncSession,
+    image: Image,
+    new_image: dict[str, Any] | None,
+    entries: list[ModelEntry],
+    cached: dict[str, ResultMessage],
+    owner_id: int,
+    deadline_seconds: float,
+    request_id: str,
+) -> tuple[Job, list[dict[str, Any]]]:
+    """Inserts the job and its predictions (the cached answers done already) in one statement,
+    with ``new_image``'s row first when the image is a new upload; does not commit. Returns the
+    job and its predictions' rows.
+
+    ``cached``: what ``admit`` returned. One statement (data-modifying CTEs; the foreign keys are
+    checked at its end) because this runs on every prediction: each round trip to PostgreSQL costs
+    the API more CPU than PostgreSQL spends on the insert (``python -m bench.profile``)."""
+    job_row, rows = _job_rows(
+        image=image,
+        entries=entries,
+        cached=cached,
+        owner_id=owner_id,
+        deadline_seconds=deadline_seconds,
+        request_id=request_id,
+    )
     # A row per CTE rather than one multi-row VALUES: SQLAlchemy compiles a multi-row INSERT
     # anew each time (it has no cache key), this shape once per number of models.
     statement = _INSERT_JOB.values(job_row)
@@ -650,6 +792,11 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> Store
     final and changes nothing; so does an answer whose job (with its image) was deleted. The job's
     row is locked first, so answers for the same job from two API processes take turns and the
     second sees the first when it decides the job is complete.
+
+    A job's answer is stored by the database function ``store_answer`` (migration a4d1c7e93b26)
+    in one round trip: the lock, the answer, the job's completion and, when it completed the job,
+    the job's answers as JSON. In a transactional ``session`` it commits; in an autocommit one
+    (``make_read_sessionmaker``) it is the whole exchange with PostgreSQL.
     """
     now = datetime.now(UTC)
     if result.shadow_of:
@@ -658,24 +805,33 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> Store
     if result.evaluation:
         await evaluations.store_answer(session=session, result=result)
         return StoredResult(None, None)
-    job_id = uuid.UUID(result.job_id)
-    # The job's row is locked by a statement of its own, so that the UPDATE below takes its
-    # snapshot once the lock is granted. The batch lane queues jobs before it commits them: an
-    # answer faster than that commit waits here for it, then sees the prediction queued. Locked
-    # inside the UPDATE, the snapshot predated the commit, the prediction still looked pending
-    # and the answer was dropped (its batch stalled until the job's deadline).
-    await session.execute(_LOCK_JOB, {"b_job_id": job_id})
-    owner_id = await session.scalar(
-        _STORE_ANSWER,
-        {"b_prediction_id": uuid.UUID(result.prediction_id), "b_job_id": job_id, **_result_values(result, now)},
-    )
-    if owner_id is None:
-        await session.rollback()
-        return StoredResult(None, None)
-    finished = await _complete_job(session, job_id, now)
-    payload = answers_payload(finished) if finished is not None else None
+    label, score = queue.top1(result.top_k)
+    t = result.timings
+    row = (
+        await session.execute(
+            _STORE_ANSWER_CALL,
+            {
+                "job_id": uuid.UUID(result.job_id),
+                "prediction_id": uuid.UUID(result.prediction_id),
+                "status": result.status.value,
+                "label": label,
+                "score": score,
+                "top_k": [k.model_dump() for k in result.top_k],
+                "error": result.error,
+                "random_weights": result.random_weights,
+                "worker_id": result.worker_id,
+                "queue_ms": t.queue_ms,
+                "preprocess_ms": t.preprocess_ms,
+                "inference_ms": t.inference_ms,
+                "total_ms": t.total_ms,
+                "batch_size": t.batch_size,
+            },
+        )
+    ).one_or_none()
     await session.commit()
-    return StoredResult(owner_id, payload)
+    if row is None:
+        return StoredResult(None, None)
+    return StoredResult(row.owner_id, row.answers.encode() if row.answers is not None else None)
 
 
 async def _store_shadow_answer(session: AsyncSession, result: ResultMessage, now: datetime) -> None:
