@@ -42,6 +42,9 @@ class ModelSettings(BaseSettings):
     """Calibration inputs drawn from those photos (random crops and flips)."""
     training_cache_dir: Path = Path.home() / ".cache" / "image-portal" / "trained"
     """Trained models kept by a hash of their training options, trainer code and data, reused instead of retraining."""
+    conversion_cache_dir: Path = Path.home() / ".cache" / "image-portal" / "openvino"
+    """OpenVINO models converted from Keras files, kept by a hash of the file, the entry and the
+    converter's version: a worker reads them instead of converting again (seconds at each start)."""
     allow_weight_download: bool = True
     """Let Keras download ImageNet weights when no local file is present."""
     benchmark_mode: bool = False
@@ -106,7 +109,13 @@ class ModelSettings(BaseSettings):
         return [m for m in served if any(m.name == n and v in (None, m.version) for n, v in wanted)]
 
     @field_validator(
-        "registry_path", "models_dir", "trained_dir", "quickdraw_dir", "calibration_dir", "training_cache_dir"
+        "registry_path",
+        "models_dir",
+        "trained_dir",
+        "quickdraw_dir",
+        "calibration_dir",
+        "training_cache_dir",
+        "conversion_cache_dir",
     )
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,13 +157,73 @@ def openvino_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, boo
             return ov.Core().read_model(str(path)), entry.weights == "random"
         except Exception as exc:
             raise ModelUnavailable(f"OpenVINO model {path} could not be loaded: {exc}") from exc
+    cached = _conversion_path(entry, settings)
+    if cached is not None and cached.exists():
+        try:
+            return ov.Core().read_model(str(cached)), False
+        except Exception as exc:  # a damaged copy: convert again and replace it
+            log.warning("converted copy %s of %s could not be read (%s); converting again", cached, entry.key, exc)
+            shutil.rmtree(cached.parent, ignore_errors=True)
     model, random_weights = keras_model(entry, settings)
     try:
         # share_weights=False: shared constants would point into TensorFlow's buffers, which are
         # freed with the Keras model; the model then answered garbage once the memory was reused.
-        return ov.convert_model(graph(model, entry), share_weights=False), random_weights
+        converted = ov.convert_model(graph(model, entry), share_weights=False)
     except Exception as exc:
         raise ModelUnavailable(f"conversion to OpenVINO failed: {exc}") from exc
+    if cached is not None and not random_weights:
+        _keep_conversion(converted, cached)
+    return converted, random_weights
+
+
+CONVERSION_FORMAT = 1
+"""Part of each converted copy's key: raise it when ``graph`` or the conversion changes."""
+
+
+def _conversion_path(entry: ModelEntry, settings: ModelSettings) -> Path | None:
+    """Where the OpenVINO conversion of the entry's Keras file is kept: a folder named by the
+    SHA-256 of the file's bytes, the entry's input and architecture, and the versions of OpenVINO,
+    TensorFlow and Keras; None for an entry without a file (random weights, downloads)."""
+    if not entry.file or entry.weights == "random":
+        return None
+    source = resolve(entry, entry.file, settings)
+    try:
+        digest = hashlib.sha256()
+        with source.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    versions = {p: _version(p) for p in ("openvino", "tensorflow", "keras")}
+    key = json.dumps(
+        [CONVERSION_FORMAT, digest.hexdigest(), entry.architecture, entry.input.model_dump(), versions], sort_keys=True
+    )
+    return settings.conversion_cache_dir / hashlib.sha256(key.encode()).hexdigest()[:16] / "model.xml"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _keep_conversion(model: Any, path: Path) -> None:
+    """Saves the converted model in full precision (``save_model`` halves weights by default),
+    written beside its place and renamed into it, so a worker never reads half a copy. A cache
+    that cannot be written only costs the next start its conversion."""
+    import openvino as ov
+
+    try:
+        path.parent.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent.parent, prefix=".converting-"))
+        ov.save_model(model, str(staging / path.name), compress_to_fp16=False)
+        try:
+            staging.rename(path.parent)
+        except OSError:  # another worker kept the same conversion first
+            shutil.rmtree(staging, ignore_errors=True)
+    except Exception as exc:
+        log.warning("could not keep the conversion at %s: %s", path.parent, exc)
 
 
 class OpenVINOClassifier:

@@ -247,3 +247,56 @@ async def test_scores_identical_in_service_and_through_api(
         via_api = [(t["label"], t["score"]) for t in r.json()["results"]["mobilenet_v2@1"]["top_k"]]
         assert [label for label, _ in via_api] == [label for label, _ in direct]
         np.testing.assert_allclose([s for _, s in via_api], [s for _, s in direct], atol=1e-5)
+
+
+_LOAD_FROM_CACHE = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from contracts.registry import ModelEntry
+from model.config import ModelSettings
+from model.runtimes import load_model
+entry = ModelEntry.model_validate_json(sys.argv[1])
+settings = ModelSettings(_env_file=None, allow_weight_download=False, models_dir=Path(sys.argv[2]),
+                         conversion_cache_dir=Path(sys.argv[3]))
+loaded = load_model(entry, settings)
+batch = np.load(sys.argv[4])
+print(json.dumps({"tensorflow": "tensorflow" in sys.modules, "probs": loaded.predict(batch).tolist()}))
+"""
+
+
+def test_a_converted_model_is_kept_and_read_back_without_tensorflow(
+    model_settings: ModelSettings, registry: Registry, tmp_path: Path
+) -> None:
+    """The first load converts MobileNetV2's Keras file and keeps the OpenVINO copy in full
+    precision; a new process then reads that copy without importing TensorFlow and answers as the
+    conversion did. A damaged copy is converted again and replaced."""
+    import subprocess
+    import sys
+
+    entry = registry.get("mobilenet_v2@1")
+    cache = tmp_path / "openvino"
+    settings = model_settings.model_copy(update={"conversion_cache_dir": cache})
+    batch = np.concatenate(list(photo_inputs(entry).values())[:4])
+    np.save(tmp_path / "batch.npy", batch)
+    expected = load_model(entry, settings).predict(batch)
+    (kept,) = cache.glob("*/model.xml")
+    assert kept.with_suffix(".bin").stat().st_size > 13_000_000  # float32 weights, not halved
+
+    def load_in_a_new_process() -> tuple[bool, np.ndarray]:
+        args = [entry.model_dump_json(), str(settings.models_dir), str(cache), str(tmp_path / "batch.npy")]
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_FROM_CACHE, *args], capture_output=True, text=True, check=True, timeout=300
+        )
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        return out["tensorflow"], np.array(out["probs"])
+
+    imported_tensorflow, probs = load_in_a_new_process()
+    assert not imported_tensorflow
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    kept.with_suffix(".bin").write_bytes(b"damaged")
+    imported_tensorflow, probs = load_in_a_new_process()
+    assert imported_tensorflow  # converted again
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    (kept,) = cache.glob("*/model.xml")
+    assert kept.with_suffix(".bin").stat().st_size > 13_000_000

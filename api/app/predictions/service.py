@@ -288,7 +288,9 @@ async def _admit_at_once(
     again unless another upload has it, so a rejected request stores nothing.
     """
     upload = image if isinstance(image, Upload) else None
-    cached = await _cached_or_room(redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=image.sha256)
+    cached = await _cached_or_room(
+        redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=image.sha256
+    )
     new_image: dict[str, Any] | None = None
     if upload is not None:
         await store.put(upload.sha256, upload.data, preview=upload.info.preview)
