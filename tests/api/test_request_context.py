@@ -8,6 +8,11 @@ import re
 import httpx
 import pytest
 
+from api.app.core.config import Settings
+from api.app.main import create_app
+from tests.api.test_predictions import noise_png
+from tests.conftest import Users, client_for
+
 FRESH = re.compile(r"[0-9a-f]{32}")
 
 
@@ -39,6 +44,7 @@ async def test_a_well_formed_request_id_is_kept(
         "with space",
         "caf\xe9",
         "",
+        "batch-1",  # marks a batch's jobs, which a person's in-flight cap does not count
     ],
 )
 async def test_any_other_request_id_is_replaced_by_a_fresh_one(
@@ -48,3 +54,22 @@ async def test_any_other_request_id_is_replaced_by_a_fresh_one(
     answered = await _request_id(client, caplog, given)
     assert FRESH.fullmatch(answered), answered
     assert "forged" not in caplog.text and "Set-Cookie" not in caplog.text
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_request_id_like_a_batchs_does_not_escape_the_in_flight_cap(
+    settings: Settings, users: Users, client: httpx.AsyncClient
+) -> None:
+    """Jobs of a request id starting with ``batch-`` are a batch's, outside a person's cap: a
+    client choosing such an id is given a fresh one, and its jobs count."""
+    _, headers = await users.create()
+    capped = create_app(settings.model_copy(update={"max_jobs_in_flight_per_user": 1}))
+    image = (await client.post("/v1/images", files={"file": ("n.png", noise_png())}, headers=headers)).json()
+    async for c in client_for(capped):
+        sent = {**headers, "X-Request-ID": "batch-mine"}
+        codes = [
+            (await c.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"]}, headers=sent))
+            for _ in range(3)
+        ]
+        assert [r.status_code for r in codes] == [202, 429, 429], [r.text for r in codes]
+        assert all(FRESH.fullmatch(r.headers["x-request-id"]) for r in codes)

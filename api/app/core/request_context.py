@@ -15,6 +15,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app.core.logging import request_id_var
+from contracts import keys
 
 log = logging.getLogger("api.request")
 
@@ -27,10 +28,16 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy"
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 
 
+_BATCH_PREFIX = keys.BATCH_REQUEST_PREFIX.encode()
+
+
 def request_id(given: bytes) -> str:
     """The client's ``X-Request-ID`` if it is 1-64 characters of ``[A-Za-z0-9._-]``, otherwise a
-    fresh id (32 hex digits)."""
-    return given.decode("ascii") if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    fresh id (32 hex digits). A client's id never starts with ``keys.BATCH_REQUEST_PREFIX``: that
+    marks a batch's jobs, which are kept out of a person's in-flight cap."""
+    if REQUEST_ID.fullmatch(given) and not given.startswith(_BATCH_PREFIX):
+        return given.decode("ascii")
+    return uuid.uuid4().hex
 
 
 class RequestContextMiddleware:

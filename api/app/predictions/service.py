@@ -4,7 +4,6 @@ results, expiry; and reading them back."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -183,29 +182,10 @@ async def _admit_and_queue(
     image: Image | Upload,
     shadows: dict[str, list[ModelEntry]] | None = None,
     ground_truth: GroundTruth | None = None,
-    autocommit: AsyncSession | None = None,
 ) -> tuple[Image, Job]:
     """Admission first, then the upload (when new), its ground truth and its job are committed
     together and the job queued: a rejected request stores nothing. A new upload's row goes in
-    with the job's (one statement, ``insert_job``).
-
-    ``autocommit``: a session without a transaction around each statement
-    (``make_read_sessionmaker``); given, a request without a ground truth is admitted and stored
-    by one statement (``_admit_at_once``)."""
-    if autocommit is not None and ground_truth is None:
-        return await _admit_at_once(
-            autocommit=autocommit,
-            session=session,
-            redis=redis,
-            store=store,
-            settings=settings,
-            entries=entries,
-            owner_id=owner_id,
-            request_id=request_id,
-            deadline_seconds=deadline_seconds,
-            image=image,
-            shadows=shadows,
-        )
+    with the job's (one statement, ``insert_job``)."""
     upload = image if isinstance(image, Upload) else None
     cached = await admit(
         session=session,
@@ -246,96 +226,6 @@ async def _admit_and_queue(
         image=image,
         job=job,
         predictions=predictions,
-        data=upload.data if upload is not None else None,
-        shadows=shadows or {},
-    )
-    return image, job
-
-
-_ADMIT_JOB = text(
-    "SELECT admit_job(:owner_id, :max_in_flight, :batch_prefix, :sha256,"
-    " CAST(:image AS jsonb), CAST(:job AS jsonb), CAST(:predictions AS jsonb))"
-)
-
-
-def _json(value: Any) -> str:
-    """A row as JSON for ``jsonb_populate_record``: ids and timestamps as PostgreSQL reads them."""
-    return json.dumps(value, default=str)
-
-
-async def _admit_at_once(
-    *,
-    autocommit: AsyncSession,
-    session: AsyncSession,
-    redis: Redis,
-    store: LocalBlobStore,
-    settings: Settings,
-    entries: list[ModelEntry],
-    owner_id: int,
-    request_id: str,
-    deadline_seconds: float,
-    image: Image | Upload,
-    shadows: dict[str, list[ModelEntry]] | None,
-) -> tuple[Image, Job]:
-    """``_admit_and_queue`` in one round trip to PostgreSQL: the database function ``admit_job``
-    (migration a4d1c7e93b26) counts the user's predictions in flight and, when there is room,
-    inserts the new upload's row, the job and its predictions, without a transaction around it.
-
-    A new upload's blob is therefore written before the row, outside the blob lock, and written
-    again after it when missing: a delete of the same content that ran in between saw no row and
-    took the blob (deletes remove blobs under the lock, which ``admit_job`` takes before its
-    insert; any later delete sees the row and keeps the blob). A refused upload's blob is removed
-    again unless another upload has it, so a rejected request stores nothing.
-    """
-    upload = image if isinstance(image, Upload) else None
-    cached = await _cached_or_room(
-        redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=image.sha256
-    )
-    new_image: dict[str, Any] | None = None
-    if upload is not None:
-        await store.put(upload.sha256, upload.data, preview=upload.info.preview)
-        new_image = images_service.new_image_row(
-            owner_id=owner_id, data=upload.data, info=upload.info, sha256=upload.sha256, filename=upload.filename
-        )
-        image = Image(**new_image)
-    assert isinstance(image, Image)
-    job_row, rows = _job_rows(
-        image=image,
-        entries=entries,
-        cached=cached,
-        owner_id=owner_id,
-        deadline_seconds=deadline_seconds,
-        request_id=request_id,
-    )
-    try:
-        in_flight: int = await autocommit.scalar(
-            _ADMIT_JOB,
-            {
-                "owner_id": owner_id,
-                "max_in_flight": settings.max_jobs_in_flight_per_user,
-                "batch_prefix": keys.BATCH_REQUEST_PREFIX,
-                "sha256": image.sha256,
-                "image": _json(new_image) if new_image is not None else None,
-                "job": _json(job_row),
-                "predictions": _json(rows),
-            },
-        )
-    finally:
-        await autocommit.close()  # no connection held while the request waits for its answers
-    if in_flight >= settings.max_jobs_in_flight_per_user:
-        if upload is not None:
-            await images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=[upload.sha256])
-        raise _too_many(in_flight, entries, settings)
-    if upload is not None:
-        await store.put(upload.sha256, upload.data, preview=upload.info.preview)  # no-op unless taken meanwhile
-    job = Job(**job_row)
-    await queue_job(
-        session=session,
-        redis=redis,
-        store=store,
-        image=image,
-        job=job,
-        predictions=rows,
         data=upload.data if upload is not None else None,
         shadows=shadows or {},
     )
@@ -511,7 +401,6 @@ async def predict_and_wait(
         image=Upload(data=data, info=info, sha256=sha256, filename=filename),
         shadows=shadows,
         ground_truth=truth,
-        autocommit=reader,
     )
     answers: list[PredictionPublic] | None = None
     if job.status in UNFINISHED:

@@ -1,8 +1,5 @@
-"""admit_job() and store_answer(): the two writes of every prediction, one round trip each
-
-admit_job: the upload's row (when new), its job and its predictions stored when the user has room
-in flight. store_answer: a worker's answer stored, its job completed and the job's answers
-returned.
+"""store_answer(): a worker's answer stored, its job completed and the job's answers returned in
+one round trip
 
 Revision ID: a4d1c7e93b26
 Revises: c7e4a1b9d305
@@ -78,44 +75,9 @@ $$
 """
 
 
-# The blob lock (api.app.images.service.BLOB_LOCK) orders this insert with a delete of the same
-# content: a delete either sees the new row (and keeps the blob) or finished before it (and the
-# caller, which wrote the blob before, writes it again). The count is the admission of
-# api.app.predictions.service._IN_FLIGHT (a batch's jobs have a cap of their own); the rows are
-# complete (every column), as insert_job builds them.
-ADMIT_JOB = """
-CREATE FUNCTION admit_job(
-    p_owner_id integer, p_max_in_flight integer, p_batch_prefix text, p_sha256 text,
-    p_image jsonb, p_job jsonb, p_predictions jsonb
-) RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    v_in_flight integer;
-BEGIN
-    IF p_image IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(hashtextextended(p_sha256, 0));
-    END IF;
-    SELECT count(*) INTO v_in_flight FROM jobs
-    WHERE jobs.owner_id = p_owner_id AND jobs.status IN ('queued', 'running')
-        AND jobs.request_id NOT LIKE p_batch_prefix || '%';
-    IF v_in_flight >= p_max_in_flight THEN
-        RETURN v_in_flight;  -- refused: nothing stored
-    END IF;
-    IF p_image IS NOT NULL THEN
-        INSERT INTO images SELECT * FROM jsonb_populate_record(NULL::images, p_image);
-    END IF;
-    INSERT INTO jobs SELECT * FROM jsonb_populate_record(NULL::jobs, p_job);
-    INSERT INTO predictions SELECT * FROM jsonb_populate_recordset(NULL::predictions, p_predictions);
-    RETURN v_in_flight;
-END
-$$
-"""
-
-
 def upgrade() -> None:
     op.execute(STORE_ANSWER)
-    op.execute(ADMIT_JOB)
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION admit_job")
     op.execute("DROP FUNCTION store_answer")
