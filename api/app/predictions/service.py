@@ -127,23 +127,12 @@ async def admit(
     else:
         in_flight = await session.scalar(_IN_FLIGHT, {"b_owner_id": owner_id})
     if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:
-        raise _too_many(in_flight or 0, entries, settings)
-    return await _cached_or_room(redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=sha256)
-
-
-def _too_many(in_flight: int, entries: list[ModelEntry], settings: Settings) -> HTTPException:
-    _rejected(entries)
-    return HTTPException(
-        status_code=429,
-        detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
-        headers={"Retry-After": str(settings.retry_after_seconds)},
-    )
-
-
-async def _cached_or_room(
-    *, redis: Redis, settings: Settings, entries: list[ModelEntry], owner_id: int, sha256: str
-) -> dict[str, ResultMessage]:
-    """The cached answers, by model key; 503 when the queue of a model without one is full."""
+        _rejected(entries)
+        raise HTTPException(
+            status_code=429,
+            detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
     cached: dict[str, ResultMessage] = {}
     for entry in entries:
         hit = None
@@ -445,16 +434,24 @@ async def _wait_while_the_job_exists(
     )
 
 
-def _job_rows(
+async def insert_job(
     *,
+    session: AsyncSession,
     image: Image,
+    new_image: dict[str, Any] | None,
     entries: list[ModelEntry],
     cached: dict[str, ResultMessage],
     owner_id: int,
     deadline_seconds: float,
     request_id: str,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A new job's row and its predictions' rows (every column; the cached answers done already)."""
+) -> tuple[Job, list[dict[str, Any]]]:
+    """Inserts the job and its predictions (the cached answers done already) in one statement,
+    with ``new_image``'s row first when the image is a new upload; does not commit. Returns the
+    job and its predictions' rows.
+
+    ``cached``: what ``admit`` returned. One statement (data-modifying CTEs; the foreign keys are
+    checked at its end) because this runs on every prediction: each round trip to PostgreSQL costs
+    the API more CPU than PostgreSQL spends on the insert (``python -m bench.profile``)."""
     now = datetime.now(UTC)
     job_row: dict[str, Any] = {
         "id": uuid.uuid4(),
@@ -478,35 +475,6 @@ def _job_rows(
         rows.append(row)
     if not pending:
         job_row.update(status=PredictionStatus.done.value, finished_at=now)
-    return job_row, rows
-
-
-async def insert_job(
-    *,
-    session: AsyncSession,
-    image: Image,
-    new_image: dict[str, Any] | None,
-    entries: list[ModelEntry],
-    cached: dict[str, ResultMessage],
-    owner_id: int,
-    deadline_seconds: float,
-    request_id: str,
-) -> tuple[Job, list[dict[str, Any]]]:
-    """Inserts the job and its predictions (the cached answers done already) in one statement,
-    with ``new_image``'s row first when the image is a new upload; does not commit. Returns the
-    job and its predictions' rows.
-
-    ``cached``: what ``admit`` returned. One statement (data-modifying CTEs; the foreign keys are
-    checked at its end) because this runs on every prediction: each round trip to PostgreSQL costs
-    the API more CPU than PostgreSQL spends on the insert (``python -m bench.profile``)."""
-    job_row, rows = _job_rows(
-        image=image,
-        entries=entries,
-        cached=cached,
-        owner_id=owner_id,
-        deadline_seconds=deadline_seconds,
-        request_id=request_id,
-    )
     # A row per CTE rather than one multi-row VALUES: SQLAlchemy compiles a multi-row INSERT
     # anew each time (it has no cache key), this shape once per number of models.
     statement = _INSERT_JOB.values(job_row)
@@ -696,27 +664,12 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> Store
     if result.evaluation:
         await evaluations.store_answer(session=session, result=result)
         return StoredResult(None, None)
-    label, score = queue.top1(result.top_k)
-    t = result.timings
+    # store_answer sets finished_at itself, from the transaction's clock.
+    answer = {k: v for k, v in _result_values(result, now).items() if k != "finished_at"}
     row = (
         await session.execute(
             _STORE_ANSWER_CALL,
-            {
-                "job_id": uuid.UUID(result.job_id),
-                "prediction_id": uuid.UUID(result.prediction_id),
-                "status": result.status.value,
-                "label": label,
-                "score": score,
-                "top_k": [k.model_dump() for k in result.top_k],
-                "error": result.error,
-                "random_weights": result.random_weights,
-                "worker_id": result.worker_id,
-                "queue_ms": t.queue_ms,
-                "preprocess_ms": t.preprocess_ms,
-                "inference_ms": t.inference_ms,
-                "total_ms": t.total_ms,
-                "batch_size": t.batch_size,
-            },
+            {"job_id": uuid.UUID(result.job_id), "prediction_id": uuid.UUID(result.prediction_id), **answer},
         )
     ).one_or_none()
     await session.commit()
