@@ -610,6 +610,8 @@ def retraining_data(api: Api) -> None:
         started = guarded(api, lambda: api.start_export(chosen, since_last=since_last))
         if started is not None:
             st.session_state["export_chosen"] = started["id"]
+            # The picker would otherwise keep the export it showed before, over the new one.
+            st.session_state.pop("export_pick", None)
     unfinished = any(e["status"] in UNFINISHED_EXPORT for e in guarded(api, api.exports) or [])
     # Redrawn on its own every two seconds while an export is unfinished, and not at all otherwise.
     st.fragment(exports_section, run_every=2 if unfinished else None)(api, unfinished)
