@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import uuid
@@ -307,6 +308,61 @@ async def test_deleting_a_user_deletes_the_files_only_they_uploaded(
     assert r.status_code == 204
     assert not await store.exists(own_image["sha256"])
     assert await store.exists(shared_sha)
+
+
+async def test_deleting_a_user_while_they_upload_waits_for_the_upload_and_leaves_no_file(
+    client: httpx.AsyncClient, app: FastAPI, users: Users
+) -> None:
+    """The upload holds its owner's row, then its blob lock; the delete locks the row first, so
+    neither waits for the other in the opposite order, and it reads the files after the upload."""
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from api.app.images import service as images_service
+    from api.app.users import service
+    from api.app.users.models import User
+
+    leaving, headers = await users.create()
+    had = encode(Image.new("RGB", (5, 11), (9, 8, 7)), "PNG")
+    new = encode(Image.new("RGB", (11, 5), (7, 8, 9)), "PNG")
+    r = await client.post("/v1/images", files={"file": ("had.png", had)}, headers=headers)
+    assert r.status_code == 201
+    settings, store = app.state.settings, app.state.store
+    shas = []
+    async with AsyncSession(app.state.engine) as uploading, AsyncSession(app.state.engine) as deleting:
+        # They upload what they already have (its blob lock held until the commit) ...
+        info, sha = await images_service.inspect_upload(had, settings)
+        await images_service.add_image(
+            session=uploading, store=store, owner_id=leaving["id"], data=had, info=info, sha256=sha, filename="a.png"
+        )
+        shas.append(sha)
+        # ... while an admin deletes them: the delete waits for the upload's transaction.
+        admin = await deleting.scalar(select(User).where(User.email == ADMIN_EMAIL))
+        target = await deleting.get(User, leaving["id"])
+        assert admin is not None and target is not None
+        deletion = asyncio.create_task(service.delete_user(session=deleting, store=store, actor=admin, user=target))
+        await asyncio.sleep(1.0)
+        assert not deletion.done()
+        # New content in the same upload transaction still goes in, and is deleted with the rest.
+        info, sha = await images_service.inspect_upload(new, settings)
+        await images_service.add_image(
+            session=uploading, store=store, owner_id=leaving["id"], data=new, info=info, sha256=sha, filename="b.png"
+        )
+        shas.append(sha)
+        await uploading.commit()
+        await asyncio.wait_for(deletion, 30)
+
+        # Once they are gone, an upload of theirs (a token still valid) stores nothing.
+        info, sha = await images_service.inspect_upload(encode(Image.new("RGB", (3, 13), (1, 1, 1)), "PNG"), settings)
+        with pytest.raises(HTTPException) as gone:
+            await images_service.add_image(
+                session=uploading, store=store, owner_id=leaving["id"], data=b"", info=info, sha256=sha, filename="c"
+            )
+        assert gone.value.status_code == 401
+        await uploading.rollback()
+        shas.append(sha)
+    for sha in shas:
+        assert not await store.exists(sha), sha
 
 
 def test_development_makes_its_own_secret_key_once(tmp_path: Path) -> None:

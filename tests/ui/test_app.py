@@ -183,6 +183,11 @@ def test_history_sketch_and_admin_pages_render(api_url: str, portal: tuple[str, 
             assert any("smiley face" in c.value for c in app.caption)
 
 
+def picked_export(app: AppTest) -> str:
+    """The label of the export the admin page's picker shows."""
+    return str(app.selectbox(key="export_pick").value)
+
+
 def wait_for_export(api: Api, export_id: str) -> None:
     deadline = time.monotonic() + 60
     while api.export(export_id)["status"] != "done":
@@ -196,21 +201,21 @@ def test_admins_start_an_export_follow_it_and_download_it(api_url: str, portal: 
     earlier = api.start_export(None)["id"]
     wait_for_export(api, earlier)
     app = admin_app(api_url, portal)
-    assert earlier[:8] in app.selectbox(key="export_pick").value
+    assert earlier[:8] in picked_export(app)
 
     # The picker moves from the export it showed to the one just started.
     app.selectbox(key="export_model").set_value("sketch").run()
     app.button(key="export_start").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     export_id = app.session_state["export_chosen"]
-    assert export_id != earlier and export_id[:8] in app.selectbox(key="export_pick").value
+    assert export_id != earlier and export_id[:8] in picked_export(app)
     assert api.export(export_id)["model"] == "sketch"
     wait_for_export(api, export_id)
 
     app.run()
     shown = next(d.value for d in app.dataframe if "Progress" in d.value.columns)
     assert shown["Status"].iloc[0] == "done" and shown["Model"].iloc[0] == "sketch", shown
-    assert app.selectbox(key="export_pick").value.endswith(f"(done) · {export_id[:8]}")
+    assert picked_export(app).endswith(f"(done) · {export_id[:8]}")
     app.button(key="export_prepare").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     shown_id, name, data = app.session_state["export_zip"]

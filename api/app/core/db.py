@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from sqlalchemy import ColumnElement, DateTime, ForeignKey, MetaData, func, select
+from sqlalchemy import ColumnElement, DateTime, ForeignKey, MetaData, bindparam, column, func, select, table
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -57,6 +57,16 @@ class OwnedMixin(TimestampMixin):
 
 
 OwnedT = TypeVar("OwnedT", bound=OwnedMixin)
+
+_owners = table("users", column("id"))
+OWNER_KEY_SHARE = (
+    select(_owners.c.id).where(_owners.c.id == bindparam("b_owner_id")).with_for_update(read=True, key_share=True)
+)
+"""The row of the user an owned row is for (parameter ``b_owner_id``), locked ``FOR KEY SHARE``,
+the lock inserting an owned row takes anyway. A writer that adds rows and takes other locks (the
+blob lock of an upload) takes this one first: deleting the user locks the row ``FOR UPDATE`` before
+anything else, so the two never wait for each other in opposite orders, and an upload either
+commits before the delete reads what the user owns or finds the user gone (no row)."""
 
 
 async def owned_page(

@@ -18,7 +18,7 @@ from sqlalchemy import Table, bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
-from api.app.core.db import utcnow
+from api.app.core.db import OWNER_KEY_SHARE, utcnow
 from api.app.core.fields import storable
 from api.app.core.paging import KeysetPage, keyset_page
 from api.app.images.models import Image
@@ -61,12 +61,25 @@ INSERT_IMAGE = insert(cast(Table, Image.__table__))
 BLOB_LOCK = func.pg_advisory_xact_lock(func.hashtextextended(bindparam("b_sha256"), 0))
 """The lock of one content's blob (parameter ``b_sha256``) until the transaction ends. It
 serialises an upload and a delete of the same content, so a blob is never removed while a new row
-starts to reference it."""
+starts to reference it. An upload takes it after its owner's row (``OWNER_KEY_SHARE``)."""
 _LOCK_BLOB = select(BLOB_LOCK)
+OWNER_THEN_BLOB_LOCK = select(BLOB_LOCK).select_from(OWNER_KEY_SHARE.subquery("owner"))
+"""An upload's two locks in one round trip: its owner's row (``OWNER_KEY_SHARE``: the subquery's
+row lock comes before the outer select list is computed), then the blob lock. No row when the
+owner was deleted, and then no blob lock either."""
+
+OWNER_GONE = "This account no longer exists."
 
 
 async def _lock_blob(session: AsyncSession, sha256: str) -> None:
     await session.execute(_LOCK_BLOB, {"b_sha256": sha256})
+
+
+async def lock_blobs(*, session: AsyncSession, sha256s: list[str]) -> None:
+    """Takes the blob locks of ``sha256s`` in sorted order (any two holders of several wait in the
+    same order), until the transaction ends."""
+    for sha256 in sorted(sha256s):
+        await _lock_blob(session, sha256)
 
 
 @functools.cache
@@ -99,8 +112,11 @@ async def add_image(
     sha256: str,
     filename: str,
 ) -> Image:
-    """Stores the blob and inserts the row; the caller commits."""
-    await _lock_blob(session, sha256)
+    """Stores the blob and inserts the row; the caller commits. Raises 401 when the owner was
+    deleted meanwhile (nothing is stored)."""
+    owner = await session.execute(OWNER_THEN_BLOB_LOCK, {"b_owner_id": owner_id, "b_sha256": sha256})
+    if owner.first() is None:
+        raise HTTPException(status_code=401, detail=OWNER_GONE)
     await store.put(sha256, data, preview=info.preview)
     row = new_image_row(owner_id=owner_id, data=data, info=info, sha256=sha256, filename=filename)
     # A plain INSERT, not the unit of work: it runs on every upload and costs a fraction of a flush.

@@ -23,6 +23,7 @@ from sqlalchemy.orm import aliased
 from api.app.catalog.service import WorkerDirectory, model_labels, resolve_models, shadow_copies
 from api.app.core import metrics
 from api.app.core.config import Settings
+from api.app.core.db import OWNER_KEY_SHARE
 from api.app.core.paging import KeysetPage, count_of, split_page
 from api.app.examples import service as examples
 from api.app.images import service as images_service
@@ -68,8 +69,11 @@ _IN_FLIGHT = (
         ~_jobs.c.request_id.startswith(keys.BATCH_REQUEST_PREFIX),
     )
 )
-# The same count, taking the upload's blob lock (``images_service.BLOB_LOCK``) in the same round trip.
-_IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), images_service.BLOB_LOCK)
+# The same count, taking the upload's owner and blob locks (``images_service.OWNER_THEN_BLOB_LOCK``)
+# in the same round trip: no row when the owner was deleted.
+_IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), images_service.BLOB_LOCK).select_from(
+    OWNER_KEY_SHARE.subquery("owner")
+)
 _INSERT_JOB = insert(_jobs)
 _INSERT_PREDICTION = insert(_predictions)
 # Every column of a new prediction row: the rows of one INSERT must name the same columns.
@@ -120,10 +124,14 @@ async def admit(
 ) -> dict[str, ResultMessage]:
     """Admission control before anything is stored: 429 when the user has too many predictions in
     flight, 503 when a queue is full. Returns the cached answers, by model key. ``lock_blob``: also
-    takes the blob lock of ``sha256`` for the rest of the transaction (a new upload's, before its
-    blob is written), in the same round trip as the count."""
+    takes the owner's row lock and then the blob lock of ``sha256`` for the rest of the transaction
+    (a new upload's, before its blob is written), in the same round trip as the count; 401 when
+    the owner was deleted meanwhile."""
     if lock_blob:
-        in_flight = (await session.execute(_IN_FLIGHT_LOCKING, {"b_owner_id": owner_id, "b_sha256": sha256})).scalar()
+        row = (await session.execute(_IN_FLIGHT_LOCKING, {"b_owner_id": owner_id, "b_sha256": sha256})).first()
+        if row is None:
+            raise HTTPException(status_code=401, detail=images_service.OWNER_GONE)
+        in_flight = row[0]
     else:
         in_flight = await session.scalar(_IN_FLIGHT, {"b_owner_id": owner_id})
     if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:

@@ -167,7 +167,12 @@ async def delete_user(*, session: AsyncSession, store: LocalBlobStore, actor: Us
     """Deletes the user with everything they own, and the files of their uploads that no other
     upload references. Raises 409 for the acting admin or the last active admin."""
     await _keep_an_admin(session=session, actor=actor, target=user, action="delete")
+    # The row first: an upload of theirs in progress (it holds the row FOR KEY SHARE, then its
+    # blob lock) commits before this reads their files, and a later one waits, then finds them gone.
+    await session.execute(select(User.id).where(User.id == user.id).with_for_update())
     blobs = await images_service.owned_blobs(session=session, owner_id=user.id)
+    # Their blob locks before the cascade, which locks upload rows that a delete holding a blob lock waits on.
+    await images_service.lock_blobs(session=session, sha256s=blobs)
     await session.delete(user)
     await session.flush()
     await images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=blobs)
