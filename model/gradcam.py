@@ -5,7 +5,10 @@ Localization", ICCV 2017, arXiv:1610.02391): the gradients of the class score y^
 the feature maps A^k of the last convolutional layer, averaged over the map's positions, weigh the
 maps: L^c = ReLU(sum_k alpha_k^c A^k), alpha_k^c = mean_ij dy^c/dA^k_ij. As in the paper, y^c is
 the score before the softmax (the softmax's saturation would flatten the gradients of a confident
-answer). The map has the layer's resolution (7x7 for MobileNetV2, ResNet50 and the sketch CNNs at
+answer). A model that reads each input with its mirror image (``model.layers.MirrorStack``) has
+both halves in that layer: each half's weighted sum is taken with its own gradients, the mirror's
+is flipped back onto the input, and the ReLU applies to their sum, the map of the averaged score.
+The map has the layer's resolution (7x7 for MobileNetV2, ResNet50 and the sketch CNNs at
 their input sizes); it is scaled to [0, 1] and drawn over the image with bilinear interpolation.
 """
 
@@ -48,10 +51,13 @@ class GradCam:
     layer_name: str
     _grad_model: Any
     _head: Any
+    mirrored: bool = False
 
     @classmethod
     def build(cls, model: Any, entry: ModelEntry, labels: tuple[str, ...]) -> GradCam:
         import keras
+
+        from model.layers import MirrorStack
 
         layer = target_layer(model)
         head = model.layers[-1]
@@ -59,7 +65,8 @@ class GradCam:
         softmax_head = isinstance(head, keras.layers.Dense) and head.activation is keras.activations.softmax
         outputs = [layer.output, head.input if softmax_head else model.output]
         grad_model = keras.Model(model.inputs, outputs)
-        return cls(entry, labels, layer.name, grad_model, head if softmax_head else None)
+        mirrored = any(isinstance(m, MirrorStack) for m in model.layers)
+        return cls(entry, labels, layer.name, grad_model, head if softmax_head else None, mirrored)
 
     def cam(self, x: np.ndarray, class_index: int) -> np.ndarray:
         """The class's map for one preprocessed input ``x`` (H, W, C): the layer's resolution, in
@@ -76,7 +83,10 @@ class GradCam:
             score = scores[:, class_index]
         grads = tape.gradient(score, maps)
         weights = tf.reduce_mean(grads, axis=(1, 2))
-        cam = tf.nn.relu(tf.reduce_sum(maps * weights[:, None, None, :], axis=-1))[0].numpy()
+        sums = tf.reduce_sum(maps * weights[:, None, None, :], axis=-1)
+        # (the mirror image's half, when there is one, flipped back left to right)
+        total = sums[0] + sums[1, :, ::-1] if self.mirrored else sums[0]
+        cam = tf.nn.relu(total).numpy()
         peak = float(cam.max())
         return (cam / peak if peak > 0 else cam).astype(np.float32)
 

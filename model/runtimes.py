@@ -126,6 +126,8 @@ def keras_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, bool]:
     path = resolve(entry, entry.file or "", settings)
     if not path.exists():
         raise ModelUnavailable(f"model file {path} not found")
+    from model import layers  # noqa: F401  (registers the portal's own layers with Keras' loader)
+
     try:
         return keras.models.load_model(path, compile=False), False
     except Exception as exc:

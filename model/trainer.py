@@ -130,6 +130,8 @@ class Trainer:
                 label_smoothing=job.options.label_smoothing,
                 weight_decay=job.options.weight_decay,
                 warmup=job.options.warmup,
+                mixed_precision=job.options.mixed_precision,
+                flip_average=job.options.flip_average,
                 on_epoch=lambda numbers: self.emit(
                     training.TrainingEvent(
                         run_id=job.run_id,

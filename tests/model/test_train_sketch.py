@@ -180,8 +180,11 @@ def test_the_vgg_recipe_trains_with_smoothed_labels_and_saves_a_servable_model(
         weight_decay=1e-4,
         warmup=0.1,
         learning_rate=3e-3,
+        mixed_precision=True,
+        flip_average=True,
     )
     assert metrics["arch"] == "vgg" and metrics["label_smoothing"] == 0.1 and metrics["flip_only"] is True
+    assert metrics["mixed_precision"] is True and metrics["flip_average"] is True
     assert 0.0 <= cast(float, metrics["test_accuracy"]) <= 1.0
     model = keras.models.load_model(tmp_path / "vgg" / "model.keras", compile=False)
     assert model.output_shape == (None, len(CATEGORIES))
@@ -189,3 +192,5 @@ def test_the_vgg_recipe_trains_with_smoothed_labels_and_saves_a_servable_model(
     assert tuple(target_layer(model).output.shape[1:3]) == (7, 7)
     names = {type(layer).__name__ for layer in model.layers}
     assert "RandomFlip" in names and "RandomRotation" not in names
+    # Trained in bfloat16, saved to compute in float32, reading each drawing with its mirror image.
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"} and "MirrorStack" in names
