@@ -8,6 +8,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -33,10 +34,10 @@ from contracts import keys, spreadsheets
 from contracts.messages import PredictionStatus
 from contracts.registry import ModelEntry, Registry
 
+log = logging.getLogger("api.batches")
 _jobs = cast(Table, Job.__table__)
 _predictions = cast(Table, Prediction.__table__)
 _items = cast(Table, BatchItem.__table__)
-COMMIT_EVERY = 100
 """Images stored per transaction: each holds a lock per image until it commits."""
 PLACEHOLDER_DEADLINE = timedelta(days=30)
 """A pending job's deadline until the lane queues it and gives it a real one."""
@@ -54,6 +55,11 @@ class _Builder:
     """By SHA-256: the image and the job identical images share."""
     written: int = 0
     """Items inserted so far."""
+    batch_id: uuid.UUID = field(init=False)
+    """Read once: a rollback expires ``batch``, whose attributes cannot load on their own then."""
+
+    def __post_init__(self) -> None:
+        self.batch_id = self.batch.id
 
     def skipped(self, name: str, reason: str) -> None:
         self.items.append(self._item(name, error=reason))
@@ -61,7 +67,7 @@ class _Builder:
     def _item(self, name: str, **values: Any) -> dict[str, Any]:
         return {
             "id": uuid.uuid4(),
-            "batch_id": self.batch.id,
+            "batch_id": self.batch_id,
             "position": len(self.items),
             "file_name": (name if storable(name) else name.encode("utf-8", "replace").decode("utf-8"))[:255],
             "sha256": None,
@@ -132,7 +138,8 @@ async def _add_image(
     session: AsyncSession, store: LocalBlobStore, settings: Settings, b: _Builder, name: str, data: bytes
 ) -> None:
     """One file of the batch: skipped with the reason an upload would get, or stored with its job
-    (one job for identical images)."""
+    (one job for identical images). Commits: a file's transaction holds its own blob lock only,
+    so two requests storing the same files in other orders never wait for each other in a circle."""
     try:
         info, sha256 = await images_service.inspect_upload(data, settings)
     except HTTPException as exc:
@@ -145,8 +152,7 @@ async def _add_image(
         b.jobs_of[sha256] = (image.id, await _add_job(session, b, image.id))
     image_id, job_id = b.jobs_of[sha256]
     b.items.append(b._item(name, sha256=sha256, image_id=image_id, job_id=job_id))
-    if len(b.items) % COMMIT_EVERY == 0:
-        await _flush(session, b)
+    await _flush(session, b)
 
 
 async def _flush(session: AsyncSession, b: _Builder) -> None:
@@ -245,10 +251,7 @@ async def create_batch(
     try:
         await _receive(session, store, settings, b, planned, image_ids)
     except BaseException:
-        # Whatever was stored goes nowhere: the batch and its jobs are cancelled, not left half-received.
-        await session.rollback()
-        await _flush(session, b)
-        await lane.cancel(session=session, batch=batch)
+        await _abandon(session, b)
         raise
     await session.refresh(batch)
     if batch.status == "cancelled":  # its owner cancelled it while it was being received
@@ -266,6 +269,22 @@ async def create_batch(
     session.add(batch)
     await _flush(session, b)
     return batch
+
+
+async def _abandon(session: AsyncSession, b: _Builder) -> None:
+    """After a failure while receiving: whatever was stored goes nowhere, the batch and its jobs
+    are cancelled, not left half-received. Nothing when the batch went with its owner. A failure
+    here is logged: the caller raises the one that stopped the batch."""
+    try:
+        await session.rollback()
+        batch = await session.get(Batch, b.batch_id, populate_existing=True)
+        if batch is None:
+            return
+        await _flush(session, b)
+        await lane.cancel(session=session, batch=batch)
+    except Exception:
+        log.exception("batch %s: could not be cancelled after a failed upload", b.batch_id)
+        await session.rollback()
 
 
 async def _receive(
@@ -298,6 +317,8 @@ async def _receive(
                 await _add_image(session, store, settings, b, member.name, content)
         opened.close()
     for image_id in image_ids:
+        # The owner's row before the job's insert locks the image: deleting the user takes it first too.
+        await images_service.lock_owner(session=session, owner_id=b.owner_id)
         image = await images_service.get_owned_image(session=session, owner_id=b.owner_id, image_id=image_id)
         if image is None:
             b.skipped(str(image_id), "not one of your images")

@@ -75,6 +75,13 @@ async def _lock_blob(session: AsyncSession, sha256: str) -> None:
     await session.execute(_LOCK_BLOB, {"b_sha256": sha256})
 
 
+async def lock_owner(*, session: AsyncSession, owner_id: int) -> None:
+    """Locks the owner's row for the transaction (``OWNER_KEY_SHARE``), before a write that adds
+    rows referencing the owner's other rows (a job for a stored image); 401 when they were deleted."""
+    if (await session.execute(OWNER_KEY_SHARE, {"b_owner_id": owner_id})).first() is None:
+        raise HTTPException(status_code=401, detail=OWNER_GONE)
+
+
 async def lock_blobs(*, session: AsyncSession, sha256s: list[str]) -> None:
     """Takes the blob locks of ``sha256s`` in sorted order (any two holders of several wait in the
     same order), until the transaction ends."""

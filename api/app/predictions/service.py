@@ -69,6 +69,10 @@ _IN_FLIGHT = (
         ~_jobs.c.request_id.startswith(keys.BATCH_REQUEST_PREFIX),
     )
 )
+# The count, after locking the owner's row (``OWNER_KEY_SHARE``) for the transaction, before the
+# job's insert locks the image it is for: deleting the user takes the row first too. No row when
+# the owner was deleted.
+_IN_FLIGHT_OF_OWNER = select(_IN_FLIGHT.scalar_subquery()).select_from(OWNER_KEY_SHARE.subquery("owner"))
 # The same count, taking the upload's owner and blob locks (``images_service.OWNER_THEN_BLOB_LOCK``)
 # in the same round trip: no row when the owner was deleted.
 _IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), images_service.BLOB_LOCK).select_from(
@@ -123,17 +127,17 @@ async def admit(
     lock_blob: bool = False,
 ) -> dict[str, ResultMessage]:
     """Admission control before anything is stored: 429 when the user has too many predictions in
-    flight, 503 when a queue is full. Returns the cached answers, by model key. ``lock_blob``: also
-    takes the owner's row lock and then the blob lock of ``sha256`` for the rest of the transaction
-    (a new upload's, before its blob is written), in the same round trip as the count; 401 when
-    the owner was deleted meanwhile."""
+    flight, 503 when a queue is full. Returns the cached answers, by model key. Locks the owner's
+    row for the rest of the transaction in the same round trip as the count (401 when the owner
+    was deleted meanwhile); ``lock_blob``: then the blob lock of ``sha256`` too (a new upload's,
+    before its blob is written)."""
     if lock_blob:
         row = (await session.execute(_IN_FLIGHT_LOCKING, {"b_owner_id": owner_id, "b_sha256": sha256})).first()
-        if row is None:
-            raise HTTPException(status_code=401, detail=images_service.OWNER_GONE)
-        in_flight = row[0]
     else:
-        in_flight = await session.scalar(_IN_FLIGHT, {"b_owner_id": owner_id})
+        row = (await session.execute(_IN_FLIGHT_OF_OWNER, {"b_owner_id": owner_id})).first()
+    if row is None:
+        raise HTTPException(status_code=401, detail=images_service.OWNER_GONE)
+    in_flight = row[0]
     if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:
         _rejected(entries)
         raise HTTPException(
