@@ -7,7 +7,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # the UI reads this module and has no Redis client installed
     from contracts.streams import StreamFields
@@ -63,6 +63,11 @@ ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 
 
 class TrainingOptions(BaseModel):
+    """How a sketch version is trained. Strict, and no other keys: a run takes minutes, so a
+    misspelt option or ``"yes"`` for a switch is refused (422) rather than guessed or dropped."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     arch: Architecture = "compact"
     epochs: int = Field(default=12, ge=1, le=200)
     batch_size: int = Field(default=128, ge=8, le=4096)

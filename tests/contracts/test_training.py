@@ -38,6 +38,14 @@ def test_a_run_can_ask_for_the_stable_sketch_recipe() -> None:
     assert options.model_dump(include=set(recipe) - {"categories"}) == {
         k: v for k, v in recipe.items() if k != "categories"
     }
-    for bad in ({"label_smoothing": 1.0}, {"warmup": -0.1}, {"weight_decay": 2.0}):
+    for bad in (
+        {"label_smoothing": 1.0},
+        {"warmup": -0.1},
+        {"weight_decay": 2.0},
+        {"mixed_precision": "yes"},
+        {"flip_average": 1},
+        {"flip_averge": True},
+        {"epochs": "12"},
+    ):
         with pytest.raises(ValueError):
             TrainingOptions.model_validate(bad)
