@@ -136,9 +136,13 @@ def test_a_directory_of_200_images_as_a_batch(logged_in: Account, tmp_path: Path
     assert batches(logged_in)["count"] == 1
 
 
+INTERRUPTED_BATCH = 200
+
+
 def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_path: Path) -> None:
     folder = tmp_path / "collection"
-    names = make_images(folder, 60)
+    # Enough images that the batch is still running when the interruption comes, on a busy machine too.
+    names = make_images(folder, INTERRUPTED_BATCH)
     out = tmp_path / "results.csv"
     key = str(folder.resolve())
     first = subprocess.Popen(
@@ -163,7 +167,9 @@ def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_
     assert not out.exists()
     headers = logged_in.headers()
     running = httpx.get(f"{logged_in.url}/v1/batches/{state.batch_id}", headers=headers).json()
-    assert running["counts"]["done"] < 60, "the batch finished before the interruption: nothing was resumed"
+    assert (
+        running["counts"]["done"] < INTERRUPTED_BATCH
+    ), "the batch finished before the interruption: nothing was resumed"
 
     again = run("batch", str(folder), "-m", MODEL, "--out", str(out))
     assert again.exit_code == 0, again.output
