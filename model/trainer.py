@@ -5,6 +5,7 @@ trains and stops after the epoch in which an admin cancelled the run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -81,7 +82,9 @@ class Trainer:
                     for entry_id, fields in entries:
                         # Acknowledged first: a run is tried once; one lost with this process fails.
                         self.redis.xack(training.JOB_STREAM, training.JOB_GROUP, entry_id)
-                        self.train_one(training.TrainingJob.from_fields(fields))
+                        job = self.readable(fields)
+                        if job is not None:
+                            self.train_one(job)
             except redis.exceptions.ResponseError as exc:
                 if group_missing(exc):
                     group_ready = False
@@ -92,6 +95,22 @@ class Trainer:
                 log.warning("redis unavailable; retrying")
                 group_ready = False
                 time.sleep(1)
+
+    def readable(self, fields: dict[bytes, bytes]) -> training.TrainingJob | None:
+        """The run a stream entry asks for; None for one this trainer cannot read (an option it does
+        not know, from a newer API), whose run is then failed with the reason instead of ending the loop."""
+        try:
+            return training.TrainingJob.from_fields(fields)
+        except (KeyError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            try:
+                run_id = str(json.loads(fields[b"meta"])["run_id"])
+            except (KeyError, ValueError, TypeError):
+                log.error("unreadable training entry skipped: %s", exc)
+                return None
+            log.error("run %s: unreadable, failed: %s", run_id, exc)
+            error = " ".join(f"the trainer cannot read this run: {exc}".split())[:500]
+            self.emit(training.TrainingEvent(run_id=run_id, kind="failed", trainer=self.name, error=error))
+            return None
 
     def train_one(self, job: training.TrainingJob) -> None:
         from model.training import train_sketch

@@ -297,7 +297,7 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
 
     from api.app.batches import lane
     from api.app.batches.models import Batch
-    from api.app.batches.service import _add_job, _Builder
+    from api.app.batches.service import _add_job, _Builder, _flush
     from api.app.core.db import make_engine, make_sessionmaker
     from api.app.images import service as images_service
     from api.app.images.storage import LocalBlobStore
@@ -324,8 +324,10 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
                 image = await images_service.add_image(
                     session=session, store=store, owner_id=owner, data=data, info=info, sha256=sha, filename="x.png"
                 )
-                await _add_job(session, _Builder(batch=batch, entries=[registry[ref]], owner_id=owner), image.id)
-                await session.commit()
+                built = _Builder(batch=batch, entries=[registry[ref]], owner_id=owner)
+                job_id = await _add_job(session, built, image.id)
+                built.items.append(built._item("x.png", sha256=sha, image_id=image.id, job_id=job_id))
+                await _flush(session, built)
             served = {"mobilenet_v2@1"}
 
             async def top_up() -> int:

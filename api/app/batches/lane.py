@@ -36,6 +36,11 @@ def _refs(job: Job) -> set[str]:
     return {f"{p.model_name}@{p.model_version}" for p in job.predictions}
 
 
+_OF_A_RECEIVED_BATCH = (
+    exists().where(BatchItem.job_id == Job.id, BatchItem.batch_id == Batch.id, Batch.status == "running").correlate(Job)
+)
+
+
 async def top_up(
     *,
     session: AsyncSession,
@@ -45,7 +50,8 @@ async def top_up(
     job_seconds: float,
     served: Set[str] | None = None,
 ) -> int:
-    """Queues the oldest pending batch jobs until ``in_flight`` batch jobs are queued or running,
+    """Queues the oldest pending jobs of received batches (``running``: a batch still being
+    received, or left so by a process that died receiving it, waits) until ``in_flight`` batch jobs are queued or running,
     each with a deadline ``job_seconds`` from now; none while people's jobs wait in the queues they
     would join (the queue holds more than the batch jobs in flight). Only jobs whose every model
     version a live worker serves (``served``, keys like ``sketch@3``; None: not checked) are
@@ -64,7 +70,7 @@ async def top_up(
     candidates = list(
         await session.scalars(
             select(Job)
-            .where(Job.status == PENDING)
+            .where(Job.status == PENDING, _OF_A_RECEIVED_BATCH)
             .order_by(Job.created_at, Job.id)
             .limit(room * CANDIDATES_PER_SLOT)
             .with_for_update(skip_locked=True)

@@ -253,6 +253,8 @@ async def create_batch(
     except BaseException:
         await _abandon(session, b)
         raise
+    # The owner's row until the last commit: deleting the user waits for it, or came first (401).
+    await images_service.lock_owner(session=session, owner_id=owner_id)
     await session.refresh(batch)
     if batch.status == "cancelled":  # its owner cancelled it while it was being received
         await _flush(session, b)
@@ -273,14 +275,18 @@ async def create_batch(
 
 async def _abandon(session: AsyncSession, b: _Builder) -> None:
     """After a failure while receiving: whatever was stored goes nowhere, the batch and its jobs
-    are cancelled, not left half-received. Nothing when the batch went with its owner. A failure
-    here is logged: the caller raises the one that stopped the batch."""
+    are cancelled, not left half-received. Of the items not yet written, only the skipped files
+    are: the others name images and jobs the rollback took back or their owner deleted (every
+    stored file's item was committed with its job). Nothing when the batch went with its owner. A
+    failure here is logged: the caller raises the one that stopped the batch."""
     try:
         await session.rollback()
         batch = await session.get(Batch, b.batch_id, populate_existing=True)
         if batch is None:
             return
-        await _flush(session, b)
+        skipped = [item for item in b.items[b.written :] if item["job_id"] is None]
+        if skipped:
+            await session.execute(insert(_items), skipped)
         await lane.cancel(session=session, batch=batch)
     except Exception:
         log.exception("batch %s: could not be cancelled after a failed upload", b.batch_id)

@@ -1,0 +1,216 @@
+"""Receiving a batch: each file commits with its job and item, the lane leaves a batch alone until
+it is received, and a batch that fails or loses its owner while it is received is cancelled or
+answered 401, never left 'receiving'. No model worker: the catalogue is told every registry
+model is served, so jobs just wait in the queue."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from PIL import Image
+from sqlalchemy import func, select
+
+from api.app.batches import lane
+from api.app.batches.models import Batch, BatchItem
+from api.app.catalog import service as catalog
+from api.app.core.config import Settings
+from api.app.images import service as images_service
+from api.app.predictions.models import Job
+from contracts import keys
+from tests.conftest import Users
+from tests.images import encode
+
+MODEL = "mobilenet_v2@1"
+
+
+def png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), "PNG")
+
+
+@pytest.fixture(autouse=True)
+def everything_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def availability(self: Any, *, fresh: bool = False) -> dict[str, catalog.ModelAvailability]:
+        return {k: catalog.ModelAvailability(workers=1, num_classes=1000) for k in ("mobilenet_v2@1",)}
+
+    monkeypatch.setattr(catalog.WorkerDirectory, "availability", availability)
+
+
+async def test_the_lane_leaves_the_jobs_of_a_batch_still_being_received(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file commits with its job: the request is frozen at its 4th file (as a process that
+    died there would be). The lane, with another user's batch running, queues none of the three
+    jobs of the batch still 'receiving'."""
+    user, headers = await users.create()
+    _, other = await users.create()
+    frozen, never = asyncio.Event(), asyncio.Event()
+    inspect = images_service.inspect_upload
+    seen = 0
+
+    async def dying(data: bytes, s: Settings) -> Any:
+        nonlocal seen
+        seen += 1
+        if seen == 4:
+            frozen.set()
+            await never.wait()  # the process is "killed" here
+        return await inspect(data, s)
+
+    monkeypatch.setattr(images_service, "inspect_upload", dying)
+    sending = asyncio.create_task(
+        client.post(
+            "/v1/batches",
+            files=[("file", (f"{i}.png", png(200 + i))) for i in range(6)],
+            data={"models": MODEL},
+            headers=headers,
+        )
+    )
+    try:
+        await asyncio.wait_for(frozen.wait(), 10)
+        monkeypatch.setattr(images_service, "inspect_upload", inspect)
+        # Someone else's batch is running.
+        r = await client.post(
+            "/v1/batches", files=[("file", ("o.png", png(299)))], data={"models": MODEL}, headers=other
+        )
+        assert r.status_code == 202, r.text
+        async with app.state.sessionmaker() as session:
+            [(batch_id, status)] = list(
+                await session.execute(select(Batch.id, Batch.status).where(Batch.owner_id == user["id"]))
+            )
+            prefix = f"{keys.BATCH_REQUEST_PREFIX}{batch_id}"
+            before = list(await session.scalars(select(Job.status).where(Job.request_id == prefix)))
+        async with app.state.sessionmaker() as session:
+            await lane.top_up(
+                session=session, redis=app.state.redis, store=app.state.store, in_flight=10, job_seconds=60, served=None
+            )
+        async with app.state.sessionmaker() as session:
+            after = list(await session.scalars(select(Job.status).where(Job.request_id == prefix)))
+        assert status == "receiving" and before == after == ["pending"] * 3, (status, before, after)
+    finally:
+        never.set()
+        await asyncio.wait_for(sending, 30)
+
+
+async def test_a_stored_image_deleted_while_its_batch_is_received_cancels_the_batch(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /v1/batches with a file and image_ids=[I1, I2]; I2 is deleted between the batch reading
+    it and inserting its job. The batch is cancelled with the file's committed job, not left
+    'receiving', and no item names a job the rollback took back."""
+    user, headers = await users.create()
+    i1 = (await client.post("/v1/images", files={"file": ("i1", png(101))}, headers=headers)).json()["id"]
+    i2 = (await client.post("/v1/images", files={"file": ("i2", png(102))}, headers=headers)).json()["id"]
+    got_i2, go_on = asyncio.Event(), asyncio.Event()
+    get_owned = images_service.get_owned_image
+
+    async def slow_get(**kw: Any) -> Any:
+        image = await get_owned(**kw)
+        if str(kw["image_id"]) == i2:
+            got_i2.set()
+            await go_on.wait()
+        return image
+
+    monkeypatch.setattr(images_service, "get_owned_image", slow_get)
+    sending = asyncio.create_task(
+        client.post(
+            "/v1/batches",
+            files=[("file", ("c.png", png(103)))],
+            data={"models": MODEL, "image_ids": f"{i1},{i2}"},
+            headers=headers,
+        )
+    )
+    await asyncio.wait_for(got_i2.wait(), 10)
+    monkeypatch.setattr(images_service, "get_owned_image", get_owned)  # the DELETE route reads it too
+    d = await client.delete(f"/v1/images/{i2}", headers=headers)
+    assert d.status_code == 204, d.text
+    go_on.set()
+    r = await asyncio.wait_for(sending, 30)
+    async with app.state.sessionmaker() as session:
+        batches = list(await session.execute(select(Batch.id, Batch.status).where(Batch.owner_id == user["id"])))
+        [(batch_id, status)] = batches
+        items = await session.scalar(select(func.count()).select_from(BatchItem).where(BatchItem.batch_id == batch_id))
+        jobs = list(
+            await session.scalars(select(Job.status).where(Job.request_id == f"{keys.BATCH_REQUEST_PREFIX}{batch_id}"))
+        )
+    assert r.status_code < 500
+    # The file's item, committed with its job; not I1's, whose job the rollback took back.
+    assert items == 1, items
+    assert status == "cancelled" and set(jobs) == {"cancelled"}, (status, jobs, r.status_code, r.text)
+
+
+async def test_a_copy_of_a_file_whose_image_was_deleted_meanwhile_cancels_the_batch(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files [a, b, a]: each file commits, so the user can delete a's image before the third file,
+    a copy of a that would reuse it. The batch is cancelled with b's job, not left 'receiving'."""
+    user, headers = await users.create()
+    a, b = png(801), png(802)
+    third, go_on = asyncio.Event(), asyncio.Event()
+    inspect = images_service.inspect_upload
+    calls = 0
+
+    async def paced(data: bytes, s: Settings) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            third.set()
+            await go_on.wait()
+        return await inspect(data, s)
+
+    monkeypatch.setattr(images_service, "inspect_upload", paced)
+    sending = asyncio.create_task(
+        client.post(
+            "/v1/batches",
+            files=[("file", ("a.png", a)), ("file", ("b.png", b)), ("file", ("a-again.png", a))],
+            data={"models": MODEL},
+            headers=headers,
+        )
+    )
+    await asyncio.wait_for(third.wait(), 10)
+    listed = (await client.get("/v1/images", headers=headers)).json()["data"]
+    [a_image] = [i for i in listed if i["filename"] == "a.png"]
+    assert (await client.delete(f"/v1/images/{a_image['id']}", headers=headers)).status_code == 204
+    go_on.set()
+    r = await asyncio.wait_for(sending, 30)
+    async with app.state.sessionmaker() as session:
+        [(batch_id, status)] = list(
+            await session.execute(select(Batch.id, Batch.status).where(Batch.owner_id == user["id"]))
+        )
+        jobs = list(
+            await session.scalars(select(Job.status).where(Job.request_id == f"{keys.BATCH_REQUEST_PREFIX}{batch_id}"))
+        )
+    assert r.status_code < 500
+    assert status == "cancelled" and set(jobs) == {"cancelled"}, (status, jobs, r.status_code, r.text)
+
+
+async def test_a_batch_whose_owner_is_deleted_after_its_last_file_gets_401(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file commits, so once the last one is in nothing holds the owner's row: deleting the
+    user then answers the batch 401, as for the earlier files."""
+    from api.app.batches import service as batches_service
+
+    user, headers = await users.create()
+    received, go_on = asyncio.Event(), asyncio.Event()
+    receive = batches_service._receive
+
+    async def paced(*args: Any, **kw: Any) -> None:
+        await receive(*args, **kw)
+        received.set()
+        await go_on.wait()
+
+    monkeypatch.setattr(batches_service, "_receive", paced)
+    sending = asyncio.create_task(
+        client.post("/v1/batches", files=[("file", ("a.png", png(701)))], data={"models": MODEL}, headers=headers)
+    )
+    await asyncio.wait_for(received.wait(), 10)
+    d = await client.delete(f"/v1/users/{user['id']}", headers=admin_headers)
+    assert d.status_code == 204, d.text
+    go_on.set()
+    r = await asyncio.wait_for(sending, 30)
+    assert r.status_code == 401, (r.status_code, r.text)
