@@ -36,7 +36,16 @@ from scripts.local_services import (
     ensure_local_services,
     var_dir,
 )
-from tests.support import SHARED, Service, http_ok, start_api, start_worker, wait_for_worker, wait_until
+from tests.support import (
+    SHARED,
+    RedisServer,
+    Service,
+    http_ok,
+    start_api,
+    start_worker,
+    wait_for_worker,
+    wait_until,
+)
 
 # Outside `make test` (which sets these), use ../shared as make does.
 if "MODELS_DIR" not in os.environ and (SHARED / "models").is_dir():
@@ -136,6 +145,15 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
     yield url
     client.flushdb()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A Redis server of the test's own, on a free port: for tests that stop, cut or fill it."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 def make_settings(database_url: str, redis_url: str, storage: Path, **overrides: object) -> Settings:

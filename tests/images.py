@@ -16,6 +16,12 @@ def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return buf.getvalue()
 
 
+def noise_png(seed: int | None = None, size: int = 64) -> bytes:
+    """A PNG of random colours, ``size`` pixels a side; the same for the same seed, new each call without one."""
+    rng = np.random.default_rng(seed)
+    return encode(Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)), "PNG")
+
+
 def split_colour(size: int = 64) -> Image.Image:
     """Left half red, right half blue: easy to check orientation and colour after conversion."""
     arr = np.zeros((size, size, 3), dtype=np.uint8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from api.app.catalog import service as catalog
 from api.app.core.config import Settings
 from api.app.main import create_app
 from api.prestart import migrate, seed_admin, seed_registry
@@ -21,11 +22,17 @@ from tests.support import RedisServer, Service, start_worker, wait_for_worker
 
 
 @pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
+def everything_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalogue says a worker serves each of these versions, with no worker running: jobs
+    are admitted and wait in their queues."""
+
+    async def availability(self: Any, *, fresh: bool = False) -> dict[str, catalog.ModelAvailability]:
+        return {
+            k: catalog.ModelAvailability(workers=1, num_classes=1000)
+            for k in ("mobilenet_v2@1", "sketch@1", "sketch@2", "sketch@3")
+        }
+
+    monkeypatch.setattr(catalog.WorkerDirectory, "availability", availability)
 
 
 class Stack:

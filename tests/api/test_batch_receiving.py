@@ -9,36 +9,27 @@ import asyncio
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from fastapi import FastAPI
-from PIL import Image
 from sqlalchemy import func, select
 
 from api.app.batches import lane
 from api.app.batches.models import Batch, BatchItem
-from api.app.catalog import service as catalog
 from api.app.core.config import Settings
 from api.app.images import service as images_service
 from api.app.predictions.models import Job
 from contracts import keys
 from tests.conftest import Users
-from tests.images import encode
+from tests.images import noise_png
 
 MODEL = "mobilenet_v2@1"
 
 
 def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), "PNG")
+    return noise_png(seed, 32)
 
 
-@pytest.fixture(autouse=True)
-def everything_served(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def availability(self: Any, *, fresh: bool = False) -> dict[str, catalog.ModelAvailability]:
-        return {k: catalog.ModelAvailability(workers=1, num_classes=1000) for k in ("mobilenet_v2@1",)}
-
-    monkeypatch.setattr(catalog.WorkerDirectory, "availability", availability)
+pytestmark = pytest.mark.usefixtures("everything_served")
 
 
 async def test_the_lane_leaves_the_jobs_of_a_batch_still_being_received(

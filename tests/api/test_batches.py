@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from PIL import Image
 
 from api.app.core.config import Settings
 from api.app.main import create_app
 from tests.conftest import Users, client_for
-from tests.images import encode
+from tests.images import noise_png
 from tests.support import PHOTOS, RedisServer
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -42,11 +40,6 @@ def zipped(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -
         for name, data in entries.items():
             archive.writestr(name, data)
     return buf.getvalue()
-
-
-def noise_png(seed: int, size: int = 64) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)), "PNG")
 
 
 async def send(

@@ -12,7 +12,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import numpy as np
 import pytest
 from fastapi import HTTPException
 from PIL import Image
@@ -25,16 +24,10 @@ from api.app.predictions.models import Job, Prediction
 from api.app.stats.models import CorrectionStats
 from contracts.messages import LabelScore, PredictionStatus, ResultMessage, Timings
 from tests.conftest import Users, client_for
-from tests.images import encode
+from tests.images import encode, noise_png
 from tests.support import PHOTOS
 
 pytestmark = pytest.mark.usefixtures("worker")
-
-
-def noise_png(seed: int | None = None) -> bytes:
-    """A new image each call, so that no cached result answers it."""
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "PNG")
 
 
 async def upload(client: httpx.AsyncClient, headers: dict[str, str], data: bytes) -> dict[str, Any]:

@@ -18,34 +18,23 @@ from typing import Any
 
 import asyncpg
 import httpx
-import numpy as np
 import pytest
 from fastapi import FastAPI
-from PIL import Image
 
-from api.app.catalog import service as catalog
 from api.app.core.config import Settings
 from api.app.images import service as images_service
 from tests.conftest import Users
-from tests.images import encode
+from tests.images import noise_png
 
 MODEL = "mobilenet_v2@1"
 
 
 def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), "PNG")
+    # 32 pixels: no other test's noise (64) has the same content, whose blob these tests watch.
+    return noise_png(seed, 32)
 
 
-@pytest.fixture(autouse=True)
-def everything_served(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def availability(self: Any, *, fresh: bool = False) -> dict[str, catalog.ModelAvailability]:
-        return {
-            k: catalog.ModelAvailability(workers=1, num_classes=1000)
-            for k in ("mobilenet_v2@1", "sketch@1", "sketch@2", "sketch@3")
-        }
-
-    monkeypatch.setattr(catalog.WorkerDirectory, "availability", availability)
+pytestmark = pytest.mark.usefixtures("everything_served")
 
 
 async def blob_lock(settings: Settings, sha: str) -> tuple[asyncpg.Connection, Any]:

@@ -5,24 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import cast
 
-import pytest
 import redis
 
 from contracts import training
 from model.config import ModelSettings
 from model.trainer import Trainer
 from tests.support import RedisServer
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_run_with_an_option_the_trainer_does_not_know_fails_and_the_trainer_goes_on(

@@ -4,10 +4,8 @@ let go (their memory returned), without a restart."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import psutil
-import pytest
 import redis
 import redis.asyncio
 
@@ -40,14 +38,6 @@ def publish(url: str, revision: int, models: list[ModelEntry], source: str = "te
 def serving(client: redis.Redis, name: str) -> set[str]:
     beats = [b for b in workers.live_heartbeats(client) if b.worker_id == name]
     return {f"{m.name}@{m.version}" for b in beats for m in b.models if m.ready}
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_worker_follows_the_published_registry(private_redis: RedisServer) -> None:
