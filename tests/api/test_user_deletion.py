@@ -23,7 +23,7 @@ from fastapi import FastAPI
 
 from api.app.core.config import Settings
 from api.app.images import service as images_service
-from tests.conftest import Users
+from tests.conftest import PASSWORD, Users
 from tests.images import noise_png
 
 MODEL = "mobilenet_v2@1"
@@ -499,3 +499,34 @@ async def test_a_batch_failing_on_its_first_file_is_cancelled(
     async with app.state.sessionmaker() as session:
         statuses = list(await session.scalars(select(Batch.status).where(Batch.owner_id == user["id"])))
     assert statuses == ["cancelled"], statuses
+
+
+async def test_changing_ones_password_or_keys_while_being_deleted_gets_a_4xx(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    """The delete holds the user's row (waiting on one of their blob locks, held outside); a
+    password change and a new API key wait for it, then find the row gone: 4xx, not 500."""
+    user, headers = await users.create()
+    data = png(951)
+    assert (await client.post("/v1/images", files={"file": ("a", data)}, headers=headers)).status_code == 201
+    conn, tx = await blob_lock(settings, hashlib.sha256(data).hexdigest())
+    try:
+        deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
+        await waiting_on_lock(settings, 1)
+        password = asyncio.create_task(
+            client.patch(
+                "/v1/users/me/password",
+                json={"current_password": PASSWORD, "new_password": "another-good-password"},
+                headers=headers,
+            )
+        )
+        key = asyncio.create_task(
+            client.post("/v1/api-keys", json={"name": "script", "scopes": ["read"]}, headers=headers)
+        )
+        await waiting_on_lock(settings, 3, within=20)
+        await tx.commit()
+    finally:
+        await conn.close()
+    d, p, k = await asyncio.wait_for(asyncio.gather(deleting, password, key), 30)
+    assert d.status_code == 204
+    assert 400 <= p.status_code < 500 and 400 <= k.status_code < 500, (p.status_code, p.text, k.status_code, k.text)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy.exc
+import sqlalchemy.orm.exc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -172,6 +173,11 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
             )
         raise exc
 
+    async def changed_meanwhile(request: Request, exc: Exception) -> JSONResponse:
+        # The ORM's UPDATE or DELETE found no row: another request deleted it (its user, for one).
+        detail = "What this request changes was deleted or changed meanwhile; reload and retry."
+        return JSONResponse(status_code=409, content={"detail": detail})
+
     async def invalid_request(request: Request, exc: Exception) -> Response:
         # FastAPI's own answer, except that a large input is not sent back to its sender.
         assert isinstance(exc, RequestValidationError)
@@ -181,6 +187,7 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         return Response(status_code=422, content=body, media_type="application/json")
 
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(sqlalchemy.orm.exc.StaleDataError, changed_meanwhile)
     for redis_error in REDIS_ERRORS:
         app.add_exception_handler(redis_error, redis_down)
     for db_error in (*DB_ERRORS, sqlalchemy.exc.DBAPIError, OSError):
