@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
+import asyncpg
 import httpx
 import redis
 
@@ -173,3 +175,21 @@ def start_api(name: str, settings: Settings, **overrides: str) -> tuple[Service,
         return api, url
 
     return start_on_free_port(start)
+
+
+async def waiting_on_lock(settings: Settings, count: int, within: float = 10) -> None:
+    """Until ``count`` backends of the test database wait on a lock."""
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + within
+        while True:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if n >= count:
+                return
+            assert loop.time() < end, f"{n} waiting, expected {count}"
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()

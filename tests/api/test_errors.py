@@ -3,6 +3,7 @@ that names its request id, logged once with its traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -15,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.app.core.config import Settings
-from api.app.core.errors import database_status
+from api.app.core.errors import concurrent_change, database_status
 from api.app.main import create_app
 from tests.conftest import Users, client_for
 from tests.support import free_port
@@ -47,6 +48,31 @@ async def test_database_errors_are_classified_by_who_caused_them(settings: Setti
     unresolvable = url.rsplit("@", 1)[0] + "@db.portal.invalid:5432/postgres"  # RFC 2606: never resolves
     assert database_status(await _error(unresolvable, "SELECT 1")) == 503
     assert database_status(OSError("disk full")) == 500
+
+
+async def _deadlock(url: str) -> BaseException:
+    """The error of the transaction PostgreSQL rolls back when two wait for each other."""
+    engine = create_async_engine(url)
+    both_hold = asyncio.Barrier(2)
+
+    async def take(first: int, second: int) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": first})
+            await both_hold.wait()
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": second})
+
+    try:
+        outcomes = await asyncio.gather(take(7_001, 7_002), take(7_002, 7_001), return_exceptions=True)
+    finally:
+        await engine.dispose()
+    [error] = [o for o in outcomes if isinstance(o, BaseException)]
+    return error
+
+
+async def test_a_deadlock_is_a_conflict_to_retry(settings: Settings) -> None:
+    error = await _deadlock(settings.database_url)
+    assert concurrent_change(error) and database_status(error) == 409
+    assert not concurrent_change(await _error(settings.database_url, "INSERT INTO once VALUES (1)"))
 
 
 @pytest.fixture

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import os
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -18,10 +20,12 @@ from api.app.examples import service as examples
 from api.app.examples.models import LabelledExample
 from api.app.feedback.export import export_feedback
 from api.app.feedback.service import backfill_examples
+from api.app.predictions import service as predictions_service
 from model.training.train_sketch import load_feedback
 from tests.api.test_feedback_export import classify, drawing, verdict
 from tests.conftest import Users
-from tests.images import encode
+from tests.images import encode, noise_png
+from tests.support import waiting_on_lock
 
 
 def test_the_split_comes_from_the_hash_alone() -> None:
@@ -151,3 +155,51 @@ async def test_an_uploader_may_label_their_own_image(client: httpx.AsyncClient, 
         "/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"], "ground_truth": ""}, headers=headers
     )
     assert r.status_code == 422, r.text
+
+
+@pytest.mark.usefixtures("everything_served")
+async def test_two_users_labelling_the_same_content_for_two_models_in_opposite_orders(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each labelled example is upserted in the order of the models' names, whatever order the
+    request named them in: two requests labelling the same content lock the examples' rows in
+    one order and wait for each other instead of deadlocking. An outside transaction holds both
+    rows until both requests wait on them."""
+
+    async def labels(redis: object, entry: object) -> list[str]:
+        return ["cat", "dog"]
+
+    monkeypatch.setattr(predictions_service, "model_labels", labels)
+    data = noise_png(41, 24)
+    sha = hashlib.sha256(data).hexdigest()
+    image_of: dict[str, str] = {}
+    headers_of: dict[str, dict[str, str]] = {}
+    for who in ("a", "b"):
+        _, headers_of[who] = await users.create()
+        r = await client.post("/v1/images", files={"file": ("c.png", data)}, headers=headers_of[who])
+        assert r.status_code == 201, r.text
+        image_of[who] = r.json()["id"]
+    both = ["mobilenet_v2@1", "sketch@1"]
+
+    async def label(who: str, models: list[str], truth: str) -> httpx.Response:
+        body = {"image_id": image_of[who], "models": models, "ground_truth": truth}
+        return await client.post("/v1/predictions", json=body, headers=headers_of[who])
+
+    r = await label("a", both, "cat")  # the two example rows exist from here on
+    assert r.status_code == 202, r.text
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        async with conn.transaction():
+            locked = await conn.fetch("SELECT id FROM labelled_examples WHERE sha256 = $1 FOR UPDATE", sha)
+            assert len(locked) == 2
+            first = asyncio.create_task(label("a", both, "dog"))
+            second = asyncio.create_task(label("b", both[::-1], "cat"))
+            await waiting_on_lock(settings, 2)
+    finally:
+        await conn.close()
+    a, b = await asyncio.wait_for(asyncio.gather(first, second), 30)
+    assert (a.status_code, b.status_code) == (202, 202), (a.text, b.text)
+    # One request labelled both rows after the other: the later one's label is on both.
+    async with app.state.sessionmaker() as session:
+        rows = (await session.scalars(select(LabelledExample).where(LabelledExample.sha256 == sha))).all()
+    assert len({row.label for row in rows}) == 1 and len(rows) == 2

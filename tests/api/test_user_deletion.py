@@ -25,6 +25,7 @@ from api.app.core.config import Settings
 from api.app.images import service as images_service
 from tests.conftest import PASSWORD, Users
 from tests.images import noise_png
+from tests.support import waiting_on_lock
 
 MODEL = "mobilenet_v2@1"
 
@@ -43,24 +44,6 @@ async def blob_lock(settings: Settings, sha: str) -> tuple[asyncpg.Connection, A
     await tx.start()
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)
     return conn, tx
-
-
-async def waiting_on_lock(settings: Settings, count: int, within: float = 10) -> None:
-    """Until ``count`` backends of the test database wait on a lock."""
-    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + within
-        while True:
-            n = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            if n >= count:
-                return
-            assert loop.time() < end, f"{n} waiting, expected {count}"
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
 
 
 async def test_predicting_a_stored_image_while_its_owner_is_deleted_waits_and_gets_401(

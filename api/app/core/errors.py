@@ -75,9 +75,21 @@ _NETWORK_ERRNOS = {
 }
 
 
+CONCURRENT_CHANGE = {"40P01", "40001"}
+"""PostgreSQL's deadlock_detected and serialization_failure: the request met another one changing
+the same rows at the same time, and PostgreSQL rolled it back. Nothing it sent was stored; the
+client may send it again."""
+
+
+def concurrent_change(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL rolling a transaction back for a concurrent one (``CONCURRENT_CHANGE``)."""
+    return str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "") in CONCURRENT_CHANGE
+
+
 def database_status(exc: BaseException) -> int:
     """The HTTP status a database error deserves: 503 when PostgreSQL cannot be reached (the
-    client may retry), 409 for a constraint the request broke, 422 for a value PostgreSQL cannot
+    client may retry), 409 for a constraint the request broke or a concurrent request it met
+    (``CONCURRENT_CHANGE``), 422 for a value PostgreSQL cannot
     hold (out of range, malformed), 500 for anything else (a bug of ours)."""
     if isinstance(exc, DB_ERRORS) or getattr(exc, "connection_invalidated", False):
         return 503
@@ -91,6 +103,8 @@ def database_status(exc: BaseException) -> int:
     # connection exception, 53 insufficient resources, 57P operator intervention (shutting down).
     sqlstate = str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "")
     if isinstance(exc, sqlalchemy.exc.IntegrityError) or sqlstate.startswith("23"):
+        return 409
+    if sqlstate in CONCURRENT_CHANGE:
         return 409
     if sqlstate.startswith(("08", "53", "57P")):
         return 503
@@ -165,6 +179,9 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         if status == 503:
             outage_log.report("postgresql", exc)
             return unavailable("The database is unavailable; retry shortly.", retry_after)
+        if status == 409 and concurrent_change(exc):
+            detail = "Another request changed the same data at the same time; nothing was stored, retry."
+            return JSONResponse(status_code=409, content={"detail": detail}, headers={"Retry-After": "1"})
         if status == 409:
             return JSONResponse(status_code=409, content={"detail": "The request conflicts with existing data."})
         if status == 422:

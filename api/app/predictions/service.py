@@ -247,7 +247,9 @@ async def ground_truth_for(*, redis: Redis, entries: list[ModelEntry], label: st
     if label is None:
         return None
     known = {entry.key: await model_labels(redis, entry) for entry in entries}
-    having = list(dict.fromkeys(e.name for e in entries if label in (known[e.key] or [])))
+    # Sorted: each name's labelled example is upserted in this order, and two requests labelling
+    # the same content for the same models must lock those rows in the same order.
+    having = sorted({e.name for e in entries if label in (known[e.key] or [])})
     if having:
         return GroundTruth(label=label, models=having)
     if all(labels is None for labels in known.values()):
