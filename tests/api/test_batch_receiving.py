@@ -6,6 +6,7 @@ model is served, so jobs just wait in the queue."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from api.app.batches import lane
+from api.app.batches import service as batches_service
 from api.app.batches.models import Batch, BatchItem
 from api.app.core.config import Settings
 from api.app.images import service as images_service
@@ -205,3 +207,59 @@ async def test_a_batch_whose_owner_is_deleted_after_its_last_file_gets_401(
     go_on.set()
     r = await asyncio.wait_for(sending, 30)
     assert r.status_code == 401, (r.status_code, r.text)
+
+
+async def test_a_batch_left_receiving_is_cancelled_once_nothing_arrived_for_the_timeout(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request is frozen at its 3rd file, as a process that died there would leave it. The
+    sweep passes over it while its last file is recent; past the timeout it cancels the batch and
+    its two pending jobs, which then no longer count against the owner's batch quota. When the
+    request wakes after all, it finds its batch cancelled and answers so."""
+    user, headers = await users.create()
+    frozen, thaw = asyncio.Event(), asyncio.Event()
+    inspect = images_service.inspect_upload
+    seen = 0
+
+    async def dying(data: bytes, s: Settings) -> Any:
+        nonlocal seen
+        seen += 1
+        if seen == 3:
+            frozen.set()
+            await thaw.wait()
+        return await inspect(data, s)
+
+    monkeypatch.setattr(images_service, "inspect_upload", dying)
+    sending = asyncio.create_task(
+        client.post(
+            "/v1/batches",
+            files=[("file", (f"{i}.png", png(400 + i))) for i in range(4)],
+            data={"models": MODEL},
+            headers=headers,
+        )
+    )
+    try:
+        await asyncio.wait_for(frozen.wait(), 10)
+
+        async def sweep(stale_after: timedelta) -> int:
+            async with app.state.sessionmaker() as session:
+                return await lane.cancel_orphaned(session=session, stale_after=stale_after)
+
+        async def state() -> tuple[str, list[str], int]:
+            async with app.state.sessionmaker() as session:
+                [(batch_id, status)] = list(
+                    await session.execute(select(Batch.id, Batch.status).where(Batch.owner_id == user["id"]))
+                )
+                request_id = f"{keys.BATCH_REQUEST_PREFIX}{batch_id}"
+                jobs = list(await session.scalars(select(Job.status).where(Job.request_id == request_id)))
+                return status, jobs, await batches_service._queued_images(session, user["id"])
+
+        assert await sweep(timedelta(minutes=1)) == 0
+        assert await state() == ("receiving", ["pending", "pending"], 2)
+        assert await sweep(timedelta(0)) == 1
+        assert await state() == ("cancelled", ["cancelled", "cancelled"], 0)
+    finally:
+        thaw.set()
+    r = await asyncio.wait_for(sending, 30)
+    assert r.status_code == 202 and r.json()["status"] == "cancelled", r.text
+    assert (await state())[1] == ["cancelled"] * 4

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import timedelta
 
 from api.app.batches import lane
 from api.app.core.errors import DB_ERRORS, REDIS_ERRORS
@@ -16,6 +17,8 @@ log = logging.getLogger("api.batches")
 
 POLL_SECONDS = 1.0
 """The longest the lane waits between two looks when no answer wakes it."""
+ORPHAN_SWEEP_SECONDS = 60.0
+"""How often the lane looks for batches left ``receiving`` by a process that stopped."""
 
 
 async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:
@@ -38,10 +41,20 @@ async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:
         return queued
 
 
+async def cancel_orphaned_once(rt: JobRuntime) -> int:
+    """Cancels the batches left ``receiving`` by a process that died (``lane.cancel_orphaned``)."""
+    async with rt.sessionmaker() as session:
+        stale_after = timedelta(seconds=rt.settings.batch_receive_timeout_seconds)
+        cancelled = await lane.cancel_orphaned(session=session, stale_after=stale_after)
+    if cancelled:
+        log.warning("cancelled %d batches left receiving by a process that stopped", cancelled)
+    return cancelled
+
+
 async def run_lane(rt: JobRuntime, stop: asyncio.Event) -> None:
     """Tops the lane up whenever a batch's answer arrives (the result collector pushes to
     ``keys.BATCH_WAKE``) and at least every POLL_SECONDS, until ``stop``."""
-    last_finish = 0.0
+    last_finish = last_sweep = 0.0
     while not stop.is_set():
         try:
             # Whether batches are over is asked once a second, not after every answer: it reads
@@ -50,6 +63,9 @@ async def run_lane(rt: JobRuntime, stop: asyncio.Event) -> None:
             await top_up_once(rt, finish=finish)
             if finish:
                 last_finish = time.monotonic()
+            if time.monotonic() - last_sweep >= ORPHAN_SWEEP_SECONDS:
+                last_sweep = time.monotonic()
+                await cancel_orphaned_once(rt)
             await rt.redis_blocking.blpop([keys.BATCH_WAKE], timeout=POLL_SECONDS)
         except REDIS_ERRORS as exc:
             rt.outage_log.report("redis", exc)

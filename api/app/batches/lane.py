@@ -9,7 +9,7 @@ from collections.abc import Set
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
-from sqlalchemy import exists, select, text, update
+from sqlalchemy import bindparam, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches.models import Batch, BatchItem
@@ -152,3 +152,32 @@ async def cancel(*, session: AsyncSession, batch: Batch) -> int:
         batch.finished_at = now
     await session.commit()
     return count
+
+
+async def cancel_orphaned(*, session: AsyncSession, stale_after: timedelta) -> int:
+    """Cancels the batches still ``receiving`` whose last stored file (or whose creation, before
+    the first) is older than ``stale_after``: the request receiving them is gone (its API process
+    died). Their stored images keep what was answered; their pending jobs are cancelled, so they
+    no longer count against their owner's batch quota. A batch another transaction holds (its
+    request finishing) is passed over. How many batches were cancelled. Commits."""
+    last_file = (
+        select(func.max(Job.created_at))
+        .join(BatchItem, BatchItem.job_id == Job.id)
+        .where(BatchItem.batch_id == Batch.id)
+        .correlate(Batch)
+        .scalar_subquery()
+    )
+    next_stale = (
+        select(Batch)
+        .where(Batch.status == "receiving", func.coalesce(last_file, Batch.created_at) < bindparam("b_cutoff"))
+        .limit(1)
+        .with_for_update(of=Batch, skip_locked=True)
+    )
+    cutoff = datetime.now(UTC) - stale_after
+    cancelled = 0
+    # One batch per transaction, each locked until its cancel commits.
+    while (batch := await session.scalar(next_stale, {"b_cutoff": cutoff})) is not None:
+        await cancel(session=session, batch=batch)
+        cancelled += 1
+    await session.commit()
+    return cancelled

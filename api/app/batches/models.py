@@ -17,7 +17,9 @@ class Batch(OwnedMixin, Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
     status: Mapped[str] = mapped_column(String(16))
-    """``running`` until every job is final, then ``done``; ``cancelled`` when its owner cancelled it."""
+    """``receiving`` while its request stores the files, ``running`` until every job is final, then
+    ``done``; ``cancelled`` when its owner cancelled it, its request failed or its request's process
+    stopped (``lane.cancel_orphaned``)."""
     models: Mapped[list[str]] = mapped_column(JSONB)
     """The model versions (``name@version``) every image goes to."""
     entries: Mapped[int] = mapped_column(Integer)

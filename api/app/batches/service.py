@@ -255,8 +255,10 @@ async def create_batch(
         raise
     # The owner's row until the last commit: deleting the user waits for it, or came first (401).
     await images_service.lock_owner(session=session, owner_id=owner_id)
-    await session.refresh(batch)
-    if batch.status == "cancelled":  # its owner cancelled it while it was being received
+    # Locked: a cancel, by its owner or by the lane's sweep of orphaned batches, is seen here or
+    # waits for this commit.
+    await session.refresh(batch, with_for_update=True)
+    if batch.status == "cancelled":  # cancelled while it was being received
         await _flush(session, b)
         await lane.cancel(session=session, batch=batch)
         return batch
