@@ -142,8 +142,7 @@ async def _token_user(request: Request, token: str) -> User:
         claims = request.app.state.tokens.decode(token)
     except TokenError:
         raise auth_service.unauthorized() from None
-    async with request.app.state.read_sessionmaker() as session:
-        user, revoked = await auth_service.get_token_user(session=session, claims=claims)
+    user, revoked = await auth_service.get_token_user(engine=request.app.state.engine, claims=claims)
     if revoked:
         raise auth_service.unauthorized("Token has been revoked")
     if user is None or not user.is_active:

@@ -7,12 +7,15 @@ from typing import Any, cast
 
 from fastapi import HTTPException, status
 from sqlalchemy import CursorResult, bindparam, delete, exists, or_, select
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
 from api.app.auth.models import RevokedToken
 from api.app.core.config import Settings
 from api.app.core.db import utcnow
+from api.app.core.driver import DriverStatement, driver_connection
 from api.app.core.fields import storable
 from api.app.core.security import PasswordHasher, TokenClaims, create_access_token
 from api.app.core.throttle import AttemptThrottle
@@ -23,11 +26,17 @@ from api.app.users.service import normalize_email
 LOGIN_FAILED = "Incorrect email or password"
 CREDENTIALS_ERROR = "Could not validate credentials"
 
-# Built once: every authenticated request runs it, and building a statement costs more CPU than
-# running it.
-_USER_BY_TOKEN = select(
-    User, exists().where(or_(RevokedToken.jti == bindparam("b_jti"), RevokedToken.jti == bindparam("b_sid")))
-).where(User.id == bindparam("b_user_id"))
+# Compiled once and sent to the driver (``core.driver``): every authenticated request runs it.
+# (attribute, column) of each of the user's columns, to build the ORM object from the row.
+_USER_COLUMNS = [(attribute.key, attribute.columns[0].name) for attribute in sa_inspect(User).column_attrs]
+_USER_BY_TOKEN = DriverStatement(
+    select(
+        *User.__table__.columns,
+        exists()
+        .where(or_(RevokedToken.jti == bindparam("b_jti"), RevokedToken.jti == bindparam("b_sid")))
+        .label("revoked"),
+    ).where(User.id == bindparam("b_user_id"))
+)
 
 
 def unauthorized(detail: str = CREDENTIALS_ERROR) -> HTTPException:
@@ -39,12 +48,18 @@ def unauthorized(detail: str = CREDENTIALS_ERROR) -> HTTPException:
     )
 
 
-async def get_token_user(*, session: AsyncSession, claims: TokenClaims) -> tuple[User | None, bool]:
+async def get_token_user(*, engine: AsyncEngine, claims: TokenClaims) -> tuple[User | None, bool]:
     """A token's user (None when deleted) and whether the token or its login session was revoked,
-    in one round trip."""
+    in one statement outside any transaction. The user comes detached, with every column loaded:
+    a route that changes it adds it to its own session."""
     params = {"b_user_id": claims.user_id, "b_jti": claims.jti, "b_sid": claims.sid}
-    row = (await session.execute(_USER_BY_TOKEN, params)).first()
-    return (row[0], bool(row[1])) if row is not None else (None, False)
+    async with driver_connection(engine) as connection:
+        row = await _USER_BY_TOKEN.fetchrow(connection, params)
+    if row is None:
+        return None, False
+    user = User(**{attribute: row[column] for attribute, column in _USER_COLUMNS})
+    make_transient_to_detached(user)
+    return user, bool(row["revoked"])
 
 
 async def login(

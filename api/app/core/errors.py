@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import asyncpg
 import sqlalchemy.exc
 import sqlalchemy.orm.exc
 from fastapi import FastAPI, Request
@@ -59,6 +60,11 @@ DB_ERRORS = (
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.TimeoutError,
     ConnectionError,
+    # Raised by asyncpg itself, on the statements sent to the driver directly (core/driver.py).
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
 )
 """The errors that mean PostgreSQL cannot be reached now (down, restarting, pool exhausted)."""
 
@@ -81,9 +87,14 @@ the same rows at the same time, and PostgreSQL rolled it back. Nothing it sent w
 client may send it again."""
 
 
+def _sqlstate(exc: BaseException) -> str:
+    """PostgreSQL's error code: of asyncpg's error itself, or of the one SQLAlchemy wraps."""
+    return str(getattr(getattr(exc, "orig", exc), "sqlstate", "") or "")
+
+
 def concurrent_change(exc: BaseException) -> bool:
     """Whether ``exc`` is PostgreSQL rolling a transaction back for a concurrent one (``CONCURRENT_CHANGE``)."""
-    return str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "") in CONCURRENT_CHANGE
+    return _sqlstate(exc) in CONCURRENT_CHANGE
 
 
 def database_status(exc: BaseException) -> int:
@@ -101,7 +112,7 @@ def database_status(exc: BaseException) -> int:
         return 503 if exc.errno in _NETWORK_ERRNOS or str(exc).startswith("Multiple exceptions") else 500
     # PostgreSQL's SQLSTATE classes: 23 integrity constraint violation, 22 data exception, 08
     # connection exception, 53 insufficient resources, 57P operator intervention (shutting down).
-    sqlstate = str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "")
+    sqlstate = _sqlstate(exc)
     if isinstance(exc, sqlalchemy.exc.IntegrityError) or sqlstate.startswith("23"):
         return 409
     if sqlstate in CONCURRENT_CHANGE:
@@ -207,5 +218,5 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
     app.add_exception_handler(sqlalchemy.orm.exc.StaleDataError, changed_meanwhile)
     for redis_error in REDIS_ERRORS:
         app.add_exception_handler(redis_error, redis_down)
-    for db_error in (*DB_ERRORS, sqlalchemy.exc.DBAPIError, OSError):
+    for db_error in (*DB_ERRORS, sqlalchemy.exc.DBAPIError, asyncpg.PostgresError, OSError):
         app.add_exception_handler(db_error, database_error)

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import redis.exceptions
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.app.catalog.service import weight_shares
 from api.app.core import metrics
@@ -37,9 +37,9 @@ log = logging.getLogger("api.jobs")
 class JobRuntime:
     settings: Settings
     sessionmaker: async_sessionmaker[AsyncSession]
-    autocommit_sessionmaker: async_sessionmaker[AsyncSession]
-    """On the same pool, without a transaction around each statement: a job's answer is stored by
-    one statement (``service.store_result``), so BEGIN and COMMIT would double its round trips."""
+    engine: AsyncEngine
+    """The pool of ``sessionmaker``: a user's answer is stored by one statement on its driver
+    (``service.store_answer``), without BEGIN and COMMIT around it."""
     redis: Redis
     redis_blocking: Redis
     store: LocalBlobStore
@@ -50,9 +50,11 @@ class JobRuntime:
 
 async def handle_result(rt: JobRuntime, result: ResultMessage) -> bytes | None:
     """Stores one answer; when it completed its job, the job's answers for the waiting request."""
-    primary = not result.shadow_of and not result.evaluation
-    async with (rt.autocommit_sessionmaker if primary else rt.sessionmaker)() as session:
-        owner_id, completed = await service.store_result(session=session, result=result)
+    if not result.shadow_of and not result.evaluation:
+        owner_id, completed = await service.store_answer(engine=rt.engine, result=result)
+    else:
+        async with rt.sessionmaker() as session:
+            owner_id, completed = await service.store_result(session=session, result=result)
     if owner_id is not None:
         metrics.observe_result(result)
         if rt.inference_log is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
@@ -17,13 +18,14 @@ from sqlalchemy import Integer, Table, and_, bindparam
 from sqlalchemy import cast as sql_cast
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import aliased
 
 from api.app.catalog.service import WorkerDirectory, model_labels, resolve_models, shadow_copies
 from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.db import OWNER_KEY_SHARE
+from api.app.core.driver import DriverStatement, driver_connection
 from api.app.core.paging import KeysetPage, count_of, split_page
 from api.app.examples import service as examples
 from api.app.images import service as images_service
@@ -56,6 +58,7 @@ _STORE_ANSWER_CALL = text(
     "SELECT owner_id, answers FROM store_answer(:job_id, :prediction_id, :status, :label, :score, :top_k,"
     " :error, :random_weights, :worker_id, :queue_ms, :preprocess_ms, :inference_ms, :total_ms, :batch_size)"
 ).bindparams(bindparam("top_k", type_=JSONB))
+_STORE_ANSWER = DriverStatement(_STORE_ANSWER_CALL)
 _FINISH_JOB = (
     update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
 )
@@ -678,18 +681,33 @@ async def store_result(*, session: AsyncSession, result: ResultMessage) -> Store
     if result.evaluation:
         await evaluations.store_answer(session=session, result=result)
         return StoredResult(None, None)
+    row = (await session.execute(_STORE_ANSWER_CALL, _answer_parameters(result, now))).one_or_none()
+    await session.commit()
+    return _stored(row)
+
+
+async def store_answer(*, engine: AsyncEngine, result: ResultMessage) -> StoredResult:
+    """``store_result`` for the answer of a user's job (neither a shadow copy nor an evaluation),
+    as the result collector stores every one: the same statement, sent to the driver directly
+    (``core.driver``) on one of ``engine``'s connections, outside any transaction."""
+    assert not result.shadow_of and not result.evaluation
+    async with driver_connection(engine) as connection:
+        row = await _STORE_ANSWER.fetchrow(connection, _answer_parameters(result, datetime.now(UTC)))
+    return _stored(row)
+
+
+def _answer_parameters(result: ResultMessage, now: datetime) -> dict[str, Any]:
     # store_answer sets finished_at itself, from the transaction's clock.
     answer = {k: v for k, v in _result_values(result, now).items() if k != "finished_at"}
-    row = (
-        await session.execute(
-            _STORE_ANSWER_CALL,
-            {"job_id": uuid.UUID(result.job_id), "prediction_id": uuid.UUID(result.prediction_id), **answer},
-        )
-    ).one_or_none()
-    await session.commit()
+    return {"job_id": uuid.UUID(result.job_id), "prediction_id": uuid.UUID(result.prediction_id), **answer}
+
+
+def _stored(row: Sequence[Any] | None) -> StoredResult:
+    """The StoredResult of store_answer's row (owner_id, answers), from SQLAlchemy or asyncpg."""
     if row is None:
         return StoredResult(None, None)
-    return StoredResult(row.owner_id, row.answers.encode() if row.answers is not None else None)
+    owner_id, answers = row[0], row[1]
+    return StoredResult(owner_id, answers.encode() if answers is not None else None)
 
 
 async def _store_shadow_answer(session: AsyncSession, result: ResultMessage, now: datetime) -> None:
