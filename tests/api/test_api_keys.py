@@ -144,6 +144,8 @@ async def test_an_expired_key_is_refused(app: FastAPI, users: Users) -> None:
         {"name": "ok"},
         {"name": "ok", "scopes": ["read"], "expires_in_days": 0},
         {"name": "ok", "scopes": ["read"], "expires_in_days": 366},
+        {"name": "ok", "scopes": ["read"], "expires_in_days": True},
+        {"name": "ok", "scopes": ["read"], "expires_in_days": "30"},
     ],
 )
 async def test_invalid_requests_for_a_key_are_422(client: httpx.AsyncClient, users: Users, body: Any) -> None:

@@ -22,8 +22,9 @@ class ApiKeyCreate(BaseModel):
         max_length=3,
         description="read (GET, HEAD), predict (every other method of the user routes), admin (admin routes; admins only)",
     )
+    # Strict: JSON's true is not a number of days (pydantic would read it as 1).
     expires_in_days: int | None = Field(
-        default=None, ge=1, le=MAX_EXPIRY_DAYS, description="Days until the key stops working; null: never"
+        default=None, ge=1, le=MAX_EXPIRY_DAYS, strict=True, description="Days until the key stops working; null: never"
     )
 
 
