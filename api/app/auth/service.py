@@ -7,7 +7,6 @@ from typing import Any, cast
 
 from fastapi import HTTPException, status
 from sqlalchemy import CursorResult, bindparam, delete, exists, or_, select
-from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
@@ -28,7 +27,7 @@ CREDENTIALS_ERROR = "Could not validate credentials"
 
 # Compiled once and sent to the driver (``core.driver``): every authenticated request runs it.
 # (attribute, column) of each of the user's columns, to build the ORM object from the row.
-_USER_COLUMNS = [(attribute.key, attribute.columns[0].name) for attribute in sa_inspect(User).column_attrs]
+_USER_COLUMNS = [(attribute.key, attribute.columns[0].name) for attribute in User.__mapper__.column_attrs]
 _USER_BY_TOKEN = DriverStatement(
     select(
         *User.__table__.columns,
