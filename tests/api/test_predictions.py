@@ -656,28 +656,32 @@ async def test_a_refused_upload_leaves_no_blob(settings: Settings, users: Users)
         assert [p.name for p in settings.storage_dir.rglob(kept["sha256"])] == [kept["sha256"]]
 
 
-async def test_the_statement_storing_a_job_is_compiled_once(client: httpx.AsyncClient, app: Any, users: Users) -> None:
-    """The one statement that stores a job with its predictions comes from SQLAlchemy's compiled
-    cache after its first use: a multi-row VALUES has no cache key and was compiled anew on every
-    prediction."""
-    from sqlalchemy.engine.default import CACHE_HIT
-
+async def test_a_prediction_is_admitted_and_stored_on_the_driver(
+    client: httpx.AsyncClient, app: Any, users: Users
+) -> None:
+    """A prediction's transaction (the count and locks of admission, the job's insert) goes to
+    the asyncpg driver directly (``core.driver``), nothing of it through SQLAlchemy's execution
+    layer, and the job's insert is built and compiled once per shape, not per prediction."""
     _, headers = await users.create()
-    seen: list[object] = []
+    images = [
+        await upload(client, headers, encode(Image.new("RGB", (8, 8), (shade, 4, 5)), "PNG")) for shade in range(3)
+    ]
+    seen: list[str] = []
 
     def on_execute(conn: object, cursor: object, statement: str, params: object, context: Any, many: bool) -> None:
-        if "INSERT INTO jobs" in statement:
-            seen.append(context.cache_hit)
+        seen.append(statement)
 
+    service._insert_job_statement.cache_clear()
     engine = app.state.engine.sync_engine
     event.listen(engine, "after_cursor_execute", on_execute)
     try:
-        for shade in range(3):
-            image = await upload(client, headers, encode(Image.new("RGB", (8, 8), (shade, 4, 5)), "PNG"))
+        for image in images:
             r = await client.post(
                 "/v1/predictions", json={"image_id": image["id"], "models": ["mobilenet_v2", "sketch"]}, headers=headers
             )
             assert r.status_code == 202, r.text
     finally:
         event.remove(engine, "after_cursor_execute", on_execute)
-    assert len(seen) == 3 and seen[1:] == [CACHE_HIT, CACHE_HIT], seen
+    assert not [s for s in seen if "INSERT INTO jobs" in s or "FOR KEY SHARE" in s], seen
+    info = service._insert_job_statement.cache_info()
+    assert (info.misses, info.hits) == (1, 2), info

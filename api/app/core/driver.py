@@ -40,7 +40,7 @@ class DriverStatement:
         self.sql = compiled.string
         fixed = compiled.construct_params(_check=False)
         self._slots: list[tuple[str, bool, Any, Callable[[Any], Any] | None]] = [
-            (name, bind.required, fixed.get(name), bind.type.bind_processor(_DIALECT))
+            (name, bind.required, fixed.get(name), bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT))
             for name in compiled.positiontup or []
             for bind in [compiled.binds[name]]
         ]
@@ -78,7 +78,8 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
     pooled = await engine.raw_connection()
     connection: asyncpg.Connection = pooled.driver_connection
     while connection.is_closed():
-        await greenlet_spawn(pooled.invalidate)
+        # Outside a greenlet, invalidating terminates the connection at once, without waiting.
+        pooled.invalidate()
         await greenlet_spawn(pooled.close)
         pooled = await engine.raw_connection()
         connection = pooled.driver_connection
@@ -87,7 +88,12 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
     except Exception as exc:
         if not isinstance(exc, CONNECTION_LOST) and not connection.is_closed():
             raise
-        await greenlet_spawn(pooled.invalidate, exc)
+        pooled.invalidate(exc)
         raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        # Cancelled (the client went away), perhaps in the middle of a statement: a connection in
+        # an unknown state is not handed to the next request.
+        pooled.invalidate()
+        raise
     finally:
         await greenlet_spawn(pooled.close)

@@ -5,13 +5,14 @@ its hash, so an image keeps its split across users, re-uploads and later labels.
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.db import utcnow
+from api.app.core.driver import DriverStatement
 from api.app.examples.models import LabelledExample
 
 DEFAULT_TEST_SHARE = 0.2
@@ -26,9 +27,26 @@ def split_of(sha256: str, test_share: float) -> Split:
     return "test" if int(sha256[:16], 16) / 2**64 < test_share else "train"
 
 
-async def record(
+_COLUMNS = ("id", "model_name", "sha256", "label", "split", "source", "owner_id", "feedback_id", "image_id")
+_table = cast(Table, LabelledExample.__table__)
+_NEW = insert(LabelledExample).values(
+    {column: bindparam(column, type_=_table.c[column].type) for column in (*_COLUMNS, "created_at", "updated_at")}
+)
+RECORD = _NEW.on_conflict_do_update(
+    index_elements=["sha256", "model_name"],
+    set_={
+        column: _NEW.excluded[column]
+        for column in ("label", "source", "owner_id", "feedback_id", "image_id", "updated_at")
+    },
+)
+"""Adds an example, or gives an existing one (same image, same model) the new label and origin;
+its split stays as first assigned. Parameters: ``example``'s row."""
+RECORD_ON_DRIVER = DriverStatement(RECORD)
+"""``RECORD`` for a transaction on the driver (``core.driver``): the ground truth of a prediction."""
+
+
+def example(
     *,
-    session: AsyncSession,
     model_name: str,
     sha256: str,
     label: str,
@@ -37,36 +55,29 @@ async def record(
     test_share: float,
     feedback_id: uuid.UUID | None = None,
     image_id: uuid.UUID | None = None,
-) -> None:
-    """Adds the example, or gives an existing one (same image, same model) this label and origin;
-    its split stays as first assigned. Does not commit: it goes with the verdict or upload."""
+) -> dict[str, Any]:
+    """The parameters of ``RECORD`` for this label of this image for this model."""
     now = utcnow()
-    statement = insert(LabelledExample).values(
-        id=uuid.uuid4(),
-        model_name=model_name,
-        sha256=sha256,
-        label=label,
-        split=split_of(sha256, test_share),
-        source=source,
-        owner_id=owner_id,
-        feedback_id=feedback_id,
-        image_id=image_id,
-        created_at=now,
-        updated_at=now,
-    )
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=["sha256", "model_name"],
-            set_={
-                "label": statement.excluded.label,
-                "source": statement.excluded.source,
-                "owner_id": statement.excluded.owner_id,
-                "feedback_id": statement.excluded.feedback_id,
-                "image_id": statement.excluded.image_id,
-                "updated_at": now,
-            },
-        )
-    )
+    return {
+        "id": uuid.uuid4(),
+        "model_name": model_name,
+        "sha256": sha256,
+        "label": label,
+        "split": split_of(sha256, test_share),
+        "source": source,
+        "owner_id": owner_id,
+        "feedback_id": feedback_id,
+        "image_id": image_id,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+async def record(*, session: AsyncSession, example: dict[str, Any]) -> None:
+    """Adds ``example`` (see ``example``), or gives an existing one (same image, same model) its
+    label and origin; its split stays as first assigned. Does not commit: it goes with the verdict
+    or upload."""
+    await session.execute(RECORD, example)
 
 
 async def counts(*, session: AsyncSession, model_name: str) -> dict[str, int]:

@@ -106,8 +106,7 @@ async def create_feedback(
             select(Image).join(Job, Job.image_id == Image.id).where(Job.id == prediction.job_id)
         )
         if image is not None:
-            await examples.record(
-                session=session,
+            labelled = examples.example(
                 model_name=prediction.model_name,
                 sha256=image.sha256,
                 label=feedback.correct_label,
@@ -116,6 +115,7 @@ async def create_feedback(
                 test_share=test_share,
                 feedback_id=feedback.id,
             )
+            await examples.record(session=session, example=labelled)
     await session.commit()
     verdict = "correct" if body.is_correct else "wrong"
     metrics.FEEDBACK.labels(prediction.model_name, str(prediction.model_version), verdict).inc()
@@ -201,8 +201,7 @@ async def backfill_examples(*, session: AsyncSession, test_share: float) -> int:
     )
     added = 0
     for sha256, model_name, label, owner_id, feedback_id in await session.execute(latest):
-        await examples.record(
-            session=session,
+        labelled = examples.example(
             model_name=model_name,
             sha256=sha256,
             label=str(label),
@@ -211,6 +210,7 @@ async def backfill_examples(*, session: AsyncSession, test_share: float) -> int:
             test_share=test_share,
             feedback_id=feedback_id,
         )
+        await examples.record(session=session, example=labelled)
         added += 1
     await session.commit()
     return added

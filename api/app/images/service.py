@@ -57,7 +57,8 @@ VIEW_SIZE = 800
 cannot be decoded at a reduced scale, in pixels."""
 
 
-INSERT_IMAGE = insert(cast(Table, Image.__table__))
+IMAGES = cast(Table, Image.__table__)
+INSERT_IMAGE = insert(IMAGES)
 BLOB_LOCK = func.pg_advisory_xact_lock(func.hashtextextended(bindparam("b_sha256"), 0))
 """The lock of one content's blob (parameter ``b_sha256``) until the transaction ends. It
 serialises an upload and a delete of the same content, so a blob is never removed while a new row

@@ -21,6 +21,7 @@ from api.app.core.responses import (
 from api.app.deps import (
     BlockingRedisDep,
     CurrentUser,
+    EngineDep,
     KeysetPageDep,
     OwnedImage,
     ReadSessionDep,
@@ -56,6 +57,7 @@ JOB_RESPONSES = {**BODY, **AUTHED, **NOT_FOUND, **TOO_MANY, **UNAVAILABLE}
 async def create_prediction(
     body: PredictRequest,
     user: CurrentUser,
+    engine: EngineDep,
     session: SessionDep,
     redis: RedisDep,
     store: StoreDep,
@@ -66,6 +68,7 @@ async def create_prediction(
 ) -> JobAccepted:
     """Queue a prediction of one of my images by one or more model versions."""
     job = await service.submit(
+        engine=engine,
         session=session,
         redis=redis,
         store=store,
@@ -109,6 +112,7 @@ async def read_prediction(job_id: uuid.UUID, user: CurrentUser, session: ReadSes
 )
 async def predict(
     user: CurrentUser,
+    engine: EngineDep,
     session: SessionDep,
     reader: ReadSessionDep,
     redis: RedisDep,
@@ -126,6 +130,7 @@ async def predict(
 ) -> ClassicPrediction:
     """Upload an image and wait for its prediction (one call)."""
     return await service.predict_and_wait(
+        engine=engine,
         session=session,
         reader=reader,
         redis=redis,

@@ -4,13 +4,15 @@ results, expiry; and reading them back."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
+import asyncpg
 from fastapi import HTTPException, UploadFile
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
@@ -81,8 +83,14 @@ _IN_FLIGHT_OF_OWNER = select(_IN_FLIGHT.scalar_subquery()).select_from(OWNER_KEY
 _IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), images_service.BLOB_LOCK).select_from(
     OWNER_KEY_SHARE.subquery("owner")
 )
-_INSERT_JOB = insert(_jobs)
-_INSERT_PREDICTION = insert(_predictions)
+_ADMISSION = DriverStatement(_IN_FLIGHT_OF_OWNER)
+_ADMISSION_LOCKING_BLOB = DriverStatement(_IN_FLIGHT_LOCKING)
+_SET_GROUND_TRUTH = DriverStatement(
+    update(images_service.IMAGES)
+    .where(images_service.IMAGES.c.id == bindparam("b_image_id"))
+    .values(ground_truth=bindparam("b_label"))
+)
+_JOB_COLUMNS = ("id", "owner_id", "image_id", "status", "request_id", "deadline_at", "finished_at", "created_at")
 # Every column of a new prediction row: the rows of one INSERT must name the same columns.
 _NEW_PREDICTION: dict[str, Any] = {
     "status": PredictionStatus.queued.value,
@@ -121,7 +129,7 @@ def _rejected(entries: list[ModelEntry]) -> None:
 
 async def admit(
     *,
-    session: AsyncSession,
+    connection: asyncpg.Connection,
     redis: Redis,
     settings: Settings,
     entries: list[ModelEntry],
@@ -131,13 +139,13 @@ async def admit(
 ) -> dict[str, ResultMessage]:
     """Admission control before anything is stored: 429 when the user has too many predictions in
     flight, 503 when a queue is full. Returns the cached answers, by model key. Locks the owner's
-    row for the rest of the transaction in the same round trip as the count (401 when the owner
-    was deleted meanwhile); ``lock_blob``: then the blob lock of ``sha256`` too (a new upload's,
-    before its blob is written)."""
+    row for the rest of ``connection``'s transaction in the same round trip as the count (401 when
+    the owner was deleted meanwhile); ``lock_blob``: then the blob lock of ``sha256`` too (a new
+    upload's, before its blob is written)."""
     if lock_blob:
-        row = (await session.execute(_IN_FLIGHT_LOCKING, {"b_owner_id": owner_id, "b_sha256": sha256})).first()
+        row = await _ADMISSION_LOCKING_BLOB.fetchrow(connection, {"b_owner_id": owner_id, "b_sha256": sha256})
     else:
-        row = (await session.execute(_IN_FLIGHT_OF_OWNER, {"b_owner_id": owner_id})).first()
+        row = await _ADMISSION.fetchrow(connection, {"b_owner_id": owner_id})
     if row is None:
         raise HTTPException(status_code=401, detail=images_service.OWNER_GONE)
     in_flight = row[0]
@@ -175,6 +183,7 @@ class Upload:
 
 async def _admit_and_queue(
     *,
+    engine: AsyncEngine,
     session: AsyncSession,
     redis: Redis,
     store: LocalBlobStore,
@@ -189,40 +198,45 @@ async def _admit_and_queue(
 ) -> tuple[Image, Job]:
     """Admission first, then the upload (when new), its ground truth and its job are committed
     together and the job queued: a rejected request stores nothing. A new upload's row goes in
-    with the job's (one statement, ``insert_job``)."""
+    with the job's (one statement, ``insert_job``).
+
+    The transaction runs on one of ``engine``'s connections through its driver (``core.driver``):
+    it is the path of every prediction. ``session`` (holding no connection meanwhile) is used
+    after it, for what is rare: failing the job when Redis refuses it, and shadow copies."""
     upload = image if isinstance(image, Upload) else None
-    cached = await admit(
-        session=session,
-        redis=redis,
-        settings=settings,
-        entries=entries,
-        owner_id=owner_id,
-        sha256=image.sha256,
-        lock_blob=upload is not None,
-    )
-    new_image: dict[str, Any] | None = None
-    if upload is not None:
-        # Under the blob lock admission took: a delete of the same content waits for the commit.
-        await store.put(upload.sha256, upload.data, preview=upload.info.preview)
-        new_image = images_service.new_image_row(
-            owner_id=owner_id, data=upload.data, info=upload.info, sha256=upload.sha256, filename=upload.filename
+    async with driver_connection(engine) as connection, connection.transaction():
+        cached = await admit(
+            connection=connection,
+            redis=redis,
+            settings=settings,
+            entries=entries,
+            owner_id=owner_id,
+            sha256=image.sha256,
+            lock_blob=upload is not None,
         )
-        image = Image(**new_image)
-    assert isinstance(image, Image)
-    job, predictions = await insert_job(
-        session=session,
-        image=image,
-        new_image=new_image,
-        entries=entries,
-        cached=cached,
-        owner_id=owner_id,
-        deadline_seconds=deadline_seconds,
-        request_id=request_id,
-    )
-    if ground_truth is not None:
-        await _store_ground_truth(
-            session=session, image=image, ground_truth=ground_truth, owner_id=owner_id, settings=settings
+        new_image: dict[str, Any] | None = None
+        if upload is not None:
+            # Under the blob lock admission took: a delete of the same content waits for the commit.
+            await store.put(upload.sha256, upload.data, preview=upload.info.preview)
+            new_image = images_service.new_image_row(
+                owner_id=owner_id, data=upload.data, info=upload.info, sha256=upload.sha256, filename=upload.filename
+            )
+            image = Image(**new_image)
+        assert isinstance(image, Image)
+        job, predictions = await insert_job(
+            connection=connection,
+            image=image,
+            new_image=new_image,
+            entries=entries,
+            cached=cached,
+            owner_id=owner_id,
+            deadline_seconds=deadline_seconds,
+            request_id=request_id,
         )
+        if ground_truth is not None:
+            await _store_ground_truth(
+                connection=connection, image=image, ground_truth=ground_truth, owner_id=owner_id, settings=settings
+            )
     await queue_job(
         session=session,
         redis=redis,
@@ -268,13 +282,12 @@ async def ground_truth_for(*, redis: Redis, entries: list[ModelEntry], label: st
 
 
 async def _store_ground_truth(
-    *, session: AsyncSession, image: Image, ground_truth: GroundTruth, owner_id: int, settings: Settings
+    *, connection: asyncpg.Connection, image: Image, ground_truth: GroundTruth, owner_id: int, settings: Settings
 ) -> None:
-    await session.execute(update(Image).where(Image.id == image.id).values(ground_truth=ground_truth.label))
+    await _SET_GROUND_TRUTH.execute(connection, {"b_image_id": image.id, "b_label": ground_truth.label})
     image.ground_truth = ground_truth.label
     for name in ground_truth.models:
-        await examples.record(
-            session=session,
+        labelled = examples.example(
             model_name=name,
             sha256=image.sha256,
             label=ground_truth.label,
@@ -283,6 +296,7 @@ async def _store_ground_truth(
             test_share=settings.feedback_test_share,
             image_id=image.id,
         )
+        await examples.RECORD_ON_DRIVER.execute(connection, labelled)
 
 
 async def _route(
@@ -311,6 +325,7 @@ async def _route(
 
 async def submit(
     *,
+    engine: AsyncEngine,
     session: AsyncSession,
     redis: Redis,
     store: LocalBlobStore,
@@ -333,6 +348,8 @@ async def submit(
     rejected request stores nothing.
     """
     image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
+    # Its connection back before admission takes one of its own.
+    await session.close()
     if image is None:
         raise HTTPException(status_code=404, detail="Image not found")
     entries, shadows, truth = await _route(
@@ -345,6 +362,7 @@ async def submit(
         ground_truth=ground_truth,
     )
     _, job = await _admit_and_queue(
+        engine=engine,
         session=session,
         redis=redis,
         store=store,
@@ -362,6 +380,7 @@ async def submit(
 
 async def predict_and_wait(
     *,
+    engine: AsyncEngine,
     session: AsyncSession,
     reader: AsyncSession,
     redis: Redis,
@@ -396,6 +415,7 @@ async def predict_and_wait(
     data = await images_service.read_upload(file, settings)
     info, sha256 = await images_service.inspect_upload(data, settings)
     image, job = await _admit_and_queue(
+        engine=engine,
         session=session,
         redis=redis,
         store=store,
@@ -451,9 +471,31 @@ async def _wait_while_the_job_exists(
     )
 
 
+def _bound(table: Table, columns: Iterable[str], prefix: str) -> dict[str, Any]:
+    """``table``'s ``columns`` as parameters named ``prefix`` + column."""
+    return {column: bindparam(f"{prefix}{column}", type_=table.c[column].type) for column in columns}
+
+
+@functools.cache
+def _insert_job_statement(
+    prediction_columns: tuple[str, ...], models: int, image_columns: tuple[str, ...]
+) -> DriverStatement:
+    """The statement storing a job (parameters ``job_*``), its ``models`` predictions (``p0_*``,
+    ``p1_*``...) and, with ``image_columns``, the new upload's image (``image_*``), as
+    data-modifying CTEs; built and compiled once per shape."""
+    statement = insert(_jobs).values(_bound(_jobs, _JOB_COLUMNS, "job_"))
+    for position in range(models):
+        new_prediction = insert(_predictions).values(_bound(_predictions, prediction_columns, f"p{position}_"))
+        statement = statement.add_cte(new_prediction.cte(f"new_prediction_{position}"))
+    if image_columns:
+        new_image = images_service.INSERT_IMAGE.values(_bound(images_service.IMAGES, image_columns, "image_"))
+        statement = statement.add_cte(new_image.cte("new_image"))
+    return DriverStatement(statement)
+
+
 async def insert_job(
     *,
-    session: AsyncSession,
+    connection: asyncpg.Connection,
     image: Image,
     new_image: dict[str, Any] | None,
     entries: list[ModelEntry],
@@ -492,14 +534,13 @@ async def insert_job(
         rows.append(row)
     if not pending:
         job_row.update(status=PredictionStatus.done.value, finished_at=now)
-    # A row per CTE rather than one multi-row VALUES: SQLAlchemy compiles a multi-row INSERT
-    # anew each time (it has no cache key), this shape once per number of models.
-    statement = _INSERT_JOB.values(job_row)
+    params = {f"job_{column}": value for column, value in job_row.items()}
     for position, row in enumerate(rows):
-        statement = statement.add_cte(_INSERT_PREDICTION.values(row).cte(f"new_prediction_{position}"))
-    if new_image is not None:
-        statement = statement.add_cte(images_service.INSERT_IMAGE.values(new_image).cte("new_image"))
-    await session.execute(statement)
+        params.update({f"p{position}_{column}": value for column, value in row.items()})
+    for column, value in (new_image or {}).items():
+        params[f"image_{column}"] = value
+    statement = _insert_job_statement(tuple(rows[0]), len(rows), tuple(new_image or ()))
+    await statement.execute(connection, params)
     return Job(**job_row), rows
 
 
@@ -514,14 +555,13 @@ async def queue_job(
     data: bytes | None = None,
     shadows: dict[str, list[ModelEntry]] | None = None,
 ) -> None:
-    """Commits (the job ``insert_job`` added, with whatever else the session holds) and queues
-    those of its ``predictions`` (rows) that were not answered from the cache.
+    """Queues those of the committed job's ``predictions`` (rows) that were not answered from the
+    cache; fails the job when Redis refuses them.
 
     ``data``: the image's bytes when the caller holds them (saves reading the blob back).
     ``shadows``: by entry key, the shadow versions that get a copy (``shadow_copies``); a copy is
     best effort and never fails or delays the job.
     """
-    await session.commit()
     pending = [row for row in predictions if row["status"] == PredictionStatus.queued.value]
     if pending:
         if data is None:
