@@ -6,14 +6,17 @@ import asyncio
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncpg
 import httpx
+import pytest
 import redis
 
 from api.app.core.config import Settings
+from api.app.images import service as images_service
 from bench.processes import Service, free_port, start_on_free_port, start_redis, wait_until
 from scripts.local_services import PrivatePostgres
 
@@ -193,3 +196,30 @@ async def waiting_on_lock(settings: Settings, count: int, within: float = 10) ->
             await asyncio.sleep(0.05)
     finally:
         await conn.close()
+
+
+@dataclass
+class Pause:
+    """``reached`` once the paused call is made; the call goes on once ``resume`` is set."""
+
+    reached: asyncio.Event
+    resume: asyncio.Event
+
+
+def pause_inspection(monkeypatch: pytest.MonkeyPatch, at: int) -> Pause:
+    """The ``at``-th upload check (``images_service.inspect_upload``, one per file) from now waits
+    for ``Pause.resume``: a request stopped at a chosen file, as if its process had died there."""
+    pause = Pause(asyncio.Event(), asyncio.Event())
+    inspect = images_service.inspect_upload
+    calls = 0
+
+    async def paused(data: bytes, settings: Settings) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            pause.reached.set()
+            await pause.resume.wait()
+        return await inspect(data, settings)
+
+    monkeypatch.setattr(images_service, "inspect_upload", paused)
+    return pause

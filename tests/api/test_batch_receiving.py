@@ -23,6 +23,7 @@ from api.app.predictions.models import Job
 from contracts import keys
 from tests.conftest import Users
 from tests.images import noise_png
+from tests.support import pause_inspection
 
 MODEL = "mobilenet_v2@1"
 
@@ -42,19 +43,8 @@ async def test_the_lane_leaves_the_jobs_of_a_batch_still_being_received(
     jobs of the batch still 'receiving'."""
     user, headers = await users.create()
     _, other = await users.create()
-    frozen, never = asyncio.Event(), asyncio.Event()
     inspect = images_service.inspect_upload
-    seen = 0
-
-    async def dying(data: bytes, s: Settings) -> Any:
-        nonlocal seen
-        seen += 1
-        if seen == 4:
-            frozen.set()
-            await never.wait()  # the process is "killed" here
-        return await inspect(data, s)
-
-    monkeypatch.setattr(images_service, "inspect_upload", dying)
+    frozen = pause_inspection(monkeypatch, at=4)  # never resumed until the end: the process "died"
     sending = asyncio.create_task(
         client.post(
             "/v1/batches",
@@ -64,7 +54,7 @@ async def test_the_lane_leaves_the_jobs_of_a_batch_still_being_received(
         )
     )
     try:
-        await asyncio.wait_for(frozen.wait(), 10)
+        await asyncio.wait_for(frozen.reached.wait(), 10)
         monkeypatch.setattr(images_service, "inspect_upload", inspect)
         # Someone else's batch is running.
         r = await client.post(
@@ -85,7 +75,7 @@ async def test_the_lane_leaves_the_jobs_of_a_batch_still_being_received(
             after = list(await session.scalars(select(Job.status).where(Job.request_id == prefix)))
         assert status == "receiving" and before == after == ["pending"] * 3, (status, before, after)
     finally:
-        never.set()
+        frozen.resume.set()
         await asyncio.wait_for(sending, 30)
 
 
@@ -143,19 +133,7 @@ async def test_a_copy_of_a_file_whose_image_was_deleted_meanwhile_cancels_the_ba
     a copy of a that would reuse it. The batch is cancelled with b's job, not left 'receiving'."""
     user, headers = await users.create()
     a, b = png(801), png(802)
-    third, go_on = asyncio.Event(), asyncio.Event()
-    inspect = images_service.inspect_upload
-    calls = 0
-
-    async def paced(data: bytes, s: Settings) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            third.set()
-            await go_on.wait()
-        return await inspect(data, s)
-
-    monkeypatch.setattr(images_service, "inspect_upload", paced)
+    third = pause_inspection(monkeypatch, at=3)
     sending = asyncio.create_task(
         client.post(
             "/v1/batches",
@@ -164,11 +142,11 @@ async def test_a_copy_of_a_file_whose_image_was_deleted_meanwhile_cancels_the_ba
             headers=headers,
         )
     )
-    await asyncio.wait_for(third.wait(), 10)
+    await asyncio.wait_for(third.reached.wait(), 10)
     listed = (await client.get("/v1/images", headers=headers)).json()["data"]
     [a_image] = [i for i in listed if i["filename"] == "a.png"]
     assert (await client.delete(f"/v1/images/{a_image['id']}", headers=headers)).status_code == 204
-    go_on.set()
+    third.resume.set()
     r = await asyncio.wait_for(sending, 30)
     async with app.state.sessionmaker() as session:
         [(batch_id, status)] = list(
@@ -217,19 +195,7 @@ async def test_a_batch_left_receiving_is_cancelled_once_nothing_arrived_for_the_
     its two pending jobs, which then no longer count against the owner's batch quota. When the
     request wakes after all, it finds its batch cancelled and answers so."""
     user, headers = await users.create()
-    frozen, thaw = asyncio.Event(), asyncio.Event()
-    inspect = images_service.inspect_upload
-    seen = 0
-
-    async def dying(data: bytes, s: Settings) -> Any:
-        nonlocal seen
-        seen += 1
-        if seen == 3:
-            frozen.set()
-            await thaw.wait()
-        return await inspect(data, s)
-
-    monkeypatch.setattr(images_service, "inspect_upload", dying)
+    frozen = pause_inspection(monkeypatch, at=3)
     sending = asyncio.create_task(
         client.post(
             "/v1/batches",
@@ -239,7 +205,7 @@ async def test_a_batch_left_receiving_is_cancelled_once_nothing_arrived_for_the_
         )
     )
     try:
-        await asyncio.wait_for(frozen.wait(), 10)
+        await asyncio.wait_for(frozen.reached.wait(), 10)
 
         async def sweep(stale_after: timedelta) -> int:
             async with app.state.sessionmaker() as session:
@@ -259,7 +225,7 @@ async def test_a_batch_left_receiving_is_cancelled_once_nothing_arrived_for_the_
         assert await sweep(timedelta(0)) == 1
         assert await state() == ("cancelled", ["cancelled", "cancelled"], 0)
     finally:
-        thaw.set()
+        frozen.resume.set()
     r = await asyncio.wait_for(sending, 30)
     assert r.status_code == 202 and r.json()["status"] == "cancelled", r.text
     assert (await state())[1] == ["cancelled"] * 4

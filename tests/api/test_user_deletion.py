@@ -25,7 +25,7 @@ from api.app.core.config import Settings
 from api.app.images import service as images_service
 from tests.conftest import PASSWORD, Users
 from tests.images import noise_png
-from tests.support import waiting_on_lock
+from tests.support import pause_inspection, waiting_on_lock
 
 MODEL = "mobilenet_v2@1"
 
@@ -81,15 +81,7 @@ async def test_a_batch_whose_owner_is_deleted_while_it_is_received(
     """The batch row is committed, then the files are read and stored; the owner is deleted in
     between: the batch answers 401, its row gone with its owner."""
     user, headers = await users.create()
-    gate, arrived = asyncio.Event(), asyncio.Event()
-    inspect = images_service.inspect_upload
-
-    async def slow_inspect(data: bytes, s: Settings) -> Any:
-        arrived.set()
-        await gate.wait()
-        return await inspect(data, s)
-
-    monkeypatch.setattr(images_service, "inspect_upload", slow_inspect)
+    first = pause_inspection(monkeypatch, at=1)
     sending = asyncio.create_task(
         client.post(
             "/v1/batches",
@@ -98,10 +90,10 @@ async def test_a_batch_whose_owner_is_deleted_while_it_is_received(
             headers=headers,
         )
     )
-    await asyncio.wait_for(arrived.wait(), 10)
+    await asyncio.wait_for(first.reached.wait(), 10)
     d = await client.delete(f"/v1/users/{user['id']}", headers=admin_headers)
     assert d.status_code == 204, d.text
-    gate.set()
+    first.resume.set()
     r = await asyncio.wait_for(sending, 30)
     assert r.status_code == 401, (r.status_code, r.text)
 
@@ -116,16 +108,7 @@ async def test_a_batch_with_a_skipped_file_whose_owner_is_deleted(
     """As above, with a first file that is no image (an item already listed): still the 401, not
     a conflict from writing that item for the deleted batch."""
     user, headers = await users.create()
-    gate, arrived = asyncio.Event(), asyncio.Event()
-    inspect = images_service.inspect_upload
-
-    async def slow_inspect(data: bytes, s: Settings) -> Any:
-        if data.startswith(b"\x89PNG"):
-            arrived.set()
-            await gate.wait()
-        return await inspect(data, s)
-
-    monkeypatch.setattr(images_service, "inspect_upload", slow_inspect)
+    the_png = pause_inspection(monkeypatch, at=2)
     sending = asyncio.create_task(
         client.post(
             "/v1/batches",
@@ -134,10 +117,10 @@ async def test_a_batch_with_a_skipped_file_whose_owner_is_deleted(
             headers=headers,
         )
     )
-    await asyncio.wait_for(arrived.wait(), 10)
+    await asyncio.wait_for(the_png.reached.wait(), 10)
     d = await client.delete(f"/v1/users/{user['id']}", headers=admin_headers)
     assert d.status_code == 204, d.text
-    gate.set()
+    the_png.resume.set()
     r = await asyncio.wait_for(sending, 30)
     assert r.status_code == 401, (r.status_code, r.text)
 
@@ -190,26 +173,14 @@ async def test_a_batch_and_the_deletion_of_another_user_sharing_two_files(
     x, y = files  # sha(x) < sha(y): the delete locks x first
     for d in (x, y):
         assert (await client.post("/v1/images", files={"file": ("f", d)}, headers=ha)).status_code == 201
-    first_stored, go_on = asyncio.Event(), asyncio.Event()
-    inspect = images_service.inspect_upload
-    calls = 0
-
-    async def paced(data: bytes, s: Settings) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 2:  # B's second file (x): B holds y's lock now
-            first_stored.set()
-            await go_on.wait()
-        return await inspect(data, s)
-
-    monkeypatch.setattr(images_service, "inspect_upload", paced)
+    first_stored = pause_inspection(monkeypatch, at=2)  # B's second file (x): B holds y's lock now
     sending = asyncio.create_task(
         client.post("/v1/batches", files=[("file", ("y", y)), ("file", ("x", x))], data={"models": MODEL}, headers=hb)
     )
-    await asyncio.wait_for(first_stored.wait(), 10)
+    await asyncio.wait_for(first_stored.reached.wait(), 10)
     deleting = asyncio.create_task(client.delete(f"/v1/users/{a_user['id']}", headers=admin_headers))
     await asyncio.wait({deleting}, timeout=2)  # done, or waiting on B: either way B goes on
-    go_on.set()
+    first_stored.resume.set()
     rb, rd = await asyncio.wait_for(asyncio.gather(sending, deleting), 60)
     assert rb.status_code == 202 and rd.status_code == 204, (rb.status_code, rb.text, rd.status_code, rd.text)
     for d in (x, y):
