@@ -18,6 +18,7 @@ from PIL import Image
 from sqlalchemy import event, select, text, update
 
 from api.app.core.config import Settings
+from api.app.images import service as images_service
 from api.app.main import create_app
 from api.app.predictions import service
 from api.app.predictions.models import Job, Prediction
@@ -685,3 +686,26 @@ async def test_a_prediction_is_admitted_and_stored_on_the_driver(
     assert not [s for s in seen if "INSERT INTO jobs" in s or "FOR KEY SHARE" in s], seen
     info = service._insert_job_statement.cache_info()
     assert (info.misses, info.hits) == (1, 2), info
+
+
+async def test_an_image_deleted_between_its_read_and_its_jobs_insert_is_404(
+    client: httpx.AsyncClient, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /v1/predictions reads the image, then stores the job in a transaction of its own; the
+    image is deleted in between: a 404 that says so, not a generic conflict, and no job."""
+    _, headers = await users.create()
+    image = await upload(client, headers, noise_png(77, 16))
+    get_owned = images_service.get_owned_image
+
+    async def read_then_deleted(**kw: Any) -> Any:
+        found = await get_owned(**kw)
+        monkeypatch.setattr(images_service, "get_owned_image", get_owned)  # the delete's own read
+        assert (await client.delete(f"/v1/images/{image['id']}", headers=headers)).status_code == 204
+        return found
+
+    monkeypatch.setattr(images_service, "get_owned_image", read_then_deleted)
+    r = await client.post(
+        "/v1/predictions", json={"image_id": image["id"], "models": ["mobilenet_v2"]}, headers=headers
+    )
+    assert r.status_code == 404 and "deleted meanwhile" in r.json()["detail"], r.text
+    assert (await client.get("/v1/predictions", params={"total": True}, headers=headers)).json()["count"] == 0

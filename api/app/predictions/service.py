@@ -90,6 +90,8 @@ _SET_GROUND_TRUTH = DriverStatement(
     .where(images_service.IMAGES.c.id == bindparam("b_image_id"))
     .values(ground_truth=bindparam("b_label"))
 )
+_JOB_IMAGE_FK = "fk_jobs_image_id_images"
+"""The job's image: gone when the image was deleted after the request read it."""
 _JOB_COLUMNS = ("id", "owner_id", "image_id", "status", "request_id", "deadline_at", "finished_at", "created_at")
 # Every column of a new prediction row: the rows of one INSERT must name the same columns.
 _NEW_PREDICTION: dict[str, Any] = {
@@ -343,7 +345,7 @@ async def submit(
     ``ground_truth`` (the uploader's own label) is kept with the image and becomes a labelled
     example of each chosen model that has it.
 
-    Raises 404 (not the user's image), 422 (unknown or broken model, a ground truth none of them
+    Raises 404 (not the user's image, or deleted meanwhile), 422 (unknown or broken model, a ground truth none of them
     has), 429 (too many in flight), 503 (model not served yet, queue full or Redis down); a
     rejected request stores nothing.
     """
@@ -361,20 +363,25 @@ async def submit(
         refs=refs,
         ground_truth=ground_truth,
     )
-    _, job = await _admit_and_queue(
-        engine=engine,
-        session=session,
-        redis=redis,
-        store=store,
-        settings=settings,
-        entries=entries,
-        owner_id=owner_id,
-        request_id=request_id,
-        deadline_seconds=settings.job_deadline_seconds,
-        image=image,
-        shadows=shadows,
-        ground_truth=truth,
-    )
+    try:
+        _, job = await _admit_and_queue(
+            engine=engine,
+            session=session,
+            redis=redis,
+            store=store,
+            settings=settings,
+            entries=entries,
+            owner_id=owner_id,
+            request_id=request_id,
+            deadline_seconds=settings.job_deadline_seconds,
+            image=image,
+            shadows=shadows,
+            ground_truth=truth,
+        )
+    except asyncpg.ForeignKeyViolationError as exc:
+        if exc.constraint_name != _JOB_IMAGE_FK:
+            raise
+        raise HTTPException(status_code=404, detail="Image not found: it was deleted meanwhile.") from None
     return job
 
 
