@@ -92,6 +92,16 @@ def _sqlstate(exc: BaseException) -> str:
     return str(getattr(getattr(exc, "orig", exc), "sqlstate", "") or "")
 
 
+def violated_constraint(exc: BaseException) -> str | None:
+    """The name of the constraint PostgreSQL refused a statement for: of asyncpg's error itself,
+    or of the one SQLAlchemy's wraps (its ``orig``, raised from asyncpg's)."""
+    for candidate in (exc, getattr(exc, "orig", None), getattr(getattr(exc, "orig", None), "__cause__", None)):
+        name = getattr(candidate, "constraint_name", None)
+        if name:
+            return str(name)
+    return None
+
+
 def concurrent_change(exc: BaseException) -> bool:
     """Whether ``exc`` is PostgreSQL rolling a transaction back for a concurrent one (``CONCURRENT_CHANGE``)."""
     return _sqlstate(exc) in CONCURRENT_CHANGE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import sqlalchemy.exc
 from fastapi import HTTPException
 from redis.asyncio import Redis
 from sqlalchemy import func, select, text
@@ -12,15 +13,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import model_labels
 from api.app.core import metrics
+from api.app.core.errors import violated_constraint
 from api.app.core.paging import KeysetPage, keyset_page
 from api.app.examples import service as examples
 from api.app.examples.models import LabelledExample
 from api.app.feedback.models import Feedback
 from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate
 from api.app.images.models import Image
+from api.app.images.service import OWNER_GONE
 from api.app.predictions.models import Job, Prediction
 from contracts.messages import PredictionStatus
 from contracts.registry import Registry
+
+_PREDICTION_FK = "fk_feedback_prediction_id_predictions"
+_OWNER_FK = "fk_feedback_owner_id_users"
 
 
 async def owned_prediction(*, session: AsyncSession, owner_id: int, prediction_id: uuid.UUID) -> Prediction | None:
@@ -99,7 +105,17 @@ async def create_feedback(
         index_where=Feedback.prediction_id.is_not(None) & Feedback.is_correct.is_not(None),
         set_={k: statement.excluded[k] for k in ("is_correct", "correct_label", "comment", "created_at")},
     )
-    feedback = await session.scalar(statement.returning(Feedback), execution_options={"populate_existing": True})
+    try:
+        feedback = await session.scalar(statement.returning(Feedback), execution_options={"populate_existing": True})
+    except sqlalchemy.exc.IntegrityError as exc:
+        # What the verdict is for was deleted after it was read: its prediction (with its image),
+        # or the account itself.
+        constraint = violated_constraint(exc)
+        if constraint == _PREDICTION_FK:
+            raise HTTPException(status_code=404, detail="Prediction not found: it was deleted meanwhile.") from None
+        if constraint == _OWNER_FK:
+            raise HTTPException(status_code=401, detail=OWNER_GONE) from None
+        raise
     assert feedback is not None
     if feedback.correct_label is not None:
         image = await session.scalar(

@@ -28,6 +28,7 @@ from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.db import OWNER_KEY_SHARE
 from api.app.core.driver import DriverStatement, driver_connection
+from api.app.core.errors import violated_constraint
 from api.app.core.paging import KeysetPage, count_of, split_page
 from api.app.examples import service as examples
 from api.app.images import service as images_service
@@ -379,7 +380,7 @@ async def submit(
             ground_truth=truth,
         )
     except asyncpg.ForeignKeyViolationError as exc:
-        if exc.constraint_name != _JOB_IMAGE_FK:
+        if violated_constraint(exc) != _JOB_IMAGE_FK:
             raise
         raise HTTPException(status_code=404, detail="Image not found: it was deleted meanwhile.") from None
     return job
