@@ -7,15 +7,26 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
 
+import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from api.app.core.config import Settings
+from api.app.core.db import make_engine, make_sessionmaker
+from api.app.core.errors import OutageLog
+from api.app.images.storage import LocalBlobStore
 from api.app.main import create_app
+from api.app.predictions import background
 from api.prestart import migrate, seed_admin
+from contracts import keys
+from contracts.messages import LabelScore, PredictionStatus, ResultMessage, Timings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, client_for
-from tests.support import PostgresServer
+from tests.support import PostgresServer, RedisServer
 
 
 @pytest.fixture
@@ -107,3 +118,94 @@ async def test_the_api_starts_while_postgres_is_down_and_answers_503(
         deadline = time.monotonic() + 20
         while (r := await client.post("/login", data=login)).status_code != 200:
             assert time.monotonic() < deadline, r.text
+
+
+def begin_smart_shutdown(server: PostgresServer) -> None:
+    """``pg_ctl stop -m smart`` without waiting: the sessions open go on, new connections are
+    refused with 57P03 "the database system is shutting down" until the last one ends."""
+    done = server.server._run("pg_ctl", "stop", "-D", str(server.server.data), "-m", "smart", "-W")
+    assert done.returncode == 0, done.stdout
+
+
+async def test_a_refused_connection_during_a_restart_is_503_not_500(
+    private_postgres: PostgresServer, settings: Settings
+) -> None:
+    private = settings.model_copy(update={"database_url": private_postgres.url})
+    await asyncio.to_thread(migrate, private.database_url)
+    await seed_admin(private)
+    app = create_app(private)
+    async for client in client_for(app):
+        r = await client.post("/v1/auth/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        assert (await client.get("/v1/users/me", headers=headers)).status_code == 200
+        held = await asyncpg.connect(private_postgres.url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            await asyncio.to_thread(begin_smart_shutdown, private_postgres)
+            # The restart ends the API's sessions; the one held here keeps the server shutting down.
+            await held.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'portal-api:%' AND pid <> pg_backend_pid()"
+            )
+            await asyncio.sleep(0.3)
+            codes = [(await client.get("/v1/users/me", headers=headers)).status_code for _ in range(3)]
+            # The same refusal on a route that reads through a session (no driver): 503.
+            session_route = await client.post(
+                "/v1/auth/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+            )
+        finally:
+            await held.close()
+        assert session_route.status_code == 503, session_route.text
+        assert codes == [503, 503, 503], codes
+
+
+async def test_an_answer_refused_so_during_a_restart_is_retried_not_dead_lettered(
+    private_postgres: PostgresServer, private_redis: RedisServer, settings: Settings, tmp_path: Path
+) -> None:
+    """The result collector (``background._process``) re-raises DB_ERRORS, leaving the answer
+    pending to be retried; any other error counts as a failed attempt and, once the entry was
+    delivered RESULT_MAX_ATTEMPTS times (reclaimed during a long outage), dead-letters the answer
+    and acknowledges it. PostgreSQL refusing a connection while it restarts (57P03) is an outage:
+    the answer must stay pending."""
+    private = settings.model_copy(update={"database_url": private_postgres.url, "redis_url": private_redis.url})
+    await asyncio.to_thread(migrate, private.database_url)
+    engine = make_engine(private, pool_size=1, max_overflow=0)
+    client = Redis.from_url(private.redis_url)
+    rt = background.JobRuntime(
+        settings=private,
+        sessionmaker=make_sessionmaker(engine),
+        engine=engine,
+        redis=client,
+        redis_blocking=client,
+        store=LocalBlobStore(tmp_path),
+        outage_log=OutageLog(60),
+        live_registry=None,  # type: ignore[arg-type]
+    )
+    result = ResultMessage(
+        job_id=str(uuid.uuid4()),
+        prediction_id=str(uuid.uuid4()),
+        request_id="r",
+        model="mobilenet_v2",
+        version=1,
+        status=PredictionStatus.done,
+        top_k=[LabelScore(label="cat", score=0.9)],
+        timings=Timings(),
+        worker_id="w",
+    )
+    await client.xgroup_create(keys.RESULT_STREAM, keys.RESULT_GROUP, id="0", mkstream=True)
+    entry_id = await client.xadd(keys.RESULT_STREAM, result.to_fields())
+    await client.xreadgroup(keys.RESULT_GROUP, "c1", {keys.RESULT_STREAM: ">"})
+    for _ in range(private.result_max_attempts - 1):  # reclaimed while PostgreSQL was down
+        await client.xclaim(keys.RESULT_STREAM, keys.RESULT_GROUP, "c1", 0, [entry_id])
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.RESULT_STREAM))
+    held = await asyncpg.connect(private_postgres.url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await asyncio.to_thread(begin_smart_shutdown, private_postgres)
+        with contextlib.suppress(Exception):
+            await background._process(rt, entries)
+    finally:
+        await held.close()
+        await engine.dispose()
+    pending = await client.xpending(keys.RESULT_STREAM, keys.RESULT_GROUP)
+    dead = await client.xlen(keys.RESULT_DEAD_LETTER_STREAM)
+    await client.aclose()
+    assert (pending["pending"], dead) == (1, 0), (pending, dead)

@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
 import asyncpg
+import sqlalchemy.exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.engine.interfaces import PoolProxiedConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -60,6 +62,17 @@ class DriverStatement:
         await connection.execute(self.sql, *self.args(params))
 
 
+async def _checkout(engine: AsyncEngine) -> PoolProxiedConnection:
+    """A pooled connection. A connection refused while it was being opened (PostgreSQL shutting
+    down or starting up, too many clients) comes out of the pool as the driver adapter's own
+    error: it is raised as SQLAlchemy's ``DBAPIError``, as a session's checkout raises it."""
+    try:
+        return await engine.raw_connection()
+    except sqlalchemy.exc.EmulatedDBAPIException as exc:
+        dbapi_error = engine.dialect.loaded_dbapi.Error
+        raise sqlalchemy.exc.DBAPIError.instance(None, None, exc, dbapi_error) from exc
+
+
 class ConnectionLost(ConnectionError):
     """The connection to PostgreSQL was lost during a statement sent to the driver: an outage,
     answered 503 like SQLAlchemy's own disconnect errors."""
@@ -71,17 +84,17 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
     (each statement commits on its own unless the caller opens ``connection.transaction()``).
 
     Checking one out raises as SQLAlchemy does (``TimeoutError`` when the pool is exhausted,
-    ``OperationalError`` when PostgreSQL cannot be reached). A pooled connection the server
+    ``OperationalError`` or another ``DBAPIError`` when PostgreSQL cannot be reached or refuses). A pooled connection the server
     closed meanwhile (a restart) is replaced first, without a round trip: asyncpg knows it is
     closed. Statements raise asyncpg's errors, except that a connection lost on the way raises
     ``ConnectionLost`` and is discarded rather than returned to the pool."""
-    pooled = await engine.raw_connection()
+    pooled = await _checkout(engine)
     connection: asyncpg.Connection = pooled.driver_connection
     while connection.is_closed():
         # Outside a greenlet, invalidating terminates the connection at once, without waiting.
         pooled.invalidate()
         await greenlet_spawn(pooled.close)
-        pooled = await engine.raw_connection()
+        pooled = await _checkout(engine)
         connection = pooled.driver_connection
     try:
         yield connection

@@ -139,6 +139,12 @@ def database_status(exc: BaseException) -> int:
     return 500
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means Redis or PostgreSQL cannot be reached or refuses connections now (a
+    restart, a shutdown, too many clients): the work is to be retried later, not given up."""
+    return isinstance(exc, REDIS_ERRORS) or database_status(exc) == 503
+
+
 ECHO_LIMIT = 200
 """Longest input a validation error quotes back, in characters of its JSON."""
 

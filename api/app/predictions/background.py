@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from api.app.catalog.service import weight_shares
 from api.app.core import metrics
 from api.app.core.config import Settings
-from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
+from api.app.core.errors import REDIS_ERRORS, OutageLog, is_outage
 from api.app.core.tasks import run_every
 from api.app.core.wandb_log import InferenceLogger
 from api.app.images.storage import LocalBlobStore
@@ -86,9 +86,9 @@ async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], 
     try:
         async with rt.sessionmaker() as session:
             _stored, completed = await service.store_result(session=session, result=failed)
-    except (*REDIS_ERRORS, *DB_ERRORS):
-        raise
-    except Exception:
+    except Exception as exc:
+        if is_outage(exc):
+            raise
         # Not even the failure can be stored: the reconciler expires the job at its deadline.
         log.exception("could not fail the prediction of result %s", entry_id)
         return None
@@ -116,9 +116,11 @@ async def _process(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]
                 continue
             try:
                 completed = await handle_result(rt, result)
-            except (*REDIS_ERRORS, *DB_ERRORS):
-                raise
-            except Exception:
+            except Exception as exc:
+                # An outage leaves the answer pending, to be stored once the service is back:
+                # only an answer refused for itself counts as an attempt.
+                if is_outage(exc):
+                    raise
                 attempts = await streams.times_delivered_async(
                     rt.redis, keys.RESULT_STREAM, keys.RESULT_GROUP, entry_id
                 )
@@ -205,11 +207,11 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
             rt.outage_log.report("redis", exc)
             group_ready = False
             await asyncio.sleep(1)
-        except DB_ERRORS as exc:
-            rt.outage_log.report("postgresql", exc)
-            await asyncio.sleep(1)
-        except Exception:
-            log.exception("result collector error")
+        except Exception as exc:
+            if is_outage(exc):
+                rt.outage_log.report("postgresql", exc)
+            else:
+                log.exception("result collector error")
             await asyncio.sleep(1)
 
 

@@ -207,39 +207,19 @@ async def _admit_and_queue(
     it is the path of every prediction. ``session`` (holding no connection meanwhile) is used
     after it, for what is rare: failing the job when Redis refuses it, and shadow copies."""
     upload = image if isinstance(image, Upload) else None
-    async with driver_connection(engine) as connection, connection.transaction():
-        cached = await admit(
-            connection=connection,
-            redis=redis,
-            settings=settings,
-            entries=entries,
-            owner_id=owner_id,
-            sha256=image.sha256,
-            lock_blob=upload is not None,
-        )
-        new_image: dict[str, Any] | None = None
-        if upload is not None:
-            # Under the blob lock admission took: a delete of the same content waits for the commit.
-            await store.put(upload.sha256, upload.data, preview=upload.info.preview)
-            new_image = images_service.new_image_row(
-                owner_id=owner_id, data=upload.data, info=upload.info, sha256=upload.sha256, filename=upload.filename
-            )
-            image = Image(**new_image)
-        assert isinstance(image, Image)
-        job, predictions = await insert_job(
-            connection=connection,
-            image=image,
-            new_image=new_image,
-            entries=entries,
-            cached=cached,
-            owner_id=owner_id,
-            deadline_seconds=deadline_seconds,
-            request_id=request_id,
-        )
-        if ground_truth is not None:
-            await _store_ground_truth(
-                connection=connection, image=image, ground_truth=ground_truth, owner_id=owner_id, settings=settings
-            )
+    image, job, predictions = await _store_job(
+        engine=engine,
+        session=session,
+        redis=redis,
+        store=store,
+        settings=settings,
+        entries=entries,
+        owner_id=owner_id,
+        request_id=request_id,
+        deadline_seconds=deadline_seconds,
+        image=image,
+        ground_truth=ground_truth,
+    )
     await queue_job(
         session=session,
         redis=redis,
@@ -251,6 +231,81 @@ async def _admit_and_queue(
         shadows=shadows or {},
     )
     return image, job
+
+
+async def _forget_blob(*, session: AsyncSession, store: LocalBlobStore, sha256: str) -> None:
+    """After a new upload's transaction failed (its blob perhaps written, its row not committed):
+    the blob is deleted unless another upload's row has it. Best effort, shielded from the
+    request's cancellation; what cannot be done now (PostgreSQL gone) is logged."""
+    try:
+        await asyncio.shield(images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=[sha256]))
+    except Exception:
+        log.warning("the blob %s of a failed upload may be left behind", sha256, exc_info=True)
+
+
+async def _store_job(
+    *,
+    engine: AsyncEngine,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    settings: Settings,
+    entries: list[ModelEntry],
+    owner_id: int,
+    request_id: str,
+    deadline_seconds: float,
+    image: Image | Upload,
+    ground_truth: GroundTruth | None,
+) -> tuple[Image, Job, list[dict[str, Any]]]:
+    """``_admit_and_queue``'s transaction: admission, the new upload's blob and row, the job, the
+    ground truth; committed together or not at all (a blob written for a transaction that then
+    failed is deleted again, ``_forget_blob``)."""
+    upload = image if isinstance(image, Upload) else None
+    blob_written = False
+    try:
+        async with driver_connection(engine) as connection, connection.transaction():
+            cached = await admit(
+                connection=connection,
+                redis=redis,
+                settings=settings,
+                entries=entries,
+                owner_id=owner_id,
+                sha256=image.sha256,
+                lock_blob=upload is not None,
+            )
+            new_image: dict[str, Any] | None = None
+            if upload is not None:
+                # Under the blob lock admission took: a delete of the same content waits for the commit.
+                blob_written = True
+                await store.put(upload.sha256, upload.data, preview=upload.info.preview)
+                new_image = images_service.new_image_row(
+                    owner_id=owner_id,
+                    data=upload.data,
+                    info=upload.info,
+                    sha256=upload.sha256,
+                    filename=upload.filename,
+                )
+                image = Image(**new_image)
+            assert isinstance(image, Image)
+            job, predictions = await insert_job(
+                connection=connection,
+                image=image,
+                new_image=new_image,
+                entries=entries,
+                cached=cached,
+                owner_id=owner_id,
+                deadline_seconds=deadline_seconds,
+                request_id=request_id,
+            )
+            if ground_truth is not None:
+                await _store_ground_truth(
+                    connection=connection, image=image, ground_truth=ground_truth, owner_id=owner_id, settings=settings
+                )
+    except BaseException:
+        if blob_written and upload is not None:
+            await _forget_blob(session=session, store=store, sha256=upload.sha256)
+        raise
+    return image, job, predictions
 
 
 @dataclass(frozen=True)
