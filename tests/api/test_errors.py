@@ -19,6 +19,7 @@ from api.app.core.config import Settings
 from api.app.core.errors import concurrent_change, database_status
 from api.app.main import create_app
 from tests.conftest import Users, client_for
+from tests.images import noise_png
 from tests.support import free_port
 
 
@@ -180,3 +181,19 @@ async def test_a_malformed_body_is_a_400(client: httpx.AsyncClient, users: Users
     assert r.status_code == 400 and isinstance(r.json()["detail"], str)
     r = await client.post("/v1/feedback", content=b"\xff", headers={**headers, "Content-Type": "application/json"})
     assert r.status_code == 400 and isinstance(r.json()["detail"], str)
+
+
+@pytest.mark.parametrize("kind", ["multipart image", "octet-stream"])
+async def test_a_body_of_bytes_where_json_is_expected_is_422_not_500(
+    client: httpx.AsyncClient, users: Users, kind: str
+) -> None:
+    """FastAPI's 422 quotes the body it could not read as JSON; bytes that are no UTF-8 (an
+    image sent to a JSON route, a common mistake) must be quoted, not crash the answer."""
+    _, headers = await users.create()
+    if kind == "multipart image":
+        r = await client.post("/v1/predictions", files={"file": ("a.png", noise_png(9401, 24))}, headers=headers)
+    else:
+        octets = {**headers, "Content-Type": "application/octet-stream"}
+        r = await client.post("/v1/feedback", content=b"\x89PNG\xff\xfe", headers=octets)
+    assert r.status_code == 422, (r.status_code, r.text[:200])
+    json.dumps(r.json())  # a body any JSON reader takes

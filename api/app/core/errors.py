@@ -164,6 +164,10 @@ def _json_safe(value: Any) -> Any:
 def _short(value: Any) -> Any:
     """``value`` as a 422 quotes it: whole when small, else cut (a string) or summarised; never
     a number JSON cannot write."""
+    if isinstance(value, bytes | bytearray):
+        # A body that is no JSON (an image sent where JSON was expected): FastAPI quotes its raw
+        # bytes, which need not be text.
+        value = bytes(value).decode("utf-8", errors="replace")
     value = _json_safe(jsonable_encoder(value))
     encoded = json.dumps(value, default=str)
     if len(encoded) <= ECHO_LIMIT:
