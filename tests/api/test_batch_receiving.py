@@ -9,6 +9,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -19,11 +20,11 @@ from api.app.batches import service as batches_service
 from api.app.batches.models import Batch, BatchItem
 from api.app.core.config import Settings
 from api.app.images import service as images_service
-from api.app.predictions.models import Job
+from api.app.predictions.models import Job, Prediction
 from contracts import keys
 from tests.conftest import Users
 from tests.images import noise_png
-from tests.support import pause_inspection
+from tests.support import pause_inspection, waiting_on_lock
 
 MODEL = "mobilenet_v2@1"
 
@@ -229,3 +230,119 @@ async def test_a_batch_left_receiving_is_cancelled_once_nothing_arrived_for_the_
     r = await asyncio.wait_for(sending, 30)
     assert r.status_code == 202 and r.json()["status"] == "cancelled", r.text
     assert (await state())[1] == ["cancelled"] * 4
+
+
+async def test_an_owners_cancel_racing_the_requests_last_commit_cancels_every_job(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request holds its batch's row while it commits its last items and makes the batch
+    running; the owner's cancel comes then. The cancel locks the batch's row before its jobs, so
+    it waits, then cancels every job, those of the last commit included: none is left pending
+    under a cancelled batch (never run, never cancelled, counted against the quota for good)."""
+    user, headers = await users.create()
+    stored = (await client.post("/v1/images", files={"file": ("s.png", png(9101))}, headers=headers)).json()
+    locked, go_on = asyncio.Event(), asyncio.Event()
+    flush = batches_service._flush
+
+    async def paused_flush(session: Any, b: Any) -> None:
+        if b.batch.status == "running":  # the last flush: the batch's row is held
+            locked.set()
+            await go_on.wait()
+        await flush(session, b)
+
+    monkeypatch.setattr(batches_service, "_flush", paused_flush)
+    sending = asyncio.create_task(
+        client.post(
+            "/v1/batches",
+            files=[("file", ("a.png", png(9102)))],
+            data={"models": MODEL, "image_ids": stored["id"]},
+            headers=headers,
+        )
+    )
+    await asyncio.wait_for(locked.wait(), 15)
+    async with app.state.sessionmaker() as session:
+        batch_id = await session.scalar(select(Batch.id).where(Batch.owner_id == user["id"]))
+    cancelling = asyncio.create_task(client.delete(f"/v1/batches/{batch_id}", headers=headers))
+    await waiting_on_lock(settings, 1)
+    go_on.set()
+    r = await asyncio.wait_for(sending, 30)
+    d = await asyncio.wait_for(cancelling, 30)
+    assert r.status_code == 202 and d.status_code == 200, (r.text, d.text)
+    async with app.state.sessionmaker() as session:
+        status = await session.scalar(select(Batch.status).where(Batch.id == batch_id))
+        request_id = f"{keys.BATCH_REQUEST_PREFIX}{batch_id}"
+        jobs = list(await session.scalars(select(Job.status).where(Job.request_id == request_id)))
+        waiting = await batches_service._queued_images(session, user["id"])
+    assert (status, sorted(jobs), waiting) == ("cancelled", ["cancelled", "cancelled"], 0)
+
+
+async def test_a_batch_received_slowly_is_not_taken_for_an_orphan(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file takes 0.4 s to check and the timeout is 1.5 s; after the first, every file is a
+    copy of it (no new job). The request notes that it is still receiving (``received_at``), so
+    the sweep, run every 0.25 s, leaves the batch alone: it ends running, not cancelled."""
+    app.state.settings = settings.model_copy(update={"batch_receive_timeout_seconds": 1.5})
+    _, headers = await users.create()
+    inspect = images_service.inspect_upload
+
+    async def slow(data: bytes, s: Settings) -> Any:
+        await asyncio.sleep(0.4)
+        return await inspect(data, s)
+
+    monkeypatch.setattr(images_service, "inspect_upload", slow)
+    photo = png(9201)
+    files = [("file", ("first.png", photo))] + [("file", (f"copy-{i}.png", photo)) for i in range(8)]
+    sending = asyncio.create_task(client.post("/v1/batches", files=files, data={"models": MODEL}, headers=headers))
+    swept = 0
+    while not sending.done():
+        await asyncio.sleep(0.25)
+        async with app.state.sessionmaker() as session:
+            swept += await lane.cancel_orphaned(session=session, stale_after=timedelta(seconds=1.5))
+    r = await sending
+    assert swept == 0 and r.json()["status"] == "running", r.text
+
+
+async def test_an_owners_cancel_and_the_sweep_wait_for_each_other_without_deadlock(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's cancel is held between its jobs and their predictions (an outside transaction
+    holds a prediction); the sweep comes then. Both lock the owner's row, then the batch's, then
+    the jobs: the sweep waits and then finds the batch cancelled. No deadlock, a 200 for the owner."""
+    user, headers = await users.create()
+    frozen = pause_inspection(monkeypatch, at=3)
+    sending = asyncio.create_task(
+        client.post(
+            "/v1/batches",
+            files=[("file", (f"{i}.png", png(9500 + i))) for i in range(4)],
+            data={"models": MODEL},
+            headers=headers,
+        )
+    )
+    outside = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await asyncio.wait_for(frozen.reached.wait(), 10)
+        async with app.state.sessionmaker() as session:
+            batch_id = await session.scalar(select(Batch.id).where(Batch.owner_id == user["id"]))
+            request_id = f"{keys.BATCH_REQUEST_PREFIX}{batch_id}"
+            job_ids = list(await session.scalars(select(Job.id).where(Job.request_id == request_id)))
+            prediction_id = await session.scalar(select(Prediction.id).where(Prediction.job_id == job_ids[0]))
+        tx = outside.transaction()
+        await tx.start()
+        await outside.execute("SELECT 1 FROM predictions WHERE id = $1 FOR UPDATE", prediction_id)
+        cancelling = asyncio.create_task(client.delete(f"/v1/batches/{batch_id}", headers=headers))
+        await waiting_on_lock(settings, 1)
+
+        async def sweep() -> int:
+            async with app.state.sessionmaker() as session:
+                return await lane.cancel_orphaned(session=session, stale_after=timedelta(0))
+
+        sweeping = asyncio.create_task(sweep())
+        await waiting_on_lock(settings, 2)
+        await tx.rollback()
+        d, swept = await asyncio.wait_for(asyncio.gather(cancelling, sweeping), 30)
+    finally:
+        frozen.resume.set()
+        await outside.close()
+    await asyncio.wait_for(sending, 30)
+    assert d.status_code == 200 and d.json()["status"] == "cancelled" and swept == 0, (d.text, swept)

@@ -5,14 +5,15 @@ lock makes one of them queue at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Collection, Set
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
-from sqlalchemy import bindparam, exists, func, select, text, update
+from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches.models import Batch, BatchItem
+from api.app.core.db import OWNER_KEY_SHARE
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue
@@ -124,9 +125,24 @@ async def finish(*, session: AsyncSession) -> None:
     await session.commit()
 
 
-async def cancel(*, session: AsyncSession, batch: Batch) -> int:
-    """Cancels what of the batch has not been queued yet (what is queued still gets its answer);
-    how many jobs were cancelled. Commits."""
+async def cancel(
+    *, session: AsyncSession, batch: Batch, only_if: Collection[str] = ("receiving", "running", "cancelled")
+) -> int | None:
+    """Cancels what of the batch has not been queued yet (what is queued still gets its answer),
+    when its status (read once its row is locked) is one of ``only_if``; how many jobs were
+    cancelled, None when it was not (another status, or gone with its owner). Commits.
+
+    Locks in the order every writer of a batch takes them: its owner's row (``OWNER_KEY_SHARE``,
+    as deleting the user takes it first), the batch's row (as the request receiving it takes it
+    before it commits its status), then its jobs and their predictions (as the lane and the
+    result collector do). A batch whose owner was deleted meanwhile is gone: nothing to do."""
+    if (await session.execute(OWNER_KEY_SHARE, {"b_owner_id": batch.owner_id})).first() is None:
+        await session.rollback()
+        return None
+    await session.refresh(batch, with_for_update=True)
+    if batch.status not in only_if:
+        await session.commit()
+        return None
     now = datetime.now(UTC)
     jobs = select(BatchItem.job_id).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_not(None))
     # Jobs before their predictions, the order the lane and the result collector lock them in.
@@ -155,29 +171,24 @@ async def cancel(*, session: AsyncSession, batch: Batch) -> int:
 
 
 async def cancel_orphaned(*, session: AsyncSession, stale_after: timedelta) -> int:
-    """Cancels the batches still ``receiving`` whose last stored file (or whose creation, before
-    the first) is older than ``stale_after``: the request receiving them is gone (its API process
-    died). Their stored images keep what was answered; their pending jobs are cancelled, so they
-    no longer count against their owner's batch quota. A batch another transaction holds (its
-    request finishing) is passed over. How many batches were cancelled. Commits."""
-    last_file = (
-        select(func.max(Job.created_at))
-        .join(BatchItem, BatchItem.job_id == Job.id)
-        .where(BatchItem.batch_id == Batch.id)
-        .correlate(Batch)
-        .scalar_subquery()
-    )
-    next_stale = (
-        select(Batch)
-        .where(Batch.status == "receiving", func.coalesce(last_file, Batch.created_at) < bindparam("b_cutoff"))
-        .limit(1)
-        .with_for_update(of=Batch, skip_locked=True)
-    )
+    """Cancels the batches still ``receiving`` that received nothing for ``stale_after`` (their
+    ``received_at``, or their creation before the first file): the request receiving them is gone
+    (its API process died). Their stored images keep what was answered; their pending jobs are
+    cancelled, so they no longer count against their owner's batch quota. How many batches were
+    cancelled. Commits."""
     cutoff = datetime.now(UTC) - stale_after
+    stale = list(
+        await session.scalars(
+            select(Batch.id).where(
+                Batch.status == "receiving", func.coalesce(Batch.received_at, Batch.created_at) < cutoff
+            )
+        )
+    )
     cancelled = 0
-    # One batch per transaction, each locked until its cancel commits.
-    while (batch := await session.scalar(next_stale, {"b_cutoff": cutoff})) is not None:
-        await cancel(session=session, batch=batch)
-        cancelled += 1
+    for batch_id in stale:
+        batch = await session.get(Batch, batch_id)
+        # Cancelled only if still receiving once locked: a request finishing meanwhile made it running.
+        if batch is not None and batch.status == "receiving":
+            cancelled += await cancel(session=session, batch=batch, only_if=("receiving",)) is not None
     await session.commit()
     return cancelled

@@ -25,6 +25,10 @@ class Batch(OwnedMixin, Base):
     entries: Mapped[int] = mapped_column(Integer)
     """Files received, images and skipped ones."""
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """While ``receiving``: when its request last took a file (noted ten times per timeout at
+    most). A batch that received nothing for ``BATCH_RECEIVE_TIMEOUT_SECONDS`` was left by a
+    process that stopped (``lane.cancel_orphaned``)."""
 
 
 class BatchItem(Base):

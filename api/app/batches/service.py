@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import logging
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import IO, Any, cast
 
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
-from sqlalchemy import Table, func, insert, select
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches import archive, lane
@@ -43,6 +44,11 @@ PLACEHOLDER_DEADLINE = timedelta(days=30)
 """A pending job's deadline until the lane queues it and gives it a real one."""
 
 
+RECEIVED_NOTES_PER_TIMEOUT = 10
+"""How often a request receiving a batch notes that it still is (``Batch.received_at``): this many
+times per BATCH_RECEIVE_TIMEOUT_SECONDS at most."""
+
+
 @dataclass
 class _Builder:
     """What one batch request has stored so far."""
@@ -55,6 +61,8 @@ class _Builder:
     """By SHA-256: the image and the job identical images share."""
     written: int = 0
     """Items inserted so far."""
+    noted_at: float | None = None
+    """When (``time.monotonic``) the batch's ``received_at`` was last set."""
     batch_id: uuid.UUID = field(init=False)
     """Read once: a rollback expires ``batch``, whose attributes cannot load on their own then."""
 
@@ -153,6 +161,19 @@ async def _add_image(
     image_id, job_id = b.jobs_of[sha256]
     b.items.append(b._item(name, sha256=sha256, image_id=image_id, job_id=job_id))
     await _flush(session, b)
+
+
+async def _still_receiving(session: AsyncSession, settings: Settings, b: _Builder) -> None:
+    """Sets the batch's ``received_at`` (RECEIVED_NOTES_PER_TIMEOUT times per timeout at most;
+    commits): the lane leaves a batch alone while it hears from its request
+    (``lane.cancel_orphaned``), however long the request takes, and whatever the files are
+    (copies and skipped files store no job)."""
+    every = settings.batch_receive_timeout_seconds / RECEIVED_NOTES_PER_TIMEOUT
+    if b.noted_at is not None and time.monotonic() - b.noted_at < every:
+        return
+    b.noted_at = time.monotonic()
+    await session.execute(update(Batch).where(Batch.id == b.batch_id).values(received_at=func.now()))
+    await session.commit()
 
 
 async def _flush(session: AsyncSession, b: _Builder) -> None:
@@ -305,6 +326,7 @@ async def _receive(
 ) -> None:
     """Stores every planned file and stored image of the batch with its job (or as skipped)."""
     for upload, opened, members in planned:
+        await _still_receiving(session, settings, b)
         name = _file_name(upload.filename or "")
         if opened is None:
             data = await upload.read(settings.max_upload_bytes + 1)
@@ -314,6 +336,7 @@ async def _receive(
                 await _add_image(session, store, settings, b, name, data)
             continue
         for member in members:
+            await _still_receiving(session, settings, b)
             if member.info is None:
                 b.skipped(member.name, member.error or "skipped")
                 continue
@@ -325,6 +348,7 @@ async def _receive(
                 await _add_image(session, store, settings, b, member.name, content)
         opened.close()
     for image_id in image_ids:
+        await _still_receiving(session, settings, b)
         # The owner's row before the job's insert locks the image: deleting the user takes it first too.
         await images_service.lock_owner(session=session, owner_id=b.owner_id)
         image = await images_service.get_owned_image(session=session, owner_id=b.owner_id, image_id=image_id)
