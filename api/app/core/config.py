@@ -189,8 +189,8 @@ class Settings(BaseSettings):
     batch_job_seconds: float = Field(default=600.0, gt=0)
     """Deadline of each batch job from the moment it is queued."""
     batch_receive_timeout_seconds: float = Field(default=600.0, gt=0)
-    """A batch still ``receiving`` with no file stored for this long was left by a process that
-    stopped (the request stores a file every few milliseconds): the lane cancels it."""
+    """A batch still ``receiving`` whose request took no file for this long (it notes its progress
+    ten times per this period) was left by a process that stopped: the lane cancels it."""
     export_batch_rows: int = Field(default=500, ge=1, le=100_000)
     """Examples an export job reads from PostgreSQL and writes per step (and per progress update)."""
     export_poll_seconds: float = Field(default=1.0, gt=0)
