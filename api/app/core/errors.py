@@ -83,8 +83,8 @@ _NETWORK_ERRNOS = {
 
 CONCURRENT_CHANGE = {"40P01", "40001"}
 """PostgreSQL's deadlock_detected and serialization_failure: the request met another one changing
-the same rows at the same time, and PostgreSQL rolled it back. Nothing it sent was stored; the
-client may send it again."""
+the same rows at the same time, and PostgreSQL rolled its transaction back; the client may send it
+again."""
 
 
 def _sqlstate(exc: BaseException) -> str:
@@ -211,7 +211,7 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
             outage_log.report("postgresql", exc)
             return unavailable("The database is unavailable; retry shortly.", retry_after)
         if status == 409 and concurrent_change(exc):
-            detail = "Another request changed the same data at the same time; nothing was stored, retry."
+            detail = "Another request changed the same data at the same time; retry."
             return JSONResponse(status_code=409, content={"detail": detail}, headers={"Retry-After": "1"})
         if status == 409:
             return JSONResponse(status_code=409, content={"detail": "The request conflicts with existing data."})
