@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -15,10 +16,12 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import delete
 
 from api.app.core.config import Settings
 from api.app.images.storage import LocalBlobStore
 from api.app.main import create_app
+from api.app.predictions.models import UNFINISHED_JOB, Job
 from tests.conftest import PASSWORD, Users, client_for, login
 from tests.images import noise_png
 from tests.support import RedisServer, waiting_on_lock
@@ -33,8 +36,11 @@ def dsn(settings: Settings) -> str:
 
 
 @pytest.fixture
-async def small(settings: Settings, private_redis: RedisServer) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+async def small(
+    settings: Settings, private_redis: RedisServer, app: FastAPI
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """An app whose pool holds 2 connections, on a Redis of its own (its queues never fill)."""
+    session_app = app
     app = create_app(
         settings.model_copy(
             update={
@@ -47,8 +53,19 @@ async def small(settings: Settings, private_redis: RedisServer) -> AsyncIterator
             }
         )
     )
-    async for c in client_for(app):
-        yield app, c
+    started = datetime.now(UTC)
+    try:
+        async for c in client_for(app):
+            yield app, c
+    finally:
+        # The tests end backends by application name, the shared app's too: its pools start anew.
+        await session_app.state.engine.dispose()
+        await session_app.state.background_engine.dispose()
+        # No worker answers these jobs: left unfinished, a later app with a Redis of its own would
+        # queue them all again (its reconciler re-enqueues what PostgreSQL has unfinished).
+        async with session_app.state.sessionmaker() as session:
+            await session.execute(delete(Job).where(Job.created_at >= started, UNFINISHED_JOB))
+            await session.commit()
 
 
 async def idle_in_transaction(settings: Settings) -> list[Any]:
