@@ -223,3 +223,13 @@ def pause_inspection(monkeypatch: pytest.MonkeyPatch, at: int) -> Pause:
 
     monkeypatch.setattr(images_service, "inspect_upload", paused)
     return pause
+
+
+async def blob_lock(settings: Settings, sha: str) -> tuple[asyncpg.Connection, Any]:
+    """An outside transaction holding one content's blob lock (``images_service.BLOB_LOCK``), as
+    another upload or delete of that content in progress would: (connection, its transaction)."""
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)
+    return conn, tx

@@ -24,7 +24,7 @@ from api.app.main import create_app
 from api.app.predictions.models import UNFINISHED_JOB, Job
 from tests.conftest import PASSWORD, Users, client_for, login
 from tests.images import noise_png
-from tests.support import RedisServer, waiting_on_lock
+from tests.support import RedisServer, blob_lock, waiting_on_lock
 
 pytestmark = pytest.mark.usefixtures("everything_served")
 
@@ -80,6 +80,14 @@ async def idle_in_transaction(settings: Settings) -> list[Any]:
         await conn.close()
 
 
+async def pool_whole(app: FastAPI, settings: Settings) -> None:
+    """Once the requests are over: none of the app's connections is left in a transaction, and
+    every one is back in its pool."""
+    await asyncio.sleep(0.5)
+    assert await idle_in_transaction(settings) == []
+    assert app.state.engine.pool.checkedout() == 0, app.state.engine.pool.status()
+
+
 async def serves(app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str], image_id: str, n: int = 25) -> None:
     """``n`` requests in a row, each with a user lookup on the driver, half with a prediction."""
     for i in range(n):
@@ -96,14 +104,6 @@ async def owner_lock(settings: Settings, user_id: int) -> tuple[asyncpg.Connecti
     tx = conn.transaction()
     await tx.start()
     await conn.execute("SELECT id FROM users WHERE id = $1 FOR UPDATE", user_id)  # a delete in progress
-    return conn, tx
-
-
-async def blob_lock(settings: Settings, sha: str) -> tuple[asyncpg.Connection, Any]:
-    conn = await asyncpg.connect(dsn(settings))
-    tx = conn.transaction()
-    await tx.start()
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)
     return conn, tx
 
 
@@ -131,9 +131,7 @@ async def test_cancelled_predictions_waiting_on_the_owner_lock_leave_the_pool_wh
         finally:
             await tx.rollback()
             await conn.close()
-    await asyncio.sleep(0.5)
-    assert await idle_in_transaction(settings) == []
-    assert app.state.engine.pool.checkedout() == 0, app.state.engine.pool.status()
+    await pool_whole(app, settings)
     await serves(app, client, headers, image_id)
 
 
@@ -161,9 +159,7 @@ async def test_cancelled_uploads_waiting_on_the_blob_lock_store_nothing_and_leav
     finally:
         await tx.rollback()
         await conn.close()
-    await asyncio.sleep(0.5)
-    assert await idle_in_transaction(settings) == []
-    assert app.state.engine.pool.checkedout() == 0, app.state.engine.pool.status()
+    await pool_whole(app, settings)
     assert not list(settings.storage_dir.rglob(f"{sha}*"))
     assert (await client.get("/v1/images", headers=headers)).json()["data"] == []
     r = await client.post("/v1/images", files={"file": ("a.png", noise_png(103, 24))}, headers=headers)
@@ -190,9 +186,7 @@ async def test_a_level_triggered_cancellation_while_waiting_on_a_lock_leaves_the
     finally:
         await tx.rollback()
         await conn.close()
-    await asyncio.sleep(0.5)
-    assert await idle_in_transaction(settings) == []
-    assert app.state.engine.pool.checkedout() == 0, app.state.engine.pool.status()
+    await pool_whole(app, settings)
     await serves(app, client, headers, image_id)
 
 

@@ -16,7 +16,6 @@ import hashlib
 import uuid
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -25,7 +24,7 @@ from api.app.core.config import Settings
 from api.app.images import service as images_service
 from tests.conftest import PASSWORD, Users
 from tests.images import noise_png
-from tests.support import pause_inspection, waiting_on_lock
+from tests.support import blob_lock, pause_inspection, waiting_on_lock
 
 MODEL = "mobilenet_v2@1"
 
@@ -36,14 +35,6 @@ def png(seed: int) -> bytes:
 
 
 pytestmark = pytest.mark.usefixtures("everything_served")
-
-
-async def blob_lock(settings: Settings, sha: str) -> tuple[asyncpg.Connection, Any]:
-    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
-    tx = conn.transaction()
-    await tx.start()
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)
-    return conn, tx
 
 
 async def test_predicting_a_stored_image_while_its_owner_is_deleted_waits_and_gets_401(

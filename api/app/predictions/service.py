@@ -204,62 +204,9 @@ async def _admit_and_queue(
     with the job's (one statement, ``insert_job``).
 
     The transaction runs on one of ``engine``'s connections through its driver (``core.driver``):
-    it is the path of every prediction. ``session`` (holding no connection meanwhile) is used
-    after it, for what is rare: failing the job when Redis refuses it, and shadow copies."""
-    upload = image if isinstance(image, Upload) else None
-    image, job, predictions = await _store_job(
-        engine=engine,
-        session=session,
-        redis=redis,
-        store=store,
-        settings=settings,
-        entries=entries,
-        owner_id=owner_id,
-        request_id=request_id,
-        deadline_seconds=deadline_seconds,
-        image=image,
-        ground_truth=ground_truth,
-    )
-    await queue_job(
-        session=session,
-        redis=redis,
-        store=store,
-        image=image,
-        job=job,
-        predictions=predictions,
-        data=upload.data if upload is not None else None,
-        shadows=shadows or {},
-    )
-    return image, job
-
-
-async def _forget_blob(*, session: AsyncSession, store: LocalBlobStore, sha256: str) -> None:
-    """After a new upload's transaction failed (its blob perhaps written, its row not committed):
-    the blob is deleted unless another upload's row has it. Best effort, shielded from the
-    request's cancellation; what cannot be done now (PostgreSQL gone) is logged."""
-    try:
-        await asyncio.shield(images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=[sha256]))
-    except Exception:
-        log.warning("the blob %s of a failed upload may be left behind", sha256, exc_info=True)
-
-
-async def _store_job(
-    *,
-    engine: AsyncEngine,
-    session: AsyncSession,
-    redis: Redis,
-    store: LocalBlobStore,
-    settings: Settings,
-    entries: list[ModelEntry],
-    owner_id: int,
-    request_id: str,
-    deadline_seconds: float,
-    image: Image | Upload,
-    ground_truth: GroundTruth | None,
-) -> tuple[Image, Job, list[dict[str, Any]]]:
-    """``_admit_and_queue``'s transaction: admission, the new upload's blob and row, the job, the
-    ground truth; committed together or not at all (a blob written for a transaction that then
-    failed is deleted again, ``_forget_blob``)."""
+    it is the path of every prediction. A blob written for a transaction that then failed is
+    deleted again (``_forget_blob``). ``session`` (holding no connection meanwhile) is used for
+    what is rare: that, failing the job when Redis refuses it, and shadow copies."""
     upload = image if isinstance(image, Upload) else None
     blob_written = False
     try:
@@ -305,7 +252,27 @@ async def _store_job(
         if blob_written and upload is not None:
             await _forget_blob(session=session, store=store, sha256=upload.sha256)
         raise
-    return image, job, predictions
+    await queue_job(
+        session=session,
+        redis=redis,
+        store=store,
+        image=image,
+        job=job,
+        predictions=predictions,
+        data=upload.data if upload is not None else None,
+        shadows=shadows or {},
+    )
+    return image, job
+
+
+async def _forget_blob(*, session: AsyncSession, store: LocalBlobStore, sha256: str) -> None:
+    """After a new upload's transaction failed (its blob perhaps written, its row not committed):
+    the blob is deleted unless another upload's row has it. Best effort, shielded from the
+    request's cancellation; what cannot be done now (PostgreSQL gone) is logged."""
+    try:
+        await asyncio.shield(images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=[sha256]))
+    except Exception:
+        log.warning("the blob %s of a failed upload may be left behind", sha256, exc_info=True)
 
 
 @dataclass(frozen=True)
