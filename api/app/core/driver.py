@@ -84,9 +84,9 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
     (each statement commits on its own unless the caller opens ``connection.transaction()``).
 
     Checking one out raises as SQLAlchemy does (``TimeoutError`` when the pool is exhausted,
-    ``OperationalError`` or another ``DBAPIError`` when PostgreSQL cannot be reached or refuses). A pooled connection the server
-    closed meanwhile (a restart) is replaced first, without a round trip: asyncpg knows it is
-    closed. Statements raise asyncpg's errors, except that a connection lost on the way raises
+    ``OperationalError`` or another ``DBAPIError`` when PostgreSQL cannot be reached or refuses).
+    A pooled connection the server closed meanwhile (a restart) is replaced first, without a round
+    trip: asyncpg knows it is closed. Statements raise asyncpg's errors, except that a connection lost on the way raises
     ``ConnectionLost`` and is discarded rather than returned to the pool."""
     pooled = await _checkout(engine)
     connection: asyncpg.Connection = pooled.driver_connection

@@ -60,13 +60,10 @@ DB_ERRORS = (
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.TimeoutError,
     ConnectionError,
-    # Raised by asyncpg itself, on the statements sent to the driver directly (core/driver.py).
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
 )
-"""The errors that mean PostgreSQL cannot be reached now (down, restarting, pool exhausted)."""
+"""The errors that mean PostgreSQL cannot be reached now (down, restarting, pool exhausted). The
+driver's statements (core/driver.py) raise a lost connection as ``ConnectionLost``, a
+``ConnectionError``; asyncpg's other errors are told apart by their SQLSTATE (``database_status``)."""
 
 # Socket errors of a connection that could not be made or was lost; any other OSError is a bug.
 _NETWORK_ERRNOS = {

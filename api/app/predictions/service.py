@@ -368,9 +368,9 @@ async def submit(
     ``ground_truth`` (the uploader's own label) is kept with the image and becomes a labelled
     example of each chosen model that has it.
 
-    Raises 404 (not the user's image, or deleted meanwhile), 422 (unknown or broken model, a ground truth none of them
-    has), 429 (too many in flight), 503 (model not served yet, queue full or Redis down); a
-    rejected request stores nothing.
+    Raises 404 (not the user's image, or deleted meanwhile), 422 (unknown or broken model, a
+    ground truth none of them has), 429 (too many in flight), 503 (model not served yet, queue
+    full or Redis down); a rejected request stores nothing.
     """
     image = await images_service.get_owned_image(session=session, owner_id=owner_id, image_id=image_id)
     # Its connection back before admission takes one of its own.
