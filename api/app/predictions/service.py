@@ -75,13 +75,22 @@ _IN_FLIGHT = (
         ~_jobs.c.request_id.startswith(keys.BATCH_REQUEST_PREFIX),
     )
 )
+ADMISSION_LOCK = func.pg_advisory_xact_lock(func.hashtext("prediction-admission"), bindparam("b_owner_id"))
+"""One owner's admission lock (parameter ``b_owner_id``; PostgreSQL's two-key advisory locks, apart
+from the one-key blob locks) until the transaction ends: one user's requests are admitted one at
+a time, so two of them cannot both count the same jobs in flight and go over the cap together. It
+is taken after the owner's row and before the blob lock."""
 # The count, after locking the owner's row (``OWNER_KEY_SHARE``) for the transaction, before the
 # job's insert locks the image it is for: deleting the user takes the row first too. No row when
-# the owner was deleted.
-_IN_FLIGHT_OF_OWNER = select(_IN_FLIGHT.scalar_subquery()).select_from(OWNER_KEY_SHARE.subquery("owner"))
+# the owner was deleted. The select list is evaluated in order, so the admission lock comes
+# before the blob lock. The count's snapshot may predate the admission lock it waited for: it
+# answers most 429s early, and the job's insert counts again once the lock is held.
+_IN_FLIGHT_OF_OWNER = select(_IN_FLIGHT.scalar_subquery(), ADMISSION_LOCK).select_from(
+    OWNER_KEY_SHARE.subquery("owner")
+)
 # The same count, taking the upload's owner and blob locks (``images_service.OWNER_THEN_BLOB_LOCK``)
 # in the same round trip: no row when the owner was deleted.
-_IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), images_service.BLOB_LOCK).select_from(
+_IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), ADMISSION_LOCK, images_service.BLOB_LOCK).select_from(
     OWNER_KEY_SHARE.subquery("owner")
 )
 _ADMISSION = DriverStatement(_IN_FLIGHT_OF_OWNER)
@@ -130,6 +139,18 @@ def _rejected(entries: list[ModelEntry]) -> None:
         metrics.JOBS.labels(entry.name, str(entry.version), "rejected").inc()
 
 
+def _check_in_flight(in_flight: int, *, entries: list[ModelEntry], settings: Settings) -> None:
+    """429 when ``in_flight`` (the user's predictions in flight, not counting this one) is at the
+    cap ``MAX_JOBS_IN_FLIGHT_PER_USER``."""
+    if in_flight >= settings.max_jobs_in_flight_per_user:
+        _rejected(entries)
+        raise HTTPException(
+            status_code=429,
+            detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
+
+
 async def admit(
     *,
     connection: asyncpg.Connection,
@@ -151,14 +172,7 @@ async def admit(
         row = await _ADMISSION.fetchrow(connection, {"b_owner_id": owner_id})
     if row is None:
         raise HTTPException(status_code=401, detail=images_service.OWNER_GONE)
-    in_flight = row[0]
-    if (in_flight or 0) >= settings.max_jobs_in_flight_per_user:
-        _rejected(entries)
-        raise HTTPException(
-            status_code=429,
-            detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
-        )
+    _check_in_flight(row[0] or 0, entries=entries, settings=settings)
     cached: dict[str, ResultMessage] = {}
     for entry in entries:
         hit = None
@@ -234,7 +248,7 @@ async def _admit_and_queue(
                 )
                 image = Image(**new_image)
             assert isinstance(image, Image)
-            job, predictions = await insert_job(
+            job, predictions, in_flight = await insert_job(
                 connection=connection,
                 image=image,
                 new_image=new_image,
@@ -244,6 +258,9 @@ async def _admit_and_queue(
                 deadline_seconds=deadline_seconds,
                 request_id=request_id,
             )
+            # Counted again under the admission lock: another request of the user's may have
+            # committed its job after admission's count was taken and before the lock was granted.
+            _check_in_flight(in_flight, entries=entries, settings=settings)
             if ground_truth is not None:
                 await _store_ground_truth(
                     connection=connection, image=image, ground_truth=ground_truth, owner_id=owner_id, settings=settings
@@ -512,8 +529,11 @@ def _insert_job_statement(
 ) -> DriverStatement:
     """The statement storing a job (parameters ``job_*``), its ``models`` predictions (``p0_*``,
     ``p1_*``...) and, with ``image_columns``, the new upload's image (``image_*``), as
-    data-modifying CTEs; built and compiled once per shape."""
-    statement = insert(_jobs).values(_bound(_jobs, _JOB_COLUMNS, "job_"))
+    data-modifying CTEs; built and compiled once per shape. It returns one row: the owner's
+    (``b_owner_id``) other jobs in flight, counted as ``admit`` counts them."""
+    # The count in RETURNING reads the statement's snapshot, which does not hold the rows the
+    # statement inserts: the owner's other jobs in flight.
+    statement = insert(_jobs).values(_bound(_jobs, _JOB_COLUMNS, "job_")).returning(_IN_FLIGHT.scalar_subquery())
     for position in range(models):
         new_prediction = insert(_predictions).values(_bound(_predictions, prediction_columns, f"p{position}_"))
         statement = statement.add_cte(new_prediction.cte(f"new_prediction_{position}"))
@@ -533,10 +553,11 @@ async def insert_job(
     owner_id: int,
     deadline_seconds: float,
     request_id: str,
-) -> tuple[Job, list[dict[str, Any]]]:
+) -> tuple[Job, list[dict[str, Any]], int]:
     """Inserts the job and its predictions (the cached answers done already) in one statement,
     with ``new_image``'s row first when the image is a new upload; does not commit. Returns the
-    job and its predictions' rows.
+    job, its predictions' rows and the owner's other predictions in flight (counted by the same
+    statement: under ``admit``'s admission lock, no other request of the owner's adds to it).
 
     ``cached``: what ``admit`` returned. One statement (data-modifying CTEs; the foreign keys are
     checked at its end) because this runs on every prediction: each round trip to PostgreSQL costs
@@ -564,14 +585,16 @@ async def insert_job(
         rows.append(row)
     if not pending:
         job_row.update(status=PredictionStatus.done.value, finished_at=now)
-    params = {f"job_{column}": value for column, value in job_row.items()}
+    params: dict[str, Any] = {f"job_{column}": value for column, value in job_row.items()}
+    params["b_owner_id"] = owner_id
     for position, row in enumerate(rows):
         params.update({f"p{position}_{column}": value for column, value in row.items()})
     for column, value in (new_image or {}).items():
         params[f"image_{column}"] = value
     statement = _insert_job_statement(tuple(rows[0]), len(rows), tuple(new_image or ()))
-    await statement.execute(connection, params)
-    return Job(**job_row), rows
+    counted = await statement.fetchrow(connection, params)
+    assert counted is not None
+    return Job(**job_row), rows, counted[0]
 
 
 async def queue_job(
