@@ -88,8 +88,9 @@ class TrainingOptions(BaseModel):
     """Share of the steps over which the learning rate rises from a tenth of its peak before its
     cosine decay."""
     mixed_precision: bool = False
-    """Train in bfloat16 with float32 weights (about twice as fast with AMX; a CPU without AMX or
-    AVX512-BF16 has no fast bfloat16 arithmetic); the saved model computes in float32."""
+    """Train in bfloat16 with float32 weights (about twice as fast with AMX) where the CPU has
+    bfloat16 arithmetic (AMX or AVX512-BF16), in float32 elsewhere (emulated bfloat16 is about ten
+    times slower); the saved model computes in float32."""
     flip_average: bool = False
     """The saved model reads each drawing with its mirror image and averages the two answers
     (horizontal-flip test-time augmentation: twice the inference work)."""

@@ -19,7 +19,14 @@ import pytest
 from contracts.registry import Registry
 from model.config import ModelSettings
 from model.preprocessing import preprocess
-from model.training.train_sketch import canvas_renderings, download, load_category, load_feedback, train
+from model.training.train_sketch import (
+    canvas_renderings,
+    download,
+    load_category,
+    load_feedback,
+    native_bfloat16,
+    train,
+)
 from tests.model.drawings import canvas_png, feedback_folder
 
 CATEGORIES = ["cat", "fish"]
@@ -184,7 +191,8 @@ def test_the_vgg_recipe_trains_with_smoothed_labels_and_saves_a_servable_model(
         flip_average=True,
     )
     assert metrics["arch"] == "vgg" and metrics["label_smoothing"] == 0.1 and metrics["flip_only"] is True
-    assert metrics["mixed_precision"] is True and metrics["flip_average"] is True
+    # bfloat16 where this CPU computes it in hardware, float32 elsewhere; the record says which.
+    assert metrics["mixed_precision"] is native_bfloat16() and metrics["flip_average"] is True
     assert 0.0 <= cast(float, metrics["test_accuracy"]) <= 1.0
     model = keras.models.load_model(tmp_path / "vgg" / "model.keras", compile=False)
     assert model.output_shape == (None, len(CATEGORIES))
@@ -192,5 +200,18 @@ def test_the_vgg_recipe_trains_with_smoothed_labels_and_saves_a_servable_model(
     assert tuple(target_layer(model).output.shape[1:3]) == (7, 7)
     names = {type(layer).__name__ for layer in model.layers}
     assert "RandomFlip" in names and "RandomRotation" not in names
-    # Trained in bfloat16, saved to compute in float32, reading each drawing with its mirror image.
+    # Saved to compute in float32 whatever trained, reading each drawing with its mirror image.
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"} and "MirrorStack" in names
+
+
+def test_bfloat16_is_native_only_with_its_cpu_features(tmp_path: Path) -> None:
+    """Read from ``/proc/cpuinfo``'s flags: AMX-BF16 or AVX512-BF16 compute bfloat16 in hardware,
+    AVX2 alone does not, and without the file nothing is assumed."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n\n")
+    assert native_bfloat16(info) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert native_bfloat16(info) is True
+    info.write_text("flags\t\t: avx2 amx_bf16 amx_int8\n")
+    assert native_bfloat16(info) is True
+    assert native_bfloat16(tmp_path / "missing") is False
