@@ -2,6 +2,7 @@
 
 python -m api.cli create-user EMAIL [--name N] [--admin] [--password P]
 python -m api.cli export-feedback OUT [--model NAME] [--version N]
+python -m api.cli sweep-blobs [--older-than-hours H] [--dry-run]
 python -m api.cli registry list | history [--model NAME]
 python -m api.cli registry register SPEC.yaml --reason WHY
 python -m api.cli registry weights NAME VERSION=WEIGHT... --reason WHY
@@ -37,6 +38,7 @@ from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.security import PasswordHasher
 from api.app.feedback.export import ExportSummary, export_feedback
+from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.registry import service as registry_service
 from api.app.registry.models import ModelVersion
@@ -77,6 +79,15 @@ async def _export_feedback(out: Path, model: str | None, version: int | None) ->
     async with _session(settings) as session:
         store = LocalBlobStore(settings.storage_dir)
         return await export_feedback(session=session, store=store, out=out, model=model, version=version)
+
+
+async def _sweep_blobs(older_than_hours: float, dry_run: bool) -> images_service.Sweep:
+    settings = get_settings()
+    async with _session(settings) as session:
+        store = LocalBlobStore(settings.storage_dir)
+        return await images_service.sweep_orphaned_blobs(
+            session=session, store=store, older_than_seconds=older_than_hours * 3600, dry_run=dry_run
+        )
 
 
 def _available(settings: Settings) -> set[str]:
@@ -210,8 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("out", type=Path, help="a new or empty folder")
     export.add_argument("--model", help="only this model's predictions (e.g. sketch)")
     export.add_argument("--version", type=int, help="only this version of --model")
+    sweep = sub.add_parser(
+        "sweep-blobs", help="delete stored blobs no image references (left by uploads that failed mid-way)"
+    )
+    sweep.add_argument(
+        "--older-than-hours", type=float, default=24.0, help="only blobs written longer ago than this (default 24)"
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="count them, delete nothing")
     _registry_parser(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "sweep-blobs":
+        if args.older_than_hours < 0:
+            parser.error("--older-than-hours must be 0 or more")
+        found = asyncio.run(_sweep_blobs(args.older_than_hours, args.dry_run))
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{verb} {found.orphaned} blobs no image references and {found.unfinished} unfinished writes")
+        return 0
 
     if args.command == "registry":
         try:

@@ -7,7 +7,9 @@ import functools
 import hashlib
 import io
 import threading
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, cast
 
 from anyio import to_thread
@@ -189,6 +191,44 @@ async def delete_unreferenced_blobs(*, session: AsyncSession, store: LocalBlobSt
             deleted += 1
     await session.commit()
     return deleted
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What ``sweep_orphaned_blobs`` found: blobs without an image row (deleted, or that would
+    be with ``dry_run``), and temporary files of unfinished writes (removed likewise)."""
+
+    orphaned: int
+    unfinished: int
+
+
+SWEEP_CHUNK = 500
+"""Blobs looked up, and deleted under their locks, per transaction."""
+
+
+async def sweep_orphaned_blobs(
+    *, session: AsyncSession, store: LocalBlobStore, older_than_seconds: float, dry_run: bool = False
+) -> Sweep:
+    """Deletes the blobs (and previews) written more than ``older_than_seconds`` ago that no image
+    row references, and the temporary files of writes that never finished. An upload whose
+    transaction failed deletes its own blob; this is for what that could not do (PostgreSQL
+    unreachable then, or the process killed). Each blob is
+    checked again under its lock (``delete_unreferenced_blobs``): an upload of the same content
+    in progress keeps it. Reads the whole store: an operator's task, not a request's."""
+    blobs, unfinished = await store.written_before(time.time() - older_than_seconds)
+    orphaned = 0
+    for start in range(0, len(blobs), SWEEP_CHUNK):
+        chunk = blobs[start : start + SWEEP_CHUNK]
+        referenced = set(await session.scalars(select(Image.sha256).where(Image.sha256.in_(chunk)).distinct()))
+        candidates = [sha256 for sha256 in chunk if sha256 not in referenced]
+        await session.rollback()
+        if dry_run:
+            orphaned += len(candidates)
+        elif candidates:
+            orphaned += await delete_unreferenced_blobs(session=session, store=store, sha256s=candidates)
+    if not dry_run:
+        await store.remove(unfinished)
+    return Sweep(orphaned=orphaned, unfinished=len(unfinished))
 
 
 THUMBNAIL_SIZE = 280

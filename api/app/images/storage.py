@@ -11,6 +11,8 @@ from typing import BinaryIO
 from anyio import to_thread
 
 _PREVIEW = ".preview.jpg"
+UNFINISHED_PREFIX = ".upload-"
+"""The temporary file of a blob being written, renamed to the blob once complete."""
 
 
 class LocalBlobStore:
@@ -27,7 +29,7 @@ class LocalBlobStore:
         if path.exists():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=UNFINISHED_PREFIX)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
@@ -70,3 +72,33 @@ class LocalBlobStore:
 
     async def delete(self, sha256: str) -> None:
         await to_thread.run_sync(self._delete, sha256)
+
+    def _written_before(self, cutoff: float) -> tuple[list[str], list[Path]]:
+        blobs: set[str] = set()
+        unfinished: list[Path] = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []:
+            for path in folder.iterdir():
+                try:
+                    if path.stat().st_mtime >= cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                if path.name.startswith(UNFINISHED_PREFIX):
+                    unfinished.append(path)
+                elif len(name := path.name.removesuffix(_PREVIEW)) == 64:
+                    blobs.add(name)
+        return sorted(blobs), unfinished
+
+    async def written_before(self, cutoff: float) -> tuple[list[str], list[Path]]:
+        """What was written before ``cutoff`` (seconds since the epoch): the SHA-256 of each blob
+        or preview, and the temporary files of writes that never finished (their process died)."""
+        return await to_thread.run_sync(self._written_before, cutoff)
+
+    async def remove(self, paths: list[Path]) -> None:
+        """Removes ``paths`` (from ``written_before``) that are still there."""
+
+        def remove_all() -> None:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+        await to_thread.run_sync(remove_all)
