@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+from api.app.core.config import Settings
 from api.app.feedback import service as feedback_service
 from tests.conftest import Users
 from tests.images import noise_png
@@ -38,3 +41,45 @@ async def test_a_verdict_on_a_prediction_deleted_meanwhile_is_404(
     body = {"prediction_id": prediction["id"], "is_correct": False}
     r = await client.post("/v1/feedback", json=body, headers=headers)
     assert r.status_code == 404 and "deleted meanwhile" in r.json()["detail"], r.text
+
+
+async def test_classic_feedback_on_a_prediction_deleted_meanwhile_is_kept_unlinked(
+    client: httpx.AsyncClient, users: Users, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/feedback/`` finds the prediction its image file name names, then the image is deleted
+    (with its jobs and predictions), then the feedback is stored: kept, without the link, rather
+    than refused with a generic conflict."""
+    _, headers = await users.create()
+    image = (await client.post("/v1/images", files={"file": ("a.png", noise_png(92, 16))}, headers=headers)).json()
+    r = await client.post(
+        "/v1/predictions", json={"image_id": image["id"], "models": ["mobilenet_v2@1"]}, headers=headers
+    )
+    assert r.status_code == 202, r.text
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        # Answered, as a worker would: the classic client names the image and the answer's label.
+        await conn.execute(
+            "UPDATE predictions SET status = 'done', label = 'macaw', score = 0.9 WHERE job_id = $1",
+            uuid.UUID(r.json()["job_id"]),
+        )
+        await conn.execute("UPDATE jobs SET status = 'done' WHERE id = $1", uuid.UUID(r.json()["job_id"]))
+    finally:
+        await conn.close()
+    latest = feedback_service.latest_matching_prediction
+
+    async def read_then_deleted(**kw: Any) -> Any:
+        found = await latest(**kw)
+        assert found is not None
+        assert (await client.delete(f"/v1/images/{image['id']}", headers=headers)).status_code == 204
+        return found
+
+    monkeypatch.setattr(feedback_service, "latest_matching_prediction", read_then_deleted)
+    file_name = f"{image['sha256']}.png"
+    body = {"feedback": "not this", "score": 0.9, "predicted_class": "macaw", "image_file_name": file_name}
+    r = await client.post("/feedback/", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    stored = r.json()
+    assert stored["prediction_id"] is None and stored["comment"] == "not this"
+    assert stored["image_file_name"] == file_name and stored["predicted_class"] == "macaw"
+    listed = (await client.get("/feedback/", headers=headers)).json()
+    assert [f["id"] for f in listed] == [stored["id"]]

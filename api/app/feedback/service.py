@@ -151,37 +151,58 @@ async def hold_export_fence(session: AsyncSession, *, exclusive: bool) -> None:
     await session.execute(text(f"SELECT {lock}(hashtextextended(:fence, 0))"), {"fence": EXPORT_FENCE})
 
 
-async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body: ClassicFeedbackCreate) -> Feedback:
-    """Stores what a classic client sent, linked to my latest matching prediction when there is one."""
-    prediction_id = None
-    if body.image_file_name:
-        sha256 = body.image_file_name.split(".", 1)[0]
-        query = (
-            select(Prediction.id)
-            .join(Job, Prediction.job_id == Job.id)
-            .join(Image, Job.image_id == Image.id)
-            .where(Job.owner_id == owner_id, Image.sha256 == sha256, Prediction.status == PredictionStatus.done.value)
-            .order_by(Prediction.created_at.desc())
-            .limit(1)
-        )
-        if body.predicted_class:
-            query = query.where(Prediction.label == body.predicted_class)
-        prediction_id = await session.scalar(query)
-    judged = await session.get(Prediction, prediction_id) if prediction_id is not None else None
-    feedback = Feedback(
-        owner_id=owner_id,
-        prediction_id=prediction_id,
-        model_name=judged.model_name if judged else None,
-        model_version=judged.model_version if judged else None,
-        predicted_label=judged.label if judged else None,
-        comment=body.feedback,
-        predicted_class=body.predicted_class,
-        score=body.score,
-        image_file_name=body.image_file_name,
+async def latest_matching_prediction(
+    *, session: AsyncSession, owner_id: int, body: ClassicFeedbackCreate
+) -> Prediction | None:
+    """My latest finished prediction of the image ``body.image_file_name`` names (its SHA-256 and
+    extension), with ``body.predicted_class`` as its label when given; None without a match."""
+    if not body.image_file_name:
+        return None
+    sha256 = body.image_file_name.split(".", 1)[0]
+    query = (
+        select(Prediction)
+        .join(Job, Prediction.job_id == Job.id)
+        .join(Image, Job.image_id == Image.id)
+        .where(Job.owner_id == owner_id, Image.sha256 == sha256, Prediction.status == PredictionStatus.done.value)
+        .order_by(Prediction.created_at.desc())
+        .limit(1)
     )
-    session.add(feedback)
-    await session.commit()
-    return feedback
+    if body.predicted_class:
+        query = query.where(Prediction.label == body.predicted_class)
+    return await session.scalar(query)
+
+
+async def create_classic_feedback(*, session: AsyncSession, owner_id: int, body: ClassicFeedbackCreate) -> Feedback:
+    """Stores what a classic client sent, linked to my latest matching prediction when there is one
+    (``latest_matching_prediction``). When that prediction is deleted (with its image) before the
+    feedback is committed, the feedback is stored unlinked rather than lost. Raises 401 when my
+    account was deleted meanwhile."""
+    judged = await latest_matching_prediction(session=session, owner_id=owner_id, body=body)
+    while True:
+        feedback = Feedback(
+            owner_id=owner_id,
+            prediction_id=judged.id if judged else None,
+            model_name=judged.model_name if judged else None,
+            model_version=judged.model_version if judged else None,
+            predicted_label=judged.label if judged else None,
+            comment=body.feedback,
+            predicted_class=body.predicted_class,
+            score=body.score,
+            image_file_name=body.image_file_name,
+        )
+        session.add(feedback)
+        try:
+            await session.commit()
+        except sqlalchemy.exc.IntegrityError as exc:
+            await session.rollback()
+            constraint = violated_constraint(exc)
+            if constraint == _OWNER_FK:
+                raise HTTPException(status_code=401, detail=OWNER_GONE) from None
+            if constraint != _PREDICTION_FK or judged is None:
+                raise
+            judged = None
+            continue
+        return feedback
 
 
 async def list_feedback(
