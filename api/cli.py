@@ -225,14 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         "sweep-blobs", help="delete stored blobs no image references (left by uploads that failed mid-way)"
     )
     sweep.add_argument(
-        "--older-than-hours", type=float, default=24.0, help="only blobs written longer ago than this (default 24)"
+        "--older-than-hours",
+        type=float,
+        default=24.0,
+        help="only blobs written longer ago than this (default 24; unfinished writes: at least 1)",
     )
     sweep.add_argument("--dry-run", action="store_true", help="count them, delete nothing")
     _registry_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "sweep-blobs":
-        if args.older_than_hours < 0:
+        if not args.older_than_hours >= 0:  # NaN too
             parser.error("--older-than-hours must be 0 or more")
         found = asyncio.run(_sweep_blobs(args.older_than_hours, args.dry_run))
         verb = "would delete" if args.dry_run else "deleted"

@@ -4,7 +4,9 @@ preview of the images that are costly to decode."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -13,6 +15,10 @@ from anyio import to_thread
 _PREVIEW = ".preview.jpg"
 UNFINISHED_PREFIX = ".upload-"
 """The temporary file of a blob being written, renamed to the blob once complete."""
+UNFINISHED_MIN_AGE_SECONDS = 3600.0
+"""A temporary file this old belongs to a write that died: a write takes seconds at most."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHARD = re.compile(r"[0-9a-f]{2}")
 
 
 class LocalBlobStore:
@@ -73,26 +79,39 @@ class LocalBlobStore:
     async def delete(self, sha256: str) -> None:
         await to_thread.run_sync(self._delete, sha256)
 
-    def _written_before(self, cutoff: float) -> tuple[list[str], list[Path]]:
+    def _written_before(self, cutoff: float, unfinished_cutoff: float) -> tuple[list[str], list[Path]]:
         blobs: set[str] = set()
         unfinished: list[Path] = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []:
-            for path in folder.iterdir():
-                try:
-                    if path.stat().st_mtime >= cutoff:
+        if not self.root.is_dir():
+            return [], []
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_symlink() or not folder.is_dir() or not _SHARD.fullmatch(folder.name):
+                continue
+            with os.scandir(folder) as found:
+                for entry in found:
+                    # Only the regular files this store writes: anything else is not ours to delete.
+                    try:
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        written = entry.stat(follow_symlinks=False).st_mtime
+                    except OSError:
                         continue
-                except FileNotFoundError:
-                    continue
-                if path.name.startswith(UNFINISHED_PREFIX):
-                    unfinished.append(path)
-                elif len(name := path.name.removesuffix(_PREVIEW)) == 64:
-                    blobs.add(name)
+                    if entry.name.startswith(UNFINISHED_PREFIX):
+                        if written < unfinished_cutoff:
+                            unfinished.append(Path(entry.path))
+                    elif written < cutoff:
+                        name = entry.name.removesuffix(_PREVIEW)
+                        if _SHA256.fullmatch(name) and name.startswith(folder.name):
+                            blobs.add(name)
         return sorted(blobs), unfinished
 
     async def written_before(self, cutoff: float) -> tuple[list[str], list[Path]]:
         """What was written before ``cutoff`` (seconds since the epoch): the SHA-256 of each blob
-        or preview, and the temporary files of writes that never finished (their process died)."""
-        return await to_thread.run_sync(self._written_before, cutoff)
+        or preview, and the temporary files of writes that never finished (their process died),
+        those only when older than ``UNFINISHED_MIN_AGE_SECONDS`` too (nothing protects a write in
+        progress). Only regular files named as this store names them, in their own shard folder."""
+        unfinished_cutoff = min(cutoff, time.time() - UNFINISHED_MIN_AGE_SECONDS)
+        return await to_thread.run_sync(self._written_before, cutoff, unfinished_cutoff)
 
     async def remove(self, paths: list[Path]) -> None:
         """Removes ``paths`` (from ``written_before``) that are still there."""

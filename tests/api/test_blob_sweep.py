@@ -1,0 +1,165 @@
+"""``api.cli sweep-blobs`` (``images_service.sweep_orphaned_blobs``) against odd storage folders,
+bad options and uploads in progress."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.app.core.config import Settings
+from api.app.core.db import make_engine, make_sessionmaker
+from api.app.images import service as images_service
+from api.app.images import storage as storage_module
+from api.app.images.storage import LocalBlobStore
+from api.app.main import create_app
+from tests.conftest import Users, client_for
+from tests.images import noise_png
+from tests.support import blob_lock, waiting_on_lock
+
+ROOT = Path(__file__).resolve().parents[2]
+DAY_AGO = time.time() - 86400
+
+
+def age(*paths: Path) -> None:
+    for path in paths:
+        os.utime(path, (DAY_AGO, DAY_AGO), follow_symlinks=False)
+
+
+def orphan(storage: Path, text: str) -> str:
+    """A day-old blob no image references, as a failed upload leaves it; its SHA-256."""
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    (storage / sha[:2]).mkdir(parents=True, exist_ok=True)
+    (storage / sha[:2] / sha).write_bytes(text.encode())
+    age(storage / sha[:2] / sha)
+    return sha
+
+
+async def sweep(settings: Settings, storage: Path, seconds: float) -> images_service.Sweep:
+    engine = make_engine(settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return await images_service.sweep_orphaned_blobs(
+                session=session, store=LocalBlobStore(storage), older_than_seconds=seconds
+            )
+    finally:
+        await engine.dispose()
+
+
+async def test_only_the_stores_own_files_are_swept(settings: Settings, tmp_path: Path) -> None:
+    """Beside a real orphan: a subfolder named like a blob, a symlink loop, a dangling symlink, a
+    folder named like an unfinished write, a file named with non-UTF-8 bytes, a blob-named file
+    in the wrong shard folder, a non-hex name and a folder that is no shard. The orphan goes,
+    everything else stays untouched and uncounted, and the sweep does not stop on any of them."""
+    storage = tmp_path / "storage"
+    real = orphan(storage, "real orphan")
+    shard = storage / real[:2]
+    odd: list[Path] = [shard / (real[:2] + "b" * 62), shard / ".upload-dir", storage / "exports"]
+    for folder in odd:
+        folder.mkdir()
+    (shard / "loop").symlink_to(shard / "loop")
+    (shard / "dangling").symlink_to(shard / "does-not-exist")
+    misplaced = storage / "ab" / ("cd" + "0" * 62)
+    misplaced.parent.mkdir()
+    misplaced.write_bytes(b"x")
+    not_hex = shard / (real[:2] + "Z" * 62)
+    not_hex.write_bytes(b"x")
+    export = storage / "exports" / "0b1e4f3c.1.zip"
+    export.write_bytes(b"zip")
+    undecodable = shard / os.fsdecode(b"\xff" * 64)
+    undecodable.write_bytes(b"x")
+    age(*odd, misplaced, not_hex, export, undecodable)
+    found = await sweep(settings, storage, 3600)
+    assert found == images_service.Sweep(orphaned=1, unfinished=0)
+    assert not (shard / real).exists()
+    assert all(p.exists() for p in (*odd, misplaced, not_hex, export, undecodable))
+    assert (shard / "loop").is_symlink() and (shard / "dangling").is_symlink()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "-inf", "abc"])
+def test_the_age_must_be_a_number_of_hours_from_zero(settings: Settings, tmp_path: Path, value: str) -> None:
+    """NaN compares as neither older nor newer: it would have made every file "old"."""
+    storage = tmp_path / "storage"
+    kept = orphan(storage, "kept")
+    env = {
+        "DATABASE_URL": settings.database_url,
+        "STORAGE_DIR": str(storage),
+        "PYTHONPATH": str(ROOT),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "sweep-blobs", f"--older-than-hours={value}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert (storage / kept[:2] / kept).exists()
+
+
+async def test_a_sweep_of_any_age_leaves_an_upload_being_written(
+    settings: Settings, users: Users, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload stopped between writing its blob's temporary file and renaming it, a sweep with
+    age 0 meanwhile: the temporary file is not an unfinished write yet (nothing locks it, so only
+    an hour's age makes it one) and the upload succeeds."""
+    storage = tmp_path / "storage"
+    app = create_app(settings.model_copy(update={"storage_dir": storage}))
+    _, headers = await users.create()
+    reached, resume = threading.Event(), threading.Event()
+    replace = os.replace
+
+    def paused_replace(src: Any, dst: Any) -> None:
+        if Path(src).name.startswith(storage_module.UNFINISHED_PREFIX) and not reached.is_set():
+            reached.set()
+            resume.wait(10)
+        replace(src, dst)
+
+    monkeypatch.setattr(storage_module.os, "replace", paused_replace)
+    async for c in client_for(app):
+        upload = asyncio.create_task(c.post("/v1/images", files={"file": ("x.png", noise_png(5, 16))}, headers=headers))
+        assert await asyncio.to_thread(reached.wait, 10)
+        try:
+            found = await sweep(settings, storage, 0)
+        finally:
+            resume.set()
+        r = await upload
+        assert found.unfinished == 0 and r.status_code == 201, (found, r.text)
+        assert (await c.get(f"/v1/images/{r.json()['id']}/file", headers=headers)).status_code == 200
+
+
+async def test_an_old_orphan_an_upload_is_committing_stays(settings: Settings, users: Users, tmp_path: Path) -> None:
+    """A day-old orphan blob of content X; an upload of X holds X's blob lock, its row not
+    committed, while the sweep runs: the sweep waits for the lock, sees the row and keeps X."""
+    storage = tmp_path / "storage"
+    app = create_app(settings.model_copy(update={"storage_dir": storage}))
+    _, headers = await users.create()
+    async for c in client_for(app):
+        data = noise_png(6, 16)
+        sha = hashlib.sha256(data).hexdigest()
+        (storage / sha[:2]).mkdir(parents=True, exist_ok=True)
+        (storage / sha[:2] / sha).write_bytes(data)
+        age(storage / sha[:2] / sha)
+        conn, tx = await blob_lock(settings, sha)
+        try:
+            upload = asyncio.create_task(c.post("/v1/images", files={"file": ("x.png", data)}, headers=headers))
+            await waiting_on_lock(settings, 1)
+            sweeping = asyncio.create_task(sweep(settings, storage, 3600))
+            await waiting_on_lock(settings, 2)
+        finally:
+            await tx.commit()
+            await conn.close()
+        r = await upload
+        assert r.status_code == 201, r.text
+        assert (await sweeping).orphaned == 0
+        assert (await c.get(f"/v1/images/{r.json()['id']}/file", headers=headers)).status_code == 200
