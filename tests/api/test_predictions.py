@@ -26,7 +26,7 @@ from api.app.stats.models import CorrectionStats
 from contracts.messages import LabelScore, PredictionStatus, ResultMessage, Timings
 from tests.conftest import Users, client_for
 from tests.images import encode, noise_png
-from tests.support import PHOTOS, waiting_on_lock
+from tests.support import PHOTOS, blob_lock, waiting_on_lock
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -685,6 +685,47 @@ async def test_a_concurrent_admission_of_the_same_user_cannot_exceed_the_cap(
             # Never left in flight for the reconciler of a later app to queue.
             await other.execute("DELETE FROM jobs WHERE id = $1", other_job)
             await other.close()
+
+
+async def test_an_upload_waiting_for_its_blob_holds_up_no_other_request(settings: Settings, users: Users) -> None:
+    """User V's upload waits for its content's blob lock (another upload or delete of the same
+    content holds it). Meanwhile V's predictions of stored images, more of them than the pool
+    has connections, and user W's go through at once: the wait holds no admission lock (it is
+    taken after the blob lock), so V's requests do not queue behind it holding connections."""
+    (_, v_headers), (_, w_headers) = await users.create(), await users.create()
+    app = create_app(settings.model_copy(update={"max_jobs_in_flight_per_user": 50, "db_pool_size": 3}))
+    async for c in client_for(app):
+        v_image = await upload(c, v_headers, noise_png(8, 16))
+        w_image = await upload(c, w_headers, noise_png(9, 16))
+        data = noise_png(10, 16)
+        conn, tx = await blob_lock(settings, hashlib.sha256(data).hexdigest())
+        try:
+            stuck = asyncio.create_task(
+                c.post("/model/predict?models=sketch@1", files={"file": ("x.png", data)}, headers=v_headers)
+            )
+            await waiting_on_lock(settings, 1)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            others = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        c.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"]}, headers=h)
+                        for image, h in [(v_image, v_headers)] * 4 + [(w_image, w_headers)]
+                    )
+                ),
+                timeout=5,
+            )
+            took = loop.time() - start
+            assert not stuck.done()
+        finally:
+            await tx.rollback()
+            await conn.close()
+        assert [r.status_code for r in others] == [202] * 5, [r.text for r in others]
+        assert took < 3, took
+        r = await stuck
+        assert r.status_code == 200 and r.json()["results"]["sketch@1"]["status"] == "done", r.text
+        for r in others:
+            await wait_job(c, v_headers if r is not others[-1] else w_headers, r.json()["job_id"])
 
 
 async def test_a_refused_upload_leaves_no_blob(settings: Settings, users: Users) -> None:

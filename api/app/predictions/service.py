@@ -78,19 +78,21 @@ _IN_FLIGHT = (
 ADMISSION_LOCK = func.pg_advisory_xact_lock(func.hashtext("prediction-admission"), bindparam("b_owner_id"))
 """One owner's admission lock (parameter ``b_owner_id``; PostgreSQL's two-key advisory locks, apart
 from the one-key blob locks) until the transaction ends: one user's requests are admitted one at
-a time, so two of them cannot both count the same jobs in flight and go over the cap together. It
-is taken after the owner's row and before the blob lock."""
+a time, so two of them cannot both count the same jobs in flight and go over the cap together.
+It is the last lock admission takes (after the owner's row and the blob lock): a request waiting
+for a blob does not hold up the user's other requests, and whoever holds it has only the blob
+write, the job's insert and the commit left to do."""
 # The count, after locking the owner's row (``OWNER_KEY_SHARE``) for the transaction, before the
 # job's insert locks the image it is for: deleting the user takes the row first too. No row when
-# the owner was deleted. The select list is evaluated in order, so the admission lock comes
-# before the blob lock. The count's snapshot may predate the admission lock it waited for: it
-# answers most 429s early, and the job's insert counts again once the lock is held.
+# the owner was deleted. The select list is evaluated in order, so the blob lock comes before the
+# admission lock. The count's snapshot may predate the locks it waited for: it answers most 429s
+# early, and the job's insert counts again once the admission lock is held.
 _IN_FLIGHT_OF_OWNER = select(_IN_FLIGHT.scalar_subquery(), ADMISSION_LOCK).select_from(
     OWNER_KEY_SHARE.subquery("owner")
 )
 # The same count, taking the upload's owner and blob locks (``images_service.OWNER_THEN_BLOB_LOCK``)
 # in the same round trip: no row when the owner was deleted.
-_IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), ADMISSION_LOCK, images_service.BLOB_LOCK).select_from(
+_IN_FLIGHT_LOCKING = select(_IN_FLIGHT.scalar_subquery(), images_service.BLOB_LOCK, ADMISSION_LOCK).select_from(
     OWNER_KEY_SHARE.subquery("owner")
 )
 _ADMISSION = DriverStatement(_IN_FLIGHT_OF_OWNER)
@@ -151,28 +153,12 @@ def _check_in_flight(in_flight: int, *, entries: list[ModelEntry], settings: Set
         )
 
 
-async def admit(
-    *,
-    connection: asyncpg.Connection,
-    redis: Redis,
-    settings: Settings,
-    entries: list[ModelEntry],
-    owner_id: int,
-    sha256: str,
-    lock_blob: bool = False,
+async def check_queues(
+    *, redis: Redis, settings: Settings, entries: list[ModelEntry], owner_id: int, sha256: str
 ) -> dict[str, ResultMessage]:
-    """Admission control before anything is stored: 429 when the user has too many predictions in
-    flight, 503 when a queue is full. Returns the cached answers, by model key. Locks the owner's
-    row for the rest of ``connection``'s transaction in the same round trip as the count (401 when
-    the owner was deleted meanwhile); ``lock_blob``: then the blob lock of ``sha256`` too (a new
-    upload's, before its blob is written)."""
-    if lock_blob:
-        row = await _ADMISSION_LOCKING_BLOB.fetchrow(connection, {"b_owner_id": owner_id, "b_sha256": sha256})
-    else:
-        row = await _ADMISSION.fetchrow(connection, {"b_owner_id": owner_id})
-    if row is None:
-        raise HTTPException(status_code=401, detail=images_service.OWNER_GONE)
-    _check_in_flight(row[0] or 0, entries=entries, settings=settings)
+    """The first half of admission, before any database work: 503 when the queue of a version
+    that must answer is full. Returns the cached answers (``RESULT_CACHE_TTL_SECONDS``), by model
+    key; those versions are not queued."""
     cached: dict[str, ResultMessage] = {}
     for entry in entries:
         hit = None
@@ -186,6 +172,29 @@ async def admit(
             _rejected(entries)
             raise _unavailable(f"The queue of {entry.key} is full; retry shortly.", settings)
     return cached
+
+
+async def admit(
+    *,
+    connection: asyncpg.Connection,
+    settings: Settings,
+    entries: list[ModelEntry],
+    owner_id: int,
+    sha256: str,
+    lock_blob: bool = False,
+) -> None:
+    """The second half of admission, the first statement of the transaction storing the job: 429
+    when the user has too many predictions in flight. Locks the owner's row for the rest of
+    ``connection``'s transaction (401 when the owner was deleted meanwhile), then with
+    ``lock_blob`` the blob lock of ``sha256`` (a new upload's, before its blob is written), then
+    the owner's ``ADMISSION_LOCK``, all in the round trip of the count."""
+    if lock_blob:
+        row = await _ADMISSION_LOCKING_BLOB.fetchrow(connection, {"b_owner_id": owner_id, "b_sha256": sha256})
+    else:
+        row = await _ADMISSION.fetchrow(connection, {"b_owner_id": owner_id})
+    if row is None:
+        raise HTTPException(status_code=401, detail=images_service.OWNER_GONE)
+    _check_in_flight(row[0] or 0, entries=entries, settings=settings)
 
 
 @dataclass(frozen=True)
@@ -222,12 +231,13 @@ async def _admit_and_queue(
     deleted again (``_forget_blob``). ``session`` (holding no connection meanwhile) is used for
     what is rare: that, failing the job when Redis refuses it, and shadow copies."""
     upload = image if isinstance(image, Upload) else None
+    # Redis first: no pooled connection and no lock is held meanwhile.
+    cached = await check_queues(redis=redis, settings=settings, entries=entries, owner_id=owner_id, sha256=image.sha256)
     blob_written = False
     try:
         async with driver_connection(engine) as connection, connection.transaction():
-            cached = await admit(
+            await admit(
                 connection=connection,
-                redis=redis,
                 settings=settings,
                 entries=entries,
                 owner_id=owner_id,
