@@ -99,6 +99,7 @@ def run_e2e(args: argparse.Namespace, out: Path) -> None:
                             images=args.photos,
                             cores=cores,
                             wait=args.wait,
+                            mix=args.mix,
                         )
                     )
                     _write(out, "e2e", [asdict(r) for r in results])
@@ -140,6 +141,13 @@ def main() -> None:
         "--wait",
         default="0",
         help='e2e: each user\'s pause between tasks, "min,max" seconds ("1,5" as the classic client; 0: none)',
+    )
+    parser.add_argument(
+        "--mix",
+        choices=["portal", "predict"],
+        default="portal",
+        help="e2e: what users do: predict and list users 1:2 (portal), or only predict (predict: what one "
+        "prediction costs each part)",
     )
     parser.add_argument(
         "--database-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/portal_bench", help="dropped after"

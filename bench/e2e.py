@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 
 from api.app.core.db import APPLICATION_NAME
 from bench.processes import Service, start_on_free_port, start_redis, wait_until
+from contracts.messages import Heartbeat
 from contracts.workers import live_heartbeats
 
 log = logging.getLogger("bench.e2e")
@@ -73,6 +74,14 @@ class E2EResult:
     """PostgreSQL sessions the run opened on its database (pg_stat_database.sessions)."""
     wait: str = "0"
     """Each user's pause between tasks: "min,max" seconds, or "0" for none."""
+    mix: str = "portal"
+    """What users do: "portal" (predict and list users, 1:2) or "predict" (only predict)."""
+    cpu_ms_per_prediction: dict[str, float] = field(default_factory=dict)
+    """``cpu_cores`` over the throughput: CPU milliseconds of each part per successful prediction
+    (what its ``GET /user/`` calls cost included, in the "portal" mix). Also "portal" (API +
+    PostgreSQL + Redis: the load generator is reported, never counted) and the workers' split,
+    "worker_inference" (inside the models' inference calls, from the workers' heartbeats) and
+    "worker_outside_inference" (decoding, resizing, messaging)."""
 
 
 class Portal:
@@ -252,20 +261,50 @@ class Sampler:
         self._thread.start()
         return self
 
-    def measure_cpu(self, seconds: float) -> None:
-        """Average cores each part uses over the next ``seconds``."""
+    def measure_cpu(self, seconds: float, heartbeats: Callable[[], list[Heartbeat]] | None = None) -> None:
+        """Average cores each part uses over the next ``seconds``; with ``heartbeats`` (the
+        workers' latest), also the cores the workers spent inside inference ("worker_inference"),
+        from the counters their heartbeats carry."""
         start, started = self.cpu(), time.monotonic()
+        beats = {b.worker_id: b for b in heartbeats()} if heartbeats else {}
         time.sleep(seconds)
         end, elapsed = self.cpu(), time.monotonic() - started
         self.cores = {k: round((end[k] - start.get(k, 0.0)) / elapsed, 3) for k in end}
+        if heartbeats:
+            self.cores["worker_inference"] = round(inference_cores(beats, heartbeats()), 3)
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join()
 
 
+def inference_cores(before: dict[str, Heartbeat], after: list[Heartbeat]) -> float:
+    """Cores the workers spent inside inference between two readings of their heartbeats: each
+    worker's ``inference_cpu_seconds`` grown over the time between its two beats (a beat is a
+    few seconds old when read, so each worker is timed by its own beats, not by the reader)."""
+    cores = 0.0
+    for beat in after:
+        first = before.get(beat.worker_id)
+        if first is not None and beat.sent_at > first.sent_at:
+            cores += (beat.inference_cpu_seconds - first.inference_cpu_seconds) / (beat.sent_at - first.sent_at)
+    return cores
+
+
+def per_prediction(cores: dict[str, float], throughput: float) -> dict[str, float]:
+    """``cores`` (as ``Sampler.cores``) as CPU milliseconds per prediction at ``throughput``
+    (predictions/s), with the sums the performance targets are about: "portal" (API, PostgreSQL
+    and Redis) and "worker_outside_inference" (the workers' CPU less their inference)."""
+    if throughput <= 0:
+        return {}
+    ms = {k: round(v / throughput * 1000, 2) for k, v in cores.items()}
+    ms["portal"] = round(sum(ms.get(k, 0.0) for k in ("api", "postgres", "redis")), 2)
+    if "worker_inference" in ms:
+        ms["worker_outside_inference"] = round(ms.get("workers", 0.0) - ms["worker_inference"], 2)
+    return ms
+
+
 def run_locust(
-    p: Portal, model: str, users: int, seconds: float, images: Path, wait: str = "0"
+    p: Portal, model: str, users: int, seconds: float, images: Path, wait: str = "0", mix: str = "portal"
 ) -> tuple[dict[str, dict], Sampler]:
     prefix = p.workdir / f"locust-{model}-{users}"
     saturating = wait == "0"
@@ -277,6 +316,7 @@ def run_locust(
         "PORTAL_WAIT": wait,
         "PORTAL_RESET_AFTER_LOGIN": "1" if saturating else "",
         "PORTAL_IMAGES": str(images),
+        "PORTAL_PREDICT_ONLY": "1" if mix == "predict" else "",
     }
     args = [
         sys.executable,
@@ -305,7 +345,7 @@ def run_locust(
         # users log in first, one password check (about 25 ms of CPU) at a time.
         settle = 3 + 0.03 * users
         time.sleep(settle)
-        sampler.measure_cpu(max(1.0, seconds - settle - 2))
+        sampler.measure_cpu(max(1.0, seconds - settle - 2), heartbeats=lambda: live_heartbeats(p.redis))
         locust.proc.wait(seconds + 120)
     p.stop(f"locust-{users}")
     with open(f"{prefix}_stats.csv", newline="") as fh:
@@ -319,17 +359,28 @@ def _ms(row: dict | None, column: str) -> float:
 
 
 def measure(
-    p: Portal, *, model: str, workers: int, users: int, seconds: float, images: Path, cores: int, wait: str = "0"
+    p: Portal,
+    *,
+    model: str,
+    workers: int,
+    users: int,
+    seconds: float,
+    images: Path,
+    cores: int,
+    wait: str = "0",
+    mix: str = "portal",
 ) -> E2EResult:
-    """One Locust run of ``users`` for ``seconds`` against ``model``; ``wait``: as ``PORTAL_WAIT``."""
+    """One Locust run of ``users`` for ``seconds`` against ``model``; ``wait``: as ``PORTAL_WAIT``;
+    ``mix``: as ``E2EResult.mix``."""
     opened = sessions_opened(p.database_url)
-    rows, sampler = run_locust(p, model, users, seconds, images, wait)
+    rows, sampler = run_locust(p, model, users, seconds, images, wait, mix)
     opened = sessions_opened(p.database_url) - opened
     predict, listing, overloaded = rows.get("/model/predict"), rows.get("/user/"), rows.get(OVERLOADED)
     count, failures = int(_ms(predict, "Request Count")), int(_ms(predict, "Failure Count"))
     rejected = int(_ms(overloaded, "Request Count"))
     elapsed = count / _ms(predict, "Requests/s") if _ms(predict, "Requests/s") else seconds
     failures_total = sum(int(_ms(r, "Failure Count")) for name, r in rows.items() if name != "Aggregated")
+    throughput = round((count - failures) / elapsed, 2)
     result = E2EResult(
         model=model,
         workers=workers,
@@ -338,7 +389,7 @@ def measure(
         users=users,
         seconds=round(elapsed, 1),
         predictions=count - failures,
-        throughput=round((count - failures) / elapsed, 2),
+        throughput=throughput,
         predict_p50_ms=_ms(predict, "50%"),
         predict_p90_ms=_ms(predict, "90%"),
         predict_p99_ms=_ms(predict, "99%"),
@@ -352,6 +403,8 @@ def measure(
         cpu_cores=sampler.cores,
         db_connections_opened=opened,
         wait=wait,
+        mix=mix,
+        cpu_ms_per_prediction=per_prediction(sampler.cores, throughput),
     )
     log.info("%s", json.dumps(result.__dict__))
     return result

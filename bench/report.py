@@ -77,6 +77,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+USERS_P99_LIMIT_MS = 50
+"""``GET /user/`` p99 while the workers are saturated (the performance issue's target)."""
+PORTAL_CPU_LIMIT_MS = 3.0
+"""The portal's own CPU per prediction: API processes, PostgreSQL and Redis, under a predict-only
+saturating load (the performance issue's target)."""
+
+
 def checks(raw: list[dict], e2e: list[dict], registry: Registry) -> list[list[Any]]:
     """One row per target and model: the figure, the limit, and whether it is met."""
     out: list[list[Any]] = []
@@ -124,18 +131,52 @@ def checks(raw: list[dict], e2e: list[dict], registry: Registry) -> list[list[An
                     "met" if ok else "NOT met",
                 ]
             )
-        if saturated:
-            worst = max(saturated, key=lambda r: r["users_p99_ms"])
+        listing = [r for r in saturated if r.get("mix", "portal") == "portal"]
+        if listing:
+            worst = max(listing, key=lambda r: r["users_p99_ms"])
             out.append(
                 [
                     key,
-                    "GET /user/ p99 <= 100 ms while saturated (worst run)",
+                    f"GET /user/ p99 <= {USERS_P99_LIMIT_MS} ms while saturated (worst run)",
                     f"{worst['users_p99_ms']:.0f} ms ({worst['workers']} worker(s), {worst['users']} users)",
-                    "100 ms",
-                    "met" if worst["users_p99_ms"] <= 100 else "NOT met",
+                    f"{USERS_P99_LIMIT_MS} ms",
+                    "met" if worst["users_p99_ms"] <= USERS_P99_LIMIT_MS else "NOT met",
+                ]
+            )
+        costed = [r for r in saturated if r.get("mix") == "predict" and r.get("cpu_ms_per_prediction")]
+        if costed:
+            best = min(costed, key=lambda r: r["cpu_ms_per_prediction"]["portal"])
+            ms = best["cpu_ms_per_prediction"]
+            out.append(
+                [
+                    key,
+                    "the portal's CPU per prediction (API + PostgreSQL + Redis) <= "
+                    f"{PORTAL_CPU_LIMIT_MS:g} ms, predict-only, saturated (best run)",
+                    f"{ms['portal']:.1f} ms ({best['workers']} worker(s), {best['users']} users; "
+                    f"workers outside inference {ms.get('worker_outside_inference', 0):.1f} ms)",
+                    f"{PORTAL_CPU_LIMIT_MS:g} ms",
+                    "met" if ms["portal"] <= PORTAL_CPU_LIMIT_MS else "NOT met",
                 ]
             )
     return out
+
+
+def cost_rows(e2e: list[dict]) -> list[list[Any]]:
+    """CPU milliseconds per prediction by part, for the runs that recorded them."""
+    parts = ("api", "postgres", "redis", "workers", "worker_inference", "worker_outside_inference", "locust")
+    return [
+        [
+            r["model"],
+            r.get("mix", "portal"),
+            r["workers"],
+            r["users"],
+            r["throughput"],
+            r["cpu_ms_per_prediction"]["portal"],
+            *(r["cpu_ms_per_prediction"].get(k, "-") for k in parts),
+        ]
+        for r in e2e
+        if r.get("cpu_ms_per_prediction")
+    ]
 
 
 def tables(
@@ -204,6 +245,7 @@ def tables(
                 r.get("api_processes", 1),
                 r["workers"],
                 r["users"],
+                r.get("mix", "portal"),
                 r["throughput"],
                 _ratio(r["throughput"], own),
                 _ratio(r["throughput"], fp32),
@@ -224,6 +266,7 @@ def tables(
                 "API processes",
                 "workers",
                 "users",
+                "users do",
                 "pred/s",
                 "/ raw best (same precision)",
                 "/ raw best FP32",
@@ -239,6 +282,31 @@ def tables(
             rows,
         )
     )
+    costs = cost_rows(e2e)
+    if costs:
+        parts += [
+            "",
+            "### CPU per prediction by part (ms; the load generator's is reported, not counted)",
+            "",
+            _table(
+                [
+                    "model",
+                    "users do",
+                    "workers",
+                    "users",
+                    "pred/s",
+                    "portal: API + PostgreSQL + Redis",
+                    "API",
+                    "PostgreSQL",
+                    "Redis",
+                    "workers",
+                    "of which inference",
+                    "outside inference",
+                    "Locust",
+                ],
+                costs,
+            ),
+        ]
     if latency:
         parts += [
             "",

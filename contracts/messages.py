@@ -164,6 +164,12 @@ class Heartbeat(BaseModel):
     started_at: float
     sent_at: float = Field(default_factory=time.time)
     models: list[ModelState] = []
+    inferred: int = 0
+    """Images this worker has run through a model since it started (each image of a batch counts)."""
+    inference_cpu_seconds: float = 0.0
+    """CPU time (user + system, all of the worker's threads) spent inside the models' inference
+    calls since it started; with the process's own CPU time it splits the worker's cost into
+    inference and the rest (decoding, resizing, messaging), as ``python -m bench e2e`` reports."""
 
 
 class ExplanationStatus(StrEnum):

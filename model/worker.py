@@ -99,6 +99,9 @@ class Worker:
         """Job streams of versions the registry no longer has this worker serve."""
         self._warned_policy: str | None = None
         """The evicting Redis policy last warned about (ALLOW_REDIS_EVICTION)."""
+        self.inferred = 0
+        self.inference_cpu_seconds = 0.0
+        """Process CPU time inside inference calls (``Heartbeat.inference_cpu_seconds``)."""
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -280,6 +283,8 @@ class Worker:
             hostname=socket.gethostname(),
             started_at=self.started_at,
             models=list(self.states.values()),
+            inferred=self.inferred,
+            inference_cpu_seconds=round(self.inference_cpu_seconds, 6),
         )
 
     def send_heartbeat(self) -> None:
@@ -494,7 +499,7 @@ class Worker:
         model raises, every job of the batch fails with the reason."""
         if not inputs:
             return []
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             probs = model.predict(np.stack([i.x for i in inputs]))
             error = None
@@ -502,6 +507,9 @@ class Worker:
             log.exception("inference failed for %s", model.entry.key)
             probs, error = None, f"inference failed: {exc}"
         inference_ms = (time.perf_counter() - t0) * 1000
+        # Process time, not thread time: the runtimes infer on threads of their own.
+        self.inference_cpu_seconds += time.process_time() - cpu0
+        self.inferred += len(inputs)
         finished = time.time()
         answers = []
         for row, i in enumerate(inputs):

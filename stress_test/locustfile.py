@@ -9,7 +9,9 @@ folder of images to send, default ../shared/data/photos), PORTAL_MODELS (comma-s
 references for /model/predict, default: the portal's default model), PORTAL_WAIT ("min,max"
 seconds between tasks, default "1,5"; "0" for users that never pause, as ``make bench`` runs),
 PORTAL_RESET_AFTER_LOGIN ("1": statistics start again once every user has logged in, so that a run
-measures the steady state rather than the burst of logins at its start; ``make bench`` sets it).
+measures the steady state rather than the burst of logins at its start; ``make bench`` sets it),
+PORTAL_PREDICT_ONLY ("1": users only predict, never list users; the load that measures what one
+prediction costs, ``python -m bench e2e --mix predict``).
 
 An overloaded portal answers 503 with Retry-After; such answers are counted under their own name
 ("/model/predict [503 overloaded]"), not as failures, and the user waits as told before going on.
@@ -37,6 +39,7 @@ IMAGES = sorted(
 MODELS = [m for m in os.environ.get("PORTAL_MODELS", "").split(",") if m]
 OVERLOADED = "/model/predict [503 overloaded]"
 RESET_AFTER_LOGIN = os.environ.get("PORTAL_RESET_AFTER_LOGIN", "") == "1"
+PREDICT_ONLY = os.environ.get("PORTAL_PREDICT_ONLY", "") == "1"
 logged_in = 0
 
 
@@ -86,6 +89,6 @@ class PortalUser(FastHttpUser):
         if retry_after is not None:
             gevent.sleep(float(retry_after))
 
-    @task(2)
+    @task(0 if PREDICT_ONLY else 2)  # a weight of 0 leaves the task out
     def list_users(self) -> None:
         self.client.get("/user/", headers=self.auth, name="/user/")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from bench import raw
+from bench import e2e, raw
+from contracts.messages import Heartbeat
 from contracts.registry import Registry
 from model.config import ModelSettings
 from tests.support import PHOTOS, ROOT
@@ -74,6 +75,8 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
     assert isinstance(row["db_connections_opened"], int)
     assert "cpu_features" in json.loads((tmp_path / "machine.json").read_text())
     assert row["cpu_cores"]["workers"] > 0 and row["cpu_cores"]["api"] > 0 and row["cpu_cores"]["locust"] > 0
+    cost = row["cpu_ms_per_prediction"]
+    assert cost["portal"] == round(cost["api"] + cost["postgres"] + cost["redis"], 2) > 0
     assert (tmp_path / "e2e.png").read_bytes().startswith(b"\x89PNG")
     # The step-by-step split adds up: each part is inside the one around it.
     (split,) = json.loads((tmp_path / "latency.json").read_text())
@@ -124,3 +127,34 @@ def test_a_hundred_pausing_users_see_no_failure(database_url: str, tmp_path: Pat
     # once all have started.
     assert row["predictions"] > 120
     assert row["users_requests"] > row["predictions"]
+
+
+def test_cpu_per_prediction_splits_the_workers_by_their_heartbeats() -> None:
+    def beat(worker: str, sent_at: float, cpu: float) -> Heartbeat:
+        return Heartbeat(
+            worker_id=worker, pid=1, hostname="h", started_at=0.0, sent_at=sent_at, inference_cpu_seconds=cpu
+        )
+
+    before = {"a": beat("a", 100.0, 10.0), "b": beat("b", 101.0, 4.0)}
+    # a: 15 s of inference CPU in 20 s of its beats; b: the same beat read twice (no figure);
+    # c: started meanwhile (no first reading).
+    after = [beat("a", 120.0, 25.0), beat("b", 101.0, 4.0), beat("c", 120.0, 3.0)]
+    cores = e2e.inference_cores(before, after)
+    assert cores == 0.75
+    ms = e2e.per_prediction(
+        {"workers": 0.9, "api": 0.2, "postgres": 0.05, "redis": 0.05, "locust": 0.3, "worker_inference": cores},
+        throughput=50.0,
+    )
+    assert ms["portal"] == 6.0 and ms["locust"] == 6.0  # the load generator is reported, not counted
+    assert ms["workers"] == 18.0 and ms["worker_inference"] == 15.0 and ms["worker_outside_inference"] == 3.0
+    assert e2e.per_prediction({"api": 0.2}, throughput=0.0) == {}
+
+
+def test_predict_only_users_never_list_users() -> None:
+    """``--mix predict``: the locustfile's users then only predict (a task of weight 0 is left out)."""
+    probe = "from stress_test.locustfile import PortalUser; print(sorted({t.__name__ for t in PortalUser.tasks}))"
+    for flag, tasks in (("1", "['predict']"), ("", "['list_users', 'predict']")):
+        env = {**os.environ, "PORTAL_PREDICT_ONLY": flag, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == tasks
