@@ -159,7 +159,7 @@ async def check_queues(
         if hit is not None:
             cached[entry.key] = hit
             continue
-        if await queue.depth(redis, entry.name, entry.version) >= settings.max_queue_depth:
+        if not await queue.has_room(redis, entry.name, entry.version, settings.max_queue_depth):
             _rejected(entries)
             raise _unavailable(f"The queue of {entry.key} is full; retry shortly.", settings)
     return cached
