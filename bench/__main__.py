@@ -89,20 +89,21 @@ def run_e2e(args: argparse.Namespace, out: Path) -> None:
                     )
                     _write(out, "latency", [asdict(r) for r in latencies])
                 for users in _ints(args.users):
-                    results.append(
-                        e2e.measure(
-                            portal,
-                            model=model,
-                            workers=workers,
-                            users=users,
-                            seconds=args.e2e_seconds,
-                            images=args.photos,
-                            cores=cores,
-                            wait=args.wait,
-                            mix=args.mix,
+                    for mix in args.mix.split(","):
+                        results.append(
+                            e2e.measure(
+                                portal,
+                                model=model,
+                                workers=workers,
+                                users=users,
+                                seconds=args.e2e_seconds,
+                                images=args.photos,
+                                cores=cores,
+                                wait=args.wait,
+                                mix=mix,
+                            )
                         )
-                    )
-                    _write(out, "e2e", [asdict(r) for r in results])
+                        _write(out, "e2e", [asdict(r) for r in results])
 
 
 def run_report(out: Path, report_path: Path) -> None:
@@ -115,6 +116,17 @@ def run_report(out: Path, report_path: Path) -> None:
     body = report.tables(raw, agreement, e2e, registry, info, latency)
     (out / "tables.md").write_text(body + "\n")
     report.update_report(report_path, body)
+
+
+MIXES = ("portal", "predict")
+"""What Locust users do in an end-to-end run (``bench.e2e.E2EResult.mix``)."""
+
+
+def _mixes(value: str) -> str:
+    unknown = set(value.split(",")) - set(MIXES)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mix {', '.join(sorted(unknown))}; choose from {', '.join(MIXES)}")
+    return value
 
 
 def main() -> None:
@@ -144,10 +156,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--mix",
-        choices=["portal", "predict"],
+        type=_mixes,
         default="portal",
-        help="e2e: what users do: predict and list users 1:2 (portal), or only predict (predict: what one "
-        "prediction costs each part)",
+        help="e2e: what users do, one run each: predict and list users 1:2 (portal), or only predict (predict: "
+        'what one prediction costs each part); "portal,predict" runs both',
     )
     parser.add_argument(
         "--database-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/portal_bench", help="dropped after"

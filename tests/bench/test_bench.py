@@ -56,12 +56,17 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
         "8",
         "--latency-requests",
         "10",
+        "--mix",
+        "portal,predict",
         "--database-url",
         bench_db.render_as_string(hide_password=False),
     ]
     done = subprocess.run(command, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    (row,) = json.loads((tmp_path / "e2e.json").read_text())
+    row, predict_only = json.loads((tmp_path / "e2e.json").read_text())
+    assert (row["mix"], predict_only["mix"]) == ("portal", "predict")
+    assert predict_only["users_requests"] == 0 and predict_only["predictions"] > 10
+    assert predict_only["cpu_ms_per_prediction"]["portal"] > 0
     assert row["failures"] == 0 and row["overloaded"] == 0
     # Counted from the running processes' database connections; 2 is the default, as
     # docker-compose.yml runs the API.
