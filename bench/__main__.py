@@ -118,7 +118,7 @@ def run_report(out: Path, report_path: Path) -> None:
     report.update_report(report_path, body)
 
 
-MIXES = ("portal", "predict")
+MIXES = ("portal", "predict", "login")
 """What Locust users do in an end-to-end run (``bench.e2e.E2EResult.mix``)."""
 
 
@@ -158,8 +158,9 @@ def main() -> None:
         "--mix",
         type=_mixes,
         default="portal",
-        help="e2e: what users do, one run each: predict and list users 1:2 (portal), or only predict (predict: "
-        'what one prediction costs each part); "portal,predict" runs both',
+        help="e2e: what users do, one run each: predict and list users 1:2 (portal), only predict (predict: "
+        "what one prediction costs each part), or as portal, logging in before each task (login); "
+        '"portal,predict" runs both',
     )
     parser.add_argument(
         "--database-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/portal_bench", help="dropped after"

@@ -75,7 +75,15 @@ class E2EResult:
     wait: str = "0"
     """Each user's pause between tasks: "min,max" seconds, or "0" for none."""
     mix: str = "portal"
-    """What users do: "portal" (predict and list users, 1:2) or "predict" (only predict)."""
+    """What users do: "portal" (predict and list users, 1:2), "predict" (only predict) or "login"
+    (as "portal", each task logging in again first)."""
+    logins: int = 0
+    """``POST /login`` requests counted (each user's first one is before the statistics start
+    in a saturating run)."""
+    requests_per_s: float = 0.0
+    """Every request of the run (logins included, with pauses), from Locust's aggregate."""
+    all_p50_ms: float = 0.0
+    all_p95_ms: float = 0.0
     cpu_ms_per_prediction: dict[str, float] = field(default_factory=dict)
     """``cpu_cores`` over the throughput: CPU milliseconds of each part per successful prediction
     (what its ``GET /user/`` calls cost included, in the "portal" mix). Also "portal" (API +
@@ -317,6 +325,7 @@ def run_locust(
         "PORTAL_RESET_AFTER_LOGIN": "1" if saturating else "",
         "PORTAL_IMAGES": str(images),
         "PORTAL_PREDICT_ONLY": "1" if mix == "predict" else "",
+        "PORTAL_LOGIN_EVERY_TASK": "1" if mix == "login" else "",
     }
     args = [
         sys.executable,
@@ -404,6 +413,10 @@ def measure(
         db_connections_opened=opened,
         wait=wait,
         mix=mix,
+        logins=int(_ms(rows.get("/login"), "Request Count")),
+        requests_per_s=round(_ms(rows.get("Aggregated"), "Requests/s"), 2),
+        all_p50_ms=_ms(rows.get("Aggregated"), "50%"),
+        all_p95_ms=_ms(rows.get("Aggregated"), "95%"),
         cpu_ms_per_prediction=per_prediction(sampler.cores, throughput),
     )
     log.info("%s", json.dumps(result.__dict__))

@@ -84,6 +84,12 @@ PORTAL_CPU_LIMIT_MS = 3.0
 saturating load (the performance issue's target)."""
 
 
+def _mix(run: dict) -> str:
+    """What the users of ``run`` did, when not the default mix, for a label."""
+    mix = run.get("mix", "portal")
+    return "" if mix == "portal" else f", users do: {mix}"
+
+
 def checks(raw: list[dict], e2e: list[dict], registry: Registry) -> list[list[Any]]:
     """One row per target and model: the figure, the limit, and whether it is met."""
     out: list[list[Any]] = []
@@ -99,7 +105,7 @@ def checks(raw: list[dict], e2e: list[dict], registry: Registry) -> list[list[An
                 [
                     key,
                     f"sustained throughput >= 90 % of best raw {runtime} FP32 ({fp32['throughput']:.1f}/s)",
-                    f"{best['throughput']:.1f}/s ({best['workers']} worker(s), {best['users']} users)",
+                    f"{best['throughput']:.1f}/s ({best['workers']} worker(s), {best['users']} users{_mix(best)})",
                     f"{limit:.1f}/s",
                     "met" if best["throughput"] >= limit else "NOT met",
                 ]
@@ -125,7 +131,7 @@ def checks(raw: list[dict], e2e: list[dict], registry: Registry) -> list[list[An
             out.append(
                 [
                     key,
-                    f"100 users: 0 failed, <= 5 % 503 ({hundred['workers']} worker(s))",
+                    f"100 users: 0 failed, <= 5 % 503 ({hundred['workers']} worker(s){_mix(hundred)})",
                     f"{hundred['failures']} failed, {hundred['overloaded_pct']:.1f} % 503",
                     "0, 5 %",
                     "met" if ok else "NOT met",

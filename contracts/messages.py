@@ -167,9 +167,11 @@ class Heartbeat(BaseModel):
     inferred: int = 0
     """Images this worker has run through a model since it started (each image of a batch counts)."""
     inference_cpu_seconds: float = 0.0
-    """CPU time (user + system, all of the worker's threads) spent inside the models' inference
-    calls since it started; with the process's own CPU time it splits the worker's cost into
-    inference and the rest (decoding, resizing, messaging), as ``python -m bench e2e`` reports."""
+    """The worker process's CPU time (user + system, all threads) during the models' inference
+    calls since it started: the inference, plus whatever its other threads did meanwhile (little,
+    unless a new model version was being loaded). With the process's own CPU time it splits the
+    worker's cost into inference and the rest (decoding, resizing, messaging), as
+    ``python -m bench e2e`` reports."""
 
 
 class ExplanationStatus(StrEnum):

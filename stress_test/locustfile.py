@@ -11,7 +11,8 @@ seconds between tasks, default "1,5"; "0" for users that never pause, as ``make 
 PORTAL_RESET_AFTER_LOGIN ("1": statistics start again once every user has logged in, so that a run
 measures the steady state rather than the burst of logins at its start; ``make bench`` sets it),
 PORTAL_PREDICT_ONLY ("1": users only predict, never list users; the load that measures what one
-prediction costs, ``python -m bench e2e --mix predict``).
+prediction costs, ``python -m bench e2e --mix predict``), PORTAL_LOGIN_EVERY_TASK ("1": each task
+logs in again first, as clients that keep no token do; ``--mix login``).
 
 An overloaded portal answers 503 with Retry-After; such answers are counted under their own name
 ("/model/predict [503 overloaded]"), not as failures, and the user waits as told before going on.
@@ -40,6 +41,7 @@ MODELS = [m for m in os.environ.get("PORTAL_MODELS", "").split(",") if m]
 OVERLOADED = "/model/predict [503 overloaded]"
 RESET_AFTER_LOGIN = os.environ.get("PORTAL_RESET_AFTER_LOGIN", "") == "1"
 PREDICT_ONLY = os.environ.get("PORTAL_PREDICT_ONLY", "") == "1"
+LOGIN_EVERY_TASK = os.environ.get("PORTAL_LOGIN_EVERY_TASK", "") == "1"
 logged_in = 0
 
 
@@ -55,7 +57,7 @@ BODIES = [encode_multipart_formdata({"file": (p.name, p.read_bytes())}) for p in
 class PortalUser(FastHttpUser):
     wait_time = wait_time_from(os.environ.get("PORTAL_WAIT", "1,5"))
 
-    def on_start(self) -> None:
+    def login(self) -> None:
         form = {
             "username": os.environ.get("PORTAL_EMAIL", "admin@example.com"),
             "password": os.environ.get("PORTAL_PASSWORD", "admin"),
@@ -65,6 +67,9 @@ class PortalUser(FastHttpUser):
         )
         response.raise_for_status()
         self.auth = {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+    def on_start(self) -> None:
+        self.login()
         self.path = "/model/predict" + ("?" + urlencode({"models": MODELS}, doseq=True) if MODELS else "")
         global logged_in
         logged_in += 1
@@ -74,6 +79,8 @@ class PortalUser(FastHttpUser):
 
     @task(1)
     def predict(self) -> None:
+        if LOGIN_EVERY_TASK:
+            self.login()
         body, content_type = random.choice(BODIES)
         headers = {**self.auth, "Content-Type": content_type}
         # geventhttpclient sends bytes as they are; locust's annotation names only str and dict.
@@ -91,4 +98,6 @@ class PortalUser(FastHttpUser):
 
     @task(0 if PREDICT_ONLY else 2)  # a weight of 0 leaves the task out
     def list_users(self) -> None:
+        if LOGIN_EVERY_TASK:
+            self.login()
         self.client.get("/user/", headers=self.auth, name="/user/")

@@ -57,14 +57,18 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
         "--latency-requests",
         "10",
         "--mix",
-        "portal,predict",
+        "portal,predict,login",
         "--database-url",
         bench_db.render_as_string(hide_password=False),
     ]
     done = subprocess.run(command, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    row, predict_only = json.loads((tmp_path / "e2e.json").read_text())
-    assert (row["mix"], predict_only["mix"]) == ("portal", "predict")
+    row, predict_only, relogging = json.loads((tmp_path / "e2e.json").read_text())
+    assert (row["mix"], predict_only["mix"], relogging["mix"]) == ("portal", "predict", "login")
+    # Logged in once per user (before the statistics start), or before every task.
+    assert row["logins"] == 0 and row["requests_per_s"] > 0 and 0 < row["all_p50_ms"] <= row["all_p95_ms"]
+    tasks = relogging["users_requests"] + relogging["predictions"]
+    assert tasks > 5 and tasks <= relogging["logins"] <= tasks + 2
     assert predict_only["users_requests"] == 0 and predict_only["predictions"] > 10
     assert predict_only["cpu_ms_per_prediction"]["portal"] > 0
     assert row["failures"] == 0 and row["overloaded"] == 0
