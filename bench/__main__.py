@@ -123,9 +123,13 @@ MIXES = ("portal", "predict", "login")
 
 
 def _mixes(value: str) -> str:
-    unknown = set(value.split(",")) - set(MIXES)
+    names = value.split(",")
+    unknown = [name for name in names if name not in MIXES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown mix {', '.join(sorted(unknown))}; choose from {', '.join(MIXES)}")
+        shown = ", ".join(repr(name) for name in unknown)
+        raise argparse.ArgumentTypeError(f"unknown mix {shown}; choose from {', '.join(MIXES)}")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"a mix is named twice in {value!r}")
     return value
 
 

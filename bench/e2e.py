@@ -278,23 +278,32 @@ class Sampler:
         time.sleep(seconds)
         end, elapsed = self.cpu(), time.monotonic() - started
         self.cores = {k: round((end[k] - start.get(k, 0.0)) / elapsed, 3) for k in end}
-        if heartbeats:
-            self.cores["worker_inference"] = round(inference_cores(beats, heartbeats()), 3)
+        if heartbeats and (inference := inference_cores(beats, heartbeats())) is not None:
+            self.cores["worker_inference"] = round(inference, 3)
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join()
 
 
-def inference_cores(before: dict[str, Heartbeat], after: list[Heartbeat]) -> float:
+def inference_cores(before: dict[str, Heartbeat], after: list[Heartbeat]) -> float | None:
     """Cores the workers spent inside inference between two readings of their heartbeats: each
     worker's ``inference_cpu_seconds`` grown over the time between its two beats (a beat is a
-    few seconds old when read, so each worker is timed by its own beats, not by the reader)."""
-    cores = 0.0
+    few seconds old when read, so each worker is timed by its own beats, not by the reader); a
+    worker started (or restarted) since the first reading, from its start. None when no worker
+    gives a figure: its beat did not change between the readings, or it counts no inference CPU
+    (a worker older than the counter)."""
+    cores: float | None = None
     for beat in after:
+        if "inference_cpu_seconds" not in beat.model_fields_set:
+            continue
         first = before.get(beat.worker_id)
-        if first is not None and beat.sent_at > first.sent_at:
-            cores += (beat.inference_cpu_seconds - first.inference_cpu_seconds) / (beat.sent_at - first.sent_at)
+        if first is not None and first.started_at == beat.started_at:
+            cpu, seconds = beat.inference_cpu_seconds - first.inference_cpu_seconds, beat.sent_at - first.sent_at
+        else:
+            cpu, seconds = beat.inference_cpu_seconds, beat.sent_at - beat.started_at
+        if seconds > 0:
+            cores = (cores or 0.0) + cpu / seconds
     return cores
 
 

@@ -378,6 +378,17 @@ def _raw_plot(plt: Any, raw: list[dict], models: list[str], path: Path) -> Path:
     return path
 
 
+def e2e_series(e2e: list[dict], model: str) -> list[tuple[str, list[dict]]]:
+    """``model``'s runs as the lines of a plot, by users: one per worker count and mix (runs of
+    different mixes are different loads), with its legend's name."""
+    series = []
+    for workers, mix in sorted({(r["workers"], r.get("mix", "portal")) for r in e2e if r["model"] == model}):
+        rows = [r for r in e2e if (r["model"], r["workers"], r.get("mix", "portal")) == (model, workers, mix)]
+        name = f"{workers} worker(s)" + ("" if mix == "portal" else f", users do: {mix}")
+        series.append((name, sorted(rows, key=lambda r: r["users"])))
+    return series
+
+
 def plots(raw: list[dict], e2e: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -392,14 +403,11 @@ def plots(raw: list[dict], e2e: list[dict], out: Path) -> list[Path]:
     if keys:
         fig, axes = plt.subplots(2, len(keys), figsize=(6 * len(keys), 8), squeeze=False)
         for col, key in enumerate(keys):
-            for workers in sorted({r["workers"] for r in e2e if r["model"] == key}):
-                rows = sorted(
-                    (r for r in e2e if (r["model"], r["workers"]) == (key, workers)), key=lambda r: r["users"]
-                )
+            for name, rows in e2e_series(e2e, key):
                 users = [r["users"] for r in rows]
-                axes[0][col].plot(users, [r["throughput"] for r in rows], "o-", label=f"{workers} worker(s)")
-                axes[1][col].plot(users, [r["predict_p50_ms"] for r in rows], "o-", label=f"p50, {workers} worker(s)")
-                axes[1][col].plot(users, [r["predict_p99_ms"] for r in rows], "x--", label=f"p99, {workers} worker(s)")
+                axes[0][col].plot(users, [r["throughput"] for r in rows], "o-", label=name)
+                axes[1][col].plot(users, [r["predict_p50_ms"] for r in rows], "o-", label=f"p50, {name}")
+                axes[1][col].plot(users, [r["predict_p99_ms"] for r in rows], "x--", label=f"p99, {name}")
             axes[0][col].set(
                 title=f"{key}: end-to-end throughput", xlabel="users", ylabel="predictions/s", ylim=(0, None)
             )

@@ -42,8 +42,10 @@ async def xlen_calls(redis: Redis) -> int:
 
 
 async def fill(redis: Redis, jobs: int) -> None:
-    for _ in range(jobs):
-        await redis.xadd(STREAM, {"meta": b"{}"})
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(jobs):
+            pipe.xadd(STREAM, {"meta": b"{}"})
+        await pipe.execute()
 
 
 async def test_a_queue_far_from_its_cap_is_not_asked_again_within_a_tenth_of_a_second(redis: Redis) -> None:
@@ -83,3 +85,12 @@ async def test_each_client_keeps_its_own_readings(server: RedisServer, redis: Re
     finally:
         await other.aclose()
     assert await xlen_calls(redis) == 2
+
+
+async def test_admissions_made_at_the_same_moment_all_count(redis: Redis) -> None:
+    # 50 requests at once all read an empty queue (as when each asked Redis); each is counted
+    # against the reading, so the next one asks again and finds the queue full.
+    admitted = await asyncio.gather(*(queue.has_room(redis, "sketch", 1, 40) for _ in range(50)))
+    assert all(admitted)
+    await fill(redis, 50)
+    assert not await queue.has_room(redis, "sketch", 1, 40)

@@ -139,23 +139,30 @@ def test_a_hundred_pausing_users_see_no_failure(database_url: str, tmp_path: Pat
 
 
 def test_cpu_per_prediction_splits_the_workers_by_their_heartbeats() -> None:
-    def beat(worker: str, sent_at: float, cpu: float) -> Heartbeat:
+    def beat(worker: str, sent_at: float, cpu: float, started_at: float = 0.0) -> Heartbeat:
         return Heartbeat(
-            worker_id=worker, pid=1, hostname="h", started_at=0.0, sent_at=sent_at, inference_cpu_seconds=cpu
+            worker_id=worker, pid=1, hostname="h", started_at=started_at, sent_at=sent_at, inference_cpu_seconds=cpu
         )
 
-    before = {"a": beat("a", 100.0, 10.0), "b": beat("b", 101.0, 4.0)}
+    before = {"a": beat("a", 100.0, 10.0), "b": beat("b", 101.0, 4.0), "d": beat("d", 100.0, 50.0)}
     # a: 15 s of inference CPU in 20 s of its beats; b: the same beat read twice (no figure);
-    # c: started meanwhile (no first reading).
-    after = [beat("a", 120.0, 25.0), beat("b", 101.0, 4.0), beat("c", 120.0, 3.0)]
+    # c: started meanwhile, 3 s in its 10 s; d: restarted meanwhile (its counter began again), 2 s in 10 s;
+    # e: a worker that counts no inference CPU.
+    after = [
+        beat("a", 120.0, 25.0),
+        beat("b", 101.0, 4.0),
+        beat("c", 120.0, 3.0, started_at=110.0),
+        beat("d", 120.0, 2.0, started_at=110.0),
+        Heartbeat(worker_id="e", pid=1, hostname="h", started_at=0.0, sent_at=120.0),
+    ]
     cores = e2e.inference_cores(before, after)
-    assert cores == 0.75
-    ms = e2e.per_prediction(
-        {"workers": 0.9, "api": 0.2, "postgres": 0.05, "redis": 0.05, "locust": 0.3, "worker_inference": cores},
-        throughput=50.0,
-    )
+    assert cores == 0.75 + 0.3 + 0.2
+    assert e2e.inference_cores({"b": before["b"]}, [after[1], after[4]]) is None
+    parts = {"workers": 0.9, "api": 0.2, "postgres": 0.05, "redis": 0.05, "locust": 0.3, "worker_inference": 0.75}
+    ms = e2e.per_prediction(parts, throughput=50.0)
     assert ms["portal"] == 6.0 and ms["locust"] == 6.0  # the load generator is reported, not counted
     assert ms["workers"] == 18.0 and ms["worker_inference"] == 15.0 and ms["worker_outside_inference"] == 3.0
+    assert "worker_outside_inference" not in e2e.per_prediction({"workers": 0.9}, throughput=50.0)
     assert e2e.per_prediction({"api": 0.2}, throughput=0.0) == {}
 
 
@@ -167,3 +174,11 @@ def test_predict_only_users_never_list_users() -> None:
         done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.strip() == tasks
+
+
+def test_a_mix_must_be_known_and_named_once() -> None:
+    for mix, message in (("portal,", "unknown mix ''"), ("bogus", "unknown mix 'bogus'"), ("predict,predict", "twice")):
+        done = subprocess.run(
+            [sys.executable, "-m", "bench", "e2e", "--mix", mix], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-500:]

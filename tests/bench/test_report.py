@@ -93,9 +93,16 @@ def test_tables_show_both_ratios_and_the_report_keeps_its_prose(tmp_path: Path) 
 
 def test_plots_are_written(tmp_path: Path) -> None:
     e2e = [e2e_row("resnet50_random@1", u, 50.0, 20.0 * u) for u in (1, 10, 25)]
+    e2e += [e2e_row("resnet50_random@1", u, 60.0, 18.0 * u, mix="predict") for u in (10, 25)]
     written = report.plots(RAW, e2e, tmp_path)
     assert [p.name for p in written] == ["raw_throughput.png", "e2e.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+    # Each mix is a line of its own, not points joined with the other mix's.
+    series = report.e2e_series(e2e, "resnet50_random@1")
+    assert [(name, [r["users"] for r in rows]) for name, rows in series] == [
+        ("1 worker(s)", [1, 10, 25]),
+        ("1 worker(s), users do: predict", [10, 25]),
+    ]
 
 
 def test_the_portals_cost_per_prediction_is_judged_on_predict_only_runs() -> None:

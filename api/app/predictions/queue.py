@@ -43,14 +43,21 @@ DEPTH_READING_SECONDS = 0.1
 
 
 @dataclass
-class _Reading:
-    depth: int
-    """XLEN as read, plus the jobs this process admitted on the strength of it since."""
-    at: float
+class _Stream:
+    """What this process knows of one job stream's depth."""
+
+    admitted: int = 0
+    """Admissions this process made to the stream (ever)."""
+    depth: int = 0
+    """XLEN of the newest reading."""
+    base: int = 0
+    """``admitted`` when that XLEN was sent: the admissions since are not in it."""
+    at: float = float("-inf")
+    """When that XLEN was sent (monotonic seconds)."""
 
 
-_readings: weakref.WeakKeyDictionary[Redis, dict[str, _Reading]] = weakref.WeakKeyDictionary()
-"""This process's latest reading of each job stream, per client (each app has its own)."""
+_streams: weakref.WeakKeyDictionary[Redis, dict[str, _Stream]] = weakref.WeakKeyDictionary()
+"""Per client (each app has its own), what this process knows of each job stream."""
 
 
 async def has_room(redis: Redis, model: str, version: int, cap: int) -> bool:
@@ -58,21 +65,24 @@ async def has_room(redis: Redis, model: str, version: int, cap: int) -> bool:
     about to be admitted once this returns True.
 
     Under load every prediction asked Redis (XLEN, a round trip and about 5 % of the API's CPU per
-    prediction in ``python -m bench.profile``). A queue read less than ``DEPTH_READING_SECONDS``
-    ago and found under half of ``cap``, counting the jobs this process admitted on that reading
-    since, is taken to have room without asking again; anything closer to the cap is read afresh,
-    so a full queue is only ever reported from a fresh reading. The cap stays a soft one, as it
-    was: other API processes admit meanwhile too, at most half a cap each before they read again.
+    prediction in ``python -m bench.profile``). A reading sent less than ``DEPTH_READING_SECONDS``
+    ago whose depth, plus what this process admitted since it was sent, stays under half of
+    ``cap`` with this one is trusted without asking again; anything closer to the cap is read
+    afresh, so a full queue is only ever reported from a fresh reading, and a reading never
+    replaces a newer one that came back first. The cap stays a soft one, as it was: other API
+    processes admit meanwhile too, at most half a cap each before they read again.
     """
     stream = keys.job_stream(model, version)
-    seen = _readings.setdefault(redis, {})
-    reading = seen.get(stream)
+    known = _streams.setdefault(redis, {}).setdefault(stream, _Stream())
     now = time.monotonic()
-    if reading is None or now - reading.at > DEPTH_READING_SECONDS or 2 * (reading.depth + 1) > cap:
-        reading = seen[stream] = _Reading(depth=int(await redis.xlen(stream)), at=now)
-        if reading.depth >= cap:
+    if now - known.at > DEPTH_READING_SECONDS or 2 * (known.depth + known.admitted - known.base + 1) > cap:
+        base = known.admitted
+        depth = int(await redis.xlen(stream))
+        if now >= known.at:
+            known.depth, known.base, known.at = depth, base, now
+        if depth >= cap:
             return False
-    reading.depth += 1
+    known.admitted += 1
     return True
 
 
