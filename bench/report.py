@@ -384,8 +384,7 @@ def e2e_series(e2e: list[dict], model: str) -> list[tuple[str, list[dict]]]:
     series = []
     for workers, mix in sorted({(r["workers"], r.get("mix", "portal")) for r in e2e if r["model"] == model}):
         rows = [r for r in e2e if (r["model"], r["workers"], r.get("mix", "portal")) == (model, workers, mix)]
-        name = f"{workers} worker(s)" + ("" if mix == "portal" else f", users do: {mix}")
-        series.append((name, sorted(rows, key=lambda r: r["users"])))
+        series.append((f"{workers} worker(s){_mix(rows[0])}", sorted(rows, key=lambda r: r["users"])))
     return series
 
 

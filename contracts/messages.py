@@ -164,8 +164,6 @@ class Heartbeat(BaseModel):
     started_at: float
     sent_at: float = Field(default_factory=time.time)
     models: list[ModelState] = []
-    inferred: int = 0
-    """Images this worker has run through a model since it started (each image of a batch counts)."""
     inference_cpu_seconds: float = 0.0
     """The worker process's CPU time (user + system, all threads) during the models' inference
     calls since it started: the inference, plus whatever its other threads did meanwhile (little,

@@ -99,7 +99,6 @@ class Worker:
         """Job streams of versions the registry no longer has this worker serve."""
         self._warned_policy: str | None = None
         """The evicting Redis policy last warned about (ALLOW_REDIS_EVICTION)."""
-        self.inferred = 0
         self.inference_cpu_seconds = 0.0
         """Process CPU time inside inference calls (``Heartbeat.inference_cpu_seconds``)."""
 
@@ -283,7 +282,6 @@ class Worker:
             hostname=socket.gethostname(),
             started_at=self.started_at,
             models=list(self.states.values()),
-            inferred=self.inferred,
             inference_cpu_seconds=round(self.inference_cpu_seconds, 6),
         )
 
@@ -509,7 +507,6 @@ class Worker:
         inference_ms = (time.perf_counter() - t0) * 1000
         # Process time, not thread time: the runtimes infer on threads of their own.
         self.inference_cpu_seconds += time.process_time() - cpu0
-        self.inferred += len(inputs)
         finished = time.time()
         answers = []
         for row, i in enumerate(inputs):

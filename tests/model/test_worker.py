@@ -161,10 +161,8 @@ def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> 
     assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0 and client.xlen(stream) == 0
     assert client.exists(keys.job_running_key(good.prediction_id), keys.job_running_key(unreadable.prediction_id)) == 2
     assert not client.exists(keys.job_running_key(late.prediction_id))
-    # Only the good job reached the model; its inference is counted, in images and in CPU time.
-    after = sketch_worker.heartbeat()
-    assert after.inferred - before.inferred == 1
-    assert after.inference_cpu_seconds > before.inference_cpu_seconds
+    # The good job reached the model: its inference's CPU time is counted.
+    assert sketch_worker.heartbeat().inference_cpu_seconds > before.inference_cpu_seconds
 
 
 def test_one_dict_holds_the_loaded_models_by_the_stream_they_serve(sketch_worker: Worker) -> None:
