@@ -1,5 +1,5 @@
-"""``api.cli sweep-blobs`` (``images_service.sweep_orphaned_blobs``) against odd storage folders,
-bad options and uploads in progress."""
+"""``api.cli sweep-blobs`` (``images_service.sweep_orphaned_blobs``): end to end, and against odd
+storage folders, bad options and uploads in progress."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from api.app.core.config import Settings
@@ -41,6 +42,18 @@ def orphan(storage: Path, text: str) -> str:
     (storage / sha[:2] / sha).write_bytes(text.encode())
     age(storage / sha[:2] / sha)
     return sha
+
+
+def sweep_blobs(settings: Settings, storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m api.cli sweep-blobs *args`` over ``storage``, as an operator runs it."""
+    env = {
+        "DATABASE_URL": settings.database_url,
+        "STORAGE_DIR": str(storage),
+        "PYTHONPATH": str(ROOT),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+    command = [sys.executable, "-m", "api.cli", "sweep-blobs", *args]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 async def sweep(settings: Settings, storage: Path, seconds: float) -> images_service.Sweep:
@@ -89,20 +102,7 @@ def test_the_age_must_be_a_number_of_hours_from_zero(settings: Settings, tmp_pat
     """NaN compares as neither older nor newer: it would have made every file "old"."""
     storage = tmp_path / "storage"
     kept = orphan(storage, "kept")
-    env = {
-        "DATABASE_URL": settings.database_url,
-        "STORAGE_DIR": str(storage),
-        "PYTHONPATH": str(ROOT),
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "sweep-blobs", f"--older-than-hours={value}"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = sweep_blobs(settings, storage, f"--older-than-hours={value}")
     assert done.returncode == 2, done.stderr
     assert (storage / kept[:2] / kept).exists()
 
@@ -163,3 +163,46 @@ async def test_an_old_orphan_an_upload_is_committing_stays(settings: Settings, u
         assert r.status_code == 201, r.text
         assert (await sweeping).orphaned == 0
         assert (await c.get(f"/v1/images/{r.json()['id']}/file", headers=headers)).status_code == 200
+
+
+async def test_sweep_blobs_deletes_only_old_blobs_no_image_references(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    """``api.cli sweep-blobs``: a blob, a lone preview and an unfinished write left by uploads that
+    failed a day ago go; an uploaded image's blob of the same age stays, as does a blob written a
+    moment ago (an upload may be committing it); ``--dry-run`` only counts."""
+    _, headers = await users.create()
+    kept = (await client.post("/v1/images", files={"file": ("k.png", noise_png(61, 16))}, headers=headers)).json()[
+        "sha256"
+    ]
+    store = LocalBlobStore(settings.storage_dir)
+    lost, preview_only, fresh = (hashlib.sha256(f"lost {n}".encode()).hexdigest() for n in range(3))
+    await store.put(lost, b"lost")
+    (settings.storage_dir / preview_only[:2]).mkdir(parents=True, exist_ok=True)
+    lone_preview = settings.storage_dir / preview_only[:2] / f"{preview_only}.preview.jpg"
+    lone_preview.write_bytes(b"preview")
+    unfinished = settings.storage_dir / lost[:2] / ".upload-x1y2"
+    unfinished.write_bytes(b"half")
+    await store.put(fresh, b"fresh")
+    day_ago = time.time() - 86400
+    for path in (
+        settings.storage_dir / lost[:2] / lost,
+        lone_preview,
+        unfinished,
+        settings.storage_dir / kept[:2] / kept,
+    ):
+        os.utime(path, (day_ago, day_ago))
+    counted = await asyncio.to_thread(sweep_blobs, settings, settings.storage_dir, "--older-than-hours=1", "--dry-run")
+    assert counted.returncode == 0, counted.stderr
+    assert "would delete 2 blobs no image references and 1 unfinished writes" in counted.stdout
+    assert await store.exists(lost) and lone_preview.exists() and unfinished.exists()
+    done = await asyncio.to_thread(sweep_blobs, settings, settings.storage_dir, "--older-than-hours=1")
+    assert done.returncode == 0, done.stderr
+    assert "deleted 2 blobs no image references and 1 unfinished writes" in done.stdout
+    assert not await store.exists(lost) and not lone_preview.exists() and not unfinished.exists()
+    assert await store.exists(kept) and await store.exists(fresh)
+    r = await client.get("/v1/images?limit=1", headers=headers)
+    [image] = r.json()["data"]
+    assert (await client.get(f"/v1/images/{image['id']}/file", headers=headers)).status_code == 200
+    refused = await asyncio.to_thread(sweep_blobs, settings, settings.storage_dir, "--older-than-hours=-1")
+    assert refused.returncode == 2 and "must be 0 or more" in refused.stderr

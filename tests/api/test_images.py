@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import cast
 
 import httpx
@@ -18,9 +13,8 @@ import pytest
 from PIL import Image
 
 from api.app.core.config import Settings
-from api.app.images.storage import LocalBlobStore
 from tests.conftest import Users
-from tests.images import animated_gif, encode, noise_png, png_bomb, split_colour
+from tests.images import animated_gif, encode, png_bomb, split_colour
 
 
 async def upload(
@@ -161,58 +155,3 @@ async def test_other_users_images_are_404(client: httpx.AsyncClient, users: User
     r = await client.post("/v1/predictions", json={"image_id": image["id"]}, headers=intruder)
     assert r.status_code == 404
     assert (await client.get(f"/v1/images/{image['id']}", headers=owner)).status_code == 200
-
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-async def test_sweep_blobs_deletes_only_old_blobs_no_image_references(
-    client: httpx.AsyncClient, users: Users, settings: Settings
-) -> None:
-    """``api.cli sweep-blobs``: a blob, a lone preview and an unfinished write left by uploads that
-    failed a day ago go; an uploaded image's blob of the same age stays, as does a blob written a
-    moment ago (an upload may be committing it); ``--dry-run`` only counts."""
-    _, headers = await users.create()
-    kept = (await upload(client, headers, noise_png(61, 16))).json()["sha256"]
-    store = LocalBlobStore(settings.storage_dir)
-    orphan, preview_only, fresh = (hashlib.sha256(f"orphan {n}".encode()).hexdigest() for n in range(3))
-    await store.put(orphan, b"orphan")
-    (settings.storage_dir / preview_only[:2]).mkdir(parents=True, exist_ok=True)
-    lone_preview = settings.storage_dir / preview_only[:2] / f"{preview_only}.preview.jpg"
-    lone_preview.write_bytes(b"preview")
-    unfinished = settings.storage_dir / orphan[:2] / ".upload-x1y2"
-    unfinished.write_bytes(b"half")
-    await store.put(fresh, b"fresh")
-    day_ago = time.time() - 86400
-    for path in (
-        settings.storage_dir / orphan[:2] / orphan,
-        lone_preview,
-        unfinished,
-        settings.storage_dir / kept[:2] / kept,
-    ):
-        os.utime(path, (day_ago, day_ago))
-    env = {
-        "DATABASE_URL": settings.database_url,
-        "STORAGE_DIR": str(settings.storage_dir),
-        "PYTHONPATH": str(ROOT),
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-    }
-    cmd = [sys.executable, "-m", "api.cli", "sweep-blobs", "--older-than-hours", "1"]
-
-    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-
-    counted = await asyncio.to_thread(run, [*cmd, "--dry-run"])
-    assert counted.returncode == 0, counted.stderr
-    assert "would delete 2 blobs no image references and 1 unfinished writes" in counted.stdout
-    assert await store.exists(orphan) and lone_preview.exists() and unfinished.exists()
-    done = await asyncio.to_thread(run, cmd)
-    assert done.returncode == 0, done.stderr
-    assert "deleted 2 blobs no image references and 1 unfinished writes" in done.stdout
-    assert not await store.exists(orphan) and not lone_preview.exists() and not unfinished.exists()
-    assert await store.exists(kept) and await store.exists(fresh)
-    r = await client.get("/v1/images?limit=1", headers=headers)
-    [image] = r.json()["data"]
-    assert (await client.get(f"/v1/images/{image['id']}/file", headers=headers)).status_code == 200
-    refused = await asyncio.to_thread(run, [*cmd[:-1], "-1"])
-    assert refused.returncode == 2 and "must be 0 or more" in refused.stderr

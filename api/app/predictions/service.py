@@ -132,18 +132,6 @@ def _rejected(entries: list[ModelEntry]) -> None:
         metrics.JOBS.labels(entry.name, str(entry.version), "rejected").inc()
 
 
-def _check_in_flight(in_flight: int, *, entries: list[ModelEntry], settings: Settings) -> None:
-    """429 when ``in_flight`` (the user's predictions in flight, not counting this one) is at the
-    cap ``MAX_JOBS_IN_FLIGHT_PER_USER``."""
-    if in_flight >= settings.max_jobs_in_flight_per_user:
-        _rejected(entries)
-        raise HTTPException(
-            status_code=429,
-            detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
-        )
-
-
 async def check_queues(
     *, redis: Redis, settings: Settings, entries: list[ModelEntry], owner_id: int, sha256: str
 ) -> dict[str, ResultMessage]:
@@ -175,7 +163,8 @@ async def admit(
     lock_blob: bool = False,
 ) -> None:
     """The second half of admission, the first statement of the transaction storing the job: 429
-    when the user has too many predictions in flight. Locks the owner's row for the rest of
+    (with ``Retry-After``) when the user has ``MAX_JOBS_IN_FLIGHT_PER_USER`` predictions in flight
+    already. Locks the owner's row for the rest of
     ``connection``'s transaction (401 when the owner was deleted meanwhile), then with
     ``lock_blob`` the blob lock of ``sha256`` (a new upload's, before its blob is written), both in
     the round trip of the count."""
@@ -185,7 +174,14 @@ async def admit(
         row = await _ADMISSION.fetchrow(connection, {"b_owner_id": owner_id})
     if row is None:
         raise HTTPException(status_code=401, detail=images_service.OWNER_GONE)
-    _check_in_flight(row[0] or 0, entries=entries, settings=settings)
+    in_flight = row[0] or 0  # not counting this request
+    if in_flight >= settings.max_jobs_in_flight_per_user:
+        _rejected(entries)
+        raise HTTPException(
+            status_code=429,
+            detail=f"You have {in_flight} predictions in flight; wait for some to finish.",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
 
 
 @dataclass(frozen=True)
