@@ -62,6 +62,9 @@ from contracts.registry import load_registry
 
 log = logging.getLogger("api.startup")
 
+BACKGROUND_REDIS_CONNECTIONS = 4
+"""Blocking Redis connections of the background loops: three each hold one, one is spare."""
+
 DESCRIPTION = """Upload images, classify them with several models side by side, and say when a
 prediction is wrong. Use **Authorize** with your email as username to try every route."""
 
@@ -111,6 +114,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await open_pool(state.background_engine, 2)
         state.redis = make_redis(settings)
         state.redis_blocking = make_redis(settings, blocking=True)
+        # The background loops' blocking reads (the result collector, the training events, the
+        # batch lane: one connection each) have connections of their own, as their statements do:
+        # answers are collected however many requests are waiting for theirs.
+        state.redis_background = make_redis(settings, blocking=True, max_connections=BACKGROUND_REDIS_CONNECTIONS)
         state.throttle = AttemptThrottle(settings, state.redis)
         state.hasher = PasswordHasher(settings)
         state.tokens = VerifiedTokens(settings)
@@ -126,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sessionmaker=make_sessionmaker(state.background_engine),
             engine=state.background_engine,
             redis=state.redis,
-            redis_blocking=state.redis_blocking,
+            redis_blocking=state.redis_background,
             store=state.store,
             outage_log=outage_log,
             live_registry=live,
@@ -210,6 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.to_thread(runtime.inference_log.close)
             await state.redis.aclose()
             await state.redis_blocking.aclose()
+            await state.redis_background.aclose()
             await state.engine.dispose()
             await state.background_engine.dispose()
             await state.export_engine.dispose()

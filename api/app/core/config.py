@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis URL; the database index in the path selects the logical database."""
     redis_max_connections: int = 512
-    """Redis connections per API process (each waiting one-shot request holds one)."""
+    """Redis connections per API process for short commands, and as many again for requests' blocking
+    waits (each waiting one-call prediction or explanation holds one; more waiting requests queue for
+    one). The background loops have 4 of their own."""
     allow_redis_eviction: bool = False
     """Run on a Redis whose maxmemory-policy is not noeviction (managed Redis often ships
     allkeys-lru or volatile-lru), which deletes queued jobs and results under memory pressure. False:

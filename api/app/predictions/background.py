@@ -42,6 +42,7 @@ class JobRuntime:
     (``service.store_answer``), without BEGIN and COMMIT around it."""
     redis: Redis
     redis_blocking: Redis
+    """For the loops' blocking reads, on connections of their own (``main.BACKGROUND_REDIS_CONNECTIONS``)."""
     store: LocalBlobStore
     outage_log: OutageLog
     live_registry: LiveRegistry
