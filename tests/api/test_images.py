@@ -155,3 +155,18 @@ async def test_other_users_images_are_404(client: httpx.AsyncClient, users: User
     r = await client.post("/v1/predictions", json={"image_id": image["id"]}, headers=intruder)
     assert r.status_code == 404
     assert (await client.get(f"/v1/images/{image['id']}", headers=owner)).status_code == 200
+
+
+async def test_an_image_whose_file_goes_while_it_is_read_is_404(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    """A delete of the image between a request's read of its row and of its file (simulated by
+    removing the file, as the delete does): its file and its view answer 404, never 500."""
+    _, headers = await users.create()
+    data = encode(Image.frombytes("RGB", (40, 30), os.urandom(40 * 30 * 3)), "PNG")
+    image = (await upload(client, headers, data)).json()
+    for path in [p for p in settings.storage_dir.rglob(f"{image['sha256']}*") if p.is_file()]:
+        path.unlink()
+    for suffix in ("/file", "/view"):
+        r = await client.get(f"/v1/images/{image['id']}{suffix}", headers=headers)
+        assert r.status_code == 404 and "deleted meanwhile" in r.json()["detail"], (suffix, r.text)

@@ -194,9 +194,14 @@ def install_allow_header(app: FastAPI, routes: Iterable[BaseRoute]) -> None:
     app.add_exception_handler(405, method_not_allowed)
 
 
+class BlobMissing(FileNotFoundError):
+    """A stored file of an image is gone: the image was deleted while a request read it (answered 404)."""
+
+
 def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: int) -> None:
     """Redis and PostgreSQL outages become 503 with Retry-After (logged once per interval);
-    database errors the request caused become 409 or 422; the rest propagates as a 500."""
+    database errors the request caused become 409 or 422; an image's file gone because the image
+    was deleted meanwhile (``BlobMissing``) 404; the rest propagates as a 500."""
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         outage_log.report("redis", exc)
@@ -231,8 +236,13 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         body = json.dumps({"detail": _json_safe(jsonable_encoder(errors))}, default=str, allow_nan=False)
         return Response(status_code=422, content=body, media_type="application/json")
 
+    async def blob_missing(request: Request, exc: Exception) -> JSONResponse:
+        # Found before an OSError's handler: the image was deleted while this request read it.
+        return JSONResponse(status_code=404, content={"detail": "Image not found: it was deleted meanwhile."})
+
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(sqlalchemy.orm.exc.StaleDataError, changed_meanwhile)
+    app.add_exception_handler(BlobMissing, blob_missing)
     for redis_error in REDIS_ERRORS:
         app.add_exception_handler(redis_error, redis_down)
     for db_error in (*DB_ERRORS, sqlalchemy.exc.DBAPIError, asyncpg.PostgresError, OSError):

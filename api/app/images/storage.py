@@ -12,6 +12,8 @@ from typing import BinaryIO
 
 from anyio import to_thread
 
+from api.app.core.errors import BlobMissing
+
 _PREVIEW = ".preview.jpg"
 UNFINISHED_PREFIX = ".upload-"
 """The temporary file of a blob being written, renamed to the blob once complete."""
@@ -65,11 +67,19 @@ class LocalBlobStore:
         FileNotFoundError when it is gone."""
         return self._path(sha256).open("rb")
 
+    def _read(self, sha256: str) -> bytes:
+        try:
+            return self._path(sha256).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobMissing(exc.errno, exc.strerror, exc.filename) from None
+
     async def get(self, sha256: str) -> bytes:
-        return await to_thread.run_sync(self._path(sha256).read_bytes)
+        """The blob's bytes; ``BlobMissing`` when it is gone."""
+        return await to_thread.run_sync(self._read, sha256)
 
     async def get_viewable(self, sha256: str) -> bytes:
-        """The preview when the blob has one, else the blob itself: what to draw a picture from."""
+        """The preview when the blob has one, else the blob itself: what to draw a picture from;
+        ``BlobMissing`` when neither is there."""
         preview = await to_thread.run_sync(self._get_preview, sha256)
         return preview if preview is not None else await self.get(sha256)
 
