@@ -60,7 +60,8 @@ class ModelSettings(BaseSettings):
     max_batch_delay_ms: float = 0.0
     """Longest wait for more jobs once a batch has started (0: take only those already waiting)."""
     visibility_timeout_ms: int = 30_000
-    """A delivered job unacknowledged this long is taken over by another worker."""
+    """A delivered job unacknowledged this long is taken over by another worker (the jobs of a
+    stopped worker sooner: once its heartbeat is gone, after HEARTBEAT_TTL_S)."""
     max_deliveries: int = 3
     """Deliveries after which a job goes to the dead-letter stream as failed."""
     registry_check_s: float = 2.0

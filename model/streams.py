@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import redis
 from redis.typing import EncodableT, FieldT
@@ -109,6 +109,50 @@ class JobStreams:
             delivery.delivery = streams.times_delivered(self.client, stream, keys.JOB_GROUP, delivery.entry_id)
         return deliveries
 
+    def reclaim_from_stopped(self, stream: str, *, min_idle_ms: int, count: int) -> list[Delivery]:
+        """Takes over up to ``count`` jobs of ``stream`` held by workers whose heartbeat is gone
+        (stopped or killed; a consumer is named after its worker), delivered at least
+        ``min_idle_ms`` ago, each with its delivery count; and removes from the group the stopped
+        workers that hold none. Without it their jobs wait for ``VISIBILITY_TIMEOUT_MS``, as
+        long as a one-call prediction waits for its answer."""
+        consumers = self.client.xinfo_consumers(stream, keys.JOB_GROUP)
+        others = [c for c in consumers if _text(c["name"]) != self.consumer]
+        if not others:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for consumer in others:
+                pipe.exists(keys.heartbeat_key(_text(consumer["name"])))
+            alive = pipe.execute()
+        entry_ids: list[Any] = []
+        for consumer, beating in zip(others, alive, strict=True):
+            name = _text(consumer["name"])
+            if beating:
+                continue
+            if not consumer["pending"]:
+                self.client.xgroup_delconsumer(stream, keys.JOB_GROUP, name)
+                continue
+            if len(entry_ids) < count:
+                held = self.client.xpending_range(
+                    stream,
+                    keys.JOB_GROUP,
+                    min="-",
+                    max="+",
+                    count=count - len(entry_ids),
+                    consumername=name,
+                    idle=min_idle_ms,
+                )
+                entry_ids.extend(entry["message_id"] for entry in held)
+        if not entry_ids:
+            return []
+        claimed = cast(
+            list[tuple[bytes, dict[bytes, bytes] | None]],
+            self.client.xclaim(stream, keys.JOB_GROUP, self.consumer, min_idle_time=min_idle_ms, message_ids=entry_ids),
+        )
+        deliveries = decode(stream, [(entry_id, fields) for entry_id, fields in claimed if fields])
+        for delivery in deliveries:
+            delivery.delivery = streams.times_delivered(self.client, stream, keys.JOB_GROUP, delivery.entry_id)
+        return deliveries
+
     def mark_running(self, jobs: Iterable[JobMessage]) -> None:
         """Marks these jobs' predictions as being computed (the API reports them as running)."""
         with self.client.pipeline(transaction=False) as pipe:
@@ -142,3 +186,7 @@ class JobStreams:
                 pipe.xack(stream, keys.JOB_GROUP, delivery.entry_id)
                 pipe.xdel(stream, delivery.entry_id)
             pipe.execute()
+
+
+def _text(name: bytes | str) -> str:
+    return name.decode() if isinstance(name, bytes) else name

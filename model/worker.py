@@ -46,6 +46,11 @@ from model.streams import DeadLetter, Delivery, JobStreams
 
 log = logging.getLogger("model.worker")
 
+STOPPED_WORKER_MIN_IDLE_MS = 1000
+"""A stopped worker's job is taken over once delivered this long ago: its heartbeat, gone only
+HEARTBEAT_TTL_S after the worker stopped, is what tells; this only skips a job delivered at that
+very moment."""
+
 
 @dataclass
 class Input:
@@ -370,9 +375,18 @@ class Worker:
         if time.monotonic() - self._last_reclaim > min(5.0, self.settings.visibility_timeout_ms / 2000):
             self._last_reclaim = time.monotonic()
             for stream in self.models:
-                for delivery in self.jobs.reclaim(
-                    stream, min_idle_ms=self.settings.visibility_timeout_ms, count=self.settings.max_batch_size
-                ):
+                # A stopped worker's jobs as soon as its heartbeat is gone; any other's once idle
+                # for VISIBILITY_TIMEOUT_MS (its worker hangs).
+                taken = self.jobs.reclaim_from_stopped(
+                    stream, min_idle_ms=STOPPED_WORKER_MIN_IDLE_MS, count=self.settings.max_batch_size
+                )
+                if len(taken) < self.settings.max_batch_size:
+                    taken += self.jobs.reclaim(
+                        stream,
+                        min_idle_ms=self.settings.visibility_timeout_ms,
+                        count=self.settings.max_batch_size - len(taken),
+                    )
+                for delivery in taken:
                     log.warning(
                         "reclaimed job %s (delivery %d)",
                         delivery.job.job_id if delivery.job else delivery.entry_id,
@@ -470,7 +484,10 @@ class Worker:
                     )
                 )
             elif d.job.expired(now):
-                answers.append(self._answer(d, PredictionStatus.expired, error="deadline passed in the queue"))
+                error = "deadline passed in the queue"
+                if d.delivery > 1:
+                    error += f" (taken over after the worker that had it stopped; delivery {d.delivery})"
+                answers.append(self._answer(d, PredictionStatus.expired, error=error))
             else:
                 computable.append(d)
         return computable, answers, dead_letters

@@ -75,8 +75,20 @@ async def submit(client: httpx.AsyncClient, headers: dict[str, str], count: int,
     return jobs
 
 
-async def test_worker_killed_mid_batch_every_job_completes_once(stack: Stack, users: Users) -> None:
-    await stack.start_workers(2, VISIBILITY_TIMEOUT_MS="3000", MAX_BATCH_SIZE="4", MAX_BATCH_DELAY_MS="20")
+@pytest.mark.parametrize(
+    ("worker_env", "taken_over_within"),
+    [
+        # The worker hangs as far as its peers know: its jobs go once idle for VISIBILITY_TIMEOUT_MS.
+        ({"VISIBILITY_TIMEOUT_MS": "3000"}, 120.0),
+        # Its heartbeat is gone after HEARTBEAT_TTL_S: its jobs go then, long before the timeout.
+        ({"VISIBILITY_TIMEOUT_MS": "600000", "HEARTBEAT_INTERVAL_S": "0.5", "HEARTBEAT_TTL_S": "2"}, 30.0),
+    ],
+    ids=["visibility-timeout", "heartbeat-gone"],
+)
+async def test_worker_killed_mid_batch_every_job_completes_once(
+    stack: Stack, users: Users, worker_env: dict[str, str], taken_over_within: float
+) -> None:
+    await stack.start_workers(2, MAX_BATCH_SIZE="4", MAX_BATCH_DELAY_MS="20", **worker_env)
     _, headers = await users.create()
     images = [await upload(stack.client, headers, noise_png(seed=None)) for _ in range(40)]
 
@@ -112,7 +124,9 @@ async def test_worker_killed_mid_batch_every_job_completes_once(stack: Stack, us
     await asyncio.to_thread(wait_until, freeze_a_holder, 30, "a worker holding jobs", 0.001)
     victim = frozen[0]
     victim.kill()
+    killed = time.monotonic()
     results = [await wait_job(stack.client, headers, j, within=120) for j in jobs]
+    assert time.monotonic() - killed < taken_over_within
     assert [r["status"] for r in results] == ["done"] * len(jobs)
     await stored_once(stack.app, jobs)
     metrics = (await stack.client.get("/metrics")).text

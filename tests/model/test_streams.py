@@ -118,6 +118,31 @@ def test_reclaim_takes_over_idle_jobs_with_their_delivery_counts(client: redis.R
     assert consumers[b"survivor"] == 2 and consumers[b"busy"] == 1
 
 
+def test_a_stopped_workers_jobs_are_taken_over_once_its_heartbeat_is_gone(client: redis.Redis) -> None:
+    """Jobs held by a worker whose heartbeat expired are taken over after a second, long before
+    the visibility timeout; those of a live worker (even idle ones) stay; a stopped worker that
+    holds nothing leaves the group."""
+    stream = fresh_stream()
+    survivor = JobStreams(client, "survivor")
+    survivor.ensure_groups([stream])
+    client.set(keys.heartbeat_key("survivor"), b"{}")
+    client.set(keys.heartbeat_key("alive"), b"{}")
+    held, kept = job(), job()
+    client.xadd(stream, held.to_fields())
+    JobStreams(client, "stopped").read([stream], count=1)
+    client.xadd(stream, kept.to_fields())
+    JobStreams(client, "alive").read([stream], count=1)
+    JobStreams(client, "gone-idle").read([stream], count=1)  # nothing left to read: it holds none
+    assert survivor.reclaim_from_stopped(stream, min_idle_ms=200, count=10) == []  # delivered just now
+    time.sleep(0.25)
+    taken = survivor.reclaim_from_stopped(stream, min_idle_ms=200, count=10)
+    assert [(d.job, d.delivery) for d in taken] == [(held, 2)]
+    consumers = {c["name"]: c["pending"] for c in client.xinfo_consumers(stream, keys.JOB_GROUP)}
+    assert consumers == {b"survivor": 1, b"alive": 1, b"stopped": 0}
+    survivor.reclaim_from_stopped(stream, min_idle_ms=200, count=10)
+    assert {c["name"] for c in client.xinfo_consumers(stream, keys.JOB_GROUP)} == {b"survivor", b"alive"}
+
+
 def test_reclaim_skips_entries_deleted_while_pending(client: redis.Redis) -> None:
     stream = fresh_stream()
     jobs = JobStreams(client, "survivor")

@@ -135,6 +135,10 @@ def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> 
     client.xreadgroup(keys.JOB_GROUP, "ghost-1", {stream: ">"})
     for ghost in ("ghost-2", "ghost-3"):
         client.xclaim(stream, keys.JOB_GROUP, ghost, min_idle_time=0, message_ids=[poison_id])
+    # A worker took this one and stopped; it expired meanwhile.
+    late_reclaimed = sketch_job(drawing, deadline_in=-1)
+    client.xadd(stream, late_reclaimed.to_fields())
+    client.xreadgroup(keys.JOB_GROUP, "ghost-4", {stream: ">"})
     time.sleep(0.1)
     for message in (good, late, unreadable):
         client.xadd(stream, message.to_fields())
@@ -146,7 +150,11 @@ def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> 
     answers = {
         r.job_id: r for r in (ResultMessage.from_fields(f) for _id, f in entries(client.xrange(keys.RESULT_STREAM)))
     }
-    assert set(answers) == {poison.job_id, good.job_id, late.job_id, unreadable.job_id}
+    assert set(answers) == {poison.job_id, good.job_id, late.job_id, unreadable.job_id, late_reclaimed.job_id}
+    assert (answers[late_reclaimed.job_id].status, answers[late_reclaimed.job_id].error) == (
+        "expired",
+        "deadline passed in the queue (taken over after the worker that had it stopped; delivery 2)",
+    )
     assert answers[good.job_id].status == "done" and len(answers[good.job_id].top_k) > 0
     assert answers[good.job_id].timings.batch_size == 1 and answers[good.job_id].worker_id == "triage-worker"
     assert (answers[late.job_id].status, answers[late.job_id].error) == ("expired", "deadline passed in the queue")
