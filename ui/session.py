@@ -104,7 +104,11 @@ def keep_alive(api: Api) -> None:
                 logout(api, EXPIRED)
             st.warning(exc.message)
     if pending := st.session_state.pop("cookie_to_write", None):
-        _run_script(_cookie_script(*pending))
+        # In the sidebar: an element that comes and goes in the main area (this script is written
+        # on one run only) moves the page's own elements, and the sketch canvas, mounted anew,
+        # would lose what was drawn on it.
+        with st.sidebar:
+            _run_script(_cookie_script(*pending))
 
 
 def forget_cookie() -> None:

@@ -6,6 +6,7 @@ test-artifacts/browser/.
 
 from __future__ import annotations
 
+import io
 import itertools
 import shutil
 import sys
@@ -16,7 +17,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webdriver import WebDriver, WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -156,35 +157,70 @@ def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: 
     assert not answers(browser)
 
 
-def test_draw_a_sketch_and_classify_it(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    log_in(browser, ui_url, portal)
-    nav = (By.CSS_SELECTOR, "[data-testid='stSidebar'] a[href$='sketch']")
-    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(nav)).click()
-    text_appears(browser, "Draw a sketch")
+def sketch_canvas(browser: WebDriver) -> tuple[WebElement, WebElement]:
+    """The drawing canvas of the sketch page, and the element holding it."""
     host = WebDriverWait(browser, 30).until(
         ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stBidiComponentIsolated']"))
     )
     canvas = WebDriverWait(browser, 30).until(
         lambda d: host.shadow_root.find_elements(By.CSS_SELECTOR, "canvas.upper-canvas") or False
     )[0]
-    # A diamond, drawn as one stroke around the centre of the 280x280 canvas (offsets from its centre).
-    corners = [(0, -100), (70, 0), (0, 100), (-70, 0), (0, -100)]
-    actions = ActionChains(browser).move_to_element_with_offset(canvas, *corners[0]).click_and_hold()
-    for (x0, y0), (x1, y1) in itertools.pairwise(corners):
+    return host, canvas
+
+
+def draw(browser: WebDriver, canvas: WebElement, points: list[tuple[int, int]]) -> None:
+    """One stroke through ``points`` (offsets from the canvas's centre), then the rerun it causes."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    actions = ActionChains(browser).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         for step in range(1, 11):
             actions.move_to_element_with_offset(canvas, x0 + (x1 - x0) * step // 10, y0 + (y1 - y0) * step // 10)
     actions.release().perform()
     # The canvas sends the drawing to the app, which reruns; a click during that rerun is dropped.
     time.sleep(1)
     WebDriverWait(browser, 30).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget']"))
+
+
+def ink(element: WebElement) -> int:
+    """Dark pixels in a screenshot of ``element``."""
+    import numpy as np
+    from PIL import Image
+
+    return int((np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("L")) < 100).sum())
+
+
+def test_draw_a_sketch_and_classify_it(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:
+    log_in(browser, ui_url, portal)
+    nav = (By.CSS_SELECTOR, "[data-testid='stSidebar'] a[href$='sketch']")
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(nav)).click()
+    text_appears(browser, "Draw a sketch")
+    _, canvas = sketch_canvas(browser)
+    # A diamond, drawn as one stroke around the centre of the 280x280 canvas.
+    draw(browser, canvas, [(0, -100), (70, 0), (0, 100), (-70, 0), (0, -100)])
     shot(browser, "6-sketch-drawn")
     click_button(browser, "Predict")
     text_appears(browser, "confident", timeout=60)
     shot(browser, "7-sketch-prediction")
     found = answers(browser)
     assert found and all(m == "diamond" for m in found), found
+
+
+def test_a_first_stroke_stays_on_a_sketch_page_loaded_afresh(
+    browser: WebDriver, ui_url: str, portal: tuple[str, str, str]
+) -> None:
+    """Loaded afresh, a page takes the session back from the cookie and writes the renewed token
+    into it on that first run only. That script once sat in the main area: the rerun a first
+    stroke causes moved the canvas, which was mounted anew and lost the stroke."""
+    log_in(browser, ui_url, portal)
+    browser.get(f"{ui_url}/sketch")
+    text_appears(browser, "Draw a sketch")
+    draw(browser, sketch_canvas(browser)[1], [(-80, -60), (80, -60)])
+    first = ink(sketch_canvas(browser)[0])
+    draw(browser, sketch_canvas(browser)[1], [(-80, 40), (80, 40)])
+    both = ink(sketch_canvas(browser)[0])
+    shot(browser, "6b-two-strokes")
+    assert first > 500 and both > 1.8 * first, (first, both)
 
 
 def test_an_admin_watches_the_models_and_compares_two_versions(
