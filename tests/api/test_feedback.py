@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -11,14 +12,27 @@ import pytest
 
 from api.app.core.config import Settings
 from api.app.feedback import service as feedback_service
+from api.app.predictions.models import Job, Prediction
 from tests.conftest import Users
 from tests.images import noise_png
 
 pytestmark = pytest.mark.usefixtures("everything_served")
 
 
+async def answered(settings: Settings, job_id: str) -> None:
+    """The job's predictions answered "macaw", as a worker would."""
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(
+            "UPDATE predictions SET status = 'done', label = 'macaw', score = 0.9 WHERE job_id = $1", uuid.UUID(job_id)
+        )
+        await conn.execute("UPDATE jobs SET status = 'done' WHERE id = $1", uuid.UUID(job_id))
+    finally:
+        await conn.close()
+
+
 async def test_a_verdict_on_a_prediction_deleted_meanwhile_is_404(
-    client: httpx.AsyncClient, users: Users, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, users: Users, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The verdict reads its prediction, then the image is deleted (with its jobs and
     predictions), then the verdict is stored: a 404 that says so, not a generic conflict."""
@@ -28,6 +42,8 @@ async def test_a_verdict_on_a_prediction_deleted_meanwhile_is_404(
         "/v1/predictions", json={"image_id": image["id"], "models": ["mobilenet_v2@1"]}, headers=headers
     )
     assert r.status_code == 202, r.text
+    # Answered, as a worker would: a verdict needs an answer.
+    await answered(settings, r.json()["job_id"])
     job = (await client.get(f"/v1/predictions/{r.json()['job_id']}", headers=headers)).json()
     [prediction] = job["results"]
     owned = feedback_service.owned_prediction
@@ -55,16 +71,8 @@ async def test_classic_feedback_on_a_prediction_deleted_meanwhile_is_kept_unlink
         "/v1/predictions", json={"image_id": image["id"], "models": ["mobilenet_v2@1"]}, headers=headers
     )
     assert r.status_code == 202, r.text
-    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        # Answered, as a worker would: the classic client names the image and the answer's label.
-        await conn.execute(
-            "UPDATE predictions SET status = 'done', label = 'macaw', score = 0.9 WHERE job_id = $1",
-            uuid.UUID(r.json()["job_id"]),
-        )
-        await conn.execute("UPDATE jobs SET status = 'done' WHERE id = $1", uuid.UUID(r.json()["job_id"]))
-    finally:
-        await conn.close()
+    # Answered, as a worker would: the classic client names the image and the answer's label.
+    await answered(settings, r.json()["job_id"])
     latest = feedback_service.latest_matching_prediction
 
     async def read_then_deleted(**kw: Any) -> Any:
@@ -83,3 +91,38 @@ async def test_classic_feedback_on_a_prediction_deleted_meanwhile_is_kept_unlink
     assert stored["image_file_name"] == file_name and stored["predicted_class"] == "macaw"
     listed = (await client.get("/feedback/", headers=headers)).json()
     assert [f["id"] for f in listed] == [stored["id"]]
+
+
+async def test_a_verdict_needs_an_answer_to_judge(client: httpx.AsyncClient, app: Any, users: Users) -> None:
+    """A prediction that expired (or failed) has no label: a verdict on it is 422, and none is stored."""
+    user, headers = await users.create()
+    image = (await client.post("/v1/images", files={"file": ("e.png", noise_png(92, 16))}, headers=headers)).json()
+    now = datetime.now(UTC)
+    job = Job(
+        id=uuid.uuid4(),
+        owner_id=user["id"],
+        image_id=uuid.UUID(image["id"]),
+        status="expired",
+        request_id="r",
+        deadline_at=now,
+        finished_at=now,
+        created_at=now,
+    )
+    prediction = Prediction(
+        id=uuid.uuid4(),
+        job_id=job.id,
+        position=0,
+        model_name="mobilenet_v2",
+        model_version=1,
+        status="expired",
+        error="deadline passed in the queue",
+    )
+    async with app.state.sessionmaker() as session:
+        session.add(job)
+        await session.flush()
+        session.add(prediction)
+        await session.commit()
+    for body in ({"is_correct": True}, {"is_correct": False, "correct_label": "macaw"}):
+        r = await client.post("/v1/feedback", json={"prediction_id": str(prediction.id), **body}, headers=headers)
+        assert r.status_code == 422 and "no answer to judge (it is expired)" in r.json()["detail"], r.text
+    assert (await client.get("/v1/feedback", headers=headers)).json()["data"] == []

@@ -27,6 +27,12 @@ classic = APIRouter(prefix="/feedback", tags=["feedback (classic)"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
+def _public(row: Feedback) -> FeedbackPublic:
+    """A stored verdict with the model version it judged (``name@version``)."""
+    judged = f"{row.model_name}@{row.model_version}" if row.model_name else None
+    return FeedbackPublic.model_validate(row).model_copy(update={"model": judged})
+
+
 def _scope(user: CurrentUser, all_users: bool) -> int | None:
     if all_users and not user.is_admin:
         raise HTTPException(status_code=403, detail="Only admins can list everyone's feedback")
@@ -43,9 +49,9 @@ async def create_feedback(
     redis: RedisDep,
     registry: RegistryDep,
     settings: SettingsDep,
-) -> Feedback:
+) -> FeedbackPublic:
     """Say whether one of my predictions was right, and if not, what the right label is."""
-    return await service.create_feedback(
+    feedback = await service.create_feedback(
         session=session,
         redis=redis,
         registry=registry,
@@ -53,6 +59,7 @@ async def create_feedback(
         body=body,
         test_share=settings.feedback_test_share,
     )
+    return _public(feedback)
 
 
 @router.get("", response_model=FeedbacksPublic, responses={**AUTHED, **FORBIDDEN, **INVALID})
@@ -70,13 +77,7 @@ async def list_feedback(
     rows, count, next_cursor = await service.list_feedback(
         session=session, owner_id=_scope(user, all_users), page=page, prediction_ids=prediction_id
     )
-    data = [
-        FeedbackPublic.model_validate(r).model_copy(
-            update={"model": f"{r.model_name}@{r.model_version}" if r.model_name else None}
-        )
-        for r in rows
-    ]
-    return FeedbacksPublic(data=data, count=count, next_cursor=next_cursor)
+    return FeedbacksPublic(data=[_public(r) for r in rows], count=count, next_cursor=next_cursor)
 
 
 @classic.post("/", response_model=FeedbackPublic, status_code=201, responses={**BODY, **AUTHED})

@@ -73,6 +73,17 @@ async def create_feedback(
     prediction = await owned_prediction(session=session, owner_id=owner_id, prediction_id=body.prediction_id)
     if prediction is None:
         raise HTTPException(status_code=404, detail="Prediction not found")
+    if prediction.label is None:
+        raise HTTPException(
+            status_code=422,
+            detail=f"This prediction has no answer to judge (it is {prediction.status}).",
+        )
+    if body.is_correct and body.correct_label not in (None, prediction.label):
+        raise HTTPException(
+            status_code=422,
+            detail=f"The prediction was {prediction.label!r}: confirming it takes that label or none; "
+            "a wrong prediction is is_correct=false with the right label.",
+        )
     if body.correct_label is not None:
         if not body.is_correct and body.correct_label == prediction.label:
             raise HTTPException(
