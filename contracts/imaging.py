@@ -121,6 +121,18 @@ def _classified() -> Iterator[None]:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageRejected(413, f"The image is too large to decode: {exc}") from None
+    except ValueError as exc:
+        if "MAX_TEXT_CHUNK" not in str(exc):
+            raise ImageRejected(
+                422, f"The image cannot be read; it is truncated or corrupt ({_reason(exc)})."
+            ) from None
+        # Pillow's own limit on a PNG's compressed metadata (an ICC profile, a text chunk): the
+        # picture may be fine, but its metadata decompresses past what is read safely.
+        raise ImageRejected(
+            422,
+            "The image's embedded metadata (an ICC colour profile or a text chunk) is larger than is read "
+            "safely; save it again without it.",
+        ) from None
     except Exception as exc:
         raise ImageRejected(422, f"The image cannot be read; it is truncated or corrupt ({_reason(exc)}).") from None
 
