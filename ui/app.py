@@ -72,7 +72,8 @@ if signed_in:
         for p in shown:
             st.page_link(p, label=p.title)
         st.divider()
-        st.caption(f"Signed in as {user['email'] if user else ''}")
+        # Plain text: Markdown would make the address a mailto link to oneself.
+        st.text(f"Signed in as {user['email'] if user else ''}")
         if st.button("Log out", key="logout"):
             session.logout(api)
 else:

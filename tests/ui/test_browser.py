@@ -127,6 +127,9 @@ def log_in(browser: WebDriver, ui_url: str, portal: tuple[str, str, str], screen
 def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:
     log_in(browser, ui_url, portal, screenshots=True)
     wait = WebDriverWait(browser, 30)
+    sidebar = browser.find_element(By.CSS_SELECTOR, "[data-testid='stSidebar']")
+    assert f"Signed in as {portal[1]}" in sidebar.text
+    assert not sidebar.find_elements(By.CSS_SELECTOR, "a[href^='mailto:']")  # no link to write to oneself
 
     upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
     text_appears(browser, "10MB per file")  # the API's limit, not Streamlit's 200MB
