@@ -11,14 +11,30 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 
 from api.app.catalog import service as catalog
 from api.app.core.config import Settings
 from api.app.main import create_app
+from api.app.predictions import service as predictions_service
 from api.prestart import migrate, seed_admin, seed_registry
 from tests.conftest import _execute, client_for
 from tests.support import RedisServer, Service, start_worker, wait_for_worker
+
+
+async def waited(app: FastAPI, job_id: uuid.UUID, seconds: float) -> Any:
+    """How a one-call prediction waiting up to ``seconds`` for ``job_id`` ends: 200 (answered), its
+    HTTP error's status, or the repr of anything else raised."""
+    async with app.state.read_sessionmaker() as reader:
+        try:
+            await predictions_service._wait_while_the_job_exists(
+                reader=reader, blocking_redis=app.state.redis_blocking, job_id=job_id, seconds=seconds
+            )
+        except HTTPException as exc:
+            return exc.status_code
+        except Exception as exc:
+            return repr(exc)
+    return 200
 
 
 @pytest.fixture

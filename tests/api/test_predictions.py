@@ -13,7 +13,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from fastapi import HTTPException
 from PIL import Image
 from sqlalchemy import event, select, text, update
 
@@ -24,6 +23,7 @@ from api.app.predictions import service
 from api.app.predictions.models import Job, Prediction
 from api.app.stats.models import CorrectionStats
 from contracts.messages import LabelScore, PredictionStatus, ResultMessage, Timings
+from tests.api.conftest import waited
 from tests.conftest import Users, client_for
 from tests.images import encode, noise_png
 from tests.support import PHOTOS, blob_lock, waiting_on_lock
@@ -600,18 +600,8 @@ async def test_a_waiting_request_learns_soon_that_its_job_was_deleted(
         )
         await session.commit()
 
-    async def wait(seconds: float) -> int:
-        async with app.state.read_sessionmaker() as reader:
-            try:
-                await service._wait_while_the_job_exists(
-                    reader=reader, blocking_redis=app.state.redis_blocking, job_id=job_id, seconds=seconds
-                )
-            except HTTPException as exc:
-                return exc.status_code
-        return 200
-
-    assert await wait(0.5) == 504
-    waiting = asyncio.create_task(wait(30))
+    assert await waited(app, job_id, 0.5) == 504
+    waiting = asyncio.create_task(waited(app, job_id, 30))
     await asyncio.sleep(0.3)
     started = asyncio.get_running_loop().time()
     assert (await client.delete(f"/v1/users/{user['id']}", headers=admin_headers)).status_code == 204

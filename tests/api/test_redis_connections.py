@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from PIL import Image
 
 from api.app.core.config import Settings
@@ -21,6 +20,7 @@ from api.app.predictions import queue, service
 from api.app.predictions.models import Job, Prediction
 from contracts import keys
 from contracts.messages import LabelScore, PredictionStatus, ResultMessage
+from tests.api.conftest import waited
 from tests.conftest import Users, client_for
 from tests.images import encode
 from tests.support import RedisServer
@@ -28,19 +28,10 @@ from tests.support import RedisServer
 CONNECTIONS = 3
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-async def portal(settings: Settings, server: RedisServer) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(settings.model_copy(update={"redis_url": server.url, "redis_max_connections": CONNECTIONS}))
+async def portal(settings: Settings, private_redis: RedisServer) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    update = {"redis_url": private_redis.url, "redis_max_connections": CONNECTIONS}
+    app = create_app(settings.model_copy(update=update))
     async for client in client_for(app):
         yield app, client
 
@@ -75,21 +66,6 @@ async def queued_jobs(app: FastAPI, client: httpx.AsyncClient, users: Users, n: 
     return predictions
 
 
-async def wait(app: FastAPI, job_id: uuid.UUID, seconds: float) -> Any:
-    """What a one-call prediction waiting for ``job_id`` ends with: 200, its HTTP error, or the
-    repr of anything else raised."""
-    async with app.state.read_sessionmaker() as reader:
-        try:
-            await service._wait_while_the_job_exists(
-                reader=reader, blocking_redis=app.state.redis_blocking, job_id=job_id, seconds=seconds
-            )
-        except HTTPException as exc:
-            return exc.status_code
-        except Exception as exc:
-            return repr(exc)
-    return 200
-
-
 async def test_more_waiting_requests_than_connections_wait_their_turn(
     portal: tuple[FastAPI, httpx.AsyncClient], users: Users, settings: Settings
 ) -> None:
@@ -98,9 +74,9 @@ async def test_more_waiting_requests_than_connections_wait_their_turn(
     seconds, and those requests answered as if Redis were down)."""
     app, client = portal
     predictions = await queued_jobs(app, client, users, 3 * CONNECTIONS)
-    assert await asyncio.gather(*(wait(app, p.job_id, 3) for p in predictions)) == [504] * len(predictions)
+    assert await asyncio.gather(*(waited(app, p.job_id, 3) for p in predictions)) == [504] * len(predictions)
 
-    waiting = [asyncio.create_task(wait(app, p.job_id, 20)) for p in predictions]
+    waiting = [asyncio.create_task(waited(app, p.job_id, 20)) for p in predictions]
     await asyncio.sleep(0.5)
     # Every job answered while most of the requests still wait for a connection.
     await queue.notify_done(app.state.redis, {str(p.job_id): b"[]" for p in predictions}, ttl=60)
