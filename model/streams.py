@@ -109,12 +109,16 @@ class JobStreams:
             delivery.delivery = streams.times_delivered(self.client, stream, keys.JOB_GROUP, delivery.entry_id)
         return deliveries
 
-    def reclaim_from_stopped(self, stream: str, *, min_idle_ms: int, count: int) -> list[Delivery]:
+    def reclaim_from_stopped(
+        self, stream: str, *, min_idle_ms: int, count: int, forget_idle_ms: int = 60_000
+    ) -> list[Delivery]:
         """Takes over up to ``count`` jobs of ``stream`` held by workers whose heartbeat is gone
         (stopped or killed; a consumer is named after its worker), delivered at least
         ``min_idle_ms`` ago, each with its delivery count; and removes from the group the stopped
-        workers that hold none. Without it their jobs wait for ``VISIBILITY_TIMEOUT_MS``, as
-        long as a one-call prediction waits for its answer."""
+        workers that hold none and have not read for ``forget_idle_ms`` (deleting a consumer drops
+        what it holds: a worker whose heartbeat merely lapsed may be reading at that moment).
+        Without it their jobs wait for ``VISIBILITY_TIMEOUT_MS``, as long as a one-call prediction
+        waits for its answer."""
         consumers = self.client.xinfo_consumers(stream, keys.JOB_GROUP)
         others = [c for c in consumers if _text(c["name"]) != self.consumer]
         if not others:
@@ -129,7 +133,8 @@ class JobStreams:
             if beating:
                 continue
             if not consumer["pending"]:
-                self.client.xgroup_delconsumer(stream, keys.JOB_GROUP, name)
+                if consumer["idle"] >= forget_idle_ms:
+                    self.client.xgroup_delconsumer(stream, keys.JOB_GROUP, name)
                 continue
             if len(entry_ids) < count:
                 held = self.client.xpending_range(
