@@ -122,7 +122,7 @@ def _classified() -> Iterator[None]:
     except Image.DecompressionBombError as exc:
         raise ImageRejected(413, f"The image is too large to decode: {exc}") from None
     except ValueError as exc:
-        if "MAX_TEXT_CHUNK" not in str(exc):
+        if "MAX_TEXT_" not in str(exc):  # MAX_TEXT_CHUNK, MAX_TEXT_MEMORY
             raise ImageRejected(
                 422, f"The image cannot be read; it is truncated or corrupt ({_reason(exc)})."
             ) from None

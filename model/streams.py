@@ -110,43 +110,46 @@ class JobStreams:
         return deliveries
 
     def reclaim_from_stopped(
-        self, stream: str, *, min_idle_ms: int, count: int, forget_idle_ms: int = 60_000
+        self, stream: str, *, min_idle_ms: int, count: int, including_own: bool = False
     ) -> list[Delivery]:
         """Takes over up to ``count`` jobs of ``stream`` held by workers whose heartbeat is gone
-        (stopped or killed; a consumer is named after its worker), delivered at least
-        ``min_idle_ms`` ago, each with its delivery count; and removes from the group the stopped
-        workers that hold none and have not read for ``forget_idle_ms`` (deleting a consumer drops
-        what it holds: a worker whose heartbeat merely lapsed may be reading at that moment).
-        Without it their jobs wait for ``VISIBILITY_TIMEOUT_MS``, as long as a one-call prediction
-        waits for its answer."""
-        consumers = self.client.xinfo_consumers(stream, keys.JOB_GROUP)
-        others = [c for c in consumers if _text(c["name"]) != self.consumer]
-        if not others:
-            return []
+        (stopped or killed; a consumer is named after its worker) and delivered at least
+        ``min_idle_ms`` ago, each with its delivery count. Without it they wait for
+        ``VISIBILITY_TIMEOUT_MS``, as long as a one-call prediction waits for its answer.
+        ``including_own``: also the jobs held under this worker's own name, by an earlier process
+        of the same name (a container restarted keeps its host name and often its pid).
+
+        Stopped workers stay in the group: deleting a consumer drops what it holds, and a worker
+        whose heartbeat merely lapsed may be reading at that moment."""
+        try:
+            consumers = self.client.xinfo_consumers(stream, keys.JOB_GROUP)
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc):
+                return []  # Redis lost its data: the next read finds the group gone and makes it again
+            raise
+        names = [_text(c["name"]) for c in consumers if c["pending"]]
+        others = [name for name in names if name != self.consumer]
         with self.client.pipeline(transaction=False) as pipe:
-            for consumer in others:
-                pipe.exists(keys.heartbeat_key(_text(consumer["name"])))
-            alive = pipe.execute()
+            for name in others:
+                pipe.exists(keys.heartbeat_key(name))
+            alive = pipe.execute() if others else []
+        stopped = [name for name, beating in zip(others, alive, strict=True) if not beating]
+        if including_own and self.consumer in names:
+            stopped.append(self.consumer)
         entry_ids: list[Any] = []
-        for consumer, beating in zip(others, alive, strict=True):
-            name = _text(consumer["name"])
-            if beating:
-                continue
-            if not consumer["pending"]:
-                if consumer["idle"] >= forget_idle_ms:
-                    self.client.xgroup_delconsumer(stream, keys.JOB_GROUP, name)
-                continue
-            if len(entry_ids) < count:
-                held = self.client.xpending_range(
-                    stream,
-                    keys.JOB_GROUP,
-                    min="-",
-                    max="+",
-                    count=count - len(entry_ids),
-                    consumername=name,
-                    idle=min_idle_ms,
-                )
-                entry_ids.extend(entry["message_id"] for entry in held)
+        for name in stopped:
+            if len(entry_ids) >= count:
+                break
+            held = self.client.xpending_range(
+                stream,
+                keys.JOB_GROUP,
+                min="-",
+                max="+",
+                count=count - len(entry_ids),
+                consumername=name,
+                idle=min_idle_ms,
+            )
+            entry_ids.extend(entry["message_id"] for entry in held)
         if not entry_ids:
             return []
         claimed = cast(

@@ -93,6 +93,8 @@ class Worker:
         self.stopping = threading.Event()
         self._last_outage_log = 0.0
         self._last_reclaim = 0.0
+        self._own_taken_back: set[str] = set()
+        """The streams where the jobs an earlier process of this worker's name left were taken back."""
         self.peers = 1
         """Live workers, this one included, as last counted by the heartbeat thread."""
         self._tried: dict[str, dict[str, Any]] = {}
@@ -378,9 +380,13 @@ class Worker:
                 # A stopped worker's jobs as soon as its heartbeat is gone; any other's once idle
                 # for VISIBILITY_TIMEOUT_MS (its worker hangs).
                 taken = self.jobs.reclaim_from_stopped(
-                    stream, min_idle_ms=STOPPED_WORKER_MIN_IDLE_MS, count=self.settings.max_batch_size
+                    stream,
+                    min_idle_ms=STOPPED_WORKER_MIN_IDLE_MS,
+                    count=self.settings.max_batch_size,
+                    including_own=stream not in self._own_taken_back,
                 )
                 if len(taken) < self.settings.max_batch_size:
+                    self._own_taken_back.add(stream)
                     taken += self.jobs.reclaim(
                         stream,
                         min_idle_ms=self.settings.visibility_timeout_ms,
@@ -486,7 +492,7 @@ class Worker:
             elif d.job.expired(now):
                 error = "deadline passed in the queue"
                 if d.delivery > 1:
-                    error += f" (taken over after the worker that had it stopped; delivery {d.delivery})"
+                    error += f" (taken over from a worker that stopped or hung; delivery {d.delivery})"
                 answers.append(self._answer(d, PredictionStatus.expired, error=error))
             else:
                 computable.append(d)

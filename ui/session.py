@@ -102,11 +102,12 @@ def keep_alive(api: Api) -> None:
         except ApiError as exc:
             if exc.status == 401:
                 logout(api, EXPIRED)
-            st.warning(exc.message)
+            # In the sidebar, as the script below: an element that comes and goes in the main
+            # area (shown on one run only) moves the page's own elements, and the sketch canvas,
+            # mounted anew, would lose what was drawn on it.
+            with st.sidebar:
+                st.warning(exc.message)
     if pending := st.session_state.pop("cookie_to_write", None):
-        # In the sidebar: an element that comes and goes in the main area (this script is written
-        # on one run only) moves the page's own elements, and the sketch canvas, mounted anew,
-        # would lose what was drawn on it.
         with st.sidebar:
             _run_script(_cookie_script(*pending))
 

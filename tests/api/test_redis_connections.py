@@ -1,6 +1,6 @@
 """The API's Redis connections when more requests wait than it has connections, against a private
-Redis: waiting requests queue for a connection instead of being told Redis is down, and the
-background loops read on connections of their own."""
+Redis: a waiting request that finds no connection free waits on instead of being told Redis is
+down, and the background loops read on connections of their own."""
 
 from __future__ import annotations
 

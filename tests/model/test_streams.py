@@ -14,7 +14,7 @@ import redis
 from contracts import keys
 from contracts.messages import JobMessage, PredictionStatus, ResultMessage
 from model.streams import DeadLetter, JobStreams, decode
-from tests.support import RedisServer, entries, streams_read
+from tests.support import RedisServer, entries
 
 
 @pytest.fixture(scope="module")
@@ -120,40 +120,34 @@ def test_reclaim_takes_over_idle_jobs_with_their_delivery_counts(client: redis.R
 
 def test_a_stopped_workers_jobs_are_taken_over_once_its_heartbeat_is_gone(client: redis.Redis) -> None:
     """Jobs held by a worker whose heartbeat expired are taken over after a moment, long before
-    the visibility timeout; those of a live worker stay; a worker without a heartbeat that holds
-    nothing leaves the group once it has not read for a while (not at once: its heartbeat may
-    merely have lapsed, and deleting a consumer drops what it holds)."""
+    the visibility timeout; those of a live worker stay; a worker's own name counts only when
+    asked (a new process under the name of one that stopped); the stopped stay in the group."""
     stream = fresh_stream()
     survivor = JobStreams(client, "survivor")
     survivor.ensure_groups([stream])
+    assert survivor.reclaim_from_stopped(fresh_stream(), min_idle_ms=0, count=10) == []  # no such stream (yet)
     client.set(keys.heartbeat_key("survivor"), b"{}")
     client.set(keys.heartbeat_key("alive"), b"{}")
-    held, kept, answered = job(), job(), job()
+    held, kept, left = job(), job(), job()
     client.xadd(stream, held.to_fields())
     JobStreams(client, "stopped").read([stream], count=1)
     client.xadd(stream, kept.to_fields())
     JobStreams(client, "alive").read([stream], count=1)
-    client.xadd(stream, answered.to_fields())
-    [(_stream, [(entry_id, _fields)])] = streams_read(
-        client.xreadgroup(keys.JOB_GROUP, "lapsed", {stream: ">"}, count=1)
-    )
-    client.xack(stream, keys.JOB_GROUP, entry_id)  # answered at once: it holds nothing
+    client.xadd(stream, left.to_fields())
+    JobStreams(client, "survivor").read([stream], count=1)  # by an earlier process of that name
 
-    def reclaim() -> list[tuple[JobMessage | None, int]]:
-        taken = survivor.reclaim_from_stopped(stream, min_idle_ms=200, count=10, forget_idle_ms=200)
+    def reclaim(including_own: bool = False) -> list[tuple[JobMessage | None, int]]:
+        taken = survivor.reclaim_from_stopped(stream, min_idle_ms=200, count=10, including_own=including_own)
         return [(d.job, d.delivery) for d in taken]
 
     def consumers() -> dict[bytes, int]:
         return {c["name"]: c["pending"] for c in client.xinfo_consumers(stream, keys.JOB_GROUP)}
 
-    assert reclaim() == []  # delivered a moment ago
-    assert consumers() == {b"stopped": 1, b"alive": 1, b"lapsed": 0}
+    assert reclaim(including_own=True) == []  # delivered a moment ago
     time.sleep(0.25)
     assert reclaim() == [(held, 2)]
-    assert consumers() == {b"survivor": 1, b"alive": 1, b"stopped": 0}  # "lapsed" had not read for a while
-    time.sleep(0.25)
-    assert reclaim() == []
-    assert consumers() == {b"survivor": 1, b"alive": 1}
+    assert reclaim(including_own=True) == [(left, 2)]
+    assert consumers() == {b"survivor": 2, b"alive": 1, b"stopped": 0}
 
 
 def test_reclaim_skips_entries_deleted_while_pending(client: redis.Redis) -> None:

@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     """Redis URL; the database index in the path selects the logical database."""
     redis_max_connections: int = 512
     """Redis connections per API process for short commands, and as many again for requests' blocking
-    waits (each waiting one-call prediction or explanation holds one; more waiting requests queue for
-    one). The background loops have 4 of their own."""
+    waits (each waiting one-call prediction or explanation holds one; a one-call prediction that
+    finds none free waits on until its deadline). The background loops have 4 of their own."""
     allow_redis_eviction: bool = False
     """Run on a Redis whose maxmemory-policy is not noeviction (managed Redis often ships
     allkeys-lru or volatile-lru), which deletes queued jobs and results under memory pressure. False:

@@ -238,6 +238,8 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
 
     async def blob_missing(request: Request, exc: Exception) -> JSONResponse:
         # Found before an OSError's handler: the image was deleted while this request read it.
+        # Logged: a store that lost files, or a wrong STORAGE_DIR, shows the same way.
+        log.warning("a stored file was missing for %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse(status_code=404, content={"detail": "Image not found: it was deleted meanwhile."})
 
     app.add_exception_handler(RequestValidationError, invalid_request)

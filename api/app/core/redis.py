@@ -1,6 +1,9 @@
-"""Redis clients: one for short commands, one for requests' blocking waits, one for the background loops' blocking reads."""
+"""Redis clients: one for short commands, one for requests' blocking waits, one for the background
+loops' blocking reads."""
 
 from __future__ import annotations
+
+import asyncio
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -8,6 +11,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from api.app.core.config import Settings
+
+POOL_WAIT_SECONDS = 2
+"""How long a command waits for a pooled connection when all are taken."""
+
+
+def pool_exhausted(exc: BaseException) -> bool:
+    """Whether ``exc`` says that every pooled connection was taken for ``POOL_WAIT_SECONDS``
+    (redis-py's ``BlockingConnectionPool``), not that Redis is down."""
+    return isinstance(exc, ConnectionError) and isinstance(exc.__cause__, asyncio.TimeoutError)
 
 
 def make_redis(settings: Settings, *, blocking: bool = False, max_connections: int | None = None) -> Redis:
@@ -18,16 +30,13 @@ def make_redis(settings: Settings, *, blocking: bool = False, max_connections: i
     command's own timeout bounds them; everything else gives up after one second. A command that
     meets a connection Redis closed (after a restart) is retried once on a fresh connection.
 
-    When every connection is taken, a short command waits up to two seconds for one and then
-    fails as an outage would; a blocking wait queues until one is handed back, because its
-    holders hand them back within their own waits' timeouts (a one-call prediction's waits last
-    at most ``GONE_CHECK_SECONDS``): more waiting requests than connections then wait a little
-    longer, instead of being told that Redis is down.
+    When every connection is taken, a command waits up to ``POOL_WAIT_SECONDS`` for one, then
+    raises ``ConnectionError`` (``pool_exhausted`` tells it from Redis being down).
     """
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections or settings.redis_max_connections,
-        timeout=None if blocking else 2,
+        timeout=POOL_WAIT_SECONDS,
         socket_connect_timeout=1,
         socket_timeout=None if blocking else 1,
         health_check_interval=15,

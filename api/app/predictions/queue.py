@@ -7,8 +7,10 @@ import weakref
 from dataclasses import dataclass
 from typing import cast
 
+import redis.exceptions
 from redis.asyncio import Redis
 
+from api.app.core.redis import pool_exhausted
 from contracts import keys
 from contracts.messages import JobMessage, LabelScore, ResultMessage
 from contracts.streams import STREAM_MAXLEN
@@ -113,10 +115,19 @@ async def notify_done(
 
 async def wait_done(redis_blocking: Redis, job_id: str, seconds: float) -> bytes | None:
     """Blocks (without polling) until the job is finished, then returns what its notification
-    carries; None once ``seconds`` pass."""
+    carries; None once ``seconds`` pass, or when no blocking connection came free within
+    ``POOL_WAIT_SECONDS``."""
     if seconds <= 0:
         return None
-    got = cast(list[bytes] | None, await redis_blocking.blpop([keys.job_done_key(job_id)], timeout=seconds))
+    try:
+        got = cast(list[bytes] | None, await redis_blocking.blpop([keys.job_done_key(job_id)], timeout=seconds))
+    except redis.exceptions.ConnectionError as exc:
+        if not pool_exhausted(exc):
+            raise
+        # Other waiting requests hold every blocking connection: no answer seen yet. The caller
+        # asks again after checking its job and its deadline, so it ends in time, never as if
+        # Redis were down (the answer stays in its list until then).
+        return None
     return got[1] if got is not None else None
 
 
