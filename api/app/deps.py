@@ -239,6 +239,20 @@ async def owned_image(image_id: uuid.UUID, user: CurrentUser, session: SessionDe
 OwnedImage = Annotated[Image, Depends(owned_image)]
 
 
+async def one_file_part(request: Request) -> None:
+    """422 when a single-image upload carries more than one ``file`` part: FastAPI would keep the
+    last and drop the others without a word. Reads the form FastAPI has already parsed (cached)."""
+    parts = len((await request.form()).getlist("file"))
+    if parts > 1:
+        raise HTTPException(
+            status_code=422,
+            detail=f"One image per upload: this request has {parts} 'file' parts. /v1/batches takes many.",
+        )
+
+
+OneFilePart = Depends(one_file_part)
+
+
 @dataclass(frozen=True)
 class Page:
     """Offset paging of a list route: ``skip`` rows, then at most ``limit``."""

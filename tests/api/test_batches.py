@@ -205,6 +205,14 @@ async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
         assert r.status_code == 422 and "empty" in r.json()["detail"]
         r = await send(client, headers, [("a.png", noise_png(20))], models="nope@9")
         assert r.status_code == 422
+        # Models in the query, as /model/predict takes them, are read too, and never twice.
+        one = [("file", ("a.png", noise_png(22)))]
+        r = await client.post("/v1/batches", params={"models": "nope@9"}, files=one, headers=headers)
+        assert r.status_code == 422 and "nope@9" in r.text, r.text
+        r = await client.post(
+            "/v1/batches", params={"models": MODEL}, files=one, data={"models": MODEL}, headers=headers
+        )
+        assert r.status_code == 422 and "not both" in r.json()["detail"], r.text
         r = await send(client, headers, [("a.png", noise_png(21))], image_ids="not-an-id")
         assert r.status_code == 422
         # The per-user cap counts the images a batch would add to those still waiting.
@@ -250,25 +258,30 @@ async def _timed_prediction(client: httpx.AsyncClient, headers: dict[str, str], 
     return time.perf_counter() - started
 
 
+SAMPLES = 200
+
+
 async def test_people_stay_fast_while_a_large_batch_runs(client: httpx.AsyncClient, users: Users) -> None:
     """p95 of one-at-a-time predictions while a 1,000-image batch runs is within 1.5 times the
-    p95 of an idle portal. A second try is allowed, with a new batch: on two shared cores one
-    pause of the machine moves a p95 of 60 samples, while a lane that let a batch's jobs ahead
-    of people's would put seconds on every try."""
+    p95 of an idle portal. 200 samples a side: a person's job that arrives while the worker
+    answers one of the batch's waits for it (about one in ten here), which the p95 of 60 samples
+    caught or missed by chance (1.0-1.8 times on one host; 1.26-1.49 with 200). Three tries are
+    allowed, each with a new batch, for pauses of the shared machine; a lane that let a batch's
+    jobs ahead of people's would put seconds on every try."""
     _, person = await users.create()
     _, company = await users.create()
     for seed in range(5):  # warm up
         await _timed_prediction(client, person, 9000 + seed)
     tries = []
-    for attempt in range(2):
+    for attempt in range(3):
         base = 100_000 * attempt
-        idle = [await _timed_prediction(client, person, base + 10_000 + i) for i in range(60)]
+        idle = [await _timed_prediction(client, person, base + 10_000 + i) for i in range(SAMPLES)]
         images = {f"{i}.png": noise_png(base + 20_000 + i) for i in range(1000)}
         r = await send(client, company, [("large.zip", zipped(images))])
         assert r.status_code == 202, r.text
         batch_id = r.json()["id"]
         await asyncio.sleep(1)
-        busy = [await _timed_prediction(client, person, base + 30_000 + i) for i in range(60)]
+        busy = [await _timed_prediction(client, person, base + 30_000 + i) for i in range(SAMPLES)]
         during = (await client.get(f"/v1/batches/{batch_id}", headers=company)).json()
         await client.delete(f"/v1/batches/{batch_id}", headers=company)
         assert during["status"] == "running" and during["counts"]["done"] > 0, during["counts"]
@@ -278,7 +291,7 @@ async def test_people_stay_fast_while_a_large_batch_runs(client: httpx.AsyncClie
         tries.append((p95_idle, p95_busy))
         if p95_busy <= 1.5 * p95_idle:
             return
-    raise AssertionError(f"p95 (idle, during the batch) in s, twice: {tries}")
+    raise AssertionError(f"p95 (idle, during the batch) in s, three times: {tries}")
 
 
 async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(

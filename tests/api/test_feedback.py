@@ -93,6 +93,14 @@ async def test_classic_feedback_on_a_prediction_deleted_meanwhile_is_kept_unlink
     assert [f["id"] for f in listed] == [stored["id"]]
 
 
+async def test_classic_feedback_that_says_nothing_is_refused(client: httpx.AsyncClient, users: Users) -> None:
+    _, headers = await users.create()
+    for empty in ({}, {"score": None, "feedback": None}):
+        r = await client.post("/feedback/", json=empty, headers=headers)
+        assert r.status_code == 422 and "Say something" in r.text, r.text
+    assert (await client.get("/feedback/", headers=headers)).json() == []
+
+
 async def test_a_verdict_needs_an_answer_to_judge(client: httpx.AsyncClient, app: Any, users: Users) -> None:
     """A prediction that expired (or failed) has no label: a verdict on it is 422, and none is stored."""
     user, headers = await users.create()

@@ -68,6 +68,21 @@ async def test_upload_errors(
     assert words in r.json()["detail"]
 
 
+@pytest.mark.parametrize("path", ["/v1/images", "/model/predict"])
+async def test_a_single_upload_takes_one_named_file_part(client: httpx.AsyncClient, users: Users, path: str) -> None:
+    """A second ``file`` part would be dropped without a word, and a part without a filename
+    arrives as text: both 422, saying so, without the file's bytes in the answer."""
+    _, headers = await users.create()
+    png = encode(split_colour(), "PNG")
+    two = [("file", ("a.png", png)), ("file", ("b.png", png))]
+    r = await client.post(path, files=two, headers=headers)
+    assert r.status_code == 422 and "2 'file' parts" in r.json()["detail"], r.text
+    r = await client.post(path, files={"file": ("", png, "image/png")}, headers=headers)
+    assert r.status_code == 422 and "filename" in r.json()["detail"][0]["msg"], r.text
+    assert "PNG" not in r.text and len(r.content) < 400, r.text
+    assert (await client.get("/v1/images", headers=headers)).json()["data"] == []
+
+
 async def test_too_large_upload(client: httpx.AsyncClient, users: Users, settings: Settings) -> None:
     _, headers = await users.create()
     r = await upload(client, headers, b"\xff\xd8" + b"0" * settings.max_upload_bytes)

@@ -49,6 +49,9 @@ async def create_batch(
     settings: SettingsDep,
     file: Annotated[list[UploadFile], File(description="Images, or zip archives of images")] = [],  # noqa: B006
     models: Annotated[str, Form(description="Model references separated by commas; empty: the default")] = "",
+    models_in_query: Annotated[
+        list[str] | None, Query(alias="models", description="The same, in the query, as /model/predict takes them")
+    ] = None,
     image_ids: Annotated[str, Form(description="Ids of images already uploaded, separated by commas")] = "",
 ) -> BatchDetail:
     """Classify many images: ``file`` parts (images or zips of images; at most MAX_BATCH_BYTES in
@@ -56,8 +59,12 @@ async def create_batch(
     it with ``GET /v1/batches/{id}``. Bad files are listed as skipped (see the results), the rest
     go on. 413: more than MAX_BATCH_IMAGES files or MAX_BATCH_BYTES; 422: an unreadable zip, an
     entry name that leaves the archive, a zip bomb, an empty batch, unknown models; 429: too many
-    of your batch images waiting."""
+    of your batch images waiting, or ``models`` both in the form and in the query."""
     refs = [r.strip() for r in models.split(",") if r.strip()]
+    queried = [r.strip() for ref in models_in_query or [] for r in ref.split(",") if r.strip()]
+    if refs and queried:
+        raise HTTPException(status_code=422, detail="Give models in the form or in the query, not both.")
+    refs = refs or queried
     batch = await service.create_batch(
         session=session,
         store=store,

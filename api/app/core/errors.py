@@ -158,6 +158,21 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+NOT_A_FILE = (
+    "Expected a file: send it as a multipart part with a filename "
+    "(a part without one arrives as text, so its content is not repeated here)."
+)
+
+
+def _readable(error: dict[str, Any]) -> dict[str, Any]:
+    """One of FastAPI's validation errors as the 422 gives it: a large input cut (``_short``),
+    and a file part sent without a filename (Starlette then reads it as a text field) said so,
+    without the file's bytes as text."""
+    if "Expected UploadFile" in str(error.get("msg", "")):
+        return {"type": "value_error", "loc": error.get("loc"), "msg": NOT_A_FILE}
+    return {**error, "input": _short(error["input"])} if "input" in error else error
+
+
 def _short(value: Any) -> Any:
     """``value`` as a 422 quotes it: whole when small, else cut (a string) or summarised; never
     a number JSON cannot write."""
@@ -231,7 +246,7 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
     async def invalid_request(request: Request, exc: Exception) -> Response:
         # FastAPI's own answer, except that a large input is not sent back to its sender.
         assert isinstance(exc, RequestValidationError)
-        errors = [{**error, "input": _short(error["input"])} if "input" in error else error for error in exc.errors()]
+        errors = [_readable(error) for error in exc.errors()]
         # ASCII JSON: an input holding a lone surrogate is escaped, where UTF-8 could not encode it.
         body = json.dumps({"detail": _json_safe(jsonable_encoder(errors))}, default=str, allow_nan=False)
         return Response(status_code=422, content=body, media_type="application/json")

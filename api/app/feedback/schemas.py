@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.app.core.fields import Text
 
@@ -21,6 +21,13 @@ class ClassicFeedbackCreate(BaseModel):
     predicted_class: Text | None = Field(default=None, max_length=200)
     image_file_name: Text | None = Field(default=None, max_length=100)
     feedback: Text | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="after")
+    def says_something(self) -> ClassicFeedbackCreate:
+        """An empty body would store a row that says nothing: 422 instead."""
+        if all(value is None for value in (self.score, self.predicted_class, self.image_file_name, self.feedback)):
+            raise ValueError("Say something: give predicted_class, feedback, score or image_file_name.")
+        return self
 
 
 class FeedbackPublic(BaseModel):

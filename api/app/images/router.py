@@ -5,7 +5,16 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Response, UploadFile
 
 from api.app.core.responses import AUTHED, INVALID, NOT_FOUND, UPLOAD
-from api.app.deps import CurrentUser, KeysetPageDep, OwnedImage, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from api.app.deps import (
+    CurrentUser,
+    KeysetPageDep,
+    OneFilePart,
+    OwnedImage,
+    ReadSessionDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+)
 from api.app.images import service
 from api.app.images.models import Image
 from api.app.images.schemas import ImageListItem, ImagePublic, ImagesPublic
@@ -27,6 +36,7 @@ MEDIA_TYPES = {
     response_model=ImagePublic,
     status_code=201,
     responses=UPLOAD,
+    dependencies=[OneFilePart],
 )
 async def upload_image(
     user: CurrentUser,

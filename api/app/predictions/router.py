@@ -23,6 +23,7 @@ from api.app.deps import (
     CurrentUser,
     EngineDep,
     KeysetPageDep,
+    OneFilePart,
     OwnedImage,
     ReadSessionDep,
     RedisDep,
@@ -109,6 +110,7 @@ async def read_prediction(job_id: uuid.UUID, user: CurrentUser, session: ReadSes
     "/predict",
     response_model=ClassicPrediction,
     responses={**UPLOAD, **NOT_FOUND, **TOO_MANY, **UNAVAILABLE, **TIMEOUT},
+    dependencies=[OneFilePart],
 )
 async def predict(
     user: CurrentUser,
