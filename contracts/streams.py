@@ -7,7 +7,7 @@ API) side by side, as ``contracts.workers`` does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -71,3 +71,53 @@ def times_delivered(client: redis.Redis, stream: str, group: str, entry_id: byte
 async def times_delivered_async(client: redis.asyncio.Redis, stream: str, group: str, entry_id: bytes | str) -> int:
     """``times_delivered`` for an asyncio client."""
     return _times_delivered(await client.xpending_range(stream, group, min=entry_id, max=entry_id, count=1))
+
+
+FORGET_EVERY_S = 60.0
+"""How often each reader has its group forget idle consumers (``forget_idle_consumers``)."""
+IDLE_CONSUMER_FORGET_MS = 3_600_000
+"""How long a consumer with nothing pending must not have read before its group forgets it. Every
+process reads under a name of its own, so without this a group keeps one consumer per process
+that ever ran (each restart, each replaced pod), and XINFO CONSUMERS grows with that history."""
+
+# Atomic: no XREADGROUP can run between the check of a consumer's pending count and its deletion,
+# so XGROUP DELCONSUMER never drops an entry a consumer holds (a live consumer forgotten while idle
+# is made again by its next read). Field names as XINFO CONSUMERS gives them (Redis 6.2-7.x).
+_FORGET_IDLE_CONSUMERS = """
+local forgotten = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local field = {}
+  for i = 1, #consumer, 2 do field[consumer[i]] = consumer[i + 1] end
+  if field['pending'] == 0 and field['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], field['name'])
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
+"""
+
+
+def _nothing_to_forget(exc: redis.exceptions.ResponseError) -> bool:
+    # The stream or its group is gone (Redis lost its data): the next read makes them again.
+    return "no such key" in str(exc) or "NOGROUP" in str(exc)
+
+
+def forget_idle_consumers(client: redis.Redis, stream: str, group: str, idle_ms: int) -> int:
+    """Deletes the consumers of ``group`` on ``stream`` that hold no entry and have not read for
+    ``idle_ms`` (stopped processes); returns how many. 0 when the stream or group is gone."""
+    try:
+        return int(cast(int, client.eval(_FORGET_IDLE_CONSUMERS, 1, stream, group, idle_ms)))
+    except redis.exceptions.ResponseError as exc:
+        if _nothing_to_forget(exc):
+            return 0
+        raise
+
+
+async def forget_idle_consumers_async(client: redis.asyncio.Redis, stream: str, group: str, idle_ms: int) -> int:
+    """``forget_idle_consumers`` for an asyncio client."""
+    try:
+        return int(cast(int, await client.eval(_FORGET_IDLE_CONSUMERS, 1, stream, group, idle_ms)))
+    except redis.exceptions.ResponseError as exc:
+        if _nothing_to_forget(exc):
+            return 0
+        raise

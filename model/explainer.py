@@ -230,7 +230,7 @@ class Explainer:
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         ready = False
         started = False
-        reaped = 0.0
+        reaped = forgotten = 0.0
         while not self.stopping.is_set():
             try:
                 if not ready:
@@ -250,6 +250,13 @@ class Explainer:
                 if time.monotonic() - reaped >= REAP_EVERY_S:
                     self.reap()
                     reaped = time.monotonic()
+                if time.monotonic() - forgotten >= streams.FORGET_EVERY_S:
+                    # Explainers that stopped, each under a name of its own.
+                    for stream in self.cams:
+                        streams.forget_idle_consumers(
+                            self.redis, stream, keys.EXPLAIN_GROUP, streams.IDLE_CONSUMER_FORGET_MS
+                        )
+                    forgotten = time.monotonic()
                 response = cast(
                     list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
                     self.redis.xreadgroup(

@@ -119,8 +119,9 @@ class JobStreams:
         ``including_own``: also the jobs held under this worker's own name, by an earlier process
         of the same name (a container restarted keeps its host name and often its pid).
 
-        Stopped workers stay in the group: deleting a consumer drops what it holds, and a worker
-        whose heartbeat merely lapsed may be reading at that moment."""
+        Stopped workers stay in the group here: deleting a consumer drops what it holds, and a
+        worker whose heartbeat merely lapsed may be reading at that moment. ``forget_stopped``
+        removes them once they hold nothing."""
         try:
             consumers = self.client.xinfo_consumers(stream, keys.JOB_GROUP)
         except redis.exceptions.ResponseError as exc:
@@ -160,6 +161,12 @@ class JobStreams:
         for delivery in deliveries:
             delivery.delivery = streams.times_delivered(self.client, stream, keys.JOB_GROUP, delivery.entry_id)
         return deliveries
+
+    def forget_stopped(self, stream: str) -> int:
+        """Has the job group of ``stream`` forget consumers that hold no job and have not read for
+        IDLE_CONSUMER_FORGET_MS (workers that stopped; each process reads under its own name),
+        so the group does not grow with every worker that ever ran. Returns how many."""
+        return streams.forget_idle_consumers(self.client, stream, keys.JOB_GROUP, streams.IDLE_CONSUMER_FORGET_MS)
 
     def mark_running(self, jobs: Iterable[JobMessage]) -> None:
         """Marks these jobs' predictions as being computed (the API reports them as running)."""

@@ -18,7 +18,7 @@ from typing import Any, cast
 import redis
 
 from contracts import training
-from contracts.streams import REDIS_ERRORS, ensure_group, group_missing
+from contracts.streams import IDLE_CONSUMER_FORGET_MS, REDIS_ERRORS, ensure_group, forget_idle_consumers, group_missing
 from model.config import ModelSettings
 
 log = logging.getLogger("model.trainer")
@@ -72,6 +72,8 @@ class Trainer:
                     group_ready = True
                 if time.monotonic() - self.scanned_at >= training.RECORDS_SCAN_S:
                     self.publish_records()
+                    # Trainers that stopped, each under a name of its own.
+                    forget_idle_consumers(self.redis, training.JOB_STREAM, training.JOB_GROUP, IDLE_CONSUMER_FORGET_MS)
                 reply = cast(
                     list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
                     self.redis.xreadgroup(

@@ -27,7 +27,7 @@ import numpy as np
 import redis
 import redis.exceptions
 
-from contracts import keys, registry_live, workers
+from contracts import keys, registry_live, streams, workers
 from contracts.messages import (
     Heartbeat,
     LabelScore,
@@ -93,6 +93,7 @@ class Worker:
         self.stopping = threading.Event()
         self._last_outage_log = 0.0
         self._last_reclaim = 0.0
+        self._last_forget = 0.0
         self._own_taken_back: set[str] = set()
         """The streams where the jobs an earlier process of this worker's name left were taken back."""
         self.peers = 1
@@ -400,6 +401,10 @@ class Worker:
                         extra={"request_id": delivery.job.request_id if delivery.job else ""},
                     )
                     batches[stream].append(delivery)
+        if time.monotonic() - self._last_forget > streams.FORGET_EVERY_S:
+            self._last_forget = time.monotonic()
+            for stream in self.models:
+                self.jobs.forget_stopped(stream)
         if not batches:
             # With peers, start with one job and take a share of the rest in _fill.
             count = self.settings.max_batch_size if self.peers <= 1 else 1

@@ -173,7 +173,8 @@ def _feedback_form(api: Api, result: Prediction, earlier: Feedback | None = None
             format_func=lambda label: label.replace("_", " ") if label else "Type to search…",
             key=f"{key}_label",
         )
-        comment = st.text_input("Comment (optional)", max_chars=COMMENT_MAX, key=f"{key}_comment")
+        # Three lines: a comment of up to COMMENT_MAX characters should be readable as it is typed.
+        comment = st.text_area("Comment (optional)", max_chars=COMMENT_MAX, key=f"{key}_comment")
         if st.form_submit_button("Send feedback"):
             if verdict is None:
                 st.error("Choose Correct or Wrong first.")

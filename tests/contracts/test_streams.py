@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from typing import cast
 
@@ -116,3 +117,50 @@ def test_redis_out_of_reach_is_one_of_the_redis_errors_and_a_refused_command_is_
     with pytest.raises(redis.exceptions.ResponseError) as refused:
         redis.Redis.from_url(redis_url).execute_command("NO-SUCH-COMMAND")
     assert not isinstance(refused.value, streams.REDIS_ERRORS)
+
+
+def _consumers(client: redis.Redis, stream: str) -> dict[str, int]:
+    return {c["name"].decode(): c["pending"] for c in client.xinfo_consumers(stream, GROUP)}
+
+
+def _group_with_a_stopped_a_holding_and_a_reading_consumer(client: redis.Redis) -> str:
+    """``stopped`` read and acknowledged, ``holding`` holds an entry, both 300 ms ago; ``reading``
+    reads just now."""
+    stream = fresh_stream()
+    streams.ensure_group(client, stream, GROUP)
+    done = client.xadd(stream, {"n": "1"})
+    client.xreadgroup(GROUP, "stopped", {stream: ">"})
+    client.xack(stream, GROUP, done)
+    client.xadd(stream, {"n": "2"})
+    client.xreadgroup(GROUP, "holding", {stream: ">"})
+    time.sleep(0.3)
+    client.xadd(stream, {"n": "3"})
+    client.xreadgroup(GROUP, "reading", {stream: ">"})
+    return stream
+
+
+def test_idle_consumers_holding_nothing_are_forgotten_and_no_other(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    stream = _group_with_a_stopped_a_holding_and_a_reading_consumer(client)
+    assert streams.forget_idle_consumers(client, stream, GROUP, 200) == 1
+    # The idle one holding an entry stays (deleting it would drop the entry), as does the reader.
+    assert _consumers(client, stream) == {"holding": 1, "reading": 1}
+    assert client.xpending(stream, GROUP)["pending"] == 2
+    # A forgotten consumer that reads again is simply made anew.
+    client.xadd(stream, {"n": "4"})
+    assert streams_read(client.xreadgroup(GROUP, "stopped", {stream: ">"}))
+    assert _consumers(client, stream)["stopped"] == 1
+    assert streams.forget_idle_consumers(client, fresh_stream(), GROUP, 0) == 0
+    assert streams.forget_idle_consumers(client, stream, "no-such-group", 0) == 0
+
+
+async def test_the_async_twin_forgets_alike(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    stream = _group_with_a_stopped_a_holding_and_a_reading_consumer(client)
+    aclient = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert await streams.forget_idle_consumers_async(aclient, stream, GROUP, 200) == 1
+        assert await streams.forget_idle_consumers_async(aclient, fresh_stream(), GROUP, 0) == 0
+    finally:
+        await aclient.aclose()
+    assert _consumers(client, stream) == {"holding": 1, "reading": 1}

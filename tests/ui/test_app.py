@@ -139,7 +139,7 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     assert any("Choose the right label" in e.value for e in at.error)
     at.radio(key=f"fb_{prediction}_verdict").set_value("Wrong")
     at.selectbox(key=f"fb_{prediction}_label").set_value("lorikeet")
-    at.text_input(key=f"fb_{prediction}_comment").input("it is a lorikeet")
+    at.text_area(key=f"fb_{prediction}_comment").input("it is a lorikeet")
     submit = next(b for b in at.button if b.proto.form_id == f"fb_{prediction}")
     submit.click().run()
     assert any("feedback was recorded" in s.value for s in at.success)

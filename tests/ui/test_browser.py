@@ -198,7 +198,9 @@ def test_draw_a_sketch_and_classify_it(browser: WebDriver, ui_url: str, portal: 
     nav = (By.CSS_SELECTOR, "[data-testid='stSidebar'] a[href$='sketch']")
     WebDriverWait(browser, 30).until(ec.element_to_be_clickable(nav)).click()
     text_appears(browser, "Draw a sketch")
-    _, canvas = sketch_canvas(browser)
+    host, canvas = sketch_canvas(browser)
+    # The whole canvas shows in its column at 1,400 px: a narrower column cut off its right edge.
+    assert host.size["width"] >= canvas.size["width"], (host.size, canvas.size)
     # A diamond, drawn as one stroke around the centre of the 280x280 canvas.
     draw(browser, canvas, [(0, -100), (70, 0), (0, 100), (-70, 0), (0, -100)])
     shot(browser, "6-sketch-drawn")

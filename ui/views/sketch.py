@@ -31,7 +31,8 @@ def sketch_page(api: Api) -> None:
     stable = next((m for m in models(api) if m["input"]["mode"] == "L" and m["channel"] == "stable"), None)
     if stable is not None:
         st.caption(f"Draw one of: {', '.join(words(label) for label in stable['labels'] or [])}.")
-    drawing_side, answers = st.columns([1, 2], gap="large")
+    # Wide enough for the 280-px canvas and the models' full names beside a 1,400-px window's sidebar.
+    drawing_side, answers = st.columns([2, 3], gap="large")
     with drawing_side:
         canvas = st_canvas(
             stroke_width=12,

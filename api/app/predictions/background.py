@@ -176,7 +176,7 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
     consumer = f"api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     claim_idle_ms = int(rt.settings.result_claim_idle_seconds * 1000)
     group_ready = False
-    last_claim = 0.0
+    last_claim = last_forget = 0.0
     while not stop.is_set():
         try:
             if not group_ready:
@@ -190,6 +190,12 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
                 )
                 claimed: list[tuple[bytes, dict[bytes, bytes]]] = claim[1]
                 await _process(rt, [c for c in claimed if c[1]])
+            if time.monotonic() - last_forget >= streams.FORGET_EVERY_S:
+                # API processes that stopped; each one reads under a name of its own.
+                last_forget = time.monotonic()
+                await streams.forget_idle_consumers_async(
+                    rt.redis, keys.RESULT_STREAM, keys.RESULT_GROUP, streams.IDLE_CONSUMER_FORGET_MS
+                )
             response = cast(
                 list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
                 await rt.redis_blocking.xreadgroup(

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from datetime import UTC, datetime
 from typing import cast
 
@@ -24,7 +25,13 @@ from api.app.predictions.background import JobRuntime
 from api.app.registry import service as registry_service
 from api.app.training import service
 from contracts import training
-from contracts.streams import ensure_group_async, group_missing
+from contracts.streams import (
+    FORGET_EVERY_S,
+    IDLE_CONSUMER_FORGET_MS,
+    ensure_group_async,
+    forget_idle_consumers_async,
+    group_missing,
+)
 
 log = logging.getLogger("api.training")
 
@@ -67,11 +74,17 @@ async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
     """Follows ``training:events`` (consumer group ``api``: each event handled by one process)."""
     consumer = f"api-{socket.gethostname()}-{os.getpid()}"
     group_ready = False
+    last_forget = 0.0
     while not stop.is_set():
         try:
             if not group_ready:
                 await ensure_group_async(rt.redis, training.EVENT_STREAM, training.EVENT_GROUP)
                 group_ready = True
+            if time.monotonic() - last_forget >= FORGET_EVERY_S:
+                last_forget = time.monotonic()
+                await forget_idle_consumers_async(
+                    rt.redis, training.EVENT_STREAM, training.EVENT_GROUP, IDLE_CONSUMER_FORGET_MS
+                )
             reply = cast(
                 list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
                 await rt.redis_blocking.xreadgroup(
