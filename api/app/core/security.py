@@ -62,8 +62,9 @@ class TokenClaims:
     one, each refresh carries it on, and logging out revokes it with every token it issued. A
     token without one is its own session (its ``jti``)."""
     auth_time: datetime | None = None
-    """When the password was given for this session (OpenID Connect's ``auth_time``); refreshes
-    keep it. None: the token's own issue time."""
+    """When the password was given for this session (OpenID Connect's ``auth_time``, to the
+    millisecond, where ``iat`` and ``exp`` carry whole seconds); refreshes keep it. None: the
+    token's own issue time."""
 
     def __post_init__(self) -> None:
         if not self.sid:
@@ -78,12 +79,17 @@ def create_access_token(
     user_id: int, settings: Settings, sid: str | None = None, auth_time: datetime | None = None
 ) -> tuple[str, TokenClaims]:
     """A token valid for ACCESS_TOKEN_EXPIRE_MINUTES from now, but never past SESSION_MAX_HOURS
-    after ``auth_time``, in login session ``sid`` (a new session, authenticated now, when None)."""
-    now = datetime.now(UTC).replace(microsecond=0)
-    auth_time = auth_time or now
+    after ``auth_time``, in login session ``sid`` (a new session, authenticated now, when None).
+
+    ``auth_time`` is written to the millisecond (RFC 7519 numeric dates may have a fraction), so
+    that ending a user's sessions (``users.sessions_valid_after``) also ends one that began
+    earlier in the same second, and never one that begins after it."""
+    precise = datetime.now(UTC)
+    now = precise.replace(microsecond=0)
+    auth_time = auth_time or precise.replace(microsecond=precise.microsecond // 1000 * 1000)
     expires = min(
         now + timedelta(minutes=settings.access_token_expire_minutes),
-        auth_time + timedelta(hours=settings.session_max_hours),
+        (auth_time + timedelta(hours=settings.session_max_hours)).replace(microsecond=0),
     )
     jti = uuid.uuid4().hex
     sid = sid or jti
@@ -93,7 +99,7 @@ def create_access_token(
         "exp": expires,
         "jti": jti,
         "sid": sid,
-        "auth_time": int(auth_time.timestamp()),
+        "auth_time": round(auth_time.timestamp(), 3),
     }
     token = jwt.encode(payload, settings.secret_key, algorithm=ALGORITHM)
     return token, TokenClaims(user_id=user_id, jti=jti, expires_at=expires, sid=sid, auth_time=auth_time)
@@ -123,7 +129,7 @@ def decode_access_token(token: str, settings: Settings) -> TokenClaims:
             jti=jti,
             expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
             sid=sid,
-            auth_time=datetime.fromtimestamp(int(payload.get("auth_time") or payload["iat"]), UTC),
+            auth_time=datetime.fromtimestamp(round(float(payload.get("auth_time") or payload["iat"]), 3), UTC),
         )
     except (JWTError, ValueError, KeyError, TypeError, OverflowError, OSError) as exc:
         raise TokenError(str(exc)) from exc

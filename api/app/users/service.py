@@ -125,9 +125,9 @@ async def update_user(*, session: AsyncSession, actor: User, user: User, changes
 
 
 def end_sessions(user: User) -> None:
-    """Refuses every login session of ``user`` that began before this second (tokens carry whole
-    seconds, so a login in the same second still works); the caller commits."""
-    user.sessions_valid_after = datetime.now(UTC).replace(microsecond=0)
+    """Refuses every login session of ``user`` that began before now (tokens carry the moment a
+    session began to the millisecond), and none that begins after; the caller commits."""
+    user.sessions_valid_after = datetime.now(UTC)
 
 
 async def set_password(*, session: AsyncSession, hasher: PasswordHasher, user: User, password: str) -> None:
