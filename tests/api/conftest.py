@@ -18,8 +18,25 @@ from api.app.core.config import Settings
 from api.app.main import create_app
 from api.app.predictions import service as predictions_service
 from api.prestart import migrate, seed_admin, seed_registry
+from contracts.messages import LabelScore, PredictionStatus, ResultMessage
 from tests.conftest import _execute, client_for
 from tests.support import RedisServer, Service, start_worker, wait_for_worker
+
+
+def done_answer(
+    job_id: object, prediction_id: object, label: str = "macaw", *, model: str = "m", version: int = 1, **fields: Any
+) -> ResultMessage:
+    """A worker's answer to one prediction as the tests publish or store it: done, with ``label``
+    first at 0.9; ``fields`` sets the rest (worker_id, timings, ...)."""
+    return ResultMessage(
+        job_id=str(job_id),
+        prediction_id=str(prediction_id),
+        model=model,
+        version=version,
+        status=PredictionStatus.done,
+        top_k=[LabelScore(label=label, score=0.9)],
+        **fields,
+    )
 
 
 async def waited(app: FastAPI, job_id: uuid.UUID, seconds: float) -> Any:

@@ -24,7 +24,8 @@ from api.app.main import create_app
 from api.app.predictions import background
 from api.prestart import migrate, seed_admin
 from contracts import keys
-from contracts.messages import LabelScore, PredictionStatus, ResultMessage, Timings
+from contracts.messages import Timings
+from tests.api.conftest import done_answer
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, client_for
 from tests.support import PostgresServer, RedisServer
 
@@ -180,16 +181,8 @@ async def test_an_answer_refused_so_during_a_restart_is_retried_not_dead_lettere
         outage_log=OutageLog(60),
         live_registry=None,  # type: ignore[arg-type]
     )
-    result = ResultMessage(
-        job_id=str(uuid.uuid4()),
-        prediction_id=str(uuid.uuid4()),
-        request_id="r",
-        model="mobilenet_v2",
-        version=1,
-        status=PredictionStatus.done,
-        top_k=[LabelScore(label="cat", score=0.9)],
-        timings=Timings(),
-        worker_id="w",
+    result = done_answer(
+        uuid.uuid4(), uuid.uuid4(), "cat", model="mobilenet_v2", request_id="r", timings=Timings(), worker_id="w"
     )
     await client.xgroup_create(keys.RESULT_STREAM, keys.RESULT_GROUP, id="0", mkstream=True)
     entry_id = await client.xadd(keys.RESULT_STREAM, result.to_fields())

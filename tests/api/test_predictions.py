@@ -23,7 +23,7 @@ from api.app.predictions import service
 from api.app.predictions.models import Job, Prediction
 from api.app.stats.models import CorrectionStats
 from contracts.messages import LabelScore, PredictionStatus, ResultMessage, Timings
-from tests.api.conftest import waited
+from tests.api.conftest import done_answer, waited
 from tests.conftest import Users, client_for
 from tests.images import encode, noise_png
 from tests.support import PHOTOS, blob_lock, waiting_on_lock
@@ -354,17 +354,7 @@ async def test_answers_for_one_job_complete_it_once(app: Any, users: Users, clie
         await session.flush()
         session.add_all(predictions)
         await session.commit()
-    answers = [
-        ResultMessage(
-            job_id=str(p.job_id),
-            prediction_id=str(p.id),
-            model=p.model_name,
-            version=1,
-            status=PredictionStatus.done,
-            top_k=[LabelScore(label=f"label{p.position}", score=0.9)],
-        )
-        for p in predictions
-    ]
+    answers = [done_answer(p.job_id, p.id, f"label{p.position}", model=p.model_name) for p in predictions]
 
     async def store(answer: ResultMessage) -> service.StoredResult:
         async with app.state.sessionmaker() as session:
@@ -472,14 +462,7 @@ async def test_an_answer_faster_than_the_lanes_commit_is_stored(
         await session.flush()
         session.add(prediction)
         await session.commit()
-    answer = ResultMessage(
-        job_id=str(job.id),
-        prediction_id=str(prediction.id),
-        model="m",
-        version=1,
-        status=PredictionStatus.done,
-        top_k=[LabelScore(label="macaw", score=0.9)],
-    )
+    answer = done_answer(job.id, prediction.id)
 
     async def store() -> service.StoredResult:
         async with app.state.sessionmaker() as session:

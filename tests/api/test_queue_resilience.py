@@ -24,7 +24,7 @@ from api.app.predictions import queue, service
 from api.app.predictions.models import Prediction
 from contracts import keys, workers
 from contracts.messages import Heartbeat, JobMessage, LabelScore, ModelState, PredictionStatus, ResultMessage
-from tests.api.conftest import Stack
+from tests.api.conftest import Stack, done_answer
 from tests.api.test_predictions import noise_png, upload, wait_job
 from tests.conftest import Users, client_for
 from tests.support import (
@@ -448,15 +448,7 @@ async def test_an_answer_that_cannot_be_stored_fails_its_prediction_and_holds_up
             jobs.append((await client.get(f"/v1/predictions/{r.json()['job_id']}", headers=headers)).json())
 
         def answer(job: dict[str, Any], worker_id: str) -> ResultMessage:
-            return ResultMessage(
-                job_id=job["job_id"],
-                prediction_id=job["results"][0]["id"],
-                model=MODEL,
-                version=1,
-                status=PredictionStatus.done,
-                top_k=[LabelScore(label="macaw", score=0.9)],
-                worker_id=worker_id,
-            )
+            return done_answer(job["job_id"], job["results"][0]["id"], model=MODEL, worker_id=worker_id)
 
         stream = redis.Redis.from_url(private_redis.url)
         # The first answer names a worker longer than its column: PostgreSQL refuses it every time.

@@ -19,8 +19,8 @@ from api.app.main import create_app
 from api.app.predictions import queue, service
 from api.app.predictions.models import Job, Prediction
 from contracts import keys
-from contracts.messages import LabelScore, PredictionStatus, ResultMessage
-from tests.api.conftest import waited
+from contracts.messages import PredictionStatus
+from tests.api.conftest import done_answer, waited
 from tests.conftest import Users, client_for
 from tests.images import encode
 from tests.support import RedisServer
@@ -107,14 +107,7 @@ async def test_answers_are_collected_while_requests_hold_every_connection(
     [prediction] = await queued_jobs(app, client, users, 1)
     held = [asyncio.create_task(app.state.redis_blocking.blpop([f"held:{n}"], timeout=8)) for n in range(CONNECTIONS)]
     await blocked_in_redis(app, CONNECTIONS)
-    answer = ResultMessage(
-        job_id=str(prediction.job_id),
-        prediction_id=str(prediction.id),
-        model="m",
-        version=1,
-        status=PredictionStatus.done,
-        top_k=[LabelScore(label="kite", score=0.9)],
-    )
+    answer = done_answer(prediction.job_id, prediction.id, "kite")
     await app.state.redis.xadd(keys.RESULT_STREAM, answer.to_fields())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 4
