@@ -19,7 +19,7 @@ from PIL import Image
 from contracts import keys, workers
 from contracts.messages import Heartbeat, JobMessage, ResultMessage
 from model.config import ModelSettings
-from model.worker import Worker
+from model.worker import STOPPED_WORKER_MIN_IDLE_MS, Worker
 from tests.images import encode
 from tests.support import PHOTOS, ROOT, RedisServer, entries, start_worker, streams_read, wait_for_worker
 
@@ -176,3 +176,27 @@ def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> 
 def test_one_dict_holds_the_loaded_models_by_the_stream_they_serve(sketch_worker: Worker) -> None:
     (stream, model), *others = sketch_worker.models.items()
     assert not others and stream == keys.job_stream("sketch", 1) and model.entry.key == "sketch@1"
+
+
+def test_a_restarted_worker_takes_back_its_own_jobs_and_a_stopped_workers_at_once(sketch_worker: Worker) -> None:
+    """Long before VISIBILITY_TIMEOUT_MS: the jobs held under its own name (by the process it
+    replaces) and those of a worker whose heartbeat is gone, in its first step."""
+    client = redis.Redis.from_url(sketch_worker.settings.redis_url)
+    stream = keys.job_stream("sketch", 1)
+    drawing = encode(Image.new("L", (280, 280), 255), "PNG")
+    own, orphan = sketch_job(drawing), sketch_job(drawing)
+    client.xadd(stream, own.to_fields())
+    client.xreadgroup(keys.JOB_GROUP, sketch_worker.worker_id, {stream: ">"}, count=1)
+    client.xadd(stream, orphan.to_fields())
+    client.xreadgroup(keys.JOB_GROUP, "stopped-worker", {stream: ">"}, count=1)
+    time.sleep(STOPPED_WORKER_MIN_IDLE_MS / 1000 + 0.1)
+    restarted = Worker(sketch_worker.settings.model_copy(update={"visibility_timeout_ms": 600_000}))
+    restarted.load_models()
+
+    restarted.step()
+
+    answers = {
+        r.job_id: r for r in (ResultMessage.from_fields(f) for _id, f in entries(client.xrange(keys.RESULT_STREAM)))
+    }
+    assert answers[own.job_id].status == answers[orphan.job_id].status == "done"
+    assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0
