@@ -222,6 +222,26 @@ async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
         assert within.status_code == 202, within.text
 
 
+async def test_a_young_batchs_eta_follows_its_own_pace(client: httpx.AsyncClient, users: Users) -> None:
+    """In its first minute a batch has answered for less than a minute: counted as a minute's
+    pace, its ETA came out many times too long (958 s for what took about 90)."""
+    _, headers = await users.create()
+    r = await send(client, headers, [("set.zip", zipped({f"{i}.png": noise_png(500 + i) for i in range(80)}))])
+    assert r.status_code == 202, r.text
+    batch_id = r.json()["id"]
+    while True:
+        counts = (await client.get(f"/v1/batches/{batch_id}", headers=headers)).json()["counts"]
+        if counts["done"] >= 15 or counts["queued"] + counts["running"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    asked = time.monotonic()
+    done = await finished(client, headers, batch_id)
+    took = time.monotonic() - asked
+    assert done["counts"]["done"] == 80
+    assert counts["queued"] + counts["running"] > 0 and counts["eta_seconds"] is not None, counts
+    assert counts["eta_seconds"] <= 4 * took + 5, (counts, took)  # a pace, not a promise
+
+
 async def test_cancel_leaves_what_was_not_queued(client: httpx.AsyncClient, users: Users) -> None:
     _, headers = await users.create()
     r = await send(client, headers, [("many.zip", zipped({f"{i}.png": noise_png(100 + i) for i in range(60)}))])

@@ -39,11 +39,10 @@ log = logging.getLogger("api.batches")
 _jobs = cast(Table, Job.__table__)
 _predictions = cast(Table, Prediction.__table__)
 _items = cast(Table, BatchItem.__table__)
-"""Images stored per transaction: each holds a lock per image until it commits."""
 PLACEHOLDER_DEADLINE = timedelta(days=30)
 """A pending job's deadline until the lane queues it and gives it a real one."""
-
-
+PACE_WINDOW_SECONDS = 60.0
+"""The ETA of a batch follows the pace of its answers over this many seconds."""
 RECEIVED_NOTES_PER_TIMEOUT = 10
 """How often a request receiving a batch notes that it still is (``Batch.received_at``): this many
 times per BATCH_RECEIVE_TIMEOUT_SECONDS at most."""
@@ -380,20 +379,24 @@ async def list_batches(*, session: AsyncSession, owner_id: int, skip: int, limit
 
 async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
     """Images by state (an image counts once however many files carried it), files skipped, and
-    an estimate of the seconds left from the pace of the last minute (None before any answer)."""
+    an estimate of the seconds left from the pace of the last minute, or since the batch was
+    created when that is shorter (None before any answer)."""
     jobs = select(BatchItem.job_id).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_not(None)).distinct()
     grouped = await session.execute(select(Job.status, func.count()).where(Job.id.in_(jobs)).group_by(Job.status))
     by_status: dict[str, int] = {status: n for status, n in grouped}
     skipped = await session.scalar(
         select(func.count()).select_from(BatchItem).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_(None))
     )
+    now = datetime.now(UTC)
     recent = await session.scalar(
-        select(func.count()).where(Job.id.in_(jobs), Job.finished_at > datetime.now(UTC) - timedelta(seconds=60))
+        select(func.count()).where(Job.id.in_(jobs), Job.finished_at > now - timedelta(seconds=PACE_WINDOW_SECONDS))
     )
+    # A batch younger than the window answered its images in less time than that.
+    window = min(PACE_WINDOW_SECONDS, max(1.0, (now - batch.created_at).total_seconds()))
     waiting = sum(by_status.get(s, 0) for s in OPEN)
     queued = by_status.get(PredictionStatus.pending.value, 0) + by_status.get(PredictionStatus.queued.value, 0)
     failed = by_status.get(PredictionStatus.failed.value, 0) + by_status.get(PredictionStatus.expired.value, 0)
-    eta = round(waiting / (recent / 60.0)) if recent and waiting else (0 if not waiting else None)
+    eta = round(waiting / (recent / window)) if recent and waiting else (0 if not waiting else None)
     return BatchCounts(
         images=sum(by_status.values()),
         queued=queued,
