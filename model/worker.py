@@ -375,6 +375,11 @@ class Worker:
     def step(self) -> None:
         """One round: take over stale jobs, read new ones, fill batches, answer them."""
         batches: dict[str, list[Delivery]] = defaultdict(list)
+        if time.monotonic() - self._last_forget > streams.FORGET_EVERY_S:
+            self._last_forget = time.monotonic()
+            # Before anything is taken: should this fail, no job waits on it.
+            for stream in self.models:
+                self.jobs.forget_stopped(stream)
         if time.monotonic() - self._last_reclaim > min(5.0, self.settings.visibility_timeout_ms / 2000):
             self._last_reclaim = time.monotonic()
             for stream in self.models:
@@ -401,10 +406,6 @@ class Worker:
                         extra={"request_id": delivery.job.request_id if delivery.job else ""},
                     )
                     batches[stream].append(delivery)
-        if time.monotonic() - self._last_forget > streams.FORGET_EVERY_S:
-            self._last_forget = time.monotonic()
-            for stream in self.models:
-                self.jobs.forget_stopped(stream)
         if not batches:
             # With peers, start with one job and take a share of the rest in _fill.
             count = self.settings.max_batch_size if self.peers <= 1 else 1

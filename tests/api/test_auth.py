@@ -16,13 +16,14 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from jose import jwt
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api.app.auth.models import RevokedToken
 from api.app.core.config import Settings
 from api.app.core.db import application_name
 from api.app.core.security import PasswordHasher, TokenError, VerifiedTokens
 from api.app.main import create_app
+from api.app.users.models import User
 from tests.api.conftest import Stack
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, client_for, login
 from tests.support import RedisServer, start_api
@@ -495,3 +496,84 @@ async def test_the_first_login_after_a_redis_restart_is_served(stack: Stack, use
     stack.redis_server.stop()
     stack.redis_server.start()
     assert (await stack.client.post("/v1/auth/login", data=form)).status_code == 200
+
+
+@pytest.mark.parametrize("change", ["password", "deactivation"])
+async def test_a_login_that_overlaps_a_change_keeps_no_session(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    users: Users,
+    admin_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+) -> None:
+    """The change commits while the login checks the password it read before: the session it
+    then issues (for the old password, or for an account deactivated and reactivated) is refused."""
+    user, headers = await users.create()
+    hasher: PasswordHasher = app.state.hasher
+    verify = hasher.verify
+
+    calls: list[str] = []
+
+    async def verify_while_changed(password: str, hashed: str | None) -> tuple[bool, str | None]:
+        checked = await verify(password, hashed)
+        calls.append(password)
+        if len(calls) > 1:  # the change's own check of the current password
+            return checked
+        if change == "password":
+            body = {"current_password": PASSWORD, "new_password": "another-good-password"}
+            assert (await client.patch("/v1/users/me/password", json=body, headers=headers)).status_code == 204
+        else:
+            for active in (False, True):
+                r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": active}, headers=admin_headers)
+                assert r.status_code == 200, r.text
+        return checked
+
+    monkeypatch.setattr(hasher, "verify", verify_while_changed)
+    r = await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+    monkeypatch.undo()
+    assert r.status_code == 200, r.text
+    overlapping = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    assert (await client.get("/v1/users/me", headers=overlapping)).status_code == 401
+    assert (await client.post("/v1/auth/refresh", headers=overlapping)).status_code == 401
+    password = "another-good-password" if change == "password" else PASSWORD
+    assert (await client.get("/v1/users/me", headers=await login(client, user["email"], password))).status_code == 200
+
+
+async def test_a_hash_of_other_parameters_is_renewed_at_login_unless_the_password_changed(
+    app: FastAPI, client: httpx.AsyncClient, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user, _ = await users.create()
+    weaker = PasswordHasher(app.state.settings.model_copy(update={"argon2_time_cost": 1}))
+    old_hash = weaker.hash_sync(PASSWORD)
+
+    async def stored_hash() -> str:
+        async with app.state.read_sessionmaker() as s:
+            return str(await s.scalar(select(User.hashed_password).where(User.id == user["id"])))
+
+    async def set_hash(value: str) -> None:
+        async with app.state.sessionmaker() as s:
+            await s.execute(update(User).where(User.id == user["id"]).values(hashed_password=value))
+            await s.commit()
+
+    await set_hash(old_hash)
+    await login(client, user["email"], PASSWORD)
+    renewed = await stored_hash()
+    assert renewed != old_hash and app.state.hasher.context.verify(PASSWORD, renewed)
+    assert not app.state.hasher.context.needs_update(renewed)
+
+    # A password changed while the login checked the old hash stays changed.
+    await set_hash(old_hash)
+    hasher: PasswordHasher = app.state.hasher
+    verify = hasher.verify
+
+    async def verify_while_changed(password: str, hashed: str | None) -> tuple[bool, str | None]:
+        checked = await verify(password, hashed)
+        await set_hash(hasher.hash_sync("changed-meanwhile-password"))
+        return checked
+
+    monkeypatch.setattr(hasher, "verify", verify_while_changed)
+    r = await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+    monkeypatch.undo()
+    assert r.status_code == 200
+    assert hasher.context.verify("changed-meanwhile-password", await stored_hash())

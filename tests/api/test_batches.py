@@ -43,7 +43,7 @@ def zipped(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -
 
 
 async def send(
-    client: httpx.AsyncClient, headers: dict[str, str], files: list[tuple[str, bytes]], **form: str
+    client: httpx.AsyncClient, headers: dict[str, str], files: list[tuple[str, bytes]], **form: str | list[str]
 ) -> httpx.Response:
     return await client.post(
         "/v1/batches",
@@ -158,7 +158,8 @@ async def test_several_files_and_stored_images(client: httpx.AsyncClient, users:
         client,
         headers,
         [("a.png", noise_png(2)), ("b.png", noise_png(3))],
-        image_ids=f"{owl},00000000-0000-0000-0000-000000000000",
+        # Repeated fields add up, as commas do.
+        image_ids=[owl, "00000000-0000-0000-0000-000000000000"],
     )
     assert r.status_code == 202, r.text
     done = await finished(client, headers, r.json()["id"])
@@ -213,6 +214,9 @@ async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
             "/v1/batches", params={"models": MODEL}, files=one, data={"models": MODEL}, headers=headers
         )
         assert r.status_code == 422 and "not both" in r.json()["detail"], r.text
+        # Repeated form fields add up, as repeated query parameters do: the first one counts too.
+        r = await client.post("/v1/batches", files=one, data={"models": ["nope@9", MODEL]}, headers=headers)
+        assert r.status_code == 422 and "nope@9" in r.text, r.text
         r = await send(client, headers, [("a.png", noise_png(21))], image_ids="not-an-id")
         assert r.status_code == 422
         # The per-user cap counts the images a batch would add to those still waiting.

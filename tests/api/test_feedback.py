@@ -95,7 +95,8 @@ async def test_classic_feedback_on_a_prediction_deleted_meanwhile_is_kept_unlink
 
 async def test_classic_feedback_that_says_nothing_is_refused(client: httpx.AsyncClient, users: Users) -> None:
     _, headers = await users.create()
-    for empty in ({}, {"score": None, "feedback": None}):
+    blank = ["", "   ", "\t\n", "\u200b"]
+    for empty in ({}, {"score": None, "feedback": None}, *({"feedback": b, "predicted_class": b} for b in blank)):
         r = await client.post("/feedback/", json=empty, headers=headers)
         assert r.status_code == 422 and "Say something" in r.text, r.text
     assert (await client.get("/feedback/", headers=headers)).json() == []

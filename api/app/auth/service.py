@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 from fastapi import HTTPException, status
-from sqlalchemy import CursorResult, bindparam, delete, exists, or_, select
+from sqlalchemy import CursorResult, bindparam, delete, exists, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
@@ -16,7 +16,7 @@ from api.app.core.config import Settings
 from api.app.core.db import utcnow
 from api.app.core.driver import DriverStatement, driver_connection
 from api.app.core.fields import storable
-from api.app.core.security import PasswordHasher, TokenClaims, create_access_token
+from api.app.core.security import PasswordHasher, TokenClaims, create_access_token, session_start
 from api.app.core.throttle import AttemptThrottle
 from api.app.users import service as users_service
 from api.app.users.models import User
@@ -74,6 +74,9 @@ async def login(
     """Returns an access token, or raises 401 (bad credentials), 403 (inactive) or 429 (too many
     attempts, counted before the password is checked)."""
     account = normalize_email(email)
+    # The session begins before the account is read: a password change or a deactivation that
+    # commits while this login checks the password it read then ends this session too.
+    began = session_start()
     async with throttle.attempt(action="login", account=account, client=client) as attempt:
         # No account has an oversized password or a NUL in its email: refuse without hashing work.
         if len(password) > settings.password_max_length or not storable(email):
@@ -88,10 +91,16 @@ async def login(
         attempt.succeeded = True
     if not user.is_active:
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Account is deactivated")
-    if new_hash is not None:
-        user.hashed_password = new_hash
+    if new_hash is not None and user.hashed_password is not None:
+        # Only over the hash that was checked: a password changed meanwhile is not undone.
+        await session.execute(
+            update(User)
+            .where(User.id == user.id, User.hashed_password == user.hashed_password)
+            .values(hashed_password=new_hash)
+            .execution_options(synchronize_session=False)
+        )
         await session.commit()
-    token, _claims = create_access_token(user.id, settings)
+    token, _claims = create_access_token(user.id, settings, auth_time=began)
     return token
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, Response, Uploa
 from api.app.batches import lane, service
 from api.app.batches.models import Batch
 from api.app.batches.schemas import BatchDetail, BatchesPublic, BatchPublic, BatchResult, BatchResults
+from api.app.catalog.service import requested_refs
 from api.app.core.responses import AUTHED, BAD_REQUEST, INVALID, NOT_FOUND, TOO_LARGE, TOO_MANY, UNAVAILABLE
 from api.app.deps import (
     CurrentUser,
@@ -48,23 +49,23 @@ async def create_batch(
     registry: RegistryDep,
     settings: SettingsDep,
     file: Annotated[list[UploadFile], File(description="Images, or zip archives of images")] = [],  # noqa: B006
-    models: Annotated[str, Form(description="Model references separated by commas; empty: the default")] = "",
+    models: Annotated[
+        list[str], Form(description="Model references separated by commas (or repeated); none: the default")
+    ] = [],  # noqa: B006
     models_in_query: Annotated[
         list[str] | None, Query(alias="models", description="The same, in the query, as /model/predict takes them")
     ] = None,
-    image_ids: Annotated[str, Form(description="Ids of images already uploaded, separated by commas")] = "",
+    image_ids: Annotated[
+        list[str], Form(description="Ids of images already uploaded, separated by commas (or repeated)")
+    ] = [],  # noqa: B006
 ) -> BatchDetail:
     """Classify many images: ``file`` parts (images or zips of images; at most MAX_BATCH_BYTES in
     all) and/or ``image_ids``, each by the ``models``. 202 with the batch and its counts; follow
     it with ``GET /v1/batches/{id}``. Bad files are listed as skipped (see the results), the rest
     go on. 413: more than MAX_BATCH_IMAGES files or MAX_BATCH_BYTES; 422: an unreadable zip, an
-    entry name that leaves the archive, a zip bomb, an empty batch, unknown models; 429: too many
-    of your batch images waiting, or ``models`` both in the form and in the query."""
-    refs = [r.strip() for r in models.split(",") if r.strip()]
-    queried = [r.strip() for ref in models_in_query or [] for r in ref.split(",") if r.strip()]
-    if refs and queried:
-        raise HTTPException(status_code=422, detail="Give models in the form or in the query, not both.")
-    refs = refs or queried
+    entry name that leaves the archive, a zip bomb, an empty batch, unknown models, ``models``
+    both in the form and in the query; 429: too many of your batch images waiting."""
+    refs = requested_refs(form=models, query=models_in_query)
     batch = await service.create_batch(
         session=session,
         store=store,
@@ -73,7 +74,7 @@ async def create_batch(
         settings=settings,
         owner_id=user.id,
         files=file,
-        image_ids=_ids(image_ids),
+        image_ids=_ids(",".join(image_ids)),
         refs=refs,
     )
     counts = await service.counts(session=session, batch=batch)

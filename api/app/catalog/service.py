@@ -199,6 +199,17 @@ def shadow_copies(
     return copies
 
 
+def requested_refs(*, form: list[str] | None, query: list[str] | None) -> list[str]:
+    """The model references a request names, in the form or in the query (each value may list
+    several, separated by commas; repeated fields add up). 422 when both name some: which one
+    was meant cannot be told."""
+    in_form = [ref.strip() for value in form or [] for ref in value.split(",") if ref.strip()]
+    in_query = [ref.strip() for value in query or [] for ref in value.split(",") if ref.strip()]
+    if in_form and in_query:
+        raise HTTPException(status_code=422, detail="Give models in the form or in the query, not both.")
+    return in_form or in_query
+
+
 def resolve_models(
     refs: list[str],
     *,

@@ -17,9 +17,11 @@ import sqlalchemy.exc
 import sqlalchemy.orm.exc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Route
 
 from contracts.streams import REDIS_ERRORS
@@ -257,6 +259,15 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         log.warning("a stored file was missing for %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse(status_code=404, content={"detail": "Image not found: it was deleted meanwhile."})
 
+    async def bad_request(request: Request, exc: Exception) -> Response:
+        # Starlette reads a multipart part without a filename as text, which it caps at 1 MB: a
+        # photo sent that way was told "Part exceeded maximum size of 1024KB." under a 10 MB limit.
+        assert isinstance(exc, StarletteHTTPException)
+        if str(exc.detail).startswith("Part exceeded maximum size"):
+            return JSONResponse(status_code=422, content={"detail": NOT_A_FILE})
+        return await http_exception_handler(request, exc)
+
+    app.add_exception_handler(400, bad_request)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(sqlalchemy.orm.exc.StaleDataError, changed_meanwhile)
     app.add_exception_handler(BlobMissing, blob_missing)

@@ -75,6 +75,12 @@ class TokenError(Exception):
     """The token is malformed, tampered with, expired or signed another way."""
 
 
+def session_start() -> datetime:
+    """Now, to the millisecond (rounded down), as a token's ``auth_time`` carries it."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
 def create_access_token(
     user_id: int, settings: Settings, sid: str | None = None, auth_time: datetime | None = None
 ) -> tuple[str, TokenClaims]:
@@ -84,9 +90,8 @@ def create_access_token(
     ``auth_time`` is written to the millisecond (RFC 7519 numeric dates may have a fraction), so
     that ending a user's sessions (``users.sessions_valid_after``) also ends one that began
     earlier in the same second, and never one that begins after it."""
-    precise = datetime.now(UTC)
-    now = precise.replace(microsecond=0)
-    auth_time = auth_time or precise.replace(microsecond=precise.microsecond // 1000 * 1000)
+    auth_time = auth_time or session_start()
+    now = datetime.now(UTC).replace(microsecond=0)
     expires = min(
         now + timedelta(minutes=settings.access_token_expire_minutes),
         (auth_time + timedelta(hours=settings.session_max_hours)).replace(microsecond=0),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from datetime import datetime
 
@@ -15,6 +16,12 @@ class FeedbackCreate(BaseModel):
     comment: Text | None = Field(default=None, max_length=2000)
 
 
+def _visible(text: str | None) -> bool:
+    """Whether ``text`` has a character one can see: not only spaces, line breaks or invisible
+    format characters (a zero-width space, say)."""
+    return text is not None and any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text)
+
+
 class ClassicFeedbackCreate(BaseModel):
     # Strict: a number, as described; lax validation also took true, false and numeric strings.
     score: float | None = Field(default=None, allow_inf_nan=False, strict=True)
@@ -24,8 +31,9 @@ class ClassicFeedbackCreate(BaseModel):
 
     @model_validator(mode="after")
     def says_something(self) -> ClassicFeedbackCreate:
-        """An empty body would store a row that says nothing: 422 instead."""
-        if all(value is None for value in (self.score, self.predicted_class, self.image_file_name, self.feedback)):
+        """A body without a score or any visible text would store a row that says nothing: 422."""
+        texts = (self.predicted_class, self.image_file_name, self.feedback)
+        if self.score is None and not any(_visible(text) for text in texts):
             raise ValueError("Say something: give predicted_class, feedback, score or image_file_name.")
         return self
 

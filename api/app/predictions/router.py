@@ -3,8 +3,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 
+from api.app.catalog.service import requested_refs
 from api.app.core.fields import Text
 from api.app.core.responses import (
     AUTHED,
@@ -126,11 +127,15 @@ async def predict(
     request_id: RequestIdDep,
     file: Annotated[UploadFile, File(description="The image to classify")],
     models: Annotated[list[str] | None, Query(description='e.g. "mobilenet_v2" or "sketch@2"')] = None,
+    models_in_form: Annotated[
+        list[str] | None, Form(alias="models", description="The same as a form field (not both)")
+    ] = None,
     ground_truth: Annotated[
         Text | None, Query(min_length=1, max_length=200, description="Your own label: one of the models' labels")
     ] = None,
 ) -> ClassicPrediction:
-    """Upload an image and wait for its prediction (one call)."""
+    """Upload an image and wait for its prediction (one call) by the ``models`` (in the query or
+    the form, not both; none: the default)."""
     return await service.predict_and_wait(
         engine=engine,
         session=session,
@@ -143,7 +148,7 @@ async def predict(
         settings=settings,
         owner_id=user.id,
         file=file,
-        refs=[r for ref in models or [] for r in ref.split(",") if r.strip()],
+        refs=requested_refs(form=models_in_form, query=models),
         request_id=request_id,
         ground_truth=ground_truth,
     )
