@@ -251,12 +251,13 @@ class Explainer:
                     self.reap()
                     reaped = time.monotonic()
                 if time.monotonic() - forgotten >= streams.FORGET_EVERY_S:
-                    # Explainers that stopped, each under a name of its own.
+                    # Explainers that stopped, each under a name of its own. Noted first: an error
+                    # here that does not pass must not keep the explainer from reading.
+                    forgotten = time.monotonic()
                     for stream in self.cams:
                         streams.forget_idle_consumers(
                             self.redis, stream, keys.EXPLAIN_GROUP, streams.IDLE_CONSUMER_FORGET_MS
                         )
-                    forgotten = time.monotonic()
                 response = cast(
                     list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
                     self.redis.xreadgroup(

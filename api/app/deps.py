@@ -239,7 +239,7 @@ async def owned_image(image_id: uuid.UUID, user: CurrentUser, session: SessionDe
 OwnedImage = Annotated[Image, Depends(owned_image)]
 
 
-async def one_file_part(request: Request) -> None:
+async def one_file_part(request: Request, _user: CurrentUser) -> None:
     """422 when a single-image upload carries more than one ``file`` part: FastAPI would keep the
     last and drop the others without a word. Reads the form FastAPI has already parsed (cached)."""
     parts = len((await request.form()).getlist("file"))

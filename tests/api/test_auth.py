@@ -45,8 +45,9 @@ async def test_token_claims(client: httpx.AsyncClient, settings: Settings) -> No
     headers = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
     claims = jwt.decode(headers["Authorization"][7:], settings.secret_key, algorithms=["HS256"])
     assert set(claims) == {"sub", "exp", "iat", "jti", "sid", "auth_time"}
-    # The session began when the token was issued: iat in whole seconds, auth_time to the millisecond.
-    assert claims["iat"] <= claims["auth_time"] < claims["iat"] + 1 and isinstance(claims["iat"], int)
+    # The session began as the account was read, just before the password check and the token:
+    # iat in whole seconds, auth_time to the microsecond.
+    assert claims["iat"] - 2 < claims["auth_time"] < claims["iat"] + 1 and isinstance(claims["iat"], int)
     assert claims["sid"] == claims["jti"]  # a login starts its own session
     assert claims["exp"] - claims["iat"] == settings.access_token_expire_minutes * 60
 
@@ -577,3 +578,32 @@ async def test_a_hash_of_other_parameters_is_renewed_at_login_unless_the_passwor
     monkeypatch.undo()
     assert r.status_code == 200
     assert hasher.context.verify("changed-meanwhile-password", await stored_hash())
+
+
+async def test_a_login_during_an_uncommitted_password_change_waits_for_it(
+    app: FastAPI, client: httpx.AsyncClient, settings: Settings, users: Users
+) -> None:
+    """The change has written the row but not yet committed (its commit waits, say, for a pooled
+    connection): a login with the old password waits for it, then reads the new hash, and keeps
+    no session; one with the new password works."""
+    user, _ = await users.create()
+    new_hash = app.state.hasher.hash_sync("another-good-password")
+    change = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
+    try:
+        async with change.transaction():
+            await change.execute(
+                "UPDATE users SET hashed_password = $1, sessions_valid_after = clock_timestamp() WHERE id = $2",
+                new_hash,
+                user["id"],
+            )
+            old = asyncio.create_task(
+                client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+            )
+            await asyncio.sleep(0.5)
+            assert not old.done()  # it waits for the change
+    finally:
+        await change.close()
+    r = await old
+    assert r.status_code == 401, r.text
+    fresh = await login(client, user["email"], "another-good-password")
+    assert (await client.get("/v1/users/me", headers=fresh)).status_code == 200

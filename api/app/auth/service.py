@@ -16,7 +16,7 @@ from api.app.core.config import Settings
 from api.app.core.db import utcnow
 from api.app.core.driver import DriverStatement, driver_connection
 from api.app.core.fields import storable
-from api.app.core.security import PasswordHasher, TokenClaims, create_access_token, session_start
+from api.app.core.security import PasswordHasher, TokenClaims, create_access_token
 from api.app.core.throttle import AttemptThrottle
 from api.app.users import service as users_service
 from api.app.users.models import User
@@ -74,14 +74,13 @@ async def login(
     """Returns an access token, or raises 401 (bad credentials), 403 (inactive) or 429 (too many
     attempts, counted before the password is checked)."""
     account = normalize_email(email)
-    # The session begins before the account is read: a password change or a deactivation that
-    # commits while this login checks the password it read then ends this session too.
-    began = session_start()
     async with throttle.attempt(action="login", account=account, client=client) as attempt:
         # No account has an oversized password or a NUL in its email: refuse without hashing work.
         if len(password) > settings.password_max_length or not storable(email):
             raise unauthorized(LOGIN_FAILED)
-        user = await users_service.get_user_by_email(session=session, email=email)
+        # The session begins as the account is read: a password change or a deactivation that
+        # commits while this login checks the password it read then ends this session too.
+        user, began = await users_service.get_user_for_login(session=session, email=email)
         # The connection goes back to the pool while the password is checked: in a burst of logins,
         # those waiting their turn to hash would otherwise hold every connection.
         await session.commit()

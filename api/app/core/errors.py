@@ -166,6 +166,12 @@ NOT_A_FILE = (
 )
 
 
+TEXT_PART_TOO_LARGE = (
+    "A form field is over 1 MB: a file must be sent as a multipart part with a filename "
+    "(a part without one is read as text, which is limited to 1 MB)."
+)
+
+
 def _readable(error: dict[str, Any]) -> dict[str, Any]:
     """One of FastAPI's validation errors as the 422 gives it: a large input cut (``_short``),
     and a file part sent without a filename (Starlette then reads it as a text field) said so,
@@ -264,7 +270,7 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         # photo sent that way was told "Part exceeded maximum size of 1024KB." under a 10 MB limit.
         assert isinstance(exc, StarletteHTTPException)
         if str(exc.detail).startswith("Part exceeded maximum size"):
-            return JSONResponse(status_code=422, content={"detail": NOT_A_FILE})
+            return JSONResponse(status_code=422, content={"detail": TEXT_PART_TOO_LARGE})
         return await http_exception_handler(request, exc)
 
     app.add_exception_handler(400, bad_request)

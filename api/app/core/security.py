@@ -63,7 +63,7 @@ class TokenClaims:
     token without one is its own session (its ``jti``)."""
     auth_time: datetime | None = None
     """When the password was given for this session (OpenID Connect's ``auth_time``, to the
-    millisecond, where ``iat`` and ``exp`` carry whole seconds); refreshes keep it. None: the
+    microsecond, where ``iat`` and ``exp`` carry whole seconds); refreshes keep it. None: the
     token's own issue time."""
 
     def __post_init__(self) -> None:
@@ -75,22 +75,17 @@ class TokenError(Exception):
     """The token is malformed, tampered with, expired or signed another way."""
 
 
-def session_start() -> datetime:
-    """Now, to the millisecond (rounded down), as a token's ``auth_time`` carries it."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
 def create_access_token(
     user_id: int, settings: Settings, sid: str | None = None, auth_time: datetime | None = None
 ) -> tuple[str, TokenClaims]:
     """A token valid for ACCESS_TOKEN_EXPIRE_MINUTES from now, but never past SESSION_MAX_HOURS
     after ``auth_time``, in login session ``sid`` (a new session, authenticated now, when None).
 
-    ``auth_time`` is written to the millisecond (RFC 7519 numeric dates may have a fraction), so
-    that ending a user's sessions (``users.sessions_valid_after``) also ends one that began
-    earlier in the same second, and never one that begins after it."""
-    auth_time = auth_time or session_start()
+    ``auth_time`` is written to the microsecond (RFC 7519 numeric dates may have a fraction), as
+    PostgreSQL's clock gives it at login, so that ending a user's sessions
+    (``users.sessions_valid_after``) also ends one that began earlier in the same second, and
+    never one that begins after it."""
+    auth_time = auth_time or datetime.now(UTC)
     now = datetime.now(UTC).replace(microsecond=0)
     expires = min(
         now + timedelta(minutes=settings.access_token_expire_minutes),
@@ -104,7 +99,7 @@ def create_access_token(
         "exp": expires,
         "jti": jti,
         "sid": sid,
-        "auth_time": round(auth_time.timestamp(), 3),
+        "auth_time": round(auth_time.timestamp(), 6),
     }
     token = jwt.encode(payload, settings.secret_key, algorithm=ALGORITHM)
     return token, TokenClaims(user_id=user_id, jti=jti, expires_at=expires, sid=sid, auth_time=auth_time)
@@ -134,7 +129,7 @@ def decode_access_token(token: str, settings: Settings) -> TokenClaims:
             jti=jti,
             expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
             sid=sid,
-            auth_time=datetime.fromtimestamp(round(float(payload.get("auth_time") or payload["iat"]), 3), UTC),
+            auth_time=datetime.fromtimestamp(round(float(payload.get("auth_time") or payload["iat"]), 6), UTC),
         )
     except (JWTError, ValueError, KeyError, TypeError, OverflowError, OSError) as exc:
         raise TokenError(str(exc)) from exc

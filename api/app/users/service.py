@@ -49,6 +49,21 @@ async def get_user(*, session: AsyncSession, user_id: int) -> User | None:
     return await session.scalar(_USER_BY_ID, {"b_user_id": user_id})
 
 
+async def get_user_for_login(*, session: AsyncSession, email: str) -> tuple[User | None, datetime]:
+    """The account for a login, and the moment (PostgreSQL's clock) its session begins: as it is
+    read. ``FOR SHARE`` waits for a password change or deactivation in progress on the row, so
+    a login reads either the account before the change (and began before it: its session ends
+    with it) or the changed one."""
+    row = (
+        await session.execute(
+            select(User, func.clock_timestamp()).where(User.email == normalize_email(email)).with_for_update(read=True)
+        )
+    ).one_or_none()
+    if row is None:
+        return None, datetime.now(UTC)  # no session will begin
+    return row[0], row[1]
+
+
 async def get_user_by_email(*, session: AsyncSession, email: str) -> User | None:
     result = await session.execute(select(User).where(User.email == normalize_email(email)))
     return result.scalar_one_or_none()
@@ -125,9 +140,11 @@ async def update_user(*, session: AsyncSession, actor: User, user: User, changes
 
 
 def end_sessions(user: User) -> None:
-    """Refuses every login session of ``user`` that began before now (tokens carry the moment a
-    session began to the millisecond), and none that begins after; the caller commits."""
-    user.sessions_valid_after = datetime.now(UTC)
+    """Refuses every login session of ``user`` that began before this write, and none that
+    begins after: the moment is PostgreSQL's ``clock_timestamp()`` when the row is written (it
+    stays locked to the commit), the clock a login reads when it reads the account
+    (``get_user_for_login``), so API hosts' clocks play no part. The caller commits."""
+    user.sessions_valid_after = func.clock_timestamp()
 
 
 async def set_password(*, session: AsyncSession, hasher: PasswordHasher, user: User, password: str) -> None:
