@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from api.app.catalog import service as catalog
 from api.app.core.config import Settings
 from api.app.main import create_app
 from api.app.predictions import service as predictions_service
+from api.app.predictions.models import Job, Prediction
 from api.prestart import migrate, seed_admin, seed_registry
 from contracts.messages import LabelScore, PredictionStatus, ResultMessage
 from tests.conftest import _execute, client_for
@@ -37,6 +39,41 @@ def done_answer(
         top_k=[LabelScore(label=label, score=0.9)],
         **fields,
     )
+
+
+async def stored_job(
+    app: FastAPI,
+    *,
+    owner_id: int,
+    image_id: object,
+    status: str,
+    model: str = "m",
+    error: str | None = None,
+    deadline_seconds: float = 300,
+) -> tuple[Job, Prediction]:
+    """A job of one prediction of ``model``@1, both in ``status``, committed as the API would
+    leave it (``finished_at`` set for a final status, ``error`` on the prediction)."""
+    now = datetime.now(UTC)
+    final = status not in ("pending", "queued", "running")
+    job = Job(
+        id=uuid.uuid4(),
+        owner_id=owner_id,
+        image_id=uuid.UUID(str(image_id)),
+        status=status,
+        request_id="test",
+        deadline_at=now + timedelta(seconds=deadline_seconds),
+        finished_at=now if final else None,
+        created_at=now,
+    )
+    prediction = Prediction(
+        id=uuid.uuid4(), job_id=job.id, position=0, model_name=model, model_version=1, status=status, error=error
+    )
+    async with app.state.sessionmaker() as session:
+        session.add(job)
+        await session.flush()
+        session.add(prediction)
+        await session.commit()
+    return job, prediction
 
 
 async def waited(app: FastAPI, job_id: uuid.UUID, seconds: float) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -12,7 +11,7 @@ import pytest
 
 from api.app.core.config import Settings
 from api.app.feedback import service as feedback_service
-from api.app.predictions.models import Job, Prediction
+from tests.api.conftest import stored_job
 from tests.conftest import Users
 from tests.images import noise_png
 
@@ -106,31 +105,15 @@ async def test_a_verdict_needs_an_answer_to_judge(client: httpx.AsyncClient, app
     """A prediction that expired (or failed) has no label: a verdict on it is 422, and none is stored."""
     user, headers = await users.create()
     image = (await client.post("/v1/images", files={"file": ("e.png", noise_png(92, 16))}, headers=headers)).json()
-    now = datetime.now(UTC)
-    job = Job(
-        id=uuid.uuid4(),
+    _, prediction = await stored_job(
+        app,
         owner_id=user["id"],
-        image_id=uuid.UUID(image["id"]),
+        image_id=image["id"],
         status="expired",
-        request_id="r",
-        deadline_at=now,
-        finished_at=now,
-        created_at=now,
-    )
-    prediction = Prediction(
-        id=uuid.uuid4(),
-        job_id=job.id,
-        position=0,
-        model_name="mobilenet_v2",
-        model_version=1,
-        status="expired",
+        model="mobilenet_v2",
         error="deadline passed in the queue",
+        deadline_seconds=0,
     )
-    async with app.state.sessionmaker() as session:
-        session.add(job)
-        await session.flush()
-        session.add(prediction)
-        await session.commit()
     for body in ({"is_correct": True}, {"is_correct": False, "correct_label": "macaw"}):
         r = await client.post("/v1/feedback", json={"prediction_id": str(prediction.id), **body}, headers=headers)
         assert r.status_code == 422 and "no answer to judge (it is expired)" in r.json()["detail"], r.text

@@ -84,6 +84,9 @@ async def test_a_single_upload_takes_one_named_file_part(client: httpx.AsyncClie
     big = png + b"\x00" * 1_500_000
     r = await client.post(path, files={"file": ("", big, "image/png")}, headers=headers)
     assert r.status_code == 422 and "filename" in r.json()["detail"], r.text
+    # A part's headers over the parser's limit were "Invalid multipart data." with no reason.
+    r = await client.post(path, files={"file": ("a" * 5000 + ".png", png)}, headers=headers)
+    assert r.status_code == 400 and "header size" in r.json()["detail"], r.text
     assert (await client.get("/v1/images", headers=headers)).json()["data"] == []
 
 

@@ -23,7 +23,7 @@ from api.app.predictions import service
 from api.app.predictions.models import Job, Prediction
 from api.app.stats.models import CorrectionStats
 from contracts.messages import LabelScore, PredictionStatus, ResultMessage, Timings
-from tests.api.conftest import done_answer, waited
+from tests.api.conftest import done_answer, stored_job, waited
 from tests.conftest import Users, client_for
 from tests.images import encode, noise_png
 from tests.support import PHOTOS, blob_lock, waiting_on_lock
@@ -446,22 +446,7 @@ async def test_an_answer_faster_than_the_lanes_commit_is_stored(
     between waits for that commit, then is stored (it used to be dropped, stalling the batch)."""
     user, headers = await users.create()
     image = await upload(client, headers, noise_png())
-    job = Job(
-        id=uuid.uuid4(),
-        owner_id=user["id"],
-        image_id=uuid.UUID(image["id"]),
-        status="pending",
-        request_id="batch-test",
-        deadline_at=datetime.now(UTC) + timedelta(minutes=5),
-    )
-    prediction = Prediction(
-        id=uuid.uuid4(), job_id=job.id, position=0, model_name="m", model_version=1, status="pending"
-    )
-    async with app.state.sessionmaker() as session:
-        session.add(job)
-        await session.flush()
-        session.add(prediction)
-        await session.commit()
+    job, prediction = await stored_job(app, owner_id=user["id"], image_id=image["id"], status="pending")
     answer = done_answer(job.id, prediction.id)
 
     async def store() -> service.StoredResult:

@@ -172,6 +172,18 @@ TEXT_PART_TOO_LARGE = (
 )
 
 
+def _multipart_reason(exc: BaseException) -> str | None:
+    """The multipart parser's own message behind Starlette's "Invalid multipart data." (such as
+    "Maximum header size exceeded" for a file name of thousands of characters), found in the
+    exceptions ``exc`` was raised while handling."""
+    seen: BaseException | None = exc.__context__
+    while seen is not None:
+        if type(seen).__module__.startswith(("python_multipart", "multipart")):
+            return str(seen) or None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _readable(error: dict[str, Any]) -> dict[str, Any]:
     """One of FastAPI's validation errors as the 422 gives it: a large input cut (``_short``),
     and a file part sent without a filename (Starlette then reads it as a text field) said so,
@@ -271,6 +283,8 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         assert isinstance(exc, StarletteHTTPException)
         if str(exc.detail).startswith("Part exceeded maximum size"):
             return JSONResponse(status_code=422, content={"detail": TEXT_PART_TOO_LARGE})
+        if exc.detail == "Invalid multipart data." and (reason := _multipart_reason(exc)):
+            return JSONResponse(status_code=400, content={"detail": f"Invalid multipart data: {reason}."})
         return await http_exception_handler(request, exc)
 
     app.add_exception_handler(400, bad_request)
