@@ -50,7 +50,7 @@ nginx:
 # scripts/run.py starts a private PostgreSQL or Redis where the default one is missing, then
 # prepares the database (api.prestart) and supervises the portal.
 run: install
-	$(PY) -m model.prepare
+	$(PY) -m model.prepare --defer-training
 	$(PY) scripts/run.py
 
 test: install browser nginx

@@ -137,6 +137,11 @@ class ResultMessage(BaseModel):
         return cls.model_validate_json(fields[b"meta"])
 
 
+NOT_TRAINED_YET = "not trained yet"
+"""How ``ModelState.reason`` begins for a version whose training has not written its model file
+yet: the API then tells users it is coming, not that it is missing."""
+
+
 class ModelState(BaseModel):
     """What one worker says about one model version it tried to load."""
 

@@ -16,7 +16,9 @@ idle EXPLAIN_CLAIM_IDLE_S (XAUTOCLAIM), and trim entries older than any deadline
 
 The registry is read once, at start: unlike ``model.worker`` an explainer does not follow its
 changes (loading Keras graphs from a thread while serving would need the worker's hand-over
-machinery); it is restarted to explain a newly registered version.
+machinery); it is restarted to explain a newly registered version. A version whose model file is
+not written yet at start (``make run`` trains it in the background) is loaded once it is, checked
+every UNWRITTEN_CHECK_S.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from contracts.registry import ModelEntry, Registry, load_registry, parse_model_
 from contracts.streams import REDIS_ERRORS
 from model.config import ModelSettings
 from model.gradcam import GradCam, NotExplainable
-from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model, load_labels
+from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model, load_labels, resolve
 
 log = logging.getLogger("model.explainer")
 
@@ -49,6 +51,8 @@ MAX_WAIT_S = 120
 """The longest EXPLANATION_WAIT_SECONDS allowed: an entry queued longer ago is past its deadline."""
 REAP_EVERY_S = 1.0
 """How often an explainer claims idle pending entries and trims expired ones."""
+UNWRITTEN_CHECK_S = 5.0
+"""How often an explainer looks for the model files it waits for (``Explainer.load_written``)."""
 
 
 def twins(registry: Registry, settings: ModelSettings) -> list[ModelEntry]:
@@ -79,32 +83,52 @@ class Explainer:
         self.registry = registry
         self.cams: dict[str, GradCam] = {}
         """By explanation stream."""
+        self.unwritten: dict[str, ModelEntry] = {}
+        """Twins not loaded because their model file is not written yet, by key."""
         self.stopping = threading.Event()
 
     def load(self) -> None:
         configure_tensorflow(self.settings)
         for twin in twins(self.registry, self.settings):
-            start = time.perf_counter()
-            try:
-                model, random_weights = keras_model(twin, self.settings)
-                if random_weights:
-                    continue
-                cam = GradCam.build(model, twin, load_labels(twin, self.settings))
-                # One computation now: the first request must not pay for tracing the graph.
-                spec = twin.input
-                import numpy as np
+            self._load_twin(twin)
 
-                cam.cam(np.zeros((spec.height, spec.width, 3 if spec.mode == "RGB" else 1), np.float32), 0)
-            except (ModelUnavailable, NotExplainable) as exc:
-                log.warning("cannot explain with %s: %s", twin.key, exc)
-                continue
-            except Exception:
-                log.exception("cannot explain with %s", twin.key)
-                continue
-            self.cams[keys.explain_stream(twin.name, twin.version)] = cam
-            log.info(
-                "explaining with %s (layer %s), ready in %.1f s", twin.key, cam.layer_name, time.perf_counter() - start
-            )
+    def _load_twin(self, twin: ModelEntry) -> bool:
+        """Builds and warms up the Grad-CAM of one twin; False (logged) when it cannot. A twin whose
+        model file is not written yet waits in ``unwritten`` for ``load_written``."""
+        start = time.perf_counter()
+        self.unwritten.pop(twin.key, None)
+        try:
+            model, random_weights = keras_model(twin, self.settings)
+            if random_weights:
+                return False
+            cam = GradCam.build(model, twin, load_labels(twin, self.settings))
+            # One computation now: the first request must not pay for tracing the graph.
+            spec = twin.input
+            import numpy as np
+
+            cam.cam(np.zeros((spec.height, spec.width, 3 if spec.mode == "RGB" else 1), np.float32), 0)
+        except (ModelUnavailable, NotExplainable) as exc:
+            if twin.file and not resolve(twin, twin.file, self.settings).exists():
+                self.unwritten[twin.key] = twin
+            log.warning("cannot explain with %s: %s", twin.key, exc)
+            return False
+        except Exception:
+            log.exception("cannot explain with %s", twin.key)
+            return False
+        self.cams[keys.explain_stream(twin.name, twin.version)] = cam
+        log.info(
+            "explaining with %s (layer %s), ready in %.1f s", twin.key, cam.layer_name, time.perf_counter() - start
+        )
+        return True
+
+    def load_written(self) -> bool:
+        """Loads the twins whose model file was missing at start once it is written (`make run`
+        trains in the background while the portal serves); True when one was loaded."""
+        loaded = False
+        for twin in list(self.unwritten.values()):
+            if twin.file and resolve(twin, twin.file, self.settings).exists():
+                loaded |= self._load_twin(twin)
+        return loaded
 
     def heartbeat(self) -> None:
         body = {
@@ -230,9 +254,13 @@ class Explainer:
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         ready = False
         started = False
-        reaped = forgotten = 0.0
+        reaped = forgotten = looked = 0.0
         while not self.stopping.is_set():
             try:
+                if self.unwritten and time.monotonic() - looked >= UNWRITTEN_CHECK_S:
+                    looked = time.monotonic()
+                    if self.load_written():
+                        ready = False  # the new twin's group, and the heartbeat naming it
                 if not ready:
                     for stream in self.cams:
                         streams.ensure_group(self.redis, stream, keys.EXPLAIN_GROUP)

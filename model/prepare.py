@@ -10,12 +10,16 @@ as the model's unavailability reason.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +48,13 @@ def training_key(options: dict[str, Any], categories: list[str], data: Path, fee
     return digest.hexdigest()[:16]
 
 
-def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings) -> None:
-    """Trains the entry (or copies the same training from the cache). A ``feedback`` option names
-    a folder of labelled drawings (``api.cli export-feedback``'s ``<out>/sketch``) to train on too."""
+def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, train: bool = True) -> None:
+    """Trains the entry (or copies the same training from the cache); without ``train``, only
+    copies it from the cache. A ``feedback`` option names a folder of labelled drawings
+    (``api.cli export-feedback``'s ``<out>/sketch``) to train on too.
+
+    The model file is written last, by a rename, so a worker waiting for it (``make run`` serves
+    while this trains) never reads a part of it."""
     options = dict(entry.training or {})
     categories = str(options.pop("categories", DEFAULT_CATEGORIES)).split(",")
     feedback = options.pop("feedback", None)
@@ -61,8 +69,15 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings) -> No
         return
     cached = settings.training_cache_dir / training_key(options, categories, settings.quickdraw_dir, folder)
     if (cached / "model.keras").exists():
-        shutil.copytree(cached, out, dirs_exist_ok=True)
+        model_file = out / "model.keras"
+        shutil.copytree(cached, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(model_file.name))
+        partial = out / "model.tmp.keras"
+        shutil.copyfile(cached / model_file.name, partial)
+        partial.replace(model_file)
         log.info("%s: copied from the training cache %s", entry.key, cached)
+        return
+    if not train:
+        log.info("%s: not trained yet; left for a run of python -m model.prepare", entry.key)
         return
     log.info(
         "%s: training into %s with %s (data: %s, feedback: %s)", entry.key, out, options, settings.quickdraw_dir, folder
@@ -98,7 +113,15 @@ def keep_in_cache(key: str, folder: Path, cached: Path) -> None:
         log.warning("could not keep %s in the cache: %s", key, exc)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--defer-training",
+        action="store_true",
+        help="quantize and copy what the training cache holds, but train nothing: `make run` starts "
+        "serving after this and trains the rest in the background, its workers loading each model once written",
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_model_settings()
     registry = load_registry(settings.registry_path)
@@ -110,14 +133,42 @@ def main() -> int:
         path = entry.resolve(entry.file, models_dir=settings.models_dir, trained_dir=settings.trained_dir)
         if path.exists():
             log.info("%s: %s present", entry.key, path)
-        elif entry.training:
-            prepare_trained(entry, path.parent, settings)
-        elif entry.quantized_from:
-            try:
-                prepare_quantized(entry, registry.get(entry.quantized_from), path, settings)
-            except ModelUnavailable as exc:  # the worker reports the entry unavailable, with this reason
-                log.warning("%s: cannot be quantized: %s", entry.key, exc)
+            continue
+        with version_lock(path.parent, entry.key, wait=not args.defer_training) as held:
+            if not held:
+                log.info("%s: another python -m model.prepare is making it; not waited for", entry.key)
+            elif path.exists():
+                log.info("%s: %s made meanwhile by another python -m model.prepare", entry.key, path)
+            elif entry.training:
+                prepare_trained(entry, path.parent, settings, train=not args.defer_training)
+            elif entry.quantized_from:
+                try:
+                    prepare_quantized(entry, registry.get(entry.quantized_from), path, settings)
+                except ModelUnavailable as exc:  # the worker reports the entry unavailable, with this reason
+                    log.warning("%s: cannot be quantized: %s", entry.key, exc)
     return 0
+
+
+@contextlib.contextmanager
+def version_lock(folder: Path, key: str, *, wait: bool = True) -> Iterator[bool]:
+    """Holds ``<folder>.lock`` (flock(2)) while one process makes the version kept in ``folder``,
+    so two ``model.prepare`` (a `make run` training in the background beside a `make test`, say)
+    never write it at once: the second waits and then finds the file made, or, without ``wait``,
+    goes on at once; yields whether the lock is held."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            log.info("%s: waiting for another python -m model.prepare making it", key)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 if __name__ == "__main__":

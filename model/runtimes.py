@@ -15,6 +15,7 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
+from contracts.messages import NOT_TRAINED_YET
 from contracts.registry import ModelEntry, Runtime
 from model.config import ModelSettings
 from model.labels import file_labels, imagenet_labels
@@ -310,6 +311,11 @@ LOADERS = {Runtime.keras: _load_keras, Runtime.tflite: _load_tflite, Runtime.ope
 
 def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
     """Loads one registry entry, or raises ModelUnavailable with the reason."""
+    if entry.training and entry.file and not (path := resolve(entry, entry.file, settings)).exists():
+        raise ModelUnavailable(
+            f"{NOT_TRAINED_YET}: {path} not found (python -m model.prepare trains it; "
+            "workers load it once it is written)"
+        )
     labels = load_labels(entry, settings)
     loaded = LOADERS[entry.runtime](entry, settings, labels)
     loaded.heldout_accuracy = heldout_accuracy(entry, settings)

@@ -41,7 +41,7 @@ from contracts.registry import ModelEntry, Registry, load_registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
 from model.config import ModelSettings
-from model.runtimes import LoadedModel, ModelUnavailable, configure_tensorflow, load_model, top_k
+from model.runtimes import LoadedModel, ModelUnavailable, configure_tensorflow, load_model, resolve, top_k
 from model.streams import DeadLetter, Delivery, JobStreams
 
 log = logging.getLogger("model.worker")
@@ -98,8 +98,12 @@ class Worker:
         """The streams where the jobs an earlier process of this worker's name left were taken back."""
         self.peers = 1
         """Live workers, this one included, as last counted by the heartbeat thread."""
-        self._tried: dict[str, dict[str, Any]] = {}
-        """The spec last tried for each version, so a broken one is not reloaded every check."""
+        self._tried: dict[str, tuple[dict[str, Any], int | None]] = {}
+        """The spec last tried for each version and its model file's stamp then (``_model_stamp``),
+        so a broken one is not reloaded every check."""
+        self._unloaded: dict[str, ModelEntry] = {}
+        """Wanted versions whose last load failed, by key: loaded again once their model file
+        appears or changes (``load_appeared``)."""
         self._changes_lock = threading.Lock()
         self._incoming: dict[str, LoadedModel] = {}
         """Versions loaded and warmed up by the registry thread, for the serving loop to take on."""
@@ -134,7 +138,8 @@ class Worker:
         """The version loaded and warmed up by one inference per batch size it will see; None
         (with the reason in its state) when it cannot be."""
         start = time.perf_counter()
-        self._tried[entry.key] = entry.spec()
+        self._tried[entry.key] = (entry.spec(), self._model_stamp(entry))
+        self._unloaded[entry.key] = entry
         before = resident_mib()
         try:
             loaded = load_model(entry, self.settings)
@@ -153,7 +158,18 @@ class Worker:
             log.exception("model %s failed to load", entry.key)
             return None
         log.info("model %s ready in %.1f s (warmed up)", entry.key, time.perf_counter() - start)
+        del self._unloaded[entry.key]
         return loaded
+
+    def _model_stamp(self, entry: ModelEntry) -> int | None:
+        """The modification time (ns) of the version's model file; None while it is missing, or
+        for a version without one."""
+        if not entry.file:
+            return None
+        try:
+            return resolve(entry, entry.file, self.settings).stat().st_mtime_ns
+        except OSError:
+            return None
 
     @staticmethod
     def _ready_state(loaded: LoadedModel) -> ModelState:
@@ -195,6 +211,7 @@ class Worker:
                     if snapshot is not None:
                         self.follow(snapshot.registry)
                         self.revision = (snapshot.source, snapshot.revision)
+                self.load_appeared()
             except REDIS_ERRORS as exc:
                 self._outage(exc)
                 if pubsub is not None:
@@ -213,7 +230,7 @@ class Worker:
         """Brings the versions served in line with ``registry``: loads each new version (or one whose
         spec changed) and queues it for the serving loop, and queues the removal of those it no
         longer serves. A version that fails to load is reported in the heartbeat, not retried until
-        its spec changes."""
+        its spec or its model file changes (``load_appeared``)."""
         wanted = {keys.job_stream(e.name, e.version): e for e in self.settings.live_entries(registry)}
         with self._changes_lock:
             current = {s: m.entry for s, m in self.models.items() if s not in self._outgoing}
@@ -223,7 +240,8 @@ class Worker:
             if have is not None and have.spec() == entry.spec():
                 continue
             known = self.states.get(entry.key)
-            if have is None and known is not None and not known.ready and self._tried.get(entry.key) == entry.spec():
+            tried = (entry.spec(), self._model_stamp(entry))
+            if have is None and known is not None and not known.ready and self._tried.get(entry.key) == tried:
                 continue
             log.info("registry: loading %s", entry.key)
             if (loaded := self._load(entry)) is not None:
@@ -242,7 +260,24 @@ class Worker:
             if key not in wanted_keys and key not in serving and not state.ready:
                 name, _, version = key.partition("@")
                 self._set_state(ModelEntry.model_construct(name=name, version=int(version)), None)
+        for key in [k for k in self._unloaded if k not in wanted_keys]:
+            del self._unloaded[key]
         self.registry = registry
+
+    def load_appeared(self) -> None:
+        """Loads each wanted version that could not be loaded once its model file appears or
+        changes, as when ``python -m model.prepare`` finishes training it while the portal
+        already serves (``make run``): its file is written last, by a rename. Runs in the
+        registry thread, like ``follow``."""
+        for key, entry in list(self._unloaded.items()):
+            if self._tried.get(key) == (entry.spec(), self._model_stamp(entry)):
+                continue
+            log.info("%s: its model file appeared or changed; loading it", key)
+            if (loaded := self._load(entry)) is not None:
+                stream = keys.job_stream(entry.name, entry.version)
+                with self._changes_lock:
+                    self._incoming[stream] = loaded
+                    self._outgoing.discard(stream)
 
     def apply_changes(self) -> bool:
         """Takes on the versions the registry thread loaded and lets go of those it dropped (their

@@ -1,4 +1,6 @@
-"""Start the API, MODEL_WORKERS model workers, the trainer and the UI under supervisord.
+"""Start the API, MODEL_WORKERS model workers, the trainer and the UI under supervisord, and
+``python -m model.prepare`` once beside them to train what is not trained yet (``make run``
+starts serving without waiting for it: ``model.prepare --defer-training``).
 
 First, when DATABASE_URL or REDIS_URL is left at its default and nothing listens there, a private
 PostgreSQL or Redis is started with its data under ``var/`` (scripts/local_services.py), and the
@@ -55,15 +57,18 @@ START_SECONDS = 5
 """A child that exits sooner after its start counts as failing to start."""
 START_RETRIES = 5
 """Attempts to start a failing child, each after a delay one second longer than the last."""
+PREPARE_NICE = 10
+"""Niceness of the background ``model.prepare``: requests' processes get the CPU first."""
 LEFTOVER_STOP_SECONDS = 10
 """How long the group's processes left by a dead supervisord have to end on SIGTERM before SIGKILL."""
 PR_SET_CHILD_SUBREAPER = 36
 """prctl(2) option (linux/prctl.h)."""
 
 
-def program(name: str, command: str, *, numprocs: int = 1) -> str:
-    """One ``[program:x]`` section: restarted whenever it exits unasked, its output and errors
-    passed to supervisord's own output, stopped with its children (streamlit, uvicorn workers)."""
+def program(name: str, command: str, *, numprocs: int = 1, once: bool = False) -> str:
+    """One ``[program:x]`` section: restarted whenever it exits unasked (``once``: run once, its
+    exit never restarting it), its output and errors passed to supervisord's own output, stopped
+    with its children (streamlit, uvicorn workers)."""
     process_name = f"{name}.%(process_num)d" if numprocs > 1 else name
     return f"""
 [program:{name}]
@@ -72,8 +77,8 @@ process_name={process_name}
 numprocs={numprocs}
 numprocs_start=1
 directory={PROJECT_ROOT}
-autorestart=true
-startsecs={START_SECONDS}
+autorestart={"false" if once else "true"}
+startsecs={0 if once else START_SECONDS}
 startretries={START_RETRIES}
 stopsignal=TERM
 stopwaitsecs=20
@@ -100,6 +105,9 @@ childlogdir={folder}
         + program("api", f"{python} -m api")
         + program("model", f"{python} -m model", numprocs=model_workers)
         + program("trainer", f"{python} -m model.trainer")
+        # What `make run` left untrained (model.prepare --defer-training), trained once and niced
+        # while the portal serves: the workers load each model when its file is written.
+        + program("prepare", f"nice -n {PREPARE_NICE} {python} -m model.prepare", once=True)
         # Grad-CAM heatmaps on demand, in a process of its own: predictions never wait for one.
         + program("explainer", f"{python} -m model.explainer")
         + program("ui", f"{python} -m ui")

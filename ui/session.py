@@ -165,10 +165,17 @@ def _notice_role_change(api: Api) -> None:
         st.rerun()
 
 
+CATALOG_SECONDS = 30.0
+"""How long a session reuses the model catalog: a version trained, promoted or rolled back since
+shows after at most this long."""
+
+
 def models(api: Api) -> list[Model]:
-    """The model catalog, fetched once per session."""
-    if "models" not in st.session_state:
+    """The model catalog, fetched again once it is CATALOG_SECONDS old."""
+    fetched = st.session_state.get("models_at")
+    if "models" not in st.session_state or fetched is None or time.monotonic() - fetched >= CATALOG_SECONDS:
         st.session_state["models"] = guarded(api, api.models) or []
+        st.session_state["models_at"] = time.monotonic()
     catalog: list[Model] = st.session_state["models"]
     return catalog
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from api.app.catalog.service import WorkerDirectory
+from api.app.catalog.service import NOT_INSTALLED, NOT_TRAINED, WorkerDirectory
 from contracts import keys, workers
-from contracts.messages import Heartbeat, ModelState
+from contracts.messages import NOT_TRAINED_YET, Heartbeat, ModelState
 from tests.support import RedisServer
 
 
@@ -27,13 +27,20 @@ async def private_redis() -> AsyncIterator[Redis]:
         server.stop()
 
 
-async def _announce(client: Redis, worker_id: str, *, ttl_ms: int = 60_000, at: float | None = None) -> None:
+async def _announce(
+    client: Redis,
+    worker_id: str,
+    *,
+    ttl_ms: int = 60_000,
+    at: float | None = None,
+    models: list[ModelState] | None = None,
+) -> None:
     beat = Heartbeat(
         worker_id=worker_id,
         pid=1,
         hostname="host",
         started_at=time.time(),
-        models=[ModelState(name="mobilenet_v2", version=1, ready=True, num_classes=1000)],
+        models=models or [ModelState(name="mobilenet_v2", version=1, ready=True, num_classes=1000)],
     )
     async with client.pipeline(transaction=False) as pipe:
         workers.announce(
@@ -75,3 +82,27 @@ async def test_live_workers_are_found_without_scanning_the_keyspace(private_redi
     # Forgotten entries are dropped as they are read; recent ones stay until forgotten.
     assert await client.zrange(workers.LIVE_WORKERS, 0, -1) == [b"alive", b"crashed"]
     assert 0 < await client.ttl(workers.LIVE_WORKERS) <= workers.FORGET_AFTER_S
+
+
+async def test_a_version_not_trained_yet_is_told_apart_from_a_missing_one(private_redis: Redis) -> None:
+    """Users read that a version is coming when every worker says it is not trained yet (the
+    workers load it once training writes its file), and that it is not installed otherwise; the
+    workers' paths stay for admins."""
+    untrained = f"{NOT_TRAINED_YET}: /srv/trained/sketch/v3/model.keras not found (python -m model.prepare trains it)"
+    await _announce(
+        private_redis,
+        "a",
+        models=[
+            ModelState(name="sketch", version=3, ready=False, reason=untrained),
+            ModelState(name="resnet50", version=1, ready=False, reason=f"{NOT_TRAINED_YET}: /a not found"),
+        ],
+    )
+    await _announce(
+        private_redis,
+        "b",
+        models=[ModelState(name="resnet50", version=1, ready=False, reason="model file /srv/r.h5 not found")],
+    )
+    availability = await WorkerDirectory(private_redis).availability(fresh=True)
+    assert availability["sketch@3"].public_reason() == NOT_TRAINED
+    assert availability["resnet50@1"].public_reason() == NOT_INSTALLED
+    assert availability["sketch@3"].reason() == untrained

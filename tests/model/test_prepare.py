@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from contracts.registry import ModelEntry, Registry
 from model.config import ModelSettings
-from model.prepare import prepare_trained, training_key
+from model.prepare import prepare_trained, training_key, version_lock
 from tests.model.drawings import feedback_folder
+from tests.support import ROOT, wait_until
 
 OPTIONS = {"arch": "compact", "epochs": 1, "per_category": 100, "categories": "cat,fish"}
 
@@ -64,3 +70,56 @@ def test_a_missing_feedback_folder_leaves_the_version_untrained(
     prepare_trained(feedback_entry(registry, str(tmp_path / "nowhere")), tmp_path / "v3", settings)
     assert not (tmp_path / "v3").exists()
     assert "feedback folder" in caplog.text and "not trained" in caplog.text
+
+
+def test_deferred_training_copies_from_the_cache_and_trains_nothing(
+    tmp_path: Path, model_settings: ModelSettings, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--defer-training`` (what `make run` does before it serves): a version the cache holds is
+    copied, model file included; one it does not hold is left untrained, said so in the log."""
+    settings = model_settings.model_copy(update={"training_cache_dir": tmp_path / "cache"})
+    caplog.set_level(logging.INFO, logger="model.prepare")
+    entry = feedback_entry(registry, str(tmp_path / "export"))
+    (tmp_path / "export").mkdir()
+    prepare_trained(entry, tmp_path / "v3", settings, train=False)
+    assert not (tmp_path / "v3").exists() and "not trained yet" in caplog.text
+
+    options = dict(entry.training or {})
+    categories = str(options.pop("categories")).split(",")
+    feedback = tmp_path / "export"
+    del options["feedback"]
+    cached = settings.training_cache_dir / training_key(options, categories, settings.quickdraw_dir, feedback)
+    cached.mkdir(parents=True)
+    for name in ("model.keras", "labels.txt", "metrics.json"):
+        (cached / name).write_text(name)
+    prepare_trained(entry, tmp_path / "v3", settings, train=False)
+    assert sorted(p.name for p in (tmp_path / "v3").iterdir()) == ["labels.txt", "metrics.json", "model.keras"]
+    assert (tmp_path / "v3" / "model.keras").read_text() == "model.keras"
+
+
+def test_two_prepares_never_make_one_version_at_once(tmp_path: Path, model_settings: ModelSettings) -> None:
+    """While one ``model.prepare`` makes a version, `make run`'s deferring one goes on without it
+    and a full one waits, then finds the file written and trains nothing."""
+    trained = tmp_path / "trained"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TRAINED_DIR": str(trained),
+        "TRAINING_CACHE_DIR": str(tmp_path / "cache"),
+        "SERVE_MODELS": "sketch@1",
+    }
+    command = [sys.executable, "-m", "model.prepare"]
+    folder = trained / "sketch" / "v1"
+    with version_lock(folder, "sketch@1"):
+        deferring = subprocess.run([*command, "--defer-training"], env=env, capture_output=True, text=True, timeout=120)
+        assert deferring.returncode == 0 and "not waited for" in deferring.stderr, deferring.stderr
+        log = tmp_path / "waiting.log"
+        with open(log, "w") as output:
+            waiting = subprocess.Popen(command, env=env, stderr=output)
+        wait_until(lambda: "waiting for another" in log.read_text(), 120, "the second prepare to wait")
+        time.sleep(1)
+        assert waiting.poll() is None
+        shutil.copytree(model_settings.trained_dir / "sketch" / "v1", folder)
+    assert waiting.wait(60) == 0
+    err = log.read_text()
+    assert "made meanwhile" in err and "training into" not in err, err

@@ -4,14 +4,20 @@ let go (their memory returned), without a restart."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import time
+from pathlib import Path
 
 import psutil
 import redis
 import redis.asyncio
 
 from contracts import keys, registry_live, workers
+from contracts.messages import NOT_TRAINED_YET
 from contracts.registry import Channel, ModelEntry, Registry, load_registry
 from contracts.registry_live import RegistrySnapshot
+from model.config import ModelSettings
+from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key
 from tests.support import RedisServer, start_worker, wait_for_worker, wait_until
 
 FILE = load_registry()
@@ -80,5 +86,50 @@ def test_a_worker_follows_the_published_registry(private_redis: RedisServer) -> 
         freed = loaded_rss - process.memory_info().rss
         assert freed > 10 * 2**20, f"only {freed / 2**20:.1f} MiB returned"
         assert worker.alive()
+    finally:
+        worker.stop()
+
+
+def reasons(client: redis.Redis, name: str) -> dict[str, str | None]:
+    beats = [b for b in workers.live_heartbeats(client) if b.worker_id == name]
+    return {f"{m.name}@{m.version}": m.reason for b in beats for m in b.models if not m.ready}
+
+
+def test_a_version_trained_while_the_worker_serves_is_loaded_once_written(
+    private_redis: RedisServer, tmp_path: Path, model_settings: ModelSettings
+) -> None:
+    """`make run` serves before ``model.prepare`` has trained every version: a version whose
+    model file is missing is reported as not trained yet, then loaded and served once training
+    (here, its copy from the training cache) writes the file, without a restart or a new
+    registry revision."""
+    url = private_redis.url
+    client = redis.Redis.from_url(url)
+    sketch = entry("sketch@1")
+    assert sketch.training is not None
+    options = dict(sketch.training)
+    categories = str(options.pop("categories", DEFAULT_CATEGORIES)).split(",")
+    settings = model_settings.model_copy(
+        update={"trained_dir": tmp_path / "trained", "training_cache_dir": tmp_path / "cache"}
+    )
+    out = sketch.resolve(sketch.file or "", models_dir=settings.models_dir, trained_dir=settings.trained_dir).parent
+    trained = sketch.resolve(
+        sketch.file or "", models_dir=model_settings.models_dir, trained_dir=model_settings.trained_dir
+    ).parent
+    shutil.copytree(trained, settings.training_cache_dir / training_key(options, categories, settings.quickdraw_dir))
+    assert publish(url, 1, [sketch])
+    worker = start_worker(
+        "late", url, SERVE_MODELS="sketch", REGISTRY_CHECK_S="1", TRAINED_DIR=str(settings.trained_dir)
+    )
+    try:
+        wait_for_worker(url, worker)
+        wait_until(lambda: "sketch@1" in reasons(client, "late"), 60, "sketch@1 reported")
+        assert (reasons(client, "late")["sketch@1"] or "").startswith(NOT_TRAINED_YET)
+        time.sleep(2)  # checks pass while the file is missing
+        assert serving(client, "late") == set() and worker.alive()
+
+        prepare_trained(sketch, out, settings)
+        wait_until(lambda: serving(client, "late") == {"sketch@1"}, 30, "sketch@1 served once written")
+        assert client.xinfo_groups(keys.job_stream("sketch", 1))[0]["name"] == keys.JOB_GROUP.encode()
+        assert client.exists(keys.labels_key("sketch", 1))
     finally:
         worker.stop()

@@ -21,6 +21,7 @@ from tests.images import encode, split_colour
 from tests.support import PHOTOS, ROOT, start_explainer
 from ui.client import Api, User
 from ui.config import get_ui_settings
+from ui.session import CATALOG_SECONDS
 from ui.views.admin import VERSION_ACTIONS
 
 APP = str(ROOT / "ui" / "app.py")
@@ -627,3 +628,30 @@ def test_api_keys_are_made_shown_once_listed_and_revoked(api_url: str, portal: t
 def test_admins_may_give_their_keys_the_admin_scope(api_url: str, portal: tuple[str, str, str]) -> None:
     app, _ = keys_app(api_url, portal[1], portal[2])
     assert "admin: the administration routes" in list(app.multiselect(key="api_key_scopes").options)
+
+
+def test_a_session_reads_the_model_catalog_again_once_it_is_old(api_url: str, portal: tuple[str, str, str]) -> None:
+    """A version trained, promoted or rolled back after a person logged in shows within
+    CATALOG_SECONDS: the catalog is reused until then, not for the whole session."""
+    email, password = new_user(api_url, portal)
+    api = Api(api_url)
+    api.login(email, password)
+    script = (
+        "import time\nimport streamlit as st\nfrom ui.client import Api\nfrom ui.session import models\n"
+        "class Counted(Api):\n"
+        "    def _request(self, method, path, **kwargs):\n"
+        "        st.session_state.setdefault('calls', []).append(f'{method} {path}')\n"
+        "        return super()._request(method, path, **kwargs)\n"
+        f"api = Counted({api_url!r}, {api.token!r})\n"
+        "if st.session_state.get('age'):\n"
+        "    st.session_state['models_at'] = time.monotonic() - st.session_state['age']\n"
+        "st.session_state['refs'] = [m['ref'] for m in models(api) + models(api)]\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert app.session_state["calls"] == ["GET /v1/models"] and "sketch@3" in app.session_state["refs"]
+    app.session_state["age"] = CATALOG_SECONDS - 5
+    app.run()
+    assert app.session_state["calls"] == ["GET /v1/models"]
+    app.session_state["age"] = CATALOG_SECONDS
+    app.run()
+    assert app.session_state["calls"] == ["GET /v1/models", "GET /v1/models"]

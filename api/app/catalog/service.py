@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from api.app.core import metrics
 from api.app.core.config import Settings
 from contracts import keys, workers
-from contracts.messages import Heartbeat
+from contracts.messages import NOT_TRAINED_YET, Heartbeat
 from contracts.registry import ModelEntry, Registry, parse_model_ref
 
 NOT_SERVED = "no live model worker serves it"
@@ -24,6 +24,7 @@ MAX_REFS = 10
 MAX_REF_LENGTH = 80
 """Longest model reference (a name of at most 64 characters, "@" and a version)."""
 NOT_INSTALLED = "its model files are not installed on this server"
+NOT_TRAINED = "it is not trained on this server yet; it is served once its training ends"
 
 
 @dataclass
@@ -53,7 +54,9 @@ class ModelAvailability:
         """``reason`` in plain words, without the servers' paths, URLs and error text."""
         if self.available:
             return None
-        return NOT_INSTALLED if self.reasons else NOT_SERVED
+        if not self.reasons:
+            return NOT_SERVED
+        return NOT_TRAINED if all(r.startswith(NOT_TRAINED_YET) for r in self.reasons) else NOT_INSTALLED
 
 
 class WorkerDirectory:
