@@ -17,8 +17,8 @@ idle EXPLAIN_CLAIM_IDLE_S (XAUTOCLAIM), and trim entries older than any deadline
 The registry is read once, at start: unlike ``model.worker`` an explainer does not follow its
 changes (loading Keras graphs from a thread while serving would need the worker's hand-over
 machinery); it is restarted to explain a newly registered version. A version whose model file is
-not written yet at start (``make run`` trains it in the background) is loaded once it is, checked
-every UNWRITTEN_CHECK_S.
+not written yet at start (``make run`` trains it in the background), or broken, is loaded once its
+file is written or changes, checked every RELOAD_CHECK_S.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from contracts.registry import ModelEntry, Registry, load_registry, parse_model_
 from contracts.streams import REDIS_ERRORS
 from model.config import ModelSettings
 from model.gradcam import GradCam, NotExplainable
-from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model, load_labels, resolve
+from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model, load_labels, model_stamp
 
 log = logging.getLogger("model.explainer")
 
@@ -51,7 +51,7 @@ MAX_WAIT_S = 120
 """The longest EXPLANATION_WAIT_SECONDS allowed: an entry queued longer ago is past its deadline."""
 REAP_EVERY_S = 1.0
 """How often an explainer claims idle pending entries and trims expired ones."""
-UNWRITTEN_CHECK_S = 5.0
+RELOAD_CHECK_S = 5.0
 """How often an explainer looks for the model files it waits for (``Explainer.load_written``)."""
 
 
@@ -83,8 +83,9 @@ class Explainer:
         self.registry = registry
         self.cams: dict[str, GradCam] = {}
         """By explanation stream."""
-        self.unwritten: dict[str, ModelEntry] = {}
-        """Twins not loaded because their model file is not written yet, by key."""
+        self.unloaded: dict[str, tuple[ModelEntry, tuple[int, ...] | None]] = {}
+        """Twins whose Grad-CAM could not be built, by key, with their model file's stamp then
+        (``model_stamp``): tried again once the file is written or changes."""
         self.stopping = threading.Event()
 
     def load(self) -> None:
@@ -93,10 +94,11 @@ class Explainer:
             self._load_twin(twin)
 
     def _load_twin(self, twin: ModelEntry) -> bool:
-        """Builds and warms up the Grad-CAM of one twin; False (logged) when it cannot. A twin whose
-        model file is not written yet waits in ``unwritten`` for ``load_written``."""
+        """Builds and warms up the Grad-CAM of one twin; False (logged) when it cannot. A twin with
+        a model file then waits in ``unloaded`` for ``load_written``."""
         start = time.perf_counter()
-        self.unwritten.pop(twin.key, None)
+        stamp = model_stamp(twin, self.settings)
+        self.unloaded.pop(twin.key, None)
         try:
             model, random_weights = keras_model(twin, self.settings)
             if random_weights:
@@ -108,25 +110,31 @@ class Explainer:
 
             cam.cam(np.zeros((spec.height, spec.width, 3 if spec.mode == "RGB" else 1), np.float32), 0)
         except (ModelUnavailable, NotExplainable) as exc:
-            if twin.file and not resolve(twin, twin.file, self.settings).exists():
-                self.unwritten[twin.key] = twin
+            self._retry_later(twin, stamp)
             log.warning("cannot explain with %s: %s", twin.key, exc)
             return False
         except Exception:
+            self._retry_later(twin, stamp)
             log.exception("cannot explain with %s", twin.key)
             return False
-        self.cams[keys.explain_stream(twin.name, twin.version)] = cam
+        # Replaced whole, never changed in place: the heartbeat thread reads it at any moment.
+        self.cams = {**self.cams, keys.explain_stream(twin.name, twin.version): cam}
         log.info(
             "explaining with %s (layer %s), ready in %.1f s", twin.key, cam.layer_name, time.perf_counter() - start
         )
         return True
 
+    def _retry_later(self, twin: ModelEntry, stamp: tuple[int, ...] | None) -> None:
+        if twin.file:
+            self.unloaded[twin.key] = (twin, stamp)
+
     def load_written(self) -> bool:
-        """Loads the twins whose model file was missing at start once it is written (`make run`
-        trains in the background while the portal serves); True when one was loaded."""
+        """Builds the Grad-CAM of each twin that could not be built once its model file is
+        written or changes (`make run` trains in the background while the portal serves, an
+        operator replaces a broken file); True when one was built."""
         loaded = False
-        for twin in list(self.unwritten.values()):
-            if twin.file and resolve(twin, twin.file, self.settings).exists():
+        for twin, stamp in list(self.unloaded.values()):
+            if (now := model_stamp(twin, self.settings)) is not None and now != stamp:
                 loaded |= self._load_twin(twin)
         return loaded
 
@@ -257,7 +265,7 @@ class Explainer:
         reaped = forgotten = looked = 0.0
         while not self.stopping.is_set():
             try:
-                if self.unwritten and time.monotonic() - looked >= UNWRITTEN_CHECK_S:
+                if self.unloaded and time.monotonic() - looked >= RELOAD_CHECK_S:
                     looked = time.monotonic()
                     if self.load_written():
                         ready = False  # the new twin's group, and the heartbeat naming it

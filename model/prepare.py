@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -53,8 +54,8 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
     copies it from the cache. A ``feedback`` option names a folder of labelled drawings
     (``api.cli export-feedback``'s ``<out>/sketch``) to train on too.
 
-    The model file is written last, by a rename, so a worker waiting for it (``make run`` serves
-    while this trains) never reads a part of it."""
+    The version's folder appears whole, by a rename (``made_whole``), so a worker waiting for its
+    model file (``make run`` serves while this trains) never reads a part of it."""
     options = dict(entry.training or {})
     categories = str(options.pop("categories", DEFAULT_CATEGORIES)).split(",")
     feedback = options.pop("feedback", None)
@@ -69,11 +70,8 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
         return
     cached = settings.training_cache_dir / training_key(options, categories, settings.quickdraw_dir, folder)
     if (cached / "model.keras").exists():
-        model_file = out / "model.keras"
-        shutil.copytree(cached, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(model_file.name))
-        partial = out / "model.tmp.keras"
-        shutil.copyfile(cached / model_file.name, partial)
-        partial.replace(model_file)
+        with made_whole(out) as partial:
+            shutil.copytree(cached, partial)
         log.info("%s: copied from the training cache %s", entry.key, cached)
         return
     if not train:
@@ -82,9 +80,10 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
     log.info(
         "%s: training into %s with %s (data: %s, feedback: %s)", entry.key, out, options, settings.quickdraw_dir, folder
     )
-    metrics = train_sketch.train(
-        data=settings.quickdraw_dir, categories=categories, out=out, feedback=folder, **options
-    )
+    with made_whole(out) as partial:
+        metrics = train_sketch.train(
+            data=settings.quickdraw_dir, categories=categories, out=partial, feedback=folder, **options
+        )
     log.info("%s: held-out accuracy %.4f in %.0f s", entry.key, metrics["test_accuracy"], metrics["seconds"])
     keep_in_cache(entry.key, out, cached)
 
@@ -94,23 +93,46 @@ def prepare_quantized(entry: ModelEntry, source: ModelEntry, out: Path, settings
 
     cached = settings.training_cache_dir / quantize.quantization_key(entry, source, settings)
     if (cached / out.name).exists():
-        shutil.copytree(cached, out.parent, dirs_exist_ok=True)
+        with made_whole(out.parent) as partial:
+            shutil.copytree(cached, partial)
         log.info("%s: copied from the cache %s", entry.key, cached)
         return
     log.info("%s: quantizing %s to INT8 into %s", entry.key, source.key, out)
     start = time.perf_counter()
-    quantize.quantize(entry, source, settings, out)
+    # The .xml and its .bin appear together: a worker never finds one without the other.
+    with made_whole(out.parent) as partial:
+        quantize.quantize(entry, source, settings, partial / out.name)
     log.info("%s: quantized in %.0f s", entry.key, time.perf_counter() - start)
     keep_in_cache(entry.key, out.parent, cached)
 
 
-def keep_in_cache(key: str, folder: Path, cached: Path) -> None:
+@contextlib.contextmanager
+def made_whole(folder: Path) -> Iterator[Path]:
+    """A fresh ``<folder>.partial`` to write a version's files into; once the block ends without
+    an error it replaces ``folder`` (whatever an earlier, unfinished run left there) in one
+    rename, so readers see no file of it or all of them. After an error the partial folder is
+    removed."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = cached.with_name(cached.name + ".tmp")
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
+def keep_in_cache(key: str, folder: Path, cached: Path) -> None:
+    # A name of this process's own: two checkouts sharing the cache never write into one folder.
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+    try:
         shutil.copytree(folder, tmp, dirs_exist_ok=True)
         tmp.replace(cached)
-    except OSError as exc:  # a read-only cache only costs the next run the work again
+    except OSError as exc:  # a read-only cache, or another run kept it first: the next run copies that
         log.warning("could not keep %s in the cache: %s", key, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_model_settings()
     registry = load_registry(settings.registry_path)
     served = settings.served_entries(registry)
-    # Trained models first: a quantized version may be made from one of them.
-    for entry in sorted(served, key=lambda e: e.quantized_from is not None):
+    failed = []
+    for entry in sorted(served, key=preparation_order):
         if not (entry.training or entry.quantized_from) or entry.file is None:
             continue
         path = entry.resolve(entry.file, models_dir=settings.models_dir, trained_dir=settings.trained_dir)
@@ -140,13 +162,26 @@ def main(argv: list[str] | None = None) -> int:
             elif path.exists():
                 log.info("%s: %s made meanwhile by another python -m model.prepare", entry.key, path)
             elif entry.training:
-                prepare_trained(entry, path.parent, settings, train=not args.defer_training)
+                try:
+                    prepare_trained(entry, path.parent, settings, train=not args.defer_training)
+                except Exception:  # the next versions are still made; the exit status says it failed
+                    log.exception("%s: training failed", entry.key)
+                    failed.append(entry.key)
             elif entry.quantized_from:
                 try:
                     prepare_quantized(entry, registry.get(entry.quantized_from), path, settings)
                 except ModelUnavailable as exc:  # the worker reports the entry unavailable, with this reason
                     log.warning("%s: cannot be quantized: %s", entry.key, exc)
-    return 0
+    if failed:
+        log.error("not made: %s", ", ".join(failed))
+    return 1 if failed else 0
+
+
+def preparation_order(entry: ModelEntry) -> tuple[bool, bool, int]:
+    """Trained versions before quantized ones (a quantized version may be made from a trained
+    one), each model's stable version first (the one its bare name and the UI's pages answer
+    with), then by version."""
+    return entry.quantized_from is not None, entry.channel != "stable", entry.version
 
 
 @contextlib.contextmanager

@@ -57,6 +57,20 @@ def resolve(entry: ModelEntry, template: str, settings: ModelSettings) -> Path:
     return entry.resolve(template, models_dir=settings.models_dir, trained_dir=settings.trained_dir)
 
 
+def model_stamp(entry: ModelEntry, settings: ModelSettings) -> tuple[int, ...] | None:
+    """The modification times (ns) of the version's model file, and of its weights beside it
+    for an OpenVINO .xml (the .bin): what changes when the model is written again. None for a
+    version without a file or while a file is missing."""
+    if not entry.file:
+        return None
+    path = resolve(entry, entry.file, settings)
+    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+    try:
+        return tuple(f.stat().st_mtime_ns for f in files)
+    except OSError:
+        return None
+
+
 def load_labels(entry: ModelEntry, settings: ModelSettings) -> tuple[str, ...]:
     if entry.labels == "imagenet":
         return imagenet_labels()

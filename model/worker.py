@@ -41,7 +41,7 @@ from contracts.registry import ModelEntry, Registry, load_registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
 from model.config import ModelSettings
-from model.runtimes import LoadedModel, ModelUnavailable, configure_tensorflow, load_model, resolve, top_k
+from model.runtimes import LoadedModel, ModelUnavailable, configure_tensorflow, load_model, model_stamp, top_k
 from model.streams import DeadLetter, Delivery, JobStreams
 
 log = logging.getLogger("model.worker")
@@ -98,8 +98,8 @@ class Worker:
         """The streams where the jobs an earlier process of this worker's name left were taken back."""
         self.peers = 1
         """Live workers, this one included, as last counted by the heartbeat thread."""
-        self._tried: dict[str, tuple[dict[str, Any], int | None]] = {}
-        """The spec last tried for each version and its model file's stamp then (``_model_stamp``),
+        self._tried: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {}
+        """The spec last tried for each version and its model file's stamp then (``model_stamp``),
         so a broken one is not reloaded every check."""
         self._unloaded: dict[str, ModelEntry] = {}
         """Wanted versions whose last load failed, by key: loaded again once their model file
@@ -138,7 +138,7 @@ class Worker:
         """The version loaded and warmed up by one inference per batch size it will see; None
         (with the reason in its state) when it cannot be."""
         start = time.perf_counter()
-        self._tried[entry.key] = (entry.spec(), self._model_stamp(entry))
+        self._tried[entry.key] = (entry.spec(), model_stamp(entry, self.settings))
         self._unloaded[entry.key] = entry
         before = resident_mib()
         try:
@@ -160,16 +160,6 @@ class Worker:
         log.info("model %s ready in %.1f s (warmed up)", entry.key, time.perf_counter() - start)
         del self._unloaded[entry.key]
         return loaded
-
-    def _model_stamp(self, entry: ModelEntry) -> int | None:
-        """The modification time (ns) of the version's model file; None while it is missing, or
-        for a version without one."""
-        if not entry.file:
-            return None
-        try:
-            return resolve(entry, entry.file, self.settings).stat().st_mtime_ns
-        except OSError:
-            return None
 
     @staticmethod
     def _ready_state(loaded: LoadedModel) -> ModelState:
@@ -240,7 +230,7 @@ class Worker:
             if have is not None and have.spec() == entry.spec():
                 continue
             known = self.states.get(entry.key)
-            tried = (entry.spec(), self._model_stamp(entry))
+            tried = (entry.spec(), model_stamp(entry, self.settings))
             if have is None and known is not None and not known.ready and self._tried.get(entry.key) == tried:
                 continue
             log.info("registry: loading %s", entry.key)
@@ -267,10 +257,10 @@ class Worker:
     def load_appeared(self) -> None:
         """Loads each wanted version that could not be loaded once its model file appears or
         changes, as when ``python -m model.prepare`` finishes training it while the portal
-        already serves (``make run``): its file is written last, by a rename. Runs in the
+        already serves (``make run``): its folder appears whole, by a rename. Runs in the
         registry thread, like ``follow``."""
         for key, entry in list(self._unloaded.items()):
-            if self._tried.get(key) == (entry.spec(), self._model_stamp(entry)):
+            if self._tried.get(key) == (entry.spec(), model_stamp(entry, self.settings)):
                 continue
             log.info("%s: its model file appeared or changed; loading it", key)
             if (loaded := self._load(entry)) is not None:

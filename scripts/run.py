@@ -57,8 +57,8 @@ START_SECONDS = 5
 """A child that exits sooner after its start counts as failing to start."""
 START_RETRIES = 5
 """Attempts to start a failing child, each after a delay one second longer than the last."""
-PREPARE_NICE = 10
-"""Niceness of the background ``model.prepare``: requests' processes get the CPU first."""
+PREPARE_NICE = 19
+"""Niceness of the background ``model.prepare``: below the workers' CPU_NICE, so predictions get the CPU first."""
 LEFTOVER_STOP_SECONDS = 10
 """How long the group's processes left by a dead supervisord have to end on SIGTERM before SIGKILL."""
 PR_SET_CHILD_SUBREAPER = 36

@@ -32,19 +32,25 @@ def readable_time(iso: str) -> str:
 def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
     """Under a "Models" heading, a checkbox per model version that reads ``mode`` input ("RGB":
     photos, "L": drawings), as the registry says; the default ones (photos) or the stable ones
-    (drawings) checked. Returns the checked references."""
+    (drawings) checked, or the first available version while none of those is (a stable version
+    not trained yet, say). Returns the checked references."""
     st.markdown("**Models**")
     chosen = []
     shown = [m for m in models(api) if m["input"]["mode"] == mode]
+    preferred = [
+        m["ref"] for m in shown if m["available"] and (m["default"] if mode == "RGB" else m["channel"] == "stable")
+    ]
+    if not preferred:
+        preferred = [m["ref"] for m in shown if m["available"]][:1]
     with st.container(horizontal=True, gap="medium"):  # wraps on a narrow screen
         for m in shown:
             label = m["display_name"] + (" · trial version" if m["channel"] == "canary" else "")
             # The API words the reason plainly for people and in full (paths, errors) for admins.
             help_text = m["description"] if m["available"] else f"Not available right now: {m['reason']}"
-            default = m["available"] and (m["default"] if mode == "RGB" else m["channel"] == "stable")
-            if st.checkbox(
-                label, value=default, disabled=not m["available"], help=help_text, key=f"{keys_prefix}_{m['ref']}"
-            ):
+            # A key of its own while unavailable: once the version serves, its box starts anew,
+            # checked by default where it is preferred, not left as the disabled box was.
+            key = f"{keys_prefix}_{m['ref']}" + ("" if m["available"] else "_unavailable")
+            if st.checkbox(label, value=m["ref"] in preferred, disabled=not m["available"], help=help_text, key=key):
                 chosen.append(m["ref"])
     return chosen
 

@@ -85,7 +85,7 @@ async def test_live_workers_are_found_without_scanning_the_keyspace(private_redi
 
 
 async def test_a_version_not_trained_yet_is_told_apart_from_a_missing_one(private_redis: Redis) -> None:
-    """Users read that a version is coming when every worker says it is not trained yet (the
+    """Users read that a version is not trained yet when every worker says so (the
     workers load it once training writes its file), and that it is not installed otherwise; the
     workers' paths stay for admins."""
     untrained = f"{NOT_TRAINED_YET}: /srv/trained/sketch/v3/model.keras not found (python -m model.prepare trains it)"

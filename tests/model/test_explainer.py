@@ -1,7 +1,8 @@
-"""An explainer loads a version whose model file is written after it started."""
+"""An explainer loads a version whose model file is written, or written again, after it started."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,17 +16,26 @@ def test_a_version_trained_after_the_start_is_explained_once_written(
     private_redis: RedisServer, tmp_path: Path, model_settings: ModelSettings
 ) -> None:
     """`make run` trains in the background while the portal serves: an explainer that started
-    before a version's model file was written waits for it, then builds its Grad-CAM."""
+    before a version's model file was written waits for it, then builds its Grad-CAM; one that
+    found a broken file builds it once the file is written again."""
     settings = model_settings.model_copy(
-        update={"redis_url": private_redis.url, "trained_dir": tmp_path, "explain_models": "sketch@1"}
+        update={"redis_url": private_redis.url, "trained_dir": tmp_path, "explain_models": "sketch@1,sketch@2"}
     )
+    broken = tmp_path / "sketch" / "v2"
+    shutil.copytree(model_settings.trained_dir / "sketch" / "v2", broken)
+    whole = (broken / "model.keras").read_bytes()
+    (broken / "model.keras").write_bytes(whole[:300_000])
     explainer = Explainer(settings)
     explainer.load()
-    stream = keys.explain_stream("sketch", 1)
-    assert stream not in explainer.cams and "sketch@1" in explainer.unwritten
+    first, second = keys.explain_stream("sketch", 1), keys.explain_stream("sketch", 2)
+    assert not explainer.cams and sorted(explainer.unloaded) == ["sketch@1", "sketch@2"]
     assert not explainer.load_written()
 
-    written = tmp_path / "sketch" / "v1"
-    shutil.copytree(model_settings.trained_dir / "sketch" / "v1", written)
+    shutil.copytree(model_settings.trained_dir / "sketch" / "v1", tmp_path / "sketch" / "v1")
     assert explainer.load_written()
-    assert stream in explainer.cams and not explainer.unwritten
+    assert list(explainer.cams) == [first] and list(explainer.unloaded) == ["sketch@2"]
+
+    (broken / "model.tmp.keras").write_bytes(whole)
+    os.replace(broken / "model.tmp.keras", broken / "model.keras")
+    assert explainer.load_written()
+    assert sorted(explainer.cams) == sorted([first, second]) and not explainer.unloaded

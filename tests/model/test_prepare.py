@@ -15,7 +15,7 @@ import pytest
 
 from contracts.registry import ModelEntry, Registry
 from model.config import ModelSettings
-from model.prepare import prepare_trained, training_key, version_lock
+from model.prepare import DEFAULT_CATEGORIES, preparation_order, prepare_trained, training_key, version_lock
 from tests.model.drawings import feedback_folder
 from tests.support import ROOT, wait_until
 
@@ -123,3 +123,27 @@ def test_two_prepares_never_make_one_version_at_once(tmp_path: Path, model_setti
     assert waiting.wait(60) == 0
     err = log.read_text()
     assert "made meanwhile" in err and "training into" not in err, err
+
+
+def test_a_version_that_fails_to_train_leaves_the_others_to_be_made(tmp_path: Path, registry: Registry) -> None:
+    """The stable version goes first (its bare name and the sketch page answer with it); one that
+    fails is logged and the next ones are still tried; the exit status says something failed."""
+    assert [e.key for e in sorted(registry.models, key=preparation_order) if e.training][:1] == ["sketch@3"]
+    broken = tmp_path / "quickdraw"
+    broken.mkdir()
+    for category in DEFAULT_CATEGORIES.split(","):
+        (broken / f"{category}.npy").write_bytes(b"not a numpy file")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TRAINED_DIR": str(tmp_path / "trained"),
+        "TRAINING_CACHE_DIR": str(tmp_path / "cache"),
+        "QUICKDRAW_DIR": str(broken),
+        "SERVE_MODELS": "sketch@1,sketch@2",
+    }
+    run = subprocess.run([sys.executable, "-m", "model.prepare"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert "sketch@1: training failed" in run.stderr and "sketch@2: training failed" in run.stderr, run.stderr
+    assert "not made: sketch@1, sketch@2" in run.stderr
+    assert not (tmp_path / "trained" / "sketch" / "v1").exists()
+    assert not (tmp_path / "trained" / "sketch" / "v1.partial").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from model.runtimes import (
     graph,
     keras_model,
     load_model,
+    model_stamp,
     top_k,
 )
 from tests.conftest import Users
@@ -303,3 +305,27 @@ def test_a_converted_model_is_kept_and_read_back_without_tensorflow(
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     (kept,) = cache.glob("*/model.xml")
     assert kept.with_suffix(".bin").stat().st_size > 13_000_000
+
+
+def test_a_models_stamp_changes_with_each_of_its_files(
+    tmp_path: Path, model_settings: ModelSettings, registry: Registry
+) -> None:
+    """What workers and explainers compare to load a version again: an OpenVINO model is its .xml
+    and its .bin, and writing either changes the stamp; a missing one leaves none."""
+    entry = registry.get("mobilenet_v2@2")
+    settings = model_settings.model_copy(update={"trained_dir": tmp_path})
+    xml = tmp_path / "mobilenet_v2" / "v2" / "model.xml"
+    xml.parent.mkdir(parents=True)
+    xml.write_text("<net/>")
+    assert model_stamp(entry, settings) is None
+    xml.with_suffix(".bin").write_bytes(b"1")
+    first = model_stamp(entry, settings)
+    assert first is not None and len(first) == 2
+    os.utime(xml.with_suffix(".bin"), ns=(first[1] + 10**9, first[1] + 10**9))
+    assert model_stamp(entry, settings) not in (None, first)
+    keras_entry = registry.get("sketch@1")
+    assert model_stamp(keras_entry, settings) is None
+    (tmp_path / "sketch" / "v1").mkdir(parents=True)
+    (tmp_path / "sketch" / "v1" / "model.keras").write_bytes(b"x")
+    stamp = model_stamp(keras_entry, settings)
+    assert stamp is not None and len(stamp) == 1

@@ -104,7 +104,7 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     assert not at.exception
     models = {c.key: c for c in at.checkbox}
     assert models["classify_mobilenet_v2@1"].value is True
-    assert models["classify_resnet50@1"].disabled  # shown, but unavailable with its reason
+    assert models["classify_resnet50@1_unavailable"].disabled  # shown, but unavailable with its reason
     assert not [key for key in models if "sketch" in str(key)], "drawing models are offered on the Sketch page only"
     at.checkbox(key="classify_birds@1").check()
     at.button(key="classify_submit").click().run()

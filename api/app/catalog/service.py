@@ -24,7 +24,9 @@ MAX_REFS = 10
 MAX_REF_LENGTH = 80
 """Longest model reference (a name of at most 64 characters, "@" and a version)."""
 NOT_INSTALLED = "its model files are not installed on this server"
-NOT_TRAINED = "it is not trained on this server yet; it is served once its training ends"
+NOT_TRAINED = "it has not been trained on this server yet"
+"""Said without a promise: whether a training runs is not known here (one that died says so in
+the operators' log, ``python -m model.prepare``'s exit)."""
 
 
 @dataclass

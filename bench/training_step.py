@@ -1,0 +1,88 @@
+"""How long one training step of a sketch version takes here, in float32 and in bfloat16.
+
+``python -m bench.training_step [--model sketch@3] [--steps 20]`` builds the network of the
+version's registry ``training`` options (``model.training.train_sketch.build_model``, augmentation
+included), trains it on random drawings at the recipe's batch size after one warm-up step, and
+prints the median milliseconds per step under Keras' ``float32`` and ``mixed_bfloat16`` policies,
+with whether this CPU computes bfloat16 in hardware (``train_sketch.native_bfloat16``). It tells
+whether the recipe's ``mixed_precision`` pays off on a host: ``train`` takes bfloat16 only where
+the CPU has it, and an epoch is the step time times its steps (``python -m model.prepare`` logs
+those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from contracts.registry import load_registry, parse_model_ref
+from model.config import ModelSettings
+from model.prepare import DEFAULT_CATEGORIES
+from model.runtimes import configure_tensorflow
+from model.training import train_sketch
+
+POLICIES = ("float32", "mixed_bfloat16")
+
+
+def step_ms(options: dict[str, Any], classes: int, policy: str, steps: int) -> float:
+    """Median wall time (ms) of ``steps`` training steps under ``policy``, after one warm-up step."""
+    import keras
+
+    batch = int(options.get("batch_size", 128))
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = train_sketch.build_model(
+            str(options.get("arch", "compact")),
+            classes,
+            total_steps=1000,
+            learning_rate=float(options.get("learning_rate", 2e-3)),
+            augment=bool(options.get("augment", False)),
+            flip_only=bool(options.get("flip_only", False)),
+            label_smoothing=float(options.get("label_smoothing", 0.0)),
+            weight_decay=float(options.get("weight_decay", 0.0)),
+            warmup=float(options.get("warmup", 0.0)),
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, 28, 28, 1), dtype=np.float32)
+    labels = rng.integers(0, classes, batch)
+    y = np.eye(classes, dtype=np.float32)[labels] if options.get("label_smoothing") else labels
+    model.train_on_batch(x, y)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.training_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sketch@3", help="a registry version with training options")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    settings = ModelSettings()
+    configure_tensorflow(settings)
+    name, version = parse_model_ref(args.model)
+    entry = next(
+        (m for m in load_registry(settings.registry_path).models if m.name == name and version in (None, m.version)),
+        None,
+    )
+    if entry is None or not entry.training:
+        raise SystemExit(f"{args.model}: no registry version with training options")
+    options = dict(entry.training)
+    classes = len(str(options.get("categories", DEFAULT_CATEGORIES)).split(","))
+    print(f"{entry.key}: {options.get('arch')} at batch {options.get('batch_size')}, {classes} classes")
+    print(f"bfloat16 in hardware: {train_sketch.native_bfloat16()}")
+    for policy in POLICIES:
+        print(f"{policy}: {step_ms(options, classes, policy, args.steps):.0f} ms per step")
+
+
+if __name__ == "__main__":
+    main()

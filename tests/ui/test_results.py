@@ -1,0 +1,44 @@
+"""The models people choose from, as a page offers them while a version is not served yet."""
+
+from __future__ import annotations
+
+from streamlit.testing.v1 import AppTest
+
+SCRIPT = """
+import time
+import streamlit as st
+from ui.client import Api
+from ui.results import choose_models
+
+def model(ref, channel, available, labels):
+    name, version = ref.split("@")
+    return {
+        "name": name, "version": int(version), "ref": ref, "display_name": ref, "channel": channel,
+        "description": "", "runtime": "tensorflow", "precision": "fp32",
+        "input": {"height": 28, "width": 28, "mode": "L"}, "num_classes": len(labels or []),
+        "labels": labels, "available": available, "reason": None if available else "not trained yet",
+        "workers": int(available), "random_weights": False, "default": False,
+    }
+
+trained = st.session_state.get("trained", False)
+st.session_state["models"] = [
+    model("sketch@1", "canary", True, ["cat", "fish"]),
+    model("sketch@2", "canary", True, ["cat", "fish"]),
+    model("sketch@3", "stable", trained, ["cat", "dog", "fish"] if trained else None),
+]
+st.session_state["models_at"] = time.monotonic()
+st.session_state["chosen"] = choose_models(Api("http://127.0.0.1:9"), "sketch", mode="L")
+"""
+
+
+def test_a_drawing_can_be_sent_while_the_stable_version_is_not_trained_and_it_is_chosen_once_it_is() -> None:
+    app = AppTest.from_string(SCRIPT, default_timeout=30).run()
+    assert not app.exception, app.exception
+    # The first version that serves stands in: Predict is not left disabled.
+    assert app.session_state["chosen"] == ["sketch@1"]
+    assert app.checkbox(key="sketch_sketch@3_unavailable").disabled
+    app.session_state["trained"] = True
+    app.run()
+    # Once it serves, the stable version is checked, in the same session.
+    assert "sketch@3" in app.session_state["chosen"], app.session_state["chosen"]
+    assert app.checkbox(key="sketch_sketch@3").value is True
