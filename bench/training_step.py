@@ -70,10 +70,8 @@ def main() -> None:
     settings = ModelSettings()
     configure_tensorflow(settings)
     name, version = parse_model_ref(args.model)
-    entry = next(
-        (m for m in load_registry(settings.registry_path).models if m.name == name and version in (None, m.version)),
-        None,
-    )
+    # A bare name means its stable version, as everywhere else.
+    entry = load_registry(settings.registry_path).find(name, version, benchmark_mode=True)
     if entry is None or not entry.training:
         raise SystemExit(f"{args.model}: no registry version with training options")
     options = dict(entry.training)

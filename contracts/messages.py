@@ -138,8 +138,8 @@ class ResultMessage(BaseModel):
 
 
 NOT_TRAINED_YET = "not trained yet"
-"""How ``ModelState.reason`` begins for a version whose training has not written its model file
-yet: the API then tells users it is coming, not that it is missing."""
+"""How ``ModelState.reason`` begins for a version with training options whose model file is not
+written: the API then tells users it has not been trained yet, not that it is missing."""
 
 
 class ModelState(BaseModel):

@@ -54,8 +54,8 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
     copies it from the cache. A ``feedback`` option names a folder of labelled drawings
     (``api.cli export-feedback``'s ``<out>/sketch``) to train on too.
 
-    The version's folder appears whole, by a rename (``made_whole``), so a worker waiting for its
-    model file (``make run`` serves while this trains) never reads a part of it."""
+    Its files are written aside and moved in with the model file last (``written_into``), so a
+    worker waiting for it (``make run`` serves while this trains) never reads a part of it."""
     options = dict(entry.training or {})
     categories = str(options.pop("categories", DEFAULT_CATEGORIES)).split(",")
     feedback = options.pop("feedback", None)
@@ -70,8 +70,8 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
         return
     cached = settings.training_cache_dir / training_key(options, categories, settings.quickdraw_dir, folder)
     if (cached / "model.keras").exists():
-        with made_whole(out) as partial:
-            shutil.copytree(cached, partial)
+        with written_into(out / "model.keras") as staging:
+            shutil.copytree(cached, staging, dirs_exist_ok=True)
         log.info("%s: copied from the training cache %s", entry.key, cached)
         return
     if not train:
@@ -80,12 +80,12 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
     log.info(
         "%s: training into %s with %s (data: %s, feedback: %s)", entry.key, out, options, settings.quickdraw_dir, folder
     )
-    with made_whole(out) as partial:
+    with written_into(out / "model.keras") as staging:
         metrics = train_sketch.train(
-            data=settings.quickdraw_dir, categories=categories, out=partial, feedback=folder, **options
+            data=settings.quickdraw_dir, categories=categories, out=staging, feedback=folder, **options
         )
+        keep_in_cache(entry.key, staging, cached)
     log.info("%s: held-out accuracy %.4f in %.0f s", entry.key, metrics["test_accuracy"], metrics["seconds"])
-    keep_in_cache(entry.key, out, cached)
 
 
 def prepare_quantized(entry: ModelEntry, source: ModelEntry, out: Path, settings: ModelSettings) -> None:
@@ -93,35 +93,36 @@ def prepare_quantized(entry: ModelEntry, source: ModelEntry, out: Path, settings
 
     cached = settings.training_cache_dir / quantize.quantization_key(entry, source, settings)
     if (cached / out.name).exists():
-        with made_whole(out.parent) as partial:
-            shutil.copytree(cached, partial)
+        with written_into(out) as staging:
+            shutil.copytree(cached, staging, dirs_exist_ok=True)
         log.info("%s: copied from the cache %s", entry.key, cached)
         return
     log.info("%s: quantizing %s to INT8 into %s", entry.key, source.key, out)
     start = time.perf_counter()
-    # The .xml and its .bin appear together: a worker never finds one without the other.
-    with made_whole(out.parent) as partial:
-        quantize.quantize(entry, source, settings, partial / out.name)
+    # The .bin goes in before its .xml: a worker never finds the model without its weights.
+    with written_into(out) as staging:
+        quantize.quantize(entry, source, settings, staging / out.name)
+        keep_in_cache(entry.key, staging, cached)
     log.info("%s: quantized in %.0f s", entry.key, time.perf_counter() - start)
-    keep_in_cache(entry.key, out.parent, cached)
 
 
 @contextlib.contextmanager
-def made_whole(folder: Path) -> Iterator[Path]:
-    """A fresh ``<folder>.partial`` to write a version's files into; once the block ends without
-    an error it replaces ``folder`` (whatever an earlier, unfinished run left there) in one
-    rename, so readers see no file of it or all of them. After an error the partial folder is
-    removed."""
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
+def written_into(model_file: Path) -> Iterator[Path]:
+    """A fresh staging folder in ``model_file``'s folder (``.<name>.partial``: hidden, and one
+    level below the version's records) to write a version's files into. Once the block ends
+    without an error, each file is moved into the folder by a rename, ``model_file`` last (an
+    OpenVINO .xml after its .bin), so a reader that finds the model file finds the rest; nothing
+    else in the folder is touched. The staging folder is removed in any case."""
+    folder = model_file.parent
+    staging = folder / f".{model_file.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+        yield staging
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == model_file.name):
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def keep_in_cache(key: str, folder: Path, cached: Path) -> None:
@@ -149,14 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     registry = load_registry(settings.registry_path)
     served = settings.served_entries(registry)
     failed = []
-    for entry in sorted(served, key=preparation_order):
+    # Trained models first: a quantized version may be made from one of them. Otherwise in the
+    # registry's order, which lists the quick 6-category sketch versions first: with `make run`
+    # the sketch page has a version to offer minutes after the start.
+    for entry in sorted(served, key=lambda e: e.quantized_from is not None):
         if not (entry.training or entry.quantized_from) or entry.file is None:
             continue
         path = entry.resolve(entry.file, models_dir=settings.models_dir, trained_dir=settings.trained_dir)
         if path.exists():
             log.info("%s: %s present", entry.key, path)
             continue
-        with version_lock(path.parent, entry.key, wait=not args.defer_training) as held:
+        with version_lock(path, entry.key, wait=not args.defer_training) as held:
             if not held:
                 log.info("%s: another python -m model.prepare is making it; not waited for", entry.key)
             elif path.exists():
@@ -172,26 +176,24 @@ def main(argv: list[str] | None = None) -> int:
                     prepare_quantized(entry, registry.get(entry.quantized_from), path, settings)
                 except ModelUnavailable as exc:  # the worker reports the entry unavailable, with this reason
                     log.warning("%s: cannot be quantized: %s", entry.key, exc)
+                except Exception:
+                    log.exception("%s: quantizing failed", entry.key)
+                    failed.append(entry.key)
     if failed:
         log.error("not made: %s", ", ".join(failed))
-    return 1 if failed else 0
-
-
-def preparation_order(entry: ModelEntry) -> tuple[bool, bool, int]:
-    """Trained versions before quantized ones (a quantized version may be made from a trained
-    one), each model's stable version first (the one its bare name and the UI's pages answer
-    with), then by version."""
-    return entry.quantized_from is not None, entry.channel != "stable", entry.version
+    # `make run` serves whatever this made: what failed is in the log, and its versions are
+    # reported unavailable by the workers.
+    return 1 if failed and not args.defer_training else 0
 
 
 @contextlib.contextmanager
-def version_lock(folder: Path, key: str, *, wait: bool = True) -> Iterator[bool]:
-    """Holds ``<folder>.lock`` (flock(2)) while one process makes the version kept in ``folder``,
+def version_lock(model_file: Path, key: str, *, wait: bool = True) -> Iterator[bool]:
+    """Holds ``.<name>.lock`` beside ``model_file`` (flock(2)) while one process makes it,
     so two ``model.prepare`` (a `make run` training in the background beside a `make test`, say)
     never write it at once: the second waits and then finds the file made, or, without ``wait``,
     goes on at once; yields whether the lock is held."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "a", encoding="utf-8") as handle:
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(model_file.with_name(f".{model_file.name}.lock"), "a", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

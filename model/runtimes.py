@@ -58,17 +58,19 @@ def resolve(entry: ModelEntry, template: str, settings: ModelSettings) -> Path:
 
 
 def model_stamp(entry: ModelEntry, settings: ModelSettings) -> tuple[int, ...] | None:
-    """The modification times (ns) of the version's model file, and of its weights beside it
-    for an OpenVINO .xml (the .bin): what changes when the model is written again. None for a
-    version without a file or while a file is missing."""
+    """Inode, modification and change times (ns) and size of the version's model file, and of
+    its weights beside it for an OpenVINO .xml (the .bin): what changes when the model is written
+    again, even as a copy keeping the same modification time. None for a version without a file
+    or while a file is missing."""
     if not entry.file:
         return None
     path = resolve(entry, entry.file, settings)
     files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
     try:
-        return tuple(f.stat().st_mtime_ns for f in files)
+        stats = [f.stat() for f in files]
     except OSError:
         return None
+    return tuple(n for st in stats for n in (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
 
 
 def load_labels(entry: ModelEntry, settings: ModelSettings) -> tuple[str, ...]:
@@ -326,10 +328,7 @@ LOADERS = {Runtime.keras: _load_keras, Runtime.tflite: _load_tflite, Runtime.ope
 def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
     """Loads one registry entry, or raises ModelUnavailable with the reason."""
     if entry.training and entry.file and not (path := resolve(entry, entry.file, settings)).exists():
-        raise ModelUnavailable(
-            f"{NOT_TRAINED_YET}: {path} not found (python -m model.prepare trains it; "
-            "workers load it once it is written)"
-        )
+        raise ModelUnavailable(f"{NOT_TRAINED_YET}: {path} not found; workers load it once it is written")
     labels = load_labels(entry, settings)
     loaded = LOADERS[entry.runtime](entry, settings, labels)
     loaded.heldout_accuracy = heldout_accuracy(entry, settings)

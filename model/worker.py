@@ -89,6 +89,7 @@ class Worker:
         self.models: dict[str, LoadedModel] = {}
         """The models loaded, by the job stream they serve."""
         self.states: dict[str, ModelState] = {}
+        self._states_lock = threading.Lock()
         self.started_at = time.time()
         self.stopping = threading.Event()
         self._last_outage_log = 0.0
@@ -175,12 +176,14 @@ class Worker:
 
     def _set_state(self, entry: ModelEntry, state: ModelState | None) -> None:
         # Replaced whole, never changed in place: the heartbeat thread reads it at any moment.
-        states = dict(self.states)
-        if state is None:
-            states.pop(entry.key, None)
-        else:
-            states[entry.key] = state
-        self.states = states
+        # Under a lock: the registry thread and the serving loop both set states.
+        with self._states_lock:
+            states = dict(self.states)
+            if state is None:
+                states.pop(entry.key, None)
+            else:
+                states[entry.key] = state
+            self.states = states
 
     # --- following the registry -----------------------------------------------------------
 

@@ -40,17 +40,21 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
     preferred = [
         m["ref"] for m in shown if m["available"] and (m["default"] if mode == "RGB" else m["channel"] == "stable")
     ]
-    if not preferred:
-        preferred = [m["ref"] for m in shown if m["available"]][:1]
+    stand_in = [] if preferred else [m["ref"] for m in shown if m["available"]][:1]
     with st.container(horizontal=True, gap="medium"):  # wraps on a narrow screen
         for m in shown:
             label = m["display_name"] + (" · trial version" if m["channel"] == "canary" else "")
             # The API words the reason plainly for people and in full (paths, errors) for admins.
             help_text = m["description"] if m["available"] else f"Not available right now: {m['reason']}"
-            # A key of its own while unavailable: once the version serves, its box starts anew,
-            # checked by default where it is preferred, not left as the disabled box was.
-            key = f"{keys_prefix}_{m['ref']}" + ("" if m["available"] else "_unavailable")
-            if st.checkbox(label, value=m["ref"] in preferred, disabled=not m["available"], help=help_text, key=key):
+            # Keys of their own while unavailable or standing in: once the version serves (or the
+            # preferred one does), each box starts anew with its default, not as it was left.
+            key = f"{keys_prefix}_{m['ref']}"
+            if not m["available"]:
+                key += "_unavailable"
+            elif m["ref"] in stand_in:
+                key += "_stand_in"
+            default = m["ref"] in preferred or m["ref"] in stand_in
+            if st.checkbox(label, value=default, disabled=not m["available"], help=help_text, key=key):
                 chosen.append(m["ref"])
     return chosen
 

@@ -15,7 +15,7 @@ import pytest
 
 from contracts.registry import ModelEntry, Registry
 from model.config import ModelSettings
-from model.prepare import DEFAULT_CATEGORIES, preparation_order, prepare_trained, training_key, version_lock
+from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key, version_lock, written_into
 from tests.model.drawings import feedback_folder
 from tests.support import ROOT, wait_until
 
@@ -110,7 +110,7 @@ def test_two_prepares_never_make_one_version_at_once(tmp_path: Path, model_setti
     }
     command = [sys.executable, "-m", "model.prepare"]
     folder = trained / "sketch" / "v1"
-    with version_lock(folder, "sketch@1"):
+    with version_lock(folder / "model.keras", "sketch@1"):
         deferring = subprocess.run([*command, "--defer-training"], env=env, capture_output=True, text=True, timeout=120)
         assert deferring.returncode == 0 and "not waited for" in deferring.stderr, deferring.stderr
         log = tmp_path / "waiting.log"
@@ -119,16 +119,15 @@ def test_two_prepares_never_make_one_version_at_once(tmp_path: Path, model_setti
         wait_until(lambda: "waiting for another" in log.read_text(), 120, "the second prepare to wait")
         time.sleep(1)
         assert waiting.poll() is None
-        shutil.copytree(model_settings.trained_dir / "sketch" / "v1", folder)
+        shutil.copytree(model_settings.trained_dir / "sketch" / "v1", folder, dirs_exist_ok=True)
     assert waiting.wait(60) == 0
     err = log.read_text()
     assert "made meanwhile" in err and "training into" not in err, err
 
 
 def test_a_version_that_fails_to_train_leaves_the_others_to_be_made(tmp_path: Path, registry: Registry) -> None:
-    """The stable version goes first (its bare name and the sketch page answer with it); one that
-    fails is logged and the next ones are still tried; the exit status says something failed."""
-    assert [e.key for e in sorted(registry.models, key=preparation_order) if e.training][:1] == ["sketch@3"]
+    """A version that fails is logged and the next ones are still tried; the exit status says
+    something failed, except for `make run`'s deferring run, after which the portal must start."""
     broken = tmp_path / "quickdraw"
     broken.mkdir()
     for category in DEFAULT_CATEGORIES.split(","):
@@ -145,5 +144,45 @@ def test_a_version_that_fails_to_train_leaves_the_others_to_be_made(tmp_path: Pa
     assert run.returncode == 1, run.stderr
     assert "sketch@1: training failed" in run.stderr and "sketch@2: training failed" in run.stderr, run.stderr
     assert "not made: sketch@1, sketch@2" in run.stderr
-    assert not (tmp_path / "trained" / "sketch" / "v1").exists()
-    assert not (tmp_path / "trained" / "sketch" / "v1.partial").exists()
+    assert sorted(p.name for p in (tmp_path / "trained" / "sketch" / "v1").iterdir()) == [".model.keras.lock"]
+    (broken / "cat.npy").unlink()  # the deferring run reads no data: it trains nothing
+    deferring = subprocess.run(
+        [sys.executable, "-m", "model.prepare", "--defer-training"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert deferring.returncode == 0 and "not trained yet" in deferring.stderr, deferring.stderr
+
+
+def test_a_versions_files_go_in_with_the_model_file_last_and_nothing_else_is_touched(tmp_path: Path) -> None:
+    """A folder shared with other files (a model placed in MODELS_DIR itself, say) keeps them, and
+    a reader never finds the model file without its weights: the .bin is in place first."""
+    shared = tmp_path / "models"
+    shared.mkdir()
+    (shared / "other.weights.h5").write_bytes(b"keep me")
+    model_file = shared / "int8.xml"
+    seen: list[tuple[str, bool]] = []
+    original = os.replace
+
+    def watched(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        original(src, dst)
+        seen.append((Path(dst).name, model_file.with_suffix(".bin").exists()))
+
+    with written_into(model_file) as staging:
+        assert staging.parent == shared and staging.name.startswith(".")
+        (staging / "int8.xml").write_text("<net/>")
+        (staging / "int8.bin").write_bytes(b"weights")
+        os.replace = watched  # type: ignore[assignment]
+    os.replace = original
+    assert seen == [("int8.bin", True), ("int8.xml", True)]
+    assert sorted(p.name for p in shared.iterdir()) == ["int8.bin", "int8.xml", "other.weights.h5"]
+
+    with pytest.raises(RuntimeError), written_into(model_file) as staging:
+        (staging / "int8.xml").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (model_file.read_text(), sorted(p.name for p in shared.iterdir())) == (
+        "<net/>",
+        ["int8.bin", "int8.xml", "other.weights.h5"],
+    )

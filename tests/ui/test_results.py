@@ -39,6 +39,6 @@ def test_a_drawing_can_be_sent_while_the_stable_version_is_not_trained_and_it_is
     assert app.checkbox(key="sketch_sketch@3_unavailable").disabled
     app.session_state["trained"] = True
     app.run()
-    # Once it serves, the stable version is checked, in the same session.
-    assert "sketch@3" in app.session_state["chosen"], app.session_state["chosen"]
+    # Once it serves, the stable version is checked in the same session, and the stand-in no more.
+    assert app.session_state["chosen"] == ["sketch@3"]
     assert app.checkbox(key="sketch_sketch@3").value is True

@@ -31,9 +31,9 @@ def sketch_page(api: Api) -> None:
     drawing_models = [m for m in models(api) if m["input"]["mode"] == "L"]
     # The categories of the stable version, or of one that serves while it does not (its labels
     # are known once a worker loaded it).
-    shown = next((m for m in drawing_models if m["channel"] == "stable" and m["labels"]), None) or next(
-        (m for m in drawing_models if m["available"] and m["labels"]), None
-    )
+    shown = next(
+        (m for m in drawing_models if m["channel"] == "stable" and m["available"] and m["labels"]), None
+    ) or next((m for m in drawing_models if m["available"] and m["labels"]), None)
     if shown is not None:
         st.caption(f"Draw one of: {', '.join(words(label) for label in shown['labels'] or [])}.")
     # Wide enough for the 280-px canvas and the models' full names beside a 1,400-px window's sidebar.
