@@ -99,8 +99,14 @@ async def test_worker_killed_mid_batch_every_job_completes_once(
         assert r.status_code == 202, r.text
         return str(r.json()["job_id"])
 
-    # All at once, so the workers meet a backlog: one sent at a time can be answered as it arrives.
+    # The workers are stopped while the jobs arrive, so they meet a backlog of ten batches each: jobs
+    # that arrive one by one can all be answered before a worker is caught holding one.
+    for worker in stack.workers:
+        worker.proc.send_signal(signal.SIGSTOP)
+    announce(stack.redis_server.url)  # the stopped workers' heartbeats may lapse meanwhile
     jobs = list(await asyncio.gather(*(one(image) for image in images)))
+    for worker in stack.workers:
+        worker.proc.send_signal(signal.SIGCONT)
 
     client = redis.Redis.from_url(stack.redis_server.url)
     stream = f"jobs:{MODEL}@1"
