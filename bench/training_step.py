@@ -39,13 +39,7 @@ def step_ms(options: dict[str, Any], classes: int, policy: str, steps: int) -> f
         model = train_sketch.build_model(
             str(options.get("arch", "compact")),
             classes,
-            total_steps=1000,
-            learning_rate=float(options.get("learning_rate", 2e-3)),
-            augment=bool(options.get("augment", False)),
-            flip_only=bool(options.get("flip_only", False)),
-            label_smoothing=float(options.get("label_smoothing", 0.0)),
-            weight_decay=float(options.get("weight_decay", 0.0)),
-            warmup=float(options.get("warmup", 0.0)),
+            **{k: v for k, v in options.items() if k in train_sketch.TRAINING_OPTIONS},
         )
     finally:
         keras.mixed_precision.set_global_policy(previous)

@@ -11,8 +11,6 @@ as the model's unavailability reason.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -20,7 +18,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from contracts.registry import ModelEntry, load_registry
 from model import preprocessing
 from model.config import ModelSettings, get_model_settings
 from model.runtimes import ModelUnavailable
+from model.store import version_lock, written_into
 from model.training import train_sketch
 
 log = logging.getLogger("model.prepare")
@@ -106,25 +104,6 @@ def prepare_quantized(entry: ModelEntry, source: ModelEntry, out: Path, settings
     log.info("%s: quantized in %.0f s", entry.key, time.perf_counter() - start)
 
 
-@contextlib.contextmanager
-def written_into(model_file: Path) -> Iterator[Path]:
-    """A fresh staging folder in ``model_file``'s folder (``.<name>.partial``: hidden, and one
-    level below the version's records) to write a version's files into. Once the block ends
-    without an error, each file is moved into the folder by a rename, ``model_file`` last (an
-    OpenVINO .xml after its .bin), so a reader that finds the model file finds the rest; nothing
-    else in the folder is touched. The staging folder is removed in any case."""
-    folder = model_file.parent
-    staging = folder / f".{model_file.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == model_file.name):
-            os.replace(path, folder / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def keep_in_cache(key: str, folder: Path, cached: Path) -> None:
     # A name of this process's own: two checkouts sharing the cache never write into one folder.
     tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
@@ -184,28 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     # `make run` serves whatever this made: what failed is in the log, and its versions are
     # reported unavailable by the workers.
     return 1 if failed and not args.defer_training else 0
-
-
-@contextlib.contextmanager
-def version_lock(model_file: Path, key: str, *, wait: bool = True) -> Iterator[bool]:
-    """Holds ``.<name>.lock`` beside ``model_file`` (flock(2)) while one process makes it,
-    so two ``model.prepare`` (a `make run` training in the background beside a `make test`, say)
-    never write it at once: the second waits and then finds the file made, or, without ``wait``,
-    goes on at once; yields whether the lock is held."""
-    model_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(model_file.with_name(f".{model_file.name}.lock"), "a", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                yield False
-                return
-            log.info("%s: waiting for another python -m model.prepare making it", key)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,13 @@ import redis
 from contracts import training
 from contracts.streams import IDLE_CONSUMER_FORGET_MS, REDIS_ERRORS, ensure_group, forget_idle_consumers, group_missing
 from model.config import ModelSettings
+from model.store import version_lock, written_into
 
 log = logging.getLogger("model.trainer")
+
+
+class VersionTaken(Exception):
+    """The run's version has a model file already, or another process is writing it."""
 
 
 class Trainer:
@@ -133,38 +138,16 @@ class Trainer:
         self.emit(training.TrainingEvent(run_id=job.run_id, kind="started", trainer=self.name, epochs=epochs))
         out = self.settings.trained_dir / job.model / f"v{job.version}"
         feedback = Path(job.feedback_dir) / job.model if job.feedback_dir else None
+        model_file = out / "model.keras"
         try:
-            record = train_sketch.train(
-                data=self.settings.quickdraw_dir,
-                categories=job.categories,
-                out=out,
-                epochs=epochs,
-                batch_size=job.options.batch_size,
-                arch=job.options.arch,
-                per_category=job.options.per_category,
-                feedback=feedback if feedback is not None and feedback.is_dir() else None,
-                learning_rate=job.options.learning_rate,
-                seed=job.options.seed,
-                canvas_share=job.options.canvas_share,
-                augment=job.options.augment,
-                flip_only=job.options.flip_only,
-                label_smoothing=job.options.label_smoothing,
-                weight_decay=job.options.weight_decay,
-                warmup=job.options.warmup,
-                mixed_precision=job.options.mixed_precision,
-                flip_average=job.options.flip_average,
-                on_epoch=lambda numbers: self.emit(
-                    training.TrainingEvent(
-                        run_id=job.run_id,
-                        kind="epoch",
-                        trainer=self.name,
-                        epoch=int(numbers["epoch"]),
-                        epochs=epochs,
-                        numbers=numbers,
-                    )
-                ),
-                should_stop=lambda: bool(self.stopping.is_set() or self.redis.exists(training.cancel_key(job.run_id))),
-            )
+            with version_lock(model_file, f"{job.model}@{job.version}", wait=False) as held:
+                if not held:
+                    raise VersionTaken(f"another process (python -m model.prepare?) is writing {model_file}")
+                if model_file.exists():
+                    # registry.yaml may name this version too: a served model is never overwritten.
+                    raise VersionTaken(f"{model_file} exists already; not overwritten")
+                with written_into(model_file) as staging:
+                    record = self.train(job, staging, feedback)
         except train_sketch.TrainingCancelled as exc:
             if self.stopping.is_set():
                 event = training.TrainingEvent(
@@ -185,6 +168,44 @@ class Trainer:
         finally:
             done.set()
             self.redis.delete(alive)
+
+    def train(self, job: training.TrainingJob, out: Path, feedback: Path | None) -> dict[str, object]:
+        """Trains ``job`` into ``out`` (``train_sketch.train``), reporting each epoch on the event
+        stream and stopping after the epoch in which the run was cancelled or the trainer stopped."""
+        from model.training import train_sketch
+
+        epochs = job.options.epochs
+        return train_sketch.train(
+            data=self.settings.quickdraw_dir,
+            categories=job.categories,
+            out=out,
+            epochs=epochs,
+            batch_size=job.options.batch_size,
+            arch=job.options.arch,
+            per_category=job.options.per_category,
+            feedback=feedback if feedback is not None and feedback.is_dir() else None,
+            learning_rate=job.options.learning_rate,
+            seed=job.options.seed,
+            canvas_share=job.options.canvas_share,
+            augment=job.options.augment,
+            flip_only=job.options.flip_only,
+            label_smoothing=job.options.label_smoothing,
+            weight_decay=job.options.weight_decay,
+            warmup=job.options.warmup,
+            mixed_precision=job.options.mixed_precision,
+            flip_average=job.options.flip_average,
+            on_epoch=lambda numbers: self.emit(
+                training.TrainingEvent(
+                    run_id=job.run_id,
+                    kind="epoch",
+                    trainer=self.name,
+                    epoch=int(numbers["epoch"]),
+                    epochs=epochs,
+                    numbers=numbers,
+                )
+            ),
+            should_stop=lambda: bool(self.stopping.is_set() or self.redis.exists(training.cancel_key(job.run_id))),
+        )
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import inspect
 import json
 import logging
 import os
@@ -318,6 +319,16 @@ def build_model(
         jit_compile=False,
     )
     return model
+
+
+TRAINING_OPTIONS = frozenset(inspect.signature(build_model).parameters) - {
+    "arch",
+    "num_classes",
+    "total_steps",
+    "flip_average",
+}
+"""The registry's ``training`` options that shape the network and its optimizer (``build_model``'s
+own keywords): what a copy of a version's network, as ``bench.training_step`` builds, takes."""
 
 
 def train(

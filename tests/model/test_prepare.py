@@ -15,7 +15,8 @@ import pytest
 
 from contracts.registry import ModelEntry, Registry
 from model.config import ModelSettings
-from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key, version_lock, written_into
+from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key
+from model.store import version_lock
 from tests.model.drawings import feedback_folder
 from tests.support import ROOT, wait_until
 
@@ -154,35 +155,3 @@ def test_a_version_that_fails_to_train_leaves_the_others_to_be_made(tmp_path: Pa
         timeout=300,
     )
     assert deferring.returncode == 0 and "not trained yet" in deferring.stderr, deferring.stderr
-
-
-def test_a_versions_files_go_in_with_the_model_file_last_and_nothing_else_is_touched(tmp_path: Path) -> None:
-    """A folder shared with other files (a model placed in MODELS_DIR itself, say) keeps them, and
-    a reader never finds the model file without its weights: the .bin is in place first."""
-    shared = tmp_path / "models"
-    shared.mkdir()
-    (shared / "other.weights.h5").write_bytes(b"keep me")
-    model_file = shared / "int8.xml"
-    seen: list[tuple[str, bool]] = []
-    original = os.replace
-
-    def watched(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        original(src, dst)
-        seen.append((Path(dst).name, model_file.with_suffix(".bin").exists()))
-
-    with written_into(model_file) as staging:
-        assert staging.parent == shared and staging.name.startswith(".")
-        (staging / "int8.xml").write_text("<net/>")
-        (staging / "int8.bin").write_bytes(b"weights")
-        os.replace = watched  # type: ignore[assignment]
-    os.replace = original
-    assert seen == [("int8.bin", True), ("int8.xml", True)]
-    assert sorted(p.name for p in shared.iterdir()) == ["int8.bin", "int8.xml", "other.weights.h5"]
-
-    with pytest.raises(RuntimeError), written_into(model_file) as staging:
-        (staging / "int8.xml").write_text("half")
-        raise RuntimeError("interrupted")
-    assert (model_file.read_text(), sorted(p.name for p in shared.iterdir())) == (
-        "<net/>",
-        ["int8.bin", "int8.xml", "other.weights.h5"],
-    )

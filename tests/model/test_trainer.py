@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import cast
 
 import redis
 
 from contracts import training
 from model.config import ModelSettings
+from model.store import version_lock
 from model.trainer import Trainer
 from tests.support import RedisServer
 
@@ -42,3 +44,50 @@ def test_a_run_with_an_option_the_trainer_does_not_know_fails_and_the_trainer_go
     finally:
         trainer.stop()
         loop.join(10)
+
+
+def events_of(r: redis.Redis, count: int, within: float = 30) -> list[training.TrainingEvent]:
+    deadline = time.monotonic() + within
+    while not r.exists(training.EVENT_STREAM) or r.xlen(training.EVENT_STREAM) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} training events"
+        time.sleep(0.1)
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], r.xrange(training.EVENT_STREAM))
+    return [training.TrainingEvent.model_validate_json(fields[b"meta"]) for _, fields in entries]
+
+
+def test_a_run_never_writes_a_version_another_process_writes_or_that_exists(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """registry.yaml may name the version a run was given: while ``model.prepare`` trains it (its
+    lock is held) or once its model file exists, the run fails with the reason and writes nothing."""
+    r = redis.Redis.from_url(private_redis.url)
+    settings = model_settings.model_copy(
+        update={"redis_url": private_redis.url, "worker_id": "trainer-test", "trained_dir": tmp_path}
+    )
+    existing = tmp_path / "sketch" / "v7" / "model.keras"
+    existing.parent.mkdir(parents=True)
+    existing.write_bytes(b"a served model")
+    locked = tmp_path / "sketch" / "v8" / "model.keras"
+    for run_id, version in (("exists", 7), ("locked", 8)):
+        job = training.TrainingJob(
+            run_id=run_id,
+            model="sketch",
+            version=version,
+            categories=["cat", "fish"],
+            options=training.TrainingOptions(),
+        )
+        r.xadd(training.JOB_STREAM, job.to_fields())
+    trainer = Trainer(settings)
+    loop = threading.Thread(target=trainer.run, daemon=True)
+    with version_lock(locked, "sketch@8", wait=False) as held:
+        assert held
+        loop.start()
+        try:
+            events = [e for e in events_of(r, 4) if e.kind != "started"]
+        finally:
+            trainer.stop()
+            loop.join(10)
+    assert [(e.run_id, e.kind) for e in events] == [("exists", "failed"), ("locked", "failed")]
+    assert "exists already" in str(events[0].error) and "another process" in str(events[1].error)
+    assert existing.read_bytes() == b"a served model"
+    assert sorted(p.name for p in locked.parent.iterdir()) == [".model.keras.lock"]
