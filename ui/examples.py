@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -155,10 +155,34 @@ def smiley_face() -> Image.Image:
     )
 
 
+def fish() -> Image.Image:
+    """A fish swimming left: an oval body, a forked tail and an eye."""
+    return _strokes(
+        [
+            [(130 + 85 * math.cos(math.radians(a)), 140 + 50 * math.sin(math.radians(a))) for a in range(0, 361, 10)],
+            [(215, 140), (260, 95), (255, 185), (215, 140)],
+            _circle(85, 128, 7),
+        ]
+    )
+
+
 PHOTOS: dict[str, Callable[[], Image.Image]] = {"Maze": maze, "Crossword": crossword, "Honeycomb": honeycomb}
 """Photo examples by the name on their button."""
-SKETCHES: dict[str, Callable[[], Image.Image]] = {"House": house, "Star": star, "Smiley face": smiley_face}
-"""Drawing examples by the name on their button."""
+SKETCHES: dict[str, Callable[[], Image.Image]] = {
+    "House": house,
+    "Star": star,
+    "Smiley face": smiley_face,
+    "Fish": fish,
+}
+"""Drawing examples by the name on their button; each name is its QuickDraw category in words."""
+
+
+def sketches_for(labels: Iterable[str]) -> list[str]:
+    """The drawing examples whose category is one of ``labels`` (a sketch model's labels, as
+    ``smiley_face``): a 6-category version standing in for the 20-category one is offered only
+    drawings it knows."""
+    known = set(labels)
+    return [name for name in SKETCHES if name.lower().replace(" ", "_") in known]
 
 
 @cache

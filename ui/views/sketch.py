@@ -8,7 +8,7 @@ import hashlib
 import streamlit as st
 
 from ui.client import Api
-from ui.examples import SKETCHES, example_png
+from ui.examples import SKETCHES, example_png, sketches_for
 from ui.results import choose_models, run_job, scroll_to_results, show_results, words
 from ui.session import models
 
@@ -51,7 +51,7 @@ def sketch_page(api: Api) -> None:
         )
         with st.container(horizontal=True, vertical_alignment="center"):
             st.caption("Or try:")
-            for name in SKETCHES:
+            for name in sketches_for(shown["labels"] or []) if shown is not None else SKETCHES:
                 st.button(name, key=f"sketch_example_{name}", on_click=_example_chosen, args=(name,))
         drawn = canvas.image_bytes if canvas.json_data and canvas.json_data.get("objects") else None
         example = st.session_state.get("sketch_example")
