@@ -48,8 +48,12 @@ def version_lock(model_file: Path, key: str, *, wait: bool = True) -> Iterator[b
     with open(model_file.with_name(f".{model_file.name}.lock"), "a", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
+            held = False
+        if not held:
             if not wait:
+                # Outside the except block: an error the caller raises is not chained to this one.
                 yield False
                 return
             log.info("%s: waiting for another process making it", key)

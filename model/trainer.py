@@ -141,11 +141,16 @@ class Trainer:
         model_file = out / "model.keras"
         try:
             with version_lock(model_file, f"{job.model}@{job.version}", wait=False) as held:
+                key = f"{job.model}@{job.version}"
                 if not held:
-                    raise VersionTaken(f"another process (python -m model.prepare?) is writing {model_file}")
+                    raise VersionTaken(f"{key} is being written by another process (model.prepare or another trainer)")
                 if model_file.exists():
-                    # registry.yaml may name this version too: a served model is never overwritten.
-                    raise VersionTaken(f"{model_file} exists already; not overwritten")
+                    # registry.yaml may name this version, or a model store kept when the database
+                    # was reset may hold it: a model file is never overwritten.
+                    raise VersionTaken(
+                        f"{key} has a model file in the model store already (left by an earlier portal?); "
+                        "not overwritten: a new run trains the next version"
+                    )
                 with written_into(model_file) as staging:
                     record = self.train(job, staging, feedback)
         except train_sketch.TrainingCancelled as exc:

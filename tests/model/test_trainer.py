@@ -88,6 +88,8 @@ def test_a_run_never_writes_a_version_another_process_writes_or_that_exists(
             trainer.stop()
             loop.join(10)
     assert [(e.run_id, e.kind) for e in events] == [("exists", "failed"), ("locked", "failed")]
-    assert "exists already" in str(events[0].error) and "another process" in str(events[1].error)
+    assert "model file in the model store already" in str(events[0].error), events[0].error
+    assert "another process" in str(events[1].error), events[1].error
+    assert str(tmp_path) not in str(events[0].error)  # people read it: no server paths
     assert existing.read_bytes() == b"a served model"
     assert sorted(p.name for p in locked.parent.iterdir()) == [".model.keras.lock"]
