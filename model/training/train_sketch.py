@@ -156,6 +156,14 @@ def load_feedback(
     return x, np.asarray(ys, dtype=np.int64), skipped
 
 
+def load_dataset(data: Path, categories: list[str], per_category: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every category's bitmaps, in the order of ``categories`` (``load_category``: uint8, shape
+    (n, 28, 28)), and each one's class index (int64, (n,)); ``split`` with ``SEED`` cuts them as training did."""
+    raw = [load_category(data, category, per_category) for category in categories]
+    labels = [np.full(len(bitmaps), index, dtype=np.int64) for index, bitmaps in enumerate(raw)]
+    return np.concatenate(raw), np.concatenate(labels)
+
+
 def split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """80 % train, 10 % validation, 10 % held-out test."""
     order = rng.permutation(n)
@@ -372,12 +380,7 @@ def train(
 
     keras.utils.set_random_seed(seed)
     started = time.time()
-    raw, ys = [], []
-    for index, category in enumerate(categories):
-        bitmaps = load_category(data, category, per_category)
-        raw.append(bitmaps)
-        ys.append(np.full(len(bitmaps), index, dtype=np.int64))
-    bitmaps, y = np.concatenate(raw), np.concatenate(ys)
+    bitmaps, y = load_dataset(data, categories, per_category)
     x = normalise(bitmaps)
     train_idx, val_idx, test_idx = split(len(x), np.random.default_rng(SEED))
     x_train, y_train = x[train_idx], y[train_idx]
