@@ -63,7 +63,10 @@ def main() -> None:
     args = parser.parse_args()
     settings = ModelSettings()
     configure_tensorflow(settings)
-    name, version = parse_model_ref(args.model)
+    try:
+        name, version = parse_model_ref(args.model)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     # A bare name means its stable version, as everywhere else.
     entry = load_registry(settings.registry_path).find(name, version, benchmark_mode=True)
     if entry is None or not entry.training:

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from contracts.registry import load_registry, parse_model_ref
 from model.config import ModelSettings
 from model.prepare import DEFAULT_CATEGORIES
-from model.runtimes import configure_tensorflow, keras_model
+from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model
 from model.training import train_sketch
 
 TILE = 84
@@ -80,15 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = ModelSettings()
     configure_tensorflow(settings)
-    name, version = parse_model_ref(args.model)
+    try:
+        name, version = parse_model_ref(args.model)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     entry = load_registry(settings.registry_path).find(name, version, benchmark_mode=True)
     if entry is None or not entry.training:
         raise SystemExit(f"{args.model}: no registry version with training options")
     categories = str(entry.training.get("categories", DEFAULT_CATEGORIES)).split(",")
     per_category = int(entry.training.get("per_category", 3000))
+    try:
+        model, _ = keras_model(entry, settings)
+    except ModelUnavailable as exc:  # not trained here yet: python -m model.prepare makes it
+        raise SystemExit(f"{entry.key}: {exc}") from None
     bitmaps, y = train_sketch.load_dataset(settings.quickdraw_dir, categories, per_category)
     _, _, held_out = train_sketch.split(len(y), np.random.default_rng(train_sketch.SEED))
-    model, _ = keras_model(entry, settings)
     result = evaluate(model, bitmaps[held_out], y[held_out], categories)
     print(f"{entry.key}: {result['drawings']} held-out drawings of {len(categories)} categories")
     for k in (1, 3, 5):

@@ -37,3 +37,20 @@ def test_it_repeats_the_training_records_figures_and_draws_the_misses(
 def test_ranks_count_from_zero_for_the_first_answer() -> None:
     probabilities = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
     assert held_out.ranks(probabilities, np.array([1, 2, 0])).tolist() == [0, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("ref", "says"),
+    [("birds@1", "no registry version with training options"), ("sketch@x", "invalid model version")],
+)
+def test_a_version_it_cannot_score_is_refused_in_words(ref: str, says: str) -> None:
+    with pytest.raises(SystemExit, match=says):
+        held_out.main(["--model", ref])
+
+
+def test_a_version_not_trained_here_yet_is_refused_in_words(
+    model_settings: ModelSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRAINED_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"sketch@1: model file .* not found"):
+        held_out.main(["--model", "sketch@1"])
