@@ -8,6 +8,7 @@ JSON ``meta`` field plus, for jobs, the raw image bytes in ``image``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Self
@@ -140,6 +141,16 @@ class ResultMessage(BaseModel):
 NOT_TRAINED_YET = "not trained yet"
 """How ``ModelState.reason`` begins for a version with training options whose model file is not
 written: the API then tells users it has not been trained yet, not that it is missing."""
+BEING_TRAINED = "being trained here: {epoch} of {epochs} epochs done"
+"""Part of such a reason while ``python -m model.prepare`` trains the version (``make run`` serves
+meanwhile): how far it is, read by ``being_trained``."""
+_BEING_TRAINED = re.compile(r"being trained here: (\d+) of (\d+) epochs done")
+
+
+def being_trained(reason: str) -> tuple[int, int] | None:
+    """(epochs done, epochs) from a reason holding ``BEING_TRAINED``; None from any other."""
+    match = _BEING_TRAINED.search(reason)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 class ModelState(BaseModel):

@@ -25,7 +25,7 @@ from contracts.registry import ModelEntry, load_registry
 from model import preprocessing
 from model.config import ModelSettings, get_model_settings
 from model.runtimes import ModelUnavailable
-from model.store import version_lock, written_into
+from model.store import clear_progress, version_lock, write_progress, written_into
 from model.training import train_sketch
 
 log = logging.getLogger("model.prepare")
@@ -78,11 +78,22 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
     log.info(
         "%s: training into %s with %s (data: %s, feedback: %s)", entry.key, out, options, settings.quickdraw_dir, folder
     )
-    with written_into(out / "model.keras") as staging:
-        metrics = train_sketch.train(
-            data=settings.quickdraw_dir, categories=categories, out=staging, feedback=folder, **options
-        )
-        keep_in_cache(entry.key, staging, cached)
+    model_file, epochs = out / "model.keras", int(options.get("epochs", 4))
+    # Workers tell users how far it is while the portal serves (make run); the note goes with the run.
+    write_progress(model_file, epoch=0, epochs=epochs)
+    try:
+        with written_into(model_file) as staging:
+            metrics = train_sketch.train(
+                data=settings.quickdraw_dir,
+                categories=categories,
+                out=staging,
+                feedback=folder,
+                on_epoch=lambda numbers: write_progress(model_file, epoch=int(numbers["epoch"]), epochs=epochs),
+                **options,
+            )
+            keep_in_cache(entry.key, staging, cached)
+    finally:
+        clear_progress(model_file)
     log.info("%s: held-out accuracy %.4f in %.0f s", entry.key, metrics["test_accuracy"], metrics["seconds"])
 
 

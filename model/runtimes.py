@@ -15,10 +15,11 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
-from contracts.messages import NOT_TRAINED_YET
+from contracts.messages import BEING_TRAINED, NOT_TRAINED_YET
 from contracts.registry import ModelEntry, Runtime
 from model.config import ModelSettings
 from model.labels import file_labels, imagenet_labels
+from model.store import read_progress
 
 log = logging.getLogger("model.runtimes")
 
@@ -325,10 +326,18 @@ def _load_tflite(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, 
 LOADERS = {Runtime.keras: _load_keras, Runtime.tflite: _load_tflite, Runtime.openvino: _load_openvino}
 
 
+def not_trained_reason(path: Path) -> str:
+    """Why a version with training options whose model file ``path`` is missing cannot answer
+    (``NOT_TRAINED_YET``), with how far its training is while one runs (``BEING_TRAINED``)."""
+    progress = read_progress(path)
+    being = "; " + BEING_TRAINED.format(epoch=progress[0], epochs=progress[1]) if progress else ""
+    return f"{NOT_TRAINED_YET}: {path} not found{being}; workers load it once it is written"
+
+
 def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
     """Loads one registry entry, or raises ModelUnavailable with the reason."""
     if entry.training and entry.file and not (path := resolve(entry, entry.file, settings)).exists():
-        raise ModelUnavailable(f"{NOT_TRAINED_YET}: {path} not found; workers load it once it is written")
+        raise ModelUnavailable(not_trained_reason(path))
     labels = load_labels(entry, settings)
     loaded = LOADERS[entry.runtime](entry, settings, labels)
     loaded.heldout_accuracy = heldout_accuracy(entry, settings)

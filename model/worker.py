@@ -29,6 +29,7 @@ import redis.exceptions
 
 from contracts import keys, registry_live, streams, workers
 from contracts.messages import (
+    NOT_TRAINED_YET,
     Heartbeat,
     LabelScore,
     ModelState,
@@ -41,7 +42,16 @@ from contracts.registry import ModelEntry, Registry, load_registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
 from model.config import ModelSettings
-from model.runtimes import LoadedModel, ModelUnavailable, configure_tensorflow, load_model, model_stamp, top_k
+from model.runtimes import (
+    LoadedModel,
+    ModelUnavailable,
+    configure_tensorflow,
+    load_model,
+    model_stamp,
+    not_trained_reason,
+    resolve,
+    top_k,
+)
 from model.streams import DeadLetter, Delivery, JobStreams
 
 log = logging.getLogger("model.worker")
@@ -264,6 +274,7 @@ class Worker:
         registry thread, like ``follow``."""
         for key, entry in list(self._unloaded.items()):
             if self._tried.get(key) == (entry.spec(), model_stamp(entry, self.settings)):
+                self._renew_not_trained(entry)
                 continue
             log.info("%s: its model file appeared or changed; loading it", key)
             if (loaded := self._load(entry)) is not None:
@@ -271,6 +282,16 @@ class Worker:
                 with self._changes_lock:
                     self._incoming[stream] = loaded
                     self._outgoing.discard(stream)
+
+    def _renew_not_trained(self, entry: ModelEntry) -> None:
+        """Reports how far a version's training is (``not_trained_reason``) while its model file
+        is still missing; a version that failed for another reason keeps that reason."""
+        state = self.states.get(entry.key)
+        if state is None or not state.reason or not state.reason.startswith(NOT_TRAINED_YET) or not entry.file:
+            return
+        reason = not_trained_reason(resolve(entry, entry.file, self.settings))
+        if reason != state.reason:
+            self._set_state(entry, state.model_copy(update={"reason": reason}))
 
     def apply_changes(self) -> bool:
         """Takes on the versions the registry thread loaded and lets go of those it dropped (their

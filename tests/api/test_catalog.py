@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from api.app.catalog.service import NOT_INSTALLED, NOT_TRAINED, WorkerDirectory
 from contracts import keys, workers
-from contracts.messages import NOT_TRAINED_YET, Heartbeat, ModelState
+from contracts.messages import BEING_TRAINED, NOT_TRAINED_YET, Heartbeat, ModelState, being_trained
 from tests.support import RedisServer
 
 
@@ -106,3 +106,22 @@ async def test_a_version_not_trained_yet_is_told_apart_from_a_missing_one(privat
     assert availability["sketch@3"].public_reason() == NOT_TRAINED
     assert availability["resnet50@1"].public_reason() == NOT_INSTALLED
     assert availability["sketch@3"].reason() == untrained
+
+
+async def test_users_read_how_far_a_version_being_trained_is(private_redis: Redis) -> None:
+    """While ``model.prepare`` trains a version its workers report its progress note; users read
+    the furthest any worker saw, and no path."""
+    path = "/srv/trained/sketch/v3/model.keras"
+
+    def reason(epoch: int | None) -> str:
+        being = "; " + BEING_TRAINED.format(epoch=epoch, epochs=12) if epoch is not None else ""
+        return f"{NOT_TRAINED_YET}: {path} not found{being}; workers load it once it is written"
+
+    for worker, epoch in (("a", 3), ("b", 4), ("c", None)):
+        await _announce(
+            private_redis, worker, models=[ModelState(name="sketch", version=3, ready=False, reason=reason(epoch))]
+        )
+    availability = (await WorkerDirectory(private_redis).availability(fresh=True))["sketch@3"]
+    assert availability.public_reason() == "it is being trained on this server: 4 of 12 epochs done"
+    assert being_trained(reason(4)) == (4, 12) and being_trained(reason(None)) is None
+    assert path in (availability.reason() or "")

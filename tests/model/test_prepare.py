@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from contracts.registry import ModelEntry, Registry
+from model import prepare
 from model.config import ModelSettings
 from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key
-from model.store import version_lock
+from model.store import progress_path, read_progress, version_lock, write_progress
 from tests.model.drawings import feedback_folder
 from tests.support import ROOT, wait_until
 
@@ -41,7 +42,11 @@ def test_the_feedback_folder_is_part_of_the_training_key(tmp_path: Path, model_s
 
 
 def test_prepare_trains_with_feedback_then_copies_from_the_cache(
-    tmp_path: Path, model_settings: ModelSettings, registry: Registry, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    model_settings: ModelSettings,
+    registry: Registry,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     folder, _cats = feedback_folder(tmp_path / "export", model_settings)
     settings = model_settings.model_copy(
@@ -51,7 +56,17 @@ def test_prepare_trains_with_feedback_then_copies_from_the_cache(
     entry = feedback_entry(registry, "{trained_dir}/../export/sketch")
     caplog.set_level(logging.INFO, logger="model.prepare")
 
+    noted: list[tuple[int, int, bool]] = []
+
+    def note(model_file: Path, *, epoch: int, epochs: int) -> None:
+        write_progress(model_file, epoch=epoch, epochs=epochs)
+        noted.append((epoch, epochs, read_progress(model_file) == (epoch, epochs)))
+
+    monkeypatch.setattr(prepare, "write_progress", note)
     prepare_trained(entry, tmp_path / "v3", settings)
+    # Workers read how far it is while it trains (one epoch here); the note goes with the run.
+    assert noted == [(0, 1, True), (1, 1, True)]
+    assert not progress_path(tmp_path / "v3" / "model.keras").exists()
     metrics = json.loads((tmp_path / "v3" / "metrics.json").read_text())
     assert metrics["feedback"]["drawings"] == 2 and metrics["feedback"]["folder"] == str(
         tmp_path / "trained" / ".." / "export" / "sketch"

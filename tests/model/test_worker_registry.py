@@ -13,11 +13,12 @@ import redis
 import redis.asyncio
 
 from contracts import keys, registry_live, workers
-from contracts.messages import NOT_TRAINED_YET
+from contracts.messages import NOT_TRAINED_YET, being_trained
 from contracts.registry import Channel, ModelEntry, Registry, load_registry
 from contracts.registry_live import RegistrySnapshot
 from model.config import ModelSettings
 from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key
+from model.store import write_progress
 from tests.support import RedisServer, start_worker, wait_for_worker, wait_until
 
 FILE = load_registry()
@@ -126,6 +127,12 @@ def test_a_version_trained_while_the_worker_serves_is_loaded_once_written(
         assert (reasons(client, "late")["sketch@1"] or "").startswith(NOT_TRAINED_YET)
         time.sleep(2)  # checks pass while the file is missing
         assert serving(client, "late") == set() and worker.alive()
+        # While a training notes its progress, the worker reports how far it is.
+        write_progress(out / "model.keras", epoch=3, epochs=8)
+        wait_until(
+            lambda: being_trained(reasons(client, "late")["sketch@1"] or "") == (3, 8), 30, "the progress reported"
+        )
+        assert (reasons(client, "late")["sketch@1"] or "").startswith(NOT_TRAINED_YET)
 
         prepare_trained(sketch, out, settings)
         wait_until(lambda: serving(client, "late") == {"sketch@1"}, 30, "sketch@1 served once written")

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from api.app.core import metrics
 from api.app.core.config import Settings
 from contracts import keys, workers
-from contracts.messages import NOT_TRAINED_YET, Heartbeat
+from contracts.messages import NOT_TRAINED_YET, Heartbeat, being_trained
 from contracts.registry import ModelEntry, Registry, parse_model_ref
 
 NOT_SERVED = "no live model worker serves it"
@@ -25,8 +25,10 @@ MAX_REF_LENGTH = 80
 """Longest model reference (a name of at most 64 characters, "@" and a version)."""
 NOT_INSTALLED = "its model files are not installed on this server"
 NOT_TRAINED = "it has not been trained on this server yet"
-"""Said without a promise: whether a training runs is not known here (one that died says so in
-the operators' log, ``python -m model.prepare``'s exit)."""
+"""Said without a promise when no training notes its progress (one that died says so in the
+operators' log, ``python -m model.prepare``'s exit)."""
+BEING_TRAINED_HERE = "it is being trained on this server: {epoch} of {epochs} epochs done"
+"""Said while ``python -m model.prepare`` trains it and the workers read its progress note."""
 
 
 @dataclass
@@ -58,7 +60,11 @@ class ModelAvailability:
             return None
         if not self.reasons:
             return NOT_SERVED
-        return NOT_TRAINED if all(r.startswith(NOT_TRAINED_YET) for r in self.reasons) else NOT_INSTALLED
+        if not all(r.startswith(NOT_TRAINED_YET) for r in self.reasons):
+            return NOT_INSTALLED
+        # The furthest any worker read: they read the note at different moments.
+        progress = max((p for r in self.reasons if (p := being_trained(r)) is not None), default=None)
+        return BEING_TRAINED_HERE.format(epoch=progress[0], epochs=progress[1]) if progress else NOT_TRAINED
 
 
 class WorkerDirectory:
