@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from contracts.registry import ModelEntry, load_registry
 from model import preprocessing
 from model.config import ModelSettings, get_model_settings
 from model.runtimes import ModelUnavailable
-from model.store import clear_progress, version_lock, write_progress, written_into
+from model.store import ProgressNote, version_lock, written_into
 from model.training import train_sketch
 
 log = logging.getLogger("model.prepare")
@@ -78,22 +79,18 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
     log.info(
         "%s: training into %s with %s (data: %s, feedback: %s)", entry.key, out, options, settings.quickdraw_dir, folder
     )
-    model_file, epochs = out / "model.keras", int(options.get("epochs", 4))
+    model_file = out / "model.keras"
     # Workers tell users how far it is while the portal serves (make run); the note goes with the run.
-    write_progress(model_file, epoch=0, epochs=epochs)
-    try:
-        with written_into(model_file) as staging:
-            metrics = train_sketch.train(
-                data=settings.quickdraw_dir,
-                categories=categories,
-                out=staging,
-                feedback=folder,
-                on_epoch=lambda numbers: write_progress(model_file, epoch=int(numbers["epoch"]), epochs=epochs),
-                **options,
-            )
-            keep_in_cache(entry.key, staging, cached)
-    finally:
-        clear_progress(model_file)
+    with ProgressNote(model_file, int(options.get("epochs", 4))) as note, written_into(model_file) as staging:
+        metrics = train_sketch.train(
+            data=settings.quickdraw_dir,
+            categories=categories,
+            out=staging,
+            feedback=folder,
+            on_epoch=lambda numbers: note.epoch(int(numbers["epoch"])),
+            **options,
+        )
+        keep_in_cache(entry.key, staging, cached)
     log.info("%s: held-out accuracy %.4f in %.0f s", entry.key, metrics["test_accuracy"], metrics["seconds"])
 
 
@@ -135,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         "serving after this and trains the rest in the background, its workers loading each model once written",
     )
     args = parser.parse_args(argv)
+    # supervisord and `kill` stop it with SIGTERM: exiting as Python does lets the staging folder
+    # and the progress note go with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_model_settings()
     registry = load_registry(settings.registry_path)

@@ -13,9 +13,12 @@ import json
 import logging
 import os
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("model.store")
 
@@ -66,9 +69,13 @@ def version_lock(model_file: Path, key: str, *, wait: bool = True) -> Iterator[b
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-PROGRESS_STALE_S = 900.0
-"""A progress note not renewed for this long is a training that died: one epoch of the slowest
-recipe takes about 3 min on a 2-core host without bfloat16 arithmetic (the README's sketch section)."""
+PROGRESS_RENEW_S = 30.0
+"""How often a running training renews its progress note, epoch or not (an epoch of the slowest
+recipe takes minutes, and the data may be downloading before the first)."""
+PROGRESS_STALE_S = 120.0
+"""A note not renewed for this long (four renewals missed) is a training that died."""
+CLOCK_SLACK_S = 60.0
+"""How far in the future a note's time may be (clocks of two hosts) before it is disbelieved."""
 
 
 def progress_path(model_file: Path) -> Path:
@@ -77,28 +84,95 @@ def progress_path(model_file: Path) -> Path:
 
 
 def write_progress(model_file: Path, *, epoch: int, epochs: int) -> None:
-    """Notes that ``epoch`` of ``epochs`` epochs of ``model_file``'s training are done (replaced
-    whole by a rename: a reader never sees half of it)."""
+    """Notes that ``epoch`` of ``epochs`` epochs of ``model_file``'s training are done, with this
+    process's host and pid (replaced whole by a rename: a reader never sees half of it)."""
     path = progress_path(model_file)
     path.parent.mkdir(parents=True, exist_ok=True)
+    note = {
+        "epoch": epoch,
+        "epochs": epochs,
+        "updated_at": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"epoch": epoch, "epochs": epochs, "updated_at": time.time()}), encoding="utf-8")
+    tmp.write_text(json.dumps(note), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _alive(note: dict[str, Any]) -> bool:
+    """False when the note's writer ran on this host and is gone; True when it runs or cannot be
+    checked from here (another host: its renewals tell)."""
+    if note.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(note["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError, OverflowError):
+        return True
+    return True
 
 
 def read_progress(model_file: Path, *, now: float | None = None) -> tuple[int, int] | None:
     """(epochs done, epochs) of ``model_file``'s training; None when no training notes any, or its
-    note is unreadable or older than ``PROGRESS_STALE_S``."""
+    note is unreadable, out of range, not renewed for ``PROGRESS_STALE_S``, dated more than
+    ``CLOCK_SLACK_S`` ahead, or written by a process of this host that is gone (a training killed,
+    even by SIGKILL, says nothing)."""
     try:
         note = json.loads(progress_path(model_file).read_text(encoding="utf-8"))
         epoch, epochs, updated_at = int(note["epoch"]), int(note["epochs"]), float(note["updated_at"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, ArithmeticError, KeyError, TypeError):
         return None
-    if (time.time() if now is None else now) - updated_at > PROGRESS_STALE_S:
-        return None
-    return epoch, epochs
+    age = (time.time() if now is None else now) - updated_at
+    if not (0 <= epoch <= epochs and epochs > 0 and -CLOCK_SLACK_S <= age <= PROGRESS_STALE_S):
+        return None  # NaN fails every comparison, so it lands here too
+    return (epoch, epochs) if _alive(note) else None
 
 
 def clear_progress(model_file: Path) -> None:
     """Removes ``model_file``'s progress note, if any: its training ended."""
     progress_path(model_file).unlink(missing_ok=True)
+
+
+class ProgressNote:
+    """Keeps ``model_file``'s progress note while a training runs: "0 of ``epochs``" on entry,
+    ``epoch(n)`` after each epoch, renewed every ``PROGRESS_RENEW_S`` by a thread, removed on exit
+    whatever ends the block. A note that cannot be written is logged, never a reason to stop the
+    training it describes."""
+
+    def __init__(self, model_file: Path, epochs: int) -> None:
+        self.model_file, self.epochs = model_file, epochs
+        self._done = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="progress-note", daemon=True)
+
+    def __enter__(self) -> ProgressNote:
+        self._write()
+        self._renewer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._renewer.join()
+        try:
+            clear_progress(self.model_file)
+        except OSError as exc:
+            log.warning("could not remove the progress note of %s: %s", self.model_file, exc)
+
+    def epoch(self, done: int) -> None:
+        """Notes that ``done`` epochs are done."""
+        self._done = done
+        self._write()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(PROGRESS_RENEW_S):
+            self._write()
+
+    def _write(self) -> None:
+        with self._lock:  # the renewer and the training both write: one rename at a time
+            try:
+                write_progress(self.model_file, epoch=self._done, epochs=self.epochs)
+            except OSError as exc:
+                log.warning("could not note the progress of %s: %s", self.model_file, exc)

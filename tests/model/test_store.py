@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from model.store import PROGRESS_STALE_S, clear_progress, progress_path, read_progress, write_progress, written_into
+from model import store
+from model.store import (
+    CLOCK_SLACK_S,
+    PROGRESS_STALE_S,
+    ProgressNote,
+    clear_progress,
+    progress_path,
+    read_progress,
+    write_progress,
+    written_into,
+)
+from tests.support import ROOT
 
 
 def test_a_versions_files_go_in_with_the_model_file_last_and_nothing_else_is_touched(tmp_path: Path) -> None:
@@ -49,10 +63,48 @@ def test_a_trainings_progress_is_read_until_it_ends_or_goes_stale(tmp_path: Path
     write_progress(model_file, epoch=4, epochs=12)
     assert read_progress(model_file) == (4, 12)
     assert progress_path(model_file).name.startswith(".")  # never taken for a version's file
-    # A training killed mid-run stops renewing its note: after a while it says nothing.
+    # A training that stops renewing its note says nothing after a while, nor does a note from
+    # the future (a clock set back), nor one with numbers no training writes.
     assert read_progress(model_file, now=time.time() + PROGRESS_STALE_S + 1) is None
+    assert read_progress(model_file, now=time.time() - CLOCK_SLACK_S - 60) is None
+    note = json.loads(progress_path(model_file).read_text())
+    for bad in ({"epoch": 1e400}, {"epoch": 13}, {"epoch": -1}, {"updated_at": float("nan")}, {"epochs": "x"}):
+        progress_path(model_file).write_text(json.dumps({**note, **bad}))
+        assert read_progress(model_file) is None, bad
     progress_path(model_file).write_text("{half")
     assert read_progress(model_file) is None
     clear_progress(model_file)
     clear_progress(model_file)  # gone already: nothing to do
     assert read_progress(model_file) is None and sorted(p.name for p in model_file.parent.iterdir()) == []
+
+
+def test_a_note_whose_writer_is_gone_says_nothing(tmp_path: Path) -> None:
+    """A training killed outright (SIGKILL, the OOM killer) leaves its note: a reader on its host
+    sees that its process is gone."""
+    model_file = tmp_path / "model.keras"
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom model.store import write_progress\n"
+        "write_progress(Path(sys.argv[1]), epoch=2, epochs=12)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(model_file)], check=True, cwd=ROOT)
+    assert progress_path(model_file).exists() and read_progress(model_file) is None
+    # One written on another host is believed while it is renewed.
+    note = json.loads(progress_path(model_file).read_text())
+    progress_path(model_file).write_text(json.dumps({**note, "host": "another-host"}))
+    assert read_progress(model_file) == (2, 12)
+
+
+def test_the_note_is_renewed_while_the_training_runs_and_removed_when_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "PROGRESS_RENEW_S", 0.05)
+    model_file = tmp_path / "model.keras"
+    with pytest.raises(RuntimeError), ProgressNote(model_file, 12) as note:
+        first = json.loads(progress_path(model_file).read_text())
+        note.epoch(3)
+        time.sleep(0.3)
+        renewed = json.loads(progress_path(model_file).read_text())
+        assert (renewed["epoch"], renewed["epochs"]) == (3, 12) and renewed["updated_at"] > first["updated_at"]
+        raise RuntimeError("the training failed")
+    assert not progress_path(model_file).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -13,12 +13,14 @@ import redis
 import redis.asyncio
 
 from contracts import keys, registry_live, workers
-from contracts.messages import NOT_TRAINED_YET, being_trained
+from contracts.messages import NOT_TRAINED_YET, ModelState, being_trained
 from contracts.registry import Channel, ModelEntry, Registry, load_registry
 from contracts.registry_live import RegistrySnapshot
 from model.config import ModelSettings
 from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key
-from model.store import write_progress
+from model.runtimes import resolve
+from model.store import clear_progress, write_progress
+from model.worker import Worker
 from tests.support import RedisServer, start_worker, wait_for_worker, wait_until
 
 FILE = load_registry()
@@ -133,6 +135,12 @@ def test_a_version_trained_while_the_worker_serves_is_loaded_once_written(
             lambda: being_trained(reasons(client, "late")["sketch@1"] or "") == (3, 8), 30, "the progress reported"
         )
         assert (reasons(client, "late")["sketch@1"] or "").startswith(NOT_TRAINED_YET)
+        # Once the note is gone (the training ended or died), so is the progress.
+        clear_progress(out / "model.keras")
+        wait_until(
+            lambda: being_trained(reasons(client, "late")["sketch@1"] or "") is None, 30, "the progress withdrawn"
+        )
+        assert (reasons(client, "late")["sketch@1"] or "").startswith(NOT_TRAINED_YET)
 
         prepare_trained(sketch, out, settings)
         wait_until(lambda: serving(client, "late") == {"sketch@1"}, 30, "sketch@1 served once written")
@@ -140,3 +148,23 @@ def test_a_version_trained_while_the_worker_serves_is_loaded_once_written(
         assert client.exists(keys.labels_key("sketch", 1))
     finally:
         worker.stop()
+
+
+def test_a_version_failing_for_another_reason_keeps_that_reason(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """A progress note beside a version whose model failed to load for another reason (its labels,
+    say) never turns that reason into "not trained yet"."""
+    settings = model_settings.model_copy(update={"redis_url": private_redis.url, "trained_dir": tmp_path})
+    worker = Worker(settings)
+    sketch = entry("sketch@1")
+    model_file = resolve(sketch, sketch.file or "", settings)
+    write_progress(model_file, epoch=2, epochs=8)
+    broken = ModelState(name="sketch", version=1, ready=False, reason="failed to load: labels file unreadable")
+    worker._set_state(sketch, broken)
+    worker._renew_not_trained(sketch)
+    assert worker.states["sketch@1"] == broken
+    untrained = broken.model_copy(update={"reason": f"{NOT_TRAINED_YET}: {model_file} not found"})
+    worker._set_state(sketch, untrained)
+    worker._renew_not_trained(sketch)
+    assert being_trained(worker.states["sketch@1"].reason or "") == (2, 8)
