@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from contracts.registry import load_registry, parse_model_ref
 from model.config import ModelSettings
-from model.prepare import DEFAULT_CATEGORIES
+from model.prepare import DEFAULT_CATEGORIES, training_entry
 from model.runtimes import configure_tensorflow
 from model.training import train_sketch
 
@@ -63,15 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = ModelSettings()
     configure_tensorflow(settings)
-    try:
-        name, version = parse_model_ref(args.model)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    # A bare name means its stable version, as everywhere else.
-    entry = load_registry(settings.registry_path).find(name, version, benchmark_mode=True)
-    if entry is None or not entry.training:
-        raise SystemExit(f"{args.model}: no registry version with training options")
-    options = dict(entry.training)
+    entry = training_entry(args.model, settings)
+    options = dict(entry.training or {})
     classes = len(str(options.get("categories", DEFAULT_CATEGORIES)).split(","))
     print(f"{entry.key}: {options.get('arch')} at batch {options.get('batch_size')}, {classes} classes")
     print(f"bfloat16 in hardware: {train_sketch.native_bfloat16()}")

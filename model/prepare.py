@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contracts.registry import ModelEntry, load_registry
+from contracts.registry import ModelEntry, load_registry, parse_model_ref
 from model import preprocessing
 from model.config import ModelSettings, get_model_settings
 from model.runtimes import ModelUnavailable
@@ -46,6 +46,20 @@ def training_key(options: dict[str, Any], categories: list[str], data: Path, fee
         for path in sorted(p for p in feedback.rglob("*") if p.is_file()):
             digest.update(f"feedback:{path.relative_to(feedback).as_posix()}:{path.stat().st_size}".encode())
     return digest.hexdigest()[:16]
+
+
+def training_entry(ref: str, settings: ModelSettings) -> ModelEntry:
+    """The registry version ``ref`` names (``name@N``; a bare name means its stable version, as
+    everywhere else) if it has training options; SystemExit saying why for a malformed reference
+    or a version without them (for command-line tools)."""
+    try:
+        name, version = parse_model_ref(ref)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    entry = load_registry(settings.registry_path).find(name, version, benchmark_mode=True)
+    if entry is None or not entry.training:
+        raise SystemExit(f"{ref}: no registry version with training options")
+    return entry
 
 
 def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, train: bool = True) -> None:

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from contracts.registry import load_registry, parse_model_ref
 from model.config import ModelSettings
-from model.prepare import DEFAULT_CATEGORIES
+from model.prepare import DEFAULT_CATEGORIES, training_entry
 from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model
 from model.training import train_sketch
 
@@ -80,15 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = ModelSettings()
     configure_tensorflow(settings)
-    try:
-        name, version = parse_model_ref(args.model)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    entry = load_registry(settings.registry_path).find(name, version, benchmark_mode=True)
-    if entry is None or not entry.training:
-        raise SystemExit(f"{args.model}: no registry version with training options")
-    categories = str(entry.training.get("categories", DEFAULT_CATEGORIES)).split(",")
-    per_category = int(entry.training.get("per_category", 3000))
+    entry = training_entry(args.model, settings)
+    options = entry.training or {}
+    categories = str(options.get("categories", DEFAULT_CATEGORIES)).split(",")
+    per_category = int(options.get("per_category", 3000))
     try:
         model, _ = keras_model(entry, settings)
     except ModelUnavailable as exc:  # not trained here yet: python -m model.prepare makes it

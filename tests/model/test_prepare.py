@@ -115,9 +115,9 @@ def test_deferred_training_copies_from_the_cache_and_trains_nothing(
     assert (tmp_path / "v3" / "model.keras").read_text() == "model.keras"
 
 
-def test_two_prepares_never_make_one_version_at_once(tmp_path: Path, model_settings: ModelSettings) -> None:
-    """While one ``model.prepare`` makes a version, `make run`'s deferring one goes on without it
-    and a full one waits, then finds the file written and trains nothing."""
+def prepare_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment of a ``python -m model.prepare`` making sketch@1 into a folder of the test's
+    own, with an empty training cache, and that folder."""
     trained = tmp_path / "trained"
     env = {
         **os.environ,
@@ -126,6 +126,13 @@ def test_two_prepares_never_make_one_version_at_once(tmp_path: Path, model_setti
         "TRAINING_CACHE_DIR": str(tmp_path / "cache"),
         "SERVE_MODELS": "sketch@1",
     }
+    return env, trained
+
+
+def test_two_prepares_never_make_one_version_at_once(tmp_path: Path, model_settings: ModelSettings) -> None:
+    """While one ``model.prepare`` makes a version, `make run`'s deferring one goes on without it
+    and a full one waits, then finds the file written and trains nothing."""
+    env, trained = prepare_env(tmp_path)
     command = [sys.executable, "-m", "model.prepare"]
     folder = trained / "sketch" / "v1"
     with version_lock(folder / "model.keras", "sketch@1"):
@@ -177,14 +184,7 @@ def test_a_version_that_fails_to_train_leaves_the_others_to_be_made(tmp_path: Pa
 def test_a_prepare_stopped_mid_training_leaves_neither_half_a_version_nor_its_progress(tmp_path: Path) -> None:
     """supervisord stops `make run`'s background prepare with SIGTERM: it exits at once, and users
     no longer read that the version is being trained."""
-    trained = tmp_path / "trained"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "TRAINED_DIR": str(trained),
-        "TRAINING_CACHE_DIR": str(tmp_path / "cache"),
-        "SERVE_MODELS": "sketch@1",
-    }
+    env, trained = prepare_env(tmp_path)
     model_file = trained / "sketch" / "v1" / "model.keras"
     prepare = subprocess.Popen([sys.executable, "-m", "model.prepare"], env=env, stderr=subprocess.DEVNULL)
     try:
