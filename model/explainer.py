@@ -41,7 +41,14 @@ from contracts.registry import ModelEntry, Registry, load_registry, parse_model_
 from contracts.streams import REDIS_ERRORS
 from model.config import ModelSettings
 from model.gradcam import GradCam, NotExplainable
-from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model, load_labels, model_stamp
+from model.runtimes import (
+    FailedLoads,
+    ModelUnavailable,
+    configure_tensorflow,
+    keras_model,
+    load_labels,
+    model_stamp,
+)
 
 log = logging.getLogger("model.explainer")
 
@@ -83,9 +90,9 @@ class Explainer:
         self.registry = registry
         self.cams: dict[str, GradCam] = {}
         """By explanation stream."""
-        self.unloaded: dict[str, tuple[ModelEntry, tuple[int, ...] | None]] = {}
-        """Twins whose Grad-CAM could not be built, by key, with their model file's stamp then
-        (``model_stamp``): tried again once the file is written or changes."""
+        self.failed = FailedLoads(settings)
+        """Twins with a model file whose Grad-CAM could not be built: tried again once the file is
+        written or changes (``load_written``)."""
         self.stopping = threading.Event()
 
     def load(self) -> None:
@@ -95,13 +102,14 @@ class Explainer:
 
     def _load_twin(self, twin: ModelEntry) -> bool:
         """Builds and warms up the Grad-CAM of one twin; False (logged) when it cannot. A twin with
-        a model file then waits in ``unloaded`` for ``load_written``."""
+        a model file then waits in ``failed`` for ``load_written``."""
         start = time.perf_counter()
-        stamp = model_stamp(twin, self.settings)
-        self.unloaded.pop(twin.key, None)
+        # Only a twin with a file of its own can change: the others are not tried again.
+        (self.failed.trying if twin.file else self.failed.forget)(twin)
         try:
             model, random_weights = keras_model(twin, self.settings)
             if random_weights:
+                self.failed.forget(twin)
                 return False
             cam = GradCam.build(model, twin, load_labels(twin, self.settings))
             # One computation now: the first request must not pay for tracing the graph.
@@ -110,13 +118,12 @@ class Explainer:
 
             cam.cam(np.zeros((spec.height, spec.width, 3 if spec.mode == "RGB" else 1), np.float32), 0)
         except (ModelUnavailable, NotExplainable) as exc:
-            self._retry_later(twin, stamp)
             log.warning("cannot explain with %s: %s", twin.key, exc)
             return False
         except Exception:
-            self._retry_later(twin, stamp)
             log.exception("cannot explain with %s", twin.key)
             return False
+        self.failed.forget(twin)
         # Replaced whole, never changed in place: the heartbeat thread reads it at any moment.
         self.cams = {**self.cams, keys.explain_stream(twin.name, twin.version): cam}
         log.info(
@@ -124,17 +131,13 @@ class Explainer:
         )
         return True
 
-    def _retry_later(self, twin: ModelEntry, stamp: tuple[int, ...] | None) -> None:
-        if twin.file:
-            self.unloaded[twin.key] = (twin, stamp)
-
     def load_written(self) -> bool:
         """Builds the Grad-CAM of each twin that could not be built once its model file is
         written or changes (`make run` trains in the background while the portal serves, an
         operator replaces a broken file); True when one was built."""
         loaded = False
-        for twin, stamp in list(self.unloaded.values()):
-            if (now := model_stamp(twin, self.settings)) is not None and now != stamp:
+        for twin in self.failed.changed():
+            if model_stamp(twin, self.settings) is not None:  # written, not just removed
                 loaded |= self._load_twin(twin)
         return loaded
 
@@ -265,7 +268,7 @@ class Explainer:
         reaped = forgotten = looked = 0.0
         while not self.stopping.is_set():
             try:
-                if self.unloaded and time.monotonic() - looked >= RELOAD_CHECK_S:
+                if self.failed and time.monotonic() - looked >= RELOAD_CHECK_S:
                     looked = time.monotonic()
                     if self.load_written():
                         ready = False  # the new twin's group, and the heartbeat naming it

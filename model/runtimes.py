@@ -8,7 +8,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -72,6 +72,54 @@ def model_stamp(entry: ModelEntry, settings: ModelSettings) -> tuple[int, ...] |
     except OSError:
         return None
     return tuple(n for st in stats for n in (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+
+
+class FailedLoads:
+    """Versions whose last load failed, each with its spec and its model file's stamp
+    (``model_stamp``) as they were tried: a version is tried again once either changes (`make run`
+    trains a version while the portal serves, an operator replaces a broken file), never at every
+    check. Shared by the worker and the explainer; used from one thread."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self._tried: dict[str, tuple[ModelEntry, tuple[dict[str, Any], tuple[int, ...] | None]]] = {}
+
+    def _as_now(self, entry: ModelEntry) -> tuple[dict[str, Any], tuple[int, ...] | None]:
+        return entry.spec(), model_stamp(entry, self.settings)
+
+    def trying(self, entry: ModelEntry) -> None:
+        """Before a load: its spec and file as tried, kept should it fail (a file written during
+        the load then counts as a change)."""
+        self._tried[entry.key] = (entry, self._as_now(entry))
+
+    def forget(self, entry: ModelEntry) -> None:
+        """After a load that succeeded, or of a version never to be tried again."""
+        self._tried.pop(entry.key, None)
+
+    def unchanged(self, entry: ModelEntry) -> bool:
+        """Whether ``entry`` failed as it is now: the same spec and model file."""
+        tried = self._tried.get(entry.key)
+        return tried is not None and tried[1] == self._as_now(entry)
+
+    def changed(self) -> list[ModelEntry]:
+        """The failed versions to try again: their spec or model file changed since."""
+        return [entry for entry, _ in list(self._tried.values()) if not self.unchanged(entry)]
+
+    def waiting(self) -> list[ModelEntry]:
+        """The failed versions unchanged since they were tried."""
+        return [entry for entry, _ in list(self._tried.values()) if self.unchanged(entry)]
+
+    def keep(self, keys: set[str]) -> None:
+        """Forgets the versions not in ``keys`` (no longer wanted)."""
+        for key in [k for k in self._tried if k not in keys]:
+            del self._tried[key]
+
+    def __iter__(self) -> Iterator[str]:
+        """The failed versions' keys."""
+        return iter(list(self._tried))
+
+    def __len__(self) -> int:
+        return len(self._tried)
 
 
 def load_labels(entry: ModelEntry, settings: ModelSettings) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import redis
@@ -43,11 +43,11 @@ from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
 from model.config import ModelSettings
 from model.runtimes import (
+    FailedLoads,
     LoadedModel,
     ModelUnavailable,
     configure_tensorflow,
     load_model,
-    model_stamp,
     not_trained_reason,
     resolve,
     top_k,
@@ -109,12 +109,9 @@ class Worker:
         """The streams where the jobs an earlier process of this worker's name left were taken back."""
         self.peers = 1
         """Live workers, this one included, as last counted by the heartbeat thread."""
-        self._tried: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {}
-        """The spec last tried for each version and its model file's stamp then (``model_stamp``),
-        so a broken one is not reloaded every check."""
-        self._unloaded: dict[str, ModelEntry] = {}
-        """Wanted versions whose last load failed, by key: loaded again once their model file
-        appears or changes (``load_appeared``)."""
+        self.failed = FailedLoads(settings)
+        """Wanted versions whose last load failed: loaded again once their spec or model file
+        changes (``follow``, ``load_appeared``), not at every check."""
         self._changes_lock = threading.Lock()
         self._incoming: dict[str, LoadedModel] = {}
         """Versions loaded and warmed up by the registry thread, for the serving loop to take on."""
@@ -149,8 +146,7 @@ class Worker:
         """The version loaded and warmed up by one inference per batch size it will see; None
         (with the reason in its state) when it cannot be."""
         start = time.perf_counter()
-        self._tried[entry.key] = (entry.spec(), model_stamp(entry, self.settings))
-        self._unloaded[entry.key] = entry
+        self.failed.trying(entry)
         before = resident_mib()
         try:
             loaded = load_model(entry, self.settings)
@@ -169,7 +165,7 @@ class Worker:
             log.exception("model %s failed to load", entry.key)
             return None
         log.info("model %s ready in %.1f s (warmed up)", entry.key, time.perf_counter() - start)
-        del self._unloaded[entry.key]
+        self.failed.forget(entry)
         return loaded
 
     @staticmethod
@@ -243,8 +239,7 @@ class Worker:
             if have is not None and have.spec() == entry.spec():
                 continue
             known = self.states.get(entry.key)
-            tried = (entry.spec(), model_stamp(entry, self.settings))
-            if have is None and known is not None and not known.ready and self._tried.get(entry.key) == tried:
+            if have is None and known is not None and not known.ready and self.failed.unchanged(entry):
                 continue
             log.info("registry: loading %s", entry.key)
             if (loaded := self._load(entry)) is not None:
@@ -263,8 +258,7 @@ class Worker:
             if key not in wanted_keys and key not in serving and not state.ready:
                 name, _, version = key.partition("@")
                 self._set_state(ModelEntry.model_construct(name=name, version=int(version)), None)
-        for key in [k for k in self._unloaded if k not in wanted_keys]:
-            del self._unloaded[key]
+        self.failed.keep(wanted_keys)
         self.registry = registry
 
     def load_appeared(self) -> None:
@@ -272,11 +266,10 @@ class Worker:
         changes, as when ``python -m model.prepare`` finishes training it while the portal
         already serves (``make run``): its folder appears whole, by a rename. Runs in the
         registry thread, like ``follow``."""
-        for key, entry in list(self._unloaded.items()):
-            if self._tried.get(key) == (entry.spec(), model_stamp(entry, self.settings)):
-                self._renew_not_trained(entry)
-                continue
-            log.info("%s: its model file appeared or changed; loading it", key)
+        for entry in self.failed.waiting():
+            self._renew_not_trained(entry)
+        for entry in self.failed.changed():
+            log.info("%s: its model file appeared or changed; loading it", entry.key)
             if (loaded := self._load(entry)) is not None:
                 stream = keys.job_stream(entry.name, entry.version)
                 with self._changes_lock:

@@ -28,14 +28,14 @@ def test_a_version_trained_after_the_start_is_explained_once_written(
     explainer = Explainer(settings)
     explainer.load()
     first, second = keys.explain_stream("sketch", 1), keys.explain_stream("sketch", 2)
-    assert not explainer.cams and sorted(explainer.unloaded) == ["sketch@1", "sketch@2"]
+    assert not explainer.cams and sorted(explainer.failed) == ["sketch@1", "sketch@2"]
     assert not explainer.load_written()
 
     shutil.copytree(model_settings.trained_dir / "sketch" / "v1", tmp_path / "sketch" / "v1")
     assert explainer.load_written()
-    assert list(explainer.cams) == [first] and list(explainer.unloaded) == ["sketch@2"]
+    assert list(explainer.cams) == [first] and list(explainer.failed) == ["sketch@2"]
 
     (broken / "model.tmp.keras").write_bytes(whole)
     os.replace(broken / "model.tmp.keras", broken / "model.keras")
     assert explainer.load_written()
-    assert sorted(explainer.cams) == sorted([first, second]) and not explainer.unloaded
+    assert sorted(explainer.cams) == sorted([first, second]) and not explainer.failed
