@@ -51,7 +51,13 @@ class ModelAvailability:
         if self.available:
             return None
         if self.reasons:
-            return "; ".join(sorted(set(self.reasons)))
+            reasons = set(self.reasons)
+            untrained = {r for r in reasons if r.startswith(NOT_TRAINED_YET)}
+            if len(untrained) > 1:
+                # Each worker reads the same missing file and progress note at its own moment: the
+                # furthest says it for all.
+                reasons = (reasons - untrained) | {max(untrained, key=lambda r: being_trained(r) or (-1, 0))}
+            return "; ".join(sorted(reasons))
         return NOT_SERVED
 
     def public_reason(self) -> str | None:
