@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
@@ -52,6 +53,16 @@ async def _base(session: AsyncSession, name: str, base_version: int | None) -> M
     return entry
 
 
+async def stored_versions(redis: Redis, name: str) -> set[int]:
+    """The versions of ``name`` the training worker found in the model store (the folders of
+    ``training.RECORDS_KEY``, ``sketch/v4``): a store kept while the database was reset holds
+    versions no row knows, which a new run must not be numbered as."""
+    folder = re.compile(rf"^{re.escape(name)}/v(\d+)$")
+    fields = cast(list[bytes], await redis.hkeys(training.RECORDS_KEY))
+    found = (folder.match(field.decode()) for field in fields)
+    return {int(match[1]) for match in found if match}
+
+
 async def create_run(
     *,
     session: AsyncSession,
@@ -84,7 +95,11 @@ async def create_run(
             headers={"Retry-After": "5"},
         )
     latest_run = await session.scalar(select(func.max(TrainingRun.version)).where(TrainingRun.model_name == name))
-    version = max(await registry_service.next_version(session=session, name=name), int(latest_run or 0) + 1)
+    version = max(
+        await registry_service.next_version(session=session, name=name),
+        int(latest_run or 0) + 1,
+        max(await stored_versions(redis, name), default=0) + 1,
+    )
     run = TrainingRun(
         id=uuid.uuid4(),
         model_name=name,
