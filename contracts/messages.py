@@ -145,12 +145,19 @@ BEING_TRAINED = "being trained here: {epoch} of {epochs} epochs done"
 """Part of such a reason while ``python -m model.prepare`` trains the version (``make run`` serves
 meanwhile): how far it is, read by ``being_trained``."""
 _BEING_TRAINED = re.compile(r"being trained here: (\d+) of (\d+) epochs done")
+_BEING_TRAINED_PART = re.compile(r"; being trained here: \d+ of \d+ epochs done")
 
 
 def being_trained(reason: str) -> tuple[int, int] | None:
     """(epochs done, epochs) from a reason holding ``BEING_TRAINED``; None from any other."""
     match = _BEING_TRAINED.search(reason)
     return (int(match[1]), int(match[2])) if match else None
+
+
+def without_progress(reason: str) -> str:
+    """The reason without its ``BEING_TRAINED`` part: what two workers reading the same missing
+    file at different epochs both say."""
+    return _BEING_TRAINED_PART.sub("", reason)
 
 
 class ModelState(BaseModel):

@@ -102,7 +102,8 @@ class FailedLoads:
         return tried is not None and tried[1] == self._as_now(entry)
 
     def changed(self) -> list[ModelEntry]:
-        """The failed versions to try again: their spec or model file changed since."""
+        """The failed versions to try again: their model file changed since (a new spec comes
+        with a new entry, which ``unchanged`` tells apart)."""
         return [entry for entry, _ in list(self._tried.values()) if not self.unchanged(entry)]
 
     def waiting(self) -> list[ModelEntry]:

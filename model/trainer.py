@@ -59,10 +59,11 @@ class Trainer:
                 if self.published.get(folder) == (stat.st_mtime, stat.st_size):
                     continue
                 text = path.read_text(encoding="utf-8")
-            except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+                field = folder.encode()
+            except (OSError, ValueError) as exc:  # ValueError: a file or folder name not UTF-8
                 log.warning("training record %s not read: %s", path, exc)
                 continue
-            self.redis.hset(training.RECORDS_KEY, folder, text)
+            self.redis.hset(training.RECORDS_KEY, field, text)
             self.published[folder] = (stat.st_mtime, stat.st_size)
             log.info("training record of %s published", folder)
 

@@ -117,12 +117,12 @@ async def test_users_read_how_far_a_version_being_trained_is(private_redis: Redi
         being = "; " + BEING_TRAINED.format(epoch=epoch, epochs=12) if epoch is not None else ""
         return f"{NOT_TRAINED_YET}: {path} not found{being}; workers load it once it is written"
 
-    for worker, epoch in (("a", 3), ("b", 4), ("c", None)):
-        await _announce(
-            private_redis, worker, models=[ModelState(name="sketch", version=3, ready=False, reason=reason(epoch))]
-        )
+    elsewhere = f"{NOT_TRAINED_YET}: /mnt/other/sketch/v3/model.keras not found; workers load it once it is written"
+    for worker, said in (("a", reason(3)), ("b", reason(4)), ("c", reason(None)), ("d", elsewhere)):
+        await _announce(private_redis, worker, models=[ModelState(name="sketch", version=3, ready=False, reason=said)])
     availability = (await WorkerDirectory(private_redis).availability(fresh=True))["sketch@3"]
     assert availability.public_reason() == "it is being trained on this server: 4 of 12 epochs done"
     assert being_trained(reason(4)) == (4, 12) and being_trained(reason(None)) is None
-    # Admins read the furthest worker's text once, path included.
-    assert availability.reason() == reason(4)
+    # Admins read the furthest worker's text once, path included; a worker that looks at another
+    # path (a host mounting its own folder) is still heard.
+    assert availability.reason() == f"{elsewhere}; {reason(4)}"

@@ -69,14 +69,14 @@ async def small(
 
 
 async def idle_in_transaction(settings: Settings) -> list[Any]:
-    """The app's connections left in a transaction for 0.5 s or more. A younger one is a
+    """The app's connections idle in a transaction open for 0.5 s or more. A younger one is a
     background loop (the gauges, the result collector) between its query and its rollback."""
     conn = await asyncpg.connect(dsn(settings))
     try:
         return await conn.fetch(
             "SELECT pid, application_name, state, query FROM pg_stat_activity"
             " WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
-            " AND application_name LIKE 'portal-api:%' AND state_change < now() - interval '500 milliseconds'"
+            " AND application_name LIKE 'portal-api:%' AND xact_start < now() - interval '500 milliseconds'"
         )
     finally:
         await conn.close()

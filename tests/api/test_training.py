@@ -209,6 +209,8 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
     # A model store kept across a database reset holds sketch@7, which no row knows: the next run
     # is numbered after it.
     await own_stack.app.state.redis.hset(training.RECORDS_KEY, "sketch/v7", "{}")
+    for other in (b"sketch2/v20", b"sketch/v\xd9\xa3", b"\xffsketch/v30"):  # not sketch's, not digits, not UTF-8
+        await own_stack.app.state.redis.hset(training.RECORDS_KEY, other, "{}")
 
     # Queued with no trainer yet: cancelled at once.
     r = await client.post("/v1/admin/training-runs", json=body, headers=admin)

@@ -93,3 +93,18 @@ def test_a_run_never_writes_a_version_another_process_writes_or_that_exists(
     assert str(tmp_path) not in str(events[0].error)  # people read it: no server paths
     assert existing.read_bytes() == b"a served model"
     assert sorted(p.name for p in locked.parent.iterdir()) == [".model.keras.lock"]
+
+
+def test_records_are_published_and_a_folder_name_that_is_not_utf8_is_skipped(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """The API numbers runs after the versions found in the model store (``training.RECORDS_KEY``):
+    a folder Redis cannot name (not UTF-8) is skipped, never the end of the trainer's scan."""
+    for folder in (b"sketch/v4", b"sketch/v\xff", b"\xffsketch/v9"):
+        path = tmp_path / Path(folder.decode("utf-8", "surrogateescape"))
+        path.mkdir(parents=True)
+        (path / "metrics.json").write_text('{"test_accuracy": 0.9}', encoding="utf-8")
+    r = redis.Redis.from_url(private_redis.url)
+    trainer = Trainer(model_settings.model_copy(update={"redis_url": private_redis.url, "trained_dir": tmp_path}))
+    trainer.publish_records()
+    assert r.hkeys(training.RECORDS_KEY) == [b"sketch/v4"]

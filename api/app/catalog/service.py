@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from api.app.core import metrics
 from api.app.core.config import Settings
 from contracts import keys, workers
-from contracts.messages import NOT_TRAINED_YET, Heartbeat, being_trained
+from contracts.messages import NOT_TRAINED_YET, Heartbeat, being_trained, without_progress
 from contracts.registry import ModelEntry, Registry, parse_model_ref
 
 NOT_SERVED = "no live model worker serves it"
@@ -29,6 +29,10 @@ NOT_TRAINED = "it has not been trained on this server yet"
 operators' log, ``python -m model.prepare``'s exit)."""
 BEING_TRAINED_HERE = "it is being trained on this server: {epoch} of {epochs} epochs done"
 """Said while ``python -m model.prepare`` trains it and the workers read its progress note."""
+
+
+def _progress(reason: str) -> tuple[int, int]:
+    return being_trained(reason) or (-1, 0)
 
 
 @dataclass
@@ -51,13 +55,14 @@ class ModelAvailability:
         if self.available:
             return None
         if self.reasons:
-            reasons = set(self.reasons)
-            untrained = {r for r in reasons if r.startswith(NOT_TRAINED_YET)}
-            if len(untrained) > 1:
-                # Each worker reads the same missing file and progress note at its own moment: the
-                # furthest says it for all.
-                reasons = (reasons - untrained) | {max(untrained, key=lambda r: being_trained(r) or (-1, 0))}
-            return "; ".join(sorted(reasons))
+            # Workers reading the same missing file's progress note at their own moments say the
+            # same but the epoch: the furthest says it for all (paths that differ all stay).
+            kept: dict[str, str] = {}
+            for reason in sorted(set(self.reasons)):
+                same = without_progress(reason)
+                if same not in kept or _progress(reason) > _progress(kept[same]):
+                    kept[same] = reason
+            return "; ".join(sorted(kept.values()))
         return NOT_SERVED
 
     def public_reason(self) -> str | None:

@@ -54,13 +54,14 @@ async def _base(session: AsyncSession, name: str, base_version: int | None) -> M
 
 
 async def stored_versions(redis: Redis, name: str) -> set[int]:
-    """The versions of ``name`` the training worker found in the model store (the folders of
-    ``training.RECORDS_KEY``, ``sketch/v4``): a store kept while the database was reset holds
-    versions no row knows, which a new run must not be numbered as."""
-    folder = re.compile(rf"^{re.escape(name)}/v(\d+)$")
+    """The versions of ``name`` the training worker found in the model store: the folders of
+    ``training.RECORDS_KEY`` (``sketch/v4``), those holding a training record. A store kept while
+    the database was reset holds versions no row knows, which a new run must not be numbered as.
+    A version folder without a record, or written since the trainer last looked
+    (``RECORDS_SCAN_S``), is not seen: its run then fails with the reason (``model.trainer``)."""
+    folder = re.compile(re.escape(name.encode()) + rb"/v([0-9]+)")
     fields = cast(list[bytes], await redis.hkeys(training.RECORDS_KEY))
-    found = (folder.match(field.decode()) for field in fields)
-    return {int(match[1]) for match in found if match}
+    return {int(match[1]) for field in fields if (match := folder.fullmatch(field))}
 
 
 async def create_run(
