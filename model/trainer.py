@@ -29,6 +29,15 @@ class VersionTaken(Exception):
     """The run's version has a model file already, or another process is writing it."""
 
 
+STOPPED = "the trainer was stopped during the run"
+
+
+class TrainerStopped(BaseException):
+    """SIGTERM or SIGINT while a run trains, raised in the training's own thread: the run stops
+    within a training step rather than at the end of an epoch that may take minutes (supervisord
+    and Kubernetes kill a process that outlasts their grace period, leaving its files half made)."""
+
+
 class Trainer:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
@@ -37,9 +46,18 @@ class Trainer:
         self.stopping = threading.Event()
         self.published: dict[str, tuple[float, int]] = {}
         self.scanned_at = 0.0
+        self.training = False
+        """Whether the main thread is inside a run's training (``on_signal`` then interrupts it)."""
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
+
+    def on_signal(self, *_: Any) -> None:
+        """The SIGTERM and SIGINT handler: stops after the run in progress, which it interrupts
+        (``TrainerStopped``; the run is failed with the reason and nothing of it is kept)."""
+        self.stopping.set()
+        if self.training:
+            raise TrainerStopped
 
     def emit(self, event: training.TrainingEvent) -> None:
         if event.kind in ("done", "failed", "cancelled"):
@@ -153,12 +171,19 @@ class Trainer:
                         "not overwritten: a new run trains the next version"
                     )
                 with written_into(model_file) as staging:
-                    record = self.train(job, staging, feedback)
+                    self.training = True
+                    try:
+                        record = self.train(job, staging, feedback)
+                    finally:
+                        self.training = False
+        except TrainerStopped:
+            log.warning("run %s: the trainer was stopped during it", job.run_id)
+            self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=STOPPED))
+        except VersionTaken as exc:
+            self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=str(exc)))
         except train_sketch.TrainingCancelled as exc:
             if self.stopping.is_set():
-                event = training.TrainingEvent(
-                    run_id=job.run_id, kind="failed", trainer=self.name, error="the trainer was stopped"
-                )
+                event = training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=STOPPED)
             else:
                 event = training.TrainingEvent(run_id=job.run_id, kind="cancelled", trainer=self.name, error=str(exc))
             self.emit(event)
@@ -222,8 +247,8 @@ def main() -> None:
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)
     trainer = Trainer(settings)
-    signal.signal(signal.SIGTERM, trainer.stop)
-    signal.signal(signal.SIGINT, trainer.stop)
+    signal.signal(signal.SIGTERM, trainer.on_signal)
+    signal.signal(signal.SIGINT, trainer.on_signal)
     log.info("trainer %s waiting for runs", trainer.name)
     trainer.run()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,8 +15,8 @@ import redis
 from contracts import training
 from model.config import ModelSettings
 from model.store import version_lock
-from model.trainer import Trainer
-from tests.support import RedisServer
+from model.trainer import STOPPED, Trainer
+from tests.support import RedisServer, service, wait_until
 
 
 def test_a_run_with_an_option_the_trainer_does_not_know_fails_and_the_trainer_goes_on(
@@ -89,6 +91,7 @@ def test_a_run_never_writes_a_version_another_process_writes_or_that_exists(
             loop.join(10)
     assert [(e.run_id, e.kind) for e in events] == [("exists", "failed"), ("locked", "failed")]
     assert "model file in the model store already" in str(events[0].error), events[0].error
+    assert not str(events[0].error).startswith("VersionTaken"), events[0].error  # people read it
     assert "another process" in str(events[1].error), events[1].error
     assert str(tmp_path) not in str(events[0].error)  # people read it: no server paths
     assert existing.read_bytes() == b"a served model"
@@ -108,3 +111,38 @@ def test_records_are_published_and_a_folder_name_that_is_not_utf8_is_skipped(
     trainer = Trainer(model_settings.model_copy(update={"redis_url": private_redis.url, "trained_dir": tmp_path}))
     trainer.publish_records()
     assert r.hkeys(training.RECORDS_KEY) == [b"sketch/v4"]
+
+
+def test_a_trainer_stopped_mid_epoch_exits_at_once_and_fails_its_run_keeping_nothing(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """supervisord and Kubernetes stop the trainer with SIGTERM and kill it after a grace period:
+    it stops within a training step, not at the end of an epoch that may take minutes, fails the
+    run with the reason and leaves no half-written version."""
+    r = redis.Redis.from_url(private_redis.url)
+    # One epoch of about a minute (30 s on a fast host): the signal comes long before its end.
+    options = training.TrainingOptions(arch="vgg", epochs=1, per_category=3000, batch_size=16)
+    categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:10]
+    job = training.TrainingJob(run_id="stopped", model="sketch", version=5, categories=categories, options=options)
+    r.xadd(training.JOB_STREAM, job.to_fields())
+    env = {
+        "REDIS_URL": private_redis.url,
+        "WORKER_ID": "trainer-stopped",
+        "TRAINED_DIR": str(tmp_path),
+        "QUICKDRAW_DIR": str(model_settings.quickdraw_dir),
+        "LOG_JSON": "true",
+    }
+    trainer = service("trainer-stopped", [sys.executable, "-m", "model.trainer"], env)
+    try:
+        assert [e.kind for e in events_of(r, 1, within=60)] == ["started"]
+        staging = tmp_path / "sketch" / "v5" / ".model.keras.partial"
+        wait_until(staging.is_dir, 60, "the run training")
+        time.sleep(3)  # loading the drawings or into Keras' fit: either way long before the epoch ends
+        trainer.proc.send_signal(signal.SIGTERM)
+        assert trainer.proc.wait(15) == 0
+    finally:
+        trainer.kill()
+    events = events_of(r, 2)
+    assert [(e.run_id, e.kind, e.error) for e in events[1:]] == [("stopped", "failed", STOPPED)]
+    assert sorted(p.name for p in (tmp_path / "sketch" / "v5").iterdir()) == [".model.keras.lock"]
+    assert not r.exists(training.alive_key("stopped"))
