@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import statistics
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -145,7 +144,7 @@ async def test_wrong_email_and_wrong_password_look_the_same(app: FastAPI, users:
     unknown_email = {"username": f"nobody-{uuid.uuid4().hex}@example.com", "password": "not-the-password"}
     timings: dict[str, list[float]] = {"known": [], "unknown": []}
     bodies = set()
-    for _ in range(3):
+    for _ in range(5):
         for kind, form in (("known", wrong_password), ("unknown", unknown_email)):
             start = time.perf_counter()
             r = await client.post("/v1/auth/login", data=form)
@@ -154,8 +153,10 @@ async def test_wrong_email_and_wrong_password_look_the_same(app: FastAPI, users:
             assert r.headers["www-authenticate"] == "Bearer"
             bodies.add(r.text)
     assert len(bodies) == 1
-    known, unknown = statistics.median(timings["known"]), statistics.median(timings["unknown"])
-    # Both verify an argon2 hash (the unknown email against a dummy one): same order of time.
+    # The fastest of each: what the request costs when nothing else (a background loop, another
+    # process on the cores) runs beside it. Both verify an argon2 hash (the unknown email against
+    # a dummy one): same order of time; skipping the hash makes the unknown email ~20x faster.
+    known, unknown = min(timings["known"]), min(timings["unknown"])
     assert 0.5 < unknown / known < 2.0, timings
 
 
