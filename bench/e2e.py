@@ -189,7 +189,7 @@ def portal(database_url: str, models_dir: Path, api_workers: int = 1) -> Iterato
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _psql(database_url: str, sql: str) -> str:
+def psql(database_url: str, sql: str) -> str:
     """Runs ``sql`` on the server of ``database_url`` (connected to ``postgres``); its output."""
     url = make_url(database_url)
     args = ["psql", "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432), "-U", url.username or "postgres"]
@@ -198,14 +198,14 @@ def _psql(database_url: str, sql: str) -> str:
 
 
 def _drop_database(database_url: str) -> None:
-    _psql(database_url, f'DROP DATABASE IF EXISTS "{make_url(database_url).database}" WITH (FORCE)')
+    psql(database_url, f'DROP DATABASE IF EXISTS "{make_url(database_url).database}" WITH (FORCE)')
 
 
 def sessions_opened(database_url: str) -> int:
     """How many connections have been opened on the database so far (PostgreSQL 14+). A new
     backend reports itself with its first transaction, or after about 10 s if it stays idle."""
     name = make_url(database_url).database
-    return int(_psql(database_url, f"SELECT sessions FROM pg_stat_database WHERE datname = '{name}'") or 0)
+    return int(psql(database_url, f"SELECT sessions FROM pg_stat_database WHERE datname = '{name}'") or 0)
 
 
 def api_processes(database_url: str) -> int:
@@ -216,7 +216,7 @@ def api_processes(database_url: str) -> int:
         "SELECT count(DISTINCT split_part(application_name, ':', 2)) FROM pg_stat_activity "
         f"WHERE datname = '{name}' AND application_name LIKE '{APPLICATION_NAME}:%:requests'"
     )
-    return int(_psql(database_url, sql) or 0)
+    return int(psql(database_url, sql) or 0)
 
 
 class Sampler:

@@ -22,21 +22,32 @@ prediction to the one before:
    stream, stores it (one UPDATE) and wakes the request and acknowledges the answer (one
    pipeline).
 
-For each route it prints the API process's CPU time per request (``/proc`` through psutil, as the
-other benchmarks), what the route adds to the one before, PostgreSQL's and Redis's CPU per request
-(the scratch database's backends and the private server), and the client's median latency. The
-sixth route is the shape of ``POST /model/predict`` with nothing the portal adds: no SQLAlchemy,
-no middleware, no metrics, logging or request ids, one dependency. Written to
-``docs/benchmarks/floor.md`` (``--out``).
+The sixth route is the shape of ``POST /model/predict`` as the portal makes it: six round trips to
+PostgreSQL and four to Redis, as the portal's own path (``bench.profile``) makes them. A seventh,
+``minimal``, does the same work with the fewest round trips the rules allow: the token's user,
+admission and the job's insert in one autocommitted statement (the insert happens only when the
+user is active and under their cap), then the queue and the answer as in ``answered``: two round
+trips to PostgreSQL. (The portal keeps admission in a transaction for its blob lock: a new upload's
+blob is written between the lock and the commit.)
+
+For each route it prints the API process's mean CPU time per request, what the route adds to the one
+before, PostgreSQL's and Redis's CPU per request (the scratch database's backends; the private
+server, which also serves the stub worker's commands, as the portal's Redis serves its workers'),
+and the client's median latency. CPU time is read from ``/proc/<pid>/task/*/schedstat`` (the
+scheduler's nanoseconds on CPU, per thread), not from the 10 ms clock ticks of ``/proc/<pid>/stat``.
+Nothing the portal adds is there: no SQLAlchemy, no middleware, no metrics, logging or request
+ids, one dependency. Written to ``docs/benchmarks/floor.md`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,19 +63,18 @@ from typing import Annotated, Any, cast
 import anyio
 import asyncpg
 import httpx
-import psutil
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
 from jose import jwt
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from bench.processes import Service, free_port, start_on_free_port, start_redis
+from bench.processes import Service, cpu_ms_between, cpu_snapshot, start_on_free_port, start_redis
 from bench.profile import fresh_photos
 from contracts.imaging import inspect_image
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUTES = ("raw", "multipart", "checked", "authed", "stored", "answered")
+ROUTES = ("raw", "multipart", "checked", "authed", "stored", "answered", "minimal")
 SECRET = "floor-benchmark-secret"
 UVICORN = ("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning")
 """What ``python -m api`` gets by default (uvicorn picks uvloop and httptools when installed), without
@@ -91,6 +101,11 @@ ADMISSION = (
 )
 Read = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None
 """What XREADGROUP answers a client without ``decode_responses``: (stream, [(entry id, fields)])."""
+MINIMAL = (
+    "INSERT INTO floor_jobs (id, owner_id, sha256, status) SELECT $1, u.id, $3, 'queued' FROM floor_users u"
+    " WHERE u.id = $2 AND u.is_active AND (SELECT count(*) FROM floor_jobs j"
+    " WHERE j.owner_id = u.id AND j.status IN ('queued', 'running')) < 1000 RETURNING id"
+)
 STORE = "UPDATE floor_jobs SET status = 'done', answer = $2 WHERE id = $1 AND status <> 'done' RETURNING owner_id"
 
 
@@ -115,31 +130,54 @@ class State:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    pool = await asyncpg.create_pool(os.environ["FLOOR_DATABASE_URL"], min_size=4, max_size=4)
+    # No reset on release: the portal's connections (SQLAlchemy's pool) send none either, where
+    # asyncpg's own pool would send four statements each time.
+    # Connections are kept for the whole run, so the backends counted stay the same.
+    pool = await asyncpg.create_pool(
+        os.environ["FLOOR_DATABASE_URL"], min_size=4, max_size=4, reset=_no_reset, max_inactive_connection_lifetime=0
+    )
     url = os.environ["FLOOR_REDIS_URL"]
     state = State(pool, aioredis.from_url(url), aioredis.from_url(url), Path(os.environ["FLOOR_BLOBS"]))
     app.state.floor = state
     collector = asyncio.create_task(_collect(state))
     yield
     collector.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await collector
     await pool.close()
 
 
+async def _no_reset(connection: asyncpg.Connection) -> None:
+    return None
+
+
 async def _collect(state: State) -> None:
-    """Stores each answer of the stub worker, then wakes its request and acknowledges it."""
+    """Stores each answer of the stub worker, then wakes its request and acknowledges it; an error
+    is printed and the loop goes on (the request then answers 504, which stops the run)."""
     reader = aioredis.from_url(os.environ["FLOOR_REDIS_URL"])
-    while True:
-        got = cast(Read, await reader.xreadgroup(GROUP, "collector", {RESULTS: ">"}, count=64, block=1000))
-        for _, entries in got or []:
-            async with state.pool.acquire() as connection:
-                for entry_id, fields in entries:
-                    job_id = fields[b"job_id"].decode()
-                    await connection.fetchval(STORE, uuid.UUID(job_id), fields[b"answer"].decode())
-                    async with state.redis.pipeline(transaction=True) as pipe:
-                        pipe.rpush(f"floor:done:{job_id}", fields[b"answer"])
-                        pipe.expire(f"floor:done:{job_id}", 60)
-                        pipe.xack(RESULTS, GROUP, entry_id)
-                        await pipe.execute()
+    try:
+        while True:
+            try:
+                got = cast(Read, await reader.xreadgroup(GROUP, "collector", {RESULTS: ">"}, count=64, block=1000))
+                for _, entries in got or []:
+                    for entry_id, fields in entries:
+                        await _store_and_wake(state, entry_id, fields)
+            except Exception as exc:  # a benchmark's collector reports and goes on
+                print(f"collector: {exc!r}", file=sys.stderr)
+                await asyncio.sleep(0.1)
+    finally:
+        await reader.aclose()
+
+
+async def _store_and_wake(state: State, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    job_id = fields[b"job_id"].decode()
+    async with state.pool.acquire() as connection:
+        await connection.fetchval(STORE, uuid.UUID(job_id), fields[b"answer"].decode())
+    async with state.redis.pipeline(transaction=True) as pipe:
+        pipe.rpush(f"floor:done:{job_id}", fields[b"answer"])
+        pipe.expire(f"floor:done:{job_id}", 60)
+        pipe.xack(RESULTS, GROUP, entry_id)
+        await pipe.execute()
 
 
 def _state(request: Request) -> State:
@@ -177,19 +215,31 @@ async def _checked(state: State, file: UploadFile) -> tuple[bytes, str]:
     return data, sha256
 
 
-async def _store(state: State, owner_id: int, sha256: str) -> uuid.UUID:
+async def _store(state: State, owner_id: int, sha256: str, status: str) -> uuid.UUID:
+    """Admission and the job's insert in a transaction, as the portal does them."""
     job_id = uuid.uuid4()
     async with state.pool.acquire() as connection, connection.transaction():
         in_flight = await connection.fetchval(ADMISSION, owner_id)
         if in_flight is None or in_flight >= 1000:
             raise HTTPException(status_code=429)
         await connection.execute(
-            "INSERT INTO floor_jobs (id, owner_id, sha256, status) VALUES ($1, $2, $3, 'queued')",
+            "INSERT INTO floor_jobs (id, owner_id, sha256, status) VALUES ($1, $2, $3, $4)",
             job_id,
             owner_id,
             sha256,
+            status,
         )
     return job_id
+
+
+async def _answer(state: State, job_id: uuid.UUID, data: bytes) -> dict[str, Any]:
+    """Queues the job with its image and waits for its answer."""
+    await state.redis.xadd(JOBS, {"job_id": str(job_id), "image": data})
+    got = await state.blocking.blpop([f"floor:done:{job_id}"], timeout=10)
+    if got is None:
+        raise HTTPException(status_code=504)
+    answer: dict[str, Any] = json.loads(got[1])
+    return answer
 
 
 def create_app() -> Any:
@@ -214,18 +264,26 @@ def create_app() -> Any:
     @app.post("/stored")
     async def stored(state: StateDep, user: UserDep, file: FileDep) -> Accepted:
         data, sha256 = await _checked(state, file)
-        await _store(state, user, sha256)
+        # Stored as answered already: nothing will answer it, and admission must count what the
+        # portal's counts (about nothing in flight), not every job of the run.
+        await _store(state, user, sha256, "done")
         return Accepted(file_name=file.filename or "", size=len(data))
 
     @app.post("/answered")
     async def answered(state: StateDep, user: UserDep, file: FileDep) -> Accepted:
         data, sha256 = await _checked(state, file)
-        job_id = await _store(state, user, sha256)
-        await state.redis.xadd(JOBS, {"job_id": str(job_id), "image": data})
-        got = await state.blocking.blpop([f"floor:done:{job_id}"], timeout=10)
-        if got is None:
-            raise HTTPException(status_code=504)
-        return Accepted(file_name=file.filename or "", size=len(data), answer=json.loads(got[1]))
+        job_id = await _store(state, user, sha256, "queued")
+        return Accepted(file_name=file.filename or "", size=len(data), answer=await _answer(state, job_id, data))
+
+    @app.post("/minimal")
+    async def minimal(state: StateDep, authorization: Annotated[str, Header()], file: FileDep) -> Accepted:
+        claims = jwt.decode(authorization.removeprefix("Bearer "), SECRET, algorithms=["HS256"])
+        data, sha256 = await _checked(state, file)
+        async with state.pool.acquire() as connection:
+            job_id = await connection.fetchval(MINIMAL, uuid.uuid4(), int(claims["sub"]), sha256)
+        if job_id is None:
+            raise HTTPException(status_code=429)
+        return Accepted(file_name=file.filename or "", size=len(data), answer=await _answer(state, job_id, data))
 
     async def raw(scope: Scope, receive: Receive, send: Send) -> None:
         size = 0
@@ -278,72 +336,69 @@ class Row:
     latency_ms: float
 
 
-def _psql(sql: str, database: str = "postgres") -> str:
-    done = subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", database, "-Atc", sql],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+def _psql(server: str, sql: str, database: str = "postgres") -> str:
+    """Runs ``sql`` on ``server`` (a ``postgresql://`` URL without a database); its output."""
+    done = subprocess.run(["psql", f"{server}/{database}", "-Atc", sql], check=True, capture_output=True, text=True)
     return done.stdout.strip()
 
 
 @contextmanager
-def _database() -> Iterator[str]:
+def _database(server: str) -> Iterator[str]:
+    """A scratch database with the floor's tables on ``server``; its name. Dropped on exit."""
     name = f"portal_floor_{os.getpid()}"
-    _psql(f'CREATE DATABASE "{name}"')
+    _psql(server, f'CREATE DATABASE "{name}"')
     try:
         for statement in SCHEMA.strip().split(";\n"):
-            _psql(statement, name)
+            _psql(server, statement, name)
         yield name
     finally:
-        _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _psql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        times = process.cpu_times()
-        total += times.user + times.system
-    return total
+def measure(*, requests: int, photos: Path, server: str = "postgresql://postgres@127.0.0.1:5432") -> list[Row]:
+    """Sends ``requests`` uploads (after 20 for warm-up) to each route, the routes taking turns;
+    one Row per route: the mean CPU time per request of each part (read around each request: the
+    answer's collection happens while the request waits for it) and the median latency.
+    ``server``: the PostgreSQL server the scratch database goes on (``postgresql://`` URL)."""
+    import redis as sync_redis
 
-
-def measure(*, requests: int, photos: Path) -> list[Row]:
-    """Sends ``requests`` uploads (after 20 for warm-up) to each route; one Row per route."""
     images = fresh_photos(photos)
-    workdir = Path(tempfile.mkdtemp(prefix="portal-floor-"))
-    blobs = workdir / "blobs"
-    blobs.mkdir()
-    with _database() as database:
+    with contextlib.ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="portal-floor-"))
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        blobs = workdir / "blobs"
+        blobs.mkdir()
+        database = stack.enter_context(_database(server))
         redis_ports: list[int] = []
 
-        def start(port: int) -> Service:
+        def start_redis_here(port: int) -> Service:
             redis_ports.append(port)
             return start_redis(port, log_dir=workdir, cwd=ROOT)
 
-        redis_service = start_on_free_port(start)
+        redis_service = start_on_free_port(start_redis_here)
+        stack.callback(redis_service.stop)
         redis_url = f"redis://127.0.0.1:{redis_ports[-1]}/0"
-        setup = psutil.Process(redis_service.proc.pid)
-        import redis as sync_redis
-
         with sync_redis.Redis.from_url(redis_url) as client:
             client.xgroup_create(JOBS, GROUP, id="0", mkstream=True)
             client.xgroup_create(RESULTS, GROUP, id="0", mkstream=True)
         env = {
             **os.environ,
-            "FLOOR_DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{database}",
+            "FLOOR_DATABASE_URL": f"{server}/{database}",
             "FLOOR_REDIS_URL": redis_url,
             "FLOOR_BLOBS": str(blobs),
             "PYTHONPATH": str(ROOT),
         }
-        port = free_port()
-        api = Service(
-            "floor-api",
-            [sys.executable, "-m", "uvicorn", "bench.floor:create_app", "--factory", "--port", str(port), *UVICORN],
-            env,
-            log_dir=workdir,
-            cwd=ROOT,
-        ).start(lambda: _answers(port), timeout=60)
+        api_ports: list[int] = []
+
+        def start_api(port: int) -> Service:
+            api_ports.append(port)
+            args = [sys.executable, "-m", "uvicorn", "bench.floor:create_app", "--factory", "--port", str(port)]
+            return Service("floor-api", [*args, *UVICORN], env, log_dir=workdir, cwd=ROOT).start(
+                lambda: _answers(port), timeout=60
+            )
+
+        api = start_on_free_port(start_api)
+        stack.callback(api.stop)
         worker = Service(
             "floor-worker",
             [sys.executable, "-m", "bench.floor", "--stub-worker", redis_url],
@@ -351,40 +406,42 @@ def measure(*, requests: int, photos: Path) -> list[Row]:
             log_dir=workdir,
             cwd=ROOT,
         ).start()
-        try:
-            backends = [
-                psutil.Process(int(pid))
-                for pid in _psql(f"SELECT pid FROM pg_stat_activity WHERE datname = '{database}'").split()
-            ]
-            token = jwt.encode({"sub": "1", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
-            rows: list[Row] = []
-            api_process = psutil.Process(api.proc.pid)
-            with httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=30
-            ) as client:
+        stack.callback(worker.stop)
+        backends = [
+            int(pid) for pid in _psql(server, f"SELECT pid FROM pg_stat_activity WHERE datname = '{database}'").split()
+        ]
+        parts = ([api.proc.pid], backends, [redis_service.proc.pid])
+        token = jwt.encode({"sub": "1", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+        samples: dict[str, list[tuple[float, float, float, float]]] = {route: [] for route in ROUTES}
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{api_ports[-1]}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as client:
+            for route in ROUTES:
+                for i in range(20):
+                    _post(client, route, images[i % len(images)])
+            # The routes take turns, request by request, so that the host's drift (which on these
+            # machines moves a run by a tenth within minutes) falls on all of them alike.
+            for i in range(requests):
                 for route in ROUTES:
-                    for i in range(20):
-                        _post(client, route, images[i % len(images)])
-                    before = (_cpu_seconds([api_process]), _cpu_seconds(backends), _cpu_seconds([setup]))
-                    latencies = [_post(client, route, images[i % len(images)]) for i in range(requests)]
-                    after = (_cpu_seconds([api_process]), _cpu_seconds(backends), _cpu_seconds([setup]))
-                    api_ms, postgres_ms, redis_ms = (
-                        (b - a) * 1000 / requests for a, b in zip(before, after, strict=True)
-                    )
-                    rows.append(
-                        Row(
-                            route,
-                            round(api_ms, 2),
-                            round(postgres_ms, 2),
-                            round(redis_ms, 2),
-                            round(statistics.median(latencies), 2),
-                        )
-                    )
-            return rows
-        finally:
-            worker.stop()
-            api.stop()
-            redis_service.stop()
+                    before = [cpu_snapshot(pids) for pids in parts]
+                    latency = _post(client, route, images[i % len(images)])
+                    after = [cpu_snapshot(pids) for pids in parts]
+                    api_ms, postgres_ms, redis_ms = (cpu_ms_between(b, a) for b, a in zip(before, after, strict=True))
+                    samples[route].append((api_ms, postgres_ms, redis_ms, latency))
+        rows: list[Row] = []
+        for route in ROUTES:
+            api_cpu, postgres_cpu, redis_cpu, latencies = (list(column) for column in zip(*samples[route], strict=True))
+            rows.append(
+                Row(
+                    route,
+                    round(statistics.fmean(api_cpu), 2),
+                    round(statistics.fmean(postgres_cpu), 2),
+                    round(statistics.fmean(redis_cpu), 2),
+                    round(statistics.median(latencies), 2),
+                )
+            )
+        return rows
+    raise AssertionError("unreachable")
 
 
 def _answers(port: int) -> bool:
@@ -424,12 +481,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "photos")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument(
+        "--server", default="postgresql://postgres@127.0.0.1:5432", help="PostgreSQL server for a scratch database"
+    )
     parser.add_argument("--stub-worker", metavar="REDIS_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stub_worker:
         stub_worker(args.stub_worker)
         return
-    rows = measure(requests=args.requests, photos=args.photos)
+    rows = measure(requests=args.requests, photos=args.photos, server=args.server)
     text = table(rows)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

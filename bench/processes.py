@@ -188,3 +188,25 @@ def start_on_free_port(start: Callable[[int], T], attempts: int = 3) -> T:
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+Snapshot = dict[tuple[int, str], int]
+"""Nanoseconds on CPU so far, by (process id, thread id)."""
+
+
+def cpu_snapshot(pids: list[int]) -> Snapshot:
+    """Each thread's CPU time so far, from the scheduler's nanosecond counters
+    (``/proc/<pid>/task/<tid>/schedstat``, first field: time on CPU)."""
+    snapshot: Snapshot = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with suppress(OSError):
+                snapshot[pid, task.name] = int((task / "schedstat").read_text().split()[0])
+    return snapshot
+
+
+def cpu_ms_between(before: Snapshot, after: Snapshot) -> float:
+    """CPU milliseconds the threads used from ``before`` to ``after``: a thread started meanwhile
+    counts from zero; one that ended meanwhile is left out (its last moments are lost, not its
+    whole life as a sum over the living threads would lose)."""
+    return sum(ns - before.get(key, 0) for key, ns in after.items()) / 1e6

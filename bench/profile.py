@@ -33,10 +33,12 @@ from pathlib import Path
 
 import httpx
 import psutil
+from sqlalchemy.engine import make_url
 
 from model.quantize import PHOTO_SUFFIXES
 
-from .e2e import EMAIL, PASSWORD, portal
+from .e2e import EMAIL, PASSWORD, portal, psql
+from .processes import cpu_ms_between, cpu_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 IDLE = re.compile(r"^(process \d+:|(Runner\.run|Condition\.wait|Event\.wait|_worker|select|run_forever) \()")
@@ -65,6 +67,10 @@ class Split:
     api_outside_worker_ms: float
     api_cpu_ms: float
     """User and system CPU time of the API process (``/proc``, through psutil) per request."""
+    postgres_cpu_ms: float = 0.0
+    """CPU time of the PostgreSQL backends serving the portal's database per request."""
+    redis_cpu_ms: float = 0.0
+    """CPU time of the portal's Redis server per request (its workers' commands included)."""
 
 
 def fresh_photos(photos: Path) -> list[tuple[str, bytes]]:
@@ -80,6 +86,15 @@ def _send(client: httpx.Client, model: str, photos: list[tuple[str, bytes]]) -> 
     worker = float(response.json()["results"][model]["timings"]["total_ms"])
     api = float(response.headers["server-timing"].removeprefix("app;dur="))
     return response.elapsed.total_seconds() * 1000, api, worker
+
+
+def _backends(database_url: str) -> list[int]:
+    """The PostgreSQL backends connected to the database of ``database_url`` now (the API keeps
+    its pool's connections open, so they serve the whole run)."""
+    name = make_url(database_url).database
+    return [
+        int(pid) for pid in psql(database_url, f"SELECT pid FROM pg_stat_activity WHERE datname = '{name}'").split()
+    ]
 
 
 def run(
@@ -100,10 +115,14 @@ def run(
             for _ in range(10):  # warm-up: connections, prepared statements, the model
                 _send(client, model, images)
             api = psutil.Process(p.pids("api")[0])
-            before = api.cpu_times()
+            servers = (_backends(database_url), p.pids("redis"))
+            before, servers_before = api.cpu_times(), [cpu_snapshot(pids) for pids in servers]
             rows = [_send(client, model, images) for _ in range(requests)]
-            after = api.cpu_times()
+            after, servers_after = api.cpu_times(), [cpu_snapshot(pids) for pids in servers]
             cpu_ms = (after.user + after.system - before.user - before.system) * 1000 / requests
+            postgres_ms, redis_ms = (
+                cpu_ms_between(b, a) / requests for b, a in zip(servers_before, servers_after, strict=True)
+            )
             spy = Path(sys.executable).parent / "py-spy"
             command = [str(spy), "record", "--pid", str(p.pids("api")[0]), "--rate", str(rate)]
             recorder = subprocess.Popen(
@@ -124,6 +143,8 @@ def run(
         worker_ms=round(statistics.median(r[2] for r in rows), 2),
         api_outside_worker_ms=round(statistics.median(r[1] - r[2] for r in rows), 2),
         api_cpu_ms=round(cpu_ms, 2),
+        postgres_cpu_ms=round(postgres_ms, 2),
+        redis_cpu_ms=round(redis_ms, 2),
     )
     return split, stacks
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -11,7 +14,15 @@ import pytest
 import redis
 from mirakuru.exceptions import ProcessExitedWithError
 
-from bench.processes import Service, free_port, start_on_free_port, start_redis, wait_until
+from bench.processes import (
+    Service,
+    cpu_ms_between,
+    cpu_snapshot,
+    free_port,
+    start_on_free_port,
+    start_redis,
+    wait_until,
+)
 
 
 def test_free_ports_are_outside_the_ephemeral_range_and_free() -> None:
@@ -63,3 +74,35 @@ def test_stop_ends_the_child_and_its_children(tmp_path: Path) -> None:
     child.stop()
     _, alive = psutil.wait_procs(kids, timeout=5)
     assert not alive and not child.alive()
+
+
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_cpu_between_two_snapshots_counts_the_work_done_and_not_a_thread_that_ended() -> None:
+    release = threading.Event()
+
+    def busy_then_wait() -> None:
+        _spin(0.3)
+        release.wait()
+
+    thread = threading.Thread(target=busy_then_wait)
+    thread.start()
+    time.sleep(0.05)
+    while thread.is_alive() and not _spun(thread):
+        time.sleep(0.05)
+    before = cpu_snapshot([os.getpid()])
+    release.set()
+    thread.join()  # 0.3 s of CPU leave with it
+    _spin(0.1)
+    used = cpu_ms_between(before, cpu_snapshot([os.getpid()]))
+    assert 90 <= used < 250, used
+
+
+def _spun(thread: threading.Thread) -> bool:
+    """Whether ``thread`` has used its 0.3 s of CPU (it then waits)."""
+    stat = Path(f"/proc/{os.getpid()}/task/{thread.native_id}/schedstat")
+    return int(stat.read_text().split()[0]) >= 0.3e9
