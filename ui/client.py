@@ -347,6 +347,7 @@ class TrainingRun(TypedDict):
     created_at: str
     started_at: str | None
     finished_at: str | None
+    cancel_requested_at: str | None
     epoch: int
     eta_seconds: float | None
     promotion: str | None

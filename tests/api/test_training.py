@@ -234,7 +234,14 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
         return bool(now["status"] == "running" and now["epoch"] >= 1)
 
     await until(lambda: trained_an_epoch(running["id"]), 120, "an epoch trained")
-    assert (await client.post(f"/v1/admin/training-runs/{running['id']}/cancel", headers=admin)).status_code == 200
+    r = await client.post(f"/v1/admin/training-runs/{running['id']}/cancel", headers=admin)
+    assert r.status_code == 200, r.text
+    # Until its epoch ends the run is still running, and says that a cancel was asked for.
+    asked = r.json()["cancel_requested_at"]
+    assert asked is not None and r.json()["status"] == "running", r.text
+    again = await client.post(f"/v1/admin/training-runs/{running['id']}/cancel", headers=admin)
+    assert again.status_code == 409 or again.json()["cancel_requested_at"] == asked, again.text
+    assert (await run_of(own_stack, admin, running["id"]))["cancel_requested_at"] == asked
 
     async def ended(run_id: str, status: str) -> bool:
         return bool((await run_of(own_stack, admin, run_id))["status"] == status)

@@ -373,6 +373,32 @@ def test_the_training_tab_starts_follows_and_cancels_a_run(api_url: str, portal:
     assert table.to_dict("records")[0]["status"] == "cancelled"
 
 
+def _running_run_page(cancel_requested_at: str | None) -> None:
+    from ui.views.admin import show_run
+
+    run = {
+        "id": "7b0c5c5e-0000-4000-8000-000000000001",
+        "status": "running",
+        "options": {"epochs": 4},
+        "epoch": 1,
+        "eta_seconds": 30.0,
+        "history": [{"epoch": 1, "loss": 1.0, "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.4}],
+        "promotion": None,
+        "record": None,
+        "cancel_requested_at": cancel_requested_at,
+    }
+    show_run(None, run)  # type: ignore[arg-type]  # the API is used only when Cancel is clicked
+
+
+@pytest.mark.parametrize("asked", [None, "2026-12-03T22:00:00Z"])
+def test_a_running_run_offers_cancel_until_a_cancel_was_asked_for(asked: str | None) -> None:
+    app = AppTest.from_function(_running_run_page, kwargs={"cancel_requested_at": asked}).run()
+    assert not app.exception, app.exception
+    offered = any((b.key or "").startswith("cancel_") for b in app.button)
+    said = any("Cancel requested" in c.value for c in app.caption)
+    assert (offered, said) == ((True, False) if asked is None else (False, True))
+
+
 def test_the_change_user_form_shows_the_chosen_users_own_role(api_url: str, portal: tuple[str, str, str]) -> None:
     admin = Api(api_url)
     admin.login(portal[1], portal[2])

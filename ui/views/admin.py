@@ -436,8 +436,12 @@ def show_run(api: Api, run: TrainingRun) -> None:
     if run["status"] in ("queued", "running"):
         eta = f", about {run['eta_seconds']:.0f} s left" if run["eta_seconds"] is not None else ""
         st.progress(run["epoch"] / epochs, text=f"{run['status'].capitalize()}: epoch {run['epoch']} of {epochs}{eta}")
-        cancel = st.button("Cancel this run", key=f"cancel_{run['id']}")
-        if cancel and guarded(api, lambda: api.cancel_training(run["id"])) is not None:
+        if run.get("cancel_requested_at"):
+            st.caption("Cancel requested: the run stops at the end of its current epoch.")
+        elif (
+            st.button("Cancel this run", key=f"cancel_{run['id']}")
+            and guarded(api, lambda: api.cancel_training(run["id"])) is not None
+        ):
             st.rerun()
     show_curves(run["history"])
     if run["promotion"]:

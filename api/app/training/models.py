@@ -43,3 +43,5 @@ class TrainingRun(TimestampMixin, Base):
     ``not promoted: ...`` with the comparison's numbers; None until then or with the rule off."""
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When an admin cancelled the run while it was running; it stops at the end of its epoch."""

@@ -45,6 +45,8 @@ class TrainingRunPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    cancel_requested_at: datetime | None
+    """Set when an admin cancelled the run while it was running: it stops at the end of its epoch."""
     epoch: int = 0
     """Epochs finished so far."""
     eta_seconds: float | None = None

@@ -153,14 +153,18 @@ async def list_runs(*, session: AsyncSession, model: str | None, limit: int = 50
 
 async def cancel_run(*, session: AsyncSession, redis: Redis, run_id: uuid.UUID) -> TrainingRun:
     """Cancels a queued run at once and a running one after its current epoch (the trainer
-    reports it). Raises 404 for an unknown run, 409 for one that ended."""
+    reports it; until then the run stays ``running`` with ``cancel_requested_at`` set, the time of
+    the first request). Raises 404 for an unknown run, 409 for one that ended."""
     run = await get_run(session=session, run_id=run_id)
     if run.status not in UNFINISHED:
         raise HTTPException(status_code=409, detail=f"The run ended already ({run.status}).")
     await redis.set(training.cancel_key(str(run.id)), "1", ex=7 * 86400)
+    now = datetime.now(UTC)
     if run.status == "queued":
-        run.status, run.finished_at, run.error = "cancelled", datetime.now(UTC), "cancelled before it started"
-        await session.commit()
+        run.status, run.finished_at, run.error = "cancelled", now, "cancelled before it started"
+    elif run.cancel_requested_at is None:
+        run.cancel_requested_at = now
+    await session.commit()
     return run
 
 
