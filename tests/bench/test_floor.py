@@ -20,7 +20,16 @@ def test_every_route_answers_and_the_full_path_costs_more_than_the_bare_body() -
     assert by_route["answered"].latency_ms > by_route["raw"].latency_ms
 
 
-def test_the_table_gives_what_each_step_adds() -> None:
-    text = table([Row("raw", 0.5, 0.0, 0.0, 1.0), Row("multipart", 1.75, 0.0, 0.0, 2.0)])
-    assert "| raw | 0.50 | +0.50 | 0.00 | 0.00 | 1.00 |" in text
-    assert "| multipart | 1.75 | +1.25 | 0.00 | 0.00 | 2.00 |" in text
+def test_the_table_gives_what_each_step_adds_and_sets_minimal_against_answered() -> None:
+    text = table(
+        [
+            Row("raw", 0.5, 0.0, 0.0, 1.0),
+            Row("multipart", 1.75, 0.0, 0.0, 2.0),
+            Row("answered", 9.0, 1.0, 1.0, 12.0),
+            Row("minimal", 8.5, 0.5, 1.0, 11.0),
+        ]
+    )
+    assert "| raw | 0.50 | +0.50 | 0.00 | 0.00 | 0.50 | 1.00 |" in text
+    assert "| multipart | 1.75 | +1.25 | 0.00 | 0.00 | 1.75 | 2.00 |" in text
+    assert "| answered | 9.00 | +7.25 | 1.00 | 1.00 | 11.00 | 12.00 |" in text
+    assert "| minimal | 8.50 | -0.50 against answered | 0.50 | 1.00 | 10.00 | 11.00 |" in text
