@@ -176,6 +176,10 @@ class Trainer:
                         record = self.train(job, staging, feedback)
                     finally:
                         self.training = False
+                    if self.redis.exists(training.cancel_key(job.run_id)):
+                        # Cancelled while its last epoch was evaluated and saved: the admin was told
+                        # it would stop, so nothing of it is kept.
+                        raise train_sketch.TrainingCancelled("cancelled after its last epoch, before it was kept")
         except TrainerStopped:
             log.warning("run %s: the trainer was stopped during it", job.run_id)
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=STOPPED))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import HTTPException
 
 from api.app.training import service as training_service
 from api.app.training.models import TrainingRun
@@ -275,6 +276,28 @@ async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> 
         await training_service.fail_stale(session=session, redis=redis)
         statuses = {r.version: r.status for r in await training_service.list_runs(session=session, model="sketch")}
     assert statuses == {50: "running", 51: "failed"}
+
+
+async def test_a_cancel_that_meets_a_run_just_ended_answers_409_and_marks_nothing(own_stack: Stack) -> None:
+    """The trainer's end is applied on another connection: a cancel whose session still holds the
+    run as running must read it afresh, not mark an ended run as being cancelled."""
+    redis = own_stack.app.state.redis
+    async with own_stack.app.state.sessionmaker() as session, own_stack.app.state.sessionmaker() as other:
+        run = a_run(60, status="running", base=1, started_at=datetime.now(UTC))
+        session.add(run)
+        await session.commit()  # ``session`` keeps the run, as running, in its identity map
+        run_id = run.id
+        ended = await other.get(TrainingRun, run_id)
+        assert ended is not None
+        ended.status, ended.finished_at = "done", datetime.now(UTC)
+        await other.commit()
+        with pytest.raises(HTTPException) as refused:
+            await training_service.cancel_run(session=session, redis=redis, run_id=run_id)
+        assert refused.value.status_code == 409 and "done" in str(refused.value.detail)
+        await session.rollback()
+    async with own_stack.app.state.sessionmaker() as session:
+        again = await session.get(TrainingRun, run_id)
+        assert again is not None and (again.status, again.cancel_requested_at) == ("done", None)
 
 
 async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own_stack: Stack) -> None:

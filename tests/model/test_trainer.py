@@ -146,3 +146,37 @@ def test_a_trainer_stopped_mid_epoch_exits_at_once_and_fails_its_run_keeping_not
     assert [(e.run_id, e.kind, e.error) for e in events[1:]] == [("stopped", "failed", STOPPED)]
     assert sorted(p.name for p in (tmp_path / "sketch" / "v5").iterdir()) == [".model.keras.lock"]
     assert not r.exists(training.alive_key("stopped"))
+
+
+class CancelledWhileKept(Trainer):
+    """Stands in for a training whose last epoch is over: it writes the model file into its staging
+    folder, and an admin's cancel arrives while that happens (the evaluation after the last epoch)."""
+
+    def train(self, job: training.TrainingJob, out: Path, feedback: Path | None) -> dict[str, object]:
+        (out / "model.keras").write_bytes(b"a trained model")
+        self.redis.set(training.cancel_key(job.run_id), "1")
+        return {"test_accuracy": 0.5}
+
+
+def test_a_run_cancelled_after_its_last_epoch_is_cancelled_and_keeps_nothing(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    r = redis.Redis.from_url(private_redis.url)
+    settings = model_settings.model_copy(
+        update={"redis_url": private_redis.url, "worker_id": "trainer-test", "trained_dir": tmp_path}
+    )
+    job = training.TrainingJob(
+        run_id="late-cancel", model="sketch", version=9, categories=["cat", "fish"], options=training.TrainingOptions()
+    )
+    r.xadd(training.JOB_STREAM, job.to_fields())
+    trainer = CancelledWhileKept(settings)
+    loop = threading.Thread(target=trainer.run, daemon=True)
+    loop.start()
+    try:
+        events = events_of(r, 2)
+    finally:
+        trainer.stop()
+        loop.join(10)
+    assert [(e.run_id, e.kind) for e in events] == [("late-cancel", "started"), ("late-cancel", "cancelled")]
+    assert "after its last epoch" in str(events[1].error)
+    assert not (tmp_path / "sketch" / "v9" / "model.keras").exists()

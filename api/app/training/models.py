@@ -44,4 +44,5 @@ class TrainingRun(TimestampMixin, Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    """When an admin cancelled the run while it was running; it stops at the end of its epoch."""
+    """When an admin cancelled the run while it was running; it stops at the end of its epoch (or,
+    after its last, before it is kept)."""

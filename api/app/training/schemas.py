@@ -46,7 +46,8 @@ class TrainingRunPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     cancel_requested_at: datetime | None
-    """Set when an admin cancelled the run while it was running: it stops at the end of its epoch."""
+    """Set when an admin cancelled the run while it was running: it stops at the end of its epoch
+    (or, after its last, before it is kept)."""
     epoch: int = 0
     """Epochs finished so far."""
     eta_seconds: float | None = None

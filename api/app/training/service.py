@@ -152,10 +152,15 @@ async def list_runs(*, session: AsyncSession, model: str | None, limit: int = 50
 
 
 async def cancel_run(*, session: AsyncSession, redis: Redis, run_id: uuid.UUID) -> TrainingRun:
-    """Cancels a queued run at once and a running one after its current epoch (the trainer
-    reports it; until then the run stays ``running`` with ``cancel_requested_at`` set, the time of
-    the first request). Raises 404 for an unknown run, 409 for one that ended."""
-    run = await get_run(session=session, run_id=run_id)
+    """Cancels a queued run at once and a running one after its current epoch, or before it is
+    kept when its last epoch is over (the trainer reports it; until then the run stays
+    ``running`` with ``cancel_requested_at`` set, the time of the first request). Raises 404 for
+    an unknown run, 409 for one that ended."""
+    # Locked and read afresh: the trainer's events (``apply_event``) may end the run meanwhile,
+    # and a run that ended must answer 409, not be marked as being cancelled.
+    run = await session.get(TrainingRun, run_id, with_for_update=True, populate_existing=True)
+    if run is None:
+        raise HTTPException(status_code=404, detail=f"No training run {run_id}.")
     if run.status not in UNFINISHED:
         raise HTTPException(status_code=409, detail=f"The run ended already ({run.status}).")
     await redis.set(training.cancel_key(str(run.id)), "1", ex=7 * 86400)
