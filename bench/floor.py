@@ -5,25 +5,26 @@ portal must do, with the portal's libraries and none of its code around them.
 ``python -m api`` runs) serving the app of this module, a private redis-server, a scratch
 PostgreSQL database and a stub worker (a process that answers every queued job at once, and whose
 CPU is not counted). It sends the same uploads as ``python -m bench.profile`` (a shared photo with
-random bytes after its end, one request at a time) to six routes, each adding one step of a
+random bytes after its end, one request at a time) to seven routes, each adding one step of a
 prediction to the one before:
 
 1. ``raw``: a bare ASGI callable reads the body and answers a few bytes of JSON;
 2. ``multipart``: a FastAPI route takes the file from a multipart form (python-multipart) and
    answers a pydantic model;
 3. ``checked``: + the image checked as the portal must before accepting it (``inspect_image``:
-   decoded completely, in a worker thread), its SHA-256 and the blob written to disk (thread);
-4. ``authed``: + a bearer token verified (python-jose, HS256) and its user read (asyncpg, one
+   decoded completely) and its SHA-256, in a worker thread;
+4. ``kept``: + the blob written to disk (in another thread);
+5. ``authed``: + a bearer token verified (python-jose, HS256) and its user read (asyncpg, one
    round trip);
-5. ``stored``: + admission and the job stored in one transaction on asyncpg (BEGIN, the owner's
+6. ``stored``: + admission and the job stored in one transaction on asyncpg (BEGIN, the owner's
    row locked with the count of their unfinished jobs, INSERT, COMMIT: four round trips);
-6. ``answered``: + the job and its image queued on a Redis stream (redis-py), the request waiting
+7. ``answered``: + the job and its image queued on a Redis stream (redis-py), the request waiting
    on its list (BLPOP) while a collector task reads the stub worker's answer from the results
    stream, stores it (one UPDATE) and wakes the request and acknowledges the answer (one
    pipeline).
 
-The sixth route is the shape of ``POST /model/predict`` as the portal makes it: six round trips to
-PostgreSQL and four to Redis, as the portal's own path (``bench.profile``) makes them. A seventh,
+The seventh route is the shape of ``POST /model/predict`` as the portal makes it: six round trips to
+PostgreSQL and four to Redis, as the portal's own path (``bench.profile``) makes them. An eighth,
 ``minimal``, does the same work with the fewest round trips the rules allow: the token's user,
 admission and the job's insert in one autocommitted statement (the insert happens only when the
 user is active and under their cap), then the queue and the answer as in ``answered``: two round
@@ -48,6 +49,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,14 +69,14 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
 from jose import jwt
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bench.processes import Service, cpu_ms_between, cpu_snapshot, start_on_free_port, start_redis
 from bench.profile import fresh_photos
 from contracts.imaging import inspect_image
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUTES = ("raw", "multipart", "checked", "authed", "stored", "answered", "minimal")
+ROUTES = ("raw", "multipart", "checked", "kept", "authed", "stored", "answered", "minimal")
 SECRET = "floor-benchmark-secret"
 UVICORN = ("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning")
 """What ``python -m api`` gets by default (uvicorn picks uvloop and httptools when installed), without
@@ -122,6 +124,9 @@ class Accepted(BaseModel):
 
 @dataclass
 class State:
+    """What the app's routes share: a pool of 4 connections, two Redis clients (one for the
+    blocking waits) and the folder the blobs go to."""
+
     pool: asyncpg.Pool
     redis: aioredis.Redis
     blocking: aioredis.Redis
@@ -202,16 +207,21 @@ UserDep = Annotated[int, Depends(_user)]
 FileDep = Annotated[UploadFile, File()]
 
 
-def _check_and_write(data: bytes, blobs: Path) -> str:
+def _check(data: bytes) -> str:
     inspect_image(data, max_pixels=50_000_000, preview_size=800)
-    sha256 = hashlib.sha256(data).hexdigest()
-    (blobs / sha256).write_bytes(data)
-    return sha256
+    return hashlib.sha256(data).hexdigest()
 
 
-async def _checked(state: State, file: UploadFile) -> tuple[bytes, str]:
+async def _checked(file: UploadFile) -> tuple[bytes, str]:
+    """The upload checked and hashed in a thread, as the portal does (``inspect_upload``)."""
     data = await file.read()
-    sha256 = await anyio.to_thread.run_sync(_check_and_write, data, state.blobs)
+    return data, await anyio.to_thread.run_sync(_check, data)
+
+
+async def _kept(state: State, file: UploadFile) -> tuple[bytes, str]:
+    """``_checked``, then the blob written in another thread, as the portal does (``store.put``)."""
+    data, sha256 = await _checked(file)
+    await anyio.to_thread.run_sync((state.blobs / sha256).write_bytes, data)
     return data, sha256
 
 
@@ -242,7 +252,7 @@ async def _answer(state: State, job_id: uuid.UUID, data: bytes) -> dict[str, Any
     return answer
 
 
-def create_app() -> Any:
+def create_app() -> ASGIApp:
     """The floor's ASGI app: ``/raw`` bare, every other route through FastAPI."""
     app = FastAPI(lifespan=_lifespan)
 
@@ -252,18 +262,23 @@ def create_app() -> Any:
         return Accepted(file_name=file.filename or "", size=len(data))
 
     @app.post("/checked")
-    async def checked(state: StateDep, file: FileDep) -> Accepted:
-        data, _ = await _checked(state, file)
+    async def checked(file: FileDep) -> Accepted:
+        data, _ = await _checked(file)
+        return Accepted(file_name=file.filename or "", size=len(data))
+
+    @app.post("/kept")
+    async def kept(state: StateDep, file: FileDep) -> Accepted:
+        data, _ = await _kept(state, file)
         return Accepted(file_name=file.filename or "", size=len(data))
 
     @app.post("/authed")
     async def authed(state: StateDep, user: UserDep, file: FileDep) -> Accepted:
-        data, _ = await _checked(state, file)
+        data, _ = await _kept(state, file)
         return Accepted(file_name=file.filename or "", size=len(data))
 
     @app.post("/stored")
     async def stored(state: StateDep, user: UserDep, file: FileDep) -> Accepted:
-        data, sha256 = await _checked(state, file)
+        data, sha256 = await _kept(state, file)
         # Stored as answered already: nothing will answer it, and admission must count what the
         # portal's counts (about nothing in flight), not every job of the run.
         await _store(state, user, sha256, "done")
@@ -271,14 +286,14 @@ def create_app() -> Any:
 
     @app.post("/answered")
     async def answered(state: StateDep, user: UserDep, file: FileDep) -> Accepted:
-        data, sha256 = await _checked(state, file)
+        data, sha256 = await _kept(state, file)
         job_id = await _store(state, user, sha256, "queued")
         return Accepted(file_name=file.filename or "", size=len(data), answer=await _answer(state, job_id, data))
 
     @app.post("/minimal")
     async def minimal(state: StateDep, authorization: Annotated[str, Header()], file: FileDep) -> Accepted:
         claims = jwt.decode(authorization.removeprefix("Bearer "), SECRET, algorithms=["HS256"])
-        data, sha256 = await _checked(state, file)
+        data, sha256 = await _kept(state, file)
         async with state.pool.acquire() as connection:
             job_id = await connection.fetchval(MINIMAL, uuid.uuid4(), int(claims["sub"]), sha256)
         if job_id is None:
@@ -329,6 +344,9 @@ def stub_worker(redis_url: str) -> None:
 
 @dataclass(frozen=True)
 class Row:
+    """One route's figures: mean CPU milliseconds per request of the API process, PostgreSQL's
+    backends and the Redis server, and the client's median latency in milliseconds."""
+
     route: str
     api_cpu_ms: float
     postgres_cpu_ms: float
@@ -495,6 +513,7 @@ def _machine() -> str:
 
 
 def main() -> None:
+    """``python -m bench.floor``: measures, prints the table and writes it to ``--out``/floor.md."""
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "photos")
@@ -507,6 +526,8 @@ def main() -> None:
     if args.stub_worker:
         stub_worker(args.stub_worker)
         return
+    # SIGTERM ends the run as Ctrl-C does: the servers stop and the scratch database is dropped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows = measure(requests=args.requests, photos=args.photos, server=args.server)
     text = table(rows)
     print(text)

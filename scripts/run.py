@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +223,7 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, abandon)
     services = LocalServices()
+    folder: Path | None = None
     try:
         services = local_services(api)
         os.environ.update(services.environment())
@@ -258,6 +260,9 @@ def main() -> None:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         services.stop()
+        if folder is not None:
+            # supervisord's configuration, socket and pid file: nothing of them outlives the portal.
+            shutil.rmtree(folder, ignore_errors=True)
     sys.exit(code)
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from bench.floor import ROUTES, Row, measure, table
 
 PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "photos"
+SERVER = "postgresql://postgres@127.0.0.1:5432"  # bench.floor's default
 
 
 def test_every_route_answers_and_the_full_path_costs_more_than_the_bare_body() -> None:
-    # /proc counts CPU in clock ticks (10 ms): enough requests for the full path to show.
+    # Enough requests for the means to settle on a busy 2-core host.
     rows = measure(requests=30, photos=PHOTOS)  # a route that fails (the stub worker silent: 504) raises
     assert [row.route for row in rows] == list(ROUTES)
     by_route = {row.route: row for row in rows}
@@ -33,3 +40,35 @@ def test_the_table_gives_what_each_step_adds_and_sets_minimal_against_answered()
     assert "| multipart | 1.75 | +1.25 | 0.00 | 0.00 | 1.75 | 2.00 |" in text
     assert "| answered | 9.00 | +7.25 | 1.00 | 1.00 | 11.00 | 12.00 |" in text
     assert "| minimal | 8.50 | -0.50 against answered | 0.50 | 1.00 | 10.00 | 11.00 |" in text
+
+
+def test_a_run_stopped_with_sigterm_leaves_no_server_and_no_database() -> None:
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor", "--requests", "100000", "--photos", str(PHOTOS), "--out", "/nonexistent"],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    database = f"portal_floor_{run.pid}"
+    try:
+        deadline = time.monotonic() + 60
+        # Measuring once the stub worker (the last child) runs beside the API and Redis.
+        while len(psutil.Process(run.pid).children(recursive=True)) < 3:
+            assert run.poll() is None and time.monotonic() < deadline, "the run did not start its servers"
+            time.sleep(0.2)
+        time.sleep(2)
+        children = psutil.Process(run.pid).children(recursive=True)
+        assert _psql(f"SELECT count(*) FROM pg_database WHERE datname = '{database}'") == "1"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if run.poll() is None:
+            run.kill()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, alive
+    assert _psql(f"SELECT count(*) FROM pg_database WHERE datname = '{database}'") == "0"
+
+
+def _psql(sql: str) -> str:
+    done = subprocess.run(["psql", f"{SERVER}/postgres", "-Atc", sql], check=True, capture_output=True, text=True)
+    return done.stdout.strip()

@@ -87,11 +87,14 @@ def test_sigterm_stops_every_child(settings: Settings) -> None:
             "model.prepare's end",
         )
         children = psutil.Process(proc.pid).children(recursive=True)
+        conf = Path(next(arg for arg in command(supervisord(proc)) if arg.endswith("supervisord.conf")))
+        assert conf.exists()
         proc.send_signal(signal.SIGTERM)
         assert_group_ends(proc, children)
     finally:
         kill_all(proc, children)
         log.close()  # type: ignore[attr-defined]
+    assert not conf.parent.exists()  # its configuration and pid file went with the group
     output = (ARTIFACTS / "run-sigterm.log").read_text()
     assert f"http://localhost:{api_port}/docs" in output and "admin@example.com" in output
 

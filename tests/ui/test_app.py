@@ -360,12 +360,16 @@ def test_the_training_tab_starts_follows_and_cancels_a_run(api_url: str, portal:
     app = admin_app(api_url, portal)
     app.selectbox(key="train_model").set_value("sketch")
     app.number_input(key="train_epochs").set_value(3)
+    app.number_input(key="train_per_category").set_value(200)
     app.text_input(key="train_reason").input("more drawings")
     next(b for b in app.button if b.proto.form_id == "start_training").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     table = next(d.value for d in app.dataframe if "epoch" in d.value.columns)
     latest = table.to_dict("records")[0]
     assert latest["status"] == "queued" and latest["epoch"] == "0 of 3" and latest["by"] == portal[1]
+    admin = Api(api_url)
+    admin.login(portal[1], portal[2])
+    assert admin.training_runs()[0]["options"]["per_category"] == 200
     cancel = next(b for b in app.button if (b.key or "").startswith("cancel_"))
     cancel.click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]

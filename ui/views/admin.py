@@ -396,14 +396,38 @@ def training_tab(api: Api) -> None:
                 "Learning rate", min_value=1e-5, max_value=1.0, value=2e-3, format="%.4f", key="train_lr"
             )
         )
+        per_category = int(
+            st.number_input(
+                "Drawings per category (QuickDraw)",
+                min_value=10,
+                max_value=100_000,
+                value=3000,
+                key="train_per_category",
+            )
+        )
         reason = st.text_input("Why", key="train_reason")
         if st.form_submit_button("Start training"):
-            options = {"epochs": epochs, "arch": arch, "learning_rate": rate}
+            options = {"epochs": epochs, "arch": arch, "learning_rate": rate, "per_category": per_category}
             if not reason.strip():
                 st.error("Say why: the run is audited.")
             elif (started := guarded(api, lambda: api.start_training(model, options, reason))) is not None:
                 st.success(f"Run queued: {started['model_name']}@{started['version']}.")
                 st.rerun()
+    unfinished = any(r["status"] in UNFINISHED_RUN for r in runs)
+    # Redrawn on its own every two seconds while a run is queued or running, and not at all otherwise.
+    st.fragment(training_runs_section, run_every=2 if unfinished else None)(api, unfinished)
+
+
+UNFINISHED_RUN = ("queued", "running")
+
+
+def training_runs_section(api: Api, refreshing: bool) -> None:
+    """The latest runs, and the chosen one's progress (with Cancel) or its record."""
+    runs = guarded(api, api.training_runs)
+    if runs is None:
+        return
+    if refreshing and not any(r["status"] in UNFINISHED_RUN for r in runs):
+        st.rerun()  # all ended: the whole page again, which stops the redrawing
     if not runs:
         st.info("No training run yet.")
         return
@@ -426,9 +450,15 @@ def training_tab(api: Api) -> None:
         ),
         hide_index=True,
     )
-    labels = {f"{r['model_name']}@{r['version']} ({r['status']})": r for r in runs}
-    run = labels[st.selectbox("Run", list(labels), key="train_pick")]
-    show_run(api, run)
+    by_id = {r["id"]: r for r in runs}
+    # Picked by id: the label shows the status, which changes while the page redraws itself.
+    chosen = st.selectbox(
+        "Run",
+        list(by_id),
+        format_func=lambda i: f"{by_id[i]['model_name']}@{by_id[i]['version']} ({by_id[i]['status']})",
+        key="train_pick",
+    )
+    show_run(api, by_id[chosen])
 
 
 def show_run(api: Api, run: TrainingRun) -> None:
