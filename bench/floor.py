@@ -512,6 +512,14 @@ def _machine() -> str:
     return f"{names[0] if names else 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores"
 
 
+def _stop(signum: int, frame: object) -> None:
+    # Ignored from now on: a second signal must not cut the clean-up short (a database not
+    # dropped, a server not stopped).
+    for ignored in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(ignored, signal.SIG_IGN)
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     """``python -m bench.floor``: measures, prints the table and writes it to ``--out``/floor.md."""
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
@@ -526,8 +534,9 @@ def main() -> None:
     if args.stub_worker:
         stub_worker(args.stub_worker)
         return
-    # SIGTERM ends the run as Ctrl-C does: the servers stop and the scratch database is dropped.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM or Ctrl-C: the servers stop and the scratch database is dropped, once.
+    for stopping in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stopping, _stop)
     rows = measure(requests=args.requests, photos=args.photos, server=args.server)
     text = table(rows)
     print(text)

@@ -298,6 +298,21 @@ async def test_a_cancel_that_meets_a_run_just_ended_answers_409_and_marks_nothin
     async with own_stack.app.state.sessionmaker() as session:
         again = await session.get(TrainingRun, run_id)
         assert again is not None and (again.status, again.cancel_requested_at) == ("done", None)
+    # The trainer has reported the end, not yet applied to the row: too late as well.
+    async with own_stack.app.state.sessionmaker() as session:
+        reported = a_run(61, status="running", base=1, started_at=datetime.now(UTC))
+        session.add(reported)
+        await session.commit()
+        reported_id = reported.id
+        await redis.set(training.ended_key(str(reported_id)), "done")
+        with pytest.raises(HTTPException) as refused:
+            await training_service.cancel_run(session=session, redis=redis, run_id=reported_id)
+        assert refused.value.status_code == 409 and "being recorded" in str(refused.value.detail)
+        await session.rollback()
+    async with own_stack.app.state.sessionmaker() as session:
+        again = await session.get(TrainingRun, reported_id)
+        assert again is not None and again.cancel_requested_at is None
+    assert not await redis.exists(training.cancel_key(str(reported_id)))
 
 
 async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own_stack: Stack) -> None:

@@ -412,6 +412,8 @@ def training_tab(api: Api) -> None:
                 st.error("Say why: the run is audited.")
             elif (started := guarded(api, lambda: api.start_training(model, options, reason))) is not None:
                 st.success(f"Run queued: {started['model_name']}@{started['version']}.")
+                # The picker would otherwise keep the run it showed before, over the new one.
+                st.session_state.pop("train_pick", None)
                 st.rerun()
     unfinished = any(r["status"] in UNFINISHED_RUN for r in runs)
     # Redrawn on its own every two seconds while a run is queued or running, and not at all otherwise.

@@ -163,6 +163,9 @@ async def cancel_run(*, session: AsyncSession, redis: Redis, run_id: uuid.UUID) 
         raise HTTPException(status_code=404, detail=f"No training run {run_id}.")
     if run.status not in UNFINISHED:
         raise HTTPException(status_code=409, detail=f"The run ended already ({run.status}).")
+    if await redis.exists(training.ended_key(str(run.id))):
+        # The trainer has reported the end, which is on its way to this row: too late to cancel.
+        raise HTTPException(status_code=409, detail="The run ended already; its end is being recorded.")
     await redis.set(training.cancel_key(str(run.id)), "1", ex=7 * 86400)
     now = datetime.now(UTC)
     if run.status == "queued":
