@@ -189,11 +189,12 @@ def portal(database_url: str, models_dir: Path, api_workers: int = 1) -> Iterato
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def psql(database_url: str, sql: str) -> str:
-    """Runs ``sql`` on the server of ``database_url`` (connected to ``postgres``); its output."""
+def psql(database_url: str, sql: str, *, database: str = "postgres", check: bool = False) -> str:
+    """Runs ``sql`` on the server of ``database_url``, connected to ``database``; its output.
+    With ``check``, a failing statement raises ``subprocess.CalledProcessError``."""
     url = make_url(database_url)
     args = ["psql", "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432), "-U", url.username or "postgres"]
-    done = subprocess.run([*args, "-d", "postgres", "-Atc", sql], check=False, capture_output=True, text=True)
+    done = subprocess.run([*args, "-d", database, "-Atc", sql], check=check, capture_output=True, text=True)
     return done.stdout.strip()
 
 

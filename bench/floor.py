@@ -51,7 +51,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +70,7 @@ from jose import jwt
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bench.e2e import psql
 from bench.processes import Service, cpu_ms_between, cpu_snapshot, start_on_free_port, start_redis
 from bench.profile import fresh_photos
 from contracts.imaging import inspect_image
@@ -355,9 +355,9 @@ class Row:
 
 
 def _psql(server: str, sql: str, database: str = "postgres") -> str:
-    """Runs ``sql`` on ``server`` (a ``postgresql://`` URL without a database); its output."""
-    done = subprocess.run(["psql", f"{server}/{database}", "-Atc", sql], check=True, capture_output=True, text=True)
-    return done.stdout.strip()
+    """Runs ``sql`` on ``server`` (a ``postgresql://`` URL without a database); its output.
+    Raises ``subprocess.CalledProcessError`` if it fails."""
+    return psql(server, sql, database=database, check=True)
 
 
 @contextmanager

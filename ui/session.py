@@ -139,17 +139,24 @@ def logout(api: Api, message: str | None = None) -> None:
     st.rerun()
 
 
-def guarded(api: Api, action: Callable[[], T]) -> T | None:
-    """Runs an API action; shows its error as a message, and sends a 401 back to the login page."""
+def guarded(api: Api, action: Callable[[], T], *, keep: str | None = None) -> T | None:
+    """Runs an API action; shows its error as a message, and sends a 401 back to the login page.
+    With ``keep``, the message also stays in ``st.session_state[keep]`` until the action succeeds,
+    for a part of the page that redraws itself (and would drop the message at its next redraw)."""
     try:
-        return action()
+        result = action()
     except ApiError as exc:
+        if keep is not None:
+            st.session_state[keep] = exc.message
         if exc.status == 401:
             logout(api, exc.message)
         if exc.status == 403:
             _notice_role_change(api)
         st.error(exc.message)
         return None
+    if keep is not None:
+        st.session_state.pop(keep, None)
+    return result
 
 
 def _notice_role_change(api: Api) -> None:

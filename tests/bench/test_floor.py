@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.e2e import psql
 from bench.floor import ROUTES, Row, measure, table
 
 PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "photos"
@@ -74,5 +75,4 @@ def test_a_run_stopped_with_a_signal_leaves_no_server_and_no_database(stop: sign
 
 
 def _psql(sql: str) -> str:
-    done = subprocess.run(["psql", f"{SERVER}/postgres", "-Atc", sql], check=True, capture_output=True, text=True)
-    return done.stdout.strip()
+    return psql(SERVER, sql, check=True)

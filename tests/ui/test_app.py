@@ -377,8 +377,13 @@ def test_the_training_tab_starts_follows_and_cancels_a_run(api_url: str, portal:
     assert table.to_dict("records")[0]["status"] == "cancelled"
 
 
-def _running_run_page(cancel_requested_at: str | None) -> None:
+def _running_run_page(cancel_requested_at: str | None, cancel_fails: bool = False) -> None:
+    from ui.client import ApiError
     from ui.views.admin import show_run
+
+    class Unreachable:
+        def cancel_training(self, run_id: str) -> None:
+            raise ApiError(503, "The portal is not answering.")
 
     run = {
         "id": "7b0c5c5e-0000-4000-8000-000000000001",
@@ -391,7 +396,7 @@ def _running_run_page(cancel_requested_at: str | None) -> None:
         "record": None,
         "cancel_requested_at": cancel_requested_at,
     }
-    show_run(None, run)  # type: ignore[arg-type]  # the API is used only when Cancel is clicked
+    show_run(Unreachable() if cancel_fails else None, run)  # type: ignore[arg-type]  # used only on Cancel
 
 
 @pytest.mark.parametrize("asked", [None, "2026-12-03T22:00:00Z"])
@@ -401,6 +406,36 @@ def test_a_running_run_offers_cancel_until_a_cancel_was_asked_for(asked: str | N
     offered = any((b.key or "").startswith("cancel_") for b in app.button)
     said = any("Cancel requested" in c.value for c in app.caption)
     assert (offered, said) == ((True, False) if asked is None else (False, True))
+
+
+def test_a_failed_cancel_stays_said_while_the_run_redraws_and_cancel_is_still_offered() -> None:
+    app = AppTest.from_function(_running_run_page, kwargs={"cancel_requested_at": None, "cancel_fails": True}).run()
+    next(b for b in app.button if (b.key or "").startswith("cancel_")).click().run()
+    assert [e.value for e in app.error] == ["The portal is not answering."]
+    app.run()  # the list's next redraw, with nothing clicked
+    assert not app.exception, app.exception
+    assert [e.value for e in app.error] == ["The portal is not answering."]
+    assert any((b.key or "").startswith("cancel_") for b in app.button)
+
+
+def _running_export_page() -> None:
+    from ui.client import ApiError
+    from ui.views.admin import show_export
+
+    class Unreachable:
+        def cancel_export(self, export_id: str) -> None:
+            raise ApiError(503, "The portal is not answering.")
+
+    export = {"id": "7b0c5c5e-0000-4000-8000-000000000002", "status": "running", "rows_done": 3, "rows_total": 10}
+    show_export(Unreachable(), export)  # type: ignore[arg-type]
+
+
+def test_a_failed_export_cancel_stays_said_while_the_list_redraws() -> None:
+    app = AppTest.from_function(_running_export_page).run()
+    next(b for b in app.button if (b.key or "").startswith("export_cancel_")).click().run()
+    app.run()  # the list's next redraw, with nothing clicked
+    assert not app.exception, app.exception
+    assert [e.value for e in app.error] == ["The portal is not answering."]
 
 
 def test_the_change_user_form_shows_the_chosen_users_own_role(api_url: str, portal: tuple[str, str, str]) -> None:

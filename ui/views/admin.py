@@ -468,13 +468,14 @@ def show_run(api: Api, run: TrainingRun) -> None:
     if run["status"] in ("queued", "running"):
         eta = f", about {run['eta_seconds']:.0f} s left" if run["eta_seconds"] is not None else ""
         st.progress(run["epoch"] / epochs, text=f"{run['status'].capitalize()}: epoch {run['epoch']} of {epochs}{eta}")
+        failure = f"cancel_error_{run['id']}"
         if run.get("cancel_requested_at"):
             st.caption("Cancel requested: the run stops at the end of its current epoch.")
-        elif (
-            st.button("Cancel this run", key=f"cancel_{run['id']}")
-            and guarded(api, lambda: api.cancel_training(run["id"])) is not None
-        ):
-            st.rerun()
+        elif st.button("Cancel this run", key=f"cancel_{run['id']}"):
+            if guarded(api, lambda: api.cancel_training(run["id"]), keep=failure) is not None:
+                st.rerun()
+        elif message := st.session_state.get(failure):
+            st.error(message)  # a failed cancel stays said while the list redraws itself
     show_curves(run["history"])
     if run["promotion"]:
         st.caption(f"Auto-promote rule: {run['promotion']}")
@@ -695,9 +696,12 @@ def show_export(api: Api, export: Export) -> None:
     if export["status"] in UNFINISHED_EXPORT:
         share = export["rows_done"] / export["rows_total"] if export["rows_total"] else 0.0
         st.progress(min(share, 1.0), text=f"{export['status'].capitalize()}: {_export_progress(export)}")
-        cancel = st.button("Cancel this export", key=f"export_cancel_{export['id']}")
-        if cancel and guarded(api, lambda: api.cancel_export(export["id"])) is not None:
-            st.rerun()
+        failure = f"export_cancel_error_{export['id']}"
+        if st.button("Cancel this export", key=f"export_cancel_{export['id']}"):
+            if guarded(api, lambda: api.cancel_export(export["id"]), keep=failure) is not None:
+                st.rerun()
+        elif message := st.session_state.get(failure):
+            st.error(message)  # a failed cancel stays said while the list redraws itself
         return
     if export["status"] == "failed":
         st.error(f"The export failed: {export['error']}")

@@ -105,8 +105,11 @@ def show_progress(api: Api, batch: BatchDetail) -> None:
             f"{skipped:,} {'file' if skipped == 1 else 'files'} skipped (not images, or unreadable): the results say why."
         )
     if batch["status"] in ("receiving", "running"):
+        failure = f"batch_cancel_error_{batch['id']}"
         if st.button("Cancel what has not run", key="batch_cancel"):
-            guarded(api, lambda: api.cancel_batch(batch["id"]))
+            guarded(api, lambda: api.cancel_batch(batch["id"]), keep=failure)
+        elif message := st.session_state.get(failure):
+            st.error(message)  # a failed cancel stays said while the progress redraws itself
         return
     download_results(api, batch["id"])
 
