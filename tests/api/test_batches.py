@@ -345,18 +345,21 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
         async with make_sessionmaker(engine)() as session:
             owner = await session.scalar(select(User.id).limit(1))
             assert owner is not None
-            for ref, seed in (("sketch@3", 1), ("mobilenet_v2@1", 2)):  # the sketch batch is older
-                batch = Batch(owner_id=owner, status="running", models=[ref], entries=1)
+            # The sketch batch is older and larger than any window of oldest jobs the lane might
+            # look at: the served model's job behind it is still found.
+            for ref, seeds in (("sketch@3", range(1, 51)), ("mobilenet_v2@1", [51])):
+                batch = Batch(owner_id=owner, status="running", models=[ref], entries=len(seeds))
                 session.add(batch)
                 await session.flush()
-                data = noise_png(seed)
-                info, sha = await images_service.inspect_upload(data, fresh_settings)
-                image = await images_service.add_image(
-                    session=session, store=store, owner_id=owner, data=data, info=info, sha256=sha, filename="x.png"
-                )
                 built = _Builder(batch=batch, entries=[registry[ref]], owner_id=owner)
-                job_id = await _add_job(session, built, image.id)
-                built.items.append(built._item("x.png", sha256=sha, image_id=image.id, job_id=job_id))
+                for seed in seeds:
+                    data = noise_png(seed)
+                    info, sha = await images_service.inspect_upload(data, fresh_settings)
+                    image = await images_service.add_image(
+                        session=session, store=store, owner_id=owner, data=data, info=info, sha256=sha, filename="x.png"
+                    )
+                    job_id = await _add_job(session, built, image.id)
+                    built.items.append(built._item(f"{seed}.png", sha256=sha, image_id=image.id, job_id=job_id))
                 await _flush(session, built)
             served = {"mobilenet_v2@1"}
 
@@ -368,7 +371,7 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
             assert await top_up() == 1
             assert await redis_client.xlen("jobs:mobilenet_v2@1") == 1 and await redis_client.xlen("jobs:sketch@3") == 0
             statuses = sorted((await session.scalars(select(Job.status))).all())
-            assert statuses == ["pending", "queued"]
+            assert statuses == ["pending"] * 50 + ["queued"]
             # The lane's one slot is taken by a served model's job: nothing more until it is answered.
             assert await top_up() == 0
     finally:

@@ -9,7 +9,7 @@ from collections.abc import Collection, Set
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
-from sqlalchemy import exists, func, select, text, update
+from sqlalchemy import ColumnElement, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches.models import Batch, BatchItem
@@ -23,8 +23,6 @@ from contracts import keys
 from contracts.messages import PredictionStatus
 
 PENDING = PredictionStatus.pending.value
-CANDIDATES_PER_SLOT = 20
-"""Pending jobs looked at per free slot, to pass over those of models no worker serves now."""
 OPEN = (PENDING, *UNFINISHED)
 
 
@@ -35,6 +33,12 @@ async def any_running(*, session: AsyncSession) -> bool:
 
 def _refs(job: Job) -> set[str]:
     return {f"{p.model_name}@{p.model_version}" for p in job.predictions}
+
+
+def _asks_for_any_but(served: Set[str]) -> ColumnElement[bool]:
+    """Whether a job has a prediction of a model version outside ``served`` (keys like ``sketch@3``)."""
+    ref = func.concat(Prediction.model_name, "@", Prediction.model_version)
+    return exists().where(Prediction.job_id == Job.id, ref.not_in(sorted(served))).correlate(Job)
 
 
 _OF_A_RECEIVED_BATCH = (
@@ -68,22 +72,19 @@ async def top_up(
     if room <= 0:
         await session.commit()
         return 0
-    candidates = list(
+    pending = select(Job).where(Job.status == PENDING, _OF_A_RECEIVED_BATCH)
+    if served is not None:
+        # Filtered in the query: however many jobs of an unserved model come first, the others
+        # behind them are still found.
+        pending = pending.where(~_asks_for_any_but(served))
+    jobs = list(
         await session.scalars(
-            select(Job)
-            .where(Job.status == PENDING, _OF_A_RECEIVED_BATCH)
-            .order_by(Job.created_at, Job.id)
-            .limit(room * CANDIDATES_PER_SLOT)
-            .with_for_update(skip_locked=True)
+            pending.order_by(Job.created_at, Job.id).limit(room).with_for_update(of=Job, skip_locked=True)
         )
     )
-    if not candidates:
-        await session.commit()
-        await finish(session=session)  # the last answers are in: batches may be over
-        return 0
-    jobs = [j for j in candidates if served is None or _refs(j) <= served][:room]
     if not jobs:
         await session.commit()
+        await finish(session=session)  # the last answers are in: batches may be over
         return 0
     streams = sorted({keys.job_stream(p.model_name, p.model_version) for j in jobs for p in j.predictions})
     async with redis.pipeline(transaction=False) as pipe:
