@@ -14,11 +14,13 @@ more) is dropped without computing. Every entry handled or dropped is acknowledg
 holds the image's bytes). A killed explainer's entries stay pending: the others claim them once
 idle EXPLAIN_CLAIM_IDLE_S (XAUTOCLAIM), and trim entries older than any deadline can be.
 
-The registry is read once, at start: unlike ``model.worker`` an explainer does not follow its
-changes (loading Keras graphs from a thread while serving would need the worker's hand-over
-machinery); it is restarted to explain a newly registered version. A version whose model file is
-not written yet at start (``make run`` trains it in the background), or broken, is loaded once its
-file is written or changes, checked every RELOAD_CHECK_S.
+The registry is followed from the serving loop: every RELOAD_CHECK_S an explainer reads the
+published revision and, when it changed, builds the twins a new revision serves and drops those it
+no longer serves (a retired version's answers are no longer explained). Requests wait while a twin
+is built (a few seconds; simpler than the worker's hand-over from a loading thread, and heatmaps
+are not on the predictions' path). A version whose model file is not written yet (``make run``
+trains it in the background), or broken, is loaded once its file is written or changes, checked
+every RELOAD_CHECK_S as well.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ MAX_WAIT_S = 120
 REAP_EVERY_S = 1.0
 """How often an explainer claims idle pending entries and trims expired ones."""
 RELOAD_CHECK_S = 5.0
-"""How often an explainer looks for the model files it waits for (``Explainer.load_written``)."""
+"""How often an explainer reads the registry's revision (``Explainer.follow_registry``) and looks for
+the model files it waits for (``Explainer.load_written``)."""
 
 
 def twins(registry: Registry, settings: ModelSettings) -> list[ModelEntry]:
@@ -84,9 +87,12 @@ class Explainer:
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
         )
         registry = load_registry(settings.registry_path)
+        self.revision: tuple[str, int] | None = None
+        """(source, revision) of the registry snapshot followed; None before one was read."""
         with contextlib.suppress(*REDIS_ERRORS):
             if (snapshot := registry_live.read_snapshot(self.redis)) is not None:
                 registry = snapshot.registry
+                self.revision = (snapshot.source, snapshot.revision)
         self.registry = registry
         self.cams: dict[str, GradCam] = {}
         """By explanation stream."""
@@ -130,6 +136,29 @@ class Explainer:
             "explaining with %s (layer %s), ready in %.1f s", twin.key, cam.layer_name, time.perf_counter() - start
         )
         return True
+
+    def follow_registry(self) -> bool:
+        """Brings the twins held in line with the registry's published revision, when it changed:
+        builds the twins it serves that are not held, drops those it no longer serves. True when
+        the twins held changed. Raises what Redis raises."""
+        published = registry_live.published_revision(self.redis)
+        if published is None or published == self.revision:
+            return False
+        snapshot = registry_live.read_snapshot(self.redis)
+        if snapshot is None:
+            return False
+        self.registry, self.revision = snapshot.registry, (snapshot.source, snapshot.revision)
+        wanted = {keys.explain_stream(t.name, t.version): t for t in twins(self.registry, self.settings)}
+        held = self.cams
+        if dropped := [c.entry.key for s, c in held.items() if s not in wanted]:
+            self.cams = {s: c for s, c in held.items() if s in wanted}
+            log.info("no longer explaining %s: not served in registry revision %d", dropped, snapshot.revision)
+        self.failed.keep({t.key for t in wanted.values()})
+        loaded = False
+        for stream, twin in wanted.items():
+            if stream not in held and not self.failed.unchanged(twin):
+                loaded |= self._load_twin(twin)
+        return loaded or bool(dropped)
 
     def load_written(self) -> bool:
         """Builds the Grad-CAM of each twin that could not be built once its model file is
@@ -268,10 +297,10 @@ class Explainer:
         reaped = forgotten = looked = 0.0
         while not self.stopping.is_set():
             try:
-                if self.failed and time.monotonic() - looked >= RELOAD_CHECK_S:
+                if time.monotonic() - looked >= RELOAD_CHECK_S:
                     looked = time.monotonic()
-                    if self.load_written():
-                        ready = False  # the new twin's group, and the heartbeat naming it
+                    if self.follow_registry() | (bool(self.failed) and self.load_written()):
+                        ready = False  # the new twins' groups, and the heartbeat naming them
                 if not ready:
                     for stream in self.cams:
                         streams.ensure_group(self.redis, stream, keys.EXPLAIN_GROUP)

@@ -1,4 +1,5 @@
-"""An explainer loads a version whose model file is written, or written again, after it started."""
+"""An explainer loads a version whose model file is written, or written again, after it started, and
+follows the registry: a version registered later is explained, a retired one let go."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from contracts import keys
 from model.config import ModelSettings
 from model.explainer import Explainer
+from tests.model.test_worker_registry import entry, publish
 from tests.support import RedisServer
 
 
@@ -39,3 +41,25 @@ def test_a_version_trained_after_the_start_is_explained_once_written(
     os.replace(broken / "model.tmp.keras", broken / "model.keras")
     assert explainer.load_written()
     assert sorted(explainer.cams) == sorted([first, second]) and not explainer.failed
+
+
+def test_an_explainer_follows_the_registry_without_a_restart(
+    private_redis: RedisServer, model_settings: ModelSettings
+) -> None:
+    """A version registered after the explainer started is explained once its revision is
+    published; a version retired is let go (the API then says it is not explained any more)."""
+    settings = model_settings.model_copy(update={"redis_url": private_redis.url, "explain_models": ""})
+    first, second = keys.explain_stream("sketch", 1), keys.explain_stream("sketch", 2)
+    assert publish(private_redis.url, 1, [entry("sketch@1")])
+    explainer = Explainer(settings)
+    explainer.load()
+    assert list(explainer.cams) == [first]
+    assert not explainer.follow_registry()  # the same revision: nothing to do
+
+    assert publish(private_redis.url, 2, [entry("sketch@1"), entry("sketch@2", "canary")])
+    assert explainer.follow_registry()
+    assert sorted(explainer.cams) == sorted([first, second])
+
+    assert publish(private_redis.url, 3, [entry("sketch@1", "retired"), entry("sketch@2")])
+    assert explainer.follow_registry()
+    assert list(explainer.cams) == [second]

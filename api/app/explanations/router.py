@@ -63,7 +63,7 @@ async def read_explanation(
 
     ``prediction_id`` is a prediction's ``id`` (one model's answer within a job). Errors: 404 not
     yours, 409 no answer yet, 410 the image is no longer stored, 422 not explainable (no Keras twin,
-    as the TFLite bird model), 429 with Retry-After when EXPLANATIONS_IN_FLIGHT_PER_USER of mine
+    as the TFLite bird model, or retired or disabled since), 429 with Retry-After when EXPLANATIONS_IN_FLIGHT_PER_USER of mine
     are being computed, 503 with Retry-After when no explainer is live or its queue is full, 504
     when none answered within EXPLANATION_WAIT_SECONDS.
     """

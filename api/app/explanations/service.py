@@ -94,6 +94,12 @@ async def live_explainers(redis: Redis) -> set[str]:
     return found
 
 
+def _explained(registry: Registry, twin_key: str, settings: Settings) -> bool:
+    """Whether explainers hold ``twin_key``: it is the twin of a version the registry serves."""
+    served = registry.served(benchmark_mode=settings.benchmark_mode)
+    return any((t := registry.keras_twin(e.key)) is not None and t.key == twin_key for e in served)
+
+
 async def explain(
     *,
     session: AsyncSession,
@@ -108,7 +114,8 @@ async def explain(
     """The Grad-CAM heatmap of the prediction's top-1 class, cached or computed now.
 
     Raises 404 (no such prediction, or not the user's), 409 (it has no answer: not finished or
-    failed), 422 (its version cannot be explained: no Keras twin, as TFLite versions), 503 with
+    failed), 422 (its version cannot be explained: no Keras twin, as TFLite versions, or a twin
+    retired or disabled since, which explainers let go), 503 with
     Retry-After (no live explainer holds the twin, or its queue is full), 504 (no answer within
     EXPLANATION_WAIT_SECONDS; the heatmap is cached once computed).
     """
@@ -139,6 +146,11 @@ async def explain(
     if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
         return Explained(prediction, cached, True)
     if twin.key not in await live_explainers(redis):
+        if not _explained(registry, twin.key, settings):
+            raise HTTPException(
+                status_code=422,
+                detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
+            )
         raise _unavailable(f"No explainer holding {twin.key} is running; retry shortly.", settings)
     deadline = time.time() + settings.explanation_wait_seconds
     inflight = keys.explanation_inflight_key(owner_id, sha256, prediction.model_name, prediction.model_version)
