@@ -444,10 +444,10 @@ async def promote(
     rows = await _lock_model(session, name)
     before = _states(rows)
     row = _version(rows, version)
-    if row.channel == "retired" or not row.enabled:
-        raise _conflict(
-            f"{name}@{version} is {'retired' if row.channel == 'retired' else 'disabled'}; enable it first."
-        )
+    if row.channel == "retired":
+        raise _conflict(f"{name}@{version} is retired; make it a canary or shadow first, then promote it.")
+    if not row.enabled:
+        raise _conflict(f"{name}@{version} is disabled; enable it first.")
     if row.channel == "stable" and all(r.channel != "stable" for r in rows if r is not row):
         raise _conflict(f"{name}@{version} is the stable version already.")
     _require_loaded(row, available, "be promoted")

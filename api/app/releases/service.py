@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from fastapi import HTTPException
-from sqlalchemy import Integer, case, cast, func, select
+from sqlalchemy import Integer, case, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import NOT_SERVED, ModelAvailability
@@ -210,6 +210,14 @@ async def labelled_images(*, session: AsyncSession, name: str, limit: int) -> li
     return [evaluations.LabelledImage(image_id, sha256, label) for image_id, sha256, label in rows]
 
 
+def _why_not_served(row: ModelVersion, state: ModelAvailability | None) -> str:
+    if row.channel == "retired":
+        return "it is retired (give it a channel again to serve it)"
+    if not row.enabled:
+        return "it is disabled: enable it and retry"
+    return (state.reason() if state is not None else None) or NOT_SERVED
+
+
 async def evaluate(
     *,
     session: AsyncSession,
@@ -229,7 +237,14 @@ async def evaluate(
     for version in (candidate, baseline):
         state = availability.get(f"{name}@{version}")
         if state is None or not state.available:
-            raise HTTPException(status_code=409, detail=f"No worker serves {name}@{version}: enable it and retry.")
+            raise HTTPException(
+                status_code=409, detail=f"{name}@{version} cannot answer now: {_why_not_served(rows[version], state)}."
+            )
+    # One evaluation per pair at a time: concurrent requests take turns from here to the commit.
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+        {"key": f"evaluation:{name}@{candidate}:{baseline}"},
+    )
     if (
         running := await evaluations.running_of(session=session, name=name, candidate=candidate, baseline=baseline)
     ) is not None:
