@@ -13,8 +13,10 @@ from datetime import datetime
 
 import pandas as pd
 import streamlit as st
+from PIL import Image
 
 from contracts import spreadsheets
+from contracts.imaging import load_image
 from contracts.messages import PredictionStatus
 from ui.client import Api, ApiError, Feedback, Job, Prediction
 from ui.session import display_name, guarded, models
@@ -253,6 +255,15 @@ def show_results(
                 result_card(api, result, image, (verdicts or {}).get(result["id"]))
 
 
+@st.cache_data(max_entries=32, show_spinner=False)
+def upright(data: bytes, size: int) -> Image.Image:
+    """The picture as people see it (EXIF orientation applied, as the models read it), at most
+    ``size`` pixels a side. Raises ImageRejected for what is not a readable image."""
+    image = load_image(data, draft_size=(size, size))
+    image.thumbnail((size, size))
+    return image
+
+
 def why_heatmap(api: Api, result: Prediction, image: bytes | None) -> None:
     """The picture beside itself with the regions that drove the top-1 answer in warm colours, or
     in plain words why there is none (a model that cannot be explained, no explainer running)."""
@@ -264,7 +275,7 @@ def why_heatmap(api: Api, result: Prediction, image: bytes | None) -> None:
     left, right = st.columns(2)
     if image is not None:
         with contextlib.suppress(Exception):
-            left.image(image, caption="Your picture", width="stretch")
+            left.image(upright(image, 800), caption="Your picture", width="stretch")
     right.image(overlay, caption=f"What drove “{words(result['label'])}”", width="stretch")
 
 
@@ -275,7 +286,7 @@ def result_card(api: Api, result: Prediction, image: bytes | None, earlier: Feed
     head.markdown(f"**{display_name(api, ref)}**")
     if image is not None:
         with contextlib.suppress(Exception):  # a picture the browser cannot show still has its answers
-            thumb.image(image, width=64)
+            thumb.image(upright(image, 128), width=64)
     if result["status"] != PredictionStatus.done:
         st.warning(f"This model {STATUS_WORDS.get(result['status'], 'did not answer')}. Please try again.")
         return

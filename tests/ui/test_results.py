@@ -1,8 +1,16 @@
-"""The models people choose from, as a page offers them while a version is not served yet."""
+"""The models people choose from, as a page offers them while a version is not served yet, and the
+pictures shown beside the answers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 from streamlit.testing.v1 import AppTest
+
+from ui.results import upright
+
+BAD_UPLOADS = Path(__file__).resolve().parents[3] / "shared" / "data" / "bad_uploads"
 
 SCRIPT = """
 import time
@@ -42,3 +50,13 @@ def test_a_drawing_can_be_sent_while_the_stable_version_is_not_trained_and_it_is
     # Once it serves, the stable version is checked in the same session, and the stand-in no more.
     assert app.session_state["chosen"] == ["sketch@3"]
     assert app.checkbox(key="sketch_sketch@3").value is True
+
+
+def test_a_phone_photo_is_shown_upright_as_the_models_read_it() -> None:
+    """A photo stored sideways with an EXIF orientation (6: rotate 90 degrees) is shown as the
+    same photo stored upright: the preview and the result cards' thumbnails alike."""
+    turned = upright((BAD_UPLOADS / "parrot_exif6_malformed_gps.jpg").read_bytes(), 128)
+    straight = upright((BAD_UPLOADS / "parrot_upright.jpg").read_bytes(), 128)
+    assert turned.size == straight.size and turned.height > turned.width
+    difference = np.abs(np.asarray(turned, np.float32) - np.asarray(straight, np.float32)).mean()
+    assert difference < 10, difference

@@ -3,16 +3,13 @@ left, its results beside it."""
 
 from __future__ import annotations
 
-import io
-
 import streamlit as st
-from PIL import Image
 
 from contracts.imaging import UPLOAD_EXTENSIONS
 from ui.client import Api
 from ui.config import get_ui_settings
 from ui.examples import PHOTOS, example_png
-from ui.results import choose_models, run_job, scroll_to_results, show_results
+from ui.results import choose_models, run_job, scroll_to_results, show_results, upright
 
 UPLOAD_TYPES = list(UPLOAD_EXTENSIONS)
 
@@ -73,7 +70,7 @@ def classify_page(api: Api) -> None:
     photo, answers = st.columns([1, 2], gap="large")
     with photo:
         try:
-            st.image(Image.open(io.BytesIO(data)), caption=name, width="stretch")
+            st.image(upright(data, 800), caption=name, width="stretch")
         except Exception:
             st.caption(f"{name} (no preview)")
         chosen = choose_models(api, "classify", mode="RGB")
