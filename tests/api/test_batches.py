@@ -377,3 +377,65 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
     finally:
         await engine.dispose()
         await redis_client.aclose()
+
+
+async def test_a_batch_cancelled_with_jobs_in_flight_ends_once_they_are_answered(
+    fresh_settings: Settings, tmp_path: Path
+) -> None:
+    """Its queued jobs still get their answers after the cancel; once the last is in, the lane
+    gives the cancelled batch its ``finished_at`` (it stayed empty for good)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select, update
+
+    from api.app.batches import lane
+    from api.app.batches.models import Batch
+    from api.app.batches.service import _add_job, _Builder, _flush
+    from api.app.core.db import make_engine, make_sessionmaker
+    from api.app.images import service as images_service
+    from api.app.images.storage import LocalBlobStore
+    from api.app.predictions.models import Job
+    from api.app.users.models import User
+    from api.prestart import seed_admin
+    from contracts.registry import load_registry
+
+    await seed_admin(fresh_settings)
+    entry = load_registry(fresh_settings.registry_path).get("sketch@3")
+    store = LocalBlobStore(tmp_path)
+    engine = make_engine(fresh_settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            owner = await session.scalar(select(User.id).limit(1))
+            assert owner is not None
+            batch = Batch(owner_id=owner, status="running", models=[entry.key], entries=3)
+            session.add(batch)
+            await session.flush()
+            built = _Builder(batch=batch, entries=[entry], owner_id=owner)
+            for seed in (1, 2, 3):
+                data = noise_png(seed)
+                info, sha = await images_service.inspect_upload(data, fresh_settings)
+                image = await images_service.add_image(
+                    session=session, store=store, owner_id=owner, data=data, info=info, sha256=sha, filename="x.png"
+                )
+                job_id = await _add_job(session, built, image.id)
+                built.items.append(built._item(f"{seed}.png", sha256=sha, image_id=image.id, job_id=job_id))
+            await _flush(session, built)
+            first = await session.scalar(select(Job.id).where(Job.owner_id == owner).order_by(Job.created_at).limit(1))
+            await session.execute(update(Job).where(Job.id == first).values(status="queued"))  # in flight
+            await session.commit()
+
+            assert await lane.cancel(session=session, batch=batch) == 2
+            await session.refresh(batch)
+            assert batch.status == "cancelled" and batch.finished_at is None
+            assert await lane.any_running(session=session)  # the lane still looks after it
+
+            await session.execute(
+                update(Job).where(Job.id == first).values(status="done", finished_at=datetime.now(UTC))
+            )
+            await session.commit()
+            await lane.finish(session=session)
+            await session.refresh(batch)
+            assert batch.status == "cancelled" and batch.finished_at is not None
+            assert not await lane.any_running(session=session)
+    finally:
+        await engine.dispose()

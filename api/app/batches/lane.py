@@ -9,7 +9,7 @@ from collections.abc import Collection, Set
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
-from sqlalchemy import ColumnElement, exists, func, select, text, update
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches.models import Batch, BatchItem
@@ -26,9 +26,14 @@ PENDING = PredictionStatus.pending.value
 OPEN = (PENDING, *UNFINISHED)
 
 
+_UNFINISHED_BATCH = or_(Batch.status == "running", and_(Batch.status == "cancelled", Batch.finished_at.is_(None)))
+"""A batch running, or cancelled while some of its jobs were queued: their answers are still to come."""
+
+
 async def any_running(*, session: AsyncSession) -> bool:
-    """Whether a batch is running (a small table: one row per batch)."""
-    return await session.scalar(select(Batch.id).where(Batch.status == "running").limit(1)) is not None
+    """Whether a batch is running, or cancelled with answers still to come (a small table: one
+    row per batch)."""
+    return await session.scalar(select(Batch.id).where(_UNFINISHED_BATCH).limit(1)) is not None
 
 
 def _refs(job: Job) -> set[str]:
@@ -113,15 +118,22 @@ async def top_up(
 
 
 async def finish(*, session: AsyncSession) -> None:
-    """Marks ``done`` the running batches whose every job is final."""
+    """Marks ``done`` the running batches whose every job is final, and gives the cancelled ones
+    whose last queued job was answered their ``finished_at``."""
     still_open = (
         select(BatchItem.id)
         .join(Job, Job.id == BatchItem.job_id)
         .where(BatchItem.batch_id == Batch.id, Job.status.in_(OPEN))
         .exists()
     )
+    now = datetime.now(UTC)
     await session.execute(
-        update(Batch).where(Batch.status == "running", ~still_open).values(status="done", finished_at=datetime.now(UTC))
+        update(Batch).where(Batch.status == "running", ~still_open).values(status="done", finished_at=now)
+    )
+    await session.execute(
+        update(Batch)
+        .where(Batch.status == "cancelled", Batch.finished_at.is_(None), ~still_open)
+        .values(finished_at=now)
     )
     await session.commit()
 
