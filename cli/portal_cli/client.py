@@ -130,7 +130,7 @@ class Portal:
         detail = _detail(response)
         if status == 401:
             if self.api_key:
-                raise PortalError(f"The portal refused the API key: {detail}.", ExitCode.AUTH)
+                raise PortalError(f"The portal refused the API key: {detail.rstrip('.')}.", ExitCode.AUTH)
             if self.login_state is not None:
                 raise PortalError(
                     f"Your login has expired or was revoked ({detail}): run `portal login` again.", ExitCode.AUTH

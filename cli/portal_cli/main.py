@@ -322,6 +322,17 @@ def _write_results(portal: Portal, batch_id: str, out: str) -> None:
         partial.unlink(missing_ok=True)
 
 
+def _check_writable(out: Path) -> None:
+    """Refuses an --out the results could not be written to, before anything is sent."""
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a directory: name the CSV file to write.", param_hint="--out")
+    folder = out.parent
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{folder} does not exist: create it first.", param_hint="--out")
+    if not os.access(folder, os.W_OK):
+        raise typer.BadParameter(f"{folder} is not writable.", param_hint="--out")
+
+
 @app.command()
 def batch(
     source: Annotated[
@@ -353,6 +364,8 @@ def batch(
         raise typer.BadParameter("--out is required (the results CSV, or '-' for stdout).", param_hint="--out")
     if source.is_file() and source.suffix.lower() != ".zip":
         raise typer.BadParameter(f"{source} is neither a directory nor a .zip file.", param_hint="DIR|ZIP")
+    if out not in (None, "-"):
+        _check_writable(Path(out))
     key = str(source.resolve())
     states = BatchStates()
     models = _models(model)

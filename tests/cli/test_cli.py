@@ -226,11 +226,21 @@ def test_an_unreachable_portal_exits_4(config_dir: Path, monkeypatch: pytest.Mon
     assert result.exit_code == 4 and "Cannot reach" in one_line(result.stderr)
 
 
+def boxed(text: str) -> str:
+    """The words of a usage error, as Click draws it in a box over several lines."""
+    return " ".join(text.replace("│", " ").split())
+
+
 def test_usage_errors_exit_2(config_dir: Path, tmp_path: Path) -> None:
     assert run("predict").exit_code == 2
     assert run("predict", str(tmp_path / "missing.jpg")).exit_code == 2
     assert run("batch", str(PHOTOS / "parrot.jpg"), "--out", "x.csv").exit_code == 2
     assert run("batch", str(tmp_path)).exit_code == 2  # no --out
+    # An --out the results could not be written to is refused before anything is sent.
+    result = run("batch", str(tmp_path), "--out", str(tmp_path / "missing" / "out.csv"))
+    assert result.exit_code == 2 and "missing does not exist" in boxed(result.stderr), result.output
+    result = run("batch", str(tmp_path), "--out", str(tmp_path))
+    assert result.exit_code == 2 and "is a directory" in boxed(result.stderr), result.output
 
 
 def test_an_api_key_runs_a_batch_and_stops_working_once_revoked(
@@ -256,3 +266,4 @@ def test_an_api_key_runs_a_batch_and_stops_working_once_revoked(
     assert httpx.delete(f"{account.url}/v1/api-keys/{key['id']}", headers=headers).status_code == 204
     result = run("predict", str(PHOTOS / "parrot.jpg"), "-m", MODEL)
     assert result.exit_code == 3 and "revoked" in one_line(result.stderr), result.output
+    assert ".." not in one_line(result.stderr), result.stderr
