@@ -162,8 +162,15 @@ async def test_several_files_and_stored_images(client: httpx.AsyncClient, users:
         image_ids=[owl, "00000000-0000-0000-0000-000000000000"],
     )
     assert r.status_code == 202, r.text
-    done = await finished(client, headers, r.json()["id"])
+    batch_id = r.json()["id"]
+    done = await finished(client, headers, batch_id)
     assert (done["counts"]["done"], done["counts"]["skipped"]) == (3, 1)
+    # An image deleted afterwards takes its answers with it: its row says why it has none.
+    assert (await client.delete(f"/v1/images/{owl}", headers=headers)).status_code == 204
+    rows = (await client.get(f"/v1/batches/{batch_id}/results", headers=headers)).json()["data"]
+    assert [row["error"] for row in rows if row["sha256"] and row["status"] == "skipped"] == [
+        "its image was deleted after the batch received it"
+    ], rows
 
 
 @pytest.mark.parametrize(

@@ -295,6 +295,13 @@ async def test_exports_are_for_admins_and_refuse_bad_options(
         r = await client.post("/v1/admin/exports", json=body, headers=admin_headers)
         assert r.status_code == 422, (body, r.text)
     assert (await client.get("/v1/admin/exports/not-an-id", headers=admin_headers)).status_code == 422
+    # A model or version the registry does not know: 404, not an empty export.
+    for body, detail in (
+        ({"model": "nosuch"}, "No model named 'nosuch'."),
+        ({"model": "sketch", "version": 999}, "sketch has no version 999."),
+    ):
+        r = await client.post("/v1/admin/exports", json=body, headers=admin_headers)
+        assert r.status_code == 404 and r.json()["detail"] == detail, (body, r.text)
 
 
 class SlowStore(LocalBlobStore):

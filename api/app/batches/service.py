@@ -412,6 +412,10 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
 RESULT_COLUMNS = ("file_name", "sha256", "model", "version", "status", "label", "score", "top_5", "error")
 
 
+IMAGE_DELETED = "its image was deleted after the batch received it"
+"""The reason of a row whose file was accepted, then deleted with its answers (DELETE /v1/images)."""
+
+
 async def result_rows(*, session: AsyncSession, batch: Batch) -> list[dict[str, Any]]:
     """One row per file and model version (one per skipped file), in the batch's order: RESULT_COLUMNS,
     with ``top_5`` as a list of {label, score}."""
@@ -433,7 +437,7 @@ async def result_rows(*, session: AsyncSession, batch: Batch) -> list[dict[str, 
                 "label": prediction.label if prediction else None,
                 "score": prediction.score if prediction else None,
                 "top_5": list(prediction.top_k or [])[:5] if prediction else [],
-                "error": (prediction.error if prediction else item.error) or None,
+                "error": (prediction.error if prediction else item.error or IMAGE_DELETED) or None,
             }
         )
     return out

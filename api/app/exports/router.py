@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.responses import FileResponse
 
 from api.app.core.responses import ADMIN, BODY, BODY_TOO_LARGE, INVALID, NOT_FOUND, Responses, error
-from api.app.deps import AdminUser, PageDep, ReadSessionDep, SessionDep, SettingsDep
+from api.app.deps import AdminUser, PageDep, ReadSessionDep, RegistryDep, SessionDep, SettingsDep
 from api.app.exports import service
 from api.app.exports.schemas import ExportPublic, ExportRequest, ExportsPublic
 
@@ -27,15 +27,20 @@ def _remove_files(storage_dir: Path, export_id: uuid.UUID) -> None:
         path.unlink(missing_ok=True)
 
 
-@router.post("", response_model=ExportPublic, status_code=status.HTTP_202_ACCEPTED, responses={**ADMIN, **BODY})
-async def create_export(body: ExportRequest, admin: AdminUser, session: SessionDep) -> ExportPublic:
+@router.post(
+    "", response_model=ExportPublic, status_code=status.HTTP_202_ACCEPTED, responses={**ADMIN, **NOT_FOUND, **BODY}
+)
+async def create_export(
+    body: ExportRequest, admin: AdminUser, session: SessionDep, registry: RegistryDep
+) -> ExportPublic:
     """Start an export of the images users labelled, written in the background (admin).
 
     202 with the export, ``queued``: an API process takes it up within a second or so; follow it
     with ``GET /v1/admin/exports/{id}`` and download it from ``download`` once ``done``. With
     ``since_last``, only verdicts given after the last finished export of the same model and
-    version. 422: ``version`` without ``model``, or a value out of range."""
-    export = await service.create_export(session=session, request=body, requested_by=admin.email)
+    version. 404: a model the registry does not know, or a version it does not have. 422:
+    ``version`` without ``model``, or a value out of range."""
+    export = await service.create_export(session=session, registry=registry, request=body, requested_by=admin.email)
     return ExportPublic.from_row(export)
 
 

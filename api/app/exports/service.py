@@ -17,6 +17,7 @@ from api.app.exports.models import UNFINISHED, Export
 from api.app.exports.schemas import ExportRequest
 from api.app.feedback.export import ExportProgress
 from api.app.feedback.service import hold_export_fence
+from contracts.registry import Registry
 
 log = logging.getLogger("api.exports")
 
@@ -36,8 +37,17 @@ def leftovers(storage_dir: Path, export_id: uuid.UUID) -> list[Path]:
     return list((storage_dir / EXPORTS_DIR).glob(f"{export_id}.*"))
 
 
-async def create_export(*, session: AsyncSession, request: ExportRequest, requested_by: str) -> Export:
-    """Queues an export; a runner takes it up within EXPORT_POLL_SECONDS. Commits."""
+async def create_export(
+    *, session: AsyncSession, registry: Registry, request: ExportRequest, requested_by: str
+) -> Export:
+    """Queues an export; a runner takes it up within EXPORT_POLL_SECONDS. Commits. Raises 404
+    for a ``model`` the registry does not know, or a ``version`` it does not have."""
+    if request.model is not None:
+        versions = {m.version for m in registry.models if m.name == request.model}
+        if not versions:
+            raise HTTPException(status_code=404, detail=f"No model named {request.model!r}.")
+        if request.version is not None and request.version not in versions:
+            raise HTTPException(status_code=404, detail=f"{request.model} has no version {request.version}.")
     export = Export(
         id=uuid.uuid4(),
         kind=request.kind,
