@@ -195,7 +195,7 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     name, sep, version = ref.strip().partition("@")
     if not sep:
         return name, None
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):  # str.isdigit takes "１" and "²" too
         raise ValueError(f"invalid model version in {ref!r}: expected name@<number>")
     return name, int(version)
 

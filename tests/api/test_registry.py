@@ -351,6 +351,11 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
     assert [c["action"] for c in changes["data"]] == ["channel_retired", "register", "register", "register"]
     models = (await client.get("/v1/models", headers=user)).json()["data"]
     assert "sketch@2" not in {m["ref"] for m in models}
+    # Named by someone who knew it: told it is retired, not that it never existed.
+    r = await client.post(
+        "/model/predict", params={"models": "sketch@2"}, files={"file": ("d.png", drawing())}, headers=user
+    )
+    assert r.status_code == 422 and r.json()["detail"].startswith("Model sketch@2 is retired;"), r.text
 
 
 async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, str]:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from contracts.registry import Registry, Runtime, load_registry
+from contracts.registry import Registry, Runtime, load_registry, parse_model_ref
 
 FP32 = {
     "name": "m",
@@ -69,3 +69,11 @@ def test_a_worker_serves_the_versions_it_is_told() -> None:
     with pytest.raises(ValueError, match="resnet50_random"):
         reg.selected("resnet50_random", benchmark_mode=False)
     assert [m.key for m in reg.selected("resnet50_random@1", benchmark_mode=True)] == ["resnet50_random@1"]
+
+
+@pytest.mark.parametrize("ref", ["sketch@x", "sketch@", "sketch@-1", "sketch@１", "sketch@²", "sketch@1.0"])
+def test_a_version_is_ascii_digits_only(ref: str) -> None:
+    """A full-width or superscript digit is no version number, though Python's int() reads one."""
+    with pytest.raises(ValueError, match="expected name@<number>"):
+        parse_model_ref(ref)
+    assert parse_model_ref("sketch@12") == ("sketch", 12) and parse_model_ref(" sketch ") == ("sketch", None)

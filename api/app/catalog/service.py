@@ -120,6 +120,18 @@ def listed_entries(registry: Registry, *, benchmark_mode: bool) -> list[ModelEnt
     return registry.served(benchmark_mode=benchmark_mode) if benchmark_mode else registry.public()
 
 
+def _not_offered(registry: Registry, name: str, version: int | None, ref: str) -> str:
+    """Why ``ref`` names no version people can ask: unknown (or a shadow), retired or disabled."""
+    known = next((m for m in registry.models if m.name == name and m.version == version), None)
+    if known is None or known.benchmark_only:
+        return f"Unknown model {ref!r}"
+    if known.channel == "retired":
+        return f"Model {known.key} is retired"
+    if not known.enabled:
+        return f"Model {known.key} is disabled"
+    return f"Unknown model {ref!r}"  # a shadow is not made known to people
+
+
 def _unavailable(detail: str, settings: Settings) -> HTTPException:
     return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(settings.retry_after_seconds)})
 
@@ -276,7 +288,10 @@ def resolve_models(
         if entry is not None and entry.channel == "shadow" and not bench:
             entry = None  # a shadow answers copies of requests, never a user
         if entry is None:
-            raise HTTPException(status_code=422, detail=f"Unknown model {ref!r}; available models: {', '.join(listed)}")
+            raise HTTPException(
+                status_code=422,
+                detail=f"{_not_offered(registry, name, version, ref)}; available models: {', '.join(listed)}",
+            )
         state = availability.get(entry.key)
         if state is None or not state.available:
             if state is not None and state.reasons:
