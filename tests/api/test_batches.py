@@ -10,6 +10,7 @@ import io
 import json
 import statistics
 import time
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,11 @@ async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
         assert r.status_code == 413 and "MAX_BATCH_IMAGES" in r.json()["detail"]
         r = await send(client, headers, [(f"{i}.png", noise_png(10 + i)) for i in range(4)])
         assert r.status_code == 413 and "at most 3" in r.json()["detail"]
+        ids = [str(uuid.uuid4()) for _ in range(4)]
+        r = await client.post("/v1/batches", data={"models": MODEL, "image_ids": ids}, headers=headers)
+        assert r.status_code == 413 and r.json()["detail"].startswith(
+            "4 images (files, zip entries and image ids)"
+        ), r.text
         big = zipped({"big.bmp": b"BM" + bytes(range(256)) * 1000}, compression=zipfile.ZIP_STORED)
         r = await send(client, headers, [("big.zip", big)])
         assert r.status_code == 413 and "MAX_BATCH_BYTES" in r.json()["detail"], r.text

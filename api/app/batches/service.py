@@ -222,7 +222,8 @@ async def _plan(files: list[UploadFile], settings: Settings, extra: int) -> Plan
     if entries > settings.max_batch_images:
         raise HTTPException(
             status_code=413,
-            detail=f"{entries:,} files; a batch takes at most {settings.max_batch_images:,} (MAX_BATCH_IMAGES).",
+            detail=f"{entries:,} images (files, zip entries and image ids); a batch takes at most "
+            f"{settings.max_batch_images:,} (MAX_BATCH_IMAGES).",
         )
     if entries == 0:
         raise HTTPException(status_code=422, detail="The batch is empty: send images, a zip of images, or image ids.")
