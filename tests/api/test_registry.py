@@ -356,6 +356,12 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
         "/model/predict", params={"models": "sketch@2"}, files={"file": ("d.png", drawing())}, headers=user
     )
     assert r.status_code == 422 and r.json()["detail"].startswith("Model sketch@2 is retired;"), r.text
+    # Registered at once without a number: each gets the next free one.
+    answers = await asyncio.gather(
+        *(client.post("/v1/admin/registry/versions", json=SKETCH_NEW, headers=admin) for _ in range(3))
+    )
+    assert [a.status_code for a in answers] == [201] * 3, [a.text for a in answers]
+    assert sorted(a.json()["version"] for a in answers) == [4, 5, 6]
 
 
 async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, str]:

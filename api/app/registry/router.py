@@ -71,13 +71,18 @@ async def register_version(
 ) -> ModelVersionPublic:
     """Register a new version (a canary without traffic, or a shadow); workers load it within seconds (admin)."""
     spec = body.model_dump(exclude={"reason", "version"})
+    # Without a number, the next one now; register_version takes the next free one under its lock.
     version = body.version or await service.next_version(session=session, name=body.name)
     try:
         entry = ModelEntry.model_validate({**spec, "version": version})
     except ValidationError as exc:
         raise HTTPException(status_code=422, detail=str(exc.errors()[0]["msg"])) from None
     row = await service.register_version(
-        session=session, actor=service.Actor(admin.id, admin.email), entry=entry, reason=body.reason
+        session=session,
+        actor=service.Actor(admin.id, admin.email),
+        entry=entry,
+        reason=body.reason,
+        next_free=body.version is None,
     )
     await live.reload(session, redis)
     return ModelVersionPublic.model_validate(row)

@@ -292,10 +292,14 @@ async def _commit_change(
     return change
 
 
-async def register_version(*, session: AsyncSession, actor: Actor, entry: ModelEntry, reason: str) -> ModelVersion:
+async def register_version(
+    *, session: AsyncSession, actor: Actor, entry: ModelEntry, reason: str, next_free: bool = False
+) -> ModelVersion:
     """Adds a version (a new model or a new version of one), enabled, as a canary without traffic:
     workers load it within seconds, then an admin gives it traffic. Its files are named by
-    ``{models_dir}/...`` or ``{trained_dir}/...`` templates, resolved on each worker.
+    ``{models_dir}/...`` or ``{trained_dir}/...`` templates, resolved on each worker. With
+    ``next_free``, the version gets the next free number, taken under the registry's lock (the
+    one in ``entry`` is ignored): concurrent registrations get one each.
 
     Raises 409 when the version exists, 422 for a file outside those two folders or a stable
     channel (a version becomes stable by promotion).
@@ -309,6 +313,8 @@ async def register_version(*, session: AsyncSession, actor: Actor, entry: ModelE
     if entry.channel == "stable":
         raise HTTPException(status_code=422, detail="A new version starts as a canary or a shadow; promote it after.")
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))"))
+    if next_free:
+        entry = entry.model_copy(update={"version": await next_version(session=session, name=entry.name)})
     exists = await session.scalar(
         select(ModelVersion.id).where(ModelVersion.name == entry.name, ModelVersion.version == entry.version)
     )
