@@ -92,12 +92,35 @@ class PixelStats:
         )
 
 
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+"""The first bytes of each supported format (their specifications' magic numbers; BMP's two
+letters "BM" are too common a start to tell)."""
+
+
+def _signature(data: bytes) -> str | None:
+    """The supported format ``data`` starts as, by its magic number; None for none of them."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise ImageRejected(415, "The file is empty; upload an image.")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if (looks_like := _signature(data)) is not None:
+            raise ImageRejected(
+                422, f"The file starts as a {looks_like} does but cannot be read; it is truncated or corrupt."
+            ) from None
         raise ImageRejected(
             415,
             "The file is not an image in a supported format " f"({', '.join(sorted(SUPPORTED_FORMATS - {'MPO'}))}).",

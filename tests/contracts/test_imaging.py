@@ -69,6 +69,11 @@ def test_large_jpeg_draft_decodes_small() -> None:
     assert img.size[0] < 1000 and img.size[0] >= 224
 
 
+def _broken_ihdr(png: bytes) -> bytes:
+    """``png`` with its IHDR chunk's CRC (bytes 29-32) flipped."""
+    return png[:29] + bytes(b ^ 0xFF for b in png[29:33]) + png[33:]
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [
@@ -77,6 +82,11 @@ def test_large_jpeg_draft_decodes_small() -> None:
         (b"just some text, not an image", 415),
         (encode(split_colour(256), "JPEG")[:-600], 422),
         (encode(split_colour(256), "PNG")[:200], 422),
+        # A PNG whose header checksum is broken (Pillow cannot identify it): corrupt, not unsupported.
+        (_broken_ihdr(encode(split_colour(64), "PNG")), 422),
+        (b"\xff\xd8\xff" + bytes(20), 422),
+        (b"GIF89a" + bytes(3), 422),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 ", 422),
     ],
 )
 def test_rejections(data: bytes, status: int) -> None:
