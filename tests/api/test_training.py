@@ -216,10 +216,19 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
     for other in (b"sketch2/v20", b"sketch/v\xd9\xa3", b"\xffsketch/v30"):  # not sketch's, not digits, not UTF-8
         await own_stack.app.state.redis.hset(training.RECORDS_KEY, other, "{}")
 
-    # Queued with no trainer yet: cancelled at once.
-    r = await client.post("/v1/admin/training-runs", json=body, headers=admin)
-    assert r.status_code == 202, r.text
+    # Queued with no trainer yet: cancelled at once. Asked for three times at once, one is queued
+    # and the others are told so; their exported examples are not left behind.
+    answers = await asyncio.gather(
+        *(client.post("/v1/admin/training-runs", json=body, headers=admin) for _ in range(3))
+    )
+    assert sorted(a.status_code for a in answers) == [202, 409, 409], [a.text for a in answers]
+    for refused in (a for a in answers if a.status_code == 409):
+        detail = refused.json()["detail"]
+        assert "is queued or running" in detail or "started at the same moment: it is queued now" in detail, detail
+    r = next(a for a in answers if a.status_code == 202)
     queued = r.json()
+    data_dir = own_stack.app.state.settings.training_data_dir
+    assert [p.name for p in data_dir.iterdir()] == [queued["id"]]
     assert queued["version"] == 8, queued
     assert (await client.post("/v1/admin/training-runs", json=body, headers=admin)).status_code == 409
     r = await client.post(f"/v1/admin/training-runs/{queued['id']}/cancel", headers=admin)

@@ -3,14 +3,17 @@ training worker, followed through its events, and registered in shadow when they
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
+import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
+from anyio import to_thread
 from fastapi import HTTPException
 from redis.asyncio import Redis
 from sqlalchemy import func, select
@@ -122,7 +125,11 @@ async def create_run(
         await session.commit()
     except IntegrityError:
         await session.rollback()
-        raise HTTPException(status_code=409, detail=f"Another run of {name} took version {version}; retry.") from None
+        await to_thread.run_sync(functools.partial(shutil.rmtree, out, ignore_errors=True))  # no row will name it
+        raise HTTPException(
+            status_code=409,
+            detail=f"A training run of {name} (version {version}) was started at the same moment: it is queued now.",
+        ) from None
     job = training.TrainingJob(
         run_id=str(run.id),
         model=name,
