@@ -12,15 +12,20 @@ import statistics
 import time
 import uuid
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.app.batches.models import Batch
 from api.app.core.config import Settings
+from api.app.images.storage import LocalBlobStore
 from api.app.main import create_app
+from contracts.registry import ModelEntry
 from tests.conftest import Users, client_for
 from tests.images import noise_png
 from tests.support import PHOTOS, RedisServer
@@ -331,6 +336,35 @@ async def test_people_stay_fast_while_a_large_batch_runs(client: httpx.AsyncClie
     raise AssertionError(f"p95 (idle, during the batch) in s, three times: {tries}")
 
 
+async def running_batch(
+    session: AsyncSession,
+    store: LocalBlobStore,
+    settings: Settings,
+    owner: int,
+    entry: ModelEntry,
+    seeds: Iterable[int],
+) -> Batch:
+    """A received batch (``running``) of one noise picture per seed for ``entry``, its jobs pending."""
+    from api.app.batches.service import _add_job, _Builder, _flush
+    from api.app.images import service as images_service
+
+    seeds = list(seeds)
+    batch = Batch(owner_id=owner, status="running", models=[entry.key], entries=len(seeds))
+    session.add(batch)
+    await session.flush()
+    built = _Builder(batch=batch, entries=[entry], owner_id=owner)
+    for seed in seeds:
+        data = noise_png(seed)
+        info, sha = await images_service.inspect_upload(data, settings)
+        image = await images_service.add_image(
+            session=session, store=store, owner_id=owner, data=data, info=info, sha256=sha, filename="x.png"
+        )
+        job_id = await _add_job(session, built, image.id)
+        built.items.append(built._item(f"{seed}.png", sha256=sha, image_id=image.id, job_id=job_id))
+    await _flush(session, built)
+    return batch
+
+
 async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
     fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -339,10 +373,7 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
     from sqlalchemy import select
 
     from api.app.batches import lane
-    from api.app.batches.models import Batch
-    from api.app.batches.service import _add_job, _Builder, _flush
     from api.app.core.db import make_engine, make_sessionmaker
-    from api.app.images import service as images_service
     from api.app.images.storage import LocalBlobStore
     from api.app.predictions.models import Job
     from api.app.users.models import User
@@ -361,19 +392,7 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
             # The sketch batch is older and larger than any window of oldest jobs the lane might
             # look at: the served model's job behind it is still found.
             for ref, seeds in (("sketch@3", range(1, 51)), ("mobilenet_v2@1", [51])):
-                batch = Batch(owner_id=owner, status="running", models=[ref], entries=len(seeds))
-                session.add(batch)
-                await session.flush()
-                built = _Builder(batch=batch, entries=[registry[ref]], owner_id=owner)
-                for seed in seeds:
-                    data = noise_png(seed)
-                    info, sha = await images_service.inspect_upload(data, fresh_settings)
-                    image = await images_service.add_image(
-                        session=session, store=store, owner_id=owner, data=data, info=info, sha256=sha, filename="x.png"
-                    )
-                    job_id = await _add_job(session, built, image.id)
-                    built.items.append(built._item(f"{seed}.png", sha256=sha, image_id=image.id, job_id=job_id))
-                await _flush(session, built)
+                await running_batch(session, store, fresh_settings, owner, registry[ref], seeds)
             served = {"mobilenet_v2@1"}
 
             async def top_up() -> int:
@@ -402,10 +421,7 @@ async def test_a_batch_cancelled_with_jobs_in_flight_ends_once_they_are_answered
     from sqlalchemy import select, update
 
     from api.app.batches import lane
-    from api.app.batches.models import Batch
-    from api.app.batches.service import _add_job, _Builder, _flush
     from api.app.core.db import make_engine, make_sessionmaker
-    from api.app.images import service as images_service
     from api.app.images.storage import LocalBlobStore
     from api.app.predictions.models import Job
     from api.app.users.models import User
@@ -420,19 +436,7 @@ async def test_a_batch_cancelled_with_jobs_in_flight_ends_once_they_are_answered
         async with make_sessionmaker(engine)() as session:
             owner = await session.scalar(select(User.id).limit(1))
             assert owner is not None
-            batch = Batch(owner_id=owner, status="running", models=[entry.key], entries=3)
-            session.add(batch)
-            await session.flush()
-            built = _Builder(batch=batch, entries=[entry], owner_id=owner)
-            for seed in (1, 2, 3):
-                data = noise_png(seed)
-                info, sha = await images_service.inspect_upload(data, fresh_settings)
-                image = await images_service.add_image(
-                    session=session, store=store, owner_id=owner, data=data, info=info, sha256=sha, filename="x.png"
-                )
-                job_id = await _add_job(session, built, image.id)
-                built.items.append(built._item(f"{seed}.png", sha256=sha, image_id=image.id, job_id=job_id))
-            await _flush(session, built)
+            batch = await running_batch(session, store, fresh_settings, owner, entry, [1, 2, 3])
             first = await session.scalar(select(Job.id).where(Job.owner_id == owner).order_by(Job.created_at).limit(1))
             await session.execute(update(Job).where(Job.id == first).values(status="queued"))  # in flight
             await session.commit()

@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     """Largest accepted image area (width x height); larger is treated as a decompression bomb."""
     max_concurrent_decodes: int = Field(default=2, ge=1)
     """Uploads decoded at once by each API process; more wait their turn. A 50-megapixel upload
-    takes a few hundred MB while it is checked, so this bounds the memory uploads can take."""
+    takes a few hundred MB while it is checked, so this bounds the memory uploads can take (and
+    what a decode of 4 megapixels or more freed goes back to the system at once, not kept per thread)."""
     predict_deadline_seconds: float = 30.0
     """How long POST /model/predict waits for its result before answering 504."""
     job_deadline_seconds: float = 300.0
