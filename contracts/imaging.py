@@ -5,10 +5,12 @@ The API uses it to validate uploads and draw previews, the model service to buil
 
 from __future__ import annotations
 
+import ctypes
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -261,3 +263,20 @@ def load_image(data: bytes, *, mode: str = "RGB", draft_size: tuple[int, int] | 
     """
     with _classified():
         return _prepare(_open(data), mode=mode, draft_size=draft_size)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return cast(Callable[[int], int], ctypes.CDLL("libc.so.6").malloc_trim)
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Hands the heap pages this process freed back to the system (glibc's ``malloc_trim``, in
+    every thread's arena); glibc otherwise keeps them for reuse, per thread. No-op elsewhere."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -8,7 +8,6 @@ crash is never answered twice.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -28,6 +27,7 @@ import redis
 import redis.exceptions
 
 from contracts import keys, registry_live, streams, workers
+from contracts.imaging import trim_heap
 from contracts.messages import (
     NOT_TRAINED_YET,
     Heartbeat,
@@ -629,8 +629,7 @@ def release_memory() -> None:
     """Hands the memory of dropped models back to the system: a collection frees their objects, and
     glibc's malloc_trim returns the freed heap pages (otherwise kept for reuse by this process)."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 def main() -> None:
