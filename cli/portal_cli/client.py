@@ -11,6 +11,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -53,6 +54,18 @@ class _ProgressReader(io.BufferedReader):
         chunk = super().read(size)
         self._on_position(self.tell())
         return chunk
+
+
+@dataclass
+class SentBatch:
+    """What the portal answered to a batch sent."""
+
+    batch_id: str
+    batch: dict[str, Any] | None
+    """The batch with its ``counts``; None while an earlier send with the same key is still being
+    received (the portal's 409)."""
+    replayed: bool
+    """The batch was made by an earlier send with the same key, not by this one."""
 
 
 class Portal:
@@ -98,8 +111,16 @@ class Portal:
         return {"Authorization": f"Bearer {self.login_state.token}"}
 
     def _send(
-        self, method: str, path: str, *, auth: bool = True, headers: dict[str, str] | None = None, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: bool = True,
+        headers: dict[str, str] | None = None,
+        expected: tuple[int, ...] = (),
+        **kwargs: Any,
     ) -> httpx.Response:
+        """The answer; raises PortalError for an error status, unless it is one of ``expected``."""
         headers = {**(self._auth_headers() if auth else {}), **(headers or {})}
         try:
             response = self.http.request(method, path, headers=headers, **kwargs)
@@ -107,7 +128,8 @@ class Portal:
             raise PortalError(f"The portal at {self.url} did not answer in time.", ExitCode.UNAVAILABLE) from None
         except httpx.TransportError as exc:
             raise PortalError(f"Cannot reach the portal at {self.url} ({exc}).", ExitCode.UNAVAILABLE) from None
-        self._check(response)
+        if response.status_code not in expected:
+            self._check(response)
         return response
 
     @contextmanager
@@ -200,20 +222,40 @@ class Portal:
     # --- batches ------------------------------------------------------------------------------
 
     def create_batch(
-        self, archive: Path, models: list[str], on_sent: Callable[[int], None] | None = None
-    ) -> dict[str, Any]:
-        """Sends a zip of images as a new batch, streamed from disk; ``on_sent`` is told the bytes
-        sent so far. The API's 202 answer: the batch (``id``, ``status``, ``counts``)."""
+        self,
+        archive: Path,
+        models: list[str],
+        *,
+        name: str,
+        idempotency_key: str,
+        on_sent: Callable[[int], None] | None = None,
+    ) -> SentBatch:
+        """Sends a zip of images as a new batch, streamed from disk, as the file ``name``, with
+        the ``Idempotency-Key`` header: the same zip sent again with the same key (after a lost
+        answer) gets the batch the first send made. ``on_sent`` is told the bytes sent so far."""
         with _ProgressReader(io.FileIO(archive, "rb"), on_sent or (lambda _n: None)) as body:
-            return dict(
-                self._json(
-                    "POST",
-                    "/v1/batches",
-                    files={"file": (archive.name, body, "application/zip")},
-                    data={"models": ",".join(models)},
-                    timeout=UPLOAD,
-                )
+            response = self._send(
+                "POST",
+                "/v1/batches",
+                files={"file": (name, body, "application/zip")},
+                data={"models": ",".join(models)},
+                headers={"Idempotency-Key": idempotency_key},
+                expected=(409,),
+                timeout=UPLOAD,
             )
+        location = response.headers.get("location", "")
+        if response.status_code == 409 and location.startswith("/v1/batches/"):
+            return SentBatch(batch_id=location.rsplit("/", 1)[1], batch=None, replayed=True)
+        if response.status_code == 409:
+            self._check(response)
+        try:
+            batch = dict(response.json())
+        except ValueError:
+            raise PortalError(
+                f"The portal at {self.url} answered something else than JSON.", ExitCode.UNAVAILABLE
+            ) from None
+        replayed = response.headers.get("idempotent-replayed") == "true"
+        return SentBatch(batch_id=str(batch["id"]), batch=batch, replayed=replayed)
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         """A batch with its ``counts`` (images, queued, running, done, failed, skipped, eta_seconds)."""

@@ -117,15 +117,20 @@ def write_private(path: Path, text: str) -> None:
 
 @dataclass
 class BatchState:
-    """A batch sent for one input, remembered until its results are downloaded."""
+    """A batch sent for one input, remembered from just before it is sent until its results are
+    downloaded."""
 
     source: str
     """The input's absolute path."""
-    batch_id: str
+    batch_id: str | None
+    """None from just before it is sent until the portal answers with the batch's id."""
     url: str
     models: list[str]
     created_at: float
     """Epoch seconds."""
+    idempotency_key: str = ""
+    """The ``Idempotency-Key`` it is sent with: sent again with it after an interruption before
+    the answer, the portal answers with the batch it received, if it did."""
 
 
 class BatchStates:

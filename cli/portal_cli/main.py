@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,7 @@ from rich.progress import (
 )
 
 from portal_cli.archive import collect, zip_images
-from portal_cli.client import Portal
+from portal_cli.client import Portal, SentBatch
 from portal_cli.config import (
     BatchState,
     BatchStates,
@@ -280,9 +281,13 @@ def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
             time.sleep(POLL_SECONDS)
 
 
-def _upload(portal: Portal, source: Path, models: list[str]) -> dict[str, Any]:
-    """Sends ``source`` (a zip, or a directory zipped into a temporary file first) as a new batch;
-    the API's answer. Raises PortalError 1 for a directory without images."""
+def _upload(portal: Portal, source: Path, models: list[str], idempotency_key: str) -> SentBatch:
+    """Sends ``source`` (a zip, or a directory zipped into a temporary file first, named after
+    it) as a new batch with ``idempotency_key``; the API's answer. Raises PortalError 1 for a
+    directory without images.
+
+    The same unchanged directory zips to the same bytes (entries in path order, with the files'
+    own times), so a send repeated with the same key is the same request to the portal."""
     if source.is_dir():
         found = collect(source)
         if found.left_out:
@@ -299,10 +304,45 @@ def _upload(portal: Portal, source: Path, models: list[str]) -> dict[str, Any]:
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
         with Progress(*columns, TimeRemainingColumn(), console=_stderr) as bar:
             task = bar.add_task("Uploading", total=size)
-            return portal.create_batch(archive, models, lambda sent: bar.update(task, completed=sent))
+            return portal.create_batch(
+                archive,
+                models,
+                name=source.name if archive == source else f"{source.name}.zip",
+                idempotency_key=idempotency_key,
+                on_sent=lambda sent: bar.update(task, completed=sent),
+            )
     finally:
         if archive != source:
             archive.unlink(missing_ok=True)
+
+
+def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> str:
+    """Sends the input of ``state`` as a batch with a new key (or ``resend``, the key of a send
+    interrupted before its answer), remembered before it is sent and again with the batch's id;
+    the id. A refused input is forgotten: the next run sends it with a new key."""
+    state.idempotency_key = resend or str(uuid.uuid4())
+    states.remember(state)
+    source = Path(state.source)
+    try:
+        sent = _upload(portal, source, state.models, state.idempotency_key)
+    except PortalError as exc:
+        if exc.code != ExitCode.INPUT:
+            raise
+        states.forget(state.source)
+        if resend is None:
+            raise
+        raise PortalError(f"{exc.message} The next run sends {source} as a new batch.", exc.code) from None
+    state.batch_id = sent.batch_id
+    # Remembered before following, so that an interruption from here on resumes it.
+    states.remember(state)
+    if sent.batch is None:
+        _note(f"The portal is still receiving batch {sent.batch_id} from the interrupted send: following it.")
+    elif sent.replayed:
+        _note(f"The portal had received batch {sent.batch_id} before the interruption: following it.")
+    else:
+        counts = sent.batch["counts"]
+        _note(f"Batch {sent.batch_id}: {counts['images']} images to classify, {counts['skipped']} files skipped.")
+    return sent.batch_id
 
 
 def _write_results(portal: Portal, batch_id: str, out: str) -> None:
@@ -377,13 +417,22 @@ def batch(
         if cancel:
             if remembered is None:
                 raise PortalError(f"No batch of {source} to cancel on {portal.url}.")
+            if remembered.batch_id is None:
+                raise PortalError(
+                    f"The batch of {source} was interrupted while it was being sent: run the command without "
+                    "--cancel to learn whether the portal received it."
+                )
             counts = portal.cancel_batch(remembered.batch_id)["counts"]
             states.forget(key)
             _note(f"Cancelled batch {remembered.batch_id}: {counts['done']} done, {counts['queued']} were waiting.")
             return
+        resend: str | None = None
         if remembered and not new and sorted(remembered.models) != sorted(models):
-            _note(f"Batch {remembered.batch_id} of {source} used other models; sending a new one.")
-        elif remembered and not new:
+            _note(f"The batch sent for {source} before used other models; sending a new one.")
+        elif remembered and not new and remembered.batch_id is None:
+            # Interrupted before the portal answered: the same key gets the batch if it arrived.
+            resend = remembered.idempotency_key or None
+        elif remembered and not new and remembered.batch_id is not None:
             try:
                 portal.batch(remembered.batch_id)
                 batch_id = remembered.batch_id
@@ -392,23 +441,17 @@ def batch(
                 if exc.code != ExitCode.INPUT:
                     raise
                 _note(f"Batch {remembered.batch_id} is gone ({exc.message}); sending a new one.")
-        elif remembered:
+        elif remembered and remembered.batch_id is not None:
             _note(f"Sending a new batch; the earlier one ({remembered.batch_id}) goes on.")
         try:
             if batch_id is None:
-                created = _upload(portal, source, models)
-                batch_id = str(created["id"])
-                # Remembered before following, so that an interruption from here on resumes it.
-                states.remember(BatchState(key, batch_id, portal.url, models, time.time()))
-                counts = created["counts"]
-                _note(f"Batch {batch_id}: {counts['images']} images to classify, {counts['skipped']} files skipped.")
+                batch_id = _send_batch(portal, states, BatchState(key, None, portal.url, models, time.time()), resend)
             final = _follow(portal, batch_id)
         except KeyboardInterrupt:
             if batch_id is None:
-                # The request may have reached the portal before the answer did.
                 _note(
-                    "portal: interrupted while the batch was being sent: the portal may have received it "
-                    "(see `GET /v1/batches`); run the command again to send it again."
+                    "portal: interrupted while the batch was being sent. Run the same command again: the "
+                    "portal answers with the batch if it received it, and it is sent again if not."
                 )
             else:
                 _note(

@@ -21,7 +21,7 @@ from PIL import Image
 
 from contracts.imaging import UPLOAD_EXTENSIONS
 from portal_cli.archive import IMAGE_EXTENSIONS
-from portal_cli.config import BatchStates, config_path
+from portal_cli.config import BatchState, BatchStates, config_path
 from tests.cli.conftest import Account, run, stored
 from tests.support import PHOTOS, free_port
 
@@ -153,7 +153,7 @@ def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_
     )
     try:
         deadline = time.monotonic() + 60
-        while (state := BatchStates().get(key)) is None:
+        while (state := BatchStates().get(key)) is None or state.batch_id is None:
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the batch id was never saved"
             time.sleep(0.02)
@@ -176,6 +176,73 @@ def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_
     listed = batches(logged_in)
     assert listed["count"] == 1, listed  # followed, not uploaded a second time
     assert BatchStates().get(key) is None
+
+
+def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged_in: Account, tmp_path: Path) -> None:
+    """Ctrl-C once the portal has the batch but before its answer reached the CLI: the next run
+    sends the same zip with the same Idempotency-Key and follows the batch the portal already had."""
+    folder = tmp_path / "collection"
+    names = make_images(folder, 200)
+    out = tmp_path / "results.csv"
+    key = str(folder.resolve())
+    headers = logged_in.headers()
+    first = subprocess.Popen(
+        [str(PORTAL), "batch", str(folder), "-m", MODEL, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not httpx.get(f"{logged_in.url}/v1/batches", headers=headers).json()["count"]:
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the portal never received the batch"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGINT)  # the portal is receiving it; its answer has not come
+        _, err = first.communicate(timeout=30)
+    finally:
+        first.kill()
+    state = BatchStates().get(key)
+    assert first.returncode == 130 and state is not None and state.batch_id is None, err
+    assert "interrupted while the batch was being sent" in err and state.idempotency_key
+
+    again = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert again.exit_code == 0, again.output
+    [made] = batches(logged_in)["data"]  # type: ignore[misc]
+    assert isinstance(made, dict)
+    assert re.search(rf"(had received|still receiving) batch {made['id']}", again.stderr), again.stderr
+    assert sorted(r["file_name"] for r in rows(out)) == sorted(names)
+    assert BatchStates().get(key) is None
+
+
+def test_a_resent_batch_whose_files_changed_is_refused_then_sent_anew(logged_in: Account, tmp_path: Path) -> None:
+    """A run interrupted before its answer, then the folder changed: the key is the portal's
+    for other files, so the resend is refused (exit 1) and forgotten; the next run sends a new batch."""
+    folder = tmp_path / "collection"
+    make_images(folder, 3)
+    out = tmp_path / "results.csv"
+    key = str(folder.resolve())
+    idempotency_key = "interrupted-send-1"
+    headers = {**logged_in.headers(), "Idempotency-Key": idempotency_key}
+    earlier = (folder / "img001.png").read_bytes()
+    r = httpx.post(
+        f"{logged_in.url}/v1/batches",
+        files={"file": ("earlier.png", earlier, "image/png")},
+        data={"models": MODEL},
+        headers=headers,
+    )
+    assert r.status_code == 202, r.text
+    BatchStates().remember(BatchState(key, None, logged_in.url, [MODEL], time.time(), idempotency_key))
+
+    refused = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.exit_code == 1 and "Idempotency-Key" in last and "next run sends" in last, refused.output
+    assert BatchStates().get(key) is None and not out.exists()
+    anew = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert anew.exit_code == 0, anew.output
+    assert len(rows(out)) == 3 and batches(logged_in)["count"] == 2
 
 
 def test_a_stale_login_is_renewed_and_an_expired_one_refused(logged_in: Account) -> None:

@@ -143,7 +143,8 @@ async def cancel(
 ) -> int | None:
     """Cancels what of the batch has not been queued yet (what is queued still gets its answer),
     when its status (read once its row is locked) is one of ``only_if``; how many jobs were
-    cancelled, None when it was not (another status, or gone with its owner). Commits.
+    cancelled, None when it was not (another status, or gone with its owner). A batch cancelled
+    while ``receiving`` lets go of its ``idempotency_key``. Commits.
 
     Locks in the order every writer of a batch takes them: its owner's row (``OWNER_KEY_SHARE``,
     as deleting the user takes it first), the batch's row (as the request receiving it takes it
@@ -176,6 +177,9 @@ async def cancel(
     open_left = await session.scalar(
         select(exists().where(BatchItem.batch_id == batch.id, BatchItem.job_id == Job.id, Job.status.in_(OPEN)))
     )
+    if batch.status == "receiving":
+        # Never fully received: sending the same request again with its key makes a new batch.
+        batch.idempotency_key = None
     batch.status = "cancelled"
     if not open_left:
         batch.finished_at = now

@@ -14,6 +14,7 @@ class Batch(OwnedMixin, Base):
     """A collection of images classified by the same model versions, through the batch lane."""
 
     __tablename__ = "batches"
+    __table_args__ = (Index("uq_batches_owner_idempotency_key", "owner_id", "idempotency_key", unique=True),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
     status: Mapped[str] = mapped_column(String(16))
@@ -29,6 +30,13 @@ class Batch(OwnedMixin, Base):
     """While ``receiving``: when its request last took a file (noted ten times per timeout at
     most). A batch that received nothing for ``BATCH_RECEIVE_TIMEOUT_SECONDS`` was left by a
     process that stopped (``lane.cancel_orphaned``)."""
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    """The ``Idempotency-Key`` header its request carried, unique per owner: the same request sent
+    again with it gets this batch back instead of a second one. Released (None) when the batch is
+    cancelled before it was fully received, so that sending it again makes a new one."""
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    """With a key: SHA-256 of what the request asked for (``service.request_fingerprint``), so that
+    the key sent again with other files, image ids or models is refused, not answered with this batch."""
 
 
 class BatchItem(Base):

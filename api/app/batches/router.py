@@ -3,13 +3,24 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Response, UploadFile
 
 from api.app.batches import lane, service
 from api.app.batches.models import Batch
 from api.app.batches.schemas import BatchDetail, BatchesPublic, BatchPublic, BatchResult, BatchResults
 from api.app.catalog.service import requested_refs
-from api.app.core.responses import AUTHED, BAD_REQUEST, INVALID, NOT_FOUND, TOO_LARGE, TOO_MANY, UNAVAILABLE
+from api.app.core.responses import (
+    AUTHED,
+    BAD_REQUEST,
+    INVALID,
+    NOT_FOUND,
+    RETRY_AFTER,
+    TOO_LARGE,
+    TOO_MANY,
+    UNAVAILABLE,
+    Responses,
+    error,
+)
 from api.app.deps import (
     CurrentUser,
     PageDep,
@@ -23,7 +34,17 @@ from api.app.deps import (
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-CREATE_RESPONSES = {**BAD_REQUEST, **AUTHED, **TOO_LARGE, **INVALID, **TOO_MANY, **UNAVAILABLE}
+IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,255}$"
+"""What an ``Idempotency-Key`` may be: 1 to 255 visible ASCII characters (a UUID is the usual choice)."""
+REPLAYED = "Idempotent-Replayed"
+"""Set to ``true`` on the answer that returns the batch an earlier request with the same key made."""
+IN_PROGRESS: Responses = {
+    409: error(
+        "A request with this Idempotency-Key is still being received; its batch is at Location",
+        headers={**RETRY_AFTER, "Location": {"description": "The batch's URL", "schema": {"type": "string"}}},
+    )
+}
+CREATE_RESPONSES = {**BAD_REQUEST, **AUTHED, **IN_PROGRESS, **TOO_LARGE, **INVALID, **TOO_MANY, **UNAVAILABLE}
 
 
 def _ids(text: str) -> list[uuid.UUID]:
@@ -58,15 +79,31 @@ async def create_batch(
     image_ids: Annotated[
         list[str], Form(description="Ids of images already uploaded, separated by commas (or repeated)")
     ] = [],  # noqa: B006
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            pattern=IDEMPOTENCY_KEY,
+            description="Any unique value (a UUID): the same request sent again with it returns the first "
+            "one's batch instead of making a second",
+        ),
+    ] = None,
+    *,
+    response: Response,
 ) -> BatchDetail:
     """Classify many images: ``file`` parts (images or zips of images; at most MAX_BATCH_BYTES in
     all) and/or ``image_ids``, each by the ``models``. 202 with the batch and its counts; follow
     it with ``GET /v1/batches/{id}``. Bad files are listed as skipped (see the results), the rest
     go on. 413: more than MAX_BATCH_IMAGES files or MAX_BATCH_BYTES; 422: an unreadable zip, an
     entry name that leaves the archive, a zip bomb, an empty batch, unknown models, ``models``
-    both in the form and in the query; 429: too many of your batch images waiting."""
+    both in the form and in the query; 429: too many of your batch images waiting.
+
+    With an ``Idempotency-Key`` header, a request sent again (after a lost answer) gets the batch
+    the first one made, as it is now, with ``Idempotent-Replayed: true``; 409 while the first is
+    still being received (its batch at ``Location``), 422 when the key came before with other files,
+    image ids or models. A batch cancelled before it was fully received releases its key."""
     refs = requested_refs(form=models, query=models_in_query)
-    batch = await service.create_batch(
+    batch, replayed = await service.create_batch(
         session=session,
         store=store,
         workers=workers,
@@ -76,7 +113,10 @@ async def create_batch(
         files=file,
         image_ids=_ids(",".join(image_ids)),
         refs=refs,
+        idempotency_key=idempotency_key,
     )
+    if replayed:
+        response.headers[REPLAYED] = "true"
     counts = await service.counts(session=session, batch=batch)
     return BatchDetail(**BatchPublic.model_validate(batch).model_dump(), counts=counts)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import IO, Any, cast
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
 from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches import archive, lane
@@ -230,6 +232,70 @@ async def _plan(files: list[UploadFile], settings: Settings, extra: int) -> Plan
     return planned
 
 
+FINGERPRINT_CHUNK = 1 << 20
+"""Bytes read at a time when a keyed request's files are hashed."""
+
+
+def _fingerprint(files: list[tuple[str, IO[bytes]]], image_ids: list[uuid.UUID], refs: list[str]) -> str:
+    digest = hashlib.sha256(json.dumps({"models": refs, "image_ids": [str(i) for i in image_ids]}).encode("utf-8"))
+    for name, body in files:
+        body.seek(0)
+        file_digest = hashlib.sha256()
+        while chunk := body.read(FINGERPRINT_CHUNK):
+            file_digest.update(chunk)
+        body.seek(0)
+        digest.update(json.dumps([name, file_digest.hexdigest()]).encode("utf-8"))
+    return digest.hexdigest()
+
+
+async def request_fingerprint(*, files: list[UploadFile], image_ids: list[uuid.UUID], refs: list[str]) -> str:
+    """SHA-256 (64 hex digits) of what a batch request asks for: the model references as sent,
+    the image ids, and each file's name and content, in order. Reads every file once more, in a
+    worker thread, and leaves it at its start."""
+    named = [(upload.filename or "", cast(IO[bytes], upload.file)) for upload in files]
+    return await to_thread.run_sync(functools.partial(_fingerprint, named, image_ids, refs))
+
+
+async def _replayed(
+    session: AsyncSession, *, owner_id: int, idempotency_key: str, fingerprint: str, settings: Settings
+) -> Batch | None:
+    """The owner's batch made by a request with ``idempotency_key``, None when there is none.
+    Raises 422 when that request asked for something else, 409 (with ``Location`` and
+    ``Retry-After``) while it is still being received."""
+    batch = await session.scalar(
+        select(Batch).where(Batch.owner_id == owner_id, Batch.idempotency_key == idempotency_key)
+    )
+    if batch is None:
+        return None
+    if batch.request_fingerprint != fingerprint:
+        raise HTTPException(
+            status_code=422,
+            detail=f"This Idempotency-Key was sent before with other files, image ids or models (batch {batch.id}); "
+            "a new batch needs a new key.",
+        )
+    if batch.status == "receiving":
+        raise HTTPException(
+            status_code=409,
+            detail=f"The batch sent with this Idempotency-Key is still being received: follow "
+            f"GET /v1/batches/{batch.id}, or send it again in a moment.",
+            headers={"Location": f"/v1/batches/{batch.id}", "Retry-After": str(settings.retry_after_seconds)},
+        )
+    return batch
+
+
+async def _insert_batch(session: AsyncSession, values: dict[str, Any]) -> Batch | None:
+    """Inserts a ``receiving`` batch and commits; None when its owner already has a batch with its
+    idempotency key (the unique index settles two requests sent at once)."""
+    batch_id = await session.scalar(
+        pg_insert(Batch)
+        .values(id=uuid.uuid4(), status="receiving", **values)
+        .on_conflict_do_nothing(index_elements=["owner_id", "idempotency_key"])
+        .returning(Batch.id)
+    )
+    await session.commit()
+    return None if batch_id is None else await session.get(Batch, batch_id)
+
+
 async def create_batch(
     *,
     session: AsyncSession,
@@ -241,10 +307,17 @@ async def create_batch(
     files: list[UploadFile],
     image_ids: list[uuid.UUID],
     refs: list[str],
-) -> Batch:
+    idempotency_key: str | None = None,
+) -> tuple[Batch, bool]:
     """Stores a batch of ``files`` (images, or zips of images) and of the user's stored images
     ``image_ids``, each to be classified by the model versions ``refs`` name (the default model
-    when empty), and returns it ``running``: its jobs wait for the batch lane.
+    when empty), and returns it ``running`` (its jobs wait for the batch lane) with False.
+
+    With an ``idempotency_key`` (the ``Idempotency-Key`` header, draft-ietf-httpapi-idempotency-key-header):
+    when the owner already sent a batch with it, that batch is returned as it is now, with True,
+    and nothing is stored (no quota is checked either: it is the same batch). Raises 422 when that
+    batch's request asked for other files, image ids or models (``request_fingerprint``), 409 while
+    it is still being received. A batch cancelled before it was fully received no longer holds its key.
 
     Files that are no acceptable image, nested archives, encrypted or oversized entries and ids of
     images that are not the user's are listed as skipped with the reason. Raises 413 (more files
@@ -252,6 +325,14 @@ async def create_batch(
     empty batch, an unreadable zip, an entry name outside the archive, a zip bomb), 429 (more than
     MAX_BATCH_IMAGES_QUEUED_PER_USER of the user's batch images waiting), 503 (a model not served
     yet); 422 also when no file at all is an image (nothing to do)."""
+    fingerprint = None
+    if idempotency_key is not None:
+        fingerprint = await request_fingerprint(files=files, image_ids=image_ids, refs=refs)
+        kept = await _replayed(
+            session, owner_id=owner_id, idempotency_key=idempotency_key, fingerprint=fingerprint, settings=settings
+        )
+        if kept is not None:
+            return kept, True
     entries = resolve_models(
         refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
     )
@@ -265,9 +346,28 @@ async def create_batch(
             " may wait at once. Wait for a batch to finish or cancel one.",
             headers={"Retry-After": str(settings.retry_after_seconds)},
         )
-    batch = Batch(owner_id=owner_id, status="receiving", models=[e.key for e in entries], entries=images_planned)
-    session.add(batch)
-    await session.commit()
+    batch = await _insert_batch(
+        session,
+        {
+            "owner_id": owner_id,
+            "models": [e.key for e in entries],
+            "entries": images_planned,
+            "idempotency_key": idempotency_key,
+            "request_fingerprint": fingerprint,
+        },
+    )
+    if batch is None:  # the same request, sent at the same moment, made it first
+        assert idempotency_key is not None and fingerprint is not None
+        kept = await _replayed(
+            session, owner_id=owner_id, idempotency_key=idempotency_key, fingerprint=fingerprint, settings=settings
+        )
+        if kept is None:  # ... and was cancelled meanwhile, letting go of its key
+            raise HTTPException(
+                status_code=409,
+                detail="A batch with this Idempotency-Key was being received and was cancelled; send it again.",
+                headers={"Retry-After": "0"},
+            )
+        return kept, True
     b = _Builder(batch=batch, entries=entries, owner_id=owner_id)
     try:
         await _receive(session, store, settings, b, planned, image_ids)
@@ -282,7 +382,7 @@ async def create_batch(
     if batch.status == "cancelled":  # cancelled while it was being received
         await _flush(session, b)
         await lane.cancel(session=session, batch=batch)
-        return batch
+        return batch, False
     if not b.jobs_of:
         await _flush(session, b)
         await lane.cancel(session=session, batch=batch)
@@ -293,7 +393,7 @@ async def create_batch(
     batch.status, batch.entries = "running", len(b.items)
     session.add(batch)
     await _flush(session, b)
-    return batch
+    return batch, False
 
 
 async def _abandon(session: AsyncSession, b: _Builder) -> None:
