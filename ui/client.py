@@ -189,6 +189,14 @@ class BatchDetail(Batch):
     counts: BatchCounts
 
 
+class SentBatch(TypedDict):
+    """A batch as ``Api.create_batch`` sent it."""
+
+    batch: BatchDetail
+    replayed: bool
+    """Made by an earlier send of the same files (the same Idempotency-Key), not by this one."""
+
+
 class BatchesPage(TypedDict):
     data: list[Batch]
     count: int
@@ -472,16 +480,25 @@ class Api:
         self.timeout = timeout
         self.client_address = client_address
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        expected: tuple[int, ...] = (),
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """The answer; raises ApiError for an error status other than ``expected`` ones."""
+        sent = {**(headers or {}), **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
         if self.client_address:
-            headers["X-Forwarded-For"] = self.client_address
+            sent["X-Forwarded-For"] = self.client_address
         try:
             kwargs.setdefault("timeout", self.timeout)
-            response = httpx.request(method, self.base_url + path, headers=headers, **kwargs)
+            response = httpx.request(method, self.base_url + path, headers=sent, **kwargs)
         except httpx.HTTPError:
             raise ApiError(0, f"Cannot reach the portal API at {self.base_url}. Is it running?") from None
-        if response.status_code >= 400:
+        if response.status_code >= 400 and response.status_code not in expected:
             raise ApiError(response.status_code, _message(response))
         return response
 
@@ -562,12 +579,31 @@ class Api:
             if cursor is None:
                 return jobs
 
-    def create_batch(self, files: list[tuple[str, bytes]], models: list[str]) -> BatchDetail:
-        """Starts a batch of these (name, bytes) files (images or zips) for the model references."""
+    def create_batch(
+        self, files: list[tuple[str, bytes]], models: list[str], idempotency_key: str | None = None
+    ) -> SentBatch:
+        """Starts a batch of these (name, bytes) files (images or zips) for the model references.
+
+        With ``idempotency_key``, sending the same files again gets the batch the first send made
+        (``replayed``), also while the portal is still receiving it."""
         parts = [("file", (name, data)) for name, data in files]
         # Every image is checked and stored before the answer: a large collection takes minutes.
-        body = self.json("POST", "/v1/batches", files=parts, data={"models": ",".join(models)}, timeout=BATCH_TIMEOUT)
-        return _typed(_BATCH, body)
+        response = self._request(
+            "POST",
+            "/v1/batches",
+            files=parts,
+            data={"models": ",".join(models)},
+            headers={"Idempotency-Key": idempotency_key} if idempotency_key else None,
+            expected=(409,),
+            timeout=BATCH_TIMEOUT,
+        )
+        if response.status_code == 409:
+            location = response.headers.get("location", "")
+            if not location.startswith("/v1/batches/"):
+                raise ApiError(409, _message(response))
+            return {"batch": self.batch(location.rsplit("/", 1)[1]), "replayed": True}
+        replayed = response.headers.get("idempotent-replayed") == "true"
+        return {"batch": _typed(_BATCH, response.json()), "replayed": replayed}
 
     def batch(self, batch_id: str) -> BatchDetail:
         return _typed(_BATCH, self.json("GET", f"/v1/batches/{batch_id}"))

@@ -210,8 +210,9 @@ def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged
 
     again = run("batch", str(folder), "-m", MODEL, "--out", str(out))
     assert again.exit_code == 0, again.output
-    [made] = batches(logged_in)["data"]  # type: ignore[misc]
-    assert isinstance(made, dict)
+    listed = batches(logged_in)["data"]
+    assert isinstance(listed, list) and len(listed) == 1, listed  # followed, not sent a second time
+    made = listed[0]
     assert re.search(rf"(had received|still receiving) batch {made['id']}", again.stderr), again.stderr
     assert sorted(r["file_name"] for r in rows(out)) == sorted(names)
     assert BatchStates().get(key) is None

@@ -597,7 +597,7 @@ def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, por
     api.login(*new_user(api_url, portal))
     batch = api.create_batch(
         [("set.zip", zipped({f"{i}.png": noise_png(500 + i) for i in range(5)}))], ["mobilenet_v2@1"]
-    )
+    )["batch"]
     deadline = time.monotonic() + 120
     while api.batch(batch["id"])["status"] != "done":
         assert time.monotonic() < deadline

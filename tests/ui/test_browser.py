@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
@@ -356,3 +357,12 @@ def test_a_collection_as_a_zip(
     text_appears(browser, "1 file skipped")
     text_appears(browser, "Download the results (CSV)")
     shot(browser, "12-batch")
+    # A second click on the same dropped files shows their batch; it does not send a copy.
+    url, email, password = portal
+    token = httpx.post(f"{url}/v1/auth/login", data={"username": email, "password": password}).json()["access_token"]
+    listed = httpx.get(f"{url}/v1/batches", headers={"Authorization": f"Bearer {token}"}).json()
+    click_button(browser, "Start the batch")
+    text_appears(browser, "These files were sent already")
+    text_appears(browser, "6 of 6 images done")
+    again = httpx.get(f"{url}/v1/batches", headers={"Authorization": f"Bearer {token}"}).json()
+    assert again["count"] == listed["count"] and again["data"][0]["id"] == listed["data"][0]["id"], (listed, again)

@@ -3,7 +3,9 @@ progress and download its results."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import zipfile
 from datetime import timedelta
 
@@ -40,10 +42,13 @@ def batch_page(api: Api) -> None:
     chosen = choose_models(api, "batch", mode="RGB")
     if st.button("Start the batch", type="primary", disabled=not files or not chosen, key="batch_start"):
         sent = packed([(f.name, f.getvalue()) for f in files or []])
+        key = sending_key([f.file_id for f in files or []], chosen)
         with st.spinner("Sending and checking the files…"):
-            batch = guarded(api, lambda: api.create_batch(sent, chosen))
-        if batch is not None:
-            st.session_state["batch_id"] = batch["id"]
+            answer = guarded(api, lambda: api.create_batch(sent, chosen, idempotency_key=key))
+        if answer is not None:
+            st.session_state["batch_id"] = answer["batch"]["id"]
+            if answer["replayed"]:
+                st.info("These files were sent already: this is their batch. Drop them again to send a new one.")
     if batch_id := st.session_state.get("batch_id"):
         batch = guarded(api, lambda: api.batch(batch_id))
         if batch is not None and batch["status"] in ("receiving", "running"):
@@ -60,6 +65,13 @@ def batch_page(api: Api) -> None:
             if b["id"] != batch_id and right.button("Open", key=f"batch_open_{b['id']}"):
                 st.session_state["batch_id"] = b["id"]
                 st.rerun()
+
+
+def sending_key(file_ids: list[str], models: list[str]) -> str:
+    """The ``Idempotency-Key`` of sending these dropped files (Streamlit gives each drop of a file
+    its own id) to these models: a second click, or one after an answer that never came, gets the
+    batch the first click made instead of a copy; the same files dropped again are a new batch."""
+    return hashlib.sha256(json.dumps([file_ids, models]).encode("utf-8")).hexdigest()
 
 
 def packed(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
