@@ -91,6 +91,35 @@ def test_a_body_that_grows_past_the_limit_is_cut_off(api: tuple[Service, str]) -
     assert r.status_code == 413 and "10 MB" in r.text
 
 
+def test_a_multipart_body_cut_before_its_closing_boundary_is_400(api: tuple[Service, str]) -> None:
+    """A complete request whose multipart body stops inside its file (a client that cut it):
+    400 saying so, not a 422 about a missing field. The same body whole is stored, also with its
+    closing boundary split between two chunks."""
+    _, url = api
+    boundary = "portal-test-boundary-0123456789"
+    photo = (PHOTOS / "bird.bmp").read_bytes()
+    whole = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bird.bmp"\r\n'
+            "Content-Type: image/bmp\r\n\r\n"
+        ).encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Authorization": f"Bearer {token(url)}", "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    for cut in (whole[: len(whole) // 2], whole[: -len(boundary) // 2 - 4]):
+        r = httpx.post(f"{url}/v1/images", content=cut, headers=headers)
+        assert r.status_code == 400 and "closing boundary" in r.json()["detail"], r.text
+    split = len(whole) - len(boundary) // 2 - 4
+
+    def chunks() -> Iterator[bytes]:
+        yield whole[:split]
+        yield whole[split:]
+
+    r = httpx.post(f"{url}/v1/images", content=chunks(), headers=headers)
+    assert r.status_code == 201, r.text
+
+
 def test_json_bodies_are_capped(api: tuple[Service, str]) -> None:
     _, url = api
     r = httpx.post(

@@ -3,7 +3,8 @@
 FastAPI reads and parses a whole body (spooling a multipart upload to disk) before a route's
 dependencies run, so without this a 1 GB upload without a token would be written to disk and
 only then refused. Here a body that announces too large a size is refused at once (413), one
-that grows past the limit while it is read is cut off with 413, and an upload whose request
+that grows past the limit while it is read is cut off with 413, a multipart body that ends before
+its closing boundary (cut off on the way) is 400 rather than a form missing its file, and an upload whose request
 carries no valid bearer token, nor anything shaped like an API key, is refused (401) before a byte
 of its body is read. An API key is checked by the route (a database lookup): one that only looks
 right can make the API read at most one upload's limit before its 401.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app.core.security import TokenError, VerifiedTokens
@@ -47,6 +49,20 @@ async def _answer(send: Send, status: int, detail: str, headers: list[tuple[byte
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+CUT_OFF = (
+    "The multipart body ends before its closing boundary: it was cut off on the way, so some of its "
+    "parts may be missing. Send it again."
+)
+
+
+def _closing_delimiter(scope: Scope) -> bytes | None:
+    """``--boundary--``, the line that ends a multipart body (RFC 2046, section 5.1.1), from the
+    request's Content-Type; None without a boundary (the form parser refuses that itself)."""
+    _, options = parse_options_header(_header(scope, b"content-type"))
+    boundary = options.get(b"boundary")
+    return b"--" + boundary + b"--" if boundary else None
 
 
 class BodyLimitMiddleware:
@@ -89,16 +105,26 @@ class BodyLimitMiddleware:
             return
         received = 0
         answered = False
+        closing = _closing_delimiter(scope) if multipart else None
+        closed, tail = closing is None, b""
 
         async def bounded_receive() -> Message:
-            nonlocal received, answered
+            nonlocal received, answered, closed, tail
             message = await receive()
             if message["type"] == "http.request" and not answered:
-                received += len(message.get("body", b""))
+                body = message.get("body", b"")
+                received += len(body)
                 if received > limit:
                     await _answer(send, 413, self._too_large(multipart, batch))
                     answered = True
-            # Past the limit the app sees the client gone, and its own answer is dropped.
+                elif not closed and closing is not None:
+                    # The delimiter may straddle two chunks: the end of the last one is kept.
+                    closed = closing in tail + body
+                    tail = (tail + body)[-(len(closing) - 1) :]
+                    if not closed and not message.get("more_body", False):
+                        await _answer(send, 400, CUT_OFF)
+                        answered = True
+            # Past the limit, or cut off, the app sees the client gone, and its own answer is dropped.
             return {"type": "http.disconnect"} if answered else message
 
         async def guarded_send(message: Message) -> None:
