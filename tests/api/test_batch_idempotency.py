@@ -19,7 +19,7 @@ from api.app.predictions.models import Job
 from contracts import keys
 from tests.conftest import Users, client_for
 from tests.images import noise_png
-from tests.support import pause_inspection
+from tests.support import Pause, pause_inspection
 
 pytestmark = pytest.mark.usefixtures("everything_served")
 
@@ -43,6 +43,20 @@ async def send(
         data={"models": models},
         headers={**headers, **({"Idempotency-Key": key} if key is not None else {})},
     )
+
+
+async def held_at_second_file(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    files: list[tuple[str, bytes]],
+    key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Pause, asyncio.Task[httpx.Response]]:
+    """The batch sent with ``key``, held at its 2nd file's check until ``Pause.resume`` is set."""
+    frozen = pause_inspection(monkeypatch, at=2)
+    sending = asyncio.create_task(send(client, headers, files, key))
+    await asyncio.wait_for(frozen.reached.wait(), 10)
+    return frozen, sending
 
 
 async def batches_of(app: FastAPI, owner_id: int) -> list[tuple[uuid.UUID, str]]:
@@ -119,10 +133,8 @@ async def test_a_key_whose_batch_is_still_being_received_answers_409_with_its_lo
     batch's URL and Retry-After, and stores nothing. Once the first ends, the key returns its batch."""
     user, headers = await users.create()
     files, key = pngs(400, 3), str(uuid.uuid4())
-    frozen = pause_inspection(monkeypatch, at=2)
-    sending = asyncio.create_task(send(client, headers, files, key))
+    frozen, sending = await held_at_second_file(client, headers, files, key, monkeypatch)
     try:
-        await asyncio.wait_for(frozen.reached.wait(), 10)
         [(batch_id, status)] = await batches_of(app, user["id"])
         assert status == "receiving"
         r = await send(client, headers, files, key)
@@ -145,10 +157,8 @@ async def test_a_batch_cancelled_while_received_lets_go_of_its_key(
     is not answered with the cancelled half. A batch cancelled after it was received keeps its key."""
     user, headers = await users.create()
     files, key = pngs(500, 3), str(uuid.uuid4())
-    frozen = pause_inspection(monkeypatch, at=2)
-    sending = asyncio.create_task(send(client, headers, files, key))
+    frozen, sending = await held_at_second_file(client, headers, files, key, monkeypatch)
     try:
-        await asyncio.wait_for(frozen.reached.wait(), 10)
         [(batch_id, _)] = await batches_of(app, user["id"])
         cancelled = await client.delete(f"/v1/batches/{batch_id}", headers=headers)
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text

@@ -136,12 +136,9 @@ def test_a_directory_of_200_images_as_a_batch(logged_in: Account, tmp_path: Path
     assert batches(logged_in)["count"] == 1
 
 
-def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_path: Path) -> None:
-    folder = tmp_path / "collection"
-    names = make_images(folder, 60)
-    out = tmp_path / "results.csv"
-    key = str(folder.resolve())
-    first = subprocess.Popen(
+def start_batch(folder: Path, out: Path) -> subprocess.Popen[str]:
+    """``portal batch FOLDER --out OUT`` as its own process, to be interrupted with Ctrl-C."""
+    return subprocess.Popen(
         [str(PORTAL), "batch", str(folder), "-m", MODEL, "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -151,6 +148,14 @@ def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_
         # and Python then installs no KeyboardInterrupt for it).
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_path: Path) -> None:
+    folder = tmp_path / "collection"
+    names = make_images(folder, 60)
+    out = tmp_path / "results.csv"
+    key = str(folder.resolve())
+    first = start_batch(folder, out)
     try:
         deadline = time.monotonic() + 60
         while (state := BatchStates().get(key)) is None or state.batch_id is None:
@@ -186,14 +191,7 @@ def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged
     out = tmp_path / "results.csv"
     key = str(folder.resolve())
     headers = logged_in.headers()
-    first = subprocess.Popen(
-        [str(PORTAL), "batch", str(folder), "-m", MODEL, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    first = start_batch(folder, out)
     try:
         deadline = time.monotonic() + 60
         while not httpx.get(f"{logged_in.url}/v1/batches", headers=headers).json()["count"]:
