@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -14,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 import redis
+from fastapi import FastAPI
 
 from api.app.core.config import Settings
 from api.app.images import service as images_service
@@ -233,3 +235,15 @@ async def blob_lock(settings: Settings, sha: str) -> tuple[asyncpg.Connection, A
     await tx.start()
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)
     return conn, tx
+
+
+@contextmanager
+def app_settings(app: FastAPI, **update: Any) -> Iterator[Settings]:
+    """The app's settings with ``update`` for the block (the app is shared by the session's tests),
+    then as they were."""
+    kept: Settings = app.state.settings
+    app.state.settings = kept.model_copy(update=update)
+    try:
+        yield app.state.settings
+    finally:
+        app.state.settings = kept

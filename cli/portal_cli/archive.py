@@ -4,6 +4,7 @@ fit in memory."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -13,6 +14,15 @@ from pathlib import Path
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff"})
 """File name endings the portal accepts (``contracts.imaging.UPLOAD_EXTENSIONS``; this package is
 installed without the portal's code, and a test keeps the two equal)."""
+
+
+ENTRY_TIME = (1980, 1, 1, 0, 0, 0)
+"""The time of every entry: the earliest a zip can hold (the files' own times would make a touched
+file, or one dated before 1980, another zip or none)."""
+ENTRY_MODE = 0o100644
+"""A regular file, readable by all, for every entry."""
+COPY_CHUNK = 1 << 20
+"""Bytes copied at a time from an image into the zip."""
 
 
 @dataclass
@@ -53,14 +63,21 @@ def zip_images(folder: Path, images: list[Path], on_added: Callable[[int], None]
     which the caller deletes. ``on_added`` is told how many files are in so far.
 
     Entries are stored, not deflated: photos are compressed already, and deflating them again
-    would cost CPU for nothing. Raises OSError when a file cannot be read or the disk is full."""
+    would cost CPU for nothing. Every entry has the same time and mode (``ENTRY_TIME``,
+    ``ENTRY_MODE``), so the same images zip to the same bytes whatever their files' times: a batch
+    sent again after an interruption is the same request to the portal. Raises OSError when a
+    file cannot be read or the disk is full."""
     fd, name = tempfile.mkstemp(prefix="portal-batch-", suffix=".zip")
     os.close(fd)
     path = Path(name)
     try:
         with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             for n, image in enumerate(images, start=1):
-                archive.write(image, image.relative_to(folder).as_posix())
+                info = zipfile.ZipInfo(image.relative_to(folder).as_posix(), date_time=ENTRY_TIME)
+                info.external_attr = ENTRY_MODE << 16
+                info.file_size = image.stat().st_size
+                with image.open("rb") as src, archive.open(info, "w") as dst:
+                    shutil.copyfileobj(src, dst, COPY_CHUNK)
                 if on_added:
                     on_added(n)
     except BaseException:

@@ -63,9 +63,11 @@ class SentBatch:
     batch_id: str
     batch: dict[str, Any] | None
     """The batch with its ``counts``; None while an earlier send with the same key is still being
-    received (the portal's 409)."""
+    received (the portal's 409), or when that send had other files (``changed``)."""
     replayed: bool
     """The batch was made by an earlier send with the same key, not by this one."""
+    changed: bool = False
+    """The earlier send with the same key had other files or models (the portal's 422)."""
 
 
 class Portal:
@@ -232,7 +234,9 @@ class Portal:
     ) -> SentBatch:
         """Sends a zip of images as a new batch, streamed from disk, as the file ``name``, with
         the ``Idempotency-Key`` header: the same zip sent again with the same key (after a lost
-        answer) gets the batch the first send made. ``on_sent`` is told the bytes sent so far."""
+        answer) gets the batch the first send made, also while the portal is still receiving it
+        (409) or when that send had other files (422): the portal names the batch in ``Location``.
+        ``on_sent`` is told the bytes sent so far."""
         with _ProgressReader(io.FileIO(archive, "rb"), on_sent or (lambda _n: None)) as body:
             response = self._send(
                 "POST",
@@ -240,14 +244,14 @@ class Portal:
                 files={"file": (name, body, "application/zip")},
                 data={"models": ",".join(models)},
                 headers={"Idempotency-Key": idempotency_key},
-                expected=(409,),
+                expected=(409, 422),
                 timeout=UPLOAD,
             )
         location = response.headers.get("location", "")
-        if response.status_code == 409 and location.startswith("/v1/batches/"):
-            return SentBatch(batch_id=location.rsplit("/", 1)[1], batch=None, replayed=True)
-        if response.status_code == 409:
-            self._check(response)
+        if response.status_code in (409, 422) and location.startswith("/v1/batches/"):
+            changed = response.status_code == 422
+            return SentBatch(batch_id=location.rsplit("/", 1)[1], batch=None, replayed=True, changed=changed)
+        self._check(response)
         try:
             batch = dict(response.json())
         except ValueError:

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from portal_cli.errors import ExitCode, PortalError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -156,6 +158,13 @@ class BatchStates:
 
     def forget(self, source: str) -> None:
         self._file(source).unlink(missing_ok=True)
+
+    def lock(self, source: str) -> FileLock:
+        """The lock one ``portal batch`` of ``source`` holds while it runs (not blocking: acquiring
+        it while another run holds it raises ``filelock.Timeout`` at once), so that two runs of
+        one input never both send it."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return FileLock(self._file(source).with_suffix(".lock"), timeout=0)
 
 
 def not_logged_in(url: str) -> PortalError:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import filelock
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -95,6 +96,8 @@ POLL_SECONDS = 1.0
 RETRY_SECONDS = 5.0
 RETRIES = 12
 """A batch being followed survives a minute of the portal being unreachable (a restart)."""
+RESENDS = 2
+"""How many times a batch cut off while the portal received it from an interrupted send is sent again."""
 
 _stderr = Console(stderr=True, highlight=False)
 
@@ -281,68 +284,112 @@ def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
             time.sleep(POLL_SECONDS)
 
 
-def _upload(portal: Portal, source: Path, models: list[str], idempotency_key: str) -> SentBatch:
-    """Sends ``source`` (a zip, or a directory zipped into a temporary file first, named after
-    it) as a new batch with ``idempotency_key``; the API's answer. Raises PortalError 1 for a
-    directory without images.
+def _archive(source: Path) -> Path:
+    """``source`` itself (a zip), or a directory zipped into a temporary file the caller deletes.
+    Raises PortalError 1 for a directory without images."""
+    if not source.is_dir():
+        return source
+    found = collect(source)
+    if found.left_out:
+        _note(f"{found.left_out} file(s) without an image extension left out.")
+    if not found.images:
+        raise PortalError(f"No images in {source} (looked for .jpg, .png, .gif, .bmp, .webp, .tif).")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_stderr) as bar:
+        task = bar.add_task("Zipping", total=len(found.images))
+        return zip_images(source, found.images, lambda n: bar.update(task, completed=n))
 
-    The same unchanged directory zips to the same bytes (entries in path order, with the files'
-    own times), so a send repeated with the same key is the same request to the portal."""
-    if source.is_dir():
-        found = collect(source)
-        if found.left_out:
-            _note(f"{found.left_out} file(s) without an image extension left out.")
-        if not found.images:
-            raise PortalError(f"No images in {source} (looked for .jpg, .png, .gif, .bmp, .webp, .tif).")
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_stderr) as bar:
-            task = bar.add_task("Zipping", total=len(found.images))
-            archive = zip_images(source, found.images, lambda n: bar.update(task, completed=n))
-    else:
-        archive = source
+
+def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempotency_key: str) -> SentBatch:
+    """Sends ``archive`` as the file ``name`` with ``idempotency_key``, with a progress bar; the
+    API's answer."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=_stderr) as bar:
+        task = bar.add_task("Uploading", total=archive.stat().st_size)
+        return portal.create_batch(
+            archive,
+            models,
+            name=name,
+            idempotency_key=idempotency_key,
+            on_sent=lambda sent: bar.update(task, completed=sent),
+        )
+
+
+def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> SentBatch:
+    """Sends the input of ``state`` (a zip, or a directory zipped first and named after it) as a
+    batch with a new key, or ``resend``, the key of a send interrupted before its answer; the
+    portal's answer. The state is remembered once the zip is ready, before it is sent, and again
+    with the batch's id. A refused input is forgotten: the next run sends it with a new key.
+
+    Sent again, the same unchanged input is the same request (``zip_images`` writes the same
+    bytes), so the portal answers with the batch it received, if it did; if the input changed
+    since, the portal names the batch the interrupted send made, which is followed, as a batch
+    whose id was known would be."""
+    source = Path(state.source)
+    archive = _archive(source)
     try:
-        size = archive.stat().st_size
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-        with Progress(*columns, TimeRemainingColumn(), console=_stderr) as bar:
-            task = bar.add_task("Uploading", total=size)
-            return portal.create_batch(
-                archive,
-                models,
-                name=source.name if archive == source else f"{source.name}.zip",
-                idempotency_key=idempotency_key,
-                on_sent=lambda sent: bar.update(task, completed=sent),
-            )
+        state.idempotency_key = resend or str(uuid.uuid4())
+        states.remember(state)
+        name = source.name if archive == source else f"{source.name}.zip"
+        try:
+            sent = _upload(portal, archive, name, state.models, state.idempotency_key)
+        except PortalError as exc:
+            if exc.code == ExitCode.INPUT:
+                states.forget(state.source)
+            raise
     finally:
         if archive != source:
             archive.unlink(missing_ok=True)
-
-
-def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> str:
-    """Sends the input of ``state`` as a batch with a new key (or ``resend``, the key of a send
-    interrupted before its answer), remembered before it is sent and again with the batch's id;
-    the id. A refused input is forgotten: the next run sends it with a new key."""
-    state.idempotency_key = resend or str(uuid.uuid4())
-    states.remember(state)
-    source = Path(state.source)
-    try:
-        sent = _upload(portal, source, state.models, state.idempotency_key)
-    except PortalError as exc:
-        if exc.code != ExitCode.INPUT:
-            raise
-        states.forget(state.source)
-        if resend is None:
-            raise
-        raise PortalError(f"{exc.message} The next run sends {source} as a new batch.", exc.code) from None
     state.batch_id = sent.batch_id
     # Remembered before following, so that an interruption from here on resumes it.
     states.remember(state)
-    if sent.batch is None:
+    if sent.changed:
+        _note(
+            f"The portal received batch {sent.batch_id} from the interrupted send, before {source} changed: "
+            "following it (--new sends it as it is now)."
+        )
+    elif sent.batch is None:
         _note(f"The portal is still receiving batch {sent.batch_id} from the interrupted send: following it.")
     elif sent.replayed:
         _note(f"The portal had received batch {sent.batch_id} before the interruption: following it.")
     else:
         counts = sent.batch["counts"]
         _note(f"Batch {sent.batch_id}: {counts['images']} images to classify, {counts['skipped']} files skipped.")
-    return sent.batch_id
+    return sent
+
+
+@contextmanager
+def _alone(states: BatchStates, key: str, source: Path) -> Iterator[None]:
+    """Holds ``source``'s lock for the block; PortalError 1 when another run of it holds it."""
+    lock = states.lock(key)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise PortalError(
+            f"Another `portal batch` of {source} is running: wait for it to end, or stop it first."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _send_and_follow(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> dict[str, Any]:
+    """Follows the batch of ``state``, sent first when it has no id yet (``_send_batch``), until
+    it has finished; the last answer. A batch the portal was still receiving from an interrupted
+    send that then ends cancelled was cut off with its sender (its process stopped): its key is
+    free again, so the input is sent again with it, up to RESENDS times."""
+    resent = 0
+    while True:
+        receiving = False
+        if state.batch_id is None:
+            sent = _send_batch(portal, states, state, resend)
+            receiving = sent.batch is None and not sent.changed
+        assert state.batch_id is not None
+        final = _follow(portal, state.batch_id)
+        if not receiving or final["status"] != "cancelled" or resent == RESENDS:
+            return final
+        _note(f"Batch {state.batch_id} was cancelled before the portal had received all of it: sending it again.")
+        resend, state.batch_id, resent = state.idempotency_key, None, resent + 1
 
 
 def _write_results(portal: Portal, batch_id: str, out: str) -> None:
@@ -410,7 +457,7 @@ def batch(
     states = BatchStates()
     models = _models(model)
     batch_id: str | None = None
-    with _reported(), open_portal(url, api_key) as portal:
+    with _reported(), _alone(states, key, source), open_portal(url, api_key) as portal:
         remembered = states.get(key)
         if remembered and remembered.url != portal.url:
             remembered = None  # sent to another portal: not this one's batch
@@ -418,9 +465,11 @@ def batch(
             if remembered is None:
                 raise PortalError(f"No batch of {source} to cancel on {portal.url}.")
             if remembered.batch_id is None:
+                states.forget(key)
                 raise PortalError(
-                    f"The batch of {source} was interrupted while it was being sent: run the command without "
-                    "--cancel to learn whether the portal received it."
+                    f"The batch of {source} was interrupted while it was being sent, so its id is not known here: "
+                    "if the portal received it, it is among your batches (the UI, or GET /v1/batches) and can be "
+                    "cancelled there."
                 )
             counts = portal.cancel_batch(remembered.batch_id)["counts"]
             states.forget(key)
@@ -443,11 +492,16 @@ def batch(
                 _note(f"Batch {remembered.batch_id} is gone ({exc.message}); sending a new one.")
         elif remembered and remembered.batch_id is not None:
             _note(f"Sending a new batch; the earlier one ({remembered.batch_id}) goes on.")
+        elif remembered:
+            _note(
+                f"Sending a new batch; the interrupted send of {source} may have reached the portal: "
+                "see your batches (the UI, or GET /v1/batches)."
+            )
+        state = BatchState(key, batch_id, portal.url, models, time.time())
         try:
-            if batch_id is None:
-                batch_id = _send_batch(portal, states, BatchState(key, None, portal.url, models, time.time()), resend)
-            final = _follow(portal, batch_id)
+            final = _send_and_follow(portal, states, state, resend)
         except KeyboardInterrupt:
+            batch_id = state.batch_id
             if batch_id is None:
                 _note(
                     "portal: interrupted while the batch was being sent. Run the same command again: the "
@@ -459,14 +513,16 @@ def batch(
                     "and download the results (or add --cancel)."
                 )
             raise typer.Exit(ExitCode.INTERRUPTED) from None
-        assert out is not None
+        batch_id = state.batch_id
+        assert out is not None and batch_id is not None
         _write_results(portal, batch_id, out)
         states.forget(key)
         counts = final["counts"]
         where = "stdout" if out == "-" else out
+        cancelled = f"{counts['cancelled']} cancelled, " if counts.get("cancelled") else ""
         _note(
             f"Batch {batch_id} {final['status']}: {counts['done']} done, {counts['failed']} failed, "
-            f"{counts['skipped']} skipped; results in {where}."
+            f"{cancelled}{counts['skipped']} skipped; results in {where}."
         )
         if final["status"] == "cancelled":
             raise typer.Exit(ExitCode.INPUT)

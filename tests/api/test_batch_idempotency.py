@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from api.app.batches.models import Batch
 from api.app.core.config import Settings
@@ -19,7 +20,7 @@ from api.app.predictions.models import Job
 from contracts import keys
 from tests.conftest import Users, client_for
 from tests.images import noise_png
-from tests.support import Pause, pause_inspection
+from tests.support import Pause, app_settings, pause_inspection
 
 pytestmark = pytest.mark.usefixtures("everything_served")
 
@@ -111,6 +112,7 @@ async def test_a_key_sent_with_another_request_is_refused_and_keys_are_each_owne
     for files, models in ((pngs(300, 2), MODEL), (pngs(200, 3), MODEL), (pngs(200, 2), "sketch@1")):
         r = await send(client, headers, files, key, models)
         assert r.status_code == 422 and batch_id in r.json()["detail"] and "new key" in r.json()["detail"], r.text
+        assert r.headers["Location"] == f"/v1/batches/{batch_id}"
     assert [str(b) for b, _ in await batches_of(app, user["id"])] == [batch_id]
     theirs = await send(client, other, pngs(200, 2), key)
     assert theirs.status_code == 202 and theirs.json()["id"] != batch_id, theirs.text
@@ -123,6 +125,15 @@ async def test_a_key_sent_with_another_request_is_refused_and_keys_are_each_owne
             headers=[*((k.encode(), v.encode()) for k, v in headers.items()), (b"Idempotency-Key", bad.encode())],
         )
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"], (bad, r.text)
+    two = [
+        *((k.encode(), v.encode()) for k, v in headers.items()),
+        (b"Idempotency-Key", b"a"),
+        (b"Idempotency-Key", b"b"),
+    ]
+    r = await client.post(
+        "/v1/batches", files=[("file", ("a.png", noise_png(1, 32)))], data={"models": MODEL}, headers=two
+    )
+    assert r.status_code == 422 and "one Idempotency-Key" in r.json()["detail"], r.text
     assert len(await batches_of(app, user["id"])) == 1 and len(await batches_of(app, other_user["id"])) == 1
 
 
@@ -190,3 +201,34 @@ async def test_the_same_request_sent_five_times_at_once_makes_one_batch(
     for r in answers:
         assert r.status_code in (202, 409), r.text
         assert (r.json()["id"] if r.status_code == 202 else r.headers["Location"].rsplit("/", 1)[1]) == str(batch_id)
+
+
+async def test_a_batch_whose_process_stopped_receiving_it_is_made_anew_when_sent_again(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request is held at its 2nd file and its notes made BATCH_RECEIVE_TIMEOUT_SECONDS
+    old, as a process killed or stopped there leaves them: the same request again does not wait
+    on a 409 for the lane's sweep; it cancels that batch and makes the batch itself."""
+    user, headers = await users.create()
+    files, key = pngs(700, 3), str(uuid.uuid4())
+    # Notes a minute apart: none comes between the notes made old and the request sent again.
+    with app_settings(app, batch_receive_timeout_seconds=600.0) as settings:
+        frozen, sending = await held_at_second_file(client, headers, files, key, monkeypatch)
+        try:
+            [(stopped, _)] = await batches_of(app, user["id"])
+            long_ago = func.now() - timedelta(seconds=settings.batch_receive_timeout_seconds + 1)
+            async with app.state.sessionmaker() as session:
+                await session.execute(
+                    update(Batch).where(Batch.id == stopped).values(received_at=long_ago, created_at=long_ago)
+                )
+                await session.commit()
+            again = await send(client, headers, files, key)
+            assert again.status_code == 202 and again.json()["id"] != str(stopped), again.text
+            assert again.json()["status"] == "running" and "Idempotent-Replayed" not in again.headers
+            made = uuid.UUID(again.json()["id"])
+            assert await batches_of(app, user["id"]) == [(stopped, "cancelled"), (made, "running")]
+        finally:
+            frozen.resume.set()
+        first = await asyncio.wait_for(sending, 30)
+    assert first.status_code == 202 and first.json()["status"] == "cancelled", first.text
+    assert (await send(client, headers, files, key)).json()["id"] == str(made)

@@ -24,7 +24,7 @@ from api.app.predictions.models import Job, Prediction
 from contracts import keys
 from tests.conftest import Users
 from tests.images import noise_png
-from tests.support import pause_inspection, waiting_on_lock
+from tests.support import app_settings, pause_inspection, waiting_on_lock
 
 MODEL = "mobilenet_v2@1"
 
@@ -279,28 +279,32 @@ async def test_an_owners_cancel_racing_the_requests_last_commit_cancels_every_jo
 async def test_a_batch_received_slowly_is_not_taken_for_an_orphan(
     client: httpx.AsyncClient, app: FastAPI, users: Users, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each file takes 0.4 s to check and the timeout is 1.5 s; after the first, every file is a
-    copy of it (no new job). The request notes that it is still receiving (``received_at``), so
-    the sweep, run every 0.25 s, leaves the batch alone: it ends running, not cancelled."""
-    app.state.settings = settings.model_copy(update={"batch_receive_timeout_seconds": 1.5})
+    """Each file takes 0.4 s to check, one of them 2.5 s, and the timeout is 1.5 s; after the
+    first, every file is a copy of it (no new job). The request notes that it is alive
+    (``received_at``) while it waits on a file too, so the sweep, run every 0.25 s, leaves the
+    batch alone: it ends running, not cancelled."""
     _, headers = await users.create()
-    inspect = images_service.inspect_upload
+    with app_settings(app, batch_receive_timeout_seconds=1.5):
+        inspect = images_service.inspect_upload
+        calls = 0
 
-    async def slow(data: bytes, s: Settings) -> Any:
-        await asyncio.sleep(0.4)
-        return await inspect(data, s)
+        async def slow(data: bytes, s: Settings) -> Any:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(2.5 if calls == 3 else 0.4)
+            return await inspect(data, s)
 
-    monkeypatch.setattr(images_service, "inspect_upload", slow)
-    photo = png(9201)
-    files = [("file", ("first.png", photo))] + [("file", (f"copy-{i}.png", photo)) for i in range(8)]
-    sending = asyncio.create_task(client.post("/v1/batches", files=files, data={"models": MODEL}, headers=headers))
-    swept = 0
-    while not sending.done():
-        await asyncio.sleep(0.25)
-        async with app.state.sessionmaker() as session:
-            swept += await lane.cancel_orphaned(session=session, stale_after=timedelta(seconds=1.5))
-    r = await sending
-    assert swept == 0 and r.json()["status"] == "running", r.text
+        monkeypatch.setattr(images_service, "inspect_upload", slow)
+        photo = png(9201)
+        files = [("file", ("first.png", photo))] + [("file", (f"copy-{i}.png", photo)) for i in range(8)]
+        sending = asyncio.create_task(client.post("/v1/batches", files=files, data={"models": MODEL}, headers=headers))
+        swept = 0
+        while not sending.done():
+            await asyncio.sleep(0.25)
+            async with app.state.sessionmaker() as session:
+                swept += await lane.cancel_orphaned(session=session, stale_after=timedelta(seconds=1.5))
+        r = await sending
+        assert swept == 0 and r.json()["status"] == "running", r.text
 
 
 async def test_an_owners_cancel_and_the_sweep_wait_for_each_other_without_deadlock(

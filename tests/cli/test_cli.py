@@ -3,6 +3,7 @@ resume after an interruption) and the exit code of each kind of failure."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import os
@@ -12,15 +13,19 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
+import asyncpg
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from api.app.batches.service import _fingerprint
+from api.app.core.config import Settings
 from contracts.imaging import UPLOAD_EXTENSIONS
-from portal_cli.archive import IMAGE_EXTENSIONS
+from portal_cli.archive import IMAGE_EXTENSIONS, collect, zip_images
 from portal_cli.config import BatchState, BatchStates, config_path
 from tests.cli.conftest import Account, run, stored
 from tests.support import PHOTOS, free_port
@@ -216,9 +221,12 @@ def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged
     assert BatchStates().get(key) is None
 
 
-def test_a_resent_batch_whose_files_changed_is_refused_then_sent_anew(logged_in: Account, tmp_path: Path) -> None:
-    """A run interrupted before its answer, then the folder changed: the key is the portal's
-    for other files, so the resend is refused (exit 1) and forgotten; the next run sends a new batch."""
+def test_a_resent_batch_whose_files_changed_follows_the_batch_the_portal_received(
+    logged_in: Account, tmp_path: Path
+) -> None:
+    """A run interrupted before its answer, then the folder changed: the portal names the batch
+    the interrupted send made (422 with Location), and the next run follows it, as it follows a
+    batch whose id it had; --new then sends the folder as it is now."""
     folder = tmp_path / "collection"
     make_images(folder, 3)
     out = tmp_path / "results.csv"
@@ -235,13 +243,102 @@ def test_a_resent_batch_whose_files_changed_is_refused_then_sent_anew(logged_in:
     assert r.status_code == 202, r.text
     BatchStates().remember(BatchState(key, None, logged_in.url, [MODEL], time.time(), idempotency_key))
 
-    refused = run("batch", str(folder), "-m", MODEL, "--out", str(out))
-    last = refused.stderr.strip().splitlines()[-1]
-    assert refused.exit_code == 1 and "Idempotency-Key" in last and "next run sends" in last, refused.output
-    assert BatchStates().get(key) is None and not out.exists()
-    anew = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    followed = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert followed.exit_code == 0, followed.output
+    assert f"received batch {r.json()['id']} from the interrupted send, before" in followed.stderr
+    assert [row["file_name"] for row in rows(out)] == ["earlier.png"] and batches(logged_in)["count"] == 1
+    assert BatchStates().get(key) is None
+    anew = run("batch", str(folder), "-m", MODEL, "--out", str(out), "--new")
     assert anew.exit_code == 0, anew.output
     assert len(rows(out)) == 3 and batches(logged_in)["count"] == 2
+
+
+def test_a_batch_cut_off_while_received_is_sent_again_with_its_key(
+    logged_in: Account, tmp_path: Path, settings: Settings
+) -> None:
+    """An interrupted send left the portal receiving the batch (409): the next run follows it;
+    when it ends cancelled before it was received (here its owner cancels it; a stopped process
+    is cancelled by the lane), the run sends the folder again with the same key and follows
+    the batch that makes."""
+    folder = tmp_path / "collection"
+    names = make_images(folder, 4)
+    out = tmp_path / "results.csv"
+    key, idempotency_key = str(folder.resolve()), "interrupted-send-2"
+    archive = zip_images(folder, collect(folder).images)
+    with archive.open("rb") as zipped:
+        fingerprint = _fingerprint([("collection.zip", zipped)], [], [MODEL])
+    archive.unlink()
+    headers = logged_in.headers()
+    me = httpx.get(f"{logged_in.url}/v1/users/me", headers=headers).json()
+    receiving = asyncio.run(insert_receiving_batch(settings, me["id"], idempotency_key, fingerprint))
+    BatchStates().remember(BatchState(key, None, logged_in.url, [MODEL], time.time(), idempotency_key))
+
+    second = start_batch(folder, out)
+    try:
+        deadline = time.monotonic() + 60
+        while (state := BatchStates().get(key)) is None or state.batch_id != receiving:
+            assert second.poll() is None, second.communicate()
+            assert time.monotonic() < deadline, "the run never followed the batch being received"
+            time.sleep(0.05)
+        cancelled = httpx.delete(f"{logged_in.url}/v1/batches/{receiving}", headers=headers)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+        _, err = second.communicate(timeout=120)
+    finally:
+        second.kill()
+    assert second.returncode == 0, err
+    assert f"still receiving batch {receiving}" in err and "sending it again" in err, err
+    assert sorted(r["file_name"] for r in rows(out)) == sorted(names)
+    listed = batches(logged_in)
+    assert listed["count"] == 2, listed
+
+
+async def insert_receiving_batch(settings: Settings, owner_id: int, idempotency_key: str, fingerprint: str) -> str:
+    """A batch ``receiving`` with that key and fingerprint, as a send still being received leaves it."""
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        batch_id = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO batches (id, owner_id, status, models, entries, idempotency_key, request_fingerprint,"
+            " received_at, created_at) VALUES ($1, $2, 'receiving', $3, 4, $4, $5, now(), now())",
+            batch_id,
+            owner_id,
+            json.dumps([MODEL]),
+            idempotency_key,
+            fingerprint,
+        )
+        return str(batch_id)
+    finally:
+        await conn.close()
+
+
+def test_the_same_images_zip_to_the_same_bytes_whatever_their_files_times(tmp_path: Path) -> None:
+    """A touched file, or one dated before 1980 (which a zip cannot hold), zips as before: an
+    interrupted batch sent again is the same request."""
+    folder = tmp_path / "collection"
+    make_images(folder, 3)
+    images = collect(folder).images
+    first = zip_images(folder, images)
+    os.utime(images[0], (time.time() + 3600, time.time() + 3600))
+    os.utime(images[1], (157_766_400, 157_766_400))  # 1975
+    images[2].chmod(0o600)
+    second = zip_images(folder, images)
+    try:
+        assert first.read_bytes() == second.read_bytes()
+    finally:
+        first.unlink()
+        second.unlink()
+
+
+def test_two_runs_of_one_input_at_once_send_it_once(logged_in: Account, tmp_path: Path) -> None:
+    """While one ``portal batch`` of a folder runs (holds its lock), another of the same folder
+    is refused before anything is sent."""
+    folder = tmp_path / "collection"
+    make_images(folder, 2)
+    lock = BatchStates().lock(str(folder.resolve()))
+    with lock:
+        second = run("batch", str(folder), "-m", MODEL, "--out", str(tmp_path / "r.csv"))
+    assert second.exit_code == 1 and "Another `portal batch`" in one_line(second.stderr), second.output
+    assert batches(logged_in)["count"] == 0
 
 
 def test_a_stale_login_is_renewed_and_an_expired_one_refused(logged_in: Account) -> None:

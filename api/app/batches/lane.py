@@ -188,9 +188,9 @@ async def cancel(
 
 
 async def cancel_orphaned(*, session: AsyncSession, stale_after: timedelta) -> int:
-    """Cancels the batches still ``receiving`` that received nothing for ``stale_after`` (their
-    ``received_at``, or their creation before the first file): the request receiving them is gone
-    (its API process died). Their stored images keep what was answered; their pending jobs are
+    """Cancels the batches still ``receiving`` whose request has not noted that it is alive for
+    ``stale_after`` (their ``received_at``, or their creation before the first note): the request
+    receiving them is gone (its API process died or was stopped). Their stored images keep what was answered; their pending jobs are
     cancelled, so they no longer count against their owner's batch quota. How many batches were
     cancelled. Commits."""
     cutoff = datetime.now(UTC) - stale_after

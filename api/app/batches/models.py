@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -14,7 +14,10 @@ class Batch(OwnedMixin, Base):
     """A collection of images classified by the same model versions, through the batch lane."""
 
     __tablename__ = "batches"
-    __table_args__ = (Index("uq_batches_owner_idempotency_key", "owner_id", "idempotency_key", unique=True),)
+    __table_args__ = (
+        Index("uq_batches_owner_idempotency_key", "owner_id", "idempotency_key", unique=True),
+        Index("ix_batches_receiving", "created_at", postgresql_where=text("status = 'receiving'")),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
     status: Mapped[str] = mapped_column(String(16))
@@ -27,9 +30,9 @@ class Batch(OwnedMixin, Base):
     """Files received, images and skipped ones."""
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    """While ``receiving``: when its request last took a file (noted ten times per timeout at
-    most). A batch that received nothing for ``BATCH_RECEIVE_TIMEOUT_SECONDS`` was left by a
-    process that stopped (``lane.cancel_orphaned``)."""
+    """While ``receiving``: when its request last noted that it is alive (ten times per timeout,
+    however long a file takes). A batch not noted for ``BATCH_RECEIVE_TIMEOUT_SECONDS`` was left
+    by a process that stopped (``lane.cancel_orphaned``)."""
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     """The ``Idempotency-Key`` header its request carried, unique per owner: the same request sent
     again with it gets this batch back instead of a second one. Released (None) when the batch is

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
 
 from api.app.batches import lane, service
 from api.app.batches.models import Batch
@@ -34,6 +34,7 @@ from api.app.deps import (
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,255}$"
 """What an ``Idempotency-Key`` may be: 1 to 255 visible ASCII characters (a UUID is the usual choice)."""
 REPLAYED = "Idempotent-Replayed"
@@ -82,13 +83,14 @@ async def create_batch(
     idempotency_key: Annotated[
         str | None,
         Header(
-            alias="Idempotency-Key",
+            alias=IDEMPOTENCY_HEADER,
             pattern=IDEMPOTENCY_KEY,
             description="Any unique value (a UUID): the same request sent again with it returns the first "
             "one's batch instead of making a second",
         ),
     ] = None,
     *,
+    request: Request,
     response: Response,
 ) -> BatchDetail:
     """Classify many images: ``file`` parts (images or zips of images; at most MAX_BATCH_BYTES in
@@ -101,7 +103,10 @@ async def create_batch(
     With an ``Idempotency-Key`` header, a request sent again (after a lost answer) gets the batch
     the first one made, as it is now, with ``Idempotent-Replayed: true``; 409 while the first is
     still being received (its batch at ``Location``), 422 when the key came before with other files,
-    image ids or models. A batch cancelled before it was fully received releases its key."""
+    image ids or models (that batch at ``Location``) or when two keys are sent. A batch cancelled
+    before it was fully received, or whose process stopped while receiving it, releases its key."""
+    if len(request.headers.getlist(IDEMPOTENCY_HEADER)) > 1:
+        raise HTTPException(status_code=422, detail="Send one Idempotency-Key header, not several.")
     refs = requested_refs(form=models, query=models_in_query)
     batch, replayed = await service.create_batch(
         session=session,

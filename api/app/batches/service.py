@@ -4,13 +4,13 @@ images are computed once, and the jobs go through the batch lane (``lane``)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import functools
 import hashlib
 import io
 import json
 import logging
-import time
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from anyio import to_thread
 from fastapi import HTTPException, UploadFile
 from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from api.app.batches import archive, lane
 from api.app.batches.lane import OPEN
@@ -29,6 +29,7 @@ from api.app.batches.models import Batch, BatchItem
 from api.app.batches.schemas import BatchCounts
 from api.app.catalog.service import WorkerDirectory, resolve_models
 from api.app.core.config import Settings
+from api.app.core.errors import DB_ERRORS
 from api.app.core.fields import storable
 from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
@@ -41,13 +42,14 @@ log = logging.getLogger("api.batches")
 _jobs = cast(Table, Job.__table__)
 _predictions = cast(Table, Prediction.__table__)
 _items = cast(Table, BatchItem.__table__)
+_batches = cast(Table, Batch.__table__)
 PLACEHOLDER_DEADLINE = timedelta(days=30)
 """A pending job's deadline until the lane queues it and gives it a real one."""
 PACE_WINDOW_SECONDS = 60.0
 """The ETA of a batch follows the pace of its answers over this many seconds."""
 RECEIVED_NOTES_PER_TIMEOUT = 10
 """How often a request receiving a batch notes that it still is (``Batch.received_at``): this many
-times per BATCH_RECEIVE_TIMEOUT_SECONDS at most."""
+times per BATCH_RECEIVE_TIMEOUT_SECONDS."""
 
 
 @dataclass
@@ -62,8 +64,6 @@ class _Builder:
     """By SHA-256: the image and the job identical images share."""
     written: int = 0
     """Items inserted so far."""
-    noted_at: float | None = None
-    """When (``time.monotonic``) the batch's ``received_at`` was last set."""
     batch_id: uuid.UUID = field(init=False)
     """Read once: a rollback expires ``batch``, whose attributes cannot load on their own then."""
 
@@ -164,17 +164,22 @@ async def _add_image(
     await _flush(session, b)
 
 
-async def _still_receiving(session: AsyncSession, settings: Settings, b: _Builder) -> None:
-    """Sets the batch's ``received_at`` (RECEIVED_NOTES_PER_TIMEOUT times per timeout at most;
-    commits): the lane leaves a batch alone while it hears from its request
-    (``lane.cancel_orphaned``), however long the request takes, and whatever the files are
-    (copies and skipped files store no job)."""
-    every = settings.batch_receive_timeout_seconds / RECEIVED_NOTES_PER_TIMEOUT
-    if b.noted_at is not None and time.monotonic() - b.noted_at < every:
-        return
-    b.noted_at = time.monotonic()
-    await session.execute(update(Batch).where(Batch.id == b.batch_id).values(received_at=func.now()))
-    await session.commit()
+async def _keep_alive(engine: AsyncEngine, batch_id: uuid.UUID, every: float) -> None:
+    """Sets the batch's ``received_at`` every ``every`` seconds while it is ``receiving``, each time
+    in a statement of its own, until cancelled: the lane and a request sent again with the
+    batch's key know the process receiving it is alive (``lane.cancel_orphaned``, ``_replayed``),
+    however long one file takes. A failed note is logged; the next one may succeed."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    update(_batches)
+                    .where(_batches.c.id == batch_id, _batches.c.status == "receiving")
+                    .values(received_at=func.now())
+                )
+        except DB_ERRORS as exc:
+            log.warning("batch %s: could not note that it is still being received: %s", batch_id, exc)
 
 
 async def _flush(session: AsyncSession, b: _Builder) -> None:
@@ -260,8 +265,10 @@ async def _replayed(
     session: AsyncSession, *, owner_id: int, idempotency_key: str, fingerprint: str, settings: Settings
 ) -> Batch | None:
     """The owner's batch made by a request with ``idempotency_key``, None when there is none.
-    Raises 422 when that request asked for something else, 409 (with ``Location`` and
-    ``Retry-After``) while it is still being received."""
+    Raises 422 (with ``Location``) when that request asked for something else, 409 (with
+    ``Location`` and ``Retry-After``) while it is still being received. A batch still
+    ``receiving`` whose process stopped noting it (BATCH_RECEIVE_TIMEOUT_SECONDS) is cancelled
+    here, and None returned: the request sent again is the batch now."""
     batch = await session.scalar(
         select(Batch).where(Batch.owner_id == owner_id, Batch.idempotency_key == idempotency_key)
     )
@@ -272,7 +279,15 @@ async def _replayed(
             status_code=422,
             detail=f"This Idempotency-Key was sent before with other files, image ids or models (batch {batch.id}); "
             "a new batch needs a new key.",
+            headers={"Location": f"/v1/batches/{batch.id}"},
         )
+    noted = batch.received_at or batch.created_at
+    stopped = datetime.now(UTC) - noted > timedelta(seconds=settings.batch_receive_timeout_seconds)
+    if batch.status == "receiving" and stopped:
+        # The process receiving it stopped (its notes stopped): cancelled now, it lets go of the key.
+        log.warning("batch %s: left receiving by a process that stopped; sent again, it is made anew", batch.id)
+        await lane.cancel(session=session, batch=batch, only_if=("receiving",))
+        return None
     if batch.status == "receiving":
         raise HTTPException(
             status_code=409,
@@ -346,34 +361,39 @@ async def create_batch(
             " may wait at once. Wait for a batch to finish or cancel one.",
             headers={"Retry-After": str(settings.retry_after_seconds)},
         )
-    batch = await _insert_batch(
-        session,
-        {
-            "owner_id": owner_id,
-            "models": [e.key for e in entries],
-            "entries": images_planned,
-            "idempotency_key": idempotency_key,
-            "request_fingerprint": fingerprint,
-        },
-    )
+    values = {
+        "owner_id": owner_id,
+        "models": [e.key for e in entries],
+        "entries": images_planned,
+        "idempotency_key": idempotency_key,
+        "request_fingerprint": fingerprint,
+    }
+    batch = await _insert_batch(session, values)
     if batch is None:  # the same request, sent at the same moment, made it first
         assert idempotency_key is not None and fingerprint is not None
         kept = await _replayed(
             session, owner_id=owner_id, idempotency_key=idempotency_key, fingerprint=fingerprint, settings=settings
         )
-        if kept is None:  # ... and was cancelled meanwhile, letting go of its key
+        if kept is not None:
+            return kept, True
+        # ... and was cancelled meanwhile, letting go of its key.
+        batch = await _insert_batch(session, values)
+        if batch is None:
             raise HTTPException(
                 status_code=409,
-                detail="A batch with this Idempotency-Key was being received and was cancelled; send it again.",
-                headers={"Retry-After": "0"},
+                detail="Another request with this Idempotency-Key is being received; send it again in a moment.",
+                headers={"Retry-After": str(settings.retry_after_seconds)},
             )
-        return kept, True
     b = _Builder(batch=batch, entries=entries, owner_id=owner_id)
+    every = settings.batch_receive_timeout_seconds / RECEIVED_NOTES_PER_TIMEOUT
+    alive = asyncio.create_task(_keep_alive(cast(AsyncEngine, session.bind), b.batch_id, every))
     try:
         await _receive(session, store, settings, b, planned, image_ids)
     except BaseException:
         await _abandon(session, b)
         raise
+    finally:
+        alive.cancel()
     # The owner's row until the last commit: deleting the user waits for it, or came first (401).
     await images_service.lock_owner(session=session, owner_id=owner_id)
     # Locked: a cancel, by its owner or by the lane's sweep of orphaned batches, is seen here or
@@ -426,7 +446,6 @@ async def _receive(
 ) -> None:
     """Stores every planned file and stored image of the batch with its job (or as skipped)."""
     for upload, opened, members in planned:
-        await _still_receiving(session, settings, b)
         name = _file_name(upload.filename or "")
         if opened is None:
             data = await upload.read(settings.max_upload_bytes + 1)
@@ -436,7 +455,6 @@ async def _receive(
                 await _add_image(session, store, settings, b, name, data)
             continue
         for member in members:
-            await _still_receiving(session, settings, b)
             if member.info is None:
                 b.skipped(member.name, member.error or "skipped")
                 continue
@@ -448,7 +466,6 @@ async def _receive(
                 await _add_image(session, store, settings, b, member.name, content)
         opened.close()
     for image_id in image_ids:
-        await _still_receiving(session, settings, b)
         # The owner's row before the job's insert locks the image: deleting the user takes it first too.
         await images_service.lock_owner(session=session, owner_id=b.owner_id)
         image = await images_service.get_owned_image(session=session, owner_id=b.owner_id, image_id=image_id)

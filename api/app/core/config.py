@@ -191,9 +191,11 @@ class Settings(BaseSettings):
     person's request waits behind at most this many of them."""
     batch_job_seconds: float = Field(default=600.0, gt=0)
     """Deadline of each batch job from the moment it is queued."""
-    batch_receive_timeout_seconds: float = Field(default=600.0, gt=0)
-    """A batch still ``receiving`` whose request took no file for this long (it notes its progress
-    ten times per this period) was left by a process that stopped: the lane cancels it."""
+    batch_receive_timeout_seconds: float = Field(default=30.0, gt=0)
+    """A batch still ``receiving`` whose request has not noted for this long that it is alive (it
+    notes it ten times per this period, however long a file takes) was left by a process that
+    stopped: the lane cancels it, and the same request sent again with its Idempotency-Key makes a
+    new batch at once instead of waiting for it."""
     export_batch_rows: int = Field(default=500, ge=1, le=100_000)
     """Examples an export job reads from PostgreSQL and writes per step (and per progress update)."""
     export_poll_seconds: float = Field(default=1.0, gt=0)
