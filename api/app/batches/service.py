@@ -180,6 +180,8 @@ async def _keep_alive(engine: AsyncEngine, batch_id: uuid.UUID, every: float) ->
                 )
         except DB_ERRORS as exc:
             log.warning("batch %s: could not note that it is still being received: %s", batch_id, exc)
+        except Exception:  # a note that failed otherwise must not end the notes that follow
+            log.exception("batch %s: could not note that it is still being received", batch_id)
 
 
 async def _flush(session: AsyncSession, b: _Builder) -> None:
