@@ -7,7 +7,7 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.registry import DEFAULT_REGISTRY_PATH, ModelEntry, Registry, parse_model_ref
@@ -75,6 +75,11 @@ class ModelSettings(BaseSettings):
     """Threads one inference may use (TensorFlow intra-op, OpenVINO, TFLite): about the cores per worker."""
     tf_inter_op_threads: int = 1
     """TensorFlow threads running independent operations."""
+    batch_inference_cpus: int = Field(default=1, ge=0)
+    """CPUs the batch lane's jobs are inferred on (0: all of the worker's). On a host of few
+    cores, a batch inferred on all of them took the API's CPU from people's requests (p95 1.5-1.9
+    times idle on a 2-core host, 1.3 with one CPU: ``test_people_stay_fast_while_a_large_batch_runs``);
+    people's jobs still use every CPU."""
     cpu_nice: int = 10
     """Niceness added to the worker process: inference yields the CPU to the API on a shared host."""
     labels_ttl_s: int = 7 * 86400

@@ -41,6 +41,7 @@ from contracts.redis_policy import EvictionPolicyRefused, check_eviction_policy
 from contracts.registry import ModelEntry, Registry, load_registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
+from model.affinity import narrowed_cpus
 from model.config import ModelSettings
 from model.runtimes import (
     FailedLoads,
@@ -462,9 +463,11 @@ class Worker:
                 (
                     bulk if d.job is not None and d.job.request_id.startswith(keys.BATCH_REQUEST_PREFIX) else people
                 ).append(d)
-            for group in (people, bulk):
-                if group:
-                    self.process(stream, group)
+            if people:
+                self.process(stream, people)
+            if bulk:
+                with narrowed_cpus(self.settings.batch_inference_cpus):
+                    self.process(stream, bulk)
 
     def _fill(self, stream: str, deliveries: list[Delivery]) -> None:
         """Adds the jobs of the same model version already waiting, for up to MAX_BATCH_DELAY_MS.

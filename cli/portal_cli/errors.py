@@ -19,6 +19,8 @@ class ExitCode(IntEnum):
     """The portal cannot be reached, timed out, or answered 5xx."""
     INTERRUPTED = 130
     """Ctrl-C (128 + SIGINT, as shells report it)."""
+    TERMINATED = 143
+    """SIGTERM (128 + SIGTERM), once the temporary zip is deleted."""
 
 
 class PortalError(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -46,7 +47,8 @@ from portal_cli.errors import ExitCode, PortalError
 EPILOG = """**Exit codes**: **0** done;
 **1** the input was refused, by the portal (a 4xx other than 401/403) or here (no images, a file that cannot be read
 or written); **2** wrong usage; **3** not logged in, login expired or revoked, API key refused, or not allowed (401,
-403); **4** the portal cannot be reached, timed out or answered 5xx; **130** interrupted (Ctrl-C).
+403); **4** the portal cannot be reached, timed out or answered 5xx; **130** interrupted (Ctrl-C); **143**
+terminated (SIGTERM).
 
 **Settings**: PORTAL_URL, PORTAL_API_KEY, PORTAL_CONFIG (default ~/.config/portal/config.json)."""
 
@@ -96,8 +98,6 @@ POLL_SECONDS = 1.0
 RETRY_SECONDS = 5.0
 RETRIES = 12
 """A batch being followed survives a minute of the portal being unreachable (a restart)."""
-RESENDS = 2
-"""How many times a batch cut off while the portal received it from an interrupted send is sent again."""
 
 _stderr = Console(stderr=True, highlight=False)
 
@@ -335,6 +335,13 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
         except PortalError as exc:
             if exc.code == ExitCode.INPUT:
                 states.forget(state.source)
+                raise
+            if exc.code == ExitCode.UNAVAILABLE:
+                raise PortalError(
+                    f"{exc.message} Run the same command again: the portal answers with the batch if it "
+                    "received it, and it is sent again if not.",
+                    exc.code,
+                ) from None
             raise
     finally:
         if archive != source:
@@ -344,8 +351,8 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
     states.remember(state)
     if sent.changed:
         _note(
-            f"The portal received batch {sent.batch_id} from the interrupted send, before {source} changed: "
-            "following it (--new sends it as it is now)."
+            f"The interrupted send made batch {sent.batch_id} before {source} changed: following it "
+            "(--new sends it as it is now)."
         )
     elif sent.batch is None:
         _note(f"The portal is still receiving batch {sent.batch_id} from the interrupted send: following it.")
@@ -375,21 +382,23 @@ def _alone(states: BatchStates, key: str, source: Path) -> Iterator[None]:
 
 def _send_and_follow(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> dict[str, Any]:
     """Follows the batch of ``state``, sent first when it has no id yet (``_send_batch``), until
-    it has finished; the last answer. A batch the portal was still receiving from an interrupted
-    send that then ends cancelled was cut off with its sender (its process stopped): its key is
-    free again, so the input is sent again with it, up to RESENDS times."""
-    resent = 0
-    while True:
-        receiving = False
-        if state.batch_id is None:
-            sent = _send_batch(portal, states, state, resend)
-            receiving = sent.batch is None and not sent.changed
-        assert state.batch_id is not None
-        final = _follow(portal, state.batch_id)
-        if not receiving or final["status"] != "cancelled" or resent == RESENDS:
-            return final
-        _note(f"Batch {state.batch_id} was cancelled before the portal had received all of it: sending it again.")
-        resend, state.batch_id, resent = state.idempotency_key, None, resent + 1
+    it has finished; the last answer. Raises PortalError 1 when it ended cancelled before the
+    portal had received all of it (``fully_received``: its sending was cut off, its API process
+    stopped, or it was cancelled then), remembering the input as sent but unanswered: the next
+    run sends it again with its key, and the portal makes a new batch of it."""
+    if state.batch_id is None:
+        _send_batch(portal, states, state, resend)
+    assert state.batch_id is not None
+    final = _follow(portal, state.batch_id)
+    if final["status"] == "cancelled" and not final.get("fully_received", True):
+        cut_off = state.batch_id
+        state.batch_id = None
+        states.remember(state)
+        raise PortalError(
+            f"Batch {cut_off} was cancelled before the portal had received all of it (its sending was cut off, "
+            "or it was cancelled then). Run the same command to send it again, or add --cancel to forget it."
+        )
+    return final
 
 
 def _write_results(portal: Portal, batch_id: str, out: str) -> None:
@@ -473,7 +482,10 @@ def batch(
                 )
             counts = portal.cancel_batch(remembered.batch_id)["counts"]
             states.forget(key)
-            _note(f"Cancelled batch {remembered.batch_id}: {counts['done']} done, {counts['queued']} were waiting.")
+            _note(
+                f"Cancelled batch {remembered.batch_id}: {counts['done']} done, {counts['cancelled']} cancelled "
+                f"(of {counts['images']} images)."
+            )
             return
         resend: str | None = None
         if remembered and not new and sorted(remembered.models) != sorted(models):
@@ -528,9 +540,16 @@ def batch(
             raise typer.Exit(ExitCode.INPUT)
 
 
+def _terminated(_signum: int, _frame: object) -> None:
+    # SIGTERM (kill, a closed terminal's session) ends the command as Ctrl-C does not: the
+    # temporary zip is still deleted on the way out.
+    sys.exit(ExitCode.TERMINATED)
+
+
 def main() -> None:
     """The console script: runs the app; a bug of ours still ends in one line (PORTAL_DEBUG=1
     shows the traceback)."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except Exception as exc:

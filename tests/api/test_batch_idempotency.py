@@ -88,6 +88,7 @@ async def test_the_same_request_sent_again_gets_the_first_batch_even_past_the_qu
     async for client in client_for(app):
         first = await send(client, headers, files, key)
         assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers, first.text
+        assert first.json()["fully_received"] is True
         again = await send(client, headers, files, key)
         assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true", again.text
         assert again.json()["id"] == first.json()["id"] and again.json()["counts"]["images"] == 3, again.text
@@ -177,6 +178,7 @@ async def test_a_batch_cancelled_while_received_lets_go_of_its_key(
         frozen.resume.set()
     first = await asyncio.wait_for(sending, 30)
     assert first.status_code == 202 and first.json()["status"] == "cancelled", first.text
+    assert first.json()["fully_received"] is False  # its sender may send it again
     second = await send(client, headers, files, key)
     assert second.status_code == 202 and second.json()["id"] != str(batch_id), second.text
     assert second.json()["status"] == "running" and "Idempotent-Replayed" not in second.headers
@@ -207,10 +209,11 @@ async def test_a_batch_whose_process_stopped_receiving_it_is_made_anew_when_sent
     client: httpx.AsyncClient, app: FastAPI, users: Users, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first request is held at its 2nd file and its notes made BATCH_RECEIVE_TIMEOUT_SECONDS
-    old, as a process killed or stopped there leaves them: the same request again does not wait
-    on a 409 for the lane's sweep; it cancels that batch and makes the batch itself."""
+    old, as a process killed or stopped there leaves them: the request sent again, here with the
+    files changed meanwhile, does not wait on a 409 for the lane's sweep nor get a 422 for the
+    change; it cancels that batch and makes the batch itself."""
     user, headers = await users.create()
-    files, key = pngs(700, 3), str(uuid.uuid4())
+    files, changed, key = pngs(700, 3), pngs(800, 2), str(uuid.uuid4())
     # Notes a minute apart: none comes between the notes made old and the request sent again.
     with app_settings(app, batch_receive_timeout_seconds=600.0) as settings:
         frozen, sending = await held_at_second_file(client, headers, files, key, monkeypatch)
@@ -222,7 +225,7 @@ async def test_a_batch_whose_process_stopped_receiving_it_is_made_anew_when_sent
                     update(Batch).where(Batch.id == stopped).values(received_at=long_ago, created_at=long_ago)
                 )
                 await session.commit()
-            again = await send(client, headers, files, key)
+            again = await send(client, headers, changed, key)
             assert again.status_code == 202 and again.json()["id"] != str(stopped), again.text
             assert again.json()["status"] == "running" and "Idempotent-Replayed" not in again.headers
             made = uuid.UUID(again.json()["id"])
@@ -231,4 +234,4 @@ async def test_a_batch_whose_process_stopped_receiving_it_is_made_anew_when_sent
             frozen.resume.set()
         first = await asyncio.wait_for(sending, 30)
     assert first.status_code == 202 and first.json()["status"] == "cancelled", first.text
-    assert (await send(client, headers, files, key)).json()["id"] == str(made)
+    assert (await send(client, headers, changed, key)).json()["id"] == str(made)

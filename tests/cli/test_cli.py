@@ -141,14 +141,15 @@ def test_a_directory_of_200_images_as_a_batch(logged_in: Account, tmp_path: Path
     assert batches(logged_in)["count"] == 1
 
 
-def start_batch(folder: Path, out: Path) -> subprocess.Popen[str]:
-    """``portal batch FOLDER --out OUT`` as its own process, to be interrupted with Ctrl-C."""
+def start_batch(folder: Path, out: Path, **env: str) -> subprocess.Popen[str]:
+    """``portal batch FOLDER --out OUT`` as its own process (with ``env`` added to this one's),
+    to be interrupted with Ctrl-C."""
     return subprocess.Popen(
         [str(PORTAL), "batch", str(folder), "-m", MODEL, "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ.copy(),
+        env={**os.environ, **env},
         # Ctrl-C's default, even when the suite runs as a background job (which ignores SIGINT,
         # and Python then installs no KeyboardInterrupt for it).
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -245,7 +246,7 @@ def test_a_resent_batch_whose_files_changed_follows_the_batch_the_portal_receive
 
     followed = run("batch", str(folder), "-m", MODEL, "--out", str(out))
     assert followed.exit_code == 0, followed.output
-    assert f"received batch {r.json()['id']} from the interrupted send, before" in followed.stderr
+    assert f"The interrupted send made batch {r.json()['id']} before" in followed.stderr
     assert [row["file_name"] for row in rows(out)] == ["earlier.png"] and batches(logged_in)["count"] == 1
     assert BatchStates().get(key) is None
     anew = run("batch", str(folder), "-m", MODEL, "--out", str(out), "--new")
@@ -253,13 +254,13 @@ def test_a_resent_batch_whose_files_changed_follows_the_batch_the_portal_receive
     assert len(rows(out)) == 3 and batches(logged_in)["count"] == 2
 
 
-def test_a_batch_cut_off_while_received_is_sent_again_with_its_key(
+def test_a_batch_cut_off_while_received_is_sent_again_by_the_next_run(
     logged_in: Account, tmp_path: Path, settings: Settings
 ) -> None:
-    """An interrupted send left the portal receiving the batch (409): the next run follows it;
-    when it ends cancelled before it was received (here its owner cancels it; a stopped process
-    is cancelled by the lane), the run sends the folder again with the same key and follows
-    the batch that makes."""
+    """An interrupted send left the portal receiving the batch (409): the next run follows it.
+    It ends cancelled before it was all received (here its owner cancels it; a stopped process
+    is cancelled by the lane): that run says so and exits 1, not undoing a cancel by itself, and
+    the run after it sends the folder again with the same key, which makes a new batch."""
     folder = tmp_path / "collection"
     names = make_images(folder, 4)
     out = tmp_path / "results.csv"
@@ -285,8 +286,14 @@ def test_a_batch_cut_off_while_received_is_sent_again_with_its_key(
         _, err = second.communicate(timeout=120)
     finally:
         second.kill()
-    assert second.returncode == 0, err
-    assert f"still receiving batch {receiving}" in err and "sending it again" in err, err
+    assert second.returncode == 1 and f"still receiving batch {receiving}" in err, err
+    assert f"Batch {receiving} was cancelled before the portal had received all of it" in err, err
+    state = BatchStates().get(key)
+    assert state is not None and state.batch_id is None and state.idempotency_key == idempotency_key
+    assert not out.exists() and batches(logged_in)["count"] == 1
+
+    third = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert third.exit_code == 0, third.output
     assert sorted(r["file_name"] for r in rows(out)) == sorted(names)
     listed = batches(logged_in)
     assert listed["count"] == 2, listed
@@ -299,7 +306,7 @@ async def insert_receiving_batch(settings: Settings, owner_id: int, idempotency_
         batch_id = uuid.uuid4()
         await conn.execute(
             "INSERT INTO batches (id, owner_id, status, models, entries, idempotency_key, request_fingerprint,"
-            " received_at, created_at) VALUES ($1, $2, 'receiving', $3, 4, $4, $5, now(), now())",
+            " fully_received, received_at, created_at) VALUES ($1, $2, 'receiving', $3, 4, $4, $5, false, now(), now())",
             batch_id,
             owner_id,
             json.dumps([MODEL]),
@@ -309,6 +316,26 @@ async def insert_receiving_batch(settings: Settings, owner_id: int, idempotency_
         return str(batch_id)
     finally:
         await conn.close()
+
+
+def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(logged_in: Account, tmp_path: Path) -> None:
+    """SIGTERM (a kill, a closed terminal) during the upload: exit 143, and the zip of the folder
+    written to the temporary folder is deleted, as after Ctrl-C."""
+    folder, temporary = tmp_path / "collection", tmp_path / "tmp"
+    make_images(folder, 500)
+    temporary.mkdir()
+    sending = start_batch(folder, tmp_path / "results.csv", TMPDIR=str(temporary))
+    try:
+        deadline = time.monotonic() + 60
+        while not list(temporary.iterdir()):
+            assert sending.poll() is None, sending.communicate()
+            assert time.monotonic() < deadline, "no zip was written"
+            time.sleep(0.01)
+        sending.send_signal(signal.SIGTERM)
+        _, err = sending.communicate(timeout=30)
+    finally:
+        sending.kill()
+    assert sending.returncode == 143 and list(temporary.iterdir()) == [], err
 
 
 def test_the_same_images_zip_to_the_same_bytes_whatever_their_files_times(tmp_path: Path) -> None:

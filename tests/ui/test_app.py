@@ -727,3 +727,15 @@ def test_a_session_reads_the_model_catalog_again_once_it_is_old(api_url: str, po
     app.session_state["age"] = CATALOG_SECONDS
     app.run()
     assert app.session_state["calls"] == ["GET /v1/models", "GET /v1/models"]
+
+
+def test_dropped_images_pack_to_the_same_bytes_at_any_time() -> None:
+    """A second click on "Start the batch" is the same request as the first (the portal answers
+    it with the batch the first made): the packed zip does not carry the time it was packed."""
+    from ui.views.batch import ENTRY_TIME, packed
+
+    files = [(f"{i}.png", encode(split_colour(40 + i), "PNG")) for i in range(3)]
+    [(name, data)] = packed(files)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert name == "images.zip" and {info.date_time for info in archive.infolist()} == {ENTRY_TIME}
+    assert packed(files) == [(name, data)]

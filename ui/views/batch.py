@@ -25,6 +25,10 @@ STATUS_WORDS = {
 }
 
 
+ENTRY_TIME = (1980, 1, 1, 0, 0, 0)
+"""The time of every packed entry (the time of packing would make each click another request)."""
+
+
 def batch_page(api: Api) -> None:
     st.title("Classify a collection")
     settings = get_ui_settings()
@@ -77,7 +81,8 @@ def sending_key(file_ids: list[str], models: list[str]) -> str:
 def packed(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     """The dropped images in one zip (stored, not compressed: images are compressed already),
     beside the dropped zips: one part per archive, however many images (a form takes at most
-    1,000 parts)."""
+    1,000 parts). The same images pack to the same bytes (every entry has ``ENTRY_TIME``), so a
+    second click sends the same request as the first, which the portal answers with its batch."""
     zips = [(name, data) for name, data in files if name.lower().endswith(".zip")]
     images = [(name, data) for name, data in files if not name.lower().endswith(".zip")]
     if len(images) <= 1:
@@ -88,7 +93,8 @@ def packed(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         for name, data in images:
             # Two dropped files may share a name; each keeps its own entry.
             count = seen[name] = seen.get(name, 0) + 1
-            archive.writestr(name if count == 1 else f"{count}-{name}", data)
+            entry = zipfile.ZipInfo(name if count == 1 else f"{count}-{name}", date_time=ENTRY_TIME)
+            archive.writestr(entry, data)
     return [*zips, ("images.zip", buf.getvalue())]
 
 

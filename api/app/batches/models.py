@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -33,6 +33,10 @@ class Batch(OwnedMixin, Base):
     """While ``receiving``: when its request last noted that it is alive (ten times per timeout,
     however long a file takes). A batch not noted for ``BATCH_RECEIVE_TIMEOUT_SECONDS`` was left
     by a process that stopped (``lane.cancel_orphaned``)."""
+    fully_received: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Whether its request stored every file and id it sent (it then went ``running``); False for
+    a batch still ``receiving`` or cancelled before it was all received (its owner's cancel, its
+    request's failure, or its process stopped), whose sender may send it again."""
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     """The ``Idempotency-Key`` header its request carried, unique per owner: the same request sent
     again with it gets this batch back instead of a second one. Released (None) when the batch is

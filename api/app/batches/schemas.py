@@ -32,6 +32,10 @@ class BatchPublic(BaseModel):
     models: list[str]
     entries: int
     """Files and ids received."""
+    fully_received: bool
+    """Every file and id its request sent was stored; False while ``receiving``, and for a batch
+    cancelled before then (by its owner, or because its request failed or its process stopped):
+    such a batch may be sent again (with its ``Idempotency-Key``, it then makes a new batch)."""
     created_at: datetime
     finished_at: datetime | None
 

@@ -276,6 +276,14 @@ async def _replayed(
     )
     if batch is None:
         return None
+    noted = batch.received_at or batch.created_at
+    stopped = datetime.now(UTC) - noted > timedelta(seconds=settings.batch_receive_timeout_seconds)
+    if batch.status == "receiving" and stopped:
+        # The process receiving it stopped (its notes stopped): cancelled now, it lets go of the
+        # key, and this request (the same files or, after a change, others) is the batch now.
+        log.warning("batch %s: left receiving by a process that stopped; sent again, it is made anew", batch.id)
+        await lane.cancel(session=session, batch=batch, only_if=("receiving",))
+        return None
     if batch.request_fingerprint != fingerprint:
         raise HTTPException(
             status_code=422,
@@ -283,13 +291,6 @@ async def _replayed(
             "a new batch needs a new key.",
             headers={"Location": f"/v1/batches/{batch.id}"},
         )
-    noted = batch.received_at or batch.created_at
-    stopped = datetime.now(UTC) - noted > timedelta(seconds=settings.batch_receive_timeout_seconds)
-    if batch.status == "receiving" and stopped:
-        # The process receiving it stopped (its notes stopped): cancelled now, it lets go of the key.
-        log.warning("batch %s: left receiving by a process that stopped; sent again, it is made anew", batch.id)
-        await lane.cancel(session=session, batch=batch, only_if=("receiving",))
-        return None
     if batch.status == "receiving":
         raise HTTPException(
             status_code=409,
@@ -369,6 +370,7 @@ async def create_batch(
         "entries": images_planned,
         "idempotency_key": idempotency_key,
         "request_fingerprint": fingerprint,
+        "fully_received": False,
     }
     batch = await _insert_batch(session, values)
     if batch is None:  # the same request, sent at the same moment, made it first
@@ -412,7 +414,7 @@ async def create_batch(
         raise HTTPException(
             status_code=422, detail=f"No file of the batch is an image the portal can read ({reasons})."
         )
-    batch.status, batch.entries = "running", len(b.items)
+    batch.status, batch.entries, batch.fully_received = "running", len(b.items), True
     session.add(batch)
     await _flush(session, b)
     return batch, False
