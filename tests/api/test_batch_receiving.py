@@ -350,3 +350,37 @@ async def test_an_owners_cancel_and_the_sweep_wait_for_each_other_without_deadlo
         await outside.close()
     await asyncio.wait_for(sending, 30)
     assert d.status_code == 200 and d.json()["status"] == "cancelled" and swept == 0, (d.text, swept)
+
+
+async def test_a_request_whose_batch_was_cancelled_meanwhile_stores_no_more_files(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held at its 2nd file of 6 while its owner cancels the batch (as the lane does when the
+    process stalled past the timeout): its next note of being alive finds the batch cancelled, so
+    once it wakes it stores the file it held and no other, and answers the batch cancelled and
+    not fully received."""
+    user, headers = await users.create()
+    with app_settings(app, batch_receive_timeout_seconds=1.0):  # a note every 0.1 s
+        frozen = pause_inspection(monkeypatch, at=2)
+        sending = asyncio.create_task(
+            client.post(
+                "/v1/batches",
+                files=[("file", (f"{i}.png", png(9300 + i))) for i in range(6)],
+                data={"models": MODEL},
+                headers=headers,
+            )
+        )
+        try:
+            await asyncio.wait_for(frozen.reached.wait(), 10)
+            async with app.state.sessionmaker() as session:
+                [batch_id] = list(await session.scalars(select(Batch.id).where(Batch.owner_id == user["id"])))
+            cancelled = await client.delete(f"/v1/batches/{batch_id}", headers=headers)
+            assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+            await asyncio.sleep(0.5)  # a few notes
+        finally:
+            frozen.resume.set()
+        r = await asyncio.wait_for(sending, 30)
+    assert r.status_code == 202 and r.json()["status"] == "cancelled" and r.json()["fully_received"] is False, r.text
+    async with app.state.sessionmaker() as session:
+        stored = await session.scalar(select(func.count()).select_from(BatchItem).where(BatchItem.batch_id == batch_id))
+    assert stored == 2, stored

@@ -64,6 +64,8 @@ class _Builder:
     """By SHA-256: the image and the job identical images share."""
     written: int = 0
     """Items inserted so far."""
+    cut_off: bool = False
+    """Set once the batch was found cancelled while it was received: no more files are stored."""
     batch_id: uuid.UUID = field(init=False)
     """Read once: a rollback expires ``batch``, whose attributes cannot load on their own then."""
 
@@ -164,24 +166,29 @@ async def _add_image(
     await _flush(session, b)
 
 
-async def _keep_alive(engine: AsyncEngine, batch_id: uuid.UUID, every: float) -> None:
+async def _keep_alive(engine: AsyncEngine, b: _Builder, every: float) -> None:
     """Sets the batch's ``received_at`` every ``every`` seconds while it is ``receiving``, each time
     in a statement of its own, until cancelled: the lane and a request sent again with the
     batch's key know the process receiving it is alive (``lane.cancel_orphaned``, ``_replayed``),
-    however long one file takes. A failed note is logged; the next one may succeed."""
+    however long one file takes. Once the batch is no longer ``receiving`` (cancelled meanwhile:
+    by its owner, or by the lane after this process stalled), sets ``b.cut_off`` and stops, so
+    that the request stores no more files. A failed note is logged; the next one may succeed."""
     while True:
         await asyncio.sleep(every)
         try:
             async with engine.begin() as conn:
-                await conn.execute(
+                noted = await conn.execute(
                     update(_batches)
-                    .where(_batches.c.id == batch_id, _batches.c.status == "receiving")
+                    .where(_batches.c.id == b.batch_id, _batches.c.status == "receiving")
                     .values(received_at=func.now())
                 )
+            if noted.rowcount == 0:
+                b.cut_off = True
+                return
         except DB_ERRORS as exc:
-            log.warning("batch %s: could not note that it is still being received: %s", batch_id, exc)
+            log.warning("batch %s: could not note that it is still being received: %s", b.batch_id, exc)
         except Exception:  # a note that failed otherwise must not end the notes that follow
-            log.exception("batch %s: could not note that it is still being received", batch_id)
+            log.exception("batch %s: could not note that it is still being received", b.batch_id)
 
 
 async def _flush(session: AsyncSession, b: _Builder) -> None:
@@ -390,7 +397,7 @@ async def create_batch(
             )
     b = _Builder(batch=batch, entries=entries, owner_id=owner_id)
     every = settings.batch_receive_timeout_seconds / RECEIVED_NOTES_PER_TIMEOUT
-    alive = asyncio.create_task(_keep_alive(cast(AsyncEngine, session.bind), b.batch_id, every))
+    alive = asyncio.create_task(_keep_alive(cast(AsyncEngine, session.bind), b, every))
     try:
         await _receive(session, store, settings, b, planned, image_ids)
     except BaseException:
@@ -448,8 +455,11 @@ async def _receive(
     planned: Planned,
     image_ids: list[uuid.UUID],
 ) -> None:
-    """Stores every planned file and stored image of the batch with its job (or as skipped)."""
+    """Stores every planned file and stored image of the batch with its job (or as skipped), or
+    stops once ``b.cut_off``."""
     for upload, opened, members in planned:
+        if b.cut_off:
+            return
         name = _file_name(upload.filename or "")
         if opened is None:
             data = await upload.read(settings.max_upload_bytes + 1)
@@ -459,6 +469,8 @@ async def _receive(
                 await _add_image(session, store, settings, b, name, data)
             continue
         for member in members:
+            if b.cut_off:
+                break
             if member.info is None:
                 b.skipped(member.name, member.error or "skipped")
                 continue
@@ -470,6 +482,8 @@ async def _receive(
                 await _add_image(session, store, settings, b, member.name, content)
         opened.close()
     for image_id in image_ids:
+        if b.cut_off:
+            return
         # The owner's row before the job's insert locks the image: deleting the user takes it first too.
         await images_service.lock_owner(session=session, owner_id=b.owner_id)
         image = await images_service.get_owned_image(session=session, owner_id=b.owner_id, image_id=image_id)
