@@ -227,6 +227,31 @@ def pause_inspection(monkeypatch: pytest.MonkeyPatch, at: int) -> Pause:
     return pause
 
 
+async def held_batch(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    files: list[tuple[str, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    at: int,
+    model: str = "mobilenet_v2@1",
+    key: str | None = None,
+) -> tuple[Pause, asyncio.Task[httpx.Response]]:
+    """``POST /v1/batches`` of ``files`` (with the ``Idempotency-Key`` ``key``), held at its
+    ``at``-th file's check until ``Pause.resume`` is set: the pause and the request's task."""
+    frozen = pause_inspection(monkeypatch, at=at)
+    sending = asyncio.create_task(
+        client.post(
+            "/v1/batches",
+            files=[("file", f) for f in files],
+            data={"models": model},
+            headers={**headers, **({"Idempotency-Key": key} if key is not None else {})},
+        )
+    )
+    await asyncio.wait_for(frozen.reached.wait(), 10)
+    return frozen, sending
+
+
 async def blob_lock(settings: Settings, sha: str) -> tuple[asyncpg.Connection, Any]:
     """An outside transaction holding one content's blob lock (``images_service.BLOB_LOCK``), as
     another upload or delete of that content in progress would: (connection, its transaction)."""

@@ -20,7 +20,7 @@ from api.app.predictions.models import Job
 from contracts import keys
 from tests.conftest import Users, client_for
 from tests.images import noise_png
-from tests.support import Pause, app_settings, pause_inspection
+from tests.support import app_settings, held_batch
 
 pytestmark = pytest.mark.usefixtures("everything_served")
 
@@ -44,20 +44,6 @@ async def send(
         data={"models": models},
         headers={**headers, **({"Idempotency-Key": key} if key is not None else {})},
     )
-
-
-async def held_at_second_file(
-    client: httpx.AsyncClient,
-    headers: dict[str, str],
-    files: list[tuple[str, bytes]],
-    key: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> tuple[Pause, asyncio.Task[httpx.Response]]:
-    """The batch sent with ``key``, held at its 2nd file's check until ``Pause.resume`` is set."""
-    frozen = pause_inspection(monkeypatch, at=2)
-    sending = asyncio.create_task(send(client, headers, files, key))
-    await asyncio.wait_for(frozen.reached.wait(), 10)
-    return frozen, sending
 
 
 async def batches_of(app: FastAPI, owner_id: int) -> list[tuple[uuid.UUID, str]]:
@@ -145,7 +131,7 @@ async def test_a_key_whose_batch_is_still_being_received_answers_409_with_its_lo
     batch's URL and Retry-After, and stores nothing. Once the first ends, the key returns its batch."""
     user, headers = await users.create()
     files, key = pngs(400, 3), str(uuid.uuid4())
-    frozen, sending = await held_at_second_file(client, headers, files, key, monkeypatch)
+    frozen, sending = await held_batch(client, headers, files, monkeypatch, at=2, key=key)
     try:
         [(batch_id, status)] = await batches_of(app, user["id"])
         assert status == "receiving"
@@ -169,7 +155,7 @@ async def test_a_batch_cancelled_while_received_lets_go_of_its_key(
     is not answered with the cancelled half. A batch cancelled after it was received keeps its key."""
     user, headers = await users.create()
     files, key = pngs(500, 3), str(uuid.uuid4())
-    frozen, sending = await held_at_second_file(client, headers, files, key, monkeypatch)
+    frozen, sending = await held_batch(client, headers, files, monkeypatch, at=2, key=key)
     try:
         [(batch_id, _)] = await batches_of(app, user["id"])
         cancelled = await client.delete(f"/v1/batches/{batch_id}", headers=headers)
@@ -216,7 +202,7 @@ async def test_a_batch_whose_process_stopped_receiving_it_is_made_anew_when_sent
     files, changed, key = pngs(700, 3), pngs(800, 2), str(uuid.uuid4())
     # Notes a minute apart: none comes between the notes made old and the request sent again.
     with app_settings(app, batch_receive_timeout_seconds=600.0) as settings:
-        frozen, sending = await held_at_second_file(client, headers, files, key, monkeypatch)
+        frozen, sending = await held_batch(client, headers, files, monkeypatch, at=2, key=key)
         try:
             [(stopped, _)] = await batches_of(app, user["id"])
             long_ago = func.now() - timedelta(seconds=settings.batch_receive_timeout_seconds + 1)

@@ -24,7 +24,7 @@ from api.app.predictions.models import Job, Prediction
 from contracts import keys
 from tests.conftest import Users
 from tests.images import noise_png
-from tests.support import app_settings, pause_inspection, waiting_on_lock
+from tests.support import app_settings, held_batch, pause_inspection, waiting_on_lock
 
 MODEL = "mobilenet_v2@1"
 
@@ -196,17 +196,9 @@ async def test_a_batch_left_receiving_is_cancelled_once_nothing_arrived_for_the_
     its two pending jobs, which then no longer count against the owner's batch quota. When the
     request wakes after all, it finds its batch cancelled and answers so."""
     user, headers = await users.create()
-    frozen = pause_inspection(monkeypatch, at=3)
-    sending = asyncio.create_task(
-        client.post(
-            "/v1/batches",
-            files=[("file", (f"{i}.png", png(400 + i))) for i in range(4)],
-            data={"models": MODEL},
-            headers=headers,
-        )
-    )
+    files = [(f"{i}.png", png(400 + i)) for i in range(4)]
+    frozen, sending = await held_batch(client, headers, files, monkeypatch, at=3)
     try:
-        await asyncio.wait_for(frozen.reached.wait(), 10)
 
         async def sweep(stale_after: timedelta) -> int:
             async with app.state.sessionmaker() as session:
@@ -361,17 +353,9 @@ async def test_a_request_whose_batch_was_cancelled_meanwhile_stores_no_more_file
     not fully received."""
     user, headers = await users.create()
     with app_settings(app, batch_receive_timeout_seconds=1.0):  # a note every 0.1 s
-        frozen = pause_inspection(monkeypatch, at=2)
-        sending = asyncio.create_task(
-            client.post(
-                "/v1/batches",
-                files=[("file", (f"{i}.png", png(9300 + i))) for i in range(6)],
-                data={"models": MODEL},
-                headers=headers,
-            )
-        )
+        files = [(f"{i}.png", png(9300 + i)) for i in range(6)]
+        frozen, sending = await held_batch(client, headers, files, monkeypatch, at=2)
         try:
-            await asyncio.wait_for(frozen.reached.wait(), 10)
             async with app.state.sessionmaker() as session:
                 [batch_id] = list(await session.scalars(select(Batch.id).where(Batch.owner_id == user["id"])))
             cancelled = await client.delete(f"/v1/batches/{batch_id}", headers=headers)
