@@ -23,9 +23,10 @@ def _threads() -> list[int]:
 def narrowed_cpus(count: int) -> Iterator[set[int] | None]:
     """Runs the block with every thread of this process (an inference runtime's pool included)
     on ``count`` of the CPUs it may use (the highest-numbered ones), then gives each thread back
-    the CPUs it had; yields those CPUs, or None when nothing was narrowed: ``count`` 0, no more
-    CPUs than that allowed, or a system without sched_setaffinity (macOS, Windows). A thread that
-    ends meanwhile is passed over. Costs two system calls per thread on entry and one on exit."""
+    the CPUs it had (one started in the block, all the process's); yields those CPUs, or None when
+    nothing was narrowed: ``count`` 0, no more CPUs than that allowed, or a system without
+    sched_setaffinity (macOS, Windows). A thread that ends meanwhile is passed over. Costs two
+    system calls per thread on entry and one on exit."""
     if count <= 0 or not hasattr(os, "sched_setaffinity"):
         yield None
         return
@@ -42,6 +43,7 @@ def narrowed_cpus(count: int) -> Iterator[set[int] | None]:
     try:
         yield narrow
     finally:
-        for tid, cpus in before.items():
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, cpus)
+        for tid in _threads():
+            with contextlib.suppress(OSError):  # the thread ended since it was listed
+                # A thread started in the block inherited the narrowed CPUs: it gets all of them.
+                os.sched_setaffinity(tid, before.get(tid, allowed))

@@ -30,18 +30,25 @@ def test_every_thread_runs_on_the_narrowed_cpus_then_on_its_own_again() -> None:
         done.wait(10)
         seen["after"] = os.sched_getaffinity(0)
 
+    def started_inside() -> None:
+        done.wait(10)
+        seen["started inside, after"] = os.sched_getaffinity(0)
+
     thread = threading.Thread(target=pool_thread)
     thread.start()
     entered.wait(10)
     with narrowed_cpus(1) as cpus:
         checked.set()
         assert cpus == {max(allowed)} and os.sched_getaffinity(0) == cpus
+        late = threading.Thread(target=started_inside)
+        late.start()
         while "inside" not in seen:
             threading.Event().wait(0.01)
     done.set()
     thread.join(10)
+    late.join(10)
     assert seen["inside"] == {max(allowed)} and seen["after"] == {first}
-    assert os.sched_getaffinity(0) == allowed
+    assert seen["started inside, after"] == allowed and os.sched_getaffinity(0) == allowed
 
 
 def test_nothing_is_narrowed_for_0_or_as_many_cpus_as_allowed() -> None:
