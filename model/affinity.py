@@ -19,6 +19,19 @@ def _threads() -> list[int]:
         return [0]  # no /proc: the calling thread only
 
 
+def spread_over(cpus: set[int]) -> None:
+    """Gives every thread of this process that runs on other CPUs than ``cpus`` exactly those:
+    after a narrowed block, an inference runtime's pool thread that joined its arena inside it
+    puts back the narrowed CPUs itself when it leaves (oneTBB saves a thread's mask when it joins
+    and restores it when it leaves), later than ``narrowed_cpus`` gave them back."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    for tid in _threads():
+        with contextlib.suppress(OSError):  # the thread ended since it was listed
+            if os.sched_getaffinity(tid) != cpus:
+                os.sched_setaffinity(tid, cpus)
+
+
 @contextlib.contextmanager
 def narrowed_cpus(count: int) -> Iterator[set[int] | None]:
     """Runs the block with every thread of this process (an inference runtime's pool included)

@@ -41,7 +41,7 @@ from contracts.redis_policy import EvictionPolicyRefused, check_eviction_policy
 from contracts.registry import ModelEntry, Registry, load_registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
-from model.affinity import narrowed_cpus
+from model.affinity import narrowed_cpus, spread_over
 from model.config import ModelSettings
 from model.runtimes import (
     FailedLoads,
@@ -80,6 +80,10 @@ class Worker:
         """``registry``: serve these entries for good; None: follow the registry the API publishes
         (the file's until one is published)."""
         self.settings = settings
+        self._all_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        """The CPUs the worker started with: people's jobs run on all of them."""
+        self._narrowed = False
+        """A batch job ran on fewer CPUs since people's jobs last got them all back (``spread_over``)."""
         self.worker_id = settings.resolved_worker_id()
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
@@ -464,9 +468,13 @@ class Worker:
                     bulk if d.job is not None and d.job.request_id.startswith(keys.BATCH_REQUEST_PREFIX) else people
                 ).append(d)
             if people:
+                if self._narrowed:
+                    spread_over(self._all_cpus)
+                    self._narrowed = False
                 self.process(stream, people)
             if bulk:
-                with narrowed_cpus(self.settings.batch_inference_cpus):
+                with narrowed_cpus(self.settings.batch_inference_cpus) as narrow:
+                    self._narrowed = self._narrowed or narrow is not None
                     self.process(stream, bulk)
 
     def _fill(self, stream: str, deliveries: list[Delivery]) -> None:

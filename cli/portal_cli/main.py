@@ -540,16 +540,18 @@ def batch(
             raise typer.Exit(ExitCode.INPUT)
 
 
-def _terminated(_signum: int, _frame: object) -> None:
-    # SIGTERM (kill, a closed terminal's session) ends the command as Ctrl-C does not: the
+def _terminated(signum: int, _frame: object) -> None:
+    # SIGTERM (kill) or SIGHUP (a closed terminal) ends the command as Ctrl-C does not: the
     # temporary zip is still deleted on the way out.
-    sys.exit(ExitCode.TERMINATED)
+    sys.exit(ExitCode.TERMINATED if signum == signal.SIGTERM else 128 + signum)
 
 
 def main() -> None:
     """The console script: runs the app; a bug of ours still ends in one line (PORTAL_DEBUG=1
     shows the traceback)."""
     signal.signal(signal.SIGTERM, _terminated)
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, _terminated)
     try:
         app()
     except Exception as exc:

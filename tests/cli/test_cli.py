@@ -318,9 +318,12 @@ async def insert_receiving_batch(settings: Settings, owner_id: int, idempotency_
         await conn.close()
 
 
-def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(logged_in: Account, tmp_path: Path) -> None:
-    """SIGTERM (a kill, a closed terminal) during the upload: exit 143, and the zip of the folder
-    written to the temporary folder is deleted, as after Ctrl-C."""
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(
+    logged_in: Account, tmp_path: Path, signum: int, code: int
+) -> None:
+    """SIGTERM (a kill) or SIGHUP (a closed terminal) during the upload: exit 128 + the signal,
+    and the zip of the folder written to the temporary folder is deleted, as after Ctrl-C."""
     folder, temporary = tmp_path / "collection", tmp_path / "tmp"
     make_images(folder, 500)
     temporary.mkdir()
@@ -331,11 +334,11 @@ def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(logged_in: 
             assert sending.poll() is None, sending.communicate()
             assert time.monotonic() < deadline, "no zip was written"
             time.sleep(0.01)
-        sending.send_signal(signal.SIGTERM)
+        sending.send_signal(signum)
         _, err = sending.communicate(timeout=30)
     finally:
         sending.kill()
-    assert sending.returncode == 143 and list(temporary.iterdir()) == [], err
+    assert sending.returncode == code and list(temporary.iterdir()) == [], err
 
 
 def test_the_same_images_zip_to_the_same_bytes_whatever_their_files_times(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from model.affinity import narrowed_cpus
+from model.affinity import narrowed_cpus, spread_over
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs and Linux"
@@ -56,3 +56,25 @@ def test_nothing_is_narrowed_for_0_or_as_many_cpus_as_allowed() -> None:
     for count in (0, len(allowed), len(allowed) + 1):
         with narrowed_cpus(count) as cpus:
             assert cpus is None and os.sched_getaffinity(0) == allowed
+
+
+def test_spread_over_gives_every_thread_all_the_cpus_again() -> None:
+    """A pool thread that put back narrowed CPUs itself after the block (as oneTBB does when its
+    thread leaves an arena it joined inside the block) is spread over all of them again."""
+    allowed = os.sched_getaffinity(0)
+    pinned, release = threading.Event(), threading.Event()
+    seen: dict[str, set[int]] = {}
+
+    def pool_thread() -> None:
+        os.sched_setaffinity(0, {max(allowed)})
+        pinned.set()
+        release.wait(10)
+        seen["after"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=pool_thread)
+    thread.start()
+    pinned.wait(10)
+    spread_over(allowed)
+    release.set()
+    thread.join(10)
+    assert seen["after"] == allowed
