@@ -255,8 +255,9 @@ def _finished(batch: dict[str, Any]) -> bool:
 
 
 def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
-    """Shows the batch's progress (images done or failed of all, the portal's ETA) until it has
-    finished; the last answer. Rides out up to RETRIES unreachable or 5xx answers in a row."""
+    """Shows the batch's progress (images done or failed of all, the portal's ETA; where it
+    stopped once cancelled) until it has finished; the last answer. Rides out up to RETRIES unreachable or 5xx answers in a row.
+    """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[eta]}"))
     with Progress(*columns, console=_stderr) as bar:
         task = bar.add_task("Classifying", total=None, eta="")
@@ -273,11 +274,14 @@ def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
                 continue
             misses = 0
             counts = batch["counts"]
+            cancelled = batch["status"] == "cancelled"
+            # Cancelled images were never classified: the bar stops where the answers stopped.
             bar.update(
                 task,
+                description="Cancelled" if cancelled else "Classifying",
                 total=counts["images"],
-                completed=counts["done"] + counts["failed"] + counts.get("cancelled", 0),
-                eta=_eta(counts),
+                completed=counts["done"] + counts["failed"],
+                eta=f"{counts.get('cancelled', 0)} not classified" if cancelled else _eta(counts),
             )
             if _finished(batch):
                 return batch

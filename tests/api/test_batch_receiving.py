@@ -349,8 +349,8 @@ async def test_a_request_whose_batch_was_cancelled_meanwhile_stores_no_more_file
 ) -> None:
     """Held at its 2nd file of 6 while its owner cancels the batch (as the lane does when the
     process stalled past the timeout): its next note of being alive finds the batch cancelled, so
-    once it wakes it stores the file it held and no other, and answers the batch cancelled and
-    not fully received."""
+    once it wakes it stores the file it held and no other, and answers the batch cancelled, not
+    fully received, and finished when its owner cancelled it."""
     user, headers = await users.create()
     with app_settings(app, batch_receive_timeout_seconds=1.0):  # a note every 0.1 s
         files = [(f"{i}.png", png(9300 + i)) for i in range(6)]
@@ -365,6 +365,9 @@ async def test_a_request_whose_batch_was_cancelled_meanwhile_stores_no_more_file
             frozen.resume.set()
         r = await asyncio.wait_for(sending, 30)
     assert r.status_code == 202 and r.json()["status"] == "cancelled" and r.json()["fully_received"] is False, r.text
+    # It ended when its owner cancelled it, not when the request noticed.
+    assert cancelled.json()["finished_at"] is not None
+    assert r.json()["finished_at"] == cancelled.json()["finished_at"], (r.json(), cancelled.json())
     async with app.state.sessionmaker() as session:
         stored = await session.scalar(select(func.count()).select_from(BatchItem).where(BatchItem.batch_id == batch_id))
     assert stored == 2, stored

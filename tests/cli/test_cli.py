@@ -189,6 +189,37 @@ def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_
     assert BatchStates().get(key) is None
 
 
+def test_a_batch_cancelled_while_followed_stops_the_bar_where_the_answers_stopped(
+    logged_in: Account, tmp_path: Path
+) -> None:
+    """Its owner cancels the batch while a run follows it: the run's last bar says Cancelled at
+    the images answered (not full), the results of those are written and it exits 1."""
+    folder = tmp_path / "collection"
+    make_images(folder, 120)
+    out = tmp_path / "results.csv"
+    key = str(folder.resolve())
+    following = start_batch(folder, out)
+    try:
+        deadline = time.monotonic() + 60
+        while (state := BatchStates().get(key)) is None or state.batch_id is None:
+            assert following.poll() is None, following.communicate()
+            assert time.monotonic() < deadline, "the batch id was never saved"
+            time.sleep(0.02)
+        cancelled = httpx.delete(f"{logged_in.url}/v1/batches/{state.batch_id}", headers=logged_in.headers())
+        _, err = following.communicate(timeout=60)
+    finally:
+        following.kill()
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    assert cancelled.json()["counts"]["cancelled"] > 0, "the batch finished before its cancel"
+    assert following.returncode == 1, err
+    final = httpx.get(f"{logged_in.url}/v1/batches/{state.batch_id}", headers=logged_in.headers()).json()
+    answered = final["counts"]["done"] + final["counts"]["failed"]
+    assert re.search(rf"Cancelled\b.*\b{answered}/120\b.*{final['counts']['cancelled']} not classified", err), err
+    assert not re.search(r"(Classifying|Cancelled)\b.*\b120/120", err), err
+    assert f"Batch {state.batch_id} cancelled: {final['counts']['done']} done" in err, err
+    assert sum(1 for r in rows(out) if r["status"] == "done") == final["counts"]["done"]
+
+
 def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged_in: Account, tmp_path: Path) -> None:
     """Ctrl-C once the portal has the batch but before its answer reached the CLI: the next run
     sends the same zip with the same Idempotency-Key and follows the batch the portal already had."""

@@ -181,26 +181,25 @@ async def cancel(
         # Never fully received: sending the same request again with its key makes a new batch.
         batch.idempotency_key = None
     batch.status = "cancelled"
-    if not open_left:
+    if not open_left and batch.finished_at is None:
         batch.finished_at = now
     await session.commit()
     return count
 
 
-async def cancel_orphaned(*, session: AsyncSession, stale_after: timedelta) -> int:
-    """Cancels the batches still ``receiving`` whose request has not noted that it is alive for
-    ``stale_after`` (their ``received_at``, or their creation before the first note): the request
-    receiving them is gone (its API process died or was stopped). Their stored images keep what was answered; their pending jobs are
-    cancelled, so they no longer count against their owner's batch quota. How many batches were
-    cancelled. Commits."""
+def left_by_its_process(stale_after: timedelta) -> ColumnElement[bool]:
+    """SQL condition: the batch is still ``receiving`` and the request receiving it has not noted
+    that it is alive for ``stale_after`` (its ``received_at``, or its creation before the first
+    note): that request is gone (its API process died or was stopped)."""
     cutoff = datetime.now(UTC) - stale_after
-    stale = list(
-        await session.scalars(
-            select(Batch.id).where(
-                Batch.status == "receiving", func.coalesce(Batch.received_at, Batch.created_at) < cutoff
-            )
-        )
-    )
+    return and_(Batch.status == "receiving", func.coalesce(Batch.received_at, Batch.created_at) < cutoff)
+
+
+async def cancel_orphaned(*, session: AsyncSession, stale_after: timedelta) -> int:
+    """Cancels the batches ``left_by_its_process(stale_after)``. Their stored images keep what was
+    answered; their pending jobs are cancelled, so they no longer count against their owner's
+    batch quota. How many batches were cancelled. Commits."""
+    stale = list(await session.scalars(select(Batch.id).where(left_by_its_process(stale_after))))
     cancelled = 0
     for batch_id in stale:
         batch = await session.get(Batch, batch_id)

@@ -19,7 +19,7 @@ from typing import IO, Any, cast
 
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -278,14 +278,18 @@ async def _replayed(
     ``Location`` and ``Retry-After``) while it is still being received. A batch still
     ``receiving`` whose process stopped noting it (BATCH_RECEIVE_TIMEOUT_SECONDS) is cancelled
     here, and None returned: the request sent again is the batch now."""
-    batch = await session.scalar(
-        select(Batch).where(Batch.owner_id == owner_id, Batch.idempotency_key == idempotency_key)
-    )
-    if batch is None:
+    stale_after = timedelta(seconds=settings.batch_receive_timeout_seconds)
+    found = (
+        await session.execute(
+            select(Batch, lane.left_by_its_process(stale_after)).where(
+                Batch.owner_id == owner_id, Batch.idempotency_key == idempotency_key
+            )
+        )
+    ).first()
+    if found is None:
         return None
-    noted = batch.received_at or batch.created_at
-    stopped = datetime.now(UTC) - noted > timedelta(seconds=settings.batch_receive_timeout_seconds)
-    if batch.status == "receiving" and stopped:
+    batch, orphaned = found
+    if orphaned:
         # The process receiving it stopped (its notes stopped): cancelled now, it lets go of the
         # key, and this request (the same files or, after a change, others) is the batch now.
         log.warning("batch %s: left receiving by a process that stopped; sent again, it is made anew", batch.id)
@@ -311,14 +315,14 @@ async def _replayed(
 async def _insert_batch(session: AsyncSession, values: dict[str, Any]) -> Batch | None:
     """Inserts a ``receiving`` batch and commits; None when its owner already has a batch with its
     idempotency key (the unique index settles two requests sent at once)."""
-    batch_id = await session.scalar(
+    batch = await session.scalar(
         pg_insert(Batch)
         .values(id=uuid.uuid4(), status="receiving", **values)
         .on_conflict_do_nothing(index_elements=["owner_id", "idempotency_key"])
-        .returning(Batch.id)
+        .returning(Batch)
     )
     await session.commit()
-    return None if batch_id is None else await session.get(Batch, batch_id)
+    return batch
 
 
 async def create_batch(
@@ -415,8 +419,10 @@ async def create_batch(
         await lane.cancel(session=session, batch=batch)
         return batch, False
     if not b.jobs_of:
-        await _flush(session, b)
-        await lane.cancel(session=session, batch=batch)
+        # Refused: nothing was stored and nothing waits, so the request leaves no batch behind
+        # (its items go with it).
+        await session.execute(delete(Batch).where(Batch.id == batch.id))
+        await session.commit()
         reasons = "; ".join(f"{item['file_name']}: {item['error']}" for item in b.items[:5])
         raise HTTPException(
             status_code=422, detail=f"No file of the batch is an image the portal can read ({reasons})."
