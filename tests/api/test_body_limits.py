@@ -128,6 +128,21 @@ def test_json_bodies_are_capped(api: tuple[Service, str]) -> None:
     assert r.status_code == 413 and "64 KiB" in r.json()["detail"]
 
 
+def test_a_body_sent_to_no_route_is_404_not_too_large(api: tuple[Service, str]) -> None:
+    """An image posted to a wrong address (or with a wrong method) is told so, whatever its size;
+    a route's own limit still holds."""
+    _, url = api
+    body = (PHOTOS / "bird.bmp").read_bytes()
+    assert len(body) > 64 * 1024
+    headers = {"Authorization": f"Bearer {token(url)}"}
+    r = httpx.post(f"{url}/v1/predict", files={"file": ("bird.bmp", body)}, headers=headers)
+    assert r.status_code == 404, r.text
+    r = httpx.put(f"{url}/v1/images", files={"file": ("bird.bmp", body)}, headers=headers)
+    assert r.status_code == 405, r.text
+    r = httpx.post(f"{url}/v1/feedback", content=body, headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+
+
 def test_an_upload_that_is_not_multipart_is_415(api: tuple[Service, str]) -> None:
     """A raw image body is the wrong encoding, not a JSON body too large."""
     _, url = api

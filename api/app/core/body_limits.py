@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from python_multipart.multipart import parse_options_header
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app.core.security import TokenError, VerifiedTokens
@@ -65,6 +66,12 @@ def _closing_delimiter(scope: Scope) -> bytes | None:
     return b"--" + boundary + b"--" if boundary else None
 
 
+def _routed(scope: Scope) -> bool:
+    """Whether a route of the app takes this method at this path (Starlette's own matching; a
+    few dozen regular expressions, and only for bodies other than uploads)."""
+    return any(route.matches(scope)[0] == Match.FULL for route in scope["app"].router.routes)
+
+
 class BodyLimitMiddleware:
     """Multipart bodies up to ``max_upload_bytes`` (``max_batch_bytes`` for a batch) plus
     ``MULTIPART_OVERHEAD``, needing a valid bearer token; other bodies up to ``JSON_LIMIT``.
@@ -91,6 +98,11 @@ class BodyLimitMiddleware:
             return
         batch = multipart and scope["path"] in BATCH_PATHS
         limit = (self.batch_limit if batch else self.upload_limit) if multipart else JSON_LIMIT
+        if not multipart and not _routed(scope):
+            # No route reads this body: the app answers 404 or 405 without reading it, which
+            # says more than "too large" to someone who sent an image to a wrong address.
+            await self.app(scope, receive, send)
+            return
         announced = _header(scope, b"content-length")
         if announced.isdigit() and int(announced) > limit:
             await _answer(send, 413, self._too_large(multipart, batch))
