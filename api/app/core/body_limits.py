@@ -7,7 +7,8 @@ that grows past the limit while it is read is cut off with 413, a multipart body
 its closing boundary (cut off on the way) is 400 rather than a form missing its file, and an upload whose request
 carries no valid bearer token, nor anything shaped like an API key, is refused (401) before a byte
 of its body is read. An API key is checked by the route (a database lookup): one that only looks
-right can make the API read at most one upload's limit before its 401.
+right can make the API read at most one upload's limit before its 401. A body that no route
+takes (a wrong address or method) is left to the app's 404 or 405, which never reads it.
 """
 
 from __future__ import annotations
