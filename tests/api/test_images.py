@@ -162,19 +162,23 @@ async def test_listing_carries_thumbnails_when_asked(
     large = (await upload(client, headers, encode(split_colour(640), "PNG"), "large.png")).json()
     small = encode(Image.frombytes("RGBA", (40, 30), os.urandom(40 * 30 * 4)), "PNG")
     tiny = (await upload(client, headers, small, "tiny.png")).json()
+    line = (await upload(client, headers, encode(Image.new("RGB", (20000, 1), "red"), "PNG"), "line.png")).json()
     plain = (await client.get("/v1/images", headers=headers)).json()
-    assert [i["thumbnail"] for i in plain["data"]] == [None, None]
+    assert [i["thumbnail"] for i in plain["data"]] == [None, None, None]
 
     listing = (await client.get("/v1/images", params={"thumbnails": "true"}, headers=headers)).json()
     thumbnails = {i["id"]: Image.open(io.BytesIO(base64.b64decode(i["thumbnail"]))) for i in listing["data"]}
     assert thumbnails[large["id"]].format == "JPEG" and max(thumbnails[large["id"]].size) == 280
     assert thumbnails[tiny["id"]].size == (40, 30) and thumbnails[tiny["id"]].mode == "RGB"
+    # A line of pixels is padded to 4:1, so that half its size is still at least a pixel high.
+    assert thumbnails[line["id"]].size == (280, 70)
 
     # A blob lost from the store costs its own thumbnail, not the listing.
     for blob in settings.storage_dir.rglob(tiny["sha256"]):
         blob.unlink()
     listing = (await client.get("/v1/images", params={"thumbnails": "true"}, headers=headers)).json()
-    assert {i["id"]: i["thumbnail"] is None for i in listing["data"]} == {large["id"]: False, tiny["id"]: True}
+    missing = {i["id"]: i["thumbnail"] is None for i in listing["data"]}
+    assert missing == {large["id"]: False, tiny["id"]: True, line["id"]: False}
 
 
 async def test_other_users_images_are_404(client: httpx.AsyncClient, users: Users) -> None:

@@ -249,17 +249,28 @@ THUMBNAIL_SIZE = 280
 """Longest side of a listed image's thumbnail, in pixels (twice the history page's 140 px)."""
 
 
+THUMBNAIL_MAX_ASPECT = 4
+"""A thumbnail longer than this many times its width or height is padded with white to this
+ratio: a 20000 x 1 image's 280 x 1 thumbnail, shown 140 px wide, would be 0 px high."""
+
+
 def _thumbnail(data: bytes, size: int) -> str:
     img = load_image(data, mode="RGB", draft_size=(size, size))
     img.thumbnail((size, size))
+    shortest = -(-max(img.size) // THUMBNAIL_MAX_ASPECT)
+    if min(img.size) < shortest:
+        padded = PILImage.new("RGB", (max(img.width, shortest), max(img.height, shortest)), "white")
+        padded.paste(img, ((padded.width - img.width) // 2, (padded.height - img.height) // 2))
+        img = padded
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 async def thumbnail(*, store: LocalBlobStore, image: Image, size: int = THUMBNAIL_SIZE) -> str | None:
-    """The image shrunk to at most ``size`` pixels a side (upright, transparency on white), as a
-    base64 JPEG read from ``store``; None when its blob is missing or no longer decodes."""
+    """The image shrunk to at most ``size`` pixels a side (upright, transparency on white, padded
+    with white to at most ``THUMBNAIL_MAX_ASPECT`` : 1), as a base64 JPEG read from ``store``; None
+    when its blob is missing or no longer decodes."""
     try:
         data = await store.get_viewable(image.sha256)
         return await to_thread.run_sync(_thumbnail, data, size)
