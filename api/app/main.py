@@ -239,7 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Before routing: a path with a control character (/metrics%0A) must not reach /metrics.
     app.add_middleware(PathGuardMiddleware)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, retry_after_seconds=settings.retry_after_seconds)
 
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
     routers = (

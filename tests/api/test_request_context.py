@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import socket
+import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from api.app.core.config import Settings
 from api.app.predictions.models import Job
 from tests.api.test_predictions import noise_png
-from tests.conftest import Users
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Users
+from tests.support import start_api
 
 FRESH = re.compile(r"[0-9a-f]{32}")
 
@@ -73,3 +79,32 @@ async def test_a_request_id_like_a_batchs_does_not_escape_the_in_flight_cap(
     async with app.state.sessionmaker() as session:
         stored = await session.scalar(select(Job.request_id).where(Job.id == uuid.UUID(r.json()["job_id"])))
     assert stored == r.headers["x-request-id"]
+
+
+def test_a_request_cut_by_a_shutdown_is_answered_503_not_500(settings: Settings) -> None:
+    """An upload still being received when the API stops (SIGTERM, past its graceful-shutdown
+    time) is answered 503 with Retry-After, which a client sends again, not a bare 500."""
+    service, url = start_api("shutdown-503", settings, API_GRACEFUL_SHUTDOWN_SECONDS="1")
+    try:
+        r = httpx.post(f"{url}/v1/auth/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        head = (
+            "POST /v1/images HTTP/1.1\r\nHost: test\r\n"
+            f"Authorization: Bearer {r.json()['access_token']}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            "Content-Length: 100000\r\n\r\n"
+            '--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        )
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=15) as sock:
+            sock.sendall(head.encode("latin-1") + b"\0" * 1000)  # the rest never comes
+            time.sleep(0.5)
+            service.proc.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        service.proc.wait(timeout=15)
+    finally:
+        service.kill()
+    status_line, _, rest = answer.decode("latin-1").partition("\r\n")
+    assert status_line.split(" ")[1] == "503", answer
+    assert "retry-after: 2" in rest.lower() and "send the request again" in rest, answer

@@ -6,6 +6,7 @@ this does the same job on the ASGI messages directly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -40,14 +41,35 @@ def request_id(given: bytes) -> str:
     return uuid.uuid4().hex
 
 
+async def _answer_json(
+    send: Send, status: int, content: dict[str, str], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps(content).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class RequestContextMiddleware:
     """Takes a well-formed ``X-Request-ID`` (or makes one), exposes it as ``request.state.request_id`` and to
     logging, echoes it in the response with the time the API spent on it (``Server-Timing``, so
     a client can tell the API's time from the network's), and logs method, path, status and
-    duration."""
+    duration. A request the server cancels as it shuts down (past its graceful-shutdown time)
+    is answered 503 with ``Retry-After`` when nothing was answered yet, not 500: another
+    process, or this one restarted, takes it when it is sent again."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, retry_after_seconds: int = 5) -> None:
         self.app = app
+        self.retry_after = str(retry_after_seconds).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,23 +99,29 @@ class RequestContextMiddleware:
         token = request_id_var.set(rid)
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # The server stopping: uvicorn cancels what is left after its graceful-shutdown time
+            # and would answer 500. The task ends here, answered; the server is exiting anyway.
+            log.warning("%s %s cancelled: the server is shutting down", scope["method"], scope["path"])
+            if started:
+                raise
+            await _answer_json(
+                send_with_id,
+                503,
+                {"detail": "The server is restarting; send the request again.", "request_id": rid},
+                [(b"retry-after", self.retry_after), (b"connection", b"close")],
+            )
         except Exception:
             # Our bug: logged here once, with its traceback and request id, and answered as a 500
             # that names the request id, so a report can be matched with the log line.
             log.exception("unhandled error in %s %s", scope["method"], scope["path"], extra={"request_id": rid})
             if started:
                 raise
-            body = json.dumps(
-                {"detail": "Internal server error; quote this request id when reporting it.", "request_id": rid}
+            await _answer_json(
+                send_with_id,
+                500,
+                {"detail": "Internal server error; quote this request id when reporting it.", "request_id": rid},
             )
-            await send_with_id(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send_with_id({"type": "http.response.body", "body": body.encode()})
         finally:
             request_id_var.reset(token)
             log.info(
