@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 from jose import jwt
 
 from api.app.core.config import Settings
@@ -141,3 +142,39 @@ async def test_a_classic_score_is_a_number_as_described(client: httpx.AsyncClien
     for number in (1, 0.5):
         r = await client.post("/feedback/", json={"score": number, "predicted_class": "macaw"}, headers=headers)
         assert r.status_code == 201 and r.json()["score"] == number, number
+
+
+CLASSIC_BODIES = {"ClassicFeedbackCreate"}
+"""The classic routes' bodies keep taking what their older clients send."""
+
+
+def test_every_json_body_refuses_keys_it_does_not_know(app: FastAPI) -> None:
+    """Each route's JSON body says so in its schema (``additionalProperties: false``)."""
+    spec = app.openapi()
+    bodies = {
+        content["schema"]["$ref"].rsplit("/", 1)[-1]
+        for ops in spec["paths"].values()
+        for op in ops.values()
+        for media, content in op.get("requestBody", {}).get("content", {}).items()
+        if media == "application/json"
+    }
+    assert {"UserUpdate", "FeedbackCreate", "PredictRequest"} <= bodies
+    lax = {name for name in bodies if spec["components"]["schemas"][name].get("additionalProperties") is not False}
+    assert lax == CLASSIC_BODIES
+
+
+async def test_an_unknown_key_or_a_loose_yes_is_422_not_ignored(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    user, headers = await users.create()
+    r = await client.patch(f"/v1/users/{user['id']}", json={"password": "a-new-password-1"}, headers=admin_headers)
+    assert r.status_code == 422 and "password" in r.text, r.text
+    r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": "no"}, headers=admin_headers)
+    assert r.status_code == 422, r.text
+    assert (await client.get("/v1/users/me", headers=headers)).status_code == 200  # still active
+    r = await client.post(
+        "/v1/feedback", json={"prediction_id": str(uuid.uuid4()), "is_correct": "yes"}, headers=headers
+    )
+    assert r.status_code == 422, r.text
+    r = await client.post("/v1/predictions", json={"image_id": str(uuid.uuid4()), "wait": True}, headers=headers)
+    assert r.status_code == 422 and "wait" in r.text, r.text

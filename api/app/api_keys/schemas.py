@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from api.app.core.fields import refuse_unstorable
+from api.app.core.fields import RequestBody, refuse_unstorable
 from contracts.api_keys import MAX_EXPIRY_DAYS, Scope
 
 KeyName = Annotated[
@@ -15,7 +15,7 @@ KeyName = Annotated[
 """A key's name: 1-100 characters once surrounding blanks are trimmed."""
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(RequestBody):
     name: KeyName = Field(description="What the key is for, e.g. the script that uses it")
     scopes: list[Scope] = Field(
         min_length=1,

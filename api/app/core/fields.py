@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Path, Query
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 INT32_MAX = 2**31 - 1
 """PostgreSQL's ``integer`` (user ids, versions): larger values are refused by the server."""
@@ -39,3 +39,11 @@ Text = Annotated[str, AfterValidator(refuse_unstorable)]
 """A string that can be stored as PostgreSQL text."""
 UserId = Annotated[int, Path(ge=1, le=INT32_MAX, description="a user's id")]
 Skip = Annotated[int, Query(ge=0, le=MAX_SKIP, description="rows to skip (at most 10,000; deeper, use cursor)")]
+
+
+class RequestBody(BaseModel):
+    """A JSON body a route takes. A key it does not know is refused (422, naming the key): a
+    misspelt or unsupported field ({"password": ...} to a user's update, say) must not be dropped
+    while the request answers 200 as if it had done what was asked."""
+
+    model_config = ConfigDict(extra="forbid")

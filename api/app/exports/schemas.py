@@ -6,10 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from api.app.core.fields import INT32_MAX, Text
+from api.app.core.fields import INT32_MAX, RequestBody, Text
 
 
-class ExportRequest(BaseModel):
+class ExportRequest(RequestBody):
     """What to export."""
 
     kind: Literal["feedback"] = "feedback"

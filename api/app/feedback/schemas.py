@@ -4,14 +4,14 @@ import unicodedata
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from api.app.core.fields import Text
+from api.app.core.fields import RequestBody, Text
 
 
-class FeedbackCreate(BaseModel):
+class FeedbackCreate(RequestBody):
     prediction_id: uuid.UUID
-    is_correct: bool
+    is_correct: StrictBool  # "yes" or 1 is not a verdict
     correct_label: Text | None = Field(default=None, max_length=200)
     comment: Text | None = Field(default=None, max_length=2000)
 

@@ -10,13 +10,13 @@ from typing import Annotated, Self
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.app.catalog.service import MAX_REF_LENGTH, MAX_REFS
-from api.app.core.fields import Text
+from api.app.core.fields import RequestBody, Text
 from api.app.images.schemas import ImagePublic
 from api.app.predictions.models import Job, Prediction
 from contracts.messages import LabelScore, PredictionStatus
 
 
-class PredictRequest(BaseModel):
+class PredictRequest(RequestBody):
     image_id: uuid.UUID
     models: list[Annotated[str, Field(max_length=MAX_REF_LENGTH)]] = Field(
         default_factory=list,

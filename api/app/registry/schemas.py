@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from api.app.core.fields import INT32_MAX, Text
+from api.app.core.fields import INT32_MAX, RequestBody, Text
 from contracts.registry import InputSpec, Preprocessing, Runtime
 
 
@@ -62,7 +62,7 @@ Reason = Annotated[
 ]
 
 
-class VersionCreate(BaseModel):
+class VersionCreate(RequestBody):
     """A new version: how to load and feed it. Its files are ``{models_dir}/...`` or
     ``{trained_dir}/...`` templates, resolved on each worker."""
 
@@ -82,20 +82,20 @@ class VersionCreate(BaseModel):
     reason: Reason
 
 
-class WeightsUpdate(BaseModel):
+class WeightsUpdate(RequestBody):
     weights: dict[Annotated[int, Field(ge=1, le=INT32_MAX)], Annotated[StrictInt, Field(ge=0, le=1_000_000)]] = Field(
         min_length=1, max_length=100, description='Version to weight, e.g. {"1": 90, "2": 10}'
     )
     reason: Reason
 
 
-class VersionUpdate(BaseModel):
+class VersionUpdate(RequestBody):
     channel: Literal["canary", "shadow", "retired"] | None = None
     enabled: StrictBool | None = None
     reason: Reason
 
 
-class ChangeReason(BaseModel):
+class ChangeReason(RequestBody):
     reason: Reason
 
 

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, StrictBool
 
-from api.app.core.fields import INT32_MAX
+from api.app.core.fields import INT32_MAX, RequestBody
 from api.app.predictions.schemas import EvaluationPublic
 from api.app.registry.schemas import Reason
 
@@ -47,13 +47,13 @@ class Comparison(BaseModel):
     reasons: list[str]
 
 
-class Promotion(BaseModel):
+class Promotion(RequestBody):
     reason: Reason
     force: StrictBool = False
     """Promote even when the comparison says worse (the numbers go into the audit trail)."""
 
 
-class EvaluationRequest(BaseModel):
+class EvaluationRequest(RequestBody):
     candidate: int = Field(ge=1, le=INT32_MAX)
     baseline: int | None = Field(default=None, ge=1, le=INT32_MAX, description="default: the stable version")
 

@@ -6,16 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.app.core.fields import INT32_MAX
+from api.app.core.fields import INT32_MAX, RequestBody
 from api.app.registry.schemas import Reason
 from contracts.training import TrainingOptions
 
 
-class TrainingRequest(BaseModel):
+class TrainingRequest(RequestBody):
     """A training run to start. No other keys, as in its options: a misplaced option (``"epochs"``
     beside ``options`` rather than in it) is refused (422), not dropped for a run of minutes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(pattern=r"^[a-z0-9_]+$", max_length=64)
     base_version: int | None = Field(default=None, ge=1, le=INT32_MAX, description="default: the stable version")

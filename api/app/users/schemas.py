@@ -2,32 +2,33 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool
 
-from api.app.core.fields import Text
+from api.app.core.fields import RequestBody, Text
 from api.app.users.models import Role
 
 
-class UserCreate(BaseModel):
+class UserCreate(RequestBody):
     email: EmailStr
     password: Text
     name: Text = Field(default="", max_length=200)
     role: Role = Role.user
 
 
-class SignupIn(BaseModel):
+class SignupIn(RequestBody):
     email: EmailStr
     password: Text
     name: Text = Field(default="", max_length=200)
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(RequestBody):
     name: Text | None = Field(default=None, max_length=200)
     role: Role | None = None
-    is_active: bool | None = None
+    # Strict: "no" or 0 is not a yes-or-no (pydantic would read "no" as false).
+    is_active: StrictBool | None = None
 
 
-class PasswordChange(BaseModel):
+class PasswordChange(RequestBody):
     current_password: Text
     new_password: Text
 
