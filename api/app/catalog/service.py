@@ -272,7 +272,6 @@ def resolve_models(
             raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
         metrics.ROUTED.labels(entry.name, str(entry.version)).inc()
         return [entry]
-    listed = sorted(m.key for m in listed_entries(registry, benchmark_mode=bench))
     entries: list[ModelEntry] = []
     for ref in refs:
         try:
@@ -288,9 +287,13 @@ def resolve_models(
         if entry is not None and entry.channel == "shadow" and not bench:
             entry = None  # a shadow answers copies of requests, never a user
         if entry is None:
+            # What can answer now: a listed version no worker serves would only earn a 503 or 422 next.
+            served = sorted(
+                m.key for m in listed_entries(registry, benchmark_mode=bench) if _available(m, availability)
+            )
             raise HTTPException(
                 status_code=422,
-                detail=f"{_not_offered(registry, name, version, ref)}; available models: {', '.join(listed)}",
+                detail=f"{_not_offered(registry, name, version, ref)}; models served now: {', '.join(served) or 'none'}",
             )
         state = availability.get(entry.key)
         if state is None or not state.available:
