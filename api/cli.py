@@ -139,7 +139,7 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
                 if not (sep and version.isdigit() and weight.isdigit()):
                     raise HTTPException(status_code=422, detail=f"{pair!r}: expected VERSION=WEIGHT")
                 weights[int(version)] = int(weight)
-            rows = await registry_service.set_weights(
+            changed = await registry_service.set_weights(
                 session=session, actor=actor, name=args.name, weights=weights, reason=args.reason, available=available
             )
         elif args.action == "promote":
@@ -148,7 +148,7 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
                 availability = await WorkerDirectory(client).availability(fresh=True)
             finally:
                 await client.aclose()
-            rows = await releases_service.promote(
+            changed = await releases_service.promote(
                 session=session,
                 actor=actor,
                 name=args.name,
@@ -159,11 +159,11 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
                 margin=settings.promotion_margin,
             )
         elif args.action == "rollback":
-            rows = await registry_service.rollback(
+            changed = await registry_service.rollback(
                 session=session, actor=actor, name=args.name, reason=args.reason, available=available
             )
         else:
-            rows = await registry_service.set_channel(
+            changed = await registry_service.set_channel(
                 session=session,
                 actor=actor,
                 name=args.name,
@@ -173,7 +173,7 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
                 reason=args.reason,
                 available=available,
             )
-        _print_versions(rows)
+        _print_versions(changed.versions)
 
 
 def _registry_parser(sub: Any) -> None:

@@ -371,6 +371,31 @@ async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[s
     return email, PASSWORD
 
 
+@pytest.mark.usefixtures("everything_served")
+async def test_each_answer_to_changes_at_once_names_its_own_change(own_stack: Stack) -> None:
+    """Eight weight changes at once take turns; each answer's revision is the id of the change it
+    made, and its versions are as that change left them (not as a later one did)."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+
+    async def change(i: int) -> dict[str, Any]:
+        r = await client.put(
+            "/v1/admin/registry/models/sketch/weights",
+            json={"weights": {"1": i + 1}, "reason": f"at once {i}"},
+            headers=admin,
+        )
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    answers = await asyncio.gather(*(change(i) for i in range(8)))
+    trail = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()
+    reasons = {c["id"]: c["reason"] for c in trail["data"]}
+    for i, answer in enumerate(answers):
+        assert reasons[answer["revision"]] == f"at once {i}", (answer["revision"], reasons)
+        shown = {v["version"]: v["weight"] for v in answer["versions"]}
+        assert shown[1] == i + 1, (i, shown)
+
+
 async def test_changes_under_load_lose_no_request(own_stack: Stack) -> None:
     """20 clients predict without a pause through five registry changes: no error, every answer
     from a version enabled then, and each phase's share of the canary within a few points."""

@@ -9,7 +9,6 @@ from api.app.core.fields import INT32_MAX
 from api.app.core.responses import ADMIN, BODY, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import AdminUser, LiveRegistryDep, PageDep, ReadSessionDep, RedisDep, SessionDep, WorkersDep
 from api.app.registry import service
-from api.app.registry.models import ModelVersion
 from api.app.registry.schemas import (
     ChangeReason,
     ModelVersionPublic,
@@ -53,11 +52,13 @@ async def list_registry_changes(
 
 
 async def _answer(
-    session: SessionDep, redis: RedisDep, live: LiveRegistryDep, name: str, rows: list[ModelVersion]
+    session: SessionDep, redis: RedisDep, live: LiveRegistryDep, name: str, changed: service.Changed
 ) -> ModelVersionsPublic:
     await live.reload(session, redis)
     return ModelVersionsPublic(
-        name=name, revision=live.revision, versions=[ModelVersionPublic.model_validate(r) for r in rows]
+        name=name,
+        revision=changed.revision,
+        versions=[ModelVersionPublic.model_validate(r) for r in changed.versions],
     )
 
 
@@ -99,7 +100,7 @@ async def set_weights(
     live: LiveRegistryDep,
 ) -> ModelVersionsPublic:
     """Set the traffic weights of a model's versions, e.g. {"1": 90, "2": 10} (admin)."""
-    rows = await service.set_weights(
+    changed = await service.set_weights(
         session=session,
         actor=service.Actor(admin.id, admin.email),
         name=name,
@@ -107,7 +108,7 @@ async def set_weights(
         reason=body.reason,
         available=await _available(workers),
     )
-    return await _answer(session, redis, live, name, rows)
+    return await _answer(session, redis, live, name, changed)
 
 
 @router.patch("/models/{name}/versions/{version}", response_model=ModelVersionsPublic, responses=CHANGE)
@@ -122,7 +123,7 @@ async def update_version(
     live: LiveRegistryDep,
 ) -> ModelVersionsPublic:
     """Put a version in shadow, back to canary or retire it; enable or disable it (admin)."""
-    rows = await service.set_channel(
+    changed = await service.set_channel(
         session=session,
         actor=service.Actor(admin.id, admin.email),
         name=name,
@@ -132,7 +133,7 @@ async def update_version(
         reason=body.reason,
         available=await _available(workers),
     )
-    return await _answer(session, redis, live, name, rows)
+    return await _answer(session, redis, live, name, changed)
 
 
 @router.post("/models/{name}/rollback", response_model=ModelVersionsPublic, responses=CHANGE)
@@ -146,11 +147,11 @@ async def rollback_model(
     live: LiveRegistryDep,
 ) -> ModelVersionsPublic:
     """Undo the model's latest promotion in one call: the previous stable version back (admin)."""
-    rows = await service.rollback(
+    changed = await service.rollback(
         session=session,
         actor=service.Actor(admin.id, admin.email),
         name=name,
         reason=body.reason,
         available=await _available(workers),
     )
-    return await _answer(session, redis, live, name, rows)
+    return await _answer(session, redis, live, name, changed)

@@ -36,6 +36,15 @@ backslash or control character, so the file stays inside that folder."""
 
 
 @dataclass(frozen=True)
+class Changed:
+    """A model's versions as one change left them, and that change's id: the registry's
+    revision they show (changes made by others since may have followed it)."""
+
+    versions: list[ModelVersion]
+    revision: int
+
+
+@dataclass(frozen=True)
 class Actor:
     """Who makes a change: an admin (id and email) or start-up seeding (no id)."""
 
@@ -375,7 +384,7 @@ async def set_weights(
     weights: Mapping[int, int],
     reason: str,
     available: Set[str],
-) -> list[ModelVersion]:
+) -> Changed:
     """Sets the traffic weights of some of a model's versions (the others keep theirs): e.g.
     ``{1: 90, 2: 10}`` sends about one request in ten to version 2.
 
@@ -396,8 +405,8 @@ async def set_weights(
         if weight > 0 and row.weight == 0:
             _require_loaded(row, available, "get traffic")
         row.weight = weight
-    await _commit_change(session, rows, before, actor=actor, action="set_weights", version=None, reason=reason)
-    return rows
+    change = await _commit_change(session, rows, before, actor=actor, action="set_weights", version=None, reason=reason)
+    return Changed(rows, change.id)
 
 
 async def set_channel(
@@ -410,7 +419,7 @@ async def set_channel(
     enabled: bool | None,
     reason: str,
     available: Set[str],
-) -> list[ModelVersion]:
+) -> Changed:
     """Puts a version in shadow (a copy of its model's traffic, answers never returned), back to
     canary, or retires it (served no more; workers unload it), and enables or disables it.
     Shadow and retired versions have no traffic of their own (weight 0).
@@ -434,13 +443,13 @@ async def set_channel(
     if enabled is not None:
         row.enabled = enabled
     action = f"channel_{channel}" if channel is not None else ("enable" if enabled else "disable")
-    await _commit_change(session, rows, before, actor=actor, action=action, version=version, reason=reason)
-    return rows
+    change = await _commit_change(session, rows, before, actor=actor, action=action, version=version, reason=reason)
+    return Changed(rows, change.id)
 
 
 async def promote(
     *, session: AsyncSession, actor: Actor, name: str, version: int, reason: str, available: Set[str]
-) -> list[ModelVersion]:
+) -> Changed:
     """Makes ``version`` the model's stable version with all the stable traffic; the previous
     stable version stays enabled and loaded, as a canary without traffic, for ``rollback``.
     Canary weights are kept.
@@ -461,13 +470,11 @@ async def promote(
         if other.channel == "stable" and other is not row:
             other.channel, other.weight = "canary", 0
     row.channel, row.weight = "stable", STABLE_WEIGHT
-    await _commit_change(session, rows, before, actor=actor, action="promote", version=version, reason=reason)
-    return rows
+    change = await _commit_change(session, rows, before, actor=actor, action="promote", version=version, reason=reason)
+    return Changed(rows, change.id)
 
 
-async def rollback(
-    *, session: AsyncSession, actor: Actor, name: str, reason: str, available: Set[str]
-) -> list[ModelVersion]:
+async def rollback(*, session: AsyncSession, actor: Actor, name: str, reason: str, available: Set[str]) -> Changed:
     """Undoes the model's latest promotion that is not undone yet: every version it changed gets
     back the state it had before (the previous stable version its traffic).
 
@@ -495,7 +502,7 @@ async def rollback(
                 )
             _require_loaded(row, available, "get its traffic back")
         row.channel, row.weight, row.enabled = state["channel"], state["weight"], state["enabled"]
-    await _commit_change(
+    change = await _commit_change(
         session,
         rows,
         before,
@@ -505,4 +512,4 @@ async def rollback(
         reason=reason,
         undoes=promotion.id,
     )
-    return rows
+    return Changed(rows, change.id)

@@ -136,7 +136,7 @@ async def promote_version(
     live: LiveRegistryDep,
 ) -> ModelVersionsPublic:
     """Make a version stable unless it compares worse (force: with a reason); the previous one stays for rollback (admin)."""
-    rows = await service.promote(
+    changed = await service.promote(
         session=session,
         actor=registry_service.Actor(admin.id, admin.email),
         name=name,
@@ -148,5 +148,7 @@ async def promote_version(
     )
     await live.reload(session, redis)
     return ModelVersionsPublic(
-        name=name, revision=live.revision, versions=[ModelVersionPublic.model_validate(r) for r in rows]
+        name=name,
+        revision=changed.revision,
+        versions=[ModelVersionPublic.model_validate(r) for r in changed.versions],
     )

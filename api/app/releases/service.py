@@ -319,7 +319,7 @@ async def promote(
     force: bool,
     availability: dict[str, ModelAvailability],
     margin: float,
-) -> list[ModelVersion]:
+) -> registry_service.Changed:
     """``registry.service.promote`` behind the comparison: refused (409, with the numbers) when the
     candidate compares worse than the stable version by more than ``margin``, unless ``force``,
     whose override and numbers go into the audit trail with ``reason``."""
