@@ -68,8 +68,9 @@ PR_SET_CHILD_SUBREAPER = 36
 
 def program(name: str, command: str, *, numprocs: int = 1, once: bool = False) -> str:
     """One ``[program:x]`` section: restarted whenever it exits unasked (``once``: run once, its
-    exit never restarting it), its output and errors passed to supervisord's own output, stopped
-    with its children (streamlit, uvicorn workers)."""
+    exit never restarting it, and a stop by SIGTERM, exit status 143, logged as expected), its
+    output and errors passed to supervisord's own output, stopped with its children (streamlit,
+    uvicorn workers)."""
     process_name = f"{name}.%(process_num)d" if numprocs > 1 else name
     return f"""
 [program:{name}]
@@ -79,6 +80,7 @@ numprocs={numprocs}
 numprocs_start=1
 directory={PROJECT_ROOT}
 autorestart={"false" if once else "true"}
+exitcodes={"0,143" if once else "0"}
 startsecs={0 if once else START_SECONDS}
 startretries={START_RETRIES}
 stopsignal=TERM

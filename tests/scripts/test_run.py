@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -271,3 +272,32 @@ def test_the_checkouts_env_is_read_from_any_directory(monkeypatch: pytest.Monkey
     finally:
         for cached in caches:
             cached.cache_clear()
+
+
+def test_a_run_once_program_stopped_by_sigterm_is_logged_as_expected(tmp_path: Path) -> None:
+    """``model.prepare`` runs once beside the portal; an operator stopping it with SIGTERM (exit
+    status 143) is a clean stop, which supervisord logs as expected, not as a failure."""
+    from scripts.run import program
+
+    stops = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); time.sleep(60)"
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(
+        f"[supervisord]\nnodaemon=true\nlogfile=/dev/null\nlogfile_maxbytes=0\nloglevel=info\n"
+        f"pidfile={tmp_path / 'supervisord.pid'}\nchildlogdir={tmp_path}\n"
+        + program("once", f"{sys.executable} -c {shlex.quote(stops)}", once=True)
+    )
+    supervisord = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.supervisord", "--configuration", str(conf)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        parent = psutil.Process(supervisord.pid)
+        wait_until(lambda: bool(parent.children()), 20, "the program started")
+        parent.children()[0].send_signal(signal.SIGTERM)
+        wait_until(lambda: not parent.children(), 20, "the program stopped")
+    finally:
+        supervisord.terminate()
+        out, _ = supervisord.communicate(timeout=30)
+    assert "exited: once (exit status 143; expected)" in out, out
