@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,30 +59,49 @@ def collect(folder: Path) -> Collected:
     return Collected(images=images, left_out=left_out)
 
 
-def zip_images(folder: Path, images: list[Path], on_added: Callable[[int], None] | None = None) -> Path:
-    """Writes ``images`` (files under ``folder``) into a new temporary zip, named by their path
-    relative to ``folder`` with ``/`` separators (the name the results show); returns its path,
-    which the caller deletes. ``on_added`` is told how many files are in so far.
+_temporary: set[Path] = set()
+"""Temporary zips not deleted yet, named here before they are made."""
+
+
+@contextmanager
+def temporary_zip() -> Iterator[Path]:
+    """A new empty temporary file for a batch's zip, deleted when the block ends, however it
+    ends, or else by ``remove_temporary_zips`` as the command exits: a run stopped (Ctrl-C, a
+    kill, a closed terminal) between the file's making and the block's start would otherwise leave
+    a file that may be gigabytes."""
+    path = Path(tempfile.gettempdir()) / f"portal-batch-{uuid.uuid4().hex}.zip"
+    _temporary.add(path)  # before the file exists: no moment where it exists unlisted
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        _temporary.discard(path)
+
+
+def remove_temporary_zips() -> None:
+    """Deletes the temporary zips a stopped run left (``temporary_zip``)."""
+    for path in list(_temporary):
+        path.unlink(missing_ok=True)
+        _temporary.discard(path)
+
+
+def zip_images(target: Path, folder: Path, images: list[Path], on_added: Callable[[int], None] | None = None) -> None:
+    """Writes ``images`` (files under ``folder``) into the zip ``target``, named by their path
+    relative to ``folder`` with ``/`` separators (the name the results show). ``on_added`` is told
+    how many files are in so far.
 
     Entries are stored, not deflated: photos are compressed already, and deflating them again
     would cost CPU for nothing. Every entry has the same time and mode (``ENTRY_TIME``,
     ``ENTRY_MODE``), so the same images zip to the same bytes whatever their files' times: a batch
     sent again after an interruption is the same request to the portal. Raises OSError when a
     file cannot be read or the disk is full."""
-    fd, name = tempfile.mkstemp(prefix="portal-batch-", suffix=".zip")
-    os.close(fd)
-    path = Path(name)
-    try:
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for n, image in enumerate(images, start=1):
-                info = zipfile.ZipInfo(image.relative_to(folder).as_posix(), date_time=ENTRY_TIME)
-                info.external_attr = ENTRY_MODE << 16
-                info.file_size = image.stat().st_size
-                with image.open("rb") as src, archive.open(info, "w") as dst:
-                    shutil.copyfileobj(src, dst, COPY_CHUNK)
-                if on_added:
-                    on_added(n)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for n, image in enumerate(images, start=1):
+            info = zipfile.ZipInfo(image.relative_to(folder).as_posix(), date_time=ENTRY_TIME)
+            info.external_attr = ENTRY_MODE << 16
+            info.file_size = image.stat().st_size
+            with image.open("rb") as src, archive.open(info, "w") as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)
+            if on_added:
+                on_added(n)

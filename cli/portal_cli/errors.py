@@ -31,3 +31,8 @@ class PortalError(Exception):
         super().__init__(" ".join(message.split()))
         self.message = " ".join(message.split())
         self.code = code
+
+
+class Terminated(SystemExit):
+    """SIGTERM (a kill) or SIGHUP (a closed terminal): the command ends with 128 + the signal,
+    unwinding as it goes (the temporary zip is deleted), and a batch says how to go on."""

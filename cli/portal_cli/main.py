@@ -7,6 +7,7 @@ stderr and an exit code from :class:`ExitCode`, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from portal_cli.archive import collect, zip_images
+from portal_cli.archive import collect, remove_temporary_zips, temporary_zip, zip_images
 from portal_cli.client import Portal, SentBatch
 from portal_cli.config import (
     BatchState,
@@ -42,7 +43,7 @@ from portal_cli.config import (
     not_logged_in,
     save_config,
 )
-from portal_cli.errors import ExitCode, PortalError
+from portal_cli.errors import ExitCode, PortalError, Terminated
 
 EPILOG = """**Exit codes**: **0** done;
 **1** the input was refused, by the portal (a 4xx other than 401/403) or here (no images, a file that cannot be read
@@ -288,11 +289,9 @@ def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
             time.sleep(POLL_SECONDS)
 
 
-def _archive(source: Path) -> Path:
-    """``source`` itself (a zip), or a directory zipped into a temporary file the caller deletes.
-    Raises PortalError 1 for a directory without images."""
-    if not source.is_dir():
-        return source
+def _zip_folder(source: Path, target: Path) -> None:
+    """Zips the images of the directory ``source`` into ``target``, with a progress bar. Raises
+    PortalError 1 for a directory without images."""
     found = collect(source)
     if found.left_out:
         _note(f"{found.left_out} file(s) without an image extension left out.")
@@ -300,7 +299,7 @@ def _archive(source: Path) -> Path:
         raise PortalError(f"No images in {source} (looked for .jpg, .png, .gif, .bmp, .webp, .tif).")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_stderr) as bar:
         task = bar.add_task("Zipping", total=len(found.images))
-        return zip_images(source, found.images, lambda n: bar.update(task, completed=n))
+        zip_images(target, source, found.images, lambda n: bar.update(task, completed=n))
 
 
 def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempotency_key: str) -> SentBatch:
@@ -329,8 +328,11 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
     since, the portal names the batch the interrupted send made, which is followed, as a batch
     whose id was known would be."""
     source = Path(state.source)
-    archive = _archive(source)
-    try:
+    with contextlib.ExitStack() as temporary:
+        archive = source
+        if source.is_dir():
+            archive = temporary.enter_context(temporary_zip())
+            _zip_folder(source, archive)
         state.idempotency_key = resend or str(uuid.uuid4())
         states.remember(state)
         name = source.name if archive == source else f"{source.name}.zip"
@@ -347,9 +349,6 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
                     exc.code,
                 ) from None
             raise
-    finally:
-        if archive != source:
-            archive.unlink(missing_ok=True)
     state.batch_id = sent.batch_id
     # Remembered before following, so that an interruption from here on resumes it.
     states.remember(state)
@@ -516,18 +515,21 @@ def batch(
         state = BatchState(key, batch_id, portal.url, models, time.time())
         try:
             final = _send_and_follow(portal, states, state, resend)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as stopped:
+            how = "terminated" if isinstance(stopped, Terminated) else "interrupted"
             batch_id = state.batch_id
             if batch_id is None:
                 _note(
-                    "portal: interrupted while the batch was being sent. Run the same command again: the "
+                    f"portal: {how} while the batch was being sent. Run the same command again: the "
                     "portal answers with the batch if it received it, and it is sent again if not."
                 )
             else:
                 _note(
-                    f"portal: interrupted. Batch {batch_id} goes on at the portal: run the same command to follow it "
+                    f"portal: {how}. Batch {batch_id} goes on at the portal: run the same command to follow it "
                     "and download the results (or add --cancel)."
                 )
+            if isinstance(stopped, Terminated):
+                raise
             raise typer.Exit(ExitCode.INTERRUPTED) from None
         batch_id = state.batch_id
         assert out is not None and batch_id is not None
@@ -547,7 +549,7 @@ def batch(
 def _terminated(signum: int, _frame: object) -> None:
     # SIGTERM (kill) or SIGHUP (a closed terminal) ends the command as Ctrl-C does not: the
     # temporary zip is still deleted on the way out.
-    sys.exit(ExitCode.TERMINATED if signum == signal.SIGTERM else 128 + signum)
+    raise Terminated(ExitCode.TERMINATED if signum == signal.SIGTERM else 128 + signum)
 
 
 def main() -> None:
@@ -563,3 +565,5 @@ def main() -> None:
             raise
         print(f"portal: unexpected error ({type(exc).__name__}: {exc}); PORTAL_DEBUG=1 shows where.", file=sys.stderr)
         sys.exit(ExitCode.INPUT)
+    finally:
+        remove_temporary_zips()

@@ -25,7 +25,7 @@ from PIL import Image
 from api.app.batches.service import _fingerprint
 from api.app.core.config import Settings
 from contracts.imaging import UPLOAD_EXTENSIONS
-from portal_cli.archive import IMAGE_EXTENSIONS, collect, zip_images
+from portal_cli.archive import IMAGE_EXTENSIONS, collect, temporary_zip, zip_images
 from portal_cli.config import BatchState, BatchStates, config_path
 from tests.cli.conftest import Account, run, stored
 from tests.support import PHOTOS, free_port
@@ -296,10 +296,9 @@ def test_a_batch_cut_off_while_received_is_sent_again_by_the_next_run(
     names = make_images(folder, 4)
     out = tmp_path / "results.csv"
     key, idempotency_key = str(folder.resolve()), "interrupted-send-2"
-    archive = zip_images(folder, collect(folder).images)
-    with archive.open("rb") as zipped:
+    with temporary_zip() as archive, archive.open("rb") as zipped:
+        zip_images(archive, folder, collect(folder).images)
         fingerprint = _fingerprint([("collection.zip", zipped)], [], [MODEL])
-    archive.unlink()
     headers = logged_in.headers()
     me = httpx.get(f"{logged_in.url}/v1/users/me", headers=headers).json()
     receiving = asyncio.run(insert_receiving_batch(settings, me["id"], idempotency_key, fingerprint))
@@ -354,7 +353,8 @@ def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(
     logged_in: Account, tmp_path: Path, signum: int, code: int
 ) -> None:
     """SIGTERM (a kill) or SIGHUP (a closed terminal) during the upload: exit 128 + the signal,
-    and the zip of the folder written to the temporary folder is deleted, as after Ctrl-C."""
+    the zip of the folder written to the temporary folder is deleted, and the run says how to go
+    on, as after Ctrl-C."""
     folder, temporary = tmp_path / "collection", tmp_path / "tmp"
     make_images(folder, 500)
     temporary.mkdir()
@@ -370,6 +370,7 @@ def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(
     finally:
         sending.kill()
     assert sending.returncode == code and list(temporary.iterdir()) == [], err
+    assert "portal: terminated" in err and "Run the same command again" in err, err
 
 
 def test_the_same_images_zip_to_the_same_bytes_whatever_their_files_times(tmp_path: Path) -> None:
@@ -378,16 +379,14 @@ def test_the_same_images_zip_to_the_same_bytes_whatever_their_files_times(tmp_pa
     folder = tmp_path / "collection"
     make_images(folder, 3)
     images = collect(folder).images
-    first = zip_images(folder, images)
-    os.utime(images[0], (time.time() + 3600, time.time() + 3600))
-    os.utime(images[1], (157_766_400, 157_766_400))  # 1975
-    images[2].chmod(0o600)
-    second = zip_images(folder, images)
-    try:
+    with temporary_zip() as first, temporary_zip() as second:
+        zip_images(first, folder, images)
+        os.utime(images[0], (time.time() + 3600, time.time() + 3600))
+        os.utime(images[1], (157_766_400, 157_766_400))  # 1975
+        images[2].chmod(0o600)
+        zip_images(second, folder, images)
         assert first.read_bytes() == second.read_bytes()
-    finally:
-        first.unlink()
-        second.unlink()
+    assert not first.exists() and not second.exists()
 
 
 def test_two_runs_of_one_input_at_once_send_it_once(logged_in: Account, tmp_path: Path) -> None:
