@@ -20,7 +20,7 @@ class ApiKeyCreate(RequestBody):
     scopes: list[Scope] = Field(
         min_length=1,
         max_length=3,
-        description="read (GET, HEAD), predict (every other method of the user routes), admin (admin routes; admins only)",
+        description="read (GET requests), predict (every other method of the user routes), admin (admin routes; admins only)",
     )
     # Strict: JSON's true is not a number of days (pydantic would read it as 1).
     expires_in_days: int | None = Field(

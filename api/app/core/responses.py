@@ -71,7 +71,7 @@ UNAUTHORIZED: Responses = {
     401: error("Missing, malformed, expired or revoked token or API key, or inactive account", headers=CHALLENGE)
 }
 FORBIDDEN: Responses = {403: error("Admins only, or an API key without the scope this needs")}
-SCOPE: Responses = {403: error("An API key without the scope this needs: read for GET and HEAD, predict otherwise")}
+SCOPE: Responses = {403: error("An API key without the scope this needs: read for GET, predict otherwise")}
 LOGIN_ONLY: Responses = {403: error("Sent with an API key: this needs a login token")}
 NOT_FOUND: Responses = {404: error("No such resource, or not yours")}
 CONFLICT: Responses = {409: error("Already exists")}
