@@ -221,6 +221,11 @@ class Portal:
                 )
             )
 
+    def models(self) -> list[dict[str, Any]]:
+        """The model versions the portal offers me (``GET /v1/models``): each with its ``name``,
+        ``ref`` (name@version) and whether a worker serves it now (``available``)."""
+        return list(self._json("GET", "/v1/models", timeout=QUICK)["data"])
+
     # --- batches ------------------------------------------------------------------------------
 
     def create_batch(

@@ -317,6 +317,27 @@ def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempot
         )
 
 
+def _check_models(portal: Portal, models: list[str]) -> None:
+    """Refuses (PortalError 1) a model the portal does not offer, before anything is zipped or
+    sent: the portal reads a whole batch before it answers. Whether a known model is served now is
+    left to the portal (one loading is a moment's 503), as is everything when the credential may
+    not list models (an API key without the read scope)."""
+    if not models:
+        return
+    try:
+        offered = portal.models()
+    except PortalError as exc:
+        if exc.code == ExitCode.AUTH:
+            return
+        raise
+    known = {m["ref"] for m in offered} | {m["name"] for m in offered}
+    if unknown := [ref for ref in models if ref not in known]:
+        served = sorted(m["ref"] for m in offered if m["available"])
+        raise PortalError(
+            f"Unknown model {unknown[0]!r} on {portal.url}; models served now: {', '.join(served) or 'none'}."
+        )
+
+
 def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> SentBatch:
     """Sends the input of ``state`` (a zip, or a directory zipped first and named after it) as a
     batch with a new key, or ``resend``, the key of a send interrupted before its answer; the
@@ -328,6 +349,7 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
     since, the portal names the batch the interrupted send made, which is followed, as a batch
     whose id was known would be."""
     source = Path(state.source)
+    _check_models(portal, state.models)
     with contextlib.ExitStack() as temporary:
         archive = source
         if source.is_dir():

@@ -122,6 +122,15 @@ def test_a_refused_file_is_one_line_and_exit_1(logged_in: Account, tmp_path: Pat
     nothing = run("batch", str(empty), "--out", str(tmp_path / "out.csv"))
     assert nothing.exit_code == 1 and "No images" in one_line(nothing.stderr)
 
+    # A model the portal does not offer is refused before the folder is zipped and sent.
+    folder = tmp_path / "collection"
+    make_images(folder, 3)
+    misnamed = run("batch", str(folder), "-m", "no_such_model@9", "--out", str(tmp_path / "out.csv"))
+    assert "Zipping" not in misnamed.stderr and "Uploading" not in misnamed.stderr, misnamed.stderr
+    error = one_line(misnamed.stderr)
+    assert misnamed.exit_code == 1 and "Unknown model 'no_such_model@9'" in error and MODEL in error, error
+    assert batches(logged_in)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
+
 
 def test_a_directory_of_200_images_as_a_batch(logged_in: Account, tmp_path: Path) -> None:
     folder = tmp_path / "collection"
