@@ -13,12 +13,11 @@ takes (a wrong address or method) is left to the app's 404 or 405, which never r
 
 from __future__ import annotations
 
-import json
-
 from python_multipart.multipart import parse_options_header
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.app.core.request_context import send_json
 from api.app.core.security import TokenError, VerifiedTokens
 from contracts.api_keys import KEY_LENGTH, KEY_PREFIX
 
@@ -37,20 +36,8 @@ def _header(scope: Scope, name: bytes) -> str:
 
 
 async def _answer(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    # The body may be left unread: the connection closes after the answer.
+    await send_json(send, status, {"detail": detail}, [(b"connection", b"close"), *(headers or [])])
 
 
 CUT_OFF = (

@@ -41,9 +41,10 @@ def request_id(given: bytes) -> str:
     return uuid.uuid4().hex
 
 
-async def _answer_json(
+async def send_json(
     send: Send, status: int, content: dict[str, str], headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
+    """Answers with ``content`` as JSON from an ASGI middleware, before the app has answered."""
     body = json.dumps(content).encode()
     await send(
         {
@@ -105,7 +106,7 @@ class RequestContextMiddleware:
             log.warning("%s %s cancelled: the server is shutting down", scope["method"], scope["path"])
             if started:
                 raise
-            await _answer_json(
+            await send_json(
                 send_with_id,
                 503,
                 {"detail": "The server is restarting; send the request again.", "request_id": rid},
@@ -117,7 +118,7 @@ class RequestContextMiddleware:
             log.exception("unhandled error in %s %s", scope["method"], scope["path"], extra={"request_id": rid})
             if started:
                 raise
-            await _answer_json(
+            await send_json(
                 send_with_id,
                 500,
                 {"detail": "Internal server error; quote this request id when reporting it.", "request_id": rid},
