@@ -171,6 +171,9 @@ def make_settings(database_url: str, redis_url: str, storage: Path, **overrides:
         # Each app and API process opens its whole pool at start-up; several run side by side
         # against one server, whose max_connections is 100.
         "db_pool_size": 5,
+        # The suite's admin logs in once (``admin_headers``) and the suite may outlast the
+        # default 30 minutes on a slow host: its late tests would get 401.
+        "access_token_expire_minutes": 240,
         **overrides,
     }
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
