@@ -194,7 +194,7 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
     client = own_stack.client
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
     await own_stack.start_workers(1, SERVE_MODELS="sketch", TRAINED_DIR=str(trained_dir))
-    long = {"epochs": 40, "per_category": 400}
+    long = {"epochs": 40, "per_category": 100}  # an epoch of 2,000 drawings: seconds, not a minute
     body = {"model": "sketch", "options": long, "reason": "try"}
 
     # Refusals: not a sketch model, unknown model, bad options, a second run while one is queued.
