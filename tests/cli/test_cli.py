@@ -165,6 +165,17 @@ def start_batch(folder: Path, out: Path, **env: str) -> subprocess.Popen[str]:
     )
 
 
+def remembered_batch(run: subprocess.Popen[str], key: str) -> BatchState:
+    """The state ``run`` (a running ``portal batch``) remembers for ``key`` once it holds the batch's
+    id; fails if the run ends first or takes a minute."""
+    deadline = time.monotonic() + 60
+    while (state := BatchStates().get(key)) is None or state.batch_id is None:
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline, "the batch id was never saved"
+        time.sleep(0.02)
+    return state
+
+
 def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_path: Path) -> None:
     folder = tmp_path / "collection"
     names = make_images(folder, 60)
@@ -172,11 +183,7 @@ def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_
     key = str(folder.resolve())
     first = start_batch(folder, out)
     try:
-        deadline = time.monotonic() + 60
-        while (state := BatchStates().get(key)) is None or state.batch_id is None:
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, "the batch id was never saved"
-            time.sleep(0.02)
+        state = remembered_batch(first, key)
         first.send_signal(signal.SIGINT)  # Ctrl-C while the batch runs
         _, err = first.communicate(timeout=30)
     finally:
@@ -209,11 +216,7 @@ def test_a_batch_cancelled_while_followed_stops_the_bar_where_the_answers_stoppe
     key = str(folder.resolve())
     following = start_batch(folder, out)
     try:
-        deadline = time.monotonic() + 60
-        while (state := BatchStates().get(key)) is None or state.batch_id is None:
-            assert following.poll() is None, following.communicate()
-            assert time.monotonic() < deadline, "the batch id was never saved"
-            time.sleep(0.02)
+        state = remembered_batch(following, key)
         cancelled = httpx.delete(f"{logged_in.url}/v1/batches/{state.batch_id}", headers=logged_in.headers())
         _, err = following.communicate(timeout=60)
     finally:
