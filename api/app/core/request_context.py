@@ -102,16 +102,16 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # The server stopping: uvicorn cancels what is left after its graceful-shutdown time
-            # and would answer 500. The task ends here, answered; the server is exiting anyway.
+            # and would answer 500. Answered 503 first; the cancellation then goes on as asked.
             log.warning("%s %s cancelled: the server is shutting down", scope["method"], scope["path"])
-            if started:
-                raise
-            await send_json(
-                send_with_id,
-                503,
-                {"detail": "The server is restarting; send the request again.", "request_id": rid},
-                [(b"retry-after", self.retry_after), (b"connection", b"close")],
-            )
+            if not started:
+                await send_json(
+                    send_with_id,
+                    503,
+                    {"detail": "The server is restarting; send the request again.", "request_id": rid},
+                    [(b"retry-after", self.retry_after), (b"connection", b"close")],
+                )
+            raise
         except Exception:
             # Our bug: logged here once, with its traceback and request id, and answered as a 500
             # that names the request id, so a report can be matched with the log line.
