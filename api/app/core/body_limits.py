@@ -86,13 +86,11 @@ class BodyLimitMiddleware:
             return
         batch = multipart and scope["path"] in BATCH_PATHS
         limit = (self.batch_limit if batch else self.upload_limit) if multipart else JSON_LIMIT
-        if not multipart and not _routed(scope):
-            # No route reads this body: the app answers 404 or 405 without reading it, which
-            # says more than "too large" to someone who sent an image to a wrong address.
-            await self.app(scope, receive, send)
-            return
         announced = _header(scope, b"content-length")
-        if announced.isdigit() and int(announced) > limit:
+        # A body no route takes is left to the app's 404 or 405, which never reads it and says more
+        # than "too large" to someone who sent an image to a wrong address (checked only here, on
+        # the way to a refusal, not on every request).
+        if announced.isdigit() and int(announced) > limit and (multipart or _routed(scope)):
             await _answer(send, 413, self._too_large(multipart, batch))
             return
         if multipart and not self._signed_in(scope):
