@@ -279,7 +279,13 @@ def test_a_run_once_program_stopped_by_sigterm_is_logged_as_expected(tmp_path: P
     status 143) is a clean stop, which supervisord logs as expected, not as a failure."""
     from scripts.run import program
 
-    stops = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); time.sleep(60)"
+    ready = tmp_path / "ready"
+    # The program says when its handler is in place: a SIGTERM during the interpreter's start
+    # would kill it before it could answer 143, which is not what this test is about.
+    stops = (
+        "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    )
     conf = tmp_path / "supervisord.conf"
     conf.write_text(
         f"[supervisord]\nnodaemon=true\nlogfile=/dev/null\nlogfile_maxbytes=0\nloglevel=info\n"
@@ -294,7 +300,7 @@ def test_a_run_once_program_stopped_by_sigterm_is_logged_as_expected(tmp_path: P
     )
     try:
         parent = psutil.Process(supervisord.pid)
-        wait_until(lambda: bool(parent.children()), 20, "the program started")
+        wait_until(lambda: bool(parent.children()) and ready.exists(), 20, "the program started")
         parent.children()[0].send_signal(signal.SIGTERM)
         wait_until(lambda: not parent.children(), 20, "the program stopped")
     finally:
