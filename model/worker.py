@@ -301,10 +301,12 @@ class Worker:
         if not incoming and not outgoing:
             return False
         models = {s: m for s, m in self.models.items() if s not in outgoing}
-        for stream in outgoing:
-            if (gone := self.models.get(stream)) is not None:
-                self._set_state(gone.entry, None)
-                log.info("registry: %s no longer served here", gone.entry.key)
+        # Only the entries are kept: a local bound to a dropped model would hold its memory
+        # through release_memory() below.
+        dropped = [self.models[s].entry for s in outgoing if s in self.models]
+        for entry in dropped:
+            self._set_state(entry, None)
+            log.info("registry: %s no longer served here", entry.key)
         models.update(incoming)
         self.jobs.ensure_groups(incoming)
         self.models = models

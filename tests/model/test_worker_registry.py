@@ -86,8 +86,12 @@ def test_a_worker_follows_the_published_registry(private_redis: RedisServer) -> 
             mapping={"revision": "3", "source": "test", "registry": snapshot.registry.model_dump_json()},
         )
         wait_until(lambda: serving(client, "follower") == {"sketch@2"}, 15, "retired versions dropped")
-        freed = loaded_rss - process.memory_info().rss
-        assert freed > 10 * 2**20, f"only {freed / 2**20:.1f} MiB returned"
+        # The heartbeat thread may announce the change a moment before the memory is handed back.
+        try:
+            wait_until(lambda: loaded_rss - process.memory_info().rss > 10 * 2**20, 5, "memory returned")
+        except TimeoutError:
+            freed = loaded_rss - process.memory_info().rss
+            raise AssertionError(f"only {freed / 2**20:.1f} MiB returned") from None
         assert worker.alive()
     finally:
         worker.stop()
