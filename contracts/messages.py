@@ -141,6 +141,9 @@ class ResultMessage(BaseModel):
 NOT_TRAINED_YET = "not trained yet"
 """How ``ModelState.reason`` begins for a version with training options whose model file is not
 written: the API then tells users it has not been trained yet, not that it is missing."""
+FAILED_TO_LOAD = "failed to load"
+"""How ``ModelState.reason`` begins for a version whose files are there but would not load (a
+damaged or incompatible file): users read that it failed to load, not that it is missing."""
 BEING_TRAINED = "being trained here: {epoch} of {epochs} epochs done"
 """Part of such a reason while ``python -m model.prepare`` trains the version (``make run`` serves
 meanwhile): how far it is, read by ``being_trained``."""

@@ -28,6 +28,11 @@ class ModelUnavailable(Exception):
     """The model cannot serve; the message says why, for users and operators."""
 
 
+class ModelLoadFailed(ModelUnavailable):
+    """The model's files are there but do not load (damaged, incompatible, labels that do not
+    match): users read that it failed to load rather than that it is not installed."""
+
+
 class Classifier(Protocol):
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (batch, classes)."""
@@ -170,7 +175,7 @@ def _keras_application(entry: ModelEntry, settings: ModelSettings) -> tuple[obje
         try:
             return builder(weights=str(path), input_shape=shape), False
         except Exception as exc:
-            raise ModelUnavailable(f"weights file {path} could not be loaded: {exc}") from exc
+            raise ModelLoadFailed(f"weights file {path} could not be loaded: {exc}") from exc
     if entry.weights == "imagenet" and settings.allow_weight_download:
         try:
             return builder(weights="imagenet", input_shape=shape), False
@@ -198,12 +203,12 @@ def keras_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, bool]:
     try:
         return keras.models.load_model(path, compile=False), False
     except Exception as exc:
-        raise ModelUnavailable(f"model file {path} could not be loaded: {exc}") from exc
+        raise ModelLoadFailed(f"model file {path} could not be loaded: {exc}") from exc
 
 
 def _check_outputs(outputs: int, labels: tuple[str, ...]) -> None:
     if outputs != len(labels):
-        raise ModelUnavailable(f"the model has {outputs} outputs but {len(labels)} labels")
+        raise ModelLoadFailed(f"the model has {outputs} outputs but {len(labels)} labels")
 
 
 def _load_keras(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, ...]) -> LoadedModel:
@@ -225,7 +230,7 @@ def openvino_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, boo
         try:
             return ov.Core().read_model(str(path)), entry.weights == "random"
         except Exception as exc:
-            raise ModelUnavailable(f"OpenVINO model {path} could not be loaded: {exc}") from exc
+            raise ModelLoadFailed(f"OpenVINO model {path} could not be loaded: {exc}") from exc
     cached = _conversion_path(entry, settings)
     if cached is not None and cached.exists():
         try:
@@ -239,7 +244,7 @@ def openvino_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, boo
         # freed with the Keras model; the model then answered garbage once the memory was reused.
         converted = ov.convert_model(graph(model, entry), share_weights=False)
     except Exception as exc:
-        raise ModelUnavailable(f"conversion to OpenVINO failed: {exc}") from exc
+        raise ModelLoadFailed(f"conversion to OpenVINO failed: {exc}") from exc
     if cached is not None and not random_weights:
         _keep_conversion(converted, cached)
     return converted, random_weights
@@ -367,7 +372,7 @@ def _load_tflite(entry: ModelEntry, settings: ModelSettings, labels: tuple[str, 
     try:
         classify = TFLiteClassifier(path, settings.inference_threads)
     except Exception as exc:
-        raise ModelUnavailable(f"TFLite model {path} could not be loaded: {exc}") from exc
+        raise ModelLoadFailed(f"TFLite model {path} could not be loaded: {exc}") from exc
     _check_outputs(classify.outputs, labels)
     return LoadedModel(entry=entry, labels=labels, classify=classify, input_dtype=np.uint8)
 

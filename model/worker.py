@@ -29,6 +29,7 @@ import redis.exceptions
 from contracts import keys, registry_live, streams, workers
 from contracts.imaging import trim_heap
 from contracts.messages import (
+    FAILED_TO_LOAD,
     NOT_TRAINED_YET,
     Heartbeat,
     LabelScore,
@@ -46,6 +47,7 @@ from model.config import ModelSettings
 from model.runtimes import (
     FailedLoads,
     LoadedModel,
+    ModelLoadFailed,
     ModelUnavailable,
     configure_tensorflow,
     load_model,
@@ -159,13 +161,14 @@ class Worker:
             if before is not None and (after := resident_mib()) is not None:
                 loaded.extra["memory_mib"] = round(max(after - before, 0.0), 1)
         except ModelUnavailable as exc:
-            self._set_state(entry, ModelState(name=entry.name, version=entry.version, ready=False, reason=str(exc)))
+            reason = f"{FAILED_TO_LOAD}: {exc}" if isinstance(exc, ModelLoadFailed) else str(exc)
+            self._set_state(entry, ModelState(name=entry.name, version=entry.version, ready=False, reason=reason))
             log.warning("model %s unavailable: %s", entry.key, exc)
             return None
         except Exception as exc:  # a broken model must not stop the others from serving
             self._set_state(
                 entry,
-                ModelState(name=entry.name, version=entry.version, ready=False, reason=f"failed to load: {exc}"),
+                ModelState(name=entry.name, version=entry.version, ready=False, reason=f"{FAILED_TO_LOAD}: {exc}"),
             )
             log.exception("model %s failed to load", entry.key)
             return None

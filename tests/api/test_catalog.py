@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from api.app.catalog.service import NOT_INSTALLED, NOT_TRAINED, WorkerDirectory
+from api.app.catalog.service import LOAD_FAILED, NOT_INSTALLED, NOT_TRAINED, WorkerDirectory
 from contracts import keys, workers
-from contracts.messages import BEING_TRAINED, NOT_TRAINED_YET, Heartbeat, ModelState, being_trained
+from contracts.messages import BEING_TRAINED, FAILED_TO_LOAD, NOT_TRAINED_YET, Heartbeat, ModelState, being_trained
 from tests.support import RedisServer
 
 
@@ -86,8 +86,9 @@ async def test_live_workers_are_found_without_scanning_the_keyspace(private_redi
 
 async def test_a_version_not_trained_yet_is_told_apart_from_a_missing_one(private_redis: Redis) -> None:
     """Users read that a version is not trained yet when every worker says so (the
-    workers load it once training writes its file), and that it is not installed otherwise; the
-    workers' paths stay for admins."""
+    workers load it once training writes its file), that it failed to load when a worker found
+    files it could not load, and that it is not installed otherwise; the workers' paths and errors
+    stay for admins."""
     untrained = f"{NOT_TRAINED_YET}: /srv/trained/sketch/v3/model.keras not found (python -m model.prepare trains it)"
     await _announce(
         private_redis,
@@ -95,16 +96,22 @@ async def test_a_version_not_trained_yet_is_told_apart_from_a_missing_one(privat
         models=[
             ModelState(name="sketch", version=3, ready=False, reason=untrained),
             ModelState(name="resnet50", version=1, ready=False, reason=f"{NOT_TRAINED_YET}: /a not found"),
+            ModelState(name="mobilenet_v2", version=1, ready=False, reason=f"{NOT_TRAINED_YET}: /m not found"),
         ],
     )
     await _announce(
         private_redis,
         "b",
-        models=[ModelState(name="resnet50", version=1, ready=False, reason="model file /srv/r.h5 not found")],
+        models=[
+            ModelState(name="resnet50", version=1, ready=False, reason="model file /srv/r.h5 not found"),
+            ModelState(name="mobilenet_v2", version=1, ready=False, reason=f"{FAILED_TO_LOAD}: bad magic in /m.h5"),
+        ],
     )
     availability = await WorkerDirectory(private_redis).availability(fresh=True)
     assert availability["sketch@3"].public_reason() == NOT_TRAINED
     assert availability["resnet50@1"].public_reason() == NOT_INSTALLED
+    assert availability["mobilenet_v2@1"].public_reason() == LOAD_FAILED
+    assert "bad magic in /m.h5" in (availability["mobilenet_v2@1"].reason() or "")
     assert availability["sketch@3"].reason() == untrained
 
 

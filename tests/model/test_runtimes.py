@@ -20,6 +20,7 @@ from model.preprocessing import preprocess
 from model.quantize import PHOTO_SUFFIXES
 from model.runtimes import (
     LoadedModel,
+    ModelLoadFailed,
     ModelUnavailable,
     OpenVINOClassifier,
     TFLiteClassifier,
@@ -157,7 +158,7 @@ def test_broken_weights_are_reported(registry: Registry, model_settings: ModelSe
     (tmp_path / "mobilenet_v2_imagenet.weights.h5").write_bytes(b"not hdf5 at all")
     entry = registry.find("mobilenet_v2", None, benchmark_mode=False)
     assert entry is not None
-    with pytest.raises(ModelUnavailable, match="could not be loaded"):
+    with pytest.raises(ModelLoadFailed, match="could not be loaded"):
         load_model(entry, model_settings.model_copy(update={"models_dir": tmp_path}))
 
 

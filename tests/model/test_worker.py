@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -17,7 +18,7 @@ import redis
 from PIL import Image
 
 from contracts import keys, workers
-from contracts.messages import Heartbeat, JobMessage, ResultMessage
+from contracts.messages import FAILED_TO_LOAD, Heartbeat, JobMessage, ResultMessage
 from model.config import ModelSettings
 from model.worker import STOPPED_WORKER_MIN_IDLE_MS, Worker
 from tests.images import encode
@@ -106,6 +107,28 @@ def sketch_worker(model_settings: ModelSettings) -> Iterator[Worker]:
         yield worker
     finally:
         server.stop()
+
+
+def test_a_damaged_model_file_is_reported_as_failing_to_load_not_as_missing(
+    sketch_worker: Worker, tmp_path: Path
+) -> None:
+    """A version whose file is there but does not load says so (``FAILED_TO_LOAD``, which users read
+    as "failed to load"); one whose file is missing says it is not found."""
+    entry = sketch_worker.models[keys.job_stream("sketch", 1)].entry
+    labels = str(tmp_path / "labels.txt")
+    damaged = entry.model_copy(update={"version": 91, "file": str(tmp_path / "damaged.keras"), "labels": labels})
+    missing = entry.model_copy(update={"version": 92, "file": str(tmp_path / "missing.keras"), "labels": labels})
+    (tmp_path / "damaged.keras").write_bytes(b"not a keras archive")
+    (tmp_path / "labels.txt").write_text("\n".join(sketch_worker.models[keys.job_stream("sketch", 1)].labels))
+    try:
+        assert sketch_worker._load(damaged) is None and sketch_worker._load(missing) is None
+        damaged_reason = sketch_worker.states[damaged.key].reason or ""
+        missing_reason = sketch_worker.states[missing.key].reason or ""
+        assert damaged_reason.startswith(f"{FAILED_TO_LOAD}: model file ") and "could not be loaded" in damaged_reason
+        assert not missing_reason.startswith(FAILED_TO_LOAD) and "not found" in missing_reason
+    finally:
+        sketch_worker._set_state(damaged, None)
+        sketch_worker._set_state(missing, None)
 
 
 def sketch_job(image: bytes, *, deadline_in: float = 60) -> JobMessage:

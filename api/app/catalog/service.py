@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from api.app.core import metrics
 from api.app.core.config import Settings
 from contracts import keys, workers
-from contracts.messages import NOT_TRAINED_YET, Heartbeat, being_trained, without_progress
+from contracts.messages import FAILED_TO_LOAD, NOT_TRAINED_YET, Heartbeat, being_trained, without_progress
 from contracts.registry import ModelEntry, Registry, parse_model_ref
 
 NOT_SERVED = "no live model worker serves it"
@@ -24,6 +24,9 @@ MAX_REFS = 10
 MAX_REF_LENGTH = 80
 """Longest model reference (a name of at most 64 characters, "@" and a version)."""
 NOT_INSTALLED = "its model files are not installed on this server"
+LOAD_FAILED = "its model files are on this server but failed to load"
+"""Said when a worker found the files and could not load them (the error is in the admins' reason
+and the worker's log)."""
 NOT_TRAINED = "it has not been trained on this server yet"
 """Said without a promise when no training notes its progress (one that died says so in the
 operators' log, ``python -m model.prepare``'s exit)."""
@@ -71,6 +74,8 @@ class ModelAvailability:
             return None
         if not self.reasons:
             return NOT_SERVED
+        if any(r.startswith(FAILED_TO_LOAD) for r in self.reasons):
+            return LOAD_FAILED
         if not all(r.startswith(NOT_TRAINED_YET) for r in self.reasons):
             return NOT_INSTALLED
         # The furthest any worker read: they read the note at different moments.
