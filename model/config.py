@@ -80,6 +80,13 @@ class ModelSettings(BaseSettings):
     cores, a batch inferred on all of them took the API's CPU from people's requests (p95 1.5-1.9
     times idle on a 2-core host, 1.3 with one CPU: ``test_people_stay_fast_while_a_large_batch_runs``);
     people's jobs still use every CPU."""
+    people_anticipation_ms: float = Field(default=50.0, ge=0)
+    """After answering a person's job, how long a batch job waits for that person's next one
+    (anticipatory scheduling; 0: never waits). One person's requests in a row arrive a few
+    milliseconds apart: a batch job inferred in that gap made the next request wait for it."""
+    batch_max_defer_ms: float = Field(default=1000.0, ge=0)
+    """Longest a batch job waits for people's jobs to pause: under a steady stream of them the
+    batch still gets one job through this often."""
     cpu_nice: int = 10
     """Niceness added to the worker process: inference yields the CPU to the API on a shared host."""
     labels_ttl_s: int = 7 * 86400

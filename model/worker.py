@@ -86,6 +86,11 @@ class Worker:
         """The CPUs the worker started with: people's jobs run on all of them."""
         self._narrowed = False
         """A batch job ran on fewer CPUs since people's jobs last got them all back (``spread_over``)."""
+        self._people_answered_at = 0.0
+        """When (``time.monotonic``) this worker last answered people's jobs."""
+        self._held: dict[str, list[Delivery]] = defaultdict(list)
+        """Batch jobs taken and waiting for people's jobs to pause (``_bulk_may_run``), by stream."""
+        self._held_since: float | None = None
         self.worker_id = settings.resolved_worker_id()
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
@@ -425,7 +430,8 @@ class Worker:
             raise SystemExit(f"model worker {self.worker_id} stops: {refusal}")
 
     def step(self) -> None:
-        """One round: take over stale jobs, read new ones, fill batches, answer them."""
+        """One round: take over stale jobs, read new ones, fill batches, answer people's jobs, and
+        the batch jobs taken once people's pause (``_bulk_may_run``)."""
         batches: dict[str, list[Delivery]] = defaultdict(list)
         if time.monotonic() - self._last_forget > streams.FORGET_EVERY_S:
             self._last_forget = time.monotonic()
@@ -461,26 +467,51 @@ class Worker:
         if not batches:
             # With peers, start with one job and take a share of the rest in _fill.
             count = self.settings.max_batch_size if self.peers <= 1 else 1
-            for stream, deliveries in self.jobs.read(self.models, count=count, block_ms=1000).items():
+            # Holding batch jobs: look again in a millisecond, as _fill does (a short BLOCK ends
+            # only at Redis's next cron tick).
+            block_ms = None if self._held else 1000
+            for stream, deliveries in self.jobs.read(self.models, count=count, block_ms=block_ms).items():
                 batches[stream].extend(deliveries)
+            if not batches and self._held:
+                time.sleep(0.001)
         for stream, deliveries in batches.items():
             self._fill(stream, deliveries)
             # People's jobs first and on their own: a batch's job never shares their inference.
             people: list[Delivery] = []
-            bulk: list[Delivery] = []
             for d in deliveries:
-                (
-                    bulk if d.job is not None and d.job.request_id.startswith(keys.BATCH_REQUEST_PREFIX) else people
-                ).append(d)
+                if d.job is not None and d.job.request_id.startswith(keys.BATCH_REQUEST_PREFIX):
+                    self._held[stream].append(d)
+                    self._held_since = self._held_since or time.monotonic()
+                else:
+                    people.append(d)
             if people:
                 if self._narrowed:
                     spread_over(self._all_cpus)
                     self._narrowed = False
                 self.process(stream, people)
-            if bulk:
+                self._people_answered_at = time.monotonic()
+        if self._held and self._bulk_may_run():
+            held, self._held, self._held_since = self._held, defaultdict(list), None
+            for stream, bulk in held.items():
+                if stream not in self.models:
+                    continue  # no longer served here: left pending, taken over once idle (at-least-once)
                 with narrowed_cpus(self.settings.batch_inference_cpus) as narrow:
                     self._narrowed = self._narrowed or narrow is not None
                     self.process(stream, bulk)
+
+    def _bulk_may_run(self) -> bool:
+        """Whether the batch jobs held may be inferred now: people's jobs have paused for
+        PEOPLE_ANTICIPATION_MS, or the batch has waited BATCH_MAX_DEFER_MS.
+
+        Anticipatory scheduling (Iyer and Druschel, "Anticipatory scheduling: a disk scheduling
+        framework to overcome deceptive idleness in synchronous I/O", SOSP 2001): a person waiting
+        for an answer sends the next request a few milliseconds after the last, and a batch job
+        started in that gap is what the request then waits for."""
+        now = time.monotonic()
+        quiet = now - self._people_answered_at >= self.settings.people_anticipation_ms / 1000
+        # Never held near VISIBILITY_TIMEOUT_MS: a job held that long would be taken over.
+        longest = min(self.settings.batch_max_defer_ms, self.settings.visibility_timeout_ms / 2) / 1000
+        return quiet or (self._held_since is not None and now - self._held_since >= longest)
 
     def _fill(self, stream: str, deliveries: list[Delivery]) -> None:
         """Adds the jobs of the same model version already waiting, for up to MAX_BATCH_DELAY_MS.

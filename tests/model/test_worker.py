@@ -196,6 +196,56 @@ def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> 
     assert sketch_worker.heartbeat().inference_cpu_seconds > before.inference_cpu_seconds
 
 
+def test_a_batch_job_waits_for_a_persons_next_job_and_never_for_ever(sketch_worker: Worker) -> None:
+    """A batch job taken just after a person's job waits PEOPLE_ANTICIPATION_MS for that person's
+    next one, which is answered first; under a steady stream of people's jobs it still runs after
+    BATCH_MAX_DEFER_MS."""
+    client = redis.Redis.from_url(sketch_worker.settings.redis_url)
+    stream = keys.job_stream("sketch", 1)
+    drawing = encode(Image.new("L", (280, 280), 255), "PNG")
+    settings = sketch_worker.settings
+
+    def answered() -> list[str]:
+        return [ResultMessage.from_fields(f).job_id for _id, f in entries(client.xrange(keys.RESULT_STREAM))]
+
+    def batch_job() -> JobMessage:
+        return sketch_job(drawing).model_copy(update={"request_id": f"{keys.BATCH_REQUEST_PREFIX}test"})
+
+    sketch_worker.settings = settings.model_copy(
+        update={"people_anticipation_ms": 1000, "batch_max_defer_ms": 5000, "visibility_timeout_ms": 30_000}
+    )
+    try:
+        first, second, bulk = sketch_job(drawing), sketch_job(drawing), batch_job()
+        client.xadd(stream, first.to_fields())
+        sketch_worker.step()
+        client.xadd(stream, bulk.to_fields())
+        sketch_worker.step()
+        assert bulk.job_id not in answered()  # taken, held for the person's next job
+        client.xadd(stream, second.to_fields())
+        sketch_worker.step()
+        time.sleep(1.0)
+        sketch_worker.step()
+        order = answered()
+        assert order.index(first.job_id) < order.index(second.job_id) < order.index(bulk.job_id)
+
+        sketch_worker.settings = sketch_worker.settings.model_copy(update={"batch_max_defer_ms": 300})
+        deferred = batch_job()
+        client.xadd(stream, sketch_job(drawing).to_fields())
+        sketch_worker.step()
+        client.xadd(stream, deferred.to_fields())
+        held_at = time.monotonic()
+        people = 0
+        while deferred.job_id not in answered():
+            assert time.monotonic() - held_at < 5, "the batch job waited for ever"
+            client.xadd(stream, sketch_job(drawing).to_fields())
+            people += 1
+            sketch_worker.step()
+        assert time.monotonic() - held_at >= 0.3 and people >= 3
+    finally:
+        sketch_worker.settings = settings
+    assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0
+
+
 def test_one_dict_holds_the_loaded_models_by_the_stream_they_serve(sketch_worker: Worker) -> None:
     (stream, model), *others = sketch_worker.models.items()
     assert not others and stream == keys.job_stream("sketch", 1) and model.entry.key == "sketch@1"

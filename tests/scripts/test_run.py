@@ -60,46 +60,6 @@ def kill_all(proc: subprocess.Popen[bytes], seen: list[psutil.Process]) -> None:
             child.kill()
 
 
-def test_sigterm_stops_every_child(settings: Settings) -> None:
-    proc, api_port, ui_port, log = start_group(settings, "sigterm")
-    children: list[psutil.Process] = []
-    try:
-        wait_until(
-            lambda: http_ok(f"http://127.0.0.1:{api_port}/docs") and http_ok(f"http://127.0.0.1:{ui_port}"),
-            90,
-            "API and UI",
-        )
-        children = psutil.Process(proc.pid).children(recursive=True)
-        services = [c.cmdline()[-1] for c in children if c.cmdline()[-2:-1] == ["-m"]]
-        services += ["ui" for c in children if "streamlit" in c.cmdline()[1:3]]  # python -m ui execs streamlit
-        # model.prepare runs once beside them (it trains what `make run` left untrained), here
-        # with nothing left to do: it ends by itself, and nothing starts it again.
-        assert sorted(s for s in services if s != "model.prepare") == [
-            "api",
-            "model",
-            "model",
-            "model.explainer",
-            "model.trainer",
-            "ui",
-        ], services
-        wait_until(
-            lambda: "exited: prepare (exit status 0; expected)" in (ARTIFACTS / "run-sigterm.log").read_text(),
-            120,
-            "model.prepare's end",
-        )
-        children = psutil.Process(proc.pid).children(recursive=True)
-        conf = Path(next(arg for arg in command(supervisord(proc)) if arg.endswith("supervisord.conf")))
-        assert conf.exists()
-        proc.send_signal(signal.SIGTERM)
-        assert_group_ends(proc, children)
-    finally:
-        kill_all(proc, children)
-        log.close()  # type: ignore[attr-defined]
-    assert not conf.parent.exists()  # its configuration and pid file went with the group
-    output = (ARTIFACTS / "run-sigterm.log").read_text()
-    assert f"http://localhost:{api_port}/docs" in output and "admin@example.com" in output
-
-
 def command(process: psutil.Process) -> list[str]:
     """A child's command line; empty once it is gone or a zombie."""
     try:
@@ -114,18 +74,35 @@ def supervisord(proc: subprocess.Popen[bytes]) -> psutil.Process:
     return found
 
 
-def test_a_killed_worker_is_restarted_while_the_portal_keeps_serving(settings: Settings) -> None:
-    """SIGKILL (as the kernel's OOM killer sends it) one of two model workers while a client keeps
-    predicting: every prediction is answered (or runs out of its deadline), the worker is started
-    again and serves, and the restart is in the log."""
+def test_a_killed_worker_is_restarted_and_sigterm_stops_every_child(settings: Settings) -> None:
+    """One group runs every service (two model workers); SIGKILL (as the kernel's OOM killer sends
+    it) one worker while a client keeps predicting: every prediction is answered (or runs out of
+    its deadline), the worker is started again and serves, and the restart is in the log. SIGTERM
+    then stops every child, and the group's configuration goes with it."""
     proc, api_port, ui_port, log = start_group(settings, "crash")
     url = f"http://127.0.0.1:{api_port}"
     children: list[psutil.Process] = []
     try:
         wait_until(lambda: http_ok(f"{url}/health/ready") and http_ok(f"http://127.0.0.1:{ui_port}"), 120, "portal")
         children = psutil.Process(proc.pid).children(recursive=True)
-        workers = [c for c in children if c.cmdline()[-2:] == ["-m", "model"]]
-        assert len(workers) == 2
+        services = [c.cmdline()[-1] for c in children if c.cmdline()[-2:-1] == ["-m"]]
+        services += ["ui" for c in children if "streamlit" in c.cmdline()[1:3]]  # python -m ui execs streamlit
+        # model.prepare runs once beside them (it trains what `make run` left untrained), here
+        # with nothing left to do: it ends by itself, and nothing starts it again.
+        assert sorted(s for s in services if s != "model.prepare") == [
+            "api",
+            "model",
+            "model",
+            "model.explainer",
+            "model.trainer",
+            "ui",
+        ], services
+        wait_until(
+            lambda: "exited: prepare (exit status 0; expected)" in (ARTIFACTS / "run-crash.log").read_text(),
+            120,
+            "model.prepare's end",
+        )
+        workers = [c for c in children if command(c)[-2:] == ["-m", "model"]]
         token = httpx.post(f"{url}/v1/auth/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}).json()[
             "access_token"
         ]
@@ -167,12 +144,17 @@ def test_a_killed_worker_is_restarted_while_the_portal_keeps_serving(settings: S
         assert set(codes) <= {200, 504}, codes
         assert codes.count(200) >= 6
         assert proc.poll() is None, "the group stopped"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        conf = Path(next(arg for arg in command(supervisord(proc)) if arg.endswith("supervisord.conf")))
+        assert conf.exists()
         proc.send_signal(signal.SIGTERM)
-        assert_group_ends(proc, psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else [])
+        assert_group_ends(proc, children)
     finally:
         kill_all(proc, children)
         log.close()  # type: ignore[attr-defined]
+    assert not conf.parent.exists()  # its configuration and pid file went with the group
     output = (ARTIFACTS / "run-crash.log").read_text()
+    assert f"http://localhost:{api_port}/docs" in output and "admin@example.com" in output
     assert (
         "exited: model.1 (terminated by SIGKILL; not expected)" in output
         or "exited: model.2 (terminated by SIGKILL; not expected)" in output
