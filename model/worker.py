@@ -492,21 +492,26 @@ class Worker:
                 self._people_answered_at = time.monotonic()
         if self._held and self._bulk_may_run():
             held, self._held, self._held_since = self._held, defaultdict(list), None
+            size = self.settings.max_batch_size
             for stream, bulk in held.items():
                 if stream not in self.models:
                     continue  # no longer served here: left pending, taken over once idle (at-least-once)
-                with narrowed_cpus(self.settings.batch_inference_cpus) as narrow:
-                    self._narrowed = self._narrowed or narrow is not None
-                    self.process(stream, bulk)
+                for start in range(0, len(bulk), size):
+                    with narrowed_cpus(self.settings.batch_inference_cpus) as narrow:
+                        self._narrowed = self._narrowed or narrow is not None
+                        self.process(stream, bulk[start : start + size])
 
     def _bulk_may_run(self) -> bool:
         """Whether the batch jobs held may be inferred now: people's jobs have paused for
-        PEOPLE_ANTICIPATION_MS, or the batch has waited BATCH_MAX_DEFER_MS.
+        PEOPLE_ANTICIPATION_MS, the batch has waited BATCH_MAX_DEFER_MS, or MAX_BATCH_SIZE of a
+        version's batch jobs are held.
 
         Anticipatory scheduling (Iyer and Druschel, "Anticipatory scheduling: a disk scheduling
         framework to overcome deceptive idleness in synchronous I/O", SOSP 2001): a person waiting
         for an answer sends the next request a few milliseconds after the last, and a batch job
         started in that gap is what the request then waits for."""
+        if any(len(held) >= self.settings.max_batch_size for held in self._held.values()):
+            return True  # a full batch: holding more would keep them from peers that idle
         now = time.monotonic()
         quiet = now - self._people_answered_at >= self.settings.people_anticipation_ms / 1000
         # Never held near VISIBILITY_TIMEOUT_MS: a job held that long would be taken over.

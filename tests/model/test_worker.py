@@ -199,7 +199,7 @@ def test_one_step_settles_each_kind_of_job_in_a_batch(sketch_worker: Worker) -> 
 def test_a_batch_job_waits_for_a_persons_next_job_and_never_for_ever(sketch_worker: Worker) -> None:
     """A batch job taken just after a person's job waits PEOPLE_ANTICIPATION_MS for that person's
     next one, which is answered first; under a steady stream of people's jobs it still runs after
-    BATCH_MAX_DEFER_MS."""
+    BATCH_MAX_DEFER_MS, and MAX_BATCH_SIZE of them run at once."""
     client = redis.Redis.from_url(sketch_worker.settings.redis_url)
     stream = keys.job_stream("sketch", 1)
     drawing = encode(Image.new("L", (280, 280), 255), "PNG")
@@ -241,6 +241,16 @@ def test_a_batch_job_waits_for_a_persons_next_job_and_never_for_ever(sketch_work
             people += 1
             sketch_worker.step()
         assert time.monotonic() - held_at >= 0.3 and people >= 3
+
+        # A full batch of them is not held from peers that may be idle.
+        sketch_worker.settings = sketch_worker.settings.model_copy(update={"batch_max_defer_ms": 5000})
+        client.xadd(stream, sketch_job(drawing).to_fields())
+        sketch_worker.step()
+        full = [batch_job() for _ in range(sketch_worker.settings.max_batch_size)]
+        for job in full:
+            client.xadd(stream, job.to_fields())
+        sketch_worker.step()
+        assert {job.job_id for job in full} <= set(answered())
     finally:
         sketch_worker.settings = settings
     assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0
