@@ -88,8 +88,10 @@ class Worker:
         """A batch job ran on fewer CPUs since people's jobs last got them all back (``spread_over``)."""
         self._people_answered_at = 0.0
         """When (``time.monotonic``) this worker last answered people's jobs."""
-        self._held: dict[str, list[Delivery]] = defaultdict(list)
-        """Batch jobs taken and waiting for people's jobs to pause (``_bulk_may_run``), by stream."""
+        self._held: dict[str, dict[bytes, tuple[Delivery, float]]] = defaultdict(dict)
+        """Batch jobs taken and waiting for people's jobs to pause (``_bulk_may_run``), with when
+        they were taken, by stream and entry id: a job taken back from the stream (a stall past
+        VISIBILITY_TIMEOUT_MS) replaces its earlier delivery instead of being answered twice."""
         self._held_since: float | None = None
         self.worker_id = settings.resolved_worker_id()
         self.redis = redis.Redis.from_url(
@@ -422,6 +424,10 @@ class Worker:
                 self._outage(exc)
                 groups_ready = False
                 self.stopping.wait(1)
+        if refusal is None and self._held:
+            # Taken already: answered now rather than left for a peer to take over seconds later.
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.answer_held()
         with contextlib.suppress(*REDIS_ERRORS), self.redis.pipeline(transaction=False) as pipe:
             workers.withdraw(pipe, worker_id=self.worker_id)
             pipe.execute()
@@ -480,7 +486,7 @@ class Worker:
             people: list[Delivery] = []
             for d in deliveries:
                 if d.job is not None and d.job.request_id.startswith(keys.BATCH_REQUEST_PREFIX):
-                    self._held[stream].append(d)
+                    self._held[stream][d.entry_id] = (d, time.monotonic())
                     self._held_since = self._held_since or time.monotonic()
                 else:
                     people.append(d)
@@ -491,15 +497,24 @@ class Worker:
                 self.process(stream, people)
                 self._people_answered_at = time.monotonic()
         if self._held and self._bulk_may_run():
-            held, self._held, self._held_since = self._held, defaultdict(list), None
-            size = self.settings.max_batch_size
-            for stream, bulk in held.items():
-                if stream not in self.models:
-                    continue  # no longer served here: left pending, taken over once idle (at-least-once)
-                for start in range(0, len(bulk), size):
-                    with narrowed_cpus(self.settings.batch_inference_cpus) as narrow:
-                        self._narrowed = self._narrowed or narrow is not None
-                        self.process(stream, bulk[start : start + size])
+            self.answer_held()
+
+    def answer_held(self) -> None:
+        """Infers the batch jobs held, MAX_BATCH_SIZE at a time, on BATCH_INFERENCE_CPUS. A job
+        held past VISIBILITY_TIMEOUT_MS (the worker stalled, or Redis was away) is left pending:
+        a peer may have taken it over, and this worker's own reclaim takes it back otherwise;
+        so is a job of a version no longer served here."""
+        held, self._held, self._held_since = self._held, defaultdict(dict), None
+        taken_over_after = time.monotonic() - self.settings.visibility_timeout_ms / 1000
+        size = self.settings.max_batch_size
+        for stream, entries in held.items():
+            if stream not in self.models:
+                continue
+            bulk = [d for d, taken in entries.values() if taken > taken_over_after]
+            for start in range(0, len(bulk), size):
+                with narrowed_cpus(self.settings.batch_inference_cpus) as narrow:
+                    self._narrowed = self._narrowed or narrow is not None
+                    self.process(stream, bulk[start : start + size])
 
     def _bulk_may_run(self) -> bool:
         """Whether the batch jobs held may be inferred now: people's jobs have paused for

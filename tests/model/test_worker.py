@@ -256,6 +256,74 @@ def test_a_batch_job_waits_for_a_persons_next_job_and_never_for_ever(sketch_work
     assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0
 
 
+def test_a_held_batch_job_is_answered_once_after_a_stall_and_before_the_worker_stops(sketch_worker: Worker) -> None:
+    """A batch job held while the worker stalls past VISIBILITY_TIMEOUT_MS (its version dropped
+    and served again here) is taken back from the stream and answered once, not twice; one held
+    that long is not answered from memory (a peer may have taken it over) but once taken back;
+    and a worker told to stop answers the jobs it holds before it goes."""
+    client = redis.Redis.from_url(sketch_worker.settings.redis_url)
+    stream = keys.job_stream("sketch", 1)
+    drawing = encode(Image.new("L", (280, 280), 255), "PNG")
+    settings = sketch_worker.settings
+    loaded = sketch_worker.models[stream]
+
+    def answers(job: JobMessage) -> int:
+        return sum(
+            ResultMessage.from_fields(f).job_id == job.job_id for _id, f in entries(client.xrange(keys.RESULT_STREAM))
+        )
+
+    def hold(job: JobMessage) -> None:
+        client.xadd(stream, sketch_job(drawing).to_fields())
+        sketch_worker.step()
+        client.xadd(stream, job.to_fields())
+        sketch_worker.step()
+        assert answers(job) == 0
+
+    def batch_job() -> JobMessage:
+        return sketch_job(drawing).model_copy(update={"request_id": f"{keys.BATCH_REQUEST_PREFIX}test"})
+
+    sketch_worker.settings = settings.model_copy(
+        update={"people_anticipation_ms": 10_000, "batch_max_defer_ms": 10_000, "visibility_timeout_ms": 1000}
+    )
+    try:
+        # The version dropped while a job of it is held, then served again after the timeout.
+        stalled = batch_job()
+        hold(stalled)
+        sketch_worker._outgoing.add(stream)
+        sketch_worker.apply_changes()
+        time.sleep(1.2)
+        sketch_worker._incoming[stream] = loaded
+        sketch_worker.apply_changes()
+        sketch_worker._last_reclaim = 0.0
+        sketch_worker.step()
+        assert answers(stalled) == 1
+
+        # Held past the timeout without being taken back: left pending, then answered once taken back.
+        left = batch_job()
+        hold(left)
+        time.sleep(1.2)
+        sketch_worker._last_reclaim = time.monotonic()
+        sketch_worker.step()
+        assert answers(left) == 0 and client.xpending(stream, keys.JOB_GROUP)["pending"] == 1
+        sketch_worker._last_reclaim = 0.0
+        sketch_worker.step()  # taken back, and held again for at most half the timeout
+        time.sleep(0.6)
+        sketch_worker.step()
+        assert answers(left) == 1
+
+        # Told to stop while holding one: answered before the worker goes.
+        last = batch_job()
+        hold(last)
+        sketch_worker.stopping.set()
+        sketch_worker.run()
+        assert answers(last) == 1
+    finally:
+        sketch_worker.stopping.clear()
+        sketch_worker.settings = settings
+        sketch_worker.send_heartbeat()
+    assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0
+
+
 def test_one_dict_holds_the_loaded_models_by_the_stream_they_serve(sketch_worker: Worker) -> None:
     (stream, model), *others = sketch_worker.models.items()
     assert not others and stream == keys.job_stream("sketch", 1) and model.entry.key == "sketch@1"
