@@ -224,8 +224,8 @@ def openvino_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, boo
 
     if entry.file and entry.file.endswith(".xml"):
         path = resolve(entry, entry.file, settings)
-        if not path.exists():
-            reason = f"model file {path} not found"
+        if missing := next((p for p in (path, path.with_suffix(".bin")) if not p.exists()), None):
+            reason = f"model file {missing} not found"
             raise ModelUnavailable(reason + (" (run python -m model.prepare)" if entry.quantized_from else ""))
         try:
             return ov.Core().read_model(str(path)), entry.weights == "random"

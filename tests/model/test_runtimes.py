@@ -162,6 +162,21 @@ def test_broken_weights_are_reported(registry: Registry, model_settings: ModelSe
         load_model(entry, model_settings.model_copy(update={"models_dir": tmp_path}))
 
 
+def test_an_openvino_model_without_its_weights_file_is_missing_not_broken(
+    registry: Registry, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """An IR's .xml without the .bin beside it is a model not (fully) installed, which users read
+    as such, not as one that failed to load."""
+    entry = registry.get("mobilenet_v2@2")
+    settings = model_settings.model_copy(update={"trained_dir": tmp_path})
+    xml = entry.resolve(entry.file or "", models_dir=settings.models_dir, trained_dir=tmp_path)
+    xml.parent.mkdir(parents=True)
+    xml.write_text("<net/>")
+    with pytest.raises(ModelUnavailable, match=r"model\.bin not found") as raised:
+        load_model(entry, settings)
+    assert not isinstance(raised.value, ModelLoadFailed)
+
+
 def test_random_resnet_only_in_benchmark_mode(registry: Registry, model_settings: ModelSettings) -> None:
     assert registry.find("resnet50_random", None, benchmark_mode=False) is None
     assert all(not m.benchmark_only for m in registry.public())
