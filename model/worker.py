@@ -93,6 +93,9 @@ class Worker:
         they were taken, by stream and entry id: a job taken back from the stream (a stall past
         VISIBILITY_TIMEOUT_MS) replaces its earlier delivery instead of being answered twice."""
         self._held_since: float | None = None
+        """When the batch jobs held began to wait (BATCH_MAX_DEFER_MS runs from here). Not the
+        oldest time in ``_held``: a job taken back after a stall gets a new delivery time there
+        but has waited since this."""
         self.worker_id = settings.resolved_worker_id()
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
