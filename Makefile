@@ -53,9 +53,16 @@ run: install
 	$(PY) -m model.prepare --defer-training
 	$(PY) scripts/run.py
 
+# One test process per core (pytest-xdist; a file's tests stay in one process, each process has its
+# own database, Redis index and model worker), then the tests marked `serial`, which measure
+# latency or CPU, alone. Both halves run even when the first fails; the exit status says if either did.
+TEST_PROCESSES ?= 2
 test: install browser nginx
 	$(PY) -m model.prepare
-	$(PY) -m pytest
+	status=0; \
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not serial" || status=$$?; \
+	$(PY) -m pytest -m serial || status=$$?; \
+	exit $$status
 
 # Raw and end-to-end benchmarks; writes docs/benchmarks/ and the tables of the stress report.
 bench: install

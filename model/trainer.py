@@ -79,7 +79,8 @@ class Trainer:
                 text = path.read_text(encoding="utf-8")
                 field = folder.encode()
             except (OSError, ValueError) as exc:  # ValueError: a file or folder name not UTF-8
-                log.warning("training record %s not read: %s", path, exc)
+                # %r: a name that is not UTF-8 holds lone surrogates, which a UTF-8 log cannot write.
+                log.warning("training record %r not read: %s", str(path), exc)
                 continue
             self.redis.hset(training.RECORDS_KEY, field, text)
             self.published[folder] = (stat.st_mtime, stat.st_size)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -78,7 +79,17 @@ def _say(config: pytest.Config) -> Callable[[str], None]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Private PostgreSQL and Redis for the session where the default addresses have none."""
+    """Private PostgreSQL and Redis for the session where the default addresses have none.
+
+    Under ``pytest -n`` only the controlling process looks: the test processes it starts afterwards
+    inherit the variables set here."""
+    config.addinivalue_line(
+        "markers",
+        "serial: measures latency, throughput or CPU against an otherwise idle host; "
+        "`make test` runs these alone, after the others",
+    )
+    if hasattr(config, "workerinput"):
+        return
     try:
         services = ensure_local_services(
             var_dir(),
@@ -138,9 +149,22 @@ def database_url() -> Iterator[str]:
         yield url
 
 
+def redis_index_of_this_process(url: str) -> str:
+    """``url`` as given for a run in one process; under ``pytest -n``, with its database index
+    moved up by one more than the test process's number (gw0 the next index, gw1 the one after,
+    modulo Redis's 16). Each process flushes and reads only its own index, and a later run in one
+    process (`make test`'s serial half) never meets a model worker left behind by a crashed one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return url
+    parts = urlsplit(url)
+    index = int(parts.path.strip("/") or 0) + 1 + int(worker.removeprefix("gw"))
+    return urlunsplit(parts._replace(path=f"/{index % 16}"))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    url = redis_index_of_this_process(os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL))
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
@@ -255,7 +279,8 @@ def users(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> Users:
 @pytest.fixture(scope="session")
 def worker(redis_url: str) -> Iterator[Service]:
     """One real model worker serving the registry's models against the test Redis."""
-    w = start_worker("test-worker-1", redis_url)
+    # Named after the test process under ``pytest -n``: each writes a log of its own in test-artifacts/.
+    w = start_worker(f"test-worker-{os.environ.get('PYTEST_XDIST_WORKER', '1')}", redis_url)
     try:
         wait_for_worker(redis_url, w)
         yield w

@@ -241,7 +241,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(PathGuardMiddleware)
     app.add_middleware(RequestContextMiddleware, retry_after_seconds=settings.retry_after_seconds)
 
-    Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
+    Instrumentator(excluded_handlers=["/metrics"]).add(metrics.HTTP).instrument(app).expose(
+        app, include_in_schema=False
+    )
     routers = (
         auth_classic,
         auth_router,

@@ -381,6 +381,7 @@ async def test_no_database_connection_is_held_while_a_password_is_hashed(
     assert seen == [("hash", 0), ("verify", 0), ("verify", 0), ("verify", 0), ("verify", 0), ("hash", 0)], seen
 
 
+@pytest.mark.serial
 async def test_a_burst_of_logins_leaves_other_requests_fast(settings: Settings, users: Users) -> None:
     """100 logins at once against a real API process (each one an argon2 check) while another
     client reads its profile one request after another. Hashed 40 at a time (the shared thread

@@ -303,6 +303,7 @@ async def _timed_prediction(client: httpx.AsyncClient, headers: dict[str, str], 
 SAMPLES = 200
 
 
+@pytest.mark.serial
 async def test_people_stay_fast_while_a_large_batch_runs(client: httpx.AsyncClient, users: Users) -> None:
     """p95 of one-at-a-time predictions while a 1,000-image batch runs is within 1.5 times the
     p95 of an idle portal. 200 samples a side: a person's job that arrives while the worker

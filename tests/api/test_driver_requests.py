@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -29,6 +30,9 @@ from tests.support import RedisServer, blob_lock, waiting_on_lock
 pytestmark = pytest.mark.usefixtures("everything_served")
 
 MODEL = "mobilenet_v2@1"
+THIS_PROCESS = f"portal-api:{os.getpid()}:%"
+"""The application names of this process's apps' connections: never those of an API the suite runs
+as a subprocess on the same database (the black-box portal), which the tests here must not cut."""
 
 
 def dsn(settings: Settings) -> str:
@@ -76,7 +80,8 @@ async def idle_in_transaction(settings: Settings) -> list[Any]:
         return await conn.fetch(
             "SELECT pid, application_name, state, query FROM pg_stat_activity"
             " WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
-            " AND application_name LIKE 'portal-api:%' AND xact_start < now() - interval '500 milliseconds'"
+            " AND application_name LIKE $1 AND xact_start < now() - interval '500 milliseconds'",
+            THIS_PROCESS,
         )
     finally:
         await conn.close()
@@ -251,8 +256,9 @@ async def test_terminated_backends_mid_load_are_503_then_recovered(
             await asyncio.sleep(0.15)
             await conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name LIKE 'portal-api:%'"
-                " AND pid <> pg_backend_pid()"
+                " WHERE datname = current_database() AND application_name LIKE $1"
+                " AND pid <> pg_backend_pid()",
+                THIS_PROCESS,
             )
     finally:
         await conn.close()
@@ -340,7 +346,8 @@ async def test_an_upload_whose_transaction_is_lost_after_its_blob_was_written_le
     try:
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name LIKE 'portal-api:%' AND state LIKE 'idle in transaction%'"
+            " AND application_name LIKE $1 AND state LIKE 'idle in transaction%'",
+            THIS_PROCESS,
         )
     finally:
         await conn.close()

@@ -160,6 +160,7 @@ class Probe(threading.Thread):
         return statistics.quantiles(self.seconds, n=100)[98] * 1000
 
 
+@pytest.mark.serial
 async def test_the_event_loop_answers_within_milliseconds_while_100k_verdicts_are_exported(
     portal: tuple[Service, httpx.AsyncClient], history: History
 ) -> None:

@@ -16,8 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app.core.config import Settings
+from api.app.main import create_app
 from tests.api.test_predictions import noise_png
-from tests.conftest import Users
+from tests.conftest import Users, client_for
 from tests.support import ROOT, http_ok, start_api, wait_until
 
 
@@ -32,6 +33,21 @@ async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, 
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_an_app_made_after_another_in_the_same_process_still_counts_its_requests(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """The suite (and any embedding) makes several apps in one process: each records HTTP metrics,
+    not only the first one started."""
+    assert (await client.get("/health/live")).status_code == 200  # the session's app has started
+    async for later in client_for(create_app(settings)):
+        before = await scrape(later)
+        for _ in range(2):
+            assert (await later.get("/health/live")).status_code == 200
+        after = await scrape(later)
+    counted = ("http_request_duration_seconds_count", (("handler", "/health/live"), ("method", "GET")))
+    assert after.get(counted, 0.0) - before.get(counted, 0.0) >= 2
 
 
 @pytest.mark.usefixtures("worker")

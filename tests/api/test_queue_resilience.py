@@ -254,6 +254,7 @@ async def test_300_concurrent_jobs_done_or_rejected(stack: Stack, users: Users) 
     assert max(r["results"][0]["timings"]["batch_size"] for r in results) > 1  # dynamic batching at work
 
 
+@pytest.mark.serial
 async def test_health_live_stays_fast_with_50_predictions_in_flight(
     stack: Stack, users: Users, settings: Settings
 ) -> None:

@@ -165,9 +165,11 @@ async def test_admins_read_the_registry_and_its_history(
         (m.key for m in registry.models), key=lambda k: (k.split("@")[0], int(k.split("@")[1]))
     )
     changes = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin_headers)).json()
-    assert changes["count"] == 3 and {c["version"] for c in changes["data"]} == {1, 2, 3}
-    assert all(c["actor"] == "registry.yaml" and c["action"] == "register" for c in changes["data"])
-    assert changes["data"][0]["id"] > changes["data"][1]["id"]  # newest first
+    # Tests of this process that ran earlier may have changed sketch's versions since the seeding.
+    seeded = [c for c in changes["data"] if c["actor"] == "registry.yaml"]
+    assert sorted(c["version"] for c in seeded) == [1, 2, 3] and {c["action"] for c in seeded} == {"register"}
+    ids = [c["id"] for c in changes["data"]]
+    assert changes["count"] == len(ids) >= 3 and ids == sorted(ids, reverse=True)  # newest first
 
     _, headers = await users.create()
     assert (await client.get("/v1/admin/registry", headers=headers)).status_code == 403

@@ -4,6 +4,8 @@ with SQL)."""
 
 from __future__ import annotations
 
+import pytest
+
 from api.app.core.config import Settings
 from bench.scale import Shape, measure, table
 from tests.conftest import _admin_dsn
@@ -12,6 +14,7 @@ from tests.support import ARTIFACTS, RedisServer
 LIMIT_MS = 50.0
 
 
+@pytest.mark.serial
 async def test_stats_and_deep_list_pages_stay_fast_at_a_million_predictions(settings: Settings) -> None:
     shape = Shape()
     # A Redis of its own: this API's registry, loops and queues must not meet the suite's.

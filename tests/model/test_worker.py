@@ -38,6 +38,7 @@ def private_worker() -> Iterator[str]:
         server.stop()
 
 
+@pytest.mark.serial
 def test_a_lone_job_is_picked_up_at_once(private_worker: str) -> None:
     client = redis.Redis.from_url(private_worker)
     image = (PHOTOS / "parrot.jpg").read_bytes()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.multiprocess import mark_process_dead
+from prometheus_fastapi_instrumentator import metrics as http_metrics
 
 from contracts.messages import PredictionStatus, ResultMessage
 
@@ -22,6 +24,19 @@ SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH = (1, 2, 4, 8, 16, 32, 64)
 MODEL = ("model", "version")
 
+
+def _http_metrics() -> Callable[[http_metrics.Info], None]:
+    made = http_metrics.default()
+    if made is None:  # the library's answer when the names are taken in this process's registry
+        raise RuntimeError("the HTTP metrics' names are already registered")
+    return made
+
+
+HTTP = _http_metrics()
+"""The instrumentator's HTTP metrics (``http_requests_total``, ``http_request_duration_seconds``,
+...), made once per process and given to every app's instrumentator: left to make its own, an
+app's instrumentator finds the names taken by an earlier app of the same process and records
+nothing."""
 QUEUE_WAIT = Histogram("portal_queue_wait_seconds", "Time a job waited in the queue", MODEL, buckets=SECONDS)
 PREPROCESS = Histogram("portal_preprocess_seconds", "Preprocessing time per image", MODEL, buckets=SECONDS)
 INFERENCE = Histogram("portal_inference_seconds", "Batched inference time", MODEL, buckets=SECONDS)
