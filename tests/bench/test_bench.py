@@ -16,6 +16,10 @@ from contracts.registry import Registry
 from model.config import ModelSettings
 from tests.support import PHOTOS, ROOT
 
+BENCH_ENV = {**os.environ, "DB_POOL_SIZE": "10"}
+"""The bench's two API processes open 10 connections each rather than the default 20: `make test`
+runs these beside another test process, and all share one PostgreSQL of 100 connections."""
+
 
 def test_raw_runs_every_runtime_and_checks_top1(model_settings: ModelSettings, registry: Registry) -> None:
     results, agreements = raw.measure(
@@ -61,7 +65,7 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
         "--database-url",
         bench_db.render_as_string(hide_password=False),
     ]
-    done = subprocess.run(command, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     row, predict_only, relogging = json.loads((tmp_path / "e2e.json").read_text())
     assert (row["mix"], predict_only["mix"], relogging["mix"]) == ("portal", "predict", "login")
@@ -127,7 +131,7 @@ def test_a_hundred_pausing_users_see_no_failure(database_url: str, tmp_path: Pat
         "--database-url",
         bench_db.render_as_string(hide_password=False),
     ]
-    done = subprocess.run(command, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads((tmp_path / "e2e.json").read_text())
     assert row["wait"] == "1,5" and row["users"] == 100
