@@ -53,16 +53,21 @@ run: install
 	$(PY) -m model.prepare --defer-training
 	$(PY) scripts/run.py
 
-# One test process per core (pytest-xdist; a file's tests stay in one process, each process has its
-# own database, Redis index and model worker), then the tests marked `serial`, which measure
-# latency or CPU, alone. Both halves run even when the first fails; the exit status says if either did.
-TEST_PROCESSES ?= 2
+# One process by default. With TEST_PROCESSES=2 (or more): that many test processes at once
+# (pytest-xdist; a file's tests stay in one process, each process has its own database, Redis index
+# and model worker), then the tests marked `serial`, which measure latency, alone. Both halves run
+# even when the first fails; the exit status says if either did.
+TEST_PROCESSES ?= 1
 test: install browser nginx
 	$(PY) -m model.prepare
+ifeq ($(TEST_PROCESSES),1)
+	$(PY) -m pytest
+else
 	status=0; \
 	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not serial" || status=$$?; \
 	$(PY) -m pytest -m serial || status=$$?; \
 	exit $$status
+endif
 
 # Raw and end-to-end benchmarks; writes docs/benchmarks/ and the tables of the stress report.
 bench: install

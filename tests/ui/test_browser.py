@@ -254,7 +254,10 @@ def test_an_admin_watches_the_models_and_compares_two_versions(
 def chosen(browser: WebDriver, label: str, form_button: str | None = None) -> str:
     """The value a select box labelled ``label`` shows (in the form with the button ``form_button``)."""
     scope = f"//div[@data-testid='stForm'][.//button[normalize-space()='{form_button}']]" if form_button else ""
-    field = browser.find_element(By.XPATH, f"{scope}//input[@role='combobox'][@aria-label='{label}']")
+    # The page draws its widgets one after another: the box may come a moment after the heading.
+    field = WebDriverWait(browser, 30).until(
+        ec.presence_of_element_located((By.XPATH, f"{scope}//input[@role='combobox'][@aria-label='{label}']"))
+    )
     return str(field.get_attribute("value"))
 
 
