@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 import redis
 from fastapi import FastAPI
@@ -145,6 +146,22 @@ class PostgresServer:
     def stop(self) -> None:
         """Stops it at once, as a crash would: no checkpoint, sessions cut."""
         self.server.stop(mode="immediate")
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server hangs instead of refusing, as on a frozen host or behind a cut network:
+        SIGSTOP to the postmaster and every backend, SIGCONT on leaving."""
+        (postmaster,) = [
+            p for p in psutil.process_iter(["cmdline"]) if str(self.dir) in " ".join(p.info["cmdline"] or [])
+        ]
+        processes = [postmaster, *postmaster.children(recursive=True)]
+        for process in processes:
+            process.suspend()
+        try:
+            yield
+        finally:
+            for process in processes:
+                process.resume()
 
 
 def http_ok(url: str) -> bool:

@@ -74,6 +74,30 @@ async def test_postgres_outage_503_then_recovery(
         assert (await client.post("/login", data=login)).status_code == 200
 
 
+async def test_a_postgres_that_hangs_gives_503_not_500(private_postgres: PostgresServer, settings: Settings) -> None:
+    """A PostgreSQL that hangs rather than refuses lets asyncpg's timeouts run out: on a pooled
+    connection the statement's (``command_timeout``, 10 s), on a new one the connect timeout
+    (2 s). Both are the database being unavailable, a 503 with ``Retry-After``, then recovery."""
+    private = settings.model_copy(update={"database_url": private_postgres.url})
+    await asyncio.to_thread(migrate, private.database_url)
+    await seed_admin(private)
+    async for client in client_for(create_app(private)):
+        login = {"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+        r = await client.post("/login", data=login)
+        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        assert (await client.get("/user/", headers=headers)).status_code == 200
+        with private_postgres.frozen():
+            # The first reuses the pooled connection; the next have to open new ones.
+            answers = [await client.get("/user/", headers=headers) for _ in range(2)]
+            answers.append(await client.post("/login", data=login))
+        assert [r.status_code for r in answers] == [503, 503, 503], [(r.status_code, r.text) for r in answers]
+        assert all("database" in r.json()["detail"] and r.headers.get("retry-after") for r in answers)
+        deadline = time.monotonic() + 20
+        while (r := await client.get("/user/", headers=headers)).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            await asyncio.sleep(0.2)
+
+
 def test_prestart_gives_up_with_a_readable_message(tmp_path: object) -> None:
     import subprocess
     import sys

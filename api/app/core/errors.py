@@ -9,6 +9,7 @@ import logging
 import math
 import socket
 import time
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
@@ -91,6 +92,18 @@ def _sqlstate(exc: BaseException) -> str:
     return str(getattr(getattr(exc, "orig", exc), "sqlstate", "") or "")
 
 
+def _driver_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is asyncpg's timeout: a PostgreSQL that hangs rather than refuses (a frozen
+    host, a cut network) lets the connect timeout or ``command_timeout`` (``core.db.make_engine``)
+    run out, and asyncpg raises Python's own ``TimeoutError``, which SQLAlchemy passes through.
+    Told apart by the driver's frames in its traceback: a timeout of any other origin is a bug."""
+    candidate = getattr(exc, "orig", None) or exc
+    if not isinstance(candidate, TimeoutError):
+        return False
+    frames = traceback.walk_tb(candidate.__traceback__)
+    return any(str(frame.f_globals.get("__name__", "")).startswith("asyncpg") for frame, _ in frames)
+
+
 def violated_constraint(exc: BaseException) -> str | None:
     """The name of the constraint PostgreSQL refused a statement for: of asyncpg's error itself,
     or of the one SQLAlchemy's wraps (its ``orig``, raised from asyncpg's)."""
@@ -112,6 +125,8 @@ def database_status(exc: BaseException) -> int:
     (``CONCURRENT_CHANGE``), 422 for a value PostgreSQL cannot
     hold (out of range, malformed), 500 for anything else (a bug of ours)."""
     if isinstance(exc, DB_ERRORS) or getattr(exc, "connection_invalidated", False):
+        return 503
+    if _driver_timeout(exc):
         return 503
     if isinstance(exc, socket.gaierror):
         # The server's name does not resolve now: a container being replaced drops out of DNS.
