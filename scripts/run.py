@@ -124,6 +124,17 @@ def demo_environment(api: Settings) -> dict[str, str]:
     return {"RETRAIN_MIN_NEW_LABELS": str(DEMO_RETRAIN_MIN_NEW_LABELS)}
 
 
+def ui_environment(api: Settings, ui: UISettings) -> dict[str, str]:
+    """The UI's ``API_URL`` where the environment and .env name none: the API this group starts
+    (``API_HOST``, ``API_PORT``), not the UI's default port, where another portal may listen."""
+    if "api_url" in ui.model_fields_set:
+        return {}
+    host = "127.0.0.1" if api.api_host in ("0.0.0.0", "::", "") else api.api_host
+    if ":" in host:
+        host = f"[{host}]"
+    return {"API_URL": f"http://{host}:{api.api_port}"}
+
+
 def project_settings() -> tuple[Settings, ModelSettings, UISettings]:
     """The API's, the model workers' and the UI's settings, from the environment and the
     checkout's ``.env``. The settings read ``.env`` from the working directory, so this script
@@ -234,6 +245,7 @@ def main() -> None:
             sys.exit(code)
         demo = demo_environment(api)
         os.environ.update(demo)
+        os.environ.update(ui_environment(api, ui))
         folder = Path(tempfile.mkdtemp(prefix="portal-supervisord-"))
         conf = folder / "supervisord.conf"
         conf.write_text(config(model.model_workers, folder))

@@ -16,6 +16,10 @@ DEMO_VALUES: dict[str, object] = {"retrain_min_new_labels": DEMO_RETRAIN_MIN_NEW
 """Where the development configuration is the demo's, not the setting's own default (which is
 said beside it): a copied .env.original keeps what ``make run`` and compose do."""
 
+DERIVED = {"api_url"}
+"""Written commented out: left unset, ``make run`` derives them from other settings (the UI's
+``API_URL`` from ``API_HOST`` and ``API_PORT``), so that a copied .env changing a port stays whole."""
+
 HEADER = """# Copy to .env and adjust. Every value here is a safe development default.
 # Outside development (ENVIRONMENT=production) set SECRET_KEY and FIRST_ADMIN_PASSWORD.
 """
@@ -52,7 +56,8 @@ def render() -> str:
             comment = "".join(f"# {line}\n" for line in (field.description or "").splitlines())
             if name in DEMO_VALUES:
                 comment += f"# (the demo's value; the setting's own default is {_value(field.default)})\n"
-            parts.append(f"{comment}{name.upper()}={_value(DEMO_VALUES.get(name, field.default))}\n")
+            unset = "# " if name in DERIVED else ""
+            parts.append(f"{comment}{unset}{name.upper()}={_value(DEMO_VALUES.get(name, field.default))}\n")
     return "".join(parts)
 
 

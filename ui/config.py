@@ -15,7 +15,8 @@ class UISettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", use_attribute_docstrings=True)
 
     api_url: str = "http://localhost:8000"
-    """Base URL of the portal's API, as the UI server reaches it."""
+    """Base URL of the portal's API, as the UI server reaches it. Left unset, ``make run``
+    (scripts/run.py) gives the UI the API it starts, from API_HOST and API_PORT."""
     ui_host: str = "127.0.0.1"
     """Interface the UI binds to (0.0.0.0 to be reachable from other machines, as in containers)."""
     ui_port: int = 9090

@@ -33,7 +33,6 @@ def start_group(settings: Settings, tag: str) -> tuple[subprocess.Popen[bytes], 
             settings,
             API_PORT=str(api_port),
             UI_PORT=str(ui_port),
-            API_URL=f"http://127.0.0.1:{api_port}",
             MODEL_WORKERS="2",
             WORKER_ID="",
         ),
@@ -87,6 +86,9 @@ def test_a_killed_worker_is_restarted_and_sigterm_stops_every_child(settings: Se
         children = psutil.Process(proc.pid).children(recursive=True)
         services = [c.cmdline()[-1] for c in children if c.cmdline()[-2:-1] == ["-m"]]
         services += ["ui" for c in children if "streamlit" in c.cmdline()[1:3]]  # python -m ui execs streamlit
+        # No API_URL given: the UI is told the API this group started, not the default port.
+        (ui,) = [c for c in children if "streamlit" in c.cmdline()[1:3]]
+        assert ui.environ().get("API_URL") == f"http://127.0.0.1:{api_port}", ui.environ().get("API_URL")
         # model.prepare runs once beside them (it trains what `make run` left untrained), here
         # with nothing left to do: it ends by itself, and nothing starts it again.
         assert sorted(s for s in services if s != "model.prepare") == [
@@ -169,6 +171,20 @@ def test_the_demo_retrains_by_itself_unless_told_otherwise(monkeypatch: pytest.M
     assert demo_environment(unset) == {"RETRAIN_MIN_NEW_LABELS": str(DEMO_RETRAIN_MIN_NEW_LABELS)}
     monkeypatch.setenv("RETRAIN_MIN_NEW_LABELS", "0")
     assert demo_environment(Settings(_env_file=None)) == {}  # type: ignore[call-arg]
+
+
+def test_the_ui_is_given_the_api_this_group_starts_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts.run import ui_environment
+    from ui.config import UISettings
+
+    monkeypatch.delenv("API_URL", raising=False)
+    ui = UISettings(_env_file=None)  # type: ignore[call-arg]
+    api = Settings(_env_file=None, api_port=8200)  # type: ignore[call-arg]
+    assert ui_environment(api, ui) == {"API_URL": "http://127.0.0.1:8200"}
+    everywhere = Settings(_env_file=None, api_host="0.0.0.0", api_port=8300)  # type: ignore[call-arg]
+    assert ui_environment(everywhere, ui) == {"API_URL": "http://127.0.0.1:8300"}
+    monkeypatch.setenv("API_URL", "http://api.internal:8000")
+    assert ui_environment(api, UISettings(_env_file=None)) == {}  # type: ignore[call-arg]
 
 
 SLEEPER = f"{sys.executable} -c 'import time; time.sleep(600)'"
