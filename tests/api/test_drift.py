@@ -3,6 +3,7 @@ first ones, it does not. Real workers, real pixels, small windows."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from datetime import UTC, datetime, timedelta
 
@@ -89,6 +90,13 @@ async def test_sketches_move_a_photo_models_drift_index_past_the_alert_and_photo
     assert set(signals) == set(service.SIGNALS)
     assert version["max_psi"] < service.ALERT, {k: round(s["psi"], 3) for k, s in signals.items()}
     assert _gauge("brightness") == pytest.approx(signals["brightness"]["psi"])
+    # Refreshes at once (admins, the background task) never delete what another just wrote.
+    for _ in range(3):
+        answers = await asyncio.gather(
+            *(client.get("/v1/admin/drift", params={"refresh": True}, headers=admin) for _ in range(10))
+        )
+        assert [len(r.json()["versions"]) for r in answers] == [1] * 10, [r.text[:200] for r in answers]
+        assert len((await client.get("/v1/admin/drift", headers=admin)).json()["versions"]) == 1
 
     sketches = [d for c in SKETCH_CATEGORIES for d in canvas_drawings(c, WINDOW // len(SKETCH_CATEGORIES) + 1)]
     await _send(own_stack, admin, sketches[:WINDOW])

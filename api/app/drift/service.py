@@ -27,7 +27,7 @@ from itertools import pairwise
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, select, tuple_
+from sqlalchemy import and_, delete, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -280,7 +280,10 @@ async def refresh(
     """Computes and stores every signal's index of each version in ``entries`` that has both
     windows in full, deletes the stored indices this did not compute (versions no longer served,
     signals without values now), and sets the ``portal_drift_psi`` gauges from what is left;
-    returns how many versions."""
+    returns how many versions. Refreshes run one at a time (a transaction-level advisory lock):
+    each deletes what is older than its own start, so one started meanwhile would delete what
+    the other just wrote."""
+    await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('drift-refresh', 0))"))
     now = datetime.now(UTC)
     done = 0
     for entry in entries:
