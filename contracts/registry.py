@@ -44,6 +44,11 @@ Channel = Literal["stable", "canary", "shadow", "retired"]
 weight, ``shadow`` receives a copy of traffic whose answers are kept but never returned, ``retired``
 is kept for the record and served no more."""
 
+MAX_VERSION = 1_000_000
+"""Highest version number an operator may give a version: versions count up one at a time, so a
+larger one is a typo, and one near PostgreSQL's integer limit would leave no next number for the
+model's training runs and registrations."""
+
 STATE_FIELDS = frozenset({"name", "version", "channel", "enabled", "weight", "display_name"})
 """A version's identity and the state operators change; the other fields say how to load and feed it."""
 

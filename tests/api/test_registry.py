@@ -25,7 +25,7 @@ from api.app.predictions import service as predictions_service
 from api.app.predictions.models import Job, ShadowPrediction
 from api.app.registry import service
 from api.app.registry.models import ModelVersion, RegistryChange
-from contracts.registry import Registry, load_registry
+from contracts.registry import MAX_VERSION, Registry, load_registry
 from tests.api.conftest import Stack, until
 from tests.api.test_metrics import scrape, value
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, login
@@ -317,6 +317,9 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
         ("POST", "/v1/admin/registry/versions", {**SKETCH_NEW, "file": "/etc/passwd"}, 422),
         ("POST", "/v1/admin/registry/versions", {**SKETCH_NEW, "file": "{trained_dir}/../../etc/passwd"}, 422),
         ("POST", "/v1/admin/registry/versions", {**SKETCH_NEW, "version": 1}, 409),
+        # Past the cap no next number would be left for the model's runs and registrations.
+        ("POST", "/v1/admin/registry/versions", {**SKETCH_NEW, "version": 2**31 - 1}, 422),
+        ("POST", "/v1/admin/registry/versions", {**SKETCH_NEW, "version": MAX_VERSION + 1}, 422),
         ("PATCH", "/v1/admin/registry/models/sketch/versions/2", {"channel": "stable", "reason": "x"}, 422),
         # Files stay inside their folder, whatever the spelling.
         *(

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from api.app.core.fields import INT32_MAX, RequestBody, Text
-from contracts.registry import InputSpec, Preprocessing, Runtime
+from contracts.registry import MAX_VERSION, InputSpec, Preprocessing, Runtime
 
 
 class ModelVersionPublic(BaseModel):
@@ -67,7 +67,7 @@ class VersionCreate(RequestBody):
     ``{trained_dir}/...`` templates, resolved on each worker."""
 
     name: str = Field(pattern=r"^[a-z0-9_]+$", max_length=64)
-    version: int | None = Field(default=None, ge=1, le=INT32_MAX, description="None: one above the highest")
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION, description="None: one above the highest")
     channel: Literal["canary", "shadow"] = "canary"
     display_name: Text | None = Field(default=None, max_length=200)
     description: Text = Field(default="", max_length=1000)

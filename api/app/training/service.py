@@ -130,6 +130,9 @@ async def create_run(
             status_code=409,
             detail=f"A training run of {name} (version {version}) was started at the same moment: it is queued now.",
         ) from None
+    except BaseException:
+        await to_thread.run_sync(functools.partial(shutil.rmtree, out, ignore_errors=True))
+        raise
     job = training.TrainingJob(
         run_id=str(run.id),
         model=name,
