@@ -21,6 +21,7 @@ from tests.images import encode, split_colour
 from tests.support import PHOTOS, ROOT, start_explainer
 from ui.client import Api, User
 from ui.config import get_ui_settings
+from ui.results import plain
 from ui.session import CATALOG_SECONDS
 from ui.views.admin import VERSION_ACTIONS
 
@@ -695,6 +696,17 @@ def test_api_keys_are_made_shown_once_listed_and_revoked(api_url: str, portal: t
     assert any("Revoked nightly import" in s.value for s in app.success)
     assert httpx.get(f"{api_url}/v1/images", headers={"X-API-Key": key}).status_code == 401
     assert any("· revoked" in m.value for m in app.markdown)
+
+
+def test_a_key_name_is_shown_as_typed_never_as_markdown(api_url: str, portal: tuple[str, str, str]) -> None:
+    """A name is the owner's text: a link or a heading typed into it stays text."""
+    email, password = new_user(api_url, portal)
+    name = "# big [click me](https://evil.example/phish) **x"
+    Api(api_url, Api(api_url).login(email, password)["token"]).create_api_key(name, [Scope.read], None)
+    app, _ = keys_app(api_url, email, password)
+    (row,) = [m.value for m in app.markdown if "evil" in m.value]
+    assert row.startswith(f"**{plain(name)}** · "), row
+    assert "[click me](https" not in row, row
 
 
 def test_admins_may_give_their_keys_the_admin_scope(api_url: str, portal: tuple[str, str, str]) -> None:

@@ -10,7 +10,7 @@ import streamlit as st
 
 from contracts.api_keys import SCOPE_WORDS, Scope
 from ui.client import Api, ApiKey, User
-from ui.results import readable_time
+from ui.results import plain, readable_time
 from ui.session import guarded
 
 EXPIRY_DAYS: dict[str, int | None] = {"30 days": 30, "90 days": 90, "1 year": 365, "Never": None}
@@ -39,7 +39,7 @@ def api_keys_page(api: Api) -> None:
         "`Authorization: Bearer <key>` or `X-API-Key: <key>`; it can do only what its scopes allow."
     )
     if revoked := st.session_state.pop("api_key_revoked", None):
-        st.success(f"Revoked {revoked}: it no longer works.")
+        st.success(f"Revoked {plain(revoked)}: it no longer works.")
     new_key_notice()
     create_form(api)
     st.divider()
@@ -51,7 +51,7 @@ def new_key_notice() -> None:
     new = st.session_state.get("api_key_new")
     if not new:
         return
-    st.success(f"Your new key “{new['name']}”. Copy it now: it will not be shown again.")
+    st.success(f"Your new key “{plain(new['name'])}”. Copy it now: it will not be shown again.")
     st.code(new["key"], language=None)
     if st.button("I have copied it", key="api_key_dismiss"):
         st.session_state.pop("api_key_new", None)
@@ -104,7 +104,7 @@ def key_row(api: Api, key: ApiKey) -> None:
     state = key_state(key)
     info, action = st.columns([4, 1])
     with info:
-        st.markdown(f"**{key['name']}** · `{key['prefix']}…` · {state}")
+        st.markdown(f"**{plain(key['name'])}** · `{key['prefix']}…` · {state}")
         used = readable_time(key["last_used_at"]) if key["last_used_at"] else "never"
         expires = readable_time(key["expires_at"]) if key["expires_at"] else "never"
         st.caption(
@@ -120,7 +120,7 @@ def key_row(api: Api, key: ApiKey) -> None:
             st.session_state["api_key_confirm"] = key["id"]
             st.rerun()
     if confirming:
-        st.warning(f"Revoke {key['name']}? Scripts using it will be refused at once.")
+        st.warning(f"Revoke {plain(key['name'])}? Scripts using it will be refused at once.")
         yes, no = st.columns(2)
         if yes.button("Revoke", type="primary", key=f"revoke_yes_{key['id']}"):
             st.session_state.pop("api_key_confirm", None)
