@@ -19,7 +19,8 @@ EVENT_GROUP = "api"
 EVENT_STREAM_MAXLEN = 10_000
 ALIVE_TTL_S = 15
 """A running run's liveness key lives this long; the trainer renews it every few seconds, so a
-killed trainer's run is failed about this long after it died."""
+killed trainer's run is failed at the API's first check (every RETRAIN_CHECK_SECONDS) after this
+long."""
 
 
 def cancel_key(run_id: str) -> str:
