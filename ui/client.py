@@ -187,6 +187,7 @@ class Batch(TypedDict):
 
 class BatchDetail(Batch):
     counts: BatchCounts
+    waiting_for: list[str]
 
 
 class SentBatch(TypedDict):

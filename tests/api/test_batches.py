@@ -26,7 +26,7 @@ from api.app.core.config import Settings
 from api.app.images.storage import LocalBlobStore
 from api.app.main import create_app
 from contracts.registry import ModelEntry
-from tests.conftest import Users, client_for
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Users, client_for, login
 from tests.images import noise_png
 from tests.support import PHOTOS, RedisServer
 
@@ -169,6 +169,8 @@ async def test_several_files_and_stored_images(client: httpx.AsyncClient, users:
     )
     assert r.status_code == 202, r.text
     batch_id = r.json()["id"]
+    # The suite's worker serves its model: nothing to wait for, queued or not.
+    assert (await client.get(f"/v1/batches/{batch_id}", headers=headers)).json()["waiting_for"] == []
     done = await finished(client, headers, batch_id)
     assert (done["counts"]["done"], done["counts"]["skipped"]) == (3, 1)
     # An image deleted afterwards takes its answers with it: its row says why it has none.
@@ -392,8 +394,11 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
             assert owner is not None
             # The sketch batch is older and larger than any window of oldest jobs the lane might
             # look at: the served model's job behind it is still found.
-            for ref, seeds in (("sketch@3", range(1, 51)), ("mobilenet_v2@1", [51])):
-                await running_batch(session, store, fresh_settings, owner, registry[ref], seeds)
+            made = {
+                ref: await running_batch(session, store, fresh_settings, owner, registry[ref], seeds)
+                for ref, seeds in (("sketch@3", range(1, 51)), ("mobilenet_v2@1", [51]))
+            }
+            sketch_batch = made["sketch@3"].id
             served = {"mobilenet_v2@1"}
 
             async def top_up() -> int:
@@ -407,6 +412,12 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
             assert statuses == ["pending"] * 50 + ["queued"]
             # The lane's one slot is taken by a served model's job: nothing more until it is answered.
             assert await top_up() == 0
+        # Its owner is told what the sketch batch waits for (no worker at all here).
+        async for client in client_for(create_app(fresh_settings.model_copy(update={"redis_url": private_redis.url}))):
+            admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+            r = await client.get(f"/v1/batches/{sketch_batch}", headers=admin)
+            assert r.status_code == 200 and r.json()["waiting_for"] == ["sketch@3"], r.text
+            assert r.json()["counts"]["queued"] == 50
     finally:
         await engine.dispose()
         await redis_client.aclose()

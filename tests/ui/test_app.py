@@ -617,6 +617,35 @@ def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, por
     assert any("5 files · finished" in m.value for m in app.markdown)  # listed among my batches
 
 
+def test_a_batch_waiting_for_an_unserved_version_says_so(api_url: str, portal: tuple[str, str, str]) -> None:
+    """The page shows what the API's ``waiting_for`` says (tested in tests/api/test_batches.py):
+    the version's name, why it waits, and that nothing is lost."""
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    counts = {"images": 3, "queued": 2, "running": 0, "done": 1, "failed": 0, "cancelled": 0, "skipped": 0}
+    batch = {
+        "id": str(uuid.uuid4()),
+        "status": "running",
+        "models": ["mobilenet_v2@1"],
+        "entries": 3,
+        "created_at": "2026-01-01T00:00:00Z",
+        "finished_at": None,
+        "counts": {**counts, "eta_seconds": None},
+        "waiting_for": ["mobilenet_v2@1"],
+    }
+    script = (
+        "from ui.client import Api\nfrom ui.views.batch import show_progress\n"
+        f"show_progress(Api({api_url!r}, {api.token!r}), {batch!r})\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    (info,) = [i.value for i in app.info]
+    name = next(m["display_name"] for m in api.models() if m["ref"] == "mobilenet_v2@1")
+    assert f"no model worker serves {name} now" in info and "nothing is lost" in info, info
+    script = script.replace("'waiting_for': ['mobilenet_v2@1']", "'waiting_for': []")
+    assert not AppTest.from_string(script, default_timeout=60).run().info
+
+
 def test_an_api_that_cannot_answer_a_renewal_ends_no_session(api_url: str, portal: tuple[str, str, str]) -> None:
     """Only a refused token (401) ends a session: an API restarting while a person works leaves
     them signed in, with a message, and the renewal is tried again on the next run."""

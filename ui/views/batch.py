@@ -122,6 +122,12 @@ def show_progress(api: Api, batch: BatchDetail) -> None:
         st.warning(
             f"{skipped:,} {'file' if skipped == 1 else 'files'} skipped (not images, or unreadable): the results say why."
         )
+    if waiting := batch["waiting_for"]:
+        names = ", ".join(display_name(api, ref) for ref in waiting)
+        st.info(
+            f"Waiting: no model worker serves {names} now (disabled by an administrator, or its worker is down). "
+            "Those images stay queued and go on once it is served again; nothing is lost."
+        )
     if batch["status"] in ("receiving", "running"):
         failure = f"batch_cancel_error_{batch['id']}"
         if st.button("Cancel what has not run", key="batch_cancel"):

@@ -134,11 +134,18 @@ async def list_batches(user: CurrentUser, session: ReadSessionDep, page: PageDep
 
 
 @router.get("/{batch_id}", response_model=BatchDetail, responses={**AUTHED, **NOT_FOUND, **INVALID})
-async def get_batch(batch_id: uuid.UUID, user: CurrentUser, session: ReadSessionDep) -> BatchDetail:
-    """A batch of mine with its counts (queued, running, done, failed, skipped) and an ETA in seconds."""
+async def get_batch(
+    batch_id: uuid.UUID, user: CurrentUser, session: ReadSessionDep, workers: WorkersDep
+) -> BatchDetail:
+    """A batch of mine with its counts (queued, running, done, failed, skipped), an ETA in seconds,
+    and the model versions its queued images wait for because no live worker serves them now."""
     batch = await _owned(session, user, batch_id)
     counts = await service.counts(session=session, batch=batch)
-    return BatchDetail(**BatchPublic.model_validate(batch).model_dump(), counts=counts)
+    waiting_for: list[str] = []
+    if batch.status == "running" and counts.queued:
+        availability = await workers.availability()
+        waiting_for = [ref for ref in batch.models if ref not in availability or not availability[ref].workers]
+    return BatchDetail(**BatchPublic.model_validate(batch).model_dump(), counts=counts, waiting_for=waiting_for)
 
 
 @router.get(

@@ -42,6 +42,10 @@ class BatchPublic(BaseModel):
 
 class BatchDetail(BatchPublic):
     counts: BatchCounts
+    waiting_for: list[str] = []
+    """Model versions (``name@version``) of a running batch with images still queued that no live
+    worker serves now (disabled, retired or without a worker): those images wait, nothing is lost,
+    and they go on once a worker serves the version again (or the batch is cancelled)."""
 
 
 class BatchesPublic(BaseModel):
