@@ -9,7 +9,7 @@ from starlette.background import BackgroundTask
 
 from api.app.admin.schemas import Stats
 from api.app.core.fields import INT32_MAX, Text
-from api.app.core.responses import ADMIN, INVALID, Responses
+from api.app.core.responses import ADMIN, INVALID, NOT_FOUND, Responses
 from api.app.deps import (
     AdminUser,
     ReadSessionDep,
@@ -22,6 +22,7 @@ from api.app.deps import (
 from api.app.drift import service as drift_service
 from api.app.drift.models import DriftSignal
 from api.app.drift.schemas import DriftBin, DriftReport, DriftSignalOut, DriftVersion
+from api.app.exports.service import check_known
 from api.app.feedback.export import export_archive
 from api.app.predictions import queue
 from api.app.stats import service as stats_service
@@ -62,17 +63,20 @@ ZIP: Responses = {
 }
 
 
-@router.get("/feedback-export", response_class=FileResponse, responses={**ZIP, **ADMIN, **INVALID})
+@router.get("/feedback-export", response_class=FileResponse, responses={**ZIP, **ADMIN, **NOT_FOUND, **INVALID})
 async def feedback_export(
     _: AdminUser,
     session: ReadSessionDep,
     store: StoreDep,
+    registry: RegistryDep,
     model: Annotated[Text | None, Query(description="only this model's predictions, e.g. sketch")] = None,
     version: Annotated[int | None, Query(ge=1, le=INT32_MAX, description="only this version of model")] = None,
 ) -> FileResponse:
-    """The images users labelled, by model and label, with a manifest: data to retrain from (admin)."""
+    """The images users labelled, by model and label, with a manifest: data to retrain from (admin).
+    404 for a model the registry does not know, or a version it does not have."""
     if version is not None and model is None:
         raise HTTPException(status_code=422, detail="version needs model")
+    check_known(registry=registry, model=model, version=version)
     archive, summary = await export_archive(session=session, store=store, model=model, version=version)
     return FileResponse(
         archive,

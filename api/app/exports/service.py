@@ -37,17 +37,24 @@ def leftovers(storage_dir: Path, export_id: uuid.UUID) -> list[Path]:
     return list((storage_dir / EXPORTS_DIR).glob(f"{export_id}.*"))
 
 
+def check_known(*, registry: Registry, model: str | None, version: int | None) -> None:
+    """Raises 404 for a ``model`` the registry does not know, or a ``version`` it does not have
+    (an export of nothing is a typo, not an empty archive); None: every model or version."""
+    if model is None:
+        return
+    versions = {m.version for m in registry.models if m.name == model}
+    if not versions:
+        raise HTTPException(status_code=404, detail=f"No model named {model!r}.")
+    if version is not None and version not in versions:
+        raise HTTPException(status_code=404, detail=f"{model} has no version {version}.")
+
+
 async def create_export(
     *, session: AsyncSession, registry: Registry, request: ExportRequest, requested_by: str
 ) -> Export:
     """Queues an export; a runner takes it up within EXPORT_POLL_SECONDS. Commits. Raises 404
     for a ``model`` the registry does not know, or a ``version`` it does not have."""
-    if request.model is not None:
-        versions = {m.version for m in registry.models if m.name == request.model}
-        if not versions:
-            raise HTTPException(status_code=404, detail=f"No model named {request.model!r}.")
-        if request.version is not None and request.version not in versions:
-            raise HTTPException(status_code=404, detail=f"{request.model} has no version {request.version}.")
+    check_known(registry=registry, model=request.model, version=request.version)
     export = Export(
         id=uuid.uuid4(),
         kind=request.kind,
