@@ -166,10 +166,11 @@ async def test_admins_download_the_export_as_a_zip(
     lonely = await client.get("/v1/admin/feedback-export", params={"version": 1}, headers=admin_headers)
     assert lonely.status_code == 422 and lonely.json()["detail"] == "version needs model"
     # A model or version the registry does not know is a typo, answered as the queued export is.
-    for params, detail in (
+    unknown: list[tuple[dict[str, str | int], str]] = [
         ({"model": "nosuch"}, "No model named 'nosuch'."),
         ({"model": "sketch", "version": 99}, "sketch has no version 99."),
-    ):
+    ]
+    for params, detail in unknown:
         r = await client.get("/v1/admin/feedback-export", params=params, headers=admin_headers)
         assert r.status_code == 404 and r.json()["detail"] == detail, r.text
         r = await client.post("/v1/admin/exports", json=params, headers=admin_headers)
