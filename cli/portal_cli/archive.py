@@ -34,7 +34,9 @@ class Collected:
     images: list[Path]
     """Image files by extension, sorted by their path inside the directory."""
     left_out: int
-    """Other files (not counting hidden ones)."""
+    """Other regular files (not counting hidden ones)."""
+    not_regular: int = 0
+    """Symbolic links, pipes and devices: never sent, whatever their name."""
 
 
 def collect(folder: Path) -> Collected:
@@ -42,7 +44,7 @@ def collect(folder: Path) -> Collected:
     ``.DS_Store`` or ``.git`` are never photos). Only regular files are sent: symbolic links
     (which may point anywhere, or loop) and pipes or devices (which may never end) are left out."""
     images: list[Path] = []
-    left_out = 0
+    left_out = not_regular = 0
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
@@ -50,13 +52,13 @@ def collect(folder: Path) -> Collected:
                 continue
             path = Path(root, name)
             if path.is_symlink() or not path.is_file():
-                left_out += 1
+                not_regular += 1
                 continue
             if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and "." in name:
                 images.append(Path(root, name))
             else:
                 left_out += 1
-    return Collected(images=images, left_out=left_out)
+    return Collected(images=images, left_out=left_out, not_regular=not_regular)
 
 
 _temporary: set[Path] = set()

@@ -295,6 +295,8 @@ def _zip_folder(source: Path, target: Path) -> None:
     found = collect(source)
     if found.left_out:
         _note(f"{found.left_out} file(s) without an image extension left out.")
+    if found.not_regular:
+        _note(f"{found.not_regular} symbolic link(s), pipe(s) or device(s) left out: only regular files are sent.")
     if not found.images:
         raise PortalError(f"No images in {source} (looked for .jpg, .png, .gif, .bmp, .webp, .tif).")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_stderr) as bar:
