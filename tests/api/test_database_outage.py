@@ -8,11 +8,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import cast
 
 import asyncpg
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -40,62 +41,69 @@ def private_postgres() -> Iterator[PostgresServer]:
         server.stop()
 
 
-async def test_postgres_outage_503_then_recovery(
-    private_postgres: PostgresServer, settings: Settings, caplog: pytest.LogCaptureFixture
-) -> None:
+LOGIN = {"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+
+
+@pytest.fixture
+async def signed_in(
+    private_postgres: PostgresServer, settings: Settings
+) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+    """The app on the private PostgreSQL, migrated and seeded, with its admin's headers."""
     private = settings.model_copy(update={"database_url": private_postgres.url})
     await asyncio.to_thread(migrate, private.database_url)
     await seed_admin(private)
     async for client in client_for(create_app(private)):
-        login = {"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
-        r = await client.post("/login", data=login)
+        r = await client.post("/login", data=LOGIN)
         headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
         assert (await client.get("/user/", headers=headers)).status_code == 200
-
-        caplog.set_level(logging.ERROR, logger="api.outage")
-        await asyncio.to_thread(private_postgres.stop)
-        answers = []
-        for _ in range(15):
-            start = time.perf_counter()
-            r = await client.get("/user/", headers=headers)
-            answers.append((r.status_code, time.perf_counter() - start, r.headers.get("retry-after")))
-        assert all(code == 503 and seconds < 1.0 and retry for code, seconds, retry in answers), answers
-        assert "database" in r.json()["detail"]
-        ready = await client.get("/health/ready")
-        assert ready.status_code == 503 and ready.json()["checks"]["postgresql"]["status"] == "fail"
-        lines = [rec for rec in caplog.records if "postgresql unavailable" in rec.getMessage()]
-        assert 1 <= len(lines) <= 2, [rec.getMessage() for rec in lines]
-
-        await asyncio.to_thread(private_postgres.start)
-        deadline = time.monotonic() + 20
-        while (r := await client.get("/user/", headers=headers)).status_code != 200:
-            assert time.monotonic() < deadline, r.text
-            await asyncio.sleep(0.2)
-        assert (await client.post("/login", data=login)).status_code == 200
+        yield client, headers
 
 
-async def test_a_postgres_that_hangs_gives_503_not_500(private_postgres: PostgresServer, settings: Settings) -> None:
+async def test_postgres_outage_503_then_recovery(
+    private_postgres: PostgresServer,
+    signed_in: tuple[httpx.AsyncClient, dict[str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, headers = signed_in
+    caplog.set_level(logging.ERROR, logger="api.outage")
+    await asyncio.to_thread(private_postgres.stop)
+    answers = []
+    for _ in range(15):
+        start = time.perf_counter()
+        r = await client.get("/user/", headers=headers)
+        answers.append((r.status_code, time.perf_counter() - start, r.headers.get("retry-after")))
+    assert all(code == 503 and seconds < 1.0 and retry for code, seconds, retry in answers), answers
+    assert "database" in r.json()["detail"]
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 503 and ready.json()["checks"]["postgresql"]["status"] == "fail"
+    lines = [rec for rec in caplog.records if "postgresql unavailable" in rec.getMessage()]
+    assert 1 <= len(lines) <= 2, [rec.getMessage() for rec in lines]
+
+    await asyncio.to_thread(private_postgres.start)
+    deadline = time.monotonic() + 20
+    while (r := await client.get("/user/", headers=headers)).status_code != 200:
+        assert time.monotonic() < deadline, r.text
+        await asyncio.sleep(0.2)
+    assert (await client.post("/login", data=LOGIN)).status_code == 200
+
+
+async def test_a_postgres_that_hangs_gives_503_not_500(
+    private_postgres: PostgresServer, signed_in: tuple[httpx.AsyncClient, dict[str, str]]
+) -> None:
     """A PostgreSQL that hangs rather than refuses lets asyncpg's timeouts run out: on a pooled
     connection the statement's (``command_timeout``, 10 s), on a new one the connect timeout
     (2 s). Both are the database being unavailable, a 503 with ``Retry-After``, then recovery."""
-    private = settings.model_copy(update={"database_url": private_postgres.url})
-    await asyncio.to_thread(migrate, private.database_url)
-    await seed_admin(private)
-    async for client in client_for(create_app(private)):
-        login = {"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
-        r = await client.post("/login", data=login)
-        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
-        assert (await client.get("/user/", headers=headers)).status_code == 200
-        with private_postgres.frozen():
-            # The first reuses the pooled connection; the next have to open new ones.
-            answers = [await client.get("/user/", headers=headers) for _ in range(2)]
-            answers.append(await client.post("/login", data=login))
-        assert [r.status_code for r in answers] == [503, 503, 503], [(r.status_code, r.text) for r in answers]
-        assert all("database" in r.json()["detail"] and r.headers.get("retry-after") for r in answers)
-        deadline = time.monotonic() + 20
-        while (r := await client.get("/user/", headers=headers)).status_code != 200:
-            assert time.monotonic() < deadline, r.text
-            await asyncio.sleep(0.2)
+    client, headers = signed_in
+    with private_postgres.frozen():
+        # The first reuses the pooled connection; the next have to open new ones.
+        answers = [await client.get("/user/", headers=headers) for _ in range(2)]
+        answers.append(await client.post("/login", data=LOGIN))
+    assert [r.status_code for r in answers] == [503, 503, 503], [(r.status_code, r.text) for r in answers]
+    assert all("database" in r.json()["detail"] and r.headers.get("retry-after") for r in answers)
+    deadline = time.monotonic() + 20
+    while (r := await client.get("/user/", headers=headers)).status_code != 200:
+        assert time.monotonic() < deadline, r.text
+        await asyncio.sleep(0.2)
 
 
 def test_prestart_gives_up_with_a_readable_message(tmp_path: object) -> None:
