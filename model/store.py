@@ -69,6 +69,24 @@ def version_lock(model_file: Path, key: str, *, wait: bool = True) -> Iterator[b
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def remove_abandoned_staging(root: Path) -> list[Path]:
+    """Removes the staging folders under ``root`` that a killed maker left (``.<name>.partial``,
+    ``written_into``) and returns them. A maker writes one only while it holds that version's lock
+    (``version_lock``), so a folder whose lock is free has no writer; one whose lock is held is
+    being written and stays. A maker stopped by a signal removes its own: this is for SIGKILL, the
+    OOM killer and a lost host, whose versions are never numbered again and would keep it for good."""
+    removed: list[Path] = []
+    for staging in sorted(root.glob("**/.*.partial")):
+        if not staging.is_dir():
+            continue
+        model_file = staging.with_name(staging.name[1 : -len(".partial")])
+        with version_lock(model_file, str(model_file), wait=False) as held:
+            if held:
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(staging)
+    return removed
+
+
 PROGRESS_RENEW_S = 30.0
 """How often a running training renews its progress note, epoch or not (an epoch of the slowest
 recipe takes minutes, and the data may be downloading before the first)."""

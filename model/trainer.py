@@ -20,7 +20,7 @@ import redis
 from contracts import training
 from contracts.streams import IDLE_CONSUMER_FORGET_MS, REDIS_ERRORS, ensure_group, forget_idle_consumers, group_missing
 from model.config import ModelSettings
-from model.store import version_lock, written_into
+from model.store import remove_abandoned_staging, version_lock, written_into
 
 log = logging.getLogger("model.trainer")
 
@@ -254,6 +254,8 @@ def main() -> None:
     trainer = Trainer(settings)
     signal.signal(signal.SIGTERM, trainer.on_signal)
     signal.signal(signal.SIGINT, trainer.on_signal)
+    for staging in remove_abandoned_staging(settings.trained_dir):
+        log.warning("removed %s, left by a training that was killed", staging)
     log.info("trainer %s waiting for runs", trainer.name)
     trainer.run()
 

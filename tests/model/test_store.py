@@ -19,6 +19,8 @@ from model.store import (
     clear_progress,
     progress_path,
     read_progress,
+    remove_abandoned_staging,
+    version_lock,
     write_progress,
     written_into,
 )
@@ -108,3 +110,23 @@ def test_the_note_is_renewed_while_the_training_runs_and_removed_when_it_ends(
         raise RuntimeError("the training failed")
     assert not progress_path(model_file).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_staging_left_by_a_killed_maker_is_removed_and_one_being_written_stays(tmp_path: Path) -> None:
+    """A maker killed by SIGKILL leaves ``.<name>.partial``; a version being written holds its lock,
+    and its staging folder must stay whoever sweeps."""
+    abandoned = tmp_path / "sketch" / "v4" / ".model.keras.partial"
+    writing = tmp_path / "sketch" / "v5" / ".model.keras.partial"
+    quantized = tmp_path / "mobilenet_v2" / "v2" / ".model.xml.partial"
+    for folder in (abandoned, writing, quantized):
+        folder.mkdir(parents=True)
+        (folder / "part").write_bytes(b"half")
+    (tmp_path / "sketch" / "v6").mkdir()
+    (tmp_path / "sketch" / "v6" / ".notes.partial").write_text("a file, not a staging folder")
+    with version_lock(writing.parent / "model.keras", "sketch@5") as held:
+        assert held
+        removed = remove_abandoned_staging(tmp_path)
+        assert writing.is_dir()
+    assert sorted(removed) == sorted([abandoned, quantized])
+    assert not abandoned.exists() and not quantized.exists()
+    assert (tmp_path / "sketch" / "v6" / ".notes.partial").is_file()

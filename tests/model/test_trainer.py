@@ -125,6 +125,10 @@ def test_a_trainer_stopped_mid_epoch_exits_at_once_and_fails_its_run_keeping_not
     categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:10]
     job = training.TrainingJob(run_id="stopped", model="sketch", version=5, categories=categories, options=options)
     r.xadd(training.JOB_STREAM, job.to_fields())
+    # What a trainer killed by SIGKILL while writing version 4 left: the next one removes it.
+    abandoned = tmp_path / "sketch" / "v4" / ".model.keras.partial"
+    abandoned.mkdir(parents=True)
+    (abandoned / "model.keras").write_bytes(b"half a model")
     env = {
         "REDIS_URL": private_redis.url,
         "WORKER_ID": "trainer-stopped",
@@ -146,6 +150,7 @@ def test_a_trainer_stopped_mid_epoch_exits_at_once_and_fails_its_run_keeping_not
     assert [(e.run_id, e.kind, e.error) for e in events[1:]] == [("stopped", "failed", STOPPED)]
     assert sorted(p.name for p in (tmp_path / "sketch" / "v5").iterdir()) == [".model.keras.lock"]
     assert not r.exists(training.alive_key("stopped"))
+    assert not abandoned.exists()
 
 
 class CancelledWhileKept(Trainer):
