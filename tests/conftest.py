@@ -289,10 +289,15 @@ def worker(redis_url: str) -> Iterator[Service]:
         w.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def portal(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, str]]:
     """(base URL, admin email, admin password) of a running portal: PORTAL_URL, or the real API
-    started here as a subprocess on a free port, with the suite's model worker."""
+    started here as a subprocess on a free port, with the suite's model worker.
+
+    One per test file: the API process collects workers' answers beside the in-process app, so
+    while it runs, the answers of the in-process app's requests may be stored (and counted in
+    /metrics) by it. It must not outlive the file that asked for it into the next file of its test
+    process."""
     if url := os.environ.get("PORTAL_URL"):
         yield url, os.environ.get("PORTAL_ADMIN_EMAIL", "admin@example.com"), os.environ.get(
             "PORTAL_ADMIN_PASSWORD", "admin"
