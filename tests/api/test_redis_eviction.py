@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,12 +34,12 @@ def evicting_redis() -> Iterator[RedisServer]:
 def test_the_api_process_refuses_to_start(settings: Settings, evicting_redis: RedisServer) -> None:
     port = free_port()
     env = api_env(settings, REDIS_URL=evicting_redis.url, API_PORT=str(port))
+    # A name of this run's own: logs are appended to, and a port comes round again in a later run.
+    name = f"evicting-api-{uuid.uuid4().hex[:8]}"
     with pytest.raises(ProcessExitedWithError) as exited:
-        service(
-            f"evicting-api-{port}", [sys.executable, "-m", "api"], env, lambda: http_ok(f"http://127.0.0.1:{port}/")
-        )
+        service(name, [sys.executable, "-m", "api"], env, lambda: http_ok(f"http://127.0.0.1:{port}/"))
     assert exited.value.exit_code != 0
-    log = (ROOT / "test-artifacts" / f"evicting-api-{port}.log").read_text()
+    log = (ROOT / "test-artifacts" / f"{name}.log").read_text()
     [line] = [line for line in log.splitlines() if "refusing to start" in line]
     assert "allkeys-lru" in line and f"{ALLOW_SETTING}=true" in line
 
