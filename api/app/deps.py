@@ -3,6 +3,7 @@ user, validated path objects and paging. Routes take only these aliases, never `
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -100,6 +101,12 @@ async def get_client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+async def get_drift_refresh_lock(request: Request) -> asyncio.Lock:
+    """Held by this process's drift refresh on request: others wait here, not in PostgreSQL on a
+    connection of the pool each."""
+    return request.app.state.drift_refresh_lock
+
+
 async def get_request_id(request: Request) -> str:
     """The request's id (set by the request-context middleware), else a fresh one."""
     return getattr(request.state, "request_id", "") or uuid.uuid4().hex
@@ -119,6 +126,7 @@ LiveRegistryDep = Annotated[LiveRegistry, Depends(get_live_registry)]
 StoreDep = Annotated[LocalBlobStore, Depends(get_store)]
 WorkersDep = Annotated[WorkerDirectory, Depends(get_workers)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+DriftRefreshLockDep = Annotated[asyncio.Lock, Depends(get_drift_refresh_lock)]
 ThrottleDep = Annotated[AttemptThrottle, Depends(get_throttle)]
 ClientAddressDep = Annotated[str, Depends(get_client_address)]
 BearerDep = Annotated[str | None, Depends(oauth2_scheme)]

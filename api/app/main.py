@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await live.refresh(session)
         state.store = LocalBlobStore(settings.storage_dir)
         state.workers = WorkerDirectory(state.redis)
+        state.drift_refresh_lock = asyncio.Lock()
         state.outage_log = outage_log
         runtime = JobRuntime(
             settings=settings,

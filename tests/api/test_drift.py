@@ -14,9 +14,10 @@ from prometheus_client import REGISTRY
 
 from api.app.drift import service
 from api.app.drift.models import DriftSignal
+from api.app.main import create_app
 from tests.api.conftest import Stack
 from tests.api.test_releases import canvas_drawings
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, login
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, client_for, login
 from tests.support import PHOTOS
 
 PER_PHOTO = 8
@@ -90,13 +91,15 @@ async def test_sketches_move_a_photo_models_drift_index_past_the_alert_and_photo
     assert set(signals) == set(service.SIGNALS)
     assert version["max_psi"] < service.ALERT, {k: round(s["psi"], 3) for k, s in signals.items()}
     assert _gauge("brightness") == pytest.approx(signals["brightness"]["psi"])
-    # Refreshes at once (admins, the background task) never delete what another just wrote.
-    for _ in range(3):
-        answers = await asyncio.gather(
-            *(client.get("/v1/admin/drift", params={"refresh": True}, headers=admin) for _ in range(10))
-        )
-        assert [len(r.json()["versions"]) for r in answers] == [1] * 10, [r.text[:200] for r in answers]
-        assert len((await client.get("/v1/admin/drift", headers=admin)).json()["versions"]) == 1
+    # Refreshes at once (admins, the background task), in one API process or in two, never delete
+    # what another just wrote.
+    async for other in client_for(create_app(own_stack.app.state.settings)):
+        for _ in range(3):
+            answers = await asyncio.gather(
+                *(c.get("/v1/admin/drift", params={"refresh": True}, headers=admin) for c in [client, other] * 5)
+            )
+            assert [len(r.json()["versions"]) for r in answers] == [1] * 10, [r.text[:200] for r in answers]
+            assert len((await client.get("/v1/admin/drift", headers=admin)).json()["versions"]) == 1
 
     sketches = [d for c in SKETCH_CATEGORIES for d in canvas_drawings(c, WINDOW // len(SKETCH_CATEGORIES) + 1)]
     await _send(own_stack, admin, sketches[:WINDOW])
@@ -140,3 +143,13 @@ async def test_indices_of_versions_no_longer_computed_are_deleted_and_stop_repor
     r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
     assert r.status_code == 200 and r.json()["versions"] == [], r.text
     assert _gauge("brightness") is None
+
+
+async def test_a_refresh_refuses_a_session_whose_statements_each_commit(own_stack: Stack) -> None:
+    """Its advisory lock lasts until its commit: on a read session (AUTOCOMMIT) it would be let go
+    at once, and refreshes in two API processes would delete what the other just wrote."""
+    async with own_stack.app.state.read_sessionmaker() as session:
+        with pytest.raises(ValueError, match="AUTOCOMMIT"):
+            await service.refresh(session=session, entries=[], reference_size=10, window_size=10, bins=4)
+    async with own_stack.app.state.sessionmaker() as session:
+        assert await service.refresh(session=session, entries=[], reference_size=10, window_size=10, bins=4) == 0

@@ -12,9 +12,11 @@ from api.app.core.fields import INT32_MAX, Text
 from api.app.core.responses import ADMIN, INVALID, NOT_FOUND, Responses
 from api.app.deps import (
     AdminUser,
+    DriftRefreshLockDep,
     ReadSessionDep,
     RedisDep,
     RegistryDep,
+    SessionDep,
     SettingsDep,
     StoreDep,
     WorkersDep,
@@ -91,6 +93,8 @@ async def feedback_export(
 async def drift(
     _: AdminUser,
     session: ReadSessionDep,
+    writer: SessionDep,
+    refresh_lock: DriftRefreshLockDep,
     registry: RegistryDep,
     settings: SettingsDep,
     refresh: Annotated[bool, Query(description="Compute the indices now instead of reading the last ones")] = False,
@@ -99,13 +103,17 @@ async def drift(
     DRIFT_WINDOW_SIZE answered predictions against the version's first DRIFT_REFERENCE_SIZE, with
     both distributions side by side (api.app.drift: the signals, the binning, the sources)."""
     if refresh:
-        await drift_service.refresh(
-            session=session,
-            entries=registry.served(benchmark_mode=settings.benchmark_mode),
-            reference_size=settings.drift_reference_size,
-            window_size=settings.drift_window_size,
-            bins=settings.drift_bins,
-        )
+        # In a transaction of its own: the refresh's lock lasts until it commits, where a read
+        # session's statements would each commit (and release it) at once. The writer takes its
+        # connection at its first statement, inside this process's lock.
+        async with refresh_lock:
+            await drift_service.refresh(
+                session=writer,
+                entries=registry.served(benchmark_mode=settings.benchmark_mode),
+                reference_size=settings.drift_reference_size,
+                window_size=settings.drift_window_size,
+                bins=settings.drift_bins,
+            )
     versions: dict[tuple[str, int], list[DriftSignal]] = {}
     now = datetime.now(UTC)
     for row in await drift_service.stored(session=session):

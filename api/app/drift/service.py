@@ -282,7 +282,14 @@ async def refresh(
     signals without values now), and sets the ``portal_drift_psi`` gauges from what is left;
     returns how many versions. Refreshes run one at a time (a transaction-level advisory lock):
     each deletes what is older than its own start, so one started meanwhile would delete what
-    the other just wrote."""
+    the other just wrote. ``session`` must run a transaction (not AUTOCOMMIT, as
+    ``make_read_sessionmaker``'s do): the lock is held until the commit here; ValueError otherwise."""
+    connection = await session.connection()
+    if (
+        connection.sync_connection is not None
+        and connection.sync_connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    ):
+        raise ValueError("a drift refresh needs a session in a transaction, not AUTOCOMMIT")
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('drift-refresh', 0))"))
     now = datetime.now(UTC)
     done = 0
