@@ -53,11 +53,11 @@ run: install
 	$(PY) -m model.prepare --defer-training
 	$(PY) scripts/run.py
 
-# One process by default. With TEST_PROCESSES=2 (or more): that many test processes at once
-# (pytest-xdist; a file's tests stay in one process, each process has its own database, Redis index
-# and model worker), then the tests marked `serial`, which measure latency, alone. Both halves run
-# even when the first fails; the exit status says if either did.
-TEST_PROCESSES ?= 1
+# Two test processes at once by default (pytest-xdist; a file's tests stay in one process, each
+# process has its own database, Redis index and model worker), then the tests marked `serial`,
+# which measure latency, alone. Both halves run even when the first fails; the exit status says if
+# either did. TEST_PROCESSES=1 runs everything in one process.
+TEST_PROCESSES ?= 2
 test: install browser nginx
 	$(PY) -m model.prepare
 ifeq ($(TEST_PROCESSES),1)

@@ -86,7 +86,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "serial: measures latency, throughput or CPU against an otherwise idle host; "
-        "`make test TEST_PROCESSES=2` runs these alone, after the others",
+        "`make test` runs these alone, after the others",
     )
     if hasattr(config, "workerinput"):
         return
@@ -153,7 +153,7 @@ def redis_index_of_this_process(url: str) -> str:
     """``url`` as given for a run in one process; under ``pytest -n``, with its database index
     moved up by one more than the test process's number (gw0 the next index, gw1 the one after,
     modulo Redis's 16). Each process flushes and reads only its own index, and a later run in one
-    process (the serial half of `make test TEST_PROCESSES=2`) never meets a model worker left
+    process (the serial half of `make test`) never meets a model worker left
     behind by a crashed one."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
