@@ -77,7 +77,7 @@ def remove_abandoned_staging(root: Path) -> list[Path]:
     OOM killer and a lost host, whose versions are never numbered again and would keep it for good."""
     removed: list[Path] = []
     for staging in sorted(root.glob("**/.*.partial")):
-        if not staging.is_dir():
+        if staging.is_symlink() or not staging.is_dir():  # never a maker's: written_into makes a folder
             continue
         model_file = staging.with_name(staging.name[1 : -len(".partial")])
         with version_lock(model_file, str(model_file), wait=False) as held:

@@ -123,6 +123,10 @@ def test_staging_left_by_a_killed_maker_is_removed_and_one_being_written_stays(t
         (folder / "part").write_bytes(b"half")
     (tmp_path / "sketch" / "v6").mkdir()
     (tmp_path / "sketch" / "v6" / ".notes.partial").write_text("a file, not a staging folder")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept").write_text("not the store's")
+    (tmp_path / "sketch" / "v6" / ".link.partial").symlink_to(elsewhere, target_is_directory=True)
     with version_lock(writing.parent / "model.keras", "sketch@5") as held:
         assert held
         removed = remove_abandoned_staging(tmp_path)
@@ -130,3 +134,4 @@ def test_staging_left_by_a_killed_maker_is_removed_and_one_being_written_stays(t
     assert sorted(removed) == sorted([abandoned, quantized])
     assert not abandoned.exists() and not quantized.exists()
     assert (tmp_path / "sketch" / "v6" / ".notes.partial").is_file()
+    assert (elsewhere / "kept").is_file() and (tmp_path / "sketch" / "v6" / ".link.partial").is_symlink()
