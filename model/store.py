@@ -72,18 +72,25 @@ def version_lock(model_file: Path, key: str, *, wait: bool = True) -> Iterator[b
 def remove_abandoned_staging(root: Path) -> list[Path]:
     """Removes the staging folders under ``root`` that a killed maker left (``.<name>.partial``,
     ``written_into``) and returns them. A maker writes one only while it holds that version's lock
-    (``version_lock``), so a folder whose lock is free has no writer; one whose lock is held is
-    being written and stays. A maker stopped by a signal removes its own: this is for SIGKILL, the
-    OOM killer and a lost host, whose versions are never numbered again and would keep it for good."""
+    (``version_lock``: ``.<name>.lock`` beside it), so a folder whose lock is free has no writer;
+    one whose lock is held is being written and stays, and one without a lock file, a symbolic
+    link or a file was not made by a maker and is left alone. A maker stopped by a signal removes
+    its own: this is for SIGKILL, the OOM killer and a lost host, whose versions are never
+    numbered again and would keep it for good. A folder that cannot be checked or removed is
+    logged and left; the others are still swept."""
     removed: list[Path] = []
     for staging in sorted(root.glob("**/.*.partial")):
-        if staging.is_symlink() or not staging.is_dir():  # never a maker's: written_into makes a folder
+        name = staging.name[1 : -len(".partial")]
+        lock = staging.with_name(f".{name}.lock")
+        if not name or staging.is_symlink() or not staging.is_dir() or not lock.is_file():
             continue
-        model_file = staging.with_name(staging.name[1 : -len(".partial")])
-        with version_lock(model_file, str(model_file), wait=False) as held:
-            if held:
-                shutil.rmtree(staging, ignore_errors=True)
-                removed.append(staging)
+        try:
+            with version_lock(staging.with_name(name), str(staging), wait=False) as held:
+                if held:
+                    shutil.rmtree(staging)
+                    removed.append(staging)
+        except OSError as exc:
+            log.warning("%s not removed: %s", staging, exc)
     return removed
 
 

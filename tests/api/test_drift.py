@@ -153,3 +153,13 @@ async def test_a_refresh_refuses_a_session_whose_statements_each_commit(own_stac
             await service.refresh(session=session, entries=[], reference_size=10, window_size=10, bins=4)
     async with own_stack.app.state.sessionmaker() as session:
         assert await service.refresh(session=session, entries=[], reference_size=10, window_size=10, bins=4) == 0
+
+
+async def test_a_refresh_takes_one_connection_of_the_pool(own_stack: Stack) -> None:
+    """Its reads go on the connection of its transaction: refreshes each holding one and waiting for
+    a second would hold the whole pool until its timeout (503 for every request meanwhile)."""
+    settings = own_stack.app.state.settings.model_copy(update={"db_pool_size": 1})
+    async for client in client_for(create_app(settings)):
+        admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+        r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+        assert r.status_code == 200, r.text

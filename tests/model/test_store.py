@@ -121,7 +121,20 @@ def test_staging_left_by_a_killed_maker_is_removed_and_one_being_written_stays(t
     for folder in (abandoned, writing, quantized):
         folder.mkdir(parents=True)
         (folder / "part").write_bytes(b"half")
-    (tmp_path / "sketch" / "v6").mkdir()
+        # Made by its maker's version_lock before the folder.
+        folder.with_name(folder.name.replace(".partial", ".lock")).touch()
+    # Left: a folder named "..partial" and one without a lock file (here inside the folder being
+    # written), not a maker's; one whose lock file cannot be opened (sorted before the abandoned
+    # one, which is removed all the same).
+    odd = [
+        tmp_path / "sketch" / "v6" / "..partial",
+        writing / ".inner.partial",
+        tmp_path / "sketch" / "v3" / ".m.partial",
+    ]
+    for folder in odd:
+        folder.mkdir(parents=True)
+    (tmp_path / "sketch" / "v3" / ".m.lock").symlink_to("/proc/version")  # EINVAL when opened to append
+    (tmp_path / "sketch" / "v6").mkdir(exist_ok=True)
     (tmp_path / "sketch" / "v6" / ".notes.partial").write_text("a file, not a staging folder")
     elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
     elsewhere.mkdir()
@@ -135,3 +148,5 @@ def test_staging_left_by_a_killed_maker_is_removed_and_one_being_written_stays(t
     assert not abandoned.exists() and not quantized.exists()
     assert (tmp_path / "sketch" / "v6" / ".notes.partial").is_file()
     assert (elsewhere / "kept").is_file() and (tmp_path / "sketch" / "v6" / ".link.partial").is_symlink()
+    assert all(folder.is_dir() for folder in odd)
+    assert not (tmp_path / "sketch" / "v6" / ".link.lock").exists() and not (writing / ".inner.lock").exists()

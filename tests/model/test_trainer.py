@@ -129,6 +129,7 @@ def test_a_trainer_stopped_mid_epoch_exits_at_once_and_fails_its_run_keeping_not
     abandoned = tmp_path / "sketch" / "v4" / ".model.keras.partial"
     abandoned.mkdir(parents=True)
     (abandoned / "model.keras").write_bytes(b"half a model")
+    (abandoned.parent / ".model.keras.lock").touch()
     env = {
         "REDIS_URL": private_redis.url,
         "WORKER_ID": "trainer-stopped",

@@ -114,6 +114,9 @@ async def drift(
                 window_size=settings.drift_window_size,
                 bins=settings.drift_bins,
             )
+        # Read on the same connection: a second one per request, taken while this one is held,
+        # would let refreshes waiting for the pool hold all of it.
+        session = writer
     versions: dict[tuple[str, int], list[DriftSignal]] = {}
     now = datetime.now(UTC)
     for row in await drift_service.stored(session=session):
