@@ -139,6 +139,8 @@ async def test_an_expired_key_is_refused(app: FastAPI, users: Users) -> None:
         {"name": "", "scopes": ["read"]},
         {"name": "   ", "scopes": ["read"]},
         {"name": "x" * 101, "scopes": ["read"]},
+        # Over the described maxLength as sent, even if trimming would bring it under.
+        {"name": "\t" + "x" * 100, "scopes": ["read"]},
         {"name": "ok", "scopes": []},
         {"name": "ok", "scopes": ["write"]},
         {"name": "ok"},
@@ -308,3 +310,9 @@ async def test_openapi_offers_the_key_header_beside_the_login(client: httpx.Asyn
         assert spec["paths"]["/v1/api-keys"][method]["security"] == [{"OAuth2PasswordBearer": []}]
     assert {"201", "401", "403", "422"} <= set(spec["paths"]["/v1/api-keys"]["post"]["responses"])
     assert {"401", "403", "429"} <= set(spec["paths"]["/v1/images"]["get"]["responses"])
+
+
+async def test_a_keys_name_is_stored_trimmed(client: httpx.AsyncClient, users: Users) -> None:
+    _, login = await users.create()
+    r = await client.post("/v1/api-keys", json={"name": "\t nightly \n", "scopes": ["read"]}, headers=login)
+    assert r.status_code == 201 and r.json()["name"] == "nightly", r.text

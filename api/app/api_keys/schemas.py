@@ -9,10 +9,19 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from api.app.core.fields import RequestBody, refuse_unstorable
 from contracts.api_keys import MAX_EXPIRY_DAYS, Scope
 
+
+def _trimmed(name: str) -> str:
+    name = name.strip()
+    if not name:
+        raise ValueError("a key's name needs a character that is not blank")
+    return name
+
+
 KeyName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), AfterValidator(refuse_unstorable)
+    str, StringConstraints(min_length=1, max_length=100), AfterValidator(_trimmed), AfterValidator(refuse_unstorable)
 ]
-"""A key's name: 1-100 characters once surrounding blanks are trimmed."""
+"""A key's name: 1-100 characters as sent (the length its schema describes), stored with surrounding
+blanks trimmed; a name of blanks only is refused."""
 
 
 class ApiKeyCreate(RequestBody):
