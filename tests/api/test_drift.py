@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from api.app.drift import service
 from api.app.drift.models import DriftSignal
@@ -163,3 +166,24 @@ async def test_a_refresh_takes_one_connection_of_the_pool(own_stack: Stack) -> N
         admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
         r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
         assert r.status_code == 200, r.text
+
+
+async def test_a_refresh_waits_for_another_longer_than_the_command_timeout(own_stack: Stack) -> None:
+    """Waiting for another process's refresh is not an outage: the lock is asked for again and
+    again, never waited for in one statement that the driver's command timeout would cut (503)."""
+    engine = create_async_engine(
+        own_stack.app.state.settings.database_url, connect_args={"command_timeout": 1}, poolclass=NullPool
+    )
+    lock = text("SELECT pg_advisory_xact_lock(hashtextextended('drift-refresh', 0))")
+    try:
+        async with own_stack.app.state.sessionmaker() as holder, async_sessionmaker(engine)() as waiter:
+            await holder.execute(lock)
+            refresh = asyncio.create_task(
+                service.refresh(session=waiter, entries=[], reference_size=10, window_size=10, bins=4)
+            )
+            await asyncio.sleep(2.5)
+            assert not refresh.done(), refresh
+            await holder.commit()
+            assert await asyncio.wait_for(refresh, 5) == 0
+    finally:
+        await engine.dispose()

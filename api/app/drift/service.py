@@ -17,6 +17,7 @@ about the same share; the class is binned as the reference's most frequent class
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections import Counter
@@ -290,7 +291,7 @@ async def refresh(
         and connection.sync_connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
     ):
         raise ValueError("a drift refresh needs a session in a transaction, not AUTOCOMMIT")
-    await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('drift-refresh', 0))"))
+    await _take_refresh_lock(session)
     now = datetime.now(UTC)
     done = 0
     for entry in entries:
@@ -330,6 +331,21 @@ async def refresh(
     await session.commit()
     export_gauges(await stored(session=session))
     return done
+
+
+REFRESH_LOCK_POLL_SECONDS = 0.2
+
+
+async def _take_refresh_lock(session: AsyncSession) -> None:
+    """Waits for the refresh lock, held until ``session`` commits. Asked for again every
+    REFRESH_LOCK_POLL_SECONDS rather than waited for in one statement: a wait longer than the
+    driver's command timeout (``core.db.make_engine``) would read as the database being down."""
+    query = text("SELECT pg_try_advisory_xact_lock(hashtextextended('drift-refresh', 0))")
+    # Polled: the holder is another process's transaction, which nothing here can be told about.
+    while True:
+        if (await session.execute(query)).scalar_one():
+            return
+        await asyncio.sleep(REFRESH_LOCK_POLL_SECONDS)
 
 
 async def stored(*, session: AsyncSession) -> list[DriftSignal]:
