@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from fastapi import HTTPException
 from PIL import Image, ImageDraw
 from sqlalchemy import select, update
 
@@ -367,6 +368,64 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
     )
     assert [a.status_code for a in answers] == [201] * 3, [a.text for a in answers]
     assert sorted(a.json()["version"] for a in answers) == [4, 5, 6]
+
+
+async def test_a_disabled_version_gets_no_traffic_back_before_a_worker_loads_it(own_stack: Stack) -> None:
+    """Workers let a disabled version go: a rollback, or enabling it again, that gave it traffic at
+    once would send its requests to no worker (422 "unavailable" when it is the stable version)."""
+    admin = service.Actor(None, "admin@example.com")
+    async with own_stack.app.state.sessionmaker() as session:
+        await service.promote(
+            session=session, actor=admin, name="sketch", version=2, reason="x", available={"sketch@2"}
+        )
+        await service.set_weights(
+            session=session, actor=admin, name="sketch", weights={3: 10}, reason="x", available={"sketch@3"}
+        )
+        changed = await service.set_channel(
+            session=session,
+            actor=admin,
+            name="sketch",
+            version=3,
+            channel=None,
+            enabled=False,
+            reason="x",
+            available=set(),
+        )
+        assert {r.version: (r.enabled, r.weight) for r in changed.versions}[3] == (False, 0)
+        # The rollback would make sketch@3 stable again with all the traffic: refused while disabled.
+        with pytest.raises(HTTPException) as refused:
+            await service.rollback(session=session, actor=admin, name="sketch", reason="x", available={"sketch@2"})
+        assert refused.value.status_code == 409 and "disabled since" in refused.value.detail
+        await session.rollback()
+        # Enabled again with a weight stored before this rule (or by registry.yaml): only once loaded.
+        await session.execute(
+            update(ModelVersion).where(ModelVersion.name == "sketch", ModelVersion.version == 3).values(weight=10)
+        )
+        await session.commit()
+        with pytest.raises(HTTPException) as refused:
+            await service.set_channel(
+                session=session,
+                actor=admin,
+                name="sketch",
+                version=3,
+                channel=None,
+                enabled=True,
+                reason="x",
+                available={"sketch@2"},
+            )
+        assert refused.value.status_code == 409 and "no live worker has it loaded" in refused.value.detail
+        await session.rollback()
+        changed = await service.set_channel(
+            session=session,
+            actor=admin,
+            name="sketch",
+            version=3,
+            channel=None,
+            enabled=True,
+            reason="x",
+            available={"sketch@2", "sketch@3"},
+        )
+        assert {r.version: (r.enabled, r.weight) for r in changed.versions}[3] == (True, 10)
 
 
 async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, str]:

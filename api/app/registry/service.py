@@ -5,8 +5,10 @@ Every change takes the model's rows with ``FOR UPDATE``, checks the rules below,
 state and its audit row, and commits: two admins changing one model take turns.
 
 Rules: weights are whole numbers from 0; a model keeps at least one enabled stable version with
-traffic; a version gets traffic (a weight above 0, promotion, shadow) only while at least one
-worker has it loaded and healthy; a retired version has no traffic.
+traffic; a version gets traffic (a weight above 0, promotion, shadow, being enabled again with a
+weight) only while at least one worker has it loaded and healthy; a retired or disabled version
+has no traffic (weight 0: workers unload it, so enabling it again gives it traffic only once it
+is loaded and given a weight).
 """
 
 from __future__ import annotations
@@ -422,10 +424,11 @@ async def set_channel(
 ) -> Changed:
     """Puts a version in shadow (a copy of its model's traffic, answers never returned), back to
     canary, or retires it (served no more; workers unload it), and enables or disables it.
-    Shadow and retired versions have no traffic of their own (weight 0).
+    Shadow, retired and disabled versions have no traffic of their own (weight 0).
 
-    Raises 404 for an unknown version, 422 for ``stable`` (promote instead), 409 when a shadow is
-    not loaded on any worker yet or when the model would keep no enabled stable version with traffic.
+    Raises 404 for an unknown version, 422 for ``stable`` (promote instead), 409 when a shadow, or
+    a version enabled again with a weight (stored before disabling set it to 0), is not loaded on
+    any worker yet, or when the model would keep no enabled stable version with traffic.
     """
     if channel is None and enabled is None:
         raise HTTPException(status_code=422, detail="Nothing to change: give a channel, enabled, or both.")
@@ -440,6 +443,20 @@ async def set_channel(
         row.channel = channel
         if channel in ("shadow", "retired"):
             row.weight = 0
+    if enabled is False:
+        row.weight = 0
+    elif (
+        enabled
+        and not row.enabled
+        and (row.weight > 0 or row.channel == "shadow")
+        and f"{row.name}@{row.version}" not in available
+    ):
+        # Its workers let it go while it was disabled: traffic now would find none.
+        raise _conflict(
+            f"{name}@{version} would get {'shadow ' if row.channel == 'shadow' else ''}traffic at once, and no "
+            "live worker has it loaded (workers let a disabled version go): set its weight to 0 (a shadow: make "
+            "it a canary), enable it, and give it traffic once a worker has loaded it."
+        )
     if enabled is not None:
         row.enabled = enabled
     action = f"channel_{channel}" if channel is not None else ("enable" if enabled else "disable")
@@ -478,8 +495,8 @@ async def rollback(*, session: AsyncSession, actor: Actor, name: str, reason: st
     """Undoes the model's latest promotion that is not undone yet: every version it changed gets
     back the state it had before (the previous stable version its traffic).
 
-    Raises 404 for an unknown model, 409 when there is no promotion to undo or the version to
-    restore is no longer loaded on any worker.
+    Raises 404 for an unknown model, 409 when there is no promotion to undo or a version to
+    give traffic back to is retired, disabled or not loaded on any worker since.
     """
     rows = await _lock_model(session, name)
     undone = select(RegistryChange.undoes).where(RegistryChange.undoes.is_not(None))
@@ -494,7 +511,7 @@ async def rollback(*, session: AsyncSession, actor: Actor, name: str, reason: st
     before = _states(rows)
     for version, state in promotion.before.items():
         row = _version(rows, int(version))
-        if state["weight"] > 0 and row.weight == 0:
+        if state["weight"] > 0 and (row.weight == 0 or not row.enabled):
             if row.channel == "retired" or not row.enabled:
                 raise _conflict(
                     f"{name}@{version} is {'retired' if row.channel == 'retired' else 'disabled'} since; make it a "
