@@ -3,16 +3,25 @@ pixels (a photo and a sketch), and every error a user can cause."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from api.app.images.service import VIEW_SIZE
+from api.app.images.storage import LocalBlobStore
+from contracts.imaging import inspect_image
 from tests.api.conftest import Stack
 from tests.api.test_releases import canvas_drawings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
-from tests.support import PHOTOS, QUICKDRAW, start_explainer
+from tests.support import PHOTOS, QUICKDRAW, ROOT, start_explainer
 
 PARROT_BOX = (95, 100, 470, 900)
 """(left, top, right, bottom) of the macaw in parrot.jpg (512x929), head to tail, measured by eye:
@@ -115,3 +124,49 @@ async def test_heatmaps_point_at_the_bird_and_at_the_strokes(own_stack: Stack) -
     assert np.mean(on_strokes) >= 1.5 * np.mean(on_background), (on_strokes, on_background)
     # Drawing by drawing, the strokes are never colder than the canvas.
     assert all(s >= b for s, b in zip(on_strokes, on_background, strict=True)), (on_strokes, on_background)
+
+
+OVERLAY_PEAK = """
+import asyncio, sys
+from pathlib import Path
+from api.app.core.config import Settings
+from api.app.explanations import service
+from api.app.images.storage import LocalBlobStore
+
+def peak_mb():
+    # VmHWM, the peak resident size of this process image (getrusage's ru_maxrss keeps its parent's).
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) // 1024
+
+store, sha256 = LocalBlobStore(Path(sys.argv[1])), sys.argv[2]
+settings = Settings(_env_file=None)
+before = peak_mb()
+png = asyncio.run(service.overlay_png(store=store, settings=settings, sha256=sha256, heatmap=[[0.5] * 7] * 7))
+assert png.startswith(b"\\x89PNG"), png[:8]
+print(peak_mb() - before)
+"""
+
+
+def test_the_overlay_of_a_large_png_is_drawn_from_its_preview(tmp_path: Path) -> None:
+    """A 49-megapixel PNG (146 KB compressed, 147 MB decoded) stored with its preview: each overlay
+    decodes the preview, not the whole image again (24 at once took the API to 8 GB)."""
+    side = 7000
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.broadcast_to(ramp, (side, side))).convert("RGB").save(buf, format="PNG")
+    data = buf.getvalue()
+    info = inspect_image(data, max_pixels=50_000_000, preview_size=VIEW_SIZE)
+    assert info.preview is not None
+    sha256 = hashlib.sha256(data).hexdigest()
+    asyncio.run(LocalBlobStore(tmp_path).put(sha256, data, preview=info.preview))
+    run = subprocess.run(
+        [sys.executable, "-c", OVERLAY_PEAK, str(tmp_path), sha256],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr
+    grown_mb = int(run.stdout.split()[-1])
+    # From its preview: about 50 MB (the 800-pixel blend in float32); from the PNG: about 375 MB.
+    assert grown_mb < 150, f"the overlay took the process {grown_mb} MB higher"

@@ -79,7 +79,7 @@ async def read_explanation(
     )
     e = explained.explanation
     if format == "png":
-        png = await service.overlay_png(store=store, sha256=e.sha256, heatmap=e.heatmap)
+        png = await service.overlay_png(store=store, settings=settings, sha256=e.sha256, heatmap=e.heatmap)
         return Response(content=png, media_type="image/png")
     return ExplanationPublic(
         prediction_id=prediction_id,

@@ -34,11 +34,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
 from api.app.images.models import Image
-from api.app.images.service import VIEW_SIZE
+from api.app.images.service import VIEW_SIZE, decode_slots
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
 from contracts import keys
-from contracts.imaging import ImageRejected, load_image
+from contracts.imaging import ImageRejected, load_image, trim_heap
 from contracts.messages import ExplainRequest, Explanation, ExplanationStatus, PredictionStatus
 from contracts.registry import Registry
 from contracts.streams import STREAM_MAXLEN
@@ -205,10 +205,11 @@ def _timeout(settings: Settings) -> HTTPException:
     )
 
 
-async def _image(store: LocalBlobStore, sha256: str) -> bytes:
-    """The image's bytes; 410 when its blob is gone from the store (deleted, or lost)."""
+async def _image(store: LocalBlobStore, sha256: str, *, viewable: bool = False) -> bytes:
+    """The image's bytes (``viewable``: its preview when it has one); 410 when its blob is gone
+    from the store (deleted, or lost)."""
     try:
-        return await store.get(sha256)
+        return await (store.get_viewable(sha256) if viewable else store.get(sha256))
     except FileNotFoundError:
         raise HTTPException(
             status_code=410, detail="The image of this prediction is no longer stored: it cannot be explained."
@@ -304,11 +305,27 @@ def _overlay(data: bytes, heatmap: list[list[float]]) -> bytes:
     return buf.getvalue()
 
 
-async def overlay_png(*, store: LocalBlobStore, sha256: str, heatmap: list[list[float]]) -> bytes:
+def _overlay_in_slot(data: bytes, heatmap: list[list[float]], max_decodes: int) -> bytes:
+    with decode_slots(max_decodes):
+        try:
+            return _overlay(data, heatmap)
+        finally:
+            if len(data) >= TRIM_AFTER_BYTES:
+                trim_heap()
+
+
+TRIM_AFTER_BYTES = 1_000_000
+"""A picture drawn from at least this many bytes (an upload stored before previews were, not a
+preview) hands its freed memory back at once, as large uploads do (``images.service.TRIM_AFTER_PIXELS``)."""
+
+
+async def overlay_png(*, store: LocalBlobStore, settings: Settings, sha256: str, heatmap: list[list[float]]) -> bytes:
     """The image (at most VIEW_SIZE a side) with the heatmap blended over it, as PNG; 422 when the
-    stored image no longer decodes, 410 when it is gone from the store."""
-    data = await _image(store, sha256)
+    stored image no longer decodes, 410 when it is gone from the store. Drawn from the upload's
+    stored preview when it has one (a 49-megapixel PNG is not decoded again at full size for each
+    overlay), in one of the MAX_CONCURRENT_DECODES decode slots uploads take."""
+    data = await _image(store, sha256, viewable=True)
     try:
-        return await to_thread.run_sync(_overlay, data, heatmap)
+        return await to_thread.run_sync(_overlay_in_slot, data, heatmap, settings.max_concurrent_decodes)
     except ImageRejected as exc:
         raise HTTPException(status_code=exc.status, detail=exc.message) from None

@@ -93,12 +93,14 @@ async def lock_blobs(*, session: AsyncSession, sha256s: list[str]) -> None:
 
 
 @functools.cache
-def _decode_slots(count: int) -> threading.BoundedSemaphore:
+def decode_slots(count: int) -> threading.BoundedSemaphore:
+    """The process's ``count`` (MAX_CONCURRENT_DECODES) decode slots: a thread decoding an image
+    that may be large holds one, so a burst of them takes that many images' memory at once."""
     return threading.BoundedSemaphore(count)
 
 
 def _inspect(data: bytes, settings: Settings) -> tuple[ImageInfo, str]:
-    with _decode_slots(settings.max_concurrent_decodes):
+    with decode_slots(settings.max_concurrent_decodes):
         try:
             info = inspect_image(data, max_pixels=settings.max_image_pixels, preview_size=VIEW_SIZE)
         except ImageRejected:
