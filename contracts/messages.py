@@ -198,6 +198,19 @@ class Heartbeat(BaseModel):
     ``python -m bench e2e`` reports."""
 
 
+class ExplainerHeartbeat(BaseModel):
+    """An explainer's periodic proof of life (``keys.explainer_key``, with a TTL)."""
+
+    explainer_id: str
+    pid: int
+    models: list[str] = []
+    """``name@version`` of every Keras twin whose Grad-CAM it holds."""
+    not_explainable: dict[str, str] = {}
+    """Twins it was asked to hold whose model cannot be explained, by ``name@version``, with why
+    (no convolutional layer): a property of the model file, not of this explainer, so the API
+    answers 422 for them rather than waiting for an explainer that would hold them."""
+
+
 class ExplanationStatus(StrEnum):
     ok = "ok"
     not_explainable = "not_explainable"

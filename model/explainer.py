@@ -26,7 +26,6 @@ every RELOAD_CHECK_S as well.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -38,7 +37,7 @@ import redis
 
 from contracts import keys, registry_live, streams
 from contracts.imaging import ImageRejected
-from contracts.messages import ExplainRequest, Explanation, ExplanationStatus
+from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus
 from contracts.registry import ModelEntry, Registry, load_registry, parse_model_ref
 from contracts.streams import REDIS_ERRORS
 from model.config import ModelSettings
@@ -96,6 +95,9 @@ class Explainer:
         self.registry = registry
         self.cams: dict[str, GradCam] = {}
         """By explanation stream."""
+        self.not_explainable: dict[str, str] = {}
+        """Twins whose model has nothing Grad-CAM can use, with why: in the heartbeat, so the API
+        answers 422 for them. Replaced whole, never changed in place (the heartbeat thread reads it)."""
         self.failed = FailedLoads(settings)
         """Twins with a model file whose Grad-CAM could not be built: tried again once the file is
         written or changes (``load_written``)."""
@@ -123,13 +125,18 @@ class Explainer:
             import numpy as np
 
             cam.cam(np.zeros((spec.height, spec.width, 3 if spec.mode == "RGB" else 1), np.float32), 0)
-        except (ModelUnavailable, NotExplainable) as exc:
+        except NotExplainable as exc:
+            log.warning("cannot explain with %s: %s", twin.key, exc)
+            self.not_explainable = {**self.not_explainable, twin.key: str(exc)}
+            return False
+        except ModelUnavailable as exc:
             log.warning("cannot explain with %s: %s", twin.key, exc)
             return False
         except Exception:
             log.exception("cannot explain with %s", twin.key)
             return False
         self.failed.forget(twin)
+        self.not_explainable = {k: v for k, v in self.not_explainable.items() if k != twin.key}
         # Replaced whole, never changed in place: the heartbeat thread reads it at any moment.
         self.cams = {**self.cams, keys.explain_stream(twin.name, twin.version): cam}
         log.info(
@@ -153,7 +160,9 @@ class Explainer:
         if dropped := [c.entry.key for s, c in held.items() if s not in wanted]:
             self.cams = {s: c for s, c in held.items() if s in wanted}
             log.info("no longer explaining %s: not served in registry revision %d", dropped, snapshot.revision)
-        self.failed.keep({t.key for t in wanted.values()})
+        kept = {t.key for t in wanted.values()}
+        self.failed.keep(kept)
+        self.not_explainable = {k: v for k, v in self.not_explainable.items() if k in kept}
         loaded = False
         for stream, twin in wanted.items():
             if stream not in held and not self.failed.unchanged(twin):
@@ -171,13 +180,14 @@ class Explainer:
         return loaded
 
     def heartbeat(self) -> None:
-        body = {
-            "explainer_id": self.explainer_id,
-            "pid": os.getpid(),
-            "models": [c.entry.key for c in self.cams.values()],
-        }
+        body = ExplainerHeartbeat(
+            explainer_id=self.explainer_id,
+            pid=os.getpid(),
+            models=[c.entry.key for c in self.cams.values()],
+            not_explainable=self.not_explainable,
+        )
         self.redis.set(
-            keys.explainer_key(self.explainer_id), json.dumps(body), px=int(self.settings.heartbeat_ttl_s * 1000)
+            keys.explainer_key(self.explainer_id), body.model_dump_json(), px=int(self.settings.heartbeat_ttl_s * 1000)
         )
 
     def _heartbeat_loop(self) -> None:

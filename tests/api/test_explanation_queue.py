@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 import uuid
 
@@ -16,7 +15,7 @@ import redis
 
 from api.app.images.storage import LocalBlobStore
 from contracts import keys, streams
-from contracts.messages import ExplainRequest
+from contracts.messages import ExplainerHeartbeat, ExplainRequest
 from tests.api.conftest import Stack
 from tests.api.test_explanations import predict
 from tests.api.test_releases import canvas_drawings
@@ -26,10 +25,14 @@ from tests.support import PHOTOS, start_explainer
 STREAM = keys.explain_stream("mobilenet_v2", 1)
 
 
-def _pretend_an_explainer_is_live(client: redis.Redis, twin: str, seconds: float = 30) -> None:
+def _pretend_an_explainer_is_live(
+    client: redis.Redis, twin: str, seconds: float = 30, not_explainable: dict[str, str] | None = None
+) -> None:
     """A heartbeat without a process: the API queues requests that nobody reads."""
-    body = {"explainer_id": "explainer-gone", "pid": 0, "models": [twin]}
-    client.set(keys.explainer_key("explainer-gone"), json.dumps(body), px=int(seconds * 1000))
+    body = ExplainerHeartbeat(
+        explainer_id="explainer-gone", pid=0, models=[twin], not_explainable=not_explainable or {}
+    )
+    client.set(keys.explainer_key("explainer-gone"), body.model_dump_json(), px=int(seconds * 1000))
 
 
 async def _user(client: httpx.AsyncClient, admin: dict[str, str], email: str) -> dict[str, str]:
@@ -132,3 +135,9 @@ async def test_one_user_at_the_cap_waits_others_do_not_and_a_lost_image_is_gone(
     await store.delete(sha256)
     r = await ask(ids[2], admin)
     assert r.status_code == 410 and "no longer stored" in r.json()["detail"], r.text
+
+    # An explainer that found nothing to explain with in the twin (no convolutional layer): 422
+    # with why, at once, not 503 "retry shortly" for ever.
+    _pretend_an_explainer_is_live(sync, "", not_explainable={"sketch@3": "sequential has no convolutional layer"})
+    r = await ask(theirs, other)
+    assert r.status_code == 422 and "no convolutional layer" in r.json()["detail"], r.text

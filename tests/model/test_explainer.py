@@ -7,7 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
+import redis
+
 from contracts import keys
+from contracts.messages import ExplainerHeartbeat
 from model.config import ModelSettings
 from model.explainer import Explainer
 from tests.model.test_worker_registry import entry, publish
@@ -63,3 +66,36 @@ def test_an_explainer_follows_the_registry_without_a_restart(
     assert publish(private_redis.url, 3, [entry("sketch@1", "retired"), entry("sketch@2")])
     assert explainer.follow_registry()
     assert list(explainer.cams) == [second]
+
+
+def test_a_model_grad_cam_cannot_use_is_reported_as_not_explainable(
+    private_redis: RedisServer, tmp_path: Path, model_settings: ModelSettings
+) -> None:
+    """A version without a convolutional layer is served but has nothing to explain with: the
+    heartbeat says so with why, so the API answers 422 instead of waiting (503) for an explainer
+    that would hold it; written again as a network Grad-CAM can use, it is explained."""
+    import keras
+
+    settings = model_settings.model_copy(
+        update={"redis_url": private_redis.url, "trained_dir": tmp_path, "explain_models": "sketch@1"}
+    )
+    folder = tmp_path / "sketch" / "v1"
+    shutil.copytree(model_settings.trained_dir / "sketch" / "v1", folder)
+    real = (folder / "model.keras").read_bytes()
+    labels = len((folder / "labels.txt").read_text().split())
+    dense = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(labels)])
+    dense.save(folder / "model.tmp.keras")
+    os.replace(folder / "model.tmp.keras", folder / "model.keras")
+    explainer = Explainer(settings)
+    explainer.load()
+    assert not explainer.cams and list(explainer.not_explainable) == ["sketch@1"]
+    explainer.heartbeat()
+    raw = redis.Redis.from_url(private_redis.url).get(keys.explainer_key(explainer.explainer_id))
+    assert isinstance(raw, bytes), raw
+    beat = ExplainerHeartbeat.model_validate_json(raw)
+    assert beat.models == [] and "convolutional" in beat.not_explainable["sketch@1"], beat
+
+    (folder / "model.tmp.keras").write_bytes(real)
+    os.replace(folder / "model.tmp.keras", folder / "model.keras")
+    assert explainer.load_written()
+    assert list(explainer.cams) == [keys.explain_stream("sketch", 1)] and not explainer.not_explainable

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
 from contracts import keys
 from contracts.imaging import ImageRejected, load_image, trim_heap
-from contracts.messages import ExplainRequest, Explanation, ExplanationStatus, PredictionStatus
+from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus, PredictionStatus
 from contracts.registry import Registry
 from contracts.streams import STREAM_MAXLEN
 
@@ -78,9 +77,17 @@ def _unavailable(detail: str, settings: Settings) -> HTTPException:
     return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(settings.retry_after_seconds)})
 
 
-async def live_explainers(redis: Redis) -> set[str]:
-    """``name@version`` of every Keras model a live explainer holds (their heartbeats expire)."""
-    found: set[str] = set()
+@dataclass(frozen=True)
+class LiveExplainers:
+    held: set[str]
+    """``name@version`` of every Keras twin a live explainer holds."""
+    not_explainable: dict[str, str]
+    """Twins a live explainer found nothing to explain with in, with why."""
+
+
+async def live_explainers(redis: Redis) -> LiveExplainers:
+    """What the live explainers hold, and what they cannot explain (their heartbeats expire)."""
+    found = LiveExplainers(set(), {})
     names = [k async for k in redis.scan_iter(match=f"{keys.EXPLAINER_PREFIX}*", count=100)]
     if not names:
         return found
@@ -88,9 +95,11 @@ async def live_explainers(redis: Redis) -> set[str]:
         if raw is None:
             continue
         try:
-            found.update(json.loads(raw)["models"])
-        except (ValueError, KeyError, TypeError):
+            beat = ExplainerHeartbeat.model_validate_json(raw)
+        except ValueError:
             continue
+        found.held.update(beat.models)
+        found.not_explainable.update(beat.not_explainable)
     return found
 
 
@@ -145,12 +154,15 @@ async def explain(
     cache_key = keys.explanation_key(owner_id, sha256, prediction.model_name, prediction.model_version)
     if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
         return Explained(prediction, cached, True)
-    if twin.key not in await live_explainers(redis):
+    explainers = await live_explainers(redis)
+    if twin.key not in explainers.held:
         if not _explained(registry, twin.key, settings):
             raise HTTPException(
                 status_code=422,
                 detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
             )
+        if (why := explainers.not_explainable.get(twin.key)) is not None:
+            raise HTTPException(status_code=422, detail=f"{key} is not explainable: {why}.")
         raise _unavailable(f"No explainer holding {twin.key} is running; retry shortly.", settings)
     deadline = time.time() + settings.explanation_wait_seconds
     inflight = keys.explanation_inflight_key(owner_id, sha256, prediction.model_name, prediction.model_version)
