@@ -160,6 +160,9 @@ class Explainer:
         if dropped := [c.entry.key for s, c in held.items() if s not in wanted]:
             self.cams = {s: c for s, c in held.items() if s in wanted}
             log.info("no longer explaining %s: not served in registry revision %d", dropped, snapshot.revision)
+            for stream in held:
+                if stream not in wanted:
+                    self.answer_queued(stream)
         kept = {t.key for t in wanted.values()}
         self.failed.keep(kept)
         self.not_explainable = {k: v for k, v in self.not_explainable.items() if k in kept}
@@ -168,6 +171,18 @@ class Explainer:
             if stream not in held and not self.failed.unchanged(twin):
                 loaded |= self._load_twin(twin)
         return loaded or bool(dropped)
+
+    def answer_queued(self, stream: str) -> int:
+        """Answers every request still queued on ``stream``, whose twin this explainer let go, as
+        not explainable, and deletes them (each holds an image's bytes): their users hear it at
+        once instead of waiting out their deadline for an answer that will not come. Returns how
+        many. Raises what Redis raises."""
+        count = 0
+        while entries := cast(list[tuple[bytes, dict[bytes, bytes]]], self.redis.xrange(stream, count=100)):
+            for entry_id, fields in entries:
+                self.handle(stream, entry_id, fields)
+                count += 1
+        return count
 
     def load_written(self) -> bool:
         """Builds the Grad-CAM of each twin that could not be built once its model file is
@@ -208,7 +223,10 @@ class Explainer:
         cam = self.cams.get(stream)
         if cam is None:
             return base.model_copy(
-                update={"status": ExplanationStatus.not_explainable, "error": f"{request.twin} is not loaded here"}
+                update={
+                    "status": ExplanationStatus.not_explainable,
+                    "error": f"{request.twin} is not explained any more (retired or disabled)",
+                }
             )
         t0 = time.perf_counter()
         try:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import redis
 
-from contracts import keys
-from contracts.messages import ExplainerHeartbeat
+from contracts import keys, streams
+from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus
 from model.config import ModelSettings
 from model.explainer import Explainer
 from tests.model.test_worker_registry import entry, publish
@@ -63,9 +65,35 @@ def test_an_explainer_follows_the_registry_without_a_restart(
     assert explainer.follow_registry()
     assert sorted(explainer.cams) == sorted([first, second])
 
+    # Requests queued for sketch@1 when it is retired are answered "not explainable" at once and
+    # deleted, not left to wait out their deadline (each holds an image's bytes).
+    client = redis.Redis.from_url(private_redis.url)
+    streams.ensure_group(client, first, keys.EXPLAIN_GROUP)
+    queued = [
+        ExplainRequest(
+            request_id=uuid.uuid4().hex,
+            model="sketch",
+            version=1,
+            twin="sketch@1",
+            sha256="0" * 64,
+            label="cat",
+            deadline=time.time() + 30,
+            owner_id=1,
+            image=b"not read",
+        )
+        for _ in range(3)
+    ]
+    for request in queued:
+        client.xadd(first, request.to_fields())
     assert publish(private_redis.url, 3, [entry("sketch@1", "retired"), entry("sketch@2")])
     assert explainer.follow_registry()
     assert list(explainer.cams) == [second]
+    assert client.xlen(first) == 0
+    for request in queued:
+        raw = client.lpop(keys.explanation_done_key(request.request_id))
+        assert isinstance(raw, bytes), raw
+        answer = Explanation.model_validate_json(raw)
+        assert answer.status == ExplanationStatus.not_explainable and "retired" in str(answer.error), answer
 
 
 def test_a_model_grad_cam_cannot_use_is_reported_as_not_explainable(
