@@ -651,9 +651,22 @@ async def test_promotion_compares_first_and_is_refused_when_worse_unless_forced(
 
     async def both() -> bool:
         availability = await own_stack.app.state.workers.availability(fresh=True)
-        return all(key in availability and availability[key].available for key in ("sketch@1", "sketch@2"))
+        return all(key in availability and availability[key].available for key in ("sketch@1", "sketch@2", "sketch@3"))
 
-    await until(both, 60, "both sketch versions served")
+    await until(both, 60, "the sketch versions served")
+    compare = "/v1/admin/registry/models/sketch/compare"
+    # A 6-class version against the 20-class stable one: its higher held-out accuracy (a 6-way
+    # choice) is not compared, and knowing fewer classes is worse: promoting it needs force.
+    r = await client.get(compare, params={"candidate": 1}, headers=admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["candidate"]["classes"], body["baseline"]["classes"], body["verdict"]) == (6, 20, "worse"), body
+    assert any(reason.startswith("classes: 6 against 20 (worse") for reason in body["reasons"]), body
+    assert not any(reason.startswith("held-out accuracy: 0.") for reason in body["reasons"]), body
+    refused = await client.post(
+        "/v1/admin/registry/models/sketch/versions/1/promote", json={"reason": "higher accuracy"}, headers=admin
+    )
+    assert refused.status_code == 409 and "classes: 6 against 20" in refused.json()["detail"], refused.text
     # The two 6-class versions are compared here: the first becomes the stable one in place of the
     # 20-class version (forced: whatever their held-out accuracies, measured on different labels).
     r = await client.post(
@@ -662,7 +675,9 @@ async def test_promotion_compares_first_and_is_refused_when_worse_unless_forced(
         headers=admin,
     )
     assert r.status_code == 200, r.text
-    compare = "/v1/admin/registry/models/sketch/compare"
+    # The other way round, more classes are no evidence either way: left to the other numbers.
+    body = (await client.get(compare, params={"candidate": 3}, headers=admin)).json()
+    assert body["verdict"] == "no_evidence" and "knows 20 classes" in body["reasons"][0], body
     r = await client.get(compare, params={"candidate": 2}, headers=admin)
     assert r.status_code == 200, r.text
     body = r.json()

@@ -24,6 +24,8 @@ class VersionStats(BaseModel):
     latency_p95_ms: float | None
     mean_score: float | None
     """Mean top-1 score of those answers."""
+    classes: int | None = None
+    """How many classes it answers with, as its workers report it; None while none serves it."""
 
 
 class Comparison(BaseModel):
@@ -42,8 +44,11 @@ class Comparison(BaseModel):
     margin: float
     """How much lower the candidate's accuracy may be (PROMOTION_MARGIN)."""
     verdict: Literal["worse", "not_worse", "no_evidence"]
-    """``worse``: an accuracy both versions have is lower for the candidate by more than the margin;
-    ``not_worse``: at least one is known and none is; ``no_evidence``: none is known for both."""
+    """``worse``: an accuracy both versions have is lower for the candidate by more than the margin,
+    or the candidate knows fewer classes (it could not answer some of what people send today);
+    ``not_worse``: at least one accuracy is known and none is; ``no_evidence``: none is known for
+    both. Held-out accuracies of versions with different numbers of classes are not compared
+    (measured on different tasks)."""
     reasons: list[str]
 
 
