@@ -69,6 +69,16 @@ def version_lock(model_file: Path, key: str, *, wait: bool = True) -> Iterator[b
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def remove_unmade(model_file: Path) -> None:
+    """Removes the lock file of a version whose making ended without its model file (a cancelled or
+    failed training run), and its folder when nothing else is in it. Called while that lock is
+    held: run versions are never numbered again, so both would otherwise stay for good, an empty
+    version folder in the model store."""
+    model_file.with_name(f".{model_file.name}.lock").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: something else is kept there
+        model_file.parent.rmdir()
+
+
 def remove_abandoned_staging(root: Path) -> list[Path]:
     """Removes the staging folders under ``root`` that a killed maker left (``.<name>.partial``,
     ``written_into``) and returns them. A maker writes one only while it holds that version's lock

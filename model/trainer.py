@@ -20,7 +20,7 @@ import redis
 from contracts import training
 from contracts.streams import IDLE_CONSUMER_FORGET_MS, REDIS_ERRORS, ensure_group, forget_idle_consumers, group_missing
 from model.config import ModelSettings
-from model.store import remove_abandoned_staging, version_lock, written_into
+from model.store import remove_abandoned_staging, remove_unmade, version_lock, written_into
 
 log = logging.getLogger("model.trainer")
 
@@ -171,16 +171,20 @@ class Trainer:
                         f"{key} has a model file in the model store already (left by an earlier portal?); "
                         "not overwritten: a new run trains the next version"
                     )
-                with written_into(model_file) as staging:
-                    self.training = True
-                    try:
-                        record = self.train(job, staging, feedback)
-                    finally:
-                        self.training = False
-                    if self.redis.exists(training.cancel_key(job.run_id)):
-                        # Cancelled while its last epoch was evaluated and saved: the admin was told
-                        # it would stop, so nothing of it is kept.
-                        raise train_sketch.TrainingCancelled("cancelled after its last epoch, before it was kept")
+                try:
+                    with written_into(model_file) as staging:
+                        self.training = True
+                        try:
+                            record = self.train(job, staging, feedback)
+                        finally:
+                            self.training = False
+                        if self.redis.exists(training.cancel_key(job.run_id)):
+                            # Cancelled while its last epoch was evaluated and saved: the admin was
+                            # told it would stop, so nothing of it is kept.
+                            raise train_sketch.TrainingCancelled("cancelled after its last epoch, before it was kept")
+                finally:
+                    if not model_file.exists():
+                        remove_unmade(model_file)
         except TrainerStopped:
             log.warning("run %s: the trainer was stopped during it", job.run_id)
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=STOPPED))
