@@ -29,7 +29,7 @@ MESSAGES = {
     413: "That file is too large.",
     415: "That file is not an image the portal can read.",
     422: "The request was not valid.",
-    429: "Too many attempts. Please wait a moment.",
+    429: "Too many attempts.",
     503: "The portal is busy or part of it is down. Please try again shortly.",
     504: "The models took too long to answer. Please try again.",
 }
@@ -454,9 +454,18 @@ def _message(response: httpx.Response) -> str:
     if response.status_code in (409, 413, 415, 422) and detail:
         base = str(detail)
     retry = response.headers.get("retry-after")
-    if retry and response.status_code in (429, 503):
-        base += f" (retry in {retry} s)"
+    if retry and retry.isdigit() and response.status_code in (429, 503):
+        base += f" Try again in {_wait(int(retry))}."
     return base
+
+
+def _wait(seconds: int) -> str:
+    """A Retry-After in words: "5 seconds", "15 minutes" (rounded up), "2 hours"."""
+    if seconds < 90:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    if seconds < 90 * 60:
+        return f"{-(-seconds // 60)} minutes"
+    return f"{-(-seconds // 3600)} hours"
 
 
 def _typed(adapter: TypeAdapter[T], body: Any) -> T:
