@@ -91,6 +91,7 @@ class Image(TypedDict):
     filename: str
     file_name: str
     ground_truth: str | None
+    source: Literal["upload", "batch"]
     created_at: str
 
 
@@ -565,13 +566,21 @@ class Api:
             time.sleep(0.2)
 
     def images(
-        self, cursor: str | None = None, limit: int = 12, thumbnails: bool = False, total: bool = False
+        self,
+        cursor: str | None = None,
+        limit: int = 12,
+        thumbnails: bool = False,
+        total: bool = False,
+        source: Literal["upload", "batch"] | None = None,
     ) -> ImagesPage:
-        """A page of my uploads, newest first (after ``cursor``, a page's ``next_cursor``), with
-        each one's thumbnail and the count of all of them when asked."""
+        """A page of my images, newest first (after ``cursor``, a page's ``next_cursor``), with
+        each one's thumbnail and the count of all of them when asked; ``source="upload"``: only
+        those uploaded on their own, not the files of my batches."""
         params: dict[str, str | int | bool] = {"limit": limit, "thumbnails": thumbnails, "total": total}
         if cursor is not None:
             params["cursor"] = cursor
+        if source is not None:
+            params["source"] = source
         return _typed(_IMAGES, self.json("GET", "/v1/images", params=params))
 
     def jobs_of_images(self, image_ids: list[str], page_size: int = 200) -> list[Job]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from api.app.predictions import service as predictions_service
 from api.app.predictions.models import Job, Prediction
 from api.prestart import migrate, seed_admin, seed_registry
 from contracts.messages import LabelScore, PredictionStatus, ResultMessage
-from tests.conftest import _execute, client_for
+from tests.conftest import _admin_dsn, _execute, client_for
 from tests.support import RedisServer, Service, start_worker, wait_for_worker
 
 
@@ -186,3 +186,14 @@ async def until(check: Any, seconds: float, what: str) -> float:
             raise AssertionError(f"not within {seconds} s: {what}")
         await asyncio.sleep(0.1)
     return loop.time() - start
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    """A database of its own with no schema yet (a plain asyncpg DSN), for migrations' tests."""
+    name = f"portal_migration_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_execute(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{_admin_dsn().rsplit('/', 1)[0]}/{name}"
+    finally:
+        asyncio.run(_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

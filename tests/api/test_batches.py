@@ -173,6 +173,18 @@ async def test_several_files_and_stored_images(client: httpx.AsyncClient, users:
     assert (await client.get(f"/v1/batches/{batch_id}", headers=headers)).json()["waiting_for"] == []
     done = await finished(client, headers, batch_id)
     assert (done["counts"]["done"], done["counts"]["skipped"]) == (3, 1)
+    # The batch's files are listed apart from the uploads (the owl stays an upload, named by id).
+    sources = {}
+    for source in ("upload", "batch", None):
+        params = {"total": True} | ({"source": source} if source else {})
+        page = (await client.get("/v1/images", params=params, headers=headers)).json()
+        sources[source] = sorted((i["filename"], i["source"]) for i in page["data"])
+        assert page["count"] == len(page["data"])
+    assert sources == {
+        "upload": [("owl.jpg", "upload")],
+        "batch": [("a.png", "batch"), ("b.png", "batch")],
+        None: [("a.png", "batch"), ("b.png", "batch"), ("owl.jpg", "upload")],
+    }
     # An image deleted afterwards takes its answers with it: its row says why it has none.
     assert (await client.delete(f"/v1/images/{owl}", headers=headers)).status_code == 204
     rows = (await client.get(f"/v1/batches/{batch_id}/results", headers=headers)).json()["data"]

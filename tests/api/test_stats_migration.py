@@ -4,16 +4,12 @@ stores answers: none is left out of the summaries, counted in neither the seed n
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 
 import asyncpg
-import pytest
 from alembic import command
 from alembic.config import Config
 
 from api.prestart import ALEMBIC_INI
-from tests.conftest import _admin_dsn, _execute
 
 BEFORE_STATS = "c4d9e2a7f813"
 STATS = "a1f5c3e9d742"
@@ -25,17 +21,6 @@ def upgrade(url: str, revision: str) -> None:
     config.cmd_opts = None
     config.set_main_option("sqlalchemy.url", url)
     command.upgrade(config, revision)
-
-
-@pytest.fixture
-def empty_database() -> Iterator[str]:
-    """A database of its own with no schema yet (a plain asyncpg DSN)."""
-    name = f"portal_stats_migration_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_execute(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{_admin_dsn().rsplit('/', 1)[0]}/{name}"
-    finally:
-        asyncio.run(_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def test_an_answer_stored_while_the_summaries_are_seeded_is_counted(empty_database: str) -> None:

@@ -158,7 +158,14 @@ async def _add_image(
         return
     if sha256 not in b.jobs_of:
         image = await images_service.add_image(
-            session=session, store=store, owner_id=b.owner_id, data=data, info=info, sha256=sha256, filename=name
+            session=session,
+            store=store,
+            owner_id=b.owner_id,
+            data=data,
+            info=info,
+            sha256=sha256,
+            filename=name,
+            source="batch",
         )
         b.jobs_of[sha256] = (image.id, await _add_job(session, b, image.id))
     image_id, job_id = b.jobs_of[sha256]

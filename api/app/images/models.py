@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
 from sqlalchemy import BigInteger, Float, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.app.core.db import Base, OwnedMixin, new_uuid
+
+ImageSource = Literal["upload", "batch"]
 
 
 class Image(OwnedMixin, Base):
@@ -13,7 +16,17 @@ class Image(OwnedMixin, Base):
 
     __tablename__ = "images"
     # Keyset paging of a person's uploads, newest first.
-    __table_args__ = (Index("ix_images_owner_created", "owner_id", text("created_at DESC"), text("id DESC")),)
+    __table_args__ = (
+        Index("ix_images_owner_created", "owner_id", text("created_at DESC"), text("id DESC")),
+        # The same for a person's own uploads alone, however many batch files they sent.
+        Index(
+            "ix_images_owner_created_uploads",
+            "owner_id",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text("source = 'upload'"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
@@ -22,6 +35,8 @@ class Image(OwnedMixin, Base):
     height: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str] = mapped_column(String(255), default="")
+    source: Mapped[str] = mapped_column(String(8), default="upload", server_default="upload")
+    """``upload``: uploaded on its own (a prediction, ``POST /v1/images``); ``batch``: a file of a batch."""
     ground_truth: Mapped[str | None] = mapped_column(String(200), default=None)
     """The uploader's own label for it, given with a prediction (one of the chosen models' labels)."""
     # Pixel statistics taken at upload (contracts.imaging.PixelStats) for the drift monitor;

@@ -16,7 +16,7 @@ from api.app.deps import (
     StoreDep,
 )
 from api.app.images import service
-from api.app.images.models import Image
+from api.app.images.models import Image, ImageSource
 from api.app.images.schemas import ImageListItem, ImagePublic, ImagesPublic
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -65,9 +65,14 @@ async def list_images(
     store: StoreDep,
     page: KeysetPageDep,
     thumbnails: Annotated[bool, Query(description="Add each image's thumbnail")] = False,
+    source: Annotated[
+        ImageSource | None,
+        Query(description="upload: only images uploaded on their own; batch: only files of batches; none: all"),
+    ] = None,
 ) -> ImagesPublic:
-    """My uploads, newest first; follow ``next_cursor`` for older ones (``total=true`` counts them)."""
-    images, count, next_cursor = await service.list_images(session=session, owner_id=user.id, page=page)
+    """My images, newest first; follow ``next_cursor`` for older ones (``total=true`` counts them).
+    ``source=upload`` leaves out the files of my batches, which may be thousands."""
+    images, count, next_cursor = await service.list_images(session=session, owner_id=user.id, page=page, source=source)
     data = [ImageListItem.model_validate(i) for i in images]
     if thumbnails:
         for item, image in zip(data, images, strict=True):

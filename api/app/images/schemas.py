@@ -5,6 +5,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.app.images.models import ImageSource
+
 
 class ImagePublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -19,6 +21,8 @@ class ImagePublic(BaseModel):
     file_name: str
     ground_truth: str | None = None
     """The uploader's own label, when one was given with a prediction."""
+    source: ImageSource = "upload"
+    """``upload``: uploaded on its own; ``batch``: a file of one of the person's batches."""
     created_at: datetime
 
 

@@ -23,7 +23,7 @@ from api.app.core.config import Settings
 from api.app.core.db import OWNER_KEY_SHARE, utcnow
 from api.app.core.fields import storable
 from api.app.core.paging import KeysetPage, keyset_page
-from api.app.images.models import Image
+from api.app.images.models import Image, ImageSource
 from api.app.images.storage import LocalBlobStore
 from contracts.imaging import ImageInfo, ImageRejected, inspect_image, load_image, trim_heap
 
@@ -137,6 +137,7 @@ async def add_image(
     info: ImageInfo,
     sha256: str,
     filename: str,
+    source: ImageSource = "upload",
 ) -> Image:
     """Stores the blob and inserts the row; the caller commits. Raises 401 when the owner was
     deleted meanwhile (nothing is stored)."""
@@ -144,18 +145,21 @@ async def add_image(
     if owner.first() is None:
         raise HTTPException(status_code=401, detail=OWNER_GONE)
     await store.put(sha256, data, preview=info.preview)
-    row = new_image_row(owner_id=owner_id, data=data, info=info, sha256=sha256, filename=filename)
+    row = new_image_row(owner_id=owner_id, data=data, info=info, sha256=sha256, filename=filename, source=source)
     # A plain INSERT, not the unit of work: it runs on every upload and costs a fraction of a flush.
     await session.execute(INSERT_IMAGE, row)
     return Image(**row)
 
 
-def new_image_row(*, owner_id: int, data: bytes, info: ImageInfo, sha256: str, filename: str) -> dict[str, Any]:
+def new_image_row(
+    *, owner_id: int, data: bytes, info: ImageInfo, sha256: str, filename: str, source: ImageSource = "upload"
+) -> dict[str, Any]:
     """The ``images`` row of a new upload (every column but ``ground_truth``), for ``INSERT_IMAGE``;
     its blob must be stored under the blob lock (``BLOB_LOCK``) before the row is committed."""
     return {
         "id": uuid.uuid4(),
         "owner_id": owner_id,
+        "source": source,
         "sha256": sha256,
         "format": info.format,
         "width": info.width,
@@ -185,10 +189,12 @@ async def get_owned_image(*, session: AsyncSession, owner_id: int, image_id: uui
 
 
 async def list_images(
-    *, session: AsyncSession, owner_id: int, page: KeysetPage
+    *, session: AsyncSession, owner_id: int, page: KeysetPage, source: ImageSource | None = None
 ) -> tuple[list[Image], int | None, str | None]:
-    """A page of the user's uploads, newest first; their count when asked; the next page's cursor."""
-    return await keyset_page(session, Image, Image.owner_id == owner_id, page=page)
+    """A page of the user's images (``source``: only those uploaded on their own, or only files of
+    batches; None: all), newest first; their count when asked; the next page's cursor."""
+    where = [Image.owner_id == owner_id] if source is None else [Image.owner_id == owner_id, Image.source == source]
+    return await keyset_page(session, Image, *where, page=page)
 
 
 async def owned_blobs(*, session: AsyncSession, owner_id: int) -> list[str]:
