@@ -163,17 +163,26 @@ NONE_OF_THESE = "None of these"
 """The answer to "what is right" when the model does not know the right label."""
 
 
+def said(verdict: Feedback) -> str:
+    """A verdict as the person gave it: ``right``, or ``wrong (it is lorikeet)``, with its comment."""
+    words_said = "right" if verdict["is_correct"] else "wrong"
+    if verdict["correct_label"] and not verdict["is_correct"]:
+        words_said += f" (it is {words(verdict['correct_label'])})"
+    if verdict["comment"]:
+        words_said += f", and wrote “{verdict['comment']}”"
+    return words_said
+
+
 def _feedback_form(api: Api, result: Prediction, earlier: Feedback | None = None) -> None:
     ref = f"{result['model']}@{result['version']}"
     key = f"fb_{result['id']}"
-    if st.session_state.get(f"{key}_sent"):
+    # The verdict sent from this card in this session stands in for the earlier one where the page
+    # has none (the classify page): the form stays, so a verdict can be changed as often as wanted.
+    earlier = earlier or st.session_state.get(f"{key}_sent")
+    if st.session_state.pop(f"{key}_thanks", False):
         st.success("Thanks, your feedback was recorded.")
-        return
     if earlier is not None:
-        said = "right" if earlier["is_correct"] else "wrong"
-        if earlier["correct_label"] and not earlier["is_correct"]:
-            said += f" (it is {words(earlier['correct_label'])})"
-        st.caption(f"You said this was {said}. Sending again replaces it.")
+        st.caption(f"You said this was {said(earlier)}. Sending again replaces it.")
     with st.form(key):
         # Nothing preselected: a verdict is what the person says, never a default.
         verdict = st.radio("Was this right?", ["Correct", "Wrong"], index=None, horizontal=True, key=f"{key}_verdict")
@@ -196,9 +205,11 @@ def _feedback_form(api: Api, result: Prediction, earlier: Feedback | None = None
                 st.error(f"Choose the right label, or “{NONE_OF_THESE}”.")
                 return
             label = None if is_correct or right == NONE_OF_THESE else right
-            if guarded(api, lambda: api.feedback(result["id"], is_correct, label, comment or None)) is not None:
-                st.session_state[f"{key}_sent"] = True
-                st.success("Thanks, your feedback was recorded.")
+            sent = guarded(api, lambda: api.feedback(result["id"], is_correct, label, comment or None))
+            if sent is not None:
+                st.session_state[f"{key}_sent"] = sent
+                st.session_state[f"{key}_thanks"] = True
+                st.rerun()  # drawn again above the form: what was just said, not what was said before
 
 
 def scroll_to_results(job_id: str) -> None:

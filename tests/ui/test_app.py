@@ -510,6 +510,57 @@ def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str
     assert len(api.images(limit=20)["data"]) == 12
 
 
+def pages_app(api_url: str, token: str) -> AppTest:
+    """The classify and history pages in one session, the one shown named by ``page`` (the app's
+    navigation has no page files to switch between)."""
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\n"
+        "from ui.views.classify import classify_page\nfrom ui.views.history import history_page\n"
+        "page = {'classify': classify_page, 'history': history_page}[st.session_state.get('page', 'classify')]\n"
+        f"page(Api({api_url!r}, {token!r}))\n"
+    )
+    return AppTest.from_string(script, default_timeout=90)
+
+
+def send_feedback(app: AppTest, prediction: str, verdict: str, label: str = "", comment: str = "") -> None:
+    app.radio(key=f"fb_{prediction}_verdict").set_value(verdict)
+    if label:
+        app.selectbox(key=f"fb_{prediction}_label").set_value(label)
+    app.text_area(key=f"fb_{prediction}_comment").input(comment)
+    next(b for b in app.button if b.proto.form_id == f"fb_{prediction}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+
+
+def test_a_verdict_sent_earlier_is_shown_with_its_form_and_sending_again_replaces_it(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    app = pages_app(api_url, api.token or "")
+    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    app.run()
+    app.button(key="classify_submit").click().run()
+    job = app.session_state["classify_job"]
+    prediction = job["results"][0]["id"]
+    send_feedback(app, prediction, "Wrong", "lorikeet", "the beak is too small")
+    assert any("feedback was recorded" in s.value for s in app.success)
+    said = "You said this was wrong (it is lorikeet), and wrote “the beak is too small”. Sending again replaces it."
+    assert said in [c.value for c in app.caption]
+    assert any(b.proto.form_id == f"fb_{prediction}" for b in app.button)  # it can still be changed
+
+    # Reopened from History in the same session: what was said, and the form to say it again.
+    app.session_state["page"] = "history"
+    app.run()
+    app.button(key=f"open_{job['job_id']}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert said in [c.value for c in app.caption], [c.value for c in app.caption]
+    assert any(b.proto.form_id == f"fb_{prediction}" for b in app.button)
+    send_feedback(app, prediction, "Correct")
+    assert "You said this was right. Sending again replaces it." in [c.value for c in app.caption]
+    mine = api.my_feedback([prediction])
+    assert [(f["is_correct"], f["correct_label"], f["comment"]) for f in mine] == [(True, "macaw", None)], mine
+
+
 def test_a_used_session_is_renewed_and_an_expired_one_asks_to_log_in_again(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:
