@@ -35,9 +35,12 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
     """Under a "Models" heading, a checkbox per model version that reads ``mode`` input ("RGB":
     photos, "L": drawings), as the registry says; the default ones (photos) or the stable ones
     (drawings) checked, or the first available version while none of those is (a stable version
-    not trained yet, say). Returns the checked references."""
+    not trained yet, say). A box the person ticked or cleared stays so for the session, across
+    photos and pages (Streamlit forgets a widget's state in a run that does not draw it: while no
+    photo is shown, say). Returns the checked references."""
     st.markdown("**Models**")
     chosen = []
+    ticked: dict[str, bool] = st.session_state.setdefault(f"{keys_prefix}_ticked", {})
     shown = [m for m in models(api) if m["input"]["mode"] == mode]
     preferred = [
         m["ref"] for m in shown if m["available"] and (m["default"] if mode == "RGB" else m["channel"] == "stable")
@@ -56,9 +59,24 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
             elif m["ref"] in stand_in:
                 key += "_stand_in"
             default = m["ref"] in preferred or m["ref"] in stand_in
-            if st.checkbox(label, value=default, disabled=not m["available"], help=help_text, key=key):
+            if m["available"]:
+                default = ticked.get(m["ref"], default)
+            box = st.checkbox(
+                label,
+                value=default,
+                disabled=not m["available"],
+                help=help_text,
+                key=key,
+                on_change=_remember_tick,
+                args=(ticked, m["ref"], key),
+            )
+            if box:
                 chosen.append(m["ref"])
     return chosen
+
+
+def _remember_tick(ticked: dict[str, bool], ref: str, key: str) -> None:
+    ticked[ref] = bool(st.session_state[key])
 
 
 def run_job(api: Api, state_key: str, name: str, data: bytes, chosen: list[str]) -> None:

@@ -561,6 +561,38 @@ def test_a_verdict_sent_earlier_is_shown_with_its_form_and_sending_again_replace
     assert [(f["is_correct"], f["correct_label"], f["comment"]) for f in mine] == [(True, "macaw", None)], mine
 
 
+def test_the_models_ticked_stay_ticked_for_the_next_photo(api_url: str, portal: tuple[str, str, str]) -> None:
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    app = pages_app(api_url, api.token or "")
+    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    app.run()
+    app.checkbox(key="classify_birds@1").check()
+    app.checkbox(key="classify_mobilenet_v2@1").uncheck().run()
+
+    def ticked() -> dict[str, bool]:
+        return {str(c.key): c.value for c in app.checkbox if not c.disabled}
+
+    choice = ticked()
+    assert choice["classify_birds@1"] and not choice["classify_mobilenet_v2@1"], choice
+    # The photo removed (no boxes drawn while there is none), then another one: the same choice.
+    del app.session_state["upload"]
+    app.run()
+    assert not app.checkbox
+    app.session_state["upload"] = ("cat.bmp", (PHOTOS / "cat.bmp").read_bytes())
+    app.run()
+    assert ticked() == choice
+    # Another page and back, then an example: still the same choice.
+    app.session_state["page"] = "history"
+    app.run()
+    app.session_state["page"] = "classify"
+    app.run()
+    app.button(key="example_Maze").click().run()
+    assert ticked() == choice
+    app.button(key="classify_submit").click().run()
+    assert [r["model"] for r in app.session_state["classify_job"]["results"]] == ["birds"]
+
+
 def test_a_used_session_is_renewed_and_an_expired_one_asks_to_log_in_again(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:
