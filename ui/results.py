@@ -79,8 +79,11 @@ def _remember_tick(ticked: dict[str, bool], ref: str, key: str) -> None:
     ticked[ref] = bool(st.session_state[key])
 
 
-def run_job(api: Api, state_key: str, name: str, data: bytes, chosen: list[str]) -> None:
-    """Uploads, predicts, waits with a progress bar; keeps the finished job under ``state_key``."""
+def run_job(
+    api: Api, state_key: str, name: str, data: bytes, chosen: list[str], *, keep_error: str | None = None
+) -> None:
+    """Uploads, predicts, waits with a progress bar; keeps the finished job under ``state_key``,
+    and with ``keep_error`` the API's refusal under that key until a job succeeds."""
 
     def run() -> Job:
         image = api.upload(name, data)
@@ -101,7 +104,7 @@ def run_job(api: Api, state_key: str, name: str, data: bytes, chosen: list[str])
         bar.empty()
         return job
 
-    job = guarded(api, run)
+    job = guarded(api, run, keep=keep_error)
     if job is not None:
         st.session_state[state_key] = job
         st.session_state[f"{state_key}_file"] = name

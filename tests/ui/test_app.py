@@ -593,6 +593,32 @@ def test_the_models_ticked_stay_ticked_for_the_next_photo(api_url: str, portal: 
     assert [r["model"] for r in app.session_state["classify_job"]["results"]] == ["birds"]
 
 
+HINT = "Choose the models and press Classify: the answers appear here."
+
+
+def test_a_file_the_api_cannot_read_gets_its_refusal_where_the_answers_go(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """Half a WebP (see the shared bad_uploads/README.md) has no preview; it is still sent, since
+    the API judges what it reads, and its 422 stands in place of the answers, without the hint."""
+    at = signed_in(api_url, *new_user(api_url, portal))
+    half = PHOTOS.parent / "bad_uploads" / "truncated_half.webp"
+    at.session_state["upload"] = (half.name, half.read_bytes())
+    at.run()
+    assert "truncated_half.webp (no preview)" in [c.value for c in at.caption]
+    assert HINT in [c.value for c in at.caption]
+    at.button(key="classify_submit").click().run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error]
+    assert "truncated or corrupt" in error, error
+    assert HINT not in [c.value for c in at.caption], [c.value for c in at.caption]
+    # It stays said while the page redraws, and goes with the file.
+    at.checkbox(key="classify_birds@1").check().run()
+    assert [e.value for e in at.error] == [error] and HINT not in [c.value for c in at.caption]
+    at.button(key="example_Maze").click().run()
+    assert not at.error and HINT in [c.value for c in at.caption]
+
+
 def test_a_used_session_is_renewed_and_an_expired_one_asks_to_log_in_again(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:

@@ -16,7 +16,7 @@ UPLOAD_TYPES = list(UPLOAD_EXTENSIONS)
 
 def _forget_photo() -> None:
     """The photo and its results go together: neither outlives the other."""
-    for key in ("upload", "classify_job"):
+    for key in ("upload", "classify_job", "classify_error"):
         st.session_state.pop(key, None)
 
 
@@ -74,12 +74,17 @@ def classify_page(api: Api) -> None:
         except Exception:
             st.caption(f"{name} (no preview)")
         chosen = choose_models(api, "classify", mode="RGB")
-        if st.button("Classify", type="primary", disabled=not chosen, key="classify_submit"):
-            st.session_state.pop("classify_job", None)  # a failed attempt leaves no older results behind
-            run_job(api, "classify_job", name, data, chosen)
+        classify = st.button("Classify", type="primary", disabled=not chosen, key="classify_submit")
     with answers:
+        # The API judges what it can read (a file without a preview may still be one): its
+        # refusal is this photo's answer, said here until the photo changes or is classified.
+        if classify:
+            st.session_state.pop("classify_job", None)  # a failed attempt leaves no older results behind
+            run_job(api, "classify_job", name, data, chosen, keep_error="classify_error")
+        elif error := st.session_state.get("classify_error"):
+            st.error(error)
         if job := st.session_state.get("classify_job"):
             show_results(api, job, image=data, file_name=name)
             scroll_to_results(job["job_id"])
-        else:
+        elif "classify_error" not in st.session_state:
             st.caption("Choose the models and press Classify: the answers appear here.")
