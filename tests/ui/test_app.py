@@ -619,6 +619,43 @@ def test_a_file_the_api_cannot_read_gets_its_refusal_where_the_answers_go(
     assert not at.error and HINT in [c.value for c in at.caption]
 
 
+def test_the_sketch_page_lists_the_categories_of_the_versions_chosen(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    from model.prepare import DEFAULT_CATEGORIES
+
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    catalog = {m["ref"]: m for m in api.models()}
+    six, twenty = catalog["sketch@1"], catalog["sketch@3"]
+    assert six["labels"] == DEFAULT_CATEGORIES.split(",") and len(twenty["labels"] or []) == 20
+    script = (
+        "from ui.client import Api\nfrom ui.views.sketch import sketch_page\n"
+        f"sketch_page(Api({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception, app.exception
+
+    def lists() -> list[str]:
+        return [c.value for c in app.caption if re.match(r"(Draw one of|.+ knows?): ", c.value)]
+
+    def examples() -> list[str]:
+        return [str(b.key).removeprefix("sketch_example_") for b in app.button if "sketch_example_" in str(b.key)]
+
+    assert lists() == [f"Draw one of: {', '.join(label.replace('_', ' ') for label in twenty['labels'] or [])}."]
+    app.checkbox(key="sketch_sketch@1").check()
+    app.checkbox(key="sketch_sketch@3").uncheck().run()
+    assert lists() == [f"Draw one of: {', '.join(six['labels'] or [])}."], lists()
+    assert examples() == ["Fish"], examples()
+    # Two versions that know different categories: each set named with the versions that know it.
+    app.checkbox(key="sketch_sketch@3").check().run()
+    assert [line.split(": ")[0] for line in lists()] == [
+        f"{six['display_name']} knows",
+        f"{twenty['display_name']} knows",
+    ], lists()
+    assert examples() == ["Fish"], examples()
+
+
 def test_a_used_session_is_renewed_and_an_expired_one_asks_to_log_in_again(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:

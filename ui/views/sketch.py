@@ -28,14 +28,8 @@ def sketch_page(api: Api) -> None:
     from streamlit_drawable_canvas import st_canvas
 
     st.title("Draw a sketch")
-    drawing_models = [m for m in models(api) if m["input"]["mode"] == "L"]
-    # The categories of the stable version, or of one that serves while it does not (its labels
-    # are known once a worker loaded it).
-    shown = next(
-        (m for m in drawing_models if m["channel"] == "stable" and m["available"] and m["labels"]), None
-    ) or next((m for m in drawing_models if m["available"] and m["labels"]), None)
-    if shown is not None:
-        st.caption(f"Draw one of: {', '.join(words(label) for label in shown['labels'] or [])}.")
+    # Filled once the models are chosen (below the canvas): the categories they know.
+    categories = st.container()
     # Wide enough for the 280-px canvas and the models' full names beside a 1,400-px window's sidebar.
     drawing_side, answers = st.columns([2, 3], gap="large")
     with drawing_side:
@@ -49,10 +43,7 @@ def sketch_page(api: Api) -> None:
             return_image_data=True,
             key=f"canvas_{st.session_state.get('canvas_round', 0)}",
         )
-        with st.container(horizontal=True, vertical_alignment="center"):
-            st.caption("Or try:")
-            for name in sketches_for(shown["labels"] or []) if shown is not None else SKETCHES:
-                st.button(name, key=f"sketch_example_{name}", on_click=_example_chosen, args=(name,))
+        examples = st.container(horizontal=True, vertical_alignment="center")
         drawn = canvas.image_bytes if canvas.json_data and canvas.json_data.get("objects") else None
         example = st.session_state.get("sketch_example")
         if drawn is not None:
@@ -66,6 +57,19 @@ def sketch_page(api: Api) -> None:
         if st.session_state.get("sketch_job_of") != digest:
             st.session_state.pop("sketch_job", None)  # the results belong to the drawing they answered
         chosen = choose_models(api, "sketch", mode="L")
+        known = known_categories(api, chosen)
+        with examples:
+            st.caption("Or try:")
+            everyone_knows = set.intersection(*(set(labels) for _, labels in known)) if known else None
+            for example_name in sketches_for(everyone_knows) if everyone_knows is not None else SKETCHES:
+                st.button(
+                    example_name, key=f"sketch_example_{example_name}", on_click=_example_chosen, args=(example_name,)
+                )
+        with categories:
+            for names, labels in known:
+                # Names joined with "and": a version's name may hold a comma.
+                heading = "Draw one of" if len(known) == 1 else f"{' and '.join(names)} know{'s' * (len(names) == 1)}"
+                st.caption(f"{heading}: {', '.join(words(label) for label in labels)}.")
         with st.container(horizontal=True):
             predict = st.button("Predict", type="primary", disabled=not chosen, key="sketch_submit")
             st.button("Clear", key="sketch_clear", on_click=_new_canvas)
@@ -82,3 +86,20 @@ def sketch_page(api: Api) -> None:
             scroll_to_results(job["job_id"])
         else:
             st.caption("Draw, choose the models and press Predict: the answers appear here.")
+
+
+def known_categories(api: Api, chosen: list[str]) -> list[tuple[list[str], list[str]]]:
+    """The categories the chosen drawing versions know (their labels are known once a worker
+    loaded them), as (the versions' names, their labels) for each distinct set of labels; while
+    none is chosen or known, those of the stable version, or of one that serves while it does not."""
+    drawing_models = [m for m in models(api) if m["input"]["mode"] == "L" and m["labels"]]
+    picked = [m for m in drawing_models if m["ref"] in chosen]
+    if not picked:
+        stand_in = next((m for m in drawing_models if m["channel"] == "stable" and m["available"]), None) or next(
+            (m for m in drawing_models if m["available"]), None
+        )
+        picked = [stand_in] if stand_in is not None else []
+    known: dict[tuple[str, ...], list[str]] = {}
+    for m in picked:
+        known.setdefault(tuple(m["labels"] or []), []).append(m["display_name"])
+    return [(names, list(labels)) for labels, names in known.items()]
