@@ -191,6 +191,27 @@ class BatchDetail(Batch):
     waiting_for: list[str]
 
 
+class BatchResult(TypedDict):
+    """One file's answer by one model version, or a skipped file (``status`` "skipped", ``model``
+    empty) with why in ``error``."""
+
+    file_name: str
+    sha256: str
+    model: str
+    version: int | None
+    status: str
+    label: str | None
+    score: float | None
+    top_5: list[dict[str, object]]
+    error: str | None
+
+
+class BatchResults(TypedDict):
+    batch_id: str
+    status: str
+    data: list[BatchResult]
+
+
 class SentBatch(TypedDict):
     """A batch as ``Api.create_batch`` sent it."""
 
@@ -418,6 +439,7 @@ _JOBS = TypeAdapter(JobsPage)
 _SESSION = TypeAdapter(Session)
 _BATCH = TypeAdapter(BatchDetail)
 _BATCHES = TypeAdapter(BatchesPage)
+_BATCH_RESULTS = TypeAdapter(BatchResults)
 _FEEDBACK = TypeAdapter(Feedback)
 _FEEDBACKS = TypeAdapter(list[Feedback])
 _STATS = TypeAdapter(Stats)
@@ -630,6 +652,10 @@ class Api:
     def batches(self, limit: int = 20) -> BatchesPage:
         """My latest batches, newest first."""
         return _typed(_BATCHES, self.json("GET", "/v1/batches", params={"limit": limit}))
+
+    def batch_results(self, batch_id: str) -> BatchResults:
+        """Every file's answers so far, and the skipped files with why."""
+        return _typed(_BATCH_RESULTS, self.json("GET", f"/v1/batches/{batch_id}/results"))
 
     def batch_csv(self, batch_id: str) -> bytes:
         return self._request("GET", f"/v1/batches/{batch_id}/results", params={"format": "csv"}).content

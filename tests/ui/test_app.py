@@ -763,6 +763,32 @@ def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, por
     assert any("5 files · finished" in m.value for m in app.markdown)  # listed among my batches
 
 
+def test_the_batch_page_lists_the_skipped_files_and_why(api_url: str, portal: tuple[str, str, str]) -> None:
+    from tests.api.test_batches import noise_png, zipped
+
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    half = (PHOTOS.parent / "bad_uploads" / "truncated_half.webp").read_bytes()
+    entries = {"0.png": noise_png(600), "notes.txt": b"no image", "half.webp": half, "1.png": noise_png(601)}
+    batch = api.create_batch([("set.zip", zipped(entries))], ["mobilenet_v2@1"])["batch"]
+    deadline = time.monotonic() + 120
+    while api.batch(batch["id"])["status"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.batch import batch_page\n"
+        f"st.session_state['batch_id'] = {batch['id']!r}\n"
+        f"batch_page(Api({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert [w.value for w in app.warning] == ["2 files skipped (not images, or unreadable):"]
+    shown = next(d.value for d in app.dataframe if "Why" in d.value.columns)
+    said = [(r["file_name"], r["error"]) for r in api.batch_results(batch["id"])["data"] if r["status"] == "skipped"]
+    assert [name for name, _ in said] == ["notes.txt", "half.webp"] and all(why for _, why in said), said
+    assert list(zip(shown["File"], shown["Why"], strict=True)) == said, shown
+
+
 def test_a_batch_waiting_for_an_unserved_version_says_so(api_url: str, portal: tuple[str, str, str]) -> None:
     """The page shows what the API's ``waiting_for`` says (tested in tests/api/test_batches.py):
     the version's name, why it waits, and that nothing is lost."""

@@ -22,6 +22,8 @@ from ui.client import (
     ApiError,
     ApiKey,
     ApiKeysPage,
+    BatchResult,
+    BatchResults,
     Correction,
     DailyCount,
     Feedback,
@@ -66,6 +68,8 @@ ANSWERS: dict[Any, str] = {
     ApiKey: "ApiKeyPublic",
     NewApiKey: "ApiKeyCreated",
     ApiKeysPage: "ApiKeysPublic",
+    BatchResult: "BatchResult",
+    BatchResults: "BatchResults",
 }
 
 

@@ -119,9 +119,12 @@ def show_progress(api: Api, batch: BatchDetail) -> None:
     st.progress(finished / counts["images"] if counts["images"] else 1.0, text=_progress_text(batch))
     if counts["skipped"]:
         skipped = counts["skipped"]
-        st.warning(
-            f"{skipped:,} {'file' if skipped == 1 else 'files'} skipped (not images, or unreadable): the results say why."
-        )
+        files = "file" if skipped == 1 else "files"
+        if batch["status"] == "receiving":
+            st.warning(f"{skipped:,} {files} skipped so far (not images, or unreadable): listed once all are received.")
+        else:
+            st.warning(f"{skipped:,} {files} skipped (not images, or unreadable):")
+            skipped_files(api, batch["id"], skipped)
     if waiting := batch["waiting_for"]:
         names = ", ".join(display_name(api, ref) for ref in waiting)
         st.info(
@@ -136,6 +139,20 @@ def show_progress(api: Api, batch: BatchDetail) -> None:
             st.error(message)  # a failed cancel stays said while the progress redraws itself
         return
     download_results(api, batch["id"])
+
+
+def skipped_files(api: Api, batch_id: str, count: int) -> None:
+    """The skipped files and why, as the batch's results give them: read once per batch (they
+    are all known once the batch is received), again only when their count changes."""
+    key = f"batch_skipped_{batch_id}"
+    kept = st.session_state.get(key)
+    if kept is None or kept[0] != count:
+        results = guarded(api, lambda: api.batch_results(batch_id))
+        if results is None:
+            return
+        rows = [{"File": r["file_name"], "Why": r["error"] or ""} for r in results["data"] if r["status"] == "skipped"]
+        st.session_state[key] = kept = (count, rows)
+    st.dataframe(kept[1], hide_index=True)
 
 
 def download_results(api: Api, batch_id: str) -> None:
