@@ -760,7 +760,20 @@ def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, por
     assert bars == ["5 of 5 images done · finished"], bars
     csv_text = app.session_state[f"batch_csv_{batch['id']}"].decode()
     assert csv_text.count("\n") == 6 and "mobilenet_v2" in csv_text
-    assert any("5 files · finished" in m.value for m in app.markdown)  # listed among my batches
+    # Listed among my batches, with the models it went to.
+    assert any("5 files · MobileNetV2" in m.value and m.value.endswith("· finished") for m in app.markdown), [
+        m.value for m in app.markdown
+    ]
+    # History lists my own uploads; the batch's five files only when asked for.
+    script = (
+        "from ui.client import Api\nfrom ui.views.history import history_page\n"
+        f"history_page(Api({api_url!r}, {api.token!r}))\n"
+    )
+    history = AppTest.from_string(script, default_timeout=60).run()
+    assert not history.exception and not history.error, [e.value for e in history.error]
+    assert any("Nothing here yet" in i.value for i in history.info), [i.value for i in history.info]
+    history.toggle(key="history_with_batches").set_value(True).run()
+    assert any(c.value == "Page 1 of 1 · 5 uploads" for c in history.caption), [c.value for c in history.caption]
 
 
 def test_the_batch_page_lists_the_skipped_files_and_why(api_url: str, portal: tuple[str, str, str]) -> None:

@@ -63,7 +63,10 @@ def batch_page(api: Api) -> None:
     if listing and listing["data"]:
         st.subheader("Your latest batches")
         for b in listing["data"]:
-            line = f"{readable_time(b['created_at'])} · {b['entries']:,} files · {STATUS_WORDS.get(b['status'], b['status'])}"
+            line = (
+                f"{readable_time(b['created_at'])} · {b['entries']:,} files · "
+                f"{', '.join(display_name(api, ref) for ref in b['models'])} · {STATUS_WORDS.get(b['status'], b['status'])}"
+            )
             left, right = st.columns([3, 1])
             left.write(line)
             if b["id"] != batch_id and right.button("Open", key=f"batch_open_{b['id']}"):

@@ -33,6 +33,13 @@ def history_page(api: Api) -> None:
     st.title("My uploads")
     if deleted := st.session_state.pop("history_deleted", None):
         st.success(f"Deleted {deleted} and its results.")
+    # The files of batches, thousands at a time, would bury a person's own uploads: left out
+    # unless asked for.
+    with_batches = st.toggle("Include the files of my batches", key="history_with_batches")
+    if st.session_state.get("history_listed_with_batches", False) != with_batches:
+        st.session_state["history_listed_with_batches"] = with_batches
+        st.session_state["history_cursors"] = [None]  # another listing: its pages start over
+        st.session_state["history_at"] = 0
     # Paged by key: each page starts after the last upload of the one before (its cursor), so a
     # page deep in a long history costs what the first one does. The total is asked for with the
     # first page only.
@@ -40,7 +47,16 @@ def history_page(api: Api) -> None:
     at = min(int(st.session_state.get("history_at", 0)), len(cursors) - 1)
     first = at == 0
     # Three calls a page: the images with their thumbnails, their jobs, and my feedback.
-    listing = guarded(api, lambda: api.images(cursor=cursors[at], limit=PAGE_SIZE, thumbnails=True, total=first))
+    listing = guarded(
+        api,
+        lambda: api.images(
+            cursor=cursors[at],
+            limit=PAGE_SIZE,
+            thumbnails=True,
+            total=first,
+            source=None if with_batches else "upload",
+        ),
+    )
     if not listing:
         return
     if first:
@@ -135,6 +151,7 @@ def batches_section(api: Api) -> None:
         for b in listing["data"]:
             st.write(
                 f"{readable_time(b['created_at'])} · {b['entries']:,} files · "
+                f"{', '.join(display_name(api, ref) for ref in b['models'])} · "
                 f"{BATCH_WORDS.get(b['status'], b['status'])}"
             )
             if b["status"] in ("done", "cancelled"):
