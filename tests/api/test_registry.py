@@ -181,10 +181,10 @@ async def test_admins_read_the_registry_and_its_history(
 
 SKETCH_NEW = {
     "name": "sketch",
-    "description": "v2's weights registered again, as a retrained model would be",
+    "description": "v3's weights registered again, as a retrained model would be",
     "runtime": "keras",
-    "file": "{trained_dir}/sketch/v2/model.keras",
-    "labels": "{trained_dir}/sketch/v2/labels.txt",
+    "file": "{trained_dir}/sketch/v3/model.keras",
+    "labels": "{trained_dir}/sketch/v3/labels.txt",
     "input": {"height": 28, "width": 28, "mode": "L"},
     "preprocessing": "sketch",
     "reason": "retrained on this week's feedback",
