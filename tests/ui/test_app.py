@@ -468,6 +468,32 @@ def test_the_change_user_form_shows_the_chosen_users_own_role(api_url: str, port
     assert next(u for u in admin.users() if u["email"] == portal[1])["role"] == "admin"
 
 
+def test_a_created_user_is_listed_at_once_and_the_form_is_emptied(api_url: str, portal: tuple[str, str, str]) -> None:
+    app = admin_app(api_url, portal)
+    email = f"created-{os.urandom(4).hex()}@example.com"
+    app.text_input(key="new_email").input(email)
+    app.text_input(key="new_name").input("Created Here")
+    app.text_input(key="new_password").input(PASSWORD)
+    next(b for b in app.button if b.proto.form_id == "create_user").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert [s.value for s in app.success] == [f"Created {email}."]
+    users = next(d.value for d in app.dataframe if "Email" in d.value.columns)
+    assert email in list(users["Email"])
+    assert any(o.startswith(f"{email} (#") for o in app.selectbox(key="change_pick").options)
+    assert [app.text_input(key=k).value for k in ("new_email", "new_name", "new_password")] == ["", "", ""]
+    # Saving a change shows it in the table too.
+    created = next(
+        u for u in Api(api_url, Api(api_url).login(portal[1], portal[2])["token"]).users() if u["email"] == email
+    )
+    app.selectbox(key="change_pick").set_value(f"{email} (#{created['id']})").run()
+    app.checkbox(key=f"change_active_{created['id']}").uncheck()
+    next(b for b in app.button if b.proto.form_id == f"change_user_{created['id']}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert [s.value for s in app.success] == [f"Saved {email}: user, inactive."]
+    users = next(d.value for d in app.dataframe if "Email" in d.value.columns)
+    assert users.loc[users["Email"] == email, "Active"].tolist() == ["no"]
+
+
 def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str, portal: tuple[str, str, str]) -> None:
     email, password = new_user(api_url, portal)
     api = Api(api_url)

@@ -162,6 +162,22 @@ def models_tab(api: Api) -> None:
     training_record_section(api, name, mine)
 
 
+def _rerun_saying(form: str, message: str, *cleared: str) -> None:
+    """After a change made from ``form``: the page again, which reads the new state, with the
+    fields named in ``cleared`` empty and ``message`` said at the form (st.rerun drops what this
+    run showed)."""
+    st.session_state[f"said_{form}"] = message
+    for key in cleared:
+        st.session_state.pop(key, None)
+    st.rerun()
+
+
+def _said(form: str) -> None:
+    """The message of the change made from ``form`` on the run before, once."""
+    if message := st.session_state.pop(f"said_{form}", None):
+        st.success(message)
+
+
 def _changed(message: str) -> None:
     """After a change: the tables show the new state (the catalogue too)."""
     st.session_state.pop("models", None)
@@ -546,8 +562,12 @@ def users_tab(api: Api) -> None:
         password = st.text_input("Password", type="password", key="new_password")
         role = st.selectbox("Role", ROLES, key="new_role")
         submitted = st.form_submit_button("Create")
-        if submitted and guarded(api, lambda: api.create_user(email, password, name, role)) is not None:
-            st.success(f"Created {email}.")
+        if submitted and (created := guarded(api, lambda: api.create_user(email, password, name, role))) is not None:
+            # Read again, the table and the list below show the new user; the form starts empty.
+            _rerun_saying(
+                "create_user", f"Created {created['email']}.", "new_email", "new_name", "new_password", "new_role"
+            )
+        _said("create_user")
     st.subheader("Change a user")
     options = {f"{u['email']} (#{u['id']})": u for u in users}
     # Outside the form, so that the fields below show the chosen user's own role and state.
@@ -562,7 +582,10 @@ def users_tab(api: Api) -> None:
             if (new_role, active) == (user["role"], user["is_active"]):
                 st.info("Nothing to change.")
             elif guarded(api, lambda: api.update_user(user["id"], role=new_role, is_active=active)) is not None:
-                st.success(f"Saved {user['email']}: {new_role}, {'active' if active else 'inactive'}.")
+                _rerun_saying(
+                    "change_user", f"Saved {user['email']}: {new_role}, {'active' if active else 'inactive'}."
+                )
+        _said("change_user")
 
 
 def quality_tab(api: Api, stats: Stats | None) -> None:
