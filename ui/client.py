@@ -491,6 +491,15 @@ def _wait(seconds: int) -> str:
     return f"{-(-seconds // 3600)} hours"
 
 
+def _detail(response: httpx.Response) -> str | None:
+    """The API's own reason for an error (its ``detail`` text), if it gave one."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return None
+    return detail if isinstance(detail, str) and detail else None
+
+
 def _typed(adapter: TypeAdapter[T], body: Any) -> T:
     """``body`` checked against ``adapter``'s type; ApiError when the API answered another shape."""
     try:
@@ -815,8 +824,13 @@ class Api:
         return _typed(_RUN, self.json("POST", f"/v1/admin/training-runs/{run_id}/cancel"))
 
     def training_record(self, name: str, version: int) -> TrainingRecord:
-        """Raises ApiError (404) for a version the portal did not train."""
-        return _typed(_RECORD, self.json("GET", f"/v1/admin/registry/models/{name}/versions/{version}/training"))
+        """Raises ApiError 404 for a version without a record, with the API's reason as its message
+        (not trained by the portal, its run unfinished, no metrics.json published)."""
+        path = f"/v1/admin/registry/models/{name}/versions/{version}/training"
+        response = self._request("GET", path, expected=(404,))
+        if response.status_code == 404:
+            raise ApiError(404, _detail(response) or MESSAGES[404])
+        return _typed(_RECORD, response.json())
 
     def readiness(self) -> Readiness:
         """The API's readiness checks; a "fail" status with no checks when it cannot be reached."""

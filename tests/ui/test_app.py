@@ -357,6 +357,34 @@ def test_the_models_tab_shows_versions_compares_and_changes_them(api_url: str, p
     ]
 
 
+def test_a_version_the_portal_did_not_train_says_so_once(api_url: str, portal: tuple[str, str, str]) -> None:
+    """mobilenet_v2@2 (quantized from @1, never trained here) has no training record, a 404 by
+    design: the page gives the API's reason, not "no longer exists", and does not ask again on
+    every rerun."""
+    token = Api(api_url).login(portal[1], portal[2])["token"]
+    path = "/v1/admin/registry/models/mobilenet_v2/versions/2/training"
+    answer = httpx.get(f"{api_url}{path}", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 404
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.admin import admin_page\n"
+        "class Counted(Api):\n"
+        "    def _request(self, method, path, **kwargs):\n"
+        "        st.session_state.setdefault('calls', []).append(f'{method} {path}')\n"
+        "        return super()._request(method, path, **kwargs)\n"
+        f"admin_page(Counted({api_url!r}, {token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    app.selectbox(key="registry_model").set_value("mobilenet_v2").run()
+    app.selectbox(key="record_version_mobilenet_v2").set_value(2).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    captions = [c.value for c in app.caption]
+    assert answer.json()["detail"] in captions and "That item no longer exists." not in captions, captions
+    assert answer.json()["detail"].startswith("No training record for mobilenet_v2@2: ")
+    app.run()
+    assert answer.json()["detail"] in [c.value for c in app.caption]
+    assert app.session_state["calls"].count(f"GET {path}") == 1, app.session_state["calls"]
+
+
 def test_the_training_tab_starts_follows_and_cancels_a_run(api_url: str, portal: tuple[str, str, str]) -> None:
     app = admin_app(api_url, portal)
     app.selectbox(key="train_model").set_value("sketch")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -9,9 +10,19 @@ import pandas as pd
 import streamlit as st
 
 from contracts.training import ARCHITECTURES
-from ui.client import Api, ApiError, Comparison, Export, Role, ServingVersion, Stats, TrainingRun
+from ui.client import (
+    Api,
+    ApiError,
+    Comparison,
+    Export,
+    Role,
+    ServingVersion,
+    Stats,
+    TrainingRecord,
+    TrainingRun,
+)
 from ui.results import readable_time
-from ui.session import display_name, guarded, models
+from ui.session import CATALOG_SECONDS, display_name, guarded, models
 
 ROLES: list[Role] = ["user", "admin"]
 VERSION_ACTIONS: dict[str, dict[str, str | bool]] = {
@@ -315,10 +326,11 @@ def training_record_section(api: Api, name: str, versions: list[ServingVersion])
     st.subheader("How a version was trained")
     numbers = [v["version"] for v in versions]
     version = st.selectbox("Version", numbers, index=len(numbers) - 1, key=f"record_version_{name}")
-    try:
-        found = api.training_record(name, int(version))
-    except ApiError as exc:
-        st.caption(exc.message)
+    found = _training_record(api, name, int(version))
+    if found is None:
+        return
+    if isinstance(found, str):
+        st.caption(found)
         return
     if found["run"] is not None:
         st.caption(f"Trained by run {found['run']['id']} ({found['run']['reason']}).")
@@ -326,6 +338,29 @@ def training_record_section(api: Api, name: str, versions: list[ServingVersion])
         st.caption("Trained before training runs existed; from the metrics.json beside the model file.")
     show_curves(record_history(found["record"]))
     show_record(found["record"], key=f"{name}_{version}")
+
+
+def _training_record(api: Api, name: str, version: int) -> TrainingRecord | str | None:
+    """A version's training record, or the API's reason why it has none (a 404 by design for a
+    version the portal did not train); asked again once CATALOG_SECONDS old, not on every rerun.
+    None after another error, which is shown."""
+    known: dict[str, tuple[float, TrainingRecord | str]] = st.session_state.setdefault("training_records", {})
+    ref = f"{name}@{version}"
+    if ref in known and time.monotonic() - known[ref][0] < CATALOG_SECONDS:
+        return known[ref][1]
+
+    def fetch() -> TrainingRecord | str:
+        try:
+            return api.training_record(name, version)
+        except ApiError as exc:
+            if exc.status == 404:
+                return exc.message
+            raise
+
+    found = guarded(api, fetch)
+    if found is not None:
+        known[ref] = (time.monotonic(), found)
+    return found
 
 
 def show_comparison(comparison: Comparison) -> None:
