@@ -357,6 +357,48 @@ def test_the_models_tab_shows_versions_compares_and_changes_them(api_url: str, p
     ]
 
 
+def test_a_registry_change_says_what_changed_and_empties_its_reason(api_url: str, portal: tuple[str, str, str]) -> None:
+    """The next change is not audited with the last one's reason; a refused change keeps it."""
+    admin = Api(api_url)
+    admin.login(portal[1], portal[2])
+    app = admin_app(api_url, portal)
+    app.selectbox(key="registry_model").set_value("sketch").run()
+    weights = {
+        v["version"]: v["weight"]
+        for v in admin.serving()
+        if v["name"] == "sketch" and v["enabled"] and v["channel"] in ("stable", "canary")
+    }
+    assert 2 in weights, weights
+    app.text_input(key="weights_reason_sketch").input("the same split")
+    next(b for b in app.button if b.proto.form_id == "weights_sketch").click().run()
+    assert app.error and not app.success  # refused: nothing would change
+    assert app.text_input(key="weights_reason_sketch").value == "the same split"
+    for before, after in ((weights[2], weights[2] + 5), (weights[2] + 5, weights[2])):  # and back as it was
+        app.number_input(key=f"weight_sketch_2_{before}").set_value(after)
+        app.text_input(key="weights_reason_sketch").input(f"sketch@2 to {after}")
+        next(b for b in app.button if b.proto.form_id == "weights_sketch").click().run()
+        assert not app.exception and not app.error, [e.value for e in app.error]
+        assert [s.value for s in app.success] == [f"Weights of sketch saved: @2 {before} → {after}."]
+        assert app.text_input(key="weights_reason_sketch").value == ""
+
+    for action, said in (
+        ("Put in shadow", "moved to the shadow channel"),
+        ("Make a canary", "moved to the canary channel"),
+    ):
+        app.selectbox(key="change_version_sketch").set_value(2)
+        app.selectbox(key="change_action_sketch").set_value(next(a for a in VERSION_ACTIONS if a.startswith(action)))
+        app.text_input(key="change_reason_sketch").input(f"{action.lower()} for a test")
+        next(b for b in app.button if b.proto.form_id == "version_sketch").click().run()
+        assert not app.exception and not app.error, [e.value for e in app.error]
+        assert [s.value for s in app.success] == [f"sketch@2 {said}."]
+        assert app.text_input(key="change_reason_sketch").value == ""
+
+    app.text_input(key="promote_reason_sketch").input("undo")
+    next(b for b in app.button if b.proto.form_id == "promote_sketch" and "Roll back" in b.label).click().run()
+    assert app.error and not app.success, [e.value for e in app.error]
+    assert app.text_input(key="promote_reason_sketch").value == "undo"
+
+
 def test_a_version_the_portal_did_not_train_says_so_once(api_url: str, portal: tuple[str, str, str]) -> None:
     """mobilenet_v2@2 (quantized from @1, never trained here) has no training record, a 404 by
     design: the page gives the API's reason, not "no longer exists", and does not ask again on
@@ -395,6 +437,8 @@ def test_the_training_tab_starts_follows_and_cancels_a_run(api_url: str, portal:
     assert not app.exception and not app.error, [e.value for e in app.error]
     table = next(d.value for d in app.dataframe if "epoch" in d.value.columns)
     latest = table.to_dict("records")[0]
+    assert [s.value for s in app.success] == [f"Run queued: {latest['version']}."]
+    assert app.text_input(key="train_reason").value == ""
     assert latest["status"] == "queued" and latest["epoch"] == "0 of 3" and latest["by"] == portal[1]
     admin = Api(api_url)
     admin.login(portal[1], portal[2])

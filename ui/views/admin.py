@@ -189,11 +189,12 @@ def _said(form: str) -> None:
         st.success(message)
 
 
-def _changed(message: str) -> None:
-    """After a change: the tables show the new state (the catalogue too)."""
+def _changed(form: str, message: str, reason: str) -> None:
+    """After a registry change: the tables show the new state (the catalogue too), ``message`` is
+    said at the form, and its ``reason`` field is empty, so that the next change is not audited
+    with this one's reason."""
     st.session_state.pop("models", None)
-    st.success(message)
-    st.rerun()
+    _rerun_saying(form, message, reason)
 
 
 def weights_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
@@ -220,7 +221,13 @@ def weights_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
             if not reason.strip():
                 st.error("Say why: the change is audited.")
             elif _done(api, lambda: api.set_weights(name, weights, reason)):
-                _changed("Weights saved.")
+                moved = ", ".join(
+                    f"@{v['version']} {v['weight']} → {weights[v['version']]}"
+                    for v in live
+                    if weights[v["version"]] != v["weight"]
+                )
+                _changed(f"weights_{name}", f"Weights of {name} saved: {moved}.", f"weights_reason_{name}")
+        _said(f"weights_{name}")
 
 
 def version_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
@@ -242,7 +249,15 @@ def version_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
                     enabled=cast(bool | None, VERSION_ACTIONS[action].get("enabled")),
                 ),
             ):
-                _changed(f"{name}@{version} changed.")
+                _changed(f"version_{name}", _version_change(name, version, action), f"change_reason_{name}")
+        _said(f"version_{name}")
+
+
+def _version_change(name: str, version: int, action: str) -> str:
+    change = VERSION_ACTIONS[action]
+    if "enabled" in change:
+        return f"{name}@{version} {'enabled' if change['enabled'] else 'disabled'}."
+    return f"{name}@{version} moved to the {change['channel']} channel."
 
 
 def promotion_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
@@ -261,12 +276,19 @@ def promotion_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
             if not reason.strip():
                 st.error("Say why: the change is audited.")
             elif _done(api, lambda: api.promote(name, int(version), reason, force)):
-                _changed(f"{name}@{version} is the stable version.")
+                _changed(
+                    f"promote_{name}", f"{name}@{version} promoted: it is the stable version.", f"promote_reason_{name}"
+                )
         if rollback.form_submit_button("Roll back the latest promotion"):
             if not reason.strip():
                 st.error("Say why: the change is audited.")
             elif _done(api, lambda: api.rollback(name, reason)):
-                _changed("Rolled back.")
+                _changed(
+                    f"promote_{name}",
+                    f"Rolled back the latest promotion of {name}: the version stable before it is back.",
+                    f"promote_reason_{name}",
+                )
+        _said(f"promote_{name}")
 
 
 def _done(api: Api, action: Callable[[], None]) -> bool:
@@ -462,10 +484,12 @@ def training_tab(api: Api) -> None:
             if not reason.strip():
                 st.error("Say why: the run is audited.")
             elif (started := guarded(api, lambda: api.start_training(model, options, reason))) is not None:
-                st.success(f"Run queued: {started['model_name']}@{started['version']}.")
                 # The picker would otherwise keep the run it showed before, over the new one.
                 st.session_state.pop("train_pick", None)
-                st.rerun()
+                _rerun_saying(
+                    "start_training", f"Run queued: {started['model_name']}@{started['version']}.", "train_reason"
+                )
+        _said("start_training")
     unfinished = any(r["status"] in UNFINISHED_RUN for r in runs)
     # Redrawn on its own every two seconds while a run is queued or running, and not at all otherwise.
     st.fragment(training_runs_section, run_every=2 if unfinished else None)(api, unfinished)
