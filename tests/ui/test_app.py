@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import time
@@ -489,6 +490,56 @@ def test_a_failed_cancel_stays_said_while_the_run_redraws_and_cancel_is_still_of
     assert not app.exception, app.exception
     assert [e.value for e in app.error] == ["The portal is not answering."]
     assert any((b.key or "").startswith("cancel_") for b in app.button)
+
+
+def _drift_page() -> None:
+    from ui.views.admin import drift_section
+
+    def bins(*labels: str) -> list[dict[str, object]]:
+        return [{"label": label, "reference": 0.2, "window": 0.2} for label in labels]
+
+    signals = [
+        {
+            "signal": "aspect_ratio",
+            "psi": 0.01,
+            "status": "stable",
+            "bins": bins("< 0.079", "0.079 to 0.337", "> 0.712"),
+        },
+        {"signal": "file_size", "psi": 0.3, "status": "drift", "bins": bins("< 9", "9 to 10", "10 to 80", "> 80")},
+    ]
+
+    class Drifted:
+        def drift(self) -> dict[str, object]:
+            version = {"model": "sketch", "version": 3, "signals": signals}
+            sizes = {"reference_size": 500, "window_size": 500, "watch_threshold": 0.1, "alert_threshold": 0.25}
+            return {**sizes, "versions": [version]}
+
+    drift_section(Drifted())  # type: ignore[arg-type]
+
+
+def drawn_order(chart: Any) -> list[str]:
+    """The x-axis categories of a Vega-Lite chart in the order drawn: its explicit sort, the data's
+    order for a null sort, ascending (Vega-Lite's default) without one."""
+    from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+
+    x = json.loads(chart.proto.spec)["encoding"]["x"]
+    seen = list(dict.fromkeys(convert_arrow_bytes_to_pandas_df(chart.proto.datasets[0].data.data)[x["field"]]))
+    if "sort" not in x:
+        return sorted(seen)
+    return seen if x["sort"] is None else list(x["sort"])
+
+
+def test_drift_bins_are_drawn_lowest_first_under_plain_names() -> None:
+    app = AppTest.from_function(_drift_page).run()
+    assert not app.exception, app.exception
+    (table,) = [d.value for d in app.dataframe]
+    assert list(table.columns) == ["Model version", "Signal", "PSI", "Status"]
+    assert list(table["Signal"]) == ["aspect ratio", "file size"]
+    (chart,) = app.get("vega_lite_chart")
+    assert drawn_order(chart) == ["< 0.079", "0.079 to 0.337", "> 0.712"]
+    app.selectbox(key="drift-signal").set_value("file_size").run()
+    assert app.selectbox(key="drift-signal").options == ["aspect ratio", "file size"]
+    assert drawn_order(app.get("vega_lite_chart")[0]) == ["< 9", "9 to 10", "10 to 80", "> 80"]
 
 
 def _running_export_page() -> None:

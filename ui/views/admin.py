@@ -76,10 +76,10 @@ def drift_section(api: Api) -> None:
         pd.DataFrame(
             [
                 {
-                    "version": f"{v['model']}@{v['version']}",
-                    "signal": s["signal"],
+                    "Model version": f"{v['model']}@{v['version']}",
+                    "Signal": _signal_name(s["signal"]),
                     "PSI": round(s["psi"], 3),
-                    "status": s["status"],
+                    "Status": s["status"],
                 }
                 for v in report["versions"]
                 for s in v["signals"]
@@ -90,9 +90,18 @@ def drift_section(api: Api) -> None:
     versions = {f"{v['model']}@{v['version']}": v for v in report["versions"]}
     chosen = versions[st.selectbox("Version", list(versions), key="drift-version")]
     signals = {s["signal"]: s for s in chosen["signals"]}
-    signal = signals[st.selectbox("Signal", list(signals), key="drift-signal")]
+    signal = signals[st.selectbox("Signal", list(signals), format_func=_signal_name, key="drift-signal")]
     frame = pd.DataFrame(signal["bins"]).set_index("label")[["reference", "window"]]
-    st.bar_chart(frame, stack=False)
+    # The API gives the bins lowest first: drawn in that order, not in the alphabetical order of their labels.
+    st.bar_chart(frame, stack=False, sort=False)
+
+
+SIGNAL_NAMES = {"top1_score": "top-1 score"}
+"""Drift signals whose name does not read well with its underscores made spaces."""
+
+
+def _signal_name(signal: str) -> str:
+    return SIGNAL_NAMES.get(signal, signal.replace("_", " "))
 
 
 def status_tab(api: Api, stats: Stats | None) -> None:
