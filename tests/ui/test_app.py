@@ -444,11 +444,18 @@ def test_the_training_tab_starts_follows_and_cancels_a_run(api_url: str, portal:
     admin = Api(api_url)
     admin.login(portal[1], portal[2])
     assert admin.training_runs()[0]["options"]["per_category"] == 200
+    picker = app.selectbox(key="train_pick")
+    held = picker.options[picker.index or 0]  # the label the browser holds
+    assert held == f"{latest['version']} (queued)"
     cancel = next(b for b in app.button if (b.key or "").startswith("cancel_"))
     cancel.click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     table = next(d.value for d in app.dataframe if "epoch" in d.value.columns)
     assert table.to_dict("records")[0]["status"] == "cancelled"
+    # The browser shows the new label only when the page sets the selection again.
+    picker = app.selectbox(key="train_pick")
+    assert (picker.proto.raw_value if picker.proto.set_value else held) == f"{latest['version']} (cancelled)"
+    assert "Cancelled: epoch 0 of 3 (cancelled before it started)." in [c.value for c in app.caption]
 
 
 def _running_run_page(cancel_requested_at: str | None, cancel_fails: bool = False) -> None:
@@ -480,6 +487,15 @@ def test_a_running_run_offers_cancel_until_a_cancel_was_asked_for(asked: str | N
     offered = any((b.key or "").startswith("cancel_") for b in app.button)
     said = any("Cancel requested" in c.value for c in app.caption)
     assert (offered, said) == ((True, False) if asked is None else (False, True))
+
+
+def test_a_run_of_one_epoch_says_its_numbers_where_a_chart_would_be_empty() -> None:
+    app = AppTest.from_function(_running_run_page, kwargs={"cancel_requested_at": None}).run()
+    assert not app.exception, app.exception
+    assert not app.get("vega_lite_chart")
+    assert "Epoch 1: loss 1.000, validation loss 1.100, accuracy 50.0%, validation accuracy 40.0%" in [
+        c.value for c in app.caption
+    ]
 
 
 def test_a_failed_cancel_stays_said_while_the_run_redraws_and_cancel_is_still_offered() -> None:

@@ -494,6 +494,7 @@ def training_tab(api: Api) -> None:
                 st.error("Say why: the run is audited.")
             elif (started := guarded(api, lambda: api.start_training(model, options, reason))) is not None:
                 # The picker would otherwise keep the run it showed before, over the new one.
+                st.session_state["train_chosen"] = started["id"]
                 st.session_state.pop("train_pick", None)
                 _rerun_saying(
                     "start_training", f"Run queued: {started['model_name']}@{started['version']}.", "train_reason"
@@ -536,15 +537,16 @@ def training_runs_section(api: Api, refreshing: bool) -> None:
         ),
         hide_index=True,
     )
-    by_id = {r["id"]: r for r in runs}
-    # Picked by id: the label shows the status, which changes while the page redraws itself.
-    chosen = st.selectbox(
-        "Run",
-        list(by_id),
-        format_func=lambda i: f"{by_id[i]['model_name']}@{by_id[i]['version']} ({by_id[i]['status']})",
-        key="train_pick",
-    )
-    show_run(api, by_id[chosen])
+    # The labels are the options, with the status: a browser shows the label it holds until the
+    # selection is set again, which Streamlit does when that label is no longer offered. The run
+    # picked is kept by id, so that it stays picked when its label changes.
+    labels = {f"{r['model_name']}@{r['version']} ({r['status']})": r for r in runs}
+    ids = [r["id"] for r in runs]
+    chosen_id = st.session_state.get("train_chosen")
+    index = ids.index(chosen_id) if chosen_id in ids else 0
+    run = labels[st.selectbox("Run", list(labels), index=index, key="train_pick")]
+    st.session_state["train_chosen"] = run["id"]
+    show_run(api, run)
 
 
 def show_run(api: Api, run: TrainingRun) -> None:
@@ -560,6 +562,9 @@ def show_run(api: Api, run: TrainingRun) -> None:
                 st.rerun()
         elif message := st.session_state.get(failure):
             st.error(message)  # a failed cancel stays said while the list redraws itself
+    else:
+        why = f" ({run['error']})" if run["error"] else ""
+        st.caption(f"{run['status'].capitalize()}: epoch {run['epoch']} of {epochs}{why}.")
     show_curves(run["history"])
     if run["promotion"]:
         st.caption(f"Auto-promote rule: {run['promotion']}")
@@ -574,7 +579,11 @@ def record_history(record: dict[str, Any]) -> list[dict[str, float]]:
 
 def show_curves(history: list[dict[str, float]]) -> None:
     """Loss and accuracy per epoch, on the training and the validation data."""
-    if not history:
+    if len(history) < 2:
+        # A line needs two points: one epoch's numbers are said, where a chart would be empty.
+        for h in history:
+            numbers = ", ".join(f"{said} {_curve_value(c, h[c])}" for c, said in CURVES.items() if c in h)
+            st.caption(f"Epoch {int(h['epoch'])}: {numbers}")
         return
     frame = pd.DataFrame(history).set_index("epoch")
     left, right = st.columns(2)
@@ -582,6 +591,13 @@ def show_curves(history: list[dict[str, float]]) -> None:
     left.line_chart(frame[[c for c in ("loss", "val_loss") if c in frame]])
     right.caption("Accuracy")
     right.line_chart(frame[[c for c in ("accuracy", "val_accuracy") if c in frame]])
+
+
+CURVES = {"loss": "loss", "val_loss": "validation loss", "accuracy": "accuracy", "val_accuracy": "validation accuracy"}
+
+
+def _curve_value(curve: str, value: float) -> str:
+    return _percent(value) if curve.endswith("accuracy") else f"{value:.3f}"
 
 
 def show_record(record: dict[str, Any], *, key: str) -> None:
