@@ -396,10 +396,12 @@ class TrainingRecord(TypedDict):
 
 
 class Readiness(TypedDict):
-    """``status`` is "ok" or "fail"; ``checks`` maps postgresql, redis and workers to their result."""
+    """``status`` is "ok" or "fail"; ``checks`` maps postgresql, redis and workers to their result;
+    ``warnings`` names what runs but hurts (autovacuum off, a Redis that may evict keys)."""
 
     status: str
     checks: dict[str, dict[str, Any]]
+    warnings: list[str]
 
 
 class ApiKey(TypedDict):
@@ -837,4 +839,4 @@ class Api:
         try:
             return _typed(_READINESS, httpx.get(self.base_url + "/health/ready", timeout=5).json())
         except (httpx.HTTPError, ValueError, ApiError):
-            return {"status": "fail", "checks": {}}
+            return {"status": "fail", "checks": {}, "warnings": []}

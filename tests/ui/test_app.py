@@ -558,6 +558,28 @@ def test_drift_bins_are_drawn_lowest_first_under_plain_names() -> None:
     assert drawn_order(app.get("vega_lite_chart")[0]) == ["< 9", "9 to 10", "10 to 80", "> 80"]
 
 
+def _status_page(warnings: list[str]) -> None:
+    from ui.views.admin import status_tab
+
+    class Warned:
+        def readiness(self) -> dict[str, object]:
+            return {"status": "ok", "checks": {}, "warnings": warnings}
+
+        def models(self) -> list[object]:
+            return []
+
+    status_tab(Warned(), None)  # type: ignore[arg-type]
+
+
+def test_the_readiness_warnings_are_listed_under_the_status(api_url: str) -> None:
+    # The client keeps them (the suite's PostgreSQL may have autovacuum off, or not).
+    assert Api(api_url).readiness()["warnings"] == httpx.get(f"{api_url}/health/ready").json()["warnings"]
+    said = ["autovacuum is off: dead rows and stale planner statistics will slow the portal down"]
+    app = AppTest.from_function(_status_page, kwargs={"warnings": said}).run()
+    assert not app.exception, app.exception
+    assert [m.value for m in app.metric] == ["ready"] and [w.value for w in app.warning] == said
+
+
 def _running_export_page() -> None:
     from ui.client import ApiError
     from ui.views.admin import show_export

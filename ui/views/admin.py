@@ -108,6 +108,8 @@ def status_tab(api: Api, stats: Stats | None) -> None:
     """Readiness, live workers, queue depths, and which model versions are served."""
     ready = api.readiness()
     st.metric("Portal", "ready" if ready["status"] == "ok" else "not ready")
+    for warning in ready["warnings"]:
+        st.warning(warning)
     if stats:
         # One worker process serves several versions: the processes alive, then per version.
         st.metric("Worker processes alive", stats["live_workers"])
