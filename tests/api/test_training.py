@@ -166,6 +166,8 @@ async def test_verdicts_retrain_a_candidate_that_is_compared_before_promotion(
     assert len(base["record"]["history"]) == base["record"]["epochs"] and "confusion_matrix" in base["record"]
     r = await client.get("/v1/admin/registry/models/birds/versions/1/training", headers=admin)
     assert r.status_code == 404 and "not trained by this portal" in r.json()["detail"], r.text
+    r = await client.get("/v1/admin/registry/models/mobilenet_v2/versions/2/training", headers=admin)
+    assert r.status_code == 404 and "mobilenet_v2@1 quantized to INT8" in r.json()["detail"], r.text
 
     # The auto-promote rule compares the served candidate with the stable version and decides.
     async def decided() -> bool:

@@ -203,6 +203,12 @@ async def training_record(
         raise HTTPException(status_code=404, detail=f"No version {name}@{version}.")
     if run is not None and run.status in UNFINISHED:
         raise HTTPException(status_code=404, detail=f"{name}@{version}'s training run is {run.status}: no record yet.")
+    if source := row.spec.get("quantized_from"):
+        raise HTTPException(
+            status_code=404,
+            detail=f"No training record for {name}@{version}: it is {source} quantized to INT8 by model.prepare, "
+            f"not trained (see {source}'s record).",
+        )
     folder = training.record_folder(str(row.spec.get("file") or ""))
     text = await redis.hget(training.RECORDS_KEY, folder) if folder else None
     if text is None:
