@@ -19,6 +19,7 @@ import yaml
 from fastapi import HTTPException
 from PIL import Image, ImageDraw
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
 from api.app.core.db import make_engine, make_sessionmaker
@@ -370,6 +371,20 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
     assert sorted(a.json()["version"] for a in answers) == [4, 5, 6]
 
 
+async def enable(session: AsyncSession, enabled: bool, *, available: set[str]) -> service.Changed:
+    """Enables or disables sketch@3, as an admin would."""
+    return await service.set_channel(
+        session=session,
+        actor=service.Actor(None, "admin@example.com"),
+        name="sketch",
+        version=3,
+        channel=None,
+        enabled=enabled,
+        reason="x",
+        available=available,
+    )
+
+
 async def test_a_disabled_version_gets_no_traffic_back_before_a_worker_loads_it(own_stack: Stack) -> None:
     """Workers let a disabled version go: a rollback, or enabling it again, that gave it traffic at
     once would send its requests to no worker (422 "unavailable" when it is the stable version)."""
@@ -381,16 +396,7 @@ async def test_a_disabled_version_gets_no_traffic_back_before_a_worker_loads_it(
         await service.set_weights(
             session=session, actor=admin, name="sketch", weights={3: 10}, reason="x", available={"sketch@3"}
         )
-        changed = await service.set_channel(
-            session=session,
-            actor=admin,
-            name="sketch",
-            version=3,
-            channel=None,
-            enabled=False,
-            reason="x",
-            available=set(),
-        )
+        changed = await enable(session, False, available=set())
         assert {r.version: (r.enabled, r.weight) for r in changed.versions}[3] == (False, 0)
         # The rollback would make sketch@3 stable again with all the traffic: refused while disabled.
         with pytest.raises(HTTPException) as refused:
@@ -403,28 +409,10 @@ async def test_a_disabled_version_gets_no_traffic_back_before_a_worker_loads_it(
         )
         await session.commit()
         with pytest.raises(HTTPException) as refused:
-            await service.set_channel(
-                session=session,
-                actor=admin,
-                name="sketch",
-                version=3,
-                channel=None,
-                enabled=True,
-                reason="x",
-                available={"sketch@2"},
-            )
+            await enable(session, True, available={"sketch@2"})
         assert refused.value.status_code == 409 and "no live worker has it loaded" in refused.value.detail
         await session.rollback()
-        changed = await service.set_channel(
-            session=session,
-            actor=admin,
-            name="sketch",
-            version=3,
-            channel=None,
-            enabled=True,
-            reason="x",
-            available={"sketch@2", "sketch@3"},
-        )
+        changed = await enable(session, True, available={"sketch@2", "sketch@3"})
         assert {r.version: (r.enabled, r.weight) for r in changed.versions}[3] == (True, 10)
 
 

@@ -20,7 +20,7 @@ from contracts.api_keys import Scope
 from tests.conftest import PASSWORD
 from tests.images import encode, split_colour
 from tests.support import PHOTOS, ROOT, start_explainer
-from ui.client import Api, User
+from ui.client import Api, Batch, User
 from ui.config import get_ui_settings
 from ui.results import plain
 from ui.session import CATALOG_SECONDS
@@ -922,16 +922,16 @@ def test_admins_read_the_comments_people_left(api_url: str, portal: tuple[str, s
     assert (row["Verdict"], row["Right label"]) == ("wrong", "lorikeet") and row["Who"].startswith("ui-")
 
 
-def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, portal: tuple[str, str, str]) -> None:
-    import time
-
-    from tests.api.test_batches import noise_png, zipped
+def finished_batch_page(
+    api_url: str, portal: tuple[str, str, str], entries: dict[str, bytes]
+) -> tuple[Api, Batch, AppTest]:
+    """A new user's batch of ``entries`` (one zip) by mobilenet_v2@1, once finished, and the batch
+    page showing it."""
+    from tests.api.test_batches import zipped
 
     api = Api(api_url)
     api.login(*new_user(api_url, portal))
-    batch = api.create_batch(
-        [("set.zip", zipped({f"{i}.png": noise_png(500 + i) for i in range(5)}))], ["mobilenet_v2@1"]
-    )["batch"]
+    batch = api.create_batch([("set.zip", zipped(entries))], ["mobilenet_v2@1"])["batch"]
     deadline = time.monotonic() + 120
     while api.batch(batch["id"])["status"] != "done":
         assert time.monotonic() < deadline
@@ -943,6 +943,13 @@ def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, por
     )
     app = AppTest.from_string(script, default_timeout=60).run()
     assert not app.exception and not app.error, [e.value for e in app.error]
+    return api, batch, app
+
+
+def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, portal: tuple[str, str, str]) -> None:
+    from tests.api.test_batches import noise_png
+
+    api, batch, app = finished_batch_page(api_url, portal, {f"{i}.png": noise_png(500 + i) for i in range(5)})
     bars = [bar.proto.text for bar in app.get("progress")]
     assert bars == ["5 of 5 images done · finished"], bars
     csv_text = app.session_state[f"batch_csv_{batch['id']}"].decode()
@@ -964,24 +971,11 @@ def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, por
 
 
 def test_the_batch_page_lists_the_skipped_files_and_why(api_url: str, portal: tuple[str, str, str]) -> None:
-    from tests.api.test_batches import noise_png, zipped
+    from tests.api.test_batches import noise_png
 
-    api = Api(api_url)
-    api.login(*new_user(api_url, portal))
     half = (PHOTOS.parent / "bad_uploads" / "truncated_half.webp").read_bytes()
     entries = {"0.png": noise_png(600), "notes.txt": b"no image", "half.webp": half, "1.png": noise_png(601)}
-    batch = api.create_batch([("set.zip", zipped(entries))], ["mobilenet_v2@1"])["batch"]
-    deadline = time.monotonic() + 120
-    while api.batch(batch["id"])["status"] != "done":
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    script = (
-        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.batch import batch_page\n"
-        f"st.session_state['batch_id'] = {batch['id']!r}\n"
-        f"batch_page(Api({api_url!r}, {api.token!r}))\n"
-    )
-    app = AppTest.from_string(script, default_timeout=60).run()
-    assert not app.exception and not app.error, [e.value for e in app.error]
+    api, batch, app = finished_batch_page(api_url, portal, entries)
     assert [w.value for w in app.warning] == ["2 files skipped (not images, or unreadable):"]
     shown = next(d.value for d in app.dataframe if "Why" in d.value.columns)
     said = [(r["file_name"], r["error"]) for r in api.batch_results(batch["id"])["data"] if r["status"] == "skipped"]
