@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pandas as pd
 import streamlit as st
@@ -539,16 +539,24 @@ def training_runs_section(api: Api, refreshing: bool) -> None:
         ),
         hide_index=True,
     )
-    # The labels are the options, with the status: a browser shows the label it holds until the
-    # selection is set again, which Streamlit does when that label is no longer offered. The run
-    # picked is kept by id, so that it stays picked when its label changes.
-    labels = {f"{r['model_name']}@{r['version']} ({r['status']})": r for r in runs}
-    ids = [r["id"] for r in runs]
-    chosen_id = st.session_state.get("train_chosen")
-    index = ids.index(chosen_id) if chosen_id in ids else 0
-    run = labels[st.selectbox("Run", list(labels), index=index, key="train_pick")]
-    st.session_state["train_chosen"] = run["id"]
+    run = picked("Run", {f"{r['model_name']}@{r['version']} ({r['status']})": r for r in runs}, key="train")
     show_run(api, run)
+
+
+Picked = TypeVar("Picked", TrainingRun, Export)
+
+
+def picked(title: str, labelled: dict[str, Picked], *, key: str) -> Picked:
+    """A picker of ``labelled`` (label: item, each with an ``id``) whose choice is kept by id in
+    ``<key>_chosen``: it stays picked when its label changes (a status moving on), and the label,
+    being the option, is then shown anew (a browser keeps the label it holds until the selection
+    is set again, which Streamlit does once that label is no longer offered)."""
+    ids = [item["id"] for item in labelled.values()]
+    chosen_id = st.session_state.get(f"{key}_chosen")
+    index = ids.index(chosen_id) if chosen_id in ids else 0
+    item = labelled[st.selectbox(title, list(labelled), index=index, key=f"{key}_pick")]
+    st.session_state[f"{key}_chosen"] = item["id"]
+    return item
 
 
 def show_run(api: Api, run: TrainingRun) -> None:
@@ -792,12 +800,7 @@ def exports_section(api: Api, refreshing: bool) -> None:
         f"{readable_time(e['created_at'])}: {e['model'] or 'every model'} ({e['status']}) · {e['id'][:8]}": e
         for e in exports
     }
-    ids = [e["id"] for e in exports]
-    chosen_id = st.session_state.get("export_chosen")
-    index = ids.index(chosen_id) if chosen_id in ids else 0
-    export = labels[st.selectbox("Export", list(labels), index=index, key="export_pick")]
-    st.session_state["export_chosen"] = export["id"]
-    show_export(api, export)
+    show_export(api, picked("Export", labels, key="export"))
 
 
 def show_export(api: Api, export: Export) -> None:
