@@ -41,6 +41,7 @@ def admins_only(api: Api) -> None:
 
 
 def admin_page(api: Api) -> None:
+    _empty_fields()
     st.title("Administration")
     # Every tab runs on every rerun: the stats two of them show are fetched once.
     stats = guarded(api, api.stats)
@@ -184,14 +185,25 @@ def models_tab(api: Api) -> None:
     training_record_section(api, name, mine)
 
 
-def _rerun_saying(form: str, message: str, *cleared: str) -> None:
+def _rerun_saying(form: str, message: str, cleared: dict[str, object] | None = None) -> None:
     """After a change made from ``form``: the page again, which reads the new state, with the
-    fields named in ``cleared`` empty and ``message`` said at the form (st.rerun drops what this
-    run showed)."""
+    fields keyed in ``cleared`` set to their empty values (``_empty_fields``) and ``message``
+    said at the form (st.rerun drops what this run showed)."""
     st.session_state[f"said_{form}"] = message
-    for key in cleared:
-        st.session_state.pop(key, None)
+    st.session_state[EMPTIED] = {**st.session_state.get(EMPTIED, {}), **(cleared or {})}
     st.rerun()
+
+
+EMPTIED = "admin_fields_to_empty"
+"""Fields a change emptied, by key, with their empty values, set at the next run's start."""
+
+
+def _empty_fields() -> None:
+    """Sets the fields a change asked to empty, before any is drawn: the one moment Streamlit lets
+    a widget's value be set, and sends it to the browser. Removing the key instead would leave the
+    browser's copy, sent back with the next submit (a change audited with the last one's reason)."""
+    for key, value in st.session_state.pop(EMPTIED, {}).items():
+        st.session_state[key] = value
 
 
 def _said(form: str) -> None:
@@ -205,7 +217,7 @@ def _changed(form: str, message: str, reason: str) -> None:
     said at the form, and its ``reason`` field is empty, so that the next change is not audited
     with this one's reason."""
     st.session_state.pop("models", None)
-    _rerun_saying(form, message, reason)
+    _rerun_saying(form, message, {reason: ""})
 
 
 def weights_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
@@ -499,7 +511,7 @@ def training_tab(api: Api) -> None:
                 st.session_state["train_chosen"] = started["id"]
                 st.session_state.pop("train_pick", None)
                 _rerun_saying(
-                    "start_training", f"Run queued: {started['model_name']}@{started['version']}.", "train_reason"
+                    "start_training", f"Run queued: {started['model_name']}@{started['version']}.", {"train_reason": ""}
                 )
         _said("start_training")
     unfinished = any(r["status"] in UNFINISHED_RUN for r in runs)
@@ -659,7 +671,9 @@ def users_tab(api: Api) -> None:
         if submitted and (created := guarded(api, lambda: api.create_user(email, password, name, role))) is not None:
             # Read again, the table and the list below show the new user; the form starts empty.
             _rerun_saying(
-                "create_user", f"Created {created['email']}.", "new_email", "new_name", "new_password", "new_role"
+                "create_user",
+                f"Created {created['email']}.",
+                {"new_email": "", "new_name": "", "new_password": "", "new_role": ROLES[0]},
             )
         _said("create_user")
     st.subheader("Change a user")
