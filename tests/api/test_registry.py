@@ -398,6 +398,13 @@ async def test_a_disabled_version_gets_no_traffic_back_before_a_worker_loads_it(
         )
         changed = await enable(session, False, available=set())
         assert {r.version: (r.enabled, r.weight) for r in changed.versions}[3] == (False, 0)
+        # Nor is it given traffic while its workers, told a moment ago, may still have it loaded.
+        with pytest.raises(HTTPException) as refused:
+            await service.set_weights(
+                session=session, actor=admin, name="sketch", weights={3: 10}, reason="x", available={"sketch@3"}
+            )
+        assert refused.value.status_code == 409 and "is disabled" in refused.value.detail
+        await session.rollback()
         # The rollback would make sketch@3 stable again with all the traffic: refused while disabled.
         with pytest.raises(HTTPException) as refused:
             await service.rollback(session=session, actor=admin, name="sketch", reason="x", available={"sketch@2"})

@@ -391,8 +391,8 @@ async def set_weights(
     ``{1: 90, 2: 10}`` sends about one request in ten to version 2.
 
     Raises 404 for an unknown model or version, 422 for a negative weight or a weight on a
-    retired or shadow version, 409 when a version would get traffic before a worker has it
-    loaded, or when no enabled stable version would keep traffic.
+    retired or shadow version, 409 for a weight on a disabled version, when a version would get
+    traffic before a worker has it loaded, or when no enabled stable version would keep traffic.
     """
     rows = await _lock_model(session, name)
     before = _states(rows)
@@ -403,6 +403,11 @@ async def set_weights(
         if weight > 0 and row.channel in ("retired", "shadow"):
             raise HTTPException(
                 status_code=422, detail=f"{name}@{version} is {row.channel}: it takes no traffic of its own."
+            )
+        if weight > 0 and not row.enabled:
+            # Its workers are letting it go, or have: loaded a moment ago is no promise.
+            raise _conflict(
+                f"{name}@{version} is disabled: enable it, then give it traffic once a worker has it loaded."
             )
         if weight > 0 and row.weight == 0:
             _require_loaded(row, available, "get traffic")
