@@ -86,8 +86,9 @@ def remove_abandoned_staging(root: Path) -> list[Path]:
     one whose lock is held is being written and stays, and one without a lock file, a symbolic
     link or a file was not made by a maker and is left alone. A maker stopped by a signal removes
     its own: this is for SIGKILL, the OOM killer and a lost host, whose versions are never
-    numbered again and would keep it for good. A folder that cannot be checked or removed is
-    logged and left; the others are still swept."""
+    numbered again and would keep it for good (with its lock file and version folder, removed too
+    where the model file was never made: ``remove_unmade``). A folder that cannot be checked or
+    removed is logged and left; the others are still swept."""
     removed: list[Path] = []
     for staging in sorted(root.glob("**/.*.partial")):
         name = staging.name[1 : -len(".partial")]
@@ -99,6 +100,8 @@ def remove_abandoned_staging(root: Path) -> list[Path]:
                 if held:
                     shutil.rmtree(staging)
                     removed.append(staging)
+                    if not staging.with_name(name).exists():
+                        remove_unmade(staging.with_name(name))
         except OSError as exc:
             log.warning("%s not removed: %s", staging, exc)
     return removed

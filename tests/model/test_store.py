@@ -145,7 +145,8 @@ def test_staging_left_by_a_killed_maker_is_removed_and_one_being_written_stays(t
         removed = remove_abandoned_staging(tmp_path)
         assert writing.is_dir()
     assert sorted(removed) == sorted([abandoned, quantized])
-    assert not abandoned.exists() and not quantized.exists()
+    # Their versions' folders go too, with their lock files: nothing else is in them.
+    assert not abandoned.parent.exists() and not quantized.parent.exists()
     assert (tmp_path / "sketch" / "v6" / ".notes.partial").is_file()
     assert (elsewhere / "kept").is_file() and (tmp_path / "sketch" / "v6" / ".link.partial").is_symlink()
     assert all(folder.is_dir() for folder in odd)
