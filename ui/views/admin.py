@@ -585,8 +585,11 @@ def show_run(api: Api, run: TrainingRun) -> None:
         elif message := st.session_state.get(failure):
             st.error(message)  # a failed cancel stays said while the list redraws itself
     else:
-        why = f" ({run['error']})" if run["error"] else ""
-        st.caption(f"{run['status'].capitalize()}: epoch {run['epoch']} of {epochs}{why}.")
+        if run["status"] == "cancelled" and run["error"]:
+            st.caption(f"Cancelled: {run['error'].removeprefix('cancelled ')}.")  # it names the epoch itself
+        else:
+            why = f" ({run['error']})" if run["error"] else ""
+            st.caption(f"{run['status'].capitalize()}: epoch {run['epoch']} of {epochs}{why}.")
     show_curves(run["history"])
     if run["promotion"]:
         st.caption(f"Auto-promote rule: {run['promotion']}")

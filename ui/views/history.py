@@ -64,8 +64,13 @@ def history_page(api: Api) -> None:
         batches_section(api)
     total = int(st.session_state.get("history_total", 0))
     if not listing["data"]:
-        if first:
+        if first and with_batches:
             st.info("Nothing here yet: classify a photo or draw a sketch.")
+        elif first:
+            st.info(
+                "Nothing here yet: classify a photo or draw a sketch "
+                "(the files of your batches show with “Include the files of my batches”)."
+            )
         else:
             st.info("No older uploads.")
         navigation(at, None)
@@ -82,7 +87,7 @@ def history_page(api: Api) -> None:
     for job in jobs:
         jobs_of.setdefault(job["image_id"], []).append(job)
     pages = max(1, -(-total // PAGE_SIZE), at + 1)
-    st.caption(f"Page {at + 1} of {pages} · {total} uploads")
+    st.caption(f"Page {at + 1} of {pages} · {total} {'images' if with_batches else 'uploads'}")
     for image in listing["data"]:
         upload_row(api, image, jobs_of.get(image["id"], []), feedback)
         st.divider()
