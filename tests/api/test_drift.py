@@ -187,3 +187,22 @@ async def test_a_refresh_waits_for_another_longer_than_the_command_timeout(own_s
             assert await asyncio.wait_for(refresh, 5) == 0
     finally:
         await engine.dispose()
+
+
+async def test_a_refresh_gives_up_on_a_refresh_that_never_ends(
+    own_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never a hang: past REFRESH_LOCK_WAIT_SECONDS of waiting for another refresh, 409 with Retry-After."""
+    monkeypatch.setattr(service, "REFRESH_LOCK_WAIT_SECONDS", 1.0)
+    lock = text("SELECT pg_advisory_xact_lock(hashtextextended('drift-refresh', 0))")
+    async with own_stack.app.state.sessionmaker() as holder:
+        await holder.execute(lock)
+        admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+        r = await asyncio.wait_for(
+            own_stack.client.get("/v1/admin/drift", params={"refresh": True}, headers=admin), timeout=10
+        )
+        assert r.status_code == 409 and r.headers["retry-after"] == "30", r.text
+        assert "Another drift refresh" in r.json()["detail"]
+        await holder.rollback()
+    r = await own_stack.client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+    assert r.status_code == 200, r.text

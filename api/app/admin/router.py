@@ -9,7 +9,7 @@ from starlette.background import BackgroundTask
 
 from api.app.admin.schemas import Stats
 from api.app.core.fields import INT32_MAX, Text
-from api.app.core.responses import ADMIN, INVALID, NOT_FOUND, Responses
+from api.app.core.responses import ADMIN, INVALID, NOT_FOUND, RETRY_AFTER, Responses, error
 from api.app.deps import (
     AdminUser,
     DriftRefreshLockDep,
@@ -89,7 +89,12 @@ async def feedback_export(
     )
 
 
-@router.get("/drift", response_model=DriftReport, responses={**ADMIN, **INVALID})
+REFRESH_BUSY: Responses = {
+    409: error("With refresh=true: another drift refresh has held the lock for over 60 s", headers=RETRY_AFTER)
+}
+
+
+@router.get("/drift", response_model=DriftReport, responses={**ADMIN, **INVALID, **REFRESH_BUSY})
 async def drift(
     _: AdminUser,
     session: ReadSessionDep,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from itertools import pairwise
 from typing import Any
 
 import numpy as np
+from fastapi import HTTPException
 from sqlalchemy import and_, delete, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -334,17 +336,28 @@ async def refresh(
 
 
 REFRESH_LOCK_POLL_SECONDS = 0.2
+REFRESH_LOCK_WAIT_SECONDS = 60.0
+"""The longest a refresh waits for another one (about 1 s at the default window sizes)."""
 
 
 async def _take_refresh_lock(session: AsyncSession) -> None:
     """Waits for the refresh lock, held until ``session`` commits. Asked for again every
     REFRESH_LOCK_POLL_SECONDS rather than waited for in one statement: a wait longer than the
-    driver's command timeout (``core.db.make_engine``) would read as the database being down."""
+    driver's command timeout (``core.db.make_engine``) would read as the database being down.
+    Raises 409 with Retry-After when another refresh holds it past REFRESH_LOCK_WAIT_SECONDS."""
     query = text("SELECT pg_try_advisory_xact_lock(hashtextextended('drift-refresh', 0))")
+    give_up = time.monotonic() + REFRESH_LOCK_WAIT_SECONDS
     # Polled: the holder is another process's transaction, which nothing here can be told about.
     while True:
         if (await session.execute(query)).scalar_one():
             return
+        if time.monotonic() >= give_up:
+            raise HTTPException(
+                status_code=409,
+                detail=f"Another drift refresh has run for over {REFRESH_LOCK_WAIT_SECONDS:g} s; "
+                "read the indices without refresh, or retry later.",
+                headers={"Retry-After": "30"},
+            )
         await asyncio.sleep(REFRESH_LOCK_POLL_SECONDS)
 
 
