@@ -276,6 +276,31 @@ def test_the_change_user_form_shows_the_real_role(
     shot(browser, "11-change-user")
 
 
+def test_a_user_created_on_the_admin_page_empties_the_form_in_the_browser(
+    browser: WebDriver, ui_url: str, portal: tuple[str, str, str]
+) -> None:
+    """The fields are emptied where the person sees them: a browser keeps what a field holds unless
+    the page sets it, and sends it back with the next submit."""
+    log_in(browser, ui_url, portal)
+    browser.get(f"{ui_url}/admin")
+    tab = (By.XPATH, "//*[@role='tab'][.//p[normalize-space()='Users']]")
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(tab)).click()
+    text_appears(browser, "Create a user")
+    scroll_to(browser, "Create a user")
+    form = "//div[@data-testid='stForm'][.//button[normalize-space()='Create']]"
+    email = f"carol-{int(time.time() * 1000)}@example.com"
+    for label, value in (("Email", email), ("Name", "Carol"), ("Password", "a-long-password-1")):
+        browser.find_element(By.XPATH, f"{form}//input[@aria-label='{label}']").send_keys(value)
+    click_button(browser, "Create")
+    text_appears(browser, f"Created {email}.")
+    shot(browser, "11b-user-created")
+    fields = {
+        label: browser.find_element(By.XPATH, f"{form}//input[@aria-label='{label}']").get_attribute("value")
+        for label in ("Email", "Name", "Password")
+    }
+    assert fields == {"Email": "", "Name": "", "Password": ""}, fields
+
+
 def test_a_session_survives_a_reload_and_a_deep_link_waits_for_the_login(
     browser: WebDriver, ui_url: str, portal: tuple[str, str, str]
 ) -> None:
