@@ -261,15 +261,20 @@ def chosen(browser: WebDriver, label: str, form_button: str | None = None) -> st
     return str(field.get_attribute("value"))
 
 
-def test_the_change_user_form_shows_the_real_role(
-    browser: WebDriver, ui_url: str, portal: tuple[str, str, str]
-) -> None:
+def users_form(browser: WebDriver, ui_url: str, portal: tuple[str, str, str], heading: str) -> None:
+    """Signed in as the admin, the admin page's Users tab scrolled to the form under ``heading``."""
     log_in(browser, ui_url, portal)
     browser.get(f"{ui_url}/admin")
     tab = (By.XPATH, "//*[@role='tab'][.//p[normalize-space()='Users']]")
     WebDriverWait(browser, 30).until(ec.element_to_be_clickable(tab)).click()
-    text_appears(browser, "Change a user")
-    scroll_to(browser, "Change a user")
+    text_appears(browser, heading)
+    scroll_to(browser, heading)
+
+
+def test_the_change_user_form_shows_the_real_role(
+    browser: WebDriver, ui_url: str, portal: tuple[str, str, str]
+) -> None:
+    users_form(browser, ui_url, portal, "Change a user")
     # The first user listed is the admin who signed in: the form says so, not "user".
     assert chosen(browser, "User").startswith(portal[1]), chosen(browser, "User")
     assert chosen(browser, "Role", form_button="Save") == "admin"
@@ -281,12 +286,7 @@ def test_a_user_created_on_the_admin_page_empties_the_form_in_the_browser(
 ) -> None:
     """The fields are emptied where the person sees them: a browser keeps what a field holds unless
     the page sets it, and sends it back with the next submit."""
-    log_in(browser, ui_url, portal)
-    browser.get(f"{ui_url}/admin")
-    tab = (By.XPATH, "//*[@role='tab'][.//p[normalize-space()='Users']]")
-    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(tab)).click()
-    text_appears(browser, "Create a user")
-    scroll_to(browser, "Create a user")
+    users_form(browser, ui_url, portal, "Create a user")
     form = "//div[@data-testid='stForm'][.//button[normalize-space()='Create']]"
     email = f"carol-{int(time.time() * 1000)}@example.com"
     for label, value in (("Email", email), ("Name", "Carol"), ("Password", "a-long-password-1")):
