@@ -157,12 +157,15 @@ class Explainer:
         self.registry, self.revision = snapshot.registry, (snapshot.source, snapshot.revision)
         wanted = {keys.explain_stream(t.name, t.version): t for t in twins(self.registry, self.settings)}
         held = self.cams
-        if dropped := [c.entry.key for s, c in held.items() if s not in wanted]:
+        if dropped := {s: c for s, c in held.items() if s not in wanted}:
             self.cams = {s: c for s, c in held.items() if s in wanted}
-            log.info("no longer explaining %s: not served in registry revision %d", dropped, snapshot.revision)
-            for stream in held:
-                if stream not in wanted:
-                    self.answer_queued(stream)
+            log.info(
+                "no longer explaining %s: not served in registry revision %d",
+                [c.entry.key for c in dropped.values()],
+                snapshot.revision,
+            )
+            for stream in dropped:
+                self.answer_queued(stream)
         kept = {t.key for t in wanted.values()}
         self.failed.keep(kept)
         self.not_explainable = {k: v for k, v in self.not_explainable.items() if k in kept}
