@@ -406,6 +406,16 @@ def measure(*, requests: int, photos: Path, server: str = "postgresql://postgres
             "FLOOR_BLOBS": str(blobs),
             "PYTHONPATH": str(ROOT),
         }
+        # Started before the API, so stopped after it (the stack unwinds in reverse): a request in
+        # flight when the run is stopped still gets its answer instead of waiting out its 10 s.
+        worker = Service(
+            "floor-worker",
+            [sys.executable, "-m", "bench.floor", "--stub-worker", redis_url],
+            env,
+            log_dir=workdir,
+            cwd=ROOT,
+        ).start()
+        stack.callback(worker.stop)
         api_ports: list[int] = []
 
         def start_api(port: int) -> Service:
@@ -417,14 +427,6 @@ def measure(*, requests: int, photos: Path, server: str = "postgresql://postgres
 
         api = start_on_free_port(start_api)
         stack.callback(api.stop)
-        worker = Service(
-            "floor-worker",
-            [sys.executable, "-m", "bench.floor", "--stub-worker", redis_url],
-            env,
-            log_dir=workdir,
-            cwd=ROOT,
-        ).start()
-        stack.callback(worker.stop)
         backends = [
             int(pid) for pid in _psql(server, f"SELECT pid FROM pg_stat_activity WHERE datname = '{database}'").split()
         ]

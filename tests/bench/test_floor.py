@@ -55,12 +55,14 @@ def test_a_run_stopped_with_a_signal_leaves_no_server_and_no_database(stop: sign
     database = f"portal_floor_{run.pid}"
     try:
         deadline = time.monotonic() + 60
-        # Measuring once the stub worker (the last child) runs beside the API and Redis.
-        while len(psutil.Process(run.pid).children(recursive=True)) < 3:
+        # Measuring once the API (the last child, beside Redis and the stub worker) holds its
+        # four connections to the scratch database.
+        while int(_psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")) < 4:
             assert run.poll() is None and time.monotonic() < deadline, "the run did not start its servers"
             time.sleep(0.2)
         time.sleep(2)
         children = psutil.Process(run.pid).children(recursive=True)
+        assert len(children) == 3, children
         assert _psql(f"SELECT count(*) FROM pg_database WHERE datname = '{database}'") == "1"
         run.send_signal(stop)
         time.sleep(0.2)
