@@ -3,21 +3,37 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import DateTime, ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.app.core.db import Base, TimestampMixin, new_uuid, utcnow
 
 
 class LabelledExample(TimestampMixin, Base):
-    """An image with the label users gave it for one model: training data. One row per image
-    (by content) and model; a later label replaces the earlier one, but the split, assigned from
-    the image's hash when the row is first written, never changes."""
+    """One label a user gave an image for one model: training data. One row per verdict with a
+    label and per uploader's own label (``ground_truth``) of an image; the model's example of an
+    image's content is its latest row (by ``updated_at``), so deleting the upload or verdict a
+    label came from leaves the labels others gave the same content. Every row of a content and
+    model has the split its first row was given from the image's hash."""
 
     __tablename__ = "labelled_examples"
     __table_args__ = (
-        UniqueConstraint("sha256", "model_name"),
         Index("ix_labelled_examples_model_split", "model_name", "split", "updated_at"),
+        Index("ix_labelled_examples_model_content", "model_name", "sha256", text("updated_at DESC")),
+        # One row per verdict, and per uploaded image and model for its uploader's label.
+        Index(
+            "uq_labelled_examples_verdict",
+            "feedback_id",
+            unique=True,
+            postgresql_where=text("feedback_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_labelled_examples_ground_truth",
+            "image_id",
+            "model_name",
+            unique=True,
+            postgresql_where=text("feedback_id IS NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)

@@ -78,9 +78,11 @@ class Example:
     """One image with the label a user gave it for one model."""
 
     feedback_id: str
+    """The verdict's id; empty for an uploader's own label (``ground_truth``)."""
     prediction_id: str
     model: str
-    version: int
+    version: int | None
+    """The version the verdict judged; None for an uploader's own label."""
     label: str
     predicted: str | None
     is_correct: bool | None
@@ -102,7 +104,7 @@ class Example:
         return [
             self.path,
             self.model,
-            self.version,
+            "" if self.version is None else self.version,
             self.label,
             self.predicted or "",
             correct,
@@ -260,7 +262,14 @@ def _verdict_columns(image: type[Image]) -> Select[*tuple[Any, ...]]:
 
 
 def _split_of(latest: Any) -> Any:
-    return (LabelledExample.sha256 == latest.c.sha256) & (LabelledExample.model_name == latest.c.model_name)
+    """The split of the examples of ``latest``'s content and model (all of them have the same)."""
+    return (
+        select(LabelledExample.split)
+        .where(LabelledExample.sha256 == latest.c.sha256, LabelledExample.model_name == latest.c.model_name)
+        .limit(1)
+        .scalar_subquery()
+        .label("split")
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -301,11 +310,7 @@ def _page_query(selection: Selection, examples: int) -> Select[*tuple[Any, ...]]
         .limit(examples)
         .subquery("latest")
     )
-    return (
-        select(latest, LabelledExample.split)
-        .outerjoin(LabelledExample, _split_of(latest))
-        .order_by(latest.c.created_at.desc(), latest.c.id.desc())
-    )
+    return select(latest, _split_of(latest)).order_by(latest.c.created_at.desc(), latest.c.id.desc())
 
 
 def _example(r: Any) -> Example:
@@ -364,11 +369,7 @@ async def all_latest_examples(*, session: AsyncSession, selection: Selection) ->
         .order_by(image.sha256, Prediction.model_name, Feedback.created_at.desc(), Feedback.id.desc())
         .subquery("latest")
     )
-    rows = await session.execute(
-        select(latest, LabelledExample.split)
-        .outerjoin(LabelledExample, _split_of(latest))
-        .order_by(latest.c.sha256, latest.c.model_name)
-    )
+    rows = await session.execute(select(latest, _split_of(latest)).order_by(latest.c.sha256, latest.c.model_name))
     return await to_thread.run_sync(_examples, rows.all())
 
 
@@ -562,6 +563,85 @@ async def write_export(
     if summary.missing:
         log.warning("feedback export: %d images missing from the blob store were left out", summary.missing)
     return summary
+
+
+@functools.lru_cache(maxsize=4)
+def _labelled_page_query(examples: int) -> Select[*tuple[Any, ...]]:
+    """The next ``examples`` contents of model ``model`` after the content ``after`` (by sha256),
+    each with its latest label (``DISTINCT ON`` over the model's examples by content, newest
+    first), and the verdict and prediction it came from when it came from one."""
+    image_format = select(Image.format).where(Image.sha256 == LabelledExample.sha256).limit(1).scalar_subquery()
+    return (
+        select(
+            LabelledExample.sha256,
+            LabelledExample.label,
+            LabelledExample.split,
+            LabelledExample.updated_at,
+            LabelledExample.feedback_id,
+            image_format.label("format"),
+            Prediction.id.label("prediction_id"),
+            Prediction.model_version,
+            Prediction.label.label("predicted"),
+            Feedback.is_correct,
+            Feedback.comment,
+        )
+        .select_from(LabelledExample)
+        .outerjoin(Feedback, Feedback.id == LabelledExample.feedback_id)
+        .outerjoin(Prediction, Prediction.id == Feedback.prediction_id)
+        .where(LabelledExample.model_name == bindparam("model"), LabelledExample.sha256 > bindparam("after"))
+        .ext(distinct_on(LabelledExample.sha256))
+        .order_by(LabelledExample.sha256, LabelledExample.updated_at.desc(), LabelledExample.id.desc())
+        .limit(examples)
+    )
+
+
+def _labelled_examples(rows: Sequence[Any], model: str) -> list[Example]:
+    return [
+        Example(
+            feedback_id="" if r.feedback_id is None else str(r.feedback_id),
+            prediction_id="" if r.prediction_id is None else str(r.prediction_id),
+            model=model,
+            version=r.model_version,
+            label=r.label,
+            predicted=r.predicted,
+            is_correct=r.is_correct,
+            sha256=r.sha256,
+            format=r.format or "",
+            created_at=r.updated_at,
+            split=r.split,
+            comment=r.comment or "",
+        )
+        for r in rows
+    ]
+
+
+async def export_examples(
+    *, session: AsyncSession, store: LocalBlobStore, out: Path, model: str, batch_rows: int = BATCH_ROWS
+) -> ExportSummary:
+    """Writes the training data of ``model`` under ``out`` (new or empty; FileExistsError
+    otherwise), laid out as ``export_feedback`` lays out verdicts: each labelled image content
+    once, with its latest label (a verdict's or its uploader's own, from ``labelled_examples``),
+    as ``out/<model>/<label>/<sha256>.<ext>``, and ``out/feedback.csv`` whose ``split`` column
+    says ``train`` or ``test`` (``feedback_id`` empty for an uploader's label). Reads
+    ``batch_rows`` contents at a time, by key, so memory stays bounded whatever the history."""
+    sink = await to_thread.run_sync(FolderSink, out)
+    writer = await to_thread.run_sync(ExportWriter, sink, store, None)
+    try:
+        after = ""
+        while True:
+            query = _labelled_page_query(batch_rows)
+            rows = (await session.execute(query, {"model": model, "after": after})).all()
+            if rows:
+                await to_thread.run_sync(writer.write, _labelled_examples(rows, model))
+            if len(rows) < batch_rows:
+                break
+            after = rows[-1].sha256
+        await to_thread.run_sync(writer.finish)
+    finally:
+        await to_thread.run_sync(writer.close)
+    if writer.summary.missing:
+        log.warning("training data: %d images missing from the blob store were left out", writer.summary.missing)
+    return writer.summary
 
 
 def _borrowed(session: AsyncSession) -> Reader:

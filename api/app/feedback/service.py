@@ -128,7 +128,10 @@ async def create_feedback(
             raise HTTPException(status_code=401, detail=OWNER_GONE) from None
         raise
     assert feedback is not None
-    if feedback.correct_label is not None:
+    if feedback.correct_label is None:
+        # A verdict said again as "wrong" without the right label takes back the label it gave.
+        await examples.forget_verdict(session=session, feedback_id=feedback.id)
+    else:
         image = await session.scalar(
             select(Image).join(Job, Job.image_id == Image.id).where(Job.id == prediction.job_id)
         )
@@ -228,11 +231,11 @@ async def list_feedback(
 
 
 async def backfill_examples(*, session: AsyncSession, test_share: float) -> int:
-    """Once, when there are no examples yet: one per image and model from the verdicts given
-    before examples existed, each with its image's latest label; how many. Commits."""
+    """Once, when there are no examples yet: one per labelled verdict given before examples
+    existed; how many. Commits."""
     if await session.scalar(select(LabelledExample.id).limit(1)) is not None:
         return 0
-    latest = (
+    labelled_verdicts = (
         select(
             Image.sha256,
             Prediction.model_name,
@@ -244,11 +247,10 @@ async def backfill_examples(*, session: AsyncSession, test_share: float) -> int:
         .join(Job, Prediction.job_id == Job.id)
         .join(Image, Job.image_id == Image.id)
         .where(Feedback.correct_label.is_not(None))
-        .distinct(Image.sha256, Prediction.model_name)
-        .order_by(Image.sha256, Prediction.model_name, Feedback.created_at.desc())
+        .order_by(Feedback.created_at)
     )
     added = 0
-    for sha256, model_name, label, owner_id, feedback_id in await session.execute(latest):
+    for sha256, model_name, label, owner_id, feedback_id in await session.execute(labelled_verdicts):
         labelled = examples.example(
             model_name=model_name,
             sha256=sha256,

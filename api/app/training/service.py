@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.app.catalog.service import ModelAvailability, model_labels
 from api.app.examples import service as examples
 from api.app.examples.models import LabelledExample
-from api.app.feedback.export import export_feedback
+from api.app.feedback.export import export_examples
 from api.app.images.storage import LocalBlobStore
 from api.app.registry import service as registry_service
 from api.app.registry.live import entry_of
@@ -118,7 +118,7 @@ async def create_run(
         history=[],
     )
     out = data_dir / str(run.id)
-    summary = await export_feedback(session=session, store=store, out=out, model=name)
+    summary = await export_examples(session=session, store=store, out=out, model=name)
     run.examples = await examples.counts(session=session, model_name=name) | {"exported": summary.examples}
     session.add(run)
     try:
@@ -393,9 +393,12 @@ async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
 
 
 async def new_examples_since_last_run(*, session: AsyncSession, name: str) -> int:
-    """Labelled ``train`` examples of model ``name`` written since its latest run was queued."""
+    """Labelled ``train`` examples (image contents) of model ``name`` labelled since its latest
+    run was queued."""
     since = await session.scalar(select(func.max(TrainingRun.created_at)).where(TrainingRun.model_name == name))
-    query = select(func.count()).where(LabelledExample.model_name == name, LabelledExample.split == "train")
+    query = select(func.count(LabelledExample.sha256.distinct())).where(
+        LabelledExample.model_name == name, LabelledExample.split == "train"
+    )
     if since is not None:
         query = query.where(LabelledExample.updated_at > since)
     return int(await session.scalar(query) or 0)
