@@ -346,6 +346,47 @@ async def test_signup_is_off_by_default(client: httpx.AsyncClient) -> None:
     assert r.status_code == 403
 
 
+@pytest.mark.usefixtures("client")  # the app's lifespan has started
+async def test_sign_ups_are_limited_per_client_address_and_a_taken_email_costs_no_hash(
+    app: FastAPI, settings: Settings
+) -> None:
+    """Each sign-up costs an argon2 hash and says whether an email has an account: unlimited, a
+    stranger could ask about every email and slow everyone's logins. Refused ones count too."""
+    real: PasswordHasher = app.state.hasher
+    hashed: list[str] = []
+
+    class Counting(PasswordHasher):
+        def __init__(self) -> None:  # the real hasher's settings and dummy hash
+            self.__dict__.update(real.__dict__)
+
+        async def hash(self, password: str) -> str:
+            hashed.append(password)
+            return await super().hash(password)
+
+    original = app.state.settings
+    app.state.settings = original.model_copy(update={"allow_signup": True})
+    app.state.hasher = Counting()
+    email = f"signup-{uuid.uuid4().hex[:8]}@example.com"
+    try:
+        async with client_at(app, "10.7.7.7") as stranger, client_at(app, "10.7.7.8") as other:
+            r = await stranger.post("/v1/auth/signup", json={"email": email, "password": PASSWORD})
+            assert r.status_code == 201, r.text
+            assert len(hashed) == 1
+            for _ in range(settings.signup_max_per_client - 1):
+                r = await stranger.post("/v1/auth/signup", json={"email": email.upper(), "password": PASSWORD})
+                assert r.status_code == 409, r.text
+            assert len(hashed) == 1  # a taken email is refused before any hash
+            r = await stranger.post("/v1/auth/signup", json={"email": f"x{email}", "password": PASSWORD})
+            assert r.status_code == 429 and 0 < int(r.headers["retry-after"]) <= settings.login_window_seconds, r.text
+            # Another address, and logins from the same one, are not held back.
+            r = await other.post("/v1/auth/signup", json={"email": f"y{email}", "password": PASSWORD})
+            assert r.status_code == 201, r.text
+            r = await stranger.post("/v1/auth/login", data={"username": email, "password": PASSWORD})
+            assert r.status_code == 200, r.text
+    finally:
+        app.state.settings, app.state.hasher = original, real
+
+
 async def test_no_database_connection_is_held_while_a_password_is_hashed(
     app: FastAPI, client: httpx.AsyncClient, users: Users
 ) -> None:

@@ -81,12 +81,22 @@ async def logout(request: Request, _user: LoginUser, session: SessionDep, settin
     "/signup",
     response_model=UserPublic,
     status_code=201,
-    responses={**BODY, **FORBIDDEN, **CONFLICT},
+    responses={**BODY, **FORBIDDEN, **CONFLICT, **TOO_MANY},
 )
-async def signup(body: SignupIn, session: SessionDep, hasher: HasherDep, settings: SettingsDep) -> User:
-    """Create my own account (only when ALLOW_SIGNUP=true)."""
+async def signup(
+    body: SignupIn,
+    session: SessionDep,
+    hasher: HasherDep,
+    settings: SettingsDep,
+    throttle: ThrottleDep,
+    client: ClientAddressDep,
+) -> User:
+    """Create my own account (only when ALLOW_SIGNUP=true, else 403); 409 when the email has an
+    account, 429 with Retry-After beyond SIGNUP_MAX_PER_CLIENT sign-ups from one address within
+    LOGIN_WINDOW_SECONDS, accepted or refused."""
     if not settings.allow_signup:
         raise HTTPException(status_code=403, detail="Self sign-up is disabled")
+    await throttle.count_signup(client=client)
     users_service.check_password_policy(body.password, settings)
     return await users_service.create_user(
         session=session, hasher=hasher, email=body.email, password=body.password, name=body.name

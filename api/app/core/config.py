@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     """Failed logins from one client address within the window before 429."""
     login_window_seconds: int = 900
     """Window of the login throttling counters."""
+    signup_max_per_client: int = 10
+    """Sign-ups (accepted or refused) from one client address within the login window before 429."""
     storage_dir: Path = PROJECT_ROOT / "var" / "storage"
     """Directory of the content-addressed image store."""
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES

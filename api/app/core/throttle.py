@@ -1,4 +1,4 @@
-"""Attempt throttling for logins, password changes and API keys: failures counted in Redis with the
+"""Attempt throttling for logins, password changes, API keys and sign-ups: failures counted in Redis with the
 ``limits`` library's fixed windows, and one attempt at a time per account (redis-py's lock).
 
 Taking turns per account is what makes the count exact: ten parallel guesses cannot all be
@@ -65,6 +65,7 @@ class AttemptThrottle:
         window = settings.login_window_seconds
         self.per_account = RateLimitItemPerSecond(settings.login_max_failures_per_email, window)
         self.per_client = RateLimitItemPerSecond(settings.login_max_failures_per_client, window)
+        self.signups_per_client = RateLimitItemPerSecond(settings.signup_max_per_client, window)
         self._local: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @asynccontextmanager
@@ -112,6 +113,15 @@ class AttemptThrottle:
             finally:
                 with contextlib.suppress(LockError):  # the turn lapsed during a very slow check
                     await turn.release()
+
+    async def count_signup(self, *, client: str) -> None:
+        """Counts a sign-up from ``client``, accepted or refused: each one costs a password hash
+        and says whether an email has an account, so neither may be had without limit. Raises 429
+        with Retry-After (seconds) beyond ``SIGNUP_MAX_PER_CLIENT`` within the window."""
+        key = f"client:{client}"
+        if not await self.limiter.hit(self.signups_per_client, "signup", key):
+            stats = await self.limiter.get_window_stats(self.signups_per_client, "signup", key)
+            raise _too_many("Too many sign-ups from this address; try again later", stats.reset_time - time.time())
 
     @asynccontextmanager
     async def client_attempt(self, *, action: str, client: str) -> AsyncIterator[Attempt]:

@@ -86,7 +86,12 @@ async def create_user(
     name: str = "",
     role: Role = Role.user,
 ) -> User:
-    """Creates a user; 409 when the email is taken. The caller checks the password policy."""
+    """Creates a user; 409 when the email is taken (before any password is hashed). The caller
+    checks the password policy."""
+    if await session.scalar(select(User.id).where(User.email == normalize_email(email))) is not None:
+        raise _email_taken()
+    # The session is given back to the pool while the password is hashed.
+    await session.rollback()
     user = User(
         email=normalize_email(email),
         name=name,
@@ -99,11 +104,13 @@ async def create_user(
         await session.commit()
     except IntegrityError:
         await session.rollback()
-        raise HTTPException(
-            status_code=status.HTTP_409_CONFLICT, detail="A user with this email already exists"
-        ) from None
+        raise _email_taken() from None
     await session.refresh(user)
     return user
+
+
+def _email_taken() -> HTTPException:
+    return HTTPException(status_code=status.HTTP_409_CONFLICT, detail="A user with this email already exists")
 
 
 async def _keep_an_admin(*, session: AsyncSession, actor: User, target: User, action: str) -> None:
