@@ -435,6 +435,57 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
         await redis_client.aclose()
 
 
+async def test_a_stored_file_gone_fails_its_own_job_and_the_lane_goes_on(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A file missing from the store (a lost disk, a file removed by hand) failed the lane's every
+    look at its job, so no batch of anyone moved again."""
+    from sqlalchemy import select
+
+    from api.app.batches import lane
+    from api.app.core.db import make_engine, make_sessionmaker
+    from api.app.images.models import Image
+    from api.app.predictions.models import Job, Prediction
+    from api.app.users.models import User
+    from api.prestart import seed_admin
+    from contracts.registry import load_registry
+
+    await seed_admin(fresh_settings)
+    registry = {m.key: m for m in load_registry(fresh_settings.registry_path).models}
+    store = LocalBlobStore(tmp_path)
+    redis_client = aioredis.Redis.from_url(private_redis.url)
+    engine = make_engine(fresh_settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            owner = await session.scalar(select(User.id).limit(1))
+            assert owner is not None
+            await running_batch(session, store, fresh_settings, owner, registry["mobilenet_v2@1"], [61, 62])
+            await running_batch(session, store, fresh_settings, owner, registry["mobilenet_v2@1"], [63])
+            await session.commit()
+            lost = await session.scalar(
+                select(Image.sha256).join(Job, Job.image_id == Image.id).order_by(Job.created_at, Job.id).limit(1)
+            )
+            assert lost is not None
+            await store.delete(lost)
+            queued = await lane.top_up(
+                session=session, redis=redis_client, store=store, in_flight=3, job_seconds=60.0, served=None
+            )
+            assert queued == 2 and await redis_client.xlen("jobs:mobilenet_v2@1") == 2
+            rows = (
+                await session.execute(
+                    select(Image.sha256, Job.status, Prediction.status, Prediction.error)
+                    .join(Job, Job.image_id == Image.id)
+                    .join(Prediction, Prediction.job_id == Job.id)
+                    .order_by(Job.created_at, Job.id)
+                )
+            ).all()
+            assert [tuple(r) for r in rows][0] == (lost, "failed", "failed", lane.MISSING_FILE)
+            assert [(r[1], r[2]) for r in rows][1:] == [("queued", "queued")] * 2
+    finally:
+        await engine.dispose()
+        await redis_client.aclose()
+
+
 async def test_a_batch_cancelled_with_jobs_in_flight_ends_once_they_are_answered(
     fresh_settings: Settings, tmp_path: Path
 ) -> None:

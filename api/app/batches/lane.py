@@ -5,6 +5,7 @@ lock makes one of them queue at a time."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Set
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches.models import Batch, BatchItem
 from api.app.core.db import OWNER_KEY_SHARE
+from api.app.core.errors import BlobMissing
 from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue
@@ -21,6 +23,8 @@ from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Predicti
 from api.app.predictions.service import job_message
 from contracts import keys
 from contracts.messages import PredictionStatus
+
+log = logging.getLogger("api.batches")
 
 PENDING = PredictionStatus.pending.value
 OPEN = (PENDING, *UNFINISHED)
@@ -66,8 +70,9 @@ async def top_up(
     would join (the queue holds more than the batch jobs in flight). Only jobs whose every model
     version a live worker serves (``served``, keys like ``sketch@3``; None: not checked) are
     queued or counted in flight, so a batch for a model no worker serves waits without holding up
-    the others. With none pending, marks the finished batches ``done``. How many jobs it queued.
-    Raises what Redis and PostgreSQL raise (the job rows roll back)."""
+    the others. A job whose image's stored file is missing is failed with ``MISSING_FILE``. With
+    none pending, marks the finished batches ``done``. How many jobs it queued. Raises what Redis
+    and PostgreSQL raise (the job rows roll back)."""
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('batch-lane', 0))"))
     flying = list(
         await session.scalars(select(Job).where(UNFINISHED_JOB, Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX)))
@@ -102,11 +107,21 @@ async def top_up(
         return 0
     found = await session.execute(select(Image.id, Image.sha256).where(Image.id.in_({j.image_id for j in jobs})))
     shas = {image_id: sha256 for image_id, sha256 in found}
-    deadline = datetime.now(UTC) + timedelta(seconds=job_seconds)
+    now = datetime.now(UTC)
+    deadline = now + timedelta(seconds=job_seconds)
     messages = []
+    queued = 0
     for job in jobs:
+        try:
+            data = await store.get(shas[job.image_id])
+        except BlobMissing:
+            # A file gone from the store (a lost disk, a file removed by hand) fails its own job
+            # only: raised, it would stop every batch of every user at this job, look after look.
+            log.warning("batch job %s: the stored file of image %s is missing; failed", job.id, job.image_id)
+            _fail(job, MISSING_FILE, now)
+            continue
         job.status, job.deadline_at = PredictionStatus.queued.value, deadline
-        data = await store.get(shas[job.image_id])
+        queued += 1
         for prediction in job.predictions:
             if prediction.status == PENDING:
                 prediction.status = PredictionStatus.queued.value
@@ -114,7 +129,17 @@ async def top_up(
     # Queued before the commit: an answer arriving first waits for these rows' lock.
     await queue.enqueue(redis, messages)
     await session.commit()
-    return len(jobs)
+    return queued
+
+
+MISSING_FILE = "The stored file of this image is missing from the portal's storage; send the image again."
+
+
+def _fail(job: Job, reason: str, now: datetime) -> None:
+    job.status, job.finished_at = PredictionStatus.failed.value, now
+    for prediction in job.predictions:
+        if prediction.status == PENDING:
+            prediction.status, prediction.error, prediction.finished_at = PredictionStatus.failed.value, reason, now
 
 
 async def finish(*, session: AsyncSession) -> None:
