@@ -258,6 +258,21 @@ async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
         assert within.status_code == 202, within.text
 
 
+async def test_batches_sent_at_once_are_held_to_the_per_user_cap(settings: Settings, users: Users) -> None:
+    """Each request counted the images waiting before any other had made its jobs, so batches
+    sent together all passed the cap."""
+    _, headers = await users.create()
+    small = settings.model_copy(update={"max_batch_images_queued_per_user": 5})
+    async for client in client_for(create_app(small)):
+        sent = await asyncio.gather(
+            *(send(client, headers, [(f"{i}.png", noise_png(500 + 10 * n + i)) for i in range(3)]) for n in range(4))
+        )
+        codes = sorted(r.status_code for r in sent)
+        assert codes == [202, 429, 429, 429], [r.text for r in sent]
+        accepted = next(r.json()["id"] for r in sent if r.status_code == 202)
+        await client.delete(f"/v1/batches/{accepted}", headers=headers)
+
+
 async def test_a_young_batchs_eta_follows_its_own_pace(client: httpx.AsyncClient, users: Users) -> None:
     """In its first minute a batch has answered for less than a minute: counted as a minute's
     pace, its ETA came out many times too long (958 s for what took about 90)."""
@@ -479,7 +494,7 @@ async def test_a_stored_file_gone_fails_its_own_job_and_the_lane_goes_on(
                     .order_by(Job.created_at, Job.id)
                 )
             ).all()
-            assert [tuple(r) for r in rows][0] == (lost, "failed", "failed", lane.MISSING_FILE)
+            assert tuple(rows[0]) == (lost, "failed", "failed", lane.MISSING_FILE)
             assert [(r[1], r[2]) for r in rows][1:] == [("queued", "queued")] * 2
     finally:
         await engine.dispose()

@@ -19,7 +19,7 @@ from typing import IO, Any, cast
 
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -94,18 +94,26 @@ def _file_name(name: str) -> str:
 
 
 async def _queued_images(session: AsyncSession, owner_id: int) -> int:
-    return int(
-        await session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                Job.owner_id == owner_id,
-                Job.status.in_(OPEN),
-                Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX),
-            )
-        )
-        or 0
+    """The owner's batch images waiting: the open jobs of their received batches, and every image
+    planned for a batch still being received (whose jobs are being made), under a lock per owner
+    held to the caller's commit, so that batches sent at once are counted one after another and
+    each sees the others' images before it makes its own."""
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"batch-quota:{owner_id}"}
     )
+    receiving = select(Batch.id, Batch.entries).where(Batch.owner_id == owner_id, Batch.status == "receiving")
+    being_received = (await session.execute(receiving)).all()
+    jobs = (
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.owner_id == owner_id,
+            Job.status.in_(OPEN),
+            Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX),
+            Job.request_id.not_in([f"{keys.BATCH_REQUEST_PREFIX}{batch_id}" for batch_id, _ in being_received]),
+        )
+    )
+    return int(await session.scalar(jobs) or 0) + sum(entries for _, entries in being_received)
 
 
 async def _add_job(session: AsyncSession, b: _Builder, image_id: uuid.UUID) -> uuid.UUID:
