@@ -164,11 +164,17 @@ async def _token_user(request: Request, token: str) -> User:
 
 async def _key_caller(request: Request, key: str) -> Caller:
     """The key's owner and scopes. Failed keys are counted per client address as failed logins
-    are (their own count), and past the limit every key from that address gets 429."""
+    are (their own count), and past the limit every key from that address gets 429; a revoked or
+    expired key is not counted: it is no guess (only the real key finds its row), and a script
+    still sending one after a rotation would otherwise lock every key of its host out."""
     throttle: AttemptThrottle = request.app.state.throttle
     async with throttle.client_attempt(action="api_key", client=await get_client_address(request)) as attempt:
         async with request.app.state.read_sessionmaker() as session:
-            user, grant = await api_keys_service.authenticate(session=session, key=key)
+            try:
+                user, grant = await api_keys_service.authenticate(session=session, key=key)
+            except HTTPException as exc:
+                attempt.succeeded = exc.detail in (api_keys_service.REVOKED, api_keys_service.EXPIRED)
+                raise
         attempt.succeeded = True
     if Scope.admin not in grant.scopes:
         user.admin_rights = False  # an admin's key without the admin scope acts as a user's

@@ -287,6 +287,20 @@ async def test_wrong_keys_are_throttled_per_client_address(app: FastAPI, users: 
         assert (await other.get("/v1/users/me", headers=header(good))).status_code == 200
 
 
+async def test_a_revoked_key_sent_on_is_no_guess_and_locks_no_key_out(app: FastAPI, users: Users) -> None:
+    """A script still sending a key after its rotation counted as guessing: after 20 requests
+    every key from its host got 429 for 15 minutes, the new one too."""
+    _, login = await users.create()
+    async with client_at(app, fresh_address()) as client:
+        old = await make_key(client, login, ["read"])
+        new = (await make_key(client, login, ["read"]))["key"]
+        assert (await client.delete(f"/v1/api-keys/{old['id']}", headers=login)).status_code == 204
+        for _ in range(25):
+            r = await client.get("/v1/users/me", headers=header(old["key"]))
+            assert r.status_code == 401 and r.json()["detail"] == "API key has been revoked", r.text
+        assert (await client.get("/v1/users/me", headers=header(new))).status_code == 200
+
+
 async def test_only_the_keys_hash_is_stored(client: httpx.AsyncClient, app: FastAPI, users: Users) -> None:
     _, login = await users.create()
     created = await make_key(client, login, ["read", "predict"])
