@@ -193,8 +193,8 @@ async def test_a_batch_left_receiving_is_cancelled_once_nothing_arrived_for_the_
 ) -> None:
     """The request is frozen at its 3rd file, as a process that died there would leave it. The
     sweep passes over it while its last file is recent; past the timeout it cancels the batch and
-    its two pending jobs, which then no longer count against the owner's batch quota. When the
-    request wakes after all, it finds its batch cancelled and answers so."""
+    its two pending jobs, and its four planned images no longer count against the owner's batch
+    quota. When the request wakes after all, it finds its batch cancelled and answers so."""
     user, headers = await users.create()
     files = [(f"{i}.png", png(400 + i)) for i in range(4)]
     frozen, sending = await held_batch(client, headers, files, monkeypatch, at=3)
@@ -214,7 +214,7 @@ async def test_a_batch_left_receiving_is_cancelled_once_nothing_arrived_for_the_
                 return status, jobs, await batches_service._queued_images(session, user["id"])
 
         assert await sweep(timedelta(minutes=1)) == 0
-        assert await state() == ("receiving", ["pending", "pending"], 2)
+        assert await state() == ("receiving", ["pending", "pending"], 4)
         assert await sweep(timedelta(0)) == 1
         assert await state() == ("cancelled", ["cancelled", "cancelled"], 0)
     finally:
