@@ -145,6 +145,9 @@ async def get_batch(
     if batch.status == "running" and counts.queued:
         availability = await workers.availability()
         waiting_for = [ref for ref in batch.models if ref not in availability or not availability[ref].workers]
+    if waiting_for:
+        # The last minute's pace says nothing of when a version will be served again.
+        counts = counts.model_copy(update={"eta_seconds": None})
     return BatchDetail(**BatchPublic.model_validate(batch).model_dump(), counts=counts, waiting_for=waiting_for)
 
 

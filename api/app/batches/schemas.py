@@ -20,7 +20,8 @@ class BatchCounts(BaseModel):
     skipped: int
     """Files that were no acceptable image, or ids that were not the user's images."""
     eta_seconds: int | None
-    """Seconds left at the pace of the last minute; 0 when nothing is left, None before any answer."""
+    """Seconds left at the pace of the last minute; 0 when nothing is left, None before any answer
+    and while the batch waits for a version no live worker serves (``BatchDetail.waiting_for``)."""
 
 
 class BatchPublic(BaseModel):
