@@ -27,6 +27,15 @@ COPY_CHUNK = 1 << 20
 """Bytes copied at a time from an image into the zip."""
 
 
+def readable(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that UTF-8 can always encode, for a name sent to the portal or printed.
+
+    A file name that is not valid UTF-8 reaches Python with its odd bytes as lone surrogates
+    (PEP 383), which no UTF-8 encoder takes; each of them is shown as U+FFFD instead. Valid names
+    come back unchanged, and the same name always gives the same text."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 @dataclass
 class Collected:
     """The files of a directory that go into a batch, and what was left out."""
@@ -90,8 +99,9 @@ def remove_temporary_zips() -> None:
 
 def zip_images(target: Path, folder: Path, images: list[Path], on_added: Callable[[int], None] | None = None) -> None:
     """Writes ``images`` (files under ``folder``) into the zip ``target``, named by their path
-    relative to ``folder`` with ``/`` separators (the name the results show). ``on_added`` is told
-    how many files are in so far.
+    relative to ``folder`` with ``/`` separators (the name the results show; bytes of a name that
+    are not UTF-8 become U+FFFD, see ``readable``). ``on_added`` is told how many files are in so
+    far.
 
     Entries are stored, not deflated: photos are compressed already, and deflating them again
     would cost CPU for nothing. Every entry has the same time and mode (``ENTRY_TIME``,
@@ -100,7 +110,7 @@ def zip_images(target: Path, folder: Path, images: list[Path], on_added: Callabl
     file cannot be read or the disk is full."""
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for n, image in enumerate(images, start=1):
-            info = zipfile.ZipInfo(image.relative_to(folder).as_posix(), date_time=ENTRY_TIME)
+            info = zipfile.ZipInfo(readable(image.relative_to(folder).as_posix()), date_time=ENTRY_TIME)
             info.external_attr = ENTRY_MODE << 16
             info.file_size = image.stat().st_size
             with image.open("rb") as src, archive.open(info, "w") as dst:

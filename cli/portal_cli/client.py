@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import httpx
 
 from portal_cli import __version__
+from portal_cli.archive import readable
 from portal_cli.config import Login
 from portal_cli.errors import ExitCode, PortalError
 
@@ -207,16 +208,17 @@ class Portal:
     # --- predictions --------------------------------------------------------------------------
 
     def predict(self, path: Path, models: list[str]) -> dict[str, Any]:
-        """One image classified by ``models`` (the portal's default when empty), waiting for every
-        answer: the API's one-call answer, ``results`` keyed ``name@version`` with each model's
-        ``status``, ``label``, ``score`` (0..1), ``top_k`` and ``error``."""
+        """One image classified by ``models`` (the portal's default when empty), sent under its
+        ``readable`` name, waiting for every answer: the API's one-call answer, ``results`` keyed
+        ``name@version`` with each model's ``status``, ``label``, ``score`` (0..1), ``top_k`` and
+        ``error``."""
         with path.open("rb") as image:
             return dict(
                 self._json(
                     "POST",
                     "/model/predict",
                     params=[("models", m) for m in models],
-                    files={"file": (path.name, image)},
+                    files={"file": (readable(path.name), image)},
                     timeout=PREDICT,
                 )
             )

@@ -142,7 +142,8 @@ class BatchStates:
         self.folder = folder or config_path().parent / "batches"
 
     def _file(self, source: str) -> Path:
-        return self.folder / (hashlib.sha256(source.encode("utf-8")).hexdigest()[:32] + ".json")
+        # The path's own bytes: a name that is not UTF-8 has no UTF-8 text to hash.
+        return self.folder / (hashlib.sha256(os.fsencode(source)).hexdigest()[:32] + ".json")
 
     def get(self, source: str) -> BatchState | None:
         """The batch remembered for ``source`` (an absolute path), None when none or unreadable

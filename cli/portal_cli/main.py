@@ -32,7 +32,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from portal_cli.archive import collect, remove_temporary_zips, temporary_zip, zip_images
+from portal_cli.archive import collect, readable, remove_temporary_zips, temporary_zip, zip_images
 from portal_cli.client import Portal, SentBatch
 from portal_cli.config import (
     BatchState,
@@ -104,8 +104,9 @@ _stderr = Console(stderr=True, highlight=False)
 
 
 def _note(text: str) -> None:
-    """A line for the person at the terminal, on stderr."""
-    _stderr.print(text, markup=False, soft_wrap=True)
+    """A line for the person at the terminal, on stderr; a path in it that is not UTF-8 shows
+    U+FFFD for its odd bytes (``readable``)."""
+    _stderr.print(readable(text), markup=False, soft_wrap=True)
 
 
 @contextmanager
@@ -209,18 +210,19 @@ def predict(
     rows: list[dict[str, Any]] = []
     with _reported(), open_portal(url, api_key) as portal:
         for path in files:
+            name = readable(path)
             try:
                 answer = portal.predict(path, _models(model))
             except PortalError as exc:
                 if exc.code != ExitCode.INPUT:
                     raise
                 refused = True
-                _note(f"portal: {path}: {exc.message}")
-                rows.append({"file": str(path), "status": "refused", "error": exc.message})
+                _note(f"portal: {name}: {exc.message}")
+                rows.append({"file": name, "status": "refused", "error": exc.message})
                 continue
             for ref, result in answer.get("results", {}).items():
                 row = {
-                    "file": str(path),
+                    "file": name,
                     "model": ref,
                     "status": result.get("status"),
                     "label": result.get("label"),
@@ -231,9 +233,9 @@ def predict(
                 rows.append(row)
                 if row["status"] != "done":
                     refused = True
-                    _note(f"portal: {path}: {ref} {row['status']}: {row['error'] or 'no answer'}")
+                    _note(f"portal: {name}: {ref} {row['status']}: {row['error'] or 'no answer'}")
                 elif not as_json:
-                    print(f"{path}  {ref}  {row['label']}  {100 * float(row['score'] or 0):.1f}%", flush=True)
+                    print(f"{name}  {ref}  {row['label']}  {100 * float(row['score'] or 0):.1f}%", flush=True)
     if as_json:
         print(json.dumps(rows, indent=2))
     if refused:
@@ -359,7 +361,7 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
             _zip_folder(source, archive)
         state.idempotency_key = resend or str(uuid.uuid4())
         states.remember(state)
-        name = source.name if archive == source else f"{source.name}.zip"
+        name = readable(source.name) if archive == source else f"{readable(source.name)}.zip"
         try:
             sent = _upload(portal, archive, name, state.models, state.idempotency_key)
         except PortalError as exc:

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -150,6 +151,31 @@ def test_a_directory_of_200_images_as_a_batch(logged_in: Account, tmp_path: Path
     assert all(r["label"] and 0 < float(r["score"]) <= 1 for r in table)
     assert BatchStates().get(str(folder.resolve())) is None  # done: nothing left to resume
     assert batches(logged_in)["count"] == 1
+
+
+def test_names_that_are_not_utf8_are_sent_with_replacement_characters(logged_in: Account, tmp_path: Path) -> None:
+    """A file or folder name with bytes that are not UTF-8 (which Linux allows) is sent and shown
+    with U+FFFD for those bytes; the folder's state file, named from its path, works as well, and
+    the folder still zips to the same bytes twice."""
+    folder = tmp_path / os.fsdecode(b"caf\xe9s")
+    names = make_images(folder, 2)
+    odd = folder / os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(PHOTOS / "parrot.jpg", odd)
+    out = tmp_path / "results.csv"
+    result = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(r["file_name"] for r in rows(out)) == sorted([*names, "caf\ufffd.jpg"])
+    assert BatchStates().get(str(folder.resolve())) is None  # done: nothing left to resume
+
+    predicted = run("predict", str(odd), "-m", MODEL)
+    assert predicted.exit_code == 0, predicted.output
+    assert one_line(predicted.stdout).startswith(f"{tmp_path}/caf\ufffds/caf\ufffd.jpg  {MODEL}  macaw  ")
+
+    images = collect(folder).images
+    with temporary_zip() as first, temporary_zip() as second:
+        zip_images(first, folder, images)
+        zip_images(second, folder, images)
+        assert first.read_bytes() == second.read_bytes()
 
 
 def start_batch(folder: Path, out: Path, **env: str) -> subprocess.Popen[str]:
