@@ -20,7 +20,7 @@ import httpx
 from portal_cli import __version__
 from portal_cli.archive import readable
 from portal_cli.config import Login
-from portal_cli.errors import ExitCode, PortalError
+from portal_cli.errors import ExitCode, Forbidden, PortalError
 
 QUICK = httpx.Timeout(30.0, connect=10.0)
 """Reads of state: the API answers these at once."""
@@ -75,7 +75,8 @@ class Portal:
     """One user's view of the portal at ``url``; ``api_key`` or ``login`` authenticate the calls.
 
     ``on_login`` is called with each renewed login, to store it. Every method raises PortalError:
-    exit 3 for 401/403, 4 when the portal cannot be reached or answers 5xx, 1 for other 4xx."""
+    exit 3 for 401/403 (:class:`Forbidden` for 403), 4 when the portal cannot be reached or answers 5xx, 1 for other 4xx.
+    """
 
     def __init__(
         self,
@@ -162,7 +163,7 @@ class Portal:
                 )
             raise PortalError(detail, ExitCode.AUTH)
         if status == 403:
-            raise PortalError(f"Not allowed: {detail}", ExitCode.AUTH)
+            raise Forbidden(f"Not allowed: {detail}")
         if status >= 500:
             raise PortalError(f"The portal answered {status}: {detail}", ExitCode.UNAVAILABLE)
         raise PortalError(detail, ExitCode.INPUT)

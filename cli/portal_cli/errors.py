@@ -33,6 +33,14 @@ class PortalError(Exception):
         self.code = code
 
 
+class Forbidden(PortalError):
+    """The portal's 403: the credential is valid but may not do this (an API key without the
+    scope the request needs). Exit 3, as any 401 or 403."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.AUTH)
+
+
 class Terminated(SystemExit):
     """SIGTERM (a kill) or SIGHUP (a closed terminal): the command ends with 128 + the signal,
     unwinding as it goes (the temporary zip is deleted), and a batch says how to go on."""

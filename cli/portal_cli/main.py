@@ -43,7 +43,7 @@ from portal_cli.config import (
     not_logged_in,
     save_config,
 )
-from portal_cli.errors import ExitCode, PortalError, Terminated
+from portal_cli.errors import ExitCode, Forbidden, PortalError, Terminated
 
 EPILOG = """**Exit codes**: **0** done;
 **1** the input was refused, by the portal (a 4xx other than 401/403) or here (no images, a file that cannot be read
@@ -321,19 +321,23 @@ def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempot
         )
 
 
-def _check_models(portal: Portal, models: list[str]) -> None:
-    """Refuses (PortalError 1) a model the portal does not offer, before anything is zipped or
-    sent: the portal reads a whole batch before it answers. Whether a known model is served now is
-    left to the portal (one loading is a moment's 503), as is everything when the credential may
-    not list models (an API key without the read scope)."""
-    if not models:
-        return
+def _check_before_sending(portal: Portal, models: list[str]) -> None:
+    """Refuses, before anything is zipped or sent (the portal reads a whole batch before it
+    answers), a credential that may not read (an API key without the read scope: PortalError 3)
+    and a model the portal does not offer (PortalError 1). Without the read scope the upload would
+    work and make a batch whose progress and results the run could never fetch; listing the models
+    needs the same scope, so that one request answers both. Whether a known model is served now is
+    left to the portal (one loading is a moment's 503)."""
     try:
         offered = portal.models()
-    except PortalError as exc:
-        if exc.code == ExitCode.AUTH:
-            return
-        raise
+    except Forbidden as exc:
+        raise PortalError(
+            f"{exc.message}; following a batch and downloading its results needs an API key with the read "
+            "scope, so nothing was sent.",
+            ExitCode.AUTH,
+        ) from None
+    if not models:
+        return
     known = {m["ref"] for m in offered} | {m["name"] for m in offered}
     if unknown := [ref for ref in models if ref not in known]:
         served = sorted(m["ref"] for m in offered if m["available"])
@@ -353,7 +357,7 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
     since, the portal names the batch the interrupted send made, which is followed, as a batch
     whose id was known would be."""
     source = Path(state.source)
-    _check_models(portal, state.models)
+    _check_before_sending(portal, state.models)
     with contextlib.ExitStack() as temporary:
         archive = source
         if source.is_dir():

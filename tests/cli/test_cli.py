@@ -530,3 +530,23 @@ def test_an_api_key_runs_a_batch_and_stops_working_once_revoked(
     result = run("predict", str(PHOTOS / "parrot.jpg"), "-m", MODEL)
     assert result.exit_code == 3 and "revoked" in one_line(result.stderr), result.output
     assert ".." not in one_line(result.stderr), result.stderr
+
+
+def test_an_api_key_without_the_read_scope_is_refused_before_a_batch_is_sent(
+    account: Account, config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key that may predict but not read could send a batch but never follow it nor download its
+    results: refused (exit 3) before anything is zipped or sent, with or without ``-m``."""
+    r = httpx.post(
+        f"{account.url}/v1/api-keys", json={"name": "send-only", "scopes": ["predict"]}, headers=account.headers()
+    )
+    assert r.status_code == 201, r.text
+    monkeypatch.setenv("PORTAL_URL", account.url)
+    folder = tmp_path / "collection"
+    make_images(folder, 2)
+    for models in (["-m", MODEL], []):
+        result = run("batch", str(folder), *models, "--out", str(tmp_path / "r.csv"), "--api-key", r.json()["key"])
+        assert "Zipping" not in result.stderr and "Uploading" not in result.stderr, result.stderr
+        error = one_line(result.stderr)
+        assert result.exit_code == 3 and "lacks the read scope" in error and "nothing was sent" in error, error
+    assert batches(account)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
