@@ -48,6 +48,11 @@ class Collected:
     """Symbolic links, pipes and devices: never sent, whatever their name."""
 
 
+def _image_name(name: str) -> bool:
+    """Whether a file name ends in an image extension (a batch's only filter on content)."""
+    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
 def collect(folder: Path) -> Collected:
     """The image files under ``folder`` (recursively; hidden files and folders skipped, as
     ``.DS_Store`` or ``.git`` are never photos). Only regular files are sent: symbolic links
@@ -63,11 +68,21 @@ def collect(folder: Path) -> Collected:
             if path.is_symlink() or not path.is_file():
                 not_regular += 1
                 continue
-            if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and "." in name:
+            if _image_name(name):
                 images.append(Path(root, name))
             else:
                 left_out += 1
     return Collected(images=images, left_out=left_out, not_regular=not_regular)
+
+
+def would_collect(folder: Path, path: Path) -> bool:
+    """Whether the file ``path`` resolves to is one ``collect(folder)`` takes: an existing regular
+    file with an image extension inside ``folder``, under no hidden folder."""
+    folder, target = folder.resolve(), path.resolve()
+    if not target.is_relative_to(folder) or target == folder:
+        return False
+    parts = target.relative_to(folder).parts
+    return target.is_file() and _image_name(parts[-1]) and not any(part.startswith(".") for part in parts)
 
 
 _temporary: set[Path] = set()

@@ -32,7 +32,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from portal_cli.archive import collect, readable, remove_temporary_zips, temporary_zip, zip_images
+from portal_cli.archive import collect, readable, remove_temporary_zips, temporary_zip, would_collect, zip_images
 from portal_cli.client import Portal, SentBatch
 from portal_cli.config import (
     BatchState,
@@ -462,6 +462,16 @@ def _check_writable(out: Path) -> None:
         raise typer.BadParameter(f"{folder} is not writable.", param_hint="--out")
 
 
+def _check_not_input(out: Path, source: Path) -> None:
+    """Refuses an --out that would overwrite the input (followed through symbolic links and
+    relative paths): the zip itself, or an image in the directory that is being sent."""
+    if source.is_dir():
+        if would_collect(source, out):
+            raise typer.BadParameter(f"{out} is an image in {source}, which is being sent.", param_hint="--out")
+    elif out.resolve() == source.resolve():
+        raise typer.BadParameter(f"{out} is the input {source}: name another file.", param_hint="--out")
+
+
 @app.command()
 def batch(
     source: Annotated[
@@ -495,6 +505,7 @@ def batch(
         raise typer.BadParameter(f"{source} is neither a directory nor a .zip file.", param_hint="DIR|ZIP")
     if out not in (None, "-"):
         _check_writable(Path(out))
+        _check_not_input(Path(out), source)
     key = str(source.resolve())
     states = BatchStates()
     models = _models(model)

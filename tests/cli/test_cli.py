@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import asyncpg
@@ -504,6 +505,33 @@ def test_usage_errors_exit_2(config_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "missing does not exist" in boxed(result.stderr), result.output
     result = run("batch", str(tmp_path), "--out", str(tmp_path))
     assert result.exit_code == 2 and "is a directory" in boxed(result.stderr), result.output
+
+
+def test_an_out_that_is_the_input_is_refused(config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An --out that would overwrite what is sent is a usage error: the input zip, also through a
+    relative path or a symbolic link, or an image of the input folder; a CSV in the folder is not."""
+    folder = tmp_path / "collection"
+    names = make_images(folder, 2)
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(folder / names[1], names[1])
+    sent = archive.read_bytes()
+    (tmp_path / "link.zip").symlink_to(archive)
+    monkeypatch.chdir(folder)
+    for source, out in [
+        (archive, archive),
+        (archive, Path("../photos.zip")),
+        (tmp_path / "link.zip", archive),
+        (archive, tmp_path / "link.zip"),
+    ]:
+        result = run("batch", str(source), "--out", str(out))
+        assert result.exit_code == 2 and "is the input" in boxed(result.stderr), (source, out, result.output)
+    assert archive.read_bytes() == sent
+    for source, out in [(folder, folder / names[0]), (Path("."), Path("part0/../part0") / Path(names[0]).name)]:
+        result = run("batch", str(source), "--out", str(out))
+        assert result.exit_code == 2 and "which is being sent" in boxed(result.stderr), (source, out, result.output)
+    # Past the arguments to the missing login: a file the folder does not send may be the CSV.
+    assert run("batch", str(folder), "--out", str(folder / "results.csv")).exit_code == 3
 
 
 def test_an_api_key_runs_a_batch_and_stops_working_once_revoked(
