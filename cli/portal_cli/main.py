@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import filelock
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -65,6 +66,21 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
+
+def _portal_url(value: str | None) -> str | None:
+    """``--url`` (or PORTAL_URL) as given; a usage error (exit 2) naming it when it is not an
+    http or https address with a host, which httpx would only trip over once a request is made."""
+    if value is None:
+        return None
+    try:
+        url = httpx.URL(normalise_url(value))
+    except httpx.InvalidURL as exc:
+        raise typer.BadParameter(f"{value!r} is not a URL ({exc}).") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise typer.BadParameter(f"{value!r} is not a portal address such as http://127.0.0.1:8000.")
+    return value
+
+
 UrlOption = Annotated[
     str | None,
     typer.Option(
@@ -72,6 +88,7 @@ UrlOption = Annotated[
         envvar="PORTAL_URL",
         help="The portal API's address (default: the one logged in to).",
         show_default=False,
+        callback=_portal_url,
     ),
 ]
 ApiKeyOption = Annotated[

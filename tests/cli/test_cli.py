@@ -507,6 +507,19 @@ def test_usage_errors_exit_2(config_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "is a directory" in boxed(result.stderr), result.output
 
 
+def test_a_malformed_url_is_a_usage_error(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --url or PORTAL_URL that is not an http(s) address is refused as wrong usage, naming it."""
+    parrot = str(PHOTOS / "parrot.jpg")
+    for bad in ("http://[::1", "127.0.0.1:8000"):
+        result = run("predict", parrot, "--url", bad, "--api-key", "ipk_never_sent")
+        assert result.exit_code == 2 and repr(bad) in boxed(result.stderr), result.output
+        login = run("login", "--url", bad, "--email", "someone@example.com", input="password\n")
+        assert login.exit_code == 2 and repr(bad) in boxed(login.stderr), login.output
+    monkeypatch.setenv("PORTAL_URL", "http://[::1")
+    from_env = run("predict", parrot, "--api-key", "ipk_never_sent")
+    assert from_env.exit_code == 2 and "'http://[::1'" in boxed(from_env.stderr), from_env.output
+
+
 def test_an_out_that_is_the_input_is_refused(config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An --out that would overwrite what is sent is a usage error: the input zip, also through a
     relative path or a symbolic link, or an image of the input folder; a CSV in the folder is not."""
