@@ -200,6 +200,9 @@ async def test_several_files_and_stored_images(client: httpx.AsyncClient, users:
     [
         ({"../../etc/cron.d/evil.png": b"x"}, "points outside the archive"),
         ({"/abs.png": b"x"}, "points outside the archive"),
+        ({"C:/Windows/evil.png": b"x"}, "points outside the archive"),
+        ({"c:evil.png": b"x"}, "points outside the archive"),
+        ({"D:\\evil.png": b"x"}, "points outside the archive"),
         ({"bomb.png": b"\x00" * (50 * 1024 * 1024)}, "zip bomb"),
     ],
 )
@@ -212,6 +215,21 @@ async def test_unsafe_archives_are_refused_whole(
     # Nothing was taken: no batch, no image.
     assert (await client.get("/v1/batches", headers=headers)).json()["count"] == 0
     assert (await client.get("/v1/images", params={"total": True}, headers=headers)).json()["count"] == 0
+
+
+async def test_a_colon_in_a_name_is_no_drive(client: httpx.AsyncClient, users: Users) -> None:
+    """Only a letter then ':' is a Windows drive: entries named with a ratio or a time are kept
+    under their names."""
+    _, headers = await users.create()
+    owl = (PHOTOS / "owl.jpg").read_bytes()
+    r = await send(client, headers, [("set.zip", zipped({"4:3/owl.jpg": owl, "1:30 pm.png": noise_png(80)}))])
+    assert r.status_code == 202, r.text
+    done = await finished(client, headers, r.json()["id"])
+    rows = (await client.get(f"/v1/batches/{done['id']}/results", headers=headers)).json()["data"]
+    assert sorted((row["file_name"], row["status"]) for row in rows) == [
+        ("1:30 pm.png", "done"),
+        ("4:3/owl.jpg", "done"),
+    ]
 
 
 async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:

@@ -2,8 +2,8 @@
 
 Refused outright (the whole batch, 4xx): an archive that is not a readable zip, one whose entries
 would exceed the batch's limits (count, uncompressed size), an entry name that could escape a
-folder when extracted (absolute, ``..``, a drive letter: the "zip slip" of Snyk's 2018 report),
-and an entry compressed more than ``MAX_RATIO`` times (a zip bomb: David Fifield's
+folder when extracted (absolute, ``..``, a Windows drive such as ``C:``: the "zip slip" of
+Snyk's 2018 report), and an entry compressed more than ``MAX_RATIO`` times (a zip bomb: David Fifield's
 "A better zip bomb", 2019, overlaps entries to reach ratios in the millions; ordinary images
 compress less than 10 times). Listed and skipped: directories' placeholders are ignored, nested
 archives and encrypted entries are skipped with a reason; whether an entry is an image is decided
@@ -15,6 +15,7 @@ declared size cannot take more memory than one upload.
 
 from __future__ import annotations
 
+import string
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -48,7 +49,8 @@ class Member:
 def unsafe_name(name: str) -> bool:
     """Whether extracting ``name`` could write outside the target folder."""
     normal = name.replace("\\", "/")
-    if normal.startswith("/") or (len(normal) > 1 and normal[1] == ":"):
+    # A drive is a letter then ':' (C:, c:/x); '4:3/owl.jpg' or '1:30 pm.jpg' are plain names.
+    if normal.startswith("/") or (normal[:1] in string.ascii_letters and normal[1:2] == ":"):
         return True
     return ".." in PurePosixPath(normal).parts
 
