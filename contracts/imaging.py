@@ -113,6 +113,27 @@ def _signature(data: bytes) -> str | None:
     return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
+NOT_SUPPORTED = f"The file is not an image in a supported format ({', '.join(sorted(SUPPORTED_FORMATS - {'MPO'}))})."
+"""Why a file Pillow cannot identify as a supported format is refused."""
+HEAD_BYTES = 16
+"""Bytes at the start of a file that Pillow's ``Image.open`` identifies its format by."""
+
+
+def may_be_image(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (its first HEAD_BYTES bytes) can be a supported image:
+    Pillow's own test of each format's first bytes, so a file that fails it is refused (415) by
+    ``inspect_image`` too, whatever follows. Lets a reader skip such a file without reading the rest."""
+    Image.init()  # every plugin, as Image.open loads them when the first few do not know a file
+    for fmt in SUPPORTED_FORMATS:
+        registered = Image.OPEN.get(fmt)
+        if registered is None:  # MPO is opened by JPEG's plugin
+            continue
+        _factory, accept = registered
+        if accept is None or accept(head):
+            return True
+    return False
+
+
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise ImageRejected(415, "The file is empty; upload an image.")
@@ -123,10 +144,7 @@ def _open(data: bytes) -> Image.Image:
             raise ImageRejected(
                 422, f"The file starts as a {looks_like} does but cannot be read; it is truncated or corrupt."
             ) from None
-        raise ImageRejected(
-            415,
-            "The file is not an image in a supported format " f"({', '.join(sorted(SUPPORTED_FORMATS - {'MPO'}))}).",
-        ) from None
+        raise ImageRejected(415, NOT_SUPPORTED) from None
     if img.format not in SUPPORTED_FORMATS:
         raise ImageRejected(415, f"Image format {img.format} is not supported.")
     return img

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contracts.imaging import ImageRejected, inspect_image, load_image
+from contracts.imaging import HEAD_BYTES, ImageRejected, inspect_image, load_image, may_be_image
 from tests.images import animated_gif, encode, exif_rotated_jpeg, png_bomb, sixteen_bit_png, split_colour
 from tests.support import ROOT
 
@@ -160,3 +160,21 @@ def test_an_mpo_is_a_jpeg() -> None:
     info = inspect_image(buf.getvalue(), max_pixels=MAX)
     assert (info.format, info.width, info.height) == ("JPEG", 64, 64)
     assert load_image(buf.getvalue()).size == (64, 64)
+
+
+def test_the_first_bytes_tell_every_supported_format_from_other_files() -> None:
+    """Every format an upload can be passes the test of its first bytes (a file failing it is
+    skipped unread), and files that are no image fail it."""
+    img = split_colour(32)
+    images = [encode(img, fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")]
+    images += [encode(img, "TIFF", big_tiff=True), animated_gif(), sixteen_bit_png(), exif_rotated_jpeg()]
+    buf = io.BytesIO()
+    img.save(buf, format="MPO", save_all=True, append_images=[img.rotate(90)])
+    images.append(buf.getvalue())
+    for data in images:
+        inspect_image(data, max_pixels=MAX)
+        assert may_be_image(data[:HEAD_BYTES]), data[:HEAD_BYTES]
+    for other in (b"\x00" * HEAD_BYTES, b"%PDF-1.4\n1 0 obj <<", b"PK\x03\x04" + b"\x00" * 12, b"hello, world"):
+        assert not may_be_image(other), other
+        with pytest.raises(ImageRejected):
+            inspect_image(other, max_pixels=MAX)

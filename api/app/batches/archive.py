@@ -1,16 +1,21 @@
 """Reading a batch's zip archives safely: the listing is checked before anything is extracted.
 
 Refused outright (the whole batch, 4xx): an archive that is not a readable zip, one whose entries
-would exceed the batch's limits (count, uncompressed size), an entry name that could escape a
-folder when extracted (absolute, ``..``, a Windows drive such as ``C:``: the "zip slip" of
-Snyk's 2018 report), and an entry compressed more than ``MAX_RATIO`` times (a zip bomb: David Fifield's
-"A better zip bomb", 2019, overlaps entries to reach ratios in the millions; ordinary images
-compress less than 10 times). Listed and skipped: directories' placeholders are ignored, nested
-archives and encrypted entries are skipped with a reason; whether an entry is an image is decided
-later, as for any upload.
+would exceed the batch's limits (count, uncompressed size), and an entry name that could escape a
+folder when extracted (absolute, ``..``, a Windows drive such as ``C:``: the "zip slip" of Snyk's
+2018 report). Listed and skipped with a reason: nested archives, encrypted entries, entries larger
+than one image may be, and entries compressed other than by deflate (or stored); directories'
+placeholders are ignored. Whether an entry is an image is decided later, as for any upload, but an
+entry whose first bytes no supported format starts with is skipped without unpacking the rest.
 
-Each entry is read with a cap (the upload limit plus one byte), so an entry that inflates past its
-declared size cannot take more memory than one upload.
+A zip bomb (David Fifield's "A better zip bomb", 2019, overlaps entries to reach ratios in the
+millions) is stopped by caps on the bytes unpacked, not by a compression ratio, which would refuse
+flat images (a screenshot saved as BMP deflates several hundred times): each entry is read with a
+cap of the size its header declares, at most the upload limit, so a header that understates cannot
+unpack more; and the declared sizes of the entries read add up to at most the batch's limit,
+checked before anything is unpacked. Only deflated and stored entries are unpacked, because
+Python's bzip2 and LZMA readers take no output limit (one read of a few KiB of bzip2 can make
+gigabytes).
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO
 
-MAX_RATIO = 100
-"""Largest uncompressed / compressed size of an entry above 1 MiB."""
+from contracts import imaging
+
 NESTED = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar", ".zst")
 """File name endings of archives, which a batch does not open."""
 IGNORED_FOLDERS = ("__MACOSX/",)
 """Folders of metadata some archivers add (resource forks), never images."""
+UNPACKED = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+"""Compression methods whose entries are read: their readers unpack at most what is asked for."""
+METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
+"""Names of the other methods Python's zipfile reads, for the reason an entry is skipped."""
 
 
 class ArchiveRefused(Exception):
@@ -58,10 +67,11 @@ def unsafe_name(name: str) -> bool:
 def members(
     archive: zipfile.ZipFile, *, label: str, max_entries: int, max_bytes: int, max_file_bytes: int
 ) -> list[Member]:
-    """The files of ``archive`` (called ``label`` in messages), checked as the module says.
+    """The files of ``archive`` (called ``label`` in messages), checked as the module says; an
+    entry declared larger than ``max_file_bytes`` is listed as skipped.
 
-    Raises ArchiveRefused: 413 past ``max_entries`` files or ``max_bytes`` uncompressed, 422 for
-    an unsafe name or a zip bomb."""
+    Raises ArchiveRefused: 413 past ``max_entries`` files or past ``max_bytes`` declared by the
+    entries to read, 422 for an unsafe name."""
     listed: list[Member] = []
     total = 0
     for info in archive.infolist():
@@ -72,26 +82,24 @@ def members(
             )
         if info.is_dir() or name.startswith(IGNORED_FOLDERS):
             continue
-        if info.file_size > 1024 * 1024 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-            raise ArchiveRefused(
-                422,
-                f"{label}: {name!r} would grow {info.file_size // max(info.compress_size, 1):,} times when"
-                " unpacked, which no image does (a zip bomb?); nothing was taken.",
-            )
-        total += info.file_size
-        if total > max_bytes:
-            raise ArchiveRefused(
-                413, f"{label}: the batch would be past its size limit once unpacked (MAX_BATCH_BYTES)."
-            )
         if len(listed) >= max_entries:
             raise ArchiveRefused(413, f"{label}: the batch would hold more files than its limit (MAX_BATCH_IMAGES).")
         if name.lower().endswith(NESTED):
             listed.append(Member(name, None, "an archive inside the archive; nested archives are not opened"))
         elif info.flag_bits & 0x1:
             listed.append(Member(name, None, "encrypted; the batch cannot read it"))
+        elif info.compress_type not in UNPACKED:
+            method = METHOD_NAMES.get(info.compress_type, f"method {info.compress_type}")
+            listed.append(Member(name, None, f"compressed with {method}; only deflated or stored entries are unpacked"))
         elif info.file_size > max_file_bytes:
             listed.append(Member(name, None, f"{info.file_size:,} bytes; at most {max_file_bytes:,} bytes per image"))
         else:
+            # Entries skipped above are never unpacked, so only these count against the batch's size.
+            total += info.file_size
+            if total > max_bytes:
+                raise ArchiveRefused(
+                    413, f"{label}: the batch would be past its size limit once unpacked (MAX_BATCH_BYTES)."
+                )
             listed.append(Member(name, info))
     return listed
 
@@ -105,15 +113,23 @@ def open_archive(file: IO[bytes], *, label: str) -> zipfile.ZipFile:
 
 
 def read_member(archive: zipfile.ZipFile, member: Member, *, max_file_bytes: int) -> tuple[bytes | None, str | None]:
-    """The entry's bytes, or None with why it could not be read (corrupt, larger than declared)."""
+    """The entry's bytes, or None with why it was not read: corrupt, not starting as any supported
+    image does (then only its first ``imaging.HEAD_BYTES`` bytes are taken; the zip reader inflates
+    a few KiB at most), or larger once unpacked than its header declares or than ``max_file_bytes``
+    (then unpacking stops one byte past it)."""
     assert member.info is not None
+    cap = min(member.info.file_size, max_file_bytes)
     try:
         with archive.open(member.info) as fh:
-            data = fh.read(max_file_bytes + 1)
-    except Exception as exc:  # untrusted bytes: zlib, LZMA and bz2 each raise their own errors
+            data = fh.read(min(imaging.HEAD_BYTES, cap + 1))
+            # An empty entry goes on, to be refused as an empty upload is.
+            if data and not imaging.may_be_image(data):
+                return None, imaging.NOT_SUPPORTED
+            data += fh.read(cap + 1 - len(data))
+    except Exception as exc:  # untrusted bytes: zlib and the zip reader each raise their own errors
         return None, f"cannot be unpacked ({type(exc).__name__}: {exc})"
-    if len(data) > max_file_bytes:
-        return None, f"larger than {max_file_bytes:,} bytes once unpacked"
+    if len(data) > cap:
+        return None, f"larger once unpacked than its header declares or than {max_file_bytes:,} bytes"
     return data, None
 
 

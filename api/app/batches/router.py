@@ -96,9 +96,9 @@ async def create_batch(
     """Classify many images: ``file`` parts (images or zips of images; at most MAX_BATCH_BYTES in
     all) and/or ``image_ids``, each by the ``models``. 202 with the batch and its counts; follow
     it with ``GET /v1/batches/{id}``. Bad files are listed as skipped (see the results), the rest
-    go on. 413: more than MAX_BATCH_IMAGES files or MAX_BATCH_BYTES; 422: an unreadable zip, an
-    entry name that leaves the archive, a zip bomb, an empty batch, unknown models, ``models``
-    both in the form and in the query; 429: too many of your batch images waiting.
+    go on. 413: more than MAX_BATCH_IMAGES files or MAX_BATCH_BYTES (zip entries unpacked); 422:
+    an unreadable zip, an entry name that leaves the archive, an empty batch, unknown models,
+    ``models`` both in the form and in the query; 429: too many of your batch images waiting.
 
     With an ``Idempotency-Key`` header, a request sent again (after a lost answer) gets the batch
     the first one made, as it is now, with ``Idempotent-Replayed: true``; 409 while the first is

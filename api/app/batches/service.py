@@ -363,10 +363,11 @@ async def create_batch(
     batch's request asked for other files, image ids or models (``request_fingerprint``), 409 while
     it is still being received. A batch cancelled before it was fully received no longer holds its key.
 
-    Files that are no acceptable image, nested archives, encrypted or oversized entries and ids of
-    images that are not the user's are listed as skipped with the reason. Raises 413 (more files
-    or bytes than MAX_BATCH_IMAGES / MAX_BATCH_BYTES), 422 (no models known by those names, an
-    empty batch, an unreadable zip, an entry name outside the archive, a zip bomb), 429 (more than
+    Files that are no acceptable image, nested archives, encrypted, oversized (past
+    MAX_UPLOAD_BYTES) or bzip2/LZMA entries and ids of images that are not the user's are listed as
+    skipped with the reason. Raises 413 (more files than MAX_BATCH_IMAGES, or more bytes than
+    MAX_BATCH_BYTES: the files and the zip entries to unpack), 422 (no models known by those names,
+    an empty batch, an unreadable zip, an entry name outside the archive), 429 (more than
     MAX_BATCH_IMAGES_QUEUED_PER_USER of the user's batch images waiting), 503 (a model not served
     yet); 422 also when no file at all is an image (nothing to do)."""
     fingerprint = None

@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     storage_dir: Path = PROJECT_ROOT / "var" / "storage"
     """Directory of the content-addressed image store."""
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    """Largest accepted upload in bytes."""
+    """Largest accepted upload in bytes, and largest zip entry a batch unpacks (larger ones are skipped)."""
     max_image_pixels: int = 50_000_000
     """Largest accepted image area (width x height); larger is treated as a decompression bomb."""
     max_concurrent_decodes: int = Field(default=2, ge=1)
@@ -185,7 +185,8 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(default=10_000, ge=1)
     """Most entries (images, and files skipped) one batch may hold; more is refused with 413."""
     max_batch_bytes: int = Field(default=2 * 1024**3, ge=1)
-    """Largest batch, in bytes: the request's body, and the uncompressed size of its zips' entries."""
+    """Largest batch, in bytes: the request's body, and the uncompressed size of the zip entries it
+    unpacks (as their headers declare it; no entry is unpacked past its declared size)."""
     max_batch_images_queued_per_user: int = Field(default=20_000, ge=1)
     """Batch images one user may have waiting or in flight at once; a batch past it is refused (429)."""
     batch_in_flight: int = Field(default=1, ge=1)
