@@ -12,7 +12,9 @@ import statistics
 import time
 import uuid
 import zipfile
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -503,6 +505,41 @@ async def running_batch(
     return batch
 
 
+@dataclass
+class LaneDatabase:
+    """A fresh database with its admin, for the lane's functions: a session on it, a blob store,
+    a Redis client, the registry's entries by key and the admin's id (the batches' owner)."""
+
+    session: AsyncSession
+    store: LocalBlobStore
+    redis: aioredis.Redis
+    registry: dict[str, ModelEntry]
+    owner: int
+
+
+@asynccontextmanager
+async def lane_database(settings: Settings, redis_url: str, folder: Path) -> AsyncIterator[LaneDatabase]:
+    from sqlalchemy import select
+
+    from api.app.core.db import make_engine, make_sessionmaker
+    from api.app.users.models import User
+    from api.prestart import seed_admin
+    from contracts.registry import load_registry
+
+    await seed_admin(settings)
+    registry = {m.key: m for m in load_registry(settings.registry_path).models}
+    redis_client = aioredis.Redis.from_url(redis_url)
+    engine = make_engine(settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            owner = await session.scalar(select(User.id).limit(1))
+            assert owner is not None
+            yield LaneDatabase(session, LocalBlobStore(folder), redis_client, registry, owner)
+    finally:
+        await engine.dispose()
+        await redis_client.aclose()
+
+
 async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
     fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -511,52 +548,40 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
     from sqlalchemy import select
 
     from api.app.batches import lane
-    from api.app.core.db import make_engine, make_sessionmaker
-    from api.app.images.storage import LocalBlobStore
     from api.app.predictions.models import Job
-    from api.app.users.models import User
-    from api.prestart import seed_admin
-    from contracts.registry import load_registry
 
-    await seed_admin(fresh_settings)
-    registry = {m.key: m for m in load_registry(fresh_settings.registry_path).models}
-    store = LocalBlobStore(tmp_path)
-    redis_client = aioredis.Redis.from_url(private_redis.url)
-    engine = make_engine(fresh_settings)
-    try:
-        async with make_sessionmaker(engine)() as session:
-            owner = await session.scalar(select(User.id).limit(1))
-            assert owner is not None
-            # The sketch batch is older and larger than any window of oldest jobs the lane might
-            # look at: the served model's job behind it is still found.
-            made = {
-                ref: await running_batch(session, store, fresh_settings, owner, registry[ref], seeds)
-                for ref, seeds in (("sketch@3", range(1, 51)), ("mobilenet_v2@1", [51]))
-            }
-            sketch_batch = made["sketch@3"].id
-            served = {"mobilenet_v2@1"}
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        # The sketch batch is older and larger than any window of oldest jobs the lane might
+        # look at: the served model's job behind it is still found.
+        made = {
+            ref: await running_batch(session, db.store, fresh_settings, db.owner, db.registry[ref], seeds)
+            for ref, seeds in (("sketch@3", range(1, 51)), ("mobilenet_v2@1", [51]))
+        }
+        sketch_batch = made["sketch@3"].id
+        served = {"mobilenet_v2@1"}
 
-            async def top_up() -> int:
-                return await lane.top_up(
-                    session=session, redis=redis_client, store=store, in_flight=1, job_seconds=60.0, served=served
-                )
-
-            assert await top_up() == 1
-            assert await redis_client.xlen("jobs:mobilenet_v2@1") == 1 and await redis_client.xlen("jobs:sketch@3") == 0
-            statuses = sorted((await session.scalars(select(Job.status))).all())
-            assert statuses == ["pending"] * 50 + ["queued"]
-            # The lane's one slot is taken by a served model's job: nothing more until it is answered.
-            assert await top_up() == 0
-            # One sketch image was answered before its worker went.
-            answered = await session.scalar(
-                select(Job)
-                .where(Job.request_id == f"{BATCH_REQUEST_PREFIX}{sketch_batch}", Job.status == "pending")
-                .order_by(Job.created_at)
-                .limit(1)
+        async def top_up() -> int:
+            return await lane.top_up(
+                session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served=served
             )
-            assert answered is not None
-            answered.status, answered.finished_at = "done", datetime.now(UTC)
-            await session.commit()
+
+        assert await top_up() == 1
+        assert await db.redis.xlen("jobs:mobilenet_v2@1") == 1 and await db.redis.xlen("jobs:sketch@3") == 0
+        statuses = sorted((await session.scalars(select(Job.status))).all())
+        assert statuses == ["pending"] * 50 + ["queued"]
+        # The lane's one slot is taken by a served model's job: nothing more until it is answered.
+        assert await top_up() == 0
+        # One sketch image was answered before its worker went.
+        answered = await session.scalar(
+            select(Job)
+            .where(Job.request_id == f"{BATCH_REQUEST_PREFIX}{sketch_batch}", Job.status == "pending")
+            .order_by(Job.created_at)
+            .limit(1)
+        )
+        assert answered is not None
+        answered.status, answered.finished_at = "done", datetime.now(UTC)
+        await session.commit()
         # Its owner is told what the sketch batch waits for (no worker at all here).
         async for client in client_for(create_app(fresh_settings.model_copy(update={"redis_url": private_redis.url}))):
             admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
@@ -564,9 +589,6 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
             assert r.status_code == 200 and r.json()["waiting_for"] == ["sketch@3"], r.text
             # No estimate while it waits: the last minute's pace says nothing of when it goes on.
             assert r.json()["counts"]["queued"] == 49 and r.json()["counts"]["eta_seconds"] is None
-    finally:
-        await engine.dispose()
-        await redis_client.aclose()
 
 
 async def test_a_stored_file_gone_fails_its_own_job_and_the_lane_goes_on(
@@ -577,47 +599,33 @@ async def test_a_stored_file_gone_fails_its_own_job_and_the_lane_goes_on(
     from sqlalchemy import select
 
     from api.app.batches import lane
-    from api.app.core.db import make_engine, make_sessionmaker
     from api.app.images.models import Image
     from api.app.predictions.models import Job, Prediction
-    from api.app.users.models import User
-    from api.prestart import seed_admin
-    from contracts.registry import load_registry
 
-    await seed_admin(fresh_settings)
-    registry = {m.key: m for m in load_registry(fresh_settings.registry_path).models}
-    store = LocalBlobStore(tmp_path)
-    redis_client = aioredis.Redis.from_url(private_redis.url)
-    engine = make_engine(fresh_settings)
-    try:
-        async with make_sessionmaker(engine)() as session:
-            owner = await session.scalar(select(User.id).limit(1))
-            assert owner is not None
-            await running_batch(session, store, fresh_settings, owner, registry["mobilenet_v2@1"], [61, 62])
-            await running_batch(session, store, fresh_settings, owner, registry["mobilenet_v2@1"], [63])
-            await session.commit()
-            lost = await session.scalar(
-                select(Image.sha256).join(Job, Job.image_id == Image.id).order_by(Job.created_at, Job.id).limit(1)
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session, mobilenet = db.session, db.registry["mobilenet_v2@1"]
+        await running_batch(session, db.store, fresh_settings, db.owner, mobilenet, [61, 62])
+        await running_batch(session, db.store, fresh_settings, db.owner, mobilenet, [63])
+        await session.commit()
+        lost = await session.scalar(
+            select(Image.sha256).join(Job, Job.image_id == Image.id).order_by(Job.created_at, Job.id).limit(1)
+        )
+        assert lost is not None
+        await db.store.delete(lost)
+        queued = await lane.top_up(
+            session=session, redis=db.redis, store=db.store, in_flight=3, job_seconds=60.0, served=None
+        )
+        assert queued == 2 and await db.redis.xlen("jobs:mobilenet_v2@1") == 2
+        rows = (
+            await session.execute(
+                select(Image.sha256, Job.status, Prediction.status, Prediction.error)
+                .join(Job, Job.image_id == Image.id)
+                .join(Prediction, Prediction.job_id == Job.id)
+                .order_by(Job.created_at, Job.id)
             )
-            assert lost is not None
-            await store.delete(lost)
-            queued = await lane.top_up(
-                session=session, redis=redis_client, store=store, in_flight=3, job_seconds=60.0, served=None
-            )
-            assert queued == 2 and await redis_client.xlen("jobs:mobilenet_v2@1") == 2
-            rows = (
-                await session.execute(
-                    select(Image.sha256, Job.status, Prediction.status, Prediction.error)
-                    .join(Job, Job.image_id == Image.id)
-                    .join(Prediction, Prediction.job_id == Job.id)
-                    .order_by(Job.created_at, Job.id)
-                )
-            ).all()
-            assert tuple(rows[0]) == (lost, "failed", "failed", lane.MISSING_FILE)
-            assert [(r[1], r[2]) for r in rows][1:] == [("queued", "queued")] * 2
-    finally:
-        await engine.dispose()
-        await redis_client.aclose()
+        ).all()
+        assert tuple(rows[0]) == (lost, "failed", "failed", lane.MISSING_FILE)
+        assert [(r[1], r[2]) for r in rows][1:] == [("queued", "queued")] * 2
 
 
 async def test_a_batch_cancelled_with_jobs_in_flight_ends_once_they_are_answered(

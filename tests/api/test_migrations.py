@@ -8,14 +8,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.migration import MigrationContext
 
 from api.app.core.db import Base
 from api.app.examples.service import split_of
-from tests.api.test_stats_migration import ALEMBIC_INI, upgrade
+from tests.api.test_stats_migration import downgrade, upgrade
 
 pytestmark = pytest.mark.usefixtures("client")  # the app's lifespan has opened its engine
 
@@ -66,14 +64,6 @@ async def test_images_a_batch_stored_are_marked_as_its_files_and_earlier_uploads
 
 
 PER_LABEL = "c5e8a1f3b724"
-
-
-def _downgrade(url: str, revision: str) -> None:
-    config = Config(str(ALEMBIC_INI))
-    config.attributes["configure_logger"] = False
-    config.cmd_opts = None
-    config.set_main_option("sqlalchemy.url", url)
-    command.downgrade(config, revision)
 
 
 async def test_labels_a_later_one_had_replaced_come_back_and_taken_back_ones_go(empty_database: str) -> None:
@@ -152,7 +142,7 @@ async def test_labels_a_later_one_had_replaced_come_back_and_taken_back_ones_go(
             (5, "star", "train"),
         ]
         # Back: one example per content and model, the latest label.
-        await asyncio.to_thread(_downgrade, url, SOURCE)
+        await asyncio.to_thread(downgrade, url, SOURCE)
         rows = await conn.fetch("SELECT feedback_id, label FROM labelled_examples ORDER BY feedback_id")
         assert [(r["feedback_id"].int, r["label"]) for r in rows] == [(2, "apple"), (4, "star"), (5, "star")]
     finally:

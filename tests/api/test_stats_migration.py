@@ -15,12 +15,20 @@ BEFORE_STATS = "c4d9e2a7f813"
 STATS = "a1f5c3e9d742"
 
 
-def upgrade(url: str, revision: str) -> None:
+def _config(url: str) -> Config:
     config = Config(str(ALEMBIC_INI))
     config.attributes["configure_logger"] = False
     config.cmd_opts = None
     config.set_main_option("sqlalchemy.url", url)
-    command.upgrade(config, revision)
+    return config
+
+
+def upgrade(url: str, revision: str) -> None:
+    command.upgrade(_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    command.downgrade(_config(url), revision)
 
 
 async def test_an_answer_stored_while_the_summaries_are_seeded_is_counted(empty_database: str) -> None:
