@@ -164,16 +164,17 @@ async def _token_user(request: Request, token: str) -> User:
 
 async def _key_caller(request: Request, key: str) -> Caller:
     """The key's owner and scopes. Failed keys are counted per client address as failed logins
-    are (their own count), and past the limit every key from that address gets 429; a revoked or
-    expired key is not counted: it is no guess (only the real key finds its row), and a script
-    still sending one after a rotation would otherwise lock every key of its host out."""
+    are (their own count), and past the limit every key from that address gets 429; a key that
+    was found (revoked, expired, its owner deactivated) is not counted: it is no guess (only the
+    real key finds its row), and a script still sending one after a rotation would otherwise lock
+    every key of its host out."""
     throttle: AttemptThrottle = request.app.state.throttle
     async with throttle.client_attempt(action="api_key", client=await get_client_address(request)) as attempt:
         async with request.app.state.read_sessionmaker() as session:
             try:
                 user, grant = await api_keys_service.authenticate(session=session, key=key)
-            except HTTPException as exc:
-                attempt.succeeded = exc.detail in (api_keys_service.REVOKED, api_keys_service.EXPIRED)
+            except api_keys_service.KeyRefused as exc:
+                attempt.succeeded = exc.known
                 raise
         attempt.succeeded = True
     if Scope.admin not in grant.scopes:

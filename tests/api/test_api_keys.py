@@ -287,7 +287,9 @@ async def test_wrong_keys_are_throttled_per_client_address(app: FastAPI, users: 
         assert (await other.get("/v1/users/me", headers=header(good))).status_code == 200
 
 
-async def test_a_revoked_key_sent_on_is_no_guess_and_locks_no_key_out(app: FastAPI, users: Users) -> None:
+async def test_a_revoked_key_sent_on_is_no_guess_and_locks_no_key_out(
+    app: FastAPI, users: Users, admin_headers: dict[str, str]
+) -> None:
     """A script still sending a key after its rotation counted as guessing: after 20 requests
     every key from its host got 429 for 15 minutes, the new one too."""
     _, login = await users.create()
@@ -299,6 +301,16 @@ async def test_a_revoked_key_sent_on_is_no_guess_and_locks_no_key_out(app: FastA
             r = await client.get("/v1/users/me", headers=header(old["key"]))
             assert r.status_code == 401 and r.json()["detail"] == "API key has been revoked", r.text
         assert (await client.get("/v1/users/me", headers=header(new))).status_code == 200
+    # Nor a deactivated owner's key (refused with a plain 401).
+    gone, gone_login = await users.create()
+    async with client_at(app, fresh_address()) as client:
+        kept = (await make_key(client, gone_login, ["read"]))["key"]
+        working = (await make_key(client, login, ["read"]))["key"]
+        r = await client.patch(f"/v1/users/{gone['id']}", json={"is_active": False}, headers=admin_headers)
+        assert r.status_code == 200, r.text
+        for _ in range(25):
+            assert (await client.get("/v1/users/me", headers=header(kept))).status_code == 401
+        assert (await client.get("/v1/users/me", headers=header(working))).status_code == 200
 
 
 async def test_only_the_keys_hash_is_stored(client: httpx.AsyncClient, app: FastAPI, users: Users) -> None:

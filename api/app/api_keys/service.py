@@ -107,23 +107,34 @@ async def revoke_api_key(*, session: AsyncSession, owner_id: int, key_id: uuid.U
     await session.commit()
 
 
+class KeyRefused(HTTPException):
+    """401 for an API key; ``known``: the key was found (revoked, expired, or its owner
+    deactivated), so whoever sent it holds a real key and was not guessing."""
+
+    def __init__(self, detail: str | None = None, *, known: bool) -> None:
+        refused = unauthorized() if detail is None else unauthorized(detail)
+        super().__init__(status_code=refused.status_code, detail=refused.detail, headers=refused.headers)
+        self.known = known
+
+
 async def authenticate(*, session: AsyncSession, key: str) -> tuple[User, KeyGrant]:
     """The key's owner (detached from ``session`` once it closes) and what the key grants, in one
-    round trip, plus one write at most once a minute for ``last_used_at``. Raises 401 for an
-    unknown, malformed, revoked or expired key and for a deactivated owner."""
+    round trip, plus one write at most once a minute for ``last_used_at``. Raises KeyRefused (401)
+    for an unknown or malformed key, and, ``known``, for a revoked or expired key and for a
+    deactivated owner (a plain 401, as for a bad login token)."""
     if len(key) != KEY_LENGTH or not is_key(key):
-        raise unauthorized(INVALID)
+        raise KeyRefused(INVALID, known=False)
     row = (await session.execute(_KEY_WITH_OWNER, {"b_hash": hash_key(key)})).first()
     if row is None:
-        raise unauthorized(INVALID)
+        raise KeyRefused(INVALID, known=False)
     api_key, user = row
     now = utcnow()
     if api_key.revoked_at is not None:
-        raise unauthorized(REVOKED)
+        raise KeyRefused(REVOKED, known=True)
     if api_key.expires_at is not None and api_key.expires_at <= now:
-        raise unauthorized(EXPIRED)
+        raise KeyRefused(EXPIRED, known=True)
     if not user.is_active:
-        raise unauthorized()
+        raise KeyRefused(known=True)
     if api_key.last_used_at is None or now - api_key.last_used_at >= LAST_USED_EVERY:
         await _mark_used(session=session, key_id=api_key.id, now=now)
     return user, KeyGrant(key_id=api_key.id, scopes=frozenset(Scope(s) for s in api_key.scopes))
