@@ -112,20 +112,33 @@ def remove_temporary_zips() -> None:
         _temporary.discard(path)
 
 
+def _unique(name: str, used: set[str]) -> str:
+    """``name``, or when ``used`` holds it already the first of ``stem~2.ext``, ``stem~3.ext``, ...
+    that it does not; added to ``used``."""
+    stem, dot, extension = name.rpartition(".")
+    candidate, n = name, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}~{n}{dot}{extension}" if dot else f"{name}~{n}"
+    used.add(candidate)
+    return candidate
+
+
 def zip_images(target: Path, folder: Path, images: list[Path], on_added: Callable[[int], None] | None = None) -> None:
     """Writes ``images`` (files under ``folder``) into the zip ``target``, named by their path
     relative to ``folder`` with ``/`` separators (the name the results show; bytes of a name that
-    are not UTF-8 become U+FFFD, see ``readable``). ``on_added`` is told how many files are in so
-    far.
+    are not UTF-8 become U+FFFD, see ``readable``, and a name that two files then share gets ``~2``,
+    ``~3``, ... before its extension). ``on_added`` is told how many files are in so far.
 
     Entries are stored, not deflated: photos are compressed already, and deflating them again
     would cost CPU for nothing. Every entry has the same time and mode (``ENTRY_TIME``,
     ``ENTRY_MODE``), so the same images zip to the same bytes whatever their files' times: a batch
     sent again after an interruption is the same request to the portal. Raises OSError when a
     file cannot be read or the disk is full."""
+    used: set[str] = set()
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for n, image in enumerate(images, start=1):
-            info = zipfile.ZipInfo(readable(image.relative_to(folder).as_posix()), date_time=ENTRY_TIME)
+            info = zipfile.ZipInfo(_unique(readable(image.relative_to(folder).as_posix()), used), date_time=ENTRY_TIME)
             info.external_attr = ENTRY_MODE << 16
             info.file_size = image.stat().st_size
             with image.open("rb") as src, archive.open(info, "w") as dst:

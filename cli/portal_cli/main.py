@@ -78,6 +78,8 @@ def _portal_url(value: str | None) -> str | None:
         raise typer.BadParameter(f"{value!r} is not a URL ({exc}).") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise typer.BadParameter(f"{value!r} is not a portal address such as http://127.0.0.1:8000.")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise typer.BadParameter(f"{value!r} has no valid port (1 to 65535).")
     return value
 
 

@@ -162,10 +162,15 @@ def test_names_that_are_not_utf8_are_sent_with_replacement_characters(logged_in:
     names = make_images(folder, 2)
     odd = folder / os.fsdecode(b"caf\xe9.jpg")
     shutil.copy(PHOTOS / "parrot.jpg", odd)
+    # Two names that differ only in such bytes: both sent, under names of their own.
+    for raw in (b"\xe8.png", b"\xe9.png"):
+        shutil.copy(folder / names[0], folder / os.fsdecode(raw))
     out = tmp_path / "results.csv"
     result = run("batch", str(folder), "-m", MODEL, "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert sorted(r["file_name"] for r in rows(out)) == sorted([*names, "caf\ufffd.jpg"])
+    assert "Duplicate name" not in result.output
+    expected = [*names, "caf\ufffd.jpg", "\ufffd.png", "\ufffd~2.png"]
+    assert sorted(r["file_name"] for r in rows(out)) == sorted(expected)
     assert BatchStates().get(str(folder.resolve())) is None  # done: nothing left to resume
 
     predicted = run("predict", str(odd), "-m", MODEL)
@@ -510,7 +515,7 @@ def test_usage_errors_exit_2(config_dir: Path, tmp_path: Path) -> None:
 def test_a_malformed_url_is_a_usage_error(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A --url or PORTAL_URL that is not an http(s) address is refused as wrong usage, naming it."""
     parrot = str(PHOTOS / "parrot.jpg")
-    for bad in ("http://[::1", "127.0.0.1:8000"):
+    for bad in ("http://[::1", "127.0.0.1:8000", "http://127.0.0.1:99999"):
         result = run("predict", parrot, "--url", bad, "--api-key", "ipk_never_sent")
         assert result.exit_code == 2 and repr(bad) in boxed(result.stderr), result.output
         login = run("login", "--url", bad, "--email", "someone@example.com", input="password\n")
