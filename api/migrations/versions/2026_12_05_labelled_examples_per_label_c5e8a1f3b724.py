@@ -2,6 +2,10 @@
 instead of one per content and model, so deleting the upload or verdict a label came from leaves
 the labels others gave the same content; a verdict whose label was taken back has no row
 
+Uploaders' labels that a later label had replaced are not brought back: the image keeps its label,
+but not which of its request's models it was given for. API processes of the previous release
+write labels against the dropped constraint (500) until they are replaced.
+
 Revision ID: c5e8a1f3b724
 Revises: b4d9e2f6a813
 Create Date: 2026-12-05 15:30:00.000000+00:00
