@@ -229,6 +229,19 @@ class Portal:
         ``ref`` (name@version) and whether a worker serves it now (``available``)."""
         return list(self._json("GET", "/v1/models", timeout=QUICK)["data"])
 
+    def key_scopes(self) -> list[str] | None:
+        """The scopes the API key in use grants now (``GET /v1/api-keys/current``); None when the
+        calls are made with the login, or the portal cannot tell."""
+        if not self.api_key:
+            return None
+        response = self._send("GET", "/v1/api-keys/current", expected=(404,), timeout=QUICK)
+        if response.status_code == 404:
+            return None
+        try:
+            return [str(s) for s in response.json()["scopes"]]
+        except (ValueError, KeyError, TypeError):
+            return None
+
     # --- batches ------------------------------------------------------------------------------
 
     def create_batch(

@@ -342,11 +342,16 @@ def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempot
 
 def _check_before_sending(portal: Portal, models: list[str]) -> None:
     """Refuses, before anything is zipped or sent (the portal reads a whole batch before it
-    answers), a credential that may not read (an API key without the read scope: PortalError 3)
-    and a model the portal does not offer (PortalError 1). Without the read scope the upload would
-    work and make a batch whose progress and results the run could never fetch; listing the models
-    needs the same scope, so that one request answers both. Whether a known model is served now is
-    left to the portal (one loading is a moment's 503)."""
+    answers), a credential that may not read or may not send (an API key without the read or the
+    predict scope: PortalError 3) and a model the portal does not offer (PortalError 1). Without
+    the read scope the upload would work and make a batch whose progress and results the run could
+    never fetch; without the predict scope the whole upload would be sent for a 403. Whether a
+    known model is served now is left to the portal (one loading is a moment's 503)."""
+    scopes = portal.key_scopes()
+    if scopes is not None and "predict" not in scopes:
+        raise PortalError(
+            "This API key lacks the predict scope, which sending a batch needs, so nothing was sent.", ExitCode.AUTH
+        )
     try:
         offered = portal.models()
     except Forbidden as exc:

@@ -213,6 +213,50 @@ async def test_only_admins_make_admin_keys(client: httpx.AsyncClient, users: Use
     assert created["scopes"] == ["read", "admin"]
 
 
+async def test_a_demoted_admins_keys_do_not_act_as_admin_after_a_new_promotion(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    """A key with the admin scope acts as an admin's only while its owner is one; made before its
+    owner was last made an admin, it stays a user's key (its admin scope is void), while a key made
+    after the promotion has it."""
+    person, login = await users.create(role="admin")
+    old_key = (await make_key(client, login, ["read", "admin"]))["key"]
+    assert (await client.get("/v1/users", headers=header(old_key))).status_code == 200
+
+    demote = await client.patch(f"/v1/users/{person['id']}", json={"role": "user"}, headers=admin_headers)
+    assert demote.status_code == 200, demote.text
+    assert (await client.get("/v1/users", headers=header(old_key))).status_code == 403
+    promote = await client.patch(f"/v1/users/{person['id']}", json={"role": "admin"}, headers=admin_headers)
+    assert promote.status_code == 200, promote.text
+    r = await client.get("/v1/users", headers=header(old_key))
+    assert r.status_code == 403 and r.json()["detail"] == "This API key lacks the admin scope", r.text
+    # It reads as the user's key it now is, and says which scopes it grants.
+    assert (await client.get("/v1/users/me", headers=header(old_key))).status_code == 200
+    current = await client.get("/v1/api-keys/current", headers=header(old_key))
+    assert current.status_code == 200 and current.json()["scopes"] == ["read"], current.text
+    # Saying the role again (no change) does not void the keys made since.
+    new_key = (await make_key(client, login, ["admin"]))["key"]
+    again = await client.patch(f"/v1/users/{person['id']}", json={"role": "admin"}, headers=admin_headers)
+    assert again.status_code == 200, again.text
+    assert (await client.get("/v1/users", headers=header(new_key))).status_code == 200
+
+
+async def test_a_key_reads_its_own_scopes_whatever_they_are(client: httpx.AsyncClient, users: Users) -> None:
+    """``GET /v1/api-keys/current`` answers for the key that sends it, even without the read scope
+    (a script checks before it sends), and 404 for a login token; it never shows the key."""
+    _, login = await users.create()
+    made = await make_key(client, login, ["predict"])
+    r = await client.get("/v1/api-keys/current", headers=bearer(made["key"]))
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == made["id"] and r.json()["scopes"] == ["predict"] and "key" not in r.json()
+    assert made["key"] not in r.text
+    r = await client.get("/v1/api-keys/current", headers=login)
+    assert r.status_code == 404 and "not made with an API key" in r.json()["detail"]
+    assert (await client.get("/v1/api-keys/current")).status_code == 401
+    assert (await client.delete(f"/v1/api-keys/{made['id']}", headers=login)).status_code == 204
+    assert (await client.get("/v1/api-keys/current", headers=header(made["key"]))).status_code == 401
+
+
 async def test_a_key_cannot_manage_keys_or_become_a_login(client: httpx.AsyncClient, users: Users) -> None:
     """Only a login token manages keys, changes the password or renews a session: a key never
     gives itself a successor, more scopes or a login token."""

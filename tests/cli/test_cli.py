@@ -596,3 +596,22 @@ def test_an_api_key_without_the_read_scope_is_refused_before_a_batch_is_sent(
         error = one_line(result.stderr)
         assert result.exit_code == 3 and "lacks the read scope" in error and "nothing was sent" in error, error
     assert batches(account)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
+
+
+def test_an_api_key_without_the_predict_scope_is_refused_before_a_batch_is_sent(
+    account: Account, config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only key would upload the whole batch for a 403: refused (exit 3) before anything is
+    zipped or sent."""
+    r = httpx.post(
+        f"{account.url}/v1/api-keys", json={"name": "read-only", "scopes": ["read"]}, headers=account.headers()
+    )
+    assert r.status_code == 201, r.text
+    monkeypatch.setenv("PORTAL_URL", account.url)
+    folder = tmp_path / "collection"
+    make_images(folder, 2)
+    result = run("batch", str(folder), "-m", MODEL, "--out", str(tmp_path / "r.csv"), "--api-key", r.json()["key"])
+    assert "Zipping" not in result.stderr and "Uploading" not in result.stderr, result.stderr
+    error = one_line(result.stderr)
+    assert result.exit_code == 3 and "lacks the predict scope" in error and "nothing was sent" in error, error
+    assert batches(account)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None

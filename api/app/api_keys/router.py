@@ -1,16 +1,18 @@
 """Personal access tokens for scripts. Managed with a login token only: a key cannot make, list or
-revoke keys, so a leaked key cannot give itself a successor or more scopes."""
+revoke keys, so a leaked key cannot give itself a successor or more scopes. A key can read its own
+row (``/current``), so that a script can check its scopes before it sends anything."""
 
 from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, HTTPException, Response
 
 from api.app.api_keys import service
 from api.app.api_keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
 from api.app.core.responses import BODY, INVALID, LOGIN, NOT_FOUND, Responses, error
-from api.app.deps import LoginUser, PageDep, ReadSessionDep, SessionDep
+from api.app.deps import CallerDep, LoginUser, PageDep, ReadSessionDep, SessionDep
+from contracts.api_keys import Scope
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
 
@@ -39,7 +41,24 @@ async def list_api_keys(user: LoginUser, session: ReadSessionDep, page: PageDep)
     return ApiKeysPublic(data=[ApiKeyPublic.model_validate(r) for r in rows], count=count)
 
 
-@router.delete("/{key_id}", status_code=204, responses={**LOGIN, **NOT_FOUND, **INVALID})
+@router.get(
+    "/current",
+    response_model=ApiKeyPublic,
+    responses={**LOGIN, 404: error("The request is not made with an API key")},
+)
+async def current_api_key(caller: CallerDep, session: ReadSessionDep) -> ApiKeyPublic:
+    """The API key this request is made with, whatever its scopes, with the scopes it grants now
+    (``admin`` acts only while its owner is an admin, and not for a key made before the owner was
+    last made one). 404 for a request made with a login token."""
+    key = None if caller.grant is None else await service.get_api_key(session=session, key_id=caller.grant.key_id)
+    if caller.grant is None or key is None:
+        raise HTTPException(status_code=404, detail="This request is not made with an API key")
+    public = ApiKeyPublic.model_validate(key)
+    public.scopes = [s for s in Scope if s in caller.grant.scopes]
+    return public
+
+
+@router.delete("/{key_id:uuid}", status_code=204, responses={**LOGIN, **NOT_FOUND, **INVALID})
 async def revoke_api_key(key_id: uuid.UUID, user: LoginUser, session: SessionDep) -> Response:
     """Revoke one of my API keys: it is refused (401) from now on."""
     await service.revoke_api_key(session=session, owner_id=user.id, key_id=key_id)

@@ -107,6 +107,11 @@ async def revoke_api_key(*, session: AsyncSession, owner_id: int, key_id: uuid.U
     await session.commit()
 
 
+async def get_api_key(*, session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None:
+    """The key row with id ``key_id``, or None."""
+    return await session.get(ApiKey, key_id)
+
+
 class KeyRefused(HTTPException):
     """401 for an API key; ``known``: the key was found (revoked, expired, or its owner
     deactivated), so whoever sent it holds a real key and was not guessing."""
@@ -137,7 +142,17 @@ async def authenticate(*, session: AsyncSession, key: str) -> tuple[User, KeyGra
         raise KeyRefused(known=True)
     if api_key.last_used_at is None or now - api_key.last_used_at >= LAST_USED_EVERY:
         await _mark_used(session=session, key_id=api_key.id, now=now)
-    return user, KeyGrant(key_id=api_key.id, scopes=frozenset(Scope(s) for s in api_key.scopes))
+    return user, KeyGrant(key_id=api_key.id, scopes=granted_scopes(api_key, user))
+
+
+def granted_scopes(api_key: ApiKey, owner: User) -> frozenset[Scope]:
+    """The scopes ``api_key`` grants now: its own, less ``admin`` when it was made before its owner
+    was last made an admin (a demoted admin's key stays a user's key through a later promotion).
+    Whether the owner is an admin now is checked per request, where the scope is needed."""
+    scopes = frozenset(Scope(s) for s in api_key.scopes)
+    if Scope.admin in scopes and owner.admin_since is not None and api_key.created_at < owner.admin_since:
+        return scopes - {Scope.admin}
+    return scopes
 
 
 async def _mark_used(*, session: AsyncSession, key_id: uuid.UUID, now: datetime) -> None:

@@ -27,6 +27,10 @@ class User(TimestampMixin, Base):
     sessions_valid_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """Login sessions that began before this (a token's ``auth_time``) are refused: set when the
     password changes or the account is deactivated, so a stolen session ends with them."""
+    admin_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the user was last made an admin (None: never since this column exists). An API key
+    with the admin scope made before it does not carry that scope: a demoted admin's keys stay
+    users' keys when they are made an admin again."""
 
     # Not a column. A request made with an API key without the admin scope clears it on the user
     # it loaded for itself, so that every check of ``is_admin`` treats that admin as a user.

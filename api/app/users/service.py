@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
+from api.app.core.db import utcnow
 from api.app.core.security import PasswordHasher
 from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
@@ -130,12 +131,15 @@ async def _keep_an_admin(*, session: AsyncSession, actor: User, target: User, ac
 
 
 async def update_user(*, session: AsyncSession, actor: User, user: User, changes: UserUpdate) -> User:
-    """Applies the fields ``changes`` sets. Raises 409 when it would demote or deactivate the
+    """Applies the fields ``changes`` sets; making a user an admin sets ``admin_since`` (their
+    earlier keys' admin scope stays void). Raises 409 when it would demote or deactivate the
     acting admin or the last active admin."""
     if changes.role is not None and changes.role != Role.admin:
         await _keep_an_admin(session=session, actor=actor, target=user, action="demote")
     if changes.is_active is False:
         await _keep_an_admin(session=session, actor=actor, target=user, action="deactivate")
+    if changes.role == Role.admin and user.role != Role.admin.value:
+        user.admin_since = utcnow()
     for field, value in changes.model_dump(exclude_unset=True).items():
         if value is not None:
             setattr(user, field, value.value if isinstance(value, Role) else value)
