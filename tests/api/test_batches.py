@@ -33,7 +33,7 @@ from contracts.keys import BATCH_REQUEST_PREFIX
 from contracts.registry import ModelEntry
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Users, client_for, login
 from tests.images import encode, noise_png
-from tests.support import PHOTOS, RedisServer
+from tests.support import PHOTOS, RedisServer, entries
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -673,3 +673,61 @@ async def test_a_batch_cancelled_with_jobs_in_flight_ends_once_they_are_answered
             assert not await lane.any_running(session=session)
     finally:
         await engine.dispose()
+
+
+async def test_a_worker_outage_stops_the_clock_of_batch_jobs_in_flight(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A batch job handed to a worker that then stays down past ``BATCH_JOB_SECONDS`` is computed
+    once a worker is back, not expired: its deadline is held while no live worker serves its
+    version, and its message, already queued, allows a week past it. A live worker that does not
+    answer in time (hung) still lets the deadline end the job."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from api.app.batches import lane
+    from api.app.predictions import service
+    from api.app.predictions.models import Job
+    from contracts.messages import JobMessage
+
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        await running_batch(session, db.store, fresh_settings, db.owner, db.registry[MODEL], [71, 72])
+        await session.commit()
+
+        async def top_up(served: set[str]) -> int:
+            return await lane.top_up(
+                session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served=served
+            )
+
+        assert await top_up({MODEL}) == 1
+        job = await session.scalar(select(Job).where(Job.status == "queued"))
+        assert job is not None
+        [(_, fields)] = entries(await db.redis.xrange(f"jobs:{MODEL}", count=1))
+        message = JobMessage.from_fields(fields)
+        assert message.deadline == (job.deadline_at + timedelta(days=7)).timestamp()
+
+        # The worker has been down for longer than the deadline: the lane holds it.
+        job.deadline_at = datetime.now(UTC) - timedelta(minutes=20)
+        await session.commit()
+        assert await top_up(set()) == 0
+        await session.refresh(job)
+        assert job.deadline_at > datetime.now(UTC) + timedelta(seconds=50)
+        assert await service.expire_overdue(session=session, grace_seconds=0) == {}
+        await session.refresh(job)
+        assert job.status == "queued"
+        # Back an hour later, the worker finds the message in time.
+        assert not message.expired(now=time.time() + 3600)
+
+        # Served, and not answered by its deadline: it expires as before.
+        job.deadline_at = datetime.now(UTC) - timedelta(minutes=20)
+        await session.commit()
+        assert await top_up({MODEL}) == 0
+        await session.refresh(job)
+        assert job.deadline_at < datetime.now(UTC)
+        assert list(await service.expire_overdue(session=session, grace_seconds=0)) == [job.id]
+        await session.refresh(job)
+        assert job.status == "expired"
+        statuses = [p.status for p in await service.job_predictions(session=session, job_id=job.id)]
+        assert statuses == ["expired"]

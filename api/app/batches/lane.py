@@ -70,13 +70,16 @@ async def top_up(
     would join (the queue holds more than the batch jobs in flight). Only jobs whose every model
     version a live worker serves (``served``, keys like ``sketch@3``; None: not checked) are
     queued or counted in flight, so a batch for a model no worker serves waits without holding up
-    the others. A job whose image's stored file is missing is failed with ``MISSING_FILE``. With
+    the others; while none serves them, the deadlines of those already queued are held
+    (``_hold_deadlines``). A job whose image's stored file is missing is failed with ``MISSING_FILE``. With
     none pending, marks the finished batches ``done``. How many jobs it queued. Raises what Redis
     and PostgreSQL raise (the job rows roll back)."""
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('batch-lane', 0))"))
     flying = list(
         await session.scalars(select(Job).where(UNFINISHED_JOB, Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX)))
     )
+    now = datetime.now(UTC)
+    _hold_deadlines(flying, served=served, until=now + timedelta(seconds=job_seconds))
     busy = sum(1 for j in flying if served is None or _refs(j) <= served)
     room = in_flight - busy
     if room <= 0:
@@ -107,7 +110,6 @@ async def top_up(
         return 0
     found = await session.execute(select(Image.id, Image.sha256).where(Image.id.in_({j.image_id for j in jobs})))
     shas = {image_id: sha256 for image_id, sha256 in found}
-    now = datetime.now(UTC)
     deadline = now + timedelta(seconds=job_seconds)
     messages = []
     queued = 0
@@ -130,6 +132,18 @@ async def top_up(
     await queue.enqueue(redis, messages)
     await session.commit()
     return queued
+
+
+def _hold_deadlines(flying: list[Job], *, served: Set[str] | None, until: datetime) -> None:
+    """Moves the deadline of each queued or running batch job of a model version no live worker
+    serves now (outside ``served``) to ``until``: a worker outage stops a batch job's clock, so the
+    job is computed when a worker is back instead of expiring with the outage (its message allows
+    for that: ``predictions.service.BATCH_MESSAGE_SLACK``). The caller commits."""
+    if served is None:
+        return
+    for job in flying:
+        if not _refs(job) <= served and job.deadline_at < until:
+            job.deadline_at = until
 
 
 MISSING_FILE = "The stored file of this image is missing from the portal's storage; send the image again."

@@ -673,7 +673,21 @@ async def _queue_shadows(
         log.exception("shadow copies of job %s not queued", job.id)
 
 
+BATCH_MESSAGE_SLACK = timedelta(days=7)
+"""How far past its job's deadline a batch job's message tells a worker to compute it. The lane keeps
+a queued batch job's deadline ahead while no live worker serves its model version
+(``batches.lane.top_up``), so the job outlives an outage; its message, already in the queue, must
+too, or the worker back from the outage would answer it ``expired``. Nobody waits on a batch job,
+so a worker that computes one after the API gave up on it wastes one inference at most."""
+
+
 def job_message(job: Job, prediction: Prediction, sha256: str, data: bytes) -> JobMessage:
+    """The message asking ``prediction``'s model version for its answer on ``job``'s image
+    (``data``, its stored bytes; ``sha256``, their hex digest). Its deadline is the job's, or for a
+    batch job ``BATCH_MESSAGE_SLACK`` later."""
+    deadline = job.deadline_at
+    if job.request_id.startswith(keys.BATCH_REQUEST_PREFIX):
+        deadline += BATCH_MESSAGE_SLACK
     return JobMessage(
         job_id=str(job.id),
         prediction_id=str(prediction.id),
@@ -681,7 +695,7 @@ def job_message(job: Job, prediction: Prediction, sha256: str, data: bytes) -> J
         version=prediction.model_version,
         sha256=sha256,
         request_id=job.request_id,
-        deadline=job.deadline_at.timestamp(),
+        deadline=deadline.timestamp(),
         image=data,
     )
 
