@@ -290,6 +290,14 @@ class Portal:
         """My batches, newest first: ``{"data": [...], "count": n}``."""
         return dict(self._json("GET", "/v1/batches", timeout=QUICK))
 
+    def batch_sent_with(self, idempotency_key: str) -> dict[str, Any] | None:
+        """The batch a send with ``idempotency_key`` made (any status, ``receiving`` included), or
+        None when the portal has none: the send never arrived, or was cancelled before it was
+        fully received."""
+        found = self._json("GET", "/v1/batches", params={"idempotency_key": idempotency_key}, timeout=QUICK)
+        data = found.get("data") or []
+        return dict(data[0]) if data else None
+
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         """Cancels what of the batch has not been queued; the batch with its counts."""
         return dict(self._json("DELETE", f"/v1/batches/{batch_id}", timeout=QUICK))

@@ -376,12 +376,24 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
     portal's answer. The state is remembered once the zip is ready, before it is sent, and again
     with the batch's id. A refused input is forgotten: the next run sends it with a new key.
 
-    Sent again, the same unchanged input is the same request (``zip_images`` writes the same
-    bytes), so the portal answers with the batch it received, if it did; if the input changed
-    since, the portal names the batch the interrupted send made, which is followed, as a batch
-    whose id was known would be."""
+    Before sending again, the portal is asked for the batch the interrupted send made (by its
+    key): found, it is followed, received or still being received, without sending anything, as
+    a batch whose id was known would be. Otherwise the input is sent with the same key: the same
+    unchanged input is the same request (``zip_images`` writes the same bytes), so a send that
+    arrives meanwhile is still answered with its batch."""
     source = Path(state.source)
     _check_before_sending(portal, state.models)
+    if resend and (earlier := portal.batch_sent_with(resend)) is not None:
+        state.idempotency_key, state.batch_id = resend, str(earlier["id"])
+        states.remember(state)
+        if earlier["status"] == "receiving":
+            _note(f"The portal is still receiving batch {state.batch_id} from the interrupted send: following it.")
+        else:
+            _note(
+                f"The portal had received batch {state.batch_id} before the interruption: following it "
+                f"(--new sends {source} as it is now)."
+            )
+        return SentBatch(batch_id=state.batch_id, batch=None, replayed=True)
     with contextlib.ExitStack() as temporary:
         archive = source
         if source.is_dir():

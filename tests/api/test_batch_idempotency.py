@@ -104,6 +104,15 @@ async def test_a_key_sent_with_another_request_is_refused_and_keys_are_each_owne
     theirs = await send(client, other, pngs(200, 2), key)
     assert theirs.status_code == 202 and theirs.json()["id"] != batch_id, theirs.text
     assert "Idempotent-Replayed" not in theirs.headers
+    # Asked by its key, each owner's list holds their own batch only.
+    for who, expected in ((headers, batch_id), (other, theirs.json()["id"])):
+        r = await client.get("/v1/batches", params={"idempotency_key": key}, headers=who)
+        assert r.status_code == 200 and [b["id"] for b in r.json()["data"]] == [expected], r.text
+        assert r.json()["count"] == 1
+    r = await client.get("/v1/batches", params={"idempotency_key": "never-sent"}, headers=headers)
+    assert r.status_code == 200 and r.json() == {"data": [], "count": 0}, r.text
+    r = await client.get("/v1/batches", params={"idempotency_key": "has space"}, headers=headers)
+    assert r.status_code == 422, r.text
     for bad in ("", "has space", "x" * 256, "é"):
         r = await client.post(
             "/v1/batches",
@@ -158,8 +167,12 @@ async def test_a_batch_cancelled_while_received_lets_go_of_its_key(
     frozen, sending = await held_batch(client, headers, files, monkeypatch, at=2, key=key)
     try:
         [(batch_id, _)] = await batches_of(app, user["id"])
+        found = await client.get("/v1/batches", params={"idempotency_key": key}, headers=headers)
+        assert [(b["id"], b["status"]) for b in found.json()["data"]] == [(str(batch_id), "receiving")], found.text
         cancelled = await client.delete(f"/v1/batches/{batch_id}", headers=headers)
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+        found = await client.get("/v1/batches", params={"idempotency_key": key}, headers=headers)
+        assert found.json()["count"] == 0, found.text  # the key is free: the send is made anew
     finally:
         frozen.resume.set()
     first = await asyncio.wait_for(sending, 30)

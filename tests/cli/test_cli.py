@@ -268,7 +268,8 @@ def test_a_batch_cancelled_while_followed_stops_the_bar_where_the_answers_stoppe
 
 def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged_in: Account, tmp_path: Path) -> None:
     """Ctrl-C once the portal has the batch but before its answer reached the CLI: the next run
-    sends the same zip with the same Idempotency-Key and follows the batch the portal already had."""
+    finds the batch the portal already had by the send's Idempotency-Key and follows it, without
+    uploading the zip again."""
     folder = tmp_path / "collection"
     names = make_images(folder, 200)
     out = tmp_path / "results.csv"
@@ -291,6 +292,7 @@ def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged
 
     again = run("batch", str(folder), "-m", MODEL, "--out", str(out))
     assert again.exit_code == 0, again.output
+    assert "Uploading" not in again.stderr, again.stderr
     listed = batches(logged_in)["data"]
     assert isinstance(listed, list) and len(listed) == 1, listed  # followed, not sent a second time
     made = listed[0]
@@ -302,9 +304,9 @@ def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged
 def test_a_resent_batch_whose_files_changed_follows_the_batch_the_portal_received(
     logged_in: Account, tmp_path: Path
 ) -> None:
-    """A run interrupted before its answer, then the folder changed: the portal names the batch
-    the interrupted send made (422 with Location), and the next run follows it, as it follows a
-    batch whose id it had; --new then sends the folder as it is now."""
+    """A run interrupted before its answer, then the folder changed: the next run finds the batch
+    the interrupted send made by its key and follows it, as it follows a batch whose id it had,
+    without sending anything; --new then sends the folder as it is now."""
     folder = tmp_path / "collection"
     make_images(folder, 3)
     out = tmp_path / "results.csv"
@@ -323,7 +325,8 @@ def test_a_resent_batch_whose_files_changed_follows_the_batch_the_portal_receive
 
     followed = run("batch", str(folder), "-m", MODEL, "--out", str(out))
     assert followed.exit_code == 0, followed.output
-    assert f"The interrupted send made batch {r.json()['id']} before" in followed.stderr
+    assert f"had received batch {r.json()['id']} before the interruption" in followed.stderr
+    assert "--new sends" in followed.stderr and "Uploading" not in followed.stderr
     assert [row["file_name"] for row in rows(out)] == ["earlier.png"] and batches(logged_in)["count"] == 1
     assert BatchStates().get(key) is None
     anew = run("batch", str(folder), "-m", MODEL, "--out", str(out), "--new")

@@ -127,9 +127,23 @@ async def create_batch(
 
 
 @router.get("", response_model=BatchesPublic, responses={**AUTHED, **INVALID})
-async def list_batches(user: CurrentUser, session: ReadSessionDep, page: PageDep) -> BatchesPublic:
-    """My batches, newest first."""
-    rows, count = await service.list_batches(session=session, owner_id=user.id, skip=page.skip, limit=page.limit)
+async def list_batches(
+    user: CurrentUser,
+    session: ReadSessionDep,
+    page: PageDep,
+    idempotency_key: Annotated[
+        str | None,
+        Query(
+            pattern=IDEMPOTENCY_KEY,
+            description="Only the batch made by a request with this Idempotency-Key (none, or one): a client "
+            "whose send was cut off learns whether it arrived without sending it again",
+        ),
+    ] = None,
+) -> BatchesPublic:
+    """My batches, newest first; with ``idempotency_key``, the one its request made, if any."""
+    rows, count = await service.list_batches(
+        session=session, owner_id=user.id, skip=page.skip, limit=page.limit, idempotency_key=idempotency_key
+    )
     return BatchesPublic(data=[BatchPublic.model_validate(r) for r in rows], count=count)
 
 

@@ -19,7 +19,7 @@ from typing import IO, Any, cast
 
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
-from sqlalchemy import Table, delete, func, insert, select, text, update
+from sqlalchemy import Table, and_, delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -522,15 +522,18 @@ async def get_owned_batch(*, session: AsyncSession, owner_id: int, batch_id: uui
     return await session.scalar(select(Batch).where(Batch.id == batch_id, Batch.owner_id == owner_id))
 
 
-async def list_batches(*, session: AsyncSession, owner_id: int, skip: int, limit: int) -> tuple[list[Batch], int]:
-    """The user's batches, newest first, and how many there are."""
-    count = await session.scalar(select(func.count()).select_from(Batch).where(Batch.owner_id == owner_id))
+async def list_batches(
+    *, session: AsyncSession, owner_id: int, skip: int, limit: int, idempotency_key: str | None = None
+) -> tuple[list[Batch], int]:
+    """The user's batches, newest first, and how many there are; with ``idempotency_key``, only
+    the batch a request with that key made (a batch cancelled before it was fully received has
+    let go of its key)."""
+    mine = Batch.owner_id == owner_id
+    if idempotency_key is not None:
+        mine = and_(mine, Batch.idempotency_key == idempotency_key)
+    count = await session.scalar(select(func.count()).select_from(Batch).where(mine))
     rows = await session.scalars(
-        select(Batch)
-        .where(Batch.owner_id == owner_id)
-        .order_by(Batch.created_at.desc(), Batch.id)
-        .offset(skip)
-        .limit(limit)
+        select(Batch).where(mine).order_by(Batch.created_at.desc(), Batch.id).offset(skip).limit(limit)
     )
     return list(rows), int(count or 0)
 
