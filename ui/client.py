@@ -174,6 +174,7 @@ class BatchCounts(TypedDict):
     failed: int
     cancelled: int
     skipped: int
+    deleted: int
     eta_seconds: int | None
 
 

@@ -615,9 +615,10 @@ def batch(
         counts = final["counts"]
         where = "stdout" if out == "-" else out
         cancelled = f"{counts['cancelled']} cancelled, " if counts.get("cancelled") else ""
+        deleted = f", {counts['deleted']} deleted since" if counts.get("deleted") else ""
         _note(
             f"Batch {batch_id} {final['status']}: {counts['done']} done, {counts['failed']} failed, "
-            f"{cancelled}{counts['skipped']} skipped; results in {where}."
+            f"{cancelled}{counts['skipped']} skipped{deleted}; results in {where}."
         )
         if final["status"] == "cancelled":
             raise typer.Exit(ExitCode.INPUT)

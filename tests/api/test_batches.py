@@ -193,9 +193,12 @@ async def test_several_files_and_stored_images(client: httpx.AsyncClient, users:
     # An image deleted afterwards takes its answers with it: its row says why it has none.
     assert (await client.delete(f"/v1/images/{owl}", headers=headers)).status_code == 204
     rows = (await client.get(f"/v1/batches/{batch_id}/results", headers=headers)).json()["data"]
-    assert [row["error"] for row in rows if row["sha256"] and row["status"] == "skipped"] == [
+    assert [row["error"] for row in rows if row["status"] == "deleted"] == [
         "its image was deleted after the batch received it"
     ], rows
+    # Counted apart from the skipped files: those were never images.
+    counts = (await client.get(f"/v1/batches/{batch_id}", headers=headers)).json()["counts"]
+    assert (counts["done"], counts["skipped"], counts["deleted"]) == (2, 1, 1), counts
 
 
 @pytest.mark.parametrize(

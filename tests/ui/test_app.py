@@ -997,7 +997,16 @@ def test_a_batch_waiting_for_an_unserved_version_says_so(api_url: str, portal: t
     the version's name, why it waits, and that nothing is lost."""
     api = Api(api_url)
     api.login(*new_user(api_url, portal))
-    counts = {"images": 3, "queued": 2, "running": 0, "done": 1, "failed": 0, "cancelled": 0, "skipped": 0}
+    counts = {
+        "images": 3,
+        "queued": 2,
+        "running": 0,
+        "done": 1,
+        "failed": 0,
+        "cancelled": 0,
+        "skipped": 0,
+        "deleted": 0,
+    }
     batch = {
         "id": str(uuid.uuid4()),
         "status": "running",

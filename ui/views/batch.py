@@ -128,6 +128,9 @@ def show_progress(api: Api, batch: BatchDetail) -> None:
         else:
             st.warning(f"{skipped:,} {files} skipped (not images, or unreadable):")
             skipped_files(api, batch["id"], skipped)
+    if deleted := counts["deleted"]:
+        files = "file's image was" if deleted == 1 else "files' images were"
+        st.caption(f"{deleted:,} {files} deleted since the batch received them, with their answers.")
     if waiting := batch["waiting_for"]:
         names = ", ".join(display_name(api, ref) for ref in waiting)
         st.info(

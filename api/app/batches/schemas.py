@@ -19,6 +19,8 @@ class BatchCounts(BaseModel):
     """Cancelled before they were queued."""
     skipped: int
     """Files that were no acceptable image, or ids that were not the user's images."""
+    deleted: int
+    """Files accepted whose image was deleted since (``DELETE /v1/images/{id}``), with its answers."""
     eta_seconds: int | None
     """Seconds left at the pace of the last minute; 0 when nothing is left, None before any answer
     and while the batch waits for a version no live worker serves (``BatchDetail.waiting_for``)."""
@@ -61,7 +63,8 @@ class BatchResult(BaseModel):
     """Empty for a skipped file."""
     version: int | None
     status: str
-    """A prediction's status, or ``skipped``."""
+    """A prediction's status, ``skipped`` (``error`` says why), or ``deleted`` (its image was
+    deleted after the batch received it, with its answers)."""
     label: str | None
     score: float | None
     top_5: list[dict[str, object]]

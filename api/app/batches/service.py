@@ -539,15 +539,20 @@ async def list_batches(
 
 
 async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
-    """Images by state (an image counts once however many files carried it), files skipped, and
+    """Images by state (an image counts once however many files carried it), files skipped, files
+    whose image was deleted since, and
     an estimate of the seconds left from the pace of the last minute, or since the batch was
     created when that is shorter (None before any answer)."""
     jobs = select(BatchItem.job_id).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_not(None)).distinct()
     grouped = await session.execute(select(Job.status, func.count()).where(Job.id.in_(jobs)).group_by(Job.status))
     by_status: dict[str, int] = {status: n for status, n in grouped}
-    skipped = await session.scalar(
-        select(func.count()).select_from(BatchItem).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_(None))
+    jobless = await session.execute(
+        select(BatchItem.error.is_(None), func.count())
+        .where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_(None))
+        .group_by(BatchItem.error.is_(None))
     )
+    # Without a job: skipped (with why), or accepted and then deleted with its image (no reason).
+    by_kind: dict[bool, int] = {deleted: n for deleted, n in jobless}
     now = datetime.now(UTC)
     recent = await session.scalar(
         select(func.count()).where(Job.id.in_(jobs), Job.finished_at > now - timedelta(seconds=PACE_WINDOW_SECONDS))
@@ -565,7 +570,8 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
         done=by_status.get(PredictionStatus.done.value, 0),
         failed=failed,
         cancelled=by_status.get(PredictionStatus.cancelled.value, 0),
-        skipped=int(skipped or 0),
+        skipped=by_kind.get(False, 0),
+        deleted=by_kind.get(True, 0),
         eta_seconds=eta,
     )
 
@@ -573,6 +579,8 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
 RESULT_COLUMNS = ("file_name", "sha256", "model", "version", "status", "label", "score", "top_5", "error")
 
 
+DELETED = "deleted"
+"""The status of a result row whose image was deleted after the batch received it."""
 IMAGE_DELETED = "its image was deleted after the batch received it"
 """The reason of a row whose file was accepted, then deleted with its answers (DELETE /v1/images)."""
 
@@ -594,7 +602,7 @@ async def result_rows(*, session: AsyncSession, batch: Batch) -> list[dict[str, 
                 "sha256": item.sha256 or "",
                 "model": prediction.model_name if prediction else "",
                 "version": prediction.model_version if prediction else None,
-                "status": prediction.status if prediction else "skipped",
+                "status": prediction.status if prediction else "skipped" if item.error else DELETED,
                 "label": prediction.label if prediction else None,
                 "score": prediction.score if prediction else None,
                 "top_5": list(prediction.top_k or [])[:5] if prediction else [],
