@@ -18,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 """The largest upload the API accepts unless MAX_UPLOAD_BYTES says otherwise (the UI reads the
 same setting, so its uploader states the real limit)."""
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+"""The most pixels (width x height) of an image the API accepts unless MAX_IMAGE_PIXELS says
+otherwise (the UI reads the same setting before it draws a preview)."""
 UPLOAD_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
 """File name endings of the accepted formats (MPO files end in .jpg)."""
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
@@ -214,12 +217,8 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
     """
     with _classified():
         img = _open(data)
+        _check_pixels(img, max_pixels)
         width, height = img.size
-        if width * height > max_pixels:
-            raise ImageRejected(
-                413,
-                f"The image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted.",
-            )
         w, h = (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
         fmt = "JPEG" if img.format in _JPEG_FORMATS else str(img.format)
         upright = _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
@@ -271,16 +270,28 @@ def _prepare(img: Image.Image, *, mode: str, draft_size: tuple[int, int] | None)
     return img.convert(mode)
 
 
-def load_image(data: bytes, *, mode: str = "RGB", draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_image(
+    data: bytes, *, mode: str = "RGB", draft_size: tuple[int, int] | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Decodes ``data`` into an upright ``mode`` ("RGB" or "L") image; raises ImageRejected as
-    ``inspect_image`` does.
+    ``inspect_image`` does, with 413 before decoding when it has more than ``max_pixels`` pixels
+    (None: not checked; the workers get only images the API checked).
 
     First frame of an animation; EXIF orientation applied; transparency composited over white
     (a transparent sketch is dark strokes on white paper); CMYK, palette and 16-bit converted.
     ``draft_size`` lets JPEG decode at a reduced scale when the model input is small.
     """
     with _classified():
-        return _prepare(_open(data), mode=mode, draft_size=draft_size)
+        img = _open(data)
+        _check_pixels(img, max_pixels)
+        return _prepare(img, mode=mode, draft_size=draft_size)
+
+
+def _check_pixels(img: Image.Image, max_pixels: int | None) -> None:
+    """413 when ``img`` (opened: only its header read) has more than ``max_pixels`` pixels."""
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageRejected(413, f"The image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted.")
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

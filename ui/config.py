@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.imaging import DEFAULT_MAX_UPLOAD_BYTES
+from contracts.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
 
 
 class UISettings(BaseSettings):
@@ -30,6 +30,10 @@ class UISettings(BaseSettings):
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     """Largest upload, in bytes: the API's setting of the same name, read here so the uploader
     states and checks the real limit before sending."""
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """The most pixels of an image: the API's setting of the same name, read here so that a picture
+    the API would refuse is never decoded for its preview."""
 
     max_batch_bytes: int = 2 * 1024**3
     """Largest batch, in bytes: the API's setting of the same name."""

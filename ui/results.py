@@ -19,6 +19,7 @@ from contracts import spreadsheets
 from contracts.imaging import load_image
 from contracts.messages import PredictionStatus
 from ui.client import Api, ApiError, Feedback, Job, Prediction
+from ui.config import get_ui_settings
 from ui.session import display_name, guarded, models
 
 
@@ -185,12 +186,13 @@ NONE_OF_THESE = "None of these"
 
 
 def said(verdict: Feedback) -> str:
-    """A verdict as the person gave it: ``right``, or ``wrong (it is lorikeet)``, with its comment."""
+    """A verdict as the person gave it, as Markdown: ``right``, or ``wrong (it is lorikeet)``, with
+    its comment shown as typed."""
     words_said = "right" if verdict["is_correct"] else "wrong"
     if verdict["correct_label"] and not verdict["is_correct"]:
-        words_said += f" (it is {words(verdict['correct_label'])})"
+        words_said += f" (it is {plain(words(verdict['correct_label']))})"
     if verdict["comment"]:
-        words_said += f", and wrote “{verdict['comment']}”"
+        words_said += f", and wrote “{plain(verdict['comment'])}”"
     return words_said
 
 
@@ -290,8 +292,11 @@ def show_results(
 @st.cache_data(max_entries=32, show_spinner=False)
 def upright(data: bytes, size: int) -> Image.Image:
     """The picture as people see it (EXIF orientation applied, as the models read it), at most
-    ``size`` pixels a side. Raises ImageRejected for what is not a readable image."""
-    image = load_image(data, draft_size=(size, size))
+    ``size`` pixels a side. Raises ImageRejected for what is not a readable image, and (413)
+    before decoding anything for a picture of more pixels than the API accepts
+    (``MAX_IMAGE_PIXELS``): a few hundred KB of PNG can hold gigabytes of pixels, and this
+    process serves every user of the UI."""
+    image = load_image(data, draft_size=(size, size), max_pixels=get_ui_settings().max_image_pixels)
     image.thumbnail((size, size))
     return image
 

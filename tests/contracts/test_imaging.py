@@ -106,6 +106,18 @@ def test_decompression_bomb_is_refused_from_the_header() -> None:
     assert grown_mib < 200  # decoding it would need 900 MB
 
 
+def test_a_preview_of_a_decompression_bomb_is_refused_from_the_header() -> None:
+    """The UI draws its previews with ``load_image``: given the limit, a bomb is refused (413)
+    before a pixel buffer exists, as the API refuses it."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageRejected) as info:
+        load_image(png_bomb(), draft_size=(800, 800), max_pixels=MAX)
+    assert info.value.status == 413 and "30000x30000" in info.value.message
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 200
+
+
 def test_preview_only_for_large_images_that_cannot_be_drafted() -> None:
     large = Image.new("RGB", (1600, 1200), (0, 128, 255))
     info = inspect_image(encode(large, "PNG"), max_pixels=MAX, preview_size=800)

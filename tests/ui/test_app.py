@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from contracts.api_keys import Scope
 from tests.conftest import PASSWORD
-from tests.images import encode, split_colour
+from tests.images import encode, png_bomb, split_colour
 from tests.support import PHOTOS, ROOT, start_explainer
 from ui.client import Api, Batch, User
 from ui.config import get_ui_settings
@@ -799,7 +799,7 @@ def test_a_file_the_api_cannot_read_gets_its_refusal_where_the_answers_go(
     half = PHOTOS.parent / "bad_uploads" / "truncated_half.webp"
     at.session_state["upload"] = (half.name, half.read_bytes())
     at.run()
-    assert "truncated_half.webp (no preview)" in [c.value for c in at.caption]
+    assert f"{plain('truncated_half.webp')} (no preview)" in [c.value for c in at.caption]
     assert HINT in [c.value for c in at.caption]
     at.button(key="classify_submit").click().run()
     assert not at.exception
@@ -811,6 +811,35 @@ def test_a_file_the_api_cannot_read_gets_its_refusal_where_the_answers_go(
     assert [e.value for e in at.error] == [error] and HINT not in [c.value for c in at.caption]
     at.button(key="example_Maze").click().run()
     assert not at.error and HINT in [c.value for c in at.caption]
+
+
+def test_a_picture_of_too_many_pixels_is_refused_before_its_preview_is_decoded(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """A PNG of a few KB can hold 900 megapixels: the page reads its size from the header and says
+    the API's limit at once, without decoding it (which took 2 GB of the UI's memory) or offering
+    to send it."""
+    import resource
+
+    at = signed_in(api_url, *new_user(api_url, portal))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    at.session_state["upload"] = ("[grey](http://evil.example) bomb.png", png_bomb())
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["The image is 30000x30000 pixels; at most 50,000,000 pixels are accepted."]
+    assert f"{plain('[grey](http://evil.example) bomb.png')} (no preview)" in [c.value for c in at.caption]
+    assert not [b for b in at.button if b.key == "classify_submit"]
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 300
+
+
+def test_a_file_name_is_shown_as_typed_under_its_preview(api_url: str, portal: tuple[str, str, str]) -> None:
+    at = signed_in(api_url, *new_user(api_url, portal))
+    name = "[click](http://evil.example) **x** $E=mc^2$.png"
+    at.session_state["upload"] = (name, (PHOTOS / "owl.jpg").read_bytes())
+    at.run()
+    assert not at.exception
+    captions = [img.caption for image in at.get("image") for img in image.proto.imgs]
+    assert captions == [plain(name)], captions
 
 
 def test_the_sketch_page_lists_the_categories_of_the_versions_chosen(

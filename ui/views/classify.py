@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from contracts.imaging import UPLOAD_EXTENSIONS
+from contracts.imaging import UPLOAD_EXTENSIONS, ImageRejected
 from ui.client import Api
 from ui.config import get_ui_settings
 from ui.examples import PHOTOS, example_png
-from ui.results import choose_models, run_job, scroll_to_results, show_results, upright
+from ui.results import choose_models, plain, run_job, scroll_to_results, show_results, upright
 
 UPLOAD_TYPES = list(UPLOAD_EXTENSIONS)
 
@@ -70,9 +70,13 @@ def classify_page(api: Api) -> None:
     photo, answers = st.columns([1, 2], gap="large")
     with photo:
         try:
-            st.image(upright(data, 800), caption=name, width="stretch")
-        except Exception:
-            st.caption(f"{name} (no preview)")
+            st.image(upright(data, 800), caption=plain(name), width="stretch")
+        except Exception as exc:
+            st.caption(f"{plain(name)} (no preview)")
+            if isinstance(exc, ImageRejected) and exc.status == 413:
+                # Too many pixels: the API refuses it too, so it is said at once and not offered.
+                st.error(exc.message)
+                return
         chosen = choose_models(api, "classify", mode="RGB")
         classify = st.button("Classify", type="primary", disabled=not chosen, key="classify_submit")
     with answers:

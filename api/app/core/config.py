@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.imaging import DEFAULT_MAX_UPLOAD_BYTES
+from contracts.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
 from contracts.registry import DEFAULT_REGISTRY_PATH
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     """Directory of the content-addressed image store."""
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     """Largest accepted upload in bytes, and largest zip entry a batch unpacks (larger ones are skipped)."""
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Largest accepted image area (width x height); larger is treated as a decompression bomb."""
     max_concurrent_decodes: int = Field(default=2, ge=1)
     """Uploads decoded at once by each API process; more wait their turn. A 50-megapixel upload
