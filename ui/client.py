@@ -34,6 +34,19 @@ MESSAGES = {
     504: "The models took too long to answer. Please try again.",
 }
 
+STILL_QUEUED = (
+    "The models have not answered within a minute (a model worker may be busy or down). Your photo "
+    "stays queued: its answers appear in History once a worker takes it, so there is no need to send it again."
+)
+"""Said when ``Api.wait`` gives up: the job goes on at the portal."""
+EXPLANATION_MESSAGES = {
+    410: "The picture of this prediction is no longer stored, so it cannot be explained.",
+    503: "No explainer can draw this heatmap right now: none is running for this model, or it is still "
+    "loading it. Try again in a moment.",
+    504: "The heatmap was not ready in time. Try again in a moment: once drawn, it is shown at once.",
+}
+"""What the explanation's failures mean to a person (the generic messages speak of the models)."""
+
 Role = Literal["user", "admin"]
 BATCH_TIMEOUT = 900.0
 """Seconds the UI waits for the API to take a batch in."""
@@ -587,14 +600,15 @@ class Api:
         return _typed(_JOB, self.json("GET", f"/v1/predictions/{job_id}"))
 
     def wait(self, job_id: str, timeout: float = 60.0, on_poll: Callable[[Job], None] | None = None) -> Job:
-        """The job once every model answered (polled every 0.2 s); ApiError 504 after ``timeout`` s."""
+        """The job once every model answered (polled every 0.2 s); ApiError 504 (``STILL_QUEUED``)
+        after ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)
             if job["status"].terminal:
                 return job
             if time.monotonic() > deadline:
-                raise ApiError(504, MESSAGES[504])
+                raise ApiError(504, STILL_QUEUED)
             if on_poll is not None:
                 on_poll(job)
             time.sleep(0.2)
@@ -735,9 +749,15 @@ class Api:
         return _typed(_STATS, self.json("GET", "/v1/admin/stats"))
 
     def explanation_png(self, prediction_id: str) -> bytes:
-        """My image with the Grad-CAM heatmap of one prediction's top-1 class over it (PNG)."""
+        """My image with the Grad-CAM heatmap of one prediction's top-1 class over it (PNG). Raises
+        ApiError; 410, 503 and 504 say what they mean for a heatmap (``EXPLANATION_MESSAGES``)."""
         path = f"/v1/predictions/{prediction_id}/explanation"
-        return self._request("GET", path, params={"format": "png"}, timeout=max(self.timeout, 25.0)).content
+        try:
+            return self._request("GET", path, params={"format": "png"}, timeout=max(self.timeout, 25.0)).content
+        except ApiError as exc:
+            if exc.status in EXPLANATION_MESSAGES:
+                raise ApiError(exc.status, EXPLANATION_MESSAGES[exc.status]) from None
+            raise
 
     def drift(self) -> dict[str, Any]:
         """The latest drift indices per model version (admins): GET /v1/admin/drift."""

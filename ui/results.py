@@ -101,9 +101,10 @@ def run_job(
                 text=f"Waiting for the models: {done} of {total} answered",
             )
 
-        job = api.wait(job_id, on_poll=tick)
-        bar.empty()
-        return job
+        try:
+            return api.wait(job_id, on_poll=tick)
+        finally:
+            bar.empty()  # never a frozen bar beside what went wrong
 
     job = guarded(api, run, keep=keep_error)
     if job is not None:

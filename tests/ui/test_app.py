@@ -20,7 +20,7 @@ from contracts.api_keys import Scope
 from tests.conftest import PASSWORD
 from tests.images import encode, png_bomb, split_colour
 from tests.support import PHOTOS, ROOT, start_explainer
-from ui.client import Api, Batch, User
+from ui.client import EXPLANATION_MESSAGES, Api, Batch, User
 from ui.config import get_ui_settings
 from ui.results import plain
 from ui.session import CATALOG_SECONDS
@@ -126,6 +126,12 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     birds = job["results"][1]["id"]
     at.toggle(key=f"why-{birds}").set_value(True).run()
     assert not at.exception and any("birds@1 is not explainable" in c.value for c in at.caption), [
+        c.value for c in at.caption
+    ]
+    # No explainer runs here: the API's 503 is said as what it means for a heatmap.
+    mobilenet = job["results"][0]["id"]
+    at.toggle(key=f"why-{mobilenet}").set_value(True).run()
+    assert not at.exception and EXPLANATION_MESSAGES[503] in [c.value for c in at.caption], [
         c.value for c in at.caption
     ]
     at.toggle(key=f"why-{birds}").set_value(False).run()
