@@ -369,3 +369,46 @@ async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own
         assert waiting.promotion is None
     versions = (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
     assert next(v for v in versions if v["name"] == "sketch" and v["version"] == 4)["channel"] == "shadow"
+
+
+@pytest.mark.parametrize("own_stack", [{"result_claim_idle_seconds": 1.0}], indirect=True)
+async def test_a_run_whose_version_was_taken_meanwhile_fails_saying_so(own_stack: Stack) -> None:
+    """An admin registered the run's version number by hand while it trained: the run's end is
+    recorded as failed with why (it stayed ``running``, blocking every run of the model), and the
+    end is handled although the API process that read it died before acknowledging it (an event
+    left pending is claimed again)."""
+    from tests.api.test_registry import SKETCH_NEW
+
+    redis = own_stack.app.state.redis
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    async with own_stack.app.state.sessionmaker() as session:
+        run = a_run(90, status="running", base=3, started_at=datetime.now(UTC))
+        session.add(run)
+        await session.commit()
+        run_id = str(run.id)
+    r = await own_stack.client.post("/v1/admin/registry/versions", json={**SKETCH_NEW, "version": 90}, headers=admin)
+    assert r.status_code == 201, r.text
+
+    async def group_ready() -> bool:
+        groups = await redis.xinfo_groups(training.EVENT_STREAM) if await redis.exists(training.EVENT_STREAM) else []
+        return any(g["name"] in (training.EVENT_GROUP, training.EVENT_GROUP.encode()) for g in groups)
+
+    await redis.xadd(training.EVENT_STREAM, training.TrainingEvent(run_id=run_id, kind="started").to_fields())
+    await until(group_ready, 30, "the API's training event group")
+    done = training.TrainingEvent(run_id=run_id, kind="done", record={"test_accuracy": 0.5})
+    await redis.set(training.ended_key(run_id), "done")  # as the trainer does before it says so
+    # Read by a process that dies before acknowledging it: in one transaction, so that the API's
+    # own reader, blocked on the stream, never gets it first.
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(training.EVENT_STREAM, done.to_fields())
+        pipe.xreadgroup(training.EVENT_GROUP, "api-gone-1", {training.EVENT_STREAM: ">"}, count=10)
+        await pipe.execute()
+
+    async def ended() -> bool:
+        return (await run_of(own_stack, admin, run_id))["status"] != "running"
+
+    await until(ended, 30, "the run's end")
+    failed = await run_of(own_stack, admin, run_id)
+    assert failed["status"] == "failed" and "sketch@90 was not registered" in failed["error"], failed
+    pending = await redis.xpending(training.EVENT_STREAM, training.EVENT_GROUP)
+    assert pending["pending"] == 0, pending

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 import redis.exceptions
 from fastapi import HTTPException
@@ -49,6 +49,7 @@ async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
         if registered is None:
             return
         run, entry = registered
+        run_id = run.id  # the rollback below expires ``run``: an async session cannot load it again
         accuracy = (run.record or {}).get("test_accuracy")
         try:
             await registry_service.register_version(
@@ -59,27 +60,54 @@ async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
                 + (f" (held-out accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""),
             )
         except HTTPException as exc:
-            log.error("training run %s: %s not registered: %s", run.id, entry.key, exc.detail)
+            log.error("training run %s: %s not registered: %s", run_id, entry.key, exc.detail)
             await session.rollback()
-            run = await service.get_run(session=session, run_id=run.id)
+            run = await service.get_run(session=session, run_id=run_id)
             run.status, run.finished_at, run.record = "failed", datetime.now(UTC), event.record
             run.error = f"trained, but {entry.key} was not registered: {exc.detail}"
             await session.commit()
             return
         await rt.live_registry.reload(session, rt.redis)
-    log.info("training run %s registered %s in shadow", run.id, entry.key)
+    log.info("training run %s registered %s in shadow", run_id, entry.key)
+
+
+async def _handle_entries(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    """Handles each event, then acknowledges it; one that cannot be handled is logged and dropped.
+    Redis and PostgreSQL failures are raised with the event unacknowledged (claimed again later)."""
+    for entry_id, fields in entries:
+        try:
+            await handle_event(rt, training.TrainingEvent.from_fields(fields))
+        except (*REDIS_ERRORS, *DB_ERRORS):
+            raise
+        except Exception:
+            log.exception("dropping training event %s", entry_id)
+        await rt.redis.xack(training.EVENT_STREAM, training.EVENT_GROUP, entry_id)
 
 
 async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
-    """Follows ``training:events`` (consumer group ``api``: each event handled by one process)."""
+    """Follows ``training:events`` (consumer group ``api``: each event handled by one process, at
+    least once). An event read but left unacknowledged for RESULT_CLAIM_IDLE_SECONDS (its API
+    process died handling it, or PostgreSQL failed meanwhile) is claimed and handled again, by
+    this process or another, as workers' answers are."""
+    claim_idle_s = rt.settings.result_claim_idle_seconds
     consumer = f"api-{socket.gethostname()}-{os.getpid()}"
     group_ready = False
-    last_forget = 0.0
+    last_forget = last_claim = 0.0
     while not stop.is_set():
         try:
             if not group_ready:
                 await ensure_group_async(rt.redis, training.EVENT_STREAM, training.EVENT_GROUP)
                 group_ready = True
+            if time.monotonic() - last_claim >= claim_idle_s:
+                last_claim = time.monotonic()
+                claim: list[Any] = await rt.redis.xautoclaim(
+                    training.EVENT_STREAM,
+                    training.EVENT_GROUP,
+                    consumer,
+                    int(claim_idle_s * 1000),
+                    count=50,
+                )
+                await _handle_entries(rt, [c for c in claim[1] if c[1]])
             if time.monotonic() - last_forget >= FORGET_EVERY_S:
                 last_forget = time.monotonic()
                 await forget_idle_consumers_async(
@@ -92,14 +120,7 @@ async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
                 ),
             )
             for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    try:
-                        await handle_event(rt, training.TrainingEvent.from_fields(fields))
-                    except (*REDIS_ERRORS, *DB_ERRORS):
-                        raise
-                    except Exception:
-                        log.exception("dropping training event %s", entry_id)
-                    await rt.redis.xack(training.EVENT_STREAM, training.EVENT_GROUP, entry_id)
+                await _handle_entries(rt, entries)
         except redis.exceptions.ResponseError as exc:
             if group_missing(exc):
                 group_ready = False
