@@ -822,8 +822,11 @@ class Api:
         body = {"reason": reason, "force": force}
         self.json("POST", f"/v1/admin/registry/models/{name}/versions/{version}/promote", json=body)
 
-    def rollback(self, name: str, reason: str) -> None:
-        self.json("POST", f"/v1/admin/registry/models/{name}/rollback", json={"reason": reason})
+    def rollback(self, name: str, reason: str, from_version: int | None = None) -> None:
+        """Undoes the latest promotion of ``name``; with ``from_version``, only while that version
+        is the stable one (ApiError 409 otherwise: someone rolled back or promoted meanwhile)."""
+        body: dict[str, Any] = {"reason": reason, "from_version": from_version}
+        self.json("POST", f"/v1/admin/registry/models/{name}/rollback", json=body)
 
     def evaluate(self, name: str, candidate: int, baseline: int | None = None) -> Evaluation:
         """Starts running both versions on the images users labelled."""

@@ -275,12 +275,24 @@ async def test_a_registered_version_is_served_then_split_promoted_and_rolled_bac
         "/v1/admin/registry/models/sketch/versions/4/promote", json={"reason": "again"}, headers=admin
     )
     assert again.status_code == 409 and "stable version already" in again.text, again.text
+    # A rollback "from" a version that is not the stable one is refused: the caller saw another state.
+    stale = await client.post(
+        "/v1/admin/registry/models/sketch/rollback", json={"reason": "x", "from_version": 3}, headers=admin
+    )
+    assert stale.status_code == 409 and "sketch@3 is no longer the stable version (sketch@4 is)" in stale.text
     r = await client.post(
-        "/v1/admin/registry/models/sketch/rollback", json={"reason": "worse in production"}, headers=admin
+        "/v1/admin/registry/models/sketch/rollback",
+        json={"reason": "worse in production", "from_version": 4},
+        headers=admin,
     )
     assert r.status_code == 200, r.text
     states = {v["version"]: (v["channel"], v["weight"]) for v in r.json()["versions"]}
     assert states[3] == ("stable", 90) and states[4] == ("canary", 10)
+    # The same click sent again: refused, never an older promotion undone.
+    again = await client.post(
+        "/v1/admin/registry/models/sketch/rollback", json={"reason": "twice", "from_version": 4}, headers=admin
+    )
+    assert again.status_code == 409 and "sketch@4 is no longer the stable version" in again.text, again.text
     again = await client.post("/v1/admin/registry/models/sketch/rollback", json={"reason": "twice"}, headers=admin)
     assert again.status_code == 409
 
@@ -312,6 +324,9 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
         ("PATCH", "/v1/admin/registry/models/sketch/versions/3", {"channel": "retired", "reason": "x"}, 409),
         ("PATCH", "/v1/admin/registry/models/sketch/versions/3", {"enabled": False, "reason": "x"}, 409),
         ("PUT", weights, {"weights": {"1": -1}, "reason": "x"}, 422),
+        # One version named twice: which weight was meant is not known.
+        ("PUT", weights, {"weights": {"3": 100, "03": 5}, "reason": "x"}, 422),
+        ("PUT", weights, {"weights": {"3": 100, " 3": 5}, "reason": "x"}, 422),
         ("PUT", weights, {"weights": {"9": 1}, "reason": "x"}, 404),
         ("PUT", "/v1/admin/registry/models/nothing/weights", {"weights": {"1": 1}, "reason": "x"}, 404),
         ("PUT", weights, {"weights": {"1": 100}, "reason": ""}, 422),

@@ -285,6 +285,9 @@ def _version_change(name: str, version: int, action: str) -> str:
 
 def promotion_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
     candidates = [v["version"] for v in versions if v["channel"] != "stable" and v["channel"] != "retired"]
+    # What this page shows as stable: a second click on the rollback, or one on a page older than
+    # another admin's change, is refused instead of undoing an older promotion.
+    stable = next((v["version"] for v in versions if v["channel"] == "stable"), None)
     with st.form(f"promote_{name}"):
         st.subheader("Promote or roll back")
         st.caption(
@@ -305,7 +308,7 @@ def promotion_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
         if rollback.form_submit_button("Roll back the latest promotion"):
             if not reason.strip():
                 st.error("Say why: the change is audited.")
-            elif _done(api, lambda: api.rollback(name, reason)):
+            elif _done(api, lambda: api.rollback(name, reason, from_version=stable)):
                 _changed(
                     f"promote_{name}",
                     f"Rolled back the latest promotion of {name}: the version stable before it is back.",

@@ -10,12 +10,12 @@ from api.app.core.responses import ADMIN, BODY, CONFLICT, INVALID, NOT_FOUND
 from api.app.deps import AdminUser, LiveRegistryDep, PageDep, ReadSessionDep, RedisDep, SessionDep, WorkersDep
 from api.app.registry import service
 from api.app.registry.schemas import (
-    ChangeReason,
     ModelVersionPublic,
     ModelVersionsPublic,
     RegistryChangePublic,
     RegistryChangesPublic,
     RegistryPublic,
+    RollbackBody,
     VersionCreate,
     VersionUpdate,
     WeightsUpdate,
@@ -139,19 +139,21 @@ async def update_version(
 @router.post("/models/{name}/rollback", response_model=ModelVersionsPublic, responses=CHANGE)
 async def rollback_model(
     name: ModelName,
-    body: ChangeReason,
+    body: RollbackBody,
     admin: AdminUser,
     session: SessionDep,
     redis: RedisDep,
     workers: WorkersDep,
     live: LiveRegistryDep,
 ) -> ModelVersionsPublic:
-    """Undo the model's latest promotion in one call: the previous stable version back (admin)."""
+    """Undo the model's latest promotion in one call: the previous stable version back (admin).
+    With ``from_version``, 409 unless that version is the stable one when the rollback is made."""
     changed = await service.rollback(
         session=session,
         actor=service.Actor(admin.id, admin.email),
         name=name,
         reason=body.reason,
+        from_version=body.from_version,
         available=await _available(workers),
     )
     return await _answer(session, redis, live, name, changed)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
 from api.app.core.fields import INT32_MAX, RequestBody, Text
 from contracts.registry import MAX_VERSION, InputSpec, Preprocessing, Runtime
@@ -82,10 +82,21 @@ class VersionCreate(RequestBody):
     reason: Reason
 
 
+def _one_key_per_version(weights: Any) -> Any:
+    """Refuses keys that name one version twice (``"1"`` and ``"01"``): the last would win unsaid."""
+    if isinstance(weights, dict):
+        numbers = [key.strip() for key in weights if isinstance(key, str)]
+        parsed = [int(key) for key in numbers if key.lstrip("+-").isdigit()]
+        if len(set(parsed)) < len(parsed):
+            raise ValueError("each version may be named once")
+    return weights
+
+
 class WeightsUpdate(RequestBody):
-    weights: dict[Annotated[int, Field(ge=1, le=INT32_MAX)], Annotated[StrictInt, Field(ge=0, le=1_000_000)]] = Field(
-        min_length=1, max_length=100, description='Version to weight, e.g. {"1": 90, "2": 10}'
-    )
+    weights: Annotated[
+        dict[Annotated[int, Field(ge=1, le=INT32_MAX)], Annotated[StrictInt, Field(ge=0, le=1_000_000)]],
+        BeforeValidator(_one_key_per_version),
+    ] = Field(min_length=1, max_length=100, description='Version to weight, e.g. {"1": 90, "2": 10}')
     reason: Reason
 
 
@@ -97,6 +108,17 @@ class VersionUpdate(RequestBody):
 
 class ChangeReason(RequestBody):
     reason: Reason
+
+
+class RollbackBody(ChangeReason):
+    from_version: int | None = Field(
+        default=None,
+        ge=1,
+        le=INT32_MAX,
+        description="The version the caller sees stable: if another one is stable now (a rollback or a promotion "
+        "meanwhile, say the same click sent twice), the rollback is refused (409) instead of undoing an older "
+        "promotion",
+    )
 
 
 class ModelVersionsPublic(BaseModel):

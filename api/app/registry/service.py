@@ -496,14 +496,26 @@ async def promote(
     return Changed(rows, change.id)
 
 
-async def rollback(*, session: AsyncSession, actor: Actor, name: str, reason: str, available: Set[str]) -> Changed:
+async def rollback(
+    *, session: AsyncSession, actor: Actor, name: str, reason: str, available: Set[str], from_version: int | None = None
+) -> Changed:
     """Undoes the model's latest promotion that is not undone yet: every version it changed gets
     back the state it had before (the previous stable version its traffic).
 
-    Raises 404 for an unknown model, 409 when there is no promotion to undo or a version to
-    give traffic back to is retired, disabled or not loaded on any worker since.
+    Raises 404 for an unknown model, 409 when there is no promotion to undo, when
+    ``from_version`` is given and is not the stable version once the model's rows are locked (two
+    rollbacks sent at once would otherwise undo two promotions), or when a version to give
+    traffic back to is retired, disabled or not loaded on any worker since.
     """
     rows = await _lock_model(session, name)
+    if from_version is not None:
+        stable = [row.version for row in rows if row.channel == "stable"]
+        if stable != [from_version]:
+            now = f"{name}@{stable[0]} is" if stable else "no version is"
+            raise _conflict(
+                f"{name}@{from_version} is no longer the stable version ({now}): the registry changed meanwhile "
+                "(a rollback or a promotion); look again before rolling back."
+            )
     undone = select(RegistryChange.undoes).where(RegistryChange.undoes.is_not(None))
     promotion = await session.scalar(
         select(RegistryChange)
