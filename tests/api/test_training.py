@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -412,3 +413,37 @@ async def test_a_run_whose_version_was_taken_meanwhile_fails_saying_so(own_stack
     assert failed["status"] == "failed" and "sketch@90 was not registered" in failed["error"], failed
     pending = await redis.xpending(training.EVENT_STREAM, training.EVENT_GROUP)
     assert pending["pending"] == 0, pending
+
+
+async def test_a_base_version_its_workers_cannot_serve_is_409_with_why_not_503(own_stack: Stack) -> None:
+    """A run from a version the workers report as not trained on this server: 409 with their
+    reason, not a 503 whose "retry shortly" could never come true. Without any worker's word, the
+    labels may still come: 503 with Retry-After."""
+    from contracts import workers
+    from contracts.messages import NOT_TRAINED_YET, Heartbeat, ModelState
+
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    body = {"model": "sketch", "base_version": 2, "options": {"epochs": 1}, "reason": "from v2"}
+    r = await own_stack.client.post("/v1/admin/training-runs", json=body, headers=admin)
+    assert r.status_code == 503 and r.headers["Retry-After"], r.text
+
+    # A worker's heartbeat, as ``model.worker`` announces it, on a version whose file is missing.
+    beat = Heartbeat(
+        worker_id="w-no-sketch",
+        pid=1,
+        hostname="test",
+        started_at=time.time(),
+        models=[ModelState(name="sketch", version=2, ready=False, reason=f"{NOT_TRAINED_YET}: no file")],
+    )
+    redis = own_stack.app.state.redis
+    async with redis.pipeline(transaction=True) as pipe:
+        workers.announce(
+            pipe, worker_id=beat.worker_id, heartbeat_json=beat.model_dump_json(), ttl_ms=60_000, now=time.time()
+        )
+        await pipe.execute()
+
+    async def refused_with_why() -> bool:
+        r = await own_stack.client.post("/v1/admin/training-runs", json=body, headers=admin)
+        return r.status_code == 409 and NOT_TRAINED_YET in r.json()["detail"] and "sketch@2" in r.json()["detail"]
+
+    await until(refused_with_why, 15, "a 409 naming why sketch@2 is not served")

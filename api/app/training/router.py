@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from api.app.core.responses import ADMIN, BODY, BODY_TOO_LARGE, CONFLICT, INVALID, NOT_FOUND
-from api.app.deps import AdminUser, ReadSessionDep, RedisDep, SessionDep, SettingsDep, StoreDep
+from api.app.deps import AdminUser, ReadSessionDep, RedisDep, SessionDep, SettingsDep, StoreDep, WorkersDep
 from api.app.registry import service as registry_service
 from api.app.registry.router import ModelName, Version
 from api.app.training import service
@@ -28,9 +28,11 @@ async def start_training_run(
     redis: RedisDep,
     store: StoreDep,
     settings: SettingsDep,
+    workers: WorkersDep,
 ) -> TrainingRunPublic:
     """Train the model's next version from a base version (default: stable) on QuickDraw plus users'
-    labelled train examples, in the training worker; it is registered in shadow when it ends (admin)."""
+    labelled train examples, in the training worker; it is registered in shadow when it ends (admin).
+    409 when the base version is not served and the workers say why."""
     run = await service.create_run(
         session=session,
         redis=redis,
@@ -41,6 +43,7 @@ async def start_training_run(
         base_version=body.base_version,
         options=body.options,
         reason=body.reason,
+        availability=await workers.availability(),
     )
     return TrainingRunPublic.from_row(run)
 

@@ -9,6 +9,7 @@ import logging
 import re
 import shutil
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -79,12 +80,15 @@ async def create_run(
     options: training.TrainingOptions,
     reason: str,
     trigger: str = "admin",
+    availability: Mapping[str, ModelAvailability] | None = None,
 ) -> TrainingRun:
     """Queues the training of the model's next version from ``base_version`` (its categories and
     input; None: the stable version) on QuickDraw plus users' labelled examples, exported for it
     under ``data_dir/<run id>``. Raises 404 for an unknown model or version, 409 when the model
-    has no stable version or a run of it is already queued or running, 422 for a model that is not
-    a sketch model, 503 when its labels are not known yet (no worker has served it)."""
+    has no stable version or a run of it is already queued or running, or when ``availability``
+    (the workers' word on each version) says why the base version is not served (not trained on
+    this server, being trained, a file that does not load), 422 for a model that is not a sketch
+    model, 503 when its labels are not known yet otherwise (no worker has reported it yet)."""
     base = await _base(session, name, base_version)
     busy = await session.scalar(
         select(TrainingRun.id).where(TrainingRun.model_name == name, TrainingRun.status.in_(UNFINISHED)).limit(1)
@@ -92,6 +96,11 @@ async def create_run(
     if busy is not None:
         raise HTTPException(status_code=409, detail=f"A training run of {name} is queued or running ({busy}).")
     categories = await model_labels(redis, base)
+    state = (availability or {}).get(base.key)
+    if not categories and state is not None and (why := state.reason()):
+        # Workers say why they do not serve it (not trained on this server, being trained, a file
+        # that does not load): waiting a few seconds would not help.
+        raise HTTPException(status_code=409, detail=f"{base.key} cannot be trained from now: {why}")
     if not categories:
         raise HTTPException(
             status_code=503,
