@@ -722,3 +722,42 @@ async def test_promotion_compares_first_and_is_refused_when_worse_unless_forced(
     latest = changes["data"][0]
     assert latest["action"] == "promote" and latest["version"] == low
     assert latest["reason"].startswith("needed for a demo [forced past the comparison: held-out accuracy")
+
+
+async def test_a_change_reads_the_rows_it_locks_afresh(own_stack: Stack) -> None:
+    """A session that loaded the model's rows before another admin's promotion (as the auto-promote
+    rule keeps them across its comparison) must see that promotion once it locks them: promoting
+    from stale rows left two stable versions, both with all the stable traffic."""
+    from sqlalchemy import select
+
+    from api.app.registry import service as registry_service
+    from api.app.registry.models import ModelVersion
+
+    sessions = own_stack.app.state.sessionmaker
+    every = {"sketch@1", "sketch@2", "sketch@3"}
+    async with sessions() as early, sessions() as other:
+        # Loaded, and kept in its identity map, in a transaction still open.
+        kept = list(await early.scalars(select(ModelVersion).where(ModelVersion.name == "sketch")))
+        assert kept
+        await registry_service.promote(
+            session=other,
+            actor=registry_service.Actor(None, "admin a"),
+            name="sketch",
+            version=2,
+            reason="a",
+            available=every,
+        )
+        await registry_service.promote(
+            session=early,
+            actor=registry_service.Actor(None, "admin b"),
+            name="sketch",
+            version=1,
+            reason="b",
+            available=every,
+        )
+    async with sessions() as session:
+        rows = {
+            r.version: (r.channel, r.weight)
+            for r in await session.scalars(select(ModelVersion).where(ModelVersion.name == "sketch"))
+        }
+    assert [v for v, (channel, _) in rows.items() if channel == "stable"] == [1], rows

@@ -234,10 +234,17 @@ async def list_changes(
 
 
 async def _lock_model(session: AsyncSession, name: str) -> list[ModelVersion]:
-    """The model's versions, locked until commit; 404 when it has none."""
+    """The model's versions, locked until commit, as they are once locked; 404 when it has none."""
     rows = list(
         await session.scalars(
-            select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.version).with_for_update()
+            select(ModelVersion)
+            .where(ModelVersion.name == name)
+            .order_by(ModelVersion.version)
+            .with_for_update()
+            # Rows this session loaded before (the auto-promote rule keeps them across its
+            # comparison) would otherwise keep their old values, and a change made meanwhile by
+            # another admin would be written over: two stable versions.
+            .execution_options(populate_existing=True)
         )
     )
     if not rows:
