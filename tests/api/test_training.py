@@ -447,3 +447,36 @@ async def test_a_base_version_its_workers_cannot_serve_is_409_with_why_not_503(o
         return r.status_code == 409 and NOT_TRAINED_YET in r.json()["detail"] and "sketch@2" in r.json()["detail"]
 
     await until(refused_with_why, 15, "a 409 naming why sketch@2 is not served")
+
+
+async def test_a_queued_run_whose_job_was_lost_is_failed_not_left_blocking(own_stack: Stack) -> None:
+    """Redis lost ``training:jobs`` (or the trainer that read a job stopped before it began): the
+    run, queued for over a minute with no job a trainer can still read, is failed with why, and
+    its model can be trained again. A run whose job still waits stays queued."""
+    redis = own_stack.app.state.redis
+    long_ago = datetime.now(UTC) - timedelta(minutes=5)
+    async with own_stack.app.state.sessionmaker() as session:
+        lost, waiting, young = (a_run(v, status="queued", base=1, created_at=long_ago) for v in (70, 71, 72))
+        young.created_at = datetime.now(UTC)
+        ids = {name: str(run.id) for name, run in (("lost", lost), ("waiting", waiting), ("young", young))}
+        job = training.TrainingJob(
+            run_id=ids["waiting"], model="sketch", version=71, categories=["cat"], options=training.TrainingOptions()
+        )
+        await redis.xadd(training.JOB_STREAM, job.to_fields())  # first: the API's own check may come any time
+        session.add_all([lost, waiting, young])
+        await session.commit()
+        # The API's own check may come first: either way, only the lost run is failed.
+        await training_service.fail_lost(session=session, redis=redis)
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    failed = await run_of(own_stack, admin, ids["lost"])
+    assert failed["status"] == "failed" and "job was lost" in failed["error"], failed
+    assert (await run_of(own_stack, admin, ids["waiting"]))["status"] == "queued"
+    assert (await run_of(own_stack, admin, ids["young"]))["status"] == "queued"
+
+    # Once a trainer has read the waiting job (its group moved past it) and never began it: lost too.
+    await redis.xgroup_create(training.JOB_STREAM, training.JOB_GROUP, id="0")
+    await redis.xreadgroup(training.JOB_GROUP, "trainer-gone", {training.JOB_STREAM: ">"}, count=10)
+    async with own_stack.app.state.sessionmaker() as session:
+        await training_service.fail_lost(session=session, redis=redis)
+    assert (await run_of(own_stack, admin, ids["waiting"]))["status"] == "failed"
+    assert (await run_of(own_stack, admin, ids["young"]))["status"] == "queued"

@@ -137,11 +137,13 @@ async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
 
 
 async def maintain_once(rt: JobRuntime) -> None:
-    """Fails runs whose trainer died; applies the auto-promote rule (AUTO_PROMOTE); starts a run
+    """Fails runs whose trainer died, and queued runs whose job was lost; applies the auto-promote rule (AUTO_PROMOTE); starts a run
     for each model with enough new examples."""
     async with rt.sessionmaker() as session:
         if failed := await service.fail_stale(session=session, redis=rt.redis):
             log.warning("%d training runs failed: their trainer stopped", failed)
+        if lost := await service.fail_lost(session=session, redis=rt.redis):
+            log.warning("%d queued training runs failed: their job was lost", lost)
     # One API process at a time applies the rule: two would race to promote the same candidate.
     # redis-py's lock releases only its own token, so a pass that outlived it frees nothing else's.
     lock = rt.redis.lock(AUTO_PROMOTE_LOCK, timeout=AUTO_PROMOTE_LOCK_S, blocking=False)

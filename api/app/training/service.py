@@ -3,6 +3,7 @@ training worker, followed through its events, and registered in shadow when they
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -397,6 +398,58 @@ async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
         run.status, run.finished_at = "failed", datetime.now(UTC)
         run.error = "the trainer stopped during the run (killed, crashed or its machine lost)"
         failed += 1
+    await session.commit()
+    return failed
+
+
+LOST_AFTER = timedelta(seconds=60)
+"""How long a queued run may be without its job waiting in ``training:jobs`` before it is failed:
+far longer than the moment between its row's commit and the job's XADD."""
+LOST_JOB = (
+    "its job was lost before a trainer began it (Redis lost its data, or the trainer that took it "
+    "stopped first); start the run again"
+)
+
+
+async def _waiting_jobs(redis: Redis) -> set[str]:
+    """The run ids of the jobs in ``training:jobs`` that no trainer has read yet (after the
+    trainers' group's last delivered entry; all of them before any trainer made the group)."""
+    if not await redis.exists(training.JOB_STREAM):
+        return set()
+    groups = await redis.xinfo_groups(training.JOB_STREAM)
+    last = next(
+        (g["last-delivered-id"] for g in groups if g["name"] in (training.JOB_GROUP, training.JOB_GROUP.encode())),
+        None,
+    )
+    start = "-" if last is None else f"({last.decode() if isinstance(last, bytes) else last}"
+    waiting: set[str] = set()
+    for _entry_id, fields in cast(
+        list[tuple[Any, dict[Any, Any]]], await redis.xrange(training.JOB_STREAM, start, "+")
+    ):
+        meta = fields.get(b"meta", fields.get("meta"))
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            waiting.add(str(json.loads(cast(bytes, meta))["run_id"]))
+    return waiting
+
+
+async def fail_lost(*, session: AsyncSession, redis: Redis) -> int:
+    """Fails the runs queued for over ``LOST_AFTER`` whose job no trainer can read any more: it is
+    neither waiting in the stream nor was it begun (a trainer says ``started`` first), so the run
+    would stay queued and block every run of its model. How many."""
+    cutoff = datetime.now(UTC) - LOST_AFTER
+    queued = list(
+        await session.scalars(
+            select(TrainingRun).where(TrainingRun.status == "queued", TrainingRun.created_at < cutoff)
+        )
+    )
+    if not queued:
+        return 0
+    waiting = await _waiting_jobs(redis)
+    failed = 0
+    for run in queued:
+        if str(run.id) not in waiting:
+            run.status, run.finished_at, run.error = "failed", datetime.now(UTC), LOST_JOB
+            failed += 1
     await session.commit()
     return failed
 
