@@ -739,22 +739,15 @@ async def test_a_change_reads_the_rows_it_locks_afresh(own_stack: Stack) -> None
         # Loaded, and kept in its identity map, in a transaction still open.
         kept = list(await early.scalars(select(ModelVersion).where(ModelVersion.name == "sketch")))
         assert kept
-        await registry_service.promote(
-            session=other,
-            actor=registry_service.Actor(None, "admin a"),
-            name="sketch",
-            version=2,
-            reason="a",
-            available=every,
-        )
-        await registry_service.promote(
-            session=early,
-            actor=registry_service.Actor(None, "admin b"),
-            name="sketch",
-            version=1,
-            reason="b",
-            available=every,
-        )
+        for session, admin, version in ((other, "admin a", 2), (early, "admin b", 1)):
+            await registry_service.promote(
+                session=session,
+                actor=registry_service.Actor(None, admin),
+                name="sketch",
+                version=version,
+                reason=admin,
+                available=every,
+            )
     async with sessions() as session:
         rows = {
             r.version: (r.channel, r.weight)

@@ -581,13 +581,20 @@ def test_an_api_key_runs_a_batch_and_stops_working_once_revoked(
     assert ".." not in one_line(result.stderr), result.stderr
 
 
-def test_an_api_key_without_the_read_scope_is_refused_before_a_batch_is_sent(
-    account: Account, config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("scopes", "lacking"), [(["predict"], "read"), (["read"], "predict")])
+def test_an_api_key_without_a_scope_a_batch_needs_is_refused_before_it_is_sent(
+    account: Account,
+    config_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scopes: list[str],
+    lacking: str,
 ) -> None:
-    """A key that may predict but not read could send a batch but never follow it nor download its
-    results: refused (exit 3) before anything is zipped or sent, with or without ``-m``."""
+    """Refused (exit 3) before anything is zipped or sent, with or without ``-m``: a key that may
+    predict but not read could send a batch but never follow it nor download its results; a
+    read-only key would upload the whole batch for a 403."""
     r = httpx.post(
-        f"{account.url}/v1/api-keys", json={"name": "send-only", "scopes": ["predict"]}, headers=account.headers()
+        f"{account.url}/v1/api-keys", json={"name": f"only {scopes[0]}", "scopes": scopes}, headers=account.headers()
     )
     assert r.status_code == 201, r.text
     monkeypatch.setenv("PORTAL_URL", account.url)
@@ -597,24 +604,5 @@ def test_an_api_key_without_the_read_scope_is_refused_before_a_batch_is_sent(
         result = run("batch", str(folder), *models, "--out", str(tmp_path / "r.csv"), "--api-key", r.json()["key"])
         assert "Zipping" not in result.stderr and "Uploading" not in result.stderr, result.stderr
         error = one_line(result.stderr)
-        assert result.exit_code == 3 and "lacks the read scope" in error and "nothing was sent" in error, error
-    assert batches(account)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
-
-
-def test_an_api_key_without_the_predict_scope_is_refused_before_a_batch_is_sent(
-    account: Account, config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A read-only key would upload the whole batch for a 403: refused (exit 3) before anything is
-    zipped or sent."""
-    r = httpx.post(
-        f"{account.url}/v1/api-keys", json={"name": "read-only", "scopes": ["read"]}, headers=account.headers()
-    )
-    assert r.status_code == 201, r.text
-    monkeypatch.setenv("PORTAL_URL", account.url)
-    folder = tmp_path / "collection"
-    make_images(folder, 2)
-    result = run("batch", str(folder), "-m", MODEL, "--out", str(tmp_path / "r.csv"), "--api-key", r.json()["key"])
-    assert "Zipping" not in result.stderr and "Uploading" not in result.stderr, result.stderr
-    error = one_line(result.stderr)
-    assert result.exit_code == 3 and "lacks the predict scope" in error and "nothing was sent" in error, error
+        assert result.exit_code == 3 and f"lacks the {lacking} scope" in error and "nothing was sent" in error, error
     assert batches(account)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
