@@ -209,6 +209,11 @@ class ExplainerHeartbeat(BaseModel):
     """Twins it was asked to hold whose model cannot be explained, by ``name@version``, with why
     (no convolutional layer): a property of the model file, not of this explainer, so the API
     answers 422 for them rather than waiting for an explainer that would hold them."""
+    loading: list[str] = []
+    """``name@version`` of the twins it is building now: requests for them wait, not 503."""
+    revision: int | None = None
+    """The registry revision whose twins it holds or is building (None: none read yet, or an
+    explainer from before this field): one behind the API's has a change still to follow."""
 
 
 class ExplanationStatus(StrEnum):

@@ -101,6 +101,8 @@ class Explainer:
         self.failed = FailedLoads(settings)
         """Twins with a model file whose Grad-CAM could not be built: tried again once the file is
         written or changes (``load_written``)."""
+        self.loading: frozenset[str] = frozenset()
+        """Twins being built now (``name@version``); replaced whole (the heartbeat thread reads it)."""
         self.stopping = threading.Event()
 
     def load(self) -> None:
@@ -154,9 +156,11 @@ class Explainer:
         snapshot = registry_live.read_snapshot(self.redis)
         if snapshot is None:
             return False
-        self.registry, self.revision = snapshot.registry, (snapshot.source, snapshot.revision)
-        wanted = {keys.explain_stream(t.name, t.version): t for t in twins(self.registry, self.settings)}
+        wanted = {keys.explain_stream(t.name, t.version): t for t in twins(snapshot.registry, self.settings)}
         held = self.cams
+        # Said before the revision, so that no heartbeat shows the new revision without them.
+        self.loading = frozenset(t.key for s, t in wanted.items() if s not in held and not self.failed.unchanged(t))
+        self.registry, self.revision = snapshot.registry, (snapshot.source, snapshot.revision)
         if dropped := {s: c for s, c in held.items() if s not in wanted}:
             self.cams = {s: c for s, c in held.items() if s in wanted}
             log.info(
@@ -173,6 +177,8 @@ class Explainer:
         for stream, twin in wanted.items():
             if stream not in held and not self.failed.unchanged(twin):
                 loaded |= self._load_twin(twin)
+                self.loading = self.loading - {twin.key}
+        self.loading = frozenset()
         return loaded or bool(dropped)
 
     def answer_queued(self, stream: str) -> int:
@@ -203,6 +209,8 @@ class Explainer:
             pid=os.getpid(),
             models=[c.entry.key for c in self.cams.values()],
             not_explainable=self.not_explainable,
+            loading=sorted(self.loading),
+            revision=None if self.revision is None else self.revision[1],
         )
         self.redis.set(
             keys.explainer_key(self.explainer_id), body.model_dump_json(), px=int(self.settings.heartbeat_ttl_s * 1000)

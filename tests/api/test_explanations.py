@@ -86,7 +86,7 @@ async def test_heatmaps_point_at_the_bird_and_at_the_strokes(own_stack: Stack) -
     explainer = start_explainer(
         f"explainer-test-{uuid.uuid4().hex[:6]}",
         own_stack.redis_server.url,
-        EXPLAIN_MODELS="mobilenet_v2@1,sketch@3",
+        EXPLAIN_MODELS="mobilenet_v2@1,sketch@2,sketch@3",
     )
     own_stack.workers.append(explainer)
 
@@ -124,6 +124,15 @@ async def test_heatmaps_point_at_the_bird_and_at_the_strokes(own_stack: Stack) -
     assert np.mean(on_strokes) >= 1.5 * np.mean(on_background), (on_strokes, on_background)
     # Drawing by drawing, the strokes are never colder than the canvas.
     assert all(s >= b for s, b in zip(on_strokes, on_background, strict=True)), (on_strokes, on_background)
+
+    # Served again, sketch@2 is explained at once: the request waits while the explainer follows
+    # the registry and builds its graph, rather than a 503 for those seconds.
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/2", json={"channel": "canary", "reason": "back"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get(f"/v1/predictions/{retired_id}/explanation", headers=admin)
+    assert r.status_code == 200 and r.json()["explained_with"] == "sketch@2", r.text
 
 
 OVERLAY_PEAK = """

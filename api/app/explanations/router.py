@@ -9,6 +9,7 @@ from api.app.core.responses import AUTHED, CONFLICT, INVALID, NOT_FOUND, RETRY_A
 from api.app.deps import (
     BlockingRedisDep,
     CurrentUser,
+    LiveRegistryDep,
     ReadSessionDep,
     RedisDep,
     RegistryDep,
@@ -51,6 +52,7 @@ async def read_explanation(
     blocking_redis: BlockingRedisDep,
     store: StoreDep,
     registry: RegistryDep,
+    live: LiveRegistryDep,
     settings: SettingsDep,
     format: Annotated[
         Literal["json", "png"], Query(description="json: the heatmap; png: overlaid on the image")
@@ -76,6 +78,7 @@ async def read_explanation(
         settings=settings,
         owner_id=user.id,
         prediction_id=prediction_id,
+        revision=live.revision,
     )
     e = explained.explanation
     if format == "png":

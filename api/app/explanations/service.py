@@ -20,7 +20,7 @@ import asyncio
 import io
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -83,6 +83,15 @@ class LiveExplainers:
     """``name@version`` of every Keras twin a live explainer holds."""
     not_explainable: dict[str, str]
     """Twins a live explainer found nothing to explain with in, with why."""
+    loading: set[str] = field(default_factory=set)
+    """Twins a live explainer is building now."""
+    revisions: list[int] = field(default_factory=list)
+    """The registry revision each live explainer follows (those that say)."""
+
+    def coming(self, twin: str, revision: int) -> bool:
+        """Whether ``twin`` may be held in a moment: an explainer is building it, or one has not
+        yet followed the registry to ``revision`` (the API's), in which it may be served."""
+        return twin in self.loading or any(r < revision for r in self.revisions)
 
 
 async def live_explainers(redis: Redis) -> LiveExplainers:
@@ -100,6 +109,9 @@ async def live_explainers(redis: Redis) -> LiveExplainers:
             continue
         found.held.update(beat.models)
         found.not_explainable.update(beat.not_explainable)
+        found.loading.update(beat.loading)
+        if beat.revision is not None:
+            found.revisions.append(beat.revision)
     return found
 
 
@@ -119,8 +131,11 @@ async def explain(
     settings: Settings,
     owner_id: int,
     prediction_id: uuid.UUID,
+    revision: int = 0,
 ) -> Explained:
-    """The Grad-CAM heatmap of the prediction's top-1 class, cached or computed now.
+    """The Grad-CAM heatmap of the prediction's top-1 class, cached or computed now. ``revision``:
+    the registry revision ``registry`` is of; while an explainer is building the twin, or follows
+    an older revision, the request waits for it (within EXPLANATION_WAIT_SECONDS) before any 503.
 
     Raises 404 (no such prediction, or not the user's), 409 (it has no answer: not finished or
     failed), 422 (its version cannot be explained: no Keras twin, as TFLite versions, or a twin
@@ -154,17 +169,22 @@ async def explain(
     cache_key = keys.explanation_key(owner_id, sha256, prediction.model_name, prediction.model_version)
     if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
         return Explained(prediction, cached, True)
+    deadline = time.time() + settings.explanation_wait_seconds
     explainers = await live_explainers(redis)
+    if twin.key not in explainers.held and not _explained(registry, twin.key, settings):
+        raise HTTPException(
+            status_code=422,
+            detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
+        )
+    # An explainer building the twin (it was just registered or enabled), or still to follow the
+    # registry's latest change, holds it in a few seconds: the request waits for that.
+    while twin.key not in explainers.held and explainers.coming(twin.key, revision) and time.time() < deadline:
+        await asyncio.sleep(POLL_S)
+        explainers = await live_explainers(redis)
     if twin.key not in explainers.held:
-        if not _explained(registry, twin.key, settings):
-            raise HTTPException(
-                status_code=422,
-                detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
-            )
         if (why := explainers.not_explainable.get(twin.key)) is not None:
             raise HTTPException(status_code=422, detail=f"{key} is not explainable: {why}.")
         raise _unavailable(f"No explainer holding {twin.key} is running; retry shortly.", settings)
-    deadline = time.time() + settings.explanation_wait_seconds
     inflight = keys.explanation_inflight_key(owner_id, sha256, prediction.model_name, prediction.model_version)
     request_id = uuid.uuid4().hex
     while True:
