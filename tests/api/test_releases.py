@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.predictions import evaluations
-from api.app.predictions.models import EvaluationAnswer
+from api.app.predictions.models import Evaluation, EvaluationAnswer
 from api.app.releases import service as releases_service
 from contracts.messages import PredictionStatus
 from tests.api.conftest import Stack, until
@@ -172,6 +172,29 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
         await session.refresh(stuck)
         ended = await evaluations.summary(session=session, evaluation=stuck)
     assert ended.status == "done" and (ended.candidate.failed, ended.baseline.failed) == (5, 5), ended
+
+    # Two top-ups at once (the result collector's and the reconcile loop's) queue the bound once.
+    sessionmaker = own_stack.app.state.sessionmaker
+    async with sessionmaker() as session:
+        raced = (
+            await evaluations.start(
+                session=session, name="mobilenet_v2", candidate=2, baseline=1, images=images, requested_by="test"
+            )
+        ).id
+
+    async def top_up() -> int:
+        async with sessionmaker() as session:
+            return await evaluations.top_up(
+                session=session,
+                redis=own_stack.app.state.redis,
+                store=own_stack.app.state.store,
+                in_flight=2,
+                job_seconds=10,
+            )
+
+    assert sum(await asyncio.gather(top_up(), top_up(), top_up())) == 2 * 2
+    async with sessionmaker() as session:
+        await evaluations.cancel(session=session, evaluation=await session.get_one(Evaluation, raced))
 
     # The comparison counts it, and the user's history holds none of its 48 answers.
     r = await client.get("/v1/admin/registry/models/sketch/compare", params=PAIR, headers=admin)

@@ -14,7 +14,7 @@ from typing import cast
 from redis.asyncio import Redis
 from sqlalchemy import Integer, Table, and_, case
 from sqlalchemy import cast as sql_cast
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.images.storage import LocalBlobStore
@@ -98,14 +98,17 @@ async def top_up(
     live worker serves (``served``, keys like ``sketch@2``; None: not checked) gets none: its
     answers wait, and expire if it stays so (``expire_overdue``).
 
-    Rows are taken with SKIP LOCKED, so two API processes never queue the same answer; a job
-    queued twice (Redis failed after the queue took it) is answered once."""
+    Each version's count and queueing hold a transaction-level advisory lock, so two callers (the
+    result collector and the reconcile loop, or two API processes) never both see the same room
+    and queue twice the bound; a job queued twice (Redis failed after the queue took it) is
+    answered once."""
     queued = 0
     running = list(await session.scalars(select(Evaluation).where(Evaluation.status == "running")))
     for evaluation in running:
         for version in (evaluation.candidate, evaluation.baseline):
             if served is not None and f"{evaluation.model_name}@{version}" not in served:
                 continue
+            await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('evaluation-top-up', 0))"))
             busy = await session.scalar(
                 select(func.count()).where(
                     EvaluationAnswer.evaluation_id == evaluation.id,
