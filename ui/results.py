@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import re
+import time
 from collections import Counter
 from datetime import datetime
 
@@ -80,15 +82,29 @@ def _remember_tick(ticked: dict[str, bool], ref: str, key: str) -> None:
     ticked[ref] = bool(st.session_state[key])
 
 
+REPEAT_WINDOW_S = 5.0
+"""A request the same as the last one within this many seconds is the second click of a double
+click: what the first sent is followed, nothing is sent again."""
+
+
 def run_job(
     api: Api, state_key: str, name: str, data: bytes, chosen: list[str], *, keep_error: str | None = None
 ) -> None:
     """Uploads, predicts, waits with a progress bar; keeps the finished job under ``state_key``,
-    and with ``keep_error`` the API's refusal under that key until a job succeeds."""
+    and with ``keep_error`` the API's refusal under that key until a job succeeds. The same image
+    and models asked again within ``REPEAT_WINDOW_S`` (a double click) follow the job already sent
+    instead of sending it again."""
+    request = (hashlib.sha256(data).hexdigest(), tuple(sorted(chosen)))
 
     def run() -> Job:
-        image = api.upload(name, data)
-        job_id = api.predict(image["id"], chosen)
+        sent = st.session_state.get(f"{state_key}_sent")
+        if sent is not None and sent[0] == request and time.monotonic() - sent[2] < REPEAT_WINDOW_S:
+            job_id = sent[1]
+        else:
+            image = api.upload(name, data)
+            job_id = api.predict(image["id"], chosen)
+            # Kept before any other Streamlit call: a click that interrupts this run finds it.
+            st.session_state[f"{state_key}_sent"] = (request, job_id, time.monotonic())
         bar = st.progress(0.0, text="Sent to the models…")
         polls = {"n": 0}
 

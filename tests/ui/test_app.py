@@ -1114,7 +1114,8 @@ def test_api_keys_are_made_shown_once_listed_and_revoked(api_url: str, portal: t
     app.selectbox(key="api_key_expiry").set_value("30 days")
     next(b for b in app.button if b.proto.form_id == "api_key_create").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
-    key = app.session_state["api_key_new"]["key"]
+    [made] = app.session_state["api_key_new"]
+    key = made["key"]
     assert [c.value for c in app.code] == [key]
     # The key works, within its scope.
     assert httpx.get(f"{api_url}/v1/images", headers={"X-API-Key": key}).status_code == 200
@@ -1144,6 +1145,44 @@ def test_api_keys_are_made_shown_once_listed_and_revoked(api_url: str, portal: t
     assert any("Revoked nightly import" in s.value for s in app.success)
     assert httpx.get(f"{api_url}/v1/images", headers={"X-API-Key": key}).status_code == 401
     assert any("· revoked" in m.value for m in app.markdown)
+
+
+def test_a_double_click_on_make_key_makes_one_key_and_a_second_key_hides_no_secret(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    app, token = keys_app(api_url, *new_user(api_url, portal))
+
+    def submit(name: str) -> None:
+        app.text_input(key="api_key_name").input(name)
+        next(b for b in app.button if b.proto.form_id == "api_key_create").click().run()
+        assert not app.exception and not app.error, [e.value for e in app.error]
+
+    # A double click: the second submit carries the same form, or the form the first emptied.
+    submit("nightly import")
+    submit("nightly import")
+    next(b for b in app.button if b.proto.form_id == "api_key_create").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert [k["name"] for k in Api(api_url, token).api_keys()] == ["nightly import"]
+    # Another key made before the first was dismissed: both secrets stay on the page.
+    submit("weekly report")
+    made = app.session_state["api_key_new"]
+    assert [k["name"] for k in made] == ["nightly import", "weekly report"]
+    assert [c.value for c in app.code] == [k["key"] for k in made]
+
+
+def test_a_double_click_on_classify_sends_the_photo_once(api_url: str, portal: tuple[str, str, str]) -> None:
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    app = pages_app(api_url, api.token or "")
+    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    app.run()
+    app.button(key="classify_submit").click().run()
+    first = app.session_state["classify_job"]["job_id"]
+    app.button(key="classify_submit").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.session_state["classify_job"]["job_id"] == first
+    headers = {"Authorization": f"Bearer {api.token}"}
+    assert len(httpx.get(f"{api_url}/v1/images", headers=headers).json()["data"]) == 1
 
 
 def test_a_key_name_is_shown_as_typed_never_as_markdown(api_url: str, portal: tuple[str, str, str]) -> None:
