@@ -221,7 +221,10 @@ class ExplanationStatus(StrEnum):
     not_explainable = "not_explainable"
     """The version has no Keras graph to take gradients of (its twin is gone, say): a 422."""
     failed = "failed"
-    """The image could not be read or the computation failed: the error says why."""
+    """The image could not be read: the error says why (a 422)."""
+    error = "error"
+    """The computation failed in the explainer, a fault of the portal's own logged there (a 502);
+    the error says no more, so no internals reach the user."""
 
 
 EXPLANATION_GRID = 56

@@ -246,9 +246,9 @@ class Explainer:
             return base.model_copy(update={"status": ExplanationStatus.not_explainable, "error": str(exc)})
         except ImageRejected as exc:
             return base.model_copy(update={"error": exc.message})
-        except Exception as exc:
+        except Exception:
             log.exception("explanation of %s by %s failed", request.sha256, request.twin)
-            return base.model_copy(update={"error": f"the computation failed: {exc}"})
+            return base.model_copy(update={"status": ExplanationStatus.error, "error": "the explainer failed"})
         return base.model_copy(
             update={
                 "status": ExplanationStatus.ok,

@@ -41,6 +41,8 @@ STILL_QUEUED = (
 """Said when ``Api.wait`` gives up: the job goes on at the portal."""
 EXPLANATION_MESSAGES = {
     410: "The picture of this prediction is no longer stored, so it cannot be explained.",
+    502: "The heatmap could not be drawn: the explainer failed on this picture (a fault of the portal's, "
+    "logged for its operators). Try again later.",
     503: "No explainer can draw this heatmap right now: none is running for this model, or it is still "
     "loading it. Try again in a moment.",
     504: "The heatmap was not ready in time. Try again in a moment: once drawn, it is shown at once.",

@@ -13,11 +13,15 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
+from fastapi import HTTPException
 from PIL import Image
 
+from api.app.explanations.service import refuse_failed
 from api.app.images.service import VIEW_SIZE
 from api.app.images.storage import LocalBlobStore
 from contracts.imaging import inspect_image
+from contracts.messages import Explanation, ExplanationStatus
 from tests.api.conftest import Stack
 from tests.api.test_releases import canvas_drawings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
@@ -179,3 +183,25 @@ def test_the_overlay_of_a_large_png_is_drawn_from_its_preview(tmp_path: Path) ->
     grown_mb = int(run.stdout.split()[-1])
     # From its preview: about 50 MB (the 800-pixel blend in float32); from the PNG: about 375 MB.
     assert grown_mb < 150, f"the overlay took the process {grown_mb} MB higher"
+
+
+def test_a_failure_of_the_explainer_is_a_502_without_its_details() -> None:
+    """The explainer's own fault is not the user's (no 422) and its internals stay in its log."""
+    answer = Explanation(
+        model="sketch",
+        version=1,
+        twin="sketch@1",
+        sha256="0" * 64,
+        label="cat",
+        explainer_id="e",
+        status=ExplanationStatus.error,
+        error="the explainer failed",
+    )
+    with pytest.raises(HTTPException) as raised:
+        refuse_failed(answer, key="sketch@1")
+    assert raised.value.status_code == 502 and "failed" in str(raised.value.detail)
+    unreadable = answer.model_copy(update={"status": ExplanationStatus.failed, "error": "cannot identify image"})
+    with pytest.raises(HTTPException) as raised:
+        refuse_failed(unreadable, key="sketch@1")
+    assert raised.value.status_code == 422 and "cannot identify image" in str(raised.value.detail)
+    refuse_failed(answer.model_copy(update={"status": ExplanationStatus.ok}), key="sketch@1")

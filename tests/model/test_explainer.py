@@ -10,11 +10,13 @@ import uuid
 from pathlib import Path
 
 import redis
+from PIL import Image
 
 from contracts import keys, streams
 from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus
 from model.config import ModelSettings
 from model.explainer import Explainer
+from tests.images import encode
 from tests.model.test_worker_registry import entry, publish
 from tests.support import RedisServer
 
@@ -127,3 +129,33 @@ def test_a_model_grad_cam_cannot_use_is_reported_as_not_explainable(
     os.replace(folder / "model.tmp.keras", folder / "model.keras")
     assert explainer.load_written()
     assert list(explainer.cams) == [keys.explain_stream("sketch", 1)] and not explainer.not_explainable
+
+
+def test_a_failure_inside_the_explainer_is_answered_without_its_details(
+    private_redis: RedisServer, model_settings: ModelSettings
+) -> None:
+    """A fault of the explainer's own is said as such (the API makes it a 502), never with its
+    exception's text, which is for the operators' logs."""
+    settings = model_settings.model_copy(update={"redis_url": private_redis.url, "explain_models": "sketch@1"})
+    explainer = Explainer(settings)
+    explainer.load()
+    stream = keys.explain_stream("sketch", 1)
+    cam = explainer.cams[stream]
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("internal detail: /srv/secret/path")
+
+    cam.cam = broken  # type: ignore[method-assign,assignment]
+    request = ExplainRequest(
+        request_id=uuid.uuid4().hex,
+        model="sketch",
+        version=1,
+        twin="sketch@1",
+        sha256="0" * 64,
+        label=cam.labels[0],
+        deadline=time.time() + 30,
+        owner_id=1,
+        image=encode(Image.new("L", (280, 280), 255), "PNG"),
+    )
+    answer = explainer.compute(stream, request)
+    assert answer.status == ExplanationStatus.error and answer.error == "the explainer failed", answer

@@ -30,6 +30,7 @@ router = APIRouter(prefix="/v1/predictions", tags=["explanations"])
         **NOT_FOUND,
         409: {**CONFLICT[409], "description": "The prediction has no answer to explain (not finished, or failed)"},
         410: error("The prediction's image is no longer stored"),
+        502: error("The explainer failed on this image (logged by the explainer)"),
         429: error(
             "Too many of my explanations being computed (EXPLANATIONS_IN_FLIGHT_PER_USER), or too many failed "
             "API keys from this address; see Retry-After",
@@ -66,7 +67,7 @@ async def read_explanation(
     ``prediction_id`` is a prediction's ``id`` (one model's answer within a job). Errors: 404 not
     yours, 409 no answer yet, 410 the image is no longer stored, 422 not explainable (no Keras twin,
     as the TFLite bird model, or retired or disabled since), 429 with Retry-After when EXPLANATIONS_IN_FLIGHT_PER_USER of mine
-    are being computed, 503 with Retry-After when no explainer is live or its queue is full, 504
+    are being computed, 502 when the explainer failed on it, 503 with Retry-After when no explainer is live or its queue is full, 504
     when none answered within EXPLANATION_WAIT_SECONDS.
     """
     explained = await service.explain(

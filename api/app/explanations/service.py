@@ -139,7 +139,7 @@ async def explain(
 
     Raises 404 (no such prediction, or not the user's), 409 (it has no answer: not finished or
     failed), 422 (its version cannot be explained: no Keras twin, as TFLite versions, or a twin
-    retired or disabled since, which explainers let go), 503 with
+    retired or disabled since, which explainers let go), 502 (the explainer failed), 503 with
     Retry-After (no live explainer holds the twin, or its queue is full), 504 (no answer within
     EXPLANATION_WAIT_SECONDS; the heatmap is cached once computed).
     """
@@ -209,10 +209,7 @@ async def explain(
                 )
             finally:
                 await redis.eval(_RELEASE, 1, inflight, request_id)
-            if answer.status == ExplanationStatus.not_explainable:
-                raise HTTPException(status_code=422, detail=f"{key} is not explainable: {answer.error}")
-            if answer.status != ExplanationStatus.ok:
-                raise HTTPException(status_code=422, detail=f"The image could not be explained: {answer.error}")
+            refuse_failed(answer, key=key)
             return Explained(prediction, answer, answer.from_cache)
         # The same user asked for the same explanation moments ago: its answer will be cached.
         if time.time() + POLL_S >= deadline:
@@ -220,6 +217,21 @@ async def explain(
         await asyncio.sleep(POLL_S)
         if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
             return Explained(prediction, cached, True)
+
+
+def refuse_failed(answer: Explanation, *, key: str) -> None:
+    """Raises what an explainer's answer other than ``ok`` means for the request: 422 for a
+    version it cannot explain or an image it cannot read (the error says why), 502 for a failure
+    of the explainer itself (logged there; its details are not the user's to read)."""
+    if answer.status == ExplanationStatus.not_explainable:
+        raise HTTPException(status_code=422, detail=f"{key} is not explainable: {answer.error}")
+    if answer.status == ExplanationStatus.failed:
+        raise HTTPException(status_code=422, detail=f"The image could not be explained: {answer.error}")
+    if answer.status != ExplanationStatus.ok:
+        raise HTTPException(
+            status_code=502,
+            detail=f"The explainer of {key} failed on this image; the failure is logged. Try again later.",
+        )
 
 
 async def _cached(redis: Redis, cache_key: str, label: str) -> Explanation | None:
