@@ -389,8 +389,15 @@ def not_trained_reason(path: Path) -> str:
 
 
 def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
-    """Loads one registry entry, or raises ModelUnavailable with the reason."""
-    if entry.training and entry.file and not (path := resolve(entry, entry.file, settings)).exists():
+    """Loads one registry entry, or raises ModelUnavailable with the reason. A missing file of a
+    version ``model.prepare`` trains is "not trained yet"; one a training run registered (its
+    ``training`` names the run) had its file written before, so its loss is said as missing."""
+    if (
+        entry.training
+        and "run" not in entry.training
+        and entry.file
+        and not (path := resolve(entry, entry.file, settings)).exists()
+    ):
         raise ModelUnavailable(not_trained_reason(path))
     labels = load_labels(entry, settings)
     loaded = LOADERS[entry.runtime](entry, settings, labels)

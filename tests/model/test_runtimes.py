@@ -177,6 +177,21 @@ def test_an_openvino_model_without_its_weights_file_is_missing_not_broken(
     assert not isinstance(raised.value, ModelLoadFailed)
 
 
+def test_a_missing_file_is_not_trained_yet_only_for_a_version_model_prepare_trains(
+    registry: Registry, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """A version from registry.yaml's training options waits for ``model.prepare``; one a training
+    run registered had its file written before, so its absence is a file missing, not a promise."""
+    settings = model_settings.model_copy(update={"trained_dir": tmp_path})
+    prepared = registry.get("sketch@1")
+    with pytest.raises(ModelUnavailable, match=r"^not trained yet: "):
+        load_model(prepared, settings)
+    from_a_run = prepared.model_copy(update={"training": {**(prepared.training or {}), "run": "9f0c"}})
+    with pytest.raises(ModelUnavailable) as raised:
+        load_model(from_a_run, settings)
+    assert not str(raised.value).startswith("not trained yet") and "not found" in str(raised.value)
+
+
 def test_random_resnet_only_in_benchmark_mode(registry: Registry, model_settings: ModelSettings) -> None:
     assert registry.find("resnet50_random", None, benchmark_mode=False) is None
     assert all(not m.benchmark_only for m in registry.public())
