@@ -5,6 +5,7 @@ promotion; and runs cancelled or lost with their trainer."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import uuid
@@ -480,3 +481,27 @@ async def test_a_queued_run_whose_job_was_lost_is_failed_not_left_blocking(own_s
         await training_service.fail_lost(session=session, redis=redis)
     assert (await run_of(own_stack, admin, ids["waiting"]))["status"] == "failed"
     assert (await run_of(own_stack, admin, ids["young"]))["status"] == "queued"
+
+
+async def test_the_feedback_exports_of_ended_runs_are_removed(own_stack: Stack) -> None:
+    """Each run exports the labelled examples it trains on; once it ended (done, failed or
+    cancelled) its folder goes, so exports do not pile up with every retraining. A running or
+    queued run's stays, as does a folder no run names until it is an hour old (its run may be
+    exporting it now), and what is not a run's."""
+    data_dir = own_stack.app.state.settings.training_data_dir
+    async with own_stack.app.state.sessionmaker() as session:
+        runs = {
+            status: a_run(80 + i, status=status, base=1)
+            for i, status in enumerate((*training_service.UNFINISHED, "done", "failed", "cancelled"))
+        }
+        session.add_all(runs.values())
+        await session.commit()
+        orphan_young, orphan_old = uuid.uuid4(), uuid.uuid4()
+        for name in [*(str(r.id) for r in runs.values()), str(orphan_young), str(orphan_old), "notes"]:
+            (data_dir / name / "cat").mkdir(parents=True)
+            (data_dir / name / "cat" / "1.png").write_bytes(b"png")
+        hours_ago = time.time() - 2 * 3600
+        os.utime(data_dir / str(orphan_old), (hours_ago, hours_ago))
+        await training_service.remove_exports(session=session, data_dir=data_dir)
+    left = sorted(p.name for p in data_dir.iterdir())
+    assert left == sorted([str(runs["queued"].id), str(runs["running"].id), str(orphan_young), "notes"]), left

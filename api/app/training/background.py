@@ -137,13 +137,16 @@ async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
 
 
 async def maintain_once(rt: JobRuntime) -> None:
-    """Fails runs whose trainer died, and queued runs whose job was lost; applies the auto-promote rule (AUTO_PROMOTE); starts a run
+    """Fails runs whose trainer died, and queued runs whose job was lost; removes the feedback
+    exports of ended runs; applies the auto-promote rule (AUTO_PROMOTE); starts a run
     for each model with enough new examples."""
     async with rt.sessionmaker() as session:
         if failed := await service.fail_stale(session=session, redis=rt.redis):
             log.warning("%d training runs failed: their trainer stopped", failed)
         if lost := await service.fail_lost(session=session, redis=rt.redis):
             log.warning("%d queued training runs failed: their job was lost", lost)
+        if removed := await service.remove_exports(session=session, data_dir=rt.settings.training_data_dir):
+            log.info("removed the feedback exports of %d ended training runs", removed)
     # One API process at a time applies the rule: two would race to promote the same candidate.
     # redis-py's lock releases only its own token, so a pass that outlived it frees nothing else's.
     lock = rt.redis.lock(AUTO_PROMOTE_LOCK, timeout=AUTO_PROMOTE_LOCK_S, blocking=False)

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -452,6 +453,51 @@ async def fail_lost(*, session: AsyncSession, redis: Redis) -> int:
             failed += 1
     await session.commit()
     return failed
+
+
+EXPORT_GRACE_SECONDS = 3600.0
+"""A run's export folder without a row is left this long: its run may be exporting it now."""
+
+
+def _export_folders(data_dir: Path, older_than: float) -> tuple[dict[uuid.UUID, Path], set[uuid.UUID]]:
+    """The run export folders under ``data_dir`` by run id, and which of them were last changed
+    before ``older_than`` (a Unix time). Other entries are not the portal's and are left."""
+    folders: dict[uuid.UUID, Path] = {}
+    old: set[uuid.UUID] = set()
+    if not data_dir.is_dir():
+        return folders, old
+    for path in data_dir.iterdir():
+        try:
+            run_id = uuid.UUID(path.name)
+            changed = path.stat().st_mtime
+        except (ValueError, OSError):
+            continue
+        if path.is_dir():
+            folders[run_id] = path
+            if changed < older_than:
+                old.add(run_id)
+    return folders, old
+
+
+async def remove_exports(*, session: AsyncSession, data_dir: Path, grace_seconds: float = EXPORT_GRACE_SECONDS) -> int:
+    """Removes the feedback export folders (``data_dir/<run id>``) of runs that ended (done, failed
+    or cancelled: their trainer has read them) and, past ``grace_seconds``, those no run names (a
+    database reset, a process that died exporting); how many were removed. What a run trained on
+    stays in its row (``examples``) and its training record, so exports do not pile up with every
+    retraining."""
+    folders, old = await to_thread.run_sync(_export_folders, data_dir, time.time() - grace_seconds)
+    if not folders:
+        return 0
+    rows = await session.execute(select(TrainingRun.id, TrainingRun.status).where(TrainingRun.id.in_(list(folders))))
+    statuses = {run_id: status for run_id, status in rows}
+    ended = [
+        folders[run_id]
+        for run_id in folders
+        if (run_id in statuses and statuses[run_id] not in UNFINISHED) or (run_id not in statuses and run_id in old)
+    ]
+    for path in ended:
+        await to_thread.run_sync(functools.partial(shutil.rmtree, path, ignore_errors=True))
+    return len(ended)
 
 
 async def new_examples_since_last_run(*, session: AsyncSession, name: str) -> int:
