@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from api.app.drift import service
 from api.app.drift.models import DriftSignal
+from api.app.images.models import Image as ImageRow
 from api.app.main import create_app
 from tests.api.conftest import Stack
 from tests.api.test_releases import canvas_drawings
@@ -116,6 +117,17 @@ async def test_sketches_move_a_photo_models_drift_index_past_the_alert_and_photo
     colour = {b["label"]: b for b in signals["colour"]["bins"]}
     assert colour["greyscale"]["window"] == 1.0
     assert _gauge("brightness") == pytest.approx(signals["brightness"]["psi"])
+
+    # Early uploads deleted: the reference, kept once full, neither shrinks nor moves.
+    async with own_stack.app.state.sessionmaker() as session:
+        oldest = list(await session.scalars(select(ImageRow.id).order_by(ImageRow.created_at).limit(10)))
+    for image_id in oldest:
+        assert (await client.delete(f"/v1/images/{image_id}", headers=admin)).status_code == 204
+    r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+    (after,) = r.json()["versions"]
+    assert after["reference_count"] == WINDOW
+    kept = {s["signal"]: [b["reference"] for b in s["bins"]] for s in after["signals"]}
+    assert kept == {name: [b["reference"] for b in s["bins"]] for name, s in signals.items()}
 
 
 async def test_indices_of_versions_no_longer_computed_are_deleted_and_stop_reporting(own_stack: Stack) -> None:

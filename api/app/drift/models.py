@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Float, Integer, String
+from sqlalchemy import DateTime, Float, Integer, String, Uuid
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -25,3 +26,20 @@ class DriftSignal(Base):
     bins: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
     """[{"label": ..., "reference": share, "window": share}, ...] in bin order."""
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DriftReference(Base):
+    """A version's reference window as it was once full: its first DRIFT_REFERENCE_SIZE answered
+    predictions' signal values, kept so that uploads deleted later do not move it (nor the start
+    of the window, which follows its last prediction)."""
+
+    __tablename__ = "drift_references"
+
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rows: Mapped[list[list[Any]]] = mapped_column(JSONB)
+    """Per prediction: score, label, brightness, contrast, colourfulness, width, height, bytes."""
+    last_created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    """The last reference prediction's (created_at, id): the window holds answers after it."""
+    frozen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

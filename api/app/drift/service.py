@@ -1,7 +1,7 @@
 """Drift: is what a model version sees and answers now distributed as it was at first?
 
-Per model version, its first DRIFT_REFERENCE_SIZE answered predictions are the reference and its
-latest DRIFT_WINDOW_SIZE after them the window. Each signal (the top-1 score, the predicted class,
+Per model version, its first DRIFT_REFERENCE_SIZE answered predictions are the reference (kept once
+full: deleting early uploads does not move it) and its latest DRIFT_WINDOW_SIZE after them the window. Each signal (the top-1 score, the predicted class,
 the pictures' brightness, contrast, colour or greyscale, width, height, file size and aspect ratio)
 is binned the same way in both, and compared by its population stability index
 
@@ -23,7 +23,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
@@ -35,7 +35,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core import metrics
-from api.app.drift.models import DriftSignal
+from api.app.drift.models import DriftReference, DriftSignal
 from api.app.images.models import Image
 from api.app.predictions.models import Job, Prediction
 from contracts.messages import PredictionStatus
@@ -237,14 +237,33 @@ def _answered(entry: ModelEntry) -> Any:
 async def windows(
     *, session: AsyncSession, entry: ModelEntry, reference_size: int, window_size: int
 ) -> tuple[list[Row], list[Row]] | None:
-    """The version's reference (its first answered predictions) and window (its latest after the
-    reference); None until it has both in full."""
+    """The version's reference (its first ``reference_size`` answered predictions, kept in
+    ``drift_references`` once full, so that uploads deleted later neither shrink nor move it) and
+    window (its latest ``window_size`` answers after the reference); None until it has both in
+    full. A kept reference of another size (DRIFT_REFERENCE_SIZE changed) is taken again from the
+    answers there are now. The caller commits."""
     query = _answered(entry)
-    ref_rows = (await session.execute(query.order_by(Prediction.created_at, Prediction.id).limit(reference_size))).all()
-    if len(ref_rows) < reference_size:
-        return None
-    last = ref_rows[-1]
-    after = tuple_(Prediction.created_at, Prediction.id) > tuple_(last.created_at, last.id)
+    kept = await session.get(DriftReference, (entry.name, entry.version))
+    if kept is not None and len(kept.rows) == reference_size:
+        reference = [Row(*values) for values in kept.rows]
+        boundary = (kept.last_created_at, kept.last_id)
+    else:
+        ref_rows = (
+            await session.execute(query.order_by(Prediction.created_at, Prediction.id).limit(reference_size))
+        ).all()
+        if len(ref_rows) < reference_size:
+            return None
+        reference = [Row(*r[:8]) for r in ref_rows]
+        boundary = (ref_rows[-1].created_at, ref_rows[-1].id)
+        values = {
+            "rows": [list(astuple(r)) for r in reference],
+            "last_created_at": boundary[0],
+            "last_id": boundary[1],
+            "frozen_at": datetime.now(UTC),
+        }
+        stmt = insert(DriftReference).values(model_name=entry.name, model_version=entry.version, **values)
+        await session.execute(stmt.on_conflict_do_update(index_elements=["model_name", "model_version"], set_=values))
+    after = tuple_(Prediction.created_at, Prediction.id) > tuple_(*boundary)
     win_rows = (
         await session.execute(
             query.where(and_(after)).order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(window_size)
@@ -252,7 +271,7 @@ async def windows(
     ).all()
     if len(win_rows) < window_size:
         return None
-    return [Row(*r[:8]) for r in ref_rows], [Row(*r[:8]) for r in win_rows]
+    return reference, [Row(*r[:8]) for r in win_rows]
 
 
 _exported: set[tuple[str, str, str]] = set()
