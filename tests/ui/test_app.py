@@ -722,6 +722,16 @@ def pages_app(api_url: str, token: str) -> AppTest:
     return AppTest.from_string(script, default_timeout=90)
 
 
+def parrot_page(api_url: str, portal: tuple[str, str, str]) -> tuple[Api, AppTest]:
+    """A new user's Classify page with the parrot photo chosen, run once."""
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    app = pages_app(api_url, api.token or "")
+    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    app.run()
+    return api, app
+
+
 def send_feedback(app: AppTest, prediction: str, verdict: str, label: str = "", comment: str = "") -> None:
     app.radio(key=f"fb_{prediction}_verdict").set_value(verdict)
     if label:
@@ -734,11 +744,7 @@ def send_feedback(app: AppTest, prediction: str, verdict: str, label: str = "", 
 def test_a_verdict_sent_earlier_is_shown_with_its_form_and_sending_again_replaces_it(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:
-    api = Api(api_url)
-    api.login(*new_user(api_url, portal))
-    app = pages_app(api_url, api.token or "")
-    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
-    app.run()
+    api, app = parrot_page(api_url, portal)
     app.button(key="classify_submit").click().run()
     job = app.session_state["classify_job"]
     prediction = job["results"][0]["id"]
@@ -762,11 +768,7 @@ def test_a_verdict_sent_earlier_is_shown_with_its_form_and_sending_again_replace
 
 
 def test_the_models_ticked_stay_ticked_for_the_next_photo(api_url: str, portal: tuple[str, str, str]) -> None:
-    api = Api(api_url)
-    api.login(*new_user(api_url, portal))
-    app = pages_app(api_url, api.token or "")
-    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
-    app.run()
+    _api, app = parrot_page(api_url, portal)
     app.checkbox(key="classify_birds@1").check()
     app.checkbox(key="classify_mobilenet_v2@1").uncheck().run()
 
@@ -1171,11 +1173,7 @@ def test_a_double_click_on_make_key_makes_one_key_and_a_second_key_hides_no_secr
 
 
 def test_a_double_click_on_classify_sends_the_photo_once(api_url: str, portal: tuple[str, str, str]) -> None:
-    api = Api(api_url)
-    api.login(*new_user(api_url, portal))
-    app = pages_app(api_url, api.token or "")
-    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
-    app.run()
+    api, app = parrot_page(api_url, portal)
     app.button(key="classify_submit").click().run()
     first = app.session_state["classify_job"]["job_id"]
     app.button(key="classify_submit").click().run()
