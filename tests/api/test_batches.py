@@ -716,7 +716,12 @@ async def test_a_worker_outage_stops_the_clock_of_batch_jobs_in_flight(
         await session.commit()
         assert await top_up(set()) == 0
         await session.refresh(job)
-        assert job.deadline_at > datetime.now(UTC) + timedelta(seconds=50)
+        held = job.deadline_at
+        assert held > datetime.now(UTC) + timedelta(seconds=50)
+        # Looked at again while half its time is left, the row is not written again.
+        assert await top_up(set()) == 0
+        await session.refresh(job)
+        assert job.deadline_at == held
         assert await service.expire_overdue(session=session, grace_seconds=0) == {}
         await session.refresh(job)
         assert job.status == "queued"

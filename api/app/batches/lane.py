@@ -79,7 +79,7 @@ async def top_up(
         await session.scalars(select(Job).where(UNFINISHED_JOB, Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX)))
     )
     now = datetime.now(UTC)
-    _hold_deadlines(flying, served=served, until=now + timedelta(seconds=job_seconds))
+    _hold_deadlines(flying, served=served, now=now, job_seconds=job_seconds)
     busy = sum(1 for j in flying if served is None or _refs(j) <= served)
     room = in_flight - busy
     if room <= 0:
@@ -134,16 +134,18 @@ async def top_up(
     return queued
 
 
-def _hold_deadlines(flying: list[Job], *, served: Set[str] | None, until: datetime) -> None:
+def _hold_deadlines(flying: list[Job], *, served: Set[str] | None, now: datetime, job_seconds: float) -> None:
     """Moves the deadline of each queued or running batch job of a model version no live worker
-    serves now (outside ``served``) to ``until``: a worker outage stops a batch job's clock, so the
-    job is computed when a worker is back instead of expiring with the outage (its message allows
-    for that: ``predictions.service.BATCH_MESSAGE_SLACK``). The caller commits."""
+    serves now (outside ``served``) to ``job_seconds`` from ``now`` once less than half of that is
+    left: a worker outage stops a batch job's clock, so the job is computed when a worker is back
+    instead of expiring with the outage (its message allows for that:
+    ``predictions.service.BATCH_MESSAGE_SLACK``), and a long outage writes its row once every
+    ``job_seconds / 2``, not at every look. The caller commits."""
     if served is None:
         return
     for job in flying:
-        if not _refs(job) <= served and job.deadline_at < until:
-            job.deadline_at = until
+        if not _refs(job) <= served and job.deadline_at < now + timedelta(seconds=job_seconds / 2):
+            job.deadline_at = now + timedelta(seconds=job_seconds)
 
 
 MISSING_FILE = "The stored file of this image is missing from the portal's storage; send the image again."
