@@ -35,10 +35,11 @@ MESSAGES = {
 }
 
 STILL_QUEUED = (
-    "The models have not answered within a minute (a model worker may be busy or down). Your photo "
-    "stays queued: its answers appear in History once a worker takes it, so there is no need to send it again."
+    "The models have not answered within {waited:g} seconds (a model worker may be busy or down). Your "
+    "picture stays queued: its answers appear in History once a worker takes it, so there is no need to "
+    "send it again."
 )
-"""Said when ``Api.wait`` gives up: the job goes on at the portal."""
+"""Said when ``Api.wait`` gives up (``waited``: its timeout): the job goes on at the portal."""
 EXPLANATION_MESSAGES = {
     410: "The picture of this prediction is no longer stored, so it cannot be explained.",
     502: "The heatmap could not be drawn: the explainer failed on this picture (a fault of the portal's, "
@@ -610,7 +611,7 @@ class Api:
             if job["status"].terminal:
                 return job
             if time.monotonic() > deadline:
-                raise ApiError(504, STILL_QUEUED)
+                raise ApiError(504, STILL_QUEUED.format(waited=timeout))
             if on_poll is not None:
                 on_poll(job)
             time.sleep(0.2)

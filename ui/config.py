@@ -27,6 +27,9 @@ class UISettings(BaseSettings):
     proxy are not one client to the login throttle. Empty: no proxy is trusted."""
     api_timeout_seconds: float = 40.0
     """How long the UI waits for one API call (above the API's own predict deadline)."""
+    answer_wait_seconds: float = 60.0
+    """How long a page waits for the models' answers to a photo or a drawing before saying it stays
+    queued (its answers then come in History)."""
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     """Largest upload, in bytes: the API's setting of the same name, read here so the uploader
     states and checks the real limit before sending."""

@@ -118,7 +118,7 @@ def run_job(
             )
 
         try:
-            return api.wait(job_id, on_poll=tick)
+            return api.wait(job_id, timeout=get_ui_settings().answer_wait_seconds, on_poll=tick)
         finally:
             bar.empty()  # never a frozen bar beside what went wrong
 

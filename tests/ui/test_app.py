@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import signal
 import time
 import uuid
 import zipfile
@@ -19,8 +20,8 @@ from streamlit.testing.v1 import AppTest
 from contracts.api_keys import Scope
 from tests.conftest import PASSWORD
 from tests.images import encode, png_bomb, split_colour
-from tests.support import PHOTOS, ROOT, start_explainer
-from ui.client import EXPLANATION_MESSAGES, Api, Batch, User
+from tests.support import PHOTOS, ROOT, Service, start_explainer
+from ui.client import EXPLANATION_MESSAGES, STILL_QUEUED, Api, Batch, User
 from ui.config import get_ui_settings
 from ui.results import plain
 from ui.session import CATALOG_SECONDS
@@ -1170,6 +1171,30 @@ def test_a_double_click_on_make_key_makes_one_key_and_a_second_key_hides_no_secr
     made = app.session_state["api_key_new"]
     assert [k["name"] for k in made] == ["nightly import", "weekly report"]
     assert [c.value for c in app.code] == [k["key"] for k in made]
+
+
+def test_a_photo_not_answered_in_time_is_said_to_stay_queued_without_a_frozen_bar(
+    api_url: str, portal: tuple[str, str, str], worker: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page stops waiting after ANSWER_WAIT_SECONDS: it says the picture stays queued (its
+    answers come in History), and leaves no progress bar beside it."""
+    monkeypatch.setenv("ANSWER_WAIT_SECONDS", "1")
+    get_ui_settings.cache_clear()
+    try:
+        api, app = parrot_page(api_url, portal)
+        group = os.getpgid(worker.proc.pid)
+        os.killpg(group, signal.SIGSTOP)  # within the workers' heartbeat life: still taken as live
+        try:
+            app.button(key="classify_submit").click().run()
+        finally:
+            os.killpg(group, signal.SIGCONT)
+    finally:
+        get_ui_settings.cache_clear()
+    assert [e.value for e in app.error] == [STILL_QUEUED.format(waited=1)]
+    assert not app.get("progress")
+    # The job went on: its answers come once the worker is back.
+    [job] = httpx.get(f"{api_url}/v1/predictions", headers={"Authorization": f"Bearer {api.token}"}).json()["data"]
+    assert api.wait(job["job_id"], timeout=30)["status"] == "done"
 
 
 def test_a_double_click_on_classify_sends_the_photo_once(api_url: str, portal: tuple[str, str, str]) -> None:
