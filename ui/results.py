@@ -22,7 +22,7 @@ from contracts.imaging import load_image
 from contracts.messages import PredictionStatus
 from ui.client import Api, ApiError, Feedback, Job, Prediction
 from ui.config import get_ui_settings
-from ui.session import display_name, guarded, models
+from ui.session import display_name, guarded, models, submits
 
 
 def readable_time(iso: str) -> str:
@@ -96,15 +96,18 @@ def run_job(
     instead of sending it again."""
     request = (hashlib.sha256(data).hexdigest(), tuple(sorted(chosen)))
 
+    once = submits()
+
     def run() -> Job:
-        sent = st.session_state.get(f"{state_key}_sent")
-        if sent is not None and sent[0] == request and time.monotonic() - sent[2] < REPEAT_WINDOW_S:
-            job_id = sent[1]
-        else:
-            image = api.upload(name, data)
-            job_id = api.predict(image["id"], chosen)
-            # Kept before any other Streamlit call: a click that interrupts this run finds it.
-            st.session_state[f"{state_key}_sent"] = (request, job_id, time.monotonic())
+        with once.lock:
+            sent = once.sent.get(state_key)
+            if sent is not None and sent[0] == request and time.monotonic() - sent[2] < REPEAT_WINDOW_S:
+                job_id = sent[1]
+            else:
+                image = api.upload(name, data)
+                job_id = api.predict(image["id"], chosen)
+                # No Streamlit call until it is kept: a second click may stop this run at the next one.
+                once.sent[state_key] = (request, job_id, time.monotonic())
         bar = st.progress(0.0, text="Sent to the models…")
         polls = {"n": 0}
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import streamlit as st
 
@@ -137,6 +139,35 @@ def logout(api: Api, message: str | None = None) -> None:
     if message:
         st.session_state["login_message"] = message
     st.rerun()
+
+
+_SUBMITS = "submits"
+_SUBMITS_GUARD = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Submits:
+    """This browser session's record of requests that must go once per click (a photo to
+    classify, a key to make), and the lock around sending one.
+
+    A second click that comes while the first click's run still sends starts another run of the
+    page, in another thread, and stops the first at its next Streamlit call, reading or writing
+    ``st.session_state`` included. So ``sent`` is a plain dict taken from the session state before
+    the request: what the first run sent is written there with no Streamlit call in between, and
+    the second run, waiting on ``lock``, finds it (``ui.results.REPEAT_WINDOW_S``) instead of
+    sending it again."""
+
+    lock: threading.Lock
+    sent: dict[str, Any]
+
+
+def submits() -> Submits:
+    """This session's ``Submits``, made on first use."""
+    with _SUBMITS_GUARD:
+        held = st.session_state.get(_SUBMITS)
+        if held is None:
+            held = st.session_state[_SUBMITS] = Submits(threading.Lock(), {})
+    return cast(Submits, held)
 
 
 def guarded(api: Api, action: Callable[[], T], *, keep: str | None = None) -> T | None:

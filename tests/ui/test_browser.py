@@ -17,12 +17,14 @@ import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver, WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support import ARTIFACTS, PHOTOS, free_port, service
+from ui.client import Api
 
 pytestmark = pytest.mark.skipif(
     shutil.which("chromium") is None or shutil.which("chromedriver") is None,
@@ -394,3 +396,24 @@ def test_a_collection_as_a_zip(
     text_appears(browser, "6 of 6 images done")
     again = httpx.get(f"{url}/v1/batches", headers={"Authorization": f"Bearer {token}"}).json()
     assert again["count"] == listed["count"] and again["data"][0]["id"] == listed["data"][0]["id"], (listed, again)
+
+
+def test_a_double_click_on_make_key_shows_the_one_key_it_made(
+    browser: WebDriver, ui_url: str, portal: tuple[str, str, str]
+) -> None:
+    """Both clicks reach the page before it has redrawn: one key is made, and its secret is shown."""
+    log_in(browser, ui_url, portal)
+    browser.get(f"{ui_url}/api-keys")
+    text_appears(browser, "Make a key")
+    name = f"double-{int(time.time() * 1000)}"
+    browser.find_element(By.CSS_SELECTOR, "input[aria-label='Name']").send_keys(name)
+    xpath = "//button[.//p[normalize-space()='Make key'] or normalize-space()='Make key']"
+    button = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.XPATH, xpath)))
+    ActionChains(browser).double_click(button).perform()
+    text_appears(browser, "Copy it now")
+    shot(browser, "api-key-double-click")
+    codes = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "[data-testid='stCode'] code")]
+    token = Api(portal[0]).login(portal[1], portal[2])["token"]
+    made = [k for k in Api(portal[0], token).api_keys() if k["name"] == name]
+    assert len(made) == 1 and len(codes) == 1 and codes[0].startswith(made[0]["prefix"]), (made, codes)
+    assert "Give the key a name" not in browser.find_element(By.TAG_NAME, "body").text

@@ -12,7 +12,7 @@ import streamlit as st
 from contracts.api_keys import SCOPE_WORDS, Scope
 from ui.client import Api, ApiKey, NewApiKey, User
 from ui.results import REPEAT_WINDOW_S, plain, readable_time
-from ui.session import guarded
+from ui.session import guarded, submits
 
 EXPIRY_DAYS: dict[str, int | None] = {"30 days": 30, "90 days": 90, "1 year": 365, "Never": None}
 """The lifetimes offered, as people read them."""
@@ -50,14 +50,15 @@ def api_keys_page(api: Api) -> None:
 def new_key_notice() -> None:
     """The keys just made, shown until dismissed: the portal keeps only their hashes, so a key made
     while another was still shown does not hide it."""
-    made: list[NewApiKey] = st.session_state.get("api_key_new") or []
+    sent = submits().sent
+    made: list[NewApiKey] = sent.get("api_key_new") or []
     if not made:
         return
     for new in made:
         st.success(f"Your new key “{plain(new['name'])}”. Copy it now: it will not be shown again.")
         st.code(new["key"], language=None)
     if st.button("I have copied it" if len(made) == 1 else "I have copied them", key="api_key_dismiss"):
-        st.session_state.pop("api_key_new", None)
+        sent.pop("api_key_new", None)
         st.rerun()
 
 
@@ -78,24 +79,27 @@ def create_form(api: Api) -> None:
         submitted = st.form_submit_button("Make key")
     if not submitted:
         return
-    sent: tuple[tuple[str, tuple[Scope, ...], int | None], float] | None = st.session_state.get("api_key_sent")
+    once = submits()
     request = (name.strip(), tuple(sorted(chosen)), EXPIRY_DAYS[expiry])
-    if sent is not None and time.monotonic() - sent[1] < REPEAT_WINDOW_S and (not request[0] or sent[0] == request):
-        # The second click of a double click (its form cleared by the first, or still filled):
-        # the key it asks for is made and shown already.
-        return
-    if not name.strip():
-        st.error("Give the key a name, e.g. the script that will use it.")
-        return
-    if not chosen:
-        st.error("Choose at least one scope.")
-        return
-    created = guarded(api, lambda: api.create_api_key(request[0], chosen, request[2]))
-    if created is not None:
-        # Kept before any other Streamlit call: a click that interrupts this run cannot lose it.
-        st.session_state["api_key_new"] = [*(st.session_state.get("api_key_new") or []), created]
-        st.session_state["api_key_sent"] = (request, time.monotonic())
-        st.rerun()
+    with once.lock:
+        sent: tuple[tuple[str, tuple[Scope, ...], int | None], float] | None = once.sent.get("api_key_sent")
+        if sent is not None and time.monotonic() - sent[1] < REPEAT_WINDOW_S and (not request[0] or sent[0] == request):
+            # The second click of a double click (its form emptied by the first, or still filled):
+            # the key it asks for is made; the page is drawn again to show it.
+            st.rerun()
+        if not request[0]:
+            st.error("Give the key a name, e.g. the script that will use it.")
+            return
+        if not chosen:
+            st.error("Choose at least one scope.")
+            return
+        created = guarded(api, lambda: api.create_api_key(request[0], chosen, request[2]))
+        if created is None:
+            return
+        # No Streamlit call until it is kept: a second click may stop this run at the next one.
+        once.sent["api_key_new"] = [*once.sent.get("api_key_new", []), created]
+        once.sent["api_key_sent"] = (request, time.monotonic())
+    st.rerun()
 
 
 def key_list(api: Api) -> None:
