@@ -226,6 +226,8 @@ async def test_a_demoted_admins_keys_do_not_act_as_admin_after_a_new_promotion(
     demote = await client.patch(f"/v1/users/{person['id']}", json={"role": "user"}, headers=admin_headers)
     assert demote.status_code == 200, demote.text
     assert (await client.get("/v1/users", headers=header(old_key))).status_code == 403
+    current = await client.get("/v1/api-keys/current", headers=header(old_key))
+    assert current.status_code == 200 and current.json()["scopes"] == ["read"], current.text  # while demoted
     promote = await client.patch(f"/v1/users/{person['id']}", json={"role": "admin"}, headers=admin_headers)
     assert promote.status_code == 200, promote.text
     r = await client.get("/v1/users", headers=header(old_key))

@@ -54,7 +54,8 @@ async def current_api_key(caller: CallerDep, session: ReadSessionDep) -> ApiKeyP
     if caller.grant is None or key is None:
         raise HTTPException(status_code=404, detail="This request is not made with an API key")
     public = ApiKeyPublic.model_validate(key)
-    public.scopes = [s for s in Scope if s in caller.grant.scopes]
+    # admin acts only while its owner is an admin: a demoted admin's key is said to lack it.
+    public.scopes = [s for s in Scope if s in caller.grant.scopes and (s != Scope.admin or caller.user.is_admin)]
     return public
 
 
