@@ -562,10 +562,12 @@ def batch(
                 )
             counts = portal.cancel_batch(remembered.batch_id)["counts"]
             states.forget(key)
-            _note(
-                f"Cancelled batch {remembered.batch_id}: {counts['done']} done, {counts['cancelled']} cancelled "
-                f"(of {counts['images']} images)."
-            )
+            parts = [f"{counts['done']} done", f"{counts['cancelled']} cancelled"]
+            # Jobs a worker already has are still answered: said, so that the numbers add up.
+            if in_flight := counts["queued"] + counts["running"]:
+                parts.append(f"{in_flight} already with a worker (still answered)")
+            parts += [f"{counts[k]} {k}" for k in ("failed", "deleted") if counts.get(k)]
+            _note(f"Cancelled batch {remembered.batch_id}: {', '.join(parts)} (of {counts['images']} images).")
             return
         resend: str | None = None
         if remembered and not new and sorted(remembered.models) != sorted(models):

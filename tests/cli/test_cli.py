@@ -30,7 +30,7 @@ from contracts.imaging import UPLOAD_EXTENSIONS
 from portal_cli.archive import IMAGE_EXTENSIONS, collect, temporary_zip, zip_images
 from portal_cli.config import BatchState, BatchStates, config_path
 from tests.cli.conftest import Account, run, stored
-from tests.support import PHOTOS, free_port
+from tests.support import PHOTOS, Service, free_port
 
 MODEL = "mobilenet_v2@1"
 PORTAL = Path(sys.executable).with_name("portal")
@@ -237,6 +237,36 @@ def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_
     listed = batches(logged_in)
     assert listed["count"] == 1, listed  # followed, not uploaded a second time
     assert BatchStates().get(key) is None
+
+
+def test_cancel_says_numbers_that_add_up_to_the_batch(logged_in: Account, tmp_path: Path, worker: Service) -> None:
+    """``portal batch DIR --cancel`` after an interrupted run: what was done, what was cancelled and
+    what a worker already had (still answered) add up to the batch's images."""
+    folder = tmp_path / "collection"
+    make_images(folder, 60)
+    key = str(folder.resolve())
+    first = start_batch(folder, tmp_path / "results.csv")
+    group = os.getpgid(worker.proc.pid)
+    try:
+        state = remembered_batch(first, key)
+        url = f"{logged_in.url}/v1/batches/{state.batch_id}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            counts = httpx.get(url, headers=logged_in.headers()).json()["counts"]
+            if counts["done"] and counts["queued"] + counts["running"]:
+                break
+            time.sleep(0.05)
+        os.killpg(group, signal.SIGSTOP)  # the job it holds stays in flight through the cancel
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=30)
+        cancel = run("batch", str(folder), "-m", MODEL, "--cancel")
+    finally:
+        os.killpg(group, signal.SIGCONT)
+        first.kill()
+    assert cancel.exit_code == 0, cancel.output
+    said = re.search(rf"Cancelled batch {state.batch_id}: (.*) \(of 60 images\)", cancel.stderr)
+    assert said is not None and "already with a worker" in said.group(1), cancel.stderr
+    assert sum(int(part.split()[0]) for part in said.group(1).split(", ")) == 60, said.group(0)
 
 
 def test_a_batch_cancelled_while_followed_stops_the_bar_where_the_answers_stopped(
