@@ -566,8 +566,11 @@ def batch(
             # Jobs a worker already has are still answered: said, so that the numbers add up.
             if in_flight := counts["queued"] + counts["running"]:
                 parts.append(f"{in_flight} already with a worker (still answered)")
-            parts += [f"{counts[k]} {k}" for k in ("failed", "deleted") if counts.get(k)]
-            _note(f"Cancelled batch {remembered.batch_id}: {', '.join(parts)} (of {counts['images']} images).")
+            if counts.get("failed"):
+                parts.append(f"{counts['failed']} failed")
+            # Deleted images are no longer among the batch's images: said apart from the sum.
+            deleted = f"; {counts['deleted']} deleted since" if counts.get("deleted") else ""
+            _note(f"Cancelled batch {remembered.batch_id}: {', '.join(parts)} (of {counts['images']} images){deleted}.")
             return
         resend: str | None = None
         if remembered and not new and sorted(remembered.models) != sorted(models):

@@ -128,6 +128,12 @@ async def test_sketches_move_a_photo_models_drift_index_past_the_alert_and_photo
     assert after["reference_count"] == WINDOW
     kept = {s["signal"]: [b["reference"] for b in s["bins"]] for s in after["signals"]}
     assert kept == {name: [b["reference"] for b in s["bins"]] for name, s in signals.items()}
+    # Nor does a process told another DRIFT_REFERENCE_SIZE take it again.
+    smaller = own_stack.app.state.settings.model_copy(update={"drift_reference_size": WINDOW // 2})
+    async for other in client_for(create_app(smaller)):
+        r = await other.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+        (version,) = r.json()["versions"]
+        assert version["reference_count"] == WINDOW, version
 
 
 async def test_indices_of_versions_no_longer_computed_are_deleted_and_stop_reporting(own_stack: Stack) -> None:

@@ -173,14 +173,18 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
         ended = await evaluations.summary(session=session, evaluation=stuck)
     assert ended.status == "done" and (ended.candidate.failed, ended.baseline.failed) == (5, 5), ended
 
-    # Two top-ups at once (the result collector's and the reconcile loop's) queue the bound once.
+    # Two top-ups at once (the result collector's and the reconcile loop's) queue the bound once,
+    # and two evaluations against the same baseline share its bound.
     sessionmaker = own_stack.app.state.sessionmaker
     async with sessionmaker() as session:
-        raced = (
-            await evaluations.start(
-                session=session, name="mobilenet_v2", candidate=2, baseline=1, images=images, requested_by="test"
-            )
-        ).id
+        raced = [
+            (
+                await evaluations.start(
+                    session=session, name="mobilenet_v2", candidate=c, baseline=1, images=images, requested_by="test"
+                )
+            ).id
+            for c in (2, 3)
+        ]
 
     async def top_up() -> int:
         async with sessionmaker() as session:
@@ -192,9 +196,10 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
                 job_seconds=10,
             )
 
-    assert sum(await asyncio.gather(top_up(), top_up(), top_up())) == 2 * 2
+    assert sum(await asyncio.gather(top_up(), top_up(), top_up())) == 3 * 2  # versions 1, 2 and 3
     async with sessionmaker() as session:
-        await evaluations.cancel(session=session, evaluation=await session.get_one(Evaluation, raced))
+        for evaluation_id in raced:
+            await evaluations.cancel(session=session, evaluation=await session.get_one(Evaluation, evaluation_id))
 
     # The comparison counts it, and the user's history holds none of its 48 answers.
     r = await client.get("/v1/admin/registry/models/sketch/compare", params=PAIR, headers=admin)

@@ -497,11 +497,19 @@ async def test_the_feedback_exports_of_ended_runs_are_removed(own_stack: Stack) 
         session.add_all(runs.values())
         await session.commit()
         orphan_young, orphan_old = uuid.uuid4(), uuid.uuid4()
-        for name in [*(str(r.id) for r in runs.values()), str(orphan_young), str(orphan_old), "notes"]:
+        # Names a UUID can be read from but the portal never writes: not its folders.
+        others = ["notes", uuid.uuid4().hex, f"{{{uuid.uuid4()}}}", f"urn:uuid:{uuid.uuid4()}"]
+        for name in [*(str(r.id) for r in runs.values()), str(orphan_young), str(orphan_old), *others]:
             (data_dir / name / "cat").mkdir(parents=True)
             (data_dir / name / "cat" / "1.png").write_bytes(b"png")
         hours_ago = time.time() - 2 * 3600
-        os.utime(data_dir / str(orphan_old), (hours_ago, hours_ago))
-        await training_service.remove_exports(session=session, data_dir=data_dir)
-    left = sorted(p.name for p in data_dir.iterdir())
-    assert left == sorted([str(runs["queued"].id), str(runs["running"].id), str(orphan_young), "notes"]), left
+        for name in [str(orphan_old), *others]:
+            os.utime(data_dir / name, (hours_ago, hours_ago))
+        # A link named as a run, to a folder elsewhere: neither it nor what it points at is removed.
+        elsewhere = data_dir.parent / "elsewhere"
+        elsewhere.mkdir()
+        (data_dir / str(uuid.uuid4())).symlink_to(elsewhere, target_is_directory=True)
+        removed = await training_service.remove_exports(session=session, data_dir=data_dir)
+    kept = [str(runs["queued"].id), str(runs["running"].id), str(orphan_young), *others]
+    assert sorted(p.name for p in data_dir.iterdir() if not p.is_symlink()) == sorted(kept)
+    assert elsewhere.is_dir() and removed <= 4  # the three ended runs' and the old orphan's

@@ -241,7 +241,8 @@ def test_an_interrupted_batch_is_resumed_not_sent_again(logged_in: Account, tmp_
 
 def test_cancel_says_numbers_that_add_up_to_the_batch(logged_in: Account, tmp_path: Path, worker: Service) -> None:
     """``portal batch DIR --cancel`` after an interrupted run: what was done, what was cancelled and
-    what a worker already had (still answered) add up to the batch's images."""
+    what a worker already had (still answered) add up to the batch's images; one deleted since is
+    said apart."""
     folder = tmp_path / "collection"
     make_images(folder, 60)
     key = str(folder.resolve())
@@ -259,14 +260,18 @@ def test_cancel_says_numbers_that_add_up_to_the_batch(logged_in: Account, tmp_pa
         os.killpg(group, signal.SIGSTOP)  # the job it holds stays in flight through the cancel
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=30)
+        # One of its images deleted meanwhile: no longer among them, said apart.
+        newest = httpx.get(f"{logged_in.url}/v1/images", params={"limit": 1}, headers=logged_in.headers())
+        image_id = newest.json()["data"][0]["id"]
+        assert httpx.delete(f"{logged_in.url}/v1/images/{image_id}", headers=logged_in.headers()).status_code == 204
         cancel = run("batch", str(folder), "-m", MODEL, "--cancel")
     finally:
         os.killpg(group, signal.SIGCONT)
         first.kill()
     assert cancel.exit_code == 0, cancel.output
-    said = re.search(rf"Cancelled batch {state.batch_id}: (.*) \(of 60 images\)", cancel.stderr)
+    said = re.search(rf"Cancelled batch {state.batch_id}: (.*) \(of 59 images\); 1 deleted since\.", cancel.stderr)
     assert said is not None and "already with a worker" in said.group(1), cancel.stderr
-    assert sum(int(part.split()[0]) for part in said.group(1).split(", ")) == 60, said.group(0)
+    assert sum(int(part.split()[0]) for part in said.group(1).split(", ")) == 59, said.group(0)
 
 
 def test_a_batch_cancelled_while_followed_stops_the_bar_where_the_answers_stopped(

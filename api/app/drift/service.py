@@ -240,11 +240,12 @@ async def windows(
     """The version's reference (its first ``reference_size`` answered predictions, kept in
     ``drift_references`` once full, so that uploads deleted later neither shrink nor move it) and
     window (its latest ``window_size`` answers after the reference); None until it has both in
-    full. A kept reference of another size (DRIFT_REFERENCE_SIZE changed) is taken again from the
-    answers there are now. The caller commits."""
+    full. A kept reference stays as it was kept, whatever ``reference_size`` is now: a changed
+    DRIFT_REFERENCE_SIZE (or two processes told different ones) applies to versions not yet
+    given one, and never takes a reference again from what is left. The caller commits."""
     query = _answered(entry)
     kept = await session.get(DriftReference, (entry.name, entry.version))
-    if kept is not None and len(kept.rows) == reference_size:
+    if kept is not None:
         reference = [Row(*values) for values in kept.rows]
         boundary = (kept.last_created_at, kept.last_id)
     else:
@@ -262,7 +263,7 @@ async def windows(
             "frozen_at": datetime.now(UTC),
         }
         stmt = insert(DriftReference).values(model_name=entry.name, model_version=entry.version, **values)
-        await session.execute(stmt.on_conflict_do_update(index_elements=["model_name", "model_version"], set_=values))
+        await session.execute(stmt.on_conflict_do_nothing(index_elements=["model_name", "model_version"]))
     after = tuple_(Prediction.created_at, Prediction.id) > tuple_(*boundary)
     win_rows = (
         await session.execute(

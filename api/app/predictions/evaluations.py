@@ -93,7 +93,8 @@ async def top_up(
     job_seconds: float,
     served: Set[str] | None = None,
 ) -> int:
-    """Queues pending answers of running evaluations until ``in_flight`` per version are queued,
+    """Queues pending answers of running evaluations until ``in_flight`` per model version are
+    queued (over all its evaluations),
     then finishes evaluations with nothing left open; the number of jobs queued. A version no
     live worker serves (``served``, keys like ``sketch@2``; None: not checked) gets none: its
     answers wait, and expire if it stays so (``expire_overdue``).
@@ -109,9 +110,14 @@ async def top_up(
             if served is not None and f"{evaluation.model_name}@{version}" not in served:
                 continue
             await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('evaluation-top-up', 0))"))
+            # Counted over every evaluation of the model: two that share a version (both against
+            # the stable one, say) share its bound.
             busy = await session.scalar(
-                select(func.count()).where(
-                    EvaluationAnswer.evaluation_id == evaluation.id,
+                select(func.count())
+                .select_from(EvaluationAnswer)
+                .join(Evaluation, EvaluationAnswer.evaluation_id == Evaluation.id)
+                .where(
+                    Evaluation.model_name == evaluation.model_name,
                     EvaluationAnswer.model_version == version,
                     EvaluationAnswer.status.in_(UNFINISHED),
                 )

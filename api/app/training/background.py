@@ -146,7 +146,7 @@ async def maintain_once(rt: JobRuntime) -> None:
         if lost := await service.fail_lost(session=session, redis=rt.redis):
             log.warning("%d queued training runs failed: their job was lost", lost)
         if removed := await service.remove_exports(session=session, data_dir=rt.settings.training_data_dir):
-            log.info("removed the feedback exports of %d ended training runs", removed)
+            log.info("removed %d feedback export folders of ended or unknown training runs", removed)
     # One API process at a time applies the rule: two would race to promote the same candidate.
     # redis-py's lock releases only its own token, so a pass that outlived it frees nothing else's.
     lock = rt.redis.lock(AUTO_PROMOTE_LOCK, timeout=AUTO_PROMOTE_LOCK_S, blocking=False)

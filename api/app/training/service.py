@@ -469,10 +469,11 @@ def _export_folders(data_dir: Path, older_than: float) -> tuple[dict[uuid.UUID, 
     for path in data_dir.iterdir():
         try:
             run_id = uuid.UUID(path.name)
-            changed = path.stat().st_mtime
+            changed = path.lstat().st_mtime
         except (ValueError, OSError):
             continue
-        if path.is_dir():
+        # Only what create_run makes: a folder (no link) named by the run id as str() spells it.
+        if str(run_id) == path.name and path.is_dir() and not path.is_symlink():
             folders[run_id] = path
             if changed < older_than:
                 old.add(run_id)
@@ -482,7 +483,8 @@ def _export_folders(data_dir: Path, older_than: float) -> tuple[dict[uuid.UUID, 
 async def remove_exports(*, session: AsyncSession, data_dir: Path, grace_seconds: float = EXPORT_GRACE_SECONDS) -> int:
     """Removes the feedback export folders (``data_dir/<run id>``) of runs that ended (done, failed
     or cancelled: their trainer has read them) and, past ``grace_seconds``, those no run names (a
-    database reset, a process that died exporting); how many were removed. What a run trained on
+    database reset, a process that died exporting); how many were removed (one that could not be
+    is tried again at the next call). What a run trained on
     stays in its row (``examples``) and its training record, so exports do not pile up with every
     retraining."""
     folders, old = await to_thread.run_sync(_export_folders, data_dir, time.time() - grace_seconds)
@@ -495,9 +497,11 @@ async def remove_exports(*, session: AsyncSession, data_dir: Path, grace_seconds
         for run_id in folders
         if (run_id in statuses and statuses[run_id] not in UNFINISHED) or (run_id not in statuses and run_id in old)
     ]
+    removed = 0
     for path in ended:
         await to_thread.run_sync(functools.partial(shutil.rmtree, path, ignore_errors=True))
-    return len(ended)
+        removed += not path.exists()
+    return removed
 
 
 async def new_examples_since_last_run(*, session: AsyncSession, name: str) -> int:
