@@ -228,6 +228,8 @@ async def test_a_demoted_admins_keys_do_not_act_as_admin_after_a_new_promotion(
     assert (await client.get("/v1/users", headers=header(old_key))).status_code == 403
     current = await client.get("/v1/api-keys/current", headers=header(old_key))
     assert current.status_code == 200 and current.json()["scopes"] == ["read"], current.text  # while demoted
+    listed = (await client.get("/v1/api-keys", headers=login)).json()["data"]
+    assert [k["scopes"] for k in listed] == [["read"]], listed
     promote = await client.patch(f"/v1/users/{person['id']}", json={"role": "admin"}, headers=admin_headers)
     assert promote.status_code == 200, promote.text
     r = await client.get("/v1/users", headers=header(old_key))
@@ -236,6 +238,8 @@ async def test_a_demoted_admins_keys_do_not_act_as_admin_after_a_new_promotion(
     assert (await client.get("/v1/users/me", headers=header(old_key))).status_code == 200
     current = await client.get("/v1/api-keys/current", headers=header(old_key))
     assert current.status_code == 200 and current.json()["scopes"] == ["read"], current.text
+    listed = (await client.get("/v1/api-keys", headers=login)).json()["data"]
+    assert [k["scopes"] for k in listed] == [["read"]], listed
     # Saying the role again (no change) does not void the keys made since.
     new_key = (await make_key(client, login, ["admin"]))["key"]
     again = await client.patch(f"/v1/users/{person['id']}", json={"role": "admin"}, headers=admin_headers)

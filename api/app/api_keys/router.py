@@ -12,7 +12,6 @@ from api.app.api_keys import service
 from api.app.api_keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
 from api.app.core.responses import BODY, INVALID, LOGIN, NOT_FOUND, Responses, error
 from api.app.deps import CallerDep, LoginUser, PageDep, ReadSessionDep, SessionDep
-from contracts.api_keys import Scope
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
 
@@ -36,9 +35,16 @@ async def create_api_key(body: ApiKeyCreate, user: LoginUser, session: SessionDe
 
 @router.get("", response_model=ApiKeysPublic, responses={**LOGIN, **INVALID})
 async def list_api_keys(user: LoginUser, session: ReadSessionDep, page: PageDep) -> ApiKeysPublic:
-    """My API keys, newest first, revoked and expired ones too (never the keys themselves)."""
+    """My API keys, newest first, revoked and expired ones too (never the keys themselves), each
+    with the scopes it acts with now (``admin`` only while I am an admin, and not for a key made
+    before I was last made one)."""
     rows, count = await service.list_api_keys(session=session, owner_id=user.id, skip=page.skip, limit=page.limit)
-    return ApiKeysPublic(data=[ApiKeyPublic.model_validate(r) for r in rows], count=count)
+    listed = []
+    for row in rows:
+        public = ApiKeyPublic.model_validate(row)
+        public.scopes = service.scopes_in_force(row, user)
+        listed.append(public)
+    return ApiKeysPublic(data=listed, count=count)
 
 
 @router.get(
@@ -54,8 +60,7 @@ async def current_api_key(caller: CallerDep, session: ReadSessionDep) -> ApiKeyP
     if caller.grant is None or key is None:
         raise HTTPException(status_code=404, detail="This request is not made with an API key")
     public = ApiKeyPublic.model_validate(key)
-    # admin acts only while its owner is an admin: a demoted admin's key is said to lack it.
-    public.scopes = [s for s in Scope if s in caller.grant.scopes and (s != Scope.admin or caller.user.is_admin)]
+    public.scopes = service.scopes_in_force(key, caller.user)
     return public
 
 

@@ -155,6 +155,14 @@ def granted_scopes(api_key: ApiKey, owner: User) -> frozenset[Scope]:
     return scopes
 
 
+def scopes_in_force(api_key: ApiKey, owner: User) -> list[Scope]:
+    """The scopes ``api_key`` acts with now, in ``Scope``'s order: ``granted_scopes``, and
+    ``admin`` only while its owner is an admin. What its owner's key list and
+    ``/v1/api-keys/current`` show."""
+    granted = granted_scopes(api_key, owner)
+    return [s for s in Scope if s in granted and (s != Scope.admin or owner.is_admin)]
+
+
 async def _mark_used(*, session: AsyncSession, key_id: uuid.UUID, now: datetime) -> None:
     # Conditional, so that of the requests of one minute (in any API process) one writes.
     await session.execute(
