@@ -1,9 +1,10 @@
 """Drift: is what a model version sees and answers now distributed as it was at first?
 
 Per model version, its first DRIFT_REFERENCE_SIZE answered predictions are the reference (kept once
-full: deleting early uploads does not move it) and its latest DRIFT_WINDOW_SIZE after them the window. Each signal (the top-1 score, the predicted class,
-the pictures' brightness, contrast, colour or greyscale, width, height, file size and aspect ratio)
-is binned the same way in both, and compared by its population stability index
+full: deleting early uploads does not move it) and its latest DRIFT_WINDOW_SIZE after them the
+window. Each signal (the top-1 score, the predicted class, the pictures' brightness, contrast,
+colour or greyscale, width, height, file size and aspect ratio) is binned the same way in both, and
+compared by its population stability index
 
     PSI = sum_i (a_i - e_i) * ln(a_i / e_i)
 

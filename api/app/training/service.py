@@ -484,9 +484,8 @@ async def remove_exports(*, session: AsyncSession, data_dir: Path, grace_seconds
     """Removes the feedback export folders (``data_dir/<run id>``) of runs that ended (done, failed
     or cancelled: their trainer has read them) and, past ``grace_seconds``, those no run names (a
     database reset, a process that died exporting); how many were removed (one that could not be
-    is tried again at the next call). What a run trained on
-    stays in its row (``examples``) and its training record, so exports do not pile up with every
-    retraining."""
+    is tried again at the next call). What a run trained on stays in its row (``examples``) and its
+    training record, so exports do not pile up with every retraining."""
     folders, old = await to_thread.run_sync(_export_folders, data_dir, time.time() - grace_seconds)
     if not folders:
         return 0
