@@ -53,8 +53,12 @@ def _page(view: Callable[[Api], None], title: str, url_path: str, default: bool 
     return st.Page(functools.partial(view, api), title=title, url_path=url_path, default=default)
 
 
+# Streamlit serves the default page at "/" only (its url_path must still be unique): the
+# Classify page is also at "/classify", as every other page is at its own address.
+home = _page(classify_page, "Classify", "home", default=True)
 pages = [
-    _page(classify_page, "Classify", "classify", default=True),
+    home,
+    _page(classify_page, "Classify", "classify"),
     _page(sketch_page, "Sketch", "sketch"),
     _page(batch_page, "Batch", "batch"),
     _page(history_page, "History", "history"),
@@ -66,7 +70,7 @@ pages = [
 navigation = st.navigation(pages, position="hidden")
 if signed_in:
     session.keep_alive(api)
-    shown = [p for p in pages if p.url_path != "admin" or is_admin]
+    shown = [p for p in pages if p.url_path != "classify" and (p.url_path != "admin" or is_admin)]
     st.session_state["page_titles"] = [p.title for p in shown]
     with st.sidebar:
         for p in shown:

@@ -329,6 +329,17 @@ def test_a_session_survives_a_reload_and_a_deep_link_waits_for_the_login(
     WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Password']")))
 
 
+def test_a_link_to_the_classify_page_opens_it(browser: WebDriver, ui_url: str, portal: tuple[str, str, str]) -> None:
+    """The first page is served at "/" and at its own address, as every other page is, and the
+    menu lists it once."""
+    log_in(browser, ui_url, portal)
+    browser.get(f"{ui_url}/classify")
+    text_appears(browser, "Classify a photo")
+    assert "Page not found" not in browser.find_element(By.TAG_NAME, "body").text
+    links = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "[data-testid='stSidebar'] a")]
+    assert links.count("Classify") == 1, links
+
+
 PAGES = {
     "classify": "Classify a photo",
     "sketch": "Draw a sketch",
