@@ -219,7 +219,9 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
         img = _open(data)
         _check_pixels(img, max_pixels)
         width, height = img.size
-        w, h = (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
+        # Pillow reports a TIFF's size upright already (and turns its pixels as it loads them).
+        turned = _orientation(img) in (5, 6, 7, 8) and img.format != "TIFF"
+        w, h = (height, width) if turned else (width, height)
         fmt = "JPEG" if img.format in _JPEG_FORMATS else str(img.format)
         upright = _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
         stats = PixelStats.of(upright)

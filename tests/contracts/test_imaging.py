@@ -58,6 +58,17 @@ def test_exif_rotation_is_applied() -> None:
     assert (info.width, info.height) == (64, 64)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_the_size_said_is_the_upright_pictures_in_every_format(fmt: str) -> None:
+    """Stored 40 wide and 100 high with EXIF orientation 6, the picture is 100 wide upright; Pillow
+    already reports a TIFF's size upright (and turns its pixels as it loads them)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.new("RGB", (40, 100), "white"), fmt, exif=exif.tobytes() if fmt != "TIFF" else exif)
+    info = inspect_image(data, max_pixels=MAX)
+    assert (info.width, info.height) == load_image(data).size == (100, 40), fmt
+
+
 def test_animated_gif_uses_first_frame() -> None:
     img = load_image(animated_gif())
     assert pixel(img, 10, 10) == (255, 0, 0)
