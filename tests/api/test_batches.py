@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from fastapi import FastAPI
 from PIL import Image
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,7 +32,7 @@ from api.app.images.storage import LocalBlobStore
 from api.app.main import create_app
 from contracts.keys import BATCH_REQUEST_PREFIX
 from contracts.registry import ModelEntry
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Users, client_for, login
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, client_for, login
 from tests.images import encode, noise_png
 from tests.support import PHOTOS, RedisServer, entries
 
@@ -418,6 +419,38 @@ async def test_cancel_leaves_what_was_not_queued(client: httpx.AsyncClient, user
     assert counts["cancelled"] > 0 and counts["failed"] == 0 and counts["done"] + counts["cancelled"] == 60, counts
     rows = (await client.get(f"/v1/batches/{batch_id}/results", headers=headers)).json()["data"]
     assert {row["status"] for row in rows} <= {"done", "cancelled"}
+
+
+async def test_deactivating_the_owner_cancels_their_running_batch(
+    client: httpx.AsyncClient, app: FastAPI, users: Users
+) -> None:
+    """An admin deactivates an account while its batch of 60 runs: the lane's sweep cancels what
+    was not queued, with the reason, and reactivating the account does not start it again. Another
+    user's batch runs on."""
+    from api.app.batches import lane
+
+    user, headers = await users.create()
+    _, other_headers = await users.create()
+    r = await send(client, headers, [("many.zip", zipped({f"{i}.png": noise_png(300 + i) for i in range(60)}))])
+    assert r.status_code == 202, r.text
+    batch_id = r.json()["id"]
+    r = await send(client, other_headers, [("few.zip", zipped({f"{i}.png": noise_png(400 + i) for i in range(3)}))])
+    other_id = r.json()["id"]
+    r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": False}, headers=users.admin_headers)
+    assert r.status_code == 200, r.text
+    async with app.state.sessionmaker() as session:
+        await lane.cancel_of_deactivated_owners(session=session)
+    r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": True}, headers=users.admin_headers)
+    assert r.status_code == 200, r.text
+    headers = await login(client, user["email"], PASSWORD)
+    done = await finished(client, headers, batch_id)
+    counts = done["counts"]
+    assert done["status"] == "cancelled" and counts["cancelled"] > 0, counts
+    assert counts["done"] + counts["cancelled"] == 60 and counts["failed"] == 0, counts
+    rows = (await client.get(f"/v1/batches/{batch_id}/results", headers=headers)).json()["data"]
+    reasons = {row["error"] for row in rows if row["status"] == "cancelled"}
+    assert reasons == {lane.OWNER_DEACTIVATED}, rows[:3]
+    assert (await finished(client, other_headers, other_id))["counts"]["done"] == 3
 
 
 async def test_a_batch_survives_an_api_restart(settings: Settings, users: Users) -> None:

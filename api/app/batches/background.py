@@ -19,7 +19,8 @@ POLL_SECONDS = 1.0
 """The longest the lane waits between two looks when no answer wakes it."""
 ORPHAN_SWEEP_SECONDS = 15.0
 """How often the lane looks for batches left ``receiving`` by a process that stopped (an index
-holds only the batches being received, so the look costs the same however many batches there are)."""
+holds only the batches being received, so the look costs the same however many batches there are)
+and for batches of deactivated accounts."""
 
 
 async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:
@@ -43,13 +44,17 @@ async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:
 
 
 async def cancel_orphaned_once(rt: JobRuntime) -> int:
-    """Cancels the batches left ``receiving`` by a process that died (``lane.cancel_orphaned``)."""
+    """Cancels the batches left ``receiving`` by a process that died (``lane.cancel_orphaned``) and
+    those of deactivated accounts (``lane.cancel_of_deactivated_owners``); how many in all."""
     async with rt.sessionmaker() as session:
         stale_after = timedelta(seconds=rt.settings.batch_receive_timeout_seconds)
         cancelled = await lane.cancel_orphaned(session=session, stale_after=stale_after)
+        stopped = await lane.cancel_of_deactivated_owners(session=session)
     if cancelled:
         log.warning("cancelled %d batches left receiving by a process that stopped", cancelled)
-    return cancelled
+    if stopped:
+        log.info("cancelled %d batches of deactivated accounts", stopped)
+    return cancelled + stopped
 
 
 async def run_lane(rt: JobRuntime, stop: asyncio.Event) -> None:

@@ -21,6 +21,7 @@ from api.app.images.storage import LocalBlobStore
 from api.app.predictions import queue
 from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Prediction
 from api.app.predictions.service import job_message
+from api.app.users.models import User
 from contracts import keys
 from contracts.messages import PredictionStatus
 
@@ -179,13 +180,23 @@ async def finish(*, session: AsyncSession) -> None:
     await session.commit()
 
 
+CANCELLED = "the batch was cancelled"
+"""Why a cancelled batch's jobs have no answer, unless the cancel says otherwise."""
+OWNER_DEACTIVATED = "the batch was cancelled: its owner's account was deactivated"
+
+
 async def cancel(
-    *, session: AsyncSession, batch: Batch, only_if: Collection[str] = ("receiving", "running", "cancelled")
+    *,
+    session: AsyncSession,
+    batch: Batch,
+    only_if: Collection[str] = ("receiving", "running", "cancelled"),
+    reason: str = CANCELLED,
 ) -> int | None:
     """Cancels what of the batch has not been queued yet (what is queued still gets its answer),
     when its status (read once its row is locked) is one of ``only_if``; how many jobs were
-    cancelled, None when it was not (another status, or gone with its owner). A batch cancelled
-    while ``receiving`` lets go of its ``idempotency_key``. Commits.
+    cancelled, None when it was not (another status, or gone with its owner). The cancelled
+    predictions carry ``reason`` as their error. A batch cancelled while ``receiving`` lets go of
+    its ``idempotency_key``. Commits.
 
     Locks in the order every writer of a batch takes them: its owner's row (``OWNER_KEY_SHARE``,
     as deleting the user takes it first), the batch's row (as the request receiving it takes it
@@ -212,7 +223,7 @@ async def cancel(
         await session.execute(
             update(Prediction)
             .where(Prediction.job_id.in_(ids), Prediction.status == PENDING)
-            .values(status=PredictionStatus.cancelled.value, error="the batch was cancelled", finished_at=now)
+            .values(status=PredictionStatus.cancelled.value, error=reason, finished_at=now)
         )
     count = len(ids)
     open_left = await session.scalar(
@@ -226,6 +237,29 @@ async def cancel(
         batch.finished_at = now
     await session.commit()
     return count
+
+
+async def cancel_of_deactivated_owners(*, session: AsyncSession) -> int:
+    """Cancels the batches still ``receiving`` or ``running`` whose owner's account is deactivated
+    (``cancel``; what is queued still gets its answer): an account's work stops with it, and does
+    not come back if it is reactivated. How many batches were cancelled. Commits."""
+    stopped = list(
+        await session.scalars(
+            select(Batch.id)
+            .join(User, User.id == Batch.owner_id)
+            .where(Batch.status.in_(("receiving", "running")), User.is_active.is_(False))
+        )
+    )
+    cancelled = 0
+    for batch_id in stopped:
+        batch = await session.get(Batch, batch_id)
+        if batch is not None:
+            done = await cancel(
+                session=session, batch=batch, only_if=("receiving", "running"), reason=OWNER_DEACTIVATED
+            )
+            cancelled += done is not None
+    await session.commit()
+    return cancelled
 
 
 def left_by_its_process(stale_after: timedelta) -> ColumnElement[bool]:
