@@ -237,16 +237,42 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
 _BAND_ROWS = 256
 
 
+def _scale_to_8bit(img: Image.Image) -> float:
+    """What a value of ``img`` (mode ``I;16*``, ``I`` or ``F``) is divided by to read as 0-255.
+
+    16-bit images use their full range (65535 → 255). A 32-bit integer (``I``) or floating-point
+    (``F``) image says nothing of its range: TIFF writers store 8-bit, 16-bit and 0-1 data in
+    them alike. So it is read in the smallest usual range that holds its largest value: 0-1 for
+    floats up to 1.0, then 0-255, then 0-65535, then its own largest value.
+    """
+    if img.mode.startswith("I;16"):
+        return 257.0
+    arr = np.asarray(img)
+    top = 0.0
+    for start in range(0, arr.shape[0], _BAND_ROWS):  # a band at a time, as _to_8bit converts
+        band = arr[start : start + _BAND_ROWS]
+        top = max(top, float(np.max(band, where=np.isfinite(band), initial=0.0)))
+    if img.mode == "F" and top <= 1.0:
+        return 1.0 / 255.0
+    if top <= 255.0:
+        return 1.0
+    if top <= 65535.0:
+        return 257.0
+    return top / 255.0
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit greyscale scaled to 8 bits; Pillow's own convert would clip it to white.
+    """16-bit, 32-bit integer and floating-point greyscale scaled to 8 bits (``_scale_to_8bit``);
+    Pillow's own convert would clip 16-bit images to white and read 0-1 floats as black.
 
     Converted a band of rows at a time: a whole 50-megapixel image in floating point would take
     400 MB per upload on top of the decoded pixels.
     """
-    arr = np.asarray(img)  # the decoded pixels themselves, as uint16 (or int32 for mode I)
+    divisor = _scale_to_8bit(img)
+    arr = np.asarray(img)  # the decoded pixels themselves: uint16, int32 or float32
     out = np.empty(arr.shape, dtype=np.uint8)
     for top in range(0, arr.shape[0], _BAND_ROWS):
-        band = arr[top : top + _BAND_ROWS].astype(np.float32) / 257.0
+        band = np.nan_to_num(arr[top : top + _BAND_ROWS].astype(np.float32) / divisor, nan=0.0)
         out[top : top + _BAND_ROWS] = np.clip(band, 0, 255).round()
     return Image.fromarray(out)
 
@@ -257,10 +283,8 @@ def _prepare(img: Image.Image, *, mode: str, draft_size: tuple[int, int] | None)
         img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, draft_size)
     img.load()
     img = _upright(img)
-    if img.mode.startswith("I"):
+    if img.mode.startswith("I") or img.mode == "F":
         img = _to_8bit(img)
-    elif img.mode == "F":
-        img = img.convert("L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

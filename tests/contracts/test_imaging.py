@@ -50,6 +50,25 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     assert abs(int(np.asarray(img)[0, 0]) - 128) <= 1
 
 
+@pytest.mark.parametrize(
+    ("mode", "values"),
+    [("I", 255.0), ("I", 65535.0), ("I", 10_000_000.0), ("F", 1.0), ("F", 255.0)],
+    ids=["int32-0-255", "int32-0-65535", "int32-wider", "float-0-1", "float-0-255"],
+)
+def test_32_bit_integer_and_float_tiffs_read_in_the_range_their_values_use(mode: str, values: float) -> None:
+    """A grey ramp from 0 to ``values`` in a 32-bit TIFF reads from black to white, not nearly
+    black (integers scaled as 16-bit, floats 0-1 taken as 0-255)."""
+    ramp = np.tile(np.linspace(0.0, values, 64), (8, 1)).astype(np.int32 if mode == "I" else np.float32)
+    img = np.asarray(load_image(encode(Image.fromarray(ramp, mode=mode), "TIFF"), mode="L"))
+    assert img[0, 0] == 0 and img[0, 63] == 255 and abs(int(img[0, 32]) - 130) <= 2, img[0, ::8]
+
+
+def test_a_float_image_of_nan_and_infinities_reads_without_warnings() -> None:
+    ramp = np.array([[np.nan, np.inf, -np.inf, 0.5]], dtype=np.float32)
+    img = np.asarray(load_image(encode(Image.fromarray(ramp, mode="F"), "TIFF"), mode="L"))
+    assert img.tolist()[0][:3] == [0, 255, 0] and img[0, 3] in (127, 128), img
+
+
 def test_exif_rotation_is_applied() -> None:
     data = exif_rotated_jpeg()
     img = load_image(data)
