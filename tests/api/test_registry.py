@@ -11,7 +11,7 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -436,6 +436,47 @@ async def test_a_disabled_version_gets_no_traffic_back_before_a_worker_loads_it(
         await session.rollback()
         changed = await enable(session, True, available={"sketch@2", "sketch@3"})
         assert {r.version: (r.enabled, r.weight) for r in changed.versions}[3] == (True, 10)
+
+
+@pytest.mark.usefixtures("everything_served")
+async def test_answers_of_a_version_retired_while_no_worker_has_it_expire_at_once(own_stack: Stack) -> None:
+    """No worker is up. Jobs wait for sketch@2 alone and for sketch@2 beside sketch@3; sketch@2 is
+    retired. Within a few looks (not at the 300 s deadline) its predictions are expired with the
+    reason, the job that asked it alone is over, and the other still waits for sketch@3 only."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    stored = await client.post("/v1/images", files={"file": ("d.png", drawing())}, headers=admin)
+    assert stored.status_code == 201, stored.text
+    image_id = stored.json()["id"]
+    alone, beside = [
+        await client.post("/v1/predictions", json={"image_id": image_id, "models": models}, headers=admin)
+        for models in (["sketch@2"], ["sketch@2", "sketch@3"])
+    ]
+    assert alone.status_code == beside.status_code == 202, (alone.text, beside.text)
+
+    async def job(accepted: httpx.Response) -> dict[str, Any]:
+        r = await client.get(f"/v1/predictions/{accepted.json()['job_id']}", headers=admin)
+        assert r.status_code == 200, r.text
+        return cast(dict[str, Any], r.json())
+
+    await asyncio.sleep(2.5)  # a few looks: nothing expires while sketch@2 is a canary
+    assert (await job(alone))["status"] == "queued"
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/2",
+        json={"channel": "retired", "reason": "superseded"},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
+
+    async def over() -> bool:
+        return (await job(alone))["status"] == "expired"
+
+    assert await until(over, 15, "sketch@2's job expired") < 15
+    [answer] = (await job(alone))["results"]
+    assert answer["error"].startswith("sketch@2 was retired before a worker answered it"), answer
+    other = await job(beside)
+    assert other["status"] == "queued", other
+    assert {(p["version"], p["status"]) for p in other["results"]} == {(2, "expired"), (3, "queued")}, other
 
 
 async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, str]:

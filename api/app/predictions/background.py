@@ -262,8 +262,11 @@ async def reconcile_once(rt: JobRuntime) -> None:
     else:
         await rt.redis.expire(keys.QUEUE_EPOCH, 86400)
     await refresh_gauges(rt)
+    served = {f"{m.name}@{m.version}" for beat in await workers.live_heartbeats_async(rt.redis) for m in beat.models}
+    unserved = service.unserved_versions(rt.live_registry.current, served)
     async with rt.sessionmaker() as session:
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
+        finished |= await service.expire_unserved(session=session, versions=unserved)
         await evaluations.expire_overdue(
             session=session,
             grace_seconds=settings.expire_grace_seconds,

@@ -910,6 +910,61 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> dict
     return finished
 
 
+def unserved_versions(registry: Registry, served: Iterable[str]) -> dict[tuple[str, int], str]:
+    """The versions whose queued answers can no longer come: retired or disabled in ``registry``
+    and loaded by no live worker (``served``, keys like ``sketch@2``: a worker lets a version go
+    between batches, after answering what it holds). Each with why, for its predictions' error."""
+    loaded = set(served)
+    return {
+        (entry.name, entry.version): (
+            f"{entry.key} was {'retired' if entry.channel == 'retired' else 'disabled'} before a worker "
+            "answered it; send the image again for the version serving now"
+        )
+        for entry in registry.models
+        if (entry.channel == "retired" or not entry.enabled) and entry.key not in loaded
+    }
+
+
+async def expire_unserved(*, session: AsyncSession, versions: dict[tuple[str, int], str]) -> dict[uuid.UUID, bytes]:
+    """Marks the unfinished predictions (and shadow copies) of ``versions`` (``unserved_versions``)
+    expired with their reason, at once rather than at their job's deadline: no worker reads their
+    queues any more. A job's other predictions are left as they are. Returns the jobs this
+    finished, each with its answers (``answers_payload``), for the requests waiting on them."""
+    if not versions:
+        return {}
+    now = datetime.now(UTC)
+    finished: dict[uuid.UUID, bytes] = {}
+    for (name, version), reason in versions.items():
+        of_version = (
+            Prediction.model_name == name,
+            Prediction.model_version == version,
+            Prediction.status.in_(UNFINISHED),
+        )
+        await session.execute(
+            update(ShadowPrediction)
+            .where(
+                ShadowPrediction.model_name == name,
+                ShadowPrediction.model_version == version,
+                ShadowPrediction.status.in_(UNFINISHED),
+            )
+            .values(status=PredictionStatus.expired.value, error=reason, finished_at=now)
+        )
+        await session.commit()
+        for job_id in list(await session.scalars(select(Prediction.job_id).where(*of_version).distinct())):
+            locked = await session.scalar(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True))
+            if locked is None:
+                continue  # an answer being stored: the next look takes it
+            await session.execute(
+                update(Prediction)
+                .where(Prediction.job_id == job_id, *of_version)
+                .values(status=PredictionStatus.expired.value, error=reason, finished_at=now)
+            )
+            if (predictions := await _complete_job(session, job_id, now)) is not None:
+                finished[job_id] = answers_payload(predictions)
+            await session.commit()
+    return finished
+
+
 async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -> list[JobMessage]:
     """Messages for every unfinished, unexpired prediction: what to enqueue again after Redis lost
     its streams. A job whose image file is missing from the store is failed with that reason
