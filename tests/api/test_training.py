@@ -291,6 +291,90 @@ async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> 
     assert statuses == {50: "running", 51: "failed"}
 
 
+async def _event_group_ready(redis: Any) -> bool:
+    groups = await redis.xinfo_groups(training.EVENT_STREAM) if await redis.exists(training.EVENT_STREAM) else []
+    return any(g["name"] in (training.EVENT_GROUP, training.EVENT_GROUP.encode()) for g in groups)
+
+
+async def test_a_run_whose_reported_end_never_came_is_failed_after_the_grace(own_stack: Stack) -> None:
+    """The trainer set the run's ended key and stopped before its report reached the stream (or
+    the report was lost): once END_GRACE_S has passed with no training event left to read, the
+    run is failed with why. Before, it read running for the key's 7 days, could not be
+    cancelled (409) and held up every other run of its model."""
+    redis = own_stack.app.state.redis
+    await until(lambda: _event_group_ready(redis), 30, "the API's training event group")
+    async with own_stack.app.state.sessionmaker() as session:
+        runs = [
+            a_run(version, status="running", base=1, started_at=datetime.now(UTC) - timedelta(minutes=5))
+            for version in (52, 53)
+        ]
+        session.add_all(runs)
+        await session.commit()
+        for run, age in zip(runs, (training_service.END_GRACE_S + 60, 10), strict=True):
+            await redis.set(training.ended_key(str(run.id)), "done", ex=int(training.ENDED_TTL_S - age))
+        assert await training_service.fail_stale(session=session, redis=redis) == 1
+        by_version = {r.version: r for r in await training_service.list_runs(session=session, model="sketch")}
+    assert (by_version[52].status, by_version[52].error) == ("failed", training_service.END_NOT_RECORDED)
+    assert by_version[53].status == "running"
+
+
+async def test_a_runs_end_that_cannot_be_applied_fails_the_run(
+    own_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer's "done" whose handling raises (here, a registry entry that cannot be made) is
+    dropped, and its run is failed with the first line of why, not left running for good."""
+    redis = own_stack.app.state.redis
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+
+    def broken(*_: Any) -> Any:
+        raise ValueError("display_name: String should have at most 200 characters\nmore detail")
+
+    monkeypatch.setattr(training_service, "trained_entry", broken)
+    async with own_stack.app.state.sessionmaker() as session:
+        run = a_run(54, status="running", base=1, started_at=datetime.now(UTC))
+        session.add(run)
+        await session.commit()
+        run_id = str(run.id)
+    await until(lambda: _event_group_ready(redis), 30, "the API's training event group")
+    await redis.set(training.ended_key(run_id), "done", ex=training.ENDED_TTL_S)
+    done = training.TrainingEvent(run_id=run_id, kind="done", record={"test_accuracy": 0.5})
+    await redis.xadd(training.EVENT_STREAM, done.to_fields())
+
+    async def ended() -> bool:
+        return (await run_of(own_stack, admin, run_id))["status"] != "running"
+
+    await until(ended, 30, "the run's end")
+    failed = await run_of(own_stack, admin, run_id)
+    assert failed["status"] == "failed", failed
+    assert failed["error"] == "its end could not be recorded: display_name: String should have at most 200 characters"
+
+
+def test_a_retrained_versions_name_fits_however_long_its_bases() -> None:
+    """A base version named up to the limit: its retrained version's entry is still valid (it
+    once failed validation, and the run was never registered)."""
+    from contracts.registry import ModelEntry
+
+    base = ModelEntry.model_validate(
+        {
+            "name": "sketch",
+            "version": 16,
+            "display_name": "L" * 200,
+            "runtime": "keras",
+            "file": "{trained_dir}/sketch/v2/model.keras",
+            "labels": "{trained_dir}/sketch/v2/labels.txt",
+            "input": {"height": 28, "width": 28, "mode": "L"},
+            "preprocessing": "sketch",
+        }
+    )
+    entry = training_service.trained_entry(a_run(17, status="done", base=16), base)
+    assert entry.display_name is not None and len(entry.display_name) == 200
+    assert entry.display_name.endswith("L… (v17, retrained)"), entry.display_name
+    short = training_service.trained_entry(
+        a_run(18, status="done", base=16), base.model_copy(update={"display_name": "Sketch"})
+    )
+    assert short.display_name == "Sketch (v18, retrained)"
+
+
 async def test_a_cancel_that_meets_a_run_just_ended_answers_409_and_marks_nothing(own_stack: Stack) -> None:
     """The trainer's end is applied on another connection: a cancel whose session still holds the
     run as running must read it afresh, not mark an ended run as being cancelled."""

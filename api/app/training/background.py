@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -71,16 +72,29 @@ async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
     log.info("training run %s registered %s in shadow", run_id, entry.key)
 
 
+def _first_line(exc: Exception) -> str:
+    """The first line of ``exc``'s message (at most 300 characters), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 async def _handle_entries(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-    """Handles each event, then acknowledges it; one that cannot be handled is logged and dropped.
-    Redis and PostgreSQL failures are raised with the event unacknowledged (claimed again later)."""
+    """Handles each event, then acknowledges it; one that cannot be handled is logged and dropped,
+    and when it was a run's end, the run is failed with why (``service.fail_unrecorded``). Redis
+    and PostgreSQL failures are raised with the event unacknowledged (claimed again later)."""
     for entry_id, fields in entries:
+        event: training.TrainingEvent | None = None
         try:
-            await handle_event(rt, training.TrainingEvent.from_fields(fields))
+            event = training.TrainingEvent.from_fields(fields)
+            await handle_event(rt, event)
         except (*REDIS_ERRORS, *DB_ERRORS):
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("dropping training event %s", entry_id)
+            if event is not None and event.kind in ("done", "failed", "cancelled"):
+                reason = f"its end could not be recorded: {_first_line(exc)}"
+                async with rt.sessionmaker() as session:
+                    await service.fail_unrecorded(session=session, run_id=uuid.UUID(event.run_id), reason=reason)
         await rt.redis.xack(training.EVENT_STREAM, training.EVENT_GROUP, entry_id)
 
 

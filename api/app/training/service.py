@@ -339,6 +339,21 @@ async def auto_promote(
     return decided
 
 
+DISPLAY_NAME_MAX = 200
+"""``ModelEntry.display_name``'s limit."""
+
+
+def _retrained_name(base_name: str, version: int) -> str:
+    """``"<base name> (vN, retrained)"``, the base's name shortened (ending in "…") so that the
+    whole stays within DISPLAY_NAME_MAX: a base named up to the limit must not make its
+    retrained version's entry invalid (its run would never be registered)."""
+    suffix = f" (v{version}, retrained)"
+    room = DISPLAY_NAME_MAX - len(suffix)
+    if len(base_name) > room:
+        base_name = base_name[: room - 1].rstrip() + "…"
+    return base_name + suffix
+
+
 def trained_entry(run: TrainingRun, base: ModelEntry) -> ModelEntry:
     """The registry entry of the version a run trained: its files under ``{trained_dir}``, fed as
     its base version is, in shadow."""
@@ -348,7 +363,7 @@ def trained_entry(run: TrainingRun, base: ModelEntry) -> ModelEntry:
         name=run.model_name,
         version=run.version,
         channel="shadow",
-        display_name=f"{base.display_name or base.name} (v{run.version}, retrained)",
+        display_name=_retrained_name(base.display_name or base.name, run.version),
         description=f"Trained by run {run.id} from @{run.base_version}"
         + (f" (held-out accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""),
         runtime=base.runtime,
@@ -386,21 +401,66 @@ async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -
     return None
 
 
+TRAINER_STOPPED = "the trainer stopped during the run (killed, crashed or its machine lost)"
+END_NOT_RECORDED = (
+    "the trainer ended the run, but its end never reached the portal (the trainer stopped before "
+    "reporting it, or the report was lost); start the run again"
+)
+END_GRACE_S = 60.0
+"""How long after a trainer set a run's ``ended_key`` its report is waited for in any case:
+far longer than the moment between that key and the report's XADD."""
+
+
+async def _end_on_its_way(redis: Redis, run_id: str) -> bool:
+    """Whether the end the trainer reported (``ended_key``) may still reach the run: it was set
+    less than END_GRACE_S ago (or without a TTL, its age unknown), or the API's consumer group
+    still has training events to read or to acknowledge."""
+    ttl = await redis.ttl(training.ended_key(run_id))
+    if ttl < 0 or training.ENDED_TTL_S - ttl < END_GRACE_S:
+        return True
+    if not await redis.exists(training.EVENT_STREAM):
+        return False  # the trainer stopped before its first report reached Redis
+    for group in await redis.xinfo_groups(training.EVENT_STREAM):
+        name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+        if name == training.EVENT_GROUP:
+            return bool(group.get("pending") or group.get("lag"))
+    return True  # no group yet: no API process has read the stream
+
+
 async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
     """Fails running runs whose trainer stopped holding their liveness key (killed, crashed, its
-    machine gone); how many."""
+    machine gone), and those whose reported end never reached them (``_end_on_its_way``); how
+    many."""
     cutoff = datetime.now(UTC) - timedelta(seconds=training.ALIVE_TTL_S)
     failed = 0
     for run in await session.scalars(
         select(TrainingRun).where(TrainingRun.status == "running", TrainingRun.started_at < cutoff)
     ):
-        if await redis.exists(training.alive_key(str(run.id)), training.ended_key(str(run.id))):
-            continue  # still training, or its end is on the event stream
-        run.status, run.finished_at = "failed", datetime.now(UTC)
-        run.error = "the trainer stopped during the run (killed, crashed or its machine lost)"
+        run_id = str(run.id)
+        if await redis.exists(training.alive_key(run_id)):
+            continue  # still training
+        error = TRAINER_STOPPED
+        if await redis.exists(training.ended_key(run_id)):
+            if await _end_on_its_way(redis, run_id):
+                continue
+            error = END_NOT_RECORDED
+        run.status, run.finished_at, run.error = "failed", datetime.now(UTC), error
         failed += 1
     await session.commit()
     return failed
+
+
+async def fail_unrecorded(*, session: AsyncSession, run_id: uuid.UUID, reason: str) -> bool:
+    """Fails a run still queued or running whose trainer's event could not be applied (a bug, not
+    an outage), with ``reason``: left as it was, it would read running for good and hold up every
+    other run of its model. Whether it was failed. Commits."""
+    run = await session.get(TrainingRun, run_id, with_for_update=True, populate_existing=True)
+    if run is None or run.status not in UNFINISHED:
+        await session.rollback()
+        return False
+    run.status, run.finished_at, run.error = "failed", datetime.now(UTC), reason
+    await session.commit()
+    return True
 
 
 LOST_AFTER = timedelta(seconds=60)
