@@ -327,6 +327,12 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
         # One version named twice: which weight was meant is not known.
         ("PUT", weights, {"weights": {"3": 100, "03": 5}, "reason": "x"}, 422),
         ("PUT", weights, {"weights": {"3": 100, " 3": 5}, "reason": "x"}, 422),
+        # Keys are version numbers in digits: "3.0" and "3_0" would be read as 3 and 30.
+        ("PUT", weights, {"weights": {"3": 100, "3.0": 5}, "reason": "x"}, 422),
+        ("PUT", weights, {"weights": {"3_0": 5, "3": 100}, "reason": "x"}, 422),
+        ("PUT", weights, {"weights": {"3": 100, "1e0": 5}, "reason": "x"}, 422),
+        ("POST", "/v1/admin/registry/models/sketch/rollback", {"reason": "x", "from_version": 99}, 404),
+        ("POST", "/v1/admin/registry/models/sketch/rollback", {"reason": "x", "from_version": True}, 422),
         ("PUT", weights, {"weights": {"9": 1}, "reason": "x"}, 404),
         ("PUT", "/v1/admin/registry/models/nothing/weights", {"weights": {"1": 1}, "reason": "x"}, 404),
         ("PUT", weights, {"weights": {"1": 100}, "reason": ""}, 422),

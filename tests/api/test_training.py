@@ -210,6 +210,8 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
     ).status_code == 404
     bad = {**body, "options": {"epochs": 0}}
     assert (await client.post("/v1/admin/training-runs", json=bad, headers=admin)).status_code == 422
+    not_a_number = {**body, "base_version": True}  # not read as version 1
+    assert (await client.post("/v1/admin/training-runs", json=not_a_number, headers=admin)).status_code == 422
     misplaced = {**body, "per_category": 50}  # an option beside "options", not in it
     r = await client.post("/v1/admin/training-runs", json=misplaced, headers=admin)
     assert r.status_code == 422 and "per_category" in r.text, r.text

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -82,11 +83,18 @@ class VersionCreate(RequestBody):
     reason: Reason
 
 
+_VERSION_KEY = re.compile(r"\s*\+?[0-9]+\s*")
+
+
 def _one_key_per_version(weights: Any) -> Any:
-    """Refuses keys that name one version twice (``"1"`` and ``"01"``): the last would win unsaid."""
+    """Refuses keys that are not a version number in digits (``"1.0"`` and ``"1_0"`` would
+    otherwise be read as 1 and 10) and keys that name one version twice (``"1"`` and ``"01"``):
+    the last would win unsaid."""
     if isinstance(weights, dict):
-        numbers = [key.strip() for key in weights if isinstance(key, str)]
-        parsed = [int(key) for key in numbers if key.lstrip("+-").isdigit()]
+        keys = [key for key in weights if isinstance(key, str)]
+        if any(not _VERSION_KEY.fullmatch(key) for key in keys):
+            raise ValueError('each key is a version number in digits, such as "3"')
+        parsed = [int(key) for key in keys]
         if len(set(parsed)) < len(parsed):
             raise ValueError("each version may be named once")
     return weights
@@ -111,7 +119,7 @@ class ChangeReason(RequestBody):
 
 
 class RollbackBody(ChangeReason):
-    from_version: int | None = Field(
+    from_version: StrictInt | None = Field(
         default=None,
         ge=1,
         le=INT32_MAX,

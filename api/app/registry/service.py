@@ -509,13 +509,14 @@ async def rollback(
     """Undoes the model's latest promotion that is not undone yet: every version it changed gets
     back the state it had before (the previous stable version its traffic).
 
-    Raises 404 for an unknown model, 409 when there is no promotion to undo, when
+    Raises 404 for an unknown model or ``from_version``, 409 when there is no promotion to undo, when
     ``from_version`` is given and is not the stable version once the model's rows are locked (two
     rollbacks sent at once would otherwise undo two promotions), or when a version to give
     traffic back to is retired, disabled or not loaded on any worker since.
     """
     rows = await _lock_model(session, name)
     if from_version is not None:
+        _version(rows, from_version)  # 404 for a version the model never had
         stable = [row.version for row in rows if row.channel == "stable"]
         if stable != [from_version]:
             now = f"{name}@{stable[0]} is" if stable else "no version is"

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from api.app.core.fields import INT32_MAX, RequestBody
 from api.app.registry.schemas import Reason
@@ -16,7 +16,7 @@ class TrainingRequest(RequestBody):
     beside ``options`` rather than in it) is refused (422), not dropped for a run of minutes."""
 
     model: str = Field(pattern=r"^[a-z0-9_]+$", max_length=64)
-    base_version: int | None = Field(default=None, ge=1, le=INT32_MAX, description="default: the stable version")
+    base_version: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX, description="default: the stable version")
     options: TrainingOptions = TrainingOptions()
     reason: Reason
 
