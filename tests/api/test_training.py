@@ -351,6 +351,51 @@ async def test_a_runs_end_that_cannot_be_applied_fails_the_run(
     assert failed["error"] == "its end could not be recorded: display_name: String should have at most 200 characters"
 
 
+async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_stack: Stack) -> None:
+    """Three runs end one after another (their trainer's "done" on the event stream), beside a
+    shadow an admin made: after the third, only its candidate and the admin's shadow get copies
+    of the requests; the earlier candidates are canaries without traffic, each change audited as
+    the run that made it."""
+    from api.app.registry import service as registry_service
+    from contracts.registry import load_registry
+
+    redis = own_stack.app.state.redis
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    base = next(m for m in load_registry(own_stack.app.state.settings.registry_path).models if m.key == "sketch@1")
+    async with own_stack.app.state.sessionmaker() as session:
+        hand = base.model_copy(update={"version": 40, "channel": "shadow", "training": None})
+        actor = registry_service.Actor(None, "admin@example.com")
+        await registry_service.register_version(session=session, actor=actor, entry=hand, reason="by hand")
+    await until(lambda: _event_group_ready(redis), 30, "the API's training event group")
+    run_ids = {}
+    for version in (41, 42, 43):
+        async with own_stack.app.state.sessionmaker() as session:
+            run = a_run(version, status="running", base=1, started_at=datetime.now(UTC))
+            session.add(run)
+            await session.commit()
+            run_ids[version] = run_id = str(run.id)
+        await redis.set(training.ended_key(run_id), "done", ex=training.ENDED_TTL_S)
+        done = training.TrainingEvent(run_id=run_id, kind="done", record={"test_accuracy": 0.5})
+        await redis.xadd(training.EVENT_STREAM, done.to_fields())
+
+        async def ended(run_id: str = run_id) -> bool:
+            return (await run_of(own_stack, admin, run_id))["status"] == "done"
+
+        await until(ended, 30, f"run {version} done")
+    versions = (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
+    states = {v["version"]: (v["channel"], v["weight"]) for v in versions if v["name"] == "sketch"}
+    assert {v: states[v] for v in (40, 41, 42, 43)} == {
+        40: ("shadow", 0),
+        41: ("canary", 0),
+        42: ("canary", 0),
+        43: ("shadow", 0),
+    }, states
+    changes = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()
+    stepped_down = {(c["version"], c["actor"]) for c in changes["data"] if c["action"] == "channel_canary"}
+    assert stepped_down == {(41, f"training run {run_ids[42]}"), (42, f"training run {run_ids[43]}")}
+
+
 def test_a_retrained_versions_name_fits_however_long_its_bases() -> None:
     """A base version named up to the limit: its retrained version's entry is still valid (it
     once failed validation, and the run was never registered)."""

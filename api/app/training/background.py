@@ -44,7 +44,9 @@ holding the lock delays the rule this long."""
 
 
 async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
-    """Writes the event into its run; a run that ended well registers its version in shadow."""
+    """Writes the event into its run; a run that ended well registers its version in shadow, and
+    the model's earlier candidates in shadow become canaries without traffic
+    (``service.step_down_older_shadows``)."""
     async with rt.sessionmaker() as session:
         registered = await service.apply_event(session=session, event=event)
         if registered is None:
@@ -68,8 +70,16 @@ async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
             run.error = f"trained, but {entry.key} was not registered: {exc.detail}"
             await session.commit()
             return
+        stepped_down = await service.step_down_older_shadows(
+            session=session,
+            actor=registry_service.Actor(None, f"training run {run_id}"),
+            name=entry.name,
+            version=entry.version,
+        )
         await rt.live_registry.reload(session, rt.redis)
     log.info("training run %s registered %s in shadow", run_id, entry.key)
+    if stepped_down:
+        log.info("%s: earlier candidates %s now canaries without traffic", entry.name, stepped_down)
 
 
 def _first_line(exc: Exception) -> str:

@@ -375,6 +375,34 @@ def trained_entry(run: TrainingRun, base: ModelEntry) -> ModelEntry:
     )
 
 
+async def step_down_older_shadows(
+    *, session: AsyncSession, actor: registry_service.Actor, name: str, version: int
+) -> list[int]:
+    """Makes the model's other shadow versions that a training run registered canaries without
+    traffic (audited, as ``actor``), once ``version`` is its newest candidate in shadow: each
+    shadow gets a copy of the model's requests, so candidates left in shadow run after run would
+    multiply the workers' load. They stay registered, to pin, compare or promote. Versions an
+    admin put in shadow are left alone. The versions changed, oldest first; commits each change."""
+    rows = await session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.name == name, ModelVersion.channel == "shadow", ModelVersion.version != version)
+        .order_by(ModelVersion.version)
+    )
+    older = [row.version for row in rows if (row.spec.get("training") or {}).get("run")]
+    for old in older:
+        await registry_service.set_channel(
+            session=session,
+            actor=actor,
+            name=name,
+            version=old,
+            channel="canary",
+            enabled=None,
+            reason=f"superseded in shadow by {name}@{version}, a newer training run's candidate",
+            available=set(),
+        )
+    return older
+
+
 async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -> tuple[TrainingRun, ModelEntry] | None:
     """Writes a trainer's event into its run and commits; when the run ended well, the run and the
     entry to register, uncommitted (the caller registers it, audited, which commits both). An
