@@ -318,6 +318,15 @@ async def test_a_run_whose_reported_end_never_came_is_failed_after_the_grace(own
         by_version = {r.version: r for r in await training_service.list_runs(session=session, model="sketch")}
     assert (by_version[52].status, by_version[52].error) == ("failed", training_service.END_NOT_RECORDED)
     assert by_version[53].status == "running"
+    # Its version's record says which run was to make it, and why there is none.
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    r = await own_stack.client.get("/v1/admin/registry/models/sketch/versions/52/training", headers=admin)
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"] == (
+        f"No version sketch@52: training run {by_version[52].id}, which was to make it, ended failed: "
+        + training_service.END_NOT_RECORDED
+        + "."
+    )
 
 
 async def test_a_runs_end_that_cannot_be_applied_fails_the_run(

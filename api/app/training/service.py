@@ -211,6 +211,13 @@ async def training_record(
         return run, run.record
     row = await session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
     if row is None:
+        if run is not None and run.status not in UNFINISHED:
+            why = f": {run.error}" if run.error else ""
+            raise HTTPException(
+                status_code=404,
+                detail=f"No version {name}@{version}: training run {run.id}, which was to make it, "
+                f"ended {run.status}{why}.",
+            )
         raise HTTPException(status_code=404, detail=f"No version {name}@{version}.")
     if run is not None and run.status in UNFINISHED:
         raise HTTPException(status_code=404, detail=f"{name}@{version}'s training run is {run.status}: no record yet.")
