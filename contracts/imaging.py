@@ -237,20 +237,28 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
 _BAND_ROWS = 256
 
 
+def _bands(img: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """Each band of ``_BAND_ROWS`` rows of ``img`` with its first row, as an array of its own: a
+    whole 50-megapixel image as one array would take 200 MB (32-bit) per upload on top of the
+    decoded pixels."""
+    for top in range(0, img.height, _BAND_ROWS):
+        yield top, np.asarray(img.crop((0, top, img.width, min(top + _BAND_ROWS, img.height))))
+
+
 def _scale_to_8bit(img: Image.Image) -> float:
     """What a value of ``img`` (mode ``I;16*``, ``I`` or ``F``) is divided by to read as 0-255.
 
     16-bit images use their full range (65535 → 255). A 32-bit integer (``I``) or floating-point
     (``F``) image says nothing of its range: TIFF writers store 8-bit, 16-bit and 0-1 data in
     them alike. So it is read in the smallest usual range that holds its largest value: 0-1 for
-    floats up to 1.0, then 0-255, then 0-65535, then its own largest value.
+    floats up to 1.0, then 0-255, then 0-65535, then its own largest finite value (NaN reads as
+    black). Values below 0 read as black, and data of other widths (12-bit in 0-4095, say) reads
+    darker than it would in a viewer that stretches each image to its own range.
     """
     if img.mode.startswith("I;16"):
         return 257.0
-    arr = np.asarray(img)
     top = 0.0
-    for start in range(0, arr.shape[0], _BAND_ROWS):  # a band at a time, as _to_8bit converts
-        band = arr[start : start + _BAND_ROWS]
+    for _, band in _bands(img):
         top = max(top, float(np.max(band, where=np.isfinite(band), initial=0.0)))
     if img.mode == "F" and top <= 1.0:
         return 1.0 / 255.0
@@ -262,18 +270,14 @@ def _scale_to_8bit(img: Image.Image) -> float:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and floating-point greyscale scaled to 8 bits (``_scale_to_8bit``);
-    Pillow's own convert would clip 16-bit images to white and read 0-1 floats as black.
-
-    Converted a band of rows at a time: a whole 50-megapixel image in floating point would take
-    400 MB per upload on top of the decoded pixels.
-    """
+    """16-bit, 32-bit integer and floating-point greyscale scaled to 8 bits (``_scale_to_8bit``),
+    a band of rows at a time (``_bands``); Pillow's own convert would clip 16-bit images to white
+    and read 0-1 floats as black."""
     divisor = _scale_to_8bit(img)
-    arr = np.asarray(img)  # the decoded pixels themselves: uint16, int32 or float32
-    out = np.empty(arr.shape, dtype=np.uint8)
-    for top in range(0, arr.shape[0], _BAND_ROWS):
-        band = np.nan_to_num(arr[top : top + _BAND_ROWS].astype(np.float32) / divisor, nan=0.0)
-        out[top : top + _BAND_ROWS] = np.clip(band, 0, 255).round()
+    out = np.empty((img.height, img.width), dtype=np.uint8)
+    for top, band in _bands(img):
+        scaled = np.nan_to_num(band.astype(np.float32) / divisor, nan=0.0)
+        out[top : top + band.shape[0]] = np.clip(scaled, 0, 255).round()
     return Image.fromarray(out)
 
 

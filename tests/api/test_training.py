@@ -329,6 +329,34 @@ async def test_a_run_whose_reported_end_never_came_is_failed_after_the_grace(own
     )
 
 
+async def test_a_run_whose_end_is_applied_during_the_check_is_not_failed_over_it(
+    own_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check read the run as running; its end (done) is applied while the check asks Redis
+    about it (an API back from an outage reads the end at once): the run stays done."""
+    redis = own_stack.app.state.redis
+    async with own_stack.app.state.sessionmaker() as session:
+        run = a_run(55, status="running", base=1, started_at=datetime.now(UTC) - timedelta(minutes=5))
+        session.add(run)
+        await session.commit()
+        run_id = run.id
+    await redis.set(training.ended_key(str(run_id)), "done", ex=int(training.ENDED_TTL_S - 600))
+
+    async def applied_meanwhile(*_: Any) -> bool:
+        async with own_stack.app.state.sessionmaker() as other:
+            ended = await other.get_one(TrainingRun, run_id)
+            ended.status, ended.finished_at = "done", datetime.now(UTC)
+            await other.commit()
+        return False
+
+    monkeypatch.setattr(training_service, "_end_on_its_way", applied_meanwhile)
+    async with own_stack.app.state.sessionmaker() as session:
+        assert await training_service.fail_stale(session=session, redis=redis) == 0
+    async with own_stack.app.state.sessionmaker() as session:
+        after = await session.get_one(TrainingRun, run_id)
+        assert (after.status, after.error) == ("done", None)
+
+
 async def test_a_runs_end_that_cannot_be_applied_fails_the_run(
     own_stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -392,9 +420,24 @@ async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_sta
             return (await run_of(own_stack, admin, run_id))["status"] == "done"
 
         await until(ended, 30, f"run {version} done")
+    # An older version's end reported late never demotes the newer candidate.
+    async with own_stack.app.state.sessionmaker() as session:
+        late = a_run(39, status="running", base=1, started_at=datetime.now(UTC))
+        session.add(late)
+        await session.commit()
+        late_id = str(late.id)
+    await redis.set(training.ended_key(late_id), "done", ex=training.ENDED_TTL_S)
+    done = training.TrainingEvent(run_id=late_id, kind="done", record={"test_accuracy": 0.5})
+    await redis.xadd(training.EVENT_STREAM, done.to_fields())
+
+    async def late_ended() -> bool:
+        return (await run_of(own_stack, admin, late_id))["status"] == "done"
+
+    await until(late_ended, 30, "run 39 done")
     versions = (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
     states = {v["version"]: (v["channel"], v["weight"]) for v in versions if v["name"] == "sketch"}
-    assert {v: states[v] for v in (40, 41, 42, 43)} == {
+    assert {v: states[v] for v in (39, 40, 41, 42, 43)} == {
+        39: ("shadow", 0),
         40: ("shadow", 0),
         41: ("canary", 0),
         42: ("canary", 0),

@@ -20,7 +20,7 @@ POLL_SECONDS = 1.0
 ORPHAN_SWEEP_SECONDS = 15.0
 """How often the lane looks for batches left ``receiving`` by a process that stopped (an index
 holds only the batches being received, so the look costs the same however many batches there are)
-and for batches of deactivated accounts."""
+and for batches of deactivated accounts (the users table, then those accounts' batches by owner)."""
 
 
 async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:

@@ -16,7 +16,7 @@ import asyncpg
 from fastapi import HTTPException, UploadFile
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
-from sqlalchemy import Integer, Table, and_, bindparam
+from sqlalchemy import CursorResult, Integer, Table, and_, bindparam
 from sqlalchemy import cast as sql_cast
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
@@ -940,16 +940,15 @@ async def expire_unserved(*, session: AsyncSession, versions: dict[tuple[str, in
             Prediction.model_version == version,
             Prediction.status.in_(UNFINISHED),
         )
-        await session.execute(
+        # The status as the literal predicate of ix_shadow_predictions_unfinished, so that the
+        # partial index of unfinished copies is read, not every copy the version ever answered.
+        shadows = await session.execute(
             update(ShadowPrediction)
-            .where(
-                ShadowPrediction.model_name == name,
-                ShadowPrediction.model_version == version,
-                ShadowPrediction.status.in_(UNFINISHED),
-            )
+            .where(UNFINISHED_JOB, ShadowPrediction.model_name == name, ShadowPrediction.model_version == version)
             .values(status=PredictionStatus.expired.value, error=reason, finished_at=now)
         )
-        await session.commit()
+        if cast(CursorResult[Any], shadows).rowcount:
+            await session.commit()
         for job_id in list(await session.scalars(select(Prediction.job_id).where(*of_version).distinct())):
             locked = await session.scalar(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True))
             if locked is None:

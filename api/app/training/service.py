@@ -19,7 +19,7 @@ from typing import Any, cast
 from anyio import to_thread
 from fastapi import HTTPException
 from redis.asyncio import Redis
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -385,14 +385,15 @@ def trained_entry(run: TrainingRun, base: ModelEntry) -> ModelEntry:
 async def step_down_older_shadows(
     *, session: AsyncSession, actor: registry_service.Actor, name: str, version: int
 ) -> list[int]:
-    """Makes the model's other shadow versions that a training run registered canaries without
+    """Makes the model's older shadow versions (numbers below ``version``: an end reported late
+    never demotes a newer candidate) that a training run registered canaries without
     traffic (audited, as ``actor``), once ``version`` is its newest candidate in shadow: each
     shadow gets a copy of the model's requests, so candidates left in shadow run after run would
     multiply the workers' load. They stay registered, to pin, compare or promote. Versions an
     admin put in shadow are left alone. The versions changed, oldest first; commits each change."""
     rows = await session.scalars(
         select(ModelVersion)
-        .where(ModelVersion.name == name, ModelVersion.channel == "shadow", ModelVersion.version != version)
+        .where(ModelVersion.name == name, ModelVersion.channel == "shadow", ModelVersion.version < version)
         .order_by(ModelVersion.version)
     )
     older = [row.version for row in rows if (row.spec.get("training") or {}).get("run")]
@@ -467,21 +468,30 @@ async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
     machine gone), and those whose reported end never reached them (``_end_on_its_way``); how
     many."""
     cutoff = datetime.now(UTC) - timedelta(seconds=training.ALIVE_TTL_S)
+    running = list(
+        await session.scalars(
+            select(TrainingRun.id).where(TrainingRun.status == "running", TrainingRun.started_at < cutoff)
+        )
+    )
+    await session.commit()  # no transaction held over the Redis checks
     failed = 0
-    for run in await session.scalars(
-        select(TrainingRun).where(TrainingRun.status == "running", TrainingRun.started_at < cutoff)
-    ):
-        run_id = str(run.id)
-        if await redis.exists(training.alive_key(run_id)):
+    for run_id in running:
+        if await redis.exists(training.alive_key(str(run_id))):
             continue  # still training
         error = TRAINER_STOPPED
-        if await redis.exists(training.ended_key(run_id)):
-            if await _end_on_its_way(redis, run_id):
+        if await redis.exists(training.ended_key(str(run_id))):
+            if await _end_on_its_way(redis, str(run_id)):
                 continue
             error = END_NOT_RECORDED
-        run.status, run.finished_at, run.error = "failed", datetime.now(UTC), error
-        failed += 1
-    await session.commit()
+        # Only if still running: its end may have been applied since it was read (an API back
+        # from an outage reads the end while this check runs).
+        changed = await session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == run_id, TrainingRun.status == "running")
+            .values(status="failed", finished_at=datetime.now(UTC), error=error)
+        )
+        failed += cast(CursorResult[Any], changed).rowcount
+        await session.commit()
     return failed
 
 
