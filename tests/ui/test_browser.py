@@ -417,7 +417,9 @@ def test_a_double_click_on_make_key_shows_the_one_key_it_made(
     browser.get(f"{ui_url}/api-keys")
     text_appears(browser, "Make a key")
     name = f"double-{int(time.time() * 1000)}"
-    browser.find_element(By.CSS_SELECTOR, "input[aria-label='Name']").send_keys(name)
+    # The form's heading is drawn before its fields: on a busy host the field comes a moment later.
+    field = WebDriverWait(browser, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "input[aria-label='Name']")))
+    field.send_keys(name)
     xpath = "//button[.//p[normalize-space()='Make key'] or normalize-space()='Make key']"
     button = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.XPATH, xpath)))
     ActionChains(browser).double_click(button).perform()
