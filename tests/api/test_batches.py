@@ -627,6 +627,66 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
             assert r.json()["counts"]["queued"] == 49 and r.json()["counts"]["eta_seconds"] is None
 
 
+def test_the_lane_queues_for_no_version_disabled_or_retired_while_its_worker_still_lists_it(
+    settings: Settings,
+) -> None:
+    """A worker's heartbeat lists a version until it has let it go: the lane queues nothing for
+    one disabled or retired meanwhile, nor for one the heartbeat says is not ready."""
+    from api.app.batches import lane
+    from contracts.messages import Heartbeat, ModelState
+    from contracts.registry import load_registry
+
+    registry = load_registry(settings.registry_path)
+    changes: dict[str, dict[str, Any]] = {"sketch@1": {"enabled": False}, "sketch@2": {"channel": "retired"}}
+    changed = registry.model_copy(
+        update={"models": [m.model_copy(update=changes.get(m.key, {})) for m in registry.models]}
+    )
+    beat = Heartbeat(
+        worker_id="w",
+        pid=1,
+        hostname="h",
+        started_at=0.0,
+        models=[ModelState(name="sketch", version=v, ready=True) for v in (1, 2, 3)]
+        + [ModelState(name="mobilenet_v2", version=1, ready=False)],
+    )
+    assert lane.servable(registry, [beat]) == {"sketch@1", "sketch@2", "sketch@3"}
+    assert lane.servable(changed, [beat]) == {"sketch@3"}
+
+
+async def test_an_account_reactivated_before_the_sweep_locks_it_keeps_its_batch(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """The sweep read the account as deactivated; it is reactivated before the sweep cancels its
+    batch: the batch runs on. Deactivated again, the batch is cancelled with the reason."""
+    from sqlalchemy import select, update
+
+    from api.app.batches import lane
+    from api.app.predictions.models import Prediction
+    from api.app.users.models import User
+
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        batch = await running_batch(session, db.store, fresh_settings, db.owner, db.registry["sketch@3"], [1, 2])
+        await session.commit()
+
+        async def set_active(active: bool) -> None:
+            await session.execute(update(User).where(User.id == db.owner).values(is_active=active))
+            await session.commit()
+
+        async def status() -> str:
+            await session.refresh(batch)
+            return batch.status
+
+        await set_active(True)
+        assert not await lane.cancel_if_owner_inactive(session=session, batch_id=batch.id, owner_id=db.owner)
+        assert await status() == "running"
+        await set_active(False)
+        assert await lane.cancel_if_owner_inactive(session=session, batch_id=batch.id, owner_id=db.owner)
+        assert await status() == "cancelled"
+        errors = set((await session.scalars(select(Prediction.error))).all())
+        assert errors == {lane.OWNER_DEACTIVATED}
+
+
 async def test_a_stored_file_gone_fails_its_own_job_and_the_lane_goes_on(
     fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
 ) -> None:

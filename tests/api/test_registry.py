@@ -485,6 +485,77 @@ async def test_answers_of_a_version_retired_while_no_worker_has_it_expire_at_onc
     assert {(p["version"], p["status"]) for p in other["results"]} == {(2, "expired"), (3, "queued")}, other
 
 
+def _drawing(offset: int) -> bytes:
+    img = Image.new("L", (28, 28), 255)
+    ImageDraw.Draw(img).line((offset, 2, 27 - offset, 25), fill=0, width=2)
+    return encode(img, "PNG")
+
+
+@pytest.mark.usefixtures("everything_served")
+async def test_a_batch_waits_for_a_disabled_version_and_ends_without_a_retired_one(own_stack: Stack) -> None:
+    """No worker is up, so the lane queues none of three batches: for sketch@1 alone, for sketch@2
+    alone and for sketch@2 beside sketch@3. A person's job waits for sketch@1. sketch@1 is
+    disabled: the person's job expires, its batch keeps waiting. sketch@2 is retired: its batch
+    ends with each image expired with the reason, and the other batch waits for sketch@3 only,
+    then ends once a worker answers it."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    files = [("file", (f"d{i}.png", _drawing(i))) for i in range(3)]
+
+    async def batch(models: list[str]) -> str:
+        r = await client.post("/v1/batches", files=files, data={"models": models}, headers=admin)
+        assert r.status_code == 202, r.text
+        return str(r.json()["id"])
+
+    first, second, both = [await batch(m) for m in (["sketch@1"], ["sketch@2"], ["sketch@2", "sketch@3"])]
+    stored = await client.post("/v1/images", files={"file": ("p.png", drawing())}, headers=admin)
+    person = await client.post(
+        "/v1/predictions", json={"image_id": stored.json()["id"], "models": ["sketch@1"]}, headers=admin
+    )
+    assert person.status_code == 202, person.text
+
+    async def detail(batch_id: str) -> dict[str, Any]:
+        r = await client.get(f"/v1/batches/{batch_id}", headers=admin)
+        assert r.status_code == 200, r.text
+        return cast(dict[str, Any], r.json())
+
+    async def rows(batch_id: str) -> set[tuple[int, str, str | None]]:
+        r = await client.get(f"/v1/batches/{batch_id}/results", headers=admin)
+        assert r.status_code == 200, r.text
+        return {(row["version"], row["status"], row["error"]) for row in r.json()["data"]}
+
+    for version, change in ((1, {"enabled": False}), (2, {"channel": "retired"})):
+        r = await client.patch(
+            f"/v1/admin/registry/models/sketch/versions/{version}", json={**change, "reason": "x"}, headers=admin
+        )
+        assert r.status_code == 200, r.text
+
+    async def second_over() -> bool:
+        return (await detail(second))["status"] == "done"
+
+    assert await until(second_over, 15, "the batch for the retired sketch@2 ended") < 15
+    retired = "sketch@2 was retired before a worker answered it; send the image again for the version serving now"
+    assert await rows(second) == {(2, "expired", retired)}
+    assert (await detail(second))["counts"]["failed"] == 3
+    assert await rows(both) == {(2, "expired", retired), (3, "pending", None)}
+    assert (await detail(both))["status"] == "running"
+    # The person's job for the disabled sketch@1 expired; the batch for it waits, nothing lost.
+    job = (await client.get(f"/v1/predictions/{person.json()['job_id']}", headers=admin)).json()
+    assert job["status"] == "expired", job
+    waiting = await detail(first)
+    assert (waiting["status"], waiting["counts"]["queued"], waiting["counts"]["failed"]) == ("running", 3, 0), waiting
+    assert await rows(first) == {(1, "pending", None)}
+    # A worker for sketch@3: the other batch's images are answered by it, and the batch ends.
+    await own_stack.start_workers(1, SERVE_MODELS="sketch")
+
+    async def both_over() -> bool:
+        return (await detail(both))["status"] == "done"
+
+    await until(both_over, 90, "the batch ended with sketch@3's answers")
+    assert await rows(both) == {(2, "expired", retired), (3, "done", None)}
+    assert await rows(first) == {(1, "pending", None)}
+
+
 async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, str]:
     email = f"user-{uuid.uuid4().hex[:10]}@example.com"
     r = await client.post("/v1/users", json={"email": email, "password": PASSWORD}, headers=admin)

@@ -36,7 +36,7 @@ async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:
             store=rt.store,
             in_flight=rt.settings.batch_in_flight,
             job_seconds=rt.settings.batch_job_seconds,
-            served={f"{m.name}@{m.version}" for beat in beats for m in beat.models if m.ready},
+            served=lane.servable(rt.live_registry.current, beats),
         )
         if finish:
             await lane.finish(session=session)

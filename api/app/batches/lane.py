@@ -6,7 +6,8 @@ lock makes one of them queue at a time."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Set
+import uuid
+from collections.abc import Collection, Iterable, Set
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
@@ -23,7 +24,8 @@ from api.app.predictions.models import UNFINISHED, UNFINISHED_JOB, Job, Predicti
 from api.app.predictions.service import job_message
 from api.app.users.models import User
 from contracts import keys
-from contracts.messages import PredictionStatus
+from contracts.messages import Heartbeat, PredictionStatus
+from contracts.registry import Registry
 
 log = logging.getLogger("api.batches")
 
@@ -41,14 +43,29 @@ async def any_running(*, session: AsyncSession) -> bool:
     return await session.scalar(select(Batch.id).where(_UNFINISHED_BATCH).limit(1)) is not None
 
 
+def servable(registry: Registry, beats: Iterable[Heartbeat]) -> set[str]:
+    """The model versions (keys like ``sketch@3``) the lane may queue batch jobs for: ready in a
+    live worker's heartbeat (``beats``) and enabled and not retired in ``registry``. A worker lists
+    a version it is about to let go of until it has: a job queued for it then would wait for its
+    enabling again, or expire for good if it was retired."""
+    live = {m.key for m in registry.models if m.enabled and m.channel != "retired"}
+    return {f"{m.name}@{m.version}" for beat in beats for m in beat.models if m.ready} & live
+
+
 def _refs(job: Job) -> set[str]:
-    return {f"{p.model_name}@{p.model_version}" for p in job.predictions}
+    """The versions a job still waits for (a version retired meanwhile has its predictions expired)."""
+    return {f"{p.model_name}@{p.model_version}" for p in job.predictions if p.status in OPEN}
 
 
 def _asks_for_any_but(served: Set[str]) -> ColumnElement[bool]:
-    """Whether a job has a prediction of a model version outside ``served`` (keys like ``sketch@3``)."""
+    """Whether a job waits for a prediction of a model version outside ``served`` (keys like
+    ``sketch@3``)."""
     ref = func.concat(Prediction.model_name, "@", Prediction.model_version)
-    return exists().where(Prediction.job_id == Job.id, ref.not_in(sorted(served))).correlate(Job)
+    return (
+        exists()
+        .where(Prediction.job_id == Job.id, Prediction.status == PENDING, ref.not_in(sorted(served)))
+        .correlate(Job)
+    )
 
 
 _OF_A_RECEIVED_BATCH = (
@@ -241,29 +258,40 @@ async def cancel(
 
 async def cancel_of_deactivated_owners(*, session: AsyncSession) -> int:
     """Cancels the batches still ``receiving`` or ``running`` whose owner's account is deactivated
-    (``cancel``; what is queued still gets its answer): an account's work stops with it, and does
-    not come back if it is reactivated. How many batches were cancelled. Commits."""
+    (``cancel_if_owner_inactive``; what is queued still gets its answer): an account's work stops
+    with it, and does not come back if it is reactivated. How many batches were cancelled. Commits."""
     # The deactivated accounts first (few, and the users table does not grow with history), then
     # their batches through the (owner_id, ...) index: never a read of every batch ever sent.
     inactive = list(await session.scalars(select(User.id).where(User.is_active.is_(False))))
     if not inactive:
         await session.commit()
         return 0
-    stopped = list(
-        await session.scalars(
-            select(Batch.id).where(Batch.owner_id.in_(inactive), Batch.status.in_(("receiving", "running")))
-        )
-    )
-    cancelled = 0
-    for batch_id in stopped:
-        batch = await session.get(Batch, batch_id)
-        if batch is not None:
-            done = await cancel(
-                session=session, batch=batch, only_if=("receiving", "running"), reason=OWNER_DEACTIVATED
+    stopped = (
+        await session.execute(
+            select(Batch.id, Batch.owner_id).where(
+                Batch.owner_id.in_(inactive), Batch.status.in_(("receiving", "running"))
             )
-            cancelled += done is not None
+        )
+    ).all()
     await session.commit()
+    cancelled = 0
+    for batch_id, owner_id in stopped:
+        cancelled += await cancel_if_owner_inactive(session=session, batch_id=batch_id, owner_id=owner_id)
     return cancelled
+
+
+async def cancel_if_owner_inactive(*, session: AsyncSession, batch_id: uuid.UUID, owner_id: int) -> bool:
+    """Cancels the batch (``cancel``, with ``OWNER_DEACTIVATED``) if its owner's account is still
+    deactivated once its row is locked (``FOR SHARE``, taken before the batch's as every writer of
+    a batch does): an account reactivated since the sweep read it keeps its batch, and one
+    reactivated meanwhile waits for the cancel's commit. Whether it was cancelled. Commits."""
+    active = await session.scalar(select(User.is_active).where(User.id == owner_id).with_for_update(read=True))
+    batch = await session.get(Batch, batch_id) if active is False else None
+    if batch is None:
+        await session.commit()
+        return False
+    done = await cancel(session=session, batch=batch, only_if=("receiving", "running"), reason=OWNER_DEACTIVATED)
+    return done is not None
 
 
 def left_by_its_process(stale_after: timedelta) -> ColumnElement[bool]:

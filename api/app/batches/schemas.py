@@ -47,8 +47,9 @@ class BatchDetail(BatchPublic):
     counts: BatchCounts
     waiting_for: list[str] = []
     """Model versions (``name@version``) of a running batch with images still queued that no live
-    worker serves now (disabled, retired or without a worker): those images wait, nothing is lost,
-    and they go on once a worker serves the version again (or the batch is cancelled)."""
+    worker serves now (disabled or without a worker): those images wait, nothing is lost, and they
+    go on once a worker serves the version again (or the batch is cancelled). A retired version's
+    images are expired instead, with the reason, once no live worker has it loaded."""
 
 
 class BatchesPublic(BaseModel):

@@ -63,7 +63,9 @@ _STORE_ANSWER_CALL = text(
 ).bindparams(bindparam("top_k", type_=JSONB))
 _STORE_ANSWER = DriverStatement(_STORE_ANSWER_CALL)
 _FINISH_JOB = (
-    update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_((*UNFINISHED, PredictionStatus.pending.value)))
+    .returning(_jobs.c.id)
 )
 # A batch's jobs have a lane and a cap of their own: they never count against a person's requests.
 _IN_FLIGHT = (
@@ -722,6 +724,9 @@ def _result_values(result: ResultMessage, now: datetime) -> dict[str, Any]:
 
 
 def _job_status(statuses: list[str]) -> str:
+    if PredictionStatus.pending.value in statuses:
+        # A batch's job the lane has not queued yet: the lane queues its predictions all at once.
+        return PredictionStatus.pending.value
     if any(s in UNFINISHED for s in statuses):
         return (
             PredictionStatus.running.value
@@ -743,7 +748,7 @@ async def _complete_job(session: AsyncSession, job_id: uuid.UUID, now: datetime)
     """
     predictions = await job_predictions(session=session, job_id=job_id)
     status = _job_status([p.status for p in predictions])
-    if status in UNFINISHED:
+    if status in UNFINISHED or status == PredictionStatus.pending.value:
         return None
     finished = await session.scalar(_FINISH_JOB, {"b_job_id": job_id, "status": status, "finished_at": now})
     return predictions if finished is not None else None
@@ -910,35 +915,52 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> dict
     return finished
 
 
-def unserved_versions(registry: Registry, served: Iterable[str]) -> dict[tuple[str, int], str]:
+class Unserved(NamedTuple):
+    """A version whose queued answers can no longer come (``unserved_versions``)."""
+
+    reason: str
+    """Why, for its predictions' error."""
+    retired: bool
+    """Retired rather than disabled: a disabled version may be enabled again, so a batch's images
+    for it wait (``expire_unserved``)."""
+
+
+def unserved_versions(registry: Registry, served: Iterable[str]) -> dict[tuple[str, int], Unserved]:
     """The versions whose queued answers can no longer come: retired or disabled in ``registry``
     and loaded by no live worker (``served``, keys like ``sketch@2``: a worker lets a version go
-    between batches, after answering what it holds). Each with why, for its predictions' error."""
+    between batches, after answering what it holds)."""
     loaded = set(served)
     return {
-        (entry.name, entry.version): (
+        (entry.name, entry.version): Unserved(
             f"{entry.key} was {'retired' if entry.channel == 'retired' else 'disabled'} before a worker "
-            "answered it; send the image again for the version serving now"
+            "answered it; send the image again for the version serving now",
+            retired=entry.channel == "retired",
         )
         for entry in registry.models
         if (entry.channel == "retired" or not entry.enabled) and entry.key not in loaded
     }
 
 
-async def expire_unserved(*, session: AsyncSession, versions: dict[tuple[str, int], str]) -> dict[uuid.UUID, bytes]:
+async def expire_unserved(
+    *, session: AsyncSession, versions: dict[tuple[str, int], Unserved]
+) -> dict[uuid.UUID, bytes]:
     """Marks the unfinished predictions (and shadow copies) of ``versions`` (``unserved_versions``)
     expired with their reason, at once rather than at their job's deadline: no worker reads their
-    queues any more. A job's other predictions are left as they are. Returns the jobs this
-    finished, each with its answers (``answers_payload``), for the requests waiting on them."""
+    queues any more. A batch's predictions are expired only for a retired version, the queued ones
+    and those the lane has not queued yet (``pending``: the lane queues only versions a worker
+    serves, so they would keep their batch running for good); for a disabled one they wait, as the
+    batch's ``waiting_for`` says, until it is enabled again or the batch is cancelled. A job's
+    other predictions are left as they are. Returns the jobs this finished, each with its answers
+    (``answers_payload``), for the requests waiting on them."""
     if not versions:
         return {}
     now = datetime.now(UTC)
     finished: dict[uuid.UUID, bytes] = {}
-    for (name, version), reason in versions.items():
+    for (name, version), (reason, retired) in versions.items():
         of_version = (
             Prediction.model_name == name,
             Prediction.model_version == version,
-            Prediction.status.in_(UNFINISHED),
+            Prediction.status.in_((*UNFINISHED, PredictionStatus.pending.value) if retired else UNFINISHED),
         )
         # The status as the literal predicate of ix_shadow_predictions_unfinished, so that the
         # partial index of unfinished copies is read, not every copy the version ever answered.
@@ -949,7 +971,12 @@ async def expire_unserved(*, session: AsyncSession, versions: dict[tuple[str, in
         )
         if cast(CursorResult[Any], shadows).rowcount:
             await session.commit()
-        for job_id in list(await session.scalars(select(Prediction.job_id).where(*of_version).distinct())):
+        jobs = select(Prediction.job_id).where(*of_version).distinct()
+        if not retired:
+            jobs = jobs.join(Job, Job.id == Prediction.job_id).where(
+                ~Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX)
+            )
+        for job_id in list(await session.scalars(jobs)):
             locked = await session.scalar(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True))
             if locked is None:
                 continue  # an answer being stored: the next look takes it
