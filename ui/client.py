@@ -191,6 +191,7 @@ class BatchCounts(TypedDict):
     cancelled: int
     skipped: int
     deleted: int
+    partly_answered: int
     eta_seconds: int | None
 
 

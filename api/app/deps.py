@@ -189,6 +189,9 @@ async def get_caller(request: Request, bearer: BearerDep, api_key: ApiKeyHeaderD
     up only for credentials with the key prefix, so a login token costs what it did before keys
     existed. Raises 401 when neither is sent or the credential is refused, 429 after too many
     failed keys from the client's address."""
+    # Spaces around a credential are no part of it (RFC 9110, section 5.5: a field value's
+    # surrounding whitespace is not), though some servers pass them on.
+    bearer, api_key = (bearer or "").strip(), (api_key or "").strip()
     if bearer and not api_keys_service.is_key(bearer):
         return Caller(user=await _token_user(request, bearer), grant=None)
     key = bearer or api_key

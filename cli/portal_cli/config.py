@@ -154,6 +154,12 @@ class BatchStates:
             return None
         return state if state.source == source else None
 
+    def unreadable(self, source: str) -> Path | None:
+        """The state file of ``source`` when there is one that ``get`` cannot read (damaged, or
+        written by another version), else None."""
+        file = self._file(source)
+        return file if file.exists() and self.get(source) is None else None
+
     def remember(self, state: BatchState) -> None:
         write_private(self._file(state.source), json.dumps(asdict(state), indent=2) + "\n")
 

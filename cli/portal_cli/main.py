@@ -548,19 +548,29 @@ def batch(
     batch_id: str | None = None
     with _reported(), _alone(states, key, source), open_portal(url, api_key) as portal:
         remembered = states.get(key)
+        if remembered is None and (damaged := states.unreadable(key)) is not None:
+            _note(
+                f"The batch remembered for {source} could not be read ({damaged}): an earlier run's batch, if any, "
+                "is among your batches (the UI, or GET /v1/batches), where it can be followed or cancelled."
+            )
         if remembered and remembered.url != portal.url:
             remembered = None  # sent to another portal: not this one's batch
         if cancel:
             if remembered is None:
                 raise PortalError(f"No batch of {source} to cancel on {portal.url}.")
-            if remembered.batch_id is None:
+            batch_id = remembered.batch_id
+            if batch_id is None and remembered.idempotency_key:
+                # Interrupted before the answer: the portal knows the batch by the key it was sent with.
+                found = portal.batch_sent_with(remembered.idempotency_key)
+                batch_id = str(found["id"]) if found is not None else None
+            if batch_id is None:
                 states.forget(key)
                 raise PortalError(
-                    f"The batch of {source} was interrupted while it was being sent, so its id is not known here: "
-                    "if the portal received it, it is among your batches (the UI, or GET /v1/batches) and can be "
-                    "cancelled there."
+                    f"The batch of {source} was interrupted while it was being sent and the portal has no batch "
+                    "sent with its key: it never arrived, or it is among your batches (the UI, or GET /v1/batches) "
+                    "and can be cancelled there."
                 )
-            counts = portal.cancel_batch(remembered.batch_id)["counts"]
+            counts = portal.cancel_batch(batch_id)["counts"]
             states.forget(key)
             parts = [f"{counts['done']} done", f"{counts['cancelled']} cancelled"]
             # Jobs a worker already has are still answered: said, so that the numbers add up.
@@ -570,7 +580,7 @@ def batch(
                 parts.append(f"{counts['failed']} failed")
             # Deleted images are no longer among the batch's images: said apart from the sum.
             deleted = f"; {counts['deleted']} deleted since" if counts.get("deleted") else ""
-            _note(f"Cancelled batch {remembered.batch_id}: {', '.join(parts)} (of {counts['images']} images){deleted}.")
+            _note(f"Cancelled batch {batch_id}: {', '.join(parts)} (of {counts['images']} images){deleted}.")
             return
         resend: str | None = None
         if remembered and not new and sorted(remembered.models) != sorted(models):
@@ -621,8 +631,10 @@ def batch(
         where = "stdout" if out == "-" else out
         cancelled = f"{counts['cancelled']} cancelled, " if counts.get("cancelled") else ""
         deleted = f", {counts['deleted']} deleted since" if counts.get("deleted") else ""
+        partly = counts.get("partly_answered", 0)
+        missing = f" ({partly} without every model's answer: see the error column)" if partly else ""
         _note(
-            f"Batch {batch_id} {final['status']}: {counts['done']} done, {counts['failed']} failed, "
+            f"Batch {batch_id} {final['status']}: {counts['done']} done{missing}, {counts['failed']} failed, "
             f"{cancelled}{counts['skipped']} skipped{deleted}; results in {where}."
         )
         if final["status"] == "cancelled":

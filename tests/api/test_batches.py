@@ -32,6 +32,7 @@ from api.app.images.storage import LocalBlobStore
 from api.app.main import create_app
 from contracts.keys import BATCH_REQUEST_PREFIX
 from contracts.registry import ModelEntry
+from tests.api.conftest import Stack
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, client_for, login
 from tests.images import encode, noise_png
 from tests.support import PHOTOS, RedisServer, entries
@@ -370,6 +371,14 @@ async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
         assert over.status_code == 429 and "Retry-After" in over.headers, over.text
         within = await send(client, headers, [(f"{i}.png", noise_png(40 + i)) for i in range(2)])
         assert within.status_code == 202, within.text
+
+
+async def test_an_empty_batch_is_422_while_no_worker_serves_the_default(own_stack: Stack) -> None:
+    """No worker is up: a batch without files or ids is refused as empty, not told to retry (503)."""
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    for form in ({}, {"models": ""}, {"image_ids": ""}):
+        r = await own_stack.client.post("/v1/batches", data=form, headers=admin)
+        assert r.status_code == 422 and "empty" in r.json()["detail"], (form, r.text)
 
 
 async def test_batches_sent_at_once_are_held_to_the_per_user_cap(settings: Settings, users: Users) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -126,6 +127,17 @@ def test_json_bodies_are_capped(api: tuple[Service, str]) -> None:
         f"{url}/v1/feedback", json={"comment": "x" * 100_000}, headers={"Authorization": f"Bearer {token(url)}"}
     )
     assert r.status_code == 413 and "64 KiB" in r.json()["detail"]
+
+
+def test_a_batch_of_many_ids_form_encoded_is_told_to_use_multipart(api: tuple[Service, str]) -> None:
+    """2,000 image ids (74 KB) form-encoded pass the JSON limit: the 413 says multipart takes them."""
+    _, url = api
+    ids = ",".join(str(uuid.UUID(int=i)) for i in range(2000))
+    auth = {"Authorization": f"Bearer {token(url)}"}
+    r = httpx.post(f"{url}/v1/batches", data={"image_ids": ids, "models": "sketch@3"}, headers=auth)
+    assert r.status_code == 413 and "multipart/form-data" in r.json()["detail"], r.text
+    r = httpx.post(f"{url}/v1/batches", files={"image_ids": (None, ids), "models": (None, "sketch@3")}, headers=auth)
+    assert r.status_code != 413, r.text
 
 
 def test_a_body_sent_to_no_route_is_404_not_too_large(api: tuple[Service, str]) -> None:

@@ -553,6 +553,8 @@ async def test_a_batch_waits_for_a_disabled_version_and_ends_without_a_retired_o
 
     await until(both_over, 90, "the batch ended with sketch@3's answers")
     assert await rows(both) == {(2, "expired", retired), (3, "done", None)}
+    counts = (await detail(both))["counts"]
+    assert (counts["done"], counts["partly_answered"], counts["failed"]) == (3, 3, 0), counts
     assert await rows(first) == {(1, "pending", None)}
 
 

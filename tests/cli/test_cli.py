@@ -30,6 +30,7 @@ from contracts.imaging import UPLOAD_EXTENSIONS
 from portal_cli.archive import IMAGE_EXTENSIONS, collect, temporary_zip, zip_images
 from portal_cli.config import BatchState, BatchStates, config_path
 from tests.cli.conftest import Account, run, stored
+from tests.images import noise_png
 from tests.support import PHOTOS, Service, free_port
 
 MODEL = "mobilenet_v2@1"
@@ -334,6 +335,48 @@ def test_a_batch_interrupted_before_its_answer_is_followed_not_sent_twice(logged
     assert re.search(rf"(had received|still receiving) batch {made['id']}", again.stderr), again.stderr
     assert sorted(r["file_name"] for r in rows(out)) == sorted(names)
     assert BatchStates().get(key) is None
+
+
+def test_cancel_after_a_send_interrupted_before_its_answer_finds_the_batch_by_its_key(
+    logged_in: Account, tmp_path: Path
+) -> None:
+    """The run was interrupted before the portal's answer, so only the send's key is remembered:
+    ``--cancel`` finds the batch the portal received with that key and cancels it."""
+    folder = tmp_path / "collection"
+    make_images(folder, 2)
+    key, idempotency_key = str(folder.resolve()), "interrupted-send-to-cancel"
+    r = httpx.post(
+        f"{logged_in.url}/v1/batches",
+        files=[("file", (f"{i}.png", noise_png(900 + i), "image/png")) for i in range(150)],
+        data={"models": MODEL},
+        headers={**logged_in.headers(), "Idempotency-Key": idempotency_key},
+    )
+    assert r.status_code == 202, r.text
+    BatchStates().remember(BatchState(key, None, logged_in.url, [MODEL], time.time(), idempotency_key))
+    cancel = run("batch", str(folder), "-m", MODEL, "--cancel")
+    assert cancel.exit_code == 0, cancel.output
+    assert f"Cancelled batch {r.json()['id']}: " in cancel.stderr, cancel.stderr
+    detail = httpx.get(f"{logged_in.url}/v1/batches/{r.json()['id']}", headers=logged_in.headers()).json()
+    assert detail["status"] == "cancelled", detail
+    assert BatchStates().get(key) is None
+
+
+def test_a_damaged_remembered_batch_is_said_before_a_new_one_is_sent(logged_in: Account, tmp_path: Path) -> None:
+    """A state file that cannot be read costs a new upload, said with where an earlier batch is."""
+    folder = tmp_path / "collection"
+    make_images(folder, 2)
+    key = str(folder.resolve())
+    states = BatchStates()
+    states.remember(BatchState(key, None, logged_in.url, [MODEL], time.time(), "k"))
+    damaged = states.unreadable(key)
+    assert damaged is None
+    file = next(states.folder.glob("*.json"))
+    file.write_text("{garbage", encoding="utf-8")
+    assert states.unreadable(key) == file
+    sent = run("batch", str(folder), "-m", MODEL, "--out", str(tmp_path / "results.csv"))
+    assert sent.exit_code == 0, sent.output
+    assert f"could not be read ({file})" in sent.stderr and "GET /v1/batches" in sent.stderr, sent.stderr
+    assert batches(logged_in)["count"] == 1
 
 
 def test_a_resent_batch_whose_files_changed_follows_the_batch_the_portal_received(

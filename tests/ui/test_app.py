@@ -1044,6 +1044,7 @@ def test_a_batch_waiting_for_an_unserved_version_says_so(api_url: str, portal: t
         "cancelled": 0,
         "skipped": 0,
         "deleted": 0,
+        "partly_answered": 0,
     }
     batch = {
         "id": str(uuid.uuid4()),
@@ -1064,8 +1065,13 @@ def test_a_batch_waiting_for_an_unserved_version_says_so(api_url: str, portal: t
     (info,) = [i.value for i in app.info]
     name = next(m["display_name"] for m in api.models() if m["ref"] == "mobilenet_v2@1")
     assert f"no model worker serves {name} now" in info and "nothing is lost" in info, info
+    assert not app.warning
     script = script.replace("'waiting_for': ['mobilenet_v2@1']", "'waiting_for': []")
     assert not AppTest.from_string(script, default_timeout=60).run().info
+    # An image one of whose models' answers is missing (expired, say) is said apart from done.
+    partly = AppTest.from_string(script.replace("'partly_answered': 0", "'partly_answered': 1"), default_timeout=60)
+    (warning,) = [w.value for w in partly.run().warning]
+    assert warning.startswith("1 image lacks an answer of some model"), warning
 
 
 def test_an_api_that_cannot_answer_a_renewal_ends_no_session(api_url: str, portal: tuple[str, str, str]) -> None:

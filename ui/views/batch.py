@@ -128,6 +128,12 @@ def show_progress(api: Api, batch: BatchDetail) -> None:
         else:
             st.warning(f"{skipped:,} {files} skipped (not images, or unreadable):")
             skipped_files(api, batch["id"], skipped)
+    if partly := counts["partly_answered"]:
+        images = "image lacks" if partly == 1 else "images lack"
+        st.warning(
+            f"{partly:,} {images} an answer of some model (it failed, expired or was cancelled): "
+            "the results' error column says why."
+        )
     if deleted := counts["deleted"]:
         files = "file's image was" if deleted == 1 else "files' images were"
         st.caption(f"{deleted:,} {files} deleted since the batch received them, with their answers.")

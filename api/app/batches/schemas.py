@@ -13,6 +13,7 @@ class BatchCounts(BaseModel):
     """Waiting for their turn or in the queue."""
     running: int
     done: int
+    """Answered by at least one of the batch's models (``partly_answered`` of them not by all)."""
     failed: int
     """Failed, or expired before a worker answered."""
     cancelled: int
@@ -21,6 +22,9 @@ class BatchCounts(BaseModel):
     """Files that were no acceptable image, or ids that were not the user's images."""
     deleted: int
     """Files accepted whose image was deleted since (``DELETE /v1/images/{id}``), with its answers."""
+    partly_answered: int = 0
+    """Of ``done``, the images some model's answer is missing for (it failed, expired or was
+    cancelled: their result rows say why)."""
     eta_seconds: int | None
     """Seconds left at the pace of the last minute; 0 when nothing is left, None before any answer
     and while the batch waits for a version no live worker serves (``BatchDetail.waiting_for``)."""

@@ -257,9 +257,11 @@ async def _plan(files: list[UploadFile], settings: Settings, extra: int) -> Plan
             f"{settings.max_batch_images:,} (MAX_BATCH_IMAGES).",
         )
     if entries == 0:
-        raise HTTPException(status_code=422, detail="The batch is empty: send images, a zip of images, or image ids.")
+        raise HTTPException(status_code=422, detail=EMPTY)
     return planned
 
+
+EMPTY = "The batch is empty: send images, a zip of images, or image ids."
 
 FINGERPRINT_CHUNK = 1 << 20
 """Bytes read at a time when a keyed request's files are hashed."""
@@ -370,6 +372,9 @@ async def create_batch(
     an empty batch, an unreadable zip, an entry name outside the archive), 429 (more than
     MAX_BATCH_IMAGES_QUEUED_PER_USER of the user's batch images waiting), 503 (a model not served
     yet); 422 also when no file at all is an image (nothing to do)."""
+    if not files and not image_ids:
+        # Said before the models are looked up: no worker coming back would make it a batch.
+        raise HTTPException(status_code=422, detail=EMPTY)
     fingerprint = None
     if idempotency_key is not None:
         fingerprint = await request_fingerprint(files=files, image_ids=image_ids, refs=refs)
@@ -538,8 +543,12 @@ async def list_batches(
     return list(rows), int(count or 0)
 
 
+_MISSED = (PredictionStatus.failed.value, PredictionStatus.expired.value, PredictionStatus.cancelled.value)
+
+
 async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
-    """Images by state (an image counts once however many files carried it), files skipped, files
+    """Images by state (an image counts once however many files carried it; ``done`` once one of
+    its models answered, ``partly_answered`` when another's answer is missing), files skipped, files
     whose image was deleted since, and
     an estimate of the seconds left from the pace of the last minute, or since the batch was
     created when that is shorter (None before any answer)."""
@@ -557,6 +566,11 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
     recent = await session.scalar(
         select(func.count()).where(Job.id.in_(jobs), Job.finished_at > now - timedelta(seconds=PACE_WINDOW_SECONDS))
     )
+    partly = await session.scalar(
+        select(func.count(func.distinct(Job.id)))
+        .join(Prediction, Prediction.job_id == Job.id)
+        .where(Job.id.in_(jobs), Job.status == PredictionStatus.done.value, Prediction.status.in_(_MISSED))
+    )
     # A batch younger than the window answered its images in less time than that.
     window = min(PACE_WINDOW_SECONDS, max(1.0, (now - batch.created_at).total_seconds()))
     waiting = sum(by_status.get(s, 0) for s in OPEN)
@@ -568,6 +582,7 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
         queued=queued,
         running=by_status.get(PredictionStatus.running.value, 0),
         done=by_status.get(PredictionStatus.done.value, 0),
+        partly_answered=int(partly or 0),
         failed=failed,
         cancelled=by_status.get(PredictionStatus.cancelled.value, 0),
         skipped=by_kind.get(False, 0),

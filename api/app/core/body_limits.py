@@ -91,7 +91,7 @@ class BodyLimitMiddleware:
         # than "too large" to someone who sent an image to a wrong address (checked only here, on
         # the way to a refusal, not on every request).
         if announced.isdigit() and int(announced) > limit and (multipart or _routed(scope)):
-            await _answer(send, 413, self._too_large(multipart, batch))
+            await _answer(send, 413, self._too_large(multipart, batch, scope["path"] in BATCH_PATHS))
             return
         if multipart and not self._signed_in(scope):
             await _answer(
@@ -113,7 +113,7 @@ class BodyLimitMiddleware:
                 body = message.get("body", b"")
                 received += len(body)
                 if received > limit:
-                    await _answer(send, 413, self._too_large(multipart, batch))
+                    await _answer(send, 413, self._too_large(multipart, batch, scope["path"] in BATCH_PATHS))
                     answered = True
                 elif not closed and closing is not None:
                     # The delimiter may straddle two chunks: the end of the last one is kept.
@@ -131,19 +131,25 @@ class BodyLimitMiddleware:
 
         await self.app(scope, bounded_receive, guarded_send)
 
-    def _too_large(self, multipart: bool, batch: bool = False) -> str:
+    def _too_large(self, multipart: bool, batch: bool = False, batch_path: bool = False) -> str:
         if batch:
             return f"The batch is too large: at most {self.batch_mb:g} MB in all (MAX_BATCH_BYTES)."
         if multipart:
             return f"The upload is too large: at most {self.upload_mb:g} MB per file."
+        if batch_path:
+            # Thousands of image ids fit a multipart form, not a URL-encoded one.
+            return (
+                f"The request body is too large: at most {JSON_LIMIT // 1024} KiB unless sent as "
+                f"multipart/form-data (curl -F), which takes up to {self.batch_mb:g} MB (MAX_BATCH_BYTES)."
+            )
         return f"The request body is too large: at most {JSON_LIMIT // 1024} KiB."
 
     def _signed_in(self, scope: Scope) -> bool:
         """Whether the request carries a bearer token with a valid signature and expiry (the
         route still checks revocation and the user's state), or an API key of the right shape
         (the route looks it up), as ``deps.get_caller`` reads them."""
-        scheme, _, token = _header(scope, b"authorization").partition(" ")
-        bearer = token if scheme.lower() == "bearer" else ""
+        scheme, _, token = _header(scope, b"authorization").strip().partition(" ")
+        bearer = token.strip() if scheme.lower() == "bearer" else ""
         if bearer and not bearer.startswith(KEY_PREFIX):
             tokens: VerifiedTokens | None = getattr(scope["app"].state, "tokens", None)
             if tokens is None:
@@ -153,5 +159,5 @@ class BodyLimitMiddleware:
             except TokenError:
                 return False
             return True
-        key = bearer or _header(scope, b"x-api-key")
+        key = bearer or _header(scope, b"x-api-key").strip()
         return len(key) == KEY_LENGTH and key.startswith(KEY_PREFIX)
