@@ -21,7 +21,7 @@ same setting, so its uploader states the real limit)."""
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 """The most pixels (width x height) of an image the API accepts unless MAX_IMAGE_PIXELS says
 otherwise (the UI reads the same setting before it draws a preview)."""
-UPLOAD_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
+UPLOAD_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "gif", "bmp", "webp", "tif", "tiff")
 """File name endings of the accepted formats (MPO files end in .jpg)."""
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
 """What Pillow names the formats accepted. MPO is a JPEG with more pictures after the first (many

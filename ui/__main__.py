@@ -26,7 +26,7 @@ def main() -> None:
         "false",
         # The uploaders state and enforce the API's limits (one photo, a batch), not Streamlit's 200 MB.
         "--server.maxUploadSize",
-        str(max(settings.max_upload_mb, settings.max_batch_mb)),
+        str(max(settings.uploader_mb, settings.batch_uploader_mb)),
         # People see the app, not Streamlit's developer menu (Deploy, Rerun, Clear cache, Record).
         "--client.toolbarMode",
         "viewer",

@@ -12,7 +12,7 @@ from streamlit.navigation.page import StreamlitPage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ui import session
+from ui import results, session
 from ui.client import Api, User
 from ui.config import get_ui_settings
 from ui.views.admin import admin_page, admins_only
@@ -70,6 +70,7 @@ pages = [
 navigation = st.navigation(pages, position="hidden")
 if signed_in:
     session.keep_alive(api)
+    results.show_after_login_note()
     shown = [p for p in pages if p.url_path != "classify" and (p.url_path != "admin" or is_admin)]
     st.session_state["page_titles"] = [p.title for p in shown]
     with st.sidebar:

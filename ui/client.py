@@ -494,7 +494,8 @@ def _message(response: httpx.Response) -> str:
         detail = None
     if isinstance(detail, list):  # FastAPI validation errors
         detail = "; ".join(str(d.get("msg", d)) for d in detail)
-    if response.status_code in (409, 413, 415, 422) and detail:
+    # A 403's detail says which right is missing (a deactivated account, admins only, a key's scope).
+    if response.status_code in (403, 409, 413, 415, 422) and detail:
         base = str(detail)
     retry = response.headers.get("retry-after")
     if retry and retry.isdigit() and response.status_code in (429, 503):
@@ -590,6 +591,10 @@ class Api:
 
     def models(self) -> list[Model]:
         return _typed(_MODELS, self.json("GET", "/v1/models")["data"])
+
+    def labels(self, ref: str) -> list[str]:
+        """The labels of any version a prediction can come from, retired ones included."""
+        return [str(label) for label in self.json("GET", f"/v1/models/{ref}/labels")["labels"]]
 
     def upload(self, name: str, data: bytes) -> Image:
         return _typed(_IMAGE, self.json("POST", "/v1/images", files={"file": (name, data)}))

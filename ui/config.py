@@ -51,6 +51,18 @@ class UISettings(BaseSettings):
         """The batch limit in whole megabytes (MiB), rounded up."""
         return max(1, -(-self.max_batch_bytes // (1024 * 1024)))
 
+    @property
+    def uploader_mb(self) -> int:
+        """``max_upload_bytes`` in the megabytes Streamlit's uploader counts (10^6 bytes, where the
+        API counts MiB), rounded up: the uploader never refuses a photo the API takes, and the
+        page refuses the few bytes between the two (``classify._photo_changed``)."""
+        return max(1, -(-self.max_upload_bytes // 1_000_000))
+
+    @property
+    def batch_uploader_mb(self) -> int:
+        """``max_batch_bytes`` in the uploader's megabytes (10^6 bytes), rounded up."""
+        return max(1, -(-self.max_batch_bytes // 1_000_000))
+
 
 @lru_cache
 def get_ui_settings() -> UISettings:

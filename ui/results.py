@@ -22,7 +22,7 @@ from contracts.imaging import load_image
 from contracts.messages import PredictionStatus
 from ui.client import Api, ApiError, Feedback, Job, Prediction
 from ui.config import get_ui_settings
-from ui.session import display_name, guarded, models, submits
+from ui.session import Carried, display_name, guarded, models, submits
 
 
 def readable_time(iso: str) -> str:
@@ -196,7 +196,16 @@ STATUS_WORDS = {
 
 def _labels_of(api: Api, ref: str) -> list[str]:
     model = next((m for m in models(api) if m["ref"] == ref), None)
-    return list(model["labels"] or []) if model else []
+    if model is not None:
+        return list(model["labels"] or [])
+    # A version the catalog lists no more (retired, disabled): asked once per session.
+    known: dict[str, list[str]] = st.session_state.setdefault("labels_of", {})
+    if ref not in known:
+        try:
+            known[ref] = api.labels(ref)
+        except ApiError:
+            return []  # not known: "None of these" is still a verdict
+    return known[ref]
 
 
 COMMENT_MAX = 2000
@@ -248,11 +257,45 @@ def _feedback_form(api: Api, result: Prediction, earlier: Feedback | None = None
                 st.error(f"Choose the right label, or “{NONE_OF_THESE}”.")
                 return
             label = None if is_correct or right == NONE_OF_THESE else right
-            sent = guarded(api, lambda: api.feedback(result["id"], is_correct, label, comment or None))
+            user = st.session_state.get("user") or {}
+            unsent = {"user_id": user.get("id"), "model": display_name(api, ref), "prediction_id": result["id"]}
+            unsent |= {"is_correct": is_correct, "correct_label": label, "comment": comment or None}
+            carry = Carried({UNSENT_VERDICT: unsent}, "Your verdict is kept: it is sent once you log in again.")
+            sent = guarded(api, lambda: api.feedback(result["id"], is_correct, label, comment or None), carry=carry)
             if sent is not None:
                 st.session_state[f"{key}_sent"] = sent
                 st.session_state[f"{key}_thanks"] = True
                 st.rerun()  # drawn again above the form: what was just said, not what was said before
+
+
+UNSENT_VERDICT = "unsent_verdict"
+"""A verdict whose sending met an ended session: sent by ``send_unsent_verdict`` after the next login."""
+AFTER_LOGIN_NOTE = "after_login_note"
+"""What the first page after a login says of the verdict it sent (``send_unsent_verdict``)."""
+
+
+def send_unsent_verdict(api: Api) -> None:
+    """Right after a login: sends the verdict kept when the previous session ended while it was
+    being sent, if the same person logged in (another person's login drops it), and leaves a note
+    saying how that went for the next page."""
+    unsent = st.session_state.pop(UNSENT_VERDICT, None)
+    user = st.session_state.get("user") or {}
+    if not unsent or unsent["user_id"] != user.get("id"):
+        return
+    try:
+        api.feedback(unsent["prediction_id"], unsent["is_correct"], unsent["correct_label"], unsent["comment"])
+    except ApiError as exc:
+        st.session_state[AFTER_LOGIN_NOTE] = ("error", f"Your verdict on {unsent['model']} was not sent: {exc.message}")
+        return
+    st.session_state[AFTER_LOGIN_NOTE] = ("success", f"Your verdict on {unsent['model']} was sent.")
+
+
+def show_after_login_note() -> None:
+    """The note ``send_unsent_verdict`` left, once, in the sidebar."""
+    if note := st.session_state.pop(AFTER_LOGIN_NOTE, None):
+        kind, text = note
+        with st.sidebar:
+            (st.success if kind == "success" else st.error)(text)
 
 
 def scroll_to_results(job_id: str) -> None:
@@ -344,6 +387,10 @@ def result_card(api: Api, result: Prediction, image: bytes | None, earlier: Feed
     if image is not None:
         with contextlib.suppress(Exception):  # a picture the browser cannot show still has its answers
             thumb.image(upright(image, 128), width=64)
+    if result["status"] in (PredictionStatus.queued, PredictionStatus.running):
+        # Sending the picture again would only queue it twice.
+        st.info("This model has not answered yet: its answer appears in History once a worker takes the picture.")
+        return
     if result["status"] != PredictionStatus.done:
         st.warning(f"This model {STATUS_WORDS.get(result['status'], 'did not answer')}. Please try again.")
         return

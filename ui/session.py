@@ -121,10 +121,11 @@ def forget_cookie() -> None:
         _run_script(_forget_script(token))
 
 
-def logout(api: Api, message: str | None = None) -> None:
+def logout(api: Api, message: str | None = None, *, carry: Carried | None = None) -> None:
     """Ends the session (also when the token is already dead): revokes it at the API, clears
-    everything this connection kept, has the login page delete the cookie if it still holds this
-    token, and reruns into the login page, which shows ``message``."""
+    everything this connection kept but ``carry``'s state, has the login page delete the cookie
+    if it still holds this token, and reruns into the login page, which shows ``message`` (and
+    ``carry``'s note)."""
     with contextlib.suppress(ApiError):  # an expired token is already as good as logged out
         api.logout()
     mine = st.session_state.get("token")
@@ -136,9 +137,22 @@ def logout(api: Api, message: str | None = None) -> None:
         st.session_state["cookie_refused"] = refused
     if mine:
         st.session_state["cookie_to_forget"] = mine
+    if carry is not None:
+        st.session_state.update(carry.state)
+        message = f"{message or ''} {carry.note}".strip()
     if message:
         st.session_state["login_message"] = message
     st.rerun()
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What a request that met an ended session keeps for the next login, so that nothing the
+    person sent is lost: entries of ``st.session_state`` (the next login takes them up), and what
+    the login page says of them."""
+
+    state: dict[str, Any]
+    note: str
 
 
 _SUBMITS = "submits"
@@ -170,17 +184,18 @@ def submits() -> Submits:
     return cast(Submits, held)
 
 
-def guarded(api: Api, action: Callable[[], T], *, keep: str | None = None) -> T | None:
-    """Runs an API action; shows its error as a message, and sends a 401 back to the login page.
-    With ``keep``, the message also stays in ``st.session_state[keep]`` until the action succeeds,
-    for a part of the page that redraws itself (and would drop the message at its next redraw)."""
+def guarded(api: Api, action: Callable[[], T], *, keep: str | None = None, carry: Carried | None = None) -> T | None:
+    """Runs an API action; shows its error as a message, and sends a 401 back to the login page
+    (with ``carry`` kept for the next login). With ``keep``, the message also stays in
+    ``st.session_state[keep]`` until the action succeeds, for a part of the page that redraws
+    itself (and would drop the message at its next redraw)."""
     try:
         result = action()
     except ApiError as exc:
         if keep is not None:
             st.session_state[keep] = exc.message
         if exc.status == 401:
-            logout(api, exc.message)
+            logout(api, exc.message, carry=carry)
         if exc.status == 403:
             _notice_role_change(api)
         st.error(exc.message)

@@ -558,6 +558,59 @@ async def test_a_batch_waits_for_a_disabled_version_and_ends_without_a_retired_o
     assert await rows(first) == {(1, "pending", None)}
 
 
+async def test_a_verdict_on_a_retired_version_names_its_labels_after_its_redis_key_went(own_stack: Stack) -> None:
+    """A worker served sketch@1 and published its labels; it is retired and its Redis key goes
+    (a week later, or with Redis's data). Its labels are still listed for it, and a verdict on an
+    old prediction of it can still name the right label."""
+    import redis.asyncio as aioredis
+
+    from contracts.keys import labels_key
+
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="sketch@1")
+    stored = await client.post("/v1/images", files={"file": ("d.png", drawing())}, headers=admin)
+    r = await client.post(
+        "/v1/predictions",
+        json={"image_id": stored.json()["id"], "models": ["sketch@1"]},
+        params={"wait": 60},
+        headers=admin,
+    )
+    assert r.status_code in (200, 202), r.text
+
+    async def answered() -> dict[str, Any] | None:
+        job = (await client.get(f"/v1/predictions/{r.json()['job_id']}", headers=admin)).json()
+        return cast(dict[str, Any], job) if job["status"] == "done" else None
+
+    await until(answered, 60, "sketch@1 answered")
+    [prediction] = (await answered() or {})["results"]
+    labels = (await client.get("/v1/models/sketch@1/labels", headers=admin)).json()["labels"]
+    right = next(label for label in labels if label != prediction["label"])
+    await asyncio.sleep(6)  # a look of the API's (RECONCILE_INTERVAL_SECONDS) keeps them
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/1", json={"channel": "retired", "reason": "x"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    redis = aioredis.Redis.from_url(own_stack.redis_server.url)
+    try:
+        assert await redis.delete(labels_key("sketch", 1)) == 1
+    finally:
+        await redis.aclose()
+    listed = (await client.get("/v1/models", headers=admin)).json()["data"]
+    assert "sketch@1" not in [m["ref"] for m in listed]
+    r = await client.get("/v1/models/sketch@1/labels", headers=admin)
+    assert r.status_code == 200 and r.json()["labels"] == labels, r.text
+    r = await client.post(
+        "/v1/feedback",
+        json={"prediction_id": prediction["id"], "is_correct": False, "correct_label": right},
+        headers=admin,
+    )
+    assert r.status_code == 201, r.text
+    for ref, status in (("sketch@9", 404), ("sketch@x", 422), ("sketch", 404)):
+        r = await client.get(f"/v1/models/{ref}/labels", headers=admin)
+        assert r.status_code == status, (ref, r.text)
+
+
 async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, str]:
     email = f"user-{uuid.uuid4().hex[:10]}@example.com"
     r = await client.post("/v1/users", json={"email": email, "password": PASSWORD}, headers=admin)

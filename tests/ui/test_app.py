@@ -158,6 +158,58 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     assert rows[0]["prediction_id"] == prediction and rows[0]["correct_label"] == "lorikeet"
 
 
+def test_a_verdict_sent_as_the_session_ends_is_sent_after_the_next_login(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """The session was revoked (or expired) while a verdict was being filled in: its sending lands
+    on the login page, which says the verdict is kept; logging in again as the same person sends
+    it and says so. Another person's login would drop it."""
+    email, password = new_user(api_url, portal)
+    at = signed_in(api_url, email, password)
+    at.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    at.run()
+    at.button(key="classify_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    prediction = at.session_state["classify_job"]["results"][0]["id"]
+    httpx.post(f"{api_url}/v1/auth/logout", headers={"Authorization": f"Bearer {at.session_state['token']}"})
+    at.radio(key=f"fb_{prediction}_verdict").set_value("Wrong")
+    at.selectbox(key=f"fb_{prediction}_label").set_value("lorikeet")
+    at.text_area(key=f"fb_{prediction}_comment").input("sent after the login")
+    next(b for b in at.button if b.proto.form_id == f"fb_{prediction}").click().run()
+    assert not at.exception and "token" not in at.session_state
+    assert any("Your verdict is kept" in w.value for w in at.warning), [w.value for w in at.warning]
+    at.text_input(key="login_email").input(email)
+    at.text_input(key="login_password").input(password)
+    next(b for b in at.button if b.proto.form_id == "login").click().run()
+    assert not at.exception and "token" in at.session_state
+    assert any(s.value == "Your verdict on MobileNetV2 was sent." for s in at.sidebar.success), [
+        s.value for s in at.sidebar.success
+    ]
+    token = at.session_state["token"]
+    rows = httpx.get(f"{api_url}/v1/feedback", headers={"Authorization": f"Bearer {token}"}).json()["data"]
+    assert [(r["prediction_id"], r["correct_label"], r["comment"]) for r in rows] == [
+        (prediction, "lorikeet", "sent after the login")
+    ], rows
+
+
+def test_a_version_the_catalog_no_longer_lists_still_offers_its_labels(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """A card of a version retired since (the catalog lists it no more) offers its labels as the
+    API keeps them, so a verdict on it can still name the right one."""
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    script = (
+        "import time\nimport streamlit as st\nfrom ui.client import Api\nfrom ui.results import _labels_of\n"
+        "st.session_state['models'] = []\nst.session_state['models_at'] = time.monotonic()\n"
+        f"st.session_state['labels'] = _labels_of(Api({api_url!r}, {api.token!r}), 'mobilenet_v2@1')\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception, app.exception
+    labels = app.session_state["labels"]
+    assert len(labels) == 1000 and "macaw" in labels
+
+
 def test_revoked_token_goes_back_to_login(api_url: str, portal: tuple[str, str, str]) -> None:
     at = signed_in(api_url, *new_user(api_url, portal))
     httpx.post(f"{api_url}/v1/auth/logout", headers={"Authorization": f"Bearer {at.session_state['token']}"})

@@ -161,6 +161,26 @@ def test_server_side_messages(status: int, headers: dict[str, str], words: str) 
     assert words in _message(response) and "Traceback" not in _message(response)
 
 
+def test_a_refusal_says_which_right_is_missing() -> None:
+    """A 403's detail (a deactivated account, admins only, a key's scope) is what a person reads."""
+    response = httpx.Response(403, json={"detail": "Account is deactivated"})
+    assert _message(response) == "Account is deactivated"
+
+
+def test_the_uploaders_never_refuse_what_the_api_takes() -> None:
+    """Streamlit's uploader counts megabytes of 10^6 bytes, the API's limits are in bytes: the
+    uploader's limit is the smallest whole number of its megabytes that holds the API's."""
+    from ui.config import UISettings
+
+    settings = UISettings(max_upload_bytes=10 * 1024 * 1024, max_batch_bytes=2 * 1024**3)
+    assert settings.uploader_mb == 11 and settings.batch_uploader_mb == 2148
+    for limit, mb in (
+        (settings.max_upload_bytes, settings.uploader_mb),
+        (settings.max_batch_bytes, settings.batch_uploader_mb),
+    ):
+        assert (mb - 1) * 1_000_000 < limit <= mb * 1_000_000
+
+
 def test_typed_answers_name_every_field_the_api_sends(portal: tuple[str, str, str]) -> None:
     schemas = httpx.get(f"{portal[0]}/openapi.json").json()["components"]["schemas"]
     for typed, name in ANSWERS.items():

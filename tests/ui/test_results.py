@@ -60,3 +60,30 @@ def test_a_phone_photo_is_shown_upright_as_the_models_read_it() -> None:
     assert turned.size == straight.size and turned.height > turned.width
     difference = np.abs(np.asarray(turned, np.float32) - np.asarray(straight, np.float32)).mean()
     assert difference < 10, difference
+
+
+CARD = """
+import time
+import streamlit as st
+from ui.client import Api
+from ui.results import result_card
+
+st.session_state["models"] = []
+st.session_state["models_at"] = time.monotonic()
+for status in ("queued", "expired"):
+    result_card(Api("http://127.0.0.1:9"), {
+        "id": status, "model": "sketch", "version": 3, "status": status, "label": None, "score": None,
+        "top_k": [], "error": None,
+    }, None)
+"""
+
+
+def test_a_card_without_an_answer_yet_does_not_ask_to_send_the_picture_again() -> None:
+    """A queued answer is on its way (sending again would queue the picture twice); an expired
+    one is worth another try."""
+    app = AppTest.from_string(CARD, default_timeout=30).run()
+    assert not app.exception, app.exception
+    assert [i.value for i in app.info] == [
+        "This model has not answered yet: its answer appears in History once a worker takes the picture."
+    ]
+    assert [w.value for w in app.warning] == ["This model took too long. Please try again."]

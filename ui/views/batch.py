@@ -41,7 +41,7 @@ def batch_page(api: Api) -> None:
         type=[*UPLOAD_EXTENSIONS, "zip"],
         accept_multiple_files=True,
         key="batch_files",
-        max_upload_size=settings.max_batch_mb,
+        max_upload_size=settings.batch_uploader_mb,
     )
     chosen = choose_models(api, "batch", mode="RGB")
     if st.button("Start the batch", type="primary", disabled=not files or not chosen, key="batch_start"):

@@ -53,7 +53,7 @@ def classify_page(api: Api) -> None:
         type=UPLOAD_TYPES,
         key=_uploader_key(),
         on_change=_photo_changed,
-        max_upload_size=settings.max_upload_mb,
+        max_upload_size=settings.uploader_mb,
     )
     # A row that wraps on a narrow screen, where columns would stack one per line.
     with st.container(horizontal=True, vertical_alignment="center"):

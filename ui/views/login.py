@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import session
+from ui import results, session
 from ui.client import Api, ApiError
 
 
@@ -29,4 +29,5 @@ def login_page(api: Api) -> None:
             st.session_state.pop("token", None)
             st.error("Wrong email or password." if exc.status == 401 else exc.message)
             return
+        results.send_unsent_verdict(api)
         st.rerun()

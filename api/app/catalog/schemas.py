@@ -25,6 +25,12 @@ class ModelPublic(BaseModel):
     default: bool
 
 
+class ModelLabels(BaseModel):
+    ref: str
+    labels: list[str]
+    """In the order of the model's outputs."""
+
+
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
     default: str | None

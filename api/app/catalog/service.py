@@ -8,12 +8,16 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core import metrics
 from api.app.core.config import Settings
+from api.app.registry.models import ModelVersion
 from contracts import keys, workers
 from contracts.messages import FAILED_TO_LOAD, NOT_TRAINED_YET, Heartbeat, being_trained, without_progress
 from contracts.registry import ModelEntry, Registry, parse_model_ref
@@ -116,9 +120,44 @@ class WorkerDirectory:
         return result
 
 
-async def model_labels(redis: Redis, entry: ModelEntry) -> list[str] | None:
+async def model_labels(redis: Redis, entry: ModelEntry, *, session: AsyncSession | None = None) -> list[str] | None:
+    """The version's labels as its workers publish them in Redis; with ``session``, else as
+    PostgreSQL keeps them (``remember_labels``: a version no worker serves any more keeps its
+    labels there after its Redis key went). None when neither knows them."""
     raw = await redis.get(keys.labels_key(entry.name, entry.version))
-    return json.loads(raw) if raw is not None else None
+    if raw is not None:
+        return cast(list[str], json.loads(raw))
+    if session is None:
+        return None
+    return await session.scalar(
+        select(ModelVersion.labels).where(ModelVersion.name == entry.name, ModelVersion.version == entry.version)
+    )
+
+
+async def remember_labels(*, session: AsyncSession, redis: Redis) -> int:
+    """Copies into PostgreSQL the label lists the workers published in Redis for the versions
+    whose labels it does not hold yet (a few rows: one per version ever registered); how many it
+    stored. A label list never changes for a version (a new
+    model file is a new version). Commits."""
+    missing = (
+        await session.execute(
+            select(ModelVersion.id, ModelVersion.name, ModelVersion.version).where(ModelVersion.labels.is_(None))
+        )
+    ).all()
+    if not missing:
+        return 0
+    found = await redis.mget([keys.labels_key(name, version) for _, name, version in missing])
+    stored = 0
+    for (row_id, _, _), raw in zip(missing, found, strict=True):
+        if raw is not None:
+            await session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.id == row_id, ModelVersion.labels.is_(None))
+                .values(labels=json.loads(raw))
+            )
+            stored += 1
+    await session.commit()
+    return stored
 
 
 def listed_entries(registry: Registry, *, benchmark_mode: bool) -> list[ModelEntry]:

@@ -35,12 +35,21 @@ async def owned_prediction(*, session: AsyncSession, owner_id: int, prediction_i
     )
 
 
-async def check_label(*, redis: Redis, registry: Registry, prediction: Prediction, label: str) -> None:
+async def check_label(
+    *, session: AsyncSession, redis: Redis, registry: Registry, prediction: Prediction, label: str
+) -> None:
     entry = next(
         (m for m in registry.models if m.name == prediction.model_name and m.version == prediction.model_version),
         None,
     )
-    labels = await model_labels(redis, entry) if entry else None
+    labels = await model_labels(redis, entry, session=session) if entry else None
+    if labels is None and (entry is None or entry.channel == "retired" or not entry.enabled):
+        # No worker will publish them again: waiting would not help.
+        raise HTTPException(
+            status_code=409,
+            detail=f"The labels of {prediction.model_name}@{prediction.model_version} are no longer known (it is "
+            "not served any more): say whether it was right, or wrong without naming the right label.",
+        )
     if labels is None:
         raise HTTPException(
             status_code=503,
@@ -68,8 +77,8 @@ async def create_feedback(
     it: one per person and prediction); one with a label (correct, or wrong with
     the right label) also becomes a labelled example of the model (``examples.record``, split
     with ``test_share``). Raises 404 (not the user's prediction), 422 (a label the model does not
-    know, or "wrong" with the predicted label itself) and 503 (the model's labels are not known
-    yet)."""
+    know, or "wrong" with the predicted label itself), 409 (a label named for a version no longer
+    served whose labels are not kept) and 503 (the model's labels are not known yet)."""
     prediction = await owned_prediction(session=session, owner_id=owner_id, prediction_id=body.prediction_id)
     if prediction is None:
         raise HTTPException(status_code=404, detail="Prediction not found")
@@ -90,7 +99,9 @@ async def create_feedback(
                 status_code=422,
                 detail=f"The prediction was {prediction.label!r}; a wrong prediction needs a different label.",
             )
-        await check_label(redis=redis, registry=registry, prediction=prediction, label=body.correct_label)
+        await check_label(
+            session=session, redis=redis, registry=registry, prediction=prediction, label=body.correct_label
+        )
     values = {
         "owner_id": owner_id,
         "prediction_id": prediction.id,

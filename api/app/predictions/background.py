@@ -17,6 +17,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from api.app.catalog import service as catalog
 from api.app.catalog.service import weight_shares
 from api.app.core import metrics
 from api.app.core.config import Settings
@@ -265,6 +266,7 @@ async def reconcile_once(rt: JobRuntime) -> None:
     served = {f"{m.name}@{m.version}" for beat in await workers.live_heartbeats_async(rt.redis) for m in beat.models}
     unserved = service.unserved_versions(rt.live_registry.current, served)
     async with rt.sessionmaker() as session:
+        await catalog.remember_labels(session=session, redis=rt.redis)
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
         finished |= await service.expire_unserved(session=session, versions=unserved)
         await evaluations.expire_overdue(

@@ -27,6 +27,9 @@ class ModelVersion(TimestampMixin, Base):
     enabled: Mapped[bool] = mapped_column(Boolean)
     weight: Mapped[int] = mapped_column(Integer)
     """Relative share of its model's traffic among the enabled versions."""
+    labels: Mapped[list[str] | None] = mapped_column(JSONB, nullable=True)
+    """Its label list as a worker published it (``catalog.service.remember_labels``); None until
+    one did. Outlives the Redis key, which goes a while after the last worker serving it."""
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
