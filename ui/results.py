@@ -361,7 +361,25 @@ def upright(data: bytes, size: int) -> Image.Image:
     process serves every user of the UI."""
     image = load_image(data, draft_size=(size, size), max_pixels=get_ui_settings().max_image_pixels)
     image.thumbnail((size, size))
-    return image
+    return _banded(image)
+
+
+MAX_SHOWN_ASPECT = 4
+"""The longest side of a picture as shown is at most this many times its shortest: a sliver (a
+1×5000 picture) is shown on a plain band rather than stretched to a page 200,000 pixels long."""
+
+
+def _banded(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    if max(width, height) <= MAX_SHOWN_ASPECT * min(width, height):
+        return image
+    long_side = max(width, height)
+    short_side = -(-long_side // MAX_SHOWN_ASPECT)
+    size = (width, short_side) if width >= height else (short_side, height)
+    band = Image.new("RGB", size, (240, 240, 240))
+    picture = image.convert("RGBA")
+    band.paste(picture, ((size[0] - width) // 2, (size[1] - height) // 2), picture)
+    return band
 
 
 def why_heatmap(api: Api, result: Prediction, image: bytes | None) -> None:

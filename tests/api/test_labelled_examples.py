@@ -182,6 +182,31 @@ async def test_an_uploader_may_label_their_own_image(
         "/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"], "ground_truth": ""}, headers=headers
     )
     assert r.status_code == 422, r.text
+    # The one-call upload takes it as a form field too (as it takes ``models``), never from both.
+    r = await client.post(
+        "/model/predict",
+        files={"file": ("d.png", data)},
+        data={"models": "sketch@1", "ground_truth": "dog"},
+        headers=headers,
+    )
+    assert r.status_code == 422 and "not a label of the chosen models" in r.json()["detail"], r.text
+    r = await client.post(
+        "/model/predict",
+        params={"ground_truth": "cat"},
+        files={"file": ("d.png", data)},
+        data={"models": "sketch@1", "ground_truth": "cat"},
+        headers=headers,
+    )
+    assert r.status_code == 422 and "not both" in r.json()["detail"], r.text
+    r = await client.post(
+        "/model/predict",
+        files={"file": ("d.png", data)},
+        data={"models": "sketch@1", "ground_truth": "cat"},
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+    [latest] = (await client.get("/v1/images", params={"limit": 1}, headers=headers)).json()["data"]
+    assert latest["ground_truth"] == "cat", latest
 
 
 @pytest.mark.usefixtures("everything_served")

@@ -81,6 +81,8 @@ def test_only_the_login_page_without_a_token(api_url: str) -> None:
 
 def test_login_failure_and_success(api_url: str, portal: tuple[str, str, str]) -> None:
     at = AppTest.from_file(APP, default_timeout=30).run()
+    at.button[0].click().run()  # nothing typed: said in words, not as the API's "Field required"
+    assert [e.value for e in at.error] == ["Enter your email and password."]
     at.text_input(key="login_email").input(portal[1])
     at.text_input(key="login_password").input("wrong-password")
     at.button[0].click().run()

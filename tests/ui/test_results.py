@@ -87,3 +87,22 @@ def test_a_card_without_an_answer_yet_does_not_ask_to_send_the_picture_again() -
         "This model has not answered yet: its answer appears in History once a worker takes the picture."
     ]
     assert [w.value for w in app.warning] == ["This model took too long. Please try again."]
+
+
+def test_a_sliver_of_a_picture_is_shown_on_a_band_not_stretched() -> None:
+    """1×5000 and 20000×3 pictures are shown at most 4 times longer than wide, the picture centred
+    on a plain band; an ordinary photo is shown as it is."""
+    import io
+
+    from PIL import Image
+
+    def png(size: tuple[int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("L", size, 0).save(buf, "PNG")
+        return buf.getvalue()
+
+    assert upright(png((1, 5000)), 800).size == (200, 800)
+    wide = upright(png((20000, 3)), 800)
+    assert wide.size == (800, 200) and wide.getpixel((0, 0)) != (0, 0, 0)
+    assert [y for y in range(200) if wide.getpixel((400, y)) == (0, 0, 0)] == [99]  # the picture, centred
+    assert upright(png((300, 200)), 800).size == (300, 200)

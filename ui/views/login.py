@@ -21,6 +21,9 @@ def login_page(api: Api) -> None:
         email = st.text_input("Email", key="login_email")
         password = st.text_input("Password", type="password", key="login_password")
         submitted = st.form_submit_button("Log in")
+    if submitted and not (email.strip() and password):
+        st.error("Enter your email and password.")
+        return
     if submitted:
         try:
             session.start(api, api.login(email, password))

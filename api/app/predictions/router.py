@@ -133,9 +133,16 @@ async def predict(
     ground_truth: Annotated[
         Text | None, Query(min_length=1, max_length=200, description="Your own label: one of the models' labels")
     ] = None,
+    ground_truth_in_form: Annotated[
+        Text | None,
+        Form(alias="ground_truth", min_length=1, max_length=200, description="The same as a form field (not both)"),
+    ] = None,
 ) -> ClassicPrediction:
     """Upload an image and wait for its prediction (one call) by the ``models`` (in the query or
-    the form, not both; none: the default)."""
+    the form, not both; none: the default), with your own label ``ground_truth`` if you like (in
+    the query or the form, not both: 422)."""
+    if ground_truth is not None and ground_truth_in_form is not None:
+        raise HTTPException(status_code=422, detail="Give ground_truth in the form or in the query, not both.")
     return await service.predict_and_wait(
         engine=engine,
         session=session,
@@ -150,7 +157,7 @@ async def predict(
         file=file,
         refs=requested_refs(form=models_in_form, query=models),
         request_id=request_id,
-        ground_truth=ground_truth,
+        ground_truth=ground_truth if ground_truth is not None else ground_truth_in_form,
     )
 
 
