@@ -61,6 +61,10 @@ def collect(folder: Path) -> Collected:
     left_out = not_regular = 0
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # A link to a folder is listed among the folders (never followed): left out, and counted.
+        linked = [d for d in dirs if Path(root, d).is_symlink()]
+        not_regular += len(linked)
+        dirs[:] = [d for d in dirs if d not in linked]
         for name in sorted(files):
             if name.startswith("."):
                 continue

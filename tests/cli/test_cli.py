@@ -141,11 +141,12 @@ def test_a_directory_of_200_images_as_a_batch(logged_in: Account, tmp_path: Path
     (folder / "README.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"never sent")
     (folder / "link.png").symlink_to(folder / names[0])
+    (folder / "loop").symlink_to(folder)  # a link to a folder is never followed, and counted
     out = tmp_path / "results.csv"
     result = run("batch", str(folder), "-m", MODEL, "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "1 file(s) without an image extension left out" in result.stderr
-    assert "1 symbolic link(s), pipe(s) or device(s) left out" in result.stderr
+    assert "2 symbolic link(s), pipe(s) or device(s) left out" in result.stderr
     table = rows(out)
     assert len(table) == 200
     assert sorted(r["file_name"] for r in table) == sorted(names)

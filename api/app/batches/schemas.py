@@ -38,7 +38,8 @@ class BatchPublic(BaseModel):
     """``receiving`` while the request stores its files, ``running``, ``done`` or ``cancelled``."""
     models: list[str]
     entries: int
-    """Files and ids received."""
+    """Files and ids received; while ``receiving`` (and for a batch cancelled then), those its
+    request announced, of which fewer may have been stored (``fully_received``)."""
     fully_received: bool
     """Every file and id its request sent was stored; False while ``receiving``, and for a batch
     cancelled before then (by its owner, or because its request failed or its process stopped):
