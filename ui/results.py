@@ -93,10 +93,20 @@ def run_job(
     """Uploads, predicts, waits with a progress bar; keeps the finished job under ``state_key``,
     and with ``keep_error`` the API's refusal under that key until a job succeeds. The same image
     and models asked again within ``REPEAT_WINDOW_S`` (a double click) follow the job already sent
-    instead of sending it again."""
+    instead of sending it again; a picture already stored by this page (a try the models refused,
+    say while no worker served them) is asked again, not stored once more."""
     request = (hashlib.sha256(data).hexdigest(), tuple(sorted(chosen)))
+    picture = (request[0], name)
 
     once = submits()
+
+    def stored_id(*, again: bool = False) -> str:
+        kept = once.sent.get(f"{state_key}_image")
+        if kept is not None and kept[0] == picture and not again:
+            return str(kept[1])
+        image_id = api.upload(name, data)["id"]
+        once.sent[f"{state_key}_image"] = (picture, image_id)
+        return image_id
 
     def run() -> Job:
         with once.lock:
@@ -104,8 +114,12 @@ def run_job(
             if sent is not None and sent[0] == request and time.monotonic() - sent[2] < REPEAT_WINDOW_S:
                 job_id = sent[1]
             else:
-                image = api.upload(name, data)
-                job_id = api.predict(image["id"], chosen)
+                try:
+                    job_id = api.predict(stored_id(), chosen)
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                    job_id = api.predict(stored_id(again=True), chosen)  # deleted meanwhile (History)
                 # No Streamlit call until it is kept: a second click may stop this run at the next one.
                 once.sent[state_key] = (request, job_id, time.monotonic())
         bar = st.progress(0.0, text="Sent to the models…")

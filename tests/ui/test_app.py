@@ -212,6 +212,31 @@ def test_a_version_the_catalog_no_longer_lists_still_offers_its_labels(
     assert len(labels) == 1000 and "macaw" in labels
 
 
+def test_a_classify_refused_then_tried_again_stores_the_picture_once(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """The models refuse the job (no worker serves resnet50@1 here: 503); trying again asks with
+    the picture already stored rather than storing it once more. Deleted meanwhile, it is stored
+    again."""
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    script = (
+        "from pathlib import Path\nfrom ui.client import Api\nfrom ui.results import run_job\n"
+        f"run_job(Api({api_url!r}, {api.token!r}), 'job', 'owl.jpg', Path({str(PHOTOS / 'owl.jpg')!r}).read_bytes(), "
+        "['resnet50@1'])\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60)
+    for _ in range(3):
+        app.run()
+        assert not app.exception and app.error, app.exception
+    images = api.json("GET", "/v1/images", params={"total": True})
+    assert images["count"] == 1, images
+    api.json("DELETE", f"/v1/images/{images['data'][0]['id']}")
+    app.run()
+    assert not app.exception and app.error, app.exception
+    assert api.json("GET", "/v1/images", params={"total": True})["count"] == 1
+
+
 def test_revoked_token_goes_back_to_login(api_url: str, portal: tuple[str, str, str]) -> None:
     at = signed_in(api_url, *new_user(api_url, portal))
     httpx.post(f"{api_url}/v1/auth/logout", headers={"Authorization": f"Bearer {at.session_state['token']}"})
