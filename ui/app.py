@@ -69,7 +69,7 @@ pages = [
 # the menu is drawn here so that it lists only the pages this person may open.
 navigation = st.navigation(pages, position="hidden")
 if signed_in:
-    session.keep_alive(api)
+    session.keep_alive(api, carry=results.verdict_being_sent)
     results.show_after_login_note()
     shown = [p for p in pages if p.url_path != "classify" and (p.url_path != "admin" or is_admin)]
     st.session_state["page_titles"] = [p.title for p in shown]

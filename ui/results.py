@@ -12,6 +12,7 @@ import re
 import time
 from collections import Counter
 from datetime import datetime
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -249,37 +250,67 @@ def _feedback_form(api: Api, result: Prediction, earlier: Feedback | None = None
         st.success("Thanks, your feedback was recorded.")
     if earlier is not None:
         st.caption(f"You said this was {said(earlier)}. Sending again replaces it.")
+    st.session_state[f"{key}_model"] = display_name(api, ref)  # for a verdict kept past its session
     with st.form(key):
         # Nothing preselected: a verdict is what the person says, never a default.
-        verdict = st.radio("Was this right?", ["Correct", "Wrong"], index=None, horizontal=True, key=f"{key}_verdict")
+        st.radio("Was this right?", ["Correct", "Wrong"], index=None, horizontal=True, key=f"{key}_verdict")
         # The predicted label is no answer to "wrong"; the list filters as one types.
         choices = ["", *(label for label in _labels_of(api, ref) if label != result["label"]), NONE_OF_THESE]
-        right = st.selectbox(
+        st.selectbox(
             "If wrong, the right label",
             choices,
             format_func=lambda label: label.replace("_", " ") if label else "Type to search…",
             key=f"{key}_label",
         )
         # Three lines: a comment of up to COMMENT_MAX characters should be readable as it is typed.
-        comment = st.text_area("Comment (optional)", max_chars=COMMENT_MAX, key=f"{key}_comment")
-        if st.form_submit_button("Send feedback"):
-            if verdict is None:
-                st.error("Choose Correct or Wrong first.")
+        st.text_area("Comment (optional)", max_chars=COMMENT_MAX, key=f"{key}_comment")
+        if st.form_submit_button("Send feedback", key=f"{key}_send"):
+            unsent = _verdict(key)
+            if isinstance(unsent, str):
+                st.error(unsent)
                 return
-            is_correct = verdict == "Correct"
-            if not is_correct and not right:
-                st.error(f"Choose the right label, or “{NONE_OF_THESE}”.")
-                return
-            label = None if is_correct or right == NONE_OF_THESE else right
-            user = st.session_state.get("user") or {}
-            unsent = {"user_id": user.get("id"), "model": display_name(api, ref), "prediction_id": result["id"]}
-            unsent |= {"is_correct": is_correct, "correct_label": label, "comment": comment or None}
-            carry = Carried({UNSENT_VERDICT: unsent}, "Your verdict is kept: it is sent once you log in again.")
-            sent = guarded(api, lambda: api.feedback(result["id"], is_correct, label, comment or None), carry=carry)
+            is_correct, label, comment = unsent["is_correct"], unsent["correct_label"], unsent["comment"]
+            carry = Carried({UNSENT_VERDICT: unsent}, VERDICT_KEPT)
+            sent = guarded(api, lambda: api.feedback(result["id"], is_correct, label, comment), carry=carry)
             if sent is not None:
                 st.session_state[f"{key}_sent"] = sent
                 st.session_state[f"{key}_thanks"] = True
                 st.rerun()  # drawn again above the form: what was just said, not what was said before
+
+
+VERDICT_KEPT = "Your verdict is kept: it is sent once you log in again."
+
+
+def _verdict(key: str) -> dict[str, Any] | str:
+    """The verdict the feedback form ``key`` (``fb_<prediction id>``) holds, ready to send (with
+    the person and the model, for ``send_unsent_verdict``), or what is missing from it."""
+    verdict = st.session_state.get(f"{key}_verdict")
+    right = st.session_state.get(f"{key}_label")
+    if verdict is None:
+        return "Choose Correct or Wrong first."
+    is_correct = verdict == "Correct"
+    if not is_correct and not right:
+        return f"Choose the right label, or “{NONE_OF_THESE}”."
+    user = st.session_state.get("user") or {}
+    return {
+        "user_id": user.get("id"),
+        "model": st.session_state.get(f"{key}_model", ""),
+        "prediction_id": key.removeprefix("fb_"),
+        "is_correct": is_correct,
+        "correct_label": None if is_correct or right == NONE_OF_THESE else right,
+        "comment": st.session_state.get(f"{key}_comment") or None,
+    }
+
+
+def verdict_being_sent() -> Carried | None:
+    """The verdict whose Send was pressed in this run, when the session is found ended before the
+    page is drawn (``session.keep_alive``): kept for the next login like one refused while sent."""
+    for name, pressed in list(st.session_state.items()):
+        if str(name).startswith("fb_") and str(name).endswith("_send") and pressed is True:
+            unsent = _verdict(str(name).removesuffix("_send"))
+            if not isinstance(unsent, str):
+                return Carried({UNSENT_VERDICT: unsent}, VERDICT_KEPT)
+    return None
 
 
 UNSENT_VERDICT = "unsent_verdict"

@@ -92,18 +92,19 @@ def restore(api: Api) -> bool:
     return True
 
 
-def keep_alive(api: Api) -> None:
+def keep_alive(api: Api, *, carry: Callable[[], Carried | None] | None = None) -> None:
     """On each run of a page: renews the token once half its lifetime is gone (reading the
     user's role again with it), and stores a new token in the cookie. A session left unused
-    until its token expired, or revoked, ends here; an API that cannot answer now is retried on
-    the next run and ends nothing."""
+    until its token expired, or revoked, ends here, keeping what ``carry`` returns (what this
+    run was sending) for the next login; an API that cannot answer now is retried on the next
+    run and ends nothing."""
     if time.time() >= st.session_state.get("token_renew_at", 0.0):
         try:
             start(api, api.refresh())
             st.session_state["user"] = api.me()
         except ApiError as exc:
             if exc.status == 401:
-                logout(api, EXPIRED)
+                logout(api, EXPIRED, carry=carry() if carry is not None else None)
             # In the sidebar, as the script below: an element that comes and goes in the main
             # area (shown on one run only) moves the page's own elements, and the sketch canvas,
             # mounted anew, would lose what was drawn on it.

@@ -379,6 +379,8 @@ async def test_an_empty_batch_is_422_while_no_worker_serves_the_default(own_stac
     for form in ({}, {"models": ""}, {"image_ids": ""}):
         r = await own_stack.client.post("/v1/batches", data=form, headers=admin)
         assert r.status_code == 422 and "empty" in r.json()["detail"], (form, r.text)
+    r = await own_stack.client.post("/v1/batches", files=[("file", ("e.zip", zipped({})))], headers=admin)
+    assert r.status_code == 422 and "empty" in r.json()["detail"], r.text
 
 
 async def test_batches_sent_at_once_are_held_to_the_per_user_cap(settings: Settings, users: Users) -> None:

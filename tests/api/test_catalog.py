@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from api.app.catalog.service import LOAD_FAILED, NOT_INSTALLED, NOT_TRAINED, WorkerDirectory
+from api.app.core.config import Settings
 from contracts import keys, workers
 from contracts.messages import BEING_TRAINED, FAILED_TO_LOAD, NOT_TRAINED_YET, Heartbeat, ModelState, being_trained
 from tests.support import RedisServer
@@ -133,3 +134,40 @@ async def test_users_read_how_far_a_version_being_trained_is(private_redis: Redi
     # Admins read the furthest worker's text once, path included; a worker that looks at another
     # path (a host mounting its own folder) is still heard.
     assert availability.reason() == f"{elsewhere}; {reason(4)}"
+
+
+async def test_labels_are_kept_in_postgresql_only_when_they_are_a_list_of_labels(
+    fresh_settings: Settings, private_redis: Redis
+) -> None:
+    """What a worker publishes is kept once; a value no worker writes (not JSON, not a list of
+    strings) is left out, logged, and holds up nothing, and is kept once it is made right."""
+    from sqlalchemy import select
+
+    from api.app.catalog.service import remember_labels
+    from api.app.core.db import make_engine, make_sessionmaker
+    from api.app.registry.models import ModelVersion
+    from api.prestart import seed_registry
+
+    await seed_registry(fresh_settings)
+    engine = make_engine(fresh_settings)
+    redis = private_redis
+    try:
+        async with make_sessionmaker(engine)() as session:
+            await redis.set(keys.labels_key("sketch", 1), "not json{")
+            await redis.set(keys.labels_key("sketch", 2), '"abc"')
+            await redis.set(keys.labels_key("sketch", 3), '["cat", "dog"]')
+            assert await remember_labels(session=session, redis=redis) == 1
+
+            async def kept() -> dict[int, object]:
+                rows = await session.execute(
+                    select(ModelVersion.version, ModelVersion.labels).where(ModelVersion.name == "sketch")
+                )
+                return {version: labels for version, labels in rows}
+
+            assert await kept() == {1: None, 2: None, 3: ["cat", "dog"]}
+            await redis.set(keys.labels_key("sketch", 1), '["fish"]')
+            await redis.set(keys.labels_key("sketch", 3), '["changed"]')  # kept once: never rewritten
+            assert await remember_labels(session=session, redis=redis) == 1
+            assert await kept() == {1: ["fish"], 2: None, 3: ["cat", "dog"]}
+    finally:
+        await engine.dispose()

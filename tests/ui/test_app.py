@@ -160,12 +160,15 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     assert rows[0]["prediction_id"] == prediction and rows[0]["correct_label"] == "lorikeet"
 
 
+@pytest.mark.parametrize("found_ended", ["by the sending", "by the renewal before the page"])
 def test_a_verdict_sent_as_the_session_ends_is_sent_after_the_next_login(
-    api_url: str, portal: tuple[str, str, str]
+    api_url: str, portal: tuple[str, str, str], found_ended: str
 ) -> None:
     """The session was revoked (or expired) while a verdict was being filled in: its sending lands
     on the login page, which says the verdict is kept; logging in again as the same person sends
-    it and says so. Another person's login would drop it."""
+    it and says so. Another person's login would drop it. The end is found by the sending itself,
+    or (a token past half its lifetime, as an expired one always is) by the renewal that runs
+    before the page is drawn."""
     email, password = new_user(api_url, portal)
     at = signed_in(api_url, email, password)
     at.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
@@ -174,6 +177,8 @@ def test_a_verdict_sent_as_the_session_ends_is_sent_after_the_next_login(
     assert not at.exception and not at.error, [e.value for e in at.error]
     prediction = at.session_state["classify_job"]["results"][0]["id"]
     httpx.post(f"{api_url}/v1/auth/logout", headers={"Authorization": f"Bearer {at.session_state['token']}"})
+    if found_ended != "by the sending":
+        at.session_state["token_renew_at"] = 0.0
     at.radio(key=f"fb_{prediction}_verdict").set_value("Wrong")
     at.selectbox(key=f"fb_{prediction}_label").set_value("lorikeet")
     at.text_area(key=f"fb_{prediction}_comment").input("sent after the login")

@@ -135,7 +135,9 @@ def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: 
     assert not sidebar.find_elements(By.CSS_SELECTOR, "a[href^='mailto:']")  # no link to write to oneself
 
     upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
-    text_appears(browser, "10MB per file")  # the API's limit, not Streamlit's 200MB
+    # The API's limit, not Streamlit's 200MB: 10 MiB in the uploader's megabytes of 10^6 bytes,
+    # rounded up (the page itself refuses the bytes past 10 MiB).
+    text_appears(browser, "11MB per file")
     upload.send_keys(str(PHOTOS / "parrot.jpg"))
     text_appears(browser, "MobileNetV2")  # models by the names people read
     shot(browser, "3-uploaded")

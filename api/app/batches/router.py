@@ -149,16 +149,22 @@ async def list_batches(
 
 @router.get("/{batch_id}", response_model=BatchDetail, responses={**AUTHED, **NOT_FOUND, **INVALID})
 async def get_batch(
-    batch_id: uuid.UUID, user: CurrentUser, session: ReadSessionDep, workers: WorkersDep
+    batch_id: uuid.UUID, user: CurrentUser, session: ReadSessionDep, workers: WorkersDep, registry: RegistryDep
 ) -> BatchDetail:
     """A batch of mine with its counts (queued, running, done, failed, skipped), an ETA in seconds,
-    and the model versions its queued images wait for because no live worker serves them now."""
+    and the model versions its queued images wait for because no live worker serves them now (a
+    retired version is not waited for: its images expire)."""
     batch = await _owned(session, user, batch_id)
     counts = await service.counts(session=session, batch=batch)
     waiting_for: list[str] = []
     if batch.status == "running" and counts.queued:
         availability = await workers.availability()
-        waiting_for = [ref for ref in batch.models if ref not in availability or not availability[ref].workers]
+        retired = {m.key for m in registry.models if m.channel == "retired"}
+        waiting_for = [
+            ref
+            for ref in batch.models
+            if ref not in retired and (ref not in availability or not availability[ref].workers)
+        ]
     if waiting_for:
         # The last minute's pace says nothing of when a version will be served again.
         counts = counts.model_copy(update={"eta_seconds": None})

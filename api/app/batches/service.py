@@ -383,10 +383,11 @@ async def create_batch(
         )
         if kept is not None:
             return kept, True
+    # Planned first (the zips' directories only): an empty batch is 422 whatever serves its models.
+    planned = await _plan(files, settings, len(image_ids))
     entries = resolve_models(
         refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
     )
-    planned = await _plan(files, settings, len(image_ids))
     images_planned = len(image_ids) + sum(len(members) if zf else 1 for _u, zf, members in planned)
     waiting = await _queued_images(session, owner_id)
     if waiting + images_planned > settings.max_batch_images_queued_per_user:

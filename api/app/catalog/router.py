@@ -71,7 +71,7 @@ async def version_labels(
         raise HTTPException(status_code=404, detail=f"Unknown model {ref!r}")
     labels = await model_labels(redis, entry, session=session)
     if labels is None:
-        raise HTTPException(
-            status_code=404, detail=f"The labels of {entry.key} are not known: no worker has served it yet"
-        )
+        served = entry.enabled and entry.channel != "retired"
+        why = "no worker has published them yet" if served else "it is not served any more"
+        raise HTTPException(status_code=404, detail=f"The labels of {entry.key} are not known: {why}")
     return ModelLabels(ref=entry.key, labels=labels)

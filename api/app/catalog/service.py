@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
 from typing import cast
 
 from fastapi import HTTPException
+from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -134,6 +136,10 @@ async def model_labels(redis: Redis, entry: ModelEntry, *, session: AsyncSession
     )
 
 
+_LABELS = TypeAdapter(list[str])
+log = logging.getLogger("api.catalog")
+
+
 async def remember_labels(*, session: AsyncSession, redis: Redis) -> int:
     """Copies into PostgreSQL the label lists the workers published in Redis for the versions
     whose labels it does not hold yet (a few rows: one per version ever registered); how many it
@@ -148,14 +154,19 @@ async def remember_labels(*, session: AsyncSession, redis: Redis) -> int:
         return 0
     found = await redis.mget([keys.labels_key(name, version) for _, name, version in missing])
     stored = 0
-    for (row_id, _, _), raw in zip(missing, found, strict=True):
-        if raw is not None:
-            await session.execute(
-                update(ModelVersion)
-                .where(ModelVersion.id == row_id, ModelVersion.labels.is_(None))
-                .values(labels=json.loads(raw))
-            )
-            stored += 1
+    for (row_id, name, version), raw in zip(missing, found, strict=True):
+        if raw is None:
+            continue
+        try:
+            labels = _LABELS.validate_json(raw)
+        except ValidationError:
+            # Not what a worker writes: kept out of PostgreSQL, where it would stay for good.
+            log.warning("labels of %s@%s in Redis are not a list of labels; not kept", name, version)
+            continue
+        await session.execute(
+            update(ModelVersion).where(ModelVersion.id == row_id, ModelVersion.labels.is_(None)).values(labels=labels)
+        )
+        stored += 1
     await session.commit()
     return stored
 

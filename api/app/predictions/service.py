@@ -18,7 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from sqlalchemy import CursorResult, Integer, Table, and_, bindparam
 from sqlalchemy import cast as sql_cast
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import exists, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import aliased
@@ -63,9 +63,7 @@ _STORE_ANSWER_CALL = text(
 ).bindparams(bindparam("top_k", type_=JSONB))
 _STORE_ANSWER = DriverStatement(_STORE_ANSWER_CALL)
 _FINISH_JOB = (
-    update(_jobs)
-    .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_((*UNFINISHED, PredictionStatus.pending.value)))
-    .returning(_jobs.c.id)
+    update(_jobs).where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.status.in_(UNFINISHED)).returning(_jobs.c.id)
 )
 # A batch's jobs have a lane and a cap of their own: they never count against a person's requests.
 _IN_FLIGHT = (
@@ -724,9 +722,6 @@ def _result_values(result: ResultMessage, now: datetime) -> dict[str, Any]:
 
 
 def _job_status(statuses: list[str]) -> str:
-    if PredictionStatus.pending.value in statuses:
-        # A batch's job the lane has not queued yet: the lane queues its predictions all at once.
-        return PredictionStatus.pending.value
     if any(s in UNFINISHED for s in statuses):
         return (
             PredictionStatus.running.value
@@ -748,7 +743,7 @@ async def _complete_job(session: AsyncSession, job_id: uuid.UUID, now: datetime)
     """
     predictions = await job_predictions(session=session, job_id=job_id)
     status = _job_status([p.status for p in predictions])
-    if status in UNFINISHED or status == PredictionStatus.pending.value:
+    if status in UNFINISHED:
         return None
     finished = await session.scalar(_FINISH_JOB, {"b_job_id": job_id, "status": status, "finished_at": now})
     return predictions if finished is not None else None
@@ -957,10 +952,12 @@ async def expire_unserved(
     now = datetime.now(UTC)
     finished: dict[uuid.UUID, bytes] = {}
     for (name, version), (reason, retired) in versions.items():
+        if retired:
+            await _expire_pending(session, name=name, version=version, reason=reason, now=now)
         of_version = (
             Prediction.model_name == name,
             Prediction.model_version == version,
-            Prediction.status.in_((*UNFINISHED, PredictionStatus.pending.value) if retired else UNFINISHED),
+            Prediction.status.in_(UNFINISHED),
         )
         # The status as the literal predicate of ix_shadow_predictions_unfinished, so that the
         # partial index of unfinished copies is read, not every copy the version ever answered.
@@ -989,6 +986,54 @@ async def expire_unserved(
                 finished[job_id] = answers_payload(predictions)
             await session.commit()
     return finished
+
+
+EXPIRE_CHUNK = 1000
+"""Batch jobs expired per transaction by ``_expire_pending``."""
+
+
+async def _expire_pending(session: AsyncSession, *, name: str, version: int, reason: str, now: datetime) -> None:
+    """Expires with ``reason`` the predictions of ``name@version`` that batch jobs hold for the
+    lane (``pending``), EXPIRE_CHUNK jobs per transaction, a few statements each (a batch of
+    10,000 images is a few seconds' work, not one transaction per image); a job left with nothing
+    pending is ``expired``. Jobs are locked before their predictions, as the lane and a cancel lock
+    them; one locked by either is left to the next look. Commits."""
+    waiting = select(Prediction.job_id).where(
+        Prediction.model_name == name,
+        Prediction.model_version == version,
+        Prediction.status == PredictionStatus.pending.value,
+    )
+    while True:
+        ids = list(
+            await session.scalars(
+                select(Job.id)
+                .where(Job.status == PredictionStatus.pending.value, Job.id.in_(waiting))
+                .limit(EXPIRE_CHUNK)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if not ids:
+            await session.commit()
+            return
+        await session.execute(
+            update(Prediction)
+            .where(
+                Prediction.job_id.in_(ids),
+                Prediction.model_name == name,
+                Prediction.model_version == version,
+                Prediction.status == PredictionStatus.pending.value,
+            )
+            .values(status=PredictionStatus.expired.value, error=reason, finished_at=now)
+        )
+        still_pending = exists().where(Prediction.job_id == Job.id, Prediction.status == PredictionStatus.pending.value)
+        await session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), ~still_pending)
+            .values(status=PredictionStatus.expired.value, finished_at=now)
+        )
+        await session.commit()
+        if len(ids) < EXPIRE_CHUNK:
+            return
 
 
 async def unfinished_messages(*, session: AsyncSession, store: LocalBlobStore) -> list[JobMessage]:
