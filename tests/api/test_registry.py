@@ -492,12 +492,15 @@ def _drawing(offset: int) -> bytes:
 
 
 @pytest.mark.usefixtures("everything_served")
-async def test_a_batch_waits_for_a_disabled_version_and_ends_without_a_retired_one(own_stack: Stack) -> None:
+async def test_a_batch_waits_for_a_disabled_version_and_ends_without_a_retired_one(
+    own_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No worker is up, so the lane queues none of three batches: for sketch@1 alone, for sketch@2
     alone and for sketch@2 beside sketch@3. A person's job waits for sketch@1. sketch@1 is
     disabled: the person's job expires, its batch keeps waiting. sketch@2 is retired: its batch
     ends with each image expired with the reason, and the other batch waits for sketch@3 only,
     then ends once a worker answers it."""
+    monkeypatch.setattr(predictions_service, "EXPIRE_CHUNK", 2)  # three images: two transactions
     client = own_stack.client
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
     files = [("file", (f"d{i}.png", _drawing(i))) for i in range(3)]
