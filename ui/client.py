@@ -40,6 +40,11 @@ STILL_QUEUED = (
     "send it again."
 )
 """Said when ``Api.wait`` gives up (``waited``: its timeout): the job goes on at the portal."""
+FEEDBACK_GONE = (
+    "This result is gone: its picture was deleted (in another tab or window, say), and its answers with it, "
+    "so the verdict was not kept."
+)
+
 EXPLANATION_MESSAGES = {
     410: "The picture of this prediction is no longer stored, so it cannot be explained.",
     502: "The heatmap could not be drawn: the explainer failed on this picture (a fault of the portal's, "
@@ -711,7 +716,12 @@ class Api:
             "correct_label": correct_label,
             "comment": comment,
         }
-        return _typed(_FEEDBACK, self.json("POST", "/v1/feedback", json=payload))
+        try:
+            return _typed(_FEEDBACK, self.json("POST", "/v1/feedback", json=payload))
+        except ApiError as exc:
+            if exc.status == 404:  # "That item no longer exists" would not say which, nor what became of the verdict
+                raise ApiError(404, FEEDBACK_GONE) from None
+            raise
 
     def my_feedback(self, prediction_ids: list[str] | None = None) -> list[Feedback]:
         """My latest verdicts (500 at most), or those on these predictions (500 at most)."""

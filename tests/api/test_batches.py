@@ -664,6 +664,27 @@ def test_the_lane_queues_for_no_version_disabled_or_retired_while_its_worker_sti
     assert lane.servable(changed, [beat]) == {"sketch@3"}
 
 
+def test_a_batch_waits_for_no_retired_version(settings: Settings) -> None:
+    """``waiting_for`` names the batch's versions no live worker serves, except a retired one,
+    whose images expire instead of waiting."""
+    from api.app.batches import service
+    from api.app.catalog.service import ModelAvailability
+    from contracts.registry import load_registry
+
+    registry = load_registry(settings.registry_path)
+    retired = registry.model_copy(
+        update={
+            "models": [
+                m.model_copy(update={"channel": "retired"}) if m.key == "sketch@2" else m for m in registry.models
+            ]
+        }
+    )
+    models = ["sketch@1", "sketch@2", "sketch@3"]
+    availability = {"sketch@3": ModelAvailability(workers=1), "sketch@1": ModelAvailability(workers=0)}
+    assert service.waiting_for(models=models, availability=availability, registry=registry) == ["sketch@1", "sketch@2"]
+    assert service.waiting_for(models=models, availability=availability, registry=retired) == ["sketch@1"]
+
+
 async def test_an_account_reactivated_before_the_sweep_locks_it_keeps_its_batch(
     fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ from tests.images import encode, split_colour
 from tests.support import PHOTOS, RedisServer, free_port, start_api
 from ui.client import (
     _JOB,
+    FEEDBACK_GONE,
     Accuracy,
     Api,
     ApiError,
@@ -96,6 +97,14 @@ def test_upload_errors_carry_the_api_explanation(portal: tuple[str, str, str]) -
         with pytest.raises(ApiError) as info:
             api.upload("file.jpg", data)
         assert info.value.status == status and words in info.value.message
+
+
+def test_a_verdict_on_a_result_deleted_meanwhile_says_so(portal: tuple[str, str, str]) -> None:
+    """A verdict sent after its picture was deleted in another tab says what became of it, not
+    "That item no longer exists"."""
+    with pytest.raises(ApiError) as info:
+        admin_api(portal).feedback(str(uuid.uuid4()), True, None, None)
+    assert info.value.status == 404 and info.value.message == FEEDBACK_GONE
 
 
 def test_feedback_export_is_for_admins(portal: tuple[str, str, str]) -> None:

@@ -37,7 +37,7 @@ def batch_page(api: Api) -> None:
         "files that are no image are listed with the reason, the rest go on."
     )
     files = st.file_uploader(
-        f"Images or zips, up to {settings.max_batch_mb:,} MB in all",
+        f"Images or zips, up to {settings.max_batch_mb:,} MiB in all",
         type=[*UPLOAD_EXTENSIONS, "zip"],
         accept_multiple_files=True,
         key="batch_files",

@@ -34,7 +34,7 @@ def _photo_changed() -> None:
         return
     data = uploaded.getvalue()
     if len(data) > get_ui_settings().max_upload_bytes:
-        st.session_state["upload_refused"] = f"{uploaded.name} is {len(data) / 2**20:.1f} MB"
+        st.session_state["upload_refused"] = f"{uploaded.name} is {len(data) / 2**20:.1f} MiB"
         return
     st.session_state["upload"] = (uploaded.name, data)
 
@@ -49,7 +49,7 @@ def classify_page(api: Api) -> None:
     st.title("Classify a photo")
     settings = get_ui_settings()
     st.file_uploader(
-        f"Drop a photo here: JPEG, PNG, GIF, BMP, WebP or TIFF, up to {settings.max_upload_mb} MB",
+        f"Drop a photo here: JPEG, PNG, GIF, BMP, WebP or TIFF, up to {settings.max_upload_mb} MiB",
         type=UPLOAD_TYPES,
         key=_uploader_key(),
         on_change=_photo_changed,
@@ -61,7 +61,7 @@ def classify_page(api: Api) -> None:
         for name in PHOTOS:
             st.button(name, key=f"example_{name}", on_click=_example_chosen, args=(name,))
     if refused := st.session_state.pop("upload_refused", None):
-        st.error(f"{refused}; photos of up to {settings.max_upload_mb} MB are accepted.")
+        st.error(f"{refused}; photos of up to {settings.max_upload_mb} MiB are accepted.")
     upload = st.session_state.get("upload")
     if upload is None:
         st.info("Upload a photo, or try an example, to begin.")

@@ -158,13 +158,9 @@ async def get_batch(
     counts = await service.counts(session=session, batch=batch)
     waiting_for: list[str] = []
     if batch.status == "running" and counts.queued:
-        availability = await workers.availability()
-        retired = {m.key for m in registry.models if m.channel == "retired"}
-        waiting_for = [
-            ref
-            for ref in batch.models
-            if ref not in retired and (ref not in availability or not availability[ref].workers)
-        ]
+        waiting_for = service.waiting_for(
+            models=batch.models, availability=await workers.availability(), registry=registry
+        )
     if waiting_for:
         # The last minute's pace says nothing of when a version will be served again.
         counts = counts.model_copy(update={"eta_seconds": None})

@@ -27,7 +27,7 @@ from api.app.batches import archive, lane
 from api.app.batches.lane import OPEN
 from api.app.batches.models import Batch, BatchItem
 from api.app.batches.schemas import BatchCounts
-from api.app.catalog.service import WorkerDirectory, resolve_models
+from api.app.catalog.service import ModelAvailability, WorkerDirectory, resolve_models
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS
 from api.app.core.fields import storable
@@ -644,3 +644,11 @@ def as_csv(rows: list[dict[str, Any]]) -> bytes:
             ]
         )
     return buf.getvalue().encode("utf-8")
+
+
+def waiting_for(*, models: list[str], availability: dict[str, ModelAvailability], registry: Registry) -> list[str]:
+    """The batch's model references (``name@version``, in its order) no live worker serves now
+    (``availability``, from the heartbeats), leaving out retired versions: those are not coming
+    back, and their images expire instead (``predictions.service.expire_unserved``)."""
+    retired = {m.key for m in registry.models if m.channel == "retired"}
+    return [ref for ref in models if ref not in retired and (ref not in availability or not availability[ref].workers)]
