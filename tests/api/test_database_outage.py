@@ -87,6 +87,40 @@ async def test_postgres_outage_503_then_recovery(
     assert (await client.post("/login", data=LOGIN)).status_code == 200
 
 
+async def test_keys_and_logins_refused_for_an_outage_are_no_failed_attempts(
+    private_postgres: PostgresServer, private_redis: RedisServer, settings: Settings
+) -> None:
+    """A script retrying its key, or a person their login, through a database outage gets 503s
+    that are not counted as failed guesses: neither is locked out (429) once PostgreSQL is back."""
+    private = settings.model_copy(
+        update={
+            "database_url": private_postgres.url,
+            "redis_url": private_redis.url,
+            "login_max_failures_per_client": 3,
+            "login_max_failures_per_email": 2,
+        }
+    )
+    await asyncio.to_thread(migrate, private.database_url)
+    await seed_admin(private)
+    async for client in client_for(create_app(private)):
+        r = await client.post("/login", data=LOGIN)
+        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        r = await client.post("/v1/api-keys", json={"name": "nightly", "scopes": ["read"]}, headers=headers)
+        assert r.status_code == 201, r.text
+        key = {"X-API-Key": r.json()["key"]}
+        await asyncio.to_thread(private_postgres.stop)
+        refused = [await client.get("/v1/images", headers=key) for _ in range(5)]
+        refused += [await client.post("/login", data=LOGIN) for _ in range(4)]
+        assert [r.status_code for r in refused] == [503] * 9, [(r.status_code, r.text) for r in refused]
+        await asyncio.to_thread(private_postgres.start)
+        deadline = time.monotonic() + 20
+        while (r := await client.get("/v1/images", headers=key)).status_code == 503:
+            assert time.monotonic() < deadline, r.text
+            await asyncio.sleep(0.2)
+        assert r.status_code == 200, r.text
+        assert (await client.post("/login", data=LOGIN)).status_code == 200
+
+
 async def test_a_postgres_that_hangs_gives_503_not_500(
     private_postgres: PostgresServer, signed_in: tuple[httpx.AsyncClient, dict[str, str]]
 ) -> None:

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import LockError
 
 from api.app.core.config import Settings
+from api.app.core.errors import is_outage
 
 # An attempt holds its account's turn for one password check; a crashed process's turn lapses.
 TURN_SECONDS = 30.0
@@ -35,6 +36,16 @@ WAIT_SECONDS = 60.0
 @dataclass
 class Attempt:
     succeeded: bool = False
+
+
+def unjudged(exc: BaseException) -> bool:
+    """Whether an attempt ended by ``exc`` was never judged: PostgreSQL or Redis could not be
+    reached, or the portal failed otherwise (a 5xx), before the credential was checked. Such an
+    attempt is no failed guess: counting it would lock a script out, every key of its address
+    with it, for retrying through a database restart."""
+    if isinstance(exc, HTTPException):
+        return exc.status_code >= 500
+    return is_outage(exc)
 
 
 def _too_many(detail: str, retry_after: float) -> HTTPException:
@@ -88,7 +99,8 @@ class AttemptThrottle:
     async def attempt(self, *, action: str, account: str, client: str) -> AsyncIterator[Attempt]:
         """One attempt of ``action`` (``login``, ``password``) on ``account`` from ``client``, in
         the account's turn. The caller sets ``succeeded`` once the password matched; otherwise
-        (an exception included) the attempt counts as a failure. Raises 429 with Retry-After
+        (an exception included) the attempt counts as a failure, unless it was never judged
+        (``unjudged``: PostgreSQL down, a 5xx). Raises 429 with Retry-After
         (seconds) when either count is full, or when the turn does not come within 60 s."""
         name = f"throttle:turn:{action}:{account}"
         async with self._local_turn(name):
@@ -104,12 +116,16 @@ class AttemptThrottle:
                 attempt = Attempt()
                 try:
                     yield attempt
-                finally:
-                    if attempt.succeeded:
-                        await self.limiter.clear(self.per_account, action, f"account:{account}")
-                    else:
+                except BaseException as exc:
+                    if not attempt.succeeded and not unjudged(exc):
                         for item, key in counts:
                             await self.limiter.hit(item, action, key)
+                    raise
+                if attempt.succeeded:
+                    await self.limiter.clear(self.per_account, action, f"account:{account}")
+                else:
+                    for item, key in counts:
+                        await self.limiter.hit(item, action, key)
             finally:
                 with contextlib.suppress(LockError):  # the turn lapsed during a very slow check
                     await turn.release()
@@ -129,7 +145,7 @@ class AttemptThrottle:
         limit only and without taking turns: there is no account to count against, and the check
         is one indexed lookup, not a password hash, so parallel guesses gain next to nothing
         (nor could they guess a 256-bit key). As :meth:`attempt`: the caller sets ``succeeded``,
-        anything else counts as a failure; raises 429 with Retry-After (seconds) when the count
+        anything else but an attempt never judged (``unjudged``) counts as a failure; raises 429 with Retry-After (seconds) when the count
         is full."""
         key = f"client:{client}"
         if not await self.limiter.test(self.per_client, action, key):
@@ -138,6 +154,9 @@ class AttemptThrottle:
         attempt = Attempt()
         try:
             yield attempt
-        finally:
-            if not attempt.succeeded:
+        except BaseException as exc:
+            if not attempt.succeeded and not unjudged(exc):
                 await self.limiter.hit(self.per_client, action, key)
+            raise
+        if not attempt.succeeded:
+            await self.limiter.hit(self.per_client, action, key)
