@@ -175,6 +175,11 @@ class ModelState(BaseModel):
     heldout_accuracy: float | None = None
     """Top-1 accuracy on its training run's held-out set (``metrics.json`` beside the model file,
     ``test_accuracy``); None without a training record."""
+    heldout_set: str | None = None
+    """Which drawings that held-out set holds (``heldout_set_id`` of the record): two versions'
+    held-out accuracies are comparable only when it is the same."""
+    heldout_size: int | None = None
+    """How many drawings that held-out set holds (the record's ``samples.test``)."""
     memory_mib: float | None = None
     """How much the worker's resident memory grew while it loaded and warmed up this version, in
     MiB: approximate, as the process's other work counts too (the first version loaded also

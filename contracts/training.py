@@ -3,6 +3,8 @@ one stream, the trainer's events on another, a cancel flag and a liveness key pe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from typing import TYPE_CHECKING, Any, Literal, Self, get_args
@@ -139,3 +141,12 @@ class TrainingEvent(BaseModel):
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Self:
         return cls.model_validate_json(fields[b"meta"])
+
+
+def heldout_set_id(categories: list[str], per_category: int) -> str:
+    """Names the held-out set of a sketch training record: training cuts its held-out drawings
+    from the first ``per_category`` drawings of each category with a fixed seed
+    (``model.training.train_sketch.split`` with ``SEED``), so records with the same categories (in order) and
+    drawings per category were scored on the same drawings. A SHA-256 digest, 16 hex digits."""
+    text = json.dumps({"categories": categories, "per_category": per_category}, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -17,6 +17,7 @@ import numpy as np
 
 from contracts.messages import BEING_TRAINED, NOT_TRAINED_YET
 from contracts.registry import ModelEntry, Runtime
+from contracts.training import heldout_set_id
 from model.config import ModelSettings
 from model.labels import file_labels, imagenet_labels
 from model.store import read_progress
@@ -46,6 +47,8 @@ class LoadedModel:
     classify: Classifier
     random_weights: bool = False
     heldout_accuracy: float | None = None
+    heldout_set: str | None = None
+    heldout_size: int | None = None
     input_dtype: type = np.float32
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -401,20 +404,37 @@ def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
         raise ModelUnavailable(not_trained_reason(path))
     labels = load_labels(entry, settings)
     loaded = LOADERS[entry.runtime](entry, settings, labels)
-    loaded.heldout_accuracy = heldout_accuracy(entry, settings)
+    loaded.heldout_accuracy, loaded.heldout_set, loaded.heldout_size = heldout(entry, settings)
     return loaded
 
 
-def heldout_accuracy(entry: ModelEntry, settings: ModelSettings) -> float | None:
-    """``test_accuracy`` of the training record (``metrics.json``) beside the model file, if any."""
+def heldout(entry: ModelEntry, settings: ModelSettings) -> tuple[float | None, str | None, int | None]:
+    """From the training record (``metrics.json``) beside the model file, if any: the held-out
+    top-1 accuracy (``test_accuracy``), which drawings it was measured on
+    (``contracts.training.heldout_set_id`` of its categories and drawings per category) and how
+    many (``samples.test``); None for what the record does not say."""
     if entry.file is None:
-        return None
-    record = resolve(entry, entry.file, settings).parent / "metrics.json"
+        return None, None, None
+    path = resolve(entry, entry.file, settings).parent / "metrics.json"
     try:
-        value = json.loads(record.read_text())["test_accuracy"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return float(value) if isinstance(value, int | float) else None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, None, None
+    if not isinstance(record, dict):
+        return None, None, None
+    value, categories, per_category = record.get("test_accuracy"), record.get("categories"), record.get("per_category")
+    samples = record.get("samples")
+    size = samples.get("test") if isinstance(samples, dict) else None
+    heldout_set = (
+        heldout_set_id(categories, per_category)
+        if isinstance(categories, list) and all(isinstance(c, str) for c in categories) and type(per_category) is int
+        else None
+    )
+    return (
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None,
+        heldout_set,
+        size if type(size) is int else None,
+    )
 
 
 def configure_tensorflow(settings: ModelSettings) -> None:

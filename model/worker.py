@@ -195,6 +195,8 @@ class Worker:
             num_classes=len(loaded.labels),
             random_weights=loaded.random_weights,
             heldout_accuracy=loaded.heldout_accuracy,
+            heldout_set=loaded.heldout_set,
+            heldout_size=loaded.heldout_size,
             memory_mib=cast(float | None, loaded.extra.get("memory_mib")),
         )
 

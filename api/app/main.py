@@ -41,6 +41,7 @@ from api.app.explanations.router import router as explanations_router
 from api.app.exports.router import router as exports_router
 from api.app.exports.runner import ExportRunner
 from api.app.feedback.router import classic as feedback_classic
+from api.app.feedback.router import labels_router as verdict_labels_router
 from api.app.feedback.router import router as feedback_router
 from api.app.health.router import router as health_router
 from api.app.images.router import router as images_router
@@ -259,6 +260,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batches_router,
         feedback_classic,
         feedback_router,
+        verdict_labels_router,
         catalog_router,
         admin_router,
         exports_router,

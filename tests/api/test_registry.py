@@ -390,6 +390,31 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
     )
     assert [a.status_code for a in answers] == [201] * 3, [a.text for a in answers]
     assert sorted(a.json()["version"] for a in answers) == [4, 5, 6]
+    # A training run still going holds the number it will register its version as.
+    from api.app.training.models import TrainingRun
+
+    async with own_stack.app.state.sessionmaker() as session:
+        session.add(
+            TrainingRun(
+                id=uuid.uuid4(),
+                model_name="sketch",
+                version=7,
+                base_version=3,
+                status="running",
+                trigger="admin",
+                requested_by="test",
+                reason="test",
+                options={},
+                categories=[],
+                examples={},
+                history=[],
+            )
+        )
+        await session.commit()
+    r = await client.post("/v1/admin/registry/versions", json=SKETCH_NEW, headers=admin)
+    assert r.status_code == 201 and r.json()["version"] == 8, r.text
+    r = await client.post("/v1/admin/registry/versions", json={**SKETCH_NEW, "version": 7}, headers=admin)
+    assert r.status_code == 409 and "training run" in r.json()["detail"], r.text
 
 
 async def enable(session: AsyncSession, enabled: bool, *, available: set[str]) -> service.Changed:
@@ -612,6 +637,18 @@ async def test_a_verdict_on_a_retired_version_names_its_labels_after_its_redis_k
     for ref, status in (("sketch@9", 404), ("sketch@x", 422), ("sketch", 404)):
         r = await client.get(f"/v1/models/{ref}/labels", headers=admin)
         assert r.status_code == status, (ref, r.text)
+    # Back as a shadow: its labels are still there for whom it answered, and unknown to others.
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/1",
+        json={"channel": "shadow", "reason": "compare again"},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get("/v1/models/sketch@1/labels", headers=admin)
+    assert r.status_code == 200 and r.json() == {"ref": "sketch@1", "labels": labels}, r.text
+    other = await login(client, *await _new_user(client, admin))
+    r = await client.get("/v1/models/sketch@1/labels", headers=other)
+    assert r.status_code == 404 and r.json()["detail"] == "Unknown model 'sketch@1'", r.text
 
 
 async def _new_user(client: httpx.AsyncClient, admin: dict[str, str]) -> tuple[str, str]:

@@ -224,3 +224,112 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
     assert (await client.delete(f"/v1/images/{image_id}", headers=user)).status_code == 204
     after_delete = (await client.get(f"{url}/{started['id']}", headers=admin)).json()
     assert (after_delete["images"], after_delete["removed"]) == (23, 1), after_delete
+
+
+async def test_held_out_accuracies_are_compared_only_on_the_same_drawings_enough_of_them(own_stack: Stack) -> None:
+    """A run trained on 10 drawings per category is scored on 6: its 100 % says nothing against
+    the stable version's 96 % on 1,800, nor against another such run's. Only records naming the
+    same held-out set, of at least ``MIN_HELDOUT`` drawings, are compared."""
+    from api.app.catalog.service import ModelAvailability
+    from contracts.training import heldout_set_id
+
+    six = ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
+    full, tiny = heldout_set_id(six, 3000), heldout_set_id(six, 10)
+
+    def served(accuracy: float, heldout_set: str, size: int) -> ModelAvailability:
+        return ModelAvailability(
+            workers=1, num_classes=6, heldout_accuracy=accuracy, heldout_set=heldout_set, heldout_size=size
+        )
+
+    async def compare(candidate: ModelAvailability, baseline: ModelAvailability) -> Any:
+        async with own_stack.app.state.sessionmaker() as session:
+            return await releases_service.compare(
+                session=session,
+                name="sketch",
+                days=7,
+                margin=0.02,
+                availability={"sketch@2": candidate, "sketch@1": baseline},
+                **PAIR,
+            )
+
+    other_drawings = await compare(served(1.0, tiny, 6), served(0.9617, full, 1800))
+    assert other_drawings.verdict == "no_evidence", other_drawings
+    assert (
+        "held-out accuracy: not compared, they were measured on different held-out drawings" in other_drawings.reasons
+    )
+    too_few = await compare(served(1.0, tiny, 6), served(0.8, tiny, 6))
+    assert too_few.verdict == "no_evidence", too_few
+    assert f"fewer than {releases_service.MIN_HELDOUT}" in too_few.reasons[0], too_few
+    same = await compare(served(0.90, full, 1800), served(0.9617, full, 1800))
+    assert same.verdict == "worse" and same.reasons[0].startswith("held-out accuracy: 0.9000 against 0.9617"), same
+
+
+async def test_a_version_no_worker_serves_is_compared_by_the_classes_it_published(own_stack: Stack) -> None:
+    """The stable 20-class version not loaded anywhere still counts its classes from the labels a
+    worker published once (``model_versions.labels``): a 6-class candidate is worse, not "no
+    evidence", and its promotion is refused."""
+    from sqlalchemy import update
+
+    from api.app.catalog.service import ModelAvailability
+    from api.app.registry.models import ModelVersion
+
+    twenty = [f"class {i}" for i in range(20)]
+    async with own_stack.app.state.sessionmaker() as session:
+        await session.execute(
+            update(ModelVersion).where(ModelVersion.name == "sketch", ModelVersion.version == 3).values(labels=twenty)
+        )
+        await session.commit()
+        comparison = await releases_service.compare(
+            session=session,
+            name="sketch",
+            candidate=1,
+            baseline=None,
+            availability={"sketch@1": ModelAvailability(workers=1, num_classes=6)},
+            margin=0.02,
+            days=7,
+        )
+    assert (comparison.candidate.classes, comparison.baseline.classes, comparison.verdict) == (6, 20, "worse")
+
+
+async def test_a_version_keeps_the_answers_it_gave_as_a_shadow_and_to_people(own_stack: Stack) -> None:
+    """Answers counted for a version are its own and its shadow copies: rolled back into shadow
+    (or promoted out of it), it keeps what it answered before."""
+    from api.app.catalog.service import ModelAvailability
+    from api.app.predictions.models import Prediction, ShadowPrediction
+    from tests.api.conftest import stored_job
+    from tests.images import noise_png
+
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    me = (await client.get("/v1/users/me", headers=admin)).json()
+    image = (await client.post("/v1/images", files={"file": ("n.png", noise_png(64, 3))}, headers=admin)).json()
+    _, answered = await stored_job(
+        own_stack.app, owner_id=me["id"], image_id=image["id"], status="done", model="sketch"
+    )
+    async with own_stack.app.state.sessionmaker() as session:
+        row = await session.get(Prediction, answered.id)
+        assert row is not None
+        row.model_version, row.total_ms, row.score = 2, 10.0, 0.5
+        session.add(
+            ShadowPrediction(
+                job_id=row.job_id,
+                shadow_of=row.id,
+                model_name="sketch",
+                model_version=2,
+                status="done",
+                label="cat",
+                score=0.7,
+                total_ms=30.0,
+            )
+        )
+        await session.commit()
+        comparison = await releases_service.compare(
+            session=session,
+            name="sketch",
+            days=7,
+            margin=0.02,
+            availability={"sketch@2": ModelAvailability(workers=1, num_classes=6)},
+            **PAIR,
+        )
+    assert comparison.candidate.answers == 2, comparison.candidate
+    assert comparison.candidate.latency_p50_ms == 20.0 and comparison.candidate.mean_score == 0.6, comparison.candidate

@@ -560,21 +560,22 @@ async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own
 
 @pytest.mark.parametrize("own_stack", [{"result_claim_idle_seconds": 1.0}], indirect=True)
 async def test_a_run_whose_version_was_taken_meanwhile_fails_saying_so(own_stack: Stack) -> None:
-    """An admin registered the run's version number by hand while it trained: the run's end is
-    recorded as failed with why (it stayed ``running``, blocking every run of the model), and the
-    end is handled although the API process that read it died before acknowledging it (an event
-    left pending is claimed again)."""
+    """The run's version number is taken when it ends (a registration refuses a number a run
+    holds, but a registry restored from a backup, say, may hold it): the run's end is recorded as
+    failed with why (it stayed ``running``, blocking every run of the model), and the end is
+    handled although the API process that read it died before acknowledging it (an event left
+    pending is claimed again)."""
     from tests.api.test_registry import SKETCH_NEW
 
     redis = own_stack.app.state.redis
     admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    r = await own_stack.client.post("/v1/admin/registry/versions", json={**SKETCH_NEW, "version": 90}, headers=admin)
+    assert r.status_code == 201, r.text
     async with own_stack.app.state.sessionmaker() as session:
         run = a_run(90, status="running", base=3, started_at=datetime.now(UTC))
         session.add(run)
         await session.commit()
         run_id = str(run.id)
-    r = await own_stack.client.post("/v1/admin/registry/versions", json={**SKETCH_NEW, "version": 90}, headers=admin)
-    assert r.status_code == 201, r.text
 
     async def group_ready() -> bool:
         groups = await redis.xinfo_groups(training.EVENT_STREAM) if await redis.exists(training.EVENT_STREAM) else []
@@ -633,6 +634,31 @@ async def test_a_base_version_its_workers_cannot_serve_is_409_with_why_not_503(o
         return r.status_code == 409 and NOT_TRAINED_YET in r.json()["detail"] and "sketch@2" in r.json()["detail"]
 
     await until(refused_with_why, 15, "a 409 naming why sketch@2 is not served")
+
+
+async def test_a_run_from_a_retired_version_reads_its_labels_from_postgresql(own_stack: Stack) -> None:
+    """A retired base version's Redis labels went (a week after its last worker, or with Redis's
+    data): the labels PostgreSQL kept are used, instead of a 503 whose retry could never help."""
+    from sqlalchemy import update
+
+    from api.app.registry.models import ModelVersion
+
+    six = ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
+    async with own_stack.app.state.sessionmaker() as session:
+        await session.execute(
+            update(ModelVersion).where(ModelVersion.name == "sketch", ModelVersion.version == 2).values(labels=six)
+        )
+        await session.commit()
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    r = await own_stack.client.patch(
+        "/v1/admin/registry/models/sketch/versions/2",
+        json={"channel": "retired", "reason": "superseded"},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
+    body = {"model": "sketch", "base_version": 2, "options": {"epochs": 1}, "reason": "from the retired v2"}
+    r = await own_stack.client.post("/v1/admin/training-runs", json=body, headers=admin)
+    assert r.status_code == 202 and r.json()["categories"] == six, r.text
 
 
 async def test_a_queued_run_whose_job_was_lost_is_failed_not_left_blocking(own_stack: Stack) -> None:

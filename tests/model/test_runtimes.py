@@ -25,6 +25,7 @@ from model.runtimes import (
     OpenVINOClassifier,
     TFLiteClassifier,
     graph,
+    heldout,
     keras_model,
     load_model,
     model_stamp,
@@ -366,3 +367,26 @@ def test_a_models_stamp_changes_with_each_of_its_files(
     (tmp_path / "sketch" / "v1" / "model.keras").write_bytes(b"x")
     stamp = model_stamp(keras_entry, settings)
     assert stamp is not None and len(stamp) == 4
+
+
+def test_a_heartbeat_names_the_held_out_drawings_of_each_record(
+    model_settings: ModelSettings, registry: Registry, tmp_path: Path
+) -> None:
+    """The held-out accuracy goes out with which drawings it was measured on and how many, so the
+    API compares only records of the same held-out set; the two 6-class versions share theirs."""
+    from contracts.training import heldout_set_id
+
+    records = {}
+    for version in (1, 2, 3):
+        entry = registry.find("sketch", version, benchmark_mode=False)
+        assert entry is not None
+        records[version] = heldout(entry, model_settings)
+    six = ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
+    assert records[1][1:] == records[2][1:] == (heldout_set_id(six, 3000), 1800)
+    assert records[3][1] != records[1][1] and records[3][2] == 6000
+    # A record that does not say is None, never a guess.
+    (tmp_path / "sketch" / "v1").mkdir(parents=True)
+    (tmp_path / "sketch" / "v1" / "metrics.json").write_text('{"test_accuracy": 0.9, "per_category": "3000"}')
+    entry = registry.find("sketch", 1, benchmark_mode=False)
+    assert entry is not None
+    assert heldout(entry, model_settings.model_copy(update={"trained_dir": tmp_path})) == (0.9, None, None)

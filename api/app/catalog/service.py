@@ -51,6 +51,9 @@ class ModelAvailability:
     num_classes: int = 0
     random_weights: bool = False
     heldout_accuracy: float | None = None
+    heldout_set: str | None = None
+    """Which drawings ``heldout_accuracy`` was measured on (``ModelState.heldout_set``)."""
+    heldout_size: int | None = None
     memory_mib: float | None = None
     """The most memory loading it took on any worker serving it (``ModelState.memory_mib``)."""
 
@@ -115,6 +118,7 @@ class WorkerDirectory:
                     entry.num_classes = state.num_classes
                     entry.random_weights = state.random_weights
                     entry.heldout_accuracy = state.heldout_accuracy
+                    entry.heldout_set, entry.heldout_size = state.heldout_set, state.heldout_size
                     if state.memory_mib is not None:
                         entry.memory_mib = max(entry.memory_mib or 0.0, state.memory_mib)
                 elif state.reason:

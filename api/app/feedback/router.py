@@ -5,9 +5,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
+from api.app.catalog.schemas import ModelLabels
 from api.app.core.fields import Skip
 from api.app.core.paging import KeysetPage
-from api.app.core.responses import AUTHED, BODY, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE
+from api.app.core.responses import AUTHED, BODY, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE, error
 from api.app.deps import (
     CurrentUser,
     FeedbackPageDep,
@@ -23,6 +24,9 @@ from api.app.feedback.schemas import ClassicFeedbackCreate, FeedbackCreate, Feed
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 classic = APIRouter(prefix="/feedback", tags=["feedback (classic)"])
+labels_router = APIRouter(prefix="/v1/models", tags=["models"])
+"""What a verdict may name: a version's labels, listed with the models but owned here, as only
+the predictions show which shadow versions answered whom."""
 
 Limit = Annotated[int, Query(ge=1, le=500)]
 
@@ -95,3 +99,22 @@ async def classic_list_feedback(
         session=session, owner_id=_scope(user, all_users), page=KeysetPage(limit=limit, skip=skip)
     )
     return rows
+
+
+@labels_router.get(
+    "/{ref}/labels",
+    response_model=ModelLabels,
+    responses={**AUTHED, **INVALID, 404: error("No such version, or its labels are not known")},
+)
+async def version_labels(
+    ref: str, user: CurrentUser, redis: RedisDep, registry: RegistryDep, session: ReadSessionDep
+) -> ModelLabels:
+    """The labels of any version my predictions can come from (``name@version``), the retired
+    and disabled ones included, which ``GET /v1/models`` no longer lists, and a shadow version
+    that answered me (promoted, then rolled back): what a verdict on an old prediction may name
+    as the right label. 404 for an unknown version (shadows are not made known to others) or one
+    whose labels no worker has published yet; 422 for a malformed reference."""
+    key, labels = await service.verdict_labels(
+        session=session, redis=redis, registry=registry, owner_id=user.id, ref=ref
+    )
+    return ModelLabels(ref=key, labels=labels)

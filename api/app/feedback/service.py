@@ -23,7 +23,7 @@ from api.app.images.models import Image
 from api.app.images.service import OWNER_GONE
 from api.app.predictions.models import Job, Prediction
 from contracts.messages import PredictionStatus
-from contracts.registry import Registry
+from contracts.registry import Registry, parse_model_ref
 
 _PREDICTION_FK = "fk_feedback_prediction_id_predictions"
 _OWNER_FK = "fk_feedback_owner_id_users"
@@ -33,6 +33,41 @@ async def owned_prediction(*, session: AsyncSession, owner_id: int, prediction_i
     return await session.scalar(
         select(Prediction).join(Job).where(Prediction.id == prediction_id, Job.owner_id == owner_id)
     )
+
+
+async def verdict_labels(
+    *, session: AsyncSession, redis: Redis, registry: Registry, owner_id: int, ref: str
+) -> tuple[str, list[str]]:
+    """The version ``ref`` (``name@version``, as written in the registry) and the labels a
+    verdict of ``owner_id``'s may name as
+    the right one: of any version people's predictions come from, the retired and disabled ones
+    included, and of a shadow only for someone it answered (promoted, then rolled back into
+    shadow): shadows are not made known to others. Raises 422 for a malformed reference, 404 for
+    an unknown version or one whose labels no worker has published yet."""
+    try:
+        name, version = parse_model_ref(ref)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    entry = next((m for m in registry.models if m.name == name and m.version == version), None)
+    answered_them = (
+        entry is not None
+        and entry.channel == "shadow"
+        and await session.scalar(
+            select(Prediction.id)
+            .join(Job)
+            .where(Prediction.model_name == name, Prediction.model_version == version, Job.owner_id == owner_id)
+            .limit(1)
+        )
+        is not None
+    )
+    if entry is None or entry.benchmark_only or (entry.channel == "shadow" and not answered_them):
+        raise HTTPException(status_code=404, detail=f"Unknown model {ref!r}")
+    labels = await model_labels(redis, entry, session=session)
+    if labels is None:
+        served = entry.enabled and entry.channel != "retired"
+        why = "no worker has published them yet" if served else "it is not served any more"
+        raise HTTPException(status_code=404, detail=f"The labels of {entry.key} are not known: {why}")
+    return entry.key, labels
 
 
 async def check_label(

@@ -20,11 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException
-from sqlalchemy import func, select, text
+from sqlalchemy import column, func, select, table, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.registry.models import ModelVersion, RegistryChange
 from contracts.registry import ModelEntry, Registry
+
+REGISTRY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))")
+"""Taken by every change of the registry's versions, and by a training run taking its number."""
+
+_TRAINING_RUNS = table("training_runs", column("model_name"), column("version"), column("status"))
+"""The training domain's runs, read here by name: training depends on the registry (a run
+registers the version it trained), so the registry cannot import it."""
 
 log = logging.getLogger("api.registry")
 
@@ -121,7 +128,7 @@ async def seed(*, session: AsyncSession, registry: Registry) -> int:
 
     Safe to run from several processes at once: they take turns on a transaction-level lock.
     """
-    await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))"))
+    await session.execute(REGISTRY_LOCK)
     existing = {(v.name, v.version): v for v in await session.scalars(select(ModelVersion))}
     registered_by = {
         (model, version): who
@@ -330,7 +337,7 @@ async def register_version(
             )
     if entry.channel == "stable":
         raise HTTPException(status_code=422, detail="A new version starts as a canary or a shadow; promote it after.")
-    await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))"))
+    await session.execute(REGISTRY_LOCK)
     if next_free:
         entry = entry.model_copy(update={"version": await next_version(session=session, name=entry.name)})
     exists = await session.scalar(
@@ -338,6 +345,8 @@ async def register_version(
     )
     if exists is not None:
         raise _conflict(f"{entry.key} exists already; register the next version.")
+    if entry.version in await reserved_versions(session=session, name=entry.name):
+        raise _conflict(f"{entry.key} is the version a training run still going will register; register another.")
     row = _new_version(entry.model_copy(update={"weight": 0}))
     session.add(row)
     _audit(
@@ -372,17 +381,22 @@ def main_stable(rows: Iterable[ModelVersion]) -> ModelVersion | None:
     return max(stable, key=lambda r: (r.weight, r.version), default=None)
 
 
-async def next_version(*, session: AsyncSession, name: str) -> int:
-    """The number a new version of ``name`` gets: one above its highest, 1 for a new model."""
-    return (
-        int(
-            await session.scalar(
-                select(func.coalesce(func.max(ModelVersion.version), 0)).where(ModelVersion.name == name)
+async def reserved_versions(*, session: AsyncSession, name: str) -> set[int]:
+    """The numbers queued or running training runs of ``name`` will register their versions as."""
+    return set(
+        await session.scalars(
+            select(_TRAINING_RUNS.c.version).where(
+                _TRAINING_RUNS.c.model_name == name, _TRAINING_RUNS.c.status.in_(("queued", "running"))
             )
-            or 0
         )
-        + 1
     )
+
+
+async def next_version(*, session: AsyncSession, name: str) -> int:
+    """The number a new version of ``name`` gets: one above its highest and above those training
+    runs still to register (``reserved_versions``), 1 for a new model."""
+    highest = await session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
+    return max(int(highest or 0), *await reserved_versions(session=session, name=name), 0) + 1
 
 
 async def set_weights(

@@ -14,18 +14,23 @@ class VersionStats(BaseModel):
     channel: str
     heldout_accuracy: float | None
     """Top-1 accuracy on its training run's held-out set, as its workers report it."""
+    heldout_set: str | None = None
+    """Which drawings that held-out set holds: held-out accuracies are compared only on the same."""
+    heldout_size: int | None = None
+    """How many drawings it holds."""
     feedback: int
     """Users' verdicts on its answers (correct or wrong)."""
     feedback_accuracy: float | None
     """Share of those verdicts saying correct; None below ``min_feedback`` verdicts."""
     answers: int
-    """Answers given in the period (as a canary or stable version) or copies answered (as a shadow)."""
+    """Answers given in the period: to people (as a canary or stable version) and as a shadow's copies."""
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     mean_score: float | None
     """Mean top-1 score of those answers."""
     classes: int | None = None
-    """How many classes it answers with, as its workers report it; None while none serves it."""
+    """How many classes it answers with, as its workers report it, or as the labels a worker
+    published once say (``model_versions.labels``); None when neither is known."""
 
 
 class Comparison(BaseModel):

@@ -70,6 +70,13 @@ async def stored_versions(redis: Redis, name: str) -> set[int]:
     return {int(match[1]) for field in fields if (match := folder.fullmatch(field))}
 
 
+async def _unfinished_run(session: AsyncSession, name: str) -> uuid.UUID | None:
+    """A queued or running run of model ``name``, if any."""
+    return await session.scalar(
+        select(TrainingRun.id).where(TrainingRun.model_name == name, TrainingRun.status.in_(UNFINISHED)).limit(1)
+    )
+
+
 async def create_run(
     *,
     session: AsyncSession,
@@ -92,12 +99,10 @@ async def create_run(
     this server, being trained, a file that does not load), 422 for a model that is not a sketch
     model, 503 when its labels are not known yet otherwise (no worker has reported it yet)."""
     base = await _base(session, name, base_version)
-    busy = await session.scalar(
-        select(TrainingRun.id).where(TrainingRun.model_name == name, TrainingRun.status.in_(UNFINISHED)).limit(1)
-    )
-    if busy is not None:
+    if busy := await _unfinished_run(session, name):
         raise HTTPException(status_code=409, detail=f"A training run of {name} is queued or running ({busy}).")
-    categories = await model_labels(redis, base)
+    # PostgreSQL keeps the labels of a version no worker serves any more (a retired base).
+    categories = await model_labels(redis, base, session=session)
     state = (availability or {}).get(base.key)
     if not categories and state is not None and (why := state.reason()):
         # Workers say why they do not serve it (not trained on this server, being trained, a file
@@ -109,16 +114,9 @@ async def create_run(
             detail=f"The labels of {base.key} are not known until a worker serving it has started; retry shortly.",
             headers={"Retry-After": "5"},
         )
-    latest_run = await session.scalar(select(func.max(TrainingRun.version)).where(TrainingRun.model_name == name))
-    version = max(
-        await registry_service.next_version(session=session, name=name),
-        int(latest_run or 0) + 1,
-        max(await stored_versions(redis, name), default=0) + 1,
-    )
     run = TrainingRun(
         id=uuid.uuid4(),
         model_name=name,
-        version=version,
         base_version=base.version,
         status="queued",
         trigger=trigger,
@@ -131,8 +129,22 @@ async def create_run(
     out = data_dir / str(run.id)
     summary = await export_examples(session=session, store=store, out=out, model=name)
     run.examples = await examples.counts(session=session, model_name=name) | {"exported": summary.examples}
-    session.add(run)
     try:
+        # Numbered under the registry's lock, held until the run is committed: a version
+        # registered meanwhile gets another number (``registry.service.next_version`` skips
+        # those runs hold), and this run none a registration just took.
+        await session.execute(registry_service.REGISTRY_LOCK)
+        # Checked again under the lock: a run of the model committed while this one exported.
+        if busy := await _unfinished_run(session, name):
+            raise HTTPException(status_code=409, detail=f"A training run of {name} is queued or running ({busy}).")
+        latest_run = await session.scalar(select(func.max(TrainingRun.version)).where(TrainingRun.model_name == name))
+        version = max(
+            await registry_service.next_version(session=session, name=name),
+            int(latest_run or 0) + 1,
+            max(await stored_versions(redis, name), default=0) + 1,
+        )
+        run.version = version
+        session.add(run)
         await session.commit()
     except IntegrityError:
         await session.rollback()
@@ -286,7 +298,7 @@ async def auto_promote(
         if row is None:
             decision = "not promoted: the version is no longer registered"
         elif row.channel != "shadow":
-            decision = f"not promoted: an admin moved it to {row.channel} first"
+            decision = f"not promoted: it was moved to {row.channel} first (the registry's changes say by whom)"
         elif not row.enabled:
             decision = "not promoted: an admin disabled it"
         elif stable is None or stable.version != run.base_version:
