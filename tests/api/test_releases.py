@@ -333,3 +333,27 @@ async def test_a_version_keeps_the_answers_it_gave_as_a_shadow_and_to_people(own
         )
     assert comparison.candidate.answers == 2, comparison.candidate
     assert comparison.candidate.latency_p50_ms == 20.0 and comparison.candidate.mean_score == 0.6, comparison.candidate
+
+
+async def test_the_serving_list_says_a_version_is_retired_or_disabled(own_stack: Stack) -> None:
+    """Administration's list of versions says why each is not served in words that help: retired
+    or disabled, not nothing, nor "no live model worker" as if a worker were missing."""
+    from sqlalchemy import update
+
+    from api.app.catalog.service import ModelAvailability
+    from api.app.registry.models import ModelVersion
+
+    async with own_stack.app.state.sessionmaker() as session:
+        for version, values in ((1, {"channel": "retired"}), (2, {"enabled": False})):
+            await session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.name == "sketch", ModelVersion.version == version)
+                .values(**values)
+            )
+        await session.commit()
+        served = {f"sketch@{v}": ModelAvailability(workers=1, num_classes=6) for v in (1, 2, 3)}
+        versions = await releases_service.serving(session=session, availability=served, shares={})
+    reasons = {v.version: v.unavailable_reason for v in versions if v.name == "sketch"}
+    assert reasons[3] is None, reasons
+    assert reasons[1] is not None and reasons[1].startswith("it is retired"), reasons
+    assert reasons[2] is not None and reasons[2].startswith("it is disabled"), reasons

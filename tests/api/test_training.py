@@ -474,6 +474,9 @@ def test_a_retrained_versions_name_fits_however_long_its_bases() -> None:
         a_run(18, status="done", base=16), base.model_copy(update={"display_name": "Sketch"})
     )
     assert short.display_name == "Sketch (v18, retrained)"
+    # Retrained from a retrained version: named after the original, not after the chain.
+    again = training_service.trained_entry(a_run(19, status="done", base=18), short)
+    assert again.display_name == "Sketch (v19, retrained)"
 
 
 async def test_a_cancel_that_meets_a_run_just_ended_answers_409_and_marks_nothing(own_stack: Stack) -> None:

@@ -229,7 +229,7 @@ async def serving(
                 weight_share=round(shares.get((row.name, row.version), 0.0), 4),
                 workers=state.workers if state else 0,
                 memory_mib=state.memory_mib if state else None,
-                unavailable_reason=state.reason() if state else (None if not row.enabled else NOT_SERVED),
+                unavailable_reason=None if _serves(row, state) else _why_not_served(row, state),
                 heldout_accuracy=state.heldout_accuracy if state else None,
                 feedback=count,
                 feedback_accuracy=round(correct / count, 4) if count >= MIN_FEEDBACK else None,
@@ -260,6 +260,12 @@ async def labelled_images(*, session: AsyncSession, name: str, limit: int) -> li
         .limit(limit)
     )
     return [evaluations.LabelledImage(image_id, sha256, label) for image_id, sha256, label in rows]
+
+
+def _serves(row: ModelVersion, state: ModelAvailability | None) -> bool:
+    """Whether people's requests can reach the version now: enabled, not retired, and loaded by a
+    live worker."""
+    return row.enabled and row.channel != "retired" and state is not None and state.available
 
 
 def _why_not_served(row: ModelVersion, state: ModelAvailability | None) -> str:

@@ -360,12 +360,15 @@ async def auto_promote(
 
 DISPLAY_NAME_MAX = 200
 """``ModelEntry.display_name``'s limit."""
+_RETRAINED_SUFFIX = re.compile(r"( \(v[0-9]+, retrained\))+$")
 
 
 def _retrained_name(base_name: str, version: int) -> str:
-    """``"<base name> (vN, retrained)"``, the base's name shortened (ending in "…") so that the
+    """``"<base name> (vN, retrained)"`` (the base's own "(vM, retrained)" left out), the base's name shortened (ending in "…") so that the
     whole stays within DISPLAY_NAME_MAX: a base named up to the limit must not make its
     retrained version's entry invalid (its run would never be registered)."""
+    # A version retrained from a retrained one is named after the original, not after a chain.
+    base_name = _RETRAINED_SUFFIX.sub("", base_name)
     suffix = f" (v{version}, retrained)"
     room = DISPLAY_NAME_MAX - len(suffix)
     if len(base_name) > room:
