@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import shutil
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import redis
 import redis.asyncio as aioredis
 import yaml
@@ -36,17 +39,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_sessionmaker
+from api.app.core.errors import DB_ERRORS
 from api.app.core.security import PasswordHasher
+from api.app.exports.service import check_known
 from api.app.feedback.export import ExportSummary, export_feedback
 from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.registry import service as registry_service
+from api.app.registry.live import LiveRegistry
 from api.app.registry.models import ModelVersion
 from api.app.releases import service as releases_service
 from api.app.users.models import Role
 from api.app.users.service import check_password_policy, create_user
 from contracts import workers
-from contracts.registry import ModelEntry
+from contracts.registry import ModelEntry, load_registry
 
 
 @asynccontextmanager
@@ -75,10 +81,61 @@ async def _create_user(email: str, password: str, name: str, admin: bool) -> int
 
 
 async def _export_feedback(out: Path, model: str | None, version: int | None) -> ExportSummary:
+    """Raises HTTPException 404 for a model or version the registry does not know, as
+    ``GET /v1/admin/feedback-export`` answers it (the registry as the API serves it: PostgreSQL's,
+    else the file's), before ``out`` is touched."""
     settings = get_settings()
     async with _session(settings) as session:
+        registry = LiveRegistry(load_registry(settings.registry_path))
+        await registry.refresh(session)
+        check_known(registry=registry.current, model=model, version=version)
         store = LocalBlobStore(settings.storage_dir)
         return await export_feedback(session=session, store=store, out=out, model=model, version=version)
+
+
+def _export_error(exc: BaseException, out: Path) -> str | None:
+    """The line a failed ``export-feedback`` into ``out`` is reported with; None for an error that
+    is a bug (shown with its traceback)."""
+    if isinstance(exc, HTTPException):
+        return str(exc.detail)
+    if isinstance(exc, FileExistsError):
+        return str(exc)
+    if isinstance(exc, (*DB_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, socket.gaierror, TimeoutError)):
+        # The driver's own words, on one line (no credentials in them): refused, timed out, unknown
+        # host, database or user; sqlalchemy's wrapper would add the statement and a link. Checked
+        # before OSError: a refused connection or a host not found is one, a write error never them.
+        said = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        return f"the database cannot be used ({type(exc).__name__}: {said}); nothing was exported"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or out}; nothing was exported"
+    return None
+
+
+def _missing_from(out: Path) -> Path | None:
+    """The outermost of ``out`` and its parents that does not exist: what an export into ``out``
+    creates (None: ``out`` exists)."""
+    missing = None
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing = folder
+    return missing
+
+
+def _undo_export(out: Path, created: Path | None) -> None:
+    """After a failed export: removes the folders it created, or what it wrote into ``out`` when
+    that was an empty folder already, so that neither an empty nor a half-written folder is left
+    (a half-written one would also refuse the next export as not empty)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    if not out.is_dir():
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 async def _sweep_blobs(older_than_hours: float, dry_run: bool) -> images_service.Sweep:
@@ -176,6 +233,41 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
         _print_versions(changed.versions)
 
 
+def _export_command(out: Path, model: str | None, version: int | None) -> int:
+    """``export-feedback``: the export into ``out``, its summary on stdout; the exit code. A
+    failure is one line on stderr (exit 1; 130 for Ctrl-C), and leaves ``out`` as it was."""
+    try:
+        if out.exists() and not out.is_dir():
+            print(f"error: {out} is not a folder; export into a new folder", file=sys.stderr)
+            return 1
+        created = _missing_from(out)
+        was_empty = created is None and not any(out.iterdir())
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}: {exc.filename or out}", file=sys.stderr)
+        return 1
+    try:
+        summary = asyncio.run(_export_feedback(out, model, version))
+    except BaseException as exc:
+        # Undone unless refused before writing (an unknown model, a folder not empty): then nothing there is ours.
+        if (created is not None or was_empty) and not isinstance(exc, (HTTPException, FileExistsError)):
+            _undo_export(out, created)
+        if isinstance(exc, KeyboardInterrupt):
+            print("error: interrupted; nothing was exported", file=sys.stderr)
+            return 130
+        message = _export_error(exc, out)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    models = ", ".join(f"{name} {count}" for name, count in sorted(summary.by_model.items())) or "none"
+    print(
+        f"exported {summary.examples} labelled images to {out} ({models}); "
+        f"{summary.superseded} verdicts replaced by later ones, {summary.unlabelled} without a label, "
+        f"{summary.missing} images missing from the store"
+    )
+    return 0
+
+
 def _registry_parser(sub: Any) -> None:
     registry = sub.add_parser("registry", help="list and change the model registry (live, audited)")
     actions = registry.add_subparsers(dest="action", required=True)
@@ -220,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     export.add_argument("out", type=Path, help="a new or empty folder")
     export.add_argument("--model", help="only this model's predictions (e.g. sketch)")
-    export.add_argument("--version", type=int, help="only this version of --model")
+    export.add_argument("--version", type=int, help="only this version of --model (1 or more)")
     sweep = sub.add_parser(
         "sweep-blobs", help="delete stored blobs no image references (left by uploads that failed mid-way)"
     )
@@ -256,18 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export-feedback":
         if args.version is not None and args.model is None:
             parser.error("--version needs --model")
-        try:
-            summary = asyncio.run(_export_feedback(args.out, args.model, args.version))
-        except FileExistsError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        models = ", ".join(f"{name} {count}" for name, count in sorted(summary.by_model.items())) or "none"
-        print(
-            f"exported {summary.examples} labelled images to {args.out} ({models}); "
-            f"{summary.superseded} verdicts replaced by later ones, {summary.unlabelled} without a label, "
-            f"{summary.missing} images missing from the store"
-        )
-        return 0
+        if args.version is not None and args.version < 1:
+            parser.error("--version must be 1 or more")
+        return _export_command(args.out, args.model, args.version)
 
     password = args.password or getpass.getpass("Password: ")
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from api.app.core import metrics
 from api.app.core.body_limits import BodyLimitMiddleware
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_read_sessionmaker, make_sessionmaker, open_pool
-from api.app.core.errors import DB_ERRORS, OutageLog, install_allow_header, install_outage_handlers
+from api.app.core.errors import OutageLog, install_allow_header, install_outage_handlers, is_outage
 from api.app.core.logging import configure_logging
 from api.app.core.path_guard import PathGuardMiddleware
 from api.app.core.redis import make_redis
@@ -123,9 +122,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.hasher = PasswordHasher(settings)
         state.tokens = VerifiedTokens(settings)
         state.live_registry = live = LiveRegistry(load_registry(settings.registry_path))
-        with contextlib.suppress(*DB_ERRORS):  # PostgreSQL down: the file's registry until it is back
+        try:
             async with state.sessionmaker() as session:
                 await live.refresh(session)
+        except Exception as exc:
+            # PostgreSQL refusing or hanging: the file's registry until it is back.
+            if not is_outage(exc):
+                raise
         state.store = LocalBlobStore(settings.storage_dir)
         state.workers = WorkerDirectory(state.redis)
         state.drift_refresh_lock = asyncio.Lock()

@@ -4,6 +4,7 @@ fit in memory."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -12,6 +13,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and an open file cannot be deleted there anyway
+    fcntl = None  # type: ignore[assignment]
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "jpe", "jfif", "png", "gif", "bmp", "webp", "tif", "tiff"})
 """File name endings the portal accepts (``contracts.imaging.UPLOAD_EXTENSIONS``; this package is
@@ -92,21 +98,91 @@ def would_collect(folder: Path, path: Path) -> bool:
 _temporary: set[Path] = set()
 """Temporary zips not deleted yet, named here before they are made."""
 
+ZIP_PREFIX = "portal-batch-"
+_ZIP_NAME = re.compile(ZIP_PREFIX + r"[0-9]+-[0-9a-f]{32}\.zip")
+"""``portal-batch-<pid>-<random hex>.zip``: a name only ``temporary_zip`` gives (the zips of
+earlier versions, which held no lock, have no pid in theirs and are never swept)."""
+
+
+def _lock(fd: int, path: Path) -> bool:
+    """Holds an exclusive lock on the open file ``fd`` until it is closed; True when ``path``
+    still names that file (a sweep, ``remove_stale_zips``, may have deleted it between its making
+    and the lock)."""
+    assert fcntl is not None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
 
 @contextmanager
 def temporary_zip() -> Iterator[Path]:
     """A new empty temporary file for a batch's zip, deleted when the block ends, however it
     ends, or else by ``remove_temporary_zips`` as the command exits: a run stopped (Ctrl-C, a
     kill, a closed terminal) between the file's making and the block's start would otherwise leave
-    a file that may be gigabytes."""
-    path = Path(tempfile.gettempdir()) / f"portal-batch-{uuid.uuid4().hex}.zip"
-    _temporary.add(path)  # before the file exists: no moment where it exists unlisted
+    a file that may be gigabytes. The file stays locked (flock) while this process lives, so that
+    when it is killed outright (SIGKILL, a crash, the machine's) the next run's
+    ``remove_stale_zips`` knows it as a leftover, and never takes a living run's zip for one."""
+    path, fd = _new_locked_file()
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # before the lock goes: never a moment unlocked
+        if fd >= 0:
+            os.close(fd)
         _temporary.discard(path)
+
+
+def _new_locked_file() -> tuple[Path, int]:
+    """A new empty file in the temporary folder, listed in ``_temporary`` from before it exists,
+    and its descriptor, holding its lock (``_lock``; -1 where there is no flock)."""
+    while True:
+        path = Path(tempfile.gettempdir()) / f"{ZIP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.zip"
+        _temporary.add(path)  # before the file exists: no moment where it exists unlisted
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        if fcntl is None:  # Windows: no flock, nothing swept; an open file could not be deleted
+            os.close(fd)
+            return path, -1
+        try:
+            if _lock(fd, path):
+                return path, fd
+        except BaseException:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            _temporary.discard(path)
+            raise
+        # Swept away between its making and the lock: another name.
+        os.close(fd)
+        _temporary.discard(path)
+
+
+def remove_stale_zips(folder: Path | None = None) -> int:
+    """Deletes the temporary zips (``temporary_zip``) in ``folder`` (default: the temporary folder)
+    whose run is gone however it ended (a SIGKILL, a crash, a power cut), which no ``finally`` of
+    theirs could delete: those nobody holds the lock of. A living run's zip is locked and left
+    alone, as are other users' (which cannot be opened). How many were deleted."""
+    if fcntl is None:
+        return 0
+    removed = 0
+    for path in (folder or Path(tempfile.gettempdir())).glob(f"{ZIP_PREFIX}*.zip"):
+        if not _ZIP_NAME.fullmatch(path.name):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, another user's, or a link
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Held: nobody else holds it, and while this lock is held no run can take it up.
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass  # locked by a living run (BlockingIOError), or gone meanwhile
+        finally:
+            os.close(fd)
+    return removed
 
 
 def remove_temporary_zips() -> None:

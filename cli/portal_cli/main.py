@@ -33,7 +33,15 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from portal_cli.archive import collect, readable, remove_temporary_zips, temporary_zip, would_collect, zip_images
+from portal_cli.archive import (
+    collect,
+    readable,
+    remove_stale_zips,
+    remove_temporary_zips,
+    temporary_zip,
+    would_collect,
+    zip_images,
+)
 from portal_cli.client import Portal, SentBatch
 from portal_cli.config import (
     BatchState,
@@ -340,13 +348,42 @@ def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempot
         )
 
 
-def _check_before_sending(portal: Portal, models: list[str]) -> None:
+NOT_SERVED = "no live model worker serves it"
+"""The catalogue's reason for a version no live worker serves now (``api.app.catalog.service``'s
+NOT_SERVED; this package is installed without the portal's code, and a test keeps the two equal):
+its worker is down or still loading it, which the portal answers with a 503 to retry, not a
+refusal. Any other reason is one its workers gave (not trained, not installed, failed to load),
+which the portal refuses a batch for (422)."""
+
+
+def _unavailable_reason(ref: str, offered: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The version ``ref`` names among ``offered`` (``GET /v1/models``) and the reason the portal
+    would refuse a batch for it, as the portal picks it: a bare name is a served version of it when
+    there is one, else its newest stable (else newest) version. None when the portal would take it,
+    or only say to retry (``NOT_SERVED``)."""
+    name, _, version = ref.partition("@")
+    if version:
+        versions = [m for m in offered if m["ref"] == ref]
+    elif any(m["available"] for m in offered if m["name"] == name):
+        return None
+    else:
+        same = [m for m in offered if m["name"] == name]
+        stable = [m for m in same if m.get("channel") == "stable"] or same
+        versions = sorted(stable, key=lambda m: int(m["version"]))[-1:]
+    for entry in versions:
+        reason = entry.get("reason")
+        if not entry["available"] and reason and reason != NOT_SERVED:
+            return str(entry["ref"]), str(reason)
+    return None
+
+
+def _check_before_sending(portal: Portal, models: list[str]) -> list[dict[str, Any]]:
     """Refuses, before anything is zipped or sent (the portal reads a whole batch before it
     answers), a credential that may not read or may not send (an API key without the read or the
     predict scope: PortalError 3) and a model the portal does not offer (PortalError 1). Without
     the read scope the upload would work and make a batch whose progress and results the run could
-    never fetch; without the predict scope the whole upload would be sent for a 403. Whether a
-    known model is served now is left to the portal (one loading is a moment's 503)."""
+    never fetch; without the predict scope the whole upload would be sent for a 403. The
+    catalogue (``GET /v1/models``), for ``_check_available``."""
     scopes = portal.key_scopes()
     if scopes is not None and "predict" not in scopes:
         raise PortalError(
@@ -361,13 +398,25 @@ def _check_before_sending(portal: Portal, models: list[str]) -> None:
             ExitCode.AUTH,
         ) from None
     if not models:
-        return
+        return offered
     known = {m["ref"] for m in offered} | {m["name"] for m in offered}
     if unknown := [ref for ref in models if ref not in known]:
         served = sorted(m["ref"] for m in offered if m["available"])
         raise PortalError(
             f"Unknown model {unknown[0]!r} on {portal.url}; models served now: {', '.join(served) or 'none'}."
         )
+    return offered
+
+
+def _check_available(offered: list[dict[str, Any]], models: list[str]) -> None:
+    """Refuses (PortalError 1), before anything is zipped or sent, a model of ``models`` the
+    portal would refuse a new batch for, with the catalogue's reason (not trained yet, not
+    installed, failed to load: ``_unavailable_reason``). A version without a live worker now is
+    left to the portal (a worker restarting or loading is a moment's 503, see ``NOT_SERVED``).
+    Not asked of a batch the portal has received already: that one waits for its versions."""
+    for ref in models:
+        if (refused := _unavailable_reason(ref, offered)) is not None:
+            raise PortalError(f"Model {refused[0]} is unavailable: {refused[1]}; nothing was sent.")
 
 
 def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> SentBatch:
@@ -382,7 +431,7 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
     unchanged input is the same request (``zip_images`` writes the same bytes), so a send that
     arrives meanwhile is still answered with its batch."""
     source = Path(state.source)
-    _check_before_sending(portal, state.models)
+    offered = _check_before_sending(portal, state.models)
     if resend and (earlier := portal.batch_sent_with(resend)) is not None:
         state.idempotency_key, state.batch_id = resend, str(earlier["id"])
         states.remember(state)
@@ -394,6 +443,7 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
                 f"(--new sends {source} as it is now)."
             )
         return SentBatch(batch_id=state.batch_id, batch=None, replayed=True)
+    _check_available(offered, state.models)
     with contextlib.ExitStack() as temporary:
         archive = source
         if source.is_dir():
@@ -547,6 +597,8 @@ def batch(
     models = _models(model)
     batch_id: str | None = None
     with _reported(), _alone(states, key, source), open_portal(url, api_key) as portal:
+        if stale := remove_stale_zips():
+            _note(f"Deleted {stale} temporary zip(s) left by runs of `portal batch` that were killed.")
         remembered = states.get(key)
         if remembered is None and (damaged := states.unreadable(key)) is not None:
             _note(

@@ -140,6 +140,30 @@ async def test_a_postgres_that_hangs_gives_503_not_500(
         await asyncio.sleep(0.2)
 
 
+async def test_a_postgres_that_hangs_is_an_outage_for_readiness_and_the_background_tasks(
+    private_postgres: PostgresServer,
+    signed_in: tuple[httpx.AsyncClient, dict[str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Hung rather than refusing, PostgreSQL makes the background tasks (registry refresh,
+    reconciler, batch lane, export runner, ...) meet asyncpg's TimeoutError: each is the outage it
+    is, one line per OUTAGE_LOG_INTERVAL_SECONDS (10 s), not an error with a traceback every
+    second or so. Readiness says so within its CHECK_SECONDS, not after the statement timeout."""
+    client, _headers = signed_in
+    caplog.set_level(logging.WARNING)
+    with private_postgres.frozen():
+        start = time.perf_counter()
+        ready = await client.get("/health/ready")
+        seconds = time.perf_counter() - start
+        await asyncio.sleep(7)  # the tasks' connect (2 s) and statement (10 s) timeouts run out
+    assert ready.status_code == 503 and seconds < 3.5, (ready.status_code, seconds)
+    assert ready.json()["checks"]["postgresql"]["status"] == "fail"
+    tracebacks = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info]
+    assert not tracebacks, tracebacks
+    lines = [r for r in caplog.records if "postgresql unavailable" in r.getMessage()]
+    assert len(lines) == 1 and "TimeoutError" in lines[0].getMessage(), [r.getMessage() for r in lines]
+
+
 def test_prestart_gives_up_with_a_readable_message(tmp_path: object) -> None:
     import subprocess
     import sys
@@ -185,6 +209,25 @@ async def test_the_api_starts_while_postgres_is_down_and_answers_503(
         deadline = time.monotonic() + 20
         while (r := await client.post("/login", data=login)).status_code != 200:
             assert time.monotonic() < deadline, r.text
+
+
+async def test_the_api_starts_while_postgres_hangs(private_postgres: PostgresServer, settings: Settings) -> None:
+    """A PostgreSQL that hangs at start-up (a frozen host, a cut network) is an outage as one that
+    refuses: the API starts on the file's registry and answers 503, then serves once it is back."""
+    private = settings.model_copy(update={"database_url": private_postgres.url})
+    await asyncio.to_thread(migrate, private.database_url)
+    await seed_admin(private)
+    login = {"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+    with private_postgres.frozen():
+        start = time.perf_counter()
+        async for client in client_for(create_app(private)):
+            assert time.perf_counter() - start < 15
+            assert (await client.get("/health/live")).status_code == 200
+            r = await client.post("/login", data=login)
+            assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+            break
+    async for client in client_for(create_app(private)):
+        assert (await client.post("/login", data=login)).status_code == 200
 
 
 def begin_smart_shutdown(server: PostgresServer) -> None:

@@ -14,15 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from fastapi import HTTPException
 from PIL import Image
+from sqlalchemy import update
 
+from api.app.core.config import Settings
+from api.app.explanations import service
 from api.app.explanations.service import refuse_failed
 from api.app.images.service import VIEW_SIZE
 from api.app.images.storage import LocalBlobStore
+from api.app.predictions.models import Prediction
+from contracts import keys
 from contracts.imaging import inspect_image
 from contracts.messages import Explanation, ExplanationStatus
-from tests.api.conftest import Stack
+from tests.api.conftest import Stack, stored_job
 from tests.api.test_releases import canvas_drawings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
 from tests.support import PHOTOS, QUICKDRAW, ROOT, start_explainer
@@ -205,3 +211,78 @@ def test_a_failure_of_the_explainer_is_a_502_without_its_details() -> None:
         refuse_failed(unreadable, key="sketch@1")
     assert raised.value.status_code == 422 and "cannot identify image" in str(raised.value.detail)
     refuse_failed(answer.model_copy(update={"status": ExplanationStatus.ok}), key="sketch@1")
+
+
+async def test_a_cached_heatmap_of_a_version_retired_since_is_422_and_an_unanswered_prediction_says_so(
+    own_stack: Stack,
+) -> None:
+    """The rule for a version retired or disabled since its answer (422 "not explainable any
+    more") holds for a heatmap cached before as for one still to compute; a prediction a worker is
+    computing (queued in PostgreSQL, running in Redis) is "not answered yet", not "queued"."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    owner_id = (await client.get("/v1/users/me", headers=admin)).json()["id"]
+    image = await client.post("/v1/images", files={"file": ("c.png", canvas_drawings("cat", 1)[0])}, headers=admin)
+    assert image.status_code == 201, image.text
+    image_id, sha256 = image.json()["id"], image.json()["sha256"]
+    redis = aioredis.Redis.from_url(own_stack.redis_server.url)
+
+    _job, running = await stored_job(own_stack.app, owner_id=owner_id, image_id=image_id, status="queued")
+    await redis.set(keys.job_running_key(str(running.id)), b"1", ex=60)
+    r = await client.get(f"/v1/predictions/{running.id}/explanation", headers=admin)
+    assert r.status_code == 409 and "not answered yet" in r.json()["detail"], r.text
+
+    _job, done = await stored_job(own_stack.app, owner_id=owner_id, image_id=image_id, status="done")
+    async with own_stack.app.state.sessionmaker() as session:
+        await session.execute(
+            update(Prediction).where(Prediction.id == done.id).values(model_name="sketch", model_version=2, label="cat")
+        )
+        await session.commit()
+    cached = Explanation(
+        model="sketch",
+        version=2,
+        twin="sketch@2",
+        sha256=sha256,
+        label="cat",
+        explainer_id="e",
+        status=ExplanationStatus.ok,
+        heatmap=[[0.5] * 7] * 7,
+    )
+    await redis.set(keys.explanation_key(owner_id, sha256, "sketch", 2), cached.model_dump_json(), ex=600)
+    url = f"/v1/predictions/{done.id}/explanation"
+    r = await client.get(url, headers=admin)
+    assert r.status_code == 200 and r.json()["cached"], r.text
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/2",
+        json={"channel": "retired", "reason": "superseded"},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get(url, headers=admin)
+    await redis.aclose()
+    assert r.status_code == 422 and "not explainable any more" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("size", [(4000, 2), (20000, 2), (2, 4000)])
+def test_the_overlay_of_a_sliver_is_drawn_on_a_band_of_at_most_4_to_1(tmp_path: Path, size: tuple[int, int]) -> None:
+    """A picture far longer than wide is drawn at VIEW_SIZE on a plain band of 4:1, as the UI
+    shows it, not as a strip one pixel thick; the heat of each place along it goes across the band,
+    so hot and cold ends are told apart at a glance."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, (30, 90, 200)).save(buf, format="PNG")
+    data = buf.getvalue()
+    sha256 = hashlib.sha256(data).hexdigest()
+    asyncio.run(LocalBlobStore(tmp_path).put(sha256, data))
+    hot_start = [[1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0] for _ in range(7)]  # hot at the left (top) end
+    tall = size[1] > size[0]
+    heatmap = [list(column) for column in zip(*hot_start, strict=True)] if tall else hot_start
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    png = asyncio.run(
+        service.overlay_png(store=LocalBlobStore(tmp_path), settings=settings, sha256=sha256, heatmap=heatmap)
+    )
+    shown = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int32)
+    assert shown.shape[:2] == ((VIEW_SIZE, VIEW_SIZE // 4) if tall else (VIEW_SIZE // 4, VIEW_SIZE))
+    # Along the band's edge (no picture there), the hot end is red and the cold end is not.
+    edge = shown[:, 0] if tall else shown[0]
+    hot, cold = edge[: VIEW_SIZE // 10], edge[-VIEW_SIZE // 10 :]
+    assert (hot[:, 0] - hot[:, 2]).mean() > 100 > (cold[:, 0] - cold[:, 2]).mean(), (hot.mean(0), cold.mean(0))

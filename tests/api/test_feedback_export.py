@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from api.app.images.storage import LocalBlobStore
 from model.training.train_sketch import load_feedback
 from tests.conftest import Users
 from tests.images import encode
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -199,3 +201,72 @@ def test_cli_exports_into_a_new_folder_only(settings: Settings, tmp_path: Path) 
     assert again.returncode == 1 and "not empty" in again.stderr
     lonely = subprocess.run([*cmd[:5], "--version", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert lonely.returncode == 2 and "--version needs --model" in lonely.stderr
+
+
+def test_cli_refuses_what_it_cannot_export_in_one_line(settings: Settings, tmp_path: Path) -> None:
+    """A model or version the registry does not know is refused as the route refuses it (a typo
+    would otherwise be an empty training set); an OUT that cannot be written, or PostgreSQL down,
+    is one line and exit 1. None of them leaves a folder behind."""
+    env = {
+        "DATABASE_URL": settings.database_url,
+        "STORAGE_DIR": str(settings.storage_dir),
+        "PYTHONPATH": str(ROOT),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+
+    def export(out: Path, *args: str, **more_env: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "api.cli", "export-feedback", str(out), *args]
+        return subprocess.run(cmd, env={**env, **more_env}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    out = tmp_path / "new" / "out"
+    refused = [
+        (["--model", "nope"], 1, "error: No model named 'nope'."),
+        (["--model", "sketch", "--version", "9"], 1, "error: sketch has no version 9."),
+        (["--model", "mobilenet_v2", "--version", "0"], 2, "--version must be 1 or more"),
+        (["--model", "mobilenet_v2", "--version", "-1"], 2, "--version must be 1 or more"),
+    ]
+    for args, code, said in refused:
+        done = export(out, *args)
+        assert done.returncode == code and said in done.stderr.strip().splitlines()[-1], (args, done.stderr)
+        assert done.stdout == "" and "Traceback" not in done.stderr, (args, done.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    down = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/portal"
+    failing = [
+        (export(a_file), "is not a folder"),
+        (export(Path("/proc/no-such-process/out")), "/proc/no-such-process"),
+        (export(out, "--model", "sketch", DATABASE_URL=down), "the database cannot be used"),
+    ]
+    for done, said in failing:
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and said in done.stderr, done.stderr
+    assert a_file.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+async def test_cli_export_that_fails_half_way_leaves_no_folder(
+    client: httpx.AsyncClient, settings: Settings, users: Users, tmp_path: Path
+) -> None:
+    """An export that fails once it has begun writing (here a blob the store cannot read) takes
+    the folders it made with it, and says so in one line."""
+    _, headers = await users.create()
+    data = drawing()
+    answer = await classify(client, headers, data, "sketch@1")
+    await verdict(client, headers, prediction_id=answer["results"]["sketch@1"]["id"], is_correct=True)
+    storage = tmp_path / "storage"
+    await asyncio.to_thread(shutil.copytree, settings.storage_dir, storage)
+    sha = answer["image_file_name"].split(".")[0]
+    (storage / sha[:2] / sha).unlink()
+    (storage / sha[:2] / sha).mkdir()  # opening it fails, as a failing disk would
+    env = {
+        "DATABASE_URL": settings.database_url,
+        "STORAGE_DIR": str(storage),
+        "PYTHONPATH": str(ROOT),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+    cmd = [sys.executable, "-m", "api.cli", "export-feedback", str(tmp_path / "new" / "out"), "--model", "sketch"]
+    done = await asyncio.to_thread(subprocess.run, cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and f"Is a directory: {storage}" in done.stderr, done.stderr
+    assert not (tmp_path / "new").exists()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -14,12 +16,14 @@ import httpx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
 from api.app.core.config import Settings
 from api.app.main import create_app
+from tests.api.test_catalog import _announce
 from tests.api.test_predictions import noise_png
 from tests.conftest import Users, client_for
-from tests.support import ROOT, http_ok, start_api, wait_until
+from tests.support import ROOT, RedisServer, http_ok, start_api, wait_until
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -193,3 +197,52 @@ def test_api_processes_remove_their_gauge_files(settings: Settings, tmp_path: Pa
         api.stop()
     assert not gauge_pids()
     assert list(tmp_path.glob("counter_*.db"))  # counts of every process stay
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_gauges_tell_a_redis_outage_rather_than_freeze(
+    processes: int, settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """With Redis gone the API can neither see a worker nor a queue: ``portal_live_workers`` is 0
+    (an alert on no live worker fires), ``portal_queue_depth`` has no number (no sample, or NaN
+    where several processes share PROMETHEUS_MULTIPROC_DIR), and ``portal_dependency_up`` says
+    which dependency is out of reach, instead of the last values read before the outage."""
+    multiprocess = {"API_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)} if processes > 1 else {}
+    api, url = start_api(
+        "metrics-outage", settings, REDIS_URL=private_redis.url, RECONCILE_INTERVAL_SECONDS="0.5", **multiprocess
+    )
+    redis = Redis.from_url(private_redis.url)
+
+    async def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with httpx.AsyncClient(base_url=url) as client:
+            return await scrape(client)
+
+    async def until(check: object, what: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        deadline = time.monotonic() + 20
+        while not (check(now := await samples())):  # type: ignore[operator]
+            assert time.monotonic() < deadline, (what, now)
+            await asyncio.sleep(0.2)
+        return now
+
+    def depths(now: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> list[float]:
+        return [v for (name, _), v in now.items() if name == "portal_queue_depth"]
+
+    try:
+        await _announce(redis, "metrics-worker")
+        before = await until(
+            lambda now: value(now, "portal_live_workers") == 1 and depths(now), "a live worker and the queues read"
+        )
+        assert value(before, "portal_dependency_up", dependency="redis") == 1
+        assert value(before, "portal_dependency_up", dependency="postgresql") == 1
+        await redis.aclose()
+        await asyncio.to_thread(private_redis.stop)
+        after = await until(
+            lambda now: value(now, "portal_dependency_up", dependency="redis") == 0 == value(now, "portal_live_workers")
+            and all(math.isnan(d) for d in depths(now)),
+            "the outage told",
+        )
+        assert value(after, "portal_dependency_up", dependency="postgresql") == 1
+        if processes == 1:
+            assert not depths(after)
+    finally:
+        api.stop()

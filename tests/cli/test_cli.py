@@ -25,10 +25,12 @@ import pytest
 from PIL import Image
 
 from api.app.batches.service import _fingerprint
+from api.app.catalog.service import NOT_SERVED as CATALOGUE_NOT_SERVED
 from api.app.core.config import Settings
 from contracts.imaging import UPLOAD_EXTENSIONS
 from portal_cli.archive import IMAGE_EXTENSIONS, collect, temporary_zip, zip_images
 from portal_cli.config import BatchState, BatchStates, config_path
+from portal_cli.main import NOT_SERVED, _unavailable_reason
 from tests.cli.conftest import Account, run, stored
 from tests.images import noise_png
 from tests.support import PHOTOS, Service, free_port
@@ -133,6 +135,73 @@ def test_a_refused_file_is_one_line_and_exit_1(logged_in: Account, tmp_path: Pat
     error = one_line(misnamed.stderr)
     assert misnamed.exit_code == 1 and "Unknown model 'no_such_model@9'" in error and MODEL in error, error
     assert batches(logged_in)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
+
+
+def test_a_model_the_portal_refuses_batches_for_is_refused_before_anything_is_zipped(
+    logged_in: Account, tmp_path: Path
+) -> None:
+    """A version the catalogue lists but its workers say cannot answer (not trained on this
+    server, not installed, failed to load) is refused as the portal refuses its batch (422, the
+    catalogue's reason), before the folder is zipped and sent; by name too when no version of it
+    is served."""
+    headers = logged_in.headers()
+    offered = httpx.get(f"{logged_in.url}/v1/models", headers=headers).json()["data"]
+    broken = [m for m in offered if not m["available"] and m["reason"] not in (None, NOT_SERVED)]
+    assert broken, offered
+    entry = broken[0]
+    said = f"Model {entry['ref']} is unavailable: {entry['reason']}"
+    # What the portal answers that batch itself, after its upload.
+    r = httpx.post(
+        f"{logged_in.url}/v1/batches",
+        files={"file": ("a.png", noise_png())},
+        data={"models": entry["ref"]},
+        headers=headers,
+    )
+    assert r.status_code == 422 and r.json()["detail"] == said, r.text
+    folder = tmp_path / "collection"
+    make_images(folder, 3)
+    refs = [entry["ref"]]
+    if not any(m["available"] for m in offered if m["name"] == entry["name"]):
+        refs.append(entry["name"])
+    for ref in refs:
+        result = run("batch", str(folder), "-m", ref, "--out", str(tmp_path / "out.csv"))
+        assert "Zipping" not in result.stderr and "Uploading" not in result.stderr, result.stderr
+        error = one_line(result.stderr)
+        assert result.exit_code == 1 and error.startswith(f"portal: {said}") and "nothing was sent" in error, error
+    assert batches(logged_in)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
+
+
+def test_only_what_the_portal_refuses_is_refused_before_sending() -> None:
+    """A version no live worker serves now (its worker restarting, or loading it) is the
+    portal's to answer (503, retry), as are a bare name with a served version and a version that
+    serves; a version whose workers said why it cannot answer is refused, and a bare name with
+    none served by its newest stable version's reason."""
+
+    def version(ref: str, channel: str, available: bool, reason: str | None) -> dict[str, object]:
+        name, _, number = ref.partition("@")
+        return {
+            "ref": ref,
+            "name": name,
+            "version": int(number),
+            "channel": channel,
+            "available": available,
+            "reason": reason,
+        }
+
+    not_trained = "it has not been trained on this server yet"
+    offered = [
+        version("sketch@2", "canary", False, NOT_SERVED),
+        version("sketch@3", "stable", False, not_trained),
+        version("birds@1", "stable", False, NOT_SERVED),
+        version("mobilenet_v2@1", "stable", True, None),
+        version("resnet50@1", "stable", False, "its model files are not installed on this server"),
+        version("resnet50@2", "canary", True, None),
+    ]
+    assert NOT_SERVED == CATALOGUE_NOT_SERVED
+    assert _unavailable_reason("sketch@3", offered) == ("sketch@3", not_trained)
+    assert _unavailable_reason("sketch", offered) == ("sketch@3", not_trained)
+    for ref in ("sketch@2", "birds@1", "birds", "mobilenet_v2@1", "mobilenet_v2", "resnet50"):
+        assert _unavailable_reason(ref, offered) is None, ref
 
 
 def test_a_directory_of_200_images_as_a_batch(logged_in: Account, tmp_path: Path) -> None:
@@ -499,6 +568,64 @@ def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(
         sending.kill()
     assert sending.returncode == code and list(temporary.iterdir()) == [], err
     assert "portal: terminated" in err and "Run the same command again" in err, err
+
+
+def test_a_killed_runs_zip_is_deleted_by_the_next_run_and_a_living_runs_is_not(
+    logged_in: Account, tmp_path: Path
+) -> None:
+    """A run killed outright (SIGKILL: no ``finally`` runs) while it zips or uploads leaves its
+    temporary zip; the next ``portal batch`` deletes it, and never the zip of a run still going."""
+    folder, temporary = tmp_path / "collection", tmp_path / "tmp"
+    make_images(folder, 500)
+    temporary.mkdir()
+    killed = start_batch(folder, tmp_path / "results.csv", TMPDIR=str(temporary))
+    try:
+        deadline = time.monotonic() + 60
+        while not list(temporary.iterdir()):
+            assert killed.poll() is None, killed.communicate()
+            assert time.monotonic() < deadline, "no zip was written"
+            time.sleep(0.01)
+        killed.kill()
+        killed.communicate(timeout=30)
+    finally:
+        killed.kill()
+    (left,) = list(temporary.iterdir())
+    # Another run, still going, holding its zip.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_ZIP],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(temporary)},
+    )
+    try:
+        assert holder.stdout is not None
+        living = Path(holder.stdout.readline().strip())
+        assert living.parent == temporary and living.exists(), living
+        other = tmp_path / "other"
+        make_images(other, 2)
+        done = subprocess.run(
+            [str(PORTAL), "batch", str(other), "-m", MODEL, "--out", str(tmp_path / "other.csv")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TMPDIR": str(temporary)},
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Deleted 1 temporary zip(s)" in done.stderr, done.stderr
+        assert not left.exists() and living.exists()
+        assert sorted(temporary.iterdir()) == [living]
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+HOLD_A_ZIP = """
+import sys, time
+from portal_cli.archive import temporary_zip
+with temporary_zip() as path:
+    print(path, flush=True)
+    time.sleep(120)
+"""
 
 
 def test_the_same_images_zip_to_the_same_bytes_whatever_their_files_times(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 
 from api.app.batches import lane
-from api.app.core.errors import DB_ERRORS, REDIS_ERRORS
+from api.app.core.errors import outage_of
 from api.app.predictions.background import JobRuntime
 from contracts import keys, workers
 
@@ -73,12 +73,11 @@ async def run_lane(rt: JobRuntime, stop: asyncio.Event) -> None:
                 last_sweep = time.monotonic()
                 await cancel_orphaned_once(rt)
             await rt.redis_blocking.blpop([keys.BATCH_WAKE], timeout=POLL_SECONDS)
-        except REDIS_ERRORS as exc:
-            rt.outage_log.report("redis", exc)
-        except DB_ERRORS as exc:
-            rt.outage_log.report("postgresql", exc)
-        except Exception:
-            log.exception("batch lane failed")
+        except Exception as exc:
+            if dependency := outage_of(exc):
+                rt.outage_log.report(dependency, exc)
+            else:
+                log.exception("batch lane failed")
         else:
             continue
         with contextlib.suppress(TimeoutError):

@@ -156,7 +156,18 @@ def database_status(exc: BaseException) -> int:
 def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` means Redis or PostgreSQL cannot be reached or refuses connections now (a
     restart, a shutdown, too many clients): the work is to be retried later, not given up."""
-    return isinstance(exc, REDIS_ERRORS) or database_status(exc) == 503
+    return outage_of(exc) is not None
+
+
+def outage_of(exc: BaseException) -> str | None:
+    """The dependency ``exc`` finds out of reach, as ``OutageLog.report`` names it ("redis" or
+    "postgresql"), or None for any other error. PostgreSQL counts whether it refuses (a
+    ``DB_ERRORS``) or hangs (asyncpg's ``TimeoutError``, ``_driver_timeout``)."""
+    if isinstance(exc, REDIS_ERRORS):
+        return "redis"
+    if database_status(exc) == 503:
+        return "postgresql"
+    return None
 
 
 ECHO_LIMIT = 200

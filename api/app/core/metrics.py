@@ -9,6 +9,7 @@ a starting one removes those of processes that died without doing so.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -81,7 +82,17 @@ DRIFT_PSI = Gauge(
     [*MODEL, "signal"],
     multiprocess_mode="livemostrecent",
 )
-LIVE_WORKERS = Gauge("portal_live_workers", "Model workers with a live heartbeat", multiprocess_mode="livemostrecent")
+LIVE_WORKERS = Gauge(
+    "portal_live_workers",
+    "Model workers with a live heartbeat the API can read (0 while Redis is out of its reach)",
+    multiprocess_mode="livemostrecent",
+)
+DEPENDENCY_UP = Gauge(
+    "portal_dependency_up",
+    "1 when the API reached the dependency (redis, postgresql) at its last gauge refresh, else 0",
+    ("dependency",),
+    multiprocess_mode="livemostrecent",
+)
 
 LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 
@@ -114,6 +125,17 @@ def forget_this_process() -> None:
     """Removes this process's live-gauge files, when it stops; nothing without PROMETHEUS_MULTIPROC_DIR."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         mark_process_dead(os.getpid())
+
+
+def forget_queue_depths() -> None:
+    """Stops exporting ``portal_queue_depth`` until it is read again (Redis out of reach): no
+    sample rather than a frozen one. prometheus-client cannot remove a sample in multiprocess
+    mode, so there each becomes NaN, which no comparison in an alert matches."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        for labels in QUEUE_DEPTH._metrics:  # the label values this process has set
+            QUEUE_DEPTH.labels(*labels).set(math.nan)
+    else:
+        QUEUE_DEPTH.clear()
 
 
 def observe_result(result: ResultMessage) -> None:

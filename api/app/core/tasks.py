@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from api.app.core.errors import DB_ERRORS, REDIS_ERRORS, OutageLog
+from api.app.core.errors import OutageLog, outage_of
 
 log = logging.getLogger("api.tasks")
 
@@ -17,15 +17,15 @@ async def run_every(
     seconds: float, step: Callable[[], Awaitable[None]], *, name: str, stop: asyncio.Event, outage_log: OutageLog
 ) -> None:
     """Runs ``step`` at once and then every ``seconds`` until ``stop`` is set. An outage of Redis or
-    PostgreSQL goes to ``outage_log``; any other error is logged; neither ends the loop."""
+    PostgreSQL (refusing or hanging: ``errors.outage_of``) goes to ``outage_log``; any other error
+    is logged with its traceback; neither ends the loop."""
     while not stop.is_set():
         try:
             await step()
-        except REDIS_ERRORS as exc:
-            outage_log.report("redis", exc)
-        except DB_ERRORS as exc:
-            outage_log.report("postgresql", exc)
-        except Exception:
-            log.exception("%s failed", name)
+        except Exception as exc:
+            if dependency := outage_of(exc):
+                outage_log.report(dependency, exc)
+            else:
+                log.exception("%s failed", name)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=seconds)

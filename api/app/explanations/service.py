@@ -155,6 +155,11 @@ async def explain(
         raise HTTPException(status_code=404, detail="Prediction not found")
     prediction, sha256 = cast(tuple[Prediction, str], tuple(row))
     await session.close()  # no connection held while waiting for an explainer
+    if not PredictionStatus(prediction.status).terminal:
+        # Queued in PostgreSQL also while a worker computes it (running is a flag in Redis).
+        raise HTTPException(
+            status_code=409, detail="The prediction is not answered yet: there is no answer to explain until it is."
+        )
     if prediction.status != PredictionStatus.done.value or not prediction.label:
         raise HTTPException(
             status_code=409, detail=f"The prediction is {prediction.status}: there is no answer to explain."
@@ -166,16 +171,22 @@ async def explain(
             status_code=422,
             detail=f"{key} is not explainable: Grad-CAM needs a Keras model to take gradients of, and {key} has none.",
         )
+    explainers: LiveExplainers | None = None
+    if not _explained(registry, twin.key, settings):
+        # Before the cache: a heatmap cached before the version was retired or disabled is not
+        # answered either, as the explainers that let its graph go no longer answer.
+        explainers = await live_explainers(redis)
+        if twin.key not in explainers.held:
+            raise HTTPException(
+                status_code=422,
+                detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
+            )
     cache_key = keys.explanation_key(owner_id, sha256, prediction.model_name, prediction.model_version)
     if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
         return Explained(prediction, cached, True)
     deadline = time.time() + settings.explanation_wait_seconds
-    explainers = await live_explainers(redis)
-    if twin.key not in explainers.held and not _explained(registry, twin.key, settings):
-        raise HTTPException(
-            status_code=422,
-            detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
-        )
+    if explainers is None:
+        explainers = await live_explainers(redis)
     # An explainer building the twin (it was just registered or enabled), or still to follow the
     # registry's latest change, holds it in a few seconds: the request waits for that.
     while twin.key not in explainers.held and explainers.coming(twin.key, revision) and time.time() < deadline:
@@ -328,6 +339,28 @@ def _colour(heat: np.ndarray) -> np.ndarray:
     return np.stack([r, g, b], axis=-1) * 255.0
 
 
+MAX_SHOWN_ASPECT = 4
+"""The longest side of an overlay is at most this many times its shortest, as the UI shows
+pictures (``ui.results.MAX_SHOWN_ASPECT``): a sliver (4000x2 pixels) is drawn on a plain band
+rather than as an 800x1 strip nobody can read."""
+
+BAND_COLOUR = (240, 240, 240)
+
+
+def _banded(img: PILImage.Image) -> tuple[PILImage.Image, tuple[int, int, int, int]]:
+    """``img`` centred on a plain band of at most MAX_SHOWN_ASPECT to 1 (itself when it is no
+    longer than that), and how many pixels of band lie (left, top, right, bottom) of it."""
+    width, height = img.size
+    if max(width, height) <= MAX_SHOWN_ASPECT * min(width, height):
+        return img, (0, 0, 0, 0)
+    short_side = -(-max(width, height) // MAX_SHOWN_ASPECT)
+    size = (width, short_side) if width >= height else (short_side, height)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    band = PILImage.new("RGB", size, BAND_COLOUR)
+    band.paste(img, (left, top))
+    return band, (left, top, size[0] - width - left, size[1] - height - top)
+
+
 def _overlay(data: bytes, heatmap: list[list[float]]) -> bytes:
     img = load_image(data, mode="RGB", draft_size=(VIEW_SIZE, VIEW_SIZE))
     img.thumbnail((VIEW_SIZE, VIEW_SIZE))
@@ -339,6 +372,10 @@ def _overlay(data: bytes, heatmap: list[list[float]]) -> bytes:
             img.size, PILImage.Resampling.BILINEAR
         )
     )
+    img, (left, top, right, bottom) = _banded(img)
+    # The model saw a sliver stretched to a square, so its heat says where along the sliver the
+    # evidence lies: each column (or row) of heat goes on across the band, readable at a glance.
+    heat = np.pad(heat, ((top, bottom), (left, right)), mode="edge")
     heat = np.clip(heat, 0.0, 1.0)[..., None]
     base = np.asarray(img, dtype=np.float32)
     # Opacity follows the heat: cold regions show the picture as it is.
@@ -364,7 +401,8 @@ preview) hands its freed memory back at once, as large uploads do (``images.serv
 
 
 async def overlay_png(*, store: LocalBlobStore, settings: Settings, sha256: str, heatmap: list[list[float]]) -> bytes:
-    """The image (at most VIEW_SIZE a side) with the heatmap blended over it, as PNG; 422 when the
+    """The image (at most VIEW_SIZE a side; one longer than MAX_SHOWN_ASPECT times its width or
+    height centred on a plain band of that ratio) with the heatmap blended over it, as PNG; 422 when the
     stored image no longer decodes, 410 when it is gone from the store. Drawn from the upload's
     stored preview when it has one (a 49-megapixel PNG is not decoded again at full size for each
     overlay), in one of the MAX_CONCURRENT_DECODES decode slots uploads take."""

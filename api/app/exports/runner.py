@@ -21,7 +21,7 @@ from pathlib import Path
 from anyio import to_thread
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.app.core.errors import DB_ERRORS, OutageLog
+from api.app.core.errors import OutageLog, is_outage
 from api.app.core.tasks import run_every
 from api.app.exports import service
 from api.app.exports.models import Export
@@ -187,13 +187,13 @@ class ExportRunner:
             await to_thread.run_sync(_remove, [part])
             await self._release(export.id)
             raise
-        except DB_ERRORS:
-            # An outage is no fault of the export: back to the queue if PostgreSQL is back,
-            # else its lease runs out and it is taken up again.
-            await to_thread.run_sync(_remove, [part])
-            await self._release(export.id)
-            raise
         except Exception as exc:
+            if is_outage(exc):
+                # An outage (PostgreSQL refusing or hanging) is no fault of the export: back to
+                # the queue if PostgreSQL is back, else its lease runs out and it is taken up again.
+                await to_thread.run_sync(_remove, [part])
+                await self._release(export.id)
+                raise
             log.exception("export %s failed", export.id)
             await to_thread.run_sync(_remove, [part])
             async with self.sessionmaker() as session:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -20,13 +22,38 @@ async def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _check(coro: Awaitable[object]) -> dict[str, object]:
+CHECK_SECONDS = 2.0
+"""Longest a readiness check waits for its dependency: a PostgreSQL that hangs rather than refuses
+would otherwise hold the answer for asyncpg's ``command_timeout`` (10 s) and more, past the
+probe's own timeout."""
+
+_abandoned: set[asyncio.Task[object]] = set()
+"""Checks cancelled at CHECK_SECONDS, kept referenced until they end: cancelling a statement on a
+hung server makes SQLAlchemy close its connection, which waits for the server too."""
+
+
+def _forget(task: asyncio.Task[object]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a late failure of a check already answered is no news
+
+
+async def _check(coro: Coroutine[Any, Any, object], seconds: float = CHECK_SECONDS) -> dict[str, object]:
+    """Runs one readiness check: ``{"status": "ok" | "fail", "latency_ms", "detail"}``; a check
+    that has not answered within ``seconds`` fails, and the answer does not wait for it to end."""
     start = time.perf_counter()
-    try:
-        detail = await coro
-        status = "ok"
-    except Exception as exc:  # a readiness check reports every failure instead of raising
+    task: asyncio.Task[object] = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        _abandoned.add(task)
+        task.add_done_callback(_forget)
+        detail: object = f"no answer within {seconds:g} s"
+        status = "fail"
+    elif (exc := task.exception()) is not None:  # a readiness check reports every failure instead of raising
         detail, status = f"{type(exc).__name__}: {exc}", "fail"
+    else:
+        detail, status = task.result(), "ok"
     return {"status": status, "latency_ms": round((time.perf_counter() - start) * 1000, 2), "detail": detail}
 
 
@@ -72,7 +99,9 @@ async def ready(
             raise RuntimeError(f"no warm worker serves {', '.join(missing)}")
         return {"live_workers": len(beats), "models": {k: v.workers for k, v in availability.items()}}
 
-    checks = {"postgresql": await _check(db_check()), "redis": await _check(redis_check())}
+    # Side by side: both out of reach still answer within CHECK_SECONDS (and the workers' check's).
+    postgresql, redis_state = await asyncio.gather(_check(db_check()), _check(redis_check()))
+    checks = {"postgresql": postgresql, "redis": redis_state}
     eviction = evictions[0] if evictions else None
     if eviction is not None:
         checks["redis"]["eviction_policy"] = eviction.policy

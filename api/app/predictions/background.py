@@ -224,17 +224,40 @@ async def collect_results(rt: JobRuntime, stop: asyncio.Event) -> None:
 
 
 async def refresh_gauges(rt: JobRuntime) -> None:
+    """Sets the gauges read from Redis (queue depths, live workers), from PostgreSQL (shadow
+    agreement) and the registry (traffic shares), and ``portal_dependency_up`` for Redis and
+    PostgreSQL. An outage raises nothing here: what cannot be read is not exported as it last
+    was, but as the API sees it now (no live worker, no queue depth; shadow gauges kept, as an
+    hour's share they change slowly), so alerts on these gauges fire during the outage."""
     registry = rt.live_registry.current
     bench = rt.settings.benchmark_mode
-    for entry in registry.served(benchmark_mode=bench):
-        depth = await queue.depth(rt.redis, entry.name, entry.version)
-        metrics.QUEUE_DEPTH.labels(entry.name, str(entry.version)).set(depth)
-    metrics.LIVE_WORKERS.set(len(await workers.live_heartbeats_async(rt.redis)))
+    try:
+        depths = {
+            (entry.name, entry.version): await queue.depth(rt.redis, entry.name, entry.version)
+            for entry in registry.served(benchmark_mode=bench)
+        }
+        live = len(await workers.live_heartbeats_async(rt.redis))
+    except REDIS_ERRORS:
+        metrics.DEPENDENCY_UP.labels("redis").set(0)
+        metrics.LIVE_WORKERS.set(0)
+        metrics.forget_queue_depths()
+    else:
+        metrics.DEPENDENCY_UP.labels("redis").set(1)
+        metrics.LIVE_WORKERS.set(live)
+        for (name, version), depth in depths.items():
+            metrics.QUEUE_DEPTH.labels(name, str(version)).set(depth)
     shares = weight_shares(registry, benchmark_mode=bench)
     for entry in registry.models:
         metrics.TRAFFIC_WEIGHT.labels(entry.name, str(entry.version)).set(shares.get((entry.name, entry.version), 0.0))
-    async with rt.sessionmaker() as session:
-        agreement = await service.shadow_agreement(session=session, since=datetime.now(UTC) - timedelta(hours=1))
+    try:
+        async with rt.sessionmaker() as session:
+            agreement = await service.shadow_agreement(session=session, since=datetime.now(UTC) - timedelta(hours=1))
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        metrics.DEPENDENCY_UP.labels("postgresql").set(0)
+        return
+    metrics.DEPENDENCY_UP.labels("postgresql").set(1)
     answered_by = {(name, version): (answered, agreeing) for name, version, answered, agreeing in agreement}
     for entry in registry.models:
         answered, agreeing = answered_by.get((entry.name, entry.version), (0, 0))
@@ -246,6 +269,8 @@ async def refresh_gauges(rt: JobRuntime) -> None:
 
 async def reconcile_once(rt: JobRuntime) -> None:
     settings = rt.settings
+    # First: the gauges tell an outage that makes the rest fail.
+    await refresh_gauges(rt)
     # A missing epoch key means this Redis lost its data (or is new): put every unfinished job
     # back on the queue from PostgreSQL. Duplicates are harmless: results are stored once.
     fresh = await rt.redis.set(keys.QUEUE_EPOCH, uuid.uuid4().hex, nx=True, ex=86400)
@@ -262,7 +287,6 @@ async def reconcile_once(rt: JobRuntime) -> None:
             raise
     else:
         await rt.redis.expire(keys.QUEUE_EPOCH, 86400)
-    await refresh_gauges(rt)
     served = {f"{m.name}@{m.version}" for beat in await workers.live_heartbeats_async(rt.redis) for m in beat.models}
     unserved = service.unserved_versions(rt.live_registry.current, served)
     async with rt.sessionmaker() as session:

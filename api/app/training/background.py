@@ -19,7 +19,7 @@ from fastapi import HTTPException
 from sqlalchemy import select
 
 from api.app.catalog.service import WorkerDirectory
-from api.app.core.errors import DB_ERRORS, REDIS_ERRORS
+from api.app.core.errors import REDIS_ERRORS, is_outage
 from api.app.core.tasks import run_every
 from api.app.examples.models import LabelledExample
 from api.app.predictions.background import JobRuntime
@@ -97,9 +97,9 @@ async def _handle_entries(rt: JobRuntime, entries: list[tuple[bytes, dict[bytes,
         try:
             event = training.TrainingEvent.from_fields(fields)
             await handle_event(rt, event)
-        except (*REDIS_ERRORS, *DB_ERRORS):
-            raise
         except Exception as exc:
+            if is_outage(exc):
+                raise
             log.exception("dropping training event %s", entry_id)
             if event is not None and event.kind in ("done", "failed", "cancelled"):
                 reason = f"its end could not be recorded: {_first_line(exc)}"
@@ -155,7 +155,10 @@ async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
             rt.outage_log.report("redis", exc)
             group_ready = False
             await asyncio.sleep(1)
-        except DB_ERRORS as exc:
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            # PostgreSQL refusing, or hanging (asyncpg's TimeoutError).
             rt.outage_log.report("postgresql", exc)
             await asyncio.sleep(1)
 
