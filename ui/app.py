@@ -38,7 +38,12 @@ api = Api(
     client_address=browser if isinstance(browser, str) else None,
 )
 
-signed_in = bool(token) or session.restore(api)
+signed_in = bool(token)
+if not signed_in and session.restore(api):
+    signed_in = True
+    # Taken back from the cookie, as a login would be: a verdict kept when an earlier session
+    # ended (this page's, before a reload, say) goes now.
+    results.send_unsent_verdict(api)
 user: User | None = st.session_state.get("user")
 is_admin = bool(user and user["role"] == "admin")
 

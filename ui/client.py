@@ -499,11 +499,14 @@ def _message(response: httpx.Response) -> str:
         detail = None
     if isinstance(detail, list):  # FastAPI validation errors
         detail = "; ".join(str(d.get("msg", d)) for d in detail)
-    # A 403's detail says which right is missing (a deactivated account, admins only, a key's scope).
-    if response.status_code in (403, 409, 413, 415, 422) and detail:
-        base = str(detail)
+    # A 403's detail says which right is missing (a deactivated account, admins only, a key's
+    # scope); a 429's or 503's what is busy or down (a model no worker serves yet, a full queue).
+    if response.status_code in (403, 409, 413, 415, 422, 429, 503) and detail:
+        base = str(detail).strip()
     retry = response.headers.get("retry-after")
     if retry and retry.isdigit() and response.status_code in (429, 503):
+        if not base.endswith((".", "!", "?")):
+            base += "."
         base += f" Try again in {_wait(int(retry))}."
     return base
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
 import re
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -202,11 +204,14 @@ def as_json(api: Api, job: Job, file_name: str) -> bytes:
 
 
 STATUS_WORDS = {
-    PredictionStatus.failed: "could not answer",
-    PredictionStatus.expired: "took too long",
+    PredictionStatus.pending: "waiting its turn in its batch",
     PredictionStatus.queued: "still waiting",
     PredictionStatus.running: "still working",
+    PredictionStatus.failed: "could not answer",
+    PredictionStatus.expired: "took too long",
+    PredictionStatus.cancelled: "cancelled with its batch",
 }
+"""Every status but ``done``, as a person reads it beside a model's name."""
 
 
 def _labels_of(api: Api, ref: str) -> list[str]:
@@ -263,6 +268,10 @@ def _feedback_form(api: Api, result: Prediction, earlier: Feedback | None = None
             key=f"{key}_label",
         )
         # Three lines: a comment of up to COMMENT_MAX characters should be readable as it is typed.
+        # It starts as the earlier verdict's comment, so that changing only the verdict keeps it
+        # (the verdict itself is never preselected: sending again replaces the earlier one).
+        if earlier is not None and f"{key}_comment" not in st.session_state:
+            st.session_state[f"{key}_comment"] = earlier["comment"] or ""
         st.text_area("Comment (optional)", max_chars=COMMENT_MAX, key=f"{key}_comment")
         if st.form_submit_button("Send feedback", key=f"{key}_send"):
             unsent = _verdict(key)
@@ -270,7 +279,7 @@ def _feedback_form(api: Api, result: Prediction, earlier: Feedback | None = None
                 st.error(unsent)
                 return
             is_correct, label, comment = unsent["is_correct"], unsent["correct_label"], unsent["comment"]
-            carry = Carried({UNSENT_VERDICT: unsent}, VERDICT_KEPT)
+            carry = Carried(functools.partial(keep_verdict, unsent), VERDICT_KEPT)
             sent = guarded(api, lambda: api.feedback(result["id"], is_correct, label, comment), carry=carry)
             if sent is not None:
                 st.session_state[f"{key}_sent"] = sent
@@ -309,36 +318,86 @@ def verdict_being_sent() -> Carried | None:
         if str(name).startswith("fb_") and str(name).endswith("_send") and pressed is True:
             unsent = _verdict(str(name).removesuffix("_send"))
             if not isinstance(unsent, str):
-                return Carried({UNSENT_VERDICT: unsent}, VERDICT_KEPT)
+                return Carried(functools.partial(keep_verdict, unsent), VERDICT_KEPT)
     return None
 
 
-UNSENT_VERDICT = "unsent_verdict"
-"""A verdict whose sending met an ended session: sent by ``send_unsent_verdict`` after the next login."""
-AFTER_LOGIN_NOTE = "after_login_note"
-"""What the first page after a login says of the verdict it sent (``send_unsent_verdict``)."""
+KEPT_VERDICT_SECONDS = 24 * 3600
+"""How long the UI keeps a verdict whose sending met an ended session, waiting for its author's
+next login."""
+KEPT_VERDICTS_PER_PERSON = 20
+"""The most verdicts kept for one person (the oldest goes first)."""
+KEPT_VERDICTS_MAX = 2000
+"""The most verdicts kept for everyone together (each at most a comment of COMMENT_MAX characters
+and a few ids: a few MB at worst), the oldest going first."""
+
+# Kept by this process rather than in st.session_state, which a reload of the page starts anew:
+# by (user id, prediction id), oldest first; a later verdict on the same prediction replaces one.
+_kept_verdicts: OrderedDict[tuple[int, str], tuple[float, dict[str, Any]]] = OrderedDict()
+_kept_verdicts_lock = threading.Lock()
+
+
+def _drop_old_verdicts(now: float) -> None:
+    while _kept_verdicts and now - next(iter(_kept_verdicts.values()))[0] > KEPT_VERDICT_SECONDS:
+        _kept_verdicts.popitem(last=False)
+
+
+def keep_verdict(unsent: dict[str, Any]) -> None:
+    """Keeps a verdict (as ``_verdict`` makes it) whose sending met an ended session, for its
+    author's next login (``send_unsent_verdict``), within KEPT_VERDICT_SECONDS,
+    KEPT_VERDICTS_PER_PERSON and KEPT_VERDICTS_MAX. A verdict of nobody known is not kept."""
+    user_id = unsent.get("user_id")
+    if user_id is None:
+        return
+    now = time.time()
+    with _kept_verdicts_lock:
+        _drop_old_verdicts(now)
+        key = (int(user_id), str(unsent["prediction_id"]))
+        _kept_verdicts.pop(key, None)
+        mine = [k for k in _kept_verdicts if k[0] == key[0]]
+        for old in mine[: max(0, len(mine) - KEPT_VERDICTS_PER_PERSON + 1)]:
+            del _kept_verdicts[old]
+        _kept_verdicts[key] = (now, unsent)
+        while len(_kept_verdicts) > KEPT_VERDICTS_MAX:
+            _kept_verdicts.popitem(last=False)
+
+
+def _take_kept_verdicts(user_id: int) -> list[dict[str, Any]]:
+    """The verdicts kept for this person, oldest first, no longer kept."""
+    with _kept_verdicts_lock:
+        _drop_old_verdicts(time.time())
+        mine = [k for k in _kept_verdicts if k[0] == user_id]
+        return [_kept_verdicts.pop(k)[1] for k in mine]
+
+
+AFTER_LOGIN_NOTES = "after_login_notes"
+"""What the first page after a login says of the verdicts it sent (``send_unsent_verdict``)."""
 
 
 def send_unsent_verdict(api: Api) -> None:
-    """Right after a login: sends the verdict kept when the previous session ended while it was
-    being sent, if the same person logged in (another person's login drops it), and leaves a note
-    saying how that went for the next page."""
-    unsent = st.session_state.pop(UNSENT_VERDICT, None)
+    """Right after a login (or a session taken back from the cookie): sends the verdicts kept for
+    this person when an earlier session of theirs ended while they were being sent, in any tab
+    (another person's login leaves them be), and leaves notes saying how that went for the next
+    page. A verdict the API refuses is not kept again: its note says why."""
     user = st.session_state.get("user") or {}
-    if not unsent or unsent["user_id"] != user.get("id"):
+    if user.get("id") is None:
         return
-    try:
-        api.feedback(unsent["prediction_id"], unsent["is_correct"], unsent["correct_label"], unsent["comment"])
-    except ApiError as exc:
-        st.session_state[AFTER_LOGIN_NOTE] = ("error", f"Your verdict on {unsent['model']} was not sent: {exc.message}")
-        return
-    st.session_state[AFTER_LOGIN_NOTE] = ("success", f"Your verdict on {unsent['model']} was sent.")
+    notes: list[tuple[str, str]] = []
+    for unsent in _take_kept_verdicts(int(user["id"])):
+        try:
+            api.feedback(unsent["prediction_id"], unsent["is_correct"], unsent["correct_label"], unsent["comment"])
+        except ApiError as exc:
+            notes.append(("error", f"Your verdict on {unsent['model']} was not sent: {exc.message}"))
+            continue
+        notes.append(("success", f"Your verdict on {unsent['model']} was sent."))
+    if notes:
+        st.session_state[AFTER_LOGIN_NOTES] = notes
 
 
 def show_after_login_note() -> None:
-    """The note ``send_unsent_verdict`` left, once, in the sidebar."""
-    if note := st.session_state.pop(AFTER_LOGIN_NOTE, None):
-        kind, text = note
+    """The notes ``send_unsent_verdict`` left, once, in the sidebar."""
+    notes: list[tuple[str, str]] = st.session_state.pop(AFTER_LOGIN_NOTES, [])
+    for kind, text in notes:
         with st.sidebar:
             (st.success if kind == "success" else st.error)(text)
 
@@ -453,6 +512,15 @@ def result_card(api: Api, result: Prediction, image: bytes | None, earlier: Feed
     if result["status"] in (PredictionStatus.queued, PredictionStatus.running):
         # Sending the picture again would only queue it twice.
         st.info("This model has not answered yet: its answer appears in History once a worker takes the picture.")
+        return
+    if result["status"] == PredictionStatus.pending:
+        st.info(
+            "This picture is waiting its turn in its batch (batches go a few pictures at a time): "
+            "its answer appears in History once the batch reaches it."
+        )
+        return
+    if result["status"] == PredictionStatus.cancelled:
+        st.info("This model did not answer: its batch was cancelled before this picture's turn came.")
         return
     if result["status"] != PredictionStatus.done:
         st.warning(f"This model {STATUS_WORDS.get(result['status'], 'did not answer')}. Please try again.")

@@ -124,9 +124,9 @@ def forget_cookie() -> None:
 
 def logout(api: Api, message: str | None = None, *, carry: Carried | None = None) -> None:
     """Ends the session (also when the token is already dead): revokes it at the API, clears
-    everything this connection kept but ``carry``'s state, has the login page delete the cookie
-    if it still holds this token, and reruns into the login page, which shows ``message`` (and
-    ``carry``'s note)."""
+    everything this connection kept, has ``carry`` put away what it keeps for the next login,
+    has the login page delete the cookie if it still holds this token, and reruns into the login
+    page, which shows ``message`` (and ``carry``'s note)."""
     with contextlib.suppress(ApiError):  # an expired token is already as good as logged out
         api.logout()
     mine = st.session_state.get("token")
@@ -139,7 +139,7 @@ def logout(api: Api, message: str | None = None, *, carry: Carried | None = None
     if mine:
         st.session_state["cookie_to_forget"] = mine
     if carry is not None:
-        st.session_state.update(carry.state)
+        carry.keep()
         message = f"{message or ''} {carry.note}".strip()
     if message:
         st.session_state["login_message"] = message
@@ -149,10 +149,11 @@ def logout(api: Api, message: str | None = None, *, carry: Carried | None = None
 @dataclass(frozen=True)
 class Carried:
     """What a request that met an ended session keeps for the next login, so that nothing the
-    person sent is lost: entries of ``st.session_state`` (the next login takes them up), and what
-    the login page says of them."""
+    person sent is lost: ``keep`` puts it away outside this connection's ``st.session_state``
+    (which the logout clears and a reload of the page starts anew), and ``note`` is what the
+    login page says of it."""
 
-    state: dict[str, Any]
+    keep: Callable[[], None]
     note: str
 
 

@@ -160,6 +160,57 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     assert rows[0]["prediction_id"] == prediction and rows[0]["correct_label"] == "lorikeet"
 
 
+def verdict_kept_at_the_login_page(api_url: str, email: str, password: str, *, renewal: bool) -> tuple[AppTest, str]:
+    """The app after a verdict was sent as the session ended (revoked elsewhere; found by the
+    sending, or with ``renewal`` by the renewal before the page), on the login page that says it
+    is kept; and the prediction it is about."""
+    at = signed_in(api_url, email, password)
+    at.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    at.run()
+    at.button(key="classify_submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    prediction = at.session_state["classify_job"]["results"][0]["id"]
+    httpx.post(f"{api_url}/v1/auth/logout", headers={"Authorization": f"Bearer {at.session_state['token']}"})
+    if renewal:
+        at.session_state["token_renew_at"] = 0.0
+    at.radio(key=f"fb_{prediction}_verdict").set_value("Wrong")
+    at.selectbox(key=f"fb_{prediction}_label").set_value("lorikeet")
+    at.text_area(key=f"fb_{prediction}_comment").input("sent after the login")
+    next(b for b in at.button if b.proto.form_id == f"fb_{prediction}").click().run()
+    assert not at.exception and "token" not in at.session_state
+    assert any("Your verdict is kept" in w.value for w in at.warning), [w.value for w in at.warning]
+    return at, prediction
+
+
+def logged_in_afresh(email: str, password: str) -> AppTest:
+    """A page loaded afresh (a reload: a new connection, nothing of an earlier one's state), and
+    the person logged in on it."""
+    at = AppTest.from_file(APP, default_timeout=90).run()
+    at.text_input(key="login_email").input(email)
+    at.text_input(key="login_password").input(password)
+    next(b for b in at.button if b.proto.form_id == "login").click().run()
+    assert not at.exception and "token" in at.session_state
+    return at
+
+
+def test_a_kept_verdict_survives_a_reload_and_only_its_author_sends_it(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """The login page that says a verdict is kept is reloaded: another person's login there
+    neither sends it nor drops it, its author's login sends it, once."""
+    email, password = new_user(api_url, portal)
+    verdict_kept_at_the_login_page(api_url, email, password, renewal=False)
+    other = logged_in_afresh(*new_user(api_url, portal))
+    assert not other.sidebar.success and not other.sidebar.error, [s.value for s in other.sidebar.error]
+    mine = logged_in_afresh(email, password)
+    assert [s.value for s in mine.sidebar.success] == ["Your verdict on MobileNetV2 was sent."]
+    token = mine.session_state["token"]
+    rows = httpx.get(f"{api_url}/v1/feedback", headers={"Authorization": f"Bearer {token}"}).json()["data"]
+    assert [(r["correct_label"], r["comment"]) for r in rows] == [("lorikeet", "sent after the login")], rows
+    again = logged_in_afresh(email, password)
+    assert not again.sidebar.success and not again.sidebar.error
+
+
 @pytest.mark.parametrize("found_ended", ["by the sending", "by the renewal before the page"])
 def test_a_verdict_sent_as_the_session_ends_is_sent_after_the_next_login(
     api_url: str, portal: tuple[str, str, str], found_ended: str
@@ -170,21 +221,7 @@ def test_a_verdict_sent_as_the_session_ends_is_sent_after_the_next_login(
     or (a token past half its lifetime, as an expired one always is) by the renewal that runs
     before the page is drawn."""
     email, password = new_user(api_url, portal)
-    at = signed_in(api_url, email, password)
-    at.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
-    at.run()
-    at.button(key="classify_submit").click().run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    prediction = at.session_state["classify_job"]["results"][0]["id"]
-    httpx.post(f"{api_url}/v1/auth/logout", headers={"Authorization": f"Bearer {at.session_state['token']}"})
-    if found_ended != "by the sending":
-        at.session_state["token_renew_at"] = 0.0
-    at.radio(key=f"fb_{prediction}_verdict").set_value("Wrong")
-    at.selectbox(key=f"fb_{prediction}_label").set_value("lorikeet")
-    at.text_area(key=f"fb_{prediction}_comment").input("sent after the login")
-    next(b for b in at.button if b.proto.form_id == f"fb_{prediction}").click().run()
-    assert not at.exception and "token" not in at.session_state
-    assert any("Your verdict is kept" in w.value for w in at.warning), [w.value for w in at.warning]
+    at, prediction = verdict_kept_at_the_login_page(api_url, email, password, renewal=found_ended != "by the sending")
     at.text_input(key="login_email").input(email)
     at.text_input(key="login_password").input(password)
     next(b for b in at.button if b.proto.form_id == "login").click().run()
@@ -795,6 +832,24 @@ def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str
     assert len(api.images(limit=20)["data"]) == 12
 
 
+def test_a_delete_on_a_later_page_of_history_updates_the_total(api_url: str, portal: tuple[str, str, str]) -> None:
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    uploaded = [api.upload(f"colour-{i}.png", encode(split_colour(32 + i), "PNG")) for i in range(14)]
+    script = (
+        "from ui.client import Api\nfrom ui.views.history import history_page\n"
+        f"history_page(Api({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    app.button(key="history_older").click().run()
+    assert any(c.value == "Page 2 of 2 · 14 uploads" for c in app.caption), [c.value for c in app.caption]
+    oldest = uploaded[0]["id"]
+    app.button(key=f"delete_{oldest}").click().run()
+    app.button(key=f"delete_yes_{oldest}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert any(c.value == "Page 2 of 2 · 13 uploads" for c in app.caption), [c.value for c in app.caption]
+
+
 def pages_app(api_url: str, token: str) -> AppTest:
     """The classify and history pages in one session, the one shown named by ``page`` (the app's
     navigation has no page files to switch between)."""
@@ -850,6 +905,29 @@ def test_a_verdict_sent_earlier_is_shown_with_its_form_and_sending_again_replace
     assert "You said this was right. Sending again replaces it." in [c.value for c in app.caption]
     mine = api.my_feedback([prediction])
     assert [(f["is_correct"], f["correct_label"], f["comment"]) for f in mine] == [(True, "macaw", None)], mine
+
+
+def test_changing_a_verdict_from_history_keeps_its_comment(api_url: str, portal: tuple[str, str, str]) -> None:
+    """Reopened in another session, a result's comment box holds the comment said with it, so
+    changing only the verdict keeps the comment."""
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    job = api.wait(
+        api.predict(api.upload("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())["id"], ["mobilenet_v2@1"])
+    )
+    prediction = job["results"][0]["id"]
+    api.feedback(prediction, False, "lorikeet", "the beak is too small")
+    app = pages_app(api_url, api.token or "")
+    app.session_state["page"] = "history"
+    app.run()
+    app.button(key=f"open_{job['job_id']}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.text_area(key=f"fb_{prediction}_comment").value == "the beak is too small"
+    app.radio(key=f"fb_{prediction}_verdict").set_value("Correct")
+    next(b for b in app.button if b.proto.form_id == f"fb_{prediction}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    mine = api.my_feedback([prediction])
+    assert [(f["is_correct"], f["comment"]) for f in mine] == [(True, "the beak is too small")], mine
 
 
 def test_the_models_ticked_stay_ticked_for_the_next_photo(api_url: str, portal: tuple[str, str, str]) -> None:
@@ -1210,6 +1288,8 @@ def test_api_keys_are_made_shown_once_listed_and_revoked(api_url: str, portal: t
     [made] = app.session_state["submits"].sent["api_key_new"]
     key = made["key"]
     assert [c.value for c in app.code] == [key]
+    # Held by this browser session only: the page says what loses it.
+    assert any("until this page is reloaded or closed" in c.value for c in app.caption), [c.value for c in app.caption]
     # The key works, within its scope.
     assert httpx.get(f"{api_url}/v1/images", headers={"X-API-Key": key}).status_code == 200
     assert httpx.post(f"{api_url}/v1/predictions", json={}, headers={"X-API-Key": key}).status_code == 403

@@ -160,7 +160,7 @@ def test_each_browser_is_its_own_client_to_the_login_throttle(settings: Settings
     ("status", "headers", "words"),
     [
         (503, {"retry-after": "2"}, "Try again in 2 seconds."),
-        (429, {"retry-after": "7200"}, "Too many attempts. Try again in 2 hours."),
+        (429, {"retry-after": "7200"}, "Try again in 2 hours."),
         (504, {}, "took too long"),
         (500, {}, "Unexpected answer"),
     ],
@@ -168,6 +168,38 @@ def test_each_browser_is_its_own_client_to_the_login_throttle(settings: Settings
 def test_server_side_messages(status: int, headers: dict[str, str], words: str) -> None:
     response = httpx.Response(status, json={"detail": "internal detail"}, headers=headers)
     assert words in _message(response) and "Traceback" not in _message(response)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "message"),
+    [
+        (
+            503,
+            {"detail": "No live model worker serves mobilenet_v2@1 yet; retry shortly."},
+            {"retry-after": "2"},
+            "No live model worker serves mobilenet_v2@1 yet; retry shortly. Try again in 2 seconds.",
+        ),
+        (
+            429,
+            {"detail": "Too many failed attempts; try again later"},
+            {"retry-after": "900"},
+            "Too many failed attempts; try again later. Try again in 15 minutes.",
+        ),
+        (429, None, {"retry-after": "7200"}, "Too many attempts. Try again in 2 hours."),
+        (503, None, {}, "The portal is busy or part of it is down. Please try again shortly."),
+    ],
+)
+def test_busy_or_down_says_the_apis_reason_and_when_to_try_again(
+    status: int, body: dict[str, str] | None, headers: dict[str, str], message: str
+) -> None:
+    """A 503 or 429 says what the API said is busy or down, then the Retry-After in words; an
+    answer without a reason (a proxy's page) says it in general words."""
+    response = (
+        httpx.Response(status, json=body, headers=headers)
+        if body is not None
+        else httpx.Response(status, text="<html>Service Unavailable</html>", headers=headers)
+    )
+    assert _message(response) == message
 
 
 def test_a_refusal_says_which_right_is_missing() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from streamlit.testing.v1 import AppTest
 
-from ui.results import upright
+from contracts.messages import PredictionStatus
+from ui.results import STATUS_WORDS, upright
 
 BAD_UPLOADS = Path(__file__).resolve().parents[3] / "shared" / "data" / "bad_uploads"
 
@@ -70,7 +71,7 @@ from ui.results import result_card
 
 st.session_state["models"] = []
 st.session_state["models_at"] = time.monotonic()
-for status in ("queued", "expired"):
+for status in ("queued", "expired", "pending", "cancelled"):
     result_card(Api("http://127.0.0.1:9"), {
         "id": status, "model": "sketch", "version": 3, "status": status, "label": None, "score": None,
         "top_k": [], "error": None,
@@ -80,13 +81,24 @@ for status in ("queued", "expired"):
 
 def test_a_card_without_an_answer_yet_does_not_ask_to_send_the_picture_again() -> None:
     """A queued answer is on its way (sending again would queue the picture twice); an expired
-    one is worth another try."""
+    one is worth another try; a batch's picture waiting its turn, or cancelled with its batch, is
+    said so, never as a failure."""
     app = AppTest.from_string(CARD, default_timeout=30).run()
     assert not app.exception, app.exception
     assert [i.value for i in app.info] == [
-        "This model has not answered yet: its answer appears in History once a worker takes the picture."
+        "This model has not answered yet: its answer appears in History once a worker takes the picture.",
+        "This picture is waiting its turn in its batch (batches go a few pictures at a time): "
+        "its answer appears in History once the batch reaches it.",
+        "This model did not answer: its batch was cancelled before this picture's turn came.",
     ]
     assert [w.value for w in app.warning] == ["This model took too long. Please try again."]
+
+
+def test_every_status_but_done_has_words() -> None:
+    """What History lists beside a model's name for an answer it has not given."""
+    assert set(STATUS_WORDS) == set(PredictionStatus) - {PredictionStatus.done}
+    assert STATUS_WORDS[PredictionStatus.pending] == "waiting its turn in its batch"
+    assert STATUS_WORDS[PredictionStatus.cancelled] == "cancelled with its batch"
 
 
 def test_a_sliver_of_a_picture_is_shown_on_a_band_not_stretched() -> None:

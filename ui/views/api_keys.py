@@ -48,16 +48,23 @@ def api_keys_page(api: Api) -> None:
 
 
 def new_key_notice() -> None:
-    """The keys just made, shown until dismissed: the portal keeps only their hashes, so a key made
-    while another was still shown does not hide it."""
+    """The keys just made, shown until dismissed, a key made while another was still shown not
+    hiding it. They are held by this browser session only (the portal keeps their hashes): a
+    reload of the page, closing it or logging out loses them, as the page says."""
     sent = submits().sent
     made: list[NewApiKey] = sent.get("api_key_new") or []
     if not made:
         return
+    done = "I have copied it" if len(made) == 1 else "I have copied them"
     for new in made:
         st.success(f"Your new key “{plain(new['name'])}”. Copy it now: it will not be shown again.")
         st.code(new["key"], language=None)
-    if st.button("I have copied it" if len(made) == 1 else "I have copied them", key="api_key_dismiss"):
+    st.caption(
+        f"Shown until you press “{done}”, or until this page is reloaded or closed, or you log out: "
+        "the portal keeps only a hash of each key. A key lost so cannot be shown again; revoke it "
+        "below and make another."
+    )
+    if st.button(done, key="api_key_dismiss"):
         sent.pop("api_key_new", None)
         st.rerun()
 

@@ -31,7 +31,8 @@ def verdict_note(verdict: Feedback | None) -> str:
 
 def history_page(api: Api) -> None:
     st.title("My uploads")
-    if deleted := st.session_state.pop("history_deleted", None):
+    deleted = st.session_state.pop("history_deleted", None)
+    if deleted:
         st.success(f"Deleted {deleted} and its results.")
     # The files of batches, thousands at a time, would bury a person's own uploads: left out
     # unless asked for.
@@ -42,10 +43,11 @@ def history_page(api: Api) -> None:
         st.session_state["history_at"] = 0
     # Paged by key: each page starts after the last upload of the one before (its cursor), so a
     # page deep in a long history costs what the first one does. The total is asked for with the
-    # first page only.
+    # first page, and again with any page right after a delete.
     cursors: list[str | None] = st.session_state.setdefault("history_cursors", [None])
     at = min(int(st.session_state.get("history_at", 0)), len(cursors) - 1)
     first = at == 0
+    count = first or deleted is not None
     # Three calls a page: the images with their thumbnails, their jobs, and my feedback.
     listing = guarded(
         api,
@@ -53,14 +55,15 @@ def history_page(api: Api) -> None:
             cursor=cursors[at],
             limit=PAGE_SIZE,
             thumbnails=True,
-            total=first,
+            total=count,
             source=None if with_batches else "upload",
         ),
     )
     if not listing:
         return
-    if first:
+    if count:
         st.session_state["history_total"] = listing["count"] or 0
+    if first:
         batches_section(api)
     total = int(st.session_state.get("history_total", 0))
     if not listing["data"]:
