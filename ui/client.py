@@ -102,6 +102,14 @@ class Model(TypedDict):
     default: bool
 
 
+class VersionLabels(TypedDict):
+    """Any version a prediction can come from, retired ones included: its name and labels."""
+
+    ref: str
+    display_name: str | None
+    labels: list[str]
+
+
 class Image(TypedDict):
     id: str
     sha256: str
@@ -457,6 +465,7 @@ T = TypeVar("T")
 _USER = TypeAdapter(User)
 _USERS = TypeAdapter(list[User])
 _MODELS = TypeAdapter(list[Model])
+_VERSION_LABELS = TypeAdapter(VersionLabels)
 _IMAGE = TypeAdapter(Image)
 _IMAGES = TypeAdapter(ImagesPage)
 _JOB = TypeAdapter(Job)
@@ -600,9 +609,10 @@ class Api:
     def models(self) -> list[Model]:
         return _typed(_MODELS, self.json("GET", "/v1/models")["data"])
 
-    def labels(self, ref: str) -> list[str]:
-        """The labels of any version a prediction can come from, retired ones included."""
-        return [str(label) for label in self.json("GET", f"/v1/models/{ref}/labels")["labels"]]
+    def version_labels(self, ref: str) -> VersionLabels:
+        """The display name and labels of any version a prediction can come from, retired ones
+        included (``GET /v1/models/{ref}/labels``)."""
+        return _typed(_VERSION_LABELS, self.json("GET", f"/v1/models/{ref}/labels"))
 
     def upload(self, name: str, data: bytes) -> Image:
         return _typed(_IMAGE, self.json("POST", "/v1/images", files={"file": (name, data)}))

@@ -25,7 +25,7 @@ from contracts.imaging import load_image
 from contracts.messages import PredictionStatus
 from ui.client import Api, ApiError, Feedback, Job, Prediction
 from ui.config import get_ui_settings
-from ui.session import Carried, display_name, guarded, models, submits
+from ui.session import Carried, display_name, guarded, models, submits, unlisted_version
 
 
 def readable_time(iso: str) -> str:
@@ -218,14 +218,10 @@ def _labels_of(api: Api, ref: str) -> list[str]:
     model = next((m for m in models(api) if m["ref"] == ref), None)
     if model is not None:
         return list(model["labels"] or [])
-    # A version the catalog lists no more (retired, disabled): asked once per session.
-    known: dict[str, list[str]] = st.session_state.setdefault("labels_of", {})
-    if ref not in known:
-        try:
-            known[ref] = api.labels(ref)
-        except ApiError:
-            return []  # not known: "None of these" is still a verdict
-    return known[ref]
+    # A version the catalog lists no more (retired, disabled); not known: "None of these" is
+    # still a verdict.
+    unlisted = unlisted_version(api, ref)
+    return list(unlisted["labels"]) if unlisted else []
 
 
 COMMENT_MAX = 2000

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 
 import streamlit as st
 
-from ui.client import Api, ApiError, Model, Session, User
+from ui.client import Api, ApiError, Model, Session, User, VersionLabels
 
 T = TypeVar("T")
 
@@ -236,6 +236,24 @@ def models(api: Api) -> list[Model]:
 
 
 def display_name(api: Api, ref: str) -> str:
-    """The name people read for a model version (``ref`` when the catalog does not know it)."""
+    """The name people read for a model version: the catalog's, else (a version retired or
+    disabled since) the registry's (``unlisted_version``), else ``ref``."""
     model = next((m for m in models(api) if m["ref"] == ref), None)
-    return model["display_name"] if model else ref
+    if model is not None:
+        return model["display_name"]
+    unlisted = unlisted_version(api, ref)
+    return (unlisted["display_name"] if unlisted else None) or ref
+
+
+def unlisted_version(api: Api, ref: str) -> VersionLabels | None:
+    """A version the catalog lists no more (retired, disabled), as ``GET /v1/models/{ref}/labels``
+    gives it; asked once per session; None when the API does not know it."""
+    known: dict[str, VersionLabels | None] = st.session_state.setdefault("unlisted_versions", {})
+    if ref not in known:
+        try:
+            known[ref] = api.version_labels(ref)
+        except ApiError as exc:
+            if exc.status != 404:
+                return None  # asked again next time: the API may answer then
+            known[ref] = None
+    return known[ref]

@@ -240,18 +240,24 @@ def test_a_version_the_catalog_no_longer_lists_still_offers_its_labels(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:
     """A card of a version retired since (the catalog lists it no more) offers its labels as the
-    API keeps them, so a verdict on it can still name the right one."""
+    API keeps them, so a verdict on it can still name the right one, and is named as people
+    read it, not by its code."""
     api = Api(api_url)
     api.login(*new_user(api_url, portal))
     script = (
         "import time\nimport streamlit as st\nfrom ui.client import Api\nfrom ui.results import _labels_of\n"
+        "from ui.session import display_name\n"
         "st.session_state['models'] = []\nst.session_state['models_at'] = time.monotonic()\n"
-        f"st.session_state['labels'] = _labels_of(Api({api_url!r}, {api.token!r}), 'mobilenet_v2@1')\n"
+        f"api = Api({api_url!r}, {api.token!r})\n"
+        "st.session_state['labels'] = _labels_of(api, 'mobilenet_v2@1')\n"
+        "st.session_state['name'] = display_name(api, 'mobilenet_v2@1')\n"
+        "st.session_state['unknown'] = display_name(api, 'mobilenet_v2@99')\n"
     )
     app = AppTest.from_string(script, default_timeout=60).run()
     assert not app.exception, app.exception
     labels = app.session_state["labels"]
     assert len(labels) == 1000 and "macaw" in labels
+    assert app.session_state["name"] == "MobileNetV2" and app.session_state["unknown"] == "mobilenet_v2@99"
 
 
 def test_a_classify_refused_then_tried_again_stores_the_picture_once(

@@ -27,6 +27,8 @@ class ModelPublic(BaseModel):
 
 class ModelLabels(BaseModel):
     ref: str
+    display_name: str | None = None
+    """The name people read for it, as the registry gives it."""
     labels: list[str]
     """In the order of the model's outputs."""
 

@@ -114,7 +114,7 @@ async def version_labels(
     that answered me (promoted, then rolled back): what a verdict on an old prediction may name
     as the right label. 404 for an unknown version (shadows are not made known to others) or one
     whose labels no worker has published yet; 422 for a malformed reference."""
-    key, labels = await service.verdict_labels(
+    entry, labels = await service.verdict_labels(
         session=session, redis=redis, registry=registry, owner_id=user.id, ref=ref
     )
-    return ModelLabels(ref=key, labels=labels)
+    return ModelLabels(ref=entry.key, display_name=entry.display_name, labels=labels)

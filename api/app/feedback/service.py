@@ -23,7 +23,7 @@ from api.app.images.models import Image
 from api.app.images.service import OWNER_GONE
 from api.app.predictions.models import Job, Prediction
 from contracts.messages import PredictionStatus
-from contracts.registry import Registry, parse_model_ref
+from contracts.registry import ModelEntry, Registry, parse_model_ref
 
 _PREDICTION_FK = "fk_feedback_prediction_id_predictions"
 _OWNER_FK = "fk_feedback_owner_id_users"
@@ -37,8 +37,8 @@ async def owned_prediction(*, session: AsyncSession, owner_id: int, prediction_i
 
 async def verdict_labels(
     *, session: AsyncSession, redis: Redis, registry: Registry, owner_id: int, ref: str
-) -> tuple[str, list[str]]:
-    """The version ``ref`` (``name@version``, as written in the registry) and the labels a
+) -> tuple[ModelEntry, list[str]]:
+    """The registry's entry of version ``ref`` (``name@version``) and the labels a
     verdict of ``owner_id``'s may name as
     the right one: of any version people's predictions come from, the retired and disabled ones
     included, and of a shadow only for someone it answered (promoted, then rolled back into
@@ -67,7 +67,7 @@ async def verdict_labels(
         served = entry.enabled and entry.channel != "retired"
         why = "no worker has published them yet" if served else "it is not served any more"
         raise HTTPException(status_code=404, detail=f"The labels of {entry.key} are not known: {why}")
-    return entry.key, labels
+    return entry, labels
 
 
 async def check_label(
