@@ -155,7 +155,14 @@ def _reported() -> Iterator[None]:
 
 
 def _models(options: list[str] | None) -> list[str]:
-    return [m.strip() for option in options or [] for m in option.split(",") if m.strip()]
+    """The model references of the ``-m`` options (repeated, or separated by commas), each as the
+    catalogue writes it: ``sketch@03`` is ``sketch@3``, as the portal reads it."""
+    return [_as_listed(m.strip()) for option in options or [] for m in option.split(",") if m.strip()]
+
+
+def _as_listed(ref: str) -> str:
+    name, at, version = ref.partition("@")
+    return f"{name}@{int(version)}" if at and version.isascii() and version.isdigit() else ref
 
 
 def open_portal(url: str | None, api_key: str | None) -> Portal:

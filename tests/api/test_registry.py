@@ -634,7 +634,7 @@ async def test_a_verdict_on_a_retired_version_names_its_labels_after_its_redis_k
         headers=admin,
     )
     assert r.status_code == 201, r.text
-    for ref, status in (("sketch@9", 404), ("sketch@x", 422), ("sketch", 404)):
+    for ref, status in (("sketch@9", 404), ("sketch@x", 422), ("sketch", 422)):
         r = await client.get(f"/v1/models/{ref}/labels", headers=admin)
         assert r.status_code == status, (ref, r.text)
     # Back as a shadow: its labels are still there for whom it answered, and unknown to others.

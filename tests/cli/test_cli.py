@@ -30,7 +30,7 @@ from api.app.core.config import Settings
 from contracts.imaging import UPLOAD_EXTENSIONS
 from portal_cli.archive import IMAGE_EXTENSIONS, collect, temporary_zip, zip_images
 from portal_cli.config import BatchState, BatchStates, config_path
-from portal_cli.main import NOT_SERVED, _unavailable_reason
+from portal_cli.main import NOT_SERVED, _models, _unavailable_reason
 from tests.cli.conftest import Account, run, stored
 from tests.images import noise_png
 from tests.support import PHOTOS, Service, free_port
@@ -812,3 +812,10 @@ def test_an_api_key_without_a_scope_a_batch_needs_is_refused_before_it_is_sent(
         error = one_line(result.stderr)
         assert result.exit_code == 3 and f"lacks the {lacking} scope" in error and "nothing was sent" in error, error
     assert batches(account)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
+
+
+def test_model_references_are_read_as_the_portal_reads_them() -> None:
+    """``sketch@03`` is ``sketch@3`` to the portal: the CLI's check before sending must not turn
+    it away as unknown."""
+    assert _models(["sketch@03, mobilenet_v2", " birds@1 "]) == ["sketch@3", "mobilenet_v2", "birds@1"]
+    assert _models(["sketch@x"]) == ["sketch@x"]  # left for the portal to refuse, saying why

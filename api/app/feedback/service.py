@@ -48,6 +48,8 @@ async def verdict_labels(
         name, version = parse_model_ref(ref)
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
+    if version is None:
+        raise HTTPException(status_code=422, detail=f"{ref!r} names no version: ask for name@version (sketch@3).")
     entry = next((m for m in registry.models if m.name == name and m.version == version), None)
     answered_them = (
         entry is not None
