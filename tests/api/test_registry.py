@@ -391,25 +391,10 @@ async def test_registry_changes_are_checked(own_stack: Stack) -> None:
     assert [a.status_code for a in answers] == [201] * 3, [a.text for a in answers]
     assert sorted(a.json()["version"] for a in answers) == [4, 5, 6]
     # A training run still going holds the number it will register its version as.
-    from api.app.training.models import TrainingRun
+    from tests.api.test_training import a_run
 
     async with own_stack.app.state.sessionmaker() as session:
-        session.add(
-            TrainingRun(
-                id=uuid.uuid4(),
-                model_name="sketch",
-                version=7,
-                base_version=3,
-                status="running",
-                trigger="admin",
-                requested_by="test",
-                reason="test",
-                options={},
-                categories=[],
-                examples={},
-                history=[],
-            )
-        )
+        session.add(a_run(7, status="running", base=3))
         await session.commit()
     r = await client.post("/v1/admin/registry/versions", json=SKETCH_NEW, headers=admin)
     assert r.status_code == 201 and r.json()["version"] == 8, r.text
