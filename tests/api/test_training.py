@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from fastapi import HTTPException
 
+from api.app.core.config import Settings
 from api.app.training import service as training_service
 from api.app.training.models import TrainingRun
 from contracts import training
@@ -448,6 +449,24 @@ async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_sta
     changes = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()
     stepped_down = {(c["version"], c["actor"]) for c in changes["data"] if c["action"] == "channel_canary"}
     assert stepped_down == {(41, f"training run {run_ids[42]}"), (42, f"training run {run_ids[43]}")}
+
+
+def test_the_trigger_retrains_with_its_base_versions_recipe(settings: Settings) -> None:
+    """A run the trigger starts from sketch@3 trains as sketch@3 was trained (its registry entry's
+    ``training`` block), for RETRAIN_EPOCHS: a compact CNN's candidate would only ever compare
+    worse. A block that is no valid recipe gives the defaults."""
+    from contracts.registry import load_registry
+    from contracts.training import TrainingOptions
+
+    registry = load_registry(settings.registry_path)
+    stable = registry.find("sketch", 3, benchmark_mode=False)
+    assert stable is not None and stable.training is not None
+    options = training_service.recipe(stable, epochs=2)
+    assert (options.arch, options.batch_size, options.epochs) == ("vgg", stable.training["batch_size"], 2)
+    assert options.mixed_precision and options.flip_average
+    broken = stable.model_copy(update={"training": {"arch": "vgg", "batch_size": 3}})
+    assert training_service.recipe(broken, epochs=2) == TrainingOptions(epochs=2)
+    assert training_service.recipe(None, epochs=5) == TrainingOptions(epochs=5)
 
 
 def test_a_retrained_versions_name_fits_however_long_its_bases() -> None:

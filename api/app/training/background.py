@@ -26,6 +26,7 @@ from api.app.predictions.background import JobRuntime
 from api.app.registry import service as registry_service
 from api.app.training import service
 from contracts import training
+from contracts.registry import ModelEntry, Registry
 from contracts.streams import (
     FORGET_EVERY_S,
     IDLE_CONSUMER_FORGET_MS,
@@ -210,7 +211,7 @@ async def maintain_once(rt: JobRuntime) -> None:
                     actor=TRIGGER_ACTOR,
                     name=name,
                     base_version=None,
-                    options=training.TrainingOptions(epochs=rt.settings.retrain_epochs),
+                    options=service.recipe(_stable(rt.live_registry.current, name), epochs=rt.settings.retrain_epochs),
                     reason=f"{new} new labelled examples since the last run",
                     trigger="auto",
                 )
@@ -219,6 +220,13 @@ async def maintain_once(rt: JobRuntime) -> None:
                 await session.rollback()
                 continue
             log.info("retraining %s: run %s queued (%d new labelled examples)", name, run.id, new)
+
+
+def _stable(registry: Registry, name: str) -> ModelEntry | None:
+    """The model's enabled stable version with the most traffic (the newest on a tie): the one a
+    run without ``base_version`` trains from (``registry.service.main_stable``)."""
+    stable = [m for m in registry.models if m.name == name and m.channel == "stable" and m.enabled]
+    return max(stable, key=lambda m: (m.weight, m.version), default=None)
 
 
 async def maintain(rt: JobRuntime, stop: asyncio.Event) -> None:

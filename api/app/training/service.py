@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from anyio import to_thread
 from fastapi import HTTPException
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -356,6 +357,22 @@ async def auto_promote(
         decided.append(run)
         log.info("training run %s: %s@%s %s", run_id, name, version, decision)
     return decided
+
+
+def recipe(base: ModelEntry | None, *, epochs: int) -> training.TrainingOptions:
+    """The options a run started by the trigger trains with: its base version's recipe (the
+    registry entry's ``training`` block, sketch@3's VGG-style CNN say), so that the candidate
+    is comparable with the version it would replace, for ``epochs`` epochs. A block that is no
+    valid ``TrainingOptions`` (a key it does not know, a value out of range) is logged and the
+    defaults are used."""
+    fields = {
+        k: v for k, v in ((base.training or {}) if base else {}).items() if k in training.TrainingOptions.model_fields
+    }
+    try:
+        return training.TrainingOptions.model_validate({**fields, "epochs": epochs})
+    except ValidationError as exc:
+        log.warning("the training recipe of %s is not usable (%s): default options", base.key if base else None, exc)
+        return training.TrainingOptions(epochs=epochs)
 
 
 DISPLAY_NAME_MAX = 200
