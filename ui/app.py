@@ -38,6 +38,8 @@ api = Api(
     client_address=browser if isinstance(browser, str) else None,
 )
 
+# A verdict whose Send met the end of the session is kept for the next login, whichever call met it.
+session.keep_at_session_end(results.verdict_being_sent)
 signed_in = bool(token)
 if not signed_in and session.restore(api):
     signed_in = True
@@ -74,7 +76,7 @@ pages = [
 # the menu is drawn here so that it lists only the pages this person may open.
 navigation = st.navigation(pages, position="hidden")
 if signed_in:
-    session.keep_alive(api, carry=results.verdict_being_sent)
+    session.keep_alive(api)
     results.show_after_login_note()
     shown = [p for p in pages if p.url_path != "classify" and (p.url_path != "admin" or is_admin)]
     st.session_state["page_titles"] = [p.title for p in shown]

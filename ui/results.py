@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import streamlit as st
@@ -380,12 +380,14 @@ def send_unsent_verdict(api: Api) -> None:
         return
     notes: list[tuple[str, str]] = []
     for unsent in _take_kept_verdicts(int(user["id"])):
+        # What was said tells apart several verdicts on one model.
+        verdict = said(cast(Feedback, unsent))
         try:
             api.feedback(unsent["prediction_id"], unsent["is_correct"], unsent["correct_label"], unsent["comment"])
         except ApiError as exc:
-            notes.append(("error", f"Your verdict on {unsent['model']} was not sent: {exc.message}"))
+            notes.append(("error", f"Your verdict on {unsent['model']}, {verdict}, was not sent: {exc.message}"))
             continue
-        notes.append(("success", f"Your verdict on {unsent['model']} was sent."))
+        notes.append(("success", f"Your verdict on {unsent['model']} was sent: {verdict}."))
     if notes:
         st.session_state[AFTER_LOGIN_NOTES] = notes
 

@@ -92,11 +92,28 @@ def restore(api: Api) -> bool:
     return True
 
 
-def keep_alive(api: Api, *, carry: Callable[[], Carried | None] | None = None) -> None:
+_find_carried: Callable[[], Carried | None] | None = None
+
+
+def keep_at_session_end(find: Callable[[], Carried | None]) -> None:
+    """Registers what a run that meets the end of its session keeps for the next login, when the
+    call that met the end names nothing itself (``find``: what this run was sending, such as a
+    verdict whose Send was pressed): the token's renewal, or a page's first API call (History
+    reads the pictures before it draws the form the verdict came from). ``find`` reads the
+    connection's own ``st.session_state``, so one serves every session."""
+    global _find_carried
+    _find_carried = find
+
+
+def _carried_at_end() -> Carried | None:
+    return _find_carried() if _find_carried is not None else None
+
+
+def keep_alive(api: Api) -> None:
     """On each run of a page: renews the token once half its lifetime is gone (reading the
     user's role again with it), and stores a new token in the cookie. A session left unused
-    until its token expired, or revoked, ends here, keeping what ``carry`` returns (what this
-    run was sending) for the next login; an API that cannot answer now is retried on the next
+    until its token expired, or revoked, ends here, keeping what this run was sending for the
+    next login (``keep_at_session_end``); an API that cannot answer now is retried on the next
     run and ends nothing."""
     if time.time() >= st.session_state.get("token_renew_at", 0.0):
         try:
@@ -104,7 +121,7 @@ def keep_alive(api: Api, *, carry: Callable[[], Carried | None] | None = None) -
             st.session_state["user"] = api.me()
         except ApiError as exc:
             if exc.status == 401:
-                logout(api, EXPIRED, carry=carry() if carry is not None else None)
+                logout(api, EXPIRED, carry=_carried_at_end())
             # In the sidebar, as the script below: an element that comes and goes in the main
             # area (shown on one run only) moves the page's own elements, and the sketch canvas,
             # mounted anew, would lose what was drawn on it.
@@ -188,7 +205,7 @@ def submits() -> Submits:
 
 def guarded(api: Api, action: Callable[[], T], *, keep: str | None = None, carry: Carried | None = None) -> T | None:
     """Runs an API action; shows its error as a message, and sends a 401 back to the login page
-    (with ``carry`` kept for the next login). With ``keep``, the message also stays in
+    (with ``carry``, else what ``keep_at_session_end`` finds, kept for the next login). With ``keep``, the message also stays in
     ``st.session_state[keep]`` until the action succeeds, for a part of the page that redraws
     itself (and would drop the message at its next redraw)."""
     try:
@@ -197,7 +214,7 @@ def guarded(api: Api, action: Callable[[], T], *, keep: str | None = None, carry
         if keep is not None:
             st.session_state[keep] = exc.message
         if exc.status == 401:
-            logout(api, exc.message, carry=carry)
+            logout(api, exc.message, carry=carry or _carried_at_end())
         if exc.status == 403:
             _notice_role_change(api)
         st.error(exc.message)
