@@ -834,6 +834,13 @@ def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str
     assert app.button(key="history_newer").disabled
     app.button(key="history_older").click().run()
     assert any(c.value == "Page 2 of 2 · 13 uploads" for c in app.caption), [c.value for c in app.caption]
+    # The last upload of the page goes: the page before it is shown, with the new total.
+    last = uploaded[1]["id"]
+    app.button(key=f"delete_{last}").click().run()
+    app.button(key=f"delete_yes_{last}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert any(c.value == "Page 1 of 1 · 12 uploads" for c in app.caption), [c.value for c in app.caption]
+    assert [s.value for s in app.success] == ["Deleted colour-1.png and its results."]
     shown = [m.value.split(" · ")[0].replace("\\", "") for m in app.markdown if m.value.startswith("**colour")]
     assert shown == ["**colour-0.png**"], shown
     assert app.button(key="history_older").disabled
@@ -868,6 +875,13 @@ def test_a_delete_on_a_later_page_of_history_updates_the_total(api_url: str, por
     app.button(key=f"delete_yes_{oldest}").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert any(c.value == "Page 2 of 2 · 13 uploads" for c in app.caption), [c.value for c in app.caption]
+    # The last upload of the page goes: the page before it is shown, with the new total.
+    last = uploaded[1]["id"]
+    app.button(key=f"delete_{last}").click().run()
+    app.button(key=f"delete_yes_{last}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert any(c.value == "Page 1 of 1 · 12 uploads" for c in app.caption), [c.value for c in app.caption]
+    assert [s.value for s in app.success] == ["Deleted colour-1.png and its results."]
 
 
 def pages_app(api_url: str, token: str) -> AppTest:

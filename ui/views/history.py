@@ -75,6 +75,11 @@ def history_page(api: Api) -> None:
                 "(the files of your batches show with “Include the files of my batches”)."
             )
         else:
+            if deleted is not None:
+                # The last upload of this page went: the page before, with the new total.
+                st.session_state["history_at"] = at - 1
+                st.session_state["history_deleted"] = deleted
+                st.rerun()
             st.info("No older uploads.")
         navigation(at, None)
         return
