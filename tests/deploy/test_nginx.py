@@ -162,6 +162,14 @@ def front_door(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
             shutil.copy(log, ROOT / "test-artifacts" / "nginx-error.log")
 
 
+def headers_of(client: httpx.Client, method: str, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    """The answer's status and headers, its body left unread: a server that answers before reading
+    the whole request closes the connection, and nginx may then pass the answer's headers on and
+    cut its body (the closing connection is reset, with the body still in flight)."""
+    with client.stream(method, url, content=body, headers=headers) as response:
+        return response
+
+
 def answered_by_api(response: httpx.Response) -> bool:
     """Whether the API wrote this answer: it adds its own time to every one (Server-Timing)."""
     return response.headers.get("server-timing", "").startswith("app;dur=")
@@ -288,7 +296,7 @@ def test_a_body_over_the_limit_is_refused_by_nginx(front_door: FrontDoor) -> Non
     multipart = {"content-type": "multipart/form-data; boundary=x", "connection": "close"}
     with httpx.Client(base_url=front_door.url, timeout=30) as client:
         # What the API takes passes (it answers: 401, no token), one byte more is nginx's 413.
-        at_limit = client.post("/v1/images", content=b"x" * upload_limit, headers=multipart)
+        at_limit = headers_of(client, "POST", "/v1/images", b"x" * upload_limit, multipart)
         # nginx let it through: the API's 401, or, when the API answered and closed before nginx had
         # sent the whole body, nginx's 502 for the cut connection (a race seen under load).
         assert at_limit.status_code in (401, 502), at_limit.status_code
@@ -297,14 +305,14 @@ def test_a_body_over_the_limit_is_refused_by_nginx(front_door: FrontDoor) -> Non
         assert over.status_code == 413 and not answered_by_api(over)
         assert over.json() == {"detail": f"The upload is too large: at most {MAX_UPLOAD_BYTES // 2**20} MB per file."}
         # A batch has its own, larger limit.
-        batch = client.post("/v1/batches", content=b"x" * (upload_limit + 1), headers=multipart)
+        batch = headers_of(client, "POST", "/v1/batches", b"x" * (upload_limit + 1), multipart)
         assert batch.status_code in (401, 502), batch.status_code  # the same race as above
         assert batch.status_code == 502 or answered_by_api(batch)
         over = client.post("/v1/batches", content=b"x" * (batch_limit + 1), headers=multipart)
         assert over.status_code == 413 and not answered_by_api(over)
         assert "The batch is too large" in over.json()["detail"]
         # So has the UI's uploader (the Batch page takes up to MAX_BATCH_BYTES).
-        ui_upload = client.put("/_stcore/upload_file/s/f", content=b"x" * (upload_limit + 1), headers=multipart)
+        ui_upload = headers_of(client, "PUT", "/_stcore/upload_file/s/f", b"x" * (upload_limit + 1), multipart)
         assert ui_upload.status_code != 413
         over = client.put("/_stcore/upload_file/s/f", content=b"x" * (batch_limit + 1), headers=multipart)
         assert over.status_code == 413
