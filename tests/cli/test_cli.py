@@ -545,6 +545,15 @@ async def insert_receiving_batch(settings: Settings, owner_id: int, idempotency_
         await conn.close()
 
 
+def zip_written(temporary: Path, run: subprocess.Popen[str]) -> None:
+    """Waits (up to 60 s) until the ``portal batch`` run has begun writing its zip in ``temporary``."""
+    deadline = time.monotonic() + 60
+    while not list(temporary.iterdir()):
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline, "no zip was written"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(
     logged_in: Account, tmp_path: Path, signum: int, code: int
@@ -557,11 +566,7 @@ def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(
     temporary.mkdir()
     sending = start_batch(folder, tmp_path / "results.csv", TMPDIR=str(temporary))
     try:
-        deadline = time.monotonic() + 60
-        while not list(temporary.iterdir()):
-            assert sending.poll() is None, sending.communicate()
-            assert time.monotonic() < deadline, "no zip was written"
-            time.sleep(0.01)
+        zip_written(temporary, sending)
         sending.send_signal(signum)
         _, err = sending.communicate(timeout=30)
     finally:
@@ -580,11 +585,7 @@ def test_a_killed_runs_zip_is_deleted_by_the_next_run_and_a_living_runs_is_not(
     temporary.mkdir()
     killed = start_batch(folder, tmp_path / "results.csv", TMPDIR=str(temporary))
     try:
-        deadline = time.monotonic() + 60
-        while not list(temporary.iterdir()):
-            assert killed.poll() is None, killed.communicate()
-            assert time.monotonic() < deadline, "no zip was written"
-            time.sleep(0.01)
+        zip_written(temporary, killed)
         killed.kill()
         killed.communicate(timeout=30)
     finally:

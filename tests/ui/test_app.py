@@ -834,13 +834,6 @@ def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str
     assert app.button(key="history_newer").disabled
     app.button(key="history_older").click().run()
     assert any(c.value == "Page 2 of 2 · 13 uploads" for c in app.caption), [c.value for c in app.caption]
-    # The last upload of the page goes: the page before it is shown, with the new total.
-    last = uploaded[1]["id"]
-    app.button(key=f"delete_{last}").click().run()
-    app.button(key=f"delete_yes_{last}").click().run()
-    assert not app.exception and not app.error, [e.value for e in app.error]
-    assert any(c.value == "Page 1 of 1 · 12 uploads" for c in app.caption), [c.value for c in app.caption]
-    assert [s.value for s in app.success] == ["Deleted colour-1.png and its results."]
     shown = [m.value.split(" · ")[0].replace("\\", "") for m in app.markdown if m.value.startswith("**colour")]
     assert shown == ["**colour-0.png**"], shown
     assert app.button(key="history_older").disabled
@@ -859,6 +852,15 @@ def test_history_pages_reopens_results_and_deletes_after_confirming(api_url: str
     assert len(api.images(limit=20)["data"]) == 12
 
 
+def deleted_from_history(app: AppTest, image_id: str) -> list[str]:
+    """Deletes an upload from the History page shown (Delete, then the confirmation); the page's
+    captions after it."""
+    app.button(key=f"delete_{image_id}").click().run()
+    app.button(key=f"delete_yes_{image_id}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    return [c.value for c in app.caption]
+
+
 def test_a_delete_on_a_later_page_of_history_updates_the_total(api_url: str, portal: tuple[str, str, str]) -> None:
     api = Api(api_url)
     api.login(*new_user(api_url, portal))
@@ -870,17 +872,11 @@ def test_a_delete_on_a_later_page_of_history_updates_the_total(api_url: str, por
     app = AppTest.from_string(script, default_timeout=60).run()
     app.button(key="history_older").click().run()
     assert any(c.value == "Page 2 of 2 · 14 uploads" for c in app.caption), [c.value for c in app.caption]
-    oldest = uploaded[0]["id"]
-    app.button(key=f"delete_{oldest}").click().run()
-    app.button(key=f"delete_yes_{oldest}").click().run()
-    assert not app.exception and not app.error, [e.value for e in app.error]
-    assert any(c.value == "Page 2 of 2 · 13 uploads" for c in app.caption), [c.value for c in app.caption]
+    captions = deleted_from_history(app, uploaded[0]["id"])
+    assert "Page 2 of 2 · 13 uploads" in captions, captions
     # The last upload of the page goes: the page before it is shown, with the new total.
-    last = uploaded[1]["id"]
-    app.button(key=f"delete_{last}").click().run()
-    app.button(key=f"delete_yes_{last}").click().run()
-    assert not app.exception and not app.error, [e.value for e in app.error]
-    assert any(c.value == "Page 1 of 1 · 12 uploads" for c in app.caption), [c.value for c in app.caption]
+    captions = deleted_from_history(app, uploaded[1]["id"])
+    assert "Page 1 of 1 · 12 uploads" in captions, captions
     assert [s.value for s in app.success] == ["Deleted colour-1.png and its results."]
 
 
