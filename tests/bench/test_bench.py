@@ -72,7 +72,9 @@ def test_end_to_end_run_writes_results_plots_and_report(database_url: str, tmp_p
     # Logged in once per user (before the statistics start), or before every task.
     assert row["logins"] == 0 and row["requests_per_s"] > 0 and 0 < row["all_p50_ms"] <= row["all_p95_ms"]
     tasks = relogging["users_requests"] + relogging["predictions"]
-    assert tasks > 5 and tasks <= relogging["logins"] <= tasks + 2
+    # Each of the 2 users may be between a login and its task as the statistics start (a task
+    # counted without its login) or as they end (a login without its task).
+    assert tasks > 5 and tasks - 2 <= relogging["logins"] <= tasks + 2
     assert predict_only["users_requests"] == 0 and predict_only["predictions"] > 10
     assert predict_only["cpu_ms_per_prediction"]["portal"] > 0
     assert row["failures"] == 0 and row["overloaded"] == 0

@@ -546,9 +546,11 @@ async def insert_receiving_batch(settings: Settings, owner_id: int, idempotency_
 
 
 def zip_written(temporary: Path, run: subprocess.Popen[str]) -> None:
-    """Waits (up to 60 s) until the ``portal batch`` run has begun writing its zip in ``temporary``."""
+    """Waits (up to 60 s) until the ``portal batch`` run has begun writing its zip in ``temporary``:
+    a file of the zip's name, not any file (Python's ``tempfile`` makes and deletes one of its own
+    there as it first looks for the temporary folder)."""
     deadline = time.monotonic() + 60
-    while not list(temporary.iterdir()):
+    while not list(temporary.glob("portal-batch-*.zip")):
         assert run.poll() is None, run.communicate()
         assert time.monotonic() < deadline, "no zip was written"
         time.sleep(0.01)
