@@ -556,6 +556,18 @@ def zip_written(temporary: Path, run: subprocess.Popen[str]) -> None:
         time.sleep(0.01)
 
 
+def signalled_while_sending(temporary: Path, run: subprocess.Popen[str], signum: int) -> str:
+    """Sends ``signum`` to the ``portal batch`` run once its zip is being written (``zip_written``),
+    waits for it to end, and returns what it wrote on stderr."""
+    try:
+        zip_written(temporary, run)
+        run.send_signal(signum)
+        _, err = run.communicate(timeout=30)
+    finally:
+        run.kill()
+    return err
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(
     logged_in: Account, tmp_path: Path, signum: int, code: int
@@ -567,12 +579,7 @@ def test_a_batch_terminated_while_it_is_sent_leaves_no_temporary_zip(
     make_images(folder, 500)
     temporary.mkdir()
     sending = start_batch(folder, tmp_path / "results.csv", TMPDIR=str(temporary))
-    try:
-        zip_written(temporary, sending)
-        sending.send_signal(signum)
-        _, err = sending.communicate(timeout=30)
-    finally:
-        sending.kill()
+    err = signalled_while_sending(temporary, sending, signum)
     assert sending.returncode == code and list(temporary.iterdir()) == [], err
     assert "portal: terminated" in err and "Run the same command again" in err, err
 
@@ -586,12 +593,7 @@ def test_a_killed_runs_zip_is_deleted_by_the_next_run_and_a_living_runs_is_not(
     make_images(folder, 500)
     temporary.mkdir()
     killed = start_batch(folder, tmp_path / "results.csv", TMPDIR=str(temporary))
-    try:
-        zip_written(temporary, killed)
-        killed.kill()
-        killed.communicate(timeout=30)
-    finally:
-        killed.kill()
+    signalled_while_sending(temporary, killed, signal.SIGKILL)
     (left,) = list(temporary.iterdir())
     # Another run, still going, holding its zip.
     holder = subprocess.Popen(

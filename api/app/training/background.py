@@ -26,7 +26,6 @@ from api.app.predictions.background import JobRuntime
 from api.app.registry import service as registry_service
 from api.app.training import service
 from contracts import training
-from contracts.registry import ModelEntry, Registry
 from contracts.streams import (
     FORGET_EVERY_S,
     IDLE_CONSUMER_FORGET_MS,
@@ -203,6 +202,7 @@ async def maintain_once(rt: JobRuntime) -> None:
             if new < threshold:
                 continue
             try:
+                base = await service.base_entry(session=session, name=name, base_version=None)
                 run = await service.create_run(
                     session=session,
                     redis=rt.redis,
@@ -210,8 +210,8 @@ async def maintain_once(rt: JobRuntime) -> None:
                     data_dir=rt.settings.training_data_dir,
                     actor=TRIGGER_ACTOR,
                     name=name,
-                    base_version=None,
-                    options=service.recipe(_stable(rt.live_registry.current, name), epochs=rt.settings.retrain_epochs),
+                    base_version=base.version,
+                    options=service.recipe(base, epochs=rt.settings.retrain_epochs),
                     reason=f"{new} new labelled examples since the last run",
                     trigger="auto",
                 )
@@ -220,13 +220,6 @@ async def maintain_once(rt: JobRuntime) -> None:
                 await session.rollback()
                 continue
             log.info("retraining %s: run %s queued (%d new labelled examples)", name, run.id, new)
-
-
-def _stable(registry: Registry, name: str) -> ModelEntry | None:
-    """The model's enabled stable version with the most traffic (the newest on a tie): the one a
-    run without ``base_version`` trains from (``registry.service.main_stable``)."""
-    stable = [m for m in registry.models if m.name == name and m.channel == "stable" and m.enabled]
-    return max(stable, key=lambda m: (m.weight, m.version), default=None)
 
 
 async def maintain(rt: JobRuntime, stop: asyncio.Event) -> None:

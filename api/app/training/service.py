@@ -42,7 +42,11 @@ log = logging.getLogger("api.training")
 UNFINISHED = ("queued", "running")
 
 
-async def _base(session: AsyncSession, name: str, base_version: int | None) -> ModelEntry:
+async def base_entry(*, session: AsyncSession, name: str, base_version: int | None) -> ModelEntry:
+    """The registry entry a run of ``name`` trains from: ``base_version``, or (None) the enabled
+    stable version with the most traffic (``registry.service.main_stable``). Raises 404 for an
+    unknown model or version, 409 when there is no stable version, 422 for a model that is not a
+    sketch model."""
     rows = {r.version: r for r in await session.scalars(select(ModelVersion).where(ModelVersion.name == name))}
     if not rows:
         raise HTTPException(status_code=404, detail=f"No model named {name!r}.")
@@ -99,7 +103,7 @@ async def create_run(
     (the workers' word on each version) says why the base version is not served (not trained on
     this server, being trained, a file that does not load), 422 for a model that is not a sketch
     model, 503 when its labels are not known yet otherwise (no worker has reported it yet)."""
-    base = await _base(session, name, base_version)
+    base = await base_entry(session=session, name=name, base_version=base_version)
     if busy := await _unfinished_run(session, name):
         raise HTTPException(status_code=409, detail=f"A training run of {name} is queued or running ({busy}).")
     # PostgreSQL keeps the labels of a version no worker serves any more (a retired base).
@@ -459,7 +463,7 @@ async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -
         run.history = [*run.history, event.numbers]
     elif event.kind == "done":
         run.status, run.finished_at, run.record = "done", now, event.record
-        base = await _base(session, run.model_name, run.base_version)
+        base = await base_entry(session=session, name=run.model_name, base_version=run.base_version)
         # Not committed here: the caller registers the version in the same transaction, so a run
         # reads done only once its version is in the registry.
         return run, trained_entry(run, base)
