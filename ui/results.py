@@ -181,6 +181,16 @@ def comparison(api: Api, job: Job) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def comparison_shown(table: pd.DataFrame) -> pd.DataFrame:
+    """``comparison``'s table as a static table shows it: names and answers as typed (Markdown
+    escaped), confidences as ``87.3 %`` and an empty cell where there is none."""
+    shown = table.copy()
+    for column in ("Model", "Answer"):
+        shown[column] = shown[column].map(plain)
+    shown["Confidence"] = ["" if value is None or pd.isna(value) else f"{value:.1f} %" for value in table["Confidence"]]
+    return shown
+
+
 def as_csv(api: Api, job: Job, file_name: str) -> bytes:
     """Every answer of a job, one row per model version and rank (1 to 5), labels in words."""
     buf = io.StringIO()
@@ -427,14 +437,10 @@ def show_results(
     results = job["results"]
     st.subheader("Results", anchor="results")
     if len(results) > 1:
-        st.dataframe(
-            comparison(api, job),
-            hide_index=True,
-            column_config={
-                "Confidence": st.column_config.NumberColumn("Confidence", format="%.1f %%"),
-                "Agrees": st.column_config.TextColumn("Agrees", help="✓: the answer most models gave"),
-            },
-        )
+        # A static table wraps its cells, so all four columns fit a phone's width; an interactive
+        # grid keeps each column as wide as its longest name and scrolls the rest out of sight.
+        st.table(comparison_shown(comparison(api, job)), hide_index=True)
+        st.caption("Agrees ✓: the answer most models gave.")
     stem = file_name.rsplit(".", 1)[0] or "results"
     downloads = {"CSV": (as_csv, "text/csv"), "JSON": (as_json, "application/json")}
     with st.container(horizontal=True):

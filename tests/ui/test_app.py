@@ -123,8 +123,10 @@ def test_classify_and_feedback(api_url: str, portal: tuple[str, str, str]) -> No
     bars = [bar.proto.text for bar in at.get("progress")]
     assert len(bars) == 10 and re.fullmatch(r"macaw · \d+\.\d%", bars[0]), bars
     assert not [bar for bar in bars if "_" in bar], bars  # labels in words
-    table = next(d.value for d in at.dataframe if "Agrees" in d.value.columns)
-    assert list(table["Model"]) == ["MobileNetV2", "Bird species (iNaturalist)"]
+    # A static table, which wraps on a phone; its cells are Markdown, so names are escaped.
+    table = next(t.value for t in at.table if "Agrees" in t.value.columns)
+    assert list(table["Model"]) == [plain("MobileNetV2"), plain("Bird species (iNaturalist)")]
+    assert re.fullmatch(r"\d+\.\d %", table["Confidence"].iloc[0]), table
     # "Why?" is off until asked; asked of a model without a Keras graph, it says why there is none.
     birds = job["results"][1]["id"]
     at.toggle(key=f"why-{birds}").set_value(True).run()
@@ -1155,6 +1157,7 @@ def test_admins_read_the_comments_people_left(api_url: str, portal: tuple[str, s
     app = admin_app(api_url, portal)
     assert not app.exception and not app.error, [e.value for e in app.error]
     verdicts = next(d.value for d in app.dataframe if "Comment" in d.value.columns)
+    assert list(verdicts.columns)[:3] == ["When", "Who", "Comment"]  # in sight without scrolling the table
     row = next(r for r in verdicts.to_dict("records") if r["Comment"] == "the beak is too small for a macaw")
     assert (row["Verdict"], row["Right label"]) == ("wrong", "lorikeet") and row["Who"].startswith("ui-")
 

@@ -96,6 +96,12 @@ def click_button(driver: WebDriver, label: str, timeout: float = 30) -> None:
     WebDriverWait(driver, timeout).until(ec.element_to_be_clickable((By.XPATH, xpath))).click()
 
 
+def tick(driver: WebDriver, label: str) -> None:
+    """Ticks the check box labelled ``label``."""
+    xpath = f"//*[@data-testid='stCheckbox']//label[contains(normalize-space(), '{label}')]"
+    WebDriverWait(driver, 30).until(ec.element_to_be_clickable((By.XPATH, xpath))).click()
+
+
 def answers(driver: WebDriver) -> list[str]:
     """The top answer of each result card (its large heading)."""
     headings = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stMarkdownContainer'] h3")
@@ -367,9 +373,17 @@ def test_every_page_at_desktop_and_phone_widths(
         click_button(browser, "Log in")
         text_appears(browser, "Classify a photo")
         click_button(browser, "Honeycomb")
+        tick(browser, "Bird species (iNaturalist)")  # two models: the comparison table shows
         click_button(browser, "Classify")
         text_appears(browser, "confident", timeout=90)
         assert "honeycomb" in answers(browser)
+        text_appears(browser, "Agrees")
+        # Every column of the comparison is on the screen, not scrolled out of sight inside it.
+        headers = browser.find_elements(By.CSS_SELECTOR, "[data-testid='stTable'] th")
+        edges = [browser.execute_script("return arguments[0].getBoundingClientRect().right", h) for h in headers]
+        seen = browser.execute_script("return document.documentElement.clientWidth")
+        assert [h.text for h in headers][-4:] == ["Model", "Answer", "Confidence", "Agrees"], [h.text for h in headers]
+        assert max(edges) <= seen, (edges, seen)
         for path, title in PAGES.items():
             if path != "classify":
                 browser.get(f"{ui_url}/{path}")

@@ -875,14 +875,16 @@ def verdicts_with_comments(api: Api) -> None:
                 {
                     "When": readable_time(v["created_at"]),
                     "Who": emails.get(v["owner_id"], f"user {v['owner_id']}"),
+                    # Third, so that a page of usual width shows what people wrote.
+                    "Comment": v["comment"] or "",
                     "Model": display_name(api, judged) if (judged := v.get("model")) else "",
                     "It said": (v["predicted_class"] or "").replace("_", " "),
                     "Verdict": {True: "right", False: "wrong", None: ""}[v["is_correct"]],
                     "Right label": (v["correct_label"] or "").replace("_", " "),
-                    "Comment": v["comment"] or "",
                 }
                 for v in shown
             ]
         ),
         hide_index=True,
+        column_config={"Comment": st.column_config.TextColumn("Comment", width="large")},
     )
