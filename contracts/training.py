@@ -146,7 +146,9 @@ class TrainingEvent(BaseModel):
 def heldout_set_id(categories: list[str], per_category: int) -> str:
     """Names the held-out set of a sketch training record: training cuts its held-out drawings
     from the first ``per_category`` drawings of each category with a fixed seed
-    (``model.training.train_sketch.split`` with ``SEED``), so records with the same categories (in order) and
-    drawings per category were scored on the same drawings. A SHA-256 digest, 16 hex digits."""
+    (``model.training.train_sketch.load_split``: ``REFERENCE_PER_CATEGORY``, 3,000, whatever the
+    run's own drawings per category; a record's ``heldout_per_category``), so records with the same
+    categories (in order) and this number were scored on the same drawings. A SHA-256 digest, 16
+    hex digits."""
     text = json.dumps({"categories": categories, "per_category": per_category}, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

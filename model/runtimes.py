@@ -411,8 +411,9 @@ def load_model(entry: ModelEntry, settings: ModelSettings) -> LoadedModel:
 def heldout(entry: ModelEntry, settings: ModelSettings) -> tuple[float | None, str | None, int | None]:
     """From the training record (``metrics.json``) beside the model file, if any: the held-out
     top-1 accuracy (``test_accuracy``), which drawings it was measured on
-    (``contracts.training.heldout_set_id`` of its categories and drawings per category) and how
-    many (``samples.test``); None for what the record does not say."""
+    (``contracts.training.heldout_set_id`` of its categories and ``heldout_per_category``, or
+    ``per_category`` in older records) and how many (``samples.test``); None for what the record
+    does not say."""
     if entry.file is None:
         return None, None, None
     path = resolve(entry, entry.file, settings).parent / "metrics.json"
@@ -422,7 +423,10 @@ def heldout(entry: ModelEntry, settings: ModelSettings) -> tuple[float | None, s
         return None, None, None
     if not isinstance(record, dict):
         return None, None, None
-    value, categories, per_category = record.get("test_accuracy"), record.get("categories"), record.get("per_category")
+    value, categories = record.get("test_accuracy"), record.get("categories")
+    # Records written before every run shared the reference held-out set were scored on a split of
+    # their own drawings per category.
+    per_category = record.get("heldout_per_category", record.get("per_category"))
     samples = record.get("samples")
     size = samples.get("test") if isinstance(samples, dict) else None
     heldout_set = (

@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         model, _ = keras_model(entry, settings)
     except ModelUnavailable as exc:  # not trained here yet: python -m model.prepare makes it
         raise SystemExit(f"{entry.key}: {exc}") from None
-    bitmaps, y = train_sketch.load_dataset(settings.quickdraw_dir, categories, per_category)
-    _, _, held_out = train_sketch.split(len(y), np.random.default_rng(train_sketch.SEED))
+    bitmaps, y, _, _, held_out = train_sketch.load_split(settings.quickdraw_dir, categories, per_category)
     result = evaluate(model, bitmaps[held_out], y[held_out], categories)
     print(f"{entry.key}: {result['drawings']} held-out drawings of {len(categories)} categories")
     for k in (1, 3, 5):

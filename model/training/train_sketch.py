@@ -158,7 +158,7 @@ def load_feedback(
 
 def load_dataset(data: Path, categories: list[str], per_category: int) -> tuple[np.ndarray, np.ndarray]:
     """Every category's bitmaps, in the order of ``categories`` (``load_category``: uint8, shape
-    (n, 28, 28)), and each one's class index (int64, (n,)); ``split`` with ``SEED`` cuts them as training did."""
+    (n, 28, 28)), and each one's class index (int64, (n,))."""
     raw = [load_category(data, category, per_category) for category in categories]
     labels = [np.full(len(bitmaps), index, dtype=np.int64) for index, bitmaps in enumerate(raw)]
     return np.concatenate(raw), np.concatenate(labels)
@@ -169,6 +169,35 @@ def split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.
     order = rng.permutation(n)
     a, b = int(n * 0.8), int(n * 0.9)
     return order[:a], order[a:b], order[b:]
+
+
+REFERENCE_PER_CATEGORY = 3000
+"""Drawings per category whose split every run shares, whatever its ``per_category``: the first
+this many of each category, cut by ``split`` with ``SEED``. Its held-out tenth is the held-out set
+of every run on the same categories (6,000 drawings for 20 categories), so a run on 50 drawings
+per category and one on 3,000 are scored on the same drawings and their accuracies compare."""
+
+
+def load_split(
+    data: Path, categories: list[str], per_category: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The bitmaps and class indices of ``load_dataset`` (the first ``max(per_category,
+    REFERENCE_PER_CATEGORY)`` drawings of each category), then the indices of the training,
+    validation and held-out drawings. The held-out set is the reference split's (see
+    ``REFERENCE_PER_CATEGORY``); training and validation keep the reference split's drawings among
+    the first ``per_category`` of each category (validation all of the reference's when that
+    leaves none), and training also takes those past the reference
+    ones when ``per_category`` is larger. With ``per_category`` equal to the reference, this is
+    ``split`` of ``load_dataset`` as every earlier version was trained."""
+    bitmaps, y = load_dataset(data, categories, max(per_category, REFERENCE_PER_CATEGORY))
+    position = np.concatenate([np.arange(int((y == index).sum())) for index in range(len(categories))])
+    reference = np.flatnonzero(position < REFERENCE_PER_CATEGORY)
+    train_idx, val_idx, test_idx = (reference[part] for part in split(len(reference), np.random.default_rng(SEED)))
+    used = position < per_category
+    beyond = np.flatnonzero(used & (position >= REFERENCE_PER_CATEGORY))
+    # A few drawings per category may hold no validation drawing: then all the reference's, none trained on.
+    validation = val_idx[used[val_idx]] if used[val_idx].any() else val_idx
+    return bitmaps, y, np.concatenate([train_idx[used[train_idx]], beyond]), validation, test_idx
 
 
 NATIVE_BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -380,10 +409,9 @@ def train(
 
     keras.utils.set_random_seed(seed)
     started = time.time()
-    bitmaps, y = load_dataset(data, categories, per_category)
-    x = normalise(bitmaps)
-    train_idx, val_idx, test_idx = split(len(x), np.random.default_rng(SEED))
-    x_train, y_train = x[train_idx], y[train_idx]
+    bitmaps, y, train_idx, val_idx, test_idx = load_split(data, categories, per_category)
+    x_train, y_train = normalise(bitmaps[train_idx]), y[train_idx]
+    x_val, x_test = normalise(bitmaps[val_idx]), normalise(bitmaps[test_idx])
     if canvas_share > 0:
         rng = np.random.default_rng(seed)
         copies = np.sort(rng.choice(train_idx, int(len(train_idx) * canvas_share), replace=False))
@@ -440,7 +468,7 @@ def train(
     history = model.fit(
         x_train,
         targets(y_train),
-        validation_data=(x[val_idx], targets(y[val_idx])),
+        validation_data=(x_val, targets(y[val_idx])),
         epochs=epochs,
         batch_size=batch_size,
         verbose=2,
@@ -453,7 +481,7 @@ def train(
         # keeps its weights in float32, and the mirroring adds none: copied as they are).
         trained, model = model, build("float32", serving=True)
         model.set_weights(trained.get_weights())
-    probs = model.predict(x[test_idx], batch_size=512, verbose=0)
+    probs = model.predict(x_test, batch_size=512, verbose=0)
     predicted = probs.argmax(axis=1)
     truth = y[test_idx]
     confusion = np.zeros((len(categories), len(categories)), dtype=int)
@@ -469,6 +497,8 @@ def train(
         "epochs": epochs,
         "batch_size": batch_size,
         "per_category": per_category,
+        # Which drawings the held-out figures were measured on: see REFERENCE_PER_CATEGORY.
+        "heldout_per_category": REFERENCE_PER_CATEGORY,
         "samples": {"train": len(x_train), "validation": len(val_idx), "test": len(test_idx)},
         "history": [
             {

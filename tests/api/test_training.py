@@ -746,3 +746,46 @@ async def test_the_feedback_exports_of_ended_runs_are_removed(own_stack: Stack) 
     kept = [str(runs["queued"].id), str(runs["running"].id), str(orphan_young), *others]
     assert sorted(p.name for p in data_dir.iterdir() if not p.is_symlink()) == sorted(kept)
     assert elsewhere.is_dir() and removed <= 4  # the three ended runs' and the old orphan's
+
+
+async def test_a_quick_run_is_compared_on_the_stable_versions_held_out_drawings(
+    own_stack: Stack, trained_dir: Path
+) -> None:
+    """A run on 50 drawings per category for one epoch is scored on the 6,000 held-out drawings the
+    stable 20-class version was scored on, so its far lower accuracy compares worse and promoting
+    it without force is refused. Scored on a held-out set of its own, nothing was compared and it
+    replaced the stable version."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="sketch", TRAINED_DIR=str(trained_dir))
+    start_trainer(own_stack, trained_dir)
+    quick = {"arch": "compact", "epochs": 1, "per_category": 50}
+    body = {"model": "sketch", "base_version": 3, "options": quick, "reason": "a quick try"}
+    r = await client.post("/v1/admin/training-runs", json=body, headers=admin)
+    assert r.status_code == 202, r.text
+    run = r.json()
+
+    async def done() -> bool:
+        now = await run_of(own_stack, admin, run["id"])
+        assert now["status"] in ("queued", "running", "done"), now
+        return bool(now["status"] == "done")
+
+    await until(done, 180, "the quick run finished")
+    record = (await run_of(own_stack, admin, run["id"]))["record"]
+    assert record["per_category"] == 50 and record["samples"]["test"] == 6000, record["samples"]
+    candidate = f"sketch@{run['version']}"
+
+    async def served_with_its_record() -> bool:
+        state = (await own_stack.app.state.workers.availability(fresh=True)).get(candidate)
+        return state is not None and state.heldout_accuracy is not None
+
+    await until(served_with_its_record, 90, f"the worker reports {candidate}'s held-out accuracy")
+    pair = {"candidate": run["version"], "baseline": 3}
+    comparison = (await client.get("/v1/admin/registry/models/sketch/compare", params=pair, headers=admin)).json()
+    assert comparison["verdict"] == "worse", comparison
+    assert comparison["reasons"][0].startswith(f"held-out accuracy: {record['test_accuracy']:.4f} against 0.94")
+    url = f"/v1/admin/registry/models/sketch/versions/{run['version']}/promote"
+    r = await client.post(url, json={"reason": "try promote"}, headers=admin)
+    assert r.status_code == 409 and "compares worse" in r.json()["detail"], r.text
+    stable = [v for v in (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]]
+    assert [v["version"] for v in stable if v["name"] == "sketch" and v["channel"] == "stable"] == [3]

@@ -390,3 +390,11 @@ def test_a_heartbeat_names_the_held_out_drawings_of_each_record(
     entry = registry.find("sketch", 1, benchmark_mode=False)
     assert entry is not None
     assert heldout(entry, model_settings.model_copy(update={"trained_dir": tmp_path})) == (0.9, None, None)
+    # A quick run on 50 drawings per category was scored on the reference held-out set of 3,000.
+    record = {"test_accuracy": 0.27, "categories": six, "per_category": 50, "heldout_per_category": 3000}
+    (tmp_path / "sketch" / "v1" / "metrics.json").write_text(json.dumps({**record, "samples": {"test": 1800}}))
+    assert heldout(entry, model_settings.model_copy(update={"trained_dir": tmp_path})) == (
+        0.27,
+        heldout_set_id(six, 3000),
+        1800,
+    )

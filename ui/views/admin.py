@@ -469,7 +469,8 @@ def show_comparison(comparison: Comparison) -> None:
     verdict = {
         "worse": "Worse than the version it is compared with, by more than the margin",
         "not_worse": "Not worse",
-        "no_evidence": "No accuracy known for both yet",
+        # Figures may show above and still not compare (other held-out drawings, other classes).
+        "no_evidence": "Not compared: no accuracy of both was measured the same way",
     }[comparison["verdict"]]
     st.markdown(f"**{verdict}** (margin {comparison['margin']:.0%})")
     for reason in comparison["reasons"]:
