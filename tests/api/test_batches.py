@@ -530,16 +530,19 @@ async def running_batch(
     owner: int,
     entry: ModelEntry,
     seeds: Iterable[int],
+    *more: ModelEntry,
 ) -> Batch:
-    """A received batch (``running``) of one noise picture per seed for ``entry``, its jobs pending."""
+    """A received batch (``running``) of one noise picture per seed for ``entry`` (and the ``more``
+    versions), its jobs pending."""
     from api.app.batches.service import _add_job, _Builder, _flush
     from api.app.images import service as images_service
 
     seeds = list(seeds)
-    batch = Batch(owner_id=owner, status="running", models=[entry.key], entries=len(seeds))
+    models = [entry, *more]
+    batch = Batch(owner_id=owner, status="running", models=[m.key for m in models], entries=len(seeds))
     session.add(batch)
     await session.flush()
-    built = _Builder(batch=batch, entries=[entry], owner_id=owner)
+    built = _Builder(batch=batch, entries=models, owner_id=owner)
     for seed in seeds:
         data = noise_png(seed)
         info, sha = await images_service.inspect_upload(data, settings)
@@ -801,6 +804,36 @@ async def test_a_batch_cancelled_with_jobs_in_flight_ends_once_they_are_answered
             assert not await lane.any_running(session=session)
     finally:
         await engine.dispose()
+
+
+async def test_a_version_retired_during_a_batch_holds_up_no_batch(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A batch for two versions, one retired while it ran: that version's predictions are expired,
+    and its queue keeps a message no worker will read. The lane looks only at the queues the
+    batch's open predictions would join, so the other version's jobs go on; counting the retired
+    version's queue, the lane took its old message for a person's job waiting there and queued
+    nothing again, for every batch of every user."""
+    from sqlalchemy import select, update
+
+    from api.app.batches import lane
+    from api.app.predictions.models import Prediction
+
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        await running_batch(
+            session, db.store, fresh_settings, db.owner, db.registry[MODEL], [81, 82], db.registry["sketch@2"]
+        )
+        await session.execute(update(Prediction).where(Prediction.model_name == "sketch").values(status="expired"))
+        await session.commit()
+        await db.redis.xadd("jobs:sketch@2", {"meta": "{}"})  # queued before the retirement, never read
+
+        queued = await lane.top_up(
+            session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served={MODEL}
+        )
+        assert queued == 1 and await db.redis.xlen(f"jobs:{MODEL}") == 1
+        statuses = sorted((await session.scalars(select(Prediction.status))).all())
+        assert statuses == ["expired", "expired", "pending", "queued"], statuses
 
 
 async def test_a_worker_outage_stops_the_clock_of_batch_jobs_in_flight(

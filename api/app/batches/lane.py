@@ -117,7 +117,11 @@ async def top_up(
         await session.commit()
         await finish(session=session)  # the last answers are in: batches may be over
         return 0
-    streams = sorted({keys.job_stream(p.model_name, p.model_version) for j in jobs for p in j.predictions})
+    # The queues these jobs would join: a version retired meanwhile has its predictions expired,
+    # and its queue may keep a message no worker will read, which is no person waiting.
+    streams = sorted(
+        {keys.job_stream(p.model_name, p.model_version) for j in jobs for p in j.predictions if p.status == PENDING}
+    )
     async with redis.pipeline(transaction=False) as pipe:
         for stream in streams:
             pipe.xlen(stream)
