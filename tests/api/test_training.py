@@ -393,9 +393,9 @@ async def test_a_runs_end_that_cannot_be_applied_fails_the_run(
 
 async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_stack: Stack) -> None:
     """Three runs end one after another (their trainer's "done" on the event stream), beside a
-    shadow an admin made: after the third, only its candidate and the admin's shadow get copies
-    of the requests; the earlier candidates are canaries without traffic, each change audited as
-    the run that made it."""
+    shadow an admin made: after the third, only its candidate and the admins' shadows get copies
+    of the requests (a candidate an admin set back to shadow stays there); the earlier candidates
+    are canaries without traffic, each change audited as the run that made it."""
     from api.app.registry import service as registry_service
     from contracts.registry import load_registry
 
@@ -410,6 +410,19 @@ async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_sta
     await until(lambda: _event_group_ready(redis), 30, "the API's training event group")
     run_ids = {}
     for version in (41, 42, 43):
+        if version == 43:
+            # The admin sets 41, stepped down by run 42, back to shadow: it stays there.
+            async with own_stack.app.state.sessionmaker() as session:
+                await registry_service.set_channel(
+                    session=session,
+                    actor=actor,
+                    name="sketch",
+                    version=41,
+                    channel="shadow",
+                    enabled=None,
+                    reason="shadow again",
+                    available={"sketch@41"},
+                )
         async with own_stack.app.state.sessionmaker() as session:
             run = a_run(version, status="running", base=1, started_at=datetime.now(UTC))
             session.add(run)
@@ -442,7 +455,7 @@ async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_sta
     assert {v: states[v] for v in (39, 40, 41, 42, 43)} == {
         39: ("shadow", 0),
         40: ("shadow", 0),
-        41: ("canary", 0),
+        41: ("shadow", 0),
         42: ("canary", 0),
         43: ("shadow", 0),
     }, states

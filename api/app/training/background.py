@@ -57,7 +57,7 @@ async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
         try:
             await registry_service.register_version(
                 session=session,
-                actor=registry_service.Actor(None, f"training run {run.id}"),
+                actor=registry_service.Actor(None, f"{service.RUN_ACTOR_PREFIX}{run.id}"),
                 entry=entry,
                 reason=f"trained from @{run.base_version}: {run.reason}"
                 + (f" (held-out accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""),
@@ -72,7 +72,7 @@ async def handle_event(rt: JobRuntime, event: training.TrainingEvent) -> None:
             return
         stepped_down = await service.step_down_older_shadows(
             session=session,
-            actor=registry_service.Actor(None, f"training run {run_id}"),
+            actor=registry_service.Actor(None, f"{service.RUN_ACTOR_PREFIX}{run_id}"),
             name=entry.name,
             version=entry.version,
         )

@@ -31,7 +31,7 @@ from api.app.feedback.export import export_examples
 from api.app.images.storage import LocalBlobStore
 from api.app.registry import service as registry_service
 from api.app.registry.live import entry_of
-from api.app.registry.models import ModelVersion
+from api.app.registry.models import ModelVersion, RegistryChange
 from api.app.releases import service as releases
 from api.app.training.models import TrainingRun
 from contracts import training
@@ -432,7 +432,12 @@ async def step_down_older_shadows(
         .where(ModelVersion.name == name, ModelVersion.channel == "shadow", ModelVersion.version < version)
         .order_by(ModelVersion.version)
     )
-    older = [row.version for row in rows if (row.spec.get("training") or {}).get("run")]
+    older = [
+        row.version
+        for row in rows
+        if (row.spec.get("training") or {}).get("run")
+        and await _shadowed_by_a_training_run(session=session, name=name, version=row.version)
+    ]
     for old in older:
         await registry_service.set_channel(
             session=session,
@@ -445,6 +450,26 @@ async def step_down_older_shadows(
             available=set(),
         )
     return older
+
+
+RUN_ACTOR_PREFIX = "training run "
+"""How the audit trail names a training run that changed the registry (``training run <id>``)."""
+
+
+async def _shadowed_by_a_training_run(*, session: AsyncSession, name: str, version: int) -> bool:
+    """Whether the last change that moved ``name@version`` into shadow (registered it there, or
+    changed its channel to it) was a training run's, not an admin's (a version an admin set back
+    to shadow, or rolled back into it, stays there)."""
+    key = str(version)
+    channel_after = RegistryChange.after[key]["channel"].astext
+    channel_before = func.coalesce(RegistryChange.before[key]["channel"].astext, "")
+    actor = await session.scalar(
+        select(RegistryChange.actor)
+        .where(RegistryChange.model == name, channel_after == "shadow", channel_before != "shadow")
+        .order_by(RegistryChange.id.desc())
+        .limit(1)
+    )
+    return actor is not None and actor.startswith(RUN_ACTOR_PREFIX)
 
 
 async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -> tuple[TrainingRun, ModelEntry] | None:
