@@ -171,22 +171,19 @@ async def explain(
             status_code=422,
             detail=f"{key} is not explainable: Grad-CAM needs a Keras model to take gradients of, and {key} has none.",
         )
-    explainers: LiveExplainers | None = None
     if not _explained(registry, twin.key, settings):
         # Before the cache: a heatmap cached before the version was retired or disabled is not
-        # answered either, as the explainers that let its graph go no longer answer.
-        explainers = await live_explainers(redis)
-        if twin.key not in explainers.held:
-            raise HTTPException(
-                status_code=422,
-                detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
-            )
+        # answered either. Nor is one an explainer still computes for the few seconds it takes to
+        # read the registry's change: the registry, not the explainer's heartbeat, says what is served.
+        raise HTTPException(
+            status_code=422,
+            detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
+        )
     cache_key = keys.explanation_key(owner_id, sha256, prediction.model_name, prediction.model_version)
     if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
         return Explained(prediction, cached, True)
     deadline = time.time() + settings.explanation_wait_seconds
-    if explainers is None:
-        explainers = await live_explainers(redis)
+    explainers = await live_explainers(redis)
     # An explainer building the twin (it was just registered or enabled), or still to follow the
     # registry's latest change, holds it in a few seconds: the request waits for that.
     while twin.key not in explainers.held and explainers.coming(twin.key, revision) and time.time() < deadline:
