@@ -303,7 +303,8 @@ async def auto_promote(
         if row is None:
             decision = "not promoted: the version is no longer registered"
         elif row.channel != "shadow":
-            decision = f"not promoted: it was moved to {row.channel} first (the registry's changes say by whom)"
+            mover = await _moved_by(session=session, name=name, version=version, channel=row.channel)
+            decision = f"not promoted: it was moved to {row.channel} first, by {mover}"
         elif not row.enabled:
             decision = "not promoted: an admin disabled it"
         elif stable is None or stable.version != run.base_version:
@@ -470,6 +471,21 @@ async def _shadowed_by_a_training_run(*, session: AsyncSession, name: str, versi
         .limit(1)
     )
     return actor is not None and actor.startswith(RUN_ACTOR_PREFIX)
+
+
+async def _moved_by(*, session: AsyncSession, name: str, version: int, channel: str) -> str:
+    """Who last moved ``name@version`` to ``channel``, as people read it: "a newer training run
+    (training run <id>)" or "admin@example.com"; "an unknown change" when the audit trail does not say."""
+    key = str(version)
+    actor = await session.scalar(
+        select(RegistryChange.actor)
+        .where(RegistryChange.model == name, RegistryChange.after[key]["channel"].astext == channel)
+        .order_by(RegistryChange.id.desc())
+        .limit(1)
+    )
+    if actor is None:
+        return "an unknown change"
+    return f"a newer training run ({actor})" if actor.startswith(RUN_ACTOR_PREFIX) else actor
 
 
 async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -> tuple[TrainingRun, ModelEntry] | None:
