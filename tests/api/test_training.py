@@ -411,7 +411,7 @@ async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_sta
     run_ids = {}
     for version in (41, 42, 43):
         if version == 43:
-            # The admin sets 41, stepped down by run 42, back to shadow: it stays there.
+            # The admin enables 41, stepped down by run 42, back in shadow: it stays there.
             async with own_stack.app.state.sessionmaker() as session:
                 await registry_service.set_channel(
                     session=session,
@@ -419,7 +419,7 @@ async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_sta
                     name="sketch",
                     version=41,
                     channel="shadow",
-                    enabled=None,
+                    enabled=True,
                     reason="shadow again",
                     available={"sketch@41"},
                 )
@@ -451,13 +451,14 @@ async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_sta
 
     await until(late_ended, 30, "run 39 done")
     versions = (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]
-    states = {v["version"]: (v["channel"], v["weight"]) for v in versions if v["name"] == "sketch"}
+    states = {v["version"]: (v["channel"], v["weight"], v["enabled"]) for v in versions if v["name"] == "sketch"}
+    # The stepped-down candidate is disabled too: no worker or explainer keeps it loaded.
     assert {v: states[v] for v in (39, 40, 41, 42, 43)} == {
-        39: ("shadow", 0),
-        40: ("shadow", 0),
-        41: ("shadow", 0),
-        42: ("canary", 0),
-        43: ("shadow", 0),
+        39: ("shadow", 0, True),
+        40: ("shadow", 0, True),
+        41: ("shadow", 0, True),
+        42: ("canary", 0, False),
+        43: ("shadow", 0, True),
     }, states
     changes = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()
     stepped_down = {(c["version"], c["actor"]) for c in changes["data"] if c["action"] == "channel_canary"}

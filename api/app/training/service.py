@@ -181,12 +181,24 @@ async def get_run(*, session: AsyncSession, run_id: uuid.UUID) -> TrainingRun:
     return run
 
 
-async def list_runs(*, session: AsyncSession, model: str | None, limit: int = 50) -> list[TrainingRun]:
-    """The most recent runs (of one model when given), newest first."""
-    query = select(TrainingRun).order_by(TrainingRun.created_at.desc()).limit(limit)
-    if model is not None:
-        query = query.where(TrainingRun.model_name == model)
+async def list_runs(*, session: AsyncSession, model: str | None, skip: int = 0, limit: int = 50) -> list[TrainingRun]:
+    """A page of the runs (of one model when given), newest first: ``skip`` runs, then at most
+    ``limit``."""
+    where = [TrainingRun.model_name == model] if model is not None else []
+    query = (
+        select(TrainingRun)
+        .where(*where)
+        .order_by(TrainingRun.created_at.desc(), TrainingRun.id.desc())
+        .offset(skip)
+        .limit(limit)
+    )
     return list(await session.scalars(query))
+
+
+async def count_runs(*, session: AsyncSession, model: str | None) -> int:
+    """How many runs there are (of one model when given)."""
+    where = [TrainingRun.model_name == model] if model is not None else []
+    return int(await session.scalar(select(func.count()).select_from(TrainingRun).where(*where)) or 0)
 
 
 async def cancel_run(*, session: AsyncSession, redis: Redis, run_id: uuid.UUID) -> TrainingRun:
@@ -423,10 +435,11 @@ async def step_down_older_shadows(
     *, session: AsyncSession, actor: registry_service.Actor, name: str, version: int
 ) -> list[int]:
     """Makes the model's older shadow versions (numbers below ``version``: an end reported late
-    never demotes a newer candidate) that a training run registered canaries without
+    never demotes a newer candidate) that a training run put in shadow disabled canaries without
     traffic (audited, as ``actor``), once ``version`` is its newest candidate in shadow: each
-    shadow gets a copy of the model's requests, so candidates left in shadow run after run would
-    multiply the workers' load. They stay registered, to pin, compare or promote. Versions an
+    shadow gets a copy of the model's requests, and every worker and explainer keeps each enabled
+    version loaded, so candidates left run after run would multiply the workers' load and memory.
+    They stay registered: an admin enables one again to pin, compare or promote it. Versions an
     admin put in shadow are left alone. The versions changed, oldest first; commits each change."""
     rows = await session.scalars(
         select(ModelVersion)
@@ -446,8 +459,9 @@ async def step_down_older_shadows(
             name=name,
             version=old,
             channel="canary",
-            enabled=None,
-            reason=f"superseded in shadow by {name}@{version}, a newer training run's candidate",
+            enabled=False,
+            reason=f"superseded in shadow by {name}@{version}, a newer training run's candidate (disabled: "
+            "not loaded; enable it to pin, compare or promote it)",
             available=set(),
         )
     return older
