@@ -226,6 +226,9 @@ async def test_deactivated_and_deleted_users_lose_access(
     r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": False}, headers=admin_headers)
     assert r.status_code == 200 and r.json()["is_active"] is False
     await _expect_401(client, headers["Authorization"][7:])
+    # Its holder is told why, not that the session expired.
+    r = await client.get("/v1/users/me", headers=headers)
+    assert r.status_code == 401 and "deactivated" in r.json()["detail"], r.text
     r = await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
     assert r.status_code == 403
 
