@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from api.app.batches import background as batches_background
 from api.app.batches.router import router as batches_router
 from api.app.catalog.router import router as catalog_router
 from api.app.catalog.service import WorkerDirectory
-from api.app.core import metrics
+from api.app.core import maintenance, metrics
 from api.app.core.body_limits import BodyLimitMiddleware
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_read_sessionmaker, make_sessionmaker, open_pool
@@ -203,6 +204,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     outage_log=outage_log,
                 ),
                 exports.run(stop, outage_log),
+                run_every(
+                    maintenance.MAINTENANCE_SECONDS,
+                    functools.partial(maintenance.maintain, engine=state.background_engine),
+                    name="table maintenance",
+                    stop=stop,
+                    outage_log=outage_log,
+                ),
             )
         ]
         # What start-up made (modules, schemas, the registry) lives as long
