@@ -806,6 +806,28 @@ async def test_a_batch_cancelled_with_jobs_in_flight_ends_once_they_are_answered
         await engine.dispose()
 
 
+async def test_a_batch_is_shown_while_redis_is_out_of_reach(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Everything a batch is lives in PostgreSQL: with Redis down its page answers 200 with its
+    counts, only without what needs Redis (which versions no worker serves, so no estimate)."""
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        batch = await running_batch(db.session, db.store, fresh_settings, db.owner, db.registry[MODEL], [91, 92])
+        await db.session.commit()
+        settings = fresh_settings.model_copy(update={"redis_url": private_redis.url})
+        async for client in client_for(create_app(settings)):
+            admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+            private_redis.stop()
+            try:
+                r = await client.get(f"/v1/batches/{batch.id}", headers=admin)
+            finally:
+                private_redis.start()
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["counts"]["queued"] == 2 and body["counts"]["eta_seconds"] is None, body
+            assert body["waiting_for"] == [], body
+
+
 async def test_a_version_retired_during_a_batch_holds_up_no_batch(
     fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from api.app.batches import lane, service
 from api.app.batches.models import Batch
 from api.app.batches.schemas import BatchDetail, BatchesPublic, BatchPublic, BatchResult, BatchResults
 from api.app.catalog.service import requested_refs
+from api.app.core.errors import outage_of
 from api.app.core.responses import (
     AUTHED,
     BAD_REQUEST,
@@ -158,9 +159,19 @@ async def get_batch(
     counts = await service.counts(session=session, batch=batch)
     waiting_for: list[str] = []
     if batch.status == "running" and counts.queued:
-        waiting_for = service.waiting_for(
-            models=batch.models, availability=await workers.availability(), registry=registry
-        )
+        try:
+            availability = await workers.availability()
+        except Exception as exc:
+            if outage_of(exc) != "redis":
+                raise
+            # The batch is all in PostgreSQL; only which workers serve is out of reach, and with
+            # it any estimate.
+            return BatchDetail(
+                **BatchPublic.model_validate(batch).model_dump(),
+                counts=counts.model_copy(update={"eta_seconds": None}),
+                waiting_for=[],
+            )
+        waiting_for = service.waiting_for(models=batch.models, availability=availability, registry=registry)
     if waiting_for:
         # The last minute's pace says nothing of when a version will be served again.
         counts = counts.model_copy(update={"eta_seconds": None})
