@@ -164,6 +164,24 @@ def test_every_operation_describes_the_http_servers_plain_text_400() -> None:
     assert not missing, missing
 
 
+def test_every_operation_has_an_id_of_its_own_and_health_answers_head() -> None:
+    """No two operations share an id (FastAPI warns at every start otherwise, and generated
+    clients clash), while the health checks still answer HEAD, as load balancers probe."""
+    import warnings
+
+    from fastapi.testclient import TestClient
+
+    unused = make_settings("postgresql+asyncpg://unused/unused", "redis://unused", Path("unused"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        app = create_app(unused)
+        app.openapi_schema = None
+        app.openapi()
+    assert not [str(w.message) for w in caught if "Duplicate Operation ID" in str(w.message)]
+    # Routing alone (no lifespan): the live check needs nothing else.
+    assert TestClient(app).head("/health/live").status_code == 200
+
+
 def test_the_plain_text_400_is_described_as_the_server_sends_it(settings: Settings) -> None:
     """uvicorn (httptools) refuses a URL of 64 KiB or more, and nothing for the size of headers:
     the description names the URL, not a request head past 64 KiB."""
