@@ -212,17 +212,19 @@ class Portal:
         """One image classified by ``models`` (the portal's default when empty), sent under its
         ``readable`` name, waiting for every answer: the API's one-call answer, ``results`` keyed
         ``name@version`` with each model's ``status``, ``label``, ``score`` (0..1), ``top_k`` and
-        ``error``."""
-        with path.open("rb") as image:
-            return dict(
-                self._json(
-                    "POST",
-                    "/model/predict",
-                    params=[("models", m) for m in models],
-                    files={"file": (readable(path.name), image)},
-                    timeout=PREDICT,
-                )
+        ``error``. The file is read once and sent as read: streamed, a file whose size changes
+        meanwhile (or that says another size than it reads, as /proc's do) would no longer match
+        the Content-Length declared from its size. Raises OSError when it cannot be read."""
+        content = path.read_bytes()
+        return dict(
+            self._json(
+                "POST",
+                "/model/predict",
+                params=[("models", m) for m in models],
+                files={"file": (readable(path.name), content)},
+                timeout=PREDICT,
             )
+        )
 
     def models(self) -> list[dict[str, Any]]:
         """The model versions the portal offers me (``GET /v1/models``): each with its ``name``,

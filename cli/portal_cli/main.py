@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import sys
 import time
 import uuid
@@ -226,6 +227,28 @@ def logout() -> None:
         _note(f"Logged out of {config.url}.")
 
 
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words, from its ``st_mode``."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _check_regular(files: list[Path]) -> None:
+    """Refuses (PortalError 1), before any of ``files`` is read or sent, one that is not a regular
+    file once symbolic links are followed: reading a named pipe waits for a writer (forever, in
+    a glob such as ``odd/*.jpg``) and a device such as /dev/zero never ends. Raises OSError when
+    one cannot be looked at."""
+    for path in files:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise PortalError(f"{readable(path)} is {_kind(mode)}, not a regular file: nothing was sent.")
+
+
 @app.command()
 def predict(
     files: Annotated[
@@ -239,9 +262,12 @@ def predict(
 ) -> None:
     """Classify images: one line per file and model (file, model@version, label, score).
 
-    A file the portal refuses is reported on stderr and the others go on (exit 1 at the end)."""
+    A file the portal refuses is reported on stderr and the others go on (exit 1 at the end). A
+    pipe, device or socket among the files is refused before anything is sent (exit 1)."""
     refused = False
     rows: list[dict[str, Any]] = []
+    with _reported():
+        _check_regular(files)
     with _reported(), open_portal(url, api_key) as portal:
         for path in files:
             name = readable(path)
@@ -426,11 +452,15 @@ def _check_available(offered: list[dict[str, Any]], models: list[str]) -> None:
             raise PortalError(f"Model {refused[0]} is unavailable: {refused[1]}; nothing was sent.")
 
 
-def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> SentBatch:
+def _send_batch(
+    portal: Portal, states: BatchStates, state: BatchState, resend: str | None, offered: list[dict[str, Any]]
+) -> SentBatch:
     """Sends the input of ``state`` (a zip, or a directory zipped first and named after it) as a
     batch with a new key, or ``resend``, the key of a send interrupted before its answer; the
-    portal's answer. The state is remembered once the zip is ready, before it is sent, and again
-    with the batch's id. A refused input is forgotten: the next run sends it with a new key.
+    portal's answer. ``offered`` is the catalogue from ``_check_before_sending``, which the caller
+    asks before it says anything about sending. The state is remembered once the zip is ready,
+    before it is sent, and again with the batch's id. A refused input is forgotten: the next run
+    sends it with a new key.
 
     Before sending again, the portal is asked for the batch the interrupted send made (by its
     key): found, it is followed, received or still being received, without sending anything, as
@@ -438,7 +468,6 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
     unchanged input is the same request (``zip_images`` writes the same bytes), so a send that
     arrives meanwhile is still answered with its batch."""
     source = Path(state.source)
-    offered = _check_before_sending(portal, state.models)
     if resend and (earlier := portal.batch_sent_with(resend)) is not None:
         state.idempotency_key, state.batch_id = resend, str(earlier["id"])
         states.remember(state)
@@ -450,6 +479,8 @@ def _send_batch(portal: Portal, states: BatchStates, state: BatchState, resend: 
                 f"(--new sends {source} as it is now)."
             )
         return SentBatch(batch_id=state.batch_id, batch=None, replayed=True)
+    # A batch is made from here on: its models must be ones the portal takes (a resend's were not
+    # checked yet, as a batch the portal already has waits for its versions).
     _check_available(offered, state.models)
     with contextlib.ExitStack() as temporary:
         archive = source
@@ -506,14 +537,17 @@ def _alone(states: BatchStates, key: str, source: Path) -> Iterator[None]:
         lock.release()
 
 
-def _send_and_follow(portal: Portal, states: BatchStates, state: BatchState, resend: str | None) -> dict[str, Any]:
-    """Follows the batch of ``state``, sent first when it has no id yet (``_send_batch``), until
-    it has finished; the last answer. Raises PortalError 1 when it ended cancelled before the
-    portal had received all of it (``fully_received``: its sending was cut off, its API process
-    stopped, or it was cancelled then), remembering the input as sent but unanswered: the next
-    run sends it again with its key, and the portal makes a new batch of it."""
+def _send_and_follow(
+    portal: Portal, states: BatchStates, state: BatchState, resend: str | None, offered: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Follows the batch of ``state``, sent first when it has no id yet (``_send_batch``, with
+    ``offered``, the catalogue from ``_check_before_sending``), until it has finished; the last
+    answer. Raises PortalError 1 when it ended cancelled before the portal had received all of it
+    (``fully_received``: its sending was cut off, its API process stopped, or it was cancelled
+    then), remembering the input as sent but unanswered: the next run sends it again with its
+    key, and the portal makes a new batch of it."""
     if state.batch_id is None:
-        _send_batch(portal, states, state, resend)
+        _send_batch(portal, states, state, resend, offered)
     assert state.batch_id is not None
     final = _follow(portal, state.batch_id)
     if final["status"] == "cancelled" and not final.get("fully_received", True):
@@ -591,7 +625,10 @@ def batch(
 
     A directory is zipped first (files with an image extension only; hidden files skipped). The
     batch is remembered: after an interruption (Ctrl-C, a crash) the same command follows the same
-    batch instead of sending it again; --new sends a new one, --cancel cancels it."""
+    batch instead of sending it again; --new sends a new one, --cancel cancels it (not both)."""
+    if new and cancel:
+        # Either would be a guess at which one was meant, and a cancel cannot be undone.
+        raise typer.BadParameter("it cannot be used together with --cancel.", param_hint="--new")
     if not cancel and out is None:
         raise typer.BadParameter("--out is required (the results CSV, or '-' for stdout).", param_hint="--out")
     if source.is_file() and source.suffix.lower() != ".zip":
@@ -642,8 +679,11 @@ def batch(
             _note(f"Cancelled batch {batch_id}: {', '.join(parts)} (of {counts['images']} images){deleted}.")
             return
         resend: str | None = None
+        # Why a new batch is sent instead of the remembered one: said once the portal is known to
+        # take its models, so that a refusal is all a refused run says.
+        sending_anew: str | None = None
         if remembered and not new and sorted(remembered.models) != sorted(models):
-            _note(f"The batch sent for {source} before used other models; sending a new one.")
+            sending_anew = f"The batch sent for {source} before used other models; sending a new one."
         elif remembered and not new and remembered.batch_id is None:
             # Interrupted before the portal answered: the same key gets the batch if it arrived.
             resend = remembered.idempotency_key or None
@@ -655,17 +695,25 @@ def batch(
             except PortalError as exc:
                 if exc.code != ExitCode.INPUT:
                     raise
-                _note(f"Batch {remembered.batch_id} is gone ({exc.message}); sending a new one.")
+                sending_anew = f"Batch {remembered.batch_id} is gone ({exc.message}); sending a new one."
         elif remembered and remembered.batch_id is not None:
-            _note(f"Sending a new batch; the earlier one ({remembered.batch_id}) goes on.")
+            sending_anew = f"Sending a new batch; the earlier one ({remembered.batch_id}) goes on."
         elif remembered:
-            _note(
+            sending_anew = (
                 f"Sending a new batch; the interrupted send of {source} may have reached the portal: "
                 "see your batches (the UI, or GET /v1/batches)."
             )
+        offered: list[dict[str, Any]] = []
+        if batch_id is None:
+            # Before anything is said about sending: a refused key or model is the run's one line.
+            offered = _check_before_sending(portal, models)
+            if resend is None:
+                _check_available(offered, models)
+        if sending_anew:
+            _note(sending_anew)
         state = BatchState(key, batch_id, portal.url, models, time.time())
         try:
-            final = _send_and_follow(portal, states, state, resend)
+            final = _send_and_follow(portal, states, state, resend, offered)
         except (KeyboardInterrupt, Terminated) as stopped:
             how = "terminated" if isinstance(stopped, Terminated) else "interrupted"
             batch_id = state.batch_id

@@ -137,6 +137,37 @@ def test_a_refused_file_is_one_line_and_exit_1(logged_in: Account, tmp_path: Pat
     assert batches(logged_in)["count"] == 0 and BatchStates().get(str(folder.resolve())) is None
 
 
+def test_predict_refuses_what_is_not_a_regular_file_before_sending_anything(logged_in: Account, tmp_path: Path) -> None:
+    """A named pipe (reading it waits for a writer: the run would hang) or a device (/dev/zero
+    never ends) among the files is refused up front, one line naming it and exit 1, before any
+    file is read or sent: the photo before it is not classified either."""
+    parrot = str(PHOTOS / "parrot.jpg")
+    fifo = tmp_path / "odd" / "fifo.jpg"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    # Its own process, so that a run stuck on the pipe fails the test instead of hanging it.
+    piped = subprocess.run(
+        [str(PORTAL), "predict", parrot, str(fifo), "-m", MODEL], capture_output=True, text=True, timeout=60
+    )
+    assert piped.returncode == 1 and piped.stdout == "", piped
+    assert one_line(piped.stderr) == f"portal: {fifo} is a named pipe, not a regular file: nothing was sent."
+
+    device = run("predict", parrot, "/dev/zero", "-m", MODEL)
+    assert device.exit_code == 1 and device.stdout == "", device.output
+    assert one_line(device.stderr) == "portal: /dev/zero is a device, not a regular file: nothing was sent."
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's /proc")
+def test_predict_sends_a_file_as_read_whatever_size_it_said(logged_in: Account) -> None:
+    """A file whose size changes while it is read is sent as it was read, not cut off or overrun
+    against the size it had first: /proc's files say 0 bytes and then read as more. The portal
+    refuses this one as an image, which is the answer (exit 1), not an unexpected error."""
+    result = run("predict", "/proc/self/status", "-m", MODEL)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    error = one_line(result.stderr)
+    assert error.startswith("portal: /proc/self/status: "), error
+
+
 def test_a_model_the_portal_refuses_batches_for_is_refused_before_anything_is_zipped(
     logged_in: Account, tmp_path: Path
 ) -> None:
@@ -429,6 +460,57 @@ def test_cancel_after_a_send_interrupted_before_its_answer_finds_the_batch_by_it
     detail = httpx.get(f"{logged_in.url}/v1/batches/{r.json()['id']}", headers=logged_in.headers()).json()
     assert detail["status"] == "cancelled", detail
     assert BatchStates().get(key) is None
+
+
+def test_new_and_cancel_together_are_wrong_usage_and_cancel_nothing(logged_in: Account, tmp_path: Path) -> None:
+    """``--new --cancel`` asks for two opposite things: refused as wrong usage (exit 2) in one line,
+    and the remembered batch is neither cancelled nor forgotten."""
+    folder = tmp_path / "collection"
+    make_images(folder, 2)
+    key = str(folder.resolve())
+    r = httpx.post(
+        f"{logged_in.url}/v1/batches",
+        files={"file": ("a.png", noise_png(), "image/png")},
+        data={"models": MODEL},
+        headers=logged_in.headers(),
+    )
+    assert r.status_code == 202, r.text
+    BatchStates().remember(BatchState(key, str(r.json()["id"]), logged_in.url, [MODEL], time.time()))
+    for extra in ([], ["--out", str(tmp_path / "results.csv")]):
+        result = run("batch", str(folder), "-m", MODEL, "--new", "--cancel", *extra)
+        assert result.exit_code == 2, result.output
+        said = [line for line in result.stderr.splitlines() if "--new" in line or "--cancel" in line]
+        assert len(said) == 1 and "--new: it cannot be used together with --cancel" in said[0], result.stderr
+    detail = httpx.get(f"{logged_in.url}/v1/batches/{r.json()['id']}", headers=logged_in.headers()).json()
+    assert detail["status"] != "cancelled", detail
+    remembered = BatchStates().get(key)
+    assert remembered is not None and remembered.batch_id == str(r.json()["id"])
+
+
+@pytest.mark.parametrize(
+    ("remembered_models", "extra"),
+    [([MODEL], []), ([MODEL], ["--new"]), (["nope"], [])],
+    ids=["other models", "--new", "batch gone"],
+)
+def test_an_unknown_model_is_refused_before_a_new_batch_is_announced(
+    logged_in: Account, tmp_path: Path, remembered_models: list[str], extra: list[str]
+) -> None:
+    """With a batch remembered for the folder, an unknown ``-m`` model is the one thing said (exit 1),
+    not first that a new batch is being sent instead (the remembered one used other models,
+    ``--new``, or the portal no longer has it); the remembered batch stays."""
+    folder = tmp_path / "collection"
+    make_images(folder, 2)
+    key = str(folder.resolve())
+    # The batch id is either never looked at or not one the portal has (gone).
+    state = BatchState(key, str(uuid.uuid4()), logged_in.url, remembered_models, time.time())
+    BatchStates().remember(state)
+    result = run("batch", str(folder), "-m", "nope", "--out", str(tmp_path / "results.csv"), *extra)
+    assert result.exit_code == 1, result.output
+    error = one_line(result.stderr)
+    assert error.startswith("portal: Unknown model 'nope'"), error
+    remembered = BatchStates().get(key)
+    assert remembered is not None and remembered.batch_id == state.batch_id
+    assert batches(logged_in)["count"] == 0
 
 
 def test_a_damaged_remembered_batch_is_said_before_a_new_one_is_sent(logged_in: Account, tmp_path: Path) -> None:
