@@ -99,3 +99,21 @@ def test_at_the_default_settings_a_population_answering_as_before_reads_stable()
     assert np.mean(psi.max(axis=0) >= service.ALERT) <= 0.02
     # Nor does noise alone keep a version on "watch".
     assert np.mean(psi.max(axis=0) >= service.WATCH) <= 0.05, np.mean(psi.max(axis=0) >= service.WATCH)
+
+
+def test_bin_labels_tell_their_edges_apart() -> None:
+    """Values of 279.6 and 280, most of them 280: the edge at 279.92 is not printed "280" beside
+    the edge at 280 (bins "280 to 280"), and the bin of 280 alone is labelled "280". Edges are
+    given as many significant digits as tell them apart, sizes as whole numbers, not exponents."""
+    widths = service.bin_numeric([279.6] * 100 + [280.0] * 400, [280.0] * 3 + [279.6], 5)
+    assert widths.labels == ["< 279.6", "279.6 to 279.9", "279.9 to 280", "280", "> 280"]
+    assert widths.window == pytest.approx([0.5 / 5, 1 / 5, 0, 3 / 5, 0.5 / 5])
+    close = service.bin_numeric([280.1, 280.2, 280.3, 280.4, 280.5, 280.6], [280.0], 5)
+    assert close.labels[1:-1] == [f"280.{i} to 280.{i + 1}" for i in range(1, 6)]
+    tied = service.bin_numeric([640.0] * 100 + [3024.0] * 100 + [4032.0] * 300, [4032.0], 5)
+    assert tied.labels[0] == "< 640" and tied.labels[-2:] == ["4032", "> 4032"], tied.labels
+    for binned in (widths, close, tied):
+        assert len(set(binned.labels)) == len(binned.labels), binned.labels
+        for label in binned.labels:
+            low, _, high = label.partition(" to ")
+            assert low != high and "e+" not in label, binned.labels

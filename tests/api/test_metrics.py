@@ -9,20 +9,31 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import suppress
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import psutil
 import pytest
+from fastapi import FastAPI
+from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from sqlalchemy import select, update
 
 from api.app.core.config import Settings
 from api.app.main import create_app
+from api.app.predictions import background
+from api.app.predictions.models import Job, Prediction
+from contracts.messages import Timings
+from tests.api.conftest import Stack, done_answer, until
 from tests.api.test_catalog import _announce
 from tests.api.test_predictions import noise_png
-from tests.conftest import Users, client_for
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Users, client_for, login
+from tests.images import encode
 from tests.support import ROOT, RedisServer, http_ok, start_api, wait_until
 
 
@@ -112,6 +123,107 @@ async def test_verdicts_are_counted_per_model_version(client: httpx.AsyncClient,
     for verdict, count in (("correct", 1), ("wrong", 2)):
         grown = value(after, "portal_feedback_total", **model, verdict=verdict)
         assert grown - value(before, "portal_feedback_total", **model, verdict=verdict) == count, verdict
+
+
+def runtime_of(app: FastAPI) -> background.JobRuntime:
+    """What the app's background tasks run with, for calling one of them directly."""
+    state = app.state
+    return background.JobRuntime(
+        settings=state.settings,
+        sessionmaker=state.sessionmaker,
+        engine=state.engine,
+        redis=state.redis,
+        redis_blocking=state.redis_blocking,
+        store=state.store,
+        outage_log=state.outage_log,
+        live_registry=state.live_registry,
+    )
+
+
+def _drawing(offset: int) -> bytes:
+    img = Image.new("L", (28, 28), 255)
+    ImageDraw.Draw(img).line((offset, 2, 27 - offset, 25), fill=0, width=2)
+    return encode(img, "PNG")
+
+
+@pytest.mark.usefixtures("everything_served")
+async def test_the_predictions_the_api_expires_are_counted_once(own_stack: Stack) -> None:
+    """No worker is up. A job waits for sketch@2 alone, one for sketch@2 beside sketch@3, and a
+    batch of two images for sketch@2 (not queued by the lane). Retiring sketch@2 expires its four
+    predictions; the other job's deadline passing expires its sketch@3 one: each counts once in
+    ``portal_jobs_total{status="expired"}``, and a worker's answer arriving after that counts for
+    nothing."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    stored = await client.post("/v1/images", files={"file": ("d.png", _drawing(0))}, headers=admin)
+    assert stored.status_code == 201, stored.text
+    image_id = stored.json()["id"]
+    alone, beside = [
+        await client.post("/v1/predictions", json={"image_id": image_id, "models": models}, headers=admin)
+        for models in (["sketch@2"], ["sketch@2", "sketch@3"])
+    ]
+    assert alone.status_code == beside.status_code == 202, (alone.text, beside.text)
+    files = [("file", (f"d{i}.png", _drawing(i + 1))) for i in range(2)]
+    batch = await client.post("/v1/batches", files=files, data={"models": ["sketch@2"]}, headers=admin)
+    assert batch.status_code == 202, batch.text
+
+    async def job(accepted: httpx.Response) -> dict[str, Any]:
+        r = await client.get(f"/v1/predictions/{accepted.json()['job_id']}", headers=admin)
+        assert r.status_code == 200, r.text
+        return cast(dict[str, Any], r.json())
+
+    async def batch_over() -> bool:
+        r = await client.get(f"/v1/batches/{batch.json()['id']}", headers=admin)
+        return bool(r.json()["status"] == "done")
+
+    def expired(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], version: str) -> float:
+        return value(samples, "portal_jobs_total", model="sketch", version=version, status="expired")
+
+    before = await scrape(client)
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/2", json={"channel": "retired", "reason": "x"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+
+    async def retired_expired() -> bool:
+        return (await job(alone))["status"] == "expired" and await batch_over()
+
+    await until(retired_expired, 20, "sketch@2's predictions expired")
+    after_retiring = await scrape(client)
+    assert expired(after_retiring, "2") - expired(before, "2") == 4
+    assert expired(after_retiring, "3") == expired(before, "3")
+
+    # The deadline of the other job passes: its sketch@3 prediction expires (the reconciler's sweep).
+    async with own_stack.app.state.sessionmaker() as session:
+        await session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(beside.json()["job_id"]))
+            .values(deadline_at=datetime.now(UTC) - timedelta(minutes=5))
+        )
+        await session.commit()
+
+    async def deadline_expired() -> bool:
+        return (await job(beside))["status"] == "expired"
+
+    await until(deadline_expired, 20, "the other job expired at its deadline")
+    after_deadline = await scrape(client)
+    assert expired(after_deadline, "3") - expired(before, "3") == 1
+    assert expired(after_deadline, "2") == expired(after_retiring, "2")
+
+    # A worker's answer for an expired prediction, late: stored nowhere, counted nowhere.
+    [prediction] = (await job(alone))["results"]
+    late = done_answer(
+        alone.json()["job_id"], prediction["id"], "eye", model="sketch", version=2, timings=Timings(), worker_id="w"
+    )
+    assert await background.handle_result(runtime_of(own_stack.app), late) is None
+    async with own_stack.app.state.read_sessionmaker() as session:
+        status = await session.scalar(select(Prediction.status).where(Prediction.id == uuid.UUID(prediction["id"])))
+    assert status == "expired"
+    after_late = await scrape(client)
+    for outcome in ("expired", "done"):
+        assert value(after_late, "portal_jobs_total", model="sketch", version="2", status=outcome) == value(
+            after_deadline, "portal_jobs_total", model="sketch", version="2", status=outcome
+        ), outcome
 
 
 def test_metrics_add_up_across_api_processes(settings: Settings) -> None:

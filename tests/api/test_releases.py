@@ -357,3 +357,73 @@ async def test_the_serving_list_says_a_version_is_retired_or_disabled(own_stack:
     assert reasons[3] is None, reasons
     assert reasons[1] is not None and reasons[1].startswith("it is retired"), reasons
     assert reasons[2] is not None and reasons[2].startswith("it is disabled"), reasons
+
+
+JOB_SECONDS = 4.0
+
+
+@pytest.mark.parametrize(
+    "own_stack",
+    [
+        {
+            "evaluation_job_seconds": JOB_SECONDS,
+            "evaluation_in_flight": 2,
+            "expire_grace_seconds": 0.0,
+            "reconcile_interval_seconds": 0.5,
+        }
+    ],
+    indirect=True,
+)
+async def test_answers_that_expired_are_no_progress_of_an_evaluation(own_stack: Stack) -> None:
+    """A worker serves both versions long enough for the evaluation's first jobs to be queued,
+    then goes without answering them. They expire at their deadline; the answers still pending
+    expire at the next look, not EVALUATION_JOB_SECONDS later: an answer the API expired is no
+    progress, only a worker's answer is."""
+    from contracts import workers
+    from contracts.messages import ModelState
+    from tests.api.test_catalog import _announce
+
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    images = []
+    for category in ("eye", "fish", "cat", "apple"):
+        [data] = canvas_drawings(category, 1)
+        r = await client.post("/v1/images", files={"file": ("d.png", data)}, headers=admin)
+        assert r.status_code == 201, r.text
+        images.append(evaluations.LabelledImage(uuid.UUID(r.json()["id"]), r.json()["sha256"], category))
+    redis = own_stack.app.state.redis
+    states = [ModelState(name="sketch", version=v, ready=True, num_classes=6) for v in (1, 2)]
+    await _announce(redis, "silent-worker", models=states)
+    sessionmaker = own_stack.app.state.sessionmaker
+    async with sessionmaker() as session:
+        evaluation = await evaluations.start(
+            session=session, name="sketch", candidate=2, baseline=1, images=images, requested_by="test"
+        )
+
+    async def answers() -> list[EvaluationAnswer]:
+        async with sessionmaker() as session:
+            rows = await session.scalars(
+                select(EvaluationAnswer).where(EvaluationAnswer.evaluation_id == evaluation.id)
+            )
+            return list(rows)
+
+    async def queued() -> bool:
+        return sum(a.status == PredictionStatus.queued.value for a in await answers()) == 4
+
+    await until(queued, 10, "two jobs per version queued")
+    async with redis.pipeline(transaction=False) as pipe:
+        workers.withdraw(pipe, worker_id="silent-worker")
+        await pipe.execute()
+
+    async def ended() -> bool:
+        async with sessionmaker() as session:
+            return await session.scalar(select(Evaluation.status).where(Evaluation.id == evaluation.id)) == "done"
+
+    await until(ended, 3 * JOB_SECONDS + 10, "the evaluation ended")
+    rows = await answers()
+    assert {a.status for a in rows} == {PredictionStatus.expired.value}
+    at_deadline = [a.finished_at for a in rows if a.deadline_at is not None and a.finished_at is not None]
+    stalled = [a.finished_at for a in rows if a.deadline_at is None and a.finished_at is not None]
+    assert len(at_deadline) == len(stalled) == 4
+    gap = (max(stalled) - max(at_deadline)).total_seconds()
+    assert 0 < gap < JOB_SECONDS - 1, gap

@@ -808,3 +808,82 @@ async def test_a_quick_run_is_compared_on_the_stable_versions_held_out_drawings(
     assert r.status_code == 409 and "compares worse" in r.json()["detail"], r.text
     stable = [v for v in (await client.get("/v1/admin/registry", headers=admin)).json()["versions"]]
     assert [v["version"] for v in stable if v["name"] == "sketch" and v["channel"] == "stable"] == [3]
+
+
+async def test_the_trigger_leaves_photo_models_alone_and_says_a_refusal_once(
+    own_stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mobilenet_v2 (a photo model, which no run trains) and sketch both have enough new labelled
+    examples. Check after check, the trigger says nothing of mobilenet_v2, and why sketch's run
+    cannot start (its labels are not known: no worker ever served it) once, not at every check."""
+    import logging
+
+    from sqlalchemy import select
+
+    from api.app.examples.models import LabelledExample
+    from api.app.training import background as training_background
+    from api.app.users.models import User
+    from tests.api.test_metrics import runtime_of
+
+    async with own_stack.app.state.sessionmaker() as session:
+        owner = await session.scalar(select(User.id).where(User.email == ADMIN_EMAIL))
+        assert owner is not None
+        for model in ("mobilenet_v2", "sketch"):
+            for i in range(3):
+                session.add(
+                    LabelledExample(
+                        model_name=model,
+                        sha256=uuid.uuid4().hex * 2,
+                        label=f"label{i}",
+                        split="train",
+                        source="ground_truth",
+                        owner_id=owner,
+                    )
+                )
+        await session.commit()
+    caplog.set_level(logging.INFO, logger="api.training")
+    # The app's own trigger is off (RETRAIN_MIN_NEW_LABELS 0): only these checks say anything.
+    rt = runtime_of(own_stack.app)
+    rt.settings = rt.settings.model_copy(update={"retrain_min_new_labels": 2})
+    refusals: dict[str, str] = {}
+    for _ in range(3):
+        await training_background.maintain_once(rt, refusals)
+    said = [r.getMessage() for r in caplog.records if r.name == "api.training" and "retraining" in r.getMessage()]
+    assert not [line for line in said if "mobilenet_v2" in line], said
+    refused = [line for line in said if line.startswith("retraining sketch not started")]
+    assert len(refused) == 1, said
+    assert "labels of sketch@3 are not known" in refused[0], said
+
+
+async def test_training_runs_are_listed_a_page_at_a_time(own_stack: Stack) -> None:
+    """``GET /v1/admin/training-runs`` pages as the other admin lists do: ``skip`` and ``limit``
+    (default 50, at most 200), newest first, with ``count``; bad values are 422."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    now = datetime.now(UTC)
+    async with own_stack.app.state.sessionmaker() as session:
+        for i in range(55):
+            session.add(a_run(100 + i, status="failed", base=1, created_at=now - timedelta(seconds=100 - i)))
+        for i in range(2):
+            other = a_run(100 + i, status="failed", base=1, created_at=now - timedelta(seconds=200 + i))
+            other.model_name = "birds"
+            session.add(other)
+        await session.commit()
+    url = "/v1/admin/training-runs"
+
+    async def listed(**params: Any) -> dict[str, Any]:
+        r = await client.get(url, params=params, headers=admin)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    first = await listed()
+    assert first["count"] == 57 and len(first["data"]) == 50
+    assert [run["version"] for run in first["data"]] == list(range(154, 104, -1))
+    page = await listed(model="sketch", skip=40, limit=20)
+    assert page["count"] == 55 and [run["version"] for run in page["data"]] == list(range(114, 99, -1))
+    seen = [run["id"] for skip in range(0, 57, 20) for run in (await listed(skip=skip, limit=20))["data"]]
+    assert len(seen) == len(set(seen)) == 57
+    assert (await listed(model="birds", limit=200))["count"] == 2
+    for bad in ({"limit": 0}, {"limit": 201}, {"skip": -1}, {"skip": 10_001}, {"limit": "many"}):
+        r = await client.get(url, params=bad, headers=admin)
+        assert r.status_code == 422, (bad, r.text)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -44,7 +45,9 @@ INFERENCE = Histogram("portal_inference_seconds", "Batched inference time", MODE
 END_TO_END = Histogram("portal_end_to_end_seconds", "Enqueue to answer", MODEL, buckets=SECONDS)
 BATCH_SIZE = Histogram("portal_batch_size", "Jobs per batched inference", MODEL, buckets=BATCH)
 JOBS = Counter(
-    "portal_jobs", "Model answers by outcome (done, failed, expired, rejected)", ("model", "version", "status")
+    "portal_jobs",
+    "Answers to users' predictions by outcome (done, failed, expired, rejected)",
+    ("model", "version", "status"),
 )
 CACHE = Counter("portal_result_cache", "Result cache lookups", ("result",))
 RECLAIMED = Counter("portal_reclaimed_jobs", "Jobs answered after another worker had taken them", MODEL)
@@ -138,7 +141,18 @@ def forget_queue_depths() -> None:
         QUEUE_DEPTH.clear()
 
 
+def count_expired(expired: Iterable[tuple[str, int]]) -> None:
+    """Counts in ``portal_jobs_total`` (status ``expired``) the predictions the API itself expired
+    (deadline passed, version retired or disabled), one ``(model, version)`` pair per prediction.
+    Each is counted once: a worker's later answer to it finds it final, changes nothing and is
+    not counted (``observe_result`` sees only answers that were stored)."""
+    for (name, version), n in Tally(expired).items():
+        JOBS.labels(name, str(version), PredictionStatus.expired.value).inc(n)
+
+
 def observe_result(result: ResultMessage) -> None:
+    """Counts a worker's answer that was stored (its prediction was still open) in
+    ``portal_jobs_total`` and, for a done one, observes its timings."""
     labels = (result.model, str(result.version))
     JOBS.labels(*labels, result.status.value).inc()
     if result.delivery > 1:

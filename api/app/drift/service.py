@@ -130,8 +130,22 @@ def _shares(counts: Sequence[float]) -> list[float]:
     return [c / n if n else 0.0 for c in counts]
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
+def _fmt(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, or as a whole number where that would take an
+    exponent (4032 is "4032", not "4.03e+03")."""
+    text = f"{value:.{digits}g}"
+    return f"{value:.0f}" if "e" in text and 1 <= abs(value) < 1e15 else text
+
+
+def _edge_labels(values: Sequence[float]) -> list[str]:
+    """``values`` (a bin's edges, ascending) printed to the fewest significant digits, 3 or
+    more, that tell the distinct ones apart: edges 280.2 and 280.4 are not both "280"."""
+    distinct = len(set(values))
+    for digits in range(3, 18):  # 17 significant digits tell any two doubles apart
+        printed = [_fmt(v, digits) for v in values]
+        if len(set(printed)) == distinct:
+            return printed
+    return [repr(v) for v in values]
 
 
 OUTER_PSEUDO_COUNT = 0.5
@@ -157,10 +171,13 @@ def bin_numeric(reference: Sequence[float], window: Sequence[float], bins: int) 
     outer[[0, -1]] = OUTER_PSEUDO_COUNT
     ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=slots) + outer
     win_counts = np.bincount(np.searchsorted(edges, win, side="right"), minlength=slots) + outer
-    shown = [*edges[:-1], high]  # the last edge is printed as the maximum it stands just above
-    labels = [f"< {_fmt(low)}"]
-    labels += [f"{_fmt(lo)} to {_fmt(hi)}" for lo, hi in pairwise(shown)]
-    labels.append(f"> {_fmt(high)}")
+    # The last edge is printed as the maximum it stands just above; a bin of one value (the
+    # reference's maximum where many values tie at it) is labelled with that value alone.
+    shown = [float(e) for e in edges[:-1]] + [high]
+    printed = _edge_labels(shown)
+    labels = [f"< {printed[0]}"]
+    labels += [lo if lo == hi else f"{lo} to {hi}" for lo, hi in pairwise(printed)]
+    labels.append(f"> {printed[-1]}")
     return Binned(labels, _shares(ref_counts.tolist()), _shares(win_counts.tolist()))
 
 

@@ -28,6 +28,8 @@ log = logging.getLogger("api.evaluations")
 PENDING = "pending"
 """An answer not queued yet: it waits in PostgreSQL until fewer than EVALUATION_IN_FLIGHT are queued."""
 _OPEN = (PENDING, *UNFINISHED)
+_ANSWERED = (PredictionStatus.done.value, PredictionStatus.failed.value)
+"""An answer a worker gave: what counts as an evaluation's progress (``expire_overdue``)."""
 _answers = cast(Table, EvaluationAnswer.__table__)
 
 
@@ -199,13 +201,17 @@ async def store_answer(*, session: AsyncSession, result: ResultMessage) -> None:
 
 async def expire_overdue(*, session: AsyncSession, grace_seconds: float, stall_seconds: float) -> None:
     """Expires queued answers no worker gave by their deadline (a version unloaded meanwhile, a
-    queue lost with Redis's data), and the pending answers of an evaluation that went
-    ``stall_seconds`` without an answer and has none in flight (no worker serves a version), so
-    every evaluation finishes."""
+    queue lost with Redis's data), and the pending answers of an evaluation that has none in
+    flight and got no worker's answer (done or failed) for ``stall_seconds`` (no worker serves a
+    version), so every evaluation finishes. Answers expired here are no progress: counted as such,
+    an evaluation whose queued answers just expired would wait ``stall_seconds`` more.
+
+    The stalled ones first: in the pass that expires an evaluation's last queued answers it is
+    not stalled yet, and ``top_up`` queues the next ones for a version a worker still serves."""
     now = datetime.now(UTC)
     last_answer = (
         select(func.max(EvaluationAnswer.finished_at))
-        .where(EvaluationAnswer.evaluation_id == Evaluation.id)
+        .where(EvaluationAnswer.evaluation_id == Evaluation.id, EvaluationAnswer.status.in_(_ANSWERED))
         .scalar_subquery()
     )
     in_flight = (

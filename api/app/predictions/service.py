@@ -121,6 +121,9 @@ _JOB_PREDICTIONS = (
     .execution_options(populate_existing=True)
 )
 _ANSWERS = TypeAdapter(list[PredictionPublic])
+_EXPIRED_KEY = (Prediction.model_name, Prediction.model_version)
+"""What an UPDATE expiring predictions of several versions returns per row, for
+``metrics.count_expired``."""
 
 
 def _unavailable(detail: str, settings: Settings) -> HTTPException:
@@ -871,8 +874,9 @@ async def fail_unfinished(*, session: AsyncSession, job_id: uuid.UUID, reason: s
 
 
 async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> dict[uuid.UUID, bytes]:
-    """Marks predictions whose job deadline passed as expired; returns the jobs this finished,
-    each with its answers (``answers_payload``)."""
+    """Marks predictions whose job deadline passed as expired (counted in ``portal_jobs_total``,
+    shadow copies not); returns the jobs this finished, each with its answers
+    (``answers_payload``)."""
     now = datetime.now(UTC)
     overdue = list(
         await session.scalars(
@@ -897,16 +901,19 @@ async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> dict
         locked = await session.scalar(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True))
         if locked is None:
             continue
-        await session.execute(
+        expired = await session.execute(
             update(Prediction)
             .where(Prediction.job_id == job_id, Prediction.status.in_(UNFINISHED))
             .values(
                 status=PredictionStatus.expired.value, error="deadline passed before a worker answered", finished_at=now
             )
+            .returning(*_EXPIRED_KEY)
         )
+        counted = [(name, version) for name, version in expired]
         if (predictions := await _complete_job(session, job_id, now)) is not None:
             finished[job_id] = answers_payload(predictions)
         await session.commit()
+        metrics.count_expired(counted)
     return finished
 
 
@@ -945,7 +952,8 @@ async def expire_unserved(
     and those the lane has not queued yet (``pending``: the lane queues only versions a worker
     serves, so they would keep their batch running for good); for a disabled one they wait, as the
     batch's ``waiting_for`` says, until it is enabled again or the batch is cancelled. A job's
-    other predictions are left as they are. Returns the jobs this finished, each with its answers
+    other predictions are left as they are. Each prediction expired is counted in
+    ``portal_jobs_total`` (shadow copies are not). Returns the jobs this finished, each with its answers
     (``answers_payload``), for the requests waiting on them."""
     if not versions:
         return {}
@@ -977,14 +985,16 @@ async def expire_unserved(
             locked = await session.scalar(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True))
             if locked is None:
                 continue  # an answer being stored: the next look takes it
-            await session.execute(
+            expired = await session.execute(
                 update(Prediction)
                 .where(Prediction.job_id == job_id, *of_version)
                 .values(status=PredictionStatus.expired.value, error=reason, finished_at=now)
             )
+            count = cast(CursorResult[Any], expired).rowcount
             if (predictions := await _complete_job(session, job_id, now)) is not None:
                 finished[job_id] = answers_payload(predictions)
             await session.commit()
+            metrics.count_expired([(name, version)] * count)
     return finished
 
 
@@ -1015,7 +1025,7 @@ async def _expire_pending(session: AsyncSession, *, name: str, version: int, rea
         if not ids:
             await session.commit()
             return
-        await session.execute(
+        expired = await session.execute(
             update(Prediction)
             .where(
                 Prediction.job_id.in_(ids),
@@ -1025,6 +1035,7 @@ async def _expire_pending(session: AsyncSession, *, name: str, version: int, rea
             )
             .values(status=PredictionStatus.expired.value, error=reason, finished_at=now)
         )
+        count = cast(CursorResult[Any], expired).rowcount
         still_pending = exists().where(Prediction.job_id == Job.id, Prediction.status == PredictionStatus.pending.value)
         await session.execute(
             update(Job)
@@ -1032,6 +1043,7 @@ async def _expire_pending(session: AsyncSession, *, name: str, version: int, rea
             .values(status=PredictionStatus.expired.value, finished_at=now)
         )
         await session.commit()
+        metrics.count_expired([(name, version)] * count)
         if len(ids) < EXPIRE_CHUNK:
             return
 

@@ -26,6 +26,7 @@ from api.app.predictions.background import JobRuntime
 from api.app.registry import service as registry_service
 from api.app.training import service
 from contracts import training
+from contracts.registry import Preprocessing
 from contracts.streams import (
     FORGET_EVERY_S,
     IDLE_CONSUMER_FORGET_MS,
@@ -163,10 +164,13 @@ async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
             await asyncio.sleep(1)
 
 
-async def maintain_once(rt: JobRuntime) -> None:
+async def maintain_once(rt: JobRuntime, refusals: dict[str, str] | None = None) -> None:
     """Fails runs whose trainer died, and queued runs whose job was lost; removes the feedback
-    exports of ended runs; applies the auto-promote rule (AUTO_PROMOTE); starts a run
-    for each model with enough new examples."""
+    exports of ended runs; applies the auto-promote rule (AUTO_PROMOTE); starts a run for each
+    sketch model (the only ones a run trains) with enough new examples.
+
+    ``refusals``: by model, why its run was last refused, kept from one call to the next by the
+    caller (``maintain``): a refusal is logged when it is new, not at every check while it lasts."""
     async with rt.sessionmaker() as session:
         if failed := await service.fail_stale(session=session, redis=rt.redis):
             log.warning("%d training runs failed: their trainer stopped", failed)
@@ -193,10 +197,19 @@ async def maintain_once(rt: JobRuntime) -> None:
             async with rt.sessionmaker() as session:
                 await rt.live_registry.reload(session, rt.redis)
     threshold = rt.settings.retrain_min_new_labels
-    if threshold <= 0:
+    # Photo models' examples are for exports only: a run trains sketch models (``service.base_entry``).
+    trainable = sorted(
+        {entry.name for entry in rt.live_registry.current.models if entry.preprocessing is Preprocessing.sketch}
+    )
+    if threshold <= 0 or not trainable:
         return
+    refused = refusals if refusals is not None else {}
     async with rt.sessionmaker() as session:
-        names = list(await session.scalars(select(LabelledExample.model_name).distinct()))
+        names = list(
+            await session.scalars(
+                select(LabelledExample.model_name).where(LabelledExample.model_name.in_(trainable)).distinct()
+            )
+        )
         for name in names:
             new = await service.new_examples_since_last_run(session=session, name=name)
             if new < threshold:
@@ -216,16 +229,21 @@ async def maintain_once(rt: JobRuntime) -> None:
                     trigger="auto",
                 )
             except HTTPException as exc:
-                log.info("retraining %s not started: %s", name, exc.detail)
                 await session.rollback()
+                if refused.get(name) != str(exc.detail):
+                    refused[name] = str(exc.detail)
+                    log.info("retraining %s not started: %s", name, exc.detail)
                 continue
+            refused.pop(name, None)
             log.info("retraining %s: run %s queued (%d new labelled examples)", name, run.id, new)
 
 
 async def maintain(rt: JobRuntime, stop: asyncio.Event) -> None:
+    """Runs ``maintain_once`` every RETRAIN_CHECK_SECONDS until ``stop``."""
+    refusals: dict[str, str] = {}
     await run_every(
         rt.settings.retrain_check_seconds,
-        lambda: maintain_once(rt),
+        lambda: maintain_once(rt, refusals),
         name="training maintenance",
         stop=stop,
         outage_log=rt.outage_log,

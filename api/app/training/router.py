@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from api.app.core.responses import ADMIN, BODY, BODY_TOO_LARGE, CONFLICT, INVALID, NOT_FOUND
-from api.app.deps import AdminUser, ReadSessionDep, RedisDep, SessionDep, SettingsDep, StoreDep, WorkersDep
+from api.app.deps import AdminUser, PageDep, ReadSessionDep, RedisDep, SessionDep, SettingsDep, StoreDep, WorkersDep
 from api.app.registry import service as registry_service
 from api.app.registry.router import ModelName, Version
 from api.app.training import service
@@ -52,11 +52,14 @@ async def start_training_run(
 async def list_training_runs(
     _: AdminUser,
     session: ReadSessionDep,
+    page: PageDep,
     model: Annotated[str | None, Query(pattern=r"^[a-z0-9_]+$", max_length=64)] = None,
 ) -> TrainingRunsPublic:
-    """The 50 most recent training runs (of one model), newest first, with their progress (admin)."""
+    """A page of the training runs (of one model), newest first, with their progress, and how
+    many there are: ``skip`` runs, then at most ``limit`` (1 to 200, default 50) (admin)."""
+    rows = await service.list_runs(session=session, model=model, skip=page.skip, limit=page.limit)
     return TrainingRunsPublic(
-        data=[TrainingRunPublic.from_row(r) for r in await service.list_runs(session=session, model=model)]
+        data=[TrainingRunPublic.from_row(r) for r in rows], count=await service.count_runs(session=session, model=model)
     )
 
 

@@ -77,3 +77,5 @@ class TrainingRecordPublic(BaseModel):
 
 class TrainingRunsPublic(BaseModel):
     data: list[TrainingRunPublic]
+    count: int
+    """Every run the listing covers (of the model asked for), not only this page's."""
