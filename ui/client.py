@@ -500,24 +500,44 @@ class ApiError(Exception):
         self.message = message
 
 
+AGAIN_LATER = re.compile(r"\b(try again|retry) (?:later|shortly)\b", re.IGNORECASE)
+"""How the API's reasons (and ``MESSAGES``) ask to come back, without saying when."""
+
+
 def _message(response: httpx.Response) -> str:
     base = MESSAGES.get(response.status_code, f"Unexpected answer from the portal ({response.status_code}).")
     try:
         detail = response.json().get("detail")
     except ValueError:
         detail = None
-    if isinstance(detail, list):  # FastAPI validation errors
-        detail = "; ".join(str(d.get("msg", d)) for d in detail)
+    if isinstance(detail, list):  # FastAPI validation errors, each named by its field
+        detail = "; ".join(_validation_error(d) for d in detail)
     # A 403's detail says which right is missing (a deactivated account, admins only, a key's
     # scope); a 429's or 503's what is busy or down (a model no worker serves yet, a full queue).
     if response.status_code in (403, 409, 413, 415, 422, 429, 503) and detail:
         base = str(detail).strip()
+    elif response.status_code == 401 and isinstance(detail, str) and "deactivated" in detail:
+        # Not an expired session: logging in again will not help.
+        base = detail.strip() + ("" if detail.strip().endswith(".") else ".")
     retry = response.headers.get("retry-after")
     if retry and retry.isdigit() and response.status_code in (429, 503):
-        if not base.endswith((".", "!", "?")):
-            base += "."
-        base += f" Try again in {_wait(int(retry))}."
+        wait = _wait(int(retry))
+        # The reason's own "try again later" says when, instead of a second "try again" after it.
+        timed, found = AGAIN_LATER.subn(lambda again: f"{again.group(1)} in {wait}", base, count=1)
+        if not found:
+            timed = base + ("" if base.endswith((".", "!", "?")) else ".") + f" Try again in {wait}"
+        base = timed if timed.endswith((".", "!", "?")) else timed + "."
     return base
+
+
+def _validation_error(error: object) -> str:
+    """One of FastAPI's validation errors as a person reads it: ``full_name: String should have
+    at most 200 characters`` (the field is the last name in its ``loc``)."""
+    if not isinstance(error, dict):
+        return str(error)
+    message = str(error.get("msg", error))
+    names = [part for part in error.get("loc") or [] if isinstance(part, str) and part not in ("body", "query", "path")]
+    return f"{names[-1].replace('_', ' ')}: {message}" if names else message
 
 
 def _wait(seconds: int) -> str:

@@ -78,7 +78,24 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
             )
             if box:
                 chosen.append(m["ref"])
+    if why := nothing_to_choose(api, mode):
+        # Said where it shows: a greyed-out box keeps its reason behind its "?".
+        st.warning(why)
     return chosen
+
+
+def nothing_to_choose(api: Api, mode: str) -> str | None:
+    """Why none of the model versions that read ``mode`` input can be chosen now, in the API's
+    words, as Markdown: one line when they share a reason (no worker alive, say), else a line
+    per version; None when one can be chosen, or none is offered."""
+    shown = [m for m in models(api) if m["input"]["mode"] == mode]
+    if not shown or any(m["available"] for m in shown):
+        return None
+    reasons = [(m["display_name"], (m["reason"] or "it is not available").rstrip(".")) for m in shown]
+    if len({reason for _, reason in reasons}) == 1:
+        return f"No model can be chosen right now. The portal says of each: {plain(reasons[0][1])}."
+    lines = "\n".join(f"- {plain(name)}: {plain(reason)}" for name, reason in reasons)
+    return f"No model can be chosen right now. The portal says why:\n{lines}"
 
 
 def _remember_tick(ticked: dict[str, bool], ref: str, key: str) -> None:
@@ -94,10 +111,11 @@ def run_job(
     api: Api, state_key: str, name: str, data: bytes, chosen: list[str], *, keep_error: str | None = None
 ) -> None:
     """Uploads, predicts, waits with a progress bar; keeps the finished job under ``state_key``,
-    and with ``keep_error`` the API's refusal under that key until a job succeeds. The same image
-    and models asked again within ``REPEAT_WINDOW_S`` (a double click) follow the job already sent
-    instead of sending it again; a picture already stored by this page (a try the models refused,
-    say while no worker served them) is asked again, not stored once more."""
+    and with ``keep_error`` the API's refusal (``about_the_picture``) under that key until a job
+    succeeds. The same image and models asked again within ``REPEAT_WINDOW_S`` (a double click)
+    follow the job already sent instead of sending it again; a picture already stored by this page
+    (a try the models refused, say while no worker served them) is asked again, not stored once
+    more."""
     request = (hashlib.sha256(data).hexdigest(), tuple(sorted(chosen)))
     picture = (request[0], name)
 
@@ -142,10 +160,35 @@ def run_job(
         finally:
             bar.empty()  # never a frozen bar beside what went wrong
 
-    job = guarded(api, run, keep=keep_error)
+    failure: dict[str, ApiError] = {}
+
+    def run_noting_failure() -> Job:
+        try:
+            return run()
+        except ApiError as exc:
+            failure["error"] = exc
+            raise
+
+    job = guarded(api, run_noting_failure)
     if job is not None:
         st.session_state[state_key] = job
         st.session_state[f"{state_key}_file"] = name
+    if keep_error is None:
+        return
+    if job is not None:
+        st.session_state.pop(keep_error, None)
+    elif (error := failure.get("error")) is not None and about_the_picture(error):
+        st.session_state[keep_error] = error.message
+    # Otherwise the API could not be reached, or failed, or asks to wait: said once (above), not
+    # kept as if it were the API's answer about this picture.
+
+
+def about_the_picture(error: ApiError) -> bool:
+    """Whether a failed classification is the API's answer about this picture and these models
+    (a refusal: 413, 415, 422...; or 504, the picture staying queued), which stays said while the
+    picture is shown, rather than an API that cannot be reached (status 0), fails (5xx), or asks
+    to wait a moment (429): those pass."""
+    return (400 <= error.status < 500 and error.status != 429) or error.status == 504
 
 
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
@@ -390,8 +433,9 @@ def send_unsent_verdict(api: Api) -> None:
         return
     notes: list[tuple[str, str]] = []
     for unsent in _take_kept_verdicts(int(user["id"])):
-        # What was said tells apart several verdicts on one model.
-        verdict = said(cast(Feedback, unsent))
+        # What was said tells apart several verdicts on one model; the start of a long comment
+        # is enough for that (the sidebar would otherwise hold up to COMMENT_MAX characters).
+        verdict = said(cast(Feedback, {**unsent, "comment": shortened(unsent["comment"])}))
         try:
             api.feedback(unsent["prediction_id"], unsent["is_correct"], unsent["correct_label"], unsent["comment"])
         except ApiError as exc:
@@ -400,6 +444,17 @@ def send_unsent_verdict(api: Api) -> None:
         notes.append(("success", f"Your verdict on {unsent['model']} was sent: {verdict}."))
     if notes:
         st.session_state[AFTER_LOGIN_NOTES] = notes
+
+
+NOTE_COMMENT_CHARS = 80
+"""The most characters of a comment the note after a login quotes."""
+
+
+def shortened(comment: str | None) -> str | None:
+    """``comment`` cut to NOTE_COMMENT_CHARS characters, with "…" when it was longer."""
+    if comment is None or len(comment) <= NOTE_COMMENT_CHARS:
+        return comment
+    return comment[:NOTE_COMMENT_CHARS].rstrip() + "…"
 
 
 def show_after_login_note() -> None:

@@ -12,18 +12,20 @@ session ends after that long without activity, not at a fixed time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import streamlit as st
 
 from ui.client import Api, ApiError, Model, Session, User, VersionLabels
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 COOKIE = "portal_session"
 """The cookie that carries the token across reloads."""
@@ -109,27 +111,50 @@ def _carried_at_end() -> Carried | None:
     return _find_carried() if _find_carried is not None else None
 
 
-def keep_alive(api: Api) -> None:
-    """On each run of a page: renews the token once half its lifetime is gone (reading the
-    user's role again with it), and stores a new token in the cookie. A session left unused
-    until its token expired, or revoked, ends here, keeping what this run was sending for the
-    next login (``keep_at_session_end``); an API that cannot answer now is retried on the next
-    run and ends nothing."""
+def keep_alive(api: Api, *, in_place: bool = False) -> None:
+    """On each run of a page (and of a part that redraws itself: ``keeps_session``): renews the
+    token once half its lifetime is gone (reading the user's role again with it), and stores a
+    new token in the cookie. A session left unused until its token expired, or revoked, ends
+    here, keeping what this run was sending for the next login (``keep_at_session_end``); an API
+    that cannot answer now is retried on the next run and ends nothing. What it draws (the
+    cookie's script, a failed renewal's message) goes into the sidebar, or with ``in_place``
+    where the caller is drawing."""
+    # In the sidebar by default: an element that comes and goes in the main area (shown on one
+    # run only) moves the page's own elements, and the sketch canvas, mounted anew, would lose
+    # what was drawn on it.
+    area: contextlib.AbstractContextManager[object] = contextlib.nullcontext() if in_place else st.sidebar
     if time.time() >= st.session_state.get("token_renew_at", 0.0):
         try:
             start(api, api.refresh())
             st.session_state["user"] = api.me()
         except ApiError as exc:
             if exc.status == 401:
-                logout(api, EXPIRED, carry=_carried_at_end())
-            # In the sidebar, as the script below: an element that comes and goes in the main
-            # area (shown on one run only) moves the page's own elements, and the sketch canvas,
-            # mounted anew, would lose what was drawn on it.
-            with st.sidebar:
+                # A deactivated account is told so; anything else is a session that lapsed.
+                logout(api, exc.message if "deactivated" in exc.message else EXPIRED, carry=_carried_at_end())
+            with area:
                 st.warning(exc.message)
     if pending := st.session_state.pop("cookie_to_write", None):
-        with st.sidebar:
+        with area:
             _run_script(_cookie_script(*pending))
+
+
+def keeps_session(part: Callable[Concatenate[Api, P], None]) -> Callable[Concatenate[Api, P], None]:
+    """For a part of a page that redraws itself (``st.fragment`` with ``run_every``: a batch's
+    progress, say), placed under ``st.fragment``: each of its runs first does what every run of
+    the whole page does (``keep_alive``: the token renewed once half its lifetime is gone, the new
+    one written to the cookie), since a redraw of the part alone does not run the page. Without
+    it, a person watching the part, and so using the portal, would be logged out once the token
+    they had when the page last ran expired. The part's first argument is the ``Api``."""
+
+    @functools.wraps(part)
+    def run(api: Api, /, *args: P.args, **kwargs: P.kwargs) -> None:
+        if st.session_state.get("token"):  # signed in, as ui/app.py asks before its keep_alive
+            # Drawn at the part's top, not in the sidebar: Streamlit lets a part that redraws
+            # itself write outside itself only where it wrote on the page's last full run.
+            keep_alive(api, in_place=True)
+        part(api, *args, **kwargs)
+
+    return run
 
 
 def forget_cookie() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import functools
 import io
 import json
 import os
@@ -15,8 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from jose import jwt
 from streamlit.testing.v1 import AppTest
 
+from api.app.core.config import Settings
 from contracts.api_keys import Scope
 from tests.conftest import PASSWORD
 from tests.images import encode, png_bomb, split_colour
@@ -993,6 +997,47 @@ def test_the_models_ticked_stay_ticked_for_the_next_photo(api_url: str, portal: 
 HINT = "Choose the models and press Classify: the answers appear here."
 
 
+@pytest.mark.parametrize("page", ["classify", "sketch"])
+def test_a_page_says_why_no_model_can_be_chosen(api_url: str, portal: tuple[str, str, str], page: str) -> None:
+    """With no model worker alive every box is greyed out, and the page says why where it shows,
+    in the API's words, instead of asking to choose the models."""
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.classify import classify_page\n"
+        "from ui.views.sketch import sketch_page\n"
+        "class NoWorker(Api):\n"
+        "    def models(self):\n"
+        "        reasons = st.session_state.get('reasons', {})\n"
+        "        return [\n"
+        "            {**m, 'available': False, 'workers': 0, 'reason': reasons.get(m['ref'], 'no live model worker serves it')}\n"
+        "            for m in super().models()\n"
+        "        ]\n"
+        f"page = {{'classify': classify_page, 'sketch': sketch_page}}[{page!r}]\n"
+        f"page(NoWorker({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60)
+    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert all(box.disabled for box in app.checkbox)
+    assert app.button(key=f"{page}_submit").disabled
+    assert [w.value for w in app.warning] == [
+        "No model can be chosen right now. The portal says of each: no live model worker serves it."
+    ]
+    assert not [c.value for c in app.caption if "press" in c.value], [c.value for c in app.caption]
+    # Versions unavailable for different reasons: each reason with the versions it is about.
+    first = next(m for m in api.models() if m["input"]["mode"] == ("RGB" if page == "classify" else "L"))
+    app.session_state["reasons"] = {first["ref"]: "its model files are not installed on this server"}
+    app.session_state["models_at"] = 0.0  # the catalog read again
+    app.run()
+    (warning,) = [w.value for w in app.warning]
+    lines = warning.split("\n")
+    assert lines[0] == "No model can be chosen right now. The portal says why:", warning
+    assert f"- {plain(first['display_name'])}: its model files are not installed on this server" in lines, warning
+    assert len(lines) > 2 and all(line.endswith(": no live model worker serves it") for line in lines[2:]), warning
+
+
 def test_a_file_the_api_cannot_read_gets_its_refusal_where_the_answers_go(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:
@@ -1014,6 +1059,34 @@ def test_a_file_the_api_cannot_read_gets_its_refusal_where_the_answers_go(
     assert [e.value for e in at.error] == [error] and HINT not in [c.value for c in at.caption]
     at.button(key="example_Maze").click().run()
     assert not at.error and HINT in [c.value for c in at.caption]
+
+
+def test_an_api_out_of_reach_while_classifying_is_said_once_not_kept_under_the_photo(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """An outage says nothing of the photo: said when Classify meets it, it is gone on the next
+    run (the API's refusal of a file stays, as above)."""
+    from tests.support import free_port
+
+    token = Api(api_url).login(*new_user(api_url, portal))["token"]
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.classify import classify_page\n"
+        f"classify_page(Api(st.session_state.get('url', {api_url!r}), {token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60)
+    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    app.run()
+    out_of_reach = f"http://127.0.0.1:{free_port()}"
+    app.session_state["url"] = out_of_reach
+    app.button(key="classify_submit").click().run()
+    assert not app.exception
+    assert [e.value for e in app.error] == [f"Cannot reach the portal API at {out_of_reach}. Is it running?"]
+    app.session_state["url"] = api_url
+    app.checkbox(key="classify_birds@1").check().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert HINT in [c.value for c in app.caption]
+    app.button(key="classify_submit").click().run()
+    assert not app.error and app.session_state["classify_job"]["status"] == "done"
 
 
 def test_a_picture_of_too_many_pixels_is_refused_before_its_preview_is_decoded(
@@ -1192,7 +1265,7 @@ def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, por
     api, batch, app = finished_batch_page(api_url, portal, {f"{i}.png": noise_png(500 + i) for i in range(5)})
     bars = [bar.proto.text for bar in app.get("progress")]
     assert bars == ["5 of 5 images done · finished"], bars
-    csv_text = app.session_state[f"batch_csv_{batch['id']}"].decode()
+    csv_text = app.session_state[f"batch_csv_{batch['id']}"][1].decode()
     assert csv_text.count("\n") == 6 and "mobilenet_v2" in csv_text
     # Listed among my batches, with the models it went to.
     assert any("5 files · MobileNetV2" in m.value and m.value.endswith("· finished") for m in app.markdown), [
@@ -1210,6 +1283,67 @@ def test_the_batch_page_follows_a_batch_and_offers_its_results(api_url: str, por
     ]
     history.toggle(key="history_with_batches").set_value(True).run()
     assert any(c.value == "Page 1 of 1 · 5 images" for c in history.caption), [c.value for c in history.caption]
+
+
+def csv_statuses(app: AppTest, batch_id: str) -> list[str]:
+    """The status column of the batch's results CSV as the page keeps it to offer."""
+    _, data = app.session_state[f"batch_csv_{batch_id}"]
+    return sorted(row["status"] for row in csv.DictReader(io.StringIO(data.decode())))
+
+
+def test_the_results_offered_are_read_again_once_an_image_of_the_batch_is_deleted(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    from tests.api.test_batches import noise_png
+
+    api, batch, app = finished_batch_page(api_url, portal, {f"{i}.png": noise_png(670 + i) for i in range(2)})
+    assert csv_statuses(app, batch["id"]) == ["done", "done"]
+    api.delete_image(api.images(source="batch")["data"][0]["id"])
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert "1 file's image was deleted since the batch received them, with their answers." in [
+        c.value for c in app.caption
+    ]
+    assert csv_statuses(app, batch["id"]) == ["deleted", "done"]
+    assert app.get("download_button")
+    # History offers the same results, read again as well.
+    api.delete_image(api.images(source="batch")["data"][0]["id"])
+    key = f"batch_csv_{batch['id']}"
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.history import batches_section\n"
+        f"st.session_state.setdefault({key!r}, {app.session_state[key]!r})\n"
+        f"batches_section(Api({api_url!r}, {api.token!r}))\n"
+    )
+    history = AppTest.from_string(script, default_timeout=60).run()
+    assert not history.exception and not history.error, [e.value for e in history.error]
+    assert csv_statuses(history, batch["id"]) == ["deleted", "deleted"] and history.get("download_button")
+
+
+def test_results_that_could_not_be_read_are_read_again_on_the_next_run(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    from tests.api.test_batches import noise_png
+
+    api, batch, _ = finished_batch_page(api_url, portal, {"0.png": noise_png(680)})
+    script = (
+        "import streamlit as st\nfrom ui.client import Api, ApiError\nfrom ui.views.batch import batch_page\n"
+        "class Failing(Api):\n"
+        "    def batch_csv(self, batch_id):\n"
+        "        if st.session_state.get('fail'):\n"
+        "            raise ApiError(503, 'The portal is busy or part of it is down. Please try again shortly.')\n"
+        "        return super().batch_csv(batch_id)\n"
+        f"st.session_state.setdefault('batch_id', {batch['id']!r})\n"
+        f"batch_page(Failing({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60)
+    app.session_state["fail"] = True
+    app.run()
+    assert [e.value for e in app.error] == ["The portal is busy or part of it is down. Please try again shortly."]
+    assert not app.get("download_button") and f"batch_csv_{batch['id']}" not in app.session_state
+    app.session_state["fail"] = False
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.get("download_button") and csv_statuses(app, batch["id"]) == ["done"]
 
 
 def test_the_batch_page_lists_the_skipped_files_and_why(api_url: str, portal: tuple[str, str, str]) -> None:
@@ -1353,6 +1487,32 @@ def test_api_keys_are_made_shown_once_listed_and_revoked(api_url: str, portal: t
     assert any("· revoked" in m.value for m in app.markdown)
 
 
+def test_a_revoked_keys_secret_is_shown_no_longer(api_url: str, portal: tuple[str, str, str]) -> None:
+    email, password = new_user(api_url, portal)
+    app, token = keys_app(api_url, email, password)
+    for name in ("nightly import", "weekly report", "monthly sums"):
+        app.text_input(key="api_key_name").input(name)
+        next(b for b in app.button if b.proto.form_id == "api_key_create").click().run()
+    nightly, weekly, monthly = app.session_state["submits"].sent["api_key_new"]
+    app.button(key=f"revoke_{nightly['id']}").click().run()
+    app.button(key=f"revoke_yes_{nightly['id']}").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert [s.value for s in app.success] == [
+        "Revoked nightly import: it no longer works.",
+        "Your new key “weekly report”. Copy it now: it will not be shown again.",
+        "Your new key “monthly sums”. Copy it now: it will not be shown again.",
+    ]
+    assert [c.value for c in app.code] == [weekly["key"], monthly["key"]]
+    # Revoked elsewhere (another tab): its secret goes once the list shows it revoked.
+    Api(api_url, token).revoke_api_key(weekly["id"])
+    app.run()
+    assert not app.exception and [c.value for c in app.code] == [monthly["key"]]
+    Api(api_url, token).revoke_api_key(monthly["id"])
+    app.run()
+    assert not app.exception and not app.code and not app.success
+    assert "api_key_dismiss" not in [b.key for b in app.button]
+
+
 def test_a_double_click_on_make_key_makes_one_key_and_a_second_key_hides_no_secret(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:
@@ -1464,3 +1624,262 @@ def test_dropped_images_pack_to_the_same_bytes_at_any_time() -> None:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert name == "images.zip" and {info.date_time for info in archive.infolist()} == {ENTRY_TIME}
     assert packed(files) == [(name, data)]
+
+
+def short_lived_token(settings: Settings, user_id: int, seconds: int) -> str:
+    """A login token of ``user_id`` that expires ``seconds`` from now, as the API signs them (a
+    login's lasts ACCESS_TOKEN_EXPIRE_MINUTES, too long to outlive in a test)."""
+    now = int(time.time())
+    claims = {"sub": str(user_id), "iat": now, "exp": now + seconds, "jti": uuid.uuid4().hex, "auth_time": now}
+    return jwt.encode(claims, settings.secret_key, algorithm="HS256")
+
+
+def run_fragments(app: AppTest, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    """What the browser asks for every ``run_every``: a run of the page's parts that redraw
+    themselves (``st.fragment``) alone, not of the whole script as ``AppTest.run`` runs it (AppTest
+    has no way of its own to ask for one)."""
+    from streamlit.testing.v1 import local_script_runner
+
+    fragments = list(app._fragment_storage._fragments)
+    assert fragments, "the page has no part that redraws itself"
+    with monkeypatch.context() as patched:
+        rerun = functools.partial(local_script_runner.RerunData, fragment_id_queue=fragments, is_auto_rerun=True)
+        patched.setattr(local_script_runner, "RerunData", rerun)
+        return app.run()
+
+
+def test_watching_a_batch_keeps_the_session_past_the_tokens_lifetime(
+    api_url: str, portal: tuple[str, str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's progress redraws itself every 2 s without the page running again; watched for
+    longer than the token lasts, each redraw renews the token once half its lifetime is gone, as a
+    run of the whole page does, and writes the new one to the cookie: the person stays signed in."""
+    from tests.api.test_batches import noise_png
+
+    api, batch, _ = finished_batch_page(api_url, portal, {"0.png": noise_png(660)})
+    me = api.me()
+    lifetime = 6
+    token = short_lived_token(settings, me["id"], lifetime)
+    # What ui/app.py does on each run, then the batch page; the batch is followed as if still running.
+    script = (
+        "import streamlit as st\nfrom ui import session\nfrom ui.client import Api\n"
+        "from ui.views.batch import batch_page\n"
+        "class StillRunning(Api):\n"
+        "    def batch(self, batch_id):\n"
+        "        return {**super().batch(batch_id), 'status': 'running'}\n"
+        f"api = StillRunning({api_url!r}, st.session_state.get('token'))\n"
+        "if api.token:\n"
+        "    session.keep_alive(api)\n"
+        "    st.sidebar.text('Signed in')\n"
+        "    batch_page(api)\n"
+        "else:\n"
+        "    st.warning(st.session_state.get('login_message', 'the login page'))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60)
+    app.session_state["token"] = token
+    app.session_state["user"] = me
+    app.session_state["token_renew_at"] = time.time() + lifetime / 2
+    app.session_state["batch_id"] = batch["id"]
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    cookies: list[str] = []
+    watched_until = time.time() + lifetime + 3
+    while time.time() < watched_until:
+        time.sleep(1)
+        run_fragments(app, monkeypatch)
+        assert not app.exception, app.exception
+        assert "token" in app.session_state and not app.warning, [w.value for w in app.warning]
+        assert not app.title, "the whole page ran, not only its progress"
+        cookies += [h.proto.body for h in app.get("html") if "portal_session=" in h.proto.body]
+    renewed = app.session_state["token"]
+    assert renewed != token and any(renewed in c for c in cookies), cookies
+    assert [b.proto.text for b in app.get("progress")] == ["1 of 1 images done"]
+
+
+def _self_redrawing_part(part: str) -> None:
+    import time
+
+    import streamlit as st
+
+    from ui.client import ApiError
+    from ui.views.admin import retraining_data, training_tab
+    from ui.views.batch import follow
+
+    counts = {"images": 3, "queued": 2, "running": 0, "done": 1, "failed": 0, "cancelled": 0, "skipped": 0}
+    batch = {
+        "id": "b1",
+        "status": "running",
+        "models": ["m@1"],
+        "entries": 3,
+        "created_at": "2026-01-01T00:00:00Z",
+        "finished_at": None,
+        "counts": {**counts, "deleted": 0, "partly_answered": 0, "eta_seconds": 30},
+        "waiting_for": [],
+    }
+    unfinished: dict[str, object] = {
+        "id": "r1",
+        "status": "running",
+        "created_at": "2026-01-01T00:00:00Z",
+        "requested_by": "a@x",
+    }
+    run: dict[str, object] = {
+        **unfinished,
+        **{"model_name": "sketch", "version": 4, "base_version": 3, "options": {"epochs": 4}, "epoch": 1},
+        **{"eta_seconds": 30.0, "history": [], "promotion": None, "record": None, "error": None},
+    }
+    export: dict[str, object] = {
+        **unfinished,
+        **{"model": None, "since_last": False, "rows_done": 3, "rows_total": 10, "bytes_written": 0},
+    }
+
+    class Watched:
+        """An API whose batch, training run and export are running; it counts the token's renewals."""
+
+        token = "first"
+
+        def refresh(self) -> dict[str, object]:
+            st.session_state["renewals"] = st.session_state.get("renewals", 0) + 1
+            return {"token": "renewed", "expires_in": 60}
+
+        def me(self) -> dict[str, object]:
+            return {"id": 1, "email": "a@x", "role": "admin"}
+
+        def batch(self, batch_id: str) -> dict[str, object]:
+            return batch
+
+        def training_runs(self) -> list[dict[str, object]]:
+            return [run]
+
+        def exports(self) -> list[dict[str, object]]:
+            return [export]
+
+        def models(self) -> list[object]:
+            return []
+
+        def version_labels(self, ref: str) -> None:
+            raise ApiError(404, "That item no longer exists.")
+
+    # Signed in, and the page's full run renews nothing: the token is fresh.
+    st.session_state.setdefault("token", "first")
+    st.session_state.setdefault("token_renew_at", time.time() + 3600)
+    api: Any = Watched()
+    {"batch": lambda: follow(api, "b1"), "training": lambda: training_tab(api), "export": lambda: retraining_data(api)}[
+        part
+    ]()
+
+
+@pytest.mark.parametrize("part", ["batch", "training", "export"])
+def test_every_part_that_redraws_itself_renews_the_token(part: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's progress, the training runs and the exports redraw themselves while unfinished:
+    each redraw renews the token once half its lifetime is gone, as a run of the whole page does."""
+    app = AppTest.from_function(_self_redrawing_part, kwargs={"part": part}).run()
+    assert not app.exception and "renewals" not in app.session_state, app.exception
+    app.session_state["token_renew_at"] = 0.0  # half the token's lifetime gone
+    run_fragments(app, monkeypatch)
+    assert not app.exception, app.exception
+    assert "renewals" in app.session_state, "the redraw did not renew the token"
+    assert app.session_state["renewals"] == 1 and app.session_state["token"] == "renewed"
+    run_fragments(app, monkeypatch)
+    assert app.session_state["renewals"] == 1  # renewed once, not on every redraw
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"),
+    [(45, "45 s"), (200, "3 min 20 s"), (3599, "59 min 59 s"), (3600, "1 h"), (7311, "2 h 2 min"), (36_000, "10 h")],
+)
+def test_a_batchs_time_left_is_said_in_hours_once_it_is_long(seconds: int, said: str) -> None:
+    from ui.views.batch import _progress_text, time_left
+
+    assert time_left(seconds) == said
+    counts = {"images": 700, "done": 3, "failed": 0, "cancelled": 0, "eta_seconds": seconds}
+    batch = {"status": "running", "counts": counts}
+    assert _progress_text(batch) == f"3 of 700 images done · about {said} left"  # type: ignore[arg-type]
+
+
+def _after_login_notes(comment: str) -> None:
+    import streamlit as st
+
+    from ui.client import ApiError
+    from ui.results import keep_verdict, send_unsent_verdict, show_after_login_note
+
+    class Sending:
+        def feedback(self, prediction_id: str, *args: object) -> dict[str, object]:
+            if prediction_id == "gone":
+                raise ApiError(404, "That item no longer exists.")
+            return {}
+
+    if "user" not in st.session_state:
+        st.session_state["user"] = {"id": 424242}
+        for prediction in ("p1", "gone"):
+            unsent = {"user_id": 424242, "model": "MobileNetV2", "prediction_id": prediction, "is_correct": True}
+            keep_verdict({**unsent, "correct_label": None, "comment": comment})
+        send_unsent_verdict(Sending())  # type: ignore[arg-type]
+    show_after_login_note()
+
+
+def test_the_note_after_a_login_quotes_the_start_of_a_long_comment() -> None:
+    comment = "The beak is too small for a macaw. " * 57
+    app = AppTest.from_function(_after_login_notes, kwargs={"comment": comment}).run()
+    assert not app.exception, app.exception
+    start = plain(comment[:80].rstrip())
+    assert [s.value for s in app.sidebar.success] == [
+        f"Your verdict on MobileNetV2 was sent: right, and wrote “{start}…”."
+    ]
+    assert [e.value for e in app.sidebar.error] == [
+        f"Your verdict on MobileNetV2, right, and wrote “{start}…”, was not sent: That item no longer exists."
+    ]
+    short = AppTest.from_function(_after_login_notes, kwargs={"comment": "too small"}).run()
+    assert [s.value for s in short.sidebar.success] == [
+        "Your verdict on MobileNetV2 was sent: right, and wrote “too small”."
+    ]
+
+
+def _quality_page() -> None:
+    from ui.views.admin import quality_tab
+
+    class Quality:
+        def models(self) -> list[dict[str, object]]:
+            return [{"ref": "mobilenet_v2@1", "name": "mobilenet_v2", "display_name": "MobileNetV2"}]
+
+        def all_feedback(self) -> list[object]:
+            return []
+
+        def exports(self) -> list[object]:
+            return []
+
+    stats = {
+        "accuracy": [
+            {"model": "mobilenet_v2", "version": 1, "feedback": 3, "correct": 0, "accuracy": 0.0},
+            {"model": "sketch", "version": 3, "feedback": 25, "correct": 20, "accuracy": 0.8},
+        ],
+        "most_corrected": [
+            {
+                "model": "mobilenet_v2",
+                "version": 1,
+                "predicted": "military_uniform",
+                "corrected_to": "Boston_bull",
+                "count": 2,
+            },
+            {"model": "mobilenet_v2", "version": 1, "predicted": "macaw", "corrected_to": None, "count": 1},
+        ],
+        "latency": [],
+    }
+    quality_tab(Quality(), stats)  # type: ignore[arg-type]
+
+
+def test_model_quality_reads_as_the_other_pages() -> None:
+    """Labels in words and versions by their names, as everywhere else; an accuracy only from as
+    many verdicts as the Models tab asks for."""
+    from api.app.releases.service import MIN_FEEDBACK
+    from ui.views.admin import MIN_VERDICTS
+
+    assert MIN_VERDICTS == MIN_FEEDBACK
+    app = AppTest.from_function(_quality_page).run()
+    assert not app.exception, app.exception
+    accuracy = next(d.value for d in app.dataframe if "Accuracy" in d.value.columns)
+    assert list(accuracy["Accuracy"]) == ["", "80.0%"]
+    corrected = next(d.value for d in app.dataframe if "People said" in d.value.columns)
+    assert corrected.to_dict("records") == [
+        {"Model": "MobileNetV2", "It said": "military uniform", "People said": "Boston bull", "Times": 2},
+        {"Model": "MobileNetV2", "It said": "macaw", "People said": "(no label given)", "Times": 1},
+    ]

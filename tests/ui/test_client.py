@@ -18,6 +18,7 @@ from tests.support import PHOTOS, RedisServer, free_port, start_api
 from ui.client import (
     _JOB,
     FEEDBACK_GONE,
+    MESSAGES,
     Accuracy,
     Api,
     ApiError,
@@ -130,8 +131,9 @@ def test_unauthorized_and_throttled(portal: tuple[str, str, str]) -> None:
             Api(portal[0]).login(email, "wrong-password")
     with pytest.raises(ApiError) as info:
         Api(portal[0]).login(email, "wrong-password")
-    # The login throttle's window (LOGIN_WINDOW_SECONDS, 900 s) in words a person reads at a glance.
-    assert info.value.status == 429 and info.value.message.endswith("Try again in 15 minutes."), info.value.message
+    # The login throttle's window (LOGIN_WINDOW_SECONDS, 900 s) in words a person reads at a glance, said once.
+    message = info.value.message
+    assert info.value.status == 429 and message == "Too many failed attempts; try again in 15 minutes.", message
 
 
 def test_each_browser_is_its_own_client_to_the_login_throttle(settings: Settings) -> None:
@@ -177,29 +179,58 @@ def test_server_side_messages(status: int, headers: dict[str, str], words: str) 
             503,
             {"detail": "No live model worker serves mobilenet_v2@1 yet; retry shortly."},
             {"retry-after": "2"},
-            "No live model worker serves mobilenet_v2@1 yet; retry shortly. Try again in 2 seconds.",
+            "No live model worker serves mobilenet_v2@1 yet; retry in 2 seconds.",
         ),
         (
             429,
             {"detail": "Too many failed attempts; try again later"},
             {"retry-after": "900"},
-            "Too many failed attempts; try again later. Try again in 15 minutes.",
+            "Too many failed attempts; try again in 15 minutes.",
         ),
         (429, None, {"retry-after": "7200"}, "Too many attempts. Try again in 2 hours."),
         (503, None, {}, "The portal is busy or part of it is down. Please try again shortly."),
+        (503, None, {"retry-after": "5"}, "The portal is busy or part of it is down. Please try again in 5 seconds."),
+        (
+            503,
+            {"detail": "The explainer failed. Try again later."},
+            {"retry-after": "120"},
+            "The explainer failed. Try again in 2 minutes.",
+        ),
+        (503, {"detail": "Queue is full"}, {"retry-after": "1"}, "Queue is full. Try again in 1 second."),
     ],
 )
 def test_busy_or_down_says_the_apis_reason_and_when_to_try_again(
     status: int, body: dict[str, str] | None, headers: dict[str, str], message: str
 ) -> None:
-    """A 503 or 429 says what the API said is busy or down, then the Retry-After in words; an
-    answer without a reason (a proxy's page) says it in general words."""
+    """A 503 or 429 says what the API said is busy or down, then the Retry-After in words (once:
+    in the place of the reason's own "try again later"); an answer without a reason (a proxy's
+    page) says it in general words."""
     response = (
         httpx.Response(status, json=body, headers=headers)
         if body is not None
         else httpx.Response(status, text="<html>Service Unavailable</html>", headers=headers)
     )
     assert _message(response) == message
+
+
+def test_a_deactivated_account_and_invalid_fields_are_said_as_they_are() -> None:
+    """A 401 for a deactivated account says so (logging in again will not help); a validation
+    error names the field it is about."""
+    deactivated = {"detail": "This account is deactivated: an administrator can reactivate it"}
+    assert _message(httpx.Response(401, json=deactivated)) == (
+        "This account is deactivated: an administrator can reactivate it."
+    )
+    assert _message(httpx.Response(401, json={"detail": "Could not validate credentials"})) == MESSAGES[401]
+    invalid = {
+        "detail": [
+            {"loc": ["body", "full_name"], "msg": "String should have at most 200 characters"},
+            {"loc": ["body", "email"], "msg": "Field required"},
+            {"msg": "Value error"},
+        ]
+    }
+    assert _message(httpx.Response(422, json=invalid)) == (
+        "full name: String should have at most 200 characters; email: Field required; Value error"
+    )
 
 
 def test_a_refusal_says_which_right_is_missing() -> None:

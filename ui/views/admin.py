@@ -21,10 +21,14 @@ from ui.client import (
     TrainingRecord,
     TrainingRun,
 )
-from ui.results import readable_time
-from ui.session import CATALOG_SECONDS, display_name, guarded, models
+from ui.results import readable_time, words
+from ui.session import CATALOG_SECONDS, display_name, guarded, keeps_session, models
 
 ROLES: list[Role] = ["user", "admin"]
+MIN_VERDICTS = 20
+"""The fewest verdicts on a version for an accuracy of them to be given: below it the API gives
+none (a version's ``feedback_accuracy``, in the Models tab and the comparisons), and Model
+quality leaves it blank too."""
 VERSION_ACTIONS: dict[str, dict[str, str | bool]] = {
     "Put in shadow (a copy of the traffic, answers kept apart)": {"channel": "shadow"},
     "Make a canary (gets the traffic its weight gives)": {"channel": "canary"},
@@ -520,7 +524,7 @@ def training_tab(api: Api) -> None:
         _said("start_training")
     unfinished = any(r["status"] in UNFINISHED_RUN for r in runs)
     # Redrawn on its own every two seconds while a run is queued or running, and not at all otherwise.
-    st.fragment(training_runs_section, run_every=2 if unfinished else None)(api, unfinished)
+    st.fragment(keeps_session(training_runs_section), run_every=2 if unfinished else None)(api, unfinished)
 
 
 UNFINISHED_RUN = ("queued", "running")
@@ -714,21 +718,23 @@ def quality_tab(api: Api, stats: Stats | None) -> None:
                         "Model version": f"{a['model']}@{a['version']}",
                         "Verdicts": a["feedback"],
                         "Right": a["correct"],
-                        "Accuracy": _percent(a["accuracy"]),
+                        # Blank below MIN_VERDICTS, as in the Models tab: 0 of 3 is no accuracy.
+                        "Accuracy": _percent(a["accuracy"] if a["feedback"] >= MIN_VERDICTS else None),
                     }
                     for a in stats["accuracy"]
                 ]
             ),
             hide_index=True,
         )
+        st.caption(f"Accuracy is given from {MIN_VERDICTS} verdicts on, as in the Models tab.")
         st.subheader("Most corrected labels")
         st.dataframe(
             pd.DataFrame(
                 [
                     {
-                        "Model version": f"{c['model']}@{c['version']}",
-                        "It said": c["predicted"] or "",
-                        "People said": c["corrected_to"] or "(no label given)",
+                        "Model": display_name(api, f"{c['model']}@{c['version']}"),
+                        "It said": words(c["predicted"]),
+                        "People said": words(c["corrected_to"]) or "(no label given)",
                         "Times": c["count"],
                     }
                     for c in stats["most_corrected"]
@@ -789,7 +795,7 @@ def retraining_data(api: Api) -> None:
             st.session_state.pop("export_pick", None)
     unfinished = any(e["status"] in UNFINISHED_EXPORT for e in guarded(api, api.exports) or [])
     # Redrawn on its own every two seconds while an export is unfinished, and not at all otherwise.
-    st.fragment(exports_section, run_every=2 if unfinished else None)(api, unfinished)
+    st.fragment(keeps_session(exports_section), run_every=2 if unfinished else None)(api, unfinished)
 
 
 def exports_section(api: Api, refreshing: bool) -> None:

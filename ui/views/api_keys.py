@@ -48,9 +48,10 @@ def api_keys_page(api: Api) -> None:
 
 
 def new_key_notice() -> None:
-    """The keys just made, shown until dismissed, a key made while another was still shown not
-    hiding it. They are held by this browser session only (the portal keeps their hashes): a
-    reload of the page, closing it or logging out loses them, as the page says."""
+    """The keys just made, shown until dismissed (or revoked: ``forget_secrets``), a key made
+    while another was still shown not hiding it. They are held by this browser session only (the
+    portal keeps their hashes): a reload of the page, closing it or logging out loses them, as the
+    page says."""
     sent = submits().sent
     made: list[NewApiKey] = sent.get("api_key_new") or []
     if not made:
@@ -116,9 +117,25 @@ def key_list(api: Api) -> None:
     if not keys:
         st.info("No keys yet.")
         return
+    made = {k["id"] for k in submits().sent.get("api_key_new") or []}
+    if gone := {k["id"] for k in keys if k["id"] in made and key_state(k) != "active"}:
+        # Revoked since it was made (in another tab, say): its secret is shown no longer.
+        forget_secrets(gone)
+        st.rerun()
     st.subheader("My keys")
     for key in keys:
         key_row(api, key)
+
+
+def forget_secrets(key_ids: set[str]) -> None:
+    """The keys just made among ``key_ids`` (revoked, so of no use) are no longer shown; the
+    others made stay."""
+    sent = submits().sent
+    left = [k for k in sent.get("api_key_new") or [] if k["id"] not in key_ids]
+    if left:
+        sent["api_key_new"] = left
+    else:
+        sent.pop("api_key_new", None)
 
 
 def key_row(api: Api, key: ApiKey) -> None:
@@ -146,6 +163,7 @@ def key_row(api: Api, key: ApiKey) -> None:
         if yes.button("Revoke", type="primary", key=f"revoke_yes_{key['id']}"):
             st.session_state.pop("api_key_confirm", None)
             if guarded(api, functools.partial(api.revoke_api_key, key["id"])) is not None:
+                forget_secrets({key["id"]})
                 st.session_state["api_key_revoked"] = key["name"]
                 st.rerun()
         if no.button("Keep", key=f"revoke_no_{key['id']}"):

@@ -15,7 +15,7 @@ from contracts.imaging import UPLOAD_EXTENSIONS
 from ui.client import Api, BatchDetail
 from ui.config import get_ui_settings
 from ui.results import choose_models, readable_time
-from ui.session import display_name, guarded
+from ui.session import display_name, guarded, keeps_session
 
 STATUS_WORDS = {
     "receiving": "being received",
@@ -102,6 +102,7 @@ def packed(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
 
 
 @st.fragment(run_every=timedelta(seconds=2))
+@keeps_session
 def follow(api: Api, batch_id: str) -> None:
     """The running batch's progress, refreshed every 2 seconds; once it ends the whole page runs
     again and shows its results (without refreshing any more)."""
@@ -150,7 +151,7 @@ def show_progress(api: Api, batch: BatchDetail) -> None:
         elif message := st.session_state.get(failure):
             st.error(message)  # a failed cancel stays said while the progress redraws itself
         return
-    download_results(api, batch["id"])
+    download_results(api, batch)
 
 
 def skipped_files(api: Api, batch_id: str, count: int) -> None:
@@ -167,20 +168,41 @@ def skipped_files(api: Api, batch_id: str, count: int) -> None:
     st.dataframe(kept[1], hide_index=True)
 
 
-def download_results(api: Api, batch_id: str) -> None:
-    """A button with the batch's CSV, fetched once per batch."""
-    key = f"batch_csv_{batch_id}"
-    if key not in st.session_state:
-        st.session_state[key] = guarded(api, lambda: api.batch_csv(batch_id))
-    if (data := st.session_state[key]) is not None:
+def download_results(api: Api, batch: BatchDetail) -> None:
+    """A button with the batch's CSV (``results_csv``), when it could be read."""
+    if (data := results_csv(api, batch)) is not None:
         st.download_button(
             "Download the results (CSV)",
             data,
-            file_name=f"batch-{batch_id}.csv",
+            file_name=f"batch-{batch['id']}.csv",
             mime="text/csv",
             type="primary",
-            key=f"download_{batch_id}",
+            key=f"download_{batch['id']}",
         )
+
+
+def results_csv(api: Api, batch: BatchDetail) -> bytes | None:
+    """The batch's results as CSV, kept in ``st.session_state["batch_csv_<id>"]`` with the state
+    of the batch it was read in (status and counts): read again once that state changes (an
+    image of the batch deleted since turns its rows from ``done`` to ``deleted``). A failed read
+    is said and not kept (the next run reads again); None then."""
+    key = f"batch_csv_{batch['id']}"
+    state = results_state(batch)
+    kept: tuple[tuple[object, ...], bytes] | None = st.session_state.get(key)
+    if kept is not None and kept[0] == state:
+        return kept[1]
+    data = guarded(api, lambda: api.batch_csv(batch["id"]))
+    if data is None:
+        st.session_state.pop(key, None)  # an older CSV is not offered in the place of this one
+        return None
+    st.session_state[key] = (state, data)
+    return data
+
+
+def results_state(batch: BatchDetail) -> tuple[object, ...]:
+    """What the batch's results depend on: its status and counts (the time left aside)."""
+    counts = {name: value for name, value in batch["counts"].items() if name != "eta_seconds"}
+    return (batch["status"], *sorted(counts.items()))
 
 
 def _progress_text(batch: BatchDetail) -> str:
@@ -191,8 +213,17 @@ def _progress_text(batch: BatchDetail) -> str:
     if c["cancelled"]:
         text += f", {c['cancelled']:,} cancelled"
     if batch["status"] == "running" and c["eta_seconds"]:
-        minutes, seconds = divmod(c["eta_seconds"], 60)
-        text += f" · about {minutes} min {seconds} s left" if minutes else f" · about {seconds} s left"
+        text += f" · about {time_left(c['eta_seconds'])} left"
     elif batch["status"] != "running":
         text += f" · {STATUS_WORDS.get(batch['status'], batch['status'])}"
     return text
+
+
+def time_left(seconds: int) -> str:
+    """A batch's time left in words: ``45 s``, ``3 min 20 s``, and from an hour on to the
+    minute, ``2 h 2 min`` (seconds would be noise beside hours)."""
+    if seconds < 3600:
+        minutes, seconds = divmod(seconds, 60)
+        return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"

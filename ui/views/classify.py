@@ -9,7 +9,15 @@ from contracts.imaging import UPLOAD_EXTENSIONS, ImageRejected
 from ui.client import Api
 from ui.config import get_ui_settings
 from ui.examples import PHOTOS, example_png
-from ui.results import choose_models, plain, run_job, scroll_to_results, show_results, upright
+from ui.results import (
+    choose_models,
+    nothing_to_choose,
+    plain,
+    run_job,
+    scroll_to_results,
+    show_results,
+    upright,
+)
 
 UPLOAD_TYPES = list(UPLOAD_EXTENSIONS)
 
@@ -90,5 +98,5 @@ def classify_page(api: Api) -> None:
         if job := st.session_state.get("classify_job"):
             show_results(api, job, image=data, file_name=name)
             scroll_to_results(job["job_id"])
-        elif "classify_error" not in st.session_state:
+        elif "classify_error" not in st.session_state and not nothing_to_choose(api, "RGB"):
             st.caption("Choose the models and press Classify: the answers appear here.")

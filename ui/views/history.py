@@ -167,12 +167,15 @@ def batches_section(api: Api) -> None:
                 f"{', '.join(display_name(api, ref) for ref in b['models'])} · "
                 f"{BATCH_WORDS.get(b['status'], b['status'])}"
             )
-            if b["status"] in ("done", "cancelled"):
-                if st.session_state.get(f"batch_csv_{b['id']}") is None:
-                    if st.button("Prepare the results", key=f"batch_prepare_{b['id']}"):
-                        st.session_state[f"batch_csv_{b['id']}"] = guarded(
-                            api, functools.partial(api.batch_csv, b["id"])
-                        )
-                        st.rerun()
-                else:
-                    download_results(api, b["id"])
+            if b["status"] not in ("done", "cancelled"):
+                continue
+            # Read on demand (a batch's results may be thousands of rows), then offered with every
+            # run, read again once the batch has changed (an image of it deleted, say).
+            prepared = f"batch_prepared_{b['id']}"
+            if f"batch_csv_{b['id']}" not in st.session_state and not st.session_state.get(prepared):
+                if not st.button("Prepare the results", key=f"batch_prepare_{b['id']}"):
+                    continue
+                st.session_state[prepared] = True
+            detail = guarded(api, functools.partial(api.batch, b["id"]))
+            if detail is not None:
+                download_results(api, detail)

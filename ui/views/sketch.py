@@ -9,7 +9,7 @@ import streamlit as st
 
 from ui.client import Api
 from ui.examples import SKETCHES, example_png, sketches_for
-from ui.results import choose_models, run_job, scroll_to_results, show_results, words
+from ui.results import choose_models, nothing_to_choose, run_job, scroll_to_results, show_results, words
 from ui.session import models
 
 
@@ -84,7 +84,7 @@ def sketch_page(api: Api) -> None:
         if (job := st.session_state.get("sketch_job")) and drawing is not None:
             show_results(api, job, image=drawing, file_name=name)
             scroll_to_results(job["job_id"])
-        else:
+        elif not nothing_to_choose(api, "L"):
             st.caption("Draw, choose the models and press Predict: the answers appear here.")
 
 
