@@ -555,7 +555,7 @@ async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own
     why; a run still within its wait stays undecided."""
     client = own_stack.client
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
-    for version in (4, 5, 6, 7):
+    for version in (4, 5, 6, 7, 8):
         r = await client.post(
             "/v1/admin/registry/versions",
             json={
@@ -578,13 +578,31 @@ async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own
 
     # Finished 90 s ago: past the 60 s wait, within the two waits the rule looks back.
     gone, unserved, waiting = done_run(50, 1.5), done_run(4, 1.5), done_run(5, 0)
-    elsewhere, moved = done_run(6, 0, base=1), done_run(7, 0)
+    elsewhere, moved, stepped_down = done_run(6, 0, base=1), done_run(7, 0), done_run(8, 0)
     r = await client.patch(
         "/v1/admin/registry/models/sketch/versions/7", json={"channel": "canary", "reason": "not yet"}, headers=admin
     )
     assert r.status_code == 200, r.text
+    # 8 was stepped down by a newer run; an admin changing it since (enabled again) did not move it.
+    from api.app.registry import service as registry_service
+
     async with own_stack.app.state.sessionmaker() as session:
-        session.add_all([gone, unserved, waiting, elsewhere, moved])
+        await registry_service.set_channel(
+            session=session,
+            actor=registry_service.Actor(None, "training run 1234"),
+            name="sketch",
+            version=8,
+            channel="canary",
+            enabled=False,
+            reason="superseded",
+            available=set(),
+        )
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/8", json={"enabled": True, "reason": "look again"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    async with own_stack.app.state.sessionmaker() as session:
+        session.add_all([gone, unserved, waiting, elsewhere, moved, stepped_down])
         await session.commit()
         decided = await training_service.auto_promote(session=session, availability={}, margin=0.02, wait_seconds=60)
         assert {run.version: run.promotion for run in decided} == {
@@ -592,6 +610,7 @@ async def test_the_auto_promote_rule_leaves_what_it_cannot_judge_to_an_admin(own
             4: "not promoted: no worker served it within 60 s; left to an admin",
             6: "not promoted: trained from @1, the stable version is @3; left to an admin",
             7: f"not promoted: it was moved to canary first, by {ADMIN_EMAIL}",
+            8: "not promoted: it was moved to canary first, by a newer training run (training run 1234)",
         }
         await session.refresh(waiting)
         assert waiting.promotion is None

@@ -491,9 +491,14 @@ async def _moved_by(*, session: AsyncSession, name: str, version: int, channel: 
     """Who last moved ``name@version`` to ``channel``, as people read it: "a newer training run
     (training run <id>)" or "admin@example.com"; "an unknown change" when the audit trail does not say."""
     key = str(version)
+    # The change that moved it there, not a later one that left its channel as it was.
+    moved = (
+        RegistryChange.after[key]["channel"].astext == channel,
+        func.coalesce(RegistryChange.before[key]["channel"].astext, "") != channel,
+    )
     actor = await session.scalar(
         select(RegistryChange.actor)
-        .where(RegistryChange.model == name, RegistryChange.after[key]["channel"].astext == channel)
+        .where(RegistryChange.model == name, *moved)
         .order_by(RegistryChange.id.desc())
         .limit(1)
     )
