@@ -142,10 +142,6 @@ class Caller:
     grant: KeyGrant | None
 
 
-DEACTIVATED = "This account is deactivated: an administrator can reactivate it"
-"""The 401 detail for a valid token whose account an admin deactivated."""
-
-
 async def _token_user(request: Request, token: str) -> User:
     """The token's user, loaded outside any transaction together with the token's revocation (one
     round trip, and no connection held while a route reads an upload). The user comes detached: a
@@ -161,7 +157,7 @@ async def _token_user(request: Request, token: str) -> User:
         raise auth_service.unauthorized()
     if not user.is_active:
         # The holder of a valid token is told why it stopped working, not that it expired.
-        raise auth_service.unauthorized(DEACTIVATED)
+        raise auth_service.unauthorized(auth_service.DEACTIVATED)
     if user.sessions_valid_after is not None and (claims.auth_time or claims.expires_at) < user.sessions_valid_after:
         raise auth_service.unauthorized("Signed out: the password was changed or the account deactivated since")
     request.state.token_claims = claims

@@ -352,7 +352,7 @@ async def test_a_revoked_key_sent_on_is_no_guess_and_locks_no_key_out(
             r = await client.get("/v1/users/me", headers=header(old["key"]))
             assert r.status_code == 401 and r.json()["detail"] == "API key has been revoked", r.text
         assert (await client.get("/v1/users/me", headers=header(new))).status_code == 200
-    # Nor a deactivated owner's key (refused with a plain 401).
+    # Nor a deactivated owner's key (401 saying the account is deactivated).
     gone, gone_login = await users.create()
     async with client_at(app, fresh_address()) as client:
         kept = (await make_key(client, gone_login, ["read"]))["key"]
@@ -360,7 +360,8 @@ async def test_a_revoked_key_sent_on_is_no_guess_and_locks_no_key_out(
         r = await client.patch(f"/v1/users/{gone['id']}", json={"is_active": False}, headers=admin_headers)
         assert r.status_code == 200, r.text
         for _ in range(25):
-            assert (await client.get("/v1/users/me", headers=header(kept))).status_code == 401
+            r = await client.get("/v1/users/me", headers=header(kept))
+            assert r.status_code == 401 and "deactivated" in r.json()["detail"], r.text
         assert (await client.get("/v1/users/me", headers=header(working))).status_code == 200
 
 

@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.api_keys.models import ApiKey
-from api.app.auth.service import unauthorized
+from api.app.auth.service import DEACTIVATED, unauthorized
 from api.app.core.db import owned_page, utcnow
 from api.app.users.models import User
 from contracts.api_keys import DISPLAY_LENGTH, KEY_LENGTH, KEY_PREFIX, Scope
@@ -126,7 +126,7 @@ async def authenticate(*, session: AsyncSession, key: str) -> tuple[User, KeyGra
     """The key's owner (detached from ``session`` once it closes) and what the key grants, in one
     round trip, plus one write at most once a minute for ``last_used_at``. Raises KeyRefused (401)
     for an unknown or malformed key, and, ``known``, for a revoked or expired key and for a
-    deactivated owner (a plain 401, as for a bad login token)."""
+    deactivated owner (401 saying so, as for a login token)."""
     if len(key) != KEY_LENGTH or not is_key(key):
         raise KeyRefused(INVALID, known=False)
     row = (await session.execute(_KEY_WITH_OWNER, {"b_hash": hash_key(key)})).first()
@@ -139,7 +139,7 @@ async def authenticate(*, session: AsyncSession, key: str) -> tuple[User, KeyGra
     if api_key.expires_at is not None and api_key.expires_at <= now:
         raise KeyRefused(EXPIRED, known=True)
     if not user.is_active:
-        raise KeyRefused(known=True)
+        raise KeyRefused(DEACTIVATED, known=True)
     if api_key.last_used_at is None or now - api_key.last_used_at >= LAST_USED_EVERY:
         await _mark_used(session=session, key_id=api_key.id, now=now)
     return user, KeyGrant(key_id=api_key.id, scopes=granted_scopes(api_key, user))

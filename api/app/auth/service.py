@@ -38,6 +38,11 @@ _USER_BY_TOKEN = DriverStatement(
 )
 
 
+DEACTIVATED = "This account is deactivated: an administrator can reactivate it"
+"""The 401 detail for a valid token or API key whose account an admin deactivated: its holder is
+told why it stopped working, not that it expired or is wrong."""
+
+
 def unauthorized(detail: str = CREDENTIALS_ERROR) -> HTTPException:
     """401 with the ``WWW-Authenticate: Bearer`` challenge RFC 6750 asks for."""
     return HTTPException(
