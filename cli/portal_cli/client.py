@@ -25,6 +25,9 @@ from portal_cli.errors import ExitCode, Forbidden, PortalError
 QUICK = httpx.Timeout(30.0, connect=10.0)
 """Reads of state: the API answers these at once."""
 PREDICT = httpx.Timeout(90.0, connect=10.0)
+MAX_PREDICT_BYTES = 64 * 2**20
+"""Largest file ``predict`` reads and sends: six times the portal's default limit per picture, so
+the portal's own refusal says what its limit is, while a file of gigabytes is refused unread."""
 """POST /model/predict waits for the models up to PREDICT_DEADLINE_SECONDS (30 s by default)."""
 UPLOAD = httpx.Timeout(1800.0, connect=10.0)
 """POST /v1/batches checks every image before it answers: minutes for 10,000 of them."""
@@ -214,8 +217,16 @@ class Portal:
         ``name@version`` with each model's ``status``, ``label``, ``score`` (0..1), ``top_k`` and
         ``error``. The file is read once and sent as read: streamed, a file whose size changes
         meanwhile (or that says another size than it reads, as /proc's do) would no longer match
-        the Content-Length declared from its size. Raises OSError when it cannot be read."""
-        content = path.read_bytes()
+        the Content-Length declared from its size. A file of more than ``MAX_PREDICT_BYTES`` is
+        refused unread (PortalError 1): far past any upload the portal takes, it would only fill
+        memory first. Raises OSError when it cannot be read."""
+        with path.open("rb") as image:
+            content = image.read(MAX_PREDICT_BYTES + 1)
+        if len(content) > MAX_PREDICT_BYTES:
+            raise PortalError(
+                f"{readable(str(path))} is larger than {MAX_PREDICT_BYTES // 2**20} MiB, far past what the portal "
+                "takes per picture (10 MiB unless configured otherwise): nothing was sent."
+            )
         return dict(
             self._json(
                 "POST",

@@ -631,6 +631,10 @@ def batch(
         raise typer.BadParameter("it cannot be used together with --cancel.", param_hint="--new")
     if not cancel and out is None:
         raise typer.BadParameter("--out is required (the results CSV, or '-' for stdout).", param_hint="--out")
+    if not source.is_dir() and not source.is_file():
+        # Reading a named pipe waits for a writer; a device never ends.
+        kind = _kind(source.stat().st_mode)
+        raise typer.BadParameter(f"{source} is {kind}: neither a directory nor a .zip file.", param_hint="DIR|ZIP")
     if source.is_file() and source.suffix.lower() != ".zip":
         raise typer.BadParameter(f"{source} is neither a directory nor a .zip file.", param_hint="DIR|ZIP")
     if out not in (None, "-"):

@@ -157,6 +157,31 @@ def test_predict_refuses_what_is_not_a_regular_file_before_sending_anything(logg
     assert one_line(device.stderr) == "portal: /dev/zero is a device, not a regular file: nothing was sent."
 
 
+def test_batch_refuses_a_pipe_or_device_as_its_input(logged_in: Account, tmp_path: Path) -> None:
+    """``portal batch`` on a named pipe (it would wait for a writer) or a device (/dev/zero never
+    ends) is wrong usage, exit 2, before anything is read or sent."""
+    fifo = tmp_path / "collection.zip"
+    os.mkfifo(fifo)
+    out = str(tmp_path / "out.csv")
+    piped = subprocess.run(
+        [str(PORTAL), "batch", str(fifo), "--out", out, "-m", MODEL], capture_output=True, text=True, timeout=60
+    )
+    assert piped.returncode == 2 and "is a named pipe" in " ".join(piped.stderr.split()), piped
+    device = run("batch", "/dev/zero", "--out", out, "-m", MODEL)
+    assert device.exit_code == 2 and "/dev/zero is a device" in " ".join(device.output.split()), device.output
+
+
+def test_predict_refuses_a_file_of_gigabytes_unread(logged_in: Account, tmp_path: Path) -> None:
+    """A file far past any upload the portal takes is refused by what it holds, without reading it
+    into memory first (a sparse file of 50 GiB here: read whole, it failed with MemoryError)."""
+    huge = tmp_path / "huge.jpg"
+    with huge.open("wb") as f:
+        f.truncate(50 * 2**30)
+    result = run("predict", str(huge), "-m", MODEL)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "is larger than 64 MiB" in one_line(result.stderr), result.stderr
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's /proc")
 def test_predict_sends_a_file_as_read_whatever_size_it_said(logged_in: Account) -> None:
     """A file whose size changes while it is read is sent as it was read, not cut off or overrun
