@@ -140,10 +140,27 @@ def runtime_of(app: FastAPI) -> background.JobRuntime:
     )
 
 
-def _drawing(offset: int) -> bytes:
+def line_drawing(offset: int) -> bytes:
+    """A 28x28 sketch of one line, a different one for each ``offset``."""
     img = Image.new("L", (28, 28), 255)
     ImageDraw.Draw(img).line((offset, 2, 27 - offset, 25), fill=0, width=2)
     return encode(img, "PNG")
+
+
+async def sketch_jobs_alone_and_beside(
+    client: httpx.AsyncClient, admin: dict[str, str], data: bytes
+) -> tuple[str, httpx.Response, httpx.Response]:
+    """Stores ``data`` and asks for it twice: sketch@2 alone, then sketch@2 beside sketch@3 (both
+    accepted); the image's id and the two answers."""
+    stored = await client.post("/v1/images", files={"file": ("d.png", data)}, headers=admin)
+    assert stored.status_code == 201, stored.text
+    image_id = stored.json()["id"]
+    alone, beside = [
+        await client.post("/v1/predictions", json={"image_id": image_id, "models": models}, headers=admin)
+        for models in (["sketch@2"], ["sketch@2", "sketch@3"])
+    ]
+    assert alone.status_code == beside.status_code == 202, (alone.text, beside.text)
+    return image_id, alone, beside
 
 
 @pytest.mark.usefixtures("everything_served")
@@ -155,15 +172,8 @@ async def test_the_predictions_the_api_expires_are_counted_once(own_stack: Stack
     nothing."""
     client = own_stack.client
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
-    stored = await client.post("/v1/images", files={"file": ("d.png", _drawing(0))}, headers=admin)
-    assert stored.status_code == 201, stored.text
-    image_id = stored.json()["id"]
-    alone, beside = [
-        await client.post("/v1/predictions", json={"image_id": image_id, "models": models}, headers=admin)
-        for models in (["sketch@2"], ["sketch@2", "sketch@3"])
-    ]
-    assert alone.status_code == beside.status_code == 202, (alone.text, beside.text)
-    files = [("file", (f"d{i}.png", _drawing(i + 1))) for i in range(2)]
+    _, alone, beside = await sketch_jobs_alone_and_beside(client, admin, line_drawing(0))
+    files = [("file", (f"d{i}.png", line_drawing(i + 1))) for i in range(2)]
     batch = await client.post("/v1/batches", files=files, data={"models": ["sketch@2"]}, headers=admin)
     assert batch.status_code == 202, batch.text
 

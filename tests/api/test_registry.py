@@ -29,7 +29,7 @@ from api.app.registry import service
 from api.app.registry.models import ModelVersion, RegistryChange
 from contracts.registry import MAX_VERSION, Registry, load_registry
 from tests.api.conftest import Stack, until
-from tests.api.test_metrics import scrape, value
+from tests.api.test_metrics import line_drawing, scrape, sketch_jobs_alone_and_beside, value
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, login
 from tests.images import encode
 from tests.support import ROOT
@@ -461,14 +461,7 @@ async def test_answers_of_a_version_retired_while_no_worker_has_it_expire_at_onc
     reason, the job that asked it alone is over, and the other still waits for sketch@3 only."""
     client = own_stack.client
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
-    stored = await client.post("/v1/images", files={"file": ("d.png", drawing())}, headers=admin)
-    assert stored.status_code == 201, stored.text
-    image_id = stored.json()["id"]
-    alone, beside = [
-        await client.post("/v1/predictions", json={"image_id": image_id, "models": models}, headers=admin)
-        for models in (["sketch@2"], ["sketch@2", "sketch@3"])
-    ]
-    assert alone.status_code == beside.status_code == 202, (alone.text, beside.text)
+    _, alone, beside = await sketch_jobs_alone_and_beside(client, admin, drawing())
 
     async def job(accepted: httpx.Response) -> dict[str, Any]:
         r = await client.get(f"/v1/predictions/{accepted.json()['job_id']}", headers=admin)
@@ -495,12 +488,6 @@ async def test_answers_of_a_version_retired_while_no_worker_has_it_expire_at_onc
     assert {(p["version"], p["status"]) for p in other["results"]} == {(2, "expired"), (3, "queued")}, other
 
 
-def _drawing(offset: int) -> bytes:
-    img = Image.new("L", (28, 28), 255)
-    ImageDraw.Draw(img).line((offset, 2, 27 - offset, 25), fill=0, width=2)
-    return encode(img, "PNG")
-
-
 @pytest.mark.usefixtures("everything_served")
 async def test_a_batch_waits_for_a_disabled_version_and_ends_without_a_retired_one(
     own_stack: Stack, monkeypatch: pytest.MonkeyPatch
@@ -513,7 +500,7 @@ async def test_a_batch_waits_for_a_disabled_version_and_ends_without_a_retired_o
     monkeypatch.setattr(predictions_service, "EXPIRE_CHUNK", 2)  # three images: two transactions
     client = own_stack.client
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
-    files = [("file", (f"d{i}.png", _drawing(i))) for i in range(3)]
+    files = [("file", (f"d{i}.png", line_drawing(i))) for i in range(3)]
 
     async def batch(models: list[str]) -> str:
         r = await client.post("/v1/batches", files=files, data={"models": models}, headers=admin)
