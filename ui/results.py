@@ -366,9 +366,15 @@ def verdict_being_sent() -> Carried | None:
     for name, pressed in list(st.session_state.items()):
         if str(name).startswith("fb_") and str(name).endswith("_send") and pressed is True:
             unsent = _verdict(str(name).removesuffix("_send"))
-            if not isinstance(unsent, str):
-                return Carried(functools.partial(keep_verdict, unsent), VERDICT_KEPT)
+            if isinstance(unsent, str):
+                # Not complete, so nothing to keep: the person is told, not left to find it missing.
+                return Carried(_keep_nothing, f"Your verdict was not sent: {unsent[0].lower()}{unsent[1:]}")
+            return Carried(functools.partial(keep_verdict, unsent), VERDICT_KEPT)
     return None
+
+
+def _keep_nothing() -> None:
+    """What a verdict too incomplete to send keeps: nothing."""
 
 
 KEPT_VERDICT_SECONDS = 24 * 3600
@@ -494,6 +500,9 @@ def show_results(
     if len(results) > 1:
         # A static table wraps its cells, so all four columns fit a phone's width; an interactive
         # grid keeps each column as wide as its longest name and scrolls the rest out of sight.
+        # A name without spaces (MobileNetV2_ImageNet_INT8, its underscores escaped) breaks
+        # anywhere, or it would still push the other columns off a phone's screen.
+        st.html("<style>[data-testid='stTable'] :is(td, th) { overflow-wrap: anywhere; }</style>")
         st.table(comparison_shown(comparison(api, job)), hide_index=True)
         st.caption("Agrees ✓: the answer most models gave.")
     stem = file_name.rsplit(".", 1)[0] or "results"

@@ -1785,7 +1785,15 @@ def test_every_part_that_redraws_itself_renews_the_token(part: str, monkeypatch:
 
 @pytest.mark.parametrize(
     ("seconds", "said"),
-    [(45, "45 s"), (200, "3 min 20 s"), (3599, "59 min 59 s"), (3600, "1 h"), (7311, "2 h 2 min"), (36_000, "10 h")],
+    [
+        (45, "45 s"),
+        (60, "1 min"),
+        (200, "3 min 20 s"),
+        (3599, "59 min 59 s"),
+        (3600, "1 h"),
+        (7311, "2 h 2 min"),
+        (36_000, "10 h"),
+    ],
 )
 def test_a_batchs_time_left_is_said_in_hours_once_it_is_long(seconds: int, said: str) -> None:
     from ui.views.batch import _progress_text, time_left

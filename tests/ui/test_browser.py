@@ -384,6 +384,9 @@ def test_every_page_at_desktop_and_phone_widths(
         seen = browser.execute_script("return document.documentElement.clientWidth")
         assert [h.text for h in headers][-4:] == ["Model", "Answer", "Confidence", "Agrees"], [h.text for h in headers]
         assert max(edges) <= seen, (edges, seen)
+        # And so with a name of no spaces: its cells break anywhere.
+        wraps = browser.execute_script("return getComputedStyle(arguments[0]).overflowWrap", headers[-1])
+        assert wraps == "anywhere", wraps
         for path, title in PAGES.items():
             if path != "classify":
                 browser.get(f"{ui_url}/{path}")

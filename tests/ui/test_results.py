@@ -118,3 +118,16 @@ def test_a_sliver_of_a_picture_is_shown_on_a_band_not_stretched() -> None:
     assert wide.size == (800, 200) and wide.getpixel((0, 0)) != (0, 0, 0)
     assert [y for y in range(200) if wide.getpixel((400, y)) == (0, 0, 0)] == [99]  # the picture, centred
     assert upright(png((300, 200)), 800).size == (300, 200)
+
+
+def test_an_incomplete_verdict_met_by_an_ended_session_says_it_was_not_sent() -> None:
+    """ "Wrong" without the right label, sent as the session ends, cannot be kept for the next
+    login: the login page says it was not sent and why, instead of dropping it without a word."""
+    script = (
+        "import streamlit as st\nfrom ui.results import verdict_being_sent\n"
+        "st.session_state['fb_abc_send'] = True\nst.session_state['fb_abc_verdict'] = 'Wrong'\n"
+        "carried = verdict_being_sent()\nst.text(carried.note if carried else 'nothing')\n"
+    )
+    app = AppTest.from_string(script, default_timeout=30).run()
+    assert not app.exception
+    assert app.text[0].value == "Your verdict was not sent: choose the right label, or “None of these”."

@@ -224,6 +224,8 @@ def time_left(seconds: int) -> str:
     minute, ``2 h 2 min`` (seconds would be noise beside hours)."""
     if seconds < 3600:
         minutes, seconds = divmod(seconds, 60)
-        return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+        if not minutes:
+            return f"{seconds} s"
+        return f"{minutes} min {seconds} s" if seconds else f"{minutes} min"
     hours, minutes = divmod(round(seconds / 60), 60)
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"
