@@ -1847,7 +1847,10 @@ def _quality_page() -> None:
 
     class Quality:
         def models(self) -> list[dict[str, object]]:
-            return [{"ref": "mobilenet_v2@1", "name": "mobilenet_v2", "display_name": "MobileNetV2"}]
+            return [
+                {"ref": "mobilenet_v2@1", "name": "mobilenet_v2", "display_name": "MobileNetV2"},
+                {"ref": "sketch@3", "name": "sketch", "display_name": "Sketch CNN, 20 categories"},
+            ]
 
         def all_feedback(self) -> list[object]:
             return []
@@ -1870,7 +1873,7 @@ def _quality_page() -> None:
             },
             {"model": "mobilenet_v2", "version": 1, "predicted": "macaw", "corrected_to": None, "count": 1},
         ],
-        "latency": [],
+        "latency": [{"model": "sketch", "version": 3, "count": 25, "p50_ms": 9.0, "p95_ms": 12.0, "p99_ms": 15.0}],
     }
     quality_tab(Quality(), stats)  # type: ignore[arg-type]
 
@@ -1886,6 +1889,9 @@ def test_model_quality_reads_as_the_other_pages() -> None:
     assert not app.exception, app.exception
     accuracy = next(d.value for d in app.dataframe if "Accuracy" in d.value.columns)
     assert list(accuracy["Accuracy"]) == ["", "80.0%"]
+    assert list(accuracy["Model"]) == ["MobileNetV2", "Sketch CNN, 20 categories"]
+    latency = next(d.value for d in app.dataframe if "p95 (ms)" in d.value.columns)
+    assert list(latency["Model"]) == ["Sketch CNN, 20 categories"]
     corrected = next(d.value for d in app.dataframe if "People said" in d.value.columns)
     assert corrected.to_dict("records") == [
         {"Model": "MobileNetV2", "It said": "military uniform", "People said": "Boston bull", "Times": 2},

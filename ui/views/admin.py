@@ -715,7 +715,7 @@ def quality_tab(api: Api, stats: Stats | None) -> None:
             pd.DataFrame(
                 [
                     {
-                        "Model version": f"{a['model']}@{a['version']}",
+                        "Model": display_name(api, f"{a['model']}@{a['version']}"),
                         "Verdicts": a["feedback"],
                         "Right": a["correct"],
                         # Blank below MIN_VERDICTS, as in the Models tab: 0 of 3 is no accuracy.
@@ -747,7 +747,7 @@ def quality_tab(api: Api, stats: Stats | None) -> None:
             pd.DataFrame(
                 [
                     {
-                        "Model version": f"{row['model']}@{row['version']}",
+                        "Model": display_name(api, f"{row['model']}@{row['version']}"),
                         "Answers": row["count"],
                         "p50 (ms)": _ms(row["p50_ms"]),
                         "p95 (ms)": _ms(row["p95_ms"]),
