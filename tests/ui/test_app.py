@@ -1897,3 +1897,15 @@ def test_model_quality_reads_as_the_other_pages() -> None:
         {"Model": "MobileNetV2", "It said": "military uniform", "People said": "Boston bull", "Times": 2},
         {"Model": "MobileNetV2", "It said": "macaw", "People said": "(no label given)", "Times": 1},
     ]
+
+
+def test_counts_say_one_in_the_singular() -> None:
+    from ui.views.admin import _export_progress, counted
+
+    assert (counted(1, "image"), counted(0, "image"), counted(1204, "verdict")) == (
+        "1 image",
+        "0 images",
+        "1,204 verdicts",
+    )
+    export = {"status": "running", "rows_done": 1, "rows_total": 1}
+    assert _export_progress(export) == "1 of 1 image"  # type: ignore[arg-type]

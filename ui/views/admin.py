@@ -765,12 +765,17 @@ def quality_tab(api: Api, stats: Stats | None) -> None:
 UNFINISHED_EXPORT = ("queued", "running")
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and its noun, singular for one: ``1 image``, ``1,204 images``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _export_progress(export: Export) -> str:
     if export["status"] == "queued":
         return "waiting"
     if export["rows_total"] == 0 and export["status"] != "done":
         return "counting"
-    return f"{export['rows_done']:,} of {export['rows_total']:,} images"
+    return f"{export['rows_done']:,} of {counted(export['rows_total'], 'image')}"
 
 
 def retraining_data(api: Api) -> None:
@@ -853,8 +858,10 @@ def show_export(api: Api, export: Export) -> None:
         return
     summary = export["summary"] or {}
     st.caption(
-        f"{summary.get('examples', 0):,} images; {summary.get('superseded', 0):,} verdicts replaced by later ones, "
-        f"{summary.get('unlabelled', 0):,} without a label, {summary.get('missing', 0):,} images missing from the store."
+        f"{counted(summary.get('examples', 0), 'image')}; "
+        f"{counted(summary.get('superseded', 0), 'verdict')} replaced by later ones, "
+        f"{summary.get('unlabelled', 0):,} without a label, "
+        f"{counted(summary.get('missing', 0), 'image')} missing from the store."
     )
     if st.button("Prepare the download", key="export_prepare"):
         downloaded = guarded(api, lambda: api.download_export(export["id"]))
