@@ -158,21 +158,18 @@ async def get_batch(
     batch = await _owned(session, user, batch_id)
     counts = await service.counts(session=session, batch=batch)
     waiting_for: list[str] = []
+    served_unknown = False
     if batch.status == "running" and counts.queued:
         try:
             availability = await workers.availability()
         except Exception as exc:
             if outage_of(exc) != "redis":
                 raise
-            # The batch is all in PostgreSQL; only which workers serve is out of reach, and with
-            # it any estimate.
-            return BatchDetail(
-                **BatchPublic.model_validate(batch).model_dump(),
-                counts=counts.model_copy(update={"eta_seconds": None}),
-                waiting_for=[],
-            )
-        waiting_for = service.waiting_for(models=batch.models, availability=availability, registry=registry)
-    if waiting_for:
+            # The batch is all in PostgreSQL; only which workers serve is out of reach.
+            served_unknown = True
+        else:
+            waiting_for = service.waiting_for(models=batch.models, availability=availability, registry=registry)
+    if waiting_for or served_unknown:
         # The last minute's pace says nothing of when a version will be served again.
         counts = counts.model_copy(update={"eta_seconds": None})
     return BatchDetail(**BatchPublic.model_validate(batch).model_dump(), counts=counts, waiting_for=waiting_for)

@@ -1,8 +1,8 @@
 """Planner statistics for the portal's tables where autovacuum is off.
 
 Without autovacuum no table is ever analyzed: the batch lane's query over pending jobs went from
-milliseconds to 1.5 s within an hour of batches, the planner taking a table of 30,000 rows for one
-of a single row. ``/health/ready`` warns of the setting; this keeps the plans sound meanwhile.
+milliseconds to over a second within an hour of batches, the planner taking a table of tens of
+thousands of rows for one of a single row (seen with ``EXPLAIN ANALYZE``). ``/health/ready`` warns of the setting; this keeps the plans sound meanwhile.
 Only ANALYZE: it reads a fixed sample of each table (``default_statistics_target`` × 300 rows), so
 it takes about as long on a large table as on a small one. A VACUUM's time grows with the table
 and, unlike autovacuum's, it does not give way to a migration's ``ALTER TABLE``: dead rows are left

@@ -26,7 +26,6 @@ from api.app.predictions.background import JobRuntime
 from api.app.registry import service as registry_service
 from api.app.training import service
 from contracts import training
-from contracts.registry import Preprocessing
 from contracts.streams import (
     FORGET_EVERY_S,
     IDLE_CONSUMER_FORGET_MS,
@@ -197,10 +196,7 @@ async def maintain_once(rt: JobRuntime, refusals: dict[str, str] | None = None) 
             async with rt.sessionmaker() as session:
                 await rt.live_registry.reload(session, rt.redis)
     threshold = rt.settings.retrain_min_new_labels
-    # Photo models' examples are for exports only: a run trains sketch models (``service.base_entry``).
-    trainable = sorted(
-        {entry.name for entry in rt.live_registry.current.models if entry.preprocessing is Preprocessing.sketch}
-    )
+    trainable = sorted({entry.name for entry in rt.live_registry.current.models if service.trainable(entry)})
     if threshold <= 0 or not trainable:
         return
     refused = refusals if refusals is not None else {}

@@ -42,6 +42,12 @@ log = logging.getLogger("api.training")
 UNFINISHED = ("queued", "running")
 
 
+def trainable(entry: ModelEntry) -> bool:
+    """Whether training runs can train versions of ``entry``'s model: sketch models only (the
+    QuickDraw CNNs; a photo model's labelled examples are for exports)."""
+    return entry.preprocessing is Preprocessing.sketch
+
+
 async def base_entry(*, session: AsyncSession, name: str, base_version: int | None) -> ModelEntry:
     """The registry entry a run of ``name`` trains from: ``base_version``, or (None) the enabled
     stable version with the most traffic (``registry.service.main_stable``). Raises 404 for an
@@ -57,7 +63,7 @@ async def base_entry(*, session: AsyncSession, name: str, base_version: int | No
     if base_version not in rows:
         raise HTTPException(status_code=404, detail=f"{name} has no version {base_version}.")
     entry = entry_of(rows[base_version])
-    if entry.preprocessing is not Preprocessing.sketch:
+    if not trainable(entry):
         raise HTTPException(
             status_code=422, detail=f"{entry.key} is not a sketch model: only sketch models are trained here."
         )
