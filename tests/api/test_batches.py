@@ -726,7 +726,9 @@ async def test_a_stored_file_gone_fails_its_own_job_and_the_lane_goes_on(
     fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
 ) -> None:
     """A file missing from the store (a lost disk, a file removed by hand) failed the lane's every
-    look at its job, so no batch of anyone moved again."""
+    look at its job, so no batch of anyone moved again. The failed prediction is counted in
+    ``portal_jobs_total``, once."""
+    from prometheus_client import REGISTRY
     from sqlalchemy import select
 
     from api.app.batches import lane
@@ -743,10 +745,13 @@ async def test_a_stored_file_gone_fails_its_own_job_and_the_lane_goes_on(
         )
         assert lost is not None
         await db.store.delete(lost)
+        labels = {"model": "mobilenet_v2", "version": "1", "status": "failed"}
+        failed_before = REGISTRY.get_sample_value("portal_jobs_total", labels) or 0.0
         queued = await lane.top_up(
             session=session, redis=db.redis, store=db.store, in_flight=3, job_seconds=60.0, served=None
         )
         assert queued == 2 and await db.redis.xlen("jobs:mobilenet_v2@1") == 2
+        assert REGISTRY.get_sample_value("portal_jobs_total", labels) == failed_before + 1
         rows = (
             await session.execute(
                 select(Image.sha256, Job.status, Prediction.status, Prediction.error)

@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
 
 from api.app.core.config import Settings
@@ -478,6 +479,8 @@ async def test_an_answer_that_cannot_be_stored_fails_its_prediction_and_holds_up
             return done_answer(job["job_id"], job["results"][0]["id"], model=MODEL, worker_id=worker_id)
 
         stream = redis.Redis.from_url(private_redis.url)
+        failed_label = {"model": MODEL, "version": "1", "status": "failed"}
+        failed_before = REGISTRY.get_sample_value("portal_jobs_total", failed_label) or 0.0
         # The first answer names a worker longer than its column: PostgreSQL refuses it every time.
         stream.xadd("results", answer(jobs[0], "w" * 300).to_fields())
         stream.xadd("results", answer(jobs[1], "w-1").to_fields())
@@ -489,6 +492,33 @@ async def test_an_answer_that_cannot_be_stored_fails_its_prediction_and_holds_up
         (dead,) = entries(stream.xrange("results:dead"))
         assert ResultMessage.from_fields(dead[1]).job_id == jobs[0]["job_id"]
         assert stream.xpending("results", "api")["pending"] == 0
+        # The prediction the API failed is counted as failed, once.
+        assert REGISTRY.get_sample_value("portal_jobs_total", failed_label) == failed_before + 1
+
+
+async def test_a_job_the_api_fails_is_counted_as_failed_once(
+    private_redis: RedisServer, settings: Settings, users: Users
+) -> None:
+    """``fail_unfinished`` (the job queue out of reach when the job was sent, the image's file
+    gone when Redis lost its streams) counts the predictions it failed in ``portal_jobs_total``,
+    and a second call, finding them final, counts nothing."""
+    private = settings.model_copy(update={"redis_url": private_redis.url})
+    app = create_app(private)
+    async for client in client_for(app):
+        _, headers = await users.create()
+        announce(private_redis.url)
+        image = await upload(client, headers, noise_png())
+        r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": [MODEL]}, headers=headers)
+        assert r.status_code == 202, r.text
+        job_id = uuid.UUID(r.json()["job_id"])
+        failed_label = {"model": MODEL, "version": "1", "status": "failed"}
+        before = REGISTRY.get_sample_value("portal_jobs_total", failed_label) or 0.0
+        for _ in range(2):
+            async with app.state.sessionmaker() as session:
+                await service.fail_unfinished(session=session, job_id=job_id, reason="the job queue was unavailable")
+        job = (await client.get(f"/v1/predictions/{job_id}", headers=headers)).json()
+        assert job["status"] == "failed" and job["results"][0]["error"] == "the job queue was unavailable"
+        assert REGISTRY.get_sample_value("portal_jobs_total", failed_label) == before + 1
 
 
 async def test_every_redis_key_but_the_streams_expires(stack: Stack, users: Users) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, and_, exists, func, or_, select, text, upd
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches.models import Batch, BatchItem
+from api.app.core import metrics
 from api.app.core.db import OWNER_KEY_SHARE
 from api.app.core.errors import BlobMissing
 from api.app.images.models import Image
@@ -134,6 +135,7 @@ async def top_up(
     shas = {image_id: sha256 for image_id, sha256 in found}
     deadline = now + timedelta(seconds=job_seconds)
     messages = []
+    failed: list[tuple[str, int]] = []
     queued = 0
     for job in jobs:
         try:
@@ -142,7 +144,7 @@ async def top_up(
             # A file gone from the store (a lost disk, a file removed by hand) fails its own job
             # only: raised, it would stop every batch of every user at this job, look after look.
             log.warning("batch job %s: the stored file of image %s is missing; failed", job.id, job.image_id)
-            _fail(job, MISSING_FILE, now)
+            failed += _fail(job, MISSING_FILE, now)
             continue
         job.status, job.deadline_at = PredictionStatus.queued.value, deadline
         queued += 1
@@ -153,6 +155,7 @@ async def top_up(
     # Queued before the commit: an answer arriving first waits for these rows' lock.
     await queue.enqueue(redis, messages)
     await session.commit()
+    metrics.count_failed(failed)
     return queued
 
 
@@ -173,11 +176,16 @@ def _hold_deadlines(flying: list[Job], *, served: Set[str] | None, now: datetime
 MISSING_FILE = "The stored file of this image is missing from the portal's storage; send the image again."
 
 
-def _fail(job: Job, reason: str, now: datetime) -> None:
+def _fail(job: Job, reason: str, now: datetime) -> list[tuple[str, int]]:
+    """Fails ``job`` and its pending predictions with ``reason``; the ``(model, version)`` of each
+    prediction failed, for ``metrics.count_failed`` once committed."""
     job.status, job.finished_at = PredictionStatus.failed.value, now
+    failed = []
     for prediction in job.predictions:
         if prediction.status == PENDING:
             prediction.status, prediction.error, prediction.finished_at = PredictionStatus.failed.value, reason, now
+            failed.append((prediction.model_name, prediction.model_version))
+    return failed
 
 
 async def finish(*, session: AsyncSession) -> None:

@@ -146,8 +146,19 @@ def count_expired(expired: Iterable[tuple[str, int]]) -> None:
     (deadline passed, version retired or disabled), one ``(model, version)`` pair per prediction.
     Each is counted once: a worker's later answer to it finds it final, changes nothing and is
     not counted (``observe_result`` sees only answers that were stored)."""
-    for (name, version), n in Tally(expired).items():
-        JOBS.labels(name, str(version), PredictionStatus.expired.value).inc(n)
+    _count_ended(expired, PredictionStatus.expired)
+
+
+def count_failed(failed: Iterable[tuple[str, int]]) -> None:
+    """Counts in ``portal_jobs_total`` (status ``failed``) the predictions the API itself failed
+    (the job queue out of reach when sent, the image's stored file missing, an answer that could
+    not be stored), one ``(model, version)`` pair per prediction, once each as ``count_expired``."""
+    _count_ended(failed, PredictionStatus.failed)
+
+
+def _count_ended(ended: Iterable[tuple[str, int]], status: PredictionStatus) -> None:
+    for (name, version), n in Tally(ended).items():
+        JOBS.labels(name, str(version), status.value).inc(n)
 
 
 def observe_result(result: ResultMessage) -> None:

@@ -87,13 +87,15 @@ async def _give_up(rt: JobRuntime, entry_id: bytes, fields: dict[bytes, bytes], 
     failed = ResultMessage.answering(result, PredictionStatus.failed, error=reason)
     try:
         async with rt.sessionmaker() as session:
-            _stored, completed = await service.store_result(session=session, result=failed)
+            owner_id, completed = await service.store_result(session=session, result=failed)
     except Exception as exc:
         if is_outage(exc):
             raise
         # Not even the failure can be stored: the reconciler expires the job at its deadline.
         log.exception("could not fail the prediction of result %s", entry_id)
         return None
+    if owner_id is not None:  # a user's prediction, failed now (not a shadow copy or an evaluation)
+        metrics.count_failed([(result.model, result.version)])
     return completed
 
 

@@ -122,8 +122,8 @@ _JOB_PREDICTIONS = (
 )
 _ANSWERS = TypeAdapter(list[PredictionPublic])
 _EXPIRED_KEY = (Prediction.model_name, Prediction.model_version)
-"""What an UPDATE expiring predictions of several versions returns per row, for
-``metrics.count_expired``."""
+"""What an UPDATE expiring or failing predictions of several versions returns per row, for
+``metrics.count_expired`` and ``metrics.count_failed``."""
 
 
 def _unavailable(detail: str, settings: Settings) -> HTTPException:
@@ -862,15 +862,20 @@ def answers_from_payload(payload: bytes) -> list[PredictionPublic] | None:
 
 
 async def fail_unfinished(*, session: AsyncSession, job_id: uuid.UUID, reason: str) -> None:
-    await session.execute(
+    """Fails the job ``job_id`` and its predictions not yet final with ``reason`` (their
+    ``error``), counted in ``portal_jobs_total``; commits."""
+    failed = await session.execute(
         update(Prediction)
         .where(Prediction.job_id == job_id, Prediction.status.in_(UNFINISHED))
         .values(status=PredictionStatus.failed.value, error=reason, finished_at=datetime.now(UTC))
+        .returning(*_EXPIRED_KEY)
     )
+    counted = [(name, version) for name, version in failed]
     await session.execute(
         update(Job).where(Job.id == job_id).values(status=PredictionStatus.failed.value, finished_at=datetime.now(UTC))
     )
     await session.commit()
+    metrics.count_failed(counted)
 
 
 async def expire_overdue(*, session: AsyncSession, grace_seconds: float) -> dict[uuid.UUID, bytes]:
