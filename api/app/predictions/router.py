@@ -163,10 +163,10 @@ async def predict(
 
 @images.get("/{image_id}", response_model=ImageDetail, responses={**AUTHED, **NOT_FOUND, **INVALID})
 async def read_image(image: OwnedImage, session: SessionDep) -> ImageDetail:
-    """One of my uploads with its predictions."""
-    jobs = await service.jobs_of_image(session=session, image_id=image.id)
+    """One of my uploads with its newest predictions (``GET /v1/predictions?image_id=`` pages the rest)."""
+    newest = await service.jobs_of_image(session=session, image_id=image.id)
     detail = ImageDetail.model_validate(image)
-    detail.jobs = [JobPublic.from_row(j) for j in jobs]
+    detail.jobs, detail.jobs_count, detail.jobs_next_cursor = newest
     return detail
 
 
@@ -185,6 +185,6 @@ async def read_image(image: OwnedImage, session: SessionDep) -> ImageDetail:
 )
 async def image_view(image: OwnedImage, session: SessionDep, store: StoreDep) -> Response:
     """The image as PNG with its latest predictions written under it."""
-    jobs = await service.jobs_of_image(session=session, image_id=image.id)
-    png = await images_service.render_view(store=store, image=image, lines=service.latest_answers(jobs))
+    lines = await service.latest_answers(session=session, image_id=image.id)
+    png = await images_service.render_view(store=store, image=image, lines=lines)
     return Response(content=png, media_type="image/png")

@@ -111,9 +111,15 @@ class JobsPublic(BaseModel):
 
 
 class ImageDetail(ImagePublic):
-    """One upload with the jobs that predicted it, newest first."""
+    """One upload with the newest jobs that predicted it (at most ``IMAGE_JOBS``, 50), newest
+    first; the older ones are paged at ``GET /v1/predictions?image_id=``, from ``jobs_next_cursor``."""
 
-    jobs: list[JobPublic] = Field(default_factory=list)
+    jobs: list[JobPublic] = Field(default_factory=list, description="The newest 50 jobs at most, newest first.")
+    jobs_count: int = Field(default=0, description="All the jobs of the image, those listed or not.")
+    jobs_next_cursor: str | None = Field(
+        default=None,
+        description="Pass as cursor to GET /v1/predictions?image_id= for the older jobs; None when all are listed.",
+    )
 
 
 class ClassicPrediction(BaseModel):
