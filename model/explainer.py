@@ -3,9 +3,10 @@
 An explainer holds the Keras graphs of the versions it explains (an OpenVINO or INT8 version is
 explained with its Keras twin: ``Registry.keras_twin``) and reads only the ``explain:<twin>``
 streams, never a job stream: predictions never wait for a heatmap, and model workers never load a
-graph for gradients. Its heartbeat (``explainer:<id>``) is separate from the model workers', so it
-is never mistaken for one serving predictions. It runs niced like the workers
-(``CPU_NICE``): on a shared host the predictions' processes get the CPU first.
+graph for gradients. Its heartbeat (``explainer:<id>``, listed in ``workers.LIVE_EXPLAINERS``) is
+separate from the model workers', so it is never mistaken for one serving predictions. It runs
+niced like the workers (``CPU_NICE``): on a shared host the predictions' processes get the CPU
+first.
 
 Each answer is cached under ``explanation:<user>:<sha256>:<model>@<version>`` (EXPLANATION_TTL_S)
 and pushed to the waiting request's ``explanation:done:<request id>`` list; a request whose answer
@@ -35,7 +36,7 @@ from typing import cast
 
 import redis
 
-from contracts import keys, registry_live, streams
+from contracts import keys, registry_live, streams, workers
 from contracts.imaging import ImageRejected
 from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus
 from contracts.registry import ModelEntry, Registry, load_registry, parse_model_ref
@@ -212,9 +213,15 @@ class Explainer:
             loading=sorted(self.loading),
             revision=None if self.revision is None else self.revision[1],
         )
-        self.redis.set(
-            keys.explainer_key(self.explainer_id), body.model_dump_json(), px=int(self.settings.heartbeat_ttl_s * 1000)
-        )
+        with self.redis.pipeline(transaction=False) as pipe:
+            workers.announce_explainer(
+                pipe,
+                explainer_id=self.explainer_id,
+                heartbeat_json=body.model_dump_json(),
+                ttl_ms=int(self.settings.heartbeat_ttl_s * 1000),
+                now=time.time(),
+            )
+            pipe.execute()
 
     def _heartbeat_loop(self) -> None:
         while not self.stopping.wait(self.settings.heartbeat_interval_s):
@@ -384,8 +391,9 @@ class Explainer:
                 log.error("redis unavailable: %s", exc)
                 ready = False
                 self.stopping.wait(1)
-        with contextlib.suppress(*REDIS_ERRORS):
-            self.redis.delete(keys.explainer_key(self.explainer_id))
+        with contextlib.suppress(*REDIS_ERRORS), self.redis.pipeline(transaction=False) as pipe:
+            workers.withdraw_explainer(pipe, explainer_id=self.explainer_id)
+            pipe.execute()
         log.info("explainer %s stopped", self.explainer_id)
 
     def stop(self, *_args: object) -> None:

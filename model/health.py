@@ -2,8 +2,8 @@
 container healthchecks).
 
 ``python -m model.health --explainer`` asks the same of an explainer (``python -m model.explainer``),
-whose heartbeat is a key of its own (``explainer:explainer-<worker id>``) and never counts as a
-model worker's.
+whose heartbeat is a key of its own (``explainer:explainer-<worker id>``, listed in
+``workers.LIVE_EXPLAINERS``) and never counts as a model worker's.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ EXPLAINER_FLAG = "--explainer"
 
 
 def explainer_live(client: redis.Redis, pattern: str) -> bool:
-    """Whether an explainer whose worker id matches ``pattern`` (a glob) has a live heartbeat."""
-    match = keys.explainer_key(f"explainer-{pattern}")
+    """Whether an explainer whose worker id matches ``pattern`` (a glob) has a live heartbeat:
+    its key, or for a glob the explainers' index (``workers.LIVE_EXPLAINERS``), never a scan."""
     if not any(c in pattern for c in "*?["):
-        return bool(client.exists(match))
-    return next(iter(client.scan_iter(match=match, count=1000)), None) is not None
+        return bool(client.exists(keys.explainer_key(f"explainer-{pattern}")))
+    wanted = f"explainer-{pattern}"
+    return any(fnmatch.fnmatchcase(beat.explainer_id, wanted) for beat in workers.live_explainer_heartbeats(client))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ and stored only as a hash."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import uuid
@@ -17,6 +18,7 @@ from PIL import Image
 from sqlalchemy import func, select, text, update
 
 from api.app.api_keys.models import ApiKey
+from api.app.core.config import Settings
 from api.app.core.db import utcnow
 from contracts.api_keys import DISPLAY_LENGTH, KEY_PREFIX
 from tests.conftest import PASSWORD, Users, no_password_hashes
@@ -336,6 +338,20 @@ async def test_wrong_keys_are_throttled_per_client_address(app: FastAPI, users: 
         assert (await client.get("/v1/users/me", headers=login)).status_code == 200
     async with client_at(app, fresh_address()) as other:
         assert (await other.get("/v1/users/me", headers=header(good))).status_code == 200
+
+
+async def test_parallel_wrong_keys_cannot_race_the_address_count(app: FastAPI, settings: Settings) -> None:
+    """Wrong keys sent at once from one address: exactly LOGIN_MAX_FAILURES_PER_CLIENT are
+    answered 401, the rest 429; checked against a count read before any failure was added, all
+    were 401."""
+    limit = settings.login_max_failures_per_client
+    async with client_at(app, fresh_address()) as client:
+        responses = await asyncio.gather(
+            *(client.get("/v1/users/me", headers=header(unknown_key())) for _ in range(limit + 10))
+        )
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [401] * limit + [429] * 10
+    assert all(0 < int(r.headers["retry-after"]) <= 900 for r in responses if r.status_code == 429)
 
 
 async def test_a_revoked_key_sent_on_is_no_guess_and_locks_no_key_out(

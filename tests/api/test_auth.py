@@ -499,6 +499,32 @@ async def test_parallel_guesses_cannot_race_the_failure_count(app: FastAPI, user
     assert codes == [401] * 4 + [429] * 6
 
 
+async def test_parallel_guesses_on_many_accounts_cannot_race_the_address_count(
+    app: FastAPI, settings: Settings, users: Users
+) -> None:
+    """Wrong passwords for as many accounts at once from one address: exactly
+    LOGIN_MAX_FAILURES_PER_CLIENT are checked (401), the rest refused (429). Checked against a
+    count read before any failure was added, 60 of 60 were checked against a limit of 20. Correct
+    logins take no place in the count."""
+    limit = settings.login_max_failures_per_client
+    async with client_at(app, "10.0.0.5") as client:
+        user, _ = await users.create()
+        for _ in range(limit + 2):
+            r = await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+            assert r.status_code == 200, r.text
+
+        async def guess(i: int) -> int:
+            form = {"username": f"many-{i}-{uuid.uuid4().hex[:6]}@example.com", "password": "wrong-password"}
+            return (await client.post("/v1/auth/login", data=form)).status_code
+
+        codes = sorted(await asyncio.gather(*(guess(i) for i in range(limit + 10))))
+        assert codes == [401] * limit + [429] * 10
+        r = await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+        assert r.status_code == 429 and "retry-after" in r.headers
+    stats = await app.state.throttle.limiter.get_window_stats(app.state.throttle.per_client, "login", "client:10.0.0.5")
+    assert stats.remaining == 0
+
+
 async def test_password_changes_are_throttled_like_logins(app: FastAPI, users: Users) -> None:
     client = client_at(app, "10.0.0.4")
     _, headers = await users.create()

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from api.app.images.storage import LocalBlobStore
-from contracts import keys, streams
+from contracts import keys, streams, workers
 from contracts.messages import ExplainerHeartbeat, ExplainRequest
 from tests.api.conftest import Stack
 from tests.api.test_explanations import predict
@@ -32,7 +32,15 @@ def _pretend_an_explainer_is_live(
     body = ExplainerHeartbeat(
         explainer_id="explainer-gone", pid=0, models=[twin], not_explainable=not_explainable or {}
     )
-    client.set(keys.explainer_key("explainer-gone"), body.model_dump_json(), px=int(seconds * 1000))
+    with client.pipeline(transaction=False) as pipe:
+        workers.announce_explainer(
+            pipe,
+            explainer_id="explainer-gone",
+            heartbeat_json=body.model_dump_json(),
+            ttl_ms=int(seconds * 1000),
+            now=time.time(),
+        )
+        pipe.execute()
 
 
 async def _user(client: httpx.AsyncClient, admin: dict[str, str], email: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -25,13 +26,13 @@ from api.app.explanations.service import refuse_failed
 from api.app.images.service import VIEW_SIZE
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Prediction
-from contracts import keys
+from contracts import keys, workers
 from contracts.imaging import inspect_image
 from contracts.messages import ExplainerHeartbeat, Explanation, ExplanationStatus
 from tests.api.conftest import Stack, stored_job
 from tests.api.test_releases import canvas_drawings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
-from tests.support import PHOTOS, QUICKDRAW, ROOT, start_explainer
+from tests.support import PHOTOS, QUICKDRAW, ROOT, RedisServer, start_explainer
 
 PARROT_BOX = (95, 100, 470, 900)
 """(left, top, right, bottom) of the macaw in parrot.jpg (512x929), head to tail, measured by eye:
@@ -260,10 +261,50 @@ async def test_a_cached_heatmap_of_a_version_retired_since_is_422_and_an_unanswe
     assert r.status_code == 200, r.text
     # An explainer that has not read the change yet still holds the graph: not asked.
     beat = ExplainerHeartbeat(explainer_id="e", pid=1, models=["sketch@2"])
-    await redis.set(keys.explainer_key("e"), beat.model_dump_json(), ex=60)
+    async with redis.pipeline(transaction=False) as pipe:
+        workers.announce_explainer(
+            pipe, explainer_id="e", heartbeat_json=beat.model_dump_json(), ttl_ms=60_000, now=time.time()
+        )
+        await pipe.execute()
     r = await client.get(url, headers=admin)
     await redis.aclose()
     assert r.status_code == 422 and "not explainable any more" in r.json()["detail"], r.text
+
+
+async def test_the_live_explainers_are_found_without_scanning_the_keyspace(private_redis: RedisServer) -> None:
+    """A request that is not answered from the cache looks for the live explainers, and while one
+    builds the twin it looks again every 0.1 s: with every cached answer in the keyspace beside
+    them, that costs a few commands, not a SCAN per 100 keys (300,000 keys made each look take
+    0.8 s). An explainer killed without withdrawing is gone once its heartbeat expires."""
+    client = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(50_000):
+                pipe.set(keys.result_cache_key(1, f"{i:064x}", "sketch", 1), "{}", ex=3600)
+            await pipe.execute()
+        for explainer_id, twin, ttl_ms in (("explainer-a", "sketch@1", 60_000), ("explainer-killed", "sketch@2", 50)):
+            beat = ExplainerHeartbeat(explainer_id=explainer_id, pid=1, models=[twin], loading=["sketch@3"], revision=4)
+            async with client.pipeline(transaction=False) as pipe:
+                workers.announce_explainer(
+                    pipe,
+                    explainer_id=explainer_id,
+                    heartbeat_json=beat.model_dump_json(),
+                    ttl_ms=ttl_ms,
+                    now=time.time(),
+                )
+                await pipe.execute()
+        await asyncio.sleep(0.2)
+        assert not await client.exists(keys.explainer_key("explainer-killed"))
+        await client.config_resetstat()
+        found = await service.live_explainers(client)
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    assert found.held == {"sketch@1"} and found.loading == {"sketch@3"} and found.revisions == [4], found
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    calls = {name: n for name, n in calls.items() if not name.startswith("config")}
+    assert "scan" not in calls and "keys" not in calls, calls
+    assert sum(calls.values()) <= 3, calls  # the index read (two commands) and one MGET
 
 
 @pytest.mark.parametrize("size", [(4000, 2), (20000, 2), (2, 4000)])

@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 from PIL import Image
 
-from contracts import keys, streams
+from contracts import keys, streams, workers
 from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus
 from model.config import ModelSettings
 from model.explainer import Explainer
@@ -129,6 +129,23 @@ def test_a_model_grad_cam_cannot_use_is_reported_as_not_explainable(
     os.replace(folder / "model.tmp.keras", folder / "model.keras")
     assert explainer.load_written()
     assert list(explainer.cams) == [keys.explain_stream("sketch", 1)] and not explainer.not_explainable
+
+
+def test_an_explainer_announces_itself_in_the_index_and_withdraws_when_it_stops(
+    private_redis: RedisServer, model_settings: ModelSettings
+) -> None:
+    """The API and the healthcheck find explainers through ``workers.LIVE_EXPLAINERS``, never by
+    a scan of the keyspace: an explainer is listed there with its heartbeat, and gone from both
+    once it stops."""
+    explainer = Explainer(model_settings.model_copy(update={"redis_url": private_redis.url}))
+    client = redis.Redis.from_url(private_redis.url)
+    explainer.heartbeat()
+    assert [b.explainer_id for b in workers.live_explainer_heartbeats(client)] == [explainer.explainer_id]
+    assert 0 < client.pttl(keys.explainer_key(explainer.explainer_id)) <= model_settings.heartbeat_ttl_s * 1000
+    explainer.stop()
+    explainer.run()
+    assert workers.live_explainer_heartbeats(client) == []
+    assert client.zcard(workers.LIVE_EXPLAINERS) == 0 and not client.exists(keys.explainer_key(explainer.explainer_id))
 
 
 def test_a_failure_inside_the_explainer_is_answered_without_its_details(

@@ -1,9 +1,11 @@
 """Attempt throttling for logins, password changes, API keys and sign-ups: failures counted in Redis with the
 ``limits`` library's fixed windows, and one attempt at a time per account (redis-py's lock).
 
-Taking turns per account is what makes the count exact: ten parallel guesses cannot all be
-checked against the same count while the first ones are still being hashed, and a burst of
-correct logins for one account is served in turn instead of refused.
+Taking turns per account is what makes the account's count exact: ten parallel guesses cannot
+all be checked against the same count while the first ones are still being hashed, and a burst
+of correct logins for one account is served in turn instead of refused. Attempts on different
+accounts from one address do not take turns, so each takes its place in the address's count
+before its password is checked (``hit`` first, an atomic INCR) and gives it back unless it fails.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, status
-from limits import RateLimitItemPerSecond
+from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from redis.asyncio import Redis
@@ -95,6 +97,19 @@ class AttemptThrottle:
             else:
                 self._local[name] = (lock, users - 1)
 
+    async def _refusal(self, item: RateLimitItem, action: str, key: str) -> HTTPException:
+        stats = await self.limiter.get_window_stats(item, action, key)
+        return _too_many("Too many failed attempts; try again later", stats.reset_time - time.time())
+
+    async def _give_back(self, item: RateLimitItem, action: str, key: str) -> None:
+        """Returns the place that ``hit`` took in ``key``'s count for an attempt that does not
+        count (it succeeded, was never judged, or was refused)."""
+        name = item.key_for(action, key)
+        if await self.storage.incr(name, item.get_expiry(), amount=-1) < 0:
+            # The window ended since the place was taken, and the place with it: the next window
+            # must not start below zero (one more failure than the limit).
+            await self.storage.incr(name, item.get_expiry(), amount=1)
+
     @asynccontextmanager
     async def attempt(self, *, action: str, account: str, client: str) -> AsyncIterator[Attempt]:
         """One attempt of ``action`` (``login``, ``password``) on ``account`` from ``client``, in
@@ -103,29 +118,35 @@ class AttemptThrottle:
         (``unjudged``: PostgreSQL down, a 5xx). Raises 429 with Retry-After
         (seconds) when either count is full, or when the turn does not come within 60 s."""
         name = f"throttle:turn:{action}:{account}"
+        per_account, per_client = f"account:{account}", f"client:{client}"
         async with self._local_turn(name):
             turn = self.redis.lock(name, timeout=TURN_SECONDS, blocking_timeout=WAIT_SECONDS, sleep=0.05)
             if not await turn.acquire():
                 raise _too_many("Too many attempts at once; try again later", WAIT_SECONDS)
             try:
-                counts = ((self.per_account, f"account:{account}"), (self.per_client, f"client:{client}"))
-                for item, key in counts:
-                    if not await self.limiter.test(item, action, key):
-                        stats = await self.limiter.get_window_stats(item, action, key)
-                        raise _too_many("Too many failed attempts; try again later", stats.reset_time - time.time())
+                # The account's count is exact in its turn; the address's is shared with attempts
+                # on other accounts running now, so each takes its place there first (one INCR)
+                # and gives it back unless it fails: no more passwords are checked than it allows.
+                if not await self.limiter.test(self.per_account, action, per_account):
+                    raise await self._refusal(self.per_account, action, per_account)
+                if not await self.limiter.hit(self.per_client, action, per_client):
+                    await self._give_back(self.per_client, action, per_client)
+                    raise await self._refusal(self.per_client, action, per_client)
                 attempt = Attempt()
+                failed = True
                 try:
                     yield attempt
+                    failed = not attempt.succeeded
                 except BaseException as exc:
-                    if not attempt.succeeded and not unjudged(exc):
-                        for item, key in counts:
-                            await self.limiter.hit(item, action, key)
+                    failed = not attempt.succeeded and not unjudged(exc)
                     raise
+                finally:
+                    if failed:
+                        await self.limiter.hit(self.per_account, action, per_account)
+                    else:
+                        await self._give_back(self.per_client, action, per_client)
                 if attempt.succeeded:
-                    await self.limiter.clear(self.per_account, action, f"account:{account}")
-                else:
-                    for item, key in counts:
-                        await self.limiter.hit(item, action, key)
+                    await self.limiter.clear(self.per_account, action, per_account)
             finally:
                 with contextlib.suppress(LockError):  # the turn lapsed during a very slow check
                     await turn.release()
@@ -145,18 +166,23 @@ class AttemptThrottle:
         limit only and without taking turns: there is no account to count against, and the check
         is one indexed lookup, not a password hash, so parallel guesses gain next to nothing
         (nor could they guess a 256-bit key). As :meth:`attempt`: the caller sets ``succeeded``,
-        anything else but an attempt never judged (``unjudged``) counts as a failure; raises 429 with Retry-After (seconds) when the count
-        is full."""
+        anything else but an attempt never judged (``unjudged``) counts as a failure; raises 429
+        with Retry-After (seconds) when the count is full, and in place of the failure's own error
+        for a failure counted past the limit (parallel failures that all found the count open)."""
         key = f"client:{client}"
         if not await self.limiter.test(self.per_client, action, key):
-            stats = await self.limiter.get_window_stats(self.per_client, action, key)
-            raise _too_many("Too many failed attempts; try again later", stats.reset_time - time.time())
+            raise await self._refusal(self.per_client, action, key)
+        # Counted once judged, not reserved first as a password attempt's place is: a valid key is
+        # the common case, and a script's parallel requests must not hold each other's places.
+        # INCR numbers the failures, so exactly the limit's worth are answered as such.
         attempt = Attempt()
         try:
             yield attempt
         except BaseException as exc:
-            if not attempt.succeeded and not unjudged(exc):
-                await self.limiter.hit(self.per_client, action, key)
+            if attempt.succeeded or unjudged(exc):
+                raise
+            if not await self.limiter.hit(self.per_client, action, key):
+                raise await self._refusal(self.per_client, action, key) from None
             raise
-        if not attempt.succeeded:
-            await self.limiter.hit(self.per_client, action, key)
+        if not attempt.succeeded and not await self.limiter.hit(self.per_client, action, key):
+            raise await self._refusal(self.per_client, action, key)

@@ -36,9 +36,9 @@ from api.app.images.models import Image
 from api.app.images.service import VIEW_SIZE, decode_slots
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
-from contracts import keys
+from contracts import keys, workers
 from contracts.imaging import ImageRejected, load_image, trim_heap
-from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus, PredictionStatus
+from contracts.messages import ExplainRequest, Explanation, ExplanationStatus, PredictionStatus
 from contracts.registry import Registry
 from contracts.streams import STREAM_MAXLEN
 
@@ -95,18 +95,11 @@ class LiveExplainers:
 
 
 async def live_explainers(redis: Redis) -> LiveExplainers:
-    """What the live explainers hold, and what they cannot explain (their heartbeats expire)."""
+    """What the live explainers hold, and what they cannot explain: read from their index
+    (``workers.LIVE_EXPLAINERS``, two round trips), never by a scan of the keyspace, which holds
+    every cached answer. An explainer whose heartbeat expired is not among them."""
     found = LiveExplainers(set(), {})
-    names = [k async for k in redis.scan_iter(match=f"{keys.EXPLAINER_PREFIX}*", count=100)]
-    if not names:
-        return found
-    for raw in await redis.mget(names):
-        if raw is None:
-            continue
-        try:
-            beat = ExplainerHeartbeat.model_validate_json(raw)
-        except ValueError:
-            continue
+    for beat in await workers.live_explainer_heartbeats_async(redis):
         found.held.update(beat.models)
         found.not_explainable.update(beat.not_explainable)
         found.loading.update(beat.loading)
