@@ -238,9 +238,14 @@ class BatchResult(TypedDict):
 
 
 class BatchResults(TypedDict):
+    """A page of a batch's results, in the batch's order."""
+
     batch_id: str
     status: str
     data: list[BatchResult]
+    count: int
+    """Rows on every page (of the status asked for)."""
+    next_cursor: str | None
 
 
 class SentBatch(TypedDict):
@@ -726,9 +731,18 @@ class Api:
         """My latest batches, newest first."""
         return _typed(_BATCHES, self.json("GET", "/v1/batches", params={"limit": limit}))
 
-    def batch_results(self, batch_id: str) -> BatchResults:
-        """Every file's answers so far, and the skipped files with why."""
-        return _typed(_BATCH_RESULTS, self.json("GET", f"/v1/batches/{batch_id}/results"))
+    def batch_results(
+        self, batch_id: str, status: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> BatchResults:
+        """A page of the batch's answers so far (``limit`` rows, at most 200, after ``cursor``, a
+        page's ``next_cursor``), one per file and model, skipped files with why; only those in
+        ``status`` when given ("skipped": the skipped files). ``count`` tells how many in all."""
+        params: dict[str, str | int] = {"limit": limit}
+        if status is not None:
+            params["status"] = status
+        if cursor is not None:
+            params["cursor"] = cursor
+        return _typed(_BATCH_RESULTS, self.json("GET", f"/v1/batches/{batch_id}/results", params=params))
 
     def batch_csv(self, batch_id: str) -> bytes:
         return self._request("GET", f"/v1/batches/{batch_id}/results", params={"format": "csv"}).content

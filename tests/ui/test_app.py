@@ -1359,6 +1359,30 @@ def test_the_batch_page_lists_the_skipped_files_and_why(api_url: str, portal: tu
     assert list(zip(shown["File"], shown["Why"], strict=True)) == said, shown
 
 
+def test_the_batch_page_lists_the_first_skipped_files_and_says_how_many(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """Past a page of skipped files (two here, SKIPPED_SHOWN made small), the page lists the first
+    and says how many there are; the CSV has them all."""
+    from tests.api.test_batches import noise_png
+
+    entries = {"0.png": noise_png(610), **{f"notes-{i}.txt": b"no image" for i in range(3)}}
+    api, batch, _ = finished_batch_page(api_url, portal, entries)
+    script = (
+        "import streamlit as st\nimport ui.views.batch as view\nfrom ui.client import Api\n"
+        "view.SKIPPED_SHOWN = 2\n"
+        f"st.session_state['batch_id'] = {batch['id']!r}\n"
+        f"view.batch_page(Api({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert [w.value for w in app.warning] == ["3 files skipped (not images, or unreadable):"]
+    shown = next(d.value for d in app.dataframe if "Why" in d.value.columns)
+    assert list(shown["File"]) == ["notes-0.txt", "notes-1.txt"]
+    assert "The first 2 of 3 skipped files: the results' CSV lists them all." in [c.value for c in app.caption]
+    assert app.session_state[f"batch_csv_{batch['id']}"][1].decode().count("notes-") == 3
+
+
 def test_a_batch_waiting_for_an_unserved_version_says_so(api_url: str, portal: tuple[str, str, str]) -> None:
     """The page shows what the API's ``waiting_for`` says (tested in tests/api/test_batches.py):
     the version's name, why it waits, and that nothing is lost."""

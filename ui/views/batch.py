@@ -154,18 +154,26 @@ def show_progress(api: Api, batch: BatchDetail) -> None:
     download_results(api, batch)
 
 
+SKIPPED_SHOWN = 200
+"""The most skipped files the page lists (one page of the results); the CSV has them all."""
+
+
 def skipped_files(api: Api, batch_id: str, count: int) -> None:
-    """The skipped files and why, as the batch's results give them: read once per batch (they
-    are all known once the batch is received), again only when their count changes."""
+    """The skipped files and why, as the batch's results give them (the first SKIPPED_SHOWN,
+    saying how many there are past them): read once per batch (they are all known once the
+    batch is received), again only when their count changes."""
     key = f"batch_skipped_{batch_id}"
     kept = st.session_state.get(key)
     if kept is None or kept[0] != count:
-        results = guarded(api, lambda: api.batch_results(batch_id))
+        results = guarded(api, lambda: api.batch_results(batch_id, status="skipped", limit=SKIPPED_SHOWN))
         if results is None:
             return
-        rows = [{"File": r["file_name"], "Why": r["error"] or ""} for r in results["data"] if r["status"] == "skipped"]
-        st.session_state[key] = kept = (count, rows)
-    st.dataframe(kept[1], hide_index=True)
+        rows = [{"File": r["file_name"], "Why": r["error"] or ""} for r in results["data"]]
+        st.session_state[key] = kept = (count, rows, results["count"])
+    _, rows, total = kept
+    st.dataframe(rows, hide_index=True)
+    if total > len(rows):
+        st.caption(f"The first {len(rows):,} of {total:,} skipped files: the results' CSV lists them all.")
 
 
 def download_results(api: Api, batch: BatchDetail) -> None:

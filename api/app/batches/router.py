@@ -4,10 +4,18 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
+from fastapi.responses import StreamingResponse
 
 from api.app.batches import lane, service
 from api.app.batches.models import Batch
-from api.app.batches.schemas import BatchDetail, BatchesPublic, BatchPublic, BatchResult, BatchResults
+from api.app.batches.schemas import (
+    BatchDetail,
+    BatchesPublic,
+    BatchPublic,
+    BatchResult,
+    BatchResults,
+    ResultStatus,
+)
 from api.app.catalog.service import requested_refs
 from api.app.core.errors import outage_of
 from api.app.core.responses import (
@@ -24,6 +32,7 @@ from api.app.core.responses import (
 )
 from api.app.deps import (
     CurrentUser,
+    CursorParam,
     PageDep,
     ReadSessionDep,
     RegistryDep,
@@ -182,7 +191,7 @@ async def get_batch(
         **AUTHED,
         **NOT_FOUND,
         **INVALID,
-        200: {"content": {"text/csv": {}}, "description": "The results as JSON, or as CSV with format=csv"},
+        200: {"content": {"text/csv": {}}, "description": "A page of the results as JSON, or all of them as CSV"},
     },
 )
 async def batch_results(
@@ -190,19 +199,40 @@ async def batch_results(
     user: CurrentUser,
     session: ReadSessionDep,
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
+    cursor: CursorParam = None,
+    limit: Annotated[
+        int, Query(ge=1, le=service.MAX_RESULTS_PAGE_ROWS, description="rows of the page (JSON)")
+    ] = service.RESULTS_PAGE_ROWS,
+    status: Annotated[ResultStatus | None, Query(description="only the rows in this status")] = None,
 ) -> BatchResults | Response:
-    """Every file's answers so far, one row per file and model version (one per skipped file, with
-    why): file name, sha256, model, version, status, label, score, top 5, error. ``format=csv``
-    answers a CSV file (top 5 as JSON text)."""
+    """The batch's answers so far, one row per file and model version (one per file without
+    answers: skipped, with why, or deleted since), in the batch's order: file name, sha256, model,
+    version, status, label, score, top 5, error; with ``status``, only the rows in it. JSON: a
+    page of ``limit`` rows (100 unless asked, at most 200) with ``count`` (rows on all pages) and
+    ``next_cursor`` (None on the last page). ``format=csv``: every row in one CSV file (top 5 as
+    JSON text), streamed (``cursor`` and ``limit`` are for JSON pages). 422: a bad ``limit``,
+    ``status`` or cursor."""
+    try:
+        after = service.ResultKey.decode(cursor) if cursor is not None else None
+    except ValueError:
+        raise HTTPException(status_code=422, detail="Invalid cursor: use a next_cursor this API returned.") from None
     batch = await _owned(session, user, batch_id)
-    rows = await service.result_rows(session=session, batch=batch)
     if format == "csv":
-        return Response(
-            service.as_csv(rows),
+        return StreamingResponse(
+            await service.results_csv(session=session, batch=batch, status=status),
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="batch-{batch.id}.csv"'},
         )
-    return BatchResults(batch_id=batch.id, status=batch.status, data=[BatchResult(**r) for r in rows])
+    rows, count, next_cursor = await service.result_page(
+        session=session, batch=batch, after=after, limit=limit, status=status
+    )
+    return BatchResults(
+        batch_id=batch.id,
+        status=batch.status,
+        data=[BatchResult(**r) for r in rows],
+        count=count,
+        next_cursor=next_cursor,
+    )
 
 
 @router.delete("/{batch_id}", response_model=BatchDetail, responses={**AUTHED, **NOT_FOUND, **INVALID})

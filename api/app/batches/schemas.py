@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -62,6 +63,10 @@ class BatchesPublic(BaseModel):
     count: int
 
 
+ResultStatus = Literal["pending", "queued", "running", "done", "failed", "expired", "cancelled", "skipped", "deleted"]
+"""A result row's status: its prediction's (``PredictionStatus``), ``skipped`` or ``deleted``."""
+
+
 class BatchResult(BaseModel):
     file_name: str
     sha256: str
@@ -78,6 +83,13 @@ class BatchResult(BaseModel):
 
 
 class BatchResults(BaseModel):
+    """A page of a batch's results, in the batch's order (its files', then each file's models')."""
+
     batch_id: uuid.UUID
     status: str
+    """The batch's status."""
     data: list[BatchResult]
+    count: int
+    """Result rows in all (of the ``status`` asked for), on every page."""
+    next_cursor: str | None = None
+    """The ``cursor`` of the next page; None on the last one."""

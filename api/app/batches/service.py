@@ -5,6 +5,8 @@ images are computed once, and the jobs go through the batch lane (``lane``)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import csv
 import functools
 import hashlib
@@ -13,13 +15,30 @@ import json
 import logging
 import uuid
 import zipfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, cast
 
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
-from sqlalchemy import Table, and_, delete, func, insert, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    Table,
+    Text,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -30,7 +49,7 @@ from api.app.batches.schemas import BatchCounts
 from api.app.catalog.service import ModelAvailability, WorkerDirectory, resolve_models
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS
-from api.app.core.fields import storable
+from api.app.core.fields import INT32_MAX, storable
 from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
@@ -601,39 +620,177 @@ IMAGE_DELETED = "its image was deleted after the batch received it"
 """The reason of a row whose file was accepted, then deleted with its answers (DELETE /v1/images)."""
 
 
-async def result_rows(*, session: AsyncSession, batch: Batch) -> list[dict[str, Any]]:
-    """One row per file and model version (one per skipped file), in the batch's order: RESULT_COLUMNS,
-    with ``top_5`` as a list of {label, score}."""
-    rows = await session.execute(
-        select(BatchItem, Prediction)
-        .outerjoin(Prediction, Prediction.job_id == BatchItem.job_id)
-        .where(BatchItem.batch_id == batch.id)
-        .order_by(BatchItem.position, Prediction.position)
-    )
-    out = []
-    for item, prediction in rows:
-        out.append(
-            {
-                "file_name": item.file_name,
-                "sha256": item.sha256 or "",
-                "model": prediction.model_name if prediction else "",
-                "version": prediction.model_version if prediction else None,
-                "status": prediction.status if prediction else "skipped" if item.error else DELETED,
-                "label": prediction.label if prediction else None,
-                "score": prediction.score if prediction else None,
-                "top_5": list(prediction.top_k or [])[:5] if prediction else [],
-                "error": (prediction.error if prediction else item.error or IMAGE_DELETED) or None,
-            }
+RESULTS_PAGE_ROWS = 100
+"""Rows of a page of a batch's results (JSON) unless ``limit`` says otherwise."""
+MAX_RESULTS_PAGE_ROWS = 200
+"""The most rows a page of a batch's results (JSON) has: a page is built on the event loop."""
+CSV_CHUNK_ROWS = 500
+"""Rows of a batch's CSV read (one keyset query) and formatted (in a worker thread) at a time:
+a few milliseconds of the event loop each, however large the batch."""
+
+
+@dataclass(frozen=True)
+class ResultKey:
+    """Where a result row stands in its batch's order: its file's position and id (positions are
+    not unique in the schema; the id settles a tie), then its model's position (unique in a job:
+    the model's place in the batch's ``models``)."""
+
+    position: int
+    item_id: uuid.UUID
+    model_position: int
+
+    def encode(self) -> str:
+        """An opaque, URL-safe cursor (base64 of ``<position>|<item id>|<model position>``)."""
+        raw = f"{self.position}|{self.item_id}|{self.model_position}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> ResultKey:
+        """The key ``encode`` made; ValueError for anything else."""
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+            position, item_id, model_position = raw.split("|")
+            key = cls(int(position), uuid.UUID(item_id), int(model_position))
+        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError("not a cursor this API gave") from exc
+        if not (0 <= key.position <= INT32_MAX and -1 <= key.model_position <= INT32_MAX):
+            raise ValueError("not a cursor this API gave")
+        return key
+
+
+def _row_status(item: Any) -> ColumnElement[str]:
+    """A result row's status: its prediction's, else ``skipped`` (its file has a reason) or
+    ``deleted`` (a file accepted, whose image and answers were deleted since)."""
+    return func.coalesce(Prediction.status, case((func.coalesce(item.c.error, "") != "", "skipped"), else_=DELETED))
+
+
+def _results_select(
+    batch_id: uuid.UUID, *, after: ResultKey | None, status: str | None, limit: int
+) -> Select[*tuple[Any, ...]]:
+    """The batch's result rows after ``after`` (from the first when None), in its order (file
+    position, file id, model position), at most ``limit``; only those in ``status`` when given.
+    Plain columns, not ORM objects: thousands of them are read for a CSV.
+
+    The files are chosen first, by the (batch_id, position) index: each has a row in ``status``
+    (a file without a job has its one row, skipped or deleted; one with a job has a row per
+    prediction), so the key's own file (whose rows may all come before the key) and ``limit``
+    more hold the page. Their predictions are then found by job, however many the table holds."""
+    items = select(BatchItem).where(BatchItem.batch_id == batch_id)
+    if after is not None:
+        items = items.where(
+            tuple_(BatchItem.position, BatchItem.id) >= tuple_(literal(after.position), literal(after.item_id))
         )
-    return out
+    if status in ("skipped", DELETED):
+        reason = func.coalesce(BatchItem.error, "") != ""
+        items = items.where(BatchItem.job_id.is_(None), reason if status == "skipped" else ~reason)
+    elif status is not None:
+        answers = select(Prediction.id).where(Prediction.job_id == BatchItem.job_id, Prediction.status == status)
+        items = items.where(answers.exists())
+    item = items.order_by(BatchItem.position, BatchItem.id).limit(limit + 1).subquery()
+    model_position = func.coalesce(Prediction.position, -1)
+    query = select(
+        item.c.position,
+        item.c.id,
+        model_position.label("model_position"),
+        item.c.file_name,
+        item.c.sha256,
+        item.c.error.label("item_error"),
+        Prediction.id.label("prediction_id"),
+        Prediction.model_name,
+        Prediction.model_version,
+        _row_status(item).label("status"),
+        Prediction.label,
+        Prediction.score,
+        # As text: the CSV decodes it in its worker thread, not on the event loop.
+        Prediction.top_k.cast(Text).label("top_k"),
+        Prediction.error.label("prediction_error"),
+    ).outerjoin(Prediction, Prediction.job_id == item.c.job_id)
+    if status is not None:
+        query = query.where(_row_status(item) == status)
+    if after is not None:
+        query = query.where(
+            tuple_(item.c.position, item.c.id, model_position)
+            > tuple_(literal(after.position), literal(after.item_id), literal(after.model_position))
+        )
+    return query.order_by(item.c.position, item.c.id, model_position).limit(limit)
 
 
-def as_csv(rows: list[dict[str, Any]]) -> bytes:
-    """``result_rows`` as CSV (``top_5`` as JSON text), UTF-8; the file names and errors people's
-    files gave as text a spreadsheet never runs."""
+def _result(row: Row[Any]) -> dict[str, Any]:
+    """A result row as RESULT_COLUMNS, with ``top_5`` as a list of {label, score}."""
+    answered = row.prediction_id is not None
+    return {
+        "file_name": row.file_name,
+        "sha256": row.sha256 or "",
+        "model": row.model_name if answered else "",
+        "version": row.model_version,
+        "status": row.status,
+        "label": row.label,
+        "score": row.score,
+        "top_5": list(json.loads(row.top_k) or [])[:5] if row.top_k is not None else [],
+        "error": (row.prediction_error if answered else row.item_error or IMAGE_DELETED) or None,
+    }
+
+
+def _key(row: Row[Any]) -> ResultKey:
+    return ResultKey(row.position, row.id, row.model_position)
+
+
+async def result_page(
+    *, session: AsyncSession, batch: Batch, after: ResultKey | None, limit: int, status: str | None = None
+) -> tuple[list[dict[str, Any]], int, str | None]:
+    """A page of the batch's results: at most ``limit`` rows after ``after`` in the batch's
+    order (one per file and model version, one per file without answers), each as RESULT_COLUMNS
+    with ``top_5`` as a list of {label, score}; how many rows there are in all (in ``status``
+    when given); the next page's cursor, None on the last page."""
+    found = list(await session.execute(_results_select(batch.id, after=after, status=status, limit=limit + 1)))
+    page = found[:limit]
+    item = select(BatchItem).where(BatchItem.batch_id == batch.id).subquery()
+    total = select(func.count()).select_from(item).outerjoin(Prediction, Prediction.job_id == item.c.job_id)
+    if status is not None:
+        total = total.where(_row_status(item) == status)
+    count = int(await session.scalar(total) or 0)
+    next_cursor = _key(page[-1]).encode() if len(found) > limit and page else None
+    return [_result(row) for row in page], count, next_cursor
+
+
+async def results_csv(
+    *, session: AsyncSession, batch: Batch, status: str | None = None, chunk_rows: int = CSV_CHUNK_ROWS
+) -> AsyncIterator[bytes]:
+    """Every result row of the batch (in ``status`` when given) as CSV (``as_csv``), in pieces of
+    ``chunk_rows`` rows, each read by its key and formatted in a worker thread. The first piece
+    (the header with the first rows) is read before this returns: a database that cannot be
+    reached is an error answer then, not a file cut short. Between pieces the session gives its
+    connection back to the pool: a slow download holds none. Rows answered while the file is
+    read appear as they are when their piece is read."""
+    batch_id = batch.id
+    rows = list(await session.execute(_results_select(batch_id, after=None, status=status, limit=chunk_rows)))
+    await session.close()
+    first = await to_thread.run_sync(_csv_piece, rows, True)
+
+    async def pieces(rows: list[Row[Any]]) -> AsyncIterator[bytes]:
+        yield first
+        while len(rows) == chunk_rows:
+            after = _key(rows[-1])
+            rows = list(await session.execute(_results_select(batch_id, after=after, status=status, limit=chunk_rows)))
+            await session.close()
+            if rows:
+                yield await to_thread.run_sync(_csv_piece, rows, False)
+
+    return pieces(rows)
+
+
+def _csv_piece(rows: list[Row[Any]], header: bool) -> bytes:
+    return as_csv([_result(row) for row in rows], header)
+
+
+def as_csv(rows: list[dict[str, Any]], header: bool = True) -> bytes:
+    """Result rows (``result_page``'s) as CSV lines (``top_5`` as JSON text), UTF-8, after the
+    header line when ``header``; the file names and errors people's files gave as text a
+    spreadsheet never runs."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(RESULT_COLUMNS)
+    if header:
+        writer.writerow(RESULT_COLUMNS)
     for row in rows:
         writer.writerow(
             [
