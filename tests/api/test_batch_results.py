@@ -73,7 +73,7 @@ LONGEST_WAIT_SECONDS = 0.3
 
 
 def forged_cursor(raw: str) -> str:
-    """A cursor as the API makes them (base64 of ``<file position>|<file id>|<model position>``),
+    """A cursor as the API makes them (base64 of ``<batch id>|<file position>|<file id>|<model position>``),
     made here: to start deep in a batch, or to be refused."""
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
@@ -260,7 +260,11 @@ async def test_the_csv_reads_as_it_always_did(app: FastAPI, client: httpx.AsyncC
     assert r.headers["content-disposition"] == f'attachment; filename="batch-{batch_id}.csv"'
     assert r.text == SMALL_CSV
     # ``cursor`` and ``limit`` page JSON only; ``status`` keeps its rows in the CSV too.
-    params: dict[str, str | int] = {"format": "csv", "limit": 1, "cursor": forged_cursor(f"0|{uuid.uuid4()}|0")}
+    params: dict[str, str | int] = {
+        "format": "csv",
+        "limit": 1,
+        "cursor": forged_cursor(f"{uuid.uuid4()}|0|{uuid.uuid4()}|0"),
+    }
     assert (await client.get(f"/v1/batches/{batch_id}/results", params=params, headers=headers)).text == SMALL_CSV
     r = await client.get(
         f"/v1/batches/{batch_id}/results", params={"format": "csv", "status": "skipped"}, headers=headers
@@ -276,10 +280,12 @@ async def test_the_csv_reads_as_it_always_did(app: FastAPI, client: httpx.AsyncC
         {"limit": "many"},
         {"cursor": "not-a-cursor"},
         {"cursor": forged_cursor("1|2")},
-        {"cursor": forged_cursor(f"-1|{uuid.uuid4()}|0")},
-        {"cursor": forged_cursor(f"{2**31}|{uuid.uuid4()}|0")},
-        {"cursor": forged_cursor(f"0|{uuid.uuid4()}|-2")},
+        {"cursor": forged_cursor(f"0|{uuid.uuid4()}|0")},
+        {"cursor": forged_cursor(f"{uuid.uuid4()}|-1|{uuid.uuid4()}|0")},
+        {"cursor": forged_cursor(f"{uuid.uuid4()}|{2**31}|{uuid.uuid4()}|0")},
+        {"cursor": forged_cursor(f"{uuid.uuid4()}|0|{uuid.uuid4()}|-2")},
         {"status": "lost"},
+        {"status": "running"},
     ],
 )
 async def test_a_bad_page_is_422(client: httpx.AsyncClient, users: Users, params: dict[str, Any]) -> None:
@@ -287,6 +293,20 @@ async def test_a_bad_page_is_422(client: httpx.AsyncClient, users: Users, params
     # Checked before the batch is looked for: the same answer whoever's it is.
     r = await client.get(f"/v1/batches/{uuid.uuid4()}/results", params=params, headers=headers)
     assert r.status_code == 422, r.text
+
+
+async def test_a_cursor_of_another_batch_is_422(app: FastAPI, client: httpx.AsyncClient, users: Users) -> None:
+    """A next_cursor pages the batch it came from: given for another batch of the same owner it
+    is refused, not read as a position in that batch (rows there would be skipped unseen)."""
+    me, headers = await users.create()
+    image_id = await an_image(client, headers)
+    first, second = [await small_batch(app, owner_id=me["id"], image_id=image_id) for _ in range(2)]
+    page = (await client.get(f"/v1/batches/{first}/results", params={"limit": 2}, headers=headers)).json()
+    assert page["next_cursor"]
+    r = await client.get(f"/v1/batches/{second}/results", params={"cursor": page["next_cursor"]}, headers=headers)
+    assert r.status_code == 422 and "another batch" in r.json()["detail"]
+    r = await client.get(f"/v1/batches/{first}/results", params={"cursor": page["next_cursor"]}, headers=headers)
+    assert r.status_code == 200 and r.json()["data"]
 
 
 async def longest_wait_of_health_checks(client: httpx.AsyncClient, request: Awaitable[httpx.Response]) -> float:
@@ -343,7 +363,7 @@ async def test_a_large_batchs_results_hold_up_no_other_request(
         ("photos/holiday-1.jpg", "model-0"),
     ]
     # A page deep into the batch is read by its key as fast.
-    deep = forged_cursor(f"{LARGE_FILES - 2}|{uuid.UUID(int=0)}|0")
+    deep = forged_cursor(f"{batch_id}|{LARGE_FILES - 2}|{uuid.UUID(int=0)}|0")
     started = time.perf_counter()
     r = await client.get(url, params={"cursor": deep}, headers=headers)
     assert r.status_code == 200 and time.perf_counter() - started < 2

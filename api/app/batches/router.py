@@ -223,6 +223,8 @@ async def batch_results(
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="batch-{batch.id}.csv"'},
         )
+    if after is not None and after.batch_id != batch.id:
+        raise HTTPException(status_code=422, detail="Invalid cursor: it pages another batch's results.")
     rows, count, next_cursor = await service.result_page(
         session=session, batch=batch, after=after, limit=limit, status=status
     )

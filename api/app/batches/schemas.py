@@ -63,8 +63,9 @@ class BatchesPublic(BaseModel):
     count: int
 
 
-ResultStatus = Literal["pending", "queued", "running", "done", "failed", "expired", "cancelled", "skipped", "deleted"]
-"""A result row's status: its prediction's (``PredictionStatus``), ``skipped`` or ``deleted``."""
+ResultStatus = Literal["pending", "queued", "done", "failed", "expired", "cancelled", "skipped", "deleted"]
+"""A result row's status: its prediction's as stored (``PredictionStatus`` but ``running``, which
+only a job's own page reads from the worker), ``skipped`` or ``deleted``."""
 
 
 class BatchResult(BaseModel):

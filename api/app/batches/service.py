@@ -633,15 +633,17 @@ a few milliseconds of the event loop each, however large the batch."""
 class ResultKey:
     """Where a result row stands in its batch's order: its file's position and id (positions are
     not unique in the schema; the id settles a tie), then its model's position (unique in a job:
-    the model's place in the batch's ``models``)."""
+    the model's place in the batch's ``models``). The batch is part of it: a cursor of one batch's
+    results given for another's is refused, not read as a position there."""
 
+    batch_id: uuid.UUID
     position: int
     item_id: uuid.UUID
     model_position: int
 
     def encode(self) -> str:
-        """An opaque, URL-safe cursor (base64 of ``<position>|<item id>|<model position>``)."""
-        raw = f"{self.position}|{self.item_id}|{self.model_position}".encode()
+        """An opaque, URL-safe cursor (base64 of ``<batch id>|<position>|<item id>|<model position>``)."""
+        raw = f"{self.batch_id}|{self.position}|{self.item_id}|{self.model_position}".encode()
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     @classmethod
@@ -649,8 +651,8 @@ class ResultKey:
         """The key ``encode`` made; ValueError for anything else."""
         try:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-            position, item_id, model_position = raw.split("|")
-            key = cls(int(position), uuid.UUID(item_id), int(model_position))
+            batch_id, position, item_id, model_position = raw.split("|")
+            key = cls(uuid.UUID(batch_id), int(position), uuid.UUID(item_id), int(model_position))
         except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
             raise ValueError("not a cursor this API gave") from exc
         if not (0 <= key.position <= INT32_MAX and -1 <= key.model_position <= INT32_MAX):
@@ -731,8 +733,8 @@ def _result(row: Row[Any]) -> dict[str, Any]:
     }
 
 
-def _key(row: Row[Any]) -> ResultKey:
-    return ResultKey(row.position, row.id, row.model_position)
+def _key(batch_id: uuid.UUID, row: Row[Any]) -> ResultKey:
+    return ResultKey(batch_id, row.position, row.id, row.model_position)
 
 
 async def result_page(
@@ -749,7 +751,7 @@ async def result_page(
     if status is not None:
         total = total.where(_row_status(item) == status)
     count = int(await session.scalar(total) or 0)
-    next_cursor = _key(page[-1]).encode() if len(found) > limit and page else None
+    next_cursor = _key(batch.id, page[-1]).encode() if len(found) > limit and page else None
     return [_result(row) for row in page], count, next_cursor
 
 
@@ -770,7 +772,7 @@ async def results_csv(
     async def pieces(rows: list[Row[Any]]) -> AsyncIterator[bytes]:
         yield first
         while len(rows) == chunk_rows:
-            after = _key(rows[-1])
+            after = _key(batch_id, rows[-1])
             rows = list(await session.execute(_results_select(batch_id, after=after, status=status, limit=chunk_rows)))
             await session.close()
             if rows:
