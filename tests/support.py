@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -289,3 +291,29 @@ def app_settings(app: FastAPI, **update: Any) -> Iterator[Settings]:
         yield app.state.settings
     finally:
         app.state.settings = kept
+
+
+@contextmanager
+def cut_off_http_server() -> Iterator[str]:
+    """The URL of a server that starts a chunked 200 answer (a CSV), sends one piece, then closes
+    the connection, as the API does when its database goes away halfway through a streamed CSV.
+    It answers one request."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/csv; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"11\r\nfile_name,sha256\n\r\n"
+            )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        listener.close()
+        thread.join(timeout=5)

@@ -601,6 +601,9 @@ class Api:
         try:
             kwargs.setdefault("timeout", self.timeout)
             response = httpx.request(method, self.base_url + path, headers=sent, **kwargs)
+        except httpx.RemoteProtocolError:
+            # Reached, but its answer ended early (a streamed CSV whose database went away).
+            raise ApiError(0, "The portal API's answer was cut off before its end; try again in a moment.") from None
         except httpx.HTTPError:
             raise ApiError(0, f"Cannot reach the portal API at {self.base_url}. Is it running?") from None
         if response.status_code >= 400 and response.status_code not in expected:

@@ -149,6 +149,11 @@ class Portal:
                 yield response
         except httpx.TimeoutException:
             raise PortalError(f"The portal at {self.url} did not answer in time.", ExitCode.UNAVAILABLE) from None
+        except httpx.RemoteProtocolError:
+            # Reached, but the answer ended early: a streamed CSV whose database went away.
+            raise PortalError(
+                f"The portal at {self.url} cut its answer off before its end; try again.", ExitCode.UNAVAILABLE
+            ) from None
         except httpx.TransportError as exc:
             raise PortalError(f"Cannot reach the portal at {self.url} ({exc}).", ExitCode.UNAVAILABLE) from None
 

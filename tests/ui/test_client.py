@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 from api.app.core.config import Settings
 from contracts.messages import PredictionStatus
 from tests.images import encode, split_colour
-from tests.support import PHOTOS, RedisServer, free_port, start_api
+from tests.support import PHOTOS, RedisServer, cut_off_http_server, free_port, start_api
 from ui.client import (
     _JOB,
     FEEDBACK_GONE,
@@ -298,3 +298,9 @@ def test_an_answer_of_another_shape_is_a_message() -> None:
     with pytest.raises(ApiError) as info:
         _typed(_JOB, {"job_id": "1", "status": "lost"})
     assert info.value.message.startswith("Unexpected answer from the portal")
+
+
+def test_an_answer_cut_off_says_so_not_that_the_api_is_unreachable() -> None:
+    with cut_off_http_server() as url, pytest.raises(ApiError) as raised:
+        Api(url).batch_csv("b")
+    assert "cut off before its end" in raised.value.message
