@@ -229,7 +229,14 @@ def openvino_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, boo
         path = resolve(entry, entry.file, settings)
         if missing := next((p for p in (path, path.with_suffix(".bin")) if not p.exists()), None):
             reason = f"model file {missing} not found"
-            raise ModelUnavailable(reason + (" (run python -m model.prepare)" if entry.quantized_from else ""))
+            if entry.quantized_from:
+                # Made from another version's weights: running model.prepare again helps only
+                # once that version loads (its own reason says why it does not).
+                reason += (
+                    f": python -m model.prepare quantizes it from {entry.quantized_from}, once that version"
+                    " loads (its log says why it could not)"
+                )
+            raise ModelUnavailable(reason)
         try:
             return ov.Core().read_model(str(path)), entry.weights == "random"
         except Exception as exc:

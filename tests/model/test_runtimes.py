@@ -178,6 +178,18 @@ def test_an_openvino_model_without_its_weights_file_is_missing_not_broken(
     assert not isinstance(raised.value, ModelLoadFailed)
 
 
+def test_a_missing_int8_version_names_the_version_it_is_made_from(
+    registry: Registry, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """An INT8 version's file is made from its FP32 version: running model.prepare again cannot
+    help while that one does not load (its ImageNet weights missing, say), and the reason says so."""
+    entry = registry.get("resnet50@2")
+    with pytest.raises(ModelUnavailable) as raised:
+        load_model(entry, model_settings.model_copy(update={"trained_dir": tmp_path}))
+    reason = str(raised.value)
+    assert "model.xml not found" in reason and "from resnet50@1, once that version loads" in reason
+
+
 def test_a_missing_file_is_not_trained_yet_only_for_a_version_model_prepare_trains(
     registry: Registry, model_settings: ModelSettings, tmp_path: Path
 ) -> None:
