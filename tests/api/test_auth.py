@@ -18,6 +18,7 @@ from jose import jwt
 from sqlalchemy import select, update
 
 from api.app.auth.models import RevokedToken
+from api.app.core import throttle
 from api.app.core.config import Settings
 from api.app.core.db import application_name
 from api.app.core.security import PasswordHasher, TokenError, VerifiedTokens
@@ -523,6 +524,107 @@ async def test_parallel_guesses_on_many_accounts_cannot_race_the_address_count(
         assert r.status_code == 429 and "retry-after" in r.headers
     stats = await app.state.throttle.limiter.get_window_stats(app.state.throttle.per_client, "login", "client:10.0.0.5")
     assert stats.remaining == 0
+
+
+async def test_places_of_attempts_that_never_end_lapse_at_their_deadline(
+    app: FastAPI, settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logins in progress whose process died hold places of their address only until their
+    deadline (TURN_SECONDS, 1 s here): with twenty such logins, places taken in the failure count
+    and never given back refused every later login from the address for the whole window (429,
+    Retry-After about 900 s), though none had failed. Here the twenty hang in the password check
+    and send Redis nothing more, as a killed process's would."""
+    limit = settings.login_max_failures_per_client
+    user, _ = await users.create()
+    monkeypatch.setattr(throttle, "TURN_SECONDS", 1.0)
+    hasher: PasswordHasher = app.state.hasher
+    verify = hasher.verify
+    hanging: list[str] = []
+
+    async def hang(password: str, hashed: str | None) -> tuple[bool, str | None]:
+        if password != "hangs-in-the-check":
+            return await verify(password, hashed)
+        hanging.append(password)
+        await asyncio.Event().wait()
+        raise AssertionError("never set")
+
+    monkeypatch.setattr(hasher, "verify", hang)
+    async with client_at(app, "10.0.0.6") as client:
+        hung = [
+            asyncio.create_task(
+                client.post(
+                    "/v1/auth/login",
+                    data={"username": f"hung-{i}-{uuid.uuid4().hex[:6]}@example.com", "password": "hangs-in-the-check"},
+                )
+            )
+            for i in range(limit)
+        ]
+        try:
+            for _ in range(200):
+                if len(hanging) == limit:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(hanging) == limit
+            start = time.monotonic()
+            r = await client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+            assert r.status_code == 200, r.text
+            assert time.monotonic() - start < 10
+        finally:
+            for task in hung:
+                task.cancel()
+            await asyncio.gather(*hung, return_exceptions=True)
+
+
+async def test_correct_logins_at_once_beyond_the_limit_are_all_served(
+    app: FastAPI, settings: Settings, users: Users
+) -> None:
+    """Correct logins for 25 accounts at once from one address (the limit is 20 failures): all
+    200, none waits for a place longer than the checks before it take. Taking places in the
+    failure count first refused the 21st to 25th (429, Retry-After the window's end). Nothing of
+    them stays in Redis afterwards."""
+    limit = settings.login_max_failures_per_client
+    accounts = []
+    for _ in range(limit + 5):
+        accounts.append((await users.create())[0])
+    async with client_at(app, "10.0.0.7") as client:
+        answers = await asyncio.gather(
+            *(client.post("/v1/auth/login", data={"username": a["email"], "password": PASSWORD}) for a in accounts)
+        )
+    assert [r.status_code for r in answers] == [200] * (limit + 5), [r.text for r in answers if r.status_code != 200]
+    redis: aioredis.Redis = app.state.redis
+    assert await redis.keys("throttle:*10.0.0.7*") == []
+
+
+async def test_a_login_cancelled_in_its_check_counts_no_failure(
+    app: FastAPI, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A login cut off while its password is checked (the server shutting down cancels it and
+    answers 503) was never judged: it counts no failure on the account nor on the address."""
+    user, _ = await users.create()
+    hasher: PasswordHasher = app.state.hasher
+    checking = asyncio.Event()
+
+    async def cut_off(password: str, hashed: str | None) -> tuple[bool, str | None]:
+        checking.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never set")
+
+    monkeypatch.setattr(hasher, "verify", cut_off)
+    async with client_at(app, "10.0.0.8") as client:
+        login_task = asyncio.create_task(
+            client.post("/v1/auth/login", data={"username": user["email"], "password": PASSWORD})
+        )
+        await asyncio.wait_for(checking.wait(), 10)
+        login_task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await login_task
+    monkeypatch.undo()
+    limiter = app.state.throttle.limiter
+    for item, key in (
+        (app.state.throttle.per_account, f"account:{user['email']}"),
+        (app.state.throttle.per_client, "client:10.0.0.8"),
+    ):
+        assert (await limiter.get_window_stats(item, "login", key)).remaining == item.amount, key
 
 
 async def test_password_changes_are_throttled_like_logins(app: FastAPI, users: Users) -> None:
