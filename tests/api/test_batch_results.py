@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from api.app.batches import service
 from api.app.batches.models import Batch, BatchItem
 from api.app.predictions.models import Job, Prediction
 from tests.conftest import Users
@@ -307,6 +308,49 @@ async def test_a_cursor_of_another_batch_is_422(app: FastAPI, client: httpx.Asyn
     assert r.status_code == 422 and "another batch" in r.json()["detail"]
     r = await client.get(f"/v1/batches/{first}/results", params={"cursor": page["next_cursor"]}, headers=headers)
     assert r.status_code == 200 and r.json()["data"]
+
+
+async def test_the_eta_counts_the_pace_from_when_the_batch_was_received(
+    app: FastAPI, client: httpx.AsyncClient, users: Users
+) -> None:
+    """A batch whose upload took 48 s and whose first 6 of 400 images were answered within 2 s of
+    its end: the pace is 3 images a second, not 6 in the 50 s since the batch was created (an ETA
+    of over 50 minutes for what took seconds)."""
+    me, headers = await users.create()
+    image = uuid.UUID(await an_image(client, headers))
+    started = now() - timedelta(seconds=50)
+    batch = Batch(
+        owner_id=me["id"],
+        status="running",
+        models=["model-0@1"],
+        entries=400,
+        fully_received=True,
+        created_at=started,
+        received_at=now() - timedelta(seconds=2),
+    )
+    async with app.state.sessionmaker() as session:
+        session.add(batch)
+        await session.flush()
+        for n in range(400):
+            answered = n < 6
+            job = Job(
+                owner_id=me["id"],
+                image_id=image,
+                status="done" if answered else "pending",
+                deadline_at=now() + timedelta(days=1),
+                finished_at=now() - timedelta(seconds=1) if answered else None,
+                request_id=f"batch:{batch.id}",
+            )
+            session.add(job)
+            await session.flush()
+            session.add(
+                BatchItem(batch_id=batch.id, position=n, file_name=f"{n}.png", sha256=A, image_id=image, job_id=job.id)
+            )
+        await session.commit()
+        # The service's figure: the route drops it while no worker serves the batch's model.
+        counts = await service.counts(session=session, batch=batch)
+    assert counts.done == 6 and counts.queued == 394, counts
+    assert counts.eta_seconds is not None and 60 <= counts.eta_seconds <= 200, counts  # 394 at 3 a second: 131 s
 
 
 async def longest_wait_of_health_checks(client: httpx.AsyncClient, request: Awaitable[httpx.Response]) -> float:

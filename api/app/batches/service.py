@@ -571,7 +571,7 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
     its models answered, ``partly_answered`` when another's answer is missing), files skipped, files
     whose image was deleted since, and
     an estimate of the seconds left from the pace of the last minute, or since the batch was
-    created when that is shorter (None before any answer)."""
+    received when that is shorter (None before any answer)."""
     jobs = select(BatchItem.job_id).where(BatchItem.batch_id == batch.id, BatchItem.job_id.is_not(None)).distinct()
     grouped = await session.execute(select(Job.status, func.count()).where(Job.id.in_(jobs)).group_by(Job.status))
     by_status: dict[str, int] = {status: n for status, n in grouped}
@@ -591,8 +591,10 @@ async def counts(*, session: AsyncSession, batch: Batch) -> BatchCounts:
         .join(Prediction, Prediction.job_id == Job.id)
         .where(Job.id.in_(jobs), Job.status == PredictionStatus.done.value, Prediction.status.in_(_MISSED))
     )
-    # A batch younger than the window answered its images in less time than that.
-    window = min(PACE_WINDOW_SECONDS, max(1.0, (now - batch.created_at).total_seconds()))
+    # A batch whose images were queued less than the window ago answered them in less time than
+    # that: counted from its last note of being received (a long upload's minutes are no pace).
+    queued_since = max(batch.created_at, batch.received_at or batch.created_at)
+    window = min(PACE_WINDOW_SECONDS, max(1.0, (now - queued_since).total_seconds()))
     waiting = sum(by_status.get(s, 0) for s in OPEN)
     queued = by_status.get(PredictionStatus.pending.value, 0) + by_status.get(PredictionStatus.queued.value, 0)
     failed = by_status.get(PredictionStatus.failed.value, 0) + by_status.get(PredictionStatus.expired.value, 0)
