@@ -5,7 +5,7 @@ python -m api.cli export-feedback OUT [--model NAME] [--version N]
 python -m api.cli sweep-blobs [--older-than-hours H] [--dry-run]
 python -m api.cli registry list | history [--model NAME]
 python -m api.cli registry register SPEC.yaml --reason WHY
-python -m api.cli registry weights NAME VERSION=WEIGHT... --reason WHY
+python -m api.cli registry weights NAME VERSION=WEIGHT... --reason WHY [--force]
 python -m api.cli registry promote NAME VERSION --reason WHY [--force]
 python -m api.cli registry rollback NAME --reason WHY
 python -m api.cli registry channel NAME VERSION {canary,shadow,retired} --reason WHY
@@ -147,11 +147,14 @@ async def _sweep_blobs(older_than_hours: float, dry_run: bool) -> images_service
         )
 
 
-def _available(settings: Settings) -> set[str]:
-    """The versions some live worker has loaded and healthy, from their heartbeats in Redis."""
+def _available(settings: Settings) -> dict[str, int]:
+    """The versions some live worker has loaded and healthy, from their heartbeats in Redis, each
+    with the number of classes its workers report."""
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     try:
-        return {f"{m.name}@{m.version}" for b in workers.live_heartbeats(client) for m in b.models if m.ready}
+        return {
+            f"{m.name}@{m.version}": m.num_classes for b in workers.live_heartbeats(client) for m in b.models if m.ready
+        }
     finally:
         client.close()
 
@@ -162,7 +165,7 @@ def _print_versions(rows: list[ModelVersion]) -> None:
         print(f"{row.name}@{row.version}\t{row.channel}\tweight {row.weight}\t{state}\t{row.display_name}")
 
 
-async def _registry(args: argparse.Namespace, spec: object, available: set[str]) -> None:
+async def _registry(args: argparse.Namespace, spec: object, available: dict[str, int]) -> None:
     """One registry command; ``spec``: the YAML of ``register``; ``available``: ``_available()``."""
     settings = get_settings()
     actor = registry_service.Actor(None, f"cli:{getpass.getuser()}")
@@ -197,7 +200,14 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
                     raise HTTPException(status_code=422, detail=f"{pair!r}: expected VERSION=WEIGHT")
                 weights[int(version)] = int(weight)
             changed = await registry_service.set_weights(
-                session=session, actor=actor, name=args.name, weights=weights, reason=args.reason, available=available
+                session=session,
+                actor=actor,
+                name=args.name,
+                weights=weights,
+                reason=args.reason,
+                available=available.keys(),
+                classes=available,
+                force=args.force,
             )
         elif args.action == "promote":
             client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
@@ -217,7 +227,7 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
             )
         elif args.action == "rollback":
             changed = await registry_service.rollback(
-                session=session, actor=actor, name=args.name, reason=args.reason, available=available
+                session=session, actor=actor, name=args.name, reason=args.reason, available=available.keys()
             )
         else:
             changed = await registry_service.set_channel(
@@ -228,7 +238,7 @@ async def _registry(args: argparse.Namespace, spec: object, available: set[str])
                 channel=args.channel if args.action == "channel" else None,
                 enabled={"enable": True, "disable": False}.get(args.action),
                 reason=args.reason,
-                available=available,
+                available=available.keys(),
             )
         _print_versions(changed.versions)
 
@@ -284,6 +294,9 @@ def _registry_parser(sub: Any) -> None:
     weights = change("weights", "set traffic weights, e.g. 1=90 2=10")
     weights.add_argument("name")
     weights.add_argument("weights", nargs="+")
+    weights.add_argument(
+        "--force", action="store_true", help="even to a version that knows fewer classes than the stable one"
+    )
     promote = change("promote", "make a version stable (the previous one kept for rollback)")
     promote.add_argument("name")
     promote.add_argument("version", type=int)
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8")) if args.action == "register" else None
             needs_workers = args.action not in ("list", "history", "register")
-            available = _available(get_settings()) if needs_workers else set()
+            available = _available(get_settings()) if needs_workers else {}
             asyncio.run(_registry(args, spec, available))
         except HTTPException as exc:
             print(f"error: {exc.detail}", file=sys.stderr)

@@ -100,6 +100,7 @@ class Model(TypedDict):
     workers: int
     random_weights: bool
     default: bool
+    explainable: bool
 
 
 class VersionLabels(TypedDict):
@@ -872,8 +873,8 @@ class Api:
             params["baseline"] = baseline
         return _typed(_COMPARISON, self.json("GET", f"/v1/admin/registry/models/{name}/compare", params=params))
 
-    def set_weights(self, name: str, weights: dict[int, int], reason: str) -> None:
-        body = {"weights": {str(v): w for v, w in weights.items()}, "reason": reason}
+    def set_weights(self, name: str, weights: dict[int, int], reason: str, force: bool = False) -> None:
+        body = {"weights": {str(v): w for v, w in weights.items()}, "reason": reason, "force": force}
         self.json("PUT", f"/v1/admin/registry/models/{name}/weights", json=body)
 
     def set_channel(

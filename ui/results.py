@@ -598,7 +598,12 @@ def result_card(api: Api, result: Prediction, image: bytes | None, earlier: Feed
     for answer in result["top_k"]:
         st.progress(min(max(answer["score"], 0.0), 1.0), text=f"{words(answer['label'])} · {answer['score']:.1%}")
     # Off by default: the heatmap is computed on demand (a second or two), the card stays fast.
-    if st.toggle("Why?", key=f"why-{result['id']}", help="Show which regions drove this answer (Grad-CAM)"):
+    # Not offered for a version that can never be explained (a TFLite file has no graph to take
+    # gradients of); one no longer listed (retired) is asked, and the answer says why.
+    explainable = next((m["explainable"] for m in models(api) if m["ref"] == ref), True)
+    if explainable and st.toggle(
+        "Why?", key=f"why-{result['id']}", help="Show which regions drove this answer (Grad-CAM)"
+    ):
         why_heatmap(api, result, image)
     with st.expander("Details"):
         t = result["timings"]

@@ -118,6 +118,9 @@ async def test_models_listing(client: httpx.AsyncClient, users: Users, admin_hea
     assert models["sketch@1"]["labels"] == ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
     assert len(models["sketch@3"]["labels"]) == 20 and "airplane" in models["sketch@3"]["labels"]
     assert models["birds@1"]["num_classes"] == 965
+    # Grad-CAM needs a Keras graph: the INT8 version's is its FP32 twin's; a TFLite file has none.
+    assert mobilenet["explainable"] and models["mobilenet_v2@2"]["explainable"] and models["sketch@3"]["explainable"]
+    assert not models["birds@1"]["explainable"]
     # People read a name, not a reference.
     assert (
         mobilenet["display_name"] == "MobileNetV2" and models["sketch@3"]["display_name"] == "Sketch CNN, 20 categories"

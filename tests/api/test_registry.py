@@ -754,6 +754,17 @@ async def test_the_cli_changes_the_registry_as_the_api_does(own_stack: Stack, tm
         (f"cli:{getpass.getuser()}", "set_weights", "canary"),
         (f"cli:{getpass.getuser()}", "register", "from the training run"),
     ]
+
+    # A version that knows fewer classes than the stable one (6 against 20) gets traffic only forced.
+    async def sketch1_served() -> bool:
+        availability = await own_stack.app.state.workers.availability(fresh=True)
+        return "sketch@1" in availability and availability["sketch@1"].available
+
+    await until(sketch1_served, 30, "sketch@1 served")
+    done = await asyncio.to_thread(cli, "weights", "sketch", "1=90", "3=10", "--reason", "canary")
+    assert done.returncode == 1 and "sketch@1 knows 6 classes and the stable sketch@3 20" in done.stderr, done.stderr
+    done = await asyncio.to_thread(cli, "weights", "sketch", "1=10", "--reason", "compare", "--force")
+    assert done.returncode == 0 and "sketch@1\tcanary\tweight 10" in done.stdout, done.stderr
     # The API process serves what the CLI wrote within its refresh interval.
     registry = own_stack.app.state.live_registry
 
@@ -940,3 +951,82 @@ async def test_a_change_reads_the_rows_it_locks_afresh(own_stack: Stack) -> None
             for r in await session.scalars(select(ModelVersion).where(ModelVersion.name == "sketch"))
         }
     assert [v for v, (channel, _) in rows.items() if channel == "stable"] == [1], rows
+
+
+SKETCH_6 = ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
+SKETCH_20 = str((load_registry(ROOT / "model" / "registry.yaml").get("sketch@3").training or {})["categories"]).split(
+    ","
+)
+
+
+async def test_weights_refuse_a_version_that_knows_fewer_classes_unless_forced(
+    own_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """90 % of the traffic to sketch@1 (6 classes) over the stable sketch@3 (20) answered a star
+    "cat": weights follow promotion's rule, and name what the version lacks."""
+    from api.app.catalog import service as catalog
+
+    async def availability(self: Any, *, fresh: bool = False) -> dict[str, catalog.ModelAvailability]:
+        return {
+            "sketch@1": catalog.ModelAvailability(workers=1, num_classes=6),
+            "sketch@2": catalog.ModelAvailability(workers=1, num_classes=6),
+            "sketch@3": catalog.ModelAvailability(workers=1, num_classes=20),
+        }
+
+    monkeypatch.setattr(catalog.WorkerDirectory, "availability", availability)
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    weights = "/v1/admin/registry/models/sketch/weights"
+    canary = {"weights": {"1": 90, "3": 10}, "reason": "canary"}
+
+    refused = await client.put(weights, json=canary, headers=admin)
+    assert refused.status_code == 409, refused.text
+    assert "sketch@1 knows 6 classes and the stable sketch@3 20" in refused.json()["detail"], refused.text
+    assert "the other 14 would get a wrong answer" in refused.json()["detail"]
+    # With the labels the workers published, the ones it lacks are named.
+    async with own_stack.app.state.sessionmaker() as session:
+        for version, labels in ((1, SKETCH_6), (2, SKETCH_6), (3, SKETCH_20)):
+            await session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.name == "sketch", ModelVersion.version == version)
+                .values(labels=labels)
+            )
+        await session.commit()
+    refused = await client.put(weights, json={"weights": {"1": 10}, "reason": "canary"}, headers=admin)
+    assert refused.status_code == 409 and "it lacks airplane, banana, bird" in refused.json()["detail"], refused.text
+    assert "and 4 more" in refused.json()["detail"] and "star" not in refused.json()["detail"]
+    # Nothing was changed; the stable version's own weight needs no force.
+    r = await client.put(weights, json={"weights": {"3": 50}, "reason": "halve"}, headers=admin)
+    assert r.status_code == 200, r.text
+
+    # Forced, it is done, and the audit trail says what was forced past.
+    forced = await client.put(weights, json={**canary, "force": True}, headers=admin)
+    assert forced.status_code == 200, forced.text
+    assert {v["version"]: v["weight"] for v in forced.json()["versions"]}[1] == 90
+    latest = (await client.get("/v1/admin/registry/changes", params={"model": "sketch"}, headers=admin)).json()
+    assert latest["data"][0]["reason"].startswith("canary [forced past the classes: sketch@1 knows 6 classes")
+    r = await client.put(weights, json={"weights": {"1": 0}, "reason": "undo"}, headers=admin)
+    assert r.status_code == 200, r.text
+
+    # A shadow takes no traffic of its own: not refused.
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/2", json={"channel": "shadow", "reason": "watch"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    # A canary with as many classes as the stable one, or more, needs no force.
+    async with own_stack.app.state.sessionmaker() as session:
+        await service.promote(
+            session=session,
+            actor=service.Actor(None, ADMIN_EMAIL),
+            name="sketch",
+            version=1,
+            reason="x",
+            available={"sketch@1"},
+        )
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/2", json={"channel": "canary", "reason": "back"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    r = await client.put(weights, json={"weights": {"2": 10, "3": 10}, "reason": "canaries"}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert {v["version"]: v["weight"] for v in r.json()["versions"]} == {1: 100, 2: 10, 3: 10}

@@ -244,10 +244,16 @@ def weights_form(api: Api, name: str, versions: list[ServingVersion]) -> None:
             for v in live
         }
         reason = st.text_input("Why", key=f"weights_reason_{name}")
+        force = st.checkbox(
+            "Force past fewer classes",
+            key=f"weights_force_{name}",
+            help="Traffic to a version that knows fewer classes than the stable one is refused: "
+            "people's pictures of the others would get a wrong answer. Force it to go ahead anyway.",
+        )
         if st.form_submit_button("Save weights"):
             if not reason.strip():
                 st.error("Say why: the change is audited.")
-            elif _done(api, lambda: api.set_weights(name, weights, reason)):
+            elif _done(api, lambda: api.set_weights(name, weights, reason, force)):
                 moved = ", ".join(
                     f"@{v['version']} {v['weight']} → {weights[v['version']]}"
                     for v in live

@@ -44,6 +44,7 @@ async def list_models(
                 workers=state.workers if state else 0,
                 random_weights=entry.weights == "random",
                 default=default is not None and default.key == entry.key,
+                explainable=registry.keras_twin(entry.key) is not None,
             )
         )
     return ModelsPublic(data=data, default=default.key if default else None)

@@ -23,6 +23,9 @@ class ModelPublic(BaseModel):
     workers: int
     random_weights: bool
     default: bool
+    explainable: bool = False
+    """Whether its answers can be explained (Grad-CAM): it, or the FP32 version it was quantized
+    from, has a Keras graph with real weights (``Registry.keras_twin``). TFLite files have none."""
 
 
 class ModelLabels(BaseModel):

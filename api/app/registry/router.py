@@ -99,14 +99,17 @@ async def set_weights(
     workers: WorkersDep,
     live: LiveRegistryDep,
 ) -> ModelVersionsPublic:
-    """Set the traffic weights of a model's versions, e.g. {"1": 90, "2": 10} (admin)."""
+    """Set the traffic weights of a model's versions, e.g. {"1": 90, "2": 10}; force: even to fewer classes (admin)."""
+    availability = await workers.availability(fresh=True)
     changed = await service.set_weights(
         session=session,
         actor=service.Actor(admin.id, admin.email),
         name=name,
         weights=body.weights,
         reason=body.reason,
-        available=await _available(workers),
+        available={key for key, state in availability.items() if state.available},
+        classes={key: state.num_classes for key, state in availability.items() if state.available},
+        force=body.force,
     )
     return await _answer(session, redis, live, name, changed)
 

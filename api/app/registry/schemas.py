@@ -106,6 +106,9 @@ class WeightsUpdate(RequestBody):
         BeforeValidator(_one_key_per_version),
     ] = Field(min_length=1, max_length=100, description='Version to weight, e.g. {"1": 90, "2": 10}')
     reason: Reason
+    force: StrictBool = False
+    """Give traffic even to a version that knows fewer classes than the stable one (what was forced
+    goes into the audit trail)."""
 
 
 class VersionUpdate(RequestBody):

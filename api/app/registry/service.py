@@ -6,9 +6,10 @@ state and its audit row, and commits: two admins changing one model take turns.
 
 Rules: weights are whole numbers from 0; a model keeps at least one enabled stable version with
 traffic; a version gets traffic (a weight above 0, promotion, shadow, being enabled again with a
-weight) only while at least one worker has it loaded and healthy; a retired or disabled version
-has no traffic (weight 0: workers unload it, so enabling it again gives it traffic only once it
-is loaded and given a weight).
+weight) only while at least one worker has it loaded and healthy; a version other than the stable
+one gets a weight only if it knows as many classes as the stable one, unless forced (as promotion
+asks); a retired or disabled version has no traffic (weight 0: workers unload it, so enabling it
+again gives it traffic only once it is loaded and given a weight).
 """
 
 from __future__ import annotations
@@ -407,16 +408,28 @@ async def set_weights(
     weights: Mapping[int, int],
     reason: str,
     available: Set[str],
+    classes: Mapping[str, int] | None = None,
+    force: bool = False,
 ) -> Changed:
     """Sets the traffic weights of some of a model's versions (the others keep theirs): e.g.
-    ``{1: 90, 2: 10}`` sends about one request in ten to version 2.
+    ``{1: 90, 2: 10}`` sends about one request in ten to version 2. ``classes``: how many classes
+    each version (``name@version``) its live workers report; a version without one there is
+    counted by the labels it published (``ModelVersion.labels``).
+
+    A version other than the stable one given a weight above 0 must know at least as many
+    classes as the stable one, as promotion requires: people's pictures of the others would get
+    a wrong answer. With ``force`` it gets the weight anyway, and the reason in the audit trail
+    says what was forced past.
 
     Raises 404 for an unknown model or version, 422 for a negative weight or a weight on a
     retired or shadow version, 409 for a weight on a disabled version, when a version would get
-    traffic before a worker has it loaded, or when no enabled stable version would keep traffic.
+    traffic before a worker has it loaded, when it knows fewer classes than the stable version
+    (unless ``force``), or when no enabled stable version would keep traffic.
     """
     rows = await _lock_model(session, name)
     before = _states(rows)
+    stable = main_stable(rows)
+    forced: list[str] = []
     for version, weight in weights.items():
         row = _version(rows, version)
         if weight < 0:
@@ -432,9 +445,48 @@ async def set_weights(
             )
         if weight > 0 and row.weight == 0:
             _require_loaded(row, available, "get traffic")
+        fewer = _fewer_classes(row, stable, classes or {}) if weight > 0 and row.channel != "stable" else None
+        if fewer is not None:
+            if not force:
+                raise _conflict(f"{fewer}. Set the weights with force and a reason to go ahead.")
+            forced.append(fewer)
         row.weight = weight
+    if forced:
+        reason = f"{reason} [forced past the classes: {'; '.join(forced)}]"
     change = await _commit_change(session, rows, before, actor=actor, action="set_weights", version=None, reason=reason)
     return Changed(rows, change.id)
+
+
+def _class_count(row: ModelVersion, classes: Mapping[str, int]) -> int | None:
+    """How many classes the version knows, as promotion counts them (``releases.service``): as
+    its live workers report, else by the labels it published; None when neither says."""
+    return classes.get(f"{row.name}@{row.version}") or len(row.labels or []) or None
+
+
+_NAMED_AT_MOST = 10
+"""Missing labels named in a refusal; beyond these, how many more."""
+
+
+def _fewer_classes(row: ModelVersion, stable: ModelVersion | None, classes: Mapping[str, int]) -> str | None:
+    """Why ``row`` must not take traffic from ``stable``, if it knows fewer classes (unknown
+    counts are no evidence): the counts, and the labels it lacks when both published theirs."""
+    if stable is None:
+        return None
+    ours, theirs = _class_count(row, classes), _class_count(stable, classes)
+    if ours is None or theirs is None or ours >= theirs:
+        return None
+    why = (
+        f"{row.name}@{row.version} knows {ours} classes and the stable {stable.name}@{stable.version} {theirs}: "
+        f"people's pictures of the other {theirs - ours} would get a wrong answer"
+    )
+    if row.labels is not None and stable.labels is not None:
+        known = set(row.labels)
+        lacking = [label for label in stable.labels if label not in known]
+        if lacking:
+            more = len(lacking) - _NAMED_AT_MOST
+            named = ", ".join(lacking[:_NAMED_AT_MOST]) + (f" and {more} more" if more > 0 else "")
+            why += f" (it lacks {named})"
+    return why
 
 
 async def set_channel(
