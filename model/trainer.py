@@ -139,6 +139,18 @@ class Trainer:
             self.emit(training.TrainingEvent(run_id=run_id, kind="failed", trainer=self.name, error=error))
             return None
 
+    def keep_alive(self, run_id: str, done: threading.Event) -> None:
+        """Renews the run's liveness key (``training.alive_key``) every third of its lifetime
+        until ``done`` is set, whatever Redis answers meanwhile."""
+        alive = training.alive_key(run_id)
+        while not done.wait(training.ALIVE_TTL_S / 3):
+            try:
+                self.redis.set(alive, self.name, ex=training.ALIVE_TTL_S)
+            except Exception as exc:
+                # A Redis blip must not end the renewals: tried again at the next beat. A thread
+                # that died here would let the API fail a live run as one whose trainer stopped.
+                log.warning("run %s: could not renew its liveness key: %s", run_id, exc)
+
     def train_one(self, job: training.TrainingJob) -> None:
         from model.training import train_sketch
 
@@ -148,12 +160,7 @@ class Trainer:
         alive = training.alive_key(job.run_id)
         self.redis.set(alive, self.name, ex=training.ALIVE_TTL_S)
         done = threading.Event()
-
-        def keep_alive() -> None:
-            while not done.wait(training.ALIVE_TTL_S / 3):
-                self.redis.set(alive, self.name, ex=training.ALIVE_TTL_S)
-
-        threading.Thread(target=keep_alive, name="trainer-alive", daemon=True).start()
+        threading.Thread(target=self.keep_alive, args=(job.run_id, done), name="trainer-alive", daemon=True).start()
         epochs = job.options.epochs
         self.emit(training.TrainingEvent(run_id=job.run_id, kind="started", trainer=self.name, epochs=epochs))
         out = self.settings.trained_dir / job.model / f"v{job.version}"

@@ -292,6 +292,10 @@ async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> 
         await training_service.fail_stale(session=session, redis=redis)
         statuses = {r.version: r.status for r in await training_service.list_runs(session=session, model="sketch")}
     assert statuses == {50: "running", 51: "failed"}
+    # A trainer that lost its key but lives on is told to stop, as at a cancel: no model it trains
+    # to the end is left unregistered in the store.
+    assert await redis.exists(training.cancel_key(str(runs[1].id)))
+    assert not await redis.exists(training.cancel_key(str(runs[0].id)))
 
 
 async def _event_group_ready(redis: Any) -> bool:

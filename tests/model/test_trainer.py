@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import cast
 
+import pytest
 import redis
 
 from contracts import training
@@ -46,6 +47,29 @@ def test_a_run_with_an_option_the_trainer_does_not_know_fails_and_the_trainer_go
     finally:
         trainer.stop()
         loop.join(10)
+
+
+def test_the_liveness_key_is_renewed_again_after_redis_comes_back(
+    private_redis: RedisServer, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis restart during a run: the renewals go on once it is back. The first error used to
+    end them, and the API then failed the live run as one whose trainer stopped."""
+    monkeypatch.setattr(training, "ALIVE_TTL_S", 3)  # a renewal every second
+    r = redis.Redis.from_url(private_redis.url)
+    trainer = Trainer(model_settings.model_copy(update={"redis_url": private_redis.url, "worker_id": "trainer-test"}))
+    done = threading.Event()
+    beats = threading.Thread(target=trainer.keep_alive, args=("blip", done), daemon=True)
+    beats.start()
+    try:
+        wait_until(lambda: bool(r.exists(training.alive_key("blip"))), 10, "the first renewal")
+        private_redis.stop()
+        time.sleep(2.5)  # two renewals fail
+        private_redis.start()
+        wait_until(lambda: bool(r.exists(training.alive_key("blip"))), 10, "a renewal after the restart")
+        assert beats.is_alive()
+    finally:
+        done.set()
+        beats.join(5)
 
 
 def events_of(r: redis.Redis, count: int, within: float = 30) -> list[training.TrainingEvent]:

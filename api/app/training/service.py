@@ -36,6 +36,7 @@ from api.app.releases import service as releases
 from api.app.training.models import TrainingRun
 from contracts import training
 from contracts.registry import ModelEntry, Preprocessing
+from contracts.streams import REDIS_ERRORS
 
 log = logging.getLogger("api.training")
 
@@ -594,6 +595,12 @@ async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
         )
         failed += cast(CursorResult[Any], changed).rowcount
         await session.commit()
+        if error == TRAINER_STOPPED:
+            # A trainer that lost its liveness key but lives on (Redis out of its reach longer
+            # than the key's lifetime) stops at its next epoch and leaves nothing of the version,
+            # as at a cancel, instead of finishing a model no run will register.
+            with contextlib.suppress(*REDIS_ERRORS):
+                await redis.set(training.cancel_key(str(run_id)), "1", ex=7 * 86400)
     return failed
 
 
