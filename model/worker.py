@@ -123,7 +123,9 @@ class Worker:
         self._last_reclaim = 0.0
         self._last_forget = 0.0
         self._own_taken_back: set[str] = set()
-        """The streams where the jobs an earlier process of this worker's name left were taken back."""
+        """The streams where the jobs held under this worker's own name were taken back since it
+        (re)connected to Redis: those left by an earlier process of its name, or delivered to it
+        just as Redis went away (the reply lost, the delivery kept)."""
         self.peers = 1
         """Live workers, this one included, as last counted by the heartbeat thread."""
         self.failed = FailedLoads(settings)
@@ -402,6 +404,11 @@ class Worker:
                     self.jobs.ensure_groups(self.models)
                     self.publish_labels()
                     self.send_heartbeat()
+                    # A job delivered as Redis went away stays pending under this worker's name:
+                    # taken back in the next step, as at start, not after VISIBILITY_TIMEOUT_MS
+                    # (as long as a one-call prediction waits for its answer).
+                    self._own_taken_back.clear()
+                    self._last_reclaim = 0.0
                     groups_ready = True
                     if not started:
                         hb.start()

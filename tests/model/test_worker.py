@@ -22,7 +22,16 @@ from contracts.messages import FAILED_TO_LOAD, Heartbeat, JobMessage, ResultMess
 from model.config import ModelSettings
 from model.worker import STOPPED_WORKER_MIN_IDLE_MS, Worker
 from tests.images import encode
-from tests.support import PHOTOS, ROOT, RedisServer, entries, start_worker, streams_read, wait_for_worker
+from tests.support import (
+    PHOTOS,
+    ROOT,
+    RedisServer,
+    entries,
+    start_worker,
+    streams_read,
+    wait_for_worker,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +361,42 @@ def test_a_restarted_worker_takes_back_its_own_jobs_and_a_stopped_workers_at_onc
     }
     assert answers[own.job_id].status == answers[orphan.job_id].status == "done"
     assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0
+
+
+def test_a_job_delivered_as_redis_goes_away_is_taken_back_at_once_after_the_reconnect(tmp_path: Path) -> None:
+    """Redis stops (its data kept) just after it delivered a job to a running worker, whose reply
+    is lost: the job stays pending under the worker's own name, and the worker takes it back as
+    soon as it reconnects, not after VISIBILITY_TIMEOUT_MS (one call's deadline)."""
+    server = RedisServer("--appendonly", "yes", "--dir", str(tmp_path))
+    server.start()
+    name = f"reconnecting-owner-{time.monotonic_ns()}"
+    worker = start_worker(name, server.url, SERVE_MODELS="sketch@1", VISIBILITY_TIMEOUT_MS="600000")
+    try:
+        wait_for_worker(server.url, worker)
+        client = redis.Redis.from_url(server.url)
+        stream = keys.job_stream("sketch", 1)
+        job = sketch_job(encode(Image.new("L", (280, 280), 255), "PNG"))
+        # Added and delivered under the worker's name at once: as a delivery whose reply was lost.
+        with client.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, job.to_fields())
+            pipe.xreadgroup(keys.JOB_GROUP, name, {stream: ">"}, count=1)
+            pipe.execute()
+        server.stop()
+        time.sleep(1.5)  # the worker sees the outage
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 1  # kept by the append-only file
+
+        def answered() -> bool:
+            if not worker.alive():
+                raise RuntimeError(f"worker {name} exited:\n{worker.log()[-3000:]}")
+            return any(
+                ResultMessage.from_fields(f).job_id == job.job_id
+                for _id, f in entries(client.xrange(keys.RESULT_STREAM))
+            )
+
+        wait_until(answered, 15, "the job delivered as Redis went away to be answered")
+        assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0
+    finally:
+        worker.stop()
+        server.stop()
