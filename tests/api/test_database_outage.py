@@ -22,12 +22,13 @@ from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.errors import OutageLog
 from api.app.images.storage import LocalBlobStore
 from api.app.main import create_app
-from api.app.predictions import background
+from api.app.predictions import background, service
 from api.prestart import migrate, seed_admin
 from contracts import keys
-from contracts.messages import Timings
+from contracts.messages import JobMessage, Timings
 from tests.api.conftest import done_answer
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, client_for
+from tests.images import noise_png
 from tests.support import PostgresServer, RedisServer
 
 
@@ -311,3 +312,60 @@ async def test_an_answer_refused_so_during_a_restart_is_retried_not_dead_lettere
     dead = await client.xlen(keys.RESULT_DEAD_LETTER_STREAM)
     await client.aclose()
     assert (pending["pending"], dead) == (1, 0), (pending, dead)
+
+
+async def queued_prediction(
+    client: httpx.AsyncClient, redis: Redis, headers: dict[str, str]
+) -> tuple[asyncio.Task[httpx.Response], JobMessage]:
+    """A /model/predict request waiting for its answer, and its job's message in the queue (no
+    worker reads it)."""
+    stream = keys.job_stream("mobilenet_v2", 1)
+    before = await redis.xlen(stream)
+    waiting = asyncio.create_task(
+        client.post("/model/predict?models=mobilenet_v2@1", files={"file": ("n.png", noise_png())}, headers=headers)
+    )
+    deadline = time.monotonic() + 10
+    while len(queued := cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(stream))) == before:
+        assert time.monotonic() < deadline and not waiting.done(), "the job was never queued"
+        await asyncio.sleep(0.1)
+    return waiting, JobMessage.model_validate_json(queued[-1][1][b"meta"])
+
+
+async def test_a_one_call_prediction_waits_through_a_short_database_outage(
+    private_postgres: PostgresServer, private_redis: RedisServer, settings: Settings, everything_served: None
+) -> None:
+    """/model/predict accepted and waiting for its worker while PostgreSQL is down for a few
+    seconds: the job's existence checks (every GONE_CHECK_SECONDS) meet the outage, the wait goes
+    on, and the worker's answer once PostgreSQL is back is the 200 the client waits for, not a
+    503 telling it to retry (a duplicate job, and no id to fetch this one's answer). Ended by the
+    outage after all, the 503 names the job."""
+    private = settings.model_copy(update={"database_url": private_postgres.url, "redis_url": private_redis.url})
+    await asyncio.to_thread(migrate, private.database_url)
+    await seed_admin(private)
+    redis = Redis.from_url(private.redis_url)
+    async for client in client_for(create_app(private)):
+        r = await client.post("/login", data=LOGIN)
+        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        waiting, job = await queued_prediction(client, redis, headers)
+        await asyncio.to_thread(private_postgres.stop)
+        await asyncio.sleep(2 * service.GONE_CHECK_SECONDS + 1)  # two existence checks meet the outage
+        assert not waiting.done(), waiting.result().text
+        await asyncio.to_thread(private_postgres.start)
+        answer = done_answer(
+            job.job_id, job.prediction_id, "cat", model="mobilenet_v2", request_id=job.request_id, worker_id="w"
+        )
+        await redis.xadd(keys.RESULT_STREAM, answer.to_fields())  # the worker answers
+        r = await asyncio.wait_for(waiting, 30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["job_id"] == job.job_id and body["prediction"] == "cat", body
+
+        # A bare wake-up (no answers in it) has the answers read from PostgreSQL, down by then.
+        waiting, job = await queued_prediction(client, redis, headers)
+        await asyncio.to_thread(private_postgres.stop)
+        await redis.lpush(keys.job_done_key(job.job_id), b"")
+        r = await asyncio.wait_for(waiting, 30)
+        assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+        assert f"/v1/predictions/{job.job_id}" in r.json()["detail"], r.text
+        await asyncio.to_thread(private_postgres.start)
+    await redis.aclose()

@@ -28,7 +28,7 @@ from api.app.core import metrics
 from api.app.core.config import Settings
 from api.app.core.db import OWNER_KEY_SHARE
 from api.app.core.driver import DriverStatement, driver_connection
-from api.app.core.errors import violated_constraint
+from api.app.core.errors import outage_of, violated_constraint
 from api.app.core.paging import KeysetPage, count_of, split_page
 from api.app.examples import service as examples
 from api.app.images import service as images_service
@@ -444,7 +444,9 @@ async def predict_and_wait(
 
     The models are checked before the body is read, and nothing is stored before admission.
     Raises as ``submit`` does (``ground_truth`` too), plus 413/415/422 for the upload and 504
-    when the deadline passes (the job then goes on and can be read by its id).
+    when the deadline passes (the job then goes on and can be read by its id); a PostgreSQL outage
+    while waiting does not end the wait, but one (or a Redis outage) that keeps the answer from
+    being read is a 503 naming the job's id, as the 504 does.
     """
     entries, shadows, truth = await _route(
         redis=redis,
@@ -473,15 +475,27 @@ async def predict_and_wait(
         ground_truth=truth,
     )
     answers: list[PredictionPublic] | None = None
-    if job.status in UNFINISHED:
-        # Hand the database connection back while waiting: waiters must not exhaust the pool.
-        await session.close()
-        done = await _wait_while_the_job_exists(
-            reader=reader, blocking_redis=blocking_redis, job_id=job.id, seconds=settings.predict_deadline_seconds
-        )
-        answers = answers_from_payload(done)
-    if answers is None:
-        answers = [PredictionPublic.from_row(p) for p in await job_predictions(session=reader, job_id=job.id)]
+    try:
+        if job.status in UNFINISHED:
+            # Hand the database connection back while waiting: waiters must not exhaust the pool.
+            await session.close()
+            done = await _wait_while_the_job_exists(
+                reader=reader, blocking_redis=blocking_redis, job_id=job.id, seconds=settings.predict_deadline_seconds
+            )
+            answers = answers_from_payload(done)
+        if answers is None:
+            answers = [PredictionPublic.from_row(p) for p in await job_predictions(session=reader, job_id=job.id)]
+    except Exception as exc:
+        # The job is stored and goes on: a client told only to retry would make a duplicate and
+        # could never fetch this one's answer, so the 503 names the job, as the 504 does.
+        if (dependency := outage_of(exc)) is None:
+            raise
+        name = "The database" if dependency == "postgresql" else "A service the portal needs (Redis)"
+        raise _unavailable(
+            f"{name} is unavailable; the prediction was stored and goes on:"
+            f" GET /v1/predictions/{job.id} gives its answer.",
+            settings,
+        ) from exc
     return ClassicPrediction.from_answers(job_id=job.id, file_name=image.file_name, answers=answers)
 
 
@@ -494,7 +508,8 @@ async def _wait_while_the_job_exists(
     *, reader: AsyncSession, blocking_redis: Redis, job_id: uuid.UUID, seconds: float
 ) -> bytes:
     """The job's notification once it is finished; 404 soon after the job is deleted, 504 when
-    ``seconds`` pass first."""
+    ``seconds`` pass first. PostgreSQL out of reach does not end the wait: the answer comes
+    through Redis, and the job is checked again once PostgreSQL is back."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     while (remaining := deadline - loop.time()) > 0:
@@ -503,6 +518,10 @@ async def _wait_while_the_job_exists(
             return done
         try:
             exists = await reader.scalar(select(Job.id).where(Job.id == job_id)) is not None
+        except Exception as exc:
+            if outage_of(exc) != "postgresql":
+                raise
+            exists = True  # unknown during the outage: the job was stored, so wait on
         finally:
             await reader.close()  # no connection held between checks
         if not exists:
