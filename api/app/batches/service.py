@@ -5,8 +5,6 @@ images are computed once, and the jobs go through the batch lane (``lane``)."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import csv
 import functools
 import hashlib
@@ -50,6 +48,7 @@ from api.app.catalog.service import ModelAvailability, WorkerDirectory, resolve_
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS
 from api.app.core.fields import INT32_MAX, storable
+from api.app.core.paging import opaque, unwrap
 from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
@@ -645,17 +644,15 @@ class ResultKey:
 
     def encode(self) -> str:
         """An opaque, URL-safe cursor (base64 of ``<batch id>|<position>|<item id>|<model position>``)."""
-        raw = f"{self.batch_id}|{self.position}|{self.item_id}|{self.model_position}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return opaque(f"{self.batch_id}|{self.position}|{self.item_id}|{self.model_position}")
 
     @classmethod
     def decode(cls, text: str) -> ResultKey:
         """The key ``encode`` made; ValueError for anything else."""
         try:
-            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-            batch_id, position, item_id, model_position = raw.split("|")
+            batch_id, position, item_id, model_position = unwrap(text).split("|")
             key = cls(uuid.UUID(batch_id), int(position), uuid.UUID(item_id), int(model_position))
-        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        except ValueError as exc:
             raise ValueError("not a cursor this API gave") from exc
         if not (0 <= key.position <= INT32_MAX and -1 <= key.model_position <= INT32_MAX):
             raise ValueError("not a cursor this API gave")

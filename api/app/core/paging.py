@@ -23,6 +23,19 @@ KeyedT = TypeVar("KeyedT")
 RowT = TypeVar("RowT")
 
 
+def opaque(raw: str) -> str:
+    """``raw`` as an opaque, URL-safe cursor string (base64 without padding)."""
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def unwrap(text: str) -> str:
+    """What ``opaque`` wrapped; ValueError for anything else."""
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ValueError("not a cursor this API gave") from exc
+
+
 @dataclass(frozen=True)
 class Cursor:
     """Where a page ends: the ``created_at`` and ``id`` of its last row."""
@@ -32,20 +45,18 @@ class Cursor:
 
     def encode(self) -> str:
         """An opaque, URL-safe string (base64 of ``<ISO time>|<uuid>``)."""
-        raw = f"{self.created_at.isoformat()}|{self.id}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return opaque(f"{self.created_at.isoformat()}|{self.id}")
 
     @classmethod
     def decode(cls, text: str) -> Cursor:
         """The cursor ``encode`` made; ValueError for anything else."""
         try:
-            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-            when, _, key = raw.partition("|")
+            when, _, key = unwrap(text).partition("|")
             created_at = datetime.fromisoformat(when)
             if created_at.tzinfo is None:
                 raise ValueError("a cursor's time carries its zone")
             return cls(created_at, uuid.UUID(key))
-        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        except ValueError as exc:
             raise ValueError("not a cursor this API gave") from exc
 
 
