@@ -24,6 +24,7 @@ from sqlalchemy import text
 from api.app.batches import service
 from api.app.batches.models import Batch, BatchItem
 from api.app.predictions.models import Job, Prediction
+from contracts.keys import BATCH_REQUEST_PREFIX
 from tests.conftest import Users
 from tests.images import noise_png
 
@@ -326,7 +327,6 @@ async def test_the_eta_counts_the_pace_from_when_the_batch_was_received(
         entries=400,
         fully_received=True,
         created_at=started,
-        received_at=now() - timedelta(seconds=2),
     )
     async with app.state.sessionmaker() as session:
         session.add(batch)
@@ -339,16 +339,25 @@ async def test_the_eta_counts_the_pace_from_when_the_batch_was_received(
                 status="done" if answered else "pending",
                 deadline_at=now() + timedelta(days=1),
                 finished_at=now() - timedelta(seconds=1) if answered else None,
-                request_id=f"batch:{batch.id}",
+                request_id=f"{BATCH_REQUEST_PREFIX}{batch.id}",
             )
             session.add(job)
             await session.flush()
+            # Each job asks model-0@1, which no worker serves: the lanes of this process's APIs
+            # leave these jobs pending (a job asking nothing would be queued, one at a look, ahead
+            # of every later test's batch, and never answered).
+            session.add(answer(job.id, 0, "model-0", status="done" if answered else "pending"))
             session.add(
                 BatchItem(batch_id=batch.id, position=n, file_name=f"{n}.png", sha256=A, image_id=image, job_id=job.id)
             )
+        # Received 2 s ago when counted, however long the rows took to insert.
+        batch.received_at = now() - timedelta(seconds=2)
         await session.commit()
         # The service's figure: the route drops it while no worker serves the batch's model.
         counts = await service.counts(session=session, batch=batch)
+        # Nothing left running for the tests after this one.
+        batch.status, batch.finished_at = "cancelled", now()
+        await session.commit()
     assert counts.done == 6 and counts.queued == 394, counts
     assert counts.eta_seconds is not None and 60 <= counts.eta_seconds <= 200, counts  # 394 at 3 a second: 131 s
 

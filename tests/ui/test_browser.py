@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -83,7 +84,12 @@ def shot(driver: WebDriver, name: str) -> None:
 
 
 def text_appears(driver: WebDriver, text: str, timeout: float = 60) -> None:
-    WebDriverWait(driver, timeout).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
+    """Waits for ``text`` on the page; a timeout says what the page showed instead."""
+    try:
+        WebDriverWait(driver, timeout).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
+    except TimeoutException:
+        shown = driver.find_element(By.TAG_NAME, "body").text
+        raise AssertionError(f"{text!r} not shown within {timeout} s; the page showed:\n{shown[-3000:]}") from None
 
 
 def scroll_to(driver: WebDriver, text: str) -> None:
@@ -184,7 +190,6 @@ def sketch_canvas(browser: WebDriver) -> tuple[WebElement, WebElement]:
 
 def draw(browser: WebDriver, canvas: WebElement, points: list[tuple[int, int]]) -> None:
     """One stroke through ``points`` (offsets from the canvas's centre), then the rerun it causes."""
-    from selenium.webdriver.common.action_chains import ActionChains
 
     actions = ActionChains(browser).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
