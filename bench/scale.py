@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import statistics
 import time
 import uuid
@@ -28,6 +29,8 @@ import asyncpg
 log = logging.getLogger("bench.scale")
 
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+"""Where the throwaway database is made unless ``--admin-dsn`` or TEST_POSTGRES_ADMIN_DSN say otherwise."""
 HEAVY_SHARE = 6
 """Every sixth image, job and prediction belongs to one heavy user: their lists are deep."""
 MODELS = (("mobilenet_v2", 1), ("sketch", 3), ("resnet50", 1), ("sketch", 2))
@@ -194,7 +197,7 @@ async def measure(
     shape: Shape,
     *,
     base: Any = None,
-    admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres",
+    admin_dsn: str = ADMIN_DSN,
     repeat: int = 20,
 ) -> list[Timing]:
     """Grows a throwaway database (dropped afterwards; created through ``admin_dsn``) to
@@ -297,7 +300,7 @@ async def _time_routes(
 
 async def _main(args: argparse.Namespace) -> None:
     shape = Shape(users=args.users, images=args.images, feedback=args.feedback, days=args.days)
-    timings = await measure(shape)
+    timings = await measure(shape, admin_dsn=args.admin_dsn)
     text = table(timings, shape)
     print(text)
     out = ROOT / "docs" / "benchmarks" / "scale.md"
@@ -305,10 +308,22 @@ async def _main(args: argparse.Namespace) -> None:
     out.write_text("# Data at scale\n\nMeasured by `python -m bench.scale`.\n\n" + text)
 
 
-if __name__ == "__main__":
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's shape and ``admin_dsn`` (``--admin-dsn``, else TEST_POSTGRES_ADMIN_DSN,
+    else ADMIN_DSN)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=Shape.users)
     parser.add_argument("--images", type=int, default=Shape.images)
     parser.add_argument("--feedback", type=int, default=Shape.feedback)
     parser.add_argument("--days", type=int, default=Shape.days)
-    asyncio.run(_main(parser.parse_args()))
+    parser.add_argument(
+        "--admin-dsn",
+        default=os.environ.get("TEST_POSTGRES_ADMIN_DSN", ADMIN_DSN),
+        help="the server and role that create and drop the throwaway database "
+        "(default: TEST_POSTGRES_ADMIN_DSN, else %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(_main(arguments()))

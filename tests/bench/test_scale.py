@@ -30,3 +30,16 @@ async def test_stats_and_deep_list_pages_stay_fast_at_a_million_predictions(sett
     assert len(timings) >= 10 and timings[-1].route.startswith("POST /v1/admin/exports")
     slow = [t for t in timings if t.p50_ms >= LIMIT_MS]
     assert not slow, table(timings, shape)
+
+
+def test_the_command_makes_its_database_where_it_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--admin-dsn``, else TEST_POSTGRES_ADMIN_DSN (the server the suite uses), else the local
+    default: never a server the command line and the environment did not name when they name one."""
+    from bench.scale import ADMIN_DSN, arguments
+
+    monkeypatch.delenv("TEST_POSTGRES_ADMIN_DSN", raising=False)
+    assert arguments([]).admin_dsn == ADMIN_DSN
+    monkeypatch.setenv("TEST_POSTGRES_ADMIN_DSN", "postgresql://postgres@10.0.0.7:6543/postgres")
+    assert arguments([]).admin_dsn == "postgresql://postgres@10.0.0.7:6543/postgres"
+    given = "postgresql://admin@db.example:5432/postgres"
+    assert arguments(["--admin-dsn", given]).admin_dsn == given
