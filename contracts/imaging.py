@@ -190,7 +190,10 @@ def _reason(exc: Exception) -> str:
 
 def _orientation(img: Image.Image) -> int:
     """The EXIF Orientation (1-8), 1 when absent or unreadable: a malformed EXIF block elsewhere
-    (a GPS entry of the wrong type, say) must not cost the picture its rotation."""
+    (a GPS entry of the wrong type, say) must not cost the picture its rotation.
+
+    Only for an image already loaded: a PNG's ``getexif`` loads the pixels, and a decoding error
+    there would be taken for an unreadable EXIF block."""
     try:
         value = img.getexif().get(_ORIENTATION, 1)
     except Exception:
@@ -218,12 +221,15 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
     with _classified():
         img = _open(data)
         _check_pixels(img, max_pixels)
-        width, height = img.size
-        # Pillow reports a TIFF's size upright already (and turns its pixels as it loads them).
-        turned = _orientation(img) in (5, 6, 7, 8) and img.format != "TIFF"
-        w, h = (height, width) if turned else (width, height)
+        width, height = img.size  # before ``draft`` shrinks a JPEG's
         fmt = "JPEG" if img.format in _JPEG_FORMATS else str(img.format)
+        # Decoded before the orientation is read, as ``load_image`` does: reading a PNG's EXIF loads
+        # its pixels, and ``_orientation`` would swallow a decoding error that a second load, finding
+        # nothing left to decode, would then leave unsaid (a corrupt PNG taken, to fail in a worker).
         upright = _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
+        # Pillow reports a TIFF's size upright already (and turns its pixels as it loads them).
+        turned = _orientation(img) in (5, 6, 7, 8) and fmt != "TIFF"
+        w, h = (height, width) if turned else (width, height)
         stats = PixelStats.of(upright)
         preview = None
         if preview_size is not None and fmt != "JPEG" and max(w, h) > preview_size:

@@ -169,6 +169,44 @@ def test_an_upload_that_is_not_multipart_is_415(api: tuple[Service, str]) -> Non
         assert r.headers["x-request-id"]
 
 
+BIRD = (PHOTOS / "bird.bmp").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/plain", b"owl.jpg"),
+        ("text/plain", BIRD),
+        ("application/json", b'{"image_ids": [], "models": "sketch@3"}'),
+        ("application/json", b'{"comment": "' + b"x" * 148_000 + b'"}'),
+        ("application/zip", BIRD),
+        (None, BIRD),
+    ],
+    ids=["small-text", "large-text", "small-json", "large-json", "large-zip", "large-untyped"],
+)
+def test_a_batch_that_is_not_a_form_is_415_whatever_its_size(
+    api: tuple[Service, str], content_type: str | None, body: bytes
+) -> None:
+    """Text, JSON or a raw zip sent to the batch route is the wrong encoding: small, not an empty
+    form (422); larger than 64 KiB, not a form too large (413)."""
+    _, url = api
+    headers = {"Authorization": f"Bearer {token(url)}"} | ({"Content-Type": content_type} if content_type else {})
+    r = httpx.post(f"{url}/v1/batches", content=body, headers=headers)
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"], r.text
+    assert r.headers["x-request-id"]
+
+
+def test_a_batch_form_url_encoded_or_without_a_body_reaches_the_route(api: tuple[Service, str]) -> None:
+    """The batch route's own encodings pass: a URL-encoded form, and no body at all (both empty
+    batches here, which the route refuses as such)."""
+    _, url = api
+    auth = {"Authorization": f"Bearer {token(url)}"}
+    r = httpx.post(f"{url}/v1/batches", data={"image_ids": "", "models": ""}, headers=auth)
+    assert r.status_code == 422 and "empty" in r.json()["detail"], r.text
+    r = httpx.post(f"{url}/v1/batches", headers=auth)
+    assert r.status_code == 422 and "empty" in r.json()["detail"], r.text
+
+
 def test_health_answers_head(api: tuple[Service, str]) -> None:
     _, url = api
     assert httpx.head(f"{url}/health/live").status_code == 200

@@ -15,6 +15,7 @@ from PIL import Image
 from api.app.core.config import Settings
 from tests.conftest import Users
 from tests.images import animated_gif, encode, png_bomb, split_colour
+from tests.support import PHOTOS
 
 
 async def upload(
@@ -49,10 +50,19 @@ async def test_upload_returns_record_and_dedups_blobs(
     assert not any(settings.storage_dir.rglob(sha))
 
 
+def damaged_png() -> bytes:
+    """A photo as PNG with 16 bytes in the middle of its pixel data overwritten: Pillow opens it,
+    and decoding it fails."""
+    data = bytearray(encode(Image.open(PHOTOS / "parrot.jpg").convert("RGB"), "PNG"))
+    data[len(data) // 2 : len(data) // 2 + 16] = b"\xff" * 16
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     ("name", "data", "status", "words"),
     [
         ("empty.jpg", b"", 415, "empty"),
+        ("damaged.png", damaged_png(), 422, "truncated or corrupt"),
         ("doc.jpg", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", 415, "not an image"),
         ("notes.png", b"hello, this is text", 415, "not an image"),
         ("cut.jpg", encode(split_colour(256), "JPEG")[:-700], 422, "truncated"),

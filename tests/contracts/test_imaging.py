@@ -13,7 +13,7 @@ from PIL import Image
 
 from contracts.imaging import HEAD_BYTES, ImageRejected, inspect_image, load_image, may_be_image
 from tests.images import animated_gif, encode, exif_rotated_jpeg, png_bomb, sixteen_bit_png, split_colour
-from tests.support import ROOT
+from tests.support import PHOTOS, ROOT
 
 MAX = 50_000_000
 
@@ -220,3 +220,56 @@ def test_the_first_bytes_tell_every_supported_format_from_other_files() -> None:
         assert not may_be_image(other), other
         with pytest.raises(ImageRejected):
             inspect_image(other, max_pixels=MAX)
+
+
+def _corrupted(data: bytes, quarter: int, kind: str) -> bytes:
+    """``data`` damaged at ``quarter`` quarters of its length: 16 bytes set to 0xFF ("ff"), 64
+    bytes set to zero ("zero") or one bit flipped ("flip")."""
+    at = len(data) * quarter // 4
+    damaged = bytearray(data)
+    if kind == "ff":
+        damaged[at : at + 16] = b"\xff" * 16
+    elif kind == "zero":
+        damaged[at : at + 64] = bytes(64)
+    else:
+        damaged[at] ^= 0x10
+    return bytes(damaged)
+
+
+def _a_worker_decodes(data: bytes) -> bool:
+    """Whether a worker reads ``data`` as each kind of model does: a photo model's RGB (a JPEG
+    drafted towards 224 pixels), a sketch model's greyscale in full."""
+    try:
+        load_image(data, mode="RGB", draft_size=(224, 224))
+        load_image(data, mode="L")
+    except ImageRejected:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("GIF", {}), ("TIFF", {"compression": "tiff_deflate"})],
+)
+def test_a_damaged_photo_is_refused_exactly_when_a_worker_could_not_decode_it(
+    fmt: str, options: dict[str, object]
+) -> None:
+    """A real photo damaged at a quarter, half and three quarters of its bytes, three ways each:
+    the check either refuses it (422, truncated or corrupt) or a worker decodes it, never neither.
+    A PNG's pixels are checksummed, so every damaged one is refused: reading its EXIF (which loads
+    the pixels) before decoding them must not hide the decoding error."""
+    data = encode(Image.open(PHOTOS / "parrot.jpg").convert("RGB"), fmt, **options)
+    taken = []
+    for quarter in (1, 2, 3):
+        for kind in ("ff", "zero", "flip"):
+            damaged = _corrupted(data, quarter, kind)
+            try:
+                inspect_image(damaged, max_pixels=MAX)
+                accepted = True
+            except ImageRejected as exc:
+                assert exc.status == 422 and "truncated or corrupt" in exc.message, (quarter, kind, exc.message)
+                accepted = False
+            assert accepted == _a_worker_decodes(damaged), (fmt, quarter, kind, accepted)
+            taken.append(accepted)
+    if fmt == "PNG":
+        assert not any(taken), taken

@@ -56,10 +56,13 @@ class Member:
 
 
 def unsafe_name(name: str) -> bool:
-    """Whether extracting ``name`` could write outside the target folder."""
+    """Whether extracting ``name`` could write outside the target folder: an absolute path
+    (``/x``, ``C:/x``, ``C:\\x``) or one with a ``..`` part, '/' and '\\' both separators."""
     normal = name.replace("\\", "/")
-    # A drive is a letter then ':' (C:, c:/x); '4:3/owl.jpg' or '1:30 pm.jpg' are plain names.
-    if normal.startswith("/") or (normal[:1] in string.ascii_letters and normal[1:2] == ":"):
+    # A drive is a letter, ':' and a separator (C:/x). Without the separator, 'D:holiday.jpg' is
+    # a file name POSIX allows, as '4:3/owl.jpg' and '1:30 pm.jpg' are: entries are only read,
+    # never extracted, and a user's ordinary file name must not cost the whole batch.
+    if normal.startswith("/") or (normal[:1] in string.ascii_letters and normal[1:3] == ":/"):
         return True
     return ".." in PurePosixPath(normal).parts
 

@@ -55,7 +55,16 @@ IN_PROGRESS: Responses = {
         headers={**RETRY_AFTER, "Location": {"description": "The batch's URL", "schema": {"type": "string"}}},
     )
 }
-CREATE_RESPONSES = {**BAD_REQUEST, **AUTHED, **IN_PROGRESS, **TOO_LARGE, **INVALID, **TOO_MANY, **UNAVAILABLE}
+CREATE_RESPONSES = {
+    **BAD_REQUEST,
+    **AUTHED,
+    **IN_PROGRESS,
+    **TOO_LARGE,
+    415: error("Not a form: send the batch as multipart/form-data"),
+    **INVALID,
+    **TOO_MANY,
+    **UNAVAILABLE,
+}
 
 
 def _ids(text: str) -> list[uuid.UUID]:

@@ -8,7 +8,9 @@ its closing boundary (cut off on the way) is 400 rather than a form missing its 
 carries no valid bearer token, nor anything shaped like an API key, is refused (401) before a byte
 of its body is read. An API key is checked by the route (a database lookup): one that only looks
 right can make the API read at most one upload's limit before its 401. A body that no route
-takes (a wrong address or method) is left to the app's 404 or 405, which never reads it.
+takes (a wrong address or method) is left to the app's 404 or 405, which never reads it. A body
+sent to an upload route in an encoding it does not take (a raw image or zip, JSON, text) is
+refused (415) whatever its size, before it is read.
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ def _closing_delimiter(scope: Scope) -> bytes | None:
     return b"--" + boundary + b"--" if boundary else None
 
 
+BATCH_ENCODING = (
+    "Send the batch as multipart/form-data (curl -F): file parts (images or zips of images), "
+    "image_ids and models; a form of image_ids and models only may also be URL-encoded."
+)
+"""Why a batch sent in any other encoding (a raw zip, JSON, text) is refused (415)."""
+
+
+def _unformed(scope: Scope) -> bool:
+    """Whether the request carries a body that is not a URL-encoded form (the caller has ruled out
+    multipart). A request without a body passes: the route answers that the batch is empty."""
+    if _header(scope, b"content-type").lower().lstrip().startswith("application/x-www-form-urlencoded"):
+        return False
+    length = _header(scope, b"content-length").strip()
+    return (length != "" and length != "0") or _header(scope, b"transfer-encoding") != ""
+
+
 def _routed(scope: Scope) -> bool:
     """Whether a route of the app takes this method at this path (Starlette's own matching; a
     few dozen regular expressions, and only for bodies other than uploads)."""
@@ -76,13 +94,16 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
-        multipart = scope["path"] in UPLOAD_PATHS and _header(scope, b"content-type").lower().lstrip().startswith(
-            "multipart/"
-        )
-        # (A batch may also name stored images only, in a small form without files.)
+        content_type = _header(scope, b"content-type").lower().lstrip()
+        multipart = scope["path"] in UPLOAD_PATHS and content_type.startswith("multipart/")
         if scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS - BATCH_PATHS and not multipart:
             # Else a raw image body would meet the JSON limit and be called too large.
             await _answer(send, 415, "Send the images as multipart/form-data, in fields named file.")
+            return
+        if scope["method"] == "POST" and scope["path"] in BATCH_PATHS and not multipart and _unformed(scope):
+            # Else a raw zip or a JSON body would be read as an empty form (422) or called too
+            # large for one (413), neither of which says what the route takes.
+            await _answer(send, 415, BATCH_ENCODING)
             return
         batch = multipart and scope["path"] in BATCH_PATHS
         limit = (self.batch_limit if batch else self.upload_limit) if multipart else JSON_LIMIT
