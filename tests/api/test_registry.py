@@ -1030,3 +1030,37 @@ async def test_weights_refuse_a_version_that_knows_fewer_classes_unless_forced(
     r = await client.put(weights, json={"weights": {"2": 10, "3": 10}, "reason": "canaries"}, headers=admin)
     assert r.status_code == 200, r.text
     assert {v["version"]: v["weight"] for v in r.json()["versions"]} == {1: 100, 2: 10, 3: 10}
+
+
+async def test_changes_to_two_models_commit_in_the_order_of_their_revisions(own_stack: Stack) -> None:
+    """The revision is the newest change's id, given when its row is written: a change to another
+    model that wrote its row later but committed first made a process read that higher revision
+    and never read the earlier change (weights 40 s out of date until the next change). A change
+    now waits for the registry's lock until the one before it commits."""
+    from api.app.registry import service as registry_service
+
+    sessions = own_stack.app.state.sessionmaker
+    every = {"sketch@1", "sketch@2", "sketch@3", "mobilenet_v2@1", "mobilenet_v2@2"}
+    admin = registry_service.Actor(None, "admin")
+    async with sessions() as first, sessions() as second:
+        # A change to sketch, its row written (its id given) and not yet committed.
+        await registry_service._lock_model(first, "sketch")
+        registry_service._audit(
+            first, actor=admin, action="weights", model="sketch", version=None, before={}, after={}, reason="first"
+        )
+        await first.flush()
+        later = asyncio.create_task(
+            registry_service.set_weights(
+                session=second, actor=admin, name="mobilenet_v2", weights={1: 63}, reason="second", available=every
+            )
+        )
+        await asyncio.sleep(1.0)
+        assert not later.done(), "a change to another model committed before an earlier one"
+        await first.commit()
+        await asyncio.wait_for(later, 30)
+    async with sessions() as session:
+        changes = await session.execute(
+            select(RegistryChange.reason, RegistryChange.id).where(RegistryChange.reason.in_(["first", "second"]))
+        )
+        ids = dict(changes.all())
+    assert ids["first"] < ids["second"], ids

@@ -916,3 +916,27 @@ async def test_training_runs_are_listed_a_page_at_a_time(own_stack: Stack) -> No
     for bad in ({"limit": 0}, {"limit": 201}, {"skip": -1}, {"skip": 10_001}, {"limit": "many"}):
         r = await client.get(url, params=bad, headers=admin)
         assert r.status_code == 422, (bad, r.text)
+
+
+async def test_an_epoch_delivered_again_is_counted_once(own_stack: Stack) -> None:
+    """Training events come at least once (an acknowledgement lost after the run's commit delivers
+    the event again): a run at epoch 1 read "epoch 2" with [1, 1] as its history, and ended
+    "5 of 4"."""
+    sessions = own_stack.app.state.sessionmaker
+    async with sessions() as session:
+        run = a_run(71, status="running", base=1, started_at=datetime.now(UTC))
+        session.add(run)
+        await session.commit()
+        run_id = str(run.id)
+
+    def epoch(n: int) -> training.TrainingEvent:
+        numbers = {"epoch": float(n), "seconds": 10.0 * n, "loss": 1.0 / n, "accuracy": 0.5}
+        return training.TrainingEvent(run_id=run_id, kind="epoch", epoch=n, epochs=4, numbers=numbers)
+
+    for event in (epoch(1), epoch(1), epoch(2), epoch(1), epoch(2), epoch(3)):
+        async with sessions() as session:
+            await training_service.apply_event(session=session, event=event)
+    async with sessions() as session:
+        stored = await session.get(TrainingRun, uuid.UUID(run_id))
+        assert stored is not None
+        assert [entry["epoch"] for entry in stored.history] == [1, 2, 3], stored.history

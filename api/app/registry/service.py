@@ -242,7 +242,12 @@ async def list_changes(
 
 
 async def _lock_model(session: AsyncSession, name: str) -> list[ModelVersion]:
-    """The model's versions, locked until commit, as they are once locked; 404 when it has none."""
+    """The model's versions, locked until commit, as they are once locked; 404 when it has none.
+
+    Takes the registry's lock first: a change's id (the registry's revision, ``revision``) is
+    given when its row is written, and two changes to two models committing out of that order
+    would leave a process that read the higher id between them never reading the lower one's."""
+    await session.execute(REGISTRY_LOCK)
     rows = list(
         await session.scalars(
             select(ModelVersion)

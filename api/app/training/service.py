@@ -527,7 +527,10 @@ async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -
         run.status, run.started_at, run.trainer = "running", now, event.trainer
     elif event.kind == "epoch":
         run.status = "running"
-        run.history = [*run.history, event.numbers]
+        # Events come at least once (an acknowledgement lost after this commit delivers the
+        # event again): an epoch the history has already is not counted twice.
+        if all(int(entry.get("epoch", 0)) != event.epoch for entry in run.history):
+            run.history = [*run.history, event.numbers]
     elif event.kind == "done":
         run.status, run.finished_at, run.record = "done", now, event.record
         base = await base_entry(session=session, name=run.model_name, base_version=run.base_version)
