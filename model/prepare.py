@@ -1,11 +1,12 @@
 """``python -m model.prepare``: make every served model loadable before the workers start.
 
-Trains each registry model that has ``training`` options and no model file yet, and quantizes
-each INT8 version (``quantized_from``) whose file is missing. A model made before from the same
-options, code and data is copied from TRAINING_CACHE_DIR instead (training takes minutes on two
-cores, quantizing ResNet50 about a minute). External weights are not fetched here: Keras downloads
-ImageNet weights itself on first load when allowed, and a missing file is reported by the worker
-as the model's unavailability reason.
+Writes the ImageNet weights file of each ``keras.applications`` version whose file is missing
+(fetched by Keras, when ALLOW_WEIGHT_DOWNLOAD allows it), trains each registry model that has
+``training`` options and no model file yet, and quantizes each INT8 version (``quantized_from``)
+whose file is missing. A model made before from the same options, code and data is copied from
+TRAINING_CACHE_DIR instead (training takes minutes on two cores, quantizing ResNet50 about a
+minute). A file that could not be made is reported by the worker as the model's unavailability
+reason.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contracts.registry import ModelEntry, load_registry, parse_model_ref
+from contracts.registry import ModelEntry, Registry, load_registry, parse_model_ref
 from model import preprocessing
 from model.config import ModelSettings, get_model_settings
 from model.runtimes import ModelUnavailable
@@ -126,6 +127,66 @@ def prepare_quantized(entry: ModelEntry, source: ModelEntry, out: Path, settings
     log.info("%s: quantized in %.0f s", entry.key, time.perf_counter() - start)
 
 
+def imagenet_entries(entries: list[ModelEntry], registry: Registry) -> list[ModelEntry]:
+    """The ``keras.applications`` versions with ImageNet weights from a file that ``entries``
+    need: those among them, and the FP32 versions their INT8 versions are quantized from (each
+    once, in the registry's order)."""
+    needed = {e.key: e for e in entries}
+    for entry in entries:
+        if entry.quantized_from:
+            source = registry.get(entry.quantized_from)
+            needed.setdefault(source.key, source)
+    return [e for e in needed.values() if e.architecture and e.weights == "imagenet" and e.file]
+
+
+def _weights_path(entry: ModelEntry, settings: ModelSettings) -> Path:
+    return entry.resolve(entry.file or "", models_dir=settings.models_dir, trained_dir=settings.trained_dir)
+
+
+def imagenet_model(entry: ModelEntry) -> Any:
+    """``entry``'s ``keras.applications`` model built with ``weights='imagenet'``: Keras downloads
+    them into its cache (KERAS_HOME) unless they are there already. Raises what Keras raises for
+    a failed download, AttributeError for an unknown architecture."""
+    import keras
+
+    builder = getattr(keras.applications, entry.architecture or "")
+    return builder(weights="imagenet", input_shape=(entry.input.height, entry.input.width, 3))
+
+
+def fetch_imagenet_weights(entries: list[ModelEntry], settings: ModelSettings, *, wait: bool = True) -> list[str]:
+    """Writes the weights file (``file``, under MODELS_DIR, a ``.weights.h5``) of each entry with
+    ImageNet weights whose file is missing, so that a worker loads it without a download (the
+    model image's workers run with ALLOW_WEIGHT_DOWNLOAD=false); the keys of the entries whose
+    file is still missing. Without ALLOW_WEIGHT_DOWNLOAD, or when the download fails (no
+    network), it logs and goes on: the worker reports the version unavailable with the reason.
+    ``wait``: wait for another process writing the same file (else leave it to that one)."""
+    for entry in entries:
+        path = _weights_path(entry, settings)
+        if path.exists():
+            log.info("%s: %s present", entry.key, path)
+            continue
+        if not settings.allow_weight_download:
+            log.info("%s: %s missing and weight downloads are disabled; not fetched", entry.key, path)
+            continue
+        try:
+            # Downloaded before the lock is taken: a run that cannot download (no network) leaves
+            # nothing in MODELS_DIR, which may be a shared folder of weights.
+            model = imagenet_model(entry)
+            with version_lock(path, entry.key, wait=wait) as held:
+                if not held:
+                    log.info("%s: another python -m model.prepare is writing it; not waited for", entry.key)
+                elif path.exists():
+                    log.info("%s: %s made meanwhile by another python -m model.prepare", entry.key, path)
+                else:
+                    # Written aside and renamed in: a worker never reads half of it.
+                    with written_into(path) as staging:
+                        model.save_weights(staging / path.name)
+                    log.info("%s: ImageNet weights written to %s", entry.key, path)
+        except Exception as exc:  # no network, a read-only MODELS_DIR: the worker says why it is missing
+            log.warning("%s: ImageNet weights not written to %s: %s", entry.key, path, exc)
+    return [e.key for e in entries if not _weights_path(e, settings).exists()]
+
+
 def keep_in_cache(key: str, folder: Path, cached: Path) -> None:
     # A name of this process's own: two checkouts sharing the cache never write into one folder.
     tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
@@ -145,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         help="quantize and copy what the training cache holds, but train nothing: `make run` starts "
         "serving after this and trains the rest in the background, its workers loading each model once written",
     )
+    parser.add_argument(
+        "--require-weights",
+        action="store_true",
+        help="exit with status 1, before training anything, when an ImageNet weights file a served "
+        "version needs could not be written (the model image's build: its workers download nothing)",
+    )
     args = parser.parse_args(argv)
     # supervisord and `kill` stop it with SIGTERM: exiting as Python does lets the staging folder
     # and the progress note go with it.
@@ -153,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_model_settings()
     registry = load_registry(settings.registry_path)
     served = settings.served_entries(registry)
+    # Before quantizing: an INT8 version is made from its FP32 version's weights file (and the
+    # quantization cache's key names that file).
+    missing = fetch_imagenet_weights(imagenet_entries(served, registry), settings, wait=not args.defer_training)
+    if missing and args.require_weights:
+        log.error("ImageNet weights missing: %s", ", ".join(missing))
+        return 1
     failed = []
     # Trained models first: a quantized version may be made from one of them. Otherwise in the
     # registry's order, which lists the quick 6-category sketch versions first: with `make run`

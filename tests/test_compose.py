@@ -15,6 +15,8 @@ from ui.config import UISettings
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+ONE_SHOT = {"seed-trained"}
+"""Services that run once and exit, which others wait for (service_completed_successfully)."""
 SETTINGS: dict[str, type[BaseSettings]] = {"api": Settings, "model": ModelSettings, "ui": UISettings}
 
 
@@ -26,6 +28,7 @@ def test_services_and_scaling() -> None:
         "model",
         "explainer",
         "trainer",
+        "seed-trained",
         "ui",
         "nginx",
         "prometheus",
@@ -34,13 +37,14 @@ def test_services_and_scaling() -> None:
     assert {n for n, svc in SERVICES.items() if svc.get("profiles")} == {"prometheus", "grafana"}
     for name, service in SERVICES.items():
         assert "container_name" not in service, name
-        assert "healthcheck" in service and service["healthcheck"]["test"], name
+        assert name in ONE_SHOT or ("healthcheck" in service and service["healthcheck"]["test"]), name
         for dep, cond in (service.get("depends_on") or {}).items():
-            assert cond == {"condition": "service_healthy"}, (name, dep)
+            wanted = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert cond == {"condition": wanted}, (name, dep)
     # Scalable: no port, and the one shared disk (trained versions) read-only.
-    assert "ports" not in SERVICES["model"] and SERVICES["model"]["volumes"] == ["trained:/opt/trained:ro"]
+    assert "ports" not in SERVICES["model"] and SERVICES["model"]["volumes"] == ["trained-models:/data/trained:ro"]
     assert SERVICES["trainer"]["command"] == ["python", "-m", "model.trainer"]
-    assert "trained:/opt/trained" in SERVICES["trainer"]["volumes"]
+    assert "trained-models:/data/trained" in SERVICES["trainer"]["volumes"]
     assert SERVICES["explainer"]["command"] == ["python", "-m", "model.explainer"]
 
 
@@ -117,7 +121,7 @@ def test_dockerfiles_are_multi_stage_pinned_non_root_and_lean() -> None:
         installed = "".join((ROOT / "requirements" / f"{r}.txt").read_text() for r in requirements)
         has_tf = "tensorflow" in installed
         assert has_tf == (service == "model"), service
-    assert "weights='imagenet'" in (ROOT / "model" / "Dockerfile").read_text()
+    assert "python -m model.prepare --require-weights" in (ROOT / "model" / "Dockerfile").read_text()
 
 
 def test_env_original_lists_every_setting_current() -> None:
