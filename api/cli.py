@@ -7,7 +7,7 @@ python -m api.cli registry list | history [--model NAME]
 python -m api.cli registry register SPEC.yaml --reason WHY
 python -m api.cli registry weights NAME VERSION=WEIGHT... --reason WHY [--force]
 python -m api.cli registry promote NAME VERSION --reason WHY [--force]
-python -m api.cli registry rollback NAME --reason WHY
+python -m api.cli registry rollback NAME --reason WHY [--from-version N]
 python -m api.cli registry channel NAME VERSION {canary,shadow,retired} --reason WHY
 python -m api.cli registry enable|disable NAME VERSION --reason WHY
 
@@ -227,7 +227,12 @@ async def _registry(args: argparse.Namespace, spec: object, available: dict[str,
             )
         elif args.action == "rollback":
             changed = await registry_service.rollback(
-                session=session, actor=actor, name=args.name, reason=args.reason, available=available.keys()
+                session=session,
+                actor=actor,
+                name=args.name,
+                reason=args.reason,
+                available=available.keys(),
+                from_version=args.from_version,
             )
         else:
             changed = await registry_service.set_channel(
@@ -301,7 +306,13 @@ def _registry_parser(sub: Any) -> None:
     promote.add_argument("name")
     promote.add_argument("version", type=int)
     promote.add_argument("--force", action="store_true", help="even when it compares worse than the stable one")
-    change("rollback", "undo the latest promotion").add_argument("name")
+    rollback = change("rollback", "undo the latest promotion")
+    rollback.add_argument("name")
+    rollback.add_argument(
+        "--from-version",
+        type=int,
+        help="only if this version is the stable one then (two operators rolling back at once undo one promotion, not two)",
+    )
     channel = change("channel", "put a version in canary, shadow or retire it")
     channel.add_argument("name")
     channel.add_argument("version", type=int)

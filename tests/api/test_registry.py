@@ -748,6 +748,10 @@ async def test_the_cli_changes_the_registry_as_the_api_does(own_stack: Stack, tm
     assert done.returncode == 1 and "no version 9" in done.stderr
     done = await asyncio.to_thread(cli, "weights", "sketch", "1", "--reason", "typo")
     assert done.returncode == 1 and "VERSION=WEIGHT" in done.stderr
+    # A rollback from a version that is not the stable one (another operator's rollback came
+    # first) changes nothing.
+    done = await asyncio.to_thread(cli, "rollback", "sketch", "--from-version", "4", "--reason", "worse")
+    assert done.returncode == 1 and "sketch@4 is no longer the stable version (sketch@3 is)" in done.stderr, done
     history = await asyncio.to_thread(cli, "history", "--model", "sketch")
     lines = [line.split("\t") for line in history.stdout.splitlines()]
     assert [(line[2], line[3], line[5]) for line in lines[:2]] == [
