@@ -23,7 +23,7 @@ from PIL import Image
 from contracts import spreadsheets
 from contracts.imaging import load_image
 from contracts.messages import PredictionStatus
-from ui.client import Api, ApiError, Feedback, Job, Prediction
+from ui.client import Api, ApiError, Feedback, Job, Model, Prediction
 from ui.config import get_ui_settings
 from ui.session import Carried, display_name, guarded, models, submits, unlisted_version
 
@@ -39,42 +39,52 @@ def readable_time(iso: str) -> str:
 
 def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
     """Under a "Models" heading, a checkbox per model version that reads ``mode`` input ("RGB":
-    photos, "L": drawings), as the registry says; the default ones (photos) or the stable ones
-    (drawings) checked, or the first available version while none of those is (a stable version
-    not trained yet, say). A box the person ticked or cleared stays so for the session, across
-    photos and pages (Streamlit forgets a widget's state in a run that does not draw it: while no
-    photo is shown, say). Returns the checked references."""
+    photos, "L": drawings), as the registry says. Until the person ticks or clears a box, the
+    boxes follow the registry (``default_models``): a promotion or a rollback moves the tick to
+    the new stable version. Once they have, their choice stays for the session, across photos
+    and pages, while the versions they chose are offered; one the catalog no longer lists
+    (retired, disabled) gives way to its model's stable version, and a note says so. Returns the
+    checked references."""
     st.markdown("**Models**")
-    chosen = []
-    ticked: dict[str, bool] = st.session_state.setdefault(f"{keys_prefix}_ticked", {})
     shown = [m for m in models(api) if m["input"]["mode"] == mode]
-    preferred = [
-        m["ref"] for m in shown if m["available"] and (m["default"] if mode == "RGB" else m["channel"] == "stable")
-    ]
-    stand_in = [] if preferred else [m["ref"] for m in shown if m["available"]][:1]
+    choice_key, note_key = f"{keys_prefix}_choice", f"{keys_prefix}_choice_note"
+    choice: list[str] | None = st.session_state.get(choice_key)  # None: never changed by hand
+    if choice is None:
+        wanted = default_models(shown, mode)
+    else:
+        wanted, replaced = kept_choice(shown, choice)
+        if replaced:
+            st.session_state[note_key] = " ".join(
+                f"{plain(display_name(api, gone))} is no longer offered"
+                + (f": {plain(display_name(api, stable))} is chosen in its place." if stable else ".")
+                for gone, stable in replaced
+            )
+            # Nothing of the choice left (a whole model gone): the registry's defaults again.
+            st.session_state[choice_key] = wanted or None
+            wanted = wanted or default_models(shown, mode)
+    st.session_state[f"{keys_prefix}_wanted"] = wanted  # what a box changed by hand starts from
+    if note := st.session_state.get(note_key):
+        st.info(note)
+    chosen = []
     with st.container(horizontal=True, gap="medium"):  # wraps on a narrow screen
         for m in shown:
             label = m["display_name"] + (" · trial version" if m["channel"] == "canary" else "")
             # The API words the reason plainly for people and in full (paths, errors) for admins.
             help_text = m["description"] if m["available"] else f"Not available right now: {m['reason']}"
-            # Keys of their own while unavailable or standing in: once the version serves (or the
-            # preferred one does), each box starts anew with its default, not as it was left.
-            key = f"{keys_prefix}_{m['ref']}"
-            if not m["available"]:
-                key += "_unavailable"
-            elif m["ref"] in stand_in:
-                key += "_stand_in"
-            default = m["ref"] in preferred or m["ref"] in stand_in
-            if m["available"]:
-                default = ticked.get(m["ref"], default)
+            key = f"{keys_prefix}_{m['ref']}" + ("" if m["available"] else "_unavailable")
+            ticked = m["available"] and m["ref"] in wanted
+            # Set rather than passed as ``value=``: Streamlit ignores that once the box has a state
+            # of its own, so the tick would stay on the version that was stable when it was drawn.
+            # Setting it also tells the browser, which would otherwise send its own value back.
+            if st.session_state.get(key) != ticked:
+                st.session_state[key] = ticked
             box = st.checkbox(
                 label,
-                value=default,
                 disabled=not m["available"],
                 help=help_text,
                 key=key,
-                on_change=_remember_tick,
-                args=(ticked, m["ref"], key),
+                on_change=_ticked_by_hand,
+                args=(keys_prefix, m["ref"], key),
             )
             if box:
                 chosen.append(m["ref"])
@@ -82,6 +92,32 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
         # Said where it shows: a greyed-out box keeps its reason behind its "?".
         st.warning(why)
     return chosen
+
+
+def default_models(shown: list[Model], mode: str) -> list[str]:
+    """The references ticked while the person has not chosen: the default versions (photos) or
+    the stable ones (drawings) that serve, else the first version that serves (a stable version
+    not trained yet, say: a picture can still be sent); none while none serves."""
+    serving = [m for m in shown if m["available"]]
+    preferred = [m["ref"] for m in serving if (m["default"] if mode == "RGB" else m["channel"] == "stable")]
+    return preferred or [m["ref"] for m in serving][:1]
+
+
+def kept_choice(shown: list[Model], choice: list[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """The person's ``choice`` (references) as the catalog ``shown`` offers it now: a version it
+    no longer lists (retired, disabled) is replaced by its model's stable version, or dropped
+    when there is none; and those, as (reference gone, its replacement or None). A version still
+    listed but not serving (no worker alive, say) stays chosen: its box is ticked once it serves."""
+    listed = {m["ref"] for m in shown}
+    kept = [ref for ref in choice if ref in listed]
+    replaced: list[tuple[str, str | None]] = []
+    for gone in (ref for ref in choice if ref not in listed):
+        name = gone.split("@", 1)[0]
+        stable = next((m["ref"] for m in shown if m["name"] == name and m["channel"] == "stable"), None)
+        if stable is not None and stable not in kept:
+            kept.append(stable)
+        replaced.append((gone, stable))
+    return kept, replaced
 
 
 def nothing_to_choose(api: Api, mode: str) -> str | None:
@@ -98,8 +134,18 @@ def nothing_to_choose(api: Api, mode: str) -> str | None:
     return f"No model can be chosen right now. The portal says why:\n{lines}"
 
 
-def _remember_tick(ticked: dict[str, bool], ref: str, key: str) -> None:
-    ticked[ref] = bool(st.session_state[key])
+def _ticked_by_hand(keys_prefix: str, ref: str, key: str) -> None:
+    """A box ticked or cleared by the person: from now on the page keeps their choice (the
+    versions ticked with this change), not the registry's defaults."""
+    # From the choice already made, which another box changed in the same run may have just set.
+    before = st.session_state.get(f"{keys_prefix}_choice")
+    if before is None:
+        before = st.session_state.get(f"{keys_prefix}_wanted", [])
+    choice = [chosen for chosen in before if chosen != ref]
+    if st.session_state[key]:
+        choice.append(ref)
+    st.session_state[f"{keys_prefix}_choice"] = choice
+    st.session_state.pop(f"{keys_prefix}_choice_note", None)  # said, and now answered
 
 
 REPEAT_WINDOW_S = 5.0

@@ -13,12 +13,14 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from jose import jwt
+from streamlit.proto.WidgetStates_pb2 import WidgetState
 from streamlit.testing.v1 import AppTest
+from streamlit.testing.v1.element_tree import Selectbox
 
 from api.app.core.config import Settings
 from contracts.api_keys import Scope
@@ -339,7 +341,8 @@ def test_history_sketch_and_admin_pages_render(api_url: str, portal: tuple[str, 
 
 def picked_export(app: AppTest) -> str:
     """The label of the export the admin page's picker shows."""
-    return str(app.selectbox(key="export_pick").value)
+    picker = app.selectbox(key="export_pick")
+    return picker.options[picker.index or 0]
 
 
 def wait_for_export(api: Api, export_id: str) -> None:
@@ -670,6 +673,123 @@ def test_a_failed_cancel_stays_said_while_the_run_redraws_and_cancel_is_still_of
     assert not app.exception, app.exception
     assert [e.value for e in app.error] == ["The portal is not answering."]
     assert any((b.key or "").startswith("cancel_") for b in app.button)
+
+
+def _training_page() -> None:
+    import time
+
+    import streamlit as st
+
+    from ui.views.admin import _empty_fields, training_tab
+
+    class Runs:
+        """The runs the test keeps in ``runs``, newest first; a run started goes on top, queued."""
+
+        def training_runs(self, model: str | None = None) -> list[dict[str, object]]:
+            return [dict(r) for r in st.session_state["runs"]]
+
+        def start_training(self, model: str, options: dict[str, object], reason: str) -> dict[str, object]:
+            latest = st.session_state["runs"][0]
+            version = int(latest["version"]) + 1
+            run = {**latest, "id": f"run-{version}", "version": version, "status": "queued", "epoch": 0}
+            st.session_state["runs"] = [run, *st.session_state["runs"]]
+            return run
+
+    st.session_state["models"] = []  # no catalog: the form offers "sketch"
+    st.session_state["models_at"] = time.monotonic()
+    _empty_fields()
+    training_tab(Runs())  # type: ignore[arg-type]  # the calls the tab makes
+
+
+def training_run(version: int, status: str) -> dict[str, object]:
+    epoch = {"queued": 0, "running": 2}.get(status, 5)
+    return {
+        "id": f"run-{version}",
+        "model_name": "sketch",
+        "version": version,
+        "base_version": 3,
+        "status": status,
+        "options": {"epochs": 5},
+        "epoch": epoch,
+        "eta_seconds": 20.0 if status == "running" else None,
+        "history": [],
+        "record": None,
+        "error": None,
+        "promotion": None,
+        "requested_by": "admin@example.com",
+        "created_at": f"2026-12-0{version % 9 + 1}T10:00:00Z",
+        "cancel_requested_at": None,
+    }
+
+
+class _BrowserPicker(Selectbox):
+    """The run picker as a browser sends it back with every rerun: the label it holds, which is
+    the one the page last set (or it was first drawn with), or the one the person picked, whether
+    or not it is still offered."""
+
+    held = ""
+
+    @property
+    def _widget_state(self) -> WidgetState:
+        state = WidgetState()
+        state.id = self.id
+        state.string_value = self.held
+        return state
+
+
+def run_as_a_browser(app: AppTest, held: str) -> str:
+    """``app`` run again with the run picker sending ``held``; the label the browser holds then."""
+    picker = app.selectbox(key="train_pick")
+    picker.__class__ = _BrowserPicker
+    cast(_BrowserPicker, picker).held = held
+    app.run()
+    assert not app.exception, app.exception
+    picker = app.selectbox(key="train_pick")
+    return picker.proto.raw_value if picker.proto.set_value else held
+
+
+def run_shown(app: AppTest) -> str:
+    """The version whose run the page shows (its status line names it through its buttons)."""
+    cancel = [str(b.key).removeprefix("cancel_run-") for b in app.button if str(b.key).startswith("cancel_")]
+    said = [c.value for c in app.caption if c.value.startswith(("Done:", "Cancelled:", "Failed:"))]
+    return f"{cancel} {said} {app.session_state['train_chosen']}"
+
+
+def test_a_run_started_stays_picked_as_its_status_changes_and_so_does_one_picked_by_hand() -> None:
+    app = AppTest.from_function(_training_page, default_timeout=30)
+    app.session_state["runs"] = [training_run(12, "done"), training_run(11, "done")]
+    app.run()
+    assert not app.exception, app.exception
+    picker = app.selectbox(key="train_pick")
+    held = picker.proto.raw_value if picker.proto.set_value else picker.options[picker.proto.default]
+    assert held == "sketch@12 (done)"
+
+    app.number_input(key="train_epochs").set_value(5)
+    app.text_input(key="train_reason").input("more drawings")
+    next(b for b in app.button if b.proto.form_id == "start_training").click()
+    held = run_as_a_browser(app, held)
+    assert [s.value for s in app.success] == ["Run queued: sketch@13."]
+    assert run_shown(app) == "['13'] [] run-13"
+    # The new run starts: the page redraws itself, and the browser sends back what it holds.
+    app.session_state["runs"] = [training_run(13, "running"), *app.session_state["runs"][1:]]
+    held = run_as_a_browser(app, held)
+    assert run_shown(app) == "['13'] [] run-13" and held == "sketch@13 (running)"
+    assert any(p.proto.text.startswith("Running: epoch 2 of 5") for p in app.get("progress"))
+    held = run_as_a_browser(app, held)  # a redraw with nothing changed
+    assert run_shown(app) == "['13'] [] run-13"
+
+    # Another run picked by hand stays picked while the running one moves on.
+    held = run_as_a_browser(app, "sketch@12 (done)")
+    assert run_shown(app) == "[] ['Done: epoch 5 of 5.'] run-12"
+    app.session_state["runs"] = [{**training_run(13, "running"), "epoch": 3}, *app.session_state["runs"][1:]]
+    held = run_as_a_browser(app, held)
+    assert held == "sketch@12 (done)" and run_shown(app) == "[] ['Done: epoch 5 of 5.'] run-12"
+    # And a run picked by hand stays picked as its own status changes, under its new label.
+    held = run_as_a_browser(app, "sketch@13 (running)")
+    assert run_shown(app) == "['13'] [] run-13"
+    app.session_state["runs"] = [training_run(13, "done"), *app.session_state["runs"][1:]]
+    held = run_as_a_browser(app, held)
+    assert held == "sketch@13 (done)" and run_shown(app) == "[] ['Done: epoch 5 of 5.'] run-13"
 
 
 def _drift_page() -> None:

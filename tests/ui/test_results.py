@@ -131,3 +131,79 @@ def test_an_incomplete_verdict_met_by_an_ended_session_says_it_was_not_sent() ->
     app = AppTest.from_string(script, default_timeout=30).run()
     assert not app.exception
     assert app.text[0].value == "Your verdict was not sent: choose the right label, or “None of these”."
+
+
+CATALOG = """
+import time
+import streamlit as st
+from ui.client import Api
+from ui.results import choose_models
+
+def model(ref, channel):
+    name, version = ref.split("@")
+    return {
+        "name": name, "version": int(version), "ref": ref, "display_name": f"Sketch {version}", "channel": channel,
+        "description": "", "runtime": "tensorflow", "precision": "fp32",
+        "input": {"height": 28, "width": 28, "mode": "L"}, "num_classes": 2, "labels": ["cat", "fish"],
+        "available": True, "reason": None, "workers": 1, "random_weights": False, "default": False,
+    }
+
+# The catalog as the registry lists it now (a catalog read again: past CATALOG_SECONDS).
+st.session_state["models"] = [model(ref, channel) for ref, channel in st.session_state["channels"].items()]
+st.session_state["models_at"] = time.monotonic()
+st.session_state["chosen"] = choose_models(Api("http://127.0.0.1:9"), "sketch", mode="L")
+"""
+
+BEFORE = {"sketch@1": "canary", "sketch@3": "stable", "sketch@4": "canary"}
+PROMOTED = {"sketch@1": "canary", "sketch@3": "canary", "sketch@4": "stable"}
+
+
+def catalog_page(channels: dict[str, str]) -> AppTest:
+    app = AppTest.from_string(CATALOG, default_timeout=30)
+    app.session_state["channels"] = channels
+    return app.run()
+
+
+def ticks(app: AppTest) -> dict[str, bool]:
+    return {str(box.key).removeprefix("sketch_"): box.value for box in app.checkbox}
+
+
+def test_the_ticks_follow_a_promotion_and_a_rollback_while_the_person_has_not_chosen() -> None:
+    app = catalog_page(BEFORE)
+    assert not app.exception, app.exception
+    assert app.session_state["chosen"] == ["sketch@3"]
+    app.session_state["channels"] = PROMOTED
+    app.run()
+    assert not app.exception, app.exception
+    assert ticks(app) == {"sketch@1": False, "sketch@3": False, "sketch@4": True}
+    assert app.session_state["chosen"] == ["sketch@4"]
+    app.session_state["channels"] = BEFORE  # rolled back
+    app.run()
+    assert ticks(app) == {"sketch@1": False, "sketch@3": True, "sketch@4": False}
+    assert app.session_state["chosen"] == ["sketch@3"] and not app.info
+
+
+def test_a_choice_made_by_hand_stays_and_a_version_retired_gives_way_to_the_stable_one() -> None:
+    app = catalog_page(BEFORE)
+    app.checkbox(key="sketch_sketch@1").check()
+    app.checkbox(key="sketch_sketch@3").uncheck().run()
+    assert app.session_state["chosen"] == ["sketch@1"]
+    app.run()  # rerun with nothing touched
+    assert app.session_state["chosen"] == ["sketch@1"]
+    # A promotion leaves a version chosen by hand chosen while it is still offered.
+    app.session_state["channels"] = PROMOTED
+    app.run()
+    assert ticks(app) == {"sketch@1": True, "sketch@3": False, "sketch@4": False}
+    assert not app.info
+    # Retired: the catalog lists it no more. Its model's stable version takes its place, said once.
+    app.session_state["channels"] = {"sketch@3": "canary", "sketch@4": "stable"}
+    app.run()
+    assert not app.exception, app.exception
+    assert ticks(app) == {"sketch@3": False, "sketch@4": True}
+    assert app.session_state["chosen"] == ["sketch@4"]
+    assert [i.value for i in app.info] == ["sketch@1 is no longer offered: Sketch 4 is chosen in its place."]
+    # The new choice is the person's: it stays as the registry changes again, and the note goes
+    # once they change a box.
+    app.session_state["channels"] = {"sketch@3": "stable", "sketch@4": "canary"}
+    app.checkbox(key="sketch_sketch@3").check().run()
+    assert ticks(app) == {"sketch@3": True, "sketch@4": True} and not app.info

@@ -521,9 +521,7 @@ def training_tab(api: Api) -> None:
             if not reason.strip():
                 st.error("Say why: the run is audited.")
             elif (started := guarded(api, lambda: api.start_training(model, options, reason))) is not None:
-                # The picker would otherwise keep the run it showed before, over the new one.
-                st.session_state["train_chosen"] = started["id"]
-                st.session_state.pop("train_pick", None)
+                st.session_state["train_chosen"] = started["id"]  # shown next, and kept (``picked``)
                 _rerun_saying(
                     "start_training", f"Run queued: {started['model_name']}@{started['version']}.", {"train_reason": ""}
                 )
@@ -574,15 +572,35 @@ Picked = TypeVar("Picked", TrainingRun, Export)
 
 def picked(title: str, labelled: dict[str, Picked], *, key: str) -> Picked:
     """A picker of ``labelled`` (label: item, each with an ``id``) whose choice is kept by id in
-    ``<key>_chosen``: it stays picked when its label changes (a status moving on), and the label,
-    being the option, is then shown anew (a browser keeps the label it holds until the selection
-    is set again, which Streamlit does once that label is no longer offered)."""
-    ids = [item["id"] for item in labelled.values()]
-    chosen_id = st.session_state.get(f"{key}_chosen")
-    index = ids.index(chosen_id) if chosen_id in ids else 0
-    item = labelled[st.selectbox(title, list(labelled), index=index, key=f"{key}_pick")]
-    st.session_state[f"{key}_chosen"] = item["id"]
-    return item
+    ``<key>_chosen`` (set there to show an item, one just started, say; the first while none is
+    chosen or the chosen one is gone): the options are the ids, so the choice stays on its item
+    as its label changes (a status moving on), and a pick by hand moves it. The browser holds the
+    label it was last sent and sends it back with every rerun, this part's own redraws included:
+    whenever it holds another (the choice set by the page, or its label changed), the choice is
+    sent to it again, or its stale label would move the picker to another item."""
+    items = {item["id"]: item for item in labelled.values()}
+    labels = {item["id"]: label for label, item in labelled.items()}
+    chosen = st.session_state.get(f"{key}_chosen")
+    if chosen not in items:
+        chosen = next(iter(items))
+        st.session_state[f"{key}_chosen"] = chosen
+    pick, shown = f"{key}_pick", f"{key}_shown"
+    if st.session_state.get(pick) != chosen or st.session_state.get(shown) != labels[chosen]:
+        st.session_state[pick] = chosen  # set before it is drawn: Streamlit sends it to the browser
+    st.selectbox(
+        title,
+        list(items),
+        format_func=lambda item_id: labels.get(item_id, str(item_id)),
+        key=pick,
+        on_change=_picked_by_hand,
+        args=(key,),
+    )
+    st.session_state[shown] = labels[chosen]
+    return items[chosen]
+
+
+def _picked_by_hand(key: str) -> None:
+    st.session_state[f"{key}_chosen"] = st.session_state[f"{key}_pick"]
 
 
 def show_run(api: Api, run: TrainingRun) -> None:
@@ -801,9 +819,7 @@ def retraining_data(api: Api) -> None:
         chosen = None if model == every else model
         started = guarded(api, lambda: api.start_export(chosen, since_last=since_last))
         if started is not None:
-            st.session_state["export_chosen"] = started["id"]
-            # The picker would otherwise keep the export it showed before, over the new one.
-            st.session_state.pop("export_pick", None)
+            st.session_state["export_chosen"] = started["id"]  # shown next, and kept (``picked``)
     unfinished = any(e["status"] in UNFINISHED_EXPORT for e in guarded(api, api.exports) or [])
     # Redrawn on its own every two seconds while an export is unfinished, and not at all otherwise.
     st.fragment(keeps_session(exports_section), run_every=2 if unfinished else None)(api, unfinished)
