@@ -54,17 +54,28 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
     else:
         wanted, replaced = kept_choice(shown, choice)
         if replaced:
-            st.session_state[note_key] = " ".join(
+            serving = {m["ref"] for m in shown if m["available"]}
+            text = " ".join(
                 f"{plain(display_name(api, gone))} is no longer offered"
-                + (f": {plain(display_name(api, stable))} is chosen in its place." if stable else ".")
+                + (
+                    f": {plain(display_name(api, stable))} is chosen in its place"
+                    + ("." if stable in serving else " (not available right now).")
+                    if stable
+                    else "."
+                )
                 for gone, stable in replaced
             )
+            st.session_state[note_key] = (text, [gone for gone, _ in replaced])
             # Nothing of the choice left (a whole model gone): the registry's defaults again.
             st.session_state[choice_key] = wanted or None
             wanted = wanted or default_models(shown, mode)
     st.session_state[f"{keys_prefix}_wanted"] = wanted  # what a box changed by hand starts from
     if note := st.session_state.get(note_key):
-        st.info(note)
+        text, gone = note
+        if any(m["ref"] in gone for m in shown):
+            st.session_state.pop(note_key)  # offered again: no longer true
+        else:
+            st.info(text)
     chosen = []
     with st.container(horizontal=True, gap="medium"):  # wraps on a narrow screen
         for m in shown:

@@ -181,8 +181,9 @@ BIRD = (PHOTOS / "bird.bmp").read_bytes()
         ("application/json", b'{"comment": "' + b"x" * 148_000 + b'"}'),
         ("application/zip", BIRD),
         (None, BIRD),
+        ("multipart/mixed; boundary=xyz", b"--xyz\r\nContent-Type: text/plain\r\n\r\nhi\r\n--xyz--\r\n"),
     ],
-    ids=["small-text", "large-text", "small-json", "large-json", "large-zip", "large-untyped"],
+    ids=["small-text", "large-text", "small-json", "large-json", "large-zip", "large-untyped", "multipart-mixed"],
 )
 def test_a_batch_that_is_not_a_form_is_415_whatever_its_size(
     api: tuple[Service, str], content_type: str | None, body: bytes

@@ -145,10 +145,12 @@ def model(ref, channel):
         "name": name, "version": int(version), "ref": ref, "display_name": f"Sketch {version}", "channel": channel,
         "description": "", "runtime": "tensorflow", "precision": "fp32",
         "input": {"height": 28, "width": 28, "mode": "L"}, "num_classes": 2, "labels": ["cat", "fish"],
-        "available": True, "reason": None, "workers": 1, "random_weights": False, "default": False,
+        "available": ref not in down, "reason": "no worker" if ref in down else None,
+        "workers": 0 if ref in down else 1, "random_weights": False, "default": False,
     }
 
 # The catalog as the registry lists it now (a catalog read again: past CATALOG_SECONDS).
+down = st.session_state.get("down", ())
 st.session_state["models"] = [model(ref, channel) for ref, channel in st.session_state["channels"].items()]
 st.session_state["models_at"] = time.monotonic()
 st.session_state["chosen"] = choose_models(Api("http://127.0.0.1:9"), "sketch", mode="L")
@@ -202,8 +204,29 @@ def test_a_choice_made_by_hand_stays_and_a_version_retired_gives_way_to_the_stab
     assert ticks(app) == {"sketch@3": False, "sketch@4": True}
     assert app.session_state["chosen"] == ["sketch@4"]
     assert [i.value for i in app.info] == ["sketch@1 is no longer offered: Sketch 4 is chosen in its place."]
+    app.run()
+    assert [i.value for i in app.info] == ["sketch@1 is no longer offered: Sketch 4 is chosen in its place."]
+    # Offered again: the note is no longer true and goes; the choice stays the one made since.
+    app.session_state["channels"] = PROMOTED
+    app.run()
+    assert not app.info
+    assert ticks(app) == {"sketch@1": False, "sketch@3": False, "sketch@4": True}
     # The new choice is the person's: it stays as the registry changes again, and the note goes
     # once they change a box.
     app.session_state["channels"] = {"sketch@3": "stable", "sketch@4": "canary"}
     app.checkbox(key="sketch_sketch@3").check().run()
     assert ticks(app) == {"sketch@3": True, "sketch@4": True} and not app.info
+
+
+def test_a_stable_version_taking_a_retired_ones_place_while_it_cannot_serve_is_said_so() -> None:
+    app = catalog_page(BEFORE)
+    app.checkbox(key="sketch_sketch@3").uncheck()
+    app.checkbox(key="sketch_sketch@1").check().run()
+    app.session_state["channels"] = {"sketch@3": "stable", "sketch@4": "canary"}
+    app.session_state["down"] = {"sketch@3"}
+    app.run()
+    assert not app.exception, app.exception
+    assert [i.value for i in app.info] == [
+        "sketch@1 is no longer offered: Sketch 3 is chosen in its place (not available right now)."
+    ]
+    assert app.session_state["chosen"] == []

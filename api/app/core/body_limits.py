@@ -95,7 +95,8 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         content_type = _header(scope, b"content-type").lower().lstrip()
-        multipart = scope["path"] in UPLOAD_PATHS and content_type.startswith("multipart/")
+        # A form only: another multipart type (multipart/mixed, say) holds no fields the routes read.
+        multipart = scope["path"] in UPLOAD_PATHS and content_type.startswith("multipart/form-data")
         if scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS - BATCH_PATHS and not multipart:
             # Else a raw image body would meet the JSON limit and be called too large.
             await _answer(send, 415, "Send the images as multipart/form-data, in fields named file.")
