@@ -500,7 +500,8 @@ def test_ingress_body_limits_are_the_apps_own(overlay: str, monkeypatch: pytest.
     assert int(predict["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > api_settings.predict_deadline_seconds
     # /metrics is for Prometheus inside the cluster only: the exact path and every path starting
     # so, /metrics%0A included (nginx matches it decoded, "/metrics\n").
-    for path in ("/metrics", "/metrics\n", "/metrics\r", "/metrics/", "/metricsx", "/metrics%0A"):
+    # So is /health/ready (the kubelet asks the pods themselves), as nginx in front refuses it.
+    for path in ("/metrics", "/metrics\n", "/metrics\r", "/metrics/", "/metricsx", "/metrics%0A", "/health/ready"):
         metrics = ingress_for(api_ingresses, api_host, path)["metadata"]["annotations"]
         assert metrics.get("nginx.ingress.kubernetes.io/denylist-source-range", "").startswith("0.0.0.0/0"), path
     for path in ("/", "/v1/images", "/health/live"):
