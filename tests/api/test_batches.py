@@ -677,6 +677,40 @@ async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(
             assert r.json()["counts"]["queued"] == 49 and r.json()["counts"]["eta_seconds"] is None
 
 
+async def test_the_lane_waits_for_peoples_jobs_no_worker_took_and_not_for_those_taken(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A person's job still in the queue holds the batch back; one a worker has taken does not: a
+    person sending picture after picture, each as soon as the last was answered, had their next
+    job in the queue whenever the lane looked (at once after each answer), and a 1,000-image batch
+    did not start in 200 of their pictures."""
+    from api.app.batches import lane
+    from contracts import keys
+
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        await running_batch(session, db.store, fresh_settings, db.owner, db.registry["mobilenet_v2@1"], [1, 2])
+        await session.commit()
+        stream = keys.job_stream("mobilenet_v2", 1)
+        await db.redis.xgroup_create(stream, keys.JOB_GROUP, id="0", mkstream=True)
+        await db.redis.xadd(stream, {"meta": "a person's job"})
+
+        async def top_up() -> int:
+            return await lane.top_up(
+                session=session,
+                redis=db.redis,
+                store=db.store,
+                in_flight=1,
+                job_seconds=60.0,
+                served={"mobilenet_v2@1"},
+            )
+
+        assert await top_up() == 0  # waiting for a worker: the person goes first
+        await db.redis.xreadgroup(keys.JOB_GROUP, "worker-1", {stream: ">"}, count=1)
+        assert await top_up() == 1  # taken: the batch's next job queues behind it
+        assert await db.redis.xlen(stream) == 2
+
+
 def test_the_lane_queues_for_no_version_disabled_or_retired_while_its_worker_still_lists_it(
     settings: Settings,
 ) -> None:

@@ -86,7 +86,7 @@ async def top_up(
     """Queues the oldest pending jobs of received batches (``running``: a batch still being
     received, or left so by a process that died receiving it, waits) until ``in_flight`` batch jobs are queued or running,
     each with a deadline ``job_seconds`` from now; none while people's jobs wait in the queues they
-    would join (the queue holds more than the batch jobs in flight). Only jobs whose every model
+    would join, not yet taken by a worker (``_people_waiting``). Only jobs whose every model
     version a live worker serves (``served``, keys like ``sketch@3``; None: not checked) are
     queued or counted in flight, so a batch for a model no worker serves waits without holding up
     the others; while none serves them, the deadlines of those already queued are held
@@ -123,11 +123,7 @@ async def top_up(
     streams = sorted(
         {keys.job_stream(p.model_name, p.model_version) for j in jobs for p in j.predictions if p.status == PENDING}
     )
-    async with redis.pipeline(transaction=False) as pipe:
-        for stream in streams:
-            pipe.xlen(stream)
-        lengths = await pipe.execute()
-    if sum(lengths) > len(flying):
+    if await _people_waiting(redis, streams, flying=len(flying)):
         # People's jobs are waiting in these queues: the batch waits for the next answer or look.
         await session.commit()
         return 0
@@ -157,6 +153,29 @@ async def top_up(
     await session.commit()
     metrics.count_failed(failed)
     return queued
+
+
+async def _people_waiting(redis: Redis, streams: list[str], *, flying: int) -> bool:
+    """Whether people's jobs wait in ``streams`` for a worker: the streams hold more entries than
+    the ``flying`` batch jobs, and some entries are not delivered to a worker yet. A person's job
+    a worker has taken (pending in the consumer group) waits for no batch job queued now, and
+    counting it would let a person sending one picture after another, each as soon as the last
+    was answered, hold every batch back for as long as they go on (the lane looks at once after
+    an answer, when their next job is already there). Raises what Redis raises."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xlen(stream)
+            pipe.xpending(stream, keys.JOB_GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+    lengths, pending = replies[0::2], replies[1::2]
+    for reply in lengths:
+        if isinstance(reply, Exception):
+            raise reply
+    if sum(lengths) <= flying:
+        return False
+    # A stream without the group yet (no worker ever read it): every entry of it is undelivered.
+    delivered = sum(int(p["pending"]) for p in pending if isinstance(p, dict))
+    return sum(lengths) - delivered > 0
 
 
 def _hold_deadlines(flying: list[Job], *, served: Set[str] | None, now: datetime, job_seconds: float) -> None:
