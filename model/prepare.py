@@ -26,7 +26,7 @@ from typing import Any
 from contracts.registry import ModelEntry, Registry, load_registry, parse_model_ref
 from model import preprocessing
 from model.config import ModelSettings, get_model_settings
-from model.runtimes import ModelUnavailable
+from model.runtimes import ModelUnavailable, resolve
 from model.store import ProgressNote, version_lock, written_into
 from model.training import train_sketch
 
@@ -139,10 +139,6 @@ def imagenet_entries(entries: list[ModelEntry], registry: Registry) -> list[Mode
     return [e for e in needed.values() if e.architecture and e.weights == "imagenet" and e.file]
 
 
-def _weights_path(entry: ModelEntry, settings: ModelSettings) -> Path:
-    return entry.resolve(entry.file or "", models_dir=settings.models_dir, trained_dir=settings.trained_dir)
-
-
 def imagenet_model(entry: ModelEntry) -> Any:
     """``entry``'s ``keras.applications`` model built with ``weights='imagenet'``: Keras downloads
     them into its cache (KERAS_HOME) unless they are there already. Raises what Keras raises for
@@ -161,7 +157,7 @@ def fetch_imagenet_weights(entries: list[ModelEntry], settings: ModelSettings, *
     network), it logs and goes on: the worker reports the version unavailable with the reason.
     ``wait``: wait for another process writing the same file (else leave it to that one)."""
     for entry in entries:
-        path = _weights_path(entry, settings)
+        path = resolve(entry, entry.file or "", settings)
         if path.exists():
             log.info("%s: %s present", entry.key, path)
             continue
@@ -184,7 +180,7 @@ def fetch_imagenet_weights(entries: list[ModelEntry], settings: ModelSettings, *
                     log.info("%s: ImageNet weights written to %s", entry.key, path)
         except Exception as exc:  # no network, a read-only MODELS_DIR: the worker says why it is missing
             log.warning("%s: ImageNet weights not written to %s: %s", entry.key, path, exc)
-    return [e.key for e in entries if not _weights_path(e, settings).exists()]
+    return [e.key for e in entries if not resolve(e, e.file or "", settings).exists()]
 
 
 def keep_in_cache(key: str, folder: Path, cached: Path) -> None:
