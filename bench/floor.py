@@ -433,9 +433,12 @@ def measure(*, requests: int, photos: Path, server: str = "postgresql://postgres
         parts = ([api.proc.pid], backends, [redis_service.proc.pid])
         token = jwt.encode({"sub": "1", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
         samples: dict[str, list[tuple[float, float, float, float]]] = {route: [] for route in ROUTES}
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{api_ports[-1]}", headers={"Authorization": f"Bearer {token}"}, timeout=30
-        ) as client:
+        with (
+            httpx.Client(
+                base_url=f"http://127.0.0.1:{api_ports[-1]}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+            ) as client,
+            _saying_why(api),
+        ):
             for route in ROUTES:
                 for i in range(20):
                     _post(client, route, images[i % len(images)])
@@ -462,6 +465,17 @@ def measure(*, requests: int, photos: Path, server: str = "postgresql://postgres
             )
         return rows
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _saying_why(api: Service) -> Iterator[None]:
+    """A route's error answer raised with the end of the floor API's log (its traceback): the
+    log's folder goes with the run."""
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        exc.add_note(f"floor-api's log ends:\n{api.log()[-3000:]}")
+        raise
 
 
 def _answers(port: int) -> bool:
