@@ -470,6 +470,40 @@ async def test_a_new_candidate_in_shadow_makes_the_earlier_ones_canaries(own_sta
     assert stepped_down == {(41, f"training run {run_ids[42]}"), (42, f"training run {run_ids[43]}")}
 
 
+async def test_a_candidate_an_admin_is_promoting_is_not_stepped_down(own_stack: Stack) -> None:
+    """A newer candidate's end steps the older candidates down while an admin promotes one of
+    them: the step-down waits for the promotion and leaves the new stable version as it is."""
+    from api.app.registry import service as registry_service
+    from contracts.registry import load_registry
+
+    base = next(m for m in load_registry(own_stack.app.state.settings.registry_path).models if m.key == "sketch@1")
+    run_actor = registry_service.Actor(None, f"{training_service.RUN_ACTOR_PREFIX}{uuid.uuid4()}")
+    async with own_stack.app.state.sessionmaker() as session:
+        for version in (51, 52):
+            entry = base.model_copy(update={"version": version, "channel": "shadow", "training": {"run": "r"}})
+            await registry_service.register_version(session=session, actor=run_actor, entry=entry, reason="trained")
+    admin = registry_service.Actor(None, "admin@example.com")
+    async with own_stack.app.state.sessionmaker() as promoting, own_stack.app.state.sessionmaker() as ending:
+        # The admin's promotion holds the registry's lock, not committed yet.
+        await promoting.execute(registry_service.REGISTRY_LOCK)
+        step_down = asyncio.create_task(
+            training_service.step_down_older_shadows(session=ending, actor=run_actor, name="sketch", version=52)
+        )
+        await asyncio.sleep(1.0)
+        assert not step_down.done()
+        await registry_service.promote(
+            session=promoting, actor=admin, name="sketch", version=51, reason="looks good", available={"sketch@51"}
+        )
+        assert await asyncio.wait_for(step_down, 30) == []
+    versions = (
+        await own_stack.client.get(
+            "/v1/admin/registry", headers=await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+        )
+    ).json()["versions"]
+    states = {v["version"]: (v["channel"], v["enabled"]) for v in versions if v["name"] == "sketch"}
+    assert (states[51], states[52]) == (("stable", True), ("shadow", True)), states
+
+
 def test_the_trigger_retrains_with_its_base_versions_recipe(settings: Settings) -> None:
     """A run the trigger starts from sketch@3 trains as sketch@3 was trained (its registry entry's
     ``training`` block), for RETRAIN_EPOCHS: a compact CNN's candidate would only ever compare

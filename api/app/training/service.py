@@ -448,30 +448,38 @@ async def step_down_older_shadows(
     version loaded, so candidates left run after run would multiply the workers' load and memory.
     They stay registered: an admin enables one again to pin, compare or promote it. Versions an
     admin put in shadow are left alone. The versions changed, oldest first; commits each change."""
-    rows = await session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.name == name, ModelVersion.channel == "shadow", ModelVersion.version < version)
-        .order_by(ModelVersion.version)
-    )
-    older = [
-        row.version
-        for row in rows
-        if (row.spec.get("training") or {}).get("run")
-        and await _shadowed_by_a_training_run(session=session, name=name, version=row.version)
-    ]
-    for old in older:
+    changed: list[int] = []
+    while True:
+        # Read under the registry's lock, which the change below keeps until its commit: an admin
+        # promoting one of these versions meanwhile must not have it stepped down a moment later.
+        await session.execute(registry_service.REGISTRY_LOCK)
+        rows = await session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.name == name, ModelVersion.channel == "shadow", ModelVersion.version < version)
+            .order_by(ModelVersion.version)
+            .execution_options(populate_existing=True)
+        )
+        older = [
+            row.version
+            for row in rows
+            if (row.spec.get("training") or {}).get("run")
+            and await _shadowed_by_a_training_run(session=session, name=name, version=row.version)
+        ]
+        if not older:
+            await session.commit()  # ends the transaction, which lets the lock go
+            return changed
         await registry_service.set_channel(
             session=session,
             actor=actor,
             name=name,
-            version=old,
+            version=older[0],
             channel="canary",
             enabled=False,
             reason=f"superseded in shadow by {name}@{version}, a newer training run's candidate (disabled: "
             "not loaded; enable it to pin, compare or promote it)",
             available=set(),
         )
-    return older
+        changed.append(older[0])
 
 
 RUN_ACTOR_PREFIX = "training run "
