@@ -239,11 +239,14 @@ class Explainer:
             status=ExplanationStatus.failed,
         )
         cam = self.cams.get(stream)
-        if cam is None:
+        served = {entry.key for entry in self.registry.served(benchmark_mode=self.settings.benchmark_mode)}
+        if cam is None or f"{request.model}@{request.version}" not in served:
+            # A twin also held for another version (an INT8 version's FP32 twin) does not make a
+            # retired or disabled version explainable again.
             return base.model_copy(
                 update={
                     "status": ExplanationStatus.not_explainable,
-                    "error": f"{request.twin} is not explained any more (retired or disabled)",
+                    "error": f"{request.model}@{request.version} is not explained any more (retired or disabled)",
                 }
             )
         t0 = time.perf_counter()

@@ -267,6 +267,29 @@ async def test_a_cached_heatmap_of_a_version_retired_since_is_422_and_an_unanswe
         )
         await pipe.execute()
     r = await client.get(url, headers=admin)
+    assert r.status_code == 422 and "not explainable any more" in r.json()["detail"], r.text
+
+    # An INT8 version disabled since: its FP32 twin still explains the stable version, not it.
+    _job, int8 = await stored_job(own_stack.app, owner_id=owner_id, image_id=image_id, status="done")
+    async with own_stack.app.state.sessionmaker() as session:
+        await session.execute(
+            update(Prediction)
+            .where(Prediction.id == int8.id)
+            .values(model_name="mobilenet_v2", model_version=2, label="tabby")
+        )
+        await session.commit()
+    heatmap = cached.model_copy(
+        update={"model": "mobilenet_v2", "version": 2, "twin": "mobilenet_v2@1", "label": "tabby"}
+    )
+    await redis.set(keys.explanation_key(owner_id, sha256, "mobilenet_v2", 2), heatmap.model_dump_json(), ex=600)
+    url = f"/v1/predictions/{int8.id}/explanation"
+    r = await client.get(url, headers=admin)
+    assert r.status_code == 200 and r.json()["cached"], r.text
+    r = await client.patch(
+        "/v1/admin/registry/models/mobilenet_v2/versions/2", json={"enabled": False, "reason": "slow"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get(url, headers=admin)
     await redis.aclose()
     assert r.status_code == 422 and "not explainable any more" in r.json()["detail"], r.text
 

@@ -98,6 +98,52 @@ def test_an_explainer_follows_the_registry_without_a_restart(
         assert answer.status == ExplanationStatus.not_explainable and "retired" in str(answer.error), answer
 
 
+def test_a_disabled_version_is_not_explained_by_a_twin_another_version_keeps(
+    private_redis: RedisServer, model_settings: ModelSettings
+) -> None:
+    """An INT8 version is explained with the FP32 version it was quantized from; disabled, it is
+    not explained any more, although that twin stays loaded for the FP32 version itself."""
+    settings = model_settings.model_copy(update={"redis_url": private_redis.url, "explain_models": ""})
+    quantized = entry("sketch@2", "canary").model_copy(
+        update={
+            "version": 9,
+            "runtime": "openvino",
+            "precision": "int8",
+            "quantized_from": "sketch@1",
+            "file": "{trained_dir}/sketch/v9/model.xml",
+        }
+    )
+    assert publish(private_redis.url, 1, [entry("sketch@1"), quantized])
+    explainer = Explainer(settings)
+    explainer.load()
+    stream = keys.explain_stream("sketch", 1)
+    assert list(explainer.cams) == [stream]
+    drawing = encode(Image.new("L", (28, 28), 255), "PNG")
+
+    def ask(version: int) -> Explanation:
+        request = ExplainRequest(
+            request_id=uuid.uuid4().hex,
+            model="sketch",
+            version=version,
+            twin="sketch@1",
+            sha256="0" * 64,
+            label="cat",
+            deadline=time.time() + 30,
+            owner_id=1,
+            image=drawing,
+        )
+        return explainer.compute(stream, request)
+
+    assert ask(9).status == ExplanationStatus.ok
+    assert publish(private_redis.url, 2, [entry("sketch@1"), quantized.model_copy(update={"enabled": False})])
+    assert not explainer.follow_registry()  # the twins held stay as they are
+    assert explainer.revision == ("test", 2)
+    assert list(explainer.cams) == [stream]
+    answer = ask(9)
+    assert answer.status == ExplanationStatus.not_explainable and "sketch@9" in str(answer.error), answer
+    assert ask(1).status == ExplanationStatus.ok
+
+
 def test_a_model_grad_cam_cannot_use_is_reported_as_not_explainable(
     private_redis: RedisServer, tmp_path: Path, model_settings: ModelSettings
 ) -> None:

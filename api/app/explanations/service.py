@@ -108,10 +108,11 @@ async def live_explainers(redis: Redis) -> LiveExplainers:
     return found
 
 
-def _explained(registry: Registry, twin_key: str, settings: Settings) -> bool:
-    """Whether explainers hold ``twin_key``: it is the twin of a version the registry serves."""
-    served = registry.served(benchmark_mode=settings.benchmark_mode)
-    return any((t := registry.keras_twin(e.key)) is not None and t.key == twin_key for e in served)
+def _explained(registry: Registry, key: str, settings: Settings) -> bool:
+    """Whether the registry serves ``key`` (``name@version``), whose twin explainers then hold: a
+    retired or disabled version is not explained any more, even while its twin serves another
+    version (an INT8 version's FP32 twin)."""
+    return any(entry.key == key for entry in registry.served(benchmark_mode=settings.benchmark_mode))
 
 
 async def explain(
@@ -164,13 +165,13 @@ async def explain(
             status_code=422,
             detail=f"{key} is not explainable: Grad-CAM needs a Keras model to take gradients of, and {key} has none.",
         )
-    if not _explained(registry, twin.key, settings):
+    if not _explained(registry, key, settings):
         # Before the cache: a heatmap cached before the version was retired or disabled is not
         # answered either. Nor is one an explainer still computes for the few seconds it takes to
         # read the registry's change: the registry, not the explainer's heartbeat, says what is served.
         raise HTTPException(
             status_code=422,
-            detail=f"{key} is not explainable any more: {twin.key}, whose graph explains it, is retired or disabled.",
+            detail=f"{key} is not explainable any more: it is retired or disabled.",
         )
     cache_key = keys.explanation_key(owner_id, sha256, prediction.model_name, prediction.model_version)
     if (cached := await _cached(redis, cache_key, prediction.label)) is not None:
