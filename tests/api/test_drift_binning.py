@@ -117,3 +117,17 @@ def test_bin_labels_tell_their_edges_apart() -> None:
         for label in binned.labels:
             low, _, high = label.partition(" to ")
             assert low != high and "e+" not in label, binned.labels
+
+
+def test_the_status_reads_the_thresholds_as_the_alert_does() -> None:
+    """ "drift" exactly when Prometheus' ModelInputDrift would fire (above 0.25), "watch" from 0.1."""
+    from pathlib import Path
+
+    rule = (Path(__file__).parents[2] / "observability" / "rules" / "drift.yml").read_text()
+    assert f"(portal_drift_psi) > {service.ALERT}" in rule
+    assert [service.status(v) for v in (0.0999, 0.1, service.ALERT, service.ALERT + 1e-9)] == [
+        "stable",
+        "watch",
+        "watch",
+        "drift",
+    ]

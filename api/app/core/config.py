@@ -236,11 +236,11 @@ class Settings(BaseSettings):
     drift_window_size: int = Field(default=500, ge=10)
     """Drift: its latest this many answered predictions (after the reference) are compared with it."""
     drift_bins: int = Field(default=5, ge=2, le=50)
-    """Bins of each numeric signal's distribution (quintiles of the reference by default); with
-    windows of n and m predictions, PSI has a floor of about (bins - 1)(1/n + 1/m) from sampling
-    alone (Yurdakul 2018): 0.016 at the defaults, so a version answering as before reads "stable"
-    (with 10 bins and windows of 200 it was 0.09, and nearly every version showed "watch" on
-    one of its nine signals)."""
+    """Bins of each numeric signal's distribution (quintiles of the reference by default), with
+    one more below and one above the reference's range; with windows of n and m predictions, PSI
+    has a floor of about (bins + 1)(1/n + 1/m) from sampling alone (Yurdakul 2018): 0.024 at the
+    defaults, so a version answering as before reads "stable" (with 10 bins and windows of 200
+    it was about 0.1, and nearly every version showed "watch" on one of its nine signals)."""
     drift_interval_seconds: float = Field(default=60.0, gt=0)
     """How often the drift indices are computed (by one API process at a time) and stored."""
 

@@ -104,8 +104,9 @@ def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
 
 
 def status(value: float) -> str:
-    """stable, watch or drift, by the usual thresholds."""
-    return "drift" if value >= ALERT else "watch" if value >= WATCH else "stable"
+    """stable (below 0.1), watch (0.1 to 0.25) or drift (above 0.25, as the ``ModelInputDrift``
+    alert reads it), the usual thresholds (Yurdakul 2018)."""
+    return "drift" if value > ALERT else "watch" if value >= WATCH else "stable"
 
 
 @dataclass(frozen=True)
