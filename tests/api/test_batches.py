@@ -370,7 +370,16 @@ async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
     )
     async for client in client_for(create_app(small)):
         r = await send(client, headers, [("many.zip", zipped({f"{i}.png": noise_png(i) for i in range(4)}))])
-        assert r.status_code == 413 and "MAX_BATCH_IMAGES" in r.json()["detail"]
+        assert r.status_code == 413, r.text
+        assert r.json()["detail"] == (
+            "many.zip: 4 files; a batch takes at most 3 images (MAX_BATCH_IMAGES): send it as several batches."
+        )
+        r = await send(
+            client,
+            headers,
+            [("a.png", noise_png(9)), ("many.zip", zipped({f"{i}.png": noise_png(i) for i in range(3)}))],
+        )
+        assert r.status_code == 413 and "3 files, and 1 more in the rest of the batch" in r.json()["detail"], r.text
         r = await send(client, headers, [(f"{i}.png", noise_png(10 + i)) for i in range(4)])
         assert r.status_code == 413 and "at most 3" in r.json()["detail"]
         ids = [str(uuid.uuid4()) for _ in range(4)]
@@ -402,11 +411,18 @@ async def test_limits_answer_4xx(settings: Settings, users: Users) -> None:
         assert r.status_code == 422 and "nope@9" in r.text, r.text
         r = await send(client, headers, [("a.png", noise_png(21))], image_ids="not-an-id")
         assert r.status_code == 422
-        # The per-user cap counts the images a batch would add to those still waiting.
+        # The per-user cap counts the images a batch would add to those still waiting; a batch
+        # over it alone is never taken, and no Retry-After says otherwise.
         over = await send(client, headers, [(f"{i}.png", noise_png(30 + i)) for i in range(3)])
-        assert over.status_code == 429 and "Retry-After" in over.headers, over.text
+        assert over.status_code == 429 and "Retry-After" not in over.headers, over.text
+        assert "This batch has 3 images; at most 2 of yours may wait at once" in over.json()["detail"], over.text
         within = await send(client, headers, [(f"{i}.png", noise_png(40 + i)) for i in range(2)])
         assert within.status_code == 202, within.text
+        later = await send(client, headers, [("b.png", noise_png(50))])
+        assert later.status_code == 429 and "Retry-After" in later.headers, later.text
+        assert later.json()["detail"].startswith(
+            "You have 2 batch images still waiting, and with this batch's 1 that would make 3; at most 2 may wait"
+        ), later.text
 
 
 async def test_an_empty_batch_is_422_while_no_worker_serves_the_default(own_stack: Stack) -> None:

@@ -68,10 +68,11 @@ def unsafe_name(name: str) -> bool:
 
 
 def members(
-    archive: zipfile.ZipFile, *, label: str, max_entries: int, max_bytes: int, max_file_bytes: int
+    archive: zipfile.ZipFile, *, label: str, max_entries: int, batch_limit: int, max_bytes: int, max_file_bytes: int
 ) -> list[Member]:
     """The files of ``archive`` (called ``label`` in messages), checked as the module says; an
-    entry declared larger than ``max_file_bytes`` is listed as skipped.
+    entry declared larger than ``max_file_bytes`` is listed as skipped. ``max_entries``: the files
+    the batch can still take, of its ``batch_limit`` (MAX_BATCH_IMAGES, named in the refusal).
 
     Raises ArchiveRefused: 413 past ``max_entries`` files or past ``max_bytes`` declared by the
     entries to read, 422 for an unsafe name."""
@@ -86,7 +87,14 @@ def members(
         if info.is_dir() or name.startswith(IGNORED_FOLDERS):
             continue
         if len(listed) >= max_entries:
-            raise ArchiveRefused(413, f"{label}: the batch would hold more files than its limit (MAX_BATCH_IMAGES).")
+            files = sum(1 for i in archive.infolist() if not i.is_dir() and not i.filename.startswith(IGNORED_FOLDERS))
+            besides = batch_limit - max_entries
+            raise ArchiveRefused(
+                413,
+                f"{label}: {files:,} files"
+                + (f", and {besides:,} more in the rest of the batch" if besides else "")
+                + f"; a batch takes at most {batch_limit:,} images (MAX_BATCH_IMAGES): send it as several batches.",
+            )
         if name.lower().endswith(NESTED):
             listed.append(Member(name, None, "an archive inside the archive; nested archives are not opened"))
         elif info.flag_bits & 0x1:

@@ -259,6 +259,7 @@ async def _plan(files: list[UploadFile], settings: Settings, extra: int) -> Plan
                     opened,
                     label=name,
                     max_entries=settings.max_batch_images - entries,
+                    batch_limit=settings.max_batch_images,
                     max_bytes=settings.max_batch_bytes - total,
                     max_file_bytes=settings.max_upload_bytes,
                 )
@@ -408,11 +409,21 @@ async def create_batch(
     )
     images_planned = len(image_ids) + sum(len(members) if zf else 1 for _u, zf, members in planned)
     waiting = await _queued_images(session, owner_id)
-    if waiting + images_planned > settings.max_batch_images_queued_per_user:
+    cap = settings.max_batch_images_queued_per_user
+    if waiting + images_planned > cap:
+        if images_planned > cap:
+            # No wait makes room for it: no Retry-After, which would say otherwise.
+            raise HTTPException(
+                status_code=429,
+                detail=f"This batch has {images_planned:,} images; at most {cap:,} of yours may wait at once "
+                "(MAX_BATCH_IMAGES_QUEUED_PER_USER): send them as several smaller batches.",
+            )
         raise HTTPException(
             status_code=429,
-            detail=f"You have {waiting:,} batch images waiting; at most {settings.max_batch_images_queued_per_user:,}"
-            " may wait at once. Wait for a batch to finish or cancel one.",
+            detail=f"You have {waiting:,} batch images still waiting, and with this batch's {images_planned:,} "
+            f"that would make {waiting + images_planned:,}; at most {cap:,} may wait at once "
+            "(MAX_BATCH_IMAGES_QUEUED_PER_USER). "
+            "Wait for a batch to finish or cancel one.",
             headers={"Retry-After": str(settings.retry_after_seconds)},
         )
     values = {
