@@ -110,6 +110,22 @@ async def test_a_killed_explainers_requests_are_cleared_and_each_heatmap_is_comp
     assert r.status_code == 200 and r.json()["cached"] is True, r.text
 
 
+async def test_a_request_whose_explainer_stops_is_503_once_its_heartbeat_expires(own_stack: Stack) -> None:
+    """The only explainer of the twin dies with a request queued: the request is 503 with
+    Retry-After a few seconds after the explainer's heartbeat expired, not a 504 after the whole
+    EXPLANATION_WAIT_SECONDS (20 s)."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    await own_stack.start_workers(1, SERVE_MODELS="mobilenet_v2@1")
+    prediction = await predict(own_stack, admin, (PHOTOS / "parrot.jpg").read_bytes(), "mobilenet_v2@1")
+    _pretend_an_explainer_is_live(redis.Redis.from_url(own_stack.redis_server.url), "mobilenet_v2@1", seconds=2)
+    started = time.monotonic()
+    r = await client.get(f"/v1/predictions/{prediction}/explanation", headers=admin)
+    waited = time.monotonic() - started
+    assert r.status_code == 503 and "stopped before it answered" in r.json()["detail"], r.text
+    assert "Retry-After" in r.headers and waited < 8, waited
+
+
 @pytest.mark.parametrize(
     "own_stack", [{"explanation_wait_seconds": 3.0, "explanations_in_flight_per_user": 2}], indirect=True
 )

@@ -44,6 +44,9 @@ from contracts.streams import STREAM_MAXLEN
 
 POLL_S = 0.1
 """How often a request waiting on another's computation of the same explanation looks for it."""
+LIVENESS_CHECK_S = 2.0
+"""How often a request waiting for its explainer's answer checks that a live explainer still holds
+the twin: one killed meanwhile leaves it 503 once its heartbeat expires, not the whole wait."""
 
 _ADMIT = """
 redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
@@ -272,7 +275,9 @@ async def _ask(
     request: ExplainRequest,
 ) -> Explanation:
     """Queues the request if admitted (429: the user is at the cap; 503: the queue is full) and
-    waits for the explainer's answer until the request's deadline (504)."""
+    waits for the explainer's answer until the request's deadline (504), or until no live
+    explainer holds the twin any more (503: killed or stopped meanwhile; a request it left is
+    answered by the next explainer that holds the twin, and its heatmap cached)."""
     image = await _image(store, request.sha256)
     now = time.time()
     user_key = keys.explanations_of_user_key(cast(int, request.owner_id))
@@ -302,12 +307,20 @@ async def _ask(
     if admitted == -2:
         raise _unavailable(f"The explanation queue of {request.twin} is full; retry shortly.", settings)
     try:
-        got = cast(
-            list[bytes] | None,
-            await blocking_redis.blpop(
-                [keys.explanation_done_key(request.request_id)], timeout=max(0.1, request.deadline - time.time())
-            ),
-        )
+        while True:
+            left = request.deadline - time.time()
+            got = cast(
+                list[bytes] | None,
+                await blocking_redis.blpop(
+                    [keys.explanation_done_key(request.request_id)], timeout=max(0.1, min(left, LIVENESS_CHECK_S))
+                ),
+            )
+            if got is not None or left <= LIVENESS_CHECK_S:
+                break
+            if request.twin not in (await live_explainers(redis)).held:
+                raise _unavailable(
+                    f"The explainer of {request.twin} stopped before it answered; retry shortly.", settings
+                )
     finally:
         await redis.zrem(user_key, request.request_id)
     if got is None:
