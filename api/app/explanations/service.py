@@ -317,7 +317,8 @@ async def _ask(
             )
             if got is not None or left <= LIVENESS_CHECK_S:
                 break
-            if request.twin not in (await live_explainers(redis)).held:
+            live = await live_explainers(redis)
+            if request.twin not in live.held and request.twin not in live.loading:
                 raise _unavailable(
                     f"The explainer of {request.twin} stopped before it answered; retry shortly.", settings
                 )
