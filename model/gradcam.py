@@ -98,7 +98,7 @@ class GradCam:
             class_index = self.labels.index(label)
         except ValueError:
             raise NotExplainable(f"{label!r} is not a class of {self.entry.key}") from None
-        img = load_image(data, mode=self.entry.input.mode)
+        img = decode(data, self.entry)
         x = preprocessing.preprocess_image(img, self.entry)
         cam = self.cam(x, class_index)
         placement = preprocessing.sketch_placement(img) if self.entry.preprocessing == Preprocessing.sketch else None
@@ -107,6 +107,14 @@ class GradCam:
 
 def _upsample(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(cam, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def decode(data: bytes, entry: ModelEntry) -> Image.Image:
+    """The upload decoded as a worker decodes it for ``entry`` (``preprocessing.preprocess``): a
+    photo's JPEG at a reduced scale near the model's input, a sketch in full (it is cropped to its
+    strokes), so that the heatmap is of the input the answer came from. Raises ImageRejected."""
+    draft = None if entry.preprocessing == Preprocessing.sketch else (entry.input.width, entry.input.height)
+    return load_image(data, mode=entry.input.mode, draft_size=draft)
 
 
 def onto_image(
