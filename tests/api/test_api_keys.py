@@ -21,7 +21,9 @@ from api.app.api_keys.models import ApiKey
 from api.app.core.config import Settings
 from api.app.core.db import utcnow
 from contracts.api_keys import DISPLAY_LENGTH, KEY_PREFIX
-from tests.conftest import PASSWORD, Users, no_password_hashes
+from tests.conftest import PASSWORD, Users
+from tests.conftest import login as log_in
+from tests.conftest import no_password_hashes
 from tests.images import encode
 
 pytestmark = pytest.mark.usefixtures("client")  # the app's lifespan runs for every test here
@@ -313,7 +315,18 @@ async def test_deactivating_the_owner_stops_its_keys_and_deleting_removes_them(
         assert r.status_code == 200
         assert (await client.get("/v1/users/me", headers=header(key))).status_code == 401
         r = await client.patch(f"/v1/users/{user['id']}", json={"is_active": True}, headers=admin_headers)
-        assert (await client.get("/v1/users/me", headers=header(key))).status_code == 200
+        assert r.status_code == 200
+        # Reactivated, the account gets none of its keys back (nor its login sessions): an admin
+        # who deactivated a compromised account need not revoke each key too.
+        r = await client.get("/v1/users/me", headers=header(key))
+        assert r.status_code == 401 and "before its account was deactivated" in r.json()["detail"], r.text
+        again = await log_in(client, user["email"], PASSWORD)
+        listed = (await client.get("/v1/api-keys", headers=again)).json()["data"]
+        assert [k["revoked_at"] is not None for k in listed] == [True], listed
+        fresh = (await make_key(client, again, ["read"]))["key"]
+        assert (await client.get("/v1/users/me", headers=header(fresh))).status_code == 200
+        listed = (await client.get("/v1/api-keys", headers=again)).json()["data"]
+        assert [k["revoked_at"] is not None for k in listed] == [False, True], listed
 
         assert (await client.delete(f"/v1/users/{user['id']}", headers=admin_headers)).status_code == 204
         assert (await client.get("/v1/users/me", headers=bearer(key))).status_code == 401

@@ -37,12 +37,15 @@ async def create_api_key(body: ApiKeyCreate, user: LoginUser, session: SessionDe
 async def list_api_keys(user: LoginUser, session: ReadSessionDep, page: PageDep) -> ApiKeysPublic:
     """My API keys, newest first, revoked and expired ones too (never the keys themselves), each
     with the scopes it acts with now (``admin`` only while I am an admin, and not for a key made
-    before I was last made one)."""
+    before I was last made one); a key made before my account was last deactivated is listed as
+    revoked then."""
     rows, count = await service.list_api_keys(session=session, owner_id=user.id, skip=page.skip, limit=page.limit)
     listed = []
     for row in rows:
         public = ApiKeyPublic.model_validate(row)
         public.scopes = service.scopes_in_force(row, user)
+        # Listed as revoked when the account's deactivation voided it.
+        public.revoked_at = public.revoked_at or service.voided_at(row, user)
         listed.append(public)
     return ApiKeysPublic(data=listed, count=count)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from fastapi import HTTPException, status
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.api_keys.models import ApiKey
@@ -31,6 +31,7 @@ LAST_USED_EVERY = timedelta(minutes=1)
 """``last_used_at`` is written at most this often per key, so using a key does not write a row on
 every request."""
 REVOKED = "API key has been revoked"
+VOIDED = "API key was made before its account was deactivated: make a new one"
 EXPIRED = "API key has expired"
 INVALID = "Invalid API key"
 
@@ -76,7 +77,9 @@ async def create_api_key(
     if Scope.admin in scopes and not owner.is_admin:
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Only admins can give a key the admin scope")
     key = new_key()
-    now = utcnow()
+    # PostgreSQL's clock, as for the owner's admin_since and keys_valid_after it is compared with:
+    # API hosts' clocks play no part.
+    now = func.clock_timestamp()
     row = ApiKey(
         owner_id=owner.id,
         name=name,
@@ -88,6 +91,7 @@ async def create_api_key(
     )
     session.add(row)
     await session.commit()
+    await session.refresh(row)
     return row, key
 
 
@@ -125,8 +129,9 @@ class KeyRefused(HTTPException):
 async def authenticate(*, session: AsyncSession, key: str) -> tuple[User, KeyGrant]:
     """The key's owner (detached from ``session`` once it closes) and what the key grants, in one
     round trip, plus one write at most once a minute for ``last_used_at``. Raises KeyRefused (401)
-    for an unknown or malformed key, and, ``known``, for a revoked or expired key and for a
-    deactivated owner (401 saying so, as for a login token)."""
+    for an unknown or malformed key, and, ``known``, for a revoked or expired key, for a
+    deactivated owner (401 saying so, as for a login token) and for a key made before its owner
+    was last deactivated."""
     if len(key) != KEY_LENGTH or not is_key(key):
         raise KeyRefused(INVALID, known=False)
     row = (await session.execute(_KEY_WITH_OWNER, {"b_hash": hash_key(key)})).first()
@@ -140,9 +145,18 @@ async def authenticate(*, session: AsyncSession, key: str) -> tuple[User, KeyGra
         raise KeyRefused(EXPIRED, known=True)
     if not user.is_active:
         raise KeyRefused(DEACTIVATED, known=True)
+    if voided_at(api_key, user) is not None:
+        raise KeyRefused(VOIDED, known=True)
     if api_key.last_used_at is None or now - api_key.last_used_at >= LAST_USED_EVERY:
         await _mark_used(session=session, key_id=api_key.id, now=now)
     return user, KeyGrant(key_id=api_key.id, scopes=granted_scopes(api_key, user))
+
+
+def voided_at(api_key: ApiKey, owner: User) -> datetime | None:
+    """When ``api_key`` stopped working without being revoked: its owner's deactivation, for a key
+    made before it (``User.keys_valid_after``); None for a key that was not voided so."""
+    cutoff = owner.keys_valid_after
+    return cutoff if cutoff is not None and api_key.created_at < cutoff else None
 
 
 def granted_scopes(api_key: ApiKey, owner: User) -> frozenset[Scope]:

@@ -27,6 +27,9 @@ class User(TimestampMixin, Base):
     sessions_valid_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """Login sessions that began before this (a token's ``auth_time``) are refused: set when the
     password changes or the account is deactivated, so a stolen session ends with them."""
+    keys_valid_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """API keys made before this are void: set when the account is deactivated, so reactivating
+    it brings none of them back (a password change leaves keys as they are)."""
     admin_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """When the user was last made an admin (None: never since this column exists). An API key
     with the admin scope made before it does not carry that scope: a demoted admin's keys stay

@@ -10,7 +10,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
-from api.app.core.db import utcnow
 from api.app.core.security import PasswordHasher
 from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
@@ -139,12 +138,14 @@ async def update_user(*, session: AsyncSession, actor: User, user: User, changes
     if changes.is_active is False:
         await _keep_an_admin(session=session, actor=actor, target=user, action="deactivate")
     if changes.role == Role.admin and user.role != Role.admin.value:
-        user.admin_since = utcnow()
+        user.admin_since = func.clock_timestamp()  # PostgreSQL's clock, as its keys' created_at
     for field, value in changes.model_dump(exclude_unset=True).items():
         if value is not None:
             setattr(user, field, value.value if isinstance(value, Role) else value)
     if changes.is_active is False:
-        end_sessions(user)  # reactivating the account later brings none of them back
+        # Reactivating the account later brings none of its sessions or API keys back.
+        end_sessions(user)
+        user.keys_valid_after = func.clock_timestamp()
     await session.commit()
     await session.refresh(user)
     return user
