@@ -186,12 +186,22 @@ async def _key_caller(request: Request, key: str) -> Caller:
     return Caller(user=user, grant=grant)
 
 
+TOKEN_IN_KEY_HEADER = "X-API-Key takes an API key; send a login token as Authorization: Bearer <token>"
+
+
+def _looks_like_a_token(value: str) -> bool:
+    """Whether ``value`` has a JWT's shape (a base64url JSON header, three dot-separated parts;
+    RFC 7519): a login token sent in the API key's header, no guess at a key."""
+    return value.startswith("eyJ") and value.count(".") == 2
+
+
 async def get_caller(request: Request, bearer: BearerDep, api_key: ApiKeyHeaderDep) -> Caller:
     """Who makes the request: ``Authorization: Bearer`` with a login token or an API key, or an
     API key in ``X-API-Key`` (when both headers are sent, Authorization counts). Keys are looked
     up only for credentials with the key prefix, so a login token costs what it did before keys
     existed. Raises 401 when neither is sent or the credential is refused, 429 after too many
-    failed keys from the client's address."""
+    failed keys from the client's address (a login token sent as a key is 401 saying where it
+    goes, and not counted)."""
     # Spaces around a credential are no part of it (RFC 9110, section 5.5: a field value's
     # surrounding whitespace is not), though some servers pass them on.
     bearer, api_key = (bearer or "").strip(), (api_key or "").strip()
@@ -200,6 +210,8 @@ async def get_caller(request: Request, bearer: BearerDep, api_key: ApiKeyHeaderD
     key = bearer or api_key
     if not key:
         raise auth_service.unauthorized("Not authenticated")
+    if not bearer and _looks_like_a_token(api_key):
+        raise auth_service.unauthorized(TOKEN_IN_KEY_HEADER)
     return await _key_caller(request, key)
 
 
@@ -237,7 +249,10 @@ async def get_login_user(request: Request, bearer: BearerDep) -> User:
     password, renew or end a login session (a key could otherwise make itself a key or a login
     token with more rights than its scopes). 403 for a request made with a key, 401 without a
     valid login token."""
-    if (bearer and api_keys_service.is_key(bearer)) or (not bearer and request.headers.get("x-api-key")):
+    sent_as_key = (request.headers.get("x-api-key") or "").strip()
+    if not bearer and _looks_like_a_token(sent_as_key):
+        raise auth_service.unauthorized(TOKEN_IN_KEY_HEADER)
+    if (bearer and api_keys_service.is_key(bearer)) or (not bearer and sent_as_key):
         raise HTTPException(
             status_code=status.HTTP_403_FORBIDDEN, detail="API keys cannot do this; log in with your password"
         )

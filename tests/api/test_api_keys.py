@@ -423,3 +423,17 @@ async def test_a_keys_name_is_stored_trimmed(client: httpx.AsyncClient, users: U
     _, login = await users.create()
     r = await client.post("/v1/api-keys", json={"name": "\t nightly \n", "scopes": ["read"]}, headers=login)
     assert r.status_code == 201 and r.json()["name"] == "nightly", r.text
+
+
+async def test_a_login_token_sent_as_a_key_is_told_where_it_goes_and_not_counted(app: FastAPI, users: Users) -> None:
+    """A login token in X-API-Key (a client set up for keys given a token) is 401 saying where
+    a token goes, on user routes and on those that need a login alike, and never counts as a
+    failed key: the address's real keys are not locked out by it."""
+    _, login = await users.create()
+    token = login["Authorization"].removeprefix("Bearer ")
+    async with client_at(app, fresh_address()) as client:
+        key = (await make_key(client, login, ["read"]))["key"]
+        for path in ("/v1/users/me", "/v1/api-keys", "/v1/users/me", "/v1/api-keys") * 6:
+            r = await client.get(path, headers=header(token))
+            assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"], (path, r.text)
+        assert (await client.get("/v1/users/me", headers=header(key))).status_code == 200
