@@ -3,16 +3,19 @@ fit in memory."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 try:
     import fcntl
@@ -31,6 +34,9 @@ ENTRY_MODE = 0o100644
 """A regular file, readable by all, for every entry."""
 COPY_CHUNK = 1 << 20
 """Bytes copied at a time from an image into the zip."""
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+"""How an image is opened for the zip: not through a symbolic link, and without waiting for a
+writer should a named pipe have taken its place since it was listed (``zip_images``)."""
 
 
 def readable(path: str | os.PathLike[str]) -> str:
@@ -40,6 +46,28 @@ def readable(path: str | os.PathLike[str]) -> str:
     (PEP 383), which no UTF-8 encoder takes; each of them is shown as U+FFFD instead. Valid names
     come back unchanged, and the same name always gives the same text."""
     return os.fsencode(path).decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A folder or file of a batch's directory that could not be read, left out of the batch."""
+
+    path: Path
+    reason: str
+    """Why, in words: the system's (``Permission denied``), or that it is gone since it was listed."""
+    folder: bool = False
+    """A folder that could not be listed: whatever it holds is left out."""
+
+
+def _unreadable(path: Path, exc: OSError, *, folder: bool = False) -> Unreadable:
+    """``path`` left out for ``exc``, with the reason in words."""
+    if exc.errno == errno.ENOENT:
+        reason = "gone since it was listed"
+    elif exc.errno == errno.ELOOP:
+        reason = "a symbolic link since it was listed"
+    else:
+        reason = exc.strerror or str(exc)
+    return Unreadable(path, reason, folder)
 
 
 @dataclass
@@ -52,6 +80,9 @@ class Collected:
     """Other regular files (not counting hidden ones)."""
     not_regular: int = 0
     """Symbolic links, pipes and devices: never sent, whatever their name."""
+    unreadable: list[Unreadable] = field(default_factory=list)
+    """Folders that could not be listed and files that could not be looked at (no permission,
+    gone since their folder was listed), in the order met."""
 
 
 def _image_name(name: str) -> bool:
@@ -62,27 +93,37 @@ def _image_name(name: str) -> bool:
 def collect(folder: Path) -> Collected:
     """The image files under ``folder`` (recursively; hidden files and folders skipped, as
     ``.DS_Store`` or ``.git`` are never photos). Only regular files are sent: symbolic links
-    (which may point anywhere, or loop) and pipes or devices (which may never end) are left out."""
-    images: list[Path] = []
-    left_out = not_regular = 0
-    for root, dirs, files in os.walk(folder, followlinks=False):
+    (which may point anywhere, or loop) and pipes or devices (which may never end) are left out.
+    A folder that cannot be listed or a file that cannot be looked at (no permission, or gone
+    since its folder was listed) is left out too, and named in ``unreadable``: never dropped
+    without a word, and never the end of the others."""
+    found = Collected(images=[], left_out=0)
+
+    def not_listed(exc: OSError) -> None:
+        found.unreadable.append(_unreadable(Path(exc.filename), exc, folder=True))
+
+    for root, dirs, files in os.walk(folder, onerror=not_listed, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         # A link to a folder is listed among the folders (never followed): left out, and counted.
         linked = [d for d in dirs if Path(root, d).is_symlink()]
-        not_regular += len(linked)
+        found.not_regular += len(linked)
         dirs[:] = [d for d in dirs if d not in linked]
         for name in sorted(files):
             if name.startswith("."):
                 continue
             path = Path(root, name)
-            if path.is_symlink() or not path.is_file():
-                not_regular += 1
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError as exc:
+                found.unreadable.append(_unreadable(path, exc))
                 continue
-            if _image_name(name):
-                images.append(Path(root, name))
+            if not stat.S_ISREG(mode):
+                found.not_regular += 1
+            elif _image_name(name):
+                found.images.append(path)
             else:
-                left_out += 1
-    return Collected(images=images, left_out=left_out, not_regular=not_regular)
+                found.left_out += 1
+    return found
 
 
 def would_collect(folder: Path, path: Path) -> bool:
@@ -204,24 +245,55 @@ def _unique(name: str, used: set[str]) -> str:
     return candidate
 
 
-def zip_images(target: Path, folder: Path, images: list[Path], on_added: Callable[[int], None] | None = None) -> None:
+def _open_regular(path: Path) -> tuple[BinaryIO, int]:
+    """``path`` open for reading and its size in bytes; OSError when it cannot be opened (no
+    permission, gone) or is no longer a regular file (a link or a folder in its place: ELOOP,
+    EISDIR; a pipe or device: ENODEV)."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.ENODEV, "no longer a regular file", str(path))
+        return os.fdopen(fd, "rb"), info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def zip_images(
+    target: Path, folder: Path, images: list[Path], on_added: Callable[[int], None] | None = None
+) -> list[Unreadable]:
     """Writes ``images`` (files under ``folder``) into the zip ``target``, named by their path
     relative to ``folder`` with ``/`` separators (the name the results show; bytes of a name that
     are not UTF-8 become U+FFFD, see ``readable``, and a name that two files then share gets ``~2``,
-    ``~3``, ... before its extension). ``on_added`` is told how many files are in so far.
+    ``~3``, ... before its extension). ``on_added`` is told how many of ``images`` are done so far.
 
-    Entries are stored, not deflated: photos are compressed already, and deflating them again
-    would cost CPU for nothing. Every entry has the same time and mode (``ENTRY_TIME``,
-    ``ENTRY_MODE``), so the same images zip to the same bytes whatever their files' times: a batch
-    sent again after an interruption is the same request to the portal. Raises OSError when a
-    file cannot be read or the disk is full."""
+    An image that cannot be opened (no permission, gone since it was listed, no longer a regular
+    file: a folder still being written to) is left out, not the end of the others: the ones left
+    out are returned, in order. Entries are stored, not deflated: photos are compressed already,
+    and deflating them again would cost CPU for nothing. Every entry has the same time and mode
+    (``ENTRY_TIME``, ``ENTRY_MODE``), so the same images zip to the same bytes whatever their
+    files' times: a batch sent again after an interruption is the same request to the portal.
+    Raises OSError when an image opened fails while it is read, or the disk is full."""
     used: set[str] = set()
+    left_out: list[Unreadable] = []
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for n, image in enumerate(images, start=1):
-            info = zipfile.ZipInfo(_unique(readable(image.relative_to(folder).as_posix()), used), date_time=ENTRY_TIME)
-            info.external_attr = ENTRY_MODE << 16
-            info.file_size = image.stat().st_size
-            with image.open("rb") as src, archive.open(info, "w") as dst:
-                shutil.copyfileobj(src, dst, COPY_CHUNK)
+            try:
+                src, size = _open_regular(image)
+            except OSError as exc:
+                left_out.append(_unreadable(image, exc))
+            else:
+                # Named once opened: an image left out takes no name another one would get.
+                info = zipfile.ZipInfo(
+                    _unique(readable(image.relative_to(folder).as_posix()), used), date_time=ENTRY_TIME
+                )
+                info.external_attr = ENTRY_MODE << 16
+                info.file_size = size
+                with src, archive.open(info, "w") as dst:
+                    shutil.copyfileobj(src, dst, COPY_CHUNK)
             if on_added:
                 on_added(n)
+    return left_out

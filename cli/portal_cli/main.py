@@ -35,6 +35,7 @@ from rich.progress import (
 )
 
 from portal_cli.archive import (
+    Unreadable,
     collect,
     readable,
     remove_stale_zips,
@@ -185,6 +186,19 @@ def open_portal(url: str | None, api_key: str | None) -> Portal:
     return Portal(target, login=config.login, on_login=keep)
 
 
+def _ask(what: str, *, default: str | None = None, hide_input: bool = False) -> str:
+    """The answer to a prompt for ``what`` (hidden with ``hide_input``). Standard input ending
+    there (a script piping nothing, or too little) is wrong usage, PortalError 2 naming what was
+    missing, not the "interrupted" of Ctrl-C."""
+    try:
+        return str(typer.prompt(what.capitalize(), default=default, hide_input=hide_input))
+    except typer.Abort as exc:
+        # Click turns both Ctrl-C and the end of input into Abort; the end of input stays its context.
+        if isinstance(exc.__context__, EOFError):
+            raise PortalError(f"No {what} given: standard input ended.", ExitCode.USAGE) from None
+        raise
+
+
 @app.command()
 def login(
     url: UrlOption = None,
@@ -198,8 +212,8 @@ def login(
         config = load_config()
         target = normalise_url(url or config.url)
         same_portal = normalise_url(config.url) == target
-        email = email or typer.prompt("Email", default=config.email if same_portal and config.email else None)
-        password = typer.prompt("Password", hide_input=True)
+        email = email or _ask("email", default=config.email if same_portal and config.email else None)
+        password = _ask("password", hide_input=True)
         with Portal(target) as portal:
             session = portal.log_in(email, password)
         config.url, config.email, config.login = target, email, session
@@ -317,14 +331,21 @@ def _finished(batch: dict[str, Any]) -> bool:
     return batch["status"] in ("done", "cancelled") and counts["queued"] + counts["running"] == 0
 
 
+def _waiting(refs: list[str]) -> str:
+    """What the bar says while the batch waits for the versions ``refs`` (``waiting_for``)."""
+    return f"waiting for {', '.join(refs)}: no live worker serves {'it' if len(refs) == 1 else 'them'}"
+
+
 def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
     """Shows the batch's progress (images done or failed of all, the portal's ETA; where it
-    stopped once cancelled) until it has finished; the last answer. Rides out up to RETRIES unreachable or 5xx answers in a row.
-    """
+    stopped once cancelled; the versions it waits for while no live worker serves them, said once
+    more in a note each time they change) until it has finished; the last answer. Rides out up to
+    RETRIES unreachable or 5xx answers in a row."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[eta]}"))
     with Progress(*columns, console=_stderr) as bar:
         task = bar.add_task("Classifying", total=None, eta="")
         misses = 0
+        waited: list[str] = []
         while True:
             try:
                 batch = portal.batch(batch_id)
@@ -338,32 +359,78 @@ def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
             misses = 0
             counts = batch["counts"]
             cancelled = batch["status"] == "cancelled"
+            waiting = [str(ref) for ref in batch.get("waiting_for") or []]
+            if waiting and waiting != waited:
+                # Also a line of its own: a log (no terminal) shows no bar until the end.
+                one = len(waiting) == 1
+                _note(
+                    f"Batch {batch_id} waits for {', '.join(waiting)}: no live worker serves {'it' if one else 'them'} "
+                    f"now. Its images wait at the portal, nothing is lost, and go on once {'it is' if one else 'they are'} "
+                    "served again (or the batch is cancelled)."
+                )
+            waited = waiting
             # Cancelled images were never classified: the bar stops where the answers stopped.
+            if cancelled:
+                eta = f"{counts.get('cancelled', 0)} not classified"
+            else:
+                eta = _waiting(waiting) if waiting else _eta(counts)
             bar.update(
                 task,
                 description="Cancelled" if cancelled else "Classifying",
                 total=counts["images"],
                 completed=counts["done"] + counts["failed"],
-                eta=f"{counts.get('cancelled', 0)} not classified" if cancelled else _eta(counts),
+                eta=eta,
             )
             if _finished(batch):
                 return batch
             time.sleep(POLL_SECONDS)
 
 
+UNREADABLE_NAMED = 5
+"""How many of the folders and files that could not be read a note names (all are counted)."""
+
+
+def _unreadable_note(source: Path, left: list[Unreadable]) -> str:
+    """The note on the folders and files of ``source`` that could not be read and were left out:
+    how many, and the first ``UNREADABLE_NAMED`` of them by their path in ``source``, with why."""
+    folders = sum(1 for entry in left if entry.folder)
+    files = len(left) - folders
+    counted = []
+    if folders:
+        counted.append(f"{folders} folder(s)")
+    if files:
+        counted.append(f"{files} file(s)")
+
+    def name(entry: Unreadable) -> str:
+        inside = entry.path.relative_to(source).as_posix() if entry.path != source else str(source)
+        return f"{inside}{'/' if entry.folder else ''} ({entry.reason})"
+
+    named = ", ".join(name(entry) for entry in left[:UNREADABLE_NAMED])
+    more = f", and {len(left) - UNREADABLE_NAMED} more" if len(left) > UNREADABLE_NAMED else ""
+    return f"{' and '.join(counted)} that could not be read left out: {named}{more}."
+
+
 def _zip_folder(source: Path, target: Path) -> None:
-    """Zips the images of the directory ``source`` into ``target``, with a progress bar. Raises
-    PortalError 1 for a directory without images."""
+    """Zips the images of the directory ``source`` into ``target``, with a progress bar. Folders
+    and files that cannot be read (no permission, or gone since they were listed: a folder still
+    being written to) are left out, counted and named in a note, and the rest is sent. Raises
+    PortalError 1 for a directory without images, or none of whose images could be read."""
     found = collect(source)
     if found.left_out:
         _note(f"{found.left_out} file(s) without an image extension left out.")
     if found.not_regular:
         _note(f"{found.not_regular} symbolic link(s), pipe(s) or device(s) left out: only regular files are sent.")
+    if found.unreadable:
+        _note(_unreadable_note(source, found.unreadable))
     if not found.images:
         raise PortalError(f"No images in {source} (looked for .jpg, .png, .gif, .bmp, .webp, .tif).")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_stderr) as bar:
         task = bar.add_task("Zipping", total=len(found.images))
-        zip_images(target, source, found.images, lambda n: bar.update(task, completed=n))
+        left = zip_images(target, source, found.images, lambda n: bar.update(task, completed=n))
+    if left:
+        _note(_unreadable_note(source, left))
+    if len(left) == len(found.images):
+        raise PortalError(f"None of the {len(left)} images in {source} could be read: nothing was sent.")
 
 
 def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempotency_key: str) -> SentBatch:
@@ -517,8 +584,85 @@ def _send_batch(
         _note(f"The portal had received batch {sent.batch_id} before the interruption: following it.")
     else:
         counts = sent.batch["counts"]
-        _note(f"Batch {sent.batch_id}: {counts['images']} images to classify, {counts['skipped']} files skipped.")
+        _note(
+            f"Batch {sent.batch_id}: {counts['images']} images to classify, {counts['skipped']} files skipped"
+            f"{_identical(sent.batch)}."
+        )
     return sent
+
+
+def _identical(batch: dict[str, Any]) -> str:
+    """The files of ``batch`` identical to another of its files, which the portal computes once
+    (``counts.images`` counts distinct images) and whose result they share, as a part of a
+    summary (", 2 file(s) identical to another (sharing its result)"), so that its counts add up
+    to the files sent (``entries``: images, skipped, deleted and these); "" when there are none,
+    or while ``entries`` is only what the request announced (not ``fully_received``)."""
+    counts = batch["counts"]
+    if not batch.get("fully_received") or "entries" not in batch:
+        return ""
+    shared = int(batch["entries"]) - counts["images"] - counts["skipped"] - counts.get("deleted", 0)
+    return f", {shared} file(s) identical to another (sharing its result)" if shared > 0 else ""
+
+
+def _try_lock(held: contextlib.ExitStack, states: BatchStates, key: str) -> bool:
+    """Takes the lock of ``key`` (``_alone``) until ``held`` closes, when no other run holds it;
+    whether it was taken."""
+    lock = states.lock(key)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return False
+    held.callback(lock.release)
+    return True
+
+
+def _cancel(
+    portal: Portal, states: BatchStates, key: str, source: Path, remembered: BatchState | None, *, followed: bool
+) -> None:
+    """Cancels the batch ``remembered`` for ``source`` (whose state is ``key``; found by its
+    ``Idempotency-Key`` when its send was interrupted before the answer) and says how far it got;
+    PortalError 1 when there is none.
+
+    ``followed``: another run of ``source`` holds its lock and follows the batch. The state is
+    then only read (it is replaced whole, never half-written) and left to that run, which sees
+    the batch cancelled and ends as it does for any cancel; otherwise it is forgotten."""
+    if remembered is None:
+        running = ": the `portal batch` of it running now has sent none there yet" if followed else ""
+        raise PortalError(f"No batch of {source} to cancel on {portal.url}{running}.")
+    batch_id = remembered.batch_id
+    if batch_id is None and remembered.idempotency_key:
+        # Interrupted before the answer: the portal knows the batch by the key it was sent with.
+        found = portal.batch_sent_with(remembered.idempotency_key)
+        batch_id = str(found["id"]) if found is not None else None
+    if batch_id is None:
+        if followed:
+            raise PortalError(
+                f"The `portal batch` of {source} running now is sending it and the portal has no batch with its "
+                "key yet: stop that run (Ctrl-C), or cancel once the portal has it."
+            )
+        states.forget(key)
+        raise PortalError(
+            f"The batch of {source} was interrupted while it was being sent and the portal has no batch "
+            "sent with its key: it never arrived, or it is among your batches (the UI, or GET /v1/batches) "
+            "and can be cancelled there."
+        )
+    counts = portal.cancel_batch(batch_id)["counts"]
+    if not followed:
+        states.forget(key)
+    parts = [f"{counts['done']} done", f"{counts['cancelled']} cancelled"]
+    # Jobs a worker already has are still answered: said, so that the numbers add up.
+    if in_flight := counts["queued"] + counts["running"]:
+        parts.append(f"{in_flight} already with a worker (still answered)")
+    if counts.get("failed"):
+        parts.append(f"{counts['failed']} failed")
+    # Deleted images are no longer among the batch's images: said apart from the sum.
+    deleted = f"; {counts['deleted']} deleted since" if counts.get("deleted") else ""
+    _note(f"Cancelled batch {batch_id}: {', '.join(parts)} (of {counts['images']} images){deleted}.")
+    if followed:
+        _note(
+            f"The `portal batch` of {source} following it ends once it sees the cancel, writing the results of "
+            "the images answered."
+        )
 
 
 @contextmanager
@@ -625,7 +769,8 @@ def batch(
 
     A directory is zipped first (files with an image extension only; hidden files skipped). The
     batch is remembered: after an interruption (Ctrl-C, a crash) the same command follows the same
-    batch instead of sending it again; --new sends a new one, --cancel cancels it (not both)."""
+    batch instead of sending it again; --new sends a new one, --cancel cancels it, also while another
+    run follows it (not both)."""
     if new and cancel:
         # Either would be a guess at which one was meant, and a cancel cannot be undone.
         raise typer.BadParameter("it cannot be used together with --cancel.", param_hint="--new")
@@ -644,7 +789,11 @@ def batch(
     states = BatchStates()
     models = _models(model)
     batch_id: str | None = None
-    with _reported(), _alone(states, key, source), open_portal(url, api_key) as portal:
+    with _reported(), contextlib.ExitStack() as held:
+        if not cancel:
+            # A cancel only asks the portal: it goes ahead while another run follows the batch.
+            held.enter_context(_alone(states, key, source))
+        portal = held.enter_context(open_portal(url, api_key))
         if stale := remove_stale_zips():
             _note(f"Deleted {stale} temporary zip(s) left by runs of `portal batch` that were killed.")
         remembered = states.get(key)
@@ -656,31 +805,7 @@ def batch(
         if remembered and remembered.url != portal.url:
             remembered = None  # sent to another portal: not this one's batch
         if cancel:
-            if remembered is None:
-                raise PortalError(f"No batch of {source} to cancel on {portal.url}.")
-            batch_id = remembered.batch_id
-            if batch_id is None and remembered.idempotency_key:
-                # Interrupted before the answer: the portal knows the batch by the key it was sent with.
-                found = portal.batch_sent_with(remembered.idempotency_key)
-                batch_id = str(found["id"]) if found is not None else None
-            if batch_id is None:
-                states.forget(key)
-                raise PortalError(
-                    f"The batch of {source} was interrupted while it was being sent and the portal has no batch "
-                    "sent with its key: it never arrived, or it is among your batches (the UI, or GET /v1/batches) "
-                    "and can be cancelled there."
-                )
-            counts = portal.cancel_batch(batch_id)["counts"]
-            states.forget(key)
-            parts = [f"{counts['done']} done", f"{counts['cancelled']} cancelled"]
-            # Jobs a worker already has are still answered: said, so that the numbers add up.
-            if in_flight := counts["queued"] + counts["running"]:
-                parts.append(f"{in_flight} already with a worker (still answered)")
-            if counts.get("failed"):
-                parts.append(f"{counts['failed']} failed")
-            # Deleted images are no longer among the batch's images: said apart from the sum.
-            deleted = f"; {counts['deleted']} deleted since" if counts.get("deleted") else ""
-            _note(f"Cancelled batch {batch_id}: {', '.join(parts)} (of {counts['images']} images){deleted}.")
+            _cancel(portal, states, key, source, remembered, followed=not _try_lock(held, states, key))
             return
         resend: str | None = None
         # Why a new batch is sent instead of the remembered one: said once the portal is known to
@@ -716,8 +841,21 @@ def batch(
         if sending_anew:
             _note(sending_anew)
         state = BatchState(key, batch_id, portal.url, models, time.time())
+        final: dict[str, Any] | None = None
         try:
             final = _send_and_follow(portal, states, state, resend, offered)
+            assert out is not None and state.batch_id is not None
+            _write_results(portal, state.batch_id, out)
+        except PortalError as exc:
+            # The portal has the batch: a lost connection or login here loses nothing of it.
+            if state.batch_id is None or exc.code not in (ExitCode.AUTH, ExitCode.UNAVAILABLE):
+                raise
+            if final is None:
+                how_on = "goes on at the portal: run the same command again to follow it and download the results "
+                how_on += "(or add --cancel)"
+            else:
+                how_on = "has finished at the portal: run the same command again to download the results"
+            raise PortalError(f"{exc.message} Batch {state.batch_id} {how_on}.", exc.code) from None
         except (KeyboardInterrupt, Terminated) as stopped:
             how = "terminated" if isinstance(stopped, Terminated) else "interrupted"
             batch_id = state.batch_id
@@ -735,8 +873,7 @@ def batch(
                 raise
             raise typer.Exit(ExitCode.INTERRUPTED) from None
         batch_id = state.batch_id
-        assert out is not None and batch_id is not None
-        _write_results(portal, batch_id, out)
+        assert final is not None
         states.forget(key)
         counts = final["counts"]
         where = "stdout" if out == "-" else out
@@ -746,7 +883,7 @@ def batch(
         missing = f" ({partly} without every model's answer: see the error column)" if partly else ""
         _note(
             f"Batch {batch_id} {final['status']}: {counts['done']} done{missing}, {counts['failed']} failed, "
-            f"{cancelled}{counts['skipped']} skipped{deleted}; results in {where}."
+            f"{cancelled}{counts['skipped']} skipped{deleted}{_identical(final)}; results in {where}."
         )
         if final["status"] == "cancelled":
             raise typer.Exit(ExitCode.INPUT)

@@ -4,18 +4,23 @@ resume after an interruption) and the exit code of each kind of failure."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -28,6 +33,7 @@ from api.app.batches.service import _fingerprint
 from api.app.catalog.service import NOT_SERVED as CATALOGUE_NOT_SERVED
 from api.app.core.config import Settings
 from contracts.imaging import UPLOAD_EXTENSIONS
+from portal_cli import main as cli_main
 from portal_cli.archive import IMAGE_EXTENSIONS, collect, temporary_zip, zip_images
 from portal_cli.config import BatchState, BatchStates, config_path
 from portal_cli.main import NOT_SERVED, _models, _unavailable_reason
@@ -931,3 +937,365 @@ def test_model_references_are_read_as_the_portal_reads_them() -> None:
     it away as unknown."""
     assert _models(["sketch@03, mobilenet_v2", " birds@1 "]) == ["sketch@3", "mobilenet_v2", "birds@1"]
     assert _models(["sketch@x"]) == ["sketch@x"]  # left for the portal to refuse, saying why
+
+
+def unprivileged() -> list[str]:
+    """A command prefix under which file permissions hold: for root (as the suite may run),
+    ``setpriv`` drops the capabilities that let root read past them (the interpreter, under
+    /root, stays reachable to its owner, which it would not be to another user)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("as root, needs setpriv (util-linux) to make a file unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, "--bounding-set", caps, "--inh-caps", caps]
+
+
+def test_folders_and_files_that_cannot_be_read_are_left_out_and_named(logged_in: Account, tmp_path: Path) -> None:
+    """A subfolder that cannot be listed and image files that cannot be opened are left out,
+    counted and named (the first five), and the rest is sent; when no image can be read, nothing
+    is sent (exit 1)."""
+    folder = tmp_path / "collection"
+    names = make_images(folder, 12)
+    locked = folder / "locked"
+    make_images(locked, 2)
+    closed = [name for name in names if "/" not in name][:6]
+    out = tmp_path / "results.csv"
+    others = tmp_path / "all-closed"
+    make_images(others, 2)
+    shut = [locked, *(folder / name for name in closed), *others.rglob("*.png")]
+    for path in shut:
+        path.chmod(0o000)
+    try:
+        sent = subprocess.run(
+            [*unprivileged(), str(PORTAL), "batch", str(folder), "-m", MODEL, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        nothing = subprocess.run(
+            [*unprivileged(), str(PORTAL), "batch", str(others), "-m", MODEL, "--out", str(tmp_path / "none.csv")],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        for path in shut:
+            path.chmod(0o755)
+    assert sent.returncode == 0, sent.stderr
+    assert "1 folder(s) that could not be read left out: locked/ (Permission denied)." in sent.stderr, sent.stderr
+    named = ", ".join(f"{name} (Permission denied)" for name in closed[:5])
+    assert f"6 file(s) that could not be read left out: {named}, and 1 more." in sent.stderr, sent.stderr
+    assert sorted(r["file_name"] for r in rows(out)) == sorted(set(names) - set(closed))
+    assert nothing.returncode == 1, nothing.stderr
+    assert f"portal: None of the 2 images in {others} could be read: nothing was sent." in nothing.stderr
+    assert batches(logged_in)["count"] == 1
+
+
+@contextmanager
+def worker_stopped(worker: Service) -> Iterator[None]:
+    """The suite's model worker stopped (SIGSTOP) for the block: its heartbeat expires within 3 s,
+    after which the portal knows no live worker serving its versions; the batch's images wait."""
+    group = os.getpgid(worker.proc.pid)
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(group, signal.SIGCONT)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_a_batch_waiting_for_a_version_no_worker_serves_says_so(
+    logged_in: Account, tmp_path: Path, worker: Service
+) -> None:
+    """While the batch's ``waiting_for`` names a version (no live worker serves it), the bar says
+    so instead of an ETA, and a note says it once (a log without a terminal has no bar); it goes
+    on once the worker is back."""
+    folder = tmp_path / "collection"
+    make_images(folder, 60)
+    out, log = tmp_path / "results.csv", tmp_path / "stderr.txt"
+    key = str(folder.resolve())
+    # A terminal as rich sees one: the bar is drawn while it changes, not only at its end.
+    terminal = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160"}
+    with log.open("w") as err:
+        following = subprocess.Popen(
+            [str(PORTAL), "batch", str(folder), "-m", MODEL, "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+            env={**os.environ, **terminal},
+        )
+    try:
+        state = remembered_batch(following, key)
+        with worker_stopped(worker):
+            deadline = time.monotonic() + 60
+            while "waiting for" not in ANSI.sub("", log.read_text()):
+                assert following.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"the bar never said what the batch waits for: {log.read_text()}"
+                time.sleep(0.1)
+        following.wait(timeout=180)
+    finally:
+        following.kill()
+    said = ANSI.sub("", log.read_text())
+    assert following.returncode == 0, said
+    assert f"waiting for {MODEL}: no live worker serves it" in said, said
+    note = f"Batch {state.batch_id} waits for {MODEL}: no live worker serves it now."
+    assert said.count(note) == 1, said
+    assert len(rows(out)) == 60 and {r["status"] for r in rows(out)} == {"done"}
+
+
+GOES_ON = "goes on at the portal: run the same command again to follow it and download the results (or add --cancel)."
+
+
+@pytest.mark.parametrize("credential", ["login", "api key"])
+def test_a_batch_followed_when_its_credential_is_revoked_goes_on_and_is_resumed(
+    account: Account,
+    config_dir: Path,
+    tmp_path: Path,
+    worker: Service,
+    monkeypatch: pytest.MonkeyPatch,
+    credential: str,
+) -> None:
+    """The login or the API key is revoked while the batch is followed: exit 3, saying that the
+    batch goes on at the portal and how to resume it; the same command, logged in again or with a
+    key that works, follows it to its results."""
+    headers = account.headers()
+    env = {**os.environ}
+    if credential == "login":
+        assert (
+            run("login", "--url", account.url, "--email", account.email, input=account.password + "\n").exit_code == 0
+        )
+    else:
+        made = httpx.post(
+            f"{account.url}/v1/api-keys", json={"name": "nightly", "scopes": ["read", "predict"]}, headers=headers
+        ).json()
+        env.update(PORTAL_URL=account.url, PORTAL_API_KEY=made["key"])
+    folder = tmp_path / "collection"
+    names = make_images(folder, 60)
+    out = tmp_path / "results.csv"
+    key = str(folder.resolve())
+    following = subprocess.Popen(
+        [str(PORTAL), "batch", str(folder), "-m", MODEL, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        state = remembered_batch(following, key)
+        with worker_stopped(worker):  # the batch cannot end before the credential does
+            if credential == "login":
+                login = stored()["login"]
+                assert isinstance(login, dict)
+                revoked = httpx.post(
+                    f"{account.url}/v1/auth/logout", headers={"Authorization": f"Bearer {login['token']}"}
+                )
+            else:
+                revoked = httpx.delete(f"{account.url}/v1/api-keys/{made['id']}", headers=headers)
+            assert revoked.status_code in (200, 204), revoked.text
+            _, err = following.communicate(timeout=60)
+    finally:
+        following.kill()
+    assert following.returncode == 3, err
+    assert err.strip().splitlines()[-1].endswith(f"Batch {state.batch_id} {GOES_ON}"), err
+    assert "revoked" in err.strip().splitlines()[-1], err
+
+    if credential == "login":
+        assert run("login", "--email", account.email, input=account.password + "\n").exit_code == 0
+    else:
+        fresh = httpx.post(
+            f"{account.url}/v1/api-keys", json={"name": "again", "scopes": ["read", "predict"]}, headers=headers
+        ).json()
+        monkeypatch.setenv("PORTAL_URL", account.url)
+        monkeypatch.setenv("PORTAL_API_KEY", fresh["key"])
+    again = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert again.exit_code == 0, again.output
+    assert f"Following batch {state.batch_id}" in again.stderr, again.stderr
+    assert sorted(r["file_name"] for r in rows(out)) == sorted(names)
+    assert batches(account)["count"] == 1
+
+
+class Relay:
+    """A TCP relay on a port of its own to the portal at ``url``, to cut off: the portal then is as
+    unreachable through it (connections refused, the open ones closed) as a stopped API process,
+    while it goes on for everyone else."""
+
+    def __init__(self, url: str) -> None:
+        target = httpx.URL(url)
+        self.target = (target.host, target.port or 80)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.open: list[socket.socket] = []
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            upstream = socket.create_connection(self.target)
+            self.open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._copy, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _copy(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for connection in self.open:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+
+def test_a_batch_whose_portal_goes_away_while_followed_says_it_goes_on(
+    account: Account, config_dir: Path, tmp_path: Path, worker: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The portal becomes unreachable while the batch is followed, past the retries (here one):
+    exit 4, saying that the batch goes on at the portal and how to resume it."""
+    monkeypatch.setattr(cli_main, "RETRIES", 1)
+    monkeypatch.setattr(cli_main, "RETRY_SECONDS", 0.1)
+    made = httpx.post(
+        f"{account.url}/v1/api-keys", json={"name": "nightly", "scopes": ["read", "predict"]}, headers=account.headers()
+    ).json()
+    relay = Relay(account.url)
+    monkeypatch.setenv("PORTAL_URL", relay.url)
+    monkeypatch.setenv("PORTAL_API_KEY", made["key"])
+    folder = tmp_path / "collection"
+    make_images(folder, 60)
+    key = str(folder.resolve())
+    group = os.getpgid(worker.proc.pid)
+    sent: list[BatchState] = []
+
+    def cut_once_sent() -> None:
+        deadline = time.monotonic() + 60
+        while (state := BatchStates().get(key)) is None or state.batch_id is None:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        os.killpg(group, signal.SIGSTOP)  # the batch cannot end before the portal is out of reach
+        sent.append(state)
+        relay.cut()
+
+    cutter = threading.Thread(target=cut_once_sent, daemon=True)
+    cutter.start()
+    try:
+        result = run("batch", str(folder), "-m", MODEL, "--out", str(tmp_path / "results.csv"))
+    finally:
+        cutter.join(timeout=60)
+        os.killpg(group, signal.SIGCONT)
+        relay.cut()
+    assert sent, result.output
+    assert result.exit_code == 4, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"portal: Cannot reach the portal at {relay.url}"), result.stderr
+    assert last.endswith(f"Batch {sent[0].batch_id} {GOES_ON}"), result.stderr
+    remembered = BatchStates().get(key)
+    assert remembered is not None and remembered.batch_id == sent[0].batch_id
+
+
+def test_the_summary_counts_files_identical_to_another(logged_in: Account, tmp_path: Path) -> None:
+    """Identical files are classified once and share a result: the notes count them apart, so
+    that images, skipped files and these add up to the files sent (one CSV row each)."""
+    folder = tmp_path / "collection"
+    names = make_images(folder, 5)
+    for copy in ("copy1.png", "copy2.png"):
+        shutil.copy(folder / names[1], folder / copy)
+    (folder / "notes.png").write_text("text, not a picture")
+    out = tmp_path / "results.csv"
+    result = run("batch", str(folder), "-m", MODEL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    listed = batches(logged_in)["data"]
+    assert isinstance(listed, list) and len(listed) == 1
+    batch_id = listed[0]["id"]
+    identical = "2 file(s) identical to another (sharing its result)"
+    assert f"Batch {batch_id}: 5 images to classify, 1 files skipped, {identical}." in result.stderr, result.stderr
+    done = f"Batch {batch_id} done: 5 done, 0 failed, 1 skipped, {identical}; results in {out}."
+    assert done in result.stderr, result.stderr
+    assert len(rows(out)) == 8
+
+
+def test_cancel_goes_ahead_while_another_run_follows_the_batch(
+    logged_in: Account, tmp_path: Path, worker: Service
+) -> None:
+    """``--cancel`` does not wait for the lock of the run following the batch: it cancels the
+    batch that run remembers, leaving that run's state alone, and the run ends as it does for any
+    cancel (the results of the images answered, exit 1), forgetting the batch itself."""
+    folder = tmp_path / "collection"
+    make_images(folder, 60)
+    out = tmp_path / "results.csv"
+    key = str(folder.resolve())
+    following = start_batch(folder, out)
+    try:
+        state = remembered_batch(following, key)
+        with worker_stopped(worker):  # the batch cannot end before its cancel
+            cancel = run("batch", str(folder), "-m", MODEL, "--cancel")
+            assert BatchStates().get(key) == state  # the following run's, left to it
+        _, err = following.communicate(timeout=120)
+    finally:
+        following.kill()
+    assert cancel.exit_code == 0, cancel.output
+    assert f"Cancelled batch {state.batch_id}: " in cancel.stderr, cancel.stderr
+    assert "following it ends once it sees the cancel" in cancel.stderr, cancel.stderr
+    assert following.returncode == 1, err
+    assert f"Batch {state.batch_id} cancelled: " in err, err
+    assert BatchStates().get(key) is None
+    assert rows(out)
+
+
+def test_cancel_while_another_run_sends_leaves_its_state(logged_in: Account, tmp_path: Path) -> None:
+    """``--cancel`` while another run holds the lock but has no batch at the portal yet (zipping,
+    or sending): nothing to cancel (exit 1), saying so, and that run's state stays."""
+    folder = tmp_path / "collection"
+    make_images(folder, 2)
+    key = str(folder.resolve())
+    with BatchStates().lock(key):
+        zipping = run("batch", str(folder), "-m", MODEL, "--cancel")
+        assert zipping.exit_code == 1, zipping.output
+        assert "has sent none there yet" in one_line(zipping.stderr), zipping.stderr
+        state = BatchState(key, None, logged_in.url, [MODEL], time.time(), "a-send-still-on-its-way")
+        BatchStates().remember(state)
+        sending = run("batch", str(folder), "-m", MODEL, "--cancel")
+        assert sending.exit_code == 1, sending.output
+        assert "is sending it and the portal has no batch with its key yet" in one_line(sending.stderr)
+        assert BatchStates().get(key) == state
+
+
+@pytest.mark.parametrize("email", [True, False], ids=["password", "email"])
+def test_login_with_standard_input_ended_is_wrong_usage(config_dir: Path, email: bool) -> None:
+    """A script that pipes nothing to ``portal login`` (no terminal to ask on) is told what was
+    missing, exit 2, not "interrupted" (130) as after Ctrl-C."""
+    given = ["--email", "someone@example.com"] if email else []
+    login = subprocess.run(
+        [str(PORTAL), "login", "--url", f"http://127.0.0.1:{free_port()}", *given],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,  # no controlling terminal: getpass reads standard input
+    )
+    missing = "password" if email else "email"
+    assert login.returncode == 2, login.stderr
+    # getpass, with no terminal, warns on stderr that the password would be echoed.
+    said = login.stderr.strip().splitlines()[-1].strip()
+    assert said == f"portal: No {missing} given: standard input ended.", login.stderr
+    assert "interrupted" not in login.stderr
