@@ -199,21 +199,40 @@ def _ask(what: str, *, default: str | None = None, hide_input: bool = False) -> 
         raise
 
 
+def _piped_password() -> str:
+    """The password on standard input, as ``docker login --password-stdin`` reads it: everything,
+    less the line ending after it (a password may hold spaces, not a line break). None there is
+    wrong usage, PortalError 2."""
+    password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise PortalError("No password given: standard input was empty.", ExitCode.USAGE)
+    return password
+
+
 @app.command()
 def login(
     url: UrlOption = None,
     email: Annotated[str | None, typer.Option("--email", "-e", help="Your email (asked when missing).")] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the password from standard input (a pipe or a file; needs --email), not from a prompt.",
+        ),
+    ] = False,
 ) -> None:
-    """Log in with your email and password (asked, hidden).
+    """Log in with your email and password (asked, hidden; or piped with ``--password-stdin``).
 
     Keeps the URL and a token in the config file, readable by you only. The token is renewed while
     used; when it has expired, log in again."""
     with _reported():
+        if password_stdin and not email:
+            raise PortalError("--password-stdin needs --email: standard input holds the password.", ExitCode.USAGE)
         config = load_config()
         target = normalise_url(url or config.url)
         same_portal = normalise_url(config.url) == target
         email = email or _ask("email", default=config.email if same_portal and config.email else None)
-        password = _ask("password", hide_input=True)
+        password = _piped_password() if password_stdin else _ask("password", hide_input=True)
         with Portal(target) as portal:
             session = portal.log_in(email, password)
         config.url, config.email, config.login = target, email, session

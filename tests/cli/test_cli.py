@@ -1301,3 +1301,51 @@ def test_login_with_standard_input_ended_is_wrong_usage(config_dir: Path, email:
     said = login.stderr.strip().splitlines()[-1].strip()
     assert said == f"portal: No {missing} given: standard input ended.", login.stderr
     assert "interrupted" not in login.stderr
+
+
+def _piped_login(url: str, *args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    """``portal login --url URL ARGS --password-stdin`` with ``stdin`` piped, without a terminal."""
+    return subprocess.run(
+        [str(PORTAL), "login", "--url", url, *args, "--password-stdin"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+    )
+
+
+def test_a_script_logs_in_with_the_password_on_standard_input(account: Account, config_dir: Path) -> None:
+    """``--password-stdin`` reads the piped password without a prompt or getpass's "may be echoed"
+    warning; the line ending after it is not part of it."""
+    login = _piped_login(account.url, "--email", account.email, stdin=account.password + "\r\n")
+    assert login.returncode == 0, login.stderr
+    assert (
+        login.stderr.strip() == f"Logged in to {account.url} as {account.email} (token kept in {config_path()})."
+    ), login.stderr
+    token = stored()["login"]
+    assert isinstance(token, dict)
+    me = httpx.get(f"{account.url}/v1/users/me", headers={"Authorization": f"Bearer {token['token']}"})
+    assert me.status_code == 200 and me.json()["email"] == account.email
+
+    # Only the one line ending goes: a trailing space is part of the password, here a wrong one.
+    wrong = _piped_login(account.url, "--email", account.email, stdin=account.password + " \n")
+    assert wrong.returncode == 3, wrong.stderr
+    assert stored()["login"] == token
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "said"),
+    [
+        (["--email", "someone@example.com"], "", "No password given: standard input was empty."),
+        (["--email", "someone@example.com"], "\n", "No password given: standard input was empty."),
+        ([], "password\n", "--password-stdin needs --email: standard input holds the password."),
+    ],
+    ids=["empty", "empty-line", "no-email"],
+)
+def test_a_piped_login_without_a_password_or_email_is_wrong_usage(
+    config_dir: Path, args: list[str], stdin: str, said: str
+) -> None:
+    login = _piped_login(f"http://127.0.0.1:{free_port()}", *args, stdin=stdin)
+    assert login.returncode == 2, login.stderr
+    assert login.stderr.strip() == f"portal: {said}", login.stderr
