@@ -462,9 +462,10 @@ async def set_weights(
     return Changed(rows, change.id)
 
 
-def _class_count(row: ModelVersion, classes: Mapping[str, int]) -> int | None:
-    """How many classes the version knows, as promotion counts them (``releases.service``): as
-    its live workers report, else by the labels it published; None when neither says."""
+def class_count(row: ModelVersion, classes: Mapping[str, int]) -> int | None:
+    """How many classes the version knows, by the one rule of promotion checks and comparisons:
+    as its live workers report (``classes``: a class count by ``name@version`` of the served
+    versions), else by the labels it published (``model_versions.labels``); None when neither says."""
     return classes.get(f"{row.name}@{row.version}") or len(row.labels or []) or None
 
 
@@ -477,7 +478,7 @@ def _fewer_classes(row: ModelVersion, stable: ModelVersion | None, classes: Mapp
     counts are no evidence): the counts, and the labels it lacks when both published theirs."""
     if stable is None:
         return None
-    ours, theirs = _class_count(row, classes), _class_count(stable, classes)
+    ours, theirs = class_count(row, classes), class_count(stable, classes)
     if ours is None or theirs is None or ours >= theirs:
         return None
     why = (

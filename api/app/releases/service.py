@@ -81,9 +81,8 @@ async def _stats(
     answers, p50, p95, score = await _traffic(session, row.name, row.version, since)
     feedback, feedback_accuracy = await _feedback(session, row.name, row.version)
     state = availability.get(f"{row.name}@{row.version}")
-    served = state is not None and state.workers > 0
-    # A version no worker serves now still has the labels a worker published (model_versions.labels).
-    classes = state.num_classes if served and state is not None and state.num_classes else len(row.labels or []) or None
+    served = {key: s.num_classes for key, s in availability.items() if s.available}
+    classes = registry_service.class_count(row, served)
     return VersionStats(
         version=row.version,
         channel=row.channel,
