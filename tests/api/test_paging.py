@@ -3,16 +3,22 @@ even among rows created at the same instant; bad cursors and deep offsets are 42
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
+from fastapi import FastAPI
 from redis.asyncio import Redis
+from sqlalchemy import event, text
 
 from api.app.core.config import Settings
-from api.app.core.paging import Cursor
+from api.app.core.paging import Cursor, KeysetPage
+from api.app.images import service as images_service
+from api.app.images.schemas import ImageSource
 from api.app.main import create_app
 from contracts import keys
 from tests.conftest import PASSWORD, Users, client_for, login
@@ -258,3 +264,53 @@ async def test_an_answer_whose_top_k_is_json_null_reads_as_no_top_k_on_a_page_as
     assert one.status_code == 200 and one.json()["results"][0]["top_k"] == []
     assert page.status_code == 200, page.text
     assert page.json()["data"] == [one.json()]
+
+
+@pytest.mark.parametrize("source", ["batch", "upload"])
+async def test_a_page_of_one_source_reads_no_row_of_the_other(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, settings: Settings, source: ImageSource
+) -> None:
+    """21,000 images of one person, one in 700 a batch file: the first page of either source reads
+    an index of that source alone. Filtering the owner's index instead read (and dropped) every
+    upload to fill a page of batch files, a cost that grew with the person's history."""
+    me, _ = await users.create()
+    async with app.state.sessionmaker() as session:
+        await session.execute(
+            text(
+                "INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, filename, source, created_at)"
+                " SELECT gen_random_uuid(), :owner, md5(g::text) || md5(g::text), 'PNG', 1, 1, 1, '',"
+                " CASE WHEN g % 700 = 0 THEN 'batch' ELSE 'upload' END, now() - make_interval(secs => g)"
+                " FROM generate_series(1, 21000) g"
+            ),
+            {"owner": me["id"]},
+        )
+        await session.commit()
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        # Autovacuum may be off: the planner must know the table as it is now.
+        await conn.execute("ANALYZE images")
+        statements: list[tuple[str, Any]] = []
+
+        def sent(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+            statements.append((statement, parameters))
+
+        engine = app.state.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", sent)
+        try:
+            async with app.state.sessionmaker() as session:
+                rows, _, _ = await images_service.list_images(
+                    session=session, owner_id=me["id"], page=KeysetPage(limit=50), source=source
+                )
+        finally:
+            event.remove(engine, "before_cursor_execute", sent)
+        assert len(rows) == (30 if source == "batch" else 50) and {r.source for r in rows} == {source}
+        [(statement, parameters)] = [s for s in statements if "FROM images" in s[0]]
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", *parameters)
+    finally:
+        await conn.close()
+
+    def removed(node: dict[str, Any]) -> int:
+        return int(node.get("Rows Removed by Filter", 0)) + sum(removed(n) for n in node.get("Plans", []))
+
+    plan = json.loads(explained)[0]["Plan"]
+    assert removed(plan) == 0, json.dumps(plan, indent=1)

@@ -18,14 +18,9 @@ class Image(OwnedMixin, Base):
     # Keyset paging of a person's uploads, newest first.
     __table_args__ = (
         Index("ix_images_owner_created", "owner_id", text("created_at DESC"), text("id DESC")),
-        # The same for a person's own uploads alone, however many batch files they sent.
-        Index(
-            "ix_images_owner_created_uploads",
-            "owner_id",
-            text("created_at DESC"),
-            text("id DESC"),
-            postgresql_where=text("source = 'upload'"),
-        ),
+        # The same for one source alone (a person's uploads however many batch files they sent,
+        # or their batch files however many uploads).
+        Index("ix_images_owner_source_created", "owner_id", "source", text("created_at DESC"), text("id DESC")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)
