@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,6 +20,7 @@ from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
 from api.app.core.config import Settings
+from api.app.exports.service import DOWNLOADS_DIR
 from api.app.feedback.export import MANIFEST, export_archive, export_feedback, folder_name
 from api.app.images.storage import LocalBlobStore
 from model.training.train_sketch import load_feedback
@@ -130,7 +130,7 @@ async def test_admins_download_the_export_as_a_zip(
     admin_headers: dict[str, str],
     users: Users,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
 ) -> None:
     _, headers = await users.create()
     data = drawing()
@@ -141,7 +141,8 @@ async def test_admins_download_the_export_as_a_zip(
         client, headers, prediction_id=answer["results"]["sketch@1"]["id"], is_correct=False, correct_label=right
     )
     sha = answer["image_file_name"].split(".")[0]
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the archive is built
+    downloads = settings.storage_dir / DOWNLOADS_DIR
+    before = files_under(downloads) if downloads.exists() else []
 
     r = await client.get("/v1/admin/feedback-export", params={"model": "sketch"}, headers=admin_headers)
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
@@ -152,7 +153,19 @@ async def test_admins_download_the_export_as_a_zip(
         rows = list(csv.DictReader(io.StringIO(archive.read(MANIFEST).decode())))
     assert int(r.headers["x-exported-images"]) == len(rows) == len(names) - 1
     assert {row["model"] for row in rows} == {"sketch"}
-    assert files_under(tmp_path) == [], "the archive is deleted once sent"
+    assert files_under(downloads) == before, "the archive is gone once sent"
+
+    # The archive never has a name, even while it is written and sent: a process killed then
+    # (an API restarted mid-download) leaves nothing on the disk for anyone to sweep.
+    async with app.state.sessionmaker() as session:
+        archive, summary = await export_archive(
+            session=session, store=app.state.store, directory=tmp_path, model="sketch"
+        )
+    with archive:
+        assert files_under(tmp_path) == []
+        assert os.fstat(archive.fileno()).st_nlink == 0
+        with zipfile.ZipFile(archive) as written:
+            assert written.read(f"sketch/{right}/{sha}.png") == data and summary.examples == len(rows)
 
     # A store that fails half-way leaves no archive behind either.
     class BrokenStore(LocalBlobStore):
@@ -161,7 +174,7 @@ async def test_admins_download_the_export_as_a_zip(
 
     async with app.state.sessionmaker() as session:
         with pytest.raises(OSError, match="disk gone"):
-            await export_archive(session=session, store=BrokenStore(tmp_path), model="sketch")
+            await export_archive(session=session, store=BrokenStore(tmp_path), directory=tmp_path, model="sketch")
     assert files_under(tmp_path) == []
 
     assert (await client.get("/v1/admin/feedback-export", headers=headers)).status_code == 403

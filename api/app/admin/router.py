@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import IO, Annotated
 
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import FileResponse
-from starlette.background import BackgroundTask
+from anyio import to_thread
+from fastapi.responses import StreamingResponse
 
 from api.app.admin.schemas import Stats
 from api.app.core.fields import INT32_MAX, Text
@@ -24,7 +26,7 @@ from api.app.deps import (
 from api.app.drift import service as drift_service
 from api.app.drift.models import DriftSignal
 from api.app.drift.schemas import DriftBin, DriftReport, DriftSignalOut, DriftVersion
-from api.app.exports.service import check_known
+from api.app.exports.service import DOWNLOADS_DIR, check_known
 from api.app.feedback.export import export_archive
 from api.app.predictions import queue
 from api.app.stats import service as stats_service
@@ -65,28 +67,48 @@ ZIP: Responses = {
 }
 
 
-@router.get("/feedback-export", response_class=FileResponse, responses={**ZIP, **ADMIN, **NOT_FOUND, **INVALID})
+@router.get("/feedback-export", response_class=StreamingResponse, responses={**ZIP, **ADMIN, **NOT_FOUND, **INVALID})
 async def feedback_export(
     _: AdminUser,
     session: ReadSessionDep,
     store: StoreDep,
     registry: RegistryDep,
+    settings: SettingsDep,
     model: Annotated[Text | None, Query(description="only this model's predictions, e.g. sketch")] = None,
     version: Annotated[int | None, Query(ge=1, le=INT32_MAX, description="only this version of model")] = None,
-) -> FileResponse:
+) -> StreamingResponse:
     """The images users labelled, by model and label, with a manifest: data to retrain from (admin).
     404 for a model the registry does not know, or a version it does not have."""
     if version is not None and model is None:
         raise HTTPException(status_code=422, detail="version needs model")
     check_known(registry=registry, model=model, version=version)
-    archive, summary = await export_archive(session=session, store=store, model=model, version=version)
-    return FileResponse(
-        archive,
-        media_type="application/zip",
-        filename=f"feedback-{model or 'all'}{f'-v{version}' if version else ''}.zip",
-        headers={"X-Exported-Images": str(summary.examples)},
-        background=BackgroundTask(archive.unlink),
+    archive, summary = await export_archive(
+        session=session, store=store, directory=settings.storage_dir / DOWNLOADS_DIR, model=model, version=version
     )
+    size = os.fstat(archive.fileno()).st_size
+    name = f"feedback-{model or 'all'}{f'-v{version}' if version else ''}.zip"
+    return StreamingResponse(
+        _chunks(archive),
+        media_type="application/zip",
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "X-Exported-Images": str(summary.examples),
+        },
+    )
+
+
+DOWNLOAD_CHUNK = 1024 * 1024
+"""Bytes of a downloaded zip read at a time (in a worker thread)."""
+
+
+async def _chunks(archive: IO[bytes]) -> AsyncIterator[bytes]:
+    """The zip's bytes, then closed (which frees it: it has no name), also when the client leaves."""
+    try:
+        while chunk := await to_thread.run_sync(archive.read, DOWNLOAD_CHUNK):
+            yield chunk
+    finally:
+        archive.close()
 
 
 REFRESH_BUSY: Responses = {

@@ -23,6 +23,8 @@ log = logging.getLogger("api.exports")
 
 EXPORTS_DIR = "exports"
 """Where finished and half-written zips live, under the storage directory."""
+DOWNLOADS_DIR = f"{EXPORTS_DIR}/downloads"
+"""Where the zip of a direct download (``GET /v1/admin/feedback-export``) is written, unnamed."""
 
 
 def archive_name(export_id: uuid.UUID, attempt: int, *, part: bool = False) -> str:

@@ -414,11 +414,12 @@ class FolderSink:
 
 
 class ZipSink:
-    """Files in a new zip archive at ``path``."""
+    """Files in a new zip archive at ``target``: a path, or a file open for writing and reading."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.archive = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED)
+    def __init__(self, target: Path | IO[bytes]) -> None:
+        self.path = target if isinstance(target, Path) else None
+        self.file = None if isinstance(target, Path) else target
+        self.archive = zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED)
 
     def open(self, name: str, *, compress: bool) -> contextlib.AbstractContextManager[IO[bytes]]:
         info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
@@ -426,6 +427,10 @@ class ZipSink:
         return self.archive.open(info, "w")
 
     def size(self) -> int:
+        if self.file is not None:
+            self.file.flush()
+            return os.fstat(self.file.fileno()).st_size
+        assert self.path is not None
         return self.path.stat().st_size
 
     def close(self) -> None:
@@ -663,21 +668,29 @@ async def export_feedback(
     return await write_export(read=_borrowed(session), writer=writer, selection=Selection(model, version))
 
 
-def _new_archive() -> Path:
-    fd, name = tempfile.mkstemp(prefix="feedback-", suffix=".zip")
-    os.close(fd)
-    return Path(name)
+def _new_archive(directory: Path) -> IO[bytes]:
+    # Unnamed (O_TMPFILE where the file system has it, else deleted at once): the kernel frees it
+    # when the answer is sent or the process dies, so no half-sent download is ever left behind.
+    directory.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryFile(dir=directory)
 
 
 async def export_archive(
-    *, session: AsyncSession, store: LocalBlobStore, model: str | None = None, version: int | None = None
-) -> tuple[Path, ExportSummary]:
-    """The export as one zip file, written straight from the blob store (the caller deletes it)."""
-    path = await to_thread.run_sync(_new_archive)
+    *,
+    session: AsyncSession,
+    store: LocalBlobStore,
+    directory: Path,
+    model: str | None = None,
+    version: int | None = None,
+) -> tuple[IO[bytes], ExportSummary]:
+    """The export as one zip in an unnamed temporary file in ``directory`` (on the storage
+    volume: a zip can be as large as the images), read from its start; the caller closes it."""
+    archive = await to_thread.run_sync(_new_archive, directory)
     try:
-        writer = await to_thread.run_sync(ExportWriter, await to_thread.run_sync(ZipSink, path), store, None)
+        writer = await to_thread.run_sync(ExportWriter, await to_thread.run_sync(ZipSink, archive), store, None)
         summary = await write_export(read=_borrowed(session), writer=writer, selection=Selection(model, version))
+        await to_thread.run_sync(archive.seek, 0)
     except BaseException:
-        await to_thread.run_sync(os.unlink, path)
+        await to_thread.run_sync(archive.close)
         raise
-    return path, summary
+    return archive, summary
