@@ -5,8 +5,8 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import IO, Annotated
 
-from fastapi import APIRouter, HTTPException, Query
 from anyio import to_thread
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import StreamingResponse
 
 from api.app.admin.schemas import Stats
