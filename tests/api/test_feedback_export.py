@@ -158,13 +158,13 @@ async def test_admins_download_the_export_as_a_zip(
     # The archive never has a name, even while it is written and sent: a process killed then
     # (an API restarted mid-download) leaves nothing on the disk for anyone to sweep.
     async with app.state.sessionmaker() as session:
-        archive, summary = await export_archive(
+        unnamed, summary = await export_archive(
             session=session, store=app.state.store, directory=tmp_path, model="sketch"
         )
-    with archive:
+    with unnamed:
         assert files_under(tmp_path) == []
-        assert os.fstat(archive.fileno()).st_nlink == 0
-        with zipfile.ZipFile(archive) as written:
+        assert os.fstat(unnamed.fileno()).st_nlink == 0
+        with zipfile.ZipFile(unnamed) as written:
             assert written.read(f"sketch/{right}/{sha}.png") == data and summary.examples == len(rows)
 
     # A store that fails half-way leaves no archive behind either.
