@@ -437,3 +437,27 @@ async def test_a_login_token_sent_as_a_key_is_told_where_it_goes_and_not_counted
             r = await client.get(path, headers=header(token))
             assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"], (path, r.text)
         assert (await client.get("/v1/users/me", headers=header(key))).status_code == 200
+
+
+async def test_pages_of_keys_made_at_one_instant_list_each_once(
+    client: httpx.AsyncClient, app: FastAPI, users: Users
+) -> None:
+    """Keys made at the same instant (a script making many in one transaction) are ordered by id
+    as well: following ``skip`` lists each once, where ties in time alone came back in any order."""
+    me, login = await users.create()
+    async with app.state.sessionmaker() as session:
+        await session.execute(
+            text(
+                "INSERT INTO api_keys (id, owner_id, name, prefix, key_hash, scopes, created_at)"
+                " SELECT gen_random_uuid(), :owner, 'k' || g, 'pk_x', encode(sha256(gen_random_uuid()::text::bytea), 'hex'),"
+                " ARRAY['read'], now() FROM generate_series(1, 300) g"
+            ),
+            {"owner": me["id"]},
+        )
+        await session.commit()
+    seen: list[str] = []
+    for skip in range(0, 300, 20):
+        r = await client.get("/v1/api-keys", params={"skip": skip, "limit": 20}, headers=login)
+        assert r.status_code == 200, r.text
+        seen += [row["id"] for row in r.json()["data"]]
+    assert len(seen) == len(set(seen)) == 300

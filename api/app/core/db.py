@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from sqlalchemy import ColumnElement, DateTime, ForeignKey, MetaData, bindparam, column, func, select, table
+from sqlalchemy import ColumnElement, DateTime, ForeignKey, MetaData, bindparam, column, func, inspect, select, table
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -77,13 +77,13 @@ async def owned_page(
     skip: int,
     limit: int,
 ) -> tuple[list[OwnedT], int]:
-    """One page of a user's rows (those matching ``filters`` too), newest first, and how many such
+    """One page of a user's rows (those matching ``filters`` too), newest first (the primary key
+    orders rows made at the same instant, so pages neither repeat nor skip one), and how many such
     rows there are in all."""
     where = (entity.owner_id == owner_id, *filters)
     count = await session.scalar(select(func.count()).select_from(entity).where(*where))
-    rows = await session.scalars(
-        select(entity).where(*where).order_by(entity.created_at.desc()).offset(skip).limit(limit)
-    )
+    order = (entity.created_at.desc(), *(key.desc() for key in inspect(entity).primary_key))
+    rows = await session.scalars(select(entity).where(*where).order_by(*order).offset(skip).limit(limit))
     return list(rows), int(count or 0)
 
 
