@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from api.app.core.config import Settings
 from api.app.exports import service
@@ -407,3 +408,31 @@ async def test_zips_past_their_keeping_time_are_deleted_and_their_export_stays_l
         client, admin_headers, (await start(client, admin_headers, model="sketch", since_last=True))["id"]
     )
     assert since["since"] == old["until"]
+
+
+async def test_pages_of_exports_made_at_one_instant_list_each_once(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str]
+) -> None:
+    """Exports of one instant are ordered by id as well: following ``skip`` lists each once."""
+    async with app.state.sessionmaker() as session:
+        made = await session.scalars(
+            text(
+                "INSERT INTO exports (id, kind, since_last, status, rows_total, rows_done, bytes_written,"
+                " requested_by, attempts, created_at)"
+                " SELECT gen_random_uuid(), 'feedback', false, 'cancelled', 0, 0, 0, 'paging@example.com', 0,"
+                " now() + interval '1 day' FROM generate_series(1, 300) RETURNING id"
+            )
+        )
+        ours = {str(i) for i in made}
+        await session.commit()
+    try:
+        seen: list[str] = []
+        for skip in range(0, 300, 20):
+            r = await client.get("/v1/admin/exports", params={"skip": skip, "limit": 20}, headers=admin_headers)
+            assert r.status_code == 200, r.text
+            seen += [row["id"] for row in r.json()["data"]]
+        assert len(seen) == len(set(seen)) == 300 and set(seen) == ours
+    finally:
+        async with app.state.sessionmaker() as session:
+            await session.execute(text("DELETE FROM exports WHERE requested_by = 'paging@example.com'"))
+            await session.commit()

@@ -76,9 +76,12 @@ async def create_export(
 
 
 async def list_exports(*, session: AsyncSession, skip: int, limit: int) -> tuple[list[Export], int]:
-    """One page of every export, newest first, and how many there are in all."""
+    """One page of every export, newest first (by id among those of one instant, so that pages
+    neither repeat nor skip one), and how many there are in all."""
     count = await session.scalar(select(func.count()).select_from(Export))
-    rows = await session.scalars(select(Export).order_by(Export.created_at.desc()).offset(skip).limit(limit))
+    rows = await session.scalars(
+        select(Export).order_by(Export.created_at.desc(), Export.id.desc()).offset(skip).limit(limit)
+    )
     return list(rows), int(count or 0)
 
 
