@@ -86,9 +86,10 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
             ticked = m["available"] and m["ref"] in wanted
             # Set rather than passed as ``value=``: Streamlit ignores that once the box has a state
             # of its own, so the tick would stay on the version that was stable when it was drawn.
-            # Setting it also tells the browser, which would otherwise send its own value back.
-            if st.session_state.get(key) != ticked:
-                st.session_state[key] = ticked
+            # Set on every run, even when unchanged: only a value set in this run reaches the
+            # browser, and a box the browser draws anew (after a photo was removed, when the boxes
+            # were not shown) otherwise shows its default, unticked, while the page counts it ticked.
+            st.session_state[key] = ticked
             box = st.checkbox(
                 label,
                 disabled=not m["available"],

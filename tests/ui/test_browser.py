@@ -175,6 +175,28 @@ def test_login_upload_predict_feedback(browser: WebDriver, ui_url: str, portal: 
     WebDriverWait(browser, 30).until_not(lambda d: "confident" in d.find_element(By.TAG_NAME, "body").text)
     assert "feedback was recorded" not in browser.find_element(By.TAG_NAME, "body").text
     assert not answers(browser)
+    # The models stay chosen for the next photo: it is classified as the first was.
+    text_appears(browser, "cat.bmp")
+    shot(browser, "6-second-photo")
+    assert ticked(browser, "MobileNetV2")
+    click_button(browser, "Classify")
+    text_appears(browser, "confident", timeout=90)
+    assert answers(browser)
+    # Removed, then another one: still chosen.
+    remove = browser.find_element(By.CSS_SELECTOR, "[data-testid='stFileChipDeleteBtn']")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", remove)
+    remove.click()
+    text_appears(browser, "Upload a photo, or try an example, to begin.")
+    browser.find_element(By.CSS_SELECTOR, "input[type='file']").send_keys(str(PHOTOS / "parrot.jpg"))
+    text_appears(browser, "parrot.jpg")
+    shot(browser, "7-third-photo")
+    assert ticked(browser, "MobileNetV2")
+
+
+def ticked(driver: WebDriver, label: str) -> bool:
+    """Whether the check box labelled ``label`` is ticked."""
+    xpath = f"//*[@data-testid='stCheckbox'][.//label[contains(normalize-space(), '{label}')]]//input"
+    return bool(WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.XPATH, xpath))).is_selected())
 
 
 def sketch_canvas(browser: WebDriver) -> tuple[WebElement, WebElement]:
