@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from contracts import training
 from contracts.streams import IDLE_CONSUMER_FORGET_MS, REDIS_ERRORS, ensure_group, forget_idle_consumers, group_missing
@@ -38,10 +40,21 @@ class TrainerStopped(BaseException):
     and Kubernetes kill a process that outlasts their grace period, leaving its files half made)."""
 
 
+REDIS_RETRIES = 25
+"""Times a Redis command is tried again on a connection error, after 0.2, 0.4, 0.8 and then 1 s
+each (redis-py's ``Retry`` with ``ExponentialBackoff``): about 23 s in all, longer than a run's
+liveness key lives (``training.ALIVE_TTL_S``), so an outage the API does not fail the run for
+does not fail it here either (an epoch's report, a cancel check or the end waits it out)."""
+
+
 class Trainer:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = redis.Redis.from_url(
+            settings.redis_url,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), REDIS_RETRIES),
+            socket_connect_timeout=2,
+        )
         self.name = settings.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
         self.published: dict[str, tuple[float, int]] = {}

@@ -299,6 +299,35 @@ async def test_a_run_whose_end_is_on_its_way_is_not_failed(own_stack: Stack) -> 
     assert not await redis.exists(training.cancel_key(str(runs[0].id)))
 
 
+async def test_a_run_whose_key_a_redis_restart_lost_is_not_failed_once_its_trainer_sets_it_again(
+    own_stack: Stack,
+) -> None:
+    """A Redis restarted without persistence has no liveness key until the trainer's next renewal,
+    a few seconds on: a check in between took the live run for one whose trainer had stopped."""
+    redis = own_stack.app.state.redis
+    run = a_run(56, status="running", base=1, started_at=datetime.now(UTC) - timedelta(minutes=5))
+    async with own_stack.app.state.sessionmaker() as session:
+        session.add(run)
+        await session.commit()
+
+    async def renewed() -> None:
+        await asyncio.sleep(1)
+        await redis.set(training.alive_key(str(run.id)), "trainer-test", ex=training.ALIVE_TTL_S)
+
+    renewal = asyncio.create_task(renewed())
+    async with own_stack.app.state.sessionmaker() as session:
+        assert await training_service.fail_stale(session=session, redis=redis) == 0
+    await renewal
+    async with own_stack.app.state.sessionmaker() as session:
+        assert (await session.get_one(TrainingRun, run.id)).status == "running"
+        # Its trainer gone for good: failed at the next check (this one, or the API's own).
+        await redis.delete(training.alive_key(str(run.id)))
+        await training_service.fail_stale(session=session, redis=redis)
+    async with own_stack.app.state.sessionmaker() as session:
+        after = await session.get_one(TrainingRun, run.id)
+        assert (after.status, after.error) == ("failed", training_service.TRAINER_STOPPED)
+
+
 async def _event_group_ready(redis: Any) -> bool:
     groups = await redis.xinfo_groups(training.EVENT_STREAM) if await redis.exists(training.EVENT_STREAM) else []
     return any(g["name"] in (training.EVENT_GROUP, training.EVENT_GROUP.encode()) for g in groups)

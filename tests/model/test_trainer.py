@@ -211,3 +211,51 @@ def test_a_run_cancelled_after_its_last_epoch_is_cancelled_and_keeps_nothing(
     assert [(e.run_id, e.kind) for e in events] == [("late-cancel", "started"), ("late-cancel", "cancelled")]
     assert "after its last epoch" in str(events[1].error)
     assert not (tmp_path / "sketch" / "v9").exists()
+
+
+class RedisOutAtEpochEnd(Trainer):
+    """Stands in for a training whose epoch ends while Redis is out of reach for a few seconds
+    (restarted, a network blip), shorter than the liveness key lives: the epoch's report and the
+    cancel check wait for Redis, and the run ends as trained."""
+
+    outage: RedisServer
+
+    def train(self, job: training.TrainingJob, out: Path, feedback: Path | None) -> dict[str, object]:
+        (out / "model.keras").write_bytes(b"a trained model")
+        self.outage.stop()
+        back = threading.Timer(5, self.outage.start)
+        back.start()
+        try:
+            self.emit(training.TrainingEvent(run_id=job.run_id, kind="epoch", trainer=self.name, epoch=1, epochs=1))
+            assert not self.redis.exists(training.cancel_key(job.run_id))
+        finally:
+            back.join()
+        return {"test_accuracy": 0.5}
+
+
+def test_a_redis_outage_at_an_epochs_end_is_waited_out_and_the_run_ends_as_trained(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """An epoch's report met a Redis outage of 5 s: the run failed with the connection error, its
+    failure could not be reported either, and the API then blamed a trainer that never stopped."""
+    r = redis.Redis.from_url(private_redis.url)
+    settings = model_settings.model_copy(
+        update={"redis_url": private_redis.url, "worker_id": "trainer-test", "trained_dir": tmp_path}
+    )
+    job = training.TrainingJob(
+        run_id="blip", model="sketch", version=9, categories=["cat", "fish"], options=training.TrainingOptions()
+    )
+    r.xadd(training.JOB_STREAM, job.to_fields())
+    trainer = RedisOutAtEpochEnd(settings)
+    trainer.outage = private_redis
+    loop = threading.Thread(target=trainer.run, daemon=True)
+    loop.start()
+    try:
+        # This Redis keeps nothing across a restart: what the trainer reports after it is there.
+        wait_until(lambda: (tmp_path / "sketch" / "v9" / "model.keras").exists(), 60, "the run kept")
+        events = events_of(r, 2)
+    finally:
+        trainer.stop()
+        loop.join(30)
+    assert [(e.run_id, e.kind) for e in events] == [("blip", "epoch"), ("blip", "done")]
+    assert r.get(training.ended_key("blip")) == b"done"

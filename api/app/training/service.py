@@ -3,6 +3,7 @@ training worker, followed through its events, and registered in shadow when they
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -579,8 +580,8 @@ async def _end_on_its_way(redis: Redis, run_id: str) -> bool:
 
 async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
     """Fails running runs whose trainer stopped holding their liveness key (killed, crashed, its
-    machine gone), and those whose reported end never reached them (``_end_on_its_way``); how
-    many."""
+    machine gone: the key missing twice, a renewal's interval apart), and those whose reported end
+    never reached them (``_end_on_its_way``); how many."""
     cutoff = datetime.now(UTC) - timedelta(seconds=training.ALIVE_TTL_S)
     running = list(
         await session.scalars(
@@ -588,8 +589,13 @@ async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
         )
     )
     await session.commit()  # no transaction held over the Redis checks
+    keyless = [run_id for run_id in running if not await redis.exists(training.alive_key(str(run_id)))]
+    if keyless:
+        # A Redis restarted without persistence has lost every key: a live trainer sets its run's
+        # again at its next renewal, every third of the key's lifetime. Looked at again after that.
+        await asyncio.sleep(training.ALIVE_TTL_S / 3 + 1)
     failed = 0
-    for run_id in running:
+    for run_id in keyless:
         if await redis.exists(training.alive_key(str(run_id))):
             continue  # still training
         error = TRAINER_STOPPED
