@@ -103,7 +103,22 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
     if why := nothing_to_choose(api, mode):
         # Said where it shows: a greyed-out box keeps its reason behind its "?".
         st.warning(why)
+    elif unavailable := not_offered_now(shown):
+        # Also said in words under the boxes: a "?" to hover is out of reach on a touch screen.
+        st.caption(unavailable)
     return chosen
+
+
+def not_offered_now(shown: list[Model]) -> str | None:
+    """The versions among ``shown`` that cannot be chosen now and why, in the API's words, as
+    Markdown (those sharing a reason on one line); None when every one can be."""
+    by_reason: dict[str, list[str]] = {}
+    for m in shown:
+        if not m["available"]:
+            reason = (m["reason"] or "it is not available").rstrip(".")
+            by_reason.setdefault(reason, []).append(m["display_name"])
+    lines = [f"- {', '.join(plain(n) for n in names)}: {plain(reason)}." for reason, names in by_reason.items()]
+    return "Not available right now:\n" + "\n".join(lines) if lines else None
 
 
 def default_models(shown: list[Model], mode: str) -> list[str]:

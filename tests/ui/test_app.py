@@ -842,7 +842,7 @@ def test_drift_bins_are_drawn_lowest_first_under_plain_names() -> None:
     assert drawn_order(app.get("vega_lite_chart")[0]) == ["< 9", "9 to 10", "10 to 80", "> 80"]
 
 
-def _status_page(warnings: list[str]) -> None:
+def _status_page(warnings: list[str], served: list[dict[str, object]] | None = None) -> None:
     from ui.views.admin import status_tab
 
     class Warned:
@@ -850,9 +850,25 @@ def _status_page(warnings: list[str]) -> None:
             return {"status": "ok", "checks": {}, "warnings": warnings}
 
         def models(self) -> list[object]:
-            return []
+            return list(served or [])
 
     status_tab(Warned(), None)  # type: ignore[arg-type]
+
+
+def test_the_status_names_each_version_as_people_read_it_and_by_its_reference() -> None:
+    served = [
+        {
+            "ref": "sketch@3",
+            "display_name": "Sketch CNN, 20 categories",
+            "available": True,
+            "workers": 1,
+            "reason": None,
+        }
+    ]
+    app = AppTest.from_function(_status_page, kwargs={"warnings": [], "served": served}).run()
+    assert not app.exception, app.exception
+    (table,) = [d.value for d in app.dataframe]
+    assert list(table["Model version"]) == ["Sketch CNN, 20 categories (sketch@3)"]
 
 
 def test_the_readiness_warnings_are_listed_under_the_status(api_url: str) -> None:

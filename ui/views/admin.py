@@ -125,7 +125,8 @@ def status_tab(api: Api, stats: Stats | None) -> None:
         pd.DataFrame(
             [
                 {
-                    "Model version": m["ref"],
+                    # The name people read, and the reference the other admin pages and the API use.
+                    "Model version": f"{m['display_name']} ({m['ref']})",
                     "Available": "yes" if m["available"] else "no",
                     "Worker processes serving it": m["workers"],
                     "Why not": m["reason"] or "",

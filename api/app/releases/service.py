@@ -165,7 +165,8 @@ async def compare(
         verdict = "worse" if a < b - margin else "not worse"
         worse |= verdict == "worse"
         compared += 1
-        reasons.append(f"{label}: {a:.4f} against {b:.4f} ({verdict}, margin {margin:g})")
+        # In percent, as people read accuracies: the margin is in points of them.
+        reasons.append(f"{label}: {a * 100:.2f} % against {b * 100:.2f} % ({verdict}, margin {margin * 100:g} points)")
     return Comparison(
         model=name,
         candidate=ours,
