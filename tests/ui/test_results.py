@@ -230,3 +230,12 @@ def test_a_stable_version_taking_a_retired_ones_place_while_it_cannot_serve_is_s
         "sketch@1 is no longer offered: Sketch 3 is chosen in its place (not available right now)."
     ]
     assert app.session_state["chosen"] == []
+
+
+def test_why_a_version_cannot_be_chosen_is_said_under_the_boxes_not_only_behind_a_question_mark() -> None:
+    app = AppTest.from_string(SCRIPT, default_timeout=30).run()
+    assert not app.exception, app.exception
+    assert [c.value for c in app.caption] == ["Not available right now:\n- sketch@3: not trained yet."]
+    app.session_state["trained"] = True
+    app.run()
+    assert not app.caption  # every version can be chosen: nothing to say
