@@ -893,7 +893,7 @@ async def test_a_quick_run_is_compared_on_the_stable_versions_held_out_drawings(
     stable = json.loads((trained_dir / "sketch" / "v3" / "metrics.json").read_text())["test_accuracy"]
     assert stable > 0.93
     assert comparison["reasons"][0].startswith(
-        f"held-out accuracy: {record['test_accuracy']:.4f} against {stable:.4f}"
+        f"held-out accuracy: {record['test_accuracy'] * 100:.2f} % against {stable * 100:.2f} % (worse, margin 2 points)"
     ), comparison["reasons"]
     url = f"/v1/admin/registry/models/sketch/versions/{run['version']}/promote"
     r = await client.post(url, json={"reason": "try promote"}, headers=admin)
