@@ -201,8 +201,8 @@ def _ask(what: str, *, default: str | None = None, hide_input: bool = False) -> 
 
 def _piped_password() -> str:
     """The password on standard input, as ``docker login --password-stdin`` reads it: everything,
-    less the line ending after it (a password may hold spaces, not a line break). None there is
-    wrong usage, PortalError 2."""
+    less the line ending after it (a password may hold spaces, not a line break). An empty one
+    is wrong usage, PortalError 2."""
     password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     if not password:
         raise PortalError("No password given: standard input was empty.", ExitCode.USAGE)
