@@ -436,3 +436,29 @@ async def test_pages_of_exports_made_at_one_instant_list_each_once(
         async with app.state.sessionmaker() as session:
             await session.execute(text("DELETE FROM exports WHERE requested_by = 'paging@example.com'"))
             await session.commit()
+
+
+async def test_zips_no_export_keeps_are_deleted_and_the_others_kept(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    """A process killed after forgetting an expired zip and before deleting it, or one that had
+    lost its export and finished it late, leaves a zip that no export names: nothing else would
+    ever delete it."""
+    done = await finished(client, admin_headers, (await start(client, admin_headers, model="sketch"))["id"])
+    [kept] = service.leftovers(settings.storage_dir, uuid.UUID(done["id"]))
+    folder = settings.storage_dir / service.EXPORTS_DIR
+    late = folder / service.archive_name(uuid.UUID(done["id"]), 9).split("/")[-1]  # an older attempt's
+    deleted = folder / service.archive_name(uuid.uuid4(), 1).split("/")[-1]  # an export deleted since
+    running_id = uuid.UUID(await running_elsewhere(app, lease=timedelta(hours=1)))
+    recording = folder / service.archive_name(running_id, 1).split("/")[-1]  # renamed, not yet recorded
+    other = folder / "notes.txt"
+    for path in (late, deleted, recording, other):
+        path.write_bytes(b"PK")
+    try:
+        await own_runner(app, app.state.store).expire()
+        assert kept.exists() and recording.exists() and other.exists()
+        assert not late.exists() and not deleted.exists()
+    finally:
+        for path in (recording, other):
+            path.unlink(missing_ok=True)
+        await client.post(f"/v1/admin/exports/{running_id}/cancel", headers=admin_headers)

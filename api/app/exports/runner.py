@@ -48,6 +48,10 @@ def _remove(paths: list[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
+def _zips_in(folder: Path) -> list[str]:
+    return [path.name for path in folder.glob("*.zip")] if folder.is_dir() else []
+
+
 @dataclass
 class ExportRunner:
     """Runs export jobs in this process."""
@@ -75,10 +79,18 @@ class ExportRunner:
         await run_every(self.poll_seconds, step, name="export runner", stop=stop, outage_log=outage_log)
 
     async def expire(self) -> int:
-        """Deletes the zips of exports finished more than ``keep_days`` ago; how many."""
+        """Deletes the zips of exports finished more than ``keep_days`` ago, and the zips no
+        export keeps (``service.orphaned_archives``); how many of the first."""
         async with self.sessionmaker() as session:
             paths = await service.expire_archives(session=session, keep=timedelta(days=self.keep_days))
         await to_thread.run_sync(_remove, [self.storage_dir / path for path in paths])
+        folder = self.storage_dir / service.EXPORTS_DIR
+        names = await to_thread.run_sync(_zips_in, folder)
+        async with self.sessionmaker() as session:
+            orphaned = await service.orphaned_archives(session=session, names=names)
+        if orphaned:
+            await to_thread.run_sync(_remove, [folder / name for name in orphaned])
+            log.warning("deleted %d export zips no export keeps (left by a process that stopped)", len(orphaned))
         return len(paths)
 
     async def run_queued(self, stop: asyncio.Event) -> int:

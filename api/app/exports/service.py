@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +33,33 @@ def archive_name(export_id: uuid.UUID, attempt: int, *, part: bool = False) -> s
     is written). Each attempt has files of its own, so a process that lost its lease but still
     runs never writes or deletes its successor's."""
     return f"{EXPORTS_DIR}/{export_id}.{attempt}.zip" + (".part" if part else "")
+
+
+FINISHED_ZIP = re.compile(r"^(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.\d+\.zip$")
+"""The name of a finished zip in EXPORTS_DIR (``archive_name`` without ``part``)."""
+
+
+async def orphaned_archives(*, session: AsyncSession, names: list[str]) -> list[str]:
+    """Of ``names`` (files in EXPORTS_DIR), the finished zips no export keeps: their export was
+    deleted, or it ended with another zip or none (its zip forgotten after EXPORT_KEEP_DAYS by a
+    process killed before it deleted the file; a process that had lost the export finishing it
+    late). A zip of an export still queued or running is kept: its runner is about to record it."""
+    named = {name: uuid.UUID(m["id"]) for name in names if (m := FINISHED_ZIP.match(name))}
+    if not named:
+        return []
+    rows = {
+        row.id: row
+        for row in await session.execute(
+            select(Export.id, Export.status, Export.path).where(Export.id.in_(set(named.values())))
+        )
+    }
+    await session.commit()
+    orphaned = []
+    for name, export_id in named.items():
+        row = rows.get(export_id)
+        if row is None or (row.status not in UNFINISHED and row.path != f"{EXPORTS_DIR}/{name}"):
+            orphaned.append(name)
+    return orphaned
 
 
 def leftovers(storage_dir: Path, export_id: uuid.UUID) -> list[Path]:
