@@ -63,6 +63,9 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift() -> None:
     assert binned.psi == 0 and binned.reference[1:-1] == pytest.approx([25 / 101] * 4)
     binned = service.bin_categorical(["a"] * 20 + ["b"], ["c"] * 20, 3)
     assert binned.labels == ["a", "c", "other"] and binned.window == [0, 1.0, 0]
+    # A fixed set of categories that holds every answer: no "other" bin at 0 % against 0 %.
+    binned = service.bin_categorical(["red"] * 5 + ["grey"], ["grey"] * 6, 3, fixed=["red", "grey", "blue"])
+    assert binned.labels == ["red", "grey", "blue"] and binned.window == [0, 1.0, 0]
 
 
 async def _send(stack: Stack, headers: dict[str, str], images: list[bytes]) -> None:

@@ -208,7 +208,12 @@ def bin_categorical(
     for values, counts in ((reference, ref_counts), (window, win_counts)):
         for v in values:
             counts[index.get(v, len(kept))] += 1
-    return Binned([*kept, "other"], _shares(ref_counts), _shares(win_counts))
+    labels = [*kept, "other"]
+    if ref_counts[-1] == win_counts[-1] == 0:
+        # Every answer has a bin of its own (a fixed set of categories, say): an "other" bin at
+        # 0 % against 0 % says nothing, and adds nothing to the index.
+        labels, ref_counts, win_counts = labels[:-1], ref_counts[:-1], win_counts[:-1]
+    return Binned(labels, _shares(ref_counts), _shares(win_counts))
 
 
 def compare(reference: list[Row], window: list[Row], bins: int) -> dict[str, Binned]:
