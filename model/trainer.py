@@ -40,9 +40,9 @@ class TrainerStopped(BaseException):
     and Kubernetes kill a process that outlasts their grace period, leaving its files half made)."""
 
 
-REDIS_RETRIES = 25
-"""Times a Redis command is tried again on a connection error, after 0.2, 0.4, 0.8 and then 1 s
-each (redis-py's ``Retry`` with ``ExponentialBackoff``): about 23 s in all, longer than a run's
+RUN_REDIS_RETRIES = 25
+"""Times a run's Redis command is tried again on a connection error, after 0.2, 0.4, 0.8 and then
+1 s each (redis-py's ``Retry`` with ``ExponentialBackoff``): about 23 s in all, longer than a run's
 liveness key lives (``training.ALIVE_TTL_S``), so an outage the API does not fail the run for
 does not fail it here either (an epoch's report, a cancel check or the end waits it out)."""
 
@@ -50,9 +50,15 @@ does not fail it here either (an epoch's report, a cancel check or the end waits
 class Trainer:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
+        # Between runs, and once stopping: quick to give up (the loop tries again a second later),
+        # so a stop while Redis is down ends the process within a grace period of 10 s.
         self.redis = redis.Redis.from_url(
+            settings.redis_url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), 2), socket_connect_timeout=2
+        )
+        # During a run: patient, for the reports and checks an outage must not cut short.
+        self.run_redis = redis.Redis.from_url(
             settings.redis_url,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), REDIS_RETRIES),
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), RUN_REDIS_RETRIES),
             socket_connect_timeout=2,
         )
         self.name = settings.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
@@ -72,10 +78,16 @@ class Trainer:
         if self.training:
             raise TrainerStopped
 
+    @property
+    def reporting(self) -> redis.Redis:
+        """The client a run's reports and checks go through: the patient one, unless stopping."""
+        return self.redis if self.stopping.is_set() else self.run_redis
+
     def emit(self, event: training.TrainingEvent) -> None:
+        client = self.reporting
         if event.kind in ("done", "failed", "cancelled"):
-            self.redis.set(training.ended_key(event.run_id), event.kind, ex=training.ENDED_TTL_S)
-        self.redis.xadd(training.EVENT_STREAM, event.to_fields(), maxlen=training.EVENT_STREAM_MAXLEN, approximate=True)
+            client.set(training.ended_key(event.run_id), event.kind, ex=training.ENDED_TTL_S)
+        client.xadd(training.EVENT_STREAM, event.to_fields(), maxlen=training.EVENT_STREAM_MAXLEN, approximate=True)
 
     def publish_records(self) -> None:
         """Puts each ``<model>/<version>/metrics.json`` under TRAINED_DIR that is new or changed
@@ -158,7 +170,7 @@ class Trainer:
         alive = training.alive_key(run_id)
         while not done.wait(training.ALIVE_TTL_S / 3):
             try:
-                self.redis.set(alive, self.name, ex=training.ALIVE_TTL_S)
+                self.reporting.set(alive, self.name, ex=training.ALIVE_TTL_S)
             except Exception as exc:
                 # A Redis blip must not end the renewals: tried again at the next beat. A thread
                 # that died here would let the API fail a live run as one whose trainer stopped.
@@ -167,11 +179,11 @@ class Trainer:
     def train_one(self, job: training.TrainingJob) -> None:
         from model.training import train_sketch
 
-        if self.redis.exists(training.cancel_key(job.run_id)):
+        if self.reporting.exists(training.cancel_key(job.run_id)):
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="cancelled", trainer=self.name))
             return
         alive = training.alive_key(job.run_id)
-        self.redis.set(alive, self.name, ex=training.ALIVE_TTL_S)
+        self.reporting.set(alive, self.name, ex=training.ALIVE_TTL_S)
         done = threading.Event()
         threading.Thread(target=self.keep_alive, args=(job.run_id, done), name="trainer-alive", daemon=True).start()
         epochs = job.options.epochs
@@ -198,7 +210,7 @@ class Trainer:
                             record = self.train(job, staging, feedback)
                         finally:
                             self.training = False
-                        if self.redis.exists(training.cancel_key(job.run_id)):
+                        if self.reporting.exists(training.cancel_key(job.run_id)):
                             # Cancelled while its last epoch was evaluated and saved: the admin was
                             # told it would stop, so nothing of it is kept.
                             raise train_sketch.TrainingCancelled("cancelled after its last epoch, before it was kept")
@@ -217,17 +229,20 @@ class Trainer:
                 event = training.TrainingEvent(run_id=job.run_id, kind="cancelled", trainer=self.name, error=str(exc))
             self.emit(event)
         except Exception as exc:  # a bad run must not stop the trainer
-            log.exception("training run %s failed", job.run_id)
-            self.emit(
-                training.TrainingEvent(
-                    run_id=job.run_id, kind="failed", trainer=self.name, error=f"{type(exc).__name__}: {exc}"
-                )
-            )
+            if self.stopping.is_set():
+                # The stop, raised where Python turns it into another error (inside an import, as
+                # a class is made: RuntimeError "Error calling __set_name__").
+                log.warning("run %s: the trainer was stopped during it (%s)", job.run_id, exc)
+                error = STOPPED
+            else:
+                log.exception("training run %s failed", job.run_id)
+                error = f"{type(exc).__name__}: {exc}"
+            self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=error))
         else:
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="done", trainer=self.name, record=record))
         finally:
             done.set()
-            self.redis.delete(alive)
+            self.reporting.delete(alive)
 
     def train(self, job: training.TrainingJob, out: Path, feedback: Path | None) -> dict[str, object]:
         """Trains ``job`` into ``out`` (``train_sketch.train``), reporting each epoch on the event
@@ -264,7 +279,7 @@ class Trainer:
                     numbers=numbers,
                 )
             ),
-            should_stop=lambda: bool(self.stopping.is_set() or self.redis.exists(training.cancel_key(job.run_id))),
+            should_stop=lambda: bool(self.stopping.is_set() or self.reporting.exists(training.cancel_key(job.run_id))),
         )
 
 

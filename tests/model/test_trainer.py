@@ -259,3 +259,40 @@ def test_a_redis_outage_at_an_epochs_end_is_waited_out_and_the_run_ends_as_train
         loop.join(30)
     assert [(e.run_id, e.kind) for e in events] == [("blip", "epoch"), ("blip", "done")]
     assert r.get(training.ended_key("blip")) == b"done"
+
+
+@pytest.mark.parametrize("training_a_run", [False, True], ids=["idle", "training"])
+def test_a_trainer_stopped_while_redis_is_down_exits_within_a_grace_period(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path, training_a_run: bool
+) -> None:
+    """SIGTERM while Redis is out of reach: the trainer gives up waiting for Redis and exits
+    within docker's default grace period of 10 s. Its patient retries made it take 21 s idle and
+    51 s during a run, long enough to be SIGKILLed by supervisord or docker."""
+    r = redis.Redis.from_url(private_redis.url)
+    if training_a_run:
+        options = training.TrainingOptions(arch="vgg", epochs=1, per_category=3000, batch_size=16)
+        categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:10]
+        job = training.TrainingJob(run_id="down", model="sketch", version=5, categories=categories, options=options)
+        r.xadd(training.JOB_STREAM, job.to_fields())
+    env = {
+        "REDIS_URL": private_redis.url,
+        "WORKER_ID": "trainer-down",
+        "TRAINED_DIR": str(tmp_path),
+        "QUICKDRAW_DIR": str(model_settings.quickdraw_dir),
+        "LOG_JSON": "true",
+    }
+    trainer = service("trainer-down", [sys.executable, "-m", "model.trainer"], env)
+    try:
+        if training_a_run:
+            wait_until((tmp_path / "sketch" / "v5" / ".model.keras.partial").is_dir, 60, "the run training")
+        else:
+            wait_until(lambda: bool(r.exists(training.JOB_STREAM)), 30, "the trainer waiting for runs")
+        private_redis.stop()
+        time.sleep(2)
+        trainer.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        trainer.proc.wait(30)
+        assert time.monotonic() - started < 10, trainer.log()[-2000:]
+    finally:
+        trainer.kill()
+    assert not (tmp_path / "sketch" / "v5").exists() or not (tmp_path / "sketch" / "v5" / "model.keras").exists()
