@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import os
@@ -283,3 +284,26 @@ async def test_cli_export_that_fails_half_way_leaves_no_folder(
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and f"Is a directory: {storage}" in done.stderr, done.stderr
     assert not (tmp_path / "new").exists()
+
+
+async def test_a_download_meeting_a_full_storage_volume_is_503_not_500(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    """The downloads folder on a full volume (a tmpfs of 64 KiB, filled): the operator's to mend,
+    said as such with Retry-After, where it was a 500 and a traceback."""
+    downloads = settings.storage_dir / DOWNLOADS_DIR
+    downloads.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(downloads)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with contextlib.suppress(OSError), (downloads / "filler").open("wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+        r = await client.get("/v1/admin/feedback-export", headers=admin_headers)
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"] == "The portal's storage is full or read-only; retry later."
+        assert r.headers["retry-after"]
+    finally:
+        subprocess.run(["umount", str(downloads)], check=True)

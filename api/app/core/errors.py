@@ -259,8 +259,14 @@ class BlobMissing(FileNotFoundError):
     """A stored file of an image is gone: the image was deleted while a request read it (answered 404)."""
 
 
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+"""Writing to STORAGE_DIR failed because the volume is full, over its quota or read-only."""
+STORAGE_UNWRITABLE = "The portal's storage is full or read-only; retry later."
+
+
 def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: int) -> None:
-    """Redis and PostgreSQL outages become 503 with Retry-After (logged once per interval);
+    """Redis and PostgreSQL outages, and a storage volume full or read-only, become 503 with
+    Retry-After (logged once per interval);
     database errors the request caused become 409 or 422; an image's file gone because the image
     was deleted meanwhile (``BlobMissing``) 404; the rest propagates as a 500."""
 
@@ -269,6 +275,10 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         return unavailable("A service the portal needs (Redis) is unavailable; retry shortly.", retry_after)
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            # The portal's own disk, full or read-only: an operator's to mend, not the request's.
+            outage_log.report("storage", exc)
+            return unavailable(STORAGE_UNWRITABLE, retry_after)
         status = database_status(exc)
         if status == 503:
             outage_log.report("postgresql", exc)
