@@ -286,24 +286,31 @@ async def test_cli_export_that_fails_half_way_leaves_no_folder(
     assert not (tmp_path / "new").exists()
 
 
+def _full_tmpfs_over(folder: Path) -> str | None:
+    """Mounts a tmpfs of 64 KiB over ``folder`` and fills it; why it could not, or None."""
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        return mounted.stderr.decode().strip()
+    with contextlib.suppress(OSError), (folder / "filler").open("wb") as filler:
+        while True:
+            filler.write(b"\0" * 4096)
+            filler.flush()
+    return None
+
+
 async def test_a_download_meeting_a_full_storage_volume_is_503_not_500(
     client: httpx.AsyncClient, admin_headers: dict[str, str], settings: Settings
 ) -> None:
-    """The downloads folder on a full volume (a tmpfs of 64 KiB, filled): the operator's to mend,
-    said as such with Retry-After, where it was a 500 and a traceback."""
+    """The downloads folder on a full volume: the operator's to mend, said as such with
+    Retry-After, where it was a 500 and a traceback."""
     downloads = settings.storage_dir / DOWNLOADS_DIR
     downloads.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(downloads)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    if why := await asyncio.to_thread(_full_tmpfs_over, downloads):
+        pytest.skip(f"cannot mount a tmpfs here: {why}")
     try:
-        with contextlib.suppress(OSError), (downloads / "filler").open("wb") as filler:
-            while True:
-                filler.write(b"\0" * 4096)
-                filler.flush()
         r = await client.get("/v1/admin/feedback-export", headers=admin_headers)
         assert r.status_code == 503, r.text
         assert r.json()["detail"] == "The portal's storage is full or read-only; retry later."
         assert r.headers["retry-after"]
     finally:
-        subprocess.run(["umount", str(downloads)], check=True)
+        await asyncio.to_thread(subprocess.run, ["umount", str(downloads)], check=True)
