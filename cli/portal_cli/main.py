@@ -206,6 +206,11 @@ def _piped_password() -> str:
     password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     if not password:
         raise PortalError("No password given: standard input was empty.", ExitCode.USAGE)
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 reach Python as lone surrogates, which no request can carry.
+        raise PortalError("The password on standard input is not valid UTF-8.", ExitCode.USAGE) from None
     return password
 
 

@@ -1349,3 +1349,15 @@ def test_a_piped_login_without_a_password_or_email_is_wrong_usage(
     login = _piped_login(f"http://127.0.0.1:{free_port()}", *args, stdin=stdin)
     assert login.returncode == 2, login.stderr
     assert login.stderr.strip() == f"portal: {said}", login.stderr
+
+
+def test_a_piped_password_that_is_not_utf8_is_wrong_usage(config_dir: Path) -> None:
+    login = subprocess.run(
+        [str(PORTAL), "login", "--url", f"http://127.0.0.1:{free_port()}", "-e", "x@example.com", "--password-stdin"],
+        input=b"p\xe4ss\n",
+        capture_output=True,
+        timeout=60,
+        start_new_session=True,
+    )
+    assert login.returncode == 2, login.stderr
+    assert login.stderr.decode().strip() == "portal: The password on standard input is not valid UTF-8."
