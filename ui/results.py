@@ -117,7 +117,14 @@ def not_offered_now(shown: list[Model]) -> str | None:
         if not m["available"]:
             reason = (m["reason"] or "it is not available").rstrip(".")
             by_reason.setdefault(reason, []).append(m["display_name"])
-    lines = [f"- {', '.join(plain(n) for n in names)}: {plain(reason)}." for reason, names in by_reason.items()]
+    lines = [
+        (
+            f"- {plain(names[0])}: {plain(reason)}."
+            if len(names) == 1
+            else f"- {', '.join(plain(n) for n in names)}; the portal says of each: {plain(reason)}."
+        )
+        for reason, names in by_reason.items()
+    ]
     return "Not available right now:\n" + "\n".join(lines) if lines else None
 
 

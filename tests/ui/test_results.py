@@ -32,7 +32,7 @@ def model(ref, channel, available, labels):
 trained = st.session_state.get("trained", False)
 st.session_state["models"] = [
     model("sketch@1", "canary", True, ["cat", "fish"]),
-    model("sketch@2", "canary", True, ["cat", "fish"]),
+    model("sketch@2", "canary", not st.session_state.get("down", False), ["cat", "fish"]),
     model("sketch@3", "stable", trained, ["cat", "dog", "fish"] if trained else None),
 ]
 st.session_state["models_at"] = time.monotonic()
@@ -236,6 +236,12 @@ def test_why_a_version_cannot_be_chosen_is_said_under_the_boxes_not_only_behind_
     app = AppTest.from_string(SCRIPT, default_timeout=30).run()
     assert not app.exception, app.exception
     assert [c.value for c in app.caption] == ["Not available right now:\n- sketch@3: not trained yet."]
+    app.session_state["down"] = True
+    app.run()
+    assert [c.value for c in app.caption] == [
+        "Not available right now:\n- sketch@2, sketch@3; the portal says of each: not trained yet."
+    ]
+    app.session_state["down"] = False
     app.session_state["trained"] = True
     app.run()
     assert not app.caption  # every version can be chosen: nothing to say
