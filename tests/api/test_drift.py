@@ -19,6 +19,7 @@ from api.app.drift import service
 from api.app.drift.models import DriftSignal
 from api.app.images.models import Image as ImageRow
 from api.app.main import create_app
+from contracts import keys
 from tests.api.conftest import Stack
 from tests.api.test_releases import canvas_drawings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, client_for, login
@@ -142,31 +143,37 @@ async def test_sketches_move_a_photo_models_drift_index_past_the_alert_and_photo
 async def test_indices_of_versions_no_longer_computed_are_deleted_and_stop_reporting(own_stack: Stack) -> None:
     client = own_stack.client
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
-    old = datetime.now(UTC) - timedelta(hours=2)
-    async with own_stack.app.state.sessionmaker() as session:
-        session.add(
-            DriftSignal(
-                model_name="mobilenet_v2",
-                model_version=1,
-                signal="brightness",
-                psi=0.9,
-                reference_count=10,
-                window_count=10,
-                bins=[],
-                computed_at=old,
+    # The API's own periodic refresh would delete the stored index before it is read as stored:
+    # its lock held, it takes this test's turn as another process's.
+    await own_stack.app.state.redis.set(keys.DRIFT_LOCK, "1", px=120_000)
+    try:
+        old = datetime.now(UTC) - timedelta(hours=2)
+        async with own_stack.app.state.sessionmaker() as session:
+            session.add(
+                DriftSignal(
+                    model_name="mobilenet_v2",
+                    model_version=1,
+                    signal="brightness",
+                    psi=0.9,
+                    reference_count=10,
+                    window_count=10,
+                    bins=[],
+                    computed_at=old,
+                )
             )
-        )
-        await session.commit()
-        service.export_gauges(await service.stored(session=session))
-    assert _gauge("brightness") == 0.9
-    # Read as stored, it says how old it is.
-    r = await client.get("/v1/admin/drift", headers=admin)
-    (version,) = r.json()["versions"]
-    assert version["age_seconds"] >= 7000, version
-    # Computed now, the version has no windows (no answers here): its index and gauge go.
-    r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
-    assert r.status_code == 200 and r.json()["versions"] == [], r.text
-    assert _gauge("brightness") is None
+            await session.commit()
+            service.export_gauges(await service.stored(session=session))
+        assert _gauge("brightness") == 0.9
+        # Read as stored, it says how old it is.
+        r = await client.get("/v1/admin/drift", headers=admin)
+        (version,) = r.json()["versions"]
+        assert version["age_seconds"] >= 7000, version
+        # Computed now, the version has no windows (no answers here): its index and gauge go.
+        r = await client.get("/v1/admin/drift", params={"refresh": True}, headers=admin)
+        assert r.status_code == 200 and r.json()["versions"] == [], r.text
+        assert _gauge("brightness") is None
+    finally:
+        await own_stack.app.state.redis.delete(keys.DRIFT_LOCK)
 
 
 async def test_a_refresh_refuses_a_session_whose_statements_each_commit(own_stack: Stack) -> None:
