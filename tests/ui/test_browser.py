@@ -20,6 +20,7 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver, WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
@@ -465,7 +466,12 @@ def test_a_double_click_on_make_key_shows_the_one_key_it_made(
     name = f"double-{int(time.time() * 1000)}"
     # The form's heading is drawn before its fields: on a busy host the field comes a moment later.
     field = WebDriverWait(browser, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "input[aria-label='Name']")))
-    field.send_keys(name)
+    field.send_keys(name, Keys.TAB)
+    # The name is the page's once the field has let go of it and the page has redrawn with it: on
+    # a busy host a redraw that came while it was typed drew the field anew, empty.
+    WebDriverWait(browser, 60).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "input[aria-label='Name']").get_attribute("value") == name
+    )
     xpath = "//button[.//p[normalize-space()='Make key'] or normalize-space()='Make key']"
     button = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.XPATH, xpath)))
     ActionChains(browser).double_click(button).perform()
