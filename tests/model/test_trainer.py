@@ -7,17 +7,67 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
 import pytest
 import redis
 
+from bench.processes import Service
 from contracts import training
 from model.config import ModelSettings
 from model.store import version_lock
 from model.trainer import STOPPED, Trainer
 from tests.support import RedisServer, service, wait_until
+
+
+def settings_for(model_settings: ModelSettings, server: RedisServer, trained_dir: Path | None = None) -> ModelSettings:
+    """The suite's model settings pointed at a private Redis (and a model store of the test's)."""
+    update: dict[str, object] = {"redis_url": server.url, "worker_id": "trainer-test"}
+    if trained_dir is not None:
+        update["trained_dir"] = trained_dir
+    return model_settings.model_copy(update=update)
+
+
+@contextmanager
+def looping(trainer: Trainer, join_s: float = 10) -> Iterator[threading.Thread]:
+    """The trainer's loop in a thread for the block; stopped and joined after it."""
+    loop = threading.Thread(target=trainer.run, daemon=True)
+    loop.start()
+    try:
+        yield loop
+    finally:
+        trainer.stop()
+        loop.join(join_s)
+
+
+def two_class_job(run_id: str, version: int) -> training.TrainingJob:
+    """A run whose training the test's Trainer subclass stands in for, or that never starts."""
+    return training.TrainingJob(
+        run_id=run_id, model="sketch", version=version, categories=["cat", "fish"], options=training.TrainingOptions()
+    )
+
+
+def minute_long_job(model_settings: ModelSettings, run_id: str) -> training.TrainingJob:
+    """A real run of one epoch of about a minute (30 s on a fast host): a signal sent a few seconds
+    into it comes long before the epoch ends."""
+    options = training.TrainingOptions(arch="vgg", epochs=1, per_category=3000, batch_size=16)
+    categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:10]
+    return training.TrainingJob(run_id=run_id, model="sketch", version=5, categories=categories, options=options)
+
+
+def trainer_process(name: str, server: RedisServer, model_settings: ModelSettings, trained_dir: Path) -> Service:
+    """``python -m model.trainer`` as supervisord and Kubernetes start it."""
+    env = {
+        "REDIS_URL": server.url,
+        "WORKER_ID": name,
+        "TRAINED_DIR": str(trained_dir),
+        "QUICKDRAW_DIR": str(model_settings.quickdraw_dir),
+        "LOG_JSON": "true",
+    }
+    return service(name, [sys.executable, "-m", "model.trainer"], env)
 
 
 def test_a_run_with_an_option_the_trainer_does_not_know_fails_and_the_trainer_goes_on(
@@ -28,10 +78,8 @@ def test_a_run_with_an_option_the_trainer_does_not_know_fails_and_the_trainer_go
     unknown = {"run_id": "from-a-newer-api", "model": "sketch", "version": 9, "categories": ["cat"], "options": options}
     r.xadd(training.JOB_STREAM, {"meta": json.dumps(unknown).encode()})
     r.xadd(training.JOB_STREAM, {"meta": b"not json"})
-    trainer = Trainer(model_settings.model_copy(update={"redis_url": private_redis.url, "worker_id": "trainer-test"}))
-    loop = threading.Thread(target=trainer.run, daemon=True)
-    loop.start()
-    try:
+    trainer = Trainer(settings_for(model_settings, private_redis))
+    with looping(trainer) as loop:
         deadline = time.monotonic() + 30
         while not r.exists(training.EVENT_STREAM) or not r.xlen(training.EVENT_STREAM):
             assert time.monotonic() < deadline, "no event for the unreadable run"
@@ -44,9 +92,6 @@ def test_a_run_with_an_option_the_trainer_does_not_know_fails_and_the_trainer_go
         time.sleep(1.5)
         assert loop.is_alive() and r.xpending(training.JOB_STREAM, training.JOB_GROUP)["pending"] == 0
         assert r.xinfo_groups(training.JOB_STREAM)[0]["entries-read"] == 2
-    finally:
-        trainer.stop()
-        loop.join(10)
 
 
 def test_the_liveness_key_is_renewed_again_after_redis_comes_back(
@@ -56,7 +101,7 @@ def test_the_liveness_key_is_renewed_again_after_redis_comes_back(
     end them, and the API then failed the live run as one whose trainer stopped."""
     monkeypatch.setattr(training, "ALIVE_TTL_S", 3)  # a renewal every second
     r = redis.Redis.from_url(private_redis.url)
-    trainer = Trainer(model_settings.model_copy(update={"redis_url": private_redis.url, "worker_id": "trainer-test"}))
+    trainer = Trainer(settings_for(model_settings, private_redis))
     done = threading.Event()
     beats = threading.Thread(target=trainer.keep_alive, args=("blip", done), daemon=True)
     beats.start()
@@ -87,32 +132,16 @@ def test_a_run_never_writes_a_version_another_process_writes_or_that_exists(
     """registry.yaml may name the version a run was given: while ``model.prepare`` trains it (its
     lock is held) or once its model file exists, the run fails with the reason and writes nothing."""
     r = redis.Redis.from_url(private_redis.url)
-    settings = model_settings.model_copy(
-        update={"redis_url": private_redis.url, "worker_id": "trainer-test", "trained_dir": tmp_path}
-    )
     existing = tmp_path / "sketch" / "v7" / "model.keras"
     existing.parent.mkdir(parents=True)
     existing.write_bytes(b"a served model")
     locked = tmp_path / "sketch" / "v8" / "model.keras"
     for run_id, version in (("exists", 7), ("locked", 8)):
-        job = training.TrainingJob(
-            run_id=run_id,
-            model="sketch",
-            version=version,
-            categories=["cat", "fish"],
-            options=training.TrainingOptions(),
-        )
-        r.xadd(training.JOB_STREAM, job.to_fields())
-    trainer = Trainer(settings)
-    loop = threading.Thread(target=trainer.run, daemon=True)
+        r.xadd(training.JOB_STREAM, two_class_job(run_id, version).to_fields())
     with version_lock(locked, "sketch@8", wait=False) as held:
         assert held
-        loop.start()
-        try:
+        with looping(Trainer(settings_for(model_settings, private_redis, tmp_path))):
             events = [e for e in events_of(r, 4) if e.kind != "started"]
-        finally:
-            trainer.stop()
-            loop.join(10)
     assert [(e.run_id, e.kind) for e in events] == [("exists", "failed"), ("locked", "failed")]
     assert "model file in the model store already" in str(events[0].error), events[0].error
     assert not str(events[0].error).startswith("VersionTaken"), events[0].error  # people read it
@@ -132,7 +161,7 @@ def test_records_are_published_and_a_folder_name_that_is_not_utf8_is_skipped(
         path.mkdir(parents=True)
         (path / "metrics.json").write_text('{"test_accuracy": 0.9}', encoding="utf-8")
     r = redis.Redis.from_url(private_redis.url)
-    trainer = Trainer(model_settings.model_copy(update={"redis_url": private_redis.url, "trained_dir": tmp_path}))
+    trainer = Trainer(settings_for(model_settings, private_redis, tmp_path))
     trainer.publish_records()
     assert r.hkeys(training.RECORDS_KEY) == [b"sketch/v4"]
 
@@ -144,24 +173,13 @@ def test_a_trainer_stopped_mid_epoch_exits_at_once_and_fails_its_run_keeping_not
     it stops within a training step, not at the end of an epoch that may take minutes, fails the
     run with the reason and leaves no half-written version."""
     r = redis.Redis.from_url(private_redis.url)
-    # One epoch of about a minute (30 s on a fast host): the signal comes long before its end.
-    options = training.TrainingOptions(arch="vgg", epochs=1, per_category=3000, batch_size=16)
-    categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:10]
-    job = training.TrainingJob(run_id="stopped", model="sketch", version=5, categories=categories, options=options)
-    r.xadd(training.JOB_STREAM, job.to_fields())
+    r.xadd(training.JOB_STREAM, minute_long_job(model_settings, "stopped").to_fields())
     # What a trainer killed by SIGKILL while writing version 4 left: the next one removes it.
     abandoned = tmp_path / "sketch" / "v4" / ".model.keras.partial"
     abandoned.mkdir(parents=True)
     (abandoned / "model.keras").write_bytes(b"half a model")
     (abandoned.parent / ".model.keras.lock").touch()
-    env = {
-        "REDIS_URL": private_redis.url,
-        "WORKER_ID": "trainer-stopped",
-        "TRAINED_DIR": str(tmp_path),
-        "QUICKDRAW_DIR": str(model_settings.quickdraw_dir),
-        "LOG_JSON": "true",
-    }
-    trainer = service("trainer-stopped", [sys.executable, "-m", "model.trainer"], env)
+    trainer = trainer_process("trainer-stopped", private_redis, model_settings, tmp_path)
     try:
         assert [e.kind for e in events_of(r, 1, within=60)] == ["started"]
         staging = tmp_path / "sketch" / "v5" / ".model.keras.partial"
@@ -193,21 +211,9 @@ def test_a_run_cancelled_after_its_last_epoch_is_cancelled_and_keeps_nothing(
     private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
 ) -> None:
     r = redis.Redis.from_url(private_redis.url)
-    settings = model_settings.model_copy(
-        update={"redis_url": private_redis.url, "worker_id": "trainer-test", "trained_dir": tmp_path}
-    )
-    job = training.TrainingJob(
-        run_id="late-cancel", model="sketch", version=9, categories=["cat", "fish"], options=training.TrainingOptions()
-    )
-    r.xadd(training.JOB_STREAM, job.to_fields())
-    trainer = CancelledWhileKept(settings)
-    loop = threading.Thread(target=trainer.run, daemon=True)
-    loop.start()
-    try:
+    r.xadd(training.JOB_STREAM, two_class_job("late-cancel", 9).to_fields())
+    with looping(CancelledWhileKept(settings_for(model_settings, private_redis, tmp_path))):
         events = events_of(r, 2)
-    finally:
-        trainer.stop()
-        loop.join(10)
     assert [(e.run_id, e.kind) for e in events] == [("late-cancel", "started"), ("late-cancel", "cancelled")]
     assert "after its last epoch" in str(events[1].error)
     assert not (tmp_path / "sketch" / "v9").exists()
@@ -239,24 +245,13 @@ def test_a_redis_outage_at_an_epochs_end_is_waited_out_and_the_run_ends_as_train
     """An epoch's report met a Redis outage of 5 s: the run failed with the connection error, its
     failure could not be reported either, and the API then blamed a trainer that never stopped."""
     r = redis.Redis.from_url(private_redis.url)
-    settings = model_settings.model_copy(
-        update={"redis_url": private_redis.url, "worker_id": "trainer-test", "trained_dir": tmp_path}
-    )
-    job = training.TrainingJob(
-        run_id="blip", model="sketch", version=9, categories=["cat", "fish"], options=training.TrainingOptions()
-    )
-    r.xadd(training.JOB_STREAM, job.to_fields())
-    trainer = RedisOutAtEpochEnd(settings)
+    r.xadd(training.JOB_STREAM, two_class_job("blip", 9).to_fields())
+    trainer = RedisOutAtEpochEnd(settings_for(model_settings, private_redis, tmp_path))
     trainer.outage = private_redis
-    loop = threading.Thread(target=trainer.run, daemon=True)
-    loop.start()
-    try:
+    with looping(trainer, join_s=30):
         # This Redis keeps nothing across a restart: what the trainer reports after it is there.
         wait_until(lambda: (tmp_path / "sketch" / "v9" / "model.keras").exists(), 60, "the run kept")
         events = events_of(r, 2)
-    finally:
-        trainer.stop()
-        loop.join(30)
     assert [(e.run_id, e.kind) for e in events] == [("blip", "epoch"), ("blip", "done")]
     assert r.get(training.ended_key("blip")) == b"done"
 
@@ -270,18 +265,8 @@ def test_a_trainer_stopped_while_redis_is_down_exits_within_a_grace_period(
     51 s during a run, long enough to be SIGKILLed by supervisord or docker."""
     r = redis.Redis.from_url(private_redis.url)
     if training_a_run:
-        options = training.TrainingOptions(arch="vgg", epochs=1, per_category=3000, batch_size=16)
-        categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:10]
-        job = training.TrainingJob(run_id="down", model="sketch", version=5, categories=categories, options=options)
-        r.xadd(training.JOB_STREAM, job.to_fields())
-    env = {
-        "REDIS_URL": private_redis.url,
-        "WORKER_ID": "trainer-down",
-        "TRAINED_DIR": str(tmp_path),
-        "QUICKDRAW_DIR": str(model_settings.quickdraw_dir),
-        "LOG_JSON": "true",
-    }
-    trainer = service("trainer-down", [sys.executable, "-m", "model.trainer"], env)
+        r.xadd(training.JOB_STREAM, minute_long_job(model_settings, "down").to_fields())
+    trainer = trainer_process("trainer-down", private_redis, model_settings, tmp_path)
     try:
         if training_a_run:
             wait_until((tmp_path / "sketch" / "v5" / ".model.keras.partial").is_dir, 60, "the run training")
