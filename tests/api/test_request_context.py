@@ -6,20 +6,24 @@ import logging
 import re
 import signal
 import socket
+import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import select
 
 from api.app.core.config import Settings
 from api.app.predictions.models import Job
+from contracts.messages import JobMessage
 from tests.api.test_predictions import noise_png
+from tests.api.test_queue_resilience import MODEL, announce
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Users
-from tests.support import start_api
+from tests.support import RedisServer, start_api, wait_until
 
 FRESH = re.compile(r"[0-9a-f]{32}")
 
@@ -108,3 +112,37 @@ def test_a_request_cut_by_a_shutdown_is_answered_503_not_500(settings: Settings)
     status_line, _, rest = answer.decode("latin-1").partition("\r\n")
     assert status_line.split(" ")[1] == "503", answer
     assert "retry-after: 2" in rest.lower() and "send the request again" in rest, answer
+
+
+def test_a_prediction_cut_by_a_shutdown_names_the_job_it_stored(settings: Settings, private_redis: RedisServer) -> None:
+    """``POST /model/predict`` waits for its answers. Cut by the server stopping, the job it stored
+    goes on, so the 503 names it: asked only to send the photo again, a client would make a
+    duplicate and never read this job's answer."""
+    announce(private_redis.url)  # the model is served, but no worker takes the job: it waits
+    service, url = start_api("shutdown-job", settings, API_GRACEFUL_SHUTDOWN_SECONDS="1", REDIS_URL=private_redis.url)
+    queued = redis.Redis.from_url(private_redis.url)
+    answers: list[httpx.Response] = []
+    try:
+        token = httpx.post(f"{url}/v1/auth/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+
+        def predict() -> None:
+            files = {"file": ("n.png", noise_png())}
+            answers.append(httpx.post(f"{url}/model/predict", params={"models": MODEL}, files=files, headers=headers))
+
+        waiting = threading.Thread(target=predict)
+        waiting.start()
+        stream = f"jobs:{MODEL}@1"
+        wait_until(lambda: bool(queued.exists(stream)) and queued.xlen(stream) == 1, 15, "the job queued")
+        service.proc.send_signal(signal.SIGTERM)
+        waiting.join(15)
+        service.proc.wait(timeout=15)
+    finally:
+        service.kill()
+    [(_, fields)] = cast(list[tuple[bytes, dict[bytes, bytes]]], queued.xrange(stream))
+    job_id = JobMessage.from_fields(fields).job_id
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "2"
+    assert answer.json()["job_id"] == job_id
+    assert f"GET /v1/predictions/{job_id}" in answer.json()["detail"]

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +31,21 @@ REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 
 
 _BATCH_PREFIX = keys.BATCH_REQUEST_PREFIX.encode()
+
+# What the request in hand stored that goes on without it, for the answer a shutdown cuts it with.
+# A dict made per request, so that a note made in a task the request's context was copied into
+# still reaches the middleware.
+_stored_var: ContextVar[dict[str, str] | None] = ContextVar("stored", default=None)
+
+
+def note_stored_job(job_id: uuid.UUID) -> None:
+    """Records that the request in hand stored the prediction job ``job_id``, which goes on
+    whatever becomes of the request: were the server to cut the request as it stops, its 503
+    names the job (``job_id`` and where to read its answer) instead of asking for the upload again,
+    which would make a duplicate. Does nothing outside a request."""
+    stored = _stored_var.get()
+    if stored is not None:
+        stored["job_id"] = str(job_id)
 
 
 def request_id(given: bytes) -> str:
@@ -66,7 +82,8 @@ class RequestContextMiddleware:
     a client can tell the API's time from the network's), and logs method, path, status and
     duration. A request the server cancels as it shuts down (past its graceful-shutdown time)
     is answered 503 with ``Retry-After`` when nothing was answered yet, not 500: another
-    process, or this one restarted, takes it when it is sent again."""
+    process, or this one restarted, takes it when it is sent again. A request that stored a job
+    which goes on without it (``note_stored_job``) names it instead: ``job_id`` in the body."""
 
     def __init__(self, app: ASGIApp, *, retry_after_seconds: int = 5) -> None:
         self.app = app
@@ -98,6 +115,8 @@ class RequestContextMiddleware:
             await send(message)
 
         token = request_id_var.set(rid)
+        stored: dict[str, str] = {}
+        stored_token = _stored_var.set(stored)
         try:
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
@@ -105,10 +124,16 @@ class RequestContextMiddleware:
             # and would answer 500. Answered 503 first; the cancellation then goes on as asked.
             log.warning("%s %s cancelled: the server is shutting down", scope["method"], scope["path"])
             if not started:
+                detail = "The server is restarting; send the request again."
+                if job_id := stored.get("job_id"):
+                    detail = (
+                        "The server is restarting; the prediction was stored and goes on:"
+                        f" GET /v1/predictions/{job_id} gives its answer."
+                    )
                 await send_json(
                     send_with_id,
                     503,
-                    {"detail": "The server is restarting; send the request again.", "request_id": rid},
+                    {"detail": detail, "request_id": rid, **stored},
                     [(b"retry-after", self.retry_after), (b"connection", b"close")],
                 )
             raise
@@ -124,6 +149,7 @@ class RequestContextMiddleware:
                 {"detail": "Internal server error; quote this request id when reporting it.", "request_id": rid},
             )
         finally:
+            _stored_var.reset(stored_token)
             request_id_var.reset(token)
             log.info(
                 "%s %s %d",

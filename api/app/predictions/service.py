@@ -30,6 +30,7 @@ from api.app.core.db import OWNER_KEY_SHARE
 from api.app.core.driver import DriverStatement, driver_connection
 from api.app.core.errors import outage_of, violated_constraint
 from api.app.core.paging import KeysetPage, count_of, split_page
+from api.app.core.request_context import note_stored_job
 from api.app.examples import service as examples
 from api.app.images import service as images_service
 from api.app.images.models import Image
@@ -446,7 +447,8 @@ async def predict_and_wait(
     Raises as ``submit`` does (``ground_truth`` too), plus 413/415/422 for the upload and 504
     when the deadline passes (the job then goes on and can be read by its id); a PostgreSQL outage
     while waiting does not end the wait, but one (or a Redis outage) that keeps the answer from
-    being read is a 503 naming the job's id, as the 504 does.
+    being read is a 503 naming the job's id, as the 504 does, and so is the 503 of a server
+    stopping while the request waits (``note_stored_job``).
     """
     entries, shadows, truth = await _route(
         redis=redis,
@@ -474,6 +476,7 @@ async def predict_and_wait(
         shadows=shadows,
         ground_truth=truth,
     )
+    note_stored_job(job.id)
     answers: list[PredictionPublic] | None = None
     try:
         if job.status in UNFINISHED:
