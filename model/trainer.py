@@ -31,6 +31,10 @@ class VersionTaken(Exception):
     """The run's version has a model file already, or another process is writing it."""
 
 
+class FeedbackMissing(Exception):
+    """The folder the API exported the run's feedback examples into is not on this trainer's disk."""
+
+
 STOPPED = "the trainer was stopped during the run"
 
 
@@ -192,6 +196,13 @@ class Trainer:
         feedback = Path(job.feedback_dir) / job.model if job.feedback_dir else None
         model_file = out / "model.keras"
         try:
+            if job.feedback_dir and not Path(job.feedback_dir).is_dir():
+                # Trained without them, the run would look like one on the users' labels: the API
+                # and the trainer do not share TRAINING_DATA_DIR.
+                raise FeedbackMissing(
+                    f"the users' examples exported for this run are not on the trainer ({self.name}): "
+                    "the API and the trainer must share TRAINING_DATA_DIR"
+                )
             with version_lock(model_file, f"{job.model}@{job.version}", wait=False) as held:
                 key = f"{job.model}@{job.version}"
                 if not held:
@@ -220,7 +231,7 @@ class Trainer:
         except TrainerStopped:
             log.warning("run %s: the trainer was stopped during it", job.run_id)
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=STOPPED))
-        except VersionTaken as exc:
+        except (VersionTaken, FeedbackMissing) as exc:
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=str(exc)))
         except train_sketch.TrainingCancelled as exc:
             if self.stopping.is_set():

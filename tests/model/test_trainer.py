@@ -281,3 +281,19 @@ def test_a_trainer_stopped_while_redis_is_down_exits_within_a_grace_period(
     finally:
         trainer.kill()
     assert not (tmp_path / "sketch" / "v5").exists() or not (tmp_path / "sketch" / "v5" / "model.keras").exists()
+
+
+def test_a_run_whose_exported_feedback_is_not_on_the_trainer_fails_saying_why(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """The API exports a run's feedback examples under TRAINING_DATA_DIR, which the trainer must
+    share: a trainer that cannot see them fails the run with the reason. It used to train on
+    QuickDraw alone, and the run looked like one on the users' labels."""
+    r = redis.Redis.from_url(private_redis.url)
+    job = two_class_job("unshared", 9).model_copy(update={"feedback_dir": str(tmp_path / "training" / "unshared")})
+    r.xadd(training.JOB_STREAM, job.to_fields())
+    with looping(Trainer(settings_for(model_settings, private_redis, tmp_path / "store"))):
+        events = events_of(r, 2)
+    assert [(e.run_id, e.kind) for e in events] == [("unshared", "started"), ("unshared", "failed")]
+    assert "TRAINING_DATA_DIR" in str(events[1].error), events[1].error
+    assert not (tmp_path / "store" / "sketch" / "v9").exists()
