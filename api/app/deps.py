@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, OAuth2PasswordBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -276,14 +277,27 @@ OwnedImage = Annotated[Image, Depends(owned_image)]
 
 
 async def one_file_part(request: Request, _user: CurrentUser) -> None:
-    """422 when a single-image upload carries more than one ``file`` part: FastAPI would keep the
-    last and drop the others without a word. Reads the form FastAPI has already parsed (cached)."""
-    parts = len((await request.form()).getlist("file"))
+    """422 when a single-image upload carries more than one ``file`` part, or a form field its
+    route does not take (``ground_truth`` sent to ``POST /v1/images``, say): FastAPI would keep
+    the last file and drop the rest without a word, as a JSON body's unknown key is 422 too.
+    Reads the form FastAPI has already parsed (cached)."""
+    form = await request.form()
+    parts = len(form.getlist("file"))
     if parts > 1:
         raise HTTPException(
             status_code=422,
             detail=f"One image per upload: this request has {parts} 'file' parts. /v1/batches takes many.",
         )
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute):
+        taken = {field.alias for field in route.dependant.body_params}
+        # _charset_: what a browser's HTML form adds to name its encoding (HTML, 4.10.21.8).
+        if unknown := sorted(set(form.keys()) - taken - {"_charset_"}):
+            names = ", ".join(repr(name[:40]) for name in unknown[:5])
+            raise HTTPException(
+                status_code=422,
+                detail=f"This upload takes the form fields {', '.join(sorted(taken))}; not {names}.",
+            )
 
 
 OneFilePart = Depends(one_file_part)
