@@ -163,6 +163,22 @@ async def test_a_damaged_entry_is_skipped_and_a_batch_of_no_image_refused(
     assert listed["count"] == 1 and listed["data"][0]["id"] == done["id"], listed
 
 
+async def test_a_photo_named_like_a_zip_is_a_photo_and_a_damaged_zip_is_refused_as_one(
+    client: httpx.AsyncClient, users: Users
+) -> None:
+    """A file was taken for a zip by its name alone: a JPEG someone named ``holiday.zip`` refused
+    the whole batch as "not a readable zip archive". Its first bytes are a JPEG's: it is a photo.
+    A file so named whose first bytes are no image's is still read as a zip, and refused saying so."""
+    _, headers = await users.create()
+    photo = (PHOTOS / "parrot.jpg").read_bytes()
+    r = await send(client, headers, [("holiday.zip", photo), ("ok.png", noise_png(5))])
+    assert r.status_code == 202, r.text
+    done = await finished(client, headers, r.json()["id"])
+    assert (done["counts"]["done"], done["counts"]["skipped"]) == (2, 0), done
+    r = await send(client, headers, [("broken.zip", b"not a zip at all, and no image either")])
+    assert r.status_code == 422 and "not a readable zip archive" in r.json()["detail"], r.text
+
+
 async def test_several_files_and_stored_images(client: httpx.AsyncClient, users: Users) -> None:
     _, headers = await users.create()
     r = await client.post("/v1/images", files={"file": ("owl.jpg", (PHOTOS / "owl.jpg").read_bytes())}, headers=headers)

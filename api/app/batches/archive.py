@@ -145,5 +145,9 @@ def read_member(archive: zipfile.ZipFile, member: Member, *, max_file_bytes: int
 
 
 def is_zip(head: bytes, name: str) -> bool:
-    """Whether an uploaded file is a zip archive (its signature, or its name)."""
-    return head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or name.lower().endswith(".zip")
+    """Whether an uploaded file starting with ``head`` (its first ``imaging.HEAD_BYTES`` bytes) is
+    a zip archive: its signature, or its name when its first bytes are no image's (a damaged zip is
+    then refused as one, saying so, while a photo someone named ``holiday.zip`` is a photo)."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return True
+    return name.lower().endswith(".zip") and not imaging.may_be_image(head)

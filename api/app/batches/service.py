@@ -52,7 +52,7 @@ from api.app.core.paging import opaque, unwrap
 from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
-from contracts import keys, spreadsheets
+from contracts import imaging, keys, spreadsheets
 from contracts.messages import PredictionStatus
 from contracts.registry import ModelEntry, Registry
 
@@ -242,7 +242,7 @@ async def _plan(files: list[UploadFile], settings: Settings, extra: int) -> Plan
     entries, total = extra, 0
     for upload in files:
         name = _file_name(upload.filename or "")
-        head = await upload.read(4)
+        head = await upload.read(imaging.HEAD_BYTES)
         await upload.seek(0)
         if not archive.is_zip(head, name):
             planned.append((upload, None, []))
