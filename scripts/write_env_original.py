@@ -20,6 +20,18 @@ DERIVED = {"api_url"}
 """Written commented out: left unset, ``make run`` derives them from other settings (the UI's
 ``API_URL`` from ``API_HOST`` and ``API_PORT``), so that a copied .env changing a port stays whole."""
 
+COMPOSE_ONLY: dict[str, tuple[str, str]] = {
+    "POSTGRES_PASSWORD": (
+        "postgres",
+        "The database's password in docker-compose.yml: the db service is given it, and it is pasted\n"
+        "as it is into the API's DATABASE_URL there (no setting reads it). Letters, digits and\n"
+        "- . _ ~ only: @ / # % : ? and the like would break that URL (compose cannot percent-encode\n"
+        "it, and a percent-encoded one would be the database's password as written).",
+    ),
+}
+"""Variables docker-compose.yml reads from .env that are no setting of the API, the model service
+or the UI (their settings ignore them): name -> (compose's default, description)."""
+
 HEADER = """# Copy to .env and adjust. Every value here is a safe development default.
 # Outside development (ENVIRONMENT=production) set SECRET_KEY and FIRST_ADMIN_PASSWORD.
 """
@@ -58,6 +70,10 @@ def render() -> str:
                 comment += f"# (the demo's value; the setting's own default is {_value(field.default)})\n"
             unset = "# " if name in DERIVED else ""
             parts.append(f"{comment}{unset}{name.upper()}={_value(DEMO_VALUES.get(name, field.default))}\n")
+    parts.append("\n# --- Docker compose only ---\n")
+    for variable, (default, description) in COMPOSE_ONLY.items():
+        comment = "".join(f"# {line}\n" for line in description.splitlines())
+        parts.append(f"{comment}{variable}={default}\n")
     return "".join(parts)
 
 

@@ -86,9 +86,42 @@ def test_nginx_is_the_door() -> None:
     assert env["NGINX_ENVSUBST_FILTER"] == "PORTAL_"
     assert env["PORTAL_API"] == f"api:{SERVICES['api']['environment']['API_PORT']}"
     assert env["PORTAL_UI"] == f"ui:{SERVICES['ui']['environment']['UI_PORT']}"
-    for name in ("MAX_UPLOAD_BYTES", "MAX_BATCH_BYTES", "PREDICT_DEADLINE_SECONDS"):
+    for name in ("MAX_UPLOAD_BYTES", "MAX_BATCH_BYTES", "PREDICT_DEADLINE_SECONDS", "EXPLANATION_WAIT_SECONDS"):
         assert env[name] == SERVICES["api"]["environment"][name], name
     assert "ports" not in SERVICES["api"] and "ports" not in SERVICES["ui"]
+
+
+def test_nginx_refuses_the_networks_gateway_the_monitoring_routes() -> None:
+    """Docker's userland proxy connects from the network's gateway for IPv6 clients and hairpin
+    connections, a private address nginx would otherwise let read /metrics: the network names its
+    gateway, and nginx is given that address to refuse."""
+    [config] = COMPOSE["networks"]["default"]["ipam"]["config"]
+    gateway = ipaddress.ip_address(config["gateway"])
+    assert gateway in ipaddress.ip_network(config["subnet"])
+    assert gateway not in ipaddress.ip_network(config["ip_range"]), "no container may be given it"
+    assert SERVICES["nginx"]["environment"]["PORTAL_DOCKER_GATEWAY"] == str(gateway)
+    template = (ROOT / "deploy" / "nginx" / "portal.conf.template").read_text()
+    assert template.count("deny ${PORTAL_DOCKER_GATEWAY};") == 2
+
+
+def test_the_database_password_reaches_the_api_whole() -> None:
+    """compose pastes POSTGRES_PASSWORD into the API's DATABASE_URL as it is: the db and the URL
+    share one default, the same as .env.original's, which the URL carries unchanged."""
+    from sqlalchemy.engine import make_url
+
+    from scripts.write_env_original import COMPOSE_ONLY
+
+    given = SERVICES["db"]["environment"]["POSTGRES_PASSWORD"]
+    match = re.fullmatch(r"\$\{POSTGRES_PASSWORD:-([^}]*)\}", given)
+    assert match, given
+    default = match[1]
+    assert COMPOSE_ONLY["POSTGRES_PASSWORD"][0] == default
+    assert f"\nPOSTGRES_PASSWORD={default}\n" in (ROOT / ".env.original").read_text()
+    url = SERVICES["api"]["environment"]["DATABASE_URL"]
+    assert given in url
+    # A password of URL-safe characters (what .env.original asks for) reaches the API unchanged.
+    for password in (default, "Ab3-._~xyz"):
+        assert make_url(url.replace(given, password)).password == password
 
 
 def test_redis_never_evicts() -> None:

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
 
+import asyncpg
 import httpx
+import pytest
 from fastapi import FastAPI
-from sqlalchemy import event
+from sqlalchemy import event, text
 
-from api.app.core.db import open_pool
-from tests.conftest import PASSWORD, Users
+from api.app.core.db import make_engine, open_pool, tls_mode_as
+from api.app.core.startup import DependencyUnavailable, asyncpg_dsn, wait_for_postgres
+from api.prestart import create_database_if_missing, migrate
+from tests.conftest import DEFAULT_ADMIN_DSN, PASSWORD, Users, make_settings
+from tests.support import PostgresServer
+
+TLS_MODE_KEYS = ("ssl", "sslmode")
+REFUSED_TLS = "rejected SSL upgrade"
+"""asyncpg's words when a server that offers no TLS is asked for it (``require``)."""
 
 
 async def test_a_burst_of_requests_opens_no_connection(
@@ -75,3 +90,146 @@ async def test_reads_run_without_a_transaction(
     assert read_plain == ["SELECT"]
     # Changing the password (a write): the token's user, then a transaction of the route's session.
     assert plain[len(read_plain) :] == ["SELECT", "BEGIN", "COMMIT"], plain
+
+
+def with_tls_mode(database_url: str, key: str, mode: str) -> str:
+    return f"{database_url}{'&' if '?' in database_url else '?'}{key}={mode}"
+
+
+@pytest.fixture(scope="module")
+def plain_server() -> None:
+    """The test server offers no TLS (as the local one): ``prefer`` then falls back to plain and
+    ``require`` is refused, which shows the mode reached the driver."""
+
+    async def ssl() -> str:
+        conn = await asyncpg.connect(os.environ.get("TEST_POSTGRES_ADMIN_DSN", DEFAULT_ADMIN_DSN))
+        try:
+            return str(await conn.fetchval("SHOW ssl"))
+        finally:
+            await conn.close()
+
+    if asyncio.run(ssl()) != "off":
+        pytest.skip("the test PostgreSQL offers TLS")
+
+
+def test_the_tls_mode_is_spelled_for_each_client() -> None:
+    """``ssl=`` and ``sslmode=`` both name the TLS mode: the engine's URL gets ``ssl``, asyncpg's
+    DSN ``sslmode``; the other parameters stay, and two different modes are refused."""
+    base = "postgresql+asyncpg://u:p@db:5432/portal?application_name=x"
+    for key in TLS_MODE_KEYS:
+        url = with_tls_mode(base, key, "verify-full")
+        assert dict(tls_mode_as(url, "ssl").query) == {"application_name": "x", "ssl": "verify-full"}
+        assert asyncpg_dsn(url) == "postgresql://u:p@db:5432/portal?application_name=x&sslmode=verify-full"
+    both = with_tls_mode(with_tls_mode(base, "ssl", "require"), "sslmode", "require")
+    assert dict(tls_mode_as(both, "ssl").query) == {"application_name": "x", "ssl": "require"}
+    with pytest.raises(ValueError, match="two TLS modes"):
+        tls_mode_as(with_tls_mode(with_tls_mode(base, "ssl", "require"), "sslmode", "disable"), "ssl")
+    assert asyncpg_dsn(base, "postgres") == "postgresql://u:p@db:5432/postgres?application_name=x"
+
+
+@pytest.mark.parametrize("key", TLS_MODE_KEYS)
+async def test_the_engine_takes_either_spelling_of_the_tls_mode(
+    key: str, plain_server: None, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    for mode in ("prefer", "require"):
+        settings = make_settings(with_tls_mode(database_url, key, mode), redis_url, tmp_path)
+        engine = make_engine(settings, pool_size=1)
+        try:
+            if mode == "prefer":
+                async with engine.connect() as conn:
+                    assert await conn.scalar(text("SELECT 1")) == 1
+            else:
+                with pytest.raises(ConnectionError, match=REFUSED_TLS):
+                    async with engine.connect():
+                        pass
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.parametrize("key", TLS_MODE_KEYS)
+async def test_the_start_up_checks_take_either_spelling_of_the_tls_mode(
+    key: str, plain_server: None, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The app's wait for PostgreSQL and the prestart's (on the ``postgres`` database, before it
+    creates the portal's)."""
+    prefer = make_settings(
+        with_tls_mode(database_url, key, "prefer"),
+        redis_url,
+        tmp_path,
+        dependency_wait_attempts=1,
+        dependency_wait_interval=0,
+    )
+    await wait_for_postgres(prefer)
+    await wait_for_postgres(prefer, database="postgres")
+    await create_database_if_missing(prefer)
+    require = prefer.model_copy(update={"database_url": with_tls_mode(database_url, key, "require")})
+    with pytest.raises(DependencyUnavailable, match=REFUSED_TLS):
+        await wait_for_postgres(require)
+    with pytest.raises(ConnectionError, match=REFUSED_TLS):
+        await create_database_if_missing(require)
+
+
+@pytest.mark.parametrize("key", TLS_MODE_KEYS)
+async def test_the_migrations_take_either_spelling_of_the_tls_mode(
+    key: str, plain_server: None, database_url: str
+) -> None:
+    """Alembic's environment opens an engine of its own (the database is at head already: the
+    upgrade only connects and reads the revision)."""
+    await asyncio.to_thread(migrate, with_tls_mode(database_url, key, "prefer"))
+    with pytest.raises(ConnectionError, match=REFUSED_TLS):
+        await asyncio.to_thread(migrate, with_tls_mode(database_url, key, "require"))
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL that offers TLS, with a self-signed certificate (``require`` does not
+    check it)."""
+    server = PostgresServer()
+    server.init()
+    data = server.server.data
+    key, cert = data / "server.key", data / "server.crt"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    key.chmod(0o600)  # PostgreSQL refuses a key others can read
+    owner = data.stat()
+    for file in (key, cert):
+        os.chown(file, owner.st_uid, owner.st_gid)
+    with (data / "postgresql.conf").open("a") as conf:
+        conf.write("ssl = on\n")
+    server.start()
+    yield server
+    with suppress(Exception):
+        server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+ENCRYPTED = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+async def test_require_connects_encrypted_to_a_server_that_offers_tls(
+    tls_postgres: PostgresServer, redis_url: str, tmp_path: Path
+) -> None:
+    """Either spelling of ``require`` gives an encrypted connection, from the engine and from
+    asyncpg's DSN (the start-up checks); ``disable`` a plain one."""
+    for key in TLS_MODE_KEYS:
+        for mode, encrypted in (("require", True), ("disable", False)):
+            url = with_tls_mode(tls_postgres.url, key, mode)
+            settings = make_settings(url, redis_url, tmp_path, dependency_wait_attempts=1, dependency_wait_interval=0)
+            engine = make_engine(settings, pool_size=1)
+            try:
+                async with engine.connect() as conn:
+                    assert await conn.scalar(text(ENCRYPTED)) is encrypted, (key, mode)
+            finally:
+                await engine.dispose()
+            await wait_for_postgres(settings)
+            direct = await asyncpg.connect(asyncpg_dsn(url))
+            try:
+                assert await direct.fetchval(ENCRYPTED) is encrypted, (key, mode)
+            finally:
+                await direct.close()

@@ -37,6 +37,7 @@ from sqlalchemy.engine import make_url
 
 from api.app.core.body_limits import BATCH_PATHS, UPLOAD_PATHS, BodyLimitMiddleware
 from api.app.core.config import Settings
+from api.app.core.startup import asyncpg_dsn
 from contracts import keys
 from contracts.registry import Registry, load_registry
 from model.config import ModelSettings
@@ -495,9 +496,13 @@ def test_ingress_body_limits_are_the_apps_own(overlay: str, monkeypatch: pytest.
         ingress = ingress_for(api_ingresses, api_host, path)
         size = nginx_bytes(ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"])
         assert size == (limits.batch_limit if path in BATCH_PATHS else limits.upload_limit), path
-    # Long enough for POST /model/predict to wait its whole deadline.
-    predict = ingress_for(api_ingresses, api_host, "/model/predict")["metadata"]["annotations"]
-    assert int(predict["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > api_settings.predict_deadline_seconds
+    # Long enough for the API to hold a request its longest (POST /model/predict its deadline, a
+    # heatmap its EXPLANATION_WAIT_SECONDS) and answer 504 itself, with a margin for the answer.
+    longest = max(api_settings.predict_deadline_seconds, api_settings.explanation_wait_seconds)
+    for path in ("/model/predict", "/v1/predictions/1/explanation"):
+        annotations = ingress_for(api_ingresses, api_host, path)["metadata"]["annotations"]
+        for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
+            assert int(annotations[f"nginx.ingress.kubernetes.io/{timeout}"]) >= longest + 30, (path, timeout)
     # /metrics is for Prometheus inside the cluster only: the exact path and every path starting
     # so, /metrics%0A included (nginx matches it decoded, "/metrics\n").
     # So is /health/ready (the kubelet asks the pods themselves), as nginx in front refuses it.
@@ -914,6 +919,43 @@ def test_wait_for_schema_waits_until_the_migrations_reach_head(empty_database: s
     assert wait_for_schema(empty_database).returncode == 0
     gone = wait_for_schema(empty_database.rsplit("/", 1)[0] + "/portal_test_k8s_missing")
     assert gone.returncode == 1 and "not reachable" in gone.stdout
+
+
+@pytest.mark.parametrize("key", ["ssl", "sslmode"])
+def test_wait_for_schema_takes_either_spelling_of_the_tls_mode(key: str, empty_database: str) -> None:
+    """``prefer`` falls back to plain on the test server, which offers no TLS (it reads the
+    schema: nothing yet); ``require`` is refused by it, so the mode reached asyncpg."""
+
+    async def server_ssl() -> str:
+        conn = await asyncpg.connect(
+            os.environ.get("TEST_POSTGRES_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+        )
+        try:
+            return str(await conn.fetchval("SHOW ssl"))
+        finally:
+            await conn.close()
+
+    if asyncio.run(server_ssl()) != "off":
+        pytest.skip("the test PostgreSQL offers TLS")
+    prefer = wait_for_schema(f"{empty_database}?{key}=prefer")
+    assert prefer.returncode == 1 and "schema at nothing, waiting for" in prefer.stdout, prefer.stdout + prefer.stderr
+    require = wait_for_schema(f"{empty_database}?{key}=require")
+    assert require.returncode == 1 and "rejected SSL upgrade" in require.stdout, require.stdout + require.stderr
+
+
+def test_wait_for_schema_reads_database_url_as_the_api_does() -> None:
+    """The script is mounted on its own and carries its own conversion: the same DSN as the API's."""
+    script = load_script("wait_for_schema")
+    base = "postgresql+asyncpg://u:p@db:5432/portal"
+    for url in (
+        base,
+        f"{base}?ssl=require",
+        f"{base}?sslmode=verify-full&application_name=x",
+        f"{base}?ssl=a&sslmode=a",
+    ):
+        assert script.asyncpg_dsn(url) == asyncpg_dsn(url)
+    with pytest.raises(SystemExit, match="two TLS modes"):
+        script.asyncpg_dsn(f"{base}?ssl=require&sslmode=disable")
 
 
 def test_seed_trained_adds_the_images_versions_whole_and_keeps_the_volumes(tmp_path: Path) -> None:

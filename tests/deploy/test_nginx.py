@@ -97,6 +97,21 @@ def nginx(directory: Path, *args: str) -> list[str]:
     ]
 
 
+def start_nginx(directory: Path, values: dict[str, str]) -> tuple[Service, str]:
+    """nginx running the template rendered with ``values`` (files in ``directory``), once it answers
+    /health/live; the running nginx and its URL."""
+    site = directory / "portal.conf"
+    site.write_text(render(values))
+    (directory / "nginx.conf").write_text(main_config(directory, site))
+    checked = subprocess.run(nginx(directory, "-t"), capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0 and "test is successful" in checked.stderr, checked.stderr
+    url = f"http://{values['PORTAL_LISTEN']}"
+    door = service(
+        f"nginx-{url.rpartition(':')[2]}", nginx(directory), {}, lambda: http_ok(f"{url}/health/live"), timeout=20
+    )
+    return door, url
+
+
 @dataclass
 class FrontDoor:
     url: str
@@ -143,16 +158,11 @@ def front_door(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
                 MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
                 MAX_BATCH_BYTES=str(MAX_BATCH_BYTES),
                 PREDICT_DEADLINE_SECONDS=str(settings.predict_deadline_seconds),
+                EXPLANATION_WAIT_SECONDS=str(settings.explanation_wait_seconds),
             ),
         }
-        site = directory / "portal.conf"
-        site.write_text(config := render(values))
-        (directory / "nginx.conf").write_text(main_config(directory, site))
-        checked = subprocess.run(nginx(directory, "-t"), capture_output=True, text=True, timeout=30)
-        assert checked.returncode == 0 and "test is successful" in checked.stderr, checked.stderr
-        url = f"http://127.0.0.1:{port}"
-        door = service(f"nginx-{port}", nginx(directory), {}, lambda: http_ok(f"{url}/health/live"), timeout=20)
-        yield FrontDoor(url, api_url, values, config)
+        door, url = start_nginx(directory, values)
+        yield FrontDoor(url, api_url, values, render(values))
     finally:
         for child in (door, ui):
             if child is not None:
@@ -181,14 +191,23 @@ def test_the_limits_follow_the_api_settings() -> None:
     from api.app.core.body_limits import MULTIPART_OVERHEAD, BodyLimitMiddleware
 
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    longest = max(defaults.predict_deadline_seconds, defaults.explanation_wait_seconds)
     assert limits() == {
         "PORTAL_UPLOAD_BODY": str(defaults.max_upload_bytes + MULTIPART_OVERHEAD),
         "PORTAL_BATCH_BODY": str(defaults.max_batch_bytes + MULTIPART_OVERHEAD),
         "PORTAL_UPLOAD_MB": "10",
         "PORTAL_BATCH_MB": "2048",
-        "PORTAL_API_TIMEOUT": str(int(defaults.predict_deadline_seconds) + 30),
+        "PORTAL_API_TIMEOUT": str(int(longest) + 30),
+        # No Docker gateway named: an address no client has, so the rule refuses nobody.
+        "PORTAL_DOCKER_GATEWAY": "192.0.2.1",
     }
+    assert limits(PORTAL_DOCKER_GATEWAY="172.28.0.1")["PORTAL_DOCKER_GATEWAY"] == "172.28.0.1"
     assert limits(PREDICT_DEADLINE_SECONDS="45.5")["PORTAL_API_TIMEOUT"] == "75"
+    # A heatmap may be waited for longer than a prediction (EXPLANATION_WAIT_SECONDS, up to 120 s):
+    # nginx waits past whichever is longer.
+    assert limits(EXPLANATION_WAIT_SECONDS="100")["PORTAL_API_TIMEOUT"] == "130"
+    assert limits(EXPLANATION_WAIT_SECONDS="100.5", PREDICT_DEADLINE_SECONDS="45.5")["PORTAL_API_TIMEOUT"] == "130"
+    assert limits(EXPLANATION_WAIT_SECONDS="10", PREDICT_DEADLINE_SECONDS="90")["PORTAL_API_TIMEOUT"] == "120"
     # The MB in nginx's 413 answers are the API's own (Python's :g): half a MiB is not 0 MB.
     for size in (524288, 1_000_000, 1536 * 1024, 3 * 2**20, 100):
         mb = limits(MAX_UPLOAD_BYTES=str(size), MAX_BATCH_BYTES=str(size))
@@ -197,7 +216,8 @@ def test_the_limits_follow_the_api_settings() -> None:
         assert f"at most {mb['PORTAL_UPLOAD_MB']} MB per file." in limit._too_large(True)
         assert f"at most {mb['PORTAL_BATCH_MB']} MB in all" in limit._too_large(True, batch=True)
     assert limits(MAX_UPLOAD_BYTES="524288")["PORTAL_UPLOAD_MB"] == "0.5"
-    assert int(limits()["PORTAL_API_TIMEOUT"]) > defaults.predict_deadline_seconds
+    assert int(limits()["PORTAL_API_TIMEOUT"]) > longest
+    assert int(limits(EXPLANATION_WAIT_SECONDS="120")["PORTAL_API_TIMEOUT"]) > 120
 
 
 def test_a_photo_is_classified_through_nginx(front_door: FrontDoor, worker: Service) -> None:
@@ -228,23 +248,70 @@ def _get(url: str, path: str, source: str = "127.0.0.1", **headers: str) -> http
         return client.get(httpx.URL(f"{url}{path}"), headers=headers)
 
 
+MONITORING_LOCATIONS = (r"~ ^/(metrics|health/ready)", r"~ ^/_stcore/metrics")
+"""The locations of the monitoring routes: the API's and Streamlit's own metrics."""
+
+
+def access_rules(config: str) -> dict[str, list[str]]:
+    """Each monitoring location's allow and deny rules, in order (nginx applies the first that matches)."""
+    rules = {}
+    for location in MONITORING_LOCATIONS:
+        body = re.search(rf"location {re.escape(location)} \{{(.*?)\}}", config, re.S)
+        assert body, f"a location {location}"
+        rules[location] = re.findall(r"^\s*((?:allow|deny) \S+);", body[1], re.M)
+    return rules
+
+
 def test_monitoring_routes_answer_private_networks_only(front_door: FrontDoor) -> None:
-    """/metrics and /health/ready are for Prometheus and operators: nginx serves them to loopback
-    and the private networks only (127.0.0.1 here; a client at 127.0.0.2 stands for the internet),
-    whatever the path looks like after /metrics."""
-    allowed = {"127.0.0.1", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
-    monitoring = re.search(r"location ~ \^/\(metrics\|health/ready\) \{(.*?)\}", front_door.config, re.S)
-    assert monitoring, "one location for the monitoring routes"
-    assert set(re.findall(r"allow (\S+);", monitoring[1])) == allowed and "deny all;" in monitoring[1]
+    """/metrics, /health/ready and Streamlit's /_stcore/metrics are for Prometheus and operators:
+    nginx serves them to loopback and the private networks only (127.0.0.1 here; a client at
+    127.0.0.2 stands for the internet), whatever the path looks like after /metrics."""
+    allowed = ["allow 127.0.0.1", "allow 10.0.0.0/8", "allow 172.16.0.0/12", "allow 192.168.0.0/16", "deny all"]
+    gateway = f"deny {front_door.values['PORTAL_DOCKER_GATEWAY']}"
+    for location, rules in access_rules(front_door.config).items():
+        assert rules == [gateway, *allowed], location
     r = _get(front_door.url, "/metrics")
     assert r.status_code == 200 and "# TYPE" in r.text and answered_by_api(r)
     assert answered_by_api(_get(front_door.url, "/health/ready"))
+    r = _get(front_door.url, "/_stcore/metrics")
+    assert r.status_code == 200 and "# TYPE" in r.text and not answered_by_api(r)
     outsider = f"127.0.0.{random.randint(2, 254)}"
-    for path in ("/metrics", "/health/ready", "/metrics%0A", "/metrics/", "/metricsx", "/health/ready%0A"):
+    for path in (
+        "/metrics",
+        "/health/ready",
+        "/metrics%0A",
+        "/metrics/",
+        "/metricsx",
+        "/health/ready%0A",
+        "/_stcore/metrics",
+        "/_stcore/metrics?families=session_events",
+        "/_stcore/metrics/",
+        "//_stcore/metrics",
+        "/_stcore/metrics%0A",
+    ):
         r = _get(front_door.url, path, outsider)
-        assert r.status_code == 403 and not answered_by_api(r), (path, r.status_code)
+        assert r.status_code == 403 and not answered_by_api(r) and "# TYPE" not in r.text, (path, r.status_code)
     # /health/live stays open to all (load balancers' checks).
     assert _get(front_door.url, "/health/live", outsider).status_code == 200
+
+
+def test_the_docker_gateway_is_refused_the_monitoring_routes(
+    front_door: FrontDoor, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Behind Docker's userland proxy every IPv6 client (and a hairpin connection) arrives from the
+    compose network's gateway, a private address: nginx refuses it the monitoring routes before it
+    allows the private networks. Here the gateway is named 127.0.0.1, the one allowed loopback
+    address, and the client comes from it; the portal itself stays open to it."""
+    values = {**front_door.values, "PORTAL_LISTEN": f"127.0.0.1:{free_port()}", "PORTAL_DOCKER_GATEWAY": "127.0.0.1"}
+    door, url = start_nginx(tmp_path_factory.mktemp("nginx-gateway"), values)
+    try:
+        for path in ("/metrics", "/health/ready", "/_stcore/metrics"):
+            r = _get(url, path, "127.0.0.1")
+            assert r.status_code == 403 and not answered_by_api(r), (path, r.status_code)
+        assert _get(url, "/health/live", "127.0.0.1").status_code == 200
+        assert _get(url, "/", "127.0.0.1").status_code == 200
+    finally:
+        door.stop()
 
 
 @pytest.mark.parametrize("path", ["/metrics%0A", "/metrics%0D", "/health/live%0A", "/v1/images%0D", "/login%0A"])

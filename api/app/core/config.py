@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     """A login session's absolute lifetime: however often it is refreshed, it ends this long after
     the password was given (OWASP's session management guide: an absolute timeout)."""
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/portal"
-    """SQLAlchemy URL of the PostgreSQL database (asyncpg driver)."""
+    """SQLAlchemy URL of the PostgreSQL database (asyncpg driver). A TLS mode (``disable`` ...
+    ``verify-full``) goes in its query, as ``?sslmode=require`` or ``?ssl=require``: both work
+    everywhere the URL is used (the engine, the start-up checks, the migrations)."""
     db_pool_size: int = 20
     """Connections each API process opens at start-up and keeps."""
     db_max_overflow: int = 0

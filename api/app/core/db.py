@@ -7,9 +7,10 @@ import logging
 import os
 import uuid
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from sqlalchemy import ColumnElement, DateTime, ForeignKey, MetaData, bindparam, column, func, inspect, select, table
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -87,13 +88,39 @@ async def owned_page(
     return list(rows), int(count or 0)
 
 
+TLS_MODE_KEYS = ("ssl", "sslmode")
+"""The two spellings of a TLS mode (``disable`` ... ``verify-full``) in ``DATABASE_URL``'s query:
+``ssl=`` as SQLAlchemy documents for asyncpg, ``sslmode=`` as libpq and most managed PostgreSQL
+services give it."""
+
+
+def tls_mode_as(database_url: str | URL, key: Literal["ssl", "sslmode"]) -> URL:
+    """``database_url`` with its TLS mode, whichever way it is spelled, under ``key``: ``ssl`` for
+    SQLAlchemy's asyncpg dialect (each query parameter becomes a keyword of ``asyncpg.connect``,
+    which has ``ssl`` and no ``sslmode``), ``sslmode`` for a DSN given to asyncpg itself (its DSN
+    parser knows ``sslmode`` and sends any other parameter, ``ssl`` too, to the server as a
+    setting, which the server refuses). Raises ``ValueError`` when both spellings are given with
+    different modes."""
+    url = make_url(database_url)
+    modes = {url.query[name] for name in TLS_MODE_KEYS if name in url.query}
+    if len(modes) > 1:
+        raise ValueError(f"DATABASE_URL gives two TLS modes: {' and '.join(sorted(map(str, modes)))}")
+    url = url.difference_update_query(TLS_MODE_KEYS)
+    return url.update_query_dict({key: modes.pop()}) if modes else url
+
+
+def engine_url(database_url: str) -> URL:
+    """``database_url`` as SQLAlchemy's asyncpg dialect takes it (TLS mode as ``ssl=``)."""
+    return tls_mode_as(database_url, "ssl")
+
+
 def make_engine(
     settings: Settings, *, pool_size: int | None = None, max_overflow: int | None = None, role: str = "requests"
 ) -> AsyncEngine:
     # No pre-ping (a round trip per checkout): after a database restart the first query fails,
     # answers 503, and SQLAlchemy replaces every pooled connection.
     return create_async_engine(
-        settings.database_url,
+        engine_url(settings.database_url),
         pool_size=settings.db_pool_size if pool_size is None else pool_size,
         max_overflow=settings.db_max_overflow if max_overflow is None else max_overflow,
         pool_timeout=5,

@@ -13,6 +13,7 @@ from redis.backoff import NoBackoff
 from sqlalchemy.engine import make_url
 
 from api.app.core.config import Settings
+from api.app.core.db import tls_mode_as
 from contracts.redis_policy import EvictionCheck, check_eviction_policy_async
 from contracts.streams import REDIS_ERRORS
 
@@ -54,7 +55,9 @@ async def _retry(name: str, url: str, attempt: Callable[[], Awaitable[None]], se
 
 
 def asyncpg_dsn(database_url: str, database: str | None = None) -> str:
-    url = make_url(database_url).set(drivername="postgresql")
+    """``database_url`` (a SQLAlchemy URL) as a DSN for ``asyncpg.connect``, of ``database`` when
+    given: the TLS mode, spelled ``ssl=`` or ``sslmode=``, as ``sslmode=``."""
+    url = tls_mode_as(database_url, "sslmode").set(drivername="postgresql")
     if database is not None:
         url = url.set(database=database)
     return url.render_as_string(hide_password=False)

@@ -22,6 +22,19 @@ from alembic.util import CommandError
 from sqlalchemy.engine import make_url
 
 
+def asyncpg_dsn(database_url: str) -> str:
+    """``DATABASE_URL`` (a SQLAlchemy URL) as a DSN for asyncpg, its TLS mode, spelled ``ssl=`` or
+    ``sslmode=``, as ``sslmode=``: asyncpg's DSN parser sends ``ssl`` to the server as a setting,
+    which the server refuses. The API's ``asyncpg_dsn`` does the same; this script is mounted on
+    its own and cannot import it. Exits with a message when both spellings give different modes."""
+    url = make_url(database_url).set(drivername="postgresql")
+    modes = {url.query[key] for key in ("ssl", "sslmode") if key in url.query}
+    if len(modes) > 1:
+        raise SystemExit(f"DATABASE_URL gives two TLS modes: {' and '.join(sorted(map(str, modes)))}")
+    url = url.difference_update_query(("ssl", "sslmode"))
+    return (url.update_query_dict({"sslmode": modes.pop()}) if modes else url).render_as_string(hide_password=False)
+
+
 def is_current(database: set[str], script: ScriptDirectory) -> bool:
     """Whether a database at ``database`` (its ``alembic_version`` rows) is at this image's head."""
     if not database:
@@ -56,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=2.0)
     args = parser.parse_args(argv)
     script = ScriptDirectory(str(args.migrations))
-    dsn = make_url(os.environ["DATABASE_URL"]).set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = asyncpg_dsn(os.environ["DATABASE_URL"])
     started = time.monotonic()
     said = ""
     while True:
