@@ -672,6 +672,30 @@ def test_inference_threads_fit_the_cpu_limit(overlay: str) -> None:
         assert effective(worker).inference_threads <= math.ceil(cores), name
 
 
+def quantity(value: str) -> float:
+    """A Kubernetes CPU (cores) or memory (MiB) quantity as a number: "500m", "2", "1536Mi", "1Gi"."""
+    for suffix, scale in (("m", 0.001), ("Mi", 1.0), ("Gi", 1024.0)):
+        if value.endswith(suffix):
+            return float(value.removesuffix(suffix)) * scale
+    return float(value)
+
+
+def test_the_dev_overlay_fits_a_laptops_cluster() -> None:
+    """``dev`` is for trying a build on kind or minikube: one replica of everything asked for 5.1
+    CPU and 7.4 GiB, and worker-resnet50's 2 CPU could never be scheduled on a 2-vCPU node. Its
+    requests fit one 4-CPU, 8 GiB node with room for the cluster's own pods."""
+    objs = render("dev")
+    cpu = memory = 0.0
+    for name, workload in workloads(objs).items():
+        if workload["kind"] != "Deployment":
+            continue
+        requests = main_container(workload)["resources"]["requests"]
+        assert quantity(str(requests["cpu"])) <= 1, name
+        cpu += quantity(str(requests["cpu"]))
+        memory += quantity(str(requests["memory"]))
+    assert cpu <= 2.5 and memory <= 5.5 * 1024, (cpu, memory)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workers_and_trainer_drain_within_their_grace_period(overlay: str) -> None:
     import model.trainer
