@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,17 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF
 """What Pillow names the formats accepted. MPO is a JPEG with more pictures after the first (many
 cameras and phones write it); it is read, stored and served as the JPEG it is."""
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+MAX_JPEG_SCANS = 100
+"""The most scans a JPEG may have; one with more is refused (422) before it is decoded.
+
+A progressive JPEG is its pixels in a series of scans, each refining the last, and decoding it
+reads every scan over the whole picture: a few bytes of scan can cost a full pass over 50 million
+pixels, so a 340 KB file repeating one scan 2,000 times takes 11 s to decode, and a 10 MiB one
+minutes. libjpeg-turbo leaves the limit to its caller (``djpeg -maxscans``, TurboJPEG's
+``TJPARAM_SCANLIMIT``; its fuzzers use 500), and Pillow sets none. Encoders write one scan
+(baseline) or about ten (progressive; a few dozen from unusual ones); at 100 a 7000x7000 grey
+progressive JPEG still decodes in about 1.2 s (a colour one in 2 s), whole or at 1/8 scale, on
+one core of a 2-CPU host."""
 
 # Pillow's own bomb guard is replaced by an explicit check against the configured limit.
 Image.MAX_IMAGE_PIXELS = None
@@ -213,14 +225,17 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
     upright and converted to RGB exactly as ``load_image`` does for the workers. Returns its
     format and upright size, and a preview (see ``ImageInfo.preview``) drawn from the pixels this
     check decoded anyway; raises ImageRejected with 413 (too many pixels), 415 (not an image of a
-    supported format) or 422 (truncated or corrupt at any step).
+    supported format) or 422 (truncated or corrupt at any step, or a JPEG of more than
+    ``MAX_JPEG_SCANS`` scans).
 
     The size check reads only the header, so a decompression bomb is refused before any pixel
-    buffer is allocated; JPEGs are decoded at 1/8 scale, which reads every byte all the same.
+    buffer is allocated, and a JPEG of too many scans before any is decoded; JPEGs are decoded at
+    1/8 scale, which reads every byte all the same.
     """
     with _classified():
         img = _open(data)
         _check_pixels(img, max_pixels)
+        _check_scans(img, data)
         width, height = img.size  # before ``draft`` shrinks a JPEG's
         fmt = "JPEG" if img.format in _JPEG_FORMATS else str(img.format)
         # Decoded before the orientation is read, as ``load_image`` does: reading a PNG's EXIF loads
@@ -311,7 +326,8 @@ def load_image(
 ) -> Image.Image:
     """Decodes ``data`` into an upright ``mode`` ("RGB" or "L") image; raises ImageRejected as
     ``inspect_image`` does, with 413 before decoding when it has more than ``max_pixels`` pixels
-    (None: not checked; the workers get only images the API checked).
+    (None: not checked; the workers get only images the API checked) and 422 before decoding a
+    JPEG of more than ``MAX_JPEG_SCANS`` scans (always checked: it reads only the markers).
 
     First frame of an animation; EXIF orientation applied; transparency composited over white
     (a transparent sketch is dark strokes on white paper); CMYK, palette and 16-bit converted.
@@ -320,7 +336,54 @@ def load_image(
     with _classified():
         img = _open(data)
         _check_pixels(img, max_pixels)
+        _check_scans(img, data)
         return _prepare(img, mode=mode, draft_size=draft_size)
+
+
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+"""The next marker, past any entropy-coded data or junk before it: within entropy-coded data a
+0xFF is followed by 0x00 (a stuffed byte) or a restart marker (RST0-7), and 0xFF 0xFF is fill;
+libjpeg skips what it finds between segments to the next marker just so."""
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+"""Marker codes without a length (TEM, RST0-7, SOI)."""
+_WALK_SEGMENTS = 1_000
+"""Segments walked one by one (a JPEG has a few dozen), so that a file of tiny segments costs a
+bounded Python loop; past them the scans left are counted as their markers' bytes (an upper bound:
+a scan always starts with them)."""
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """The scans (SOS markers) of JPEG ``data``'s first picture, counting at most to one past
+    ``MAX_JPEG_SCANS``. Walked segment by segment up to the picture's end (EOI), so that neither an
+    EXIF thumbnail (inside APP1) nor what follows the picture (an MPO's other pictures, a phone's
+    motion-photo video) counts; each search runs at C speed over the bytes it skips."""
+    scans = 0
+    pos = 2  # past SOI
+    for _ in range(_WALK_SEGMENTS):
+        found = _MARKER.search(data, pos)
+        if found is None:
+            return scans
+        code, pos = data[found.start() + 1], found.start() + 2
+        if code == 0xD9:  # EOI
+            return scans
+        if code == 0xDA:  # SOS
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                return scans
+        if code not in _STANDALONE:
+            pos += int.from_bytes(data[pos : pos + 2], "big")
+    return scans + data.count(b"\xff\xda", pos)
+
+
+def _check_scans(img: Image.Image, data: bytes) -> None:
+    """422 when ``img`` (opened from ``data``) is a JPEG of more than ``MAX_JPEG_SCANS`` scans:
+    decoding reads every scan, at 1/8 scale too (see ``MAX_JPEG_SCANS``)."""
+    if img.format in _JPEG_FORMATS and _jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise ImageRejected(
+            422,
+            f"The JPEG has more than {MAX_JPEG_SCANS} scans (passes over its pixels, which a progressive JPEG "
+            f"has about ten of); at most {MAX_JPEG_SCANS} are accepted. Save it again.",
+        )
 
 
 def _check_pixels(img: Image.Image, max_pixels: int | None) -> None:

@@ -179,7 +179,9 @@ async def test_the_view_writes_the_newest_answer_of_each_version(
         assert await service.latest_answers(session=session, image_id=uuid.UUID(image_id)) == lines
         stored = await session.scalar(select(Image).where(Image.id == uuid.UUID(image_id)))
         assert stored is not None
-        drawn = await images_service.render_view(store=app.state.store, image=stored, lines=lines)
+        drawn = await images_service.render_view(
+            store=app.state.store, settings=app.state.settings, image=stored, lines=lines
+        )
     view = await client.get(f"/v1/images/{image_id}/view", headers=headers)
     assert view.status_code == 200 and view.headers["content-type"] == "image/png"
     assert view.content == drawn

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
 import os
-from typing import cast
+import threading
+import time
+from typing import Any, cast
 
 import httpx
 import pytest
 from PIL import Image
 
 from api.app.core.config import Settings
-from tests.conftest import Users
-from tests.images import animated_gif, encode, png_bomb, split_colour
+from api.app.images import service as images_service
+from api.app.main import create_app
+from tests.conftest import Users, client_for
+from tests.contracts.test_imaging import scan_bomb
+from tests.images import animated_gif, encode, noise_png, png_bomb, split_colour
 from tests.support import PHOTOS
 
 
@@ -67,6 +73,7 @@ def damaged_png() -> bytes:
         ("notes.png", b"hello, this is text", 415, "not an image"),
         ("cut.jpg", encode(split_colour(256), "JPEG")[:-700], 422, "truncated"),
         ("bomb.png", png_bomb(), 413, "pixels"),
+        ("scans.jpg", scan_bomb(), 422, "scans"),
     ],
 )
 async def test_upload_errors(
@@ -289,3 +296,97 @@ def test_a_burst_of_large_uploads_leaves_the_process_no_larger(settings: Setting
     )
     grown_mib = int(done.stdout.split()[-1])
     assert grown_mib < 60, f"the process grew by {grown_mib} MiB"
+
+
+class SlowDecodes:
+    """Every picture the API draws of a stored image (a view, a thumbnail) is decoded as it was,
+    ``seconds`` more slowly, as a large progressive JPEG is (a 7071 x 7071 one of 1.5 MB takes
+    1.1 s); counts the decodes running now, started, and the most that ran at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+        self.lock = threading.Lock()
+        self.running = self.started = self.most = 0
+        real = images_service.load_image
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                self.running += 1
+                self.started += 1
+                self.most = max(self.most, self.running)
+            try:
+                time.sleep(seconds)
+                return real(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+        monkeypatch.setattr(images_service, "load_image", slow)
+
+    async def running_at_least(self, count: int) -> None:
+        for _ in range(100):
+            if self.running >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{self.running} decodes running, not {count}")
+
+
+async def answered_while_decoding(
+    settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch, path: str, other_path: str
+) -> tuple[list[int], int, float]:
+    """Six concurrent GETs of ``path`` (``{id}``: one image of a user's) on an API of two database
+    connections, each decoding for 2 s; once two decode, another user's GET of ``other_path``.
+    The six answers' statuses, the other's status and how long it took, in seconds."""
+    (_, viewer), (_, other) = await users.create(), await users.create()
+    small = settings.model_copy(update={"db_pool_size": 2, "db_max_overflow": 0, "max_concurrent_decodes": 6})
+    async for c in client_for(create_app(small)):
+        image = (await upload(c, viewer, noise_png())).json()
+        slow = SlowDecodes(monkeypatch, seconds=2.0)
+        busy = [asyncio.create_task(c.get(path.format(id=image["id"]), headers=viewer)) for _ in range(6)]
+        await slow.running_at_least(2)
+        start = time.perf_counter()
+        r = await c.get(other_path, headers=other)
+        took = time.perf_counter() - start
+        return [b.status_code for b in await asyncio.gather(*busy)], r.status_code, took
+    raise AssertionError("no client")
+
+
+async def test_views_being_decoded_hold_no_database_connection(
+    settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A view decodes after its connection went back to the pool: while views of an image that
+    is slow to decode, more of them than the pool has connections, are drawn, another user's
+    request is answered at once (holding them, it waited seconds, and past 5 s got 503)."""
+    views, status, took = await answered_while_decoding(
+        settings, users, monkeypatch, "/v1/images/{id}/view", "/v1/models"
+    )
+    assert views == [200] * 6
+    assert status == 200 and took < 1.0, (status, took)
+
+
+async def test_thumbnails_being_decoded_hold_no_database_connection(
+    settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a listing with thumbnails: they are drawn after its connection went back."""
+    listings, status, took = await answered_while_decoding(
+        settings, users, monkeypatch, "/v1/images?limit=1&thumbnails=true", "/v1/images"
+    )
+    assert listings == [200] * 6
+    assert status == 200 and took < 1.0, (status, took)
+
+
+async def test_views_and_thumbnails_take_the_decode_slots_uploads_take(
+    settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MAX_CONCURRENT_DECODES 1, views and thumbnail listings requested at once are decoded
+    one at a time, as uploads are: a burst of views takes one image's memory, not one per view."""
+    _, headers = await users.create()
+    async for c in client_for(create_app(settings.model_copy(update={"max_concurrent_decodes": 1}))):
+        image = (await upload(c, headers, noise_png())).json()
+        slow = SlowDecodes(monkeypatch, seconds=0.3)
+        answers = await asyncio.gather(
+            *(c.get(f"/v1/images/{image['id']}/view", headers=headers) for _ in range(3)),
+            *(c.get("/v1/images?limit=1&thumbnails=true", headers=headers) for _ in range(2)),
+        )
+        assert [r.status_code for r in answers] == [200] * 5
+        assert answers[3].json()["data"][0]["thumbnail"] is not None
+        assert (slow.started, slow.most) == (5, 1)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
-from contracts.imaging import HEAD_BYTES, ImageRejected, inspect_image, load_image, may_be_image
+from contracts.imaging import HEAD_BYTES, MAX_JPEG_SCANS, ImageRejected, inspect_image, load_image, may_be_image
 from tests.images import animated_gif, encode, exif_rotated_jpeg, png_bomb, sixteen_bit_png, split_colour
 from tests.support import PHOTOS, ROOT
 
@@ -273,3 +275,83 @@ def test_a_damaged_photo_is_refused_exactly_when_a_worker_could_not_decode_it(
             taken.append(accepted)
     if fmt == "PNG":
         assert not any(taken), taken
+
+
+def _segments(jpeg: bytes) -> list[tuple[int, int, int]]:
+    """(marker code, start, end) of each segment of ``jpeg`` from SOI's end to EOI; a scan's end is
+    past its entropy-coded data."""
+    i, segments = 2, []
+    while jpeg[i + 1] != 0xD9:
+        code, end = jpeg[i + 1], i + 2 + int.from_bytes(jpeg[i + 2 : i + 4], "big")
+        if code == 0xDA:
+            while not (jpeg[end] == 0xFF and jpeg[end + 1] != 0 and not 0xD0 <= jpeg[end + 1] <= 0xD7):
+                end += 1
+        segments.append((code, i, end))
+        i = end
+    return segments
+
+
+def scan_bomb(side: int = 512, scans: int = 300) -> bytes:
+    """A grey progressive JPEG, ``side`` pixels a side, with ``scans`` scans in all: its first AC
+    scan (only end-of-band runs, a few dozen bytes) repeated. Small, and each repeat costs the
+    decoder a pass over every block."""
+    jpeg = encode(Image.new("L", (side, side), 128), "JPEG", progressive=True, quality=90)
+    segments = _segments(jpeg)
+    start, end = next(
+        (s, e)
+        for code, s, e in segments
+        if code == 0xDA and jpeg[s + 5 + 2 * jpeg[s + 4]] >= 1 and jpeg[s + 7 + 2 * jpeg[s + 4]] >> 4 == 0
+    )
+    copies = scans - sum(code == 0xDA for code, _, _ in segments)
+    return jpeg[:end] + jpeg[start:end] * copies + jpeg[end:]
+
+
+def _with_exif_thumbnail(jpeg: bytes, thumbnail: bytes) -> bytes:
+    """``jpeg`` with an EXIF block (APP1) whose IFD1 holds ``thumbnail``, as cameras write it."""
+    ifd1 = 8 + 6  # after the TIFF header and an empty IFD0
+    entries = [(0x0103, 3, 1, 6), (0x0201, 4, 1, ifd1 + 2 + 3 * 12 + 4), (0x0202, 4, 1, len(thumbnail))]
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<HI", 0, ifd1) + struct.pack("<H", len(entries))
+    tiff += b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, _, value in entries)
+    payload = b"Exif\x00\x00" + tiff + struct.pack("<I", 0) + thumbnail
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@pytest.mark.parametrize("check", ["inspect_image", "load_image"])
+def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded(check: str) -> None:
+    """Each scan of a progressive JPEG is a pass over all its pixels: a few hundred KB of repeated
+    scans cost minutes to decode at 50 megapixels, so both the API's check and a worker's load
+    refuse one from its markers (422) at once, at 1/8 scale as in full."""
+    bomb = scan_bomb(1024, 1000)
+    assert len(bomb) < 100_000
+    started = time.perf_counter()
+    with pytest.raises(ImageRejected) as info:
+        if check == "inspect_image":
+            inspect_image(bomb, max_pixels=MAX)
+        else:
+            load_image(bomb, mode="L", draft_size=(128, 128))
+    assert time.perf_counter() - started < 0.5
+    assert info.value.status == 422 and f"at most {MAX_JPEG_SCANS}" in info.value.message, info.value.message
+    assert load_image(scan_bomb(64, MAX_JPEG_SCANS), mode="L").size == (64, 64)  # the limit itself is taken
+
+
+def test_the_scans_counted_are_the_pictures_own() -> None:
+    """A progressive photo (about ten scans) is taken, also when its EXIF thumbnail is progressive
+    too, when it is an MPO, and when bytes that look like scans follow the picture (a phone's
+    motion-photo video): only the scans the decoder reads count."""
+    photo = Image.open(PHOTOS / "parrot.jpg").convert("RGB")
+    progressive = encode(photo, "JPEG", progressive=True)
+    thumbnail = scan_bomb(64, MAX_JPEG_SCANS - 5)
+    exif = Image.open(io.BytesIO(_with_exif_thumbnail(progressive, thumbnail))).getexif()
+    assert exif.get_ifd(ExifTags.IFD.IFD1)[0x0202] == len(thumbnail)  # read as a thumbnail
+    buf = io.BytesIO()
+    photo.save(buf, format="MPO", save_all=True, append_images=[photo] * 12, progressive=True)
+    for data in (
+        progressive,
+        _with_exif_thumbnail(progressive, thumbnail),
+        buf.getvalue(),
+        progressive + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" * 200,
+    ):
+        assert data.count(b"\xff\xda") > MAX_JPEG_SCANS or data == progressive
+        info = inspect_image(data, max_pixels=MAX)
+        assert (info.format, info.width, info.height) == ("JPEG", *photo.size)
+        assert load_image(data).size == photo.size

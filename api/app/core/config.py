@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Largest accepted image area (width x height); larger is treated as a decompression bomb."""
     max_concurrent_decodes: int = Field(default=2, ge=1)
-    """Uploads decoded at once by each API process; more wait their turn. A 50-megapixel upload
-    takes a few hundred MB while it is checked, so this bounds the memory uploads can take (and
+    """Images decoded at once by each API process (uploads checked, views, thumbnails and
+    explanation overlays drawn); more wait their turn. A 50-megapixel image takes a few hundred MB
+    while it is decoded, so this bounds the memory decoding can take (and
     what a decode of 4 megapixels or more freed goes back to the system at once, not kept per thread)."""
     predict_deadline_seconds: float = 30.0
     """How long POST /model/predict waits for its result before answering 504."""

@@ -63,6 +63,7 @@ async def list_images(
     user: CurrentUser,
     session: ReadSessionDep,
     store: StoreDep,
+    settings: SettingsDep,
     page: KeysetPageDep,
     thumbnails: Annotated[bool, Query(description="Add each image's thumbnail")] = False,
     source: Annotated[
@@ -75,8 +76,9 @@ async def list_images(
     images, count, next_cursor = await service.list_images(session=session, owner_id=user.id, page=page, source=source)
     data = [ImageListItem.model_validate(i) for i in images]
     if thumbnails:
-        for item, image in zip(data, images, strict=True):
-            item.thumbnail = await service.thumbnail(store=store, image=image)
+        drawn = await service.thumbnails(session=session, store=store, settings=settings, images=images)
+        for item, thumbnail in zip(data, drawn, strict=True):
+            item.thumbnail = thumbnail
     return ImagesPublic(data=data, count=count, next_cursor=next_cursor)
 
 

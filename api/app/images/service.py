@@ -9,8 +9,9 @@ import io
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from anyio import to_thread
 from fastapi import HTTPException, UploadFile
@@ -109,6 +110,27 @@ def _inspect(data: bytes, settings: Settings) -> tuple[ImageInfo, str]:
         if info.width * info.height >= TRIM_AFTER_PIXELS:
             trim_heap()
     return info, hashlib.sha256(data).hexdigest()
+
+
+DrawnT = TypeVar("DrawnT")
+
+
+def _drawn_in_slot(draw: Callable[[bytes], DrawnT], data: bytes, max_decodes: int) -> DrawnT:
+    """``draw(data)`` in one of the process's decode slots (``decode_slots``), which uploads take
+    too: a view or a thumbnail of a large stored JPEG is a full decode at a reduced scale (a
+    7071 x 7071 progressive one takes a second and a few hundred MB), so a burst of them must not
+    decode more images at once than a burst of uploads may."""
+    with decode_slots(max_decodes):
+        try:
+            return draw(data)
+        finally:
+            if len(data) >= TRIM_AFTER_BYTES:
+                trim_heap()
+
+
+TRIM_AFTER_BYTES = 1_000_000
+"""A picture drawn from at least this many bytes (an upload stored without a preview, not a
+preview) hands its freed memory back at once, as large uploads do (``TRIM_AFTER_PIXELS``)."""
 
 
 TRIM_AFTER_PIXELS = 4_000_000
@@ -275,15 +297,29 @@ def _thumbnail(data: bytes, size: int) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-async def thumbnail(*, store: LocalBlobStore, image: Image, size: int = THUMBNAIL_SIZE) -> str | None:
+async def thumbnail(
+    *, store: LocalBlobStore, settings: Settings, image: Image, size: int = THUMBNAIL_SIZE
+) -> str | None:
     """The image shrunk to at most ``size`` pixels a side (upright, transparency on white, padded
     with white to at most ``THUMBNAIL_MAX_ASPECT`` : 1), as a base64 JPEG read from ``store``; None
-    when its blob is missing or no longer decodes."""
+    when its blob is missing or no longer decodes. Decoded in one of the MAX_CONCURRENT_DECODES
+    decode slots uploads take."""
     try:
         data = await store.get_viewable(image.sha256)
-        return await to_thread.run_sync(_thumbnail, data, size)
+        draw = functools.partial(_thumbnail, size=size)
+        return await to_thread.run_sync(_drawn_in_slot, draw, data, settings.max_concurrent_decodes)
     except (OSError, ImageRejected):  # one lost blob must not fail the whole listing
         return None
+
+
+async def thumbnails(
+    *, session: AsyncSession, store: LocalBlobStore, settings: Settings, images: list[Image]
+) -> list[str | None]:
+    """Each image's ``thumbnail``, in order. ``session`` (the one ``images`` were read with) is
+    closed first, its connection back in the pool: the decodes may take seconds, and a few
+    listings holding connections all along would leave every other request without one."""
+    await session.close()
+    return [await thumbnail(store=store, settings=settings, image=image) for image in images]
 
 
 async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: Image) -> None:
@@ -298,7 +334,7 @@ async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: I
     await session.commit()
 
 
-def _annotate(data: bytes, lines: list[str]) -> bytes:
+def _annotate(data: bytes, *, lines: list[str]) -> bytes:
     img = load_image(data, mode="RGB", draft_size=(VIEW_SIZE, VIEW_SIZE))
     img.thumbnail((VIEW_SIZE, VIEW_SIZE))
     line_height = 14
@@ -314,13 +350,15 @@ def _annotate(data: bytes, lines: list[str]) -> bytes:
     return buf.getvalue()
 
 
-async def render_view(*, store: LocalBlobStore, image: Image, lines: list[str]) -> bytes:
+async def render_view(*, store: LocalBlobStore, settings: Settings, image: Image, lines: list[str]) -> bytes:
     """The image as PNG (at most ``VIEW_SIZE`` px wide or high) with ``lines`` written under it.
 
     Drawn from the stored preview when the upload has one, so a 50-megapixel PNG is not decoded
-    again at full size for each view."""
+    again at full size for each view, in one of the MAX_CONCURRENT_DECODES decode slots uploads
+    take. Call it with no database connection checked out: a decode may take seconds."""
     data = await store.get_viewable(image.sha256)
+    draw = functools.partial(_annotate, lines=lines)
     try:
-        return await to_thread.run_sync(_annotate, data, lines)
+        return await to_thread.run_sync(_drawn_in_slot, draw, data, settings.max_concurrent_decodes)
     except ImageRejected as exc:  # stored before uploads were checked as strictly as now
         raise HTTPException(status_code=exc.status, detail=exc.message) from None

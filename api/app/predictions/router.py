@@ -35,7 +35,6 @@ from api.app.deps import (
     StoreDep,
     WorkersDep,
 )
-from api.app.images import service as images_service
 from api.app.predictions import service
 from api.app.predictions.schemas import (
     ClassicPrediction,
@@ -183,8 +182,7 @@ async def read_image(image: OwnedImage, session: SessionDep) -> ImageDetail:
     },
     response_class=Response,
 )
-async def image_view(image: OwnedImage, session: SessionDep, store: StoreDep) -> Response:
+async def image_view(image: OwnedImage, session: SessionDep, store: StoreDep, settings: SettingsDep) -> Response:
     """The image as PNG with its latest predictions written under it."""
-    lines = await service.latest_answers(session=session, image_id=image.id)
-    png = await images_service.render_view(store=store, image=image, lines=lines)
+    png = await service.render_image_view(session=session, store=store, settings=settings, image=image)
     return Response(content=png, media_type="image/png")

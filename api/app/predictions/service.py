@@ -1266,6 +1266,16 @@ async def latest_answers(*, session: AsyncSession, image_id: uuid.UUID) -> list[
     return lines
 
 
+async def render_image_view(*, session: AsyncSession, store: LocalBlobStore, settings: Settings, image: Image) -> bytes:
+    """The image as PNG with its ``latest_answers`` written under it (``images.service.render_view``).
+    ``session`` (the one ``image`` was read with) is closed once the answers are read, its
+    connection back in the pool before the decode: a large progressive JPEG takes a second or more,
+    and a few views holding connections all along would leave every other request without one."""
+    lines = await latest_answers(session=session, image_id=image.id)
+    await session.close()
+    return await images_service.render_view(store=store, settings=settings, image=image, lines=lines)
+
+
 async def running_ids(redis: Redis, predictions: list[Prediction]) -> set[uuid.UUID]:
     """Ids of the queued predictions a worker has taken (its running flag is set in Redis)."""
     return await _running(redis, [p.id for p in predictions if p.status == PredictionStatus.queued.value])
