@@ -248,7 +248,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_outage_handlers(app, outage_log, settings.retry_after_seconds)
 
     app.add_middleware(
-        BodyLimitMiddleware, max_upload_bytes=settings.max_upload_bytes, max_batch_bytes=settings.max_batch_bytes
+        BodyLimitMiddleware,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_batch_bytes=settings.max_batch_bytes,
+        body_idle_seconds=settings.body_idle_timeout_seconds,
     )
     # Before routing: a path with a control character (/metrics%0A) must not reach /metrics.
     app.add_middleware(PathGuardMiddleware)

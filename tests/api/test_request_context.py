@@ -146,3 +146,46 @@ def test_a_prediction_cut_by_a_shutdown_names_the_job_it_stored(settings: Settin
     assert answer.headers["retry-after"] == "2"
     assert answer.json()["job_id"] == job_id
     assert f"GET /v1/predictions/{job_id}" in answer.json()["detail"]
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_a_slow_one_is_not(settings: Settings) -> None:
+    """A client that sends part of an upload and goes quiet without closing held its connection,
+    and the part spooled to disk, for good (uvicorn sets no limit on the time between two reads of
+    a body): after BODY_IDLE_TIMEOUT_SECONDS of silence it is answered 408 and the connection
+    closed. One that keeps sending, however slowly, is not cut off."""
+    service, url = start_api("body-idle", settings, BODY_IDLE_TIMEOUT_SECONDS="1.5")
+    parts = urlsplit(url)
+    try:
+        r = httpx.post(f"{url}/v1/auth/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        png = noise_png()
+        body = (
+            b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--x--\r\n"
+        )
+        head = (
+            "POST /v1/images HTTP/1.1\r\nHost: test\r\n"
+            f"Authorization: Bearer {r.json()['access_token']}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode("latin-1")
+        with socket.create_connection((parts.hostname, parts.port), timeout=15) as sock:
+            sock.sendall(head + body[:100])  # the rest never comes
+            started = time.monotonic()
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+            waited = time.monotonic() - started
+        status_line, _, rest = answer.decode("latin-1").partition("\r\n")
+        assert status_line.split(" ")[1] == "408", answer
+        assert "stopped arriving" in rest and 1.4 < waited < 10, (waited, answer)
+        # A chunk every 0.5 s for about 3 s: slow, never silent for 1.5 s.
+        with socket.create_connection((parts.hostname, parts.port), timeout=15) as sock:
+            sock.sendall(head)
+            step = len(body) // 6 + 1
+            for at in range(0, len(body), step):
+                sock.sendall(body[at : at + step])
+                time.sleep(0.5)
+            answer = sock.recv(65536)
+        assert answer.split(b" ")[1] == b"201", answer
+    finally:
+        service.kill()

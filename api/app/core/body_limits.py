@@ -10,10 +10,15 @@ of its body is read. An API key is checked by the route (a database lookup): one
 right can make the API read at most one upload's limit before its 401. A body that no route
 takes (a wrong address or method) is left to the app's 404 or 405, which never reads it. A body
 sent to an upload route in an encoding it does not take (a raw image or zip, JSON, text) is
-refused (415) whatever its size, before it is read.
+refused (415) whatever its size, before it is read. A body that stops arriving (no byte for
+``body_idle_seconds``, a client gone quiet without closing) is answered 408 and the connection
+closed: uvicorn sets no such limit, and the request would otherwise hold its connection and the
+part of the body spooled to disk for good.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from python_multipart.multipart import parse_options_header
 from starlette.routing import Match
@@ -83,8 +88,16 @@ class BodyLimitMiddleware:
     ``MULTIPART_OVERHEAD``, needing a valid bearer token; other bodies up to ``JSON_LIMIT``.
     ``tokens`` is read from ``app.state`` once the app has started (the token cache lives there)."""
 
-    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, max_batch_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_upload_bytes: int,
+        max_batch_bytes: int | None = None,
+        body_idle_seconds: float = 60.0,
+    ) -> None:
         self.app = app
+        self.body_idle_seconds = body_idle_seconds
         self.upload_limit = max_upload_bytes + MULTIPART_OVERHEAD
         self.upload_mb = max_upload_bytes / (1024 * 1024)
         self.batch_limit = (max_batch_bytes or max_upload_bytes) + MULTIPART_OVERHEAD
@@ -125,12 +138,29 @@ class BodyLimitMiddleware:
             return
         received = 0
         answered = False
+        body_done = False
         closing = _closing_delimiter(scope) if multipart else None
         closed, tail = closing is None, b""
 
         async def bounded_receive() -> Message:
-            nonlocal received, answered, closed, tail
-            message = await receive()
+            nonlocal received, answered, body_done, closed, tail
+            if body_done or answered:
+                # Past the body, receive() waits for the client to leave, as long as that takes.
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_idle_seconds)
+                except TimeoutError:
+                    await _answer(
+                        send,
+                        408,
+                        f"The request body stopped arriving: nothing came for {self.body_idle_seconds:g} s. "
+                        "Send it again.",
+                    )
+                    answered = True
+                    return {"type": "http.disconnect"}
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    body_done = True
             if message["type"] == "http.request" and not answered:
                 body = message.get("body", b"")
                 received += len(body)

@@ -197,6 +197,10 @@ class Settings(BaseSettings):
     person's request waits behind at most this many of them."""
     batch_job_seconds: float = Field(default=600.0, gt=0)
     """Deadline of each batch job from the moment it is queued."""
+    body_idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    """A request body from which nothing arrives for this long (a client gone quiet without
+    closing its connection) is answered 408 and its connection closed: what it sent so far is
+    dropped. The default is nginx's ``client_body_timeout``, the time it allows between two reads."""
     batch_receive_timeout_seconds: float = Field(default=30.0, gt=0)
     """A batch still ``receiving`` whose request has not noted for this long that it is alive (it
     notes it ten times per this period, however long a file takes) was left by a process that
