@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import re
 import shutil
 import socket
 import sys
@@ -40,6 +41,7 @@ from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.errors import DB_ERRORS
+from api.app.core.fields import INT32_MAX
 from api.app.core.security import PasswordHasher
 from api.app.exports.service import check_known
 from api.app.feedback.export import ExportSummary, export_feedback
@@ -48,11 +50,12 @@ from api.app.images.storage import LocalBlobStore
 from api.app.registry import service as registry_service
 from api.app.registry.live import LiveRegistry
 from api.app.registry.models import ModelVersion
+from api.app.registry.schemas import VersionCreate
 from api.app.releases import service as releases_service
 from api.app.users.models import Role
 from api.app.users.service import check_password_policy, create_user
 from contracts import workers
-from contracts.registry import ModelEntry, load_registry
+from contracts.registry import MAX_WEIGHT, ModelEntry, load_registry
 
 
 @asynccontextmanager
@@ -165,8 +168,80 @@ def _print_versions(rows: list[ModelVersion]) -> None:
         print(f"{row.name}@{row.version}\t{row.channel}\tweight {row.weight}\t{state}\t{row.display_name}")
 
 
+def _one_line(exc: ValidationError) -> str:
+    """A validation error's problems on one line, each with the field it is about."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" if error["loc"] else error["msg"]
+        for error in exc.errors()
+    )
+
+
+_WEIGHT = re.compile(r"([0-9]+)=([0-9]+)")
+"""``VERSION=WEIGHT`` in ASCII digits (``str.isdigit`` takes "１" and "²" too)."""
+
+
+def _parse_weights(pairs: list[str]) -> dict[int, int]:
+    """``["3=90", "4=10"]`` -> ``{3: 90, 4: 10}``. Raises ValueError naming the first argument
+    that is not a version and a weight from 0 to ``MAX_WEIGHT`` (the registry's own bound, checked
+    here too so that a typo is refused before anything is touched), or a version named twice."""
+    weights: dict[int, int] = {}
+    for pair in pairs:
+        match = _WEIGHT.fullmatch(pair)
+        if match is None:
+            raise ValueError(f"{pair!r}: expected VERSION=WEIGHT, both whole numbers in digits (0-9)")
+        version, weight = int(match[1]), int(match[2])
+        if not 1 <= version <= INT32_MAX:
+            raise ValueError(f"{pair!r}: no version {version}")
+        if weight > MAX_WEIGHT:
+            raise ValueError(f"{pair!r}: weights are whole numbers from 0 to {MAX_WEIGHT}")
+        if version in weights:
+            raise ValueError(f"{pair!r}: version {version} is named twice")
+        weights[version] = weight
+    return weights
+
+
+def _read_spec(path: str, reason: str) -> VersionCreate:
+    """The registry entry of ``register``, checked as ``POST /v1/admin/registry/versions`` checks
+    its body (unknown keys refused, a version up to ``MAX_VERSION``). Raises ValueError saying
+    what is wrong with the file, on one line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} holds no registry entry (a mapping of its fields)")
+    if "reason" in spec:
+        raise ValueError(f"{path}: give the reason with --reason, not in the file")
+    try:
+        return VersionCreate.model_validate({**spec, "reason": reason})
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {_one_line(exc)}") from None
+
+
+def _unreachable(exc: BaseException, action: str) -> str | None:
+    """The line a registry command that could not reach PostgreSQL or Redis is reported with (the
+    driver's own words, without credentials); None for another error."""
+    after = "" if action in ("list", "history") else "; nothing was changed"
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return f"Redis cannot be used ({type(exc).__name__}: {' '.join(str(exc).split())}){after}"
+    if isinstance(exc, (*DB_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, socket.gaierror, OSError)):
+        said = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        return f"the database cannot be used ({type(exc).__name__}: {said}){after}"
+    return None
+
+
 async def _registry(args: argparse.Namespace, spec: object, available: dict[str, int]) -> None:
-    """One registry command; ``spec``: the YAML of ``register``; ``available``: ``_available()``."""
+    """One registry command; ``spec``: what ``register`` registers (``_read_spec``), the weights
+    of ``weights`` (``_parse_weights``); ``available``: ``_available()``."""
     settings = get_settings()
     actor = registry_service.Actor(None, f"cli:{getpass.getuser()}")
     async with _session(settings) as session:
@@ -180,30 +255,25 @@ async def _registry(args: argparse.Namespace, spec: object, available: dict[str,
                 print(f"{c.id}\t{c.at:%Y-%m-%d %H:%M:%S}\t{c.actor}\t{c.action}\t{c.model}{version}\t{c.reason}")
             return
         if args.action == "register":
-            if not isinstance(spec, dict):
-                raise HTTPException(status_code=422, detail=f"{args.spec} holds no registry entry")
-            spec.setdefault("channel", "canary")
-            if "version" not in spec:
-                spec["version"] = await registry_service.next_version(session=session, name=str(spec.get("name")))
+            assert isinstance(spec, VersionCreate)
+            # As ``POST /v1/admin/registry/versions`` does: without a number, the next free one,
+            # taken under the registry's lock (concurrent registrations get one each).
+            number = spec.version or await registry_service.next_version(session=session, name=spec.name)
             try:
-                entry = ModelEntry.model_validate(spec)
+                entry = ModelEntry.model_validate({**spec.model_dump(exclude={"reason", "version"}), "version": number})
             except ValidationError as exc:
-                raise HTTPException(status_code=422, detail=str(exc)) from None
-            row = await registry_service.register_version(session=session, actor=actor, entry=entry, reason=args.reason)
+                raise HTTPException(status_code=422, detail=_one_line(exc)) from None
+            row = await registry_service.register_version(
+                session=session, actor=actor, entry=entry, reason=spec.reason, next_free=spec.version is None
+            )
             _print_versions([row])
             return
         if args.action == "weights":
-            weights = {}
-            for pair in args.weights:
-                version, sep, weight = pair.partition("=")
-                if not (sep and version.isdigit() and weight.isdigit()):
-                    raise HTTPException(status_code=422, detail=f"{pair!r}: expected VERSION=WEIGHT")
-                weights[int(version)] = int(weight)
             changed = await registry_service.set_weights(
                 session=session,
                 actor=actor,
                 name=args.name,
-                weights=weights,
+                weights=spec if isinstance(spec, dict) else {},
                 reason=args.reason,
                 available=available.keys(),
                 classes=available,
@@ -359,13 +429,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "registry":
+        # Arguments and files that cannot be right are refused (exit 2, as argparse refuses
+        # its own) before PostgreSQL or Redis is asked anything.
+        spec: object = None
         try:
-            spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8")) if args.action == "register" else None
+            if args.action == "register":
+                spec = _read_spec(args.spec, args.reason)
+            elif args.action == "weights":
+                spec = _parse_weights(args.weights)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        try:
             needs_workers = args.action not in ("list", "history", "register")
             available = _available(get_settings()) if needs_workers else {}
             asyncio.run(_registry(args, spec, available))
         except HTTPException as exc:
             print(f"error: {exc.detail}", file=sys.stderr)
+            return 1
+        except Exception as exc:
+            message = _unreachable(exc, args.action)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
             return 1
         return 0
 

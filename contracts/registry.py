@@ -49,6 +49,10 @@ MAX_VERSION = 1_000_000
 larger one is a typo, and one near PostgreSQL's integer limit would leave no next number for the
 model's training runs and registrations."""
 
+MAX_WEIGHT = 1_000_000
+"""Highest traffic weight a version may have: weights are shares of a model's traffic, so a larger
+one is a typo, and the registry refuses to store a weight its entries could not hold."""
+
 STATE_FIELDS = frozenset({"name", "version", "channel", "enabled", "weight", "display_name"})
 """A version's identity and the state operators change; the other fields say how to load and feed it."""
 
@@ -59,7 +63,7 @@ class ModelEntry(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9_]+$", max_length=64)
     version: int = Field(ge=1, le=2**31 - 1)
     channel: Channel = "stable"
-    weight: int | None = Field(default=None, ge=0, le=1_000_000)
+    weight: int | None = Field(default=None, ge=0, le=MAX_WEIGHT)
     """Share of the model's traffic among its enabled versions; None: 100 for a stable version, else 0."""
     display_name: str | None = Field(default=None, max_length=200)
     """What people are shown; None: ``name@version``."""

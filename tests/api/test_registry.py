@@ -27,7 +27,7 @@ from api.app.predictions import service as predictions_service
 from api.app.predictions.models import Job, ShadowPrediction
 from api.app.registry import service
 from api.app.registry.models import ModelVersion, RegistryChange
-from contracts.registry import MAX_VERSION, Registry, load_registry
+from contracts.registry import MAX_VERSION, MAX_WEIGHT, ModelEntry, Registry, load_registry
 from tests.api.conftest import Stack, until
 from tests.api.test_metrics import line_drawing, scrape, sketch_jobs_alone_and_beside, value
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, login
@@ -747,7 +747,7 @@ async def test_the_cli_changes_the_registry_as_the_api_does(own_stack: Stack, tm
     done = await asyncio.to_thread(cli, "promote", "sketch", "9", "--reason", "no such version")
     assert done.returncode == 1 and "no version 9" in done.stderr
     done = await asyncio.to_thread(cli, "weights", "sketch", "1", "--reason", "typo")
-    assert done.returncode == 1 and "VERSION=WEIGHT" in done.stderr
+    assert done.returncode == 2 and "VERSION=WEIGHT" in done.stderr
     # A rollback from a version that is not the stable one (another operator's rollback came
     # first) changes nothing.
     done = await asyncio.to_thread(cli, "rollback", "sketch", "--from-version", "4", "--reason", "worse")
@@ -776,6 +776,138 @@ async def test_the_cli_changes_the_registry_as_the_api_does(own_stack: Stack, tm
         return registry.current.get("sketch@4").traffic_weight == 20
 
     await until(split_served, 3, "the API serving the CLI's weights")
+
+
+def _registry_cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m api.cli registry *args`` against ``settings``' database and Redis."""
+    environment = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "PYTHONPATH": str(ROOT),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", "registry", *args], env=environment, cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def _one_error_line(done: subprocess.CompletedProcess[str], code: int, says: str) -> None:
+    """The command failed with ``code`` and said why on one line (no traceback)."""
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert says in done.stderr, done.stderr
+
+
+async def test_weights_the_registry_cannot_hold_are_refused_by_every_caller(
+    fresh_settings: Settings, settings: Settings
+) -> None:
+    await _seed(fresh_settings, load_registry(settings.registry_path))
+    # A weight past the registry entries' bound would be stored, then drop the stable version from
+    # the live registry; one past PostgreSQL's integer, a traceback; full-width digits are no digits.
+    for pair, says in (
+        ("3=2000000", "weights are whole numbers from 0 to 1000000"),
+        (f"3={MAX_WEIGHT + 1}", "weights are whole numbers from 0 to 1000000"),
+        ("3=99999999999", "weights are whole numbers from 0 to 1000000"),
+        ("3=１００", "expected VERSION=WEIGHT"),
+        ("３=100", "expected VERSION=WEIGHT"),
+        ("3=1e3", "expected VERSION=WEIGHT"),
+    ):
+        done = await asyncio.to_thread(_registry_cli, fresh_settings, "weights", "sketch", pair, "--reason", "typo")
+        _one_error_line(done, 2, says)
+    # The service refuses them itself, whoever calls it.
+    engine = make_engine(fresh_settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            for weight in (MAX_WEIGHT + 1, 2**40, -1):
+                with pytest.raises(HTTPException) as refused:
+                    await service.set_weights(
+                        session=session,
+                        actor=service.Actor(None, "test"),
+                        name="sketch",
+                        weights={3: weight},
+                        reason="typo",
+                        available={"sketch@3"},
+                    )
+                assert refused.value.status_code == 422 and str(MAX_WEIGHT) in str(refused.value.detail)
+                await session.rollback()
+    finally:
+        await engine.dispose()
+    versions, changes = await _rows(fresh_settings)
+    assert (versions["sketch@3"].channel, versions["sketch@3"].weight) == ("stable", 100)
+    assert not [c for c in changes if c.action == "set_weights"]
+    # The largest weight is one an entry holds.
+    done = await asyncio.to_thread(
+        _registry_cli, fresh_settings, "weights", "sketch", f"3={MAX_WEIGHT}", "--reason", "at the bound"
+    )
+    assert done.returncode == 0 and f"sketch@3\tstable\tweight {MAX_WEIGHT}" in done.stdout, done.stderr
+
+
+async def test_the_cli_registers_as_the_api_does(fresh_settings: Settings, settings: Settings, tmp_path: Path) -> None:
+    await _seed(fresh_settings, load_registry(settings.registry_path))
+    entry = {k: v for k, v in SKETCH_NEW.items() if k != "reason"}
+
+    def register(spec: dict[str, Any], name: str = "sketch.yaml") -> subprocess.CompletedProcess[str]:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(spec))
+        return _registry_cli(fresh_settings, "register", str(path), "--reason", "retrained")
+
+    # What the API refuses (422), the CLI refuses: a key it does not know, a version past the cap
+    # (no next number would be left for the model's runs and registrations), a stable channel.
+    done = await asyncio.to_thread(register, {**entry, "weight": 50})
+    _one_error_line(done, 2, "weight: Extra inputs are not permitted")
+    done = await asyncio.to_thread(register, {**entry, "version": 2**31 - 1})
+    _one_error_line(done, 2, f"version: Input should be less than or equal to {MAX_VERSION}")
+    done = await asyncio.to_thread(register, {**entry, "channel": "stable"})
+    _one_error_line(done, 2, "channel")
+    done = await asyncio.to_thread(register, {**entry, "reason": "in the file"})
+    _one_error_line(done, 2, "--reason")
+    # So does the service itself, whoever calls it.
+    engine = make_engine(fresh_settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            spec = {**entry, "version": MAX_VERSION + 1, "channel": "canary"}
+            with pytest.raises(HTTPException) as refused:
+                await service.register_version(
+                    session=session,
+                    actor=service.Actor(None, "test"),
+                    entry=ModelEntry.model_validate(spec),
+                    reason="typo",
+                )
+            assert refused.value.status_code == 422 and str(MAX_VERSION) in str(refused.value.detail)
+    finally:
+        await engine.dispose()
+    versions, _ = await _rows(fresh_settings)
+    assert sorted(k for k in versions if k.startswith("sketch@")) == ["sketch@1", "sketch@2", "sketch@3"]
+
+    # Three operators registering at once without a number get the next free one each.
+    done_all = await asyncio.gather(
+        *(asyncio.to_thread(register, entry, f"sketch{i}.yaml") for i in range(3)),
+    )
+    assert [d.returncode for d in done_all] == [0, 0, 0], [d.stderr for d in done_all]
+    versions, _ = await _rows(fresh_settings)
+    assert {"sketch@4", "sketch@5", "sketch@6"} <= set(versions)
+    assert all((versions[f"sketch@{v}"].channel, versions[f"sketch@{v}"].weight) == ("canary", 0) for v in (4, 5, 6))
+    # A number the file gives is kept.
+    done = await asyncio.to_thread(register, {**entry, "version": 10})
+    assert done.returncode == 0 and "sketch@10\tcanary\tweight 0" in done.stdout, done.stderr
+
+
+async def test_the_cli_says_in_one_line_what_it_cannot_read_or_reach(settings: Settings, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [sketch\n")
+    done = await asyncio.to_thread(_registry_cli, settings, "register", str(bad), "--reason", "x")
+    _one_error_line(done, 2, "not valid YAML (line 2")
+    done = await asyncio.to_thread(_registry_cli, settings, "register", str(tmp_path / "none.yaml"), "--reason", "x")
+    _one_error_line(done, 2, "No such file or directory")
+    no_database = settings.database_url.rsplit("@", 1)[0] + "@127.0.0.1:1/portal"
+    done = await asyncio.to_thread(_registry_cli, settings, "list", DATABASE_URL=no_database)
+    _one_error_line(done, 1, "the database cannot be used")
+    assert "127.0.0.1" in done.stderr and no_database.rsplit("@", 1)[0] not in done.stderr, "no credentials"
+    done = await asyncio.to_thread(
+        _registry_cli, settings, "weights", "sketch", "3=100", "--reason", "x", REDIS_URL="redis://127.0.0.1:1/0"
+    )
+    _one_error_line(done, 1, "Redis cannot be used")
 
 
 async def test_a_shadow_answers_copies_that_are_stored_and_never_returned(own_stack: Stack) -> None:

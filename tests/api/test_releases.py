@@ -12,13 +12,18 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+from api.app.catalog.service import ModelAvailability
+from api.app.core.config import Settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.predictions import evaluations
 from api.app.predictions.models import Evaluation, EvaluationAnswer
+from api.app.registry import service as registry_service
+from api.app.registry.models import ModelVersion, RegistryChange
 from api.app.releases import service as releases_service
 from contracts.messages import PredictionStatus
+from contracts.registry import load_registry
 from tests.api.conftest import Stack, until
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
 from tests.images import encode
@@ -429,3 +434,77 @@ async def test_answers_that_expired_are_no_progress_of_an_evaluation(own_stack: 
     assert len(at_deadline) == len(stalled) == 4
     gap = (max(stalled) - max(at_deadline)).total_seconds()
     assert 0 < gap < JOB_SECONDS - 1, gap
+
+
+ACTOR = registry_service.Actor(None, "operator")
+
+
+async def _upgraded_past_a_promotion(settings: Settings, fresh_settings: Settings) -> None:
+    """sketch@2 promoted over sketch@3, then an upgrade's registry.yaml brings sketch@7 in as the
+    stable version (seeding makes @2 a canary at 0: a channel change, not a promotion)."""
+    registry = load_registry(settings.registry_path)
+    seven = registry.get("sketch@3").model_copy(update={"version": 7, "display_name": None})
+    engine = make_engine(fresh_settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            await registry_service.seed(session=session, registry=registry)
+            await registry_service.promote(
+                session=session, actor=ACTOR, name="sketch", version=2, reason="better", available={"sketch@2"}
+            )
+            await registry_service.seed(
+                session=session, registry=registry.model_copy(update={"models": [*registry.models, seven]})
+            )
+    finally:
+        await engine.dispose()
+
+
+async def test_a_rollback_leaves_one_stable_version(settings: Settings, fresh_settings: Settings) -> None:
+    await _upgraded_past_a_promotion(settings, fresh_settings)
+    engine = make_engine(fresh_settings)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            changed = await registry_service.rollback(
+                session=session, actor=ACTOR, name="sketch", reason="worse", available={"sketch@3"}
+            )
+            states = {r.version: (r.channel, r.weight) for r in changed.versions}
+            # The version the rollback restores is the only stable one: sketch@7 does not split its traffic.
+            assert states == {1: ("canary", 0), 2: ("canary", 0), 3: ("stable", 100), 7: ("canary", 0)}, states
+            change = await session.scalar(select(RegistryChange).where(RegistryChange.id == changed.revision))
+            assert change is not None and change.action == "rollback"
+            assert change.before is not None and change.after is not None
+            assert (change.before["7"]["channel"], change.after["7"]["channel"]) == ("stable", "canary")
+            assert "sketch@7, stable since, made a canary at 0" in change.reason, change.reason
+    finally:
+        await engine.dispose()
+
+
+async def test_promoting_one_of_two_stable_versions_makes_it_the_only_one(
+    settings: Settings, fresh_settings: Settings
+) -> None:
+    """Two stable versions (left by an older release's rollback): promoting one is not a
+    comparison of it with itself; it ends the split."""
+    await _upgraded_past_a_promotion(settings, fresh_settings)
+    engine = make_engine(fresh_settings)
+    served = {f"sketch@{v}": ModelAvailability(workers=1, num_classes=20) for v in (3, 7)}
+    try:
+        async with make_sessionmaker(engine)() as session:
+            await session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.name == "sketch", ModelVersion.version == 3)
+                .values(channel="stable", weight=100)
+            )
+            await session.commit()
+            changed = await releases_service.promote(
+                session=session,
+                actor=ACTOR,
+                name="sketch",
+                version=7,
+                reason="one stable version",
+                force=False,
+                availability=served,
+                margin=0.02,
+            )
+            states = {r.version: (r.channel, r.weight) for r in changed.versions}
+            assert states == {1: ("canary", 0), 2: ("canary", 0), 3: ("canary", 0), 7: ("stable", 100)}, states
+    finally:
+        await engine.dispose()

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
 from api.app.core.fields import INT32_MAX, RequestBody, Text
-from contracts.registry import MAX_VERSION, InputSpec, Preprocessing, Runtime
+from contracts.registry import MAX_VERSION, MAX_WEIGHT, InputSpec, Preprocessing, Runtime
 
 
 class ModelVersionPublic(BaseModel):
@@ -102,7 +102,7 @@ def _one_key_per_version(weights: Any) -> Any:
 
 class WeightsUpdate(RequestBody):
     weights: Annotated[
-        dict[Annotated[int, Field(ge=1, le=INT32_MAX)], Annotated[StrictInt, Field(ge=0, le=1_000_000)]],
+        dict[Annotated[int, Field(ge=1, le=INT32_MAX)], Annotated[StrictInt, Field(ge=0, le=MAX_WEIGHT)]],
         BeforeValidator(_one_key_per_version),
     ] = Field(min_length=1, max_length=100, description='Version to weight, e.g. {"1": 90, "2": 10}')
     reason: Reason

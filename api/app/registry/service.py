@@ -4,12 +4,12 @@ trail of every change. ``registry.yaml`` seeds it at start-up; admins change it 
 Every change takes the model's rows with ``FOR UPDATE``, checks the rules below, writes the new
 state and its audit row, and commits: two admins changing one model take turns.
 
-Rules: weights are whole numbers from 0; a model keeps at least one enabled stable version with
-traffic; a version gets traffic (a weight above 0, promotion, shadow, being enabled again with a
-weight) only while at least one worker has it loaded and healthy; a version other than the stable
-one gets a weight only if it knows as many classes as the stable one, unless forced (as promotion
-asks); a retired or disabled version has no traffic (weight 0: workers unload it, so enabling it
-again gives it traffic only once it is loaded and given a weight).
+Rules: weights are whole numbers from 0 to ``MAX_WEIGHT``; a model keeps at least one enabled
+stable version with traffic; a version gets traffic (a weight above 0, promotion, shadow, being
+enabled again with a weight) only while at least one worker has it loaded and healthy; a version
+other than the stable one gets a weight only if it knows as many classes as the stable one, unless
+forced (as promotion asks); a retired or disabled version has no traffic (weight 0: workers unload
+it, so enabling it again gives it traffic only once it is loaded and given a weight).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlalchemy import column, func, select, table, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.registry.models import ModelVersion, RegistryChange
-from contracts.registry import ModelEntry, Registry
+from contracts.registry import MAX_VERSION, MAX_WEIGHT, ModelEntry, Registry
 
 REGISTRY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))")
 """Taken by every change of the registry's versions, and by a training run taking its number."""
@@ -332,8 +332,8 @@ async def register_version(
     ``next_free``, the version gets the next free number, taken under the registry's lock (the
     one in ``entry`` is ignored): concurrent registrations get one each.
 
-    Raises 409 when the version exists, 422 for a file outside those two folders or a stable
-    channel (a version becomes stable by promotion).
+    Raises 409 when the version exists, 422 for a file outside those two folders, a stable channel
+    (a version becomes stable by promotion) or a version above ``MAX_VERSION``.
     """
     for template in (entry.file, entry.labels if entry.labels != "imagenet" else None):
         if template is not None and not _FILE_TEMPLATE.fullmatch(template):
@@ -346,6 +346,10 @@ async def register_version(
     await session.execute(REGISTRY_LOCK)
     if next_free:
         entry = entry.model_copy(update={"version": await next_version(session=session, name=entry.name)})
+    if entry.version > MAX_VERSION:
+        # One near PostgreSQL's integer limit would leave the model no next number for its
+        # training runs and registrations, whoever registers it.
+        raise HTTPException(status_code=422, detail=f"{entry.key}: version numbers go up to {MAX_VERSION}.")
     exists = await session.scalar(
         select(ModelVersion.id).where(ModelVersion.name == entry.name, ModelVersion.version == entry.version)
     )
@@ -426,19 +430,24 @@ async def set_weights(
     a wrong answer. With ``force`` it gets the weight anyway, and the reason in the audit trail
     says what was forced past.
 
-    Raises 404 for an unknown model or version, 422 for a negative weight or a weight on a
-    retired or shadow version, 409 for a weight on a disabled version, when a version would get
-    traffic before a worker has it loaded, when it knows fewer classes than the stable version
-    (unless ``force``), or when no enabled stable version would keep traffic.
+    Raises 404 for an unknown model or version, 422 for a weight below 0 or above ``MAX_WEIGHT``
+    or a weight above 0 on a retired or shadow version, 409 for a weight on a disabled version,
+    when a version would get traffic before a worker has it loaded, when it knows fewer classes
+    than the stable version (unless ``force``), or when no enabled stable version would keep
+    traffic.
     """
     rows = await _lock_model(session, name)
     before = _states(rows)
     stable = main_stable(rows)
     forced: list[str] = []
     for version, weight in weights.items():
+        # Checked here, not only by the callers' schemas: a weight the registry's entries cannot
+        # hold would be stored, then leave the version out of service when the registry is built.
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise HTTPException(
+                status_code=422, detail=f"{name}@{version}: weights are whole numbers from 0 to {MAX_WEIGHT}."
+            )
         row = _version(rows, version)
-        if weight < 0:
-            raise HTTPException(status_code=422, detail="Weights are whole numbers from 0.")
         if weight > 0 and row.channel in ("retired", "shadow"):
             raise HTTPException(
                 status_code=422, detail=f"{name}@{version} is {row.channel}: it takes no traffic of its own."
@@ -579,7 +588,9 @@ async def rollback(
     *, session: AsyncSession, actor: Actor, name: str, reason: str, available: Set[str], from_version: int | None = None
 ) -> Changed:
     """Undoes the model's latest promotion that is not undone yet: every version it changed gets
-    back the state it had before (the previous stable version its traffic).
+    back the state it had before (the previous stable version its traffic). The version it restores
+    is the only stable one after: another one stable now (made so since, by registry.yaml) becomes
+    a canary at weight 0, in the same audited change.
 
     Raises 404 for an unknown model or ``from_version``, 409 when there is no promotion to undo, when
     ``from_version`` is given and is not the stable version once the model's rows are locked (two
@@ -616,6 +627,16 @@ async def rollback(
                 )
             _require_loaded(row, available, "get its traffic back")
         row.channel, row.weight, row.enabled = state["channel"], state["weight"], state["enabled"]
+    # A version made stable since the promotion other than by a promotion (a stable version new in
+    # registry.yaml takes over at start-up) would otherwise stay stable beside the one restored,
+    # and the two would split the traffic: it becomes a canary at 0, as a promotion would make it.
+    restored = {int(version) for version, state in promotion.before.items() if state["channel"] == "stable"}
+    demoted = [r for r in rows if restored and r.channel == "stable" and r.version not in restored]
+    for row in demoted:
+        row.channel, row.weight = "canary", 0
+    if demoted:
+        keys = ", ".join(f"{r.name}@{r.version}" for r in demoted)
+        reason = f"{reason} [{keys}, stable since, made a canary at 0: one stable version]"
     change = await _commit_change(
         session,
         rows,

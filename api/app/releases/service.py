@@ -380,8 +380,10 @@ async def promote(
 ) -> registry_service.Changed:
     """``registry.service.promote`` behind the comparison: refused (409, with the numbers) when the
     candidate compares worse than the stable version by more than ``margin``, unless ``force``,
-    whose override and numbers go into the audit trail with ``reason``."""
-    if await registry_service.stable_versions(session=session, name=name) != [version]:
+    whose override and numbers go into the audit trail with ``reason``. A version that is already
+    one of several stable versions is not compared (it would be compared with itself): it becomes
+    the only one."""
+    if version not in await registry_service.stable_versions(session=session, name=name):
         comparison = await compare(
             session=session,
             name=name,
