@@ -350,27 +350,20 @@ async def answered_while_decoding(
     raise AssertionError("no client")
 
 
-async def test_views_being_decoded_hold_no_database_connection(
-    settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("path", "other_path"),
+    [("/v1/images/{id}/view", "/v1/models"), ("/v1/images?limit=1&thumbnails=true", "/v1/images")],
+    ids=["views", "thumbnails"],
+)
+async def test_images_being_decoded_hold_no_database_connection(
+    settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch, path: str, other_path: str
 ) -> None:
-    """A view decodes after its connection went back to the pool: while views of an image that
-    is slow to decode, more of them than the pool has connections, are drawn, another user's
-    request is answered at once (holding them, it waited seconds, and past 5 s got 503)."""
-    views, status, took = await answered_while_decoding(
-        settings, users, monkeypatch, "/v1/images/{id}/view", "/v1/models"
-    )
-    assert views == [200] * 6
-    assert status == 200 and took < 1.0, (status, took)
-
-
-async def test_thumbnails_being_decoded_hold_no_database_connection(
-    settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The same for a listing with thumbnails: they are drawn after its connection went back."""
-    listings, status, took = await answered_while_decoding(
-        settings, users, monkeypatch, "/v1/images?limit=1&thumbnails=true", "/v1/images"
-    )
-    assert listings == [200] * 6
+    """A view, or a listing's thumbnails, is decoded after its connection went back to the pool:
+    while more of them than the pool has connections are drawn from an image that is slow to
+    decode, another user's request is answered at once (holding them, it waited seconds, and past
+    5 s got 503)."""
+    drawn, status, took = await answered_while_decoding(settings, users, monkeypatch, path, other_path)
+    assert drawn == [200] * 6
     assert status == 200 and took < 1.0, (status, took)
 
 
