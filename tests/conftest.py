@@ -121,6 +121,22 @@ def _admin_dsn() -> str:
     return os.environ.get("TEST_POSTGRES_ADMIN_DSN", DEFAULT_ADMIN_DSN)
 
 
+@pytest.fixture(scope="session")
+def plain_postgres() -> None:
+    """Skips a test that needs the test PostgreSQL to offer no TLS (as the local one): ``prefer``
+    then falls back to plain and ``require`` is refused, which shows a TLS mode reached the driver."""
+
+    async def ssl() -> str:
+        conn = await asyncpg.connect(_admin_dsn())
+        try:
+            return str(await conn.fetchval("SHOW ssl"))
+        finally:
+            await conn.close()
+
+    if asyncio.run(ssl()) != "off":
+        pytest.skip("the test PostgreSQL offers TLS")
+
+
 async def _execute(sql: str) -> None:
     conn = await asyncpg.connect(_admin_dsn())
     try:

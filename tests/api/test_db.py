@@ -19,7 +19,7 @@ from sqlalchemy import event, text
 from api.app.core.db import make_engine, open_pool, tls_mode_as
 from api.app.core.startup import DependencyUnavailable, asyncpg_dsn, wait_for_postgres
 from api.prestart import create_database_if_missing, migrate
-from tests.conftest import DEFAULT_ADMIN_DSN, PASSWORD, Users, make_settings
+from tests.conftest import PASSWORD, Users, make_settings
 from tests.support import PostgresServer
 
 TLS_MODE_KEYS = ("ssl", "sslmode")
@@ -96,22 +96,6 @@ def with_tls_mode(database_url: str, key: str, mode: str) -> str:
     return f"{database_url}{'&' if '?' in database_url else '?'}{key}={mode}"
 
 
-@pytest.fixture(scope="module")
-def plain_server() -> None:
-    """The test server offers no TLS (as the local one): ``prefer`` then falls back to plain and
-    ``require`` is refused, which shows the mode reached the driver."""
-
-    async def ssl() -> str:
-        conn = await asyncpg.connect(os.environ.get("TEST_POSTGRES_ADMIN_DSN", DEFAULT_ADMIN_DSN))
-        try:
-            return str(await conn.fetchval("SHOW ssl"))
-        finally:
-            await conn.close()
-
-    if asyncio.run(ssl()) != "off":
-        pytest.skip("the test PostgreSQL offers TLS")
-
-
 def test_the_tls_mode_is_spelled_for_each_client() -> None:
     """``ssl=`` and ``sslmode=`` both name the TLS mode: the engine's URL gets ``ssl``, asyncpg's
     DSN ``sslmode``; the other parameters stay, and two different modes are refused."""
@@ -129,7 +113,7 @@ def test_the_tls_mode_is_spelled_for_each_client() -> None:
 
 @pytest.mark.parametrize("key", TLS_MODE_KEYS)
 async def test_the_engine_takes_either_spelling_of_the_tls_mode(
-    key: str, plain_server: None, database_url: str, redis_url: str, tmp_path: Path
+    key: str, plain_postgres: None, database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     for mode in ("prefer", "require"):
         settings = make_settings(with_tls_mode(database_url, key, mode), redis_url, tmp_path)
@@ -148,7 +132,7 @@ async def test_the_engine_takes_either_spelling_of_the_tls_mode(
 
 @pytest.mark.parametrize("key", TLS_MODE_KEYS)
 async def test_the_start_up_checks_take_either_spelling_of_the_tls_mode(
-    key: str, plain_server: None, database_url: str, redis_url: str, tmp_path: Path
+    key: str, plain_postgres: None, database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     """The app's wait for PostgreSQL and the prestart's (on the ``postgres`` database, before it
     creates the portal's)."""
@@ -171,7 +155,7 @@ async def test_the_start_up_checks_take_either_spelling_of_the_tls_mode(
 
 @pytest.mark.parametrize("key", TLS_MODE_KEYS)
 async def test_the_migrations_take_either_spelling_of_the_tls_mode(
-    key: str, plain_server: None, database_url: str
+    key: str, plain_postgres: None, database_url: str
 ) -> None:
     """Alembic's environment opens an engine of its own (the database is at head already: the
     upgrade only connects and reads the revision)."""

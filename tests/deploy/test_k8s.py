@@ -946,21 +946,10 @@ def test_wait_for_schema_waits_until_the_migrations_reach_head(empty_database: s
 
 
 @pytest.mark.parametrize("key", ["ssl", "sslmode"])
+@pytest.mark.usefixtures("plain_postgres")
 def test_wait_for_schema_takes_either_spelling_of_the_tls_mode(key: str, empty_database: str) -> None:
     """``prefer`` falls back to plain on the test server, which offers no TLS (it reads the
     schema: nothing yet); ``require`` is refused by it, so the mode reached asyncpg."""
-
-    async def server_ssl() -> str:
-        conn = await asyncpg.connect(
-            os.environ.get("TEST_POSTGRES_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-        )
-        try:
-            return str(await conn.fetchval("SHOW ssl"))
-        finally:
-            await conn.close()
-
-    if asyncio.run(server_ssl()) != "off":
-        pytest.skip("the test PostgreSQL offers TLS")
     prefer = wait_for_schema(f"{empty_database}?{key}=prefer")
     assert prefer.returncode == 1 and "schema at nothing, waiting for" in prefer.stdout, prefer.stdout + prefer.stderr
     require = wait_for_schema(f"{empty_database}?{key}=require")
