@@ -9,7 +9,9 @@ from ui.config import get_ui_settings
 
 def main() -> None:
     settings = get_ui_settings()
-    app = Path(__file__).resolve().parent / "app.py"
+    # Streamlit's app with the UI's middleware (anti-framing headers, its metrics for private
+    # networks only), which ``streamlit run`` serves as it would serve ui/app.py itself.
+    app = Path(__file__).resolve().parent / "asgi.py"
     args = [
         sys.executable,
         "-m",
@@ -32,7 +34,8 @@ def main() -> None:
         "viewer",
     ]
     # Streamlit serves through uvicorn, which reads the proxies it trusts from here (uvicorn's own
-    # default trusts 127.0.0.1: any local process could pick the address the UI passes on).
+    # default trusts 127.0.0.1: any local process could pick the address the UI passes on, or pass
+    # for a client on a private network to read the metrics).
     os.environ["FORWARDED_ALLOW_IPS"] = settings.ui_trusted_proxies
     os.execv(sys.executable, args)
 
