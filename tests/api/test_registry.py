@@ -155,6 +155,25 @@ async def test_a_stable_version_new_in_the_file_takes_over_from_the_stable_one_i
     assert await _seed(fresh_settings, registry) == 0
 
 
+async def test_of_two_stable_versions_new_in_the_file_the_last_one_is_the_stable_one(
+    fresh_settings: Settings, settings: Settings
+) -> None:
+    """Two versions of a model added to registry.yaml at once, both stable (or with no channel,
+    which is stable): each took over from the versions already in the database, not from each
+    other, and the two split the traffic."""
+    registry = load_registry(settings.registry_path)
+    await _seed(fresh_settings, registry)
+    stable = next(m for m in registry.models if m.key == "sketch@3")
+    added = [stable.model_copy(update={"version": v, "channel": "stable"}) for v in (7, 8)]
+    await _seed(fresh_settings, registry.model_copy(update={"models": [*registry.models, *added]}))
+    versions, changes = await _rows(fresh_settings)
+    stables = sorted(k for k, v in versions.items() if v.name == "sketch" and v.channel == "stable")
+    assert stables == ["sketch@8"], stables
+    assert (versions["sketch@7"].channel, versions["sketch@7"].weight) == ("canary", 0)
+    handover = [c for c in changes if c.action == "channel_canary" and c.model == "sketch"]
+    assert sorted(c.version for c in handover) == [3, 7]
+
+
 async def test_admins_read_the_registry_and_its_history(
     client: httpx.AsyncClient, admin_headers: dict[str, str], users: Users, settings: Settings
 ) -> None:

@@ -124,7 +124,8 @@ async def seed(*, session: AsyncSession, registry: Registry) -> int:
     spec (how to load it) and display name, and keeps the state operators gave it (channel, enabled,
     weight), so a restart never undoes a promotion or a rollback. Versions the file does not name
     are left as they are, and so is a version someone else registered (a training run, an admin)
-    when the file names it with other files: it is logged and skipped. Each creation or change is
+    when the file names it with other files: it is logged and skipped. A stable version new in the
+    file takes over from the model's stable one (``_make_way``): of several, the last in the file. Each creation or change is
     audited under ``SEED_ACTOR``; returns how many.
 
     Safe to run from several processes at once: they take turns on a transaction-level lock.
@@ -148,6 +149,9 @@ async def seed(*, session: AsyncSession, registry: Registry) -> int:
             if row.channel == "stable":
                 changes += _make_way(session, existing.values(), new=row, actor=actor)
             session.add(row)
+            # A stable version new in the file after this one takes over from it too: two new
+            # stable entries of a model (channel left out is stable) would split the traffic.
+            existing[(row.name, row.version)] = row
             after = {str(row.version): _state(row, spec=True)}
             _audit(
                 session,
