@@ -50,7 +50,8 @@ def migrate(database_url: str) -> None:
     config = Config(str(ALEMBIC_INI))
     config.attributes["configure_logger"] = False
     config.cmd_opts = None
-    config.set_main_option("sqlalchemy.url", database_url)
+    # Alembic's configuration interpolates "%": a percent-encoded password (p%40ss) is written %%.
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     command.upgrade(config, "head", tag=None)
 
 

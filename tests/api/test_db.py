@@ -14,9 +14,9 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 
-from api.app.core.db import make_engine, open_pool, tls_mode_as
+from api.app.core.db import engine_url, make_engine, open_pool, tls_mode_as
 from api.app.core.startup import DependencyUnavailable, asyncpg_dsn, wait_for_postgres
 from api.prestart import create_database_if_missing, migrate
 from tests.conftest import PASSWORD, Users, make_settings
@@ -162,6 +162,23 @@ async def test_the_migrations_take_either_spelling_of_the_tls_mode(
     await asyncio.to_thread(migrate, with_tls_mode(database_url, key, "prefer"))
     with pytest.raises(ConnectionError, match=REFUSED_TLS):
         await asyncio.to_thread(migrate, with_tls_mode(database_url, key, "require"))
+
+
+async def test_the_migrations_take_a_percent_encoded_password(database_url: str) -> None:
+    """A password holding ``@ / # % :`` is percent-encoded in the URL, as managed databases'
+    generated ones often are: Alembic's configuration read ``%`` as interpolation and prestart
+    stopped with "invalid interpolation syntax" (the test server trusts every password)."""
+    url = make_url(database_url).set(password="p@ss/w%rd").render_as_string(hide_password=False)
+    assert "p%40ss%2Fw%25rd" in url
+    await asyncio.to_thread(migrate, url)
+
+
+def test_a_libpq_tls_file_in_the_url_is_refused_naming_the_variable_to_use() -> None:
+    """``sslrootcert=`` (as providers document verify-full) reached ``asyncpg.connect`` as a
+    keyword it does not take: a TypeError at the first connection. Refused at once, saying where
+    asyncpg reads it from."""
+    with pytest.raises(ValueError, match="sslrootcert as PGSSLROOTCERT"):
+        engine_url("postgresql+asyncpg://u@h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem")
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,10 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/portal"
     """SQLAlchemy URL of the PostgreSQL database (asyncpg driver). A TLS mode (``disable`` ...
     ``verify-full``) goes in its query, as ``?sslmode=require`` or ``?ssl=require``: both work
-    everywhere the URL is used (the engine, the start-up checks, the migrations)."""
+    everywhere the URL is used (the engine, the start-up checks, the migrations). The CA and client
+    certificate files of ``verify-ca``/``verify-full`` go in the environment (``PGSSLROOTCERT``,
+    ``PGSSLCERT``, ``PGSSLKEY``), not the URL (refused there). A password with ``@ / # % :`` is
+    percent-encoded."""
     db_pool_size: int = 20
     """Connections each API process opens at start-up and keeps."""
     db_max_overflow: int = 0

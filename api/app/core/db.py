@@ -109,9 +109,27 @@ def tls_mode_as(database_url: str | URL, key: Literal["ssl", "sslmode"]) -> URL:
     return url.update_query_dict({key: modes.pop()}) if modes else url
 
 
+LIBPQ_FILE_KEYS = {
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslpassword": "PGSSLPASSWORD",
+    "sslcrl": "PGSSLCRL",
+}
+"""libpq's TLS file parameters (PostgreSQL's libpq "Parameter Key Words"), which the dialect would
+pass to ``asyncpg.connect`` as keywords it does not take, and the environment variables asyncpg
+reads them from instead."""
+
+
 def engine_url(database_url: str) -> URL:
-    """``database_url`` as SQLAlchemy's asyncpg dialect takes it (TLS mode as ``ssl=``)."""
-    return tls_mode_as(database_url, "ssl")
+    """``database_url`` as SQLAlchemy's asyncpg dialect takes it (TLS mode as ``ssl=``). Raises
+    ``ValueError`` naming the environment variable to use for a libpq TLS file parameter in the
+    URL (``sslrootcert=``...): the engine would fail at its first connection with a TypeError."""
+    url = tls_mode_as(database_url, "ssl")
+    if given := sorted(set(url.query) & LIBPQ_FILE_KEYS.keys()):
+        instead = ", ".join(f"{key} as {LIBPQ_FILE_KEYS[key]}" for key in given)
+        raise ValueError(f"DATABASE_URL: give {instead} in the environment, not in the URL")
+    return url
 
 
 def make_engine(
