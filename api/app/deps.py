@@ -292,7 +292,7 @@ async def one_file_part(request: Request, _user: CurrentUser) -> None:
     if isinstance(route, APIRoute):
         taken = {field.alias for field in route.dependant.body_params}
         # _charset_: what a browser's HTML form adds to name its encoding (HTML, 4.10.21.8).
-        if unknown := sorted(set(form.keys()) - taken - {"_charset_"}):
+        if unknown := sorted(name for name in set(form.keys()) - taken if name.lower() != "_charset_"):
             names = ", ".join(repr(name[:40]) for name in unknown[:5])
             raise HTTPException(
                 status_code=422,

@@ -130,11 +130,13 @@ class RequestContextMiddleware:
                         "The server is restarting; the prediction was stored and goes on:"
                         f" GET /v1/predictions/{job_id} gives its answer."
                     )
+                # No Retry-After with a stored job: a client retrying as told would make a second job.
+                retry = [] if stored else [(b"retry-after", self.retry_after)]
                 await send_json(
                     send_with_id,
                     503,
                     {"detail": detail, "request_id": rid, **stored},
-                    [(b"retry-after", self.retry_after), (b"connection", b"close")],
+                    [*retry, (b"connection", b"close")],
                 )
             raise
         except Exception:

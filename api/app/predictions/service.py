@@ -267,6 +267,8 @@ async def _admit_and_queue(
         if blob_written and upload is not None:
             await _forget_blob(session=session, store=store, sha256=upload.sha256)
         raise
+    # Committed: it goes on (the reconciler queues it if this request is cut before queue_job does).
+    note_stored_job(job.id)
     await queue_job(
         session=session,
         redis=redis,
@@ -448,7 +450,7 @@ async def predict_and_wait(
     when the deadline passes (the job then goes on and can be read by its id); a PostgreSQL outage
     while waiting does not end the wait, but one (or a Redis outage) that keeps the answer from
     being read is a 503 naming the job's id, as the 504 does, and so is the 503 of a server
-    stopping while the request waits (``note_stored_job``).
+    stopping once the job is committed (``note_stored_job``).
     """
     entries, shadows, truth = await _route(
         redis=redis,
@@ -476,7 +478,6 @@ async def predict_and_wait(
         shadows=shadows,
         ground_truth=truth,
     )
-    note_stored_job(job.id)
     answers: list[PredictionPublic] | None = None
     try:
         if job.status in UNFINISHED:
