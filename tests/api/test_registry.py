@@ -171,7 +171,7 @@ async def test_of_two_stable_versions_new_in_the_file_the_last_one_is_the_stable
     assert stables == ["sketch@8"], stables
     assert (versions["sketch@7"].channel, versions["sketch@7"].weight) == ("canary", 0)
     handover = [c for c in changes if c.action == "channel_canary" and c.model == "sketch"]
-    assert sorted(c.version for c in handover) == [3, 7]
+    assert len(handover) == 2 and {c.version for c in handover} == {3, 7}
 
 
 async def test_admins_read_the_registry_and_its_history(
