@@ -18,8 +18,8 @@ from PIL import Image
 from api.app.core.config import Settings
 from api.app.images import service as images_service
 from api.app.main import create_app
+from bench.jpeg_scans import scan_bomb
 from tests.conftest import Users, client_for
-from tests.contracts.test_imaging import scan_bomb
 from tests.images import animated_gif, encode, noise_png, png_bomb, split_colour
 from tests.support import PHOTOS
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
+from bench.jpeg_scans import scan_bomb
 from contracts.imaging import HEAD_BYTES, MAX_JPEG_SCANS, ImageRejected, inspect_image, load_image, may_be_image
 from tests.images import animated_gif, encode, exif_rotated_jpeg, png_bomb, sixteen_bit_png, split_colour
 from tests.support import PHOTOS, ROOT
@@ -275,35 +276,6 @@ def test_a_damaged_photo_is_refused_exactly_when_a_worker_could_not_decode_it(
             taken.append(accepted)
     if fmt == "PNG":
         assert not any(taken), taken
-
-
-def _segments(jpeg: bytes) -> list[tuple[int, int, int]]:
-    """(marker code, start, end) of each segment of ``jpeg`` from SOI's end to EOI; a scan's end is
-    past its entropy-coded data."""
-    i, segments = 2, []
-    while jpeg[i + 1] != 0xD9:
-        code, end = jpeg[i + 1], i + 2 + int.from_bytes(jpeg[i + 2 : i + 4], "big")
-        if code == 0xDA:
-            while not (jpeg[end] == 0xFF and jpeg[end + 1] != 0 and not 0xD0 <= jpeg[end + 1] <= 0xD7):
-                end += 1
-        segments.append((code, i, end))
-        i = end
-    return segments
-
-
-def scan_bomb(side: int = 512, scans: int = 300) -> bytes:
-    """A grey progressive JPEG, ``side`` pixels a side, with ``scans`` scans in all: its first AC
-    scan (only end-of-band runs, a few dozen bytes) repeated. Small, and each repeat costs the
-    decoder a pass over every block."""
-    jpeg = encode(Image.new("L", (side, side), 128), "JPEG", progressive=True, quality=90)
-    segments = _segments(jpeg)
-    start, end = next(
-        (s, e)
-        for code, s, e in segments
-        if code == 0xDA and jpeg[s + 5 + 2 * jpeg[s + 4]] >= 1 and jpeg[s + 7 + 2 * jpeg[s + 4]] >> 4 == 0
-    )
-    copies = scans - sum(code == 0xDA for code, _, _ in segments)
-    return jpeg[:end] + jpeg[start:end] * copies + jpeg[end:]
 
 
 def _with_exif_thumbnail(jpeg: bytes, thumbnail: bytes) -> bytes:
