@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from anyio import to_thread
 from PIL import Image
 
 from api.app.core.config import Settings
@@ -306,6 +307,7 @@ class SlowDecodes:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
         self.lock = threading.Lock()
+        self.seconds = seconds
         self.running = self.started = self.most = 0
         real = images_service.load_image
 
@@ -315,7 +317,7 @@ class SlowDecodes:
                 self.started += 1
                 self.most = max(self.most, self.running)
             try:
-                time.sleep(seconds)
+                time.sleep(self.seconds)
                 return real(*args, **kwargs)
             finally:
                 with self.lock:
@@ -384,3 +386,29 @@ async def test_views_and_thumbnails_take_the_decode_slots_uploads_take(
         assert [r.status_code for r in answers] == [200] * 5
         assert answers[3].json()["data"][0]["thumbnail"] is not None
         assert (slow.started, slow.most) == (5, 1)
+
+
+async def test_requests_waiting_for_a_decode_slot_hold_no_thread(
+    settings: Settings, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Views waiting for the one decode slot (MAX_CONCURRENT_DECODES 1) wait in the event loop:
+    with 45 of them queued behind a slow decode, a few threads of the shared pool are busy, and
+    another user's request for a stored file (a blob read, in that pool) is answered at once.
+    Waiting in threads, they held all 40 and the file waited for several decodes."""
+    (_, viewer), (_, other) = await users.create(), await users.create()
+    async for c in client_for(create_app(settings.model_copy(update={"max_concurrent_decodes": 1}))):
+        image = (await upload(c, viewer, noise_png())).json()
+        theirs = (await upload(c, other, noise_png(seed=2))).json()
+        slow = SlowDecodes(monkeypatch, seconds=0.5)
+        views = [asyncio.create_task(c.get(f"/v1/images/{image['id']}/view", headers=viewer)) for _ in range(45)]
+        await slow.running_at_least(1)
+        await asyncio.sleep(0.2)
+        busy_threads = to_thread.current_default_thread_limiter().borrowed_tokens
+        start = time.perf_counter()
+        r = await c.get(f"/v1/images/{theirs['id']}/file", headers=other)
+        took = time.perf_counter() - start
+        slow.seconds = 0.0
+        assert [v.status_code for v in await asyncio.gather(*views)] == [200] * 45
+        assert slow.most == 1
+        assert busy_threads < 10, busy_threads
+        assert r.status_code == 200 and took < 0.4, (r.status_code, took)

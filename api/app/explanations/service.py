@@ -17,6 +17,7 @@ EXPLANATION_QUEUE_LIMIT entries, and queues the request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import time
 import uuid
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
-from anyio import to_thread
 from fastapi import HTTPException
 from PIL import Image as PILImage
 from redis.asyncio import Redis
@@ -33,11 +33,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
 from api.app.images.models import Image
-from api.app.images.service import VIEW_SIZE, decode_slots
+from api.app.images.service import VIEW_SIZE, drawn_in_slot
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
 from contracts import keys, workers
-from contracts.imaging import ImageRejected, load_image, trim_heap
+from contracts.imaging import ImageRejected, load_image
 from contracts.messages import ExplainRequest, Explanation, ExplanationStatus, PredictionStatus
 from contracts.registry import Registry
 from contracts.streams import STREAM_MAXLEN
@@ -391,20 +391,6 @@ def _overlay(data: bytes, heatmap: list[list[float]]) -> bytes:
     return buf.getvalue()
 
 
-def _overlay_in_slot(data: bytes, heatmap: list[list[float]], max_decodes: int) -> bytes:
-    with decode_slots(max_decodes):
-        try:
-            return _overlay(data, heatmap)
-        finally:
-            if len(data) >= TRIM_AFTER_BYTES:
-                trim_heap()
-
-
-TRIM_AFTER_BYTES = 1_000_000
-"""A picture drawn from at least this many bytes (an upload stored before previews were, not a
-preview) hands its freed memory back at once, as large uploads do (``images.service.TRIM_AFTER_PIXELS``)."""
-
-
 async def overlay_png(*, store: LocalBlobStore, settings: Settings, sha256: str, heatmap: list[list[float]]) -> bytes:
     """The image (at most VIEW_SIZE a side; one longer than MAX_SHOWN_ASPECT times its width or
     height centred on a plain band of that ratio) with the heatmap blended over it, as PNG; 422 when the
@@ -413,6 +399,8 @@ async def overlay_png(*, store: LocalBlobStore, settings: Settings, sha256: str,
     overlay), in one of the MAX_CONCURRENT_DECODES decode slots uploads take."""
     data = await _image(store, sha256, viewable=True)
     try:
-        return await to_thread.run_sync(_overlay_in_slot, data, heatmap, settings.max_concurrent_decodes)
+        return await drawn_in_slot(
+            functools.partial(_overlay, heatmap=heatmap), data, max_decodes=settings.max_concurrent_decodes
+        )
     except ImageRejected as exc:
         raise HTTPException(status_code=exc.status, detail=exc.message) from None

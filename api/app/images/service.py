@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
 import io
-import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from fastapi import HTTPException, UploadFile
 from PIL import Image as PILImage
 from PIL import ImageDraw
@@ -93,39 +94,55 @@ async def lock_blobs(*, session: AsyncSession, sha256s: list[str]) -> None:
         await _lock_blob(session, sha256)
 
 
-@functools.cache
-def decode_slots(count: int) -> threading.BoundedSemaphore:
-    """The process's ``count`` (MAX_CONCURRENT_DECODES) decode slots: a thread decoding an image
-    that may be large holds one, so a burst of them takes that many images' memory at once."""
-    return threading.BoundedSemaphore(count)
+_DECODE_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, CapacityLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def decode_slots(count: int) -> CapacityLimiter:
+    """The process's ``count`` (MAX_CONCURRENT_DECODES) decode slots, as the ``limiter`` of
+    ``to_thread.run_sync``: a thread decoding an image that may be large holds one, so a burst of
+    them takes that many images' memory at once. Waiting for a slot happens in the event loop,
+    not in a thread: a burst of views of a slow JPEG held all 40 of the shared pool's threads
+    waiting for one slot, and every other request reading or writing a blob waited behind them.
+    One limiter per event loop (a CapacityLimiter belongs to the loop it is used in); a process
+    serving the API has one."""
+    loop = asyncio.get_running_loop()
+    limiters = _DECODE_SLOTS.setdefault(loop, {})
+    if count not in limiters:
+        limiters[count] = CapacityLimiter(count)
+    return limiters[count]
 
 
 def _inspect(data: bytes, settings: Settings) -> tuple[ImageInfo, str]:
-    with decode_slots(settings.max_concurrent_decodes):
-        try:
-            info = inspect_image(data, max_pixels=settings.max_image_pixels, preview_size=VIEW_SIZE)
-        except ImageRejected:
-            trim_heap()
-            raise
-        if info.width * info.height >= TRIM_AFTER_PIXELS:
-            trim_heap()
+    try:
+        info = inspect_image(data, max_pixels=settings.max_image_pixels, preview_size=VIEW_SIZE)
+    except ImageRejected:
+        trim_heap()
+        raise
+    if info.width * info.height >= TRIM_AFTER_PIXELS:
+        trim_heap()
     return info, hashlib.sha256(data).hexdigest()
 
 
 DrawnT = TypeVar("DrawnT")
 
 
-def _drawn_in_slot(draw: Callable[[bytes], DrawnT], data: bytes, max_decodes: int) -> DrawnT:
-    """``draw(data)`` in one of the process's decode slots (``decode_slots``), which uploads take
-    too: a view or a thumbnail of a large stored JPEG is a full decode at a reduced scale (a
-    7071 x 7071 progressive one takes a second and a few hundred MB), so a burst of them must not
-    decode more images at once than a burst of uploads may."""
-    with decode_slots(max_decodes):
-        try:
-            return draw(data)
-        finally:
-            if len(data) >= TRIM_AFTER_BYTES:
-                trim_heap()
+def _drawn(draw: Callable[[bytes], DrawnT], data: bytes) -> DrawnT:
+    try:
+        return draw(data)
+    finally:
+        if len(data) >= TRIM_AFTER_BYTES:
+            trim_heap()
+
+
+async def drawn_in_slot(draw: Callable[[bytes], DrawnT], data: bytes, *, max_decodes: int) -> DrawnT:
+    """``draw(data)`` in a worker thread, in one of the process's decode slots (``decode_slots``),
+    which uploads take too: a view or a thumbnail of a large stored JPEG is a full decode at a
+    reduced scale (a 7071 x 7071 progressive one takes a second and a few hundred MB), so a burst
+    of them must not decode more images at once than a burst of uploads may. Raises what ``draw``
+    raises."""
+    return await to_thread.run_sync(_drawn, draw, data, limiter=decode_slots(max_decodes))
 
 
 TRIM_AFTER_BYTES = 1_000_000
@@ -143,9 +160,10 @@ Smaller decodes leave little behind, and their memory is reused by the next."""
 
 async def inspect_upload(data: bytes, settings: Settings) -> tuple[ImageInfo, str]:
     """The upload's format and size, and its SHA-256; 413, 415 or 422 when it is no acceptable image.
-    At most ``MAX_CONCURRENT_DECODES`` uploads are decoded at once (the others wait in their thread)."""
+    At most ``MAX_CONCURRENT_DECODES`` uploads are decoded at once (``decode_slots``)."""
     try:
-        return await to_thread.run_sync(_inspect, data, settings)
+        limiter = decode_slots(settings.max_concurrent_decodes)
+        return await to_thread.run_sync(_inspect, data, settings, limiter=limiter)
     except ImageRejected as exc:
         raise HTTPException(status_code=exc.status, detail=exc.message) from None
 
@@ -307,7 +325,7 @@ async def thumbnail(
     try:
         data = await store.get_viewable(image.sha256)
         draw = functools.partial(_thumbnail, size=size)
-        return await to_thread.run_sync(_drawn_in_slot, draw, data, settings.max_concurrent_decodes)
+        return await drawn_in_slot(draw, data, max_decodes=settings.max_concurrent_decodes)
     except (OSError, ImageRejected):  # one lost blob must not fail the whole listing
         return None
 
@@ -359,6 +377,6 @@ async def render_view(*, store: LocalBlobStore, settings: Settings, image: Image
     data = await store.get_viewable(image.sha256)
     draw = functools.partial(_annotate, lines=lines)
     try:
-        return await to_thread.run_sync(_drawn_in_slot, draw, data, settings.max_concurrent_decodes)
+        return await drawn_in_slot(draw, data, max_decodes=settings.max_concurrent_decodes)
     except ImageRejected as exc:  # stored before uploads were checked as strictly as now
         raise HTTPException(status_code=exc.status, detail=exc.message) from None
