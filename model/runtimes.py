@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,12 @@ def keras_model(entry: ModelEntry, settings: ModelSettings) -> tuple[Any, bool]:
     path = resolve(entry, entry.file or "", settings)
     if not path.exists():
         raise ModelUnavailable(f"model file {path} not found")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        # Keras' own error for such a file is "File not found", read as a missing model.
+        raise ModelLoadFailed(
+            f"model file {path} could not be loaded: it is no Keras archive (a .keras file is a zip; "
+            "this one is damaged or of another format)"
+        )
     from model import layers  # noqa: F401  (registers the portal's own layers with Keras' loader)
 
     try:

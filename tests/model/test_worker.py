@@ -135,6 +135,7 @@ def test_a_damaged_model_file_is_reported_as_failing_to_load_not_as_missing(
         damaged_reason = sketch_worker.states[damaged.key].reason or ""
         missing_reason = sketch_worker.states[missing.key].reason or ""
         assert damaged_reason.startswith(f"{FAILED_TO_LOAD}: model file ") and "could not be loaded" in damaged_reason
+        assert "no Keras archive" in damaged_reason and "not found" not in damaged_reason, damaged_reason
         assert not missing_reason.startswith(FAILED_TO_LOAD) and "not found" in missing_reason
     finally:
         sketch_worker._set_state(damaged, None)
