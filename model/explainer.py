@@ -10,9 +10,10 @@ first.
 
 Each answer is cached under ``explanation:<user>:<sha256>:<model>@<version>`` (EXPLANATION_TTL_S)
 and pushed to the waiting request's ``explanation:done:<request id>`` list; a request whose answer
-is already cached gets it without a computation. A request past its deadline (nobody waits any
-more) is dropped without computing. Every entry handled or dropped is acknowledged and deleted (it
-holds the image's bytes). A killed explainer's entries stay pending: the others claim them once
+is already cached gets it without a computation. A request past its deadline (its caller was
+answered 504, "retry: it is cached once computed") is still computed and cached, but not pushed:
+dropped, the retry queued again at the back and, under load, was never answered. Every entry
+handled is acknowledged and deleted (it holds the image's bytes). A killed explainer's entries stay pending: the others claim them once
 idle EXPLAIN_CLAIM_IDLE_S (XAUTOCLAIM), and trim entries older than any deadline can be.
 
 The registry is followed from the serving loop: every RELOAD_CHECK_S an explainer reads the
@@ -288,7 +289,8 @@ class Explainer:
             except Exception:
                 log.exception("dropping malformed explanation request %s", entry_id)
         answer = None
-        if request is not None and request.deadline >= time.time():
+        # Past its deadline, an answer is worth computing only for the cache a retry reads.
+        if request is not None and (request.deadline >= time.time() or request.owner_id is not None):
             answer = self._cached(request) or self.compute(stream, request)
         with self.redis.pipeline(transaction=True) as pipe:
             if request is not None and answer is not None:
@@ -299,9 +301,10 @@ class Explainer:
                         payload,
                         ex=self.settings.explanation_ttl_s,
                     )
-                done = keys.explanation_done_key(request.request_id)
-                pipe.rpush(done, payload)
-                pipe.expire(done, DONE_TTL_S)
+                if request.deadline >= time.time():
+                    done = keys.explanation_done_key(request.request_id)
+                    pipe.rpush(done, payload)
+                    pipe.expire(done, DONE_TTL_S)
             pipe.xack(stream, keys.EXPLAIN_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             pipe.execute()
@@ -318,7 +321,7 @@ class Explainer:
     def reap(self) -> None:
         """Frees what dead explainers left: entries older than any deadline are trimmed (the stream
         id is the time it was queued), and entries pending with another consumer for
-        EXPLAIN_CLAIM_IDLE_S are claimed and handled (answered if still awaited, else dropped)."""
+        EXPLAIN_CLAIM_IDLE_S are claimed and handled (computed and cached; answered if still awaited)."""
         min_id = f"{int((time.time() - MAX_WAIT_S) * 1000)}-0"
         idle_ms = int(self.settings.explain_claim_idle_s * 1000)
         for stream in self.cams:

@@ -8,6 +8,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import redis
 from PIL import Image
@@ -222,3 +223,37 @@ def test_a_failure_inside_the_explainer_is_answered_without_its_details(
     )
     answer = explainer.compute(stream, request)
     assert answer.status == ExplanationStatus.error and answer.error == "the explainer failed", answer
+
+
+def test_a_request_past_its_deadline_is_computed_for_the_cache_not_answered(
+    private_redis: RedisServer, model_settings: ModelSettings
+) -> None:
+    """A request whose caller already got 504 ("retry: it is cached once computed") is computed
+    and cached, so the retry is answered from the cache; nothing is pushed to its done list,
+    which nobody reads. Dropped, the retry queued again at the back and, under load, never got
+    an answer."""
+    settings = model_settings.model_copy(update={"redis_url": private_redis.url, "explain_models": "sketch@1"})
+    explainer = Explainer(settings)
+    explainer.load()
+    stream = keys.explain_stream("sketch", 1)
+    client = redis.Redis.from_url(private_redis.url)
+    streams.ensure_group(client, stream, keys.EXPLAIN_GROUP)
+    request = ExplainRequest(
+        request_id=uuid.uuid4().hex,
+        model="sketch",
+        version=1,
+        twin="sketch@1",
+        sha256="1" * 64,
+        label=explainer.cams[stream].labels[0],
+        deadline=time.time() - 1,
+        owner_id=7,
+        image=encode(Image.new("L", (280, 280), 255), "PNG"),
+    )
+    client.xadd(stream, request.to_fields())
+    [(entry_id, fields)] = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream))
+    explainer.handle(stream, entry_id, fields)
+    raw = client.get(keys.explanation_key(7, request.sha256, "sketch", 1))
+    assert isinstance(raw, bytes), raw
+    assert Explanation.model_validate_json(raw).status == ExplanationStatus.ok
+    assert not client.exists(keys.explanation_done_key(request.request_id))
+    assert client.xlen(stream) == 0
