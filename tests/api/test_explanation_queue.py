@@ -83,7 +83,8 @@ async def test_a_killed_explainers_requests_are_cleared_and_each_heatmap_is_comp
     r = await client.get(f"/v1/predictions/{mine}/explanation", headers=admin)
     assert r.status_code == 503 and "full" in r.json()["detail"], r.text
 
-    # Another explainer claims them: drops the expired ones, answers the awaited one, deletes all.
+    # Another explainer claims them: computes each once (the expired ones for the cache only), answers
+    # the awaited one, deletes all.
     own_stack.workers.append(
         start_explainer(
             f"explainer-test-{uuid.uuid4().hex[:6]}",
