@@ -247,10 +247,16 @@ async def _cached(redis: Redis, cache_key: str, label: str) -> Explanation | Non
     return None
 
 
+TIMEOUT_RETRY_AFTER_S = 5
+"""Retry-After of a 504: the explainer still computes and caches a request past its deadline
+(``model.explainer``), so a retry a few seconds on finds it cached, or waits again."""
+
+
 def _timeout(settings: Settings) -> HTTPException:
     return HTTPException(
         status_code=504,
         detail=f"No explanation within {settings.explanation_wait_seconds:g} s; retry: it is cached once computed.",
+        headers={"Retry-After": str(TIMEOUT_RETRY_AFTER_S)},
     )
 
 
