@@ -265,6 +265,19 @@ async def get_login_user(request: Request, bearer: BearerDep) -> User:
 LoginUser = Annotated[User, Depends(get_login_user)]
 
 
+async def get_admin_login_user(user: LoginUser) -> User:
+    """The admin of a login token, for managing accounts (creating users, changing a role or the
+    active flag, deleting): with an ``admin`` key, a leaked key could make an admin account with a
+    password it chose, or promote one it holds, and so become a login token. 403 for a key or a
+    non-admin, 401 without a valid login token."""
+    if not user.is_admin:
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Admins only")
+    return user
+
+
+AdminLoginUser = Annotated[User, Depends(get_admin_login_user)]
+
+
 async def owned_image(image_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> Image:
     """The image if it is the caller's; 404 otherwise, so that ids cannot be probed."""
     image = await images_service.get_owned_image(session=session, owner_id=user.id, image_id=image_id)

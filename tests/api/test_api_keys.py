@@ -294,6 +294,38 @@ async def test_a_key_cannot_manage_keys_or_become_a_login(client: httpx.AsyncCli
     assert (await client.get("/v1/users/me", headers=header(created["key"]))).status_code == 200
 
 
+async def test_an_admin_key_cannot_manage_accounts(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    """Creating, changing and deleting accounts needs an admin's login token: with an ``admin``
+    key, a leaked key made an admin account with a password of its choosing (or promoted one it
+    held) and logged in as it, a login token with every right. The key still reads the users."""
+    _, admin_login = await users.create(role="admin")
+    other, _ = await users.create()
+    key = (await make_key(client, admin_login, ["admin", "read"]))["key"]
+    for headers in (bearer(key), header(key)):
+        attempts = [
+            client.post(
+                "/v1/users",
+                json={"email": "shadow@example.com", "password": PASSWORD, "role": "admin"},
+                headers=headers,
+            ),
+            client.post("/user/", json={"email": "shadow@example.com", "password": PASSWORD}, headers=headers),
+            client.patch(f"/v1/users/{other['id']}", json={"role": "admin"}, headers=headers),
+            client.patch(f"/v1/users/{other['id']}", json={"is_active": False}, headers=headers),
+            client.delete(f"/v1/users/{other['id']}", headers=headers),
+            client.delete(f"/user/{other['id']}", headers=headers),
+        ]
+        for attempt in attempts:
+            r = await attempt
+            assert r.status_code == 403, (r.request.method, r.request.url, r.text)
+        assert (await client.get("/v1/users", headers=headers)).status_code == 200
+    r = await client.get(f"/v1/users/{other['id']}", headers=admin_headers)
+    assert r.json()["role"] == "user" and r.json()["is_active"] is True, r.text
+    r = await client.patch(f"/v1/users/{other['id']}", json={"name": "Renamed"}, headers=admin_login)
+    assert r.status_code == 200, r.text
+
+
 async def test_someone_elses_key_is_not_found(client: httpx.AsyncClient, users: Users) -> None:
     _, alice = await users.create()
     _, bob = await users.create()

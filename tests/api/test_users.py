@@ -168,6 +168,14 @@ def test_every_setting_is_documented() -> None:
 
 
 LOGIN_ONLY = {"/v1/auth/refresh", "/v1/auth/logout", "/v1/users/me/password"}
+ACCOUNTS = {
+    ("/v1/users", "post"),
+    ("/user/", "post"),
+    ("/v1/users/{user_id}", "patch"),
+    ("/v1/users/{user_id}", "delete"),
+    ("/user/{user_id}", "delete"),
+}
+"""Managing accounts: an admin's login token only."""
 
 
 async def test_openapi_locks_and_status_codes(client: httpx.AsyncClient) -> None:
@@ -191,7 +199,11 @@ async def test_openapi_locks_and_status_codes(client: httpx.AsyncClient) -> None
                 continue
             # A login token or an API key, except where only a login will do (managing keys, the
             # password, the login session).
-            login_only = (path.startswith("/v1/api-keys") and path != "/v1/api-keys/current") or path in LOGIN_ONLY
+            login_only = (
+                (path.startswith("/v1/api-keys") and path != "/v1/api-keys/current")
+                or path in LOGIN_ONLY
+                or (path, method) in ACCOUNTS
+            )
             accepted: list[dict[str, list[str]]] = (
                 [{"OAuth2PasswordBearer": []}] if login_only else [{"OAuth2PasswordBearer": []}, {"APIKey": []}]
             )

@@ -21,6 +21,7 @@ from api.app.core.responses import (
     error,
 )
 from api.app.deps import (
+    AdminLoginUser,
     AdminUser,
     ClientAddressDep,
     CurrentUser,
@@ -79,9 +80,9 @@ async def list_users(session: ReadSessionDep, _: AdminUser, skip: Skip = 0, limi
 
 @router.post("", response_model=UserPublic, status_code=201, responses=CREATE)
 async def create_user(
-    body: UserCreate, session: SessionDep, hasher: HasherDep, settings: SettingsDep, _: AdminUser
+    body: UserCreate, session: SessionDep, hasher: HasherDep, settings: SettingsDep, _: AdminLoginUser
 ) -> User:
-    """Create a user (admin)."""
+    """Create a user (an admin's login token; 403 for an API key)."""
     service.check_password_policy(body.password, settings)
     return await service.create_user(
         session=session,
@@ -132,15 +133,17 @@ async def read_user(user_id: UserId, user: CurrentUser, session: ReadSessionDep)
 
 
 @router.patch("/{user_id:int}", response_model=UserPublic, responses={**BODY, **ADMIN, **NOT_FOUND, **CONFLICT})
-async def update_user(user_id: UserId, body: UserUpdate, session: SessionDep, admin: AdminUser) -> User:
-    """Change a user's name, role or active flag (admin; never oneself's or the last admin's rights)."""
+async def update_user(user_id: UserId, body: UserUpdate, session: SessionDep, admin: AdminLoginUser) -> User:
+    """Change a user's name, role or active flag (an admin's login token, 403 for an API key;
+    never oneself's or the last admin's rights)."""
     target = await _existing_user(session, user_id)
     return await service.update_user(session=session, actor=admin, user=target, changes=body)
 
 
 @router.delete("/{user_id:int}", status_code=204, responses=DELETE)
-async def delete_user(user_id: UserId, session: SessionDep, store: StoreDep, admin: AdminUser) -> Response:
-    """Delete a user, everything they own and their files no one else uploaded (admin)."""
+async def delete_user(user_id: UserId, session: SessionDep, store: StoreDep, admin: AdminLoginUser) -> Response:
+    """Delete a user, everything they own and their files no one else uploaded (an admin's login
+    token; 403 for an API key)."""
     target = await _existing_user(session, user_id)
     await service.delete_user(session=session, store=store, actor=admin, user=target)
     return Response(status_code=204)
