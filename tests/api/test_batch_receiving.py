@@ -6,6 +6,7 @@ model is served, so jobs just wait in the queue."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -127,11 +128,12 @@ async def test_a_stored_image_deleted_while_its_batch_is_received_cancels_the_ba
     assert status == "cancelled" and set(jobs) == {"cancelled"}, (status, jobs, r.status_code, r.text)
 
 
-async def test_a_copy_of_a_file_whose_image_was_deleted_meanwhile_cancels_the_batch(
+async def test_a_copy_of_a_file_whose_image_was_deleted_meanwhile_is_stored_anew(
     client: httpx.AsyncClient, app: FastAPI, users: Users, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Files [a, b, a]: each file commits, so the user can delete a's image before the third file,
-    a copy of a that would reuse it. The batch is cancelled with b's job, not left 'receiving'."""
+    a copy of a that would reuse its image and job. The copy is stored anew with a job of its own
+    and the batch goes on (it reused the deleted rows, and the whole batch was cancelled)."""
     user, headers = await users.create()
     a, b = png(801), png(802)
     third = pause_inspection(monkeypatch, at=3)
@@ -149,15 +151,25 @@ async def test_a_copy_of_a_file_whose_image_was_deleted_meanwhile_cancels_the_ba
     assert (await client.delete(f"/v1/images/{a_image['id']}", headers=headers)).status_code == 204
     third.resume.set()
     r = await asyncio.wait_for(sending, 30)
+    assert r.status_code == 202, r.text
     async with app.state.sessionmaker() as session:
         [(batch_id, status)] = list(
             await session.execute(select(Batch.id, Batch.status).where(Batch.owner_id == user["id"]))
         )
+        items = {
+            name: (image_id, job_id)
+            for name, image_id, job_id in await session.execute(
+                select(BatchItem.file_name, BatchItem.image_id, BatchItem.job_id).where(BatchItem.batch_id == batch_id)
+            )
+        }
         jobs = list(
             await session.scalars(select(Job.status).where(Job.request_id == f"{keys.BATCH_REQUEST_PREFIX}{batch_id}"))
         )
-    assert r.status_code < 500
-    assert status == "cancelled" and set(jobs) == {"cancelled"}, (status, jobs, r.status_code, r.text)
+    assert status != "cancelled" and "cancelled" not in jobs and len(jobs) == 2, (status, jobs)
+    # a's item lost its image and job with the delete; the copy has new ones.
+    assert items["a.png"] == (None, None), items
+    assert None not in items["a-again.png"] and items["a-again.png"][0] != uuid.UUID(a_image["id"]), items
+    assert None not in items["b.png"], items
 
 
 async def test_a_batch_whose_owner_is_deleted_after_its_last_file_gets_401(

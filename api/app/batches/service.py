@@ -50,6 +50,7 @@ from api.app.core.errors import DB_ERRORS
 from api.app.core.fields import INT32_MAX, storable
 from api.app.core.paging import opaque, unwrap
 from api.app.images import service as images_service
+from api.app.images.models import Image
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.models import Job, Prediction
 from contracts import imaging, keys, spreadsheets
@@ -61,6 +62,7 @@ _jobs = cast(Table, Job.__table__)
 _predictions = cast(Table, Prediction.__table__)
 _items = cast(Table, BatchItem.__table__)
 _batches = cast(Table, Batch.__table__)
+_images = cast(Table, Image.__table__)
 PLACEHOLDER_DEADLINE = timedelta(days=30)
 """A pending job's deadline until the lane queues it and gives it a real one."""
 PACE_WINDOW_SECONDS = 60.0
@@ -171,6 +173,28 @@ async def _add_job(session: AsyncSession, b: _Builder, image_id: uuid.UUID) -> u
     return job_id
 
 
+async def _still_there(session: AsyncSession, b: _Builder, sha256: str) -> bool:
+    """Whether an identical earlier file of the batch got an image and a job that are still there,
+    locked for the transaction as the item's foreign keys would lock them (so they stay until it
+    commits). Their owner may have deleted that image meanwhile: it is then forgotten, and the file
+    is stored anew (an item naming the deleted rows failed the whole batch)."""
+    known = b.jobs_of.get(sha256)
+    if known is None:
+        return False
+    image_id, job_id = known
+    # The image's row, as a delete takes it (then its jobs'): locking the job first could deadlock.
+    found = await session.scalar(
+        select(_images.c.id)
+        .join(_jobs, _jobs.c.image_id == _images.c.id)
+        .where(_images.c.id == image_id, _jobs.c.id == job_id)
+        .with_for_update(key_share=True, of=_images)
+    )
+    if found is None:
+        del b.jobs_of[sha256]
+        return False
+    return True
+
+
 async def _add_image(
     session: AsyncSession, store: LocalBlobStore, settings: Settings, b: _Builder, name: str, data: bytes
 ) -> None:
@@ -182,7 +206,7 @@ async def _add_image(
     except HTTPException as exc:
         b.skipped(name, str(exc.detail))
         return
-    if sha256 not in b.jobs_of:
+    if not await _still_there(session, b, sha256):
         image = await images_service.add_image(
             session=session,
             store=store,
@@ -547,7 +571,7 @@ async def _receive(
         if image is None:
             b.skipped(str(image_id), "not one of your images")
             continue
-        if image.sha256 not in b.jobs_of:
+        if not await _still_there(session, b, image.sha256):
             b.jobs_of[image.sha256] = (image.id, await _add_job(session, b, image.id))
         _, job_id = b.jobs_of[image.sha256]
         b.items.append(b._item(image.filename or str(image.id), sha256=image.sha256, image_id=image.id, job_id=job_id))
