@@ -267,13 +267,27 @@ CATALOG_SECONDS = 30.0
 shows after at most this long."""
 
 
+CATALOG_RETRY_SECONDS = 3.0
+"""After the catalog could not be fetched (its error shown), how long before it is asked again:
+long enough that one page's run asks once, short enough that the models come back with the API."""
+
+
 def models(api: Api) -> list[Model]:
-    """The model catalog, fetched again once it is CATALOG_SECONDS old."""
+    """The model catalog, fetched again once it is CATALOG_SECONDS old; the one held before (or
+    none) while the API cannot give it, asked again CATALOG_RETRY_SECONDS on (a failure kept as an
+    empty catalog hid every model, without a word, for CATALOG_SECONDS after the API was back)."""
+    now = time.monotonic()
     fetched = st.session_state.get("models_at")
-    if "models" not in st.session_state or fetched is None or time.monotonic() - fetched >= CATALOG_SECONDS:
-        st.session_state["models"] = guarded(api, api.models) or []
-        st.session_state["models_at"] = time.monotonic()
-    catalog: list[Model] = st.session_state["models"]
+    failed = st.session_state.get("models_failed_at")
+    stale = "models" not in st.session_state or fetched is None or now - fetched >= CATALOG_SECONDS
+    if stale and (failed is None or now - failed >= CATALOG_RETRY_SECONDS):
+        fresh = guarded(api, api.models)
+        if fresh is None:
+            st.session_state["models_failed_at"] = now
+        else:
+            st.session_state["models"], st.session_state["models_at"] = fresh, now
+            st.session_state.pop("models_failed_at", None)
+    catalog: list[Model] = st.session_state.get("models", [])
     return catalog
 
 

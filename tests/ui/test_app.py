@@ -30,7 +30,7 @@ from tests.support import PHOTOS, ROOT, Service, start_explainer
 from ui.client import EXPLANATION_MESSAGES, STILL_QUEUED, Api, Batch, User
 from ui.config import get_ui_settings
 from ui.results import plain
-from ui.session import CATALOG_SECONDS
+from ui.session import CATALOG_RETRY_SECONDS, CATALOG_SECONDS
 from ui.views.admin import VERSION_ACTIONS
 
 APP = str(ROOT / "ui" / "app.py")
@@ -1601,6 +1601,34 @@ def keys_app(api_url: str, email: str, password: str) -> tuple[AppTest, str]:
     return app, token
 
 
+CATALOG_SCRIPT = """
+import streamlit as st
+from ui.client import Api
+from ui.session import models
+st.session_state["refs"] = [m["ref"] for m in models(Api(st.session_state["url"], st.session_state["token"]))]
+"""
+
+
+def test_a_catalog_that_could_not_be_fetched_is_asked_again_seconds_later(
+    api_url: str, portal: tuple[str, str, str]
+) -> None:
+    """The API out of reach for one page: its error is shown, and the models are asked again
+    CATALOG_RETRY_SECONDS later, not kept as an empty catalog (which hid every model, without a
+    word, for CATALOG_SECONDS after the API was back)."""
+    token = Api(api_url).login(*new_user(api_url, portal))["token"]
+    app = AppTest.from_string(CATALOG_SCRIPT, default_timeout=30)
+    app.session_state["url"], app.session_state["token"] = "http://127.0.0.1:9", token
+    app.run()
+    assert app.session_state["refs"] == [] and any("Cannot reach" in e.value for e in app.error)
+    app.session_state["url"] = api_url
+    app.run()  # at once: not asked again within one page's runs
+    assert app.session_state["refs"] == []
+    app.session_state["models_failed_at"] -= CATALOG_RETRY_SECONDS
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.session_state["refs"], "the catalog was not asked again"
+
+
 def test_api_keys_are_made_shown_once_listed_and_revoked(api_url: str, portal: tuple[str, str, str]) -> None:
     app, token = keys_app(api_url, *new_user(api_url, portal))
     assert any("No keys yet" in i.value for i in app.info)
@@ -1686,12 +1714,21 @@ def test_a_double_click_on_make_key_makes_one_key_and_a_second_key_hides_no_secr
         next(b for b in app.button if b.proto.form_id == "api_key_create").click().run()
         assert not app.exception and not app.error, [e.value for e in app.error]
 
+    # A submit refused (no scope) keeps the name typed: the form is emptied once a key is made,
+    # never by the submit itself, so a double click whose first run stopped early still has it.
+    app.text_input(key="api_key_name").input("nightly import")
+    app.multiselect(key="api_key_scopes").set_value([])
+    next(b for b in app.button if b.proto.form_id == "api_key_create").click().run()
+    assert [e.value for e in app.error] == ["Choose at least one scope."]
+    assert app.text_input(key="api_key_name").value == "nightly import"
+    app.multiselect(key="api_key_scopes").set_value([Scope.read])
     # A double click: the second submit carries the same form, or the form the first emptied.
     submit("nightly import")
     submit("nightly import")
     next(b for b in app.button if b.proto.form_id == "api_key_create").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert [k["name"] for k in Api(api_url, token).api_keys()] == ["nightly import"]
+    assert app.text_input(key="api_key_name").value == ""  # emptied once its key was made
     # Another key made before the first was dismissed: both secrets stay on the page.
     submit("weekly report")
     made = app.session_state["submits"].sent["api_key_new"]

@@ -73,7 +73,11 @@ def new_key_notice() -> None:
 def create_form(api: Api) -> None:
     user: User | None = st.session_state.get("user")
     scopes = offered_scopes(user)
-    with st.form("api_key_create", clear_on_submit=True):
+    # The name is emptied once its key is made, not by the submit (clear_on_submit): a double
+    # click's second run may stop the first before it sends, and then found the name gone.
+    if submits().sent.pop("api_key_clear", False):
+        st.session_state["api_key_name"] = ""
+    with st.form("api_key_create"):
         st.subheader("Make a key")
         name = st.text_input("Name", max_chars=100, placeholder="nightly import", key="api_key_name")
         chosen = st.multiselect(
@@ -92,8 +96,9 @@ def create_form(api: Api) -> None:
     with once.lock:
         sent: tuple[tuple[str, tuple[Scope, ...], int | None], float] | None = once.sent.get("api_key_sent")
         if sent is not None and time.monotonic() - sent[1] < REPEAT_WINDOW_S and (not request[0] or sent[0] == request):
-            # The second click of a double click (its form emptied by the first, or still filled):
-            # the key it asks for is made; the page is drawn again to show it.
+            # The second click of a double click (its form emptied after the first, or still filled):
+            # the key it asks for is made; the page is drawn again to show it, its form emptied.
+            once.sent["api_key_clear"] = True
             st.rerun()
         if not request[0]:
             st.error("Give the key a name, e.g. the script that will use it.")
@@ -107,6 +112,7 @@ def create_form(api: Api) -> None:
         # No Streamlit call until it is kept: a second click may stop this run at the next one.
         once.sent["api_key_new"] = [*once.sent.get("api_key_new", []), created]
         once.sent["api_key_sent"] = (request, time.monotonic())
+        once.sent["api_key_clear"] = True
     st.rerun()
 
 
