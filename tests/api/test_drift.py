@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from api.app.drift import service
@@ -20,7 +20,9 @@ from api.app.drift.models import DriftSignal
 from api.app.images.models import Image as ImageRow
 from api.app.main import create_app
 from contracts import keys
+from contracts.registry import ModelEntry
 from tests.api.conftest import Stack
+from tests.api.test_drift_binning import PIXEL_SIGNALS, answered_rows
 from tests.api.test_releases import canvas_drawings
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, client_for, login
 from tests.support import PHOTOS
@@ -174,6 +176,53 @@ async def test_indices_of_versions_no_longer_computed_are_deleted_and_stop_repor
         assert _gauge("brightness") is None
     finally:
         await own_stack.app.state.redis.delete(keys.DRIFT_LOCK)
+
+
+@pytest.mark.parametrize("own_stack", [{"drift_bins": 5}], indirect=True)
+async def test_a_signal_with_a_reference_of_a_few_values_is_shown_with_why_and_raises_no_alarm(
+    own_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an upgrade, 3 of the reference's 500 pictures have pixel statistics: their signals are
+    listed with both counts and why they have no index, and no gauge (so no alert); the others are
+    compared as before."""
+    rng = np.random.default_rng(31)
+    reference, window = answered_rows(rng, 500, pixel_stats=3), answered_rows(rng, 500)
+
+    async def given(
+        *, session: AsyncSession, entry: ModelEntry, reference_size: int, window_size: int
+    ) -> tuple[list[service.Row], list[service.Row]] | None:
+        return (reference, window) if (entry.name, entry.version) == ("mobilenet_v2", 1) else None
+
+    monkeypatch.setattr(service, "windows", given)
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    needed = service.min_values(5)
+    for refresh in (True, False):  # as computed, then as stored
+        r = await own_stack.client.get("/v1/admin/drift", params={"refresh": refresh}, headers=admin)
+        assert r.status_code == 200, r.text
+        report = r.json()
+        assert report["min_values"] == needed
+        (version,) = report["versions"]
+        assert (version["reference_count"], version["window_count"]) == (500, 500)
+        signals = {s["signal"]: s for s in version["signals"]}
+        assert set(signals) == set(service.SIGNALS)
+        for signal in PIXEL_SIGNALS:
+            assert signals[signal] == {
+                "signal": signal,
+                "psi": None,
+                "status": service.NOT_COMPARED,
+                "reference_count": 3,
+                "window_count": 500,
+                "reason": f"reference holds 3 values; at least {needed} needed",
+                "bins": [],
+            }
+            assert _gauge(signal) is None
+        for signal in set(service.SIGNALS) - set(PIXEL_SIGNALS):
+            s = signals[signal]
+            assert s["reason"] is None and (s["reference_count"], s["window_count"]) == (500, 500), s
+            assert s["psi"] < service.ALERT and s["bins"], s
+        assert version["max_psi"] == max(s["psi"] for s in signals.values() if s["psi"] is not None)
+        assert version["status"] != "drift"
+        assert _gauge("width") == pytest.approx(signals["width"]["psi"])
 
 
 async def test_a_refresh_refuses_a_session_whose_statements_each_commit(own_stack: Stack) -> None:

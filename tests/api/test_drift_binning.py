@@ -131,3 +131,94 @@ def test_the_status_reads_the_thresholds_as_the_alert_does() -> None:
         "watch",
         "drift",
     ]
+
+
+def answered_rows(rng: np.random.Generator, n: int, *, pixel_stats: int | None = None) -> list[service.Row]:
+    """``n`` answered predictions drawn from ``_same_population``, the first ``pixel_stats`` of
+    them (all by default) with brightness, contrast and colourfulness, the rest without (uploads
+    stored before those were taken)."""
+    values = _same_population(rng, n)
+    colourfulness = rng.gamma(2.0, 0.05, n)
+    kept = n if pixel_stats is None else pixel_stats
+    return [
+        service.Row(
+            score=float(values["top1_score"][i]),
+            label=str(values["predicted_class"][i]),
+            brightness=float(values["brightness"][i]) if i < kept else None,
+            contrast=float(values["contrast"][i]) if i < kept else None,
+            colourfulness=float(colourfulness[i]) if i < kept else None,
+            width=int(values["width"][i]),
+            height=int(values["height"][i]),
+            bytes=int(values["file_size"][i]),
+        )
+        for i in range(n)
+    ]
+
+
+PIXEL_SIGNALS = ("brightness", "contrast", "colour")
+"""The signals uploads stored before their pixel statistics were taken have no value of."""
+
+
+def test_a_reference_of_three_values_is_not_compared_and_says_why() -> None:
+    """Uploads from before pixel statistics were kept: 3 of the reference's 500 pictures have them.
+    Binned at 3 values, 500 more from the same population read as drift nearly always (median PSI
+    2.7): a lasting false alarm. Not compared, the signal says why, with both counts."""
+    rng = np.random.default_rng(21)
+    needed = service.min_values(5)
+    for _ in range(20):
+        compared = service.compare(answered_rows(rng, 500, pixel_stats=3), answered_rows(rng, 500), 5)
+        assert set(compared) == set(service.SIGNALS)
+        for signal in PIXEL_SIGNALS:
+            got = compared[signal]
+            assert got.binned is None, (signal, got.binned.psi if got.binned else None)
+            assert (got.reference_count, got.window_count) == (3, 500)
+            assert got.reason == f"reference holds 3 values; at least {needed} needed"
+        # The signals every prediction has are compared as before, and read as no shift.
+        for signal in set(service.SIGNALS) - set(PIXEL_SIGNALS):
+            got = compared[signal]
+            assert got.binned is not None and got.reason is None, (signal, got.reason)
+            assert (got.reference_count, got.window_count) == (500, 500)
+            assert got.binned.psi < service.ALERT, (signal, got.binned.psi)
+
+
+def test_a_signal_without_any_value_says_so_and_is_not_left_out() -> None:
+    rng = np.random.default_rng(22)
+    compared = service.compare(answered_rows(rng, 200, pixel_stats=0), answered_rows(rng, 200, pixel_stats=1), 5)
+    assert compared["brightness"].binned is None
+    assert compared["brightness"].reason == "reference holds 0 values and window holds 1 value; at least 100 needed"
+    assert (compared["brightness"].reference_count, compared["brightness"].window_count) == (0, 1)
+
+
+@pytest.mark.parametrize("bins", [4, 5])
+def test_exactly_the_minimum_of_values_is_compared_and_one_fewer_is_not(bins: int) -> None:
+    rng = np.random.default_rng(23)
+    needed = service.min_values(bins)
+    assert needed == service.MIN_VALUES_PER_BIN * bins
+    at = service.compare(answered_rows(rng, 300, pixel_stats=needed), answered_rows(rng, 300, pixel_stats=needed), bins)
+    assert at["brightness"].binned is not None and at["brightness"].reason is None
+    assert (at["brightness"].reference_count, at["brightness"].window_count) == (needed, needed)
+    for reference, window, side in [(needed - 1, needed, "reference"), (needed, needed - 1, "window")]:
+        short = service.compare(
+            answered_rows(rng, 300, pixel_stats=reference), answered_rows(rng, 300, pixel_stats=window), bins
+        )
+        assert short["brightness"].binned is None
+        assert short["brightness"].reason == f"{side} holds {needed - 1} values; at least {needed} needed"
+        assert (short["brightness"].reference_count, short["brightness"].window_count) == (reference, window)
+
+
+def test_a_reference_of_the_minimum_against_a_full_window_raises_no_alarm() -> None:
+    """What the minimum was chosen for (``service.MIN_VALUES_PER_BIN``): at the default 5 bins, a
+    signal with just enough values, against a window of 500 from the same population, reads as
+    drift in about 1 % of draws (3 values: in all of them)."""
+    rng = np.random.default_rng(24)
+    needed = service.min_values(Settings.model_fields["drift_bins"].default)
+    psi = [
+        service.bin_numeric(list(rng.normal(0.45, 0.12, needed)), list(rng.normal(0.45, 0.12, 500)), 5).psi
+        for _ in range(DRAWS)
+    ]
+    assert np.mean(np.array(psi) >= service.ALERT) <= 0.02, np.quantile(psi, [0.5, 0.99])
+    few = [
+        service.bin_numeric(list(rng.normal(0.45, 0.12, 3)), list(rng.normal(0.45, 0.12, 500)), 5).psi
+        for _ in range(DRAWS)
+    ]
+    assert np.mean(np.array(few) >= service.ALERT) >= 0.95, np.quantile(few, [0.5, 0.99])

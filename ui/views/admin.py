@@ -69,10 +69,12 @@ def drift_section(api: Api) -> None:
     report = guarded(api, api.drift)
     if not report:
         return
+    needed = report.get("min_values")
     st.caption(
         f"Each version's latest {report['window_size']} predictions against its first "
         f"{report['reference_size']}: PSI below {report['watch_threshold']} is stable, above "
         f"{report['alert_threshold']} a real shift (see the README)."
+        + (f" A signal needs {needed} values in each to be compared." if needed else "")
     )
     if not report["versions"]:
         st.info("No version has both windows of predictions yet.")
@@ -83,7 +85,8 @@ def drift_section(api: Api) -> None:
                 {
                     "Model version": f"{v['model']}@{v['version']}",
                     "Signal": _signal_name(s["signal"]),
-                    "PSI": round(s["psi"], 3),
+                    # None for a signal not compared: an empty cell, its reason said below.
+                    "PSI": None if s["psi"] is None else round(s["psi"], 3),
                     "Status": s["status"],
                 }
                 for v in report["versions"]
@@ -92,10 +95,21 @@ def drift_section(api: Api) -> None:
         ),
         hide_index=True,
     )
+    # Said, not left out: a signal with too few values (uploads from before pixel statistics were
+    # kept) has no index, where a small reference would otherwise read as a lasting shift.
+    for v in report["versions"]:
+        for s in v["signals"]:
+            if s.get("reason"):
+                st.warning(f"{v['model']}@{v['version']}, {_signal_name(s['signal'])} not compared: {s['reason']}.")
     versions = {f"{v['model']}@{v['version']}": v for v in report["versions"]}
     chosen = versions[st.selectbox("Version", list(versions), key="drift-version")]
     signals = {s["signal"]: s for s in chosen["signals"]}
     signal = signals[st.selectbox("Signal", list(signals), format_func=_signal_name, key="drift-signal")]
+    if "reference_count" in signal:
+        st.caption(f"Values: {signal['reference_count']} in the reference, {signal['window_count']} in the window.")
+    if not signal["bins"]:
+        st.info(f"Not compared: {signal.get('reason') or 'no values'}.")
+        return
     frame = pd.DataFrame(signal["bins"]).set_index("label")[["reference", "window"]]
     # The API gives the bins lowest first: drawn in that order, not in the alphabetical order of their labels.
     st.bar_chart(frame, stack=False, sort=False)

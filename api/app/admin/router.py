@@ -24,8 +24,7 @@ from api.app.deps import (
     WorkersDep,
 )
 from api.app.drift import service as drift_service
-from api.app.drift.models import DriftSignal
-from api.app.drift.schemas import DriftBin, DriftReport, DriftSignalOut, DriftVersion
+from api.app.drift.schemas import DriftReport
 from api.app.exports.service import DOWNLOADS_DIR, check_known
 from api.app.feedback.export import export_archive
 from api.app.predictions import queue
@@ -128,7 +127,8 @@ async def drift(
 ) -> DriftReport:
     """Drift per model version (admin): each signal's population stability index of the latest
     DRIFT_WINDOW_SIZE answered predictions against the version's first DRIFT_REFERENCE_SIZE, with
-    both distributions side by side (api.app.drift: the signals, the binning, the sources)."""
+    both distributions side by side, or for a signal with too few values in either, how many each
+    holds and why it has none (api.app.drift: the signals, the binning, the sources)."""
     if refresh:
         # In a transaction of its own: the refresh's lock lasts until it commits, where a read
         # session's statements would each commit (and release it) at once. The writer takes its
@@ -144,38 +144,10 @@ async def drift(
         # Read on the same connection: a second one per request, taken while this one is held,
         # would let refreshes waiting for the pool hold all of it.
         session = writer
-    versions: dict[tuple[str, int], list[DriftSignal]] = {}
-    now = datetime.now(UTC)
-    for row in await drift_service.stored(session=session):
-        versions.setdefault((row.model_name, row.model_version), []).append(row)
-    out = []
-    for (name, version), rows in versions.items():
-        worst = max(r.psi for r in rows)
-        out.append(
-            DriftVersion(
-                model=name,
-                version=version,
-                reference_count=rows[0].reference_count,
-                window_count=rows[0].window_count,
-                computed_at=(computed_at := max(r.computed_at for r in rows)),
-                age_seconds=round((now - computed_at).total_seconds(), 1),
-                max_psi=worst,
-                status=drift_service.status(worst),
-                signals=[
-                    DriftSignalOut(
-                        signal=r.signal,
-                        psi=r.psi,
-                        status=drift_service.status(r.psi),
-                        bins=[DriftBin.model_validate(b) for b in r.bins],
-                    )
-                    for r in rows
-                ],
-            )
-        )
-    return DriftReport(
+    return drift_service.report(
+        rows=await drift_service.stored(session=session),
         reference_size=settings.drift_reference_size,
         window_size=settings.drift_window_size,
-        watch_threshold=drift_service.WATCH,
-        alert_threshold=drift_service.ALERT,
-        versions=out,
+        bins=settings.drift_bins,
+        now=datetime.now(UTC),
     )

@@ -250,7 +250,10 @@ class Settings(BaseSettings):
     one more below and one above the reference's range; with windows of n and m predictions, PSI
     has a floor of about (bins + 1)(1/n + 1/m) from sampling alone (Yurdakul 2018): 0.024 at the
     defaults, so a version answering as before reads "stable" (with 10 bins and windows of 200
-    it was about 0.1, and nearly every version showed "watch" on one of its nine signals)."""
+    it was about 0.1, and nearly every version showed "watch" on one of its nine signals). A signal
+    is compared only where reference and window each hold 20 of its values per bin (100 at 5
+    bins; api.app.drift.service.MIN_VALUES_PER_BIN), else shown with why: windows smaller than
+    that compare none."""
     drift_interval_seconds: float = Field(default=60.0, gt=0)
     """How often the drift indices are computed (by one API process at a time) and stored."""
 

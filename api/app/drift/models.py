@@ -21,10 +21,14 @@ class DriftSignal(Base):
     model_version: Mapped[int] = mapped_column(Integer, primary_key=True)
     signal: Mapped[str] = mapped_column(String(32), primary_key=True)
     psi: Mapped[float] = mapped_column(Float)
+    """NaN where reference or window holds too few of the signal's values to compare them
+    (``service.min_values``)."""
     reference_count: Mapped[int] = mapped_column(Integer)
     window_count: Mapped[int] = mapped_column(Integer)
+    """The signal's values in each window: fewer than its predictions where pictures have none
+    (uploads stored before their pixel statistics were taken)."""
     bins: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
-    """[{"label": ..., "reference": share, "window": share}, ...] in bin order."""
+    """[{"label": ..., "reference": share, "window": share}, ...] in bin order; [] where psi is NaN."""
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

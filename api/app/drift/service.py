@@ -14,6 +14,11 @@ University, 2018; Siddiqi, "Credit Risk Scorecards", Wiley 2006, for the usual r
 stable, 0.1 to 0.25 worth watching, above 0.25 a real shift). Numeric signals are binned at the
 reference's quantiles (DRIFT_BINS of them, fewer where values tie), so each reference bin holds
 about the same share; the class is binned as the reference's most frequent classes and "other".
+
+A signal is compared only where both the reference and the window hold at least ``min_values``
+of its values (MIN_VALUES_PER_BIN per bin): pictures uploaded before their pixel statistics were
+taken have none, and a reference of a handful of values reads as drift against any window. Such a
+signal is stored with its counts and no index (NaN), and reported with why.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core import metrics
 from api.app.drift.models import DriftReference, DriftSignal
+from api.app.drift.schemas import DriftBin, DriftReport, DriftSignalOut, DriftVersion
 from api.app.images.models import Image
 from api.app.predictions.models import Job, Prediction
 from contracts.messages import PredictionStatus
@@ -47,6 +53,9 @@ EPSILON = 1e-4
 WATCH = 0.1
 ALERT = 0.25
 """PSI thresholds (Siddiqi 2006): below WATCH stable, from ALERT a shift worth acting on."""
+NOT_COMPARED = "not compared"
+"""The status of a signal with too few values for an index (``shortfall``), and of a version none
+of whose signals has one."""
 GREYSCALE_BELOW = 0.02
 """Colourfulness (contracts.imaging.PixelStats) under which a picture counts as greyscale."""
 
@@ -216,19 +225,67 @@ def bin_categorical(
     return Binned(labels, _shares(ref_counts), _shares(win_counts))
 
 
-def compare(reference: list[Row], window: list[Row], bins: int) -> dict[str, Binned]:
-    """Each signal's distributions, for the signals both windows have values of."""
-    out: dict[str, Binned] = {}
+MIN_VALUES_PER_BIN = 20
+"""Values of a signal each of reference and window must hold per bin (``min_values``) for its index
+to be computed. Under no change, PSI is about (1/n + 1/m) times a chi-square with k - 1 degrees of
+freedom (k bins, n and m values; Yurdakul 2018), so its sampling floor is about
+(k - 1)(1/n + 1/m); the chi-square reading itself wants every bin to expect several values, 5 or
+more (Cochran, "Some methods for strengthening the common chi-square tests", Biometrics 10(4),
+1954). 5 per bin is too few for PSI's thresholds: at 5 bins, 25 reference values against 500 read
+0.21 at the median and over ALERT in 37 % of draws from one distribution (3 values: 2.66, and
+100 %). At 20 per bin, 100 values at the default 5 bins (each of the reference's quantile bins
+holding 20), the reference adds about (bins + 1) / (20 bins), 0.06, to the floor: against 500 from
+the same distribution, median 0.062, 99th percentile 0.249, over ALERT in 0.75 % of 400 draws
+(200 values: 0.037, 0.12, none). The window is held to the same number."""
+
+
+def min_values(bins: int) -> int:
+    """The values (a count) of one signal each of reference and window needs, at ``bins`` bins."""
+    return MIN_VALUES_PER_BIN * bins
+
+
+def _values(n: int) -> str:
+    return f"{n} value" if n == 1 else f"{n} values"
+
+
+def shortfall(*, reference_count: int, window_count: int, needed: int) -> str | None:
+    """Why a signal with ``reference_count`` and ``window_count`` values gets no index ("reference
+    holds 3 values; at least 100 needed"), or None where both hold ``needed``."""
+    short = [
+        f"{side} holds {_values(count)}"
+        for side, count in (("reference", reference_count), ("window", window_count))
+        if count < needed
+    ]
+    return f"{' and '.join(short)}; at least {needed} needed" if short else None
+
+
+@dataclass(frozen=True)
+class Compared:
+    """One signal of a version: how many values each side held, and its distributions, or (binned
+    None) why it was not compared."""
+
+    reference_count: int
+    window_count: int
+    binned: Binned | None
+    reason: str | None
+
+
+def compare(reference: list[Row], window: list[Row], bins: int) -> dict[str, Compared]:
+    """Every signal of SIGNALS: its values' counts in ``reference`` and ``window`` and, where both
+    hold ``min_values(bins)``, their distributions; else the reason (``shortfall``)."""
+    needed = min_values(bins)
+    out: dict[str, Compared] = {}
     for name, numeric in NUMERIC.items():
         ref = [v for r in reference if (v := numeric(r)) is not None]
         win = [v for r in window if (v := numeric(r)) is not None]
-        if ref and win:
-            out[name] = bin_numeric(ref, win, bins)
+        reason = shortfall(reference_count=len(ref), window_count=len(win), needed=needed)
+        out[name] = Compared(len(ref), len(win), None if reason else bin_numeric(ref, win, bins), reason)
     for name, category in CATEGORICAL.items():
         ref_c = [c for r in reference if (c := category(r)) is not None]
         win_c = [c for r in window if (c := category(r)) is not None]
-        if ref_c and win_c:
-            out[name] = bin_categorical(ref_c, win_c, bins, FIXED_CATEGORIES.get(name))
+        reason = shortfall(reference_count=len(ref_c), window_count=len(win_c), needed=needed)
+        binned = None if reason else bin_categorical(ref_c, win_c, bins, FIXED_CATEGORIES.get(name))
+        out[name] = Compared(len(ref_c), len(win_c), binned, reason)
     return out
 
 
@@ -307,8 +364,9 @@ def export_gauges(rows: Sequence[DriftSignal]) -> None:
     """Sets this process's ``portal_drift_psi`` gauges to the stored indices and forgets the labels
     no longer stored, so a version no longer served stops reporting (and alerting on) its last
     index. prometheus-client cannot remove a label in multiprocess mode (the value stays in the
-    process's file): there the gauge is set to NaN, which no threshold matches."""
-    current = {(r.model_name, str(r.model_version), r.signal): r.psi for r in rows}
+    process's file): there the gauge is set to NaN, which no threshold matches. A signal stored
+    without an index (NaN: too few values) reports none either."""
+    current = {(r.model_name, str(r.model_version), r.signal): r.psi for r in rows if not math.isnan(r.psi)}
     for labels, value in current.items():
         metrics.DRIFT_PSI.labels(*labels).set(value)
     multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -325,11 +383,11 @@ async def refresh(
     *, session: AsyncSession, entries: list[ModelEntry], reference_size: int, window_size: int, bins: int
 ) -> int:
     """Computes and stores every signal's index of each version in ``entries`` that has both
-    windows in full, deletes the stored indices this did not compute (versions no longer served,
-    signals without values now), and sets the ``portal_drift_psi`` gauges from what is left;
-    returns how many versions. Refreshes run one at a time (a transaction-level advisory lock):
-    each deletes what is older than its own start, so one started meanwhile would delete what
-    the other just wrote. ``session`` must run a transaction (not AUTOCOMMIT, as
+    windows in full (NaN for a signal with too few values, ``compare``), deletes the stored
+    indices this did not compute (versions no longer served), and sets the ``portal_drift_psi``
+    gauges from what is left; returns how many versions. Refreshes run one at a time (a
+    transaction-level advisory lock): each deletes what is older than its own start, so one
+    started meanwhile would delete what the other just wrote. ``session`` must run a transaction (not AUTOCOMMIT, as
     ``make_read_sessionmaker``'s do): the lock is held until the commit here; ValueError otherwise."""
     connection = await session.connection()
     if (
@@ -346,17 +404,19 @@ async def refresh(
             continue
         reference, window = pair
         rows = []
-        for signal, binned in compare(reference, window, bins).items():
-            value = binned.psi
+        for signal, compared in compare(reference, window, bins).items():
+            binned = compared.binned
+            # A signal not compared is stored too, with its counts: read, it says why it has no
+            # index, where leaving it out would say nothing at all.
             rows.append(
                 {
                     "model_name": entry.name,
                     "model_version": entry.version,
                     "signal": signal,
-                    "psi": value,
-                    "reference_count": len(reference),
-                    "window_count": len(window),
-                    "bins": binned.as_json(),
+                    "psi": math.nan if binned is None else binned.psi,
+                    "reference_count": compared.reference_count,
+                    "window_count": compared.window_count,
+                    "bins": [] if binned is None else binned.as_json(),
                     "computed_at": now,
                 }
             )
@@ -411,4 +471,68 @@ async def stored(*, session: AsyncSession) -> list[DriftSignal]:
         await session.scalars(
             select(DriftSignal).order_by(DriftSignal.model_name, DriftSignal.model_version, DriftSignal.signal)
         )
+    )
+
+
+def report(
+    *, rows: Sequence[DriftSignal], reference_size: int, window_size: int, bins: int, now: datetime
+) -> DriftReport:
+    """The stored indices (``stored``) as the API gives them, per model version in the order of
+    ``rows``; ``bins`` (DRIFT_BINS) gives the values a signal needs (``min_values``), which a
+    signal stored without an index (NaN) is said to lack. ``now`` dates ``age_seconds``."""
+    needed = min_values(bins)
+    versions: dict[tuple[str, int], list[DriftSignal]] = {}
+    for row in rows:
+        versions.setdefault((row.model_name, row.model_version), []).append(row)
+    out = []
+    for (name, version), signals in versions.items():
+        computed = [r.psi for r in signals if not math.isnan(r.psi)]
+        worst = max(computed, default=None)
+        computed_at = max(r.computed_at for r in signals)
+        out.append(
+            DriftVersion(
+                model=name,
+                version=version,
+                # The predictions in each window: a signal's values where every one has it (width
+                # always does; a row stored before counts were kept per signal holds the predictions).
+                reference_count=max(r.reference_count for r in signals),
+                window_count=max(r.window_count for r in signals),
+                computed_at=computed_at,
+                age_seconds=round((now - computed_at).total_seconds(), 1),
+                max_psi=worst,
+                status=NOT_COMPARED if worst is None else status(worst),
+                signals=[_signal_out(r, needed) for r in signals],
+            )
+        )
+    return DriftReport(
+        reference_size=reference_size,
+        window_size=window_size,
+        min_values=needed,
+        watch_threshold=WATCH,
+        alert_threshold=ALERT,
+        versions=out,
+    )
+
+
+def _signal_out(row: DriftSignal, needed: int) -> DriftSignalOut:
+    if not math.isnan(row.psi):
+        return DriftSignalOut(
+            signal=row.signal,
+            psi=row.psi,
+            status=status(row.psi),
+            reference_count=row.reference_count,
+            window_count=row.window_count,
+            bins=[DriftBin.model_validate(b) for b in row.bins],
+        )
+    # None where neither is short of ``needed`` now: stored by a process told another DRIFT_BINS,
+    # or before it changed; the next refresh compares it.
+    reason = shortfall(reference_count=row.reference_count, window_count=row.window_count, needed=needed)
+    return DriftSignalOut(
+        signal=row.signal,
+        psi=None,
+        status=NOT_COMPARED,
+        reference_count=row.reference_count,
+        window_count=row.window_count,
+        reason=reason or f"too few values when computed; at least {needed} needed now",
+        bins=[],
     )
