@@ -5,28 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.app.catalog.service import ModelAvailability
 from api.app.core.config import Settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.predictions import evaluations
-from api.app.predictions.models import Evaluation, EvaluationAnswer
+from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction
 from api.app.registry import service as registry_service
 from api.app.registry.models import ModelVersion, RegistryChange
 from api.app.releases import service as releases_service
+from api.app.stats import service as stats_service
 from contracts.messages import PredictionStatus
 from contracts.registry import load_registry
 from tests.api.conftest import Stack, until
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
-from tests.images import encode
+from tests.images import encode, noise_png
 from tests.support import QUICKDRAW
 
 PAIR = {"candidate": 2, "baseline": 1}
@@ -364,6 +370,155 @@ async def test_the_serving_list_says_a_version_is_retired_or_disabled(own_stack:
     assert reasons[3] is None, reasons
     assert reasons[1] is not None and reasons[1].startswith("it is retired"), reasons
     assert reasons[2] is not None and reasons[2].startswith("it is disabled"), reasons
+
+
+HISTORY_TABLES = re.compile(r"\b(?:from|join)\s+(feedback|predictions)\b", re.IGNORECASE)
+"""A statement reading the verdicts or the answers themselves, whose number grows with the history."""
+
+LIVE_VERDICTS = text("""
+    SELECT p.model_version, count(*), count(*) FILTER (WHERE f.is_correct)
+    FROM feedback f JOIN predictions p ON p.id = f.prediction_id
+    WHERE p.model_name = 'sketch' AND f.is_correct IS NOT NULL GROUP BY 1
+    """)
+"""The verdicts on each sketch version counted over the rows, as the serving list once read them."""
+
+
+@contextmanager
+def history_read(engine: AsyncEngine) -> Iterator[list[str]]:
+    """The tables of the history (``HISTORY_TABLES``) each statement run on ``engine`` reads, in
+    order, while the block runs."""
+    tables: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        tables.extend(m.lower() for m in HISTORY_TABLES.findall(statement))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        yield tables
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)
+
+
+@pytest.mark.parametrize("own_stack", [{"stats_roll_up_seconds": 3600.0}], indirect=True)
+async def test_verdict_counts_come_from_the_summaries_exact_before_any_roll_up(own_stack: Stack) -> None:
+    """The serving list and the comparison count each version's verdicts from the verdict
+    summaries and the changes not folded in yet, not by reading every verdict and answer: right
+    at once after a verdict is given, changed or deleted (by itself, with its image, with its
+    author), before the roll-up runs (it ran once at start-up, on nothing), and after it."""
+    client, app = own_stack.client, own_stack.app
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    assert (
+        await client.post("/v1/users", json={"email": "leaving@example.com", "password": PASSWORD}, headers=admin)
+    ).status_code == 201
+    leaving = await login(client, "leaving@example.com", PASSWORD)
+
+    async def answers(headers: dict[str, str], version: int, count: int, seed: int) -> tuple[str, list[str]]:
+        """An image of the user's with ``count`` answers "cat" of sketch@``version``, one job each."""
+        me = (await client.get("/v1/users/me", headers=headers)).json()
+        r = await client.post("/v1/images", files={"file": ("n.png", noise_png(seed))}, headers=headers)
+        assert r.status_code == 201, r.text
+        image_id = r.json()["id"]
+        now = datetime.now(UTC)
+        ids = []
+        async with app.state.sessionmaker() as session:
+            for _ in range(count):
+                job = Job(
+                    owner_id=me["id"],
+                    image_id=uuid.UUID(image_id),
+                    status="done",
+                    deadline_at=now + timedelta(minutes=5),
+                    finished_at=now,
+                )
+                session.add(job)
+                await session.flush()
+                prediction = Prediction(
+                    job_id=job.id, model_name="sketch", model_version=version, status="done", label="cat", score=0.9
+                )
+                session.add(prediction)
+                await session.flush()
+                ids.append(str(prediction.id))
+            await session.commit()
+        return image_id, ids
+
+    async def verdict(headers: dict[str, str], prediction_id: str, correct: bool) -> None:
+        r = await client.post(
+            "/v1/feedback", json={"prediction_id": prediction_id, "is_correct": correct}, headers=headers
+        )
+        assert r.status_code == 201, r.text
+
+    _, first = await answers(admin, 1, 23, seed=1)
+    _, second = await answers(admin, 2, 20, seed=2)
+    kept_apart, with_image = await answers(admin, 2, 2, seed=3)
+    _, by_leaving = await answers(leaving, 2, 3, seed=4)
+    for i, prediction_id in enumerate(first):
+        await verdict(admin, prediction_id, i < 16)  # 16 right, 7 wrong
+    for i, prediction_id in enumerate(second):
+        await verdict(admin, prediction_id, i < 12)  # 12 right, 8 wrong
+    for prediction_id in (*with_image, *by_leaving):
+        await verdict(admin if prediction_id in with_image else leaving, prediction_id, True)
+
+    # A verdict said again the other way, one deleted, an image deleted with its answers and their
+    # verdicts, a user deleted with theirs.
+    await verdict(admin, first[0], False)
+    async with app.state.sessionmaker() as session:
+        await session.execute(text("DELETE FROM feedback WHERE prediction_id = :id"), {"id": uuid.UUID(first[-1])})
+        await session.commit()
+    assert (await client.delete(f"/v1/images/{kept_apart}", headers=admin)).status_code == 204
+    leaving_id = (await client.get("/v1/users/me", headers=leaving)).json()["id"]
+    assert (await client.delete(f"/v1/users/{leaving_id}", headers=admin)).status_code == 204
+    expected = {1: (22, 15), 2: (20, 12)}
+
+    async def counted_over_the_rows() -> dict[int, tuple[int, int]]:
+        async with app.state.sessionmaker() as session:
+            return {int(v): (int(n), int(c)) for v, n, c in await session.execute(LIVE_VERDICTS)}
+
+    async def listed() -> tuple[dict[int, tuple[int, float | None]], list[str]]:
+        with history_read(app.state.engine) as tables:
+            r = await client.get("/v1/admin/registry/serving", headers=admin)
+        assert r.status_code == 200, r.text
+        versions = {
+            v["version"]: (v["feedback"], v["feedback_accuracy"]) for v in r.json()["versions"] if v["name"] == "sketch"
+        }
+        return versions, tables
+
+    async def compared() -> tuple[dict[str, Any], list[str]]:
+        with history_read(app.state.engine) as tables:
+            r = await client.get("/v1/admin/registry/models/sketch/compare", params=PAIR, headers=admin)
+        assert r.status_code == 200, r.text
+        return r.json(), tables
+
+    def assert_counts(versions: dict[int, tuple[int, float | None]], comparison: dict[str, Any]) -> None:
+        for version, (count, correct) in expected.items():
+            assert versions[version] == (count, round(correct / count, 4)), versions
+        assert versions[3] == (0, None), versions
+        for side, version in (("candidate", 2), ("baseline", 1)):
+            count, correct = expected[version]
+            stats = comparison[side]
+            assert (stats["feedback"], stats["feedback_accuracy"]) == (count, pytest.approx(correct / count)), stats
+
+    assert await counted_over_the_rows() == expected
+    async with app.state.sessionmaker() as session:
+        # The verdicts changed and deleted are not folded into the summary yet.
+        assert await session.scalar(text("SELECT count(*) FROM verdict_stat_deltas WHERE verdicts < 0")) >= 4
+    versions, listing_read = await listed()
+    comparison, comparing_read = await compared()
+    assert listing_read == [], listing_read
+    # The comparison reads the answers of its window for their latencies, never the verdicts.
+    assert "feedback" not in comparing_read, comparing_read
+    assert_counts(versions, comparison)
+    assert "accuracy on users' verdicts: 60.00 % against 68.18 % (worse, margin 2 points)" in comparison["reasons"]
+
+    # Folded in, and changed again after: summary and changes add up.
+    async with app.state.sessionmaker() as session:
+        await stats_service.roll_up(session=session)
+        assert await session.scalar(text("SELECT count(*) FROM verdict_stat_deltas")) == 0
+    await verdict(admin, second[-1], True)
+    expected[2] = (20, 13)
+    assert await counted_over_the_rows() == expected
+    versions, listing_read = await listed()
+    comparison, comparing_read = await compared()
+    assert listing_read == [] and "feedback" not in comparing_read, (listing_read, comparing_read)
+    assert_counts(versions, comparison)
 
 
 JOB_SECONDS = 4.0

@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from fastapi import HTTPException
-from sqlalchemy import Integer, case, cast, func, select, text, union_all
+from sqlalchemy import Subquery, case, func, select, text, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import NOT_SERVED, ModelAvailability
@@ -21,6 +21,7 @@ from api.app.predictions.schemas import EvaluationPublic
 from api.app.registry import service as registry_service
 from api.app.registry.models import ModelVersion
 from api.app.releases.schemas import Comparison, ServingVersion, VersionStats
+from api.app.stats.models import VerdictStatDelta, VerdictStats
 
 MIN_HELDOUT = 500
 """Fewer held-out drawings than this give no held-out comparison: 6 right out of 6 says little,
@@ -63,16 +64,38 @@ def _round(value: object, digits: int = 1) -> float | None:
     return round(float(value), digits) if isinstance(value, int | float) else None
 
 
+def _verdicts(*, name: str | None = None, version: int | None = None) -> Subquery:
+    """Users' verdicts (is_correct not null) per day, model version and outcome, as
+    ``(model_name, model_version, is_correct, verdicts)`` rows, only of ``name@version`` when
+    given: the summary plus the signed changes the feedback triggers recorded and the roll-up has
+    not folded in yet (migration a1f5c3e9d742). Their sums equal a count over the current feedback
+    rows at once: a verdict changed counts as its new outcome, one deleted (also with its
+    prediction, image or user) no longer counts."""
+    parts = []
+    for table in (VerdictStats, VerdictStatDelta):
+        part = select(table.model_name, table.model_version, table.is_correct, table.verdicts)
+        if name is not None and version is not None:
+            part = part.where(table.model_name == name, table.model_version == version)
+        parts.append(part)
+    return union_all(*parts).subquery()
+
+
 async def _feedback(session: AsyncSession, name: str, version: int) -> tuple[int, float | None]:
+    """How many verdicts users gave on ``name@version``'s answers, and the share saying correct
+    (None below ``MIN_FEEDBACK``). Reads the verdict summaries (one statement, so a roll-up moving
+    changes into the summary is seen either before or after, never counted twice): its cost
+    follows the days and versions summarised, not the predictions or verdicts stored."""
+    rows = _verdicts(name=name, version=version)
     count, correct = (
         await session.execute(
-            select(func.count(Feedback.id), func.sum(cast(Feedback.is_correct, Integer)))
-            .join(Prediction, Feedback.prediction_id == Prediction.id)
-            .where(Prediction.model_name == name, Prediction.model_version == version, Feedback.is_correct.is_not(None))
+            select(
+                func.coalesce(func.sum(rows.c.verdicts), 0),
+                func.coalesce(func.sum(rows.c.verdicts).filter(rows.c.is_correct), 0),
+            )
         )
     ).one()
-    count = int(count or 0)
-    return count, (int(correct or 0) / count) if count >= MIN_FEEDBACK else None
+    count = int(count)
+    return count, (int(correct) / count) if count >= MIN_FEEDBACK else None
 
 
 async def _stats(
@@ -197,20 +220,19 @@ async def serving(
     *, session: AsyncSession, availability: dict[str, ModelAvailability], shares: dict[tuple[str, int], float]
 ) -> list[ServingVersion]:
     """Every registered version with its state, the workers serving it, their memory, its
-    held-out accuracy and users' verdicts on its answers (one grouped query)."""
+    held-out accuracy and users' verdicts on its answers: the verdicts in one grouped query of
+    their summaries (``_verdicts``), whose cost follows days × versions, not the history."""
+    rows = _verdicts()
     verdicts = {
         (name, version): (int(count), int(correct or 0))
         for name, version, count, correct in (
             await session.execute(
                 select(
-                    Prediction.model_name,
-                    Prediction.model_version,
-                    func.count(Feedback.id),
-                    func.sum(cast(Feedback.is_correct, Integer)),
-                )
-                .join(Prediction, Feedback.prediction_id == Prediction.id)
-                .where(Feedback.is_correct.is_not(None))
-                .group_by(Prediction.model_name, Prediction.model_version)
+                    rows.c.model_name,
+                    rows.c.model_version,
+                    func.sum(rows.c.verdicts),
+                    func.sum(rows.c.verdicts).filter(rows.c.is_correct),
+                ).group_by(rows.c.model_name, rows.c.model_version)
             )
         )
     }
