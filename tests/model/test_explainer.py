@@ -22,6 +22,21 @@ from tests.model.test_worker_registry import entry, publish
 from tests.support import RedisServer
 
 
+def blank_drawing_request(label: str, *, sha256: str, deadline: float, owner_id: int) -> ExplainRequest:
+    """A request to explain ``label`` for a blank 280-pixel canvas by sketch@1."""
+    return ExplainRequest(
+        request_id=uuid.uuid4().hex,
+        model="sketch",
+        version=1,
+        twin="sketch@1",
+        sha256=sha256,
+        label=label,
+        deadline=deadline,
+        owner_id=owner_id,
+        image=encode(Image.new("L", (280, 280), 255), "PNG"),
+    )
+
+
 def test_a_version_trained_after_the_start_is_explained_once_written(
     private_redis: RedisServer, tmp_path: Path, model_settings: ModelSettings
 ) -> None:
@@ -210,17 +225,7 @@ def test_a_failure_inside_the_explainer_is_answered_without_its_details(
         raise RuntimeError("internal detail: /srv/secret/path")
 
     cam.cam = broken  # type: ignore[method-assign,assignment]
-    request = ExplainRequest(
-        request_id=uuid.uuid4().hex,
-        model="sketch",
-        version=1,
-        twin="sketch@1",
-        sha256="0" * 64,
-        label=cam.labels[0],
-        deadline=time.time() + 30,
-        owner_id=1,
-        image=encode(Image.new("L", (280, 280), 255), "PNG"),
-    )
+    request = blank_drawing_request(cam.labels[0], sha256="0" * 64, deadline=time.time() + 30, owner_id=1)
     answer = explainer.compute(stream, request)
     assert answer.status == ExplanationStatus.error and answer.error == "the explainer failed", answer
 
@@ -238,16 +243,8 @@ def test_a_request_past_its_deadline_is_computed_for_the_cache_not_answered(
     stream = keys.explain_stream("sketch", 1)
     client = redis.Redis.from_url(private_redis.url)
     streams.ensure_group(client, stream, keys.EXPLAIN_GROUP)
-    request = ExplainRequest(
-        request_id=uuid.uuid4().hex,
-        model="sketch",
-        version=1,
-        twin="sketch@1",
-        sha256="1" * 64,
-        label=explainer.cams[stream].labels[0],
-        deadline=time.time() - 1,
-        owner_id=7,
-        image=encode(Image.new("L", (280, 280), 255), "PNG"),
+    request = blank_drawing_request(
+        explainer.cams[stream].labels[0], sha256="1" * 64, deadline=time.time() - 1, owner_id=7
     )
     client.xadd(stream, request.to_fields())
     [(entry_id, fields)] = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream))
