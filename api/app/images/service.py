@@ -87,6 +87,13 @@ async def lock_owner(*, session: AsyncSession, owner_id: int) -> None:
         raise HTTPException(status_code=401, detail=OWNER_GONE)
 
 
+async def lock_blobs(*, session: AsyncSession, sha256s: list[str]) -> None:
+    """Takes the blob locks of ``sha256s`` in sorted order (any two holders of several wait in the
+    same order), until the transaction ends."""
+    for sha256 in sorted(sha256s):
+        await _lock_blob(session, sha256)
+
+
 _DECODE_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, CapacityLimiter]] = (
     weakref.WeakKeyDictionary()
 )
@@ -271,31 +278,19 @@ async def sweep_orphaned_blobs(
     checked again under its lock (``delete_unreferenced_blobs``): an upload of the same content
     in progress keeps it. Reads the whole store: an operator's task, not a request's."""
     blobs, unfinished = await store.written_before(time.time() - older_than_seconds)
-    orphaned = await delete_blobs_in_chunks(session=session, store=store, sha256s=blobs, dry_run=dry_run)
-    if not dry_run:
-        await store.remove(unfinished)
-    return Sweep(orphaned=orphaned, unfinished=len(unfinished))
-
-
-async def delete_blobs_in_chunks(
-    *, session: AsyncSession, store: LocalBlobStore, sha256s: list[str], dry_run: bool = False
-) -> int:
-    """Deletes those of ``sha256s`` no image row references, ``SWEEP_CHUNK`` per transaction
-    (``delete_unreferenced_blobs`` under their locks); how many (would be, with ``dry_run``).
-    Each transaction holds at most SWEEP_CHUNK advisory locks: PostgreSQL's lock table is shared
-    by every session of the server (max_locks_per_transaction x max_connections, 6,400 slots by
-    default), and one transaction locking a large history's blobs ran it out of shared memory."""
-    deleted = 0
-    for start in range(0, len(sha256s), SWEEP_CHUNK):
-        chunk = sha256s[start : start + SWEEP_CHUNK]
+    orphaned = 0
+    for start in range(0, len(blobs), SWEEP_CHUNK):
+        chunk = blobs[start : start + SWEEP_CHUNK]
         referenced = set(await session.scalars(select(Image.sha256).where(Image.sha256.in_(chunk)).distinct()))
         candidates = [sha256 for sha256 in chunk if sha256 not in referenced]
         await session.rollback()
         if dry_run:
-            deleted += len(candidates)
+            orphaned += len(candidates)
         elif candidates:
-            deleted += await delete_unreferenced_blobs(session=session, store=store, sha256s=candidates)
-    return deleted
+            orphaned += await delete_unreferenced_blobs(session=session, store=store, sha256s=candidates)
+    if not dry_run:
+        await store.remove(unfinished)
+    return Sweep(orphaned=orphaned, unfinished=len(unfinished))
 
 
 THUMBNAIL_SIZE = 280
