@@ -7,6 +7,7 @@ import socket
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -278,6 +279,17 @@ async def blob_lock(settings: Settings, sha: str) -> tuple[asyncpg.Connection, A
     tx = conn.transaction()
     await tx.start()
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)
+    return conn, tx
+
+
+async def image_row_lock(settings: Settings, image_id: str) -> tuple[asyncpg.Connection, Any]:
+    """An outside transaction holding one upload's row ``FOR KEY SHARE``, as a prediction or a
+    verdict on that upload in progress would: deleting the row (as a user's deletion cascades to
+    it) waits for it. (connection, its transaction)."""
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute("SELECT 1 FROM images WHERE id = $1 FOR KEY SHARE", uuid.UUID(image_id))
     return conn, tx
 
 

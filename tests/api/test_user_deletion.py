@@ -3,11 +3,13 @@ deadlock, no 500, a clear 4xx for the deleted user's requests, no file left behi
 of another user lost.
 
 Every writer that adds rows under a user takes that user's row (``OWNER_KEY_SHARE``) before its
-other locks; ``delete_user`` locks the row ``FOR UPDATE`` first, then the blob locks of the user's
-files, sorted. No model worker: the catalogue is told every registry model is served, so jobs just
-wait in the queue. An outside transaction holding one blob's advisory lock stands for another
-user's upload or delete of that content in progress: it keeps ``delete_user`` waiting with the
-user's row locked, long enough to interleave."""
+other locks; ``delete_user`` locks the row ``FOR UPDATE`` first, deletes it with everything it owns
+and commits, then deletes the files no other upload references, a chunk at a time under their blob
+locks. No model worker: the catalogue is told every registry model is served, so jobs just wait in
+the queue. An outside transaction holding one of the user's uploads ``FOR KEY SHARE`` stands for a
+prediction or verdict on it in progress: the cascade waits for it with the user's row locked, long
+enough to interleave; one holding a blob's advisory lock stands for another user's upload of that
+content in progress."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from api.app.core.config import Settings
 from api.app.images import service as images_service
 from tests.conftest import PASSWORD, Users
 from tests.images import noise_png
-from tests.support import blob_lock, pause_inspection, waiting_on_lock
+from tests.support import blob_lock, image_row_lock, pause_inspection, waiting_on_lock
 
 MODEL = "mobilenet_v2@1"
 
@@ -47,14 +49,14 @@ async def test_predicting_a_stored_image_while_its_owner_is_deleted_waits_and_ge
     r = await client.post("/v1/images", files={"file": ("a.png", data)}, headers=headers)
     assert r.status_code == 201, r.text
     image_id = r.json()["id"]
-    conn, tx = await blob_lock(settings, hashlib.sha256(data).hexdigest())
+    conn, tx = await image_row_lock(settings, image_id)
     try:
         deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)  # delete_user: row FOR UPDATE held, waits for the blob lock
+        await waiting_on_lock(settings, 1)  # delete_user: row FOR UPDATE held, its cascade waits for the upload
         predicting = asyncio.create_task(
             client.post("/v1/predictions", json={"image_id": image_id, "models": [MODEL]}, headers=headers)
         )
-        await waiting_on_lock(settings, 2)  # the job's insert: image KEY SHARE held, waits for the user row
+        await waiting_on_lock(settings, 2)  # the request waits for the user row
         await tx.commit()
     finally:
         await conn.close()
@@ -188,11 +190,14 @@ async def test_uploads_by_a_user_being_deleted_get_401_and_leave_nothing(
     _, other = await users.create()
     had = png(9)
     shared = png(10)
+    ids = []
     for content in (had, shared):
-        assert (await client.post("/v1/images", files={"file": ("h", content)}, headers=headers)).status_code == 201
+        r = await client.post("/v1/images", files={"file": ("h", content)}, headers=headers)
+        assert r.status_code == 201
+        ids.append(r.json()["id"])
     assert (await client.post("/v1/images", files={"file": ("s", shared)}, headers=other)).status_code == 201
     new1, new2 = png(11), png(12)
-    conn, tx = await blob_lock(settings, hashlib.sha256(had).hexdigest())
+    conn, tx = await image_row_lock(settings, ids[0])
     try:
         deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
         await waiting_on_lock(settings, 1)
@@ -262,10 +267,10 @@ async def test_a_verdict_by_a_user_being_deleted(
             )
         )
         await session.commit()
-    # A blob lock on other content of theirs keeps the delete waiting with the row locked.
-    other = png(14)
-    assert (await client.post("/v1/images", files={"file": ("o", other)}, headers=headers)).status_code == 201
-    conn, tx = await blob_lock(settings, hashlib.sha256(other).hexdigest())
+    # Another upload of theirs, held outside, keeps the delete waiting with the row locked.
+    r = await client.post("/v1/images", files={"file": ("o", png(14))}, headers=headers)
+    assert r.status_code == 201
+    conn, tx = await image_row_lock(settings, r.json()["id"])
     try:
         deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
         await waiting_on_lock(settings, 1)
@@ -288,9 +293,10 @@ async def test_deleting_an_image_while_its_owner_is_deleted(
     x, other = png(15), png(16)
     r = await client.post("/v1/images", files={"file": ("x", x)}, headers=headers)
     image_id = r.json()["id"]
-    assert (await client.post("/v1/images", files={"file": ("o", other)}, headers=headers)).status_code == 201
-    # The delete waits on `other`'s lock, holding the row (and, if sha(x) < sha(other), x's lock).
-    conn, tx = await blob_lock(settings, hashlib.sha256(other).hexdigest())
+    r = await client.post("/v1/images", files={"file": ("o", other)}, headers=headers)
+    assert r.status_code == 201
+    # The delete waits on `other`'s row, holding the user's (and maybe x's, deleted first).
+    conn, tx = await image_row_lock(settings, r.json()["id"])
     try:
         deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
         await waiting_on_lock(settings, 1)
@@ -357,19 +363,18 @@ async def test_batches_crossing_on_shared_files_leave_no_file_and_no_batch_recei
 async def test_another_users_upload_of_the_same_content_survives_the_deletion(
     client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str], settings: Settings
 ) -> None:
-    """The delete holds x's blob lock (and waits for a later blob of its user); another user's
-    upload of x waits, then stores x again after the delete removed it: its row points at a file
-    that exists."""
+    """The delete's rows are gone and its file step waits for x's blob lock (held outside, as
+    another upload of x in progress would); another user's upload of x waits behind it, then
+    stores x again after the delete removed it: its row points at a file that exists."""
     leaving, hl = await users.create()
     _, other = await users.create()
-    pair = sorted([png(31), png(32)], key=lambda d: hashlib.sha256(d).hexdigest())
-    x, later = pair
-    for content in pair:
+    x, later = png(31), png(32)
+    for content in (x, later):
         assert (await client.post("/v1/images", files={"file": ("f", content)}, headers=hl)).status_code == 201
-    conn, tx = await blob_lock(settings, hashlib.sha256(later).hexdigest())
+    conn, tx = await blob_lock(settings, hashlib.sha256(x).hexdigest())
     try:
         deleting = asyncio.create_task(client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)  # holds x, waits for `later`
+        await waiting_on_lock(settings, 1)  # the rows committed, the file step waits for x's lock
         up = asyncio.create_task(client.post("/v1/images", files={"file": ("x", x)}, headers=other))
         await waiting_on_lock(settings, 2)
         await tx.commit()
@@ -381,6 +386,34 @@ async def test_another_users_upload_of_the_same_content_survives_the_deletion(
     view = await client.get(f"/v1/images/{u.json()['id']}/view", headers=other)
     assert view.status_code == 200
     assert not list(settings.storage_dir.rglob(hashlib.sha256(later).hexdigest() + "*"))
+
+
+async def test_another_users_upload_does_not_wait_for_the_deletion(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    """While the delete waits with the user's row locked, another user's upload of the same
+    content is stored at once (the delete holds no blob lock while it deletes rows), and its file
+    stays after the delete."""
+    leaving, hl = await users.create()
+    _, other = await users.create()
+    x = png(33)
+    r = await client.post("/v1/images", files={"file": ("f", x)}, headers=hl)
+    assert r.status_code == 201
+    conn, tx = await image_row_lock(settings, r.json()["id"])
+    try:
+        deleting = asyncio.create_task(client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers))
+        await waiting_on_lock(settings, 1)
+        u = await asyncio.wait_for(client.post("/v1/images", files={"file": ("x", x)}, headers=other), 10)
+        assert u.status_code == 201, u.text
+        assert not deleting.done()
+        await tx.commit()
+    finally:
+        await conn.close()
+    d = await asyncio.wait_for(deleting, 30)
+    assert d.status_code == 204, d.text
+    view = await client.get(f"/v1/images/{u.json()['id']}/view", headers=other)
+    assert view.status_code == 200
+    assert list(settings.storage_dir.rglob(hashlib.sha256(x).hexdigest()))
 
 
 async def test_a_batch_of_stored_images_and_the_deletion_of_its_owner_wait_for_each_other(
@@ -408,7 +441,7 @@ async def test_a_batch_of_stored_images_and_the_deletion_of_its_owner_wait_for_e
         client.post("/v1/batches", data={"models": MODEL, "image_ids": image_id}, headers=headers)
     )
     await asyncio.wait_for(arrived.wait(), 10)  # the batch row is committed
-    conn, tx = await blob_lock(settings, hashlib.sha256(data).hexdigest())
+    conn, tx = await image_row_lock(settings, image_id)
     try:
         deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
         await waiting_on_lock(settings, 1)  # on the owner's row, which the batch holds
@@ -449,12 +482,12 @@ async def test_a_batch_failing_on_its_first_file_is_cancelled(
 async def test_changing_ones_password_or_keys_while_being_deleted_gets_a_4xx(
     client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str], settings: Settings
 ) -> None:
-    """The delete holds the user's row (waiting on one of their blob locks, held outside); a
+    """The delete holds the user's row (waiting on one of their uploads, held outside); a
     password change and a new API key wait for it, then find the row gone: 4xx, not 500."""
     user, headers = await users.create()
-    data = png(951)
-    assert (await client.post("/v1/images", files={"file": ("a", data)}, headers=headers)).status_code == 201
-    conn, tx = await blob_lock(settings, hashlib.sha256(data).hexdigest())
+    r = await client.post("/v1/images", files={"file": ("a", png(951))}, headers=headers)
+    assert r.status_code == 201
+    conn, tx = await image_row_lock(settings, r.json()["id"])
     try:
         deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
         await waiting_on_lock(settings, 1)

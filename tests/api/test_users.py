@@ -322,6 +322,44 @@ async def test_deleting_a_user_deletes_the_files_only_they_uploaded(
     assert await store.exists(shared_sha)
 
 
+async def test_deleting_a_user_holds_a_few_blob_locks_at_a_time(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    users: Users,
+    admin_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The files of a deleted user's uploads go a chunk (SWEEP_CHUNK) per transaction: locking all
+    of a large history's blobs in one ran PostgreSQL's shared lock table out of memory (about
+    6,400 locks for the whole server), so such a user could never be deleted."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from api.app.images import service as images_service
+
+    leaving, headers = await users.create()
+    shas = []
+    for i in range(7):
+        png = encode(Image.new("RGB", (3 + i, 5), (i, 40, 80)), "PNG")
+        r = await client.post("/v1/images", files={"file": (f"{i}.png", png)}, headers=headers)
+        assert r.status_code == 201
+        shas.append(r.json()["sha256"])
+    held: list[int] = []
+    real = images_service._lock_blobs
+
+    async def counted(session: AsyncSession, sha256s: list[str]) -> None:
+        await real(session, sha256s)
+        mine = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        held.append(int(await session.scalar(text(mine)) or 0))
+
+    monkeypatch.setattr(images_service, "SWEEP_CHUNK", 2)
+    monkeypatch.setattr(images_service, "_lock_blobs", counted)
+    r = await client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers)
+    assert r.status_code == 204
+    assert held and max(held) <= 2, held
+    assert [await app.state.store.exists(sha) for sha in shas] == [False] * 7
+
+
 async def test_deleting_a_user_while_they_upload_waits_for_the_upload_and_leaves_no_file(
     client: httpx.AsyncClient, app: FastAPI, users: Users
 ) -> None:

@@ -18,7 +18,7 @@ from anyio import CapacityLimiter, to_thread
 from fastapi import HTTPException, UploadFile
 from PIL import Image as PILImage
 from PIL import ImageDraw
-from sqlalchemy import Table, bindparam, func, insert, select
+from sqlalchemy import Table, bindparam, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
@@ -76,8 +76,21 @@ owner was deleted, and then no blob lock either."""
 OWNER_GONE = "This account no longer exists."
 
 
+_LOCK_BLOBS = text(
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(ordered.sha256, 0)))"
+    ' FROM (SELECT DISTINCT given.sha256 COLLATE "C" AS sha256'
+    " FROM unnest(CAST(:b_sha256s AS text[])) AS given(sha256) ORDER BY 1) AS ordered"
+)
+"""``BLOB_LOCK`` of each of ``b_sha256s`` in one round trip, taken in byte order (any two holders
+of several wait in the same order, Python's ``sorted``)."""
+
+
 async def _lock_blob(session: AsyncSession, sha256: str) -> None:
     await session.execute(_LOCK_BLOB, {"b_sha256": sha256})
+
+
+async def _lock_blobs(session: AsyncSession, sha256s: list[str]) -> None:
+    await session.execute(_LOCK_BLOBS, {"b_sha256s": sha256s})
 
 
 async def lock_owner(*, session: AsyncSession, owner_id: int) -> None:
@@ -85,13 +98,6 @@ async def lock_owner(*, session: AsyncSession, owner_id: int) -> None:
     rows referencing the owner's other rows (a job for a stored image); 401 when they were deleted."""
     if (await session.execute(OWNER_KEY_SHARE, {"b_owner_id": owner_id})).first() is None:
         raise HTTPException(status_code=401, detail=OWNER_GONE)
-
-
-async def lock_blobs(*, session: AsyncSession, sha256s: list[str]) -> None:
-    """Takes the blob locks of ``sha256s`` in sorted order (any two holders of several wait in the
-    same order), until the transaction ends."""
-    for sha256 in sorted(sha256s):
-        await _lock_blob(session, sha256)
 
 
 _DECODE_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, CapacityLimiter]] = (
@@ -244,13 +250,15 @@ async def owned_blobs(*, session: AsyncSession, owner_id: int) -> list[str]:
 
 async def delete_unreferenced_blobs(*, session: AsyncSession, store: LocalBlobStore, sha256s: list[str]) -> int:
     """Deletes the blobs no upload references any more (after their rows went); how many.
-    Commits, which releases the per-blob locks taken here."""
+    Takes their locks first, then reads which are referenced (an upload of the same content
+    that committed meanwhile keeps its blob), in two round trips whatever their number. Commits,
+    which releases the per-blob locks taken here."""
+    await _lock_blobs(session, sha256s)
+    referenced = set(await session.scalars(select(Image.sha256).where(Image.sha256.in_(sha256s)).distinct()))
     deleted = 0
-    for sha256 in sorted(sha256s):
-        await _lock_blob(session, sha256)
-        if not await session.scalar(select(func.count()).select_from(Image).where(Image.sha256 == sha256)):
-            await store.delete(sha256)
-            deleted += 1
+    for sha256 in sorted(set(sha256s) - referenced):
+        await store.delete(sha256)
+        deleted += 1
     await session.commit()
     return deleted
 
@@ -278,19 +286,31 @@ async def sweep_orphaned_blobs(
     checked again under its lock (``delete_unreferenced_blobs``): an upload of the same content
     in progress keeps it. Reads the whole store: an operator's task, not a request's."""
     blobs, unfinished = await store.written_before(time.time() - older_than_seconds)
-    orphaned = 0
-    for start in range(0, len(blobs), SWEEP_CHUNK):
-        chunk = blobs[start : start + SWEEP_CHUNK]
+    orphaned = await delete_blobs_in_chunks(session=session, store=store, sha256s=blobs, dry_run=dry_run)
+    if not dry_run:
+        await store.remove(unfinished)
+    return Sweep(orphaned=orphaned, unfinished=len(unfinished))
+
+
+async def delete_blobs_in_chunks(
+    *, session: AsyncSession, store: LocalBlobStore, sha256s: list[str], dry_run: bool = False
+) -> int:
+    """Deletes those of ``sha256s`` no image row references, ``SWEEP_CHUNK`` per transaction
+    (``delete_unreferenced_blobs`` under their locks); how many (would be, with ``dry_run``).
+    Each transaction holds at most SWEEP_CHUNK advisory locks: PostgreSQL's lock table is shared
+    by every session of the server (max_locks_per_transaction x max_connections, 6,400 slots by
+    default), and one transaction locking a large history's blobs ran it out of shared memory."""
+    deleted = 0
+    for start in range(0, len(sha256s), SWEEP_CHUNK):
+        chunk = sha256s[start : start + SWEEP_CHUNK]
         referenced = set(await session.scalars(select(Image.sha256).where(Image.sha256.in_(chunk)).distinct()))
         candidates = [sha256 for sha256 in chunk if sha256 not in referenced]
         await session.rollback()
         if dry_run:
-            orphaned += len(candidates)
+            deleted += len(candidates)
         elif candidates:
-            orphaned += await delete_unreferenced_blobs(session=session, store=store, sha256s=candidates)
-    if not dry_run:
-        await store.remove(unfinished)
-    return Sweep(orphaned=orphaned, unfinished=len(unfinished))
+            deleted += await delete_unreferenced_blobs(session=session, store=store, sha256s=candidates)
+    return deleted
 
 
 THUMBNAIL_SIZE = 280

@@ -193,18 +193,21 @@ async def change_password(
 
 
 async def delete_user(*, session: AsyncSession, store: LocalBlobStore, actor: User, user: User) -> None:
-    """Deletes the user with everything they own, and the files of their uploads that no other
-    upload references. Raises 409 for the acting admin or the last active admin."""
+    """Deletes the user with everything they own (one transaction), then the files of their
+    uploads that no other upload references (``images.service.delete_blobs_in_chunks``: a few
+    hundred per transaction, each under its blob lock, so a history of any size can go; files a
+    crash leaves behind are the blob sweep's). Raises 409 for the acting admin or the last active
+    admin."""
     await _keep_an_admin(session=session, actor=actor, target=user, action="delete")
     # The row first: an upload of theirs in progress (it holds the row FOR KEY SHARE, then its
     # blob lock) commits before this reads their files, and a later one waits, then finds them gone.
     await session.execute(select(User.id).where(User.id == user.id).with_for_update())
     blobs = await images_service.owned_blobs(session=session, owner_id=user.id)
-    # Their blob locks before the cascade, which locks upload rows that a delete holding a blob lock waits on.
-    await images_service.lock_blobs(session=session, sha256s=blobs)
     await session.delete(user)
-    await session.flush()
-    await images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=blobs)
+    await session.commit()
+    # Another user's upload of the same content, committed by now or waiting for the blob's lock,
+    # keeps the file: each is counted again under its lock.
+    await images_service.delete_blobs_in_chunks(session=session, store=store, sha256s=blobs)
 
 
 async def ensure_admin(*, session: AsyncSession, hasher: PasswordHasher, email: str, password: str) -> bool:
