@@ -6,8 +6,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+import altair as alt
 import pandas as pd
 import streamlit as st
+from pandas.io.formats.style import Styler
 
 from contracts.training import ARCHITECTURES
 from ui.client import (
@@ -657,12 +659,30 @@ def show_curves(history: list[dict[str, float]]) -> None:
             numbers = ", ".join(f"{said} {_curve_value(c, h[c])}" for c, said in CURVES.items() if c in h)
             st.caption(f"Epoch {int(h['epoch'])}: {numbers}")
         return
-    frame = pd.DataFrame(history).set_index("epoch")
+    frame = pd.DataFrame(history)
     left, right = st.columns(2)
     left.caption("Loss")
-    left.line_chart(frame[[c for c in ("loss", "val_loss") if c in frame]])
+    left.altair_chart(curve_chart(frame, [c for c in ("loss", "val_loss") if c in frame]), use_container_width=True)
     right.caption("Accuracy")
-    right.line_chart(frame[[c for c in ("accuracy", "val_accuracy") if c in frame]])
+    right.altair_chart(
+        curve_chart(frame, [c for c in ("accuracy", "val_accuracy") if c in frame]), use_container_width=True
+    )
+
+
+def curve_chart(frame: pd.DataFrame, columns: list[str]) -> alt.Chart:
+    """Lines of ``columns`` of ``frame`` (one row per epoch, column ``epoch``) against the epoch,
+    whose axis is marked at whole epochs only (a quantitative axis otherwise marks 1.5, 2.5, ...)."""
+    long = frame.melt(id_vars="epoch", value_vars=columns, var_name="curve", value_name="value")
+    return (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d"), title="epoch"),
+            y=alt.Y("value:Q", title=None),
+            color=alt.Color("curve:N", title=None),
+            tooltip=["epoch:Q", "curve:N", "value:Q"],
+        )
+    )
 
 
 CURVES = {"loss": "loss", "val_loss": "validation loss", "accuracy": "accuracy", "val_accuracy": "validation accuracy"}
@@ -685,12 +705,15 @@ def show_record(record: dict[str, Any], *, key: str) -> None:
     if matrix := record.get("confusion_matrix"):
         names = matrix["labels"]
         st.caption("Confusion matrix (rows: true label, columns: predicted)")
-        st.dataframe(
-            pd.DataFrame(matrix["rows_true_columns_predicted"], index=names, columns=names).style.background_gradient(
-                cmap="Blues"
-            ),
-            key=f"confusion_{key}",
-        )
+        st.dataframe(confusion_table(matrix["rows_true_columns_predicted"], names), key=f"confusion_{key}")
+
+
+def confusion_table(counts: list[list[int]], labels: list[str]) -> Styler:
+    """The confusion matrix (rows: true label, columns: predicted) shaded on one scale for the
+    whole table, so the darkest cells are the largest counts (shaded per column, a column of
+    a few misreadings looked as dark as the diagonal)."""
+    frame = pd.DataFrame(counts, index=labels, columns=labels)
+    return frame.style.background_gradient(cmap="Blues", axis=None)
 
 
 def users_tab(api: Api) -> None:

@@ -1,0 +1,45 @@
+"""The admin page's training record: the confusion matrix and the curves as drawn."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ui.views.admin import confusion_table, curve_chart
+
+
+def test_the_confusion_matrix_is_shaded_on_one_scale() -> None:
+    """A column holding one misreading is as pale as an empty cell, not as dark as the diagonal."""
+    styled = confusion_table([[100, 0], [0, 1]], ["cat", "dog"])
+    styled._compute()
+    colour = {cell: dict(props)["background-color"] for cell, props in styled.ctx.items()}
+    red = {cell: int(value[1:3], 16) for cell, value in colour.items()}
+    assert red[(0, 0)] < 0x40  # the diagonal's 100: dark blue
+    assert red[(1, 1)] > 0xE0, colour  # the single dog: pale, as the empty cells
+
+
+def test_the_curves_are_marked_at_whole_epochs() -> None:
+    history = [{"epoch": 1, "loss": 0.9, "val_loss": 1.0}, {"epoch": 2, "loss": 0.5, "val_loss": 0.7}]
+    spec = curve_chart(pd.DataFrame(history), ["loss", "val_loss"]).to_dict()
+    axis = spec["encoding"]["x"]["axis"]
+    assert axis["tickMinStep"] == 1 and axis["format"] == "d"
+    rows = spec["datasets"][next(iter(spec["datasets"]))]
+    assert {(r["epoch"], r["curve"]) for r in rows} == {(1, "loss"), (1, "val_loss"), (2, "loss"), (2, "val_loss")}
+
+
+def _two_epochs() -> None:
+    from ui.views.admin import show_curves
+
+    show_curves(
+        [
+            {"epoch": 1, "loss": 0.9, "val_loss": 1.0, "accuracy": 0.5, "val_accuracy": 0.4},
+            {"epoch": 2, "loss": 0.5, "val_loss": 0.7, "accuracy": 0.7, "val_accuracy": 0.6},
+        ]
+    )
+
+
+def test_two_epochs_draw_a_loss_and_an_accuracy_chart() -> None:
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_function(_two_epochs).run()
+    assert not app.exception, app.exception
+    assert len(app.get("vega_lite_chart")) == 2
