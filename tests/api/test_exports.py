@@ -442,8 +442,8 @@ async def test_zips_no_export_keeps_are_deleted_and_the_others_kept(
     client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], settings: Settings
 ) -> None:
     """A process killed after forgetting an expired zip and before deleting it, or one that had
-    lost its export and finished it late, leaves a zip that no export names: nothing else would
-    ever delete it."""
+    lost its export and finished it late, leaves a zip that no export names, and one killed while
+    writing a zip leaves its part when the export then ends: nothing else would ever delete them."""
     done = await finished(client, admin_headers, (await start(client, admin_headers, model="sketch"))["id"])
     [kept] = service.leftovers(settings.storage_dir, uuid.UUID(done["id"]))
     folder = settings.storage_dir / service.EXPORTS_DIR
@@ -452,13 +452,17 @@ async def test_zips_no_export_keeps_are_deleted_and_the_others_kept(
     running_id = uuid.UUID(await running_elsewhere(app, lease=timedelta(hours=1)))
     recording = folder / service.archive_name(running_id, 1).split("/")[-1]  # renamed, not yet recorded
     other = folder / "notes.txt"
-    for path in (late, deleted, recording, other):
+    late_part = folder / service.archive_name(uuid.UUID(done["id"]), 8, part=True).split("/")[-1]
+    deleted_part = folder / service.archive_name(uuid.uuid4(), 1, part=True).split("/")[-1]
+    writing = folder / service.archive_name(running_id, 2, part=True).split("/")[-1]
+    for path in (late, deleted, recording, other, late_part, deleted_part, writing):
         path.write_bytes(b"PK")
     try:
         await own_runner(app, app.state.store).expire()
-        assert kept.exists() and recording.exists() and other.exists()
+        assert kept.exists() and recording.exists() and other.exists() and writing.exists()
         assert not late.exists() and not deleted.exists()
+        assert not late_part.exists() and not deleted_part.exists()
     finally:
-        for path in (recording, other):
+        for path in (recording, other, writing):
             path.unlink(missing_ok=True)
         await client.post(f"/v1/admin/exports/{running_id}/cancel", headers=admin_headers)

@@ -49,7 +49,7 @@ def _remove(paths: list[Path]) -> None:
 
 
 def _zips_in(folder: Path) -> list[str]:
-    return [path.name for path in folder.glob("*.zip")] if folder.is_dir() else []
+    return [path.name for path in (*folder.glob("*.zip"), *folder.glob("*.zip.part"))] if folder.is_dir() else []
 
 
 @dataclass

@@ -35,16 +35,21 @@ def archive_name(export_id: uuid.UUID, attempt: int, *, part: bool = False) -> s
     return f"{EXPORTS_DIR}/{export_id}.{attempt}.zip" + (".part" if part else "")
 
 
-FINISHED_ZIP = re.compile(r"^(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.\d+\.zip$")
-"""The name of a finished zip in EXPORTS_DIR (``archive_name`` without ``part``)."""
+ARCHIVE = re.compile(
+    r"^(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.\d+\.zip(?P<part>\.part)?$"
+)
+"""The name of a zip in EXPORTS_DIR (``archive_name``), finished or, with ``part``, being written."""
 
 
 async def orphaned_archives(*, session: AsyncSession, names: list[str]) -> list[str]:
-    """Of ``names`` (files in EXPORTS_DIR), the finished zips no export keeps: their export was
-    deleted, or it ended with another zip or none (its zip forgotten after EXPORT_KEEP_DAYS by a
-    process killed before it deleted the file; a process that had lost the export finishing it
-    late). A zip of an export still queued or running is kept: its runner is about to record it."""
-    named = {name: uuid.UUID(m["id"]) for name in names if (m := FINISHED_ZIP.match(name))}
+    """Of ``names`` (files in EXPORTS_DIR), the zips no export keeps: their export was deleted, or
+    it ended with another zip or none (its zip forgotten after EXPORT_KEEP_DAYS by a process
+    killed before it deleted the file; a process that had lost the export finishing it late), and
+    the half-written ones (``.zip.part``) of exports deleted or ended (a process killed while
+    writing one, whose export then failed or was cancelled). A zip of an export still queued or
+    running is kept: its runner is writing it or about to record it."""
+    matched = {name: m for name in names if (m := ARCHIVE.match(name))}
+    named = {name: uuid.UUID(m["id"]) for name, m in matched.items()}
     if not named:
         return []
     rows = {
@@ -57,7 +62,9 @@ async def orphaned_archives(*, session: AsyncSession, names: list[str]) -> list[
     orphaned = []
     for name, export_id in named.items():
         row = rows.get(export_id)
-        if row is None or (row.status not in UNFINISHED and row.path != f"{EXPORTS_DIR}/{name}"):
+        if row is None or (
+            row.status not in UNFINISHED and (matched[name]["part"] or row.path != f"{EXPORTS_DIR}/{name}")
+        ):
             orphaned.append(name)
     return orphaned
 
