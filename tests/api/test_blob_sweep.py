@@ -165,6 +165,23 @@ async def test_an_old_orphan_an_upload_is_committing_stays(settings: Settings, u
         assert (await c.get(f"/v1/images/{r.json()['id']}/file", headers=headers)).status_code == 200
 
 
+async def test_two_sweeps_at_once_count_an_orphan_once(settings: Settings, tmp_path: Path) -> None:
+    """Both sweeps find the orphan and wait for its lock (held outside); the one that deletes it
+    counts it, the other finds it gone."""
+    storage = tmp_path / "storage"
+    sha = orphan(storage, "swept twice")
+    conn, tx = await blob_lock(settings, sha)
+    try:
+        sweeps = [asyncio.create_task(sweep(settings, storage, 3600)) for _ in range(2)]
+        await waiting_on_lock(settings, 2)
+    finally:
+        await tx.commit()
+        await conn.close()
+    found = await asyncio.wait_for(asyncio.gather(*sweeps), 30)
+    assert sorted(s.orphaned for s in found) == [0, 1]
+    assert not (storage / sha[:2] / sha).exists()
+
+
 async def test_sweep_blobs_deletes_only_old_blobs_no_image_references(
     client: httpx.AsyncClient, users: Users, settings: Settings
 ) -> None:

@@ -249,16 +249,16 @@ async def owned_blobs(*, session: AsyncSession, owner_id: int) -> list[str]:
 
 
 async def delete_unreferenced_blobs(*, session: AsyncSession, store: LocalBlobStore, sha256s: list[str]) -> int:
-    """Deletes the blobs no upload references any more (after their rows went); how many.
-    Takes their locks first, then reads which are referenced (an upload of the same content
+    """Deletes the blobs no upload references any more (after their rows went); how many were
+    there (a sweep or deletion that held their locks before may have deleted some). Takes their
+    locks first, then reads which are referenced (an upload of the same content
     that committed meanwhile keeps its blob), in two round trips whatever their number. Commits,
     which releases the per-blob locks taken here."""
     await _lock_blobs(session, sha256s)
     referenced = set(await session.scalars(select(Image.sha256).where(Image.sha256.in_(sha256s)).distinct()))
     deleted = 0
     for sha256 in sorted(set(sha256s) - referenced):
-        await store.delete(sha256)
-        deleted += 1
+        deleted += await store.delete(sha256)
     await session.commit()
     return deleted
 

@@ -3,6 +3,7 @@ preview of the images that are costly to decode."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -42,9 +43,13 @@ class LocalBlobStore:
             fh.write(data)
         os.replace(tmp, path)
 
-    def _delete(self, sha256: str) -> None:
-        self._path(sha256, _PREVIEW).unlink(missing_ok=True)
-        self._path(sha256).unlink(missing_ok=True)
+    def _delete(self, sha256: str) -> bool:
+        removed = False
+        for path in (self._path(sha256, _PREVIEW), self._path(sha256)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed = True
+        return removed
 
     def _get_preview(self, sha256: str) -> bytes | None:
         try:
@@ -86,8 +91,10 @@ class LocalBlobStore:
     async def exists(self, sha256: str) -> bool:
         return await to_thread.run_sync(self._path(sha256).exists)
 
-    async def delete(self, sha256: str) -> None:
-        await to_thread.run_sync(self._delete, sha256)
+    async def delete(self, sha256: str) -> bool:
+        """Deletes the blob and its preview; False when neither was there (deleted already, by
+        another sweep or deletion that held the blob's lock before)."""
+        return await to_thread.run_sync(self._delete, sha256)
 
     def _written_before(self, cutoff: float, unfinished_cutoff: float) -> tuple[list[str], list[Path]]:
         blobs: set[str] = set()
