@@ -457,6 +457,18 @@ async def test_a_keys_name_is_stored_trimmed(client: httpx.AsyncClient, users: U
     assert r.status_code == 201 and r.json()["name"] == "nightly", r.text
 
 
+@pytest.mark.parametrize("name", ["invoice\u202egnp.exe", "nightly\nadmin", "a\tb", "bell\x07", "csi\x9b"])
+async def test_a_keys_name_with_control_or_direction_characters_is_refused(
+    client: httpx.AsyncClient, users: Users, name: str
+) -> None:
+    """Shown in tables and logs, such a name could break a line or pass for another."""
+    _, login = await users.create()
+    r = await client.post("/v1/api-keys", json={"name": name, "scopes": ["read"]}, headers=login)
+    assert r.status_code == 422 and "control characters" in r.text, r.text
+    r = await client.post("/v1/api-keys", json={"name": "Zoë's 🚀 script (مرحبا)", "scopes": ["read"]}, headers=login)
+    assert r.status_code == 201, r.text
+
+
 async def test_a_login_token_sent_as_a_key_is_told_where_it_goes_and_not_counted(app: FastAPI, users: Users) -> None:
     """A login token in X-API-Key (a client set up for keys given a token) is 401 saying where
     a token goes, on user routes and on those that need a login alike, and never counts as a

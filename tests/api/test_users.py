@@ -92,6 +92,24 @@ async def test_admin_changes_role_and_name(
     assert (await client.get("/v1/users", headers=headers)).status_code == 200
 
 
+async def test_a_users_name_with_control_or_direction_characters_is_refused(
+    client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str]
+) -> None:
+    """On creation and on a change: 422 naming the rule; letters of any script pass."""
+    user, _ = await users.create()
+    for name in ("Mallory\u202e", "two\nlines", "\u2066isolate\u2069"):
+        r = await client.patch(f"/v1/users/{user['id']}", json={"name": name}, headers=admin_headers)
+        assert r.status_code == 422 and "control characters" in r.text, r.text
+        r = await client.post(
+            "/v1/users",
+            json={"email": f"n{len(name)}@example.com", "password": "a-good-password", "name": name},
+            headers=admin_headers,
+        )
+        assert r.status_code == 422, r.text
+    r = await client.patch(f"/v1/users/{user['id']}", json={"name": "Zoë Ñúñez 李"}, headers=admin_headers)
+    assert r.status_code == 200 and r.json()["name"] == "Zoë Ñúñez 李", r.text
+
+
 async def test_change_password_needs_current_one(client: httpx.AsyncClient, users: Users) -> None:
     user, headers = await users.create()
     r = await client.patch(

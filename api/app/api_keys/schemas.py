@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from api.app.core.fields import RequestBody, refuse_unstorable
+from api.app.core.fields import RequestBody, refuse_controls, refuse_unstorable
 from contracts.api_keys import MAX_EXPIRY_DAYS, Scope
 
 
@@ -18,10 +18,14 @@ def _trimmed(name: str) -> str:
 
 
 KeyName = Annotated[
-    str, StringConstraints(min_length=1, max_length=100), AfterValidator(_trimmed), AfterValidator(refuse_unstorable)
+    str,
+    StringConstraints(min_length=1, max_length=100),
+    AfterValidator(_trimmed),
+    AfterValidator(refuse_unstorable),
+    AfterValidator(refuse_controls),
 ]
 """A key's name: 1-100 characters as sent (the length its schema describes), stored with surrounding
-blanks trimmed; a name of blanks only is refused."""
+blanks trimmed; a name of blanks only, or with control or text-direction characters, is refused."""
 
 
 class ApiKeyCreate(RequestBody):

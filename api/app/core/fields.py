@@ -3,6 +3,7 @@ out-of-range or malformed value is its own 422, never a database error mistaken 
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated
 
 from fastapi import Path, Query
@@ -37,6 +38,23 @@ def refuse_unstorable(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(refuse_unstorable)]
 """A string that can be stored as PostgreSQL text."""
+
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Unicode's bidirectional embeddings, overrides and isolates (UAX #9, section 2): in a name they
+reorder what is shown after them ("invoice\u202egnp.exe" shows as "invoiceexe.png")."""
+
+
+def refuse_controls(value: str) -> str:
+    """Refuses a one-line name holding a control character (Unicode category Cc: newline, tab,
+    escape, C1) or a bidirectional control (``BIDI_CONTROLS``): shown in tables and logs, it could
+    break lines or make one name look like another."""
+    if any(unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS for ch in value):
+        raise ValueError("must not hold control characters (newlines, tabs, escapes) or text-direction overrides")
+    return value
+
+
+Name = Annotated[str, AfterValidator(refuse_unstorable), AfterValidator(refuse_controls)]
+"""A one-line name people read (a user's, a key's): storable text without control characters."""
 UserId = Annotated[int, Path(ge=1, le=INT32_MAX, description="a user's id")]
 Skip = Annotated[int, Query(ge=0, le=MAX_SKIP, description="rows to skip (at most 10,000; deeper, use cursor)")]
 

@@ -4,25 +4,25 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool
 
-from api.app.core.fields import RequestBody, Text
+from api.app.core.fields import Name, RequestBody, Text
 from api.app.users.models import Role
 
 
 class UserCreate(RequestBody):
     email: EmailStr
     password: Text
-    name: Text = Field(default="", max_length=200)
+    name: Name = Field(default="", max_length=200)
     role: Role = Role.user
 
 
 class SignupIn(RequestBody):
     email: EmailStr
     password: Text
-    name: Text = Field(default="", max_length=200)
+    name: Name = Field(default="", max_length=200)
 
 
 class UserUpdate(RequestBody):
-    name: Text | None = Field(default=None, max_length=200)
+    name: Name | None = Field(default=None, max_length=200)
     role: Role | None = None
     # Strict: "no" or 0 is not a yes-or-no (pydantic would read "no" as false).
     is_active: StrictBool | None = None
