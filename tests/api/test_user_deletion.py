@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -39,6 +41,22 @@ def png(seed: int) -> bytes:
 pytestmark = pytest.mark.usefixtures("everything_served")
 
 
+@asynccontextmanager
+async def deletion_held(
+    client: httpx.AsyncClient, settings: Settings, user_id: int, image_id: str, admin_headers: dict[str, str]
+) -> AsyncIterator[asyncio.Task[httpx.Response]]:
+    """``DELETE /v1/users/{user_id}`` started, and waiting with the user's row locked: its cascade
+    needs the upload ``image_id``, held outside (``image_row_lock``) until the block ends."""
+    conn, tx = await image_row_lock(settings, image_id)
+    try:
+        deleting = asyncio.create_task(client.delete(f"/v1/users/{user_id}", headers=admin_headers))
+        await waiting_on_lock(settings, 1)
+        yield deleting
+        await tx.commit()
+    finally:
+        await conn.close()
+
+
 async def test_predicting_a_stored_image_while_its_owner_is_deleted_waits_and_gets_401(
     client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str], settings: Settings
 ) -> None:
@@ -49,17 +67,12 @@ async def test_predicting_a_stored_image_while_its_owner_is_deleted_waits_and_ge
     r = await client.post("/v1/images", files={"file": ("a.png", data)}, headers=headers)
     assert r.status_code == 201, r.text
     image_id = r.json()["id"]
-    conn, tx = await image_row_lock(settings, image_id)
-    try:
-        deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)  # delete_user: row FOR UPDATE held, its cascade waits for the upload
+    # delete_user: the row FOR UPDATE held, its cascade waits for the upload.
+    async with deletion_held(client, settings, user["id"], image_id, admin_headers) as deleting:
         predicting = asyncio.create_task(
             client.post("/v1/predictions", json={"image_id": image_id, "models": [MODEL]}, headers=headers)
         )
         await waiting_on_lock(settings, 2)  # the request waits for the user row
-        await tx.commit()
-    finally:
-        await conn.close()
     d, p = await asyncio.wait_for(asyncio.gather(deleting, predicting), 30)
     assert d.status_code == 204 and p.status_code == 401, (d.status_code, d.text, p.status_code, p.text)
 
@@ -197,10 +210,7 @@ async def test_uploads_by_a_user_being_deleted_get_401_and_leave_nothing(
         ids.append(r.json()["id"])
     assert (await client.post("/v1/images", files={"file": ("s", shared)}, headers=other)).status_code == 201
     new1, new2 = png(11), png(12)
-    conn, tx = await image_row_lock(settings, ids[0])
-    try:
-        deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)
+    async with deletion_held(client, settings, user["id"], ids[0], admin_headers) as deleting:
         reqs = [
             client.post("/v1/images", files={"file": ("a", had)}, headers=headers),
             client.post("/v1/images", files={"file": ("b", new1)}, headers=headers),
@@ -209,9 +219,6 @@ async def test_uploads_by_a_user_being_deleted_get_401_and_leave_nothing(
         ]
         tasks = [asyncio.create_task(r) for r in reqs]
         await waiting_on_lock(settings, 5)
-        await tx.commit()
-    finally:
-        await conn.close()
     d = await asyncio.wait_for(deleting, 30)
     results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     assert d.status_code == 204
@@ -270,17 +277,11 @@ async def test_a_verdict_by_a_user_being_deleted(
     # Another upload of theirs, held outside, keeps the delete waiting with the row locked.
     r = await client.post("/v1/images", files={"file": ("o", png(14))}, headers=headers)
     assert r.status_code == 201
-    conn, tx = await image_row_lock(settings, r.json()["id"])
-    try:
-        deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)
+    async with deletion_held(client, settings, user["id"], r.json()["id"], admin_headers) as deleting:
         verdict = asyncio.create_task(
             client.post("/v1/feedback", json={"prediction_id": str(pred_id), "is_correct": True}, headers=headers)
         )
         await waiting_on_lock(settings, 2)
-        await tx.commit()
-    finally:
-        await conn.close()
     d, v = await asyncio.wait_for(asyncio.gather(deleting, verdict), 30)
     assert d.status_code == 204 and v.status_code < 500
 
@@ -296,15 +297,9 @@ async def test_deleting_an_image_while_its_owner_is_deleted(
     r = await client.post("/v1/images", files={"file": ("o", other)}, headers=headers)
     assert r.status_code == 201
     # The delete waits on `other`'s row, holding the user's (and maybe x's, deleted first).
-    conn, tx = await image_row_lock(settings, r.json()["id"])
-    try:
-        deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)
+    async with deletion_held(client, settings, user["id"], r.json()["id"], admin_headers) as deleting:
         removing = asyncio.create_task(client.delete(f"/v1/images/{image_id}", headers=headers))
         await asyncio.sleep(1.0)
-        await tx.commit()
-    finally:
-        await conn.close()
     d, i = await asyncio.wait_for(asyncio.gather(deleting, removing), 30)
     assert d.status_code == 204 and i.status_code in (204, 404)
     assert not list(settings.storage_dir.rglob(hashlib.sha256(x).hexdigest() + "*"))
@@ -399,16 +394,10 @@ async def test_another_users_upload_does_not_wait_for_the_deletion(
     x = png(33)
     r = await client.post("/v1/images", files={"file": ("f", x)}, headers=hl)
     assert r.status_code == 201
-    conn, tx = await image_row_lock(settings, r.json()["id"])
-    try:
-        deleting = asyncio.create_task(client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)
+    async with deletion_held(client, settings, leaving["id"], r.json()["id"], admin_headers) as deleting:
         u = await asyncio.wait_for(client.post("/v1/images", files={"file": ("x", x)}, headers=other), 10)
         assert u.status_code == 201, u.text
         assert not deleting.done()
-        await tx.commit()
-    finally:
-        await conn.close()
     d = await asyncio.wait_for(deleting, 30)
     assert d.status_code == 204, d.text
     view = await client.get(f"/v1/images/{u.json()['id']}/view", headers=other)
@@ -441,15 +430,10 @@ async def test_a_batch_of_stored_images_and_the_deletion_of_its_owner_wait_for_e
         client.post("/v1/batches", data={"models": MODEL, "image_ids": image_id}, headers=headers)
     )
     await asyncio.wait_for(arrived.wait(), 10)  # the batch row is committed
-    conn, tx = await image_row_lock(settings, image_id)
-    try:
-        deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)  # on the owner's row, which the batch holds
+    # The delete waits on the owner's row, which the batch holds.
+    async with deletion_held(client, settings, user["id"], image_id, admin_headers) as deleting:
         gate.set()
         await asyncio.wait_for(sending, 30)
-        await tx.commit()
-    finally:
-        await conn.close()
     d, b = await asyncio.wait_for(asyncio.gather(deleting, sending), 30)
     assert d.status_code == 204 and b.status_code == 202, (d.status_code, b.status_code, b.text)
 
@@ -487,10 +471,7 @@ async def test_changing_ones_password_or_keys_while_being_deleted_gets_a_4xx(
     user, headers = await users.create()
     r = await client.post("/v1/images", files={"file": ("a", png(951))}, headers=headers)
     assert r.status_code == 201
-    conn, tx = await image_row_lock(settings, r.json()["id"])
-    try:
-        deleting = asyncio.create_task(client.delete(f"/v1/users/{user['id']}", headers=admin_headers))
-        await waiting_on_lock(settings, 1)
+    async with deletion_held(client, settings, user["id"], r.json()["id"], admin_headers) as deleting:
         password = asyncio.create_task(
             client.patch(
                 "/v1/users/me/password",
@@ -502,9 +483,6 @@ async def test_changing_ones_password_or_keys_while_being_deleted_gets_a_4xx(
             client.post("/v1/api-keys", json={"name": "script", "scopes": ["read"]}, headers=headers)
         )
         await waiting_on_lock(settings, 3, within=20)
-        await tx.commit()
-    finally:
-        await conn.close()
     d, p, k = await asyncio.wait_for(asyncio.gather(deleting, password, key), 30)
     assert d.status_code == 204
     assert 400 <= p.status_code < 500 and 400 <= k.status_code < 500, (p.status_code, p.text, k.status_code, k.text)
