@@ -34,7 +34,7 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 from fastapi import HTTPException
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import WorkerDirectory
@@ -50,7 +50,7 @@ from api.app.images.storage import LocalBlobStore
 from api.app.registry import service as registry_service
 from api.app.registry.live import LiveRegistry
 from api.app.registry.models import ModelVersion
-from api.app.registry.schemas import VersionCreate
+from api.app.registry.schemas import Reason, VersionCreate
 from api.app.releases import service as releases_service
 from api.app.users.models import Role
 from api.app.users.service import check_password_policy, create_user
@@ -353,6 +353,15 @@ def _export_command(out: Path, model: str | None, version: int | None) -> int:
     return 0
 
 
+def _reason(value: str) -> str:
+    """``--reason`` checked as the API checks it (``registry.schemas.Reason``): one line, not
+    blank, at most 1,000 characters; trimmed. Raises ``argparse.ArgumentTypeError`` (exit 2)."""
+    try:
+        return str(TypeAdapter(Reason).validate_python(value))
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
 def _registry_parser(sub: Any) -> None:
     registry = sub.add_parser("registry", help="list and change the model registry (live, audited)")
     actions = registry.add_subparsers(dest="action", required=True)
@@ -362,7 +371,7 @@ def _registry_parser(sub: Any) -> None:
 
     def change(name: str, help: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = actions.add_parser(name, help=help)
-        parser.add_argument("--reason", required=True, help="why, for the audit trail")
+        parser.add_argument("--reason", required=True, type=_reason, help="why, for the audit trail (one line)")
         return parser
 
     change("register", "add a version from a YAML file holding one registry entry").add_argument("spec")

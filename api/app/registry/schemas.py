@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
-from api.app.core.fields import INT32_MAX, RequestBody, Text
+from api.app.core.fields import INT32_MAX, Name, RequestBody, Text
 from contracts.registry import MAX_VERSION, MAX_WEIGHT, InputSpec, Preprocessing, Runtime
 
 
@@ -57,8 +57,8 @@ def _not_blank(value: str) -> str:
 
 
 Reason = Annotated[
-    Text,
-    Field(min_length=1, max_length=1000, description="Why, for the audit trail (not blank)"),
+    Name,
+    Field(min_length=1, max_length=1000, description="Why, for the audit trail (one line, not blank)"),
     AfterValidator(_not_blank),
 ]
 
