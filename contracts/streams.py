@@ -27,9 +27,11 @@ StreamFields = dict[FieldT, EncodableT]
 
 
 def group_missing(exc: redis.exceptions.ResponseError) -> bool:
-    """Whether Redis refused a command because the stream or its group is gone (NOGROUP): it
-    lost its data, and the caller creates the group again."""
-    return "NOGROUP" in str(exc)
+    """Whether Redis refused a command because the stream or its group is gone: NOGROUP, or
+    UNBLOCKED for a read that was waiting when the stream was deleted (Redis 7; FLUSHDB or a
+    restart without its data). It lost its data, and the caller creates the group again."""
+    message = str(exc)
+    return "NOGROUP" in message or message.startswith("UNBLOCKED")
 
 
 def _already_exists(exc: redis.exceptions.ResponseError) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
 from typing import cast
@@ -105,6 +106,22 @@ def test_a_lost_group_is_told_from_other_refusals(redis_url: str) -> None:
     with pytest.raises(redis.exceptions.ResponseError) as wrong:
         client.xreadgroup(GROUP, "c", {stream: ">"})
     assert not streams.group_missing(wrong.value)
+
+
+def test_a_stream_deleted_under_a_waiting_read_is_a_lost_group(redis_url: str) -> None:
+    """A collector blocked in XREADGROUP when Redis lost its data (FLUSHDB) is told UNBLOCKED:
+    it creates the group again, as for NOGROUP, rather than logging a traceback."""
+    client = redis.Redis.from_url(redis_url)
+    stream = fresh_stream()
+    streams.ensure_group(client, stream, GROUP)
+    deleter = threading.Timer(0.3, lambda: redis.Redis.from_url(redis_url).delete(stream))
+    deleter.start()
+    try:
+        with pytest.raises(redis.exceptions.ResponseError) as unblocked:
+            client.xreadgroup(GROUP, "c", {stream: ">"}, block=5000)
+    finally:
+        deleter.join()
+    assert "UNBLOCKED" in str(unblocked.value) and streams.group_missing(unblocked.value)
 
 
 def test_redis_out_of_reach_is_one_of_the_redis_errors_and_a_refused_command_is_not(redis_url: str) -> None:
