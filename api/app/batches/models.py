@@ -57,7 +57,7 @@ class BatchItem(Base):
     position: Mapped[int] = mapped_column(Integer)
     file_name: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str | None] = mapped_column(String(64))
-    image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"), index=True)
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     """Identical images of a batch share one job: they are computed once."""
     error: Mapped[str | None] = mapped_column(Text)

@@ -18,7 +18,8 @@ from anyio import CapacityLimiter, to_thread
 from fastapi import HTTPException, UploadFile
 from PIL import Image as PILImage
 from PIL import ImageDraw
-from sqlalchemy import Table, bindparam, func, insert, select, text
+from sqlalchemy import Table, bindparam, delete, func, insert, select, text
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
@@ -243,6 +244,26 @@ async def list_images(
     return await keyset_page(session, Image, *where, page=page)
 
 
+OWNED_IMAGES_CHUNK = 2_000
+"""Uploads a user's deletion deletes per statement, with what cascades from them (jobs,
+predictions, verdicts): each statement stays well under the connection's command timeout (10 s),
+whatever the history's size."""
+
+
+async def delete_owned_images(*, session: AsyncSession, owner_id: int) -> int:
+    """Deletes every upload of ``owner_id`` and what cascades from them, ``OWNED_IMAGES_CHUNK``
+    per statement, in the caller's transaction (which holds the owner's row: no upload of theirs
+    begins meanwhile); how many."""
+    deleted = 0
+    chunk = select(Image.id).where(Image.owner_id == owner_id).limit(OWNED_IMAGES_CHUNK).scalar_subquery()
+    while True:
+        statement = delete(Image).where(Image.id.in_(chunk)).execution_options(synchronize_session=False)
+        result = cast(CursorResult[Any], await session.execute(statement))
+        deleted += result.rowcount
+        if result.rowcount < OWNED_IMAGES_CHUNK:
+            return deleted
+
+
 async def owned_blobs(*, session: AsyncSession, owner_id: int) -> list[str]:
     """The SHA-256 of every blob the user's uploads reference."""
     return list(await session.scalars(select(Image.sha256).where(Image.owner_id == owner_id).distinct()))
@@ -272,8 +293,10 @@ class Sweep:
     unfinished: int
 
 
-SWEEP_CHUNK = 500
-"""Blobs looked up, and deleted under their locks, per transaction."""
+SWEEP_CHUNK = 100
+"""Blobs looked up, and deleted under their locks, per transaction: an API process's whole pool
+(20 connections) deleting at once holds at most 2,000 of the server's shared lock slots (6,400 by
+default), so many deletions at once do not run it out of shared memory."""
 
 
 async def sweep_orphaned_blobs(
@@ -299,7 +322,8 @@ async def delete_blobs_in_chunks(
     (``delete_unreferenced_blobs`` under their locks); how many (would be, with ``dry_run``).
     Each transaction holds at most SWEEP_CHUNK advisory locks: PostgreSQL's lock table is shared
     by every session of the server (max_locks_per_transaction x max_connections, 6,400 slots by
-    default), and one transaction locking a large history's blobs ran it out of shared memory."""
+    default), and one transaction locking a large history's blobs ran it out of shared memory.
+    Raises what the database or the disk raised; the files not reached are the blob sweep's."""
     deleted = 0
     for start in range(0, len(sha256s), SWEEP_CHUNK):
         chunk = sha256s[start : start + SWEEP_CHUNK]

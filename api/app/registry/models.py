@@ -41,7 +41,7 @@ class RegistryChange(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
     actor: Mapped[str] = mapped_column(String(320))
     """The admin's email as it was, or ``registry.yaml`` for start-up seeding: kept when the user goes."""
     action: Mapped[str] = mapped_column(String(32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from fastapi import HTTPException, status
@@ -10,12 +11,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
+from api.app.core.errors import DB_ERRORS
 from api.app.core.security import PasswordHasher
 from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.users.models import Role, User
 from api.app.users.schemas import UserUpdate
+
+log = logging.getLogger(__name__)
 
 
 def normalize_email(email: str) -> str:
@@ -114,25 +118,24 @@ def _email_taken() -> HTTPException:
 
 
 async def _keep_an_admin(*, session: AsyncSession, actor: User, target: User, action: str) -> None:
-    """409 when ``action`` (demote, deactivate or delete) would take ``target``'s admin rights away
-    from the acting admin or from the last active admin. The active admins' rows are locked, so two
-    admins demoting each other at once cannot both succeed."""
+    """Refuses ``action`` (demote, deactivate or delete) of an active admin: 409 on oneself; 403
+    when the actor is no longer an active admin once the active admins' rows are locked (another
+    admin demoted, deactivated or deleted them meanwhile). The actor stays an active admin, so
+    there always is one, and two admins demoting each other at once cannot both succeed."""
     if not (target.is_admin and target.is_active):
         return
     if target.id == actor.id:
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=f"You cannot {action} yourself.")
     admins = list(await session.scalars(_ACTIVE_ADMINS))
-    if admins == [target.id]:
-        raise HTTPException(
-            status_code=status.HTTP_409_CONFLICT,
-            detail=f"Cannot {action} the last active admin; make another admin first.",
-        )
+    if actor.id not in admins:
+        # Demoted, deactivated or deleted by another admin while this waited for the rows.
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="You are no longer an active admin.")
 
 
 async def update_user(*, session: AsyncSession, actor: User, user: User, changes: UserUpdate) -> User:
     """Applies the fields ``changes`` sets; making a user an admin sets ``admin_since`` (their
     earlier keys' admin scope stays void). Raises 409 when it would demote or deactivate the
-    acting admin or the last active admin."""
+    acting admin, 403 when another admin took the actor's rights meanwhile (``_keep_an_admin``)."""
     if changes.role is not None and changes.role != Role.admin:
         await _keep_an_admin(session=session, actor=actor, target=user, action="demote")
     if changes.is_active is False:
@@ -193,21 +196,29 @@ async def change_password(
 
 
 async def delete_user(*, session: AsyncSession, store: LocalBlobStore, actor: User, user: User) -> None:
-    """Deletes the user with everything they own (one transaction), then the files of their
-    uploads that no other upload references (``images.service.delete_blobs_in_chunks``: a few
-    hundred per transaction, each under its blob lock, so a history of any size can go; files a
-    crash leaves behind are the blob sweep's). Raises 409 for the acting admin or the last active
-    admin."""
+    """Deletes the user with everything they own (one transaction: their uploads a few thousand
+    per statement, ``images.service.delete_owned_images``, then the account), then the files of
+    their uploads that no other upload references (``images.service.delete_blobs_in_chunks``: a
+    hundred per transaction, each under its blob lock, so a history of any size can go). Files
+    that step could not delete (the database or the disk failing, a crash) are left to the blob
+    sweep; the account is deleted all the same. Raises 409 for the acting admin, 403 when the
+    actor stopped being an active admin meanwhile."""
     await _keep_an_admin(session=session, actor=actor, target=user, action="delete")
     # The row first: an upload of theirs in progress (it holds the row FOR KEY SHARE, then its
     # blob lock) commits before this reads their files, and a later one waits, then finds them gone.
     await session.execute(select(User.id).where(User.id == user.id).with_for_update())
     blobs = await images_service.owned_blobs(session=session, owner_id=user.id)
+    await images_service.delete_owned_images(session=session, owner_id=user.id)
     await session.delete(user)
     await session.commit()
     # Another user's upload of the same content, committed by now or waiting for the blob's lock,
     # keeps the file: each is counted again under its lock.
-    await images_service.delete_blobs_in_chunks(session=session, store=store, sha256s=blobs)
+    try:
+        await images_service.delete_blobs_in_chunks(session=session, store=store, sha256s=blobs)
+    except (*DB_ERRORS, OSError) as exc:
+        # The account is gone, as answered; what a file step could not delete is the sweep's.
+        await session.rollback()
+        log.warning("user %d deleted; some of their files are left for sweep-blobs: %r", user.id, exc)
 
 
 async def ensure_admin(*, session: AsyncSession, hasher: PasswordHasher, email: str, password: str) -> bool:
