@@ -28,6 +28,11 @@ COMPOSE_ONLY: dict[str, tuple[str, str]] = {
         "- . _ ~ only: @ / # % : ? and the like would break that URL (compose cannot percent-encode\n"
         "it, and a percent-encoded one would be the database's password as written).",
     ),
+    "GRAFANA_ADMIN_PASSWORD": (
+        "",
+        "Grafana's admin password (user admin) in docker-compose.yml's monitoring profile. No default:\n"
+        "Grafana refuses to start while it is empty or admin.",
+    ),
 }
 """Variables docker-compose.yml reads from .env that are no setting of the API, the model service
 or the UI (their settings ignore them): name -> (compose's default, description)."""

@@ -1,7 +1,9 @@
 """What the images must hold for docker-compose.yml and deploy/k8s to run, read from the
 Dockerfiles with no Docker engine: the ImageNet weights files the workers load without a download,
 the mount points of the volumes owned by the user the container runs as, the script that seeds the
-trained-versions volume; and compose's network, healthchecks and start order."""
+trained-versions volume, what their ENV sets (no weight downloads, the project's packages on the
+path); and compose's network, healthchecks, start order, restart policies and the exposure of the
+monitoring profile."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import ipaddress
 import os
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,3 +315,131 @@ def test_compose_healthchecks_are_the_kubernetes_probes() -> None:
     assert SERVICES["model"]["healthcheck"]["test"] == ["CMD", *probes["model"]]
     assert SERVICES["explainer"]["healthcheck"]["test"] == ["CMD", *probes["model.explainer"]]
     assert probes["model.explainer"] == ["python", "-m", "model.health", "--explainer"]
+
+
+# --- the images' environment ----------------------------------------------------------------------
+
+
+def test_the_model_image_and_compose_download_no_weights() -> None:
+    """As the README and the Kubernetes pods have it: the model image's processes run with
+    ALLOW_WEIGHT_DOWNLOAD=false (a weights file the build did not put in is reported missing,
+    never fetched at run time), and compose's model worker and explainer say so too."""
+    model = final_stage("model/Dockerfile")
+    assert model.env().get("ALLOW_WEIGHT_DOWNLOAD") == "false"
+    assert not model_settings_in(model, {}).allow_weight_download
+    for name in MODEL_SERVICES:
+        service = SERVICES[name]
+        environment = {k: str(v) for k, v in service.get("environment", {}).items()}
+        if name != "trainer":  # the trainer builds no ImageNet model: the image's value is enough
+            assert environment.get("ALLOW_WEIGHT_DOWNLOAD") == "false", name
+        assert not model_settings_in(model, environment).allow_weight_download, name
+
+
+def test_the_api_image_imports_its_packages_in_a_script_run_by_its_path() -> None:
+    """``python /opt/portal/scripts/wait_for_schema.py`` (the API pods' init container) has only
+    the script's folder on ``sys.path``, and the migrations it reads import ``api...``: the image
+    puts its WORKDIR, where ``api/`` is copied, on PYTHONPATH (the script adds it itself too)."""
+    api = final_stage("api/Dockerfile")
+    [workdir] = api.args("WORKDIR")
+    assert workdir in api.env().get("PYTHONPATH", "").split(":")
+    copied = {paths[-1].rstrip("/") for flags, paths in api.copies() if "from" not in flags}
+    assert {"api", "contracts"} <= copied
+
+
+# --- compose: restarts and the monitoring profile ----------------------------------------------
+
+
+def one_shot_services() -> set[str]:
+    """The services others wait for to finish (``service_completed_successfully``): they run once."""
+    return {
+        dependency
+        for service in SERVICES.values()
+        for dependency, condition in (service.get("depends_on") or {}).items()
+        if condition == {"condition": "service_completed_successfully"}
+    }
+
+
+def test_long_running_services_restart_and_one_shot_ones_do_not() -> None:
+    """A worker killed for its memory, a crashed API or UI comes back by itself (and after the
+    Docker daemon restarts), unless stopped by hand; a one-shot job is never run again, so a
+    failed seed stays failed and the services waiting on it are not started."""
+    one_shot = one_shot_services()
+    assert one_shot == {"seed-trained"}
+    for name, service in SERVICES.items():
+        if name in one_shot:
+            assert service.get("restart", "no") == "no", name
+        else:
+            assert service.get("restart") == "unless-stopped", name
+
+
+def published(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """A compose service's published ports (short syntax): (host address, host port, container
+    port), the address ``0.0.0.0`` (every interface) when none is given."""
+    out = []
+    for port in service.get("ports", []):
+        *address, host, container = str(port).split(":")
+        out.append((address[0] if address else "0.0.0.0", host, container))
+    return out
+
+
+def test_monitoring_is_published_on_loopback_only() -> None:
+    """Prometheus has no login and Grafana's dashboards show the portal's traffic: reachable from
+    the host itself only. nginx, the portal's door, is the one port on every interface."""
+    for name, service in SERVICES.items():
+        for address, _host, _container in published(service):
+            if name == "nginx":
+                continue
+            assert ipaddress.ip_address(address).is_loopback, (name, address)
+    monitoring = {n for n, s in SERVICES.items() if "monitoring" in s.get("profiles", [])}
+    assert monitoring == {"prometheus", "grafana"}
+    assert all(published(SERVICES[n]) for n in monitoring)
+    assert published(SERVICES["nginx"]) == [("0.0.0.0", "80", "80")]
+
+
+def grafana_entrypoint(tmp_path: Path, password: str) -> subprocess.CompletedProcess[str]:
+    """Grafana's compose entrypoint run by ``sh`` as the container runs it (compose's ``$$``
+    unescaped), given ``password`` as GRAFANA_ADMIN_PASSWORD (``""``: unset, which compose's
+    ``${GRAFANA_ADMIN_PASSWORD}`` with no default makes empty), and the image's own entrypoint
+    (``/run.sh``) replaced by a stand-in that says it ran."""
+    grafana = SERVICES["grafana"]
+    shell, flag, script, *arguments = grafana["entrypoint"]
+    assert (shell, flag) == ("sh", "-c") and "exec /run.sh " in script, grafana["entrypoint"]
+    stand_in = tmp_path / "run.sh"
+    stand_in.write_text('#!/bin/sh\necho "grafana started as admin/$GF_SECURITY_ADMIN_PASSWORD"\n')
+    stand_in.chmod(0o755)
+    given = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    match = re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD(:?-)?\}", given)
+    assert match, f"no default password: {given}"
+    env = {"PATH": os.environ["PATH"], "GF_SECURITY_ADMIN_PASSWORD": password}
+    return subprocess.run(
+        ["sh", "-c", script.replace("$$", "$").replace("/run.sh", str(stand_in)), *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("password", ["", "admin"])
+def test_grafana_refuses_to_start_without_a_password_of_its_own(tmp_path: Path, password: str) -> None:
+    """Grafana would create admin/admin: its password comes from GRAFANA_ADMIN_PASSWORD, with no
+    default, and the container stops at once, saying so, when it is missing or Grafana's default."""
+    refused = grafana_entrypoint(tmp_path, password)
+    assert refused.returncode == 1, refused
+    assert "set GRAFANA_ADMIN_PASSWORD" in refused.stderr and "started" not in refused.stdout
+
+
+def test_grafana_starts_with_the_password_it_is_given(tmp_path: Path) -> None:
+    started = grafana_entrypoint(tmp_path, "a-long-grafana-password")
+    assert started.returncode == 0, started
+    assert started.stdout == "grafana started as admin/a-long-grafana-password\n"
+
+
+def test_no_variable_is_required_by_a_profile_a_plain_up_leaves_out() -> None:
+    """compose interpolates every service before it drops those of inactive profiles: a
+    ``${VAR:?...}`` (or ``${VAR?...}``) there would stop a plain ``docker compose up`` too."""
+    for name, service in SERVICES.items():
+        if service.get("profiles"):
+            text = yaml.safe_dump(service)
+            assert not re.search(r"\$\{\w+:?\?", text.replace("$$", "")), name

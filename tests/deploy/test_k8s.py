@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -904,19 +905,28 @@ def empty_database() -> Iterator[str]:
 
 
 def wait_for_schema(database_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "wait_for_schema.py"),
-            str(ROOT / "api" / "migrations"),
-            *("--timeout", "0.5", "--interval", "0.1"),
-        ],
-        env={**os.environ, "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    """The script run as the API pod's init container runs it: from a folder of its own (its
+    ConfigMap's mount), in another working directory, with no ``PYTHONPATH`` (``make test`` exports
+    one) nor any other path to the project than the migrations folder it is given."""
+    with tempfile.TemporaryDirectory() as folder:
+        scripts, cwd = Path(folder, "scripts"), Path(folder, "cwd")
+        scripts.mkdir()
+        cwd.mkdir()
+        shutil.copy(SCRIPTS / "wait_for_schema.py", scripts)
+        return subprocess.run(
+            [
+                sys.executable,
+                str(scripts / "wait_for_schema.py"),
+                str(ROOT / "api" / "migrations"),
+                *("--timeout", "0.5", "--interval", "0.1"),
+            ],
+            env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "DATABASE_URL": database_url},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
 
 def test_wait_for_schema_waits_until_the_migrations_reach_head(empty_database: str) -> None:
@@ -954,6 +964,22 @@ def test_wait_for_schema_takes_either_spelling_of_the_tls_mode(key: str, empty_d
     assert prefer.returncode == 1 and "schema at nothing, waiting for" in prefer.stdout, prefer.stdout + prefer.stderr
     require = wait_for_schema(f"{empty_database}?{key}=require")
     assert require.returncode == 1 and "rejected SSL upgrade" in require.stdout, require.stdout + require.stderr
+
+
+def test_wait_for_schema_finds_the_project_of_the_migrations_it_is_given(tmp_path: Path) -> None:
+    """The migration files import ``api...``: the folder above the migrations' packages goes on
+    ``sys.path`` (``/app`` in the image, whatever the working directory or ``PYTHONPATH``)."""
+    script = load_script("wait_for_schema")
+    assert script.project_root(ROOT / "api" / "migrations") == ROOT
+    app = tmp_path / "app"
+    (app / "api" / "migrations" / "versions").mkdir(parents=True)
+    (app / "api" / "__init__.py").touch()
+    assert script.project_root(app / "api" / "migrations") == app
+    # A migrations folder that is a package itself, or in a folder that is none, alike.
+    (app / "api" / "migrations" / "__init__.py").touch()
+    assert script.project_root(app / "api" / "migrations") == app
+    (tmp_path / "alembic").mkdir()
+    assert script.project_root(tmp_path / "alembic") == tmp_path
 
 
 def test_wait_for_schema_reads_database_url_as_the_api_does() -> None:

@@ -2,6 +2,9 @@
 carries, so an API process never starts against tables the migrations Job has not made yet.
 
 ``python wait_for_schema.py <migrations dir> [--timeout S]``; ``DATABASE_URL`` as the API reads it.
+The migration files import the project (``from api.app... import``), and Python puts only this
+script's own folder (a mounted ConfigMap) on ``sys.path``: the folder holding the migrations'
+package (``/app`` for ``/app/api/migrations``) is added, so it runs without ``PYTHONPATH``.
 Exits 0 once every revision in ``alembic_version`` is a head of ``<migrations dir>`` or one this
 image does not know (a newer release migrated already: its migrations only add to the schema, so
 this release's code still runs on it); 1 after ``--timeout`` seconds (0, the default: wait for good).
@@ -33,6 +36,16 @@ def asyncpg_dsn(database_url: str) -> str:
         raise SystemExit(f"DATABASE_URL gives two TLS modes: {' and '.join(sorted(map(str, modes)))}")
     url = url.difference_update_query(("ssl", "sslmode"))
     return (url.update_query_dict({"sslmode": modes.pop()}) if modes else url).render_as_string(hide_password=False)
+
+
+def project_root(migrations: Path) -> Path:
+    """The folder the migrations' top-level package lives in: the nearest ancestor of
+    ``migrations`` without an ``__init__.py`` (``/app`` for ``/app/api/migrations``), from which
+    the migration files' ``import api...`` resolves."""
+    root = migrations.resolve().parent
+    while (root / "__init__.py").is_file():
+        root = root.parent
+    return root
 
 
 def is_current(database: set[str], script: ScriptDirectory) -> bool:
@@ -68,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=0.0)
     parser.add_argument("--interval", type=float, default=2.0)
     args = parser.parse_args(argv)
+    root = str(project_root(args.migrations))
+    if root not in sys.path:
+        # Before site-packages, as PYTHONPATH would be: the image's own api package is the one meant.
+        sys.path.insert(0, root)
     script = ScriptDirectory(str(args.migrations))
     dsn = asyncpg_dsn(os.environ["DATABASE_URL"])
     started = time.monotonic()
