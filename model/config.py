@@ -7,7 +7,7 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.registry import DEFAULT_REGISTRY_PATH, ModelEntry, Registry, parse_model_ref
@@ -38,7 +38,7 @@ class ModelSettings(BaseSettings):
     """QuickDraw ``<category>.npy`` files for training (missing ones are downloaded)."""
     calibration_dir: Path = PROJECT_ROOT / "var" / "data" / "calibration"
     """Photos that set the activation ranges of INT8 versions (``model.prepare``); about a dozen suffice."""
-    calibration_samples: int = 300
+    calibration_samples: int = Field(default=300, ge=1)
     """Calibration inputs drawn from those photos (random crops and flips)."""
     training_cache_dir: Path = Path.home() / ".cache" / "image-portal" / "trained"
     """Trained models kept by a hash of their training options, trainer code and data, reused instead of retraining."""
@@ -49,32 +49,34 @@ class ModelSettings(BaseSettings):
     """Let Keras download ImageNet weights when no local file is present."""
     benchmark_mode: bool = False
     """Also serve benchmark-only models (random weights)."""
-    model_workers: int = 1
+    model_workers: int = Field(default=1, ge=1)
     """Worker processes ``make run`` starts."""
     serve_models: str = ""
     """Model versions this worker loads and serves, e.g. "resnet50@1,sketch" (a bare name: every version); empty: all."""
     worker_id: str = ""
     """This worker's name in heartbeats and logs (default: host-pid)."""
-    max_batch_size: int = 8
+    max_batch_size: int = Field(default=8, ge=1)
     """Most jobs of one model version run in one batched inference."""
-    max_batch_delay_ms: float = 0.0
+    max_batch_delay_ms: float = Field(default=0.0, ge=0)
     """Longest wait for more jobs once a batch has started (0: take only those already waiting)."""
-    visibility_timeout_ms: int = 30_000
+    visibility_timeout_ms: int = Field(default=30_000, ge=1)
     """A delivered job unacknowledged this long is taken over by another worker (the jobs of a
     stopped worker sooner: once its heartbeat is gone, after HEARTBEAT_TTL_S)."""
-    max_deliveries: int = 3
+    max_deliveries: int = Field(default=3, ge=1)
     """Deliveries after which a job goes to the dead-letter stream as failed."""
-    registry_check_s: float = 2.0
+    registry_check_s: float = Field(default=2.0, gt=0)
     """Besides listening for the API's announcements, how often the worker checks the registry's
     revision in Redis (a missed announcement delays a change by this much at most)."""
-    heartbeat_interval_s: float = 2.0
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
     """How often the worker announces itself."""
-    heartbeat_ttl_s: float = 10.0
-    """How long a heartbeat counts as live without renewal."""
-    inference_threads: int = 2
+    # Redis expires keys by the millisecond: a shorter TTL would be 0, which it refuses.
+    heartbeat_ttl_s: float = Field(default=10.0, ge=0.001)
+    """How long a heartbeat counts as live without renewal: longer than HEARTBEAT_INTERVAL_S, or
+    the worker would look stopped between two and its jobs be taken over."""
+    inference_threads: int = Field(default=2, ge=1)
     """Threads one inference may use (TensorFlow intra-op, OpenVINO, TFLite): about the cores per worker."""
-    tf_inter_op_threads: int = 1
-    """TensorFlow threads running independent operations."""
+    tf_inter_op_threads: int = Field(default=1, ge=0)
+    """TensorFlow threads running independent operations (0: TensorFlow's choice)."""
     batch_inference_cpus: int = Field(default=1, ge=0)
     """CPUs the batch lane's jobs are inferred on (0: all of the worker's). On a host of few
     cores, a batch inferred on all of them took the API's CPU from people's requests (p95 1.5-1.9
@@ -87,16 +89,17 @@ class ModelSettings(BaseSettings):
     batch_max_defer_ms: float = Field(default=1000.0, ge=0)
     """Longest a batch job waits for people's jobs to pause: under a steady stream of them the
     batch still gets one job through this often."""
-    cpu_nice: int = 10
+    cpu_nice: int = Field(default=10, ge=-20, le=19)
     """Niceness added to the worker process: inference yields the CPU to the API on a shared host."""
-    labels_ttl_s: int = 7 * 86400
+    labels_ttl_s: int = Field(default=7 * 86400, ge=1)
     """TTL of the published label lists in Redis."""
     explain_models: str = ""
     """Keras models an explainer (``python -m model.explainer``) loads to compute Grad-CAM heatmaps,
     e.g. "mobilenet_v2@1,sketch@3"; empty: the Keras twin of every version served."""
-    explanation_ttl_s: int = 7 * 86400
+    explanation_ttl_s: int = Field(default=7 * 86400, ge=1)
     """How long a computed heatmap stays cached in Redis, per (user, image sha256, model version)."""
-    explain_claim_idle_s: float = 10.0
+    # In whole milliseconds to XAUTOCLAIM: 0 would claim what another explainer is computing.
+    explain_claim_idle_s: float = Field(default=10.0, ge=0.001)
     """An explanation request delivered to an explainer that has not acknowledged it for this long
     (it was killed, say) is claimed by another: answered if still awaited, else dropped."""
     log_level: str = "INFO"
@@ -121,6 +124,37 @@ class ModelSettings(BaseSettings):
             return served
         return [m for m in served if any(m.name == n and v in (None, m.version) for n, v in wanted)]
 
+    def published_entries(self, published: Registry, file: Registry) -> list[ModelEntry]:
+        """What SERVE_MODELS selects, at start-up, of the registry the API published (``file``:
+        the registry file, which seeds it). A model of either registry with no version served
+        for now (all retired or disabled) selects nothing and the worker waits for one
+        (``live_entries``); a reference that matches no model version of either, a mistake that
+        no registry change will mend, stops the process, saying why."""
+        try:
+            wanted = [parse_model_ref(ref) for ref in self.serve_models.split(",") if ref.strip()]
+        except ValueError as exc:
+            raise SystemExit(f"SERVE_MODELS={self.serve_models!r}: {exc}") from None
+        # Benchmark-only versions are none of this worker's unless BENCHMARK_MODE: no revision
+        # changes that.
+        known = [m for r in (published, file) for m in r.models if self.benchmark_mode or not m.benchmark_only]
+        for name, version in wanted:
+            if not any(m.name == name and version in (None, m.version) for m in known):
+                ref = name if version is None else f"{name}@{version}"
+                raise SystemExit(
+                    f"SERVE_MODELS={self.serve_models!r}: {ref!r} matches no model version in the registry;"
+                    f" served: {', '.join(m.key for m in published.served(benchmark_mode=self.benchmark_mode))}"
+                )
+        return self.live_entries(published)
+
+    @model_validator(mode="after")
+    def _heartbeat_outlives_its_interval(self) -> ModelSettings:
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"HEARTBEAT_TTL_S ({self.heartbeat_ttl_s:g}) must be longer than HEARTBEAT_INTERVAL_S"
+                f" ({self.heartbeat_interval_s:g}): the heartbeat would expire between two renewals"
+            )
+        return self
+
     @field_validator(
         "registry_path",
         "models_dir",
@@ -141,3 +175,22 @@ class ModelSettings(BaseSettings):
 @lru_cache
 def get_model_settings() -> ModelSettings:
     return ModelSettings()
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """A settings validation error on one line: each setting refused by its variable's name, with
+    the value given, and why."""
+    problems = []
+    for error in exc.errors():
+        why = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{str(error['loc'][0]).upper()}={error['input']}: {why}" if error["loc"] else why)
+    return "; ".join(problems)
+
+
+def load_model_settings(process: str) -> ModelSettings:
+    """The settings of an entry point (``process`` names it in the message): a value out of range
+    stops it at once with one line naming the setting (SystemExit, status 1), not a traceback."""
+    try:
+        return ModelSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"{process} refuses to start: {settings_problems(exc)}") from None

@@ -42,7 +42,7 @@ from contracts.imaging import ImageRejected
 from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus
 from contracts.registry import ModelEntry, Registry, load_registry, parse_model_ref
 from contracts.streams import REDIS_ERRORS
-from model.config import ModelSettings
+from model.config import ModelSettings, load_model_settings
 from model.gradcam import GradCam, NotExplainable
 from model.runtimes import (
     FailedLoads,
@@ -409,7 +409,7 @@ class Explainer:
 def main() -> None:
     from model.logs import configure_logging
 
-    settings = ModelSettings()
+    settings = load_model_settings("model explainer")
     configure_logging(settings.log_level, settings.log_json)
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)

@@ -21,7 +21,7 @@ from redis.retry import Retry
 
 from contracts import training
 from contracts.streams import IDLE_CONSUMER_FORGET_MS, REDIS_ERRORS, ensure_group, forget_idle_consumers, group_missing
-from model.config import ModelSettings
+from model.config import ModelSettings, load_model_settings
 from model.store import remove_abandoned_staging, remove_unmade, version_lock, written_into
 
 log = logging.getLogger("model.trainer")
@@ -297,7 +297,7 @@ class Trainer:
 def main() -> None:
     from model.logs import configure_logging
 
-    settings = ModelSettings()
+    settings = load_model_settings("model trainer")
     configure_logging(settings.log_level, settings.log_json)
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)

@@ -43,7 +43,7 @@ from contracts.registry import ModelEntry, Registry, load_registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
 from model.affinity import narrowed_cpus, spread_over
-from model.config import ModelSettings
+from model.config import ModelSettings, load_model_settings
 from model.runtimes import (
     FailedLoads,
     LoadedModel,
@@ -103,15 +103,20 @@ class Worker:
         self.follows_registry = registry is None
         self.revision: tuple[str, int] | None = None
         """(source, revision) of the published registry this worker serves; None: not one yet."""
-        if registry is None:
-            registry = load_registry(settings.registry_path)
+        if registry is not None:
+            self.entries = settings.served_entries(registry)
+        else:
+            file = registry = load_registry(settings.registry_path)
             with contextlib.suppress(*REDIS_ERRORS):  # Redis down: the file now, the published one later
                 if (snapshot := registry_live.read_snapshot(self.redis)) is not None:
                     registry, self.revision = snapshot.registry, (snapshot.source, snapshot.revision)
+            # Without a published registry SERVE_MODELS names versions the file serves; with one,
+            # a model whose versions are all retired for now is waited for, and only a reference
+            # to no version at all stops the worker (it would serve nothing while looking healthy).
+            self.entries = (
+                settings.served_entries(file) if self.revision is None else settings.published_entries(registry, file)
+            )
         self.registry = registry
-        self.entries = (
-            settings.live_entries(registry) if self.revision is not None else settings.served_entries(registry)
-        )
         self.jobs = JobStreams(self.redis, self.worker_id)
         self.models: dict[str, LoadedModel] = {}
         """The models loaded, by the job stream they serve."""
@@ -714,7 +719,7 @@ def release_memory() -> None:
 def main() -> None:
     from model.logs import configure_logging
 
-    settings = ModelSettings()
+    settings = load_model_settings("model worker")
     configure_logging(settings.log_level, settings.log_json)
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)

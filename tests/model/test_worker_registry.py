@@ -4,11 +4,15 @@ let go (their memory returned), without a restart."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 import redis
 import redis.asyncio
 
@@ -21,7 +25,7 @@ from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key
 from model.runtimes import resolve
 from model.store import clear_progress, write_progress
 from model.worker import Worker
-from tests.support import RedisServer, start_worker, wait_for_worker, wait_until
+from tests.support import ROOT, RedisServer, model_env, start_worker, wait_for_worker, wait_until
 
 FILE = load_registry()
 
@@ -93,6 +97,46 @@ def test_a_worker_follows_the_published_registry(private_redis: RedisServer) -> 
             freed = loaded_rss - process.memory_info().rss
             raise AssertionError(f"only {freed / 2**20:.1f} MiB returned") from None
         assert worker.alive()
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("serve_models", ["nosuchmodel", "sketch,sketch@99"])
+def test_a_worker_told_to_serve_a_model_no_registry_has_stops_at_once(
+    private_redis: RedisServer, serve_models: str
+) -> None:
+    """With a registry published, as without one (``test_worker.py``), a SERVE_MODELS reference
+    that matches no model version of the registry stops the worker at start-up, in one line
+    naming it, and its healthcheck fails: it never serves nothing while looking healthy."""
+    url = private_redis.url
+    assert publish(url, 1, [entry("sketch@1"), entry("sketch@2", "retired")])
+    env = {**os.environ, **model_env("w3", url), "SERVE_MODELS": serve_models, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "model"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    unknown = serve_models.split(",")[-1]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"SERVE_MODELS={serve_models!r}: {unknown!r} matches no model version in the registry; served: sketch@1"
+    ), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    health = subprocess.run([sys.executable, "-m", "model.health"], env=env, cwd=ROOT, capture_output=True, timeout=60)
+    assert health.returncode == 1
+
+
+def test_a_worker_waits_for_a_model_whose_versions_are_all_retired_for_now(private_redis: RedisServer) -> None:
+    """A model of the registry with no version served at the moment (every one retired or disabled
+    by an admin) is no mistake in SERVE_MODELS: the worker starts, serves nothing, and loads the
+    version the registry serves next."""
+    url = private_redis.url
+    client = redis.Redis.from_url(url)
+    assert publish(url, 1, [entry("sketch@1", "retired"), entry("mobilenet_v2@1")])
+    worker = start_worker("waiting", url, SERVE_MODELS="sketch", REGISTRY_CHECK_S="1")
+    try:
+        wait_for_worker(url, worker)
+        assert serving(client, "waiting") == set() and worker.alive()
+        assert publish(url, 2, [entry("sketch@1"), entry("mobilenet_v2@1")])
+        wait_until(lambda: serving(client, "waiting") == {"sketch@1"}, 60, "sketch@1 served")
     finally:
         worker.stop()
 
