@@ -82,6 +82,17 @@ def explanations_of_user_key(owner_id: int) -> str:
     return f"explanation:user:{owner_id}"
 
 
+def owned_key_patterns(owner_id: int) -> list[str]:
+    """SCAN patterns of every key holding what ``owner_id`` sent or was answered (cached answers
+    and explanations, in-flight markers, the explanation queue's count): deleted with the user."""
+    return [
+        f"cache:{owner_id}:*",
+        f"explanation:{owner_id}:*",
+        f"explanation:inflight:{owner_id}:*",
+        explanations_of_user_key(owner_id),
+    ]
+
+
 def explanation_done_key(request_id: str) -> str:
     """A list the explainer pushes the explanation to, which the waiting request BLPOPs."""
     return f"explanation:done:{request_id}"

@@ -381,6 +381,38 @@ async def test_deleting_a_user_deletes_their_uploads_a_chunk_per_statement(
     assert left == 0
 
 
+async def test_deleting_a_user_forgets_their_cached_answers_and_explanations(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, admin_headers: dict[str, str]
+) -> None:
+    """Their cached answers and heatmaps outlived the account by their TTLs (a day, a week);
+    another user's stay."""
+    from contracts import keys
+
+    leaving, _ = await users.create()
+    staying, _ = await users.create()
+    redis = app.state.redis
+    sha = "ab" * 32
+    theirs = [
+        keys.result_cache_key(leaving["id"], sha, "sketch", 3),
+        keys.explanation_key(leaving["id"], sha, "sketch", 3),
+        keys.explanation_inflight_key(leaving["id"], sha, "sketch", 3),
+    ]
+    others = [
+        keys.result_cache_key(staying["id"], sha, "sketch", 3),
+        keys.explanation_key(staying["id"], sha, "sketch", 3),
+    ]
+    for key in theirs + others:
+        await redis.set(key, "{}", ex=600)
+    await redis.zadd(keys.explanations_of_user_key(leaving["id"]), {"request": 1.0})
+    try:
+        r = await client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers)
+        assert r.status_code == 204, r.text
+        assert await redis.exists(*theirs, keys.explanations_of_user_key(leaving["id"])) == 0
+        assert await redis.exists(*others) == len(others)
+    finally:
+        await redis.delete(*theirs, *others, keys.explanations_of_user_key(leaving["id"]))
+
+
 async def test_a_user_is_deleted_when_their_files_cannot_be_deleted_then(
     client: httpx.AsyncClient,
     app: FastAPI,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
@@ -28,6 +29,7 @@ from api.app.deps import (
     HasherDep,
     LoginUser,
     ReadSessionDep,
+    RedisDep,
     SessionDep,
     SettingsDep,
     StoreDep,
@@ -42,6 +44,9 @@ from api.app.users.schemas import (
     UsersPublic,
     UserUpdate,
 )
+from contracts.streams import REDIS_ERRORS
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 classic = APIRouter(prefix="/user", tags=["users (classic)"])
@@ -141,11 +146,18 @@ async def update_user(user_id: UserId, body: UserUpdate, session: SessionDep, ad
 
 
 @router.delete("/{user_id:int}", status_code=204, responses=DELETE)
-async def delete_user(user_id: UserId, session: SessionDep, store: StoreDep, admin: AdminLoginUser) -> Response:
-    """Delete a user, everything they own and their files no one else uploaded (an admin's login
-    token; 403 for an API key)."""
+async def delete_user(
+    user_id: UserId, session: SessionDep, store: StoreDep, redis: RedisDep, admin: AdminLoginUser
+) -> Response:
+    """Delete a user, everything they own, their files no one else uploaded and their cached
+    answers and explanations (an admin's login token; 403 for an API key)."""
     target = await _existing_user(session, user_id)
     await service.delete_user(session=session, store=store, actor=admin, user=target)
+    try:
+        await service.forget_cached_data(redis=redis, user_id=user_id)
+    except REDIS_ERRORS as exc:
+        # The account is gone, as answered; the keys left expire by their TTLs.
+        log.warning("user %d deleted; their cached answers stay until they expire: %r", user_id, exc)
     return Response(status_code=204)
 
 

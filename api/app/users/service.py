@@ -6,6 +6,7 @@ import logging
 from datetime import UTC, datetime
 
 from fastapi import HTTPException, status
+from redis.asyncio import Redis
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -18,6 +19,7 @@ from api.app.images import service as images_service
 from api.app.images.storage import LocalBlobStore
 from api.app.users.models import Role, User
 from api.app.users.schemas import UserUpdate
+from contracts import keys
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,27 @@ async def delete_user(*, session: AsyncSession, store: LocalBlobStore, actor: Us
         # The account is gone, as answered; what a file step could not delete is the sweep's.
         await session.rollback()
         log.warning("user %d deleted; some of their files are left for sweep-blobs: %r", user.id, exc)
+
+
+FORGET_BATCH = 500
+"""Keys unlinked per command when a deleted user's cached data is forgotten."""
+
+
+async def forget_cached_data(*, redis: Redis, user_id: int) -> int:
+    """Deletes the Redis keys holding what the user sent or was answered (``keys.owned_key_patterns``:
+    cached answers, explanations), which would otherwise outlive the account by their TTLs (a day,
+    a week); how many. SCAN walks the keyspace in steps, never blocking Redis; raises Redis's errors."""
+    forgotten = 0
+    for pattern in keys.owned_key_patterns(user_id):
+        batch: list[bytes] = []
+        async for key in redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= FORGET_BATCH:
+                forgotten += await redis.unlink(*batch)
+                batch = []
+        if batch:
+            forgotten += await redis.unlink(*batch)
+    return forgotten
 
 
 async def ensure_admin(*, session: AsyncSession, hasher: PasswordHasher, email: str, password: str) -> bool:
