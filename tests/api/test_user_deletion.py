@@ -463,26 +463,37 @@ async def test_a_batch_failing_on_its_first_file_is_cancelled(
     assert statuses == ["cancelled"], statuses
 
 
-async def test_changing_ones_password_or_keys_while_being_deleted_gets_a_4xx(
+async def test_changing_ones_password_keys_or_batches_while_being_deleted_gets_401(
     client: httpx.AsyncClient, users: Users, admin_headers: dict[str, str], settings: Settings
 ) -> None:
     """The delete holds the user's row (waiting on one of their uploads, held outside); a
-    password change and a new API key wait for it, then find the row gone: 4xx, not 500."""
+    password change, a new API key and a batch of theirs wait for it, then find the account gone:
+    401 as any request of a deleted account (they were 409 "changed meanwhile" or "conflicts");
+    an admin's change of the account finds it gone: 404."""
     user, headers = await users.create()
     r = await client.post("/v1/images", files={"file": ("a", png(951))}, headers=headers)
     assert r.status_code == 201
     async with deletion_held(client, settings, user["id"], r.json()["id"], admin_headers) as deleting:
-        password = asyncio.create_task(
+        requests = [
             client.patch(
                 "/v1/users/me/password",
                 json={"current_password": PASSWORD, "new_password": "another-good-password"},
                 headers=headers,
-            )
+            ),
+            client.post("/v1/api-keys", json={"name": "script", "scopes": ["read"]}, headers=headers),
+            client.post("/v1/batches", files=[("file", ("b.png", png(952)))], data={"models": MODEL}, headers=headers),
+        ]
+        theirs = [asyncio.create_task(request) for request in requests]
+        await waiting_on_lock(settings, 4, within=20)
+        renaming = asyncio.create_task(
+            client.patch(f"/v1/users/{user['id']}", json={"name": "N"}, headers=admin_headers)
         )
-        key = asyncio.create_task(
-            client.post("/v1/api-keys", json={"name": "script", "scopes": ["read"]}, headers=headers)
-        )
-        await waiting_on_lock(settings, 3, within=20)
-    d, p, k = await asyncio.wait_for(asyncio.gather(deleting, password, key), 30)
+        await waiting_on_lock(settings, 5, within=20)
+    d = await asyncio.wait_for(deleting, 30)
+    answers = await asyncio.wait_for(asyncio.gather(*theirs), 30)
+    renamed = await asyncio.wait_for(renaming, 30)
     assert d.status_code == 204
-    assert 400 <= p.status_code < 500 and 400 <= k.status_code < 500, (p.status_code, p.text, k.status_code, k.text)
+    assert [(a.status_code, a.json()["detail"]) for a in answers] == [(401, "This account no longer exists.")] * 3, [
+        (a.status_code, a.text) for a in answers
+    ]
+    assert renamed.status_code == 404, renamed.text

@@ -87,6 +87,19 @@ the same rows at the same time, and PostgreSQL rolled its transaction back; the 
 again."""
 
 
+OWNER_GONE = "This account no longer exists."
+"""The answer (401) to a request whose own account was deleted while it ran."""
+
+
+def _owner_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a row naming its owner (``owner_id``) refused because that user was
+    deleted meanwhile (SQLSTATE 23503 on a ``fk_<table>_owner_id_users`` constraint): the
+    request's own account, as rows are owned by the requester."""
+    orig = getattr(exc, "orig", exc)
+    constraint = str(getattr(orig, "constraint_name", None) or getattr(orig.__cause__, "constraint_name", "") or "")
+    return _sqlstate(exc) == "23503" and constraint.endswith("_owner_id_users")
+
+
 def _sqlstate(exc: BaseException) -> str:
     """PostgreSQL's error code: of asyncpg's error itself, or of the one SQLAlchemy wraps."""
     return str(getattr(getattr(exc, "orig", exc), "sqlstate", "") or "")
@@ -283,6 +296,8 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         if status == 503:
             outage_log.report("postgresql", exc)
             return unavailable("The database is unavailable; retry shortly.", retry_after)
+        if status == 409 and _owner_gone(exc):
+            return JSONResponse(status_code=401, content={"detail": OWNER_GONE})
         if status == 409 and concurrent_change(exc):
             detail = "Another request changed the same data at the same time; retry."
             return JSONResponse(status_code=409, content={"detail": detail}, headers={"Retry-After": "1"})

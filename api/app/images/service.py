@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
 from api.app.core.db import OWNER_KEY_SHARE, utcnow
+from api.app.core.errors import OWNER_GONE
 from api.app.core.fields import storable
 from api.app.core.paging import KeysetPage, keyset_page
 from api.app.images.models import Image, ImageSource
@@ -73,8 +74,6 @@ OWNER_THEN_BLOB_LOCK = select(BLOB_LOCK).select_from(OWNER_KEY_SHARE.subquery("o
 """An upload's two locks in one round trip: its owner's row (``OWNER_KEY_SHARE``: the subquery's
 row lock comes before the outer select list is computed), then the blob lock. No row when the
 owner was deleted, and then no blob lock either."""
-
-OWNER_GONE = "This account no longer exists."
 
 
 _LOCK_BLOBS = text(

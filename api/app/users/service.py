@@ -9,10 +9,11 @@ from fastapi import HTTPException, status
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
-from api.app.core.errors import DB_ERRORS
+from api.app.core.errors import DB_ERRORS, OWNER_GONE
 from api.app.core.security import PasswordHasher
 from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
@@ -151,7 +152,12 @@ async def update_user(*, session: AsyncSession, actor: User, user: User, changes
         # Reactivating the account later brings none of its sessions or API keys back.
         end_sessions(user)
         user.keys_valid_after = func.clock_timestamp()
-    await session.commit()
+    try:
+        await session.commit()
+    except StaleDataError:
+        # Deleted by another admin while this waited for the row.
+        await session.rollback()
+        raise HTTPException(status_code=404, detail="User not found") from None
     await session.refresh(user)
     return user
 
@@ -169,7 +175,12 @@ async def set_password(*, session: AsyncSession, hasher: PasswordHasher, user: U
     session.add(user)  # the signed-in user comes detached from its own lookup
     user.hashed_password = await hasher.hash(password)
     end_sessions(user)
-    await session.commit()
+    try:
+        await session.commit()
+    except StaleDataError:
+        # The account was deleted while this waited for its row.
+        await session.rollback()
+        raise HTTPException(status_code=401, detail=OWNER_GONE) from None
 
 
 async def change_password(
