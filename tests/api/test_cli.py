@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("reason", "says"),
     [
         ("   ", "a reason is not blank"),
+        ("\u200b\u200b", "a reason is not blank"),  # zero-width spaces: nothing to read
         ("\x1b[31mred\x07", "must not hold control characters"),
         ("first line\nsecond line", "must not hold control characters"),
     ],

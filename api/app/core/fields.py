@@ -39,6 +39,13 @@ def refuse_unstorable(value: str) -> str:
 Text = Annotated[str, AfterValidator(refuse_unstorable)]
 """A string that can be stored as PostgreSQL text."""
 
+
+def visible(text: str | None) -> bool:
+    """Whether ``text`` has a character one can see: not only spaces, line breaks or invisible
+    format characters (Unicode category Cf: a zero-width space, say)."""
+    return text is not None and any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text)
+
+
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 """Unicode's bidirectional embeddings, overrides and isolates (UAX #9, section 2): in a name they
 reorder what is shown after them ("invoice\u202egnp.exe" shows as "invoiceexe.png")."""

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import unicodedata
 import uuid
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from api.app.core.fields import RequestBody, Text
+from api.app.core.fields import RequestBody, Text, visible
 
 
 class FeedbackCreate(RequestBody):
@@ -14,12 +13,6 @@ class FeedbackCreate(RequestBody):
     is_correct: StrictBool  # "yes" or 1 is not a verdict
     correct_label: Text | None = Field(default=None, max_length=200)
     comment: Text | None = Field(default=None, max_length=2000)
-
-
-def _visible(text: str | None) -> bool:
-    """Whether ``text`` has a character one can see: not only spaces, line breaks or invisible
-    format characters (a zero-width space, say)."""
-    return text is not None and any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text)
 
 
 class ClassicFeedbackCreate(BaseModel):
@@ -33,7 +26,7 @@ class ClassicFeedbackCreate(BaseModel):
     def says_something(self) -> ClassicFeedbackCreate:
         """A body without a score or any visible text would store a row that says nothing: 422."""
         texts = (self.predicted_class, self.image_file_name, self.feedback)
-        if self.score is None and not any(_visible(text) for text in texts):
+        if self.score is None and not any(visible(text) for text in texts):
             raise ValueError("Say something: give predicted_class, feedback, score or image_file_name.")
         return self
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
-from api.app.core.fields import INT32_MAX, Name, RequestBody, Text
+from api.app.core.fields import INT32_MAX, Name, RequestBody, Text, visible
 from contracts.registry import MAX_VERSION, MAX_WEIGHT, InputSpec, Preprocessing, Runtime
 
 
@@ -51,7 +51,7 @@ class RegistryChangesPublic(BaseModel):
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if not visible(value):
         raise ValueError("say why: a reason is not blank")
     return value.strip()
 

@@ -9,8 +9,8 @@ from fastapi import HTTPException, status
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS, OWNER_GONE
