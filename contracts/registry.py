@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parent.parent / "model" / "registry.yaml"
 
@@ -34,6 +34,12 @@ class Preprocessing(StrEnum):
 
 
 class InputSpec(BaseModel):
+    """The size and colour mode a version's input is resized and converted to."""
+
+    # A misspelt key ("mdoe") would otherwise be dropped, and the version fed RGB images it
+    # was never trained on, while its registration answered as if all was said.
+    model_config = ConfigDict(extra="forbid")
+
     height: int = Field(ge=1, le=4096)
     width: int = Field(ge=1, le=4096)
     mode: Literal["RGB", "L"] = "RGB"
@@ -191,12 +197,15 @@ class Registry(BaseModel):
         return None
 
     def find(self, name: str, version: int | None, *, benchmark_mode: bool) -> ModelEntry | None:
-        """``version=None`` means the newest stable version of ``name``."""
+        """The served version ``name@version``; ``version=None`` means the newest served stable
+        version of ``name``. None when there is none: a bare name never falls back to a canary or
+        a shadow, so a model none of whose versions is promoted yet (one registered a moment ago,
+        a canary at weight 0) answers no request by its bare name, only when a version is pinned
+        (``doodle@1``), as any canary does."""
         candidates = [m for m in self.served(benchmark_mode=benchmark_mode) if m.name == name]
         if version is not None:
             return next((m for m in candidates if m.version == version), None)
-        stable = [m for m in candidates if m.channel == "stable"] or candidates
-        return max(stable, key=lambda m: m.version, default=None)
+        return max((m for m in candidates if m.channel == "stable"), key=lambda m: m.version, default=None)
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:

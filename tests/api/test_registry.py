@@ -875,6 +875,9 @@ async def test_the_cli_registers_as_the_api_does(fresh_settings: Settings, setti
     # (no next number would be left for the model's runs and registrations), a stable channel.
     done = await asyncio.to_thread(register, {**entry, "weight": 50})
     _one_error_line(done, 2, "weight: Extra inputs are not permitted")
+    # Inside the input too: a misspelt mode was dropped, and the version fed RGB images.
+    done = await asyncio.to_thread(register, {**entry, "input": {"height": 28, "width": 28, "mdoe": "L"}})
+    _one_error_line(done, 2, "input.mdoe: Extra inputs are not permitted")
     done = await asyncio.to_thread(register, {**entry, "version": 2**31 - 1})
     _one_error_line(done, 2, f"version: Input should be less than or equal to {MAX_VERSION}")
     done = await asyncio.to_thread(register, {**entry, "channel": "stable"})
@@ -1186,7 +1189,8 @@ async def test_weights_refuse_a_version_that_knows_fewer_classes_unless_forced(
     assert r.status_code == 200, r.text
     r = await client.put(weights, json={"weights": {"2": 10, "3": 10}, "reason": "canaries"}, headers=admin)
     assert r.status_code == 200, r.text
-    assert {v["version"]: v["weight"] for v in r.json()["versions"]} == {1: 100, 2: 10, 3: 10}
+    # sketch@1 took over sketch@3's weight (10) when promoted: the three now have a third each.
+    assert {v["version"]: v["weight"] for v in r.json()["versions"]} == {1: 10, 2: 10, 3: 10}
 
 
 async def test_changes_to_two_models_commit_in_the_order_of_their_revisions(own_stack: Stack) -> None:
@@ -1221,3 +1225,160 @@ async def test_changes_to_two_models_commit_in_the_order_of_their_revisions(own_
         )
         ids = dict(changes.all())
     assert ids["first"] < ids["second"], ids
+
+
+DOODLE = {
+    "name": "doodle",
+    "runtime": "keras",
+    "file": "{trained_dir}/sketch/v3/model.keras",
+    "labels": "{trained_dir}/sketch/v3/labels.txt",
+    "input": {"height": 28, "width": 28, "mode": "L"},
+    "preprocessing": "sketch",
+    "reason": "new",
+}
+"""A model new to the registry, registered through the API: sketch@3's files under another name."""
+
+
+async def test_a_new_models_first_version_is_promoted_without_a_comparison(own_stack: Stack) -> None:
+    """A model registered through the API has canaries alone. None of them answers its bare name
+    (at weight 0, as any new version) or gets a weight; they can be shadowed, disabled and
+    retired; the first one is promoted without a comparison (nothing to compare with is no
+    evidence against it), and that promotion is not rolled back: the model would have no stable
+    version left."""
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    user = await login(client, *(await _new_user(client, admin)))
+    # A key the input does not know is refused, named, not dropped (the mode would be RGB).
+    typo = {**DOODLE, "input": {"height": 28, "width": 28, "mdoe": "L"}}
+    r = await client.post("/v1/admin/registry/versions", json=typo, headers=admin)
+    assert r.status_code == 422 and "mdoe" in r.text, r.text
+    for version in (1, 2):
+        r = await client.post("/v1/admin/registry/versions", json=DOODLE, headers=admin)
+        assert r.status_code == 201, r.text
+        assert (r.json()["version"], r.json()["channel"], r.json()["weight"]) == (version, "canary", 0), r.text
+        assert r.json()["spec"]["input"]["mode"] == "L"
+    await own_stack.start_workers(1, SERVE_MODELS="doodle")
+
+    async def served() -> bool:
+        availability = await own_stack.app.state.workers.availability(fresh=True)
+        return all(key in availability and availability[key].available for key in ("doodle@1", "doodle@2"))
+
+    await until(served, 60, "doodle@1 and @2 served")
+
+    async def predict(ref: str) -> httpx.Response:
+        return await client.post(
+            "/model/predict", params={"models": ref}, files={"file": ("d.png", drawing())}, headers=user
+        )
+
+    # Its name alone reaches no canary at weight 0; a version named answers, as any canary does.
+    r = await predict("doodle")
+    assert r.status_code == 422 and r.json()["detail"].startswith("Unknown model 'doodle'"), r.text
+    r = await predict("doodle@1")
+    assert r.status_code == 200 and r.json()["version"] == 1, r.text
+
+    model = "/v1/admin/registry/models/doodle"
+    r = await client.put(f"{model}/weights", json={"weights": {"1": 100}, "reason": "x"}, headers=admin)
+    assert r.status_code == 409, r.text
+    assert "doodle@1 cannot get traffic: doodle has no enabled stable version with traffic yet" in r.json()["detail"]
+    r = await client.get(f"{model}/compare", params={"candidate": 1}, headers=admin)
+    assert r.status_code == 409 and "has no enabled stable version to compare doodle@1 with" in r.text, r.text
+    for change in ({"channel": "shadow"}, {"channel": "canary"}, {"enabled": False}, {"channel": "retired"}):
+        r = await client.patch(f"{model}/versions/2", json={**change, "reason": "x"}, headers=admin)
+        assert r.status_code == 200, (change, r.text)
+
+    r = await client.post(f"{model}/versions/1/promote", json={"reason": "first"}, headers=admin)
+    assert r.status_code == 200, r.text
+    states = {v["version"]: (v["channel"], v["weight"], v["enabled"]) for v in r.json()["versions"]}
+    assert states == {1: ("stable", 100, True), 2: ("retired", 0, False)}, states
+    changes = (await client.get("/v1/admin/registry/changes", params={"model": "doodle"}, headers=admin)).json()
+    assert changes["data"][0]["action"] == "promote"
+    assert changes["data"][0]["reason"] == "first [not compared: doodle had no enabled stable version to compare with]"
+    r = await predict("doodle")
+    assert r.status_code == 200 and r.json()["version"] == 1, r.text
+
+    # From now on it keeps a stable version, as every model does.
+    r = await client.post(f"{model}/rollback", json={"reason": "undo", "from_version": 1}, headers=admin)
+    assert r.status_code == 409 and "doodle@1 was doodle's first stable version" in r.json()["detail"], r.text
+    r = await client.patch(f"{model}/versions/1", json={"channel": "retired", "reason": "x"}, headers=admin)
+    assert r.status_code == 409 and "would have no enabled stable version" in r.json()["detail"], r.text
+
+
+async def test_a_version_that_failed_to_load_is_refused_saying_so(own_stack: Stack, tmp_path: Path) -> None:
+    """A version every worker serving its model failed to load is not loaded by retrying: a change
+    that would give it traffic says it failed to load, with the error, not "retry once it is"."""
+    trained = tmp_path / "trained"
+    (trained / "broken").mkdir(parents=True)
+    (trained / "broken" / "model.keras").write_bytes(b"not a keras archive")
+    (trained / "broken" / "labels.txt").write_text("\n".join(SKETCH_20) + "\n")
+    client = own_stack.client
+    admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    broken = {**SKETCH_NEW, "file": "{trained_dir}/broken/model.keras", "labels": "{trained_dir}/broken/labels.txt"}
+    r = await client.post("/v1/admin/registry/versions", json=broken, headers=admin)
+    assert r.status_code == 201 and r.json()["version"] == 4, r.text
+    await own_stack.start_workers(1, SERVE_MODELS="sketch@4", TRAINED_DIR=str(trained))
+    workers = own_stack.app.state.workers
+
+    async def failed() -> bool:
+        state = (await workers.availability(fresh=True)).get("sketch@4")
+        return state is not None and bool(state.reasons)
+
+    await until(failed, 60, "sketch@4 reported failing to load")
+    failure = "it failed to load on every live worker serving sketch (model file "
+    r = await client.post(
+        "/v1/admin/registry/models/sketch/versions/4/promote", json={"reason": "x", "force": True}, headers=admin
+    )
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"].startswith(f"sketch@4 cannot be promoted: {failure}"), r.text
+    assert "no Keras archive" in r.json()["detail"] and "retry once it is" not in r.json()["detail"]
+
+    # Weights and shadow traffic, given what the workers report, say the same.
+    reported = await workers.availability(fresh=True)
+    actor = service.Actor(None, ADMIN_EMAIL)
+    async with own_stack.app.state.sessionmaker() as session:
+        with pytest.raises(HTTPException) as refused:
+            await service.set_weights(
+                session=session,
+                actor=actor,
+                name="sketch",
+                weights={4: 10},
+                reason="x",
+                available=set(),
+                reported=reported,
+            )
+        assert refused.value.status_code == 409
+        assert refused.value.detail.startswith(f"sketch@4 cannot get traffic: {failure}"), refused.value.detail
+        await session.rollback()
+        with pytest.raises(HTTPException) as refused:
+            await service.set_channel(
+                session=session,
+                actor=actor,
+                name="sketch",
+                version=4,
+                channel="shadow",
+                enabled=None,
+                reason="x",
+                available=set(),
+                reported=reported,
+            )
+        assert refused.value.status_code == 409
+        assert refused.value.detail.startswith(f"sketch@4 cannot shadow traffic: {failure}"), refused.value.detail
+
+
+def test_a_load_failure_is_said_once_every_worker_serving_the_model_reported_it() -> None:
+    """A worker still loading a version reports nothing of it yet: until as many workers as serve
+    the model reported it failed, it may still load, and "retry once it is" stays the answer."""
+    from api.app.catalog.service import ModelAvailability
+    from contracts.messages import FAILED_TO_LOAD, NOT_TRAINED_YET
+
+    failed = f"{FAILED_TO_LOAD}: model file /m/4.keras could not be loaded"
+    served = ModelAvailability(workers=2, num_classes=20)
+    assert (
+        service.load_failure("sketch@4", {"sketch@3": served, "sketch@4": ModelAvailability(reasons=[failed])}) is None
+    )
+    both = {"sketch@3": served, "sketch@4": ModelAvailability(reasons=[failed, failed])}
+    assert service.load_failure("sketch@4", both) == "model file /m/4.keras could not be loaded"
+    # Another reason than a failed load (its file not written yet) may still change.
+    other = ModelAvailability(reasons=[failed, f"{NOT_TRAINED_YET}: /m/4.keras"])
+    assert service.load_failure("sketch@4", {"sketch@3": served, "sketch@4": other}) is None
+    # Loaded anywhere: no failure.
+    assert service.load_failure("sketch@4", {"sketch@4": ModelAvailability(workers=1, reasons=[failed])}) is None

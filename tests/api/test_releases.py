@@ -19,17 +19,18 @@ from PIL import Image
 from sqlalchemy import event, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.app.catalog.service import ModelAvailability
+from api.app.catalog.service import ModelAvailability, weight_shares
 from api.app.core.config import Settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.predictions import evaluations
 from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction
 from api.app.registry import service as registry_service
+from api.app.registry.live import build_registry
 from api.app.registry.models import ModelVersion, RegistryChange
 from api.app.releases import service as releases_service
 from api.app.stats import service as stats_service
 from contracts.messages import PredictionStatus
-from contracts.registry import load_registry
+from contracts.registry import MAX_WEIGHT, load_registry
 from tests.api.conftest import Stack, until
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
 from tests.images import encode, noise_png
@@ -660,6 +661,73 @@ async def test_promoting_one_of_two_stable_versions_makes_it_the_only_one(
                 margin=0.02,
             )
             states = {r.version: (r.channel, r.weight) for r in changed.versions}
-            assert states == {1: ("canary", 0), 2: ("canary", 0), 3: ("canary", 0), 7: ("stable", 100)}, states
+            # With all the stable traffic: both stable versions' weights.
+            assert states == {1: ("canary", 0), 2: ("canary", 0), 3: ("canary", 0), 7: ("stable", 200)}, states
+    finally:
+        await engine.dispose()
+
+
+async def test_a_promoted_version_takes_over_the_stable_weight_and_canaries_keep_their_share(
+    settings: Settings, fresh_settings: Settings
+) -> None:
+    """Weights on any scale: {3: 9000 stable, 1: 500, 2: 500}. Promoting 1 gave it 100, and 2
+    got 83 % of the traffic; now 1 takes over 3's weight on top of its own, and 2 keeps its 5 %.
+    A rollback gives every version its weight back."""
+    engine = make_engine(fresh_settings)
+    served = {f"sketch@{v}": ModelAvailability(workers=1) for v in (1, 2, 3)}
+    every = set(served)
+    registry = load_registry(settings.registry_path)
+
+    def shares(rows: list[ModelVersion]) -> dict[int, float]:
+        live = build_registry(rows, registry.default_order, [])
+        return {
+            v: round(s, 4) for (name, v), s in weight_shares(live, benchmark_mode=False).items() if name == "sketch"
+        }
+
+    try:
+        async with make_sessionmaker(engine)() as session:
+            await registry_service.seed(session=session, registry=registry)
+            changed = await registry_service.set_weights(
+                session=session,
+                actor=ACTOR,
+                name="sketch",
+                weights={3: 9000, 1: 500, 2: 500},
+                reason="x",
+                available=every,
+            )
+            assert shares(changed.versions) == {3: 0.9, 1: 0.05, 2: 0.05}
+            changed = await releases_service.promote(
+                session=session,
+                actor=ACTOR,
+                name="sketch",
+                version=1,
+                reason="better",
+                force=False,
+                availability=served,
+                margin=0.02,
+            )
+            states = {r.version: (r.channel, r.weight) for r in changed.versions}
+            assert states == {1: ("stable", 9500), 2: ("canary", 500), 3: ("canary", 0)}, states
+            assert shares(changed.versions) == {1: 0.95, 2: 0.05}
+            changed = await registry_service.rollback(
+                session=session, actor=ACTOR, name="sketch", reason="worse", available=every, from_version=1
+            )
+            states = {r.version: (r.channel, r.weight) for r in changed.versions}
+            assert states == {1: ("canary", 500), 2: ("canary", 500), 3: ("stable", 9000)}, states
+
+            # Never past the weight an entry holds: the version would drop out of the registry.
+            await registry_service.set_weights(
+                session=session,
+                actor=ACTOR,
+                name="sketch",
+                weights={3: MAX_WEIGHT, 1: MAX_WEIGHT},
+                reason="x",
+                available=every,
+            )
+            changed = await registry_service.promote(
+                session=session, actor=ACTOR, name="sketch", version=1, reason="x", available=every
+            )
+            assert {r.version: r.weight for r in changed.versions} == {1: MAX_WEIGHT, 2: 500, 3: 0}
+            assert build_registry(changed.versions, registry.default_order, []).get("sketch@1").weight == MAX_WEIGHT
     finally:
         await engine.dispose()

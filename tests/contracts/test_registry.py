@@ -77,3 +77,25 @@ def test_a_version_is_ascii_digits_only(ref: str) -> None:
     with pytest.raises(ValueError, match="expected name@<number>"):
         parse_model_ref(ref)
     assert parse_model_ref("sketch@12") == ("sketch", 12) and parse_model_ref(" sketch ") == ("sketch", None)
+
+
+def test_an_input_refuses_keys_it_does_not_know() -> None:
+    """A misspelt ``mode`` was dropped: the version was fed RGB images, the default."""
+    with pytest.raises(ValidationError, match=r"input\.mdoe\n  Extra inputs are not permitted"):
+        registry({**FP32, "input": {"height": 224, "width": 224, "mdoe": "L"}})
+    assert registry({**FP32, "input": {"height": 224, "width": 224, "mode": "L"}}).get("m@1").input.mode == "L"
+
+
+def test_a_bare_name_finds_a_stable_version_never_a_canary() -> None:
+    """A model none of whose versions is promoted yet (registered a moment ago: canaries at weight
+    0) answers no request by its name alone; each version still answers when named."""
+    canaries = registry({**FP32, "channel": "canary"}, {**FP32, "version": 2, "channel": "shadow"})
+    assert canaries.find("m", None, benchmark_mode=False) is None
+    assert canaries.find("m", 1, benchmark_mode=False) == canaries.get("m@1")
+    assert canaries.find("m", 2, benchmark_mode=False) == canaries.get("m@2")
+    promoted = registry({**FP32, "channel": "stable"}, {**FP32, "version": 2, "channel": "canary"})
+    assert promoted.find("m", None, benchmark_mode=False) == promoted.get("m@1")
+    # Of several stable versions (left by an older release), the newest.
+    both = registry({**FP32, "channel": "stable"}, {**FP32, "version": 2, "channel": "stable"})
+    found = both.find("m", None, benchmark_mode=False)
+    assert found is not None and found.version == 2

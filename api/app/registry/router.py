@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
@@ -62,8 +63,8 @@ async def _answer(
     )
 
 
-async def _available(workers: WorkersDep) -> set[str]:
-    return {key for key, state in (await workers.availability(fresh=True)).items() if state.available}
+def _available(availability: Mapping[str, service.WorkerReport]) -> set[str]:
+    return {key for key, state in availability.items() if state.available}
 
 
 @router.post("/versions", response_model=ModelVersionPublic, status_code=201, responses=CHANGE)
@@ -107,9 +108,10 @@ async def set_weights(
         name=name,
         weights=body.weights,
         reason=body.reason,
-        available={key for key, state in availability.items() if state.available},
+        available=_available(availability),
         classes={key: state.num_classes for key, state in availability.items() if state.available},
         force=body.force,
+        reported=availability,
     )
     return await _answer(session, redis, live, name, changed)
 
@@ -126,6 +128,7 @@ async def update_version(
     live: LiveRegistryDep,
 ) -> ModelVersionsPublic:
     """Put a version in shadow, back to canary or retire it; enable or disable it (admin)."""
+    availability = await workers.availability(fresh=True)
     changed = await service.set_channel(
         session=session,
         actor=service.Actor(admin.id, admin.email),
@@ -134,7 +137,8 @@ async def update_version(
         channel=body.channel,
         enabled=body.enabled,
         reason=body.reason,
-        available=await _available(workers),
+        available=_available(availability),
+        reported=availability,
     )
     return await _answer(session, redis, live, name, changed)
 
@@ -151,12 +155,14 @@ async def rollback_model(
 ) -> ModelVersionsPublic:
     """Undo the model's latest promotion in one call: the previous stable version back (admin).
     With ``from_version``, 409 unless that version is the stable one when the rollback is made."""
+    availability = await workers.availability(fresh=True)
     changed = await service.rollback(
         session=session,
         actor=service.Actor(admin.id, admin.email),
         name=name,
         reason=body.reason,
         from_version=body.from_version,
-        available=await _available(workers),
+        available=_available(availability),
+        reported=availability,
     )
     return await _answer(session, redis, live, name, changed)

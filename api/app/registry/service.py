@@ -4,12 +4,14 @@ trail of every change. ``registry.yaml`` seeds it at start-up; admins change it 
 Every change takes the model's rows with ``FOR UPDATE``, checks the rules below, writes the new
 state and its audit row, and commits: two admins changing one model take turns.
 
-Rules: weights are whole numbers from 0 to ``MAX_WEIGHT``; a model keeps at least one enabled
-stable version with traffic; a version gets traffic (a weight above 0, promotion, shadow, being
-enabled again with a weight) only while at least one worker has it loaded and healthy; a version
-other than the stable one gets a weight only if it knows as many classes as the stable one, unless
-forced (as promotion asks); a retired or disabled version has no traffic (weight 0: workers unload
-it, so enabling it again gives it traffic only once it is loaded and given a weight).
+Rules: weights are whole numbers from 0 to ``MAX_WEIGHT``; a model that has an enabled stable
+version with traffic keeps at least one, and a model that has none yet (registered through the
+API, its versions canaries or shadows) gives none of its versions traffic until one is promoted;
+a version gets traffic (a weight above 0, promotion, shadow, being enabled again with a weight)
+only while at least one worker has it loaded and healthy; a version other than the stable one gets
+a weight only if it knows as many classes as the stable one, unless forced (as promotion asks); a
+retired or disabled version has no traffic (weight 0: workers unload it, so enabling it again
+gives it traffic only once it is loaded and given a weight).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import HTTPException
 from sqlalchemy import column, func, select, table, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.registry.models import ModelVersion, RegistryChange
+from contracts.messages import FAILED_TO_LOAD
 from contracts.registry import MAX_VERSION, MAX_WEIGHT, ModelEntry, Registry
 
 REGISTRY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))")
@@ -39,7 +42,8 @@ log = logging.getLogger("api.registry")
 SEED_ACTOR = "registry.yaml"
 """The actor named in the audit trail for changes made by start-up seeding."""
 STABLE_WEIGHT = 100
-"""The weight a promoted version gets (and a stable one seeded without a weight)."""
+"""The weight of a stable version seeded without one, and of a model's first promoted version
+(any other promoted version takes over the weight of the stable one it replaces)."""
 _FILE_TEMPLATE = re.compile(r"^\{(models_dir|trained_dir)\}(/(?!\.\.?(/|$))[^/\\\x00-\x1f]+)+$")
 """``{models_dir}/`` or ``{trained_dir}/`` then path segments: none empty, ``.`` or ``..``, no
 backslash or control character, so the file stays inside that folder."""
@@ -280,19 +284,87 @@ def _conflict(detail: str) -> HTTPException:
     return HTTPException(status_code=409, detail=detail)
 
 
-def _require_loaded(row: ModelVersion, available: Set[str], what: str) -> None:
-    if f"{row.name}@{row.version}" not in available:
+class WorkerReport(Protocol):
+    """What the live workers report of one version: ``catalog.service.ModelAvailability``, which
+    the registry cannot import (the catalog reads the registry)."""
+
+    @property
+    def available(self) -> bool:
+        """Whether a live worker has it loaded and healthy."""
+        ...
+
+    @property
+    def workers(self) -> int:
+        """Live workers that have it loaded and healthy."""
+        ...
+
+    @property
+    def reasons(self) -> list[str]:
+        """One per live worker that tried to load it and could not: why."""
+        ...
+
+
+def load_failure(key: str, reported: Mapping[str, WorkerReport]) -> str | None:
+    """Why version ``key`` (``name@version``) failed to load, when no live worker has it loaded
+    and every one serving its model that reported it says it failed to load (``FAILED_TO_LOAD``):
+    their errors, each once. None otherwise, as while a worker is still loading it. A worker still
+    loading a version reports nothing of it yet, so the workers serving the model are counted as
+    the most that reported any one of its versions."""
+    state = reported.get(key)
+    if state is None or state.workers or not state.reasons:
+        return None
+    if not all(reason.startswith(FAILED_TO_LOAD) for reason in state.reasons):
+        return None
+    name = key.rpartition("@")[0]
+    serving = max(s.workers + len(s.reasons) for k, s in reported.items() if k.rpartition("@")[0] == name)
+    if len(state.reasons) < serving:
+        return None
+    errors = sorted({reason.removeprefix(FAILED_TO_LOAD).lstrip(": ") for reason in state.reasons} - {""})
+    return "; ".join(errors) or "no error given"
+
+
+def _require_loaded(
+    row: ModelVersion, available: Set[str], what: str, reported: Mapping[str, WorkerReport] | None = None
+) -> None:
+    """409 unless a live worker has ``row`` loaded and healthy (``available``: such versions'
+    ``name@version``). ``reported``: what the workers report of each version; when every worker
+    serving the model says it failed to load, the refusal says so, with the error, rather than
+    asking to retry once it is loaded: it would not be."""
+    key = f"{row.name}@{row.version}"
+    if key in available:
+        return
+    if reported is not None and (failure := load_failure(key, reported)) is not None:
         raise _conflict(
-            f"{row.name}@{row.version} cannot {what}: no live worker has it loaded and healthy yet "
-            "(GET /v1/models says why); retry once it is."
+            f"{key} cannot {what}: it failed to load on every live worker serving {row.name} ({failure}). "
+            "Workers try it again only once its model file changes: replace the file, or register a fixed "
+            "version."
         )
+    raise _conflict(
+        f"{key} cannot {what}: no live worker has it loaded and healthy yet (GET /v1/models says why); "
+        "retry once it is."
+    )
 
 
-def _check_model(rows: list[ModelVersion]) -> None:
-    """The rules every model keeps after a change (the module docstring)."""
-    if not any(r.channel == "stable" and r.enabled and r.weight > 0 for r in rows):
+def _with_traffic(state: Mapping[str, Any]) -> bool:
+    """Whether a version's state (``_state``) makes it an enabled stable version with traffic."""
+    return bool(state["channel"] == "stable" and state["enabled"] and state["weight"] > 0)
+
+
+def _check_model(rows: list[ModelVersion], before: Mapping[str, Mapping[str, Any]]) -> None:
+    """The rules every model keeps after a change (the module docstring); ``before``: its
+    versions' states before the change (``_states``)."""
+    if any(_with_traffic(_state(r)) for r in rows):
+        return
+    name = rows[0].name
+    if any(_with_traffic(state) for state in before.values()):
+        raise _conflict(f"{name} would have no enabled stable version with traffic; promote another version first.")
+    # A model registered through the API starts with canaries alone: a share of traffic is a
+    # share of the stable version's, and a request naming the model goes to no canary before
+    # one is promoted (``Registry.find``).
+    if weighted := [r for r in rows if r.weight > 0]:
         raise _conflict(
-            f"{rows[0].name} would have no enabled stable version with traffic; promote another version first."
+            f"{name}@{weighted[0].version} cannot get traffic: {name} has no enabled stable version with traffic "
+            f"yet. Promote a version to make it {name}'s stable version first."
         )
 
 
@@ -307,7 +379,7 @@ async def _commit_change(
     reason: str,
     undoes: int | None = None,
 ) -> RegistryChange:
-    _check_model(rows)
+    _check_model(rows, before)
     after = _states(rows)
     changed = {v: s for v, s in after.items() if before.get(v) != s}
     if not changed and undoes is None:
@@ -423,11 +495,14 @@ async def set_weights(
     available: Set[str],
     classes: Mapping[str, int] | None = None,
     force: bool = False,
+    reported: Mapping[str, WorkerReport] | None = None,
 ) -> Changed:
     """Sets the traffic weights of some of a model's versions (the others keep theirs): e.g.
     ``{1: 90, 2: 10}`` sends about one request in ten to version 2. ``classes``: how many classes
     each version (``name@version``) its live workers report; a version without one there is
-    counted by the labels it published (``ModelVersion.labels``).
+    counted by the labels it published (``ModelVersion.labels``). ``reported``: what the workers
+    report of each version, so that a version that failed to load is refused as such
+    (``_require_loaded``).
 
     A version other than the stable one given a weight above 0 must know at least as many
     classes as the stable one, as promotion requires: people's pictures of the others would get
@@ -437,8 +512,9 @@ async def set_weights(
     Raises 404 for an unknown model or version, 422 for a weight below 0 or above ``MAX_WEIGHT``
     or a weight above 0 on a retired or shadow version, 409 for a weight on a disabled version,
     when a version would get traffic before a worker has it loaded, when it knows fewer classes
-    than the stable version (unless ``force``), or when no enabled stable version would keep
-    traffic.
+    than the stable version (unless ``force``), when no enabled stable version would keep
+    traffic, or when a version would get traffic while the model has no stable version (a
+    model's first version gets its traffic by promotion).
     """
     rows = await _lock_model(session, name)
     before = _states(rows)
@@ -462,7 +538,7 @@ async def set_weights(
                 f"{name}@{version} is disabled: enable it, then give it traffic once a worker has it loaded."
             )
         if weight > 0 and row.weight == 0:
-            _require_loaded(row, available, "get traffic")
+            _require_loaded(row, available, "get traffic", reported)
         fewer = _fewer_classes(row, stable, classes or {}) if weight > 0 and row.channel != "stable" else None
         if fewer is not None:
             if not force:
@@ -518,10 +594,12 @@ async def set_channel(
     enabled: bool | None,
     reason: str,
     available: Set[str],
+    reported: Mapping[str, WorkerReport] | None = None,
 ) -> Changed:
     """Puts a version in shadow (a copy of its model's traffic, answers never returned), back to
     canary, or retires it (served no more; workers unload it), and enables or disables it.
-    Shadow, retired and disabled versions have no traffic of their own (weight 0).
+    Shadow, retired and disabled versions have no traffic of their own (weight 0). ``reported``:
+    as ``set_weights``'s.
 
     Raises 404 for an unknown version, 422 for ``stable`` (promote instead), 409 when a shadow, or
     a version enabled again with a weight (stored before disabling set it to 0), is not loaded on
@@ -536,7 +614,7 @@ async def set_channel(
         raise HTTPException(status_code=422, detail="Promote a version to make it stable.")
     if channel is not None:
         if channel == "shadow" and row.channel != "shadow":
-            _require_loaded(row, available, "shadow traffic")
+            _require_loaded(row, available, "shadow traffic", reported)
         row.channel = channel
         if channel in ("shadow", "retired"):
             row.weight = 0
@@ -562,13 +640,28 @@ async def set_channel(
 
 
 async def promote(
-    *, session: AsyncSession, actor: Actor, name: str, version: int, reason: str, available: Set[str]
+    *,
+    session: AsyncSession,
+    actor: Actor,
+    name: str,
+    version: int,
+    reason: str,
+    available: Set[str],
+    reported: Mapping[str, WorkerReport] | None = None,
+    uncompared: bool = False,
 ) -> Changed:
-    """Makes ``version`` the model's stable version with all the stable traffic; the previous
-    stable version stays enabled and loaded, as a canary without traffic, for ``rollback``.
-    Canary weights are kept.
+    """Makes ``version`` the model's stable version with all the stable traffic: its weight becomes
+    the previous stable version's plus its own (at most ``MAX_WEIGHT``), so the model's total
+    weight stays and every other canary keeps its share. {3: 9000 stable, 8: 500, 9: 500},
+    promoting 8, gives {3: 0, 8: 9500, 9: 500}: 9 keeps its 5 %. A model's first promotion (no
+    stable version before it) gives ``STABLE_WEIGHT``. The previous stable version stays enabled
+    and loaded, as a canary without traffic, for ``rollback``, which restores every weight.
+    ``reported``: as ``set_weights``'s. ``uncompared``: the caller found no enabled stable version
+    to compare the version with, and did not.
 
-    Raises 404 for an unknown version, 409 when it is retired, disabled or not loaded on any worker.
+    Raises 404 for an unknown version, 409 when it is retired, disabled or not loaded on any worker,
+    or when ``uncompared`` and the model has an enabled stable version once its rows are locked
+    (promoted meanwhile: the version must be compared with it first).
     """
     rows = await _lock_model(session, name)
     before = _states(rows)
@@ -579,17 +672,35 @@ async def promote(
         raise _conflict(f"{name}@{version} is disabled; enable it first.")
     if row.channel == "stable" and all(r.channel != "stable" for r in rows if r is not row):
         raise _conflict(f"{name}@{version} is the stable version already.")
-    _require_loaded(row, available, "be promoted")
+    if uncompared and (stable := main_stable(rows)) is not None:
+        raise _conflict(
+            f"{name}@{stable.version} became {name}'s stable version meanwhile; {name}@{version} is compared with "
+            "it before a promotion: look again, then retry."
+        )
+    _require_loaded(row, available, "be promoted", reported)
+    # It takes over the stable traffic (of several stable versions, left by an older release,
+    # all of it) on top of what it had as a canary: any other split of the total would move
+    # users of the remaining canaries, or send them more than their share.
+    taken = row.weight
     for other in rows:
         if other.channel == "stable" and other is not row:
+            if other.enabled:
+                taken += other.weight
             other.channel, other.weight = "canary", 0
-    row.channel, row.weight = "stable", STABLE_WEIGHT
+    row.channel, row.weight = "stable", min(taken, MAX_WEIGHT) or STABLE_WEIGHT
     change = await _commit_change(session, rows, before, actor=actor, action="promote", version=version, reason=reason)
     return Changed(rows, change.id)
 
 
 async def rollback(
-    *, session: AsyncSession, actor: Actor, name: str, reason: str, available: Set[str], from_version: int | None = None
+    *,
+    session: AsyncSession,
+    actor: Actor,
+    name: str,
+    reason: str,
+    available: Set[str],
+    from_version: int | None = None,
+    reported: Mapping[str, WorkerReport] | None = None,
 ) -> Changed:
     """Undoes the model's latest promotion that is not undone yet: every version it changed gets
     back the state it had before (the previous stable version its traffic). The version it restores
@@ -599,7 +710,9 @@ async def rollback(
     Raises 404 for an unknown model or ``from_version``, 409 when there is no promotion to undo, when
     ``from_version`` is given and is not the stable version once the model's rows are locked (two
     rollbacks sent at once would otherwise undo two promotions), or when a version to give
-    traffic back to is retired, disabled or not loaded on any worker since.
+    traffic back to is retired, disabled or not loaded on any worker since (``reported``: as
+    ``set_weights``'s), or when the promotion was the model's first (undoing it would leave the
+    model no stable version: promote another version instead).
     """
     rows = await _lock_model(session, name)
     if from_version is not None:
@@ -620,6 +733,12 @@ async def rollback(
     )
     if promotion is None or not promotion.before:
         raise _conflict(f"{name} has no promotion to roll back.")
+    if not any(state["channel"] == "stable" for state in promotion.before.values()):
+        # Its first promotion: undone, the model would have no stable version to answer by its name.
+        raise _conflict(
+            f"{name}@{promotion.version} was {name}'s first stable version, promoted when it had none: there is "
+            "no stable version to roll back to. Promote another version instead."
+        )
     before = _states(rows)
     for version, state in promotion.before.items():
         row = _version(rows, int(version))
@@ -629,7 +748,7 @@ async def rollback(
                     f"{name}@{version} is {'retired' if row.channel == 'retired' else 'disabled'} since; make it a "
                     "canary (or enable it) first, or promote another version."
                 )
-            _require_loaded(row, available, "get its traffic back")
+            _require_loaded(row, available, "get its traffic back", reported)
         row.channel, row.weight, row.enabled = state["channel"], state["weight"], state["enabled"]
     # A version made stable since the promotion other than by a promotion (a stable version new in
     # registry.yaml takes over at start-up) would otherwise stay stable beside the one restored,

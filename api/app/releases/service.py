@@ -380,7 +380,11 @@ def _baseline(name: str, rows: dict[int, ModelVersion], candidate: int, baseline
         raise HTTPException(status_code=404, detail=f"{name} has no version {candidate}.")
     if baseline is None:
         if (stable := registry_service.main_stable(rows.values())) is None:
-            raise HTTPException(status_code=409, detail=f"{name} has no enabled stable version to compare with.")
+            raise HTTPException(
+                status_code=409,
+                detail=f"{name} has no enabled stable version to compare {name}@{candidate} with: name a baseline "
+                "version (a model's first promotion is not compared).",
+            )
         baseline = stable.version
     if baseline not in rows:
         raise HTTPException(status_code=404, detail=f"{name} has no version {baseline}.")
@@ -404,8 +408,14 @@ async def promote(
     candidate compares worse than the stable version by more than ``margin``, unless ``force``,
     whose override and numbers go into the audit trail with ``reason``. A version that is already
     one of several stable versions is not compared (it would be compared with itself): it becomes
-    the only one."""
-    if version not in await registry_service.stable_versions(session=session, name=name):
+    the only one. Nor is a model's first version to be promoted, when it has no enabled stable
+    version (registered through the API, its versions all canaries): with nothing to compare with
+    there is no evidence against it, so it needs no force, and the audit trail says it was not
+    compared. It must still be loaded and healthy on a live worker, as any promotion."""
+    stable = await registry_service.stable_versions(session=session, name=name)
+    if not stable:  # or an unknown model: registry_service.promote answers 404
+        reason = f"{reason} [not compared: {name} had no enabled stable version to compare with]"
+    elif version not in stable:
         comparison = await compare(
             session=session,
             name=name,
@@ -431,4 +441,6 @@ async def promote(
         version=version,
         reason=reason,
         available={key for key, state in availability.items() if state.available},
+        reported=availability,
+        uncompared=not stable,
     )
