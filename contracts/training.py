@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from typing import TYPE_CHECKING, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:  # the UI reads this module and has no Redis client installed
     from contracts.streams import StreamFields
@@ -128,12 +129,21 @@ class TrainingEvent(BaseModel):
     trainer: str = ""
     epoch: int = 0
     epochs: int = 0
-    numbers: dict[str, float] = {}
-    """An epoch's loss, accuracy, val_loss, val_accuracy and seconds since the start."""
+    numbers: dict[str, float | None] = {}
+    """An epoch's loss, accuracy, val_loss, val_accuracy and seconds since the start; None for a
+    number that is not finite (NaN or infinite: the training diverged)."""
     record: dict[str, Any] | None = None
     """When done: the training record (``metrics.json``)."""
     error: str | None = None
     at: float = Field(default_factory=time.time)
+
+    @field_validator("numbers")
+    @classmethod
+    def _finite_or_none(cls, numbers: dict[str, float | None]) -> dict[str, float | None]:
+        # JSON has no NaN or infinity: pydantic writes them as null, which a float refused, so a
+        # diverged epoch was dropped. Made None here, so the event reads the same on both sides of
+        # the stream, and its numbers go into PostgreSQL's JSONB (which refuses NaN) as they are.
+        return {name: None if value is None or not math.isfinite(value) else value for name, value in numbers.items()}
 
     def to_fields(self) -> StreamFields:
         return {"meta": self.model_dump_json().encode()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -33,6 +34,12 @@ class VersionTaken(Exception):
 
 class FeedbackMissing(Exception):
     """The folder the API exported the run's feedback examples into is not on this trainer's disk."""
+
+
+class Diverged(Exception):
+    """An epoch's training loss was not a finite number: the weights are NaN or infinite from then
+    on, and more epochs would only take time. Raised in the training's own thread from the epoch's
+    Keras callback, which ends ``model.fit`` there."""
 
 
 STOPPED = "the trainer was stopped during the run"
@@ -231,6 +238,9 @@ class Trainer:
         except TrainerStopped:
             log.warning("run %s: the trainer was stopped during it", job.run_id)
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=STOPPED))
+        except Diverged as exc:
+            log.warning("run %s: %s", job.run_id, exc)
+            self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=str(exc)))
         except (VersionTaken, FeedbackMissing) as exc:
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=str(exc)))
         except train_sketch.TrainingCancelled as exc:
@@ -255,9 +265,31 @@ class Trainer:
             done.set()
             self.reporting.delete(alive)
 
+    def report_epoch(self, job: training.TrainingJob, numbers: dict[str, float]) -> None:
+        """Reports an epoch's numbers (``train_sketch.train``'s ``on_epoch``: epoch, seconds since
+        the start, loss, accuracy, val_loss, val_accuracy) on the event stream, those that are not
+        finite as None; then raises ``Diverged`` when the training loss is NaN or infinite, after
+        the epoch is reported, so the run's history and progress count it."""
+        epoch = int(numbers["epoch"])
+        self.emit(
+            training.TrainingEvent(
+                run_id=job.run_id,
+                kind="epoch",
+                trainer=self.name,
+                epoch=epoch,
+                epochs=job.options.epochs,
+                numbers=dict[str, float | None](numbers),
+            )
+        )
+        loss = numbers.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            became = "NaN" if math.isnan(loss) else "infinite"
+            raise Diverged(f"diverged: the loss became {became} at epoch {epoch}; try a lower learning rate")
+
     def train(self, job: training.TrainingJob, out: Path, feedback: Path | None) -> dict[str, object]:
         """Trains ``job`` into ``out`` (``train_sketch.train``), reporting each epoch on the event
-        stream and stopping after the epoch in which the run was cancelled or the trainer stopped."""
+        stream, stopping after the epoch in which the run was cancelled or the trainer stopped, and
+        failing it (``Diverged``) after the first epoch whose training loss is NaN or infinite."""
         from model.training import train_sketch
 
         epochs = job.options.epochs
@@ -280,16 +312,11 @@ class Trainer:
             warmup=job.options.warmup,
             mixed_precision=job.options.mixed_precision,
             flip_average=job.options.flip_average,
-            on_epoch=lambda numbers: self.emit(
-                training.TrainingEvent(
-                    run_id=job.run_id,
-                    kind="epoch",
-                    trainer=self.name,
-                    epoch=int(numbers["epoch"]),
-                    epochs=epochs,
-                    numbers=numbers,
-                )
-            ),
+            # Keras' TerminateOnNaN stops within the epoch, but by ending fit as if it were over:
+            # train_sketch would go on to evaluate the broken model, and the run would fail (if at
+            # all) without a reason people can read. An exception from the epoch's callback ends
+            # fit and the run with the reason, at most one epoch later.
+            on_epoch=lambda numbers: self.report_epoch(job, numbers),
             should_stop=lambda: bool(self.stopping.is_set() or self.reporting.exists(training.cancel_key(job.run_id))),
         )
 

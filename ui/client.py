@@ -409,7 +409,7 @@ class TrainingRun(TypedDict):
     categories: list[str]
     examples: dict[str, int]
     trainer: str | None
-    history: list[dict[str, float]]
+    history: list[dict[str, float | None]]
     record: dict[str, Any] | None
     error: str | None
     created_at: str

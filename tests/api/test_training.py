@@ -992,8 +992,13 @@ async def test_an_epoch_delivered_again_is_counted_once(own_stack: Stack) -> Non
         await session.commit()
         run_id = str(run.id)
 
-    def epoch(n: int) -> training.TrainingEvent:
-        numbers = {"epoch": float(n), "seconds": 10.0 * n, "loss": 1.0 / n, "accuracy": 0.5}
+    def epoch(n: int, loss: float | None = None) -> training.TrainingEvent:
+        numbers: dict[str, float | None] = {
+            "epoch": float(n),
+            "seconds": 10.0 * n,
+            "loss": 1.0 / n if loss is None else loss,
+            "accuracy": 0.5,
+        }
         return training.TrainingEvent(run_id=run_id, kind="epoch", epoch=n, epochs=4, numbers=numbers)
 
     for event in (epoch(1), epoch(1), epoch(2), epoch(1), epoch(2), epoch(3)):
@@ -1003,3 +1008,11 @@ async def test_an_epoch_delivered_again_is_counted_once(own_stack: Stack) -> Non
         stored = await session.get(TrainingRun, uuid.UUID(run_id))
         assert stored is not None
         assert [entry["epoch"] for entry in stored.history] == [1, 2, 3], stored.history
+
+    # An epoch whose loss diverged (NaN, which JSON and JSONB do not hold) reads as null, and the
+    # run stays readable (it answered 500 once its history held one).
+    async with sessions() as session:
+        await training_service.apply_event(session=session, event=epoch(4, loss=float("nan")))
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    read = await run_of(own_stack, admin, run_id)
+    assert [entry["loss"] for entry in read["history"]][3:] == [None] and read["epoch"] == 4, read

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from typing import cast
+
 import pytest
 import yaml
 
-from contracts.training import TrainingOptions, record_folder
+from contracts.training import TrainingEvent, TrainingOptions, record_folder
 from tests.support import ROOT
 
 
@@ -49,3 +52,24 @@ def test_a_run_can_ask_for_the_stable_sketch_recipe() -> None:
     ):
         with pytest.raises(ValueError):
             TrainingOptions.model_validate(bad)
+
+
+def test_an_epoch_whose_numbers_are_not_finite_crosses_the_stream_with_them_as_none() -> None:
+    """JSON has no NaN or infinity: a diverged epoch's loss was written as null, which the API's
+    reading refused, and the epoch was dropped (the run's progress and ETA went wrong)."""
+    numbers: dict[str, float | None] = {
+        "epoch": 3.0,
+        "seconds": 12.5,
+        "loss": math.nan,
+        "accuracy": 0.1,
+        "val_loss": math.inf,
+        "val_accuracy": -math.inf,
+    }
+    event = TrainingEvent(run_id="x", kind="epoch", epoch=3, epochs=5, numbers=numbers)
+    expected = {"epoch": 3.0, "seconds": 12.5, "loss": None, "accuracy": 0.1, "val_loss": None, "val_accuracy": None}
+    assert event.numbers == expected
+    read = TrainingEvent.from_fields({b"meta": cast(bytes, event.to_fields()["meta"])})
+    assert (read.epoch, read.epochs, read.numbers) == (3, 5, expected)
+    # A producer's JSON that spells them as JavaScript does reads the same.
+    spelt = b'{"run_id": "x", "kind": "epoch", "numbers": {"loss": NaN, "val_loss": Infinity, "accuracy": 0.5}}'
+    assert TrainingEvent.from_fields({b"meta": spelt}).numbers == {"loss": None, "val_loss": None, "accuracy": 0.5}

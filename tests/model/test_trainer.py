@@ -297,3 +297,30 @@ def test_a_run_whose_exported_feedback_is_not_on_the_trainer_fails_saying_why(
     assert [(e.run_id, e.kind) for e in events] == [("unshared", "started"), ("unshared", "failed")]
     assert "TRAINING_DATA_DIR" in str(events[1].error), events[1].error
     assert not (tmp_path / "store" / "sketch" / "v9").exists()
+
+
+def test_a_run_whose_loss_becomes_nan_records_the_epoch_and_fails_saying_why(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path
+) -> None:
+    """A diverged epoch's NaN loss reached the API as null, which it refused: the epoch was
+    dropped (progress and ETA went wrong) and the run trained on to its last epoch for nothing.
+    The epoch is reported with its non-finite numbers as None, and the run stops there, failed
+    with the reason."""
+    categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:2]
+    # A learning rate of NaN (which the API refuses: the job is handed to train_one directly) makes
+    # the weights NaN at the first step, so a real run's loss is NaN from its first epoch on.
+    options = training.TrainingOptions.model_construct(
+        **(training.TrainingOptions(epochs=3, per_category=40, batch_size=16, canvas_share=0.0).model_dump())
+        | {"learning_rate": float("nan")}
+    )
+    job = training.TrainingJob(run_id="nan", model="sketch", version=9, categories=categories, options=options)
+    r = redis.Redis.from_url(private_redis.url)
+    Trainer(settings_for(model_settings, private_redis, tmp_path)).train_one(job)
+    events = events_of(r, 3)
+    assert [(e.kind, e.epoch, e.epochs) for e in events] == [("started", 0, 3), ("epoch", 1, 3), ("failed", 0, 0)]
+    numbers = events[1].numbers
+    assert numbers["loss"] is None and numbers["val_loss"] is None, numbers
+    assert numbers["epoch"] == 1 and numbers["seconds"] is not None and numbers["seconds"] > 0, numbers
+    assert events[2].error == "diverged: the loss became NaN at epoch 1; try a lower learning rate"
+    assert not (tmp_path / "sketch" / "v9").exists()
+    assert r.get(training.ended_key("nan")) == b"failed" and not r.exists(training.alive_key("nan"))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import altair as alt
@@ -651,14 +652,23 @@ def record_history(record: dict[str, Any]) -> list[dict[str, float]]:
     return [h for h in history if isinstance(h, dict) and "epoch" in h] if isinstance(history, list) else []
 
 
-def show_curves(history: list[dict[str, float]]) -> None:
-    """Loss and accuracy per epoch, on the training and the validation data."""
+def show_curves(history: Sequence[Mapping[str, float | None]]) -> None:
+    """Loss and accuracy per epoch, on the training and the validation data. A number that is not
+    finite (None in a run's history, NaN in an older record: the training diverged) is not drawn,
+    and said so."""
     if len(history) < 2:
         # A line needs two points: one epoch's numbers are said, where a chart would be empty.
         for h in history:
             numbers = ", ".join(f"{said} {_curve_value(c, h[c])}" for c, said in CURVES.items() if c in h)
-            st.caption(f"Epoch {int(h['epoch'])}: {numbers}")
+            st.caption(f"Epoch {_epoch(h)}: {numbers}")
         return
+    missing = {said: [_epoch(h) for h in history if c in h and not _finite(h[c])] for c, said in CURVES.items()}
+    if said := "; ".join(
+        f"{name} at epoch{'s' if len(epochs) > 1 else ''} {', '.join(map(str, epochs))}"
+        for name, epochs in missing.items()
+        if epochs
+    ):
+        st.caption(f"Not a finite number (the training diverged), so not drawn: {said}.")
     frame = pd.DataFrame(history)
     left, right = st.columns(2)
     left.caption("Loss")
@@ -688,8 +698,18 @@ def curve_chart(frame: pd.DataFrame, columns: list[str]) -> alt.Chart:
 CURVES = {"loss": "loss", "val_loss": "validation loss", "accuracy": "accuracy", "val_accuracy": "validation accuracy"}
 
 
-def _curve_value(curve: str, value: float) -> str:
+def _curve_value(curve: str, value: float | None) -> str:
+    if not _finite(value):
+        return "not a finite number"
     return _percent(value) if curve.endswith("accuracy") else f"{value:.3f}"
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _epoch(numbers: Mapping[str, float | None]) -> int:
+    return int(numbers["epoch"] or 0)
 
 
 def show_record(record: dict[str, Any], *, key: str) -> None:

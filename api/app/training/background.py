@@ -1,6 +1,6 @@
 """What every API process runs for training: it follows the trainer's events into the runs,
-registers what they trained, fails runs whose trainer died, and starts runs when enough new
-labelled examples arrived (RETRAIN_MIN_NEW_LABELS)."""
+registers what they trained, fails runs whose trainer died, applies the auto-promote rule, and
+starts runs when enough new labelled examples arrived (RETRAIN_MIN_NEW_LABELS)."""
 
 from __future__ import annotations
 
@@ -163,10 +163,20 @@ async def collect_events(rt: JobRuntime, stop: asyncio.Event) -> None:
             await asyncio.sleep(1)
 
 
+def _refused(refusals: dict[str, str], name: str, why: str) -> None:
+    """Logs why the trigger did not start a run of ``name`` when it is not what it said last time
+    (``refusals``, by model): once per reason, not at every check while it lasts."""
+    if refusals.get(name) != why:
+        refusals[name] = why
+        log.info("retraining %s not started: %s", name, why)
+
+
 async def maintain_once(rt: JobRuntime, refusals: dict[str, str] | None = None) -> None:
     """Fails runs whose trainer died, and queued runs whose job was lost; removes the feedback
     exports of ended runs; applies the auto-promote rule (AUTO_PROMOTE); starts a run for each
-    sketch model (the only ones a run trains) with enough new examples.
+    sketch model (the only ones a run trains) with enough new examples since its latest run that
+    ended done or is still going (``service.new_examples_since_last_run``), waiting a while after
+    runs that failed or were cancelled (``service.retry_refusal``).
 
     ``refusals``: by model, why its run was last refused, kept from one call to the next by the
     caller (``maintain``): a refusal is logged when it is new, not at every check while it lasts."""
@@ -210,6 +220,11 @@ async def maintain_once(rt: JobRuntime, refusals: dict[str, str] | None = None) 
             new = await service.new_examples_since_last_run(session=session, name=name)
             if new < threshold:
                 continue
+            # Its last runs failed or were cancelled: their examples count again, after a wait.
+            if backing_off := await service.retry_refusal(session=session, name=name):
+                await session.rollback()
+                _refused(refused, name, backing_off)
+                continue
             try:
                 base = await service.base_entry(session=session, name=name, base_version=None)
                 run = await service.create_run(
@@ -226,9 +241,7 @@ async def maintain_once(rt: JobRuntime, refusals: dict[str, str] | None = None) 
                 )
             except HTTPException as exc:
                 await session.rollback()
-                if refused.get(name) != str(exc.detail):
-                    refused[name] = str(exc.detail)
-                    log.info("retraining %s not started: %s", name, exc.detail)
+                _refused(refused, name, str(exc.detail))
                 continue
             refused.pop(name, None)
             log.info("retraining %s: run %s queued (%d new labelled examples)", name, run.id, new)

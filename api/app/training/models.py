@@ -33,7 +33,7 @@ class TrainingRun(TimestampMixin, Base):
     examples: Mapped[dict[str, int]] = mapped_column(JSONB, default=dict)
     """Users' labelled examples exported for it, by split."""
     trainer: Mapped[str | None] = mapped_column(String(200))
-    history: Mapped[list[dict[str, float]]] = mapped_column(JSONB, default=list)
+    history: Mapped[list[dict[str, float | None]]] = mapped_column(JSONB, default=list)
     """Each finished epoch's numbers (epoch, loss, accuracy, val_loss, val_accuracy, seconds)."""
     record: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     """The training record (``metrics.json``) when done."""

@@ -36,7 +36,9 @@ class TrainingRunPublic(BaseModel):
     categories: list[str]
     examples: dict[str, int]
     trainer: str | None
-    history: list[dict[str, float]]
+    history: list[dict[str, float | None]]
+    """Each finished epoch's numbers (``contracts.training.TrainingEvent.numbers``): None for one
+    that was not finite (the training diverged)."""
     record: dict[str, Any] | None
     error: str | None
     promotion: str | None
@@ -57,7 +59,7 @@ class TrainingRunPublic(BaseModel):
         run.epoch = len(run.history)
         epochs = int(run.options.get("epochs", 0))
         if run.status == "running" and run.history:
-            per_epoch = run.history[-1].get("seconds", 0.0) / len(run.history)
+            per_epoch = (run.history[-1].get("seconds") or 0.0) / len(run.history)
             run.eta_seconds = round(per_epoch * max(epochs - len(run.history), 0), 1)
         return run
 

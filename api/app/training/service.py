@@ -36,7 +36,7 @@ from api.app.registry.models import ModelVersion, RegistryChange
 from api.app.releases import service as releases
 from api.app.training.models import TrainingRun
 from contracts import training
-from contracts.registry import ModelEntry, Preprocessing
+from contracts.registry import MAX_VERSION, ModelEntry, Preprocessing
 from contracts.streams import REDIS_ERRORS
 
 log = logging.getLogger("api.training")
@@ -90,6 +90,47 @@ async def _unfinished_run(session: AsyncSession, name: str) -> uuid.UUID | None:
     )
 
 
+async def _next_run_version(session: AsyncSession, redis: Redis, name: str) -> int:
+    """The number the next run of ``name`` gets: one above its highest registered version and the
+    numbers runs still going hold (``registry.service.next_version``), its latest run's whatever
+    its outcome (a failed run may have left its folder in the store) and the versions in the
+    model store (``stored_versions``)."""
+    latest_run = await session.scalar(select(func.max(TrainingRun.version)).where(TrainingRun.model_name == name))
+    return max(
+        await registry_service.next_version(session=session, name=name),
+        int(latest_run or 0) + 1,
+        max(await stored_versions(redis, name), default=0) + 1,
+    )
+
+
+async def _no_number_left(session: AsyncSession, redis: Redis, name: str, version: int) -> HTTPException:
+    """The 409 for a run of ``name`` whose number, ``version``, is above ``MAX_VERSION``: what
+    holds the number below it, and why waiting or retrying would not help."""
+    taken = version - 1
+    registered = await session.scalar(
+        select(ModelVersion.id).where(ModelVersion.name == name, ModelVersion.version == taken)
+    )
+    run = await session.scalar(
+        select(TrainingRun).where(TrainingRun.model_name == name, TrainingRun.version == taken).limit(1)
+    )
+    if registered is not None:
+        holder = f"{name}@{taken} is registered"
+    elif run is not None:
+        holder = f"training run {run.id} ({run.status}) took {name}@{taken}"
+    elif taken in await stored_versions(redis, name):
+        holder = f"the model store (TRAINED_DIR) holds {name}/v{taken}"
+    else:
+        holder = f"{name}@{taken} is taken"
+    return HTTPException(
+        status_code=409,
+        detail=f"{name} cannot be trained here any more: its next version would be {name}@{version}, and version "
+        f"numbers go up to {MAX_VERSION} ({holder}). A number is never given twice, and a registered version is "
+        "never deleted or renumbered (a retired one keeps its number), so no run of it could register what it "
+        "trains. To train on, register the version to start from under a new model name "
+        "(POST /v1/admin/registry/versions) and train that model.",
+    )
+
+
 async def create_run(
     *,
     session: AsyncSession,
@@ -110,10 +151,16 @@ async def create_run(
     has no stable version or a run of it is already queued or running, or when ``availability``
     (the workers' word on each version) says why the base version is not served (not trained on
     this server, being trained, a file that does not load), 422 for a model that is not a sketch
-    model, 503 when its labels are not known yet otherwise (no worker has reported it yet)."""
+    model, 503 when its labels are not known yet otherwise (no worker has reported it yet), and 409
+    when its version number would be above ``contracts.registry.MAX_VERSION`` (a version
+    registered by hand near it leaves runs no number to register under): checked before the
+    examples are exported, and again once the number is taken under the registry's lock."""
     base = await base_entry(session=session, name=name, base_version=base_version)
     if busy := await _unfinished_run(session, name):
         raise HTTPException(status_code=409, detail=f"A training run of {name} is queued or running ({busy}).")
+    # Refused before the export and the training: the registration at the end would refuse it.
+    if (version := await _next_run_version(session, redis, name)) > MAX_VERSION:
+        raise await _no_number_left(session, redis, name, version)
     # PostgreSQL keeps the labels of a version no worker serves any more (a retired base).
     categories = await model_labels(redis, base, session=session)
     state = (availability or {}).get(base.key)
@@ -150,12 +197,9 @@ async def create_run(
         # Checked again under the lock: a run of the model committed while this one exported.
         if busy := await _unfinished_run(session, name):
             raise HTTPException(status_code=409, detail=f"A training run of {name} is queued or running ({busy}).")
-        latest_run = await session.scalar(select(func.max(TrainingRun.version)).where(TrainingRun.model_name == name))
-        version = max(
-            await registry_service.next_version(session=session, name=name),
-            int(latest_run or 0) + 1,
-            max(await stored_versions(redis, name), default=0) + 1,
-        )
+        # Registered meanwhile (a version near the limit, or a run's): refused as before the export.
+        if (version := await _next_run_version(session, redis, name)) > MAX_VERSION:
+            raise await _no_number_left(session, redis, name, version)
         run.version = version
         session.add(run)
         await session.commit()
@@ -381,7 +425,106 @@ async def auto_promote(
         await session.commit()
         decided.append(run)
         log.info("training run %s: %s@%s %s", run_id, name, version, decision)
+        if decision.startswith("promoted"):
+            try:
+                disabled = await step_down_older_canaries(session=session, name=name, version=version)
+            except HTTPException as exc:
+                # Left enabled until the rule's next promotion of the model, which disables them then.
+                await session.rollback()
+                log.warning(
+                    "%s: the former stable versions not disabled after %s@%s: %s", name, name, version, exc.detail
+                )
+            else:
+                if disabled:
+                    log.info(
+                        "%s: former stable versions %s disabled; the one before %s@%s stays",
+                        name,
+                        disabled,
+                        name,
+                        version,
+                    )
     return decided
+
+
+async def _demoted_by_the_rule(*, session: AsyncSession, name: str, version: int, before: int) -> bool:
+    """Whether the last change of ``name@version`` (one that changed its state: its channel,
+    weight, enabling, name) is a promotion by the auto-promote rule older than change ``before``
+    that moved it from stable to canary: nobody gave it traffic, enabled it again or rolled back
+    to it since."""
+    key = str(version)
+    change = await session.scalar(
+        select(RegistryChange)
+        .where(RegistryChange.model == name, RegistryChange.after.has_key(key))
+        .order_by(RegistryChange.id.desc())
+        .limit(1)
+    )
+    return (
+        change is not None
+        and change.id < before
+        and change.action == "promote"
+        and change.actor == AUTO_PROMOTE_ACTOR.email
+        and ((change.before or {}).get(key) or {}).get("channel") == "stable"
+        and ((change.after or {}).get(key) or {}).get("channel") == "canary"
+    )
+
+
+async def step_down_older_canaries(*, session: AsyncSession, name: str, version: int) -> list[int]:
+    """Disables, audited as the auto-promote rule, the model's former stable versions that earlier
+    promotions of the rule made canaries without traffic, once the rule has promoted ``version``:
+    the promotion keeps the previous stable version enabled and loaded for a rollback, and every
+    worker and explainer keeps each enabled version loaded, so promotion after promotion they
+    would pile up. The version this promotion replaced (the rollback target) stays enabled. They
+    stay registered: an admin enables one again to roll back further, pin or compare it.
+    Versions an admin changed since (traffic given, enabled again, rolled back to) are left
+    alone, as is every version once ``version``'s is no longer the model's latest promotion or
+    rollback (an admin's came meanwhile). The versions disabled, oldest first; commits each
+    change."""
+    changed: list[int] = []
+    while True:
+        # Read under the registry's lock, which the change below keeps until its commit, as
+        # ``step_down_older_shadows`` does: an admin's promotion or rollback comes before or after.
+        await session.execute(registry_service.REGISTRY_LOCK)
+        latest = await session.scalar(
+            select(RegistryChange)
+            .where(RegistryChange.model == name, RegistryChange.action.in_(("promote", "rollback")))
+            .order_by(RegistryChange.id.desc())
+            .limit(1)
+        )
+        ours = latest is not None and (latest.action, latest.version) == ("promote", version)
+        if latest is None or not ours or latest.actor != AUTO_PROMOTE_ACTOR.email:
+            await session.commit()  # ends the transaction, which lets the lock go
+            return changed
+        rows = await session.scalars(
+            select(ModelVersion)
+            .where(
+                ModelVersion.name == name,
+                ModelVersion.channel == "canary",
+                ModelVersion.enabled.is_(True),
+                ModelVersion.weight == 0,
+            )
+            .order_by(ModelVersion.version)
+            .execution_options(populate_existing=True)
+        )
+        older = [
+            row.version
+            for row in rows
+            if await _demoted_by_the_rule(session=session, name=name, version=row.version, before=latest.id)
+        ]
+        if not older:
+            await session.commit()
+            return changed
+        await registry_service.set_channel(
+            session=session,
+            actor=AUTO_PROMOTE_ACTOR,
+            name=name,
+            version=older[0],
+            channel=None,
+            enabled=False,
+            reason=f"superseded: the auto-promote rule promoted {name}@{version}, and the version it replaced "
+            "stays enabled for a rollback (disabled: not loaded; enable it to roll back to, pin or compare it)",
+            available=set(),
+        )
+        changed.append(older[0])
 
 
 def recipe(base: ModelEntry | None, *, epochs: int) -> training.TrainingOptions:
@@ -538,8 +681,11 @@ async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -
         run.status = "running"
         # Events come at least once (an acknowledgement lost after this commit delivers the
         # event again): an epoch the history has already is not counted twice.
-        if all(int(entry.get("epoch", 0)) != event.epoch for entry in run.history):
-            run.history = [*run.history, event.numbers]
+        if all(int(entry.get("epoch") or 0) != event.epoch for entry in run.history):
+            # Any: a number that was not finite is None (JSONB holds no NaN), which the column's
+            # annotation does not say.
+            numbers: dict[str, Any] = dict(event.numbers)
+            run.history = [*run.history, numbers]
     elif event.kind == "done":
         run.status, run.finished_at, run.record = "done", now, event.record
         base = await base_entry(session=session, name=run.model_name, base_version=run.base_version)
@@ -736,11 +882,62 @@ async def remove_exports(*, session: AsyncSession, data_dir: Path, grace_seconds
 
 async def new_examples_since_last_run(*, session: AsyncSession, name: str) -> int:
     """Labelled ``train`` examples (image contents) of model ``name`` labelled since its latest
-    run was queued."""
-    since = await session.scalar(select(func.max(TrainingRun.created_at)).where(TrainingRun.model_name == name))
+    run that ended done, or is still queued or running, was queued (all of them when there is
+    none). A run that failed or was cancelled trained nothing: the examples it exported are
+    still new, and the trigger starts another run for them (``retry_refusal`` says when)."""
+    since = await session.scalar(
+        select(func.max(TrainingRun.created_at)).where(
+            TrainingRun.model_name == name, TrainingRun.status.in_(("done", *UNFINISHED))
+        )
+    )
     query = select(func.count(LabelledExample.sha256.distinct())).where(
         LabelledExample.model_name == name, LabelledExample.split == "train"
     )
     if since is not None:
         query = query.where(LabelledExample.updated_at > since)
     return int(await session.scalar(query) or 0)
+
+
+RETRY_AFTER = timedelta(hours=1)
+"""How long the trigger waits after a model's run failed or was cancelled before it starts another
+for the same examples; doubled for each further one since the model's latest run that ended done
+(``retry_refusal``)."""
+RETRY_AFTER_MAX = timedelta(days=1)
+"""The longest the trigger waits between runs of a model that fail every time."""
+
+
+async def retry_refusal(*, session: AsyncSession, name: str, now: datetime | None = None) -> str | None:
+    """Why the retraining trigger does not start a run of ``name`` at ``now`` (default: the
+    present), or None when it may: runs of it failed or were cancelled since its latest run that
+    ended done, and the latest of them ended less than ``RETRY_AFTER`` ago, doubled for each one
+    before it (1 h, 2 h, 4 h ... up to ``RETRY_AFTER_MAX``). A run that fails every time (a
+    trainer killed by the machine's memory limit, a TRAINING_DATA_DIR it cannot read) is then
+    tried a few times a day at most, not at every check; an admin may start one at any time."""
+    now = now or datetime.now(UTC)
+    last_done = await session.scalar(
+        select(func.max(TrainingRun.created_at)).where(TrainingRun.model_name == name, TrainingRun.status == "done")
+    )
+    ended = func.coalesce(TrainingRun.finished_at, TrainingRun.created_at)
+    where = [TrainingRun.model_name == name, TrainingRun.status.in_(("failed", "cancelled"))]
+    if last_done is not None:
+        where.append(TrainingRun.created_at > last_done)
+    failures = int(await session.scalar(select(func.count()).select_from(TrainingRun).where(*where)) or 0)
+    if not failures:
+        return None
+    run_id, status, at = (
+        await session.execute(
+            select(TrainingRun.id, TrainingRun.status, ended)
+            .where(*where)
+            .order_by(TrainingRun.created_at.desc(), TrainingRun.id.desc())
+            .limit(1)
+        )
+    ).one()
+    at = at.astimezone(UTC)
+    retry_at = at + min(RETRY_AFTER * 2 ** min(failures - 1, 16), RETRY_AFTER_MAX)
+    if retry_at <= now:
+        return None
+    in_a_row = f" ({failures} runs in a row failed or were cancelled)" if failures > 1 else ""
+    return (
+        f"its run {run_id} {status} at {at:%Y-%m-%d %H:%M:%S} UTC{in_a_row}; the next starts from "
+        f"{retry_at:%Y-%m-%d %H:%M:%S} UTC (an admin may start one at any time)"
+    )

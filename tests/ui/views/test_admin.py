@@ -43,3 +43,51 @@ def test_two_epochs_draw_a_loss_and_an_accuracy_chart() -> None:
     app = AppTest.from_function(_two_epochs).run()
     assert not app.exception, app.exception
     assert len(app.get("vega_lite_chart")) == 2
+
+
+def _one_diverged_epoch() -> None:
+    from ui.views.admin import show_curves
+
+    show_curves([{"epoch": 1, "seconds": 4.0, "loss": None, "val_loss": None, "accuracy": 0.1, "val_accuracy": None}])
+
+
+def test_one_epoch_whose_numbers_are_not_finite_is_said() -> None:
+    """A diverged epoch's loss is None in the run's history: the page failed formatting it."""
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_function(_one_diverged_epoch).run()
+    assert not app.exception, app.exception
+    [caption] = [c.value for c in app.caption]
+    assert caption == (
+        "Epoch 1: loss not a finite number, validation loss not a finite number, accuracy 10.0%, "
+        "validation accuracy not a finite number"
+    )
+
+
+def _diverged_after_two_epochs() -> None:
+    from ui.views.admin import show_curves
+
+    show_curves(
+        [
+            {"epoch": 1, "loss": 0.9, "val_loss": 1.0, "accuracy": 0.5, "val_accuracy": 0.4},
+            {"epoch": 2, "loss": 0.5, "val_loss": float("inf"), "accuracy": 0.7, "val_accuracy": 0.6},
+            {"epoch": 3, "loss": None, "val_loss": None, "accuracy": 0.1, "val_accuracy": 0.1},
+        ]
+    )
+
+
+def test_numbers_that_are_not_finite_are_left_out_of_the_curves_and_said() -> None:
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_function(_diverged_after_two_epochs).run()
+    assert not app.exception, app.exception
+    assert len(app.get("vega_lite_chart")) == 2
+    assert "not drawn: loss at epoch 3; validation loss at epochs 2, 3." in app.caption[0].value
+
+
+def test_a_curve_with_a_missing_number_is_drawn_with_a_gap() -> None:
+    """The chart's data holds null there: JSON has no NaN, and a NaN left in it breaks the chart."""
+    history = [{"epoch": 1, "loss": 0.9}, {"epoch": 2, "loss": None}, {"epoch": 3, "loss": float("nan")}]
+    spec = curve_chart(pd.DataFrame(history), ["loss"]).to_dict()
+    rows = spec["datasets"][next(iter(spec["datasets"]))]
+    assert [r["value"] for r in rows] == [0.9, None, None]
