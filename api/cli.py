@@ -37,7 +37,7 @@ from fastapi import HTTPException
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.app.catalog.service import WorkerDirectory
+from api.app.catalog.service import ModelAvailability, WorkerDirectory
 from api.app.core.config import Settings, get_settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.errors import DB_ERRORS
@@ -162,6 +162,16 @@ def _available(settings: Settings) -> dict[str, int]:
         client.close()
 
 
+async def _worker_reports(settings: Settings) -> dict[str, ModelAvailability]:
+    """What the live workers report of each version (``WorkerDirectory.availability``): loaded
+    and healthy, or why it failed to load, so a refusal can say which."""
+    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    try:
+        return await WorkerDirectory(client).availability(fresh=True)
+    finally:
+        await client.aclose()
+
+
 def _print_versions(rows: list[ModelVersion]) -> None:
     for row in rows:
         state = "enabled" if row.enabled else "disabled"
@@ -278,13 +288,10 @@ async def _registry(args: argparse.Namespace, spec: object, available: dict[str,
                 available=available.keys(),
                 classes=available,
                 force=args.force,
+                reported=await _worker_reports(settings),
             )
         elif args.action == "promote":
-            client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
-            try:
-                availability = await WorkerDirectory(client).availability(fresh=True)
-            finally:
-                await client.aclose()
+            availability = await _worker_reports(settings)
             changed = await releases_service.promote(
                 session=session,
                 actor=actor,
@@ -303,6 +310,7 @@ async def _registry(args: argparse.Namespace, spec: object, available: dict[str,
                 reason=args.reason,
                 available=available.keys(),
                 from_version=args.from_version,
+                reported=await _worker_reports(settings),
             )
         else:
             changed = await registry_service.set_channel(
@@ -314,6 +322,7 @@ async def _registry(args: argparse.Namespace, spec: object, available: dict[str,
                 enabled={"enable": True, "disable": False}.get(args.action),
                 reason=args.reason,
                 available=available.keys(),
+                reported=await _worker_reports(settings),
             )
         _print_versions(changed.versions)
 

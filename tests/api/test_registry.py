@@ -1331,37 +1331,20 @@ async def test_a_version_that_failed_to_load_is_refused_saying_so(own_stack: Sta
     assert r.json()["detail"].startswith(f"sketch@4 cannot be promoted: {failure}"), r.text
     assert "no Keras archive" in r.json()["detail"] and "retry once it is" not in r.json()["detail"]
 
-    # Weights and shadow traffic, given what the workers report, say the same.
-    reported = await workers.availability(fresh=True)
-    actor = service.Actor(None, ADMIN_EMAIL)
-    async with own_stack.app.state.sessionmaker() as session:
-        with pytest.raises(HTTPException) as refused:
-            await service.set_weights(
-                session=session,
-                actor=actor,
-                name="sketch",
-                weights={4: 10},
-                reason="x",
-                available=set(),
-                reported=reported,
-            )
-        assert refused.value.status_code == 409
-        assert refused.value.detail.startswith(f"sketch@4 cannot get traffic: {failure}"), refused.value.detail
-        await session.rollback()
-        with pytest.raises(HTTPException) as refused:
-            await service.set_channel(
-                session=session,
-                actor=actor,
-                name="sketch",
-                version=4,
-                channel="shadow",
-                enabled=None,
-                reason="x",
-                available=set(),
-                reported=reported,
-            )
-        assert refused.value.status_code == 409
-        assert refused.value.detail.startswith(f"sketch@4 cannot shadow traffic: {failure}"), refused.value.detail
+    # Weights and shadow traffic say the same, through the API and the CLI.
+    r = await client.put(
+        "/v1/admin/registry/models/sketch/weights", json={"weights": {"4": 10}, "reason": "x"}, headers=admin
+    )
+    assert r.status_code == 409 and r.json()["detail"].startswith(f"sketch@4 cannot get traffic: {failure}"), r.text
+    r = await client.patch(
+        "/v1/admin/registry/models/sketch/versions/4", json={"channel": "shadow", "reason": "x"}, headers=admin
+    )
+    assert r.status_code == 409 and r.json()["detail"].startswith(f"sketch@4 cannot shadow traffic: {failure}"), r.text
+    settings = own_stack.app.state.settings
+    done = await asyncio.to_thread(_registry_cli, settings, "weights", "sketch", "4=10", "--reason", "x")
+    _one_error_line(done, 1, f"sketch@4 cannot get traffic: {failure}")
+    done = await asyncio.to_thread(_registry_cli, settings, "channel", "sketch", "4", "shadow", "--reason", "x")
+    _one_error_line(done, 1, f"sketch@4 cannot shadow traffic: {failure}")
 
 
 def test_a_load_failure_is_said_once_every_worker_serving_the_model_reported_it() -> None:
