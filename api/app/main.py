@@ -44,6 +44,7 @@ from api.app.feedback.router import classic as feedback_classic
 from api.app.feedback.router import labels_router as verdict_labels_router
 from api.app.feedback.router import router as feedback_router
 from api.app.health.router import router as health_router
+from api.app.images.background import retry_deletions_periodically as retry_blob_deletions
 from api.app.images.router import router as images_router
 from api.app.images.storage import LocalBlobStore
 from api.app.predictions.background import JobRuntime, collect_results, reconcile
@@ -204,6 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     outage_log=outage_log,
                 ),
                 exports.run(stop, outage_log),
+                retry_blob_deletions(runtime.sessionmaker, store=state.store, stop=stop, outage_log=outage_log),
                 run_every(
                     maintenance.MAINTENANCE_SECONDS,
                     functools.partial(maintenance.maintain, engine=state.background_engine),

@@ -6,7 +6,7 @@ from typing import Literal
 from sqlalchemy import BigInteger, Float, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from api.app.core.db import Base, OwnedMixin, new_uuid
+from api.app.core.db import Base, OwnedMixin, TimestampMixin, new_uuid
 
 ImageSource = Literal["upload", "batch"]
 
@@ -44,3 +44,15 @@ class Image(OwnedMixin, Base):
     def file_name(self) -> str:
         """The content-addressed name existing clients know the image by."""
         return f"{self.sha256}.{self.format.lower()}"
+
+
+class BlobDeletion(TimestampMixin, Base):
+    """A blob to delete once no upload references it, queued in the transaction that deleted its
+    last upload (a user's deletion, an upload's). The file goes after that commits, under the
+    blob's lock, and its row with it; a row still here later (the process stopped, the disk or the
+    database failed meanwhile) is tried again by ``images.service.retry_blob_deletions``. The
+    files of a deleted account are not left behind."""
+
+    __tablename__ = "blob_deletions"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -7,11 +7,13 @@ import base64
 import functools
 import hashlib
 import io
+import logging
 import time
 import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar, cast
 
 from anyio import CapacityLimiter, to_thread
@@ -24,12 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.core.config import Settings
 from api.app.core.db import OWNER_KEY_SHARE, utcnow
-from api.app.core.errors import OWNER_GONE
+from api.app.core.errors import DB_ERRORS, OWNER_GONE
 from api.app.core.fields import storable
 from api.app.core.paging import KeysetPage, keyset_page
-from api.app.images.models import Image, ImageSource
+from api.app.images.models import BlobDeletion, Image, ImageSource
 from api.app.images.storage import LocalBlobStore
 from contracts.imaging import ImageInfo, ImageRejected, inspect_image, load_image, trim_heap
+
+log = logging.getLogger(__name__)
 
 
 async def read_upload(file: UploadFile, settings: Settings) -> bytes:
@@ -268,18 +272,67 @@ async def owned_blobs(*, session: AsyncSession, owner_id: int) -> list[str]:
     return list(await session.scalars(select(Image.sha256).where(Image.owner_id == owner_id).distinct()))
 
 
-async def delete_unreferenced_blobs(*, session: AsyncSession, store: LocalBlobStore, sha256s: list[str]) -> int:
+async def queue_blob_deletions(*, session: AsyncSession, sha256s: list[str]) -> None:
+    """Queues ``sha256s`` for deletion (``BlobDeletion``) in the caller's transaction, which is
+    deleting their last uploads; one statement whatever their number. Already queued ones stay."""
+    if sha256s:
+        await session.execute(_QUEUE_BLOB_DELETIONS, {"b_sha256s": sha256s})
+
+
+_QUEUE_BLOB_DELETIONS = text("""
+    INSERT INTO blob_deletions (sha256, created_at)
+    SELECT sha256, now() FROM unnest(CAST(:b_sha256s AS varchar[])) AS sha256
+    ON CONFLICT DO NOTHING
+    """)
+
+
+async def delete_unreferenced_blobs(
+    *, session: AsyncSession, store: LocalBlobStore, sha256s: list[str], settled: list[str] | None = None
+) -> int:
     """Deletes the blobs no upload references any more (after their rows went); how many were
     there (a sweep or deletion that held their locks before may have deleted some). Takes their
     locks first, then reads which are referenced (an upload of the same content
-    that committed meanwhile keeps its blob), in two round trips whatever their number. Commits,
-    which releases the per-blob locks taken here."""
+    that committed meanwhile keeps its blob), in two round trips whatever their number. Their
+    queued deletions (``BlobDeletion``) go in the same transaction, with those of ``settled``
+    (blobs found referenced: their file stays). Commits, which releases the per-blob locks taken
+    here. Raises what the database or the disk raised: a file not deleted stays queued."""
     await _lock_blobs(session, sha256s)
     referenced = set(await session.scalars(select(Image.sha256).where(Image.sha256.in_(sha256s)).distinct()))
     deleted = 0
     for sha256 in sorted(set(sha256s) - referenced):
         deleted += await store.delete(sha256)
+    await session.execute(delete(BlobDeletion).where(BlobDeletion.sha256.in_([*sha256s, *(settled or [])])))
     await session.commit()
+    return deleted
+
+
+BLOB_DELETION_RETRY_SECONDS = 300.0
+"""How often each API process retries the queued blob deletions (``retry_blob_deletions``), and
+how old a queued deletion must be to be retried: one still this young is most likely the
+deletion in progress that queued it."""
+
+
+async def retry_blob_deletions(*, session: AsyncSession, store: LocalBlobStore) -> int:
+    """Deletes the files of the queued blob deletions older than ``BLOB_DELETION_RETRY_SECONDS``
+    that no upload references again, ``SWEEP_CHUNK`` per transaction (``delete_blobs_in_chunks``),
+    and their rows; how many files. What a deletion could not do after its commit (its process
+    stopped, the disk or the database failed) is done here, so a deleted account's files do not
+    stay on disk. Several processes at once only wait for each other's blob locks. Raises what
+    the database or the disk raised; the rest stays queued for the next pass."""
+    deleted = 0
+    while True:
+        due = select(BlobDeletion.sha256).where(
+            BlobDeletion.created_at < utcnow() - timedelta(seconds=BLOB_DELETION_RETRY_SECONDS)
+        )
+        chunk = list(await session.scalars(due.order_by(BlobDeletion.created_at).limit(SWEEP_CHUNK)))
+        await session.rollback()
+        if not chunk:
+            break
+        deleted += await delete_blobs_in_chunks(session=session, store=store, sha256s=chunk, queued=True)
+        if len(chunk) < SWEEP_CHUNK:
+            break
+    if deleted:
+        log.info("deleted %d files of deleted uploads left from earlier", deleted)
     return deleted
 
 
@@ -315,24 +368,32 @@ async def sweep_orphaned_blobs(
 
 
 async def delete_blobs_in_chunks(
-    *, session: AsyncSession, store: LocalBlobStore, sha256s: list[str], dry_run: bool = False
+    *, session: AsyncSession, store: LocalBlobStore, sha256s: list[str], dry_run: bool = False, queued: bool = False
 ) -> int:
     """Deletes those of ``sha256s`` no image row references, ``SWEEP_CHUNK`` per transaction
     (``delete_unreferenced_blobs`` under their locks); how many (would be, with ``dry_run``).
     Each transaction holds at most SWEEP_CHUNK advisory locks: PostgreSQL's lock table is shared
     by every session of the server (max_locks_per_transaction x max_connections, 6,400 slots by
     default), and one transaction locking a large history's blobs ran it out of shared memory.
-    Raises what the database or the disk raised; the files not reached are the blob sweep's."""
+    With ``queued`` (they were queued, ``BlobDeletion``), the queued deletions of those found
+    referenced go too. Raises what the database or the disk raised; the files not reached stay
+    queued, or are the blob sweep's."""
     deleted = 0
     for start in range(0, len(sha256s), SWEEP_CHUNK):
         chunk = sha256s[start : start + SWEEP_CHUNK]
         referenced = set(await session.scalars(select(Image.sha256).where(Image.sha256.in_(chunk)).distinct()))
         candidates = [sha256 for sha256 in chunk if sha256 not in referenced]
         await session.rollback()
+        settled = sorted(referenced) if queued else []
         if dry_run:
             deleted += len(candidates)
         elif candidates:
-            deleted += await delete_unreferenced_blobs(session=session, store=store, sha256s=candidates)
+            deleted += await delete_unreferenced_blobs(
+                session=session, store=store, sha256s=candidates, settled=settled
+            )
+        elif settled:
+            await session.execute(delete(BlobDeletion).where(BlobDeletion.sha256.in_(settled)))
+            await session.commit()
     return deleted
 
 
@@ -384,15 +445,24 @@ async def thumbnails(
 
 
 async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: Image) -> None:
-    """Deletes one upload (its jobs and feedback go with it), and its blob if no other upload has it."""
+    """Deletes one upload (its jobs and feedback go with it), and its blob if no other upload has
+    it: queued for deletion in the same transaction (``BlobDeletion``), then deleted once that
+    commits (``delete_unreferenced_blobs``). The file's deletion failing (the disk, the database)
+    leaves it to ``retry_blob_deletions``; the upload is deleted all the same."""
     sha256 = image.sha256
     await _lock_blob(session, sha256)
     await session.delete(image)
     await session.flush()
     remaining = await session.scalar(select(func.count()).select_from(Image).where(Image.sha256 == sha256))
     if not remaining:
-        await store.delete(sha256)
+        await queue_blob_deletions(session=session, sha256s=[sha256])
     await session.commit()
+    if not remaining:
+        try:
+            await delete_unreferenced_blobs(session=session, store=store, sha256s=[sha256])
+        except (*DB_ERRORS, OSError) as exc:
+            await session.rollback()
+            log.warning("upload %s deleted; its file is left for the next retry: %r", image.id, exc)
 
 
 def _annotate(data: bytes, *, lines: list[str]) -> bytes:

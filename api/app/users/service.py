@@ -212,9 +212,10 @@ async def delete_user(*, session: AsyncSession, store: LocalBlobStore, actor: Us
     """Deletes the user with everything they own (one transaction: their uploads a few thousand
     per statement, ``images.service.delete_owned_images``, then the account), then the files of
     their uploads that no other upload references (``images.service.delete_blobs_in_chunks``: a
-    hundred per transaction, each under its blob lock, so a history of any size can go). Files
-    that step could not delete (the database or the disk failing, a crash) are left to the blob
-    sweep; the account is deleted all the same. Raises 409 for the acting admin, 403 when the
+    hundred per transaction, each under its blob lock, so a history of any size can go). Those
+    files are queued for deletion in the account's transaction (``images.service.queue_blob_deletions``):
+    what that step could not delete (the database or the disk failing, the process stopped) is
+    deleted later by ``images.service.retry_blob_deletions``; the account is deleted all the same. Raises 409 for the acting admin, 403 when the
     actor stopped being an active admin meanwhile."""
     await _keep_an_admin(session=session, actor=actor, target=user, action="delete")
     # The row first: an upload of theirs in progress (it holds the row FOR KEY SHARE, then its
@@ -222,16 +223,17 @@ async def delete_user(*, session: AsyncSession, store: LocalBlobStore, actor: Us
     await session.execute(select(User.id).where(User.id == user.id).with_for_update())
     blobs = await images_service.owned_blobs(session=session, owner_id=user.id)
     await images_service.delete_owned_images(session=session, owner_id=user.id)
+    await images_service.queue_blob_deletions(session=session, sha256s=blobs)
     await session.delete(user)
     await session.commit()
     # Another user's upload of the same content, committed by now or waiting for the blob's lock,
     # keeps the file: each is counted again under its lock.
     try:
-        await images_service.delete_blobs_in_chunks(session=session, store=store, sha256s=blobs)
+        await images_service.delete_blobs_in_chunks(session=session, store=store, sha256s=blobs, queued=True)
     except (*DB_ERRORS, OSError) as exc:
-        # The account is gone, as answered; what a file step could not delete is the sweep's.
+        # The account is gone, as answered; the files not reached stay queued for the next retry.
         await session.rollback()
-        log.warning("user %d deleted; some of their files are left for sweep-blobs: %r", user.id, exc)
+        log.warning("user %d deleted; some of their files are left for the next retry: %r", user.id, exc)
 
 
 FORGET_BATCH = 500
