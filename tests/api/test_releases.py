@@ -731,3 +731,47 @@ async def test_a_promoted_version_takes_over_the_stable_weight_and_canaries_keep
             assert build_registry(changed.versions, registry.default_order, []).get("sketch@1").weight == MAX_WEIGHT
     finally:
         await engine.dispose()
+
+
+async def test_two_promotions_at_once_the_second_is_compared_again(
+    settings: Settings, fresh_settings: Settings
+) -> None:
+    """Two admins promote two canaries at once, each compared with the stable version they saw:
+    the one that gets the model's rows second is refused (409), since it was never compared with
+    the version the first made stable. Before, it became stable all the same (the last won)."""
+    from fastapi import HTTPException
+
+    from tests.support import waiting_on_lock
+
+    engine = make_engine(fresh_settings)
+    served = {f"sketch@{v}": ModelAvailability(workers=1) for v in (1, 2, 3)}
+    registry = load_registry(settings.registry_path)
+    sessions = make_sessionmaker(engine)
+    try:
+        async with sessions() as first, sessions() as second:
+            await registry_service.seed(session=first, registry=registry)
+            await registry_service._lock_model(first, "sketch")  # the first admin's promotion holds the rows
+            promoting = asyncio.create_task(
+                releases_service.promote(
+                    session=second,
+                    actor=ACTOR,
+                    name="sketch",
+                    version=2,
+                    reason="compared with 3",
+                    force=False,
+                    availability=served,
+                    margin=0.02,
+                )
+            )
+            await waiting_on_lock(fresh_settings, 1)
+            await registry_service.promote(
+                session=first, actor=ACTOR, name="sketch", version=1, reason="x", available=set(served)
+            )
+            with pytest.raises(HTTPException) as refused:
+                await promoting
+            assert refused.value.status_code == 409
+            assert "sketch's stable version changed meanwhile (now sketch@1)" in refused.value.detail
+            rows = await second.scalars(select(ModelVersion).where(ModelVersion.name == "sketch"))
+            assert {r.version: r.channel for r in rows} == {1: "stable", 2: "canary", 3: "canary"}
+    finally:
+        await engine.dispose()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Collection, Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -648,7 +648,7 @@ async def promote(
     reason: str,
     available: Set[str],
     reported: Mapping[str, WorkerReport] | None = None,
-    uncompared: bool = False,
+    compared_with: Collection[int] | None = None,
 ) -> Changed:
     """Makes ``version`` the model's stable version with all the stable traffic: its weight becomes
     the previous stable version's plus its own (at most ``MAX_WEIGHT``), so the model's total
@@ -656,12 +656,13 @@ async def promote(
     promoting 8, gives {3: 0, 8: 9500, 9: 500}: 9 keeps its 5 %. A model's first promotion (no
     stable version before it) gives ``STABLE_WEIGHT``. The previous stable version stays enabled
     and loaded, as a canary without traffic, for ``rollback``, which restores every weight.
-    ``reported``: as ``set_weights``'s. ``uncompared``: the caller found no enabled stable version
-    to compare the version with, and did not.
+    ``reported``: as ``set_weights``'s. ``compared_with``: the enabled stable versions the caller
+    read before it compared the version with them (empty: it found none, and did not compare).
 
     Raises 404 for an unknown version, 409 when it is retired, disabled or not loaded on any worker,
-    or when ``uncompared`` and the model has an enabled stable version once its rows are locked
-    (promoted meanwhile: the version must be compared with it first).
+    or when the enabled stable versions, once the model's rows are locked, are no longer
+    ``compared_with`` (a promotion or rollback meanwhile: two admins promoting two versions at once
+    made the second stable without comparing it with the first; it must be compared again).
     """
     rows = await _lock_model(session, name)
     before = _states(rows)
@@ -672,10 +673,12 @@ async def promote(
         raise _conflict(f"{name}@{version} is disabled; enable it first.")
     if row.channel == "stable" and all(r.channel != "stable" for r in rows if r is not row):
         raise _conflict(f"{name}@{version} is the stable version already.")
-    if uncompared and (stable := main_stable(rows)) is not None:
+    stable_now = sorted(r.version for r in rows if r.channel == "stable" and r.enabled)
+    if compared_with is not None and stable_now != sorted(compared_with):
+        now = ", ".join(f"{name}@{v}" for v in stable_now) or "none"
         raise _conflict(
-            f"{name}@{stable.version} became {name}'s stable version meanwhile; {name}@{version} is compared with "
-            "it before a promotion: look again, then retry."
+            f"{name}'s stable version changed meanwhile (now {now}); {name}@{version} is compared with the "
+            "stable version before a promotion: look again, then retry."
         )
     _require_loaded(row, available, "be promoted", reported)
     # It takes over the stable traffic (of several stable versions, left by an older release,

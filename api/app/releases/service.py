@@ -442,5 +442,5 @@ async def promote(
         reason=reason,
         available={key for key, state in availability.items() if state.available},
         reported=availability,
-        uncompared=not stable,
+        compared_with=stable,
     )
