@@ -27,7 +27,8 @@ long."""
 
 
 def cancel_key(run_id: str) -> str:
-    """Set (by the API) when an admin cancels the run; the trainer checks it after each epoch."""
+    """Set (by the API) when an admin cancels the run; the trainer checks it every second or so
+    while it trains (``model.training.train_sketch.STOP_CHECK_EVERY_S``) and after each epoch."""
     return f"training:cancel:{run_id}"
 
 
@@ -122,16 +123,23 @@ class TrainingJob(BaseModel):
 
 
 class TrainingEvent(BaseModel):
-    """What the trainer says of a run: it started, finished an epoch, or ended."""
+    """What the trainer says of a run: it started, got so far within an epoch (``progress``, every
+    few seconds), finished an epoch, or ended."""
 
     run_id: str
-    kind: Literal["started", "epoch", "done", "failed", "cancelled"]
+    kind: Literal["started", "progress", "epoch", "done", "failed", "cancelled"]
     trainer: str = ""
     epoch: int = 0
+    """``epoch``: the epoch finished; ``progress``: the epoch in progress (both 1-based)."""
     epochs: int = 0
+    step: int = 0
+    """``progress``: the training steps (batches) done in the epoch in progress."""
+    steps: int = 0
+    """``progress``: the training steps in an epoch."""
     numbers: dict[str, float | None] = {}
-    """An epoch's loss, accuracy, val_loss, val_accuracy and seconds since the start; None for a
-    number that is not finite (NaN or infinite: the training diverged)."""
+    """``epoch``: its loss, accuracy, val_loss, val_accuracy and seconds since the start; None for a
+    number that is not finite (NaN or infinite: the training diverged). ``progress``: the seconds
+    since the start."""
     record: dict[str, Any] | None = None
     """When done: the training record (``metrics.json``)."""
     error: str | None = None

@@ -1,7 +1,8 @@
 """The training worker: ``python -m model.trainer``. One run at a time, niced, in its own process,
 never in an inference worker. It reads runs from the ``training:jobs`` stream (consumer group
-``trainers``), reports progress and the end on ``training:events``, holds a liveness key while it
-trains and stops after the epoch in which an admin cancelled the run."""
+``trainers``), reports progress (each epoch, and every few seconds within one) and the end on
+``training:events``, holds a liveness key while it trains and stops within about a second of an
+admin's cancel (``train_sketch.STOP_CHECK_EVERY_S``), part-way through an epoch."""
 
 from __future__ import annotations
 
@@ -286,10 +287,28 @@ class Trainer:
             became = "NaN" if math.isnan(loss) else "infinite"
             raise Diverged(f"diverged: the loss became {became} at epoch {epoch}; try a lower learning rate")
 
+    def report_step(self, job: training.TrainingJob, progress: dict[str, float]) -> None:
+        """Reports how far the epoch in progress is (``train_sketch.train``'s ``on_step``: epoch,
+        step, steps, seconds since the start) on the event stream, as a ``progress`` event."""
+        self.emit(
+            training.TrainingEvent(
+                run_id=job.run_id,
+                kind="progress",
+                trainer=self.name,
+                epoch=int(progress["epoch"]),
+                epochs=job.options.epochs,
+                step=int(progress["step"]),
+                steps=int(progress["steps"]),
+                numbers={"seconds": progress["seconds"]},
+            )
+        )
+
     def train(self, job: training.TrainingJob, out: Path, feedback: Path | None) -> dict[str, object]:
-        """Trains ``job`` into ``out`` (``train_sketch.train``), reporting each epoch on the event
-        stream, stopping after the epoch in which the run was cancelled or the trainer stopped, and
-        failing it (``Diverged``) after the first epoch whose training loss is NaN or infinite."""
+        """Trains ``job`` into ``out`` (``train_sketch.train``), reporting each epoch and, every few
+        seconds, the steps within one on the event stream; stopping within about a second once the
+        run is cancelled or the trainer stops (``TrainingCancelled``, part-way through the epoch,
+        which is not reported), and failing it (``Diverged``) after the first epoch whose training
+        loss is NaN or infinite."""
         from model.training import train_sketch
 
         epochs = job.options.epochs
@@ -317,6 +336,7 @@ class Trainer:
             # all) without a reason people can read. An exception from the epoch's callback ends
             # fit and the run with the reason, at most one epoch later.
             on_epoch=lambda numbers: self.report_epoch(job, numbers),
+            on_step=lambda progress: self.report_step(job, progress),
             should_stop=lambda: bool(self.stopping.is_set() or self.reporting.exists(training.cancel_key(job.run_id))),
         )
 

@@ -417,6 +417,11 @@ class TrainingRun(TypedDict):
     finished_at: str | None
     cancel_requested_at: str | None
     epoch: int
+    """Epochs finished."""
+    step: int | None
+    """Steps done in the epoch after those finished, as last reported; None before its first report."""
+    steps: int | None
+    """Steps in an epoch, with ``step``."""
     eta_seconds: float | None
     promotion: str | None
 

@@ -223,6 +223,15 @@ class TrainingCancelled(Exception):
     """``should_stop`` said stop: nothing was written."""
 
 
+PROGRESS_EVERY_S = 5.0
+"""``train`` tells ``on_step`` how far the epoch in progress is at most this often, in seconds:
+an epoch takes from 40 s to minutes, and each report is an event the API writes into the run."""
+STOP_CHECK_EVERY_S = 1.0
+"""``train`` asks ``should_stop`` within an epoch at most this often, in seconds (a Redis EXISTS in
+the trainer, against training steps of a few milliseconds each): a cancel stops the training
+within about this long after it is asked for, plus the training step in progress."""
+
+
 def per_class_scores(confusion: np.ndarray, labels: list[str]) -> tuple[dict[str, dict[str, float]], float]:
     """Precision, recall and F1 of each class from a confusion matrix (rows true, columns
     predicted), and their unweighted mean F1 (macro-F1, as scikit-learn's ``f1_score(average=
@@ -390,6 +399,7 @@ def train(
     flip_average: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, object]:
     """Trains, evaluates and writes ``out/model.keras``, ``labels.txt`` and ``metrics.json`` (the
     training record); returns the record. ``augment``, ``flip_only``, ``label_smoothing``,
@@ -403,8 +413,14 @@ def train(
     that share of the training drawings is added again as the UI canvas renders them
     (``canvas_renderings``), so drawings made in the UI are read as well as the dataset's; the
     held-out drawings are scored both ways whatever it is. ``on_epoch`` gets each epoch's numbers
-    (epoch, loss, accuracy, val_loss, val_accuracy, seconds); ``should_stop``, asked after each
-    epoch, cancels the run (``TrainingCancelled``, nothing written)."""
+    (epoch, loss, accuracy, val_loss, val_accuracy, seconds) once the epoch and its validation are
+    over. ``on_step`` gets, at most every ``PROGRESS_EVERY_S``, how far the epoch in progress is:
+    epoch (1-based), step (training steps done in it), steps (in an epoch) and seconds (since the
+    training began, as ``on_epoch``'s). ``should_stop``, asked within each epoch at most every
+    ``STOP_CHECK_EVERY_S`` and after each, cancels the run at once (``TrainingCancelled``, saying
+    during or after which epoch; nothing written): an epoch stopped part-way is never given to
+    ``on_epoch``. An exception from ``on_epoch``, ``on_step`` or ``should_stop`` ends the
+    training and is raised as it is."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -445,21 +461,41 @@ def train(
         log.warning("this CPU has no bfloat16 arithmetic (%s): training in float32", ", ".join(NATIVE_BFLOAT16_FLAGS))
         mixed_precision = False
     model = build("mixed_bfloat16" if mixed_precision else "float32", serving=False)
-    cancelled = False
 
     class Progress(keras.callbacks.Callback):
+        # Overriding on_train_batch_end makes Keras call it in the training's own thread, after
+        # each step (no asynchronous dispatch): what it raises ends fit there.
         def __init__(self) -> None:
             super().__init__()
             self.started = time.time()
+            self.epoch = 0
+            self.reported = self.checked = time.monotonic()
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.epoch = epoch + 1
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            now = time.monotonic()
+            steps = int(self.params.get("steps") or 0)
+            if should_stop is not None and now - self.checked >= STOP_CHECK_EVERY_S:
+                self.checked = now
+                if should_stop():
+                    # Raised rather than Keras' stop_training, which ends the epoch's loop but then
+                    # validates the part trained and reports it as a whole epoch.
+                    raise TrainingCancelled(
+                        f"cancelled during epoch {self.epoch} of {epochs}, after step {batch + 1} of {steps}"
+                    )
+            if on_step is not None and now - self.reported >= PROGRESS_EVERY_S:
+                self.reported = now
+                seconds = round(time.time() - self.started, 1)
+                on_step({"epoch": self.epoch, "step": batch + 1, "steps": steps, "seconds": seconds})
 
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            nonlocal cancelled
             numbers = {k: float(v) for k, v in (logs or {}).items()}
             if on_epoch is not None:
                 on_epoch({"epoch": epoch + 1, "seconds": round(time.time() - self.started, 1), **numbers})
             if should_stop is not None and should_stop():
-                cancelled = True
-                self.model.stop_training = True
+                raise TrainingCancelled(f"cancelled after epoch {epoch + 1} of {epochs}")
 
     # Label smoothing needs one-hot labels (Keras' sparse cross-entropy has no smoothing).
     def targets(labels: np.ndarray) -> np.ndarray:
@@ -474,8 +510,6 @@ def train(
         verbose=2,
         callbacks=[Progress()],
     )
-    if cancelled:
-        raise TrainingCancelled(f"cancelled after epoch {len(history.history['loss'])} of {epochs}")
     if mixed_precision or flip_average:
         # The same layers in float32, with the mirror images read too when asked (mixed precision
         # keeps its weights in float32, and the mirroring adds none: copied as they are).

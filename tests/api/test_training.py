@@ -243,7 +243,7 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
     assert (await client.post(f"/v1/admin/training-runs/{queued['id']}/cancel", headers=admin)).status_code == 409
 
-    # Running: cancelled after the epoch it is in.
+    # Running: cancelled within seconds, part-way through the epoch it is in.
     trainer = start_trainer(own_stack, trained_dir)
     running = (await client.post("/v1/admin/training-runs", json=body, headers=admin)).json()
 
@@ -254,7 +254,7 @@ async def test_runs_are_cancelled_or_failed_never_left_hanging(own_stack: Stack,
     await until(lambda: trained_an_epoch(running["id"]), 120, "an epoch trained")
     r = await client.post(f"/v1/admin/training-runs/{running['id']}/cancel", headers=admin)
     assert r.status_code == 200, r.text
-    # Until its epoch ends the run is still running, and says that a cancel was asked for.
+    # Until the trainer stops it the run is still running, and says that a cancel was asked for.
     asked = r.json()["cancel_requested_at"]
     assert asked is not None and r.json()["status"] == "running", r.text
     again = await client.post(f"/v1/admin/training-runs/{running['id']}/cancel", headers=admin)
@@ -1016,3 +1016,51 @@ async def test_an_epoch_delivered_again_is_counted_once(own_stack: Stack) -> Non
     admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
     read = await run_of(own_stack, admin, run_id)
     assert [entry["loss"] for entry in read["history"]][3:] == [None] and read["epoch"] == 4, read
+
+
+async def test_steps_within_an_epoch_move_the_progress_and_eta_and_a_late_report_moves_nothing_back(
+    own_stack: Stack,
+) -> None:
+    """The ETA came from finished epochs only (40 s to minutes each): none during the first epoch,
+    and frozen within each. The trainer's step reports move it, counting the epoch in progress by
+    its steps; a report that arrives late (delivered again, or after its epoch's end) changes
+    nothing."""
+    sessions = own_stack.app.state.sessionmaker
+    async with sessions() as session:
+        run = a_run(72, status="running", base=1, started_at=datetime.now(UTC))
+        run.options = {"epochs": 4}
+        session.add(run)
+        await session.commit()
+        run_id = str(run.id)
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+
+    def progress(epoch: int, step: int, seconds: float) -> training.TrainingEvent:
+        return training.TrainingEvent(
+            run_id=run_id, kind="progress", epoch=epoch, epochs=4, step=step, steps=100, numbers={"seconds": seconds}
+        )
+
+    def epoch(n: int, seconds: float) -> training.TrainingEvent:
+        numbers: dict[str, float | None] = {"epoch": float(n), "seconds": seconds, "loss": 0.5, "accuracy": 0.5}
+        return training.TrainingEvent(run_id=run_id, kind="epoch", epoch=n, epochs=4, numbers=numbers)
+
+    async def shown(*events: training.TrainingEvent) -> tuple[int, int | None, int | None, float | None]:
+        for event in events:
+            async with sessions() as session:
+                await training_service.apply_event(session=session, event=event)
+        read = await run_of(own_stack, admin, run_id)
+        return read["epoch"], read["step"], read["steps"], read["eta_seconds"]
+
+    assert await shown() == (0, None, None, None)
+    # A tenth of the first epoch in 5 s: 0.025 of the run, so 195 s left.
+    assert await shown(progress(1, 10, 5.0)) == (0, 10, 100, 195.0)
+    # Half of it in 25 s: 175 s left. The report of step 10 delivered again after it moves nothing.
+    assert await shown(progress(1, 50, 25.0), progress(1, 10, 5.0), progress(1, 50, 25.0)) == (0, 50, 100, 175.0)
+    # The epoch ends at 50 s (150 s left); a report of its step 90 arriving after that is stale.
+    assert await shown(epoch(1, 50.0)) == (1, None, None, 150.0)
+    assert await shown(progress(1, 90, 45.0)) == (1, None, None, 150.0)
+    assert await shown(progress(2, 50, 75.0), progress(1, 99, 49.0)) == (1, 50, 100, 125.0)
+    async with sessions() as session:
+        stored = await session.get(TrainingRun, uuid.UUID(run_id))
+        assert stored is not None
+        assert stored.progress == {"epoch": 2, "step": 50, "steps": 100, "seconds": 75.0}
+        assert [entry["epoch"] for entry in stored.history] == [1]

@@ -73,3 +73,21 @@ def test_an_epoch_whose_numbers_are_not_finite_crosses_the_stream_with_them_as_n
     # A producer's JSON that spells them as JavaScript does reads the same.
     spelt = b'{"run_id": "x", "kind": "epoch", "numbers": {"loss": NaN, "val_loss": Infinity, "accuracy": 0.5}}'
     assert TrainingEvent.from_fields({b"meta": spelt}).numbers == {"loss": None, "val_loss": None, "accuracy": 0.5}
+
+
+def test_a_progress_event_crosses_the_stream_and_events_without_steps_still_read() -> None:
+    """The trainer reports the steps within an epoch every few seconds (``progress``); events of a
+    trainer from before then, which have no steps, read as they did."""
+    event = TrainingEvent(run_id="x", kind="progress", epoch=2, epochs=5, step=40, steps=300, numbers={"seconds": 61.5})
+    read = TrainingEvent.from_fields({b"meta": cast(bytes, event.to_fields()["meta"])})
+    assert (read.kind, read.epoch, read.epochs, read.step, read.steps, read.numbers) == (
+        "progress",
+        2,
+        5,
+        40,
+        300,
+        {"seconds": 61.5},
+    )
+    older = b'{"run_id": "x", "kind": "epoch", "trainer": "t", "epoch": 1, "epochs": 5, "numbers": {"loss": 0.5}}'
+    old = TrainingEvent.from_fields({b"meta": older})
+    assert (old.kind, old.epoch, old.step, old.steps, old.numbers) == ("epoch", 1, 0, 0, {"loss": 0.5})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import threading
 import time
@@ -19,7 +20,9 @@ import pytest
 from contracts.registry import Registry
 from model.config import ModelSettings
 from model.preprocessing import preprocess
+from model.training import train_sketch
 from model.training.train_sketch import (
+    TrainingCancelled,
     canvas_renderings,
     download,
     load_category,
@@ -252,3 +255,44 @@ def test_every_run_on_the_same_categories_is_scored_on_the_same_held_out_drawing
     if not (position[tiny_validated] < 10).all():
         np.testing.assert_array_equal(tiny_validated, full_validation)
     assert not set(tiny_validated) & set(tiny_trained)
+
+
+def test_a_cancel_stops_the_training_within_its_epoch_and_reports_no_part_of_it(
+    tmp_path: Path, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``should_stop`` was asked only once an epoch (and its validation) was over, which takes 40 s
+    to minutes: it is asked within the epoch too, and the training stops there, reporting the
+    steps done but no epoch for the one it left part-way (Keras' ``stop_training`` would have
+    validated and reported it as a whole epoch)."""
+    # Every step here: the training is a few steps of milliseconds.
+    monkeypatch.setattr(train_sketch, "STOP_CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(train_sketch, "PROGRESS_EVERY_S", 0.0)
+    epochs: list[dict[str, float]] = []
+    steps: list[dict[str, float]] = []
+    out = tmp_path / "cancelled"
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train(
+            data=model_settings.quickdraw_dir,
+            categories=CATEGORIES,
+            per_category=100,
+            epochs=3,
+            batch_size=16,
+            out=out,
+            on_epoch=epochs.append,
+            on_step=steps.append,
+            # Cancelled once the second epoch has reported its third step.
+            should_stop=lambda: any((s["epoch"], s["step"]) == (2, 3) for s in steps),
+        )
+    per_epoch = int(steps[0]["steps"])
+    assert per_epoch >= 8, steps  # 160 or so drawings at 16 a step: the stop is well inside the epoch
+    assert str(cancelled.value) == f"cancelled during epoch 2 of 3, after step 4 of {per_epoch}"
+    assert [e["epoch"] for e in epochs] == [1] and "val_accuracy" in epochs[0]
+    # Each step until the cancel was reported, and none after it.
+    assert [(s["epoch"], s["step"]) for s in steps] == [(1, n) for n in range(1, per_epoch + 1)] + [
+        (2, 1),
+        (2, 2),
+        (2, 3),
+    ]
+    assert {s["steps"] for s in steps} == {per_epoch}
+    assert all(0 <= a["seconds"] <= b["seconds"] for a, b in itertools.pairwise(steps))
+    assert not out.exists()

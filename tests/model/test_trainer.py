@@ -20,6 +20,7 @@ from contracts import training
 from model.config import ModelSettings
 from model.store import version_lock
 from model.trainer import STOPPED, Trainer
+from model.training import train_sketch
 from tests.support import RedisServer, service, wait_until
 
 
@@ -117,13 +118,21 @@ def test_the_liveness_key_is_renewed_again_after_redis_comes_back(
         beats.join(5)
 
 
-def events_of(r: redis.Redis, count: int, within: float = 30) -> list[training.TrainingEvent]:
+def events_of(
+    r: redis.Redis, count: int, within: float = 30, *, progress: bool = False
+) -> list[training.TrainingEvent]:
+    """The run events on the stream once there are ``count``; without ``progress``, the steps
+    within epochs (reported every few seconds, so as many as the training took time) are left out,
+    counted or not."""
     deadline = time.monotonic() + within
-    while not r.exists(training.EVENT_STREAM) or r.xlen(training.EVENT_STREAM) < count:
+    while True:
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], r.xrange(training.EVENT_STREAM))
+        events = [training.TrainingEvent.model_validate_json(fields[b"meta"]) for _, fields in entries]
+        events = [e for e in events if progress or e.kind != "progress"]
+        if len(events) >= count:
+            return events
         assert time.monotonic() < deadline, f"fewer than {count} training events"
         time.sleep(0.1)
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], r.xrange(training.EVENT_STREAM))
-    return [training.TrainingEvent.model_validate_json(fields[b"meta"]) for _, fields in entries]
 
 
 def test_a_run_never_writes_a_version_another_process_writes_or_that_exists(
@@ -217,6 +226,46 @@ def test_a_run_cancelled_after_its_last_epoch_is_cancelled_and_keeps_nothing(
     assert [(e.run_id, e.kind) for e in events] == [("late-cancel", "started"), ("late-cancel", "cancelled")]
     assert "after its last epoch" in str(events[1].error)
     assert not (tmp_path / "sketch" / "v9").exists()
+
+
+class CancelledMidEpoch(Trainer):
+    """A real training whose admin cancels it once the second epoch has reported its second step."""
+
+    def report_step(self, job: training.TrainingJob, progress: dict[str, float]) -> None:
+        super().report_step(job, progress)
+        if (progress["epoch"], progress["step"]) == (2, 2):
+            self.redis.set(training.cancel_key(job.run_id), "1")
+
+
+def test_a_run_cancelled_mid_epoch_stops_there_reporting_its_steps_and_no_part_of_the_epoch(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel was seen only once the epoch and its validation were over (40 s to minutes): the run
+    reports its steps within each epoch and stops within the one it is cancelled in, which it does
+    not report as an epoch, keeping nothing."""
+    monkeypatch.setattr(train_sketch, "STOP_CHECK_EVERY_S", 0.0)  # each step: a few of milliseconds here
+    monkeypatch.setattr(train_sketch, "PROGRESS_EVERY_S", 0.0)
+    categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:2]
+    options = training.TrainingOptions(epochs=3, per_category=40, batch_size=16, canvas_share=0.0)
+    job = training.TrainingJob(run_id="mid", model="sketch", version=9, categories=categories, options=options)
+    r = redis.Redis.from_url(private_redis.url)
+    CancelledMidEpoch(settings_for(model_settings, private_redis, tmp_path)).train_one(job)
+    events = events_of(r, 3, progress=True)
+    steps = int(events[1].steps)
+    assert steps >= 3 and all(e.steps == steps for e in events if e.kind == "progress"), events
+    said = [(e.kind, e.epoch, e.step) for e in events]
+    assert said == [
+        ("started", 0, 0),
+        *(("progress", 1, n) for n in range(1, steps + 1)),
+        ("epoch", 1, 0),
+        ("progress", 2, 1),
+        ("progress", 2, 2),
+        ("cancelled", 0, 0),
+    ], said
+    assert events[-1].error == f"cancelled during epoch 2 of 3, after step 3 of {steps}"
+    assert all(e.epochs == 3 and e.numbers["seconds"] is not None for e in events if e.kind == "progress")
+    assert not (tmp_path / "sketch" / "v9").exists()
+    assert r.get(training.ended_key("mid")) == b"cancelled" and not r.exists(training.alive_key("mid"))
 
 
 class RedisOutAtEpochEnd(Trainer):

@@ -621,14 +621,31 @@ def _picked_by_hand(key: str) -> None:
     st.session_state[f"{key}_chosen"] = st.session_state[f"{key}_pick"]
 
 
+def run_progress(run: TrainingRun) -> tuple[float, str]:
+    """The share of a queued or running run's training done, counting the epoch in progress by its
+    steps, and what its progress bar says: "Running: epoch 3 of 12 (step 40 of 300), about 95 s
+    left" once the trainer reported steps of the epoch after those finished, "Running: epoch 2 of
+    12" (epochs finished) before that."""
+    epochs = max(int(run["options"].get("epochs", 1)), 1)
+    step, steps = run.get("step"), run.get("steps")
+    eta = f", about {run['eta_seconds']:.0f} s left" if run.get("eta_seconds") is not None else ""
+    status = run["status"].capitalize()
+    if step is not None and steps:
+        done = run["epoch"] + min(step / steps, 1.0)
+        said = f"{status}: epoch {run['epoch'] + 1} of {epochs} (step {step} of {steps}){eta}"
+    else:
+        done, said = run["epoch"], f"{status}: epoch {run['epoch']} of {epochs}{eta}"
+    return min(max(done / epochs, 0.0), 1.0), said
+
+
 def show_run(api: Api, run: TrainingRun) -> None:
     epochs = int(run["options"].get("epochs", 1))
     if run["status"] in ("queued", "running"):
-        eta = f", about {run['eta_seconds']:.0f} s left" if run["eta_seconds"] is not None else ""
-        st.progress(run["epoch"] / epochs, text=f"{run['status'].capitalize()}: epoch {run['epoch']} of {epochs}{eta}")
+        share, said = run_progress(run)
+        st.progress(share, text=said)
         failure = f"cancel_error_{run['id']}"
         if run.get("cancel_requested_at"):
-            st.caption("Cancel requested: the run stops at the end of its current epoch.")
+            st.caption("Cancel requested: the run stops within seconds and keeps nothing.")
         elif st.button("Cancel this run", key=f"cancel_{run['id']}"):
             if guarded(api, lambda: api.cancel_training(run["id"]), keep=failure) is not None:
                 st.rerun()

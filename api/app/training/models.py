@@ -35,6 +35,10 @@ class TrainingRun(TimestampMixin, Base):
     trainer: Mapped[str | None] = mapped_column(String(200))
     history: Mapped[list[dict[str, float | None]]] = mapped_column(JSONB, default=list)
     """Each finished epoch's numbers (epoch, loss, accuracy, val_loss, val_accuracy, seconds)."""
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    """How far the epoch after the finished ones is, as the trainer last reported it (every few
+    seconds): epoch (1-based), step, steps (in an epoch) and seconds since the training began; None
+    before its first report and once that epoch finished."""
     record: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     """The training record (``metrics.json``) when done."""
     error: Mapped[str | None] = mapped_column(Text)
@@ -44,5 +48,5 @@ class TrainingRun(TimestampMixin, Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    """When an admin cancelled the run while it was running; it stops at the end of its epoch (or,
-    after its last, before it is kept)."""
+    """When an admin cancelled the run while it was running; the trainer stops it within seconds,
+    part-way through its epoch (or, after its last, before it is kept)."""

@@ -77,7 +77,7 @@ async def read_training_run(run_id: uuid.UUID, _: AdminUser, session: ReadSessio
 async def cancel_training_run(
     run_id: uuid.UUID, _: AdminUser, session: SessionDep, redis: RedisDep
 ) -> TrainingRunPublic:
-    """Cancel a run: a queued one at once, a running one after its current epoch; 409 when it ended (admin)."""
+    """Cancel a run: a queued one at once, a running one within seconds, part-way through its epoch; 409 when it ended (admin)."""
     return TrainingRunPublic.from_row(await service.cancel_run(session=session, redis=redis, run_id=run_id))
 
 

@@ -46,21 +46,43 @@ class TrainingRunPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     cancel_requested_at: datetime | None
-    """Set when an admin cancelled the run while it was running: it stops at the end of its epoch
-    (or, after its last, before it is kept)."""
+    """Set when an admin cancelled the run while it was running: the trainer stops it within
+    seconds, part-way through its epoch (or, after its last, before it is kept)."""
     epoch: int = 0
     """Epochs finished so far."""
+    step: int | None = None
+    """Training steps (batches) done in the epoch after the finished ones (``epoch + 1``), as the
+    trainer last reported them (every few seconds); None before its first report of that epoch. Of
+    a run that ended part-way through an epoch (cancelled, failed): how far that epoch got."""
+    steps: int | None = None
+    """Training steps in an epoch, with ``step``."""
     eta_seconds: float | None = None
-    """While running: the mean epoch time times the epochs left."""
+    """While running, the seconds left at the trainer's last report: ``elapsed * (1 - done) /
+    done``, where ``done`` is the share of all the run's epochs trained, ``(epoch + step / steps)
+    / epochs`` (the epoch in progress counted by its steps), and ``elapsed`` the seconds since the
+    training began at that report (of the last epoch finished, or of the step report when it is
+    later). None before the first report, once the run ended, and for a run whose epochs are not
+    known."""
 
     @classmethod
     def from_row(cls, row: Any) -> TrainingRunPublic:
         run = cls.model_validate(row)
         run.epoch = len(run.history)
         epochs = int(run.options.get("epochs", 0))
-        if run.status == "running" and run.history:
-            per_epoch = (run.history[-1].get("seconds") or 0.0) / len(run.history)
-            run.eta_seconds = round(per_epoch * max(epochs - len(run.history), 0), 1)
+        progress = getattr(row, "progress", None) or {}
+        # Only the epoch right after those finished: a report of an earlier one is stale.
+        if int(progress.get("epoch") or 0) == run.epoch + 1 and int(progress.get("steps") or 0) > 0:
+            run.step, run.steps = int(progress.get("step") or 0), int(progress["steps"])
+        if run.status != "running" or epochs <= 0:
+            return run
+        if run.step is not None and run.steps:
+            done, elapsed = run.epoch + min(run.step / run.steps, 1.0), progress.get("seconds")
+        elif run.history:
+            done, elapsed = run.epoch, run.history[-1].get("seconds")
+        else:
+            return run
+        if done > 0 and isinstance(elapsed, int | float):
+            run.eta_seconds = round(max(elapsed * (epochs / done - 1), 0.0), 1)
         return run
 
 

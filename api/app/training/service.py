@@ -254,10 +254,10 @@ async def count_runs(*, session: AsyncSession, model: str | None) -> int:
 
 
 async def cancel_run(*, session: AsyncSession, redis: Redis, run_id: uuid.UUID) -> TrainingRun:
-    """Cancels a queued run at once and a running one after its current epoch, or before it is
-    kept when its last epoch is over (the trainer reports it; until then the run stays
-    ``running`` with ``cancel_requested_at`` set, the time of the first request). Raises 404 for
-    an unknown run, 409 for one that ended."""
+    """Cancels a queued run at once and a running one within seconds, part-way through its epoch
+    (the trainer checks every second or so), or before it is kept when its last epoch is over (the
+    trainer reports it; until then the run stays ``running`` with ``cancel_requested_at`` set, the
+    time of the first request). Raises 404 for an unknown run, 409 for one that ended."""
     # Locked and read afresh: the trainer's events (``apply_event``) may end the run meanwhile,
     # and a run that ended must answer 409, not be marked as being cancelled.
     run = await session.get(TrainingRun, run_id, with_for_update=True, populate_existing=True)
@@ -666,10 +666,23 @@ async def _moved_by(*, session: AsyncSession, name: str, version: int, channel: 
     return f"a newer training run ({actor})" if actor.startswith(RUN_ACTOR_PREFIX) else actor
 
 
+def _progressed(run: TrainingRun, event: training.TrainingEvent) -> bool:
+    """Whether a ``progress`` event is ahead of what ``run`` holds. Events come at least once and
+    may come late (one claimed again after its API process died is handled after later ones): one
+    of an epoch the history has, or at or before the step the run holds, would move the run's
+    progress backwards."""
+    finished = max((int(entry.get("epoch") or 0) for entry in run.history), default=0)
+    if event.epoch <= finished:
+        return False
+    held = run.progress or {}
+    return (event.epoch, event.step) > (int(held.get("epoch") or 0), int(held.get("step") or 0))
+
+
 async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -> tuple[TrainingRun, ModelEntry] | None:
     """Writes a trainer's event into its run and commits; when the run ended well, the run and the
     entry to register, uncommitted (the caller registers it, audited, which commits both). An
-    event of an unknown run, or of one that ended already, changes nothing."""
+    event of an unknown run, or of one that ended already, changes nothing; nor does a progress
+    event behind what the run holds (``_progressed``)."""
     run = await session.get(TrainingRun, uuid.UUID(event.run_id), with_for_update=True)
     if run is None or run.status not in UNFINISHED:
         await session.rollback()
@@ -686,6 +699,13 @@ async def apply_event(*, session: AsyncSession, event: training.TrainingEvent) -
             # annotation does not say.
             numbers: dict[str, Any] = dict(event.numbers)
             run.history = [*run.history, numbers]
+        if run.progress is not None and int(run.progress.get("epoch") or 0) <= event.epoch:
+            run.progress = None  # that epoch is in the history now
+    elif event.kind == "progress":
+        run.status = "running"
+        if _progressed(run, event):
+            seconds = event.numbers.get("seconds")
+            run.progress = {"epoch": event.epoch, "step": event.step, "steps": event.steps, "seconds": seconds}
     elif event.kind == "done":
         run.status, run.finished_at, run.record = "done", now, event.record
         base = await base_entry(session=session, name=run.model_name, base_version=run.base_version)
@@ -760,7 +780,7 @@ async def fail_stale(*, session: AsyncSession, redis: Redis) -> int:
         await session.commit()
         if error == TRAINER_STOPPED:
             # A trainer that lost its liveness key but lives on (Redis out of its reach longer
-            # than the key's lifetime) stops at its next epoch and leaves nothing of the version,
+            # than the key's lifetime) stops at its next check and leaves nothing of the version,
             # as at a cancel, instead of finishing a model no run will register.
             with contextlib.suppress(*REDIS_ERRORS):
                 await redis.set(training.cancel_key(str(run_id)), "1", ex=7 * 86400)

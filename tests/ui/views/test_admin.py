@@ -1,4 +1,5 @@
-"""The admin page's training record: the confusion matrix and the curves as drawn."""
+"""The admin page's training runs: a running one's progress bar, and the record's confusion
+matrix and curves as drawn."""
 
 from __future__ import annotations
 
@@ -91,3 +92,39 @@ def test_a_curve_with_a_missing_number_is_drawn_with_a_gap() -> None:
     spec = curve_chart(pd.DataFrame(history), ["loss"]).to_dict()
     rows = spec["datasets"][next(iter(spec["datasets"]))]
     assert [r["value"] for r in rows] == [0.9, None, None]
+
+
+def _run_in_its_first_epoch(step: int | None) -> None:
+    from ui.views.admin import show_run
+
+    run = {
+        "id": "7b0c5c5e-0000-4000-8000-000000000002",
+        "status": "running",
+        "options": {"epochs": 4},
+        "epoch": 0,
+        "step": step,
+        "steps": 120 if step is not None else None,
+        "eta_seconds": 90.0 if step is not None else None,
+        "history": [],
+        "promotion": None,
+        "record": None,
+        "cancel_requested_at": None,
+    }
+    show_run(None, run)  # type: ignore[arg-type]  # the API is used only on Cancel
+
+
+def test_a_running_runs_bar_counts_the_steps_of_the_epoch_in_progress() -> None:
+    """The bar and its text moved only at each epoch's end (40 s to minutes): in the first epoch
+    they read "epoch 0 of 4" with no time left, however far the epoch was."""
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_function(_run_in_its_first_epoch, kwargs={"step": 30}).run()
+    assert not app.exception, app.exception
+    [bar] = app.get("progress")
+    assert bar.proto.text == "Running: epoch 1 of 4 (step 30 of 120), about 90 s left"
+    assert bar.proto.value == 6  # a quarter of the first of four epochs, in percent
+    # Before the trainer's first report of the epoch: the epochs finished, as before.
+    app = AppTest.from_function(_run_in_its_first_epoch, kwargs={"step": None}).run()
+    assert not app.exception, app.exception
+    [bar] = app.get("progress")
+    assert (bar.proto.text, bar.proto.value) == ("Running: epoch 0 of 4", 0)
