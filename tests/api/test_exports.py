@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
+import threading
 import time
 import uuid
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import asyncpg
 import httpx
@@ -360,6 +362,76 @@ async def test_a_process_that_stops_hands_its_export_back(
     # the lease of an hour it held, it would otherwise have waited that long).
     done = await finished(client, admin_headers, str(export.id))
     assert done["status"] == "done" and done["attempts"] == 1
+
+
+class StalledStore(LocalBlobStore):
+    """The real store, whose files are read a chunk every half second, ``reading`` set meanwhile."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reading = threading.Event()
+
+    def open(self, sha256: str) -> BinaryIO:
+        real = super().open(sha256)
+        reading = self.reading
+
+        class Stalled(io.BufferedReader):
+            def read(self, size: int | None = -1) -> bytes:
+                reading.set()
+                time.sleep(0.5)
+                return real.read(-1 if size is None else size)
+
+            def close(self) -> None:
+                real.close()
+
+        return cast(BinaryIO, Stalled(io.BytesIO()))
+
+
+async def test_a_process_that_stops_while_a_file_is_copied_hands_its_export_back(
+    client: httpx.AsyncClient, app: FastAPI, admin_headers: dict[str, str], users: Users, settings: Settings
+) -> None:
+    """The API's shutdown cancels the runner while a thread copies a file into the zip: the zip
+    was closed under that open file (ValueError), and the export failed for good instead of going
+    back to the queue."""
+    _, headers = await users.create()
+    await labelled_drawing(client, headers)
+    store = StalledStore(settings.storage_dir)
+    runner = own_runner(app, store)
+    export = await claimed_by(app, runner)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run_one(export, stop))
+    await asyncio.to_thread(store.reading.wait, 30)
+    stop.set()
+    running.cancel()  # as the lifespan does, right after setting stop
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 10)
+    assert service.leftovers(settings.storage_dir, export.id) == []
+    done = await finished(client, admin_headers, str(export.id))
+    assert (done["status"], done["attempts"], done["error"]) == ("done", 1, None), done
+
+
+async def test_an_export_cancelled_while_it_is_written_ends_without_an_error_logged(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    admin_headers: dict[str, str],
+    users: Users,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The cancel deletes the half-written zip under the runner: it stops, and logs no failure
+    with a traceback (it did, a FileNotFoundError reading the zip's size)."""
+    _, headers = await users.create()
+    for _ in range(3):
+        await labelled_drawing(client, headers)
+    runner = own_runner(app, SlowStore(settings.storage_dir))
+    export = await claimed_by(app, runner)
+    running = asyncio.create_task(runner.run_one(export, asyncio.Event()))
+    await until(lambda: _rows_done(client, admin_headers, export.id), 30, "the export to write its first image")
+    r = await client.post(f"/v1/admin/exports/{export.id}/cancel", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    await asyncio.wait_for(running, 10)
+    assert [record.message for record in caplog.records if record.levelno >= logging.ERROR] == []
+    assert service.leftovers(settings.storage_dir, export.id) == []
 
 
 async def _rows_done(client: httpx.AsyncClient, headers: dict[str, str], export_id: uuid.UUID) -> bool:

@@ -195,6 +195,8 @@ class ExportRunner:
                 log.info("export %s: stopped, no longer this process's (cancelled, deleted or taken over)", export.id)
             elif stop.is_set():
                 await self._release(export.id)
+            else:
+                log.info("export %s: stopped, its file was deleted (cancelled or deleted meanwhile)", export.id)
         except asyncio.CancelledError:
             await to_thread.run_sync(_remove, [part])
             await self._release(export.id)

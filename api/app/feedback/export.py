@@ -17,7 +17,6 @@ import csv
 import functools
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -447,12 +446,16 @@ def _digest(sha256: str) -> bytes:
 
 class ExportWriter:
     """Writes examples, each image copied from the blob store in chunks, and at the end the
-    manifest. Every method blocks: call them in a worker thread, one at a time."""
+    manifest. Every method blocks: call them in a worker thread. ``close`` may come from another
+    thread while a ``write`` runs (its task was cancelled, the thread goes on): it stops that
+    write at its next chunk and waits for it, as the sink cannot be closed under an open file."""
 
     def __init__(self, sink: Sink, store: LocalBlobStore, stop: threading.Event | None = None) -> None:
         self.sink = sink
         self.store = store
         self.stop = stop or threading.Event()
+        self._closing = threading.Event()
+        self._busy = threading.RLock()  # held by write and finish (which closes), taken by close
         # The manifest's rows wait on disk, not in memory, until the images are written.
         self._rows = tempfile.TemporaryFile(mode="w+", encoding="utf-8", newline="")  # noqa: SIM115 (closed by close)
         self._csv = csv.writer(self._rows)
@@ -468,9 +471,17 @@ class ExportWriter:
     def write(self, examples: Sequence[Example]) -> None:
         """Writes each example whose file the store has; counts the others as missing; leaves
         out an image and model written already (by an earlier page). Blocking: called in a
-        worker thread. Raises ExportInterrupted as soon as ``stop`` is set."""
+        worker thread. Raises ExportInterrupted as soon as ``stop`` is set or ``close`` is called,
+        between two chunks of a file."""
+        with self._busy:
+            self._write(examples)
+
+    def _interrupted(self) -> bool:
+        return self.stop.is_set() or self._closing.is_set()
+
+    def _write(self, examples: Sequence[Example]) -> None:
         for example in examples:
-            if self.stop.is_set():
+            if self._interrupted():
                 raise ExportInterrupted
             written, key = self._written.setdefault(example.model, set()), _digest(example.sha256)
             if key in written:  # counted as superseded before the walk began
@@ -483,7 +494,10 @@ class ExportWriter:
                 self.summary.missing += 1
                 continue
             with src, self.sink.open(example.path, compress=example.format not in COMPRESSED_FORMATS) as dst:
-                shutil.copyfileobj(src, dst, _COPY_CHUNK)
+                while chunk := src.read(_COPY_CHUNK):
+                    if self._interrupted():
+                        raise ExportInterrupted
+                    dst.write(chunk)
             self._csv.writerow(example.row())
             self.summary.examples += 1
             self.summary.by_model[example.model] = self.summary.by_model.get(example.model, 0) + 1
@@ -494,18 +508,22 @@ class ExportWriter:
 
     def finish(self) -> None:
         """Writes the manifest and closes the sink."""
-        self._rows.seek(0)
-        with self.sink.open(MANIFEST, compress=True) as dst:
-            while chunk := self._rows.read(_COPY_CHUNK):
-                dst.write(chunk.encode("utf-8"))
-        self.close()
+        with self._busy:
+            self._rows.seek(0)
+            with self.sink.open(MANIFEST, compress=True) as dst:
+                while chunk := self._rows.read(_COPY_CHUNK):
+                    dst.write(chunk.encode("utf-8"))
+            self.close()
 
     def close(self) -> None:
-        """Closes the sink and drops the manifest's rows (also after a failure)."""
-        try:
-            self.sink.close()
-        finally:
-            self._rows.close()
+        """Closes the sink and drops the manifest's rows (also after a failure), once a ``write``
+        running in another thread has stopped."""
+        self._closing.set()
+        with self._busy:
+            try:
+                self.sink.close()
+            finally:
+                self._rows.close()
 
 
 Reader = Callable[[], AbstractAsyncContextManager[AsyncSession]]
@@ -518,7 +536,12 @@ async def _step(writer: ExportWriter, examples: list[Example], counts: Counts, o
     if examples:
         await to_thread.run_sync(writer.write, examples)
     if on_progress is not None:
-        size = await to_thread.run_sync(writer.sink.size)
+        try:
+            size = await to_thread.run_sync(writer.sink.size)
+        except FileNotFoundError:
+            # Deleted under it: the export was cancelled or deleted meanwhile (its routes delete
+            # the half-written file), which is no failure of the export's.
+            raise ExportInterrupted from None
         done = writer.summary.examples + writer.summary.missing
         await on_progress(ExportProgress(max(counts.examples, done), done, size, writer.summary))
 
