@@ -50,6 +50,23 @@ def test_a_window_outside_a_constant_reference_is_drift(before: float, after: fl
     assert service.bin_numeric([before] * 200, [before] * 200, 10).psi == 0
 
 
+@pytest.mark.parametrize(
+    "reference",
+    [
+        [280.0] * 99 + [1280.0],  # drawings of the canvas' size and one photo
+        [280.0] * 90 + [float(w) for w in range(300, 2300, 200)],
+        [float(w) for w in range(100, 280)] + [280.0] * 200 + [float(w) for w in range(1000, 1100)],
+    ],
+)
+def test_a_window_leaving_a_value_the_reference_ties_at_is_drift(reference: list[float]) -> None:
+    """Most of the reference at one value, at its minimum or inside its range: that value shared a
+    bin with everything up to the next edge, and a window that moved within that bin read 0.0."""
+    binned = service.bin_numeric(reference, [500.0 + i % 100 for i in range(100)], 5)
+    assert binned.psi >= service.ALERT, binned
+    assert "280" in binned.labels, binned.labels
+    assert service.bin_numeric(reference, reference, 5).psi == 0
+
+
 def test_values_past_either_end_of_the_reference_get_bins_of_their_own() -> None:
     binned = service.bin_numeric(list(range(100)), [-5.0, 50.0, 200.0, 300.0], 4)
     # Half an answer in each outer bin of both: one extreme value in a small window is no shift.

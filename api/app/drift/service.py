@@ -166,14 +166,20 @@ def bin_numeric(reference: Sequence[float], window: Sequence[float], bins: int) 
     """Both samples binned at the reference's quantiles (edges shared where values tie), with a bin
     of their own below the reference's minimum and above its maximum: without them a window wholly
     outside the reference's range (every reference value the same, say) would share its bins and
-    show no change at all. The reference never falls in those two bins."""
+    show no change at all. The reference never falls in those two bins. A value two quantiles tie
+    at (it holds at least a bin's share of the reference: a fixed canvas size, one camera's
+    width) gets a bin of its own too: sharing one with everything up to the next edge, a window
+    that moved off it to anywhere in that range (99 drawings at 280 px and one photo at 1280
+    against widths of 500 to 599) showed no change."""
     ref = np.asarray(reference, dtype=np.float64)
     win = np.asarray(window, dtype=np.float64)
     low, high = float(ref.min()), float(ref.max())
     inner = np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1])
+    levels, ties = np.unique(np.concatenate([[low], inner, [high]]), return_counts=True)
     # side="right" below puts a value equal to an edge above it: ``low`` opens the first reference
-    # bin, and the edge just above ``high`` closes the last one.
-    edges = np.unique(np.concatenate([[low], inner, [np.nextafter(high, np.inf)]]))
+    # bin, the edge just above a tied value closes its bin, and the edge just above ``high`` the last.
+    closing = np.nextafter(np.concatenate([levels[ties > 1], [high]]), np.inf)
+    edges = np.unique(np.concatenate([[low], inner, closing]))
     slots = len(edges) + 1
     # Half an answer in each outer bin of both samples: the reference's is otherwise empty, and one
     # extreme picture in a small window would weigh ln(share / EPSILON) as if it were a shift.
@@ -181,9 +187,9 @@ def bin_numeric(reference: Sequence[float], window: Sequence[float], bins: int) 
     outer[[0, -1]] = OUTER_PSEUDO_COUNT
     ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=slots) + outer
     win_counts = np.bincount(np.searchsorted(edges, win, side="right"), minlength=slots) + outer
-    # The last edge is printed as the maximum it stands just above; a bin of one value (the
-    # reference's maximum where many values tie at it) is labelled with that value alone.
-    shown = [float(e) for e in edges[:-1]] + [high]
+    # An edge closing a bin is printed as the value it stands just above (the maximum, a tied
+    # value); a bin of one value is labelled with that value alone.
+    shown = [float(np.nextafter(e, -np.inf)) if e in closing else float(e) for e in edges]
     printed = _edge_labels(shown)
     labels = [f"< {printed[0]}"]
     labels += [lo if lo == hi else f"{lo} to {hi}" for lo, hi in pairwise(printed)]
