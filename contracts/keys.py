@@ -93,6 +93,19 @@ def owned_key_patterns(owner_id: int) -> list[str]:
     ]
 
 
+DELETED_OWNER_TTL = 30 * 86400
+"""Seconds a deleted user's ``deleted_owner_key`` is kept: longer than any answer or explanation
+computed for them may still come (a cached answer lives a day, an explanation a week)."""
+
+
+def deleted_owner_key(owner_id: int) -> str:
+    """Set when the user is deleted, before their keys (``owned_key_patterns``) are: whoever caches
+    an answer or explanation for ``owner_id`` reads it in the same transaction as its write and
+    deletes what it wrote when it is there. Either the write came before the deletion's scan,
+    which finds it, or after this key was set, which the writer sees."""
+    return f"owner:deleted:{owner_id}"
+
+
 def explanation_done_key(request_id: str) -> str:
     """A list the explainer pushes the explanation to, which the waiting request BLPOPs."""
     return f"explanation:done:{request_id}"

@@ -292,22 +292,24 @@ class Explainer:
         # Past its deadline, an answer is worth computing only for the cache a retry reads.
         if request is not None and (request.deadline >= time.time() or request.owner_id is not None):
             answer = self._cached(request) or self.compute(stream, request)
+        cached = None
         with self.redis.pipeline(transaction=True) as pipe:
             if request is not None and answer is not None:
                 payload = answer.model_dump_json()
                 if answer.status == ExplanationStatus.ok and not answer.from_cache and request.owner_id is not None:
-                    pipe.set(
-                        keys.explanation_key(request.owner_id, request.sha256, request.model, request.version),
-                        payload,
-                        ex=self.settings.explanation_ttl_s,
-                    )
+                    cached = keys.explanation_key(request.owner_id, request.sha256, request.model, request.version)
+                    pipe.set(cached, payload, ex=self.settings.explanation_ttl_s)
+                    pipe.exists(keys.deleted_owner_key(request.owner_id))
                 if request.deadline >= time.time():
                     done = keys.explanation_done_key(request.request_id)
                     pipe.rpush(done, payload)
                     pipe.expire(done, DONE_TTL_S)
             pipe.xack(stream, keys.EXPLAIN_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
-            pipe.execute()
+            replies = pipe.execute()
+        if cached is not None and replies[1]:
+            # Its owner was deleted while it was computed: nothing of theirs is kept.
+            self.redis.delete(cached)
         if answer is not None:
             log.info(
                 "explained %s by %s: %s in %.0f ms%s",

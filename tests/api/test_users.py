@@ -413,6 +413,36 @@ async def test_deleting_a_user_forgets_their_cached_answers_and_explanations(
         await redis.delete(*theirs, *others, keys.explanations_of_user_key(leaving["id"]))
 
 
+async def test_an_answer_that_comes_after_its_owner_was_deleted_is_not_cached(
+    client: httpx.AsyncClient, app: FastAPI, users: Users, admin_headers: dict[str, str]
+) -> None:
+    """A prediction answered while its owner was being deleted: the answer, cached after the
+    deletion's scan of their keys, outlived the account by a day. Another user's is cached."""
+    from api.app.predictions import queue
+    from contracts import keys
+    from contracts.messages import PredictionStatus, ResultMessage
+
+    leaving, _ = await users.create()
+    staying, _ = await users.create()
+    assert (await client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers)).status_code == 204
+    redis = app.state.redis
+    answer = ResultMessage(
+        job_id=str(uuid.uuid4()),
+        prediction_id=str(uuid.uuid4()),
+        model="sketch",
+        version=3,
+        sha256="cd" * 32,
+        status=PredictionStatus.done,
+    )
+    try:
+        for owner in (leaving["id"], staying["id"]):
+            await queue.cache_result(redis, owner, answer, 600)
+        assert not await redis.exists(keys.result_cache_key(leaving["id"], answer.sha256, "sketch", 3))
+        assert await redis.exists(keys.result_cache_key(staying["id"], answer.sha256, "sketch", 3))
+    finally:
+        await redis.delete(*(keys.result_cache_key(u["id"], answer.sha256, "sketch", 3) for u in (leaving, staying)))
+
+
 async def test_a_user_is_deleted_when_their_files_cannot_be_deleted_then(
     client: httpx.AsyncClient,
     app: FastAPI,

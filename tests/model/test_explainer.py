@@ -254,3 +254,27 @@ def test_a_request_past_its_deadline_is_computed_for_the_cache_not_answered(
     assert Explanation.model_validate_json(raw).status == ExplanationStatus.ok
     assert not client.exists(keys.explanation_done_key(request.request_id))
     assert client.xlen(stream) == 0
+
+
+def test_an_explanation_computed_after_its_owner_was_deleted_is_answered_not_cached(
+    private_redis: RedisServer, model_settings: ModelSettings
+) -> None:
+    """The owner deleted while the heatmap was computed (the API set ``deleted_owner_key`` and
+    deleted their keys): it was cached for a week all the same. The waiting request still gets it."""
+    settings = model_settings.model_copy(update={"redis_url": private_redis.url, "explain_models": "sketch@1"})
+    explainer = Explainer(settings)
+    explainer.load()
+    stream = keys.explain_stream("sketch", 1)
+    client = redis.Redis.from_url(private_redis.url)
+    streams.ensure_group(client, stream, keys.EXPLAIN_GROUP)
+    label = explainer.cams[stream].labels[0]
+    for owner in (8, 9):
+        request = blank_drawing_request(label, sha256="2" * 64, deadline=time.time() + 30, owner_id=owner)
+        if owner == 8:
+            client.set(keys.deleted_owner_key(owner), "1")
+        client.xadd(stream, request.to_fields())
+        [(entry_id, fields)] = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream))
+        explainer.handle(stream, entry_id, fields)
+        assert client.llen(keys.explanation_done_key(request.request_id)) == 1
+        cached = client.exists(keys.explanation_key(owner, request.sha256, "sketch", 1))
+        assert cached == (owner != 8), owner

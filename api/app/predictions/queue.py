@@ -137,8 +137,15 @@ async def cached_result(redis: Redis, owner_id: int, sha256: str, model: str, ve
 
 
 async def cache_result(redis: Redis, owner_id: int, result: ResultMessage, ttl: int) -> None:
+    """Caches ``result`` for ``ttl`` seconds for its owner's next request of the same image, in
+    one round trip; deletes it again when the owner was deleted meanwhile (``keys.deleted_owner_key``)."""
     key = keys.result_cache_key(owner_id, result.sha256, result.model, result.version)
-    await redis.set(key, result.model_dump_json(), ex=ttl)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(key, result.model_dump_json(), ex=ttl)
+        pipe.exists(keys.deleted_owner_key(owner_id))
+        _, deleted = await pipe.execute()
+    if deleted:
+        await redis.delete(key)
 
 
 def top1(top_k: list[LabelScore]) -> tuple[str | None, float | None]:

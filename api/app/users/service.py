@@ -243,7 +243,10 @@ FORGET_BATCH = 500
 async def forget_cached_data(*, redis: Redis, user_id: int) -> int:
     """Deletes the Redis keys holding what the user sent or was answered (``keys.owned_key_patterns``:
     cached answers, explanations), which would otherwise outlive the account by their TTLs (a day,
-    a week); how many. SCAN walks the keyspace in steps, never blocking Redis; raises Redis's errors."""
+    a week); how many. SCAN walks the keyspace in steps, never blocking Redis; raises Redis's errors.
+    Sets ``keys.deleted_owner_key`` first: an answer or explanation still being computed for them
+    is not cached after the scan passed."""
+    await redis.set(keys.deleted_owner_key(user_id), "1", ex=keys.DELETED_OWNER_TTL)
     forgotten = 0
     for pattern in keys.owned_key_patterns(user_id):
         batch: list[bytes] = []
