@@ -143,6 +143,10 @@ async def test_an_expired_key_is_refused(app: FastAPI, users: Users) -> None:
     [
         {"name": "", "scopes": ["read"]},
         {"name": "   ", "scopes": ["read"]},
+        # Invisible: zero-width spaces, a byte order mark, a soft hyphen (listed as a blank name).
+        {"name": "\u200b\u200b", "scopes": ["read"]},
+        {"name": "\ufeff", "scopes": ["read"]},
+        {"name": "\u00ad", "scopes": ["read"]},
         {"name": "x" * 101, "scopes": ["read"]},
         # Over the described maxLength as sent, even if trimming would bring it under.
         {"name": "\t" + "x" * 100, "scopes": ["read"]},
@@ -457,7 +461,9 @@ async def test_a_keys_name_is_stored_trimmed(client: httpx.AsyncClient, users: U
     assert r.status_code == 201 and r.json()["name"] == "nightly", r.text
 
 
-@pytest.mark.parametrize("name", ["invoice\u202egnp.exe", "nightly\nadmin", "a\tb", "bell\x07", "csi\x9b"])
+@pytest.mark.parametrize(
+    "name", ["invoice\u202egnp.exe", "nightly\nadmin", "a\tb", "bell\x07", "csi\x9b", "a\u2028b", "a\u2029b"]
+)
 async def test_a_keys_name_with_control_or_direction_characters_is_refused(
     client: httpx.AsyncClient, users: Users, name: str
 ) -> None:

@@ -6,13 +6,13 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from api.app.core.fields import RequestBody, refuse_controls, refuse_unstorable
+from api.app.core.fields import RequestBody, refuse_controls, refuse_unstorable, visible
 from contracts.api_keys import MAX_EXPIRY_DAYS, Scope
 
 
 def _trimmed(name: str) -> str:
     name = name.strip()
-    if not name:
+    if not visible(name):  # blanks, or zero-width characters only: listed as an empty name
         raise ValueError("a key's name needs a character that is not blank")
     return name
 
@@ -25,7 +25,8 @@ KeyName = Annotated[
     AfterValidator(refuse_controls),
 ]
 """A key's name: 1-100 characters as sent (the length its schema describes), stored with surrounding
-blanks trimmed; a name of blanks only, or with control or text-direction characters, is refused."""
+blanks trimmed; a name of blanks or zero-width characters only, or with control, line-separator or
+text-direction characters, is refused."""
 
 
 class ApiKeyCreate(RequestBody):

@@ -51,11 +51,16 @@ BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u206
 reorder what is shown after them ("invoice\u202egnp.exe" shows as "invoiceexe.png")."""
 
 
+LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
+"""Unicode categories of characters that break or control a line: controls (newline, tab, escape,
+C1) and the line and paragraph separators (U+2028, U+2029)."""
+
+
 def refuse_controls(value: str) -> str:
-    """Refuses a one-line name holding a control character (Unicode category Cc: newline, tab,
-    escape, C1) or a bidirectional control (``BIDI_CONTROLS``): shown in tables and logs, it could
-    break lines or make one name look like another."""
-    if any(unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS for ch in value):
+    """Refuses a one-line name holding a control character or a line or paragraph separator
+    (``LINE_BREAKING``) or a bidirectional control (``BIDI_CONTROLS``): shown in tables and logs,
+    it could break lines or make one name look like another."""
+    if any(unicodedata.category(ch) in LINE_BREAKING or ch in BIDI_CONTROLS for ch in value):
         raise ValueError("must not hold control characters (newlines, tabs, escapes) or text-direction overrides")
     return value
 
