@@ -475,8 +475,8 @@ def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempot
 NOT_SERVED = "no live model worker serves it"
 """The catalogue's reason for a version no live worker serves now (``api.app.catalog.service``'s
 NOT_SERVED; this package is installed without the portal's code, and a test keeps the two equal):
-its worker is down or still loading it, which the portal answers with a 503 to retry, not a
-refusal. Any other reason is one its workers gave (not trained, not installed, failed to load),
+its worker is down or still loading it: the portal takes a batch for it, which waits for the
+version, not a refusal. Any other reason is one its workers gave (not trained, not installed, failed to load),
 which the portal refuses a batch for (422)."""
 
 
@@ -484,7 +484,7 @@ def _unavailable_reason(ref: str, offered: list[dict[str, Any]]) -> tuple[str, s
     """The version ``ref`` names among ``offered`` (``GET /v1/models``) and the reason the portal
     would refuse a batch for it, as the portal picks it: a bare name is a served version of it when
     there is one, else its newest stable (else newest) version. None when the portal would take it,
-    or only say to retry (``NOT_SERVED``)."""
+    or take it to wait for the version (``NOT_SERVED``)."""
     name, _, version = ref.partition("@")
     if version:
         versions = [m for m in offered if m["ref"] == ref]
@@ -536,7 +536,7 @@ def _check_available(offered: list[dict[str, Any]], models: list[str]) -> None:
     """Refuses (PortalError 1), before anything is zipped or sent, a model of ``models`` the
     portal would refuse a new batch for, with the catalogue's reason (not trained yet, not
     installed, failed to load: ``_unavailable_reason``). A version without a live worker now is
-    left to the portal (a worker restarting or loading is a moment's 503, see ``NOT_SERVED``).
+    left to the portal (a worker restarting or loading it: the batch waits, see ``NOT_SERVED``).
     Not asked of a batch the portal has received already: that one waits for its versions."""
     for ref in models:
         if (refused := _unavailable_reason(ref, offered)) is not None:

@@ -32,7 +32,7 @@ from api.app.images.storage import LocalBlobStore
 from api.app.main import create_app
 from contracts.keys import BATCH_REQUEST_PREFIX
 from contracts.registry import ModelEntry
-from tests.api.conftest import Stack
+from tests.api.conftest import Stack, until
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, Users, client_for, login
 from tests.images import encode, noise_png
 from tests.support import PHOTOS, RedisServer, entries
@@ -449,6 +449,29 @@ async def test_an_empty_batch_is_422_while_no_worker_serves_the_default(own_stac
         assert r.status_code == 422 and "empty" in r.json()["detail"], (form, r.text)
     r = await own_stack.client.post("/v1/batches", files=[("file", ("e.zip", zipped({})))], headers=admin)
     assert r.status_code == 422 and "empty" in r.json()["detail"], r.text
+
+
+async def test_a_batch_for_a_version_no_worker_serves_now_is_taken_and_waits(own_stack: Stack) -> None:
+    """Its worker restarting: the batch was read in full (up to 2 GiB), then refused with a 503 to
+    send it all again. It is taken and waits for the version, then is answered once a worker is up."""
+    admin = await login(own_stack.client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    r = await send(own_stack.client, admin, [("a.png", noise_png(70)), ("b.png", noise_png(71))])
+    assert r.status_code == 202, r.text
+    batch_id = r.json()["id"]
+    detail = (await own_stack.client.get(f"/v1/batches/{batch_id}", headers=admin)).json()
+    assert detail["waiting_for"] == [MODEL], detail
+    # No default without a served model: which one it would be depends on what serves.
+    r = await own_stack.client.post(
+        "/v1/batches", files=[("file", ("c.png", noise_png(72)))], data={"models": ""}, headers=admin
+    )
+    assert r.status_code == 503, r.text
+    await own_stack.start_workers(1, SERVE_MODELS=MODEL)
+
+    async def answered() -> bool:
+        now = (await own_stack.client.get(f"/v1/batches/{batch_id}", headers=admin)).json()
+        return bool(now["status"] == "done" and now["counts"]["done"] == 2)
+
+    await until(answered, 90, "the batch answered once a worker serves its version")
 
 
 async def test_batches_sent_at_once_are_held_to_the_per_user_cap(settings: Settings, users: Users) -> None:

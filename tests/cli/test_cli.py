@@ -235,7 +235,7 @@ def test_a_model_the_portal_refuses_batches_for_is_refused_before_anything_is_zi
 
 def test_only_what_the_portal_refuses_is_refused_before_sending() -> None:
     """A version no live worker serves now (its worker restarting, or loading it) is the
-    portal's to answer (503, retry), as are a bare name with a served version and a version that
+    portal's to take (the batch waits for it), as are a bare name with a served version and a version that
     serves; a version whose workers said why it cannot answer is refused, and a bare name with
     none served by its newest stable version's reason."""
 

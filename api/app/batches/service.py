@@ -428,8 +428,16 @@ async def create_batch(
             return kept, True
     # Planned first (the zips' directories only): an empty batch is 422 whatever serves its models.
     planned = await _plan(files, settings, len(image_ids))
+    # A version no live worker serves now (its worker restarting, or loading it) is taken: the
+    # batch waits for it, as for a worker that stops once the batch is in, rather than 503 after
+    # the whole upload was read.
     entries = resolve_models(
-        refs, registry=registry, availability=await workers.availability(), settings=settings, user_id=owner_id
+        refs,
+        registry=registry,
+        availability=await workers.availability(),
+        settings=settings,
+        user_id=owner_id,
+        wait=True,
     )
     images_planned = len(image_ids) + sum(len(members) if zf else 1 for _u, zf, members in planned)
     waiting = await _queued_images(session, owner_id)

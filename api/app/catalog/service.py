@@ -310,12 +310,15 @@ def resolve_models(
     availability: dict[str, ModelAvailability],
     settings: Settings,
     user_id: int,
+    wait: bool = False,
 ) -> list[ModelEntry]:
     """Registry entries for the requested references (``name`` or ``name@version``), without
     repeats, in the order asked; the default model when ``refs`` is empty.
 
     Raises 422 for an unknown reference or a model its workers report broken, 503 (with
-    Retry-After) when no live worker serves it yet.
+    Retry-After) when no live worker serves it yet, unless ``wait`` (a batch, which waits for
+    its versions' workers): a version named then is taken all the same. The default model
+    is the first one a live worker serves, so with none there is still no default (503).
     """
     bench = settings.benchmark_mode
     if len(refs) > MAX_REFS:
@@ -360,7 +363,8 @@ def resolve_models(
                 raise HTTPException(
                     status_code=422, detail=f"Model {entry.key} is unavailable: {state.public_reason()}"
                 )
-            raise _unavailable(f"No live model worker serves {entry.key} yet; retry shortly.", settings)
+            if not wait:
+                raise _unavailable(f"No live model worker serves {entry.key} yet; retry shortly.", settings)
         if entry not in entries:
             entries.append(entry)
     return entries
