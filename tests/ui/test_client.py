@@ -177,9 +177,9 @@ def test_server_side_messages(status: int, headers: dict[str, str], words: str) 
     [
         (
             503,
-            {"detail": "No live model worker serves mobilenet_v2@1 yet; retry shortly."},
+            {"detail": "No live model worker serves mobilenet_v2@1 now; retry shortly."},
             {"retry-after": "2"},
-            "No live model worker serves mobilenet_v2@1 yet; retry in 2 seconds.",
+            "No live model worker serves mobilenet_v2@1 now; retry in 2 seconds.",
         ),
         (
             429,

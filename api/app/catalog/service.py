@@ -331,7 +331,7 @@ def resolve_models(
     if not refs:
         entry = default_entry(registry, availability, benchmark_mode=bench, user_id=user_id)
         if entry is None:
-            raise _unavailable("No model worker is serving a default model yet; retry shortly.", settings)
+            raise _unavailable("No model worker is serving a default model now; retry shortly.", settings)
         metrics.ROUTED.labels(entry.name, str(entry.version)).inc()
         return [entry]
     entries: list[ModelEntry] = []
@@ -364,7 +364,7 @@ def resolve_models(
                     status_code=422, detail=f"Model {entry.key} is unavailable: {state.public_reason()}"
                 )
             if not wait:
-                raise _unavailable(f"No live model worker serves {entry.key} yet; retry shortly.", settings)
+                raise _unavailable(f"No live model worker serves {entry.key} now; retry shortly.", settings)
         if entry not in entries:
             entries.append(entry)
     return entries
