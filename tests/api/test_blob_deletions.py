@@ -82,6 +82,39 @@ async def test_a_deleted_users_files_the_deletion_could_not_delete_are_deleted_l
     assert await queued(app, *shas) == []
 
 
+async def test_a_file_that_cannot_be_deleted_does_not_hold_back_the_others(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    users: Users,
+    admin_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The retry took the oldest first and gave up at the first disk error: one file that can
+    never be deleted (its permissions changed) kept every later one on disk for good."""
+    leaving, headers = await users.create()
+    shas = [await upload(client, headers, (5, 9, i)) for i in range(5)]
+    with monkeypatch.context() as patched:
+        failing_disk(patched)
+        assert (await client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers)).status_code == 204
+    await age_queue(app, *shas)
+    stuck = sorted(shas)[0]
+    real = LocalBlobStore.delete
+
+    async def refusing_one(self: LocalBlobStore, sha256: str) -> bool:
+        if sha256 == stuck:
+            raise PermissionError(13, "Permission denied")
+        return await real(self, sha256)
+
+    monkeypatch.setattr(LocalBlobStore, "delete", refusing_one)
+    monkeypatch.setattr(images_service, "SWEEP_CHUNK", 2)
+    assert await retry(app) == 4
+    assert [await app.state.store.exists(sha) for sha in shas] == [sha == stuck for sha in shas]
+    assert await queued(app, *shas) == [stuck]
+    monkeypatch.undo()  # the disk lets it go: the next pass deletes it
+    assert await retry(app) == 1
+    assert await queued(app, *shas) == []
+
+
 async def test_a_deletion_that_finishes_leaves_nothing_queued(
     client: httpx.AsyncClient, app: FastAPI, users: Users, admin_headers: dict[str, str]
 ) -> None:

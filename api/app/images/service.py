@@ -13,14 +13,14 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import HTTPException, UploadFile
 from PIL import Image as PILImage
 from PIL import ImageDraw
-from sqlalchemy import Table, bindparam, delete, func, insert, select, text
+from sqlalchemy import Table, bindparam, delete, func, insert, select, text, tuple_
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -317,22 +317,46 @@ async def retry_blob_deletions(*, session: AsyncSession, store: LocalBlobStore) 
     that no upload references again, ``SWEEP_CHUNK`` per transaction (``delete_blobs_in_chunks``),
     and their rows; how many files. What a deletion could not do after its commit (its process
     stopped, the disk or the database failed) is done here, so a deleted account's files do not
-    stay on disk. Several processes at once only wait for each other's blob locks. Raises what
-    the database or the disk raised; the rest stays queued for the next pass."""
-    deleted = 0
+    stay on disk. Several processes at once only wait for each other's blob locks. A chunk the
+    disk fails is tried again a file at a time: a file that cannot be deleted (its permissions
+    changed, say) stays queued, logged, without holding back those queued after it. Raises what
+    the database raised; the rest stays queued for the next pass."""
+    deleted, failed = 0, 0
+    cutoff = utcnow() - timedelta(seconds=BLOB_DELETION_RETRY_SECONDS)
+    after: tuple[datetime, str] | None = None
     while True:
-        due = select(BlobDeletion.sha256).where(
-            BlobDeletion.created_at < utcnow() - timedelta(seconds=BLOB_DELETION_RETRY_SECONDS)
-        )
-        chunk = list(await session.scalars(due.order_by(BlobDeletion.created_at).limit(SWEEP_CHUNK)))
+        due = select(BlobDeletion.created_at, BlobDeletion.sha256).where(BlobDeletion.created_at < cutoff)
+        if after is not None:
+            due = due.where(tuple_(BlobDeletion.created_at, BlobDeletion.sha256) > tuple_(*after))
+        rows = (
+            await session.execute(due.order_by(BlobDeletion.created_at, BlobDeletion.sha256).limit(SWEEP_CHUNK))
+        ).all()
         await session.rollback()
-        if not chunk:
+        if not rows:
             break
-        deleted += await delete_blobs_in_chunks(session=session, store=store, sha256s=chunk, queued=True)
-        if len(chunk) < SWEEP_CHUNK:
+        after = (rows[-1].created_at, rows[-1].sha256)
+        chunk = [row.sha256 for row in rows]
+        try:
+            deleted += await delete_blobs_in_chunks(session=session, store=store, sha256s=chunk, queued=True)
+        except OSError:
+            await session.rollback()
+            for sha256 in chunk:
+                try:
+                    deleted += await delete_blobs_in_chunks(session=session, store=store, sha256s=[sha256], queued=True)
+                except OSError as exc:
+                    await session.rollback()
+                    failed += 1
+                    log.warning("the file of deleted blob %s could not be deleted; it stays queued: %r", sha256, exc)
+        if len(rows) < SWEEP_CHUNK:
             break
     if deleted:
         log.info("deleted %d files of deleted uploads left from earlier", deleted)
+    if failed:
+        log.warning(
+            "%d files of deleted uploads could not be deleted; tried again in %.0f s",
+            failed,
+            BLOB_DELETION_RETRY_SECONDS,
+        )
     return deleted
 
 
