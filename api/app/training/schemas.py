@@ -52,8 +52,8 @@ class TrainingRunPublic(BaseModel):
     """Epochs finished so far."""
     step: int | None = None
     """Training steps (batches) done in the epoch after the finished ones (``epoch + 1``), as the
-    trainer last reported them (every few seconds); None before its first report of that epoch. Of
-    a run that ended part-way through an epoch (cancelled, failed): how far that epoch got."""
+    trainer last reported them (every few seconds); None before its first report of that epoch,
+    and once the run ended (a cancelled or failed run's ``error`` says where it stopped)."""
     steps: int | None = None
     """Training steps in an epoch, with ``step``."""
     eta_seconds: float | None = None
@@ -70,8 +70,10 @@ class TrainingRunPublic(BaseModel):
         run.epoch = len(run.history)
         epochs = int(run.options.get("epochs", 0))
         progress = getattr(row, "progress", None) or {}
-        # Only the epoch right after those finished: a report of an earlier one is stale.
-        if int(progress.get("epoch") or 0) == run.epoch + 1 and int(progress.get("steps") or 0) > 0:
+        # Only the epoch right after those finished (a report of an earlier one is stale), and only
+        # while running: a run's end says exactly where it stopped, past its last report.
+        current = int(progress.get("epoch") or 0) == run.epoch + 1 and int(progress.get("steps") or 0) > 0
+        if current and run.status == "running":
             run.step, run.steps = int(progress.get("step") or 0), int(progress["steps"])
         if run.status != "running" or epochs <= 0:
             return run
