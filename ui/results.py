@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections import Counter, OrderedDict
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import pandas as pd
@@ -25,7 +25,7 @@ from contracts.imaging import load_image
 from contracts.messages import PredictionStatus
 from ui.client import Api, ApiError, Feedback, Job, Model, Prediction
 from ui.config import get_ui_settings
-from ui.session import Carried, display_name, guarded, models, submits, unlisted_version
+from ui.session import Carried, display_name, guarded, keeps_session, models, submits, unlisted_version
 
 
 def readable_time(iso: str) -> str:
@@ -103,6 +103,7 @@ def choose_models(api: Api, keys_prefix: str, mode: str) -> list[str]:
     if why := nothing_to_choose(api, mode):
         # Said where it shows: a greyed-out box keeps its reason behind its "?".
         st.warning(why)
+        until_a_model_serves(api, mode)
     elif unavailable := not_offered_now(shown):
         # Also said in words under the boxes: a "?" to hover is out of reach on a touch screen.
         st.caption(unavailable)
@@ -166,6 +167,23 @@ def nothing_to_choose(api: Api, mode: str) -> str | None:
         return f"No model can be chosen right now. The portal says of each: {plain(reasons[0][1])}."
     lines = "\n".join(f"- {plain(name)}: {plain(reason)}" for name, reason in reasons)
     return f"No model can be chosen right now. The portal says why:\n{lines}"
+
+
+MODELS_WAIT_SECONDS = 5.0
+"""While no model can be chosen, how often the catalog is asked again: the boxes come back within
+this long of a model worker starting."""
+
+
+@st.fragment(run_every=timedelta(seconds=MODELS_WAIT_SECONDS))
+@keeps_session
+def until_a_model_serves(api: Api, mode: str) -> None:
+    """Placed under the boxes while none of the versions that read ``mode`` input can be chosen:
+    asks for the catalog again every MODELS_WAIT_SECONDS, and runs the whole page again once one
+    of them serves. Without it the page stayed greyed out after a worker came back, since the
+    catalog is read again only when the page runs, and nothing on it could be clicked to run it.
+    Draws nothing of its own; gone once the page runs with a version to choose."""
+    if any(m["available"] for m in models(api, max_age=MODELS_WAIT_SECONDS) if m["input"]["mode"] == mode):
+        st.rerun()
 
 
 def _ticked_by_hand(keys_prefix: str, ref: str, key: str) -> None:

@@ -272,23 +272,33 @@ CATALOG_RETRY_SECONDS = 3.0
 long enough that one page's run asks once, short enough that the models come back with the API."""
 
 
-def models(api: Api) -> list[Model]:
-    """The model catalog, fetched again once it is CATALOG_SECONDS old; the one held before (or
-    none) while the API cannot give it, asked again CATALOG_RETRY_SECONDS on (a failure kept as an
-    empty catalog hid every model, without a word, for CATALOG_SECONDS after the API was back)."""
+def models(api: Api, *, max_age: float = CATALOG_SECONDS) -> list[Model]:
+    """The model catalog, fetched again once it is ``max_age`` seconds old (CATALOG_SECONDS unless
+    a part of a page waits for it to change); the one held before (or none) while the API cannot
+    give it, asked again CATALOG_RETRY_SECONDS on (a failure kept as an empty catalog hid every
+    model, without a word, for CATALOG_SECONDS after the API was back)."""
     now = time.monotonic()
     fetched = st.session_state.get("models_at")
     failed = st.session_state.get("models_failed_at")
-    stale = "models" not in st.session_state or fetched is None or now - fetched >= CATALOG_SECONDS
+    stale = "models" not in st.session_state or fetched is None or now - fetched >= max_age
     if stale and (failed is None or now - failed >= CATALOG_RETRY_SECONDS):
         fresh = guarded(api, api.models)
         if fresh is None:
             st.session_state["models_failed_at"] = now
         else:
             st.session_state["models"], st.session_state["models_at"] = fresh, now
+            st.session_state["models_fetched_on"] = time.time()
             st.session_state.pop("models_failed_at", None)
     catalog: list[Model] = st.session_state.get("models", [])
     return catalog
+
+
+def held_models() -> tuple[list[Model], float | None]:
+    """The model catalog as last fetched, without asking the API (for a page that knows the API
+    cannot answer now), and when it was fetched, in seconds since the epoch; ``([], None)``
+    before the first fetch."""
+    catalog: list[Model] = st.session_state.get("models", [])
+    return catalog, st.session_state.get("models_fetched_on") if catalog else None
 
 
 def display_name(api: Api, ref: str) -> str:

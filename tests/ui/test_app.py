@@ -29,7 +29,7 @@ from tests.images import encode, png_bomb, split_colour
 from tests.support import PHOTOS, ROOT, Service, start_explainer
 from ui.client import EXPLANATION_MESSAGES, STILL_QUEUED, Api, Batch, User
 from ui.config import get_ui_settings
-from ui.results import plain
+from ui.results import MODELS_WAIT_SECONDS, plain
 from ui.session import CATALOG_RETRY_SECONDS, CATALOG_SECONDS
 from ui.views.admin import VERSION_ACTIONS
 
@@ -1175,6 +1175,54 @@ def test_a_page_says_why_no_model_can_be_chosen(api_url: str, portal: tuple[str,
     assert lines[0] == "No model can be chosen right now. The portal says why:", warning
     assert f"- {plain(first['display_name'])}: its model files are not installed on this server" in lines, warning
     assert len(lines) > 2 and all(line.endswith(": no live model worker serves it") for line in lines[2:]), warning
+
+
+@pytest.mark.parametrize("page", ["classify", "sketch"])
+def test_a_page_with_no_model_to_choose_takes_them_back_once_a_worker_serves(
+    api_url: str, portal: tuple[str, str, str], page: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every box greyed out, nothing on the page can be clicked to run it again, and the catalog
+    was read again only when it ran: it stayed greyed out after the worker came back. A part of
+    it asks for the catalog again while nothing can be chosen, and runs the page once a version
+    serves."""
+    api = Api(api_url)
+    api.login(*new_user(api_url, portal))
+    script = (
+        "import streamlit as st\nfrom ui.client import Api\nfrom ui.views.classify import classify_page\n"
+        "from ui.views.sketch import sketch_page\n"
+        "class WorkerGone(Api):\n"
+        "    def models(self):\n"
+        "        if not st.session_state.get('worker_gone'):\n"
+        "            return super().models()\n"
+        "        return [\n"
+        "            {**m, 'available': False, 'workers': 0, 'reason': 'no live model worker serves it'}\n"
+        "            for m in super().models()\n"
+        "        ]\n"
+        f"page = {{'classify': classify_page, 'sketch': sketch_page}}[{page!r}]\n"
+        f"page(WorkerGone({api_url!r}, {api.token!r}))\n"
+    )
+    app = AppTest.from_string(script, default_timeout=60)
+    app.session_state["upload"] = ("parrot.jpg", (PHOTOS / "parrot.jpg").read_bytes())
+    app.session_state["worker_gone"] = True
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert all(box.disabled for box in app.checkbox) and app.button(key=f"{page}_submit").disabled
+    assert [w.value for w in app.warning] == [
+        "No model can be chosen right now. The portal says of each: no live model worker serves it."
+    ]
+    # Still none serves: the part asks again and leaves the page as it is.
+    app.session_state["models_at"] = time.monotonic() - MODELS_WAIT_SECONDS
+    run_fragments(app, monkeypatch)
+    assert not app.exception and not app.title, "the whole page ran, though nothing changed"
+    # The worker back, within the catalog's CATALOG_SECONDS: the page comes back by itself.
+    app.session_state["worker_gone"] = False
+    app.session_state["models_at"] = time.monotonic() - MODELS_WAIT_SECONDS
+    run_fragments(app, monkeypatch)
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.title, "the page did not run again"
+    assert not app.warning, [w.value for w in app.warning]
+    assert not app.button(key=f"{page}_submit").disabled
+    assert [box.key for box in app.checkbox if box.value and not box.disabled], "no box is ticked"
 
 
 def test_a_file_the_api_cannot_read_gets_its_refusal_where_the_answers_go(

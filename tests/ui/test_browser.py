@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -265,6 +265,61 @@ def test_a_first_stroke_stays_on_a_sketch_page_loaded_afresh(
     both = ink(sketch_canvas(browser)[0])
     shot(browser, "6b-two-strokes")
     assert first > 500 and both > 1.8 * first, (first, both)
+
+
+def open_from_the_menu(browser: WebDriver, url_path: str, heading: str) -> None:
+    """Opens a page by its link in the sidebar, as a person does (the session goes on)."""
+    link = (By.CSS_SELECTOR, f"[data-testid='stSidebar'] a[href$='{url_path}']")
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable(link)).click()
+    text_appears(browser, heading)
+
+
+def canvas_ink(browser: WebDriver) -> int:
+    """Dark pixels on the sketch canvas, once it is laid out (mounted anew, it has no width for a
+    moment, and a screenshot of it fails)."""
+    host = WebDriverWait(browser, 30).until(lambda _: (found := sketch_canvas(browser)[0]).size["width"] and found)
+    return ink(host)
+
+
+def test_a_sketch_and_its_results_stay_when_the_page_is_left_and_opened_again(
+    browser: WebDriver, ui_url: str, portal: tuple[str, str, str]
+) -> None:
+    """As a photo and its results stay on the Classify page. The canvas is mounted anew when the
+    page is opened again: it came back blank, and the results went with the drawing."""
+    log_in(browser, ui_url, portal)
+    open_from_the_menu(browser, "sketch", "Draw a sketch")
+    draw(browser, sketch_canvas(browser)[1], [(-70, -70), (70, -70), (70, 70), (-70, 70), (-70, -70)])
+    drawn = canvas_ink(browser)
+    click_button(browser, "Predict")
+    text_appears(browser, "confident", timeout=60)
+    found = answers(browser)
+    assert found, found
+    open_from_the_menu(browser, "history", "My uploads")
+    open_from_the_menu(browser, "sketch", "Draw a sketch")
+    text_appears(browser, "confident")
+    assert answers(browser) == found
+    WebDriverWait(browser, 30, ignored_exceptions=(WebDriverException,)).until(
+        lambda _: canvas_ink(browser) > 0.9 * drawn
+    )
+    shot(browser, "6c-sketch-kept")
+    # Drawn on further, the canvas keeps both (given its strokes back once, not on every run);
+    # the results went with the drawing they answered.
+    draw(browser, sketch_canvas(browser)[1], [(-40, 0), (40, 0)])
+    more = canvas_ink(browser)
+    assert more > drawn, (drawn, more)
+    assert not answers(browser)
+    time.sleep(2)  # a canvas given its strokes again on the next run would lose the new one
+    assert canvas_ink(browser) >= 0.95 * more
+    # Cleared, then left and opened again: blank, with nothing answered.
+    click_button(browser, "Clear")
+    WebDriverWait(browser, 30, ignored_exceptions=(WebDriverException,)).until(
+        lambda _: canvas_ink(browser) < 0.1 * drawn
+    )
+    open_from_the_menu(browser, "history", "My uploads")
+    open_from_the_menu(browser, "sketch", "Draw a sketch")
+    text_appears(browser, "Draw, choose the models and press Predict")
+    time.sleep(2)  # what a canvas is given to draw is drawn after it shows
+    assert canvas_ink(browser) < 0.1 * drawn
 
 
 def test_an_admin_watches_the_models_and_compares_two_versions(

@@ -25,7 +25,7 @@ from ui.client import (
     TrainingRun,
 )
 from ui.results import readable_time, words
-from ui.session import CATALOG_SECONDS, display_name, guarded, keeps_session, models
+from ui.session import CATALOG_SECONDS, display_name, guarded, held_models, keeps_session, models
 
 ROLES: list[Role] = ["user", "admin"]
 MIN_VERDICTS = 20
@@ -138,6 +138,15 @@ def status_tab(api: Api, stats: Stats | None) -> None:
         st.dataframe(
             pd.DataFrame([{"Queue": k, "Jobs waiting": v} for k, v in stats["queue_depth"].items()]), hide_index=True
         )
+    if ready["status"] != "ok" and not ready["checks"]:
+        # The API cannot be reached (readiness has no checks then): the catalog held from before
+        # is no news of now, and shown as current it said versions were served while none was.
+        catalog, fetched_on = held_models()
+        if not catalog:
+            return
+        st.warning(f"Last known model versions, {_when(fetched_on)}: the API cannot be reached now.")
+    else:
+        catalog = models(api)
     st.dataframe(
         pd.DataFrame(
             [
@@ -148,11 +157,20 @@ def status_tab(api: Api, stats: Stats | None) -> None:
                     "Worker processes serving it": m["workers"],
                     "Why not": m["reason"] or "",
                 }
-                for m in models(api)
+                for m in catalog
             ]
         ),
         hide_index=True,
     )
+
+
+def _when(moment: float | None) -> str:
+    """``as of 10:17:33 UTC (40 s ago)`` (or ``(5 min ago)``) for a time in seconds since the epoch."""
+    if moment is None:
+        return "from earlier"
+    ago = max(0, round(time.time() - moment))
+    since = f"{ago} s" if ago < 120 else f"{ago // 60} min"
+    return f"as of {time.strftime('%H:%M:%S', time.gmtime(moment))} UTC ({since} ago)"
 
 
 def _percent(value: float | None) -> str:

@@ -4,6 +4,7 @@ versions: the drawing on the left, its results beside it."""
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
@@ -12,11 +13,42 @@ from ui.examples import SKETCHES, example_png, sketches_for
 from ui.results import choose_models, nothing_to_choose, run_job, scroll_to_results, show_results, words
 from ui.session import models
 
+if TYPE_CHECKING:
+    from streamlit_drawable_canvas import CanvasResult
+
 
 def _new_canvas() -> None:
     st.session_state["canvas_round"] = st.session_state.get("canvas_round", 0) + 1
-    for key in ("sketch_job", "sketch_example"):
+    for key in ("sketch_job", "sketch_example", "sketch_strokes"):
         st.session_state.pop(key, None)
+
+
+def _drawn(canvas: CanvasResult) -> bytes | None:
+    """The picture on the canvas as a PNG, or None while it is empty. What is drawn is kept in
+    ``st.session_state["sketch_strokes"]`` (the strokes and their picture), so that the canvas,
+    mounted anew when the page is left and opened again, draws them again: the drawing and its
+    results stay, as a photo and its results stay on the Classify page."""
+    strokes = canvas.json_data
+    if not strokes or not strokes.get("objects"):
+        st.session_state.pop("sketch_strokes", None)  # emptied on the canvas (undone, reset)
+        return None
+    if canvas.image_bytes is not None:
+        st.session_state["sketch_strokes"] = (strokes, canvas.image_bytes)
+        return canvas.image_bytes
+    # Mounted anew with the strokes kept: it gives them back, but no picture until the next stroke.
+    kept = st.session_state.get("sketch_strokes")
+    return kept[1] if kept is not None else None
+
+
+def _strokes_to_draw(key: str) -> dict[str, Any] | None:
+    """What the canvas ``key`` starts with: nothing, or (mounted anew on coming back to the page)
+    the strokes kept. The same for as long as it stays mounted: a canvas given other strokes to
+    start with draws them in place of its own, losing its undo history, on every run."""
+    if key not in st.session_state:  # its state goes with it when the page is left
+        kept = st.session_state.get("sketch_strokes")
+        st.session_state["sketch_start"] = (key, kept[0] if kept is not None else None)
+    start_key, strokes = st.session_state.get("sketch_start", (key, None))
+    return strokes if start_key == key else None
 
 
 def _example_chosen(name: str) -> None:
@@ -33,6 +65,7 @@ def sketch_page(api: Api) -> None:
     # Wide enough for the 280-px canvas and the models' full names beside a 1,400-px window's sidebar.
     drawing_side, answers = st.columns([2, 3], gap="large")
     with drawing_side:
+        key = f"canvas_{st.session_state.get('canvas_round', 0)}"
         canvas = st_canvas(
             stroke_width=12,
             stroke_color="#000000",
@@ -40,11 +73,12 @@ def sketch_page(api: Api) -> None:
             height=280,
             width=280,
             drawing_mode="freedraw",
+            initial_drawing=_strokes_to_draw(key),
             return_image_data=True,
-            key=f"canvas_{st.session_state.get('canvas_round', 0)}",
+            key=key,
         )
         examples = st.container(horizontal=True, vertical_alignment="center")
-        drawn = canvas.image_bytes if canvas.json_data and canvas.json_data.get("objects") else None
+        drawn = _drawn(canvas)
         example = st.session_state.get("sketch_example")
         if drawn is not None:
             name, drawing = "sketch.png", drawn

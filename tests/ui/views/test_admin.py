@@ -128,3 +128,48 @@ def test_a_running_runs_bar_counts_the_steps_of_the_epoch_in_progress() -> None:
     assert not app.exception, app.exception
     [bar] = app.get("progress")
     assert (bar.proto.text, bar.proto.value) == ("Running: epoch 0 of 4", 0)
+
+
+def _status_while_the_api_is_down() -> None:
+    import time
+
+    import streamlit as st
+
+    from ui.client import Api
+    from ui.views.admin import status_tab
+
+    # The catalog as fetched a minute ago, when a worker served the version.
+    st.session_state.setdefault("models_at", time.monotonic())
+    st.session_state.setdefault("models_fetched_on", time.time() - 60)
+    st.session_state.setdefault(
+        "models",
+        [
+            {
+                "ref": "sketch@3",
+                "display_name": "Sketches",
+                "available": True,
+                "workers": 1,
+                "reason": None,
+                "input": {"mode": "L"},
+            }
+        ],
+    )
+    status_tab(Api("http://127.0.0.1:9"), None)  # nothing listens there, so no stats either
+
+
+def test_the_status_tab_shows_the_models_held_from_before_as_last_known_while_the_api_is_down() -> None:
+    """With the API down the held catalog said "Available: yes" under "Portal: not ready", as if
+    a worker served the version now; it is said to be the last known, and from when."""
+    import re
+
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_function(_status_while_the_api_is_down).run()
+    assert not app.exception, app.exception
+    assert [m.value for m in app.metric] == ["not ready"]
+    [warning] = [w.value for w in app.warning]
+    assert re.fullmatch(
+        r"Last known model versions, as of \d\d:\d\d:\d\d UTC \(6\d s ago\): the API cannot be reached now\.", warning
+    ), warning
+    [table] = [d.value for d in app.dataframe]
+    assert list(table["Model version"]) == ["Sketches (sketch@3)"]
