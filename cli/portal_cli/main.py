@@ -29,6 +29,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -408,6 +409,7 @@ def _follow(portal: Portal, batch_id: str) -> dict[str, Any]:
             if _finished(batch):
                 return batch
             time.sleep(POLL_SECONDS)
+            _still_running()
 
 
 UNREADABLE_NAMED = 5
@@ -450,7 +452,7 @@ def _zip_folder(source: Path, target: Path) -> None:
         raise PortalError(f"No images in {source} (looked for .jpg, .png, .gif, .bmp, .webp, .tif).")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_stderr) as bar:
         task = bar.add_task("Zipping", total=len(found.images))
-        left = zip_images(target, source, found.images, lambda n: bar.update(task, completed=n))
+        left = zip_images(target, source, found.images, lambda n: _advanced(bar, task, completed=n))
     if left:
         _note(_unreadable_note(source, left))
     if len(left) == len(found.images):
@@ -468,7 +470,7 @@ def _upload(portal: Portal, archive: Path, name: str, models: list[str], idempot
             models,
             name=name,
             idempotency_key=idempotency_key,
-            on_sent=lambda sent: bar.update(task, completed=sent),
+            on_sent=lambda sent: _advanced(bar, task, completed=sent),
         )
 
 
@@ -913,10 +915,31 @@ def batch(
             raise typer.Exit(ExitCode.INPUT)
 
 
+_TERMINATING: list[int] = []
+"""The signal that asked the command to end, once one did (``_terminated``)."""
+
+
 def _terminated(signum: int, _frame: object) -> None:
     # SIGTERM (kill) or SIGHUP (a closed terminal) ends the command as Ctrl-C does not: the
     # temporary zip is still deleted on the way out.
+    _TERMINATING.append(signum)
     raise Terminated(ExitCode.TERMINATED if signum == signal.SIGTERM else 128 + signum)
+
+
+def _still_running() -> None:
+    """Raises ``Terminated`` again when a signal asked the command to end and it goes on: the
+    handler's raise is lost when the signal lands while Python runs a finalizer (it drops what a
+    ``__del__`` raises), and a SIGHUP while a folder was zipped was ignored, the batch sent and
+    followed to its end. Called at each step of the zip, the upload and the following."""
+    if _TERMINATING:
+        signum = _TERMINATING[0]
+        raise Terminated(ExitCode.TERMINATED if signum == signal.SIGTERM else 128 + signum)
+
+
+def _advanced(bar: Progress, task: TaskID, **fields: Any) -> None:
+    """Moves ``task`` of ``bar``, after ``_still_running``."""
+    _still_running()
+    bar.update(task, **fields)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from contracts.imaging import UPLOAD_EXTENSIONS
 from portal_cli import main as cli_main
 from portal_cli.archive import IMAGE_EXTENSIONS, collect, temporary_zip, zip_images
 from portal_cli.config import BatchState, BatchStates, config_path
+from portal_cli.errors import Terminated
 from portal_cli.main import NOT_SERVED, _models, _unavailable_reason
 from tests.cli.conftest import Account, run, stored
 from tests.images import noise_png
@@ -1361,3 +1363,29 @@ def test_a_piped_password_that_is_not_utf8_is_wrong_usage(config_dir: Path) -> N
     )
     assert login.returncode == 2, login.stderr
     assert login.stderr.decode().strip() == "portal: The password on standard input is not valid UTF-8."
+
+
+def test_a_termination_lost_in_a_finalizer_still_ends_the_zipping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGHUP that lands while Python runs a finalizer: the handler's raise is dropped (as any
+    ``__del__``'s), and the folder was zipped, sent and followed to its end. The next image
+    zipped ends the command with 128 + the signal."""
+    folder = tmp_path / "collection"
+    make_images(folder, 3)
+    monkeypatch.setattr(cli_main, "_TERMINATING", [], raising=False)
+    previous = signal.signal(signal.SIGHUP, cli_main._terminated)
+    try:
+
+        class Finalized:
+            def __del__(self) -> None:
+                signal.raise_signal(signal.SIGHUP)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the dropped raise, reported as unraisable
+            Finalized()
+        with pytest.raises(Terminated) as ended:
+            cli_main._zip_folder(folder, tmp_path / "out.zip")
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert ended.value.code == 128 + signal.SIGHUP
