@@ -4,12 +4,13 @@ files a deletion could not delete after its commit are deleted later, not left o
 from __future__ import annotations
 
 import asyncio
+import warnings
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from PIL import Image
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from api.app.core.config import Settings
 from api.app.images import service as images_service
@@ -210,5 +211,27 @@ async def test_each_api_process_retries_the_queue(
             if not await app.state.store.exists(sha):
                 break
             await asyncio.sleep(0.1)
+    assert not await app.state.store.exists(sha)
+    assert await queued(app, sha) == []
+
+
+async def test_an_upload_deleted_meanwhile_is_deleted_again_without_a_warning(
+    client: httpx.AsyncClient, app: FastAPI, users: Users
+) -> None:
+    """Two deletions of one upload (its owner's deletion and theirs, or a request sent twice):
+    the second found no row, and SQLAlchemy warned in the logs that its DELETE matched none."""
+    from sqlalchemy.exc import SAWarning
+
+    from api.app.images.models import Image as ImageRow
+
+    _, headers = await users.create()
+    sha = await upload(client, headers, (2, 7, 9))
+    async with app.state.sessionmaker() as first, app.state.sessionmaker() as second:
+        rows = [await s.scalar(select(ImageRow).where(ImageRow.sha256 == sha)) for s in (first, second)]
+        assert rows[0] is not None and rows[1] is not None
+        await images_service.delete_image(session=first, store=app.state.store, image=rows[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SAWarning)
+            await images_service.delete_image(session=second, store=app.state.store, image=rows[1])
     assert not await app.state.store.exists(sha)
     assert await queued(app, sha) == []

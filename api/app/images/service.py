@@ -473,10 +473,11 @@ async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: I
     it: queued for deletion in the same transaction (``BlobDeletion``), then deleted once that
     commits (``delete_unreferenced_blobs``). The file's deletion failing (the disk, the database)
     leaves it to ``retry_blob_deletions``; the upload is deleted all the same."""
-    sha256 = image.sha256
+    image_id, sha256 = image.id, image.sha256
     await _lock_blob(session, sha256)
-    await session.delete(image)
-    await session.flush()
+    # A statement, not the ORM's delete: an upload its owner's deletion (or a second request)
+    # deleted meanwhile is simply gone, where the ORM warned that no row matched.
+    await session.execute(delete(Image).where(Image.id == image_id).execution_options(synchronize_session=False))
     remaining = await session.scalar(select(func.count()).select_from(Image).where(Image.sha256 == sha256))
     if not remaining:
         await queue_blob_deletions(session=session, sha256s=[sha256])
@@ -486,7 +487,7 @@ async def delete_image(*, session: AsyncSession, store: LocalBlobStore, image: I
             await delete_unreferenced_blobs(session=session, store=store, sha256s=[sha256])
         except (*DB_ERRORS, OSError) as exc:
             await session.rollback()
-            log.warning("upload %s deleted; its file is left for the next retry: %r", image.id, exc)
+            log.warning("upload %s deleted; its file is left for the next retry: %r", image_id, exc)
 
 
 def _annotate(data: bytes, *, lines: list[str]) -> bytes:
