@@ -10,6 +10,10 @@ QUEUE_EPOCH = "queue:epoch"
 BATCH_WAKE = "batches:wake"
 """A list the API pushes to when a batch's job is answered, so the batch lane queues the next at
 once instead of at its next poll."""
+BATCH_TURNS = "batches:turns"
+"""A sorted set: for each account (``owner:<id>``) and batch (``batch:<id>``) the batch lane served,
+the turn (``BATCH_TURN_COUNTER``) it was last served at; the lane serves the least recent first."""
+BATCH_TURN_COUNTER = "batches:turn"
 BATCH_REQUEST_PREFIX = "batch-"
 """The request id of a batch's jobs starts with this, followed by the batch's id."""
 

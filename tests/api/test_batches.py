@@ -19,12 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from PIL import Image
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from api.app.batches.models import Batch
 from api.app.core.config import Settings
@@ -679,6 +680,117 @@ async def lane_database(settings: Settings, redis_url: str, folder: Path) -> Asy
     finally:
         await engine.dispose()
         await redis_client.aclose()
+
+
+async def test_batches_take_turns_between_accounts_and_between_an_accounts_batches(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """One account's older batch does not hold back another account's later one, nor the same
+    account's later one: with one job in flight, the lane serves the accounts in turn, and an
+    account's batches in turn. Oldest first over all batches would serve A1's five images first."""
+    from sqlalchemy import select
+
+    from api.app.batches import lane
+    from api.app.predictions.models import Job
+    from api.app.users.models import User
+
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        other = User(email="other@example.com", hashed_password="-")
+        session.add(other)
+        await session.commit()
+        mobilenet = db.registry["mobilenet_v2@1"]
+        names: dict[str, str] = {}
+        for name, owner, seeds in (
+            ("A1", db.owner, range(1, 6)),
+            ("B1", other.id, range(6, 8)),
+            ("A2", db.owner, range(8, 10)),
+        ):
+            batch = await running_batch(session, db.store, fresh_settings, owner, mobilenet, seeds)
+            await session.commit()
+            names[f"{BATCH_REQUEST_PREFIX}{batch.id}"] = name
+        served: list[str] = []
+        while len(served) < 9:
+            queued = await lane.top_up(
+                session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served={mobilenet.key}
+            )
+            assert queued == 1, served
+            job = await session.scalar(select(Job).where(Job.status == "queued"))
+            assert job is not None
+            served.append(names[job.request_id])
+            # Answered: its slot is free, and its message is off the queue (no person waits there).
+            job.status, job.finished_at = "done", datetime.now(UTC)
+            await session.commit()
+            await db.redis.delete("jobs:mobilenet_v2@1")
+        assert served == ["A1", "B1", "A2", "B1", "A1", "A2", "A1", "A1", "A1"]
+
+
+async def test_a_look_of_the_lane_reads_no_job_it_does_not_take(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A running batch whose 20,000 earlier jobs are answered, beside another batch's 20,000 jobs
+    still pending, older: the lane finds the batch's next job through an index of the pending jobs
+    by batch, dropping no row. Reading the batch's jobs by its items or the owner's jobs would cost a look
+    as much as the history, and the lane looks after every answer."""
+    from sqlalchemy import event, select, text
+
+    from api.app.batches import lane
+    from api.app.predictions.models import Job
+
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        mobilenet = db.registry["mobilenet_v2@1"]
+        batch = await running_batch(session, db.store, fresh_settings, db.owner, mobilenet, [1])
+        await session.commit()
+        [job] = (await session.scalars(select(Job))).all()
+        for request_id, status in ((job.request_id, "done"), (f"{BATCH_REQUEST_PREFIX}{uuid.uuid4()}", "pending")):
+            await session.execute(
+                text(
+                    "INSERT INTO jobs (id, owner_id, image_id, status, request_id, deadline_at, finished_at, created_at)"
+                    " SELECT gen_random_uuid(), :owner, :image, :status, :request, now(), now(),"
+                    " now() - make_interval(secs => g) FROM generate_series(1, 20000) g"
+                ),
+                {"owner": db.owner, "image": job.image_id, "status": status, "request": request_id},
+            )
+        await session.commit()
+        await session.execute(text("ANALYZE jobs"))
+        await session.execute(text("ANALYZE batches"))
+        await session.commit()
+        statements: list[tuple[str, Any]] = []
+
+        def sent(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+            statements.append((statement, parameters))
+
+        assert isinstance(session.bind, AsyncEngine)
+        engine = session.bind.sync_engine
+        event.listen(engine, "before_cursor_execute", sent)
+        try:
+            queued = await lane.top_up(
+                session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served={mobilenet.key}
+            )
+        finally:
+            event.remove(engine, "before_cursor_execute", sent)
+        assert queued == 1 and batch.id
+        [(statement, parameters)] = [s for s in statements if "FROM jobs" in s[0] and "FOR UPDATE" in s[0]]
+    conn = await asyncpg.connect(fresh_settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        # The job was queued meanwhile: the plan of the same look at a batch with a pending job.
+        await conn.execute("UPDATE jobs SET status = 'pending' WHERE id = $1", job.id)
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", *parameters)
+    finally:
+        await conn.close()
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    plan = nodes(json.loads(explained)[0]["Plan"])
+    on_jobs = [n for n in plan if n.get("Relation Name") == "jobs"]
+    # An index scan, or a bitmap heap scan of a bitmap index scan: the planner picks either.
+    indexes = {n["Index Name"] for n in plan if n.get("Index Name", "").startswith(("ix_jobs", "pk_jobs"))}
+    shown = json.dumps(plan, indent=1)
+    assert on_jobs and indexes == {"ix_jobs_pending_request"}, shown
+    assert all(n["Node Type"] != "Seq Scan" for n in on_jobs), shown
+    assert sum(int(n.get("Rows Removed by Filter", 0)) for n in on_jobs) == 0, shown
 
 
 async def test_the_lane_passes_over_jobs_of_models_no_worker_serves(

@@ -1,7 +1,9 @@
 """The batch lane: a batch's jobs wait in PostgreSQL (``pending``) and enter the job queue a few at
-a time (BATCH_IN_FLIGHT over all batches, oldest first), so a person's request waits behind at most
-that many batch jobs whatever the batches hold. Every API process runs the lane; a transaction
-lock makes one of them queue at a time."""
+a time (BATCH_IN_FLIGHT over all batches), so a person's request waits behind at most that many
+batch jobs whatever the batches hold. Batches take turns (``_in_turn``): the accounts with a batch
+running one job each in turn, and an account's batches one job each in turn, so one account's
+10,000 images do not hold back another's later 10, nor its own. Every API process runs the lane; a
+transaction lock makes one of them queue at a time."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Collection, Iterable, Set
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, text, update
+from sqlalchemy import ColumnElement, and_, exists, func, literal_column, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.batches.models import Batch, BatchItem
@@ -69,11 +71,6 @@ def _asks_for_any_but(served: Set[str]) -> ColumnElement[bool]:
     )
 
 
-_OF_A_RECEIVED_BATCH = (
-    exists().where(BatchItem.job_id == Job.id, BatchItem.batch_id == Batch.id, Batch.status == "running").correlate(Job)
-)
-
-
 async def top_up(
     *,
     session: AsyncSession,
@@ -104,16 +101,7 @@ async def top_up(
     if room <= 0:
         await session.commit()
         return 0
-    pending = select(Job).where(Job.status == PENDING, _OF_A_RECEIVED_BATCH)
-    if served is not None:
-        # Filtered in the query: however many jobs of an unserved model come first, the others
-        # behind them are still found.
-        pending = pending.where(~_asks_for_any_but(served))
-    jobs = list(
-        await session.scalars(
-            pending.order_by(Job.created_at, Job.id).limit(room).with_for_update(of=Job, skip_locked=True)
-        )
-    )
+    jobs = await _in_turn(session=session, redis=redis, room=room, served=served)
     if not jobs:
         await session.commit()
         await finish(session=session)  # the last answers are in: batches may be over
@@ -152,7 +140,104 @@ async def top_up(
     await queue.enqueue(redis, messages)
     await session.commit()
     metrics.count_failed(failed)
+    await _took_turns(redis, [j for j in jobs if j.status == PredictionStatus.queued.value])
     return queued
+
+
+async def _in_turn(*, session: AsyncSession, redis: Redis, room: int, served: Set[str] | None) -> list[Job]:
+    """Up to ``room`` pending jobs of running batches, locked, in turn order: the accounts whose
+    batch jobs were queued least recently first (``keys.BATCH_TURNS``; one never served in turn
+    by its oldest running batch), and within an account its batches the same way; one job of each
+    batch in that order, round after round. A batch's own jobs go oldest first. Only jobs whose
+    every model version is in ``served`` (None: not checked), so a batch waiting for a worker
+    does not take a turn. Raises what Redis and PostgreSQL raise."""
+    running = (
+        await session.execute(
+            select(Batch.id, Batch.owner_id, Batch.created_at)
+            .where(Batch.status == _literal("running"))
+            .order_by(Batch.created_at)
+        )
+    ).all()
+    if not running:
+        return []
+    owners = sorted({owner for _, owner, _ in running})
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zmscore(keys.BATCH_TURNS, [_owner_member(o) for o in owners])
+        pipe.zmscore(keys.BATCH_TURNS, [_batch_member(b) for b, _, _ in running])
+        owner_turns, batch_turns = await pipe.execute()
+    last_owner = dict(zip(owners, owner_turns, strict=True))
+    last_batch = {b: t for (b, _, _), t in zip(running, batch_turns, strict=True)}
+    # Never served (no turn yet) before served, then the least recently served; ties (and
+    # those never served) by their oldest running batch.
+    oldest: dict[int, datetime] = {}
+    by_owner: dict[int, list[tuple[uuid.UUID, datetime]]] = {}
+    for batch_id, owner, created in running:
+        oldest.setdefault(owner, created)
+        by_owner.setdefault(owner, []).append((batch_id, created))
+    order = sorted(owners, key=lambda o: (last_owner[o] is not None, last_owner[o] or 0.0, oldest[o]))
+    queues = [
+        sorted(by_owner[o], key=lambda b: (last_batch[b[0]] is not None, last_batch[b[0]] or 0.0, b[1])) for o in order
+    ]
+    # Owners in turn, each with its next batch in turn: its first batches, then the seconds...
+    rounds = [q[i][0] for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)]
+    taken: list[list[Job]] = []
+    for batch_id in rounds:
+        if len(taken) >= room:
+            break
+        pending = select(Job).where(
+            Job.request_id == f"{keys.BATCH_REQUEST_PREFIX}{batch_id}", Job.status == _literal(PENDING)
+        )
+        if served is not None:
+            pending = pending.where(~_asks_for_any_but(served))
+        found = list(
+            await session.scalars(
+                pending.order_by(Job.created_at, Job.id).limit(room).with_for_update(of=Job, skip_locked=True)
+            )
+        )
+        if found:
+            taken.append(found)
+    jobs: list[Job] = []
+    for i in range(room):
+        jobs += [batch_jobs[i] for batch_jobs in taken if i < len(batch_jobs)]
+    return jobs[:room]
+
+
+def _literal(status: str) -> ColumnElement[str]:
+    """``status`` as an SQL literal: PostgreSQL uses a partial index (``ix_jobs_pending_request``,
+    ``ix_batches_running``) only when the query's condition visibly implies the index's own, which
+    a bound parameter in a cached generic plan does not."""
+    return literal_column(f"'{status}'")
+
+
+def _owner_member(owner_id: int) -> str:
+    return f"owner:{owner_id}"
+
+
+def _batch_member(batch_id: uuid.UUID | str) -> str:
+    return f"batch:{batch_id}"
+
+
+TURNS_KEPT = 10_000
+"""How many accounts and batches ``keys.BATCH_TURNS`` remembers (the most recently served): a
+batch or account forgotten only goes first once more."""
+
+
+async def _took_turns(redis: Redis, jobs: list[Job]) -> None:
+    """Records in ``keys.BATCH_TURNS`` that the accounts and batches of ``jobs`` (just queued)
+    were served now, in the order they were queued: a Redis counter orders the turns, so API hosts
+    with clocks apart agree. Raises what Redis raises."""
+    if not jobs:
+        return
+    last = await redis.incrby(keys.BATCH_TURN_COUNTER, len(jobs))
+    turns: dict[str, float] = {}
+    for i, job in enumerate(jobs):
+        turn = float(last - len(jobs) + 1 + i)
+        turns[_owner_member(job.owner_id)] = turn
+        turns[_batch_member(job.request_id.removeprefix(keys.BATCH_REQUEST_PREFIX))] = turn
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.BATCH_TURNS, turns)
+        pipe.zremrangebyrank(keys.BATCH_TURNS, 0, -TURNS_KEPT - 1)
+        await pipe.execute()
 
 
 async def _people_waiting(redis: Redis, streams: list[str], *, flying: int) -> bool:

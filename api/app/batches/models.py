@@ -17,6 +17,8 @@ class Batch(OwnedMixin, Base):
     __table_args__ = (
         Index("uq_batches_owner_idempotency_key", "owner_id", "idempotency_key", unique=True),
         Index("ix_batches_receiving", "created_at", postgresql_where=text("status = 'receiving'")),
+        # The batches whose jobs the lane serves in turn: read at every look of the lane.
+        Index("ix_batches_running", "created_at", postgresql_where=text("status = 'running'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_uuid)

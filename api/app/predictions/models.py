@@ -38,6 +38,8 @@ class Job(OwnedMixin, Base):
         Index("ix_jobs_unfinished_owner_id", "owner_id", postgresql_where=UNFINISHED_JOB),
         # Only a batch's jobs waiting for the batch lane, oldest first.
         Index("ix_jobs_pending", "created_at", postgresql_where=text("status = 'pending'")),
+        # A batch's jobs waiting for the batch lane (their request id names the batch), oldest first.
+        Index("ix_jobs_pending_request", "request_id", "created_at", "id", postgresql_where=text("status = 'pending'")),
         # Keyset paging of a person's jobs, newest first.
         Index("ix_jobs_owner_created", "owner_id", text("created_at DESC"), text("id DESC")),
     )
