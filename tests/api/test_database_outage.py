@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -120,6 +122,59 @@ async def test_keys_and_logins_refused_for_an_outage_are_no_failed_attempts(
             await asyncio.sleep(0.2)
         assert r.status_code == 200, r.text
         assert (await client.post("/login", data=LOGIN)).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/v1/images", "/model/predict?models=mobilenet_v2", "/v1/batches"])
+async def test_an_upload_cut_off_by_an_outage_leaves_its_file_to_the_deletions_retry(
+    private_postgres: PostgresServer,
+    settings: Settings,
+    worker: object,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    route: str,
+) -> None:
+    """PostgreSQL goes away after an upload's file is written and before its row commits: the
+    upload is 503, and its file, which nothing could check then, is noted and deleted by the
+    retry of deletions once PostgreSQL is back (it was left to ``sweep-blobs`` before)."""
+    from api.app.images import service as images_service
+    from api.app.images.storage import UNSETTLED_FOLDER
+
+    # The suite's Redis and model worker: a prediction is admitted only for a version it serves.
+    private = settings.model_copy(update={"database_url": private_postgres.url, "storage_dir": tmp_path})
+    await asyncio.to_thread(migrate, private.database_url)
+    await seed_admin(private)
+    put = LocalBlobStore.put
+
+    async def stored_then_cut_off(self: LocalBlobStore, sha256: str, data: bytes, *, preview: bytes | None) -> None:
+        await put(self, sha256, data, preview=preview)
+        await asyncio.to_thread(private_postgres.stop)
+
+    data = noise_png(4711, 24)
+    sha256 = hashlib.sha256(data).hexdigest()
+    blob = tmp_path / sha256[:2] / sha256
+    note = tmp_path / UNSETTLED_FOLDER / sha256
+    async for client in client_for(create_app(private)):
+        r = await client.post("/login", data=LOGIN)
+        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        monkeypatch.setattr(LocalBlobStore, "put", stored_then_cut_off)
+        form = {"models": "mobilenet_v2"} if route == "/v1/batches" else None
+        r = await client.post(route, files={"file": ("x.png", data)}, data=form, headers=headers)
+        assert r.status_code == 503, r.text
+        assert blob.is_file() and note.is_file()
+    await asyncio.to_thread(private_postgres.start)
+    engine = make_engine(private)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            store = LocalBlobStore(tmp_path)
+            # A note younger than the retry's period may be an upload still failing: left be.
+            assert await images_service.retry_blob_deletions(session=session, store=store) == 0
+            assert blob.is_file() and note.is_file()
+            old = time.time() - images_service.BLOB_DELETION_RETRY_SECONDS - 60
+            os.utime(note, (old, old))
+            assert await images_service.retry_blob_deletions(session=session, store=store) == 1
+    finally:
+        await engine.dispose()
+    assert not blob.exists() and not note.exists()
 
 
 async def test_a_postgres_that_hangs_gives_503_not_500(

@@ -5,6 +5,7 @@ images are computed once, and the jobs go through the batch lane (``lane``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import functools
 import hashlib
@@ -206,7 +207,12 @@ async def _add_image(
     except HTTPException as exc:
         b.skipped(name, str(exc.detail))
         return
-    if not await _still_there(session, b, sha256):
+    if await _still_there(session, b, sha256):
+        image_id, job_id = b.jobs_of[sha256]
+        b.items.append(b._item(name, sha256=sha256, image_id=image_id, job_id=job_id))
+        await _flush(session, b)
+        return
+    try:
         image = await images_service.add_image(
             session=session,
             store=store,
@@ -218,9 +224,13 @@ async def _add_image(
             source="batch",
         )
         b.jobs_of[sha256] = (image.id, await _add_job(session, b, image.id))
-    image_id, job_id = b.jobs_of[sha256]
-    b.items.append(b._item(name, sha256=sha256, image_id=image_id, job_id=job_id))
-    await _flush(session, b)
+        b.items.append(b._item(name, sha256=sha256, image_id=image.id, job_id=b.jobs_of[sha256][1]))
+        await _flush(session, b)
+    except BaseException:
+        # The file's transaction failed after its blob may have been written (the batch's
+        # request fails with it): the blob goes unless another upload has it.
+        await images_service.forget_blob(session=session, store=store, sha256=sha256)
+        raise
 
 
 async def _keep_alive(engine: AsyncEngine, b: _Builder, every: float) -> None:
@@ -531,6 +541,15 @@ async def _abandon(session: AsyncSession, b: _Builder) -> None:
         if skipped:
             await session.execute(insert(_items), skipped)
         await lane.cancel(session=session, batch=batch)
+    except DB_ERRORS as exc:
+        # An outage: the batch stays ``receiving``, and the lane cancels it once it is back.
+        log.warning(
+            "batch %s: could not be cancelled after a failed upload (%r); cancelled as left receiving later",
+            b.batch_id,
+            exc,
+        )
+        with contextlib.suppress(*DB_ERRORS):
+            await session.rollback()
     except Exception:
         log.exception("batch %s: could not be cancelled after a failed upload", b.batch_id)
         await session.rollback()

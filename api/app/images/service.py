@@ -226,12 +226,38 @@ def new_image_row(
 async def create_image(
     *, session: AsyncSession, store: LocalBlobStore, settings: Settings, owner_id: int, data: bytes, filename: str
 ) -> Image:
+    """Stores an upload (``add_image``) and commits. A transaction that fails once the blob may
+    be written forgets the blob (``forget_blob``). Raises what ``inspect_upload`` and
+    ``add_image`` raise, and what the database raised."""
     info, sha256 = await inspect_upload(data, settings)
-    image = await add_image(
-        session=session, store=store, owner_id=owner_id, data=data, info=info, sha256=sha256, filename=filename
-    )
-    await session.commit()
+    try:
+        image = await add_image(
+            session=session, store=store, owner_id=owner_id, data=data, info=info, sha256=sha256, filename=filename
+        )
+        await session.commit()
+    except BaseException:
+        await forget_blob(session=session, store=store, sha256=sha256)
+        raise
     return image
+
+
+async def forget_blob(*, session: AsyncSession, store: LocalBlobStore, sha256: str) -> None:
+    """After a new upload's transaction failed (its blob perhaps written, its row not committed):
+    deletes the blob unless another upload's row has it (``delete_unreferenced_blobs``), shielded
+    from the request's cancellation. When that cannot be done now (PostgreSQL unreachable, the
+    disk failing), the blob is noted in the store (``LocalBlobStore.note_unsettled``) and
+    ``retry_blob_deletions`` does it once they are back. Raises only the request's cancellation: the
+    caller raises the upload's own error."""
+    try:
+        await session.rollback()
+        await asyncio.shield(delete_unreferenced_blobs(session=session, store=store, sha256s=[sha256]))
+    except Exception as exc:
+        try:
+            await store.note_unsettled(sha256)
+        except OSError:
+            log.warning("the blob %s of a failed upload may be left behind", sha256, exc_info=True)
+        else:
+            log.warning("the blob %s of a failed upload is deleted later, unless referenced: %r", sha256, exc)
 
 
 async def get_owned_image(*, session: AsyncSession, owner_id: int, image_id: uuid.UUID) -> Image | None:
@@ -349,6 +375,7 @@ async def retry_blob_deletions(*, session: AsyncSession, store: LocalBlobStore) 
                     log.warning("the file of deleted blob %s could not be deleted; it stays queued: %r", sha256, exc)
         if len(rows) < SWEEP_CHUNK:
             break
+    deleted += await _settle_failed_uploads(session=session, store=store, cutoff=cutoff)
     if deleted:
         log.info("deleted %d files of deleted uploads left from earlier", deleted)
     if failed:
@@ -357,6 +384,24 @@ async def retry_blob_deletions(*, session: AsyncSession, store: LocalBlobStore) 
             failed,
             BLOB_DELETION_RETRY_SECONDS,
         )
+    return deleted
+
+
+async def _settle_failed_uploads(*, session: AsyncSession, store: LocalBlobStore, cutoff: datetime) -> int:
+    """Deletes the blobs of failed uploads noted unsettled before ``cutoff`` (``forget_blob``)
+    that no upload references, ``SWEEP_CHUNK`` per transaction, and forgets their notes; how many
+    files. A chunk the database or the disk fails stays noted for the next pass (logged)."""
+    noted = await store.unsettled(cutoff.timestamp())
+    deleted = 0
+    for start in range(0, len(noted), SWEEP_CHUNK):
+        chunk = noted[start : start + SWEEP_CHUNK]
+        try:
+            deleted += await delete_blobs_in_chunks(session=session, store=store, sha256s=chunk)
+        except OSError as exc:
+            await session.rollback()
+            log.warning("%d blobs of failed uploads could not be deleted; tried again later: %r", len(chunk), exc)
+            continue
+        await store.settle(chunk)
     return deleted
 
 

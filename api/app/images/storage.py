@@ -20,6 +20,9 @@ UNFINISHED_PREFIX = ".upload-"
 """The temporary file of a blob being written, renamed to the blob once complete."""
 UNFINISHED_MIN_AGE_SECONDS = 3600.0
 """A temporary file this old belongs to a write that died: a write takes seconds at most."""
+UNSETTLED_FOLDER = ".unsettled"
+"""Beside the shards: one empty file per blob of a failed upload whose deletion could not be
+decided then (``note_unsettled``)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHARD = re.compile(r"[0-9a-f]{2}")
 
@@ -136,5 +139,46 @@ class LocalBlobStore:
         def remove_all() -> None:
             for path in paths:
                 path.unlink(missing_ok=True)
+
+        await to_thread.run_sync(remove_all)
+
+    def _note_unsettled(self, sha256: str) -> None:
+        folder = self.root / UNSETTLED_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / sha256).touch()
+
+    async def note_unsettled(self, sha256: str) -> None:
+        """Notes that the blob of an upload whose transaction failed may be referenced by no row,
+        and that this could not be checked then (PostgreSQL unreachable): ``unsettled`` lists it
+        until ``settle``. Raises OSError when the disk refuses."""
+        if not _SHA256.fullmatch(sha256):
+            raise ValueError(f"not a SHA-256: {sha256!r}")
+        await to_thread.run_sync(self._note_unsettled, sha256)
+
+    def _unsettled(self, cutoff: float) -> list[str]:
+        folder = self.root / UNSETTLED_FOLDER
+        if not folder.is_dir():
+            return []
+        found: list[str] = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if _SHA256.fullmatch(entry.name) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        found.append(entry.name)
+                except OSError:
+                    continue
+        return sorted(found)
+
+    async def unsettled(self, cutoff: float) -> list[str]:
+        """The SHA-256 of the blobs noted unsettled (``note_unsettled``) before ``cutoff`` (seconds
+        since the epoch)."""
+        return await to_thread.run_sync(self._unsettled, cutoff)
+
+    async def settle(self, sha256s: list[str]) -> None:
+        """Forgets the notes of ``sha256s`` (their blobs were deleted, or found referenced)."""
+
+        def remove_all() -> None:
+            for sha256 in sha256s:
+                (self.root / UNSETTLED_FOLDER / sha256).unlink(missing_ok=True)
 
         await to_thread.run_sync(remove_all)

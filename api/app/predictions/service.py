@@ -219,7 +219,7 @@ async def _admit_and_queue(
 
     The transaction runs on one of ``engine``'s connections through its driver (``core.driver``):
     it is the path of every prediction. A blob written for a transaction that then failed is
-    deleted again (``_forget_blob``). ``session`` (holding no connection meanwhile) is used for
+    deleted again (``images.service.forget_blob``). ``session`` (holding no connection meanwhile) is used for
     what is rare: that, failing the job when Redis refuses it, and shadow copies."""
     upload = image if isinstance(image, Upload) else None
     # Redis first: no pooled connection and no lock is held meanwhile.
@@ -265,7 +265,7 @@ async def _admit_and_queue(
                 )
     except BaseException:
         if blob_written and upload is not None:
-            await _forget_blob(session=session, store=store, sha256=upload.sha256)
+            await images_service.forget_blob(session=session, store=store, sha256=upload.sha256)
         raise
     # Committed: it goes on (the reconciler queues it if this request is cut before queue_job does).
     note_stored_job(job.id)
@@ -280,16 +280,6 @@ async def _admit_and_queue(
         shadows=shadows or {},
     )
     return image, job
-
-
-async def _forget_blob(*, session: AsyncSession, store: LocalBlobStore, sha256: str) -> None:
-    """After a new upload's transaction failed (its blob perhaps written, its row not committed):
-    the blob is deleted unless another upload's row has it. Best effort, shielded from the
-    request's cancellation; what cannot be done now (PostgreSQL gone) is logged."""
-    try:
-        await asyncio.shield(images_service.delete_unreferenced_blobs(session=session, store=store, sha256s=[sha256]))
-    except Exception:
-        log.warning("the blob %s of a failed upload may be left behind", sha256, exc_info=True)
 
 
 @dataclass(frozen=True)
