@@ -12,8 +12,7 @@ BATCH_WAKE = "batches:wake"
 once instead of at its next poll."""
 BATCH_TURNS = "batches:turns"
 """A sorted set: for each account (``owner:<id>``) and batch (``batch:<id>``) the batch lane served,
-the turn (``BATCH_TURN_COUNTER``) it was last served at; the lane serves the least recent first."""
-BATCH_TURN_COUNTER = "batches:turn"
+when it was last served (the Redis server's clock, in microseconds); the least recent goes first."""
 BATCH_REQUEST_PREFIX = "batch-"
 """The request id of a batch's jobs starts with this, followed by the batch's id."""
 

@@ -725,6 +725,85 @@ async def test_batches_take_turns_between_accounts_and_between_an_accounts_batch
         assert served == ["A1", "B1", "A2", "B1", "A1", "A2", "A1", "A1", "A1"]
 
 
+async def test_a_batch_waiting_for_a_worker_does_not_cost_its_account_the_turn(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """An account's first batch names a version no worker serves: its later batch for a served
+    one takes the account's turns beside another account's, instead of waiting until every other
+    account has nothing left."""
+    from sqlalchemy import select
+
+    from api.app.batches import lane
+    from api.app.predictions.models import Job
+    from api.app.users.models import User
+
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        other = User(email="other@example.com", hashed_password="-")
+        session.add(other)
+        await session.commit()
+        mobilenet = db.registry["mobilenet_v2@1"]
+        names: dict[str, str] = {}
+        for name, owner, entry, seeds in (
+            ("A-waiting", db.owner, db.registry["sketch@3"], range(1, 4)),
+            ("A", db.owner, mobilenet, range(4, 7)),
+            ("B", other.id, mobilenet, range(7, 10)),
+        ):
+            batch = await running_batch(session, db.store, fresh_settings, owner, entry, seeds)
+            await session.commit()
+            names[f"{BATCH_REQUEST_PREFIX}{batch.id}"] = name
+        served: list[str] = []
+        for _ in range(4):
+            queued = await lane.top_up(
+                session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served={mobilenet.key}
+            )
+            assert queued == 1, served
+            job = await session.scalar(select(Job).where(Job.status == "queued"))
+            assert job is not None
+            served.append(names[job.request_id])
+            job.status, job.finished_at = "done", datetime.now(UTC)
+            await session.commit()
+            await db.redis.delete("jobs:mobilenet_v2@1")
+        assert served == ["A", "B", "A", "B"]
+
+
+async def test_a_batch_whose_files_are_gone_fails_them_in_turn_and_the_next_batch_goes_on_at_once(
+    fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Every stored file of one account's batch is gone: the look that fails its job gives the
+    turn to the next account and queues that one's job at once, rather than failing one job per
+    look (a second each) while every other account's batch waits."""
+    from sqlalchemy import select
+
+    from api.app.batches import lane
+    from api.app.images.models import Image as ImageRow
+    from api.app.predictions.models import Job
+    from api.app.users.models import User
+
+    async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
+        session = db.session
+        other = User(email="other@example.com", hashed_password="-")
+        session.add(other)
+        await session.commit()
+        mobilenet = db.registry["mobilenet_v2@1"]
+        lost = await running_batch(session, db.store, fresh_settings, db.owner, mobilenet, range(1, 4))
+        await session.commit()
+        for sha256 in (await session.scalars(select(ImageRow.sha256))).all():
+            await db.store.delete(sha256)
+        kept = await running_batch(session, db.store, fresh_settings, other.id, mobilenet, range(4, 6))
+        await session.commit()
+        queued = await lane.top_up(
+            session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served={mobilenet.key}
+        )
+        assert queued == 1
+        rows = (await session.execute(select(Job.request_id, Job.status))).all()
+        by_batch = {
+            batch.id: sorted(status for request, status in rows if request == f"{BATCH_REQUEST_PREFIX}{batch.id}")
+            for batch in (lost, kept)
+        }
+        assert by_batch == {lost.id: ["failed", "pending", "pending"], kept.id: ["pending", "queued"]}, by_batch
+
+
 async def test_a_look_of_the_lane_reads_no_job_it_does_not_take(
     fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -1093,7 +1172,13 @@ async def test_a_version_retired_during_a_batch_holds_up_no_batch(
         await db.redis.xadd("jobs:sketch@2", {"meta": "{}"})  # queued before the retirement, never read
 
         queued = await lane.top_up(
-            session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served={MODEL}
+            session=session,
+            redis=db.redis,
+            store=db.store,
+            in_flight=1,
+            job_seconds=60.0,
+            served={MODEL},
+            retired={"sketch@2"},
         )
         assert queued == 1 and await db.redis.xlen(f"jobs:{MODEL}") == 1
         statuses = sorted((await session.scalars(select(Prediction.status))).all())

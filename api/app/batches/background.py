@@ -37,6 +37,7 @@ async def top_up_once(rt: JobRuntime, *, finish: bool = False) -> int:
             in_flight=rt.settings.batch_in_flight,
             job_seconds=rt.settings.batch_job_seconds,
             served=lane.servable(rt.live_registry.current, beats),
+            retired=lane.retired_versions(rt.live_registry.current),
         )
         if finish:
             await lane.finish(session=session)

@@ -55,6 +55,12 @@ def servable(registry: Registry, beats: Iterable[Heartbeat]) -> set[str]:
     return {f"{m.name}@{m.version}" for beat in beats for m in beat.models if m.ready} & live
 
 
+def retired_versions(registry: Registry) -> set[str]:
+    """The model versions (keys like ``sketch@3``) retired in ``registry``: their pending
+    predictions are expired, so a batch naming one is not waiting for a worker."""
+    return {m.key for m in registry.models if m.channel == "retired"}
+
+
 def _refs(job: Job) -> set[str]:
     """The versions a job still waits for (a version retired meanwhile has its predictions expired)."""
     return {f"{p.model_name}@{p.model_version}" for p in job.predictions if p.status in OPEN}
@@ -71,6 +77,11 @@ def _asks_for_any_but(served: Set[str]) -> ColumnElement[bool]:
     )
 
 
+LOOKS_PER_TOP_UP = 50
+"""How many times one ``top_up`` takes jobs again when all it took failed (their stored files
+missing): the next batches in turn go on at once, not one failed job per second."""
+
+
 async def top_up(
     *,
     session: AsyncSession,
@@ -79,17 +90,49 @@ async def top_up(
     in_flight: int,
     job_seconds: float,
     served: Set[str] | None = None,
+    retired: Set[str] = frozenset(),
 ) -> int:
-    """Queues the oldest pending jobs of received batches (``running``: a batch still being
-    received, or left so by a process that died receiving it, waits) until ``in_flight`` batch jobs are queued or running,
-    each with a deadline ``job_seconds`` from now; none while people's jobs wait in the queues they
-    would join, not yet taken by a worker (``_people_waiting``). Only jobs whose every model
-    version a live worker serves (``served``, keys like ``sketch@3``; None: not checked) are
-    queued or counted in flight, so a batch for a model no worker serves waits without holding up
-    the others; while none serves them, the deadlines of those already queued are held
-    (``_hold_deadlines``). A job whose image's stored file is missing is failed with ``MISSING_FILE``. With
+    """Queues pending jobs of received batches (``running``: a batch still being received, or
+    left so by a process that died receiving it, waits), in turn (``_in_turn``), until
+    ``in_flight`` batch jobs are queued or running, each with a deadline ``job_seconds`` from
+    now; none while people's jobs wait in the queues they would join, not yet taken by a worker
+    (``_people_waiting``). Only jobs whose every model version a live worker serves (``served``,
+    keys like ``sketch@3``; None: not checked) are queued or counted in flight, so a batch for a
+    model no worker serves waits without holding up the others; while none serves them, the
+    deadlines of those already queued are held (``_hold_deadlines``). ``retired``: versions
+    retired in the registry, whose pending predictions are expired (a batch naming one may still
+    have jobs to queue). A job whose image's stored file is missing is failed with
+    ``MISSING_FILE``, taking its batch's turn, and the next jobs in turn are taken at once. With
     none pending, marks the finished batches ``done``. How many jobs it queued. Raises what Redis
     and PostgreSQL raise (the job rows roll back)."""
+    queued = 0
+    for _ in range(LOOKS_PER_TOP_UP):
+        took, failed = await _top_up_once(
+            session=session,
+            redis=redis,
+            store=store,
+            in_flight=in_flight,
+            job_seconds=job_seconds,
+            served=served,
+            retired=retired,
+        )
+        queued += took
+        if not failed or took:
+            break
+    return queued
+
+
+async def _top_up_once(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    store: LocalBlobStore,
+    in_flight: int,
+    job_seconds: float,
+    served: Set[str] | None,
+    retired: Set[str],
+) -> tuple[int, int]:
+    """One look of ``top_up``: how many jobs it queued, and how many it failed."""
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('batch-lane', 0))"))
     flying = list(
         await session.scalars(select(Job).where(UNFINISHED_JOB, Job.request_id.startswith(keys.BATCH_REQUEST_PREFIX)))
@@ -100,12 +143,12 @@ async def top_up(
     room = in_flight - busy
     if room <= 0:
         await session.commit()
-        return 0
-    jobs = await _in_turn(session=session, redis=redis, room=room, served=served)
+        return 0, 0
+    jobs = await _in_turn(session=session, redis=redis, room=room, served=served, retired=retired)
     if not jobs:
         await session.commit()
         await finish(session=session)  # the last answers are in: batches may be over
-        return 0
+        return 0, 0
     # The queues these jobs would join: a version retired meanwhile has its predictions expired,
     # and its queue may keep a message no worker will read, which is no person waiting.
     streams = sorted(
@@ -114,7 +157,7 @@ async def top_up(
     if await _people_waiting(redis, streams, flying=len(flying)):
         # People's jobs are waiting in these queues: the batch waits for the next answer or look.
         await session.commit()
-        return 0
+        return 0, 0
     found = await session.execute(select(Image.id, Image.sha256).where(Image.id.in_({j.image_id for j in jobs})))
     shas = {image_id: sha256 for image_id, sha256 in found}
     deadline = now + timedelta(seconds=job_seconds)
@@ -140,66 +183,79 @@ async def top_up(
     await queue.enqueue(redis, messages)
     await session.commit()
     metrics.count_failed(failed)
-    await _took_turns(redis, [j for j in jobs if j.status == PredictionStatus.queued.value])
-    return queued
+    await _took_turns(redis, jobs)
+    return queued, len(jobs) - queued
 
 
-async def _in_turn(*, session: AsyncSession, redis: Redis, room: int, served: Set[str] | None) -> list[Job]:
+async def _in_turn(
+    *, session: AsyncSession, redis: Redis, room: int, served: Set[str] | None, retired: Set[str]
+) -> list[Job]:
     """Up to ``room`` pending jobs of running batches, locked, in turn order: the accounts whose
-    batch jobs were queued least recently first (``keys.BATCH_TURNS``; one never served in turn
-    by its oldest running batch), and within an account its batches the same way; one job of each
-    batch in that order, round after round. A batch's own jobs go oldest first. Only jobs whose
-    every model version is in ``served`` (None: not checked), so a batch waiting for a worker
-    does not take a turn. Raises what Redis and PostgreSQL raise."""
+    batch jobs were taken least recently first (``keys.BATCH_TURNS``; those never served first,
+    by their oldest running batch), each with its next batch in turn (the same order among its
+    own batches) that has a job to queue; one job of each in that order, round after round. A
+    batch's own jobs go oldest first. Only jobs whose every model version is in ``served`` (None:
+    not checked): a batch naming a version that is neither served nor ``retired`` waits for a
+    worker and is not even looked at, so it neither takes a turn nor costs the look a query.
+    Raises what Redis and PostgreSQL raise."""
     running = (
         await session.execute(
-            select(Batch.id, Batch.owner_id, Batch.created_at)
+            select(Batch.id, Batch.owner_id, Batch.created_at, Batch.models)
             .where(Batch.status == _literal("running"))
             .order_by(Batch.created_at)
         )
     ).all()
+    if served is not None:
+        running = [row for row in running if all(m in served or m in retired for m in row.models)]
     if not running:
         return []
-    owners = sorted({owner for _, owner, _ in running})
+    owners = sorted({row.owner_id for row in running})
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zmscore(keys.BATCH_TURNS, [_owner_member(o) for o in owners])
-        pipe.zmscore(keys.BATCH_TURNS, [_batch_member(b) for b, _, _ in running])
+        pipe.zmscore(keys.BATCH_TURNS, [_batch_member(row.id) for row in running])
         owner_turns, batch_turns = await pipe.execute()
     last_owner = dict(zip(owners, owner_turns, strict=True))
-    last_batch = {b: t for (b, _, _), t in zip(running, batch_turns, strict=True)}
+    last_batch = {row.id: t for row, t in zip(running, batch_turns, strict=True)}
     # Never served (no turn yet) before served, then the least recently served; ties (and
     # those never served) by their oldest running batch.
     oldest: dict[int, datetime] = {}
     by_owner: dict[int, list[tuple[uuid.UUID, datetime]]] = {}
-    for batch_id, owner, created in running:
-        oldest.setdefault(owner, created)
-        by_owner.setdefault(owner, []).append((batch_id, created))
+    for row in running:
+        oldest.setdefault(row.owner_id, row.created_at)
+        by_owner.setdefault(row.owner_id, []).append((row.id, row.created_at))
     order = sorted(owners, key=lambda o: (last_owner[o] is not None, last_owner[o] or 0.0, oldest[o]))
     queues = [
         sorted(by_owner[o], key=lambda b: (last_batch[b[0]] is not None, last_batch[b[0]] or 0.0, b[1])) for o in order
     ]
-    # Owners in turn, each with its next batch in turn: its first batches, then the seconds...
-    rounds = [q[i][0] for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)]
     taken: list[list[Job]] = []
-    for batch_id in rounds:
-        if len(taken) >= room:
-            break
-        pending = select(Job).where(
-            Job.request_id == f"{keys.BATCH_REQUEST_PREFIX}{batch_id}", Job.status == _literal(PENDING)
-        )
-        if served is not None:
-            pending = pending.where(~_asks_for_any_but(served))
-        found = list(
-            await session.scalars(
-                pending.order_by(Job.created_at, Job.id).limit(room).with_for_update(of=Job, skip_locked=True)
-            )
-        )
-        if found:
-            taken.append(found)
+    # Round after round, each account gives its next batch that has a job to queue: one that
+    # has none (its jobs wait for a version being retired) does not cost its account the turn.
+    while len(taken) < room and any(queues):
+        for batches in queues:
+            while batches and len(taken) < room:
+                found = await _next_jobs(session, batches.pop(0)[0], room=room, served=served)
+                if found:
+                    taken.append(found)
+                    break
     jobs: list[Job] = []
     for i in range(room):
         jobs += [batch_jobs[i] for batch_jobs in taken if i < len(batch_jobs)]
     return jobs[:room]
+
+
+async def _next_jobs(session: AsyncSession, batch_id: uuid.UUID, *, room: int, served: Set[str] | None) -> list[Job]:
+    """The batch's oldest ``room`` pending jobs whose every version is in ``served`` (None: not
+    checked), locked (``ix_jobs_pending_request``)."""
+    pending = select(Job).where(
+        Job.request_id == f"{keys.BATCH_REQUEST_PREFIX}{batch_id}", Job.status == _literal(PENDING)
+    )
+    if served is not None:
+        pending = pending.where(~_asks_for_any_but(served))
+    return list(
+        await session.scalars(
+            pending.order_by(Job.created_at, Job.id).limit(room).with_for_update(of=Job, skip_locked=True)
+        )
+    )
 
 
 def _literal(status: str) -> ColumnElement[str]:
@@ -223,15 +279,17 @@ batch or account forgotten only goes first once more."""
 
 
 async def _took_turns(redis: Redis, jobs: list[Job]) -> None:
-    """Records in ``keys.BATCH_TURNS`` that the accounts and batches of ``jobs`` (just queued)
-    were served now, in the order they were queued: a Redis counter orders the turns, so API hosts
-    with clocks apart agree. Raises what Redis raises."""
+    """Records in ``keys.BATCH_TURNS`` that the accounts and batches of ``jobs`` (just queued, or
+    failed) were served now, in their order. A turn is the Redis server's clock (``TIME``, in
+    microseconds), so API hosts with clocks apart agree, and a turn is never below an earlier one
+    however the set was emptied meanwhile. Raises what Redis raises."""
     if not jobs:
         return
-    last = await redis.incrby(keys.BATCH_TURN_COUNTER, len(jobs))
+    seconds, microseconds = await redis.time()
+    now = seconds * 1_000_000 + microseconds
     turns: dict[str, float] = {}
     for i, job in enumerate(jobs):
-        turn = float(last - len(jobs) + 1 + i)
+        turn = float(now + i)
         turns[_owner_member(job.owner_id)] = turn
         turns[_batch_member(job.request_id.removeprefix(keys.BATCH_REQUEST_PREFIX))] = turn
     async with redis.pipeline(transaction=False) as pipe:
