@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, OAuth2PasswordBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from starlette.types import Scope as StarletteScope
 
 from api.app.api_keys import service as api_keys_service
 from api.app.api_keys.service import KeyGrant
@@ -185,6 +186,23 @@ async def _key_caller(request: Request, key: str) -> Caller:
         user.admin_rights = False  # an admin's key without the admin scope acts as a user's
     request.state.user_id = user.id
     return Caller(user=user, grant=grant)
+
+
+async def refused_key(scope: StarletteScope, key: str) -> tuple[int, str, dict[str, str]] | None:
+    """For ``core.body_limits``, before a batch's body is read: why the API key ``key`` would be
+    refused by a POST's ``get_current_user`` (status, detail, headers: 401 unknown, revoked or
+    expired, 403 without the ``predict`` scope, 429 after too many failed keys from the client,
+    each counted as the route counts it), or None when it would pass. None too when it cannot
+    be told now (PostgreSQL or Redis failing): the route then answers for itself."""
+    try:
+        caller = await _key_caller(Request(scope), key)
+    except HTTPException as exc:
+        return exc.status_code, str(exc.detail), dict(exc.headers or {})
+    except Exception:
+        return None
+    if caller.grant is not None and Scope.predict not in caller.grant.scopes:
+        return status.HTTP_403_FORBIDDEN, f"This API key lacks the {Scope.predict} scope", {}
+    return None
 
 
 TOKEN_IN_KEY_HEADER = "X-API-Key takes an API key; send a login token as Authorization: Bearer <token>"

@@ -36,6 +36,7 @@ from api.app.core.startup import check_redis_eviction
 from api.app.core.tasks import run_every
 from api.app.core.throttle import AttemptThrottle
 from api.app.core.wandb_log import InferenceLogger
+from api.app.deps import refused_key
 from api.app.drift.background import compute_periodically as compute_drift
 from api.app.explanations.router import router as explanations_router
 from api.app.exports.router import router as exports_router
@@ -254,6 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_upload_bytes=settings.max_upload_bytes,
         max_batch_bytes=settings.max_batch_bytes,
         body_idle_seconds=settings.body_idle_timeout_seconds,
+        check_key=refused_key,
     )
     # Before routing: a path with a control character (/metrics%0A) must not reach /metrics.
     app.add_middleware(PathGuardMiddleware)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from api.app.core.config import Settings
+from contracts.api_keys import KEY_LENGTH, KEY_PREFIX
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 from tests.support import PHOTOS, Service, start_api
 
@@ -72,6 +73,33 @@ def test_an_upload_without_a_token_is_refused_before_its_body(api: tuple[Service
     status, answer, seconds = raw_request(url, head.replace(str(5 * 1024 * 1024), str(GIB)))
     assert status in (401, 413) and seconds < 1
     assert sorted(p.name for p in settings.storage_dir.rglob("*")) == stored_before
+
+
+def test_a_batch_with_a_key_that_would_be_refused_is_refused_before_its_body(api: tuple[Service, str]) -> None:
+    """An API key of the right shape that no account has, or a real key without the ``predict``
+    scope, sending a batch of a gigabyte: 401 or 403 at once, nothing of the body read. The route
+    alone looked keys up, after up to MAX_BATCH_BYTES (2 GiB) were read and spooled to disk."""
+    _, url = api
+    r = httpx.post(
+        f"{url}/v1/api-keys",
+        json={"name": f"read-only-{uuid.uuid4().hex[:6]}", "scopes": ["read"]},
+        headers={"Authorization": f"Bearer {token(url)}"},
+    )
+    assert r.status_code == 201, r.text
+    invented = KEY_PREFIX + "Z" * (KEY_LENGTH - len(KEY_PREFIX))
+    for header, expected in (
+        (f"X-API-Key: {invented}", 401),
+        (f"Authorization: Bearer {invented}", 401),
+        (f"X-API-Key: {r.json()['key']}", 403),
+    ):
+        head = (
+            "POST /v1/batches HTTP/1.1\r\nHost: test\r\n"
+            f"{header}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {GIB}\r\n"
+        )
+        status, answer, seconds = raw_request(url, head, b"--x\r\n" + b"\0" * 65536)
+        assert status == expected and seconds < 2, (header, answer)
 
 
 def test_a_body_that_grows_past_the_limit_is_cut_off(api: tuple[Service, str]) -> None:

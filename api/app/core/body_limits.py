@@ -6,8 +6,10 @@ only then refused. Here a body that announces too large a size is refused at onc
 that grows past the limit while it is read is cut off with 413, a multipart body that ends before
 its closing boundary (cut off on the way) is 400 rather than a form missing its file, and an upload whose request
 carries no valid bearer token, nor anything shaped like an API key, is refused (401) before a byte
-of its body is read. An API key is checked by the route (a database lookup): one that only looks
-right can make the API read at most one upload's limit before its 401. A body that no route
+of its body is read. An API key is looked up before a batch's body is read (``check_key``: a
+database lookup, as the route does again), and checked by the route for the other uploads: one
+that only looks right can make the API read at most one image upload's limit (10 MB) before its
+401, never a batch's (2 GiB). A body that no route
 takes (a wrong address or method) is left to the app's 404 or 405, which never reads it. A body
 sent to an upload route in an encoding it does not take (a raw image or zip, JSON, text) is
 refused (415) whatever its size, before it is read. A body that stops arriving (no byte for
@@ -19,6 +21,7 @@ part of the body spooled to disk for good.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from python_multipart.multipart import parse_options_header
 from starlette.routing import Match
@@ -83,6 +86,10 @@ def _routed(scope: Scope) -> bool:
     return any(route.matches(scope)[0] == Match.FULL for route in scope["app"].router.routes)
 
 
+KeyCheck = Callable[[Scope, str], Awaitable[tuple[int, str, dict[str, str]] | None]]
+"""Why an API key would be refused (status, detail, headers), or None: ``deps.refused_key``."""
+
+
 class BodyLimitMiddleware:
     """Multipart bodies up to ``max_upload_bytes`` (``max_batch_bytes`` for a batch) plus
     ``MULTIPART_OVERHEAD``, needing a valid bearer token; other bodies up to ``JSON_LIMIT``.
@@ -95,8 +102,10 @@ class BodyLimitMiddleware:
         max_upload_bytes: int,
         max_batch_bytes: int | None = None,
         body_idle_seconds: float = 60.0,
+        check_key: KeyCheck | None = None,
     ) -> None:
         self.app = app
+        self.check_key = check_key
         self.body_idle_seconds = body_idle_seconds
         self.upload_limit = max_upload_bytes + MULTIPART_OVERHEAD
         self.upload_mb = max_upload_bytes / (1024 * 1024)
@@ -136,6 +145,12 @@ class BodyLimitMiddleware:
                 [(b"www-authenticate", b"Bearer")],
             )
             return
+        if batch and self.check_key is not None and (key := self._api_key(scope)):
+            refused = await self.check_key(scope, key)
+            if refused is not None:
+                code, detail, headers = refused
+                await _answer(send, code, detail, [(k.lower().encode(), v.encode()) for k, v in headers.items()])
+                return
         received = 0
         answered = False
         body_done = False
@@ -195,6 +210,15 @@ class BodyLimitMiddleware:
                 f"multipart/form-data (curl -F), which takes up to {self.batch_mb:g} MB (MAX_BATCH_BYTES)."
             )
         return f"The request body is too large: at most {JSON_LIMIT // 1024} KiB."
+
+    @staticmethod
+    def _api_key(scope: Scope) -> str:
+        """The API key the request authenticates with, as ``deps.get_caller`` reads it; "" for a
+        login token or none."""
+        scheme, _, token = _header(scope, b"authorization").strip().partition(" ")
+        bearer = token.strip() if scheme.lower() == "bearer" else ""
+        key = bearer if bearer.startswith(KEY_PREFIX) else "" if bearer else _header(scope, b"x-api-key").strip()
+        return key if len(key) == KEY_LENGTH and key.startswith(KEY_PREFIX) else ""
 
     def _signed_in(self, scope: Scope) -> bool:
         """Whether the request carries a bearer token with a valid signature and expiry (the
