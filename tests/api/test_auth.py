@@ -138,6 +138,25 @@ def client_at(app: FastAPI, address: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
+async def test_an_email_logs_in_as_it_was_registered_whatever_its_unicode_form(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    """An account registered with an internationalised domain in its ``xn--`` form, or with a
+    decomposed accent (NFD), logs in with the address exactly as typed at registration: the
+    registration stored the address normalised (Unicode domain, NFC) while the login only lowered
+    it, so it found no account (401) and counted a failed attempt against it."""
+    tag = uuid.uuid4().hex[:8]
+    for typed in (f"zoe-{tag}@xn--bcher-kva.de", f"rene\u0301e-{tag}@example.org"):
+        r = await client.post("/v1/users", json={"email": typed, "password": PASSWORD}, headers=admin_headers)
+        assert r.status_code == 201, r.text
+        assert (await client.post("/v1/auth/login", data={"username": typed, "password": PASSWORD})).status_code == 200
+        stored = r.json()["email"]
+        assert stored != typed
+        assert (await client.post("/v1/auth/login", data={"username": stored, "password": PASSWORD})).status_code == 200
+        again = await client.post("/v1/users", json={"email": stored, "password": PASSWORD}, headers=admin_headers)
+        assert again.status_code == 409, again.text
+
+
 async def test_wrong_email_and_wrong_password_look_the_same(app: FastAPI, users: Users) -> None:
     client = client_at(app, "10.0.0.1")
     user, _ = await users.create()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from email_validator import EmailNotValidError, validate_email
 from fastapi import HTTPException, status
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, func, select
@@ -26,7 +27,17 @@ log = logging.getLogger(__name__)
 
 
 def normalize_email(email: str) -> str:
-    return email.strip().lower()
+    """The form an email is stored and looked up in: as ``EmailStr`` normalises it at sign-up
+    (email-validator: Unicode NFC, an internationalised domain in Unicode rather than its
+    ``xn--`` form), without surrounding whitespace, in lower case. A login with ``zoe@xn--bcher-kva.de``
+    then finds the account registered as it; a string that is no valid address is only
+    stripped and lowered (it finds no account)."""
+    email = email.strip()
+    try:
+        email = validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError:
+        pass
+    return email.lower()
 
 
 def check_password_policy(password: str, settings: Settings) -> None:
