@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 
@@ -33,10 +34,8 @@ def normalize_email(email: str) -> str:
     then finds the account registered as it; a string that is no valid address is only
     stripped and lowered (it finds no account)."""
     email = email.strip()
-    try:
+    with contextlib.suppress(EmailNotValidError):
         email = validate_email(email, check_deliverability=False).normalized
-    except EmailNotValidError:
-        pass
     return email.lower()
 
 
