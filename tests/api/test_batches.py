@@ -145,6 +145,16 @@ def damaged(entries: dict[str, bytes], victim: str) -> bytes:
     return bytes(data)
 
 
+async def test_more_file_parts_than_the_form_parser_takes_are_told_to_go_as_a_zip(
+    client: httpx.AsyncClient, users: Users
+) -> None:
+    """1,001 file parts: 413 saying to send a zip, not the form parser's bare 400 "Too many files",
+    which named a limit the batch's own (MAX_BATCH_IMAGES, 10,000) does not explain."""
+    _, headers = await users.create()
+    r = await send(client, headers, [(f"{i}.png", b"x") for i in range(1001)])
+    assert r.status_code == 413 and "zip" in r.json()["detail"], r.text
+
+
 async def test_a_damaged_entry_is_skipped_and_a_batch_of_no_image_refused(
     client: httpx.AsyncClient, users: Users
 ) -> None:
