@@ -155,6 +155,26 @@ async def test_more_file_parts_than_the_form_parser_takes_are_told_to_go_as_a_zi
     assert r.status_code == 413 and "zip" in r.json()["detail"], r.text
 
 
+async def test_a_file_name_that_would_break_a_line_or_reorder_its_text_is_shown_safely(
+    client: httpx.AsyncClient, users: Users
+) -> None:
+    """A file name holding a text-direction override, a newline or an escape is kept, each such
+    character shown as U+FFFD, in an upload and in a batch's zip: "invoice\u202egnp.exe" showed as
+    "invoiceexe.png" in every table and CSV, and a newline broke log and table lines."""
+    _, headers = await users.create()
+    # A multipart client sends a newline in a file name as %0A (HTML's form encoding); a zip holds it.
+    sent = "invoice\u202egnp.exe\x1b[31m.png"
+    r = await client.post("/v1/images", files={"file": (sent, noise_png(9001))}, headers=headers)
+    assert r.status_code == 201 and r.json()["filename"] == "invoice\ufffdgnp.exe\ufffd[31m.png", r.text
+    sent = "invoice\u202egnp.exe\n\x1b[31m.png"
+    shown = "invoice\ufffdgnp.exe\ufffd\ufffd[31m.png"
+    r = await send(client, headers, [("photos.zip", zipped({sent: noise_png(9002)}))])
+    assert r.status_code == 202, r.text
+    batch = await finished(client, headers, r.json()["id"])
+    results = (await client.get(f"/v1/batches/{batch['id']}/results", headers=headers)).json()
+    assert [row["file_name"] for row in results["data"]] == [shown], results
+
+
 async def test_a_damaged_entry_is_skipped_and_a_batch_of_no_image_refused(
     client: httpx.AsyncClient, users: Users
 ) -> None:

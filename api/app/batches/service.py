@@ -48,7 +48,7 @@ from api.app.batches.schemas import BatchCounts
 from api.app.catalog.service import ModelAvailability, WorkerDirectory, resolve_models
 from api.app.core.config import Settings
 from api.app.core.errors import DB_ERRORS
-from api.app.core.fields import INT32_MAX, storable
+from api.app.core.fields import INT32_MAX, shown_safely, storable
 from api.app.core.paging import opaque, unwrap
 from api.app.images import service as images_service
 from api.app.images.models import Image
@@ -111,7 +111,9 @@ class _Builder:
 
 
 def _file_name(name: str) -> str:
-    return name.replace("\x00", "")[:255] or "unnamed"
+    """A batch file's name as listed: without NUL characters, at most 255 characters, its control
+    characters and text-direction overrides shown as U+FFFD (``core.fields.shown_safely``)."""
+    return shown_safely(name.replace("\x00", "")[:255]) or "unnamed"
 
 
 async def _queued_images(session: AsyncSession, owner_id: int) -> int:
@@ -579,15 +581,16 @@ async def _receive(
         for member in members:
             if b.cut_off:
                 break
+            member_name = _file_name(member.name)
             if member.info is None:
-                b.skipped(member.name, member.error or "skipped")
+                b.skipped(member_name, member.error or "skipped")
                 continue
             read = functools.partial(archive.read_member, opened, member, max_file_bytes=settings.max_upload_bytes)
             content, error = await to_thread.run_sync(read)
             if content is None:
-                b.skipped(member.name, error or "cannot be read")
+                b.skipped(member_name, error or "cannot be read")
             else:
-                await _add_image(session, store, settings, b, member.name, content)
+                await _add_image(session, store, settings, b, member_name, content)
         opened.close()
     for image_id in image_ids:
         if b.cut_off:

@@ -65,6 +65,16 @@ def refuse_controls(value: str) -> str:
     return value
 
 
+def shown_safely(value: str) -> str:
+    """``value`` (a file name as sent) with each control character, line or paragraph separator
+    (``LINE_BREAKING``) and bidirectional control (``BIDI_CONTROLS``) replaced by U+FFFD: a file
+    name is kept rather than refused (a zip made elsewhere may hold any), but one shown in a
+    table, a CSV or a log must not break its line or read as another name."""
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join("\ufffd" if unicodedata.category(ch) in LINE_BREAKING or ch in BIDI_CONTROLS else ch for ch in value)
+
+
 Name = Annotated[str, AfterValidator(refuse_unstorable), AfterValidator(refuse_controls)]
 """A one-line name people read (a user's, a key's): storable text without control characters."""
 UserId = Annotated[int, Path(ge=1, le=INT32_MAX, description="a user's id")]

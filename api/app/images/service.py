@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.app.core.config import Settings
 from api.app.core.db import OWNER_KEY_SHARE, utcnow
 from api.app.core.errors import DB_ERRORS, OWNER_GONE
-from api.app.core.fields import storable
+from api.app.core.fields import shown_safely, storable
 from api.app.core.paging import KeysetPage, keyset_page
 from api.app.images.models import BlobDeletion, Image, ImageSource
 from api.app.images.storage import LocalBlobStore
@@ -48,13 +48,15 @@ async def read_upload(file: UploadFile, settings: Settings) -> bytes:
 
 
 def upload_filename(file: UploadFile) -> str:
-    """The upload's file name as sent (at most 255 characters); 422 when it holds a NUL character."""
+    """The upload's file name as sent (at most 255 characters), its control characters and
+    text-direction overrides shown as U+FFFD (``core.fields.shown_safely``); 422 when it holds a
+    NUL character."""
     name = file.filename or ""
     if not storable(name):
         raise HTTPException(
             status_code=422, detail="The file name must be Unicode text without NUL characters or lone surrogates."
         )
-    return name[:255]
+    return shown_safely(name[:255])
 
 
 def _too_large(size: int | None, limit: int) -> HTTPException:
