@@ -325,6 +325,9 @@ async def test_a_registered_version_is_served_then_split_promoted_and_rolled_bac
         ("register", ADMIN_EMAIL, "retrained on this week's feedback"),
     ]
     assert changes["data"][0]["before"]["4"]["channel"] == "stable"
+    # The rollback names the promotion it undid; the others undo nothing.
+    assert changes["data"][0]["undoes"] == changes["data"][1]["id"]
+    assert [c["undoes"] for c in changes["data"][1:4]] == [None, None, None]
 
 
 async def test_registry_changes_are_checked(own_stack: Stack) -> None:

@@ -43,6 +43,9 @@ class RegistryChangePublic(BaseModel):
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     reason: str
+    undoes: int | None = Field(
+        default=None, description="For a rollback: the id of the promotion (or rollout) it undid"
+    )
 
 
 class RegistryChangesPublic(BaseModel):
