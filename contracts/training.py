@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 if TYPE_CHECKING:  # the UI reads this module and has no Redis client installed
     from contracts.streams import StreamFields
 
+STOPPED = "the trainer was stopped during the run"
+"""A run's error when its trainer was told to stop (SIGTERM: a deploy, a restart) while it ran:
+no fault of the run, so the retraining trigger's back-off does not count it."""
 JOB_STREAM = "training:jobs"
 JOB_GROUP = "trainers"
 EVENT_STREAM = "training:events"

@@ -2,7 +2,8 @@
 never in an inference worker. It reads runs from the ``training:jobs`` stream (consumer group
 ``trainers``), reports progress (each epoch, and every few seconds within one) and the end on
 ``training:events``, holds a liveness key while it trains and stops within about a second of an
-admin's cancel (``train_sketch.STOP_CHECK_EVERY_S``), part-way through an epoch."""
+admin's cancel (``train_sketch.STOP_CHECK_EVERY_S``) whatever the run is doing: preparing its data
+(a download too), part-way through an epoch, or evaluating the model after its last epoch."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Diverged(Exception):
     Keras callback, which ends ``model.fit`` there."""
 
 
-STOPPED = "the trainer was stopped during the run"
+STOPPED = training.STOPPED
 
 
 class TrainerStopped(BaseException):
@@ -230,8 +231,8 @@ class Trainer:
                         finally:
                             self.training = False
                         if self.reporting.exists(training.cancel_key(job.run_id)):
-                            # Cancelled while its last epoch was evaluated and saved: the admin was
-                            # told it would stop, so nothing of it is kept.
+                            # Cancelled while the model was saved (train_sketch checks up to then):
+                            # the admin was told it would stop, so nothing of it is kept.
                             raise train_sketch.TrainingCancelled("cancelled after its last epoch, before it was kept")
                 finally:
                     if not model_file.exists():
@@ -244,6 +245,11 @@ class Trainer:
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=str(exc)))
         except (VersionTaken, FeedbackMissing) as exc:
             self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=str(exc)))
+        except train_sketch.CategoryUnavailable as exc:
+            # A base version registered by hand may have a label QuickDraw's folder here lacks.
+            error = exc.describe("QUICKDRAW_DIR")
+            log.warning("run %s: %s", job.run_id, error)
+            self.emit(training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=error))
         except train_sketch.TrainingCancelled as exc:
             if self.stopping.is_set():
                 event = training.TrainingEvent(run_id=job.run_id, kind="failed", trainer=self.name, error=STOPPED)
@@ -306,9 +312,11 @@ class Trainer:
     def train(self, job: training.TrainingJob, out: Path, feedback: Path | None) -> dict[str, object]:
         """Trains ``job`` into ``out`` (``train_sketch.train``), reporting each epoch and, every few
         seconds, the steps within one on the event stream; stopping within about a second once the
-        run is cancelled or the trainer stops (``TrainingCancelled``, part-way through the epoch,
-        which is not reported), and failing it (``Diverged``) after the first epoch whose training
-        loss is NaN or infinite."""
+        run is cancelled or the trainer stops (``TrainingCancelled``, saying where: while preparing
+        its data, part-way through an epoch, which is not reported, or while evaluating after its
+        last), and failing it (``Diverged``) after the first epoch whose training loss is NaN or
+        infinite. Raises ``train_sketch.CategoryUnavailable`` for a category neither in
+        QUICKDRAW_DIR nor downloadable."""
         from model.training import train_sketch
 
         epochs = job.options.epochs

@@ -1064,8 +1064,10 @@ async def test_steps_within_an_epoch_move_the_progress_and_eta_and_a_late_report
         assert stored is not None
         assert stored.progress == {"epoch": 2, "step": 50, "steps": 100, "seconds": 75.0}
         assert [entry["epoch"] for entry in stored.history] == [1]
-    # Ended: its error says where it stopped, past the last report (which read 50 of 100).
+    # Every epoch trained: it evaluates, which the estimate does not cover (it said 0 s left).
+    assert await shown(epoch(2, 100.0), epoch(3, 150.0), epoch(4, 200.0)) == (4, None, None, None)
+    # Ended: its error says where it stopped.
     cancelled = training.TrainingEvent(
-        run_id=run_id, kind="cancelled", error="cancelled during epoch 2 of 4, after step 61 of 100"
+        run_id=run_id, kind="cancelled", error="cancelled while evaluating, after its last epoch"
     )
-    assert await shown(cancelled) == (1, None, None, None)
+    assert await shown(cancelled) == (4, None, None, None)

@@ -211,6 +211,28 @@ async def test_a_failed_or_cancelled_run_is_tried_again_after_a_growing_wait(
         assert await training_service.retry_refusal(session=session, name="sketch") is None
 
 
+async def test_an_admins_runs_and_a_stopped_trainer_do_not_hold_the_trigger_back(own_stack: Stack) -> None:
+    """Runs an admin started that failed (their own options, base or data) and a run of the
+    trigger's whose trainer was told to stop (a deploy) say nothing of the trigger's next run: it
+    may start at once. Counted, three of them held the trigger back for 4 hours."""
+    now = datetime.now(UTC)
+    experiments = [a_run(v, status="failed", base=3, created_at=now, finished_at=now, error="x") for v in (4, 5)]
+    experiments.append(a_run(6, status="cancelled", base=3, created_at=now, finished_at=now))
+    redeployed = a_run(7, status="failed", base=3, created_at=now, finished_at=now, error=training.STOPPED)
+    redeployed.trigger = "auto"
+    async with own_stack.app.state.sessionmaker() as session:
+        session.add_all([*experiments, redeployed])
+        await session.commit()
+        assert await training_service.retry_refusal(session=session, name="sketch") is None
+        # One of its own that failed for a reason of the run: the trigger waits.
+        failed = a_run(8, status="failed", base=3, created_at=now, finished_at=now, error="out of memory")
+        failed.trigger = "auto"
+        session.add(failed)
+        await session.commit()
+        refusal = await training_service.retry_refusal(session=session, name="sketch")
+        assert refusal is not None and f"its run {failed.id} failed" in refusal and "in a row" not in refusal, refusal
+
+
 async def test_the_auto_promote_rule_keeps_only_the_version_it_replaced_enabled(own_stack: Stack) -> None:
     """Three candidates promoted one after another by the rule: the versions each promotion made
     canaries without traffic stayed enabled and loaded (3, 10 and 11 beside the stable 15). Now

@@ -49,12 +49,18 @@ def _npy(array: np.ndarray) -> bytes:
 class QuickDrawBucket(BaseHTTPRequestHandler):
     """Serves ``/<how>/<category>.npy`` like the QuickDraw bucket (an ``x-goog-hash`` MD5), where
     ``how`` is: ``good``; ``cut`` (the connection drops halfway); ``wrong`` (the MD5 of other
-    bytes); ``nohash``; ``stall`` (headers, then nothing for 3 s)."""
+    bytes); ``nohash``; ``stall`` (headers, then nothing for 3 s); ``slow`` (``sending`` set, then
+    the body a kilobyte every 0.5 s); ``missing`` (404, as for a category the bucket does not
+    have)."""
 
     body = _npy(DRAWINGS)
+    sending = threading.Event()
 
     def _head(self) -> str:
         how = self.path.split("/")[1]
+        if how == "missing":
+            self.send_error(404, "Not Found")
+            return how
         md5 = hashlib.md5(self.body if how != "wrong" else b"other bytes").digest()
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.body)))
@@ -69,8 +75,20 @@ class QuickDrawBucket(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         how = self._head()
+        if how == "missing":
+            return
         if how == "stall":
             time.sleep(3)
+        if how == "slow":
+            type(self).sending.set()
+            try:
+                for start in range(0, len(self.body), 1024):
+                    self.wfile.write(self.body[start : start + 1024])
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up
+            return
         self.wfile.write(self.body[: len(self.body) // 2] if how == "cut" else self.body)
         self.wfile.flush()
         self.close_connection = True
@@ -111,6 +129,25 @@ def test_a_stalled_download_times_out(tmp_path: Path, bucket: str) -> None:
     with pytest.raises(OSError):
         download(bucket + "/stall/cat.npy", tmp_path / "cat.npy", timeout=0.5)
     assert time.monotonic() - started < 2.5 and list(tmp_path.iterdir()) == []
+
+
+def test_a_category_that_cannot_be_downloaded_says_which_file_from_where_and_why(tmp_path: Path, bucket: str) -> None:
+    """A category neither in the data folder nor downloadable failed with urllib's bare
+    ``<urlopen error [Errno -2] Name or service not known>``, naming no category, file or address."""
+    with pytest.raises(OSError) as missing:  # train_sketch.CategoryUnavailable
+        load_category(tmp_path, "giraffe", 3, url=bucket + "/missing/{category}.npy")
+    assert str(missing.value) == (
+        f"category 'giraffe' is not in the data folder ({tmp_path / 'giraffe.npy'} is missing) and could not be "
+        f"downloaded from {bucket}/missing/giraffe.npy: HTTP Error 404: Not Found"
+    )
+    assert isinstance(missing.value, train_sketch.CategoryUnavailable)
+    assert missing.value.describe("QUICKDRAW_DIR").startswith("category 'giraffe' is not in QUICKDRAW_DIR (")
+    with pytest.raises(OSError) as unreachable:  # nothing listens there
+        load_category(tmp_path, "giraffe", 3, url="http://127.0.0.1:9/{category}.npy")
+    assert str(unreachable.value).endswith(
+        "from http://127.0.0.1:9/giraffe.npy: [Errno 111] Connection refused"
+    ), unreachable.value
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_local_file_is_read_without_downloading(tmp_path: Path) -> None:
@@ -296,3 +333,135 @@ def test_a_cancel_stops_the_training_within_its_epoch_and_reports_no_part_of_it(
     assert {s["steps"] for s in steps} == {per_epoch}
     assert all(0 <= a["seconds"] <= b["seconds"] for a, b in itertools.pairwise(steps))
     assert not out.exists()
+
+
+def one_category_folder(tmp_path: Path, model_settings: ModelSettings) -> Path:
+    """A data folder holding QuickDraw's cat drawings only."""
+    folder = tmp_path / "quickdraw"
+    folder.mkdir()
+    (folder / "cat.npy").symlink_to(model_settings.quickdraw_dir / "cat.npy")
+    return folder
+
+
+def test_a_cancel_sent_while_the_data_is_prepared_stops_it_within_the_rendering(
+    tmp_path: Path, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``should_stop`` was asked only within training steps: a cancel sent while the drawings were
+    read and drawn as the canvas does (14 to 22 s for 20 categories) took effect only at the first
+    step, whose error named a step never trained. It is asked between chunks of drawings."""
+    monkeypatch.setattr(train_sketch, "STOP_CHECK_EVERY_S", 0.0)
+    drawn: list[np.ndarray] = []
+    draw = train_sketch.canvas_image
+
+    def drawing(bitmap: np.ndarray) -> Any:
+        drawn.append(bitmap)
+        return draw(bitmap)
+
+    monkeypatch.setattr(train_sketch, "canvas_image", drawing)
+    steps: list[dict[str, float]] = []
+    out = tmp_path / "cancelled"
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train(
+            data=model_settings.quickdraw_dir,
+            categories=CATEGORIES,
+            per_category=1000,
+            canvas_share=1.0,  # 1,600 training drawings drawn again as the canvas does
+            epochs=1,
+            batch_size=64,
+            out=out,
+            on_step=steps.append,
+            should_stop=lambda: bool(drawn),  # cancelled once the first is drawn
+        )
+    assert str(cancelled.value) == "cancelled while preparing its data"
+    assert 0 < len(drawn) <= train_sketch.PREPARE_CHUNK, len(drawn)
+    assert steps == [] and not out.exists()
+
+
+def test_a_cancel_sent_while_a_category_downloads_stops_the_download(
+    tmp_path: Path, model_settings: ModelSettings, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A category missing from the data folder is downloaded first (the full QuickDraw file: about
+    100 MB): the cancel ends the download, which leaves nothing behind."""
+    monkeypatch.setattr(train_sketch, "STOP_CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(train_sketch, "QUICKDRAW_URL", bucket + "/slow/{category}.npy")
+    QuickDrawBucket.sending.clear()
+    data = one_category_folder(tmp_path, model_settings)
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train(
+            data=data,
+            categories=["cat", "giraffe"],
+            per_category=100,
+            epochs=1,
+            out=tmp_path / "cancelled",
+            should_stop=QuickDrawBucket.sending.is_set,
+        )
+    assert str(cancelled.value) == "cancelled while preparing its data"
+    assert sorted(p.name for p in data.iterdir()) == ["cat.npy"]  # no half-downloaded file either
+    assert not (tmp_path / "cancelled").exists()
+
+
+def test_a_cancel_sent_while_an_epoch_is_validated_stops_the_validation(
+    tmp_path: Path, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The epoch's validation (seconds for the VGG recipe) asked ``should_stop`` only once it was
+    over, and reported the epoch first."""
+    monkeypatch.setattr(train_sketch, "STOP_CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(train_sketch, "PROGRESS_EVERY_S", 0.0)
+    epochs: list[dict[str, float]] = []
+    steps: list[dict[str, float]] = []
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train(
+            data=model_settings.quickdraw_dir,
+            categories=CATEGORIES,
+            per_category=100,
+            epochs=2,
+            batch_size=16,
+            out=tmp_path / "cancelled",
+            on_epoch=epochs.append,
+            on_step=steps.append,
+            # Cancelled once the first epoch's last step is trained: its validation comes next.
+            should_stop=lambda: bool(steps) and steps[-1]["step"] == steps[-1]["steps"],
+        )
+    assert str(cancelled.value) == "cancelled during epoch 1 of 2, while validating it"
+    assert epochs == [] and not (tmp_path / "cancelled").exists()
+
+
+def test_a_cancel_sent_after_the_last_epoch_stops_the_evaluation(
+    tmp_path: Path, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel sent once the last epoch was over took effect only after the whole evaluation on
+    the held-out sets (30 to 40 s for the VGG recipe): ``should_stop`` is asked between its
+    batches, so the held-out drawings are never drawn as the canvas does here."""
+    monkeypatch.setattr(train_sketch, "STOP_CHECK_EVERY_S", 0.0)
+    drawn: list[np.ndarray] = []
+    draw = train_sketch.canvas_image
+
+    def drawing(bitmap: np.ndarray) -> Any:
+        drawn.append(bitmap)
+        return draw(bitmap)
+
+    monkeypatch.setattr(train_sketch, "canvas_image", drawing)
+    epochs: list[dict[str, float]] = []
+    asked_after_the_last: list[bool] = []
+
+    def should_stop() -> bool:
+        # The first ask after the last epoch is its own end's: the cancel arrives just after it.
+        if epochs:
+            asked_after_the_last.append(True)
+        return len(asked_after_the_last) > 1
+
+    out = tmp_path / "cancelled"
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train(
+            data=model_settings.quickdraw_dir,
+            categories=CATEGORIES,
+            per_category=40,
+            epochs=1,
+            batch_size=16,
+            out=out,
+            on_epoch=epochs.append,
+            should_stop=should_stop,
+        )
+    assert str(cancelled.value) == "cancelled while evaluating, after its last epoch"
+    assert [e["epoch"] for e in epochs] == [1]
+    assert drawn == [] and not out.exists()

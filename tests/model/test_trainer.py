@@ -12,8 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import pytest
 import redis
+from PIL import Image
 
 from bench.processes import Service
 from contracts import training
@@ -373,3 +375,95 @@ def test_a_run_whose_loss_becomes_nan_records_the_epoch_and_fails_saying_why(
     assert events[2].error == "diverged: the loss became NaN at epoch 1; try a lower learning rate"
     assert not (tmp_path / "sketch" / "v9").exists()
     assert r.get(training.ended_key("nan")) == b"failed" and not r.exists(training.alive_key("nan"))
+
+
+def cancelled_on_first_drawing(monkeypatch: pytest.MonkeyPatch, r: redis.Redis, run_id: str) -> list[float]:
+    """Makes the run's first drawing as the canvas does (``train_sketch.canvas_image``) cancel it, as
+    an admin would; the moments (``time.monotonic``) it drew at."""
+    drawn: list[float] = []
+    draw = train_sketch.canvas_image
+
+    def drawing(bitmap: np.ndarray) -> Image.Image:
+        if not drawn:
+            r.set(training.cancel_key(run_id), "1")
+        drawn.append(time.monotonic())
+        return draw(bitmap)
+
+    monkeypatch.setattr(train_sketch, "canvas_image", drawing)
+    return drawn
+
+
+def test_a_run_cancelled_while_preparing_its_data_stops_there_saying_so(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel sent while the run read its drawings and drew them as the canvas does (14 to 22 s
+    for 20 categories) took effect only at the first training step, and its error said "cancelled
+    during epoch 1 of 1, after step 1 of 751" although no step had been trained."""
+    categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:2]
+    options = training.TrainingOptions(epochs=1, per_category=1000, batch_size=16, canvas_share=1.0)
+    job = training.TrainingJob(run_id="early", model="sketch", version=9, categories=categories, options=options)
+    r = redis.Redis.from_url(private_redis.url)
+    drawn = cancelled_on_first_drawing(monkeypatch, r, "early")
+    Trainer(settings_for(model_settings, private_redis, tmp_path)).train_one(job)
+    ended = time.monotonic()
+    events = events_of(r, 2, progress=True)
+    assert [(e.kind, e.error) for e in events] == [
+        ("started", None),
+        ("cancelled", "cancelled while preparing its data"),
+    ]
+    assert ended - drawn[0] < 2.5  # STOP_CHECK_EVERY_S, and the chunk of drawings in progress
+    assert not (tmp_path / "sketch" / "v9").exists()
+    assert r.get(training.ended_key("early")) == b"cancelled" and not r.exists(training.alive_key("early"))
+
+
+def test_a_run_cancelled_while_evaluating_stops_there_saying_so(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel sent after the last epoch was applied only once the evaluation on the held-out sets
+    (30 to 40 s for the VGG recipe) was over; it is seen while they are evaluated. Without canvas
+    copies in training, the first drawing as the canvas does is the held-out set's."""
+    categories = sorted(p.stem for p in model_settings.quickdraw_dir.glob("*.npy"))[:2]
+    options = training.TrainingOptions(epochs=1, per_category=40, batch_size=16, canvas_share=0.0)
+    job = training.TrainingJob(run_id="late", model="sketch", version=9, categories=categories, options=options)
+    r = redis.Redis.from_url(private_redis.url)
+    drawn = cancelled_on_first_drawing(monkeypatch, r, "late")
+    Trainer(settings_for(model_settings, private_redis, tmp_path)).train_one(job)
+    ended = time.monotonic()
+    events = events_of(r, 3)
+    said = [(e.kind, e.epoch, e.error) for e in events]
+    assert said == [
+        ("started", 0, None),
+        ("epoch", 1, None),
+        ("cancelled", 0, "cancelled while evaluating, after its last epoch"),
+    ]
+    assert ended - drawn[0] < 2.5
+    assert not (tmp_path / "sketch" / "v9").exists()
+
+
+def test_a_run_on_a_category_not_in_quickdraw_dir_nor_downloadable_fails_saying_which(
+    private_redis: RedisServer, model_settings: ModelSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A base version registered by hand with a label QUICKDRAW_DIR lacks ("giraffe"): its run
+    failed with "URLError: <urlopen error [Errno -2] Name or service not known>", naming neither
+    the category, nor the file, nor where it was to come from."""
+    monkeypatch.setattr(train_sketch, "QUICKDRAW_URL", "http://127.0.0.1:9/{category}.npy")  # nothing listens
+    data = tmp_path / "quickdraw"
+    data.mkdir()
+    (data / "cat.npy").symlink_to(model_settings.quickdraw_dir / "cat.npy")
+    options = training.TrainingOptions(epochs=1, per_category=40, batch_size=16)
+    job = training.TrainingJob(
+        run_id="giraffe", model="sketch", version=9, categories=["cat", "giraffe"], options=options
+    )
+    r = redis.Redis.from_url(private_redis.url)
+    settings = settings_for(model_settings, private_redis, tmp_path / "store").model_copy(
+        update={"quickdraw_dir": data}
+    )
+    Trainer(settings).train_one(job)
+    events = events_of(r, 2)
+    assert [e.kind for e in events] == ["started", "failed"]
+    assert events[1].error == (
+        f"category 'giraffe' is not in QUICKDRAW_DIR ({data / 'giraffe.npy'} is missing) and could not be "
+        "downloaded from http://127.0.0.1:9/giraffe.npy: [Errno 111] Connection refused"
+    )
+    assert sorted(p.name for p in data.iterdir()) == ["cat.npy"]
+    assert not (tmp_path / "store" / "sketch" / "v9").exists()

@@ -21,7 +21,7 @@ from anyio import to_thread
 from fastapi import HTTPException
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -928,17 +928,27 @@ RETRY_AFTER_MAX = timedelta(days=1)
 
 async def retry_refusal(*, session: AsyncSession, name: str, now: datetime | None = None) -> str | None:
     """Why the retraining trigger does not start a run of ``name`` at ``now`` (default: the
-    present), or None when it may: runs of it failed or were cancelled since its latest run that
-    ended done, and the latest of them ended less than ``RETRY_AFTER`` ago, doubled for each one
-    before it (1 h, 2 h, 4 h ... up to ``RETRY_AFTER_MAX``). A run that fails every time (a
-    trainer killed by the machine's memory limit, a TRAINING_DATA_DIR it cannot read) is then
-    tried a few times a day at most, not at every check; an admin may start one at any time."""
+    present), or None when it may: runs the trigger started failed or were cancelled since the
+    model's latest run that ended done, and the latest of them ended less than ``RETRY_AFTER``
+    ago, doubled for each one before it (1 h, 2 h, 4 h ... up to ``RETRY_AFTER_MAX``). A run that
+    fails every time (a trainer killed by the machine's memory limit, a TRAINING_DATA_DIR it
+    cannot read) is then tried a few times a day at most, not at every check; an admin may start
+    one at any time. An admin's runs (their own options and base) and runs whose trainer was told
+    to stop (``training.STOPPED``: a deploy, a restart) say nothing of the trigger's next run and
+    are not counted."""
     now = now or datetime.now(UTC)
     last_done = await session.scalar(
         select(func.max(TrainingRun.created_at)).where(TrainingRun.model_name == name, TrainingRun.status == "done")
     )
     ended = func.coalesce(TrainingRun.finished_at, TrainingRun.created_at)
-    where = [TrainingRun.model_name == name, TrainingRun.status.in_(("failed", "cancelled"))]
+    where = [
+        TrainingRun.model_name == name,
+        TrainingRun.trigger == "auto",
+        or_(
+            TrainingRun.status == "cancelled",
+            and_(TrainingRun.status == "failed", func.coalesce(TrainingRun.error, "") != training.STOPPED),
+        ),
+    ]
     if last_done is not None:
         where.append(TrainingRun.created_at > last_done)
     failures = int(await session.scalar(select(func.count()).select_from(TrainingRun).where(*where)) or 0)
