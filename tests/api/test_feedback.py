@@ -118,3 +118,41 @@ async def test_a_verdict_needs_an_answer_to_judge(client: httpx.AsyncClient, app
         r = await client.post("/v1/feedback", json={"prediction_id": str(prediction.id), **body}, headers=headers)
         assert r.status_code == 422 and "no answer to judge (it is expired)" in r.json()["detail"], r.text
     assert (await client.get("/v1/feedback", headers=headers)).json()["data"] == []
+
+
+async def test_the_right_label_may_be_one_a_newer_version_of_the_model_knows(
+    client: httpx.AsyncClient, app: Any, users: Users, settings: Settings
+) -> None:
+    """sketch@1 (6 categories) called an airplane a cat: "airplane", which sketch@3 (served, 20
+    categories) knows, is taken as the right label and kept as the model's labelled example; it
+    was 422, and the person could only say "wrong". A label no served version knows stays 422."""
+    import json
+
+    from contracts import keys
+
+    six = ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
+    twenty = [*six, "airplane", "banana", "bird", "book", "circle", "clock", "crown", "dog", "flower", "house"]
+    # As the workers serving them publish them (the same lists: set only where none is yet).
+    await app.state.redis.set(keys.labels_key("sketch", 1), json.dumps(six), nx=True)
+    await app.state.redis.set(keys.labels_key("sketch", 3), json.dumps(twenty), nx=True)
+    _, headers = await users.create()
+    image = (await client.post("/v1/images", files={"file": ("a.png", noise_png(93, 16))}, headers=headers)).json()
+    r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"]}, headers=headers)
+    assert r.status_code == 202, r.text
+    conn = await asyncpg.connect(settings.database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(
+            "UPDATE predictions SET status = 'done', label = 'cat', score = 0.6 WHERE job_id = $1",
+            uuid.UUID(r.json()["job_id"]),
+        )
+    finally:
+        await conn.close()
+    job = (await client.get(f"/v1/predictions/{r.json()['job_id']}", headers=headers)).json()
+    [prediction] = job["results"]
+    body = {"prediction_id": prediction["id"], "is_correct": False, "correct_label": "giraffe"}
+    refused = await client.post("/v1/feedback", json=body, headers=headers)
+    assert refused.status_code == 422 and "nor of a version of sketch served now" in refused.text, refused.text
+    body["correct_label"] = "airplane"
+    r = await client.post("/v1/feedback", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    assert r.json()["correct_label"] == "airplane"

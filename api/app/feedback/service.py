@@ -75,6 +75,9 @@ async def verdict_labels(
 async def check_label(
     *, session: AsyncSession, redis: Redis, registry: Registry, prediction: Prediction, label: str
 ) -> None:
+    """Whether ``label`` may be named as the right answer to ``prediction``: a label of the version
+    that answered, or of another version of the same model served now (stable or canary). Raises
+    422 (neither knows it), 409 (the version's labels are gone with it) or 503 (not known yet)."""
     entry = next(
         (m for m in registry.models if m.name == prediction.model_name and m.version == prediction.model_version),
         None,
@@ -94,11 +97,23 @@ async def check_label(
             "until a worker serving it has started; retry shortly.",
             headers={"Retry-After": "5"},
         )
-    if label not in labels:
-        raise HTTPException(
-            status_code=422,
-            detail=f"{label!r} is not a label of {prediction.model_name}@{prediction.model_version}",
-        )
+    if label in labels:
+        return
+    # A version of the same model served now may know it (an older version answered, one with
+    # more categories serves): the right answer is kept as the model's labelled example, which
+    # the next training, from the stable version, can learn.
+    for other in registry.models:
+        if other.name != prediction.model_name or other.version == prediction.model_version:
+            continue
+        if not other.enabled or other.channel in ("retired", "shadow") or other.benchmark_only:
+            continue
+        if label in (await model_labels(redis, other, session=session) or []):
+            return
+    raise HTTPException(
+        status_code=422,
+        detail=f"{label!r} is not a label of {prediction.model_name}@{prediction.model_version}, nor of a "
+        f"version of {prediction.model_name} served now",
+    )
 
 
 async def create_feedback(
