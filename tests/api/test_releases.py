@@ -305,6 +305,52 @@ async def test_a_version_no_worker_serves_is_compared_by_the_classes_it_publishe
     assert (comparison.candidate.classes, comparison.baseline.classes, comparison.verdict) == (6, 20, "worse")
 
 
+@pytest.mark.usefixtures("everything_served")
+async def test_an_evaluation_leaves_out_images_labelled_a_category_either_version_lacks(own_stack: Stack) -> None:
+    """A verdict confirmed "giraffe", the answer of a version registered with labels of its own:
+    neither sketch@1 nor sketch@3 can answer it, so it would count against both and say nothing
+    of either (a 94 % version read 9 %). The evaluation takes only images labelled a category
+    both know."""
+    client = own_stack.client
+    user = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
+    six = ["apple", "bicycle", "cat", "diamond", "eye", "fish"]
+    async with own_stack.app.state.sessionmaker() as session:
+        for version, labels in ((1, six), (3, [*six, *(f"class {i}" for i in range(14))])):
+            await session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.name == "sketch", ModelVersion.version == version)
+                .values(labels=labels)
+            )
+        await session.commit()
+    for seed, answer in ((501, "cat"), (502, "giraffe")):
+        image = (await client.post("/v1/images", files={"file": ("a.png", noise_png(seed, 16))}, headers=user)).json()
+        r = await client.post("/v1/predictions", json={"image_id": image["id"], "models": ["sketch@1"]}, headers=user)
+        assert r.status_code == 202, r.text
+        async with own_stack.app.state.sessionmaker() as session:
+            await session.execute(
+                update(Prediction)
+                .where(Prediction.job_id == uuid.UUID(r.json()["job_id"]))
+                .values(status="done", label=answer, score=0.9)
+            )
+            await session.commit()
+        [prediction] = (await client.get(f"/v1/predictions/{r.json()['job_id']}", headers=user)).json()["results"]
+        r = await client.post(
+            "/v1/feedback", json={"prediction_id": prediction["id"], "is_correct": True}, headers=user
+        )
+        assert r.status_code == 201, r.text
+    async with own_stack.app.state.sessionmaker() as session:
+        started = await releases_service.evaluate(
+            session=session,
+            actor=registry_service.Actor(id=None, email=ADMIN_EMAIL),
+            name="sketch",
+            candidate=3,
+            baseline=1,
+            availability={k: ModelAvailability(workers=1, num_classes=6) for k in ("sketch@1", "sketch@3")},
+            max_images=10,
+        )
+    assert started.images == 1, started
+
+
 async def test_a_version_keeps_the_answers_it_gave_as_a_shadow_and_to_people(own_stack: Stack) -> None:
     """Answers counted for a version are its own and its shadow copies: rolled back into shadow
     (or promoted out of it), it keeps what it answered before."""

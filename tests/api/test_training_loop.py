@@ -211,6 +211,42 @@ async def test_a_failed_or_cancelled_run_is_tried_again_after_a_growing_wait(
         assert await training_service.retry_refusal(session=session, name="sketch") is None
 
 
+async def test_examples_a_run_cannot_learn_do_not_start_one(own_stack: Stack) -> None:
+    """Examples labelled a category the stable version does not have (confirmed answers of a
+    version registered with labels of its own, say) are skipped by a run from it: enough of them
+    start no run, which would train on none of them. Enough that it can learn do."""
+    await _labels_known(own_stack)
+    rt = runtime_of(own_stack.app)
+    rt.settings = rt.settings.model_copy(update={"retrain_min_new_labels": 3})
+
+    async def labelled(*labels: str) -> None:
+        async with own_stack.app.state.sessionmaker() as session:
+            owner = await session.scalar(select(User.id).where(User.email == ADMIN_EMAIL))
+            assert owner is not None
+            for label in labels:
+                session.add(
+                    LabelledExample(
+                        model_name="sketch",
+                        sha256=uuid.uuid4().hex * 2,
+                        label=label,
+                        split="train",
+                        source="ground_truth",
+                        owner_id=owner,
+                    )
+                )
+            await session.commit()
+
+    await labelled("giraffe", "giraffe", "zebra", TWENTY[0])
+    await training_background.maintain_once(rt, {})
+    assert await _runs(own_stack) == []
+    await labelled(TWENTY[1], TWENTY[2])
+    refusals: dict[str, str] = {}
+    await training_background.maintain_once(rt, refusals)
+    assert not refusals, refusals
+    [run] = await _runs(own_stack)
+    assert (run.trigger, run.reason) == ("auto", "3 new labelled examples since the last run"), run
+
+
 async def test_an_admins_runs_and_a_stopped_trainer_do_not_hold_the_trigger_back(own_stack: Stack) -> None:
     """Runs an admin started that failed (their own options, base or data) and a run of the
     trigger's whose trainer was told to stop (a deploy) say nothing of the trigger's next run: it

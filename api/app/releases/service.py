@@ -5,6 +5,7 @@ scores, agreement of a shadow with the answers it mirrored)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
 from fastapi import HTTPException
@@ -260,10 +261,12 @@ async def serving(
     return result
 
 
-async def labelled_images(*, session: AsyncSession, name: str, limit: int) -> list[evaluations.LabelledImage]:
+async def labelled_images(
+    *, session: AsyncSession, name: str, limit: int, labels: Collection[str] | None = None
+) -> list[evaluations.LabelledImage]:
     """Images users gave a verdict on for model ``name`` (any version), each with the label the
     latest verdict gave it: the answer confirmed, or the right label of a "wrong"; the ``limit``
-    most recent."""
+    most recent; with ``labels``, only those whose label is one of them."""
     truth = case((Feedback.is_correct.is_(True), Prediction.label), else_=Feedback.correct_label)
     latest = (
         select(Job.image_id, Image.sha256, truth.label("truth"), Feedback.created_at)
@@ -277,7 +280,7 @@ async def labelled_images(*, session: AsyncSession, name: str, limit: int) -> li
     )
     rows = await session.execute(
         select(latest.c.image_id, latest.c.sha256, latest.c.truth)
-        .where(latest.c.truth.is_not(None))
+        .where(latest.c.truth.is_not(None), *([latest.c.truth.in_(sorted(labels))] if labels is not None else []))
         .order_by(latest.c.created_at.desc())
         .limit(limit)
     )
@@ -332,9 +335,17 @@ async def evaluate(
             status_code=409,
             detail=f"An evaluation of {name}@{candidate} against @{baseline} is running ({running.id}).",
         )
-    images = await labelled_images(session=session, name=name, limit=max_images)
+    # Only images both versions could answer right: one labelled a category either lacks (a
+    # version registered with other labels) would count against both and say nothing of either.
+    known = [rows[version].labels for version in (candidate, baseline)]
+    shared = set(known[0]) & set(known[1]) if known[0] is not None and known[1] is not None else None
+    images = await labelled_images(session=session, name=name, limit=max_images, labels=shared)
     if not images:
-        raise HTTPException(status_code=409, detail=f"Users have given no verdict on {name}'s answers yet.")
+        raise HTTPException(
+            status_code=409,
+            detail=f"Users have given no verdict on {name}'s answers yet"
+            + (" with a label both versions know." if shared is not None else "."),
+        )
     evaluation = await evaluations.start(
         session=session,
         name=name,

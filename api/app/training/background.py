@@ -18,7 +18,7 @@ import redis.exceptions
 from fastapi import HTTPException
 from sqlalchemy import select
 
-from api.app.catalog.service import WorkerDirectory
+from api.app.catalog.service import WorkerDirectory, model_labels
 from api.app.core.errors import REDIS_ERRORS, is_outage
 from api.app.core.tasks import run_every
 from api.app.examples.models import LabelledExample
@@ -26,6 +26,7 @@ from api.app.predictions.background import JobRuntime
 from api.app.registry import service as registry_service
 from api.app.training import service
 from contracts import training
+from contracts.registry import ModelEntry
 from contracts.streams import (
     FORGET_EVERY_S,
     IDLE_CONSUMER_FORGET_MS,
@@ -217,7 +218,14 @@ async def maintain_once(rt: JobRuntime, refusals: dict[str, str] | None = None) 
             )
         )
         for name in names:
-            new = await service.new_examples_since_last_run(session=session, name=name)
+            # Only examples a run from the stable version can learn (labelled one of its
+            # categories: a run skips the others) count towards starting one.
+            try:
+                stable: ModelEntry | None = await service.base_entry(session=session, name=name, base_version=None)
+            except HTTPException:
+                stable = None  # refused below, saying why
+            categories = (await model_labels(rt.redis, stable, session=session)) if stable else None
+            new = await service.new_examples_since_last_run(session=session, name=name, categories=categories)
             if new < threshold:
                 continue
             # Its last runs failed or were cancelled: their examples count again, after a wait.

@@ -12,7 +12,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -900,11 +900,15 @@ async def remove_exports(*, session: AsyncSession, data_dir: Path, grace_seconds
     return removed
 
 
-async def new_examples_since_last_run(*, session: AsyncSession, name: str) -> int:
+async def new_examples_since_last_run(
+    *, session: AsyncSession, name: str, categories: Sequence[str] | None = None
+) -> int:
     """Labelled ``train`` examples (image contents) of model ``name`` labelled since its latest
     run that ended done, or is still queued or running, was queued (all of them when there is
-    none). A run that failed or was cancelled trained nothing: the examples it exported are
-    still new, and the trigger starts another run for them (``retry_refusal`` says when)."""
+    none); with ``categories``, only those labelled one of them (what a run from the version
+    with those labels can learn: it skips the others). A run that failed or was cancelled
+    trained nothing: the examples it exported are still new, and the trigger starts another run
+    for them (``retry_refusal`` says when)."""
     since = await session.scalar(
         select(func.max(TrainingRun.created_at)).where(
             TrainingRun.model_name == name, TrainingRun.status.in_(("done", *UNFINISHED))
@@ -913,6 +917,8 @@ async def new_examples_since_last_run(*, session: AsyncSession, name: str) -> in
     query = select(func.count(LabelledExample.sha256.distinct())).where(
         LabelledExample.model_name == name, LabelledExample.split == "train"
     )
+    if categories is not None:
+        query = query.where(LabelledExample.label.in_(list(categories)))
     if since is not None:
         query = query.where(LabelledExample.updated_at > since)
     return int(await session.scalar(query) or 0)
