@@ -330,6 +330,14 @@ def test_the_ui_may_not_be_framed_by_another_site(front_door: FrontDoor) -> None
         assert r.headers.get("content-security-policy") == "frame-ancestors 'self'", path
 
 
+def test_a_header_of_megabytes_is_refused_by_nginx_before_the_api(front_door: FrontDoor) -> None:
+    """uvicorn's parser bounds no header: one of hundreds of MB kept the API's event loop busy for
+    seconds. nginx refuses a header past 8 KB itself (400), the API never sees it."""
+    r = _get(front_door.url, "/v1/users/me", **{"X-Big": "x" * 1_000_000})
+    assert r.status_code == 400 and not answered_by_api(r), (r.status_code, r.text[:200])
+    assert _get(front_door.url, "/health/live", **{"X-Small": "x" * 4000}).status_code == 200
+
+
 def test_no_upgrade_is_passed_to_the_api(front_door: FrontDoor) -> None:
     """A WebSocket handshake is passed to the UI's stream only: to the API's routes nginx sends
     neither Upgrade nor Connection, so the API answers a plain request."""
