@@ -21,6 +21,7 @@ from api.app.api_keys.service import KeyGrant
 from api.app.auth import service as auth_service
 from api.app.catalog.service import WorkerDirectory
 from api.app.core.config import Settings
+from api.app.core.errors import outage_of
 from api.app.core.fields import Skip
 from api.app.core.paging import Cursor, KeysetPage
 from api.app.core.security import PasswordHasher, TokenError
@@ -193,16 +194,27 @@ async def refused_key(scope: StarletteScope, key: str) -> tuple[int, str, dict[s
     refused by a POST's ``get_current_user`` (status, detail, headers: 401 unknown, revoked or
     expired, 403 without the ``predict`` scope, 429 after too many failed keys from the client,
     each counted as the route counts it), or None when it would pass. None too when it cannot
-    be told now (PostgreSQL or Redis failing): the route then answers for itself."""
+    be told for another reason; 503 while PostgreSQL or Redis cannot be reached (the route could
+    not tell either)."""
+    request = Request(scope)
     try:
-        caller = await _key_caller(Request(scope), key)
+        caller = await _key_caller(request, key)
     except HTTPException as exc:
         return exc.status_code, str(exc.detail), dict(exc.headers or {})
-    except Exception:
-        return None
+    except Exception as exc:
+        if (dependency := outage_of(exc)) is None:
+            return None
+        # The route could not tell either: 503 now, not after a body of up to 2 GiB.
+        request.app.state.outage_log.report(dependency, exc)
+        retry_after = str(request.app.state.settings.retry_after_seconds)
+        detail = f"A service the portal needs ({DEPENDENCY_NAMES[dependency]}) is unavailable; retry shortly."
+        return status.HTTP_503_SERVICE_UNAVAILABLE, detail, {"Retry-After": retry_after}
     if caller.grant is not None and Scope.predict not in caller.grant.scopes:
         return status.HTTP_403_FORBIDDEN, f"This API key lacks the {Scope.predict} scope", {}
     return None
+
+
+DEPENDENCY_NAMES = {"redis": "Redis", "postgresql": "PostgreSQL"}
 
 
 TOKEN_IN_KEY_HEADER = "X-API-Key takes an API key; send a login token as Authorization: Bearer <token>"

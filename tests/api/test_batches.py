@@ -153,6 +153,10 @@ async def test_more_file_parts_than_the_form_parser_takes_are_told_to_go_as_a_zi
     _, headers = await users.create()
     r = await send(client, headers, [(f"{i}.png", b"x") for i in range(1001)])
     assert r.status_code == 413 and "zip" in r.json()["detail"], r.text
+    # A route of one image says so, and where many go.
+    parts = [("file", (f"{i}.png", b"x")) for i in range(1001)]
+    r = await client.post("/v1/images", files=parts, headers=headers)
+    assert r.status_code == 413 and "POST /v1/batches" in r.json()["detail"], r.text
 
 
 async def test_a_file_name_that_would_break_a_line_or_reorder_its_text_is_shown_safely(
@@ -163,9 +167,9 @@ async def test_a_file_name_that_would_break_a_line_or_reorder_its_text_is_shown_
     "invoiceexe.png" in every table and CSV, and a newline broke log and table lines."""
     _, headers = await users.create()
     # A multipart client sends a newline in a file name as %0A (HTML's form encoding); a zip holds it.
-    sent = "invoice\u202egnp.exe\x1b[31m.png"
+    sent = "invoice\u202egnp.exe\x1b[31m\u200f.png"
     r = await client.post("/v1/images", files={"file": (sent, noise_png(9001))}, headers=headers)
-    assert r.status_code == 201 and r.json()["filename"] == "invoice\ufffdgnp.exe\ufffd[31m.png", r.text
+    assert r.status_code == 201 and r.json()["filename"] == "invoice\ufffdgnp.exe\ufffd[31m\ufffd.png", r.text
     sent = "invoice\u202egnp.exe\n\x1b[31m.png"
     shown = "invoice\ufffdgnp.exe\ufffd\ufffd[31m.png"
     r = await send(client, headers, [("photos.zip", zipped({sent: noise_png(9002)}))])

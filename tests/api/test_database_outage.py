@@ -177,6 +177,34 @@ async def test_an_upload_cut_off_by_an_outage_leaves_its_file_to_the_deletions_r
     assert not blob.exists() and not note.exists()
 
 
+async def test_a_batch_whose_key_cannot_be_checked_for_an_outage_is_503_before_its_body(
+    private_postgres: PostgresServer, settings: Settings
+) -> None:
+    """PostgreSQL down: a batch of a gigabyte with an API key is answered 503 at once. The key's
+    lookup failed, and the API read the whole body before the route's 503, reopening the spool
+    of up to MAX_BATCH_BYTES that refusing unknown keys first closed."""
+    from contracts.api_keys import KEY_LENGTH, KEY_PREFIX
+    from tests.api.test_body_limits import GIB, raw_request
+    from tests.support import start_api
+
+    private = settings.model_copy(update={"database_url": private_postgres.url})
+    await asyncio.to_thread(migrate, private.database_url)
+    await seed_admin(private)
+    api, url = start_api("outage-keys", private)
+    try:
+        await asyncio.to_thread(private_postgres.stop)
+        head = (
+            "POST /v1/batches HTTP/1.1\r\nHost: test\r\n"
+            f"X-API-Key: {KEY_PREFIX + 'Z' * (KEY_LENGTH - len(KEY_PREFIX))}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {GIB}\r\n"
+        )
+        status, answer, seconds = await asyncio.to_thread(raw_request, url, head, b"--x\r\n")
+        assert status == 503 and "retry-after" in answer.lower() and seconds < 5, answer
+    finally:
+        api.stop()
+
+
 async def test_a_postgres_that_hangs_gives_503_not_500(
     private_postgres: PostgresServer, signed_in: tuple[httpx.AsyncClient, dict[str, str]]
 ) -> None:

@@ -47,7 +47,7 @@ from api.app.batches.models import Batch, BatchItem
 from api.app.batches.schemas import BatchCounts
 from api.app.catalog.service import ModelAvailability, WorkerDirectory, resolve_models
 from api.app.core.config import Settings
-from api.app.core.errors import DB_ERRORS
+from api.app.core.errors import DB_ERRORS, is_outage
 from api.app.core.fields import INT32_MAX, shown_safely, storable
 from api.app.core.paging import opaque, unwrap
 from api.app.images import service as images_service
@@ -543,18 +543,20 @@ async def _abandon(session: AsyncSession, b: _Builder) -> None:
         if skipped:
             await session.execute(insert(_items), skipped)
         await lane.cancel(session=session, batch=batch)
-    except DB_ERRORS as exc:
-        # An outage: the batch stays ``receiving``, and the lane cancels it once it is back.
+    except Exception as exc:
+        if not is_outage(exc):
+            log.exception("batch %s: could not be cancelled after a failed upload", b.batch_id)
+            await session.rollback()
+            return
+        # An outage (PostgreSQL refusing, shutting down or starting): the batch stays
+        # ``receiving``, and the lane cancels it once PostgreSQL is back.
         log.warning(
             "batch %s: could not be cancelled after a failed upload (%r); cancelled as left receiving later",
             b.batch_id,
             exc,
         )
-        with contextlib.suppress(*DB_ERRORS):
+        with contextlib.suppress(Exception):
             await session.rollback()
-    except Exception:
-        log.exception("batch %s: could not be cancelled after a failed upload", b.batch_id)
-        await session.rollback()
 
 
 async def _receive(

@@ -207,10 +207,15 @@ NOT_A_FILE = (
 
 TOO_MANY_PARTS = (
     "A request takes at most 1,000 file parts and 1,000 other form fields. Send more images as a "
-    "zip in one file part (a batch takes up to MAX_BATCH_IMAGES of them), and more image ids in "
-    "more than one batch."
+    "zip in one file part (a batch takes up to 10,000 by default: MAX_BATCH_IMAGES), and more "
+    "image ids in more than one batch."
 )
-"""Why a form past Starlette's parser limits is refused (413), instead of its bare 400."""
+"""Why a batch's form past Starlette's parser limits is refused (413), instead of its bare 400."""
+TOO_MANY_PARTS_FOR_ONE = (
+    "This route takes one image, in one file part named file, and a few form fields; the request "
+    "sent more than 1,000 parts. Send many images as a batch (POST /v1/batches)."
+)
+"""The same for a route that takes one image."""
 TEXT_PART_TOO_LARGE = (
     "A form field is over 1 MB: a file must be sent as a multipart part with a filename "
     "(a part without one is read as text, which is limited to 1 MB)."
@@ -343,7 +348,8 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         if str(exc.detail).startswith(("Too many files.", "Too many fields.")):
             # Starlette's form parser takes at most 1,000 files and 1,000 fields a request,
             # whatever the route's own limits: a batch of more images goes as a zip.
-            return JSONResponse(status_code=413, content={"detail": TOO_MANY_PARTS})
+            detail = TOO_MANY_PARTS if request.url.path.startswith("/v1/batches") else TOO_MANY_PARTS_FOR_ONE
+            return JSONResponse(status_code=413, content={"detail": detail})
         if exc.detail == "Invalid multipart data." and (reason := _multipart_reason(exc)):
             return JSONResponse(status_code=400, content={"detail": f"Invalid multipart data: {reason}."})
         return await http_exception_handler(request, exc)

@@ -65,14 +65,21 @@ def refuse_controls(value: str) -> str:
     return value
 
 
+IMPLICIT_DIRECTION_MARKS = frozenset("\u200e\u200f\u061c")
+"""Unicode's left-to-right, right-to-left and Arabic letter marks (UAX #9, section 2.6): invisible,
+and able to move the neutral characters around them (a name's dots and dashes)."""
+
+
 def shown_safely(value: str) -> str:
     """``value`` (a file name as sent) with each control character, line or paragraph separator
-    (``LINE_BREAKING``) and bidirectional control (``BIDI_CONTROLS``) replaced by U+FFFD: a file
+    (``LINE_BREAKING``), bidirectional control (``BIDI_CONTROLS``) and direction mark
+    (``IMPLICIT_DIRECTION_MARKS``) replaced by U+FFFD: a file
     name is kept rather than refused (a zip made elsewhere may hold any), but one shown in a
     table, a CSV or a log must not break its line or read as another name."""
     if value.isascii() and value.isprintable():
         return value
-    return "".join("\ufffd" if unicodedata.category(ch) in LINE_BREAKING or ch in BIDI_CONTROLS else ch for ch in value)
+    unsafe = BIDI_CONTROLS | IMPLICIT_DIRECTION_MARKS
+    return "".join("\ufffd" if unicodedata.category(ch) in LINE_BREAKING or ch in unsafe else ch for ch in value)
 
 
 Name = Annotated[str, AfterValidator(refuse_unstorable), AfterValidator(refuse_controls)]
