@@ -716,16 +716,42 @@ async def lane_database(settings: Settings, redis_url: str, folder: Path) -> Asy
         await redis_client.aclose()
 
 
+async def served_one_by_one(db: LaneDatabase, names: dict[str, str], count: int) -> list[str]:
+    """The lane's next ``count`` mobilenet_v2@1 jobs, one in flight at a time, each answered
+    before the next look: the names (``names``, by request id) of the batches they came from."""
+    from sqlalchemy import select
+
+    from api.app.batches import lane
+    from api.app.predictions.models import Job
+
+    served: list[str] = []
+    for _ in range(count):
+        queued = await lane.top_up(
+            session=db.session,
+            redis=db.redis,
+            store=db.store,
+            in_flight=1,
+            job_seconds=60.0,
+            served={"mobilenet_v2@1"},
+        )
+        assert queued == 1, served
+        job = await db.session.scalar(select(Job).where(Job.status == "queued"))
+        assert job is not None
+        served.append(names[job.request_id])
+        # Answered: its slot is free, and its message is off the queue (no person waits there).
+        job.status, job.finished_at = "done", datetime.now(UTC)
+        await db.session.commit()
+        await db.redis.delete("jobs:mobilenet_v2@1")
+    return served
+
+
 async def test_batches_take_turns_between_accounts_and_between_an_accounts_batches(
     fresh_settings: Settings, private_redis: RedisServer, tmp_path: Path
 ) -> None:
     """One account's older batch does not hold back another account's later one, nor the same
     account's later one: with one job in flight, the lane serves the accounts in turn, and an
     account's batches in turn. Oldest first over all batches would serve A1's five images first."""
-    from sqlalchemy import select
 
-    from api.app.batches import lane
-    from api.app.predictions.models import Job
     from api.app.users.models import User
 
     async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
@@ -743,19 +769,7 @@ async def test_batches_take_turns_between_accounts_and_between_an_accounts_batch
             batch = await running_batch(session, db.store, fresh_settings, owner, mobilenet, seeds)
             await session.commit()
             names[f"{BATCH_REQUEST_PREFIX}{batch.id}"] = name
-        served: list[str] = []
-        while len(served) < 9:
-            queued = await lane.top_up(
-                session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served={mobilenet.key}
-            )
-            assert queued == 1, served
-            job = await session.scalar(select(Job).where(Job.status == "queued"))
-            assert job is not None
-            served.append(names[job.request_id])
-            # Answered: its slot is free, and its message is off the queue (no person waits there).
-            job.status, job.finished_at = "done", datetime.now(UTC)
-            await session.commit()
-            await db.redis.delete("jobs:mobilenet_v2@1")
+        served = await served_one_by_one(db, names, 9)
         assert served == ["A1", "B1", "A2", "B1", "A1", "A2", "A1", "A1", "A1"]
 
 
@@ -765,10 +779,7 @@ async def test_a_batch_waiting_for_a_worker_does_not_cost_its_account_the_turn(
     """An account's first batch names a version no worker serves: its later batch for a served
     one takes the account's turns beside another account's, instead of waiting until every other
     account has nothing left."""
-    from sqlalchemy import select
 
-    from api.app.batches import lane
-    from api.app.predictions.models import Job
     from api.app.users.models import User
 
     async with lane_database(fresh_settings, private_redis.url, tmp_path) as db:
@@ -786,19 +797,7 @@ async def test_a_batch_waiting_for_a_worker_does_not_cost_its_account_the_turn(
             batch = await running_batch(session, db.store, fresh_settings, owner, entry, seeds)
             await session.commit()
             names[f"{BATCH_REQUEST_PREFIX}{batch.id}"] = name
-        served: list[str] = []
-        for _ in range(4):
-            queued = await lane.top_up(
-                session=session, redis=db.redis, store=db.store, in_flight=1, job_seconds=60.0, served={mobilenet.key}
-            )
-            assert queued == 1, served
-            job = await session.scalar(select(Job).where(Job.status == "queued"))
-            assert job is not None
-            served.append(names[job.request_id])
-            job.status, job.finished_at = "done", datetime.now(UTC)
-            await session.commit()
-            await db.redis.delete("jobs:mobilenet_v2@1")
-        assert served == ["A", "B", "A", "B"]
+        assert await served_one_by_one(db, names, 4) == ["A", "B", "A", "B"]
 
 
 async def test_a_batch_whose_files_are_gone_fails_them_in_turn_and_the_next_batch_goes_on_at_once(
