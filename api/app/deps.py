@@ -319,18 +319,13 @@ async def owned_image(image_id: uuid.UUID, user: CurrentUser, session: SessionDe
 OwnedImage = Annotated[Image, Depends(owned_image)]
 
 
-async def one_file_part(request: Request, _user: CurrentUser) -> None:
-    """422 when a single-image upload carries more than one ``file`` part, or a form field its
-    route does not take (``ground_truth`` sent to ``POST /v1/images``, say): FastAPI would keep
-    the last file and drop the rest without a word, as a JSON body's unknown key is 422 too.
-    Reads the form FastAPI has already parsed (cached)."""
+async def known_form_fields(request: Request, _user: CurrentUser) -> None:
+    """422 when a form carries a field its route does not take (``ground_truth`` sent to ``POST
+    /v1/images``, ``model`` for ``models`` to ``POST /v1/batches``): FastAPI would drop it without
+    a word and answer as if the default had been asked for, where a JSON body's unknown key is 422.
+    Reads the form FastAPI has already parsed (cached); after the login check, so a caller without
+    one learns nothing of the form."""
     form = await request.form()
-    parts = len(form.getlist("file"))
-    if parts > 1:
-        raise HTTPException(
-            status_code=422,
-            detail=f"One image per upload: this request has {parts} 'file' parts. /v1/batches takes many.",
-        )
     route = request.scope.get("route")
     if isinstance(route, APIRoute):
         taken = {field.alias for field in route.dependant.body_params}
@@ -339,8 +334,25 @@ async def one_file_part(request: Request, _user: CurrentUser) -> None:
             names = ", ".join(repr(name[:40]) for name in unknown[:5])
             raise HTTPException(
                 status_code=422,
-                detail=f"This upload takes the form fields {', '.join(sorted(taken))}; not {names}.",
+                detail=f"This route takes the form fields {', '.join(sorted(taken))}; not {names}.",
             )
+
+
+KnownFormFields = Depends(known_form_fields)
+
+
+async def one_file_part(request: Request, _user: CurrentUser) -> None:
+    """422 when a single-image upload carries more than one ``file`` part (FastAPI would keep the
+    last file and drop the rest without a word), or a form field its route does not take
+    (``known_form_fields``). Reads the form FastAPI has already parsed (cached)."""
+    form = await request.form()
+    parts = len(form.getlist("file"))
+    if parts > 1:
+        raise HTTPException(
+            status_code=422,
+            detail=f"One image per upload: this request has {parts} 'file' parts. /v1/batches takes many.",
+        )
+    await known_form_fields(request, _user)
 
 
 OneFilePart = Depends(one_file_part)

@@ -109,20 +109,28 @@ async def test_a_single_upload_takes_one_named_file_part(client: httpx.AsyncClie
 
 
 @pytest.mark.parametrize(
-    ("path", "field"), [("/v1/images", "ground_truth"), ("/v1/images", "models"), ("/model/predict", "model")]
+    ("path", "field"),
+    [
+        ("/v1/images", "ground_truth"),
+        ("/v1/images", "models"),
+        ("/model/predict", "model"),
+        ("/v1/batches", "model"),
+        ("/v1/batches", "image_id"),
+    ],
 )
 async def test_a_form_field_the_upload_does_not_take_is_refused_not_dropped(
     client: httpx.AsyncClient, users: Users, path: str, field: str
 ) -> None:
     """``ground_truth`` sent with ``POST /v1/images`` (which keeps no label) was dropped while the
-    answer said 201, and ``model`` (for ``models``) left the prediction to the default model:
-    422 naming the field, as a JSON body's unknown key is; nothing stored. A browser form's
-    ``_charset_`` is no field of ours and passes."""
+    answer said 201, and ``model`` (for ``models``) left the prediction, or a whole batch, to the
+    default model: 422 naming the field, as a JSON body's unknown key is; nothing stored. A
+    browser form's ``_charset_`` is no field of ours and passes."""
     _, headers = await users.create()
     one = {"file": ("a.png", encode(split_colour(), "PNG"))}
     r = await client.post(path, files=one, data={field: "macaw"}, headers=headers)
     assert r.status_code == 422 and repr(field) in r.json()["detail"], r.text
     assert (await client.get("/v1/images", headers=headers)).json()["data"] == []
+    assert (await client.get("/v1/batches", headers=headers)).json()["count"] == 0
     for charset in ("_charset_", "_CHARSET_"):  # HTML matches the name case-insensitively
         r = await client.post("/v1/images", files=one, data={charset: "UTF-8"}, headers=headers)
         assert r.status_code == 201, r.text

@@ -321,6 +321,51 @@ async def test_the_last_active_admin_keeps_their_rights(app: FastAPI, users: Use
             await outer.rollback()
 
 
+async def test_removing_an_admin_holds_other_admins_changes_but_not_their_logins(
+    app: FastAPI, client: httpx.AsyncClient, users: Users
+) -> None:
+    """While one admin's demotion (or deletion, the same check) of another is uncommitted, a
+    second removal waits for it and then finds its actor gone, but the admins log in meanwhile: the
+    removal held every active admin's row, which a login reads FOR SHARE, so deleting an admin
+    with a long history held every admin's login to its end."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from api.app.users import service
+    from api.app.users.models import Role, User
+    from api.app.users.schemas import UserUpdate
+
+    a, _ = await users.create(role="admin")
+    b, _ = await users.create(role="admin")
+    c, _ = await users.create(role="admin")
+    async with (
+        AsyncSession(app.state.engine, expire_on_commit=False) as first,
+        AsyncSession(app.state.engine, expire_on_commit=False) as second,
+    ):
+        actor_a, target_b = await first.get(User, a["id"]), await first.get(User, b["id"])
+        assert actor_a is not None and target_b is not None
+        await service._keep_an_admin(session=first, actor=actor_a, target=target_b, action="demote")
+        target_b.role = Role.user.value
+        await first.flush()
+        # The actor and an admin apart from it (the target's own login waits: its row is written).
+        for email in (a["email"], c["email"]):
+            await asyncio.wait_for(login(client, email, PASSWORD), timeout=10)
+
+        async def b_demotes_a() -> None:
+            actor_b, target_a = await second.get(User, b["id"]), await second.get(User, a["id"])
+            assert actor_b is not None and target_a is not None
+            await service.update_user(session=second, actor=actor_b, user=target_a, changes=UserUpdate(role=Role.user))
+
+        demote_a = asyncio.create_task(b_demotes_a())
+        await asyncio.sleep(1.0)
+        assert not demote_a.done(), "a second removal ran beside an uncommitted one"
+        await first.commit()
+        with pytest.raises(HTTPException) as refused:
+            await asyncio.wait_for(demote_a, timeout=10)
+        assert refused.value.status_code == 403 and "no longer an active admin" in refused.value.detail
+    me = (await client.get("/v1/users/me", headers=await login(client, a["email"], PASSWORD))).json()
+    assert me["role"] == "admin" and me["is_active"] is True
+
+
 async def test_deleting_a_user_deletes_the_files_only_they_uploaded(
     client: httpx.AsyncClient, app: FastAPI, users: Users, admin_headers: dict[str, str]
 ) -> None:

@@ -33,6 +33,7 @@ from api.app.core.responses import (
 from api.app.deps import (
     CurrentUser,
     CursorParam,
+    KnownFormFields,
     PageDep,
     ReadSessionDep,
     RegistryDep,
@@ -81,7 +82,9 @@ async def _owned(session: SessionDep | ReadSessionDep, user: CurrentUser, batch_
     return batch
 
 
-@router.post("", response_model=BatchDetail, status_code=202, responses=CREATE_RESPONSES)
+@router.post(
+    "", response_model=BatchDetail, status_code=202, responses=CREATE_RESPONSES, dependencies=[KnownFormFields]
+)
 async def create_batch(
     user: CurrentUser,
     session: SessionDep,
@@ -117,7 +120,8 @@ async def create_batch(
     it with ``GET /v1/batches/{id}``. Bad files are listed as skipped (see the results), the rest
     go on. 413: more than MAX_BATCH_IMAGES files or MAX_BATCH_BYTES (zip entries unpacked); 422:
     an unreadable zip, an entry name that leaves the archive, an empty batch, unknown models,
-    ``models`` both in the form and in the query; 429: too many of your batch images waiting.
+    ``models`` both in the form and in the query, a form field other than these three; 429: too
+    many of your batch images waiting.
 
     With an ``Idempotency-Key`` header, a request sent again (after a lost answer) gets the batch
     the first one made, as it is now, with ``Idempotent-Replayed: true``; 409 while the first is

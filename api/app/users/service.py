@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from email_validator import EmailNotValidError, validate_email
 from fastapi import HTTPException, status
 from redis.asyncio import Redis
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
@@ -57,9 +57,12 @@ def check_password_policy(password: str, settings: Settings) -> None:
 _USER_BY_ID = select(User).where(User.id == bindparam("b_user_id"))
 _USERS_PAGE = select(User).order_by(User.id).offset(bindparam("b_skip")).limit(bindparam("b_limit"))
 _COUNT_USERS = select(func.count()).select_from(User)
-_ACTIVE_ADMINS = (
-    select(User.id).where(User.role == Role.admin.value, User.is_active.is_(True)).order_by(User.id).with_for_update()
-)
+_ACTIVE_ADMINS = select(User.id).where(User.role == Role.admin.value, User.is_active.is_(True))
+ADMINS_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended('active-admins', 0))")
+"""Taken, to its transaction's end, by whatever demotes, deactivates or deletes an active admin:
+such changes run one at a time, and each reads the active admins as the previous one left them.
+An advisory lock rather than the admins' rows, which a login reads ``FOR SHARE``: deleting an
+admin with a long history held every other admin's login for its whole transaction."""
 
 
 async def get_user(*, session: AsyncSession, user_id: int) -> User | None:
@@ -132,16 +135,19 @@ def _email_taken() -> HTTPException:
 
 async def _keep_an_admin(*, session: AsyncSession, actor: User, target: User, action: str) -> None:
     """Refuses ``action`` (demote, deactivate or delete) of an active admin: 409 on oneself; 403
-    when the actor is no longer an active admin once the active admins' rows are locked (another
-    admin demoted, deactivated or deleted them meanwhile). The actor stays an active admin, so
-    there always is one, and two admins demoting each other at once cannot both succeed."""
+    when the actor is no longer an active admin once ``ADMINS_LOCK`` is held (another admin
+    demoted, deactivated or deleted them meanwhile). The actor stays an active admin, so there
+    always is one, and two admins demoting each other at once cannot both succeed. The lock is
+    held to the caller's commit."""
     if not (target.is_admin and target.is_active):
         return
     if target.id == actor.id:
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=f"You cannot {action} yourself.")
-    admins = list(await session.scalars(_ACTIVE_ADMINS))
+    await session.execute(ADMINS_LOCK)
+    # Read after the lock is granted: READ COMMITTED shows what the previous holder committed.
+    admins = set(await session.scalars(_ACTIVE_ADMINS))
     if actor.id not in admins:
-        # Demoted, deactivated or deleted by another admin while this waited for the rows.
+        # Demoted, deactivated or deleted by another admin while this waited for the lock.
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="You are no longer an active admin.")
 
 
