@@ -480,10 +480,15 @@ async def test_a_disabled_version_gets_no_traffic_back_before_a_worker_loads_it(
 async def test_answers_of_a_version_retired_while_no_worker_has_it_expire_at_once(own_stack: Stack) -> None:
     """No worker is up. Jobs wait for sketch@2 alone and for sketch@2 beside sketch@3; sketch@2 is
     retired. Within a few looks (not at the 300 s deadline) its predictions are expired with the
-    reason, the job that asked it alone is over, and the other still waits for sketch@3 only."""
+    reason, the job that asked it alone is over, and the other still waits for sketch@3 only.
+    sketch@2's queued entries, images included, leave Redis (nothing would ever read them; Redis
+    evicts nothing); sketch@3's stays."""
     client = own_stack.client
+    redis = own_stack.app.state.redis
     admin = await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)
     _, alone, beside = await sketch_jobs_alone_and_beside(client, admin, drawing())
+    queued = {v: await redis.xlen(f"jobs:sketch@{v}") for v in (2, 3)}
+    assert queued[2] >= 2 and queued[3] >= 1, queued
 
     async def job(accepted: httpx.Response) -> dict[str, Any]:
         r = await client.get(f"/v1/predictions/{accepted.json()['job_id']}", headers=admin)
@@ -508,6 +513,12 @@ async def test_answers_of_a_version_retired_while_no_worker_has_it_expire_at_onc
     other = await job(beside)
     assert other["status"] == "queued", other
     assert {(p["version"], p["status"]) for p in other["results"]} == {(2, "expired"), (3, "queued")}, other
+
+    async def dropped() -> bool:
+        return int(await redis.xlen("jobs:sketch@2")) == 0
+
+    assert await until(dropped, 15, "sketch@2's entries dropped") < 15
+    assert await redis.xlen("jobs:sketch@3") == queued[3]
 
 
 @pytest.mark.usefixtures("everything_served")

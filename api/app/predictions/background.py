@@ -289,12 +289,20 @@ async def reconcile_once(rt: JobRuntime) -> None:
             raise
     else:
         await rt.redis.expire(keys.QUEUE_EPOCH, 86400)
+    # Before the heartbeats are read: an entry added since may be for a version served again.
+    looked_at_ms = await queue.server_time_ms(rt.redis)
     served = {f"{m.name}@{m.version}" for beat in await workers.live_heartbeats_async(rt.redis) for m in beat.models}
     unserved = service.unserved_versions(rt.live_registry.current, served)
     async with rt.sessionmaker() as session:
         await catalog.remember_labels(session=session, redis=rt.redis)
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
         finished |= await service.expire_unserved(session=session, versions=unserved)
+    for (name, version), why in unserved.items():
+        # A retired version's unfinished predictions all end expired (one the lane or a collector
+        # held now, at a later look), so no entry queued before the look can still be answered.
+        # A disabled version's stay: its batch images wait for it to be enabled again.
+        if why.retired and (dropped := await queue.drop_entries_before(rt.redis, name, version, looked_at_ms)):
+            log.info("dropped %d queued entries of %s@%d, retired with no worker serving it", dropped, name, version)
         await evaluations.expire_overdue(
             session=session,
             grace_seconds=settings.expire_grace_seconds,

@@ -34,6 +34,20 @@ async def enqueue(redis: Redis, messages: list[JobMessage]) -> None:
         await pipe.execute()
 
 
+async def server_time_ms(redis: Redis) -> int:
+    """The Redis server's clock in milliseconds: the clock of the stream entry ids it assigns."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def drop_entries_before(redis: Redis, model: str, version: int, before_ms: int) -> int:
+    """Deletes the entries of the version's job stream added before ``before_ms`` (Redis server
+    milliseconds, ``server_time_ms``): ``XTRIM MINID``, exact. For a version retired while no
+    worker serves it, whose every unfinished prediction is expired: its entries, images included,
+    would otherwise stay in Redis (which evicts nothing) and in its depth for good. How many."""
+    return int(await redis.xtrim(keys.job_stream(model, version), minid=f"{before_ms}-0", approximate=False))
+
+
 async def depth(redis: Redis, model: str, version: int) -> int:
     """Jobs of one model version not yet answered: workers delete each entry once answered, so
     the stream holds exactly the undelivered and the delivered-but-unacknowledged ones."""
