@@ -5,11 +5,11 @@ import tempfile
 
 import uvicorn
 
-from api.app.core.config import get_settings
+from api.app.core.config import load_settings
 
 
 def main() -> None:
-    settings = get_settings()
+    settings = load_settings("API")
     if settings.api_workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Several processes: each writes its metrics to files here and /metrics adds them up.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="portal-metrics-")

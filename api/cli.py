@@ -35,12 +35,13 @@ import redis.asyncio as aioredis
 import yaml
 from fastapi import HTTPException
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.app.catalog.service import ModelAvailability, WorkerDirectory
-from api.app.core.config import Settings, get_settings
+from api.app.core.config import Settings, get_settings, settings_problems
 from api.app.core.db import make_engine, make_sessionmaker
-from api.app.core.errors import DB_ERRORS
+from api.app.core.errors import DB_ERRORS, database_status
 from api.app.core.fields import INT32_MAX
 from api.app.core.security import PasswordHasher
 from api.app.exports.service import check_known
@@ -103,12 +104,9 @@ def _export_error(exc: BaseException, out: Path) -> str | None:
         return str(exc.detail)
     if isinstance(exc, FileExistsError):
         return str(exc)
-    if isinstance(exc, (*DB_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, socket.gaierror, TimeoutError)):
-        # The driver's own words, on one line (no credentials in them): refused, timed out, unknown
-        # host, database or user; sqlalchemy's wrapper would add the statement and a link. Checked
-        # before OSError: a refused connection or a host not found is one, a write error never them.
-        said = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        return f"the database cannot be used ({type(exc).__name__}: {said}); nothing was exported"
+    # Checked before OSError: a refused connection or a host not found is one, a write error never them.
+    if (unusable := _unusable(exc)) is not None:
+        return f"{unusable}; nothing was exported"
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}: {exc.filename or out}; nothing was exported"
     return None
@@ -237,16 +235,45 @@ def _read_spec(path: str, reason: str) -> VersionCreate:
         raise ValueError(f"{path}: {_one_line(exc)}") from None
 
 
-def _unreachable(exc: BaseException, action: str) -> str | None:
-    """The line a registry command that could not reach PostgreSQL or Redis is reported with (the
-    driver's own words, without credentials); None for another error."""
-    after = "" if action in ("list", "history") else "; nothing was changed"
+UNDEFINED_TABLE = "42P01"
+INVALID_CATALOG_NAME = "3D000"
+"""PostgreSQL's SQLSTATEs for a table and a database that do not exist."""
+
+
+def _unusable(exc: BaseException) -> str | None:
+    """The line a command that could not use PostgreSQL or Redis is reported with: out of reach
+    or refusing the connection (the driver's own words, on one line, without credentials), a
+    database that does not exist, or one not migrated; None for another error (a bug, shown
+    with its traceback)."""
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return f"Redis cannot be used ({type(exc).__name__}: {' '.join(str(exc).split())}){after}"
-    if isinstance(exc, (*DB_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, socket.gaierror, OSError)):
-        said = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        return f"the database cannot be used ({type(exc).__name__}: {said}){after}"
+        return f"Redis cannot be used ({type(exc).__name__}: {' '.join(str(exc).split())})"
+    # sqlalchemy's wrapper would add the statement and a link: the driver's error it wraps says it.
+    driver_error = getattr(exc, "orig", None) or exc
+    said = " ".join(str(driver_error).split())
+    sqlstate = str(getattr(driver_error, "sqlstate", "") or "")
+    if sqlstate == INVALID_CATALOG_NAME:
+        name = make_url(get_settings().database_url).database
+        return f"the database {name} (DATABASE_URL) does not exist: run `python -m api.prestart`, which creates and migrates it"
+    if sqlstate == UNDEFINED_TABLE:
+        return f"the database has no tables yet ({said}): run `python -m api.prestart` (alembic upgrade head) first"
+    if (
+        isinstance(exc, (*DB_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, socket.gaierror, TimeoutError))
+        or database_status(exc) == 503
+        # Refused at login (28xxx: invalid authorization, an unknown role or a wrong password).
+        or sqlstate.startswith("28")
+    ):
+        return f"the database cannot be used ({type(exc).__name__}: {said})"
     return None
+
+
+def _left_undone(args: argparse.Namespace) -> str:
+    """What a command that failed for PostgreSQL or Redis (``_unusable``) did not do, said after
+    why ("" where it would change nothing anyway, or may have done part of it)."""
+    if args.command == "create-user":
+        return "; no user was created"
+    if args.command == "registry" and args.action not in ("list", "history"):
+        return "; nothing was changed"
+    return ""
 
 
 async def _registry(args: argparse.Namespace, spec: object, available: dict[str, int]) -> None:
@@ -438,54 +465,65 @@ def main(argv: list[str] | None = None) -> int:
     _registry_parser(sub)
     args = parser.parse_args(argv)
 
+    # Arguments and files that cannot be right, then settings, are refused (exit 2, as argparse
+    # refuses its own) before PostgreSQL or Redis is asked anything.
+    if args.command == "sweep-blobs" and not args.older_than_hours >= 0:  # NaN too
+        parser.error("--older-than-hours must be 0 or more")
+    if args.command == "export-feedback":
+        if args.version is not None and args.model is None:
+            parser.error("--version needs --model")
+        if args.version is not None and args.version < 1:
+            parser.error("--version must be 1 or more")
+    spec: object = None
+    try:
+        if args.command == "registry" and args.action == "register":
+            spec = _read_spec(args.spec, args.reason)
+        elif args.command == "registry" and args.action == "weights":
+            spec = _parse_weights(args.weights)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        get_settings()
+    except ValidationError as exc:
+        print(f"error: {settings_problems(exc)}", file=sys.stderr)
+        return 2
+
+    try:
+        return _run(args, spec)
+    except HTTPException as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        message = _unusable(exc)
+        if message is None:
+            raise
+        print(f"error: {message}{_left_undone(args)}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, spec: object) -> int:
+    """The command ``args`` names, its arguments checked (``spec``: as ``_registry`` takes it);
+    its exit code. Raises HTTPException for what the API would refuse, and what the database
+    or Redis raised."""
     if args.command == "sweep-blobs":
-        if not args.older_than_hours >= 0:  # NaN too
-            parser.error("--older-than-hours must be 0 or more")
         found = asyncio.run(_sweep_blobs(args.older_than_hours, args.dry_run))
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{verb} {found.orphaned} blobs no image references and {found.unfinished} unfinished writes")
         return 0
 
     if args.command == "registry":
-        # Arguments and files that cannot be right are refused (exit 2, as argparse refuses
-        # its own) before PostgreSQL or Redis is asked anything.
-        spec: object = None
-        try:
-            if args.action == "register":
-                spec = _read_spec(args.spec, args.reason)
-            elif args.action == "weights":
-                spec = _parse_weights(args.weights)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        try:
-            needs_workers = args.action not in ("list", "history", "register")
-            available = _available(get_settings()) if needs_workers else {}
-            asyncio.run(_registry(args, spec, available))
-        except HTTPException as exc:
-            print(f"error: {exc.detail}", file=sys.stderr)
-            return 1
-        except Exception as exc:
-            message = _unreachable(exc, args.action)
-            if message is None:
-                raise
-            print(f"error: {message}", file=sys.stderr)
-            return 1
+        needs_workers = args.action not in ("list", "history", "register")
+        available = _available(get_settings()) if needs_workers else {}
+        asyncio.run(_registry(args, spec, available))
         return 0
 
     if args.command == "export-feedback":
-        if args.version is not None and args.model is None:
-            parser.error("--version needs --model")
-        if args.version is not None and args.version < 1:
-            parser.error("--version must be 1 or more")
+        # Its own failures are one line already, and undo what it wrote.
         return _export_command(args.out, args.model, args.version)
 
     password = args.password or getpass.getpass("Password: ")
-    try:
-        user_id = asyncio.run(_create_user(args.email, password, args.name, args.admin))
-    except HTTPException as exc:
-        print(f"error: {exc.detail}", file=sys.stderr)
-        return 1
+    user_id = asyncio.run(_create_user(args.email, password, args.name, args.admin))
     print(f"created user {user_id} <{args.email}>")
     return 0
 

@@ -13,7 +13,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
-from api.app.core.config import Settings, get_settings
+from api.app.core.config import Settings, load_settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.core.logging import configure_logging
 from api.app.core.security import PasswordHasher
@@ -28,10 +28,25 @@ from api.app.feedback import service as feedback_service
 from api.app.registry import service as registry_service
 from api.app.users.service import ensure_admin
 from contracts.redis_policy import EvictionPolicyRefused
-from contracts.registry import load_registry
+from contracts.registry import Registry, load_registry
 
 log = logging.getLogger("api.prestart")
 ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
+
+
+class RegistryUnreadable(RuntimeError):
+    """``REGISTRY_PATH`` names no registry file that can be read; the message says which and why."""
+
+
+def read_registry(settings: Settings) -> Registry:
+    """The registry file ``REGISTRY_PATH`` names. Raises RegistryUnreadable (one line naming the
+    variable and its value) for a file that is missing or cannot be opened."""
+    try:
+        return load_registry(settings.registry_path)
+    except FileNotFoundError:
+        raise RegistryUnreadable(f"REGISTRY_PATH={settings.registry_path}: no such file") from None
+    except OSError as exc:
+        raise RegistryUnreadable(f"REGISTRY_PATH={settings.registry_path}: {exc.strerror or exc}") from None
 
 
 async def create_database_if_missing(settings: Settings) -> None:
@@ -61,7 +76,7 @@ async def seed_registry(settings: Settings) -> int:
     engine = make_engine(settings)
     try:
         async with make_sessionmaker(engine)() as session:
-            return await registry_service.seed(session=session, registry=load_registry(settings.registry_path))
+            return await registry_service.seed(session=session, registry=read_registry(settings))
     finally:
         await engine.dispose()
 
@@ -105,11 +120,11 @@ async def prestart(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
+    settings = load_settings("api.prestart")
     configure_logging(settings.log_level, settings.log_json, service="prestart")
     try:
         asyncio.run(prestart(settings))
-    except (DependencyUnavailable, EvictionPolicyRefused) as exc:
+    except (DependencyUnavailable, EvictionPolicyRefused, RegistryUnreadable) as exc:
         log.error("%s", exc)
         sys.exit(1)
 

@@ -7,12 +7,18 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
+import redis.connection
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.registry import DEFAULT_REGISTRY_PATH, ModelEntry, Registry, parse_model_ref
+from contracts.registry import DEFAULT_REGISTRY_PATH, ModelEntry, Registry, load_registry, parse_model_ref
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingUnusable(Exception):
+    """A setting whose value cannot be used, found when it is used; the message, one line, names
+    its variable and what is wrong."""
 
 
 class ModelSettings(BaseSettings):
@@ -73,6 +79,11 @@ class ModelSettings(BaseSettings):
     heartbeat_ttl_s: float = Field(default=10.0, ge=0.001)
     """How long a heartbeat counts as live without renewal: longer than HEARTBEAT_INTERVAL_S, or
     the worker would look stopped between two and its jobs be taken over."""
+    serving_stall_s: float = Field(default=120.0, gt=0)
+    """How long the serving loop may go without coming round (one inference, a Redis retry)
+    before the worker counts as hung: it then withholds its heartbeat, so peers take over its jobs
+    once HEARTBEAT_TTL_S has passed, the API stops counting on it and ``model.health`` fails (a
+    liveness probe restarts it). Far above the longest batch's inference."""
     inference_threads: int = Field(default=2, ge=1)
     """Threads one inference may use (TensorFlow intra-op, OpenVINO, TFLite): about the cores per worker."""
     tf_inter_op_threads: int = Field(default=1, ge=0)
@@ -106,6 +117,16 @@ class ModelSettings(BaseSettings):
     """Root log level."""
     log_json: bool = True
     """One JSON object per log line (false: plain text)."""
+
+    def read_registry(self) -> Registry:
+        """The registry file REGISTRY_PATH names. Raises SettingUnusable for a file that is
+        missing or cannot be opened."""
+        try:
+            return load_registry(self.registry_path)
+        except FileNotFoundError:
+            raise SettingUnusable(f"REGISTRY_PATH={self.registry_path}: no such file") from None
+        except OSError as exc:
+            raise SettingUnusable(f"REGISTRY_PATH={self.registry_path}: {exc.strerror or exc}") from None
 
     def served_entries(self, registry: Registry) -> list[ModelEntry]:
         """The registry entries this worker serves; stops the process, saying why, when
@@ -153,7 +174,20 @@ class ModelSettings(BaseSettings):
                 f"HEARTBEAT_TTL_S ({self.heartbeat_ttl_s:g}) must be longer than HEARTBEAT_INTERVAL_S"
                 f" ({self.heartbeat_interval_s:g}): the heartbeat would expire between two renewals"
             )
+        if self.serving_stall_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"SERVING_STALL_S ({self.serving_stall_s:g}) must be longer than HEARTBEAT_INTERVAL_S"
+                f" ({self.heartbeat_interval_s:g}): a loop between two heartbeats would count as hung"
+            )
         return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        # Checked as the Redis client reads it (its scheme, database index, options), so that a
+        # URL it cannot take stops the process at start-up, naming the setting.
+        redis.connection.parse_url(value)
+        return value
 
     @field_validator(
         "registry_path",
@@ -177,13 +211,24 @@ def get_model_settings() -> ModelSettings:
     return ModelSettings()
 
 
+SECRET_SETTINGS = frozenset({"redis_url"})
+"""Settings whose values may hold credentials (a URL's password): a problem with one names its
+variable, never the value."""
+
+
 def settings_problems(exc: ValidationError) -> str:
     """A settings validation error on one line: each setting refused by its variable's name, with
-    the value given, and why."""
+    the value given (not for ``SECRET_SETTINGS``), and why."""
     problems = []
     for error in exc.errors():
         why = error["msg"].removeprefix("Value error, ")
-        problems.append(f"{str(error['loc'][0]).upper()}={error['input']}: {why}" if error["loc"] else why)
+        if not error["loc"]:
+            problems.append(why)
+            continue
+        field = str(error["loc"][0])
+        problems.append(
+            f"{field.upper()}: {why}" if field in SECRET_SETTINGS else f"{field.upper()}={error['input']}: {why}"
+        )
     return "; ".join(problems)
 
 

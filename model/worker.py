@@ -39,11 +39,11 @@ from contracts.messages import (
     Timings,
 )
 from contracts.redis_policy import EvictionPolicyRefused, check_eviction_policy
-from contracts.registry import ModelEntry, Registry, load_registry
+from contracts.registry import ModelEntry, Registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
 from model.affinity import narrowed_cpus, spread_over
-from model.config import ModelSettings, load_model_settings
+from model.config import ModelSettings, SettingUnusable, load_model_settings
 from model.runtimes import (
     FailedLoads,
     LoadedModel,
@@ -106,7 +106,7 @@ class Worker:
         if registry is not None:
             self.entries = settings.served_entries(registry)
         else:
-            file = registry = load_registry(settings.registry_path)
+            file = registry = settings.read_registry()
             with contextlib.suppress(*REDIS_ERRORS):  # Redis down: the file now, the published one later
                 if (snapshot := registry_live.read_snapshot(self.redis)) is not None:
                     registry, self.revision = snapshot.registry, (snapshot.source, snapshot.revision)
@@ -133,6 +133,10 @@ class Worker:
         just as Redis went away (the reply lost, the delivery kept)."""
         self.peers = 1
         """Live workers, this one included, as last counted by the heartbeat thread."""
+        self.loop_at = time.monotonic()
+        """When the serving loop last came round: the heartbeat thread withholds the heartbeat
+        once it is SERVING_STALL_S old (``beat``)."""
+        self._stall_reported = False
         self.failed = FailedLoads(settings)
         """Wanted versions whose last load failed: loaded again once their spec or model file
         changes (``follow``, ``load_appeared``), not at every check."""
@@ -375,12 +379,36 @@ class Worker:
             )
             pipe.execute()
 
+    def beat(self) -> bool:
+        """One turn of the heartbeat thread: announces the worker, unless its serving loop has not
+        come round for SERVING_STALL_S (an inference that hangs, a deadlock): then its heartbeat
+        lapses, as a stopped worker's does, so that peers take over its jobs, the API stops
+        sending it work and ``model.health`` fails, instead of a thread beating for a loop that
+        answers nothing. Whether it announced; raises Redis's errors."""
+        stalled_for = time.monotonic() - self.loop_at
+        if stalled_for > self.settings.serving_stall_s:
+            if not self._stall_reported:
+                self._stall_reported = True
+                log.error(
+                    "worker %s: the serving loop has not come round for %.0f s (SERVING_STALL_S %g):"
+                    " heartbeat withheld, its jobs go to peers",
+                    self.worker_id,
+                    stalled_for,
+                    self.settings.serving_stall_s,
+                )
+            return False
+        if self._stall_reported:
+            self._stall_reported = False
+            log.warning("worker %s: the serving loop runs again; heartbeat resumed", self.worker_id)
+        self.send_heartbeat()
+        self.publish_labels(only_missing=True)
+        self.peers = max(1, len(workers.live_heartbeats(self.redis)))
+        return True
+
     def _heartbeat_loop(self) -> None:
         while not self.stopping.wait(self.settings.heartbeat_interval_s):
             try:
-                self.send_heartbeat()
-                self.publish_labels(only_missing=True)
-                self.peers = max(1, len(workers.live_heartbeats(self.redis)))
+                self.beat()
             except REDIS_ERRORS as exc:
                 self._outage(exc)
 
@@ -402,6 +430,7 @@ class Worker:
         started = False
         refusal: EvictionPolicyRefused | None = None
         while not self.stopping.is_set():
+            self.loop_at = time.monotonic()
             try:
                 if not groups_ready:
                     # (Re)connected: first make sure this Redis keeps what it is given.
@@ -723,7 +752,10 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_json)
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)
-    worker = Worker(settings)
+    try:
+        worker = Worker(settings)
+    except SettingUnusable as exc:
+        raise SystemExit(f"model worker refuses to start: {exc}") from None
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     try:

@@ -36,8 +36,9 @@ from pathlib import Path
 from types import FrameType
 
 import psutil
+from pydantic import ValidationError
 
-from api.app.core.config import PROJECT_ROOT, Settings, get_settings
+from api.app.core.config import PROJECT_ROOT, Settings, get_settings, settings_problems
 from model.config import ModelSettings, get_model_settings
 from scripts.local_services import (
     POSTGRES_PORT_VARIABLE,
@@ -139,9 +140,14 @@ def project_settings() -> tuple[Settings, ModelSettings, UISettings]:
     """The API's, the model workers' and the UI's settings, from the environment and the
     checkout's ``.env``. The settings read ``.env`` from the working directory, so this script
     works in the checkout: started from elsewhere, it would miss the ``.env``'s explicit URLs and
-    hand the default ones (and private servers) to the portal's processes."""
+    hand the default ones (and private servers) to the portal's processes. A value none of them
+    can run with stops the start at once with one line naming the setting (SystemExit, status 1),
+    before any server is started."""
     os.chdir(PROJECT_ROOT)
-    return get_settings(), get_model_settings(), get_ui_settings()
+    try:
+        return get_settings(), get_model_settings(), get_ui_settings()
+    except ValidationError as exc:
+        raise SystemExit(f"the portal refuses to start: {settings_problems(exc)}") from None
 
 
 def local_services(api: Settings) -> LocalServices:

@@ -55,6 +55,23 @@ def test_environment_variables_are_real_settings() -> None:
         assert not unknown, (name, unknown)
 
 
+def test_the_ui_waits_for_the_api_longer_than_the_api_waits_for_an_answer() -> None:
+    """The UI's API_TIMEOUT_SECONDS is set where the API's waits are, and by default above both:
+    an EXPLANATION_WAIT_SECONDS raised in .env alone made the page give up on a heatmap the API
+    was still waiting for."""
+    ui, api = SERVICES["ui"]["environment"], SERVICES["api"]["environment"]
+
+    def default(value: str) -> float:
+        found = re.fullmatch(r"\$\{(\w+):-([0-9.]+)\}", value)
+        assert found, value
+        return float(found.group(2))
+
+    assert ui["API_TIMEOUT_SECONDS"] == "${API_TIMEOUT_SECONDS:-40}"
+    for wait in ("PREDICT_DEADLINE_SECONDS", "EXPLANATION_WAIT_SECONDS"):
+        assert default(api[wait]) < default(ui["API_TIMEOUT_SECONDS"]), wait
+    assert UISettings.model_fields["api_timeout_seconds"].default == default(ui["API_TIMEOUT_SECONDS"])
+
+
 def test_the_api_trusts_nginx_and_the_ui_alone_as_proxies() -> None:
     """nginx forwards each browser's address to the API and the UI, the UI forwards it to the API;
     the API counts it only from their fixed addresses, the UI only from nginx's, all in the

@@ -132,3 +132,36 @@ def test_the_explainer_and_the_trainer_stop_alike(module: str, process: str) -> 
     assert done.stderr.strip().splitlines() == [
         f"{process} refuses to start: MAX_BATCH_SIZE=0: Input should be greater than or equal to 1"
     ], done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        # Was a FileNotFoundError traceback.
+        ("REGISTRY_PATH", "/nonexistent/registry.yaml", "REGISTRY_PATH=/nonexistent/registry.yaml: no such file"),
+        # Was a ValueError traceback from the Redis client; the URL may hold a password: not shown.
+        (
+            "REDIS_URL",
+            "http://user:hunter2@127.0.0.1:1/0",
+            "REDIS_URL: Redis URL must specify one of the following schemes (redis://, rediss://, unix://)",
+        ),
+        ("REDIS_URL", "redis://user:hunter2@127.0.0.1:port/0", "REDIS_URL: Port could not be cast to integer value"),
+    ],
+)
+def test_a_worker_given_a_registry_file_or_redis_url_it_cannot_use_stops_naming_it(
+    variable: str, value: str, line: str
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("REGISTRY_PATH", "SERVE_MODELS")},
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "WORKER_ID": "misconfigured",
+        "PYTHONPATH": str(ROOT),
+        variable: value,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "model"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    said = done.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(f"model worker refuses to start: {line}"), done.stderr[-3000:]
+    assert "hunter2" not in done.stderr

@@ -7,12 +7,14 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import pytest
 import redis
 from PIL import Image
@@ -400,4 +402,69 @@ def test_a_job_delivered_as_redis_goes_away_is_taken_back_at_once_after_the_reco
         assert client.xpending(stream, keys.JOB_GROUP)["pending"] == 0
     finally:
         worker.stop()
+        server.stop()
+
+
+def test_a_worker_whose_serving_loop_hangs_lets_its_heartbeat_lapse_and_beats_again_once_it_runs(
+    model_settings: ModelSettings,
+) -> None:
+    """An inference that hangs while the heartbeat thread runs: within SERVING_STALL_S plus the
+    heartbeat's TTL the worker is no longer live (its jobs go to peers, ``model.health`` fails, so
+    a liveness probe restarts it), where a thread of its own kept it announced for good. Once the
+    inference returns, the job is answered and the worker is live again."""
+    server = RedisServer()
+    server.start()
+    settings = model_settings.model_copy(
+        update={
+            "redis_url": server.url,
+            "serve_models": "sketch@1",
+            "worker_id": f"hanging-worker-{time.monotonic_ns()}",
+            "heartbeat_interval_s": 0.2,
+            "heartbeat_ttl_s": 0.6,
+            "serving_stall_s": 1.5,
+        }
+    )
+    worker = Worker(settings)
+    worker.load_models()
+    [loaded] = worker.models.values()
+    classify, release = loaded.classify, threading.Event()
+
+    def hanging(batch: np.ndarray) -> np.ndarray:
+        release.wait(60)
+        return classify(batch)
+
+    loaded.classify = hanging
+    serving = threading.Thread(target=worker.run, name="serving", daemon=True)
+    client = redis.Redis.from_url(server.url)
+    health_env = {**os.environ, "REDIS_URL": server.url, "WORKER_ID": settings.worker_id}
+
+    def live() -> bool:
+        return any(beat.worker_id == settings.worker_id for beat in workers.live_heartbeats(client))
+
+    def healthy() -> bool:
+        command = [sys.executable, "-m", "model.health"]
+        return subprocess.run(command, env=health_env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+
+    try:
+        serving.start()
+        wait_until(live, 30, "the worker to announce itself")
+        assert healthy()
+        job = sketch_job(encode(Image.new("L", (280, 280), 255), "PNG"))
+        client.xadd(keys.job_stream("sketch", 1), job.to_fields())
+        wait_until(lambda: not live(), 10, "the hung worker's heartbeat to lapse")
+        assert not healthy()
+        release.set()
+
+        def answered() -> bool:
+            return any(
+                ResultMessage.from_fields(f).job_id == job.job_id
+                for _id, f in entries(client.xrange(keys.RESULT_STREAM))
+            )
+
+        wait_until(answered, 30, "the job to be answered once the inference returned")
+        wait_until(live, 10, "the worker to announce itself again")
+    finally:
+        release.set()
+        worker.stopping.set()
+        serving.join(30)
         server.stop()

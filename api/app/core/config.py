@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
@@ -297,3 +297,39 @@ def generated_secret(path: Path) -> str:
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+SECRET_SETTINGS = frozenset({"secret_key", "first_admin_password", "database_url", "redis_url", "wandb_api_key"})
+"""Settings whose values are credentials or may hold them (a URL's password): a problem with one
+names its variable, never the value."""
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """A settings validation error on one line: each setting refused by its variable's name and
+    why, with the value given (``API_PORT=abc: Input should be a valid integer, ...``) unless it
+    is one of ``SECRET_SETTINGS``; a rule across settings by its own words."""
+    problems = []
+    for error in exc.errors():
+        why = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            problems.append(why)
+            continue
+        field = str(error["loc"][0])
+        value = error["input"]
+        if field in SECRET_SETTINGS:
+            problems.append(f"{field.upper()}: {why}")
+        else:
+            # A value with a line break or a control character is quoted, so the line stays one.
+            shown = value if isinstance(value, str) and value.isprintable() else repr(value)
+            problems.append(f"{field.upper()}={shown}: {why}")
+    return "; ".join(problems)
+
+
+def load_settings(process: str) -> Settings:
+    """The settings (``get_settings``) of an entry point, ``process`` naming it: a value that
+    cannot be used stops it at once with one line on stderr naming the setting (SystemExit,
+    status 1), not a traceback."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        raise SystemExit(f"{process} refuses to start: {settings_problems(exc)}") from None
