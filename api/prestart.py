@@ -28,25 +28,10 @@ from api.app.feedback import service as feedback_service
 from api.app.registry import service as registry_service
 from api.app.users.service import ensure_admin
 from contracts.redis_policy import EvictionPolicyRefused
-from contracts.registry import Registry, load_registry
+from contracts.registry import RegistryUnreadable, read_registry
 
 log = logging.getLogger("api.prestart")
 ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
-
-
-class RegistryUnreadable(RuntimeError):
-    """``REGISTRY_PATH`` names no registry file that can be read; the message says which and why."""
-
-
-def read_registry(settings: Settings) -> Registry:
-    """The registry file ``REGISTRY_PATH`` names. Raises RegistryUnreadable (one line naming the
-    variable and its value) for a file that is missing or cannot be opened."""
-    try:
-        return load_registry(settings.registry_path)
-    except FileNotFoundError:
-        raise RegistryUnreadable(f"REGISTRY_PATH={settings.registry_path}: no such file") from None
-    except OSError as exc:
-        raise RegistryUnreadable(f"REGISTRY_PATH={settings.registry_path}: {exc.strerror or exc}") from None
 
 
 async def create_database_if_missing(settings: Settings) -> None:
@@ -76,7 +61,7 @@ async def seed_registry(settings: Settings) -> int:
     engine = make_engine(settings)
     try:
         async with make_sessionmaker(engine)() as session:
-            return await registry_service.seed(session=session, registry=read_registry(settings))
+            return await registry_service.seed(session=session, registry=read_registry(settings.registry_path))
     finally:
         await engine.dispose()
 

@@ -221,3 +221,19 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
 def load_registry(path: Path | str = DEFAULT_REGISTRY_PATH) -> Registry:
     with open(path, encoding="utf-8") as fh:
         return Registry.model_validate(yaml.safe_load(fh))
+
+
+class RegistryUnreadable(Exception):
+    """REGISTRY_PATH names no file that can be read; the message, one line, says which and why."""
+
+
+def read_registry(path: Path | str) -> Registry:
+    """The registry file REGISTRY_PATH names (``load_registry``). Raises RegistryUnreadable,
+    naming the variable and the path, for a file that is missing or cannot be opened; a file
+    that is not a registry raises as ``load_registry`` does."""
+    try:
+        return load_registry(path)
+    except FileNotFoundError:
+        raise RegistryUnreadable(f"REGISTRY_PATH={path}: no such file") from None
+    except OSError as exc:
+        raise RegistryUnreadable(f"REGISTRY_PATH={path}: {exc.strerror or exc}") from None

@@ -11,7 +11,15 @@ import redis.connection
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.registry import DEFAULT_REGISTRY_PATH, ModelEntry, Registry, load_registry, parse_model_ref
+from contracts import settings as contracts_settings
+from contracts.registry import (
+    DEFAULT_REGISTRY_PATH,
+    ModelEntry,
+    Registry,
+    RegistryUnreadable,
+    parse_model_ref,
+    read_registry,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,13 +128,11 @@ class ModelSettings(BaseSettings):
 
     def read_registry(self) -> Registry:
         """The registry file REGISTRY_PATH names. Raises SettingUnusable for a file that is
-        missing or cannot be opened."""
+        missing or cannot be opened (``contracts.registry.read_registry``)."""
         try:
-            return load_registry(self.registry_path)
-        except FileNotFoundError:
-            raise SettingUnusable(f"REGISTRY_PATH={self.registry_path}: no such file") from None
-        except OSError as exc:
-            raise SettingUnusable(f"REGISTRY_PATH={self.registry_path}: {exc.strerror or exc}") from None
+            return read_registry(self.registry_path)
+        except RegistryUnreadable as exc:
+            raise SettingUnusable(str(exc)) from None
 
     def served_entries(self, registry: Registry) -> list[ModelEntry]:
         """The registry entries this worker serves; stops the process, saying why, when
@@ -217,19 +223,9 @@ variable, never the value."""
 
 
 def settings_problems(exc: ValidationError) -> str:
-    """A settings validation error on one line: each setting refused by its variable's name, with
-    the value given (not for ``SECRET_SETTINGS``), and why."""
-    problems = []
-    for error in exc.errors():
-        why = error["msg"].removeprefix("Value error, ")
-        if not error["loc"]:
-            problems.append(why)
-            continue
-        field = str(error["loc"][0])
-        problems.append(
-            f"{field.upper()}: {why}" if field in SECRET_SETTINGS else f"{field.upper()}={error['input']}: {why}"
-        )
-    return "; ".join(problems)
+    """``contracts.settings.settings_problems`` for the model side's settings: the values of
+    ``SECRET_SETTINGS`` are never shown."""
+    return contracts_settings.settings_problems(exc, secret=SECRET_SETTINGS)
 
 
 def load_model_settings(process: str) -> ModelSettings:

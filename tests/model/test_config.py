@@ -82,6 +82,21 @@ def test_a_heartbeat_must_outlive_its_interval() -> None:
         ModelSettings.model_validate({"heartbeat_interval_s": 10, "heartbeat_ttl_s": 10})
 
 
+def start_worker_with(variable: str, value: str, *, dropping: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    """``python -m model`` with ``variable`` set to ``value``, the environment's variables that
+    start with one of ``dropping`` left out, and a Redis address nothing listens on."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(dropping)},
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "WORKER_ID": "misconfigured",
+        "PYTHONPATH": str(ROOT),
+        variable: value,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "model"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "why"),
     [
@@ -102,16 +117,7 @@ def test_a_heartbeat_must_outlive_its_interval() -> None:
 def test_a_worker_given_a_setting_out_of_range_stops_at_start_naming_it(variable: str, value: str, why: str) -> None:
     """One line on stderr and exit status 1, not a traceback, before anything is loaded (no
     Redis needed: the worker never gets that far)."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("HEARTBEAT_", "MAX_BATCH_", "REGISTRY_"))},
-        "REDIS_URL": "redis://127.0.0.1:1/0",
-        "WORKER_ID": "misconfigured",
-        "PYTHONPATH": str(ROOT),
-        variable: value,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "model"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+    done = start_worker_with(variable, value, dropping=("HEARTBEAT_", "MAX_BATCH_", "REGISTRY_"))
     assert done.returncode == 1, done.stderr[-3000:]
     problem = why if variable == "HEARTBEAT_INTERVAL_S" else f"{variable}={value}: {why}"
     assert done.stderr.strip().splitlines() == [f"model worker refuses to start: {problem}"], done.stderr[-3000:]
@@ -151,16 +157,7 @@ def test_the_explainer_and_the_trainer_stop_alike(module: str, process: str) -> 
 def test_a_worker_given_a_registry_file_or_redis_url_it_cannot_use_stops_naming_it(
     variable: str, value: str, line: str
 ) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("REGISTRY_PATH", "SERVE_MODELS")},
-        "REDIS_URL": "redis://127.0.0.1:1/0",
-        "WORKER_ID": "misconfigured",
-        "PYTHONPATH": str(ROOT),
-        variable: value,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "model"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+    done = start_worker_with(variable, value, dropping=("REGISTRY_PATH", "SERVE_MODELS"))
     assert done.returncode == 1, done.stderr[-3000:]
     said = done.stderr.strip().splitlines()
     assert len(said) == 1 and said[0].startswith(f"model worker refuses to start: {line}"), done.stderr[-3000:]

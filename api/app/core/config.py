@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts import settings as contracts_settings
 from contracts.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
 from contracts.registry import DEFAULT_REGISTRY_PATH
 
@@ -305,24 +306,9 @@ names its variable, never the value."""
 
 
 def settings_problems(exc: ValidationError) -> str:
-    """A settings validation error on one line: each setting refused by its variable's name and
-    why, with the value given (``API_PORT=abc: Input should be a valid integer, ...``) unless it
-    is one of ``SECRET_SETTINGS``; a rule across settings by its own words."""
-    problems = []
-    for error in exc.errors():
-        why = error["msg"].removeprefix("Value error, ")
-        if not error["loc"]:
-            problems.append(why)
-            continue
-        field = str(error["loc"][0])
-        value = error["input"]
-        if field in SECRET_SETTINGS:
-            problems.append(f"{field.upper()}: {why}")
-        else:
-            # A value with a line break or a control character is quoted, so the line stays one.
-            shown = value if isinstance(value, str) and value.isprintable() else repr(value)
-            problems.append(f"{field.upper()}={shown}: {why}")
-    return "; ".join(problems)
+    """``contracts.settings.settings_problems`` for the API's settings: the values of
+    ``SECRET_SETTINGS`` are never shown."""
+    return contracts_settings.settings_problems(exc, secret=SECRET_SETTINGS)
 
 
 def load_settings(process: str) -> Settings:
