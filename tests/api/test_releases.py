@@ -23,6 +23,7 @@ from api.app.catalog.service import ModelAvailability, weight_shares
 from api.app.core.config import Settings
 from api.app.core.db import make_engine, make_sessionmaker
 from api.app.predictions import evaluations
+from api.app.predictions.background import reconcile_once
 from api.app.predictions.models import Evaluation, EvaluationAnswer, Job, Prediction
 from api.app.registry import service as registry_service
 from api.app.registry.live import build_registry
@@ -32,6 +33,7 @@ from api.app.stats import service as stats_service
 from contracts.messages import PredictionStatus
 from contracts.registry import MAX_WEIGHT, load_registry
 from tests.api.conftest import Stack, until
+from tests.api.test_metrics import runtime_of
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, login
 from tests.images import encode, noise_png
 from tests.support import QUICKDRAW
@@ -166,13 +168,17 @@ async def test_an_evaluation_runs_both_versions_on_the_same_labelled_images(own_
     assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["candidate"]["pending"] <= IN_FLIGHT
     assert (await client.post(f"{url}/{again.json()['id']}/cancel", headers=admin)).status_code == 409
 
-    # An evaluation whose versions no worker serves ends (its answers expire) instead of waiting forever.
+    # An evaluation whose versions no worker serves ends (its answers expire) instead of waiting
+    # forever: at the API's reconcile look, while no version is retired or disabled.
+    rt = runtime_of(own_stack.app)
+    rt.settings = rt.settings.model_copy(update={"expire_grace_seconds": 0.0, "evaluation_job_seconds": 0.001})
+    assert not [m for m in rt.live_registry.current.models if m.channel == "retired" or not m.enabled]
     async with own_stack.app.state.sessionmaker() as session:
         images = await releases_service.labelled_images(session=session, name="sketch", limit=5)
         stuck = await evaluations.start(
             session=session, name="mobilenet_v2", candidate=2, baseline=1, images=images, requested_by="test"
         )
-        await evaluations.expire_overdue(session=session, grace_seconds=0, stall_seconds=0)
+        await reconcile_once(rt)
         await evaluations.top_up(
             session=session,
             redis=own_stack.app.state.redis,

@@ -297,17 +297,17 @@ async def reconcile_once(rt: JobRuntime) -> None:
         await catalog.remember_labels(session=session, redis=rt.redis)
         finished = await service.expire_overdue(session=session, grace_seconds=settings.expire_grace_seconds)
         finished |= await service.expire_unserved(session=session, versions=unserved)
+        await evaluations.expire_overdue(
+            session=session,
+            grace_seconds=settings.expire_grace_seconds,
+            stall_seconds=settings.evaluation_job_seconds,
+        )
     for (name, version), why in unserved.items():
         # A retired version's unfinished predictions all end expired (one the lane or a collector
         # held now, at a later look), so no entry queued before the look can still be answered.
         # A disabled version's stay: its batch images wait for it to be enabled again.
         if why.retired and (dropped := await queue.drop_entries_before(rt.redis, name, version, looked_at_ms)):
             log.info("dropped %d queued entries of %s@%d, retired with no worker serving it", dropped, name, version)
-        await evaluations.expire_overdue(
-            session=session,
-            grace_seconds=settings.expire_grace_seconds,
-            stall_seconds=settings.evaluation_job_seconds,
-        )
     await top_up_evaluations(rt)
     if finished:
         await queue.notify_done(
