@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parent.parent / "model" / "registry.yaml"
 
@@ -229,11 +229,20 @@ class RegistryUnreadable(Exception):
 
 def read_registry(path: Path | str) -> Registry:
     """The registry file REGISTRY_PATH names (``load_registry``). Raises RegistryUnreadable,
-    naming the variable and the path, for a file that is missing or cannot be opened; a file
-    that is not a registry raises as ``load_registry`` does."""
+    naming the variable and the path, for a file that is missing, cannot be opened or read as
+    UTF-8 YAML, or is not a registry (its first problem by place, never the file's text: the
+    variable may name any file)."""
     try:
         return load_registry(path)
     except FileNotFoundError:
         raise RegistryUnreadable(f"REGISTRY_PATH={path}: no such file") from None
     except OSError as exc:
         raise RegistryUnreadable(f"REGISTRY_PATH={path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise RegistryUnreadable(f"REGISTRY_PATH={path}: not a YAML file") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        raise RegistryUnreadable(
+            f"REGISTRY_PATH={path}: not a model registry ({exc.error_count()} problem(s); {where}: {first['msg']})"
+        ) from None

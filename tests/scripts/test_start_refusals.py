@@ -72,6 +72,39 @@ def test_the_portal_names_a_bad_redis_url_without_its_password() -> None:
     ], done.stderr[-3000:]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        (
+            "DATABASE_URL",
+            "postgresql+asyncpg://postgres:S3cretPW@127.0.0.1:5432:x/portal",
+            "not a database URL SQLAlchemy can read",
+        ),
+        ("DATABASE_URL", "notaurl S3cretPW", "not a database URL SQLAlchemy can read"),
+        ("DATABASE_URL", "mysql://u:S3cretPW@h/db", "a mysql URL; the portal runs on PostgreSQL"),
+        ("REDIS_URL", "redis://:S3cretPW@127.0.0.1:notaport/0", "Port could not be cast to integer value"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("command", "status", "prefix"),
+    [
+        pytest.param(["-m", "api.prestart"], 1, "api.prestart refuses to start: ", id="prestart"),
+        pytest.param(["-m", "api.cli", "registry", "list"], 2, "error: ", id="cli"),
+    ],
+)
+def test_a_url_the_api_cannot_read_is_one_line_without_its_password(
+    command: list[str], status: int, prefix: str, variable: str, value: str, why: str
+) -> None:
+    """The API's processes read DATABASE_URL and REDIS_URL as the engine and the Redis client do:
+    one that cannot be read, or a database other than PostgreSQL, stops them at start naming the
+    variable (it was a traceback of the driver, one quoting the URL with its password)."""
+    done = run([sys.executable, *command], **{variable: value})
+    assert done.returncode == status, (done.returncode, done.stderr[-3000:])
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"{prefix}{variable}: {why}"), line
+    assert "S3cretPW" not in done.stderr + done.stdout
+
+
 def test_a_secret_setting_is_named_never_shown() -> None:
     with pytest.raises(ValidationError) as refused:
         Settings(secret_key=["hunter2"], database_url=["postgresql://u:hunter3@h/db"], api_port="abc")  # type: ignore[arg-type]

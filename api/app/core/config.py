@@ -10,8 +10,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+import redis.connection
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from contracts import settings as contracts_settings
 from contracts.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
@@ -257,6 +260,32 @@ class Settings(BaseSettings):
     that compare none."""
     drift_interval_seconds: float = Field(default=60.0, gt=0)
     """How often the drift indices are computed (by one API process at a time) and stored."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str) -> str:
+        # Read as the engine reads it, so that a URL it cannot take stops the process at start-up
+        # naming the setting. The message never holds the URL: it may hold a password.
+        try:
+            url = make_url(value)
+            url.port  # noqa: B018 - parsed lazily by some SQLAlchemy versions
+        except (ArgumentError, ValueError):
+            raise ValueError(
+                "not a database URL SQLAlchemy can read (postgresql+asyncpg://user:password@host:port/database;"
+                " a password with @ / # % : is percent-encoded)"
+            ) from None
+        if url.get_backend_name() != "postgresql":
+            raise ValueError(
+                f"a {url.get_backend_name()} URL; the portal runs on PostgreSQL (postgresql+asyncpg://...)"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        # As the Redis client reads it (scheme, database index, options); its errors name no password.
+        redis.connection.parse_url(value)
+        return value
 
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:
