@@ -3,7 +3,10 @@ model side."""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import Annotated
+
+import redis.connection
+from pydantic import AfterValidator, ValidationError
 
 
 def settings_problems(exc: ValidationError, *, secret: frozenset[str]) -> str:
@@ -26,3 +29,15 @@ def settings_problems(exc: ValidationError, *, secret: frozenset[str]) -> str:
             shown = value if isinstance(value, str) and value.isprintable() else repr(value)
             problems.append(f"{field.upper()}={shown}: {why}")
     return "; ".join(problems)
+
+
+def readable_redis_url(value: str) -> str:
+    """``value`` unchanged if the Redis client can read it as a URL (its scheme, database index,
+    options), so that a URL it cannot take stops a process at start-up naming the setting. Raises
+    the client's ValueError, whose words hold no password."""
+    redis.connection.parse_url(value)
+    return value
+
+
+RedisUrl = Annotated[str, AfterValidator(readable_redis_url)]
+"""A ``REDIS_URL`` setting, checked as the Redis client reads it (``readable_redis_url``)."""

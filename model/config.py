@@ -7,7 +7,6 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
-import redis.connection
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,6 +19,7 @@ from contracts.registry import (
     parse_model_ref,
     read_registry,
 )
+from contracts.settings import RedisUrl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ class ModelSettings(BaseSettings):
         env_file=".env", extra="ignore", use_attribute_docstrings=True, protected_namespaces=()
     )
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0"
     """Redis URL shared with the API."""
     allow_redis_eviction: bool = False
     """Run on a Redis whose maxmemory-policy is not noeviction, which deletes queued jobs and
@@ -186,14 +186,6 @@ class ModelSettings(BaseSettings):
                 f" ({self.heartbeat_interval_s:g}): a loop between two heartbeats would count as hung"
             )
         return self
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url_parses(cls, value: str) -> str:
-        # Checked as the Redis client reads it (its scheme, database index, options), so that a
-        # URL it cannot take stops the process at start-up, naming the setting.
-        redis.connection.parse_url(value)
-        return value
 
     @field_validator(
         "registry_path",

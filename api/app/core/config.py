@@ -10,7 +10,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import redis.connection
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -19,6 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from contracts import settings as contracts_settings
 from contracts.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
 from contracts.registry import DEFAULT_REGISTRY_PATH
+from contracts.settings import RedisUrl
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEV_ADMIN_PASSWORD = "admin"
@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     """Connections each API process opens at start-up and keeps."""
     db_max_overflow: int = 0
     """Extra connections per API process under load, each closed when returned (a reconnect per use)."""
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0"
     """Redis URL; the database index in the path selects the logical database."""
     redis_max_connections: int = 512
     """Redis connections per API process for short commands, and as many again for requests' blocking
@@ -278,13 +278,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"a {url.get_backend_name()} URL; the portal runs on PostgreSQL (postgresql+asyncpg://...)"
             )
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url_parses(cls, value: str) -> str:
-        # As the Redis client reads it (scheme, database index, options); its errors name no password.
-        redis.connection.parse_url(value)
         return value
 
     @model_validator(mode="after")
