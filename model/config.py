@@ -15,18 +15,11 @@ from contracts.registry import (
     DEFAULT_REGISTRY_PATH,
     ModelEntry,
     Registry,
-    RegistryUnreadable,
     parse_model_ref,
-    read_registry,
 )
 from contracts.settings import RedisUrl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-class SettingUnusable(Exception):
-    """A setting whose value cannot be used, found when it is used; the message, one line, names
-    its variable and what is wrong."""
 
 
 class ModelSettings(BaseSettings):
@@ -125,14 +118,6 @@ class ModelSettings(BaseSettings):
     """Root log level."""
     log_json: bool = True
     """One JSON object per log line (false: plain text)."""
-
-    def read_registry(self) -> Registry:
-        """The registry file REGISTRY_PATH names. Raises SettingUnusable for a file that is
-        missing or cannot be opened (``contracts.registry.read_registry``)."""
-        try:
-            return read_registry(self.registry_path)
-        except RegistryUnreadable as exc:
-            raise SettingUnusable(str(exc)) from None
 
     def served_entries(self, registry: Registry) -> list[ModelEntry]:
         """The registry entries this worker serves; stops the process, saying why, when

@@ -39,11 +39,11 @@ from contracts.messages import (
     Timings,
 )
 from contracts.redis_policy import EvictionPolicyRefused, check_eviction_policy
-from contracts.registry import ModelEntry, Registry
+from contracts.registry import ModelEntry, Registry, RegistryUnreadable, read_registry
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
 from model.affinity import narrowed_cpus, spread_over
-from model.config import ModelSettings, SettingUnusable, load_model_settings
+from model.config import ModelSettings, load_model_settings
 from model.runtimes import (
     FailedLoads,
     LoadedModel,
@@ -106,7 +106,7 @@ class Worker:
         if registry is not None:
             self.entries = settings.served_entries(registry)
         else:
-            file = registry = settings.read_registry()
+            file = registry = read_registry(settings.registry_path)
             with contextlib.suppress(*REDIS_ERRORS):  # Redis down: the file now, the published one later
                 if (snapshot := registry_live.read_snapshot(self.redis)) is not None:
                     registry, self.revision = snapshot.registry, (snapshot.source, snapshot.revision)
@@ -754,7 +754,7 @@ def main() -> None:
         os.nice(settings.cpu_nice)
     try:
         worker = Worker(settings)
-    except SettingUnusable as exc:
+    except RegistryUnreadable as exc:
         raise SystemExit(f"model worker refuses to start: {exc}") from None
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
