@@ -366,6 +366,69 @@ async def test_removing_an_admin_holds_other_admins_changes_but_not_their_logins
     assert me["role"] == "admin" and me["is_active"] is True
 
 
+async def test_a_removal_reads_its_target_again_and_counts_a_promotion_since(app: FastAPI, users: Users) -> None:
+    """The route reads the target before the removal's check: one promoted in between is an
+    admin, so removing it waits for ``ADMINS_LOCK`` like any admin's removal (it went ahead
+    without the lock, beside another admin change)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from api.app.users import service
+    from api.app.users.models import User
+
+    a, _ = await users.create(role="admin")
+    b, _ = await users.create()
+    async with AsyncSession(app.state.engine, expire_on_commit=False) as session:
+        actor, stale = await session.get(User, a["id"]), await session.get(User, b["id"])
+        assert actor is not None and stale is not None and not stale.is_admin
+        await session.commit()  # the read is over; the objects keep what it saw
+        async with app.state.engine.connect() as other:
+            await other.execute(text("UPDATE users SET role = 'admin' WHERE id = :id"), {"id": b["id"]})
+            await other.commit()
+            await other.execute(service.ADMINS_LOCK)  # another admin change in progress
+            check = asyncio.create_task(
+                service._keep_an_admin(session=session, actor=actor, target=stale, action="demote")
+            )
+            await asyncio.sleep(1.0)
+            assert not check.done(), "the removal of a promoted user did not wait for the other admin change"
+            await other.rollback()
+        await asyncio.wait_for(check, timeout=10)
+        assert stale.is_admin, "the target was not read again"
+        await session.rollback()
+
+
+async def test_a_removal_behind_a_long_admin_change_is_a_409_not_a_503(
+    app: FastAPI, client: httpx.AsyncClient, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind another admin's deletion of a long history (minutes), a removal gives up its wait
+    with 409 "in progress": it waited to the connection's command timeout and answered 503, as if
+    PostgreSQL were down. The same for a change of a user whose row another change holds."""
+    from sqlalchemy import text
+
+    from api.app.users import service
+
+    monkeypatch.setattr(service, "ADMIN_CHANGE_LOCK_TIMEOUT", "1s")
+    _, headers = await users.create(role="admin")
+    b, _ = await users.create(role="admin")
+    plain, _ = await users.create()
+    async with app.state.engine.connect() as other:
+        await other.execute(service.ADMINS_LOCK)
+        r = await asyncio.wait_for(client.delete(f"/v1/users/{b['id']}", headers=headers), timeout=8)
+        assert r.status_code == 409 and "in progress" in r.json()["detail"], r.text
+        await other.rollback()
+        await other.execute(text("SELECT 1 FROM users WHERE id = :id FOR UPDATE"), {"id": plain["id"]})
+        r = await asyncio.wait_for(
+            client.patch(f"/v1/users/{plain['id']}", json={"is_active": False}, headers=headers), timeout=8
+        )
+        assert r.status_code == 409 and "in progress" in r.json()["detail"], r.text
+        await other.rollback()
+    # Nothing was changed, and the same requests go through once the other change is over.
+    assert (await client.get(f"/v1/users/{b['id']}", headers=headers)).json()["role"] == "admin"
+    assert (await client.delete(f"/v1/users/{b['id']}", headers=headers)).status_code == 204
+    r = await client.patch(f"/v1/users/{plain['id']}", json={"is_active": False}, headers=headers)
+    assert r.status_code == 200 and r.json()["is_active"] is False
+
+
 async def test_deleting_a_user_deletes_the_files_only_they_uploaded(
     client: httpx.AsyncClient, app: FastAPI, users: Users, admin_headers: dict[str, str]
 ) -> None:

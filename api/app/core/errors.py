@@ -127,6 +127,16 @@ def violated_constraint(exc: BaseException) -> str | None:
     return None
 
 
+LOCK_NOT_AVAILABLE = "55P03"
+"""PostgreSQL's lock_not_available: a lock was not granted within the transaction's
+``lock_timeout``."""
+
+
+def lock_not_available(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL giving up a lock wait at its ``lock_timeout`` (``LOCK_NOT_AVAILABLE``)."""
+    return _sqlstate(exc) == LOCK_NOT_AVAILABLE
+
+
 def concurrent_change(exc: BaseException) -> bool:
     """Whether ``exc`` is PostgreSQL rolling a transaction back for a concurrent one (``CONCURRENT_CHANGE``)."""
     return _sqlstate(exc) in CONCURRENT_CHANGE
