@@ -18,8 +18,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from contracts.registry import load_registry
-from model.config import ModelSettings
+from contracts.registry import RegistryUnreadable, load_registry, read_registry
+from model.config import ModelSettings, load_model_settings
 from model.runtimes import configure_tensorflow
 
 from . import report
@@ -170,6 +170,13 @@ def main() -> None:
         "--database-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/portal_bench", help="dropped after"
     )
     args = parser.parse_args()
+    # A bad setting or registry file is one line, before minutes of measuring; each step reads
+    # them again.
+    settings = load_model_settings("python -m bench")
+    try:
+        read_registry(settings.registry_path)
+    except RegistryUnreadable as exc:
+        raise SystemExit(f"python -m bench refuses to start: {exc}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request of the latency split
     out: Path = args.out

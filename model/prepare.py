@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contracts.registry import ModelEntry, Registry, load_registry, parse_model_ref
+from contracts.registry import ModelEntry, Registry, RegistryUnreadable, load_registry, parse_model_ref, read_registry
 from model import preprocessing
-from model.config import ModelSettings, get_model_settings
+from model.config import ModelSettings, load_model_settings
 from model.runtimes import ModelUnavailable, resolve
 from model.store import ProgressNote, version_lock, written_into
 from model.training import train_sketch
@@ -213,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     # and the progress note go with it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = get_model_settings()
-    registry = load_registry(settings.registry_path)
+    settings = load_model_settings("python -m model.prepare")
+    try:
+        registry = read_registry(settings.registry_path)
+    except RegistryUnreadable as exc:
+        raise SystemExit(f"python -m model.prepare refuses to start: {exc}") from None
     served = settings.served_entries(registry)
     # Before quantizing: an INT8 version is made from its FP32 version's weights file (and the
     # quantization cache's key names that file).

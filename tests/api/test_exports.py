@@ -105,6 +105,12 @@ async def test_an_export_job_writes_what_the_direct_download_answers(
     assert {sha for sha, _model in rows} >= mine and {model for _sha, model in rows} == {"sketch"}
     assert rows[(next(iter(mine)), "sketch")]["comment"] == "'+1 for the ears"
     assert int(r.headers["x-exported-images"]) == len(files) == len(rows) == done["summary"]["examples"]
+    # HEAD, as download managers ask first: the same headers, no body (it was a 405).
+    head = await client.head(done["download"], headers=admin_headers)
+    assert head.status_code == 200 and head.content == b""
+    assert {k: head.headers[k] for k in ("content-length", "content-type", "content-disposition")} == {
+        k: r.headers[k] for k in ("content-length", "content-type", "content-disposition")
+    }
 
     direct = await client.get("/v1/admin/feedback-export", params={"model": "sketch"}, headers=admin_headers)
     assert direct.status_code == 200

@@ -163,6 +163,12 @@ async def test_list_detail_file_view(client: httpx.AsyncClient, users: Users) ->
     assert detail.status_code == 200 and detail.json()["jobs"] == []
     file = await client.get(f"/v1/images/{created['id']}/file", headers=headers)
     assert file.content == gif and file.headers["content-type"] == "image/gif"
+    head = await client.head(f"/v1/images/{created['id']}/file", headers=headers)  # a 405 before
+    assert (head.status_code, head.headers["content-type"], head.headers["content-length"]) == (
+        200,
+        "image/gif",
+        str(len(gif)),
+    )
     view = await client.get(f"/v1/images/{created['id']}/view", headers=headers)
     assert view.status_code == 200 and view.content.startswith(b"\x89PNG")
 

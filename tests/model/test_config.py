@@ -125,9 +125,16 @@ def test_a_worker_given_a_setting_out_of_range_stops_at_start_naming_it(variable
 
 
 @pytest.mark.parametrize(
-    ("module", "process"), [("model.explainer", "model explainer"), ("model.trainer", "model trainer")]
+    ("module", "process"),
+    [
+        ("model.explainer", "model explainer"),
+        ("model.trainer", "model trainer"),
+        # Were pydantic's many-line message, before anything was prepared or measured.
+        ("model.prepare", "python -m model.prepare"),
+        ("bench", "python -m bench"),
+    ],
 )
-def test_the_explainer_and_the_trainer_stop_alike(module: str, process: str) -> None:
+def test_the_other_model_side_commands_stop_alike(module: str, process: str) -> None:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MAX_BATCH_")},
         "REDIS_URL": "redis://127.0.0.1:1/0",
@@ -138,6 +145,19 @@ def test_the_explainer_and_the_trainer_stop_alike(module: str, process: str) -> 
     assert done.returncode == 1, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == [
         f"{process} refuses to start: MAX_BATCH_SIZE=0: Input should be greater than or equal to 1"
+    ], done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("module", "process"), [("model.prepare", "python -m model.prepare"), ("bench", "python -m bench")]
+)
+def test_prepare_and_bench_name_a_registry_file_they_cannot_read(module: str, process: str) -> None:
+    """Were a FileNotFoundError traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REGISTRY_PATH": "/nonexistent/registry.yaml"}
+    done = subprocess.run([sys.executable, "-m", module], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"{process} refuses to start: REGISTRY_PATH=/nonexistent/registry.yaml: no such file"
     ], done.stderr[-3000:]
 
 

@@ -158,7 +158,7 @@ def run_main(monkeypatch: pytest.MonkeyPatch, settings: ModelSettings, argv: lis
     def quantize(entry: ModelEntry, source: ModelEntry, out: Path, _settings: ModelSettings) -> None:
         events.append(f"quantize {entry.key} from {source.key}, weights there: {weights.exists()}")
 
-    monkeypatch.setattr(prepare, "get_model_settings", lambda: settings)
+    monkeypatch.setattr(prepare, "load_model_settings", lambda _process: settings)
     monkeypatch.setattr(prepare, "imagenet_model", build)
     monkeypatch.setattr(prepare, "prepare_quantized", quantize)
     monkeypatch.setattr(prepare.signal, "signal", lambda *_: None)  # the test process keeps its own

@@ -62,6 +62,9 @@ async def get_export(export_id: uuid.UUID, _: AdminUser, session: ReadSessionDep
     response_class=FileResponse,
     responses={**ZIP, **ADMIN, **NOT_FOUND, **NOT_READY, **GONE, **INVALID},
 )
+# HEAD too: download managers and resumable clients ask for the size first. Its own route, out of
+# the schema (``health.router``); FileResponse answers it with the headers only.
+@router.head("/{export_id}/download", include_in_schema=False)
 async def download_export(
     export_id: uuid.UUID, _: AdminUser, session: ReadSessionDep, settings: SettingsDep
 ) -> FileResponse:

@@ -92,6 +92,8 @@ async def list_images(
     },
     response_class=Response,
 )
+# HEAD too (``exports.router.download_export``); the server sends no body for it.
+@router.head("/{image_id}/file", include_in_schema=False)
 async def image_file(image: OwnedImage, store: StoreDep) -> Response:
     """The uploaded file as it was sent."""
     data = await store.get(image.sha256)
