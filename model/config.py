@@ -84,7 +84,8 @@ class ModelSettings(BaseSettings):
     """How long the serving loop may go without coming round (one inference, a Redis retry)
     before the worker counts as hung: it then withholds its heartbeat, so peers take over its jobs
     once HEARTBEAT_TTL_S has passed, the API stops counting on it and ``model.health`` fails (a
-    liveness probe restarts it). Far above the longest batch's inference."""
+    liveness probe restarts it). Far above the longest batch's inference. An explainer's loop
+    follows the same rule (one Grad-CAM), building a twin aside."""
     inference_threads: int = Field(default=2, ge=1)
     """Threads one inference may use (TensorFlow intra-op, OpenVINO, TFLite): about the cores per worker."""
     tf_inter_op_threads: int = Field(default=1, ge=0)

@@ -23,6 +23,9 @@ is built (a few seconds; simpler than the worker's hand-over from a loading thre
 are not on the predictions' path). A version whose model file is not written yet (``make run``
 trains it in the background), or broken, is loaded once its file is written or changes, checked
 every RELOAD_CHECK_S as well.
+
+A loop that has not come round for SERVING_STALL_S while building no twin (a Grad-CAM that hangs)
+withholds the heartbeat, as a model worker's does (``model.stall.LoopWatch``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from model.runtimes import (
     load_labels,
     model_stamp,
 )
+from model.stall import LoopWatch
 
 log = logging.getLogger("model.explainer")
 
@@ -106,6 +110,10 @@ class Explainer:
         self.loading: frozenset[str] = frozenset()
         """Twins being built now (``name@version``); replaced whole (the heartbeat thread reads it)."""
         self.stopping = threading.Event()
+        self.loop = LoopWatch(process=f"explainer {self.explainer_id}", stall_s=settings.serving_stall_s)
+        """When the serving loop last came round, or finished building a twin: the heartbeat
+        thread withholds the heartbeat once it is SERVING_STALL_S old (``beat``). Building a twin
+        (tens of seconds, more on a busy host) counts as the loop's work, not as a stall."""
 
     def load(self) -> None:
         configure_tensorflow(self.settings)
@@ -118,6 +126,14 @@ class Explainer:
         start = time.perf_counter()
         # Only a twin with a file of its own can change: the others are not tried again.
         (self.failed.trying if twin.file else self.failed.forget)(twin)
+        self.loop.busy = twin.key
+        try:
+            return self._build_twin(twin, start)
+        finally:
+            self.loop.busy = None
+            self.loop.turned()
+
+    def _build_twin(self, twin: ModelEntry, start: float) -> bool:
         try:
             model, random_weights = keras_model(twin, self.settings)
             if random_weights:
@@ -224,10 +240,21 @@ class Explainer:
             )
             pipe.execute()
 
+    def beat(self) -> bool:
+        """One turn of the heartbeat thread: announces the explainer, unless its serving loop has
+        not come round for SERVING_STALL_S while building no twin (a Grad-CAM that hangs): then
+        its heartbeat lapses, as a stopped explainer's does, so that ``model.health --explainer``
+        fails (a liveness probe restarts it) and the API stops sending it requests. Whether it
+        announced; raises Redis's errors."""
+        if self.loop.stalled():
+            return False
+        self.heartbeat()
+        return True
+
     def _heartbeat_loop(self) -> None:
         while not self.stopping.wait(self.settings.heartbeat_interval_s):
             with contextlib.suppress(*REDIS_ERRORS):
-                self.heartbeat()
+                self.beat()
 
     def compute(self, stream: str, request: ExplainRequest) -> Explanation:
         base = Explanation(
@@ -282,6 +309,8 @@ class Explainer:
         return cached.model_copy(update={"from_cache": True})
 
     def handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        # Each request is a turn: reaping or answering many at once is work, not a stall.
+        self.loop.turned()
         request = None
         if fields:
             try:
@@ -350,6 +379,7 @@ class Explainer:
         started = False
         reaped = forgotten = looked = 0.0
         while not self.stopping.is_set():
+            self.loop.turned()
             try:
                 if time.monotonic() - looked >= RELOAD_CHECK_S:
                     looked = time.monotonic()

@@ -55,6 +55,7 @@ from model.runtimes import (
     resolve,
     top_k,
 )
+from model.stall import LoopWatch
 from model.streams import DeadLetter, Delivery, JobStreams
 
 log = logging.getLogger("model.worker")
@@ -133,10 +134,9 @@ class Worker:
         just as Redis went away (the reply lost, the delivery kept)."""
         self.peers = 1
         """Live workers, this one included, as last counted by the heartbeat thread."""
-        self.loop_at = time.monotonic()
+        self.loop = LoopWatch(process=f"worker {self.worker_id}", stall_s=settings.serving_stall_s)
         """When the serving loop last came round: the heartbeat thread withholds the heartbeat
         once it is SERVING_STALL_S old (``beat``)."""
-        self._stall_reported = False
         self.failed = FailedLoads(settings)
         """Wanted versions whose last load failed: loaded again once their spec or model file
         changes (``follow``, ``load_appeared``), not at every check."""
@@ -385,21 +385,8 @@ class Worker:
         lapses, as a stopped worker's does, so that peers take over its jobs, the API stops
         sending it work and ``model.health`` fails, instead of a thread beating for a loop that
         answers nothing. Whether it announced; raises Redis's errors."""
-        stalled_for = time.monotonic() - self.loop_at
-        if stalled_for > self.settings.serving_stall_s:
-            if not self._stall_reported:
-                self._stall_reported = True
-                log.error(
-                    "worker %s: the serving loop has not come round for %.0f s (SERVING_STALL_S %g):"
-                    " heartbeat withheld, its jobs go to peers",
-                    self.worker_id,
-                    stalled_for,
-                    self.settings.serving_stall_s,
-                )
-            return False
-        if self._stall_reported:
-            self._stall_reported = False
-            log.warning("worker %s: the serving loop runs again; heartbeat resumed", self.worker_id)
+        if self.loop.stalled():
+            return False  # its jobs go to peers once the last heartbeat expires
         self.send_heartbeat()
         self.publish_labels(only_missing=True)
         self.peers = max(1, len(workers.live_heartbeats(self.redis)))
@@ -430,7 +417,7 @@ class Worker:
         started = False
         refusal: EvictionPolicyRefused | None = None
         while not self.stopping.is_set():
-            self.loop_at = time.monotonic()
+            self.loop.turned()
             try:
                 if not groups_ready:
                     # (Re)connected: first make sure this Redis keeps what it is given.

@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import pytest
 import redis
 from PIL import Image
 
 from contracts import keys, streams, workers
 from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus
 from model.config import ModelSettings
-from model.explainer import Explainer
+from model.explainer import Explainer, twins
 from tests.images import encode
 from tests.model.test_worker_registry import entry, publish
-from tests.support import RedisServer
+from tests.support import ROOT, RedisServer, wait_until
 
 
 def blank_drawing_request(label: str, *, sha256: str, deadline: float, owner_id: int) -> ExplainRequest:
@@ -278,3 +282,90 @@ def test_an_explanation_computed_after_its_owner_was_deleted_is_answered_not_cac
         assert client.llen(keys.explanation_done_key(request.request_id)) == 1
         cached = client.exists(keys.explanation_key(owner, request.sha256, "sketch", 1))
         assert cached == (owner != 8), owner
+
+
+def test_an_explainer_whose_serving_loop_hangs_lets_its_heartbeat_lapse_and_beats_again_once_it_runs(
+    private_redis: RedisServer, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Grad-CAM that hangs while the heartbeat thread runs: within SERVING_STALL_S plus the
+    heartbeat's TTL the explainer is no longer live (``model.health --explainer`` fails, so a
+    liveness probe restarts it, and the API stops counting on it), where its thread kept it
+    announced for good. Once the computation returns, the request is answered and the explainer
+    is live again."""
+    settings = model_settings.model_copy(
+        update={
+            "redis_url": private_redis.url,
+            "explain_models": "sketch@1",
+            "worker_id": f"hanging-{time.monotonic_ns()}",
+            "heartbeat_interval_s": 0.2,
+            "heartbeat_ttl_s": 0.6,
+            "serving_stall_s": 1.5,
+        }
+    )
+    explainer = Explainer(settings)
+    explainer.load()
+    stream = keys.explain_stream("sketch", 1)
+    cam = explainer.cams[stream]
+    compute, release = cam.cam, threading.Event()
+
+    def hanging(*args: Any) -> Any:
+        release.wait(60)
+        return compute(*args)
+
+    monkeypatch.setattr(cam, "cam", hanging)
+    serving = threading.Thread(target=explainer.run, name="serving", daemon=True)
+    client = redis.Redis.from_url(private_redis.url)
+    health_env = {**os.environ, "REDIS_URL": private_redis.url, "WORKER_ID": settings.worker_id}
+
+    def live() -> bool:
+        return any(b.explainer_id == explainer.explainer_id for b in workers.live_explainer_heartbeats(client))
+
+    def healthy() -> bool:
+        command = [sys.executable, "-m", "model.health", "--explainer"]
+        return subprocess.run(command, env=health_env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+
+    try:
+        serving.start()
+        wait_until(live, 30, "the explainer to announce itself")
+        time.sleep(2.5)  # idle past SERVING_STALL_S: waiting for requests is the loop coming round
+        assert live() and healthy()
+        request = blank_drawing_request(cam.labels[0], sha256="2" * 64, deadline=time.time() + 60, owner_id=3)
+        client.xadd(stream, request.to_fields())
+        wait_until(lambda: not live(), 10, "the hung explainer's heartbeat to lapse")
+        assert not healthy()
+        release.set()
+        wait_until(
+            lambda: client.llen(keys.explanation_done_key(request.request_id)) == 1,
+            30,
+            "the request to be answered once the computation returned",
+        )
+        wait_until(live, 10, "the explainer to announce itself again")
+    finally:
+        release.set()
+        explainer.stop()
+        serving.join(30)
+
+
+def test_building_a_twin_is_no_stall(
+    private_redis: RedisServer, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A twin built from the serving loop (a new registry revision, a model file written) takes
+    tens of seconds on a busy host: the explainer stays announced meanwhile."""
+    settings = model_settings.model_copy(
+        update={"redis_url": private_redis.url, "explain_models": "sketch@1", "serving_stall_s": 0.5}
+    )
+    explainer = Explainer(settings)
+    [twin] = twins(explainer.registry, settings)
+    beats: list[bool] = []
+    build = explainer._build_twin
+
+    def slow_build(*args: Any) -> bool:
+        time.sleep(1.0)
+        beats.append(explainer.beat())
+        return build(*args)
+
+    monkeypatch.setattr(explainer, "_build_twin", slow_build)
+    assert explainer._load_twin(twin)
+    assert beats == [True] and explainer.beat()
+    time.sleep(1.0)
+    assert not explainer.beat(), "an idle loop that stopped coming round still beat"
