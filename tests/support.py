@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -83,6 +85,28 @@ def wait_for_worker(redis_url: str, worker: Service, timeout: float = 120) -> No
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as the suite's clients (without ``decode_responses``) read it: (entry id, fields)."""
+
+
+QUICK_STALL: dict[str, Any] = {"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 0.6, "serving_stall_s": 1.5}
+"""Model-side settings under which a hung serving loop's heartbeat lapses within about 2 s."""
+
+
+def model_health_passes(redis_url: str, worker_id: str, *flags: str) -> bool:
+    """Whether ``python -m model.health [flags]`` (a container's probe) exits 0 for the process
+    of ``worker_id`` on ``redis_url``."""
+    command = [sys.executable, "-m", "model.health", *flags]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "WORKER_ID": worker_id}
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+
+
+def hanging_until(release: threading.Event, call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call``, made to wait (at most 60 s) for ``release`` first: a computation that hangs."""
+
+    def hanging(*args: Any) -> Any:
+        release.wait(60)
+        return call(*args)
+
+    return hanging
 
 
 def entries(reply: object) -> list[Entry]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,7 +21,7 @@ from model.config import ModelSettings
 from model.explainer import Explainer, twins
 from tests.images import encode
 from tests.model.test_worker_registry import entry, publish
-from tests.support import ROOT, RedisServer, wait_until
+from tests.support import QUICK_STALL, RedisServer, hanging_until, model_health_passes, wait_until
 
 
 def blank_drawing_request(label: str, *, sha256: str, deadline: float, owner_id: int) -> ExplainRequest:
@@ -297,32 +295,23 @@ def test_an_explainer_whose_serving_loop_hangs_lets_its_heartbeat_lapse_and_beat
             "redis_url": private_redis.url,
             "explain_models": "sketch@1",
             "worker_id": f"hanging-{time.monotonic_ns()}",
-            "heartbeat_interval_s": 0.2,
-            "heartbeat_ttl_s": 0.6,
-            "serving_stall_s": 1.5,
+            **QUICK_STALL,
         }
     )
     explainer = Explainer(settings)
     explainer.load()
     stream = keys.explain_stream("sketch", 1)
     cam = explainer.cams[stream]
-    compute, release = cam.cam, threading.Event()
-
-    def hanging(*args: Any) -> Any:
-        release.wait(60)
-        return compute(*args)
-
-    monkeypatch.setattr(cam, "cam", hanging)
+    release = threading.Event()
+    monkeypatch.setattr(cam, "cam", hanging_until(release, cam.cam))
     serving = threading.Thread(target=explainer.run, name="serving", daemon=True)
     client = redis.Redis.from_url(private_redis.url)
-    health_env = {**os.environ, "REDIS_URL": private_redis.url, "WORKER_ID": settings.worker_id}
 
     def live() -> bool:
         return any(b.explainer_id == explainer.explainer_id for b in workers.live_explainer_heartbeats(client))
 
     def healthy() -> bool:
-        command = [sys.executable, "-m", "model.health", "--explainer"]
-        return subprocess.run(command, env=health_env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+        return model_health_passes(private_redis.url, settings.worker_id, "--explainer")
 
     try:
         serving.start()

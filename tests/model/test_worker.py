@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
-import numpy as np
 import pytest
 import redis
 from PIL import Image
@@ -26,9 +25,12 @@ from model.worker import STOPPED_WORKER_MIN_IDLE_MS, Worker
 from tests.images import encode
 from tests.support import (
     PHOTOS,
+    QUICK_STALL,
     ROOT,
     RedisServer,
     entries,
+    hanging_until,
+    model_health_passes,
     start_worker,
     streams_read,
     wait_for_worker,
@@ -419,31 +421,22 @@ def test_a_worker_whose_serving_loop_hangs_lets_its_heartbeat_lapse_and_beats_ag
             "redis_url": server.url,
             "serve_models": "sketch@1",
             "worker_id": f"hanging-worker-{time.monotonic_ns()}",
-            "heartbeat_interval_s": 0.2,
-            "heartbeat_ttl_s": 0.6,
-            "serving_stall_s": 1.5,
+            **QUICK_STALL,
         }
     )
     worker = Worker(settings)
     worker.load_models()
     [loaded] = worker.models.values()
-    classify, release = loaded.classify, threading.Event()
-
-    def hanging(batch: np.ndarray) -> np.ndarray:
-        release.wait(60)
-        return classify(batch)
-
-    loaded.classify = hanging
+    release = threading.Event()
+    loaded.classify = hanging_until(release, loaded.classify)
     serving = threading.Thread(target=worker.run, name="serving", daemon=True)
     client = redis.Redis.from_url(server.url)
-    health_env = {**os.environ, "REDIS_URL": server.url, "WORKER_ID": settings.worker_id}
 
     def live() -> bool:
         return any(beat.worker_id == settings.worker_id for beat in workers.live_heartbeats(client))
 
     def healthy() -> bool:
-        command = [sys.executable, "-m", "model.health"]
-        return subprocess.run(command, env=health_env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+        return model_health_passes(server.url, settings.worker_id)
 
     try:
         serving.start()
