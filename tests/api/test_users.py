@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -427,6 +428,29 @@ async def test_a_removal_behind_a_long_admin_change_is_a_409_not_a_503(
     assert (await client.delete(f"/v1/users/{b['id']}", headers=headers)).status_code == 204
     r = await client.patch(f"/v1/users/{plain['id']}", json={"is_active": False}, headers=headers)
     assert r.status_code == 200 and r.json()["is_active"] is False
+
+
+async def test_a_login_behind_a_long_account_deletion_is_a_409_not_a_503(
+    app: FastAPI, client: httpx.AsyncClient, users: Users
+) -> None:
+    """An account whose deletion holds its row for minutes (a long history): its login (as any
+    request that needs the row) waits for it and ends at PostgreSQL's lock_timeout
+    (``LOCK_TIMEOUT_MS``, 8 s) with 409 "in progress" and Retry-After. It waited to the
+    connection's 10 s command timeout and answered 503, as if PostgreSQL were down."""
+    from sqlalchemy import text
+
+    held, _ = await users.create()
+    async with app.state.engine.connect() as other:
+        await other.execute(text("SELECT 1 FROM users WHERE id = :id FOR UPDATE"), {"id": held["id"]})
+        started = time.monotonic()
+        r = await asyncio.wait_for(
+            client.post("/v1/auth/login", data={"username": held["email"], "password": PASSWORD}), timeout=30
+        )
+        seconds = time.monotonic() - started
+        await other.rollback()
+    assert r.status_code == 409 and "in progress" in r.json()["detail"], r.text
+    assert r.headers["retry-after"] == "5" and seconds < 10, seconds
+    await login(client, held["email"], PASSWORD)
 
 
 async def test_deleting_a_user_deletes_the_files_only_they_uploaded(

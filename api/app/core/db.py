@@ -132,6 +132,16 @@ def engine_url(database_url: str) -> URL:
     return url
 
 
+COMMAND_TIMEOUT_S = 10
+"""asyncpg's ``command_timeout``: a statement not answered by then (a PostgreSQL that hangs) is
+cancelled and the request answered 503."""
+
+LOCK_TIMEOUT_MS = 8000
+"""PostgreSQL's ``lock_timeout`` on the API's connections, under ``COMMAND_TIMEOUT_S``: a request
+held up by another holding a lock (an account being deleted with a long history) ends with a
+409 "in progress" rather than the command timeout's 503."""
+
+
 def make_engine(
     settings: Settings, *, pool_size: int | None = None, max_overflow: int | None = None, role: str = "requests"
 ) -> AsyncEngine:
@@ -148,7 +158,7 @@ def make_engine(
         pool_use_lifo=True,
         connect_args={
             "timeout": 2,
-            "command_timeout": 10,
+            "command_timeout": COMMAND_TIMEOUT_S,
             "server_settings": {
                 # pg_stat_activity then tells which API process holds which connection, and for what.
                 "application_name": application_name(os.getpid(), role),
@@ -156,6 +166,9 @@ def make_engine(
                 # shortest form that reads back exactly, whatever the server, database or role
                 # sets (0 would cut them to 15 significant digits).
                 "extra_float_digits": "1",
+                # A wait for a row or advisory lock ends before the command timeout: as a 409 "in
+                # progress" (``errors.database_status``), not a 503 saying PostgreSQL is down.
+                "lock_timeout": str(LOCK_TIMEOUT_MS),
             },
         },
     )

@@ -145,7 +145,7 @@ def concurrent_change(exc: BaseException) -> bool:
 def database_status(exc: BaseException) -> int:
     """The HTTP status a database error deserves: 503 when PostgreSQL cannot be reached (the
     client may retry), 409 for a constraint the request broke or a concurrent request it met
-    (``CONCURRENT_CHANGE``), 422 for a value PostgreSQL cannot
+    (``CONCURRENT_CHANGE``) or one that held a lock past ``lock_timeout``, 422 for a value PostgreSQL cannot
     hold (out of range, malformed), 500 for anything else (a bug of ours)."""
     if isinstance(exc, DB_ERRORS) or getattr(exc, "connection_invalidated", False):
         return 503
@@ -162,7 +162,7 @@ def database_status(exc: BaseException) -> int:
     sqlstate = _sqlstate(exc)
     if isinstance(exc, sqlalchemy.exc.IntegrityError) or sqlstate.startswith("23"):
         return 409
-    if sqlstate in CONCURRENT_CHANGE:
+    if sqlstate in CONCURRENT_CHANGE or sqlstate == LOCK_NOT_AVAILABLE:
         return 409
     if sqlstate.startswith(("08", "53", "57P")):
         return 503
@@ -322,6 +322,9 @@ def install_outage_handlers(app: FastAPI, outage_log: OutageLog, retry_after: in
         if status == 409 and concurrent_change(exc):
             detail = "Another request changed the same data at the same time; retry."
             return JSONResponse(status_code=409, content={"detail": detail}, headers={"Retry-After": "1"})
+        if status == 409 and lock_not_available(exc):
+            detail = "Another change to the same data is in progress (an account being deleted, say); retry shortly."
+            return JSONResponse(status_code=409, content={"detail": detail}, headers={"Retry-After": "5"})
         if status == 409:
             return JSONResponse(status_code=409, content={"detail": "The request conflicts with existing data."})
         if status == 422:

@@ -135,8 +135,8 @@ def _email_taken() -> HTTPException:
 
 ADMIN_CHANGE_LOCK_TIMEOUT = "5s"
 """How long a demotion, deactivation or deletion waits for the target's row and ``ADMINS_LOCK``
-before answering 409: another admin's deletion of a long history holds them for minutes, and
-the connection's 10 s command timeout would otherwise answer a false 503."""
+before answering 409 (another admin's deletion of a long history holds them for minutes): less
+than the connection's ``core.db.LOCK_TIMEOUT_MS``, with a message of its own."""
 
 
 async def _keep_an_admin(*, session: AsyncSession, actor: User, target: User, action: str) -> None:
