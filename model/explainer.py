@@ -130,8 +130,8 @@ class Explainer:
         try:
             return self._build_twin(twin, start)
         finally:
+            self.loop.turned()  # before ``busy`` is cleared (``LoopWatch.stalled``)
             self.loop.busy = None
-            self.loop.turned()
 
     def _build_twin(self, twin: ModelEntry, start: float) -> bool:
         try:

@@ -32,8 +32,11 @@ class LoopWatch:
     def stalled(self) -> bool:
         """Whether the loop has not come round for ``stall_s`` seconds while not ``busy``. Logs
         once when a stall starts (error) and once when the loop runs again (warning)."""
+        # ``busy`` first: work that ends sets ``at`` before it clears ``busy``, so a stall is
+        # never counted from an ``at`` read before the work's end and a ``busy`` read after it.
+        busy = self.busy
         stalled_for = time.monotonic() - self.at
-        if self.busy is None and stalled_for > self.stall_s:
+        if busy is None and stalled_for > self.stall_s:
             if not self._reported:
                 self._reported = True
                 log.error(

@@ -358,3 +358,42 @@ def test_building_a_twin_is_no_stall(
     assert beats == [True] and explainer.beat()
     time.sleep(1.0)
     assert not explainer.beat(), "an idle loop that stopped coming round still beat"
+
+
+def test_answering_many_requests_in_one_turn_is_no_stall(
+    private_redis: RedisServer, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reaping what a dead explainer left (or answering a let-go twin's queue) handles many
+    requests in one turn of the loop: each is the loop's work, so the explainer stays announced
+    throughout, though together they take longer than SERVING_STALL_S."""
+    settings = model_settings.model_copy(
+        update={
+            "redis_url": private_redis.url,
+            "explain_models": "sketch@1",
+            "serving_stall_s": 0.5,
+            "explain_claim_idle_s": 0.05,
+        }
+    )
+    explainer = Explainer(settings)
+    explainer.load()
+    stream = keys.explain_stream("sketch", 1)
+    cam = explainer.cams[stream]
+    beats: list[bool] = []
+    compute = cam.cam
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.3)
+        beats.append(explainer.beat())
+        return compute(*args)
+
+    monkeypatch.setattr(cam, "cam", slow)
+    client = redis.Redis.from_url(private_redis.url)
+    streams.ensure_group(client, stream, keys.EXPLAIN_GROUP)
+    for i in range(5):
+        request = blank_drawing_request(cam.labels[0], sha256=f"{i}" * 64, deadline=time.time() + 60, owner_id=5)
+        client.xadd(stream, request.to_fields())
+    client.xreadgroup(keys.EXPLAIN_GROUP, "explainer-gone", {stream: ">"}, count=5)  # left by a dead one
+    time.sleep(0.1)
+    explainer.loop.turned()
+    explainer.reap()
+    assert beats == [True] * 5, beats
