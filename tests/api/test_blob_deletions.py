@@ -207,8 +207,9 @@ async def test_each_api_process_retries_the_queue(
         assert (await client.delete(f"/v1/users/{leaving['id']}", headers=admin_headers)).status_code == 204
     monkeypatch.setattr(images_service, "BLOB_DELETION_RETRY_SECONDS", 0.2)
     async for _ in client_for(create_app(settings)):
-        for _ in range(50):
-            if not await app.state.store.exists(sha):
+        # The file goes first, then its row with the retry's commit: both are waited for.
+        for _ in range(100):
+            if not await app.state.store.exists(sha) and await queued(app, sha) == []:
                 break
             await asyncio.sleep(0.1)
     assert not await app.state.store.exists(sha)
