@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -335,6 +336,18 @@ def test_an_explainer_whose_serving_loop_hangs_lets_its_heartbeat_lapse_and_beat
         serving.join(30)
 
 
+def slow_and_beating(explainer: Explainer, call: Callable[..., Any], seconds: float, beats: list[bool]) -> Any:
+    """``call``, made to take ``seconds`` more and then to note in ``beats`` whether the
+    explainer's heartbeat thread would announce it at that moment (``Explainer.beat``)."""
+
+    def slow(*args: Any) -> Any:
+        time.sleep(seconds)
+        beats.append(explainer.beat())
+        return call(*args)
+
+    return slow
+
+
 def test_building_a_twin_is_no_stall(
     private_redis: RedisServer, model_settings: ModelSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -346,14 +359,7 @@ def test_building_a_twin_is_no_stall(
     explainer = Explainer(settings)
     [twin] = twins(explainer.registry, settings)
     beats: list[bool] = []
-    build = explainer._build_twin
-
-    def slow_build(*args: Any) -> bool:
-        time.sleep(1.0)
-        beats.append(explainer.beat())
-        return build(*args)
-
-    monkeypatch.setattr(explainer, "_build_twin", slow_build)
+    monkeypatch.setattr(explainer, "_build_twin", slow_and_beating(explainer, explainer._build_twin, 1.0, beats))
     assert explainer._load_twin(twin)
     assert beats == [True] and explainer.beat()
     time.sleep(1.0)
@@ -379,14 +385,7 @@ def test_answering_many_requests_in_one_turn_is_no_stall(
     stream = keys.explain_stream("sketch", 1)
     cam = explainer.cams[stream]
     beats: list[bool] = []
-    compute = cam.cam
-
-    def slow(*args: Any) -> Any:
-        time.sleep(0.3)
-        beats.append(explainer.beat())
-        return compute(*args)
-
-    monkeypatch.setattr(cam, "cam", slow)
+    monkeypatch.setattr(cam, "cam", slow_and_beating(explainer, cam.cam, 0.3, beats))
     client = redis.Redis.from_url(private_redis.url)
     streams.ensure_group(client, stream, keys.EXPLAIN_GROUP)
     for i in range(5):
