@@ -161,6 +161,20 @@ def test_prepare_and_bench_name_a_registry_file_they_cannot_read(module: str, pr
     ], done.stderr[-3000:]
 
 
+def test_prepare_names_a_serve_models_reference_no_registry_serves() -> None:
+    """Was the reason alone, without the process that refused."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SERVE_MODELS": "sketch@1,nope"}
+    done = subprocess.run(
+        [sys.executable, "-m", "model.prepare"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    said = done.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(
+        "python -m model.prepare refuses to start:"
+        " SERVE_MODELS='sketch@1,nope': 'nope' matches no model version served here; served: "
+    ), done.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "line"),
     [

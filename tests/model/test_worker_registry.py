@@ -117,7 +117,8 @@ def test_a_worker_told_to_serve_a_model_no_registry_has_stops_at_once(
     assert done.returncode == 1, done.stderr[-3000:]
     unknown = serve_models.split(",")[-1]
     assert done.stderr.strip().splitlines()[-1] == (
-        f"SERVE_MODELS={serve_models!r}: {unknown!r} matches no model version in the registry; served: sketch@1"
+        "model worker refuses to start:"
+        f" SERVE_MODELS={serve_models!r}: {unknown!r} matches no model version in the registry; served: sketch@1"
     ), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     health = subprocess.run([sys.executable, "-m", "model.health"], env=env, cwd=ROOT, capture_output=True, timeout=60)
