@@ -10,12 +10,12 @@ from email_validator import EmailNotValidError, validate_email
 from fastapi import HTTPException, status
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, func, select, text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from api.app.core.config import Settings
-from api.app.core.errors import DB_ERRORS, OWNER_GONE, lock_not_available
+from api.app.core.errors import DB_ERRORS, OWNER_GONE
 from api.app.core.security import PasswordHasher
 from api.app.core.throttle import AttemptThrottle
 from api.app.images import service as images_service
@@ -133,45 +133,28 @@ def _email_taken() -> HTTPException:
     return HTTPException(status_code=status.HTTP_409_CONFLICT, detail="A user with this email already exists")
 
 
-ADMIN_CHANGE_LOCK_TIMEOUT = "5s"
-"""How long a demotion, deactivation or deletion waits for the target's row and ``ADMINS_LOCK``
-before answering 409 (another admin's deletion of a long history holds them for minutes): less
-than the connection's ``core.db.LOCK_TIMEOUT_MS``, with a message of its own."""
-
-
 async def _keep_an_admin(*, session: AsyncSession, actor: User, target: User, action: str) -> None:
     """Refuses ``action`` (demote, deactivate or delete) of an active admin: 409 on oneself; 403
     when the actor is no longer an active admin once ``ADMINS_LOCK`` is held (another admin
     demoted, deactivated or deleted them meanwhile); 409 when another change holds the target
-    or ``ADMINS_LOCK`` past ``ADMIN_CHANGE_LOCK_TIMEOUT``; 404 when the target was deleted
+    or ``ADMINS_LOCK`` past the connection's ``core.db.LOCK_TIMEOUT_MS``; 404 when the target was deleted
     meanwhile. The actor stays an active admin, so there always is one, and two admins demoting
     each other at once cannot both succeed. The target's row (read again, locked, so a promotion
     or reactivation since the caller's read counts) and the lock are held to the caller's commit."""
     if target.id == actor.id:
         # Only admins change others' accounts, so the actor is (or was, a moment ago) an admin.
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=f"You cannot {action} yourself.")
-    await session.execute(text(f"SET LOCAL lock_timeout = '{ADMIN_CHANGE_LOCK_TIMEOUT}'"))
-    try:
-        current = await session.scalar(
-            select(User)
-            .where(User.id == target.id)
-            # FOR NO KEY UPDATE: waits for a promotion or reactivation in progress, not for the
-            # user's own uploads (which hold the row FOR KEY SHARE).
-            .with_for_update(key_share=True)
-            .execution_options(populate_existing=True)
-        )
-        removes_an_admin = current is not None and current.is_admin and current.is_active
-        if removes_an_admin:
-            await session.execute(ADMINS_LOCK)
-    except DBAPIError as exc:
-        if not lock_not_available(exc):
-            raise
-        await session.rollback()
-        raise HTTPException(
-            status_code=status.HTTP_409_CONFLICT,
-            detail="Another change to this user or to an admin is in progress; try again in a moment.",
-        ) from None
-    await session.execute(text("SET LOCAL lock_timeout TO DEFAULT"))
+    current = await session.scalar(
+        select(User)
+        .where(User.id == target.id)
+        # FOR NO KEY UPDATE: waits for a promotion or reactivation in progress, not for the
+        # user's own uploads (which hold the row FOR KEY SHARE).
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
+    removes_an_admin = current is not None and current.is_admin and current.is_active
+    if removes_an_admin:
+        await session.execute(ADMINS_LOCK)
     if current is None:
         raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="User not found")
     if not removes_an_admin:
