@@ -59,6 +59,9 @@ class ModelSettings(BaseSettings):
     converter's version: a worker reads them instead of converting again (seconds at each start)."""
     allow_weight_download: bool = True
     """Let Keras download ImageNet weights when no local file is present."""
+    weight_download_timeout_s: float = Field(default=60.0, gt=0)
+    """How long a weights download may wait for the server's next bytes (connecting included)
+    before it fails, saying so, rather than hanging the process that loads the model."""
     benchmark_mode: bool = False
     """Also serve benchmark-only models (random weights)."""
     model_workers: int = Field(default=1, ge=1)

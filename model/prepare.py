@@ -26,7 +26,7 @@ from typing import Any
 from contracts.registry import ModelEntry, Registry, RegistryUnreadable, load_registry, parse_model_ref, read_registry
 from model import preprocessing
 from model.config import ModelSettings, ServeModelsInvalid, load_model_settings
-from model.runtimes import ModelUnavailable, resolve
+from model.runtimes import ModelUnavailable, download_timeout, resolve
 from model.store import ProgressNote, version_lock, written_into
 from model.training import train_sketch
 
@@ -167,7 +167,8 @@ def fetch_imagenet_weights(entries: list[ModelEntry], settings: ModelSettings, *
         try:
             # Downloaded before the lock is taken: a run that cannot download (no network) leaves
             # nothing in MODELS_DIR, which may be a shared folder of weights.
-            model = imagenet_model(entry)
+            with download_timeout(settings.weight_download_timeout_s):
+                model = imagenet_model(entry)
             with version_lock(path, entry.key, wait=wait) as held:
                 if not held:
                     log.info("%s: another python -m model.prepare is writing it; not waited for", entry.key)

@@ -7,9 +7,11 @@ import importlib.metadata
 import json
 import logging
 import shutil
+import socket
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -164,6 +166,21 @@ def _compiled(model: object, entry: ModelEntry) -> Classifier:
     return lambda batch: infer(tf.constant(batch)).numpy()
 
 
+@contextmanager
+def download_timeout(seconds: float) -> Iterator[None]:
+    """Bounds each wait of the downloads Keras makes meanwhile (``keras.utils.get_file`` opens its
+    URL with urllib's default timeout, which is none): a server that stops answering raises
+    TimeoutError after ``seconds`` instead of hanging the worker, the explainer or
+    ``model.prepare`` for good. The default is the process's while this lasts; every other
+    socket of these processes (Redis) sets its own timeout."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
 def _keras_application(entry: ModelEntry, settings: ModelSettings) -> tuple[object, bool]:
     import keras
 
@@ -182,7 +199,8 @@ def _keras_application(entry: ModelEntry, settings: ModelSettings) -> tuple[obje
             raise ModelLoadFailed(f"weights file {path} could not be loaded: {exc}") from exc
     if entry.weights == "imagenet" and settings.allow_weight_download:
         try:
-            return builder(weights="imagenet", input_shape=shape), False
+            with download_timeout(settings.weight_download_timeout_s):
+                return builder(weights="imagenet", input_shape=shape), False
         except Exception as exc:
             raise ModelUnavailable(
                 f"ImageNet weights are not available: no file at {path} and the download failed ({exc})"

@@ -410,3 +410,55 @@ def test_a_heartbeat_names_the_held_out_drawings_of_each_record(
         heldout_set_id(six, 3000),
         1800,
     )
+
+
+def test_a_weights_download_that_stalls_fails_at_its_timeout_and_says_so(
+    tmp_path: Path, model_settings: ModelSettings, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that sends the start of the weights file and then nothing: Keras' download has
+    no timeout of its own, so the worker or explainer loading the version hung for good. It now
+    fails after WEIGHT_DOWNLOAD_TIMEOUT_S, the version unavailable with the reason."""
+    import socket
+    import threading
+    import time
+
+    from keras.src.applications import mobilenet_v2
+    from keras.src.backend import config as keras_config
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def stall() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 14000000\r\n\r\n" + b"\x89HDF" * 100)
+        held.append(conn)  # open, silent
+
+    threading.Thread(target=stall, daemon=True).start()
+    monkeypatch.setattr(mobilenet_v2, "BASE_WEIGHT_PATH", f"http://127.0.0.1:{listener.getsockname()[1]}/")
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras"))
+    settings = model_settings.model_copy(
+        update={"models_dir": tmp_path, "allow_weight_download": True, "weight_download_timeout_s": 2.0}
+    )
+    result: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            keras_model(registry.get("mobilenet_v2@1"), settings)
+        except BaseException as exc:
+            result.append(exc)
+
+    started = time.monotonic()
+    loading = threading.Thread(target=load, daemon=True)
+    loading.start()
+    loading.join(timeout=60)
+    try:
+        assert not loading.is_alive(), "the download still hangs"
+        assert held, "the download never reached the server"
+        assert len(result) == 1 and isinstance(result[0], ModelUnavailable), result
+        assert "download failed" in str(result[0]) and time.monotonic() - started < 30
+        assert socket.getdefaulttimeout() is None, "the process's default timeout was left changed"
+    finally:
+        for conn in held:
+            conn.close()
+        listener.close()
