@@ -22,9 +22,9 @@ from contracts.settings import RedisUrl
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ServeModelsInvalid(Exception):
-    """SERVE_MODELS names a version no registry serves, a mistake no registry change mends; the
-    message, one line, quotes the setting and says which reference."""
+class ModelRefInvalid(Exception):
+    """SERVE_MODELS or EXPLAIN_MODELS names a version no registry has, a mistake no registry
+    change mends; the message, one line, quotes the setting and says which reference."""
 
 
 class ModelSettings(BaseSettings):
@@ -130,11 +130,11 @@ class ModelSettings(BaseSettings):
 
     def served_entries(self, registry: Registry) -> list[ModelEntry]:
         """The registry entries this worker serves; stops the process, saying why, when
-        SERVE_MODELS names a version that is not served here (``ServeModelsInvalid``)."""
+        SERVE_MODELS names a version that is not served here (``ModelRefInvalid``)."""
         try:
             return registry.selected(self.serve_models, benchmark_mode=self.benchmark_mode)
         except ValueError as exc:
-            raise ServeModelsInvalid(f"SERVE_MODELS={self.serve_models!r}: {exc}") from None
+            raise ModelRefInvalid(f"SERVE_MODELS={self.serve_models!r}: {exc}") from None
 
     def live_entries(self, registry: Registry) -> list[ModelEntry]:
         """What SERVE_MODELS selects of a registry published while running: a name it names that is
@@ -150,22 +150,40 @@ class ModelSettings(BaseSettings):
         the registry file, which seeds it). A model of either registry with no version served
         for now (all retired or disabled) selects nothing and the worker waits for one
         (``live_entries``); a reference that matches no model version of either, a mistake that
-        no registry change will mend, stops the process, saying why (``ServeModelsInvalid``)."""
+        no registry change will mend, stops the process, saying why (``ModelRefInvalid``)."""
         try:
             wanted = [parse_model_ref(ref) for ref in self.serve_models.split(",") if ref.strip()]
         except ValueError as exc:
-            raise ServeModelsInvalid(f"SERVE_MODELS={self.serve_models!r}: {exc}") from None
+            raise ModelRefInvalid(f"SERVE_MODELS={self.serve_models!r}: {exc}") from None
         # Benchmark-only versions are none of this worker's unless BENCHMARK_MODE: no revision
         # changes that.
         known = [m for r in (published, file) for m in r.models if self.benchmark_mode or not m.benchmark_only]
         for name, version in wanted:
             if not any(m.name == name and version in (None, m.version) for m in known):
                 ref = name if version is None else f"{name}@{version}"
-                raise ServeModelsInvalid(
+                raise ModelRefInvalid(
                     f"SERVE_MODELS={self.serve_models!r}: {ref!r} matches no model version in the registry;"
                     f" served: {', '.join(m.key for m in published.served(benchmark_mode=self.benchmark_mode))}"
                 )
         return self.live_entries(published)
+
+    def check_explain_models(self, *registries: Registry) -> None:
+        """Raises ModelRefInvalid when EXPLAIN_MODELS holds a reference that is malformed or
+        matches no model version of any of ``registries`` (the file's, the published one), in any
+        state: an explainer told to explain only what does not exist would sit idle while looking
+        healthy. A model whose versions are all retired for now is a valid reference."""
+        try:
+            wanted = [parse_model_ref(ref) for ref in self.explain_models.split(",") if ref.strip()]
+        except ValueError as exc:
+            raise ModelRefInvalid(f"EXPLAIN_MODELS={self.explain_models!r}: {exc}") from None
+        known = [m for r in registries for m in r.models if self.benchmark_mode or not m.benchmark_only]
+        for name, version in wanted:
+            if not any(m.name == name and version in (None, m.version) for m in known):
+                ref = name if version is None else f"{name}@{version}"
+                raise ModelRefInvalid(
+                    f"EXPLAIN_MODELS={self.explain_models!r}: {ref!r} matches no model version in the registry;"
+                    f" known: {', '.join(dict.fromkeys(m.key for m in known))}"
+                )
 
     @model_validator(mode="after")
     def _heartbeat_outlives_its_interval(self) -> ModelSettings:

@@ -43,9 +43,9 @@ import redis
 from contracts import keys, registry_live, streams, workers
 from contracts.imaging import ImageRejected
 from contracts.messages import ExplainerHeartbeat, ExplainRequest, Explanation, ExplanationStatus
-from contracts.registry import ModelEntry, Registry, load_registry, parse_model_ref
+from contracts.registry import ModelEntry, Registry, RegistryUnreadable, parse_model_ref, read_registry
 from contracts.streams import REDIS_ERRORS
-from model.config import ModelSettings, load_model_settings
+from model.config import ModelRefInvalid, ModelSettings, load_model_settings
 from model.gradcam import GradCam, NotExplainable
 from model.runtimes import (
     FailedLoads,
@@ -91,13 +91,14 @@ class Explainer:
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1, socket_timeout=5, health_check_interval=15
         )
-        registry = load_registry(settings.registry_path)
+        file = registry = read_registry(settings.registry_path)
         self.revision: tuple[str, int] | None = None
         """(source, revision) of the registry snapshot followed; None before one was read."""
         with contextlib.suppress(*REDIS_ERRORS):
             if (snapshot := registry_live.read_snapshot(self.redis)) is not None:
                 registry = snapshot.registry
                 self.revision = (snapshot.source, snapshot.revision)
+        settings.check_explain_models(file, registry)
         self.registry = registry
         self.cams: dict[str, GradCam] = {}
         """By explanation stream."""
@@ -445,7 +446,10 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_json)
     if settings.cpu_nice:
         os.nice(settings.cpu_nice)
-    explainer = Explainer(settings)
+    try:
+        explainer = Explainer(settings)
+    except (RegistryUnreadable, ModelRefInvalid) as exc:
+        raise SystemExit(f"model explainer refuses to start: {exc}") from None
 
     def leave_while_loading(signum: int, _frame: object) -> None:
         # Loading holds no request yet: nothing to finish, and building the graphs (or a weight

@@ -25,7 +25,7 @@ from typing import Any
 
 from contracts.registry import ModelEntry, Registry, RegistryUnreadable, load_registry, parse_model_ref, read_registry
 from model import preprocessing
-from model.config import ModelSettings, ServeModelsInvalid, load_model_settings
+from model.config import ModelRefInvalid, ModelSettings, load_model_settings
 from model.runtimes import ModelUnavailable, download_timeout, resolve
 from model.store import ProgressNote, version_lock, written_into
 from model.training import train_sketch
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_model_settings("python -m model.prepare")
     try:
         served = settings.served_entries(registry := read_registry(settings.registry_path))
-    except (RegistryUnreadable, ServeModelsInvalid) as exc:
+    except (RegistryUnreadable, ModelRefInvalid) as exc:
         raise SystemExit(f"python -m model.prepare refuses to start: {exc}") from None
     # Before quantizing: an INT8 version is made from its FP32 version's weights file (and the
     # quantization cache's key names that file).

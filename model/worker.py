@@ -43,7 +43,7 @@ from contracts.registry import ModelEntry, Registry, RegistryUnreadable, read_re
 from contracts.streams import REDIS_ERRORS, group_missing
 from model import preprocessing
 from model.affinity import narrowed_cpus, spread_over
-from model.config import ModelSettings, ServeModelsInvalid, load_model_settings
+from model.config import ModelRefInvalid, ModelSettings, load_model_settings
 from model.runtimes import (
     FailedLoads,
     LoadedModel,
@@ -741,7 +741,7 @@ def main() -> None:
         os.nice(settings.cpu_nice)
     try:
         worker = Worker(settings)
-    except (RegistryUnreadable, ServeModelsInvalid) as exc:
+    except (RegistryUnreadable, ModelRefInvalid) as exc:
         raise SystemExit(f"model worker refuses to start: {exc}") from None
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

@@ -161,6 +161,36 @@ def test_prepare_and_bench_name_a_registry_file_they_cannot_read(module: str, pr
     ], done.stderr[-3000:]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        # Explained nothing while looking healthy.
+        (
+            "EXPLAIN_MODELS",
+            "sketch,skecth@3",
+            "EXPLAIN_MODELS='sketch,skecth@3': 'skecth@3' matches no model version in the registry; known: ",
+        ),
+        ("EXPLAIN_MODELS", "sketch@x", "EXPLAIN_MODELS='sketch@x': invalid model version in 'sketch@x'"),
+        # Was a FileNotFoundError traceback.
+        ("REGISTRY_PATH", "/nonexistent/registry.yaml", "REGISTRY_PATH=/nonexistent/registry.yaml: no such file"),
+    ],
+)
+def test_an_explainer_told_to_explain_what_no_registry_has_stops_at_start(variable: str, value: str, line: str) -> None:
+    """One line and status 1, before any model is built (Redis down: the file's registry)."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("EXPLAIN_", "REGISTRY_"))},
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "PYTHONPATH": str(ROOT),
+        variable: value,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "model.explainer"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    said = done.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(f"model explainer refuses to start: {line}"), done.stderr[-3000:]
+
+
 def test_prepare_names_a_serve_models_reference_no_registry_serves() -> None:
     """Was the reason alone, without the process that refused."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SERVE_MODELS": "sketch@1,nope"}
