@@ -116,6 +116,20 @@ def test_a_secret_setting_is_named_never_shown() -> None:
     assert "hunter" not in said
 
 
+def test_the_api_names_a_registry_file_it_cannot_read(tmp_path: Path) -> None:
+    """Was a traceback from the start-up of each API process, then "Application startup failed"."""
+    missing = tmp_path / "registry.yaml"
+    done = run(
+        [sys.executable, "-m", "api"],
+        REGISTRY_PATH=str(missing),
+        API_PORT="1",
+        DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:1/portal",
+        REDIS_URL="redis://127.0.0.1:1/0",
+    )
+    assert done.returncode == 1, (done.returncode, done.stdout[-3000:], done.stderr[-3000:])
+    assert done.stderr.splitlines() == [f"API refuses to start: REGISTRY_PATH={missing}: no such file"], done.stderr
+
+
 def test_prestart_says_the_registry_file_is_missing(redis_url: str, tmp_path: Path) -> None:
     """Logged as prestart's other refusals are (an error line on stderr, exit status 1), after the database
     was prepared (it is idempotent: the next run, with the file, seeds the registry)."""
