@@ -73,7 +73,9 @@ class ImageInfo:
     """Upright size, in pixels."""
     preview: bytes | None = None
     """A JPEG of the upright image at most ``preview_size`` pixels a side, when one was asked for and
-    the image is larger and not a JPEG (a JPEG is decoded at a reduced scale whenever it is drawn)."""
+    the image is larger and not a baseline JPEG. A baseline JPEG is decoded at a reduced scale
+    whenever it is drawn, in milliseconds; a progressive one reads all its scans at any scale (a
+    second or more for a large one of many), so it gets a preview like the other formats."""
     stats: PixelStats | None = None
     """Simple statistics of its pixels, which the drift monitor compares over time."""
 
@@ -241,14 +243,22 @@ def inspect_image(data: bytes, *, max_pixels: int, preview_size: int | None = No
         # Decoded before the orientation is read, as ``load_image`` does: reading a PNG's EXIF loads
         # its pixels, and ``_orientation`` would swallow a decoding error that a second load, finding
         # nothing left to decode, would then leave unsaid (a corrupt PNG taken, to fail in a worker).
-        upright = _prepare(img, mode="RGB", draft_size=(max(1, width // 8), max(1, height // 8)))
+        side = preview_size if preview_size is not None and max(width, height) > preview_size else None
+        if fmt == "JPEG" and not img.info.get("progressive"):
+            side = None  # drawn at a reduced scale, in milliseconds, whenever it is shown
+        draft = (max(1, width // 8), max(1, height // 8))
+        if side is not None and fmt == "JPEG":
+            # Pixels enough for the preview: a progressive JPEG costs about the same at 1/2 as at 1/8.
+            longest = max(width, height)
+            draft = (-(-width * side // longest), -(-height * side // longest))
+        upright = _prepare(img, mode="RGB", draft_size=draft)
         # Pillow reports a TIFF's size upright already (and turns its pixels as it loads them).
         turned = _orientation(img) in (5, 6, 7, 8) and fmt != "TIFF"
         w, h = (height, width) if turned else (width, height)
         stats = PixelStats.of(upright)
         preview = None
-        if preview_size is not None and fmt != "JPEG" and max(w, h) > preview_size:
-            upright.thumbnail((preview_size, preview_size))
+        if side is not None:
+            upright.thumbnail((side, side))
             buf = io.BytesIO()
             upright.save(buf, format="JPEG", quality=90)
             preview = buf.getvalue()

@@ -20,6 +20,7 @@ from api.app.core.config import Settings
 from api.app.images import service as images_service
 from api.app.main import create_app
 from bench.jpeg_scans import scan_bomb
+from contracts.imaging import MAX_JPEG_SCANS
 from tests.conftest import Users, client_for
 from tests.images import animated_gif, encode, noise_png, png_bomb, split_colour
 from tests.support import PHOTOS
@@ -205,6 +206,25 @@ async def test_a_50_megapixel_png_is_viewed_from_its_preview(
     # Deleting the upload removes the preview with the blob.
     assert (await client.delete(f"/v1/images/{created['id']}", headers=headers)).status_code == 204
     assert not original.exists() and not preview.exists()
+
+
+async def test_a_progressive_jpeg_of_many_scans_is_listed_and_viewed_from_its_preview(
+    client: httpx.AsyncClient, users: Users, settings: Settings
+) -> None:
+    """Each scan of a progressive JPEG is read at any scale: a history page of twelve large ones of
+    a hundred scans took over ten seconds, every time, in the decode slots other users' uploads
+    wait for. Its preview is drawn once, at upload."""
+    _, headers = await users.create()
+    data = scan_bomb(side=2400, scans=MAX_JPEG_SCANS, mode="RGB")
+    created = (await upload(client, headers, data, "scans.jpg")).json()
+    [original] = [p for p in settings.storage_dir.rglob(created["sha256"])]
+    preview = original.with_name(f"{original.name}.preview.jpg")
+    assert max(Image.open(preview).size) == 800
+    original.write_bytes(data[:100])  # a view or thumbnail that decoded the upload would fail
+    view = await client.get(f"/v1/images/{created['id']}/view", headers=headers)
+    assert view.status_code == 200 and Image.open(io.BytesIO(view.content)).width == 800, view.text
+    listing = (await client.get("/v1/images", params={"thumbnails": "true"}, headers=headers)).json()
+    assert listing["data"][0]["thumbnail"] is not None
 
 
 async def test_listing_carries_thumbnails_when_asked(

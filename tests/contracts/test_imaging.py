@@ -163,6 +163,32 @@ def test_preview_only_for_large_images_that_cannot_be_drafted() -> None:
     assert inspect_image(encode(large, "PNG"), max_pixels=MAX).preview is None
 
 
+def test_a_large_progressive_jpeg_gets_a_preview_at_full_size_and_upright() -> None:
+    """A progressive JPEG is decoded whole (every scan) whenever it is drawn: a history page of
+    large ones of many scans took seconds per thumbnail, each time, in the decode slots uploads
+    wait for. It gets a preview like a PNG, drawn from pixels enough for its size, upright."""
+    arr = np.zeros((1200, 1600, 3), dtype=np.uint8)
+    arr[:, :800] = (255, 0, 0)
+    arr[:, 800:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees clockwise to be upright
+    img = Image.fromarray(arr)
+    info = inspect_image(encode(img, "JPEG", progressive=True), max_pixels=MAX, preview_size=800)
+    assert info.preview is not None
+    assert Image.open(io.BytesIO(info.preview)).size == (800, 600)
+    turned = inspect_image(encode(img, "JPEG", progressive=True, exif=exif), max_pixels=MAX, preview_size=800)
+    assert turned.preview is not None and (turned.width, turned.height) == (1200, 1600)
+    upright = Image.open(io.BytesIO(turned.preview))
+    assert upright.size == (600, 800)
+    top, bottom = upright.getpixel((300, 100)), upright.getpixel((300, 700))
+    assert isinstance(top, tuple) and isinstance(bottom, tuple) and top[0] > 200 > bottom[0], (top, bottom)
+    bomb = inspect_image(scan_bomb(1024, MAX_JPEG_SCANS), max_pixels=MAX, preview_size=800)
+    assert bomb.preview is not None and max(Image.open(io.BytesIO(bomb.preview)).size) == 800
+    # A small one is cheap to decode whole, as is a baseline JPEG at a reduced scale.
+    small = img.resize((800, 600))
+    assert inspect_image(encode(small, "JPEG", progressive=True), max_pixels=MAX, preview_size=800).preview is None
+
+
 def test_a_16_bit_image_is_scaled_without_copies_of_itself_in_floating_point() -> None:
     """A 49-megapixel 16-bit PNG compresses to about 100 KB; scaling it whole in float64 took over
     1 GB per upload. Measured in a process of its own: peak memory is per process."""
