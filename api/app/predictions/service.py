@@ -1193,9 +1193,9 @@ async def list_jobs(
 IMAGE_JOBS = 50
 """Jobs an image's detail (``GET /v1/images/{id}``) shows, newest first: a default page of
 ``GET /v1/predictions``, where ``?image_id=`` pages through the rest."""
-# The image's jobs alone (they are all its owner's), read through ix_jobs_image_id and sorted: with
-# the owner's condition too, PostgreSQL may walk ix_jobs_owner_created through every newer job of
-# the owner's other images to find these (measured: 20,000 rows for 51).
+# The image's jobs alone (they are all its owner's), read newest first through
+# ix_jobs_image_created: with the owner's condition too, PostgreSQL may walk ix_jobs_owner_created
+# through every newer job of the owner's other images to find these (measured: 20,000 rows for 51).
 _IMAGE_JOBS_PAGE = text(_PAGE_OF_JOBS.format(whose="image_id = :image_id", after="", images=""))
 _IMAGE_JOBS_COUNT = select(func.count()).select_from(_jobs).where(_jobs.c.image_id == bindparam("b_image_id"))
 
@@ -1226,7 +1226,7 @@ async def jobs_of_image(*, session: AsyncSession, image_id: uuid.UUID, limit: in
 
 
 # The newest done answer of each model version to an image, one row each, newest first. PostgreSQL
-# reads the image's jobs (ix_jobs_image_id) and each one's answers (the unique index on job_id,
+# reads the image's jobs (ix_jobs_image_created) and each one's answers (the unique index on job_id,
 # model_name, model_version), a few pages per job, and sends only those rows. OFFSET 0 keeps the
 # answers a subquery read per job by job_id alone (no condition enters a subquery with OFFSET):
 # joined plainly, the planner may hash the image's jobs with a scan of all predictions (24,000
