@@ -594,9 +594,16 @@ async def _receive(
             else:
                 await _add_image(session, store, settings, b, member_name, content)
         opened.close()
+    # Read in one statement: a batch of ten thousand ids that are not the user's was two round
+    # trips each (half a minute), only to be refused. Each one owned is read again below, locked.
+    mine = select(Image.id).where(Image.owner_id == b.owner_id, Image.id.in_(image_ids))
+    owned = set(await session.scalars(mine)) if image_ids else set()
     for image_id in image_ids:
         if b.cut_off:
             return
+        if image_id not in owned:
+            b.skipped(str(image_id), "not one of your images")
+            continue
         # The owner's row before the job's insert locks the image: deleting the user takes it first too.
         await images_service.lock_owner(session=session, owner_id=b.owner_id)
         image = await images_service.get_owned_image(session=session, owner_id=b.owner_id, image_id=image_id)
