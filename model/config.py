@@ -27,6 +27,20 @@ class ModelRefInvalid(Exception):
     change mends; the message, one line, quotes the setting and says which reference."""
 
 
+def _check_refs(variable: str, refs: str, known: list[ModelEntry], listing: str) -> None:
+    """Raises ModelRefInvalid for the first reference of ``refs`` (``variable``'s value, comma
+    separated ``name`` or ``name@version``) that is malformed or matches no entry of ``known``;
+    ``listing`` ends its message."""
+    try:
+        wanted = [parse_model_ref(ref) for ref in refs.split(",") if ref.strip()]
+    except ValueError as exc:
+        raise ModelRefInvalid(f"{variable}={refs!r}: {exc}") from None
+    for name, version in wanted:
+        if not any(m.name == name and version in (None, m.version) for m in known):
+            ref = name if version is None else f"{name}@{version}"
+            raise ModelRefInvalid(f"{variable}={refs!r}: {ref!r} matches no model version in the registry; {listing}")
+
+
 class ModelSettings(BaseSettings):
     """Everything a model worker process can be told."""
 
@@ -151,20 +165,11 @@ class ModelSettings(BaseSettings):
         for now (all retired or disabled) selects nothing and the worker waits for one
         (``live_entries``); a reference that matches no model version of either, a mistake that
         no registry change will mend, stops the process, saying why (``ModelRefInvalid``)."""
-        try:
-            wanted = [parse_model_ref(ref) for ref in self.serve_models.split(",") if ref.strip()]
-        except ValueError as exc:
-            raise ModelRefInvalid(f"SERVE_MODELS={self.serve_models!r}: {exc}") from None
         # Benchmark-only versions are none of this worker's unless BENCHMARK_MODE: no revision
         # changes that.
         known = [m for r in (published, file) for m in r.models if self.benchmark_mode or not m.benchmark_only]
-        for name, version in wanted:
-            if not any(m.name == name and version in (None, m.version) for m in known):
-                ref = name if version is None else f"{name}@{version}"
-                raise ModelRefInvalid(
-                    f"SERVE_MODELS={self.serve_models!r}: {ref!r} matches no model version in the registry;"
-                    f" served: {', '.join(m.key for m in published.served(benchmark_mode=self.benchmark_mode))}"
-                )
+        served = published.served(benchmark_mode=self.benchmark_mode)
+        _check_refs("SERVE_MODELS", self.serve_models, known, f"served: {', '.join(m.key for m in served)}")
         return self.live_entries(published)
 
     def check_explain_models(self, *registries: Registry) -> None:
@@ -172,18 +177,9 @@ class ModelSettings(BaseSettings):
         matches no model version of any of ``registries`` (the file's, the published one), in any
         state: an explainer told to explain only what does not exist would sit idle while looking
         healthy. A model whose versions are all retired for now is a valid reference."""
-        try:
-            wanted = [parse_model_ref(ref) for ref in self.explain_models.split(",") if ref.strip()]
-        except ValueError as exc:
-            raise ModelRefInvalid(f"EXPLAIN_MODELS={self.explain_models!r}: {exc}") from None
         known = [m for r in registries for m in r.models if self.benchmark_mode or not m.benchmark_only]
-        for name, version in wanted:
-            if not any(m.name == name and version in (None, m.version) for m in known):
-                ref = name if version is None else f"{name}@{version}"
-                raise ModelRefInvalid(
-                    f"EXPLAIN_MODELS={self.explain_models!r}: {ref!r} matches no model version in the registry;"
-                    f" known: {', '.join(dict.fromkeys(m.key for m in known))}"
-                )
+        listing = f"known: {', '.join(dict.fromkeys(m.key for m in known))}"
+        _check_refs("EXPLAIN_MODELS", self.explain_models, known, listing)
 
     @model_validator(mode="after")
     def _heartbeat_outlives_its_interval(self) -> ModelSettings:
