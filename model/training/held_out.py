@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from contracts.training import declared_categories
 from model.config import ModelSettings
-from model.prepare import DEFAULT_CATEGORIES, training_entry
+from model.prepare import training_entry
 from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model
 from model.training import train_sketch
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_tensorflow(settings)
     entry = training_entry(args.model, settings)
     options = entry.training or {}
-    categories = str(options.get("categories", DEFAULT_CATEGORIES)).split(",")
+    categories = declared_categories(options) or []
     per_category = int(options.get("per_category", 3000))
     try:
         model, _ = keras_model(entry, settings)
