@@ -522,7 +522,13 @@ def _run(args: argparse.Namespace, spec: object) -> int:
         # Its own failures are one line already, and undo what it wrote.
         return _export_command(args.out, args.model, args.version)
 
-    password = args.password or getpass.getpass("Password: ")
+    try:
+        password = args.password or getpass.getpass("Password: ")
+    except EOFError:
+        # Standard input ended (a script, `< /dev/null`), which was a traceback; the line goes
+        # below the prompt.
+        print("\nerror: no password given: standard input ended (give it with --password)", file=sys.stderr)
+        return 2
     user_id = asyncio.run(_create_user(args.email, password, args.name, args.admin))
     print(f"created user {user_id} <{args.email}>")
     return 0

@@ -45,6 +45,25 @@ def test_a_registry_change_with_a_reason_the_api_refuses_is_refused(reason: str,
     assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+def test_create_user_without_a_password_and_no_input_says_so() -> None:
+    """``create-user`` asks for the password on the terminal; with standard input at its end (a
+    script, ``< /dev/null``) it was an EOFError traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": "postgresql+asyncpg://nobody@127.0.0.1:1/none"}
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "create-user", "a@b.example"],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.splitlines()[-1] == (
+        "error: no password given: standard input ended (give it with --password)"
+    ), done.stderr
+
+
 @pytest.fixture(scope="module")
 def unmigrated() -> Iterator[str]:
     """The SQLAlchemy URL of a database that exists but was never migrated (no tables); dropped after."""
