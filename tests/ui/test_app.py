@@ -842,17 +842,32 @@ def test_drift_bins_are_drawn_lowest_first_under_plain_names() -> None:
     assert drawn_order(app.get("vega_lite_chart")[0]) == ["< 9", "9 to 10", "10 to 80", "> 80"]
 
 
-def _status_page(warnings: list[str], served: list[dict[str, object]] | None = None) -> None:
+def _status_page(
+    warnings: list[str], served: list[dict[str, object]] | None = None, checks: dict[str, object] | None = None
+) -> None:
     from ui.views.admin import status_tab
 
     class Warned:
         def readiness(self) -> dict[str, object]:
-            return {"status": "ok", "checks": {}, "warnings": warnings}
+            failed = any(c["status"] != "ok" for c in (checks or {}).values())  # type: ignore[index]
+            return {"status": "fail" if failed else "ok", "checks": checks or {}, "warnings": warnings}
 
         def models(self) -> list[object]:
             return list(served or [])
 
     status_tab(Warned(), None)  # type: ignore[arg-type]
+
+
+def test_the_status_says_why_the_portal_is_not_ready() -> None:
+    """It showed "not ready" alone; the failing check's detail is what an operator acts on."""
+    checks = {
+        "postgresql": {"status": "ok", "detail": "ok"},
+        "workers": {"status": "fail", "detail": "no warm worker serves resnet50@2, mobilenet_v2@2"},
+    }
+    app = AppTest.from_function(_status_page, kwargs={"warnings": [], "checks": checks}).run()
+    assert not app.exception, app.exception
+    assert [m.value for m in app.metric] == ["not ready"]
+    assert [e.value for e in app.error] == ["workers: no warm worker serves resnet50@2, mobilenet_v2@2"]
 
 
 def test_the_status_names_each_version_as_people_read_it_and_by_its_reference() -> None:

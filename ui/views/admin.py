@@ -130,6 +130,10 @@ def status_tab(api: Api, stats: Stats | None) -> None:
     """Readiness, live workers, queue depths, and which model versions are served."""
     ready = api.readiness()
     st.metric("Portal", "ready" if ready["status"] == "ok" else "not ready")
+    for check, result in ready["checks"].items():
+        if result.get("status") != "ok":
+            # Why it is not ready: "not ready" alone left the operator to read /health/ready.
+            st.error(f"{check}: {result.get('detail') or result.get('status')}")
     for warning in ready["warnings"]:
         st.warning(warning)
     if stats:
