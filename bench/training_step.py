@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from contracts.training import declared_categories
 from model.config import ModelSettings
-from model.prepare import training_entry
+from model.prepare import DEFAULT_CATEGORIES, training_entry
 from model.runtimes import configure_tensorflow
 from model.training import train_sketch
 
@@ -65,7 +64,7 @@ def main() -> None:
     configure_tensorflow(settings)
     entry = training_entry(args.model, settings)
     options = dict(entry.training or {})
-    classes = len(declared_categories(options) or [])
+    classes = len(str(options.get("categories", DEFAULT_CATEGORIES)).split(","))
     print(f"{entry.key}: {options.get('arch')} at batch {options.get('batch_size')}, {classes} classes")
     print(f"bfloat16 in hardware: {train_sketch.native_bfloat16()}")
     for policy in POLICIES:

@@ -29,20 +29,6 @@ killed trainer's run is failed at the API's first check (every RETRAIN_CHECK_SEC
 long."""
 
 
-DEFAULT_CATEGORIES = "apple,bicycle,cat,diamond,eye,fish"
-"""The QuickDraw categories a registry entry's ``training`` block trains on when it names none
-(``categories``, comma separated): the 6-category sketch versions'."""
-
-
-def declared_categories(training: dict[str, Any] | None) -> list[str] | None:
-    """The categories, in label order, that a registry entry's ``training`` block says its version
-    is trained on (its ``categories``, else ``DEFAULT_CATEGORIES``); None without such a block.
-    Known before the version is trained, so before its workers publish its labels."""
-    if training is None:
-        return None
-    return [c for c in str(training.get("categories", DEFAULT_CATEGORIES)).split(",") if c]
-
-
 def cancel_key(run_id: str) -> str:
     """Set (by the API) when an admin cancels the run; the trainer checks it every second or so
     while it trains (``model.training.train_sketch.STOP_CHECK_EVERY_S``) and after each epoch."""

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from contracts.registry import ModelEntry, Registry, RegistryUnreadable, load_registry, parse_model_ref, read_registry
-from contracts.training import declared_categories
 from model import preprocessing
 from model.config import ModelRefInvalid, ModelSettings, load_model_settings
 from model.runtimes import ModelUnavailable, download_timeout, resolve
@@ -32,6 +31,7 @@ from model.store import ProgressNote, version_lock, written_into
 from model.training import train_sketch
 
 log = logging.getLogger("model.prepare")
+DEFAULT_CATEGORIES = "apple,bicycle,cat,diamond,eye,fish"
 
 
 def training_key(options: dict[str, Any], categories: list[str], data: Path, feedback: Path | None = None) -> str:
@@ -71,8 +71,7 @@ def prepare_trained(entry: ModelEntry, out: Path, settings: ModelSettings, *, tr
     Its files are written aside and moved in with the model file last (``written_into``), so a
     worker waiting for it (``make run`` serves while this trains) never reads a part of it."""
     options = dict(entry.training or {})
-    categories = declared_categories(options) or []
-    options.pop("categories", None)
+    categories = str(options.pop("categories", DEFAULT_CATEGORIES)).split(",")
     feedback = options.pop("feedback", None)
     folder = (
         entry.resolve(str(feedback), models_dir=settings.models_dir, trained_dir=settings.trained_dir)

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from contracts.training import declared_categories
 from model.config import ModelSettings
-from model.prepare import training_entry
+from model.prepare import DEFAULT_CATEGORIES, training_entry
 from model.runtimes import ModelUnavailable, configure_tensorflow, keras_model
 from model.training import train_sketch
 
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_tensorflow(settings)
     entry = training_entry(args.model, settings)
     options = entry.training or {}
-    categories = declared_categories(options) or []
+    categories = str(options.get("categories", DEFAULT_CATEGORIES)).split(",")
     per_category = int(options.get("per_category", 3000))
     try:
         model, _ = keras_model(entry, settings)

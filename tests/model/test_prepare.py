@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from contracts.registry import ModelEntry, Registry
-from contracts.training import DEFAULT_CATEGORIES
 from model import store
 from model.config import ModelSettings
-from model.prepare import prepare_trained, training_key
+from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key
 from model.store import progress_path, read_progress, version_lock
 from tests.model.drawings import feedback_folder
 from tests.support import ROOT, wait_until

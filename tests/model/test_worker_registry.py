@@ -20,9 +20,8 @@ from contracts import keys, registry_live, workers
 from contracts.messages import NOT_TRAINED_YET, ModelState, being_trained
 from contracts.registry import Channel, ModelEntry, Registry, load_registry
 from contracts.registry_live import RegistrySnapshot
-from contracts.training import DEFAULT_CATEGORIES
 from model.config import ModelSettings
-from model.prepare import prepare_trained, training_key
+from model.prepare import DEFAULT_CATEGORIES, prepare_trained, training_key
 from model.runtimes import resolve
 from model.store import clear_progress, write_progress
 from model.worker import Worker

@@ -1323,7 +1323,7 @@ def test_a_file_name_is_shown_as_typed_under_its_preview(api_url: str, portal: t
 def test_the_sketch_page_lists_the_categories_of_the_versions_chosen(
     api_url: str, portal: tuple[str, str, str]
 ) -> None:
-    from contracts.training import DEFAULT_CATEGORIES
+    from model.prepare import DEFAULT_CATEGORIES
 
     api = Api(api_url)
     api.login(*new_user(api_url, portal))
@@ -1396,7 +1396,7 @@ def test_an_example_photo_is_classified_with_one_click(api_url: str, portal: tup
 
 def test_every_example_is_recognised(api_url: str, portal: tuple[str, str, str]) -> None:
     """The pictures the portal draws for people to try are ones its models get right."""
-    from contracts.training import DEFAULT_CATEGORIES
+    from model.prepare import DEFAULT_CATEGORIES
     from ui.examples import PHOTOS as PHOTO_EXAMPLES
     from ui.examples import SKETCHES, example_png, sketches_for
 

@@ -29,7 +29,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.app.registry.models import ModelVersion, RegistryChange
 from contracts.messages import FAILED_TO_LOAD
 from contracts.registry import MAX_VERSION, MAX_WEIGHT, ModelEntry, Registry
-from contracts.training import declared_categories
 
 REGISTRY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('model_registry'))")
 """Taken by every change of the registry's versions, and by a training run taking its number."""
@@ -552,20 +551,11 @@ async def set_weights(
     return Changed(rows, change.id)
 
 
-def known_labels(row: ModelVersion) -> list[str] | None:
-    """The version's labels: those it published (``model_versions.labels``), else the categories
-    its registry entry's ``training`` block says it is trained on, known before it is trained
-    (``contracts.training.declared_categories``); None when neither says."""
-    return row.labels or declared_categories(row.spec.get("training"))
-
-
 def class_count(row: ModelVersion, classes: Mapping[str, int]) -> int | None:
     """How many classes the version knows, by the one rule of promotion checks and comparisons:
     as its live workers report (``classes``: a class count by ``name@version`` of the served
-    versions), else by its ``known_labels``; None when none says. A version being trained (not
-    loaded, nothing published) counts the classes of its training block: a 6-class version
-    promoted over a 20-class stable one still being trained answered a star "cat"."""
-    return classes.get(f"{row.name}@{row.version}") or len(known_labels(row) or []) or None
+    versions), else by the labels it published (``model_versions.labels``); None when neither says."""
+    return classes.get(f"{row.name}@{row.version}") or len(row.labels or []) or None
 
 
 _NAMED_AT_MOST = 10
@@ -584,10 +574,9 @@ def _fewer_classes(row: ModelVersion, stable: ModelVersion | None, classes: Mapp
         f"{row.name}@{row.version} knows {ours} classes and the stable {stable.name}@{stable.version} {theirs}: "
         f"people's pictures of the other {theirs - ours} would get a wrong answer"
     )
-    ours_named, theirs_named = known_labels(row), known_labels(stable)
-    if ours_named is not None and theirs_named is not None:
-        known = set(ours_named)
-        lacking = [label for label in theirs_named if label not in known]
+    if row.labels is not None and stable.labels is not None:
+        known = set(row.labels)
+        lacking = [label for label in stable.labels if label not in known]
         if lacking:
             more = len(lacking) - _NAMED_AT_MOST
             named = ", ".join(lacking[:_NAMED_AT_MOST]) + (f" and {more} more" if more > 0 else "")
